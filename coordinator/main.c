@@ -1,0 +1,795 @@
+/*
+ * main.c — the `tessera` command line: inspect, tokenize, generate, mkmodel, bench.
+ *
+ * Each subcommand parses its own flags (getopt_long) and documents every flag in its
+ * --help. Exit status: 0 ok, 1 runtime error (bad model file, out of memory, ...),
+ * 2 usage error (unknown flag, bad value) — with a message that says what to fix.
+ */
+#include "coordinator/generate.h"
+#include "coordinator/sampler.h"
+#include "kernels/membw.h"
+#include "kernels/quant.h"
+#include "shard/gguf.h"
+#include "shard/mkmodel.h"
+#include "shard/vocab.h"
+#include "worker/model.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_USAGE 2
+#define DEFAULT_MODEL "../shared/models/stories260K.gguf"
+
+static const char *g_prog = "tessera";
+
+static int usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int usage_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "%s %s: ", g_prog, cmd);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\nRun '%s %s --help' for the flags.\n", g_prog, cmd);
+    return EXIT_USAGE;
+}
+
+/* ---- number parsing that rejects garbage ---- */
+
+static bool parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return false;
+    *out = v;
+    return true;
+}
+
+static bool parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (*s == '-') return false;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end) return false;
+    *out = v;
+    return true;
+}
+
+static bool parse_f32(const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end || !isfinite(v)) return false;
+    *out = v;
+    return true;
+}
+
+#define INT_FLAG(cmd, name, lo, hi, dst)                                                       \
+    do {                                                                                       \
+        int64_t v_;                                                                            \
+        if (!parse_i64(optarg, lo, hi, &v_))                                                   \
+            return usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,       \
+                               (long long)(lo), (long long)(hi), optarg);                      \
+        (dst) = v_;                                                                            \
+    } while (0)
+
+#define FLOAT_FLAG(cmd, name, dst)                                                             \
+    do {                                                                                       \
+        if (!parse_f32(optarg, &(dst)))                                                        \
+            return usage_error(cmd, "%s needs a number, got '%s'", name, optarg);              \
+    } while (0)
+
+static int default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- inspect ---- */
+
+static const char *inspect_help =
+    "usage: tessera inspect FILE\n"
+    "\n"
+    "Print a GGUF file's header: version, every metadata key (arrays as their type,\n"
+    "length and first elements) and the tensor table (name, type, shape, offset, bytes).\n"
+    "The file is fully validated first; a corrupt file is reported with the field at fault.\n"
+    "\n"
+    "  -h, --help   this help\n";
+
+static void print_str(const tsr_gguf_str *s, size_t max)
+{
+    putchar('"');
+    for (uint64_t i = 0; i < s->len && i < max; i++) {
+        unsigned char ch = (unsigned char)s->ptr[i];
+        if (ch == '"' || ch == '\\') printf("\\%c", ch);
+        else if (ch == '\n') printf("\\n");
+        else if (ch < 0x20) printf("\\x%02x", ch);
+        else putchar(ch);
+    }
+    putchar('"');
+    if (s->len > max) printf("... (%" PRIu64 " bytes)", s->len);
+}
+
+static void print_scalar_at(const tsr_gguf *g, int64_t i, int64_t j, tsr_gguf_vtype t)
+{
+    int64_t iv;
+    double fv;
+    tsr_gguf_str sv;
+    if (t == TSR_GGUF_STRING) {
+        if (j < 0 ? tsr_gguf_kv_str(g, i, &sv) : tsr_gguf_arr_str(g, i, (uint64_t)j, &sv))
+            print_str(&sv, j < 0 ? 200 : 40);
+    } else if (t == TSR_GGUF_FLOAT32 || t == TSR_GGUF_FLOAT64) {
+        if (j < 0 ? tsr_gguf_kv_float(g, i, &fv) : tsr_gguf_arr_float(g, i, (uint64_t)j, &fv))
+            printf("%.9g", fv);
+    } else if (t == TSR_GGUF_BOOL) {
+        if (j < 0 ? tsr_gguf_kv_int(g, i, &iv) : tsr_gguf_arr_int(g, i, (uint64_t)j, &iv))
+            printf("%s", iv ? "true" : "false");
+    } else if (t == TSR_GGUF_UINT64) {
+        if (j < 0 ? tsr_gguf_kv_int(g, i, &iv) : tsr_gguf_arr_int(g, i, (uint64_t)j, &iv))
+            printf("%" PRId64, iv);
+        else printf("(> INT64_MAX)");
+    } else if (t != TSR_GGUF_ARRAY) {
+        if (j < 0 ? tsr_gguf_kv_int(g, i, &iv) : tsr_gguf_arr_int(g, i, (uint64_t)j, &iv))
+            printf("%" PRId64, iv);
+    } else {
+        printf("[...]");
+    }
+}
+
+static int cmd_inspect(int argc, char **argv)
+{
+    static const struct option opts[] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (c == 'h') {
+            fputs(inspect_help, stdout);
+            return 0;
+        }
+        return usage_error("inspect", "unknown flag");
+    }
+    if (optind != argc - 1) return usage_error("inspect", "needs exactly one FILE");
+    char err[512];
+    tsr_gguf *g;
+    if (tsr_gguf_open(argv[optind], &g, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera inspect: %s\n", err);
+        return 1;
+    }
+    printf("file: %s\nGGUF version: %u\nfile size: %" PRIu64 " bytes\nalignment: %" PRIu64
+           "\ndata offset: %" PRIu64 "\n",
+           argv[optind], tsr_gguf_version(g), tsr_gguf_file_size(g), tsr_gguf_alignment(g),
+           tsr_gguf_data_offset(g));
+    printf("\nmetadata (%" PRId64 " keys):\n", tsr_gguf_n_kv(g));
+    for (int64_t i = 0; i < tsr_gguf_n_kv(g); i++) {
+        tsr_gguf_vtype t = tsr_gguf_kv_type(g, i);
+        tsr_gguf_vtype et;
+        uint64_t n;
+        printf("  %-45s ", tsr_gguf_kv_key(g, i));
+        if (tsr_gguf_kv_arr(g, i, &et, &n)) {
+            printf("arr[%s; %" PRIu64 "] = [", tsr_gguf_vtype_name(et), n);
+            for (uint64_t j = 0; j < n && j < 8; j++) {
+                if (j) printf(", ");
+                print_scalar_at(g, i, (int64_t)j, et);
+            }
+            printf(n > 8 ? ", ...]\n" : "]\n");
+        } else {
+            printf("%-6s = ", tsr_gguf_vtype_name(t));
+            print_scalar_at(g, i, -1, t);
+            putchar('\n');
+        }
+    }
+    printf("\ntensors (%" PRId64 "):\n", tsr_gguf_n_tensors(g));
+    printf("  %-4s %-32s %-6s %-26s %12s %12s\n", "#", "name", "type", "shape", "offset",
+           "bytes");
+    uint64_t total = 0;
+    for (int64_t i = 0; i < tsr_gguf_n_tensors(g); i++) {
+        const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
+        char shape[96];
+        int k = snprintf(shape, sizeof shape, "[");
+        for (uint32_t d = 0; d < t->n_dims; d++)
+            k += snprintf(shape + k, sizeof shape - (size_t)k, "%s%" PRId64, d ? ", " : "",
+                          t->ne[d]);
+        snprintf(shape + k, sizeof shape - (size_t)k, "]");
+        printf("  %-4" PRId64 " %-32s %-6s %-26s %12" PRIu64 " %12" PRIu64 "\n", i, t->name,
+               tsr_type_name(t->type), shape, t->offset, t->n_bytes);
+        total += t->n_bytes;
+    }
+    printf("  total tensor data: %" PRIu64 " bytes (%.2f MiB)\n", total, total / 1048576.0);
+    tsr_gguf_close(g);
+    return 0;
+}
+
+/* ---- shared model opening ---- */
+
+typedef struct {
+    tsr_gguf *g;
+    tsr_vocab *vocab;
+    tsr_model *model;
+    tsr_ctx *ctx;
+} loaded;
+
+static void unload(loaded *l)
+{
+    tsr_ctx_free(l->ctx);
+    tsr_model_free(l->model);
+    tsr_vocab_free(l->vocab);
+    tsr_gguf_close(l->g);
+    memset(l, 0, sizeof *l);
+}
+
+/* Open the file and its vocabulary; with want_model also the weights and a context. */
+static int load(const char *cmd, const char *path, bool want_model, int32_t n_ctx, int n_threads,
+                loaded *l)
+{
+    char err[512];
+    memset(l, 0, sizeof *l);
+    if (tsr_gguf_open(path, &l->g, err, sizeof err) != 0) goto fail;
+    if (tsr_vocab_load(l->g, &l->vocab, err, sizeof err) != 0) goto fail;
+    if (want_model) {
+        if (tsr_model_load(l->g, &l->model, err, sizeof err) != 0) goto fail;
+        if (tsr_vocab_n_tokens(l->vocab) != l->model->hp.n_vocab) {
+            snprintf(err, sizeof err,
+                     "the vocabulary has %d tokens but token_embd.weight has %d rows",
+                     tsr_vocab_n_tokens(l->vocab), l->model->hp.n_vocab);
+            goto fail;
+        }
+        if (tsr_ctx_new(l->model, n_ctx, 0, n_threads, &l->ctx, err, sizeof err) != 0) goto fail;
+    }
+    return 0;
+fail:
+    fprintf(stderr, "tessera %s: %s\n", cmd, err);
+    unload(l);
+    return 1;
+}
+
+/* ---- tokenize ---- */
+
+static const char *tokenize_help =
+    "usage: tessera tokenize -m MODEL [--no-bos] [--special] TEXT\n"
+    "\n"
+    "Print the token ids of TEXT on one line, separated by spaces. Works on any GGUF with\n"
+    "a vocabulary, including vocabulary-only files (no tensors).\n"
+    "\n"
+    "  -m, --model PATH  GGUF file (default " DEFAULT_MODEL ")\n"
+    "      --no-bos      add no BOS/EOS tokens, and do not parse special-token text\n"
+    "                    (e.g. '<s>' is tokenized as plain text)\n"
+    "      --special     parse special-token text such as '<s>' as the special token\n"
+    "                    (default: on, unless --no-bos)\n"
+    "  -h, --help        this help\n";
+
+static int cmd_tokenize(int argc, char **argv)
+{
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"no-bos", no_argument, 0, 'B'},
+                                         {"special", no_argument, 0, 'S'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *model = DEFAULT_MODEL;
+    bool add_special = true;
+    int parse_special = -1;
+    int c;
+    while ((c = getopt_long(argc, argv, "m:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'B': add_special = false; break;
+        case 'S': parse_special = 1; break;
+        case 'h': fputs(tokenize_help, stdout); return 0;
+        default: return usage_error("tokenize", "unknown flag");
+        }
+    }
+    if (optind != argc - 1) return usage_error("tokenize", "needs exactly one TEXT argument");
+    if (parse_special < 0) parse_special = add_special;
+    loaded l;
+    if (load("tokenize", model, false, 0, 1, &l) != 0) return 1;
+    const char *text = argv[optind];
+    int32_t *ids = NULL;
+    size_t n = 0;
+    char err[512];
+    if (tsr_vocab_tokenize(l.vocab, text, strlen(text), add_special, parse_special, &ids, &n, err,
+                           sizeof err) != 0) {
+        fprintf(stderr, "tessera tokenize: %s\n", err);
+        unload(&l);
+        return 1;
+    }
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    putchar('\n');
+    free(ids);
+    unload(&l);
+    return 0;
+}
+
+/* ---- generate ---- */
+
+static const char *generate_help =
+    "usage: tessera generate -m MODEL -p PROMPT [flags]\n"
+    "\n"
+    "Generate a continuation of PROMPT and stream it to stdout.\n"
+    "\n"
+    "  -m, --model PATH            GGUF model (default " DEFAULT_MODEL ")\n"
+    "  -p, --prompt TEXT           the prompt (BOS is added when the model asks for it)\n"
+    "  -n, --max-tokens N          tokens to generate (default 128)\n"
+    "      --temperature T         0 = greedy; default 0.8\n"
+    "      --top-k K               keep the K most likely tokens (0 = off, default 40)\n"
+    "      --top-p P               nucleus sampling, (0, 1] (default 0.95)\n"
+    "      --min-p P               drop tokens below P x the top probability (default 0.05)\n"
+    "      --repetition-penalty R  > 0, 1 = off (vLLM semantics; default 1)\n"
+    "      --presence-penalty X    [-2, 2] (OpenAI semantics; default 0)\n"
+    "      --frequency-penalty X   [-2, 2] (OpenAI semantics; default 0)\n"
+    "      --seed S                random seed (default: from the clock); the same seed and\n"
+    "                              input give the same output\n"
+    "      --stop STR              stop before STR (repeatable); STR is not printed\n"
+    "      --ignore-eos            keep going past end-of-generation tokens\n"
+    "  -c, --ctx-size N            context size in tokens (default: the model's, max 4096)\n"
+    "  -t, --threads N             CPU threads (default: all cores)\n"
+    "      --json                  print one JSON object instead of streaming text:\n"
+    "                              prompt_ids, ids, text, finish_reason,\n"
+    "                              prefill_tokens_per_s, decode_tokens_per_s\n"
+    "  -h, --help                  this help\n";
+
+static int stream_stdout(void *ud, const char *text, size_t len)
+{
+    (void)ud;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    return 0;
+}
+
+#define MAX_STOPS 16
+
+static int cmd_generate(int argc, char **argv)
+{
+    enum {
+        O_TEMP = 256,
+        O_TOPK,
+        O_TOPP,
+        O_MINP,
+        O_REP,
+        O_PRES,
+        O_FREQ,
+        O_SEED,
+        O_STOP,
+        O_IGNORE_EOS,
+        O_JSON,
+    };
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},
+        {"prompt", required_argument, 0, 'p'},
+        {"max-tokens", required_argument, 0, 'n'},
+        {"n-predict", required_argument, 0, 'n'},
+        {"temperature", required_argument, 0, O_TEMP},
+        {"temp", required_argument, 0, O_TEMP},
+        {"top-k", required_argument, 0, O_TOPK},
+        {"top-p", required_argument, 0, O_TOPP},
+        {"min-p", required_argument, 0, O_MINP},
+        {"repetition-penalty", required_argument, 0, O_REP},
+        {"presence-penalty", required_argument, 0, O_PRES},
+        {"frequency-penalty", required_argument, 0, O_FREQ},
+        {"seed", required_argument, 0, O_SEED},
+        {"stop", required_argument, 0, O_STOP},
+        {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
+        {"ctx-size", required_argument, 0, 'c'},
+        {"threads", required_argument, 0, 't'},
+        {"json", no_argument, 0, O_JSON},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    const char *model = DEFAULT_MODEL, *prompt = NULL;
+    int64_t n_predict = 128, n_ctx = 0, n_threads = default_threads();
+    bool json = false, seed_set = false;
+    const char *stops[MAX_STOPS];
+    size_t n_stops = 0;
+    tsr_gen_params gp;
+    memset(&gp, 0, sizeof gp);
+    tsr_sampling_params_default(&gp.sampling);
+    gp.sampling.temperature = 0.8f;
+    gp.sampling.top_k = 40;
+    gp.sampling.top_p = 0.95f;
+    gp.sampling.min_p = 0.05f;
+    int c;
+    while ((c = getopt_long(argc, argv, "m:p:n:c:t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'p': prompt = optarg; break;
+        case 'n': INT_FLAG("generate", "--max-tokens", 0, 1 << 24, n_predict); break;
+        case 'c': INT_FLAG("generate", "--ctx-size", 1, 1 << 24, n_ctx); break;
+        case 't': INT_FLAG("generate", "--threads", 1, 256, n_threads); break;
+        case O_TEMP: FLOAT_FLAG("generate", "--temperature", gp.sampling.temperature); break;
+        case O_TOPK: {
+            int64_t k;
+            INT_FLAG("generate", "--top-k", 0, INT32_MAX, k);
+            gp.sampling.top_k = (int32_t)k;
+            break;
+        }
+        case O_TOPP: FLOAT_FLAG("generate", "--top-p", gp.sampling.top_p); break;
+        case O_MINP: FLOAT_FLAG("generate", "--min-p", gp.sampling.min_p); break;
+        case O_REP: FLOAT_FLAG("generate", "--repetition-penalty", gp.sampling.repetition_penalty); break;
+        case O_PRES: FLOAT_FLAG("generate", "--presence-penalty", gp.sampling.presence_penalty); break;
+        case O_FREQ: FLOAT_FLAG("generate", "--frequency-penalty", gp.sampling.frequency_penalty); break;
+        case O_SEED:
+            if (!parse_u64(optarg, &gp.sampling.seed))
+                return usage_error("generate", "--seed needs a non-negative integer, got '%s'",
+                                   optarg);
+            seed_set = true;
+            break;
+        case O_STOP:
+            if (n_stops == MAX_STOPS)
+                return usage_error("generate", "at most %d --stop strings", MAX_STOPS);
+            if (!*optarg) return usage_error("generate", "--stop needs a non-empty string");
+            stops[n_stops++] = optarg;
+            break;
+        case O_IGNORE_EOS: gp.ignore_eos = true; break;
+        case O_JSON: json = true; break;
+        case 'h': fputs(generate_help, stdout); return 0;
+        default: return usage_error("generate", "unknown flag");
+        }
+    }
+    if (optind != argc)
+        return usage_error("generate", "unexpected argument '%s' (the prompt goes after -p)",
+                           argv[optind]);
+    if (!prompt) return usage_error("generate", "needs a prompt: -p TEXT");
+    if (!seed_set) gp.sampling.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    char err[512];
+    if (tsr_sampling_params_validate(&gp.sampling, err, sizeof err) != 0)
+        return usage_error("generate", "%s", err);
+    gp.max_tokens = (int32_t)n_predict;
+    gp.stop = stops;
+    gp.n_stop = n_stops;
+
+    loaded l;
+    if (load("generate", model, true, (int32_t)n_ctx, (int)n_threads, &l) != 0) return 1;
+    int rc = 1;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    tsr_gen_result res;
+    memset(&res, 0, sizeof res);
+    if (tsr_vocab_tokenize(l.vocab, prompt, strlen(prompt), true, true, &ids, &n_ids, err,
+                           sizeof err) != 0)
+        goto fail;
+    if (tsr_generate(l.ctx, l.vocab, ids, n_ids, &gp, json ? NULL : stream_stdout, NULL, &res,
+                     err, sizeof err) != 0)
+        goto fail;
+    if (json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON *pi = cJSON_AddArrayToObject(o, "prompt_ids");
+        for (size_t i = 0; i < n_ids; i++) cJSON_AddItemToArray(pi, cJSON_CreateNumber(ids[i]));
+        cJSON *gi = cJSON_AddArrayToObject(o, "ids");
+        for (size_t i = 0; i < res.n_ids; i++)
+            cJSON_AddItemToArray(gi, cJSON_CreateNumber(res.ids[i]));
+        cJSON_AddStringToObject(o, "text", res.text);
+        cJSON_AddStringToObject(o, "finish_reason", tsr_finish_reason_name(res.finish));
+        double pf = res.t_prefill_ns ? (double)n_ids * 1e9 / (double)res.t_prefill_ns : 0.0;
+        /* The first generated token comes from the prefill's logits: decode steps = n - 1. */
+        double dc = res.n_ids > 1 && res.t_decode_ns
+                        ? (double)(res.n_ids - 1) * 1e9 / (double)res.t_decode_ns
+                        : 0.0;
+        cJSON_AddNumberToObject(o, "prefill_tokens_per_s", pf);
+        cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc);
+        cJSON_AddNumberToObject(o, "seed", (double)gp.sampling.seed);
+        cJSON_AddNumberToObject(o, "threads", (double)n_threads);
+        char *s = cJSON_PrintUnformatted(o);
+        if (s) puts(s);
+        free(s);
+        cJSON_Delete(o);
+    } else {
+        putchar('\n');
+        double dc = res.n_ids > 1 && res.t_decode_ns
+                        ? (double)(res.n_ids - 1) * 1e9 / (double)res.t_decode_ns
+                        : 0.0;
+        fprintf(stderr,
+                "[%zu prompt tokens, %zu generated, finish: %s; prefill %.1f tokens/s, decode "
+                "%.1f tokens/s]\n",
+                n_ids, res.n_ids, tsr_finish_reason_name(res.finish),
+                res.t_prefill_ns ? (double)n_ids * 1e9 / (double)res.t_prefill_ns : 0.0, dc);
+    }
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "tessera generate: %s\n", err);
+done:
+    tsr_gen_result_free(&res);
+    free(ids);
+    unload(&l);
+    return rc;
+}
+
+/* ---- mkmodel ---- */
+
+static const char *mkmodel_help =
+    "usage: tessera mkmodel -o OUT.gguf --vocab-from VOCAB.gguf [flags]\n"
+    "\n"
+    "Write a llama GGUF with random weights (seeded, reproducible) of any shape and type.\n"
+    "Every tokenizer.* key is copied from VOCAB.gguf, which sets the vocabulary size.\n"
+    "\n"
+    "  -o, --output PATH       file to write\n"
+    "      --vocab-from PATH   GGUF to copy the vocabulary from (a vocab-only file works)\n"
+    "      --n-layer N         layers (default 2)\n"
+    "      --n-embd N          embedding width (default 256)\n"
+    "      --n-head N          attention heads (default 4)\n"
+    "      --n-head-kv N       KV heads, divides n_head (default: n_head)\n"
+    "      --n-ff N            MLP width (default 768)\n"
+    "      --n-ctx N           context length metadata (default 2048)\n"
+    "      --type T            F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M (default F16);\n"
+    "                          rows a type cannot hold fall back to Q8_0 or F16 (reported)\n"
+    "      --tied              no output.weight: the head reuses token_embd\n"
+    "      --seed S            random seed (default 1)\n"
+    "      --rope-base F       rope frequency base (default 10000)\n"
+    "  -h, --help              this help\n"
+    "\n"
+    "Shapes used by the benchmarks:\n"
+    "  1B-like:   --n-layer 16 --n-embd 2048 --n-head 32 --n-head-kv 8 --n-ff 8192\n"
+    "  100M-like: --n-layer 12 --n-embd 768 --n-head 12 --n-ff 2048\n"
+    "  (with --vocab-from ../shared/models/vocab/ggml-vocab-llama-spm.gguf: 32000 tokens)\n";
+
+static void print_note(const char *msg) { fprintf(stderr, "tessera mkmodel: note: %s\n", msg); }
+
+static int cmd_mkmodel(int argc, char **argv)
+{
+    enum { O_VOCAB = 256, O_NL, O_NE, O_NH, O_NHKV, O_NFF, O_NCTX, O_TYPE, O_TIED, O_SEED, O_ROPE };
+    static const struct option opts[] = {{"output", required_argument, 0, 'o'},
+                                         {"vocab-from", required_argument, 0, O_VOCAB},
+                                         {"n-layer", required_argument, 0, O_NL},
+                                         {"n-embd", required_argument, 0, O_NE},
+                                         {"n-head", required_argument, 0, O_NH},
+                                         {"n-head-kv", required_argument, 0, O_NHKV},
+                                         {"n-ff", required_argument, 0, O_NFF},
+                                         {"n-ctx", required_argument, 0, O_NCTX},
+                                         {"type", required_argument, 0, O_TYPE},
+                                         {"tied", no_argument, 0, O_TIED},
+                                         {"seed", required_argument, 0, O_SEED},
+                                         {"rope-base", required_argument, 0, O_ROPE},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    tsr_mkmodel_params p;
+    tsr_mkmodel_params_default(&p);
+    int64_t head_kv = -1;
+    int c;
+    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'o': p.out_path = optarg; break;
+        case O_VOCAB: p.vocab_from = optarg; break;
+        case O_NL: INT_FLAG("mkmodel", "--n-layer", 1, 4096, p.n_layer); break;
+        case O_NE: INT_FLAG("mkmodel", "--n-embd", 2, 1 << 16, p.n_embd); break;
+        case O_NH: INT_FLAG("mkmodel", "--n-head", 1, 1024, p.n_head); break;
+        case O_NHKV: INT_FLAG("mkmodel", "--n-head-kv", 1, 1024, head_kv); break;
+        case O_NFF: INT_FLAG("mkmodel", "--n-ff", 1, 1 << 18, p.n_ff); break;
+        case O_NCTX: INT_FLAG("mkmodel", "--n-ctx", 1, 1 << 24, p.n_ctx); break;
+        case O_TYPE: p.type = optarg; break;
+        case O_TIED: p.tied = true; break;
+        case O_SEED:
+            if (!parse_u64(optarg, &p.seed))
+                return usage_error("mkmodel", "--seed needs a non-negative integer");
+            break;
+        case O_ROPE: FLOAT_FLAG("mkmodel", "--rope-base", p.rope_freq_base); break;
+        case 'h': fputs(mkmodel_help, stdout); return 0;
+        default: return usage_error("mkmodel", "unknown flag");
+        }
+    }
+    if (optind != argc) return usage_error("mkmodel", "unexpected argument '%s'", argv[optind]);
+    if (!p.out_path) return usage_error("mkmodel", "needs an output file: -o OUT.gguf");
+    if (!p.vocab_from) return usage_error("mkmodel", "needs --vocab-from VOCAB.gguf");
+    p.n_head_kv = head_kv > 0 ? (int32_t)head_kv : p.n_head;
+    char err[512];
+    if (tsr_mkmodel(&p, print_note, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera mkmodel: %s\n", err);
+        return 1;
+    }
+    fprintf(stderr, "tessera mkmodel: wrote %s\n", p.out_path);
+    return 0;
+}
+
+/* ---- bench ---- */
+
+static const char *bench_help =
+    "usage: tessera bench -m MODEL [-t THREADS] [-p 128] [-n 64] [-r REPS] [--json]\n"
+    "\n"
+    "Measure prefill and decode speed, peak memory, the machine's memory read bandwidth,\n"
+    "and the decode roofline: bandwidth / bytes read per token (every weight once, plus\n"
+    "the KV cache), with the fraction of it achieved. Each figure is the median of REPS\n"
+    "runs; the bandwidth is measured in the same run with the same thread count.\n"
+    "\n"
+    "  -m, --model PATH    GGUF model (default " DEFAULT_MODEL ")\n"
+    "  -t, --threads N     CPU threads (default: all cores)\n"
+    "  -p, --prompt-len N  prefill tokens (default 128)\n"
+    "  -n, --gen-len N     decode tokens (default 64)\n"
+    "  -r, --reps N        repetitions (default 3)\n"
+    "      --json          one JSON object instead of text\n"
+    "  -h, --help          this help\n";
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int cmd_bench(int argc, char **argv)
+{
+    enum { O_JSON = 256 };
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"prompt-len", required_argument, 0, 'p'},
+                                         {"gen-len", required_argument, 0, 'n'},
+                                         {"reps", required_argument, 0, 'r'},
+                                         {"json", no_argument, 0, O_JSON},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *model = DEFAULT_MODEL;
+    int64_t n_threads = default_threads(), n_prompt = 128, n_gen = 64, reps = 3;
+    bool json = false;
+    int c;
+    while ((c = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 't': INT_FLAG("bench", "--threads", 1, 256, n_threads); break;
+        case 'p': INT_FLAG("bench", "--prompt-len", 1, 1 << 16, n_prompt); break;
+        case 'n': INT_FLAG("bench", "--gen-len", 1, 1 << 16, n_gen); break;
+        case 'r': INT_FLAG("bench", "--reps", 1, 1000, reps); break;
+        case O_JSON: json = true; break;
+        case 'h': fputs(bench_help, stdout); return 0;
+        default: return usage_error("bench", "unknown flag");
+        }
+    }
+    if (optind != argc) return usage_error("bench", "unexpected argument '%s'", argv[optind]);
+    loaded l;
+    int32_t n_ctx = (int32_t)(n_prompt + n_gen + 1);
+    if (load("bench", model, true, n_ctx, (int)n_threads, &l) != 0) return 1;
+    const tsr_hparams *hp = &l.model->hp;
+    char err[512];
+    int rc = 1;
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)n_prompt);
+    double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
+    if (!toks || !pf || !dc) {
+        snprintf(err, sizeof err, "out of memory");
+        goto fail;
+    }
+    /* Deterministic pseudo-random prompt ids (content does not change the cost). */
+    uint32_t x = 12345;
+    for (int64_t i = 0; i < n_prompt; i++) {
+        x = x * 1103515245u + 12345u;
+        toks[i] = (int32_t)((x >> 8) % (uint32_t)hp->n_vocab);
+    }
+    const float *logits;
+    /* Warm-up: fault in the weights. */
+    if (tsr_forward(l.ctx, toks, 1, 0, false, &logits, err, sizeof err) != 0) goto fail;
+    for (int64_t r = 0; r < reps; r++) {
+        uint64_t t0 = now_ns();
+        if (tsr_forward(l.ctx, toks, (int32_t)n_prompt, 0, false, &logits, err, sizeof err))
+            goto fail;
+        pf[r] = (double)n_prompt * 1e9 / (double)(now_ns() - t0);
+        int32_t tok = toks[0];
+        t0 = now_ns();
+        for (int64_t i = 0; i < n_gen; i++) {
+            if (tsr_forward(l.ctx, &tok, 1, (int32_t)(n_prompt + i), false, &logits, err,
+                            sizeof err))
+                goto fail;
+            int32_t best = 0;
+            for (int32_t v = 1; v < hp->n_vocab; v++)
+                if (logits[v] > logits[best]) best = v;
+            tok = best;
+        }
+        dc[r] = (double)n_gen * 1e9 / (double)(now_ns() - t0);
+    }
+    qsort(pf, (size_t)reps, sizeof(double), cmp_double);
+    qsort(dc, (size_t)reps, sizeof(double), cmp_double);
+    double pf_med = pf[reps / 2], dc_med = dc[reps / 2];
+
+    tsr_pool *pool = tsr_pool_new((int)n_threads);
+    double bw = pool ? tsr_membw_read(pool, (size_t)1 << 30, 5) : 0.0;
+    tsr_pool_free(pool);
+    /* Bytes read per decode token: all weights once, plus K and V of the mean context. */
+    double kv_per_tok = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * sizeof(float) *
+                        ((double)n_prompt + (double)n_gen / 2.0);
+    double bytes_tok = (double)l.model->n_bytes_weights + kv_per_tok +
+                       (double)hp->n_embd * 4.0; /* embedding row, roughly */
+    double roof = bw > 0 ? bw / bytes_tok : 0.0;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double rss_mib = (double)ru.ru_maxrss / 1024.0;
+    if (json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "model", model);
+        cJSON_AddNumberToObject(o, "threads", (double)n_threads);
+        cJSON_AddStringToObject(o, "isa", tsr_quant_isa());
+        cJSON_AddNumberToObject(o, "prompt_tokens", (double)n_prompt);
+        cJSON_AddNumberToObject(o, "gen_tokens", (double)n_gen);
+        cJSON_AddNumberToObject(o, "prefill_tokens_per_s", pf_med);
+        cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc_med);
+        cJSON_AddNumberToObject(o, "weight_bytes", (double)l.model->n_bytes_weights);
+        cJSON_AddNumberToObject(o, "bytes_per_token", bytes_tok);
+        cJSON_AddNumberToObject(o, "mem_bw_gb_s", bw / 1e9);
+        cJSON_AddNumberToObject(o, "roofline_tokens_per_s", roof);
+        cJSON_AddNumberToObject(o, "decode_roofline_ratio", roof > 0 ? dc_med / roof : 0.0);
+        cJSON_AddNumberToObject(o, "peak_rss_mib", rss_mib);
+        char *s = cJSON_PrintUnformatted(o);
+        if (s) puts(s);
+        free(s);
+        cJSON_Delete(o);
+    } else {
+        printf("model:            %s\n", model);
+        printf("shape:            n_layer %d, n_embd %d, n_head %d/%d kv, n_ff %d, vocab %d\n",
+               hp->n_layer, hp->n_embd, hp->n_head, hp->n_head_kv, hp->n_ff, hp->n_vocab);
+        printf("threads:          %" PRId64 " (kernels: %s)\n", n_threads, tsr_quant_isa());
+        printf("prefill:          %.1f tokens/s (%" PRId64 " tokens, median of %" PRId64 ")\n",
+               pf_med, n_prompt, reps);
+        printf("decode:           %.2f tokens/s (%" PRId64 " tokens, median of %" PRId64 ")\n",
+               dc_med, n_gen, reps);
+        printf("bytes per token:  %.1f MiB (weights %.1f MiB)\n", bytes_tok / 1048576.0,
+               (double)l.model->n_bytes_weights / 1048576.0);
+        printf("memory bandwidth: %.1f GB/s (read, %" PRId64 " threads)\n", bw / 1e9, n_threads);
+        printf("decode roofline:  %.2f tokens/s; achieved %.1f%%\n", roof,
+               roof > 0 ? 100.0 * dc_med / roof : 0.0);
+        printf("peak RSS:         %.1f MiB\n", rss_mib);
+    }
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "tessera bench: %s\n", err);
+done:
+    free(toks);
+    free(pf);
+    free(dc);
+    unload(&l);
+    return rc;
+}
+
+/* ---- main ---- */
+
+static const char *main_help =
+    "usage: tessera COMMAND [flags]\n"
+    "\n"
+    "Tessera: distributed LLM inference (single-node engine).\n"
+    "\n"
+    "commands:\n"
+    "  generate   generate text from a prompt with a GGUF llama model\n"
+    "  tokenize   print the token ids of a text\n"
+    "  inspect    print a GGUF file's metadata and tensor table\n"
+    "  mkmodel    write a random-weight llama GGUF of any shape and type\n"
+    "  bench      measure prefill/decode speed against the memory-bandwidth roofline\n"
+    "\n"
+    "Run 'tessera COMMAND --help' for the flags of each command.\n";
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fputs(main_help, stderr);
+        return EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
+        fputs(main_help, stdout);
+        return 0;
+    }
+    if (!strcmp(cmd, "--version")) {
+        puts("tessera 0.1.0");
+        return 0;
+    }
+    /* Subcommand parsing: argv[1..] with the command as argv[0] of getopt. */
+    argc -= 1;
+    argv += 1;
+    optind = 1;
+    if (!strcmp(cmd, "inspect")) return cmd_inspect(argc, argv);
+    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
+    if (!strcmp(cmd, "mkmodel")) return cmd_mkmodel(argc, argv);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
+    fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);
+    return EXIT_USAGE;
+}

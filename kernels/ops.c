@@ -1,0 +1,162 @@
+/* ops.c — see ops.h. Plain C loops written so gcc vectorizes them; the matmul hot loop
+ * lives in quant.c (tsr_vec_dot_rows) and this file only schedules it over threads. */
+#include "kernels/ops.h"
+
+#include "kernels/quant.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+
+size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok)
+{
+    uint32_t vt = tsr_type_vec_dot_type(w->type);
+    if (vt == TSR_TYPE_F32) return 0;
+    return (size_t)n_tok * tsr_row_bytes(vt, w->n_in);
+}
+
+typedef struct {
+    const tsr_weight *const *w;
+    float *const *y;
+    int n_w;
+    const void *xq;   /* [n_tok] rows of the dot type */
+    size_t xq_stride; /* bytes between token rows */
+    const float *x;   /* for conversion */
+    uint32_t vt;
+    int n_tok;
+    int64_t rows_per_chunk;
+    int64_t chunks_per_w[4];
+    int64_t n_chunks;
+    _Atomic int64_t next;
+} mm_job;
+
+static void mm_convert(void *arg, int ith, int nth)
+{
+    mm_job *j = arg;
+    int64_t n_in = j->w[0]->n_in;
+    for (int t = ith; t < j->n_tok; t += nth)
+        tsr_quant_row(j->vt, j->x + (size_t)t * n_in, (uint8_t *)j->xq + (size_t)t * j->xq_stride,
+                      n_in);
+}
+
+static void mm_run(void *arg, int ith, int nth)
+{
+    mm_job *j = arg;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (c >= j->n_chunks) break;
+        int k = 0;
+        while (c >= j->chunks_per_w[k]) c -= j->chunks_per_w[k++];
+        const tsr_weight *w = j->w[k];
+        int64_t r0 = c * j->rows_per_chunk;
+        int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
+        const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+        /* Row block outer, tokens inner: the block's weights stay in cache across tokens. */
+        for (int t = 0; t < j->n_tok; t++) {
+            tsr_vec_dot_rows(w->type, w->n_in, nr, wrow, w->row_bytes,
+                             (const uint8_t *)j->xq + (size_t)t * j->xq_stride,
+                             j->y[k] + (size_t)t * w->n_out + r0);
+        }
+    }
+}
+
+void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
+                      const float *x, int n_tok, void *scratch)
+{
+    mm_job j;
+    memset(&j, 0, sizeof j);
+    j.w = w;
+    j.y = y;
+    j.n_w = n_w;
+    j.n_tok = n_tok;
+    j.x = x;
+    j.vt = tsr_type_vec_dot_type(w[0]->type);
+    if (j.vt == TSR_TYPE_F32) {
+        j.xq = x;
+        j.xq_stride = (size_t)w[0]->n_in * sizeof(float);
+    } else {
+        j.xq = scratch;
+        j.xq_stride = tsr_row_bytes(j.vt, w[0]->n_in);
+        if (n_tok > 1) tsr_pool_run(pool, mm_convert, &j);
+        else mm_convert(&j, 0, 1);
+    }
+    int nth = tsr_pool_n_threads(pool);
+    int64_t total_rows = 0;
+    for (int k = 0; k < n_w; k++) total_rows += w[k]->n_out;
+    /* Enough chunks for load balance (others share these cores), few enough that the
+     * atomic counter costs nothing; a multiple of 4 rows for the multi-row dots. */
+    int64_t rpc = total_rows / ((int64_t)nth * 16);
+    if (n_tok > 1) rpc = total_rows / ((int64_t)nth * 4);
+    rpc = rpc < 8 ? 8 : (rpc + 3) & ~(int64_t)3;
+    j.rows_per_chunk = rpc;
+    for (int k = 0; k < n_w; k++) {
+        j.chunks_per_w[k] = (w[k]->n_out + rpc - 1) / rpc;
+        j.n_chunks += j.chunks_per_w[k];
+    }
+    atomic_store(&j.next, 0);
+    tsr_pool_run(pool, mm_run, &j);
+}
+
+void tsr_matmul(tsr_pool *pool, const tsr_weight *w, const float *x, int n_tok, float *y,
+                void *scratch)
+{
+    const tsr_weight *ws[1] = {w};
+    float *ys[1] = {y};
+    tsr_matmul_multi(pool, ws, ys, 1, x, n_tok, scratch);
+}
+
+void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int n, float eps)
+{
+    for (int t = 0; t < n_tok; t++) {
+        const float *xr = x + (size_t)t * n;
+        float *o = out + (size_t)t * n;
+        /* Sum in double: ggml sums in ggml_float (double) too, and it keeps the scale
+         * exact enough for 1e-4 logit agreement. */
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float scale = 1.0f / sqrtf((float)(ss / n) + eps);
+        for (int i = 0; i < n; i++) o[i] = xr[i] * scale * weight[i];
+    }
+}
+
+void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim, int n_rot,
+              float freq_base, float freq_scale, const float *freq_factors)
+{
+    for (int t = 0; t < n_tok; t++) {
+        for (int i = 0; i < n_rot; i += 2) {
+            /* theta as ggml computes it: theta_scale^(i/2) by repeated product would drift;
+             * ggml uses powf(base, -i/n_rot) per pair. */
+            float inv = powf(freq_base, -(float)i / (float)n_rot);
+            float ff = freq_factors ? freq_factors[i / 2] : 1.0f;
+            float theta = (float)pos[t] * freq_scale * inv / ff;
+            float c = cosf(theta), s = sinf(theta);
+            for (int h = 0; h < n_head; h++) {
+                float *v = x + ((size_t)t * n_head + h) * head_dim + i;
+                float x0 = v[0], x1 = v[1];
+                v[0] = x0 * c - x1 * s;
+                v[1] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+void tsr_swiglu(float *gate, const float *up, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+void tsr_softmax(float *x, int n)
+{
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += x[i];
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}

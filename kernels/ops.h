@@ -1,0 +1,54 @@
+/*
+ * ops.h — the CPU compute backend: the operations of a llama forward pass on float32
+ * activations, with matmuls over weights of any supported type (kernels/quant.h).
+ *
+ * Shapes follow ggml: a weight of ne = [n_in, n_out] is n_out rows of n_in values;
+ * activations are row-major [n_tokens][width]. All functions take caller-owned buffers;
+ * nothing here allocates except tsr_matmul_scratch_bytes-sized scratch given by callers.
+ */
+#ifndef TSR_OPS_H
+#define TSR_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/pool.h"
+
+/* A 2-D weight view into a mapped file: n_out rows of n_in elements of `type`. */
+typedef struct {
+    uint32_t type;
+    int64_t n_in;  /* ne[0] */
+    int64_t n_out; /* ne[1] */
+    size_t row_bytes;
+    const void *data;
+} tsr_weight;
+
+/* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold
+ * tsr_matmul_scratch_bytes(W, n_tok) bytes (activations converted to the dot type).
+ * Rows are spread over the pool's threads; the result does not depend on the thread
+ * count (each output element is computed by one dot product). */
+size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok);
+void tsr_matmul(tsr_pool *pool, const tsr_weight *w, const float *x, int n_tok, float *y,
+                void *scratch);
+
+/* Several weights with the same input and type-compatible layout share one activation
+ * conversion (Q/K/V; gate/up): y[k] = W[k] x, up to 4. */
+void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
+                      const float *x, int n_tok, void *scratch);
+
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * weight[i], for n_tok rows of n values. */
+void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int n, float eps);
+
+/* Rotary embedding, "NORM" mode (llama): rotates adjacent pairs (2i, 2i+1) of the first
+ * n_rot values of each head by pos * theta_i, theta_i = freq_scale * base^(-2i/n_rot) /
+ * freq_factors[i] (freq_factors may be NULL). x is [n_tok][n_head][head_dim]. */
+void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim, int n_rot,
+              float freq_base, float freq_scale, const float *freq_factors);
+
+/* x[i] = silu(gate[i]) * up[i] (SwiGLU), in place in gate. */
+void tsr_swiglu(float *gate, const float *up, int64_t n);
+
+/* In-place softmax of n values. */
+void tsr_softmax(float *x, int n);
+
+#endif

@@ -1,0 +1,1305 @@
+/*
+ * quant.c — element types: block layouts, fp16/bf16 conversion, dequantize, quantize and
+ * the dot-product kernels the matmul runs on (see quant.h for the contract).
+ *
+ * Why this shape:
+ *  - Layouts, dequantization and the reference quantizers follow ggml (ggml-common.h,
+ *    ggml-quants.c) operation by operation, so dequantized weights are bit-identical to
+ *    ggml's to_float and our quantizers reproduce llama-quantize's bytes (checked against
+ *    the synthetic GGUF files in the tests).
+ *  - Dots are the decode hot loop: one token reads every weight byte once, so a kernel
+ *    must keep up with memory bandwidth (~20-25 GB/s per core). Integer dots per block
+ *    (maddubs / VNNI dpbusd), fp16 scales converted with F16C, and several weight rows
+ *    per pass sharing one activation block (tsr_vec_dot_rows).
+ *  - The file is compiled for baseline x86-64; SIMD kernels carry target attributes and
+ *    are picked at run time (__builtin_cpu_supports), the scalar code is the reference
+ *    and the fallback on other CPUs/architectures.
+ *  - Dequantization stays scalar: it must round exactly like ggml (e.g. Q4_K's
+ *    (d*sc)*q - (dmin*m) in float32; no FMA contraction, which ISO C mode -std=c11 keeps
+ *    off) and it is not hot (embedding lookups, tests).
+ */
+#include "kernels/quant.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define TSR_X86 1
+#else
+#define TSR_X86 0
+#endif
+
+/* ---------------------------------------------------------------------------------------
+ * Block layouts (ggml-common.h). fp16 fields are stored as raw uint16 bits.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint16_t d;           /* scale */
+    int8_t qs[TSR_QK8_0]; /* x = d*q */
+} blk_q8_0;
+
+typedef struct {
+    uint16_t d;                /* scale */
+    uint8_t qs[TSR_QK4_0 / 2]; /* element j: low nibble of qs[j]; j+16: high nibble */
+} blk_q4_0;
+
+typedef struct {
+    uint16_t d;                /* super-block scale of the 6-bit sub-block scales */
+    uint16_t dmin;             /* super-block scale of the 6-bit sub-block mins */
+    uint8_t scales[12];        /* 8 scales + 8 mins, 6 bits each (get_scale_min_k4) */
+    uint8_t qs[TSR_QK_K / 2];  /* 4-bit quants; 64 elements per 32 bytes (low, high) */
+} blk_q4_K;
+
+typedef struct {
+    uint8_t ql[TSR_QK_K / 2];     /* low 4 bits */
+    uint8_t qh[TSR_QK_K / 4];     /* high 2 bits */
+    int8_t scales[TSR_QK_K / 16]; /* one per 16 elements */
+    uint16_t d;                   /* super-block scale */
+} blk_q6_K;
+
+typedef struct {
+    float d;                       /* scale (negative when the largest-magnitude x > 0) */
+    int8_t qs[TSR_QK_K];           /* quants in [-127, 127] */
+    int16_t bsums[TSR_QK_K / 16];  /* sum of qs per 16 elements (for mins / offsets) */
+} blk_q8_K;
+
+_Static_assert(sizeof(blk_q8_0) == 34, "Q8_0 block");
+_Static_assert(sizeof(blk_q4_0) == 18, "Q4_0 block");
+_Static_assert(sizeof(blk_q4_K) == 144, "Q4_K block");
+_Static_assert(sizeof(blk_q6_K) == 210, "Q6_K block");
+_Static_assert(sizeof(blk_q8_K) == 292, "Q8_K block");
+
+/* ---------------------------------------------------------------------------------------
+ * Type table
+ * ------------------------------------------------------------------------------------- */
+
+/* ggml's names by id (ggml.h); NULL = id removed / never defined. */
+static const char *const k_type_names[TSR_TYPE_COUNT] = {
+    [0] = "F32",      [1] = "F16",      [2] = "Q4_0",    [3] = "Q4_1",   [6] = "Q5_0",
+    [7] = "Q5_1",     [8] = "Q8_0",     [9] = "Q8_1",    [10] = "Q2_K",  [11] = "Q3_K",
+    [12] = "Q4_K",    [13] = "Q5_K",    [14] = "Q6_K",   [15] = "Q8_K",  [16] = "IQ2_XXS",
+    [17] = "IQ2_XS",  [18] = "IQ3_XXS", [19] = "IQ1_S",  [20] = "IQ4_NL", [21] = "IQ3_S",
+    [22] = "IQ2_S",   [23] = "IQ4_XS",  [24] = "I8",     [25] = "I16",   [26] = "I32",
+    [27] = "I64",     [28] = "F64",     [29] = "IQ1_M",  [30] = "BF16",  [34] = "TQ1_0",
+    [35] = "TQ2_0",   [39] = "MXFP4",
+};
+
+bool tsr_type_supported(uint32_t type)
+{
+    switch (type) {
+    case TSR_TYPE_F32:
+    case TSR_TYPE_F16:
+    case TSR_TYPE_BF16:
+    case TSR_TYPE_Q8_0:
+    case TSR_TYPE_Q4_0:
+    case TSR_TYPE_Q4_K:
+    case TSR_TYPE_Q6_K: return true;
+    default: return false;
+    }
+}
+
+const char *tsr_type_name(uint32_t type)
+{
+    if (type >= TSR_TYPE_COUNT || !k_type_names[type]) return "unknown";
+    return k_type_names[type];
+}
+
+int64_t tsr_type_block_elems(uint32_t type)
+{
+    switch (type) {
+    case TSR_TYPE_F32:
+    case TSR_TYPE_F16:
+    case TSR_TYPE_BF16: return 1;
+    case TSR_TYPE_Q8_0: return TSR_QK8_0;
+    case TSR_TYPE_Q4_0: return TSR_QK4_0;
+    case TSR_TYPE_Q4_K:
+    case TSR_TYPE_Q6_K:
+    case TSR_TYPE_Q8_K: return TSR_QK_K;
+    default: return 0;
+    }
+}
+
+size_t tsr_type_block_bytes(uint32_t type)
+{
+    switch (type) {
+    case TSR_TYPE_F32: return 4;
+    case TSR_TYPE_F16:
+    case TSR_TYPE_BF16: return 2;
+    case TSR_TYPE_Q8_0: return sizeof(blk_q8_0);
+    case TSR_TYPE_Q4_0: return sizeof(blk_q4_0);
+    case TSR_TYPE_Q4_K: return sizeof(blk_q4_K);
+    case TSR_TYPE_Q6_K: return sizeof(blk_q6_K);
+    case TSR_TYPE_Q8_K: return sizeof(blk_q8_K);
+    default: return 0;
+    }
+}
+
+size_t tsr_row_bytes(uint32_t type, int64_t n)
+{
+    const int64_t be = tsr_type_block_elems(type);
+    if (be == 0 || n < 0 || n % be != 0) return 0;
+    return (size_t)(n / be) * tsr_type_block_bytes(type);
+}
+
+uint32_t tsr_type_vec_dot_type(uint32_t type)
+{
+    switch (type) {
+    case TSR_TYPE_F32:
+    case TSR_TYPE_F16:
+    case TSR_TYPE_BF16: return TSR_TYPE_F32;
+    case TSR_TYPE_Q8_0:
+    case TSR_TYPE_Q4_0: return TSR_TYPE_Q8_0;
+    case TSR_TYPE_Q4_K:
+    case TSR_TYPE_Q6_K: return TSR_TYPE_Q8_K;
+    default: return TSR_TYPE_COUNT;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * fp16 / bf16 scalar conversions
+ * ------------------------------------------------------------------------------------- */
+
+static inline uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float f32_from_bits(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+float tsr_f16_to_f32(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    const uint32_t man = h & 0x3ffu;
+    if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (man << 13)); /* inf, NaN */
+    if (exp != 0) return f32_from_bits(sign | ((exp + 112u) << 23) | (man << 13));
+    /* zero or subnormal: man * 2^-24, exact in float32 */
+    return f32_from_bits(sign | f32_bits((float)man * 0x1p-24f));
+}
+
+uint16_t tsr_f32_to_f16(float f)
+{
+    const uint32_t x = f32_bits(f);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u; /* NaN -> quiet NaN, as ggml */
+    if (ax >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520 rounds to inf */
+    if (ax < 0x38800000u) {
+        /* below 2^-14: a half subnormal (or zero) = round(|f| / 2^-24). Adding 0.5 puts
+         * the value where a float's ulp is 2^-24, so the FPU's own round-to-nearest-even
+         * does the rounding; 2^-14 itself comes out as 0x400, the smallest normal. */
+        const float t = f32_from_bits(ax) + 0.5f;
+        return sign | (uint16_t)(f32_bits(t) - 0x3f000000u);
+    }
+    /* normal: rebias the exponent (-112 << 23) and round the 13 dropped bits to nearest
+     * even; a carry out of the mantissa correctly bumps the exponent. */
+    const uint32_t odd = (ax >> 13) & 1u;
+    return sign | (uint16_t)((ax + 0xc8000fffu + odd) >> 13);
+}
+
+float tsr_bf16_to_f32(uint16_t h)
+{
+    return f32_from_bits((uint32_t)h << 16);
+}
+
+uint16_t tsr_f32_to_bf16(float f)
+{
+    const uint32_t u = f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64u); /* quiet NaN */
+    return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16);
+}
+
+static inline float f16(uint16_t h)
+{
+    return tsr_f16_to_f32(h);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Dequantization (scalar, ggml's exact operation order)
+ * ------------------------------------------------------------------------------------- */
+
+/* Sub-block j (0..7) scale and min of a Q4_K block: 6 bits each, packed in 12 bytes. */
+static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m)
+{
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+static void dequant_q8_0(const blk_q8_0 *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d);
+        for (int j = 0; j < TSR_QK8_0; ++j) y[i * TSR_QK8_0 + j] = x[i].qs[j] * d;
+    }
+}
+
+static void dequant_q4_0(const blk_q4_0 *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d);
+        for (int j = 0; j < TSR_QK4_0 / 2; ++j) {
+            const int x0 = (x[i].qs[j] & 0x0F) - 8;
+            const int x1 = (x[i].qs[j] >> 4) - 8;
+            y[i * TSR_QK4_0 + j] = x0 * d;
+            y[i * TSR_QK4_0 + j + TSR_QK4_0 / 2] = x1 * d;
+        }
+    }
+}
+
+static void dequant_q4_K(const blk_q4_K *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const uint8_t *q = x[i].qs;
+        const float d = f16(x[i].d);
+        const float min = f16(x[i].dmin);
+        for (int j = 0; j < TSR_QK_K / 64; ++j) {
+            uint8_t sc, m;
+            get_scale_min_k4(2 * j, x[i].scales, &sc, &m);
+            const float d1 = d * sc, m1 = min * m;
+            get_scale_min_k4(2 * j + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc, m2 = min * m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0xF) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l] >> 4) - m2;
+            q += 32;
+        }
+    }
+}
+
+static void dequant_q6_K(const blk_q6_K *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d);
+        const uint8_t *ql = x[i].ql;
+        const uint8_t *qh = x[i].qh;
+        const int8_t *sc = x[i].scales;
+        for (int half = 0; half < 2; ++half) {
+            for (int l = 0; l < 32; ++l) {
+                const int is = l / 16;
+                const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l + 0] = d * sc[is + 0] * q1;
+                y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3;
+                y[l + 96] = d * sc[is + 6] * q4;
+            }
+            y += 128;
+            ql += 64;
+            qh += 32;
+            sc += 8;
+        }
+    }
+}
+
+static void dequant_q8_K(const blk_q8_K *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        for (int j = 0; j < TSR_QK_K; ++j) *y++ = x[i].d * x[i].qs[j];
+    }
+}
+
+void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
+{
+    const int64_t be = tsr_type_block_elems(type);
+    if (be == 0 || n <= 0) {
+        if (n > 0) memset(dst, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    const int64_t nb = n / be;
+    switch (type) {
+    case TSR_TYPE_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+    case TSR_TYPE_F16: {
+        const uint16_t *h = src;
+        for (int64_t i = 0; i < n; ++i) dst[i] = tsr_f16_to_f32(h[i]);
+        break;
+    }
+    case TSR_TYPE_BF16: {
+        const uint16_t *h = src;
+        for (int64_t i = 0; i < n; ++i) dst[i] = tsr_bf16_to_f32(h[i]);
+        break;
+    }
+    case TSR_TYPE_Q8_0: dequant_q8_0(src, dst, nb); break;
+    case TSR_TYPE_Q4_0: dequant_q4_0(src, dst, nb); break;
+    case TSR_TYPE_Q4_K: dequant_q4_K(src, dst, nb); break;
+    case TSR_TYPE_Q6_K: dequant_q6_K(src, dst, nb); break;
+    case TSR_TYPE_Q8_K: dequant_q8_K(src, dst, nb); break;
+    default: break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Quantization (ggml's quantize_row_*_ref, same float operation order)
+ * ------------------------------------------------------------------------------------- */
+
+#define GROUP_MAX_EPS 1e-15f
+
+static inline int imin(int a, int b)
+{
+    return a < b ? a : b;
+}
+
+static inline int imax(int a, int b)
+{
+    return a > b ? a : b;
+}
+
+/* Round to nearest (ties to even) via the float adder: valid for |f| <= 4194303. */
+static inline int nearest_int(float f)
+{
+    const float v = f + 12582912.f;
+    return (int)(f32_bits(v) & 0x007fffffu) - 0x00400000;
+}
+
+static void quant_q8_0(const float *x, blk_q8_0 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0) {
+        float amax = 0.0f;
+        for (int j = 0; j < TSR_QK8_0; ++j) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        for (int j = 0; j < TSR_QK8_0; ++j) y[i].qs[j] = (int8_t)roundf(x[j] * id);
+    }
+}
+
+static void quant_q4_0(const float *x, blk_q4_0 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK4_0) {
+        /* the signed value of largest magnitude maps to -8, so the full [-8, 7] is used */
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < TSR_QK4_0; ++j) {
+            if (amax < fabsf(x[j])) {
+                amax = fabsf(x[j]);
+                max = x[j];
+            }
+        }
+        const float d = max / -8;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        for (int j = 0; j < TSR_QK4_0 / 2; ++j) {
+            const int xi0 = imin(15, (int8_t)(x[j] * id + 8.5f));
+            const int xi1 = imin(15, (int8_t)(x[j + TSR_QK4_0 / 2] * id + 8.5f));
+            y[i].qs[j] = (uint8_t)(xi0 | (xi1 << 4));
+        }
+    }
+}
+
+static void quant_q8_K(const float *x, blk_q8_K *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        float max = 0, amax = 0;
+        for (int j = 0; j < TSR_QK_K; ++j) {
+            const float ax = fabsf(x[j]);
+            if (ax > amax) {
+                amax = ax;
+                max = x[j];
+            }
+        }
+        if (!amax) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        /* ggml: -127/max with max the signed extreme, so d may be negative; the quants
+         * stay in [-127, 127], which the sign-trick dot kernels need. */
+        const float iscale = -127.f / max;
+        for (int j = 0; j < TSR_QK_K; ++j) y[i].qs[j] = (int8_t)imin(127, nearest_int(iscale * x[j]));
+        for (int j = 0; j < TSR_QK_K / 16; ++j) {
+            int sum = 0;
+            for (int l = 0; l < 16; ++l) sum += y[i].qs[j * 16 + l];
+            y[i].bsums[j] = (int16_t)sum;
+        }
+        y[i].d = 1 / iscale;
+    }
+}
+
+/* ggml's make_qkx2_quants: asymmetric (scale, min) fit of n values to L in [0, nmax]
+ * minimizing the weighted squared error, trying nstep+1 scales around nmax/(max-min).
+ * Returns the scale; *the_min = -min (>= 0). */
+static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L,
+                              float *the_min, uint8_t *Laux, float rmin, float rdelta, int nstep)
+{
+    float min = x[0], max = x[0];
+    float sum_w = weights[0];
+    float sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        const float w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *the_min = -min;
+        return 0.f;
+    }
+    float iscale = nmax / (max - min);
+    float scale = 1 / iscale;
+    float best_error = 0;
+    for (int i = 0; i < n; ++i) {
+        const int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)imax(0, imin(nmax, l));
+        const float diff = scale * L[i] + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * is + nmax) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * (x[i] - min));
+            l = imax(0, imin(nmax, l));
+            Laux[i] = (uint8_t)l;
+            const float w = weights[i];
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        const float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0;
+            for (int i = 0; i < n; ++i) {
+                const float diff = this_scale * Laux[i] + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if (cur_error < best_error) {
+                memcpy(L, Laux, (size_t)n);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+/* ggml's make_qx_quants with rmse_type 1 and no importance weights (w = x^2): symmetric
+ * fit of n values to L - nmax in [-nmax, nmax-1], trying 19 scales. Returns the scale. */
+static float make_qx_quants(int n, int nmax, const float *x, int8_t *L)
+{
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = imax(-nmax, imin(nmax - 1, l));
+        L[i] = (int8_t)(l + nmax);
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    float scale = suml2 ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -(nmax + 0.1f * is) / max;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * x[i]);
+            l = imax(-nmax, imin(nmax - 1, l));
+            const float w = x[i] * x[i];
+            sumlx += w * x[i] * l;
+            suml2 += w * l * l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) {
+                const int l = nearest_int(iscale * x[i]);
+                L[i] = (int8_t)(nmax + imax(-nmax, imin(nmax - 1, l)));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+static void quant_q4_K(const float *x, blk_q4_K *y, int64_t nb)
+{
+    uint8_t L[TSR_QK_K], Laux[32];
+    float weights[32], mins[TSR_QK_K / 32], scales[TSR_QK_K / 32];
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        float max_scale = 0, max_min = 0; /* mins are subtracted, so both are >= 0 */
+        for (int j = 0; j < TSR_QK_K / 32; ++j) {
+            float sum_x2 = 0;
+            for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+            const float av_x = sqrtf(sum_x2 / 32);
+            for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
+            scales[j] = make_qkx2_quants(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux,
+                                         -1.f, 0.1f, 20);
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+        const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+        for (int j = 0; j < TSR_QK_K / 32; ++j) {
+            const uint8_t ls = (uint8_t)imin(63, (uint8_t)nearest_int(inv_scale * scales[j]));
+            const uint8_t lm = (uint8_t)imin(63, (uint8_t)nearest_int(inv_min * mins[j]));
+            if (j < 4) {
+                y[i].scales[j] = ls;
+                y[i].scales[j + 4] = lm;
+            } else {
+                y[i].scales[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
+                y[i].scales[j - 4] |= (uint8_t)((ls >> 4) << 6);
+                y[i].scales[j - 0] |= (uint8_t)((lm >> 4) << 6);
+            }
+        }
+        y[i].d = tsr_f32_to_f16(max_scale / 63.f);
+        y[i].dmin = tsr_f32_to_f16(max_min / 63.f);
+        /* requantize against the rounded 6-bit scales actually stored */
+        for (int j = 0; j < TSR_QK_K / 32; ++j) {
+            uint8_t sc, m;
+            get_scale_min_k4(j, y[i].scales, &sc, &m);
+            const float d = f16(y[i].d) * sc;
+            if (!d) continue;
+            const float dm = f16(y[i].dmin) * m;
+            for (int l = 0; l < 32; ++l) {
+                const int q = nearest_int((x[32 * j + l] + dm) / d);
+                L[32 * j + l] = (uint8_t)imax(0, imin(15, q));
+            }
+        }
+        for (int j = 0; j < TSR_QK_K / 64; ++j) {
+            for (int l = 0; l < 32; ++l) {
+                y[i].qs[32 * j + l] = (uint8_t)(L[64 * j + l] | (L[64 * j + l + 32] << 4));
+            }
+        }
+    }
+}
+
+static void quant_q6_K(const float *x, blk_q6_K *y, int64_t nb)
+{
+    int8_t L[TSR_QK_K];
+    float scales[TSR_QK_K / 16];
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        float max_scale = 0, max_abs_scale = 0;
+        for (int ib = 0; ib < TSR_QK_K / 16; ++ib) {
+            scales[ib] = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
+            if (fabsf(scales[ib]) > max_abs_scale) {
+                max_abs_scale = fabsf(scales[ib]);
+                max_scale = scales[ib];
+            }
+        }
+        if (max_abs_scale < GROUP_MAX_EPS) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        const float iscale = -128.f / max_scale;
+        y[i].d = tsr_f32_to_f16(1 / iscale);
+        for (int ib = 0; ib < TSR_QK_K / 16; ++ib) {
+            y[i].scales[ib] = (int8_t)imin(127, nearest_int(iscale * scales[ib]));
+        }
+        for (int j = 0; j < TSR_QK_K / 16; ++j) {
+            const float d = f16(y[i].d) * y[i].scales[j];
+            if (!d) continue;
+            for (int l = 0; l < 16; ++l) {
+                const int q = nearest_int(x[16 * j + l] / d);
+                L[16 * j + l] = (int8_t)(imax(-32, imin(31, q)) + 32);
+            }
+        }
+        uint8_t *ql = y[i].ql, *qh = y[i].qh;
+        for (int j = 0; j < TSR_QK_K; j += 128) {
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t q1 = (uint8_t)L[j + l + 0], q2 = (uint8_t)L[j + l + 32];
+                const uint8_t q3 = (uint8_t)L[j + l + 64], q4 = (uint8_t)L[j + l + 96];
+                ql[l + 0] = (uint8_t)((q1 & 0xF) | ((q3 & 0xF) << 4));
+                ql[l + 32] = (uint8_t)((q2 & 0xF) | ((q4 & 0xF) << 4));
+                qh[l] = (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+            }
+            ql += 64;
+            qh += 32;
+        }
+    }
+}
+
+void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
+{
+    const int64_t be = tsr_type_block_elems(type);
+    if (be == 0 || n <= 0) return;
+    const int64_t nb = n / be;
+    switch (type) {
+    case TSR_TYPE_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+    case TSR_TYPE_F16: {
+        uint16_t *h = dst;
+        for (int64_t i = 0; i < n; ++i) h[i] = tsr_f32_to_f16(src[i]);
+        break;
+    }
+    case TSR_TYPE_BF16: {
+        uint16_t *h = dst;
+        for (int64_t i = 0; i < n; ++i) h[i] = tsr_f32_to_bf16(src[i]);
+        break;
+    }
+    case TSR_TYPE_Q8_0: quant_q8_0(src, dst, nb); break;
+    case TSR_TYPE_Q4_0: quant_q4_0(src, dst, nb); break;
+    case TSR_TYPE_Q4_K: quant_q4_K(src, dst, nb); break;
+    case TSR_TYPE_Q6_K: quant_q6_K(src, dst, nb); break;
+    case TSR_TYPE_Q8_K: quant_q8_K(src, dst, nb); break;
+    default: break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Dot kernels. Every kernel has the rows signature:
+ *   y[r] = dot(row r of w, x) for r < nrows; row r starts at w + r*stride bytes.
+ * ------------------------------------------------------------------------------------- */
+
+typedef void (*rows_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                        float *y);
+
+/* ---- scalar reference ---------------------------------------------------------------- */
+
+/* Float rows accumulate in double: the reference should not depend on summation order. */
+static float dot_f32_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const float *w = vw, *x = vx;
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += (double)w[i] * x[i];
+    return (float)s;
+}
+
+static float dot_f16_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const uint16_t *w = vw;
+    const float *x = vx;
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += (double)tsr_f16_to_f32(w[i]) * x[i];
+    return (float)s;
+}
+
+static float dot_bf16_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const uint16_t *w = vw;
+    const float *x = vx;
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += (double)tsr_bf16_to_f32(w[i]) * x[i];
+    return (float)s;
+}
+
+static float dot_q8_0_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q8_0 *w = vw, *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK8_0; ++i) {
+        int32_t si = 0;
+        for (int j = 0; j < TSR_QK8_0; ++j) si += w[i].qs[j] * x[i].qs[j];
+        s += f16(w[i].d) * f16(x[i].d) * (float)si;
+    }
+    return s;
+}
+
+static float dot_q4_0_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q4_0 *w = vw;
+    const blk_q8_0 *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK4_0; ++i) {
+        int32_t si = 0;
+        for (int j = 0; j < TSR_QK4_0 / 2; ++j) {
+            si += ((w[i].qs[j] & 0xF) - 8) * x[i].qs[j];
+            si += ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + TSR_QK4_0 / 2];
+        }
+        s += f16(w[i].d) * f16(x[i].d) * (float)si;
+    }
+    return s;
+}
+
+/* Unpack a Q4_K block's 8 scales (out[0..7]) and 8 mins (out[8..15]). */
+static inline void q4_K_scales_mins(const uint8_t *packed, uint8_t out[16])
+{
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(out, u, 16);
+}
+
+/* Q4_K x Q8_K: per super-block d*dy*sum_g sc_g*<q_g, y_g> - dmin*dy*sum_g m_g*sum(y_g). */
+static float dot_q4_K_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q4_K *w = vw;
+    const blk_q8_K *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        uint8_t sm[16];
+        q4_K_scales_mins(w[i].scales, sm);
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 8; ++g) {
+            const uint8_t *q = w[i].qs + 32 * (g / 2);
+            const int shift = (g & 1) * 4;
+            const int8_t *y = x[i].qs + 32 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 32; ++l) sg += ((q[l] >> shift) & 0xF) * y[l];
+            sumi += sm[g] * sg;
+            summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
+        }
+        s += f16(w[i].d) * x[i].d * (float)sumi - f16(w[i].dmin) * x[i].d * (float)summ;
+    }
+    return s;
+}
+
+static float dot_q6_K_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q6_K *w = vw;
+    const blk_q8_K *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        int8_t q[TSR_QK_K]; /* element order, offset removed: [-32, 31] */
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t *ql = w[i].ql + 64 * half, *qh = w[i].qh + 32 * half;
+            int8_t *o = q + 128 * half;
+            for (int l = 0; l < 32; ++l) {
+                o[l + 0] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+        int32_t sumi = 0;
+        for (int g = 0; g < TSR_QK_K / 16; ++g) {
+            int32_t sg = 0;
+            for (int l = 0; l < 16; ++l) sg += q[16 * g + l] * x[i].qs[16 * g + l];
+            sumi += w[i].scales[g] * sg;
+        }
+        s += f16(w[i].d) * x[i].d * (float)sumi;
+    }
+    return s;
+}
+
+typedef float (*dot_fn)(int64_t n, const void *w, const void *x);
+
+static void rows_by_dot(dot_fn dot, int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
+                        const void *x, float *y)
+{
+    for (int64_t r = 0; r < nrows; ++r) y[r] = dot(n, w + (size_t)r * stride, x);
+}
+
+#define SCALAR_ROWS(name)                                                                          \
+    static void rows_##name##_scalar(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,   \
+                                     const void *x, float *y)                                     \
+    {                                                                                              \
+        rows_by_dot(dot_##name##_scalar, n, nrows, w, stride, x, y);                               \
+    }
+SCALAR_ROWS(f32)
+SCALAR_ROWS(f16)
+SCALAR_ROWS(bf16)
+SCALAR_ROWS(q8_0)
+SCALAR_ROWS(q4_0)
+SCALAR_ROWS(q4_K)
+SCALAR_ROWS(q6_K)
+
+/* ---- AVX2 + FMA + F16C ---------------------------------------------------------------- */
+#if TSR_X86
+
+#define TSR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TSR_INLINE static inline __attribute__((always_inline))
+
+TSR_AVX2 TSR_INLINE float hsum_ps(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TSR_AVX2 TSR_INLINE float hsum_ps128(__m128 s)
+{
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* An fp16 scale broadcast to 8 floats (vpbroadcastw from memory + vcvtph2ps). */
+TSR_AVX2 TSR_INLINE __m256 f16_bcast(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_set1_epi16((short)*p));
+}
+
+/* 32 nibbles of a Q4_0 block as bytes in element order: low nibbles (elements 0..15) in
+ * the low lane, high nibbles (16..31) in the high lane. One broadcast load, a 64-bit
+ * variable shift (the high lane by 4) and a mask. */
+TSR_AVX2 TSR_INLINE __m256i q4_0_nibbles(const uint8_t *qs)
+{
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    const __m256i sh = _mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0));
+    return _mm256_and_si256(sh, _mm256_set1_epi8(0x0F));
+}
+
+/* F32/F16/BF16 rows: R rows share each loaded 16-float slice of x. Every row keeps the
+ * same two accumulators (floats 0-7 and 8-15 of each 16) whatever R is, so a row's result
+ * does not depend on how rows are grouped. */
+TSR_AVX2 TSR_INLINE __m256 load_w8(uint32_t type, const uint8_t *row, int64_t i)
+{
+    if (type == TSR_TYPE_F32) return _mm256_loadu_ps((const float *)row + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    if (type == TSR_TYPE_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* BF16 */
+}
+
+TSR_AVX2 TSR_INLINE float load_w1(uint32_t type, const uint8_t *row, int64_t i)
+{
+    if (type == TSR_TYPE_F32) return ((const float *)row)[i];
+    const uint16_t h = ((const uint16_t *)row)[i];
+    if (type == TSR_TYPE_F16) return _cvtsh_ss(h);
+    return tsr_bf16_to_f32(h);
+}
+
+TSR_AVX2 TSR_INLINE void float_rows_avx2(uint32_t type, const int R, int64_t n, const uint8_t *w,
+                                         size_t stride, const float *x, float *y)
+{
+    __m256 acc0[4], acc1[4];
+    for (int r = 0; r < 4; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const uint8_t *row = w + (size_t)r * stride;
+            acc0[r] = _mm256_fmadd_ps(load_w8(type, row, i), x0, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(load_w8(type, row, i + 8), x1, acc1[r]);
+        }
+    }
+    if (i + 8 <= n) {
+        const __m256 x0 = _mm256_loadu_ps(x + i);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            acc0[r] = _mm256_fmadd_ps(load_w8(type, w + (size_t)r * stride, i), x0, acc0[r]);
+        }
+        i += 8;
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        float s = hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
+        for (int64_t j = i; j < n; ++j) s += load_w1(type, w + (size_t)r * stride, j) * x[j];
+        y[r] = s;
+    }
+}
+
+/* Instantiate a rows kernel from an always-inline body taking the row count R as its
+ * first argument: groups of 4 rows, then the 1-3 left over, each fully unrolled. */
+#define ROWS_BY_4(fname, body, ...)                                                                \
+    static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,  \
+                      float *y)                                                                    \
+    {                                                                                              \
+        int64_t r = 0;                                                                             \
+        for (; r + 4 <= nrows; r += 4) body(__VA_ARGS__ 4, n, w + (size_t)r * stride, stride, x, y + r); \
+        switch (nrows - r) {                                                                       \
+        case 3: body(__VA_ARGS__ 3, n, w + (size_t)r * stride, stride, x, y + r); break;           \
+        case 2: body(__VA_ARGS__ 2, n, w + (size_t)r * stride, stride, x, y + r); break;           \
+        case 1: body(__VA_ARGS__ 1, n, w + (size_t)r * stride, stride, x, y + r); break;           \
+        default: break;                                                                            \
+        }                                                                                          \
+    }
+
+TSR_AVX2 TSR_INLINE void f32_rows_body(int R, int64_t n, const uint8_t *w, size_t stride,
+                                       const void *x, float *y)
+{
+    float_rows_avx2(TSR_TYPE_F32, R, n, w, stride, x, y);
+}
+TSR_AVX2 TSR_INLINE void f16_rows_body(int R, int64_t n, const uint8_t *w, size_t stride,
+                                       const void *x, float *y)
+{
+    float_rows_avx2(TSR_TYPE_F16, R, n, w, stride, x, y);
+}
+TSR_AVX2 TSR_INLINE void bf16_rows_body(int R, int64_t n, const uint8_t *w, size_t stride,
+                                        const void *x, float *y)
+{
+    float_rows_avx2(TSR_TYPE_BF16, R, n, w, stride, x, y);
+}
+TSR_AVX2 ROWS_BY_4(rows_f32_avx2, f32_rows_body)
+TSR_AVX2 ROWS_BY_4(rows_f16_avx2, f16_rows_body)
+TSR_AVX2 ROWS_BY_4(rows_bf16_avx2, bf16_rows_body)
+
+/* Q8_0 / Q4_0 rows. Each row sums its blocks in pairs, acc += s_b*p_b + s_{b+1}*p_{b+1}
+ * (one FMA + one add on the loop-carried chain per two blocks, so even one row is not
+ * latency bound), the same for every R: grouping rows never changes a row's result. The
+ * activation block (quants, scale, offset terms) is loaded once per block for all R rows.
+ * QBODY(R, b, r) must yield the int32x8 partial sums of row r, block b as `__m256i`. */
+#define PAIRED_ROWS_LOOP(BLK, PREP, QBODY)                                                       \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),               \
+                     _mm256_setzero_ps()};                                                        \
+    int64_t b = 0;                                                                                \
+    for (; b + 2 <= nb; b += 2) {                                                                 \
+        PREP(0, b)                                                                                \
+        PREP(1, b + 1)                                                                            \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                       \
+        {                                                                                         \
+            const BLK *wb = (const BLK *)(w + (size_t)r * stride) + b;                            \
+            const __m256 p0 = _mm256_cvtepi32_ps(QBODY(0, wb));                                   \
+            const __m256 p1 = _mm256_cvtepi32_ps(QBODY(1, wb + 1));                               \
+            const __m256 t = _mm256_fmadd_ps(_mm256_mul_ps(f16_bcast(&wb[0].d), dy0), p0,         \
+                                             _mm256_mul_ps(_mm256_mul_ps(f16_bcast(&wb[1].d), dy1), p1)); \
+            acc[r] = _mm256_add_ps(acc[r], t);                                                    \
+        }                                                                                         \
+    }                                                                                             \
+    if (b < nb) {                                                                                 \
+        PREP(0, b)                                                                                \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                       \
+        {                                                                                         \
+            const BLK *wb = (const BLK *)(w + (size_t)r * stride) + b;                            \
+            const __m256 p0 = _mm256_cvtepi32_ps(QBODY(0, wb));                                   \
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(f16_bcast(&wb->d), dy0), p0, acc[r]);          \
+        }                                                                                         \
+    }                                                                                             \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) y[r] = hsum_ps(acc[r]);
+
+/* Q8_0 x Q8_0, AVX2: sign trick |w| (unsigned) x sign(w)*y (signed) for maddubs; the int16
+ * pair sums (<= 2*128*127) cannot saturate. */
+#define Q8_PREP_AVX2(k, bb)                                                                        \
+    const __m256i yq##k = _mm256_loadu_si256((const __m256i *)x[bb].qs);                          \
+    const __m256 dy##k = f16_bcast(&x[bb].d);
+#define Q8_BODY_AVX2(k, wbk)                                                                       \
+    _mm256_madd_epi16(                                                                             \
+        _mm256_maddubs_epi16(_mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(wbk)->qs),     \
+                                              _mm256_loadu_si256((const __m256i *)(wbk)->qs)),    \
+                             _mm256_sign_epi8(yq##k, _mm256_loadu_si256((const __m256i *)(wbk)->qs))), \
+        ones)
+
+TSR_AVX2 TSR_INLINE void q8_0_rows_avx2(int R, int64_t n, const uint8_t *w, size_t stride,
+                                        const void *vx, float *y)
+{
+    const blk_q8_0 *x = vx;
+    const int64_t nb = n / TSR_QK8_0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    PAIRED_ROWS_LOOP(blk_q8_0, Q8_PREP_AVX2, Q8_BODY_AVX2)
+}
+TSR_AVX2 ROWS_BY_4(rows_q8_0_avx2, q8_0_rows_avx2)
+
+/* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so maddubs(q, y) directly;
+ * the -8 offset is subtracted as maddubs(8, y), computed once per block for all rows. */
+#define Q4_PREP_AVX2(k, bb)                                                                        \
+    const __m256i yq##k = _mm256_loadu_si256((const __m256i *)x[bb].qs);                          \
+    const __m256i off##k = _mm256_maddubs_epi16(eights, yq##k);                                   \
+    const __m256 dy##k = f16_bcast(&x[bb].d);
+#define Q4_BODY_AVX2(k, wbk)                                                                       \
+    _mm256_madd_epi16(                                                                             \
+        _mm256_sub_epi16(_mm256_maddubs_epi16(q4_0_nibbles((wbk)->qs), yq##k), off##k), ones)
+
+TSR_AVX2 TSR_INLINE void q4_0_rows_avx2(int R, int64_t n, const uint8_t *w, size_t stride,
+                                        const void *vx, float *y)
+{
+    const blk_q8_0 *x = vx;
+    const int64_t nb = n / TSR_QK4_0;
+    const __m256i ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
+    PAIRED_ROWS_LOOP(blk_q4_0, Q4_PREP_AVX2, Q4_BODY_AVX2)
+}
+TSR_AVX2 ROWS_BY_4(rows_q4_0_avx2, q4_0_rows_avx2)
+
+/* vpshufb masks broadcasting int16 element g (0..7) of a 128-bit lane to all 8 slots. */
+#define SHUF16(g) 2 * (g), 2 * (g) + 1
+#define SHUF16x8(g) SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
+static const uint8_t k_shuf_q4_K[8][32] = {
+    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
+    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
+};
+/* Q6_K: 32 elements span two 16-element groups: int16 2k in the low lane, 2k+1 high. */
+static const uint8_t k_shuf_q6_K[4][32] = {
+    {SHUF16x8(0), SHUF16x8(1)},
+    {SHUF16x8(2), SHUF16x8(3)},
+    {SHUF16x8(4), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(7)},
+};
+
+/* Q4_K x Q8_K, one row. Per super-block: 8 groups of 32; maddubs(q4, y) -> int16, then
+ * madd with the group's 6-bit scale -> int32 lanes; mins via the Q8_K bsums. */
+TSR_AVX2 static float dot_q4_K_avx2(int64_t n, const uint8_t *vw, const void *vx)
+{
+    const blk_q4_K *w = (const blk_q4_K *)vw;
+    const blk_q8_K *x = vx;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        const float d = x[i].d * _cvtsh_ss(w[i].d);
+        const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);
+        uint8_t sm[16];
+        q4_K_scales_mins(w[i].scales, sm);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 8)));
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);
+        const __m128i ysum =
+            _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_madd_epi16(mins, ysum)), accm);
+        const __m256i sc =
+            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
+        __m256i sumi = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+            const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * j));
+            const __m256i ql = _mm256_and_si256(q4, m4);
+            const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            const __m256i yl = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));
+            const __m256i yh = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));
+            const __m256i scl =
+                _mm256_shuffle_epi8(sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j]));
+            const __m256i sch = _mm256_shuffle_epi8(
+                sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));
+            const __m256i pl = _mm256_madd_epi16(scl, _mm256_maddubs_epi16(ql, yl));
+            const __m256i ph = _mm256_madd_epi16(sch, _mm256_maddubs_epi16(qh, yh));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) - hsum_ps128(accm);
+}
+
+/* Q6_K x Q8_K, one row. 6-bit q = ql nibble | qh 2 bits << 4, unsigned [0, 63] for
+ * maddubs; the -32 offset is taken out once per super-block as 32*sum_g sc_g*bsum_g. */
+TSR_AVX2 static float dot_q6_K_avx2(int64_t n, const uint8_t *vw, const void *vx)
+{
+    const blk_q6_K *w = (const blk_q6_K *)vw;
+    const blk_q8_K *x = vx;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        const float d = x[i].d * _cvtsh_ss(w[i].d);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);
+        __m256i sumi = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5); /* the offset */
+        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                                  : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h + 32));
+            const __m256i qhv = _mm256_loadu_si256((const __m256i *)(w[i].qh + 32 * h));
+            const int8_t *yq = x[i].qs + 128 * h;
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(qhv, m2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 4), m2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 6), m2), 4));
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) {
+                const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k));
+                const __m256i s =
+                    _mm256_shuffle_epi8(sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s, _mm256_maddubs_epi16(q[k], yk)));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+TSR_AVX2 static void rows_q4_K_avx2(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
+                                    const void *x, float *y)
+{
+    for (int64_t r = 0; r < nrows; ++r) y[r] = dot_q4_K_avx2(n, w + (size_t)r * stride, x);
+}
+
+TSR_AVX2 static void rows_q6_K_avx2(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
+                                    const void *x, float *y)
+{
+    for (int64_t r = 0; r < nrows; ++r) y[r] = dot_q6_K_avx2(n, w + (size_t)r * stride, x);
+}
+
+/* ---- AVX-512 VNNI (256-bit vectors, EVEX vpdpbusd) -------------------------------------- */
+
+#define TSR_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+/* Q8_0 x Q8_0 with vpdpbusd (u8 x s8 summed in int32, no saturation). One row: the sign
+ * trick (|w|, sign(w)*y). Several rows: w+128 as unsigned against y,
+ * sum (w+128)*y = sum w*y + 128*sum y, where -128*sum(y) is computed once per block and
+ * seeds every row's vpdpbusd: 2 ops per (row, block). Both give the same integers. */
+#define Q8_PREP_VNNI(k, bb)                                                                        \
+    const __m256i yq##k = _mm256_loadu_si256((const __m256i *)x[bb].qs);                          \
+    const __m256i corr##k =                                                                        \
+        R > 1 ? _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, k80, yq##k)) : zero;            \
+    const __m256 dy##k = f16_bcast(&x[bb].d);
+TSR_VNNI TSR_INLINE __m256i q8_vnni(int R, __m256i wq, __m256i yq, __m256i corr, __m256i k80)
+{
+    if (R == 1) {
+        return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wq),
+                                   _mm256_sign_epi8(yq, wq));
+    }
+    return _mm256_dpbusd_epi32(corr, _mm256_xor_si256(wq, k80), yq);
+}
+#define Q8_BODY_VNNI(k, wbk)                                                                       \
+    q8_vnni(R, _mm256_loadu_si256((const __m256i *)(wbk)->qs), yq##k, corr##k, k80)
+
+TSR_VNNI TSR_INLINE void q8_0_rows_vnni(int R, int64_t n, const uint8_t *w, size_t stride,
+                                        const void *vx, float *y)
+{
+    const blk_q8_0 *x = vx;
+    const int64_t nb = n / TSR_QK8_0;
+    const __m256i zero = _mm256_setzero_si256(), k80 = _mm256_set1_epi8((char)0x80);
+    PAIRED_ROWS_LOOP(blk_q8_0, Q8_PREP_VNNI, Q8_BODY_VNNI)
+}
+TSR_VNNI ROWS_BY_4(rows_q8_0_vnni, q8_0_rows_vnni)
+
+/* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y; the accumulation starts
+ * from -8*sum(y) (per lane), computed once per block for all rows. */
+#define Q4_PREP_VNNI(k, bb)                                                                        \
+    const __m256i yq##k = _mm256_loadu_si256((const __m256i *)x[bb].qs);                          \
+    const __m256i corr##k = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, eights, yq##k));     \
+    const __m256 dy##k = f16_bcast(&x[bb].d);
+#define Q4_BODY_VNNI(k, wbk) _mm256_dpbusd_epi32(corr##k, q4_0_nibbles((wbk)->qs), yq##k)
+
+TSR_VNNI TSR_INLINE void q4_0_rows_vnni(int R, int64_t n, const uint8_t *w, size_t stride,
+                                        const void *vx, float *y)
+{
+    const blk_q8_0 *x = vx;
+    const int64_t nb = n / TSR_QK4_0;
+    const __m256i zero = _mm256_setzero_si256(), eights = _mm256_set1_epi8(8);
+    PAIRED_ROWS_LOOP(blk_q4_0, Q4_PREP_VNNI, Q4_BODY_VNNI)
+}
+TSR_VNNI ROWS_BY_4(rows_q4_0_vnni, q4_0_rows_vnni)
+
+#endif /* TSR_X86 */
+
+/* ---------------------------------------------------------------------------------------
+ * Dispatch
+ * ------------------------------------------------------------------------------------- */
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_UNSET = -1 };
+static const char *const k_isa_names[] = {"scalar", "avx2", "avx512vnni"};
+
+static _Atomic int g_isa = ISA_UNSET;
+
+static int isa_best(void)
+{
+#if TSR_X86
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return ISA_SCALAR;
+    /* F16C has no __builtin_cpu_supports name in older compilers: CPUID.1:ECX bit 29. */
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_F16C)) return ISA_SCALAR;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")) {
+        return ISA_AVX512VNNI;
+    }
+    return ISA_AVX2;
+#else
+    return ISA_SCALAR;
+#endif
+}
+
+static int isa_by_name(const char *name)
+{
+    for (int i = 0; i < (int)(sizeof k_isa_names / sizeof k_isa_names[0]); ++i) {
+        if (strcmp(name, k_isa_names[i]) == 0) return i;
+    }
+    return ISA_UNSET;
+}
+
+/* First use: the best the CPU has, capped by TSR_ISA. Racing first calls compute the same
+ * value, so a plain atomic store is enough. */
+static int isa_get(void)
+{
+    int isa = atomic_load_explicit(&g_isa, memory_order_relaxed);
+    if (isa != ISA_UNSET) return isa;
+    isa = isa_best();
+    const char *env = getenv("TSR_ISA");
+    if (env && *env) {
+        const int want = isa_by_name(env);
+        if (want != ISA_UNSET && want < isa) isa = want;
+    }
+    atomic_store_explicit(&g_isa, isa, memory_order_relaxed);
+    return isa;
+}
+
+const char *tsr_quant_isa(void)
+{
+    return k_isa_names[isa_get()];
+}
+
+bool tsr_quant_set_isa(const char *isa)
+{
+    const int best = isa_best();
+    const int want = (!isa || strcmp(isa, "auto") == 0) ? best : isa_by_name(isa);
+    if (want == ISA_UNSET || want > best) return false;
+    atomic_store_explicit(&g_isa, want, memory_order_relaxed);
+    return true;
+}
+
+static rows_fn rows_kernel(uint32_t type)
+{
+    const int isa = isa_get();
+#if TSR_X86
+    if (isa >= ISA_AVX2) {
+        switch (type) {
+        case TSR_TYPE_F32: return rows_f32_avx2;
+        case TSR_TYPE_F16: return rows_f16_avx2;
+        case TSR_TYPE_BF16: return rows_bf16_avx2;
+        case TSR_TYPE_Q8_0: return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
+        case TSR_TYPE_Q4_0: return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
+        case TSR_TYPE_Q4_K: return rows_q4_K_avx2;
+        case TSR_TYPE_Q6_K: return rows_q6_K_avx2;
+        default: return NULL;
+        }
+    }
+#else
+    (void)isa;
+#endif
+    switch (type) {
+    case TSR_TYPE_F32: return rows_f32_scalar;
+    case TSR_TYPE_F16: return rows_f16_scalar;
+    case TSR_TYPE_BF16: return rows_bf16_scalar;
+    case TSR_TYPE_Q8_0: return rows_q8_0_scalar;
+    case TSR_TYPE_Q4_0: return rows_q4_0_scalar;
+    case TSR_TYPE_Q4_K: return rows_q4_K_scalar;
+    case TSR_TYPE_Q6_K: return rows_q6_K_scalar;
+    default: return NULL;
+    }
+}
+
+float tsr_vec_dot(uint32_t type, int64_t n, const void *w, const void *x)
+{
+    const rows_fn k = rows_kernel(type);
+    if (!k) return NAN;
+    float y = 0;
+    k(n, 1, w, 0, x, &y);
+    return y;
+}
+
+void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
+                      size_t w_stride_bytes, const void *x, float *y)
+{
+    const rows_fn k = rows_kernel(type);
+    if (!k) {
+        for (int64_t r = 0; r < n_rows; ++r) y[r] = NAN;
+        return;
+    }
+    k(n, n_rows, w, w_stride_bytes, x, y);
+}

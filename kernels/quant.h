@@ -1,0 +1,94 @@
+/*
+ * quant.h — tensor element types and their row kernels: dequantize, quantize, dot.
+ *
+ * Why: weights stay in their file type (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K) and the
+ * matmul works on the quantized blocks directly, so a model costs its file size in
+ * memory and decode reads the fewest bytes per token. Block layouts and rounding follow
+ * ggml exactly (dequantized values are bit-identical to ggml's to_float).
+ *
+ * Dot products: for each weight type W, activations are first converted once per token
+ * into tsr_type_vec_dot_type(W) (Q8_0 for Q8_0/Q4_0, Q8_K for Q4_K/Q6_K, F32 for
+ * F32/F16/BF16), then tsr_vec_dot() multiplies one weight row with that row. CPU
+ * feature dispatch (AVX2/FMA/F16C, AVX-512 VNNI where present) happens inside; the
+ * scalar path is the reference and gives the same answers up to float summation order.
+ *
+ * All functions are thread-safe (pure). n is always a multiple of the type's block size.
+ */
+#ifndef TSR_QUANT_H
+#define TSR_QUANT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ggml type ids (the numbers stored in GGUF tensor infos). */
+typedef enum {
+    TSR_TYPE_F32 = 0,
+    TSR_TYPE_F16 = 1,
+    TSR_TYPE_Q4_0 = 2,
+    TSR_TYPE_Q8_0 = 8,
+    TSR_TYPE_Q4_K = 12,
+    TSR_TYPE_Q6_K = 14,
+    TSR_TYPE_Q8_K = 15, /* activation type of the K-quant dots; never a weight here */
+    TSR_TYPE_BF16 = 30,
+    TSR_TYPE_COUNT = 40,
+} tsr_type;
+
+#define TSR_QK8_0 32
+#define TSR_QK4_0 32
+#define TSR_QK_K  256
+
+/* True for the types this engine can load as weights (F32, F16, BF16, Q8_0, Q4_0, Q4_K,
+ * Q6_K). Any other id (a valid ggml type we do not implement, or garbage) is false. */
+bool tsr_type_supported(uint32_t type);
+/* ggml's name ("Q4_K"; also for ggml types we do not implement, e.g. "Q5_K"), "unknown"
+ * for ids ggml does not define (removed ids, >= TSR_TYPE_COUNT). Never NULL. */
+const char *tsr_type_name(uint32_t type);
+/* Elements per block (1 for float types) and bytes per block; 0 for unsupported ids.
+ * Q8_K (the activation type) is not a weight but has its sizes here too. */
+int64_t tsr_type_block_elems(uint32_t type);
+size_t tsr_type_block_bytes(uint32_t type);
+/* Bytes of a row of n elements; 0 when n is not a multiple of the block size or the
+ * type is unsupported (Q8_K has sizes, see above). */
+size_t tsr_row_bytes(uint32_t type, int64_t n);
+
+/* fp16 / bf16 scalar conversions (IEEE round to nearest even, as ggml). */
+float tsr_f16_to_f32(uint16_t h);
+uint16_t tsr_f32_to_f16(float f);
+float tsr_bf16_to_f32(uint16_t h);
+uint16_t tsr_f32_to_bf16(float f);
+
+/* Dequantize n elements (one or more whole rows) of `type` at src into dst. Supported
+ * for every weight type and for Q8_K. */
+void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);
+
+/* Quantize n floats into `type` (every weight type, plus Q8_K). Rounding matches ggml's
+ * reference quantizers (quantize_row_*_ref), so quantize(dequant(q)) round-trips. */
+void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n);
+
+/* Activation type for dots with weights of `type`; TSR_TYPE_COUNT for unsupported ids. */
+uint32_t tsr_type_vec_dot_type(uint32_t type);
+
+/* sum_i w[i]*x[i] over n elements: w is a row of `type`, x a row of
+ * tsr_type_vec_dot_type(type). Rows must be aligned to their block's field alignment
+ * (2 bytes; 4 for F32 and Q8_K), which GGUF data (aligned to >= 8) always is. NaN for an
+ * unsupported type. */
+float tsr_vec_dot(uint32_t type, int64_t n, const void *w, const void *x);
+
+/* Several rows at once: y[r] = dot(w + r*w_stride_bytes, x) for r < n_rows. Lets the
+ * implementation keep x in registers/cache across rows (the decode hot loop). */
+void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
+                      size_t w_stride_bytes, const void *x, float *y);
+
+/* Name of the instruction set the dots dispatched to ("avx512vnni", "avx2", "scalar").
+ * Chosen once from the CPU; the environment variable TSR_ISA (same names) caps it, e.g.
+ * TSR_ISA=scalar forces the reference path. */
+const char *tsr_quant_isa(void);
+
+/* Switch the dots to instruction set `isa` ("scalar", "avx2", "avx512vnni"; NULL or
+ * "auto" = the best this CPU has, ignoring TSR_ISA). Returns false and changes nothing
+ * when the name is unknown or the CPU lacks it. For tests and benchmarks that compare
+ * paths; threads running dots meanwhile see one path or the other (both correct). */
+bool tsr_quant_set_isa(const char *isa);
+
+#endif /* TSR_QUANT_H */

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the Debian 12 packages Tessera needs to build and test (idempotent; needs root
+# or sudo). Only what is missing is installed.
+set -euo pipefail
+PKGS=(build-essential cmake pkg-config libpcre2-dev libcjson-dev libcmocka-dev)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,277 @@
+/* mkmodel.c — see mkmodel.h. */
+#include "shard/mkmodel.h"
+
+#include "kernels/quant.h"
+#include "shard/gguf.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static void set_err(char *err, size_t err_len, const char *fmt, ...)
+{
+    if (!err || !err_len) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+void tsr_mkmodel_params_default(tsr_mkmodel_params *p)
+{
+    memset(p, 0, sizeof *p);
+    p->n_layer = 2;
+    p->n_embd = 256;
+    p->n_head = 4;
+    p->n_head_kv = 4;
+    p->n_ff = 768;
+    p->n_ctx = 2048;
+    p->type = "F16";
+    p->seed = 1;
+    p->rope_freq_base = 10000.0f;
+}
+
+/* xoshiro256** seeded by splitmix64: fast, and identical on every platform. */
+typedef struct {
+    uint64_t s[4];
+} rng_t;
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t rng_next(rng_t *r)
+{
+    uint64_t *s = r->s;
+    uint64_t res = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return res;
+}
+
+/* Approximately N(0,1): sum of 4 uniforms, rescaled (cheap, smooth, bounded tails). */
+static float rng_normal(rng_t *r)
+{
+    uint64_t a = rng_next(r), b = rng_next(r);
+    float s = (float)(a & 0xffffffffu) + (float)(a >> 32) + (float)(b & 0xffffffffu) +
+              (float)(b >> 32);
+    return (s / 4294967296.0f - 2.0f) * 1.7320508f; /* var of sum of 4 U(0,1) = 1/3 */
+}
+
+static bool is_block_type(uint32_t t) { return tsr_type_block_elems(t) > 1; }
+
+static int parse_type(const char *s, uint32_t *t, bool *q4km)
+{
+    static const struct {
+        const char *name;
+        uint32_t t;
+    } types[] = {{"F32", TSR_TYPE_F32},   {"F16", TSR_TYPE_F16},   {"BF16", TSR_TYPE_BF16},
+                 {"Q8_0", TSR_TYPE_Q8_0}, {"Q4_0", TSR_TYPE_Q4_0}, {"Q4_K", TSR_TYPE_Q4_K},
+                 {"Q6_K", TSR_TYPE_Q6_K}};
+    *q4km = false;
+    if (strcasecmp(s, "Q4_K_M") == 0) {
+        *t = TSR_TYPE_Q4_K;
+        *q4km = true;
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        if (strcasecmp(s, types[i].name) == 0) {
+            *t = types[i].t;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* llama.cpp's use_more_bits: which layers of attn_v / ffn_down get Q6_K in Q4_K_M. */
+static bool more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+typedef struct {
+    tsr_gguf_writer *w;
+    rng_t rng;
+    float *buf;
+    void (*note)(const char *);
+    char *err;
+    size_t err_len;
+} mk_t;
+
+/* A random matrix ne = [n_in, n_out] of type t (with fallback), values N(0, std). */
+static int add_matrix(mk_t *mk, const char *name, int64_t n_in, int64_t n_out, uint32_t t,
+                      float std)
+{
+    if (is_block_type(t) && n_in % tsr_type_block_elems(t) != 0) {
+        uint32_t fb = (t != TSR_TYPE_Q8_0 && t != TSR_TYPE_Q4_0 && n_in % 32 == 0)
+                          ? TSR_TYPE_Q8_0
+                          : TSR_TYPE_F16;
+        if (mk->note) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "%s: row length %lld is not a multiple of the %s block size; using %s",
+                     name, (long long)n_in, tsr_type_name(t), tsr_type_name(fb));
+            mk->note(msg);
+        }
+        t = fb;
+    }
+    size_t row = tsr_row_bytes(t, n_in);
+    size_t n_bytes = row * (size_t)n_out;
+    uint8_t *data = malloc(n_bytes);
+    float *tmp = malloc(sizeof(float) * (size_t)n_in);
+    if (!data || !tmp) {
+        free(data);
+        free(tmp);
+        set_err(mk->err, mk->err_len, "out of memory making %s", name);
+        return -1;
+    }
+    for (int64_t r = 0; r < n_out; r++) {
+        for (int64_t i = 0; i < n_in; i++) tmp[i] = std * rng_normal(&mk->rng);
+        tsr_quant_row(t, tmp, data + (size_t)r * row, n_in);
+    }
+    int64_t ne[2] = {n_in, n_out};
+    int rc = tsr_gguf_writer_add_tensor(mk->w, name, t, 2, ne, data, n_bytes);
+    free(data);
+    free(tmp);
+    if (rc) set_err(mk->err, mk->err_len, "out of memory adding %s", name);
+    return rc;
+}
+
+/* A norm vector: F32, values around 1. */
+static int add_norm(mk_t *mk, const char *name, int64_t n)
+{
+    float *v = malloc(sizeof(float) * (size_t)n);
+    if (!v) return -1;
+    for (int64_t i = 0; i < n; i++) v[i] = 1.0f + 0.1f * rng_normal(&mk->rng);
+    int64_t ne[1] = {n};
+    int rc = tsr_gguf_writer_add_tensor(mk->w, name, TSR_TYPE_F32, 1, ne, v, sizeof(float) * n);
+    free(v);
+    return rc;
+}
+
+int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char *err,
+                size_t err_len)
+{
+    int rc = -1;
+    tsr_gguf *vg = NULL;
+    mk_t mk = {0};
+    uint32_t type;
+    bool q4km;
+    char name[128];
+
+    if (!p->out_path || !p->vocab_from) {
+        set_err(err, err_len, "mkmodel needs an output path and a vocabulary GGUF");
+        return -1;
+    }
+    if (parse_type(p->type, &type, &q4km) != 0) {
+        set_err(err, err_len,
+                "unknown type '%s' (use F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M)",
+                p->type);
+        return -1;
+    }
+    if (p->n_layer < 1 || p->n_embd < 1 || p->n_head < 1 || p->n_head_kv < 1 || p->n_ff < 1 ||
+        p->n_ctx < 1) {
+        set_err(err, err_len, "n_layer, n_embd, n_head, n_head_kv, n_ff and n_ctx must be >= 1");
+        return -1;
+    }
+    if (p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0) {
+        set_err(err, err_len, "n_embd %d must be a multiple of n_head %d with an even head size",
+                p->n_embd, p->n_head);
+        return -1;
+    }
+    if (p->n_head % p->n_head_kv != 0) {
+        set_err(err, err_len, "n_head %d must be a multiple of n_head_kv %d", p->n_head,
+                p->n_head_kv);
+        return -1;
+    }
+    if (tsr_gguf_open(p->vocab_from, &vg, err, err_len) != 0) return -1;
+    int64_t itok = tsr_gguf_find_key(vg, "tokenizer.ggml.tokens");
+    uint64_t n_vocab = 0;
+    if (!tsr_gguf_kv_arr(vg, itok, NULL, &n_vocab) || n_vocab == 0 || n_vocab > INT32_MAX) {
+        set_err(err, err_len, "%s has no tokenizer.ggml.tokens array to copy", p->vocab_from);
+        goto done;
+    }
+    mk.w = tsr_gguf_writer_new();
+    if (!mk.w) goto oom;
+    mk.note = note;
+    mk.err = err;
+    mk.err_len = err_len;
+    uint64_t x = p->seed;
+    for (int i = 0; i < 4; i++) mk.rng.s[i] = splitmix64(&x);
+
+    const int32_t head_dim = p->n_embd / p->n_head;
+    tsr_gguf_writer *w = mk.w;
+    char desc[256];
+    snprintf(desc, sizeof desc,
+             "synthetic random-weight llama made by tessera mkmodel (seed %llu), not trained",
+             (unsigned long long)p->seed);
+    if (tsr_gguf_writer_set_str(w, "general.architecture", "llama", 5) ||
+        tsr_gguf_writer_set_str(w, "general.name", "tessera-synthetic", 17) ||
+        tsr_gguf_writer_set_str(w, "general.description", desc, strlen(desc)) ||
+        tsr_gguf_writer_set_int(w, "general.alignment", TSR_GGUF_UINT32, 32) ||
+        tsr_gguf_writer_set_int(w, "llama.context_length", TSR_GGUF_UINT32, p->n_ctx) ||
+        tsr_gguf_writer_set_int(w, "llama.embedding_length", TSR_GGUF_UINT32, p->n_embd) ||
+        tsr_gguf_writer_set_int(w, "llama.block_count", TSR_GGUF_UINT32, p->n_layer) ||
+        tsr_gguf_writer_set_int(w, "llama.feed_forward_length", TSR_GGUF_UINT32, p->n_ff) ||
+        tsr_gguf_writer_set_int(w, "llama.attention.head_count", TSR_GGUF_UINT32, p->n_head) ||
+        tsr_gguf_writer_set_int(w, "llama.attention.head_count_kv", TSR_GGUF_UINT32,
+                                p->n_head_kv) ||
+        tsr_gguf_writer_set_int(w, "llama.rope.dimension_count", TSR_GGUF_UINT32, head_dim) ||
+        tsr_gguf_writer_set_float(w, "llama.rope.freq_base", TSR_GGUF_FLOAT32,
+                                  p->rope_freq_base) ||
+        tsr_gguf_writer_set_float(w, "llama.attention.layer_norm_rms_epsilon", TSR_GGUF_FLOAT32,
+                                  1e-5) ||
+        tsr_gguf_writer_set_int(w, "llama.vocab_size", TSR_GGUF_UINT32, (int64_t)n_vocab))
+        goto oom;
+    for (int64_t i = 0; i < tsr_gguf_n_kv(vg); i++) {
+        const char *k = tsr_gguf_kv_key(vg, i);
+        if (strncmp(k, "tokenizer.", 10) == 0 && tsr_gguf_writer_copy_kv(w, vg, i) != 0) goto oom;
+    }
+
+    const int64_t E = p->n_embd, Q = (int64_t)p->n_head * head_dim,
+                  KV = (int64_t)p->n_head_kv * head_dim, F = p->n_ff, V = (int64_t)n_vocab;
+    const float std_in = 1.0f / sqrtf((float)E), std_ff = 1.0f / sqrtf((float)F);
+    uint32_t head_t = q4km ? TSR_TYPE_Q6_K : type;
+    if (add_matrix(&mk, "token_embd.weight", E, V, p->tied ? head_t : type, 1.0f)) goto done;
+    if (add_norm(&mk, "output_norm.weight", E)) goto oom;
+    if (!p->tied && add_matrix(&mk, "output.weight", E, V, head_t, std_in)) goto done;
+    for (int32_t l = 0; l < p->n_layer; l++) {
+        uint32_t tv = q4km && more_bits(l, p->n_layer) ? TSR_TYPE_Q6_K : type;
+#define M(nm, nin, nout, t, sd)                                                                \
+    do {                                                                                       \
+        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                \
+        if (add_matrix(&mk, name, nin, nout, t, sd)) goto done;                                \
+    } while (0)
+        snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
+        if (add_norm(&mk, name, E)) goto oom;
+        M("attn_q", E, Q, type, std_in);
+        M("attn_k", E, KV, type, std_in);
+        M("attn_v", E, KV, tv, std_in);
+        M("attn_output", Q, E, type, std_in);
+        snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
+        if (add_norm(&mk, name, E)) goto oom;
+        M("ffn_gate", E, F, type, std_in);
+        M("ffn_up", E, F, type, std_in);
+        M("ffn_down", F, E, tv, std_ff);
+#undef M
+    }
+    rc = tsr_gguf_writer_save(w, p->out_path, err, err_len);
+    goto done;
+oom:
+    set_err(err, err_len, "out of memory building the model");
+    rc = -1;
+done:
+    tsr_gguf_writer_free(mk.w);
+    tsr_gguf_close(vg);
+    return rc;
+}

@@ -1,0 +1,119 @@
+/*
+ * bench_quant.c — throughput of tsr_vec_dot_rows in GB/s of weight bytes, the decode
+ * matmul's inner loop: a ~64 MiB weight matrix (rows x 2048, larger than the L3 cache, so
+ * this measures streaming from memory) times one activation row, single thread and two
+ * threads (rows split in halves), for every instruction set this CPU has.
+ *
+ * Not a ctest (CMake only builds tests/test_*.c). Build and run:
+ *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_quant.c kernels/quant.c -lm -lpthread \
+ *       -o /tmp/bench_quant && /tmp/bench_quant
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/quant.h"
+
+enum { N_COLS = 2048, REPS = 12 };
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+typedef struct {
+    uint32_t type;
+    int64_t rows;
+    const uint8_t *w;
+    size_t stride;
+    const void *x;
+    float *y;
+} job;
+
+static void *run_job(void *arg)
+{
+    const job *j = arg;
+    tsr_vec_dot_rows(j->type, N_COLS, j->rows, j->w, j->stride, j->x, j->y);
+    return NULL;
+}
+
+/* Median-of-REPS time for one pass over the matrix with `threads` threads. */
+static double time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stride,
+                        const void *x, float *y, int threads)
+{
+    double t[REPS];
+    for (int rep = 0; rep < REPS; ++rep) {
+        const double t0 = now_s();
+        if (threads == 1) {
+            tsr_vec_dot_rows(type, N_COLS, rows, w, stride, x, y);
+        } else {
+            job jobs[2];
+            pthread_t th;
+            const int64_t half = rows / 2 / 4 * 4;
+            jobs[0] = (job){type, half, w, stride, x, y};
+            jobs[1] = (job){type, rows - half, w + (size_t)half * stride, stride, x, y + half};
+            pthread_create(&th, NULL, run_job, &jobs[1]);
+            run_job(&jobs[0]);
+            pthread_join(th, NULL);
+        }
+        t[rep] = now_s() - t0;
+    }
+    for (int i = 1; i < REPS; ++i) { /* insertion sort, tiny */
+        const double v = t[i];
+        int k = i - 1;
+        while (k >= 0 && t[k] > v) t[k + 1] = t[k], --k;
+        t[k + 1] = v;
+    }
+    return t[REPS / 2];
+}
+
+int main(void)
+{
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K,
+                                     TSR_TYPE_Q6_K, TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_F32};
+    static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
+    /* TSR_BENCH_MB: matrix size (default 64 MiB; e.g. 1 to measure in-cache compute) */
+    const char *mb = getenv("TSR_BENCH_MB");
+    const size_t matrix_bytes = (size_t)(mb && atof(mb) > 0 ? atof(mb) : 64.0) * (1 << 20);
+    printf("%-6s %-11s %10s %10s %10s\n", "type", "isa", "rows", "1T GB/s", "2T GB/s");
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; ++t) {
+        const uint32_t type = types[t], xtype = tsr_type_vec_dot_type(type);
+        const size_t rb = tsr_row_bytes(type, N_COLS);
+        const int64_t rows = (int64_t)(matrix_bytes / rb) / 4 * 4;
+        uint8_t *w = malloc((size_t)rows * rb);
+        float *f = malloc(sizeof(float) * N_COLS * 64);
+        uint8_t *x = malloc(tsr_row_bytes(xtype, N_COLS));
+        float *y = malloc(sizeof(float) * (size_t)rows);
+        if (!w || !f || !x || !y) return 1;
+        uint64_t s = 88172645463325252ULL;
+        for (int i = 0; i < N_COLS * 64; ++i) {
+            s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+            f[i] = (float)((double)(s >> 11) * 0x1p-53 - 0.5);
+        }
+        /* quantize 64 distinct rows, repeat them over the matrix (quantizing 64 MiB of
+         * K-quants would take longer than the benchmark) */
+        for (int r = 0; r < 64; ++r) tsr_quant_row(type, f + (size_t)r * N_COLS, w + (size_t)r * rb, N_COLS);
+        for (int64_t r = 64; r < rows; ++r) memcpy(w + (size_t)r * rb, w + (size_t)(r % 64) * rb, rb);
+        tsr_quant_row(xtype, f, x, N_COLS);
+        for (size_t k = 0; k < sizeof isas / sizeof isas[0]; ++k) {
+            if (!tsr_quant_set_isa(isas[k])) continue;
+            const double bytes = (double)rows * (double)rb;
+            const double t1 = time_pass(type, rows, w, rb, x, y, 1);
+            const double t2 = time_pass(type, rows, w, rb, x, y, 2);
+            printf("%-6s %-11s %10lld %10.1f %10.1f\n", tsr_type_name(type), isas[k],
+                   (long long)rows, bytes / t1 * 1e-9, bytes / t2 * 1e-9);
+            fflush(stdout);
+        }
+        free(w);
+        free(f);
+        free(x);
+        free(y);
+    }
+    tsr_quant_set_isa(NULL);
+    return 0;
+}

@@ -1,0 +1,220 @@
+/* util.c — see util.h. */
+#include "tests/util.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdbool.h>
+#include <sys/stat.h>
+
+#include <cmocka.h>
+
+const char *tsr_test_model_path(const char *rel)
+{
+    static char bufs[8][4096];
+    static int slot;
+    char *buf = bufs[slot++ & 7];
+    const char *dir = getenv("TESSERA_MODELS");
+    if (!dir || !*dir) dir = TSR_MODELS_DIR;
+    snprintf(buf, sizeof bufs[0], "%s/%s", dir, rel);
+    struct stat st;
+    if (stat(buf, &st) != 0) {
+        fail_msg("test model file missing: %s (set TESSERA_MODELS or check out ../shared/models)",
+                 buf);
+    }
+    return buf;
+}
+
+char *tsr_test_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) {
+        buf[n] = 0;
+        if (len) *len = (size_t)n;
+    }
+    return buf;
+}
+
+#include <cjson/cJSON.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static char *dup_range(const char *s, size_t n)
+{
+    char *d = malloc(n + 1);
+    memcpy(d, s, n);
+    d[n] = 0;
+    return d;
+}
+
+size_t tsr_test_parse_blocks(const char *path, tsr_test_block **out)
+{
+    size_t len;
+    char *txt = tsr_test_read_file(path, &len);
+    *out = NULL;
+    if (!txt) return 0;
+    tsr_test_block *blocks = NULL;
+    size_t nb = 0;
+    bool in_block = false;
+    char *line = txt;
+    while (line && *line) {
+        char *nl = strchr(line, '\n');
+        size_t ll = nl ? (size_t)(nl - line) : strlen(line);
+        if (ll == 0) {
+            in_block = false;
+        } else if (line[0] != '#') {
+            char *colon = memchr(line, ':', ll);
+            if (colon) {
+                if (!in_block) {
+                    blocks = realloc(blocks, (nb + 1) * sizeof *blocks);
+                    memset(&blocks[nb], 0, sizeof *blocks);
+                    nb++;
+                    in_block = true;
+                }
+                tsr_test_block *b = &blocks[nb - 1];
+                b->keys = realloc(b->keys, (b->n + 1) * sizeof(char *));
+                b->vals = realloc(b->vals, (b->n + 1) * sizeof(char *));
+                b->keys[b->n] = dup_range(line, (size_t)(colon - line));
+                const char *v = colon + 1;
+                if (*v == ' ') v++;
+                b->vals[b->n] = dup_range(v, (size_t)(line + ll - v));
+                b->n++;
+            }
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    free(txt);
+    *out = blocks;
+    return nb;
+}
+
+void tsr_test_blocks_free(tsr_test_block *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        for (size_t k = 0; k < b[i].n; k++) {
+            free(b[i].keys[k]);
+            free(b[i].vals[k]);
+        }
+        free(b[i].keys);
+        free(b[i].vals);
+    }
+    free(b);
+}
+
+const char *tsr_test_block_get(const tsr_test_block *b, const char *key)
+{
+    for (size_t k = 0; k < b->n; k++)
+        if (strcmp(b->keys[k], key) == 0) return b->vals[k];
+    return NULL;
+}
+
+size_t tsr_test_parse_ids(const char *s, int32_t **out)
+{
+    size_t n = 0, cap = 16;
+    int32_t *ids = malloc(cap * sizeof *ids);
+    char *end;
+    for (;;) {
+        while (*s == ' ') s++;
+        if (!*s) break;
+        long v = strtol(s, &end, 10);
+        if (end == s) break;
+        if (n == cap) ids = realloc(ids, (cap *= 2) * sizeof *ids);
+        ids[n++] = (int32_t)v;
+        s = end;
+    }
+    *out = ids;
+    return n;
+}
+
+char *tsr_test_json_string(const char *s)
+{
+    cJSON *j = cJSON_Parse(s);
+    if (!j || !cJSON_IsString(j)) {
+        cJSON_Delete(j);
+        return NULL;
+    }
+    char *r = strdup(j->valuestring);
+    cJSON_Delete(j);
+    return r;
+}
+
+size_t tsr_test_parse_logits(const char *s, int32_t *ids, float *vals, size_t max)
+{
+    size_t n = 0;
+    char *end;
+    while (n < max) {
+        while (*s == ' ') s++;
+        long id = strtol(s, &end, 10);
+        if (end == s || *end != ':') break;
+        s = end + 1;
+        float v = strtof(s, &end);
+        if (end == s) break;
+        ids[n] = (int32_t)id;
+        vals[n] = v;
+        n++;
+        s = end;
+    }
+    return n;
+}
+
+/* Read all of fd into a malloc'd string. */
+static char *slurp_fd(int fd)
+{
+    size_t n = 0, cap = 4096;
+    char *b = malloc(cap);
+    for (;;) {
+        if (n + 1024 > cap) b = realloc(b, cap *= 2);
+        ssize_t r = read(fd, b + n, cap - n - 1);
+        if (r <= 0) break;
+        n += (size_t)r;
+    }
+    b[n] = 0;
+    return b;
+}
+
+int tsr_test_run(const char *cmdline, char **out, char **errout)
+{
+    char errpath[] = "/tmp/tsr_test_stderr_XXXXXX";
+    int efd = mkstemp(errpath);
+    if (efd < 0) return -1;
+    int pfd[2];
+    if (pipe(pfd) != 0) return -1;
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        dup2(pfd[1], 1);
+        dup2(efd, 2);
+        close(pfd[0]);
+        close(pfd[1]);
+        execl("/bin/sh", "sh", "-c", cmdline, (char *)NULL);
+        _exit(127);
+    }
+    close(pfd[1]);
+    char *o = slurp_fd(pfd[0]);
+    close(pfd[0]);
+    int st;
+    waitpid(pid, &st, 0);
+    lseek(efd, 0, SEEK_SET);
+    char *e = slurp_fd(efd);
+    close(efd);
+    unlink(errpath);
+    if (out) *out = o;
+    else free(o);
+    if (errout) *errout = e;
+    else free(e);
+    if (WIFEXITED(st)) return WEXITSTATUS(st);
+    if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
+    return -1;
+}
