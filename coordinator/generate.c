@@ -64,7 +64,7 @@ static int emit(sbuf *text, const char *s, size_t n, tsr_gen_text_fn on_text, vo
     return on_text && on_text(ud, s, n) != 0 ? 1 : 0;
 }
 
-int tsr_generate(tsr_ctx *ctx, const tsr_vocab *vocab, const int32_t *prompt, size_t n_prompt,
+int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt, size_t n_prompt,
                  const tsr_gen_params *p, tsr_gen_text_fn on_text, void *ud, tsr_gen_result *res,
                  char *err, size_t err_len)
 {
@@ -76,7 +76,7 @@ int tsr_generate(tsr_ctx *ctx, const tsr_vocab *vocab, const int32_t *prompt, si
     bool dt_ok = false;
     sbuf text = {0};
     int32_t *ids = NULL;
-    const int32_t n_ctx = tsr_ctx_n_ctx(ctx);
+    const int32_t n_ctx = tsr_replica_n_ctx(rep);
     const int32_t n_vocab = tsr_vocab_n_tokens(vocab);
     float *lg = NULL;
 
@@ -114,7 +114,7 @@ int tsr_generate(tsr_ctx *ctx, const tsr_vocab *vocab, const int32_t *prompt, si
 
     const float *logits;
     uint64_t t0 = now_ns();
-    if (tsr_forward(ctx, prompt, (int32_t)n_prompt, 0, false, &logits, err, err_len) != 0)
+    if (tsr_replica_forward(rep, prompt, (int32_t)n_prompt, 0, &logits, err, err_len) != 0)
         goto done;
     res->t_prefill_ns = now_ns() - t0;
     t0 = now_ns();
@@ -153,7 +153,7 @@ int tsr_generate(tsr_ctx *ctx, const tsr_vocab *vocab, const int32_t *prompt, si
         }
         if (i + 1 == p->max_tokens) break;
         if (pos >= n_ctx) break; /* context full: finish as length */
-        if (tsr_forward(ctx, &id, 1, pos, false, &logits, err, err_len) != 0) goto done;
+        if (tsr_replica_forward(rep, &id, 1, pos, &logits, err, err_len) != 0) goto done;
         pos++;
     }
     if (res->finish != TSR_FINISH_STOP || tsr_stop_matched(&stop) < 0) {

@@ -17,7 +17,7 @@
 
 #include "coordinator/sampler.h"
 #include "shard/vocab.h"
-#include "worker/model.h"
+#include "worker/replica.h"
 
 typedef enum {
     TSR_FINISH_LENGTH = 0, /* max_tokens reached (or the context is full) */
@@ -51,10 +51,10 @@ typedef struct {
     uint64_t t_decode_ns;
 } tsr_gen_result;
 
-/* Generates from `prompt` (already tokenized, BOS included as the caller wants) into a
- * context whose KV cache is reset (positions start at 0). Returns 0, or < 0 with `err`
+/* Generates from `prompt` (already tokenized, BOS included as the caller wants) on the
+ * replica's leader (positions start at 0: earlier cache contents are overwritten). Returns 0, or < 0 with `err`
  * (bad parameters, prompt too long for the context, out of memory). */
-int tsr_generate(tsr_ctx *ctx, const tsr_vocab *vocab, const int32_t *prompt, size_t n_prompt,
+int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt, size_t n_prompt,
                  const tsr_gen_params *p, tsr_gen_text_fn on_text, void *ud, tsr_gen_result *res,
                  char *err, size_t err_len);
 

@@ -13,6 +13,7 @@
 #include "shard/mkmodel.h"
 #include "shard/vocab.h"
 #include "worker/model.h"
+#include "worker/replica.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -30,6 +31,14 @@
 
 #define EXIT_USAGE 2
 #define DEFAULT_MODEL "../shared/models/stories260K.gguf"
+
+#define REPLICA_HELP                                                                           \
+    "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                        \
+    "      --tp N                  tensor-parallel ranks per stage (default 1)\n"             \
+    "      --pp N                  pipeline stages (default 1)\n"                             \
+    "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"        \
+    "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"
+
 
 static const char *g_prog = "tessera";
 
@@ -340,11 +349,104 @@ static const char *generate_help =
     "      --stop STR              stop before STR (repeatable); STR is not printed\n"
     "      --ignore-eos            keep going past end-of-generation tokens\n"
     "  -c, --ctx-size N            context size in tokens (default: the model's, max 4096)\n"
-    "  -t, --threads N             CPU threads (default: all cores)\n"
+    "  -t, --threads N             CPU threads per rank (default: all cores)\n"
     "      --json                  print one JSON object instead of streaming text:\n"
     "                              prompt_ids, ids, text, finish_reason,\n"
-    "                              prefill_tokens_per_s, decode_tokens_per_s\n"
+    "                              prefill_tokens_per_s, decode_tokens_per_s, ranks\n"
+    REPLICA_HELP
     "  -h, --help                  this help\n";
+
+enum { O_TP = 300, O_PP, O_LAYERS, O_COMM_TIMEOUT };
+
+#define REPLICA_OPTS                                                                           \
+    {"tp", required_argument, 0, O_TP}, {"pp", required_argument, 0, O_PP},                    \
+        {"layers", required_argument, 0, O_LAYERS},                                            \
+        {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT}
+
+/* Parse one replica flag into rp; returns -1 when c is not one, 0 ok, 2 usage error. */
+static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
+{
+    int64_t v;
+    switch (c) {
+    case O_TP:
+        if (!parse_i64(optarg, 1, 256, &v)) {
+            usage_error(cmd, "--tp needs an integer in 1..256, got '%s'", optarg);
+            return 2;
+        }
+        rp->tp = (int32_t)v;
+        return 0;
+    case O_PP:
+        if (!parse_i64(optarg, 1, 256, &v)) {
+            usage_error(cmd, "--pp needs an integer in 1..256, got '%s'", optarg);
+            return 2;
+        }
+        rp->pp = (int32_t)v;
+        return 0;
+    case O_LAYERS: rp->layers = optarg; return 0;
+    case O_COMM_TIMEOUT:
+        if (!parse_i64(optarg, 1, 86400000, &v)) {
+            usage_error(cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'",
+                        optarg);
+            return 2;
+        }
+        rp->timeout_ms = v;
+        return 0;
+    }
+    return -1;
+}
+
+/* Open the replica on every rank; on error print it (every rank) and return 1. */
+static int open_replica(const char *cmd, const char *model, tsr_replica_params *rp,
+                        tsr_replica **out)
+{
+    char err[1024];
+    if (tsr_replica_open(model, rp, out, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera %s: %s\n", cmd, err);
+        return 1;
+    }
+    return 0;
+}
+
+/* A follower's life: serve steps until shutdown, then the stats collective. */
+static int follow(const char *cmd, tsr_replica *rep)
+{
+    char err[1024];
+    if (tsr_replica_follow(rep, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera %s: rank %d: %s\n", cmd, tsr_replica_rank(rep), err);
+        tsr_comm_mpi_abort(1);
+        return 1;
+    }
+    if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera %s: rank %d: %s\n", cmd, tsr_replica_rank(rep), err);
+        return 1;
+    }
+    tsr_replica_close(rep);
+    return 0;
+}
+
+/* Per-rank stats as a JSON array. */
+static cJSON *ranks_json(const tsr_rank_stats *st, int n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < n; i++) {
+        cJSON *o = cJSON_CreateObject();
+        double toks = st[i].n_tokens ? (double)st[i].n_tokens : 1.0;
+        cJSON_AddNumberToObject(o, "rank", st[i].rank);
+        cJSON_AddNumberToObject(o, "stage", st[i].stage);
+        cJSON_AddNumberToObject(o, "tp_rank", st[i].tp_rank);
+        cJSON_AddNumberToObject(o, "steps", (double)st[i].n_steps);
+        cJSON_AddNumberToObject(o, "tokens", (double)st[i].n_tokens);
+        cJSON_AddNumberToObject(o, "compute_ms", st[i].t_compute_ns / 1e6);
+        cJSON_AddNumberToObject(o, "comm_ms", st[i].t_comm_ns / 1e6);
+        cJSON_AddNumberToObject(o, "compute_us_per_token", st[i].t_compute_ns / 1e3 / toks);
+        cJSON_AddNumberToObject(o, "comm_us_per_token", st[i].t_comm_ns / 1e3 / toks);
+        cJSON_AddNumberToObject(o, "bytes_sent", (double)st[i].n_bytes_sent);
+        cJSON_AddNumberToObject(o, "bytes_sent_per_token", (double)st[i].n_bytes_sent / toks);
+        cJSON_AddNumberToObject(o, "bytes_loaded", (double)st[i].n_bytes_loaded);
+        cJSON_AddItemToArray(a, o);
+    }
+    return a;
+}
 
 static int stream_stdout(void *ud, const char *text, size_t len)
 {
@@ -391,8 +493,10 @@ static int cmd_generate(int argc, char **argv)
         {"threads", required_argument, 0, 't'},
         {"json", no_argument, 0, O_JSON},
         {"help", no_argument, 0, 'h'},
+        REPLICA_OPTS,
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *prompt = NULL;
+    tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t n_predict = 128, n_ctx = 0, n_threads = default_threads();
     bool json = false, seed_set = false;
     const char *stops[MAX_STOPS];
@@ -439,7 +543,14 @@ static int cmd_generate(int argc, char **argv)
         case O_IGNORE_EOS: gp.ignore_eos = true; break;
         case O_JSON: json = true; break;
         case 'h': fputs(generate_help, stdout); return 0;
-        default: return usage_error("generate", "unknown flag");
+        default: {
+            int r = replica_flag("generate", c, &rp);
+            if (r >= 0) {
+                if (r) return r;
+                break;
+            }
+            return usage_error("generate", "unknown flag");
+        }
         }
     }
     if (optind != argc)
@@ -454,19 +565,36 @@ static int cmd_generate(int argc, char **argv)
     gp.stop = stops;
     gp.n_stop = n_stops;
 
-    loaded l;
-    if (load("generate", model, true, (int32_t)n_ctx, (int)n_threads, &l) != 0) return 1;
+    rp.n_threads = (int)n_threads;
+    rp.n_ctx = (int32_t)n_ctx;
+    tsr_replica *rep;
+    if (open_replica("generate", model, &rp, &rep) != 0) return 1;
+    if (!tsr_replica_is_leader(rep)) return follow("generate", rep);
+    const tsr_vocab *vocab = tsr_replica_vocab(rep);
     int rc = 1;
     int32_t *ids = NULL;
     size_t n_ids = 0;
     tsr_gen_result res;
     memset(&res, 0, sizeof res);
-    if (tsr_vocab_tokenize(l.vocab, prompt, strlen(prompt), true, true, &ids, &n_ids, err,
-                           sizeof err) != 0)
-        goto fail;
-    if (tsr_generate(l.ctx, l.vocab, ids, n_ids, &gp, json ? NULL : stream_stdout, NULL, &res,
-                     err, sizeof err) != 0)
-        goto fail;
+    tsr_rank_stats *st = calloc((size_t)tsr_replica_size(rep), sizeof *st);
+    bool gen_ok = false;
+    if (!st) {
+        snprintf(err, sizeof err, "out of memory");
+    } else if (tsr_vocab_tokenize(vocab, prompt, strlen(prompt), true, true, &ids, &n_ids, err,
+                                  sizeof err) == 0 &&
+               tsr_generate(rep, vocab, ids, n_ids, &gp, json ? NULL : stream_stdout, NULL, &res,
+                            err, sizeof err) == 0) {
+        gen_ok = true;
+    }
+    /* Release the followers whatever happened, then the stats collective. */
+    char err2[512];
+    if (tsr_replica_shutdown(rep, err2, sizeof err2) != 0 ||
+        tsr_replica_stats(rep, st, err2, sizeof err2) != 0) {
+        fprintf(stderr, "tessera generate: %s\n", err2);
+        tsr_comm_mpi_abort(1);
+        goto done;
+    }
+    if (!gen_ok) goto fail;
     if (json) {
         cJSON *o = cJSON_CreateObject();
         cJSON *pi = cJSON_AddArrayToObject(o, "prompt_ids");
@@ -485,6 +613,9 @@ static int cmd_generate(int argc, char **argv)
         cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc);
         cJSON_AddNumberToObject(o, "seed", (double)gp.sampling.seed);
         cJSON_AddNumberToObject(o, "threads", (double)n_threads);
+        cJSON_AddNumberToObject(o, "tp", rp.tp);
+        cJSON_AddNumberToObject(o, "pp", rp.pp);
+        cJSON_AddItemToObject(o, "ranks", ranks_json(st, tsr_replica_size(rep)));
         char *s = cJSON_PrintUnformatted(o);
         if (s) puts(s);
         free(s);
@@ -507,7 +638,8 @@ fail:
 done:
     tsr_gen_result_free(&res);
     free(ids);
-    unload(&l);
+    free(st);
+    tsr_replica_close(rep);
     return rc;
 }
 
@@ -611,7 +743,9 @@ static const char *bench_help =
     "  -p, --prompt-len N  prefill tokens (default 128)\n"
     "  -n, --gen-len N     decode tokens (default 64)\n"
     "  -r, --reps N        repetitions (default 3)\n"
-    "      --json          one JSON object instead of text\n"
+    "      --json          one JSON object instead of text (with per-rank compute and\n"
+    "                      communication time per token and bytes sent)\n"
+    REPLICA_HELP
     "  -h, --help          this help\n";
 
 static int cmp_double(const void *a, const void *b)
@@ -630,8 +764,10 @@ static int cmd_bench(int argc, char **argv)
                                          {"reps", required_argument, 0, 'r'},
                                          {"json", no_argument, 0, O_JSON},
                                          {"help", no_argument, 0, 'h'},
+                                         REPLICA_OPTS,
                                          {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL;
+    tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t n_threads = default_threads(), n_prompt = 128, n_gen = 64, reps = 3;
     bool json = false;
     int c;
@@ -644,21 +780,33 @@ static int cmd_bench(int argc, char **argv)
         case 'r': INT_FLAG("bench", "--reps", 1, 1000, reps); break;
         case O_JSON: json = true; break;
         case 'h': fputs(bench_help, stdout); return 0;
-        default: return usage_error("bench", "unknown flag");
+        default: {
+            int r = replica_flag("bench", c, &rp);
+            if (r >= 0) {
+                if (r) return r;
+                break;
+            }
+            return usage_error("bench", "unknown flag");
+        }
         }
     }
     if (optind != argc) return usage_error("bench", "unexpected argument '%s'", argv[optind]);
-    loaded l;
-    int32_t n_ctx = (int32_t)(n_prompt + n_gen + 1);
-    if (load("bench", model, true, n_ctx, (int)n_threads, &l) != 0) return 1;
-    const tsr_hparams *hp = &l.model->hp;
+    rp.n_threads = (int)n_threads;
+    rp.n_ctx = (int32_t)(n_prompt + n_gen + 1);
+    tsr_replica *rep;
+    if (open_replica("bench", model, &rp, &rep) != 0) return 1;
+    if (!tsr_replica_is_leader(rep)) return follow("bench", rep);
+    const tsr_hparams *hp = tsr_replica_hparams(rep);
+    const int n_ranks = tsr_replica_size(rep);
     char err[512];
     int rc = 1;
+    bool ok = false;
     int32_t *toks = malloc(sizeof(int32_t) * (size_t)n_prompt);
     double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
-    if (!toks || !pf || !dc) {
+    tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
+    if (!toks || !pf || !dc || !st) {
         snprintf(err, sizeof err, "out of memory");
-        goto fail;
+        goto stop;
     }
     /* Deterministic pseudo-random prompt ids (content does not change the cost). */
     uint32_t x = 12345;
@@ -668,18 +816,18 @@ static int cmd_bench(int argc, char **argv)
     }
     const float *logits;
     /* Warm-up: fault in the weights. */
-    if (tsr_forward(l.ctx, toks, 1, 0, false, &logits, err, sizeof err) != 0) goto fail;
+    if (tsr_replica_forward(rep, toks, 1, 0, &logits, err, sizeof err) != 0) goto stop;
     for (int64_t r = 0; r < reps; r++) {
         uint64_t t0 = now_ns();
-        if (tsr_forward(l.ctx, toks, (int32_t)n_prompt, 0, false, &logits, err, sizeof err))
-            goto fail;
+        if (tsr_replica_forward(rep, toks, (int32_t)n_prompt, 0, &logits, err, sizeof err))
+            goto stop;
         pf[r] = (double)n_prompt * 1e9 / (double)(now_ns() - t0);
         int32_t tok = toks[0];
         t0 = now_ns();
         for (int64_t i = 0; i < n_gen; i++) {
-            if (tsr_forward(l.ctx, &tok, 1, (int32_t)(n_prompt + i), false, &logits, err,
-                            sizeof err))
-                goto fail;
+            if (tsr_replica_forward(rep, &tok, 1, (int32_t)(n_prompt + i), &logits, err,
+                                    sizeof err))
+                goto stop;
             int32_t best = 0;
             for (int32_t v = 1; v < hp->n_vocab; v++)
                 if (logits[v] > logits[best]) best = v;
@@ -687,6 +835,16 @@ static int cmd_bench(int argc, char **argv)
         }
         dc[r] = (double)n_gen * 1e9 / (double)(now_ns() - t0);
     }
+    ok = true;
+stop:;
+    char err2[512];
+    if (tsr_replica_shutdown(rep, err2, sizeof err2) != 0 ||
+        tsr_replica_stats(rep, st, err2, sizeof err2) != 0) {
+        fprintf(stderr, "tessera bench: %s\n", err2);
+        tsr_comm_mpi_abort(1);
+        goto done;
+    }
+    if (!ok) goto fail;
     qsort(pf, (size_t)reps, sizeof(double), cmp_double);
     qsort(dc, (size_t)reps, sizeof(double), cmp_double);
     double pf_med = pf[reps / 2], dc_med = dc[reps / 2];
@@ -694,11 +852,23 @@ static int cmd_bench(int argc, char **argv)
     tsr_pool *pool = tsr_pool_new((int)n_threads);
     double bw = pool ? tsr_membw_read(pool, (size_t)1 << 30, 5) : 0.0;
     tsr_pool_free(pool);
-    /* Bytes read per decode token: all weights once, plus K and V of the mean context. */
+    /* Bytes read per decode token by the whole replica: all weights once, plus K and V of
+     * the mean context. */
+    uint64_t w_bytes = 0;
+    {
+        tsr_gguf *g;
+        if (tsr_gguf_open(model, &g, err, sizeof err) == 0) {
+            tsr_model *m;
+            if (tsr_model_load(g, &m, err, sizeof err) == 0) {
+                w_bytes = m->n_bytes_weights;
+                tsr_model_free(m);
+            }
+            tsr_gguf_close(g);
+        }
+    }
     double kv_per_tok = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * sizeof(float) *
                         ((double)n_prompt + (double)n_gen / 2.0);
-    double bytes_tok = (double)l.model->n_bytes_weights + kv_per_tok +
-                       (double)hp->n_embd * 4.0; /* embedding row, roughly */
+    double bytes_tok = (double)w_bytes + kv_per_tok + (double)hp->n_embd * 4.0;
     double roof = bw > 0 ? bw / bytes_tok : 0.0;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -707,17 +877,20 @@ static int cmd_bench(int argc, char **argv)
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "model", model);
         cJSON_AddNumberToObject(o, "threads", (double)n_threads);
+        cJSON_AddNumberToObject(o, "tp", rp.tp);
+        cJSON_AddNumberToObject(o, "pp", rp.pp);
         cJSON_AddStringToObject(o, "isa", tsr_quant_isa());
         cJSON_AddNumberToObject(o, "prompt_tokens", (double)n_prompt);
         cJSON_AddNumberToObject(o, "gen_tokens", (double)n_gen);
         cJSON_AddNumberToObject(o, "prefill_tokens_per_s", pf_med);
         cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc_med);
-        cJSON_AddNumberToObject(o, "weight_bytes", (double)l.model->n_bytes_weights);
+        cJSON_AddNumberToObject(o, "weight_bytes", (double)w_bytes);
         cJSON_AddNumberToObject(o, "bytes_per_token", bytes_tok);
         cJSON_AddNumberToObject(o, "mem_bw_gb_s", bw / 1e9);
         cJSON_AddNumberToObject(o, "roofline_tokens_per_s", roof);
         cJSON_AddNumberToObject(o, "decode_roofline_ratio", roof > 0 ? dc_med / roof : 0.0);
-        cJSON_AddNumberToObject(o, "peak_rss_mib", rss_mib);
+        cJSON_AddNumberToObject(o, "peak_rss_mib_leader", rss_mib);
+        cJSON_AddItemToObject(o, "ranks", ranks_json(st, n_ranks));
         char *s = cJSON_PrintUnformatted(o);
         if (s) puts(s);
         free(s);
@@ -726,17 +899,29 @@ static int cmd_bench(int argc, char **argv)
         printf("model:            %s\n", model);
         printf("shape:            n_layer %d, n_embd %d, n_head %d/%d kv, n_ff %d, vocab %d\n",
                hp->n_layer, hp->n_embd, hp->n_head, hp->n_head_kv, hp->n_ff, hp->n_vocab);
-        printf("threads:          %" PRId64 " (kernels: %s)\n", n_threads, tsr_quant_isa());
+        printf("layout:           tp %d, pp %d; %" PRId64 " threads per rank (kernels: %s)\n",
+               rp.tp, rp.pp, n_threads, tsr_quant_isa());
         printf("prefill:          %.1f tokens/s (%" PRId64 " tokens, median of %" PRId64 ")\n",
                pf_med, n_prompt, reps);
         printf("decode:           %.2f tokens/s (%" PRId64 " tokens, median of %" PRId64 ")\n",
                dc_med, n_gen, reps);
         printf("bytes per token:  %.1f MiB (weights %.1f MiB)\n", bytes_tok / 1048576.0,
-               (double)l.model->n_bytes_weights / 1048576.0);
+               (double)w_bytes / 1048576.0);
         printf("memory bandwidth: %.1f GB/s (read, %" PRId64 " threads)\n", bw / 1e9, n_threads);
         printf("decode roofline:  %.2f tokens/s; achieved %.1f%%\n", roof,
                roof > 0 ? 100.0 * dc_med / roof : 0.0);
-        printf("peak RSS:         %.1f MiB\n", rss_mib);
+        printf("peak RSS:         %.1f MiB (leader)\n", rss_mib);
+        if (n_ranks > 1) {
+            printf("per rank (all steps): rank stage tp  compute_us/tok  comm_us/tok  "
+                   "bytes_sent/tok  loaded_MiB\n");
+            for (int i = 0; i < n_ranks; i++) {
+                double t = st[i].n_tokens ? (double)st[i].n_tokens : 1.0;
+                printf("                      %4d %5d %2d  %14.1f %12.1f %15.0f %11.1f\n",
+                       st[i].rank, st[i].stage, st[i].tp_rank, st[i].t_compute_ns / 1e3 / t,
+                       st[i].t_comm_ns / 1e3 / t, (double)st[i].n_bytes_sent / t,
+                       st[i].n_bytes_loaded / 1048576.0);
+            }
+        }
     }
     rc = 0;
     goto done;
@@ -746,7 +931,83 @@ done:
     free(toks);
     free(pf);
     free(dc);
-    unload(&l);
+    free(st);
+    tsr_replica_close(rep);
+    return rc;
+}
+
+/* ---- plan ---- */
+
+static const char *plan_help =
+    "usage: tessera plan -m MODEL --tp T --pp P [--layers A-B,...] [--mem BYTES] [-c N]\n"
+    "\n"
+    "Print how MODEL is cut over tp x pp ranks: each rank's layers, heads, KV heads, MLP\n"
+    "columns and vocabulary rows, with its bytes of weights and KV cache. Impossible\n"
+    "layouts are refused with the reason and what would work. Runs without MPI.\n"
+    "\n"
+    "  -m, --model PATH     GGUF model (default " DEFAULT_MODEL ")\n"
+    "      --tp N           tensor-parallel ranks per stage (default 1)\n"
+    "      --pp N           pipeline stages (default 1)\n"
+    "      --layers SPEC    layers of each stage, e.g. 0-7,8-15\n"
+    "      --mem BYTES      per-rank budget for weights + KV cache (0 = none)\n"
+    "  -c, --ctx-size N     context tokens for the KV budget (default 4096)\n"
+    "  -h, --help           this help\n";
+
+static int cmd_plan(int argc, char **argv)
+{
+    enum { O_MEM = 256 };
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"mem", required_argument, 0, O_MEM},
+                                         {"ctx-size", required_argument, 0, 'c'},
+                                         {"help", no_argument, 0, 'h'},
+                                         REPLICA_OPTS,
+                                         {0, 0, 0, 0}};
+    const char *model = DEFAULT_MODEL;
+    tsr_replica_params rp = {.tp = 1, .pp = 1};
+    uint64_t mem = 0;
+    int64_t n_ctx = 4096;
+    int c;
+    while ((c = getopt_long(argc, argv, "m:c:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'c': INT_FLAG("plan", "--ctx-size", 1, 1 << 24, n_ctx); break;
+        case O_MEM:
+            if (!parse_u64(optarg, &mem))
+                return usage_error("plan", "--mem needs a byte count, got '%s'", optarg);
+            break;
+        case 'h': fputs(plan_help, stdout); return 0;
+        default: {
+            int r = replica_flag("plan", c, &rp);
+            if (r >= 0) {
+                if (r) return r;
+                break;
+            }
+            return usage_error("plan", "unknown flag");
+        }
+        }
+    }
+    if (optind != argc) return usage_error("plan", "unexpected argument '%s'", argv[optind]);
+    char err[1024];
+    tsr_gguf *g;
+    if (tsr_gguf_open(model, &g, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera plan: %s\n", err);
+        return 1;
+    }
+    tsr_plan_model pm;
+    static tsr_plan plan;
+    int rc = 1;
+    if (tsr_replica_plan_model(g, &pm, err, sizeof err) != 0 ||
+        tsr_plan_make(&pm, rp.tp, rp.pp, rp.layers, mem, (int32_t)n_ctx, &plan, err,
+                      sizeof err) != 0) {
+        fprintf(stderr, "tessera plan: %s\n", err);
+        goto done;
+    }
+    static char buf[1 << 16];
+    tsr_plan_format(&plan, &pm, buf, sizeof buf);
+    fputs(buf, stdout);
+    rc = 0;
+done:
+    tsr_gguf_close(g);
     return rc;
 }
 
@@ -763,6 +1024,7 @@ static const char *main_help =
     "  inspect    print a GGUF file's metadata and tensor table\n"
     "  mkmodel    write a random-weight llama GGUF of any shape and type\n"
     "  bench      measure prefill/decode speed against the memory-bandwidth roofline\n"
+    "  plan       print how a model is cut over tensor- and pipeline-parallel ranks\n"
     "\n"
     "Run 'tessera COMMAND --help' for the flags of each command.\n";
 
@@ -790,6 +1052,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "mkmodel")) return cmd_mkmodel(argc, argv);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
+    if (!strcmp(cmd, "plan")) return cmd_plan(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);
     return EXIT_USAGE;
 }

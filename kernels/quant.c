@@ -909,29 +909,33 @@ FLOAT_ROWS_AVX2(rows_f32_avx2, TSR_TYPE_F32)
 FLOAT_ROWS_AVX2(rows_f16_avx2, TSR_TYPE_F16)
 FLOAT_ROWS_AVX2(rows_bf16_avx2, TSR_TYPE_BF16)
 
-/* Per-block facts about the Q8_0 activation that every weight row needs: its fp16 scale
- * as a float, and corr = -mult*sum(y), the integer offset term of the unsigned-operand
- * tricks below (mult 8 for Q4_0's -8 offset, 128 for Q8_0's w+128). 8 bytes per block,
- * built once per call; rows then load them instead of recomputing per (row, block). */
+/* Per-block facts about the Q8_0 activation that every weight row needs, built once per
+ * call (rows then load them instead of recomputing per (row, block)):
+ *  - dy[b]: the fp16 scale as a float (padded with zeros to a multiple of 8 blocks);
+ *  - corr[b]: int32x8 with -mult*sum(y) in lane 0, the integer offset term of the
+ *    unsigned-operand tricks below (mult 8 for Q4_0's -8 offset, 128 for Q8_0's w+128),
+ *    kept as a whole vector so a row adds it with a plain load and the dot stays exact. */
 typedef struct {
-    float d;
-    int32_t corr;
+    float *dy;
+    __m256i *corr;
 } act_info;
 
-enum { ACT_STACK_BLOCKS = 2048 }; /* rows up to 65536 elements use the stack (16 KiB) */
+enum { ACT_STACK_BLOCKS = 1024 }; /* rows up to 32768 elements use the stack (37 KiB) */
 
 TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult, act_info *ai)
 {
     const __m256i k80 = _mm256_set1_epi8((char)0x80);
     for (int64_t b = 0; b < nb; ++b) {
+        ai->dy[b] = _cvtsh_ss(x[b].d);
+        if (!mult) continue;
         /* sum of signed bytes = sum of (y ^ 0x80) as unsigned - 32*128, via vpsadbw */
         const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[b].qs), k80);
         const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
         const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
         const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
-        ai[b].d = _cvtsh_ss(x[b].d);
-        ai[b].corr = -mult * sum;
+        ai->corr[b] = _mm256_setr_epi32(-mult * sum, 0, 0, 0, 0, 0, 0, 0);
     }
+    for (int64_t b = nb; b % 8; ++b) ai->dy[b] = 0.0f;
 }
 
 /* The rows entry of a Q8_0-activation kernel: build act_info (stack, or heap for very long
@@ -940,42 +944,92 @@ TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult,
     ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
                            const void *vx, float *y)                                               \
     {                                                                                              \
-        const int64_t nb = n / TSR_QK8_0;                                                          \
-        act_info stack_ai[ACT_STACK_BLOCKS];                                                       \
-        act_info *ai = nb <= ACT_STACK_BLOCKS ? stack_ai : malloc(sizeof(act_info) * (size_t)nb);   \
-        if (!ai) {                                                                                 \
-            fallback(n, nrows, w, stride, vx, y);                                                  \
-            return;                                                                                \
+        const int64_t nb = n / TSR_QK8_0, nbp = (nb + 7) / 8 * 8;                                  \
+        float stack_dy[ACT_STACK_BLOCKS];                                                          \
+        __m256i stack_corr[(mult) ? ACT_STACK_BLOCKS : 1];                                         \
+        act_info ai = {stack_dy, stack_corr};                                                      \
+        const bool heap = nbp > ACT_STACK_BLOCKS;                                                  \
+        if (heap) {                                                                                \
+            ai.dy = malloc(sizeof(float) * (size_t)nbp);                                           \
+            ai.corr = (mult) ? aligned_alloc(32, sizeof(__m256i) * (size_t)nbp) : NULL;            \
+            if (!ai.dy || ((mult) && !ai.corr)) {                                                  \
+                free(ai.dy);                                                                       \
+                free(ai.corr);                                                                     \
+                fallback(n, nrows, w, stride, vx, y);                                              \
+                return;                                                                            \
+            }                                                                                      \
         }                                                                                          \
-        act_info_build(vx, nb, mult, ai);                                                          \
-        for (int64_t r = 0; r < nrows; ++r) y[r] = rowfn(nb, w + (size_t)r * stride, vx, ai);      \
-        if (ai != stack_ai) free(ai);                                                              \
+        act_info_build(vx, nb, mult, &ai);                                                         \
+        for (int64_t r = 0; r < nrows; ++r) y[r] = rowfn(nb, w + (size_t)r * stride, vx, &ai);     \
+        if (heap) {                                                                                \
+            free(ai.dy);                                                                           \
+            free(ai.corr);                                                                         \
+        }                                                                                          \
     }
 
-/* One (row, block) term: weight scale (vpbroadcastw + vcvtph2ps) times the activation's
- * float scale, times the block's integer dot converted to float. Two blocks per step into
- * two accumulators so consecutive FMAs do not wait on each other. */
+/* fp16 scales of blocks b..b+m-1 (m <= 8; the rest 0) as floats. The 16-bit loads and
+ * packing run on the integer side, leaving one vcvtph2ps per 8 blocks on the vector pipes
+ * (converting per block cost ~25% of the Q4_0 kernel's time). */
+TSR_AVX2 TSR_INLINE __m256 f16x8_strided(const uint16_t *d0, size_t stride, int m)
+{
+    const uint8_t *p = (const uint8_t *)d0;
+    uint64_t h[2] = {0, 0};
+    if (m == 8) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+            uint16_t v;
+            memcpy(&v, p + (size_t)k * stride, 2);
+            h[k / 4] |= (uint64_t)v << (16 * (k % 4));
+        }
+    } else {
+        for (int k = 0; k < m; ++k) {
+            uint16_t v;
+            memcpy(&v, p + (size_t)k * stride, 2);
+            h[k / 4] |= (uint64_t)v << (16 * (k % 4));
+        }
+    }
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)h[1], (long long)h[0]));
+}
+
+/* One row: per group of 8 blocks, the 8 combined scales fp16(d_w)*d_y are made in one
+ * vector; each block's integer dot (int32x8 lanes) is converted and FMA'd with its scale
+ * broadcast by an in-lane shuffle. Blocks alternate between two accumulators. A partial
+ * last group does the same operations, so the result depends only on the row. */
+TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
+{
+    const __m256 v = k < 4 ? lo : hi;
+    switch (k & 3) {
+    case 0: return _mm256_shuffle_ps(v, v, 0x00);
+    case 1: return _mm256_shuffle_ps(v, v, 0x55);
+    case 2: return _mm256_shuffle_ps(v, v, 0xAA);
+    default: return _mm256_shuffle_ps(v, v, 0xFF);
+    }
+}
+
 #define BLOCK_LOOP(BLK, INT_DOT)                                                                   \
     const BLK *w = (const BLK *)vw;                                                                \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                 \
-    int64_t b = 0;                                                                                 \
-    for (; b + 2 <= nb; b += 2) {                                                                  \
-        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(f16_bcast(&w[b].d), _mm256_set1_ps(ai[b].d)),        \
-                               _mm256_cvtepi32_ps(INT_DOT(b)), acc0);                             \
-        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(f16_bcast(&w[b + 1].d), _mm256_set1_ps(ai[b + 1].d)), \
-                               _mm256_cvtepi32_ps(INT_DOT(b + 1)), acc1);                         \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),               \
+                     _mm256_setzero_ps()};                                                         \
+    for (int64_t b = 0; b < nb; b += 8) {                                                          \
+        const int m = nb - b < 8 ? (int)(nb - b) : 8;                                              \
+        const __m256 sc = _mm256_mul_ps(f16x8_strided(&w[b].d, sizeof(BLK), m),                   \
+                                        _mm256_loadu_ps(ai->dy + b));                              \
+        const __m256 lo = _mm256_permute2f128_ps(sc, sc, 0x00);                                    \
+        const __m256 hi = _mm256_permute2f128_ps(sc, sc, 0x11);                                    \
+        if (m == 8) {                                                                              \
+            _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k)                                    \
+            {                                                                                      \
+                acc[k & 3] = _mm256_fmadd_ps(bcast_lane(lo, hi, k),                                \
+                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);     \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int k = 0; k < m; ++k) {                                                          \
+                acc[k & 3] = _mm256_fmadd_ps(bcast_lane(lo, hi, k),                                \
+                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);     \
+            }                                                                                      \
+        }                                                                                          \
     }                                                                                              \
-    if (b < nb) {                                                                                  \
-        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(f16_bcast(&w[b].d), _mm256_set1_ps(ai[b].d)),        \
-                               _mm256_cvtepi32_ps(INT_DOT(b)), acc0);                             \
-    }                                                                                              \
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
-
-/* int32 lanes holding one 32-bit scalar in lane 0 (vmovd zeroes the rest). */
-TSR_AVX2 TSR_INLINE __m256i lane0_i32(int32_t v)
-{
-    return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v));
-}
+    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 
 /* Q8_0 x Q8_0, AVX2: sign trick |w| (unsigned) x sign(w)*y (signed) for vpmaddubsw; the
  * int16 pair sums (<= 2*128*127) cannot saturate. */
@@ -997,18 +1051,18 @@ TSR_AVX2 static float q8_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_
 ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
 
 /* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
- * directly; the -8 offset, -8*sum(y), comes from act_info into lane 0. */
-TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq, int32_t corr)
+ * directly; the -8 offset, -8*sum(y), is added from act_info. */
+TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq, const __m256i *corr)
 {
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
     const __m256i p16 = _mm256_maddubs_epi16(q4_0_nibbles(wq), y);
-    return _mm256_add_epi32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)), lane0_i32(corr));
+    return _mm256_add_epi32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)), _mm256_load_si256(corr));
 }
 
 TSR_AVX2 static float q4_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
                                     const act_info *ai)
 {
-#define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs, ai[bb].corr)
+#define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs, ai->corr + (bb))
     BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2)
 #undef Q4_DOT_AVX2
 }
@@ -1030,103 +1084,118 @@ static const uint8_t k_shuf_q6_K[4][32] = {
     {SHUF16x8(6), SHUF16x8(7)},
 };
 
-/* Q4_K x Q8_K, one row. Per super-block: 8 groups of 32; maddubs(q4, y) -> int16, then
- * madd with the group's 6-bit scale -> int32 lanes; mins via the Q8_K bsums. */
-TSR_AVX2 static float dot_q4_K_avx2(int64_t n, const uint8_t *vw, const void *vx)
-{
-    const blk_q4_K *w = (const blk_q4_K *)vw;
-    const blk_q8_K *x = vx;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
-        const float d = x[i].d * _cvtsh_ss(w[i].d);
-        const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);
-        uint8_t sm[16];
-        q4_K_scales_mins(w[i].scales, sm);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 8)));
-        const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);
-        const __m128i ysum =
-            _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_madd_epi16(mins, ysum)), accm);
-        const __m256i sc =
-            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
-        __m256i sumi = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-            const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * j));
-            const __m256i ql = _mm256_and_si256(q4, m4);
-            const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            const __m256i yl = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));
-            const __m256i yh = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));
-            const __m256i scl =
-                _mm256_shuffle_epi8(sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j]));
-            const __m256i sch = _mm256_shuffle_epi8(
-                sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));
-            const __m256i pl = _mm256_madd_epi16(scl, _mm256_maddubs_epi16(ql, yl));
-            const __m256i ph = _mm256_madd_epi16(sch, _mm256_maddubs_epi16(qh, yh));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+/* K-quant kernels, one row each (rows are streamed one by one, see above). The integer
+ * work per 32 (Q4_K) or 16 (Q6_K) elements is vpmaddubsw(q, y) into int16 pairs, then the
+ * sub-block scale: vpmaddwd with the scale broadcast and an add (AVX2), or one vpdpwssd
+ * (AVX-512 VNNI). SACC(acc, p16, scale16) is that step; both variants come from one body. */
+#define SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
+#define SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
+
+/* Q4_K x Q8_K. Per super-block: 8 groups of 32 (low nibbles of qs[32j..], then high),
+ * each scaled by its 6-bit scale; the mins term uses the Q8_K bsums:
+ * d*dy*sum_g sc_g*<q_g, y_g> - dmin*dy*sum_g m_g*sum(y_g). */
+#define DEF_DOT_Q4_K(fname, ATTR, SACC)                                                            \
+    ATTR static float fname(int64_t n, const uint8_t *vw, const void *vx)                          \
+    {                                                                                              \
+        const blk_q4_K *w = (const blk_q4_K *)vw;                                                  \
+        const blk_q8_K *x = vx;                                                                    \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        __m128 accm = _mm_setzero_ps();                                                            \
+        for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
+            const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
+            const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
+            uint8_t sm[16];                                                                        \
+            q4_K_scales_mins(w[i].scales, sm);                                                     \
+            const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 8)));    \
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                    \
+            const __m128i ysum =                                                                   \
+                _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));       \
+            accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_madd_epi16(mins, ysum)),   \
+                                accm);                                                             \
+            const __m256i sc = _mm256_broadcastsi128_si256(                                        \
+                _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));                          \
+            __m256i sumi = _mm256_setzero_si256();                                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
+            {                                                                                      \
+                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * j));        \
+                const __m256i ql = _mm256_and_si256(q4, m4);                                       \
+                const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                 \
+                const __m256i yl = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));        \
+                const __m256i yh = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));   \
+                const __m256i scl = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j]));                  \
+                const __m256i sch = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));              \
+                sumi = SACC(sumi, _mm256_maddubs_epi16(ql, yl), scl);                              \
+                sumi = SACC(sumi, _mm256_maddubs_epi16(qh, yh), sch);                              \
+            }                                                                                      \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
+        }                                                                                          \
+        return hsum_ps(acc) - hsum_ps128(accm);                                                    \
     }
-    return hsum_ps(acc) - hsum_ps128(accm);
-}
 
-/* Q6_K x Q8_K, one row. 6-bit q = ql nibble | qh 2 bits << 4, unsigned [0, 63] for
- * maddubs; the -32 offset is taken out once per super-block as 32*sum_g sc_g*bsum_g. */
-TSR_AVX2 static float dot_q6_K_avx2(int64_t n, const uint8_t *vw, const void *vx)
-{
-    const blk_q6_K *w = (const blk_q6_K *)vw;
-    const blk_q8_K *x = vx;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
-        const float d = x[i].d * _cvtsh_ss(w[i].d);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));
-        const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);
-        __m256i sumi = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5); /* the offset */
-        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-            const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)
-                                  : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h));
-            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h + 32));
-            const __m256i qhv = _mm256_loadu_si256((const __m256i *)(w[i].qh + 32 * h));
-            const int8_t *yq = x[i].qs + 128 * h;
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(qhv, m2), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 4), m2), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 6), m2), 4));
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k) {
-                const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k));
-                const __m256i s =
-                    _mm256_shuffle_epi8(sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s, _mm256_maddubs_epi16(q[k], yk)));
-            }
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+/* Q6_K x Q8_K. 6-bit q = ql nibble | 2 qh bits << 4, unsigned [0, 63] for vpmaddubsw; the
+ * -32 offset is taken out once per super-block as 32*sum_g sc_g*bsum_g (bsums cover
+ * exactly Q6_K's 16-element groups). */
+#define DEF_DOT_Q6_K(fname, ATTR, SACC)                                                            \
+    ATTR static float fname(int64_t n, const uint8_t *vw, const void *vx)                          \
+    {                                                                                              \
+        const blk_q6_K *w = (const blk_q6_K *)vw;                                                  \
+        const blk_q8_K *x = vx;                                                                    \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);                       \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
+            const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
+            const __m256i sc16 =                                                                   \
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].scales));               \
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                    \
+            __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),                                \
+                                            _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));    \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h));       \
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h + 32));  \
+                const __m256i qhv = _mm256_loadu_si256((const __m256i *)(w[i].qh + 32 * h));       \
+                const int8_t *yq = x[i].qs + 128 * h;                                              \
+                __m256i q[4];                                                                      \
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),                                  \
+                                       _mm256_slli_epi16(_mm256_and_si256(qhv, m2), 4));           \
+                q[1] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(ql1, m4),                                                     \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2), 4));        \
+                q[2] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),                               \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 4), m2), 4));        \
+                q[3] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),                               \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 6), m2), 4));        \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k));         \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));                 \
+                    sumi = SACC(sumi, _mm256_maddubs_epi16(q[k], yk), s);                          \
+                }                                                                                  \
+            }                                                                                      \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
+        }                                                                                          \
+        return hsum_ps(acc);                                                                       \
     }
-    return hsum_ps(acc);
-}
 
-TSR_AVX2 static void rows_q4_K_avx2(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
-                                    const void *x, float *y)
-{
-    for (int64_t r = 0; r < nrows; ++r) y[r] = dot_q4_K_avx2(n, w + (size_t)r * stride, x);
-}
+#define DEF_ROWS_BY_DOT(fname, ATTR, dot)                                                          \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
+                           const void *x, float *y)                                                \
+    {                                                                                              \
+        for (int64_t r = 0; r < nrows; ++r) y[r] = dot(n, w + (size_t)r * stride, x);              \
+    }
 
-TSR_AVX2 static void rows_q6_K_avx2(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
-                                    const void *x, float *y)
-{
-    for (int64_t r = 0; r < nrows; ++r) y[r] = dot_q6_K_avx2(n, w + (size_t)r * stride, x);
-}
+DEF_DOT_Q4_K(dot_q4_K_avx2, TSR_AVX2, SACC_AVX2)
+DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
+DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
+DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
 
 /* ---- AVX-512 VNNI (256-bit vectors, EVEX vpdpbusd) -------------------------------------- */
 
@@ -1134,19 +1203,20 @@ TSR_AVX2 static void rows_q6_K_avx2(int64_t n, int64_t nrows, const uint8_t *w, 
 
 /* Q8_0 x Q8_0 with vpdpbusd (u8 x s8 summed into int32, no saturation): w+128 as the
  * unsigned operand, sum (w+128)*y = sum w*y + 128*sum y; the accumulation starts from
- * act_info's -128*sum(y). Two ops per block (xor, vpdpbusd) instead of the sign trick's 3. */
-TSR_VNNI TSR_INLINE __m256i q8_dot_vnni(const int8_t *wq, const int8_t *yq, int32_t corr)
+ * act_info's -128*sum(y). Two vector ops per block (xor, vpdpbusd) against the sign
+ * trick's three. */
+TSR_VNNI TSR_INLINE __m256i q8_dot_vnni(const int8_t *wq, const int8_t *yq, const __m256i *corr)
 {
     const __m256i w = _mm256_loadu_si256((const __m256i *)wq);
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
-    return _mm256_dpbusd_epi32(lane0_i32(corr), _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)),
-                               y);
+    return _mm256_dpbusd_epi32(_mm256_load_si256(corr),
+                               _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), y);
 }
 
 TSR_VNNI static float q8_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
                                     const act_info *ai)
 {
-#define Q8_DOT_VNNI(bb) q8_dot_vnni(w[bb].qs, x[bb].qs, ai[bb].corr)
+#define Q8_DOT_VNNI(bb) q8_dot_vnni(w[bb].qs, x[bb].qs, ai->corr + (bb))
     BLOCK_LOOP(blk_q8_0, Q8_DOT_VNNI)
 #undef Q8_DOT_VNNI
 }
@@ -1154,20 +1224,25 @@ ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 128, rows_q8_0_scalar)
 
 /* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y, starting from
  * act_info's -8*sum(y). */
-TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq, int32_t corr)
+TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq, const __m256i *corr)
 {
-    return _mm256_dpbusd_epi32(lane0_i32(corr), q4_0_nibbles(wq),
+    return _mm256_dpbusd_epi32(_mm256_load_si256(corr), q4_0_nibbles(wq),
                                _mm256_loadu_si256((const __m256i *)yq));
 }
 
 TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
                                     const act_info *ai)
 {
-#define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs, ai[bb].corr)
+#define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs, ai->corr + (bb))
     BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI)
 #undef Q4_DOT_VNNI
 }
 ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
+
+DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
+DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 
 #endif /* TSR_X86 */
 
@@ -1247,8 +1322,8 @@ static rows_fn rows_kernel(uint32_t type)
         case TSR_TYPE_BF16: return rows_bf16_avx2;
         case TSR_TYPE_Q8_0: return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
         case TSR_TYPE_Q4_0: return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
-        case TSR_TYPE_Q4_K: return rows_q4_K_avx2;
-        case TSR_TYPE_Q6_K: return rows_q6_K_avx2;
+        case TSR_TYPE_Q4_K: return isa >= ISA_AVX512VNNI ? rows_q4_K_vnni : rows_q4_K_avx2;
+        case TSR_TYPE_Q6_K: return isa >= ISA_AVX512VNNI ? rows_q6_K_vnni : rows_q6_K_avx2;
         default: return NULL;
         }
     }

@@ -36,6 +36,7 @@ struct tsr_gguf {
     const uint8_t *base;
     uint64_t size;
     bool mapped; /* base came from mmap (unmap on close) */
+    int fd;      /* the file, kept open for tsr_gguf_pread; -1 for memory handles */
     uint32_t version;
     uint64_t alignment;
     uint64_t data_off;
@@ -452,6 +453,7 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
         return TSR_GGUF_ERR_IO;
     }
     g->size = (uint64_t)st.st_size;
+    g->fd = -1;
     if (g->size > 0) {
         void *p = mmap(NULL, g->size, PROT_READ, MAP_SHARED, fd, 0);
         if (p == MAP_FAILED) {
@@ -463,7 +465,7 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
         g->base = p;
         g->mapped = true;
     }
-    close(fd);
+    g->fd = fd;
     int rc = open_common(g, out, err, err_len);
     if (rc != 0 && err && err_len) {
         /* Prefix the path so a user knows which file is broken. */
@@ -484,6 +486,7 @@ int tsr_gguf_open_memory(const void *buf, size_t len, tsr_gguf **out, char *err,
     }
     g->base = buf;
     g->size = len;
+    g->fd = -1;
     return open_common(g, out, err, err_len);
 }
 
@@ -495,7 +498,27 @@ void tsr_gguf_close(tsr_gguf *g)
     free(g->tensors);
     free(g->names);
     if (g->mapped) munmap((void *)g->base, g->size);
+    if (g->fd >= 0) close(g->fd);
     free(g);
+}
+
+int tsr_gguf_pread(const tsr_gguf *g, uint64_t offset, void *buf, size_t n)
+{
+    if (offset > g->size || n > g->size - offset) return TSR_GGUF_ERR_FORMAT;
+    if (g->fd < 0) {
+        memcpy(buf, g->base + offset, n);
+        return 0;
+    }
+    uint8_t *p = buf;
+    while (n > 0) {
+        ssize_t r = pread(g->fd, p, n, (off_t)offset);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return TSR_GGUF_ERR_IO;
+        p += r;
+        n -= (size_t)r;
+        offset += (uint64_t)r;
+    }
+    return 0;
 }
 
 /* ---- accessors ---- */

@@ -87,6 +87,10 @@ uint64_t tsr_gguf_alignment(const tsr_gguf *g);
 uint64_t tsr_gguf_file_size(const tsr_gguf *g);
 uint64_t tsr_gguf_data_offset(const tsr_gguf *g); /* absolute file offset of data section */
 const void *tsr_gguf_base(const tsr_gguf *g);     /* start of the mapping */
+/* Copy n bytes at absolute file offset `offset` into buf with pread (memcpy for memory
+ * handles), without touching the mapping: how a rank reads only its own slices of a
+ * tensor. Returns 0, or < 0 when the range is outside the file or the read fails. */
+int tsr_gguf_pread(const tsr_gguf *g, uint64_t offset, void *buf, size_t n);
 
 /* ---- metadata ---- */
 int64_t tsr_gguf_n_kv(const tsr_gguf *g);

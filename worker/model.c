@@ -103,6 +103,7 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     w->row_bytes = tsr_row_bytes(t->type, n_in);
     w->data = t->data;
     m->n_bytes_weights += t->n_bytes;
+    m->n_bytes_loaded += t->n_bytes;
     return 0;
 }
 
@@ -149,7 +150,176 @@ static void llama3_factors(float *ff, int n_rot, float base, float factor, float
     }
 }
 
-int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len)
+int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t err_len)
+{
+    const char *arch = "llama";
+    char name[160];
+    tsr_gguf_str s;
+    memset(hp, 0, sizeof *hp);
+    if (!tsr_gguf_get_str(g, "general.architecture", &s)) {
+        set_err(err, err_len, "missing metadata key 'general.architecture' (string)");
+        return -1;
+    }
+    if (s.len != 5 || memcmp(s.ptr, "llama", 5) != 0) {
+        set_err(err, err_len,
+                "unsupported architecture '%.*s': Tessera runs 'llama' models (Llama, "
+                "TinyLlama, Mistral-style GQA)",
+                (int)(s.len > 40 ? 40 : s.len), s.ptr);
+        return -1;
+    }
+    if (get_hp_int(g, arch, "block_count", -1, 4096, &hp->n_layer, err, err_len) ||
+        get_hp_int(g, arch, "embedding_length", -1, 1 << 20, &hp->n_embd, err, err_len) ||
+        get_hp_int(g, arch, "attention.head_count", -1, 4096, &hp->n_head, err, err_len) ||
+        get_hp_int(g, arch, "attention.head_count_kv", hp->n_head, 4096, &hp->n_head_kv, err,
+                   err_len) ||
+        get_hp_int(g, arch, "feed_forward_length", -1, 1 << 22, &hp->n_ff, err, err_len) ||
+        get_hp_int(g, arch, "context_length", 2048, 1 << 24, &hp->n_ctx_train, err, err_len))
+        return -1;
+    if (hp->n_embd % hp->n_head != 0) {
+        set_err(err, err_len, "embedding_length %d is not divisible by head_count %d",
+                hp->n_embd, hp->n_head);
+        return -1;
+    }
+    if (hp->n_head % hp->n_head_kv != 0) {
+        set_err(err, err_len, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
+                hp->n_head_kv);
+        return -1;
+    }
+    if (get_hp_int(g, arch, "attention.key_length", hp->n_embd / hp->n_head, 1 << 16,
+                   &hp->head_dim, err, err_len) ||
+        get_hp_int(g, arch, "rope.dimension_count", hp->head_dim, hp->head_dim, &hp->n_rot, err,
+                   err_len))
+        return -1;
+    if (hp->n_rot % 2 != 0) {
+        set_err(err, err_len, "rope.dimension_count %d must be even", hp->n_rot);
+        return -1;
+    }
+    if (get_hp_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5, &hp->rms_eps, err,
+                     err_len) ||
+        get_hp_float(g, arch, "rope.freq_base", 10000.0, &hp->rope_freq_base, err, err_len))
+        return -1;
+    if (!(hp->rms_eps > 0.0f) || !(hp->rope_freq_base > 0.0f)) {
+        set_err(err, err_len, "rms epsilon and rope.freq_base must be > 0");
+        return -1;
+    }
+    hp->rope_freq_scale = 1.0f;
+    float factor = 1.0f;
+    tsr_gguf_str st = {0};
+    snprintf(name, sizeof name, "%s.rope.scaling.type", arch);
+    bool has_type = tsr_gguf_get_str(g, name, &st);
+    if (get_hp_float(g, arch, "rope.scaling.factor", 1.0, &factor, err, err_len)) return -1;
+    if (!(factor > 0.0f)) {
+        set_err(err, err_len, "%s.rope.scaling.factor must be > 0", arch);
+        return -1;
+    }
+    if (has_type && st.len == 6 && memcmp(st.ptr, "linear", 6) == 0)
+        hp->rope_freq_scale = 1.0f / factor;
+    if (tsr_gguf_find_tensor(g, "rope_freqs.weight") ||
+        (has_type && st.len == 6 && memcmp(st.ptr, "llama3", 6) == 0))
+        hp->rope_llama3 = true;
+    /* Vocabulary size: the embedding's row count is the truth for the forward pass. */
+    const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
+    if (!te) {
+        set_err(err, err_len, "missing tensor 'token_embd.weight' (is this a vocabulary-only "
+                              "GGUF? 'tessera tokenize' works on those)");
+        return -1;
+    }
+    if (te->ne[1] < 1 || te->ne[1] > INT32_MAX) {
+        set_err(err, err_len, "token_embd.weight has an invalid row count");
+        return -1;
+    }
+    hp->n_vocab = (int32_t)te->ne[1];
+    return 0;
+}
+
+void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s)
+{
+    s->layer_begin = 0;
+    s->layer_end = hp->n_layer;
+    s->head_begin = 0;
+    s->head_end = hp->n_head;
+    s->kv_head_begin = 0;
+    s->kv_head_end = hp->n_head_kv;
+    s->ff_begin = 0;
+    s->ff_end = hp->n_ff;
+    s->vocab_begin = 0;
+    s->vocab_end = hp->n_vocab;
+}
+
+/* Columns [c0, c1) of every row of a matrix, copied out of the file with pread: only those
+ * bytes are read, and the mapping is not touched. */
+static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, int64_t c0,
+                     int64_t c1, tsr_weight *w, char *err, size_t err_len)
+{
+    tsr_weight full;
+    if (bind(m, name, n_in, n_out, &full, false, err, err_len)) return -1;
+    m->n_bytes_weights -= (uint64_t)full.row_bytes * (uint64_t)n_out;
+    m->n_bytes_loaded -= (uint64_t)full.row_bytes * (uint64_t)n_out;
+    if (c0 == 0 && c1 == n_in) {
+        *w = full;
+        m->n_bytes_weights += (uint64_t)full.row_bytes * (uint64_t)n_out;
+        m->n_bytes_loaded += (uint64_t)full.row_bytes * (uint64_t)n_out;
+        return 0;
+    }
+    int64_t blk = tsr_type_block_elems(full.type);
+    if (c0 % blk != 0 || c1 % blk != 0) {
+        set_err(err, err_len,
+                "%s is %s (blocks of %" PRId64 " values): columns %" PRId64 "..%" PRId64
+                " cut a block; choose a tensor-parallel size whose slices fall on block "
+                "boundaries",
+                name, tsr_type_name(full.type), blk, c0, c1);
+        return -1;
+    }
+    size_t off = tsr_row_bytes(full.type, c0);
+    size_t piece = tsr_row_bytes(full.type, c1 - c0);
+    uint8_t *buf = malloc(piece * (size_t)n_out);
+    void **owned = realloc(m->owned, sizeof(void *) * (size_t)(m->n_owned + 1));
+    if (!buf || !owned) {
+        free(buf);
+        if (owned) m->owned = owned;
+        set_err(err, err_len, "out of memory copying %s", name);
+        return -1;
+    }
+    m->owned = owned;
+    m->owned[m->n_owned++] = buf;
+    const uint64_t base = (uint64_t)((const uint8_t *)full.data -
+                                     (const uint8_t *)tsr_gguf_base(m->gguf));
+    for (int64_t r = 0; r < n_out; r++) {
+        if (tsr_gguf_pread(m->gguf, base + (uint64_t)r * full.row_bytes + off,
+                           buf + (size_t)r * piece, piece) != 0) {
+            set_err(err, err_len, "reading %s from the file failed", name);
+            return -1;
+        }
+    }
+    w->type = full.type;
+    w->n_in = c1 - c0;
+    w->n_out = n_out;
+    w->row_bytes = piece;
+    w->data = buf;
+    m->n_bytes_weights += piece * (uint64_t)n_out;
+    m->n_bytes_loaded += piece * (uint64_t)n_out;
+    return 0;
+}
+
+/* Rows [r0, r1) of a matrix: a view into the mapping. */
+static int bind_rows(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, int64_t r0,
+                     int64_t r1, tsr_weight *w, bool optional, char *err, size_t err_len)
+{
+    tsr_weight full;
+    int rc = bind(m, name, n_in, n_out, &full, optional, err, err_len);
+    if (rc != 0) return rc;
+    m->n_bytes_weights -= (uint64_t)full.row_bytes * (uint64_t)(n_out - (r1 - r0));
+    m->n_bytes_loaded -= (uint64_t)full.row_bytes * (uint64_t)(n_out - (r1 - r0));
+    *w = full;
+    w->n_out = r1 - r0;
+    w->data = (const uint8_t *)full.data + (size_t)r0 * full.row_bytes;
+    return 0;
+}
+
+static bool range_ok(int32_t b, int32_t e, int32_t n) { return 0 <= b && b <= e && e <= n; }
+
+int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
+                         size_t err_len)
 {
     *out = NULL;
     tsr_model *m = calloc(1, sizeof *m);
@@ -159,140 +329,111 @@ int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len
     }
     m->gguf = g;
     tsr_hparams *hp = &m->hp;
-    char arch[64];
     char name[160];
-    tsr_gguf_str s;
+    if (tsr_model_read_hparams(g, hp, err, err_len) != 0) goto fail;
+    if (shard) m->shard = *shard;
+    else tsr_shard_full(hp, &m->shard);
+    const tsr_shard *sh = &m->shard;
+    const int32_t group = hp->n_head / hp->n_head_kv;
+    if (!range_ok(sh->layer_begin, sh->layer_end, hp->n_layer) ||
+        sh->layer_begin == sh->layer_end || !range_ok(sh->head_begin, sh->head_end, hp->n_head) ||
+        sh->head_begin == sh->head_end ||
+        !range_ok(sh->kv_head_begin, sh->kv_head_end, hp->n_head_kv) ||
+        !range_ok(sh->ff_begin, sh->ff_end, hp->n_ff) || sh->ff_begin == sh->ff_end ||
+        !range_ok(sh->vocab_begin, sh->vocab_end, hp->n_vocab) ||
+        sh->head_begin / group < sh->kv_head_begin ||
+        (sh->head_end - 1) / group >= sh->kv_head_end) {
+        set_err(err, err_len, "invalid shard for this model (layers %d-%d, heads %d-%d, kv heads "
+                              "%d-%d, ff %d-%d, vocab %d-%d)",
+                sh->layer_begin, sh->layer_end, sh->head_begin, sh->head_end, sh->kv_head_begin,
+                sh->kv_head_end, sh->ff_begin, sh->ff_end, sh->vocab_begin, sh->vocab_end);
+        goto fail;
+    }
+    m->first_stage = sh->layer_begin == 0;
+    m->last_stage = sh->layer_end == hp->n_layer;
+    m->n_layer_local = sh->layer_end - sh->layer_begin;
 
-    if (!tsr_gguf_get_str(g, "general.architecture", &s)) {
-        set_err(err, err_len, "missing metadata key 'general.architecture' (string)");
+    if (m->last_stage && sh->vocab_begin == sh->vocab_end) {
+        set_err(err, err_len, "the last stage needs a vocabulary slice");
         goto fail;
     }
-    if (s.len != 5 || memcmp(s.ptr, "llama", 5) != 0) {
-        set_err(err, err_len,
-                "unsupported architecture '%.*s': Tessera runs 'llama' models (Llama, "
-                "TinyLlama, Mistral-style GQA)",
-                (int)(s.len > 40 ? 40 : s.len), s.ptr);
-        goto fail;
-    }
-    snprintf(arch, sizeof arch, "llama");
-
-    if (get_hp_int(g, arch, "block_count", -1, 4096, &hp->n_layer, err, err_len) ||
-        get_hp_int(g, arch, "embedding_length", -1, 1 << 20, &hp->n_embd, err, err_len) ||
-        get_hp_int(g, arch, "attention.head_count", -1, 4096, &hp->n_head, err, err_len) ||
-        get_hp_int(g, arch, "attention.head_count_kv", hp->n_head, 4096, &hp->n_head_kv, err,
-                   err_len) ||
-        get_hp_int(g, arch, "feed_forward_length", -1, 1 << 22, &hp->n_ff, err, err_len) ||
-        get_hp_int(g, arch, "context_length", 2048, 1 << 24, &hp->n_ctx_train, err, err_len))
-        goto fail;
-    if (hp->n_embd % hp->n_head != 0) {
-        set_err(err, err_len, "embedding_length %d is not divisible by head_count %d",
-                hp->n_embd, hp->n_head);
-        goto fail;
-    }
-    if (hp->n_head % hp->n_head_kv != 0) {
-        set_err(err, err_len, "head_count %d is not a multiple of head_count_kv %d",
-                hp->n_head, hp->n_head_kv);
-        goto fail;
-    }
-    if (get_hp_int(g, arch, "attention.key_length", hp->n_embd / hp->n_head, 1 << 16,
-                   &hp->head_dim, err, err_len) ||
-        get_hp_int(g, arch, "rope.dimension_count", hp->head_dim, hp->head_dim, &hp->n_rot, err,
-                   err_len))
-        goto fail;
-    if (hp->n_rot % 2 != 0) {
-        set_err(err, err_len, "rope.dimension_count %d must be even", hp->n_rot);
-        goto fail;
-    }
-    if (get_hp_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5, &hp->rms_eps, err,
-                     err_len) ||
-        get_hp_float(g, arch, "rope.freq_base", 10000.0, &hp->rope_freq_base, err, err_len))
-        goto fail;
-    hp->rope_freq_scale = 1.0f;
-    {
-        float factor = 1.0f;
-        tsr_gguf_str st = {0};
-        snprintf(name, sizeof name, "%s.rope.scaling.type", arch);
-        bool has_type = tsr_gguf_get_str(g, name, &st);
-        if (get_hp_float(g, arch, "rope.scaling.factor", 1.0, &factor, err, err_len)) goto fail;
-        if (!(factor > 0.0f)) {
-            set_err(err, err_len, "%s.rope.scaling.factor must be > 0", arch);
+    const tsr_gguf_tensor *rf = tsr_gguf_find_tensor(g, "rope_freqs.weight");
+    if (rf) {
+        if (bind_vec(m, "rope_freqs.weight", hp->n_rot / 2, &m->freq_factors, err, err_len))
             goto fail;
-        }
-        if (has_type && st.len == 6 && memcmp(st.ptr, "linear", 6) == 0)
-            hp->rope_freq_scale = 1.0f / factor;
-        /* llama3: the converter usually stores the factors as rope_freqs.weight; compute
-         * them from the keys when only the keys are present. */
-        const tsr_gguf_tensor *rf = tsr_gguf_find_tensor(g, "rope_freqs.weight");
-        if (rf) {
-            if (bind_vec(m, "rope_freqs.weight", hp->n_rot / 2, &m->freq_factors, err, err_len))
-                goto fail;
-            hp->rope_llama3 = true;
-        } else if (has_type && st.len == 6 && memcmp(st.ptr, "llama3", 6) == 0) {
-            float low = 1.0f, high = 4.0f;
-            int32_t orig = 8192;
-            if (get_hp_float(g, arch, "rope.scaling.low_freq_factor", 1.0, &low, err, err_len) ||
-                get_hp_float(g, arch, "rope.scaling.high_freq_factor", 4.0, &high, err,
-                             err_len) ||
-                get_hp_int(g, arch, "rope.scaling.original_context_length", 8192, 1 << 24,
-                           &orig, err, err_len))
-                goto fail;
-            m->freq_factors = malloc(sizeof(float) * (size_t)(hp->n_rot / 2));
-            if (!m->freq_factors) goto oom;
-            llama3_factors(m->freq_factors, hp->n_rot, hp->rope_freq_base, factor, low, high,
-                           (float)orig);
-            hp->rope_llama3 = true;
-        }
+    } else if (hp->rope_llama3) {
+        float factor = 1.0f, low = 1.0f, high = 4.0f;
+        int32_t orig = 8192;
+        if (get_hp_float(g, "llama", "rope.scaling.factor", 1.0, &factor, err, err_len) ||
+            get_hp_float(g, "llama", "rope.scaling.low_freq_factor", 1.0, &low, err, err_len) ||
+            get_hp_float(g, "llama", "rope.scaling.high_freq_factor", 4.0, &high, err,
+                         err_len) ||
+            get_hp_int(g, "llama", "rope.scaling.original_context_length", 8192, 1 << 24, &orig,
+                       err, err_len))
+            goto fail;
+        m->freq_factors = malloc(sizeof(float) * (size_t)(hp->n_rot / 2));
+        if (!m->freq_factors) goto oom;
+        llama3_factors(m->freq_factors, hp->n_rot, hp->rope_freq_base, factor, low, high,
+                       (float)orig);
     }
 
-    /* Vocabulary size: the embedding's row count is the truth for the forward pass. */
+    const int64_t E = hp->n_embd, hd = hp->head_dim;
+    const int64_t q_dim = (int64_t)hp->n_head * hd;
+    const int64_t kv_dim = (int64_t)hp->n_head_kv * hd;
     const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
-    if (!te) {
-        set_err(err, err_len, "missing tensor 'token_embd.weight' (is this a vocabulary-only "
-                              "GGUF? 'tessera tokenize' works on those)");
+    /* The embedding is read a row per token (first stage) and is the head when tied. */
+    if (bind(m, "token_embd.weight", E, hp->n_vocab, &m->tok_embd, false, err, err_len))
         goto fail;
+    m->n_bytes_weights -= te->n_bytes;
+    m->n_bytes_loaded -= te->n_bytes;
+    if (m->first_stage) m->n_bytes_loaded += te->n_bytes; /* rows on demand; count all */
+    if (m->last_stage) {
+        int rc = bind_rows(m, "output.weight", E, hp->n_vocab, sh->vocab_begin, sh->vocab_end,
+                           &m->output, true, err, err_len);
+        if (rc < 0) goto fail;
+        if (rc == 1) {
+            m->tied = true;
+            m->output = m->tok_embd;
+            m->output.n_out = sh->vocab_end - sh->vocab_begin;
+            m->output.data =
+                (const uint8_t *)m->tok_embd.data + (size_t)sh->vocab_begin * m->tok_embd.row_bytes;
+            uint64_t nb = (uint64_t)m->output.n_out * m->output.row_bytes;
+            m->n_bytes_weights += nb;
+            if (!m->first_stage) m->n_bytes_loaded += nb;
+        }
+        if (bind_vec(m, "output_norm.weight", E, &m->output_norm, err, err_len)) goto fail;
     }
-    if (te->ne[1] < 1 || te->ne[1] > INT32_MAX) {
-        set_err(err, err_len, "token_embd.weight has an invalid row count");
-        goto fail;
-    }
-    hp->n_vocab = (int32_t)te->ne[1];
 
-    const int64_t q_dim = (int64_t)hp->n_head * hp->head_dim;
-    const int64_t kv_dim = (int64_t)hp->n_head_kv * hp->head_dim;
-    if (bind(m, "token_embd.weight", hp->n_embd, hp->n_vocab, &m->tok_embd, false, err,
-             err_len))
-        goto fail;
-    m->n_bytes_weights -= te->n_bytes; /* only n_tok rows are read per step */
-    int rc = bind(m, "output.weight", hp->n_embd, hp->n_vocab, &m->output, true, err, err_len);
-    if (rc < 0) goto fail;
-    if (rc == 1) {
-        m->output = m->tok_embd;
-        m->tied = true;
-        m->n_bytes_weights += te->n_bytes;
-    }
-    if (bind_vec(m, "output_norm.weight", hp->n_embd, &m->output_norm, err, err_len)) goto fail;
-
-    m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
+    m->layers = calloc((size_t)m->n_layer_local, sizeof *m->layers);
     if (!m->layers) goto oom;
-    for (int32_t l = 0; l < hp->n_layer; l++) {
-        tsr_layer *L = &m->layers[l];
-#define BIND(field, nm, nin, nout)                                                             \
+    const int64_t h0 = sh->head_begin * hd, h1 = sh->head_end * hd;
+    const int64_t k0 = sh->kv_head_begin * hd, k1 = sh->kv_head_end * hd;
+    for (int32_t li = 0; li < m->n_layer_local; li++) {
+        const int32_t l = sh->layer_begin + li;
+        tsr_layer *L = &m->layers[li];
+#define ROWS(field, nm, nin, nout, r0, r1)                                                     \
     do {                                                                                       \
         snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                \
-        if (bind(m, name, nin, nout, &L->field, false, err, err_len)) goto fail;               \
+        if (bind_rows(m, name, nin, nout, r0, r1, &L->field, false, err, err_len)) goto fail;  \
     } while (0)
-        BIND(wq, "attn_q", hp->n_embd, q_dim);
-        BIND(wk, "attn_k", hp->n_embd, kv_dim);
-        BIND(wv, "attn_v", hp->n_embd, kv_dim);
-        BIND(wo, "attn_output", q_dim, hp->n_embd);
-        BIND(w_gate, "ffn_gate", hp->n_embd, hp->n_ff);
-        BIND(w_up, "ffn_up", hp->n_embd, hp->n_ff);
-        BIND(w_down, "ffn_down", hp->n_ff, hp->n_embd);
-#undef BIND
+#define COLS(field, nm, nin, nout, c0, c1)                                                     \
+    do {                                                                                       \
+        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                \
+        if (bind_cols(m, name, nin, nout, c0, c1, &L->field, err, err_len)) goto fail;         \
+    } while (0)
+        ROWS(wq, "attn_q", E, q_dim, h0, h1);
+        ROWS(wk, "attn_k", E, kv_dim, k0, k1);
+        ROWS(wv, "attn_v", E, kv_dim, k0, k1);
+        COLS(wo, "attn_output", q_dim, E, h0, h1);
+        ROWS(w_gate, "ffn_gate", E, hp->n_ff, sh->ff_begin, sh->ff_end);
+        ROWS(w_up, "ffn_up", E, hp->n_ff, sh->ff_begin, sh->ff_end);
+        COLS(w_down, "ffn_down", hp->n_ff, E, sh->ff_begin, sh->ff_end);
+#undef ROWS
+#undef COLS
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
-        if (bind_vec(m, name, hp->n_embd, &L->attn_norm, err, err_len)) goto fail;
+        if (bind_vec(m, name, E, &L->attn_norm, err, err_len)) goto fail;
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
-        if (bind_vec(m, name, hp->n_embd, &L->ffn_norm, err, err_len)) goto fail;
+        if (bind_vec(m, name, E, &L->ffn_norm, err, err_len)) goto fail;
     }
     *out = m;
     return 0;
@@ -303,15 +444,22 @@ fail:
     return -1;
 }
 
+int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len)
+{
+    return tsr_model_load_shard(g, NULL, out, err, err_len);
+}
+
 void tsr_model_free(tsr_model *m)
 {
     if (!m) return;
     if (m->layers) {
-        for (int32_t l = 0; l < m->hp.n_layer; l++) {
+        for (int32_t l = 0; l < m->n_layer_local; l++) {
             free(m->layers[l].attn_norm);
             free(m->layers[l].ffn_norm);
         }
     }
+    for (int32_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
     free(m->layers);
     free(m->output_norm);
     free(m->freq_factors);
@@ -323,86 +471,132 @@ void tsr_model_free(tsr_model *m)
 struct tsr_ctx {
     const tsr_model *m;
     tsr_pool *pool;
-    int32_t n_ctx, n_batch;
-    /* KV cache: [n_layer][n_ctx][kv_dim] float32 each. */
+    tsr_comm *tp;           /* tensor-parallel group, or NULL */
+    int32_t n_ctx;          /* single-sequence contexts: max positions; else 0 */
+    int32_t n_batch;
+    int32_t n_kv_blocks;
+    int32_t kv_dim;         /* local: (kv_head_end - kv_head_begin) * head_dim */
+    /* KV pool: [n_layer_local][n_kv_blocks * TSR_KV_BLOCK_SIZE][kv_dim] float32 each. */
     float *k_cache, *v_cache;
+    int32_t *ident_table;   /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
-    float *att_scores; /* [n_threads][n_ctx] */
-    float *logits;     /* [n_batch][n_vocab] */
-    int32_t *pos;      /* [n_batch] */
+    float *att_scores;      /* [n_threads][max positions] */
+    int32_t max_pos;        /* positions a sequence may reach (att_scores size) */
+    float *logits;          /* [n_batch][vocab slice] */
+    float *head_in;         /* [n_batch][n_embd]: normed hidden of tokens that want logits */
     void *scratch;
+    const tsr_batch *b;     /* the batch in flight (attention workers read it) */
     uint64_t t_forward_ns;
+    uint64_t t_comm_ns;
 };
 
 int32_t tsr_ctx_n_ctx(const tsr_ctx *c) { return c->n_ctx; }
+int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c) { return c->n_kv_blocks; }
+int32_t tsr_ctx_n_batch(const tsr_ctx *c) { return c->n_batch; }
 uint64_t tsr_ctx_forward_ns(const tsr_ctx *c) { return c->t_forward_ns; }
+uint64_t tsr_ctx_comm_ns(const tsr_ctx *c) { return c->t_comm_ns; }
+float *tsr_ctx_hidden(tsr_ctx *c) { return c->x; }
+void tsr_ctx_set_tp_comm(tsr_ctx *c, tsr_comm *tp) { c->tp = tp; }
 
-int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
-                tsr_ctx **out, char *err, size_t err_len)
+static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                     tsr_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     const tsr_hparams *hp = &m->hp;
-    if (n_ctx <= 0) n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
-    if (n_batch <= 0) n_batch = 128;
-    if (n_batch > n_ctx) n_batch = n_ctx;
+    const tsr_shard *sh = &m->shard;
     if (n_threads < 1 || n_threads > 256) {
         set_err(err, err_len, "thread count %d is out of range (1..256)", n_threads);
+        return -1;
+    }
+    if (n_kv_blocks < 1 || n_batch < 1) {
+        set_err(err, err_len, "a context needs at least one KV block and a batch of one token");
         return -1;
     }
     tsr_ctx *c = calloc(1, sizeof *c);
     if (!c) goto oom;
     c->m = m;
-    c->n_ctx = n_ctx;
     c->n_batch = n_batch;
-    const size_t q_dim = (size_t)hp->n_head * hp->head_dim;
-    const size_t kv_dim = (size_t)hp->n_head_kv * hp->head_dim;
+    c->n_kv_blocks = n_kv_blocks;
+    c->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
+    c->max_pos = n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    const size_t hd = (size_t)hp->head_dim;
+    const size_t q_dim = (size_t)(sh->head_end - sh->head_begin) * hd;
+    const size_t kv_dim = (size_t)c->kv_dim;
+    const size_t n_ff = (size_t)(sh->ff_end - sh->ff_begin);
     const size_t nb = (size_t)n_batch;
-    size_t kv_elems = (size_t)hp->n_layer * (size_t)n_ctx * kv_dim;
-    c->k_cache = calloc(kv_elems, sizeof(float));
-    c->v_cache = calloc(kv_elems, sizeof(float));
-    size_t wide = q_dim > (size_t)hp->n_embd ? q_dim : (size_t)hp->n_embd;
-    c->x = malloc(nb * hp->n_embd * sizeof(float));
-    c->xb = malloc(nb * wide * sizeof(float));
-    c->xb2 = malloc(nb * hp->n_embd * sizeof(float));
-    c->q = malloc(nb * q_dim * sizeof(float));
-    c->k = malloc(nb * kv_dim * sizeof(float));
-    c->v = malloc(nb * kv_dim * sizeof(float));
-    c->att_out = malloc(nb * q_dim * sizeof(float));
-    c->hb = malloc(nb * hp->n_ff * sizeof(float));
-    c->hb2 = malloc(nb * hp->n_ff * sizeof(float));
-    c->att_scores = malloc((size_t)n_threads * n_ctx * sizeof(float));
-    c->logits = malloc(nb * hp->n_vocab * sizeof(float));
-    c->pos = malloc(nb * sizeof(int32_t));
+    const size_t E = (size_t)hp->n_embd;
+    size_t kv_elems = (size_t)m->n_layer_local * (size_t)c->max_pos * kv_dim;
+    c->k_cache = calloc(kv_elems ? kv_elems : 1, sizeof(float));
+    c->v_cache = calloc(kv_elems ? kv_elems : 1, sizeof(float));
+    c->x = malloc(nb * E * sizeof(float));
+    c->xb = malloc(nb * (q_dim > E ? q_dim : E) * sizeof(float));
+    c->xb2 = malloc(nb * E * sizeof(float));
+    c->q = malloc(nb * (q_dim ? q_dim : 1) * sizeof(float));
+    c->k = malloc(nb * (kv_dim ? kv_dim : 1) * sizeof(float));
+    c->v = malloc(nb * (kv_dim ? kv_dim : 1) * sizeof(float));
+    c->att_out = malloc(nb * (q_dim ? q_dim : 1) * sizeof(float));
+    c->hb = malloc(nb * n_ff * sizeof(float));
+    c->hb2 = malloc(nb * n_ff * sizeof(float));
+    c->att_scores = malloc((size_t)n_threads * (size_t)c->max_pos * sizeof(float));
+    size_t n_vocab_local = (size_t)(sh->vocab_end - sh->vocab_begin);
+    c->logits = malloc(nb * (n_vocab_local ? n_vocab_local : 1) * sizeof(float));
+    c->head_in = malloc(nb * E * sizeof(float));
     /* Scratch for converted activations: the largest of all matmul inputs. */
     size_t scratch = 0;
-    const tsr_layer *L0 = &m->layers[0];
-    const tsr_weight *ws[] = {&L0->wq, &L0->wo, &L0->w_gate, &L0->w_down, &m->output};
-    for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) {
-        for (int32_t l = 0; l < hp->n_layer && i < 4; l++) {
-            const tsr_layer *L = &m->layers[l];
-            const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo,
-                                      &L->w_gate, &L->w_up, &L->w_down};
-            for (size_t k = 0; k < 7; k++) {
-                size_t s = tsr_matmul_scratch_bytes(lw[k], n_batch);
-                if (s > scratch) scratch = s;
-            }
+    for (int32_t l = 0; l < m->n_layer_local; l++) {
+        const tsr_layer *L = &m->layers[l];
+        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t k = 0; k < 7; k++) {
+            size_t sz = tsr_matmul_scratch_bytes(lw[k], n_batch);
+            if (sz > scratch) scratch = sz;
         }
-        size_t s = tsr_matmul_scratch_bytes(ws[i], n_batch);
-        if (s > scratch) scratch = s;
+    }
+    if (m->last_stage) {
+        size_t sz = tsr_matmul_scratch_bytes(&m->output, n_batch);
+        if (sz > scratch) scratch = sz;
     }
     c->scratch = malloc(scratch ? scratch : 1);
     c->pool = tsr_pool_new(n_threads);
     if (!c->k_cache || !c->v_cache || !c->x || !c->xb || !c->xb2 || !c->q || !c->k || !c->v ||
-        !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->pos ||
+        !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->head_in ||
         !c->scratch || !c->pool)
         goto oom;
     *out = c;
     return 0;
 oom:
-    set_err(err, err_len, "out of memory creating a context of %d tokens", n_ctx);
+    set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens)",
+            n_kv_blocks, TSR_KV_BLOCK_SIZE);
     tsr_ctx_free(c);
     return -1;
+}
+
+int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                      tsr_ctx **out, char *err, size_t err_len)
+{
+    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, out, err, err_len);
+}
+
+int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
+                tsr_ctx **out, char *err, size_t err_len)
+{
+    const tsr_hparams *hp = &m->hp;
+    if (n_ctx <= 0) n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+    if (n_batch <= 0) n_batch = 128;
+    if (n_batch > n_ctx) n_batch = n_ctx;
+    int32_t n_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    if (ctx_alloc(m, n_blocks, n_batch, n_threads, out, err, err_len) != 0) return -1;
+    tsr_ctx *c = *out;
+    c->n_ctx = n_ctx;
+    c->ident_table = malloc(sizeof(int32_t) * (size_t)n_blocks);
+    if (!c->ident_table) {
+        tsr_ctx_free(c);
+        *out = NULL;
+        set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    for (int32_t i = 0; i < n_blocks; i++) c->ident_table[i] = i;
+    return 0;
 }
 
 void tsr_ctx_free(tsr_ctx *c)
@@ -411,6 +605,7 @@ void tsr_ctx_free(tsr_ctx *c)
     if (c->pool) tsr_pool_free(c->pool);
     free(c->k_cache);
     free(c->v_cache);
+    free(c->ident_table);
     free(c->x);
     free(c->xb);
     free(c->xb2);
@@ -422,7 +617,7 @@ void tsr_ctx_free(tsr_ctx *c)
     free(c->hb2);
     free(c->att_scores);
     free(c->logits);
-    free(c->pos);
+    free(c->head_in);
     free(c->scratch);
     free(c);
 }
@@ -431,43 +626,54 @@ void tsr_ctx_free(tsr_ctx *c)
 
 typedef struct {
     tsr_ctx *c;
-    int layer;
-    int n_tok;
+    int layer; /* local layer index */
     _Atomic int next;
 } attn_job;
 
-/* One (token, head) pair per work item: scores over positions 0..pos, softmax, sum of V. */
+/* Cache row of position p of sequence s (block table lookup). */
+static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
+{
+    return (size_t)b->block_tables[s][p / TSR_KV_BLOCK_SIZE] * TSR_KV_BLOCK_SIZE +
+           (size_t)(p % TSR_KV_BLOCK_SIZE);
+}
+
+/* One (token, local head) pair per work item: scores over positions 0..pos of the token's
+ * sequence, softmax, weighted sum of V. */
 static void attn_run(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
     tsr_ctx *c = j->c;
+    const tsr_batch *b = c->b;
     const tsr_hparams *hp = &c->m->hp;
+    const tsr_shard *sh = &c->m->shard;
     const int hd = hp->head_dim;
-    const int kv_dim = hp->n_head_kv * hd;
+    const int kv_dim = c->kv_dim;
     const int group = hp->n_head / hp->n_head_kv;
+    const int n_head_local = sh->head_end - sh->head_begin;
     const float scale = 1.0f / sqrtf((float)hd);
-    const float *kc = c->k_cache + (size_t)j->layer * c->n_ctx * kv_dim;
-    const float *vc = c->v_cache + (size_t)j->layer * c->n_ctx * kv_dim;
-    float *att = c->att_scores + (size_t)ith * c->n_ctx;
-    const int n_items = j->n_tok * hp->n_head;
+    const float *kc = c->k_cache + (size_t)j->layer * c->max_pos * kv_dim;
+    const float *vc = c->v_cache + (size_t)j->layer * c->max_pos * kv_dim;
+    float *att = c->att_scores + (size_t)ith * c->max_pos;
+    const int n_items = b->n_tokens * n_head_local;
+    (void)nth;
     for (;;) {
         int it = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
-        int t = it / hp->n_head, h = it % hp->n_head;
-        int kvh = h / group;
-        int pos = c->pos[t];
-        const float *q = c->q + ((size_t)t * hp->n_head + h) * hd;
-        for (int p = 0; p <= pos; p++) {
-            const float *k = kc + (size_t)p * kv_dim + (size_t)kvh * hd;
-            float s = 0.0f;
-            for (int i = 0; i < hd; i++) s += q[i] * k[i];
-            att[p] = s * scale;
+        int t = it / n_head_local, hl = it % n_head_local;
+        int kvh = (sh->head_begin + hl) / group - sh->kv_head_begin;
+        int32_t pos = b->pos[t], s = b->seq[t];
+        const float *q = c->q + ((size_t)t * n_head_local + hl) * hd;
+        for (int32_t p = 0; p <= pos; p++) {
+            const float *k = kc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
+            float dot = 0.0f;
+            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
+            att[p] = dot * scale;
         }
         tsr_softmax(att, pos + 1);
-        float *o = c->att_out + ((size_t)t * hp->n_head + h) * hd;
+        float *o = c->att_out + ((size_t)t * n_head_local + hl) * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int p = 0; p <= pos; p++) {
-            const float *v = vc + (size_t)p * kv_dim + (size_t)kvh * hd;
+        for (int32_t p = 0; p <= pos; p++) {
+            const float *v = vc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
             const float a = att[p];
             for (int i = 0; i < hd; i++) o[i] += a * v[i];
         }
@@ -481,27 +687,81 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* n <= n_batch tokens. */
-static void forward_chunk(tsr_ctx *c, const int32_t *tokens, int n, int32_t pos0,
-                          bool all_logits)
+/* Sum partial results over the tensor-parallel group (no-op without one). */
+static int tp_allreduce(tsr_ctx *c, float *buf, size_t n, char *err, size_t err_len)
+{
+    if (!c->tp || c->tp->size <= 1) return 0;
+    uint64_t t0 = now_ns();
+    int rc = tsr_comm_allreduce_sum_f32(c->tp, buf, n, err, err_len);
+    c->t_comm_ns += now_ns() - t0;
+    return rc;
+}
+
+static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t err_len)
+{
+    const tsr_hparams *hp = &c->m->hp;
+    if (b->n_tokens < 1 || b->n_tokens > c->n_batch) {
+        set_err(err, err_len, "a batch holds 1..%d tokens, got %d", c->n_batch, b->n_tokens);
+        return -1;
+    }
+    for (int32_t i = 0; i < b->n_tokens; i++) {
+        if (c->m->first_stage && (b->tokens[i] < 0 || b->tokens[i] >= hp->n_vocab)) {
+            set_err(err, err_len, "token id %d at index %d is out of range (vocabulary has %d)",
+                    b->tokens[i], i, hp->n_vocab);
+            return -1;
+        }
+        int32_t s = b->seq[i];
+        if (s < 0 || s >= b->n_seqs) {
+            set_err(err, err_len, "token %d names sequence %d of %d", i, s, b->n_seqs);
+            return -1;
+        }
+        int32_t p = b->pos[i];
+        if (p < 0 || p / TSR_KV_BLOCK_SIZE >= b->n_blocks[s] || p >= c->max_pos) {
+            set_err(err, err_len,
+                    "position %d of sequence %d is beyond its %d KV blocks (context full: the "
+                    "prompt plus generated tokens must fit the context)",
+                    p, s, b->n_blocks[s]);
+            return -1;
+        }
+        for (int32_t k = 0; k <= p / TSR_KV_BLOCK_SIZE; k++) {
+            int32_t blk = b->block_tables[s][k];
+            if (blk < 0 || blk >= c->n_kv_blocks) {
+                set_err(err, err_len, "sequence %d uses KV block %d of a pool of %d", s, blk,
+                        c->n_kv_blocks);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, char *err,
+                      size_t err_len)
 {
     const tsr_model *m = c->m;
     const tsr_hparams *hp = &m->hp;
+    const tsr_shard *sh = &m->shard;
     const int E = hp->n_embd;
     const int hd = hp->head_dim;
-    const size_t q_dim = (size_t)hp->n_head * hd;
-    const size_t kv_dim = (size_t)hp->n_head_kv * hd;
+    const int n = b->n_tokens;
+    const int n_head_local = sh->head_end - sh->head_begin;
+    const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
+    const int64_t n_ff = sh->ff_end - sh->ff_begin;
+    if (check_batch(c, b, err, err_len) != 0) return -1;
+    uint64_t t0 = now_ns();
+    c->b = b;
 
-    for (int t = 0; t < n; t++) {
-        c->pos[t] = pos0 + t;
-        const uint8_t *row =
-            (const uint8_t *)m->tok_embd.data + (size_t)tokens[t] * m->tok_embd.row_bytes;
-        tsr_dequant_row(m->tok_embd.type, row, c->x + (size_t)t * E, E);
+    if (m->first_stage) {
+        for (int t = 0; t < n; t++) {
+            const uint8_t *row =
+                (const uint8_t *)m->tok_embd.data + (size_t)b->tokens[t] * m->tok_embd.row_bytes;
+            tsr_dequant_row(m->tok_embd.type, row, x + (size_t)t * E, E);
+        }
     }
 
-    for (int l = 0; l < hp->n_layer; l++) {
+    for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
-        tsr_rmsnorm(c->xb, c->x, L->attn_norm, n, E, hp->rms_eps);
+        tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
         if (tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wk.type) &&
             tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wv.type)) {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
@@ -512,24 +772,29 @@ static void forward_chunk(tsr_ctx *c, const int32_t *tokens, int n, int32_t pos0
             tsr_matmul(c->pool, &L->wk, c->xb, n, c->k, c->scratch);
             tsr_matmul(c->pool, &L->wv, c->xb, n, c->v, c->scratch);
         }
-        tsr_rope(c->q, c->pos, n, hp->n_head, hd, hp->n_rot, hp->rope_freq_base,
+        tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, hp->rope_freq_base,
                  hp->rope_freq_scale, m->freq_factors);
-        tsr_rope(c->k, c->pos, n, hp->n_head_kv, hd, hp->n_rot, hp->rope_freq_base,
+        tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, hp->rope_freq_base,
                  hp->rope_freq_scale, m->freq_factors);
-        float *kc = c->k_cache + ((size_t)l * c->n_ctx + (size_t)pos0) * kv_dim;
-        float *vc = c->v_cache + ((size_t)l * c->n_ctx + (size_t)pos0) * kv_dim;
-        memcpy(kc, c->k, (size_t)n * kv_dim * sizeof(float));
-        memcpy(vc, c->v, (size_t)n * kv_dim * sizeof(float));
+        float *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_dim;
+        float *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_dim;
+        for (int t = 0; t < n; t++) {
+            size_t row = kv_row(b, b->seq[t], b->pos[t]);
+            memcpy(kc + row * c->kv_dim, c->k + (size_t)t * c->kv_dim,
+                   sizeof(float) * (size_t)c->kv_dim);
+            memcpy(vc + row * c->kv_dim, c->v + (size_t)t * c->kv_dim,
+                   sizeof(float) * (size_t)c->kv_dim);
+        }
 
-        attn_job aj = {.c = c, .layer = l, .n_tok = n};
+        attn_job aj = {.c = c, .layer = l};
         atomic_store(&aj.next, 0);
         tsr_pool_run(c->pool, attn_run, &aj);
 
         tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
-        for (size_t i = 0; i < (size_t)n * E; i++) c->x[i] += c->xb2[i];
-        (void)q_dim;
+        if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
+        for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
-        tsr_rmsnorm(c->xb, c->x, L->ffn_norm, n, E, hp->rms_eps);
+        tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
         if (tsr_type_vec_dot_type(L->w_gate.type) == tsr_type_vec_dot_type(L->w_up.type)) {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
@@ -538,24 +803,38 @@ static void forward_chunk(tsr_ctx *c, const int32_t *tokens, int n, int32_t pos0
             tsr_matmul(c->pool, &L->w_gate, c->xb, n, c->hb, c->scratch);
             tsr_matmul(c->pool, &L->w_up, c->xb, n, c->hb2, c->scratch);
         }
-        tsr_swiglu(c->hb, c->hb2, (int64_t)n * hp->n_ff);
+        tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
-        for (size_t i = 0; i < (size_t)n * E; i++) c->x[i] += c->xb2[i];
+        if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
+        for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
     }
 
-    if (all_logits) {
-        tsr_rmsnorm(c->xb, c->x, m->output_norm, n, E, hp->rms_eps);
-        tsr_matmul(c->pool, &m->output, c->xb, n, c->logits, c->scratch);
-    } else {
-        tsr_rmsnorm(c->xb, c->x + (size_t)(n - 1) * E, m->output_norm, 1, E, hp->rms_eps);
-        tsr_matmul(c->pool, &m->output, c->xb, 1, c->logits, c->scratch);
+    if (m->last_stage && logits) {
+        int n_want = 0;
+        for (int t = 0; t < n; t++) {
+            if (!b->want_logits[t]) continue;
+            tsr_rmsnorm(c->head_in + (size_t)n_want * E, x + (size_t)t * E, m->output_norm, 1, E,
+                        hp->rms_eps);
+            n_want++;
+        }
+        if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
     }
+    c->b = NULL;
+    c->t_forward_ns += now_ns() - t0;
+    return 0;
+fail:
+    c->b = NULL;
+    return -1;
 }
 
 int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool all_logits,
                 const float **logits, char *err, size_t err_len)
 {
-    const tsr_hparams *hp = &c->m->hp;
+    const tsr_model *m = c->m;
+    if (!m->first_stage || !m->last_stage || !c->ident_table) {
+        set_err(err, err_len, "tsr_forward needs the whole model in a single-sequence context");
+        return -1;
+    }
     if (n <= 0) {
         set_err(err, err_len, "forward needs at least one token");
         return -1;
@@ -571,20 +850,39 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
         set_err(err, err_len, "all_logits needs n (%d) <= n_batch (%d)", n, c->n_batch);
         return -1;
     }
-    for (int32_t i = 0; i < n; i++) {
-        if (tokens[i] < 0 || tokens[i] >= hp->n_vocab) {
-            set_err(err, err_len, "token id %d at index %d is out of range (vocabulary has %d)",
-                    tokens[i], i, hp->n_vocab);
-            return -1;
-        }
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)c->n_batch);
+    int32_t *seq = calloc((size_t)c->n_batch, sizeof(int32_t));
+    uint8_t *want = calloc((size_t)c->n_batch, 1);
+    if (!pos || !seq || !want) {
+        free(pos);
+        free(seq);
+        free(want);
+        set_err(err, err_len, "out of memory");
+        return -1;
     }
-    uint64_t t0 = now_ns();
-    for (int32_t done = 0; done < n;) {
+    const int32_t *tables[1] = {c->ident_table};
+    int32_t n_blocks = c->n_kv_blocks;
+    int rc = 0;
+    for (int32_t done = 0; done < n && rc == 0;) {
         int32_t k = n - done < c->n_batch ? n - done : c->n_batch;
-        forward_chunk(c, tokens + done, k, pos0 + done, all_logits);
+        for (int32_t i = 0; i < k; i++) {
+            pos[i] = pos0 + done + i;
+            want[i] = all_logits || done + i == n - 1;
+        }
+        tsr_batch b = {.n_tokens = k,
+                       .tokens = tokens + done,
+                       .pos = pos,
+                       .seq = seq,
+                       .want_logits = want,
+                       .n_seqs = 1,
+                       .block_tables = tables,
+                       .n_blocks = &n_blocks};
+        rc = tsr_forward_batch(c, &b, c->x, c->logits, err, err_len);
         done += k;
     }
-    c->t_forward_ns += now_ns() - t0;
+    free(pos);
+    free(seq);
+    free(want);
     *logits = c->logits;
-    return 0;
+    return rc;
 }

@@ -20,6 +20,7 @@
 
 #include "kernels/ops.h"
 #include "shard/gguf.h"
+#include "worker/comm.h"
 
 typedef struct {
     int32_t n_vocab;
@@ -37,6 +38,16 @@ typedef struct {
     bool rope_llama3;      /* freq_factors derived from llama3 scaling keys or rope_freqs */
 } tsr_hparams;
 
+/* The part of the model one rank holds (shard/plan.h computes it). Ranges are half-open.
+ * Query heads [head_begin, head_end) must map into KV heads [kv_head_begin, kv_head_end). */
+typedef struct {
+    int32_t layer_begin, layer_end;
+    int32_t head_begin, head_end;
+    int32_t kv_head_begin, kv_head_end;
+    int32_t ff_begin, ff_end;
+    int32_t vocab_begin, vocab_end; /* empty unless this rank computes (part of) the head */
+} tsr_shard;
+
 typedef struct {
     float *attn_norm;        /* [n_embd] */
     tsr_weight wq;           /* [n_embd] -> [n_head * head_dim] */
@@ -49,32 +60,101 @@ typedef struct {
 
 typedef struct {
     tsr_hparams hp;
+    tsr_shard shard;
+    bool first_stage;      /* holds the embedding (layer_begin == 0) */
+    bool last_stage;       /* holds the output head (layer_end == n_layer) */
+    int32_t n_layer_local; /* layer_end - layer_begin */
     tsr_weight tok_embd;   /* [n_embd] x n_vocab rows */
     float *output_norm;    /* [n_embd] */
     tsr_weight output;     /* [n_embd] -> [n_vocab]; == tok_embd when tied */
     bool tied;
     float *freq_factors;   /* [n_rot/2] or NULL */
-    tsr_layer *layers;     /* [n_layer] */
-    uint64_t n_bytes_weights; /* bytes of tensor data the forward pass reads */
+    tsr_layer *layers;     /* [n_layer_local]: layer layer_begin + i */
+    uint64_t n_bytes_weights; /* bytes of tensor data the forward pass reads per token */
+    uint64_t n_bytes_loaded;  /* bytes of the file this rank's views and copies cover */
+    void **owned;          /* private copies of column slices (tensor parallelism) */
+    int32_t n_owned;
     const tsr_gguf *gguf;
 } tsr_model;
 
-/* Reads hyperparameters and binds every tensor, validating shapes and types. Returns < 0
- * with a message naming the key or tensor on error. */
+/* Hyperparameters only (validated), without binding tensors: what the planner needs. */
+int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t err_len);
+
+/* The whole model as one shard. */
+void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s);
+
+/* Load the part of the model in `shard` (NULL: everything). Row slices (attn_q/k/v,
+ * ffn_gate/up, output rows) are views into the mapping; column slices (attn_output,
+ * ffn_down under tensor parallelism) are copied out of the file with pread, row piece by
+ * row piece, so a rank never touches the bytes of another rank's tiles. A column split
+ * must fall on block boundaries of the tensor's type (refused otherwise). */
+int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
+                         size_t err_len);
+
+/* Reads hyperparameters and binds every tensor (the whole model), validating shapes and
+ * types. Returns < 0 with a message naming the key or tensor on error. */
 int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len);
 void tsr_model_free(tsr_model *m);
 
 typedef struct tsr_ctx tsr_ctx;
 
-/* A context for sequences of up to n_ctx tokens (0: the model's n_ctx_train, capped at
- * 4096), batches of up to n_batch tokens, using n_threads threads. */
+/* KV cache geometry: a pool of n_blocks blocks of block_size token positions each, per
+ * layer of this rank, for its KV heads (float32). A sequence owns a list of blocks (its
+ * block table); position p of the sequence lives in block table[p / block_size] at offset
+ * p % block_size. Who owns which block is the caller's business (the leader's scheduler);
+ * the context only stores and reads. */
+#define TSR_KV_BLOCK_SIZE 16
+
+/* A context for one sequence of up to n_ctx tokens (0: the model's n_ctx_train, capped at
+ * 4096; its block table is 0, 1, 2, ...), batches of up to n_batch tokens, n_threads
+ * threads. */
 int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
                 tsr_ctx **out, char *err, size_t err_len);
+
+/* A context with a KV pool of n_kv_blocks blocks for many sequences (serving). */
+int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                      tsr_ctx **out, char *err, size_t err_len);
+int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c);
+int32_t tsr_ctx_n_batch(const tsr_ctx *c);
+
+/* Tensor parallelism: the group whose partial sums are all-reduced after attn_output and
+ * ffn_down (NULL or a size-1 group: none). Borrowed; must outlive the context. */
+void tsr_ctx_set_tp_comm(tsr_ctx *c, tsr_comm *tp);
+
+/* One step over several sequences. Token i belongs to sequence seq[i] (an index into
+ * block_tables) at position pos[i]; all earlier positions of that sequence must already be
+ * in the cache (or earlier in this batch). want_logits[i] marks the tokens whose logits
+ * are returned, in batch order. */
+typedef struct {
+    int32_t n_tokens;
+    const int32_t *tokens;             /* [n_tokens] */
+    const int32_t *pos;                /* [n_tokens] */
+    const int32_t *seq;                /* [n_tokens] */
+    const uint8_t *want_logits;        /* [n_tokens] */
+    int32_t n_seqs;
+    const int32_t *const *block_tables; /* [n_seqs][n_blocks[s]] */
+    const int32_t *n_blocks;            /* [n_seqs] */
+} tsr_batch;
+
+/* Run one batch (n_tokens <= n_batch) through this rank's part of the model.
+ * hidden: [n_tokens][n_embd]; on the first stage it is filled from the embedding,
+ * otherwise it must hold the previous stage's output; on return it holds this stage's
+ * output. On the last stage, logits receives [n_want][vocab_end - vocab_begin] rows (this
+ * rank's vocabulary slice) for the marked tokens; pass NULL elsewhere. Returns 0 or < 0
+ * with err (bad ids/positions/blocks, communication failure). */
+int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *hidden, float *logits, char *err,
+                      size_t err_len);
+
+/* Scratch for hidden states, [n_batch][n_embd], owned by the context. */
+float *tsr_ctx_hidden(tsr_ctx *c);
+
+/* Time in communication inside forward (tensor-parallel all-reduces), nanoseconds. */
+uint64_t tsr_ctx_comm_ns(const tsr_ctx *c);
 void tsr_ctx_free(tsr_ctx *c);
 int32_t tsr_ctx_n_ctx(const tsr_ctx *c);
 
-/* Run n tokens at positions pos0 .. pos0+n-1 (earlier positions must already be in the KV
- * cache). n may exceed n_batch: it is processed in chunks. On success returns 0 and
+/* Single sequence, single process (whole model): run n tokens at positions
+ * pos0 .. pos0+n-1 (earlier positions must already be in the KV cache). n may exceed n_batch: it is processed in chunks. On success returns 0 and
  * *logits points at the logits (owned by the context, valid until the next call): the last
  * token's [n_vocab], or, when all_logits, [n][n_vocab] (n <= n_batch then). */
 int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool all_logits,

@@ -1,0 +1,466 @@
+/*
+ * replica.c — see replica.h. The leader drives; followers mirror each step.
+ *
+ * Step descriptor wire format (int32 little-endian, broadcast from rank 0 over the whole
+ * replica): header {op, n_tokens, n_seqs, n_table_entries, n_want}, then tokens[n_tokens],
+ * pos[n_tokens], seq[n_tokens], want[n_tokens], n_blocks[n_seqs], tables (concatenated).
+ */
+#include "worker/replica.h"
+
+#include "kernels/quant.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { OP_STEP = 1, OP_SHUTDOWN = 2 };
+enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
+#define HDR_INTS 5
+
+struct tsr_replica {
+    tsr_comm *world;
+    tsr_comm *tp_comm; /* ranks of this stage */
+    bool mpi;
+    int rank, size, stage, tp_rank;
+    tsr_replica_params p;
+    tsr_plan plan;
+    tsr_gguf *g;
+    tsr_vocab *vocab;
+    tsr_model *m;
+    tsr_ctx *ctx;
+    int32_t *wire;        /* descriptor buffer */
+    size_t wire_cap;
+    float *logits_slice;  /* [n_batch][vocab slice] */
+    float *logits_gather; /* [n_batch * n_vocab] gathered in rank-block order */
+    float *logits;        /* [n_batch][n_vocab] */
+    size_t *counts, *displs;
+    tsr_rank_stats st;
+};
+
+static void set_err(char *err, size_t err_len, const char *fmt, ...)
+{
+    if (!err || !err_len) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+bool tsr_replica_is_leader(const tsr_replica *r) { return r->rank == 0; }
+int tsr_replica_rank(const tsr_replica *r) { return r->rank; }
+int tsr_replica_size(const tsr_replica *r) { return r->size; }
+const tsr_vocab *tsr_replica_vocab(const tsr_replica *r) { return r->vocab; }
+const tsr_hparams *tsr_replica_hparams(const tsr_replica *r) { return &r->m->hp; }
+const tsr_plan *tsr_replica_plan(const tsr_replica *r) { return &r->plan; }
+int32_t tsr_replica_n_ctx(const tsr_replica *r) { return tsr_ctx_n_ctx(r->ctx); }
+
+/* The planner's view of a model file. */
+static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_model *pm,
+                           char *err, size_t err_len)
+{
+    memset(pm, 0, sizeof *pm);
+    pm->n_layer = hp->n_layer;
+    pm->n_embd = hp->n_embd;
+    pm->n_head = hp->n_head;
+    pm->n_head_kv = hp->n_head_kv;
+    pm->head_dim = hp->head_dim;
+    pm->n_ff = hp->n_ff;
+    pm->n_vocab = hp->n_vocab;
+    static const char *names[7] = {"attn_q", "attn_k", "attn_v", "attn_output",
+                                   "ffn_gate", "ffn_up", "ffn_down"};
+    uint32_t *types[7] = {&pm->type_attn_q, &pm->type_attn_k, &pm->type_attn_v,
+                          &pm->type_attn_output, &pm->type_ffn_gate, &pm->type_ffn_up,
+                          &pm->type_ffn_down};
+    uint64_t layer_bytes = 0;
+    char name[128];
+    for (int32_t l = 0; l < hp->n_layer; l++) {
+        for (int k = 0; k < 7; k++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, names[k]);
+            const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, name);
+            if (!t) {
+                set_err(err, err_len, "missing tensor '%s'", name);
+                return -1;
+            }
+            /* Keep the type with the largest block: it constrains splits the most. */
+            if (l == 0 || tsr_type_block_elems(t->type) > tsr_type_block_elems(*types[k]))
+                *types[k] = t->type;
+            layer_bytes += t->n_bytes;
+        }
+    }
+    pm->n_bytes_layer = layer_bytes / (uint64_t)hp->n_layer;
+    const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
+    const tsr_gguf_tensor *to = tsr_gguf_find_tensor(g, "output.weight");
+    pm->type_token_embd = te->type;
+    pm->type_output = to ? to->type : te->type;
+    pm->n_bytes_output = to ? to->n_bytes : te->n_bytes;
+    pm->n_bytes_embd_row = tsr_row_bytes(te->type, te->ne[0]);
+    pm->n_bytes_kv_per_token_layer = 2ull * (uint64_t)hp->n_head_kv * hp->head_dim * 4ull;
+    return 0;
+}
+
+int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, size_t err_len)
+{
+    tsr_hparams hp;
+    if (tsr_model_read_hparams(g, &hp, err, err_len) != 0) return -1;
+    return plan_model_from(g, &hp, pm, err, err_len);
+}
+
+int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_replica **out,
+                     char *err, size_t err_len)
+{
+    *out = NULL;
+    tsr_replica *r = calloc(1, sizeof *r);
+    if (!r) {
+        set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    r->p = *p;
+    if (r->p.tp < 1 || r->p.pp < 1 || (int64_t)r->p.tp * r->p.pp > TSR_PLAN_MAX_RANKS) {
+        set_err(err, err_len, "--tp and --pp must be >= 1 with tp × pp <= %d",
+                TSR_PLAN_MAX_RANKS);
+        goto fail;
+    }
+    if (r->p.n_batch <= 0) r->p.n_batch = 128;
+    if (r->p.timeout_ms <= 0) r->p.timeout_ms = 30000;
+    const int32_t want = r->p.tp * r->p.pp;
+    if (tsr_comm_mpi_launched()) {
+        if (tsr_comm_mpi_world(&r->world, err, err_len) != 0) goto fail;
+        r->mpi = true;
+    } else {
+        if (want > 1) {
+            set_err(err, err_len,
+                    "--tp %d --pp %d needs %d ranks: start it with 'mpirun -np %d tessera ...' "
+                    "(or srun -n %d under Slurm)",
+                    r->p.tp, r->p.pp, want, want, want);
+            goto fail;
+        }
+        if (tsr_comm_local_new(&r->world, err, err_len) != 0) goto fail;
+    }
+    tsr_comm_set_timeout_ms(r->world, r->p.timeout_ms);
+    r->rank = r->world->rank;
+    r->size = r->world->size;
+    if (r->size != want) {
+        set_err(err, err_len,
+                "the MPI job has %d ranks but --tp %d --pp %d needs %d: use mpirun -np %d, or "
+                "change --tp/--pp",
+                r->size, r->p.tp, r->p.pp, want, want);
+        goto fail;
+    }
+    r->stage = r->rank / r->p.tp;
+    r->tp_rank = r->rank % r->p.tp;
+
+    if (tsr_gguf_open(model_path, &r->g, err, err_len) != 0) goto fail;
+    if (tsr_vocab_load(r->g, &r->vocab, err, err_len) != 0) goto fail;
+    tsr_hparams hp;
+    if (tsr_model_read_hparams(r->g, &hp, err, err_len) != 0) goto fail;
+    if (tsr_vocab_n_tokens(r->vocab) != hp.n_vocab) {
+        set_err(err, err_len, "the vocabulary has %d tokens but token_embd.weight has %d rows",
+                tsr_vocab_n_tokens(r->vocab), hp.n_vocab);
+        goto fail;
+    }
+    tsr_plan_model pm;
+    if (plan_model_from(r->g, &hp, &pm, err, err_len) != 0) goto fail;
+    int32_t n_ctx = r->p.n_ctx > 0 ? r->p.n_ctx : (hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
+    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, r->p.mem_budget, n_ctx, &r->plan, err,
+                      err_len) != 0)
+        goto fail;
+    const tsr_plan_rank *pr = &r->plan.ranks[r->rank];
+    tsr_shard sh = {.layer_begin = pr->layer_begin,
+                    .layer_end = pr->layer_end,
+                    .head_begin = pr->head_begin,
+                    .head_end = pr->head_end,
+                    .kv_head_begin = pr->kv_head_begin,
+                    .kv_head_end = pr->kv_head_end,
+                    .ff_begin = pr->ff_begin,
+                    .ff_end = pr->ff_end,
+                    .vocab_begin = pr->vocab_begin,
+                    .vocab_end = pr->vocab_end};
+    if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
+    if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) != 0)
+        goto fail;
+    if (r->p.tp > 1) {
+        if (tsr_comm_split(r->world, r->stage, r->tp_rank, &r->tp_comm, err, err_len) != 0)
+            goto fail;
+        tsr_comm_set_timeout_ms(r->tp_comm, r->p.timeout_ms);
+        tsr_ctx_set_tp_comm(r->ctx, r->tp_comm);
+    }
+    size_t nb = (size_t)tsr_ctx_n_batch(r->ctx);
+    size_t V = (size_t)hp.n_vocab;
+    r->logits_slice = malloc(nb * (size_t)(pr->vocab_end - pr->vocab_begin + 1) * sizeof(float));
+    r->logits_gather = malloc(nb * V * sizeof(float));
+    r->logits = malloc(nb * V * sizeof(float));
+    r->counts = calloc((size_t)r->p.tp, sizeof(size_t));
+    r->displs = calloc((size_t)r->p.tp, sizeof(size_t));
+    if (!r->logits_slice || !r->logits_gather || !r->logits || !r->counts || !r->displs) {
+        set_err(err, err_len, "out of memory");
+        goto fail;
+    }
+    r->st.rank = r->rank;
+    r->st.stage = r->stage;
+    r->st.tp_rank = r->tp_rank;
+    r->st.n_bytes_loaded = r->m->n_bytes_loaded;
+    *out = r;
+    return 0;
+fail:
+    if (r->world && r->world->size > 1 && err && err_len) {
+        char tmp[512];
+        snprintf(tmp, sizeof tmp, "%s", err);
+        set_err(err, err_len, "rank %d: %s", r->world->rank, tmp);
+    }
+    tsr_replica_close(r);
+    return -1;
+}
+
+void tsr_replica_close(tsr_replica *r)
+{
+    if (!r) return;
+    tsr_ctx_free(r->ctx);
+    tsr_model_free(r->m);
+    tsr_vocab_free(r->vocab);
+    tsr_gguf_close(r->g);
+    if (r->tp_comm) tsr_comm_free(r->tp_comm);
+    if (r->world) tsr_comm_free(r->world);
+    if (r->mpi) tsr_comm_mpi_finalize();
+    free(r->wire);
+    free(r->logits_slice);
+    free(r->logits_gather);
+    free(r->logits);
+    free(r->counts);
+    free(r->displs);
+    free(r);
+}
+
+static int wire_reserve(tsr_replica *r, size_t n_ints)
+{
+    if (n_ints <= r->wire_cap) return 0;
+    int32_t *w = realloc(r->wire, n_ints * sizeof(int32_t));
+    if (!w) return -1;
+    r->wire = w;
+    r->wire_cap = n_ints;
+    return 0;
+}
+
+/* Comm time attributed to this rank (world + tp group). */
+static uint64_t comm_ns(const tsr_replica *r)
+{
+    return r->world->stats.t_comm_ns + (r->tp_comm ? r->tp_comm->stats.t_comm_ns : 0);
+}
+
+/* Run the step described by r->wire on this rank; on the leader, fills r->logits with
+ * [n_want][n_vocab]. */
+static int run_step(tsr_replica *r, char *err, size_t err_len)
+{
+    const int32_t *h = r->wire;
+    int32_t n = h[1], n_seqs = h[2], n_want = h[4];
+    const int32_t *tokens = h + HDR_INTS;
+    const int32_t *pos = tokens + n;
+    const int32_t *seq = pos + n;
+    const int32_t *want32 = seq + n;
+    const int32_t *n_blocks = want32 + n;
+    const int32_t *tab = n_blocks + n_seqs;
+    const int32_t *tables[64];
+    uint8_t want[1024];
+    if (n_seqs > 64 || n > 1024 || n > tsr_ctx_n_batch(r->ctx)) {
+        set_err(err, err_len, "step descriptor too large (%d tokens, %d sequences)", n, n_seqs);
+        return -1;
+    }
+    for (int32_t s = 0, off = 0; s < n_seqs; s++) {
+        tables[s] = tab + off;
+        off += n_blocks[s];
+    }
+    for (int32_t i = 0; i < n; i++) want[i] = (uint8_t)want32[i];
+    tsr_batch b = {.n_tokens = n,
+                   .tokens = tokens,
+                   .pos = pos,
+                   .seq = seq,
+                   .want_logits = want,
+                   .n_seqs = n_seqs,
+                   .block_tables = tables,
+                   .n_blocks = n_blocks};
+    const size_t E = (size_t)r->m->hp.n_embd;
+    const size_t V = (size_t)r->m->hp.n_vocab;
+    float *x = tsr_ctx_hidden(r->ctx);
+    const int last = r->p.pp - 1;
+    uint64_t t0 = now_ns(), c0 = comm_ns(r), fc0 = tsr_ctx_comm_ns(r->ctx);
+
+    if (r->stage > 0) {
+        int peer = (r->stage - 1) * r->p.tp + r->tp_rank;
+        if (tsr_comm_recv(r->world, x, (size_t)n * E * sizeof(float), peer, TAG_HIDDEN, err,
+                          err_len) != 0)
+            return -1;
+    }
+    const tsr_plan_rank *pr = &r->plan.ranks[r->rank];
+    if (tsr_forward_batch(r->ctx, &b, x, r->stage == last ? r->logits_slice : NULL, err,
+                          err_len) != 0)
+        return -1;
+    if (r->stage < last) {
+        int peer = (r->stage + 1) * r->p.tp + r->tp_rank;
+        if (tsr_comm_send(r->world, x, (size_t)n * E * sizeof(float), peer, TAG_HIDDEN, err,
+                          err_len) != 0)
+            return -1;
+    } else if (n_want > 0) {
+        float *full = r->logits;
+        if (r->p.tp > 1) {
+            /* Each tp rank holds [n_want][V_r]; gather the blocks, then interleave rows. */
+            size_t off = 0;
+            for (int k = 0; k < r->p.tp; k++) {
+                const tsr_plan_rank *q = &r->plan.ranks[r->stage * r->p.tp + k];
+                r->counts[k] = (size_t)n_want * (size_t)(q->vocab_end - q->vocab_begin) *
+                               sizeof(float);
+                r->displs[k] = off;
+                off += r->counts[k];
+            }
+            size_t mine = (size_t)n_want * (size_t)(pr->vocab_end - pr->vocab_begin) * sizeof(float);
+            if (tsr_comm_allgatherv(r->tp_comm, r->logits_slice, mine, r->logits_gather, r->counts,
+                                    r->displs, err, err_len) != 0)
+                return -1;
+            for (int k = 0; k < r->p.tp; k++) {
+                const tsr_plan_rank *q = &r->plan.ranks[r->stage * r->p.tp + k];
+                size_t vr = (size_t)(q->vocab_end - q->vocab_begin);
+                const float *src = (const float *)((const uint8_t *)r->logits_gather + r->displs[k]);
+                for (int32_t t = 0; t < n_want; t++)
+                    memcpy(full + (size_t)t * V + (size_t)q->vocab_begin, src + (size_t)t * vr,
+                           vr * sizeof(float));
+            }
+        } else {
+            memcpy(full, r->logits_slice, (size_t)n_want * V * sizeof(float));
+        }
+        if (r->rank != 0 && r->tp_rank == 0) {
+            if (tsr_comm_send(r->world, full, (size_t)n_want * V * sizeof(float), 0, TAG_LOGITS,
+                              err, err_len) != 0)
+                return -1;
+        }
+    }
+    if (r->rank == 0 && r->stage != last && n_want > 0) {
+        int peer = last * r->p.tp;
+        if (tsr_comm_recv(r->world, r->logits, (size_t)n_want * V * sizeof(float), peer,
+                          TAG_LOGITS, err, err_len) != 0)
+            return -1;
+    }
+    uint64_t dt = now_ns() - t0;
+    uint64_t dc = (comm_ns(r) - c0) + (tsr_ctx_comm_ns(r->ctx) - fc0);
+    /* tp all-reduces are timed by the ctx AND counted by the tp comm: count them once. */
+    if (r->tp_comm) dc -= (tsr_ctx_comm_ns(r->ctx) - fc0);
+    r->st.t_comm_ns += dc;
+    r->st.t_compute_ns += dt > dc ? dt - dc : 0;
+    r->st.n_steps++;
+    r->st.n_tokens += (uint64_t)n;
+    return 0;
+}
+
+int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_t pos0,
+                        const float **logits, char *err, size_t err_len)
+{
+    if (r->rank != 0) {
+        set_err(err, err_len, "only the leader drives the replica");
+        return -1;
+    }
+    const int32_t n_ctx = tsr_ctx_n_ctx(r->ctx);
+    if (n <= 0 || pos0 < 0 || n > n_ctx - pos0) {
+        set_err(err, err_len,
+                "positions %d..%d exceed the context size %d (the prompt plus generated tokens "
+                "must fit; raise --ctx-size or shorten the prompt)",
+                pos0, pos0 + n - 1, n_ctx);
+        return -1;
+    }
+    const int32_t nb = tsr_ctx_n_batch(r->ctx);
+    const int32_t n_tab = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    for (int32_t done = 0; done < n;) {
+        int32_t k = n - done < nb ? n - done : nb;
+        size_t n_ints = HDR_INTS + 4 * (size_t)k + 1 + (size_t)n_tab;
+        if (wire_reserve(r, n_ints) != 0) {
+            set_err(err, err_len, "out of memory");
+            return -1;
+        }
+        int32_t *w = r->wire;
+        w[0] = OP_STEP;
+        w[1] = k;
+        w[2] = 1;
+        w[3] = n_tab;
+        w[4] = done + k == n ? 1 : 0;
+        int32_t *tk = w + HDR_INTS, *ps = tk + k, *sq = ps + k, *wt = sq + k, *nbk = wt + k;
+        for (int32_t i = 0; i < k; i++) {
+            tk[i] = tokens[done + i];
+            ps[i] = pos0 + done + i;
+            sq[i] = 0;
+            wt[i] = done + i == n - 1;
+        }
+        nbk[0] = n_tab;
+        for (int32_t i = 0; i < n_tab; i++) nbk[1 + i] = i;
+        if (r->size > 1) {
+            if (tsr_comm_bcast(r->world, w, HDR_INTS * sizeof(int32_t), 0, err, err_len) != 0 ||
+                tsr_comm_bcast(r->world, w + HDR_INTS, (n_ints - HDR_INTS) * sizeof(int32_t), 0,
+                               err, err_len) != 0)
+                return -1;
+        }
+        if (run_step(r, err, err_len) != 0) return -1;
+        done += k;
+    }
+    *logits = r->logits;
+    return 0;
+}
+
+int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
+{
+    for (;;) {
+        if (wire_reserve(r, HDR_INTS) != 0) goto oom;
+        if (tsr_comm_bcast(r->world, r->wire, HDR_INTS * sizeof(int32_t), 0, err, err_len) != 0)
+            return -1;
+        int32_t op = r->wire[0];
+        if (op == OP_SHUTDOWN) return 0;
+        if (op != OP_STEP) {
+            set_err(err, err_len, "unknown step op %d from the leader", op);
+            return -1;
+        }
+        int32_t n = r->wire[1], n_seqs = r->wire[2], n_tab = r->wire[3];
+        if (n < 1 || n_seqs < 1 || n_tab < 0 || n > 1 << 20 || n_tab > 1 << 24) {
+            set_err(err, err_len, "malformed step descriptor from the leader");
+            return -1;
+        }
+        size_t n_ints = HDR_INTS + 4 * (size_t)n + (size_t)n_seqs + (size_t)n_tab;
+        if (wire_reserve(r, n_ints) != 0) goto oom;
+        if (tsr_comm_bcast(r->world, r->wire + HDR_INTS, (n_ints - HDR_INTS) * sizeof(int32_t),
+                           0, err, err_len) != 0)
+            return -1;
+        if (run_step(r, err, err_len) != 0) return -1;
+    }
+oom:
+    set_err(err, err_len, "out of memory");
+    return -1;
+}
+
+int tsr_replica_shutdown(tsr_replica *r, char *err, size_t err_len)
+{
+    if (r->rank != 0 || r->size == 1) return 0;
+    int32_t h[HDR_INTS] = {OP_SHUTDOWN, 0, 0, 0, 0};
+    return tsr_comm_bcast(r->world, h, sizeof h, 0, err, err_len);
+}
+
+int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err_len)
+{
+    r->st.n_bytes_sent =
+        r->world->stats.n_bytes_sent + (r->tp_comm ? r->tp_comm->stats.n_bytes_sent : 0);
+    if (r->size == 1) {
+        if (out) out[0] = r->st;
+        return 0;
+    }
+    tsr_rank_stats *all = malloc(sizeof(tsr_rank_stats) * (size_t)r->size);
+    if (!all) {
+        set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    int rc = tsr_comm_allgather(r->world, &r->st, all, sizeof(tsr_rank_stats), err, err_len);
+    if (rc == 0 && out) memcpy(out, all, sizeof(tsr_rank_stats) * (size_t)r->size);
+    free(all);
+    return rc;
+}

@@ -1,0 +1,91 @@
+/*
+ * replica.h — one copy of the model spread over tp × pp ranks of one MPI job (or one
+ * plain process), driven step by step by its leader (rank 0).
+ *
+ * Rank r is pipeline stage r / tp and tensor slice r % tp. Every rank opens the GGUF,
+ * plans the same partition (shard/plan.h) and loads only its tiles. A step:
+ *   1. the leader broadcasts the step descriptor (tokens, positions, sequences, block
+ *      tables, which tokens want logits) to all ranks;
+ *   2. stage 0 embeds; each stage runs its layers (tensor-parallel ranks meet in two
+ *      all-reduces per layer) and sends its hidden states to the same tp slice of the next
+ *      stage, point to point;
+ *   3. the last stage's tp ranks gather their vocabulary slices of the logits, and its tp
+ *      rank 0 sends the full logits to the leader, which samples.
+ * Followers (ranks != 0) sit in tsr_replica_follow until the leader shuts the replica
+ * down. Every wait has the communicator's deadline; a dead rank ends the MPI job (mpirun
+ * names it) and a stuck one becomes an error naming the operation.
+ *
+ * Without an MPI launcher and with tp = pp = 1 the replica is a plain process using the
+ * in-process communicator.
+ */
+#ifndef TSR_REPLICA_H
+#define TSR_REPLICA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shard/gguf.h"
+#include "shard/plan.h"
+#include "shard/vocab.h"
+#include "worker/comm.h"
+#include "worker/model.h"
+
+typedef struct {
+    int32_t tp, pp;          /* >= 1; tp × pp must equal the MPI job's size */
+    const char *layers;      /* NULL or a per-stage override "0-7,8-15" */
+    uint64_t mem_budget;     /* bytes per rank for weights + KV, 0 = unlimited */
+    int n_threads;           /* compute threads per rank */
+    int32_t n_ctx;           /* single-sequence context (0: model default) */
+    int32_t n_batch;         /* max tokens per step (0: 128) */
+    int64_t timeout_ms;      /* deadline of every communication wait (0: 30000) */
+} tsr_replica_params;
+
+/* Per-rank figures for observability (gathered on the leader by tsr_replica_stats). */
+typedef struct {
+    int32_t rank, stage, tp_rank;
+    uint64_t t_compute_ns;   /* forward-pass time minus communication */
+    uint64_t t_comm_ns;      /* all-reduces, pipeline send/recv, logits gather */
+    uint64_t n_bytes_sent;
+    uint64_t n_steps;
+    uint64_t n_tokens;       /* tokens processed (all steps) */
+    uint64_t n_bytes_loaded; /* bytes of the model file this rank read */
+} tsr_rank_stats;
+
+typedef struct tsr_replica tsr_replica;
+
+/* The planner's view of a model file (hyperparameters, tensor types, bytes). */
+int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, size_t err_len);
+
+/* Every rank calls this. Returns 0, or < 0 with err: launcher/layout mismatch ("the MPI
+ * job has 3 ranks but --tp 2 --pp 2 needs 4"), impossible layouts (the planner's message),
+ * unreadable model. The error is produced on every rank, so all of them exit. */
+int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_replica **out,
+                     char *err, size_t err_len);
+void tsr_replica_close(tsr_replica *r);
+
+bool tsr_replica_is_leader(const tsr_replica *r);
+int tsr_replica_rank(const tsr_replica *r);
+int tsr_replica_size(const tsr_replica *r);
+const tsr_vocab *tsr_replica_vocab(const tsr_replica *r);
+const tsr_hparams *tsr_replica_hparams(const tsr_replica *r);
+const tsr_plan *tsr_replica_plan(const tsr_replica *r);
+int32_t tsr_replica_n_ctx(const tsr_replica *r);
+
+/* Leader only: one step of the single sequence (as tsr_forward): n tokens at positions
+ * pos0.., logits of the last token (full vocabulary) in *logits, valid until the next
+ * call. */
+int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_t pos0,
+                        const float **logits, char *err, size_t err_len);
+
+/* Followers: serve steps until the leader's shutdown. 0 on a clean shutdown. */
+int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len);
+
+/* Leader: tell followers to leave tsr_replica_follow (call once, before close). */
+int tsr_replica_shutdown(tsr_replica *r, char *err, size_t err_len);
+
+/* Collective: every rank calls it; the leader receives size() entries in `out` (rank
+ * order), others may pass NULL. */
+int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err_len);
+
+#endif
