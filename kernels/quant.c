@@ -48,10 +48,10 @@ typedef struct {
 } blk_q4_0;
 
 typedef struct {
-    uint16_t d;                /* super-block scale of the 6-bit sub-block scales */
-    uint16_t dmin;             /* super-block scale of the 6-bit sub-block mins */
-    uint8_t scales[12];        /* 8 scales + 8 mins, 6 bits each (get_scale_min_k4) */
-    uint8_t qs[TSR_QK_K / 2];  /* 4-bit quants; 64 elements per 32 bytes (low, high) */
+    uint16_t d;               /* super-block scale of the 6-bit sub-block scales */
+    uint16_t dmin;            /* super-block scale of the 6-bit sub-block mins */
+    uint8_t scales[12];       /* 8 scales + 8 mins, 6 bits each (get_scale_min_k4) */
+    uint8_t qs[TSR_QK_K / 2]; /* 4-bit quants; 64 elements per 32 bytes (low, high) */
 } blk_q4_K;
 
 typedef struct {
@@ -62,9 +62,9 @@ typedef struct {
 } blk_q6_K;
 
 typedef struct {
-    float d;                       /* scale (negative when the largest-magnitude x > 0) */
-    int8_t qs[TSR_QK_K];           /* quants in [-127, 127] */
-    int16_t bsums[TSR_QK_K / 16];  /* sum of qs per 16 elements (for mins / offsets) */
+    float d;                      /* scale (negative when the largest-magnitude x > 0) */
+    int8_t qs[TSR_QK_K];          /* quants in [-127, 127] */
+    int16_t bsums[TSR_QK_K / 16]; /* sum of qs per 16 elements (for mins / offsets) */
 } blk_q8_K;
 
 _Static_assert(sizeof(blk_q8_0) == 34, "Q8_0 block");
@@ -79,13 +79,13 @@ _Static_assert(sizeof(blk_q8_K) == 292, "Q8_K block");
 
 /* ggml's names by id (ggml.h); NULL = id removed / never defined. */
 static const char *const k_type_names[TSR_TYPE_COUNT] = {
-    [0] = "F32",      [1] = "F16",      [2] = "Q4_0",    [3] = "Q4_1",   [6] = "Q5_0",
-    [7] = "Q5_1",     [8] = "Q8_0",     [9] = "Q8_1",    [10] = "Q2_K",  [11] = "Q3_K",
-    [12] = "Q4_K",    [13] = "Q5_K",    [14] = "Q6_K",   [15] = "Q8_K",  [16] = "IQ2_XXS",
-    [17] = "IQ2_XS",  [18] = "IQ3_XXS", [19] = "IQ1_S",  [20] = "IQ4_NL", [21] = "IQ3_S",
-    [22] = "IQ2_S",   [23] = "IQ4_XS",  [24] = "I8",     [25] = "I16",   [26] = "I32",
-    [27] = "I64",     [28] = "F64",     [29] = "IQ1_M",  [30] = "BF16",  [34] = "TQ1_0",
-    [35] = "TQ2_0",   [39] = "MXFP4",
+    [0] = "F32",     [1] = "F16",      [2] = "Q4_0",   [3] = "Q4_1",    [6] = "Q5_0",
+    [7] = "Q5_1",    [8] = "Q8_0",     [9] = "Q8_1",   [10] = "Q2_K",   [11] = "Q3_K",
+    [12] = "Q4_K",   [13] = "Q5_K",    [14] = "Q6_K",  [15] = "Q8_K",   [16] = "IQ2_XXS",
+    [17] = "IQ2_XS", [18] = "IQ3_XXS", [19] = "IQ1_S", [20] = "IQ4_NL", [21] = "IQ3_S",
+    [22] = "IQ2_S",  [23] = "IQ4_XS",  [24] = "I8",    [25] = "I16",    [26] = "I32",
+    [27] = "I64",    [28] = "F64",     [29] = "IQ1_M", [30] = "BF16",   [34] = "TQ1_0",
+    [35] = "TQ2_0",  [39] = "MXFP4",
 };
 
 bool tsr_type_supported(uint32_t type)
@@ -97,8 +97,10 @@ bool tsr_type_supported(uint32_t type)
     case TSR_TYPE_Q8_0:
     case TSR_TYPE_Q4_0:
     case TSR_TYPE_Q4_K:
-    case TSR_TYPE_Q6_K: return true;
-    default: return false;
+    case TSR_TYPE_Q6_K:
+        return true;
+    default:
+        return false;
     }
 }
 
@@ -113,28 +115,41 @@ int64_t tsr_type_block_elems(uint32_t type)
     switch (type) {
     case TSR_TYPE_F32:
     case TSR_TYPE_F16:
-    case TSR_TYPE_BF16: return 1;
-    case TSR_TYPE_Q8_0: return TSR_QK8_0;
-    case TSR_TYPE_Q4_0: return TSR_QK4_0;
+    case TSR_TYPE_BF16:
+        return 1;
+    case TSR_TYPE_Q8_0:
+        return TSR_QK8_0;
+    case TSR_TYPE_Q4_0:
+        return TSR_QK4_0;
     case TSR_TYPE_Q4_K:
     case TSR_TYPE_Q6_K:
-    case TSR_TYPE_Q8_K: return TSR_QK_K;
-    default: return 0;
+    case TSR_TYPE_Q8_K:
+        return TSR_QK_K;
+    default:
+        return 0;
     }
 }
 
 size_t tsr_type_block_bytes(uint32_t type)
 {
     switch (type) {
-    case TSR_TYPE_F32: return 4;
+    case TSR_TYPE_F32:
+        return 4;
     case TSR_TYPE_F16:
-    case TSR_TYPE_BF16: return 2;
-    case TSR_TYPE_Q8_0: return sizeof(blk_q8_0);
-    case TSR_TYPE_Q4_0: return sizeof(blk_q4_0);
-    case TSR_TYPE_Q4_K: return sizeof(blk_q4_K);
-    case TSR_TYPE_Q6_K: return sizeof(blk_q6_K);
-    case TSR_TYPE_Q8_K: return sizeof(blk_q8_K);
-    default: return 0;
+    case TSR_TYPE_BF16:
+        return 2;
+    case TSR_TYPE_Q8_0:
+        return sizeof(blk_q8_0);
+    case TSR_TYPE_Q4_0:
+        return sizeof(blk_q4_0);
+    case TSR_TYPE_Q4_K:
+        return sizeof(blk_q4_K);
+    case TSR_TYPE_Q6_K:
+        return sizeof(blk_q6_K);
+    case TSR_TYPE_Q8_K:
+        return sizeof(blk_q8_K);
+    default:
+        return 0;
     }
 }
 
@@ -150,12 +165,16 @@ uint32_t tsr_type_vec_dot_type(uint32_t type)
     switch (type) {
     case TSR_TYPE_F32:
     case TSR_TYPE_F16:
-    case TSR_TYPE_BF16: return TSR_TYPE_F32;
+    case TSR_TYPE_BF16:
+        return TSR_TYPE_F32;
     case TSR_TYPE_Q8_0:
-    case TSR_TYPE_Q4_0: return TSR_TYPE_Q8_0;
+    case TSR_TYPE_Q4_0:
+        return TSR_TYPE_Q8_0;
     case TSR_TYPE_Q4_K:
-    case TSR_TYPE_Q6_K: return TSR_TYPE_Q8_K;
-    default: return TSR_TYPE_COUNT;
+    case TSR_TYPE_Q6_K:
+        return TSR_TYPE_Q8_K;
+    default:
+        return TSR_TYPE_COUNT;
     }
 }
 
@@ -193,7 +212,7 @@ uint16_t tsr_f32_to_f16(float f)
     const uint32_t x = f32_bits(f);
     const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00u; /* NaN -> quiet NaN, as ggml */
+    if (ax > 0x7f800000u) return sign | 0x7e00u;  /* NaN -> quiet NaN, as ggml */
     if (ax >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520 rounds to inf */
     if (ax < 0x38800000u) {
         /* below 2^-14: a half subnormal (or zero) = round(|f| / 2^-24). Adding 0.5 puts
@@ -324,7 +343,9 @@ void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
     }
     const int64_t nb = n / be;
     switch (type) {
-    case TSR_TYPE_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+    case TSR_TYPE_F32:
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        break;
     case TSR_TYPE_F16: {
         const uint16_t *h = src;
         for (int64_t i = 0; i < n; ++i) dst[i] = tsr_f16_to_f32(h[i]);
@@ -335,12 +356,23 @@ void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
         for (int64_t i = 0; i < n; ++i) dst[i] = tsr_bf16_to_f32(h[i]);
         break;
     }
-    case TSR_TYPE_Q8_0: dequant_q8_0(src, dst, nb); break;
-    case TSR_TYPE_Q4_0: dequant_q4_0(src, dst, nb); break;
-    case TSR_TYPE_Q4_K: dequant_q4_K(src, dst, nb); break;
-    case TSR_TYPE_Q6_K: dequant_q6_K(src, dst, nb); break;
-    case TSR_TYPE_Q8_K: dequant_q8_K(src, dst, nb); break;
-    default: break;
+    case TSR_TYPE_Q8_0:
+        dequant_q8_0(src, dst, nb);
+        break;
+    case TSR_TYPE_Q4_0:
+        dequant_q4_0(src, dst, nb);
+        break;
+    case TSR_TYPE_Q4_K:
+        dequant_q4_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q6_K:
+        dequant_q6_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q8_K:
+        dequant_q8_K(src, dst, nb);
+        break;
+    default:
+        break;
     }
 }
 
@@ -419,7 +451,8 @@ static void quant_q8_K(const float *x, blk_q8_K *y, int64_t nb)
         /* ggml: -127/max with max the signed extreme, so d may be negative; the quants
          * stay in [-127, 127], which the sign-trick dot kernels need. */
         const float iscale = -127.f / max;
-        for (int j = 0; j < TSR_QK_K; ++j) y[i].qs[j] = (int8_t)imin(127, nearest_int(iscale * x[j]));
+        for (int j = 0; j < TSR_QK_K; ++j)
+            y[i].qs[j] = (int8_t)imin(127, nearest_int(iscale * x[j]));
         for (int j = 0; j < TSR_QK_K / 16; ++j) {
             int sum = 0;
             for (int l = 0; l < 16; ++l) sum += y[i].qs[j * 16 + l];
@@ -637,7 +670,8 @@ static void quant_q6_K(const float *x, blk_q6_K *y, int64_t nb)
                 const uint8_t q3 = (uint8_t)L[j + l + 64], q4 = (uint8_t)L[j + l + 96];
                 ql[l + 0] = (uint8_t)((q1 & 0xF) | ((q3 & 0xF) << 4));
                 ql[l + 32] = (uint8_t)((q2 & 0xF) | ((q4 & 0xF) << 4));
-                qh[l] = (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+                qh[l] =
+                    (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
             }
             ql += 64;
             qh += 32;
@@ -651,7 +685,9 @@ void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
     if (be == 0 || n <= 0) return;
     const int64_t nb = n / be;
     switch (type) {
-    case TSR_TYPE_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+    case TSR_TYPE_F32:
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        break;
     case TSR_TYPE_F16: {
         uint16_t *h = dst;
         for (int64_t i = 0; i < n; ++i) h[i] = tsr_f32_to_f16(src[i]);
@@ -662,12 +698,23 @@ void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
         for (int64_t i = 0; i < n; ++i) h[i] = tsr_f32_to_bf16(src[i]);
         break;
     }
-    case TSR_TYPE_Q8_0: quant_q8_0(src, dst, nb); break;
-    case TSR_TYPE_Q4_0: quant_q4_0(src, dst, nb); break;
-    case TSR_TYPE_Q4_K: quant_q4_K(src, dst, nb); break;
-    case TSR_TYPE_Q6_K: quant_q6_K(src, dst, nb); break;
-    case TSR_TYPE_Q8_K: quant_q8_K(src, dst, nb); break;
-    default: break;
+    case TSR_TYPE_Q8_0:
+        quant_q8_0(src, dst, nb);
+        break;
+    case TSR_TYPE_Q4_0:
+        quant_q4_0(src, dst, nb);
+        break;
+    case TSR_TYPE_Q4_K:
+        quant_q4_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q6_K:
+        quant_q6_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q8_K:
+        quant_q8_K(src, dst, nb);
+        break;
+    default:
+        break;
     }
 }
 
@@ -810,8 +857,8 @@ static void rows_by_dot(dot_fn dot, int64_t n, int64_t nrows, const uint8_t *w, 
 }
 
 #define SCALAR_ROWS(name)                                                                          \
-    static void rows_##name##_scalar(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,   \
-                                     const void *x, float *y)                                     \
+    static void rows_##name##_scalar(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,    \
+                                     const void *x, float *y)                                      \
     {                                                                                              \
         rows_by_dot(dot_##name##_scalar, n, nrows, w, stride, x, y);                               \
     }
@@ -826,7 +873,7 @@ SCALAR_ROWS(q6_K)
 /* ---- AVX2 + FMA + F16C ---------------------------------------------------------------- */
 #if TSR_X86
 
-#define TSR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TSR_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define TSR_INLINE static inline __attribute__((always_inline))
 
 TSR_AVX2 TSR_INLINE float hsum_ps(__m256 v)
@@ -835,19 +882,6 @@ TSR_AVX2 TSR_INLINE float hsum_ps(__m256 v)
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-TSR_AVX2 TSR_INLINE float hsum_ps128(__m128 s)
-{
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* An fp16 scale broadcast to 8 floats (vpbroadcastw from memory + vcvtph2ps). */
-TSR_AVX2 TSR_INLINE __m256 f16_bcast(const uint16_t *p)
-{
-    return _mm256_cvtph_ps(_mm_set1_epi16((short)*p));
 }
 
 /* 32 nibbles of a Q4_0 block as bytes in element order: low nibbles (elements 0..15) in
@@ -893,49 +927,57 @@ TSR_AVX2 TSR_INLINE float float_row_avx2(uint32_t type, int64_t n, const uint8_t
         a2 = _mm256_fmadd_ps(load_w8(type, w, i + 16), _mm256_loadu_ps(x + i + 16), a2);
         a3 = _mm256_fmadd_ps(load_w8(type, w, i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(load_w8(type, w, i), _mm256_loadu_ps(x + i), a0);
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(load_w8(type, w, i), _mm256_loadu_ps(x + i), a0);
     float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < n; ++i) s += load_w1(type, w, i) * x[i];
     return s;
 }
 
-#define FLOAT_ROWS_AVX2(fname, TYPE)                                                                \
+#define FLOAT_ROWS_AVX2(fname, TYPE)                                                               \
     TSR_AVX2 static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,          \
                                const void *x, float *y)                                            \
     {                                                                                              \
-        for (int64_t r = 0; r < nrows; ++r) y[r] = float_row_avx2(TYPE, n, w + (size_t)r * stride, x); \
+        for (int64_t r = 0; r < nrows; ++r)                                                        \
+            y[r] = float_row_avx2(TYPE, n, w + (size_t)r * stride, x);                             \
     }
 FLOAT_ROWS_AVX2(rows_f32_avx2, TSR_TYPE_F32)
 FLOAT_ROWS_AVX2(rows_f16_avx2, TSR_TYPE_F16)
 FLOAT_ROWS_AVX2(rows_bf16_avx2, TSR_TYPE_BF16)
 
 /* Per-block facts about the Q8_0 activation that every weight row needs, built once per
- * call (rows then load them instead of recomputing per (row, block)):
- *  - dy[b]: the fp16 scale as a float (padded with zeros to a multiple of 8 blocks);
- *  - corr[b]: int32x8 with -mult*sum(y) in lane 0, the integer offset term of the
- *    unsigned-operand tricks below (mult 8 for Q4_0's -8 offset, 128 for Q8_0's w+128),
- *    kept as a whole vector so a row adds it with a plain load and the dot stays exact. */
+ * call (rows then load them instead of recomputing per (row, block)), padded with zeros
+ * to a multiple of 8 blocks:
+ *  - dy[b]: the fp16 scale as a float;
+ *  - ey[b]: dy[b] * -mult*sum(y_b), the offset term of Q4_0's unsigned nibbles (mult 8):
+ *    sum (q-8)*y = sum q*y - 8*sum y. A row adds sum_b d_w[b]*ey[b] with one FMA per 8
+ *    blocks instead of a per-block integer correction (one load less per block; both
+ *    terms have the magnitude of the dot itself, so nothing cancels badly). */
 typedef struct {
     float *dy;
-    __m256i *corr;
+    float *ey;
 } act_info;
 
-enum { ACT_STACK_BLOCKS = 1024 }; /* rows up to 32768 elements use the stack (37 KiB) */
+enum { ACT_STACK_BLOCKS = 2048 }; /* rows up to 65536 elements use the stack (16 KiB) */
 
 TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult, act_info *ai)
 {
     const __m256i k80 = _mm256_set1_epi8((char)0x80);
-    for (int64_t b = 0; b < nb; ++b) {
+    int64_t b = 0;
+    for (; b < nb; ++b) {
         ai->dy[b] = _cvtsh_ss(x[b].d);
         if (!mult) continue;
         /* sum of signed bytes = sum of (y ^ 0x80) as unsigned - 32*128, via vpsadbw */
         const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[b].qs), k80);
         const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
-        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-        const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
-        ai->corr[b] = _mm256_setr_epi32(-mult * sum, 0, 0, 0, 0, 0, 0, 0);
+        const __m128i s2 =
+            _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+        const int32_t sum =
+            _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+        ai->ey[b] = ai->dy[b] * (float)(-mult * sum);
     }
-    for (int64_t b = nb; b % 8; ++b) ai->dy[b] = 0.0f;
+    if (!mult) memset(ai->ey, 0, sizeof(float) * (size_t)nb);
+    for (; b % 8; ++b) ai->dy[b] = ai->ey[b] = 0.0f;
 }
 
 /* The rows entry of a Q8_0-activation kernel: build act_info (stack, or heap for very long
@@ -945,31 +987,22 @@ TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult,
                            const void *vx, float *y)                                               \
     {                                                                                              \
         const int64_t nb = n / TSR_QK8_0, nbp = (nb + 7) / 8 * 8;                                  \
-        float stack_dy[ACT_STACK_BLOCKS];                                                          \
-        __m256i stack_corr[(mult) ? ACT_STACK_BLOCKS : 1];                                         \
-        act_info ai = {stack_dy, stack_corr};                                                      \
-        const bool heap = nbp > ACT_STACK_BLOCKS;                                                  \
-        if (heap) {                                                                                \
-            ai.dy = malloc(sizeof(float) * (size_t)nbp);                                           \
-            ai.corr = (mult) ? aligned_alloc(32, sizeof(__m256i) * (size_t)nbp) : NULL;            \
-            if (!ai.dy || ((mult) && !ai.corr)) {                                                  \
-                free(ai.dy);                                                                       \
-                free(ai.corr);                                                                     \
-                fallback(n, nrows, w, stride, vx, y);                                              \
-                return;                                                                            \
-            }                                                                                      \
+        float stack_buf[2 * ACT_STACK_BLOCKS];                                                     \
+        float *buf =                                                                               \
+            nbp <= ACT_STACK_BLOCKS ? stack_buf : malloc(2 * sizeof(float) * (size_t)nbp);         \
+        if (!buf) {                                                                                \
+            fallback(n, nrows, w, stride, vx, y);                                                  \
+            return;                                                                                \
         }                                                                                          \
+        act_info ai = {buf, buf + nbp};                                                            \
         act_info_build(vx, nb, mult, &ai);                                                         \
         for (int64_t r = 0; r < nrows; ++r) y[r] = rowfn(nb, w + (size_t)r * stride, vx, &ai);     \
-        if (heap) {                                                                                \
-            free(ai.dy);                                                                           \
-            free(ai.corr);                                                                         \
-        }                                                                                          \
+        if (buf != stack_buf) free(buf);                                                           \
     }
 
-/* fp16 scales of blocks b..b+m-1 (m <= 8; the rest 0) as floats. The 16-bit loads and
- * packing run on the integer side, leaving one vcvtph2ps per 8 blocks on the vector pipes
- * (converting per block cost ~25% of the Q4_0 kernel's time). */
+/* fp16 scales of 8 consecutive blocks (m < 8: the first m, the rest 0) as floats. The
+ * 16-bit loads and packing run on the integer side, leaving one vcvtph2ps per 8 blocks on
+ * the vector pipes (a broadcast + convert per block cost ~25% of the Q4_0 kernel). */
 TSR_AVX2 TSR_INLINE __m256 f16x8_strided(const uint16_t *d0, size_t stride, int m)
 {
     const uint8_t *p = (const uint8_t *)d0;
@@ -991,45 +1024,55 @@ TSR_AVX2 TSR_INLINE __m256 f16x8_strided(const uint16_t *d0, size_t stride, int 
     return _mm256_cvtph_ps(_mm_set_epi64x((long long)h[1], (long long)h[0]));
 }
 
-/* One row: per group of 8 blocks, the 8 combined scales fp16(d_w)*d_y are made in one
- * vector; each block's integer dot (int32x8 lanes) is converted and FMA'd with its scale
- * broadcast by an in-lane shuffle. Blocks alternate between two accumulators. A partial
- * last group does the same operations, so the result depends only on the row. */
+/* One row (the body of the *_row_* functions below; INT_DOT(b) is block b's integer dot
+ * as int32x8 lanes, OFFSET whether act_info's ey term applies): per group of 8 blocks the
+ * 8 combined scales fp16(d_w)*d_y are made in one vector, then each block's dot is
+ * converted and FMA'd with its scale, broadcast by an in-lane shuffle, into one of 4
+ * accumulators (block k of the group -> k % 4, so the FMA latency never serializes).
+ * A partial last group does the same operations in the same order. */
 TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
 {
     const __m256 v = k < 4 ? lo : hi;
     switch (k & 3) {
-    case 0: return _mm256_shuffle_ps(v, v, 0x00);
-    case 1: return _mm256_shuffle_ps(v, v, 0x55);
-    case 2: return _mm256_shuffle_ps(v, v, 0xAA);
-    default: return _mm256_shuffle_ps(v, v, 0xFF);
+    case 0:
+        return _mm256_shuffle_ps(v, v, 0x00);
+    case 1:
+        return _mm256_shuffle_ps(v, v, 0x55);
+    case 2:
+        return _mm256_shuffle_ps(v, v, 0xAA);
+    default:
+        return _mm256_shuffle_ps(v, v, 0xFF);
     }
 }
 
-#define BLOCK_LOOP(BLK, INT_DOT)                                                                   \
+#define BLOCK_LOOP(BLK, INT_DOT, OFFSET)                                                           \
     const BLK *w = (const BLK *)vw;                                                                \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),               \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),                \
                      _mm256_setzero_ps()};                                                         \
+    __m256 acc_off = _mm256_setzero_ps();                                                          \
     for (int64_t b = 0; b < nb; b += 8) {                                                          \
         const int m = nb - b < 8 ? (int)(nb - b) : 8;                                              \
-        const __m256 sc = _mm256_mul_ps(f16x8_strided(&w[b].d, sizeof(BLK), m),                   \
-                                        _mm256_loadu_ps(ai->dy + b));                              \
+        const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), m);                                  \
+        if (OFFSET) acc_off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ai->ey + b), acc_off);           \
+        const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
         const __m256 lo = _mm256_permute2f128_ps(sc, sc, 0x00);                                    \
         const __m256 hi = _mm256_permute2f128_ps(sc, sc, 0x11);                                    \
         if (m == 8) {                                                                              \
             _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k)                                    \
             {                                                                                      \
                 acc[k & 3] = _mm256_fmadd_ps(bcast_lane(lo, hi, k),                                \
-                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);     \
+                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);      \
             }                                                                                      \
         } else {                                                                                   \
             for (int k = 0; k < m; ++k) {                                                          \
                 acc[k & 3] = _mm256_fmadd_ps(bcast_lane(lo, hi, k),                                \
-                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);     \
+                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);      \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    const __m256 sum4 =                                                                            \
+        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));               \
+    return hsum_ps(_mm256_add_ps(sum4, acc_off));
 
 /* Q8_0 x Q8_0, AVX2: sign trick |w| (unsigned) x sign(w)*y (signed) for vpmaddubsw; the
  * int16 pair sums (<= 2*128*127) cannot saturate. */
@@ -1042,39 +1085,36 @@ TSR_AVX2 TSR_INLINE __m256i q8_dot_avx2(const int8_t *wq, const int8_t *yq)
 }
 
 TSR_AVX2 static float q8_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
+                                    const act_info *ai){
 #define Q8_DOT_AVX2(bb) q8_dot_avx2(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q8_0, Q8_DOT_AVX2)
+    BLOCK_LOOP(blk_q8_0, Q8_DOT_AVX2, 0)
 #undef Q8_DOT_AVX2
-}
-ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
+} ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
 
-/* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
- * directly; the -8 offset, -8*sum(y), is added from act_info. */
-TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq, const __m256i *corr)
+    /* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
+     * directly; the -8 offset comes from act_info's ey. */
+    TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq)
 {
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
     const __m256i p16 = _mm256_maddubs_epi16(q4_0_nibbles(wq), y);
-    return _mm256_add_epi32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)), _mm256_load_si256(corr));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
 TSR_AVX2 static float q4_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs, ai->corr + (bb))
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2)
+                                    const act_info *ai){
+#define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs)
+    BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2, 1)
 #undef Q4_DOT_AVX2
-}
-ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
+} ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
 
 /* vpshufb masks broadcasting int16 element g (0..7) of a 128-bit lane to all 8 slots. */
 #define SHUF16(g) 2 * (g), 2 * (g) + 1
-#define SHUF16x8(g) SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
-static const uint8_t k_shuf_q4_K[8][32] = {
-    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
-    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
-    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
+#define SHUF16x8(g)                                                                                \
+    SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
+    static const uint8_t k_shuf_q4_K[8][32] = {
+        {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
+        {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
+        {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
 };
 /* Q6_K: 32 elements span two 16-element groups: int16 2k in the low lane, 2k+1 high. */
 static const uint8_t k_shuf_q6_K[4][32] = {
@@ -1083,6 +1123,24 @@ static const uint8_t k_shuf_q6_K[4][32] = {
     {SHUF16x8(4), SHUF16x8(5)},
     {SHUF16x8(6), SHUF16x8(7)},
 };
+
+/* vpshufb mask: int16 element k of a lane (k = 0..3 low lane, 4..7 high lane) twice. */
+static const uint8_t k_dup16[32] = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
+                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
+
+/* Q4_K's 12 packed bytes -> 8 scales then 8 mins as 16 int16 lanes (q4_K_scales_mins done
+ * on general registers, widened once). */
+TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
+{
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
+    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
+    return _mm256_cvtepu8_epi16(
+        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
+}
 
 /* K-quant kernels, one row each (rows are streamed one by one, see above). The integer
  * work per 32 (Q4_K) or 16 (Q6_K) elements is vpmaddubsw(q, y) into int16 pairs, then the
@@ -1100,21 +1158,21 @@ static const uint8_t k_shuf_q6_K[4][32] = {
         const blk_q4_K *w = (const blk_q4_K *)vw;                                                  \
         const blk_q8_K *x = vx;                                                                    \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
-        __m256 acc = _mm256_setzero_ps();                                                          \
-        __m128 accm = _mm_setzero_ps();                                                            \
+        __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();                              \
         for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
             const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
             const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
-            uint8_t sm[16];                                                                        \
-            q4_K_scales_mins(w[i].scales, sm);                                                     \
-            const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 8)));    \
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                    \
-            const __m128i ysum =                                                                   \
-                _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));       \
-            accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_madd_epi16(mins, ysum)),   \
-                                accm);                                                             \
-            const __m256i sc = _mm256_broadcastsi128_si256(                                        \
-                _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));                          \
+            /* 8 scales and 8 mins unpacked in registers (a store/reload of the unpacked           \
+             * bytes stalls on store forwarding); int16 lanes: scales low, mins high */            \
+            const __m256i sm16 = q4_K_scales_mins_x16(w[i].scales);                                \
+            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
+            /* mins: each min twice, against the 16 bsums -> m_g*(bsum_2g + bsum_2g+1) */          \
+            const __m256i mins2 =                                                                  \
+                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
+                                    _mm256_loadu_si256((const __m256i *)k_dup16));                 \
+            const __m256i summ =                                                                   \
+                _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[i].bsums));         \
+            accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);          \
             __m256i sumi = _mm256_setzero_si256();                                                 \
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
             {                                                                                      \
@@ -1132,7 +1190,7 @@ static const uint8_t k_shuf_q6_K[4][32] = {
             }                                                                                      \
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
         }                                                                                          \
-        return hsum_ps(acc) - hsum_ps128(accm);                                                    \
+        return hsum_ps(_mm256_sub_ps(acc, accm));                                                  \
     }
 
 /* Q6_K x Q8_K. 6-bit q = ql nibble | 2 qh bits << 4, unsigned [0, 63] for vpmaddubsw; the
@@ -1201,56 +1259,55 @@ DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
 
 #define TSR_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
-/* Q8_0 x Q8_0 with vpdpbusd (u8 x s8 summed into int32, no saturation): w+128 as the
- * unsigned operand, sum (w+128)*y = sum w*y + 128*sum y; the accumulation starts from
- * act_info's -128*sum(y). Two vector ops per block (xor, vpdpbusd) against the sign
- * trick's three. */
-TSR_VNNI TSR_INLINE __m256i q8_dot_vnni(const int8_t *wq, const int8_t *yq, const __m256i *corr)
+/* Q8_0 x Q8_0 with vpdpbusd (u8 x s8 summed into int32, no saturation): the sign trick,
+ * |w| x sign(w)*y. (The w+128 alternative saves an op but needs a per-block correction
+ * load, and loads are what this loop runs out of first.) */
+TSR_VNNI TSR_INLINE __m256i q8_dot_vnni(const int8_t *wq, const int8_t *yq)
 {
     const __m256i w = _mm256_loadu_si256((const __m256i *)wq);
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
-    return _mm256_dpbusd_epi32(_mm256_load_si256(corr),
-                               _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), y);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(y, w));
 }
 
 TSR_VNNI static float q8_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q8_DOT_VNNI(bb) q8_dot_vnni(w[bb].qs, x[bb].qs, ai->corr + (bb))
-    BLOCK_LOOP(blk_q8_0, Q8_DOT_VNNI)
+                                    const act_info *ai){
+#define Q8_DOT_VNNI(bb) q8_dot_vnni(w[bb].qs, x[bb].qs)
+    BLOCK_LOOP(blk_q8_0, Q8_DOT_VNNI, 0)
 #undef Q8_DOT_VNNI
-}
-ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 128, rows_q8_0_scalar)
+} ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 0, rows_q8_0_scalar)
 
-/* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y, starting from
- * act_info's -8*sum(y). */
-TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq, const __m256i *corr)
+    /* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y; the -8 offset comes from
+     * act_info's ey. */
+    TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
 {
-    return _mm256_dpbusd_epi32(_mm256_load_si256(corr), q4_0_nibbles(wq),
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_0_nibbles(wq),
                                _mm256_loadu_si256((const __m256i *)yq));
 }
 
 TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs, ai->corr + (bb))
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI)
+                                    const act_info *ai){
+#define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
+    BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1)
 #undef Q4_DOT_VNNI
-}
-ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
+} ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
 
-DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
-DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
-DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
-DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
+    DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
+        DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
+            DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
+                DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 
 #endif /* TSR_X86 */
 
-/* ---------------------------------------------------------------------------------------
- * Dispatch
- * ------------------------------------------------------------------------------------- */
+    /* ---------------------------------------------------------------------------------------
+     * Dispatch
+     * ------------------------------------------------------------------------------------- */
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_UNSET = -1 };
+    enum {
+        ISA_SCALAR = 0,
+        ISA_AVX2 = 1,
+        ISA_AVX512VNNI = 2,
+        ISA_UNSET = -1
+    };
 static const char *const k_isa_names[] = {"scalar", "avx2", "avx512vnni"};
 
 static _Atomic int g_isa = ISA_UNSET;
@@ -1317,28 +1374,44 @@ static rows_fn rows_kernel(uint32_t type)
 #if TSR_X86
     if (isa >= ISA_AVX2) {
         switch (type) {
-        case TSR_TYPE_F32: return rows_f32_avx2;
-        case TSR_TYPE_F16: return rows_f16_avx2;
-        case TSR_TYPE_BF16: return rows_bf16_avx2;
-        case TSR_TYPE_Q8_0: return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
-        case TSR_TYPE_Q4_0: return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
-        case TSR_TYPE_Q4_K: return isa >= ISA_AVX512VNNI ? rows_q4_K_vnni : rows_q4_K_avx2;
-        case TSR_TYPE_Q6_K: return isa >= ISA_AVX512VNNI ? rows_q6_K_vnni : rows_q6_K_avx2;
-        default: return NULL;
+        case TSR_TYPE_F32:
+            return rows_f32_avx2;
+        case TSR_TYPE_F16:
+            return rows_f16_avx2;
+        case TSR_TYPE_BF16:
+            return rows_bf16_avx2;
+        case TSR_TYPE_Q8_0:
+            return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
+        case TSR_TYPE_Q4_0:
+            return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
+        case TSR_TYPE_Q4_K:
+            return isa >= ISA_AVX512VNNI ? rows_q4_K_vnni : rows_q4_K_avx2;
+        case TSR_TYPE_Q6_K:
+            return isa >= ISA_AVX512VNNI ? rows_q6_K_vnni : rows_q6_K_avx2;
+        default:
+            return NULL;
         }
     }
 #else
     (void)isa;
 #endif
     switch (type) {
-    case TSR_TYPE_F32: return rows_f32_scalar;
-    case TSR_TYPE_F16: return rows_f16_scalar;
-    case TSR_TYPE_BF16: return rows_bf16_scalar;
-    case TSR_TYPE_Q8_0: return rows_q8_0_scalar;
-    case TSR_TYPE_Q4_0: return rows_q4_0_scalar;
-    case TSR_TYPE_Q4_K: return rows_q4_K_scalar;
-    case TSR_TYPE_Q6_K: return rows_q6_K_scalar;
-    default: return NULL;
+    case TSR_TYPE_F32:
+        return rows_f32_scalar;
+    case TSR_TYPE_F16:
+        return rows_f16_scalar;
+    case TSR_TYPE_BF16:
+        return rows_bf16_scalar;
+    case TSR_TYPE_Q8_0:
+        return rows_q8_0_scalar;
+    case TSR_TYPE_Q4_0:
+        return rows_q4_0_scalar;
+    case TSR_TYPE_Q4_K:
+        return rows_q4_K_scalar;
+    case TSR_TYPE_Q6_K:
+        return rows_q6_K_scalar;
+    default:
+        return NULL;
     }
 }
 

@@ -75,8 +75,11 @@ uint32_t tsr_type_vec_dot_type(uint32_t type);
  * unsupported type. */
 float tsr_vec_dot(uint32_t type, int64_t n, const void *w, const void *x);
 
-/* Several rows at once: y[r] = dot(w + r*w_stride_bytes, x) for r < n_rows. Lets the
- * implementation keep x in registers/cache across rows (the decode hot loop). */
+/* Several rows at once: y[r] = dot(w + r*w_stride_bytes, x) for r < n_rows (the decode
+ * hot loop). Per-call work on x is shared by all rows; rows are streamed one after the
+ * other. y[r] is bit-identical to tsr_vec_dot of that row, so results never depend on how
+ * a matmul splits its rows (threads, shards). Uses up to ~16 KiB of stack (heap beyond
+ * 65536-element rows). */
 void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
                       size_t w_stride_bytes, const void *x, float *y);
 

@@ -55,9 +55,9 @@
 typedef struct {
     int32_t head_begin, head_end, kv_head_begin, kv_head_end;
     int32_t ff_begin, ff_end, vocab_begin, vocab_end;
-    double w_layer;      /* weight bytes of one layer held by this slice */
-    uint64_t kv_layer;   /* KV bytes per token per layer held by this slice */
-    uint64_t out_share;  /* bytes of the output head held (last stage only) */
+    double w_layer;     /* weight bytes of one layer held by this slice */
+    uint64_t kv_layer;  /* KV bytes per token per layer held by this slice */
+    uint64_t out_share; /* bytes of the output head held (last stage only) */
 } slice_info;
 
 typedef struct {
@@ -162,13 +162,13 @@ static int make_slices(plan_ctx *c, char *err, size_t len)
 
     /* One whole layer, estimated the same way as the slices (see the file comment). */
     const double norms = 2.0 * type_bytes(TSR_TYPE_F32, e);
-    const double whole =
-        type_bytes(m->type_attn_q, e * m->n_head * hd) +
-        type_bytes(m->type_attn_k, e * m->n_head_kv * hd) +
-        type_bytes(m->type_attn_v, e * m->n_head_kv * hd) +
-        type_bytes(m->type_attn_output, e * m->n_head * hd) +
-        type_bytes(m->type_ffn_gate, e * m->n_ff) + type_bytes(m->type_ffn_up, e * m->n_ff) +
-        type_bytes(m->type_ffn_down, e * m->n_ff) + norms;
+    const double whole = type_bytes(m->type_attn_q, e * m->n_head * hd) +
+                         type_bytes(m->type_attn_k, e * m->n_head_kv * hd) +
+                         type_bytes(m->type_attn_v, e * m->n_head_kv * hd) +
+                         type_bytes(m->type_attn_output, e * m->n_head * hd) +
+                         type_bytes(m->type_ffn_gate, e * m->n_ff) +
+                         type_bytes(m->type_ffn_up, e * m->n_ff) +
+                         type_bytes(m->type_ffn_down, e * m->n_ff) + norms;
     const uint64_t kv_layer_model = m->n_bytes_kv_per_token_layer
                                         ? m->n_bytes_kv_per_token_layer
                                         : 2u * (uint64_t)m->n_head_kv * (uint64_t)m->head_dim * 4u;
@@ -213,16 +213,14 @@ static int make_slices(plan_ctx *c, char *err, size_t len)
         const double hq = s->head_end - s->head_begin;
         const double hkv = s->kv_head_end - s->kv_head_begin;
         const double ff = s->ff_end - s->ff_begin;
-        const double part = type_bytes(m->type_attn_q, e * hq * hd) +
-                            type_bytes(m->type_attn_k, e * hkv * hd) +
-                            type_bytes(m->type_attn_v, e * hkv * hd) +
-                            type_bytes(m->type_attn_output, e * hq * hd) +
-                            type_bytes(m->type_ffn_gate, e * ff) +
-                            type_bytes(m->type_ffn_up, e * ff) +
-                            type_bytes(m->type_ffn_down, e * ff) + norms;
+        const double part =
+            type_bytes(m->type_attn_q, e * hq * hd) + type_bytes(m->type_attn_k, e * hkv * hd) +
+            type_bytes(m->type_attn_v, e * hkv * hd) +
+            type_bytes(m->type_attn_output, e * hq * hd) + type_bytes(m->type_ffn_gate, e * ff) +
+            type_bytes(m->type_ffn_up, e * ff) + type_bytes(m->type_ffn_down, e * ff) + norms;
         s->w_layer = (double)m->n_bytes_layer * part / whole;
-        s->kv_layer = kv_layer_model * (uint64_t)(s->kv_head_end - s->kv_head_begin) /
-                      (uint64_t)m->n_head_kv;
+        s->kv_layer =
+            kv_layer_model * (uint64_t)(s->kv_head_end - s->kv_head_begin) / (uint64_t)m->n_head_kv;
         /* floor(n_bytes_output × rows / n_vocab) without overflowing 64 bits. */
         const uint64_t rows = (uint64_t)(s->vocab_end - s->vocab_begin), nv = (uint64_t)m->n_vocab;
         s->out_share = m->n_bytes_output / nv * rows + m->n_bytes_output % nv * rows / nv;
@@ -236,8 +234,7 @@ static int make_slices(plan_ctx *c, char *err, size_t len)
 
 /* ---- bytes of one rank ---- */
 
-static uint64_t rank_weights(const plan_ctx *c, int32_t t, int32_t n_layers, int first,
-                             int last)
+static uint64_t rank_weights(const plan_ctx *c, int32_t t, int32_t n_layers, int first, int last)
 {
     uint64_t w = (uint64_t)llround((double)n_layers * c->s[t].w_layer);
     if (first) w += c->m->n_bytes_embd_row;
@@ -252,8 +249,7 @@ static uint64_t rank_kv(const plan_ctx *c, int32_t t, int32_t n_layers)
 
 static uint64_t rank_mem(const plan_ctx *c, int32_t t, int32_t n_layers, int first, int last)
 {
-    return rank_weights(c, t, n_layers, first, last) +
-           (uint64_t)c->n_ctx * rank_kv(c, t, n_layers);
+    return rank_weights(c, t, n_layers, first, last) + (uint64_t)c->n_ctx * rank_kv(c, t, n_layers);
 }
 
 /* Peak memory over the tp ranks of a stage with n layers. */
@@ -416,19 +412,32 @@ static int parse_layers(const char *str, int32_t n_layer, int32_t pp, int32_t *c
                 str, n, n == 1 ? "" : "s", pp);
         return -1;
     }
-    int32_t next = 0; /* first layer not yet assigned */
+    /* Each range on its own first, then their order, then gaps and overlaps, so the
+     * message names the first real cause rather than a consequence of it. */
     for (int32_t i = 0; i < n; i++) {
         if (end[i] < begin[i]) {
-            set_err(err, len, "--layers '%s': range %d-%d is empty (it ends before it begins)",
-                    str, begin[i], end[i]);
+            set_err(err, len, "--layers '%s': range %d-%d is empty (it ends before it begins)", str,
+                    begin[i], end[i]);
             return -1;
         }
         if (end[i] >= n_layer) {
             set_err(err, len,
-                    "--layers '%s': layer %d is out of range (the model has %d layers: 0-%d)",
-                    str, end[i], n_layer, n_layer - 1);
+                    "--layers '%s': layer %d is out of range (the model has %d layers: 0-%d)", str,
+                    end[i], n_layer, n_layer - 1);
             return -1;
         }
+    }
+    for (int32_t i = 1; i < n; i++) {
+        if (begin[i] < begin[i - 1]) {
+            set_err(err, len,
+                    "--layers '%s': ranges are out of order (%d-%d comes after %d-%d); list "
+                    "them from stage 0 to stage %d",
+                    str, begin[i], end[i], begin[i - 1], end[i - 1], pp - 1);
+            return -1;
+        }
+    }
+    int32_t next = 0; /* first layer not yet assigned */
+    for (int32_t i = 0; i < n; i++) {
         if (begin[i] > next) {
             char what[64];
             layer_list(what, sizeof what, next, begin[i] - 1);
@@ -436,13 +445,7 @@ static int parse_layers(const char *str, int32_t n_layer, int32_t pp, int32_t *c
             return -1;
         }
         if (begin[i] < next) {
-            if (i > 0 && begin[i] < begin[i - 1])
-                set_err(err, len,
-                        "--layers '%s': ranges are out of order (%d-%d comes after %d-%d); list "
-                        "them from stage 0 to stage %d",
-                        str, begin[i], end[i], begin[i - 1], end[i - 1], pp - 1);
-            else
-                set_err(err, len, "--layers '%s': layer %d is assigned twice", str, begin[i]);
+            set_err(err, len, "--layers '%s': layer %d is assigned twice", str, begin[i]);
             return -1;
         }
         counts[i] = end[i] - begin[i] + 1;
@@ -470,18 +473,17 @@ static int check_model(const tsr_plan_model *m, char *err, size_t len)
         return -1;
     }
     if (m->n_head_kv > m->n_head || m->n_head % m->n_head_kv != 0) {
-        set_err(err, len, "n_head %d is not a multiple of n_head_kv %d", m->n_head,
-                m->n_head_kv);
+        set_err(err, len, "n_head %d is not a multiple of n_head_kv %d", m->n_head, m->n_head_kv);
         return -1;
     }
     const struct {
         const char *name;
         uint32_t type;
     } types[] = {
-        {"attn_q", m->type_attn_q},     {"attn_k", m->type_attn_k},
-        {"attn_v", m->type_attn_v},     {"attn_output", m->type_attn_output},
-        {"ffn_gate", m->type_ffn_gate}, {"ffn_up", m->type_ffn_up},
-        {"ffn_down", m->type_ffn_down}, {"output", m->type_output},
+        {"attn_q", m->type_attn_q},         {"attn_k", m->type_attn_k},
+        {"attn_v", m->type_attn_v},         {"attn_output", m->type_attn_output},
+        {"ffn_gate", m->type_ffn_gate},     {"ffn_up", m->type_ffn_up},
+        {"ffn_down", m->type_ffn_down},     {"output", m->type_output},
         {"token_embd", m->type_token_embd},
     };
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
@@ -523,8 +525,8 @@ int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *l
         return -1;
     }
     if ((int64_t)tp * pp > TSR_PLAN_MAX_RANKS) {
-        set_err(err, err_len, "tp %d × pp %d = %" PRId64 " ranks; at most %d are supported", tp,
-                pp, (int64_t)tp * pp, TSR_PLAN_MAX_RANKS);
+        set_err(err, err_len, "tp %d × pp %d = %" PRId64 " ranks; at most %d are supported", tp, pp,
+                (int64_t)tp * pp, TSR_PLAN_MAX_RANKS);
         return -1;
     }
     if (n_ctx < 0) {
@@ -584,11 +586,11 @@ int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *l
             if (need > mem_budget_bytes) {
                 /* Say which larger pp would fit at this tp, when one does. */
                 char hint[128] = "use more ranks";
-                for (int32_t p2 = pp + 1; p2 <= m->n_layer && (int64_t)tp * p2 <= TSR_PLAN_MAX_RANKS;
-                     p2++) {
+                for (int32_t p2 = pp + 1;
+                     p2 <= m->n_layer && (int64_t)tp * p2 <= TSR_PLAN_MAX_RANKS; p2++) {
                     if (min_peak(c, p2) <= mem_budget_bytes) {
-                        snprintf(hint, sizeof hint, "use more ranks (pp %d would fit at tp %d)",
-                                 p2, tp);
+                        snprintf(hint, sizeof hint, "use more ranks (pp %d would fit at tp %d)", p2,
+                                 tp);
                         break;
                     }
                 }
@@ -689,8 +691,8 @@ int tsr_plan_format(const tsr_plan *p, const tsr_plan_model *m, char *buf, size_
             range_str(h, sizeof h, r->head_begin, r->head_end),
             range_str(k, sizeof k, r->kv_head_begin, r->kv_head_end),
             range_str(f, sizeof f, r->ff_begin, r->ff_end),
-            range_str(v, sizeof v, r->vocab_begin, r->vocab_end),
-            (double)r->n_bytes_weights / MIB, (double)r->n_bytes_kv_per_token / 1024.0);
+            range_str(v, sizeof v, r->vocab_begin, r->vocab_end), (double)r->n_bytes_weights / MIB,
+            (double)r->n_bytes_kv_per_token / 1024.0);
     }
     return (int)a.n;
 }

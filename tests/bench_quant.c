@@ -42,9 +42,10 @@ static void *run_job(void *arg)
     return NULL;
 }
 
-/* Median-of-REPS time for one pass over the matrix with `threads` threads. */
-static double time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stride,
-                        const void *x, float *y, int threads)
+/* Median and best of REPS times for one pass over the matrix with `threads` threads (the
+ * best is the better estimate on a shared, noisy machine). */
+static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stride, const void *x,
+                      float *y, int threads, double *median, double *best)
 {
     double t[REPS];
     for (int rep = 0; rep < REPS; ++rep) {
@@ -69,18 +70,20 @@ static double time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t st
         while (k >= 0 && t[k] > v) t[k + 1] = t[k], --k;
         t[k + 1] = v;
     }
-    return t[REPS / 2];
+    *median = t[REPS / 2];
+    *best = t[0];
 }
 
 int main(void)
 {
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K,
-                                     TSR_TYPE_Q6_K, TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_F32};
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K,
+                                     TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_F32};
     static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
     /* TSR_BENCH_MB: matrix size (default 64 MiB; e.g. 1 to measure in-cache compute) */
     const char *mb = getenv("TSR_BENCH_MB");
     const size_t matrix_bytes = (size_t)(mb && atof(mb) > 0 ? atof(mb) : 64.0) * (1 << 20);
-    printf("%-6s %-11s %10s %10s %10s\n", "type", "isa", "rows", "1T GB/s", "2T GB/s");
+    printf("GB/s of weight bytes, median / best of %d passes\n", REPS);
+    printf("%-6s %-11s %8s %15s %15s\n", "type", "isa", "rows", "1 thread", "2 threads");
     for (size_t t = 0; t < sizeof types / sizeof types[0]; ++t) {
         const uint32_t type = types[t], xtype = tsr_type_vec_dot_type(type);
         const size_t rb = tsr_row_bytes(type, N_COLS);
@@ -97,16 +100,20 @@ int main(void)
         }
         /* quantize 64 distinct rows, repeat them over the matrix (quantizing 64 MiB of
          * K-quants would take longer than the benchmark) */
-        for (int r = 0; r < 64; ++r) tsr_quant_row(type, f + (size_t)r * N_COLS, w + (size_t)r * rb, N_COLS);
-        for (int64_t r = 64; r < rows; ++r) memcpy(w + (size_t)r * rb, w + (size_t)(r % 64) * rb, rb);
+        for (int r = 0; r < 64; ++r)
+            tsr_quant_row(type, f + (size_t)r * N_COLS, w + (size_t)r * rb, N_COLS);
+        for (int64_t r = 64; r < rows; ++r)
+            memcpy(w + (size_t)r * rb, w + (size_t)(r % 64) * rb, rb);
         tsr_quant_row(xtype, f, x, N_COLS);
         for (size_t k = 0; k < sizeof isas / sizeof isas[0]; ++k) {
             if (!tsr_quant_set_isa(isas[k])) continue;
             const double bytes = (double)rows * (double)rb;
-            const double t1 = time_pass(type, rows, w, rb, x, y, 1);
-            const double t2 = time_pass(type, rows, w, rb, x, y, 2);
-            printf("%-6s %-11s %10lld %10.1f %10.1f\n", tsr_type_name(type), isas[k],
-                   (long long)rows, bytes / t1 * 1e-9, bytes / t2 * 1e-9);
+            double m1, b1, m2, b2;
+            time_pass(type, rows, w, rb, x, y, 1, &m1, &b1);
+            time_pass(type, rows, w, rb, x, y, 2, &m2, &b2);
+            printf("%-6s %-11s %8lld %7.1f / %5.1f %7.1f / %5.1f\n", tsr_type_name(type), isas[k],
+                   (long long)rows, bytes / m1 * 1e-9, bytes / b1 * 1e-9, bytes / m2 * 1e-9,
+                   bytes / b2 * 1e-9);
             fflush(stdout);
         }
         free(w);

@@ -24,6 +24,7 @@
 #include "tests/util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define HAVE_X86 1
 #else
@@ -76,7 +77,7 @@ static void fill_data(float *x, int64_t n, uint64_t seed, float scale)
         for (int i = 0; i < 32; ++i) x[32 + i] = 0.0f;                            /* zero block */
         for (int i = 0; i < 32; ++i) x[64 + i] *= 1e-6f;                          /* tiny */
         for (int i = 0; i < 32; ++i) x[96 + i] = fabsf(x[96 + i]) + 0.1f * scale; /* positive */
-        x[200] = 12.0f * scale;                                                  /* outliers */
+        x[200] = 12.0f * scale;                                                   /* outliers */
         x[300] = -9.0f * scale;
     }
 }
@@ -141,8 +142,8 @@ static void sha256_block(sha256_ctx *c, const uint8_t *p)
     uint32_t a = c->h[0], b = c->h[1], cc = c->h[2], d = c->h[3];
     uint32_t e = c->h[4], f = c->h[5], g = c->h[6], h = c->h[7];
     for (int i = 0; i < 64; ++i) {
-        const uint32_t t1 = h + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) +
-                            k_sha_k[i] + w[i];
+        const uint32_t t1 =
+            h + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) + k_sha_k[i] + w[i];
         const uint32_t t2 = (ror(a, 2) ^ ror(a, 13) ^ ror(a, 22)) + ((a & b) ^ (a & cc) ^ (b & cc));
         h = g;
         g = f;
@@ -232,11 +233,11 @@ static int load_dequant_expected(dq_entry **out)
         if (line[0] == '#' || !cur) continue;
         if (strncmp(line, "file:", 5) == 0) {
             int first = 0;
-            const int k = sscanf(line,
-                                 "file: %127[^,], tensor: %127[^,], type: %15[^,], ne: [%" SCNd64
-                                 ", %" SCNd64 "], first: %d",
-                                 cur->file, cur->tensor, cur->type_name, &cur->ne0, &cur->ne1,
-                                 &first);
+            const int k =
+                sscanf(line,
+                       "file: %127[^,], tensor: %127[^,], type: %15[^,], ne: [%" SCNd64 ", %" SCNd64
+                       "], first: %d",
+                       cur->file, cur->tensor, cur->type_name, &cur->ne0, &cur->ne1, &first);
             if (k != 6 || first != 512) fail_msg("bad header line: %s", line);
             cur->type = type_by_name(cur->type_name);
             if (cur->type == UINT32_MAX) fail_msg("unknown type name '%s'", cur->type_name);
@@ -348,13 +349,14 @@ static void test_unsupported_types(void **state)
         if (tsr_type_block_elems(t) != 0 || tsr_type_block_bytes(t) != 0) {
             fail_msg("type %u: expected block sizes 0", t);
         }
-        if (tsr_type_vec_dot_type(t) != TSR_TYPE_COUNT) fail_msg("type %u: expected no dot type", t);
+        if (tsr_type_vec_dot_type(t) != TSR_TYPE_COUNT)
+            fail_msg("type %u: expected no dot type", t);
     }
     assert_string_equal(tsr_type_name(3), "Q4_1");
     assert_string_equal(tsr_type_name(13), "Q5_K");
     /* ids ggml never defined (or removed) and garbage */
-    static const uint32_t garbage[] = {4, 5, 31, 32, 33, 36, 37, 38, 40, 41, 1000, 0x7fffffffu,
-                                       UINT32_MAX};
+    static const uint32_t garbage[] = {4,  5,  31, 32,   33,          36,        37,
+                                       38, 40, 41, 1000, 0x7fffffffu, UINT32_MAX};
     for (size_t i = 0; i < sizeof garbage / sizeof garbage[0]; ++i) {
         const uint32_t t = garbage[i];
         if (tsr_type_supported(t)) fail_msg("type %u: expected unsupported", t);
@@ -401,11 +403,21 @@ static void test_fp16_bf16(void **state)
         float f;
         uint16_t h;
     } k[] = {
-        {1.0f, 0x3c00},           {65504.0f, 0x7bff},     {65519.99f, 0x7bff},
-        {65520.0f, 0x7c00},       {1e10f, 0x7c00},        {-1e10f, 0xfc00},
-        {0x1p-24f, 0x0001},       {0x1p-25f, 0x0000},     {0x1.8p-25f, 0x0001},
-        {0x1.8p-24f, 0x0002},     {0x1p-14f, 0x0400},     {0x1.ffcp-15f, 0x0400},
-        {1.0f + 0x1p-11f, 0x3c00}, {1.0f + 0x3p-11f, 0x3c02}, {-0.0f, 0x8000},
+        {1.0f, 0x3c00},
+        {65504.0f, 0x7bff},
+        {65519.99f, 0x7bff},
+        {65520.0f, 0x7c00},
+        {1e10f, 0x7c00},
+        {-1e10f, 0xfc00},
+        {0x1p-24f, 0x0001},
+        {0x1p-25f, 0x0000},
+        {0x1.8p-25f, 0x0001},
+        {0x1.8p-24f, 0x0002},
+        {0x1p-14f, 0x0400},
+        {0x1.ffcp-15f, 0x0400},
+        {1.0f + 0x1p-11f, 0x3c00},
+        {1.0f + 0x3p-11f, 0x3c02},
+        {-0.0f, 0x8000},
     };
     for (size_t i = 0; i < sizeof k / sizeof k[0]; ++i) {
         const uint16_t got = tsr_f32_to_f16(k[i].f);
@@ -416,14 +428,16 @@ static void test_fp16_bf16(void **state)
     }
 #if HAVE_X86
     /* against the hardware conversion (IEEE round to nearest even) on a sweep of floats */
-    if (__builtin_cpu_supports("avx")) {
+    unsigned a = 0, b = 0, c = 0, d = 0; /* F16C: CPUID.1:ECX (no portable builtin name) */
+    if (__get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C)) {
         uint64_t s = 7;
         for (uint32_t i = 0; i < 4000000; ++i) {
             const uint32_t u = i < 2000000 ? i * 2147u : (uint32_t)rng_next(&s);
             const float f = ffrom(u);
             if (isnan(f)) continue;
             const uint16_t want = hw_f32_to_f16(f), got = tsr_f32_to_f16(f);
-            if (want != got) fail_msg("f16(%a) [%08x]: expected %04x got %04x", (double)f, u, want, got);
+            if (want != got)
+                fail_msg("f16(%a) [%08x]: expected %04x got %04x", (double)f, u, want, got);
         }
     }
 #endif
@@ -442,7 +456,8 @@ static void test_fp16_bf16(void **state)
     }
     for (uint32_t h = 0; h < 65536; ++h) {
         const float f = tsr_bf16_to_f32((uint16_t)h);
-        if (fbits(f) != h << 16) fail_msg("bf16 %04x: expected bits %08x got %08x", h, h << 16, fbits(f));
+        if (fbits(f) != h << 16)
+            fail_msg("bf16 %04x: expected bits %08x got %08x", h, h << 16, fbits(f));
         if (!isnan(f) && tsr_f32_to_bf16(f) != h) fail_msg("bf16 %04x: round trip failed", h);
     }
 }
@@ -457,7 +472,8 @@ static void test_dequant_matches_ggml(void **state)
     for (int i = 0; i < count; ++i) {
         const dq_entry *e = &es[i];
         const size_t bytes = tsr_row_bytes(e->type, e->n);
-        if (bytes == 0) fail_msg("%s %s: row bytes 0 for type %s", e->file, e->tensor, e->type_name);
+        if (bytes == 0)
+            fail_msg("%s %s: row bytes 0 for type %s", e->file, e->tensor, e->type_name);
         if (tsr_row_bytes(e->type, 512) != e->bytes_first_512) {
             fail_msg("%s %s: bytes of 512 %s elements: expected %zu got %zu", e->file, e->tensor,
                      e->type_name, e->bytes_first_512, tsr_row_bytes(e->type, 512));
@@ -524,7 +540,8 @@ static void test_quantizers_match_llama_quantize(void **state)
         tsr_dequant_row(TSR_TYPE_F16, f16raw, f, e->n);
         /* row by row, as llama-quantize does (a row is ne0 elements) */
         const size_t rb = tsr_row_bytes(e->type, e->ne0);
-        for (int64_t r = 0; r < e->ne1; ++r) tsr_quant_row(e->type, f + r * e->ne0, got + r * rb, e->ne0);
+        for (int64_t r = 0; r < e->ne1; ++r)
+            tsr_quant_row(e->type, f + r * e->ne0, got + r * rb, e->ne0);
         const size_t bb = tsr_type_block_bytes(e->type);
         int64_t bad = 0, first_bad = -1;
         for (size_t b = 0; b < bytes / bb; ++b) {
@@ -549,7 +566,8 @@ static void test_quantizers_match_llama_quantize(void **state)
         free(f16raw);
     }
     /* Q8_0 x2, Q4_K, Q6_K x2, Q4_0, BF16 */
-    if (checked < 7) fail_msg("expected at least 7 quantized tensors with an f16 source, got %d", checked);
+    if (checked < 7)
+        fail_msg("expected at least 7 quantized tensors with an f16 source, got %d", checked);
     free(es);
 }
 
@@ -576,9 +594,15 @@ static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale
             sx += (double)x[j] * x[j];
             double bound = -1; /* per-element bound, where one is exact */
             switch (type) {
-            case TSR_TYPE_F32: bound = 0; break;
-            case TSR_TYPE_F16: bound = fmax(fabs(x[j]) * 0x1p-11, 0x1p-25); break; /* subnormals */
-            case TSR_TYPE_BF16: bound = fabs(x[j]) * 0x1p-8; break; /* no subnormals here */
+            case TSR_TYPE_F32:
+                bound = 0;
+                break;
+            case TSR_TYPE_F16:
+                bound = fmax(fabs(x[j]) * 0x1p-11, 0x1p-25);
+                break; /* subnormals */
+            case TSR_TYPE_BF16:
+                bound = fabs(x[j]) * 0x1p-8;
+                break; /* no subnormals here */
             /* half a step of amax/127, plus 127 times the fp16 rounding of d (relative, or
              * absolute 2^-25 where d is subnormal in fp16: tiny blocks lose everything) */
             case TSR_TYPE_Q8_0:
@@ -588,8 +612,11 @@ static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale
             case TSR_TYPE_Q4_0:
                 bound = amax / 8.0 * 1.001 + 8 * fmax(amax / 8 * 0x1p-11, 0x1p-25);
                 break;
-            case TSR_TYPE_Q8_K: bound = amax * 0.5 / 127 * 1.0001; break;
-            default: break;
+            case TSR_TYPE_Q8_K:
+                bound = amax * 0.5 / 127 * 1.0001;
+                break;
+            default:
+                break;
             }
             if (bound >= 0 && err > bound) {
                 fail_msg("%s n=%" PRId64 " element %" PRId64 ": x=%.9g dequant(quant(x))=%.9g,"
@@ -603,8 +630,8 @@ static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale
     const double rel = sx > 0 ? sqrt(se / sx) : 0;
     const double rel_bound = type == TSR_TYPE_Q4_K ? 0.10 : type == TSR_TYPE_Q6_K ? 0.03 : 1.0;
     if (rel > rel_bound) {
-        fail_msg("%s n=%" PRId64 ": relative RMS error expected <= %.3g got %.4g", tsr_type_name(type),
-                 n, rel_bound, rel);
+        fail_msg("%s n=%" PRId64 ": relative RMS error expected <= %.3g got %.4g",
+                 tsr_type_name(type), n, rel_bound, rel);
     }
     /* Q8_0 / Q4_0: dequantized values quantize back to the same bytes. Except blocks whose
      * fp16 scale underflowed to 0 (amax below ~4e-6 for Q8_0): their quants were computed
@@ -646,7 +673,9 @@ static void test_roundtrip(void **state)
         tsr_quant_row(types[t], z, q, 512);
         tsr_dequant_row(types[t], q, y, 512);
         for (int i = 0; i < 512; ++i) {
-            if (y[i] != 0.0f) fail_msg("%s: zero row element %d: expected 0 got %g", tsr_type_name(types[t]), i, (double)y[i]);
+            if (y[i] != 0.0f)
+                fail_msg("%s: zero row element %d: expected 0 got %g", tsr_type_name(types[t]), i,
+                         (double)y[i]);
         }
     }
 }
@@ -729,7 +758,8 @@ static void check_dot_case(const dot_case *c, const char *isa)
     if (!(fabs((double)got - c->fdot) <= tol2)) {
         fail_msg("%s dot %s n=%" PRId64 ": quantized-x dot %.9g vs float-x dot %.9g: |diff| %.3g >"
                  " activation rounding bound %.3g",
-                 isa, tsr_type_name(c->type), c->n, (double)got, c->fdot, fabs(got - c->fdot), tol2);
+                 isa, tsr_type_name(c->type), c->n, (double)got, c->fdot, fabs(got - c->fdot),
+                 tol2);
     }
 }
 
@@ -838,6 +868,10 @@ static void test_dot_rows(void **state)
 {
     (void)state;
     for (size_t t = 0; t < N_WEIGHT_TYPES; ++t) for_each_n(k_weight_types[t], rows_one, NULL);
+    /* rows longer than the kernels' on-stack activation tables (65536 elements) */
+    rows_one(TSR_TYPE_Q8_0, 32 * 2100, NULL);
+    rows_one(TSR_TYPE_Q4_0, 32 * 2100, NULL);
+    dots_one(TSR_TYPE_Q4_0, 32 * 2100, NULL);
     restore_isa();
 }
 

@@ -71,11 +71,16 @@ tsr_comm *tsr_comm_alloc(const tsr_comm_vtable *vt, int rank, int size, void *im
 const char *tsr_comm_status_name(int status)
 {
     switch (status) {
-    case TSR_COMM_OK: return "ok";
-    case TSR_COMM_ERR: return "error";
-    case TSR_COMM_ETIMEOUT: return "timeout";
-    case TSR_COMM_EINVAL: return "invalid argument";
-    default: return "unknown status";
+    case TSR_COMM_OK:
+        return "ok";
+    case TSR_COMM_ERR:
+        return "error";
+    case TSR_COMM_ETIMEOUT:
+        return "timeout";
+    case TSR_COMM_EINVAL:
+        return "invalid argument";
+    default:
+        return "unknown status";
     }
 }
 
@@ -105,8 +110,8 @@ static int check_rank(const tsr_comm *c, const char *op, int r, const char *what
                       char *err, size_t err_len)
 {
     if (r < 0 || r >= c->size) {
-        tsr_comm_set_err(err, err_len, "%s on '%s' communicator: %s %d out of range [0, %d)",
-                         op, c->vt->name, what, r, c->size);
+        tsr_comm_set_err(err, err_len, "%s on '%s' communicator: %s %d out of range [0, %d)", op,
+                         c->vt->name, what, r, c->size);
         return TSR_COMM_EINVAL;
     }
     if (not_self && r == c->rank) {
@@ -191,8 +196,8 @@ int tsr_comm_allgatherv(tsr_comm *c, const void *send, size_t n_bytes, void *rec
     size_t end = 0; /* bytes of recv the layout touches */
     for (int r = 0; r < c->size; r++) {
         if (displs[r] > SIZE_MAX - counts[r]) {
-            tsr_comm_set_err(err, err_len, "allgatherv: displs[%d] + counts[%d] overflow size_t",
-                             r, r);
+            tsr_comm_set_err(err, err_len, "allgatherv: displs[%d] + counts[%d] overflow size_t", r,
+                             r);
             return TSR_COMM_EINVAL;
         }
         if (counts[r] && displs[r] + counts[r] > end) end = displs[r] + counts[r];
@@ -280,8 +285,8 @@ int tsr_comm_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err, s
     }
     *out = NULL;
     if (color < 0) {
-        tsr_comm_set_err(err, err_len, "split on '%s' communicator: negative color %d",
-                         c->vt->name, color);
+        tsr_comm_set_err(err, err_len, "split on '%s' communicator: negative color %d", c->vt->name,
+                         color);
         return TSR_COMM_EINVAL;
     }
     if (!c->vt->split) {
@@ -339,8 +344,7 @@ static int local_recv(tsr_comm *c, void *buf, size_t n_bytes, int peer, int tag,
     return TSR_COMM_EINVAL;
 }
 
-static int local_bcast(tsr_comm *c, void *buf, size_t n_bytes, int root, char *err,
-                       size_t err_len)
+static int local_bcast(tsr_comm *c, void *buf, size_t n_bytes, int root, char *err, size_t err_len)
 {
     return TSR_COMM_OK;
 }
@@ -350,15 +354,12 @@ static int local_barrier(tsr_comm *c, char *err, size_t err_len)
     return TSR_COMM_OK;
 }
 
-static int local_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err,
-                       size_t err_len)
+static int local_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err, size_t err_len)
 {
     return tsr_comm_local_new(out, err, err_len);
 }
 
-static void local_free(tsr_comm *c)
-{
-}
+static void local_free(tsr_comm *c) {}
 
 static const tsr_comm_vtable local_vt = {
     .name = "local",

@@ -33,7 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TSR_COMM_OK        0
+#define TSR_COMM_OK       0
 #define TSR_COMM_ERR      -1 /* generic failure (message in err) */
 #define TSR_COMM_ETIMEOUT -2 /* a deadline passed: a peer is dead or stuck */
 #define TSR_COMM_EINVAL   -3 /* bad arguments */
@@ -46,7 +46,7 @@ typedef struct tsr_comm tsr_comm;
  * successful calls: allreduce sends and receives n×4 (when size > 1); allgather(v) sends its
  * own part and receives the parts of the other ranks; bcast: the root sends, the others
  * receive; send/recv: the message; barrier and split: none. Time and n_calls count every
- * call through the generic layer, failed ones included. */
+ * call that passed the argument checks, failed ones included. */
 typedef struct {
     uint64_t n_bytes_sent;
     uint64_t n_bytes_recv;
@@ -106,8 +106,7 @@ void tsr_comm_mpi_abort(int code);
 /* NCCL over a communicator that can bootstrap (broadcast the unique id). device = CUDA
  * device ordinal. Returns TSR_COMM_ERR with a message when the build has no CUDA/NCCL or
  * no GPU is present. */
-int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err,
-                      size_t err_len);
+int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err, size_t err_len);
 /* True when the build includes NCCL. */
 bool tsr_comm_nccl_available(void);
 

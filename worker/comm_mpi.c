@@ -115,8 +115,11 @@ static int fail_mpi(tsr_comm *c, int code, const char *op, char *err, size_t err
 {
     char s[MPI_MAX_ERROR_STRING + 16];
     mpi_errstr(code, s, sizeof s);
-    tsr_comm_set_err(err, err_len, "%s on MPI communicator of %d ranks failed: %s", op,
-                     c ? c->size : 0, s);
+    if (c)
+        tsr_comm_set_err(err, err_len, "%s on MPI communicator of %d ranks failed: %s", op, c->size,
+                         s);
+    else
+        tsr_comm_set_err(err, err_len, "%s failed: %s", op, s);
     return TSR_COMM_ERR;
 }
 
@@ -175,8 +178,8 @@ static int check_usable(tsr_comm *c, const char *op, char *err, size_t err_len)
 static int check_count(size_t n, const char *op, const char *unit, char *err, size_t err_len)
 {
     if (n > (size_t)INT_MAX) {
-        tsr_comm_set_err(err, err_len, "%s: %zu %s exceed MPI's limit of %d per call", op, n,
-                         unit, INT_MAX);
+        tsr_comm_set_err(err, err_len, "%s: %zu %s exceed MPI's limit of %d per call", op, n, unit,
+                         INT_MAX);
         return TSR_COMM_EINVAL;
     }
     return TSR_COMM_OK;
@@ -251,10 +254,10 @@ static int wait_p2p(tsr_comm *c, MPI_Request *req, MPI_Status *st, const char *o
         m->broken = true;
         orphan(*req);
     }
-    tsr_comm_set_err(err, err_len, "%s: rank %d%s did not answer within %lld ms (tag %d, %zu bytes)%s",
-                     op, peer, who, (long long)c->timeout_ms, tag, n_bytes,
-                     cancelled ? "; the receive was cancelled"
-                               : "; the communicator is unusable now");
+    tsr_comm_set_err(
+        err, err_len, "%s: rank %d%s did not answer within %lld ms (tag %d, %zu bytes)%s", op, peer,
+        who, (long long)c->timeout_ms, tag, n_bytes,
+        cancelled ? "; the receive was cancelled" : "; the communicator is unusable now");
     return TSR_COMM_ETIMEOUT;
 }
 
@@ -286,8 +289,8 @@ static int mpi_allgather(tsr_comm *c, const void *send, void *recv, size_t n_byt
     /* MPI forbids aliased buffers; the in-place form covers send == own slot of recv. */
     const void *sbuf = send == (const char *)recv + (size_t)c->rank * n_bytes ? MPI_IN_PLACE : send;
     MPI_Request req = MPI_REQUEST_NULL;
-    int mrc = MPI_Iallgather(sbuf, (int)n_bytes, MPI_BYTE, recv, (int)n_bytes, MPI_BYTE, m->comm,
-                             &req);
+    int mrc =
+        MPI_Iallgather(sbuf, (int)n_bytes, MPI_BYTE, recv, (int)n_bytes, MPI_BYTE, m->comm, &req);
     if (mrc != MPI_SUCCESS) {
         m->broken = true;
         return fail_mpi(c, mrc, "MPI_Iallgather", err, err_len);
@@ -312,8 +315,8 @@ static int mpi_allgatherv(tsr_comm *c, const void *send, size_t n_bytes, void *r
     }
     const void *sbuf = send == (const char *)recv + displs[c->rank] ? MPI_IN_PLACE : send;
     MPI_Request req = MPI_REQUEST_NULL;
-    int mrc = MPI_Iallgatherv(sbuf, (int)n_bytes, MPI_BYTE, recv, m->icounts, m->idispls,
-                              MPI_BYTE, m->comm, &req);
+    int mrc = MPI_Iallgatherv(sbuf, (int)n_bytes, MPI_BYTE, recv, m->icounts, m->idispls, MPI_BYTE,
+                              m->comm, &req);
     if (mrc != MPI_SUCCESS) {
         m->broken = true;
         return fail_mpi(c, mrc, "MPI_Iallgatherv", err, err_len);
@@ -579,7 +582,8 @@ int tsr_comm_mpi_world(tsr_comm **out, char *err, size_t err_len)
     if (mrc == MPI_SUCCESS)
         mrc = poll_request(&req, &st, tsr_comm_now_ns() + TSR_COMM_DEFAULT_TIMEOUT_MS * 1000000ull,
                            &done);
-    if (mrc != MPI_SUCCESS) return fail_mpi(NULL, mrc, "MPI_Comm_idup(MPI_COMM_WORLD)", err, err_len);
+    if (mrc != MPI_SUCCESS)
+        return fail_mpi(NULL, mrc, "MPI_Comm_idup(MPI_COMM_WORLD)", err, err_len);
     if (!done) {
         orphan(req);
         tsr_comm_set_err(err, err_len,
@@ -639,9 +643,7 @@ int tsr_comm_mpi_world(tsr_comm **out, char *err, size_t err_len)
     return TSR_COMM_ERR;
 }
 
-void tsr_comm_mpi_finalize(void)
-{
-}
+void tsr_comm_mpi_finalize(void) {}
 
 void tsr_comm_mpi_abort(int code)
 {

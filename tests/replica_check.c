@@ -1,0 +1,220 @@
+/*
+ * replica_check.c — a distributed layout against the single-process engine, in one job.
+ *
+ * Run under mpirun with tp × pp ranks:
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 [--layers SPEC] [--tol 1e-4] [-n 24]
+ *   replica_check -m MODEL --tp 3 --expect-refusal "not divisible"
+ *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
+ * --teacher-force feeds both engines the reference's greedy token at every step and
+ * compares logits only: for random-weight quantized models, whose top logits are often
+ * closer than the rounding of a re-associated sum, once amplified by activation
+ * quantization (see ../shared/models/README.md section 8.3), greedy paths may legitimately
+ * part; the per-step logits must still agree.
+ * The leader also loads the whole model in-process (tp 1, pp 1) and, for three prompts,
+ * compares the greedy ids (identical) and every logit of every step (within --tol) of the
+ * replica with the reference. It then checks what each rank read of the file: the sum of
+ * the ranks' layer bytes equals the model's (no rank read another's tiles), and each
+ * rank's share is what the plan says. Exit 0 when all holds; 1 with a message otherwise.
+ * With --expect-refusal TEXT the layout must be refused on every rank with a message
+ * containing TEXT.
+ */
+#include "worker/model.h"
+#include "worker/replica.h"
+
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int fail(const char *what)
+{
+    fprintf(stderr, "replica_check: FAILED: %s\n", what);
+    tsr_comm_mpi_abort(1);
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"tp", required_argument, 0, 't'},
+                                         {"pp", required_argument, 0, 'p'},
+                                         {"layers", required_argument, 0, 'l'},
+                                         {"tol", required_argument, 0, 'e'},
+                                         {"n", required_argument, 0, 'n'},
+                                         {"expect-refusal", required_argument, 0, 'r'},
+                                         {"teacher-force", no_argument, 0, 'f'},
+                                         {0, 0, 0, 0}};
+    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16};
+    const char *model = NULL, *refusal = NULL;
+    double tol = 1e-4;
+    int n_gen = 24, c;
+    bool teacher = false;
+    int n_argmax_diff = 0;
+    while ((c = getopt_long(argc, argv, "m:n:", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 't': rp.tp = atoi(optarg); break;
+        case 'p': rp.pp = atoi(optarg); break;
+        case 'l': rp.layers = optarg; break;
+        case 'e': tol = atof(optarg); break;
+        case 'n': n_gen = atoi(optarg); break;
+        case 'r': refusal = optarg; break;
+        case 'f': teacher = true; break;
+        default: return 2;
+        }
+    }
+    if (!model) return 2;
+    char err[1024];
+    tsr_replica *rep;
+    int rc = tsr_replica_open(model, &rp, &rep, err, sizeof err);
+    if (refusal) {
+        if (rc == 0) {
+            fprintf(stderr, "replica_check: FAILED: layout tp %d pp %d was accepted\n", rp.tp,
+                    rp.pp);
+            tsr_replica_shutdown(rep, err, sizeof err);
+            tsr_replica_close(rep);
+            return 1;
+        }
+        if (!strstr(err, refusal)) {
+            fprintf(stderr, "replica_check: FAILED: refusal message lacks '%s': %s\n", refusal,
+                    err);
+            return 1;
+        }
+        printf("replica_check: refused as expected: %s\n", err);
+        return 0;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "replica_check: %s\n", err);
+        return fail("open");
+    }
+    const int n_ranks = tsr_replica_size(rep);
+    if (!tsr_replica_is_leader(rep)) {
+        if (tsr_replica_follow(rep, err, sizeof err) != 0 ||
+            tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
+            fprintf(stderr, "replica_check: rank %d: %s\n", tsr_replica_rank(rep), err);
+            return fail("follow");
+        }
+        tsr_replica_close(rep);
+        return 0;
+    }
+
+    /* Reference: the whole model in this process. */
+    tsr_gguf *g;
+    tsr_model *m;
+    tsr_ctx *ref;
+    if (tsr_gguf_open(model, &g, err, sizeof err) || tsr_model_load(g, &m, err, sizeof err) ||
+        tsr_ctx_new(m, 256, 16, 1, &ref, err, sizeof err)) {
+        fprintf(stderr, "replica_check: reference: %s\n", err);
+        return fail("reference");
+    }
+    const int32_t V = m->hp.n_vocab;
+    static const int32_t prompts[3][12] = {{1, 403, 407, 261, 378},
+                                           {1, 359, 329, 421, 417, 411, 360, 265, 284, 411, 303, 299},
+                                           {1}};
+    static const int plen[3] = {5, 12, 1};
+    double max_diff = 0.0;
+    float *ref_logits = malloc(sizeof(float) * (size_t)V);
+    for (int k = 0; k < 3; k++) {
+        int32_t toks[12];
+        for (int i = 0; i < plen[k]; i++) toks[i] = prompts[k][i] % V;
+        const float *lr, *ld;
+        int32_t pos = plen[k];
+        if (tsr_forward(ref, toks, plen[k], 0, false, &lr, err, sizeof err) ||
+            tsr_replica_forward(rep, toks, plen[k], 0, &ld, err, sizeof err)) {
+            fprintf(stderr, "replica_check: %s\n", err);
+            return fail("prefill");
+        }
+        for (int step = 0; step < n_gen; step++) {
+            memcpy(ref_logits, lr, sizeof(float) * (size_t)V);
+            int32_t br = 0, bd = 0;
+            for (int32_t v = 0; v < V; v++) {
+                double d = fabs((double)ref_logits[v] - (double)ld[v]);
+                if (!(d <= tol)) {
+                    fprintf(stderr,
+                            "replica_check: prompt %d step %d: logit %d expected %.7g (tp 1 pp "
+                            "1), got %.7g (tp %d pp %d), |diff| %.3g > %.3g\n",
+                            k, step, v, ref_logits[v], ld[v], rp.tp, rp.pp, d, tol);
+                    return fail("logits differ");
+                }
+                if (d > max_diff) max_diff = d;
+                if (ref_logits[v] > ref_logits[br]) br = v;
+                if (ld[v] > ld[bd]) bd = v;
+            }
+            if (br != bd && teacher) {
+                n_argmax_diff++;
+                bd = br;
+            }
+            if (br != bd) {
+                fprintf(stderr, "replica_check: prompt %d step %d: greedy id expected %d, got %d\n",
+                        k, step, br, bd);
+                return fail("greedy ids differ");
+            }
+            if (pos + 1 >= 256) break;
+            if (tsr_forward(ref, &br, 1, pos, false, &lr, err, sizeof err) ||
+                tsr_replica_forward(rep, &bd, 1, pos, &ld, err, sizeof err)) {
+                fprintf(stderr, "replica_check: %s\n", err);
+                return fail("decode");
+            }
+            pos++;
+        }
+    }
+    tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
+    if (tsr_replica_shutdown(rep, err, sizeof err) || tsr_replica_stats(rep, st, err, sizeof err)) {
+        fprintf(stderr, "replica_check: %s\n", err);
+        return fail("stats");
+    }
+    /* What each rank read of the file: layer weights are split without overlap (KV heads
+     * may be replicated when tp > n_head_kv), so the layer bytes of all ranks add up to the
+     * model's; the embedding (first stage) and head (last stage) come on top. */
+    const tsr_plan *plan = tsr_replica_plan(rep);
+    uint64_t total_layers = 0;
+    for (int32_t l = 0; l < m->n_layer_local; l++) {
+        const tsr_layer *L = &m->layers[l];
+        const tsr_weight *ws[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int k = 0; k < 7; k++) total_layers += ws[k]->row_bytes * (uint64_t)ws[k]->n_out;
+    }
+    const uint64_t embd = m->tok_embd.row_bytes * (uint64_t)V;
+    const uint64_t head = m->output.row_bytes * (uint64_t)V;
+    uint64_t sum_layers = 0;
+    for (int i = 0; i < n_ranks; i++) {
+        const tsr_plan_rank *pr = &plan->ranks[i];
+        uint64_t l = st[i].n_bytes_loaded;
+        if (pr->layer_begin == 0) l -= embd;
+        if (pr->layer_end == m->hp.n_layer) {
+            uint64_t share = head * (uint64_t)(pr->vocab_end - pr->vocab_begin) / (uint64_t)V;
+            if (!(m->tied && pr->layer_begin == 0)) l -= share;
+        }
+        printf("rank %d: stage %d tp %d layers %d-%d read %.1f KiB (layers %.1f KiB); compute "
+               "%.0f us/token, comm %.0f us/token, %.0f bytes sent/token\n",
+               i, st[i].stage, st[i].tp_rank, pr->layer_begin, pr->layer_end - 1,
+               st[i].n_bytes_loaded / 1024.0, l / 1024.0,
+               st[i].t_compute_ns / 1e3 / (double)(st[i].n_tokens ? st[i].n_tokens : 1),
+               st[i].t_comm_ns / 1e3 / (double)(st[i].n_tokens ? st[i].n_tokens : 1),
+               (double)st[i].n_bytes_sent / (double)(st[i].n_tokens ? st[i].n_tokens : 1));
+        sum_layers += l;
+    }
+    bool kv_replicated = rp.tp > m->hp.n_head_kv;
+    if (!kv_replicated && sum_layers != total_layers) {
+        fprintf(stderr, "replica_check: ranks read %llu bytes of layer weights, the model has %llu\n",
+                (unsigned long long)sum_layers, (unsigned long long)total_layers);
+        return fail("loader reads");
+    }
+    if (kv_replicated && (sum_layers < total_layers || sum_layers > total_layers * 2)) {
+        return fail("loader reads (replicated KV)");
+    }
+    if (teacher)
+        printf("replica_check: teacher-forced: %d steps where the argmax differed\n",
+               n_argmax_diff);
+    printf("replica_check: OK tp %d pp %d: greedy ids identical, max |logit diff| %.3g (tol %.3g), "
+           "layer bytes read %llu of %llu\n",
+           rp.tp, rp.pp, max_diff, tol, (unsigned long long)sum_layers,
+           (unsigned long long)total_layers);
+    free(st);
+    free(ref_logits);
+    tsr_ctx_free(ref);
+    tsr_model_free(m);
+    tsr_gguf_close(g);
+    tsr_replica_close(rep);
+    return 0;
+}
