@@ -2,7 +2,7 @@
 # Install the Debian 12 packages Tessera needs to build and test (idempotent; needs root
 # or sudo). Only what is missing is installed.
 set -euo pipefail
-PKGS=(build-essential cmake pkg-config libpcre2-dev libcjson-dev libcmocka-dev
+PKGS=(build-essential cmake pkg-config procps libpcre2-dev libcjson-dev libcmocka-dev
       libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -90,3 +90,9 @@ add_test(NAME replica_mismatch
          COMMAND sh -c "! ${MPIEXEC_EXECUTABLE} --oversubscribe -np 3 $<TARGET_FILE:tessera> generate \
 -m ${TSR_STORIES} -p hi --tp 2 --pp 2 2>&1 | tee /dev/stderr | grep -q 'has 3 ranks but --tp 2 --pp 2 needs 4' && exit 1 || exit 0")
 set_tests_properties(replica_mismatch PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 60)
+
+# kill -9 of one rank mid-generation: the job ends within 10 s naming the rank.
+add_test(NAME replica_kill_rank
+         COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/kill_rank.sh $<TARGET_FILE:tessera> ${TSR_SYN}/odd-f16.gguf)
+set_tests_properties(replica_kill_rank PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
+                     FIXTURES_REQUIRED replica_models TIMEOUT 120 RUN_SERIAL TRUE)

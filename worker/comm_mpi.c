@@ -79,7 +79,7 @@ bool tsr_comm_mpi_launched(void)
 #define CANCEL_GRACE_NS 1000000000u
 /* tsr_comm_mpi_finalize waits this long for orphaned requests before giving up on
  * MPI_Finalize. */
-#define ORPHAN_GRACE_NS 2000000000u
+#define ORPHAN_GRACE_NS 1000000000u
 
 typedef struct {
     MPI_Comm comm;
