@@ -9,8 +9,9 @@
  *    the synthetic GGUF files in the tests).
  *  - Dots are the decode hot loop: one token reads every weight byte once, so a kernel
  *    must keep up with memory bandwidth (~20-25 GB/s per core). Integer dots per block
- *    (maddubs / VNNI dpbusd), fp16 scales converted with F16C, and several weight rows
- *    per pass sharing one activation block (tsr_vec_dot_rows).
+ *    (vpmaddubsw / VNNI vpdpbusd), fp16 scales converted 8 blocks at a time with F16C,
+ *    rows streamed one after the other (a single sequential stream, which the prefetchers
+ *    follow best) with what they share about the activation computed once per call.
  *  - The file is compiled for baseline x86-64; SIMD kernels carry target attributes and
  *    are picked at run time (__builtin_cpu_supports), the scalar code is the reference
  *    and the fallback on other CPUs/architectures.
@@ -862,6 +863,7 @@ static void rows_by_dot(dot_fn dot, int64_t n, int64_t nrows, const uint8_t *w, 
     {                                                                                              \
         rows_by_dot(dot_##name##_scalar, n, nrows, w, stride, x, y);                               \
     }
+/* clang-format off */
 SCALAR_ROWS(f32)
 SCALAR_ROWS(f16)
 SCALAR_ROWS(bf16)
@@ -869,6 +871,7 @@ SCALAR_ROWS(q8_0)
 SCALAR_ROWS(q4_0)
 SCALAR_ROWS(q4_K)
 SCALAR_ROWS(q6_K)
+/* clang-format on */
 
 /* ---- AVX2 + FMA + F16C ---------------------------------------------------------------- */
 #if TSR_X86
@@ -941,9 +944,11 @@ TSR_AVX2 TSR_INLINE float float_row_avx2(uint32_t type, int64_t n, const uint8_t
         for (int64_t r = 0; r < nrows; ++r)                                                        \
             y[r] = float_row_avx2(TYPE, n, w + (size_t)r * stride, x);                             \
     }
+/* clang-format off */
 FLOAT_ROWS_AVX2(rows_f32_avx2, TSR_TYPE_F32)
 FLOAT_ROWS_AVX2(rows_f16_avx2, TSR_TYPE_F16)
 FLOAT_ROWS_AVX2(rows_bf16_avx2, TSR_TYPE_BF16)
+/* clang-format on */
 
 /* Per-block facts about the Q8_0 activation that every weight row needs, built once per
  * call (rows then load them instead of recomputing per (row, block)), padded with zeros
@@ -1085,15 +1090,20 @@ TSR_AVX2 TSR_INLINE __m256i q8_dot_avx2(const int8_t *wq, const int8_t *yq)
 }
 
 TSR_AVX2 static float q8_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai){
+                                    const act_info *ai)
+{
 #define Q8_DOT_AVX2(bb) q8_dot_avx2(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q8_0, Q8_DOT_AVX2, 0)
+    BLOCK_LOOP(blk_q8_0, Q8_DOT_AVX2, 0);
 #undef Q8_DOT_AVX2
-} ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
+}
 
-    /* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
-     * directly; the -8 offset comes from act_info's ey. */
-    TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq)
+/* clang-format off */
+ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
+/* clang-format on */
+
+/* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
+ * directly; the -8 offset comes from act_info's ey. */
+TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq)
 {
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
     const __m256i p16 = _mm256_maddubs_epi16(q4_0_nibbles(wq), y);
@@ -1101,20 +1111,25 @@ TSR_AVX2 static float q8_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_
 }
 
 TSR_AVX2 static float q4_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai){
+                                    const act_info *ai)
+{
 #define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2, 1)
+    BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2, 1);
 #undef Q4_DOT_AVX2
-} ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
+}
+
+/* clang-format off */
+ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
+/* clang-format on */
 
 /* vpshufb masks broadcasting int16 element g (0..7) of a 128-bit lane to all 8 slots. */
 #define SHUF16(g) 2 * (g), 2 * (g) + 1
 #define SHUF16x8(g)                                                                                \
     SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
-    static const uint8_t k_shuf_q4_K[8][32] = {
-        {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
-        {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
-        {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
+static const uint8_t k_shuf_q4_K[8][32] = {
+    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
+    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
 };
 /* Q6_K: 32 elements span two 16-element groups: int16 2k in the low lane, 2k+1 high. */
 static const uint8_t k_shuf_q6_K[4][32] = {
@@ -1250,10 +1265,12 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
         for (int64_t r = 0; r < nrows; ++r) y[r] = dot(n, w + (size_t)r * stride, x);              \
     }
 
+/* clang-format off */
 DEF_DOT_Q4_K(dot_q4_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
+/* clang-format on */
 
 /* ---- AVX-512 VNNI (256-bit vectors, EVEX vpdpbusd) -------------------------------------- */
 
@@ -1270,44 +1287,51 @@ TSR_VNNI TSR_INLINE __m256i q8_dot_vnni(const int8_t *wq, const int8_t *yq)
 }
 
 TSR_VNNI static float q8_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai){
+                                    const act_info *ai)
+{
 #define Q8_DOT_VNNI(bb) q8_dot_vnni(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q8_0, Q8_DOT_VNNI, 0)
+    BLOCK_LOOP(blk_q8_0, Q8_DOT_VNNI, 0);
 #undef Q8_DOT_VNNI
-} ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 0, rows_q8_0_scalar)
+}
 
-    /* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y; the -8 offset comes from
-     * act_info's ey. */
-    TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
+/* clang-format off */
+ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 0, rows_q8_0_scalar)
+/* clang-format on */
+
+/* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y; the -8 offset comes from
+ * act_info's ey. */
+TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
 {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_0_nibbles(wq),
                                _mm256_loadu_si256((const __m256i *)yq));
 }
 
 TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai){
+                                    const act_info *ai)
+{
 #define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1)
+    BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1);
 #undef Q4_DOT_VNNI
-} ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
+}
 
-    DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
-        DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
-            DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
-                DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
+/* clang-format off */
+ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
+/* clang-format on */
+
+/* clang-format off */
+DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
+DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
+/* clang-format on */
 
 #endif /* TSR_X86 */
 
-    /* ---------------------------------------------------------------------------------------
-     * Dispatch
-     * ------------------------------------------------------------------------------------- */
+/* ---------------------------------------------------------------------------------------
+ * Dispatch
+ * ------------------------------------------------------------------------------------- */
 
-    enum {
-        ISA_SCALAR = 0,
-        ISA_AVX2 = 1,
-        ISA_AVX512VNNI = 2,
-        ISA_UNSET = -1
-    };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_UNSET = -1 };
 static const char *const k_isa_names[] = {"scalar", "avx2", "avx512vnni"};
 
 static _Atomic int g_isa = ISA_UNSET;

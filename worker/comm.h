@@ -93,14 +93,21 @@ struct tsr_comm {
 int tsr_comm_local_new(tsr_comm **out, char *err, size_t err_len);
 
 /* True when this process was started by an MPI launcher (mpirun, srun --mpi=pmix):
- * looks at the launcher's environment, without initializing MPI. */
+ * looks at the launcher's environment, without initializing MPI: OMPI_COMM_WORLD_SIZE,
+ * PMIX_RANK, PMI_RANK or PMI_SIZE set, or a multi-task Slurm step (SLURM_STEP_ID with
+ * SLURM_STEP_NUM_TASKS, else SLURM_NTASKS, > 1; see comm_mpi.c for why). */
 bool tsr_comm_mpi_launched(void);
-/* Initializes MPI (once per process) and wraps MPI_COMM_WORLD. Returns TSR_COMM_ERR when
- * the build has no MPI. */
+/* Initializes MPI (once per process, MPI_THREAD_FUNNELED, MPI_ERRORS_RETURN) and wraps a
+ * duplicate of MPI_COMM_WORLD (each call makes a new one). Returns TSR_COMM_ERR when the
+ * build has no MPI. */
 int tsr_comm_mpi_world(tsr_comm **out, char *err, size_t err_len);
-/* Finalizes MPI if it was initialized (call once at exit, after freeing communicators). */
+/* Finalizes MPI if tsr_comm_mpi_world initialized it (call once at exit, after freeing
+ * communicators). Requests that timed out get 1 s more to complete; if one is still pending
+ * (a dead peer), MPI_Finalize is skipped, since it would wait for that peer forever; exit
+ * non-zero then, and the launcher ends the job. */
 void tsr_comm_mpi_finalize(void);
-/* Ends the whole MPI job from any rank (MPI_Abort) after an unrecoverable error. */
+/* Ends the whole MPI job from any rank (MPI_Abort) after an unrecoverable error; without
+ * MPI running, exits the process with code. Does not return. */
 void tsr_comm_mpi_abort(int code);
 
 /* NCCL over a communicator that can bootstrap (broadcast the unique id). device = CUDA

@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { OP_STEP = 1, OP_SHUTDOWN = 2 };
+enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3 };
 enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 #define HDR_INTS 5
 
@@ -37,6 +37,10 @@ struct tsr_replica {
     float *logits_gather; /* [n_batch * n_vocab] gathered in rank-block order */
     float *logits;        /* [n_batch][n_vocab] */
     size_t *counts, *displs;
+    const int32_t **tables; /* [tables_cap] per-sequence block tables of a step */
+    int32_t tables_cap;
+    uint8_t *want;          /* [n_batch] */
+    int32_t n_ctx;          /* max positions of one sequence */
     tsr_rank_stats st;
 };
 
@@ -62,7 +66,9 @@ int tsr_replica_size(const tsr_replica *r) { return r->size; }
 const tsr_vocab *tsr_replica_vocab(const tsr_replica *r) { return r->vocab; }
 const tsr_hparams *tsr_replica_hparams(const tsr_replica *r) { return &r->m->hp; }
 const tsr_plan *tsr_replica_plan(const tsr_replica *r) { return &r->plan; }
-int32_t tsr_replica_n_ctx(const tsr_replica *r) { return tsr_ctx_n_ctx(r->ctx); }
+int32_t tsr_replica_n_ctx(const tsr_replica *r) { return r->n_ctx; }
+int32_t tsr_replica_n_batch(const tsr_replica *r) { return tsr_ctx_n_batch(r->ctx); }
+int32_t tsr_replica_n_kv_blocks(const tsr_replica *r) { return tsr_ctx_n_kv_blocks(r->ctx); }
 
 /* The planner's view of a model file. */
 static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_model *pm,
@@ -186,8 +192,15 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     .vocab_begin = pr->vocab_begin,
                     .vocab_end = pr->vocab_end};
     if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
-    if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) != 0)
+    if (r->p.n_kv_blocks > 0) {
+        if (tsr_ctx_new_paged(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, &r->ctx, err,
+                              err_len) != 0)
+            goto fail;
+    } else if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) !=
+               0) {
         goto fail;
+    }
+    r->n_ctx = n_ctx;
     if (r->p.tp > 1) {
         if (tsr_comm_split(r->world, r->stage, r->tp_rank, &r->tp_comm, err, err_len) != 0)
             goto fail;
@@ -199,9 +212,11 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->logits_slice = malloc(nb * (size_t)(pr->vocab_end - pr->vocab_begin + 1) * sizeof(float));
     r->logits_gather = malloc(nb * V * sizeof(float));
     r->logits = malloc(nb * V * sizeof(float));
+    r->want = malloc(nb);
     r->counts = calloc((size_t)r->p.tp, sizeof(size_t));
     r->displs = calloc((size_t)r->p.tp, sizeof(size_t));
-    if (!r->logits_slice || !r->logits_gather || !r->logits || !r->counts || !r->displs) {
+    if (!r->logits_slice || !r->logits_gather || !r->logits || !r->counts || !r->displs ||
+        !r->want) {
         set_err(err, err_len, "out of memory");
         goto fail;
     }
@@ -237,6 +252,8 @@ void tsr_replica_close(tsr_replica *r)
     free(r->logits);
     free(r->counts);
     free(r->displs);
+    free(r->tables);
+    free(r->want);
     free(r);
 }
 
@@ -268,13 +285,27 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const int32_t *want32 = seq + n;
     const int32_t *n_blocks = want32 + n;
     const int32_t *tab = n_blocks + n_seqs;
-    const int32_t *tables[64];
-    uint8_t want[1024];
-    if (n_seqs > 64 || n > 1024 || n > tsr_ctx_n_batch(r->ctx)) {
-        set_err(err, err_len, "step descriptor too large (%d tokens, %d sequences)", n, n_seqs);
+    if (n > tsr_ctx_n_batch(r->ctx)) {
+        set_err(err, err_len, "step of %d tokens exceeds the batch size %d", n,
+                tsr_ctx_n_batch(r->ctx));
         return -1;
     }
+    if (n_seqs > r->tables_cap) {
+        const int32_t **t = realloc(r->tables, sizeof(*t) * (size_t)n_seqs);
+        if (!t) {
+            set_err(err, err_len, "out of memory");
+            return -1;
+        }
+        r->tables = t;
+        r->tables_cap = n_seqs;
+    }
+    const int32_t **tables = r->tables;
+    uint8_t *want = r->want;
     for (int32_t s = 0, off = 0; s < n_seqs; s++) {
+        if (n_blocks[s] < 0 || off + n_blocks[s] > h[3]) {
+            set_err(err, err_len, "malformed block tables in the step descriptor");
+            return -1;
+        }
         tables[s] = tab + off;
         off += n_blocks[s];
     }
@@ -358,6 +389,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     return 0;
 }
 
+static int lead_step(tsr_replica *r, size_t n_ints, char *err, size_t err_len);
+
 int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_t pos0,
                         const float **logits, char *err, size_t err_len)
 {
@@ -397,17 +430,76 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
         }
         nbk[0] = n_tab;
         for (int32_t i = 0; i < n_tab; i++) nbk[1 + i] = i;
-        if (r->size > 1) {
-            if (tsr_comm_bcast(r->world, w, HDR_INTS * sizeof(int32_t), 0, err, err_len) != 0 ||
-                tsr_comm_bcast(r->world, w + HDR_INTS, (n_ints - HDR_INTS) * sizeof(int32_t), 0,
-                               err, err_len) != 0)
-                return -1;
-        }
-        if (run_step(r, err, err_len) != 0) return -1;
+        if (lead_step(r, n_ints, err, err_len) != 0) return -1;
         done += k;
     }
     *logits = r->logits;
     return 0;
+}
+
+/* Broadcast r->wire (n_ints) and run it here. */
+static int lead_step(tsr_replica *r, size_t n_ints, char *err, size_t err_len)
+{
+    if (r->size > 1) {
+        if (tsr_comm_bcast(r->world, r->wire, HDR_INTS * sizeof(int32_t), 0, err, err_len) != 0 ||
+            tsr_comm_bcast(r->world, r->wire + HDR_INTS, (n_ints - HDR_INTS) * sizeof(int32_t), 0,
+                           err, err_len) != 0)
+            return -1;
+    }
+    return run_step(r, err, err_len);
+}
+
+int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, char *err,
+                     size_t err_len)
+{
+    if (r->rank != 0) {
+        set_err(err, err_len, "only the leader drives the replica");
+        return -1;
+    }
+    if (b->n_tokens < 1 || b->n_tokens > tsr_ctx_n_batch(r->ctx) || b->n_seqs < 1) {
+        set_err(err, err_len, "a step needs 1..%d tokens and at least one sequence",
+                tsr_ctx_n_batch(r->ctx));
+        return -1;
+    }
+    size_t n_tab = 0;
+    for (int32_t s = 0; s < b->n_seqs; s++) n_tab += (size_t)b->n_blocks[s];
+    const int32_t n = b->n_tokens;
+    size_t n_ints = HDR_INTS + 4 * (size_t)n + (size_t)b->n_seqs + n_tab;
+    if (wire_reserve(r, n_ints) != 0) {
+        set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    int32_t *w = r->wire;
+    int32_t n_want = 0;
+    for (int32_t i = 0; i < n; i++) n_want += b->want_logits[i] ? 1 : 0;
+    w[0] = OP_STEP;
+    w[1] = n;
+    w[2] = b->n_seqs;
+    w[3] = (int32_t)n_tab;
+    w[4] = n_want;
+    int32_t *tk = w + HDR_INTS, *ps = tk + n, *sq = ps + n, *wt = sq + n, *nbk = wt + n;
+    for (int32_t i = 0; i < n; i++) {
+        tk[i] = b->tokens[i];
+        ps[i] = b->pos[i];
+        sq[i] = b->seq[i];
+        wt[i] = b->want_logits[i] ? 1 : 0;
+    }
+    int32_t *tab = nbk + b->n_seqs;
+    for (int32_t s = 0; s < b->n_seqs; s++) {
+        nbk[s] = b->n_blocks[s];
+        memcpy(tab, b->block_tables[s], sizeof(int32_t) * (size_t)b->n_blocks[s]);
+        tab += b->n_blocks[s];
+    }
+    if (lead_step(r, n_ints, err, err_len) != 0) return -1;
+    *logits = r->logits;
+    return 0;
+}
+
+int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len)
+{
+    if (r->rank != 0 || r->size == 1) return 0;
+    int32_t h[HDR_INTS] = {OP_NOOP, 0, 0, 0, 0};
+    return tsr_comm_bcast(r->world, h, sizeof h, 0, err, err_len);
 }
 
 int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
@@ -418,6 +510,7 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
             return -1;
         int32_t op = r->wire[0];
         if (op == OP_SHUTDOWN) return 0;
+        if (op == OP_NOOP) continue;
         if (op != OP_STEP) {
             set_err(err, err_len, "unknown step op %d from the leader", op);
             return -1;

@@ -39,6 +39,9 @@ typedef struct {
     int32_t n_ctx;           /* single-sequence context (0: model default) */
     int32_t n_batch;         /* max tokens per step (0: 128) */
     int64_t timeout_ms;      /* deadline of every communication wait (0: 30000) */
+    int32_t n_kv_blocks;     /* > 0: a paged KV pool of this many blocks for many
+                                sequences (serving, tsr_replica_step); 0: one sequence of
+                                n_ctx tokens (tsr_replica_forward) */
 } tsr_replica_params;
 
 /* Per-rank figures for observability (gathered on the leader by tsr_replica_stats). */
@@ -77,6 +80,19 @@ int32_t tsr_replica_n_ctx(const tsr_replica *r);
  * call. */
 int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_t pos0,
                         const float **logits, char *err, size_t err_len);
+
+/* Leader only: one step of a batch over many sequences (paged replicas; the batch's block
+ * tables index the KV pool that every rank holds for its layers and heads). *logits gets
+ * [n_want][n_vocab] rows for the tokens marked want_logits, in batch order, valid until the
+ * next call. b->n_tokens <= the replica's n_batch. */
+int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, char *err,
+                     size_t err_len);
+
+/* Leader only: a no-op step that keeps idle followers within their wait deadline. */
+int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len);
+
+int32_t tsr_replica_n_batch(const tsr_replica *r);
+int32_t tsr_replica_n_kv_blocks(const tsr_replica *r);
 
 /* Followers: serve steps until the leader's shutdown. 0 on a clean shutdown. */
 int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len);
