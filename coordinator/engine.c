@@ -1,0 +1,716 @@
+/*
+ * engine.c — continuous batching over a paged KV cache (see engine.h).
+ *
+ * Each step the scheduler builds one batch within the token budget:
+ *   1. running sequences, oldest first: one token each when decoding, the next chunk of
+ *      their prompt when still prefilling (chunked prefill);
+ *   2. then waiting sequences, first come first served, while the budget, the sequence
+ *      limit and the free KV blocks allow (their first chunk).
+ * A sequence's tokens are prompt + generated; n_computed of them are in the KV cache; a
+ * step feeds tokens[n_computed .. n_computed + chunk) and asks for logits only when the
+ * chunk reaches the last token. When a running sequence needs a block and none is free,
+ * the newest running sequence is preempted: its blocks are freed and it goes back to the
+ * head of the queue with n_computed = 0, to be recomputed later (vLLM's recompute policy).
+ * Because every output of the forward pass is computed independently per token, neither
+ * batching nor recomputation changes a greedy answer.
+ */
+#include "coordinator/engine.h"
+
+#include "coordinator/stop.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_LOGPROBS 20
+
+typedef struct seq {
+    uint64_t id;
+    int32_t *tokens; /* prompt + generated */
+    int32_t n_prompt, n_tokens, cap;
+    int32_t n_computed; /* tokens whose K/V are cached */
+    int32_t *blocks;
+    int32_t n_blocks, blocks_cap;
+    tsr_sampler *smp;
+    tsr_stop stop;
+    tsr_detok dt;
+    int32_t max_tokens;
+    int32_t *stop_ids;
+    size_t n_stop_ids;
+    bool ignore_eos;
+    int32_t logprobs;
+    int64_t deadline_ns;
+    tsr_event_fn on_event;
+    void *ud;
+    uint64_t t_submit, t_scheduled, t_first_token;
+    int32_t n_generated, n_preempted;
+    bool cancel;
+    struct seq *next;
+} seq;
+
+struct tsr_engine {
+    tsr_replica *rep;
+    tsr_engine_params p;
+    int32_t n_vocab, n_ctx, n_batch;
+    /* Shared with request threads (mu). */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    seq *inbox_head, *inbox_tail;
+    int32_t n_inbox;
+    uint64_t *cancels;
+    size_t n_cancels, cap_cancels;
+    bool draining, stopping, cancel_all, healthy;
+    uint64_t next_id;
+    tsr_engine_status snap;
+    /* Step-loop state. */
+    seq **running;
+    int32_t n_running;
+    seq **waiting; /* FIFO ring as an array: waiting[0] is the oldest */
+    int32_t n_waiting, cap_waiting;
+    int32_t *free_blocks;
+    int32_t n_free;
+    /* Batch scratch. */
+    int32_t *b_tokens, *b_pos, *b_seq;
+    uint8_t *b_want;
+    const int32_t **b_tables;
+    int32_t *b_nblocks;
+    seq **b_seqs;      /* sequence of each batch sequence index */
+    int32_t *b_chunk;  /* tokens fed per batch sequence */
+    float *lg;         /* one row of logits (scratch for the sampler) */
+    uint64_t n_preemptions, n_done, n_generated_total;
+    double step_ms_mean;
+    uint64_t rate_t0, rate_n0;
+    double rate;
+};
+
+static void set_err(char *err, size_t err_len, const char *fmt, ...)
+{
+    if (!err || !err_len) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **out, char *err,
+                   size_t err_len)
+{
+    *out = NULL;
+    tsr_engine *e = calloc(1, sizeof *e);
+    if (!e) goto oom;
+    e->rep = rep;
+    e->p = *p;
+    if (e->p.max_batch_tokens <= 0) e->p.max_batch_tokens = 256;
+    if (e->p.max_seqs <= 0) e->p.max_seqs = 64;
+    if (e->p.max_queue <= 0) e->p.max_queue = 256;
+    if (e->p.idle_heartbeat_ms <= 0) e->p.idle_heartbeat_ms = 1000;
+    e->n_batch = tsr_replica_n_batch(rep);
+    if (e->p.max_batch_tokens > e->n_batch) e->p.max_batch_tokens = e->n_batch;
+    e->p.n_kv_blocks = tsr_replica_n_kv_blocks(rep);
+    e->n_vocab = tsr_replica_hparams(rep)->n_vocab;
+    e->n_ctx = tsr_replica_n_ctx(rep);
+    if (e->n_ctx > e->p.n_kv_blocks * TSR_KV_BLOCK_SIZE)
+        e->n_ctx = e->p.n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    e->healthy = true;
+    e->next_id = 1;
+    const int32_t ms = e->p.max_seqs, nb = e->n_batch;
+    e->running = calloc((size_t)ms, sizeof(seq *));
+    e->cap_waiting = e->p.max_queue + ms + 1;
+    e->waiting = calloc((size_t)e->cap_waiting, sizeof(seq *));
+    e->free_blocks = malloc(sizeof(int32_t) * (size_t)e->p.n_kv_blocks);
+    e->b_tokens = malloc(sizeof(int32_t) * (size_t)nb);
+    e->b_pos = malloc(sizeof(int32_t) * (size_t)nb);
+    e->b_seq = malloc(sizeof(int32_t) * (size_t)nb);
+    e->b_want = malloc((size_t)nb);
+    e->b_tables = calloc((size_t)ms, sizeof(int32_t *));
+    e->b_nblocks = calloc((size_t)ms, sizeof(int32_t));
+    e->b_seqs = calloc((size_t)ms, sizeof(seq *));
+    e->b_chunk = calloc((size_t)ms, sizeof(int32_t));
+    e->lg = malloc(sizeof(float) * (size_t)e->n_vocab);
+    if (!e->running || !e->waiting || !e->free_blocks || !e->b_tokens || !e->b_pos ||
+        !e->b_seq || !e->b_want || !e->b_tables || !e->b_nblocks || !e->b_seqs || !e->b_chunk ||
+        !e->lg)
+        goto oom;
+    /* Free list as a stack, lowest ids on top. */
+    for (int32_t i = 0; i < e->p.n_kv_blocks; i++) e->free_blocks[i] = e->p.n_kv_blocks - 1 - i;
+    e->n_free = e->p.n_kv_blocks;
+    e->rate_t0 = now_ns();
+    *out = e;
+    return 0;
+oom:
+    set_err(err, err_len, "out of memory creating the engine");
+    tsr_engine_free(e);
+    return TSR_ENGINE_ENOMEM;
+}
+
+static void seq_free(seq *s)
+{
+    if (!s) return;
+    free(s->tokens);
+    free(s->blocks);
+    free(s->stop_ids);
+    tsr_sampler_free(s->smp);
+    tsr_stop_free(&s->stop);
+    tsr_detok_free(&s->dt);
+    free(s);
+}
+
+void tsr_engine_free(tsr_engine *e)
+{
+    if (!e) return;
+    for (seq *s = e->inbox_head; s;) {
+        seq *n = s->next;
+        seq_free(s);
+        s = n;
+    }
+    for (int32_t i = 0; i < e->n_running; i++) seq_free(e->running[i]);
+    for (int32_t i = 0; i < e->n_waiting; i++) seq_free(e->waiting[i]);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e->running);
+    free(e->waiting);
+    free(e->free_blocks);
+    free(e->cancels);
+    free(e->b_tokens);
+    free(e->b_pos);
+    free(e->b_seq);
+    free(e->b_want);
+    free(e->b_tables);
+    free(e->b_nblocks);
+    free(e->b_seqs);
+    free(e->b_chunk);
+    free(e->lg);
+    free(e);
+}
+
+/* ---- submission (request threads) ---- */
+
+int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id, char *err,
+                      size_t err_len)
+{
+    const tsr_gen_params *g = &rq->gen;
+    if (rq->n_prompt == 0) {
+        set_err(err, err_len, "prompt: the prompt is empty");
+        return TSR_ENGINE_EINVAL;
+    }
+    if (rq->n_prompt >= (size_t)e->n_ctx) {
+        set_err(err, err_len,
+                "prompt: %zu tokens do not fit the context of %d tokens (prompt plus at least "
+                "one generated token); shorten it",
+                rq->n_prompt, e->n_ctx);
+        return TSR_ENGINE_EINVAL;
+    }
+    for (size_t i = 0; i < rq->n_prompt; i++) {
+        if (rq->prompt_ids[i] < 0 || rq->prompt_ids[i] >= e->n_vocab) {
+            set_err(err, err_len, "prompt_ids: id %d at index %zu is not in the vocabulary (0..%d)",
+                    rq->prompt_ids[i], i, e->n_vocab - 1);
+            return TSR_ENGINE_EINVAL;
+        }
+    }
+    if (g->max_tokens < 1) {
+        set_err(err, err_len, "max_tokens must be >= 1, got %d", g->max_tokens);
+        return TSR_ENGINE_EINVAL;
+    }
+    if (rq->logprobs < 0 || rq->logprobs > MAX_LOGPROBS) {
+        set_err(err, err_len, "logprobs must be in 0..%d, got %d", MAX_LOGPROBS, rq->logprobs);
+        return TSR_ENGINE_EINVAL;
+    }
+    for (size_t i = 0; i < g->n_stop_ids; i++) {
+        if (g->stop_ids[i] < 0 || g->stop_ids[i] >= e->n_vocab) {
+            set_err(err, err_len, "stop_token_ids: id %d is not in the vocabulary (0..%d)",
+                    g->stop_ids[i], e->n_vocab - 1);
+            return TSR_ENGINE_EINVAL;
+        }
+    }
+    if (tsr_sampling_params_validate(&g->sampling, err, err_len) != 0) return TSR_ENGINE_EINVAL;
+
+    seq *s = calloc(1, sizeof *s);
+    if (!s) goto oom;
+    s->cap = (int32_t)rq->n_prompt + g->max_tokens + 1;
+    if (s->cap > e->n_ctx + 1) s->cap = e->n_ctx + 1;
+    s->tokens = malloc(sizeof(int32_t) * (size_t)s->cap);
+    s->blocks_cap = (s->cap + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE + 1;
+    s->blocks = malloc(sizeof(int32_t) * (size_t)s->blocks_cap);
+    if (!s->tokens || !s->blocks) goto oom_s;
+    memcpy(s->tokens, rq->prompt_ids, sizeof(int32_t) * rq->n_prompt);
+    s->n_prompt = s->n_tokens = (int32_t)rq->n_prompt;
+    if (tsr_sampler_new(&g->sampling, e->n_vocab, &s->smp, err, err_len) != 0) {
+        seq_free(s);
+        return TSR_ENGINE_EINVAL;
+    }
+    tsr_sampler_add_prompt(s->smp, rq->prompt_ids, rq->n_prompt);
+    if (tsr_stop_init(&s->stop, g->stop, g->n_stop, err, err_len) != 0) {
+        tsr_sampler_free(s->smp);
+        free(s->tokens);
+        free(s->blocks);
+        free(s);
+        return TSR_ENGINE_EINVAL;
+    }
+    if (tsr_detok_init(&s->dt, tsr_replica_vocab(e->rep), 0) != 0) {
+        tsr_sampler_free(s->smp);
+        tsr_stop_free(&s->stop);
+        free(s->tokens);
+        free(s->blocks);
+        free(s);
+        goto oom;
+    }
+    if (g->n_stop_ids) {
+        s->stop_ids = malloc(sizeof(int32_t) * g->n_stop_ids);
+        if (!s->stop_ids) goto oom_s;
+        memcpy(s->stop_ids, g->stop_ids, sizeof(int32_t) * g->n_stop_ids);
+        s->n_stop_ids = g->n_stop_ids;
+    }
+    s->max_tokens = g->max_tokens;
+    s->ignore_eos = g->ignore_eos;
+    s->logprobs = rq->logprobs;
+    s->deadline_ns = rq->deadline_ns;
+    s->on_event = rq->on_event;
+    s->ud = rq->ud;
+    s->t_submit = now_ns();
+
+    pthread_mutex_lock(&e->mu);
+    int rc = TSR_ENGINE_OK;
+    if (!e->healthy) {
+        set_err(err, err_len, "the replica's data plane is down; retry on another replica");
+        rc = TSR_ENGINE_EDOWN;
+    } else if (e->draining || e->stopping) {
+        set_err(err, err_len, "the server is draining and accepts no new requests");
+        rc = TSR_ENGINE_EDRAINING;
+    } else if (e->snap.n_waiting >= e->p.max_queue) {
+        set_err(err, err_len, "the queue is full (%d waiting requests); retry later",
+                e->p.max_queue);
+        rc = TSR_ENGINE_EQUEUE_FULL;
+    }
+    if (rc == TSR_ENGINE_OK) {
+        s->id = e->next_id++;
+        if (e->inbox_tail) e->inbox_tail->next = s;
+        else e->inbox_head = s;
+        e->inbox_tail = s;
+        e->n_inbox++;
+        e->snap.n_waiting++; /* visible to status at once */
+        if (id) *id = s->id;
+        pthread_cond_signal(&e->cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (rc != TSR_ENGINE_OK) seq_free(s);
+    return rc;
+oom_s:
+    seq_free(s);
+oom:
+    set_err(err, err_len, "out of memory");
+    return TSR_ENGINE_ENOMEM;
+}
+
+void tsr_engine_cancel(tsr_engine *e, uint64_t id)
+{
+    pthread_mutex_lock(&e->mu);
+    if (e->n_cancels == e->cap_cancels) {
+        size_t cap = e->cap_cancels ? 2 * e->cap_cancels : 16;
+        uint64_t *c = realloc(e->cancels, cap * sizeof *c);
+        if (c) {
+            e->cancels = c;
+            e->cap_cancels = cap;
+        }
+    }
+    if (e->n_cancels < e->cap_cancels) e->cancels[e->n_cancels++] = id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void tsr_engine_drain(tsr_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    e->draining = true;
+    e->snap.draining = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void tsr_engine_stop(tsr_engine *e, bool cancel_all)
+{
+    pthread_mutex_lock(&e->mu);
+    e->stopping = true;
+    e->draining = true;
+    e->snap.draining = true;
+    if (cancel_all) e->cancel_all = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void tsr_engine_get_status(tsr_engine *e, tsr_engine_status *st)
+{
+    pthread_mutex_lock(&e->mu);
+    *st = e->snap;
+    st->healthy = e->healthy;
+    st->draining = e->draining;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- the step loop ---- */
+
+static void blocks_release(tsr_engine *e, seq *s)
+{
+    for (int32_t i = 0; i < s->n_blocks; i++) e->free_blocks[e->n_free++] = s->blocks[i];
+    s->n_blocks = 0;
+    s->n_computed = 0;
+}
+
+/* Make sure s has blocks for its first `upto` positions; false when the pool is short. */
+static bool blocks_reserve(tsr_engine *e, seq *s, int32_t upto)
+{
+    int32_t need = (upto + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    if (need - s->n_blocks > e->n_free) return false;
+    while (s->n_blocks < need) s->blocks[s->n_blocks++] = e->free_blocks[--e->n_free];
+    return true;
+}
+
+static void finish(tsr_engine *e, seq *s, int reason, const char *error)
+{
+    /* Flush held-back text on natural ends (not on cancel/error). */
+    if (reason == TSR_FINISH_LENGTH || reason == TSR_FINISH_EOS) {
+        const char *piece, *out;
+        size_t piece_len, out_len;
+        if (tsr_stop_matched(&s->stop) < 0 && tsr_detok_flush(&s->dt, &piece, &piece_len) == 0) {
+            int sr = tsr_stop_push(&s->stop, piece, piece_len, &out, &out_len);
+            if (sr >= 0 && out_len > 0) {
+                tsr_event ev = {.kind = TSR_EV_TOKENS, .request_id = s->id, .text = out,
+                                .text_len = out_len};
+                s->on_event(s->ud, &ev);
+            }
+            if (sr == 1) reason = TSR_FINISH_STOP;
+            else {
+                tsr_stop_flush(&s->stop, &out, &out_len);
+                if (out_len > 0) {
+                    tsr_event ev = {.kind = TSR_EV_TOKENS, .request_id = s->id, .text = out,
+                                    .text_len = out_len};
+                    s->on_event(s->ud, &ev);
+                }
+            }
+        }
+    }
+    uint64_t t = now_ns();
+    tsr_event ev = {.kind = TSR_EV_FINISH,
+                    .request_id = s->id,
+                    .finish_reason = reason,
+                    .error = error,
+                    .n_prompt_tokens = s->n_prompt,
+                    .n_completion_tokens = s->n_generated,
+                    .t_queue_ns = s->t_scheduled ? s->t_scheduled - s->t_submit : t - s->t_submit,
+                    .t_first_token_ns = s->t_first_token ? s->t_first_token - s->t_submit : 0,
+                    .t_decode_ns = s->t_first_token ? t - s->t_first_token : 0,
+                    .n_preempted = s->n_preempted};
+    s->on_event(s->ud, &ev);
+    blocks_release(e, s);
+    e->n_done++;
+    seq_free(s);
+}
+
+static void remove_running(tsr_engine *e, int32_t i)
+{
+    memmove(&e->running[i], &e->running[i + 1], sizeof(seq *) * (size_t)(e->n_running - i - 1));
+    e->n_running--;
+}
+
+static void remove_waiting(tsr_engine *e, int32_t i)
+{
+    memmove(&e->waiting[i], &e->waiting[i + 1], sizeof(seq *) * (size_t)(e->n_waiting - i - 1));
+    e->n_waiting--;
+}
+
+static void push_waiting_front(tsr_engine *e, seq *s)
+{
+    memmove(&e->waiting[1], &e->waiting[0], sizeof(seq *) * (size_t)e->n_waiting);
+    e->waiting[0] = s;
+    e->n_waiting++;
+}
+
+/* Take new requests and cancellations from the request threads. */
+static void intake(tsr_engine *e, bool *stop, bool *cancel_all)
+{
+    pthread_mutex_lock(&e->mu);
+    seq *in = e->inbox_head;
+    e->inbox_head = e->inbox_tail = NULL;
+    e->n_inbox = 0;
+    size_t nc = e->n_cancels;
+    uint64_t cancels[256];
+    if (nc > 256) nc = 256;
+    memcpy(cancels, e->cancels, nc * sizeof(uint64_t));
+    memmove(e->cancels, e->cancels + nc, (e->n_cancels - nc) * sizeof(uint64_t));
+    e->n_cancels -= nc;
+    *stop = e->stopping;
+    *cancel_all = e->cancel_all;
+    pthread_mutex_unlock(&e->mu);
+    for (seq *s = in; s;) {
+        seq *n = s->next;
+        s->next = NULL;
+        e->waiting[e->n_waiting++] = s; /* capacity: max_queue + max_seqs + 1 */
+        s = n;
+    }
+    uint64_t t = now_ns();
+    for (int32_t i = 0; i < e->n_running; i++) {
+        seq *s = e->running[i];
+        for (size_t k = 0; k < nc; k++) s->cancel |= cancels[k] == s->id;
+        if (*cancel_all || (s->deadline_ns && (int64_t)t > s->deadline_ns)) s->cancel = true;
+        if (s->cancel) {
+            remove_running(e, i--);
+            finish(e, s, TSR_FINISH_CANCELLED, NULL);
+        }
+    }
+    for (int32_t i = 0; i < e->n_waiting; i++) {
+        seq *s = e->waiting[i];
+        for (size_t k = 0; k < nc; k++) s->cancel |= cancels[k] == s->id;
+        if (*cancel_all || (s->deadline_ns && (int64_t)t > s->deadline_ns)) s->cancel = true;
+        if (s->cancel) {
+            remove_waiting(e, i--);
+            finish(e, s, TSR_FINISH_CANCELLED, NULL);
+        }
+    }
+}
+
+static void publish_status(tsr_engine *e)
+{
+    uint64_t t = now_ns();
+    if (t - e->rate_t0 > 2000000000ull) {
+        e->rate = (double)(e->n_generated_total - e->rate_n0) * 1e9 / (double)(t - e->rate_t0);
+        e->rate_t0 = t;
+        e->rate_n0 = e->n_generated_total;
+    }
+    pthread_mutex_lock(&e->mu);
+    e->snap.n_running = e->n_running;
+    e->snap.n_waiting = e->n_waiting + e->n_inbox;
+    e->snap.kv_blocks_total = e->p.n_kv_blocks;
+    e->snap.kv_blocks_free = e->n_free;
+    e->snap.kv_blocks_used = e->p.n_kv_blocks - e->n_free;
+    e->snap.kv_block_tokens = TSR_KV_BLOCK_SIZE;
+    e->snap.n_preemptions = e->n_preemptions;
+    e->snap.n_requests_done = e->n_done;
+    e->snap.n_tokens_generated = e->n_generated_total;
+    e->snap.tokens_per_s = e->rate;
+    e->snap.step_ms_mean = e->step_ms_mean;
+    e->snap.n_ranks = tsr_replica_size(e->rep);
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Preempt the newest running sequence (index n_running - 1). */
+static void preempt_newest(tsr_engine *e)
+{
+    seq *v = e->running[e->n_running - 1];
+    e->n_running--;
+    blocks_release(e, v);
+    v->n_preempted++;
+    e->n_preemptions++;
+    push_waiting_front(e, v);
+}
+
+/* Build the next batch; returns its token count (0: nothing to do). */
+static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
+{
+    int32_t budget = e->p.max_batch_tokens, n = 0, k = 0;
+    /* 1. running sequences, oldest first */
+    for (int32_t i = 0; i < e->n_running && budget > 0; i++) {
+        seq *s = e->running[i];
+        int32_t want = s->n_tokens - s->n_computed;
+        int32_t chunk = want < budget ? want : budget;
+        while (!blocks_reserve(e, s, s->n_computed + chunk)) {
+            /* Out of blocks: preempt the newest running sequence (maybe s itself). */
+            bool self = i == e->n_running - 1;
+            preempt_newest(e);
+            if (self) {
+                chunk = 0;
+                break;
+            }
+        }
+        if (chunk == 0) break;
+        e->b_seqs[k] = s;
+        e->b_chunk[k] = chunk;
+        k++;
+        n += chunk;
+        budget -= chunk;
+    }
+    /* 2. waiting sequences, FIFO, while they fit */
+    while (e->n_waiting > 0 && budget > 0 && e->n_running < e->p.max_seqs) {
+        seq *s = e->waiting[0];
+        int32_t want = s->n_tokens - s->n_computed;
+        int32_t chunk = want < budget ? want : budget;
+        if (!blocks_reserve(e, s, s->n_computed + chunk)) break;
+        remove_waiting(e, 0);
+        e->running[e->n_running++] = s;
+        if (!s->t_scheduled) s->t_scheduled = now_ns();
+        e->b_seqs[k] = s;
+        e->b_chunk[k] = chunk;
+        k++;
+        n += chunk;
+        budget -= chunk;
+    }
+    /* Lay out the batch. */
+    int32_t t = 0;
+    for (int32_t j = 0; j < k; j++) {
+        seq *s = e->b_seqs[j];
+        for (int32_t c = 0; c < e->b_chunk[j]; c++, t++) {
+            int32_t p = s->n_computed + c;
+            e->b_tokens[t] = s->tokens[p];
+            e->b_pos[t] = p;
+            e->b_seq[t] = j;
+            e->b_want[t] = p == s->n_tokens - 1;
+        }
+        e->b_tables[j] = s->blocks;
+        e->b_nblocks[j] = s->n_blocks;
+    }
+    *n_bseq = k;
+    return n;
+}
+
+static int find_running(tsr_engine *e, seq *s)
+{
+    for (int32_t i = 0; i < e->n_running; i++)
+        if (e->running[i] == s) return i;
+    return -1;
+}
+
+/* Sample and emit for each sequence that got logits; finish the ended ones. */
+static void after_step(tsr_engine *e, int32_t n_bseq, const float *logits)
+{
+    int32_t row = 0;
+    const tsr_vocab *vocab = tsr_replica_vocab(e->rep);
+    for (int32_t j = 0; j < n_bseq; j++) {
+        seq *s = e->b_seqs[j];
+        s->n_computed += e->b_chunk[j];
+        if (s->n_computed < s->n_tokens) continue; /* still prefilling */
+        memcpy(e->lg, logits + (size_t)row * (size_t)e->n_vocab, sizeof(float) * (size_t)e->n_vocab);
+        row++;
+        int32_t id;
+        float chosen = 0.0f;
+        int32_t top_ids[MAX_LOGPROBS];
+        float top_lp[MAX_LOGPROBS];
+        tsr_logprob tops[MAX_LOGPROBS];
+        if (s->logprobs > 0) {
+            id = tsr_sampler_sample_logprobs(s->smp, e->lg, s->logprobs, top_ids, top_lp, &chosen);
+            for (int32_t k = 0; k < s->logprobs; k++) {
+                tops[k].id = top_ids[k];
+                tops[k].logprob = top_lp[k];
+            }
+        } else {
+            id = tsr_sampler_sample(s->smp, e->lg);
+        }
+        tsr_sampler_accept(s->smp, id);
+        s->tokens[s->n_tokens++] = id;
+        s->n_generated++;
+        e->n_generated_total++;
+        if (!s->t_first_token) s->t_first_token = now_ns();
+        int reason = -1;
+        const char *out = "";
+        size_t out_len = 0;
+        if (!s->ignore_eos && tsr_vocab_is_eog(vocab, id)) {
+            reason = TSR_FINISH_EOS;
+        } else {
+            const char *piece;
+            size_t piece_len;
+            int sr = 0;
+            if (tsr_detok_push(&s->dt, id, &piece, &piece_len) == 0)
+                sr = tsr_stop_push(&s->stop, piece, piece_len, &out, &out_len);
+            if (sr == 1) reason = TSR_FINISH_STOP;
+            for (size_t k = 0; k < s->n_stop_ids; k++)
+                if (s->stop_ids[k] == id) reason = TSR_FINISH_STOP;
+        }
+        tsr_event ev = {.kind = TSR_EV_TOKENS,
+                        .request_id = s->id,
+                        .ids = &s->tokens[s->n_tokens - 1],
+                        .n_ids = 1,
+                        .text = out,
+                        .text_len = out_len,
+                        .chosen_logprobs = s->logprobs > 0 ? &chosen : NULL,
+                        .top_logprobs = s->logprobs > 0 ? tops : NULL,
+                        .n_top = s->logprobs};
+        s->on_event(s->ud, &ev);
+        if (reason < 0 && (s->n_generated >= s->max_tokens || s->n_tokens >= e->n_ctx))
+            reason = TSR_FINISH_LENGTH;
+        if (reason >= 0) {
+            int i = find_running(e, s);
+            if (i >= 0) remove_running(e, i);
+            finish(e, s, reason, NULL);
+        }
+    }
+}
+
+static void fail_all(tsr_engine *e, const char *error)
+{
+    while (e->n_running > 0) {
+        seq *s = e->running[e->n_running - 1];
+        e->n_running--;
+        finish(e, s, TSR_FINISH_ERROR, error);
+    }
+    while (e->n_waiting > 0) {
+        seq *s = e->waiting[e->n_waiting - 1];
+        e->n_waiting--;
+        finish(e, s, TSR_FINISH_ERROR, error);
+    }
+}
+
+int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
+{
+    for (;;) {
+        bool stop, cancel_all;
+        intake(e, &stop, &cancel_all);
+        if (stop && (cancel_all || (e->n_running == 0 && e->n_waiting == 0))) break;
+        int32_t n_bseq = 0;
+        int32_t n = schedule(e, &n_bseq);
+        if (n == 0) {
+            publish_status(e);
+            /* Idle (or blocked on KV with nothing running: cannot happen, a lone sequence
+             * always fits since submit checks the prompt against the pool). Sleep until
+             * work arrives or the heartbeat is due. */
+            pthread_mutex_lock(&e->mu);
+            if (!e->inbox_head && e->n_cancels == 0 && !e->stopping) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                int64_t ns = ts.tv_nsec + e->p.idle_heartbeat_ms * 1000000ll;
+                ts.tv_sec += ns / 1000000000ll;
+                ts.tv_nsec = ns % 1000000000ll;
+                int rc = pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+                pthread_mutex_unlock(&e->mu);
+                if (rc == ETIMEDOUT && tsr_replica_heartbeat(e->rep, err, err_len) != 0)
+                    goto down;
+            } else {
+                pthread_mutex_unlock(&e->mu);
+            }
+            continue;
+        }
+        tsr_batch b = {.n_tokens = n,
+                       .tokens = e->b_tokens,
+                       .pos = e->b_pos,
+                       .seq = e->b_seq,
+                       .want_logits = e->b_want,
+                       .n_seqs = n_bseq,
+                       .block_tables = e->b_tables,
+                       .n_blocks = e->b_nblocks};
+        const float *logits;
+        uint64_t t0 = now_ns();
+        if (tsr_replica_step(e->rep, &b, &logits, err, err_len) != 0) goto down;
+        double ms = (double)(now_ns() - t0) / 1e6;
+        e->step_ms_mean = e->step_ms_mean == 0.0 ? ms : 0.9 * e->step_ms_mean + 0.1 * ms;
+        after_step(e, n_bseq, logits);
+        publish_status(e);
+    }
+    publish_status(e);
+    return 0;
+down:
+    pthread_mutex_lock(&e->mu);
+    e->healthy = false;
+    pthread_mutex_unlock(&e->mu);
+    fail_all(e, err);
+    publish_status(e);
+    return -1;
+}

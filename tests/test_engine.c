@@ -1,0 +1,219 @@
+/*
+ * test_engine.c — the serving engine (continuous batching, paged KV, preemption) in one
+ * process: batched greedy answers equal single-sequence ones, a pool too small for all
+ * requests still completes them through preemption, cancellation frees KV blocks, bad
+ * requests are refused naming the field.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coordinator/engine.h"
+#include "tests/util.h"
+
+#define N_REQ 32
+
+typedef struct {
+    int32_t ids[256];
+    int n_ids;
+    char text[4096];
+    size_t text_len;
+    int finish;
+    int n_finish;
+    int n_preempted;
+} result;
+
+static void on_event(void *ud, const tsr_event *ev)
+{
+    result *r = ud;
+    if (ev->kind == TSR_EV_TOKENS) {
+        for (size_t i = 0; i < ev->n_ids && r->n_ids < 256; i++) r->ids[r->n_ids++] = ev->ids[i];
+        if (r->text_len + ev->text_len < sizeof r->text) {
+            memcpy(r->text + r->text_len, ev->text, ev->text_len);
+            r->text_len += ev->text_len;
+        }
+    } else {
+        r->finish = ev->finish_reason;
+        r->n_finish++;
+        r->n_preempted = ev->n_preempted;
+    }
+}
+
+/* Greedy reference: the single-sequence path. */
+static void reference(const char *model, const int32_t *prompt, int n_prompt, int n, int32_t *out)
+{
+    char err[512];
+    tsr_gguf *g;
+    tsr_model *m;
+    tsr_ctx *c;
+    assert_int_equal(tsr_gguf_open(model, &g, err, sizeof err), 0);
+    assert_int_equal(tsr_model_load(g, &m, err, sizeof err), 0);
+    assert_int_equal(tsr_ctx_new(m, 512, 64, 1, &c, err, sizeof err), 0);
+    const float *lg;
+    assert_int_equal(tsr_forward(c, prompt, n_prompt, 0, false, &lg, err, sizeof err), 0);
+    for (int i = 0; i < n; i++) {
+        int32_t best = 0;
+        for (int32_t v = 1; v < m->hp.n_vocab; v++)
+            if (lg[v] > lg[best]) best = v;
+        out[i] = best;
+        if (i + 1 < n)
+            assert_int_equal(tsr_forward(c, &best, 1, n_prompt + i, false, &lg, err, sizeof err), 0);
+    }
+    tsr_ctx_free(c);
+    tsr_model_free(m);
+    tsr_gguf_close(g);
+}
+
+static void make_prompt(int k, int32_t *p, int *n)
+{
+    /* Different lengths (2..41) and contents, BOS first; stories260K ids 259..511 are text. */
+    *n = 2 + (k * 7) % 40;
+    p[0] = 1;
+    for (int i = 1; i < *n; i++) p[i] = 259 + (k * 31 + i * 17) % 253;
+}
+
+static void run_batch(int32_t n_kv_blocks, int32_t max_batch_tokens, bool expect_preempt)
+{
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 64,
+                             .n_kv_blocks = n_kv_blocks};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_engine_params ep = {.max_batch_tokens = max_batch_tokens, .max_seqs = 64, .max_queue = 64};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    static result res[N_REQ];
+    memset(res, 0, sizeof res);
+    int32_t prompts[N_REQ][48];
+    int plen[N_REQ], nmax[N_REQ];
+    for (int k = 0; k < N_REQ; k++) {
+        make_prompt(k, prompts[k], &plen[k]);
+        nmax[k] = 4 + (k * 13) % 40;
+        tsr_engine_request rq = {.prompt_ids = prompts[k], .n_prompt = (size_t)plen[k],
+                                 .on_event = on_event, .ud = &res[k]};
+        tsr_sampling_params_default(&rq.gen.sampling);
+        rq.gen.sampling.temperature = 0.0f;
+        rq.gen.max_tokens = nmax[k];
+        rq.gen.ignore_eos = true;
+        uint64_t id;
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    }
+    tsr_engine_stop(e, false); /* finish what was submitted, then return */
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    tsr_engine_status st;
+    tsr_engine_get_status(e, &st);
+    for (int k = 0; k < N_REQ; k++) {
+        int32_t want[64];
+        reference(model, prompts[k], plen[k], nmax[k], want);
+        assert_int_equal(res[k].n_finish, 1);
+        assert_int_equal(res[k].finish, TSR_FINISH_LENGTH);
+        if (res[k].n_ids != nmax[k])
+            fail_msg("request %d: expected %d tokens, got %d", k, nmax[k], res[k].n_ids);
+        for (int i = 0; i < nmax[k]; i++)
+            if (res[k].ids[i] != want[i])
+                fail_msg("request %d (prompt of %d tokens): token %d expected %d, got %d", k,
+                         plen[k], i, want[i], res[k].ids[i]);
+    }
+    assert_int_equal(st.kv_blocks_used, 0);
+    assert_int_equal(st.n_requests_done, N_REQ);
+    print_message("pool %d blocks, budget %d: %llu preemptions\n", n_kv_blocks, max_batch_tokens,
+                  (unsigned long long)st.n_preemptions);
+    if (expect_preempt) assert_true(st.n_preemptions > 0);
+    tsr_engine_free(e);
+    tsr_replica_close(rep);
+}
+
+static void test_batched_equals_single(void **state)
+{
+    (void)state;
+    run_batch(512, 64, false);
+}
+
+static void test_preemption(void **state)
+{
+    (void)state;
+    /* 12 blocks = 192 token positions for 32 requests of up to ~80 tokens each. */
+    run_batch(12, 48, true);
+}
+
+static void test_cancel_and_errors(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 32,
+                             .n_kv_blocks = 64};
+    tsr_replica *rep;
+    assert_int_equal(tsr_replica_open(model, &rp, &rep, err, sizeof err), 0);
+    tsr_engine_params ep = {.max_queue = 2};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    int32_t prompt[3] = {1, 403, 407};
+    result r1, r2;
+    memset(&r1, 0, sizeof r1);
+    memset(&r2, 0, sizeof r2);
+    tsr_engine_request rq = {.prompt_ids = prompt, .n_prompt = 3, .on_event = on_event, .ud = &r1};
+    tsr_sampling_params_default(&rq.gen.sampling);
+    rq.gen.max_tokens = 100;
+    uint64_t id1, id2;
+    assert_int_equal(tsr_engine_submit(e, &rq, &id1, err, sizeof err), 0);
+    rq.ud = &r2;
+    assert_int_equal(tsr_engine_submit(e, &rq, &id2, err, sizeof err), 0);
+    /* Queue full. */
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EQUEUE_FULL);
+    tsr_engine_cancel(e, id1);
+    /* Bad requests name the field. */
+    rq.n_prompt = 0;
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EINVAL);
+    assert_non_null(strstr(err, "prompt"));
+    rq.n_prompt = 3;
+    rq.gen.sampling.top_p = 0.0f;
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EINVAL);
+    assert_non_null(strstr(err, "top_p"));
+    rq.gen.sampling.top_p = 1.0f;
+    int32_t bad[2] = {1, 9999};
+    rq.prompt_ids = bad;
+    rq.n_prompt = 2;
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EINVAL);
+    assert_non_null(strstr(err, "prompt_ids"));
+    static int32_t longp[300];
+    for (int i = 0; i < 300; i++) longp[i] = 300;
+    rq.prompt_ids = longp;
+    rq.n_prompt = 300;
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EINVAL);
+    assert_non_null(strstr(err, "context"));
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    assert_int_equal(r1.n_finish, 1);
+    assert_int_equal(r1.finish, TSR_FINISH_CANCELLED);
+    assert_int_equal(r2.n_finish, 1);
+    assert_true(r2.finish == TSR_FINISH_LENGTH || r2.finish == TSR_FINISH_EOS);
+    tsr_engine_status st;
+    tsr_engine_get_status(e, &st);
+    assert_int_equal(st.kv_blocks_used, 0);
+    /* Draining refuses new work. */
+    tsr_engine_drain(e);
+    rq.prompt_ids = prompt;
+    rq.n_prompt = 3;
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EDRAINING);
+    tsr_engine_free(e);
+    tsr_replica_close(rep);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_batched_equals_single),
+        cmocka_unit_test(test_preemption),
+        cmocka_unit_test(test_cancel_and_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
