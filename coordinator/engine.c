@@ -447,9 +447,11 @@ static void intake(tsr_engine *e, bool *stop, bool *cancel_all)
     size_t nc = e->n_cancels;
     uint64_t cancels[256];
     if (nc > 256) nc = 256;
-    memcpy(cancels, e->cancels, nc * sizeof(uint64_t));
-    memmove(e->cancels, e->cancels + nc, (e->n_cancels - nc) * sizeof(uint64_t));
-    e->n_cancels -= nc;
+    if (nc > 0) {
+        memcpy(cancels, e->cancels, nc * sizeof(uint64_t));
+        memmove(e->cancels, e->cancels + nc, (e->n_cancels - nc) * sizeof(uint64_t));
+        e->n_cancels -= nc;
+    }
     *stop = e->stopping;
     *cancel_all = e->cancel_all;
     pthread_mutex_unlock(&e->mu);

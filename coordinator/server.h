@@ -1,0 +1,113 @@
+/*
+ * server.h — the gRPC front of a replica leader: tessera.v1.Inference (Generate, Tokenize,
+ * ModelInfo), tessera.v1.Admin (Status, Drain) and grpc.health.v1.Health (Check, Watch),
+ * over the gRPC core C API with protobuf-c messages (proto/tessera.proto, proto/health.proto).
+ *
+ * Why this shape: the engine (coordinator/engine.h) owns scheduling and runs its step loop
+ * on the MPI thread; the server only validates, tokenizes, submits and relays. It runs two
+ * threads of its own:
+ *   - the completion-queue thread: accepts calls, runs each call's state machine (receive
+ *     the request, answer unary calls, submit Generate requests, react to client cancel /
+ *     deadline by cancelling the engine request so its KV blocks are freed), and sends the
+ *     next queued message when the previous send completes;
+ *   - the pump thread: engine events arrive on the engine thread through a callback that
+ *     only appends to the call's pending output (ids, text, logprobs, finish) and queues the
+ *     call; the pump starts the send. Tokens that arrive while a send is in flight are
+ *     merged into the next message, so a call never has more than one SEND_MESSAGE in flight
+ *     (a gRPC core rule) and a slow client never stalls the engine.
+ * Health.Watch streams are refreshed from the engine status on a 200 ms tick and on Drain.
+ *
+ * Errors are gRPC statuses with one-line messages naming what to fix: INVALID_ARGUMENT
+ * (names the field: "temperature must be >= 0 ...", "prompt_ids[3]: ...", malformed
+ * protobuf), RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining, shutting down, data
+ * plane failed), DEADLINE_EXCEEDED / CANCELLED (the client's; the engine request is
+ * cancelled), UNIMPLEMENTED (unknown method), INTERNAL (out of memory).
+ *
+ * Status codes of this module: 0 ok, negative TSR_SERVER_E* with a message in err.
+ */
+#ifndef TSR_SERVER_H
+#define TSR_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/engine.h"
+#include "shard/vocab.h"
+
+#define TSR_SERVER_OK     0
+#define TSR_SERVER_EINVAL -1 /* bad parameters (listen address, ...) */
+#define TSR_SERVER_EBIND  -2 /* the address could not be bound (in use, bad host) */
+#define TSR_SERVER_ENOMEM -3
+#define TSR_SERVER_ETHREAD -4 /* a thread could not be started */
+#define TSR_SERVER_ETIMEOUT -5 /* shutdown did not complete within its deadline */
+
+#define TSR_SERVER_DEFAULT_LISTEN "127.0.0.1:50051"
+
+/* What ModelInfo reports and what requests are validated against. Strings are copied. */
+typedef struct {
+    const char *architecture; /* "llama" */
+    const char *name;         /* general.name, or NULL */
+    int32_t n_ctx;            /* tokens per sequence (prompt + generated) */
+    int32_t n_ctx_train;
+    int32_t n_vocab;
+    int32_t n_layer, n_embd, n_head, n_head_kv;
+    int32_t tp, pp;
+    int64_t kv_capacity_tokens; /* KV pool size in tokens (blocks x block size) */
+    int32_t kv_block_tokens;
+    int32_t max_batch_tokens;
+    int32_t max_queue;
+} tsr_server_model_info;
+
+typedef struct {
+    const char *listen;      /* "host:port" (port 0: ephemeral); NULL = 127.0.0.1:50051 */
+    int32_t max_message_bytes; /* receive limit per message (0: gRPC's 4 MiB) */
+} tsr_server_params;
+
+typedef struct tsr_server tsr_server;
+
+/*
+ * Start serving: grpc_init, bind `listen` (SO_REUSEPORT off, so a port in use is an error,
+ * never silently shared), start the threads. The engine and vocab are borrowed and must
+ * outlive the server (tsr_server_shutdown before tsr_engine_free); `info` is copied. The
+ * engine may or may not be running yet: requests queue in it until tsr_engine_run steps.
+ * On success *out is the server and *bound_port the port actually bound. Returns 0, or
+ * TSR_SERVER_EBIND / EINVAL / ENOMEM / ETHREAD with err (nothing is left running then).
+ */
+int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_vocab *vocab,
+                     const tsr_server_model_info *info, tsr_server **out, int *bound_port,
+                     char *err, size_t err_len);
+
+/* Thread-safe: health turns NOT_SERVING for good (shutdown begun, or the data plane
+ * failed); Watch streams are told at once. Calls keep being served until shutdown. */
+void tsr_server_set_not_serving(tsr_server *s);
+
+/*
+ * Thread-safe, call once: stop accepting calls, give open calls up to grace_ms to send what
+ * they have (engine events already delivered are flushed; call this after tsr_engine_run
+ * returned so every Generate has its FINISH), then cancel the rest (Health.Watch streams,
+ * stragglers), wait for every call to be released, destroy the server and grpc_shutdown.
+ * Every wait is bounded: when calls are still held after grace_ms + 5 s (an engine request
+ * that never finished), returns TSR_SERVER_ETIMEOUT and leaks the server rather than
+ * freeing memory the gRPC core may still touch. 0 otherwise; s is freed either way.
+ */
+int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_len);
+
+/* Counters for logs and tests (thread-safe). */
+typedef struct {
+    uint64_t n_calls;        /* calls accepted */
+    uint64_t n_generate;     /* Generate requests submitted to the engine */
+    uint64_t n_rejected;     /* requests answered with a non-OK status */
+    int32_t n_active;        /* calls open now */
+    int32_t n_active_generate;
+} tsr_server_stats;
+void tsr_server_get_stats(tsr_server *s, tsr_server_stats *st);
+
+/* `tessera serve`: the subcommand (argv[0] is "serve"). Opens the replica on every rank
+ * (followers serve steps), and on the leader runs the engine's step loop on the main thread
+ * with this server in front, until SIGTERM / SIGINT: then health NOT_SERVING, drain for
+ * --shutdown-grace, cancel the rest, shut the server and the replica down, exit 0.
+ * Returns the process exit status: 0, 1 runtime error, 2 usage error. */
+int tsr_cmd_serve(int argc, char **argv);
+
+#endif
