@@ -1,0 +1,70 @@
+/*
+ * drafter.h — proposers of draft tokens for speculative decoding.
+ *
+ * A drafter guesses the next k tokens of a sequence cheaply; the engine verifies all of
+ * them with one target forward pass of k+1 query positions and keeps the longest correct
+ * prefix (coordinator/engine.c). Two drafters implement this interface:
+ *   - n-gram prompt lookup (tsr_drafter_ngram_new): finds the latest earlier occurrence of
+ *     the sequence's last n-gram (n = max_n down to min_n) in its own prompt and output, and
+ *     proposes the tokens that followed it; no model needed;
+ *   - a draft model (tsr_drafter_model_new): a smaller GGUF with the same vocabulary, run in
+ *     this process (the replica leader) with its own paged KV cache per sequence; greedy.
+ * Both are deterministic: each proposed token has draft probability 1 (q is one-hot), which
+ * the rejection rule of the sampling path accounts for exactly.
+ *
+ * Sequences are identified by the engine's request id. The drafter keeps per-sequence
+ * state (the draft model's KV cache) and is told through `rollback` how many of the
+ * sequence's tokens are final after each verification, so its cache rolls back with the
+ * target's. Not thread-safe: only the engine's step loop calls it.
+ */
+#ifndef TSR_DRAFTER_H
+#define TSR_DRAFTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tsr_drafter tsr_drafter;
+
+typedef struct {
+    const char *name; /* "ngram", "draft-model" */
+    /* Propose up to k tokens continuing tokens[0..n_tokens) (prompt + generated, the last
+     * one included). Writes them to out[] and returns how many (0..k; 0 = no guess), or
+     * < 0 with err. */
+    int (*propose)(tsr_drafter *d, uint64_t seq_id, const int32_t *tokens, int32_t n_tokens,
+                   int32_t k, int32_t *out, char *err, size_t err_len);
+    /* The first n_final tokens of the sequence are final (accepted); anything the drafter
+     * holds beyond them (e.g. draft KV entries of rejected tokens) must be dropped. */
+    void (*rollback)(tsr_drafter *d, uint64_t seq_id, int32_t n_final);
+    /* The sequence is finished: free its state. */
+    void (*release)(tsr_drafter *d, uint64_t seq_id);
+    void (*free)(tsr_drafter *d);
+} tsr_drafter_vtable;
+
+struct tsr_drafter {
+    const tsr_drafter_vtable *vt;
+    void *impl;
+};
+
+/* n-gram prompt lookup: match the last n tokens for n = max_n .. min_n (e.g. 3 .. 1). */
+int tsr_drafter_ngram_new(int32_t min_n, int32_t max_n, tsr_drafter **out, char *err,
+                          size_t err_len);
+
+/* Draft model at `path`. Its vocabulary must equal the target's (`target_gguf`): the same
+ * tokens in the same order, same model type and BOS/EOS; a mismatch is refused with a
+ * message saying what differs. n_kv_blocks sizes its KV pool (blocks of TSR_KV_BLOCK_SIZE
+ * positions shared by all sequences); n_threads its compute threads. */
+typedef struct tsr_gguf tsr_gguf;
+int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
+                          int n_threads, tsr_drafter **out, char *err, size_t err_len);
+
+/* Oracle (benchmarks only): proposes from a known continuation. `tokens` is the complete
+ * expected sequence (prompt + output, copied); a sequence whose history is a prefix of it
+ * gets the next k tokens of it, any other gets none. With the target's own greedy output
+ * this measures the ceiling of speculation (100% acceptance). */
+int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter **out,
+                           char *err, size_t err_len);
+
+void tsr_drafter_free(tsr_drafter *d);
+
+#endif
