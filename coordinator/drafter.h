@@ -58,6 +58,13 @@ typedef struct tsr_gguf tsr_gguf;
 int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
                           int n_threads, tsr_drafter **out, char *err, size_t err_len);
 
+/* Free blocks in a draft model's KV pool (stats, leak checks), or -1 when d is not a
+ * draft-model drafter. When the pool runs out, propose frees that sequence's blocks and
+ * proposes nothing (0, not an error). propose also re-checks the tokens its cache holds
+ * against the history it is given, so a missed or generous rollback costs recomputation,
+ * never a wrong draft. */
+int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d);
+
 /* Oracle (benchmarks only): proposes from a known continuation. `tokens` is the complete
  * expected sequence (prompt + output, copied); a sequence whose history is a prefix of it
  * gets the next k tokens of it, any other gets none. With the target's own greedy output

@@ -13,6 +13,17 @@
  * head of the queue with n_computed = 0, to be recomputed later (vLLM's recompute policy).
  * Because every output of the forward pass is computed independently per token, neither
  * batching nor recomputation changes a greedy answer.
+ *
+ * Speculative decoding: a decoding sequence may feed, instead of its one last token, that
+ * token plus k draft tokens from the drafter, with logits for all k+1 positions. The
+ * drafts are verified in order (greedy: equal to the target's argmax; sampling: the
+ * rejection rule of tsr_sampler_sample_spec) and the first rejection is replaced by the
+ * target's own token; if all pass, the last row gives one more token. The KV rows of
+ * rejected drafts are simply left behind: n_computed stops before them, blocks past the
+ * sequence's end go back to the pool, and the next step overwrites them. k adapts per
+ * sequence (all accepted: k+1 up to the cap; else accepted+1), a sequence whose recent
+ * acceptance stays below 30% pauses speculation for 16 steps, and no sequence speculates
+ * while more than spec_max_batch sequences decode.
  */
 #include "coordinator/engine.h"
 
@@ -48,6 +59,12 @@ typedef struct seq {
     void *ud;
     uint64_t t_submit, t_scheduled, t_first_token;
     int32_t n_generated, n_preempted;
+    /* speculation */
+    bool spec;
+    int32_t spec_k, n_draft, spec_pause, n_verify;
+    int32_t *draft;
+    float acc_ema;
+    int32_t spec_drafted, spec_accepted;
     bool cancel;
     struct seq *next;
 } seq;
@@ -85,6 +102,7 @@ struct tsr_engine {
     double step_ms_mean;
     uint64_t rate_t0, rate_n0;
     double rate;
+    uint64_t spec_drafted, spec_accepted;
 };
 
 static void set_err(char *err, size_t err_len, const char *fmt, ...)
@@ -115,6 +133,9 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     if (e->p.max_seqs <= 0) e->p.max_seqs = 64;
     if (e->p.max_queue <= 0) e->p.max_queue = 256;
     if (e->p.idle_heartbeat_ms <= 0) e->p.idle_heartbeat_ms = 1000;
+    if (e->p.spec_k <= 0) e->p.spec_k = 4;
+    if (e->p.spec_k > 16) e->p.spec_k = 16;
+    if (e->p.spec_max_batch <= 0) e->p.spec_max_batch = 4;
     e->n_batch = tsr_replica_n_batch(rep);
     if (e->p.max_batch_tokens > e->n_batch) e->p.max_batch_tokens = e->n_batch;
     e->p.n_kv_blocks = tsr_replica_n_kv_blocks(rep);
@@ -162,6 +183,7 @@ static void seq_free(seq *s)
     free(s->tokens);
     free(s->blocks);
     free(s->stop_ids);
+    free(s->draft);
     tsr_sampler_free(s->smp);
     tsr_stop_free(&s->stop);
     tsr_detok_free(&s->dt);
@@ -224,6 +246,10 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
         set_err(err, err_len, "max_tokens must be >= 1, got %d", g->max_tokens);
         return TSR_ENGINE_EINVAL;
     }
+    if (rq->speculation < -1 || rq->speculation > 1) {
+        set_err(err, err_len, "speculation must be off (0) or auto (1), got %d", rq->speculation);
+        return TSR_ENGINE_EINVAL;
+    }
     if (rq->logprobs < 0 || rq->logprobs > MAX_LOGPROBS) {
         set_err(err, err_len, "logprobs must be in 0..%d, got %d", MAX_LOGPROBS, rq->logprobs);
         return TSR_ENGINE_EINVAL;
@@ -275,6 +301,14 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
     }
     s->max_tokens = g->max_tokens;
     s->ignore_eos = g->ignore_eos;
+    s->spec = e->p.drafter && rq->logprobs == 0 &&
+              (rq->speculation > 0 || (rq->speculation < 0 && e->p.spec_default_on));
+    if (s->spec) {
+        s->draft = malloc(sizeof(int32_t) * (size_t)e->p.spec_k);
+        if (!s->draft) goto oom_s;
+        s->spec_k = e->p.spec_k < 2 ? e->p.spec_k : 2;
+        s->acc_ema = 0.5f;
+    }
     s->logprobs = rq->logprobs;
     s->deadline_ns = rq->deadline_ns;
     s->on_event = rq->on_event;
@@ -411,8 +445,11 @@ static void finish(tsr_engine *e, seq *s, int reason, const char *error)
                     .t_queue_ns = s->t_scheduled ? s->t_scheduled - s->t_submit : t - s->t_submit,
                     .t_first_token_ns = s->t_first_token ? s->t_first_token - s->t_submit : 0,
                     .t_decode_ns = s->t_first_token ? t - s->t_first_token : 0,
-                    .n_preempted = s->n_preempted};
+                    .n_preempted = s->n_preempted,
+                    .spec_drafted = s->spec_drafted,
+                    .spec_accepted = s->spec_accepted};
     s->on_event(s->ud, &ev);
+    if (s->spec) e->p.drafter->vt->release(e->p.drafter, s->id);
     blocks_release(e, s);
     e->n_done++;
     seq_free(s);
@@ -503,6 +540,10 @@ static void publish_status(tsr_engine *e)
     e->snap.tokens_per_s = e->rate;
     e->snap.step_ms_mean = e->step_ms_mean;
     e->snap.n_ranks = tsr_replica_size(e->rep);
+    e->snap.spec_drafted = e->spec_drafted;
+    e->snap.spec_accepted = e->spec_accepted;
+    e->snap.spec_acceptance =
+        e->spec_drafted ? (double)e->spec_accepted / (double)e->spec_drafted : 0.0;
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -521,10 +562,32 @@ static void preempt_newest(tsr_engine *e)
 static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
 {
     int32_t budget = e->p.max_batch_tokens, n = 0, k = 0;
+    int32_t n_decoding = 0;
+    for (int32_t i = 0; i < e->n_running; i++)
+        n_decoding += e->running[i]->n_tokens - e->running[i]->n_computed == 1;
+    const bool spec_step = e->p.drafter && n_decoding <= e->p.spec_max_batch;
     /* 1. running sequences, oldest first */
     for (int32_t i = 0; i < e->n_running && budget > 0; i++) {
         seq *s = e->running[i];
         int32_t want = s->n_tokens - s->n_computed;
+        s->n_draft = 0;
+        if (want == 1 && s->spec && spec_step && budget > 1) {
+            if (s->spec_pause > 0) {
+                s->spec_pause--;
+            } else {
+                int32_t kk = s->spec_k < budget - 1 ? s->spec_k : budget - 1;
+                int32_t remain = s->max_tokens - s->n_generated - 1;
+                if (kk > remain) kk = remain;
+                if (s->n_tokens + kk >= e->n_ctx) kk = e->n_ctx - s->n_tokens - 1;
+                char derr[256];
+                int m = kk > 0 ? e->p.drafter->vt->propose(e->p.drafter, s->id, s->tokens,
+                                                           s->n_tokens, kk, s->draft, derr,
+                                                           sizeof derr)
+                               : 0;
+                if (m > 0) s->n_draft = m;
+            }
+        }
+        want += s->n_draft;
         int32_t chunk = want < budget ? want : budget;
         while (!blocks_reserve(e, s, s->n_computed + chunk)) {
             /* Out of blocks: preempt the newest running sequence (maybe s itself). */
@@ -536,6 +599,7 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
             }
         }
         if (chunk == 0) break;
+        if (s->n_draft > 0 && chunk < want) s->n_draft = chunk - 1; /* budget-limited */
         e->b_seqs[k] = s;
         e->b_chunk[k] = chunk;
         k++;
@@ -545,6 +609,7 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
     /* 2. waiting sequences, FIFO, while they fit */
     while (e->n_waiting > 0 && budget > 0 && e->n_running < e->p.max_seqs) {
         seq *s = e->waiting[0];
+        s->n_draft = 0;
         int32_t want = s->n_tokens - s->n_computed;
         int32_t chunk = want < budget ? want : budget;
         if (!blocks_reserve(e, s, s->n_computed + chunk)) break;
@@ -563,10 +628,10 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
         seq *s = e->b_seqs[j];
         for (int32_t c = 0; c < e->b_chunk[j]; c++, t++) {
             int32_t p = s->n_computed + c;
-            e->b_tokens[t] = s->tokens[p];
+            e->b_tokens[t] = p < s->n_tokens ? s->tokens[p] : s->draft[p - s->n_tokens];
             e->b_pos[t] = p;
             e->b_seq[t] = j;
-            e->b_want[t] = p == s->n_tokens - 1;
+            e->b_want[t] = p >= s->n_tokens - 1;
         }
         e->b_tables[j] = s->blocks;
         e->b_nblocks[j] = s->n_blocks;
@@ -582,63 +647,122 @@ static int find_running(tsr_engine *e, seq *s)
     return -1;
 }
 
+/* Give blocks past what `upto` positions need back to the pool. */
+static void blocks_trim(tsr_engine *e, seq *s, int32_t upto)
+{
+    int32_t need = (upto + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    while (s->n_blocks > need) e->free_blocks[e->n_free++] = s->blocks[--s->n_blocks];
+}
+
+/* Append a sampled token, emit its text; returns a finish reason or -1. */
+static int emit_token(tsr_engine *e, seq *s, int32_t id, const float *chosen,
+                      const tsr_logprob *tops)
+{
+    const tsr_vocab *vocab = tsr_replica_vocab(e->rep);
+    tsr_sampler_accept(s->smp, id);
+    s->tokens[s->n_tokens++] = id;
+    s->n_generated++;
+    e->n_generated_total++;
+    if (!s->t_first_token) s->t_first_token = now_ns();
+    int reason = -1;
+    const char *out = "";
+    size_t out_len = 0;
+    if (!s->ignore_eos && tsr_vocab_is_eog(vocab, id)) {
+        reason = TSR_FINISH_EOS;
+    } else {
+        const char *piece;
+        size_t piece_len;
+        int sr = 0;
+        if (tsr_detok_push(&s->dt, id, &piece, &piece_len) == 0)
+            sr = tsr_stop_push(&s->stop, piece, piece_len, &out, &out_len);
+        if (sr == 1) reason = TSR_FINISH_STOP;
+        for (size_t k = 0; k < s->n_stop_ids; k++)
+            if (s->stop_ids[k] == id) reason = TSR_FINISH_STOP;
+    }
+    tsr_event ev = {.kind = TSR_EV_TOKENS,
+                    .request_id = s->id,
+                    .ids = &s->tokens[s->n_tokens - 1],
+                    .n_ids = 1,
+                    .text = out,
+                    .text_len = out_len,
+                    .chosen_logprobs = tops ? chosen : NULL,
+                    .top_logprobs = tops,
+                    .n_top = tops ? s->logprobs : 0};
+    s->on_event(s->ud, &ev);
+    if (reason < 0 && (s->n_generated >= s->max_tokens || s->n_tokens >= e->n_ctx))
+        reason = TSR_FINISH_LENGTH;
+    return reason;
+}
+
+/* Adapt a sequence's draft length after verifying m drafts of which a were accepted. */
+static void spec_adapt(tsr_engine *e, seq *s, int32_t m, int32_t a)
+{
+    s->spec_drafted += m;
+    s->spec_accepted += a;
+    e->spec_drafted += (uint64_t)m;
+    e->spec_accepted += (uint64_t)a;
+    s->acc_ema = 0.7f * s->acc_ema + 0.3f * ((float)a / (float)m);
+    s->n_verify++;
+    if (a == m) s->spec_k = s->spec_k + 1 <= e->p.spec_k ? s->spec_k + 1 : e->p.spec_k;
+    else s->spec_k = a + 1;
+    if (s->n_verify >= 4 && s->acc_ema < 0.3f) {
+        /* Drafts mostly wasted: decode plainly for a while, then probe again. */
+        s->spec_pause = 16;
+        s->spec_k = 1;
+        s->acc_ema = 0.5f;
+        s->n_verify = 0;
+    }
+}
+
 /* Sample and emit for each sequence that got logits; finish the ended ones. */
 static void after_step(tsr_engine *e, int32_t n_bseq, const float *logits)
 {
     int32_t row = 0;
-    const tsr_vocab *vocab = tsr_replica_vocab(e->rep);
+    const size_t V = (size_t)e->n_vocab;
     for (int32_t j = 0; j < n_bseq; j++) {
         seq *s = e->b_seqs[j];
-        s->n_computed += e->b_chunk[j];
+        const int32_t m = s->n_draft;
+        const int32_t n_tokens_before = s->n_tokens;
+        s->n_computed += e->b_chunk[j] - m;
         if (s->n_computed < s->n_tokens) continue; /* still prefilling */
-        memcpy(e->lg, logits + (size_t)row * (size_t)e->n_vocab, sizeof(float) * (size_t)e->n_vocab);
-        row++;
-        int32_t id;
-        float chosen = 0.0f;
-        int32_t top_ids[MAX_LOGPROBS];
-        float top_lp[MAX_LOGPROBS];
-        tsr_logprob tops[MAX_LOGPROBS];
-        if (s->logprobs > 0) {
-            id = tsr_sampler_sample_logprobs(s->smp, e->lg, s->logprobs, top_ids, top_lp, &chosen);
-            for (int32_t k = 0; k < s->logprobs; k++) {
-                tops[k].id = top_ids[k];
-                tops[k].logprob = top_lp[k];
-            }
-        } else {
-            id = tsr_sampler_sample(s->smp, e->lg);
-        }
-        tsr_sampler_accept(s->smp, id);
-        s->tokens[s->n_tokens++] = id;
-        s->n_generated++;
-        e->n_generated_total++;
-        if (!s->t_first_token) s->t_first_token = now_ns();
         int reason = -1;
-        const char *out = "";
-        size_t out_len = 0;
-        if (!s->ignore_eos && tsr_vocab_is_eog(vocab, id)) {
-            reason = TSR_FINISH_EOS;
-        } else {
-            const char *piece;
-            size_t piece_len;
-            int sr = 0;
-            if (tsr_detok_push(&s->dt, id, &piece, &piece_len) == 0)
-                sr = tsr_stop_push(&s->stop, piece, piece_len, &out, &out_len);
-            if (sr == 1) reason = TSR_FINISH_STOP;
-            for (size_t k = 0; k < s->n_stop_ids; k++)
-                if (s->stop_ids[k] == id) reason = TSR_FINISH_STOP;
+        int32_t accepted = 0;
+        for (int32_t i = 0; i <= m && reason < 0; i++) {
+            memcpy(e->lg, logits + (size_t)(row + i) * V, sizeof(float) * V);
+            int32_t id;
+            if (i < m) {
+                bool ok;
+                id = tsr_sampler_sample_spec(s->smp, e->lg, s->draft[i], &ok);
+                reason = emit_token(e, s, id, NULL, NULL);
+                if (!ok) break;
+                accepted++;
+            } else if (s->logprobs > 0) {
+                float chosen = 0.0f;
+                int32_t top_ids[MAX_LOGPROBS];
+                float top_lp[MAX_LOGPROBS];
+                tsr_logprob tops[MAX_LOGPROBS];
+                id = tsr_sampler_sample_logprobs(s->smp, e->lg, s->logprobs, top_ids, top_lp,
+                                                 &chosen);
+                for (int32_t k = 0; k < s->logprobs; k++) {
+                    tops[k].id = top_ids[k];
+                    tops[k].logprob = top_lp[k];
+                }
+                reason = emit_token(e, s, id, &chosen, tops);
+            } else {
+                id = tsr_sampler_sample(s->smp, e->lg);
+                reason = emit_token(e, s, id, NULL, NULL);
+            }
         }
-        tsr_event ev = {.kind = TSR_EV_TOKENS,
-                        .request_id = s->id,
-                        .ids = &s->tokens[s->n_tokens - 1],
-                        .n_ids = 1,
-                        .text = out,
-                        .text_len = out_len,
-                        .chosen_logprobs = s->logprobs > 0 ? &chosen : NULL,
-                        .top_logprobs = s->logprobs > 0 ? tops : NULL,
-                        .n_top = s->logprobs};
-        s->on_event(s->ud, &ev);
-        if (reason < 0 && (s->n_generated >= s->max_tokens || s->n_tokens >= e->n_ctx))
-            reason = TSR_FINISH_LENGTH;
+        row += 1 + m;
+        if (m > 0) {
+            /* Valid KV: everything up to the last accepted draft; the token just sampled
+             * after it is fed next step. */
+            s->n_computed = n_tokens_before + accepted;
+            blocks_trim(e, s, s->n_computed + 1);
+            e->p.drafter->vt->rollback(e->p.drafter, s->id, s->n_computed);
+            spec_adapt(e, s, m, accepted);
+            s->n_draft = 0;
+        }
         if (reason >= 0) {
             int i = find_running(e, s);
             if (i >= 0) remove_running(e, i);

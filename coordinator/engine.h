@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/drafter.h"
 #include "coordinator/generate.h"
 #include "coordinator/sampler.h"
 #include "worker/replica.h"
@@ -68,6 +69,8 @@ typedef struct {
     uint64_t t_first_token_ns; /* submit → first token */
     uint64_t t_decode_ns;      /* first token → finish */
     int32_t n_preempted;       /* times this request was preempted and recomputed */
+    int32_t spec_drafted;      /* draft tokens proposed for this request */
+    int32_t spec_accepted;     /* of which the target accepted */
 } tsr_event;
 
 typedef void (*tsr_event_fn)(void *ud, const tsr_event *ev);
@@ -78,6 +81,8 @@ typedef struct {
     tsr_gen_params gen;        /* max_tokens, sampling, stop strings (copied), ... */
     int32_t logprobs;          /* 0: none; n > 0: top-n per token (<= 20) */
     int64_t deadline_ns;       /* CLOCK_MONOTONIC absolute; 0 = none */
+    int32_t speculation;       /* -1: the server's default; 0: off; 1: auto (when the
+                                  engine has a drafter; not with logprobs) */
     tsr_event_fn on_event;
     void *ud;
 } tsr_engine_request;
@@ -88,6 +93,13 @@ typedef struct {
     int32_t max_queue;        /* waiting requests before RESOURCE_EXHAUSTED (default 256) */
     int32_t n_kv_blocks;      /* KV pool size in blocks (from --kv-memory) */
     int64_t idle_heartbeat_ms; /* leader → followers keep-alive when idle (default 1000) */
+    /* Speculative decoding (NULL drafter: off). Borrowed; must outlive the engine. */
+    tsr_drafter *drafter;
+    int32_t spec_k;           /* cap on draft tokens per step (default 4) */
+    int32_t spec_max_batch;   /* speculate only while at most this many sequences decode
+                                 (default 4): beyond, the batch already fills the step and
+                                 verification would cost more than it saves */
+    bool spec_default_on;     /* requests with speculation -1 speculate (default true) */
 } tsr_engine_params;
 
 typedef struct {
@@ -102,6 +114,9 @@ typedef struct {
     bool healthy;             /* the data plane completes steps */
     double step_ms_mean;      /* leader step time, recent mean */
     int32_t n_ranks;
+    uint64_t spec_drafted;    /* draft tokens proposed, all requests */
+    uint64_t spec_accepted;   /* of which accepted */
+    double spec_acceptance;   /* accepted / drafted (0 when none) */
 } tsr_engine_status;
 
 typedef struct tsr_engine tsr_engine;

@@ -5,6 +5,8 @@
  * --help. Exit status: 0 ok, 1 runtime error (bad model file, out of memory, ...),
  * 2 usage error (unknown flag, bad value) — with a message that says what to fix.
  */
+#include "coordinator/drafter.h"
+#include "coordinator/engine.h"
 #include "coordinator/generate.h"
 #include "coordinator/sampler.h"
 #include "kernels/membw.h"
@@ -348,6 +350,9 @@ static const char *generate_help =
     "                              input give the same output\n"
     "      --stop STR              stop before STR (repeatable); STR is not printed\n"
     "      --ignore-eos            keep going past end-of-generation tokens\n"
+    "      --draft-model PATH      speculative decoding with a draft model (same vocabulary)\n"
+    "      --spec ngram            speculative decoding with n-gram prompt lookup\n"
+    "      --spec-k K              most draft tokens per step (default 4; adapts below)\n"
     "  -c, --ctx-size N            context size in tokens (default: the model's, max 4096)\n"
     "  -t, --threads N             CPU threads per rank (default: all cores)\n"
     "      --json                  print one JSON object instead of streaming text:\n"
@@ -448,15 +453,12 @@ static cJSON *ranks_json(const tsr_rank_stats *st, int n)
     return a;
 }
 
-static int stream_stdout(void *ud, const char *text, size_t len)
-{
-    (void)ud;
-    fwrite(text, 1, len, stdout);
-    fflush(stdout);
-    return 0;
-}
 
 #define MAX_STOPS 16
+
+static int run_generate(const char *model, tsr_replica_params *rp, const char *prompt,
+                        const tsr_gen_params *gp, bool json, const char *draft_model,
+                        bool spec_ngram, int32_t spec_k, int64_t n_threads);
 
 static int cmd_generate(int argc, char **argv)
 {
@@ -472,6 +474,9 @@ static int cmd_generate(int argc, char **argv)
         O_STOP,
         O_IGNORE_EOS,
         O_JSON,
+        O_DRAFT,
+        O_SPEC,
+        O_SPEC_K,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -489,13 +494,18 @@ static int cmd_generate(int argc, char **argv)
         {"seed", required_argument, 0, O_SEED},
         {"stop", required_argument, 0, O_STOP},
         {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
+        {"draft-model", required_argument, 0, O_DRAFT},
+        {"spec", required_argument, 0, O_SPEC},
+        {"spec-k", required_argument, 0, O_SPEC_K},
         {"ctx-size", required_argument, 0, 'c'},
         {"threads", required_argument, 0, 't'},
         {"json", no_argument, 0, O_JSON},
         {"help", no_argument, 0, 'h'},
         REPLICA_OPTS,
         {0, 0, 0, 0}};
-    const char *model = DEFAULT_MODEL, *prompt = NULL;
+    const char *model = DEFAULT_MODEL, *prompt = NULL, *draft_model = NULL;
+    bool spec_ngram = false;
+    int64_t spec_k = 4;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t n_predict = 128, n_ctx = 0, n_threads = default_threads();
     bool json = false, seed_set = false;
@@ -542,6 +552,13 @@ static int cmd_generate(int argc, char **argv)
             break;
         case O_IGNORE_EOS: gp.ignore_eos = true; break;
         case O_JSON: json = true; break;
+        case O_DRAFT: draft_model = optarg; break;
+        case O_SPEC:
+            if (!strcmp(optarg, "ngram")) spec_ngram = true;
+            else if (strcmp(optarg, "off") != 0)
+                return usage_error("generate", "--spec takes 'ngram' or 'off', got '%s'", optarg);
+            break;
+        case O_SPEC_K: INT_FLAG("generate", "--spec-k", 1, 16, spec_k); break;
         case 'h': fputs(generate_help, stdout); return 0;
         default: {
             int r = replica_flag("generate", c, &rp);
@@ -565,28 +582,151 @@ static int cmd_generate(int argc, char **argv)
     gp.stop = stops;
     gp.n_stop = n_stops;
 
+    if (draft_model && spec_ngram)
+        return usage_error("generate", "choose one of --draft-model and --spec ngram");
     rp.n_threads = (int)n_threads;
     rp.n_ctx = (int32_t)n_ctx;
+    return run_generate(model, &rp, prompt, &gp, json, draft_model, spec_ngram, (int32_t)spec_k,
+                        n_threads);
+}
+
+/* ---- generate through the serving engine (one request) ---- */
+
+typedef struct {
+    bool json;
+    int32_t *ids;
+    size_t n_ids, cap;
+    char *text;
+    size_t text_len, text_cap;
+    tsr_event fin;
+    bool done;
+    char error[512];
+} gen_sink;
+
+static void gen_on_event(void *ud, const tsr_event *ev)
+{
+    gen_sink *g = ud;
+    if (ev->kind == TSR_EV_TOKENS) {
+        for (size_t i = 0; i < ev->n_ids; i++) {
+            if (g->n_ids == g->cap) {
+                size_t cap = g->cap ? 2 * g->cap : 256;
+                int32_t *p = realloc(g->ids, cap * sizeof *p);
+                if (!p) return;
+                g->ids = p;
+                g->cap = cap;
+            }
+            g->ids[g->n_ids++] = ev->ids[i];
+        }
+        if (ev->text_len) {
+            if (g->text_len + ev->text_len + 1 > g->text_cap) {
+                size_t cap = g->text_cap ? 2 * g->text_cap : 1024;
+                while (cap < g->text_len + ev->text_len + 1) cap *= 2;
+                char *p = realloc(g->text, cap);
+                if (!p) return;
+                g->text = p;
+                g->text_cap = cap;
+            }
+            memcpy(g->text + g->text_len, ev->text, ev->text_len);
+            g->text_len += ev->text_len;
+            g->text[g->text_len] = 0;
+            if (!g->json) {
+                fwrite(ev->text, 1, ev->text_len, stdout);
+                fflush(stdout);
+            }
+        }
+    } else {
+        g->fin = *ev;
+        g->done = true;
+        if (ev->error) snprintf(g->error, sizeof g->error, "%s", ev->error);
+    }
+}
+
+static const char *finish_name(int r)
+{
+    if (r == TSR_FINISH_CANCELLED) return "cancelled";
+    if (r == TSR_FINISH_ERROR) return "error";
+    return tsr_finish_reason_name((tsr_finish_reason)r);
+}
+
+static int run_generate(const char *model, tsr_replica_params *rp, const char *prompt,
+                        const tsr_gen_params *gp, bool json, const char *draft_model,
+                        bool spec_ngram, int32_t spec_k, int64_t n_threads)
+{
+    /* A paged replica: the context's positions as KV blocks (the engine's own layout). */
+    int32_t n_ctx = rp->n_ctx;
+    if (n_ctx <= 0) {
+        tsr_gguf *g;
+        tsr_hparams hp;
+        char e0[512];
+        n_ctx = 4096;
+        if (tsr_gguf_open(model, &g, e0, sizeof e0) == 0) {
+            if (tsr_model_read_hparams(g, &hp, e0, sizeof e0) == 0 && hp.n_ctx_train < n_ctx)
+                n_ctx = hp.n_ctx_train;
+            tsr_gguf_close(g);
+        }
+        rp->n_ctx = n_ctx;
+    }
+    rp->n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     tsr_replica *rep;
-    if (open_replica("generate", model, &rp, &rep) != 0) return 1;
+    if (open_replica("generate", model, rp, &rep) != 0) return 1;
     if (!tsr_replica_is_leader(rep)) return follow("generate", rep);
     const tsr_vocab *vocab = tsr_replica_vocab(rep);
+    char err[1024];
     int rc = 1;
     int32_t *ids = NULL;
     size_t n_ids = 0;
-    tsr_gen_result res;
-    memset(&res, 0, sizeof res);
+    tsr_drafter *drafter = NULL;
+    tsr_engine *eng = NULL;
+    gen_sink sink;
+    memset(&sink, 0, sizeof sink);
+    sink.json = json;
     tsr_rank_stats *st = calloc((size_t)tsr_replica_size(rep), sizeof *st);
-    bool gen_ok = false;
+    bool ok = false;
     if (!st) {
         snprintf(err, sizeof err, "out of memory");
-    } else if (tsr_vocab_tokenize(vocab, prompt, strlen(prompt), true, true, &ids, &n_ids, err,
-                                  sizeof err) == 0 &&
-               tsr_generate(rep, vocab, ids, n_ids, &gp, json ? NULL : stream_stdout, NULL, &res,
-                            err, sizeof err) == 0) {
-        gen_ok = true;
+        goto stop;
     }
-    /* Release the followers whatever happened, then the stats collective. */
+    if (spec_ngram && tsr_drafter_ngram_new(1, 3, &drafter, err, sizeof err) != 0) goto stop;
+    if (draft_model && tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
+                                             rp->n_kv_blocks + 8, (int)n_threads, &drafter, err,
+                                             sizeof err) != 0)
+        goto stop;
+    tsr_engine_params ep = {.max_batch_tokens = tsr_replica_n_batch(rep),
+                            .max_seqs = 4,
+                            .max_queue = 4,
+                            .drafter = drafter,
+                            .spec_k = spec_k,
+                            .spec_default_on = true};
+    if (tsr_engine_new(rep, &ep, &eng, err, sizeof err) != 0) goto stop;
+    if (tsr_vocab_tokenize(vocab, prompt, strlen(prompt), true, true, &ids, &n_ids, err,
+                           sizeof err) != 0)
+        goto stop;
+    if (n_ids == 0) {
+        snprintf(err, sizeof err, "the prompt is empty: give some text");
+        goto stop;
+    }
+    tsr_engine_request rq = {.prompt_ids = ids,
+                             .n_prompt = n_ids,
+                             .gen = *gp,
+                             .speculation = drafter ? 1 : 0,
+                             .on_event = gen_on_event,
+                             .ud = &sink};
+    /* The context bounds max_tokens: generate what fits, finish "length". */
+    if ((size_t)rq.gen.max_tokens + n_ids > (size_t)n_ctx && n_ids < (size_t)n_ctx)
+        rq.gen.max_tokens = n_ctx - (int32_t)n_ids;
+    if (rq.gen.max_tokens == 0) {
+        ok = true; /* nothing to generate */
+        goto stop;
+    }
+    if (tsr_engine_submit(eng, &rq, NULL, err, sizeof err) != 0) goto stop;
+    tsr_engine_stop(eng, false);
+    if (tsr_engine_run(eng, err, sizeof err) != 0) goto stop;
+    if (!sink.done || sink.fin.finish_reason == TSR_FINISH_ERROR) {
+        snprintf(err, sizeof err, "generation failed: %s", sink.error[0] ? sink.error : "?");
+        goto stop;
+    }
+    ok = true;
+stop:;
     char err2[512];
     if (tsr_replica_shutdown(rep, err2, sizeof err2) != 0 ||
         tsr_replica_stats(rep, st, err2, sizeof err2) != 0) {
@@ -594,27 +734,34 @@ static int cmd_generate(int argc, char **argv)
         tsr_comm_mpi_abort(1);
         goto done;
     }
-    if (!gen_ok) goto fail;
+    if (!ok) {
+        fprintf(stderr, "tessera generate: %s\n", err);
+        goto done;
+    }
+    /* The first token comes from the prefill; decode covers the rest. */
+    double t_prefill = sink.fin.t_first_token_ns / 1e9;
+    double pf = t_prefill > 0 ? (double)n_ids / t_prefill : 0.0;
+    double dc = sink.n_ids > 1 && sink.fin.t_decode_ns
+                    ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns
+                    : 0.0;
     if (json) {
         cJSON *o = cJSON_CreateObject();
         cJSON *pi = cJSON_AddArrayToObject(o, "prompt_ids");
         for (size_t i = 0; i < n_ids; i++) cJSON_AddItemToArray(pi, cJSON_CreateNumber(ids[i]));
         cJSON *gi = cJSON_AddArrayToObject(o, "ids");
-        for (size_t i = 0; i < res.n_ids; i++)
-            cJSON_AddItemToArray(gi, cJSON_CreateNumber(res.ids[i]));
-        cJSON_AddStringToObject(o, "text", res.text);
-        cJSON_AddStringToObject(o, "finish_reason", tsr_finish_reason_name(res.finish));
-        double pf = res.t_prefill_ns ? (double)n_ids * 1e9 / (double)res.t_prefill_ns : 0.0;
-        /* The first generated token comes from the prefill's logits: decode steps = n - 1. */
-        double dc = res.n_ids > 1 && res.t_decode_ns
-                        ? (double)(res.n_ids - 1) * 1e9 / (double)res.t_decode_ns
-                        : 0.0;
+        for (size_t i = 0; i < sink.n_ids; i++)
+            cJSON_AddItemToArray(gi, cJSON_CreateNumber(sink.ids[i]));
+        cJSON_AddStringToObject(o, "text", sink.text ? sink.text : "");
+        cJSON_AddStringToObject(o, "finish_reason", sink.done ? finish_name(sink.fin.finish_reason)
+                                                              : "length");
         cJSON_AddNumberToObject(o, "prefill_tokens_per_s", pf);
         cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc);
-        cJSON_AddNumberToObject(o, "seed", (double)gp.sampling.seed);
+        cJSON_AddNumberToObject(o, "spec_drafted", sink.fin.spec_drafted);
+        cJSON_AddNumberToObject(o, "spec_accepted", sink.fin.spec_accepted);
+        cJSON_AddNumberToObject(o, "seed", (double)gp->sampling.seed);
         cJSON_AddNumberToObject(o, "threads", (double)n_threads);
-        cJSON_AddNumberToObject(o, "tp", rp.tp);
-        cJSON_AddNumberToObject(o, "pp", rp.pp);
+        cJSON_AddNumberToObject(o, "tp", rp->tp);
+        cJSON_AddNumberToObject(o, "pp", rp->pp);
         cJSON_AddItemToObject(o, "ranks", ranks_json(st, tsr_replica_size(rep)));
         char *s = cJSON_PrintUnformatted(o);
         if (s) puts(s);
@@ -622,21 +769,22 @@ static int cmd_generate(int argc, char **argv)
         cJSON_Delete(o);
     } else {
         putchar('\n');
-        double dc = res.n_ids > 1 && res.t_decode_ns
-                        ? (double)(res.n_ids - 1) * 1e9 / (double)res.t_decode_ns
-                        : 0.0;
         fprintf(stderr,
                 "[%zu prompt tokens, %zu generated, finish: %s; prefill %.1f tokens/s, decode "
-                "%.1f tokens/s]\n",
-                n_ids, res.n_ids, tsr_finish_reason_name(res.finish),
-                res.t_prefill_ns ? (double)n_ids * 1e9 / (double)res.t_prefill_ns : 0.0, dc);
+                "%.1f tokens/s",
+                n_ids, sink.n_ids, sink.done ? finish_name(sink.fin.finish_reason) : "length", pf,
+                dc);
+        if (drafter)
+            fprintf(stderr, "; speculation: %d drafted, %d accepted", sink.fin.spec_drafted,
+                    sink.fin.spec_accepted);
+        fprintf(stderr, "]\n");
     }
     rc = 0;
-    goto done;
-fail:
-    fprintf(stderr, "tessera generate: %s\n", err);
 done:
-    tsr_gen_result_free(&res);
+    tsr_engine_free(eng);
+    tsr_drafter_free(drafter);
+    free(sink.ids);
+    free(sink.text);
     free(ids);
     free(st);
     tsr_replica_close(rep);

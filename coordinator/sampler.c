@@ -183,7 +183,10 @@ void tsr_sampler_add_prompt(tsr_sampler *s, const int32_t *ids, size_t n)
 void tsr_sampler_accept(tsr_sampler *s, int32_t id)
 {
     if (id < 0 || id >= s->n_vocab) return;
-    mark_seen(s, id);
+    if (!s->seen[id]) {
+        s->seen[id] = 2; /* seen only as a generated token (see tsr_sampler_unaccept) */
+        s->seen_ids[s->n_seen++] = id;
+    }
     if (s->gen_count[id] < INT32_MAX) s->gen_count[id]++;
 }
 
@@ -556,61 +559,18 @@ static float log_sum_exp(float *l, int32_t n, float max)
     return max + (float)log(sum_exp(l, n, max, NULL));
 }
 
-static int32_t sample_impl(tsr_sampler *s, float *logits, int32_t n_top, int32_t *top_ids,
-                           float *top_lp, float *chosen_lp)
+/* The candidates of a filtered draw: tokens with probability > 0 after top-k, top-p and
+ * min-p, carrying their unnormalised weight w = exp(l - max) in .v, in s->cand. logits have
+ * been penalised and scaled; max is their maximum (finite). *weights_in_logits tells
+ * whether logits[] now hold the weights. Returns the count. */
+static size_t build_cands(tsr_sampler *s, float *logits, float max, bool *weights_in_logits_out)
 {
     const int32_t n = s->n_vocab;
     const tsr_sampling_params *p = &s->p;
-    const bool want_lp = n_top > 0 || chosen_lp;
-
-    tsr_sampler_apply_penalties(s, logits);
-
-    const bool greedy = p->temperature < TSR_SAMPLER_GREEDY_EPS;
-    if (greedy && !want_lp) return argmax_first(logits, n); /* NaN never wins there */
-
-    const float max = scale_clean_max(logits, n, greedy ? 1.0f : p->temperature);
-    float lse = 0.0f;
-    if (want_lp) {
-        lse = log_sum_exp(logits, n, max);
-        top_logprobs(s, logits, lse, n_top, top_ids, top_lp);
-    }
-
-    int32_t id;
-    if (greedy || !isfinite(max)) {
-        /* greedy; or nothing finite to sample: all -inf (-> id 0) or some +inf (-> the
-         * first of them) */
-        id = argmax_first(logits, n);
-        if (chosen_lp) *chosen_lp = logits[id] - lse;
-        return id;
-    }
-
     const bool use_k = p->top_k > 0 && p->top_k < n;
     const bool use_p = p->top_p < 1.0f;
     const bool use_min_p = p->min_p > 0.0f;
-    bool weights_in_logits = false; /* logits[] now hold w = exp(l - max) */
-
-    if (!use_k && !use_p && !use_min_p) {
-        /* plain sampling over the whole vocabulary, in id order, no selection */
-        const double sum = sum_exp(logits, n, max, logits);
-        double r = rng_uniform(s) * sum;
-        id = -1;
-        int32_t last = 0;
-        for (int32_t i = 0; i < n; i++) {
-            const float w = logits[i];
-            if (w > 0.0f) {
-                last = i;
-                r -= w;
-                if (r < 0.0) {
-                    id = i;
-                    break;
-                }
-            }
-        }
-        if (id < 0) id = last; /* rounding left r a hair above 0 */
-        if (chosen_lp) *chosen_lp = logf(logits[id]) + max - lse;
-        return id;
-    }
-
+    bool weights_in_logits = false;
     /* Candidates: the tokens with probability > 0. top-k selects on the logits; from then on
      * the candidates carry their unnormalised probability w = exp(l - max) in .v (the max has
      * w = 1), and top-p / min-p work on those as vLLM does on probs. */
@@ -671,6 +631,67 @@ static int32_t sample_impl(tsr_sampler *s, float *logits, int32_t n_top, int32_t
         }
     }
 
+    *weights_in_logits_out = weights_in_logits;
+    return nc;
+}
+
+static int32_t sample_impl(tsr_sampler *s, float *logits, int32_t n_top, int32_t *top_ids,
+                           float *top_lp, float *chosen_lp)
+{
+    const int32_t n = s->n_vocab;
+    const tsr_sampling_params *p = &s->p;
+    const bool want_lp = n_top > 0 || chosen_lp;
+
+    tsr_sampler_apply_penalties(s, logits);
+
+    const bool greedy = p->temperature < TSR_SAMPLER_GREEDY_EPS;
+    if (greedy && !want_lp) return argmax_first(logits, n); /* NaN never wins there */
+
+    const float max = scale_clean_max(logits, n, greedy ? 1.0f : p->temperature);
+    float lse = 0.0f;
+    if (want_lp) {
+        lse = log_sum_exp(logits, n, max);
+        top_logprobs(s, logits, lse, n_top, top_ids, top_lp);
+    }
+
+    int32_t id;
+    if (greedy || !isfinite(max)) {
+        /* greedy; or nothing finite to sample: all -inf (-> id 0) or some +inf (-> the
+         * first of them) */
+        id = argmax_first(logits, n);
+        if (chosen_lp) *chosen_lp = logits[id] - lse;
+        return id;
+    }
+
+    const bool use_k = p->top_k > 0 && p->top_k < n;
+    const bool use_p = p->top_p < 1.0f;
+    const bool use_min_p = p->min_p > 0.0f;
+    bool weights_in_logits = false; /* logits[] now hold w = exp(l - max) */
+
+    if (!use_k && !use_p && !use_min_p) {
+        /* plain sampling over the whole vocabulary, in id order, no selection */
+        const double sum = sum_exp(logits, n, max, logits);
+        double r = rng_uniform(s) * sum;
+        id = -1;
+        int32_t last = 0;
+        for (int32_t i = 0; i < n; i++) {
+            const float w = logits[i];
+            if (w > 0.0f) {
+                last = i;
+                r -= w;
+                if (r < 0.0) {
+                    id = i;
+                    break;
+                }
+            }
+        }
+        if (id < 0) id = last; /* rounding left r a hair above 0 */
+        if (chosen_lp) *chosen_lp = logf(logits[id]) + max - lse;
+        return id;
+    }
+
+    size_t nc = build_cands(s, logits, max, &weights_in_logits);
+    tsr_cand *c = s->cand;
     double sum = 0.0;
     for (size_t i = 0; i < nc; i++) sum += c[i].v;
     id = c[draw_index_cand(s, c, nc, sum)].id;
@@ -687,4 +708,79 @@ int32_t tsr_sampler_sample_logprobs(tsr_sampler *s, float *logits, int32_t n_top
                                     float *top_logprobs, float *chosen_logprob)
 {
     return sample_impl(s, logits, n_top, top_ids, top_logprobs, chosen_logprob);
+}
+
+int32_t tsr_sampler_sample_spec(tsr_sampler *s, float *logits, int32_t draft, bool *accepted)
+{
+    const int32_t n = s->n_vocab;
+    const tsr_sampling_params *p = &s->p;
+    tsr_sampler_apply_penalties(s, logits);
+    const bool greedy = p->temperature < TSR_SAMPLER_GREEDY_EPS;
+    if (greedy) {
+        int32_t id = argmax_first(logits, n);
+        *accepted = id == draft;
+        return id;
+    }
+    const float max = scale_clean_max(logits, n, p->temperature);
+    if (!isfinite(max)) {
+        int32_t id = argmax_first(logits, n);
+        *accepted = id == draft;
+        return id;
+    }
+    bool weights_in_logits = false;
+    size_t nc;
+    tsr_cand *c = s->cand;
+    if (p->top_k <= 0 && p->top_p >= 1.0f && p->min_p <= 0.0f) {
+        /* No filter: every token is a candidate. */
+        sum_exp(logits, n, max, logits);
+        nc = 0;
+        for (int32_t i = 0; i < n; i++)
+            if (logits[i] > 0.0f) c[nc++] = (tsr_cand){logits[i], i};
+    } else {
+        nc = build_cands(s, logits, max, &weights_in_logits);
+    }
+    double sum = 0.0, w_draft = 0.0;
+    size_t i_draft = nc;
+    for (size_t i = 0; i < nc; i++) {
+        sum += c[i].v;
+        if (c[i].id == draft) {
+            w_draft = c[i].v;
+            i_draft = i;
+        }
+    }
+    /* Accept the draft with probability p(draft) = w_draft / sum (q is one-hot). */
+    if (rng_uniform(s) * sum < w_draft) {
+        *accepted = true;
+        return draft;
+    }
+    *accepted = false;
+    /* Residual normalize(max(0, p - q)): p without the draft token. */
+    if (i_draft < nc) {
+        sum -= w_draft;
+        c[i_draft].v = 0.0f;
+    }
+    if (!(sum > 0.0)) return draft; /* p was all on the draft: unreachable after a reject */
+    return c[draw_index_cand(s, c, nc, sum)].id;
+}
+
+void tsr_sampler_unaccept(tsr_sampler *s, int32_t id)
+{
+    if (id < 0 || id >= s->n_vocab) return;
+    if (s->gen_count[id] > 0) s->gen_count[id]--;
+    /* `seen` stays set: the repetition penalty may keep counting a token that was only
+     * seen in a rejected draft, unless it was never in the prompt nor generated; recompute
+     * exactly by scanning is O(history), so callers that need exactness keep accepts and
+     * unaccepts balanced and the prompt's ids in `seen`. */
+    if (s->gen_count[id] == 0) {
+        /* Undo the mark when this id was only ever seen as a generated token. */
+        if (s->seen[id] == 2) {
+            s->seen[id] = 0;
+            for (size_t j = 0; j < s->n_seen; j++) {
+                if (s->seen_ids[j] == id) {
+                    s->seen_ids[j] = s->seen_ids[--s->n_seen];
+                    break;
+                }
+            }
+        }
+    }
 }

@@ -43,6 +43,7 @@
 #ifndef TSR_SAMPLER_H
 #define TSR_SAMPLER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -109,5 +110,18 @@ int32_t tsr_sampler_sample(tsr_sampler *s, float *logits);
  *   min(n_top, n_vocab) entries. n_top may be 0 (the arrays may then be NULL). */
 int32_t tsr_sampler_sample_logprobs(tsr_sampler *s, float *logits, int32_t n_top, int32_t *top_ids,
                                     float *top_logprobs, float *chosen_logprob);
+
+/* Speculative decoding: verify a draft token that the drafter proposed with probability 1
+ * (a one-hot draft distribution). Greedy: returns the argmax and *accepted = (argmax ==
+ * draft). Sampling (Leviathan et al. / Chen et al. rejection rule): with p the sampling
+ * distribution of tsr_sampler_sample (penalties, temperature, top-k, top-p, min-p), accept
+ * the draft with probability min(1, p(draft) / 1) = p(draft) and return it; otherwise
+ * return a draw from normalize(max(0, p - q)), i.e. p without the draft token. The tokens
+ * returned are then distributed exactly as tsr_sampler_sample's. logits are scratch. */
+int32_t tsr_sampler_sample_spec(tsr_sampler *s, float *logits, int32_t draft, bool *accepted);
+
+/* Undo one tsr_sampler_accept of `id` (a speculative token that was rolled back), so the
+ * penalties see exactly the accepted history. */
+void tsr_sampler_unaccept(tsr_sampler *s, int32_t id);
 
 #endif

@@ -36,6 +36,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
 #include <errno.h>
@@ -109,8 +110,8 @@ typedef struct srv_call {
     pthread_mutex_t mu;
     /* --- under mu --- */
     bool recv_pending, send_pending, in_pump;
-    bool closed;         /* RECV_CLOSE_ON_SERVER completed: nothing more can be sent */
-    bool done_sending;   /* the status went out (or the call is broken): send nothing more */
+    bool closed;       /* RECV_CLOSE_ON_SERVER completed: nothing more can be sent */
+    bool done_sending; /* the status went out (or the call is broken): send nothing more */
     bool md_sent;
     bool engine_active;  /* submitted, FINISH not seen yet */
     bool cancel_sent;    /* tsr_engine_cancel issued */
@@ -124,9 +125,11 @@ typedef struct srv_call {
     size_t n_ids, cap_ids;
     char *text;
     size_t text_len, cap_text;
-    int32_t n_top;      /* logprobs requested (top-n); < 0: none */
-    float *lp_chosen;   /* [cap_ids] */
-    tsr_logprob *lp_top; /* [cap_ids * n_top] */
+    int32_t n_top;    /* logprobs requested (top-n); < 0: none */
+    float *lp_chosen; /* [n_ids] */
+    size_t cap_chosen;
+    tsr_logprob *lp_top; /* [n_ids * n_top] */
+    size_t cap_top;
     bool oom;
     bool finished;
     int finish_reason;
@@ -146,13 +149,15 @@ struct tsr_server {
     tsr_server_model_info info;
     char *arch, *name;
     tag t_new, t_shutdown;
-    srv_call *pending_new; /* the call object request_call fills (CQ thread only) */
-    bool new_call_armed;   /* CQ thread only */
+    srv_call *pending_new;  /* the call object request_call fills (CQ thread only) */
+    bool new_call_armed;    /* CQ thread only */
     bool shutdown_tag_seen; /* CQ thread only */
     bool cancel_all_done;   /* CQ thread only */
     pthread_t cq_thread, pump_thread;
     uint64_t t_start_ns;
     atomic_uint_fast64_t next_req;
+    atomic_bool stopping;    /* shutting down or not serving (readable under any lock) */
+    int64_t last_refresh_ns; /* CQ thread only */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -288,8 +293,7 @@ static void call_destroy(srv_call *c)
 /* Under c->mu: may the call be released now? */
 static bool call_releasable(const srv_call *c)
 {
-    return c->closed && !c->recv_pending && !c->send_pending && !c->engine_active &&
-           !c->in_pump;
+    return c->closed && !c->recv_pending && !c->send_pending && !c->engine_active && !c->in_pump;
 }
 
 /* Unlink and free (no call lock held; the caller saw call_releasable under the lock, and
@@ -298,8 +302,10 @@ static void call_release(srv_call *c)
 {
     tsr_server *s = c->s;
     pthread_mutex_lock(&s->mu);
-    if (c->prev) c->prev->next = c->next;
-    else s->calls = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->calls = c->next;
     if (c->next) c->next->prev = c->prev;
     s->n_calls--;
     if (c->m == M_GENERATE) s->n_generate_open--;
@@ -315,8 +321,8 @@ static void call_release(srv_call *c)
  * `msg` (may be NULL; destroyed here) and, when with_status, the final status. Any
  * start_batch error is fatal for the call: it is cancelled (RECV_CLOSE then fires).
  */
-static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status,
-                       grpc_status_code code, const char *details)
+static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status, grpc_status_code code,
+                       const char *details)
 {
     grpc_op ops[3];
     size_t n = 0;
@@ -356,13 +362,6 @@ static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status,
     if (with_status) c->done_sending = true;
 }
 
-/* Under c->mu: answer with a status only (errors). */
-static void send_status(srv_call *c, grpc_status_code code, const char *details)
-{
-    if (c->done_sending || c->send_pending) return;
-    start_send(c, NULL, true, code, details);
-}
-
 static void count_rejected(tsr_server *s)
 {
     pthread_mutex_lock(&s->mu);
@@ -373,10 +372,14 @@ static void count_rejected(tsr_server *s)
 static Tessera__V1__FinishReason finish_to_proto(int r)
 {
     switch (r) {
-    case TSR_FINISH_LENGTH: return TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH;
-    case TSR_FINISH_STOP: return TESSERA__V1__FINISH_REASON__FINISH_REASON_STOP;
-    case TSR_FINISH_EOS: return TESSERA__V1__FINISH_REASON__FINISH_REASON_EOS;
-    case TSR_FINISH_CANCELLED: return TESSERA__V1__FINISH_REASON__FINISH_REASON_CANCELLED;
+    case TSR_FINISH_LENGTH:
+        return TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH;
+    case TSR_FINISH_STOP:
+        return TESSERA__V1__FINISH_REASON__FINISH_REASON_STOP;
+    case TSR_FINISH_EOS:
+        return TESSERA__V1__FINISH_REASON__FINISH_REASON_EOS;
+    case TSR_FINISH_CANCELLED:
+        return TESSERA__V1__FINISH_REASON__FINISH_REASON_CANCELLED;
     }
     return TESSERA__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
 }
@@ -483,10 +486,7 @@ static void advance(srv_call *c)
                      c->finish_error ? c->finish_error : "data plane error");
             send_last = c->n_ids > 0 || c->text_len > 0;
         } else if (c->finish_reason == TSR_FINISH_CANCELLED) {
-            bool stopping;
-            pthread_mutex_lock(&c->s->mu);
-            stopping = c->s->shutting_down || c->s->not_serving;
-            pthread_mutex_unlock(&c->s->mu);
+            bool stopping = atomic_load(&c->s->stopping);
             if (c->deadline_ns && now_ns() >= c->deadline_ns) {
                 code = GRPC_STATUS_DEADLINE_EXCEEDED;
                 snprintf(msg, sizeof msg, "deadline exceeded after %d generated tokens",
@@ -528,8 +528,10 @@ static void pump_enqueue(srv_call *c)
     tsr_server *s = c->s;
     pthread_mutex_lock(&s->pump_mu);
     c->pump_next = NULL;
-    if (s->pump_tail) s->pump_tail->pump_next = c;
-    else s->pump_head = c;
+    if (s->pump_tail)
+        s->pump_tail->pump_next = c;
+    else
+        s->pump_head = c;
     s->pump_tail = c;
     pthread_cond_signal(&s->pump_cv);
     pthread_mutex_unlock(&s->pump_mu);
@@ -583,18 +585,12 @@ static void on_engine_event(void *ud, const tsr_event *ev)
     if (ev->kind == TSR_EV_TOKENS) {
         if (!c->closed && !c->oom && ev->n_ids + ev->text_len > 0) {
             size_t need = c->n_ids + ev->n_ids;
-            size_t cap = c->cap_ids;
-            bool ok = grow((void **)&c->ids, &cap, need, sizeof(int32_t));
-            if (ok && c->n_top >= 0) {
-                size_t cap2 = c->cap_ids;
-                ok = grow((void **)&c->lp_chosen, &cap2, need, sizeof(float));
-                if (ok && c->n_top > 0) {
-                    size_t cap3 = c->cap_ids * (size_t)c->n_top;
-                    ok = grow((void **)&c->lp_top, &cap3, need * (size_t)c->n_top,
-                              sizeof(tsr_logprob));
-                }
-            }
-            if (ok) c->cap_ids = cap;
+            bool ok = grow((void **)&c->ids, &c->cap_ids, need, sizeof(int32_t));
+            if (ok && c->n_top >= 0)
+                ok = grow((void **)&c->lp_chosen, &c->cap_chosen, need, sizeof(float));
+            if (ok && c->n_top > 0)
+                ok = grow((void **)&c->lp_top, &c->cap_top, need * (size_t)c->n_top,
+                          sizeof(tsr_logprob));
             ok = ok && grow((void **)&c->text, &c->cap_text, c->text_len + ev->text_len + 1, 1);
             if (!ok) {
                 c->oom = true;
@@ -704,8 +700,8 @@ static void reply_msg(reply *r, const ProtobufCMessage *m)
     if (!r->msg) reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
 }
 
-#define MALFORMED(r, what)                                                                     \
-    reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,                                                 \
+#define MALFORMED(r, what)                                                                         \
+    reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,                                                     \
               "malformed " what ": the request bytes are not a valid protobuf message")
 
 static void handle_tokenize(tsr_server *s, grpc_slice in, reply *r)
@@ -722,8 +718,8 @@ static void handle_tokenize(tsr_server *s, grpc_slice in, reply *r)
     int32_t *ids = NULL;
     size_t n = 0;
     char err[512];
-    if (tsr_vocab_tokenize(s->vocab, text, strlen(text), add_special, parse_special, &ids, &n,
-                           err, sizeof err) != 0) {
+    if (tsr_vocab_tokenize(s->vocab, text, strlen(text), add_special, parse_special, &ids, &n, err,
+                           sizeof err) != 0) {
         reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "text: %s", err);
     } else {
         Tessera__V1__TokenizeResponse a = TESSERA__V1__TOKENIZE_RESPONSE__INIT;
@@ -748,10 +744,10 @@ static void handle_model_info(tsr_server *s, grpc_slice in, reply *r)
     Tessera__V1__ModelInfoResponse a = TESSERA__V1__MODEL_INFO_RESPONSE__INIT;
     a.architecture = s->arch;
     a.name = s->name;
-#define SETF(f, v)                                                                             \
-    do {                                                                                       \
-        a.has_##f = true;                                                                      \
-        a.f = (v);                                                                             \
+#define SETF(f, v)                                                                                 \
+    do {                                                                                           \
+        a.has_##f = true;                                                                          \
+        a.f = (v);                                                                                 \
     } while (0)
     SETF(context_length, i->n_ctx);
     SETF(context_length_train, i->n_ctx_train);
@@ -774,8 +770,8 @@ static void handle_model_info(tsr_server *s, grpc_slice in, reply *r)
 
 static void handle_status(tsr_server *s, grpc_slice in, reply *r)
 {
-    Tessera__V1__StatusRequest *q = tessera__v1__status_request__unpack(
-        NULL, GRPC_SLICE_LENGTH(in), GRPC_SLICE_START_PTR(in));
+    Tessera__V1__StatusRequest *q =
+        tessera__v1__status_request__unpack(NULL, GRPC_SLICE_LENGTH(in), GRPC_SLICE_START_PTR(in));
     if (!q) {
         MALFORMED(r, "StatusRequest");
         return;
@@ -787,10 +783,10 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     int32_t active = s->n_generate_open;
     pthread_mutex_unlock(&s->mu);
     Tessera__V1__StatusResponse a = TESSERA__V1__STATUS_RESPONSE__INIT;
-#define SETF(f, v)                                                                             \
-    do {                                                                                       \
-        a.has_##f = true;                                                                      \
-        a.f = (v);                                                                             \
+#define SETF(f, v)                                                                                 \
+    do {                                                                                           \
+        a.has_##f = true;                                                                          \
+        a.f = (v);                                                                                 \
     } while (0)
     SETF(requests_running, st.n_running);
     SETF(requests_queued, st.n_waiting);
@@ -814,8 +810,8 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
 
 static void handle_drain(tsr_server *s, grpc_slice in, reply *r)
 {
-    Tessera__V1__DrainRequest *q = tessera__v1__drain_request__unpack(
-        NULL, GRPC_SLICE_LENGTH(in), GRPC_SLICE_START_PTR(in));
+    Tessera__V1__DrainRequest *q =
+        tessera__v1__drain_request__unpack(NULL, GRPC_SLICE_LENGTH(in), GRPC_SLICE_START_PTR(in));
     if (!q) {
         MALFORMED(r, "DrainRequest");
         return;
@@ -863,8 +859,9 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
     const int32_t n_vocab = tsr_vocab_n_tokens(s->vocab);
     bool has_text = q->prompt && q->prompt[0];
     if (has_text && q->n_prompt_ids > 0) {
-        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
-                  "prompt and prompt_ids are both set: send the prompt as text or as ids, not both");
+        reply_err(
+            r, GRPC_STATUS_INVALID_ARGUMENT,
+            "prompt and prompt_ids are both set: send the prompt as text or as ids, not both");
         return false;
     }
     if (!has_text && q->n_prompt_ids == 0) {
@@ -949,8 +946,8 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
         size_t len = q->stop[i] ? strlen(q->stop[i]) : 0;
         if (len == 0 || len > MAX_STOP_BYTES) {
             reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
-                      "stop[%zu]: a stop string must be 1..%d bytes, got %zu", i,
-                      MAX_STOP_BYTES, len);
+                      "stop[%zu]: a stop string must be 1..%d bytes, got %zu", i, MAX_STOP_BYTES,
+                      len);
             return false;
         }
     }
@@ -995,6 +992,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     size_t n_ids = 0;
     tsr_engine_request er;
     memset(&er, 0, sizeof er);
+    er.speculation = -1; /* the server's default */
     pthread_mutex_lock(&s->mu);
     bool stopping = s->shutting_down;
     pthread_mutex_unlock(&s->mu);
@@ -1026,7 +1024,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     pthread_mutex_lock(&c->mu);
     free(c->request_id);
     c->request_id = str_dup(q->request_id ? q->request_id : rid);
-    c->n_top = er.logprobs > 0 ? er.logprobs : (q->has_logprobs ? 0 : -1);
+    c->n_top = er.logprobs > 0 ? er.logprobs : -1;
     c->deadline_ns = deadline_ns;
     bool closed = c->closed;
     if (!closed) c->engine_active = true; /* events may arrive before submit returns */
@@ -1043,7 +1041,9 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     int rc = tsr_engine_submit(s->engine, &er, &id, err, sizeof err);
     if (rc != TSR_ENGINE_OK) {
         switch (rc) {
-        case TSR_ENGINE_EINVAL: reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "%s", err); break;
+        case TSR_ENGINE_EINVAL:
+            reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "%s", err);
+            break;
         case TSR_ENGINE_EQUEUE_FULL:
             reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED,
                       "the request queue is full (%d waiting): retry later or on another "
@@ -1113,12 +1113,24 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
         grpc_slice in = read_all(bb);
         grpc_byte_buffer_destroy(bb);
         switch (c->m) {
-        case M_GENERATE: streaming_started = handle_generate(s, c, in, &r); break;
-        case M_TOKENIZE: handle_tokenize(s, in, &r); break;
-        case M_MODEL_INFO: handle_model_info(s, in, &r); break;
-        case M_STATUS: handle_status(s, in, &r); break;
-        case M_DRAIN: handle_drain(s, in, &r); break;
-        case M_HEALTH_CHECK: handle_health_check(s, in, &r); break;
+        case M_GENERATE:
+            streaming_started = handle_generate(s, c, in, &r);
+            break;
+        case M_TOKENIZE:
+            handle_tokenize(s, in, &r);
+            break;
+        case M_MODEL_INFO:
+            handle_model_info(s, in, &r);
+            break;
+        case M_STATUS:
+            handle_status(s, in, &r);
+            break;
+        case M_DRAIN:
+            handle_drain(s, in, &r);
+            break;
+        case M_HEALTH_CHECK:
+            handle_health_check(s, in, &r);
+            break;
         case M_HEALTH_WATCH: {
             Grpc__Health__V1__HealthCheckRequest *q =
                 grpc__health__v1__health_check_request__unpack(NULL, GRPC_SLICE_LENGTH(in),
@@ -1129,8 +1141,9 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
             }
             bool known = health_service_known(q->service ? q->service : "");
             grpc__health__v1__health_check_request__free_unpacked(q, NULL);
-            int h = known ? health_now(s)
-                          : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+            int h = known
+                        ? health_now(s)
+                        : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
             pthread_mutex_lock(&c->mu);
             c->health_known_service = known;
             c->health_want = h;
@@ -1139,7 +1152,8 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
             streaming_started = true;
             break;
         }
-        default: break;
+        default:
+            break;
         }
         grpc_slice_unref(in);
     }
@@ -1259,8 +1273,8 @@ static void arm_new_call(tsr_server *s)
         fprintf(stderr, "tessera serve: out of memory accepting a call; retrying\n");
         return; /* retried on the next tick */
     }
-    grpc_call_error e = grpc_server_request_call(s->srv, &c->call, &c->details, &c->md, s->cq,
-                                                 s->cq, &s->t_new);
+    grpc_call_error e =
+        grpc_server_request_call(s->srv, &c->call, &c->details, &c->md, s->cq, s->cq, &s->t_new);
     if (e != GRPC_CALL_OK) {
         call_destroy(c);
         return;
@@ -1283,21 +1297,35 @@ static void *cq_main(void *arg)
                 srv_call *c = s->pending_new;
                 s->pending_new = NULL;
                 s->new_call_armed = false;
-                if (ev.success && c && c->call) on_new_call(s, c);
-                else if (c) call_destroy(c);
+                if (ev.success && c && c->call)
+                    on_new_call(s, c);
+                else if (c)
+                    call_destroy(c);
                 arm_new_call(s);
                 break;
             }
-            case T_SHUTDOWN: s->shutdown_tag_seen = true; break;
-            case T_CLOSE: on_close(s, t->c); break;
-            case T_RECV: on_recv(s, t->c, ev.success); break;
-            case T_SEND: on_send_done(t->c, ev.success); break;
+            case T_SHUTDOWN:
+                s->shutdown_tag_seen = true;
+                break;
+            case T_CLOSE:
+                on_close(s, t->c);
+                break;
+            case T_RECV:
+                on_recv(s, t->c, ev.success);
+                break;
+            case T_SEND:
+                on_send_done(t->c, ev.success);
+                break;
             }
         } else if (ev.type == GRPC_QUEUE_SHUTDOWN) {
             break; /* not expected before we shut the queue down */
         }
         if (!s->new_call_armed) arm_new_call(s);
-        health_refresh(s);
+        int64_t tnow = now_ns();
+        if (tnow - s->last_refresh_ns >= (int64_t)TICK_MS * 1000000 / 2) {
+            s->last_refresh_ns = tnow;
+            health_refresh(s);
+        }
 
         pthread_mutex_lock(&s->mu);
         bool stopping = s->shutting_down;
@@ -1375,6 +1403,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->last_health = -1;
     s->t_start_ns = (uint64_t)now_ns();
     atomic_init(&s->next_req, 1);
+    atomic_init(&s->stopping, false);
     bool mu_ok = false, pump_mu_ok = false, grpc_ok = false, started = false;
     if (!s->arch || (info->name && !s->name)) {
         set_err(err, err_len, "out of memory");
@@ -1482,6 +1511,7 @@ void tsr_server_set_not_serving(tsr_server *s)
     pthread_mutex_lock(&s->mu);
     s->not_serving = true;
     pthread_mutex_unlock(&s->mu);
+    atomic_store(&s->stopping, true);
     /* The CQ thread's next tick (<= 200 ms) tells the Watch streams. */
 }
 
@@ -1507,6 +1537,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     s->grace_deadline_ns = now_ns() + grace_ms * 1000000;
     s->hard_deadline_ns = s->grace_deadline_ns + (int64_t)HARD_EXTRA_MS * 1000000;
     pthread_mutex_unlock(&s->mu);
+    atomic_store(&s->stopping, true);
     grpc_server_shutdown_and_notify(s->srv, s->cq, &s->t_shutdown);
 
     /* The CQ thread finishes the shutdown; wait for it, bounded. */

@@ -35,11 +35,11 @@
 #include "coordinator/engine.h"
 #include "shard/vocab.h"
 
-#define TSR_SERVER_OK     0
-#define TSR_SERVER_EINVAL -1 /* bad parameters (listen address, ...) */
-#define TSR_SERVER_EBIND  -2 /* the address could not be bound (in use, bad host) */
-#define TSR_SERVER_ENOMEM -3
-#define TSR_SERVER_ETHREAD -4 /* a thread could not be started */
+#define TSR_SERVER_OK       0
+#define TSR_SERVER_EINVAL   -1 /* bad parameters (listen address, ...) */
+#define TSR_SERVER_EBIND    -2 /* the address could not be bound (in use, bad host) */
+#define TSR_SERVER_ENOMEM   -3
+#define TSR_SERVER_ETHREAD  -4 /* a thread could not be started */
 #define TSR_SERVER_ETIMEOUT -5 /* shutdown did not complete within its deadline */
 
 #define TSR_SERVER_DEFAULT_LISTEN "127.0.0.1:50051"
@@ -60,7 +60,7 @@ typedef struct {
 } tsr_server_model_info;
 
 typedef struct {
-    const char *listen;      /* "host:port" (port 0: ephemeral); NULL = 127.0.0.1:50051 */
+    const char *listen;        /* "host:port" (port 0: ephemeral); NULL = 127.0.0.1:50051 */
     int32_t max_message_bytes; /* receive limit per message (0: gRPC's 4 MiB) */
 } tsr_server_params;
 
@@ -95,10 +95,10 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
 
 /* Counters for logs and tests (thread-safe). */
 typedef struct {
-    uint64_t n_calls;        /* calls accepted */
-    uint64_t n_generate;     /* Generate requests submitted to the engine */
-    uint64_t n_rejected;     /* requests answered with a non-OK status */
-    int32_t n_active;        /* calls open now */
+    uint64_t n_calls;    /* calls accepted */
+    uint64_t n_generate; /* Generate requests submitted to the engine */
+    uint64_t n_rejected; /* requests answered with a non-OK status */
+    int32_t n_active;    /* calls open now */
     int32_t n_active_generate;
 } tsr_server_stats;
 void tsr_server_get_stats(tsr_server *s, tsr_server_stats *st);

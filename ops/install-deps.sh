@@ -3,7 +3,9 @@
 # or sudo). Only what is missing is installed.
 set -euo pipefail
 PKGS=(build-essential cmake pkg-config procps libpcre2-dev libcjson-dev libcmocka-dev
-      libopenmpi-dev openmpi-bin)
+      libopenmpi-dev openmpi-bin
+      libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-grpcio
+      python3-grpc-tools protobuf-compiler-grpc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

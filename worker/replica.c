@@ -64,6 +64,7 @@ bool tsr_replica_is_leader(const tsr_replica *r) { return r->rank == 0; }
 int tsr_replica_rank(const tsr_replica *r) { return r->rank; }
 int tsr_replica_size(const tsr_replica *r) { return r->size; }
 const tsr_vocab *tsr_replica_vocab(const tsr_replica *r) { return r->vocab; }
+const tsr_gguf *tsr_replica_gguf(const tsr_replica *r) { return r->g; }
 const tsr_hparams *tsr_replica_hparams(const tsr_replica *r) { return &r->m->hp; }
 const tsr_plan *tsr_replica_plan(const tsr_replica *r) { return &r->plan; }
 int32_t tsr_replica_n_ctx(const tsr_replica *r) { return r->n_ctx; }

@@ -71,6 +71,7 @@ bool tsr_replica_is_leader(const tsr_replica *r);
 int tsr_replica_rank(const tsr_replica *r);
 int tsr_replica_size(const tsr_replica *r);
 const tsr_vocab *tsr_replica_vocab(const tsr_replica *r);
+const tsr_gguf *tsr_replica_gguf(const tsr_replica *r);
 const tsr_hparams *tsr_replica_hparams(const tsr_replica *r);
 const tsr_plan *tsr_replica_plan(const tsr_replica *r);
 int32_t tsr_replica_n_ctx(const tsr_replica *r);

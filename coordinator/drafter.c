@@ -1,0 +1,608 @@
+/*
+ * drafter.c — the drafters of drafter.h: n-gram prompt lookup, a greedy draft model with
+ * its own paged KV cache, and an oracle for benchmarks.
+ *
+ * Why these three: prompt lookup costs nothing and wins big on outputs that copy their
+ * input (code edits, summaries, extraction); a small model with the target's vocabulary
+ * wins on free-running text; the oracle gives the ceiling against which both are judged.
+ *
+ * The draft model keeps, per sequence, a block table over its own KV pool and the tokens
+ * whose K/V it holds (`fed`). Its KV cache must always describe a prefix of the sequence
+ * the engine has; two mechanisms keep it so:
+ *   - rollback(n_final) cuts the cache back to the final tokens after each verification
+ *     and returns blocks no longer needed to the pool;
+ *   - propose() compares `fed` with the history it is given and drops everything from the
+ *     first difference, so a rollback that was never called (or called with a count that
+ *     still covers a rejected draft) can cost recomputation, never a wrong draft.
+ * Running out of KV blocks is not an error: the sequence's draft state is dropped and the
+ * call proposes nothing, so the request goes on without speculation.
+ */
+#include "coordinator/drafter.h"
+
+#include "shard/gguf.h"
+#include "shard/vocab.h"
+#include "worker/model.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Largest chunk of history the draft model takes in one forward call when catching up
+ * with a long prompt: the batch buffers of its context scale with it. */
+#define TSR_DRAFTER_N_BATCH 128
+
+static void set_err(char *err, size_t err_len, const char *fmt, ...)
+{
+    if (!err || !err_len) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+void tsr_drafter_free(tsr_drafter *d)
+{
+    if (d) d->vt->free(d);
+}
+
+/* Rollback and release for drafters that keep no per-sequence state. */
+static void tsr_drafter_nop_rollback(tsr_drafter *d, uint64_t seq_id, int32_t n_final)
+{
+    (void)d;
+    (void)seq_id;
+    (void)n_final;
+}
+
+static void tsr_drafter_nop_release(tsr_drafter *d, uint64_t seq_id)
+{
+    (void)d;
+    (void)seq_id;
+}
+
+static int tsr_drafter_new_shell(const tsr_drafter_vtable *vt, void *impl, tsr_drafter **out,
+                                 char *err, size_t err_len)
+{
+    tsr_drafter *d = malloc(sizeof *d);
+    if (!d) {
+        set_err(err, err_len, "out of memory creating the %s drafter", vt->name);
+        return -1;
+    }
+    d->vt = vt;
+    d->impl = impl;
+    *out = d;
+    return 0;
+}
+
+/* ---- n-gram prompt lookup ---- */
+
+typedef struct {
+    int32_t min_n, max_n;
+} tsr_drafter_ngram;
+
+static int tsr_drafter_ngram_propose(tsr_drafter *d, uint64_t seq_id, const int32_t *tokens,
+                                     int32_t n_tokens, int32_t k, int32_t *out, char *err,
+                                     size_t err_len)
+{
+    (void)seq_id;
+    const tsr_drafter_ngram *g = d->impl;
+    if (k <= 0 || n_tokens < 2) return 0;
+    if (!tokens || !out) {
+        set_err(err, err_len, "ngram drafter: NULL tokens or output");
+        return -1;
+    }
+    /* An earlier occurrence must start at i <= n_tokens - n - 1 (so it is not the suffix
+     * itself and at least one token follows it), hence n <= n_tokens - 1. Longer n-grams
+     * first: a longer match is stronger evidence that the continuation repeats too. */
+    int32_t n = g->max_n < n_tokens - 1 ? g->max_n : n_tokens - 1;
+    for (; n >= g->min_n; n--) {
+        const int32_t *suf = tokens + n_tokens - n;
+        const int32_t last = suf[n - 1];
+        /* Backward scan: the latest occurrence is the most likely to be continued the
+         * same way (it reflects the most recent context). Occurrences may overlap the
+         * suffix. */
+        for (int32_t i = n_tokens - n - 1; i >= 0; i--) {
+            if (tokens[i + n - 1] != last) continue;
+            if (memcmp(tokens + i, suf, sizeof(int32_t) * (size_t)n) != 0) continue;
+            int32_t avail = n_tokens - (i + n);
+            int32_t m = k < avail ? k : avail;
+            memcpy(out, tokens + i + n, sizeof(int32_t) * (size_t)m);
+            return m;
+        }
+    }
+    return 0;
+}
+
+static void tsr_drafter_ngram_free(tsr_drafter *d)
+{
+    free(d->impl);
+    free(d);
+}
+
+static const tsr_drafter_vtable tsr_drafter_ngram_vt = {
+    .name = "ngram",
+    .propose = tsr_drafter_ngram_propose,
+    .rollback = tsr_drafter_nop_rollback,
+    .release = tsr_drafter_nop_release,
+    .free = tsr_drafter_ngram_free,
+};
+
+int tsr_drafter_ngram_new(int32_t min_n, int32_t max_n, tsr_drafter **out, char *err,
+                          size_t err_len)
+{
+    *out = NULL;
+    if (min_n < 1 || max_n < min_n) {
+        set_err(err, err_len,
+                "ngram drafter: n-gram sizes %d..%d are invalid (need 1 <= min <= max)", min_n,
+                max_n);
+        return -1;
+    }
+    tsr_drafter_ngram *g = malloc(sizeof *g);
+    if (!g) {
+        set_err(err, err_len, "out of memory creating the ngram drafter");
+        return -1;
+    }
+    g->min_n = min_n;
+    g->max_n = max_n;
+    if (tsr_drafter_new_shell(&tsr_drafter_ngram_vt, g, out, err, err_len) != 0) {
+        free(g);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- oracle ---- */
+
+typedef struct {
+    int32_t *tokens;
+    int32_t n_tokens;
+} tsr_drafter_oracle;
+
+static int tsr_drafter_oracle_propose(tsr_drafter *d, uint64_t seq_id, const int32_t *tokens,
+                                      int32_t n_tokens, int32_t k, int32_t *out, char *err,
+                                      size_t err_len)
+{
+    (void)seq_id;
+    const tsr_drafter_oracle *o = d->impl;
+    if (k <= 0 || n_tokens < 0 || n_tokens >= o->n_tokens) return 0;
+    if ((n_tokens > 0 && !tokens) || !out) {
+        set_err(err, err_len, "oracle drafter: NULL tokens or output");
+        return -1;
+    }
+    if (n_tokens > 0 && memcmp(tokens, o->tokens, sizeof(int32_t) * (size_t)n_tokens) != 0)
+        return 0;
+    int32_t avail = o->n_tokens - n_tokens;
+    int32_t m = k < avail ? k : avail;
+    memcpy(out, o->tokens + n_tokens, sizeof(int32_t) * (size_t)m);
+    return m;
+}
+
+static void tsr_drafter_oracle_free(tsr_drafter *d)
+{
+    tsr_drafter_oracle *o = d->impl;
+    free(o->tokens);
+    free(o);
+    free(d);
+}
+
+static const tsr_drafter_vtable tsr_drafter_oracle_vt = {
+    .name = "oracle",
+    .propose = tsr_drafter_oracle_propose,
+    .rollback = tsr_drafter_nop_rollback,
+    .release = tsr_drafter_nop_release,
+    .free = tsr_drafter_oracle_free,
+};
+
+int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter **out, char *err,
+                           size_t err_len)
+{
+    *out = NULL;
+    if (n_tokens < 0 || (n_tokens > 0 && !tokens)) {
+        set_err(err, err_len, "oracle drafter: bad token sequence (%d tokens)", n_tokens);
+        return -1;
+    }
+    tsr_drafter_oracle *o = calloc(1, sizeof *o);
+    if (!o) goto oom;
+    o->tokens = malloc(sizeof(int32_t) * (size_t)(n_tokens > 0 ? n_tokens : 1));
+    if (!o->tokens) goto oom_o;
+    if (n_tokens > 0) memcpy(o->tokens, tokens, sizeof(int32_t) * (size_t)n_tokens);
+    o->n_tokens = n_tokens;
+    if (tsr_drafter_new_shell(&tsr_drafter_oracle_vt, o, out, err, err_len) != 0) goto fail_o;
+    return 0;
+oom_o:
+    set_err(err, err_len, "out of memory creating the oracle drafter");
+fail_o:
+    free(o->tokens);
+    free(o);
+    return -1;
+oom:
+    set_err(err, err_len, "out of memory creating the oracle drafter");
+    return -1;
+}
+
+/* ---- draft model ---- */
+
+typedef struct {
+    uint64_t id;
+    int32_t *blocks; /* block table: blocks of the drafter's pool, in position order */
+    int32_t n_blocks, cap_blocks;
+    int32_t *fed;       /* [cap_blocks * TSR_KV_BLOCK_SIZE]: the tokens in the KV cache */
+    int32_t n_computed; /* positions 0..n_computed-1 hold fed[0..n_computed) */
+} tsr_drafter_seq;
+
+typedef struct {
+    tsr_gguf *g;
+    tsr_model *m;
+    tsr_ctx *c;
+    int32_t n_vocab;
+    int32_t n_batch;
+    int32_t n_kv_blocks;
+    int32_t *free_list; /* stack of free pool blocks */
+    int32_t n_free;
+    /* Live sequences: a small array searched linearly — the engine runs tens of
+     * sequences at most, and a forward step dwarfs the scan. */
+    tsr_drafter_seq *seqs;
+    int32_t n_seqs, cap_seqs;
+    /* Batch scratch, [n_batch] each, and one row of logits. */
+    int32_t *b_pos, *b_seq;
+    uint8_t *b_want;
+    float *logits;
+} tsr_drafter_model;
+
+static tsr_drafter_seq *tsr_drafter_model_find(tsr_drafter_model *dm, uint64_t id)
+{
+    for (int32_t i = 0; i < dm->n_seqs; i++)
+        if (dm->seqs[i].id == id) return &dm->seqs[i];
+    return NULL;
+}
+
+/* Give all of a sequence's blocks back to the pool (its cache becomes empty). */
+static void tsr_drafter_model_drop(tsr_drafter_model *dm, tsr_drafter_seq *s)
+{
+    for (int32_t i = s->n_blocks - 1; i >= 0; i--) dm->free_list[dm->n_free++] = s->blocks[i];
+    s->n_blocks = 0;
+    s->n_computed = 0;
+}
+
+/* Keep only the blocks that positions 0..n_computed-1 need. */
+static void tsr_drafter_model_trim(tsr_drafter_model *dm, tsr_drafter_seq *s)
+{
+    int32_t need = (s->n_computed + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    while (s->n_blocks > need) dm->free_list[dm->n_free++] = s->blocks[--s->n_blocks];
+}
+
+/* Make room for positions 0..n_pos-1. Returns 0, 1 when the pool has too few free blocks
+ * (nothing taken), -1 out of memory. */
+static int tsr_drafter_model_reserve(tsr_drafter_model *dm, tsr_drafter_seq *s, int32_t n_pos)
+{
+    int32_t need = (n_pos + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    if (need <= s->n_blocks) return 0;
+    if (need - s->n_blocks > dm->n_free) return 1;
+    if (need > s->cap_blocks) {
+        int32_t cap = s->cap_blocks ? s->cap_blocks : 4;
+        while (cap < need) cap *= 2;
+        int32_t *blocks = realloc(s->blocks, sizeof(int32_t) * (size_t)cap);
+        if (!blocks) return -1;
+        s->blocks = blocks;
+        int32_t *fed = realloc(s->fed, sizeof(int32_t) * (size_t)cap * TSR_KV_BLOCK_SIZE);
+        if (!fed) return -1;
+        s->fed = fed;
+        s->cap_blocks = cap;
+    }
+    while (s->n_blocks < need) s->blocks[s->n_blocks++] = dm->free_list[--dm->n_free];
+    return 0;
+}
+
+/* Index of the first largest logit: the same tie-break as the sampler's greedy path. */
+static int32_t tsr_drafter_argmax(const float *l, int32_t n)
+{
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (l[i] > l[best]) best = i;
+    return best;
+}
+
+/* Feed toks[0..n) at positions pos0.. of sequence s (n <= n_batch), with logits for the
+ * last one when want_last. */
+static int tsr_drafter_model_feed(tsr_drafter_model *dm, tsr_drafter_seq *s, const int32_t *toks,
+                                  int32_t n, int32_t pos0, bool want_last, char *err,
+                                  size_t err_len)
+{
+    for (int32_t i = 0; i < n; i++) {
+        dm->b_pos[i] = pos0 + i;
+        dm->b_want[i] = want_last && i == n - 1;
+    }
+    const int32_t *tables[1] = {s->blocks};
+    tsr_batch b = {.n_tokens = n,
+                   .tokens = toks,
+                   .pos = dm->b_pos,
+                   .seq = dm->b_seq,
+                   .want_logits = dm->b_want,
+                   .n_seqs = 1,
+                   .block_tables = tables,
+                   .n_blocks = &s->n_blocks};
+    return tsr_forward_batch(dm->c, &b, tsr_ctx_hidden(dm->c), dm->logits, err, err_len);
+}
+
+static int tsr_drafter_model_propose(tsr_drafter *d, uint64_t seq_id, const int32_t *tokens,
+                                     int32_t n_tokens, int32_t k, int32_t *out, char *err,
+                                     size_t err_len)
+{
+    tsr_drafter_model *dm = d->impl;
+    if (k <= 0 || n_tokens <= 0) return 0;
+    if (!tokens || !out) {
+        set_err(err, err_len, "draft model: NULL tokens or output");
+        return -1;
+    }
+    /* Positions the call writes: the history, then every draft but the last. A sequence
+     * that cannot fit the whole pool gets no guess (and no state). */
+    if ((int64_t)n_tokens + k - 1 > (int64_t)dm->n_kv_blocks * TSR_KV_BLOCK_SIZE) {
+        tsr_drafter_seq *s = tsr_drafter_model_find(dm, seq_id);
+        if (s) tsr_drafter_model_drop(dm, s);
+        return 0;
+    }
+    const int32_t n_pos = n_tokens + k - 1;
+    tsr_drafter_seq *s = tsr_drafter_model_find(dm, seq_id);
+    if (!s) {
+        if (dm->n_seqs == dm->cap_seqs) {
+            int32_t cap = dm->cap_seqs ? dm->cap_seqs * 2 : 16;
+            tsr_drafter_seq *seqs = realloc(dm->seqs, sizeof *seqs * (size_t)cap);
+            if (!seqs) goto oom;
+            dm->seqs = seqs;
+            dm->cap_seqs = cap;
+        }
+        s = &dm->seqs[dm->n_seqs++];
+        memset(s, 0, sizeof *s);
+        s->id = seq_id;
+    }
+    /* The cache stays valid up to the first token that differs from the history; the
+     * last history token is always fed again, as its logits start the draft. */
+    int32_t valid = s->n_computed < n_tokens - 1 ? s->n_computed : n_tokens - 1;
+    for (int32_t i = 0; i < valid; i++) {
+        if (s->fed[i] != tokens[i]) {
+            valid = i;
+            break;
+        }
+    }
+    s->n_computed = valid;
+    int rc = tsr_drafter_model_reserve(dm, s, n_pos);
+    if (rc < 0) goto oom;
+    if (rc > 0) {
+        /* Pool exhausted: free this sequence's blocks for the others; it retries from
+         * scratch on its next call. */
+        tsr_drafter_model_drop(dm, s);
+        return 0;
+    }
+    /* Catch up with the history, chunk by chunk. n_computed advances only over chunks
+     * that went through, so a failure leaves a consistent cache. */
+    while (s->n_computed < n_tokens) {
+        int32_t n = n_tokens - s->n_computed;
+        if (n > dm->n_batch) n = dm->n_batch;
+        const int32_t *toks = tokens + s->n_computed;
+        if (tsr_drafter_model_feed(dm, s, toks, n, s->n_computed, s->n_computed + n == n_tokens,
+                                   err, err_len) != 0)
+            return -1;
+        memcpy(s->fed + s->n_computed, toks, sizeof(int32_t) * (size_t)n);
+        s->n_computed += n;
+    }
+    /* Greedy drafts; each but the last is fed back for the next one's logits. */
+    for (int32_t i = 0; i < k; i++) {
+        out[i] = tsr_drafter_argmax(dm->logits, dm->n_vocab);
+        if (i == k - 1) break;
+        if (tsr_drafter_model_feed(dm, s, &out[i], 1, s->n_computed, true, err, err_len) != 0)
+            return -1;
+        s->fed[s->n_computed++] = out[i];
+    }
+    return k;
+oom:
+    set_err(err, err_len, "draft model: out of memory for sequence %" PRIu64, seq_id);
+    return -1;
+}
+
+static void tsr_drafter_model_rollback(tsr_drafter *d, uint64_t seq_id, int32_t n_final)
+{
+    tsr_drafter_model *dm = d->impl;
+    tsr_drafter_seq *s = tsr_drafter_model_find(dm, seq_id);
+    if (!s) return;
+    if (n_final < 0) n_final = 0;
+    if (n_final < s->n_computed) s->n_computed = n_final;
+    tsr_drafter_model_trim(dm, s);
+}
+
+static void tsr_drafter_model_release(tsr_drafter *d, uint64_t seq_id)
+{
+    tsr_drafter_model *dm = d->impl;
+    tsr_drafter_seq *s = tsr_drafter_model_find(dm, seq_id);
+    if (!s) return;
+    tsr_drafter_model_drop(dm, s);
+    free(s->blocks);
+    free(s->fed);
+    *s = dm->seqs[--dm->n_seqs]; /* swap-remove: order carries no meaning */
+}
+
+static void tsr_drafter_model_destroy(tsr_drafter_model *dm)
+{
+    if (!dm) return;
+    for (int32_t i = 0; i < dm->n_seqs; i++) {
+        free(dm->seqs[i].blocks);
+        free(dm->seqs[i].fed);
+    }
+    free(dm->seqs);
+    free(dm->free_list);
+    free(dm->b_pos);
+    free(dm->b_seq);
+    free(dm->b_want);
+    free(dm->logits);
+    tsr_ctx_free(dm->c);
+    tsr_model_free(dm->m);
+    if (dm->g) tsr_gguf_close(dm->g);
+    free(dm);
+}
+
+static void tsr_drafter_model_free(tsr_drafter *d)
+{
+    tsr_drafter_model_destroy(d->impl);
+    free(d);
+}
+
+static const tsr_drafter_vtable tsr_drafter_model_vt = {
+    .name = "draft-model",
+    .propose = tsr_drafter_model_propose,
+    .rollback = tsr_drafter_model_rollback,
+    .release = tsr_drafter_model_release,
+    .free = tsr_drafter_model_free,
+};
+
+int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) return -1;
+    const tsr_drafter_model *dm = d->impl;
+    return dm->n_free;
+}
+
+/* Printable prefix of a GGUF string for messages. */
+static int tsr_drafter_str_len(const tsr_gguf_str *s)
+{
+    return s->len > 64 ? 64 : (int)s->len;
+}
+
+/* The draft's vocabulary must be the target's: a token id has to mean the same text in
+ * both, or every draft is a guess in another language. Compared: tokenizer.ggml.model,
+ * the token count and every token string in order (from the files, without building
+ * tokenizers), then the BOS/EOS ids as the tokenizer resolves them (absent keys take the
+ * model type's defaults). */
+static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const tsr_gguf *tg,
+                                   char *err, size_t err_len)
+{
+    int rc = -1;
+    tsr_vocab *dv = NULL, *tv = NULL;
+    char verr[256];
+    tsr_gguf_str dmod, tmod;
+    if (!tsr_gguf_get_str(tg, "tokenizer.ggml.model", &tmod)) {
+        set_err(err, err_len,
+                "the target has no tokenizer.ggml.model: cannot check the draft "
+                "vocabulary");
+        return -1;
+    }
+    if (!tsr_gguf_get_str(dg, "tokenizer.ggml.model", &dmod)) {
+        set_err(err, err_len,
+                "%s: the draft vocabulary has no tokenizer.ggml.model (the "
+                "target's is '%.*s')",
+                path, tsr_drafter_str_len(&tmod), tmod.ptr);
+        return -1;
+    }
+    if (dmod.len != tmod.len || memcmp(dmod.ptr, tmod.ptr, dmod.len) != 0) {
+        set_err(err, err_len, "%s: the draft vocabulary is of type '%.*s', the target's is '%.*s'",
+                path, tsr_drafter_str_len(&dmod), dmod.ptr, tsr_drafter_str_len(&tmod), tmod.ptr);
+        return -1;
+    }
+    int64_t dk = tsr_gguf_find_key(dg, "tokenizer.ggml.tokens");
+    int64_t tk = tsr_gguf_find_key(tg, "tokenizer.ggml.tokens");
+    tsr_gguf_vtype det = TSR_GGUF_STRING, tet = TSR_GGUF_STRING;
+    uint64_t dn = 0, tn = 0;
+    if (tk < 0 || !tsr_gguf_kv_arr(tg, tk, &tet, &tn) || tet != TSR_GGUF_STRING) {
+        set_err(err, err_len,
+                "the target has no tokenizer.ggml.tokens string array: cannot "
+                "check the draft vocabulary");
+        return -1;
+    }
+    if (dk < 0 || !tsr_gguf_kv_arr(dg, dk, &det, &dn) || det != TSR_GGUF_STRING) {
+        set_err(err, err_len, "%s: the draft vocabulary has no tokenizer.ggml.tokens string array",
+                path);
+        return -1;
+    }
+    if (dn != tn) {
+        set_err(err, err_len,
+                "%s: the draft vocabulary has %" PRIu64 " tokens, the target's has %" PRIu64, path,
+                dn, tn);
+        return -1;
+    }
+    for (uint64_t j = 0; j < tn; j++) {
+        tsr_gguf_str ds, ts;
+        if (!tsr_gguf_arr_str(dg, dk, j, &ds) || !tsr_gguf_arr_str(tg, tk, j, &ts)) {
+            set_err(err, err_len, "%s: token %" PRIu64 " of the vocabulary is unreadable", path, j);
+            return -1;
+        }
+        if (ds.len != ts.len || memcmp(ds.ptr, ts.ptr, ds.len) != 0) {
+            set_err(err, err_len,
+                    "%s: the draft vocabulary differs from the target's at token %" PRIu64
+                    ": '%.*s' vs '%.*s'",
+                    path, j, tsr_drafter_str_len(&ds), ds.ptr, tsr_drafter_str_len(&ts), ts.ptr);
+            return -1;
+        }
+    }
+    if (tsr_vocab_load(dg, &dv, verr, sizeof verr) != 0) {
+        set_err(err, err_len, "%s: the draft vocabulary does not load: %s", path, verr);
+        goto done;
+    }
+    if (tsr_vocab_load(tg, &tv, verr, sizeof verr) != 0) {
+        set_err(err, err_len, "the target vocabulary does not load: %s", verr);
+        goto done;
+    }
+    if (tsr_vocab_bos(dv) != tsr_vocab_bos(tv)) {
+        set_err(err, err_len, "%s: the draft vocabulary's BOS token is %d, the target's is %d",
+                path, tsr_vocab_bos(dv), tsr_vocab_bos(tv));
+        goto done;
+    }
+    if (tsr_vocab_eos(dv) != tsr_vocab_eos(tv)) {
+        set_err(err, err_len, "%s: the draft vocabulary's EOS token is %d, the target's is %d",
+                path, tsr_vocab_eos(dv), tsr_vocab_eos(tv));
+        goto done;
+    }
+    rc = 0;
+done:
+    tsr_vocab_free(tv);
+    tsr_vocab_free(dv);
+    return rc;
+}
+
+int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
+                          int n_threads, tsr_drafter **out, char *err, size_t err_len)
+{
+    *out = NULL;
+    char merr[512];
+    if (!path || !target_gguf) {
+        set_err(err, err_len, "draft model: no path or no target model");
+        return -1;
+    }
+    if (n_kv_blocks < 1) {
+        set_err(err, err_len, "draft model: a KV pool of %d blocks is too small", n_kv_blocks);
+        return -1;
+    }
+    tsr_drafter_model *dm = calloc(1, sizeof *dm);
+    if (!dm) goto oom;
+    if (tsr_gguf_open(path, &dm->g, merr, sizeof merr) != 0) {
+        set_err(err, err_len, "draft model: %s", merr);
+        goto fail;
+    }
+    if (tsr_drafter_vocab_check(path, dm->g, target_gguf, err, err_len) != 0) goto fail;
+    if (tsr_model_load(dm->g, &dm->m, merr, sizeof merr) != 0) {
+        set_err(err, err_len, "draft model %s: %s", path, merr);
+        goto fail;
+    }
+    dm->n_vocab = dm->m->hp.n_vocab;
+    dm->n_batch = TSR_DRAFTER_N_BATCH;
+    dm->n_kv_blocks = n_kv_blocks;
+    if (tsr_ctx_new_paged(dm->m, n_kv_blocks, dm->n_batch, n_threads, &dm->c, merr, sizeof merr) !=
+        0) {
+        set_err(err, err_len, "draft model %s: %s", path, merr);
+        goto fail;
+    }
+    dm->free_list = malloc(sizeof(int32_t) * (size_t)n_kv_blocks);
+    dm->b_pos = malloc(sizeof(int32_t) * (size_t)dm->n_batch);
+    dm->b_seq = calloc((size_t)dm->n_batch, sizeof(int32_t)); /* one sequence: index 0 */
+    dm->b_want = malloc((size_t)dm->n_batch);
+    dm->logits = malloc(sizeof(float) * (size_t)dm->n_vocab);
+    if (!dm->free_list || !dm->b_pos || !dm->b_seq || !dm->b_want || !dm->logits) goto oom;
+    /* Stack order: blocks come out 0, 1, 2, ... on a fresh pool. */
+    for (int32_t i = 0; i < n_kv_blocks; i++) dm->free_list[i] = n_kv_blocks - 1 - i;
+    dm->n_free = n_kv_blocks;
+    if (tsr_drafter_new_shell(&tsr_drafter_model_vt, dm, out, err, err_len) != 0) goto fail;
+    return 0;
+oom:
+    set_err(err, err_len, "draft model: out of memory");
+fail:
+    tsr_drafter_model_destroy(dm);
+    return -1;
+}

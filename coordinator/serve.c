@@ -1,0 +1,578 @@
+/*
+ * serve.c — `tessera serve`: one replica (tp × pp ranks under mpirun/srun, or one plain
+ * process) behind the gRPC server of coordinator/server.h.
+ *
+ * Every rank opens the replica with a paged KV pool sized from --kv-memory; followers
+ * serve steps (tsr_replica_follow) until the leader shuts the replica down. The leader
+ * creates the engine, starts the gRPC server (its own threads) and runs the engine's step
+ * loop on the main thread, because MPI is used funneled: only the thread that initialized
+ * it communicates. A control thread turns SIGTERM / SIGINT into the shutdown sequence:
+ * health NOT_SERVING, drain (running and queued requests finish) for up to
+ * --shutdown-grace, then cancel what is left and stop the step loop; the main thread then
+ * shuts the server down (every stream gets its status), releases the followers and exits 0.
+ * A second signal skips the rest of the grace period.
+ *
+ * KV sizing: one block holds TSR_KV_BLOCK_SIZE token positions of K and V for every layer
+ * and KV head of the model, float32: n_layer × 2 × n_head_kv × head_dim × 4 × 16 bytes.
+ * --kv-memory is the budget of the whole replica; n_kv_blocks = budget / that, and each
+ * rank holds its share of every block (its layers, its KV heads). With tp > n_head_kv the
+ * KV heads are replicated across ranks, so the real total is somewhat larger.
+ */
+#include "coordinator/server.h"
+
+#include "worker/comm.h"
+#include "worker/model.h"
+#include "worker/replica.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_USAGE        2
+#define DEFAULT_MODEL     "../shared/models/stories260K.gguf"
+#define DEFAULT_KV_MEMORY (1ull << 30) /* upper bound; see default_kv_blocks */
+#define DEFAULT_GRACE_MS  10000
+#define SERVER_FLUSH_MS   3000 /* after the step loop ended: time for streams to flush */
+
+static const char *serve_help =
+    "usage: tessera serve -m MODEL [--tp T --pp P] [--listen HOST:PORT] [flags]\n"
+    "\n"
+    "Serve MODEL over gRPC (tessera.v1.Inference, tessera.v1.Admin, grpc.health.v1.Health;\n"
+    "see proto/) with continuous batching over a paged KV cache. Prints 'listening on\n"
+    "HOST:PORT' on stderr once it accepts calls. SIGTERM / SIGINT: health turns\n"
+    "NOT_SERVING, new requests are refused, running ones get --shutdown-grace to finish,\n"
+    "the rest are cancelled, then it exits 0 (a second signal cuts the grace short).\n"
+    "\n"
+    "  -m, --model PATH          GGUF model (default " DEFAULT_MODEL ")\n"
+    "      --listen HOST:PORT    address to serve on (default " TSR_SERVER_DEFAULT_LISTEN ");\n"
+    "                            port 0 picks a free port (printed)\n"
+    "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"
+    "                            prefill chunks (default 256)\n"
+    "      --max-seqs N          sequences running at once (default 64)\n"
+    "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
+    "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"
+    "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"
+    "                            n_layer x 2 x n_head_kv x head_dim x 4 x 16 bytes; each\n"
+    "                            rank holds its share of every block. Default: enough for\n"
+    "                            --max-seqs full contexts, at most 1G\n"
+    "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"
+    "                            model's, max 4096)\n"
+    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
+    "                            they are cancelled (default 10000)\n"
+    "\n"
+    "distributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'; rank 0 serves gRPC):\n"
+    "      --tp N                tensor-parallel ranks per stage (default 1)\n"
+    "      --pp N                pipeline stages (default 1)\n"
+    "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
+    "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
+    "  -h, --help                this help\n";
+
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "tessera serve: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\nRun 'tessera serve --help' for the flags.\n");
+    return EXIT_USAGE;
+}
+
+static bool parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return false;
+    *out = v;
+    return true;
+}
+
+/* "123", "64K", "512M", "2G", "2GiB", "1.5G" -> bytes. */
+static bool parse_bytes(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (*s == '-') return false;
+    double v = strtod(s, &end);
+    if (errno || end == s || !(v >= 0)) return false;
+    double mul = 1;
+    switch (*end) {
+    case 'k':
+    case 'K':
+        mul = 1024.0;
+        end++;
+        break;
+    case 'm':
+    case 'M':
+        mul = 1048576.0;
+        end++;
+        break;
+    case 'g':
+    case 'G':
+        mul = 1073741824.0;
+        end++;
+        break;
+    case 't':
+    case 'T':
+        mul = 1099511627776.0;
+        end++;
+        break;
+    default:
+        break;
+    }
+    if (mul > 1 && (!strcmp(end, "iB") || !strcmp(end, "B"))) end += strlen(end);
+    if (mul == 1 && !strcmp(end, "B")) end++;
+    if (*end) return false;
+    double b = v * mul;
+    if (b > 9.0e18) return false;
+    *out = (uint64_t)b;
+    return true;
+}
+
+static int default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- signals -> control thread ---- */
+
+static sem_t g_sig_sem;
+static volatile sig_atomic_t g_sig_count;
+static volatile sig_atomic_t g_sig_last;
+
+static void on_signal(int sig)
+{
+    g_sig_last = sig;
+    g_sig_count++;
+    sem_post(&g_sig_sem); /* async-signal-safe */
+}
+
+typedef struct {
+    tsr_engine *engine;
+    tsr_server *server;
+    int64_t grace_ms;
+    pthread_mutex_t mu;
+    bool quit; /* under mu: the main thread is done with the step loop */
+} control;
+
+static bool control_quit(control *ctl)
+{
+    pthread_mutex_lock(&ctl->mu);
+    bool q = ctl->quit;
+    pthread_mutex_unlock(&ctl->mu);
+    return q;
+}
+
+/* Wait for a signal or quit, up to ms. */
+static void control_wait(int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += (long)ms * 1000000L;
+    ts.tv_sec += ts.tv_nsec / 1000000000L;
+    ts.tv_nsec %= 1000000000L;
+    while (sem_timedwait(&g_sig_sem, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+static void *control_main(void *arg)
+{
+    control *ctl = arg;
+    while (g_sig_count == 0) {
+        if (control_quit(ctl)) return NULL;
+        control_wait(200);
+    }
+    int sig = g_sig_last;
+    fprintf(stderr, "tessera serve: %s: draining (up to %" PRId64 " ms), then stopping\n",
+            sig == SIGINT ? "SIGINT" : "SIGTERM", ctl->grace_ms);
+    tsr_server_set_not_serving(ctl->server);
+    tsr_engine_drain(ctl->engine);
+    int64_t until = mono_ms() + ctl->grace_ms;
+    for (;;) {
+        if (control_quit(ctl)) return NULL;
+        tsr_engine_status st;
+        tsr_engine_get_status(ctl->engine, &st);
+        if (st.n_running + st.n_waiting == 0) break;
+        if (mono_ms() >= until) {
+            fprintf(stderr,
+                    "tessera serve: grace period over: cancelling %d running and %d "
+                    "queued requests\n",
+                    st.n_running, st.n_waiting);
+            break;
+        }
+        if (g_sig_count > 1) {
+            fprintf(stderr,
+                    "tessera serve: second signal: cancelling %d running and %d "
+                    "queued requests\n",
+                    st.n_running, st.n_waiting);
+            break;
+        }
+        control_wait(50);
+    }
+    tsr_engine_stop(ctl->engine, true);
+    return NULL;
+}
+
+/* ---- replica helpers ---- */
+
+typedef struct {
+    tsr_hparams hp;
+    char arch[64];
+    char name[256];
+    bool has_name;
+} model_meta;
+
+static int read_meta(const char *path, model_meta *m, char *err, size_t err_len)
+{
+    tsr_gguf *g;
+    memset(m, 0, sizeof *m);
+    if (tsr_gguf_open(path, &g, err, err_len) != 0) return -1;
+    int rc = tsr_model_read_hparams(g, &m->hp, err, err_len);
+    tsr_gguf_str s;
+    snprintf(m->arch, sizeof m->arch, "llama");
+    if (tsr_gguf_get_str(g, "general.architecture", &s))
+        snprintf(m->arch, sizeof m->arch, "%.*s", (int)(s.len < 63 ? s.len : 63), s.ptr);
+    if (tsr_gguf_get_str(g, "general.name", &s)) {
+        snprintf(m->name, sizeof m->name, "%.*s", (int)(s.len < 255 ? s.len : 255), s.ptr);
+        m->has_name = true;
+    }
+    tsr_gguf_close(g);
+    return rc;
+}
+
+static int follower(tsr_replica *rep)
+{
+    char err[1024];
+    if (tsr_replica_follow(rep, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: rank %d: %s\n", tsr_replica_rank(rep), err);
+        tsr_comm_mpi_abort(1);
+        return 1;
+    }
+    if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: rank %d: %s\n", tsr_replica_rank(rep), err);
+        return 1;
+    }
+    tsr_replica_close(rep);
+    return 0;
+}
+
+/* Leader: release the followers and close. Returns false when the replica could not be
+ * shut down cleanly (the MPI job is then aborted). */
+static bool leader_close(tsr_replica *rep)
+{
+    char err[1024];
+    tsr_rank_stats *st = calloc((size_t)tsr_replica_size(rep), sizeof *st);
+    if (!st || tsr_replica_shutdown(rep, err, sizeof err) != 0 ||
+        tsr_replica_stats(rep, st, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: shutting the replica down: %s\n",
+                st ? err : "out of memory");
+        free(st);
+        tsr_comm_mpi_abort(1);
+        return false;
+    }
+    free(st);
+    tsr_replica_close(rep);
+    return true;
+}
+
+/* Split "host:port" for printing (IPv6 "[::1]:0" too). */
+static void listen_host(const char *listen, char *host, size_t cap)
+{
+    const char *colon = strrchr(listen, ':');
+    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
+    if (n >= cap) n = cap - 1;
+    memcpy(host, listen, n);
+    host[n] = '\0';
+}
+
+int tsr_cmd_serve(int argc, char **argv)
+{
+    enum {
+        O_LISTEN = 256,
+        O_MAX_BATCH,
+        O_MAX_SEQS,
+        O_MAX_QUEUE,
+        O_KV_MEMORY,
+        O_GRACE,
+        O_TP,
+        O_PP,
+        O_LAYERS,
+        O_COMM_TIMEOUT,
+    };
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"listen", required_argument, 0, O_LISTEN},
+                                         {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
+                                         {"max-seqs", required_argument, 0, O_MAX_SEQS},
+                                         {"max-queue", required_argument, 0, O_MAX_QUEUE},
+                                         {"kv-memory", required_argument, 0, O_KV_MEMORY},
+                                         {"ctx-size", required_argument, 0, 'c'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"shutdown-grace", required_argument, 0, O_GRACE},
+                                         {"tp", required_argument, 0, O_TP},
+                                         {"pp", required_argument, 0, O_PP},
+                                         {"layers", required_argument, 0, O_LAYERS},
+                                         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
+    tsr_replica_params rp = {.tp = 1, .pp = 1};
+    int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
+    int64_t n_threads = default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
+    uint64_t kv_memory = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm':
+            model = optarg;
+            break;
+        case O_LISTEN:
+            if (!strchr(optarg, ':'))
+                return usage_error("--listen needs HOST:PORT (e.g. 127.0.0.1:50051), got '%s'",
+                                   optarg);
+            listen = optarg;
+            break;
+#define INT_FLAG(name, lo, hi, dst)                                                                \
+    do {                                                                                           \
+        if (!parse_i64(optarg, lo, hi, &v))                                                        \
+            return usage_error("%s needs an integer in %lld..%lld, got '%s'", name,                \
+                               (long long)(lo), (long long)(hi), optarg);                          \
+        (dst) = v;                                                                                 \
+    } while (0)
+        case O_MAX_BATCH:
+            INT_FLAG("--max-batch-tokens", 1, 1 << 20, max_batch);
+            break;
+        case O_MAX_SEQS:
+            INT_FLAG("--max-seqs", 1, 1 << 16, max_seqs);
+            break;
+        case O_MAX_QUEUE:
+            INT_FLAG("--max-queue", 0, 1 << 24, max_queue);
+            break;
+        case 'c':
+            INT_FLAG("--ctx-size", 1, 1 << 24, n_ctx);
+            break;
+        case 't':
+            INT_FLAG("--threads", 1, 256, n_threads);
+            break;
+        case O_GRACE:
+            INT_FLAG("--shutdown-grace", 0, 86400000, grace_ms);
+            break;
+        case O_TP:
+            INT_FLAG("--tp", 1, 256, rp.tp);
+            break;
+        case O_PP:
+            INT_FLAG("--pp", 1, 256, rp.pp);
+            break;
+        case O_COMM_TIMEOUT:
+            INT_FLAG("--comm-timeout", 1, 86400000, rp.timeout_ms);
+            break;
+#undef INT_FLAG
+        case O_LAYERS:
+            rp.layers = optarg;
+            break;
+        case O_KV_MEMORY:
+            if (!parse_bytes(optarg, &kv_memory) || kv_memory == 0)
+                return usage_error("--kv-memory needs a byte count > 0 such as 512M or 2G, "
+                                   "got '%s'",
+                                   optarg);
+            break;
+        case 'h':
+            fputs(serve_help, stdout);
+            return 0;
+        default:
+            return usage_error("unknown flag");
+        }
+    }
+    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+
+    char err[1024];
+    model_meta meta;
+    if (read_meta(model, &meta, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        return 1;
+    }
+    const tsr_hparams *hp = &meta.hp;
+    uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
+                           (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    int64_t ctx_tokens =
+        n_ctx > 0 ? n_ctx
+                  : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
+    uint64_t blocks_per_seq = (uint64_t)(ctx_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    uint64_t n_blocks;
+    if (kv_memory) {
+        n_blocks = kv_memory / block_bytes;
+        if (n_blocks == 0) {
+            fprintf(stderr,
+                    "tessera serve: --kv-memory %" PRIu64 " is less than one KV block of this "
+                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d x 4 x %d "
+                    "tokens)\n",
+                    kv_memory, block_bytes, hp->n_layer, hp->n_head_kv, hp->head_dim,
+                    TSR_KV_BLOCK_SIZE);
+            return 1;
+        }
+    } else {
+        n_blocks = DEFAULT_KV_MEMORY / block_bytes;
+        if (n_blocks > blocks_per_seq * (uint64_t)max_seqs)
+            n_blocks = blocks_per_seq * (uint64_t)max_seqs;
+        if (n_blocks == 0) n_blocks = 1;
+    }
+    if (n_blocks > INT32_MAX / TSR_KV_BLOCK_SIZE) n_blocks = INT32_MAX / TSR_KV_BLOCK_SIZE;
+
+    rp.n_threads = (int)n_threads;
+    rp.n_ctx = (int32_t)n_ctx;
+    rp.n_batch = (int32_t)max_batch;
+    rp.n_kv_blocks = (int32_t)n_blocks;
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        return 1;
+    }
+    if (!tsr_replica_is_leader(rep)) {
+        /* The leader coordinates the shutdown; a signal forwarded by the launcher must
+         * not kill a follower in the middle of it. */
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
+        return follower(rep);
+    }
+
+    int exit_code = 1;
+    tsr_engine *engine = NULL;
+    tsr_server *server = NULL;
+    control ctl;
+    memset(&ctl, 0, sizeof ctl);
+    bool ctl_started = false, sem_ok = false;
+    pthread_t ctl_thread;
+
+    tsr_engine_params ep = {
+        .max_batch_tokens = (int32_t)max_batch,
+        .max_seqs = (int32_t)max_seqs,
+        .max_queue = (int32_t)max_queue,
+        .n_kv_blocks =
+            tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
+        .idle_heartbeat_ms = 1000,
+    };
+    int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
+    if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
+    if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
+    if (tsr_engine_new(rep, &ep, &engine, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        goto release;
+    }
+
+    const tsr_vocab *vocab = tsr_replica_vocab(rep);
+    tsr_server_model_info info = {
+        .architecture = meta.arch,
+        .name = meta.has_name ? meta.name : NULL,
+        .n_ctx = tsr_replica_n_ctx(rep),
+        .n_ctx_train = hp->n_ctx_train,
+        .n_vocab = tsr_vocab_n_tokens(vocab),
+        .n_layer = hp->n_layer,
+        .n_embd = hp->n_embd,
+        .n_head = hp->n_head,
+        .n_head_kv = hp->n_head_kv,
+        .tp = rp.tp,
+        .pp = rp.pp,
+        .kv_capacity_tokens = (int64_t)ep.n_kv_blocks * TSR_KV_BLOCK_SIZE,
+        .kv_block_tokens = TSR_KV_BLOCK_SIZE,
+        .max_batch_tokens = (int32_t)max_batch,
+        .max_queue = (int32_t)max_queue,
+    };
+    if (sem_init(&g_sig_sem, 0, 0) != 0) {
+        fprintf(stderr, "tessera serve: sem_init: %s\n", strerror(errno));
+        goto release;
+    }
+    sem_ok = true;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    tsr_server_params sp = {.listen = listen};
+    int port = 0;
+    if (tsr_server_start(&sp, engine, vocab, &info, &server, &port, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        goto release;
+    }
+    ctl.engine = engine;
+    ctl.server = server;
+    ctl.grace_ms = grace_ms;
+    pthread_mutex_init(&ctl.mu, NULL);
+    if (pthread_create(&ctl_thread, NULL, control_main, &ctl) != 0) {
+        fprintf(stderr, "tessera serve: cannot start the control thread\n");
+        pthread_mutex_destroy(&ctl.mu);
+        goto stop_server;
+    }
+    ctl_started = true;
+
+    char host[256];
+    listen_host(listen, host, sizeof host);
+    fprintf(stderr,
+            "tessera serve: %s, tp %d x pp %d, context %d, KV %d blocks (%" PRId64
+            " tokens, %.1f MiB), max batch %" PRId64 " tokens, queue %" PRId64 "\n",
+            model, rp.tp, rp.pp, info.n_ctx, ep.n_kv_blocks, info.kv_capacity_tokens,
+            (double)ep.n_kv_blocks * (double)block_bytes / 1048576.0, max_batch, max_queue);
+    fprintf(stderr, "tessera serve: listening on %s:%d\n", host, port);
+    fflush(stderr);
+
+    /* The step loop, on the MPI thread, until the control thread stops it. */
+    int run_rc = tsr_engine_run(engine, err, sizeof err);
+    if (run_rc != 0) {
+        fprintf(stderr, "tessera serve: the engine stopped: %s\n", err);
+        tsr_server_set_not_serving(server);
+    }
+    exit_code = run_rc == 0 ? 0 : 1;
+
+stop_server:
+    if (ctl_started) {
+        pthread_mutex_lock(&ctl.mu);
+        ctl.quit = true;
+        pthread_mutex_unlock(&ctl.mu);
+        sem_post(&g_sig_sem);
+        pthread_join(ctl_thread, NULL);
+        pthread_mutex_destroy(&ctl.mu);
+    }
+    if (server) {
+        /* A server that never started the step loop (thread failure) still has requests
+         * queued in the engine: stop it so they finish as cancelled. */
+        if (!ctl_started) tsr_engine_stop(engine, true);
+        if (tsr_server_shutdown(server, SERVER_FLUSH_MS, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera serve: %s\n", err);
+            exit_code = 1;
+            engine = NULL; /* the server may still call into it: leak rather than free */
+        }
+        server = NULL;
+    }
+release:
+    if (engine) tsr_engine_free(engine);
+    if (!leader_close(rep)) exit_code = 1;
+    if (sem_ok) {
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+        sem_destroy(&g_sig_sem);
+    }
+    if (exit_code == 0) fprintf(stderr, "tessera serve: stopped\n");
+    return exit_code;
+}

@@ -1,0 +1,616 @@
+#!/usr/bin/python3
+"""test_serve.py — end-to-end tests of `tessera serve` with a client Tessera did not write.
+
+The client is Debian's python3-grpcio (run with /usr/bin/python3: the pyenv python3 on
+PATH has no grpc) with stubs generated at test time from proto/*.proto into a temporary
+folder (grpc_tools.protoc, or protoc + grpc_python_plugin). Every server listens on
+127.0.0.1 with an ephemeral port, every RPC has a timeout, every process is killed at the
+end whatever happens.
+
+What is checked:
+  - 32 concurrent greedy streams, each equal to `tessera generate --temperature 0 --json`
+    for its prompt alone (ids, text, finish reason, usage), on one process and on
+    `mpirun -np 4 tessera serve --tp 2 --pp 2`;
+  - a KV budget of a few blocks: every request still completes exactly, with preemptions;
+  - cancellation frees the request's KV blocks; a deadline stops generation
+    (DEADLINE_EXCEEDED) and frees them too; a full queue answers RESOURCE_EXHAUSTED;
+  - every bad parameter answers INVALID_ARGUMENT naming the field; random and truncated
+    protobuf bytes on the raw methods never crash the server;
+  - Health: SERVING when up, NOT_SERVING after Admin.Drain (Check and Watch), new
+    requests UNAVAILABLE; SIGTERM mid-stream exits 0; a killed rank ends the replica.
+
+usage: test_serve.py --tessera BUILD/tessera [--models DIR] [--proto DIR] [-k NAME]
+Prints one line per test and `N passed, M failed`; exits 1 on any failure.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+import grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+# Prompts of different lengths and max_tokens for the concurrent streams.
+PROMPT_WORDS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
+                "One day, a big bird", "The sun was", "Ben had a red ball",
+                "Mom said", "There was a tree", "The cat sat on the mat and",
+                "A girl named Sue", "The boy was sad because", "In the forest",
+                "Tim wanted to", "The fish swam", "She looked at the sky", "Happy"]
+
+
+def prompts_32():
+    out = []
+    for i in range(32):
+        p = PROMPT_WORDS[i % len(PROMPT_WORDS)]
+        if i >= len(PROMPT_WORDS):
+            p = p + " and then"
+        out.append((p, 4 + (i * 7) % 45))  # max_tokens 4..48
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# stubs
+
+
+def make_stubs(proto_dir, out_dir):
+    protos = ["tessera.proto", "health.proto"]
+    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir,
+           "--python_out", out_dir, "--grpc_python_out", out_dir] + protos
+    r = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        plugin = shutil.which("grpc_python_plugin") or "/usr/bin/grpc_python_plugin"
+        cmd = ["protoc", "-I", proto_dir, "--python_out", out_dir, "--grpc_python_out",
+               out_dir, "--plugin=protoc-gen-grpc_python=" + plugin] + protos
+        r2 = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
+        if r2.returncode != 0:
+            raise RuntimeError("cannot generate stubs: %s / %s" % (r.stderr, r2.stderr))
+    sys.path.insert(0, out_dir)
+    global pb, pbg, hpb, hpbg
+    import tessera_pb2 as pb  # noqa: E402
+    import tessera_pb2_grpc as pbg  # noqa: E402
+    import health_pb2 as hpb  # noqa: E402
+    import health_pb2_grpc as hpbg  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
+
+class Server:
+    """A `tessera serve` process (or an mpirun job of them) on an ephemeral port."""
+
+    def __init__(self, args, mpi_np=0, start_timeout=60):
+        self.log_path = tempfile.mktemp(prefix="tsr-serve-", suffix=".log")
+        self.log = open(self.log_path, "w+b")
+        env = dict(os.environ)
+        cmd = [ARGS.tessera, "serve", "-m", ARGS.model, "--listen", "127.0.0.1:0"] + args
+        if mpi_np:
+            env.update(MPI_ENV)
+            cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(mpi_np)] + cmd
+        self.cmd = cmd
+        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        self.port = None
+        deadline = time.time() + start_timeout
+        while time.time() < deadline:
+            m = re.search(rb"listening on [^\s]+:(\d+)", self.output_bytes())
+            if m:
+                self.port = int(m.group(1))
+                break
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        if self.port is None:
+            out = self.output()
+            self.kill()
+            raise AssertionError("server did not start: %s\n%s" % (" ".join(cmd), out[-3000:]))
+        self.target = "127.0.0.1:%d" % self.port
+        self.channel = grpc.insecure_channel(self.target)
+        grpc.channel_ready_future(self.channel).result(timeout=10)
+        self.inf = pbg.InferenceStub(self.channel)
+        self.admin = pbg.AdminStub(self.channel)
+        self.health = hpbg.HealthStub(self.channel)
+
+    def output_bytes(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read()
+
+    def output(self):
+        return self.output_bytes().decode("utf-8", "replace")
+
+    def status(self):
+        return self.admin.Status(pb.StatusRequest(), timeout=5)
+
+    def pids(self):
+        """The process and its descendants (mpirun's ranks)."""
+        out, todo = [], [self.p.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                    todo += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        return out
+
+    def wait(self, timeout):
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        try:
+            self.channel.close()
+        except Exception:
+            pass
+        if self.p.poll() is None:
+            pids = self.pids()
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.wait(10)
+        self.log.close()
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+
+def generate_reference(prompt, n, extra=()):
+    """`tessera generate` for one prompt alone: the ground truth."""
+    cmd = [ARGS.tessera, "generate", "-m", ARGS.model, "-p", prompt, "-n", str(n),
+           "--temperature", "0", "--json", "-t", "1"] + list(extra)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "%s: %s" % (cmd, r.stderr)
+    return json.loads(r.stdout)
+
+
+_REFS = {}
+
+
+def references(items):
+    todo = [it for it in items if it not in _REFS]
+    with cf.ThreadPoolExecutor(2) as ex:
+        for it, ref in zip(todo, ex.map(lambda it: generate_reference(*it), todo)):
+            _REFS[it] = ref
+    return [_REFS[it] for it in items]
+
+
+def run_generate(stub, timeout=60, **kw):
+    """One Generate call: (ids, text, last message, n_messages)."""
+    ids, text, last, n = [], "", None, 0
+    for r in stub.Generate(pb.GenerateRequest(**kw), timeout=timeout):
+        ids += list(r.token_ids)
+        text += r.text
+        last = r
+        n += 1
+    return ids, text, last, n
+
+
+def expect_code(fn, code, *needles):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        assert e.code() == code, "expected %s, got %s: %s" % (code, e.code(), e.details())
+        for nd in needles:
+            assert nd in (e.details() or ""), "%r not in the message %r" % (nd, e.details())
+        return e
+    raise AssertionError("expected %s, the call succeeded" % code)
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        ok, last = pred()
+        if ok:
+            return last
+        time.sleep(0.05)
+    raise AssertionError("timed out after %.1f s waiting for %s (last: %s)" % (timeout, what, last))
+
+
+def check_streams(srv, items, refs, concurrency=32):
+    def one(it):
+        prompt, n = it
+        return run_generate(srv.inf, timeout=90, prompt=prompt, max_tokens=n, temperature=0)
+
+    with cf.ThreadPoolExecutor(concurrency) as ex:
+        results = list(ex.map(one, items))
+    for (prompt, n), ref, (ids, text, last, nmsg) in zip(items, refs, results):
+        assert ids == ref["ids"], "prompt %r n %d: ids %s != generate's %s" % (
+            prompt, n, ids, ref["ids"])
+        assert text == ref["text"], "prompt %r: text %r != %r" % (prompt, text, ref["text"])
+        want = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
+                "eos": pb.FINISH_REASON_EOS}[ref["finish_reason"]]
+        assert last.finish_reason == want, (prompt, last.finish_reason, ref["finish_reason"])
+        assert last.usage.completion_tokens == len(ids), (last.usage, len(ids))
+        assert last.usage.prompt_tokens == len(ref["prompt_ids"]), last.usage
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+
+
+def test_concurrent_greedy():
+    items = prompts_32()
+    refs = references(items)
+    srv = Server(["-t", "1"])
+    try:
+        check_streams(srv, items, refs)
+        st = srv.status()
+        assert st.requests_done >= 32 and st.kv_blocks_used == 0, st
+        # ModelInfo and Tokenize against the CLI.
+        mi = srv.inf.ModelInfo(pb.ModelInfoRequest(), timeout=5)
+        assert mi.vocab_size == 512 and mi.tp == 1 and mi.pp == 1 and mi.bos_id == 1, mi
+        assert mi.kv_capacity_tokens > 0 and mi.context_length > 0, mi
+        tk = srv.inf.Tokenize(pb.TokenizeRequest(text=items[2][0]), timeout=5)
+        assert list(tk.ids) == refs[2]["prompt_ids"], (tk.ids, refs[2]["prompt_ids"])
+        # The same prompt given as ids.
+        ids, _, _, _ = run_generate(srv.inf, prompt_ids=refs[0]["prompt_ids"],
+                                    max_tokens=items[0][1], temperature=0, timeout=30)
+        assert ids == refs[0]["ids"], (ids, refs[0]["ids"])
+    finally:
+        srv.kill()
+
+
+def test_mpi_tp2_pp2():
+    items = prompts_32()
+    refs = references(items)
+    srv = Server(["--tp", "2", "--pp", "2", "-t", "1"], mpi_np=4, start_timeout=90)
+    try:
+        mi = srv.inf.ModelInfo(pb.ModelInfoRequest(), timeout=5)
+        assert mi.tp == 2 and mi.pp == 2, mi
+        check_streams(srv, items, refs)
+        assert srv.status().n_ranks == 4
+        # Clean shutdown of the whole job: SIGTERM to the leader (rank 0).
+        leader = [p for p in srv.pids() if rank_of(p) == 0]
+        assert leader, "no rank 0 process found"
+        os.kill(leader[0], signal.SIGTERM)
+        rc = srv.wait(30)
+        assert rc == 0, "mpirun exit status %s after SIGTERM to rank 0:\n%s" % (
+            rc, srv.output()[-2000:])
+    finally:
+        srv.kill()
+
+
+def rank_of(pid):
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"OMPI_COMM_WORLD_RANK="):
+            return int(kv.split(b"=", 1)[1])
+    return None
+
+
+def test_preemption_small_kv():
+    # 20480 bytes per 16-token block for stories260K (5 layers x 2 x 4 KV heads x 8 x 4 x 16):
+    # 10 blocks hold 160 tokens, while 12 streams of up to 69 tokens want ~60 blocks.
+    items = [(PROMPT_WORDS[i], 48 + i) for i in range(12)]
+    refs = references(items)
+    srv = Server(["-t", "1", "--kv-memory", str(10 * 20480), "--max-batch-tokens", "32"])
+    try:
+        mi = srv.inf.ModelInfo(pb.ModelInfoRequest(), timeout=5)
+        assert mi.kv_capacity_tokens == 160, mi
+        check_streams(srv, items, refs, concurrency=12)
+        st = srv.status()
+        assert st.preemptions > 0, "no preemption with a %d-block KV pool: %s" % (
+            st.kv_blocks_total, st)
+        assert st.kv_blocks_used == 0, st
+    finally:
+        srv.kill()
+
+
+def test_cancel_deadline_queue():
+    srv = Server(["-t", "1", "--max-queue", "1", "--max-seqs", "1", "--max-batch-tokens", "4"])
+    try:
+        # Cancel mid-stream: the request's KV blocks return to the pool.
+        it = srv.inf.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=1900,
+                                                 ignore_eos=True, temperature=0), timeout=60)
+        got = 0
+        for r in it:
+            got += len(r.token_ids)
+            if got >= 20:
+                break
+        st = srv.status()
+        assert st.kv_blocks_used > 0 and st.requests_running == 1, st
+        it.cancel()
+        wait_for(lambda: (lambda s: (s.kv_blocks_used == 0 and s.requests_running == 0, s))(
+            srv.status()), 10, "KV blocks freed after cancel")
+
+        # A deadline stops generation mid-way and frees the blocks too.
+        t0 = time.time()
+        e = expect_code(lambda: run_generate(srv.inf, timeout=0.5, prompt="The little dog",
+                                             max_tokens=1900, ignore_eos=True, temperature=0),
+                        grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.time() - t0 < 3, "deadline not honoured: %.2f s" % (time.time() - t0)
+        wait_for(lambda: (lambda s: (s.kv_blocks_used == 0 and s.requests_running == 0, s))(
+            srv.status()), 10, "KV blocks freed after the deadline")
+
+        # Queue full: one running (max-seqs 1), one waiting (max-queue 1), the third is refused.
+        long_req = dict(prompt="Once upon a time", max_tokens=1900, ignore_eos=True,
+                        temperature=0)
+        a = srv.inf.Generate(pb.GenerateRequest(**long_req), timeout=60)
+        next(a)
+        b = srv.inf.Generate(pb.GenerateRequest(**long_req), timeout=60)
+        b_first = threading.Thread(target=lambda: next(b, None), daemon=True)
+        b_first.start()
+        wait_for(lambda: (lambda s: (s.requests_running == 1 and s.requests_queued == 1, s))(
+            srv.status()), 10, "one running and one queued request")
+        expect_code(lambda: run_generate(srv.inf, timeout=10, **long_req),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "queue")
+        a.cancel()
+        b.cancel()
+        b_first.join(10)
+        wait_for(lambda: (lambda s: (s.kv_blocks_used == 0 and s.requests_running == 0 and
+                                     s.requests_queued == 0, s))(srv.status()), 10,
+                 "all requests gone")
+    finally:
+        srv.kill()
+
+
+def test_invalid_arguments_and_garbage():
+    srv = Server(["-t", "1", "-c", "256"])
+    try:
+        P = "Once upon a time"
+        bad = [
+            (dict(prompt=P, temperature=-1.0), "temperature"),
+            (dict(prompt=P, top_p=0.0), "top_p"),
+            (dict(prompt=P, top_p=1.5), "top_p"),
+            (dict(prompt=P, top_k=-5), "top_k"),
+            (dict(prompt=P, min_p=1.5), "min_p"),
+            (dict(prompt=P, repetition_penalty=0.0), "repetition_penalty"),
+            (dict(prompt=P, presence_penalty=3.0), "presence_penalty"),
+            (dict(prompt=P, frequency_penalty=-2.5), "frequency_penalty"),
+            (dict(prompt=P, max_tokens=0), "max_tokens"),
+            (dict(prompt=P, max_tokens=-3), "max_tokens"),
+            (dict(prompt=P, logprobs=21), "logprobs"),
+            (dict(prompt=P, logprobs=-1), "logprobs"),
+            (dict(prompt=""), "prompt"),
+            (dict(), "prompt"),
+            (dict(prompt_ids=[1, 99999]), "prompt_ids"),
+            (dict(prompt_ids=[-4]), "prompt_ids"),
+            (dict(prompt=P, prompt_ids=[1, 2]), "prompt"),
+            (dict(prompt_ids=[1] * 300), "prompt"),  # longer than the context of 256
+            (dict(prompt=P, stop=["ok", ""]), "stop[1]"),
+            (dict(prompt=P, stop_token_ids=[5, 512]), "stop_token_ids"),
+            (dict(prompt=P, request_id="x" * 300), "request_id"),
+        ]
+        for kw, field in bad:
+            expect_code(lambda: run_generate(srv.inf, timeout=10, **kw),
+                        grpc.StatusCode.INVALID_ARGUMENT, field)
+        # Explicit values at their limits are fine (presence: temperature 0 is greedy).
+        ids, _, last, _ = run_generate(srv.inf, timeout=10, prompt=P, max_tokens=3,
+                                       temperature=0, top_k=-1, top_p=1.0, min_p=0.0,
+                                       logprobs=3, seed=7)
+        assert len(ids) == 3 and last.finish_reason == pb.FINISH_REASON_LENGTH, last
+        # Logprobs: one entry per token, the greedy choice is the most likely.
+        lp_ids, lps = [], []
+        for r in srv.inf.Generate(pb.GenerateRequest(prompt=P, max_tokens=6, temperature=0,
+                                                     logprobs=4), timeout=10):
+            assert len(r.logprobs) == len(r.token_ids), r
+            lp_ids += list(r.token_ids)
+            lps += list(r.logprobs)
+        for tid, lp in zip(lp_ids, lps):
+            assert len(lp.top) == 4 and lp.top[0].id == tid and lp.logprob <= 0, lp
+        # Sampling with a seed is reproducible.
+        s1 = run_generate(srv.inf, timeout=10, prompt=P, max_tokens=12, seed=42,
+                          temperature=0.9, top_p=0.9)[0]
+        s2 = run_generate(srv.inf, timeout=10, prompt=P, max_tokens=12, seed=42,
+                          temperature=0.9, top_p=0.9)[0]
+        assert s1 == s2, (s1, s2)
+        # Stop strings: the text stops before them, as `tessera generate --stop`.
+        ref = generate_reference(P, 40, ["--stop", " she"])
+        ids, text, last, _ = run_generate(srv.inf, timeout=10, prompt=P, max_tokens=40,
+                                          temperature=0, stop=[" she"])
+        assert text == ref["text"], (text, ref["text"])
+        # Unknown method.
+        raw = srv.channel.unary_unary("/tessera.v1.Inference/Nope")
+        expect_code(lambda: raw(b"", timeout=5), grpc.StatusCode.UNIMPLEMENTED, "Nope")
+
+        # Malformed bytes on every raw method: never a crash, never UNKNOWN/INTERNAL.
+        methods = {
+            "/tessera.v1.Inference/Generate": pb.GenerateRequest(
+                prompt="Once upon a time", max_tokens=2, temperature=0, stop=["zz"],
+                stop_token_ids=[3], request_id="abc"),
+            "/tessera.v1.Inference/Tokenize": pb.TokenizeRequest(text="Hello world"),
+            "/tessera.v1.Inference/ModelInfo": pb.ModelInfoRequest(),
+            "/tessera.v1.Admin/Status": pb.StatusRequest(),
+            "/grpc.health.v1.Health/Check": hpb.HealthCheckRequest(service=""),
+        }
+        rng = random.Random(1234)
+        bad_codes = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        n_calls = 0
+        for path, msg in methods.items():
+            good = msg.SerializeToString()
+            blobs = [good[:k] for k in range(len(good))]
+            blobs += [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
+                      for _ in range(60)]
+            blobs += [b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x80", b"\xff" * 16,
+                      b"\x0a\x02\xff\xfe\x18\x02"]  # invalid UTF-8 prompt
+            stream = path.endswith("Generate")
+            call = (srv.channel.unary_stream(path) if stream else srv.channel.unary_unary(path))
+            for blob in blobs:
+                n_calls += 1
+                try:
+                    if stream:
+                        for _ in call(blob, timeout=10):
+                            pass
+                    else:
+                        call(blob, timeout=10)
+                except grpc.RpcError as e:
+                    assert e.code() not in bad_codes, "%s %r -> %s %s" % (
+                        path, blob, e.code(), e.details())
+        expect_code(lambda: srv.channel.unary_stream("/tessera.v1.Inference/Generate")(
+            b"\x18", timeout=5).next(), grpc.StatusCode.INVALID_ARGUMENT, "malformed")
+        # Still serving.
+        assert srv.health.Check(hpb.HealthCheckRequest(), timeout=5).status == \
+            hpb.HealthCheckResponse.SERVING
+        ids, _, _, _ = run_generate(srv.inf, timeout=10, prompt=P, max_tokens=5, temperature=0)
+        assert len(ids) == 5
+        assert srv.p.poll() is None, "the server died:\n" + srv.output()[-2000:]
+        print("    (%d malformed calls survived)" % n_calls)
+    finally:
+        srv.kill()
+
+
+def test_health_drain_sigterm():
+    srv = Server(["-t", "1", "--shutdown-grace", "800"])
+    try:
+        H = hpb.HealthCheckResponse
+        assert srv.health.Check(hpb.HealthCheckRequest(), timeout=5).status == H.SERVING
+        assert srv.health.Check(hpb.HealthCheckRequest(service="tessera.v1.Inference"),
+                                timeout=5).status == H.SERVING
+        expect_code(lambda: srv.health.Check(hpb.HealthCheckRequest(service="nope"), timeout=5),
+                    grpc.StatusCode.NOT_FOUND)
+        watch = srv.health.Watch(hpb.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == H.SERVING
+        # A running stream survives the drain and completes.
+        long_it = srv.inf.Generate(pb.GenerateRequest(prompt="Once upon a time",
+                                                      max_tokens=400, ignore_eos=True,
+                                                      temperature=0), timeout=60)
+        first = next(long_it)
+        d = srv.admin.Drain(pb.DrainRequest(), timeout=5)
+        assert d.requests_running + d.requests_queued <= 1, d
+        assert next(watch).status == H.NOT_SERVING
+        watch.cancel()
+        assert srv.health.Check(hpb.HealthCheckRequest(), timeout=5).status == H.NOT_SERVING
+        assert srv.status().draining
+        expect_code(lambda: run_generate(srv.inf, timeout=5, prompt="Hi", max_tokens=2),
+                    grpc.StatusCode.UNAVAILABLE, "draining")
+        n = len(first.token_ids) + sum(len(r.token_ids) for r in long_it)
+        assert n == 400, n
+    finally:
+        srv.kill()
+
+    # SIGTERM mid-stream: the stream ends with a status, the process exits 0.
+    srv = Server(["-t", "1", "--shutdown-grace", "300"])
+    try:
+        it = srv.inf.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=1900,
+                                                 ignore_eos=True, temperature=0), timeout=60)
+        next(it)
+        t0 = time.time()
+        srv.p.send_signal(signal.SIGTERM)
+        try:
+            last = None
+            for r in it:
+                last = r
+            assert last is not None and last.finish_reason in (pb.FINISH_REASON_CANCELLED,
+                                                               pb.FINISH_REASON_LENGTH), last
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+        rc = srv.wait(20)
+        assert rc == 0, "exit status %s after SIGTERM:\n%s" % (rc, srv.output()[-2000:])
+        assert time.time() - t0 < 10
+        assert "stopped" in srv.output()
+    finally:
+        srv.kill()
+
+
+def test_killed_rank():
+    srv = Server(["--pp", "2", "-t", "1", "--comm-timeout", "5000"], mpi_np=2,
+                 start_timeout=90)
+    try:
+        assert srv.health.Check(hpb.HealthCheckRequest(), timeout=5).status == \
+            hpb.HealthCheckResponse.SERVING
+        # Traffic while the rank dies.
+        it = srv.inf.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=1900,
+                                                 ignore_eos=True, temperature=0), timeout=30)
+        next(it)
+        victims = [p for p in srv.pids() if rank_of(p) == 1]
+        assert victims, "no rank 1 process"
+        os.kill(victims[0], signal.SIGKILL)
+
+        def not_serving():
+            try:
+                st = srv.health.Check(hpb.HealthCheckRequest(), timeout=1).status
+                return st != hpb.HealthCheckResponse.SERVING, st
+            except grpc.RpcError as e:
+                return True, e.code()
+
+        wait_for(not_serving, 15, "health to stop answering SERVING")
+        try:
+            for _ in it:
+                pass
+            raise AssertionError("the stream completed although a rank was killed")
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.INTERNAL), e.code()
+        rc = srv.wait(20)
+        assert rc is not None and rc != 0, "mpirun still running or exited 0: %s" % rc
+    finally:
+        srv.kill()
+
+
+TESTS = [test_concurrent_greedy, test_invalid_arguments_and_garbage, test_cancel_deadline_queue,
+         test_preemption_small_kv, test_health_drain_sigterm, test_mpi_tp2_pp2,
+         test_killed_rank]
+
+
+def main():
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tessera", required=True, help="the tessera binary")
+    ap.add_argument("--models", default=os.environ.get("TESSERA_MODELS",
+                                                       os.path.join(ROOT, "..", "shared",
+                                                                    "models")))
+    ap.add_argument("--proto", default=os.path.join(ROOT, "proto"))
+    ap.add_argument("-k", default="", help="run only tests whose name contains this")
+    ARGS = ap.parse_args()
+    ARGS.model = os.path.join(ARGS.models, "stories260K.gguf")
+    if not os.path.exists(ARGS.model):
+        print("missing model %s (set TESSERA_MODELS)" % ARGS.model)
+        print("0 passed, 1 failed")
+        return 1
+    tmp = tempfile.mkdtemp(prefix="tsr-stubs-")
+    passed = failed = 0
+    try:
+        make_stubs(ARGS.proto, tmp)
+        for t in TESTS:
+            if ARGS.k and ARGS.k not in t.__name__:
+                continue
+            t0 = time.time()
+            try:
+                t()
+                passed += 1
+                print("ok    %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
+            except Exception:
+                failed += 1
+                print("FAIL  %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
+                traceback.print_exc()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
