@@ -69,8 +69,8 @@ int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d);
  * expected sequence (prompt + output, copied); a sequence whose history is a prefix of it
  * gets the next k tokens of it, any other gets none. With the target's own greedy output
  * this measures the ceiling of speculation (100% acceptance). */
-int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter **out,
-                           char *err, size_t err_len);
+int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter **out, char *err,
+                           size_t err_len);
 
 void tsr_drafter_free(tsr_drafter *d);
 

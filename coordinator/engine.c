@@ -527,7 +527,11 @@ static void publish_status(tsr_engine *e)
         e->rate_t0 = t;
         e->rate_n0 = e->n_generated_total;
     }
+    int32_t needed = 0;
+    for (int32_t i = 0; i < e->n_running; i++)
+        needed += (e->running[i]->n_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     pthread_mutex_lock(&e->mu);
+    e->snap.kv_blocks_needed = needed;
     e->snap.n_running = e->n_running;
     e->snap.n_waiting = e->n_waiting + e->n_inbox;
     e->snap.kv_blocks_total = e->p.n_kv_blocks;
@@ -580,6 +584,9 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
                 if (kk > remain) kk = remain;
                 if (s->n_tokens + kk >= e->n_ctx) kk = e->n_ctx - s->n_tokens - 1;
                 char derr[256];
+                /* Drafts of an earlier step that were never verified (preempted, cut by
+                 * the budget) must not linger in the drafter. */
+                e->p.drafter->vt->rollback(e->p.drafter, s->id, s->n_tokens);
                 int m = kk > 0 ? e->p.drafter->vt->propose(e->p.drafter, s->id, s->tokens,
                                                            s->n_tokens, kk, s->draft, derr,
                                                            sizeof derr)

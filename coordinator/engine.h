@@ -105,6 +105,8 @@ typedef struct {
 typedef struct {
     int32_t n_running, n_waiting;
     int32_t kv_blocks_used, kv_blocks_free, kv_blocks_total;
+    int32_t kv_blocks_needed; /* what the running sequences' tokens need: used <= needed
+                                 always (more would be a leak, e.g. of rolled-back drafts) */
     int32_t kv_block_tokens;
     uint64_t n_preemptions;
     uint64_t n_requests_done;

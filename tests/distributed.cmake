@@ -96,3 +96,26 @@ add_test(NAME replica_kill_rank
          COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/kill_rank.sh $<TARGET_FILE:tessera> ${TSR_SYN}/odd-f16.gguf)
 set_tests_properties(replica_kill_rank PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
                      FIXTURES_REQUIRED replica_models TIMEOUT 120 RUN_SERIAL TRUE)
+
+# Speculative decoding is exact on every layout: 16 concurrent greedy requests with each
+# drafter (4-layer draft: many rejections; Q8_0 copy: ~99% agreement; n-gram) and several
+# k equal decoding without speculation, and KV blocks never exceed what tokens need.
+add_executable(spec_check ${CMAKE_CURRENT_SOURCE_DIR}/spec_check.c)
+target_link_libraries(spec_check PRIVATE tessera_core)
+set(TSR_DRAFT4 ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf)
+set(TSR_DRAFTQ8 ${TSR_MODELS_DIR}/derived/stories260K-q8_0.gguf)
+add_test(NAME spec_tp1_pp1
+         COMMAND $<TARGET_FILE:spec_check> -m ${TSR_STORIES} --draft ${TSR_DRAFT4}
+                 --draft ${TSR_DRAFTQ8} --ngram --k 1,2,3,4,5,6,7,8)
+set_tests_properties(spec_tp1_pp1 PROPERTIES TIMEOUT 300)
+foreach(layout "2;1" "1;2" "2;2")
+  list(GET layout 0 tp)
+  list(GET layout 1 pp)
+  math(EXPR np "${tp} * ${pp}")
+  add_test(NAME spec_tp${tp}_pp${pp}
+           COMMAND ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:spec_check> -m ${TSR_STORIES}
+                   --tp ${tp} --pp ${pp} --draft ${TSR_DRAFT4} --draft ${TSR_DRAFTQ8} --ngram
+                   --k 1,3,8)
+  set_tests_properties(spec_tp${tp}_pp${pp} PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
+                       TIMEOUT 300 PROCESSORS 2)
+endforeach()
