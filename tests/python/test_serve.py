@@ -19,7 +19,8 @@ What is checked:
   - Health: SERVING when up, NOT_SERVING after Admin.Drain (Check and Watch), new
     requests UNAVAILABLE; SIGTERM mid-stream exits 0; a killed rank ends the replica.
 
-usage: test_serve.py --tessera BUILD/tessera [--models DIR] [--proto DIR] [-k NAME]
+usage: test_serve.py --tessera BUILD/tessera [--models DIR] [--proto DIR] [--mpirun PATH]
+                     [-k NAME]
 Prints one line per test and `N passed, M failed`; exits 1 on any failure.
 """
 import argparse
@@ -101,7 +102,7 @@ class Server:
         cmd = [ARGS.tessera, "serve", "-m", ARGS.model, "--listen", "127.0.0.1:0"] + args
         if mpi_np:
             env.update(MPI_ENV)
-            cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(mpi_np)] + cmd
+            cmd = [ARGS.mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(mpi_np)] + cmd
         self.cmd = cmd
         self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
@@ -596,12 +597,13 @@ def main():
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tessera", required=True, help="the tessera binary")
-    ap.add_argument("--models", default=os.environ.get("TESSERA_MODELS",
-                                                       os.path.join(ROOT, "..", "shared",
-                                                                    "models")))
+    ap.add_argument("--models", default=os.path.join(ROOT, "..", "shared", "models"),
+                    help="models folder (TESSERA_MODELS in the environment overrides it)")
     ap.add_argument("--proto", default=os.path.join(ROOT, "proto"))
+    ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("-k", default="", help="run only tests whose name contains this")
     ARGS = ap.parse_args()
+    ARGS.models = os.environ.get("TESSERA_MODELS") or ARGS.models
     ARGS.model = os.path.join(ARGS.models, "stories260K.gguf")
     if not os.path.exists(ARGS.model):
         print("missing model %s (set TESSERA_MODELS)" % ARGS.model)

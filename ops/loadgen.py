@@ -1,0 +1,146 @@
+#!/usr/bin/python3
+"""loadgen.py — load generator for `tessera serve` (gRPC, tessera.v1.Inference/Generate).
+
+Runs N Generate requests with C in flight at once and prints throughput (generated
+tokens/s over the wall time), time to first token and inter-token latency (p50 / p99).
+Inter-token latency is measured per token: a message carrying k tokens that arrives t
+after the previous one counts k gaps of t/k (the server coalesces tokens produced while
+a send is in flight).
+
+Needs Debian's python3-grpcio and python3-grpc-tools (run with /usr/bin/python3); the stubs
+are generated from proto/ into a temporary folder at start.
+
+  /usr/bin/python3 ops/loadgen.py --target 127.0.0.1:50051 --concurrency 16 --requests 200
+"""
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
+           "One day, a big bird", "The sun was", "Ben had a red ball", "Mom said",
+           "There was a tree", "The cat sat on the mat and", "A girl named Sue"]
+
+
+def load_stubs(proto_dir):
+    out = tempfile.mkdtemp(prefix="tsr-loadgen-")
+    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir, "--python_out", out,
+           "--grpc_python_out", out, "tessera.proto"]
+    r = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        sys.exit("loadgen: cannot generate stubs from %s: %s" % (proto_dir, r.stderr.strip()))
+    sys.path.insert(0, out)
+    import tessera_pb2
+    import tessera_pb2_grpc
+    return out, tessera_pb2, tessera_pb2_grpc
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(p / 100.0 * (len(xs) - 1)))))
+    return xs[k]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of tessera serve")
+    ap.add_argument("--concurrency", "-c", type=int, default=8, help="requests in flight")
+    ap.add_argument("--requests", "-n", type=int, default=64, help="requests in all")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--prompt", default=None, help="one prompt for all (default: a mix)")
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
+    ap.add_argument("--timeout", type=float, default=120.0, help="deadline per request, s")
+    ap.add_argument("--proto", default=os.path.join(ROOT, "proto"), help="proto folder")
+    a = ap.parse_args()
+    if a.concurrency < 1 or a.requests < 1 or a.max_tokens < 1:
+        ap.error("--concurrency, --requests and --max-tokens must be >= 1")
+
+    stub_dir, pb, pbg = load_stubs(a.proto)
+    try:
+        ch = grpc.insecure_channel(a.target)
+        try:
+            grpc.channel_ready_future(ch).result(timeout=10)
+        except grpc.FutureTimeoutError:
+            sys.exit("loadgen: cannot connect to %s within 10 s" % a.target)
+        stub = pbg.InferenceStub(ch)
+        lock = threading.Lock()
+        next_req = [0]
+        ttft, itl, errors = [], [], {}
+        tokens = [0]
+        rng = random.Random(0)
+        prompts = [a.prompt or rng.choice(PROMPTS) for _ in range(a.requests)]
+
+        def worker():
+            while True:
+                with lock:
+                    i = next_req[0]
+                    if i >= a.requests:
+                        return
+                    next_req[0] += 1
+                req = pb.GenerateRequest(prompt=prompts[i], max_tokens=a.max_tokens,
+                                         temperature=a.temperature, ignore_eos=a.ignore_eos,
+                                         seed=i)
+                t0 = time.perf_counter()
+                prev, first, gaps, n = None, None, [], 0
+                try:
+                    for r in stub.Generate(req, timeout=a.timeout):
+                        k = len(r.token_ids)
+                        if k == 0:
+                            continue
+                        t = time.perf_counter()
+                        if first is None:
+                            first = t - t0
+                            gaps += [(t - t0) / k] * (k - 1)
+                        else:
+                            gaps += [(t - prev) / k] * k
+                        prev = t
+                        n += k
+                except grpc.RpcError as e:
+                    with lock:
+                        key = "%s: %s" % (e.code().name, (e.details() or "")[:80])
+                        errors[key] = errors.get(key, 0) + 1
+                    continue
+                with lock:
+                    tokens[0] += n
+                    if first is not None:
+                        ttft.append(first)
+                    itl.extend(gaps)
+
+        t_start = time.perf_counter()
+        threads = [threading.Thread(target=worker, daemon=True)
+                   for _ in range(min(a.concurrency, a.requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t_start
+        ch.close()
+    finally:
+        shutil.rmtree(stub_dir, ignore_errors=True)
+
+    ok = a.requests - sum(errors.values())
+    print("target:          %s" % a.target)
+    print("requests:        %d ok, %d failed, concurrency %d, max_tokens %d"
+          % (ok, a.requests - ok, a.concurrency, a.max_tokens))
+    print("wall time:       %.2f s (%.2f requests/s)" % (wall, ok / wall))
+    print("throughput:      %.1f generated tokens/s (%d tokens)" % (tokens[0] / wall, tokens[0]))
+    print("TTFT:            p50 %.1f ms, p99 %.1f ms" % (pct(ttft, 50) * 1e3, pct(ttft, 99) * 1e3))
+    print("inter-token:     p50 %.2f ms, p99 %.2f ms" % (pct(itl, 50) * 1e3, pct(itl, 99) * 1e3))
+    for k, v in sorted(errors.items()):
+        print("error:           %dx %s" % (v, k))
+    return 0 if ok == a.requests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
