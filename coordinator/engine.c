@@ -65,6 +65,7 @@ typedef struct seq {
     int32_t *draft;
     float acc_ema;
     int32_t spec_drafted, spec_accepted;
+    int32_t n_steps; /* steps that produced tokens */
     bool cancel;
     struct seq *next;
 } seq;
@@ -447,7 +448,8 @@ static void finish(tsr_engine *e, seq *s, int reason, const char *error)
                     .t_decode_ns = s->t_first_token ? t - s->t_first_token : 0,
                     .n_preempted = s->n_preempted,
                     .spec_drafted = s->spec_drafted,
-                    .spec_accepted = s->spec_accepted};
+                    .spec_accepted = s->spec_accepted,
+                    .n_steps = s->n_steps};
     s->on_event(s->ud, &ev);
     if (s->spec) e->p.drafter->vt->release(e->p.drafter, s->id);
     blocks_release(e, s);
@@ -732,6 +734,7 @@ static void after_step(tsr_engine *e, int32_t n_bseq, const float *logits)
         const int32_t n_tokens_before = s->n_tokens;
         s->n_computed += e->b_chunk[j] - m;
         if (s->n_computed < s->n_tokens) continue; /* still prefilling */
+        s->n_steps++;
         int reason = -1;
         int32_t accepted = 0;
         for (int32_t i = 0; i <= m && reason < 0; i++) {

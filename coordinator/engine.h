@@ -71,6 +71,9 @@ typedef struct {
     int32_t n_preempted;       /* times this request was preempted and recomputed */
     int32_t spec_drafted;      /* draft tokens proposed for this request */
     int32_t spec_accepted;     /* of which the target accepted */
+    int32_t n_steps;           /* target steps that produced tokens for this request: with
+                                  speculation, n_completion_tokens / n_steps is the mean
+                                  accepted length (tokens per target step) */
 } tsr_event;
 
 typedef void (*tsr_event_fn)(void *ud, const tsr_event *ev);

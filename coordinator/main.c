@@ -893,6 +893,14 @@ static const char *bench_help =
     "  -r, --reps N        repetitions (default 3)\n"
     "      --json          one JSON object instead of text (with per-rank compute and\n"
     "                      communication time per token and bytes sent)\n"
+    "\nspeculative decoding (each adds a greedy decode of -n tokens through the engine,\n"
+    "without and with speculation: tokens/s, acceptance rate, mean accepted length):\n"
+    "      --draft-model PATH  a draft model\n"
+    "      --spec ngram|oracle n-gram lookup, or an oracle that proposes the model's own\n"
+    "                          greedy tokens (100%% acceptance: the ceiling)\n"
+    "      --spec-k K          draft tokens per step (default 4)\n"
+    "      --verify-cost       time one step of k+1 query tokens / one step of 1 token,\n"
+    "                          k = 1, 2, 4, 8\n"
     REPLICA_HELP
     "  -h, --help          this help\n";
 
@@ -902,9 +910,42 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* One greedy request through the engine; fills the finish event. */
+static int bench_engine_run(tsr_replica *rep, tsr_drafter *d, int32_t spec_k,
+                            const int32_t *prompt, int32_t n_prompt, int32_t n_gen, gen_sink *sink,
+                            char *err, size_t err_len)
+{
+    tsr_engine_params ep = {.max_batch_tokens = tsr_replica_n_batch(rep),
+                            .max_seqs = 4,
+                            .max_queue = 4,
+                            .drafter = d,
+                            .spec_k = spec_k,
+                            .spec_default_on = true};
+    tsr_engine *e;
+    if (tsr_engine_new(rep, &ep, &e, err, err_len) != 0) return -1;
+    memset(sink, 0, sizeof *sink);
+    sink->json = true; /* collect, do not print */
+    tsr_engine_request rq = {.prompt_ids = prompt,
+                             .n_prompt = (size_t)n_prompt,
+                             .speculation = d ? 1 : 0,
+                             .on_event = gen_on_event,
+                             .ud = sink};
+    tsr_sampling_params_default(&rq.gen.sampling);
+    rq.gen.sampling.temperature = 0.0f;
+    rq.gen.max_tokens = n_gen;
+    rq.gen.ignore_eos = true;
+    int rc = tsr_engine_submit(e, &rq, NULL, err, err_len);
+    if (rc == 0) {
+        tsr_engine_stop(e, false);
+        rc = tsr_engine_run(e, err, err_len);
+    }
+    tsr_engine_free(e);
+    return rc;
+}
+
 static int cmd_bench(int argc, char **argv)
 {
-    enum { O_JSON = 256 };
+    enum { O_JSON = 256, O_DRAFT, O_SPEC, O_SPEC_K, O_VERIFY };
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"threads", required_argument, 0, 't'},
                                          {"prompt-len", required_argument, 0, 'p'},
@@ -912,9 +953,15 @@ static int cmd_bench(int argc, char **argv)
                                          {"reps", required_argument, 0, 'r'},
                                          {"json", no_argument, 0, O_JSON},
                                          {"help", no_argument, 0, 'h'},
+                                         {"draft-model", required_argument, 0, O_DRAFT},
+                                         {"spec", required_argument, 0, O_SPEC},
+                                         {"spec-k", required_argument, 0, O_SPEC_K},
+                                         {"verify-cost", no_argument, 0, O_VERIFY},
                                          REPLICA_OPTS,
                                          {0, 0, 0, 0}};
-    const char *model = DEFAULT_MODEL;
+    const char *model = DEFAULT_MODEL, *draft_model = NULL, *spec = NULL;
+    bool verify_cost = false;
+    int64_t spec_k = 4;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t n_threads = default_threads(), n_prompt = 128, n_gen = 64, reps = 3;
     bool json = false;
@@ -927,6 +974,14 @@ static int cmd_bench(int argc, char **argv)
         case 'n': INT_FLAG("bench", "--gen-len", 1, 1 << 16, n_gen); break;
         case 'r': INT_FLAG("bench", "--reps", 1, 1000, reps); break;
         case O_JSON: json = true; break;
+        case O_DRAFT: draft_model = optarg; break;
+        case O_SPEC:
+            if (strcmp(optarg, "ngram") && strcmp(optarg, "oracle"))
+                return usage_error("bench", "--spec takes 'ngram' or 'oracle', got '%s'", optarg);
+            spec = optarg;
+            break;
+        case O_SPEC_K: INT_FLAG("bench", "--spec-k", 1, 16, spec_k); break;
+        case O_VERIFY: verify_cost = true; break;
         case 'h': fputs(bench_help, stdout); return 0;
         default: {
             int r = replica_flag("bench", c, &rp);
@@ -939,8 +994,12 @@ static int cmd_bench(int argc, char **argv)
         }
     }
     if (optind != argc) return usage_error("bench", "unexpected argument '%s'", argv[optind]);
+    if (draft_model && spec) return usage_error("bench", "choose one of --draft-model and --spec");
     rp.n_threads = (int)n_threads;
-    rp.n_ctx = (int32_t)(n_prompt + n_gen + 1);
+    /* Room for the prompt, the generated tokens and up to 16 drafts past them. */
+    rp.n_ctx = (int32_t)(n_prompt + n_gen + 24);
+    rp.n_kv_blocks = (rp.n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    rp.n_batch = n_prompt > 128 ? (int32_t)n_prompt : 128;
     tsr_replica *rep;
     if (open_replica("bench", model, &rp, &rep) != 0) return 1;
     if (!tsr_replica_is_leader(rep)) return follow("bench", rep);
@@ -983,6 +1042,105 @@ static int cmd_bench(int argc, char **argv)
         }
         dc[r] = (double)n_gen * 1e9 / (double)(now_ns() - t0);
     }
+    /* Verify cost: one step of k+1 query tokens of one sequence vs one of 1 token. */
+    double vc[5] = {0};
+    static const int32_t vk[5] = {0, 1, 2, 4, 8};
+    if (verify_cost) {
+        int32_t n_tab = tsr_replica_n_kv_blocks(rep);
+        int32_t *table = malloc(sizeof(int32_t) * (size_t)n_tab);
+        if (!table) goto stop;
+        for (int32_t i = 0; i < n_tab; i++) table[i] = i;
+        for (int ki = 0; ki < 5; ki++) {
+            int32_t k1 = vk[ki] + 1, pos[9], sq[9] = {0};
+            uint8_t want[9];
+            for (int32_t i = 0; i < k1; i++) {
+                pos[i] = (int32_t)n_prompt + i;
+                want[i] = 1;
+            }
+            const int32_t *tabs[1] = {table};
+            tsr_batch b = {.n_tokens = k1, .tokens = toks, .pos = pos, .seq = sq,
+                           .want_logits = want, .n_seqs = 1, .block_tables = tabs,
+                           .n_blocks = &n_tab};
+            double best[7];
+            for (int r = 0; r < 7; r++) {
+                uint64_t t0 = now_ns();
+                if (tsr_replica_step(rep, &b, &logits, err, sizeof err) != 0) {
+                    free(table);
+                    goto stop;
+                }
+                best[r] = (double)(now_ns() - t0);
+            }
+            qsort(best, 7, sizeof(double), cmp_double);
+            vc[ki] = best[3];
+        }
+        free(table);
+    }
+    /* Speculation: the same greedy decode through the engine without and with drafts. */
+    double sp_plain = 0, sp_spec = 0, sp_acc = 0, sp_len = 0;
+    int32_t sp_drafted = 0, sp_accepted = 0;
+    if (draft_model || spec) {
+        gen_sink sink;
+        tsr_drafter *d = NULL;
+        double *a = calloc((size_t)reps, sizeof(double)), *b2 = calloc((size_t)reps, sizeof(double));
+        if (!a || !b2) {
+            free(a);
+            free(b2);
+            goto stop;
+        }
+        for (int64_t r = 0; r < reps; r++) {
+            if (bench_engine_run(rep, NULL, 1, toks, (int32_t)n_prompt, (int32_t)n_gen, &sink, err,
+                                 sizeof err) != 0)
+                goto spec_fail;
+            a[r] = sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
+            if (r == 0) {
+                if (draft_model) {
+                    if (tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
+                                              rp.n_kv_blocks + 8, (int)n_threads, &d, err,
+                                              sizeof err) != 0)
+                        goto spec_fail;
+                } else if (!strcmp(spec, "ngram")) {
+                    if (tsr_drafter_ngram_new(1, 3, &d, err, sizeof err) != 0) goto spec_fail;
+                } else {
+                    /* The oracle knows the greedy continuation just computed. */
+                    size_t n_all = (size_t)n_prompt + sink.n_ids;
+                    int32_t *all = malloc(sizeof(int32_t) * n_all);
+                    if (!all) goto spec_fail;
+                    memcpy(all, toks, sizeof(int32_t) * (size_t)n_prompt);
+                    memcpy(all + n_prompt, sink.ids, sizeof(int32_t) * sink.n_ids);
+                    int rc2 = tsr_drafter_oracle_new(all, (int32_t)n_all, &d, err, sizeof err);
+                    free(all);
+                    if (rc2 != 0) goto spec_fail;
+                }
+            }
+            free(sink.ids);
+            free(sink.text);
+            if (bench_engine_run(rep, d, (int32_t)spec_k, toks, (int32_t)n_prompt, (int32_t)n_gen,
+                                 &sink, err, sizeof err) != 0)
+                goto spec_fail;
+            b2[r] = sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
+            sp_drafted = sink.fin.spec_drafted;
+            sp_accepted = sink.fin.spec_accepted;
+            sp_len = sink.fin.n_steps > 1 ? (double)(sink.n_ids - 1) / (double)(sink.fin.n_steps - 1)
+                                          : 0.0;
+            free(sink.ids);
+            free(sink.text);
+        }
+        qsort(a, (size_t)reps, sizeof(double), cmp_double);
+        qsort(b2, (size_t)reps, sizeof(double), cmp_double);
+        sp_plain = a[reps / 2];
+        sp_spec = b2[reps / 2];
+        sp_acc = sp_drafted ? (double)sp_accepted / (double)sp_drafted : 0.0;
+        free(a);
+        free(b2);
+        tsr_drafter_free(d);
+        goto spec_done;
+    spec_fail:
+        free(a);
+        free(b2);
+        tsr_drafter_free(d);
+        goto stop;
+    }
+spec_done:
     ok = true;
 stop:;
     char err2[512];
@@ -1038,6 +1196,27 @@ stop:;
         cJSON_AddNumberToObject(o, "roofline_tokens_per_s", roof);
         cJSON_AddNumberToObject(o, "decode_roofline_ratio", roof > 0 ? dc_med / roof : 0.0);
         cJSON_AddNumberToObject(o, "peak_rss_mib_leader", rss_mib);
+        if (verify_cost) {
+            cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
+            for (int ki = 1; ki < 5; ki++) {
+                char key[16];
+                snprintf(key, sizeof key, "k%d", vk[ki]);
+                cJSON_AddNumberToObject(v, key, vc[0] > 0 ? vc[ki] / vc[0] : 0.0);
+            }
+            cJSON_AddNumberToObject(v, "step_1_token_ms", vc[0] / 1e6);
+        }
+        if (draft_model || spec) {
+            cJSON *v = cJSON_AddObjectToObject(o, "speculation");
+            cJSON_AddStringToObject(v, "drafter", draft_model ? draft_model : spec);
+            cJSON_AddNumberToObject(v, "spec_k", (double)spec_k);
+            cJSON_AddNumberToObject(v, "decode_tokens_per_s_plain", sp_plain);
+            cJSON_AddNumberToObject(v, "decode_tokens_per_s_spec", sp_spec);
+            cJSON_AddNumberToObject(v, "speedup", sp_plain > 0 ? sp_spec / sp_plain : 0.0);
+            cJSON_AddNumberToObject(v, "drafted", sp_drafted);
+            cJSON_AddNumberToObject(v, "accepted", sp_accepted);
+            cJSON_AddNumberToObject(v, "acceptance_rate", sp_acc);
+            cJSON_AddNumberToObject(v, "mean_accepted_length", sp_len);
+        }
         cJSON_AddItemToObject(o, "ranks", ranks_json(st, n_ranks));
         char *s = cJSON_PrintUnformatted(o);
         if (s) puts(s);
@@ -1059,6 +1238,19 @@ stop:;
         printf("decode roofline:  %.2f tokens/s; achieved %.1f%%\n", roof,
                roof > 0 ? 100.0 * dc_med / roof : 0.0);
         printf("peak RSS:         %.1f MiB (leader)\n", rss_mib);
+        if (verify_cost) {
+            printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
+            for (int ki = 1; ki < 5; ki++)
+                printf(" k=%d %.2f", vk[ki], vc[0] > 0 ? vc[ki] / vc[0] : 0.0);
+            printf("\n");
+        }
+        if (draft_model || spec) {
+            printf("speculation:      %s, k %" PRId64 ": decode %.2f tokens/s vs %.2f without "
+                   "(x%.2f); acceptance %.1f%% (%d/%d), %.2f tokens per target step\n",
+                   draft_model ? draft_model : spec, spec_k, sp_spec, sp_plain,
+                   sp_plain > 0 ? sp_spec / sp_plain : 0.0, 100.0 * sp_acc, sp_accepted,
+                   sp_drafted, sp_len);
+        }
         if (n_ranks > 1) {
             printf("per rank (all steps): rank stage tp  compute_us/tok  comm_us/tok  "
                    "bytes_sent/tok  loaded_MiB\n");

@@ -147,6 +147,8 @@ struct tsr_server {
     tsr_engine *engine;
     const tsr_vocab *vocab;
     tsr_server_model_info info;
+    size_t max_piece; /* longest token text in bytes: a prompt longer than n_ctx of them
+                         cannot fit, whatever its tokenization (cheap pre-check) */
     char *arch, *name;
     tag t_new, t_shutdown;
     srv_call *pending_new;  /* the call object request_call fills (CQ thread only) */
@@ -870,6 +872,13 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
         return false;
     }
     if (has_text) {
+        size_t len = strlen(q->prompt);
+        if (s->info.n_ctx > 0 && len / s->max_piece > (size_t)s->info.n_ctx) {
+            reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                      "prompt: %zu bytes cannot fit the context of %d tokens; shorten the prompt",
+                      len, s->info.n_ctx);
+            return false;
+        }
         char err[512];
         bool add_special = q->has_add_special_tokens ? q->add_special_tokens : true;
         if (tsr_vocab_tokenize(s->vocab, q->prompt, strlen(q->prompt), add_special, true, ids,
@@ -1401,6 +1410,11 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->t_new = (tag){T_NEW_CALL, NULL};
     s->t_shutdown = (tag){T_SHUTDOWN, NULL};
     s->last_health = -1;
+    s->max_piece = 1;
+    for (int32_t id = 0; id < tsr_vocab_n_tokens(vocab); id++) {
+        size_t len = 0;
+        if (tsr_vocab_token_text(vocab, id, &len) && len + 1 > s->max_piece) s->max_piece = len + 1;
+    }
     s->t_start_ns = (uint64_t)now_ns();
     atomic_init(&s->next_req, 1);
     atomic_init(&s->stopping, false);

@@ -399,7 +399,7 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
         set_err(err, err_len, "only the leader drives the replica");
         return -1;
     }
-    const int32_t n_ctx = tsr_ctx_n_ctx(r->ctx);
+    const int32_t n_ctx = r->n_ctx;
     if (n <= 0 || pos0 < 0 || n > n_ctx - pos0) {
         set_err(err, err_len,
                 "positions %d..%d exceed the context size %d (the prompt plus generated tokens "

@@ -55,7 +55,7 @@ show_logs() {
 pid_of() {
   local p
   [ -r "$RUN/$1.pid" ] || return 1
-  p=$(tr -dc 0-9 <"$RUN/$1.pid")
+  p=$(tr -dc 0-9 <"$RUN/$1.pid" 2>/dev/null)
   [ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"
 }
 
