@@ -32,6 +32,7 @@
 #include <semaphore.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,14 +158,16 @@ static int64_t mono_ms(void)
 
 /* ---- signals -> control thread ---- */
 
+/* Lock-free atomics are async-signal-safe and, unlike volatile sig_atomic_t, also safe to
+ * read from the control thread. */
 static sem_t g_sig_sem;
-static volatile sig_atomic_t g_sig_count;
-static volatile sig_atomic_t g_sig_last;
+static atomic_int g_sig_count;
+static atomic_int g_sig_last;
 
 static void on_signal(int sig)
 {
-    g_sig_last = sig;
-    g_sig_count++;
+    atomic_store(&g_sig_last, sig);
+    atomic_fetch_add(&g_sig_count, 1);
     sem_post(&g_sig_sem); /* async-signal-safe */
 }
 
@@ -199,11 +202,11 @@ static void control_wait(int ms)
 static void *control_main(void *arg)
 {
     control *ctl = arg;
-    while (g_sig_count == 0) {
+    while (atomic_load(&g_sig_count) == 0) {
         if (control_quit(ctl)) return NULL;
         control_wait(200);
     }
-    int sig = g_sig_last;
+    int sig = atomic_load(&g_sig_last);
     fprintf(stderr, "tessera serve: %s: draining (up to %" PRId64 " ms), then stopping\n",
             sig == SIGINT ? "SIGINT" : "SIGTERM", ctl->grace_ms);
     tsr_server_set_not_serving(ctl->server);
@@ -221,7 +224,7 @@ static void *control_main(void *arg)
                     st.n_running, st.n_waiting);
             break;
         }
-        if (g_sig_count > 1) {
+        if (atomic_load(&g_sig_count) > 1) {
             fprintf(stderr,
                     "tessera serve: second signal: cancelling %d running and %d "
                     "queued requests\n",

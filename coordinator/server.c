@@ -167,6 +167,7 @@ struct tsr_server {
     srv_call *calls;
     int32_t n_calls, n_generate_open;
     bool shutting_down, not_serving, cq_done, cq_timed_out;
+    bool shutdown_called; /* grpc_server_shutdown_and_notify done: no new calls */
     int64_t grace_deadline_ns, hard_deadline_ns;
     int last_health;
     uint64_t n_accepted, n_submitted, n_rejected;
@@ -1337,13 +1338,13 @@ static void *cq_main(void *arg)
         }
 
         pthread_mutex_lock(&s->mu);
-        bool stopping = s->shutting_down;
+        bool stopping = s->shutting_down, no_new_calls = s->shutdown_called;
         int64_t grace = s->grace_deadline_ns, hard = s->hard_deadline_ns;
         int32_t n_gen = s->n_generate_open, n_calls = s->n_calls;
         pthread_mutex_unlock(&s->mu);
         if (!stopping) continue;
         int64_t t = now_ns();
-        if (!s->cancel_all_done && (n_gen == 0 || t >= grace)) {
+        if (!s->cancel_all_done && no_new_calls && (n_gen == 0 || t >= grace)) {
             grpc_server_cancel_all_calls(s->srv);
             s->cancel_all_done = true;
         }
@@ -1355,7 +1356,6 @@ static void *cq_main(void *arg)
     }
     if (!timed_out) {
         grpc_server_destroy(s->srv);
-        s->srv = NULL;
         grpc_completion_queue_shutdown(s->cq);
         int64_t until = now_ns() + 5000000000LL;
         for (;;) {
@@ -1366,10 +1366,7 @@ static void *cq_main(void *arg)
                 break;
             }
         }
-        if (!timed_out) {
-            grpc_completion_queue_destroy(s->cq);
-            s->cq = NULL;
-        }
+        if (!timed_out) grpc_completion_queue_destroy(s->cq);
     }
     pthread_mutex_lock(&s->mu);
     s->cq_done = true;
@@ -1553,6 +1550,9 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     pthread_mutex_unlock(&s->mu);
     atomic_store(&s->stopping, true);
     grpc_server_shutdown_and_notify(s->srv, s->cq, &s->t_shutdown);
+    pthread_mutex_lock(&s->mu);
+    s->shutdown_called = true;
+    pthread_mutex_unlock(&s->mu);
 
     /* The CQ thread finishes the shutdown; wait for it, bounded. */
     int64_t wait_ms = grace_ms + HARD_EXTRA_MS + 8000;

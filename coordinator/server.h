@@ -79,7 +79,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
                      char *err, size_t err_len);
 
 /* Thread-safe: health turns NOT_SERVING for good (shutdown begun, or the data plane
- * failed); Watch streams are told at once. Calls keep being served until shutdown. */
+ * failed); Watch streams are told within 200 ms. Calls keep being served until shutdown. */
 void tsr_server_set_not_serving(tsr_server *s);
 
 /*
@@ -89,7 +89,7 @@ void tsr_server_set_not_serving(tsr_server *s);
  * stragglers), wait for every call to be released, destroy the server and grpc_shutdown.
  * Every wait is bounded: when calls are still held after grace_ms + 5 s (an engine request
  * that never finished), returns TSR_SERVER_ETIMEOUT and leaks the server rather than
- * freeing memory the gRPC core may still touch. 0 otherwise; s is freed either way.
+ * freeing memory the gRPC core may still touch. 0 otherwise. s must not be used after.
  */
 int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_len);
 

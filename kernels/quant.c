@@ -1325,6 +1325,226 @@ DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
+/* ---- Multi-token tiles (prefill) -------------------------------------------------------
+ *
+ * y[t*ys + r] = dot(row r, token t) for a rows x tokens tile of Q8_0 / Q4_0 weights.
+ *
+ * Why: the row kernels above pay the whole per-block sequence (weight load and unpack,
+ * activation load, integer dot, convert, scale, FMA) for every (row, token) pair, so a
+ * prefill of many tokens runs at decode's per-token compute cost with the weights already
+ * in cache. A micro-tile of R rows x TILE_T tokens loads and unpacks each weight block once
+ * for TILE_T tokens and each activation block once for R rows; per (row, token, block)
+ * only the integer dot, its int->float conversion and one FMA with a broadcast scale
+ * remain (on Zen 4 the dot and the FMA share two pipes: ~1 cycle per 32-element block).
+ *
+ * Bit-identity with the row kernel of the same ISA (BLOCK_LOOP) is kept output by output:
+ * the int32 lanes of each block's dot are the same exact integers (sums over the same 4
+ * elements per lane), the scale is the same product fp16(d_w)*d_y, block b goes into
+ * accumulator b % 4 with the same FMA in increasing b, and the end is the same
+ * (acc0+acc1)+(acc2+acc3)+acc_off and hsum_ps. Only the schedule differs: 4 accumulators
+ * for each of 16 outputs would need 64 registers, so a K chunk is walked chain-major
+ * (blocks 0,4,8,.. into acc0 of every output of the tile, then 1,5,9,.. into acc1, ...),
+ * one accumulator per output live and the other chains parked in memory. K chunks of
+ * TILE_KC blocks keep the micro-tile's weights and activations L1-resident across the 4
+ * passes (8 x 64 blocks x 34 B = 17 KiB).
+ *
+ * Loop nest of one call: token chunks of TILE_TC (their act_info built once; their
+ * activations stay in L2) > row groups of R (weight scales and per-block helpers made once
+ * per chunk, weights reused by the chunk's micro-tiles from L1/L2) > micro-tiles of TILE_T
+ * tokens. Edges: missing rows repeat the last row (computed, not stored); a token tail of
+ * 1-3 gets a narrower micro-tile (its own instantiation). */
+enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
+
+/* The kernel for BLK weights, R rows (a constant of the instantiation) x T tokens (a
+ * constant after inlining into the switch below):
+ *  WPREP(wv, wa, blk, aux)  loads/unpacks weight block blk into wv, and its helper wa
+ *                           (from aux, a per-block int32x8 table, when AUX);
+ *  WAUX(blk)                the helper made once per row group (AUX only);
+ *  YPREP(yv, blk)           loads an activation block;
+ *  IDOT(wv, wa, yv)         the block's int32x8 dot, lanes as the row kernel's;
+ *  MULT                     Q4_0's offset term (act_info.ey), 0 for Q8_0;
+ *  FALLBACK                 the rows kernel, token by token, if the workspace malloc fails. */
+#define DEF_TILE(fname, ATTR, BLK, R, MULT, AUX, WAUX, WPREP, YPREP, IDOT, FALLBACK)               \
+    ATTR TSR_INLINE void fname##_mk(const int T, int64_t nb, size_t nbp, const uint8_t *w,        \
+                                    size_t ws, const uint8_t *x, size_t xs, const float *dy,       \
+                                    const float *ey, const float *dwr, const __m256i *aux,         \
+                                    int nr, float *y, size_t ys)                                   \
+    {                                                                                              \
+        const BLK *wr[R];                                                                          \
+        const blk_q8_0 *xt[TILE_T];                                                                \
+        for (int r = 0; r < R; ++r) wr[r] = (const BLK *)(w + (size_t)(r < nr ? r : nr - 1) * ws); \
+        for (int t = 0; t < T; ++t) xt[t] = (const blk_q8_0 *)(x + (size_t)t * xs);               \
+        float sc[R * TILE_T][TILE_KC] __attribute__((aligned(32)));                                \
+        __m256 park[4][R * TILE_T], off[R * TILE_T];                                               \
+        for (int o = 0; o < R * T; ++o) {                                                          \
+            off[o] = park[0][o] = park[1][o] = park[2][o] = park[3][o] = _mm256_setzero_ps();      \
+        }                                                                                          \
+        for (int64_t k0 = 0; k0 < nb; k0 += TILE_KC) {                                             \
+            const int kc = nb - k0 < TILE_KC ? (int)(nb - k0) : TILE_KC;                           \
+            /* the chunk's scales sc[o][j] = fp16(d_w)*d_y as BLOCK_LOOP makes them (both          \
+             * zero-padded past nb), and Q4_0's offset FMA per 8 blocks */                         \
+            for (int g = 0; g < kc; g += 8) {                                                      \
+                const size_t b = (size_t)(k0 + g);                                                 \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
+                {                                                                                  \
+                    const __m256 dw = _mm256_loadu_ps(dwr + (size_t)r * nbp + b);                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const int o = r * T + t;                                                   \
+                        if (MULT)                                                                  \
+                            off[o] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + t * nbp + b), off[o]); \
+                        _mm256_store_ps(sc[o] + g, _mm256_mul_ps(dw, _mm256_loadu_ps(dy + t * nbp + b))); \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            for (int c = 0; c < 4; ++c) {                                                          \
+                __m256 acc[R * TILE_T];                                                            \
+                _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) acc[o] = park[c][o];      \
+                for (int j = c; j < kc; j += 4) {                                                  \
+                    const int64_t b = k0 + j;                                                      \
+                    __m256i wv[R], wa[R], yv[TILE_T];                                              \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                            \
+                        WPREP(wv[r], wa[r], &wr[r][b], aux + (size_t)r * (size_t)nb + (size_t)b);  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) YPREP(yv[t], &xt[t][b]);   \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                            \
+                    {                                                                              \
+                        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                        \
+                        {                                                                          \
+                            const int o = r * T + t;                                               \
+                            const __m256 f = _mm256_cvtepi32_ps(IDOT(wv[r], wa[r], yv[t]));        \
+                            acc[o] = _mm256_fmadd_ps(_mm256_set1_ps(sc[o][j]), f, acc[o]);         \
+                        }                                                                          \
+                    }                                                                              \
+                }                                                                                  \
+                _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) park[c][o] = acc[o];      \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < nr; ++r) {                                                             \
+            for (int t = 0; t < T; ++t) {                                                          \
+                const int o = r * T + t;                                                           \
+                const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(park[0][o], park[1][o]),           \
+                                                  _mm256_add_ps(park[2][o], park[3][o]));          \
+                y[(size_t)t * ys + (size_t)r] = hsum_ps(_mm256_add_ps(sum4, off[o]));              \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,   \
+                           const uint8_t *x, size_t xs, float *y, size_t ys)                       \
+    {                                                                                              \
+        const int64_t nb = n / TSR_QK8_0;                                                          \
+        const size_t nbp = (size_t)(nb + 7) / 8 * 8;                                               \
+        const size_t tcmax = (size_t)(ntok < TILE_TC ? ntok : TILE_TC);                            \
+        /* workspace: act_info of a token chunk, a row group's scales and helpers */               \
+        const size_t n_act = 2 * tcmax * nbp, n_dw = (size_t)R * nbp;                              \
+        const size_t n_aux = AUX ? (size_t)R * (size_t)nb : 0;                                     \
+        uint8_t *buf = malloc(sizeof(float) * (n_act + n_dw) + sizeof(__m256i) * n_aux);          \
+        if (!buf) {                                                                                \
+            for (int32_t t = 0; t < ntok; ++t)                                                     \
+                FALLBACK(n, nrows, w, ws, x + (size_t)t * xs, y + (size_t)t * ys);                 \
+            return;                                                                                \
+        }                                                                                          \
+        __m256i *aux = (__m256i *)buf; /* first: malloc's alignment suffices for loadu */         \
+        float *dy = (float *)(buf + sizeof(__m256i) * n_aux), *ey = dy + tcmax * nbp;              \
+        float *dw = dy + n_act;                                                                    \
+        for (int32_t t0 = 0; t0 < ntok; t0 += TILE_TC) {                                           \
+            const int tc = ntok - t0 < TILE_TC ? ntok - t0 : TILE_TC;                              \
+            for (int t = 0; t < tc; ++t) {                                                         \
+                act_info ai = {dy + (size_t)t * nbp, ey + (size_t)t * nbp};                        \
+                act_info_build((const blk_q8_0 *)(x + (size_t)(t0 + t) * xs), nb, MULT, &ai);      \
+            }                                                                                      \
+            for (int64_t r0 = 0; r0 < nrows; r0 += R) {                                            \
+                const int nr = nrows - r0 < R ? (int)(nrows - r0) : R;                             \
+                const uint8_t *wt = w + (size_t)r0 * ws;                                           \
+                for (int r = 0; r < R; ++r) {                                                      \
+                    const BLK *row = (const BLK *)(wt + (size_t)(r < nr ? r : nr - 1) * ws);       \
+                    float *d = dw + (size_t)r * nbp;                                               \
+                    for (int64_t b = 0; b < nb; ++b) d[b] = _cvtsh_ss(row[b].d);                   \
+                    for (size_t b = (size_t)nb; b < nbp; ++b) d[b] = 0.0f;                         \
+                    if (AUX) {                                                                     \
+                        for (int64_t b = 0; b < nb; ++b)                                           \
+                            _mm256_storeu_si256(aux + (size_t)r * (size_t)nb + (size_t)b,          \
+                                                WAUX(&row[b]));                                    \
+                    }                                                                              \
+                }                                                                                  \
+                for (int t = 0; t < tc; t += TILE_T) {                                             \
+                    const uint8_t *xt = x + (size_t)(t0 + t) * xs;                                 \
+                    const float *dyt = dy + (size_t)t * nbp, *eyt = ey + (size_t)t * nbp;          \
+                    float *yt = y + (size_t)(t0 + t) * ys + (size_t)r0;                            \
+                    switch (tc - t) {                                                              \
+                    case 1:                                                                        \
+                        fname##_mk(1, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        break;                                                                     \
+                    case 2:                                                                        \
+                        fname##_mk(2, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        break;                                                                     \
+                    case 3:                                                                        \
+                        fname##_mk(3, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        break;                                                                     \
+                    default:                                                                       \
+                        fname##_mk(4, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        break;                                                                     \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        free(buf);                                                                                 \
+    }
+
+#define TILE_NO_AUX(blk) _mm256_setzero_si256()
+#define Q8T_Y(yv, blk)   yv = _mm256_loadu_si256((const __m256i *)(blk)->qs)
+
+/* Q8_0 x Q8_0, AVX2: the row kernel's sign trick; |w| once per weight block. */
+#define Q8T_W_AVX2(wv, wa, blk, aux)                                                               \
+    do {                                                                                           \
+        wv = _mm256_loadu_si256((const __m256i *)(blk)->qs);                                       \
+        wa = _mm256_sign_epi8(wv, wv);                                                             \
+    } while (0)
+#define Q8T_DOT_AVX2(wv, wa, yv)                                                                   \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(yv, wv)), _mm256_set1_epi16(1))
+
+/* Q8_0 x Q8_0, VNNI: y+128 (= y ^ 0x80) is unsigned, so vpdpbusd(u=y+128, s=w) needs no
+ * per-pair sign op; starting the accumulation at -128*sum(w) per lane (the helper, made
+ * once per row group) leaves exactly sum(w*y), the row kernel's lanes (activations are in
+ * [-127, 127] as tsr_quant_row makes them, where its sign trick is exact too). */
+#define Q8T_AUX_VNNI(blk)                                                                          \
+    _mm256_sub_epi32(_mm256_setzero_si256(),                                                       \
+                     _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80),     \
+                                         _mm256_loadu_si256((const __m256i *)(blk)->qs)))
+#define Q8T_W_VNNI(wv, wa, blk, aux)                                                               \
+    do {                                                                                           \
+        wv = _mm256_loadu_si256((const __m256i *)(blk)->qs);                                       \
+        wa = _mm256_loadu_si256(aux);                                                              \
+    } while (0)
+#define Q8T_Y_VNNI(yv, blk)                                                                        \
+    yv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk)->qs),                          \
+                          _mm256_set1_epi8((char)0x80))
+#define Q8T_DOT_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(wa, yv, wv)
+
+/* Q4_0 x Q8_0: nibbles once per weight block; the -8 offset via act_info.ey as in rows. */
+#define Q4T_W(wv, wa, blk, aux)                                                                    \
+    do {                                                                                           \
+        wv = q4_0_nibbles((blk)->qs);                                                              \
+        wa = wv;                                                                                   \
+    } while (0)
+#define Q4T_DOT_AVX2(wv, wa, yv)                                                                   \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(((void)(wa), wv), yv), _mm256_set1_epi16(1))
+#define Q4T_DOT_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), ((void)(wa), wv), yv)
+
+typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,
+                        const uint8_t *x, size_t xs, float *y, size_t ys);
+
+/* clang-format off */
+DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, 0, TILE_NO_AUX, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AVX2,
+         rows_q8_0_avx2)
+DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, 0, TILE_NO_AUX, Q4T_W, Q8T_Y, Q4T_DOT_AVX2,
+         rows_q4_0_avx2)
+DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, 1, Q8T_AUX_VNNI, Q8T_W_VNNI, Q8T_Y_VNNI,
+         Q8T_DOT_VNNI, rows_q8_0_vnni)
+DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, 0, TILE_NO_AUX, Q4T_W, Q8T_Y, Q4T_DOT_VNNI,
+         rows_q4_0_vnni)
+/* clang-format on */
+
 #endif /* TSR_X86 */
 
 /* ---------------------------------------------------------------------------------------
@@ -1457,4 +1677,27 @@ void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
         return;
     }
     k(n, n_rows, w, w_stride_bytes, x, y);
+}
+
+void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, size_t w_stride,
+                      int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
+{
+    if (n_rows <= 0 || n_tok <= 0) return;
+#if TSR_X86
+    const int isa = isa_get();
+    tile_fn k = NULL;
+    if (type == TSR_TYPE_Q8_0 && isa >= ISA_AVX2)
+        k = isa >= ISA_AVX512VNNI ? tile_q8_0_vnni : tile_q8_0_avx2;
+    else if (type == TSR_TYPE_Q4_0 && isa >= ISA_AVX2)
+        k = isa >= ISA_AVX512VNNI ? tile_q4_0_vnni : tile_q4_0_avx2;
+    if (k && n > 0 && n_tok > 1) {
+        k(n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
+#endif
+    /* other types, the scalar path, a single token: token by token over the rows */
+    for (int32_t t = 0; t < n_tok; ++t) {
+        tsr_vec_dot_rows(type, n, n_rows, w, w_stride, (const uint8_t *)x + (size_t)t * x_stride,
+                         y + (size_t)t * y_stride);
+    }
 }

@@ -37,6 +37,9 @@ CONF=$D/slurm.conf
 RUN=$D/run
 LOG=$D/log
 MUNGE_SOCK=$D/munge/munge.socket
+# Inside someone else's Slurm job (CI on a cluster) its SLURM_* variables would point
+# srun at a job this cluster does not know.
+for v in $(compgen -e | grep -E '^(SLURM|SBATCH|SRUN|SALLOC)_'); do unset "$v"; done
 
 # now_ms: milliseconds since the epoch (for deadlines).
 now_ms() { date +%s%3N; }
@@ -46,17 +49,23 @@ show_logs() {
   local f
   for f in "$LOG"/munged.log "$LOG"/slurmctld.log "$LOG"/slurmd.log; do
     [ -s "$f" ] || continue
-    echo "---- last lines of $f" >&2
-    tail -n "${1:-15}" "$f" >&2
+    echo "---- last lines of $f (without the harmless first-start noise)" >&2
+    grep -Ev 'state file|Trying backup state|Unauthorized credential for client' "$f" |
+      tail -n "${1:-15}" >&2
   done
 }
 
-# pid_of NAME: the pid in DIR/run/NAME.pid if that process is alive.
+# pid_of NAME: the pid in DIR/run/NAME.pid if that process is alive and is NAME started
+# for DIR (its command line names DIR: never a recycled pid of something else).
 pid_of() {
   local p
   [ -r "$RUN/$1.pid" ] || return 1
   p=$(tr -dc 0-9 <"$RUN/$1.pid" 2>/dev/null)
-  [ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+  case "$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" in
+    *"$1"*"$D/"*) echo "$p" ;;
+    *) return 1 ;;
+  esac
 }
 
 # wait_gone PID SECONDS: wait until PID has exited; 1 if it still runs at the deadline.
@@ -82,9 +91,14 @@ with_timeout() {
 }
 
 do_stop() {
-  local quiet=${1:-}
+  local quiet=${1:-} name p rc=0
+  # The pids first: the daemons remove their pid files as they shut down.
+  local -A pids=()
+  for name in slurmd slurmctld munged; do
+    p=$(pid_of $name) && pids[$name]=$p
+  done
   export SLURM_CONF=$CONF
-  if [ -f "$CONF" ] && pid_of slurmctld >/dev/null; then
+  if [ -f "$CONF" ] && [ -n "${pids[slurmctld]:-}" ]; then
     # Cancel what still runs (a failed test may leave a step behind), then shut down.
     with_timeout 5 scancel --quiet --full -u "$(id -un)" >/dev/null 2>&1
     local end=$(($(now_ms) + 5000))
@@ -92,17 +106,20 @@ do_stop() {
       sleep 0.2
     done
     with_timeout 5 scontrol shutdown >/dev/null 2>&1
+  elif [ -n "${pids[slurmd]:-}" ]; then
+    kill "${pids[slurmd]}" 2>/dev/null # no controller to tell it
   fi
-  local name p rc=0
   for name in slurmd slurmctld; do
-    p=$(pid_of $name) || continue
+    p=${pids[$name]:-}
+    [ -n "$p" ] || continue
     if ! wait_gone "$p" 5; then
       echo "local-cluster: $name (pid $p) did not shut down in 5 s; killing it" >&2
       kill -9 "$p" 2>/dev/null
       wait_gone "$p" 2 || { echo "local-cluster: $name (pid $p) survives SIGKILL" >&2; rc=1; }
     fi
   done
-  if p=$(pid_of munged); then
+  p=${pids[munged]:-}
+  if [ -n "$p" ]; then
     kill "$p" 2>/dev/null
     if ! wait_gone "$p" 5; then
       kill -9 "$p" 2>/dev/null
@@ -211,7 +228,8 @@ EOF
   t0=$(now_ms)
   end=$((t0 + 20000))
   while [ "$(now_ms)" -lt $end ]; do
-    pid_of slurmctld >/dev/null || { sleep 0.2; pid_of slurmctld >/dev/null || fail_start "slurmctld exited"; }
+    pid_of slurmctld >/dev/null || { sleep 0.5; pid_of slurmctld >/dev/null || fail_start "slurmctld exited"; }
+    pid_of slurmd >/dev/null || { sleep 0.5; pid_of slurmd >/dev/null || fail_start "slurmd exited"; }
     state=$(with_timeout 3 sinfo -h -n "$host" -o %t 2>/dev/null | head -n 1)
     case "$state" in idle | idle~) break ;; esac
     sleep 0.2
@@ -231,7 +249,7 @@ case "$CMD" in
     for n in munged slurmctld slurmd; do
       if p=$(pid_of $n); then echo "$n: pid $p"; else echo "$n: not running"; fi
     done
-    with_timeout 5 sinfo 2>&1
+    pid_of slurmctld >/dev/null && with_timeout 5 sinfo 2>&1
     ;;
   *) usage ;;
 esac
