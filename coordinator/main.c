@@ -9,6 +9,7 @@
 #include "coordinator/engine.h"
 #include "coordinator/generate.h"
 #include "coordinator/sampler.h"
+#include "coordinator/server.h"
 #include "kernels/membw.h"
 #include "kernels/quant.h"
 #include "shard/gguf.h"
@@ -1365,6 +1366,7 @@ static const char *main_help =
     "  mkmodel    write a random-weight llama GGUF of any shape and type\n"
     "  bench      measure prefill/decode speed against the memory-bandwidth roofline\n"
     "  plan       print how a model is cut over tensor- and pipeline-parallel ranks\n"
+    "  serve      serve a model over gRPC (continuous batching, paged KV cache)\n"
     "\n"
     "Run 'tessera COMMAND --help' for the flags of each command.\n";
 
@@ -1393,6 +1395,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "mkmodel")) return cmd_mkmodel(argc, argv);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
     if (!strcmp(cmd, "plan")) return cmd_plan(argc, argv);
+    if (!strcmp(cmd, "serve")) return tsr_cmd_serve(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);
     return EXIT_USAGE;
 }

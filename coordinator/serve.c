@@ -18,6 +18,7 @@
  * rank holds its share of every block (its layers, its KV heads). With tp > n_head_kv the
  * KV heads are replicated across ranks, so the real total is somewhat larger.
  */
+#include "coordinator/drafter.h"
 #include "coordinator/server.h"
 
 #include "worker/comm.h"
@@ -71,6 +72,13 @@ static const char *serve_help =
     "  -t, --threads N           CPU threads per rank (default: all cores)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
+    "\n"
+    "speculative decoding (per request: the 'speculation' field, default auto):\n"
+    "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
+    "      --spec ngram          n-gram prompt lookup instead (no model)\n"
+    "      --spec-k K            most draft tokens per step (default 4; adapts below)\n"
+    "      --spec-max-batch N    speculate only while at most N sequences decode\n"
+    "                            (default 4: larger batches already fill a step)\n"
     "\n"
     "distributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'; rank 0 serves gRPC):\n"
     "      --tp N                tensor-parallel ranks per stage (default 1)\n"
@@ -322,6 +330,10 @@ int tsr_cmd_serve(int argc, char **argv)
         O_PP,
         O_LAYERS,
         O_COMM_TIMEOUT,
+        O_DRAFT,
+        O_SPEC,
+        O_SPEC_K,
+        O_SPEC_MAX_BATCH,
     };
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"listen", required_argument, 0, O_LISTEN},
@@ -336,6 +348,10 @@ int tsr_cmd_serve(int argc, char **argv)
                                          {"pp", required_argument, 0, O_PP},
                                          {"layers", required_argument, 0, O_LAYERS},
                                          {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+                                         {"draft-model", required_argument, 0, O_DRAFT},
+                                         {"spec", required_argument, 0, O_SPEC},
+                                         {"spec-k", required_argument, 0, O_SPEC_K},
+                                         {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
@@ -343,6 +359,9 @@ int tsr_cmd_serve(int argc, char **argv)
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
     int64_t n_threads = default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
     uint64_t kv_memory = 0;
+    const char *draft_model = NULL;
+    bool spec_ngram = false;
+    int64_t spec_k = 4, spec_max_batch = 4;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
@@ -394,6 +413,23 @@ int tsr_cmd_serve(int argc, char **argv)
         case O_LAYERS:
             rp.layers = optarg;
             break;
+        case O_DRAFT:
+            draft_model = optarg;
+            break;
+        case O_SPEC:
+            if (!strcmp(optarg, "ngram")) spec_ngram = true;
+            else if (strcmp(optarg, "off") != 0)
+                return usage_error("--spec takes 'ngram' or 'off', got '%s'", optarg);
+            break;
+        case O_SPEC_K:
+            if (!parse_i64(optarg, 1, 16, &spec_k))
+                return usage_error("--spec-k needs an integer in 1..16, got '%s'", optarg);
+            break;
+        case O_SPEC_MAX_BATCH:
+            if (!parse_i64(optarg, 1, 4096, &spec_max_batch))
+                return usage_error("--spec-max-batch needs an integer in 1..4096, got '%s'",
+                                   optarg);
+            break;
         case O_KV_MEMORY:
             if (!parse_bytes(optarg, &kv_memory) || kv_memory == 0)
                 return usage_error("--kv-memory needs a byte count > 0 such as 512M or 2G, "
@@ -408,6 +444,7 @@ int tsr_cmd_serve(int argc, char **argv)
         }
     }
     if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (draft_model && spec_ngram) return usage_error("choose one of --draft-model and --spec ngram");
 
     char err[1024];
     model_meta meta;
@@ -467,7 +504,24 @@ int tsr_cmd_serve(int argc, char **argv)
     bool ctl_started = false, sem_ok = false;
     pthread_t ctl_thread;
 
+    tsr_drafter *drafter = NULL;
+    if (spec_ngram && tsr_drafter_ngram_new(1, 3, &drafter, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        goto release;
+    }
+    if (draft_model &&
+        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
+                              (int32_t)n_blocks + 16, (int)n_threads, &drafter, err,
+                              sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        goto release;
+    }
+
     tsr_engine_params ep = {
+        .drafter = drafter,
+        .spec_k = (int32_t)spec_k,
+        .spec_max_batch = (int32_t)spec_max_batch,
+        .spec_default_on = true,
         .max_batch_tokens = (int32_t)max_batch,
         .max_seqs = (int32_t)max_seqs,
         .max_queue = (int32_t)max_queue,
@@ -570,6 +624,7 @@ stop_server:
     }
 release:
     if (engine) tsr_engine_free(engine);
+    if (engine || !server) tsr_drafter_free(drafter); /* (leaked with a stuck server) */
     if (!leader_close(rep)) exit_code = 1;
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);

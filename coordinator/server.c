@@ -135,6 +135,7 @@ typedef struct srv_call {
     int finish_reason;
     char *finish_error;
     int32_t n_prompt_tokens, n_completion_tokens, n_preempted;
+    int32_t spec_drafted, spec_accepted;
     uint64_t t_queue_ns, t_first_token_ns, t_decode_ns;
     /* Health.Watch */
     int health_want, health_sent; /* HealthCheckResponse.ServingStatus; -1 none */
@@ -436,6 +437,9 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
         usage.prompt_tokens = c->n_prompt_tokens;
         usage.completion_tokens = c->n_completion_tokens;
         usage.preemptions = c->n_preempted;
+        usage.has_spec_drafted = usage.has_spec_accepted = true;
+        usage.spec_drafted = c->spec_drafted;
+        usage.spec_accepted = c->spec_accepted;
         r.usage = &usage;
         tim.has_queue_ms = tim.has_time_to_first_token_ms = tim.has_decode_ms = true;
         tim.queue_ms = (double)c->t_queue_ns / 1e6;
@@ -628,6 +632,8 @@ static void on_engine_event(void *ud, const tsr_event *ev)
         c->n_prompt_tokens = ev->n_prompt_tokens;
         c->n_completion_tokens = ev->n_completion_tokens;
         c->n_preempted = ev->n_preempted;
+        c->spec_drafted = ev->spec_drafted;
+        c->spec_accepted = ev->spec_accepted;
         c->t_queue_ns = ev->t_queue_ns;
         c->t_first_token_ns = ev->t_first_token_ns;
         c->t_decode_ns = ev->t_decode_ns;
@@ -807,6 +813,10 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     SETF(n_ranks, st.n_ranks);
     SETF(active_streams, active);
     SETF(uptime_s, (double)(now_ns() - (int64_t)s->t_start_ns) / 1e9);
+    SETF(spec_drafted, st.spec_drafted);
+    SETF(spec_accepted, st.spec_accepted);
+    SETF(spec_acceptance, st.spec_acceptance);
+    SETF(kv_blocks_needed, st.kv_blocks_needed);
 #undef SETF
     reply_msg(r, &a.base);
 }
@@ -975,6 +985,17 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
     g->n_stop_ids = q->n_stop_token_ids;
     g->ignore_eos = q->has_ignore_eos && q->ignore_eos;
     er->logprobs = q->has_logprobs ? q->logprobs : 0;
+    er->speculation = -1;
+    if (q->has_speculation) {
+        if (q->speculation == TESSERA__V1__SPECULATION__SPECULATION_OFF) er->speculation = 0;
+        else if (q->speculation == TESSERA__V1__SPECULATION__SPECULATION_AUTO) er->speculation = 1;
+        else if (q->speculation != TESSERA__V1__SPECULATION__SPECULATION_DEFAULT) {
+            reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                      "speculation: unknown value %d (use DEFAULT, OFF or AUTO)",
+                      (int)q->speculation);
+            return false;
+        }
+    }
     if (er->logprobs < 0 || er->logprobs > MAX_LOGPROBS) {
         reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "logprobs must be in 0..%d, got %d",
                   MAX_LOGPROBS, er->logprobs);

@@ -1364,7 +1364,7 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
  *  IDOT(wv, wa, yv)         the block's int32x8 dot, lanes as the row kernel's;
  *  MULT                     Q4_0's offset term (act_info.ey), 0 for Q8_0;
  *  FALLBACK                 the rows kernel, token by token, if the workspace malloc fails. */
-#define DEF_TILE(fname, ATTR, BLK, R, MULT, AUX, WAUX, WPREP, YPREP, IDOT, FALLBACK)               \
+#define DEF_TILE(fname, ATTR, BLK, R, MULT, AUX, WAUX, WPREP, YPREP, IDOT, CVT, FALLBACK)          \
     ATTR TSR_INLINE void fname##_mk(const int T, int64_t nb, size_t nbp, const uint8_t *w,        \
                                     size_t ws, const uint8_t *x, size_t xs, const float *dy,       \
                                     const float *ey, const float *dwr, const __m256i *aux,         \
@@ -1376,9 +1376,7 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
         for (int t = 0; t < T; ++t) xt[t] = (const blk_q8_0 *)(x + (size_t)t * xs);               \
         float sc[R * TILE_T][TILE_KC] __attribute__((aligned(32)));                                \
         __m256 park[4][R * TILE_T], off[R * TILE_T];                                               \
-        for (int o = 0; o < R * T; ++o) {                                                          \
-            off[o] = park[0][o] = park[1][o] = park[2][o] = park[3][o] = _mm256_setzero_ps();      \
-        }                                                                                          \
+        _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) off[o] = _mm256_setzero_ps();    \
         for (int64_t k0 = 0; k0 < nb; k0 += TILE_KC) {                                             \
             const int kc = nb - k0 < TILE_KC ? (int)(nb - k0) : TILE_KC;                           \
             /* the chunk's scales sc[o][j] = fp16(d_w)*d_y as BLOCK_LOOP makes them (both          \
@@ -1399,7 +1397,8 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
             }                                                                                      \
             for (int c = 0; c < 4; ++c) {                                                          \
                 __m256 acc[R * TILE_T];                                                            \
-                _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) acc[o] = park[c][o];      \
+                _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o)                           \
+                    acc[o] = k0 ? park[c][o] : _mm256_setzero_ps();                                \
                 for (int j = c; j < kc; j += 4) {                                                  \
                     const int64_t b = k0 + j;                                                      \
                     __m256i wv[R], wa[R], yv[TILE_T];                                              \
@@ -1411,7 +1410,7 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
                         _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                        \
                         {                                                                          \
                             const int o = r * T + t;                                               \
-                            const __m256 f = _mm256_cvtepi32_ps(IDOT(wv[r], wa[r], yv[t]));        \
+                            const __m256 f = CVT(IDOT(wv[r], wa[r], yv[t]));                       \
                             acc[o] = _mm256_fmadd_ps(_mm256_set1_ps(sc[o][j]), f, acc[o]);         \
                         }                                                                          \
                     }                                                                              \
@@ -1435,18 +1434,28 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
         const int64_t nb = n / TSR_QK8_0;                                                          \
         const size_t nbp = (size_t)(nb + 7) / 8 * 8;                                               \
         const size_t tcmax = (size_t)(ntok < TILE_TC ? ntok : TILE_TC);                            \
-        /* workspace: act_info of a token chunk, a row group's scales and helpers */               \
-        const size_t n_act = 2 * tcmax * nbp, n_dw = (size_t)R * nbp;                              \
-        const size_t n_aux = AUX ? (size_t)R * (size_t)nb : 0;                                     \
-        uint8_t *buf = malloc(sizeof(float) * (n_act + n_dw) + sizeof(__m256i) * n_aux);          \
+        const size_t nrp = (size_t)(nrows + R - 1) / R * R;                                        \
+        /* workspace (floats): a row group's helpers (AUX, 8 per block, 64-byte aligned           \
+         * first), every row's scales, the token chunk's act_info */                               \
+        const size_t n_aux = AUX ? 8 * (size_t)R * (size_t)nb : 0, n_dw = nrp * nbp;               \
+        const size_t n_act = 2 * tcmax * nbp;                                                      \
+        uint8_t *buf = malloc(sizeof(float) * (n_aux + n_dw + n_act) + 64);                        \
         if (!buf) {                                                                                \
             for (int32_t t = 0; t < ntok; ++t)                                                     \
                 FALLBACK(n, nrows, w, ws, x + (size_t)t * xs, y + (size_t)t * ys);                 \
             return;                                                                                \
         }                                                                                          \
-        __m256i *aux = (__m256i *)buf; /* first: malloc's alignment suffices for loadu */         \
-        float *dy = (float *)(buf + sizeof(__m256i) * n_aux), *ey = dy + tcmax * nbp;              \
-        float *dw = dy + n_act;                                                                    \
+        __m256i *aux = (__m256i *)(buf + (64 - (uintptr_t)buf % 64));                              \
+        float *dw = (float *)aux + n_aux, *dy = dw + n_dw, *ey = dy + tcmax * nbp;                 \
+        /* weight scales as floats once per call (rows past nrows repeat the last one) */          \
+        for (size_t r = 0; r < nrp; ++r) {                                                         \
+            const BLK *row = (const BLK *)(w + (r < (size_t)nrows ? r : (size_t)nrows - 1) * ws);  \
+            for (int64_t b = 0; b < nb; b += 8) {                                                  \
+                const int m = nb - b < 8 ? (int)(nb - b) : 8;                                      \
+                _mm256_storeu_ps(dw + r * nbp + (size_t)b,                                         \
+                                 f16x8_strided(&row[b].d, sizeof(BLK), m));                        \
+            }                                                                                      \
+        }                                                                                          \
         for (int32_t t0 = 0; t0 < ntok; t0 += TILE_TC) {                                           \
             const int tc = ntok - t0 < TILE_TC ? ntok - t0 : TILE_TC;                              \
             for (int t = 0; t < tc; ++t) {                                                         \
@@ -1456,15 +1465,13 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
             for (int64_t r0 = 0; r0 < nrows; r0 += R) {                                            \
                 const int nr = nrows - r0 < R ? (int)(nrows - r0) : R;                             \
                 const uint8_t *wt = w + (size_t)r0 * ws;                                           \
-                for (int r = 0; r < R; ++r) {                                                      \
-                    const BLK *row = (const BLK *)(wt + (size_t)(r < nr ? r : nr - 1) * ws);       \
-                    float *d = dw + (size_t)r * nbp;                                               \
-                    for (int64_t b = 0; b < nb; ++b) d[b] = _cvtsh_ss(row[b].d);                   \
-                    for (size_t b = (size_t)nb; b < nbp; ++b) d[b] = 0.0f;                         \
-                    if (AUX) {                                                                     \
+                const float *dwt = dw + (size_t)r0 * nbp;                                          \
+                if (AUX) {                                                                         \
+                    for (int r = 0; r < R; ++r) {                                                  \
+                        const BLK *row = (const BLK *)(wt + (size_t)(r < nr ? r : nr - 1) * ws);   \
                         for (int64_t b = 0; b < nb; ++b)                                           \
-                            _mm256_storeu_si256(aux + (size_t)r * (size_t)nb + (size_t)b,          \
-                                                WAUX(&row[b]));                                    \
+                            _mm256_store_si256(aux + (size_t)r * (size_t)nb + (size_t)b,           \
+                                               WAUX(&row[b]));                                     \
                     }                                                                              \
                 }                                                                                  \
                 for (int t = 0; t < tc; t += TILE_T) {                                             \
@@ -1473,16 +1480,16 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
                     float *yt = y + (size_t)(t0 + t) * ys + (size_t)r0;                            \
                     switch (tc - t) {                                                              \
                     case 1:                                                                        \
-                        fname##_mk(1, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        fname##_mk(1, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
                         break;                                                                     \
                     case 2:                                                                        \
-                        fname##_mk(2, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        fname##_mk(2, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
                         break;                                                                     \
                     case 3:                                                                        \
-                        fname##_mk(3, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        fname##_mk(3, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
                         break;                                                                     \
                     default:                                                                       \
-                        fname##_mk(4, nb, nbp, wt, ws, xt, xs, dyt, eyt, dw, aux, nr, yt, ys);     \
+                        fname##_mk(4, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
                         break;                                                                     \
                     }                                                                              \
                 }                                                                                  \
@@ -1490,6 +1497,15 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
         }                                                                                          \
         free(buf);                                                                                 \
     }
+
+/* int32 lanes -> float. VNNI kernels start each dot at 0x4B400000 (the bits of 1.5*2^23)
+ * instead of 0, so the lanes come out as the float bits of 1.5*2^23 + dot, exact for
+ * |dot| < 2^22 (ours are < 2^17); subtracting 1.5*2^23 leaves float(dot) exactly, as
+ * vcvtdq2ps would make it, but on Zen 4's FP add pipes instead of the FMA/VNNI pipes that
+ * the dot and the scale FMA already saturate. */
+#define TILE_MAGIC          0x4B400000
+#define TILE_CVT_AVX2(i)    _mm256_cvtepi32_ps(i)
+#define TILE_CVT_MAGIC(i)   _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(12582912.0f))
 
 #define TILE_NO_AUX(blk) _mm256_setzero_si256()
 #define Q8T_Y(yv, blk)   yv = _mm256_loadu_si256((const __m256i *)(blk)->qs)
@@ -1508,7 +1524,7 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
  * once per row group) leaves exactly sum(w*y), the row kernel's lanes (activations are in
  * [-127, 127] as tsr_quant_row makes them, where its sign trick is exact too). */
 #define Q8T_AUX_VNNI(blk)                                                                          \
-    _mm256_sub_epi32(_mm256_setzero_si256(),                                                       \
+    _mm256_sub_epi32(_mm256_set1_epi32(TILE_MAGIC),                                                \
                      _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80),     \
                                          _mm256_loadu_si256((const __m256i *)(blk)->qs)))
 #define Q8T_W_VNNI(wv, wa, blk, aux)                                                               \
@@ -1529,20 +1545,21 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
     } while (0)
 #define Q4T_DOT_AVX2(wv, wa, yv)                                                                   \
     _mm256_madd_epi16(_mm256_maddubs_epi16(((void)(wa), wv), yv), _mm256_set1_epi16(1))
-#define Q4T_DOT_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), ((void)(wa), wv), yv)
+#define Q4T_DOT_VNNI(wv, wa, yv)                                                                   \
+    _mm256_dpbusd_epi32(_mm256_set1_epi32(TILE_MAGIC), ((void)(wa), wv), yv)
 
 typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,
                         const uint8_t *x, size_t xs, float *y, size_t ys);
 
 /* clang-format off */
 DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, 0, TILE_NO_AUX, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AVX2,
-         rows_q8_0_avx2)
+         TILE_CVT_AVX2, rows_q8_0_avx2)
 DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, 0, TILE_NO_AUX, Q4T_W, Q8T_Y, Q4T_DOT_AVX2,
-         rows_q4_0_avx2)
+         TILE_CVT_AVX2, rows_q4_0_avx2)
 DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, 1, Q8T_AUX_VNNI, Q8T_W_VNNI, Q8T_Y_VNNI,
-         Q8T_DOT_VNNI, rows_q8_0_vnni)
+         Q8T_DOT_VNNI, TILE_CVT_MAGIC, rows_q8_0_vnni)
 DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, 0, TILE_NO_AUX, Q4T_W, Q8T_Y, Q4T_DOT_VNNI,
-         rows_q4_0_vnni)
+         TILE_CVT_MAGIC, rows_q4_0_vnni)
 /* clang-format on */
 
 #endif /* TSR_X86 */

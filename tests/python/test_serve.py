@@ -588,7 +588,73 @@ def test_killed_rank():
         srv.kill()
 
 
-TESTS = [test_concurrent_greedy, test_invalid_arguments_and_garbage, test_cancel_deadline_queue,
+def check_spec_server(srv, items, refs):
+    """16 concurrent greedy streams with speculation equal decoding without it; the KV
+    blocks in use never exceed what the tokens need (rolled-back drafts are freed)."""
+    stop = threading.Event()
+    leaks = []
+
+    def watch():
+        while not stop.is_set():
+            st = srv.status()
+            if st.kv_blocks_used > st.kv_blocks_needed:
+                leaks.append((st.kv_blocks_used, st.kv_blocks_needed))
+            time.sleep(0.01)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        def one(it):
+            prompt, n = it
+            return run_generate(srv.inf, timeout=90, prompt=prompt, max_tokens=n, temperature=0,
+                                speculation=pb.SPECULATION_AUTO)
+
+        with cf.ThreadPoolExecutor(16) as ex:
+            results = list(ex.map(one, items))
+    finally:
+        stop.set()
+        w.join()
+    drafted = 0
+    for (prompt, n), ref, (ids, text, last, nmsg) in zip(items, refs, results):
+        assert ids == ref["ids"], "speculative: prompt %r: ids %s != generate's %s" % (
+            prompt, ids, ref["ids"])
+        assert text == ref["text"], (prompt, text, ref["text"])
+        assert last.usage.spec_accepted <= last.usage.spec_drafted, last.usage
+        drafted += last.usage.spec_drafted
+    assert not leaks, "KV blocks used > needed: %s" % leaks[:5]
+    st = wait_for(lambda: (lambda s: (s.requests_done >= len(items) and s.kv_blocks_used == 0,
+                                      s))(srv.status()), 10, "all done, KV blocks free")
+    assert st.spec_drafted > 0 and drafted > 0, st
+    assert 0.0 < st.spec_acceptance < 1.0, st
+    return st
+
+
+def test_speculation():
+    items = prompts_32()[:16]
+    refs = references(items)
+    draft = os.path.join(ARGS.models, "derived", "stories260K-4layer-draft.gguf")
+    srv = Server(["-t", "1", "--draft-model", draft, "--spec-max-batch", "16"])
+    try:
+        st = check_spec_server(srv, items, refs)
+        print("    4-layer draft over gRPC: acceptance %.1f%% (%d/%d)" % (
+            100 * st.spec_acceptance, st.spec_accepted, st.spec_drafted))
+        # Per request: OFF does not speculate.
+        ids, _, last, _ = run_generate(srv.inf, prompt=items[0][0], max_tokens=items[0][1],
+                                       temperature=0, speculation=pb.SPECULATION_OFF, timeout=30)
+        assert ids == refs[0]["ids"] and last.usage.spec_drafted == 0, last.usage
+    finally:
+        srv.kill()
+    srv = Server(["--tp", "2", "--pp", "2", "-t", "1", "--spec", "ngram", "--spec-max-batch",
+                  "16"], mpi_np=4, start_timeout=90)
+    try:
+        st = check_spec_server(srv, items, refs)
+        print("    n-gram on tp 2 x pp 2 over gRPC: acceptance %.1f%% (%d/%d)" % (
+            100 * st.spec_acceptance, st.spec_accepted, st.spec_drafted))
+    finally:
+        srv.kill()
+
+
+TESTS = [test_concurrent_greedy, test_speculation, test_invalid_arguments_and_garbage, test_cancel_deadline_queue,
          test_preemption_small_kv, test_health_drain_sigterm, test_mpi_tp2_pp2,
          test_killed_rank]
 
