@@ -25,6 +25,7 @@
 
 #include <inttypes.h>
 #include <stdarg.h>
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -605,4 +606,50 @@ oom:
 fail:
     tsr_drafter_model_destroy(dm);
     return -1;
+}
+
+int tsr_drafter_oracle_load(const char *path, tsr_drafter **out, char *err, size_t err_len)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, err_len, "cannot open oracle file '%s'", path);
+        return -1;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = n > 0 ? malloc((size_t)n + 1) : NULL;
+    size_t got = buf ? fread(buf, 1, (size_t)n, f) : 0;
+    fclose(f);
+    if (!buf || got != (size_t)n) {
+        free(buf);
+        snprintf(err, err_len, "cannot read oracle file '%s'", path);
+        return -1;
+    }
+    buf[n] = 0;
+    cJSON *j = cJSON_Parse(buf);
+    free(buf);
+    cJSON *pi = cJSON_GetObjectItem(j, "prompt_ids"), *gi = cJSON_GetObjectItem(j, "ids");
+    int rc = -1;
+    if (!cJSON_IsArray(pi) || !cJSON_IsArray(gi)) {
+        snprintf(err, err_len,
+                 "oracle file '%s' is not the JSON of 'tessera generate --json' (needs "
+                 "prompt_ids and ids)",
+                 path);
+        goto done;
+    }
+    int np = cJSON_GetArraySize(pi), ng = cJSON_GetArraySize(gi);
+    int32_t *all = malloc(sizeof(int32_t) * (size_t)(np + ng + 1));
+    if (!all) {
+        snprintf(err, err_len, "out of memory");
+        goto done;
+    }
+    for (int i = 0; i < np; i++) all[i] = cJSON_GetArrayItem(pi, i)->valueint;
+    for (int i = 0; i < ng; i++) all[np + i] = cJSON_GetArrayItem(gi, i)->valueint;
+    rc = tsr_drafter_oracle_new(all, np + ng, out, err, err_len);
+    free(all);
+done:
+    cJSON_Delete(j);
+    return rc;
 }

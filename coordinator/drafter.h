@@ -72,6 +72,10 @@ int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d);
 int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter **out, char *err,
                            size_t err_len);
 
+/* Oracle from a file written by `tessera generate --json` (its prompt_ids + ids): for
+ * measuring the ceiling of speculation through generate and serve (`--spec oracle:PATH`). */
+int tsr_drafter_oracle_load(const char *path, tsr_drafter **out, char *err, size_t err_len);
+
 void tsr_drafter_free(tsr_drafter *d);
 
 #endif

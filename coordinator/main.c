@@ -353,6 +353,8 @@ static const char *generate_help =
     "      --ignore-eos            keep going past end-of-generation tokens\n"
     "      --draft-model PATH      speculative decoding with a draft model (same vocabulary)\n"
     "      --spec ngram            speculative decoding with n-gram prompt lookup\n"
+    "      --spec oracle:PATH      (benchmarks) an oracle proposing the tokens of a\n"
+    "                              'generate --json' output: the ceiling of speculation\n"
     "      --spec-k K              most draft tokens per step (default 4; adapts below)\n"
     "  -c, --ctx-size N            context size in tokens (default: the model's, max 4096)\n"
     "  -t, --threads N             CPU threads per rank (default: all cores)\n"
@@ -461,6 +463,8 @@ static int run_generate(const char *model, tsr_replica_params *rp, const char *p
                         const tsr_gen_params *gp, bool json, const char *draft_model,
                         bool spec_ngram, int32_t spec_k, int64_t n_threads);
 
+static const char *g_spec_oracle; /* --spec oracle:PATH */
+
 static int cmd_generate(int argc, char **argv)
 {
     enum {
@@ -506,6 +510,7 @@ static int cmd_generate(int argc, char **argv)
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *prompt = NULL, *draft_model = NULL;
     bool spec_ngram = false;
+    const char *spec_oracle = NULL;
     int64_t spec_k = 4;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t n_predict = 128, n_ctx = 0, n_threads = default_threads();
@@ -556,8 +561,11 @@ static int cmd_generate(int argc, char **argv)
         case O_DRAFT: draft_model = optarg; break;
         case O_SPEC:
             if (!strcmp(optarg, "ngram")) spec_ngram = true;
+            else if (!strncmp(optarg, "oracle:", 7)) spec_oracle = optarg + 7;
             else if (strcmp(optarg, "off") != 0)
-                return usage_error("generate", "--spec takes 'ngram' or 'off', got '%s'", optarg);
+                return usage_error("generate",
+                                   "--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'",
+                                   optarg);
             break;
         case O_SPEC_K: INT_FLAG("generate", "--spec-k", 1, 16, spec_k); break;
         case 'h': fputs(generate_help, stdout); return 0;
@@ -583,8 +591,9 @@ static int cmd_generate(int argc, char **argv)
     gp.stop = stops;
     gp.n_stop = n_stops;
 
-    if (draft_model && spec_ngram)
-        return usage_error("generate", "choose one of --draft-model and --spec ngram");
+    if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
+        return usage_error("generate", "choose one of --draft-model and --spec");
+    g_spec_oracle = spec_oracle;
     rp.n_threads = (int)n_threads;
     rp.n_ctx = (int32_t)n_ctx;
     return run_generate(model, &rp, prompt, &gp, json, draft_model, spec_ngram, (int32_t)spec_k,
@@ -688,6 +697,8 @@ static int run_generate(const char *model, tsr_replica_params *rp, const char *p
         goto stop;
     }
     if (spec_ngram && tsr_drafter_ngram_new(1, 3, &drafter, err, sizeof err) != 0) goto stop;
+    if (g_spec_oracle && tsr_drafter_oracle_load(g_spec_oracle, &drafter, err, sizeof err) != 0)
+        goto stop;
     if (draft_model && tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
                                              rp->n_kv_blocks + 8, (int)n_threads, &drafter, err,
                                              sizeof err) != 0)

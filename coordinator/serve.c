@@ -76,6 +76,8 @@ static const char *serve_help =
     "speculative decoding (per request: the 'speculation' field, default auto):\n"
     "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
     "      --spec ngram          n-gram prompt lookup instead (no model)\n"
+    "      --spec oracle:PATH    (benchmarks) propose the tokens of a 'generate --json'\n"
+    "                            output: the ceiling of speculation\n"
     "      --spec-k K            most draft tokens per step (default 4; adapts below)\n"
     "      --spec-max-batch N    speculate only while at most N sequences decode\n"
     "                            (default 4: larger batches already fill a step)\n"
@@ -361,6 +363,7 @@ int tsr_cmd_serve(int argc, char **argv)
     uint64_t kv_memory = 0;
     const char *draft_model = NULL;
     bool spec_ngram = false;
+    const char *spec_oracle = NULL;
     int64_t spec_k = 4, spec_max_batch = 4;
     int c;
     optind = 1;
@@ -418,8 +421,10 @@ int tsr_cmd_serve(int argc, char **argv)
             break;
         case O_SPEC:
             if (!strcmp(optarg, "ngram")) spec_ngram = true;
+            else if (!strncmp(optarg, "oracle:", 7)) spec_oracle = optarg + 7;
             else if (strcmp(optarg, "off") != 0)
-                return usage_error("--spec takes 'ngram' or 'off', got '%s'", optarg);
+                return usage_error("--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'",
+                                   optarg);
             break;
         case O_SPEC_K:
             if (!parse_i64(optarg, 1, 16, &spec_k))
@@ -444,7 +449,8 @@ int tsr_cmd_serve(int argc, char **argv)
         }
     }
     if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
-    if (draft_model && spec_ngram) return usage_error("choose one of --draft-model and --spec ngram");
+    if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
+        return usage_error("choose one of --draft-model and --spec");
 
     char err[1024];
     model_meta meta;
@@ -505,6 +511,10 @@ int tsr_cmd_serve(int argc, char **argv)
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
+    if (spec_oracle && tsr_drafter_oracle_load(spec_oracle, &drafter, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        goto release;
+    }
     if (spec_ngram && tsr_drafter_ngram_new(1, 3, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
