@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--prompt", default=None, help="one prompt for all (default: a mix)")
     ap.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline per request, s")
+    ap.add_argument("--speculation", choices=["default", "off", "auto"], default="default",
+                    help="per-request speculative decoding (the server needs a drafter)")
     ap.add_argument("--proto", default=os.path.join(ROOT, "proto"), help="proto folder")
     a = ap.parse_args()
     if a.concurrency < 1 or a.requests < 1 or a.max_tokens < 1:
@@ -78,6 +80,7 @@ def main():
         next_req = [0]
         ttft, itl, errors = [], [], {}
         tokens = [0]
+        spec_counts = [0, 0]  # drafted, accepted
         rng = random.Random(0)
         prompts = [a.prompt or rng.choice(PROMPTS) for _ in range(a.requests)]
 
@@ -88,9 +91,11 @@ def main():
                     if i >= a.requests:
                         return
                     next_req[0] += 1
+                spec = {"default": pb.SPECULATION_DEFAULT, "off": pb.SPECULATION_OFF,
+                        "auto": pb.SPECULATION_AUTO}[a.speculation]
                 req = pb.GenerateRequest(prompt=prompts[i], max_tokens=a.max_tokens,
                                          temperature=a.temperature, ignore_eos=a.ignore_eos,
-                                         seed=i)
+                                         seed=i, speculation=spec)
                 t0 = time.perf_counter()
                 prev, first, gaps, n = None, None, [], 0
                 try:
@@ -106,6 +111,10 @@ def main():
                             gaps += [(t - prev) / k] * k
                         prev = t
                         n += k
+                        if r.HasField("usage"):
+                            with lock:
+                                spec_counts[0] += r.usage.spec_drafted
+                                spec_counts[1] += r.usage.spec_accepted
                 except grpc.RpcError as e:
                     with lock:
                         key = "%s: %s" % (e.code().name, (e.details() or "")[:80])
@@ -137,6 +146,9 @@ def main():
     print("throughput:      %.1f generated tokens/s (%d tokens)" % (tokens[0] / wall, tokens[0]))
     print("TTFT:            p50 %.1f ms, p99 %.1f ms" % (pct(ttft, 50) * 1e3, pct(ttft, 99) * 1e3))
     print("inter-token:     p50 %.2f ms, p99 %.2f ms" % (pct(itl, 50) * 1e3, pct(itl, 99) * 1e3))
+    if spec_counts[0]:
+        print("speculation:     %d drafted, %d accepted (%.1f%%)" % (
+            spec_counts[0], spec_counts[1], 100.0 * spec_counts[1] / spec_counts[0]))
     for k, v in sorted(errors.items()):
         print("error:           %dx %s" % (v, k))
     return 0 if ok == a.requests else 1
