@@ -100,6 +100,10 @@ def main():
                 prev, first, gaps, n = None, None, [], 0
                 try:
                     for r in stub.Generate(req, timeout=a.timeout):
+                        if r.HasField("usage"):
+                            with lock:
+                                spec_counts[0] += r.usage.spec_drafted
+                                spec_counts[1] += r.usage.spec_accepted
                         k = len(r.token_ids)
                         if k == 0:
                             continue
@@ -111,10 +115,6 @@ def main():
                             gaps += [(t - prev) / k] * k
                         prev = t
                         n += k
-                        if r.HasField("usage"):
-                            with lock:
-                                spec_counts[0] += r.usage.spec_drafted
-                                spec_counts[1] += r.usage.spec_accepted
                 except grpc.RpcError as e:
                     with lock:
                         key = "%s: %s" % (e.code().name, (e.details() or "")[:80])
