@@ -325,21 +325,54 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const int last = r->p.pp - 1;
     uint64_t t0 = now_ns(), c0 = comm_ns(r), fc0 = tsr_ctx_comm_ns(r->ctx);
 
-    if (r->stage > 0) {
-        int peer = (r->stage - 1) * r->p.tp + r->tp_rank;
-        if (tsr_comm_recv(r->world, x, (size_t)n * E * sizeof(float), peer, TAG_HIDDEN, err,
-                          err_len) != 0)
-            return -1;
-    }
+    /* Pipeline micro-batches: with pp stages and several sequences in the step, the batch
+     * is cut at sequence boundaries into up to pp parts of similar size. Each stage runs
+     * them in order and hands each to the next stage as soon as it is done, so stage s
+     * works on part j while stage s+1 works on part j-1 instead of idling. Every rank
+     * computes the same cut from the descriptor. */
     const tsr_plan_rank *pr = &r->plan.ranks[r->rank];
-    if (tsr_forward_batch(r->ctx, &b, x, r->stage == last ? r->logits_slice : NULL, err,
-                          err_len) != 0)
-        return -1;
+    const size_t vr = (size_t)(pr->vocab_end - pr->vocab_begin);
+    int32_t cuts[TSR_PLAN_MAX_RANKS + 1];
+    int n_mb = 1;
+    cuts[0] = 0;
+    if (r->p.pp > 1 && n_seqs > 1) {
+        int want_mb = r->p.pp < n_seqs ? r->p.pp : n_seqs;
+        for (int32_t i = 1; i < n && n_mb < want_mb; i++) {
+            /* Cut before token i when it starts a new sequence and the part is big enough. */
+            if (seq[i] != seq[i - 1] && i - cuts[n_mb - 1] >= (n - cuts[n_mb - 1]) / (want_mb - n_mb + 1))
+                cuts[n_mb++] = i;
+        }
+    }
+    cuts[n_mb] = n;
+    int32_t want_done = 0;
+    for (int j = 0; j < n_mb; j++) {
+        const int32_t off = cuts[j], len = cuts[j + 1] - cuts[j];
+        float *xj = x + (size_t)off * E;
+        if (r->stage > 0) {
+            int peer = (r->stage - 1) * r->p.tp + r->tp_rank;
+            if (tsr_comm_recv(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN,
+                              err, err_len) != 0)
+                return -1;
+        }
+        tsr_batch bj = b;
+        bj.n_tokens = len;
+        bj.tokens = tokens + off;
+        bj.pos = pos + off;
+        bj.seq = seq + off;
+        bj.want_logits = want + off;
+        float *lj = r->stage == last ? r->logits_slice + (size_t)want_done * vr : NULL;
+        if (tsr_forward_batch(r->ctx, &bj, xj, lj, err, err_len) != 0) return -1;
+        for (int32_t i = 0; i < len; i++) want_done += want[off + i] ? 1 : 0;
+        if (r->stage < last) {
+            int peer = (r->stage + 1) * r->p.tp + r->tp_rank;
+            if (tsr_comm_send(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN,
+                              err, err_len) != 0)
+                return -1;
+        }
+    }
+    (void)b;
     if (r->stage < last) {
-        int peer = (r->stage + 1) * r->p.tp + r->tp_rank;
-        if (tsr_comm_send(r->world, x, (size_t)n * E * sizeof(float), peer, TAG_HIDDEN, err,
-                          err_len) != 0)
-            return -1;
+        /* nothing more: the last stage returns the logits */
     } else if (n_want > 0) {
         float *full = r->logits;
         if (r->p.tp > 1) {
@@ -352,17 +385,17 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
                 r->displs[k] = off;
                 off += r->counts[k];
             }
-            size_t mine = (size_t)n_want * (size_t)(pr->vocab_end - pr->vocab_begin) * sizeof(float);
+            size_t mine = (size_t)n_want * vr * sizeof(float);
             if (tsr_comm_allgatherv(r->tp_comm, r->logits_slice, mine, r->logits_gather, r->counts,
                                     r->displs, err, err_len) != 0)
                 return -1;
             for (int k = 0; k < r->p.tp; k++) {
                 const tsr_plan_rank *q = &r->plan.ranks[r->stage * r->p.tp + k];
-                size_t vr = (size_t)(q->vocab_end - q->vocab_begin);
+                size_t vq = (size_t)(q->vocab_end - q->vocab_begin);
                 const float *src = (const float *)((const uint8_t *)r->logits_gather + r->displs[k]);
                 for (int32_t t = 0; t < n_want; t++)
-                    memcpy(full + (size_t)t * V + (size_t)q->vocab_begin, src + (size_t)t * vr,
-                           vr * sizeof(float));
+                    memcpy(full + (size_t)t * V + (size_t)q->vocab_begin, src + (size_t)t * vq,
+                           vq * sizeof(float));
             }
         } else {
             memcpy(full, r->logits_slice, (size_t)n_want * V * sizeof(float));
