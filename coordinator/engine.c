@@ -104,6 +104,9 @@ struct tsr_engine {
     uint64_t rate_t0, rate_n0;
     double rate;
     uint64_t spec_drafted, spec_accepted;
+    uint64_t t_rank_stats;
+    tsr_rank_stats *rank_stats;
+    int32_t n_rank_stats;
 };
 
 static void set_err(char *err, size_t err_len, const char *fmt, ...)
@@ -170,6 +173,9 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     for (int32_t i = 0; i < e->p.n_kv_blocks; i++) e->free_blocks[i] = e->p.n_kv_blocks - 1 - i;
     e->n_free = e->p.n_kv_blocks;
     e->rate_t0 = now_ns();
+    e->n_rank_stats = tsr_replica_size(rep) < 64 ? tsr_replica_size(rep) : 64;
+    e->rank_stats = calloc((size_t)tsr_replica_size(rep), sizeof(tsr_rank_stats));
+    if (!e->rank_stats) goto oom;
     *out = e;
     return 0;
 oom:
@@ -216,6 +222,7 @@ void tsr_engine_free(tsr_engine *e)
     free(e->b_seqs);
     free(e->b_chunk);
     free(e->lg);
+    free(e->rank_stats);
     free(e);
 }
 
@@ -524,6 +531,13 @@ static void intake(tsr_engine *e, bool *stop, bool *cancel_all)
 static void publish_status(tsr_engine *e)
 {
     uint64_t t = now_ns();
+    if (t - e->t_rank_stats > 2000000000ull) {
+        /* Every rank's compute/communication split, for Admin.Status. A failure here
+         * shows up in the next step as well; ignore it. */
+        char err[256];
+        e->t_rank_stats = t;
+        (void)tsr_replica_poll_stats(e->rep, e->rank_stats, err, sizeof err);
+    }
     if (t - e->rate_t0 > 2000000000ull) {
         e->rate = (double)(e->n_generated_total - e->rate_n0) * 1e9 / (double)(t - e->rate_t0);
         e->rate_t0 = t;
@@ -534,6 +548,8 @@ static void publish_status(tsr_engine *e)
         needed += (e->running[i]->n_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     pthread_mutex_lock(&e->mu);
     e->snap.kv_blocks_needed = needed;
+    e->snap.n_rank_stats = e->n_rank_stats;
+    memcpy(e->snap.rank_stats, e->rank_stats, sizeof(tsr_rank_stats) * (size_t)e->n_rank_stats);
     e->snap.n_running = e->n_running;
     e->snap.n_waiting = e->n_waiting + e->n_inbox;
     e->snap.kv_blocks_total = e->p.n_kv_blocks;

@@ -119,6 +119,9 @@ typedef struct {
     bool healthy;             /* the data plane completes steps */
     double step_ms_mean;      /* leader step time, recent mean */
     int32_t n_ranks;
+    /* Per rank (refreshed every ~2 s; n_rank_stats entries, at most 64). */
+    int32_t n_rank_stats;
+    tsr_rank_stats rank_stats[64];
     uint64_t spec_drafted;    /* draft tokens proposed, all requests */
     uint64_t spec_accepted;   /* of which accepted */
     double spec_acceptance;   /* accepted / drafted (0 when none) */

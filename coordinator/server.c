@@ -816,6 +816,25 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     SETF(spec_drafted, st.spec_drafted);
     SETF(spec_accepted, st.spec_accepted);
     SETF(spec_acceptance, st.spec_acceptance);
+    Tessera__V1__RankStatus rs[64], *rsp[64];
+    for (int32_t k = 0; k < st.n_rank_stats && k < 64; k++) {
+        const tsr_rank_stats *q = &st.rank_stats[k];
+        Tessera__V1__RankStatus x = TESSERA__V1__RANK_STATUS__INIT;
+        double steps = q->n_steps ? (double)q->n_steps : 1.0;
+        x.has_rank = x.has_stage = x.has_tp_rank = x.has_steps = true;
+        x.rank = q->rank;
+        x.stage = q->stage;
+        x.tp_rank = q->tp_rank;
+        x.steps = q->n_steps;
+        x.has_compute_ms_per_step = x.has_comm_ms_per_step = x.has_bytes_sent = true;
+        x.compute_ms_per_step = (double)q->t_compute_ns / 1e6 / steps;
+        x.comm_ms_per_step = (double)q->t_comm_ns / 1e6 / steps;
+        x.bytes_sent = q->n_bytes_sent;
+        rs[k] = x;
+        rsp[k] = &rs[k];
+    }
+    a.n_rank_status = (size_t)(st.n_rank_stats < 64 ? st.n_rank_stats : 64);
+    a.rank_status = rsp;
     SETF(kv_blocks_needed, st.kv_blocks_needed);
 #undef SETF
     reply_msg(r, &a.base);

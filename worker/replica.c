@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3 };
+enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3, OP_STATS = 4 };
 enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 #define HDR_INTS 5
 
@@ -545,6 +545,10 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
         int32_t op = r->wire[0];
         if (op == OP_SHUTDOWN) return 0;
         if (op == OP_NOOP) continue;
+        if (op == OP_STATS) {
+            if (tsr_replica_stats(r, NULL, err, err_len) != 0) return -1;
+            continue;
+        }
         if (op != OP_STEP) {
             set_err(err, err_len, "unknown step op %d from the leader", op);
             return -1;
@@ -590,4 +594,17 @@ int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err
     if (rc == 0 && out) memcpy(out, all, sizeof(tsr_rank_stats) * (size_t)r->size);
     free(all);
     return rc;
+}
+
+int tsr_replica_poll_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err_len)
+{
+    if (r->rank != 0) {
+        set_err(err, err_len, "only the leader polls the ranks");
+        return -1;
+    }
+    if (r->size > 1) {
+        int32_t h[HDR_INTS] = {OP_STATS, 0, 0, 0, 0};
+        if (tsr_comm_bcast(r->world, h, sizeof h, 0, err, err_len) != 0) return -1;
+    }
+    return tsr_replica_stats(r, out, err, err_len);
 }

@@ -101,6 +101,10 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len);
 /* Leader: tell followers to leave tsr_replica_follow (call once, before close). */
 int tsr_replica_shutdown(tsr_replica *r, char *err, size_t err_len);
 
+/* Leader only, between steps: collect every rank's stats while followers are in
+ * tsr_replica_follow (they answer the request themselves). out: size() entries. */
+int tsr_replica_poll_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err_len);
+
 /* Collective: every rank calls it; the leader receives size() entries in `out` (rank
  * order), others may pass NULL. */
 int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err_len);

@@ -288,6 +288,13 @@ def test_mpi_tp2_pp2():
         assert mi.tp == 2 and mi.pp == 2, mi
         check_streams(srv, items, refs)
         assert srv.status().n_ranks == 4
+        # Per-rank figures reach Admin.Status (refreshed every ~2 s).
+        st = wait_for(lambda: (lambda s: (len(s.rank_status) == 4 and
+                                          all(r.steps > 0 for r in s.rank_status), s))(
+            srv.status()), 10, "per-rank step figures of 4 ranks")
+        stages = sorted((r.stage, r.tp_rank) for r in st.rank_status)
+        assert stages == [(0, 0), (0, 1), (1, 0), (1, 1)], stages
+        assert all(r.compute_ms_per_step > 0 and r.bytes_sent > 0 for r in st.rank_status), st
         # Clean shutdown of the whole job: SIGTERM to the leader (rank 0).
         leader = [p for p in srv.pids() if rank_of(p) == 0]
         assert leader, "no rank 0 process found"
