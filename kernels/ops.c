@@ -1,5 +1,6 @@
-/* ops.c — see ops.h. Plain C loops written so gcc vectorizes them; the matmul hot loop
- * lives in quant.c (tsr_vec_dot_rows) and this file only schedules it over threads. */
+/* ops.c — see ops.h. Plain C loops written so gcc vectorizes them; the matmul hot loops
+ * live in quant.c (tsr_vec_dot_rows for one token, tsr_vec_dot_tile for several) and this
+ * file only schedules them over threads. */
 #include "kernels/ops.h"
 
 #include "kernels/quant.h"
@@ -51,7 +52,15 @@ static void mm_run(void *arg, int ith, int nth)
         int64_t r0 = c * j->rows_per_chunk;
         int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
         const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
-        /* Row block outer, tokens inner: the block's weights stay in cache across tokens. */
+        if (j->n_tok > 1) {
+            /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
+             * (each weight block unpacked once for several tokens); bit-identical per
+             * element to the token-by-token loop below. */
+            tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, j->n_tok, j->xq,
+                             j->xq_stride, j->y[k] + r0, (size_t)w->n_out);
+            continue;
+        }
+        /* Decode: one token, rows streamed (memory-bound). */
         for (int t = 0; t < j->n_tok; t++) {
             tsr_vec_dot_rows(w->type, w->n_in, nr, wrow, w->row_bytes,
                              (const uint8_t *)j->xq + (size_t)t * j->xq_stride,
@@ -77,8 +86,10 @@ void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *
     } else {
         j.xq = scratch;
         j.xq_stride = tsr_row_bytes(j.vt, w[0]->n_in);
-        if (n_tok > 1) tsr_pool_run(pool, mm_convert, &j);
-        else mm_convert(&j, 0, 1);
+        if (n_tok > 1)
+            tsr_pool_run(pool, mm_convert, &j);
+        else
+            mm_convert(&j, 0, 1);
     }
     int nth = tsr_pool_n_threads(pool);
     int64_t total_rows = 0;

@@ -680,6 +680,8 @@ static void quant_q6_K(const float *x, blk_q6_K *y, int64_t nb)
     }
 }
 
+static void quant_q8_0_fast(const float *x, blk_q8_0 *y, int64_t nb); /* SIMD, same bytes */
+
 void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
 {
     const int64_t be = tsr_type_block_elems(type);
@@ -700,7 +702,7 @@ void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
         break;
     }
     case TSR_TYPE_Q8_0:
-        quant_q8_0(src, dst, nb);
+        quant_q8_0_fast(src, dst, nb);
         break;
     case TSR_TYPE_Q4_0:
         quant_q4_0(src, dst, nb);
@@ -1325,172 +1327,287 @@ DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
+/* ---- Q8_0 quantization of activations --------------------------------------------------
+ * Every token of every Q8_0/Q4_0 matmul is quantized first (~5% of a prefill in scalar
+ * code, roundf being a libm call). Same bytes as quant_q8_0: the max of |x| is exact in
+ * any order (NaN ignored like fmaxf: vmaxps returns its second operand then); d and 1/d
+ * are the same scalar operations; x*id is the same product; roundf (half away from zero)
+ * is trunc plus a carry of 1 when |fraction| >= 0.5 (the fraction is exact). */
+TSR_AVX2 static void quant_q8_0_avx2(const float *x, blk_q8_0 *y, int64_t nb)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+            v[k] = _mm256_loadu_ps(x + 8 * k);
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), m);
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float d = _mm_cvtss_f32(h) / 127;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        __m256i q[4];
+        for (int k = 0; k < 4; ++k) {
+            const __m256 p = _mm256_mul_ps(v[k], _mm256_set1_ps(id));
+            const __m256 t = _mm256_round_ps(p, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 big =
+                _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(p, t)), half, _CMP_GE_OQ);
+            const __m256 carry = _mm256_or_ps(_mm256_and_ps(big, one), _mm256_and_ps(sign, p));
+            q[k] = _mm256_cvtps_epi32(_mm256_add_ps(t, carry));
+        }
+        /* int32 -> int8: the low byte, as the scalar (int8_t) conversion stores it (also for
+         * the 0x80000000 of inf/NaN products, e.g. a block of subnormals where 1/d
+         * overflows); masked to [0, 255] the unsigned packs are exact. They interleave
+         * 128-bit lanes, hence the permute. */
+        const __m256i lo = _mm256_set1_epi32(0xFF);
+        const __m256i b = _mm256_packus_epi16(
+            _mm256_packus_epi32(_mm256_and_si256(q[0], lo), _mm256_and_si256(q[1], lo)),
+            _mm256_packus_epi32(_mm256_and_si256(q[2], lo), _mm256_and_si256(q[3], lo)));
+        _mm256_storeu_si256((__m256i *)y[i].qs, _mm256_permutevar8x32_epi32(
+                                                    b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+}
+
 /* ---- Multi-token tiles (prefill) -------------------------------------------------------
  *
  * y[t*ys + r] = dot(row r, token t) for a rows x tokens tile of Q8_0 / Q4_0 weights.
  *
  * Why: the row kernels above pay the whole per-block sequence (weight load and unpack,
- * activation load, integer dot, convert, scale, FMA) for every (row, token) pair, so a
- * prefill of many tokens runs at decode's per-token compute cost with the weights already
- * in cache. A micro-tile of R rows x TILE_T tokens loads and unpacks each weight block once
- * for TILE_T tokens and each activation block once for R rows; per (row, token, block)
- * only the integer dot, its int->float conversion and one FMA with a broadcast scale
- * remain (on Zen 4 the dot and the FMA share two pipes: ~1 cycle per 32-element block).
+ * activation load, integer dot, conversion, scale, FMA) for every (row, token) pair, so a
+ * prefill of many tokens would run at decode's per-token compute cost with the weights
+ * already in cache. A micro-tile of R rows x TILE_T tokens loads and unpacks each weight
+ * block once for TILE_T tokens and each activation block once for R rows; per (row,
+ * token, block) only the integer dot (vpdpbusd), its conversion and one FMA with a
+ * broadcast scale remain. On Zen 4 the dot and the FMA share two pipes, so ~1 cycle per
+ * (row, token, 32-element block) is the floor; the row kernels take ~3.5.
  *
- * Bit-identity with the row kernel of the same ISA (BLOCK_LOOP) is kept output by output:
+ * Bit-identity with the row kernel of the same ISA (BLOCK_LOOP) holds output by output:
  * the int32 lanes of each block's dot are the same exact integers (sums over the same 4
  * elements per lane), the scale is the same product fp16(d_w)*d_y, block b goes into
  * accumulator b % 4 with the same FMA in increasing b, and the end is the same
  * (acc0+acc1)+(acc2+acc3)+acc_off and hsum_ps. Only the schedule differs: 4 accumulators
  * for each of 16 outputs would need 64 registers, so a K chunk is walked chain-major
  * (blocks 0,4,8,.. into acc0 of every output of the tile, then 1,5,9,.. into acc1, ...),
- * one accumulator per output live and the other chains parked in memory. K chunks of
- * TILE_KC blocks keep the micro-tile's weights and activations L1-resident across the 4
- * passes (8 x 64 blocks x 34 B = 17 KiB).
+ * one accumulator per output live, the other chains parked.
  *
- * Loop nest of one call: token chunks of TILE_TC (their act_info built once; their
- * activations stay in L2) > row groups of R (weight scales and per-block helpers made once
- * per chunk, weights reused by the chunk's micro-tiles from L1/L2) > micro-tiles of TILE_T
- * tokens. Edges: missing rows repeat the last row (computed, not stored); a token tail of
- * 1-3 gets a narrower micro-tile (its own instantiation). */
-enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
+ * Loop nest of one call:
+ *   token chunks    act_info built once per chunk; <= 640 KiB of activations (128 tokens of
+ *                   2048 or 64 of 8192 elements), which stay in Zen 4's 1 MiB L2 with their
+ *                   act_info; the weights stream from memory once per chunk
+ *   row groups (R)  weight scales made once per chunk, the next group prefetched
+ *   K chunks        TILE_KC blocks: the group's K slice (R x 2 KiB of Q8_0) stays in L1 for
+ *                   all the token chunk's micro-tiles
+ *   micro-tiles     TILE_T tokens; accumulators parked in the workspace between K chunks
+ *                   when a row is longer than TILE_KC blocks.
+ * Edges: missing rows repeat the last row (computed, not stored); a token tail of 1-3 gets
+ * a narrower micro-tile (its own instantiation). */
+enum { TILE_T = 4, TILE_KC = 64, TILE_ACT_BYTES = 640 << 10 };
+
+/* A micro-tile's state across K chunks: the 4 chains and Q4_0's offset accumulator. */
+#define TILE_STATE_VECS(R) (5 * (R)*TILE_T)
+
+/* y of a full 4-row x 2-token pair: v[k] is output (row k/2, token k%2) before hsum_ps.
+ * The 8 horizontal sums run side by side with exactly hsum_ps's additions per output
+ * ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)), so the results are bit-identical to it. */
+TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
+{
+    __m256 a[4], b[2];
+    for (int k = 0; k < 4; ++k) { /* lanes: lo(v)+hi(v) of v[2k] | of v[2k+1] */
+        a[k] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
+    }
+    for (int k = 0; k < 2; ++k) { /* per 128-bit lane: (x0+x2, x1+x3) of two outputs */
+        b[k] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * k], a[2 * k + 1], 0xEE));
+    }
+    /* lane k of the low half: row k, token 0; of the high half: row k, token 1 */
+    const __m256 c =
+        _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+    _mm_storeu_ps(y0, _mm256_castps256_ps128(c));
+    _mm_storeu_ps(y1, _mm256_extractf128_ps(c, 1));
+}
 
 /* The kernel for BLK weights, R rows (a constant of the instantiation) x T tokens (a
  * constant after inlining into the switch below):
- *  WPREP(wv, wa, blk, aux)  loads/unpacks weight block blk into wv, and its helper wa
- *                           (from aux, a per-block int32x8 table, when AUX);
- *  WAUX(blk)                the helper made once per row group (AUX only);
- *  YPREP(yv, blk)           loads an activation block;
- *  IDOT(wv, wa, yv)         the block's int32x8 dot, lanes as the row kernel's;
- *  MULT                     Q4_0's offset term (act_info.ey), 0 for Q8_0;
- *  FALLBACK                 the rows kernel, token by token, if the workspace malloc fails. */
-#define DEF_TILE(fname, ATTR, BLK, R, MULT, AUX, WAUX, WPREP, YPREP, IDOT, CVT, FALLBACK)          \
-    ATTR TSR_INLINE void fname##_mk(const int T, int64_t nb, size_t nbp, const uint8_t *w,        \
-                                    size_t ws, const uint8_t *x, size_t xs, const float *dy,       \
-                                    const float *ey, const float *dwr, const __m256i *aux,         \
-                                    int nr, float *y, size_t ys)                                   \
+ *  WPREP(wv, wa, blk)  loads/unpacks weight block blk into wv, and a helper into wa;
+ *  YPREP(yv, blk)      loads an activation block;
+ *  IDOT(wv, wa, yv)    the block's int32x8 dot, lanes as the row kernel's;
+ *  CVT(i)              those lanes as floats (exactly vcvtdq2ps's values);
+ *  MULT                Q4_0's offset term (act_info.ey), 0 for Q8_0;
+ *  FALLBACK            the rows kernel, token by token, if the workspace malloc fails.
+ * fname_mk runs blocks [k0, k0 + kc) of one micro-tile; first / last: the row's first /
+ * last K chunk (start from zero / write y rather than park the state in st). */
+#define DEF_TILE(fname, ATTR, BLK, R, MULT, WPREP, YPREP, IDOT, CVT, FALLBACK)                     \
+    ATTR TSR_INLINE void fname##_mk(const int T, size_t k0, int kc, bool first, bool last,         \
+                                    size_t nbp, const uint8_t *w, size_t ws, int nr,               \
+                                    const uint8_t *x, size_t xs, const float *dy, const float *ey, \
+                                    const float *dwr, __m256 *st, float *y, size_t ys)             \
     {                                                                                              \
         const BLK *wr[R];                                                                          \
         const blk_q8_0 *xt[TILE_T];                                                                \
         for (int r = 0; r < R; ++r) wr[r] = (const BLK *)(w + (size_t)(r < nr ? r : nr - 1) * ws); \
-        for (int t = 0; t < T; ++t) xt[t] = (const blk_q8_0 *)(x + (size_t)t * xs);               \
+        for (int t = 0; t < T; ++t) xt[t] = (const blk_q8_0 *)(x + (size_t)t * xs);                \
         float sc[R * TILE_T][TILE_KC] __attribute__((aligned(32)));                                \
         __m256 park[4][R * TILE_T], off[R * TILE_T];                                               \
-        _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) off[o] = _mm256_setzero_ps();    \
-        for (int64_t k0 = 0; k0 < nb; k0 += TILE_KC) {                                             \
-            const int kc = nb - k0 < TILE_KC ? (int)(nb - k0) : TILE_KC;                           \
-            /* the chunk's scales sc[o][j] = fp16(d_w)*d_y as BLOCK_LOOP makes them (both          \
-             * zero-padded past nb), and Q4_0's offset FMA per 8 blocks */                         \
-            for (int g = 0; g < kc; g += 8) {                                                      \
-                const size_t b = (size_t)(k0 + g);                                                 \
+        _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o)                                   \
+        {                                                                                          \
+            off[o] = first ? _mm256_setzero_ps() : st[4 * R * TILE_T + o];                         \
+        }                                                                                          \
+        /* the K chunk's scales sc[o][j] = fp16(d_w)*d_y as BLOCK_LOOP makes them (both zero-      \
+         * padded past nb), and Q4_0's offset FMA per 8 blocks */                                  \
+        for (int g = 0; g < kc; g += 8) {                                                          \
+            const size_t b = k0 + (size_t)g;                                                       \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
+            {                                                                                      \
+                const __m256 dw = _mm256_loadu_ps(dwr + (size_t)r * nbp + b);                      \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const int o = r * T + t;                                                       \
+                    if (MULT) {                                                                    \
+                        off[o] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + (size_t)t * nbp + b),    \
+                                                 off[o]);                                          \
+                    }                                                                              \
+                    _mm256_store_ps(sc[o] + g,                                                     \
+                                    _mm256_mul_ps(dw, _mm256_loadu_ps(dy + (size_t)t * nbp + b))); \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int c = 0; c < 4; ++c) {                                                              \
+            __m256 acc[R * TILE_T];                                                                \
+            _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o)                               \
+            {                                                                                      \
+                acc[o] = first ? _mm256_setzero_ps() : st[c * R * TILE_T + o];                     \
+            }                                                                                      \
+            for (int j = c; j < kc; j += 4) {                                                      \
+                const size_t b = k0 + (size_t)j;                                                   \
+                __m256i wv[R], wa[R], yv[TILE_T];                                                  \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
+                    WPREP(wv[r], wa[r], &wr[r][b]);                                                \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) YPREP(yv[t], &xt[t][b]);       \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
                 {                                                                                  \
-                    const __m256 dw = _mm256_loadu_ps(dwr + (size_t)r * nbp + b);                  \
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
                     {                                                                              \
                         const int o = r * T + t;                                                   \
-                        if (MULT)                                                                  \
-                            off[o] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + t * nbp + b), off[o]); \
-                        _mm256_store_ps(sc[o] + g, _mm256_mul_ps(dw, _mm256_loadu_ps(dy + t * nbp + b))); \
+                        const __m256 f = CVT(IDOT(wv[r], wa[r], yv[t]));                           \
+                        acc[o] = _mm256_fmadd_ps(_mm256_set1_ps(sc[o][j]), f, acc[o]);             \
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
-            for (int c = 0; c < 4; ++c) {                                                          \
-                __m256 acc[R * TILE_T];                                                            \
-                _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o)                           \
-                    acc[o] = k0 ? park[c][o] : _mm256_setzero_ps();                                \
-                for (int j = c; j < kc; j += 4) {                                                  \
-                    const int64_t b = k0 + j;                                                      \
-                    __m256i wv[R], wa[R], yv[TILE_T];                                              \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                            \
-                        WPREP(wv[r], wa[r], &wr[r][b], aux + (size_t)r * (size_t)nb + (size_t)b);  \
-                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) YPREP(yv[t], &xt[t][b]);   \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                            \
-                    {                                                                              \
-                        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                        \
-                        {                                                                          \
-                            const int o = r * T + t;                                               \
-                            const __m256 f = CVT(IDOT(wv[r], wa[r], yv[t]));                       \
-                            acc[o] = _mm256_fmadd_ps(_mm256_set1_ps(sc[o][j]), f, acc[o]);         \
-                        }                                                                          \
-                    }                                                                              \
-                }                                                                                  \
-                _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) park[c][o] = acc[o];      \
+            _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) park[c][o] = acc[o];          \
+        }                                                                                          \
+        if (!last) {                                                                               \
+            for (int o = 0; o < R * T; ++o) {                                                      \
+                for (int c = 0; c < 4; ++c) st[c * R * TILE_T + o] = park[c][o];                   \
+                st[4 * R * TILE_T + o] = off[o];                                                   \
             }                                                                                      \
+            return;                                                                                \
+        }                                                                                          \
+        __m256 v[R * TILE_T];                                                                      \
+        _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o)                                   \
+        {                                                                                          \
+            const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(park[0][o], park[1][o]),               \
+                                              _mm256_add_ps(park[2][o], park[3][o]));              \
+            v[o] = _mm256_add_ps(sum4, off[o]);                                                    \
+        }                                                                                          \
+        if (R == 4 && nr == 4 && T % 2 == 0) {                                                     \
+            for (int t = 0; t < T; t += 2) {                                                       \
+                const __m256 v8[8] = {v[t],         v[t + 1],        v[T + t],                     \
+                                      v[T + t + 1], v[2 * T + t],    v[2 * T + t + 1],             \
+                                      v[3 * T + t], v[3 * T + t + 1]};                             \
+                hsum_4x2_store(v8, y + (size_t)t * ys, y + (size_t)(t + 1) * ys);                  \
+            }                                                                                      \
+            return;                                                                                \
         }                                                                                          \
         for (int r = 0; r < nr; ++r) {                                                             \
-            for (int t = 0; t < T; ++t) {                                                          \
-                const int o = r * T + t;                                                           \
-                const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(park[0][o], park[1][o]),           \
-                                                  _mm256_add_ps(park[2][o], park[3][o]));          \
-                y[(size_t)t * ys + (size_t)r] = hsum_ps(_mm256_add_ps(sum4, off[o]));              \
-            }                                                                                      \
+            for (int t = 0; t < T; ++t) y[(size_t)t * ys + (size_t)r] = hsum_ps(v[r * T + t]);     \
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
-    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,   \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,    \
                            const uint8_t *x, size_t xs, float *y, size_t ys)                       \
     {                                                                                              \
-        const int64_t nb = n / TSR_QK8_0;                                                          \
-        const size_t nbp = (size_t)(nb + 7) / 8 * 8;                                               \
-        const size_t tcmax = (size_t)(ntok < TILE_TC ? ntok : TILE_TC);                            \
-        const size_t nrp = (size_t)(nrows + R - 1) / R * R;                                        \
-        /* workspace (floats): a row group's helpers (AUX, 8 per block, 64-byte aligned           \
-         * first), every row's scales, the token chunk's act_info */                               \
-        const size_t n_aux = AUX ? 8 * (size_t)R * (size_t)nb : 0, n_dw = nrp * nbp;               \
-        const size_t n_act = 2 * tcmax * nbp;                                                      \
-        uint8_t *buf = malloc(sizeof(float) * (n_aux + n_dw + n_act) + 64);                        \
+        const size_t nb = (size_t)n / TSR_QK8_0, nbp = (nb + 7) / 8 * 8;                           \
+        /* tokens per chunk: activations within TILE_ACT_BYTES, a multiple of TILE_T, and          \
+         * balanced (128 tokens as 64 + 64, not 120 + 8) */                                        \
+        size_t tc = TILE_ACT_BYTES / (xs ? xs : 1) / TILE_T * TILE_T;                              \
+        if (tc < TILE_T) tc = TILE_T;                                                              \
+        const size_t n_chunks = ((size_t)ntok + tc - 1) / tc;                                      \
+        tc = ((size_t)ntok + n_chunks - 1) / n_chunks;                                             \
+        tc = (tc + TILE_T - 1) / TILE_T * TILE_T;                                                  \
+        if (tc > (size_t)ntok) tc = (size_t)ntok;                                                  \
+        /* workspace: the micro-tiles' parked state (rows longer than TILE_KC blocks), a row       \
+         * group's weight scales, the token chunk's act_info */                                    \
+        const size_t n_st = nb > TILE_KC ? (tc + TILE_T - 1) / TILE_T * TILE_STATE_VECS(R) : 0;    \
+        const size_t n_fl = (size_t)R * nbp + 2 * tc * nbp;                                        \
+        uint8_t *buf = malloc(sizeof(__m256) * n_st + sizeof(float) * n_fl + 32);                  \
         if (!buf) {                                                                                \
             for (int32_t t = 0; t < ntok; ++t)                                                     \
                 FALLBACK(n, nrows, w, ws, x + (size_t)t * xs, y + (size_t)t * ys);                 \
             return;                                                                                \
         }                                                                                          \
-        __m256i *aux = (__m256i *)(buf + (64 - (uintptr_t)buf % 64));                              \
-        float *dw = (float *)aux + n_aux, *dy = dw + n_dw, *ey = dy + tcmax * nbp;                 \
-        /* weight scales as floats once per call (rows past nrows repeat the last one) */          \
-        for (size_t r = 0; r < nrp; ++r) {                                                         \
-            const BLK *row = (const BLK *)(w + (r < (size_t)nrows ? r : (size_t)nrows - 1) * ws);  \
-            for (int64_t b = 0; b < nb; b += 8) {                                                  \
-                const int m = nb - b < 8 ? (int)(nb - b) : 8;                                      \
-                _mm256_storeu_ps(dw + r * nbp + (size_t)b,                                         \
-                                 f16x8_strided(&row[b].d, sizeof(BLK), m));                        \
-            }                                                                                      \
-        }                                                                                          \
-        for (int32_t t0 = 0; t0 < ntok; t0 += TILE_TC) {                                           \
-            const int tc = ntok - t0 < TILE_TC ? ntok - t0 : TILE_TC;                              \
-            for (int t = 0; t < tc; ++t) {                                                         \
+        __m256 *st = (__m256 *)(buf + (32 - (uintptr_t)buf % 32));                                 \
+        float *dw = (float *)(st + n_st), *dy = dw + (size_t)R * nbp, *ey = dy + tc * nbp;         \
+        for (size_t t0 = 0; t0 < (size_t)ntok; t0 += tc) {                                         \
+            const int tcn = (size_t)ntok - t0 < tc ? (int)((size_t)ntok - t0) : (int)tc;           \
+            for (int t = 0; t < tcn; ++t) {                                                        \
                 act_info ai = {dy + (size_t)t * nbp, ey + (size_t)t * nbp};                        \
-                act_info_build((const blk_q8_0 *)(x + (size_t)(t0 + t) * xs), nb, MULT, &ai);      \
+                act_info_build((const blk_q8_0 *)(x + (t0 + (size_t)t) * xs), (int64_t)nb, MULT,   \
+                               &ai);                                                               \
             }                                                                                      \
             for (int64_t r0 = 0; r0 < nrows; r0 += R) {                                            \
                 const int nr = nrows - r0 < R ? (int)(nrows - r0) : R;                             \
                 const uint8_t *wt = w + (size_t)r0 * ws;                                           \
-                const float *dwt = dw + (size_t)r0 * nbp;                                          \
-                if (AUX) {                                                                         \
-                    for (int r = 0; r < R; ++r) {                                                  \
-                        const BLK *row = (const BLK *)(wt + (size_t)(r < nr ? r : nr - 1) * ws);   \
-                        for (int64_t b = 0; b < nb; ++b)                                           \
-                            _mm256_store_si256(aux + (size_t)r * (size_t)nb + (size_t)b,           \
-                                               WAUX(&row[b]));                                     \
+                /* the next group's weights toward L2 now, so that its first touch (the next       \
+                 * iteration's scale pass) does not wait on memory */                              \
+                for (int64_t r = r0 + R; r < nrows && r < r0 + 2 * R; ++r) {                       \
+                    const char *p = (const char *)(w + (size_t)r * ws);                            \
+                    for (size_t off = 0; off < nb * sizeof(BLK); off += 64)                        \
+                        _mm_prefetch(p + off, _MM_HINT_T1);                                        \
+                }                                                                                  \
+                /* the group's weight scales as floats (rows past nrows repeat the last) */        \
+                for (int r = 0; r < R; ++r) {                                                      \
+                    const BLK *rw = (const BLK *)(wt + (size_t)(r < nr ? r : nr - 1) * ws);        \
+                    for (size_t b = 0; b < nb; b += 8) {                                           \
+                        const int m = nb - b < 8 ? (int)(nb - b) : 8;                              \
+                        _mm256_storeu_ps(dw + (size_t)r * nbp + b,                                 \
+                                         f16x8_strided(&rw[b].d, sizeof(BLK), m));                 \
                     }                                                                              \
                 }                                                                                  \
-                for (int t = 0; t < tc; t += TILE_T) {                                             \
-                    const uint8_t *xt = x + (size_t)(t0 + t) * xs;                                 \
-                    const float *dyt = dy + (size_t)t * nbp, *eyt = ey + (size_t)t * nbp;          \
-                    float *yt = y + (size_t)(t0 + t) * ys + (size_t)r0;                            \
-                    switch (tc - t) {                                                              \
-                    case 1:                                                                        \
-                        fname##_mk(1, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
-                        break;                                                                     \
-                    case 2:                                                                        \
-                        fname##_mk(2, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
-                        break;                                                                     \
-                    case 3:                                                                        \
-                        fname##_mk(3, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
-                        break;                                                                     \
-                    default:                                                                       \
-                        fname##_mk(4, nb, nbp, wt, ws, xt, xs, dyt, eyt, dwt, aux, nr, yt, ys);    \
-                        break;                                                                     \
+                for (size_t k0 = 0; k0 < nb; k0 += TILE_KC) {                                      \
+                    const int kc = nb - k0 < TILE_KC ? (int)(nb - k0) : TILE_KC;                   \
+                    const bool first = k0 == 0, last = k0 + TILE_KC >= nb;                         \
+                    for (int t = 0; t < tcn; t += TILE_T) {                                        \
+                        const uint8_t *xt = x + (t0 + (size_t)t) * xs;                             \
+                        const float *dyt = dy + (size_t)t * nbp, *eyt = ey + (size_t)t * nbp;      \
+                        __m256 *stq = st + (size_t)(t / TILE_T) * TILE_STATE_VECS(R);              \
+                        float *yt = y + (t0 + (size_t)t) * ys + (size_t)r0;                        \
+                        switch (tcn - t) {                                                         \
+                        case 1:                                                                    \
+                            fname##_mk(1, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt, eyt,  \
+                                       dw, stq, yt, ys);                                           \
+                            break;                                                                 \
+                        case 2:                                                                    \
+                            fname##_mk(2, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt, eyt,  \
+                                       dw, stq, yt, ys);                                           \
+                            break;                                                                 \
+                        case 3:                                                                    \
+                            fname##_mk(3, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt, eyt,  \
+                                       dw, stq, yt, ys);                                           \
+                            break;                                                                 \
+                        default: /* the common case, with whole rows of <= TILE_KC blocks          \
+                                    specialized: no parking */                                     \
+                            if (nb <= TILE_KC)                                                     \
+                                fname##_mk(4, 0, kc, true, true, nbp, wt, ws, nr, xt, xs, dyt,     \
+                                           eyt, dw, stq, yt, ys);                                  \
+                            else                                                                   \
+                                fname##_mk(4, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt,   \
+                                           eyt, dw, stq, yt, ys);                                  \
+                            break;                                                                 \
+                        }                                                                          \
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
@@ -1498,20 +1615,19 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
         free(buf);                                                                                 \
     }
 
-/* int32 lanes -> float. VNNI kernels start each dot at 0x4B400000 (the bits of 1.5*2^23)
- * instead of 0, so the lanes come out as the float bits of 1.5*2^23 + dot, exact for
- * |dot| < 2^22 (ours are < 2^17); subtracting 1.5*2^23 leaves float(dot) exactly, as
- * vcvtdq2ps would make it, but on Zen 4's FP add pipes instead of the FMA/VNNI pipes that
+/* int32 lanes -> float. The VNNI kernels start each dot at 0x4B400000 (the bits of
+ * 1.5*2^23) instead of 0, so the lanes come out as the float bits of 1.5*2^23 + dot,
+ * exact for |dot| < 2^22 (ours are < 2^17); subtracting 1.5*2^23 leaves float(dot)
+ * exactly, as vcvtdq2ps makes it, but on Zen 4's FP add pipes instead of the pipes that
  * the dot and the scale FMA already saturate. */
-#define TILE_MAGIC          0x4B400000
-#define TILE_CVT_AVX2(i)    _mm256_cvtepi32_ps(i)
-#define TILE_CVT_MAGIC(i)   _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(12582912.0f))
+#define TILE_MAGIC        0x4B400000
+#define TILE_CVT_AVX2(i)  _mm256_cvtepi32_ps(i)
+#define TILE_CVT_MAGIC(i) _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(12582912.0f))
 
-#define TILE_NO_AUX(blk) _mm256_setzero_si256()
-#define Q8T_Y(yv, blk)   yv = _mm256_loadu_si256((const __m256i *)(blk)->qs)
+#define Q8T_Y(yv, blk) yv = _mm256_loadu_si256((const __m256i *)(blk)->qs)
 
 /* Q8_0 x Q8_0, AVX2: the row kernel's sign trick; |w| once per weight block. */
-#define Q8T_W_AVX2(wv, wa, blk, aux)                                                               \
+#define Q8T_W_AVX2(wv, wa, blk)                                                                    \
     do {                                                                                           \
         wv = _mm256_loadu_si256((const __m256i *)(blk)->qs);                                       \
         wa = _mm256_sign_epi8(wv, wv);                                                             \
@@ -1520,17 +1636,17 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
     _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(yv, wv)), _mm256_set1_epi16(1))
 
 /* Q8_0 x Q8_0, VNNI: y+128 (= y ^ 0x80) is unsigned, so vpdpbusd(u=y+128, s=w) needs no
- * per-pair sign op; starting the accumulation at -128*sum(w) per lane (the helper, made
- * once per row group) leaves exactly sum(w*y), the row kernel's lanes (activations are in
- * [-127, 127] as tsr_quant_row makes them, where its sign trick is exact too). */
-#define Q8T_AUX_VNNI(blk)                                                                          \
-    _mm256_sub_epi32(_mm256_set1_epi32(TILE_MAGIC),                                                \
-                     _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80),     \
-                                         _mm256_loadu_si256((const __m256i *)(blk)->qs)))
-#define Q8T_W_VNNI(wv, wa, blk, aux)                                                               \
+ * per-pair sign op (vpsignb would take the dot's pipes); starting each dot at
+ * MAGIC - 128*sum(w) per lane (wa, once per weight block) leaves MAGIC + sum(w*y): the
+ * row kernel's lanes (activations are in [-127, 127] as tsr_quant_row makes them, where its
+ * sign trick is exact too). A table of wa per row group measured slower: it doubles the
+ * K slice's L1 footprint. */
+#define Q8T_W_VNNI(wv, wa, blk)                                                                    \
     do {                                                                                           \
         wv = _mm256_loadu_si256((const __m256i *)(blk)->qs);                                       \
-        wa = _mm256_loadu_si256(aux);                                                              \
+        wa = _mm256_sub_epi32(                                                                     \
+            _mm256_set1_epi32(TILE_MAGIC),                                                         \
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), wv));        \
     } while (0)
 #define Q8T_Y_VNNI(yv, blk)                                                                        \
     yv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk)->qs),                          \
@@ -1538,7 +1654,7 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
 #define Q8T_DOT_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(wa, yv, wv)
 
 /* Q4_0 x Q8_0: nibbles once per weight block; the -8 offset via act_info.ey as in rows. */
-#define Q4T_W(wv, wa, blk, aux)                                                                    \
+#define Q4T_W(wv, wa, blk)                                                                         \
     do {                                                                                           \
         wv = q4_0_nibbles((blk)->qs);                                                              \
         wa = wv;                                                                                   \
@@ -1551,15 +1667,16 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_TC = 32 };
 typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,
                         const uint8_t *x, size_t xs, float *y, size_t ys);
 
+/* AVX2 has 16 vector registers: 2 rows x 4 tokens; AVX-512 VL's 32 hold 4 x 4. */
 /* clang-format off */
-DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, 0, TILE_NO_AUX, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AVX2,
-         TILE_CVT_AVX2, rows_q8_0_avx2)
-DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, 0, TILE_NO_AUX, Q4T_W, Q8T_Y, Q4T_DOT_AVX2,
-         TILE_CVT_AVX2, rows_q4_0_avx2)
-DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, 1, Q8T_AUX_VNNI, Q8T_W_VNNI, Q8T_Y_VNNI,
-         Q8T_DOT_VNNI, TILE_CVT_MAGIC, rows_q8_0_vnni)
-DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, 0, TILE_NO_AUX, Q4T_W, Q8T_Y, Q4T_DOT_VNNI,
-         TILE_CVT_MAGIC, rows_q4_0_vnni)
+DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AVX2, TILE_CVT_AVX2,
+         rows_q8_0_avx2)
+DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, Q4T_W, Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2,
+         rows_q4_0_avx2)
+DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, Q8T_W_VNNI, Q8T_Y_VNNI, Q8T_DOT_VNNI,
+         TILE_CVT_MAGIC, rows_q8_0_vnni)
+DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, Q4T_W, Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC,
+         rows_q4_0_vnni)
 /* clang-format on */
 
 #endif /* TSR_X86 */
@@ -1613,6 +1730,17 @@ static int isa_get(void)
     }
     atomic_store_explicit(&g_isa, isa, memory_order_relaxed);
     return isa;
+}
+
+static void quant_q8_0_fast(const float *x, blk_q8_0 *y, int64_t nb)
+{
+#if TSR_X86
+    if (isa_get() >= ISA_AVX2) {
+        quant_q8_0_avx2(x, y, nb);
+        return;
+    }
+#endif
+    quant_q8_0(x, y, nb);
 }
 
 const char *tsr_quant_isa(void)

@@ -4,6 +4,10 @@
  * this measures streaming from memory) times one activation row, single thread and two
  * threads (rows split in halves), for every instruction set this CPU has.
  *
+ * Then the prefill kernel: tsr_vec_dot_tile over 128 tokens against the same tokens one by
+ * one through tsr_vec_dot_rows, in 32-element block dots per nanosecond (one thread, a
+ * matrix of TSR_BENCH_TILE_ROWS rows, default 2048: 4.4 MiB of Q8_0, mostly in L3).
+ *
  * Not a ctest (CMake only builds tests/test_*.c). Build and run:
  *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_quant.c kernels/quant.c -lm -lpthread \
  *       -o /tmp/bench_quant && /tmp/bench_quant
@@ -74,6 +78,63 @@ static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stri
     *best = t[0];
 }
 
+/* Prefill: rows x 128 tokens of Q8_0 / Q4_0 at n = N_COLS, best of REPS, in block dots/ns. */
+static void bench_tiles(void)
+{
+    enum { N_TOK = 128 };
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0};
+    static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
+    const char *env = getenv("TSR_BENCH_TILE_ROWS");
+    const int64_t rows = env && atoi(env) > 0 ? atoi(env) : 2048;
+    printf("\nprefill, %lld rows x %d tokens: 32-element block dots per ns, best of %d\n",
+           (long long)rows, N_TOK, REPS);
+    printf("%-6s %-11s %10s %10s\n", "type", "isa", "tile", "rows");
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ++ti) {
+        const uint32_t type = types[ti];
+        const size_t rb = tsr_row_bytes(type, N_COLS), xb = tsr_row_bytes(TSR_TYPE_Q8_0, N_COLS);
+        uint8_t *w = malloc((size_t)rows * rb), *x = malloc(xb * N_TOK);
+        float *f = malloc(sizeof(float) * N_COLS), *y = malloc(sizeof(float) * rows * N_TOK);
+        if (!w || !x || !f || !y) exit(1);
+        uint64_t s = 88172645463325252ULL;
+        for (int64_t r = 0; r < rows + N_TOK; ++r) {
+            for (int i = 0; i < N_COLS; ++i) {
+                s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+                f[i] = (float)((double)(s >> 11) * 0x1p-53 - 0.5);
+            }
+            if (r < rows)
+                tsr_quant_row(type, f, w + (size_t)r * rb, N_COLS);
+            else
+                tsr_quant_row(TSR_TYPE_Q8_0, f, x + (size_t)(r - rows) * xb, N_COLS);
+        }
+        const double dots = (double)rows * N_TOK * (N_COLS / 32);
+        for (size_t k = 0; k < sizeof isas / sizeof isas[0]; ++k) {
+            if (!tsr_quant_set_isa(isas[k])) continue;
+            double best_tile = 1e30, best_rows = 1e30;
+            for (int rep = 0; rep < REPS; ++rep) {
+                double t0 = now_s();
+                tsr_vec_dot_tile(type, N_COLS, rows, w, rb, N_TOK, x, xb, y, (size_t)rows);
+                const double dt = now_s() - t0;
+                if (dt < best_tile) best_tile = dt;
+                t0 = now_s();
+                for (int t = 0; t < N_TOK; ++t)
+                    tsr_vec_dot_rows(type, N_COLS, rows, w, rb, x + (size_t)t * xb,
+                                     y + (size_t)t * rows);
+                const double dr = now_s() - t0;
+                if (dr < best_rows) best_rows = dr;
+                if (k == 2) break; /* scalar: one pass is plenty */
+            }
+            printf("%-6s %-11s %10.2f %10.2f\n", tsr_type_name(type), isas[k],
+                   dots / best_tile * 1e-9, dots / best_rows * 1e-9);
+            fflush(stdout);
+        }
+        free(w);
+        free(x);
+        free(f);
+        free(y);
+    }
+    tsr_quant_set_isa(NULL);
+}
+
 int main(void)
 {
     static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K,
@@ -122,5 +183,6 @@ int main(void)
         free(y);
     }
     tsr_quant_set_isa(NULL);
+    bench_tiles();
     return 0;
 }

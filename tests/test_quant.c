@@ -2,8 +2,9 @@
  * test_quant.c — kernels/quant: type table, fp16/bf16 conversion, dequantization against
  * ggml's values (expected/synth-tiny-dequant.txt), quantizers against llama-quantize's
  * bytes (the synthetic GGUF files were made from the f16 file with no imatrix, i.e. with
- * ggml's reference quantizers), round-trip error bounds, and every dot kernel (each
- * instruction set this CPU has) against a float64 reference.
+ * ggml's reference quantizers), round-trip error bounds, every dot kernel (each
+ * instruction set this CPU has) against a float64 reference, and the multi-row and
+ * multi-token (tile) kernels against the single dot, bit for bit.
  *
  * Tensor bytes are read with plain stdio at the offsets the expected file gives, so this
  * test does not depend on the GGUF reader.
@@ -914,6 +915,126 @@ static void test_dot_rows(void **state)
     restore_isa();
 }
 
+/* The activation quantizer (Q8_0, SIMD when the CPU has it) must write the scalar
+ * reference's bytes: roundf's ties away from zero, the fraction just below a tie, zero,
+ * tiny and huge blocks. (Blocks whose 1/d overflows, e.g. all subnormal, make the scalar
+ * code convert inf/NaN to int8, undefined in C; not tested.) */
+static void test_quant_q8_0_isas(void **state)
+{
+    (void)state;
+    enum { N = 4096 + 5 * 32 };
+    float *x = xmalloc(N * sizeof(float));
+    fill_data(x, 4096, 4242, 3.0f);
+    float *e = x + 4096;
+    for (int i = 0; i < 32; ++i) e[i] = (i % 2 ? -1.0f : 1.0f) * ((float)i + 0.5f); /* ties */
+    e[31] = 127.0f; /* d = 1, so x*id = x exactly */
+    for (int i = 0; i < 32; ++i) e[32 + i] = (i % 2 ? -1.0f : 1.0f) * nextafterf(i + 0.5f, 0.0f);
+    e[63] = -127.0f;
+    for (int i = 0; i < 32; ++i) e[64 + i] = 0.0f;
+    e[64 + 5] = -0.0f;
+    for (int i = 0; i < 32; ++i) e[96 + i] = 1e-30f * (float)(i - 16); /* tiny */
+    for (int i = 0; i < 32; ++i) e[128 + i] = 6e4f * (float)(i - 16) / 16.0f;
+    const size_t bytes = tsr_row_bytes(TSR_TYPE_Q8_0, N);
+    uint8_t *ref = xmalloc(bytes), *got = xmalloc(bytes);
+    assert_true(tsr_quant_set_isa("scalar"));
+    tsr_quant_row(TSR_TYPE_Q8_0, x, ref, N);
+    for (size_t k = 1; k < sizeof k_isas / sizeof k_isas[0]; ++k) {
+        if (!tsr_quant_set_isa(k_isas[k])) continue;
+        memset(got, 0, bytes);
+        tsr_quant_row(TSR_TYPE_Q8_0, x, got, N);
+        for (size_t i = 0; i < bytes; ++i) {
+            if (got[i] != ref[i])
+                fail_msg("%s Q8_0 quantization byte %zu (block %zu): scalar 0x%02x, got 0x%02x",
+                         k_isas[k], i, i / 34, ref[i], got[i]);
+        }
+    }
+    free(x);
+    free(ref);
+    free(got);
+    restore_isa();
+}
+
+/* Tiles: y[t][r] of tsr_vec_dot_tile must be bit-identical to tsr_vec_dot of row r and token
+ * t, for every ISA, every tile shape from 1 x 1 up (edges of the 4-row / 4-token
+ * micro-tiles), padded strides of w, x and y, and rows of several K chunks (n > 2048). */
+static void tile_case(uint32_t type, int64_t n, int max_rows, int max_tok, int step)
+{
+    const uint32_t xtype = tsr_type_vec_dot_type(type);
+    const size_t wstride = tsr_row_bytes(type, n) + 64, xstride = tsr_row_bytes(xtype, n) + 32;
+    const size_t ystride = (size_t)max_rows + 3;
+    float *f = xmalloc((size_t)n * sizeof(float));
+    uint8_t *w = xmalloc(wstride * (size_t)max_rows), *x = xmalloc(xstride * (size_t)max_tok);
+    float *y = xmalloc(sizeof(float) * ystride * (size_t)max_tok);
+    float *want = xmalloc(sizeof(float) * (size_t)max_rows * (size_t)max_tok);
+    memset(w, 0xA5, wstride * (size_t)max_rows); /* padding is garbage the kernels must skip */
+    memset(x, 0x5A, xstride * (size_t)max_tok);
+    for (int r = 0; r < max_rows; ++r) {
+        fill_data(f, n, 7000 + (uint64_t)r * 13 + (uint64_t)n, 0.1f);
+        tsr_quant_row(type, f, w + (size_t)r * wstride, n);
+    }
+    for (int t = 0; t < max_tok; ++t) {
+        fill_data(f, n, 9000 + (uint64_t)t * 17 + (uint64_t)n, t % 3 ? 1.0f : 40.0f);
+        tsr_quant_row(xtype, f, x + (size_t)t * xstride, n);
+    }
+    for (size_t k = 0; k < sizeof k_isas / sizeof k_isas[0]; ++k) {
+        if (!tsr_quant_set_isa(k_isas[k])) continue;
+        for (int t = 0; t < max_tok; ++t) {
+            for (int r = 0; r < max_rows; ++r) {
+                want[t * max_rows + r] =
+                    tsr_vec_dot(type, n, w + (size_t)r * wstride, x + (size_t)t * xstride);
+            }
+        }
+        for (int nr = 1; nr <= max_rows; nr += (nr < 9 ? 1 : step)) {
+            for (int nt = 1; nt <= max_tok; nt += (nt < 11 ? 1 : step)) {
+                for (size_t i = 0; i < ystride * (size_t)max_tok; ++i) y[i] = -12345.0f;
+                tsr_vec_dot_tile(type, n, nr, w, wstride, nt, x, xstride, y, ystride);
+                for (int t = 0; t < max_tok; ++t) {
+                    for (int r = 0; r < (int)ystride; ++r) {
+                        const float got = y[(size_t)t * ystride + (size_t)r];
+                        if (t >= nt || r >= nr) {
+                            if (got != -12345.0f) {
+                                fail_msg("%s %s n=%" PRId64 " tile %dx%d wrote outside it at"
+                                         " row %d token %d",
+                                         k_isas[k], tsr_type_name(type), n, nr, nt, r, t);
+                            }
+                            continue;
+                        }
+                        if (fbits(got) != fbits(want[t * max_rows + r])) {
+                            fail_msg("%s %s n=%" PRId64 " tile %dx%d row %d token %d: expected"
+                                     " %.9g (tsr_vec_dot) got %.9g",
+                                     k_isas[k], tsr_type_name(type), n, nr, nt, r, t,
+                                     (double)want[t * max_rows + r], (double)got);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(f);
+    free(w);
+    free(x);
+    free(y);
+    free(want);
+}
+
+static void tile_one(uint32_t type, int64_t n, void *arg)
+{
+    (void)arg;
+    tile_case(type, n, 9, 11, 1);
+}
+
+static void test_dot_tile(void **state)
+{
+    (void)state;
+    for (size_t t = 0; t < N_WEIGHT_TYPES; ++t) for_each_n(k_weight_types[t], tile_one, NULL);
+    /* many tokens (several token chunks of the kernels' ~256 KiB of activations, with a
+     * tail) and rows (several row groups) */
+    tile_case(TSR_TYPE_Q8_0, 4128, 13, 133, 30);
+    tile_case(TSR_TYPE_Q4_0, 4128, 13, 133, 30);
+    tile_case(TSR_TYPE_Q4_0, 8192, 6, 70, 29);
+    restore_isa();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -924,8 +1045,10 @@ int main(void)
         cmocka_unit_test(test_dequant_matches_ggml),
         cmocka_unit_test(test_quantizers_match_llama_quantize),
         cmocka_unit_test(test_roundtrip),
+        cmocka_unit_test(test_quant_q8_0_isas),
         cmocka_unit_test(test_dots),
         cmocka_unit_test(test_dot_rows),
+        cmocka_unit_test(test_dot_tile),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
