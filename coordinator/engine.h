@@ -103,6 +103,10 @@ typedef struct {
                                  (default 4): beyond, the batch already fills the step and
                                  verification would cost more than it saves */
     bool spec_default_on;     /* requests with speculation -1 speculate (default true) */
+    bool spec_no_probe;       /* false (default): auto mode measures the time per generated
+                                 token of decode steps with and without drafts and keeps the
+                                 faster (re-probing the other every 40 steps); true: always
+                                 draft when allowed (tests of the verification itself) */
 } tsr_engine_params;
 
 typedef struct {

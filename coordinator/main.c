@@ -932,7 +932,8 @@ static int bench_engine_run(tsr_replica *rep, tsr_drafter *d, int32_t spec_k,
                             .max_queue = 4,
                             .drafter = d,
                             .spec_k = spec_k,
-                            .spec_default_on = true};
+                            .spec_default_on = true,
+                            .spec_no_probe = true};
     tsr_engine *e;
     if (tsr_engine_new(rep, &ep, &e, err, err_len) != 0) return -1;
     memset(sink, 0, sizeof *sink);

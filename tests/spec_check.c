@@ -56,7 +56,8 @@ static int run(tsr_replica *rep, tsr_drafter *d, int32_t k, req *out, char *err,
 {
     tsr_engine_params ep = {.max_batch_tokens = 64, .max_seqs = 32, .max_queue = 64,
                             .drafter = d, .spec_k = k, .spec_max_batch = N_REQ,
-                            .spec_default_on = true};
+                            .spec_default_on = true,
+                            .spec_no_probe = true};
     tsr_engine *e;
     if (tsr_engine_new(rep, &ep, &e, err, err_len) != 0) return -1;
     memset(out, 0, sizeof(req) * N_REQ);

@@ -203,7 +203,8 @@ static void collect(tsr_replica *rep, tsr_drafter *d, int n_seeds, sample *out)
     char err[512];
     tsr_engine_params ep = {.max_batch_tokens = 128, .max_seqs = 32, .max_queue = 4096,
                             .drafter = d, .spec_k = 3, .spec_max_batch = 64,
-                            .spec_default_on = true};
+                            .spec_default_on = true,
+                            .spec_no_probe = true};
     tsr_engine *e;
     assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
     static const int32_t prompt[4] = {1, 403, 407, 261};
