@@ -18,6 +18,7 @@
  * call proposes nothing, so the request goes on without speculation.
  */
 #include "coordinator/drafter.h"
+#include "kernels/util.h"
 
 #include "shard/gguf.h"
 #include "shard/vocab.h"
@@ -33,15 +34,6 @@
 /* Largest chunk of history the draft model takes in one forward call when catching up
  * with a long prompt: the batch buffers of its context scale with it. */
 #define TSR_DRAFTER_N_BATCH 128
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 void tsr_drafter_free(tsr_drafter *d)
 {
@@ -67,7 +59,7 @@ static int tsr_drafter_new_shell(const tsr_drafter_vtable *vt, void *impl, tsr_d
 {
     tsr_drafter *d = malloc(sizeof *d);
     if (!d) {
-        set_err(err, err_len, "out of memory creating the %s drafter", vt->name);
+        tsr_set_err(err, err_len, "out of memory creating the %s drafter", vt->name);
         return -1;
     }
     d->vt = vt;
@@ -90,7 +82,7 @@ static int tsr_drafter_ngram_propose(tsr_drafter *d, uint64_t seq_id, const int3
     const tsr_drafter_ngram *g = d->impl;
     if (k <= 0 || n_tokens < 2) return 0;
     if (!tokens || !out) {
-        set_err(err, err_len, "ngram drafter: NULL tokens or output");
+        tsr_set_err(err, err_len, "ngram drafter: NULL tokens or output");
         return -1;
     }
     /* An earlier occurrence must start at i <= n_tokens - n - 1 (so it is not the suffix
@@ -134,14 +126,14 @@ int tsr_drafter_ngram_new(int32_t min_n, int32_t max_n, tsr_drafter **out, char 
 {
     *out = NULL;
     if (min_n < 1 || max_n < min_n) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "ngram drafter: n-gram sizes %d..%d are invalid (need 1 <= min <= max)", min_n,
                 max_n);
         return -1;
     }
     tsr_drafter_ngram *g = malloc(sizeof *g);
     if (!g) {
-        set_err(err, err_len, "out of memory creating the ngram drafter");
+        tsr_set_err(err, err_len, "out of memory creating the ngram drafter");
         return -1;
     }
     g->min_n = min_n;
@@ -168,7 +160,7 @@ static int tsr_drafter_oracle_propose(tsr_drafter *d, uint64_t seq_id, const int
     const tsr_drafter_oracle *o = d->impl;
     if (k <= 0 || n_tokens < 0 || n_tokens >= o->n_tokens) return 0;
     if ((n_tokens > 0 && !tokens) || !out) {
-        set_err(err, err_len, "oracle drafter: NULL tokens or output");
+        tsr_set_err(err, err_len, "oracle drafter: NULL tokens or output");
         return -1;
     }
     if (n_tokens > 0 && memcmp(tokens, o->tokens, sizeof(int32_t) * (size_t)n_tokens) != 0)
@@ -200,7 +192,7 @@ int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter 
 {
     *out = NULL;
     if (n_tokens < 0 || (n_tokens > 0 && !tokens)) {
-        set_err(err, err_len, "oracle drafter: bad token sequence (%d tokens)", n_tokens);
+        tsr_set_err(err, err_len, "oracle drafter: bad token sequence (%d tokens)", n_tokens);
         return -1;
     }
     tsr_drafter_oracle *o = calloc(1, sizeof *o);
@@ -212,13 +204,13 @@ int tsr_drafter_oracle_new(const int32_t *tokens, int32_t n_tokens, tsr_drafter 
     if (tsr_drafter_new_shell(&tsr_drafter_oracle_vt, o, out, err, err_len) != 0) goto fail_o;
     return 0;
 oom_o:
-    set_err(err, err_len, "out of memory creating the oracle drafter");
+    tsr_set_err(err, err_len, "out of memory creating the oracle drafter");
 fail_o:
     free(o->tokens);
     free(o);
     return -1;
 oom:
-    set_err(err, err_len, "out of memory creating the oracle drafter");
+    tsr_set_err(err, err_len, "out of memory creating the oracle drafter");
     return -1;
 }
 
@@ -333,7 +325,7 @@ static int tsr_drafter_model_propose(tsr_drafter *d, uint64_t seq_id, const int3
     tsr_drafter_model *dm = d->impl;
     if (k <= 0 || n_tokens <= 0) return 0;
     if (!tokens || !out) {
-        set_err(err, err_len, "draft model: NULL tokens or output");
+        tsr_set_err(err, err_len, "draft model: NULL tokens or output");
         return -1;
     }
     /* Positions the call writes: the history, then every draft but the last. A sequence
@@ -397,7 +389,7 @@ static int tsr_drafter_model_propose(tsr_drafter *d, uint64_t seq_id, const int3
     }
     return k;
 oom:
-    set_err(err, err_len, "draft model: out of memory for sequence %" PRIu64, seq_id);
+    tsr_set_err(err, err_len, "draft model: out of memory for sequence %" PRIu64, seq_id);
     return -1;
 }
 
@@ -481,20 +473,20 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
     char verr[256];
     tsr_gguf_str dmod, tmod;
     if (!tsr_gguf_get_str(tg, "tokenizer.ggml.model", &tmod)) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "the target has no tokenizer.ggml.model: cannot check the draft "
                 "vocabulary");
         return -1;
     }
     if (!tsr_gguf_get_str(dg, "tokenizer.ggml.model", &dmod)) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "%s: the draft vocabulary has no tokenizer.ggml.model (the "
                 "target's is '%.*s')",
                 path, tsr_drafter_str_len(&tmod), tmod.ptr);
         return -1;
     }
     if (dmod.len != tmod.len || memcmp(dmod.ptr, tmod.ptr, dmod.len) != 0) {
-        set_err(err, err_len, "%s: the draft vocabulary is of type '%.*s', the target's is '%.*s'",
+        tsr_set_err(err, err_len, "%s: the draft vocabulary is of type '%.*s', the target's is '%.*s'",
                 path, tsr_drafter_str_len(&dmod), dmod.ptr, tsr_drafter_str_len(&tmod), tmod.ptr);
         return -1;
     }
@@ -503,18 +495,18 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
     tsr_gguf_vtype det = TSR_GGUF_STRING, tet = TSR_GGUF_STRING;
     uint64_t dn = 0, tn = 0;
     if (tk < 0 || !tsr_gguf_kv_arr(tg, tk, &tet, &tn) || tet != TSR_GGUF_STRING) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "the target has no tokenizer.ggml.tokens string array: cannot "
                 "check the draft vocabulary");
         return -1;
     }
     if (dk < 0 || !tsr_gguf_kv_arr(dg, dk, &det, &dn) || det != TSR_GGUF_STRING) {
-        set_err(err, err_len, "%s: the draft vocabulary has no tokenizer.ggml.tokens string array",
+        tsr_set_err(err, err_len, "%s: the draft vocabulary has no tokenizer.ggml.tokens string array",
                 path);
         return -1;
     }
     if (dn != tn) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "%s: the draft vocabulary has %" PRIu64 " tokens, the target's has %" PRIu64, path,
                 dn, tn);
         return -1;
@@ -522,11 +514,11 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
     for (uint64_t j = 0; j < tn; j++) {
         tsr_gguf_str ds, ts;
         if (!tsr_gguf_arr_str(dg, dk, j, &ds) || !tsr_gguf_arr_str(tg, tk, j, &ts)) {
-            set_err(err, err_len, "%s: token %" PRIu64 " of the vocabulary is unreadable", path, j);
+            tsr_set_err(err, err_len, "%s: token %" PRIu64 " of the vocabulary is unreadable", path, j);
             return -1;
         }
         if (ds.len != ts.len || memcmp(ds.ptr, ts.ptr, ds.len) != 0) {
-            set_err(err, err_len,
+            tsr_set_err(err, err_len,
                     "%s: the draft vocabulary differs from the target's at token %" PRIu64
                     ": '%.*s' vs '%.*s'",
                     path, j, tsr_drafter_str_len(&ds), ds.ptr, tsr_drafter_str_len(&ts), ts.ptr);
@@ -534,20 +526,20 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
         }
     }
     if (tsr_vocab_load(dg, &dv, verr, sizeof verr) != 0) {
-        set_err(err, err_len, "%s: the draft vocabulary does not load: %s", path, verr);
+        tsr_set_err(err, err_len, "%s: the draft vocabulary does not load: %s", path, verr);
         goto done;
     }
     if (tsr_vocab_load(tg, &tv, verr, sizeof verr) != 0) {
-        set_err(err, err_len, "the target vocabulary does not load: %s", verr);
+        tsr_set_err(err, err_len, "the target vocabulary does not load: %s", verr);
         goto done;
     }
     if (tsr_vocab_bos(dv) != tsr_vocab_bos(tv)) {
-        set_err(err, err_len, "%s: the draft vocabulary's BOS token is %d, the target's is %d",
+        tsr_set_err(err, err_len, "%s: the draft vocabulary's BOS token is %d, the target's is %d",
                 path, tsr_vocab_bos(dv), tsr_vocab_bos(tv));
         goto done;
     }
     if (tsr_vocab_eos(dv) != tsr_vocab_eos(tv)) {
-        set_err(err, err_len, "%s: the draft vocabulary's EOS token is %d, the target's is %d",
+        tsr_set_err(err, err_len, "%s: the draft vocabulary's EOS token is %d, the target's is %d",
                 path, tsr_vocab_eos(dv), tsr_vocab_eos(tv));
         goto done;
     }
@@ -564,22 +556,22 @@ int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t
     *out = NULL;
     char merr[512];
     if (!path || !target_gguf) {
-        set_err(err, err_len, "draft model: no path or no target model");
+        tsr_set_err(err, err_len, "draft model: no path or no target model");
         return -1;
     }
     if (n_kv_blocks < 1) {
-        set_err(err, err_len, "draft model: a KV pool of %d blocks is too small", n_kv_blocks);
+        tsr_set_err(err, err_len, "draft model: a KV pool of %d blocks is too small", n_kv_blocks);
         return -1;
     }
     tsr_drafter_model *dm = calloc(1, sizeof *dm);
     if (!dm) goto oom;
     if (tsr_gguf_open(path, &dm->g, merr, sizeof merr) != 0) {
-        set_err(err, err_len, "draft model: %s", merr);
+        tsr_set_err(err, err_len, "draft model: %s", merr);
         goto fail;
     }
     if (tsr_drafter_vocab_check(path, dm->g, target_gguf, err, err_len) != 0) goto fail;
     if (tsr_model_load(dm->g, &dm->m, merr, sizeof merr) != 0) {
-        set_err(err, err_len, "draft model %s: %s", path, merr);
+        tsr_set_err(err, err_len, "draft model %s: %s", path, merr);
         goto fail;
     }
     dm->n_vocab = dm->m->hp.n_vocab;
@@ -587,7 +579,7 @@ int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t
     dm->n_kv_blocks = n_kv_blocks;
     if (tsr_ctx_new_paged(dm->m, n_kv_blocks, dm->n_batch, n_threads, &dm->c, merr, sizeof merr) !=
         0) {
-        set_err(err, err_len, "draft model %s: %s", path, merr);
+        tsr_set_err(err, err_len, "draft model %s: %s", path, merr);
         goto fail;
     }
     dm->free_list = malloc(sizeof(int32_t) * (size_t)n_kv_blocks);
@@ -602,7 +594,7 @@ int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t
     if (tsr_drafter_new_shell(&tsr_drafter_model_vt, dm, out, err, err_len) != 0) goto fail;
     return 0;
 oom:
-    set_err(err, err_len, "draft model: out of memory");
+    tsr_set_err(err, err_len, "draft model: out of memory");
 fail:
     tsr_drafter_model_destroy(dm);
     return -1;

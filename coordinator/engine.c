@@ -31,6 +31,7 @@
  * that never repeats) turns itself off.
  */
 #include "coordinator/engine.h"
+#include "kernels/util.h"
 
 #include "coordinator/stop.h"
 
@@ -124,22 +125,6 @@ struct tsr_engine {
     int32_t n_rank_stats;
 };
 
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **out, char *err,
                    size_t err_len)
 {
@@ -187,7 +172,7 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     /* Free list as a stack, lowest ids on top. */
     for (int32_t i = 0; i < e->p.n_kv_blocks; i++) e->free_blocks[i] = e->p.n_kv_blocks - 1 - i;
     e->n_free = e->p.n_kv_blocks;
-    e->rate_t0 = now_ns();
+    e->rate_t0 = tsr_now_ns();
     e->mode_spec = true;
     e->phase_len = 32;
     e->n_rank_stats = tsr_replica_size(rep) < 64 ? tsr_replica_size(rep) : 64;
@@ -196,7 +181,7 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     *out = e;
     return 0;
 oom:
-    set_err(err, err_len, "out of memory creating the engine");
+    tsr_set_err(err, err_len, "out of memory creating the engine");
     tsr_engine_free(e);
     return TSR_ENGINE_ENOMEM;
 }
@@ -250,11 +235,11 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
 {
     const tsr_gen_params *g = &rq->gen;
     if (rq->n_prompt == 0) {
-        set_err(err, err_len, "prompt: the prompt is empty");
+        tsr_set_err(err, err_len, "prompt: the prompt is empty");
         return TSR_ENGINE_EINVAL;
     }
     if (rq->n_prompt >= (size_t)e->n_ctx) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "prompt: %zu tokens do not fit the context of %d tokens (prompt plus at least "
                 "one generated token); shorten it",
                 rq->n_prompt, e->n_ctx);
@@ -262,26 +247,26 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
     }
     for (size_t i = 0; i < rq->n_prompt; i++) {
         if (rq->prompt_ids[i] < 0 || rq->prompt_ids[i] >= e->n_vocab) {
-            set_err(err, err_len, "prompt_ids: id %d at index %zu is not in the vocabulary (0..%d)",
+            tsr_set_err(err, err_len, "prompt_ids: id %d at index %zu is not in the vocabulary (0..%d)",
                     rq->prompt_ids[i], i, e->n_vocab - 1);
             return TSR_ENGINE_EINVAL;
         }
     }
     if (g->max_tokens < 1) {
-        set_err(err, err_len, "max_tokens must be >= 1, got %d", g->max_tokens);
+        tsr_set_err(err, err_len, "max_tokens must be >= 1, got %d", g->max_tokens);
         return TSR_ENGINE_EINVAL;
     }
     if (rq->speculation < -1 || rq->speculation > 1) {
-        set_err(err, err_len, "speculation must be off (0) or auto (1), got %d", rq->speculation);
+        tsr_set_err(err, err_len, "speculation must be off (0) or auto (1), got %d", rq->speculation);
         return TSR_ENGINE_EINVAL;
     }
     if (rq->logprobs < 0 || rq->logprobs > MAX_LOGPROBS) {
-        set_err(err, err_len, "logprobs must be in 0..%d, got %d", MAX_LOGPROBS, rq->logprobs);
+        tsr_set_err(err, err_len, "logprobs must be in 0..%d, got %d", MAX_LOGPROBS, rq->logprobs);
         return TSR_ENGINE_EINVAL;
     }
     for (size_t i = 0; i < g->n_stop_ids; i++) {
         if (g->stop_ids[i] < 0 || g->stop_ids[i] >= e->n_vocab) {
-            set_err(err, err_len, "stop_token_ids: id %d is not in the vocabulary (0..%d)",
+            tsr_set_err(err, err_len, "stop_token_ids: id %d is not in the vocabulary (0..%d)",
                     g->stop_ids[i], e->n_vocab - 1);
             return TSR_ENGINE_EINVAL;
         }
@@ -338,18 +323,18 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
     s->deadline_ns = rq->deadline_ns;
     s->on_event = rq->on_event;
     s->ud = rq->ud;
-    s->t_submit = now_ns();
+    s->t_submit = tsr_now_ns();
 
     pthread_mutex_lock(&e->mu);
     int rc = TSR_ENGINE_OK;
     if (!e->healthy) {
-        set_err(err, err_len, "the replica's data plane is down; retry on another replica");
+        tsr_set_err(err, err_len, "the replica's data plane is down; retry on another replica");
         rc = TSR_ENGINE_EDOWN;
     } else if (e->draining || e->stopping) {
-        set_err(err, err_len, "the server is draining and accepts no new requests");
+        tsr_set_err(err, err_len, "the server is draining and accepts no new requests");
         rc = TSR_ENGINE_EDRAINING;
     } else if (e->snap.n_waiting >= e->p.max_queue) {
-        set_err(err, err_len, "the queue is full (%d waiting requests); retry later",
+        tsr_set_err(err, err_len, "the queue is full (%d waiting requests); retry later",
                 e->p.max_queue);
         rc = TSR_ENGINE_EQUEUE_FULL;
     }
@@ -369,7 +354,7 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
 oom_s:
     seq_free(s);
 oom:
-    set_err(err, err_len, "out of memory");
+    tsr_set_err(err, err_len, "out of memory");
     return TSR_ENGINE_ENOMEM;
 }
 
@@ -460,7 +445,7 @@ static void finish(tsr_engine *e, seq *s, int reason, const char *error)
             }
         }
     }
-    uint64_t t = now_ns();
+    uint64_t t = tsr_now_ns();
     tsr_event ev = {.kind = TSR_EV_FINISH,
                     .request_id = s->id,
                     .finish_reason = reason,
@@ -524,7 +509,7 @@ static void intake(tsr_engine *e, bool *stop, bool *cancel_all)
         e->waiting[e->n_waiting++] = s; /* capacity: max_queue + max_seqs + 1 */
         s = n;
     }
-    uint64_t t = now_ns();
+    uint64_t t = tsr_now_ns();
     for (int32_t i = 0; i < e->n_running; i++) {
         seq *s = e->running[i];
         for (size_t k = 0; k < nc; k++) s->cancel |= cancels[k] == s->id;
@@ -547,7 +532,7 @@ static void intake(tsr_engine *e, bool *stop, bool *cancel_all)
 
 static void publish_status(tsr_engine *e)
 {
-    uint64_t t = now_ns();
+    uint64_t t = tsr_now_ns();
     if (t - e->t_rank_stats > 2000000000ull) {
         /* Every rank's compute/communication split, for Admin.Status. A failure here
          * shows up in the next step as well; ignore it. */
@@ -623,13 +608,13 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
                 char derr[256];
                 /* Drafts of an earlier step that were never verified (preempted, cut by
                  * the budget) must not linger in the drafter. */
-                uint64_t td = now_ns();
+                uint64_t td = tsr_now_ns();
                 e->p.drafter->vt->rollback(e->p.drafter, s->id, s->n_tokens);
                 int m = kk > 0 ? e->p.drafter->vt->propose(e->p.drafter, s->id, s->tokens,
                                                            s->n_tokens, kk, s->draft, derr,
                                                            sizeof derr)
                                : 0;
-                e->t_draft_ns += now_ns() - td;
+                e->t_draft_ns += tsr_now_ns() - td;
                 if (m > 0) s->n_draft = m;
             }
         }
@@ -661,7 +646,7 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
         if (!blocks_reserve(e, s, s->n_computed + chunk)) break;
         remove_waiting(e, 0);
         e->running[e->n_running++] = s;
-        if (!s->t_scheduled) s->t_scheduled = now_ns();
+        if (!s->t_scheduled) s->t_scheduled = tsr_now_ns();
         e->b_seqs[k] = s;
         e->b_chunk[k] = chunk;
         k++;
@@ -713,7 +698,7 @@ static int emit_token(tsr_engine *e, seq *s, int32_t id, const float *chosen,
     s->n_generated++;
     e->n_generated_total++;
     e->step_tokens++;
-    if (!s->t_first_token) s->t_first_token = now_ns();
+    if (!s->t_first_token) s->t_first_token = tsr_now_ns();
     int reason = -1;
     const char *out = "";
     size_t out_len = 0;
@@ -904,9 +889,9 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
                        .block_tables = e->b_tables,
                        .n_blocks = e->b_nblocks};
         const float *logits;
-        uint64_t t0 = now_ns();
+        uint64_t t0 = tsr_now_ns();
         if (tsr_replica_step(e->rep, &b, &logits, err, err_len) != 0) goto down;
-        double ms = (double)(now_ns() - t0) / 1e6;
+        double ms = (double)(tsr_now_ns() - t0) / 1e6;
         e->step_ms_mean = e->step_ms_mean == 0.0 ? ms : 0.9 * e->step_ms_mean + 0.1 * ms;
         e->step_tokens = 0;
         after_step(e, n_bseq, logits);

@@ -1,5 +1,6 @@
 /* generate.c — see generate.h. */
 #include "coordinator/generate.h"
+#include "kernels/util.h"
 
 #include "coordinator/stop.h"
 
@@ -9,15 +10,6 @@
 #include <string.h>
 #include <time.h>
 
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
 const char *tsr_finish_reason_name(tsr_finish_reason r)
 {
     switch (r) {
@@ -26,13 +18,6 @@ const char *tsr_finish_reason_name(tsr_finish_reason r)
     case TSR_FINISH_EOS: return "eos";
     }
     return "unknown";
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 typedef struct {
@@ -82,42 +67,42 @@ int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt
 
     memset(res, 0, sizeof *res);
     if (n_prompt == 0) {
-        set_err(err, err_len, "the prompt is empty: give some text, or keep BOS");
+        tsr_set_err(err, err_len, "the prompt is empty: give some text, or keep BOS");
         return -1;
     }
     if (n_prompt >= (size_t)n_ctx) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "the prompt has %zu tokens but the context holds %d: shorten it or raise the "
                 "context size",
                 n_prompt, n_ctx);
         return -1;
     }
     if (p->max_tokens < 0) {
-        set_err(err, err_len, "max_tokens must be >= 0, got %d", p->max_tokens);
+        tsr_set_err(err, err_len, "max_tokens must be >= 0, got %d", p->max_tokens);
         return -1;
     }
     if (tsr_sampler_new(&p->sampling, n_vocab, &smp, err, err_len) != 0) return -1;
     if (tsr_stop_init(&stop, p->stop, p->n_stop, err, err_len) != 0) goto done;
     stop_ok = true;
     if (tsr_detok_init(&dt, vocab, 0) != 0) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         goto done;
     }
     dt_ok = true;
     ids = malloc(sizeof(int32_t) * ((size_t)p->max_tokens + 1));
     lg = malloc(sizeof(float) * (size_t)n_vocab);
     if (!ids || !lg) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         goto done;
     }
     tsr_sampler_add_prompt(smp, prompt, n_prompt);
 
     const float *logits;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = tsr_now_ns();
     if (tsr_replica_forward(rep, prompt, (int32_t)n_prompt, 0, &logits, err, err_len) != 0)
         goto done;
-    res->t_prefill_ns = now_ns() - t0;
-    t0 = now_ns();
+    res->t_prefill_ns = tsr_now_ns() - t0;
+    t0 = tsr_now_ns();
     int32_t pos = (int32_t)n_prompt;
     res->finish = TSR_FINISH_LENGTH;
     for (int32_t i = 0; i < p->max_tokens; i++) {
@@ -135,14 +120,14 @@ int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt
         const char *piece;
         size_t piece_len;
         if (tsr_detok_push(&dt, id, &piece, &piece_len) != 0) {
-            set_err(err, err_len, "out of memory detokenizing");
+            tsr_set_err(err, err_len, "out of memory detokenizing");
             goto done;
         }
         const char *out;
         size_t out_len;
         int sr = tsr_stop_push(&stop, piece, piece_len, &out, &out_len);
         if (sr < 0) {
-            set_err(err, err_len, "out of memory matching stop strings");
+            tsr_set_err(err, err_len, "out of memory matching stop strings");
             goto done;
         }
         int er = emit(&text, out, out_len, on_text, ud);
@@ -172,7 +157,7 @@ int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt
             }
         }
     }
-    res->t_decode_ns = now_ns() - t0;
+    res->t_decode_ns = tsr_now_ns() - t0;
     if (sbuf_put(&text, "", 0) != 0) goto oom;
     res->ids = ids;
     ids = NULL;
@@ -182,7 +167,7 @@ int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt
     rc = 0;
     goto done;
 oom:
-    set_err(err, err_len, "out of memory");
+    tsr_set_err(err, err_len, "out of memory");
 done:
     free(ids);
     free(lg);

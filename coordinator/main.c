@@ -6,6 +6,7 @@
  * 2 usage error (unknown flag, bad value) — with a message that says what to fix.
  */
 #include "coordinator/drafter.h"
+#include "kernels/util.h"
 #include "coordinator/engine.h"
 #include "coordinator/generate.h"
 #include "coordinator/sampler.h"
@@ -109,13 +110,6 @@ static int default_threads(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 /* ---- inspect ---- */
@@ -1038,12 +1032,12 @@ static int cmd_bench(int argc, char **argv)
     /* Warm-up: fault in the weights. */
     if (tsr_replica_forward(rep, toks, 1, 0, &logits, err, sizeof err) != 0) goto stop;
     for (int64_t r = 0; r < reps; r++) {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = tsr_now_ns();
         if (tsr_replica_forward(rep, toks, (int32_t)n_prompt, 0, &logits, err, sizeof err))
             goto stop;
-        pf[r] = (double)n_prompt * 1e9 / (double)(now_ns() - t0);
+        pf[r] = (double)n_prompt * 1e9 / (double)(tsr_now_ns() - t0);
         int32_t tok = toks[0];
-        t0 = now_ns();
+        t0 = tsr_now_ns();
         for (int64_t i = 0; i < n_gen; i++) {
             if (tsr_replica_forward(rep, &tok, 1, (int32_t)(n_prompt + i), &logits, err,
                                     sizeof err))
@@ -1053,7 +1047,7 @@ static int cmd_bench(int argc, char **argv)
                 if (logits[v] > logits[best]) best = v;
             tok = best;
         }
-        dc[r] = (double)n_gen * 1e9 / (double)(now_ns() - t0);
+        dc[r] = (double)n_gen * 1e9 / (double)(tsr_now_ns() - t0);
     }
     /* Verify cost: one step of k+1 query tokens of one sequence vs one of 1 token. */
     double vc[5] = {0};
@@ -1076,12 +1070,12 @@ static int cmd_bench(int argc, char **argv)
                            .n_blocks = &n_tab};
             double best[7];
             for (int r = 0; r < 7; r++) {
-                uint64_t t0 = now_ns();
+                uint64_t t0 = tsr_now_ns();
                 if (tsr_replica_step(rep, &b, &logits, err, sizeof err) != 0) {
                     free(table);
                     goto stop;
                 }
-                best[r] = (double)(now_ns() - t0);
+                best[r] = (double)(tsr_now_ns() - t0);
             }
             qsort(best, 7, sizeof(double), cmp_double);
             vc[ki] = best[3];

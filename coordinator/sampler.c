@@ -8,6 +8,7 @@
  * selection, sorting and tie-breaking are deterministic everywhere.
  */
 #include "coordinator/sampler.h"
+#include "kernels/util.h"
 
 #include <float.h>
 #include <math.h>
@@ -32,15 +33,6 @@ struct tsr_sampler {
     size_t n_seen;
     tsr_cand *cand; /* [n_vocab] scratch */
 };
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 /* ---- RNG: splitmix64 seeding xoshiro256** (Blackman & Vigna), pure 64-bit integer ops. */
 
@@ -94,30 +86,30 @@ int tsr_sampling_params_validate(const tsr_sampling_params *p, char *err, size_t
 {
     /* Written as !(in range) so that NaN is rejected too. */
     if (!(p->temperature >= 0.0f && isfinite(p->temperature))) {
-        set_err(err, err_len, "temperature must be >= 0 and finite, got %g",
+        tsr_set_err(err, err_len, "temperature must be >= 0 and finite, got %g",
                 (double)p->temperature);
         return -1;
     }
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) {
-        set_err(err, err_len, "top_p must be in (0, 1], got %g", (double)p->top_p);
+        tsr_set_err(err, err_len, "top_p must be in (0, 1], got %g", (double)p->top_p);
         return -1;
     }
     if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) {
-        set_err(err, err_len, "min_p must be in [0, 1], got %g", (double)p->min_p);
+        tsr_set_err(err, err_len, "min_p must be in [0, 1], got %g", (double)p->min_p);
         return -1;
     }
     if (!(p->repetition_penalty > 0.0f && isfinite(p->repetition_penalty))) {
-        set_err(err, err_len, "repetition_penalty must be > 0 and finite, got %g",
+        tsr_set_err(err, err_len, "repetition_penalty must be > 0 and finite, got %g",
                 (double)p->repetition_penalty);
         return -1;
     }
     if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f)) {
-        set_err(err, err_len, "presence_penalty must be in [-2, 2], got %g",
+        tsr_set_err(err, err_len, "presence_penalty must be in [-2, 2], got %g",
                 (double)p->presence_penalty);
         return -1;
     }
     if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f)) {
-        set_err(err, err_len, "frequency_penalty must be in [-2, 2], got %g",
+        tsr_set_err(err, err_len, "frequency_penalty must be in [-2, 2], got %g",
                 (double)p->frequency_penalty);
         return -1;
     }
@@ -132,7 +124,7 @@ int tsr_sampler_new(const tsr_sampling_params *p, int32_t n_vocab, tsr_sampler *
     *out = NULL;
     if (tsr_sampling_params_validate(p, err, err_len) != 0) return -1;
     if (n_vocab <= 0) {
-        set_err(err, err_len, "sampler: n_vocab must be > 0, got %d", (int)n_vocab);
+        tsr_set_err(err, err_len, "sampler: n_vocab must be > 0, got %d", (int)n_vocab);
         return -1;
     }
     tsr_sampler *s = calloc(1, sizeof *s);
@@ -151,7 +143,7 @@ int tsr_sampler_new(const tsr_sampling_params *p, int32_t n_vocab, tsr_sampler *
     return 0;
 oom:
     tsr_sampler_free(s);
-    set_err(err, err_len, "sampler: out of memory for n_vocab %d", (int)n_vocab);
+    tsr_set_err(err, err_len, "sampler: out of memory for n_vocab %d", (int)n_vocab);
     return -1;
 }
 

@@ -27,6 +27,7 @@
  * drain; grpc_completion_queue_destroy; grpc_shutdown.
  */
 #include "coordinator/server.h"
+#include "kernels/util.h"
 
 #include "health.pb-c.h"
 #include "tessera.pb-c.h"
@@ -180,17 +181,6 @@ struct tsr_server {
 };
 
 /* ---- small helpers ---- */
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 static int64_t now_ns(void)
 {
@@ -1425,18 +1415,18 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     *out = NULL;
     if (bound_port) *bound_port = 0;
     if (!engine || !vocab || !info) {
-        set_err(err, err_len, "tsr_server_start: engine, vocab and info are required");
+        tsr_set_err(err, err_len, "tsr_server_start: engine, vocab and info are required");
         return TSR_SERVER_EINVAL;
     }
     const char *listen = p && p->listen ? p->listen : TSR_SERVER_DEFAULT_LISTEN;
     if (!strchr(listen, ':')) {
-        set_err(err, err_len, "--listen needs HOST:PORT, got '%s'", listen);
+        tsr_set_err(err, err_len, "--listen needs HOST:PORT, got '%s'", listen);
         return TSR_SERVER_EINVAL;
     }
     int rc = TSR_SERVER_ENOMEM;
     tsr_server *s = calloc(1, sizeof *s);
     if (!s) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return TSR_SERVER_ENOMEM;
     }
     s->engine = engine;
@@ -1457,7 +1447,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     atomic_init(&s->stopping, false);
     bool mu_ok = false, pump_mu_ok = false, grpc_ok = false, started = false;
     if (!s->arch || (info->name && !s->name)) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         goto fail;
     }
     if (pthread_mutex_init(&s->mu, NULL) || pthread_cond_init(&s->cv, NULL)) goto fail_mem;
@@ -1490,7 +1480,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     int port = grpc_server_add_http2_port(s->srv, listen, creds);
     grpc_server_credentials_release(creds);
     if (port == 0) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "cannot listen on %s: the address is in use or not local (pick another "
                 "--listen, e.g. 127.0.0.1:0 for any free port)",
                 listen);
@@ -1500,7 +1490,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     grpc_server_start(s->srv);
     started = true;
     if (pthread_create(&s->pump_thread, NULL, pump_main, s) != 0) {
-        set_err(err, err_len, "cannot start the server's pump thread");
+        tsr_set_err(err, err_len, "cannot start the server's pump thread");
         rc = TSR_SERVER_ETHREAD;
         goto fail;
     }
@@ -1510,7 +1500,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
         pthread_cond_signal(&s->pump_cv);
         pthread_mutex_unlock(&s->pump_mu);
         pthread_join(s->pump_thread, NULL);
-        set_err(err, err_len, "cannot start the server's completion-queue thread");
+        tsr_set_err(err, err_len, "cannot start the server's completion-queue thread");
         rc = TSR_SERVER_ETHREAD;
         goto fail;
     }
@@ -1519,7 +1509,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     return TSR_SERVER_OK;
 
 fail_mem:
-    set_err(err, err_len, "out of memory starting the gRPC server");
+    tsr_set_err(err, err_len, "out of memory starting the gRPC server");
     rc = TSR_SERVER_ENOMEM;
 fail:
     if (s->srv) {
@@ -1605,7 +1595,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     int32_t left = s->n_calls;
     pthread_mutex_unlock(&s->mu);
     if (!done) {
-        set_err(err, err_len, "the gRPC server did not stop within %lld ms; leaving it",
+        tsr_set_err(err, err_len, "the gRPC server did not stop within %lld ms; leaving it",
                 (long long)wait_ms);
         return TSR_SERVER_ETIMEOUT;
     }
@@ -1616,7 +1606,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     pthread_mutex_unlock(&s->pump_mu);
     pthread_join(s->pump_thread, NULL);
     if (timed_out) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "%d call(s) still open %d ms after the grace period (an engine request never "
                 "finished?); the server's memory is left allocated",
                 left, HARD_EXTRA_MS);

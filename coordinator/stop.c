@@ -8,6 +8,7 @@
  * on each push covers only held + delta bytes.
  */
 #include "coordinator/stop.h"
+#include "kernels/util.h"
 
 #include <stdarg.h>
 #include <stdint.h>
@@ -17,15 +18,6 @@
 
 static const char tsr_stop_empty[1] = "";
 
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
 int tsr_stop_init(tsr_stop *st, const char *const *stops, size_t n_stops, char *err, size_t err_len)
 {
     memset(st, 0, sizeof *st);
@@ -33,7 +25,7 @@ int tsr_stop_init(tsr_stop *st, const char *const *stops, size_t n_stops, char *
     if (n_stops == 0) return 0;
     for (size_t i = 0; i < n_stops; i++) {
         if (!stops[i] || !stops[i][0]) {
-            set_err(err, err_len, "stop string %zu is %s; stop strings must be non-empty", i,
+            tsr_set_err(err, err_len, "stop string %zu is %s; stop strings must be non-empty", i,
                     stops[i] ? "empty" : "NULL");
             return -1;
         }
@@ -53,7 +45,7 @@ int tsr_stop_init(tsr_stop *st, const char *const *stops, size_t n_stops, char *
     return 0;
 oom:
     tsr_stop_free(st);
-    set_err(err, err_len, "stop strings: out of memory");
+    tsr_set_err(err, err_len, "stop strings: out of memory");
     return -1;
 }
 

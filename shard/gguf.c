@@ -7,6 +7,7 @@
  * allocated, so a corrupt count cannot make us allocate gigabytes or read past the end.
  */
 #include "shard/gguf.h"
+#include "kernels/util.h"
 
 #include "kernels/quant.h"
 
@@ -58,19 +59,10 @@ typedef struct {
     size_t err_len;
 } cursor;
 
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
 static bool cur_need(cursor *c, uint64_t n, const char *what)
 {
     if (n > c->size - c->pos) {
-        set_err(c->err, c->err_len,
+        tsr_set_err(c->err, c->err_len,
                 "truncated file: %s needs %" PRIu64 " bytes at offset %" PRIu64
                 " but the file has %" PRIu64 " bytes",
                 what, n, c->pos, c->size);
@@ -101,7 +93,7 @@ static bool cur_str(cursor *c, tsr_gguf_str *s, const char *what)
     uint64_t len;
     if (!cur_u64(c, &len, what)) return false;
     if (len > c->size - c->pos) {
-        set_err(c->err, c->err_len,
+        tsr_set_err(c->err, c->err_len,
                 "%s: string length %" PRIu64 " at offset %" PRIu64
                 " runs past the end of the file (%" PRIu64 " bytes)",
                 what, len, c->pos - 8, c->size);
@@ -146,7 +138,7 @@ static bool skip_value(cursor *c, tsr_gguf_vtype t, int depth, const char *what)
     if (sz) {
         if (!cur_need(c, sz, what)) return false;
         if (t == TSR_GGUF_BOOL && c->base[c->pos] > 1) {
-            set_err(c->err, c->err_len, "%s: bool value %u at offset %" PRIu64 " is not 0 or 1",
+            tsr_set_err(c->err, c->err_len, "%s: bool value %u at offset %" PRIu64 " is not 0 or 1",
                     what, c->base[c->pos], c->pos);
             return false;
         }
@@ -161,18 +153,18 @@ static bool skip_value(cursor *c, tsr_gguf_vtype t, int depth, const char *what)
         uint32_t et;
         uint64_t n;
         if (depth > 2) {
-            set_err(c->err, c->err_len, "%s: arrays nested deeper than 2 levels", what);
+            tsr_set_err(c->err, c->err_len, "%s: arrays nested deeper than 2 levels", what);
             return false;
         }
         if (!cur_u32(c, &et, what) || !cur_u64(c, &n, what)) return false;
         if (et >= TSR_GGUF_VTYPE_COUNT) {
-            set_err(c->err, c->err_len, "%s: invalid array element type %u", what, et);
+            tsr_set_err(c->err, c->err_len, "%s: invalid array element type %u", what, et);
             return false;
         }
         uint64_t esz = vtype_size((tsr_gguf_vtype)et);
         if (esz) {
             if (n > (c->size - c->pos) / esz) {
-                set_err(c->err, c->err_len,
+                tsr_set_err(c->err, c->err_len,
                         "%s: array of %" PRIu64 " %s runs past the end of the file", what, n,
                         tsr_gguf_vtype_name((tsr_gguf_vtype)et));
                 return false;
@@ -189,7 +181,7 @@ static bool skip_value(cursor *c, tsr_gguf_vtype t, int depth, const char *what)
             if (!skip_value(c, (tsr_gguf_vtype)et, depth + 1, what)) return false;
         return true;
     }
-    set_err(c->err, c->err_len, "%s: invalid value type %u", what, (unsigned)t);
+    tsr_set_err(c->err, c->err_len, "%s: invalid value type %u", what, (unsigned)t);
     return false;
 }
 
@@ -210,13 +202,13 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
 
     if (!cur_u32(&c, &magic, "magic")) return TSR_GGUF_ERR_FORMAT;
     if (memcmp(&magic, "GGUF", 4) != 0) {
-        set_err(err, err_len, "not a GGUF file: magic is %02x %02x %02x %02x, expected 'GGUF'",
+        tsr_set_err(err, err_len, "not a GGUF file: magic is %02x %02x %02x %02x, expected 'GGUF'",
                 g->base[0], g->base[1], g->base[2], g->base[3]);
         return TSR_GGUF_ERR_FORMAT;
     }
     if (!cur_u32(&c, &g->version, "version")) return TSR_GGUF_ERR_FORMAT;
     if (g->version != 2 && g->version != 3) {
-        set_err(err, err_len, "unsupported GGUF version %u (this reader supports 2 and 3)",
+        tsr_set_err(err, err_len, "unsupported GGUF version %u (this reader supports 2 and 3)",
                 g->version);
         return TSR_GGUF_ERR_FORMAT;
     }
@@ -225,12 +217,12 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     /* Each kv needs >= 8+0+4+1 bytes, each tensor info >= 8+4+8+4+8: bound the counts by the
      * file size before allocating anything. */
     if (n_kv > (g->size - c.pos) / 13) {
-        set_err(err, err_len, "metadata count %" PRIu64 " is impossible for a file of %" PRIu64
+        tsr_set_err(err, err_len, "metadata count %" PRIu64 " is impossible for a file of %" PRIu64
                               " bytes", n_kv, g->size);
         return TSR_GGUF_ERR_FORMAT;
     }
     if (n_tensors > (g->size - c.pos) / 32) {
-        set_err(err, err_len, "tensor count %" PRIu64 " is impossible for a file of %" PRIu64
+        tsr_set_err(err, err_len, "tensor count %" PRIu64 " is impossible for a file of %" PRIu64
                               " bytes", n_tensors, g->size);
         return TSR_GGUF_ERR_FORMAT;
     }
@@ -240,7 +232,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     /* Names total at most the file size plus one NUL each. */
     g->names = malloc(g->size + n_kv + n_tensors + 1);
     if (!g->kv || !g->tensors || !g->names) {
-        set_err(err, err_len, "out of memory indexing the GGUF header");
+        tsr_set_err(err, err_len, "out of memory indexing the GGUF header");
         return TSR_GGUF_ERR_NOMEM;
     }
     char *np = g->names;
@@ -253,7 +245,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         snprintf(what, sizeof what, "metadata %" PRIu64 " key", i);
         if (!cur_str(&c, &key, what)) return TSR_GGUF_ERR_FORMAT;
         if (!name_ok(&key)) {
-            set_err(err, err_len, "metadata %" PRIu64 ": key contains a NUL byte", i);
+            tsr_set_err(err, err_len, "metadata %" PRIu64 ": key contains a NUL byte", i);
             return TSR_GGUF_ERR_FORMAT;
         }
         memcpy(np, key.ptr, key.len);
@@ -263,13 +255,13 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         snprintf(what, sizeof what, "metadata %" PRIu64 " '%.200s'", i, kv->key);
         for (uint64_t j = 0; j < i; j++) {
             if (strcmp(g->kv[j].key, kv->key) == 0) {
-                set_err(err, err_len, "%s: duplicate key", what);
+                tsr_set_err(err, err_len, "%s: duplicate key", what);
                 return TSR_GGUF_ERR_FORMAT;
             }
         }
         if (!cur_u32(&c, &t, what)) return TSR_GGUF_ERR_FORMAT;
         if (t >= TSR_GGUF_VTYPE_COUNT) {
-            set_err(err, err_len, "%s: invalid value type %u", what, t);
+            tsr_set_err(err, err_len, "%s: invalid value type %u", what, t);
             return TSR_GGUF_ERR_FORMAT;
         }
         kv->type = (tsr_gguf_vtype)t;
@@ -280,7 +272,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
             cursor c2 = c;
             if (!cur_u32(&c2, &et, what) || !cur_u64(&c2, &n, what)) return TSR_GGUF_ERR_FORMAT;
             if (et >= TSR_GGUF_VTYPE_COUNT) {
-                set_err(err, err_len, "%s: invalid array element type %u", what, et);
+                tsr_set_err(err, err_len, "%s: invalid array element type %u", what, et);
                 return TSR_GGUF_ERR_FORMAT;
             }
             kv->elem_type = (tsr_gguf_vtype)et;
@@ -288,14 +280,14 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
             if (!vtype_size(kv->elem_type)) {
                 /* Variable-size elements: each takes >= 8 bytes; index them. */
                 if (n > (c2.size - c2.pos) / 8) {
-                    set_err(err, err_len,
+                    tsr_set_err(err, err_len,
                             "%s: array of %" PRIu64 " elements runs past the end of the file",
                             what, n);
                     return TSR_GGUF_ERR_FORMAT;
                 }
                 kv->elem_off = malloc((n ? n : 1) * sizeof *kv->elem_off);
                 if (!kv->elem_off) {
-                    set_err(err, err_len, "out of memory indexing %s", what);
+                    tsr_set_err(err, err_len, "out of memory indexing %s", what);
                     return TSR_GGUF_ERR_NOMEM;
                 }
                 for (uint64_t j = 0; j < n; j++) {
@@ -314,7 +306,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     if (ia >= 0) {
         int64_t a;
         if (!tsr_gguf_kv_int(g, ia, &a) || a <= 0 || a > (1 << 20) || (a & (a - 1)) != 0) {
-            set_err(err, err_len,
+            tsr_set_err(err, err_len,
                     "general.alignment must be an integer power of two (1..1048576)");
             return TSR_GGUF_ERR_FORMAT;
         }
@@ -327,7 +319,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         snprintf(what, sizeof what, "tensor %" PRIu64 " name", i);
         if (!cur_str(&c, &name, what)) return TSR_GGUF_ERR_FORMAT;
         if (!name_ok(&name) || name.len == 0) {
-            set_err(err, err_len, "tensor %" PRIu64 ": name is empty or contains a NUL byte", i);
+            tsr_set_err(err, err_len, "tensor %" PRIu64 ": name is empty or contains a NUL byte", i);
             return TSR_GGUF_ERR_FORMAT;
         }
         memcpy(np, name.ptr, name.len);
@@ -337,13 +329,13 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         snprintf(what, sizeof what, "tensor %" PRIu64 " '%.200s'", i, t->name);
         for (uint64_t j = 0; j < i; j++) {
             if (strcmp(g->tensors[j].name, t->name) == 0) {
-                set_err(err, err_len, "%s: duplicate tensor name", what);
+                tsr_set_err(err, err_len, "%s: duplicate tensor name", what);
                 return TSR_GGUF_ERR_FORMAT;
             }
         }
         if (!cur_u32(&c, &t->n_dims, what)) return TSR_GGUF_ERR_FORMAT;
         if (t->n_dims < 1 || t->n_dims > TSR_GGUF_MAX_DIMS) {
-            set_err(err, err_len, "%s: n_dims %u is not in 1..%d", what, t->n_dims,
+            tsr_set_err(err, err_len, "%s: n_dims %u is not in 1..%d", what, t->n_dims,
                     TSR_GGUF_MAX_DIMS);
             return TSR_GGUF_ERR_FORMAT;
         }
@@ -352,7 +344,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
             uint64_t ne = 1;
             if (d < t->n_dims && !cur_u64(&c, &ne, what)) return TSR_GGUF_ERR_FORMAT;
             if (ne == 0 || ne > (uint64_t)INT64_MAX || n_elems > (uint64_t)INT64_MAX / ne) {
-                set_err(err, err_len, "%s: dimension %u = %" PRIu64 " is zero or overflows", what,
+                tsr_set_err(err, err_len, "%s: dimension %u = %" PRIu64 " is zero or overflows", what,
                         d, ne);
                 return TSR_GGUF_ERR_FORMAT;
             }
@@ -362,7 +354,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         if (!cur_u32(&c, &t->type, what) || !cur_u64(&c, &t->offset, what))
             return TSR_GGUF_ERR_FORMAT;
         if (!tsr_type_supported(t->type)) {
-            set_err(err, err_len,
+            tsr_set_err(err, err_len,
                     "%s: tensor type %u (%s) is not supported (supported: F32, F16, BF16, "
                     "Q8_0, Q4_0, Q4_K, Q6_K)",
                     what, t->type, tsr_type_name(t->type));
@@ -370,19 +362,19 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         }
         int64_t blk = tsr_type_block_elems(t->type);
         if (t->ne[0] % blk != 0) {
-            set_err(err, err_len, "%s: row length %" PRId64 " is not a multiple of the %s block "
+            tsr_set_err(err, err_len, "%s: row length %" PRId64 " is not a multiple of the %s block "
                                   "size %" PRId64, what, t->ne[0], tsr_type_name(t->type), blk);
             return TSR_GGUF_ERR_FORMAT;
         }
         uint64_t row = tsr_row_bytes(t->type, t->ne[0]);
         uint64_t rows = n_elems / (uint64_t)t->ne[0];
         if (row == 0 || rows > UINT64_MAX / row) {
-            set_err(err, err_len, "%s: byte size overflows", what);
+            tsr_set_err(err, err_len, "%s: byte size overflows", what);
             return TSR_GGUF_ERR_FORMAT;
         }
         t->n_bytes = row * rows;
         if (t->offset % g->alignment != 0) {
-            set_err(err, err_len, "%s: offset %" PRIu64 " is not a multiple of the alignment %"
+            tsr_set_err(err, err_len, "%s: offset %" PRIu64 " is not a multiple of the alignment %"
                                   PRIu64, what, t->offset, g->alignment);
             return TSR_GGUF_ERR_FORMAT;
         }
@@ -393,7 +385,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     uint64_t pad = (g->alignment - c.pos % g->alignment) % g->alignment;
     g->data_off = c.pos + pad;
     if (n_tensors > 0 && g->data_off > g->size) {
-        set_err(err, err_len, "truncated file: data section would start at %" PRIu64
+        tsr_set_err(err, err_len, "truncated file: data section would start at %" PRIu64
                               " past the end of the file (%" PRIu64 " bytes)",
                 g->data_off, g->size);
         return TSR_GGUF_ERR_FORMAT;
@@ -402,7 +394,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         tsr_gguf_tensor *t = &g->tensors[i];
         uint64_t avail = g->size - g->data_off;
         if (t->offset > avail || t->n_bytes > avail - t->offset) {
-            set_err(err, err_len,
+            tsr_set_err(err, err_len,
                     "tensor %" PRId64 " '%.200s': data at offset %" PRIu64 " + %" PRIu64
                     " bytes runs past the end of the file (%" PRIu64 " bytes of data)",
                     i, t->name, t->offset, t->n_bytes, avail);
@@ -417,7 +409,7 @@ static int open_common(tsr_gguf *g, tsr_gguf **out, char *err, size_t err_len)
 {
     int rc;
     if (g->size < 24) {
-        set_err(err, err_len, "truncated file: %" PRIu64 " bytes is smaller than a GGUF header "
+        tsr_set_err(err, err_len, "truncated file: %" PRIu64 " bytes is smaller than a GGUF header "
                               "(24 bytes)", g->size);
         rc = TSR_GGUF_ERR_FORMAT;
         goto fail;
@@ -436,18 +428,18 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
     *out = NULL;
     tsr_gguf *g = calloc(1, sizeof *g);
     if (!g) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return TSR_GGUF_ERR_NOMEM;
     }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        set_err(err, err_len, "cannot open '%s': %s", path, strerror(errno));
+        tsr_set_err(err, err_len, "cannot open '%s': %s", path, strerror(errno));
         free(g);
         return TSR_GGUF_ERR_IO;
     }
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        set_err(err, err_len, "'%s' is not a regular file", path);
+        tsr_set_err(err, err_len, "'%s' is not a regular file", path);
         close(fd);
         free(g);
         return TSR_GGUF_ERR_IO;
@@ -457,7 +449,7 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
     if (g->size > 0) {
         void *p = mmap(NULL, g->size, PROT_READ, MAP_SHARED, fd, 0);
         if (p == MAP_FAILED) {
-            set_err(err, err_len, "cannot map '%s': %s", path, strerror(errno));
+            tsr_set_err(err, err_len, "cannot map '%s': %s", path, strerror(errno));
             close(fd);
             free(g);
             return TSR_GGUF_ERR_IO;
@@ -471,7 +463,7 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
         /* Prefix the path so a user knows which file is broken. */
         char tmp[512];
         snprintf(tmp, sizeof tmp, "%s", err);
-        set_err(err, err_len, "%s: %s", path, tmp);
+        tsr_set_err(err, err_len, "%s: %s", path, tmp);
     }
     return rc;
 }
@@ -481,7 +473,7 @@ int tsr_gguf_open_memory(const void *buf, size_t len, tsr_gguf **out, char *err,
     *out = NULL;
     tsr_gguf *g = calloc(1, sizeof *g);
     if (!g) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return TSR_GGUF_ERR_NOMEM;
     }
     g->base = buf;
@@ -921,7 +913,7 @@ int tsr_gguf_writer_save(tsr_gguf_writer *w, const char *path, char *err, size_t
         for (int d = 0; d < TSR_GGUF_MAX_DIMS; d++) n_el *= t->ne[d];
         size_t row = tsr_row_bytes(t->type, t->ne[0]);
         if (row == 0 || (uint64_t)row * (uint64_t)(n_el / t->ne[0]) != t->n_bytes) {
-            set_err(err, err_len, "tensor '%s': %" PRIu64 " bytes do not match type %s and shape",
+            tsr_set_err(err, err_len, "tensor '%s': %" PRIu64 " bytes do not match type %s and shape",
                     t->name, t->n_bytes, tsr_type_name(t->type));
             rc = TSR_GGUF_ERR_FORMAT;
             goto done;
@@ -937,13 +929,13 @@ int tsr_gguf_writer_save(tsr_gguf_writer *w, const char *path, char *err, size_t
     static const uint8_t zeros[64];
     while (h.n % align) buf_put(&h, zeros, 1);
     if (h.oom) {
-        set_err(err, err_len, "out of memory building the GGUF header");
+        tsr_set_err(err, err_len, "out of memory building the GGUF header");
         rc = TSR_GGUF_ERR_NOMEM;
         goto done;
     }
     f = fopen(path, "wb");
     if (!f) {
-        set_err(err, err_len, "cannot create '%s': %s", path, strerror(errno));
+        tsr_set_err(err, err_len, "cannot create '%s': %s", path, strerror(errno));
         rc = TSR_GGUF_ERR_IO;
         goto done;
     }
@@ -960,7 +952,7 @@ int tsr_gguf_writer_save(tsr_gguf_writer *w, const char *path, char *err, size_t
     }
     if (fclose(f) != 0) ok = false;
     if (!ok) {
-        set_err(err, err_len, "writing '%s' failed: %s", path, strerror(errno));
+        tsr_set_err(err, err_len, "writing '%s' failed: %s", path, strerror(errno));
         rc = TSR_GGUF_ERR_IO;
     }
 done:

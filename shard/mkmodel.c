@@ -1,5 +1,6 @@
 /* mkmodel.c — see mkmodel.h. */
 #include "shard/mkmodel.h"
+#include "kernels/util.h"
 
 #include "kernels/quant.h"
 #include "shard/gguf.h"
@@ -10,15 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 void tsr_mkmodel_params_default(tsr_mkmodel_params *p)
 {
@@ -132,7 +124,7 @@ static int add_matrix(mk_t *mk, const char *name, int64_t n_in, int64_t n_out, u
     if (!data || !tmp) {
         free(data);
         free(tmp);
-        set_err(mk->err, mk->err_len, "out of memory making %s", name);
+        tsr_set_err(mk->err, mk->err_len, "out of memory making %s", name);
         return -1;
     }
     for (int64_t r = 0; r < n_out; r++) {
@@ -143,7 +135,7 @@ static int add_matrix(mk_t *mk, const char *name, int64_t n_in, int64_t n_out, u
     int rc = tsr_gguf_writer_add_tensor(mk->w, name, t, 2, ne, data, n_bytes);
     free(data);
     free(tmp);
-    if (rc) set_err(mk->err, mk->err_len, "out of memory adding %s", name);
+    if (rc) tsr_set_err(mk->err, mk->err_len, "out of memory adding %s", name);
     return rc;
 }
 
@@ -170,27 +162,27 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     char name[128];
 
     if (!p->out_path || !p->vocab_from) {
-        set_err(err, err_len, "mkmodel needs an output path and a vocabulary GGUF");
+        tsr_set_err(err, err_len, "mkmodel needs an output path and a vocabulary GGUF");
         return -1;
     }
     if (parse_type(p->type, &type, &q4km) != 0) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "unknown type '%s' (use F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M)",
                 p->type);
         return -1;
     }
     if (p->n_layer < 1 || p->n_embd < 1 || p->n_head < 1 || p->n_head_kv < 1 || p->n_ff < 1 ||
         p->n_ctx < 1) {
-        set_err(err, err_len, "n_layer, n_embd, n_head, n_head_kv, n_ff and n_ctx must be >= 1");
+        tsr_set_err(err, err_len, "n_layer, n_embd, n_head, n_head_kv, n_ff and n_ctx must be >= 1");
         return -1;
     }
     if (p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0) {
-        set_err(err, err_len, "n_embd %d must be a multiple of n_head %d with an even head size",
+        tsr_set_err(err, err_len, "n_embd %d must be a multiple of n_head %d with an even head size",
                 p->n_embd, p->n_head);
         return -1;
     }
     if (p->n_head % p->n_head_kv != 0) {
-        set_err(err, err_len, "n_head %d must be a multiple of n_head_kv %d", p->n_head,
+        tsr_set_err(err, err_len, "n_head %d must be a multiple of n_head_kv %d", p->n_head,
                 p->n_head_kv);
         return -1;
     }
@@ -198,7 +190,7 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     int64_t itok = tsr_gguf_find_key(vg, "tokenizer.ggml.tokens");
     uint64_t n_vocab = 0;
     if (!tsr_gguf_kv_arr(vg, itok, NULL, &n_vocab) || n_vocab == 0 || n_vocab > INT32_MAX) {
-        set_err(err, err_len, "%s has no tokenizer.ggml.tokens array to copy", p->vocab_from);
+        tsr_set_err(err, err_len, "%s has no tokenizer.ggml.tokens array to copy", p->vocab_from);
         goto done;
     }
     mk.w = tsr_gguf_writer_new();
@@ -268,7 +260,7 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     rc = tsr_gguf_writer_save(w, p->out_path, err, err_len);
     goto done;
 oom:
-    set_err(err, err_len, "out of memory building the model");
+    tsr_set_err(err, err_len, "out of memory building the model");
     rc = -1;
 done:
     tsr_gguf_writer_free(mk.w);

@@ -6,6 +6,7 @@
  * numerical differences stay at float rounding level.
  */
 #include "worker/model.h"
+#include "kernels/util.h"
 
 #include "kernels/quant.h"
 
@@ -17,15 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 /* ---- loading ---- */
 
@@ -39,19 +31,19 @@ static int get_hp_int(const tsr_gguf *g, const char *arch, const char *name, int
     int64_t i = tsr_gguf_find_key(g, key);
     if (i < 0) {
         if (def < 0) {
-            set_err(err, err_len, "missing required metadata key '%s'", key);
+            tsr_set_err(err, err_len, "missing required metadata key '%s'", key);
             return -1;
         }
         *out = (int32_t)def;
         return 0;
     }
     if (!tsr_gguf_kv_int(g, i, &v)) {
-        set_err(err, err_len, "metadata key '%s' must be an integer, found %s", key,
+        tsr_set_err(err, err_len, "metadata key '%s' must be an integer, found %s", key,
                 tsr_gguf_vtype_name(tsr_gguf_kv_type(g, i)));
         return -1;
     }
     if (v < 1 || v > max) {
-        set_err(err, err_len, "metadata key '%s' = %" PRId64 " is out of range (1..%" PRId64 ")",
+        tsr_set_err(err, err_len, "metadata key '%s' = %" PRId64 " is out of range (1..%" PRId64 ")",
                 key, v, max);
         return -1;
     }
@@ -71,7 +63,7 @@ static int get_hp_float(const tsr_gguf *g, const char *arch, const char *name, d
         return 0;
     }
     if (!tsr_gguf_kv_float(g, i, &v) || !isfinite(v)) {
-        set_err(err, err_len, "metadata key '%s' must be a finite float", key);
+        tsr_set_err(err, err_len, "metadata key '%s' must be a finite float", key);
         return -1;
     }
     *out = (float)v;
@@ -85,13 +77,13 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     const tsr_gguf_tensor *t = tsr_gguf_find_tensor(m->gguf, name);
     if (!t) {
         if (optional) return 1;
-        set_err(err, err_len, "missing tensor '%s'", name);
+        tsr_set_err(err, err_len, "missing tensor '%s'", name);
         return -1;
     }
     int64_t rest = 1;
     for (uint32_t d = 2; d < TSR_GGUF_MAX_DIMS; d++) rest *= t->ne[d];
     if (t->ne[0] != n_in || t->ne[1] != n_out || rest != 1) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "tensor '%s' has shape [%" PRId64 ", %" PRId64 "], expected [%" PRId64
                 ", %" PRId64 "] from the model's hyperparameters",
                 name, t->ne[0], t->ne[1], n_in, n_out);
@@ -113,17 +105,17 @@ static int bind_vec(tsr_model *m, const char *name, int64_t n, float **out, char
 {
     const tsr_gguf_tensor *t = tsr_gguf_find_tensor(m->gguf, name);
     if (!t) {
-        set_err(err, err_len, "missing tensor '%s'", name);
+        tsr_set_err(err, err_len, "missing tensor '%s'", name);
         return -1;
     }
     if (t->ne[0] != n || t->ne[1] * t->ne[2] * t->ne[3] != 1) {
-        set_err(err, err_len, "tensor '%s' has %" PRId64 " values, expected %" PRId64, name,
+        tsr_set_err(err, err_len, "tensor '%s' has %" PRId64 " values, expected %" PRId64, name,
                 t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3], n);
         return -1;
     }
     *out = malloc((size_t)n * sizeof(float));
     if (!*out) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     tsr_dequant_row(t->type, t->data, *out, n);
@@ -157,11 +149,11 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
     tsr_gguf_str s;
     memset(hp, 0, sizeof *hp);
     if (!tsr_gguf_get_str(g, "general.architecture", &s)) {
-        set_err(err, err_len, "missing metadata key 'general.architecture' (string)");
+        tsr_set_err(err, err_len, "missing metadata key 'general.architecture' (string)");
         return -1;
     }
     if (s.len != 5 || memcmp(s.ptr, "llama", 5) != 0) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "unsupported architecture '%.*s': Tessera runs 'llama' models (Llama, "
                 "TinyLlama, Mistral-style GQA)",
                 (int)(s.len > 40 ? 40 : s.len), s.ptr);
@@ -176,12 +168,12 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
         get_hp_int(g, arch, "context_length", 2048, 1 << 24, &hp->n_ctx_train, err, err_len))
         return -1;
     if (hp->n_embd % hp->n_head != 0) {
-        set_err(err, err_len, "embedding_length %d is not divisible by head_count %d",
+        tsr_set_err(err, err_len, "embedding_length %d is not divisible by head_count %d",
                 hp->n_embd, hp->n_head);
         return -1;
     }
     if (hp->n_head % hp->n_head_kv != 0) {
-        set_err(err, err_len, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
+        tsr_set_err(err, err_len, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
                 hp->n_head_kv);
         return -1;
     }
@@ -191,7 +183,7 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
                    err_len))
         return -1;
     if (hp->n_rot % 2 != 0) {
-        set_err(err, err_len, "rope.dimension_count %d must be even", hp->n_rot);
+        tsr_set_err(err, err_len, "rope.dimension_count %d must be even", hp->n_rot);
         return -1;
     }
     if (get_hp_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5, &hp->rms_eps, err,
@@ -199,7 +191,7 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
         get_hp_float(g, arch, "rope.freq_base", 10000.0, &hp->rope_freq_base, err, err_len))
         return -1;
     if (!(hp->rms_eps > 0.0f) || !(hp->rope_freq_base > 0.0f)) {
-        set_err(err, err_len, "rms epsilon and rope.freq_base must be > 0");
+        tsr_set_err(err, err_len, "rms epsilon and rope.freq_base must be > 0");
         return -1;
     }
     hp->rope_freq_scale = 1.0f;
@@ -209,7 +201,7 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
     bool has_type = tsr_gguf_get_str(g, name, &st);
     if (get_hp_float(g, arch, "rope.scaling.factor", 1.0, &factor, err, err_len)) return -1;
     if (!(factor > 0.0f)) {
-        set_err(err, err_len, "%s.rope.scaling.factor must be > 0", arch);
+        tsr_set_err(err, err_len, "%s.rope.scaling.factor must be > 0", arch);
         return -1;
     }
     if (has_type && st.len == 6 && memcmp(st.ptr, "linear", 6) == 0)
@@ -220,12 +212,12 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
     /* Vocabulary size: the embedding's row count is the truth for the forward pass. */
     const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
     if (!te) {
-        set_err(err, err_len, "missing tensor 'token_embd.weight' (is this a vocabulary-only "
+        tsr_set_err(err, err_len, "missing tensor 'token_embd.weight' (is this a vocabulary-only "
                               "GGUF? 'tessera tokenize' works on those)");
         return -1;
     }
     if (te->ne[1] < 1 || te->ne[1] > INT32_MAX) {
-        set_err(err, err_len, "token_embd.weight has an invalid row count");
+        tsr_set_err(err, err_len, "token_embd.weight has an invalid row count");
         return -1;
     }
     hp->n_vocab = (int32_t)te->ne[1];
@@ -263,7 +255,7 @@ static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
     }
     int64_t blk = tsr_type_block_elems(full.type);
     if (c0 % blk != 0 || c1 % blk != 0) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "%s is %s (blocks of %" PRId64 " values): columns %" PRId64 "..%" PRId64
                 " cut a block; choose a tensor-parallel size whose slices fall on block "
                 "boundaries",
@@ -277,7 +269,7 @@ static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
     if (!buf || !owned) {
         free(buf);
         if (owned) m->owned = owned;
-        set_err(err, err_len, "out of memory copying %s", name);
+        tsr_set_err(err, err_len, "out of memory copying %s", name);
         return -1;
     }
     m->owned = owned;
@@ -287,7 +279,7 @@ static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
     for (int64_t r = 0; r < n_out; r++) {
         if (tsr_gguf_pread(m->gguf, base + (uint64_t)r * full.row_bytes + off,
                            buf + (size_t)r * piece, piece) != 0) {
-            set_err(err, err_len, "reading %s from the file failed", name);
+            tsr_set_err(err, err_len, "reading %s from the file failed", name);
             return -1;
         }
     }
@@ -324,7 +316,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     *out = NULL;
     tsr_model *m = calloc(1, sizeof *m);
     if (!m) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     m->gguf = g;
@@ -343,7 +335,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
         !range_ok(sh->vocab_begin, sh->vocab_end, hp->n_vocab) ||
         sh->head_begin / group < sh->kv_head_begin ||
         (sh->head_end - 1) / group >= sh->kv_head_end) {
-        set_err(err, err_len, "invalid shard for this model (layers %d-%d, heads %d-%d, kv heads "
+        tsr_set_err(err, err_len, "invalid shard for this model (layers %d-%d, heads %d-%d, kv heads "
                               "%d-%d, ff %d-%d, vocab %d-%d)",
                 sh->layer_begin, sh->layer_end, sh->head_begin, sh->head_end, sh->kv_head_begin,
                 sh->kv_head_end, sh->ff_begin, sh->ff_end, sh->vocab_begin, sh->vocab_end);
@@ -354,7 +346,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     m->n_layer_local = sh->layer_end - sh->layer_begin;
 
     if (m->last_stage && sh->vocab_begin == sh->vocab_end) {
-        set_err(err, err_len, "the last stage needs a vocabulary slice");
+        tsr_set_err(err, err_len, "the last stage needs a vocabulary slice");
         goto fail;
     }
     const tsr_gguf_tensor *rf = tsr_gguf_find_tensor(g, "rope_freqs.weight");
@@ -438,7 +430,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     *out = m;
     return 0;
 oom:
-    set_err(err, err_len, "out of memory");
+    tsr_set_err(err, err_len, "out of memory");
 fail:
     tsr_model_free(m);
     return -1;
@@ -506,11 +498,11 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     const tsr_hparams *hp = &m->hp;
     const tsr_shard *sh = &m->shard;
     if (n_threads < 1 || n_threads > 256) {
-        set_err(err, err_len, "thread count %d is out of range (1..256)", n_threads);
+        tsr_set_err(err, err_len, "thread count %d is out of range (1..256)", n_threads);
         return -1;
     }
     if (n_kv_blocks < 1 || n_batch < 1) {
-        set_err(err, err_len, "a context needs at least one KV block and a batch of one token");
+        tsr_set_err(err, err_len, "a context needs at least one KV block and a batch of one token");
         return -1;
     }
     tsr_ctx *c = calloc(1, sizeof *c);
@@ -565,7 +557,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     *out = c;
     return 0;
 oom:
-    set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens)",
+    tsr_set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens)",
             n_kv_blocks, TSR_KV_BLOCK_SIZE);
     tsr_ctx_free(c);
     return -1;
@@ -592,7 +584,7 @@ int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_thread
     if (!c->ident_table) {
         tsr_ctx_free(c);
         *out = NULL;
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     for (int32_t i = 0; i < n_blocks; i++) c->ident_table[i] = i;
@@ -680,20 +672,13 @@ static void attn_run(void *arg, int ith, int nth)
     }
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* Sum partial results over the tensor-parallel group (no-op without one). */
 static int tp_allreduce(tsr_ctx *c, float *buf, size_t n, char *err, size_t err_len)
 {
     if (!c->tp || c->tp->size <= 1) return 0;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = tsr_now_ns();
     int rc = tsr_comm_allreduce_sum_f32(c->tp, buf, n, err, err_len);
-    c->t_comm_ns += now_ns() - t0;
+    c->t_comm_ns += tsr_now_ns() - t0;
     return rc;
 }
 
@@ -701,23 +686,23 @@ static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t e
 {
     const tsr_hparams *hp = &c->m->hp;
     if (b->n_tokens < 1 || b->n_tokens > c->n_batch) {
-        set_err(err, err_len, "a batch holds 1..%d tokens, got %d", c->n_batch, b->n_tokens);
+        tsr_set_err(err, err_len, "a batch holds 1..%d tokens, got %d", c->n_batch, b->n_tokens);
         return -1;
     }
     for (int32_t i = 0; i < b->n_tokens; i++) {
         if (c->m->first_stage && (b->tokens[i] < 0 || b->tokens[i] >= hp->n_vocab)) {
-            set_err(err, err_len, "token id %d at index %d is out of range (vocabulary has %d)",
+            tsr_set_err(err, err_len, "token id %d at index %d is out of range (vocabulary has %d)",
                     b->tokens[i], i, hp->n_vocab);
             return -1;
         }
         int32_t s = b->seq[i];
         if (s < 0 || s >= b->n_seqs) {
-            set_err(err, err_len, "token %d names sequence %d of %d", i, s, b->n_seqs);
+            tsr_set_err(err, err_len, "token %d names sequence %d of %d", i, s, b->n_seqs);
             return -1;
         }
         int32_t p = b->pos[i];
         if (p < 0 || p / TSR_KV_BLOCK_SIZE >= b->n_blocks[s] || p >= c->max_pos) {
-            set_err(err, err_len,
+            tsr_set_err(err, err_len,
                     "position %d of sequence %d is beyond its %d KV blocks (context full: the "
                     "prompt plus generated tokens must fit the context)",
                     p, s, b->n_blocks[s]);
@@ -726,7 +711,7 @@ static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t e
         for (int32_t k = 0; k <= p / TSR_KV_BLOCK_SIZE; k++) {
             int32_t blk = b->block_tables[s][k];
             if (blk < 0 || blk >= c->n_kv_blocks) {
-                set_err(err, err_len, "sequence %d uses KV block %d of a pool of %d", s, blk,
+                tsr_set_err(err, err_len, "sequence %d uses KV block %d of a pool of %d", s, blk,
                         c->n_kv_blocks);
                 return -1;
             }
@@ -748,7 +733,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
     const int64_t n_ff = sh->ff_end - sh->ff_begin;
     if (check_batch(c, b, err, err_len) != 0) return -1;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = tsr_now_ns();
     c->b = b;
 
     if (m->first_stage) {
@@ -820,7 +805,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
     }
     c->b = NULL;
-    c->t_forward_ns += now_ns() - t0;
+    c->t_forward_ns += tsr_now_ns() - t0;
     return 0;
 fail:
     c->b = NULL;
@@ -832,22 +817,22 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
 {
     const tsr_model *m = c->m;
     if (!m->first_stage || !m->last_stage || !c->ident_table) {
-        set_err(err, err_len, "tsr_forward needs the whole model in a single-sequence context");
+        tsr_set_err(err, err_len, "tsr_forward needs the whole model in a single-sequence context");
         return -1;
     }
     if (n <= 0) {
-        set_err(err, err_len, "forward needs at least one token");
+        tsr_set_err(err, err_len, "forward needs at least one token");
         return -1;
     }
     if (pos0 < 0 || n > c->n_ctx - pos0) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "positions %d..%d exceed the context size %d (the prompt plus generated "
                 "tokens must fit; use a larger context or a shorter prompt)",
                 pos0, pos0 + n - 1, c->n_ctx);
         return -1;
     }
     if (all_logits && n > c->n_batch) {
-        set_err(err, err_len, "all_logits needs n (%d) <= n_batch (%d)", n, c->n_batch);
+        tsr_set_err(err, err_len, "all_logits needs n (%d) <= n_batch (%d)", n, c->n_batch);
         return -1;
     }
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)c->n_batch);
@@ -857,7 +842,7 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
         free(pos);
         free(seq);
         free(want);
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     const int32_t *tables[1] = {c->ident_table};

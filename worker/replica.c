@@ -6,6 +6,7 @@
  * pos[n_tokens], seq[n_tokens], want[n_tokens], n_blocks[n_seqs], tables (concatenated).
  */
 #include "worker/replica.h"
+#include "kernels/util.h"
 
 #include "kernels/quant.h"
 
@@ -44,22 +45,6 @@ struct tsr_replica {
     tsr_rank_stats st;
 };
 
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 bool tsr_replica_is_leader(const tsr_replica *r) { return r->rank == 0; }
 int tsr_replica_rank(const tsr_replica *r) { return r->rank; }
 int tsr_replica_size(const tsr_replica *r) { return r->size; }
@@ -95,7 +80,7 @@ static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_mo
             snprintf(name, sizeof name, "blk.%d.%s.weight", l, names[k]);
             const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, name);
             if (!t) {
-                set_err(err, err_len, "missing tensor '%s'", name);
+                tsr_set_err(err, err_len, "missing tensor '%s'", name);
                 return -1;
             }
             /* Keep the type with the largest block: it constrains splits the most. */
@@ -128,12 +113,12 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     *out = NULL;
     tsr_replica *r = calloc(1, sizeof *r);
     if (!r) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     r->p = *p;
     if (r->p.tp < 1 || r->p.pp < 1 || (int64_t)r->p.tp * r->p.pp > TSR_PLAN_MAX_RANKS) {
-        set_err(err, err_len, "--tp and --pp must be >= 1 with tp × pp <= %d",
+        tsr_set_err(err, err_len, "--tp and --pp must be >= 1 with tp × pp <= %d",
                 TSR_PLAN_MAX_RANKS);
         goto fail;
     }
@@ -145,7 +130,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
         r->mpi = true;
     } else {
         if (want > 1) {
-            set_err(err, err_len,
+            tsr_set_err(err, err_len,
                     "--tp %d --pp %d needs %d ranks: start it with 'mpirun -np %d tessera ...' "
                     "(or srun -n %d under Slurm)",
                     r->p.tp, r->p.pp, want, want, want);
@@ -157,7 +142,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->rank = r->world->rank;
     r->size = r->world->size;
     if (r->size != want) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "the MPI job has %d ranks but --tp %d --pp %d needs %d: use mpirun -np %d, or "
                 "change --tp/--pp",
                 r->size, r->p.tp, r->p.pp, want, want);
@@ -171,7 +156,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     tsr_hparams hp;
     if (tsr_model_read_hparams(r->g, &hp, err, err_len) != 0) goto fail;
     if (tsr_vocab_n_tokens(r->vocab) != hp.n_vocab) {
-        set_err(err, err_len, "the vocabulary has %d tokens but token_embd.weight has %d rows",
+        tsr_set_err(err, err_len, "the vocabulary has %d tokens but token_embd.weight has %d rows",
                 tsr_vocab_n_tokens(r->vocab), hp.n_vocab);
         goto fail;
     }
@@ -218,7 +203,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->displs = calloc((size_t)r->p.tp, sizeof(size_t));
     if (!r->logits_slice || !r->logits_gather || !r->logits || !r->counts || !r->displs ||
         !r->want) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         goto fail;
     }
     r->st.rank = r->rank;
@@ -231,7 +216,7 @@ fail:
     if (r->world && r->world->size > 1 && err && err_len) {
         char tmp[512];
         snprintf(tmp, sizeof tmp, "%s", err);
-        set_err(err, err_len, "rank %d: %s", r->world->rank, tmp);
+        tsr_set_err(err, err_len, "rank %d: %s", r->world->rank, tmp);
     }
     tsr_replica_close(r);
     return -1;
@@ -287,14 +272,14 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const int32_t *n_blocks = want32 + n;
     const int32_t *tab = n_blocks + n_seqs;
     if (n > tsr_ctx_n_batch(r->ctx)) {
-        set_err(err, err_len, "step of %d tokens exceeds the batch size %d", n,
+        tsr_set_err(err, err_len, "step of %d tokens exceeds the batch size %d", n,
                 tsr_ctx_n_batch(r->ctx));
         return -1;
     }
     if (n_seqs > r->tables_cap) {
         const int32_t **t = realloc(r->tables, sizeof(*t) * (size_t)n_seqs);
         if (!t) {
-            set_err(err, err_len, "out of memory");
+            tsr_set_err(err, err_len, "out of memory");
             return -1;
         }
         r->tables = t;
@@ -304,7 +289,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     uint8_t *want = r->want;
     for (int32_t s = 0, off = 0; s < n_seqs; s++) {
         if (n_blocks[s] < 0 || off + n_blocks[s] > h[3]) {
-            set_err(err, err_len, "malformed block tables in the step descriptor");
+            tsr_set_err(err, err_len, "malformed block tables in the step descriptor");
             return -1;
         }
         tables[s] = tab + off;
@@ -323,7 +308,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const size_t V = (size_t)r->m->hp.n_vocab;
     float *x = tsr_ctx_hidden(r->ctx);
     const int last = r->p.pp - 1;
-    uint64_t t0 = now_ns(), c0 = comm_ns(r), fc0 = tsr_ctx_comm_ns(r->ctx);
+    uint64_t t0 = tsr_now_ns(), c0 = comm_ns(r), fc0 = tsr_ctx_comm_ns(r->ctx);
 
     /* Pipeline micro-batches: with pp stages and several sequences in the step, the batch
      * is cut at sequence boundaries into up to pp parts of similar size. Each stage runs
@@ -412,7 +397,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
                           TAG_LOGITS, err, err_len) != 0)
             return -1;
     }
-    uint64_t dt = now_ns() - t0;
+    uint64_t dt = tsr_now_ns() - t0;
     uint64_t dc = (comm_ns(r) - c0) + (tsr_ctx_comm_ns(r->ctx) - fc0);
     /* tp all-reduces are timed by the ctx AND counted by the tp comm: count them once. */
     if (r->tp_comm) dc -= (tsr_ctx_comm_ns(r->ctx) - fc0);
@@ -429,12 +414,12 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
                         const float **logits, char *err, size_t err_len)
 {
     if (r->rank != 0) {
-        set_err(err, err_len, "only the leader drives the replica");
+        tsr_set_err(err, err_len, "only the leader drives the replica");
         return -1;
     }
     const int32_t n_ctx = r->n_ctx;
     if (n <= 0 || pos0 < 0 || n > n_ctx - pos0) {
-        set_err(err, err_len,
+        tsr_set_err(err, err_len,
                 "positions %d..%d exceed the context size %d (the prompt plus generated tokens "
                 "must fit; raise --ctx-size or shorten the prompt)",
                 pos0, pos0 + n - 1, n_ctx);
@@ -446,7 +431,7 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
         int32_t k = n - done < nb ? n - done : nb;
         size_t n_ints = HDR_INTS + 4 * (size_t)k + 1 + (size_t)n_tab;
         if (wire_reserve(r, n_ints) != 0) {
-            set_err(err, err_len, "out of memory");
+            tsr_set_err(err, err_len, "out of memory");
             return -1;
         }
         int32_t *w = r->wire;
@@ -487,11 +472,11 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
                      size_t err_len)
 {
     if (r->rank != 0) {
-        set_err(err, err_len, "only the leader drives the replica");
+        tsr_set_err(err, err_len, "only the leader drives the replica");
         return -1;
     }
     if (b->n_tokens < 1 || b->n_tokens > tsr_ctx_n_batch(r->ctx) || b->n_seqs < 1) {
-        set_err(err, err_len, "a step needs 1..%d tokens and at least one sequence",
+        tsr_set_err(err, err_len, "a step needs 1..%d tokens and at least one sequence",
                 tsr_ctx_n_batch(r->ctx));
         return -1;
     }
@@ -500,7 +485,7 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
     const int32_t n = b->n_tokens;
     size_t n_ints = HDR_INTS + 4 * (size_t)n + (size_t)b->n_seqs + n_tab;
     if (wire_reserve(r, n_ints) != 0) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     int32_t *w = r->wire;
@@ -550,12 +535,12 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
             continue;
         }
         if (op != OP_STEP) {
-            set_err(err, err_len, "unknown step op %d from the leader", op);
+            tsr_set_err(err, err_len, "unknown step op %d from the leader", op);
             return -1;
         }
         int32_t n = r->wire[1], n_seqs = r->wire[2], n_tab = r->wire[3];
         if (n < 1 || n_seqs < 1 || n_tab < 0 || n > 1 << 20 || n_tab > 1 << 24) {
-            set_err(err, err_len, "malformed step descriptor from the leader");
+            tsr_set_err(err, err_len, "malformed step descriptor from the leader");
             return -1;
         }
         size_t n_ints = HDR_INTS + 4 * (size_t)n + (size_t)n_seqs + (size_t)n_tab;
@@ -566,7 +551,7 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
         if (run_step(r, err, err_len) != 0) return -1;
     }
 oom:
-    set_err(err, err_len, "out of memory");
+    tsr_set_err(err, err_len, "out of memory");
     return -1;
 }
 
@@ -587,7 +572,7 @@ int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err
     }
     tsr_rank_stats *all = malloc(sizeof(tsr_rank_stats) * (size_t)r->size);
     if (!all) {
-        set_err(err, err_len, "out of memory");
+        tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     int rc = tsr_comm_allgather(r->world, &r->st, all, sizeof(tsr_rank_stats), err, err_len);
@@ -599,7 +584,7 @@ int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err
 int tsr_replica_poll_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err_len)
 {
     if (r->rank != 0) {
-        set_err(err, err_len, "only the leader polls the ranks");
+        tsr_set_err(err, err_len, "only the leader polls the ranks");
         return -1;
     }
     if (r->size > 1) {
