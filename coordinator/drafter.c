@@ -127,8 +127,8 @@ int tsr_drafter_ngram_new(int32_t min_n, int32_t max_n, tsr_drafter **out, char 
     *out = NULL;
     if (min_n < 1 || max_n < min_n) {
         tsr_set_err(err, err_len,
-                "ngram drafter: n-gram sizes %d..%d are invalid (need 1 <= min <= max)", min_n,
-                max_n);
+                    "ngram drafter: n-gram sizes %d..%d are invalid (need 1 <= min <= max)", min_n,
+                    max_n);
         return -1;
     }
     tsr_drafter_ngram *g = malloc(sizeof *g);
@@ -474,20 +474,21 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
     tsr_gguf_str dmod, tmod;
     if (!tsr_gguf_get_str(tg, "tokenizer.ggml.model", &tmod)) {
         tsr_set_err(err, err_len,
-                "the target has no tokenizer.ggml.model: cannot check the draft "
-                "vocabulary");
+                    "the target has no tokenizer.ggml.model: cannot check the draft "
+                    "vocabulary");
         return -1;
     }
     if (!tsr_gguf_get_str(dg, "tokenizer.ggml.model", &dmod)) {
         tsr_set_err(err, err_len,
-                "%s: the draft vocabulary has no tokenizer.ggml.model (the "
-                "target's is '%.*s')",
-                path, tsr_drafter_str_len(&tmod), tmod.ptr);
+                    "%s: the draft vocabulary has no tokenizer.ggml.model (the "
+                    "target's is '%.*s')",
+                    path, tsr_drafter_str_len(&tmod), tmod.ptr);
         return -1;
     }
     if (dmod.len != tmod.len || memcmp(dmod.ptr, tmod.ptr, dmod.len) != 0) {
-        tsr_set_err(err, err_len, "%s: the draft vocabulary is of type '%.*s', the target's is '%.*s'",
-                path, tsr_drafter_str_len(&dmod), dmod.ptr, tsr_drafter_str_len(&tmod), tmod.ptr);
+        tsr_set_err(err, err_len,
+                    "%s: the draft vocabulary is of type '%.*s', the target's is '%.*s'", path,
+                    tsr_drafter_str_len(&dmod), dmod.ptr, tsr_drafter_str_len(&tmod), tmod.ptr);
         return -1;
     }
     int64_t dk = tsr_gguf_find_key(dg, "tokenizer.ggml.tokens");
@@ -496,32 +497,34 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
     uint64_t dn = 0, tn = 0;
     if (tk < 0 || !tsr_gguf_kv_arr(tg, tk, &tet, &tn) || tet != TSR_GGUF_STRING) {
         tsr_set_err(err, err_len,
-                "the target has no tokenizer.ggml.tokens string array: cannot "
-                "check the draft vocabulary");
+                    "the target has no tokenizer.ggml.tokens string array: cannot "
+                    "check the draft vocabulary");
         return -1;
     }
     if (dk < 0 || !tsr_gguf_kv_arr(dg, dk, &det, &dn) || det != TSR_GGUF_STRING) {
-        tsr_set_err(err, err_len, "%s: the draft vocabulary has no tokenizer.ggml.tokens string array",
-                path);
+        tsr_set_err(err, err_len,
+                    "%s: the draft vocabulary has no tokenizer.ggml.tokens string array", path);
         return -1;
     }
     if (dn != tn) {
         tsr_set_err(err, err_len,
-                "%s: the draft vocabulary has %" PRIu64 " tokens, the target's has %" PRIu64, path,
-                dn, tn);
+                    "%s: the draft vocabulary has %" PRIu64 " tokens, the target's has %" PRIu64,
+                    path, dn, tn);
         return -1;
     }
     for (uint64_t j = 0; j < tn; j++) {
         tsr_gguf_str ds, ts;
         if (!tsr_gguf_arr_str(dg, dk, j, &ds) || !tsr_gguf_arr_str(tg, tk, j, &ts)) {
-            tsr_set_err(err, err_len, "%s: token %" PRIu64 " of the vocabulary is unreadable", path, j);
+            tsr_set_err(err, err_len, "%s: token %" PRIu64 " of the vocabulary is unreadable", path,
+                        j);
             return -1;
         }
         if (ds.len != ts.len || memcmp(ds.ptr, ts.ptr, ds.len) != 0) {
             tsr_set_err(err, err_len,
-                    "%s: the draft vocabulary differs from the target's at token %" PRIu64
-                    ": '%.*s' vs '%.*s'",
-                    path, j, tsr_drafter_str_len(&ds), ds.ptr, tsr_drafter_str_len(&ts), ts.ptr);
+                        "%s: the draft vocabulary differs from the target's at token %" PRIu64
+                        ": '%.*s' vs '%.*s'",
+                        path, j, tsr_drafter_str_len(&ds), ds.ptr, tsr_drafter_str_len(&ts),
+                        ts.ptr);
             return -1;
         }
     }
@@ -535,12 +538,12 @@ static int tsr_drafter_vocab_check(const char *path, const tsr_gguf *dg, const t
     }
     if (tsr_vocab_bos(dv) != tsr_vocab_bos(tv)) {
         tsr_set_err(err, err_len, "%s: the draft vocabulary's BOS token is %d, the target's is %d",
-                path, tsr_vocab_bos(dv), tsr_vocab_bos(tv));
+                    path, tsr_vocab_bos(dv), tsr_vocab_bos(tv));
         goto done;
     }
     if (tsr_vocab_eos(dv) != tsr_vocab_eos(tv)) {
         tsr_set_err(err, err_len, "%s: the draft vocabulary's EOS token is %d, the target's is %d",
-                path, tsr_vocab_eos(dv), tsr_vocab_eos(tv));
+                    path, tsr_vocab_eos(dv), tsr_vocab_eos(tv));
         goto done;
     }
     rc = 0;

@@ -26,7 +26,7 @@
 #include "coordinator/sampler.h"
 #include "worker/replica.h"
 
-#define TSR_ENGINE_OK           0
+#define TSR_ENGINE_OK          0
 #define TSR_ENGINE_EINVAL      -1 /* bad parameters (message names the field) */
 #define TSR_ENGINE_EQUEUE_FULL -2 /* the waiting queue is at --max-queue */
 #define TSR_ENGINE_EDRAINING   -3 /* draining or shutting down: no new requests */
@@ -81,32 +81,32 @@ typedef void (*tsr_event_fn)(void *ud, const tsr_event *ev);
 typedef struct {
     const int32_t *prompt_ids; /* copied by submit */
     size_t n_prompt;
-    tsr_gen_params gen;        /* max_tokens, sampling, stop strings (copied), ... */
-    int32_t logprobs;          /* 0: none; n > 0: top-n per token (<= 20) */
-    int64_t deadline_ns;       /* CLOCK_MONOTONIC absolute; 0 = none */
-    int32_t speculation;       /* -1: the server's default; 0: off; 1: auto (when the
-                                  engine has a drafter; not with logprobs) */
+    tsr_gen_params gen;  /* max_tokens, sampling, stop strings (copied), ... */
+    int32_t logprobs;    /* 0: none; n > 0: top-n per token (<= 20) */
+    int64_t deadline_ns; /* CLOCK_MONOTONIC absolute; 0 = none */
+    int32_t speculation; /* -1: the server's default; 0: off; 1: auto (when the
+                            engine has a drafter; not with logprobs) */
     tsr_event_fn on_event;
     void *ud;
 } tsr_engine_request;
 
 typedef struct {
-    int32_t max_batch_tokens; /* token budget of one step (default 256) */
-    int32_t max_seqs;         /* sequences running at once (default 64) */
-    int32_t max_queue;        /* waiting requests before RESOURCE_EXHAUSTED (default 256) */
-    int32_t n_kv_blocks;      /* KV pool size in blocks (from --kv-memory) */
+    int32_t max_batch_tokens;  /* token budget of one step (default 256) */
+    int32_t max_seqs;          /* sequences running at once (default 64) */
+    int32_t max_queue;         /* waiting requests before RESOURCE_EXHAUSTED (default 256) */
+    int32_t n_kv_blocks;       /* KV pool size in blocks (from --kv-memory) */
     int64_t idle_heartbeat_ms; /* leader → followers keep-alive when idle (default 1000) */
     /* Speculative decoding (NULL drafter: off). Borrowed; must outlive the engine. */
     tsr_drafter *drafter;
-    int32_t spec_k;           /* cap on draft tokens per step (default 4) */
-    int32_t spec_max_batch;   /* speculate only while at most this many sequences decode
-                                 (default 4): beyond, the batch already fills the step and
-                                 verification would cost more than it saves */
-    bool spec_default_on;     /* requests with speculation -1 speculate (default true) */
-    bool spec_no_probe;       /* false (default): auto mode measures the time per generated
-                                 token of decode steps with and without drafts and keeps the
-                                 faster (re-probing the other every 40 steps); true: always
-                                 draft when allowed (tests of the verification itself) */
+    int32_t spec_k;         /* cap on draft tokens per step (default 4) */
+    int32_t spec_max_batch; /* speculate only while at most this many sequences decode
+                               (default 4): beyond, the batch already fills the step and
+                               verification would cost more than it saves */
+    bool spec_default_on;   /* requests with speculation -1 speculate (default true) */
+    bool spec_no_probe;     /* false (default): auto mode measures the time per generated
+                               token of decode steps with and without drafts and keeps the
+                               faster (re-probing the other every 40 steps); true: always
+                               draft when allowed (tests of the verification itself) */
 } tsr_engine_params;
 
 typedef struct {
@@ -118,17 +118,17 @@ typedef struct {
     uint64_t n_preemptions;
     uint64_t n_requests_done;
     uint64_t n_tokens_generated;
-    double tokens_per_s;      /* generated tokens per second over the last ~5 s */
+    double tokens_per_s; /* generated tokens per second over the last ~5 s */
     bool draining;
-    bool healthy;             /* the data plane completes steps */
-    double step_ms_mean;      /* leader step time, recent mean */
+    bool healthy;        /* the data plane completes steps */
+    double step_ms_mean; /* leader step time, recent mean */
     int32_t n_ranks;
     /* Per rank (refreshed every ~2 s; n_rank_stats entries, at most 64). */
     int32_t n_rank_stats;
     tsr_rank_stats rank_stats[64];
-    uint64_t spec_drafted;    /* draft tokens proposed, all requests */
-    uint64_t spec_accepted;   /* of which accepted */
-    double spec_acceptance;   /* accepted / drafted (0 when none) */
+    uint64_t spec_drafted;  /* draft tokens proposed, all requests */
+    uint64_t spec_accepted; /* of which accepted */
+    double spec_acceptance; /* accepted / drafted (0 when none) */
 } tsr_engine_status;
 
 typedef struct tsr_engine tsr_engine;

@@ -13,9 +13,12 @@
 const char *tsr_finish_reason_name(tsr_finish_reason r)
 {
     switch (r) {
-    case TSR_FINISH_LENGTH: return "length";
-    case TSR_FINISH_STOP: return "stop";
-    case TSR_FINISH_EOS: return "eos";
+    case TSR_FINISH_LENGTH:
+        return "length";
+    case TSR_FINISH_STOP:
+        return "stop";
+    case TSR_FINISH_EOS:
+        return "eos";
     }
     return "unknown";
 }
@@ -72,9 +75,9 @@ int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt
     }
     if (n_prompt >= (size_t)n_ctx) {
         tsr_set_err(err, err_len,
-                "the prompt has %zu tokens but the context holds %d: shorten it or raise the "
-                "context size",
-                n_prompt, n_ctx);
+                    "the prompt has %zu tokens but the context holds %d: shorten it or raise the "
+                    "context size",
+                    n_prompt, n_ctx);
         return -1;
     }
     if (p->max_tokens < 0) {
@@ -150,7 +153,8 @@ int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt
             int sr = tsr_stop_push(&stop, piece, piece_len, &out, &out_len);
             if (sr < 0) goto oom;
             if (emit(&text, out, out_len, on_text, ud) < 0) goto oom;
-            if (sr == 1) res->finish = TSR_FINISH_STOP;
+            if (sr == 1)
+                res->finish = TSR_FINISH_STOP;
             else {
                 tsr_stop_flush(&stop, &out, &out_len);
                 if (emit(&text, out, out_len, on_text, ud) < 0) goto oom;

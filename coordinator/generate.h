@@ -28,11 +28,11 @@ typedef enum {
 const char *tsr_finish_reason_name(tsr_finish_reason r);
 
 typedef struct {
-    int32_t max_tokens;          /* >= 0 */
+    int32_t max_tokens; /* >= 0 */
     tsr_sampling_params sampling;
-    const char *const *stop;     /* stop strings, may be NULL */
+    const char *const *stop; /* stop strings, may be NULL */
     size_t n_stop;
-    const int32_t *stop_ids;     /* stop token ids, may be NULL */
+    const int32_t *stop_ids; /* stop token ids, may be NULL */
     size_t n_stop_ids;
     bool ignore_eos;
 } tsr_gen_params;
@@ -42,9 +42,9 @@ typedef struct {
 typedef int (*tsr_gen_text_fn)(void *ud, const char *text, size_t len);
 
 typedef struct {
-    int32_t *ids;    /* generated ids, malloc'd: free with tsr_gen_result_free */
+    int32_t *ids; /* generated ids, malloc'd: free with tsr_gen_result_free */
     size_t n_ids;
-    char *text;      /* everything emitted, NUL-terminated, malloc'd */
+    char *text; /* everything emitted, NUL-terminated, malloc'd */
     size_t text_len;
     tsr_finish_reason finish;
     uint64_t t_prefill_ns;
@@ -52,8 +52,8 @@ typedef struct {
 } tsr_gen_result;
 
 /* Generates from `prompt` (already tokenized, BOS included as the caller wants) on the
- * replica's leader (positions start at 0: earlier cache contents are overwritten). Returns 0, or < 0 with `err`
- * (bad parameters, prompt too long for the context, out of memory). */
+ * replica's leader (positions start at 0: earlier cache contents are overwritten). Returns 0, or <
+ * 0 with `err` (bad parameters, prompt too long for the context, out of memory). */
 int tsr_generate(tsr_replica *rep, const tsr_vocab *vocab, const int32_t *prompt, size_t n_prompt,
                  const tsr_gen_params *p, tsr_gen_text_fn on_text, void *ud, tsr_gen_result *res,
                  char *err, size_t err_len);

@@ -33,16 +33,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EXIT_USAGE 2
+#define EXIT_USAGE    2
 #define DEFAULT_MODEL "../shared/models/stories260K.gguf"
 
-#define REPLICA_HELP                                                                           \
-    "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                        \
-    "      --tp N                  tensor-parallel ranks per stage (default 1)\n"             \
-    "      --pp N                  pipeline stages (default 1)\n"                             \
-    "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"        \
+#define REPLICA_HELP                                                                               \
+    "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \
+    "      --tp N                  tensor-parallel ranks per stage (default 1)\n"                  \
+    "      --pp N                  pipeline stages (default 1)\n"                                  \
+    "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
     "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"
-
 
 static const char *g_prog = "tessera";
 
@@ -91,19 +90,19 @@ static bool parse_f32(const char *s, float *out)
     return true;
 }
 
-#define INT_FLAG(cmd, name, lo, hi, dst)                                                       \
-    do {                                                                                       \
-        int64_t v_;                                                                            \
-        if (!parse_i64(optarg, lo, hi, &v_))                                                   \
-            return usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,       \
-                               (long long)(lo), (long long)(hi), optarg);                      \
-        (dst) = v_;                                                                            \
+#define INT_FLAG(cmd, name, lo, hi, dst)                                                           \
+    do {                                                                                           \
+        int64_t v_;                                                                                \
+        if (!parse_i64(optarg, lo, hi, &v_))                                                       \
+            return usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,           \
+                               (long long)(lo), (long long)(hi), optarg);                          \
+        (dst) = v_;                                                                                \
     } while (0)
 
-#define FLOAT_FLAG(cmd, name, dst)                                                             \
-    do {                                                                                       \
-        if (!parse_f32(optarg, &(dst)))                                                        \
-            return usage_error(cmd, "%s needs a number, got '%s'", name, optarg);              \
+#define FLOAT_FLAG(cmd, name, dst)                                                                 \
+    do {                                                                                           \
+        if (!parse_f32(optarg, &(dst)))                                                            \
+            return usage_error(cmd, "%s needs a number, got '%s'", name, optarg);                  \
     } while (0)
 
 static int default_threads(void)
@@ -128,10 +127,14 @@ static void print_str(const tsr_gguf_str *s, size_t max)
     putchar('"');
     for (uint64_t i = 0; i < s->len && i < max; i++) {
         unsigned char ch = (unsigned char)s->ptr[i];
-        if (ch == '"' || ch == '\\') printf("\\%c", ch);
-        else if (ch == '\n') printf("\\n");
-        else if (ch < 0x20) printf("\\x%02x", ch);
-        else putchar(ch);
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch == '\n')
+            printf("\\n");
+        else if (ch < 0x20)
+            printf("\\x%02x", ch);
+        else
+            putchar(ch);
     }
     putchar('"');
     if (s->len > max) printf("... (%" PRIu64 " bytes)", s->len);
@@ -154,7 +157,8 @@ static void print_scalar_at(const tsr_gguf *g, int64_t i, int64_t j, tsr_gguf_vt
     } else if (t == TSR_GGUF_UINT64) {
         if (j < 0 ? tsr_gguf_kv_int(g, i, &iv) : tsr_gguf_arr_int(g, i, (uint64_t)j, &iv))
             printf("%" PRId64, iv);
-        else printf("(> INT64_MAX)");
+        else
+            printf("(> INT64_MAX)");
     } else if (t != TSR_GGUF_ARRAY) {
         if (j < 0 ? tsr_gguf_kv_int(g, i, &iv) : tsr_gguf_arr_int(g, i, (uint64_t)j, &iv))
             printf("%" PRId64, iv);
@@ -205,8 +209,7 @@ static int cmd_inspect(int argc, char **argv)
         }
     }
     printf("\ntensors (%" PRId64 "):\n", tsr_gguf_n_tensors(g));
-    printf("  %-4s %-32s %-6s %-26s %12s %12s\n", "#", "name", "type", "shape", "offset",
-           "bytes");
+    printf("  %-4s %-32s %-6s %-26s %12s %12s\n", "#", "name", "type", "shape", "offset", "bytes");
     uint64_t total = 0;
     for (int64_t i = 0; i < tsr_gguf_n_tensors(g); i++) {
         const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
@@ -296,11 +299,20 @@ static int cmd_tokenize(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "m:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 'B': add_special = false; break;
-        case 'S': parse_special = 1; break;
-        case 'h': fputs(tokenize_help, stdout); return 0;
-        default: return usage_error("tokenize", "unknown flag");
+        case 'm':
+            model = optarg;
+            break;
+        case 'B':
+            add_special = false;
+            break;
+        case 'S':
+            parse_special = 1;
+            break;
+        case 'h':
+            fputs(tokenize_help, stdout);
+            return 0;
+        default:
+            return usage_error("tokenize", "unknown flag");
         }
     }
     if (optind != argc - 1) return usage_error("tokenize", "needs exactly one TEXT argument");
@@ -354,16 +366,17 @@ static const char *generate_help =
     "  -t, --threads N             CPU threads per rank (default: all cores)\n"
     "      --json                  print one JSON object instead of streaming text:\n"
     "                              prompt_ids, ids, text, finish_reason,\n"
-    "                              prefill_tokens_per_s, decode_tokens_per_s, ranks\n"
-    REPLICA_HELP
+    "                              prefill_tokens_per_s, decode_tokens_per_s, ranks\n" REPLICA_HELP
     "  -h, --help                  this help\n";
 
 enum { O_TP = 300, O_PP, O_LAYERS, O_COMM_TIMEOUT };
 
-#define REPLICA_OPTS                                                                           \
-    {"tp", required_argument, 0, O_TP}, {"pp", required_argument, 0, O_PP},                    \
-        {"layers", required_argument, 0, O_LAYERS},                                            \
-        {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT}
+#define REPLICA_OPTS                                                                               \
+    {"tp", required_argument, 0, O_TP}, {"pp", required_argument, 0, O_PP},                        \
+        {"layers", required_argument, 0, O_LAYERS},                                                \
+    {                                                                                              \
+        "comm-timeout", required_argument, 0, O_COMM_TIMEOUT                                       \
+    }
 
 /* Parse one replica flag into rp; returns -1 when c is not one, 0 ok, 2 usage error. */
 static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
@@ -384,11 +397,12 @@ static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
         }
         rp->pp = (int32_t)v;
         return 0;
-    case O_LAYERS: rp->layers = optarg; return 0;
+    case O_LAYERS:
+        rp->layers = optarg;
+        return 0;
     case O_COMM_TIMEOUT:
         if (!parse_i64(optarg, 1, 86400000, &v)) {
-            usage_error(cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'",
-                        optarg);
+            usage_error(cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'", optarg);
             return 2;
         }
         rp->timeout_ms = v;
@@ -450,7 +464,6 @@ static cJSON *ranks_json(const tsr_rank_stats *st, int n)
     return a;
 }
 
-
 #define MAX_STOPS 16
 
 static int run_generate(const char *model, tsr_replica_params *rp, const char *prompt,
@@ -477,31 +490,30 @@ static int cmd_generate(int argc, char **argv)
         O_SPEC,
         O_SPEC_K,
     };
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},
-        {"prompt", required_argument, 0, 'p'},
-        {"max-tokens", required_argument, 0, 'n'},
-        {"n-predict", required_argument, 0, 'n'},
-        {"temperature", required_argument, 0, O_TEMP},
-        {"temp", required_argument, 0, O_TEMP},
-        {"top-k", required_argument, 0, O_TOPK},
-        {"top-p", required_argument, 0, O_TOPP},
-        {"min-p", required_argument, 0, O_MINP},
-        {"repetition-penalty", required_argument, 0, O_REP},
-        {"presence-penalty", required_argument, 0, O_PRES},
-        {"frequency-penalty", required_argument, 0, O_FREQ},
-        {"seed", required_argument, 0, O_SEED},
-        {"stop", required_argument, 0, O_STOP},
-        {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
-        {"draft-model", required_argument, 0, O_DRAFT},
-        {"spec", required_argument, 0, O_SPEC},
-        {"spec-k", required_argument, 0, O_SPEC_K},
-        {"ctx-size", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'},
-        {"json", no_argument, 0, O_JSON},
-        {"help", no_argument, 0, 'h'},
-        REPLICA_OPTS,
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"prompt", required_argument, 0, 'p'},
+                                         {"max-tokens", required_argument, 0, 'n'},
+                                         {"n-predict", required_argument, 0, 'n'},
+                                         {"temperature", required_argument, 0, O_TEMP},
+                                         {"temp", required_argument, 0, O_TEMP},
+                                         {"top-k", required_argument, 0, O_TOPK},
+                                         {"top-p", required_argument, 0, O_TOPP},
+                                         {"min-p", required_argument, 0, O_MINP},
+                                         {"repetition-penalty", required_argument, 0, O_REP},
+                                         {"presence-penalty", required_argument, 0, O_PRES},
+                                         {"frequency-penalty", required_argument, 0, O_FREQ},
+                                         {"seed", required_argument, 0, O_SEED},
+                                         {"stop", required_argument, 0, O_STOP},
+                                         {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
+                                         {"draft-model", required_argument, 0, O_DRAFT},
+                                         {"spec", required_argument, 0, O_SPEC},
+                                         {"spec-k", required_argument, 0, O_SPEC_K},
+                                         {"ctx-size", required_argument, 0, 'c'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"json", no_argument, 0, O_JSON},
+                                         {"help", no_argument, 0, 'h'},
+                                         REPLICA_OPTS,
+                                         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *prompt = NULL, *draft_model = NULL;
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
@@ -521,23 +533,45 @@ static int cmd_generate(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "m:p:n:c:t:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 'p': prompt = optarg; break;
-        case 'n': INT_FLAG("generate", "--max-tokens", 0, 1 << 24, n_predict); break;
-        case 'c': INT_FLAG("generate", "--ctx-size", 1, 1 << 24, n_ctx); break;
-        case 't': INT_FLAG("generate", "--threads", 1, 256, n_threads); break;
-        case O_TEMP: FLOAT_FLAG("generate", "--temperature", gp.sampling.temperature); break;
+        case 'm':
+            model = optarg;
+            break;
+        case 'p':
+            prompt = optarg;
+            break;
+        case 'n':
+            INT_FLAG("generate", "--max-tokens", 0, 1 << 24, n_predict);
+            break;
+        case 'c':
+            INT_FLAG("generate", "--ctx-size", 1, 1 << 24, n_ctx);
+            break;
+        case 't':
+            INT_FLAG("generate", "--threads", 1, 256, n_threads);
+            break;
+        case O_TEMP:
+            FLOAT_FLAG("generate", "--temperature", gp.sampling.temperature);
+            break;
         case O_TOPK: {
             int64_t k;
             INT_FLAG("generate", "--top-k", 0, INT32_MAX, k);
             gp.sampling.top_k = (int32_t)k;
             break;
         }
-        case O_TOPP: FLOAT_FLAG("generate", "--top-p", gp.sampling.top_p); break;
-        case O_MINP: FLOAT_FLAG("generate", "--min-p", gp.sampling.min_p); break;
-        case O_REP: FLOAT_FLAG("generate", "--repetition-penalty", gp.sampling.repetition_penalty); break;
-        case O_PRES: FLOAT_FLAG("generate", "--presence-penalty", gp.sampling.presence_penalty); break;
-        case O_FREQ: FLOAT_FLAG("generate", "--frequency-penalty", gp.sampling.frequency_penalty); break;
+        case O_TOPP:
+            FLOAT_FLAG("generate", "--top-p", gp.sampling.top_p);
+            break;
+        case O_MINP:
+            FLOAT_FLAG("generate", "--min-p", gp.sampling.min_p);
+            break;
+        case O_REP:
+            FLOAT_FLAG("generate", "--repetition-penalty", gp.sampling.repetition_penalty);
+            break;
+        case O_PRES:
+            FLOAT_FLAG("generate", "--presence-penalty", gp.sampling.presence_penalty);
+            break;
+        case O_FREQ:
+            FLOAT_FLAG("generate", "--frequency-penalty", gp.sampling.frequency_penalty);
+            break;
         case O_SEED:
             if (!parse_u64(optarg, &gp.sampling.seed))
                 return usage_error("generate", "--seed needs a non-negative integer, got '%s'",
@@ -550,19 +584,30 @@ static int cmd_generate(int argc, char **argv)
             if (!*optarg) return usage_error("generate", "--stop needs a non-empty string");
             stops[n_stops++] = optarg;
             break;
-        case O_IGNORE_EOS: gp.ignore_eos = true; break;
-        case O_JSON: json = true; break;
-        case O_DRAFT: draft_model = optarg; break;
-        case O_SPEC:
-            if (!strcmp(optarg, "ngram")) spec_ngram = true;
-            else if (!strncmp(optarg, "oracle:", 7)) spec_oracle = optarg + 7;
-            else if (strcmp(optarg, "off") != 0)
-                return usage_error("generate",
-                                   "--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'",
-                                   optarg);
+        case O_IGNORE_EOS:
+            gp.ignore_eos = true;
             break;
-        case O_SPEC_K: INT_FLAG("generate", "--spec-k", 1, 16, spec_k); break;
-        case 'h': fputs(generate_help, stdout); return 0;
+        case O_JSON:
+            json = true;
+            break;
+        case O_DRAFT:
+            draft_model = optarg;
+            break;
+        case O_SPEC:
+            if (!strcmp(optarg, "ngram"))
+                spec_ngram = true;
+            else if (!strncmp(optarg, "oracle:", 7))
+                spec_oracle = optarg + 7;
+            else if (strcmp(optarg, "off") != 0)
+                return usage_error(
+                    "generate", "--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'", optarg);
+            break;
+        case O_SPEC_K:
+            INT_FLAG("generate", "--spec-k", 1, 16, spec_k);
+            break;
+        case 'h':
+            fputs(generate_help, stdout);
+            return 0;
         default: {
             int r = replica_flag("generate", c, &rp);
             if (r >= 0) {
@@ -693,9 +738,9 @@ static int run_generate(const char *model, tsr_replica_params *rp, const char *p
     if (spec_ngram && tsr_drafter_ngram_new(1, 3, &drafter, err, sizeof err) != 0) goto stop;
     if (g_spec_oracle && tsr_drafter_oracle_load(g_spec_oracle, &drafter, err, sizeof err) != 0)
         goto stop;
-    if (draft_model && tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
-                                             rp->n_kv_blocks + 8, (int)n_threads, &drafter, err,
-                                             sizeof err) != 0)
+    if (draft_model &&
+        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), rp->n_kv_blocks + 8,
+                              (int)n_threads, &drafter, err, sizeof err) != 0)
         goto stop;
     tsr_engine_params ep = {.max_batch_tokens = tsr_replica_n_batch(rep),
                             .max_seqs = 4,
@@ -758,8 +803,8 @@ stop:;
         for (size_t i = 0; i < sink.n_ids; i++)
             cJSON_AddItemToArray(gi, cJSON_CreateNumber(sink.ids[i]));
         cJSON_AddStringToObject(o, "text", sink.text ? sink.text : "");
-        cJSON_AddStringToObject(o, "finish_reason", sink.done ? finish_name(sink.fin.finish_reason)
-                                                              : "length");
+        cJSON_AddStringToObject(o, "finish_reason",
+                                sink.done ? finish_name(sink.fin.finish_reason) : "length");
         cJSON_AddNumberToObject(o, "prefill_tokens_per_s", pf);
         cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc);
         cJSON_AddNumberToObject(o, "spec_drafted", sink.fin.spec_drafted);
@@ -825,48 +870,70 @@ static const char *mkmodel_help =
     "  100M-like: --n-layer 12 --n-embd 768 --n-head 12 --n-ff 2048\n"
     "  (with --vocab-from ../shared/models/vocab/ggml-vocab-llama-spm.gguf: 32000 tokens)\n";
 
-static void print_note(const char *msg) { fprintf(stderr, "tessera mkmodel: note: %s\n", msg); }
+static void print_note(const char *msg)
+{
+    fprintf(stderr, "tessera mkmodel: note: %s\n", msg);
+}
 
 static int cmd_mkmodel(int argc, char **argv)
 {
     enum { O_VOCAB = 256, O_NL, O_NE, O_NH, O_NHKV, O_NFF, O_NCTX, O_TYPE, O_TIED, O_SEED, O_ROPE };
-    static const struct option opts[] = {{"output", required_argument, 0, 'o'},
-                                         {"vocab-from", required_argument, 0, O_VOCAB},
-                                         {"n-layer", required_argument, 0, O_NL},
-                                         {"n-embd", required_argument, 0, O_NE},
-                                         {"n-head", required_argument, 0, O_NH},
-                                         {"n-head-kv", required_argument, 0, O_NHKV},
-                                         {"n-ff", required_argument, 0, O_NFF},
-                                         {"n-ctx", required_argument, 0, O_NCTX},
-                                         {"type", required_argument, 0, O_TYPE},
-                                         {"tied", no_argument, 0, O_TIED},
-                                         {"seed", required_argument, 0, O_SEED},
-                                         {"rope-base", required_argument, 0, O_ROPE},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"output", required_argument, 0, 'o'},   {"vocab-from", required_argument, 0, O_VOCAB},
+        {"n-layer", required_argument, 0, O_NL}, {"n-embd", required_argument, 0, O_NE},
+        {"n-head", required_argument, 0, O_NH},  {"n-head-kv", required_argument, 0, O_NHKV},
+        {"n-ff", required_argument, 0, O_NFF},   {"n-ctx", required_argument, 0, O_NCTX},
+        {"type", required_argument, 0, O_TYPE},  {"tied", no_argument, 0, O_TIED},
+        {"seed", required_argument, 0, O_SEED},  {"rope-base", required_argument, 0, O_ROPE},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     tsr_mkmodel_params p;
     tsr_mkmodel_params_default(&p);
     int64_t head_kv = -1;
     int c;
     while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'o': p.out_path = optarg; break;
-        case O_VOCAB: p.vocab_from = optarg; break;
-        case O_NL: INT_FLAG("mkmodel", "--n-layer", 1, 4096, p.n_layer); break;
-        case O_NE: INT_FLAG("mkmodel", "--n-embd", 2, 1 << 16, p.n_embd); break;
-        case O_NH: INT_FLAG("mkmodel", "--n-head", 1, 1024, p.n_head); break;
-        case O_NHKV: INT_FLAG("mkmodel", "--n-head-kv", 1, 1024, head_kv); break;
-        case O_NFF: INT_FLAG("mkmodel", "--n-ff", 1, 1 << 18, p.n_ff); break;
-        case O_NCTX: INT_FLAG("mkmodel", "--n-ctx", 1, 1 << 24, p.n_ctx); break;
-        case O_TYPE: p.type = optarg; break;
-        case O_TIED: p.tied = true; break;
+        case 'o':
+            p.out_path = optarg;
+            break;
+        case O_VOCAB:
+            p.vocab_from = optarg;
+            break;
+        case O_NL:
+            INT_FLAG("mkmodel", "--n-layer", 1, 4096, p.n_layer);
+            break;
+        case O_NE:
+            INT_FLAG("mkmodel", "--n-embd", 2, 1 << 16, p.n_embd);
+            break;
+        case O_NH:
+            INT_FLAG("mkmodel", "--n-head", 1, 1024, p.n_head);
+            break;
+        case O_NHKV:
+            INT_FLAG("mkmodel", "--n-head-kv", 1, 1024, head_kv);
+            break;
+        case O_NFF:
+            INT_FLAG("mkmodel", "--n-ff", 1, 1 << 18, p.n_ff);
+            break;
+        case O_NCTX:
+            INT_FLAG("mkmodel", "--n-ctx", 1, 1 << 24, p.n_ctx);
+            break;
+        case O_TYPE:
+            p.type = optarg;
+            break;
+        case O_TIED:
+            p.tied = true;
+            break;
         case O_SEED:
             if (!parse_u64(optarg, &p.seed))
                 return usage_error("mkmodel", "--seed needs a non-negative integer");
             break;
-        case O_ROPE: FLOAT_FLAG("mkmodel", "--rope-base", p.rope_freq_base); break;
-        case 'h': fputs(mkmodel_help, stdout); return 0;
-        default: return usage_error("mkmodel", "unknown flag");
+        case O_ROPE:
+            FLOAT_FLAG("mkmodel", "--rope-base", p.rope_freq_base);
+            break;
+        case 'h':
+            fputs(mkmodel_help, stdout);
+            return 0;
+        default:
+            return usage_error("mkmodel", "unknown flag");
         }
     }
     if (optind != argc) return usage_error("mkmodel", "unexpected argument '%s'", argv[optind]);
@@ -906,9 +973,7 @@ static const char *bench_help =
     "                          greedy tokens (100%% acceptance: the ceiling)\n"
     "      --spec-k K          draft tokens per step (default 4)\n"
     "      --verify-cost       time one step of k+1 query tokens / one step of 1 token,\n"
-    "                          k = 1, 2, 4, 8\n"
-    REPLICA_HELP
-    "  -h, --help          this help\n";
+    "                          k = 1, 2, 4, 8\n" REPLICA_HELP "  -h, --help          this help\n";
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -917,9 +982,9 @@ static int cmp_double(const void *a, const void *b)
 }
 
 /* One greedy request through the engine; fills the finish event. */
-static int bench_engine_run(tsr_replica *rep, tsr_drafter *d, int32_t spec_k,
-                            const int32_t *prompt, int32_t n_prompt, int32_t n_gen, gen_sink *sink,
-                            char *err, size_t err_len)
+static int bench_engine_run(tsr_replica *rep, tsr_drafter *d, int32_t spec_k, const int32_t *prompt,
+                            int32_t n_prompt, int32_t n_gen, gen_sink *sink, char *err,
+                            size_t err_len)
 {
     tsr_engine_params ep = {.max_batch_tokens = tsr_replica_n_batch(rep),
                             .max_seqs = 4,
@@ -975,21 +1040,41 @@ static int cmd_bench(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 't': INT_FLAG("bench", "--threads", 1, 256, n_threads); break;
-        case 'p': INT_FLAG("bench", "--prompt-len", 1, 1 << 16, n_prompt); break;
-        case 'n': INT_FLAG("bench", "--gen-len", 1, 1 << 16, n_gen); break;
-        case 'r': INT_FLAG("bench", "--reps", 1, 1000, reps); break;
-        case O_JSON: json = true; break;
-        case O_DRAFT: draft_model = optarg; break;
+        case 'm':
+            model = optarg;
+            break;
+        case 't':
+            INT_FLAG("bench", "--threads", 1, 256, n_threads);
+            break;
+        case 'p':
+            INT_FLAG("bench", "--prompt-len", 1, 1 << 16, n_prompt);
+            break;
+        case 'n':
+            INT_FLAG("bench", "--gen-len", 1, 1 << 16, n_gen);
+            break;
+        case 'r':
+            INT_FLAG("bench", "--reps", 1, 1000, reps);
+            break;
+        case O_JSON:
+            json = true;
+            break;
+        case O_DRAFT:
+            draft_model = optarg;
+            break;
         case O_SPEC:
             if (strcmp(optarg, "ngram") && strcmp(optarg, "oracle"))
                 return usage_error("bench", "--spec takes 'ngram' or 'oracle', got '%s'", optarg);
             spec = optarg;
             break;
-        case O_SPEC_K: INT_FLAG("bench", "--spec-k", 1, 16, spec_k); break;
-        case O_VERIFY: verify_cost = true; break;
-        case 'h': fputs(bench_help, stdout); return 0;
+        case O_SPEC_K:
+            INT_FLAG("bench", "--spec-k", 1, 16, spec_k);
+            break;
+        case O_VERIFY:
+            verify_cost = true;
+            break;
+        case 'h':
+            fputs(bench_help, stdout);
+            return 0;
         default: {
             int r = replica_flag("bench", c, &rp);
             if (r >= 0) {
@@ -1065,8 +1150,13 @@ static int cmd_bench(int argc, char **argv)
                 want[i] = 1;
             }
             const int32_t *tabs[1] = {table};
-            tsr_batch b = {.n_tokens = k1, .tokens = toks, .pos = pos, .seq = sq,
-                           .want_logits = want, .n_seqs = 1, .block_tables = tabs,
+            tsr_batch b = {.n_tokens = k1,
+                           .tokens = toks,
+                           .pos = pos,
+                           .seq = sq,
+                           .want_logits = want,
+                           .n_seqs = 1,
+                           .block_tables = tabs,
                            .n_blocks = &n_tab};
             double best[7];
             for (int r = 0; r < 7; r++) {
@@ -1088,7 +1178,8 @@ static int cmd_bench(int argc, char **argv)
     if (draft_model || spec) {
         gen_sink sink;
         tsr_drafter *d = NULL;
-        double *a = calloc((size_t)reps, sizeof(double)), *b2 = calloc((size_t)reps, sizeof(double));
+        double *a = calloc((size_t)reps, sizeof(double)),
+               *b2 = calloc((size_t)reps, sizeof(double));
         if (!a || !b2) {
             free(a);
             free(b2);
@@ -1098,7 +1189,8 @@ static int cmd_bench(int argc, char **argv)
             if (bench_engine_run(rep, NULL, 1, toks, (int32_t)n_prompt, (int32_t)n_gen, &sink, err,
                                  sizeof err) != 0)
                 goto spec_fail;
-            a[r] = sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
+            a[r] =
+                sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
             if (r == 0) {
                 if (draft_model) {
                     if (tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
@@ -1124,11 +1216,13 @@ static int cmd_bench(int argc, char **argv)
             if (bench_engine_run(rep, d, (int32_t)spec_k, toks, (int32_t)n_prompt, (int32_t)n_gen,
                                  &sink, err, sizeof err) != 0)
                 goto spec_fail;
-            b2[r] = sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
+            b2[r] =
+                sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
             sp_drafted = sink.fin.spec_drafted;
             sp_accepted = sink.fin.spec_accepted;
-            sp_len = sink.fin.n_steps > 1 ? (double)(sink.n_ids - 1) / (double)(sink.fin.n_steps - 1)
-                                          : 0.0;
+            sp_len = sink.fin.n_steps > 1
+                         ? (double)(sink.n_ids - 1) / (double)(sink.fin.n_steps - 1)
+                         : 0.0;
             free(sink.ids);
             free(sink.text);
         }
@@ -1255,8 +1349,8 @@ stop:;
             printf("speculation:      %s, k %" PRId64 ": decode %.2f tokens/s vs %.2f without "
                    "(x%.2f); acceptance %.1f%% (%d/%d), %.2f tokens per target step\n",
                    draft_model ? draft_model : spec, spec_k, sp_spec, sp_plain,
-                   sp_plain > 0 ? sp_spec / sp_plain : 0.0, 100.0 * sp_acc, sp_accepted,
-                   sp_drafted, sp_len);
+                   sp_plain > 0 ? sp_spec / sp_plain : 0.0, 100.0 * sp_acc, sp_accepted, sp_drafted,
+                   sp_len);
         }
         if (n_ranks > 1) {
             printf("per rank (all steps): rank stage tp  compute_us/tok  comm_us/tok  "
@@ -1316,13 +1410,19 @@ static int cmd_plan(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "m:c:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 'c': INT_FLAG("plan", "--ctx-size", 1, 1 << 24, n_ctx); break;
+        case 'm':
+            model = optarg;
+            break;
+        case 'c':
+            INT_FLAG("plan", "--ctx-size", 1, 1 << 24, n_ctx);
+            break;
         case O_MEM:
             if (!parse_u64(optarg, &mem))
                 return usage_error("plan", "--mem needs a byte count, got '%s'", optarg);
             break;
-        case 'h': fputs(plan_help, stdout); return 0;
+        case 'h':
+            fputs(plan_help, stdout);
+            return 0;
         default: {
             int r = replica_flag("plan", c, &rp);
             if (r >= 0) {
@@ -1344,8 +1444,8 @@ static int cmd_plan(int argc, char **argv)
     static tsr_plan plan;
     int rc = 1;
     if (tsr_replica_plan_model(g, &pm, err, sizeof err) != 0 ||
-        tsr_plan_make(&pm, rp.tp, rp.pp, rp.layers, mem, (int32_t)n_ctx, &plan, err,
-                      sizeof err) != 0) {
+        tsr_plan_make(&pm, rp.tp, rp.pp, rp.layers, mem, (int32_t)n_ctx, &plan, err, sizeof err) !=
+            0) {
         fprintf(stderr, "tessera plan: %s\n", err);
         goto done;
     }

@@ -87,7 +87,7 @@ int tsr_sampling_params_validate(const tsr_sampling_params *p, char *err, size_t
     /* Written as !(in range) so that NaN is rejected too. */
     if (!(p->temperature >= 0.0f && isfinite(p->temperature))) {
         tsr_set_err(err, err_len, "temperature must be >= 0 and finite, got %g",
-                (double)p->temperature);
+                    (double)p->temperature);
         return -1;
     }
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) {
@@ -100,17 +100,17 @@ int tsr_sampling_params_validate(const tsr_sampling_params *p, char *err, size_t
     }
     if (!(p->repetition_penalty > 0.0f && isfinite(p->repetition_penalty))) {
         tsr_set_err(err, err_len, "repetition_penalty must be > 0 and finite, got %g",
-                (double)p->repetition_penalty);
+                    (double)p->repetition_penalty);
         return -1;
     }
     if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f)) {
         tsr_set_err(err, err_len, "presence_penalty must be in [-2, 2], got %g",
-                (double)p->presence_penalty);
+                    (double)p->presence_penalty);
         return -1;
     }
     if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f)) {
         tsr_set_err(err, err_len, "frequency_penalty must be in [-2, 2], got %g",
-                (double)p->frequency_penalty);
+                    (double)p->frequency_penalty);
         return -1;
     }
     return 0;

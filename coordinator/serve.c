@@ -420,8 +420,10 @@ int tsr_cmd_serve(int argc, char **argv)
             draft_model = optarg;
             break;
         case O_SPEC:
-            if (!strcmp(optarg, "ngram")) spec_ngram = true;
-            else if (!strncmp(optarg, "oracle:", 7)) spec_oracle = optarg + 7;
+            if (!strcmp(optarg, "ngram"))
+                spec_ngram = true;
+            else if (!strncmp(optarg, "oracle:", 7))
+                spec_oracle = optarg + 7;
             else if (strcmp(optarg, "off") != 0)
                 return usage_error("--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'",
                                    optarg);
@@ -520,9 +522,8 @@ int tsr_cmd_serve(int argc, char **argv)
         goto release;
     }
     if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
-                              (int32_t)n_blocks + 16, (int)n_threads, &drafter, err,
-                              sizeof err) != 0) {
+        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
+                              (int)n_threads, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }

@@ -996,8 +996,10 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
     er->logprobs = q->has_logprobs ? q->logprobs : 0;
     er->speculation = -1;
     if (q->has_speculation) {
-        if (q->speculation == TESSERA__V1__SPECULATION__SPECULATION_OFF) er->speculation = 0;
-        else if (q->speculation == TESSERA__V1__SPECULATION__SPECULATION_AUTO) er->speculation = 1;
+        if (q->speculation == TESSERA__V1__SPECULATION__SPECULATION_OFF)
+            er->speculation = 0;
+        else if (q->speculation == TESSERA__V1__SPECULATION__SPECULATION_AUTO)
+            er->speculation = 1;
         else if (q->speculation != TESSERA__V1__SPECULATION__SPECULATION_DEFAULT) {
             reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
                       "speculation: unknown value %d (use DEFAULT, OFF or AUTO)",
@@ -1481,9 +1483,9 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     grpc_server_credentials_release(creds);
     if (port == 0) {
         tsr_set_err(err, err_len,
-                "cannot listen on %s: the address is in use or not local (pick another "
-                "--listen, e.g. 127.0.0.1:0 for any free port)",
-                listen);
+                    "cannot listen on %s: the address is in use or not local (pick another "
+                    "--listen, e.g. 127.0.0.1:0 for any free port)",
+                    listen);
         rc = TSR_SERVER_EBIND;
         goto fail;
     }
@@ -1596,7 +1598,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     pthread_mutex_unlock(&s->mu);
     if (!done) {
         tsr_set_err(err, err_len, "the gRPC server did not stop within %lld ms; leaving it",
-                (long long)wait_ms);
+                    (long long)wait_ms);
         return TSR_SERVER_ETIMEOUT;
     }
     pthread_join(s->cq_thread, NULL);
@@ -1607,9 +1609,9 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     pthread_join(s->pump_thread, NULL);
     if (timed_out) {
         tsr_set_err(err, err_len,
-                "%d call(s) still open %d ms after the grace period (an engine request never "
-                "finished?); the server's memory is left allocated",
-                left, HARD_EXTRA_MS);
+                    "%d call(s) still open %d ms after the grace period (an engine request never "
+                    "finished?); the server's memory is left allocated",
+                    left, HARD_EXTRA_MS);
         return TSR_SERVER_ETIMEOUT;
     }
     grpc_shutdown();

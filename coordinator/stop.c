@@ -26,7 +26,7 @@ int tsr_stop_init(tsr_stop *st, const char *const *stops, size_t n_stops, char *
     for (size_t i = 0; i < n_stops; i++) {
         if (!stops[i] || !stops[i][0]) {
             tsr_set_err(err, err_len, "stop string %zu is %s; stop strings must be non-empty", i,
-                    stops[i] ? "empty" : "NULL");
+                        stops[i] ? "empty" : "NULL");
             return -1;
         }
     }

@@ -49,8 +49,10 @@ static void bw_run(void *arg, int ith, int nth)
     const uint8_t *p = j->buf + per * (size_t)ith;
     uint64_t s;
 #if defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2")) s = read_avx2(p, per);
-    else s = read_scalar(p, per);
+    if (__builtin_cpu_supports("avx2"))
+        s = read_avx2(p, per);
+    else
+        s = read_scalar(p, per);
 #else
     s = read_scalar(p, per);
 #endif

@@ -98,7 +98,10 @@ void tsr_pool_free(tsr_pool *p)
     free(p);
 }
 
-int tsr_pool_n_threads(const tsr_pool *p) { return p->n; }
+int tsr_pool_n_threads(const tsr_pool *p)
+{
+    return p->n;
+}
 
 void tsr_pool_run(tsr_pool *p, tsr_pool_fn fn, void *arg)
 {
@@ -116,7 +119,9 @@ void tsr_pool_run(tsr_pool *p, tsr_pool_fn fn, void *arg)
     fn(arg, 0, p->n);
     int spins = 0;
     while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) {
-        if (++spins < SPIN_ITERS) cpu_relax();
-        else sched_yield();
+        if (++spins < SPIN_ITERS)
+            cpu_relax();
+        else
+            sched_yield();
     }
 }

@@ -25,12 +25,12 @@
 /* One metadata value. For arrays, `elem_off` indexes every element's file offset when the
  * elements have variable size (strings); fixed-size elements are computed from `off`. */
 typedef struct {
-    const char *key;     /* NUL-terminated copy */
+    const char *key; /* NUL-terminated copy */
     tsr_gguf_vtype type;
-    uint64_t off;        /* file offset of the value (after the type tag) */
+    uint64_t off;             /* file offset of the value (after the type tag) */
     tsr_gguf_vtype elem_type; /* arrays only */
-    uint64_t n_elems;    /* arrays only */
-    uint64_t *elem_off;  /* arrays of strings / arrays: offset of each element */
+    uint64_t n_elems;         /* arrays only */
+    uint64_t *elem_off;       /* arrays of strings / arrays: offset of each element */
 } gguf_kv;
 
 struct tsr_gguf {
@@ -63,9 +63,9 @@ static bool cur_need(cursor *c, uint64_t n, const char *what)
 {
     if (n > c->size - c->pos) {
         tsr_set_err(c->err, c->err_len,
-                "truncated file: %s needs %" PRIu64 " bytes at offset %" PRIu64
-                " but the file has %" PRIu64 " bytes",
-                what, n, c->pos, c->size);
+                    "truncated file: %s needs %" PRIu64 " bytes at offset %" PRIu64
+                    " but the file has %" PRIu64 " bytes",
+                    what, n, c->pos, c->size);
         return false;
     }
     return true;
@@ -94,9 +94,9 @@ static bool cur_str(cursor *c, tsr_gguf_str *s, const char *what)
     if (!cur_u64(c, &len, what)) return false;
     if (len > c->size - c->pos) {
         tsr_set_err(c->err, c->err_len,
-                "%s: string length %" PRIu64 " at offset %" PRIu64
-                " runs past the end of the file (%" PRIu64 " bytes)",
-                what, len, c->pos - 8, c->size);
+                    "%s: string length %" PRIu64 " at offset %" PRIu64
+                    " runs past the end of the file (%" PRIu64 " bytes)",
+                    what, len, c->pos - 8, c->size);
         return false;
     }
     s->ptr = (const char *)c->base + c->pos;
@@ -110,16 +110,21 @@ static uint64_t vtype_size(tsr_gguf_vtype t)
     switch (t) {
     case TSR_GGUF_UINT8:
     case TSR_GGUF_INT8:
-    case TSR_GGUF_BOOL: return 1;
+    case TSR_GGUF_BOOL:
+        return 1;
     case TSR_GGUF_UINT16:
-    case TSR_GGUF_INT16: return 2;
+    case TSR_GGUF_INT16:
+        return 2;
     case TSR_GGUF_UINT32:
     case TSR_GGUF_INT32:
-    case TSR_GGUF_FLOAT32: return 4;
+    case TSR_GGUF_FLOAT32:
+        return 4;
     case TSR_GGUF_UINT64:
     case TSR_GGUF_INT64:
-    case TSR_GGUF_FLOAT64: return 8;
-    default: return 0; /* variable: STRING, ARRAY */
+    case TSR_GGUF_FLOAT64:
+        return 8;
+    default:
+        return 0; /* variable: STRING, ARRAY */
     }
 }
 
@@ -139,7 +144,7 @@ static bool skip_value(cursor *c, tsr_gguf_vtype t, int depth, const char *what)
         if (!cur_need(c, sz, what)) return false;
         if (t == TSR_GGUF_BOOL && c->base[c->pos] > 1) {
             tsr_set_err(c->err, c->err_len, "%s: bool value %u at offset %" PRIu64 " is not 0 or 1",
-                    what, c->base[c->pos], c->pos);
+                        what, c->base[c->pos], c->pos);
             return false;
         }
         c->pos += sz;
@@ -165,8 +170,8 @@ static bool skip_value(cursor *c, tsr_gguf_vtype t, int depth, const char *what)
         if (esz) {
             if (n > (c->size - c->pos) / esz) {
                 tsr_set_err(c->err, c->err_len,
-                        "%s: array of %" PRIu64 " %s runs past the end of the file", what, n,
-                        tsr_gguf_vtype_name((tsr_gguf_vtype)et));
+                            "%s: array of %" PRIu64 " %s runs past the end of the file", what, n,
+                            tsr_gguf_vtype_name((tsr_gguf_vtype)et));
                 return false;
             }
             if (et == TSR_GGUF_BOOL) {
@@ -203,13 +208,13 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     if (!cur_u32(&c, &magic, "magic")) return TSR_GGUF_ERR_FORMAT;
     if (memcmp(&magic, "GGUF", 4) != 0) {
         tsr_set_err(err, err_len, "not a GGUF file: magic is %02x %02x %02x %02x, expected 'GGUF'",
-                g->base[0], g->base[1], g->base[2], g->base[3]);
+                    g->base[0], g->base[1], g->base[2], g->base[3]);
         return TSR_GGUF_ERR_FORMAT;
     }
     if (!cur_u32(&c, &g->version, "version")) return TSR_GGUF_ERR_FORMAT;
     if (g->version != 2 && g->version != 3) {
         tsr_set_err(err, err_len, "unsupported GGUF version %u (this reader supports 2 and 3)",
-                g->version);
+                    g->version);
         return TSR_GGUF_ERR_FORMAT;
     }
     if (!cur_u64(&c, &n_tensors, "tensor count") || !cur_u64(&c, &n_kv, "metadata count"))
@@ -217,13 +222,15 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     /* Each kv needs >= 8+0+4+1 bytes, each tensor info >= 8+4+8+4+8: bound the counts by the
      * file size before allocating anything. */
     if (n_kv > (g->size - c.pos) / 13) {
-        tsr_set_err(err, err_len, "metadata count %" PRIu64 " is impossible for a file of %" PRIu64
-                              " bytes", n_kv, g->size);
+        tsr_set_err(err, err_len,
+                    "metadata count %" PRIu64 " is impossible for a file of %" PRIu64 " bytes",
+                    n_kv, g->size);
         return TSR_GGUF_ERR_FORMAT;
     }
     if (n_tensors > (g->size - c.pos) / 32) {
-        tsr_set_err(err, err_len, "tensor count %" PRIu64 " is impossible for a file of %" PRIu64
-                              " bytes", n_tensors, g->size);
+        tsr_set_err(err, err_len,
+                    "tensor count %" PRIu64 " is impossible for a file of %" PRIu64 " bytes",
+                    n_tensors, g->size);
         return TSR_GGUF_ERR_FORMAT;
     }
     g->kv = calloc(n_kv ? n_kv : 1, sizeof *g->kv);
@@ -281,8 +288,8 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
                 /* Variable-size elements: each takes >= 8 bytes; index them. */
                 if (n > (c2.size - c2.pos) / 8) {
                     tsr_set_err(err, err_len,
-                            "%s: array of %" PRIu64 " elements runs past the end of the file",
-                            what, n);
+                                "%s: array of %" PRIu64 " elements runs past the end of the file",
+                                what, n);
                     return TSR_GGUF_ERR_FORMAT;
                 }
                 kv->elem_off = malloc((n ? n : 1) * sizeof *kv->elem_off);
@@ -307,7 +314,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         int64_t a;
         if (!tsr_gguf_kv_int(g, ia, &a) || a <= 0 || a > (1 << 20) || (a & (a - 1)) != 0) {
             tsr_set_err(err, err_len,
-                    "general.alignment must be an integer power of two (1..1048576)");
+                        "general.alignment must be an integer power of two (1..1048576)");
             return TSR_GGUF_ERR_FORMAT;
         }
         g->alignment = (uint64_t)a;
@@ -319,7 +326,8 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         snprintf(what, sizeof what, "tensor %" PRIu64 " name", i);
         if (!cur_str(&c, &name, what)) return TSR_GGUF_ERR_FORMAT;
         if (!name_ok(&name) || name.len == 0) {
-            tsr_set_err(err, err_len, "tensor %" PRIu64 ": name is empty or contains a NUL byte", i);
+            tsr_set_err(err, err_len, "tensor %" PRIu64 ": name is empty or contains a NUL byte",
+                        i);
             return TSR_GGUF_ERR_FORMAT;
         }
         memcpy(np, name.ptr, name.len);
@@ -336,7 +344,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         if (!cur_u32(&c, &t->n_dims, what)) return TSR_GGUF_ERR_FORMAT;
         if (t->n_dims < 1 || t->n_dims > TSR_GGUF_MAX_DIMS) {
             tsr_set_err(err, err_len, "%s: n_dims %u is not in 1..%d", what, t->n_dims,
-                    TSR_GGUF_MAX_DIMS);
+                        TSR_GGUF_MAX_DIMS);
             return TSR_GGUF_ERR_FORMAT;
         }
         uint64_t n_elems = 1;
@@ -344,8 +352,8 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
             uint64_t ne = 1;
             if (d < t->n_dims && !cur_u64(&c, &ne, what)) return TSR_GGUF_ERR_FORMAT;
             if (ne == 0 || ne > (uint64_t)INT64_MAX || n_elems > (uint64_t)INT64_MAX / ne) {
-                tsr_set_err(err, err_len, "%s: dimension %u = %" PRIu64 " is zero or overflows", what,
-                        d, ne);
+                tsr_set_err(err, err_len, "%s: dimension %u = %" PRIu64 " is zero or overflows",
+                            what, d, ne);
                 return TSR_GGUF_ERR_FORMAT;
             }
             t->ne[d] = (int64_t)ne;
@@ -355,15 +363,17 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
             return TSR_GGUF_ERR_FORMAT;
         if (!tsr_type_supported(t->type)) {
             tsr_set_err(err, err_len,
-                    "%s: tensor type %u (%s) is not supported (supported: F32, F16, BF16, "
-                    "Q8_0, Q4_0, Q4_K, Q6_K)",
-                    what, t->type, tsr_type_name(t->type));
+                        "%s: tensor type %u (%s) is not supported (supported: F32, F16, BF16, "
+                        "Q8_0, Q4_0, Q4_K, Q6_K)",
+                        what, t->type, tsr_type_name(t->type));
             return TSR_GGUF_ERR_FORMAT;
         }
         int64_t blk = tsr_type_block_elems(t->type);
         if (t->ne[0] % blk != 0) {
-            tsr_set_err(err, err_len, "%s: row length %" PRId64 " is not a multiple of the %s block "
-                                  "size %" PRId64, what, t->ne[0], tsr_type_name(t->type), blk);
+            tsr_set_err(err, err_len,
+                        "%s: row length %" PRId64 " is not a multiple of the %s block "
+                        "size %" PRId64,
+                        what, t->ne[0], tsr_type_name(t->type), blk);
             return TSR_GGUF_ERR_FORMAT;
         }
         uint64_t row = tsr_row_bytes(t->type, t->ne[0]);
@@ -374,8 +384,9 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         }
         t->n_bytes = row * rows;
         if (t->offset % g->alignment != 0) {
-            tsr_set_err(err, err_len, "%s: offset %" PRIu64 " is not a multiple of the alignment %"
-                                  PRIu64, what, t->offset, g->alignment);
+            tsr_set_err(err, err_len,
+                        "%s: offset %" PRIu64 " is not a multiple of the alignment %" PRIu64, what,
+                        t->offset, g->alignment);
             return TSR_GGUF_ERR_FORMAT;
         }
     }
@@ -385,9 +396,10 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     uint64_t pad = (g->alignment - c.pos % g->alignment) % g->alignment;
     g->data_off = c.pos + pad;
     if (n_tensors > 0 && g->data_off > g->size) {
-        tsr_set_err(err, err_len, "truncated file: data section would start at %" PRIu64
-                              " past the end of the file (%" PRIu64 " bytes)",
-                g->data_off, g->size);
+        tsr_set_err(err, err_len,
+                    "truncated file: data section would start at %" PRIu64
+                    " past the end of the file (%" PRIu64 " bytes)",
+                    g->data_off, g->size);
         return TSR_GGUF_ERR_FORMAT;
     }
     for (int64_t i = 0; i < g->n_tensors; i++) {
@@ -395,9 +407,9 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         uint64_t avail = g->size - g->data_off;
         if (t->offset > avail || t->n_bytes > avail - t->offset) {
             tsr_set_err(err, err_len,
-                    "tensor %" PRId64 " '%.200s': data at offset %" PRIu64 " + %" PRIu64
-                    " bytes runs past the end of the file (%" PRIu64 " bytes of data)",
-                    i, t->name, t->offset, t->n_bytes, avail);
+                        "tensor %" PRId64 " '%.200s': data at offset %" PRIu64 " + %" PRIu64
+                        " bytes runs past the end of the file (%" PRIu64 " bytes of data)",
+                        i, t->name, t->offset, t->n_bytes, avail);
             return TSR_GGUF_ERR_FORMAT;
         }
         t->data = g->base + g->data_off + t->offset;
@@ -409,8 +421,10 @@ static int open_common(tsr_gguf *g, tsr_gguf **out, char *err, size_t err_len)
 {
     int rc;
     if (g->size < 24) {
-        tsr_set_err(err, err_len, "truncated file: %" PRIu64 " bytes is smaller than a GGUF header "
-                              "(24 bytes)", g->size);
+        tsr_set_err(err, err_len,
+                    "truncated file: %" PRIu64 " bytes is smaller than a GGUF header "
+                    "(24 bytes)",
+                    g->size);
         rc = TSR_GGUF_ERR_FORMAT;
         goto fail;
     }
@@ -515,13 +529,34 @@ int tsr_gguf_pread(const tsr_gguf *g, uint64_t offset, void *buf, size_t n)
 
 /* ---- accessors ---- */
 
-uint32_t tsr_gguf_version(const tsr_gguf *g) { return g->version; }
-uint64_t tsr_gguf_alignment(const tsr_gguf *g) { return g->alignment; }
-uint64_t tsr_gguf_file_size(const tsr_gguf *g) { return g->size; }
-uint64_t tsr_gguf_data_offset(const tsr_gguf *g) { return g->data_off; }
-const void *tsr_gguf_base(const tsr_gguf *g) { return g->base; }
-int64_t tsr_gguf_n_kv(const tsr_gguf *g) { return g->n_kv; }
-int64_t tsr_gguf_n_tensors(const tsr_gguf *g) { return g->n_tensors; }
+uint32_t tsr_gguf_version(const tsr_gguf *g)
+{
+    return g->version;
+}
+uint64_t tsr_gguf_alignment(const tsr_gguf *g)
+{
+    return g->alignment;
+}
+uint64_t tsr_gguf_file_size(const tsr_gguf *g)
+{
+    return g->size;
+}
+uint64_t tsr_gguf_data_offset(const tsr_gguf *g)
+{
+    return g->data_off;
+}
+const void *tsr_gguf_base(const tsr_gguf *g)
+{
+    return g->base;
+}
+int64_t tsr_gguf_n_kv(const tsr_gguf *g)
+{
+    return g->n_kv;
+}
+int64_t tsr_gguf_n_tensors(const tsr_gguf *g)
+{
+    return g->n_tensors;
+}
 
 int64_t tsr_gguf_find_key(const tsr_gguf *g, const char *key)
 {
@@ -553,14 +588,45 @@ static bool read_int(const tsr_gguf *g, tsr_gguf_vtype t, uint64_t off, int64_t 
 {
     const uint8_t *p = g->base + off;
     switch (t) {
-    case TSR_GGUF_UINT8: *out = *p; return true;
-    case TSR_GGUF_INT8: *out = (int8_t)*p; return true;
-    case TSR_GGUF_BOOL: *out = *p != 0; return true;
-    case TSR_GGUF_UINT16: { uint16_t v; memcpy(&v, p, 2); *out = v; return true; }
-    case TSR_GGUF_INT16: { int16_t v; memcpy(&v, p, 2); *out = v; return true; }
-    case TSR_GGUF_UINT32: { uint32_t v; memcpy(&v, p, 4); *out = v; return true; }
-    case TSR_GGUF_INT32: { int32_t v; memcpy(&v, p, 4); *out = v; return true; }
-    case TSR_GGUF_INT64: { int64_t v; memcpy(&v, p, 8); *out = v; return true; }
+    case TSR_GGUF_UINT8:
+        *out = *p;
+        return true;
+    case TSR_GGUF_INT8:
+        *out = (int8_t)*p;
+        return true;
+    case TSR_GGUF_BOOL:
+        *out = *p != 0;
+        return true;
+    case TSR_GGUF_UINT16: {
+        uint16_t v;
+        memcpy(&v, p, 2);
+        *out = v;
+        return true;
+    }
+    case TSR_GGUF_INT16: {
+        int16_t v;
+        memcpy(&v, p, 2);
+        *out = v;
+        return true;
+    }
+    case TSR_GGUF_UINT32: {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        *out = v;
+        return true;
+    }
+    case TSR_GGUF_INT32: {
+        int32_t v;
+        memcpy(&v, p, 4);
+        *out = v;
+        return true;
+    }
+    case TSR_GGUF_INT64: {
+        int64_t v;
+        memcpy(&v, p, 8);
+        *out = v;
+        return true;
+    }
     case TSR_GGUF_UINT64: {
         uint64_t v;
         memcpy(&v, p, 8);
@@ -568,7 +634,8 @@ static bool read_int(const tsr_gguf *g, tsr_gguf_vtype t, uint64_t off, int64_t 
         *out = (int64_t)v;
         return true;
     }
-    default: return false;
+    default:
+        return false;
     }
 }
 
@@ -701,8 +768,14 @@ static void buf_put(buf_t *b, const void *src, size_t n)
     b->n += n;
 }
 
-static void buf_u32(buf_t *b, uint32_t v) { buf_put(b, &v, 4); }
-static void buf_u64(buf_t *b, uint64_t v) { buf_put(b, &v, 8); }
+static void buf_u32(buf_t *b, uint32_t v)
+{
+    buf_put(b, &v, 4);
+}
+static void buf_u64(buf_t *b, uint64_t v)
+{
+    buf_put(b, &v, 8);
+}
 static void buf_str(buf_t *b, const char *s, size_t len)
 {
     buf_u64(b, len);
@@ -729,7 +802,10 @@ struct tsr_gguf_writer {
     size_t n_t, cap_t;
 };
 
-tsr_gguf_writer *tsr_gguf_writer_new(void) { return calloc(1, sizeof(tsr_gguf_writer)); }
+tsr_gguf_writer *tsr_gguf_writer_new(void)
+{
+    return calloc(1, sizeof(tsr_gguf_writer));
+}
 
 void tsr_gguf_writer_free(tsr_gguf_writer *w)
 {
@@ -850,9 +926,8 @@ int tsr_gguf_writer_copy_kv(tsr_gguf_writer *w, const tsr_gguf *g, int64_t i)
     return b->oom ? TSR_GGUF_ERR_NOMEM : 0;
 }
 
-int tsr_gguf_writer_add_tensor(tsr_gguf_writer *w, const char *name, uint32_t type,
-                               uint32_t n_dims, const int64_t *ne, const void *data,
-                               uint64_t n_bytes)
+int tsr_gguf_writer_add_tensor(tsr_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
+                               const int64_t *ne, const void *data, uint64_t n_bytes)
 {
     if (n_dims < 1 || n_dims > TSR_GGUF_MAX_DIMS) return TSR_GGUF_ERR_FORMAT;
     if (w->n_t == w->cap_t) {
@@ -913,8 +988,9 @@ int tsr_gguf_writer_save(tsr_gguf_writer *w, const char *path, char *err, size_t
         for (int d = 0; d < TSR_GGUF_MAX_DIMS; d++) n_el *= t->ne[d];
         size_t row = tsr_row_bytes(t->type, t->ne[0]);
         if (row == 0 || (uint64_t)row * (uint64_t)(n_el / t->ne[0]) != t->n_bytes) {
-            tsr_set_err(err, err_len, "tensor '%s': %" PRIu64 " bytes do not match type %s and shape",
-                    t->name, t->n_bytes, tsr_type_name(t->type));
+            tsr_set_err(err, err_len,
+                        "tensor '%s': %" PRIu64 " bytes do not match type %s and shape", t->name,
+                        t->n_bytes, tsr_type_name(t->type));
             rc = TSR_GGUF_ERR_FORMAT;
             goto done;
         }

@@ -23,14 +23,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TSR_GGUF_MAX_DIMS       4
-#define TSR_GGUF_DEFAULT_ALIGN  32
+#define TSR_GGUF_MAX_DIMS      4
+#define TSR_GGUF_DEFAULT_ALIGN 32
 
 /* Status codes (0 = ok). */
 #define TSR_GGUF_OK         0
-#define TSR_GGUF_ERR_IO    -1 /* open/stat/mmap failed */
+#define TSR_GGUF_ERR_IO     -1 /* open/stat/mmap failed */
 #define TSR_GGUF_ERR_FORMAT -2 /* malformed or truncated content */
-#define TSR_GGUF_ERR_NOMEM -3
+#define TSR_GGUF_ERR_NOMEM  -3
 
 /* Metadata value types, numbered as in the GGUF specification. */
 typedef enum {
@@ -59,13 +59,13 @@ typedef struct {
 /* One tensor of the file. ne[0] is the contiguous (input) dimension, as in ggml:
  * `attn_q [n_embd, n_embd]` is n_embd rows of n_embd values. Unused ne[] are 1. */
 typedef struct {
-    const char *name;   /* NUL-terminated copy */
-    uint32_t type;      /* ggml type id (kernels/quant.h tsr_type) */
-    uint32_t n_dims;    /* 1..4 */
+    const char *name; /* NUL-terminated copy */
+    uint32_t type;    /* ggml type id (kernels/quant.h tsr_type) */
+    uint32_t n_dims;  /* 1..4 */
     int64_t ne[TSR_GGUF_MAX_DIMS];
-    uint64_t offset;    /* from the start of the data section */
-    uint64_t n_bytes;   /* bytes of data: rows × row size of the type */
-    const void *data;   /* inside the mapping */
+    uint64_t offset;  /* from the start of the data section */
+    uint64_t n_bytes; /* bytes of data: rows × row size of the type */
+    const void *data; /* inside the mapping */
 } tsr_gguf_tensor;
 
 typedef struct tsr_gguf tsr_gguf;
@@ -77,8 +77,7 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len);
 
 /* Same over a caller-owned buffer (no copy: `buf` must outlive the handle). Used by
  * tests and fuzzers. */
-int tsr_gguf_open_memory(const void *buf, size_t len, tsr_gguf **out, char *err,
-                         size_t err_len);
+int tsr_gguf_open_memory(const void *buf, size_t len, tsr_gguf **out, char *err, size_t err_len);
 
 void tsr_gguf_close(tsr_gguf *g);
 
@@ -151,9 +150,8 @@ int tsr_gguf_writer_set_arr_str(tsr_gguf_writer *w, const char *key, const char 
 /* Copy kv i of g (any type, arrays included). */
 int tsr_gguf_writer_copy_kv(tsr_gguf_writer *w, const tsr_gguf *g, int64_t i);
 /* Add a tensor; n_bytes must equal what type and ne imply (checked at save). */
-int tsr_gguf_writer_add_tensor(tsr_gguf_writer *w, const char *name, uint32_t type,
-                               uint32_t n_dims, const int64_t *ne, const void *data,
-                               uint64_t n_bytes);
+int tsr_gguf_writer_add_tensor(tsr_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
+                               const int64_t *ne, const void *data, uint64_t n_bytes);
 int tsr_gguf_writer_save(tsr_gguf_writer *w, const char *path, char *err, size_t err_len);
 
 #endif /* TSR_GGUF_H */

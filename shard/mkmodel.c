@@ -39,7 +39,10 @@ static uint64_t splitmix64(uint64_t *x)
     return z ^ (z >> 31);
 }
 
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
 
 static uint64_t rng_next(rng_t *r)
 {
@@ -58,12 +61,15 @@ static uint64_t rng_next(rng_t *r)
 static float rng_normal(rng_t *r)
 {
     uint64_t a = rng_next(r), b = rng_next(r);
-    float s = (float)(a & 0xffffffffu) + (float)(a >> 32) + (float)(b & 0xffffffffu) +
-              (float)(b >> 32);
+    float s =
+        (float)(a & 0xffffffffu) + (float)(a >> 32) + (float)(b & 0xffffffffu) + (float)(b >> 32);
     return (s / 4294967296.0f - 2.0f) * 1.7320508f; /* var of sum of 4 U(0,1) = 1/3 */
 }
 
-static bool is_block_type(uint32_t t) { return tsr_type_block_elems(t) > 1; }
+static bool is_block_type(uint32_t t)
+{
+    return tsr_type_block_elems(t) > 1;
+}
 
 static int parse_type(const char *s, uint32_t *t, bool *q4km)
 {
@@ -89,7 +95,10 @@ static int parse_type(const char *s, uint32_t *t, bool *q4km)
 }
 
 /* llama.cpp's use_more_bits: which layers of attn_v / ffn_down get Q6_K in Q4_K_M. */
-static bool more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+static bool more_bits(int i, int n)
+{
+    return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+}
 
 typedef struct {
     tsr_gguf_writer *w;
@@ -105,14 +114,13 @@ static int add_matrix(mk_t *mk, const char *name, int64_t n_in, int64_t n_out, u
                       float std)
 {
     if (is_block_type(t) && n_in % tsr_type_block_elems(t) != 0) {
-        uint32_t fb = (t != TSR_TYPE_Q8_0 && t != TSR_TYPE_Q4_0 && n_in % 32 == 0)
-                          ? TSR_TYPE_Q8_0
-                          : TSR_TYPE_F16;
+        uint32_t fb = (t != TSR_TYPE_Q8_0 && t != TSR_TYPE_Q4_0 && n_in % 32 == 0) ? TSR_TYPE_Q8_0
+                                                                                   : TSR_TYPE_F16;
         if (mk->note) {
             char msg[256];
             snprintf(msg, sizeof msg,
-                     "%s: row length %lld is not a multiple of the %s block size; using %s",
-                     name, (long long)n_in, tsr_type_name(t), tsr_type_name(fb));
+                     "%s: row length %lld is not a multiple of the %s block size; using %s", name,
+                     (long long)n_in, tsr_type_name(t), tsr_type_name(fb));
             mk->note(msg);
         }
         t = fb;
@@ -167,23 +175,25 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     }
     if (parse_type(p->type, &type, &q4km) != 0) {
         tsr_set_err(err, err_len,
-                "unknown type '%s' (use F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M)",
-                p->type);
+                    "unknown type '%s' (use F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M)",
+                    p->type);
         return -1;
     }
     if (p->n_layer < 1 || p->n_embd < 1 || p->n_head < 1 || p->n_head_kv < 1 || p->n_ff < 1 ||
         p->n_ctx < 1) {
-        tsr_set_err(err, err_len, "n_layer, n_embd, n_head, n_head_kv, n_ff and n_ctx must be >= 1");
+        tsr_set_err(err, err_len,
+                    "n_layer, n_embd, n_head, n_head_kv, n_ff and n_ctx must be >= 1");
         return -1;
     }
     if (p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0) {
-        tsr_set_err(err, err_len, "n_embd %d must be a multiple of n_head %d with an even head size",
-                p->n_embd, p->n_head);
+        tsr_set_err(err, err_len,
+                    "n_embd %d must be a multiple of n_head %d with an even head size", p->n_embd,
+                    p->n_head);
         return -1;
     }
     if (p->n_head % p->n_head_kv != 0) {
         tsr_set_err(err, err_len, "n_head %d must be a multiple of n_head_kv %d", p->n_head,
-                p->n_head_kv);
+                    p->n_head_kv);
         return -1;
     }
     if (tsr_gguf_open(p->vocab_from, &vg, err, err_len) != 0) return -1;
@@ -219,8 +229,7 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
         tsr_gguf_writer_set_int(w, "llama.attention.head_count_kv", TSR_GGUF_UINT32,
                                 p->n_head_kv) ||
         tsr_gguf_writer_set_int(w, "llama.rope.dimension_count", TSR_GGUF_UINT32, head_dim) ||
-        tsr_gguf_writer_set_float(w, "llama.rope.freq_base", TSR_GGUF_FLOAT32,
-                                  p->rope_freq_base) ||
+        tsr_gguf_writer_set_float(w, "llama.rope.freq_base", TSR_GGUF_FLOAT32, p->rope_freq_base) ||
         tsr_gguf_writer_set_float(w, "llama.attention.layer_norm_rms_epsilon", TSR_GGUF_FLOAT32,
                                   1e-5) ||
         tsr_gguf_writer_set_int(w, "llama.vocab_size", TSR_GGUF_UINT32, (int64_t)n_vocab))
@@ -239,10 +248,10 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     if (!p->tied && add_matrix(&mk, "output.weight", E, V, head_t, std_in)) goto done;
     for (int32_t l = 0; l < p->n_layer; l++) {
         uint32_t tv = q4km && more_bits(l, p->n_layer) ? TSR_TYPE_Q6_K : type;
-#define M(nm, nin, nout, t, sd)                                                                \
-    do {                                                                                       \
-        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                \
-        if (add_matrix(&mk, name, nin, nout, t, sd)) goto done;                                \
+#define M(nm, nin, nout, t, sd)                                                                    \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                    \
+        if (add_matrix(&mk, name, nin, nout, t, sd)) goto done;                                    \
     } while (0)
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
         if (add_norm(&mk, name, E)) goto oom;

@@ -18,9 +18,9 @@ typedef struct {
     const char *out_path;
     const char *vocab_from; /* GGUF whose tokenizer.* keys are copied; sets n_vocab */
     int32_t n_layer, n_embd, n_head, n_head_kv, n_ff;
-    int32_t n_ctx;          /* llama.context_length */
-    const char *type;       /* "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_K_M" */
-    bool tied;              /* no output.weight: the head reuses token_embd */
+    int32_t n_ctx;    /* llama.context_length */
+    const char *type; /* "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_K_M" */
+    bool tied;        /* no output.weight: the head reuses token_embd */
     uint64_t seed;
     float rope_freq_base;
 } tsr_mkmodel_params;

@@ -53,15 +53,32 @@ int main(int argc, char **argv)
     int n_argmax_diff = 0;
     while ((c = getopt_long(argc, argv, "m:n:", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 't': rp.tp = atoi(optarg); break;
-        case 'p': rp.pp = atoi(optarg); break;
-        case 'l': rp.layers = optarg; break;
-        case 'e': tol = atof(optarg); break;
-        case 'n': n_gen = atoi(optarg); break;
-        case 'r': refusal = optarg; break;
-        case 'f': teacher = true; break;
-        default: return 2;
+        case 'm':
+            model = optarg;
+            break;
+        case 't':
+            rp.tp = atoi(optarg);
+            break;
+        case 'p':
+            rp.pp = atoi(optarg);
+            break;
+        case 'l':
+            rp.layers = optarg;
+            break;
+        case 'e':
+            tol = atof(optarg);
+            break;
+        case 'n':
+            n_gen = atoi(optarg);
+            break;
+        case 'r':
+            refusal = optarg;
+            break;
+        case 'f':
+            teacher = true;
+            break;
+        default:
+            return 2;
         }
     }
     if (!model) return 2;
@@ -109,9 +126,8 @@ int main(int argc, char **argv)
         return fail("reference");
     }
     const int32_t V = m->hp.n_vocab;
-    static const int32_t prompts[3][12] = {{1, 403, 407, 261, 378},
-                                           {1, 359, 329, 421, 417, 411, 360, 265, 284, 411, 303, 299},
-                                           {1}};
+    static const int32_t prompts[3][12] = {
+        {1, 403, 407, 261, 378}, {1, 359, 329, 421, 417, 411, 360, 265, 284, 411, 303, 299}, {1}};
     static const int plen[3] = {5, 12, 1};
     double max_diff = 0.0;
     float *ref_logits = malloc(sizeof(float) * (size_t)V);
@@ -171,7 +187,8 @@ int main(int argc, char **argv)
     uint64_t total_layers = 0;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
-        const tsr_weight *ws[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        const tsr_weight *ws[7] = {&L->wq,     &L->wk,   &L->wv,    &L->wo,
+                                   &L->w_gate, &L->w_up, &L->w_down};
         for (int k = 0; k < 7; k++) total_layers += ws[k]->row_bytes * (uint64_t)ws[k]->n_out;
     }
     const uint64_t embd = m->tok_embd.row_bytes * (uint64_t)V;
@@ -196,7 +213,8 @@ int main(int argc, char **argv)
     }
     bool kv_replicated = rp.tp > m->hp.n_head_kv;
     if (!kv_replicated && sum_layers != total_layers) {
-        fprintf(stderr, "replica_check: ranks read %llu bytes of layer weights, the model has %llu\n",
+        fprintf(stderr,
+                "replica_check: ranks read %llu bytes of layer weights, the model has %llu\n",
                 (unsigned long long)sum_layers, (unsigned long long)total_layers);
         return fail("loader reads");
     }

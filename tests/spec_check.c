@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define N_REQ 16
+#define N_REQ   16
 #define MAX_GEN 48
 
 typedef struct {
@@ -54,8 +54,12 @@ static int fail(const char *msg)
 /* Run the 16 requests; ids into out. */
 static int run(tsr_replica *rep, tsr_drafter *d, int32_t k, req *out, char *err, size_t err_len)
 {
-    tsr_engine_params ep = {.max_batch_tokens = 64, .max_seqs = 32, .max_queue = 64,
-                            .drafter = d, .spec_k = k, .spec_max_batch = N_REQ,
+    tsr_engine_params ep = {.max_batch_tokens = 64,
+                            .max_seqs = 32,
+                            .max_queue = 64,
+                            .drafter = d,
+                            .spec_k = k,
+                            .spec_max_batch = N_REQ,
                             .spec_default_on = true,
                             .spec_no_probe = true};
     tsr_engine *e;
@@ -68,8 +72,11 @@ static int run(tsr_replica *rep, tsr_drafter *d, int32_t k, req *out, char *err,
         /* Repetitive prompts give the n-gram drafter something to find. */
         for (int i = 1; i < n; i++) prompts[r][i] = 259 + ((r * 3 + (i % (3 + r % 4))) * 7) % 253;
         out[r].e = e;
-        tsr_engine_request rq = {.prompt_ids = prompts[r], .n_prompt = (size_t)n,
-                                 .speculation = -1, .on_event = on_event, .ud = &out[r]};
+        tsr_engine_request rq = {.prompt_ids = prompts[r],
+                                 .n_prompt = (size_t)n,
+                                 .speculation = -1,
+                                 .on_event = on_event,
+                                 .ud = &out[r]};
         tsr_sampling_params_default(&rq.gen.sampling);
         rq.gen.sampling.temperature = 0.0f;
         rq.gen.max_tokens = 16 + (r * 11) % (MAX_GEN - 16);
@@ -98,8 +105,8 @@ int main(int argc, char **argv)
                                          {"ngram", no_argument, 0, 'g'},
                                          {"k", required_argument, 0, 'k'},
                                          {0, 0, 0, 0}};
-    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 64,
-                             .n_kv_blocks = 256};
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 64, .n_kv_blocks = 256};
     const char *model = NULL, *drafts[4];
     int n_drafts = 0;
     bool ngram = false;
@@ -107,20 +114,29 @@ int main(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "m:", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 't': rp.tp = atoi(optarg); break;
-        case 'p': rp.pp = atoi(optarg); break;
+        case 'm':
+            model = optarg;
+            break;
+        case 't':
+            rp.tp = atoi(optarg);
+            break;
+        case 'p':
+            rp.pp = atoi(optarg);
+            break;
         case 'd':
             if (n_drafts < 4) drafts[n_drafts++] = optarg;
             break;
-        case 'g': ngram = true; break;
+        case 'g':
+            ngram = true;
+            break;
         case 'k': {
             n_ks = 0;
             for (char *t = strtok(optarg, ","); t && n_ks < 16; t = strtok(NULL, ","))
                 ks[n_ks++] = atoi(t);
             break;
         }
-        default: return 2;
+        default:
+            return 2;
         }
     }
     if (!model) return 2;
@@ -173,8 +189,9 @@ int main(int argc, char **argv)
                     return fail("ids differ");
                 }
                 if (got[r].kv_violations) {
-                    fprintf(stderr, "spec_check: %s k %d request %d: KV blocks in use exceeded "
-                                    "what the tokens need %d times\n",
+                    fprintf(stderr,
+                            "spec_check: %s k %d request %d: KV blocks in use exceeded "
+                            "what the tokens need %d times\n",
                             name, ks[ki], r, got[r].kv_violations);
                     return fail("KV leak");
                 }

@@ -38,7 +38,8 @@ static void expect_usage_error(const char *args, const char *needle)
 {
     char *out, *err;
     int rc = run(&out, &err, "%s", args);
-    if (rc != 2) fail_msg("'tessera %s': expected exit status 2, got %d (stderr: %s)", args, rc, err);
+    if (rc != 2)
+        fail_msg("'tessera %s': expected exit status 2, got %d (stderr: %s)", args, rc, err);
     if (needle && !strstr(err, needle))
         fail_msg("'tessera %s': stderr should mention '%s', got: %s", args, needle, err);
     free(out);
@@ -81,8 +82,9 @@ static void test_help(void **state)
           "--seed", "--threads", "--json", "--stop", NULL}},
         {"tokenize", {"--model", "--no-bos", NULL}},
         {"inspect", {"--help", NULL}},
-        {"mkmodel", {"--n-layer", "--n-embd", "--n-head", "--n-head-kv", "--n-ff", "--type",
-                     "--vocab-from", "--seed", NULL}},
+        {"mkmodel",
+         {"--n-layer", "--n-embd", "--n-head", "--n-head-kv", "--n-ff", "--type", "--vocab-from",
+          "--seed", NULL}},
         {"bench", {"--threads", "--prompt-len", "--gen-len", "--json", NULL}},
     };
     char *out;
@@ -105,19 +107,21 @@ static void test_generate_json(void **state)
 {
     (void)state;
     char *out, *err;
-    int rc = run(&out, &err, "generate -m %s -p 'Once upon a time' -n 32 --temperature 0 --json -t 2",
-                 tsr_test_model_path("stories260K.gguf"));
+    int rc =
+        run(&out, &err, "generate -m %s -p 'Once upon a time' -n 32 --temperature 0 --json -t 2",
+            tsr_test_model_path("stories260K.gguf"));
     if (rc != 0) fail_msg("generate failed (%d): %s", rc, err);
     cJSON *o = cJSON_Parse(out);
     if (!o) fail_msg("generate --json printed no JSON: %s", out);
-    const char *fields[] = {"prompt_ids", "ids", "text", "prefill_tokens_per_s",
+    const char *fields[] = {"prompt_ids",          "ids",          "text", "prefill_tokens_per_s",
                             "decode_tokens_per_s", "finish_reason"};
     for (size_t i = 0; i < 6; i++)
         if (!cJSON_GetObjectItem(o, fields[i])) fail_msg("--json lacks '%s': %s", fields[i], out);
     cJSON *pi = cJSON_GetObjectItem(o, "prompt_ids");
     int want_prompt[5] = {1, 403, 407, 261, 378};
     assert_int_equal(cJSON_GetArraySize(pi), 5);
-    for (int i = 0; i < 5; i++) assert_int_equal(cJSON_GetArrayItem(pi, i)->valueint, want_prompt[i]);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(cJSON_GetArrayItem(pi, i)->valueint, want_prompt[i]);
     const char *text = cJSON_GetObjectItem(o, "text")->valuestring;
     const char *want =
         ", there was a little girl named Lily. She loved to play outside in the park. One day, "
@@ -139,7 +143,8 @@ static void test_generate_json(void **state)
     free(err);
 
     /* A stop string ends generation before it; the string is not printed. */
-    rc = run(&out, &err, "generate -m %s -p 'Once upon a time' -n 32 --temperature 0 --stop Lily --json",
+    rc = run(&out, &err,
+             "generate -m %s -p 'Once upon a time' -n 32 --temperature 0 --stop Lily --json",
              tsr_test_model_path("stories260K.gguf"));
     assert_int_equal(rc, 0);
     o = cJSON_Parse(out);
@@ -157,9 +162,13 @@ static void test_generate_seeded(void **state)
     (void)state;
     char *a, *b, *c;
     const char *m = tsr_test_model_path("stories260K.gguf");
-    assert_int_equal(run(&a, NULL, "generate -m %s -p 'One day' -n 40 --temperature 1 --seed 7 --json", m), 0);
-    assert_int_equal(run(&b, NULL, "generate -m %s -p 'One day' -n 40 --temperature 1 --seed 7 --json -t 1", m), 0);
-    assert_int_equal(run(&c, NULL, "generate -m %s -p 'One day' -n 40 --temperature 1 --seed 8 --json", m), 0);
+    assert_int_equal(
+        run(&a, NULL, "generate -m %s -p 'One day' -n 40 --temperature 1 --seed 7 --json", m), 0);
+    assert_int_equal(
+        run(&b, NULL, "generate -m %s -p 'One day' -n 40 --temperature 1 --seed 7 --json -t 1", m),
+        0);
+    assert_int_equal(
+        run(&c, NULL, "generate -m %s -p 'One day' -n 40 --temperature 1 --seed 8 --json", m), 0);
     cJSON *ja = cJSON_Parse(a), *jb = cJSON_Parse(b), *jc = cJSON_Parse(c);
     char *ia = cJSON_PrintUnformatted(cJSON_GetObjectItem(ja, "ids"));
     char *ib = cJSON_PrintUnformatted(cJSON_GetObjectItem(jb, "ids"));
@@ -200,7 +209,8 @@ static void test_inspect(void **state)
 {
     (void)state;
     char *out, *err;
-    assert_int_equal(run(&out, NULL, "inspect %s", tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf")), 0);
+    assert_int_equal(
+        run(&out, NULL, "inspect %s", tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf")), 0);
     assert_non_null(strstr(out, "general.architecture"));
     assert_non_null(strstr(out, "blk.1.ffn_down.weight"));
     assert_non_null(strstr(out, "Q6_K"));
@@ -238,15 +248,20 @@ static void test_mkmodel(void **state)
                          0);
         size_t la, lb;
         char *da = tsr_test_read_file(a, &la), *db = tsr_test_read_file(b, &lb);
-        if (la != lb || memcmp(da, db, la) != 0) fail_msg("mkmodel %s is not deterministic", types[i]);
+        if (la != lb || memcmp(da, db, la) != 0)
+            fail_msg("mkmodel %s is not deterministic", types[i]);
         free(da);
         free(db);
         /* It loads and generates, deterministically under a seed. */
         char *g1, *g2;
-        int rc = run(&g1, &err, "generate -m %s -p 'Once upon' -n 12 --temperature 0.9 --seed 5 --json", a);
+        int rc = run(&g1, &err,
+                     "generate -m %s -p 'Once upon' -n 12 --temperature 0.9 --seed 5 --json", a);
         if (rc != 0) fail_msg("generate on mkmodel %s output failed: %s", types[i], err);
         free(err);
-        assert_int_equal(run(&g2, NULL, "generate -m %s -p 'Once upon' -n 12 --temperature 0.9 --seed 5 --json", a), 0);
+        assert_int_equal(
+            run(&g2, NULL, "generate -m %s -p 'Once upon' -n 12 --temperature 0.9 --seed 5 --json",
+                a),
+            0);
         cJSON *j1 = cJSON_Parse(g1), *j2 = cJSON_Parse(g2);
         assert_non_null(j1);
         assert_non_null(j2);
@@ -262,11 +277,13 @@ static void test_mkmodel(void **state)
         free(g2);
     }
     /* n_ff 96 cannot hold Q4_K rows (256): reported fallback, still a valid model. */
-    assert_int_equal(run(&out, &err, "mkmodel -o %s --vocab-from %s %s --type Q4_K", a, vocab, shape), 0);
+    assert_int_equal(
+        run(&out, &err, "mkmodel -o %s --vocab-from %s %s --type Q4_K", a, vocab, shape), 0);
     assert_non_null(strstr(err, "using"));
     free(out);
     free(err);
-    assert_int_equal(run(&out, &err, "mkmodel -o %s --vocab-from %s --n-embd 60 --n-head 7", a, vocab), 1);
+    assert_int_equal(
+        run(&out, &err, "mkmodel -o %s --vocab-from %s --n-embd 60 --n-head 7", a, vocab), 1);
     assert_non_null(strstr(err, "n_head"));
     free(out);
     free(err);
@@ -277,9 +294,9 @@ static void test_mkmodel(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_usage_errors),    cmocka_unit_test(test_help),
-        cmocka_unit_test(test_generate_json),   cmocka_unit_test(test_generate_seeded),
-        cmocka_unit_test(test_tokenize),        cmocka_unit_test(test_inspect),
+        cmocka_unit_test(test_usage_errors),  cmocka_unit_test(test_help),
+        cmocka_unit_test(test_generate_json), cmocka_unit_test(test_generate_seeded),
+        cmocka_unit_test(test_tokenize),      cmocka_unit_test(test_inspect),
         cmocka_unit_test(test_mkmodel),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

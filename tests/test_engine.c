@@ -64,7 +64,8 @@ static void reference(const char *model, const int32_t *prompt, int n_prompt, in
             if (lg[v] > lg[best]) best = v;
         out[i] = best;
         if (i + 1 < n)
-            assert_int_equal(tsr_forward(c, &best, 1, n_prompt + i, false, &lg, err, sizeof err), 0);
+            assert_int_equal(tsr_forward(c, &best, 1, n_prompt + i, false, &lg, err, sizeof err),
+                             0);
     }
     tsr_ctx_free(c);
     tsr_model_free(m);
@@ -83,8 +84,8 @@ static void run_batch(int32_t n_kv_blocks, int32_t max_batch_tokens, bool expect
 {
     const char *model = tsr_test_model_path("stories260K.gguf");
     char err[512];
-    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 64,
-                             .n_kv_blocks = n_kv_blocks};
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 64, .n_kv_blocks = n_kv_blocks};
     tsr_replica *rep;
     if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
     tsr_engine_params ep = {.max_batch_tokens = max_batch_tokens, .max_seqs = 64, .max_queue = 64};
@@ -97,8 +98,10 @@ static void run_batch(int32_t n_kv_blocks, int32_t max_batch_tokens, bool expect
     for (int k = 0; k < N_REQ; k++) {
         make_prompt(k, prompts[k], &plen[k]);
         nmax[k] = 4 + (k * 13) % 40;
-        tsr_engine_request rq = {.prompt_ids = prompts[k], .n_prompt = (size_t)plen[k],
-                                 .on_event = on_event, .ud = &res[k]};
+        tsr_engine_request rq = {.prompt_ids = prompts[k],
+                                 .n_prompt = (size_t)plen[k],
+                                 .on_event = on_event,
+                                 .ud = &res[k]};
         tsr_sampling_params_default(&rq.gen.sampling);
         rq.gen.sampling.temperature = 0.0f;
         rq.gen.max_tokens = nmax[k];
@@ -149,8 +152,8 @@ static void test_cancel_and_errors(void **state)
     (void)state;
     const char *model = tsr_test_model_path("stories260K.gguf");
     char err[512];
-    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 32,
-                             .n_kv_blocks = 64};
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 32, .n_kv_blocks = 64};
     tsr_replica *rep;
     assert_int_equal(tsr_replica_open(model, &rp, &rep, err, sizeof err), 0);
     tsr_engine_params ep = {.max_queue = 2};

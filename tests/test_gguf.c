@@ -88,11 +88,11 @@ static void test_all_files_open(void **state)
 {
     (void)state;
     static const char *files[] = {
-        "derived/stories260K-q8_0.gguf",    "derived/stories260K-4layer-draft.gguf",
-        "random/llama-2-tiny-random.gguf",  "synthetic/synth-tiny-f16.gguf",
-        "synthetic/synth-tiny-q8_0.gguf",   "synthetic/synth-tiny-q4_k_m.gguf",
-        "synthetic/synth-tiny-q4_0.gguf",   "synthetic/synth-tiny-bf16.gguf",
-        "vocab/ggml-vocab-llama-spm.gguf",  "vocab/ggml-vocab-gpt-2.gguf",
+        "derived/stories260K-q8_0.gguf",      "derived/stories260K-4layer-draft.gguf",
+        "random/llama-2-tiny-random.gguf",    "synthetic/synth-tiny-f16.gguf",
+        "synthetic/synth-tiny-q8_0.gguf",     "synthetic/synth-tiny-q4_k_m.gguf",
+        "synthetic/synth-tiny-q4_0.gguf",     "synthetic/synth-tiny-bf16.gguf",
+        "vocab/ggml-vocab-llama-spm.gguf",    "vocab/ggml-vocab-gpt-2.gguf",
         "vocab/ggml-vocab-deepseek-llm.gguf", "vocab/ggml-vocab-bert-bge.gguf",
     };
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
@@ -145,7 +145,8 @@ static void test_writer_roundtrip(void **state)
     uint8_t q8[2 * 34];
     tsr_quant_row(TSR_TYPE_Q8_0, data, q8, 64);
     int64_t ne1[1] = {64};
-    assert_int_equal(tsr_gguf_writer_add_tensor(w, "t.q8", TSR_TYPE_Q8_0, 1, ne1, q8, sizeof q8), 0);
+    assert_int_equal(tsr_gguf_writer_add_tensor(w, "t.q8", TSR_TYPE_Q8_0, 1, ne1, q8, sizeof q8),
+                     0);
     char err[512];
     assert_int_equal(tsr_gguf_writer_save(w, path, err, sizeof err), 0);
     tsr_gguf_writer_free(w);

@@ -99,8 +99,8 @@ static void check_logits(const char *what, const char *ref, const float *lg, flo
     for (size_t k = 0; k < n; k++) {
         float got = lg[ids[k]];
         if (!(fabsf(got - vals[k]) <= tol))
-            fail_msg("%s: logit of token %d: expected %.4f, got %.4f (tolerance %g)", what,
-                     ids[k], vals[k], got, tol);
+            fail_msg("%s: logit of token %d: expected %.4f, got %.4f (tolerance %g)", what, ids[k],
+                     vals[k], got, tol);
     }
 }
 
@@ -267,15 +267,14 @@ static void test_errors(void **state)
     /* A vocabulary-only GGUF is not a model: the message says so. */
     tsr_gguf *g;
     tsr_model *m;
-    assert_int_equal(tsr_gguf_open(tsr_test_model_path("vocab/ggml-vocab-gpt-2.gguf"), &g, err,
-                                   sizeof err),
-                     0);
+    assert_int_equal(
+        tsr_gguf_open(tsr_test_model_path("vocab/ggml-vocab-gpt-2.gguf"), &g, err, sizeof err), 0);
     assert_true(tsr_model_load(g, &m, err, sizeof err) < 0);
     assert_non_null(strstr(err, "unsupported architecture"));
     tsr_gguf_close(g);
-    assert_int_equal(tsr_gguf_open(tsr_test_model_path("vocab/ggml-vocab-llama-spm.gguf"), &g, err,
-                                   sizeof err),
-                     0);
+    assert_int_equal(
+        tsr_gguf_open(tsr_test_model_path("vocab/ggml-vocab-llama-spm.gguf"), &g, err, sizeof err),
+        0);
     assert_true(tsr_model_load(g, &m, err, sizeof err) < 0);
     assert_non_null(strstr(err, "token_embd"));
     tsr_gguf_close(g);

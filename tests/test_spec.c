@@ -8,9 +8,9 @@
  *      softmax / top-k distribution, over many draws, for several draft tokens; two
  *      deliberately wrong rules (accept any candidate draft; on rejection resample from p
  *      instead of the residual) must FAIL the same test — the test has teeth.
- *   2. Engine level: a random target and an early-exit draft of it (partial acceptance), temperature 1 with top-k 8, 3000 seeds: the tokens at generated
- *      positions 1 and 2 (both verified speculatively) are distributed the same with and
- *      without speculation (two-sample test).
+ *   2. Engine level: a random target and an early-exit draft of it (partial acceptance),
+ * temperature 1 with top-k 8, 3000 seeds: the tokens at generated positions 1 and 2 (both verified
+ * speculatively) are distributed the same with and without speculation (two-sample test).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -170,8 +170,8 @@ static void test_sampler_rule(void **state)
         print_message("right rule, draft %d: chi2 %.1f (df %d, critical %.1f)\n", drafts[d], stat,
                       df, chi2_crit(df));
         if (!(stat < chi2_crit(df)))
-            fail_msg("rejection rule with draft %d: chi2 %.1f >= critical %.1f (df %d)",
-                     drafts[d], stat, chi2_crit(df), df);
+            fail_msg("rejection rule with draft %d: chi2 %.1f >= critical %.1f (df %d)", drafts[d],
+                     stat, chi2_crit(df), df);
         double w1 = sampler_stat(RULE_ACCEPT_CANDIDATE, drafts[d], &df);
         double c1 = chi2_crit(df);
         double w2 = sampler_stat(RULE_RESAMPLE_P, drafts[d], &df);
@@ -201,16 +201,23 @@ static void on_event(void *ud, const tsr_event *ev)
 static void collect(tsr_replica *rep, tsr_drafter *d, int n_seeds, sample *out)
 {
     char err[512];
-    tsr_engine_params ep = {.max_batch_tokens = 128, .max_seqs = 32, .max_queue = 4096,
-                            .drafter = d, .spec_k = 3, .spec_max_batch = 64,
+    tsr_engine_params ep = {.max_batch_tokens = 128,
+                            .max_seqs = 32,
+                            .max_queue = 4096,
+                            .drafter = d,
+                            .spec_k = 3,
+                            .spec_max_batch = 64,
                             .spec_default_on = true,
                             .spec_no_probe = true};
     tsr_engine *e;
     assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
     static const int32_t prompt[4] = {1, 403, 407, 261};
     for (int i = 0; i < n_seeds; i++) {
-        tsr_engine_request rq = {.prompt_ids = prompt, .n_prompt = 4, .speculation = d ? 1 : 0,
-                                 .on_event = on_event, .ud = &out[i]};
+        tsr_engine_request rq = {.prompt_ids = prompt,
+                                 .n_prompt = 4,
+                                 .speculation = d ? 1 : 0,
+                                 .on_event = on_event,
+                                 .ud = &out[i]};
         tsr_sampling_params_default(&rq.gen.sampling);
         rq.gen.sampling.temperature = 1.0f;
         rq.gen.sampling.top_k = 8;
@@ -225,8 +232,9 @@ static void collect(tsr_replica *rep, tsr_drafter *d, int n_seeds, sample *out)
     tsr_engine_get_status(e, &st);
     print_message("%s: %llu drafted, %llu accepted\n", d ? "speculative" : "plain",
                   (unsigned long long)st.spec_drafted, (unsigned long long)st.spec_accepted);
-    if (d) assert_true(st.spec_drafted > 1000 && st.spec_accepted > 100 &&
-                       st.spec_accepted < st.spec_drafted);
+    if (d)
+        assert_true(st.spec_drafted > 1000 && st.spec_accepted > 100 &&
+                    st.spec_accepted < st.spec_drafted);
     tsr_engine_free(e);
 }
 
@@ -256,8 +264,8 @@ static void test_engine_distribution(void **state)
     mp.n_layer = 1;
     assert_int_equal(tsr_mkmodel(&mp, NULL, err, sizeof err), 0);
 
-    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 64, .n_batch = 128,
-                             .n_kv_blocks = 256};
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 64, .n_batch = 128, .n_kv_blocks = 256};
     tsr_replica *rep;
     if (tsr_replica_open(target, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
     const int N = 3000;

@@ -210,10 +210,14 @@ int tsr_test_run(const char *cmdline, char **out, char **errout)
     char *e = slurp_fd(efd);
     close(efd);
     unlink(errpath);
-    if (out) *out = o;
-    else free(o);
-    if (errout) *errout = e;
-    else free(e);
+    if (out)
+        *out = o;
+    else
+        free(o);
+    if (errout)
+        *errout = e;
+    else
+        free(e);
     if (WIFEXITED(st)) return WEXITSTATUS(st);
     if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
     return -1;

@@ -39,12 +39,13 @@ static int get_hp_int(const tsr_gguf *g, const char *arch, const char *name, int
     }
     if (!tsr_gguf_kv_int(g, i, &v)) {
         tsr_set_err(err, err_len, "metadata key '%s' must be an integer, found %s", key,
-                tsr_gguf_vtype_name(tsr_gguf_kv_type(g, i)));
+                    tsr_gguf_vtype_name(tsr_gguf_kv_type(g, i)));
         return -1;
     }
     if (v < 1 || v > max) {
-        tsr_set_err(err, err_len, "metadata key '%s' = %" PRId64 " is out of range (1..%" PRId64 ")",
-                key, v, max);
+        tsr_set_err(err, err_len,
+                    "metadata key '%s' = %" PRId64 " is out of range (1..%" PRId64 ")", key, v,
+                    max);
         return -1;
     }
     *out = (int32_t)v;
@@ -84,9 +85,9 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     for (uint32_t d = 2; d < TSR_GGUF_MAX_DIMS; d++) rest *= t->ne[d];
     if (t->ne[0] != n_in || t->ne[1] != n_out || rest != 1) {
         tsr_set_err(err, err_len,
-                "tensor '%s' has shape [%" PRId64 ", %" PRId64 "], expected [%" PRId64
-                ", %" PRId64 "] from the model's hyperparameters",
-                name, t->ne[0], t->ne[1], n_in, n_out);
+                    "tensor '%s' has shape [%" PRId64 ", %" PRId64 "], expected [%" PRId64
+                    ", %" PRId64 "] from the model's hyperparameters",
+                    name, t->ne[0], t->ne[1], n_in, n_out);
         return -1;
     }
     w->type = t->type;
@@ -110,7 +111,7 @@ static int bind_vec(tsr_model *m, const char *name, int64_t n, float **out, char
     }
     if (t->ne[0] != n || t->ne[1] * t->ne[2] * t->ne[3] != 1) {
         tsr_set_err(err, err_len, "tensor '%s' has %" PRId64 " values, expected %" PRId64, name,
-                t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3], n);
+                    t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3], n);
         return -1;
     }
     *out = malloc((size_t)n * sizeof(float));
@@ -132,8 +133,10 @@ static void llama3_factors(float *ff, int n_rot, float base, float factor, float
         float freq = 1.0f / powf(base, (float)i / (float)n_rot);
         float wavelen = 2.0f * (float)M_PI / freq;
         float f;
-        if (wavelen < high_wavelen) f = 1.0f;
-        else if (wavelen > low_wavelen) f = factor;
+        if (wavelen < high_wavelen)
+            f = 1.0f;
+        else if (wavelen > low_wavelen)
+            f = factor;
         else {
             float smooth = (orig_ctx / wavelen - low_ff) / (high_ff - low_ff);
             f = 1.0f / ((1.0f - smooth) / factor + smooth);
@@ -154,9 +157,9 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
     }
     if (s.len != 5 || memcmp(s.ptr, "llama", 5) != 0) {
         tsr_set_err(err, err_len,
-                "unsupported architecture '%.*s': Tessera runs 'llama' models (Llama, "
-                "TinyLlama, Mistral-style GQA)",
-                (int)(s.len > 40 ? 40 : s.len), s.ptr);
+                    "unsupported architecture '%.*s': Tessera runs 'llama' models (Llama, "
+                    "TinyLlama, Mistral-style GQA)",
+                    (int)(s.len > 40 ? 40 : s.len), s.ptr);
         return -1;
     }
     if (get_hp_int(g, arch, "block_count", -1, 4096, &hp->n_layer, err, err_len) ||
@@ -169,16 +172,16 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
         return -1;
     if (hp->n_embd % hp->n_head != 0) {
         tsr_set_err(err, err_len, "embedding_length %d is not divisible by head_count %d",
-                hp->n_embd, hp->n_head);
+                    hp->n_embd, hp->n_head);
         return -1;
     }
     if (hp->n_head % hp->n_head_kv != 0) {
         tsr_set_err(err, err_len, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
-                hp->n_head_kv);
+                    hp->n_head_kv);
         return -1;
     }
-    if (get_hp_int(g, arch, "attention.key_length", hp->n_embd / hp->n_head, 1 << 16,
-                   &hp->head_dim, err, err_len) ||
+    if (get_hp_int(g, arch, "attention.key_length", hp->n_embd / hp->n_head, 1 << 16, &hp->head_dim,
+                   err, err_len) ||
         get_hp_int(g, arch, "rope.dimension_count", hp->head_dim, hp->head_dim, &hp->n_rot, err,
                    err_len))
         return -1;
@@ -212,8 +215,9 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
     /* Vocabulary size: the embedding's row count is the truth for the forward pass. */
     const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
     if (!te) {
-        tsr_set_err(err, err_len, "missing tensor 'token_embd.weight' (is this a vocabulary-only "
-                              "GGUF? 'tessera tokenize' works on those)");
+        tsr_set_err(err, err_len,
+                    "missing tensor 'token_embd.weight' (is this a vocabulary-only "
+                    "GGUF? 'tessera tokenize' works on those)");
         return -1;
     }
     if (te->ne[1] < 1 || te->ne[1] > INT32_MAX) {
@@ -256,10 +260,10 @@ static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
     int64_t blk = tsr_type_block_elems(full.type);
     if (c0 % blk != 0 || c1 % blk != 0) {
         tsr_set_err(err, err_len,
-                "%s is %s (blocks of %" PRId64 " values): columns %" PRId64 "..%" PRId64
-                " cut a block; choose a tensor-parallel size whose slices fall on block "
-                "boundaries",
-                name, tsr_type_name(full.type), blk, c0, c1);
+                    "%s is %s (blocks of %" PRId64 " values): columns %" PRId64 "..%" PRId64
+                    " cut a block; choose a tensor-parallel size whose slices fall on block "
+                    "boundaries",
+                    name, tsr_type_name(full.type), blk, c0, c1);
         return -1;
     }
     size_t off = tsr_row_bytes(full.type, c0);
@@ -274,8 +278,8 @@ static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
     }
     m->owned = owned;
     m->owned[m->n_owned++] = buf;
-    const uint64_t base = (uint64_t)((const uint8_t *)full.data -
-                                     (const uint8_t *)tsr_gguf_base(m->gguf));
+    const uint64_t base =
+        (uint64_t)((const uint8_t *)full.data - (const uint8_t *)tsr_gguf_base(m->gguf));
     for (int64_t r = 0; r < n_out; r++) {
         if (tsr_gguf_pread(m->gguf, base + (uint64_t)r * full.row_bytes + off,
                            buf + (size_t)r * piece, piece) != 0) {
@@ -308,7 +312,10 @@ static int bind_rows(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
     return 0;
 }
 
-static bool range_ok(int32_t b, int32_t e, int32_t n) { return 0 <= b && b <= e && e <= n; }
+static bool range_ok(int32_t b, int32_t e, int32_t n)
+{
+    return 0 <= b && b <= e && e <= n;
+}
 
 int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
                          size_t err_len)
@@ -323,8 +330,10 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     tsr_hparams *hp = &m->hp;
     char name[160];
     if (tsr_model_read_hparams(g, hp, err, err_len) != 0) goto fail;
-    if (shard) m->shard = *shard;
-    else tsr_shard_full(hp, &m->shard);
+    if (shard)
+        m->shard = *shard;
+    else
+        tsr_shard_full(hp, &m->shard);
     const tsr_shard *sh = &m->shard;
     const int32_t group = hp->n_head / hp->n_head_kv;
     if (!range_ok(sh->layer_begin, sh->layer_end, hp->n_layer) ||
@@ -335,10 +344,11 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
         !range_ok(sh->vocab_begin, sh->vocab_end, hp->n_vocab) ||
         sh->head_begin / group < sh->kv_head_begin ||
         (sh->head_end - 1) / group >= sh->kv_head_end) {
-        tsr_set_err(err, err_len, "invalid shard for this model (layers %d-%d, heads %d-%d, kv heads "
-                              "%d-%d, ff %d-%d, vocab %d-%d)",
-                sh->layer_begin, sh->layer_end, sh->head_begin, sh->head_end, sh->kv_head_begin,
-                sh->kv_head_end, sh->ff_begin, sh->ff_end, sh->vocab_begin, sh->vocab_end);
+        tsr_set_err(err, err_len,
+                    "invalid shard for this model (layers %d-%d, heads %d-%d, kv heads "
+                    "%d-%d, ff %d-%d, vocab %d-%d)",
+                    sh->layer_begin, sh->layer_end, sh->head_begin, sh->head_end, sh->kv_head_begin,
+                    sh->kv_head_end, sh->ff_begin, sh->ff_end, sh->vocab_begin, sh->vocab_end);
         goto fail;
     }
     m->first_stage = sh->layer_begin == 0;
@@ -358,8 +368,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
         int32_t orig = 8192;
         if (get_hp_float(g, "llama", "rope.scaling.factor", 1.0, &factor, err, err_len) ||
             get_hp_float(g, "llama", "rope.scaling.low_freq_factor", 1.0, &low, err, err_len) ||
-            get_hp_float(g, "llama", "rope.scaling.high_freq_factor", 4.0, &high, err,
-                         err_len) ||
+            get_hp_float(g, "llama", "rope.scaling.high_freq_factor", 4.0, &high, err, err_len) ||
             get_hp_int(g, "llama", "rope.scaling.original_context_length", 8192, 1 << 24, &orig,
                        err, err_len))
             goto fail;
@@ -374,8 +383,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     const int64_t kv_dim = (int64_t)hp->n_head_kv * hd;
     const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
     /* The embedding is read a row per token (first stage) and is the head when tied. */
-    if (bind(m, "token_embd.weight", E, hp->n_vocab, &m->tok_embd, false, err, err_len))
-        goto fail;
+    if (bind(m, "token_embd.weight", E, hp->n_vocab, &m->tok_embd, false, err, err_len)) goto fail;
     m->n_bytes_weights -= te->n_bytes;
     m->n_bytes_loaded -= te->n_bytes;
     if (m->first_stage) m->n_bytes_loaded += te->n_bytes; /* rows on demand; count all */
@@ -403,15 +411,15 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     for (int32_t li = 0; li < m->n_layer_local; li++) {
         const int32_t l = sh->layer_begin + li;
         tsr_layer *L = &m->layers[li];
-#define ROWS(field, nm, nin, nout, r0, r1)                                                     \
-    do {                                                                                       \
-        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                \
-        if (bind_rows(m, name, nin, nout, r0, r1, &L->field, false, err, err_len)) goto fail;  \
+#define ROWS(field, nm, nin, nout, r0, r1)                                                         \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                    \
+        if (bind_rows(m, name, nin, nout, r0, r1, &L->field, false, err, err_len)) goto fail;      \
     } while (0)
-#define COLS(field, nm, nin, nout, c0, c1)                                                     \
-    do {                                                                                       \
-        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                \
-        if (bind_cols(m, name, nin, nout, c0, c1, &L->field, err, err_len)) goto fail;         \
+#define COLS(field, nm, nin, nout, c0, c1)                                                         \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                    \
+        if (bind_cols(m, name, nin, nout, c0, c1, &L->field, err, err_len)) goto fail;             \
     } while (0)
         ROWS(wq, "attn_q", E, q_dim, h0, h1);
         ROWS(wk, "attn_k", E, kv_dim, k0, k1);
@@ -463,33 +471,54 @@ void tsr_model_free(tsr_model *m)
 struct tsr_ctx {
     const tsr_model *m;
     tsr_pool *pool;
-    tsr_comm *tp;           /* tensor-parallel group, or NULL */
-    int32_t n_ctx;          /* single-sequence contexts: max positions; else 0 */
+    tsr_comm *tp;  /* tensor-parallel group, or NULL */
+    int32_t n_ctx; /* single-sequence contexts: max positions; else 0 */
     int32_t n_batch;
     int32_t n_kv_blocks;
-    int32_t kv_dim;         /* local: (kv_head_end - kv_head_begin) * head_dim */
+    int32_t kv_dim; /* local: (kv_head_end - kv_head_begin) * head_dim */
     /* KV pool: [n_layer_local][n_kv_blocks * TSR_KV_BLOCK_SIZE][kv_dim] float32 each. */
     float *k_cache, *v_cache;
-    int32_t *ident_table;   /* single sequence: block table 0, 1, 2, ... */
+    int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
-    float *att_scores;      /* [n_threads][max positions] */
-    int32_t max_pos;        /* positions a sequence may reach (att_scores size) */
-    float *logits;          /* [n_batch][vocab slice] */
-    float *head_in;         /* [n_batch][n_embd]: normed hidden of tokens that want logits */
+    float *att_scores; /* [n_threads][max positions] */
+    int32_t max_pos;   /* positions a sequence may reach (att_scores size) */
+    float *logits;     /* [n_batch][vocab slice] */
+    float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
     void *scratch;
-    const tsr_batch *b;     /* the batch in flight (attention workers read it) */
+    const tsr_batch *b; /* the batch in flight (attention workers read it) */
     uint64_t t_forward_ns;
     uint64_t t_comm_ns;
 };
 
-int32_t tsr_ctx_n_ctx(const tsr_ctx *c) { return c->n_ctx; }
-int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c) { return c->n_kv_blocks; }
-int32_t tsr_ctx_n_batch(const tsr_ctx *c) { return c->n_batch; }
-uint64_t tsr_ctx_forward_ns(const tsr_ctx *c) { return c->t_forward_ns; }
-uint64_t tsr_ctx_comm_ns(const tsr_ctx *c) { return c->t_comm_ns; }
-float *tsr_ctx_hidden(tsr_ctx *c) { return c->x; }
-void tsr_ctx_set_tp_comm(tsr_ctx *c, tsr_comm *tp) { c->tp = tp; }
+int32_t tsr_ctx_n_ctx(const tsr_ctx *c)
+{
+    return c->n_ctx;
+}
+int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c)
+{
+    return c->n_kv_blocks;
+}
+int32_t tsr_ctx_n_batch(const tsr_ctx *c)
+{
+    return c->n_batch;
+}
+uint64_t tsr_ctx_forward_ns(const tsr_ctx *c)
+{
+    return c->t_forward_ns;
+}
+uint64_t tsr_ctx_comm_ns(const tsr_ctx *c)
+{
+    return c->t_comm_ns;
+}
+float *tsr_ctx_hidden(tsr_ctx *c)
+{
+    return c->x;
+}
+void tsr_ctx_set_tp_comm(tsr_ctx *c, tsr_comm *tp)
+{
+    c->tp = tp;
+}
 
 static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                      tsr_ctx **out, char *err, size_t err_len)
@@ -558,7 +587,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     return 0;
 oom:
     tsr_set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens)",
-            n_kv_blocks, TSR_KV_BLOCK_SIZE);
+                n_kv_blocks, TSR_KV_BLOCK_SIZE);
     tsr_ctx_free(c);
     return -1;
 }
@@ -569,8 +598,8 @@ int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, 
     return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, out, err, err_len);
 }
 
-int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
-                tsr_ctx **out, char *err, size_t err_len)
+int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads, tsr_ctx **out,
+                char *err, size_t err_len)
 {
     const tsr_hparams *hp = &m->hp;
     if (n_ctx <= 0) n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
@@ -692,7 +721,7 @@ static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t e
     for (int32_t i = 0; i < b->n_tokens; i++) {
         if (c->m->first_stage && (b->tokens[i] < 0 || b->tokens[i] >= hp->n_vocab)) {
             tsr_set_err(err, err_len, "token id %d at index %d is out of range (vocabulary has %d)",
-                    b->tokens[i], i, hp->n_vocab);
+                        b->tokens[i], i, hp->n_vocab);
             return -1;
         }
         int32_t s = b->seq[i];
@@ -703,16 +732,16 @@ static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t e
         int32_t p = b->pos[i];
         if (p < 0 || p / TSR_KV_BLOCK_SIZE >= b->n_blocks[s] || p >= c->max_pos) {
             tsr_set_err(err, err_len,
-                    "position %d of sequence %d is beyond its %d KV blocks (context full: the "
-                    "prompt plus generated tokens must fit the context)",
-                    p, s, b->n_blocks[s]);
+                        "position %d of sequence %d is beyond its %d KV blocks (context full: the "
+                        "prompt plus generated tokens must fit the context)",
+                        p, s, b->n_blocks[s]);
             return -1;
         }
         for (int32_t k = 0; k <= p / TSR_KV_BLOCK_SIZE; k++) {
             int32_t blk = b->block_tables[s][k];
             if (blk < 0 || blk >= c->n_kv_blocks) {
                 tsr_set_err(err, err_len, "sequence %d uses KV block %d of a pool of %d", s, blk,
-                        c->n_kv_blocks);
+                            c->n_kv_blocks);
                 return -1;
             }
         }
@@ -826,9 +855,9 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
     }
     if (pos0 < 0 || n > c->n_ctx - pos0) {
         tsr_set_err(err, err_len,
-                "positions %d..%d exceed the context size %d (the prompt plus generated "
-                "tokens must fit; use a larger context or a shorter prompt)",
-                pos0, pos0 + n - 1, c->n_ctx);
+                    "positions %d..%d exceed the context size %d (the prompt plus generated "
+                    "tokens must fit; use a larger context or a shorter prompt)",
+                    pos0, pos0 + n - 1, c->n_ctx);
         return -1;
     }
     if (all_logits && n > c->n_batch) {

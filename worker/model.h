@@ -28,7 +28,7 @@ typedef struct {
     int32_t n_layer;
     int32_t n_head;
     int32_t n_head_kv;
-    int32_t head_dim;    /* n_embd / n_head */
+    int32_t head_dim; /* n_embd / n_head */
     int32_t n_ff;
     int32_t n_rot;       /* rotary dims per head (<= head_dim) */
     int32_t n_ctx_train; /* llama.context_length */
@@ -68,11 +68,11 @@ typedef struct {
     float *output_norm;    /* [n_embd] */
     tsr_weight output;     /* [n_embd] -> [n_vocab]; == tok_embd when tied */
     bool tied;
-    float *freq_factors;   /* [n_rot/2] or NULL */
-    tsr_layer *layers;     /* [n_layer_local]: layer layer_begin + i */
+    float *freq_factors;      /* [n_rot/2] or NULL */
+    tsr_layer *layers;        /* [n_layer_local]: layer layer_begin + i */
     uint64_t n_bytes_weights; /* bytes of tensor data the forward pass reads per token */
     uint64_t n_bytes_loaded;  /* bytes of the file this rank's views and copies cover */
-    void **owned;          /* private copies of column slices (tensor parallelism) */
+    void **owned;             /* private copies of column slices (tensor parallelism) */
     int32_t n_owned;
     const tsr_gguf *gguf;
 } tsr_model;
@@ -108,8 +108,8 @@ typedef struct tsr_ctx tsr_ctx;
 /* A context for one sequence of up to n_ctx tokens (0: the model's n_ctx_train, capped at
  * 4096; its block table is 0, 1, 2, ...), batches of up to n_batch tokens, n_threads
  * threads. */
-int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
-                tsr_ctx **out, char *err, size_t err_len);
+int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads, tsr_ctx **out,
+                char *err, size_t err_len);
 
 /* A context with a KV pool of n_kv_blocks blocks for many sequences (serving). */
 int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
@@ -127,10 +127,10 @@ void tsr_ctx_set_tp_comm(tsr_ctx *c, tsr_comm *tp);
  * are returned, in batch order. */
 typedef struct {
     int32_t n_tokens;
-    const int32_t *tokens;             /* [n_tokens] */
-    const int32_t *pos;                /* [n_tokens] */
-    const int32_t *seq;                /* [n_tokens] */
-    const uint8_t *want_logits;        /* [n_tokens] */
+    const int32_t *tokens;      /* [n_tokens] */
+    const int32_t *pos;         /* [n_tokens] */
+    const int32_t *seq;         /* [n_tokens] */
+    const uint8_t *want_logits; /* [n_tokens] */
     int32_t n_seqs;
     const int32_t *const *block_tables; /* [n_seqs][n_blocks[s]] */
     const int32_t *n_blocks;            /* [n_seqs] */
@@ -154,9 +154,10 @@ void tsr_ctx_free(tsr_ctx *c);
 int32_t tsr_ctx_n_ctx(const tsr_ctx *c);
 
 /* Single sequence, single process (whole model): run n tokens at positions
- * pos0 .. pos0+n-1 (earlier positions must already be in the KV cache). n may exceed n_batch: it is processed in chunks. On success returns 0 and
- * *logits points at the logits (owned by the context, valid until the next call): the last
- * token's [n_vocab], or, when all_logits, [n][n_vocab] (n <= n_batch then). */
+ * pos0 .. pos0+n-1 (earlier positions must already be in the KV cache). n may exceed n_batch: it is
+ * processed in chunks. On success returns 0 and *logits points at the logits (owned by the context,
+ * valid until the next call): the last token's [n_vocab], or, when all_logits, [n][n_vocab] (n <=
+ * n_batch then). */
 int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool all_logits,
                 const float **logits, char *err, size_t err_len);
 

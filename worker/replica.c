@@ -32,7 +32,7 @@ struct tsr_replica {
     tsr_vocab *vocab;
     tsr_model *m;
     tsr_ctx *ctx;
-    int32_t *wire;        /* descriptor buffer */
+    int32_t *wire; /* descriptor buffer */
     size_t wire_cap;
     float *logits_slice;  /* [n_batch][vocab slice] */
     float *logits_gather; /* [n_batch * n_vocab] gathered in rank-block order */
@@ -40,25 +40,55 @@ struct tsr_replica {
     size_t *counts, *displs;
     const int32_t **tables; /* [tables_cap] per-sequence block tables of a step */
     int32_t tables_cap;
-    uint8_t *want;          /* [n_batch] */
-    int32_t n_ctx;          /* max positions of one sequence */
+    uint8_t *want; /* [n_batch] */
+    int32_t n_ctx; /* max positions of one sequence */
     tsr_rank_stats st;
 };
 
-bool tsr_replica_is_leader(const tsr_replica *r) { return r->rank == 0; }
-int tsr_replica_rank(const tsr_replica *r) { return r->rank; }
-int tsr_replica_size(const tsr_replica *r) { return r->size; }
-const tsr_vocab *tsr_replica_vocab(const tsr_replica *r) { return r->vocab; }
-const tsr_gguf *tsr_replica_gguf(const tsr_replica *r) { return r->g; }
-const tsr_hparams *tsr_replica_hparams(const tsr_replica *r) { return &r->m->hp; }
-const tsr_plan *tsr_replica_plan(const tsr_replica *r) { return &r->plan; }
-int32_t tsr_replica_n_ctx(const tsr_replica *r) { return r->n_ctx; }
-int32_t tsr_replica_n_batch(const tsr_replica *r) { return tsr_ctx_n_batch(r->ctx); }
-int32_t tsr_replica_n_kv_blocks(const tsr_replica *r) { return tsr_ctx_n_kv_blocks(r->ctx); }
+bool tsr_replica_is_leader(const tsr_replica *r)
+{
+    return r->rank == 0;
+}
+int tsr_replica_rank(const tsr_replica *r)
+{
+    return r->rank;
+}
+int tsr_replica_size(const tsr_replica *r)
+{
+    return r->size;
+}
+const tsr_vocab *tsr_replica_vocab(const tsr_replica *r)
+{
+    return r->vocab;
+}
+const tsr_gguf *tsr_replica_gguf(const tsr_replica *r)
+{
+    return r->g;
+}
+const tsr_hparams *tsr_replica_hparams(const tsr_replica *r)
+{
+    return &r->m->hp;
+}
+const tsr_plan *tsr_replica_plan(const tsr_replica *r)
+{
+    return &r->plan;
+}
+int32_t tsr_replica_n_ctx(const tsr_replica *r)
+{
+    return r->n_ctx;
+}
+int32_t tsr_replica_n_batch(const tsr_replica *r)
+{
+    return tsr_ctx_n_batch(r->ctx);
+}
+int32_t tsr_replica_n_kv_blocks(const tsr_replica *r)
+{
+    return tsr_ctx_n_kv_blocks(r->ctx);
+}
 
 /* The planner's view of a model file. */
-static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_model *pm,
-                           char *err, size_t err_len)
+static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_model *pm, char *err,
+                           size_t err_len)
 {
     memset(pm, 0, sizeof *pm);
     pm->n_layer = hp->n_layer;
@@ -68,9 +98,9 @@ static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_mo
     pm->head_dim = hp->head_dim;
     pm->n_ff = hp->n_ff;
     pm->n_vocab = hp->n_vocab;
-    static const char *names[7] = {"attn_q", "attn_k", "attn_v", "attn_output",
+    static const char *names[7] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
                                    "ffn_gate", "ffn_up", "ffn_down"};
-    uint32_t *types[7] = {&pm->type_attn_q, &pm->type_attn_k, &pm->type_attn_v,
+    uint32_t *types[7] = {&pm->type_attn_q,      &pm->type_attn_k,   &pm->type_attn_v,
                           &pm->type_attn_output, &pm->type_ffn_gate, &pm->type_ffn_up,
                           &pm->type_ffn_down};
     uint64_t layer_bytes = 0;
@@ -119,7 +149,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->p = *p;
     if (r->p.tp < 1 || r->p.pp < 1 || (int64_t)r->p.tp * r->p.pp > TSR_PLAN_MAX_RANKS) {
         tsr_set_err(err, err_len, "--tp and --pp must be >= 1 with tp × pp <= %d",
-                TSR_PLAN_MAX_RANKS);
+                    TSR_PLAN_MAX_RANKS);
         goto fail;
     }
     if (r->p.n_batch <= 0) r->p.n_batch = 128;
@@ -131,9 +161,9 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     } else {
         if (want > 1) {
             tsr_set_err(err, err_len,
-                    "--tp %d --pp %d needs %d ranks: start it with 'mpirun -np %d tessera ...' "
-                    "(or srun -n %d under Slurm)",
-                    r->p.tp, r->p.pp, want, want, want);
+                        "--tp %d --pp %d needs %d ranks: start it with 'mpirun -np %d tessera ...' "
+                        "(or srun -n %d under Slurm)",
+                        r->p.tp, r->p.pp, want, want, want);
             goto fail;
         }
         if (tsr_comm_local_new(&r->world, err, err_len) != 0) goto fail;
@@ -143,9 +173,9 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->size = r->world->size;
     if (r->size != want) {
         tsr_set_err(err, err_len,
-                "the MPI job has %d ranks but --tp %d --pp %d needs %d: use mpirun -np %d, or "
-                "change --tp/--pp",
-                r->size, r->p.tp, r->p.pp, want, want);
+                    "the MPI job has %d ranks but --tp %d --pp %d needs %d: use mpirun -np %d, or "
+                    "change --tp/--pp",
+                    r->size, r->p.tp, r->p.pp, want, want);
         goto fail;
     }
     r->stage = r->rank / r->p.tp;
@@ -157,7 +187,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     if (tsr_model_read_hparams(r->g, &hp, err, err_len) != 0) goto fail;
     if (tsr_vocab_n_tokens(r->vocab) != hp.n_vocab) {
         tsr_set_err(err, err_len, "the vocabulary has %d tokens but token_embd.weight has %d rows",
-                tsr_vocab_n_tokens(r->vocab), hp.n_vocab);
+                    tsr_vocab_n_tokens(r->vocab), hp.n_vocab);
         goto fail;
     }
     tsr_plan_model pm;
@@ -182,8 +212,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
         if (tsr_ctx_new_paged(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, &r->ctx, err,
                               err_len) != 0)
             goto fail;
-    } else if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) !=
-               0) {
+    } else if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) != 0) {
         goto fail;
     }
     r->n_ctx = n_ctx;
@@ -273,7 +302,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const int32_t *tab = n_blocks + n_seqs;
     if (n > tsr_ctx_n_batch(r->ctx)) {
         tsr_set_err(err, err_len, "step of %d tokens exceeds the batch size %d", n,
-                tsr_ctx_n_batch(r->ctx));
+                    tsr_ctx_n_batch(r->ctx));
         return -1;
     }
     if (n_seqs > r->tables_cap) {
@@ -324,7 +353,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         int want_mb = r->p.pp < n_seqs ? r->p.pp : n_seqs;
         for (int32_t i = 1; i < n && n_mb < want_mb; i++) {
             /* Cut before token i when it starts a new sequence and the part is big enough. */
-            if (seq[i] != seq[i - 1] && i - cuts[n_mb - 1] >= (n - cuts[n_mb - 1]) / (want_mb - n_mb + 1))
+            if (seq[i] != seq[i - 1] &&
+                i - cuts[n_mb - 1] >= (n - cuts[n_mb - 1]) / (want_mb - n_mb + 1))
                 cuts[n_mb++] = i;
         }
     }
@@ -335,8 +365,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         float *xj = x + (size_t)off * E;
         if (r->stage > 0) {
             int peer = (r->stage - 1) * r->p.tp + r->tp_rank;
-            if (tsr_comm_recv(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN,
-                              err, err_len) != 0)
+            if (tsr_comm_recv(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN, err,
+                              err_len) != 0)
                 return -1;
         }
         tsr_batch bj = b;
@@ -350,8 +380,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         for (int32_t i = 0; i < len; i++) want_done += want[off + i] ? 1 : 0;
         if (r->stage < last) {
             int peer = (r->stage + 1) * r->p.tp + r->tp_rank;
-            if (tsr_comm_send(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN,
-                              err, err_len) != 0)
+            if (tsr_comm_send(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN, err,
+                              err_len) != 0)
                 return -1;
         }
     }
@@ -365,8 +395,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
             size_t off = 0;
             for (int k = 0; k < r->p.tp; k++) {
                 const tsr_plan_rank *q = &r->plan.ranks[r->stage * r->p.tp + k];
-                r->counts[k] = (size_t)n_want * (size_t)(q->vocab_end - q->vocab_begin) *
-                               sizeof(float);
+                r->counts[k] =
+                    (size_t)n_want * (size_t)(q->vocab_end - q->vocab_begin) * sizeof(float);
                 r->displs[k] = off;
                 off += r->counts[k];
             }
@@ -377,7 +407,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
             for (int k = 0; k < r->p.tp; k++) {
                 const tsr_plan_rank *q = &r->plan.ranks[r->stage * r->p.tp + k];
                 size_t vq = (size_t)(q->vocab_end - q->vocab_begin);
-                const float *src = (const float *)((const uint8_t *)r->logits_gather + r->displs[k]);
+                const float *src =
+                    (const float *)((const uint8_t *)r->logits_gather + r->displs[k]);
                 for (int32_t t = 0; t < n_want; t++)
                     memcpy(full + (size_t)t * V + (size_t)q->vocab_begin, src + (size_t)t * vq,
                            vq * sizeof(float));
@@ -393,8 +424,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     }
     if (r->rank == 0 && r->stage != last && n_want > 0) {
         int peer = last * r->p.tp;
-        if (tsr_comm_recv(r->world, r->logits, (size_t)n_want * V * sizeof(float), peer,
-                          TAG_LOGITS, err, err_len) != 0)
+        if (tsr_comm_recv(r->world, r->logits, (size_t)n_want * V * sizeof(float), peer, TAG_LOGITS,
+                          err, err_len) != 0)
             return -1;
     }
     uint64_t dt = tsr_now_ns() - t0;
@@ -420,9 +451,9 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
     const int32_t n_ctx = r->n_ctx;
     if (n <= 0 || pos0 < 0 || n > n_ctx - pos0) {
         tsr_set_err(err, err_len,
-                "positions %d..%d exceed the context size %d (the prompt plus generated tokens "
-                "must fit; raise --ctx-size or shorten the prompt)",
-                pos0, pos0 + n - 1, n_ctx);
+                    "positions %d..%d exceed the context size %d (the prompt plus generated tokens "
+                    "must fit; raise --ctx-size or shorten the prompt)",
+                    pos0, pos0 + n - 1, n_ctx);
         return -1;
     }
     const int32_t nb = tsr_ctx_n_batch(r->ctx);
@@ -477,7 +508,7 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
     }
     if (b->n_tokens < 1 || b->n_tokens > tsr_ctx_n_batch(r->ctx) || b->n_seqs < 1) {
         tsr_set_err(err, err_len, "a step needs 1..%d tokens and at least one sequence",
-                tsr_ctx_n_batch(r->ctx));
+                    tsr_ctx_n_batch(r->ctx));
         return -1;
     }
     size_t n_tab = 0;
@@ -545,8 +576,8 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
         }
         size_t n_ints = HDR_INTS + 4 * (size_t)n + (size_t)n_seqs + (size_t)n_tab;
         if (wire_reserve(r, n_ints) != 0) goto oom;
-        if (tsr_comm_bcast(r->world, r->wire + HDR_INTS, (n_ints - HDR_INTS) * sizeof(int32_t),
-                           0, err, err_len) != 0)
+        if (tsr_comm_bcast(r->world, r->wire + HDR_INTS, (n_ints - HDR_INTS) * sizeof(int32_t), 0,
+                           err, err_len) != 0)
             return -1;
         if (run_step(r, err, err_len) != 0) return -1;
     }

@@ -32,23 +32,23 @@
 #include "worker/model.h"
 
 typedef struct {
-    int32_t tp, pp;          /* >= 1; tp × pp must equal the MPI job's size */
-    const char *layers;      /* NULL or a per-stage override "0-7,8-15" */
-    uint64_t mem_budget;     /* bytes per rank for weights + KV, 0 = unlimited */
-    int n_threads;           /* compute threads per rank */
-    int32_t n_ctx;           /* single-sequence context (0: model default) */
-    int32_t n_batch;         /* max tokens per step (0: 128) */
-    int64_t timeout_ms;      /* deadline of every communication wait (0: 30000) */
-    int32_t n_kv_blocks;     /* > 0: a paged KV pool of this many blocks for many
-                                sequences (serving, tsr_replica_step); 0: one sequence of
-                                n_ctx tokens (tsr_replica_forward) */
+    int32_t tp, pp;      /* >= 1; tp × pp must equal the MPI job's size */
+    const char *layers;  /* NULL or a per-stage override "0-7,8-15" */
+    uint64_t mem_budget; /* bytes per rank for weights + KV, 0 = unlimited */
+    int n_threads;       /* compute threads per rank */
+    int32_t n_ctx;       /* single-sequence context (0: model default) */
+    int32_t n_batch;     /* max tokens per step (0: 128) */
+    int64_t timeout_ms;  /* deadline of every communication wait (0: 30000) */
+    int32_t n_kv_blocks; /* > 0: a paged KV pool of this many blocks for many
+                            sequences (serving, tsr_replica_step); 0: one sequence of
+                            n_ctx tokens (tsr_replica_forward) */
 } tsr_replica_params;
 
 /* Per-rank figures for observability (gathered on the leader by tsr_replica_stats). */
 typedef struct {
     int32_t rank, stage, tp_rank;
-    uint64_t t_compute_ns;   /* forward-pass time minus communication */
-    uint64_t t_comm_ns;      /* all-reduces, pipeline send/recv, logits gather */
+    uint64_t t_compute_ns; /* forward-pass time minus communication */
+    uint64_t t_comm_ns;    /* all-reduces, pipeline send/recv, logits gather */
     uint64_t n_bytes_sent;
     uint64_t n_steps;
     uint64_t n_tokens;       /* tokens processed (all steps) */
