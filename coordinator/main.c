@@ -5,6 +5,7 @@
  * --help. Exit status: 0 ok, 1 runtime error (bad model file, out of memory, ...),
  * 2 usage error (unknown flag, bad value) — with a message that says what to fix.
  */
+#include "coordinator/cli.h"
 #include "coordinator/drafter.h"
 #include "kernels/util.h"
 #include "coordinator/engine.h"
@@ -20,11 +21,9 @@
 #include "worker/replica.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,7 +32,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EXIT_USAGE    2
 #define DEFAULT_MODEL "../shared/models/stories260K.gguf"
 
 #define REPLICA_HELP                                                                               \
@@ -45,71 +43,20 @@
 
 static const char *g_prog = "tessera";
 
-static int usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int usage_error(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-    fprintf(stderr, "%s %s: ", g_prog, cmd);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\nRun '%s %s --help' for the flags.\n", g_prog, cmd);
-    return EXIT_USAGE;
-}
-
-/* ---- number parsing that rejects garbage ---- */
-
-static bool parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return false;
-    *out = v;
-    return true;
-}
-
-static bool parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    if (*s == '-') return false;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end) return false;
-    *out = v;
-    return true;
-}
-
-static bool parse_f32(const char *s, float *out)
-{
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || !isfinite(v)) return false;
-    *out = v;
-    return true;
-}
-
 #define INT_FLAG(cmd, name, lo, hi, dst)                                                           \
     do {                                                                                           \
         int64_t v_;                                                                                \
-        if (!parse_i64(optarg, lo, hi, &v_))                                                       \
-            return usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,           \
-                               (long long)(lo), (long long)(hi), optarg);                          \
+        if (!tsr_cli_parse_i64(optarg, lo, hi, &v_))                                               \
+            return tsr_cli_usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,   \
+                                       (long long)(lo), (long long)(hi), optarg);                  \
         (dst) = v_;                                                                                \
     } while (0)
 
 #define FLOAT_FLAG(cmd, name, dst)                                                                 \
     do {                                                                                           \
-        if (!parse_f32(optarg, &(dst)))                                                            \
-            return usage_error(cmd, "%s needs a number, got '%s'", name, optarg);                  \
+        if (!tsr_cli_parse_f32(optarg, &(dst)))                                                    \
+            return tsr_cli_usage_error(cmd, "%s needs a number, got '%s'", name, optarg);          \
     } while (0)
-
-static int default_threads(void)
-{
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
-}
 
 /* ---- inspect ---- */
 
@@ -176,9 +123,9 @@ static int cmd_inspect(int argc, char **argv)
             fputs(inspect_help, stdout);
             return 0;
         }
-        return usage_error("inspect", "unknown flag");
+        return tsr_cli_usage_error("inspect", "unknown flag");
     }
-    if (optind != argc - 1) return usage_error("inspect", "needs exactly one FILE");
+    if (optind != argc - 1) return tsr_cli_usage_error("inspect", "needs exactly one FILE");
     char err[512];
     tsr_gguf *g;
     if (tsr_gguf_open(argv[optind], &g, err, sizeof err) != 0) {
@@ -312,10 +259,11 @@ static int cmd_tokenize(int argc, char **argv)
             fputs(tokenize_help, stdout);
             return 0;
         default:
-            return usage_error("tokenize", "unknown flag");
+            return tsr_cli_usage_error("tokenize", "unknown flag");
         }
     }
-    if (optind != argc - 1) return usage_error("tokenize", "needs exactly one TEXT argument");
+    if (optind != argc - 1)
+        return tsr_cli_usage_error("tokenize", "needs exactly one TEXT argument");
     if (parse_special < 0) parse_special = add_special;
     loaded l;
     if (load("tokenize", model, false, 0, 1, &l) != 0) return 1;
@@ -384,15 +332,15 @@ static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
     int64_t v;
     switch (c) {
     case O_TP:
-        if (!parse_i64(optarg, 1, 256, &v)) {
-            usage_error(cmd, "--tp needs an integer in 1..256, got '%s'", optarg);
+        if (!tsr_cli_parse_i64(optarg, 1, 256, &v)) {
+            tsr_cli_usage_error(cmd, "--tp needs an integer in 1..256, got '%s'", optarg);
             return 2;
         }
         rp->tp = (int32_t)v;
         return 0;
     case O_PP:
-        if (!parse_i64(optarg, 1, 256, &v)) {
-            usage_error(cmd, "--pp needs an integer in 1..256, got '%s'", optarg);
+        if (!tsr_cli_parse_i64(optarg, 1, 256, &v)) {
+            tsr_cli_usage_error(cmd, "--pp needs an integer in 1..256, got '%s'", optarg);
             return 2;
         }
         rp->pp = (int32_t)v;
@@ -401,8 +349,9 @@ static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
         rp->layers = optarg;
         return 0;
     case O_COMM_TIMEOUT:
-        if (!parse_i64(optarg, 1, 86400000, &v)) {
-            usage_error(cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'", optarg);
+        if (!tsr_cli_parse_i64(optarg, 1, 86400000, &v)) {
+            tsr_cli_usage_error(cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'",
+                                optarg);
             return 2;
         }
         rp->timeout_ms = v;
@@ -519,7 +468,7 @@ static int cmd_generate(int argc, char **argv)
     const char *spec_oracle = NULL;
     int64_t spec_k = 4;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t n_predict = 128, n_ctx = 0, n_threads = default_threads();
+    int64_t n_predict = 128, n_ctx = 0, n_threads = tsr_cli_default_threads();
     bool json = false, seed_set = false;
     const char *stops[MAX_STOPS];
     size_t n_stops = 0;
@@ -573,15 +522,15 @@ static int cmd_generate(int argc, char **argv)
             FLOAT_FLAG("generate", "--frequency-penalty", gp.sampling.frequency_penalty);
             break;
         case O_SEED:
-            if (!parse_u64(optarg, &gp.sampling.seed))
-                return usage_error("generate", "--seed needs a non-negative integer, got '%s'",
-                                   optarg);
+            if (!tsr_cli_parse_u64(optarg, &gp.sampling.seed))
+                return tsr_cli_usage_error("generate",
+                                           "--seed needs a non-negative integer, got '%s'", optarg);
             seed_set = true;
             break;
         case O_STOP:
             if (n_stops == MAX_STOPS)
-                return usage_error("generate", "at most %d --stop strings", MAX_STOPS);
-            if (!*optarg) return usage_error("generate", "--stop needs a non-empty string");
+                return tsr_cli_usage_error("generate", "at most %d --stop strings", MAX_STOPS);
+            if (!*optarg) return tsr_cli_usage_error("generate", "--stop needs a non-empty string");
             stops[n_stops++] = optarg;
             break;
         case O_IGNORE_EOS:
@@ -599,7 +548,7 @@ static int cmd_generate(int argc, char **argv)
             else if (!strncmp(optarg, "oracle:", 7))
                 spec_oracle = optarg + 7;
             else if (strcmp(optarg, "off") != 0)
-                return usage_error(
+                return tsr_cli_usage_error(
                     "generate", "--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'", optarg);
             break;
         case O_SPEC_K:
@@ -614,24 +563,24 @@ static int cmd_generate(int argc, char **argv)
                 if (r) return r;
                 break;
             }
-            return usage_error("generate", "unknown flag");
+            return tsr_cli_usage_error("generate", "unknown flag");
         }
         }
     }
     if (optind != argc)
-        return usage_error("generate", "unexpected argument '%s' (the prompt goes after -p)",
-                           argv[optind]);
-    if (!prompt) return usage_error("generate", "needs a prompt: -p TEXT");
+        return tsr_cli_usage_error(
+            "generate", "unexpected argument '%s' (the prompt goes after -p)", argv[optind]);
+    if (!prompt) return tsr_cli_usage_error("generate", "needs a prompt: -p TEXT");
     if (!seed_set) gp.sampling.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     char err[512];
     if (tsr_sampling_params_validate(&gp.sampling, err, sizeof err) != 0)
-        return usage_error("generate", "%s", err);
+        return tsr_cli_usage_error("generate", "%s", err);
     gp.max_tokens = (int32_t)n_predict;
     gp.stop = stops;
     gp.n_stop = n_stops;
 
     if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
-        return usage_error("generate", "choose one of --draft-model and --spec");
+        return tsr_cli_usage_error("generate", "choose one of --draft-model and --spec");
     g_spec_oracle = spec_oracle;
     rp.n_threads = (int)n_threads;
     rp.n_ctx = (int32_t)n_ctx;
@@ -923,8 +872,8 @@ static int cmd_mkmodel(int argc, char **argv)
             p.tied = true;
             break;
         case O_SEED:
-            if (!parse_u64(optarg, &p.seed))
-                return usage_error("mkmodel", "--seed needs a non-negative integer");
+            if (!tsr_cli_parse_u64(optarg, &p.seed))
+                return tsr_cli_usage_error("mkmodel", "--seed needs a non-negative integer");
             break;
         case O_ROPE:
             FLOAT_FLAG("mkmodel", "--rope-base", p.rope_freq_base);
@@ -933,12 +882,13 @@ static int cmd_mkmodel(int argc, char **argv)
             fputs(mkmodel_help, stdout);
             return 0;
         default:
-            return usage_error("mkmodel", "unknown flag");
+            return tsr_cli_usage_error("mkmodel", "unknown flag");
         }
     }
-    if (optind != argc) return usage_error("mkmodel", "unexpected argument '%s'", argv[optind]);
-    if (!p.out_path) return usage_error("mkmodel", "needs an output file: -o OUT.gguf");
-    if (!p.vocab_from) return usage_error("mkmodel", "needs --vocab-from VOCAB.gguf");
+    if (optind != argc)
+        return tsr_cli_usage_error("mkmodel", "unexpected argument '%s'", argv[optind]);
+    if (!p.out_path) return tsr_cli_usage_error("mkmodel", "needs an output file: -o OUT.gguf");
+    if (!p.vocab_from) return tsr_cli_usage_error("mkmodel", "needs --vocab-from VOCAB.gguf");
     p.n_head_kv = head_kv > 0 ? (int32_t)head_kv : p.n_head;
     char err[512];
     if (tsr_mkmodel(&p, print_note, err, sizeof err) != 0) {
@@ -1035,7 +985,7 @@ static int cmd_bench(int argc, char **argv)
     bool verify_cost = false;
     int64_t spec_k = 4;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t n_threads = default_threads(), n_prompt = 128, n_gen = 64, reps = 3;
+    int64_t n_threads = tsr_cli_default_threads(), n_prompt = 128, n_gen = 64, reps = 3;
     bool json = false;
     int c;
     while ((c = getopt_long(argc, argv, "m:t:p:n:r:h", opts, NULL)) != -1) {
@@ -1063,7 +1013,8 @@ static int cmd_bench(int argc, char **argv)
             break;
         case O_SPEC:
             if (strcmp(optarg, "ngram") && strcmp(optarg, "oracle"))
-                return usage_error("bench", "--spec takes 'ngram' or 'oracle', got '%s'", optarg);
+                return tsr_cli_usage_error("bench", "--spec takes 'ngram' or 'oracle', got '%s'",
+                                           optarg);
             spec = optarg;
             break;
         case O_SPEC_K:
@@ -1081,12 +1032,14 @@ static int cmd_bench(int argc, char **argv)
                 if (r) return r;
                 break;
             }
-            return usage_error("bench", "unknown flag");
+            return tsr_cli_usage_error("bench", "unknown flag");
         }
         }
     }
-    if (optind != argc) return usage_error("bench", "unexpected argument '%s'", argv[optind]);
-    if (draft_model && spec) return usage_error("bench", "choose one of --draft-model and --spec");
+    if (optind != argc)
+        return tsr_cli_usage_error("bench", "unexpected argument '%s'", argv[optind]);
+    if (draft_model && spec)
+        return tsr_cli_usage_error("bench", "choose one of --draft-model and --spec");
     rp.n_threads = (int)n_threads;
     /* Room for the prompt, the generated tokens and up to 16 drafts past them. */
     rp.n_ctx = (int32_t)(n_prompt + n_gen + 24);
@@ -1417,8 +1370,8 @@ static int cmd_plan(int argc, char **argv)
             INT_FLAG("plan", "--ctx-size", 1, 1 << 24, n_ctx);
             break;
         case O_MEM:
-            if (!parse_u64(optarg, &mem))
-                return usage_error("plan", "--mem needs a byte count, got '%s'", optarg);
+            if (!tsr_cli_parse_u64(optarg, &mem))
+                return tsr_cli_usage_error("plan", "--mem needs a byte count, got '%s'", optarg);
             break;
         case 'h':
             fputs(plan_help, stdout);
@@ -1429,11 +1382,12 @@ static int cmd_plan(int argc, char **argv)
                 if (r) return r;
                 break;
             }
-            return usage_error("plan", "unknown flag");
+            return tsr_cli_usage_error("plan", "unknown flag");
         }
         }
     }
-    if (optind != argc) return usage_error("plan", "unexpected argument '%s'", argv[optind]);
+    if (optind != argc)
+        return tsr_cli_usage_error("plan", "unexpected argument '%s'", argv[optind]);
     char err[1024];
     tsr_gguf *g;
     if (tsr_gguf_open(model, &g, err, sizeof err) != 0) {
@@ -1480,7 +1434,7 @@ int main(int argc, char **argv)
 {
     if (argc < 2) {
         fputs(main_help, stderr);
-        return EXIT_USAGE;
+        return TSR_CLI_EXIT_USAGE;
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
@@ -1503,5 +1457,5 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "plan")) return cmd_plan(argc, argv);
     if (!strcmp(cmd, "serve")) return tsr_cmd_serve(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);
-    return EXIT_USAGE;
+    return TSR_CLI_EXIT_USAGE;
 }

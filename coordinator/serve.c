@@ -18,6 +18,8 @@
  * rank holds its share of every block (its layers, its KV heads). With tp > n_head_kv the
  * KV heads are replicated across ranks, so the real total is somewhat larger.
  */
+#include "coordinator/cli.h"
+#include "kernels/util.h"
 #include "coordinator/drafter.h"
 #include "coordinator/server.h"
 
@@ -40,7 +42,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EXIT_USAGE        2
 #define DEFAULT_MODEL     "../shared/models/stories260K.gguf"
 #define DEFAULT_KV_MEMORY (1ull << 30) /* upper bound; see default_kv_blocks */
 #define DEFAULT_GRACE_MS  10000
@@ -88,83 +89,6 @@ static const char *serve_help =
     "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
     "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
     "  -h, --help                this help\n";
-
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int usage_error(const char *fmt, ...)
-{
-    va_list ap;
-    fprintf(stderr, "tessera serve: ");
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\nRun 'tessera serve --help' for the flags.\n");
-    return EXIT_USAGE;
-}
-
-static bool parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return false;
-    *out = v;
-    return true;
-}
-
-/* "123", "64K", "512M", "2G", "2GiB", "1.5G" -> bytes. */
-static bool parse_bytes(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    if (*s == '-') return false;
-    double v = strtod(s, &end);
-    if (errno || end == s || !(v >= 0)) return false;
-    double mul = 1;
-    switch (*end) {
-    case 'k':
-    case 'K':
-        mul = 1024.0;
-        end++;
-        break;
-    case 'm':
-    case 'M':
-        mul = 1048576.0;
-        end++;
-        break;
-    case 'g':
-    case 'G':
-        mul = 1073741824.0;
-        end++;
-        break;
-    case 't':
-    case 'T':
-        mul = 1099511627776.0;
-        end++;
-        break;
-    default:
-        break;
-    }
-    if (mul > 1 && (!strcmp(end, "iB") || !strcmp(end, "B"))) end += strlen(end);
-    if (mul == 1 && !strcmp(end, "B")) end++;
-    if (*end) return false;
-    double b = v * mul;
-    if (b > 9.0e18) return false;
-    *out = (uint64_t)b;
-    return true;
-}
-
-static int default_threads(void)
-{
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- signals -> control thread ---- */
 
@@ -221,13 +145,13 @@ static void *control_main(void *arg)
             sig == SIGINT ? "SIGINT" : "SIGTERM", ctl->grace_ms);
     tsr_server_set_not_serving(ctl->server);
     tsr_engine_drain(ctl->engine);
-    int64_t until = mono_ms() + ctl->grace_ms;
+    int64_t until = (int64_t)(tsr_now_ns() / 1000000u) + ctl->grace_ms;
     for (;;) {
         if (control_quit(ctl)) return NULL;
         tsr_engine_status st;
         tsr_engine_get_status(ctl->engine, &st);
         if (st.n_running + st.n_waiting == 0) break;
-        if (mono_ms() >= until) {
+        if ((int64_t)(tsr_now_ns() / 1000000u) >= until) {
             fprintf(stderr,
                     "tessera serve: grace period over: cancelling %d running and %d "
                     "queued requests\n",
@@ -359,7 +283,7 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
-    int64_t n_threads = default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
+    int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
     uint64_t kv_memory = 0;
     const char *draft_model = NULL;
     bool spec_ngram = false;
@@ -374,15 +298,15 @@ int tsr_cmd_serve(int argc, char **argv)
             break;
         case O_LISTEN:
             if (!strchr(optarg, ':'))
-                return usage_error("--listen needs HOST:PORT (e.g. 127.0.0.1:50051), got '%s'",
-                                   optarg);
+                return tsr_cli_usage_error(
+                    "serve", "--listen needs HOST:PORT (e.g. 127.0.0.1:50051), got '%s'", optarg);
             listen = optarg;
             break;
 #define INT_FLAG(name, lo, hi, dst)                                                                \
     do {                                                                                           \
-        if (!parse_i64(optarg, lo, hi, &v))                                                        \
-            return usage_error("%s needs an integer in %lld..%lld, got '%s'", name,                \
-                               (long long)(lo), (long long)(hi), optarg);                          \
+        if (!tsr_cli_parse_i64(optarg, lo, hi, &v))                                                \
+            return tsr_cli_usage_error("serve", "%s needs an integer in %lld..%lld, got '%s'",     \
+                                       name, (long long)(lo), (long long)(hi), optarg);            \
         (dst) = v;                                                                                 \
     } while (0)
         case O_MAX_BATCH:
@@ -425,34 +349,37 @@ int tsr_cmd_serve(int argc, char **argv)
             else if (!strncmp(optarg, "oracle:", 7))
                 spec_oracle = optarg + 7;
             else if (strcmp(optarg, "off") != 0)
-                return usage_error("--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'",
-                                   optarg);
+                return tsr_cli_usage_error(
+                    "serve", "--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'", optarg);
             break;
         case O_SPEC_K:
-            if (!parse_i64(optarg, 1, 16, &spec_k))
-                return usage_error("--spec-k needs an integer in 1..16, got '%s'", optarg);
+            if (!tsr_cli_parse_i64(optarg, 1, 16, &spec_k))
+                return tsr_cli_usage_error("serve", "--spec-k needs an integer in 1..16, got '%s'",
+                                           optarg);
             break;
         case O_SPEC_MAX_BATCH:
-            if (!parse_i64(optarg, 1, 4096, &spec_max_batch))
-                return usage_error("--spec-max-batch needs an integer in 1..4096, got '%s'",
-                                   optarg);
+            if (!tsr_cli_parse_i64(optarg, 1, 4096, &spec_max_batch))
+                return tsr_cli_usage_error(
+                    "serve", "--spec-max-batch needs an integer in 1..4096, got '%s'", optarg);
             break;
         case O_KV_MEMORY:
-            if (!parse_bytes(optarg, &kv_memory) || kv_memory == 0)
-                return usage_error("--kv-memory needs a byte count > 0 such as 512M or 2G, "
-                                   "got '%s'",
-                                   optarg);
+            if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
+                return tsr_cli_usage_error("serve",
+                                           "--kv-memory needs a byte count > 0 such as 512M or 2G, "
+                                           "got '%s'",
+                                           optarg);
             break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
         default:
-            return usage_error("unknown flag");
+            return tsr_cli_usage_error("serve", "unknown flag");
         }
     }
-    if (optind != argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (optind != argc)
+        return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
     if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
-        return usage_error("choose one of --draft-model and --spec");
+        return tsr_cli_usage_error("serve", "choose one of --draft-model and --spec");
 
     char err[1024];
     model_meta meta;
