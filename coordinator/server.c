@@ -182,13 +182,6 @@ struct tsr_server {
 
 /* ---- small helpers ---- */
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static gpr_timespec gpr_in_ms(int64_t ms)
 {
     return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
@@ -221,7 +214,8 @@ static uint64_t random_seed(tsr_server *s)
 {
     uint64_t x = 0;
     if (getrandom(&x, sizeof x, GRND_NONBLOCK) != (ssize_t)sizeof x)
-        x = (uint64_t)now_ns() ^ (atomic_fetch_add(&s->next_req, 0) * 0x9E3779B97F4A7C15ull);
+        x = (uint64_t)(int64_t)tsr_now_ns() ^
+            (atomic_fetch_add(&s->next_req, 0) * 0x9E3779B97F4A7C15ull);
     return x;
 }
 
@@ -484,7 +478,7 @@ static void advance(srv_call *c)
             send_last = c->n_ids > 0 || c->text_len > 0;
         } else if (c->finish_reason == TSR_FINISH_CANCELLED) {
             bool stopping = atomic_load(&c->s->stopping);
-            if (c->deadline_ns && now_ns() >= c->deadline_ns) {
+            if (c->deadline_ns && (int64_t)tsr_now_ns() >= c->deadline_ns) {
                 code = GRPC_STATUS_DEADLINE_EXCEEDED;
                 snprintf(msg, sizeof msg, "deadline exceeded after %d generated tokens",
                          c->n_completion_tokens);
@@ -802,7 +796,7 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     SETF(step_ms_mean, st.step_ms_mean);
     SETF(n_ranks, st.n_ranks);
     SETF(active_streams, active);
-    SETF(uptime_s, (double)(now_ns() - (int64_t)s->t_start_ns) / 1e9);
+    SETF(uptime_s, (double)((int64_t)tsr_now_ns() - (int64_t)s->t_start_ns) / 1e9);
     SETF(spec_drafted, st.spec_drafted);
     SETF(spec_accepted, st.spec_accepted);
     SETF(spec_acceptance, st.spec_acceptance);
@@ -1055,7 +1049,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
             reply_err(r, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline exceeded before scheduling");
             goto done;
         }
-        deadline_ns = now_ns() + rem_ns;
+        deadline_ns = (int64_t)tsr_now_ns() + rem_ns;
     }
     er.deadline_ns = deadline_ns;
     er.on_event = on_engine_event;
@@ -1363,7 +1357,7 @@ static void *cq_main(void *arg)
             break; /* not expected before we shut the queue down */
         }
         if (!s->new_call_armed) arm_new_call(s);
-        int64_t tnow = now_ns();
+        int64_t tnow = (int64_t)tsr_now_ns();
         if (tnow - s->last_refresh_ns >= (int64_t)TICK_MS * 1000000 / 2) {
             s->last_refresh_ns = tnow;
             health_refresh(s);
@@ -1375,7 +1369,7 @@ static void *cq_main(void *arg)
         int32_t n_gen = s->n_generate_open, n_calls = s->n_calls;
         pthread_mutex_unlock(&s->mu);
         if (!stopping) continue;
-        int64_t t = now_ns();
+        int64_t t = (int64_t)tsr_now_ns();
         if (!s->cancel_all_done && no_new_calls && (n_gen == 0 || t >= grace)) {
             grpc_server_cancel_all_calls(s->srv);
             s->cancel_all_done = true;
@@ -1389,11 +1383,11 @@ static void *cq_main(void *arg)
     if (!timed_out) {
         grpc_server_destroy(s->srv);
         grpc_completion_queue_shutdown(s->cq);
-        int64_t until = now_ns() + 5000000000LL;
+        int64_t until = (int64_t)tsr_now_ns() + 5000000000LL;
         for (;;) {
             grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
             if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
-            if (now_ns() >= until) {
+            if ((int64_t)tsr_now_ns() >= until) {
                 timed_out = true;
                 break;
             }
@@ -1444,7 +1438,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
         size_t len = 0;
         if (tsr_vocab_token_text(vocab, id, &len) && len + 1 > s->max_piece) s->max_piece = len + 1;
     }
-    s->t_start_ns = (uint64_t)now_ns();
+    s->t_start_ns = (uint64_t)(int64_t)tsr_now_ns();
     atomic_init(&s->next_req, 1);
     atomic_init(&s->stopping, false);
     bool mu_ok = false, pump_mu_ok = false, grpc_ok = false, started = false;
@@ -1577,7 +1571,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     pthread_mutex_lock(&s->mu);
     s->shutting_down = true;
     s->not_serving = true;
-    s->grace_deadline_ns = now_ns() + grace_ms * 1000000;
+    s->grace_deadline_ns = (int64_t)tsr_now_ns() + grace_ms * 1000000;
     s->hard_deadline_ns = s->grace_deadline_ns + (int64_t)HARD_EXTRA_MS * 1000000;
     pthread_mutex_unlock(&s->mu);
     atomic_store(&s->stopping, true);

@@ -29,6 +29,7 @@
 #include <time.h>
 
 #include "worker/comm.h"
+#include "kernels/util.h"
 
 #ifdef TSR_HAVE_NCCL
 #include <cuda_runtime.h>
@@ -70,7 +71,7 @@ static void sleep_ms(long ms)
 
 static double secs_since(uint64_t t0)
 {
-    return (double)(tsr_comm_now_ns() - t0) * 1e-9;
+    return (double)(tsr_now_ns() - t0) * 1e-9;
 }
 
 /* ---- local communicator (every mode) ---- */
@@ -255,7 +256,7 @@ static void check_nccl_over(tsr_comm *boot)
     assert_false(tsr_comm_nccl_available());
 #endif
     tsr_comm *nc = (tsr_comm *)&nc;
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     int rc = tsr_comm_nccl_new(boot, 0, &nc, err, sizeof err);
     double dt = secs_since(t0);
     const char *want_gpu = getenv("TSR_TEST_EXPECT_GPU");
@@ -519,7 +520,7 @@ static void test_mpi_recv_deadline(void **state)
     if (w->rank == 1) {
         uint8_t buf[16];
         tsr_comm_set_timeout_ms(w, 300);
-        uint64_t t0 = tsr_comm_now_ns();
+        uint64_t t0 = tsr_now_ns();
         rc = tsr_comm_recv(w, buf, sizeof buf, 0, 4242, rerr, sizeof rerr);
         dt = secs_since(t0);
         tsr_comm_set_timeout_ms(w, WORLD_TIMEOUT_MS);
@@ -551,7 +552,7 @@ static void test_mpi_collective_deadline(void **state)
         rc = tsr_comm_barrier(copy, rerr, sizeof rerr);
     } else {
         tsr_comm_set_timeout_ms(copy, 300);
-        uint64_t t0 = tsr_comm_now_ns();
+        uint64_t t0 = tsr_now_ns();
         rc = tsr_comm_barrier(copy, rerr, sizeof rerr);
         dt = secs_since(t0);
         rc2 = tsr_comm_barrier(copy, rerr2, sizeof rerr2);

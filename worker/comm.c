@@ -11,6 +11,7 @@
  * collective is a copy or a no-op and point-to-point traffic has no peer to go to.
  */
 #include "worker/comm.h"
+#include "kernels/util.h"
 
 #include <sched.h>
 #include <stdarg.h>
@@ -21,26 +22,10 @@
 
 /* ---- helpers for implementations ---- */
 
-void tsr_comm_set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || !err_len) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
-uint64_t tsr_comm_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 uint64_t tsr_comm_deadline_ns(const tsr_comm *c)
 {
     if (!c || c->timeout_ms <= 0) return 0;
-    return tsr_comm_now_ns() + (uint64_t)c->timeout_ms * 1000000u;
+    return tsr_now_ns() + (uint64_t)c->timeout_ms * 1000000u;
 }
 
 void tsr_comm_poll_pause(uint64_t waited_ns)
@@ -89,7 +74,7 @@ const char *tsr_comm_status_name(int status)
 static int check_comm(const tsr_comm *c, const char *op, char *err, size_t err_len)
 {
     if (!c || !c->vt) {
-        tsr_comm_set_err(err, err_len, "%s: NULL communicator", op);
+        tsr_set_err(err, err_len, "%s: NULL communicator", op);
         return TSR_COMM_EINVAL;
     }
     return TSR_COMM_OK;
@@ -99,8 +84,8 @@ static int check_buf(const tsr_comm *c, const char *op, const void *p, size_t n,
                      char *err, size_t err_len)
 {
     if (n > 0 && !p) {
-        tsr_comm_set_err(err, err_len, "%s on '%s' communicator: %s is NULL with %zu bytes", op,
-                         c->vt->name, what, n);
+        tsr_set_err(err, err_len, "%s on '%s' communicator: %s is NULL with %zu bytes", op,
+                    c->vt->name, what, n);
         return TSR_COMM_EINVAL;
     }
     return TSR_COMM_OK;
@@ -110,14 +95,14 @@ static int check_rank(const tsr_comm *c, const char *op, int r, const char *what
                       char *err, size_t err_len)
 {
     if (r < 0 || r >= c->size) {
-        tsr_comm_set_err(err, err_len, "%s on '%s' communicator: %s %d out of range [0, %d)", op,
-                         c->vt->name, what, r, c->size);
+        tsr_set_err(err, err_len, "%s on '%s' communicator: %s %d out of range [0, %d)", op,
+                    c->vt->name, what, r, c->size);
         return TSR_COMM_EINVAL;
     }
     if (not_self && r == c->rank) {
-        tsr_comm_set_err(err, err_len,
-                         "%s on '%s' communicator: %s %d is this rank (self-messages are refused)",
-                         op, c->vt->name, what, r);
+        tsr_set_err(err, err_len,
+                    "%s on '%s' communicator: %s %d is this rank (self-messages are refused)", op,
+                    c->vt->name, what, r);
         return TSR_COMM_EINVAL;
     }
     return TSR_COMM_OK;
@@ -126,7 +111,7 @@ static int check_rank(const tsr_comm *c, const char *op, int r, const char *what
 /* Time and count one call. */
 static void account(tsr_comm *c, uint64_t t0, int rc, uint64_t sent, uint64_t recvd)
 {
-    c->stats.t_comm_ns += tsr_comm_now_ns() - t0;
+    c->stats.t_comm_ns += tsr_now_ns() - t0;
     c->stats.n_calls++;
     if (rc == TSR_COMM_OK) {
         c->stats.n_bytes_sent += sent;
@@ -144,12 +129,12 @@ int tsr_comm_allreduce_sum_f32(tsr_comm *c, float *buf, size_t n, char *err, siz
     int rc = check_comm(c, "allreduce", err, err_len);
     if (rc) return rc;
     if (n > SIZE_MAX / sizeof(float)) {
-        tsr_comm_set_err(err, err_len, "allreduce: %zu floats overflow size_t", n);
+        tsr_set_err(err, err_len, "allreduce: %zu floats overflow size_t", n);
         return TSR_COMM_EINVAL;
     }
     rc = check_buf(c, "allreduce", buf, n * sizeof(float), "buf", err, err_len);
     if (rc) return rc;
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->allreduce_sum_f32(c, buf, n, err, err_len);
     uint64_t bytes = c->size > 1 ? (uint64_t)n * sizeof(float) : 0;
     account(c, t0, rc, bytes, bytes);
@@ -162,14 +147,13 @@ int tsr_comm_allgather(tsr_comm *c, const void *send, void *recv, size_t n_bytes
     int rc = check_comm(c, "allgather", err, err_len);
     if (rc) return rc;
     if (n_bytes > SIZE_MAX / (size_t)c->size) {
-        tsr_comm_set_err(err, err_len, "allgather: %d × %zu bytes overflow size_t", c->size,
-                         n_bytes);
+        tsr_set_err(err, err_len, "allgather: %d × %zu bytes overflow size_t", c->size, n_bytes);
         return TSR_COMM_EINVAL;
     }
     if ((rc = check_buf(c, "allgather", send, n_bytes, "send", err, err_len)) ||
         (rc = check_buf(c, "allgather", recv, n_bytes * (size_t)c->size, "recv", err, err_len)))
         return rc;
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->allgather(c, send, recv, n_bytes, err, err_len);
     account(c, t0, rc, c->size > 1 ? n_bytes : 0, (uint64_t)n_bytes * (uint64_t)(c->size - 1));
     return rc;
@@ -181,23 +165,22 @@ int tsr_comm_allgatherv(tsr_comm *c, const void *send, size_t n_bytes, void *rec
     int rc = check_comm(c, "allgatherv", err, err_len);
     if (rc) return rc;
     if (!counts || !displs) {
-        tsr_comm_set_err(err, err_len, "allgatherv on '%s' communicator: counts or displs is NULL",
-                         c->vt->name);
+        tsr_set_err(err, err_len, "allgatherv on '%s' communicator: counts or displs is NULL",
+                    c->vt->name);
         return TSR_COMM_EINVAL;
     }
     if (counts[c->rank] != n_bytes) {
-        tsr_comm_set_err(err, err_len,
-                         "allgatherv on '%s' communicator: counts[%d] = %zu but this rank sends "
-                         "%zu bytes",
-                         c->vt->name, c->rank, counts[c->rank], n_bytes);
+        tsr_set_err(err, err_len,
+                    "allgatherv on '%s' communicator: counts[%d] = %zu but this rank sends "
+                    "%zu bytes",
+                    c->vt->name, c->rank, counts[c->rank], n_bytes);
         return TSR_COMM_EINVAL;
     }
     uint64_t others = 0;
     size_t end = 0; /* bytes of recv the layout touches */
     for (int r = 0; r < c->size; r++) {
         if (displs[r] > SIZE_MAX - counts[r]) {
-            tsr_comm_set_err(err, err_len, "allgatherv: displs[%d] + counts[%d] overflow size_t", r,
-                             r);
+            tsr_set_err(err, err_len, "allgatherv: displs[%d] + counts[%d] overflow size_t", r, r);
             return TSR_COMM_EINVAL;
         }
         if (counts[r] && displs[r] + counts[r] > end) end = displs[r] + counts[r];
@@ -206,7 +189,7 @@ int tsr_comm_allgatherv(tsr_comm *c, const void *send, size_t n_bytes, void *rec
     if ((rc = check_buf(c, "allgatherv", send, n_bytes, "send", err, err_len)) ||
         (rc = check_buf(c, "allgatherv", recv, end, "recv", err, err_len)))
         return rc;
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->allgatherv(c, send, n_bytes, recv, counts, displs, err, err_len);
     account(c, t0, rc, c->size > 1 ? n_bytes : 0, others);
     return rc;
@@ -221,11 +204,10 @@ int tsr_comm_send(tsr_comm *c, const void *buf, size_t n_bytes, int peer, int ta
         (rc = check_rank(c, "send", peer, "peer", true, err, err_len)))
         return rc;
     if (tag < 0) {
-        tsr_comm_set_err(err, err_len, "send on '%s' communicator: negative tag %d", c->vt->name,
-                         tag);
+        tsr_set_err(err, err_len, "send on '%s' communicator: negative tag %d", c->vt->name, tag);
         return TSR_COMM_EINVAL;
     }
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->send(c, buf, n_bytes, peer, tag, err, err_len);
     account(c, t0, rc, n_bytes, 0);
     return rc;
@@ -240,11 +222,10 @@ int tsr_comm_recv(tsr_comm *c, void *buf, size_t n_bytes, int peer, int tag, cha
         (rc = check_rank(c, "recv", peer, "peer", true, err, err_len)))
         return rc;
     if (tag < 0) {
-        tsr_comm_set_err(err, err_len, "recv on '%s' communicator: negative tag %d", c->vt->name,
-                         tag);
+        tsr_set_err(err, err_len, "recv on '%s' communicator: negative tag %d", c->vt->name, tag);
         return TSR_COMM_EINVAL;
     }
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->recv(c, buf, n_bytes, peer, tag, err, err_len);
     account(c, t0, rc, 0, n_bytes);
     return rc;
@@ -257,7 +238,7 @@ int tsr_comm_bcast(tsr_comm *c, void *buf, size_t n_bytes, int root, char *err, 
     if ((rc = check_buf(c, "bcast", buf, n_bytes, "buf", err, err_len)) ||
         (rc = check_rank(c, "bcast", root, "root", false, err, err_len)))
         return rc;
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->bcast(c, buf, n_bytes, root, err, err_len);
     bool multi = c->size > 1;
     account(c, t0, rc, multi && c->rank == root ? n_bytes : 0,
@@ -269,7 +250,7 @@ int tsr_comm_barrier(tsr_comm *c, char *err, size_t err_len)
 {
     int rc = check_comm(c, "barrier", err, err_len);
     if (rc) return rc;
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->barrier(c, err, err_len);
     account(c, t0, rc, 0, 0);
     return rc;
@@ -280,21 +261,20 @@ int tsr_comm_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err, s
     int rc = check_comm(c, "split", err, err_len);
     if (rc) return rc;
     if (!out) {
-        tsr_comm_set_err(err, err_len, "split on '%s' communicator: out is NULL", c->vt->name);
+        tsr_set_err(err, err_len, "split on '%s' communicator: out is NULL", c->vt->name);
         return TSR_COMM_EINVAL;
     }
     *out = NULL;
     if (color < 0) {
-        tsr_comm_set_err(err, err_len, "split on '%s' communicator: negative color %d", c->vt->name,
-                         color);
+        tsr_set_err(err, err_len, "split on '%s' communicator: negative color %d", c->vt->name,
+                    color);
         return TSR_COMM_EINVAL;
     }
     if (!c->vt->split) {
-        tsr_comm_set_err(err, err_len, "split is not supported by the '%s' communicator",
-                         c->vt->name);
+        tsr_set_err(err, err_len, "split is not supported by the '%s' communicator", c->vt->name);
         return TSR_COMM_ERR;
     }
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     rc = c->vt->split(c, color, key, out, err, err_len);
     if (rc == TSR_COMM_OK && *out) (*out)->timeout_ms = c->timeout_ms;
     account(c, t0, rc, 0, 0);
@@ -333,14 +313,14 @@ static int local_allgatherv(tsr_comm *c, const void *send, size_t n_bytes, void 
 static int local_send(tsr_comm *c, const void *buf, size_t n_bytes, int peer, int tag, char *err,
                       size_t err_len)
 {
-    tsr_comm_set_err(err, err_len, "send: the local communicator has no peer %d", peer);
+    tsr_set_err(err, err_len, "send: the local communicator has no peer %d", peer);
     return TSR_COMM_EINVAL;
 }
 
 static int local_recv(tsr_comm *c, void *buf, size_t n_bytes, int peer, int tag, char *err,
                       size_t err_len)
 {
-    tsr_comm_set_err(err, err_len, "recv: the local communicator has no peer %d", peer);
+    tsr_set_err(err, err_len, "recv: the local communicator has no peer %d", peer);
     return TSR_COMM_EINVAL;
 }
 
@@ -377,12 +357,12 @@ static const tsr_comm_vtable local_vt = {
 int tsr_comm_local_new(tsr_comm **out, char *err, size_t err_len)
 {
     if (!out) {
-        tsr_comm_set_err(err, err_len, "tsr_comm_local_new: out is NULL");
+        tsr_set_err(err, err_len, "tsr_comm_local_new: out is NULL");
         return TSR_COMM_EINVAL;
     }
     *out = tsr_comm_alloc(&local_vt, 0, 1, NULL);
     if (!*out) {
-        tsr_comm_set_err(err, err_len, "tsr_comm_local_new: out of memory");
+        tsr_set_err(err, err_len, "tsr_comm_local_new: out of memory");
         return TSR_COMM_ERR;
     }
     return TSR_COMM_OK;

@@ -150,15 +150,11 @@ const char *tsr_comm_status_name(int status);
 /* A zeroed tsr_comm with vt, rank, size, impl and the default timeout; NULL when out of
  * memory. Released by tsr_comm_free (which calls vt->free first, then frees the struct). */
 tsr_comm *tsr_comm_alloc(const tsr_comm_vtable *vt, int rank, int size, void *impl);
-/* CLOCK_MONOTONIC in nanoseconds. */
-uint64_t tsr_comm_now_ns(void);
-/* Deadline (tsr_comm_now_ns scale) of an operation of c that starts now; 0 = none. */
+/* Deadline (tsr_now_ns scale, kernels/util.h) of an operation of c that starts now; 0 = none. */
 uint64_t tsr_comm_deadline_ns(const tsr_comm *c);
 /* Backoff between two polls of an operation that has been waiting waited_ns: spins for the
  * first 20 µs, then yields the CPU, then sleeps up to 200 µs per poll after 2 ms. */
 void tsr_comm_poll_pause(uint64_t waited_ns);
-/* snprintf into err (no-op when err is NULL or err_len is 0). */
-void tsr_comm_set_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+/* (Error messages: tsr_set_err, kernels/util.h.) */
 
 #endif

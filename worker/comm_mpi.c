@@ -23,6 +23,7 @@
  * without MPI"; tsr_comm_mpi_launched still reads the environment.
  */
 #include "worker/comm.h"
+#include "kernels/util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,10 +117,9 @@ static int fail_mpi(tsr_comm *c, int code, const char *op, char *err, size_t err
     char s[MPI_MAX_ERROR_STRING + 16];
     mpi_errstr(code, s, sizeof s);
     if (c)
-        tsr_comm_set_err(err, err_len, "%s on MPI communicator of %d ranks failed: %s", op, c->size,
-                         s);
+        tsr_set_err(err, err_len, "%s on MPI communicator of %d ranks failed: %s", op, c->size, s);
     else
-        tsr_comm_set_err(err, err_len, "%s failed: %s", op, s);
+        tsr_set_err(err, err_len, "%s failed: %s", op, s);
     return TSR_COMM_ERR;
 }
 
@@ -140,12 +140,12 @@ static void orphan(MPI_Request req)
  * tells which. */
 static int poll_request(MPI_Request *req, MPI_Status *st, uint64_t deadline_ns, int *done)
 {
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     for (;;) {
         *done = 0;
         int rc = MPI_Test(req, done, st);
         if (rc != MPI_SUCCESS || *done) return rc;
-        uint64_t now = tsr_comm_now_ns();
+        uint64_t now = tsr_now_ns();
         if (deadline_ns && now >= deadline_ns) return MPI_SUCCESS;
         tsr_comm_poll_pause(now - t0);
     }
@@ -156,20 +156,19 @@ static int check_usable(tsr_comm *c, const char *op, char *err, size_t err_len)
 {
     mpi_impl *m = c->impl;
     if (!pthread_equal(pthread_self(), g_mpi.thread)) {
-        tsr_comm_set_err(err, err_len,
-                         "%s: MPI communicator used from a thread other than the one that "
-                         "initialized MPI (MPI_THREAD_FUNNELED)",
-                         op);
+        tsr_set_err(err, err_len,
+                    "%s: MPI communicator used from a thread other than the one that "
+                    "initialized MPI (MPI_THREAD_FUNNELED)",
+                    op);
         return TSR_COMM_EINVAL;
     }
     if (g_mpi.finalized) {
-        tsr_comm_set_err(err, err_len, "%s: MPI was already finalized", op);
+        tsr_set_err(err, err_len, "%s: MPI was already finalized", op);
         return TSR_COMM_ERR;
     }
     if (m->broken) {
-        tsr_comm_set_err(err, err_len,
-                         "%s: MPI communicator is unusable after an earlier timeout or failure",
-                         op);
+        tsr_set_err(err, err_len,
+                    "%s: MPI communicator is unusable after an earlier timeout or failure", op);
         return TSR_COMM_ERR;
     }
     return TSR_COMM_OK;
@@ -178,8 +177,8 @@ static int check_usable(tsr_comm *c, const char *op, char *err, size_t err_len)
 static int check_count(size_t n, const char *op, const char *unit, char *err, size_t err_len)
 {
     if (n > (size_t)INT_MAX) {
-        tsr_comm_set_err(err, err_len, "%s: %zu %s exceed MPI's limit of %d per call", op, n, unit,
-                         INT_MAX);
+        tsr_set_err(err, err_len, "%s: %zu %s exceed MPI's limit of %d per call", op, n, unit,
+                    INT_MAX);
         return TSR_COMM_EINVAL;
     }
     return TSR_COMM_OK;
@@ -201,10 +200,10 @@ static int wait_coll(tsr_comm *c, MPI_Request *req, const char *op, const char *
     if (done) return TSR_COMM_OK;
     m->broken = true;
     orphan(*req);
-    tsr_comm_set_err(err, err_len,
-                     "%s (%s) over %d ranks: no answer from the group within %lld ms; the "
-                     "communicator is unusable now",
-                     op, detail, c->size, (long long)c->timeout_ms);
+    tsr_set_err(err, err_len,
+                "%s (%s) over %d ranks: no answer from the group within %lld ms; the "
+                "communicator is unusable now",
+                op, detail, c->size, (long long)c->timeout_ms);
     return TSR_COMM_ETIMEOUT;
 }
 
@@ -234,15 +233,15 @@ static int wait_p2p(tsr_comm *c, MPI_Request *req, MPI_Status *st, const char *o
         }
         char s[MPI_MAX_ERROR_STRING + 16];
         mpi_errstr(rc, s, sizeof s);
-        tsr_comm_set_err(err, err_len, "%s %s rank %d%s (tag %d, %zu bytes) failed: %s", op,
-                         is_recv ? "from" : "to", peer, who, tag, n_bytes, s);
+        tsr_set_err(err, err_len, "%s %s rank %d%s (tag %d, %zu bytes) failed: %s", op,
+                    is_recv ? "from" : "to", peer, who, tag, n_bytes, s);
         return TSR_COMM_ERR;
     }
     if (done) return TSR_COMM_OK;
 
     bool cancelled = false;
     if (is_recv && MPI_Cancel(req) == MPI_SUCCESS) {
-        rc = poll_request(req, st, tsr_comm_now_ns() + CANCEL_GRACE_NS, &done);
+        rc = poll_request(req, st, tsr_now_ns() + CANCEL_GRACE_NS, &done);
         if (rc == MPI_SUCCESS && done) {
             int flag = 0;
             MPI_Test_cancelled(st, &flag);
@@ -254,10 +253,9 @@ static int wait_p2p(tsr_comm *c, MPI_Request *req, MPI_Status *st, const char *o
         m->broken = true;
         orphan(*req);
     }
-    tsr_comm_set_err(
-        err, err_len, "%s: rank %d%s did not answer within %lld ms (tag %d, %zu bytes)%s", op, peer,
-        who, (long long)c->timeout_ms, tag, n_bytes,
-        cancelled ? "; the receive was cancelled" : "; the communicator is unusable now");
+    tsr_set_err(err, err_len, "%s: rank %d%s did not answer within %lld ms (tag %d, %zu bytes)%s",
+                op, peer, who, (long long)c->timeout_ms, tag, n_bytes,
+                cancelled ? "; the receive was cancelled" : "; the communicator is unusable now");
     return TSR_COMM_ETIMEOUT;
 }
 
@@ -329,7 +327,7 @@ static int mpi_allgatherv(tsr_comm *c, const void *send, size_t n_bytes, void *r
 static int check_tag(int tag, const char *op, char *err, size_t err_len)
 {
     if (tag > g_mpi.tag_ub) {
-        tsr_comm_set_err(err, err_len, "%s: tag %d above MPI_TAG_UB (%d)", op, tag, g_mpi.tag_ub);
+        tsr_set_err(err, err_len, "%s: tag %d above MPI_TAG_UB (%d)", op, tag, g_mpi.tag_ub);
         return TSR_COMM_EINVAL;
     }
     return TSR_COMM_OK;
@@ -368,9 +366,8 @@ static int mpi_recv(tsr_comm *c, void *buf, size_t n_bytes, int peer, int tag, c
     if (MPI_Get_count(&st, MPI_BYTE, &got) != MPI_SUCCESS || (size_t)got != n_bytes) {
         char who[48];
         world_suffix(c, peer, who, sizeof who);
-        tsr_comm_set_err(err, err_len,
-                         "recv: rank %d%s sent %d bytes with tag %d, expected exactly %zu", peer,
-                         who, got, tag, n_bytes);
+        tsr_set_err(err, err_len, "recv: rank %d%s sent %d bytes with tag %d, expected exactly %zu",
+                    peer, who, got, tag, n_bytes);
         return TSR_COMM_ERR;
     }
     return TSR_COMM_OK;
@@ -425,7 +422,7 @@ static int mpi_wrap(MPI_Comm comm, tsr_comm **out, char *err, size_t err_len)
     if (MPI_Comm_group(comm, &grp) != MPI_SUCCESS ||
         MPI_Comm_group(MPI_COMM_WORLD, &wgrp) != MPI_SUCCESS ||
         MPI_Group_translate_ranks(grp, size, m->icounts, wgrp, m->world_ranks) != MPI_SUCCESS) {
-        tsr_comm_set_err(err, err_len, "MPI: cannot translate ranks to MPI_COMM_WORLD");
+        tsr_set_err(err, err_len, "MPI: cannot translate ranks to MPI_COMM_WORLD");
         goto fail;
     }
     *out = tsr_comm_alloc(&mpi_vt, rank, size, m);
@@ -435,7 +432,7 @@ static int mpi_wrap(MPI_Comm comm, tsr_comm **out, char *err, size_t err_len)
     return TSR_COMM_OK;
 
 oom:
-    tsr_comm_set_err(err, err_len, "MPI communicator: out of memory");
+    tsr_set_err(err, err_len, "MPI communicator: out of memory");
 fail:
     if (grp != MPI_GROUP_NULL) MPI_Group_free(&grp);
     if (wgrp != MPI_GROUP_NULL) MPI_Group_free(&wgrp);
@@ -460,7 +457,7 @@ static int mpi_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err,
     int mine[2] = {color, key};
     int *all = malloc((size_t)c->size * 2 * sizeof(int));
     if (!all) {
-        tsr_comm_set_err(err, err_len, "split: out of memory");
+        tsr_set_err(err, err_len, "split: out of memory");
         return TSR_COMM_ERR;
     }
     MPI_Request req = MPI_REQUEST_NULL;
@@ -521,14 +518,14 @@ static const tsr_comm_vtable mpi_vt = {
 static int mpi_init_once(char *err, size_t err_len)
 {
     if (g_mpi.finalized) {
-        tsr_comm_set_err(err, err_len, "MPI was already finalized in this process");
+        tsr_set_err(err, err_len, "MPI was already finalized in this process");
         return TSR_COMM_ERR;
     }
     if (g_mpi.initialized) {
         if (!pthread_equal(pthread_self(), g_mpi.thread)) {
-            tsr_comm_set_err(err, err_len,
-                             "tsr_comm_mpi_world: called from a thread other than the one that "
-                             "initialized MPI (MPI_THREAD_FUNNELED)");
+            tsr_set_err(err, err_len,
+                        "tsr_comm_mpi_world: called from a thread other than the one that "
+                        "initialized MPI (MPI_THREAD_FUNNELED)");
             return TSR_COMM_EINVAL;
         }
         return TSR_COMM_OK;
@@ -537,7 +534,7 @@ static int mpi_init_once(char *err, size_t err_len)
     MPI_Initialized(&inited);
     MPI_Finalized(&fin);
     if (fin) {
-        tsr_comm_set_err(err, err_len, "MPI was already finalized in this process");
+        tsr_set_err(err, err_len, "MPI was already finalized in this process");
         return TSR_COMM_ERR;
     }
     if (!inited) {
@@ -552,8 +549,8 @@ static int mpi_init_once(char *err, size_t err_len)
     g_mpi.initialized = true;
     g_mpi.thread = pthread_self();
     if (provided < MPI_THREAD_FUNNELED) {
-        tsr_comm_set_err(err, err_len, "MPI provides thread level %d, below MPI_THREAD_FUNNELED",
-                         provided);
+        tsr_set_err(err, err_len, "MPI provides thread level %d, below MPI_THREAD_FUNNELED",
+                    provided);
         return TSR_COMM_ERR;
     }
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
@@ -566,7 +563,7 @@ static int mpi_init_once(char *err, size_t err_len)
 int tsr_comm_mpi_world(tsr_comm **out, char *err, size_t err_len)
 {
     if (!out) {
-        tsr_comm_set_err(err, err_len, "tsr_comm_mpi_world: out is NULL");
+        tsr_set_err(err, err_len, "tsr_comm_mpi_world: out is NULL");
         return TSR_COMM_EINVAL;
     }
     *out = NULL;
@@ -580,15 +577,15 @@ int tsr_comm_mpi_world(tsr_comm **out, char *err, size_t err_len)
     int done = 0;
     int mrc = MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req);
     if (mrc == MPI_SUCCESS)
-        mrc = poll_request(&req, &st, tsr_comm_now_ns() + TSR_COMM_DEFAULT_TIMEOUT_MS * 1000000ull,
-                           &done);
+        mrc =
+            poll_request(&req, &st, tsr_now_ns() + TSR_COMM_DEFAULT_TIMEOUT_MS * 1000000ull, &done);
     if (mrc != MPI_SUCCESS)
         return fail_mpi(NULL, mrc, "MPI_Comm_idup(MPI_COMM_WORLD)", err, err_len);
     if (!done) {
         orphan(req);
-        tsr_comm_set_err(err, err_len,
-                         "MPI_Comm_idup(MPI_COMM_WORLD): no answer from the group within %d ms",
-                         TSR_COMM_DEFAULT_TIMEOUT_MS);
+        tsr_set_err(err, err_len,
+                    "MPI_Comm_idup(MPI_COMM_WORLD): no answer from the group within %d ms",
+                    TSR_COMM_DEFAULT_TIMEOUT_MS);
         return TSR_COMM_ETIMEOUT;
     }
     return mpi_wrap(dup, out, err, err_len);
@@ -602,7 +599,7 @@ void tsr_comm_mpi_finalize(void)
     if (g_mpi.n_orphans) {
         /* Requests that timed out may still complete (a slow peer); a dead peer never
          * answers, and MPI_Finalize would then wait for it forever. */
-        uint64_t t0 = tsr_comm_now_ns();
+        uint64_t t0 = tsr_now_ns();
         for (;;) {
             int all = 0;
             if (MPI_Testall((int)g_mpi.n_orphans, g_mpi.orphans, &all, MPI_STATUSES_IGNORE) !=
@@ -611,7 +608,7 @@ void tsr_comm_mpi_finalize(void)
                 break;
             }
             if (all) break;
-            uint64_t now = tsr_comm_now_ns();
+            uint64_t now = tsr_now_ns();
             if (now - t0 >= ORPHAN_GRACE_NS) {
                 pending = true;
                 break;
@@ -639,7 +636,7 @@ void tsr_comm_mpi_abort(int code)
 int tsr_comm_mpi_world(tsr_comm **out, char *err, size_t err_len)
 {
     if (out) *out = NULL;
-    tsr_comm_set_err(err, err_len, "tsr_comm_mpi_world: built without MPI");
+    tsr_set_err(err, err_len, "tsr_comm_mpi_world: built without MPI");
     return TSR_COMM_ERR;
 }
 

@@ -22,6 +22,7 @@
  * the constructor returns TSR_COMM_ERR "built without NCCL".
  */
 #include "worker/comm.h"
+#include "kernels/util.h"
 
 #ifdef TSR_HAVE_NCCL
 
@@ -58,14 +59,14 @@ static void nccl_abort(nccl_impl *n)
 static int wait_done(ncclComm_t comm, cudaStream_t stream, uint64_t deadline_ns, int64_t timeout_ms,
                      const char *op, int peer, int size, char *err, size_t err_len)
 {
-    uint64_t t0 = tsr_comm_now_ns();
+    uint64_t t0 = tsr_now_ns();
     for (;;) {
         ncclResult_t async = ncclSuccess;
         ncclResult_t r = ncclCommGetAsyncError(comm, &async);
         if (r != ncclSuccess) async = r;
         if (async != ncclSuccess && async != ncclInProgress) {
-            tsr_comm_set_err(err, err_len, "%s: NCCL error: %s (%s)", op, ncclGetErrorString(async),
-                             ncclGetLastError(comm));
+            tsr_set_err(err, err_len, "%s: NCCL error: %s (%s)", op, ncclGetErrorString(async),
+                        ncclGetLastError(comm));
             return TSR_COMM_ERR;
         }
         if (async == ncclSuccess) {
@@ -73,24 +74,24 @@ static int wait_done(ncclComm_t comm, cudaStream_t stream, uint64_t deadline_ns,
             cudaError_t ce = cudaStreamQuery(stream);
             if (ce == cudaSuccess) return TSR_COMM_OK;
             if (ce != cudaErrorNotReady) {
-                tsr_comm_set_err(err, err_len, "%s: CUDA error: %s", op, cudaGetErrorString(ce));
+                tsr_set_err(err, err_len, "%s: CUDA error: %s", op, cudaGetErrorString(ce));
                 return TSR_COMM_ERR;
             }
         }
-        uint64_t now = tsr_comm_now_ns();
+        uint64_t now = tsr_now_ns();
         if (deadline_ns && now >= deadline_ns) break;
         tsr_comm_poll_pause(now - t0);
     }
     if (peer >= 0)
-        tsr_comm_set_err(err, err_len,
-                         "%s: rank %d did not answer within %lld ms; the NCCL communicator was "
-                         "aborted",
-                         op, peer, (long long)timeout_ms);
+        tsr_set_err(err, err_len,
+                    "%s: rank %d did not answer within %lld ms; the NCCL communicator was "
+                    "aborted",
+                    op, peer, (long long)timeout_ms);
     else
-        tsr_comm_set_err(err, err_len,
-                         "%s over %d ranks: no answer from the group within %lld ms; the NCCL "
-                         "communicator was aborted",
-                         op, size, (long long)timeout_ms);
+        tsr_set_err(err, err_len,
+                    "%s over %d ranks: no answer from the group within %lld ms; the NCCL "
+                    "communicator was aborted",
+                    op, size, (long long)timeout_ms);
     return TSR_COMM_ETIMEOUT;
 }
 
@@ -99,15 +100,14 @@ static int begin(tsr_comm *c, const char *op, char *err, size_t err_len)
 {
     nccl_impl *n = c->impl;
     if (n->broken || !n->comm) {
-        tsr_comm_set_err(err, err_len,
-                         "%s: NCCL communicator is unusable after an earlier timeout or failure",
-                         op);
+        tsr_set_err(err, err_len,
+                    "%s: NCCL communicator is unusable after an earlier timeout or failure", op);
         return TSR_COMM_ERR;
     }
     cudaError_t ce = cudaSetDevice(n->device);
     if (ce != cudaSuccess) {
-        tsr_comm_set_err(err, err_len, "%s: cudaSetDevice(%d): %s", op, n->device,
-                         cudaGetErrorString(ce));
+        tsr_set_err(err, err_len, "%s: cudaSetDevice(%d): %s", op, n->device,
+                    cudaGetErrorString(ce));
         return TSR_COMM_ERR;
     }
     return TSR_COMM_OK;
@@ -119,8 +119,8 @@ static int finish(tsr_comm *c, ncclResult_t r, const char *op, int peer, char *e
     nccl_impl *n = c->impl;
     int rc;
     if (r != ncclSuccess && r != ncclInProgress) {
-        tsr_comm_set_err(err, err_len, "%s: %s (%s)", op, ncclGetErrorString(r),
-                         ncclGetLastError(n->comm));
+        tsr_set_err(err, err_len, "%s: %s (%s)", op, ncclGetErrorString(r),
+                    ncclGetLastError(n->comm));
         rc = TSR_COMM_ERR;
     } else {
         rc = wait_done(n->comm, n->stream, tsr_comm_deadline_ns(c), c->timeout_ms, op, peer,
@@ -213,19 +213,19 @@ static int wrap(ncclComm_t comm, int device, int rank, int size, tsr_comm **out,
     nccl_impl *n = calloc(1, sizeof *n);
     cudaError_t ce = cudaSuccess;
     if (!n) {
-        tsr_comm_set_err(err, err_len, "NCCL communicator: out of memory");
+        tsr_set_err(err, err_len, "NCCL communicator: out of memory");
         goto fail;
     }
     n->comm = comm;
     n->device = device;
     if ((ce = cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (ce = cudaMalloc((void **)&n->scratch, sizeof(float))) != cudaSuccess) {
-        tsr_comm_set_err(err, err_len, "NCCL communicator: %s", cudaGetErrorString(ce));
+        tsr_set_err(err, err_len, "NCCL communicator: %s", cudaGetErrorString(ce));
         goto fail;
     }
     *out = tsr_comm_alloc(&nccl_vt, rank, size, n);
     if (!*out) {
-        tsr_comm_set_err(err, err_len, "NCCL communicator: out of memory");
+        tsr_set_err(err, err_len, "NCCL communicator: out of memory");
         goto fail;
     }
     return TSR_COMM_OK;
@@ -250,8 +250,8 @@ static int nccl_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err
     ncclComm_t sub = NULL;
     ncclResult_t r = ncclCommSplit(m->comm, color, key, &sub, &cfg);
     if (r != ncclSuccess && r != ncclInProgress) {
-        tsr_comm_set_err(err, err_len, "split: ncclCommSplit: %s (%s)", ncclGetErrorString(r),
-                         ncclGetLastError(m->comm));
+        tsr_set_err(err, err_len, "split: ncclCommSplit: %s (%s)", ncclGetErrorString(r),
+                    ncclGetLastError(m->comm));
         nccl_abort(m);
         return TSR_COMM_ERR;
     }
@@ -267,7 +267,7 @@ static int nccl_split(tsr_comm *c, int color, int key, tsr_comm **out, char *err
     int sub_rank = 0, sub_size = 0;
     if (!sub || ncclCommUserRank(sub, &sub_rank) != ncclSuccess ||
         ncclCommCount(sub, &sub_size) != ncclSuccess) {
-        tsr_comm_set_err(err, err_len, "split: ncclCommSplit gave no usable communicator");
+        tsr_set_err(err, err_len, "split: ncclCommSplit gave no usable communicator");
         if (sub) ncclCommAbort(sub);
         return TSR_COMM_ERR;
     }
@@ -315,20 +315,20 @@ static bool gpu_ready(int device, char *why, size_t why_len)
     int ndev = 0;
     cudaError_t ce = cudaGetDeviceCount(&ndev);
     if (ce != cudaSuccess) {
-        tsr_comm_set_err(why, why_len, "no usable CUDA device: cudaGetDeviceCount: %s (%s)",
-                         cudaGetErrorString(ce), cudaGetErrorName(ce));
+        tsr_set_err(why, why_len, "no usable CUDA device: cudaGetDeviceCount: %s (%s)",
+                    cudaGetErrorString(ce), cudaGetErrorName(ce));
         return false;
     }
     if (ndev <= 0) {
-        tsr_comm_set_err(why, why_len, "no usable CUDA device: cudaGetDeviceCount found none");
+        tsr_set_err(why, why_len, "no usable CUDA device: cudaGetDeviceCount found none");
         return false;
     }
     if (device < 0 || device >= ndev) {
-        tsr_comm_set_err(why, why_len, "CUDA device %d out of range (%d devices)", device, ndev);
+        tsr_set_err(why, why_len, "CUDA device %d out of range (%d devices)", device, ndev);
         return false;
     }
     if ((ce = cudaSetDevice(device)) != cudaSuccess) {
-        tsr_comm_set_err(why, why_len, "cudaSetDevice(%d): %s", device, cudaGetErrorString(ce));
+        tsr_set_err(why, why_len, "cudaSetDevice(%d): %s", device, cudaGetErrorString(ce));
         return false;
     }
     return true;
@@ -337,7 +337,7 @@ static bool gpu_ready(int device, char *why, size_t why_len)
 int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err, size_t err_len)
 {
     if (!out || !bootstrap) {
-        tsr_comm_set_err(err, err_len, "tsr_comm_nccl_new: %s is NULL", out ? "bootstrap" : "out");
+        tsr_set_err(err, err_len, "tsr_comm_nccl_new: %s is NULL", out ? "bootstrap" : "out");
         return TSR_COMM_EINVAL;
     }
     *out = NULL;
@@ -348,7 +348,7 @@ int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err
     if (ok && bootstrap->rank == 0) {
         ncclResult_t r = ncclGetUniqueId(&id);
         if (r != ncclSuccess) {
-            tsr_comm_set_err(why, sizeof why, "ncclGetUniqueId: %s", ncclGetErrorString(r));
+            tsr_set_err(why, sizeof why, "ncclGetUniqueId: %s", ncclGetErrorString(r));
             ok = false;
         }
     }
@@ -357,15 +357,15 @@ int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err
     int rc = tsr_comm_allreduce_sum_f32(bootstrap, &n_bad, 1, err, err_len);
     if (rc) return rc;
     if (!ok) {
-        tsr_comm_set_err(err, err_len, "tsr_comm_nccl_new (rank %d of %d): %s", bootstrap->rank,
-                         bootstrap->size, why);
+        tsr_set_err(err, err_len, "tsr_comm_nccl_new (rank %d of %d): %s", bootstrap->rank,
+                    bootstrap->size, why);
         return TSR_COMM_ERR;
     }
     if (n_bad > 0.0f) {
-        tsr_comm_set_err(err, err_len,
-                         "tsr_comm_nccl_new: %d of %d ranks could not set up CUDA/NCCL (this "
-                         "rank, %d, could)",
-                         (int)n_bad, bootstrap->size, bootstrap->rank);
+        tsr_set_err(err, err_len,
+                    "tsr_comm_nccl_new: %d of %d ranks could not set up CUDA/NCCL (this "
+                    "rank, %d, could)",
+                    (int)n_bad, bootstrap->size, bootstrap->rank);
         return TSR_COMM_ERR;
     }
     rc = tsr_comm_bcast(bootstrap, &id, sizeof id, 0, err, err_len);
@@ -376,9 +376,9 @@ int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err
     ncclComm_t comm = NULL;
     ncclResult_t r = ncclCommInitRankConfig(&comm, bootstrap->size, id, bootstrap->rank, &cfg);
     if (r != ncclSuccess && r != ncclInProgress) {
-        tsr_comm_set_err(err, err_len, "ncclCommInitRankConfig (rank %d of %d): %s (%s)",
-                         bootstrap->rank, bootstrap->size, ncclGetErrorString(r),
-                         ncclGetLastError(comm));
+        tsr_set_err(err, err_len, "ncclCommInitRankConfig (rank %d of %d): %s (%s)",
+                    bootstrap->rank, bootstrap->size, ncclGetErrorString(r),
+                    ncclGetLastError(comm));
         if (comm) ncclCommAbort(comm);
         return TSR_COMM_ERR;
     }
@@ -403,9 +403,9 @@ bool tsr_comm_nccl_available(void)
 int tsr_comm_nccl_new(tsr_comm *bootstrap, int device, tsr_comm **out, char *err, size_t err_len)
 {
     if (out) *out = NULL;
-    tsr_comm_set_err(err, err_len,
-                     "tsr_comm_nccl_new: built without NCCL (CMake found no CUDA toolkit + NCCL, "
-                     "or TSR_WITH_NCCL=OFF)");
+    tsr_set_err(err, err_len,
+                "tsr_comm_nccl_new: built without NCCL (CMake found no CUDA toolkit + NCCL, "
+                "or TSR_WITH_NCCL=OFF)");
     return TSR_COMM_ERR;
 }
 
