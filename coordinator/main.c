@@ -650,23 +650,11 @@ static int run_generate(const char *model, tsr_replica_params *rp, const char *p
                         const tsr_gen_params *gp, bool json, const char *draft_model,
                         bool spec_ngram, int32_t spec_k, int64_t n_threads)
 {
-    /* A paged replica: the context's positions as KV blocks (the engine's own layout). */
-    int32_t n_ctx = rp->n_ctx;
-    if (n_ctx <= 0) {
-        tsr_gguf *g;
-        tsr_hparams hp;
-        char e0[512];
-        n_ctx = 4096;
-        if (tsr_gguf_open(model, &g, e0, sizeof e0) == 0) {
-            if (tsr_model_read_hparams(g, &hp, e0, sizeof e0) == 0 && hp.n_ctx_train < n_ctx)
-                n_ctx = hp.n_ctx_train;
-            tsr_gguf_close(g);
-        }
-        rp->n_ctx = n_ctx;
-    }
-    rp->n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    /* A paged replica (the engine's layout) holding one full context. */
+    rp->n_kv_blocks = TSR_REPLICA_KV_ONE_CONTEXT;
     tsr_replica *rep;
     if (open_replica("generate", model, rp, &rep) != 0) return 1;
+    const int32_t n_ctx = tsr_replica_n_ctx(rep);
     if (!tsr_replica_is_leader(rep)) return follow("generate", rep);
     const tsr_vocab *vocab = tsr_replica_vocab(rep);
     char err[1024];
@@ -688,7 +676,7 @@ static int run_generate(const char *model, tsr_replica_params *rp, const char *p
     if (g_spec_oracle && tsr_drafter_oracle_load(g_spec_oracle, &drafter, err, sizeof err) != 0)
         goto stop;
     if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), rp->n_kv_blocks + 8,
+        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), tsr_replica_n_kv_blocks(rep) + 8,
                               (int)n_threads, &drafter, err, sizeof err) != 0)
         goto stop;
     tsr_engine_params ep = {.max_batch_tokens = tsr_replica_n_batch(rep),
@@ -1043,7 +1031,7 @@ static int cmd_bench(int argc, char **argv)
     rp.n_threads = (int)n_threads;
     /* Room for the prompt, the generated tokens and up to 16 drafts past them. */
     rp.n_ctx = (int32_t)(n_prompt + n_gen + 24);
-    rp.n_kv_blocks = (rp.n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    rp.n_kv_blocks = TSR_REPLICA_KV_ONE_CONTEXT;
     rp.n_batch = n_prompt > 128 ? (int32_t)n_prompt : 128;
     tsr_replica *rep;
     if (open_replica("bench", model, &rp, &rep) != 0) return 1;
@@ -1147,8 +1135,8 @@ static int cmd_bench(int argc, char **argv)
             if (r == 0) {
                 if (draft_model) {
                     if (tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
-                                              rp.n_kv_blocks + 8, (int)n_threads, &d, err,
-                                              sizeof err) != 0)
+                                              tsr_replica_n_kv_blocks(rep) + 8, (int)n_threads, &d,
+                                              err, sizeof err) != 0)
                         goto spec_fail;
                 } else if (!strcmp(spec, "ngram")) {
                     if (tsr_drafter_ngram_new(1, 3, &d, err, sizeof err) != 0) goto spec_fail;

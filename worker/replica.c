@@ -208,6 +208,8 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     .vocab_begin = pr->vocab_begin,
                     .vocab_end = pr->vocab_end};
     if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
+    if (r->p.n_kv_blocks == TSR_REPLICA_KV_ONE_CONTEXT)
+        r->p.n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     if (r->p.n_kv_blocks > 0) {
         if (tsr_ctx_new_paged(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, &r->ctx, err,
                               err_len) != 0)

@@ -31,6 +31,8 @@
 #include "worker/comm.h"
 #include "worker/model.h"
 
+#define TSR_REPLICA_KV_ONE_CONTEXT (-1)
+
 typedef struct {
     int32_t tp, pp;      /* >= 1; tp × pp must equal the MPI job's size */
     const char *layers;  /* NULL or a per-stage override "0-7,8-15" */
@@ -39,7 +41,9 @@ typedef struct {
     int32_t n_ctx;       /* single-sequence context (0: model default) */
     int32_t n_batch;     /* max tokens per step (0: 128) */
     int64_t timeout_ms;  /* deadline of every communication wait (0: 30000) */
-    int32_t n_kv_blocks; /* > 0: a paged KV pool of this many blocks for many
+    int32_t n_kv_blocks; /* TSR_REPLICA_KV_ONE_CONTEXT: a paged pool holding one full
+                            context (n_ctx, after its default is applied);
+                            > 0: a paged KV pool of this many blocks for many
                             sequences (serving, tsr_replica_step); 0: one sequence of
                             n_ctx tokens (tsr_replica_forward) */
 } tsr_replica_params;
