@@ -1204,14 +1204,12 @@ stop:;
      * the mean context. */
     uint64_t w_bytes = 0;
     {
-        tsr_gguf *g;
-        if (tsr_gguf_open(model, &g, err, sizeof err) == 0) {
-            tsr_model *m;
-            if (tsr_model_load(g, &m, err, sizeof err) == 0) {
-                w_bytes = m->n_bytes_weights;
-                tsr_model_free(m);
-            }
-            tsr_gguf_close(g);
+        /* The whole model's views over the leader's mapping (no data is read): the leader
+         * holds only its own shard. */
+        tsr_model *m;
+        if (tsr_model_load(tsr_replica_gguf(rep), &m, err, sizeof err) == 0) {
+            w_bytes = m->n_bytes_weights;
+            tsr_model_free(m);
         }
     }
     double kv_per_tok = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * sizeof(float) *
