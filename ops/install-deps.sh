@@ -5,7 +5,7 @@ set -euo pipefail
 PKGS=(build-essential cmake pkg-config procps libpcre2-dev libcjson-dev libcmocka-dev
       libopenmpi-dev openmpi-bin
       libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-grpcio
-      python3-grpc-tools protobuf-compiler-grpc
+      python3-grpc-tools protobuf-compiler-grpc python3-venv python3-pip unzip
       slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${PKGS[@]}"; do

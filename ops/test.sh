@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops/install-deps.sh
+ops/venv.sh >/dev/null
 ops/build.sh release
 ops/build.sh asan
 echo "== ctest: release build"
