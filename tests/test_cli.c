@@ -216,6 +216,49 @@ static void test_inspect(void **state)
     assert_non_null(strstr(out, "Q6_K"));
     assert_non_null(strstr(out, "[256, 32000]"));
     free(out);
+    /* Any tensor type: a copy with blk.0.attn_q a type Tessera cannot compute with
+     * (IQ2_XXS, 66 bytes per 256 values: fits in the Q4_K bytes) and blk.1.attn_q a type id
+     * ggml does not define. inspect prints it all and says what cannot run; loading it is
+     * refused with the tensor and type named. */
+    size_t len;
+    char *data = tsr_test_read_file(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), &len);
+    assert_non_null(data);
+    static const struct {
+        const char *name;
+        uint32_t type;
+    } patch[] = {{"blk.0.attn_q.weight", 16}, {"blk.1.attn_q.weight", 99}};
+    for (size_t k = 0; k < 2; k++) {
+        const size_t nl = strlen(patch[k].name);
+        char *p = memmem(data, len, patch[k].name, nl); /* the first: tensor infos */
+        assert_non_null(p);
+        uint32_t n_dims;
+        memcpy(&n_dims, p + nl, 4);
+        assert_int_equal(n_dims, 2);
+        memcpy(p + nl + 4 + 8 * n_dims, &patch[k].type, 4); /* after name, n_dims, ne[] */
+    }
+    char any[] = "/tmp/tsr_cli_any_XXXXXX";
+    int afd = mkstemp(any);
+    assert_true(write(afd, data, len) == (ssize_t)len);
+    close(afd);
+    free(data);
+    assert_int_equal(run(&out, &err, "inspect %s", any), 0);
+    if (!strstr(out, "IQ2_XXS") || !strstr(out, "id 99") ||
+        !strstr(out, "tessera can run this file: no — tensor blk.0.attn_q.weight has type "
+                     "IQ2_XXS"))
+        fail_msg("inspect of a file with IQ2_XXS / unknown types: got\n%s", out);
+    free(out);
+    free(err);
+    assert_int_equal(run(&out, &err, "generate -m %s -p hi -n 1", any), 1);
+    if (!strstr(err, "blk.0.attn_q.weight") || !strstr(err, "IQ2_XXS"))
+        fail_msg("generate on an IQ2_XXS file: expected the tensor and type named, got: %s", err);
+    free(out);
+    free(err);
+    unlink(any);
+    assert_int_equal(
+        run(&out, NULL, "inspect %s", tsr_test_model_path("synthetic/synth-tiny-q5_k_m.gguf")), 0);
+    assert_non_null(strstr(out, "Q5_K"));
+    assert_non_null(strstr(out, "tessera can run this file: yes"));
+    free(out);
     /* A corrupt file: exit 1 and a message naming the problem. */
     char path[] = "/tmp/tsr_cli_bad_XXXXXX";
     int fd = mkstemp(path);
