@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kernels/quant.h"
+#include "shard/gguf.h"
 #include "tests/util.h"
 
 static const char *bin = TSR_TESSERA_BIN;
@@ -280,7 +282,8 @@ static void test_mkmodel(void **state)
     const char *vocab = tsr_test_model_path("stories260K.gguf");
     const char *shape = "--n-layer 3 --n-embd 64 --n-head 4 --n-head-kv 1 --n-ff 96";
     char *out, *err;
-    static const char *types[] = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M"};
+    static const char *types[] = {"F32",  "F16",  "BF16", "Q8_0",   "Q4_0",
+                                  "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_S"};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
         assert_int_equal(run(NULL, &err, "mkmodel -o %s --vocab-from %s %s --type %s --seed 3", a,
                              vocab, shape, types[i]),
@@ -318,6 +321,35 @@ static void test_mkmodel(void **state)
         cJSON_Delete(j2);
         free(g1);
         free(g2);
+    }
+    /* The mixes give every tensor the type llama-quantize gave it in the synthetic files
+     * (same shape: 2 layers, 256 wide, 4 heads / 2 KV heads, n_ff 768, tied head). */
+    static const struct {
+        const char *type, *file;
+    } mixes[] = {
+        {"Q2_K", "q2_k"}, {"Q3_K_M", "q3_k_m"}, {"Q4_K_M", "q4_k_m"}, {"Q5_K_M", "q5_k_m"}};
+    for (size_t i = 0; i < sizeof mixes / sizeof mixes[0]; i++) {
+        assert_int_equal(run(NULL, NULL,
+                             "mkmodel -o %s --vocab-from %s --n-layer 2 --n-embd 256 --n-head 4 "
+                             "--n-head-kv 2 --n-ff 768 --tied --type %s",
+                             a, vocab, mixes[i].type),
+                         0);
+        char rel[96], e[512];
+        snprintf(rel, sizeof rel, "synthetic/synth-tiny-%s.gguf", mixes[i].file);
+        tsr_gguf *mine, *ref;
+        assert_int_equal(tsr_gguf_open(a, &mine, e, sizeof e), 0);
+        assert_int_equal(tsr_gguf_open(tsr_test_model_path(rel), &ref, e, sizeof e), 0);
+        assert_int_equal(tsr_gguf_n_tensors(mine), tsr_gguf_n_tensors(ref));
+        for (int64_t k = 0; k < tsr_gguf_n_tensors(ref); k++) {
+            const tsr_gguf_tensor *tr = tsr_gguf_tensor_at(ref, k);
+            const tsr_gguf_tensor *tm = tsr_gguf_find_tensor(mine, tr->name);
+            if (!tm || tm->type != tr->type)
+                fail_msg("mkmodel --type %s: %s expected %s (llama-quantize) got %s", mixes[i].type,
+                         tr->name, tsr_type_name(tr->type),
+                         tm ? tsr_type_name(tm->type) : "(missing)");
+        }
+        tsr_gguf_close(mine);
+        tsr_gguf_close(ref);
     }
     /* n_ff 96 cannot hold Q4_K rows (256): reported fallback, still a valid model. */
     assert_int_equal(
