@@ -95,4 +95,8 @@ int tsr_chat_render(const tsr_chat_template *t, const tsr_chat_msg *msgs, size_t
 int tsr_chat_tokenize(const tsr_vocab *v, const char *text, size_t len, int32_t **ids,
                       size_t *n_ids, char *err, size_t err_len);
 
+/* `tessera chat` (coordinator/chat_main.c): returns the process exit status (0 ok, 1 error,
+ * 2 usage error). */
+int tsr_cmd_chat(int argc, char **argv);
+
 #endif /* TSR_CHAT_H */

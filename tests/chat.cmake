@@ -5,3 +5,12 @@ foreach(t test_chat test_vocab)
   target_compile_definitions(${t} PRIVATE TSR_FETCH_MODEL="${TSR_FETCH_MODEL}")
 endforeach()
 set_tests_properties(test_chat PROPERTIES TIMEOUT 120)
+
+# tessera chat end to end (tests/python/test_chat_cli.py): -p, --json, stdin lines, an
+# interactive session on a pseudo-terminal (Ctrl-C, /reset, /quit), errors; stories260K.
+find_program(TSR_CHAT_PYTHON python3 PATHS /usr/bin NO_DEFAULT_PATH)
+add_test(NAME chat_cli
+         COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
+                 --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                 --fetch-model ${TSR_FETCH_MODEL})
+set_tests_properties(chat_cli PROPERTIES TIMEOUT 120)
