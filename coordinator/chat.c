@@ -102,6 +102,8 @@ struct tsr_chat_template {
     char *eot; /* zephyr: "<|endoftext|>" or the EOS text */
     char *default_system; /* NULL when the template has none */
     bool bos_turns;       /* Llama 2: every user turn starts with bos_token */
+    bool user_assistant;  /* Phi-3 mini/medium: only user and assistant branches (system
+                             messages render nothing; each user turn opens the answer) */
 };
 
 static int fail(char *err, size_t err_len, int code, const char *fmt, ...)
@@ -331,6 +333,8 @@ int tsr_chat_template_new(const char *spec, const char *bos_text, const char *eo
     }
     if (!is_name) {
         t->bos_turns = strstr(spec, "bos_token + '[INST]") != NULL;
+        t->user_assistant =
+            t->fam == FAM_PHI3 && !strstr(spec, "system") && !strstr(spec, "+ message['role'] +");
         if (t->fam == FAM_CHATML)
             t->default_system = find_default_system(spec, "<|im_start|>system\n", "<|im_end|>");
         else if (t->fam == FAM_MEGREZ)
@@ -643,6 +647,15 @@ int tsr_chat_render(const tsr_chat_template *t, const tsr_chat_msg *m, size_t n,
         break;
     case FAM_PHI3:
         put(&b, t->bos);
+        if (t->user_assistant) {
+            for (size_t i = 0; i < n; i++) {
+                if (r[i] == R_USER)
+                    PUT(&b, "<|user|>\n", m[i].content, "<|end|>\n<|assistant|>\n");
+                else if (r[i] == R_ASSISTANT)
+                    PUT(&b, m[i].content, "<|end|>\n");
+            }
+            break;
+        }
         for (size_t i = 0; i < n; i++) PUT(&b, "<|", m[i].role, "|>\n", m[i].content, "<|end|>\n");
         gen = "<|assistant|>\n";
         break;

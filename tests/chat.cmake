@@ -14,3 +14,11 @@ add_test(NAME chat_cli
                  --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
                  --fetch-model ${TSR_FETCH_MODEL})
 set_tests_properties(chat_cli PROPERTIES TIMEOUT 120)
+
+# GenerateRequest.messages and ModelInfo's chat fields over gRPC (Debian's python3-grpcio,
+# servers on ephemeral ports).
+add_test(NAME serve_chat
+         COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_serve_chat.py
+                 --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                 --proto ${CMAKE_SOURCE_DIR}/proto)
+set_tests_properties(serve_chat PROPERTIES TIMEOUT 180 RUN_SERIAL TRUE)

@@ -630,6 +630,40 @@ static void test_mistral_v3_system_last(void **state)
                   "assistant</s>[INST] You are a helpful assistant\n\nAnother question[/INST]");
 }
 
+/* Phi-3 mini's own template (the one in vocab/ggml-vocab-phi-3.gguf) has only user and
+ * assistant branches: Jinja renders nothing for a system message, and every user turn is
+ * followed by the assistant's header. */
+static void test_phi3_mini_vocab(void **state)
+{
+    (void)state;
+    char err[512], *out = NULL;
+    tsr_gguf *g = NULL;
+    tsr_vocab *v = NULL;
+    assert_int_equal(
+        tsr_gguf_open(tsr_test_model_path("vocab/ggml-vocab-phi-3.gguf"), &g, err, sizeof err), 0);
+    assert_int_equal(tsr_vocab_load(g, &v, err, sizeof err), 0);
+    tsr_chat_template *t = NULL;
+    assert_int_equal(tsr_chat_template_for_model(g, v, NULL, &t, err, sizeof err), 0);
+    assert_string_equal(tsr_chat_template_name(t), "phi3");
+    size_t len;
+    assert_int_equal(tsr_chat_render(t, k_conv, 4, true, &out, &len, err, sizeof err), 0);
+    expect_str("phi3 mini",
+               "<s><|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>\n<|user|>\nWho are "
+               "you<|end|>\n<|assistant|>\n",
+               out);
+    /* <s> written by the template: one BOS, and the markers are single tokens */
+    int32_t *ids = NULL;
+    size_t n = 0;
+    assert_int_equal(tsr_chat_tokenize(v, out, len, &ids, &n, err, sizeof err), 0);
+    assert_int_equal(ids[0], tsr_vocab_bos(v));
+    assert_int_equal(ids[1], tsr_vocab_find(v, "<|user|>", 8));
+    free(ids);
+    free(out);
+    tsr_chat_template_free(t);
+    tsr_vocab_free(v);
+    tsr_gguf_close(g);
+}
+
 static void test_names_and_errors(void **state)
 {
     (void)state;
@@ -742,6 +776,7 @@ int main(void)
         cmocka_unit_test(test_zephyr_documented),
         cmocka_unit_test(test_gemma_documented),
         cmocka_unit_test(test_mistral_v3_system_last),
+        cmocka_unit_test(test_phi3_mini_vocab),
         cmocka_unit_test(test_names_and_errors),
         cmocka_unit_test(test_model_without_template),
         cmocka_unit_test(test_smollm2_cases),
