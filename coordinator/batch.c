@@ -184,12 +184,12 @@ int tsr_batch_reader_next(tsr_batch_reader *r)
         r->n_bytes_read++;
         if (c == '\n') break;
         if (r->too_long) continue;
+        if (r->len >= r->max_bytes) {
+            r->too_long = true;
+            r->len = 0;
+            continue;
+        }
         if (r->len + 1 >= r->cap) {
-            if (r->len + 1 > r->max_bytes) {
-                r->too_long = true;
-                r->len = 0;
-                continue;
-            }
             size_t cap = r->cap * 2;
             char *b = realloc(r->buf, cap);
             if (!b) return TSR_BATCH_ENOMEM;
