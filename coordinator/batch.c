@@ -363,13 +363,11 @@ static bool parse_body(const cJSON *body, tsr_batch_request *rq, bool plain, cha
         } else if (!strcmp(k, "min_p")) {
             if (!get_float(f, k, &rq->gen.sampling.min_p, err, err_len)) return false;
         } else if (!strcmp(k, "repetition_penalty")) {
-            if (!get_float(f, k, &rq->gen.sampling.repetition_penalty, err, err_len))
-                return false;
+            if (!get_float(f, k, &rq->gen.sampling.repetition_penalty, err, err_len)) return false;
         } else if (!strcmp(k, "presence_penalty")) {
             if (!get_float(f, k, &rq->gen.sampling.presence_penalty, err, err_len)) return false;
         } else if (!strcmp(k, "frequency_penalty")) {
-            if (!get_float(f, k, &rq->gen.sampling.frequency_penalty, err, err_len))
-                return false;
+            if (!get_float(f, k, &rq->gen.sampling.frequency_penalty, err, err_len)) return false;
         } else if (!strcmp(k, "seed")) {
             /* JSON numbers are doubles: integers are exact up to 2^53. */
             if (!get_int(f, k, 0, (int64_t)1 << 53, &iv, err, err_len)) return false;
@@ -544,8 +542,7 @@ done:
     return TSR_BATCH_OK;
 }
 
-int tsr_batch_input_key(const char *line, size_t len, int64_t line_no, char **key,
-                        size_t *key_len)
+int tsr_batch_input_key(const char *line, size_t len, int64_t line_no, char **key, size_t *key_len)
 {
     cJSON *j = cJSON_ParseWithLengthOpts(line, len, NULL, false);
     const cJSON *cid = j ? cJSON_GetObjectItemCaseSensitive(j, "custom_id") : NULL;
@@ -828,12 +825,13 @@ static int add_key(void *ud, const char *key, size_t key_len, const char *line, 
     }
     if (r == 0) {
         if (key[0] == '\x01')
-            tsr_set_err(c->err, c->err_len, "%s line %" PRId64 ": the error of input %s is there twice",
-                        c->path, line_no, key + 1);
+            tsr_set_err(c->err, c->err_len,
+                        "%s line %" PRId64 ": the error of input %s is there twice", c->path,
+                        line_no, key + 1);
         else
             tsr_set_err(c->err, c->err_len,
-                        "%s line %" PRId64 ": custom_id '%.200s' is there twice", c->path,
-                        line_no, key);
+                        "%s line %" PRId64 ": custom_id '%.200s' is there twice", c->path, line_no,
+                        key);
         return TSR_BATCH_EDUP;
     }
     if (c->out && (fwrite(line, 1, len, c->out) != len || fputc('\n', c->out) == EOF)) {
@@ -851,8 +849,7 @@ int tsr_batch_scan_output(const char *path, bool truncate_torn, tsr_batch_keyset
     int64_t bad;
     bool bad_last;
     *n_bytes_torn = 0;
-    int rc = scan_lines(path, true, add_key, &c, n_lines, &good_end, &bad, &bad_last, err,
-                        err_len);
+    int rc = scan_lines(path, true, add_key, &c, n_lines, &good_end, &bad, &bad_last, err, err_len);
     if (rc == TSR_BATCH_EDUP) return TSR_BATCH_ECORRUPT;
     if (rc != 0) return rc;
     if (!bad) return 0;
@@ -879,8 +876,7 @@ int tsr_batch_scan_output(const char *path, bool truncate_torn, tsr_batch_keyset
     }
     *n_bytes_torn = (uint64_t)st.st_size - good_end;
     if (truncate(path, (off_t)good_end) != 0) {
-        tsr_set_err(err, err_len, "cannot cut the torn last line of %s: %s", path,
-                    strerror(errno));
+        tsr_set_err(err, err_len, "cannot cut the torn last line of %s: %s", path, strerror(errno));
         return TSR_BATCH_EIO;
     }
     return 0;

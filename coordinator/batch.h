@@ -36,17 +36,18 @@
 #define TSR_BATCH_EDUP     -5 /* a key occurs twice */
 #define TSR_BATCH_EMISSING -6 /* merge: an input line has no output line */
 
-#define TSR_BATCH_MAX_STOP     64   /* stop strings per request (as the gRPC server) */
-#define TSR_BATCH_MAX_STOP_LEN 1024 /* bytes per stop string */
-#define TSR_BATCH_MAX_LOGPROBS 20
+#define TSR_BATCH_MAX_STOP           64   /* stop strings per request (as the gRPC server) */
+#define TSR_BATCH_MAX_STOP_LEN       1024 /* bytes per stop string */
+#define TSR_BATCH_MAX_LOGPROBS       20
 #define TSR_BATCH_DEFAULT_MAX_TOKENS 16 /* OpenAI's and the gRPC server's default */
 
 /* Exit statuses of `tessera batch` (also in its --help and the README). */
-#define TSR_BATCH_EXIT_OK         0 /* every line of the input (shard) has an output line */
-#define TSR_BATCH_EXIT_ERROR      1 /* runtime error: unreadable file, model, data plane */
-#define TSR_BATCH_EXIT_USAGE      2 /* bad flags, duplicate custom_ids, foreign output file */
-#define TSR_BATCH_EXIT_INCOMPLETE 3 /* stopped by SIGTERM / SIGUSR1 / SIGINT: rerun the same
-                                       command to continue where it stopped */
+#define TSR_BATCH_EXIT_OK    0 /* every line of the input (shard) has an output line */
+#define TSR_BATCH_EXIT_ERROR 1 /* runtime error: unreadable file, model, data plane */
+#define TSR_BATCH_EXIT_USAGE 2 /* bad flags, duplicate custom_ids, foreign output file */
+#define TSR_BATCH_EXIT_INCOMPLETE                                                                  \
+    3 /* stopped by SIGTERM / SIGUSR1 / SIGINT: rerun the same                                     \
+         command to continue where it stopped */
 
 /* ---- key sets ---- */
 
@@ -126,8 +127,7 @@ void tsr_batch_request_free(tsr_batch_request *rq);
 
 /* The key of an input line as the output will carry it: its custom_id if the line is JSON
  * with a string custom_id, else the line key. *key is malloc'd. */
-int tsr_batch_input_key(const char *line, size_t len, int64_t line_no, char **key,
-                        size_t *key_len);
+int tsr_batch_input_key(const char *line, size_t len, int64_t line_no, char **key, size_t *key_len);
 
 /* ---- writing result lines ---- */
 

@@ -114,7 +114,10 @@ static void on_signal(int sig)
 
 static const char *sig_name(int sig)
 {
-    return sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : sig == SIGINT ? "SIGINT" : "a signal";
+    return sig == SIGTERM   ? "SIGTERM"
+           : sig == SIGUSR1 ? "SIGUSR1"
+           : sig == SIGINT  ? "SIGINT"
+                            : "a signal";
 }
 
 /* ---- one line in flight ---- */
@@ -122,7 +125,7 @@ static const char *sig_name(int sig)
 typedef struct bslot {
     struct bslot *next; /* in the finished queue */
     void *job;          /* the job (the callback queues the slot there) */
-    uint64_t seq; /* order of admission in this run (for --ordered) */
+    uint64_t seq;       /* order of admission in this run (for --ordered) */
     int64_t line_no;
     char *custom_id;
     char *model; /* the body's "model", echoed (NULL: the GGUF's name) */
@@ -226,8 +229,7 @@ static void on_event(void *ud, const tsr_event *ev)
                 if (!grow((void **)&s->top_ids, sizeof(int32_t) * (size_t)s->n_top, n, &c2))
                     goto oom;
                 c2 = s->cap;
-                if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2))
-                    goto oom;
+                if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2)) goto oom;
             }
         }
         s->cap = cap;
@@ -239,7 +241,8 @@ static void on_event(void *ud, const tsr_event *ev)
                 for (int32_t k = 0; k < s->n_top; k++) {
                     bool have = ev->top_logprobs && k < ev->n_top;
                     size_t o = at * (size_t)s->n_top + (size_t)k;
-                    s->top_ids[o] = have ? ev->top_logprobs[i * (size_t)ev->n_top + (size_t)k].id : -1;
+                    s->top_ids[o] =
+                        have ? ev->top_logprobs[i * (size_t)ev->n_top + (size_t)k].id : -1;
                     s->top_lps[o] =
                         have ? ev->top_logprobs[i * (size_t)ev->n_top + (size_t)k].logprob : NAN;
                 }
@@ -545,7 +548,8 @@ static int admit(job *j, tsr_batch_reader *r)
     bslot *es = NULL;
     if (r->too_long) {
         snprintf(emsg, sizeof emsg,
-                 "line %" PRId64 " is longer than --max-line-bytes (%zu bytes); shorten it or raise "
+                 "line %" PRId64
+                 " is longer than --max-line-bytes (%zu bytes); shorten it or raise "
                  "the limit",
                  ln, j->max_line_bytes);
         es = error_slot(j, NULL, ln, "line_too_long", emsg);
@@ -654,6 +658,13 @@ static int admit(job *j, tsr_batch_reader *r)
     char serr[512];
     s->seq = j->seq_next; /* before submit: events may come at once */
     int rc = tsr_engine_submit(j->eng, &er, NULL, serr, sizeof serr);
+    /* The engine's queue count is published after each step, so it can lag behind the
+     * lines this driver saw finish: a full queue here is transient. Retry for a while. */
+    for (int tries = 0; rc == TSR_ENGINE_EQUEUE_FULL && tries < 5000; tries++) {
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+        rc = tsr_engine_submit(j->eng, &er, NULL, serr, sizeof serr);
+    }
     free(ids);
     ids = NULL;
     if (rc == TSR_ENGINE_EINVAL) {
@@ -833,9 +844,9 @@ static void *driver_main(void *arg)
              t - j->t_last_flush_ns >= (uint64_t)j->flush_ms * 1000000u)) {
             if ((rc = flush_out(j)) != 0) break;
         }
-        if (j->tty ? t - j->t_last_progress_ns >= 250000000u
-                   : j->progress_s > 0 &&
-                         (double)(t - j->t_last_progress_ns) / 1e9 >= j->progress_s)
+        if (j->tty
+                ? t - j->t_last_progress_ns >= 250000000u
+                : j->progress_s > 0 && (double)(t - j->t_last_progress_ns) / 1e9 >= j->progress_s)
             progress(j, false);
         if (j->inflight == 0 && (eof || stopping || refused || ended)) break;
         if (ended && j->inflight > 0) {
@@ -860,8 +871,8 @@ static void *driver_main(void *arg)
             " resumed (already in %s), %" PRIu64 " dropped; %" PRIu64 " prompt + %" PRIu64
             " generated tokens in %.2f s: %.1f generated tokens/s, %.1f total tokens/s; peak "
             "RSS %.1f MiB, custom_id sets %.1f MiB\n",
-            complete_run ? "done" : "INCOMPLETE", j->n_ok, j->n_failed, j->n_resumed,
-            j->out_path, j->n_dropped, j->n_prompt_tokens, j->n_gen_tokens, el,
+            complete_run ? "done" : "INCOMPLETE", j->n_ok, j->n_failed, j->n_resumed, j->out_path,
+            j->n_dropped, j->n_prompt_tokens, j->n_gen_tokens, el,
             el > 0 ? (double)j->n_gen_tokens / el : 0.0,
             el > 0 ? (double)(j->n_gen_tokens + j->n_prompt_tokens) / el : 0.0,
             (double)peak_rss_kib() / 1024.0, (double)j->keyset_peak_bytes / 1048576.0);
@@ -1143,9 +1154,8 @@ int tsr_cmd_batch(int argc, char **argv)
      * memory and DEFAULT_KV_CAP, at least one context. */
     uint64_t block_bytes = (uint64_t)hp.n_layer * 2u * (uint64_t)hp.n_head_kv *
                            (uint64_t)hp.head_dim * 4u * TSR_KV_BLOCK_SIZE;
-    int64_t ctx_tokens = n_ctx > 0 ? n_ctx
-                                   : (hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train
-                                                                                  : 4096);
+    int64_t ctx_tokens =
+        n_ctx > 0 ? n_ctx : (hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
     uint64_t blocks_per_seq = (uint64_t)(ctx_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     uint64_t n_blocks;
     if (kv_memory) {
@@ -1206,7 +1216,9 @@ int tsr_cmd_batch(int argc, char **argv)
     tsr_engine_params ep = {
         .max_batch_tokens = (int32_t)max_batch,
         .max_seqs = (int32_t)max_seqs,
-        .max_queue = (int32_t)(2 * max_seqs),
+        /* The driver keeps at most 2 x max_seqs lines in flight; the slack covers the
+           engine's queue count lagging by a step. */
+        .max_queue = (int32_t)(4 * max_seqs + 16),
         .n_kv_blocks =
             tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
         .idle_heartbeat_ms = 1000,

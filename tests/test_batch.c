@@ -177,8 +177,7 @@ static void test_parse_bad(void **state)
     expect_bad("{\"custom_id\":\"a\",\"prompt\":\"x\",\"n\":2}", "invalid_request", "n:", "a");
     expect_bad("{\"custom_id\":\"a\",\"prompt\":\"x\",\"stream\":true}", "invalid_request",
                "stream", "a");
-    expect_bad("{\"custom_id\":\"a\",\"prompt\":[\"x\",\"y\"]}", "invalid_request", "prompt",
-               "a");
+    expect_bad("{\"custom_id\":\"a\",\"prompt\":[\"x\",\"y\"]}", "invalid_request", "prompt", "a");
     expect_bad("{\"custom_id\":\"a\",\"url\":\"/v1/chat/completions\",\"body\":{\"messages\":[]}}",
                "invalid_request", "messages", "a");
     expect_bad("{\"custom_id\":\"a\",\"url\":\"/v1/chat/completions\",\"body\":{\"messages\":"
@@ -222,10 +221,15 @@ static void test_format(void **state)
     assert_memory_equal(a, b, na); /* deterministic: outputs of two runs compare as sets */
     assert_int_equal(a[na - 1], '\n');
     assert_null(memchr(a, '\n', na - 1));
-    const char *want[] = {"\"custom_id\":\"q1\"", "\"status_code\":200", "\"text\":\"a\xef\xbf\xbd"
-                                                                         "b\"",
-                          "\"finish_reason\":\"stop\"", "\"token_ids\":[5,6]",
-                          "\"total_tokens\":6", "\"error\":null", "\"object\":\"text_completion\""};
+    const char *want[] = {"\"custom_id\":\"q1\"",
+                          "\"status_code\":200",
+                          "\"text\":\"a\xef\xbf\xbd"
+                          "b\"",
+                          "\"finish_reason\":\"stop\"",
+                          "\"token_ids\":[5,6]",
+                          "\"total_tokens\":6",
+                          "\"error\":null",
+                          "\"object\":\"text_completion\""};
     for (size_t i = 0; i < sizeof want / sizeof *want; i++)
         if (!strstr(a, want[i])) fail_msg("result line lacks %s:\n%s", want[i], a);
     free(a);
@@ -324,9 +328,8 @@ static void test_scan_output(void **state)
 
     /* A missing file is an empty output. */
     s = tsr_batch_keyset_new();
-    assert_int_equal(tsr_batch_scan_output(tmp_path("nope.jsonl"), true, s, &n, &torn, err,
-                                           sizeof err),
-                     0);
+    assert_int_equal(
+        tsr_batch_scan_output(tmp_path("nope.jsonl"), true, s, &n, &torn, err, sizeof err), 0);
     assert_int_equal(n, 0);
     tsr_batch_keyset_free(s);
 }
@@ -373,7 +376,8 @@ static void test_merge(void **state)
     unlink(out);
     /* The same shard twice: a key twice. */
     rc = tsr_batch_merge(out, ins, 3, NULL, &n, err, sizeof err);
-    if (rc != TSR_BATCH_EDUP || !strstr(err, "twice")) fail_msg("expected EDUP, got %d: %s", rc, err);
+    if (rc != TSR_BATCH_EDUP || !strstr(err, "twice"))
+        fail_msg("expected EDUP, got %d: %s", rc, err);
     assert_int_equal(access(out, F_OK), -1);
     /* A shard missing: an input line without output. */
     rc = tsr_batch_merge(out, ins, 1, in, &n, err, sizeof err);
@@ -387,10 +391,10 @@ int main(void)
     snprintf(g_dir, sizeof g_dir, "/tmp/tsr-test-batch-XXXXXX");
     if (!mkdtemp(g_dir)) return 1;
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_keyset),       cmocka_unit_test(test_parse_good),
-        cmocka_unit_test(test_parse_bad),    cmocka_unit_test(test_input_key),
-        cmocka_unit_test(test_format),       cmocka_unit_test(test_reader_limit),
-        cmocka_unit_test(test_scan_output),  cmocka_unit_test(test_out_append),
+        cmocka_unit_test(test_keyset),      cmocka_unit_test(test_parse_good),
+        cmocka_unit_test(test_parse_bad),   cmocka_unit_test(test_input_key),
+        cmocka_unit_test(test_format),      cmocka_unit_test(test_reader_limit),
+        cmocka_unit_test(test_scan_output), cmocka_unit_test(test_out_append),
         cmocka_unit_test(test_merge),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
