@@ -73,6 +73,8 @@ static const char *serve_help =
     "  -t, --threads N           CPU threads per rank (default: all cores)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
+    "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
+    "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
     "\n"
     "output held for clients that read slowly or not at all (beyond: the stream is\n"
     "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
@@ -268,6 +270,7 @@ int tsr_cmd_serve(int argc, char **argv)
         O_SPEC,
         O_SPEC_K,
         O_SPEC_MAX_BATCH,
+        O_CHAT_TEMPLATE,
         O_MAX_BUFFERED,
         O_MAX_CALL_BUFFERED,
         O_SLOW_READER,
@@ -290,6 +293,7 @@ int tsr_cmd_serve(int argc, char **argv)
         {"spec", required_argument, 0, O_SPEC},
         {"spec-k", required_argument, 0, O_SPEC_K},
         {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
+        {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
         {"max-buffered-bytes", required_argument, 0, O_MAX_BUFFERED},
         {"max-call-buffered-bytes", required_argument, 0, O_MAX_CALL_BUFFERED},
         {"slow-reader-timeout", required_argument, 0, O_SLOW_READER},
@@ -307,6 +311,7 @@ int tsr_cmd_serve(int argc, char **argv)
     uint64_t max_buffered = TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES,
              max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
     int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
+    const char *chat_template = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
@@ -385,6 +390,15 @@ int tsr_cmd_serve(int argc, char **argv)
                 return tsr_cli_usage_error(
                     "serve", "--spec-max-batch needs an integer in 1..4096, got '%s'", optarg);
             break;
+        case O_CHAT_TEMPLATE: {
+            tsr_chat_template *t = NULL;
+            char e[1024];
+            if (tsr_chat_template_new(optarg, NULL, NULL, &t, e, sizeof e) != 0)
+                return tsr_cli_usage_error("serve", "%s", e);
+            tsr_chat_template_free(t);
+            chat_template = optarg;
+            break;
+        }
         case O_KV_MEMORY:
             if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
                 return tsr_cli_usage_error("serve",
@@ -476,6 +490,7 @@ int tsr_cmd_serve(int argc, char **argv)
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
+    tsr_chat_template *chat = NULL;
     if (spec_oracle && tsr_drafter_oracle_load(spec_oracle, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
@@ -529,6 +544,12 @@ int tsr_cmd_serve(int argc, char **argv)
         .max_batch_tokens = (int32_t)max_batch,
         .max_queue = (int32_t)max_queue,
     };
+    /* GenerateRequest.messages: the model's chat template, or --chat-template; a model
+     * without one serves prompts only. */
+    if (tsr_chat_template_for_model(tsr_replica_gguf(rep), vocab, chat_template, &chat, err,
+                                    sizeof err) != 0)
+        fprintf(stderr, "tessera serve: chat messages are refused: %s\n", err);
+    info.chat = chat;
     if (sem_init(&g_sig_sem, 0, 0) != 0) {
         fprintf(stderr, "tessera serve: sem_init: %s\n", strerror(errno));
         goto release;
@@ -601,7 +622,10 @@ stop_server:
     }
 release:
     if (engine) tsr_engine_free(engine);
-    if (engine || !server) tsr_drafter_free(drafter); /* (leaked with a stuck server) */
+    if (engine || !server) { /* (leaked with a stuck server) */
+        tsr_drafter_free(drafter);
+        tsr_chat_template_free(chat);
+    }
     if (!leader_close(rep)) exit_code = 1;
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);
