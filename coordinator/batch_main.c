@@ -1188,6 +1188,7 @@ int tsr_cmd_batch(int argc, char **argv)
         fprintf(stderr, "tessera batch: %s\n", err);
         return TSR_BATCH_EXIT_ERROR;
     }
+    const uint64_t t_run_ns = tsr_now_ns();
     if (!tsr_replica_is_leader(rep)) {
         /* The leader coordinates the stop; a signal forwarded by the launcher (srun
          * forwards SIGTERM to every task, mpirun SIGUSR1) must not kill a follower. */
@@ -1319,6 +1320,16 @@ release:
             tsr_comm_mpi_abort(1);
             return TSR_BATCH_EXIT_ERROR;
         }
+        /* Where the time went, per rank: forward passes (compute), waiting on other ranks
+         * (comm); the rest of the wall time is the leader's sampling, scheduling and I/O. */
+        double wall_s = (double)(tsr_now_ns() - t_run_ns) / 1e9;
+        for (int r = 0; r < tsr_replica_size(rep) && r < 16 && st[r].n_steps; r++)
+            fprintf(stderr,
+                    "tessera batch: rank %d: %" PRIu64 " steps, %" PRIu64
+                    " tokens (%.1f per step), compute %.1f s, comm %.1f s of %.1f s wall\n",
+                    st[r].rank, st[r].n_steps, st[r].n_tokens,
+                    (double)st[r].n_tokens / (double)st[r].n_steps, st[r].t_compute_ns / 1e9,
+                    st[r].t_comm_ns / 1e9, wall_s);
         free(st);
     }
     tsr_replica_close(rep);
