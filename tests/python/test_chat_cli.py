@@ -8,6 +8,7 @@ What is checked and why:
     prompt contains the first answer);
   - an interactive session on a pseudo-terminal: the prompt, an answer, /reset, Ctrl-C
     stopping a long answer while the session goes on, /quit;
+  - with --mpirun: `chat -p` on tp 2 and on pp 2 gives the ids of one process;
   - errors: an unknown template name (usage error listing the families), a model without
     a chat template (says to pass --chat-template);
   - with --real: `chat -p` on SmolLM2 gives llama.cpp's greedy ids of its chat case in
@@ -28,6 +29,7 @@ P = argparse.ArgumentParser()
 P.add_argument("--tessera", required=True)
 P.add_argument("--models", required=True)
 P.add_argument("--fetch-model", required=True)
+P.add_argument("--mpirun", default="")
 P.add_argument("--real", action="store_true")
 A = P.parse_args()
 
@@ -191,6 +193,22 @@ def test_interactive():
     check(rc == 0, "interactive: /quit ends with status 0", "rc=%s %r" % (rc, p.buf[-300:]))
 
 
+def test_layouts():
+    base = ["chat", "-m", STORIES, "--chat-template", "chatml", "-p", "Once upon a time", "-n",
+            "16", "--temperature", "0", "-t", "1", "--json"]
+    rc, out, err = run(base)
+    one = json.loads(out.strip().splitlines()[-1])["ids"] if rc == 0 else None
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    for flag in ("--tp", "--pp"):
+        r = subprocess.run([A.mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+                            "-np", "2", A.tessera] + base + [flag, "2"], capture_output=True,
+                           timeout=120, env=env)
+        lines = [l for l in r.stdout.decode().splitlines() if l.startswith("{")]
+        ids = json.loads(lines[-1])["ids"] if r.returncode == 0 and lines else None
+        check(one is not None and ids == one, "chat %s 2 gives the ids of one process" % flag,
+              "%s vs %s %s" % (ids, one, r.stderr.decode()[-500:]))
+
+
 def test_real_smollm2():
     path = subprocess.run([A.fetch_model, "smollm2-135m-instruct"], capture_output=True,
                           check=True).stdout.decode().strip().splitlines()[-1]
@@ -217,6 +235,8 @@ test_errors()
 test_one_answer()
 test_lines()
 test_interactive()
+if A.mpirun:
+    test_layouts()
 if A.real:
     test_real_smollm2()
 if FAILED:
