@@ -41,6 +41,6 @@ if(NOT TSR_SANITIZE)
   add_test(NAME chat_smollm2
            COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
                    --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
-                   --fetch-model ${TSR_FETCH_MODEL} --real)
+                   --fetch-model ${TSR_FETCH_MODEL} --real smollm2-135m-instruct)
   set_tests_properties(chat_smollm2 PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
 endif()

@@ -31,7 +31,7 @@ P.add_argument("--tessera", required=True)
 P.add_argument("--models", required=True)
 P.add_argument("--fetch-model", required=True)
 P.add_argument("--mpirun", default="")
-P.add_argument("--real", action="store_true")
+P.add_argument("--real", action="append", default=[], metavar="NAME")
 A = P.parse_args()
 
 STORIES = os.path.join(A.models, "stories260K.gguf")
@@ -213,16 +213,17 @@ def test_layouts():
 TIE_REF = 0.25  # logits: tests/real_models_check.c's near-tie rule (F16 vs F32 KV rounding)
 
 
-def test_real_smollm2():
-    """`chat -p` on SmolLM2 against llama.cpp's chat cases with one user message (with and
-    without --system): the rendered prompt and its ids are llama.cpp's, and the free-running
+def test_real(name):
+    """`chat -p` on a real model against llama.cpp's chat cases with one user message (with
+    and without --system): the rendered prompt and its ids are llama.cpp's, and the free-running
     greedy ids are llama.cpp's up to the first step where they differ, which must be a
     near-tie (llama.cpp's own top-2 margin below TIE_REF): past one, both continuations are
-    right. A case that ends on end-of-generation must end with finish_reason eos."""
-    path = subprocess.run([A.fetch_model, "smollm2-135m-instruct"], capture_output=True,
+    right. An answer equal to llama.cpp's must end on end-of-generation where it does.
+    (max_tokens: the case's when it ends on end-of-generation, else 24 to bound the time.)"""
+    path = subprocess.run([A.fetch_model, name], capture_output=True,
                           check=True).stdout.decode().strip().splitlines()[-1]
     ref = json.load(open(os.path.join(A.models, "expected", "real-models.json")))
-    cases = [c for c in ref["models"]["smollm2-135m-instruct"]["cases"] if c["kind"] == "chat"]
+    cases = [c for c in ref["models"][name]["cases"] if c["kind"] == "chat"]
     n_run = 0
     for k, case in enumerate(cases):
         msgs = case["messages"]
@@ -233,31 +234,33 @@ def test_real_smollm2():
         if msgs[0]["role"] == "system":
             args += ["--system", msgs[0]["content"]]
         rc, out, err = run(args, timeout=600)
-        check(rc == 0, "SmolLM2 case %d: chat -p runs" % k, err)
+        check(rc == 0, "%s case %d: chat -p runs" % (name, k), err)
         if rc:
             continue
         n_run += 1
         o = json.loads(out.strip().splitlines()[-1])
-        check(o["prompt"] == case["rendered"], "SmolLM2 case %d: the template's text" % k,
+        check(o["prompt"] == case["rendered"], "%s case %d: the template's text" % (name, k),
               repr(o["prompt"]))
-        check(o["prompt_ids"] == case["prompt_ids"], "SmolLM2 case %d: llama.cpp's prompt ids" % k)
+        check(o["prompt_ids"] == case["prompt_ids"], "%s case %d: llama.cpp's prompt ids" % (name, k))
         want, got = case["ids"], o["ids"]
         n = min(len(want), len(got), case["reliable"])
         diff = next((i for i in range(n) if want[i] != got[i]), n)
         if diff < n:
             m = case["margins"][diff]
-            check(m < TIE_REF, "SmolLM2 case %d: greedy ids equal llama.cpp's up to a near-tie "
-                  "(%d equal, then margin %.3f)" % (k, diff, m), "%s\nvs %s" % (got, want))
+            check(m < TIE_REF, "%s case %d: greedy ids equal llama.cpp's up to a near-tie "
+                  "(%d equal, then margin %.3f)" % (name, k, diff, m), "%s\nvs %s" % (got, want))
         else:
-            check(True, "SmolLM2 case %d: %d greedy ids equal llama.cpp's" % (k, n))
-        if case["eog"]:
-            check(o["finish_reason"] == "eos", "SmolLM2 case %d: ends on end-of-generation" % k,
-                  o["finish_reason"])
-    check(n_run >= 2, "SmolLM2: two chat cases run", n_run)
+            check(True, "%s case %d: %d greedy ids equal llama.cpp's" % (name, k, n))
+        if case["eog"] and diff == n:  # the same answer ends where llama.cpp's does
+            check(o["finish_reason"] == "eos" and got == want,
+                  "%s case %d: ends on end-of-generation, as llama.cpp" % (name, k),
+                  "%s %s" % (o["finish_reason"], got))
+    check(n_run >= 2, "%s: two chat cases run" % name, n_run)
 
 
 if A.real:
-    test_real_smollm2()
+    for name in A.real:
+        test_real(name)
 else:
     test_errors()
     test_one_answer()
