@@ -17,7 +17,7 @@ target_link_libraries(gpu_sim_check PRIVATE tessera_core)
 # them to F16 instead, 0.5 (../shared/models README 8.3: a float32 reference and llama.cpp
 # differ by up to 0.33 for the same reason; measured here through the simulator: <= 0.33).
 function(tsr_gpu_tol rel out)
-  if(rel MATCHES "(f16|stories260K|stories260K-4layer-draft|llama-2-tiny-random)\\.gguf$")
+  if(rel MATCHES "(tiny-f16|^stories260K|4layer-draft|llama-2-tiny-random)\\.gguf$")
     set(${out} 0.05 PARENT_SCOPE)
   else()
     set(${out} 0.5 PARENT_SCOPE)
@@ -27,11 +27,14 @@ set(TSR_GPU_MODELS stories260K.gguf derived/stories260K-q8_0.gguf
     derived/stories260K-4layer-draft.gguf random/llama-2-tiny-random.gguf)
 file(GLOB _synth RELATIVE ${TSR_MODELS_DIR} CONFIGURE_DEPENDS ${TSR_MODELS_DIR}/synthetic/*.gguf)
 list(APPEND TSR_GPU_MODELS ${_synth})
+# The simulator runs the weight-type-independent orchestration; the per-type arithmetic is
+# test_cuda_numerics' job. One model per matvec kind (float, Q8_0, Q8_1, Q8_K activations).
 if(TSR_SANITIZE)
-  set(TSR_GPU_SIM_MODELS stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf
-      synthetic/synth-tiny-q5_1.gguf)
+  set(TSR_GPU_SIM_MODELS stories260K.gguf derived/stories260K-q8_0.gguf)
 else()
-  set(TSR_GPU_SIM_MODELS ${TSR_GPU_MODELS})
+  set(TSR_GPU_SIM_MODELS stories260K.gguf synthetic/synth-tiny-f16.gguf
+      synthetic/synth-tiny-q4_0.gguf synthetic/synth-tiny-q5_1.gguf
+      synthetic/synth-tiny-q4_k_m.gguf)
 endif()
 foreach(rel ${TSR_GPU_SIM_MODELS})
   get_filename_component(stem ${rel} NAME_WE)
