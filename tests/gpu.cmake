@@ -44,6 +44,32 @@ foreach(rel ${TSR_GPU_SIM_MODELS})
   set_tests_properties(gpu_sim_${stem} PROPERTIES TIMEOUT 120)
 endforeach()
 
+# The replica's device path (decide_device, attach, tp sums through the host, pipeline
+# hand-offs) for distributed layouts, GPU ranks simulated (release tree: mpirun jobs).
+if(NOT TSR_SANITIZE)
+  add_executable(gpu_sim_replica_check ${CMAKE_CURRENT_SOURCE_DIR}/replica_check.c
+                 ${CMAKE_SOURCE_DIR}/worker/gpu.c ${CMAKE_SOURCE_DIR}/kernels/cuda/hostsim.c)
+  target_compile_definitions(gpu_sim_replica_check PRIVATE TSR_HAVE_CUDA TSR_GPU_SIM)
+  target_link_libraries(gpu_sim_replica_check PRIVATE tessera_core)
+  foreach(layout "2;1" "1;2" "2;2")
+    list(GET layout 0 tp)
+    list(GET layout 1 pp)
+    math(EXPR np "${tp} * ${pp}")
+    add_test(NAME gpu_sim_replica_stories_tp${tp}_pp${pp}
+             COMMAND ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:gpu_sim_replica_check>
+                     -m ${TSR_MODELS_DIR}/stories260K.gguf --tp ${tp} --pp ${pp} --device cuda
+                     --tol 1e-3 -n 8)
+    set_tests_properties(gpu_sim_replica_stories_tp${tp}_pp${pp} PROPERTIES
+                         ENVIRONMENT "${TSR_MPI_ENV};TSR_NO_NCCL=1" TIMEOUT 120 PROCESSORS 2)
+  endforeach()
+  add_test(NAME gpu_sim_replica_synth_q4_0_tp2_pp1
+           COMMAND ${TSR_MPIRUN} -np 2 $<TARGET_FILE:gpu_sim_replica_check>
+                   -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_0.gguf --tp 2 --device cuda
+                   --teacher-force --tol 0.5 -n 8)
+  set_tests_properties(gpu_sim_replica_synth_q4_0_tp2_pp1 PROPERTIES
+                       ENVIRONMENT "${TSR_MPI_ENV};TSR_NO_NCCL=1" TIMEOUT 120 PROCESSORS 2)
+endif()
+
 if(NOT TSR_HAVE_CUDA)
   return()
 endif()
@@ -64,4 +90,35 @@ foreach(rel ${TSR_GPU_MODELS})
   string(REPLACE "-" "_" stem ${stem})
   tsr_gpu_tol(${rel} tol)
   tsr_gpu_test(logits_${stem} $<TARGET_FILE:gpu_check> ${TSR_MODELS_DIR}/${rel} --tol ${tol})
+endforeach()
+
+# Distributed layouts with GPU ranks against the single-process CPU engine (replica_check
+# --device cuda). Several ranks may share a GPU here (local rank mod count), so their tp sums
+# go through MPI (TSR_NO_NCCL=1); the NCCL tests below need one GPU per rank.
+foreach(layout "2;1" "1;2" "2;2")
+  list(GET layout 0 tp)
+  list(GET layout 1 pp)
+  math(EXPR np "${tp} * ${pp}")
+  tsr_gpu_test(replica_stories_tp${tp}_pp${pp} sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
+               $<TARGET_FILE:gpu_check> 1 ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:replica_check>
+               -m ${TSR_MODELS_DIR}/stories260K.gguf --tp ${tp} --pp ${pp} --device cuda
+               --tol 0.05)
+  set_property(TEST gpu_replica_stories_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
+               "${TSR_MPI_ENV};TSR_NO_NCCL=1")
+  tsr_gpu_test(replica_synth_q4_k_m_tp${tp}_pp${pp} sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
+               $<TARGET_FILE:gpu_check> 1 ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:replica_check>
+               -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_k_m.gguf --tp ${tp} --pp ${pp}
+               --device cuda --tol 0.5 -n 8)
+  set_property(TEST gpu_replica_synth_q4_k_m_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
+               "${TSR_MPI_ENV};TSR_NO_NCCL=1")
+endforeach()
+# NCCL: tp 2 on two GPUs (skipped with the reason on fewer).
+foreach(model stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf)
+  get_filename_component(stem ${model} NAME_WE)
+  string(REPLACE "-" "_" stem ${stem})
+  tsr_gpu_tol(${model} tol)
+  tsr_gpu_test(nccl_${stem}_tp2 sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
+               $<TARGET_FILE:gpu_check> 2 ${TSR_MPIRUN} -np 2 $<TARGET_FILE:replica_check>
+               -m ${TSR_MODELS_DIR}/${model} --tp 2 --device cuda --tol ${tol} -n 8)
+  set_property(TEST gpu_nccl_${stem}_tp2 APPEND PROPERTY ENVIRONMENT "${TSR_MPI_ENV}")
 endforeach()

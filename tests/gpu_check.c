@@ -3,6 +3,8 @@
  * the CUDA backend against the CPU backend, on the same tokens.
  *
  *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--gpu-memory BYTES]
+ *   gpu_check --need-gpus N   exit 0 when N CUDA devices are visible, else print the SKIP
+ *                             line and exit 77 (tests/gpu_ranks.sh)
  *
  * Three phases, each on a fresh pair of contexts (CPU: kernels/ops.c; GPU: worker/gpu.c
  * attached through the backend seam):
@@ -92,6 +94,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: gpu_check MODEL.gguf [--prompt \"ID ...\"] [--tol ABS] "
                         "[--gpu-memory BYTES]\n");
         return 2;
+    }
+    if (argc == 3 && strcmp(argv[1], "--need-gpus") == 0) {
+        char why0[512] = "";
+        const int32_t need = atoi(argv[2]);
+        const int32_t have = tsr_gpu_built() ? tsr_gpu_device_count(why0, sizeof why0) : 0;
+        if (have >= need) return 0;
+        printf("SKIP: no CUDA device: needs %d GPUs, %d visible%s%s\n", need, have,
+               why0[0] ? ": " : "", why0);
+        return 77;
     }
     uint64_t cap = 0;
     double tol = 0.35;

@@ -445,7 +445,7 @@ static void test_rope(void **state)
             const float *f = variant == 2 ? ff : NULL;
             int32_t pos = positions[pi];
             tsr_rope(x, &pos, 1, nh, hd, n_rot, 10000.0f, fs, f);
-            tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}};
+            tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
             rope_apply(&rp, y, pos, nh, hd, f);
             for (int i = 0; i < nh * hd; ++i)
                 if (bits(x[i]) != bits(y[i]))
@@ -472,7 +472,7 @@ static void test_rope(void **state)
     }
     /* YaRN: with ext_factor 0 and attn_factor 1 it is the plain rotation; with a ramp the
      * angle lies between the interpolated and the extrapolated one. */
-    tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NEOX, 64, 1e6f, 0.25f, 1.0f, 1.0f, {8.0f, 24.0f}};
+    tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NEOX, 64, 1e6f, 0.25f, 1.0f, 1.0f, {8.0f, 24.0f}, 0};
     for (int i0 = 0; i0 < 64; i0 += 2) {
         float c, sn;
         tsr_cuda_rope_cs(&rp, 300, i0, 1.0f, &c, &sn);

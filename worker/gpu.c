@@ -134,7 +134,9 @@ uint64_t tsr_gpu_bytes_needed(const tsr_model *m, int32_t n_kv_blocks, int32_t n
     const tsr_shard *sh = &m->shard;
     uint64_t n = 0;
     if (m->first_stage) n += weight_bytes(&m->tok_embd);
-    if (m->last_stage && !(m->tied && m->first_stage)) n += weight_bytes(&m->output);
+    if (m->last_stage && !(m->first_stage && m->output.data == m->tok_embd.data &&
+                           m->output.n_out == m->tok_embd.n_out))
+        n += weight_bytes(&m->output);
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
         n += weight_bytes(&L->wq) + weight_bytes(&L->wk) + weight_bytes(&L->wv) +
@@ -184,7 +186,10 @@ int tsr_gpu_model_upload(const tsr_model *m, int32_t device, uint64_t n_bytes_ca
     if (m->first_stage && up_weight(gm, &m->tok_embd, "token_embd", &gm->tok_embd, err, err_len))
         goto fail;
     if (m->last_stage) {
-        if (m->tied && m->first_stage)
+        /* tied heads share the embedding's bytes only when this rank holds the whole
+         * vocabulary (under tp the head is a row slice of token_embd) */
+        if (m->first_stage && m->output.data == m->tok_embd.data &&
+            m->output.n_out == m->tok_embd.n_out)
             gm->output = gm->tok_embd;
         else if (up_weight(gm, &m->output, "output", &gm->output, err, err_len))
             goto fail;

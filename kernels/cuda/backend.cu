@@ -18,8 +18,7 @@ void tsr_cuda_errf(char *err, size_t err_len, const char *fmt, ...)
     va_end(ap);
 }
 
-int tsr_cuda_fail(const tsr_cuda_dev *d, cudaError_t e, const char *call, char *err,
-                  size_t err_len)
+int tsr_cuda_fail(const tsr_cuda_dev *d, cudaError_t e, const char *call, char *err, size_t err_len)
 {
     tsr_cuda_errf(err, err_len, "%s failed on CUDA device %d: %s (%s)", call, d ? d->ordinal : -1,
                   cudaGetErrorName(e), cudaGetErrorString(e));
@@ -96,7 +95,8 @@ extern "C" int tsr_cuda_device_info_get(int32_t ordinal, tsr_cuda_device_info *o
     size_t fr = 0, tot = 0;
     const cudaError_t e = cudaMemGetInfo(&fr, &tot);
     cudaSetDevice(cur);
-    if (e != cudaSuccess) return tsr_cuda_fail(NULL, e, "cudaMemGetInfo(&free, &total)", err, err_len);
+    if (e != cudaSuccess)
+        return tsr_cuda_fail(NULL, e, "cudaMemGetInfo(&free, &total)", err, err_len);
     out->n_bytes_free = fr;
     return 0;
 }

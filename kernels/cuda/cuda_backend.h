@@ -128,10 +128,11 @@ int tsr_cuda_rmsnorm(tsr_cuda_dev *d, float *out, const float *x, const float *w
 
 /* RoPE in place on x [n_tok][n_head][head_dim] (pos: device int32[n_tok]; freq_factors:
  * device float[n_rot/2] or NULL). mode: 0 NORM, 2 NEOX. ext_factor/attn_factor/corr_dims:
- * YaRN (0, 1, {0,0} for none). */
+ * YaRN (0, 1, {0,0} for none). ggml_theta: see numerics.h. */
 typedef struct {
     int32_t mode, n_rot;
     float freq_base, freq_scale, ext_factor, attn_factor, corr_dims[2];
+    int32_t ggml_theta; /* angles as ggml's running product (numerics.h tsr_cuda_rope_cs) */
 } tsr_cuda_rope_cfg;
 int tsr_cuda_rope(tsr_cuda_dev *d, float *x, const int32_t *pos, int32_t n_tok, int32_t n_head,
                   int32_t head_dim, const tsr_cuda_rope_cfg *cfg, const float *freq_factors,

@@ -327,7 +327,8 @@ int tsr_cuda_rope(tsr_cuda_dev *d, float *x, const int32_t *pos, int32_t n_tok, 
                                      cfg->freq_scale,
                                      cfg->ext_factor,
                                      cfg->attn_factor,
-                                     {cfg->corr_dims[0], cfg->corr_dims[1]}};
+                                     {cfg->corr_dims[0], cfg->corr_dims[1]},
+                                     cfg->ggml_theta};
     for (int32_t t = 0; t < n_tok; ++t)
         for (int32_t h = 0; h < n_head; ++h) {
             float *v = x + ((size_t)t * n_head + h) * head_dim;

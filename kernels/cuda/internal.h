@@ -40,10 +40,10 @@ int tsr_cuda_scratch(tsr_cuda_dev *d, void **buf, size_t *have, size_t n_bytes, 
 /* Errors of the launch just queued (bad configuration; not those of the running kernel). */
 int tsr_cuda_launched(tsr_cuda_dev *d, const char *kernel, char *err, size_t err_len);
 
-#define TSR_CUDA_CHECK(d, call)                                                           \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) return tsr_cuda_fail((d), e_, #call, err, err_len);        \
+#define TSR_CUDA_CHECK(d, call)                                                                    \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return tsr_cuda_fail((d), e_, #call, err, err_len);                 \
     } while (0)
 
 #endif

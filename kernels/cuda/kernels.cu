@@ -40,10 +40,11 @@ __device__ __forceinline__ int32_t warp_isum(int32_t v, int width)
     return v;
 }
 
-static unsigned grid_1d(int64_t n, int threads)
+/* Blocks for n elements of a grid-stride loop, at most cap. */
+static unsigned grid_cap(int64_t n, int threads, int64_t cap)
 {
-    int64_t b = (n + threads - 1) / threads;
-    return (unsigned)(b > 65535 * 32 ? 65535 * 32 : b);
+    const int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > cap ? cap : b < 1 ? 1 : b);
 }
 
 /* ---- activation quantization: one warp per block -------------------------------------- */
@@ -155,7 +156,8 @@ __global__ void k_matvec(uint32_t type, const uint8_t *w, size_t row_bytes, int6
             if (b < nb) tsr_cuda_dot_group_k(type, wr + (size_t)b * bb, xk, g, &si, &sm);
             si = warp_isum(si, 8);
             sm = warp_isum(sm, 8);
-            if (b < nb && g == 0) acc += tsr_cuda_dot_combine_k(type, wr + (size_t)b * bb, xk, si, sm);
+            if (b < nb && g == 0)
+                acc += tsr_cuda_dot_combine_k(type, wr + (size_t)b * bb, xk, si, sm);
         }
     }
     acc = warp_sum(acc);
@@ -193,10 +195,10 @@ static int cublas_fail(tsr_cuda_dev *d, cublasStatus_t s, const char *call, char
     return TSR_CUDA_ERR;
 }
 
-#define CUBLAS_CHECK(call)                                                                    \
-    do {                                                                                      \
-        cublasStatus_t s_ = (call);                                                           \
-        if (s_ != CUBLAS_STATUS_SUCCESS) return cublas_fail(d, s_, #call, err, err_len);      \
+#define CUBLAS_CHECK(call)                                                                         \
+    do {                                                                                           \
+        cublasStatus_t s_ = (call);                                                                \
+        if (s_ != CUBLAS_STATUS_SUCCESS) return cublas_fail(d, s_, #call, err, err_len);           \
     } while (0)
 
 static int matmul_cublas(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x, int32_t n_tok,
@@ -214,8 +216,7 @@ static int matmul_cublas(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float 
     if (tsr_cuda_scratch(d, &d->xh, &d->xh_bytes, xh_bytes, "F16 activations", err, err_len) != 0)
         return TSR_CUDA_ENOMEM;
     const int64_t nx = (int64_t)n_tok * n_in;
-    k_f32_to_f16<<<grid_1d(nx, 256) > 4096 ? 4096 : grid_1d(nx, 256), 256, 0, d->stream>>>(
-        x, (__half *)d->xh, nx);
+    k_f32_to_f16<<<grid_cap(nx, 256, 4096), 256, 0, d->stream>>>(x, (__half *)d->xh, nx);
     if (tsr_cuda_launched(d, "k_f32_to_f16", err, err_len) != 0) return TSR_CUDA_ERR;
     if (w->type == TSR_CUDA_F16) {
         CUBLAS_CHECK(cublasGemmEx(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, n_in, &one,
@@ -233,13 +234,13 @@ static int matmul_cublas(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float 
     for (int64_t r0 = 0; r0 < n_out; r0 += rows_per_tile) {
         const int64_t nr = n_out - r0 < rows_per_tile ? n_out - r0 : rows_per_tile;
         const int64_t ne = nr * n_in;
-        k_dequant_f16<<<grid_1d(ne, 256) > 8192 ? 8192 : grid_1d(ne, 256), 256, 0, d->stream>>>(
-            w->type, (const uint8_t *)w->data, w->row_bytes, n_in, r0, nr, (__half *)d->tile);
+        const unsigned blocks = grid_cap(ne, 256, 8192);
+        k_dequant_f16<<<blocks, 256, 0, d->stream>>>(w->type, (const uint8_t *)w->data,
+                                                     w->row_bytes, n_in, r0, nr, (__half *)d->tile);
         if (tsr_cuda_launched(d, "k_dequant_f16", err, err_len) != 0) return TSR_CUDA_ERR;
         CUBLAS_CHECK(cublasGemmEx(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, n_tok, n_in, &one,
-                                  d->tile, CUDA_R_16F, n_in, d->xh, CUDA_R_16F, n_in, &zero,
-                                  y + r0, CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
+                                  d->tile, CUDA_R_16F, n_in, d->xh, CUDA_R_16F, n_in, &zero, y + r0,
+                                  CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
     return 0;
 }
@@ -255,9 +256,10 @@ extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const 
     const int32_t be = tsr_cuda_block_elems(w->type);
     if (!tsr_cuda_type_supported(w->type) || w->n_in % be != 0 || n_tok < 1 ||
         w->n_in > INT32_MAX || w->n_out > INT32_MAX || n_tok > 65535) {
-        tsr_cuda_errf(err, err_len,
-                      "cuda matmul: unsupported weight (type %u, %lld x %lld) or batch of %d tokens",
-                      w->type, (long long)w->n_in, (long long)w->n_out, n_tok);
+        tsr_cuda_errf(
+            err, err_len,
+            "cuda matmul: unsupported weight (type %u, %lld x %lld) or batch of %d tokens", w->type,
+            (long long)w->n_in, (long long)w->n_out, n_tok);
         return TSR_CUDA_EINVAL;
     }
     if (n_tok >= TSR_CUDA_GEMM_MIN_TOKENS) return matmul_cublas(d, w, x, n_tok, y, err, err_len);
@@ -270,7 +272,8 @@ extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const 
         return tsr_cuda_launched(d, "k_matvec<float>", err, err_len);
     }
     const uint32_t dt = tsr_cuda_dot_type(w->type);
-    const size_t xq_stride = (size_t)(w->n_in / tsr_cuda_block_elems(dt)) * tsr_cuda_block_bytes(dt);
+    const size_t xq_stride =
+        (size_t)(w->n_in / tsr_cuda_block_elems(dt)) * tsr_cuda_block_bytes(dt);
     if (tsr_cuda_scratch(d, &d->xq, &d->xq_bytes, xq_stride * (size_t)n_tok,
                          "quantized activations", err, err_len) != 0)
         return TSR_CUDA_ENOMEM;
@@ -280,7 +283,7 @@ extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const 
         k_quant_k<<<qgrid, threads, 0, d->stream>>>(x, w->n_in, (uint8_t *)d->xq, xq_stride, n_tok);
     else
         k_quant_32<<<qgrid, threads, 0, d->stream>>>(dt, x, w->n_in, (uint8_t *)d->xq, xq_stride,
-                                                    n_tok);
+                                                     n_tok);
     if (tsr_cuda_launched(d, "k_quant", err, err_len) != 0) return TSR_CUDA_ERR;
     if (be == 32)
         k_matvec<1><<<grid, threads, 0, d->stream>>>(w->type, (const uint8_t *)w->data,
@@ -325,7 +328,8 @@ __global__ void k_rmsnorm(float *out, const float *x, const float *w, int32_t n,
         __syncthreads();
     }
     const float sc = tsr_cuda_rms_scale(part[0], n, eps);
-    for (int i = threadIdx.x; i < n; i += 256) out[r * (size_t)n + i] = tsr_cuda_rms_apply(xr[i], sc, w[i]);
+    for (int i = threadIdx.x; i < n; i += 256)
+        out[r * (size_t)n + i] = tsr_cuda_rms_apply(xr[i], sc, w[i]);
 }
 
 __global__ void k_rope(float *x, const int32_t *pos, int32_t n_head, int32_t hd,
@@ -346,7 +350,8 @@ __global__ void k_glu(int kind, float *g, const float *u, int64_t n)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
-        g[i] = kind == TSR_CUDA_GLU_GEGLU ? tsr_cuda_geglu(g[i], u[i]) : tsr_cuda_swiglu(g[i], u[i]);
+        g[i] =
+            kind == TSR_CUDA_GLU_GEGLU ? tsr_cuda_geglu(g[i], u[i]) : tsr_cuda_swiglu(g[i], u[i]);
 }
 
 __global__ void k_add(float *x, const float *y, int64_t n)
@@ -381,7 +386,8 @@ __global__ void k_softmax(float *x, int32_t n)
     red[threadIdx.x] = m;
     __syncthreads();
     for (int half = 128; half >= 1; half /= 2) {
-        if ((int)threadIdx.x < half) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + half]);
+        if ((int)threadIdx.x < half)
+            red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + half]);
         __syncthreads();
     }
     m = red[0];
@@ -487,11 +493,12 @@ extern "C" int tsr_cuda_embed(tsr_cuda_dev *d, const tsr_cuda_weight *emb, const
                               int32_t n_tok, float *x, char *err, size_t err_len)
 {
     if (!tsr_cuda_type_supported(emb->type) || n_tok < 1) {
-        tsr_cuda_errf(err, err_len, "cuda embed: unsupported type %u or %d tokens", emb->type, n_tok);
+        tsr_cuda_errf(err, err_len, "cuda embed: unsupported type %u or %d tokens", emb->type,
+                      n_tok);
         return TSR_CUDA_EINVAL;
     }
-    k_embed<<<(unsigned)n_tok, 256, 0, d->stream>>>(emb->type, (const uint8_t *)emb->data,
-                                                    emb->row_bytes, emb->n_out, emb->n_in, tokens, x);
+    k_embed<<<(unsigned)n_tok, 256, 0, d->stream>>>(
+        emb->type, (const uint8_t *)emb->data, emb->row_bytes, emb->n_out, emb->n_in, tokens, x);
     return tsr_cuda_launched(d, "k_embed", err, err_len);
 }
 
@@ -513,11 +520,16 @@ extern "C" int tsr_cuda_rope(tsr_cuda_dev *d, float *x, const int32_t *pos, int3
         return TSR_CUDA_EINVAL;
     }
     if (n_tok < 1 || n_head < 1 || cfg->n_rot == 0) return 0;
-    tsr_cuda_rope_params rp = {cfg->mode,       cfg->n_rot,       cfg->freq_base,
-                               cfg->freq_scale, cfg->ext_factor,  cfg->attn_factor,
-                               {cfg->corr_dims[0], cfg->corr_dims[1]}};
+    tsr_cuda_rope_params rp = {cfg->mode,
+                               cfg->n_rot,
+                               cfg->freq_base,
+                               cfg->freq_scale,
+                               cfg->ext_factor,
+                               cfg->attn_factor,
+                               {cfg->corr_dims[0], cfg->corr_dims[1]},
+                               cfg->ggml_theta};
     k_rope<<<dim3((unsigned)n_tok, (unsigned)n_head), 64, 0, d->stream>>>(x, pos, n_head, head_dim,
-                                                                        rp, freq_factors);
+                                                                          rp, freq_factors);
     return tsr_cuda_launched(d, "k_rope", err, err_len);
 }
 
@@ -525,7 +537,7 @@ extern "C" int tsr_cuda_glu(tsr_cuda_dev *d, int kind, float *gate, const float 
                             char *err, size_t err_len)
 {
     if (n < 1) return 0;
-    k_glu<<<grid_1d(n, 256) > 8192 ? 8192 : grid_1d(n, 256), 256, 0, d->stream>>>(kind, gate, up, n);
+    k_glu<<<grid_cap(n, 256, 8192), 256, 0, d->stream>>>(kind, gate, up, n);
     return tsr_cuda_launched(d, "k_glu", err, err_len);
 }
 
@@ -533,7 +545,7 @@ extern "C" int tsr_cuda_add(tsr_cuda_dev *d, float *x, const float *y, int64_t n
                             size_t err_len)
 {
     if (n < 1) return 0;
-    k_add<<<grid_1d(n, 256) > 8192 ? 8192 : grid_1d(n, 256), 256, 0, d->stream>>>(x, y, n);
+    k_add<<<grid_cap(n, 256, 8192), 256, 0, d->stream>>>(x, y, n);
     return tsr_cuda_launched(d, "k_add", err, err_len);
 }
 
@@ -542,8 +554,7 @@ extern "C" int tsr_cuda_add_rows(tsr_cuda_dev *d, float *x, const float *b, int3
 {
     if (!b || n_rows < 1 || n < 1) return 0;
     const int64_t total = (int64_t)n_rows * n;
-    k_add_rows<<<grid_1d(total, 256) > 8192 ? 8192 : grid_1d(total, 256), 256, 0, d->stream>>>(
-        x, b, n_rows, n);
+    k_add_rows<<<grid_cap(total, 256, 8192), 256, 0, d->stream>>>(x, b, n_rows, n);
     return tsr_cuda_launched(d, "k_add_rows", err, err_len);
 }
 
@@ -551,7 +562,7 @@ extern "C" int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, cha
                               size_t err_len)
 {
     if (n < 1) return 0;
-    k_scale<<<grid_1d(n, 256) > 8192 ? 8192 : grid_1d(n, 256), 256, 0, d->stream>>>(x, s, n);
+    k_scale<<<grid_cap(n, 256, 8192), 256, 0, d->stream>>>(x, s, n);
     return tsr_cuda_launched(d, "k_scale", err, err_len);
 }
 
@@ -573,8 +584,8 @@ extern "C" int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, 
         return TSR_CUDA_EINVAL;
     }
     if (a->n_tok == 0 || a->n_head_local == 0) return 0;
-    k_attention<<<dim3((unsigned)a->n_tok, (unsigned)a->n_head_local), ATT_THREADS, 0,
-                  d->stream>>>(*a);
+    k_attention<<<dim3((unsigned)a->n_tok, (unsigned)a->n_head_local), ATT_THREADS, 0, d->stream>>>(
+        *a);
     return tsr_cuda_launched(d, "k_attention", err, err_len);
 }
 

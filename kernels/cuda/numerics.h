@@ -724,11 +724,13 @@ TSR_CUDA_HD float tsr_cuda_softmax_weight(const tsr_cuda_softmax_state *st, floa
 }
 
 /* RoPE. Modes: NORM rotates adjacent pairs (2i, 2i+1) (llama); NEOX rotates (i, i + n_rot/2)
- * (qwen2/3, gemma3). Angle of pair i (i0 = 2i): theta = pos * freq_scale * base^(-i0/n_rot)
- * / freq_factor[i] (freq_factors: llama3 / longrope tables, NULL -> 1), the order of
- * kernels/ops.c. YaRN (ext_factor != 0) mixes interpolated and extrapolated angles with
- * ggml's ramp over corr_dims and scales by mscale (ggml rope_yarn); attn_factor scales both
- * sin and cos (1 for the other modes). */
+ * (qwen2/3, gemma3). The angle of pair i (i0 = 2i) comes in the two float orders the CPU
+ * uses: theta = pos * freq_scale * base^(-i0/n_rot) / freq_factor[i] with powf per pair
+ * (kernels/ops.c tsr_rope), or ggml's running product (tsr_rope_ext, ggml_rope_cache_init):
+ * t_0 = pos, t_{k+1} = t_k * base^(-2/n_rot), theta = freq_scale * (t_i / freq_factor[i]).
+ * freq_factors: llama3 / longrope tables (NULL -> 1). YaRN (ext_factor != 0) mixes the
+ * interpolated and extrapolated angles with ggml's ramp over corr_dims and scales by mscale
+ * (ggml rope_yarn); attn_factor scales sin and cos (1 otherwise). */
 enum { TSR_CUDA_ROPE_NORM = 0, TSR_CUDA_ROPE_NEOX = 2 };
 
 typedef struct {
@@ -739,17 +741,25 @@ typedef struct {
     float ext_factor;   /* YaRN mix (0: off) */
     float attn_factor;  /* YaRN magnitude scale (1: none) */
     float corr_dims[2]; /* YaRN ramp (ggml_rope_yarn_corr_dims) */
+    int32_t ggml_theta; /* 1: ggml's running-product angles; 0: powf per pair */
 } tsr_cuda_rope_params;
 
 TSR_CUDA_HD void tsr_cuda_rope_cs(const tsr_cuda_rope_params *rp, int32_t pos, int i0, float ff,
                                   float *c, float *s)
 {
-    const float inv = powf(rp->freq_base, -(float)i0 / (float)rp->n_rot);
-    float theta, mscale = rp->attn_factor;
-    if (rp->ext_factor == 0.0f) {
-        theta = (float)pos * rp->freq_scale * inv / ff;
+    float theta, extrap, mscale = rp->attn_factor;
+    if (rp->ggml_theta) {
+        const float theta_scale = powf(rp->freq_base, -2.0f / (float)rp->n_rot);
+        float t = (float)pos;
+        for (int k = 0; k < i0 / 2; ++k) t *= theta_scale;
+        extrap = t / ff;
+        theta = rp->freq_scale * extrap;
     } else {
-        const float extrap = (float)pos * inv / ff;
+        const float inv = powf(rp->freq_base, -(float)i0 / (float)rp->n_rot);
+        theta = (float)pos * rp->freq_scale * inv / ff;
+        extrap = (float)pos * inv / ff;
+    }
+    if (rp->ext_factor != 0.0f) {
         const float interp = rp->freq_scale * extrap;
         const float den = rp->corr_dims[1] - rp->corr_dims[0];
         const float y = ((float)(i0 / 2) - rp->corr_dims[0]) / (den > 0.001f ? den : 0.001f);
@@ -794,9 +804,20 @@ TSR_CUDA_HD float tsr_cuda_gelu_tanh(float x)
     return 0.5f * x * (1.0f + tanhf(k_sqrt_2_over_pi * x * (1.0f + k_coef_a * x * x)));
 }
 
+/* GeGLU as ggml's CPU backend (and kernels/ops.c tsr_geglu) computes it: the GELU of the
+ * input rounded to fp16, rounded to fp16 again (ggml's 64K-entry table), 0 for g <= -10 and
+ * g for g >= 10; times up. */
 TSR_CUDA_HD float tsr_cuda_geglu(float g, float u)
 {
-    return tsr_cuda_gelu_tanh(g) * u;
+    float y;
+    if (g <= -10.0f)
+        y = 0.0f;
+    else if (g >= 10.0f)
+        y = g;
+    else
+        y = tsr_cuda_f16_to_f32(
+            tsr_cuda_f32_to_f16(tsr_cuda_gelu_tanh(tsr_cuda_f16_to_f32(tsr_cuda_f32_to_f16(g)))));
+    return y * u;
 }
 
 #endif /* TSR_CUDA_NUMERICS_H */
