@@ -5,6 +5,8 @@
  *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--gpu-memory BYTES]
  *   gpu_check --need-gpus N   exit 0 when N CUDA devices are visible, else print the SKIP
  *                             line and exit 77 (tests/gpu_ranks.sh)
+ *   gpu_check --info          one line per device: ordinal, name, compute capability,
+ *                             memory, peak memory bandwidth in GB/s (ops/gpu-check.sh)
  *
  * Three phases, each on a fresh pair of contexts (CPU: kernels/ops.c; GPU: worker/gpu.c
  * attached through the backend seam):
@@ -27,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cuda/cuda_backend.h"
 #include "kernels/util.h"
 #include "shard/gguf.h"
 #include "worker/gpu.h"
@@ -103,6 +106,25 @@ int main(int argc, char **argv)
         printf("SKIP: no CUDA device: needs %d GPUs, %d visible%s%s\n", need, have,
                why0[0] ? ": " : "", why0);
         return 77;
+    }
+    if (argc == 2 && strcmp(argv[1], "--info") == 0) {
+        char why0[512] = "", e0[512] = "";
+        const int32_t n = tsr_gpu_device_count(why0, sizeof why0);
+        if (n < 1) {
+            printf("SKIP: no CUDA device: %s\n", why0);
+            return 77;
+        }
+        for (int32_t i = 0; i < n; i++) {
+            tsr_cuda_device_info di;
+            if (tsr_cuda_device_info_get(i, &di, e0, sizeof e0) != 0) {
+                fprintf(stderr, "FAIL: %s\n", e0);
+                return 1;
+            }
+            printf("device %d: %s, sm_%d%d, %.1f GiB (%.1f GiB free), peak bandwidth %.1f GB/s\n",
+                   di.ordinal, di.name, di.cc_major, di.cc_minor, di.n_bytes_total / 1073741824.0,
+                   di.n_bytes_free / 1073741824.0, di.mem_bw_gbps);
+        }
+        return 0;
     }
     uint64_t cap = 0;
     double tol = 0.35;
