@@ -504,12 +504,12 @@ static void test_glu(void **state)
     for (int i = 0; i < N; ++i) {
         const float v = tsr_cuda_swiglu(g[i], u[i]);
         if (bits(v) != bits(ref[i])) fail_msg("swiglu %d: CPU %.9g, numerics.h %.9g", i, ref[i], v);
-        /* GeGLU against the tanh GELU in double */
+        /* GeGLU against the tanh GELU in double, within the fp16 roundings of ggml's table */
         const double x = g[i];
         const double ge =
             0.5 * x * (1.0 + tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x))) * u[i];
         const float gv = tsr_cuda_geglu(g[i], u[i]);
-        if (fabs(gv - ge) > 1e-6 * (1.0 + fabs(ge)))
+        if (fabs(gv - ge) > 2e-3 * fabs((double)u[i]) * (1.0 + fabs(x)))
             fail_msg("geglu %d: double %.9g, numerics.h %.9g", i, ge, gv);
     }
     free(g);
