@@ -96,6 +96,33 @@ bool tsr_cli_parse_bytes(const char *s, uint64_t *out)
     return true;
 }
 
+bool tsr_cli_parse_hostport(const char *s, char *host, size_t host_cap, int32_t *port)
+{
+    if (!s) return false;
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s) return false;
+    size_t n_host = (size_t)(colon - s);
+    if (s[0] == '[' && s[n_host - 1] != ']') return false;   /* "[::1" */
+    if (s[0] == '[' && n_host < 3) return false;             /* "[]" */
+    if (s[0] != '[' && memchr(s, ':', n_host)) return false; /* bare IPv6 needs [] */
+    const char *p = colon + 1;
+    size_t n_digits = strlen(p);
+    if (n_digits == 0 || n_digits > 5) return false;
+    int32_t v = 0;
+    for (size_t i = 0; i < n_digits; i++) {
+        if (p[i] < '0' || p[i] > '9') return false;
+        v = v * 10 + (p[i] - '0');
+    }
+    if (v > 65535) return false;
+    if (host && host_cap > 0) {
+        size_t n = n_host < host_cap - 1 ? n_host : host_cap - 1;
+        memcpy(host, s, n);
+        host[n] = '\0';
+    }
+    if (port) *port = v;
+    return true;
+}
+
 int tsr_cli_default_threads(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);

@@ -36,6 +36,13 @@ bool tsr_cli_parse_f32(const char *s, float *out);    /* finite */
 /* "123", "64K", "512M", "2G", "2GiB", "1.5G" -> bytes (K, M, G, T = 1024^n). */
 bool tsr_cli_parse_bytes(const char *s, uint64_t *out);
 
+/* A network address "HOST:PORT" (IPv6: "[::1]:PORT"): a non-empty host, then a port of
+ * 1..5 decimal digits in 0..65535 (0: the system picks a free port); nothing else ("", ":1",
+ * "h:", "h:65537", "h:+1", "h:1x" are false). When host is not NULL it receives the host
+ * part (brackets kept, truncated to host_cap - 1 bytes); *port the port. Every command
+ * that takes an address (--listen, ...) parses it with this. */
+bool tsr_cli_parse_hostport(const char *s, char *host, size_t host_cap, int32_t *port);
+
 /* Online cores, clamped to 1..64. */
 int tsr_cli_default_threads(void);
 
