@@ -3,6 +3,9 @@
 # (the only skip the suite allows); on a GPU machine each compares the CUDA backend with the
 # CPU backend (see gpu_check.c and replica_check.c --device cuda). ops/gpu-check.sh runs them
 # together with the GPU benchmarks.
+if(TSR_SANITIZE) # test_cuda_numerics (tests/CMakeLists.txt): every tensor, every 16th row
+  target_compile_definitions(test_cuda_numerics PRIVATE TSR_TEST_LEAN)
+endif()
 
 # The device forward pass (worker/gpu.c) end to end on the host: gpu_check.c linked with
 # kernels/cuda/hostsim.c, a host implementation of cuda_backend.h that runs numerics.h in the
