@@ -32,7 +32,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/auth.h"
 #include "coordinator/engine.h"
+#include "coordinator/metrics.h"
 #include "shard/vocab.h"
 
 #define TSR_SERVER_OK       0
@@ -62,6 +64,14 @@ typedef struct {
 typedef struct {
     const char *listen;        /* "host:port" (port 0: ephemeral); NULL = 127.0.0.1:50051 */
     int32_t max_message_bytes; /* receive limit per message (0: gRPC's 4 MiB) */
+    /* Keys (borrowed, NULL: none): every call but Health needs the `authorization`
+     * metadata "Bearer KEY" (UNAUTHENTICATED otherwise); Admin needs an admin key
+     * (PERMISSION_DENIED for an inference key). */
+    tsr_auth *auth;
+    tsr_metrics *metrics; /* borrowed, NULL: requests are not observed */
+    /* TLS when cert and key are set (PEM text); client_ca: mutual TLS, clients must
+     * present a certificate signed by it. */
+    const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
 } tsr_server_params;
 
 typedef struct tsr_server tsr_server;
