@@ -76,7 +76,8 @@ typedef struct hreq {
     bool too_big;
     /* the request */
     bool chat, stream, include_usage;
-    int32_t n_top; /* logprob alternatives asked; -1: no logprobs */
+    bool return_token_ids; /* vLLM extension: choices[].token_ids */
+    int32_t n_top;         /* logprob alternatives asked; -1: no logprobs */
     bool want_logprobs;
     char id[48];
     int64_t created_s;
@@ -107,6 +108,7 @@ typedef struct hreq {
     size_t out_len, out_off, out_cap;
     bool sse_role_sent, sse_done;
     int64_t last_write_ns;
+    int64_t next_check_ns; /* when to look at the client's socket next */
 } hreq;
 
 /* ---- small helpers ---- */
@@ -569,6 +571,11 @@ static cJSON *choice_json(hreq *r, bool with_finish, bool stream)
     } else {
         cJSON_AddStringToObject(c, "text", txt);
     }
+    if (r->return_token_ids) {
+        cJSON *ids = cJSON_AddArrayToObject(c, "token_ids");
+        for (size_t i = 0; ids && i < r->n_ids; i++)
+            cJSON_AddItemToArray(ids, cJSON_CreateNumber(r->ids[i]));
+    }
     cJSON *lp = logprobs_json(r, r->n_ids);
     if (lp)
         cJSON_AddItemToObject(c, "logprobs", lp);
@@ -640,6 +647,17 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
     tsr_http *h = r->h;
     pthread_mutex_lock(&r->mu);
     for (;;) {
+        /* Look at the socket every slice, whether output flows or not: tokens that keep
+         * coming must not hide a client that left. */
+        int64_t now = (int64_t)tsr_now_ns();
+        if (now >= r->next_check_ns && !r->sse_done) {
+            r->next_check_ns = now + (int64_t)WAIT_SLICE_MS * 1000000;
+            if (client_gone(r->conn)) {
+                cancel_locked(r); /* frees its KV blocks at the next step */
+                pthread_mutex_unlock(&r->mu);
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            }
+        }
         if (r->out_off < r->out_len) {
             size_t n = r->out_len - r->out_off;
             if (n > max) n = max;
@@ -691,7 +709,6 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             }
             continue;
         }
-        int64_t now = (int64_t)tsr_now_ns();
         if (now - r->last_write_ns >= KEEPALIVE_NS) {
             static const char ka[] = ": keep-alive\n\n";
             if (grow((void **)&r->out, &r->out_cap, r->out_len + sizeof ka, 1)) {
@@ -706,12 +723,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             return MHD_CONTENT_READER_END_WITH_ERROR;
         }
         struct timespec ts = abstime_in_ms(WAIT_SLICE_MS);
-        int w = pthread_cond_timedwait(&r->cv, &r->mu, &ts);
-        if (w == ETIMEDOUT && client_gone(r->conn)) {
-            cancel_locked(r); /* frees its KV blocks at the next step */
-            pthread_mutex_unlock(&r->mu);
-            return MHD_CONTENT_READER_END_WITH_ERROR;
-        }
+        pthread_cond_timedwait(&r->cv, &r->mu, &ts);
     }
 }
 
@@ -981,6 +993,7 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
     }
     bool ignore_eos = false;
     if (!get_bool(root, "ignore_eos", &ignore_eos, e)) return false;
+    if (!get_bool(root, "return_token_ids", &r->return_token_ids, e)) return false;
     er->gen.ignore_eos = ignore_eos;
 
     /* stop */
@@ -1221,8 +1234,12 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
     pthread_mutex_lock(&r->mu);
     while (!r->finished) {
         struct timespec ts = abstime_in_ms(WAIT_SLICE_MS);
-        int w = pthread_cond_timedwait(&r->cv, &r->mu, &ts);
-        if (w == ETIMEDOUT && !r->cancel_sent && client_gone(c)) cancel_locked(r);
+        pthread_cond_timedwait(&r->cv, &r->mu, &ts);
+        int64_t now = (int64_t)tsr_now_ns();
+        if (now >= r->next_check_ns) { /* every slice, even while tokens keep arriving */
+            r->next_check_ns = now + (int64_t)WAIT_SLICE_MS * 1000000;
+            if (!r->cancel_sent && client_gone(c)) cancel_locked(r);
+        }
         if (atomic_load(&h->stopping) &&
             (int64_t)tsr_now_ns() - atomic_load(&h->stop_ns) > STOP_EXTRA_NS) {
             cancel_locked(r);

@@ -18,9 +18,9 @@
  * frequency_penalty, logprobs (completions: 0..20 alternatives; chat: bool with
  * top_logprobs 0..20), stream (Server-Sent Events: `data: {json}` chunks, `data: [DONE]`),
  * stream_options.include_usage, and the vLLM extensions top_k, min_p, repetition_penalty,
- * ignore_eos, stop_token_ids. Fields this server cannot honour (n > 1, best_of > 1, echo,
- * suffix, logit_bias, tools, response_format) are refused, never silently ignored; other
- * unknown fields are ignored as the OpenAI API does.
+ * ignore_eos, stop_token_ids, return_token_ids (choices[].token_ids: the generated ids). Fields
+ * this server cannot honour (n > 1, best_of > 1, echo, suffix, logit_bias, tools, response_format)
+ * are refused, never silently ignored; other unknown fields are ignored as the OpenAI API does.
  *
  * Errors are OpenAI error bodies {"error": {"message", "type", "param", "code"}}:
  * 400 bad JSON or field (param names it), 401 missing / wrong key, 403 key without the

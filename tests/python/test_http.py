@@ -580,7 +580,7 @@ def expect_rpc(fn, code, needle=None):
 
 def t_keys(api_file, admin_file):
     s = Server(["--api-key-file", api_file, "--admin-key-file", admin_file, "--max-seqs", "1",
-                "--max-queue", "1"])
+                "--max-queue", "1", "-c", "8192"])
     try:
         assert "API keys required" in s.output(), s.output()
         API, ADMIN = {"Authorization": "Bearer api-key-1"}, {"Authorization": "Bearer admin-key-1"}
@@ -619,19 +619,19 @@ def t_keys(api_file, admin_file):
         ids, text, _ = grpc_generate(inf, PROMPTS[0], 40, [("authorization", "Bearer api-key-2")])
         assert ids == ref["ids"] and text == ref["text"], text
         # 429: one running, one waiting, the third is refused
-        long_req = {"prompt": PROMPTS[3], "max_tokens": 1500, "temperature": 0,
+        long_req = {"prompt": PROMPTS[3], "max_tokens": 8000, "temperature": 0,
                     "ignore_eos": True, "stream": True}
         socks = []
-        for _ in range(2):
+        for gauge in ("tessera_requests_running", "tessera_requests_waiting"):
             so = socket.create_connection(("127.0.0.1", s.http_port), timeout=10)
             b = json.dumps(long_req).encode()
             so.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                        b"api-key-1\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b))
             socks.append(so)
-        deadline = time.time() + 10
-        while metric_value(metrics(s, ADMIN), "tessera_requests_waiting") < 1:
-            assert time.time() < deadline, "the second request never queued"
-            time.sleep(0.05)
+            deadline = time.time() + 10
+            while metric_value(metrics(s, ADMIN), gauge) < 1:
+                assert time.time() < deadline, "%s never reached 1" % gauge
+                time.sleep(0.02)
         check_error(*raw(s, "POST", "/v1/completions", {"prompt": "a"}, API)[:2], 429)
         for so in socks:
             so.close()
