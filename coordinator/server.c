@@ -1320,7 +1320,7 @@ static void on_new_call(tsr_server *s, srv_call *c)
                        v == TSR_AUTH_FORBIDDEN ? GRPC_STATUS_PERMISSION_DENIED
                                                : GRPC_STATUS_UNAUTHENTICATED,
                        why);
-            pthread_mutex_unlock(&c->mu);
+            call_put_unlock(c);
             count_rejected(s);
             return;
         }
