@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -401,8 +402,9 @@ class Prometheus:
         while time.time() < deadline and self.port is None:
             self.log.flush()
             with open(self.log.name) as f:
-                m = re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)', f.read())
-            if m:
+                log = f.read()
+            m = re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)', log)
+            if m and "Server is ready to receive web requests" in log:
                 self.port = int(m.group(1))
             elif self.p.poll() is not None:
                 break
@@ -415,8 +417,13 @@ class Prometheus:
         url = "http://127.0.0.1:%d/api/v1/query?%s" % (self.port, urllib.parse.urlencode({"query": q}))
         deadline, last = time.time() + timeout, None
         while time.time() < deadline:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                last = json.loads(r.read())
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    last = json.loads(r.read())
+            except urllib.error.HTTPError as e:  # 503 while its storage starts
+                last = "HTTP %d" % e.code
+                time.sleep(0.2)
+                continue
             res = last.get("data", {}).get("result", [])
             if last.get("status") == "success" and res:
                 v = float(res[0]["value"][1])
