@@ -51,6 +51,7 @@ struct tsr_http {
     const tsr_vocab *vocab;
     tsr_auth *auth;
     tsr_metrics *metrics;
+    const tsr_chat_template *chat;
     char *model_id;
     int32_t n_ctx, max_queue;
     size_t max_piece;
@@ -877,6 +878,111 @@ static bool parse_prompt(tsr_http *h, const cJSON *root, parsed *p, herr *e)
     return true;
 }
 
+/* One message's content: a string, or a list of {"type": "text", "text": ...} parts
+ * (concatenated into *buf, which the caller frees). NULL with e set when neither. */
+static const char *message_content(const cJSON *c, int i, char **buf, herr *e)
+{
+    if (cJSON_IsString(c)) return c->valuestring;
+    if (!cJSON_IsArray(c)) {
+        BAD(e, "messages", "messages[%d].content must be a string or a list of text parts", i);
+        return NULL;
+    }
+    size_t len = 0, cap = 0;
+    int k = 0;
+    for (const cJSON *part = c->child; part; part = part->next, k++) {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
+        const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
+        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0 ||
+            !cJSON_IsString(text)) {
+            BAD(e, "messages",
+                "messages[%d].content[%d]: only {\"type\": \"text\", \"text\": ...} parts "
+                "are supported",
+                i, k);
+            return NULL;
+        }
+        size_t n = strlen(text->valuestring);
+        if (!grow((void **)buf, &cap, len + n + 1, 1)) {
+            set_err(e, 500, "server_error", NULL, NULL, "out of memory");
+            return NULL;
+        }
+        memcpy(*buf + len, text->valuestring, n);
+        len += n;
+        (*buf)[len] = '\0';
+    }
+    return *buf ? *buf : "";
+}
+
+/* The prompt of /v1/chat/completions: messages rendered with the model's chat template and
+ * tokenized with special tokens parsed (coordinator/chat.h). */
+static bool parse_messages(tsr_http *h, const cJSON *root, parsed *p, herr *e)
+{
+    const cJSON *x = field(root, "messages");
+    if (!x || !cJSON_IsArray(x) || cJSON_GetArraySize(x) == 0) {
+        BAD(e, "messages", "messages must be a non-empty list of {role, content} objects");
+        return false;
+    }
+    if (!h->chat) {
+        BAD(e, "messages",
+            "the model has no chat template: use /v1/completions, or start the server with "
+            "--chat-template NAME");
+        return false;
+    }
+    int n = cJSON_GetArraySize(x);
+    tsr_chat_msg *m = calloc((size_t)n, sizeof *m);
+    char **bufs = calloc((size_t)n, sizeof *bufs);
+    char *text = NULL, err[512];
+    size_t len = 0, total = 0;
+    bool ok = false;
+    if (!m || !bufs) {
+        set_err(e, 500, "server_error", NULL, NULL, "out of memory");
+        goto done;
+    }
+    int i = 0;
+    for (const cJSON *msg = x->child; msg; msg = msg->next, i++) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+        if (!cJSON_IsObject(msg) || !cJSON_IsString(role)) {
+            BAD(e, "messages", "messages[%d] must be an object with a string role", i);
+            goto done;
+        }
+        const cJSON *content = field(msg, "content");
+        if (!content) {
+            BAD(e, "messages", "messages[%d].content is required", i);
+            goto done;
+        }
+        m[i].role = role->valuestring;
+        m[i].content = message_content(content, i, &bufs[i], e);
+        if (!m[i].content) goto done;
+        total += strlen(m[i].content);
+    }
+    if (h->n_ctx > 0 && total / h->max_piece > (size_t)h->n_ctx) {
+        BAD(e, "messages", "messages: %zu bytes cannot fit the context of %d tokens", total,
+            h->n_ctx);
+        goto done;
+    }
+    if (tsr_chat_render(h->chat, m, (size_t)n, true, &text, &len, err, sizeof err) != 0) {
+        BAD(e, "messages", "messages: %s", err);
+        goto done;
+    }
+    if (tsr_chat_tokenize(h->vocab, text, len, &p->ids, &p->n_ids, err, sizeof err) != 0) {
+        BAD(e, "messages", "messages: cannot tokenize: %s", err);
+        goto done;
+    }
+    if (h->n_ctx > 0 && p->n_ids >= (size_t)h->n_ctx) {
+        BAD(e, "messages",
+            "messages: %zu tokens do not fit the context of %d tokens (at least one position "
+            "must be left to generate); shorten them",
+            p->n_ids, h->n_ctx);
+        goto done;
+    }
+    ok = true;
+done:
+    for (int k = 0; bufs && k < n; k++) free(bufs[k]);
+    free(bufs);
+    free(m);
+    free(text);
+    return ok;
+}
+
 /* Fields shared by completions and chat. Returns false with e set. */
 static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, herr *e)
 {
@@ -1106,18 +1212,7 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
     }
 
     /* the prompt last: it is the expensive part */
-    if (r->chat) {
-        x = field(root, "messages");
-        if (!x || !cJSON_IsArray(x) || cJSON_GetArraySize(x) == 0) {
-            BAD(e, "messages", "messages must be a non-empty list of {role, content} objects");
-            return false;
-        }
-        BAD(e, "messages",
-            "chat completions need the model's chat template, which this build of Tessera "
-            "cannot render yet; use /v1/completions with the formatted prompt");
-        return false;
-    }
-    if (!parse_prompt(h, root, p, e)) return false;
+    if (r->chat ? !parse_messages(h, root, p, e) : !parse_prompt(h, root, p, e)) return false;
     er->prompt_ids = p->ids;
     er->n_prompt = p->n_ids;
     return true;
@@ -1583,6 +1678,7 @@ int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab
     h->vocab = vocab;
     h->auth = p->auth;
     h->metrics = p->metrics;
+    h->chat = p->chat;
     h->n_ctx = p->n_ctx;
     h->max_queue = p->max_queue;
     h->max_body = p->max_body_bytes > 0 ? p->max_body_bytes : TSR_HTTP_DEFAULT_MAX_BODY;

@@ -7,8 +7,8 @@
  *
  * Routes:
  *   POST /v1/completions       prompt (string, [string], token ids, [token ids]) -> text
- *   POST /v1/chat/completions  messages -> chat template -> text (400 until this build has
- *                              chat templates)
+ *   POST /v1/chat/completions  messages -> the model's chat template (coordinator/chat.h)
+ *                              -> text (400 when the model has no template)
  *   GET  /v1/models            the one model served
  *   GET  /health               200 {"status":"ok"} while the data plane steps and the
  *                              server is not draining; 503 otherwise (no key needed)
@@ -46,6 +46,7 @@
 #include <stdint.h>
 
 #include "coordinator/auth.h"
+#include "coordinator/chat.h"
 #include "coordinator/engine.h"
 #include "coordinator/metrics.h"
 #include "shard/vocab.h"
@@ -71,6 +72,9 @@ typedef struct {
     const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
     tsr_auth *auth;       /* borrowed, may be NULL (no keys) */
     tsr_metrics *metrics; /* borrowed, may be NULL */
+    /* The chat template of /v1/chat/completions (borrowed, must outlive the server); NULL:
+     * the model has none and chat requests answer 400 naming `messages`. */
+    const tsr_chat_template *chat;
 } tsr_http_params;
 
 typedef struct tsr_http tsr_http;

@@ -77,6 +77,8 @@ static const char *serve_help =
     "  -t, --threads N           CPU threads per rank (default: all cores)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
+    "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
+    "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
     "\n"
     "HTTP, keys and TLS (the same keys and certificate serve gRPC and HTTP):\n"
     "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
@@ -346,6 +348,7 @@ int tsr_cmd_serve(int argc, char **argv)
         O_TLS_CERT,
         O_TLS_KEY,
         O_TLS_CA,
+        O_CHAT_TEMPLATE,
     };
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"listen", required_argument, 0, O_LISTEN},
@@ -373,6 +376,7 @@ int tsr_cmd_serve(int argc, char **argv)
                                          {"tls-cert", required_argument, 0, O_TLS_CERT},
                                          {"tls-key", required_argument, 0, O_TLS_KEY},
                                          {"tls-client-ca", required_argument, 0, O_TLS_CA},
+                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
@@ -388,6 +392,7 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *tls_cert = NULL, *tls_key = NULL, *tls_ca = NULL;
     uint64_t http_max_body = TSR_HTTP_DEFAULT_MAX_BODY;
     bool insecure = false;
+    const char *chat_template = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
@@ -463,6 +468,15 @@ int tsr_cmd_serve(int argc, char **argv)
                 return tsr_cli_usage_error(
                     "serve", "--spec-max-batch needs an integer in 1..4096, got '%s'", optarg);
             break;
+        case O_CHAT_TEMPLATE: {
+            tsr_chat_template *t = NULL;
+            char e[1024];
+            if (tsr_chat_template_new(optarg, NULL, NULL, &t, e, sizeof e) != 0)
+                return tsr_cli_usage_error("serve", "%s", e);
+            tsr_chat_template_free(t);
+            chat_template = optarg;
+            break;
+        }
         case O_KV_MEMORY:
             if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
                 return tsr_cli_usage_error("serve",
@@ -614,6 +628,7 @@ int tsr_cmd_serve(int argc, char **argv)
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
+    tsr_chat_template *chat = NULL;
     if (spec_oracle && tsr_drafter_oracle_load(spec_oracle, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
@@ -667,6 +682,12 @@ int tsr_cmd_serve(int argc, char **argv)
         .max_batch_tokens = (int32_t)max_batch,
         .max_queue = (int32_t)max_queue,
     };
+    /* GenerateRequest.messages: the model's chat template, or --chat-template; a model
+     * without one serves prompts only. */
+    if (tsr_chat_template_for_model(tsr_replica_gguf(rep), vocab, chat_template, &chat, err,
+                                    sizeof err) != 0)
+        fprintf(stderr, "tessera serve: chat messages are refused: %s\n", err);
+    info.chat = chat;
     if (sem_init(&g_sig_sem, 0, 0) != 0) {
         fprintf(stderr, "tessera serve: sem_init: %s\n", strerror(errno));
         goto release;
@@ -708,7 +729,8 @@ int tsr_cmd_serve(int argc, char **argv)
                                .tls_key_pem = key_pem,
                                .tls_client_ca_pem = ca_pem,
                                .auth = auth,
-                               .metrics = metrics};
+                               .metrics = metrics,
+                               .chat = chat};
         if (tsr_http_start(&hp_, engine, vocab, &http, &http_port, err, sizeof err) != 0) {
             fprintf(stderr, "tessera serve: %s\n", err);
             tsr_engine_stop(engine, true);
@@ -793,7 +815,10 @@ stop_server:
     }
 release:
     if (engine) tsr_engine_free(engine);
-    if (engine || !server) tsr_drafter_free(drafter); /* (leaked with a stuck server) */
+    if (engine || !server) { /* (leaked with a stuck server) */
+        tsr_drafter_free(drafter);
+        tsr_chat_template_free(chat);
+    }
     if (!leader_close(rep)) exit_code = 1;
     if (engine || !server) { /* (leaked with a stuck server, which may still use them) */
         tsr_metrics_free(metrics);

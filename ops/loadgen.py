@@ -92,7 +92,19 @@ def main():
     ap.add_argument("--tls-ca", default=None, help="TLS: verify the server with this CA (PEM)")
     ap.add_argument("--tls-cert", default=None, help="mutual TLS: client certificate (PEM)")
     ap.add_argument("--tls-key", default=None, help="mutual TLS: client key (PEM)")
+    ap.add_argument("--input", default=None,
+                    help="a `tessera batch` JSONL file: one request per line with its prompt, "
+                         "max_tokens, temperature, seed, ignore_eos (sets --requests)")
     a = ap.parse_args()
+    items = None
+    if a.input:
+        items = []
+        with open(a.input) as f:
+            for line in f:
+                if line.strip():
+                    o = json.loads(line)
+                    items.append(o.get("body", o))
+        a.requests = len(items)
     if a.concurrency < 1 or a.requests < 1 or a.max_tokens < 1:
         ap.error("--concurrency, --requests and --max-tokens must be >= 1")
     if (a.tls_cert is None) != (a.tls_key is None) or (a.tls_cert and not a.tls_ca):
@@ -132,11 +144,9 @@ def main():
         rng = random.Random(0)
         prompts = [a.prompt or rng.choice(PROMPTS) for _ in range(a.requests)]
 
-        def http_generate(conn, i):
+        def http_generate(conn, q):
             """One streamed completion; yields the number of tokens of each chunk."""
-            body = json.dumps({"prompt": prompts[i], "max_tokens": a.max_tokens,
-                               "temperature": a.temperature, "ignore_eos": a.ignore_eos,
-                               "seed": i, "stream": True, "return_token_ids": True})
+            body = json.dumps(dict(q, stream=True, return_token_ids=True))
             hdr = {"Content-Type": "application/json", "Accept": "text/event-stream"}
             if a.api_key:
                 hdr["Authorization"] = "Bearer " + a.api_key
@@ -171,18 +181,24 @@ def main():
                     if i >= a.requests:
                         return
                     next_req[0] += 1
+                if items:
+                    it = items[i]
+                    q = dict(prompt=it["prompt"], max_tokens=it.get("max_tokens", 16),
+                             temperature=it.get("temperature", 1.0),
+                             ignore_eos=it.get("ignore_eos", False), seed=it.get("seed", i))
+                else:
+                    q = dict(prompt=prompts[i], max_tokens=a.max_tokens,
+                             temperature=a.temperature, ignore_eos=a.ignore_eos, seed=i)
                 req = None
                 if conn is None:
                     spec = {"default": pb.SPECULATION_DEFAULT, "off": pb.SPECULATION_OFF,
                             "auto": pb.SPECULATION_AUTO}[a.speculation]
-                    req = pb.GenerateRequest(prompt=prompts[i], max_tokens=a.max_tokens,
-                                             temperature=a.temperature,
-                                             ignore_eos=a.ignore_eos, seed=i, speculation=spec)
+                    req = pb.GenerateRequest(speculation=spec, **q)
                 t0 = time.perf_counter()
                 prev, first, gaps, n = None, None, [], 0
                 try:
                     if conn is not None:
-                        counts = http_generate(conn, i)
+                        counts = http_generate(conn, q)
                     else:
                         counts = (len(r.token_ids) for r in
                                   _grpc_stream(stub.Generate(req, timeout=a.timeout,

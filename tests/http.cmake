@@ -1,12 +1,13 @@
 # The HTTP front door, metrics, keys and TLS, end to end (tests/python/test_http.py): the
 # official `openai` client from the test venv (${TSR_VENV_PYTHON}, built by ops/venv.sh
 # from ops/requirements-test.txt; Debian's python3-grpcio is visible in it), promtool and a
-# real Prometheus server (Debian's `prometheus`), openssl for a test CA. Servers on
+# real Prometheus server (Debian's `prometheus`), openssl for a test CA, and a real instruct model (smollm2-135m-instruct, ops/fetch-model.sh)
+# for chat. Servers on
 # 127.0.0.1 ephemeral ports. The sanitizer tree runs it whole: it is the request path.
 # Included from tests/CMakeLists.txt (after serve.cmake: TSR_SERVE_ENV).
 add_test(NAME serve_http
          COMMAND ${TSR_VENV_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_http.py
                  --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
-                 --proto ${CMAKE_SOURCE_DIR}/proto)
+                 --proto ${CMAKE_SOURCE_DIR}/proto --fetch-model ${TSR_FETCH_MODEL})
 set_tests_properties(serve_http PROPERTIES TIMEOUT 300 RUN_SERIAL TRUE
                      ENVIRONMENT "${TSR_SERVE_ENV}")

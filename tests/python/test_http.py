@@ -486,10 +486,14 @@ MALFORMED = [
      "ignore_eos", None),
     ("unknown model", "POST", "/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model",
      "does not exist"),
-    ("chat unavailable", "POST", "/v1/chat/completions",
+    ("chat unknown model", "POST", "/v1/chat/completions",
      {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", None),
-    ("chat template", "POST", "/v1/chat/completions",
+    ("chat no template", "POST", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "hi"}]}, 400, "messages", "chat template"),
+    ("chat no messages", "POST", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
+    ("chat top_logprobs alone", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs",
+     None),
     ("unknown route", "POST", "/v1/embeddings", {"input": "a"}, 404, None, "unknown route"),
     ("wrong method", "GET", "/v1/completions", None, 405, None, "use POST"),
 ]
@@ -748,6 +752,58 @@ def t_tls(p):
         s.kill()
 
 
+def t_chat(model_path):
+    """/v1/chat/completions on a real instruct model equals `tessera chat` (greedy)."""
+    q, n = "What is the capital of France?", 20
+    cmd = [ARGS.tessera, "chat", "-m", model_path, "-p", q, "-n", str(n), "--temperature", "0",
+           "--json", "-t", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "%s: %s" % (cmd, r.stderr)
+    ref = json.loads(r.stdout)
+    s = Server(["-m", model_path, "-c", "512"])
+    try:
+        name = os.path.basename(model_path)[:-len(".gguf")]
+        cl = client(s)
+        msgs = [{"role": "user", "content": q}]
+        a = cl.chat.completions.create(model=name, messages=msgs, max_tokens=n, temperature=0)
+        c = a.choices[0]
+        assert c.message.content == ref["text"], "expected %r, got %r" % (ref["text"],
+                                                                         c.message.content)
+        assert c.message.role == "assistant" and a.object == "chat.completion", a
+        assert c.finish_reason == oai_finish(ref), (c.finish_reason, ref["finish_reason"])
+        assert a.usage.prompt_tokens == len(ref["prompt_ids"]), (a.usage, len(ref["prompt_ids"]))
+        assert a.usage.completion_tokens == len(ref["ids"]), (a.usage, len(ref["ids"]))
+        text, fin, usage, toks = "", None, None, []
+        for ch in cl.chat.completions.create(model=name, messages=msgs, max_completion_tokens=n,
+                                             temperature=0, stream=True, logprobs=True,
+                                             top_logprobs=2,
+                                             stream_options={"include_usage": True}):
+            assert ch.object == "chat.completion.chunk", ch
+            if ch.usage is not None:
+                usage = ch.usage
+            for c in ch.choices:
+                text += c.delta.content or ""
+                fin = c.finish_reason or fin
+                if c.logprobs and c.logprobs.content:
+                    toks += c.logprobs.content
+        assert text == ref["text"] and fin == oai_finish(ref), (text, fin)
+        assert usage.completion_tokens == len(ref["ids"]), usage
+        assert len(toks) == len(ref["ids"]) and all(len(t.top_logprobs) == 2 for t in toks), toks
+        # content as a list of text parts, and a bad role
+        a = cl.chat.completions.create(model=name, max_tokens=n, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": q}]}])
+        assert a.choices[0].message.content == ref["text"], a.choices[0].message.content
+        st, body, _ = raw(s, "POST", "/v1/chat/completions",
+                          {"messages": [{"role": "wizard", "content": "hi"}]})
+        check_error(st, body, 400, "messages")
+        st, body, _ = raw(s, "POST", "/v1/chat/completions",
+                          {"messages": [{"role": "user", "content": "hi"}], "tools": []})
+        check_error(st, body, 400, "tools")
+        s.stop()
+    finally:
+        s.kill()
+
+
 def t_start_errors(p, api_file):
     """Bad TLS / key files and open addresses without keys: clear errors, nothing served."""
     empty = os.path.join(TMP, "empty.keys")
@@ -779,6 +835,7 @@ def main():
     ap.add_argument("--tessera", required=True)
     ap.add_argument("--models", required=True)
     ap.add_argument("--proto", required=True)
+    ap.add_argument("--fetch-model", required=True, help="ops/fetch-model.sh")
     ap.add_argument("-k", default=None, help="run only tests whose name contains this")
     ARGS = ap.parse_args()
     ARGS.model = os.path.join(ARGS.models, "stories260K.gguf")
@@ -827,6 +884,15 @@ def main():
         certs = make_certs(TMP)
         run("tls", t_tls, certs)
         run("start_errors", t_start_errors, certs, api_file)
+        if not ARGS.k or "chat" in ARGS.k:
+            r = subprocess.run([ARGS.fetch_model, "smollm2-135m-instruct"], capture_output=True,
+                               text=True, timeout=600)
+            path = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+            if r.returncode != 0 or not os.path.exists(path):
+                print("FAIL chat: cannot fetch smollm2-135m-instruct: %s" % r.stderr[-500:])
+                failed += 1
+            else:
+                run("chat", t_chat, path)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
