@@ -172,9 +172,9 @@ def oai_finish(ref):
     return "length" if ref["finish_reason"] == "length" else "stop"
 
 
-def client(srv, key="unused", **kw):
+def client(srv, key="unused", timeout=60, **kw):
     return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % srv.http_port, api_key=key,
-                         max_retries=0, timeout=60, **kw)
+                         max_retries=0, timeout=timeout, **kw)
 
 
 def stream_completion(cl, model, prompt, n, **kw):
@@ -752,18 +752,21 @@ def t_tls(p):
         s.kill()
 
 
-def t_chat(model_path):
-    """/v1/chat/completions on a real instruct model equals `tessera chat` (greedy)."""
+def t_chat(model_path, template=None):
+    """/v1/chat/completions equals `tessera chat` (greedy) for the same messages: a real
+    instruct model with its own template, or (sanitizer tree, --chat-tiny) the tiny model
+    with --chat-template."""
     q, n = "What is the capital of France?", 20
+    tmpl = ["--chat-template", template] if template else []
     cmd = [ARGS.tessera, "chat", "-m", model_path, "-p", q, "-n", str(n), "--temperature", "0",
-           "--json", "-t", "1"]
+           "--json", "-t", "1"] + tmpl
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, "%s: %s" % (cmd, r.stderr)
     ref = json.loads(r.stdout)
-    s = Server(["-m", model_path, "-c", "512"])
+    s = Server(["-m", model_path, "-c", "512"] + tmpl)
     try:
         name = os.path.basename(model_path)[:-len(".gguf")]
-        cl = client(s)
+        cl = client(s, timeout=240)
         msgs = [{"role": "user", "content": q}]
         a = cl.chat.completions.create(model=name, messages=msgs, max_tokens=n, temperature=0)
         c = a.choices[0]
@@ -836,6 +839,9 @@ def main():
     ap.add_argument("--models", required=True)
     ap.add_argument("--proto", required=True)
     ap.add_argument("--fetch-model", required=True, help="ops/fetch-model.sh")
+    ap.add_argument("--chat-tiny", action="store_true",
+                    help="chat on the tiny model with --chat-template chatml (sanitizer tree: "
+                    "a real instruct model is too slow there)")
     ap.add_argument("-k", default=None, help="run only tests whose name contains this")
     ARGS = ap.parse_args()
     ARGS.model = os.path.join(ARGS.models, "stories260K.gguf")
@@ -884,7 +890,9 @@ def main():
         certs = make_certs(TMP)
         run("tls", t_tls, certs)
         run("start_errors", t_start_errors, certs, api_file)
-        if not ARGS.k or "chat" in ARGS.k:
+        if ARGS.chat_tiny and (not ARGS.k or "chat" in ARGS.k):
+            run("chat", t_chat, ARGS.model, "chatml")
+        elif not ARGS.k or "chat" in ARGS.k:
             r = subprocess.run([ARGS.fetch_model, "smollm2-135m-instruct"], capture_output=True,
                                text=True, timeout=600)
             path = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
