@@ -96,6 +96,13 @@ static const char *serve_help =
     "      --tls-cert FILE       serve TLS (gRPC and HTTPS) with this PEM certificate chain\n"
     "      --tls-key FILE        and this PEM private key (unencrypted)\n"
     "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
+    "output held for clients that read slowly or not at all (beyond: the stream is\n"
+    "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
+    "      --max-call-buffered-bytes BYTES  unread output of one call (default 1M)\n"
+    "      --max-buffered-bytes BYTES       of all calls together; the call holding the\n"
+    "                            most goes first (default 64M)\n"
+    "      --slow-reader-timeout MS  a message the client's flow control has not taken\n"
+    "                            after this long (default 30000)\n"
     "\n"
     "speculative decoding (per request: the 'speculation' field, default auto):\n"
     "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
@@ -349,36 +356,43 @@ int tsr_cmd_serve(int argc, char **argv)
         O_TLS_KEY,
         O_TLS_CA,
         O_CHAT_TEMPLATE,
+        O_MAX_BUFFERED,
+        O_MAX_CALL_BUFFERED,
+        O_SLOW_READER,
     };
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"listen", required_argument, 0, O_LISTEN},
-                                         {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
-                                         {"max-seqs", required_argument, 0, O_MAX_SEQS},
-                                         {"max-queue", required_argument, 0, O_MAX_QUEUE},
-                                         {"kv-memory", required_argument, 0, O_KV_MEMORY},
-                                         {"ctx-size", required_argument, 0, 'c'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"shutdown-grace", required_argument, 0, O_GRACE},
-                                         {"tp", required_argument, 0, O_TP},
-                                         {"pp", required_argument, 0, O_PP},
-                                         {"layers", required_argument, 0, O_LAYERS},
-                                         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
-                                         {"draft-model", required_argument, 0, O_DRAFT},
-                                         {"spec", required_argument, 0, O_SPEC},
-                                         {"spec-k", required_argument, 0, O_SPEC_K},
-                                         {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
-                                         {"http", required_argument, 0, O_HTTP},
-                                         {"model-name", required_argument, 0, O_MODEL_NAME},
-                                         {"http-max-body", required_argument, 0, O_HTTP_MAX_BODY},
-                                         {"api-key-file", required_argument, 0, O_API_KEYS},
-                                         {"admin-key-file", required_argument, 0, O_ADMIN_KEYS},
-                                         {"insecure-listen", no_argument, 0, O_INSECURE},
-                                         {"tls-cert", required_argument, 0, O_TLS_CERT},
-                                         {"tls-key", required_argument, 0, O_TLS_KEY},
-                                         {"tls-client-ca", required_argument, 0, O_TLS_CA},
-                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},
+        {"listen", required_argument, 0, O_LISTEN},
+        {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
+        {"max-seqs", required_argument, 0, O_MAX_SEQS},
+        {"max-queue", required_argument, 0, O_MAX_QUEUE},
+        {"kv-memory", required_argument, 0, O_KV_MEMORY},
+        {"ctx-size", required_argument, 0, 'c'},
+        {"threads", required_argument, 0, 't'},
+        {"shutdown-grace", required_argument, 0, O_GRACE},
+        {"tp", required_argument, 0, O_TP},
+        {"pp", required_argument, 0, O_PP},
+        {"layers", required_argument, 0, O_LAYERS},
+        {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"draft-model", required_argument, 0, O_DRAFT},
+        {"spec", required_argument, 0, O_SPEC},
+        {"spec-k", required_argument, 0, O_SPEC_K},
+        {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
+        {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
+        {"max-buffered-bytes", required_argument, 0, O_MAX_BUFFERED},
+        {"max-call-buffered-bytes", required_argument, 0, O_MAX_CALL_BUFFERED},
+        {"slow-reader-timeout", required_argument, 0, O_SLOW_READER},
+        {"http", required_argument, 0, O_HTTP},
+        {"model-name", required_argument, 0, O_MODEL_NAME},
+        {"http-max-body", required_argument, 0, O_HTTP_MAX_BODY},
+        {"api-key-file", required_argument, 0, O_API_KEYS},
+        {"admin-key-file", required_argument, 0, O_ADMIN_KEYS},
+        {"insecure-listen", no_argument, 0, O_INSECURE},
+        {"tls-cert", required_argument, 0, O_TLS_CERT},
+        {"tls-key", required_argument, 0, O_TLS_KEY},
+        {"tls-client-ca", required_argument, 0, O_TLS_CA},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
@@ -392,6 +406,9 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *tls_cert = NULL, *tls_key = NULL, *tls_ca = NULL;
     uint64_t http_max_body = TSR_HTTP_DEFAULT_MAX_BODY;
     bool insecure = false;
+    uint64_t max_buffered = TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES,
+             max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
+    int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
     const char *chat_template = NULL;
     int c;
     optind = 1;
@@ -441,6 +458,9 @@ int tsr_cmd_serve(int argc, char **argv)
             break;
         case O_COMM_TIMEOUT:
             INT_FLAG("--comm-timeout", 1, 86400000, rp.timeout_ms);
+            break;
+        case O_SLOW_READER:
+            INT_FLAG("--slow-reader-timeout", 1, 86400000, slow_reader_ms);
             break;
 #undef INT_FLAG
         case O_LAYERS:
@@ -519,6 +539,19 @@ int tsr_cmd_serve(int argc, char **argv)
         case O_TLS_CA:
             tls_ca = optarg;
             break;
+        case O_MAX_BUFFERED:
+        case O_MAX_CALL_BUFFERED: {
+            uint64_t b = 0;
+            const char *name =
+                c == O_MAX_BUFFERED ? "--max-buffered-bytes" : "--max-call-buffered-bytes";
+            if (!tsr_cli_parse_bytes(optarg, &b) || b < 4096 || b > (1ull << 40))
+                return tsr_cli_usage_error("serve",
+                                           "%s needs a byte count in 4K..1T such as 1M or 64M, "
+                                           "got '%s'",
+                                           name, optarg);
+            *(c == O_MAX_BUFFERED ? &max_buffered : &max_call_buffered) = b;
+            break;
+        }
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -706,6 +739,9 @@ int tsr_cmd_serve(int argc, char **argv)
         goto release;
     }
     tsr_server_params sp = {.listen = listen,
+                            .max_buffered_bytes = (int64_t)max_buffered,
+                            .max_call_buffered_bytes = (int64_t)max_call_buffered,
+                            .slow_reader_ms = slow_reader_ms,
                             .auth = auth,
                             .metrics = metrics,
                             .tls_cert_pem = cert_pem,
