@@ -1503,16 +1503,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 return queue_err(r, c, &e);
             }
         }
-        if (get) {
-            switch (r->rt) {
-            case RT_MODELS:
-                return handle_models(h, r, c);
-            case RT_HEALTH:
-                return handle_health(h, r, c);
-            default:
-                return handle_metrics(h, r, c);
-            }
-        }
+        /* GET: answered on the next call, once libmicrohttpd has the whole request (a
+         * response queued earlier closes the connection instead of keeping it alive) */
+        if (get) return MHD_YES;
         /* POST: refuse an announced body over the limit before reading it */
         const char *cl =
             MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
@@ -1546,7 +1539,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         r->body[r->body_len] = '\0';
         return MHD_YES;
     }
-    return handle_generate(h, r, c);
+    switch (r->rt) {
+    case RT_MODELS:
+        return handle_models(h, r, c);
+    case RT_HEALTH:
+        return handle_health(h, r, c);
+    case RT_METRICS:
+        return handle_metrics(h, r, c);
+    default:
+        return handle_generate(h, r, c);
+    }
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
