@@ -1,17 +1,26 @@
 /*
- * real_models_check.c — greedy decoding of a real model against llama.cpp's ids.
+ * real_models_check.c — a real model's greedy ids against llama.cpp's.
  *
  *   real_models_check --expected real-models.json --name qwen2.5-coder-0.5b-instruct \
- *                     -m MODEL.gguf [-t THREADS] [--case K]
+ *                     -m MODEL.gguf [-t THREADS] [--case K] [--steps N] [--batch B]
+ *                     [--tie-ref 0.25] [--tie-ours 0.5]
  *
- * For every case of the model in the expected file (../shared/models/README.md section 9.2),
- * raw and chat alike, the prompt is fed as its `prompt_ids` (so the check does not depend
- * on the tokenizer), and greedy ids are generated one at a time from the argmax of the
- * logits (ties go to the lowest id, as llama.cpp's greedy sampler). The first `reliable`
- * ids must equal llama.cpp's: from that step on the reference's top-2 logits are within
- * 0.01 and float rounding may legitimately pick the other one. When the reference ended on
- * an end-of-generation token inside the reliable range, that token is compared too.
- * Exit 0 when every case matches; 1 with the first difference of each failing case.
+ * For every case of the model in the expected file (../shared/models/README.md section
+ * 9.2), raw and chat alike, the prompt is fed as its `prompt_ids` (the check does not
+ * depend on the tokenizer) and each step's greedy id (argmax, ties to the lowest id) is
+ * compared with llama.cpp's, for the first `reliable` steps (at most --steps). The run is
+ * teacher-forced: every step continues from llama.cpp's id, so one near-tie does not end
+ * the comparison of the steps after it.
+ *
+ * Why a tolerance at all: llama.cpp and Tessera quantize activations the same way (Q8_0 /
+ * Q8_1 / Q8_K blocks), but sum in different orders and keep the KV cache in F16 (llama.cpp)
+ * or F32 (here); a last-bit difference flips an int8 rounding of an activation and the
+ * difference grows through the layers. Measured on these models: rounding only K/V/Q to
+ * F16 moves top-2 gaps by up to 0.3 logits. So a step may give another id only where
+ * llama.cpp's own top-2 margin is below --tie-ref AND our logit of our pick exceeds our
+ * logit of llama.cpp's id by less than --tie-ours (both printed); any other difference is a
+ * MISMATCH and fails the case. The length of the free-running greedy agreement is
+ * printed too. Exit 0 when no case has a mismatch.
  */
 #include "worker/model.h"
 
@@ -69,10 +78,12 @@ int main(int argc, char **argv)
         {"expected", required_argument, 0, 'e'}, {"name", required_argument, 0, 'N'},
         {"model", required_argument, 0, 'm'},    {"threads", required_argument, 0, 't'},
         {"case", required_argument, 0, 'k'},     {"batch", required_argument, 0, 'b'},
-        {"tie", required_argument, 0, 'T'},      {0, 0, 0, 0}};
+        {"tie-ref", required_argument, 0, 'T'},  {"tie-ours", required_argument, 0, 'U'},
+        {"steps", required_argument, 0, 'S'},    {0, 0, 0, 0}};
     const char *expected = NULL, *name = NULL, *model = NULL;
     int n_threads = 2, only_case = -1, n_batch = 64, c;
-    double tie = 0.5;
+    double tie_ref = 0.25, tie_ours = 0.5;
+    int max_steps = 1 << 30;
     while ((c = getopt_long(argc, argv, "m:t:", opts, NULL)) != -1) {
         switch (c) {
         case 'e':
@@ -94,7 +105,13 @@ int main(int argc, char **argv)
             n_batch = atoi(optarg);
             break;
         case 'T':
-            tie = atof(optarg);
+            tie_ref = atof(optarg);
+            break;
+        case 'U':
+            tie_ours = atof(optarg);
+            break;
+        case 'S':
+            max_steps = atoi(optarg);
             break;
         default:
             return 2;
@@ -147,7 +164,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "real_models_check: case %d: margins and ids differ in length\n", k);
             return 1;
         }
-        const int n_cmp = (int)rel->valuedouble < n_ids ? (int)rel->valuedouble : n_ids;
+        int n_cmp = (int)rel->valuedouble < n_ids ? (int)rel->valuedouble : n_ids;
+        if (n_cmp > max_steps) n_cmp = max_steps;
         tsr_ctx *ctx;
         if (tsr_ctx_new(m, n_prompt + n_cmp + 16, n_batch, n_threads, &ctx, err, sizeof err)) {
             fprintf(stderr, "real_models_check: %s\n", err);
@@ -162,7 +180,7 @@ int main(int argc, char **argv)
             if (got != ids[i]) {
                 const double our_gap = (double)logits[got] - (double)logits[ids[i]];
                 if (free_run < 0) free_run = i;
-                const bool near = ref_margin < tie && our_gap < tie;
+                const bool near = ref_margin < tie_ref && our_gap < tie_ours;
                 n_near += near;
                 n_bad += !near;
                 printf("case %d step %d: %s: expected id %d (llama.cpp's margin %.3f), got %d "
@@ -180,11 +198,10 @@ int main(int argc, char **argv)
         }
         if (free_run < 0) free_run = n_cmp;
         n_fail += n_bad > 0;
-        printf("case %d %s: %d prompt ids; %d of %d reliable steps give llama.cpp's id (%d "
-               "near-ties under %.2f, %d mismatches); free-running greedy ids equal for the "
-               "first %d\n",
-               k, n_bad ? "FAILED" : "ok", n_prompt, n_cmp - n_near - n_bad, n_cmp, n_near, tie,
-               n_bad, free_run);
+        printf("case %d %s: %d prompt ids; %d of %d steps give llama.cpp's id (%d near-ties, %d "
+               "mismatches); free-running greedy ids equal for the first %d\n",
+               k, n_bad ? "FAILED" : "ok", n_prompt, n_cmp - n_near - n_bad, n_cmp, n_near, n_bad,
+               free_run);
         fflush(stdout);
         free(prompt);
         free(ids);
