@@ -81,3 +81,7 @@ ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np 4 $<TARGET_FILE:replica
 sh ${CMAKE_CURRENT_SOURCE_DIR}/spec_same.sh $<TARGET_FILE:tessera> \"$p\" '1, 2, 3, 4, 5,' 24 --spec ngram")
   set_tests_properties(spec_real_gemma3_ngram PROPERTIES TIMEOUT 300 RUN_SERIAL TRUE)
 endif()
+
+# Benchmark (not a test): the output head's share of a decode step.
+add_executable(bench_head ${CMAKE_CURRENT_SOURCE_DIR}/bench_head.c)
+target_link_libraries(bench_head PRIVATE tessera_core)
