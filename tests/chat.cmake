@@ -7,13 +7,24 @@ endforeach()
 set_tests_properties(test_chat PROPERTIES TIMEOUT 120)
 
 # tessera chat end to end (tests/python/test_chat_cli.py): -p, --json, stdin lines, an
-# interactive session on a pseudo-terminal (Ctrl-C, /reset, /quit), errors; stories260K.
+# interactive session on a pseudo-terminal (Ctrl-C, /reset, /quit), errors, tp 2 and pp 2
+# under mpirun; stories260K.
 find_program(TSR_CHAT_PYTHON python3 PATHS /usr/bin NO_DEFAULT_PATH)
+set(TSR_CHAT_MPI --mpirun ${MPIEXEC_EXECUTABLE})
+if(TSR_SANITIZE) # mpirun jobs take ~20 s each under the sanitizers: release tree only
+  set(TSR_CHAT_MPI)
+endif()
+set(TSR_CHAT_ENV "OMPI_ALLOW_RUN_AS_ROOT=1" "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+if(TSR_SANITIZE) # Open MPI's own allocations are not ours (tests/lsan.supp)
+  list(APPEND TSR_CHAT_ENV "ASAN_OPTIONS=fast_unwind_on_malloc=0:detect_leaks=1"
+       "LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_SOURCE_DIR}/lsan.supp:print_suppressions=0")
+endif()
 add_test(NAME chat_cli
          COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
                  --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
-                 --fetch-model ${TSR_FETCH_MODEL})
-set_tests_properties(chat_cli PROPERTIES TIMEOUT 120)
+                 --fetch-model ${TSR_FETCH_MODEL} ${TSR_CHAT_MPI})
+set_tests_properties(chat_cli PROPERTIES TIMEOUT 120 RUN_SERIAL TRUE
+                     ENVIRONMENT "${TSR_CHAT_ENV}")
 
 # GenerateRequest.messages and ModelInfo's chat fields over gRPC (Debian's python3-grpcio,
 # servers on ephemeral ports).
@@ -21,4 +32,15 @@ add_test(NAME serve_chat
          COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_serve_chat.py
                  --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
                  --proto ${CMAKE_SOURCE_DIR}/proto)
-set_tests_properties(serve_chat PROPERTIES TIMEOUT 180 RUN_SERIAL TRUE)
+set_tests_properties(serve_chat PROPERTIES TIMEOUT 180 RUN_SERIAL TRUE
+                     ENVIRONMENT "${TSR_CHAT_ENV}")
+
+# `tessera chat -p` on the real SmolLM2 (ops/fetch-model.sh) against llama.cpp's chat cases
+# (~20 s on 2 cores: release tree only).
+if(NOT TSR_SANITIZE)
+  add_test(NAME chat_smollm2
+           COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
+                   --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                   --fetch-model ${TSR_FETCH_MODEL} --real smollm2-135m-instruct)
+  set_tests_properties(chat_smollm2 PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
+endif()

@@ -6,6 +6,7 @@
  *   replica_check -m MODEL --tp 3 --expect-refusal "not divisible"
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
+ *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -46,8 +47,11 @@ int main(int argc, char **argv)
                                          {"expect-refusal", required_argument, 0, 'r'},
                                          {"teacher-force", no_argument, 0, 'f'},
                                          {"prompt-ids", required_argument, 0, 'P'},
+                                         {"device", required_argument, 0, 'd'},
                                          {0, 0, 0, 0}};
-    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16};
+    /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL;
     double tol = 1e-4;
     int n_gen = 24, c;
@@ -81,6 +85,9 @@ int main(int argc, char **argv)
             break;
         case 'P':
             prompt_ids = optarg;
+            break;
+        case 'd':
+            rp.device = optarg;
             break;
         default:
             return 2;
