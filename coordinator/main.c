@@ -12,6 +12,7 @@
 #include "coordinator/generate.h"
 #include "coordinator/sampler.h"
 #include "coordinator/server.h"
+#include "coordinator/coord_server.h"
 #include "kernels/membw.h"
 #include "kernels/quant.h"
 #include "shard/gguf.h"
@@ -1413,6 +1414,8 @@ static const char *main_help =
     "  bench      measure prefill/decode speed against the memory-bandwidth roofline\n"
     "  plan       print how a model is cut over tensor- and pipeline-parallel ranks\n"
     "  serve      serve a model over gRPC (continuous batching, paged KV cache)\n"
+    "  coordinator  one front door over many replicas (routing, failover, cluster file)\n"
+    "  ctl        operate a cluster through its coordinator\n"
     "\n"
     "Run 'tessera COMMAND --help' for the flags of each command.\n";
 
@@ -1442,6 +1445,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
     if (!strcmp(cmd, "plan")) return cmd_plan(argc, argv);
     if (!strcmp(cmd, "serve")) return tsr_cmd_serve(argc, argv);
+    if (!strcmp(cmd, "coordinator")) return tsr_cmd_coordinator(argc, argv);
+    if (!strcmp(cmd, "ctl")) return tsr_cmd_ctl(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);
     return TSR_CLI_EXIT_USAGE;
 }

@@ -21,6 +21,7 @@
 #include "coordinator/cli.h"
 #include "kernels/util.h"
 #include "coordinator/drafter.h"
+#include "coordinator/join.h"
 #include "coordinator/server.h"
 
 #include "worker/comm.h"
@@ -88,6 +89,16 @@ static const char *serve_help =
     "      --pp N                pipeline stages (default 1)\n"
     "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
     "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
+    "\n"
+    "cluster (see 'tessera coordinator'):\n"
+    "      --model-name NAME     the model name requests route by (GenerateRequest.model;\n"
+    "                            default: the file name without .gguf)\n"
+    "      --join HOST:PORT      register with a coordinator and heartbeat every 500 ms\n"
+    "                            with this replica's load; rejoins after a coordinator\n"
+    "                            restart\n"
+    "      --name NAME           this replica's name in the cluster (default: its address)\n"
+    "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
+    "                            listen address)\n"
     "  -h, --help                this help\n";
 
 /* ---- signals -> control thread ---- */
@@ -260,6 +271,10 @@ int tsr_cmd_serve(int argc, char **argv)
         O_SPEC,
         O_SPEC_K,
         O_SPEC_MAX_BATCH,
+        O_MODEL_NAME,
+        O_JOIN,
+        O_NAME,
+        O_ADVERTISE,
     };
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"listen", required_argument, 0, O_LISTEN},
@@ -278,9 +293,14 @@ int tsr_cmd_serve(int argc, char **argv)
                                          {"spec", required_argument, 0, O_SPEC},
                                          {"spec-k", required_argument, 0, O_SPEC_K},
                                          {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
+                                         {"model-name", required_argument, 0, O_MODEL_NAME},
+                                         {"join", required_argument, 0, O_JOIN},
+                                         {"name", required_argument, 0, O_NAME},
+                                         {"advertise", required_argument, 0, O_ADVERTISE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
+    const char *model_name = NULL, *join = NULL, *join_name = NULL, *advertise = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
     int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
@@ -369,6 +389,26 @@ int tsr_cmd_serve(int argc, char **argv)
                                            "got '%s'",
                                            optarg);
             break;
+        case O_MODEL_NAME:
+            if (!optarg[0]) return tsr_cli_usage_error("serve", "--model-name must not be empty");
+            model_name = optarg;
+            break;
+        case O_JOIN:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error(
+                    "serve", "--join needs the coordinator's HOST:PORT, got '%s'", optarg);
+            join = optarg;
+            break;
+        case O_NAME:
+            if (!optarg[0]) return tsr_cli_usage_error("serve", "--name must not be empty");
+            join_name = optarg;
+            break;
+        case O_ADVERTISE:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error("serve", "--advertise needs HOST:PORT, got '%s'",
+                                           optarg);
+            advertise = optarg;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -378,6 +418,20 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
+    if ((join_name || advertise) && !join)
+        return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
+    char model_name_buf[256];
+    if (!model_name) {
+        /* Default model name: the file name without its directory and .gguf. */
+        const char *base = strrchr(model, '/');
+        base = base ? base + 1 : model;
+        size_t n = strlen(base);
+        if (n > 5 && !strcmp(base + n - 5, ".gguf")) n -= 5;
+        if (n >= sizeof model_name_buf) n = sizeof model_name_buf - 1;
+        memcpy(model_name_buf, base, n);
+        model_name_buf[n] = 0;
+        model_name = model_name_buf;
+    }
     if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
         return tsr_cli_usage_error("serve", "choose one of --draft-model and --spec");
 
@@ -437,6 +491,7 @@ int tsr_cmd_serve(int argc, char **argv)
     control ctl;
     memset(&ctl, 0, sizeof ctl);
     bool ctl_started = false, sem_ok = false;
+    tsr_join *joined = NULL;
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
@@ -479,6 +534,7 @@ int tsr_cmd_serve(int argc, char **argv)
     tsr_server_model_info info = {
         .architecture = meta.arch,
         .name = meta.has_name ? meta.name : NULL,
+        .model = model_name,
         .n_ctx = tsr_replica_n_ctx(rep),
         .n_ctx_train = hp->n_ctx_train,
         .n_vocab = tsr_vocab_n_tokens(vocab),
@@ -531,6 +587,26 @@ int tsr_cmd_serve(int argc, char **argv)
             (double)ep.n_kv_blocks * (double)block_bytes / 1048576.0, max_batch, max_queue);
     fprintf(stderr, "tessera serve: listening on %s:%d\n", host, port);
     fflush(stderr);
+    if (join) {
+        char addr[300];
+        if (advertise)
+            snprintf(addr, sizeof addr, "%s", advertise);
+        else
+            snprintf(addr, sizeof addr, "%s:%d",
+                     !strcmp(host, "0.0.0.0") || !strcmp(host, "[::]") ? "127.0.0.1" : host, port);
+        tsr_join_params jp = {.coordinator = join,
+                              .name = join_name ? join_name : addr,
+                              .address = addr,
+                              .model = model_name,
+                              .tp = rp.tp,
+                              .pp = rp.pp,
+                              .max_queue = (int32_t)max_queue,
+                              .context_length = info.n_ctx};
+        if (tsr_join_start(&jp, engine, &joined, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera serve: %s\n", err);
+            tsr_engine_stop(engine, true);
+        }
+    }
 
     /* The step loop, on the MPI thread, until the control thread stops it. */
     int run_rc = tsr_engine_run(engine, err, sizeof err);
@@ -541,6 +617,8 @@ int tsr_cmd_serve(int argc, char **argv)
     exit_code = run_rc == 0 ? 0 : 1;
 
 stop_server:
+    tsr_join_stop(joined);
+    joined = NULL;
     if (ctl_started) {
         pthread_mutex_lock(&ctl.mu);
         ctl.quit = true;
