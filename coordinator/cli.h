@@ -2,12 +2,25 @@
  * cli.h — what every `tessera` subcommand needs to read its flags: number parsing that
  * rejects garbage, the usage-error convention (a message, a pointer to --help, exit
  * status 2) and the default thread count. Shared by coordinator/main.c and serve.c.
+ *
+ * It also holds the flags of a generation (`generate`, `chat`, ...): sampling, stop
+ * strings, speculation, threads, context and the distributed layout, parsed once here so
+ * every subcommand that generates takes the same flags with the same checks, plus the
+ * replica plumbing those subcommands share (follower loop, per-rank stats as JSON).
  */
 #ifndef TSR_CLI_H
 #define TSR_CLI_H
 
+#include <getopt.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include <cjson/cJSON.h>
+
+#include "coordinator/drafter.h"
+#include "coordinator/generate.h"
+#include "worker/replica.h"
 
 #define TSR_CLI_EXIT_USAGE 2
 
@@ -23,7 +36,145 @@ bool tsr_cli_parse_f32(const char *s, float *out);    /* finite */
 /* "123", "64K", "512M", "2G", "2GiB", "1.5G" -> bytes (K, M, G, T = 1024^n). */
 bool tsr_cli_parse_bytes(const char *s, uint64_t *out);
 
+/* A network address "HOST:PORT" (IPv6: "[::1]:PORT"): a non-empty host, then a port of
+ * 1..5 decimal digits in 0..65535 (0: the system picks a free port); nothing else ("", ":1",
+ * "h:", "h:65537", "h:+1", "h:1x" are false). When host is not NULL it receives the host
+ * part (brackets kept, truncated to host_cap - 1 bytes); *port the port. Every command
+ * that takes an address (--listen, ...) parses it with this. */
+bool tsr_cli_parse_hostport(const char *s, char *host, size_t host_cap, int32_t *port);
+
 /* Online cores, clamped to 1..64. */
 int tsr_cli_default_threads(void);
+
+/* ---- the distributed layout: --tp, --pp, --layers, --comm-timeout ---- */
+
+#define TSR_CLI_REPLICA_HELP                                                                       \
+    "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \
+    "      --tp N                  tensor-parallel ranks per stage (default 1)\n"                  \
+    "      --pp N                  pipeline stages (default 1)\n"                                  \
+    "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
+    "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"
+
+enum { TSR_CLI_O_TP = 300, TSR_CLI_O_PP, TSR_CLI_O_LAYERS, TSR_CLI_O_COMM_TIMEOUT };
+
+/* struct option entries (getopt_long) of the layout flags. */
+#define TSR_CLI_REPLICA_OPTS                                                                       \
+    {"tp", required_argument, 0, TSR_CLI_O_TP}, {"pp", required_argument, 0, TSR_CLI_O_PP},        \
+        {"layers", required_argument, 0, TSR_CLI_O_LAYERS},                                        \
+    {                                                                                              \
+        "comm-timeout", required_argument, 0, TSR_CLI_O_COMM_TIMEOUT                               \
+    }
+
+/* Parse layout flag c (argument arg) into rp: -1 when c is not one, 0 ok, 2 usage error
+ * (printed). */
+int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_params *rp);
+
+/* ---- the flags of a generation ---- */
+
+#define TSR_CLI_MAX_STOPS 16
+
+/* Every flag `generate` takes besides -p (and --json, which each command documents). */
+#define TSR_CLI_GEN_HELP(default_model)                                                            \
+    "  -m, --model PATH            GGUF model (default " default_model ")\n"                       \
+    "  -n, --max-tokens N          tokens to generate (default 128)\n"                             \
+    "      --temperature T         0 = greedy; default 0.8\n"                                      \
+    "      --top-k K               keep the K most likely tokens (0 = off, default 40)\n"          \
+    "      --top-p P               nucleus sampling, (0, 1] (default 0.95)\n"                      \
+    "      --min-p P               drop tokens below P x the top probability (default 0.05)\n"     \
+    "      --repetition-penalty R  > 0, 1 = off (vLLM semantics; default 1)\n"                     \
+    "      --presence-penalty X    [-2, 2] (OpenAI semantics; default 0)\n"                        \
+    "      --frequency-penalty X   [-2, 2] (OpenAI semantics; default 0)\n"                        \
+    "      --seed S                random seed (default: from the clock); the same seed and\n"     \
+    "                              input give the same output\n"                                   \
+    "      --stop STR              stop before STR (repeatable); STR is not printed\n"             \
+    "      --ignore-eos            keep going past end-of-generation tokens\n"                     \
+    "      --draft-model PATH      speculative decoding with a draft model (same vocabulary)\n"    \
+    "      --spec ngram            speculative decoding with n-gram prompt lookup\n"               \
+    "      --spec oracle:PATH      (benchmarks) an oracle proposing the tokens of a\n"             \
+    "                              'generate --json' output: the ceiling of speculation\n"         \
+    "      --spec-k K              most draft tokens per step (default 4; adapts below)\n"         \
+    "  -c, --ctx-size N            context size in tokens (default: the model's, max 4096)\n"      \
+    "  -t, --threads N             CPU threads per rank (default: all cores)\n"
+
+enum {
+    TSR_CLI_O_TEMP = 256,
+    TSR_CLI_O_TOPK,
+    TSR_CLI_O_TOPP,
+    TSR_CLI_O_MINP,
+    TSR_CLI_O_REP,
+    TSR_CLI_O_PRES,
+    TSR_CLI_O_FREQ,
+    TSR_CLI_O_SEED,
+    TSR_CLI_O_STOP,
+    TSR_CLI_O_IGNORE_EOS,
+    TSR_CLI_O_DRAFT,
+    TSR_CLI_O_SPEC,
+    TSR_CLI_O_SPEC_K,
+};
+
+/* Short options of the generation flags (append the command's own). */
+#define TSR_CLI_GEN_SHORTOPTS "m:n:c:t:"
+
+/* struct option entries of the generation flags, the layout flags included. */
+#define TSR_CLI_GEN_OPTS                                                                           \
+    {"model", required_argument, 0, 'm'}, {"max-tokens", required_argument, 0, 'n'},               \
+        {"n-predict", required_argument, 0, 'n'},                                                  \
+        {"temperature", required_argument, 0, TSR_CLI_O_TEMP},                                     \
+        {"temp", required_argument, 0, TSR_CLI_O_TEMP},                                            \
+        {"top-k", required_argument, 0, TSR_CLI_O_TOPK},                                           \
+        {"top-p", required_argument, 0, TSR_CLI_O_TOPP},                                           \
+        {"min-p", required_argument, 0, TSR_CLI_O_MINP},                                           \
+        {"repetition-penalty", required_argument, 0, TSR_CLI_O_REP},                               \
+        {"presence-penalty", required_argument, 0, TSR_CLI_O_PRES},                                \
+        {"frequency-penalty", required_argument, 0, TSR_CLI_O_FREQ},                               \
+        {"seed", required_argument, 0, TSR_CLI_O_SEED},                                            \
+        {"stop", required_argument, 0, TSR_CLI_O_STOP},                                            \
+        {"ignore-eos", no_argument, 0, TSR_CLI_O_IGNORE_EOS},                                      \
+        {"draft-model", required_argument, 0, TSR_CLI_O_DRAFT},                                    \
+        {"spec", required_argument, 0, TSR_CLI_O_SPEC},                                            \
+        {"spec-k", required_argument, 0, TSR_CLI_O_SPEC_K},                                        \
+        {"ctx-size", required_argument, 0, 'c'}, {"threads", required_argument, 0, 't'},           \
+        TSR_CLI_REPLICA_OPTS
+
+/* What the generation flags say. Strings point into argv (not copied). */
+typedef struct {
+    const char *model;
+    const char *draft_model; /* --draft-model */
+    bool spec_ngram;         /* --spec ngram */
+    const char *spec_oracle; /* --spec oracle:PATH */
+    int64_t spec_k;
+    tsr_replica_params rp; /* tp, pp, layers, comm timeout; n_threads and n_ctx after
+                              tsr_cli_gen_finish */
+    int64_t n_predict, n_ctx, n_threads;
+    bool seed_set;
+    const char *stops[TSR_CLI_MAX_STOPS];
+    size_t n_stops;
+    tsr_gen_params gp; /* sampling (generate's defaults), max_tokens and stops after finish */
+} tsr_cli_gen_opts;
+
+/* generate's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, 128 tokens. */
+void tsr_cli_gen_defaults(tsr_cli_gen_opts *o, const char *default_model);
+/* Parse generation flag c (getopt's optarg in arg): -1 when c is not one, 0 ok, 2 usage
+ * error (printed). */
+int tsr_cli_gen_flag(const char *cmd, int c, const char *arg, tsr_cli_gen_opts *o);
+/* After the last flag: seed from the clock unless --seed, validate the sampling
+ * parameters and the speculation choice, fill gp (max_tokens, stops) and rp (n_threads,
+ * n_ctx). 0, or 2 after printing the usage error. */
+int tsr_cli_gen_finish(const char *cmd, tsr_cli_gen_opts *o);
+/* The drafter the flags ask for (NULL when none) for a replica opened on rep; 0 or < 0
+ * with err. */
+int tsr_cli_gen_drafter(const tsr_cli_gen_opts *o, tsr_replica *rep, tsr_drafter **out, char *err,
+                        size_t err_len);
+
+/* ---- replica plumbing ---- */
+
+/* A follower's life: serve steps until shutdown, then the stats collective. Returns the
+ * exit status (1 after printing the error). */
+int tsr_cli_follow(const char *cmd, tsr_replica *rep);
+/* Per-rank stats as a JSON array (rank, stage, tp_rank, steps, tokens, compute/comm ms,
+ * bytes). The caller owns the result. */
+cJSON *tsr_cli_ranks_json(const tsr_rank_stats *st, int n);
+/* "length", "stop", "eos", "cancelled", "error". */
+const char *tsr_cli_finish_name(int reason);
 
 #endif

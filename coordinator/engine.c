@@ -285,6 +285,14 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
         tsr_set_err(err, err_len, "logprobs must be in 0..%d, got %d", MAX_LOGPROBS, rq->logprobs);
         return TSR_ENGINE_EINVAL;
     }
+    if (g->n_stop_ids > TSR_ENGINE_MAX_STOP_IDS || g->n_stop > TSR_ENGINE_MAX_STOPS) {
+        tsr_set_err(err, err_len, "%s: at most %d per request, got %zu",
+                    g->n_stop_ids > TSR_ENGINE_MAX_STOP_IDS ? "stop_token_ids" : "stop",
+                    g->n_stop_ids > TSR_ENGINE_MAX_STOP_IDS ? TSR_ENGINE_MAX_STOP_IDS
+                                                            : TSR_ENGINE_MAX_STOPS,
+                    g->n_stop_ids > TSR_ENGINE_MAX_STOP_IDS ? g->n_stop_ids : g->n_stop);
+        return TSR_ENGINE_EINVAL;
+    }
     for (size_t i = 0; i < g->n_stop_ids; i++) {
         if (g->stop_ids[i] < 0 || g->stop_ids[i] >= e->n_vocab) {
             tsr_set_err(err, err_len, "stop_token_ids: id %d is not in the vocabulary (0..%d)",
@@ -303,8 +311,11 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
 
     seq *s = calloc(1, sizeof *s);
     if (!s) goto oom;
-    s->cap = (int32_t)rq->n_prompt + g->max_tokens + 1;
-    if (s->cap > e->n_ctx + 1) s->cap = e->n_ctx + 1;
+    /* Sizes in 64 bits: max_tokens may be anything up to 2^31 - 1, and beyond the context
+     * it means "until the context is full" (finish reason length). n_prompt < n_ctx. */
+    int64_t cap = (int64_t)rq->n_prompt + (int64_t)g->max_tokens + 1;
+    if (cap > (int64_t)e->n_ctx + 1) cap = (int64_t)e->n_ctx + 1;
+    s->cap = (int32_t)cap;
     s->tokens = malloc(sizeof(int32_t) * (size_t)s->cap);
     s->blocks_cap = (s->cap + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE + 1;
     s->blocks = malloc(sizeof(int32_t) * (size_t)s->blocks_cap);
@@ -389,7 +400,10 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
 oom_s:
     seq_free(s);
 oom:
-    tsr_set_err(err, err_len, "out of memory");
+    tsr_set_err(err, err_len,
+                "out of memory queuing the request (prompt of %zu tokens); retry later or on "
+                "another replica",
+                rq->n_prompt);
     return TSR_ENGINE_ENOMEM;
 }
 

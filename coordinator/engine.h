@@ -33,6 +33,11 @@
 #define TSR_ENGINE_EDOWN       -4 /* the data plane failed: the replica cannot step */
 #define TSR_ENGINE_ENOMEM      -5
 
+/* Per-request caps (EINVAL beyond): stop token ids are checked for every generated token,
+ * stop strings against every piece of text. */
+#define TSR_ENGINE_MAX_STOP_IDS 1024
+#define TSR_ENGINE_MAX_STOPS    64
+
 typedef enum {
     TSR_FINISH_CANCELLED = 3, /* extends tsr_finish_reason: client cancel / deadline */
     TSR_FINISH_ERROR = 4,     /* the replica failed mid-request */
@@ -147,8 +152,11 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
 void tsr_engine_free(tsr_engine *e);
 
 /* Thread-safe. Returns TSR_ENGINE_OK and the request id, or a negative status with err:
- * EINVAL (prompt empty or longer than the context, ids out of range, bad sampling
- * parameters — naming the field), EQUEUE_FULL, EDRAINING, EDOWN. On success exactly one
+ * EINVAL (prompt empty or longer than the context, ids out of range, more than
+ * TSR_ENGINE_MAX_STOP_IDS stop ids or TSR_ENGINE_MAX_STOPS stop strings, bad sampling
+ * parameters — naming the field), EQUEUE_FULL, EDRAINING, EDOWN, ENOMEM. max_tokens
+ * (>= 1) may exceed what the context leaves: generation then ends when the context is
+ * full, with finish reason length. On success exactly one
  * FINISH event will follow (possibly after TOKENS events). */
 int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id, char *err,
                       size_t err_len);

@@ -35,12 +35,7 @@
 
 #define DEFAULT_MODEL "../shared/models/stories260K.gguf"
 
-#define REPLICA_HELP                                                                               \
-    "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \
-    "      --tp N                  tensor-parallel ranks per stage (default 1)\n"                  \
-    "      --pp N                  pipeline stages (default 1)\n"                                  \
-    "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
-    "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"
+#define REPLICA_HELP TSR_CLI_REPLICA_HELP
 
 static const char *g_prog = "tessera";
 
@@ -292,73 +287,20 @@ static const char *generate_help =
     "\n"
     "Generate a continuation of PROMPT and stream it to stdout.\n"
     "\n"
-    "  -m, --model PATH            GGUF model (default " DEFAULT_MODEL ")\n"
-    "  -p, --prompt TEXT           the prompt (BOS is added when the model asks for it)\n"
-    "  -n, --max-tokens N          tokens to generate (default 128)\n"
-    "      --temperature T         0 = greedy; default 0.8\n"
-    "      --top-k K               keep the K most likely tokens (0 = off, default 40)\n"
-    "      --top-p P               nucleus sampling, (0, 1] (default 0.95)\n"
-    "      --min-p P               drop tokens below P x the top probability (default 0.05)\n"
-    "      --repetition-penalty R  > 0, 1 = off (vLLM semantics; default 1)\n"
-    "      --presence-penalty X    [-2, 2] (OpenAI semantics; default 0)\n"
-    "      --frequency-penalty X   [-2, 2] (OpenAI semantics; default 0)\n"
-    "      --seed S                random seed (default: from the clock); the same seed and\n"
-    "                              input give the same output\n"
-    "      --stop STR              stop before STR (repeatable); STR is not printed\n"
-    "      --ignore-eos            keep going past end-of-generation tokens\n"
-    "      --draft-model PATH      speculative decoding with a draft model (same vocabulary)\n"
-    "      --spec ngram            speculative decoding with n-gram prompt lookup\n"
-    "      --spec oracle:PATH      (benchmarks) an oracle proposing the tokens of a\n"
-    "                              'generate --json' output: the ceiling of speculation\n"
-    "      --spec-k K              most draft tokens per step (default 4; adapts below)\n"
-    "  -c, --ctx-size N            context size in tokens (default: the model's, max 4096)\n"
-    "  -t, --threads N             CPU threads per rank (default: all cores)\n"
-    "      --json                  print one JSON object instead of streaming text:\n"
-    "                              prompt_ids, ids, text, finish_reason,\n"
-    "                              prefill_tokens_per_s, decode_tokens_per_s, ranks\n" REPLICA_HELP
-    "  -h, --help                  this help\n";
+    "  -p, --prompt TEXT           the prompt (BOS is added when the model asks for "
+    "it)\n" TSR_CLI_GEN_HELP(
+        DEFAULT_MODEL) "      --json                  print one JSON object instead of streaming "
+                       "text:\n"
+                       "                              prompt_ids, ids, text, finish_reason,\n"
+                       "                              prefill_tokens_per_s, decode_tokens_per_s, "
+                       "ranks\n" REPLICA_HELP "  -h, --help                  this help\n";
 
-enum { O_TP = 300, O_PP, O_LAYERS, O_COMM_TIMEOUT };
-
-#define REPLICA_OPTS                                                                               \
-    {"tp", required_argument, 0, O_TP}, {"pp", required_argument, 0, O_PP},                        \
-        {"layers", required_argument, 0, O_LAYERS},                                                \
-    {                                                                                              \
-        "comm-timeout", required_argument, 0, O_COMM_TIMEOUT                                       \
-    }
+#define REPLICA_OPTS TSR_CLI_REPLICA_OPTS
 
 /* Parse one replica flag into rp; returns -1 when c is not one, 0 ok, 2 usage error. */
 static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
 {
-    int64_t v;
-    switch (c) {
-    case O_TP:
-        if (!tsr_cli_parse_i64(optarg, 1, 256, &v)) {
-            tsr_cli_usage_error(cmd, "--tp needs an integer in 1..256, got '%s'", optarg);
-            return 2;
-        }
-        rp->tp = (int32_t)v;
-        return 0;
-    case O_PP:
-        if (!tsr_cli_parse_i64(optarg, 1, 256, &v)) {
-            tsr_cli_usage_error(cmd, "--pp needs an integer in 1..256, got '%s'", optarg);
-            return 2;
-        }
-        rp->pp = (int32_t)v;
-        return 0;
-    case O_LAYERS:
-        rp->layers = optarg;
-        return 0;
-    case O_COMM_TIMEOUT:
-        if (!tsr_cli_parse_i64(optarg, 1, 86400000, &v)) {
-            tsr_cli_usage_error(cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'",
-                                optarg);
-            return 2;
-        }
-        rp->timeout_ms = v;
-        return 0;
-    }
-    return -1;
+    return tsr_cli_replica_flag(cmd, c, optarg, rp);
 }
 
 /* Open the replica on every rank; on error print it (every rank) and return 1. */
@@ -373,193 +315,44 @@ static int open_replica(const char *cmd, const char *model, tsr_replica_params *
     return 0;
 }
 
-/* A follower's life: serve steps until shutdown, then the stats collective. */
 static int follow(const char *cmd, tsr_replica *rep)
 {
-    char err[1024];
-    if (tsr_replica_follow(rep, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera %s: rank %d: %s\n", cmd, tsr_replica_rank(rep), err);
-        tsr_comm_mpi_abort(1);
-        return 1;
-    }
-    if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera %s: rank %d: %s\n", cmd, tsr_replica_rank(rep), err);
-        return 1;
-    }
-    tsr_replica_close(rep);
-    return 0;
+    return tsr_cli_follow(cmd, rep);
 }
 
-/* Per-rank stats as a JSON array. */
 static cJSON *ranks_json(const tsr_rank_stats *st, int n)
 {
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < n; i++) {
-        cJSON *o = cJSON_CreateObject();
-        double toks = st[i].n_tokens ? (double)st[i].n_tokens : 1.0;
-        cJSON_AddNumberToObject(o, "rank", st[i].rank);
-        cJSON_AddNumberToObject(o, "stage", st[i].stage);
-        cJSON_AddNumberToObject(o, "tp_rank", st[i].tp_rank);
-        cJSON_AddNumberToObject(o, "steps", (double)st[i].n_steps);
-        cJSON_AddNumberToObject(o, "tokens", (double)st[i].n_tokens);
-        cJSON_AddNumberToObject(o, "compute_ms", st[i].t_compute_ns / 1e6);
-        cJSON_AddNumberToObject(o, "comm_ms", st[i].t_comm_ns / 1e6);
-        cJSON_AddNumberToObject(o, "compute_us_per_token", st[i].t_compute_ns / 1e3 / toks);
-        cJSON_AddNumberToObject(o, "comm_us_per_token", st[i].t_comm_ns / 1e3 / toks);
-        cJSON_AddNumberToObject(o, "bytes_sent", (double)st[i].n_bytes_sent);
-        cJSON_AddNumberToObject(o, "bytes_sent_per_token", (double)st[i].n_bytes_sent / toks);
-        cJSON_AddNumberToObject(o, "bytes_loaded", (double)st[i].n_bytes_loaded);
-        cJSON_AddItemToArray(a, o);
-    }
-    return a;
+    return tsr_cli_ranks_json(st, n);
 }
 
-#define MAX_STOPS 16
-
-static int run_generate(const char *model, tsr_replica_params *rp, const char *prompt,
-                        const tsr_gen_params *gp, bool json, const char *draft_model,
-                        bool spec_ngram, int32_t spec_k, int64_t n_threads);
-
-static const char *g_spec_oracle; /* --spec oracle:PATH */
+static int run_generate(const char *prompt, tsr_cli_gen_opts *o, bool json);
 
 static int cmd_generate(int argc, char **argv)
 {
-    enum {
-        O_TEMP = 256,
-        O_TOPK,
-        O_TOPP,
-        O_MINP,
-        O_REP,
-        O_PRES,
-        O_FREQ,
-        O_SEED,
-        O_STOP,
-        O_IGNORE_EOS,
-        O_JSON,
-        O_DRAFT,
-        O_SPEC,
-        O_SPEC_K,
-    };
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+    enum { O_JSON = 400 };
+    static const struct option opts[] = {TSR_CLI_GEN_OPTS,
                                          {"prompt", required_argument, 0, 'p'},
-                                         {"max-tokens", required_argument, 0, 'n'},
-                                         {"n-predict", required_argument, 0, 'n'},
-                                         {"temperature", required_argument, 0, O_TEMP},
-                                         {"temp", required_argument, 0, O_TEMP},
-                                         {"top-k", required_argument, 0, O_TOPK},
-                                         {"top-p", required_argument, 0, O_TOPP},
-                                         {"min-p", required_argument, 0, O_MINP},
-                                         {"repetition-penalty", required_argument, 0, O_REP},
-                                         {"presence-penalty", required_argument, 0, O_PRES},
-                                         {"frequency-penalty", required_argument, 0, O_FREQ},
-                                         {"seed", required_argument, 0, O_SEED},
-                                         {"stop", required_argument, 0, O_STOP},
-                                         {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
-                                         {"draft-model", required_argument, 0, O_DRAFT},
-                                         {"spec", required_argument, 0, O_SPEC},
-                                         {"spec-k", required_argument, 0, O_SPEC_K},
-                                         {"ctx-size", required_argument, 0, 'c'},
-                                         {"threads", required_argument, 0, 't'},
                                          {"json", no_argument, 0, O_JSON},
                                          {"help", no_argument, 0, 'h'},
-                                         REPLICA_OPTS,
                                          {0, 0, 0, 0}};
-    const char *model = DEFAULT_MODEL, *prompt = NULL, *draft_model = NULL;
-    bool spec_ngram = false;
-    const char *spec_oracle = NULL;
-    int64_t spec_k = 4;
-    tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t n_predict = 128, n_ctx = 0, n_threads = tsr_cli_default_threads();
-    bool json = false, seed_set = false;
-    const char *stops[MAX_STOPS];
-    size_t n_stops = 0;
-    tsr_gen_params gp;
-    memset(&gp, 0, sizeof gp);
-    tsr_sampling_params_default(&gp.sampling);
-    gp.sampling.temperature = 0.8f;
-    gp.sampling.top_k = 40;
-    gp.sampling.top_p = 0.95f;
-    gp.sampling.min_p = 0.05f;
+    const char *prompt = NULL;
+    bool json = false;
+    tsr_cli_gen_opts o;
+    tsr_cli_gen_defaults(&o, DEFAULT_MODEL);
     int c;
-    while ((c = getopt_long(argc, argv, "m:p:n:c:t:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, TSR_CLI_GEN_SHORTOPTS "p:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm':
-            model = optarg;
-            break;
         case 'p':
             prompt = optarg;
             break;
-        case 'n':
-            INT_FLAG("generate", "--max-tokens", 0, 1 << 24, n_predict);
-            break;
-        case 'c':
-            INT_FLAG("generate", "--ctx-size", 1, 1 << 24, n_ctx);
-            break;
-        case 't':
-            INT_FLAG("generate", "--threads", 1, 256, n_threads);
-            break;
-        case O_TEMP:
-            FLOAT_FLAG("generate", "--temperature", gp.sampling.temperature);
-            break;
-        case O_TOPK: {
-            int64_t k;
-            INT_FLAG("generate", "--top-k", 0, INT32_MAX, k);
-            gp.sampling.top_k = (int32_t)k;
-            break;
-        }
-        case O_TOPP:
-            FLOAT_FLAG("generate", "--top-p", gp.sampling.top_p);
-            break;
-        case O_MINP:
-            FLOAT_FLAG("generate", "--min-p", gp.sampling.min_p);
-            break;
-        case O_REP:
-            FLOAT_FLAG("generate", "--repetition-penalty", gp.sampling.repetition_penalty);
-            break;
-        case O_PRES:
-            FLOAT_FLAG("generate", "--presence-penalty", gp.sampling.presence_penalty);
-            break;
-        case O_FREQ:
-            FLOAT_FLAG("generate", "--frequency-penalty", gp.sampling.frequency_penalty);
-            break;
-        case O_SEED:
-            if (!tsr_cli_parse_u64(optarg, &gp.sampling.seed))
-                return tsr_cli_usage_error("generate",
-                                           "--seed needs a non-negative integer, got '%s'", optarg);
-            seed_set = true;
-            break;
-        case O_STOP:
-            if (n_stops == MAX_STOPS)
-                return tsr_cli_usage_error("generate", "at most %d --stop strings", MAX_STOPS);
-            if (!*optarg) return tsr_cli_usage_error("generate", "--stop needs a non-empty string");
-            stops[n_stops++] = optarg;
-            break;
-        case O_IGNORE_EOS:
-            gp.ignore_eos = true;
-            break;
         case O_JSON:
             json = true;
-            break;
-        case O_DRAFT:
-            draft_model = optarg;
-            break;
-        case O_SPEC:
-            if (!strcmp(optarg, "ngram"))
-                spec_ngram = true;
-            else if (!strncmp(optarg, "oracle:", 7))
-                spec_oracle = optarg + 7;
-            else if (strcmp(optarg, "off") != 0)
-                return tsr_cli_usage_error(
-                    "generate", "--spec takes 'ngram', 'oracle:PATH' or 'off', got '%s'", optarg);
-            break;
-        case O_SPEC_K:
-            INT_FLAG("generate", "--spec-k", 1, 16, spec_k);
             break;
         case 'h':
             fputs(generate_help, stdout);
             return 0;
         default: {
-            int r = replica_flag("generate", c, &rp);
+            int r = tsr_cli_gen_flag("generate", c, optarg, &o);
             if (r >= 0) {
                 if (r) return r;
                 break;
@@ -572,21 +365,9 @@ static int cmd_generate(int argc, char **argv)
         return tsr_cli_usage_error(
             "generate", "unexpected argument '%s' (the prompt goes after -p)", argv[optind]);
     if (!prompt) return tsr_cli_usage_error("generate", "needs a prompt: -p TEXT");
-    if (!seed_set) gp.sampling.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-    char err[512];
-    if (tsr_sampling_params_validate(&gp.sampling, err, sizeof err) != 0)
-        return tsr_cli_usage_error("generate", "%s", err);
-    gp.max_tokens = (int32_t)n_predict;
-    gp.stop = stops;
-    gp.n_stop = n_stops;
-
-    if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
-        return tsr_cli_usage_error("generate", "choose one of --draft-model and --spec");
-    g_spec_oracle = spec_oracle;
-    rp.n_threads = (int)n_threads;
-    rp.n_ctx = (int32_t)n_ctx;
-    return run_generate(model, &rp, prompt, &gp, json, draft_model, spec_ngram, (int32_t)spec_k,
-                        n_threads);
+    int r = tsr_cli_gen_finish("generate", &o);
+    if (r) return r;
+    return run_generate(prompt, &o, json);
 }
 
 /* ---- generate through the serving engine (one request) ---- */
@@ -640,17 +421,14 @@ static void gen_on_event(void *ud, const tsr_event *ev)
     }
 }
 
-static const char *finish_name(int r)
-{
-    if (r == TSR_FINISH_CANCELLED) return "cancelled";
-    if (r == TSR_FINISH_ERROR) return "error";
-    return tsr_finish_reason_name((tsr_finish_reason)r);
-}
+#define finish_name tsr_cli_finish_name
 
-static int run_generate(const char *model, tsr_replica_params *rp, const char *prompt,
-                        const tsr_gen_params *gp, bool json, const char *draft_model,
-                        bool spec_ngram, int32_t spec_k, int64_t n_threads)
+static int run_generate(const char *prompt, tsr_cli_gen_opts *o, bool json)
 {
+    tsr_replica_params *rp = &o->rp;
+    const tsr_gen_params *gp = &o->gp;
+    const int64_t n_threads = o->n_threads;
+    const char *model = o->model;
     /* A paged replica (the engine's layout) holding one full context. */
     rp->n_kv_blocks = TSR_REPLICA_KV_ONE_CONTEXT;
     tsr_replica *rep;
@@ -673,18 +451,12 @@ static int run_generate(const char *model, tsr_replica_params *rp, const char *p
         snprintf(err, sizeof err, "out of memory");
         goto stop;
     }
-    if (spec_ngram && tsr_drafter_ngram_new(1, 3, &drafter, err, sizeof err) != 0) goto stop;
-    if (g_spec_oracle && tsr_drafter_oracle_load(g_spec_oracle, &drafter, err, sizeof err) != 0)
-        goto stop;
-    if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), tsr_replica_n_kv_blocks(rep) + 8,
-                              (int)n_threads, &drafter, err, sizeof err) != 0)
-        goto stop;
+    if (tsr_cli_gen_drafter(o, rep, &drafter, err, sizeof err) != 0) goto stop;
     tsr_engine_params ep = {.max_batch_tokens = tsr_replica_n_batch(rep),
                             .max_seqs = 4,
                             .max_queue = 4,
                             .drafter = drafter,
-                            .spec_k = spec_k,
+                            .spec_k = (int32_t)o->spec_k,
                             .spec_default_on = true};
     if (tsr_engine_new(rep, &ep, &eng, err, sizeof err) != 0) goto stop;
     if (tsr_vocab_tokenize(vocab, prompt, strlen(prompt), true, true, &ids, &n_ids, err,

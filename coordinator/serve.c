@@ -317,9 +317,11 @@ int tsr_cmd_serve(int argc, char **argv)
             model = optarg;
             break;
         case O_LISTEN:
-            if (!strchr(optarg, ':'))
-                return tsr_cli_usage_error(
-                    "serve", "--listen needs HOST:PORT (e.g. 127.0.0.1:50051), got '%s'", optarg);
+            if (!tsr_cli_parse_hostport(optarg, NULL, 0, NULL))
+                return tsr_cli_usage_error("serve",
+                                           "--listen needs HOST:PORT with a port in 0..65535 "
+                                           "(0: any free port), e.g. 127.0.0.1:50051; got '%s'",
+                                           optarg);
             listen = optarg;
             break;
 #define INT_FLAG(name, lo, hi, dst)                                                                \

@@ -18,8 +18,15 @@
  * next message. The FINISH event's message carries the status in the same batch.
  *
  * Locks: server.mu -> call.mu -> pump_mu (always in this order). The engine is never called
- * with a call lock held (its callback takes call.mu). A call is freed by whichever thread
- * sees it closed with no batch in flight, no engine request open and not on the pump queue.
+ * with a call lock held (its callback takes call.mu).
+ *
+ * Call lifetime: a call counts its holds (under call.mu), one per thing that will still
+ * come back to it: the RECV_CLOSE batch, the RECV_MESSAGE batch, a send batch, the engine
+ * request (until its FINISH), a place on the pump queue, and the handler running on it.
+ * Each completion (in whatever order the CQ, the engine and the pump deliver them) does its
+ * work and ends in call_put_unlock, which drops its hold and frees the call when that was
+ * the last: a call is freed exactly once, by whichever completion comes last, and never
+ * before RECV_CLOSE (the close hold), so a call that is over cannot be left behind.
  *
  * Shutdown (STACK.md §3 order, ASan clean): grpc_server_shutdown_and_notify; let open
  * Generate streams flush for the grace period; grpc_server_cancel_all_calls; drain the CQ
@@ -27,6 +34,7 @@
  * drain; grpc_completion_queue_destroy; grpc_shutdown.
  */
 #include "coordinator/server.h"
+#include "coordinator/cli.h"
 #include "kernels/util.h"
 
 #include "health.pb-c.h"
@@ -54,7 +62,8 @@
 
 #define TICK_MS            200  /* CQ wake-up: health refresh, shutdown progress */
 #define HARD_EXTRA_MS      5000 /* after the grace period, how long calls may still linger */
-#define MAX_STOP_STRINGS   64
+#define MAX_STOP_STRINGS   TSR_ENGINE_MAX_STOPS
+#define MAX_STOP_IDS       TSR_ENGINE_MAX_STOP_IDS
 #define MAX_STOP_BYTES     1024
 #define MAX_REQUEST_ID     256
 #define MAX_LOGPROBS       20
@@ -110,6 +119,7 @@ typedef struct srv_call {
 
     pthread_mutex_t mu;
     /* --- under mu --- */
+    int32_t holds; /* pending completions (see the file-top comment); 0: freed */
     bool recv_pending, send_pending, in_pump;
     bool closed;       /* RECV_CLOSE_ON_SERVER completed: nothing more can be sent */
     bool done_sending; /* the status went out (or the call is broken): send nothing more */
@@ -279,14 +289,8 @@ static void call_destroy(srv_call *c)
     free(c);
 }
 
-/* Under c->mu: may the call be released now? */
-static bool call_releasable(const srv_call *c)
-{
-    return c->closed && !c->recv_pending && !c->send_pending && !c->engine_active && !c->in_pump;
-}
-
-/* Unlink and free (no call lock held; the caller saw call_releasable under the lock, and
- * nothing can make it false again: no batch, no engine request, not queued). */
+/* Unlink and free (no call lock held; the caller dropped the last hold, so nothing else
+ * refers to the call: no batch, no engine request, not queued, no handler). */
 static void call_release(srv_call *c)
 {
     tsr_server *s = c->s;
@@ -301,6 +305,21 @@ static void call_release(srv_call *c)
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     call_destroy(c);
+}
+
+/* Under c->mu: take one hold (a batch started, the engine request submitted, ...). */
+static void call_hold(srv_call *c)
+{
+    c->holds++;
+}
+
+/* Under c->mu: drop one hold and unlock; free the call when that was the last hold. The
+ * caller must not touch c afterwards. Every completion path of a call ends here. */
+static void call_put_unlock(srv_call *c)
+{
+    bool last = --c->holds == 0;
+    pthread_mutex_unlock(&c->mu);
+    if (last) call_release(c);
 }
 
 /* ---- sending ---- */
@@ -348,6 +367,7 @@ static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status, grp
     }
     c->md_sent = true;
     c->send_pending = true;
+    call_hold(c); /* dropped by on_send_done */
     if (with_status) c->done_sending = true;
 }
 
@@ -517,6 +537,7 @@ static void pump_enqueue(srv_call *c)
 {
     if (c->in_pump) return;
     c->in_pump = true;
+    call_hold(c); /* dropped by the pump */
     tsr_server *s = c->s;
     pthread_mutex_lock(&s->pump_mu);
     c->pump_next = NULL;
@@ -550,9 +571,7 @@ static void *pump_main(void *arg)
         pthread_mutex_lock(&c->mu);
         c->in_pump = false;
         advance(c);
-        bool rel = call_releasable(c);
-        pthread_mutex_unlock(&c->mu);
-        if (rel) call_release(c);
+        call_put_unlock(c);
     }
     return NULL;
 }
@@ -574,6 +593,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
 {
     srv_call *c = ud;
     pthread_mutex_lock(&c->mu);
+    bool finish = false;
     if (ev->kind == TSR_EV_TOKENS) {
         if (!c->closed && !c->oom && ev->n_ids + ev->text_len > 0) {
             size_t need = c->n_ids + ev->n_ids;
@@ -609,7 +629,8 @@ static void on_engine_event(void *ud, const tsr_event *ev)
                 c->text[c->text_len] = '\0';
             }
         }
-    } else if (ev->kind == TSR_EV_FINISH) {
+    } else if (ev->kind == TSR_EV_FINISH && c->engine_active) {
+        finish = true;
         c->finished = true;
         c->engine_active = false;
         c->finish_reason = ev->finish_reason;
@@ -624,7 +645,10 @@ static void on_engine_event(void *ud, const tsr_event *ev)
         c->t_decode_ns = ev->t_decode_ns;
     }
     pump_enqueue(c);
-    pthread_mutex_unlock(&c->mu);
+    if (finish)
+        call_put_unlock(c); /* the engine's hold; the pump's keeps the call alive */
+    else
+        pthread_mutex_unlock(&c->mu);
 }
 
 /* ---- health ---- */
@@ -934,6 +958,13 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
             return false;
         }
     } else {
+        if (s->info.n_ctx > 0 && q->n_prompt_ids >= (size_t)s->info.n_ctx) {
+            reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                      "prompt_ids: %zu tokens do not fit the context of %d tokens (at least one "
+                      "position must be left to generate); shorten the prompt",
+                      q->n_prompt_ids, s->info.n_ctx);
+            return false;
+        }
         for (size_t i = 0; i < q->n_prompt_ids; i++) {
             if (q->prompt_ids[i] < 0 || q->prompt_ids[i] >= n_vocab) {
                 reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
@@ -1005,6 +1036,11 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
     }
     g->stop = (const char *const *)q->stop;
     g->n_stop = q->n_stop;
+    if (q->n_stop_token_ids > MAX_STOP_IDS) {
+        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "stop_token_ids: at most %d ids, got %zu",
+                  MAX_STOP_IDS, q->n_stop_token_ids);
+        return false;
+    }
     for (size_t i = 0; i < q->n_stop_token_ids; i++) {
         if (q->stop_token_ids[i] < 0 || q->stop_token_ids[i] >= n_vocab) {
             reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
@@ -1092,13 +1128,16 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     c->n_top = er.logprobs > 0 ? er.logprobs : -1;
     c->deadline_ns = deadline_ns;
     bool closed = c->closed;
-    if (!closed) c->engine_active = true; /* events may arrive before submit returns */
+    if (!closed) {
+        c->engine_active = true; /* events may arrive before submit returns */
+        call_hold(c);            /* dropped by the FINISH event, or below if submit fails */
+    }
     pthread_mutex_unlock(&c->mu);
+    if (closed) goto done; /* the client is already gone */
     if (!c->request_id) {
         reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         goto done_inactive;
     }
-    if (closed) goto done_inactive; /* the client is already gone */
 
     char err[512];
     err[0] = '\0';
@@ -1124,8 +1163,8 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
             reply_err(r, GRPC_STATUS_UNAVAILABLE, "the replica's data plane is down: %s",
                       err[0] ? err : "a rank failed");
             break;
-        case TSR_ENGINE_ENOMEM:
-            reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory: %s", err);
+        case TSR_ENGINE_ENOMEM: /* err says what and what to do */
+            reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "%s", err);
             break;
         default:
             reply_err(r, GRPC_STATUS_INTERNAL, "engine error %d: %s", rc, err);
@@ -1145,14 +1184,15 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
 done_inactive:
     pthread_mutex_lock(&c->mu);
     c->engine_active = false;
-    pthread_mutex_unlock(&c->mu);
+    call_put_unlock(c); /* never the last: on_recv's hold is still held */
 done:
     free(ids);
     tessera__v1__generate_request__free_unpacked(q, NULL);
     return ok;
 }
 
-/* RECV_MESSAGE completed. */
+/* RECV_MESSAGE completed. The receive's hold is kept while the request is handled and
+ * dropped at the end, whatever happened meanwhile (the close may have come first). */
 static void on_recv(tsr_server *s, srv_call *c, bool success)
 {
     pthread_mutex_lock(&c->mu);
@@ -1167,8 +1207,10 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
     r.code = GRPC_STATUS_OK;
     bool streaming_started = false;
     if (!success || closed) {
-        /* The call died before its message arrived: RECV_CLOSE takes care of it. */
+        /* The call died before its message was handled: nothing to answer. */
         if (bb) grpc_byte_buffer_destroy(bb);
+        pthread_mutex_lock(&c->mu);
+        call_put_unlock(c);
         return;
     }
     if (!bb) {
@@ -1222,7 +1264,11 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
         }
         grpc_slice_unref(in);
     }
-    if (streaming_started) return;
+    if (streaming_started) {
+        pthread_mutex_lock(&c->mu);
+        call_put_unlock(c);
+        return;
+    }
     if (r.code != GRPC_STATUS_OK) count_rejected(s);
     pthread_mutex_lock(&c->mu);
     if (!c->closed && !c->done_sending && !c->send_pending) {
@@ -1233,7 +1279,7 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
             start_send(c, NULL, true, r.code, r.details);
         }
     }
-    pthread_mutex_unlock(&c->mu);
+    call_put_unlock(c);
     if (r.msg) grpc_byte_buffer_destroy(r.msg);
 }
 
@@ -1254,6 +1300,7 @@ static void on_new_call(tsr_server *s, srv_call *c)
     pthread_mutex_unlock(&s->mu);
 
     pthread_mutex_lock(&c->mu);
+    c->holds = 1; /* this handler's, dropped at the end */
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
@@ -1261,12 +1308,12 @@ static void on_new_call(tsr_server *s, srv_call *c)
     if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK) {
         /* Cannot track the call's end: cancel it and let it go. */
         c->closed = true;
+        c->done_sending = true;
         grpc_call_cancel(c->call, NULL);
-        bool rel = call_releasable(c);
-        pthread_mutex_unlock(&c->mu);
-        if (rel) call_release(c);
+        call_put_unlock(c);
         return;
     }
+    call_hold(c); /* dropped by on_close */
     if (c->m == M_UNKNOWN) {
         char *path = grpc_slice_to_c_string(c->details.method);
         char msg[512];
@@ -1277,7 +1324,7 @@ static void on_new_call(tsr_server *s, srv_call *c)
                  path ? path : "?");
         gpr_free(path);
         start_send(c, NULL, true, GRPC_STATUS_UNIMPLEMENTED, msg);
-        pthread_mutex_unlock(&c->mu);
+        call_put_unlock(c);
         count_rejected(s);
         return;
     }
@@ -1289,8 +1336,9 @@ static void on_new_call(tsr_server *s, srv_call *c)
         c->done_sending = true;
     } else {
         c->recv_pending = true;
+        call_hold(c); /* dropped at the end of on_recv */
     }
-    pthread_mutex_unlock(&c->mu);
+    call_put_unlock(c);
 }
 
 /* RECV_CLOSE_ON_SERVER completed: the call is over. */
@@ -1304,11 +1352,9 @@ static void on_close(tsr_server *s, srv_call *c)
     /* Nothing can be sent any more: drop pending output. */
     c->n_ids = 0;
     c->text_len = 0;
-    bool rel = call_releasable(c);
-    pthread_mutex_unlock(&c->mu);
+    call_put_unlock(c); /* the close's hold; c may be gone now */
     /* Client cancel, deadline, or a dead client: free its KV blocks now. */
     if (cancel) tsr_engine_cancel(s->engine, id);
-    if (rel) call_release(c);
 }
 
 static void on_send_done(srv_call *c, bool success)
@@ -1321,9 +1367,7 @@ static void on_send_done(srv_call *c, bool success)
     }
     if (!success) c->done_sending = true; /* cancelled meanwhile: RECV_CLOSE follows */
     advance(c);
-    bool rel = call_releasable(c);
-    pthread_mutex_unlock(&c->mu);
-    if (rel) call_release(c);
+    call_put_unlock(c); /* the send's hold */
 }
 
 /* Arm request_call with a fresh call object (CQ thread). */
@@ -1444,8 +1488,11 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
         return TSR_SERVER_EINVAL;
     }
     const char *listen = p && p->listen ? p->listen : TSR_SERVER_DEFAULT_LISTEN;
-    if (!strchr(listen, ':')) {
-        tsr_set_err(err, err_len, "--listen needs HOST:PORT, got '%s'", listen);
+    if (!tsr_cli_parse_hostport(listen, NULL, 0, NULL)) {
+        tsr_set_err(err, err_len,
+                    "--listen needs HOST:PORT with a port in 0..65535 (0: any free port), got "
+                    "'%s'",
+                    listen);
         return TSR_SERVER_EINVAL;
     }
     int rc = TSR_SERVER_ENOMEM;

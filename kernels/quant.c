@@ -49,6 +49,53 @@ typedef struct {
 } blk_q4_0;
 
 typedef struct {
+    uint16_t d;                /* scale */
+    uint16_t m;                /* min: x = d*q + m */
+    uint8_t qs[TSR_QK4_0 / 2]; /* as Q4_0 */
+} blk_q4_1;
+
+typedef struct {
+    uint16_t d;                /* scale: x = d*(q - 16) */
+    uint8_t qh[4];             /* bit j: 5th bit of element j (little-endian uint32) */
+    uint8_t qs[TSR_QK4_0 / 2]; /* low 4 bits, as Q4_0 */
+} blk_q5_0;
+
+typedef struct {
+    uint16_t d; /* scale */
+    uint16_t m; /* min: x = d*q + m */
+    uint8_t qh[4];
+    uint8_t qs[TSR_QK4_0 / 2];
+} blk_q5_1;
+
+typedef struct {
+    uint16_t d;           /* scale */
+    uint16_t s;           /* fp16(d_unrounded * sum(qs)): the min term of Q4_1 / Q5_1 dots */
+    int8_t qs[TSR_QK8_0]; /* x = d*q */
+} blk_q8_1;
+
+typedef struct {
+    uint8_t scales[TSR_QK_K / 16]; /* per 16 elements: scale (low 4 bits), min (high 4) */
+    uint8_t qs[TSR_QK_K / 4];      /* 2-bit quants: 128 elements per 32 bytes, 4 shifts */
+    uint16_t d;                    /* super-block scale of the scales */
+    uint16_t dmin;                 /* super-block scale of the mins */
+} blk_q2_K;
+
+typedef struct {
+    uint8_t hmask[TSR_QK_K / 8]; /* high bit; set = no -4 offset */
+    uint8_t qs[TSR_QK_K / 4];    /* low 2 bits, as Q2_K */
+    uint8_t scales[12];          /* 16 scales of 6 bits (offset 32) */
+    uint16_t d;                  /* super-block scale */
+} blk_q3_K;
+
+typedef struct {
+    uint16_t d; /* as Q4_K */
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qh[TSR_QK_K / 8]; /* 5th bit: element 64j+l bit 2j of qh[l], 64j+32+l 2j+1 */
+    uint8_t qs[TSR_QK_K / 2]; /* low 4 bits, as Q4_K */
+} blk_q5_K;
+
+typedef struct {
     uint16_t d;               /* super-block scale of the 6-bit sub-block scales */
     uint16_t dmin;            /* super-block scale of the 6-bit sub-block mins */
     uint8_t scales[12];       /* 8 scales + 8 mins, 6 bits each (get_scale_min_k4) */
@@ -70,7 +117,14 @@ typedef struct {
 
 _Static_assert(sizeof(blk_q8_0) == 34, "Q8_0 block");
 _Static_assert(sizeof(blk_q4_0) == 18, "Q4_0 block");
+_Static_assert(sizeof(blk_q4_1) == 20, "Q4_1 block");
+_Static_assert(sizeof(blk_q5_0) == 22, "Q5_0 block");
+_Static_assert(sizeof(blk_q5_1) == 24, "Q5_1 block");
+_Static_assert(sizeof(blk_q8_1) == 36, "Q8_1 block");
+_Static_assert(sizeof(blk_q2_K) == 84, "Q2_K block");
+_Static_assert(sizeof(blk_q3_K) == 110, "Q3_K block");
 _Static_assert(sizeof(blk_q4_K) == 144, "Q4_K block");
+_Static_assert(sizeof(blk_q5_K) == 176, "Q5_K block");
 _Static_assert(sizeof(blk_q6_K) == 210, "Q6_K block");
 _Static_assert(sizeof(blk_q8_K) == 292, "Q8_K block");
 
@@ -78,15 +132,25 @@ _Static_assert(sizeof(blk_q8_K) == 292, "Q8_K block");
  * Type table
  * ------------------------------------------------------------------------------------- */
 
-/* ggml's names by id (ggml.h); NULL = id removed / never defined. */
-static const char *const k_type_names[TSR_TYPE_COUNT] = {
-    [0] = "F32",     [1] = "F16",      [2] = "Q4_0",   [3] = "Q4_1",    [6] = "Q5_0",
-    [7] = "Q5_1",    [8] = "Q8_0",     [9] = "Q8_1",   [10] = "Q2_K",   [11] = "Q3_K",
-    [12] = "Q4_K",   [13] = "Q5_K",    [14] = "Q6_K",  [15] = "Q8_K",   [16] = "IQ2_XXS",
-    [17] = "IQ2_XS", [18] = "IQ3_XXS", [19] = "IQ1_S", [20] = "IQ4_NL", [21] = "IQ3_S",
-    [22] = "IQ2_S",  [23] = "IQ4_XS",  [24] = "I8",    [25] = "I16",    [26] = "I32",
-    [27] = "I64",    [28] = "F64",     [29] = "IQ1_M", [30] = "BF16",   [34] = "TQ1_0",
-    [35] = "TQ2_0",  [39] = "MXFP4",
+/* ggml's types by id (ggml.h, ggml-common.h): name, elements and bytes per block; a NULL
+ * name = id removed / never defined. Sizes are ggml's sizeof(block_*) (Q8_1: 36). */
+static const struct {
+    const char *name;
+    int64_t be;
+    size_t bb;
+} k_types[TSR_TYPE_COUNT] = {
+    [0] = {"F32", 1, 4},         [1] = {"F16", 1, 2},         [2] = {"Q4_0", 32, 18},
+    [3] = {"Q4_1", 32, 20},      [6] = {"Q5_0", 32, 22},      [7] = {"Q5_1", 32, 24},
+    [8] = {"Q8_0", 32, 34},      [9] = {"Q8_1", 32, 36},      [10] = {"Q2_K", 256, 84},
+    [11] = {"Q3_K", 256, 110},   [12] = {"Q4_K", 256, 144},   [13] = {"Q5_K", 256, 176},
+    [14] = {"Q6_K", 256, 210},   [15] = {"Q8_K", 256, 292},   [16] = {"IQ2_XXS", 256, 66},
+    [17] = {"IQ2_XS", 256, 74},  [18] = {"IQ3_XXS", 256, 98}, [19] = {"IQ1_S", 256, 50},
+    [20] = {"IQ4_NL", 32, 18},   [21] = {"IQ3_S", 256, 110},  [22] = {"IQ2_S", 256, 82},
+    [23] = {"IQ4_XS", 256, 136}, [24] = {"I8", 1, 1},         [25] = {"I16", 1, 2},
+    [26] = {"I32", 1, 4},        [27] = {"I64", 1, 8},        [28] = {"F64", 1, 8},
+    [29] = {"IQ1_M", 256, 56},   [30] = {"BF16", 1, 2},       [34] = {"TQ1_0", 256, 54},
+    [35] = {"TQ2_0", 256, 66},   [39] = {"MXFP4", 32, 17},    [40] = {"NVFP4", 64, 36},
+    [41] = {"Q1_0", 128, 18},
 };
 
 bool tsr_type_supported(uint32_t type)
@@ -97,7 +161,13 @@ bool tsr_type_supported(uint32_t type)
     case TSR_TYPE_BF16:
     case TSR_TYPE_Q8_0:
     case TSR_TYPE_Q4_0:
+    case TSR_TYPE_Q4_1:
+    case TSR_TYPE_Q5_0:
+    case TSR_TYPE_Q5_1:
+    case TSR_TYPE_Q2_K:
+    case TSR_TYPE_Q3_K:
     case TSR_TYPE_Q4_K:
+    case TSR_TYPE_Q5_K:
     case TSR_TYPE_Q6_K:
         return true;
     default:
@@ -105,53 +175,39 @@ bool tsr_type_supported(uint32_t type)
     }
 }
 
+const char *tsr_type_supported_list(void)
+{
+    return "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+}
+
 const char *tsr_type_name(uint32_t type)
 {
-    if (type >= TSR_TYPE_COUNT || !k_type_names[type]) return "unknown";
-    return k_type_names[type];
+    if (type >= TSR_TYPE_COUNT || !k_types[type].name) return "unknown";
+    return k_types[type].name;
+}
+
+bool tsr_type_ggml_block(uint32_t type, int64_t *block_elems, size_t *block_bytes)
+{
+    if (type >= TSR_TYPE_COUNT || !k_types[type].name) return false;
+    if (block_elems) *block_elems = k_types[type].be;
+    if (block_bytes) *block_bytes = k_types[type].bb;
+    return true;
+}
+
+/* Weight types plus the two activation types have sizes; the rest 0 (see quant.h). */
+static bool type_sized(uint32_t type)
+{
+    return tsr_type_supported(type) || type == TSR_TYPE_Q8_1 || type == TSR_TYPE_Q8_K;
 }
 
 int64_t tsr_type_block_elems(uint32_t type)
 {
-    switch (type) {
-    case TSR_TYPE_F32:
-    case TSR_TYPE_F16:
-    case TSR_TYPE_BF16:
-        return 1;
-    case TSR_TYPE_Q8_0:
-        return TSR_QK8_0;
-    case TSR_TYPE_Q4_0:
-        return TSR_QK4_0;
-    case TSR_TYPE_Q4_K:
-    case TSR_TYPE_Q6_K:
-    case TSR_TYPE_Q8_K:
-        return TSR_QK_K;
-    default:
-        return 0;
-    }
+    return type_sized(type) ? k_types[type].be : 0;
 }
 
 size_t tsr_type_block_bytes(uint32_t type)
 {
-    switch (type) {
-    case TSR_TYPE_F32:
-        return 4;
-    case TSR_TYPE_F16:
-    case TSR_TYPE_BF16:
-        return 2;
-    case TSR_TYPE_Q8_0:
-        return sizeof(blk_q8_0);
-    case TSR_TYPE_Q4_0:
-        return sizeof(blk_q4_0);
-    case TSR_TYPE_Q4_K:
-        return sizeof(blk_q4_K);
-    case TSR_TYPE_Q6_K:
-        return sizeof(blk_q6_K);
-    case TSR_TYPE_Q8_K:
-        return sizeof(blk_q8_K);
-    default:
-        return 0;
-    }
+    return type_sized(type) ? k_types[type].bb : 0;
 }
 
 size_t tsr_row_bytes(uint32_t type, int64_t n)
@@ -170,10 +226,17 @@ uint32_t tsr_type_vec_dot_type(uint32_t type)
         return TSR_TYPE_F32;
     case TSR_TYPE_Q8_0:
     case TSR_TYPE_Q4_0:
+    case TSR_TYPE_Q5_0:
         return TSR_TYPE_Q8_0;
+    case TSR_TYPE_Q4_1:
+    case TSR_TYPE_Q5_1:
+        return TSR_TYPE_Q8_1;
+    case TSR_TYPE_Q2_K:
+    case TSR_TYPE_Q3_K:
     case TSR_TYPE_Q4_K:
+    case TSR_TYPE_Q5_K:
     case TSR_TYPE_Q6_K:
-        return TSR_TYPE_Q8_K;
+        return tsr_type_supported(type) ? TSR_TYPE_Q8_K : TSR_TYPE_COUNT;
     default:
         return TSR_TYPE_COUNT;
     }
@@ -282,6 +345,139 @@ static void dequant_q4_0(const blk_q4_0 *x, float *y, int64_t nb)
     }
 }
 
+/* x = d*q + m in float32, two roundings (no FMA: ISO C mode keeps contraction off). */
+static void dequant_q4_1(const blk_q4_1 *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d), m = f16(x[i].m);
+        for (int j = 0; j < TSR_QK4_0 / 2; ++j) {
+            const int x0 = x[i].qs[j] & 0x0F;
+            const int x1 = x[i].qs[j] >> 4;
+            y[i * TSR_QK4_0 + j] = x0 * d + m;
+            y[i * TSR_QK4_0 + j + TSR_QK4_0 / 2] = x1 * d + m;
+        }
+    }
+}
+
+/* The 5-bit quants of a Q5_0 / Q5_1 block, element order, 0..31. */
+static inline void q5_unpack(const uint8_t qh_bytes[4], const uint8_t qs[16], int q[32])
+{
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    for (int j = 0; j < 16; ++j) {
+        q[j] = (qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4);
+        q[j + 16] = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+    }
+}
+
+static void dequant_q5_0(const blk_q5_0 *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d);
+        int q[32];
+        q5_unpack(x[i].qh, x[i].qs, q);
+        for (int j = 0; j < 32; ++j) y[i * 32 + j] = (q[j] - 16) * d;
+    }
+}
+
+static void dequant_q5_1(const blk_q5_1 *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d), m = f16(x[i].m);
+        int q[32];
+        q5_unpack(x[i].qh, x[i].qs, q);
+        for (int j = 0; j < 32; ++j) y[i * 32 + j] = q[j] * d + m;
+    }
+}
+
+static void dequant_q8_1(const blk_q8_1 *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d);
+        for (int j = 0; j < TSR_QK8_0; ++j) y[i * TSR_QK8_0 + j] = x[i].qs[j] * d;
+    }
+}
+
+/* Q2_K: 16 groups of 16; group g of half h (128 elements) reads bits 2*(g/2 % 4) of
+ * qs[32h + 16*(g%2) + l]; x = (d*sc)*q - (dmin*m). */
+static void dequant_q2_K(const blk_q2_K *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = f16(x[i].d), min = f16(x[i].dmin);
+        const uint8_t *q = x[i].qs;
+        int is = 0;
+        for (int half = 0; half < 2; ++half) {
+            for (int shift = 0; shift < 8; shift += 2) {
+                for (int k = 0; k < 2; ++k) {
+                    const uint8_t sc = x[i].scales[is++];
+                    const float dl = d * (sc & 0xF), ml = min * (sc >> 4);
+                    for (int l = 0; l < 16; ++l) *y++ = dl * ((q[16 * k + l] >> shift) & 3) - ml;
+                }
+            }
+            q += 32;
+        }
+    }
+}
+
+/* Q3_K's 16 6-bit scales (12 packed bytes) as signed values (offset 32 removed). */
+static inline void q3_K_scales(const uint8_t packed[12], int8_t out[16])
+{
+    for (int j = 0; j < 16; ++j) {
+        const int lo = j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4;
+        const int hi = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+        out[j] = (int8_t)((lo | (hi << 4)) - 32);
+    }
+}
+
+/* Q3_K: x = (d*sc)*(q2 - (hmask bit ? 0 : 4)); the 2-bit layout is Q2_K's, the high bit
+ * of element 32*k + l (k = 0..7) is bit k of hmask[l]. */
+static void dequant_q3_K(const blk_q3_K *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d_all = f16(x[i].d);
+        int8_t sc[16];
+        q3_K_scales(x[i].scales, sc);
+        const uint8_t *q = x[i].qs, *hm = x[i].hmask;
+        uint8_t m = 1;
+        int is = 0;
+        for (int half = 0; half < 2; ++half) {
+            for (int shift = 0; shift < 8; shift += 2) {
+                for (int k = 0; k < 2; ++k) {
+                    const float dl = d_all * sc[is++];
+                    for (int l = 0; l < 16; ++l) {
+                        const int v =
+                            ((q[16 * k + l] >> shift) & 3) - ((hm[16 * k + l] & m) ? 0 : 4);
+                        *y++ = dl * v;
+                    }
+                }
+                m <<= 1;
+            }
+            q += 32;
+        }
+    }
+}
+
+static void dequant_q5_K(const blk_q5_K *x, float *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i) {
+        const uint8_t *ql = x[i].qs, *qh = x[i].qh;
+        const float d = f16(x[i].d), min = f16(x[i].dmin);
+        uint8_t u1 = 1, u2 = 2;
+        for (int j = 0; j < TSR_QK_K / 64; ++j) {
+            uint8_t sc, m;
+            get_scale_min_k4(2 * j, x[i].scales, &sc, &m);
+            const float d1 = d * sc, m1 = min * m;
+            get_scale_min_k4(2 * j + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc, m2 = min * m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+            ql += 32;
+            u1 <<= 2;
+            u2 <<= 2;
+        }
+    }
+}
+
 static void dequant_q4_K(const blk_q4_K *x, float *y, int64_t nb)
 {
     for (int64_t i = 0; i < nb; ++i) {
@@ -363,8 +559,29 @@ void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
     case TSR_TYPE_Q4_0:
         dequant_q4_0(src, dst, nb);
         break;
+    case TSR_TYPE_Q4_1:
+        dequant_q4_1(src, dst, nb);
+        break;
+    case TSR_TYPE_Q5_0:
+        dequant_q5_0(src, dst, nb);
+        break;
+    case TSR_TYPE_Q5_1:
+        dequant_q5_1(src, dst, nb);
+        break;
+    case TSR_TYPE_Q8_1:
+        dequant_q8_1(src, dst, nb);
+        break;
+    case TSR_TYPE_Q2_K:
+        dequant_q2_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q3_K:
+        dequant_q3_K(src, dst, nb);
+        break;
     case TSR_TYPE_Q4_K:
         dequant_q4_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q5_K:
+        dequant_q5_K(src, dst, nb);
         break;
     case TSR_TYPE_Q6_K:
         dequant_q6_K(src, dst, nb);
@@ -434,6 +651,98 @@ static void quant_q4_0(const float *x, blk_q4_0 *y, int64_t nb)
     }
 }
 
+/* Block min and max (ggml starts from +-FLT_MAX). */
+static inline void block_min_max(const float *x, int n, float *mn, float *mx)
+{
+    float lo = 3.402823466e+38f, hi = -3.402823466e+38f;
+    for (int j = 0; j < n; ++j) {
+        if (x[j] < lo) lo = x[j];
+        if (x[j] > hi) hi = x[j];
+    }
+    *mn = lo;
+    *mx = hi;
+}
+
+static void quant_q4_1(const float *x, blk_q4_1 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += 32) {
+        float min, max;
+        block_min_max(x, 32, &min, &max);
+        const float d = (max - min) / 15;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        y[i].m = tsr_f32_to_f16(min);
+        for (int j = 0; j < 16; ++j) {
+            const int xi0 = imin(15, (int8_t)((x[j] - min) * id + 0.5f));
+            const int xi1 = imin(15, (int8_t)((x[j + 16] - min) * id + 0.5f));
+            y[i].qs[j] = (uint8_t)(xi0 | (xi1 << 4));
+        }
+    }
+}
+
+/* The low nibbles of q[0..31] into qs (element j low, j+16 high) and the 5th bits into qh. */
+static inline void q5_pack(const int q[32], uint8_t qs[16], uint8_t qh_bytes[4])
+{
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; ++j) {
+        qs[j] = (uint8_t)((q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4));
+        qh |= ((uint32_t)(q[j] & 0x10) >> 4) << j;
+        qh |= ((uint32_t)(q[j + 16] & 0x10) >> 4) << (j + 16);
+    }
+    memcpy(qh_bytes, &qh, 4);
+}
+
+static void quant_q5_0(const float *x, blk_q5_0 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += 32) {
+        float amax = 0.0f, max = 0.0f; /* as Q4_0: the extreme maps to -16 */
+        for (int j = 0; j < 32; ++j) {
+            if (amax < fabsf(x[j])) {
+                amax = fabsf(x[j]);
+                max = x[j];
+            }
+        }
+        const float d = max / -16;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        int q[32];
+        for (int j = 0; j < 32; ++j) q[j] = (uint8_t)imin(31, (int8_t)(x[j] * id + 16.5f));
+        q5_pack(q, y[i].qs, y[i].qh);
+    }
+}
+
+static void quant_q5_1(const float *x, blk_q5_1 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += 32) {
+        float min, max;
+        block_min_max(x, 32, &min, &max);
+        const float d = (max - min) / 31;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        y[i].m = tsr_f32_to_f16(min);
+        int q[32];
+        for (int j = 0; j < 32; ++j) q[j] = (uint8_t)((x[j] - min) * id + 0.5f); /* no clamp */
+        q5_pack(q, y[i].qs, y[i].qh);
+    }
+}
+
+static void quant_q8_1(const float *x, blk_q8_1 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0) {
+        float amax = 0.0f;
+        for (int j = 0; j < TSR_QK8_0; ++j) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = tsr_f32_to_f16(d);
+        int sum = 0;
+        for (int j = 0; j < TSR_QK8_0; ++j) {
+            y[i].qs[j] = (int8_t)roundf(x[j] * id);
+            sum += y[i].qs[j];
+        }
+        y[i].s = tsr_f32_to_f16((float)sum * d);
+    }
+}
+
 static void quant_q8_K(const float *x, blk_q8_K *y, int64_t nb)
 {
     for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
@@ -464,10 +773,11 @@ static void quant_q8_K(const float *x, blk_q8_K *y, int64_t nb)
 }
 
 /* ggml's make_qkx2_quants: asymmetric (scale, min) fit of n values to L in [0, nmax]
- * minimizing the weighted squared error, trying nstep+1 scales around nmax/(max-min).
- * Returns the scale; *the_min = -min (>= 0). */
+ * minimizing the weighted squared (use_mad: absolute) error, trying nstep+1 scales around
+ * nmax/(max-min). Returns the scale; *the_min = -min (>= 0). */
 static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L,
-                              float *the_min, uint8_t *Laux, float rmin, float rdelta, int nstep)
+                              float *the_min, uint8_t *Laux, float rmin, float rdelta, int nstep,
+                              bool use_mad)
 {
     float min = x[0], max = x[0];
     float sum_w = weights[0];
@@ -492,7 +802,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
         const int l = nearest_int(iscale * (x[i] - min));
         L[i] = (uint8_t)imax(0, imin(nmax, l));
         const float diff = scale * L[i] + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * (use_mad ? fabsf(diff) : diff * diff);
     }
     for (int is = 0; is <= nstep; ++is) {
         iscale = (rmin + rdelta * is + nmax) / (max - min);
@@ -517,7 +827,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
             float cur_error = 0;
             for (int i = 0; i < n; ++i) {
                 const float diff = this_scale * Laux[i] + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
+                cur_error += weights[i] * (use_mad ? fabsf(diff) : diff * diff);
             }
             if (cur_error < best_error) {
                 memcpy(L, Laux, (size_t)n);
@@ -594,7 +904,7 @@ static void quant_q4_K(const float *x, blk_q4_K *y, int64_t nb)
             const float av_x = sqrtf(sum_x2 / 32);
             for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
             scales[j] = make_qkx2_quants(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux,
-                                         -1.f, 0.1f, 20);
+                                         -1.f, 0.1f, 20, false);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -680,7 +990,235 @@ static void quant_q6_K(const float *x, blk_q6_K *y, int64_t nb)
     }
 }
 
+/* ggml's make_q3_quants with do_rmse: symmetric fit to [-nmax, nmax-1] weighted by x^2,
+ * then up to 5 passes moving single quants while that improves the fit. L gets l + nmax. */
+static float make_q3_quants(int n, int nmax, const float *x, int8_t *L)
+{
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    const float iscale = -nmax / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = imax(-nmax, imin(nmax - 1, l));
+        L[i] = (int8_t)l;
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            const float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * L[i] * L[i];
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = imax(-nmax, imin(nmax - 1, new_l));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* 256 2-bit values (0..3) into Q2_K / Q3_K's qs layout. */
+static void pack_2bit(const uint8_t *L, uint8_t *qs)
+{
+    for (int j = 0; j < TSR_QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) |
+                                      (L[j + l + 96] << 6));
+        }
+    }
+}
+
+static void quant_q2_K(const float *x, blk_q2_K *y, int64_t nb)
+{
+    uint8_t L[TSR_QK_K], Laux[16];
+    float weights[16], mins[TSR_QK_K / 16], scales[TSR_QK_K / 16];
+    const float q4scale = 15.f;
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        float max_scale = 0, max_min = 0;
+        for (int j = 0; j < TSR_QK_K / 16; ++j) {
+            for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
+            scales[j] = make_qkx2_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux,
+                                         -0.5f, 0.1f, 15, true);
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        if (max_scale > 0) {
+            const float iscale = q4scale / max_scale;
+            for (int j = 0; j < TSR_QK_K / 16; ++j)
+                y[i].scales[j] = (uint8_t)nearest_int(iscale * scales[j]);
+            y[i].d = tsr_f32_to_f16(max_scale / q4scale);
+        } else {
+            for (int j = 0; j < TSR_QK_K / 16; ++j) y[i].scales[j] = 0;
+            y[i].d = tsr_f32_to_f16(0.f);
+        }
+        if (max_min > 0) {
+            const float iscale = q4scale / max_min;
+            for (int j = 0; j < TSR_QK_K / 16; ++j)
+                y[i].scales[j] |= (uint8_t)(nearest_int(iscale * mins[j]) << 4);
+            y[i].dmin = tsr_f32_to_f16(max_min / q4scale);
+        } else {
+            y[i].dmin = tsr_f32_to_f16(0.f);
+        }
+        for (int j = 0; j < TSR_QK_K / 16; ++j) {
+            const float d = f16(y[i].d) * (y[i].scales[j] & 0xF);
+            if (!d) continue;
+            const float dm = f16(y[i].dmin) * (y[i].scales[j] >> 4);
+            for (int l = 0; l < 16; ++l) {
+                const int q = nearest_int((x[16 * j + l] + dm) / d);
+                L[16 * j + l] = (uint8_t)imax(0, imin(3, q));
+            }
+        }
+        pack_2bit(L, y[i].qs);
+    }
+}
+
+static void quant_q3_K(const float *x, blk_q3_K *y, int64_t nb)
+{
+    int8_t L[TSR_QK_K];
+    float scales[TSR_QK_K / 16];
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        float max_scale = 0, amax = 0;
+        for (int j = 0; j < TSR_QK_K / 16; ++j) {
+            scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
+            const float scale = fabsf(scales[j]);
+            if (scale > amax) {
+                amax = scale;
+                max_scale = scales[j];
+            }
+        }
+        memset(y[i].scales, 0, 12);
+        if (max_scale) {
+            const float iscale = -32.f / max_scale;
+            for (int j = 0; j < TSR_QK_K / 16; ++j) {
+                int8_t l = (int8_t)nearest_int(iscale * scales[j]);
+                l = (int8_t)(imax(-32, imin(31, l)) + 32);
+                if (j < 8)
+                    y[i].scales[j] = (uint8_t)(l & 0xF);
+                else
+                    y[i].scales[j - 8] |= (uint8_t)((l & 0xF) << 4);
+                l = (int8_t)(l >> 4);
+                y[i].scales[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+            }
+            y[i].d = tsr_f32_to_f16(1 / iscale);
+        } else {
+            y[i].d = tsr_f32_to_f16(0.f);
+        }
+        int8_t sc[16];
+        q3_K_scales(y[i].scales, sc);
+        for (int j = 0; j < TSR_QK_K / 16; ++j) {
+            const float d = f16(y[i].d) * sc[j];
+            if (!d) continue;
+            for (int l = 0; l < 16; ++l) {
+                const int q = nearest_int(x[16 * j + l] / d);
+                L[16 * j + l] = (int8_t)(imax(-4, imin(3, q)) + 4);
+            }
+        }
+        /* high bit of element j: bit j / 32 of hmask[j % 32] */
+        memset(y[i].hmask, 0, TSR_QK_K / 8);
+        for (int j = 0; j < TSR_QK_K; ++j) {
+            if (L[j] > 3) {
+                y[i].hmask[j % 32] |= (uint8_t)(1u << (j / 32));
+                L[j] = (int8_t)(L[j] - 4);
+            }
+        }
+        pack_2bit((const uint8_t *)L, y[i].qs);
+    }
+}
+
+static void quant_q5_K(const float *x, blk_q5_K *y, int64_t nb)
+{
+    uint8_t L[TSR_QK_K], Laux[32];
+    float weights[32], mins[TSR_QK_K / 32], scales[TSR_QK_K / 32];
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        float max_scale = 0, max_min = 0;
+        for (int j = 0; j < TSR_QK_K / 32; ++j) {
+            float sum_x2 = 0;
+            for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+            const float av_x = sqrtf(sum_x2 / 32);
+            for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
+            scales[j] = make_qkx2_quants(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j], Laux,
+                                         -0.5f, 0.1f, 15, false);
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+        const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+        for (int j = 0; j < TSR_QK_K / 32; ++j) {
+            const uint8_t ls = (uint8_t)imin(63, (uint8_t)nearest_int(inv_scale * scales[j]));
+            const uint8_t lm = (uint8_t)imin(63, (uint8_t)nearest_int(inv_min * mins[j]));
+            if (j < 4) {
+                y[i].scales[j] = ls;
+                y[i].scales[j + 4] = lm;
+            } else {
+                y[i].scales[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
+                y[i].scales[j - 4] |= (uint8_t)((ls >> 4) << 6);
+                y[i].scales[j - 0] |= (uint8_t)((lm >> 4) << 6);
+            }
+        }
+        y[i].d = tsr_f32_to_f16(max_scale / 63.f);
+        y[i].dmin = tsr_f32_to_f16(max_min / 63.f);
+        for (int j = 0; j < TSR_QK_K / 32; ++j) {
+            uint8_t sc, m;
+            get_scale_min_k4(j, y[i].scales, &sc, &m);
+            const float d = f16(y[i].d) * sc;
+            if (!d) continue;
+            const float dm = f16(y[i].dmin) * m;
+            for (int l = 0; l < 32; ++l) {
+                const int q = nearest_int((x[32 * j + l] + dm) / d);
+                L[32 * j + l] = (uint8_t)imax(0, imin(31, q));
+            }
+        }
+        memset(y[i].qh, 0, TSR_QK_K / 8);
+        uint8_t *ql = y[i].qs;
+        uint8_t m1 = 1, m2 = 2;
+        for (int n = 0; n < TSR_QK_K; n += 64) {
+            for (int j = 0; j < 32; ++j) {
+                int l1 = L[n + j], l2 = L[n + j + 32];
+                if (l1 > 15) {
+                    l1 -= 16;
+                    y[i].qh[j] |= m1;
+                }
+                if (l2 > 15) {
+                    l2 -= 16;
+                    y[i].qh[j] |= m2;
+                }
+                ql[j] = (uint8_t)(l1 | (l2 << 4));
+            }
+            m1 = (uint8_t)(m1 << 2);
+            m2 = (uint8_t)(m2 << 2);
+            ql += 32;
+        }
+    }
+}
+
 static void quant_q8_0_fast(const float *x, blk_q8_0 *y, int64_t nb); /* SIMD, same bytes */
+static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb); /* SIMD, same bytes */
 
 void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
 {
@@ -707,8 +1245,29 @@ void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
     case TSR_TYPE_Q4_0:
         quant_q4_0(src, dst, nb);
         break;
+    case TSR_TYPE_Q4_1:
+        quant_q4_1(src, dst, nb);
+        break;
+    case TSR_TYPE_Q5_0:
+        quant_q5_0(src, dst, nb);
+        break;
+    case TSR_TYPE_Q5_1:
+        quant_q5_1(src, dst, nb);
+        break;
+    case TSR_TYPE_Q8_1:
+        quant_q8_1_fast(src, dst, nb);
+        break;
+    case TSR_TYPE_Q2_K:
+        quant_q2_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q3_K:
+        quant_q3_K(src, dst, nb);
+        break;
     case TSR_TYPE_Q4_K:
         quant_q4_K(src, dst, nb);
+        break;
+    case TSR_TYPE_Q5_K:
+        quant_q5_K(src, dst, nb);
         break;
     case TSR_TYPE_Q6_K:
         quant_q6_K(src, dst, nb);
@@ -786,6 +1345,103 @@ static float dot_q4_0_scalar(int64_t n, const void *vw, const void *vx)
     return s;
 }
 
+/* Q4_1 x Q8_1, as ggml: d_w*d_y*sum(q*y) + m_w*s_y per block. */
+static float dot_q4_1_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q4_1 *w = vw;
+    const blk_q8_1 *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        int32_t si = 0;
+        for (int j = 0; j < 16; ++j) {
+            si += (w[i].qs[j] & 0xF) * x[i].qs[j];
+            si += (w[i].qs[j] >> 4) * x[i].qs[j + 16];
+        }
+        s += f16(w[i].d) * f16(x[i].d) * (float)si + f16(w[i].m) * f16(x[i].s);
+    }
+    return s;
+}
+
+static float dot_q5_0_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q5_0 *w = vw;
+    const blk_q8_0 *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        int q[32];
+        q5_unpack(w[i].qh, w[i].qs, q);
+        int32_t si = 0;
+        for (int j = 0; j < 32; ++j) si += (q[j] - 16) * x[i].qs[j];
+        s += f16(w[i].d) * f16(x[i].d) * (float)si;
+    }
+    return s;
+}
+
+static float dot_q5_1_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q5_1 *w = vw;
+    const blk_q8_1 *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        int q[32];
+        q5_unpack(w[i].qh, w[i].qs, q);
+        int32_t si = 0;
+        for (int j = 0; j < 32; ++j) si += q[j] * x[i].qs[j];
+        s += f16(w[i].d) * f16(x[i].d) * (float)si + f16(w[i].m) * f16(x[i].s);
+    }
+    return s;
+}
+
+/* Q2_K x Q8_K: d*dy*sum_g sc_g*<q_g, y_g> - dmin*dy*sum_g m_g*bsum_g over 16 groups of 16
+ * (group g = element / 16, the order of scales[] and of Q8_K's bsums). */
+static float dot_q2_K_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q2_K *w = vw;
+    const blk_q8_K *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 16; ++g) {
+            /* element 16g + l: half g/8, shift 2*((g/2) % 4), qs byte 32*(g/8) + 16*(g%2) + l */
+            const uint8_t *q = w[i].qs + 32 * (g / 8) + 16 * (g % 2);
+            const int shift = 2 * ((g / 2) % 4);
+            const int8_t *y = x[i].qs + 16 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 16; ++l) sg += ((q[l] >> shift) & 3) * y[l];
+            sumi += (w[i].scales[g] & 0xF) * sg;
+            summ += (w[i].scales[g] >> 4) * x[i].bsums[g];
+        }
+        s += x[i].d * f16(w[i].d) * (float)sumi - x[i].d * f16(w[i].dmin) * (float)summ;
+    }
+    return s;
+}
+
+static float dot_q3_K_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q3_K *w = vw;
+    const blk_q8_K *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        int8_t sc[16];
+        q3_K_scales(w[i].scales, sc);
+        int32_t sumi = 0;
+        for (int g = 0; g < 16; ++g) {
+            const int off = 32 * (g / 8) + 16 * (g % 2);
+            const int shift = 2 * ((g / 2) % 4);
+            const int hbit = g / 2; /* element 32*hbit + (16*(g%2) + l): bit g/2 of hmask */
+            const int8_t *y = x[i].qs + 16 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 16; ++l) {
+                const int h = (w[i].hmask[16 * (g % 2) + l] >> hbit) & 1;
+                sg += (((w[i].qs[off + l] >> shift) & 3) - (h ? 0 : 4)) * y[l];
+            }
+            sumi += sc[g] * sg;
+        }
+        s += f16(w[i].d) * x[i].d * (float)sumi;
+    }
+    return s;
+}
+
 /* Unpack a Q4_K block's 8 scales (out[0..7]) and 8 mins (out[8..15]). */
 static inline void q4_K_scales_mins(const uint8_t *packed, uint8_t out[16])
 {
@@ -815,6 +1471,30 @@ static float dot_q4_K_scalar(int64_t n, const void *vw, const void *vx)
             const int8_t *y = x[i].qs + 32 * g;
             int32_t sg = 0;
             for (int l = 0; l < 32; ++l) sg += ((q[l] >> shift) & 0xF) * y[l];
+            sumi += sm[g] * sg;
+            summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
+        }
+        s += f16(w[i].d) * x[i].d * (float)sumi - f16(w[i].dmin) * x[i].d * (float)summ;
+    }
+    return s;
+}
+
+static float dot_q5_K_scalar(int64_t n, const void *vw, const void *vx)
+{
+    const blk_q5_K *w = vw;
+    const blk_q8_K *x = vx;
+    float s = 0;
+    for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
+        uint8_t sm[16];
+        q4_K_scales_mins(w[i].scales, sm);
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 8; ++g) {
+            const uint8_t *q = w[i].qs + 32 * (g / 2);
+            const int shift = (g & 1) * 4;
+            const int8_t *y = x[i].qs + 32 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 32; ++l)
+                sg += (((q[l] >> shift) & 0xF) | (((w[i].qh[l] >> g) & 1) << 4)) * y[l];
             sumi += sm[g] * sg;
             summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
         }
@@ -871,7 +1551,13 @@ SCALAR_ROWS(f16)
 SCALAR_ROWS(bf16)
 SCALAR_ROWS(q8_0)
 SCALAR_ROWS(q4_0)
+SCALAR_ROWS(q4_1)
+SCALAR_ROWS(q5_0)
+SCALAR_ROWS(q5_1)
+SCALAR_ROWS(q2_K)
+SCALAR_ROWS(q3_K)
 SCALAR_ROWS(q4_K)
+SCALAR_ROWS(q5_K)
 SCALAR_ROWS(q6_K)
 /* clang-format on */
 
@@ -987,9 +1673,24 @@ TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult,
     for (; b % 8; ++b) ai->dy[b] = ai->ey[b] = 0.0f;
 }
 
+/* Q8_1 activations (Q4_1 / Q5_1 weights): dy[b] = fp16(d), ey[b] = fp16(s) = the block's
+ * d*sum(y), which the rows multiply by their min m (ggml's m_w*s_y term). */
+TSR_AVX2 static void act_info_build_q8_1(const blk_q8_1 *x, int64_t nb, int32_t mult, act_info *ai)
+{
+    (void)mult;
+    int64_t b = 0;
+    for (; b < nb; ++b) {
+        ai->dy[b] = _cvtsh_ss(x[b].d);
+        ai->ey[b] = _cvtsh_ss(x[b].s);
+    }
+    for (; b % 8; ++b) ai->dy[b] = ai->ey[b] = 0.0f;
+}
+
 /* The rows entry of a Q8_0-activation kernel: build act_info (stack, or heap for very long
  * rows; the scalar path if that allocation fails), then stream the rows one by one. */
 #define ACT_ROWS(fname, ATTR, rowfn, mult, fallback)                                               \
+    ACT_ROWS_B(fname, ATTR, rowfn, mult, fallback, act_info_build)
+#define ACT_ROWS_B(fname, ATTR, rowfn, mult, fallback, BUILD)                                      \
     ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
                            const void *vx, float *y)                                               \
     {                                                                                              \
@@ -1002,7 +1703,7 @@ TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult,
             return;                                                                                \
         }                                                                                          \
         act_info ai = {buf, buf + nbp};                                                            \
-        act_info_build(vx, nb, mult, &ai);                                                         \
+        BUILD(vx, nb, mult, &ai);                                                                  \
         for (int64_t r = 0; r < nrows; ++r) y[r] = rowfn(nb, w + (size_t)r * stride, vx, &ai);     \
         if (buf != stack_buf) free(buf);                                                           \
     }
@@ -1052,7 +1753,12 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
     }
 }
 
-#define BLOCK_LOOP(BLK, INT_DOT, OFFSET)                                                           \
+/* The offset term's per-block weight: d_w (Q4_0 / Q5_0: the -8 / -16 offset) or the min
+ * m_w (Q4_1 / Q5_1, against Q8_1's s). */
+#define OFFW_D(BLK, b, m, dw)            (dw)
+#define OFFW_M(BLK, b, m, dw)            f16x8_strided(&w[b].m, sizeof(BLK), m)
+#define BLOCK_LOOP(BLK, INT_DOT, OFFSET) BLOCK_LOOP_EX(BLK, INT_DOT, OFFSET, OFFW_D)
+#define BLOCK_LOOP_EX(BLK, INT_DOT, OFFSET, OFFW)                                                  \
     const BLK *w = (const BLK *)vw;                                                                \
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),                \
                      _mm256_setzero_ps()};                                                         \
@@ -1060,7 +1766,8 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
     for (int64_t b = 0; b < nb; b += 8) {                                                          \
         const int m = nb - b < 8 ? (int)(nb - b) : 8;                                              \
         const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), m);                                  \
-        if (OFFSET) acc_off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ai->ey + b), acc_off);           \
+        if (OFFSET)                                                                                \
+            acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
         const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
         const __m256 lo = _mm256_permute2f128_ps(sc, sc, 0x00);                                    \
         const __m256 hi = _mm256_permute2f128_ps(sc, sc, 0x11);                                    \
@@ -1122,6 +1829,65 @@ TSR_AVX2 static float q4_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_
 
 /* clang-format off */
 ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
+/* clang-format on */
+
+/* Q4_1 x Q8_1, AVX2: nibbles x y as Q4_0 (no offset: q is the value), plus m_w * s_y. */
+TSR_AVX2 static float q4_1_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
+                                    const act_info *ai)
+{
+#define Q41_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs)
+    BLOCK_LOOP_EX(blk_q4_1, Q41_DOT_AVX2, 1, OFFW_M);
+#undef Q41_DOT_AVX2
+}
+
+/* 32 bits -> 32 bytes, 0xFF where the bit is set (byte j <- bit j): byte j/8 of the word
+ * broadcast to byte j, ORed with all bits but j%8, compared with all ones. */
+TSR_AVX2 TSR_INLINE __m256i bytes_from_bits_avx2(const uint8_t *p)
+{
+    uint32_t x32;
+    memcpy(&x32, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x((long long)0x7fbfdfeff7fbfdfeull));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+/* A Q5_0 / Q5_1 block's 32 quants as unsigned bytes 0..31 in element order. */
+TSR_AVX2 TSR_INLINE __m256i q5_bytes_avx2(const uint8_t *qs, const uint8_t *qh)
+{
+    return _mm256_or_si256(q4_0_nibbles(qs),
+                           _mm256_and_si256(bytes_from_bits_avx2(qh), _mm256_set1_epi8(0x10)));
+}
+
+TSR_AVX2 TSR_INLINE __m256i q5_dot_avx2(const uint8_t *qs, const uint8_t *qh, const int8_t *yq)
+{
+    const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
+    const __m256i p16 = _mm256_maddubs_epi16(q5_bytes_avx2(qs, qh), y);
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+/* Q5_0 x Q8_0: unsigned q (the value + 16) x y; the -16 offset via act_info's ey. */
+TSR_AVX2 static float q5_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
+                                    const act_info *ai)
+{
+#define Q50_DOT_AVX2(bb) q5_dot_avx2(w[bb].qs, w[bb].qh, x[bb].qs)
+    BLOCK_LOOP(blk_q5_0, Q50_DOT_AVX2, 1);
+#undef Q50_DOT_AVX2
+}
+
+TSR_AVX2 static float q5_1_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
+                                    const act_info *ai)
+{
+#define Q51_DOT_AVX2(bb) q5_dot_avx2(w[bb].qs, w[bb].qh, x[bb].qs)
+    BLOCK_LOOP_EX(blk_q5_1, Q51_DOT_AVX2, 1, OFFW_M);
+#undef Q51_DOT_AVX2
+}
+
+/* clang-format off */
+ACT_ROWS_B(rows_q4_1_avx2, TSR_AVX2, q4_1_row_avx2, 0, rows_q4_1_scalar, act_info_build_q8_1)
+ACT_ROWS(rows_q5_0_avx2, TSR_AVX2, q5_0_row_avx2, 16, rows_q5_0_scalar)
+ACT_ROWS_B(rows_q5_1_avx2, TSR_AVX2, q5_1_row_avx2, 0, rows_q5_1_scalar, act_info_build_q8_1)
 /* clang-format on */
 
 /* vpshufb masks broadcasting int16 element g (0..7) of a 128-bit lane to all 8 slots. */
@@ -1320,6 +2086,51 @@ TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_
 ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
 /* clang-format on */
 
+TSR_VNNI static float q4_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
+                                    const act_info *ai)
+{
+#define Q41_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
+    BLOCK_LOOP_EX(blk_q4_1, Q41_DOT_VNNI, 1, OFFW_M);
+#undef Q41_DOT_VNNI
+}
+
+/* AVX-512 BW: the 5th bits straight from a mask register (vmovdqu8 with zeroing). */
+TSR_VNNI TSR_INLINE __m256i q5_bytes_vnni(const uint8_t *qs, const uint8_t *qh)
+{
+    uint32_t bits;
+    memcpy(&bits, qh, 4);
+    return _mm256_or_si256(q4_0_nibbles(qs),
+                           _mm256_maskz_mov_epi8((__mmask32)bits, _mm256_set1_epi8(0x10)));
+}
+
+TSR_VNNI TSR_INLINE __m256i q5_dot_vnni(const uint8_t *qs, const uint8_t *qh, const int8_t *yq)
+{
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q5_bytes_vnni(qs, qh),
+                               _mm256_loadu_si256((const __m256i *)yq));
+}
+
+TSR_VNNI static float q5_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
+                                    const act_info *ai)
+{
+#define Q50_DOT_VNNI(bb) q5_dot_vnni(w[bb].qs, w[bb].qh, x[bb].qs)
+    BLOCK_LOOP(blk_q5_0, Q50_DOT_VNNI, 1);
+#undef Q50_DOT_VNNI
+}
+
+TSR_VNNI static float q5_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
+                                    const act_info *ai)
+{
+#define Q51_DOT_VNNI(bb) q5_dot_vnni(w[bb].qs, w[bb].qh, x[bb].qs)
+    BLOCK_LOOP_EX(blk_q5_1, Q51_DOT_VNNI, 1, OFFW_M);
+#undef Q51_DOT_VNNI
+}
+
+/* clang-format off */
+ACT_ROWS_B(rows_q4_1_vnni, TSR_VNNI, q4_1_row_vnni, 0, rows_q4_1_scalar, act_info_build_q8_1)
+ACT_ROWS(rows_q5_0_vnni, TSR_VNNI, q5_0_row_vnni, 16, rows_q5_0_scalar)
+ACT_ROWS_B(rows_q5_1_vnni, TSR_VNNI, q5_1_row_vnni, 0, rows_q5_1_scalar, act_info_build_q8_1)
+/* clang-format on */
+
 /* clang-format off */
 DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
@@ -1333,11 +2144,12 @@ DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
  * any order (NaN ignored like fmaxf: vmaxps returns its second operand then); d and 1/d
  * are the same scalar operations; x*id is the same product; roundf (half away from zero)
  * is trunc plus a carry of 1 when |fraction| >= 0.5 (the fraction is exact). */
-TSR_AVX2 static void quant_q8_0_avx2(const float *x, blk_q8_0 *y, int64_t nb)
+/* One block: the quants into qs, returns the unrounded scale d = amax/127. */
+TSR_AVX2 TSR_INLINE float q8_block_avx2(const float *x, int8_t *qs)
 {
     const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
     const __m256 one = _mm256_set1_ps(1.0f);
-    for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0) {
+    {
         __m256 v[4], m = _mm256_setzero_ps();
         for (int k = 0; k < 4; ++k) {
             v[k] = _mm256_loadu_ps(x + 8 * k);
@@ -1348,7 +2160,6 @@ TSR_AVX2 static void quant_q8_0_avx2(const float *x, blk_q8_0 *y, int64_t nb)
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         const float d = _mm_cvtss_f32(h) / 127;
         const float id = d ? 1.0f / d : 0.0f;
-        y[i].d = tsr_f32_to_f16(d);
         __m256i q[4];
         for (int k = 0; k < 4; ++k) {
             const __m256 p = _mm256_mul_ps(v[k], _mm256_set1_ps(id));
@@ -1366,8 +2177,32 @@ TSR_AVX2 static void quant_q8_0_avx2(const float *x, blk_q8_0 *y, int64_t nb)
         const __m256i b = _mm256_packus_epi16(
             _mm256_packus_epi32(_mm256_and_si256(q[0], lo), _mm256_and_si256(q[1], lo)),
             _mm256_packus_epi32(_mm256_and_si256(q[2], lo), _mm256_and_si256(q[3], lo)));
-        _mm256_storeu_si256((__m256i *)y[i].qs, _mm256_permutevar8x32_epi32(
-                                                    b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        _mm256_storeu_si256((__m256i *)qs, _mm256_permutevar8x32_epi32(
+                                               b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        return d;
+    }
+}
+
+TSR_AVX2 static void quant_q8_0_avx2(const float *x, blk_q8_0 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0)
+        y[i].d = tsr_f32_to_f16(q8_block_avx2(x, y[i].qs));
+}
+
+/* Q8_1: the same quants and d, plus s = fp16(d * sum(q)) (the sum via vpsadbw on q^0x80). */
+TSR_AVX2 static void quant_q8_1_avx2(const float *x, blk_q8_1 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0) {
+        const float d = q8_block_avx2(x, y[i].qs);
+        y[i].d = tsr_f32_to_f16(d);
+        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)y[i].qs),
+                                           _mm256_set1_epi8((char)0x80));
+        const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
+        const __m128i s2 =
+            _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+        const int32_t sum =
+            _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+        y[i].s = tsr_f32_to_f16((float)sum * d);
     }
 }
 
@@ -1664,6 +2499,18 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
 #define Q4T_DOT_VNNI(wv, wa, yv)                                                                   \
     _mm256_dpbusd_epi32(_mm256_set1_epi32(TILE_MAGIC), ((void)(wa), wv), yv)
 
+/* Q5_0 x Q8_0: the 5-bit unsigned quants once per weight block; offset -16 via ey. */
+#define Q5T_W_AVX2(wv, wa, blk)                                                                    \
+    do {                                                                                           \
+        wv = q5_bytes_avx2((blk)->qs, (blk)->qh);                                                  \
+        wa = wv;                                                                                   \
+    } while (0)
+#define Q5T_W_VNNI(wv, wa, blk)                                                                    \
+    do {                                                                                           \
+        wv = q5_bytes_vnni((blk)->qs, (blk)->qh);                                                  \
+        wa = wv;                                                                                   \
+    } while (0)
+
 typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,
                         const uint8_t *x, size_t xs, float *y, size_t ys);
 
@@ -1673,6 +2520,10 @@ DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AV
          rows_q8_0_avx2)
 DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, Q4T_W, Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2,
          rows_q4_0_avx2)
+DEF_TILE(tile_q5_0_avx2, TSR_AVX2, blk_q5_0, 2, 16, Q5T_W_AVX2, Q8T_Y, Q4T_DOT_AVX2,
+         TILE_CVT_AVX2, rows_q5_0_avx2)
+DEF_TILE(tile_q5_0_vnni, TSR_VNNI, blk_q5_0, 4, 16, Q5T_W_VNNI, Q8T_Y, Q4T_DOT_VNNI,
+         TILE_CVT_MAGIC, rows_q5_0_vnni)
 DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, Q8T_W_VNNI, Q8T_Y_VNNI, Q8T_DOT_VNNI,
          TILE_CVT_MAGIC, rows_q8_0_vnni)
 DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, Q4T_W, Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC,
@@ -1743,6 +2594,17 @@ static void quant_q8_0_fast(const float *x, blk_q8_0 *y, int64_t nb)
     quant_q8_0(x, y, nb);
 }
 
+static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb)
+{
+#if TSR_X86
+    if (isa_get() >= ISA_AVX2) {
+        quant_q8_1_avx2(x, y, nb);
+        return;
+    }
+#endif
+    quant_q8_1(x, y, nb);
+}
+
 const char *tsr_quant_isa(void)
 {
     return k_isa_names[isa_get()];
@@ -1773,12 +2635,18 @@ static rows_fn rows_kernel(uint32_t type)
             return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
         case TSR_TYPE_Q4_0:
             return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
+        case TSR_TYPE_Q4_1:
+            return isa >= ISA_AVX512VNNI ? rows_q4_1_vnni : rows_q4_1_avx2;
+        case TSR_TYPE_Q5_0:
+            return isa >= ISA_AVX512VNNI ? rows_q5_0_vnni : rows_q5_0_avx2;
+        case TSR_TYPE_Q5_1:
+            return isa >= ISA_AVX512VNNI ? rows_q5_1_vnni : rows_q5_1_avx2;
         case TSR_TYPE_Q4_K:
             return isa >= ISA_AVX512VNNI ? rows_q4_K_vnni : rows_q4_K_avx2;
         case TSR_TYPE_Q6_K:
             return isa >= ISA_AVX512VNNI ? rows_q6_K_vnni : rows_q6_K_avx2;
         default:
-            return NULL;
+            break; /* no SIMD kernel: the scalar one below */
         }
     }
 #else
@@ -1795,8 +2663,20 @@ static rows_fn rows_kernel(uint32_t type)
         return rows_q8_0_scalar;
     case TSR_TYPE_Q4_0:
         return rows_q4_0_scalar;
+    case TSR_TYPE_Q4_1:
+        return rows_q4_1_scalar;
+    case TSR_TYPE_Q5_0:
+        return rows_q5_0_scalar;
+    case TSR_TYPE_Q5_1:
+        return rows_q5_1_scalar;
+    case TSR_TYPE_Q2_K:
+        return rows_q2_K_scalar;
+    case TSR_TYPE_Q3_K:
+        return rows_q3_K_scalar;
     case TSR_TYPE_Q4_K:
         return rows_q4_K_scalar;
+    case TSR_TYPE_Q5_K:
+        return rows_q5_K_scalar;
     case TSR_TYPE_Q6_K:
         return rows_q6_K_scalar;
     default:
@@ -1835,6 +2715,8 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
         k = isa >= ISA_AVX512VNNI ? tile_q8_0_vnni : tile_q8_0_avx2;
     else if (type == TSR_TYPE_Q4_0 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q4_0_vnni : tile_q4_0_avx2;
+    else if (type == TSR_TYPE_Q5_0 && isa >= ISA_AVX2)
+        k = isa >= ISA_AVX512VNNI ? tile_q5_0_vnni : tile_q5_0_avx2;
     if (k && n > 0 && n_tok > 1) {
         k(n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
         return;

@@ -1,16 +1,17 @@
 /*
  * quant.h — tensor element types and their row kernels: dequantize, quantize, dot.
  *
- * Why: weights stay in their file type (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K) and the
+ * Why: weights stay in their file type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+ * Q3_K, Q4_K, Q5_K, Q6_K) and the
  * matmul works on the quantized blocks directly, so a model costs its file size in
  * memory and decode reads the fewest bytes per token. Block layouts and rounding follow
  * ggml exactly (dequantized values are bit-identical to ggml's to_float).
  *
  * Dot products: for each weight type W, activations are first converted once per token
- * into tsr_type_vec_dot_type(W) (Q8_0 for Q8_0/Q4_0, Q8_K for Q4_K/Q6_K, F32 for
- * F32/F16/BF16), then tsr_vec_dot() multiplies one weight row with that row. CPU
- * feature dispatch (AVX2/FMA/F16C, AVX-512 VNNI where present) happens inside; the
- * scalar path is the reference and gives the same answers up to float summation order.
+ * into tsr_type_vec_dot_type(W) (Q8_0 for Q8_0/Q4_0/Q5_0, Q8_1 for Q4_1/Q5_1, Q8_K for the
+ * K-quants, F32 for F32/F16/BF16: ggml's choices), then tsr_vec_dot() multiplies one weight row
+ * with that row. CPU feature dispatch (AVX2/FMA/F16C, AVX-512 VNNI where present) happens inside;
+ * the scalar path is the reference and gives the same answers up to float summation order.
  *
  * All functions are thread-safe (pure). n is always a multiple of the type's block size.
  */
@@ -26,26 +27,40 @@ typedef enum {
     TSR_TYPE_F32 = 0,
     TSR_TYPE_F16 = 1,
     TSR_TYPE_Q4_0 = 2,
+    TSR_TYPE_Q4_1 = 3,
+    TSR_TYPE_Q5_0 = 6,
+    TSR_TYPE_Q5_1 = 7,
     TSR_TYPE_Q8_0 = 8,
+    TSR_TYPE_Q8_1 = 9, /* activation type of the Q4_1 / Q5_1 dots; never a weight here */
+    TSR_TYPE_Q2_K = 10,
+    TSR_TYPE_Q3_K = 11,
     TSR_TYPE_Q4_K = 12,
+    TSR_TYPE_Q5_K = 13,
     TSR_TYPE_Q6_K = 14,
     TSR_TYPE_Q8_K = 15, /* activation type of the K-quant dots; never a weight here */
     TSR_TYPE_BF16 = 30,
-    TSR_TYPE_COUNT = 40,
+    TSR_TYPE_COUNT = 42, /* ids >= this are unknown to ggml as of this writing */
 } tsr_type;
 
 #define TSR_QK8_0 32
 #define TSR_QK4_0 32
 #define TSR_QK_K  256
 
-/* True for the types this engine can load as weights (F32, F16, BF16, Q8_0, Q4_0, Q4_K,
- * Q6_K). Any other id (a valid ggml type we do not implement, or garbage) is false. */
+/* True for the types this engine can load as weights (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+ * Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). Any other id (a valid ggml type we do not
+ * implement, or garbage) is false. */
 bool tsr_type_supported(uint32_t type);
-/* ggml's name ("Q4_K"; also for ggml types we do not implement, e.g. "Q5_K"), "unknown"
+/* Comma-separated names of the supported weight types, for error messages. */
+const char *tsr_type_supported_list(void);
+/* ggml's name ("Q4_K"; also for ggml types we do not implement, e.g. "IQ2_XXS"), "unknown"
  * for ids ggml does not define (removed ids, >= TSR_TYPE_COUNT). Never NULL. */
 const char *tsr_type_name(uint32_t type);
+/* ggml's block geometry of ANY type ggml defines (IQ*, TQ*, MXFP4, I8..., also those this
+ * engine cannot compute with): true and elements / bytes per block, or false for ids
+ * ggml does not define. For reading the layout of any GGUF file (`inspect`). */
+bool tsr_type_ggml_block(uint32_t type, int64_t *block_elems, size_t *block_bytes);
 /* Elements per block (1 for float types) and bytes per block; 0 for unsupported ids.
- * Q8_K (the activation type) is not a weight but has its sizes here too. */
+ * Q8_1 and Q8_K (activation types) are not weights but have their sizes here too. */
 int64_t tsr_type_block_elems(uint32_t type);
 size_t tsr_type_block_bytes(uint32_t type);
 /* Bytes of a row of n elements; 0 when n is not a multiple of the block size or the
@@ -59,10 +74,10 @@ float tsr_bf16_to_f32(uint16_t h);
 uint16_t tsr_f32_to_bf16(float f);
 
 /* Dequantize n elements (one or more whole rows) of `type` at src into dst. Supported
- * for every weight type and for Q8_K. */
+ * for every weight type and for Q8_1 / Q8_K. */
 void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);
 
-/* Quantize n floats into `type` (every weight type, plus Q8_K). Rounding matches ggml's
+/* Quantize n floats into `type` (every weight type, plus Q8_1 / Q8_K). Rounding matches ggml's
  * reference quantizers (quantize_row_*_ref), so quantize(dequant(q)) round-trips. */
 void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n);
 
@@ -71,7 +86,8 @@ uint32_t tsr_type_vec_dot_type(uint32_t type);
 
 /* sum_i w[i]*x[i] over n elements: w is a row of `type`, x a row of
  * tsr_type_vec_dot_type(type). Rows must be aligned to their block's field alignment
- * (2 bytes; 4 for F32 and Q8_K), which GGUF data (aligned to >= 8) always is. NaN for an
+ * (2 bytes; 4 for F32 and Q8_K), which GGUF data (aligned to >= 8) always is. Q4_1 / Q5_1
+ * use Q8_1's stored s = fp16(d * sum(q)) for the min term, as ggml does. NaN for an
  * unsupported type. */
 float tsr_vec_dot(uint32_t type, int64_t n, const void *w, const void *x);
 
@@ -86,7 +102,7 @@ void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
 /* A tile of rows x tokens (the prefill matmul): y[t*y_stride + r] = dot(w + r*w_stride, x +
  * t*x_stride) for r < n_rows, t < n_tok (strides in bytes for w and x, in floats for y).
  * Each weight block is loaded and unpacked once for several tokens and each activation
- * block once for several rows (register-blocked Q8_0 / Q4_0 kernels; other types and the
+ * block once for several rows (register-blocked Q8_0 / Q4_0 / Q5_0 kernels; other types and the
  * scalar path loop over tsr_vec_dot_rows). Every y element is bit-identical to
  * tsr_vec_dot of its row and token (for activations made by tsr_quant_row), so answers
  * never depend on how a matmul groups rows and tokens. Allocates a heap workspace per call

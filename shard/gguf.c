@@ -362,10 +362,8 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         if (!cur_u32(&c, &t->type, what) || !cur_u64(&c, &t->offset, what))
             return TSR_GGUF_ERR_FORMAT;
         if (!tsr_type_supported(t->type)) {
-            tsr_set_err(err, err_len,
-                        "%s: tensor type %u (%s) is not supported (supported: F32, F16, BF16, "
-                        "Q8_0, Q4_0, Q4_K, Q6_K)",
-                        what, t->type, tsr_type_name(t->type));
+            tsr_set_err(err, err_len, "%s: tensor type %u (%s) is not supported (supported: %s)",
+                        what, t->type, tsr_type_name(t->type), tsr_type_supported_list());
             return TSR_GGUF_ERR_FORMAT;
         }
         int64_t blk = tsr_type_block_elems(t->type);

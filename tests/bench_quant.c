@@ -8,6 +8,9 @@
  * one through tsr_vec_dot_rows, in 32-element block dots per nanosecond (one thread, a
  * matrix of TSR_BENCH_TILE_ROWS rows, default 2048: 4.4 MiB of Q8_0, mostly in L3).
  *
+ * TSR_BENCH_TYPES=Q5_0,Q4_K (names, comma-separated) limits the types; TSR_BENCH_ISAS=avx2
+ * the instruction sets; TSR_BENCH_MB the decode matrix size.
+ *
  * Not a ctest (CMake only builds tests/test_*.c). Build and run:
  *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_quant.c kernels/quant.c -lm -lpthread \
  *       -o /tmp/bench_quant && /tmp/bench_quant
@@ -79,10 +82,26 @@ static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stri
 }
 
 /* Prefill: rows x 128 tokens of Q8_0 / Q4_0 at n = N_COLS, best of REPS, in block dots/ns. */
+/* Whether `name` is selected by the comma-separated list in environment variable `var`
+ * (unset: everything). */
+static int selected(const char *var, const char *name)
+{
+    const char *list = getenv(var);
+    if (!list || !*list) return 1;
+    const size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        const size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0) return 1;
+        p += len + (e ? 1 : 0);
+    }
+    return 0;
+}
+
 static void bench_tiles(void)
 {
     enum { N_TOK = 128 };
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0};
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q5_0};
     static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
     const char *env = getenv("TSR_BENCH_TILE_ROWS");
     const int64_t rows = env && atoi(env) > 0 ? atoi(env) : 2048;
@@ -91,6 +110,7 @@ static void bench_tiles(void)
     printf("%-6s %-11s %10s %10s\n", "type", "isa", "tile", "rows");
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ++ti) {
         const uint32_t type = types[ti];
+        if (!selected("TSR_BENCH_TYPES", tsr_type_name(type))) continue;
         const size_t rb = tsr_row_bytes(type, N_COLS), xb = tsr_row_bytes(TSR_TYPE_Q8_0, N_COLS);
         uint8_t *w = malloc((size_t)rows * rb), *x = malloc(xb * N_TOK);
         float *f = malloc(sizeof(float) * N_COLS), *y = malloc(sizeof(float) * rows * N_TOK);
@@ -108,7 +128,7 @@ static void bench_tiles(void)
         }
         const double dots = (double)rows * N_TOK * (N_COLS / 32);
         for (size_t k = 0; k < sizeof isas / sizeof isas[0]; ++k) {
-            if (!tsr_quant_set_isa(isas[k])) continue;
+            if (!selected("TSR_BENCH_ISAS", isas[k]) || !tsr_quant_set_isa(isas[k])) continue;
             double best_tile = 1e30, best_rows = 1e30;
             for (int rep = 0; rep < REPS; ++rep) {
                 double t0 = now_s();
@@ -137,8 +157,10 @@ static void bench_tiles(void)
 
 int main(void)
 {
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K,
-                                     TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_F32};
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_1, TSR_TYPE_Q5_0,
+                                     TSR_TYPE_Q5_1, TSR_TYPE_Q2_K, TSR_TYPE_Q3_K, TSR_TYPE_Q4_K,
+                                     TSR_TYPE_Q5_K, TSR_TYPE_Q6_K, TSR_TYPE_F16,  TSR_TYPE_BF16,
+                                     TSR_TYPE_F32};
     static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
     /* TSR_BENCH_MB: matrix size (default 64 MiB; e.g. 1 to measure in-cache compute) */
     const char *mb = getenv("TSR_BENCH_MB");
@@ -147,6 +169,7 @@ int main(void)
     printf("%-6s %-11s %8s %15s %15s\n", "type", "isa", "rows", "1 thread", "2 threads");
     for (size_t t = 0; t < sizeof types / sizeof types[0]; ++t) {
         const uint32_t type = types[t], xtype = tsr_type_vec_dot_type(type);
+        if (!selected("TSR_BENCH_TYPES", tsr_type_name(type))) continue;
         const size_t rb = tsr_row_bytes(type, N_COLS);
         const int64_t rows = (int64_t)(matrix_bytes / rb) / 4 * 4;
         uint8_t *w = malloc((size_t)rows * rb);
@@ -167,7 +190,7 @@ int main(void)
             memcpy(w + (size_t)r * rb, w + (size_t)(r % 64) * rb, rb);
         tsr_quant_row(xtype, f, x, N_COLS);
         for (size_t k = 0; k < sizeof isas / sizeof isas[0]; ++k) {
-            if (!tsr_quant_set_isa(isas[k])) continue;
+            if (!selected("TSR_BENCH_ISAS", isas[k]) || !tsr_quant_set_isa(isas[k])) continue;
             const double bytes = (double)rows * (double)rb;
             double m1, b1, m2, b2;
             time_pass(type, rows, w, rb, x, y, 1, &m1, &b1);

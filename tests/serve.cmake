@@ -21,3 +21,17 @@ add_test(NAME serve_grpc
                  --proto ${CMAKE_SOURCE_DIR}/proto --mpirun ${MPIEXEC_EXECUTABLE})
 set_tests_properties(serve_grpc PROPERTIES TIMEOUT 300 RUN_SERIAL TRUE
                      ENVIRONMENT "${TSR_SERVE_ENV}")
+
+# Serving robustness (tests/python/test_robust.py, issue 14): a cancel storm at random
+# points of a call's life (the ASan tree runs it too: LeakSanitizer at the SIGTERM exit is
+# what finds a leaked call), sizes from request fields.
+set(TSR_ROBUST_ARGS --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                    --proto ${CMAKE_SOURCE_DIR}/proto)
+if(TSR_SANITIZE)
+  list(APPEND TSR_ROBUST_ARGS --sanitized)
+endif()
+add_test(NAME serve_robust
+         COMMAND ${TSR_SYSTEM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_robust.py
+                 ${TSR_ROBUST_ARGS})
+set_tests_properties(serve_robust PROPERTIES TIMEOUT 240 RUN_SERIAL TRUE
+                     ENVIRONMENT "${TSR_SERVE_ENV}")

@@ -53,6 +53,15 @@ static void test_usage_errors(void **state)
     char args[1024];
     expect_usage_error("", "usage");
     expect_usage_error("frobnicate", "unknown command");
+    /* --listen: a port in 0..65535 or a usage error (never a wrapped or default port). */
+    const char *bad_listen[] = {
+        "127.0.0.1:65537", "127.0.0.1:99999", "127.0.0.1:",      ":50051",
+        "127.0.0.1",       "127.0.0.1:-1",    "127.0.0.1:+80",   "127.0.0.1:80x",
+        "::1:80",          "[::1:80",         "127.0.0.1:000000"};
+    for (size_t i = 0; i < sizeof bad_listen / sizeof *bad_listen; i++) {
+        snprintf(args, sizeof args, "serve -m %s --listen '%s'", m, bad_listen[i]);
+        expect_usage_error(args, "--listen");
+    }
     expect_usage_error("generate --bogus", "unknown flag");
     snprintf(args, sizeof args, "generate -m %s", m);
     expect_usage_error(args, "-p");

@@ -6,6 +6,8 @@
  * greedy ids of bos-200 (index 114 is a near-tie, see the expected file's note).
  * synth-tiny (F16, Q8_0, Q4_K_M, Q4_0, BF16): greedy ids of llama.cpp for every prompt,
  * top-5 logits within the tolerances of expected/synth-tiny-expected.txt.
+ * synth-tiny (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_M, Q5_K_M): llama.cpp's prompt ids (our
+ * tokenizer) and 32 greedy ids for every prompt of expected/synth-tiny-more-quants.json.
  * Threaded results equal single-threaded ones bit for bit; prompts processed in one batch
  * equal token-by-token processing within float tolerance.
  */
@@ -21,6 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
+#include "shard/vocab.h"
 #include "tests/util.h"
 #include "worker/model.h"
 
@@ -210,6 +215,83 @@ static void test_synth_tiny(void **state)
     tsr_test_blocks_free(b, nb);
 }
 
+/* A JSON array of integers -> malloc'd int32 array (fails the test on anything else). */
+static size_t json_ids(const cJSON *arr, int32_t **out)
+{
+    if (!cJSON_IsArray(arr)) fail_msg("expected a JSON array of ids");
+    size_t n = (size_t)cJSON_GetArraySize(arr);
+    *out = malloc(sizeof(int32_t) * (n ? n : 1));
+    assert_non_null(*out);
+    size_t k = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr)
+    {
+        if (!cJSON_IsNumber(e)) fail_msg("expected a number in an id array");
+        (*out)[k++] = (int32_t)e->valuedouble;
+    }
+    return n;
+}
+
+static void test_synth_tiny_more_quants(void **state)
+{
+    (void)state;
+    size_t len = 0;
+    char *text =
+        tsr_test_read_file(tsr_test_model_path("expected/synth-tiny-more-quants.json"), &len);
+    assert_non_null(text);
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    if (!root) fail_msg("synth-tiny-more-quants.json does not parse");
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(root, "files");
+    if (!cJSON_IsObject(files)) fail_msg("synth-tiny-more-quants.json: no 'files' object");
+    int n_files = 0, n_cases = 0;
+    const cJSON *file;
+    cJSON_ArrayForEach(file, files)
+    {
+        fixture f;
+        open_model(&f, file->string, 2, 64);
+        char err[512];
+        tsr_vocab *v;
+        if (tsr_vocab_load(f.g, &v, err, sizeof err) != 0)
+            fail_msg("%s: vocab: %s", file->string, err);
+        const cJSON *c;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(file, "cases"))
+        {
+            const char *prompt =
+                cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "prompt"));
+            assert_non_null(prompt);
+            int32_t *want_prompt, *want, *ids;
+            size_t n_prompt =
+                json_ids(cJSON_GetObjectItemCaseSensitive(c, "prompt_ids"), &want_prompt);
+            size_t n_want = json_ids(cJSON_GetObjectItemCaseSensitive(c, "greedy_ids"), &want);
+            size_t n_ids = 0;
+            if (tsr_vocab_tokenize(v, prompt, strlen(prompt), true, true, &ids, &n_ids, err,
+                                   sizeof err) != 0)
+                fail_msg("%s: tokenize '%s': %s", file->string, prompt, err);
+            char what[256];
+            snprintf(what, sizeof what, "%s prompt '%s' (prompt ids)", file->string, prompt);
+            if (n_ids != n_prompt) fail_msg("%s: expected %zu ids, got %zu", what, n_prompt, n_ids);
+            check_ids(what, want_prompt, ids, n_prompt);
+            int32_t *got = malloc(sizeof(int32_t) * n_want);
+            greedy(&f, want_prompt, n_prompt, (int32_t)n_want, got, NULL);
+            snprintf(what, sizeof what, "%s prompt '%s'", file->string, prompt);
+            check_ids(what, want, got, n_want);
+            n_cases++;
+            free(want_prompt);
+            free(want);
+            free(ids);
+            free(got);
+        }
+        tsr_vocab_free(v);
+        close_model(&f);
+        n_files++;
+    }
+    /* six files (models README 9.1) x three prompts */
+    assert_int_equal(n_files, 6);
+    assert_int_equal(n_cases, 18);
+    cJSON_Delete(root);
+    free(text);
+}
+
 /* Same logits with 1 and 3 threads (bit for bit), and batch prefill vs token by token. */
 static void check_threads_and_batch(const char *rel)
 {
@@ -247,6 +329,7 @@ static void test_threads_and_batch(void **state)
     check_threads_and_batch("stories260K.gguf");
     check_threads_and_batch("synthetic/synth-tiny-q4_k_m.gguf");
     check_threads_and_batch("synthetic/synth-tiny-q4_0.gguf");
+    check_threads_and_batch("synthetic/synth-tiny-q5_0.gguf"); /* the Q5_0 prefill tiles */
 }
 
 static void test_errors(void **state)
@@ -283,11 +366,9 @@ static void test_errors(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_stories260k_expected),
-        cmocka_unit_test(test_stories260k_q8_0),
-        cmocka_unit_test(test_synth_tiny),
-        cmocka_unit_test(test_threads_and_batch),
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_stories260k_expected), cmocka_unit_test(test_stories260k_q8_0),
+        cmocka_unit_test(test_synth_tiny),           cmocka_unit_test(test_synth_tiny_more_quants),
+        cmocka_unit_test(test_threads_and_batch),    cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -418,7 +418,7 @@ static void test_bad_model(void **state)
     make_bad(&m, 1, 1, NULL, 0, 0);
     expect_contains("n_head_kv 3");
     m = stories();
-    m.type_ffn_down = 6; /* Q5_0: not supported */
+    m.type_ffn_down = 16; /* IQ2_XXS: not supported */
     make_bad(&m, 1, 1, NULL, 0, 0);
     expect_contains("ffn_down");
     m = stories();
@@ -503,6 +503,47 @@ static void test_q4k_attn_output(void **state)
     make_bad(&m, 8, 1, NULL, 0, 0);
     expect_msg("n_ff 1536 in Q6_K is 6 blocks of 256: cannot give 8 ranks a block each; use tp 1, "
                "2 or 4");
+}
+
+/* The 32-element types (Q4_1, Q5_0, Q5_1) split like Q8_0 / Q4_0; the 256-element
+ * K-quants (Q2_K, Q3_K, Q5_K) like Q4_K. Shapes of the real models: Qwen2.5-0.5B (896 wide,
+ * 14 heads of 64, n_ff 4864 = 19 K-blocks) and SmolLM2-135M (576 wide, 9 heads, n_ff 1536). */
+static void test_new_quant_blocks(void **state)
+{
+    (void)state;
+    tsr_plan_model m = make_model(24, 896, 14, 2, 64, 4864, 151936, TSR_TYPE_Q5_0);
+    m.type_ffn_down = TSR_TYPE_Q4_K;
+    m.n_bytes_layer = layer_bytes(&m);
+    make_ok(&m, 2, 1, NULL, 0, 0); /* 7 heads x 64 = 448 columns = 14 Q5_0 blocks per rank */
+    check_plan(&m, &plan, 2, 1);
+    EXPECT_EQ("qwen tp 2 rank 1 ff_begin", 2560, plan.ranks[1].ff_begin); /* 10 + 9 blocks */
+    m.type_attn_output = TSR_TYPE_Q2_K; /* why llama-quantize falls back to Q5_0 there */
+    make_bad(&m, 1, 1, NULL, 0, 0);
+    expect_contains("attn_output has 896 columns, not a whole number of Q2_K blocks");
+    m.type_attn_output = TSR_TYPE_Q5_1;
+    m.n_bytes_layer = layer_bytes(&m);
+    make_ok(&m, 2, 2, NULL, 0, 0);
+    check_plan(&m, &plan, 2, 2);
+    m = make_model(30, 576, 9, 3, 64, 1536, 49152, TSR_TYPE_Q4_1);
+    make_ok(&m, 3, 1, NULL, 0, 0); /* 3 heads x 64 = 192 columns = 6 Q4_1 blocks */
+    check_plan(&m, &plan, 3, 1);
+    m.type_ffn_down = TSR_TYPE_Q3_K; /* 1536 = 6 blocks of 256 */
+    m.n_bytes_layer = layer_bytes(&m);
+    make_ok(&m, 3, 1, NULL, 0, 0);
+    EXPECT_EQ("smollm tp 3 rank 2 ff_begin", 1024, plan.ranks[2].ff_begin);
+    m = make_model(4, 1024, 16, 4, 64, 2816, 1000, TSR_TYPE_Q2_K);
+    m.type_attn_output = TSR_TYPE_Q3_K;
+    m.type_ffn_down = TSR_TYPE_Q5_K; /* 2816 = 11 blocks of 256 */
+    m.n_bytes_layer = layer_bytes(&m);
+    make_ok(&m, 4, 1, NULL, 0, 0); /* 4 heads x 64 = 256 columns */
+    check_plan(&m, &plan, 4, 1);
+    make_bad(&m, 8, 1, NULL, 0, 0);
+    expect_msg("attn_output is Q3_K (blocks of 256 values): a tp 8 split gives each rank 2 heads × "
+               "64 = 128 columns, which cuts blocks; use tp 1, 2 or 4");
+    m.type_attn_output = TSR_TYPE_Q5_0;
+    m.n_bytes_layer = layer_bytes(&m);
+    make_ok(&m, 8, 1, NULL, 0, 0); /* 128 columns = 4 Q5_0 blocks; n_ff: 11 blocks, 8 ranks */
+    check_plan(&m, &plan, 8, 1);
 }
 
 static void test_1b_balance(void **state)
@@ -724,10 +765,10 @@ int main(void)
         cmocka_unit_test(test_stories_layouts), cmocka_unit_test(test_stories_kv_replicated),
         cmocka_unit_test(test_stories_refused), cmocka_unit_test(test_bad_model),
         cmocka_unit_test(test_kv_rules),        cmocka_unit_test(test_q8_ff),
-        cmocka_unit_test(test_q4k_attn_output), cmocka_unit_test(test_1b_balance),
-        cmocka_unit_test(test_balance_brute),   cmocka_unit_test(test_override),
-        cmocka_unit_test(test_budget),          cmocka_unit_test(test_weights_share),
-        cmocka_unit_test(test_format),
+        cmocka_unit_test(test_q4k_attn_output), cmocka_unit_test(test_new_quant_blocks),
+        cmocka_unit_test(test_1b_balance),      cmocka_unit_test(test_balance_brute),
+        cmocka_unit_test(test_override),        cmocka_unit_test(test_budget),
+        cmocka_unit_test(test_weights_share),   cmocka_unit_test(test_format),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

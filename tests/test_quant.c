@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "kernels/quant.h"
+#include "shard/gguf.h"
 #include "tests/util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -90,9 +91,10 @@ static void *xmalloc(size_t n)
     return p;
 }
 
-static const uint32_t k_weight_types[] = {TSR_TYPE_F32,  TSR_TYPE_F16,  TSR_TYPE_BF16,
-                                          TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K,
-                                          TSR_TYPE_Q6_K};
+static const uint32_t k_weight_types[] = {
+    TSR_TYPE_F32,  TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_Q8_0, TSR_TYPE_Q4_0,
+    TSR_TYPE_Q4_1, TSR_TYPE_Q5_0, TSR_TYPE_Q5_1, TSR_TYPE_Q2_K, TSR_TYPE_Q3_K,
+    TSR_TYPE_Q4_K, TSR_TYPE_Q5_K, TSR_TYPE_Q6_K};
 #define N_WEIGHT_TYPES (sizeof k_weight_types / sizeof k_weight_types[0])
 
 static const char *const k_isas[] = {"scalar", "avx2", "avx512vnni"};
@@ -322,7 +324,13 @@ static void test_type_table(void **state)
         {TSR_TYPE_BF16, "BF16", 1, 2, TSR_TYPE_F32},
         {TSR_TYPE_Q8_0, "Q8_0", 32, 34, TSR_TYPE_Q8_0},
         {TSR_TYPE_Q4_0, "Q4_0", 32, 18, TSR_TYPE_Q8_0},
+        {TSR_TYPE_Q4_1, "Q4_1", 32, 20, TSR_TYPE_Q8_1},
+        {TSR_TYPE_Q5_0, "Q5_0", 32, 22, TSR_TYPE_Q8_0},
+        {TSR_TYPE_Q5_1, "Q5_1", 32, 24, TSR_TYPE_Q8_1},
+        {TSR_TYPE_Q2_K, "Q2_K", 256, 84, TSR_TYPE_Q8_K},
+        {TSR_TYPE_Q3_K, "Q3_K", 256, 110, TSR_TYPE_Q8_K},
         {TSR_TYPE_Q4_K, "Q4_K", 256, 144, TSR_TYPE_Q8_K},
+        {TSR_TYPE_Q5_K, "Q5_K", 256, 176, TSR_TYPE_Q8_K},
         {TSR_TYPE_Q6_K, "Q6_K", 256, 210, TSR_TYPE_Q8_K},
     };
     for (size_t i = 0; i < sizeof k / sizeof k[0]; ++i) {
@@ -334,7 +342,13 @@ static void test_type_table(void **state)
         assert_int_equal(tsr_row_bytes(k[i].type, 4096), 4096 / k[i].be * k[i].bb);
         if (k[i].be > 1) assert_int_equal(tsr_row_bytes(k[i].type, k[i].be + 1), 0);
         assert_int_equal(tsr_row_bytes(k[i].type, -k[i].be), 0);
+        if (!strstr(tsr_type_supported_list(), k[i].name))
+            fail_msg("%s missing from the supported list '%s'", k[i].name,
+                     tsr_type_supported_list());
     }
+    /* Q8_1: activation type only, but sized (ggml's 36-byte block) */
+    assert_false(tsr_type_supported(TSR_TYPE_Q8_1));
+    assert_int_equal(tsr_row_bytes(TSR_TYPE_Q8_1, 64), 72);
     /* Q8_K: activation type only, but sized */
     assert_false(tsr_type_supported(TSR_TYPE_Q8_K));
     assert_string_equal(tsr_type_name(TSR_TYPE_Q8_K), "Q8_K");
@@ -345,7 +359,8 @@ static void test_unsupported_types(void **state)
 {
     (void)state;
     /* ggml types we do not implement: known name, but not supported and no sizes */
-    static const uint32_t known[] = {3, 6, 7, 9, 10, 11, 13, 16, 20, 23, 24, 28, 29, 34, 39};
+    static const uint32_t known[] = {16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+                                     26, 27, 28, 29, 34, 35, 39, 40, 41};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; ++i) {
         const uint32_t t = known[i];
         if (tsr_type_supported(t)) fail_msg("type %u: expected unsupported", t);
@@ -356,12 +371,23 @@ static void test_unsupported_types(void **state)
         }
         if (tsr_type_vec_dot_type(t) != TSR_TYPE_COUNT)
             fail_msg("type %u: expected no dot type", t);
+        /* ... but ggml's block geometry is known (for inspecting any file) */
+        int64_t be = 0;
+        size_t bb = 0;
+        if (!tsr_type_ggml_block(t, &be, &bb) || be < 1 || bb < 1)
+            fail_msg("type %u: expected ggml block sizes", t);
     }
-    assert_string_equal(tsr_type_name(3), "Q4_1");
-    assert_string_equal(tsr_type_name(13), "Q5_K");
+    assert_string_equal(tsr_type_name(16), "IQ2_XXS");
+    int64_t be = 0;
+    size_t bb = 0;
+    assert_true(tsr_type_ggml_block(16, &be, &bb));
+    assert_int_equal(be, 256);
+    assert_int_equal(bb, 66);
+    assert_true(tsr_type_ggml_block(TSR_TYPE_Q5_K, &be, &bb));
+    assert_int_equal(bb, 176);
     /* ids ggml never defined (or removed) and garbage */
     static const uint32_t garbage[] = {4,  5,  31, 32,   33,          36,        37,
-                                       38, 40, 41, 1000, 0x7fffffffu, UINT32_MAX};
+                                       38, 42, 43, 1000, 0x7fffffffu, UINT32_MAX};
     for (size_t i = 0; i < sizeof garbage / sizeof garbage[0]; ++i) {
         const uint32_t t = garbage[i];
         if (tsr_type_supported(t)) fail_msg("type %u: expected unsupported", t);
@@ -369,6 +395,7 @@ static void test_unsupported_types(void **state)
             fail_msg("type %u: expected name 'unknown', got '%s'", t, tsr_type_name(t));
         }
         if (tsr_row_bytes(t, 256) != 0) fail_msg("type %u: expected row bytes 0", t);
+        if (tsr_type_ggml_block(t, NULL, NULL)) fail_msg("type %u: expected no ggml sizes", t);
         const uint8_t w[64] = {0};
         const float x[64] = {0};
         if (!isnan(tsr_vec_dot(t, 32, w, x))) fail_msg("type %u: expected NaN dot", t);
@@ -615,6 +642,70 @@ static void test_quantizers_match_llama_quantize(void **state)
     free(es);
 }
 
+/* The files of the second batch (models README 9.1: Q4_1, Q5_0, Q5_1 and the Q2_K, Q3_K_M,
+ * Q5_K_M mixes) were made the same way from the f16 file: every quantized tensor of them,
+ * each type, must be our quantizer's bytes of the f16 values. Read through the GGUF reader. */
+static void test_quantizers_match_llama_quantize_more(void **state)
+{
+    (void)state;
+    static const char *const files[] = {"q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q5_k_m"};
+    char err[512];
+    tsr_gguf *src;
+    if (tsr_gguf_open(tsr_test_model_path("synthetic/synth-tiny-f16.gguf"), &src, err,
+                      sizeof err) != 0)
+        fail_msg("open synth-tiny-f16.gguf: %s", err);
+    uint32_t seen[TSR_TYPE_COUNT] = {0};
+    for (size_t f = 0; f < sizeof files / sizeof files[0]; ++f) {
+        char rel[128];
+        snprintf(rel, sizeof rel, "synthetic/synth-tiny-%s.gguf", files[f]);
+        tsr_gguf *g;
+        if (tsr_gguf_open(tsr_test_model_path(rel), &g, err, sizeof err) != 0)
+            fail_msg("open %s: %s", rel, err);
+        for (int64_t i = 0; i < tsr_gguf_n_tensors(g); ++i) {
+            const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
+            if (tsr_type_block_elems(t->type) <= 1) continue; /* F32 norms */
+            /* Q6_K token_embd (8M values, slow to quantize) is checked in the test above */
+            if (t->type == TSR_TYPE_Q6_K && strcmp(t->name, "token_embd.weight") == 0) continue;
+            const tsr_gguf_tensor *s16 = tsr_gguf_find_tensor(src, t->name);
+            if (!s16 || s16->type != TSR_TYPE_F16) fail_msg("%s: no F16 source tensor", t->name);
+            const int64_t ne0 = t->ne[0], rows = t->ne[1] * t->ne[2] * t->ne[3];
+            const size_t rb = tsr_row_bytes(t->type, ne0), bb = tsr_type_block_bytes(t->type);
+            float *x = xmalloc(sizeof(float) * (size_t)ne0);
+            uint8_t *got = xmalloc(rb);
+            int64_t bad = 0, first_row = -1;
+            for (int64_t r = 0; r < rows; ++r) {
+                tsr_dequant_row(TSR_TYPE_F16, (const uint8_t *)s16->data + (size_t)r * 2 * ne0, x,
+                                ne0);
+                tsr_quant_row(t->type, x, got, ne0);
+                const uint8_t *want = (const uint8_t *)t->data + (size_t)r * rb;
+                for (size_t b = 0; b < rb / bb; ++b) {
+                    if (memcmp(got + b * bb, want + b * bb, bb) != 0) {
+                        if (first_row < 0) first_row = r;
+                        ++bad;
+                    }
+                }
+            }
+            if (bad)
+                fail_msg("%s %s: quantize %s of the f16 values differs from llama-quantize in "
+                         "%" PRId64 " blocks (first in row %" PRId64 ")",
+                         rel, t->name, tsr_type_name(t->type), bad, first_row);
+            seen[t->type]++;
+            free(x);
+            free(got);
+        }
+        tsr_gguf_close(g);
+    }
+    tsr_gguf_close(src);
+    static const uint32_t want_types[] = {TSR_TYPE_Q4_1, TSR_TYPE_Q5_0, TSR_TYPE_Q5_1,
+                                          TSR_TYPE_Q2_K, TSR_TYPE_Q3_K, TSR_TYPE_Q4_K,
+                                          TSR_TYPE_Q5_K, TSR_TYPE_Q6_K};
+    for (size_t k = 0; k < sizeof want_types / sizeof want_types[0]; ++k) {
+        if (!seen[want_types[k]])
+            fail_msg("no %s tensor checked in the second batch of files",
+                     tsr_type_name(want_types[k]));
+    }
+}
+
 /* ---- tests: round trips ------------------------------------------------------------------ */
 
 static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale)
@@ -650,6 +741,7 @@ static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale
             /* half a step of amax/127, plus 127 times the fp16 rounding of d (relative, or
              * absolute 2^-25 where d is subnormal in fp16: tiny blocks lose everything) */
             case TSR_TYPE_Q8_0:
+            case TSR_TYPE_Q8_1:
                 bound = amax * 0.5 / 127 * 1.001 + 127 * fmax(amax / 127 * 0x1p-11, 0x1p-25);
                 break;
             /* one step of amax/8 (the +amax side clamps 8 -> 7), plus fp16 rounding of d */
@@ -659,6 +751,24 @@ static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale
             case TSR_TYPE_Q8_K:
                 bound = amax * 0.5 / 127 * 1.0001;
                 break;
+            /* one step of amax/16, plus fp16 rounding of d, as Q4_0 */
+            case TSR_TYPE_Q5_0:
+                bound = amax / 16.0 * 1.001 + 16 * fmax(amax / 16 * 0x1p-11, 0x1p-25);
+                break;
+            /* half a step d = (max-min)/(2^bits - 1), plus fp16 rounding of d and of min */
+            case TSR_TYPE_Q4_1:
+            case TSR_TYPE_Q5_1: {
+                const double levels = type == TSR_TYPE_Q4_1 ? 15 : 31;
+                float mn = x[b * group], mx = x[b * group];
+                for (int64_t k = b * group; k < (b + 1) * group; ++k) {
+                    mn = fminf(mn, x[k]);
+                    mx = fmaxf(mx, x[k]);
+                }
+                const double d = ((double)mx - mn) / levels;
+                bound = d * 0.5 * 1.001 + levels * fmax(d * 0x1p-11, 0x1p-25) +
+                        fmax(fabs(mn) * 0x1p-11, 0x1p-25);
+                break;
+            }
             default:
                 break;
             }
@@ -669,10 +779,32 @@ static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale
             }
         }
     }
-    /* K-quants: no per-element bound; relative RMS error, measured 0.073-0.082 (Q4_K) and
-     * 0.019-0.023 (Q6_K) on this data (Gaussian plus outliers that widen some groups) */
+    /* K-quants: no per-element bound; relative RMS error, measured on this data (Gaussian
+     * plus outliers that widen some groups): Q2_K 0.29-0.35, Q3_K 0.16-0.19, Q4_K
+     * 0.073-0.082, Q5_K 0.038-0.042, Q6_K 0.019-0.023 */
     const double rel = sx > 0 ? sqrt(se / sx) : 0;
-    const double rel_bound = type == TSR_TYPE_Q4_K ? 0.10 : type == TSR_TYPE_Q6_K ? 0.03 : 1.0;
+    double rel_bound = 1.0;
+    switch (type) {
+    case TSR_TYPE_Q2_K:
+        rel_bound = 0.40;
+        break;
+    case TSR_TYPE_Q3_K:
+        rel_bound = 0.22;
+        break;
+    case TSR_TYPE_Q4_K:
+        rel_bound = 0.10;
+        break;
+    case TSR_TYPE_Q5_K:
+        rel_bound = 0.05;
+        break;
+    case TSR_TYPE_Q6_K:
+        rel_bound = 0.03;
+        break;
+    default:
+        break;
+    }
+    if (getenv("TSR_TEST_PRINT_RMS"))
+        print_message("%s n=%" PRId64 " relative RMS error %.4f\n", tsr_type_name(type), n, rel);
     if (rel > rel_bound) {
         fail_msg("%s n=%" PRId64 ": relative RMS error expected <= %.3g got %.4g",
                  tsr_type_name(type), n, rel_bound, rel);
@@ -702,7 +834,9 @@ static void test_roundtrip(void **state)
 {
     (void)state;
     static const uint32_t types[] = {TSR_TYPE_F32,  TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_Q8_0,
-                                     TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K, TSR_TYPE_Q8_K};
+                                     TSR_TYPE_Q4_0, TSR_TYPE_Q4_1, TSR_TYPE_Q5_0, TSR_TYPE_Q5_1,
+                                     TSR_TYPE_Q8_1, TSR_TYPE_Q2_K, TSR_TYPE_Q3_K, TSR_TYPE_Q4_K,
+                                     TSR_TYPE_Q5_K, TSR_TYPE_Q6_K, TSR_TYPE_Q8_K};
     for (size_t t = 0; t < sizeof types / sizeof types[0]; ++t) {
         for (uint64_t seed = 1; seed <= 3; ++seed) {
             check_roundtrip(types[t], 4096, seed, 1.0f);
@@ -733,6 +867,7 @@ typedef struct {
     uint8_t *w, *x;   /* quantized weight row, quantized activation */
     double ref, mag;  /* float64 dot of the dequantized rows, and sum |w_i*x_i| */
     double act_bound; /* bound on |quantized dot - dot with unquantized x| */
+    double s_dev;     /* Q8_1: sum |m_w| * |s - d*sum(q)|, the stored s's rounding */
     double fdot;      /* float64 dot of dequantized w with unquantized x */
 } dot_case;
 
@@ -752,7 +887,23 @@ static void dot_case_make(dot_case *c, uint32_t type, int64_t n, uint64_t seed)
     float *wd = xmalloc((size_t)n * sizeof(float)), *xd = xmalloc((size_t)n * sizeof(float));
     tsr_dequant_row(type, c->w, wd, n);
     tsr_dequant_row(c->xtype, c->x, xd, n);
-    c->ref = c->mag = c->fdot = c->act_bound = 0;
+    c->ref = c->mag = c->fdot = c->act_bound = c->s_dev = 0;
+    if (c->xtype == TSR_TYPE_Q8_1) {
+        /* Q4_1 / Q5_1 dots use the activation's stored s = fp16(d*sum(q)) for the min term,
+         * as ggml does; the dequantized reference uses fp16(d)*sum(q). Blocks: weight d, m
+         * at bytes 0..3; Q8_1 d, s, then 32 quants. */
+        const size_t wbb = tsr_type_block_bytes(type);
+        for (int64_t b = 0; b < n / 32; ++b) {
+            uint16_t mw, dx, sx;
+            memcpy(&mw, c->w + (size_t)b * wbb + 2, 2);
+            memcpy(&dx, c->x + (size_t)b * 36, 2);
+            memcpy(&sx, c->x + (size_t)b * 36 + 2, 2);
+            int32_t sum = 0;
+            for (int k = 0; k < 32; ++k) sum += (int8_t)c->x[(size_t)b * 36 + 4 + (size_t)k];
+            c->s_dev += fabs((double)tsr_f16_to_f32(mw)) *
+                        fabs((double)tsr_f16_to_f32(sx) - (double)tsr_f16_to_f32(dx) * sum);
+        }
+    }
     for (int64_t i = 0; i < n; ++i) {
         c->ref += (double)wd[i] * xd[i];
         c->mag += fabs((double)wd[i] * xd[i]);
@@ -786,11 +937,11 @@ static void dot_case_free(dot_case *c)
 
 static void check_dot_case(const dot_case *c, const char *isa)
 {
-    const double tol = DOT_REL_TOL * c->mag + 1e-30;
+    const double tol = DOT_REL_TOL * c->mag + c->s_dev * 1.001 + 1e-30;
     const float got = tsr_vec_dot(c->type, c->n, c->w, c->x);
     if (!(fabs((double)got - c->ref) <= tol)) {
         fail_msg("%s dot %s n=%" PRId64 ": expected %.9g (float64 of dequantized rows) got %.9g,"
-                 " |diff| %.3g > tol %.3g (1e-5 * sum|w*x|)",
+                 " |diff| %.3g > tol %.3g (1e-5 * sum|w*x| + Q8_1 s rounding)",
                  isa, tsr_type_name(c->type), c->n, c->ref, (double)got, fabs(got - c->ref), tol);
     }
     /* quantized activations vs exact x: within the activation rounding bound */
@@ -1044,6 +1195,7 @@ int main(void)
         cmocka_unit_test(test_fp16_bf16),
         cmocka_unit_test(test_dequant_matches_ggml),
         cmocka_unit_test(test_quantizers_match_llama_quantize),
+        cmocka_unit_test(test_quantizers_match_llama_quantize_more),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_quant_q8_0_isas),
         cmocka_unit_test(test_dots),
