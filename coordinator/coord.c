@@ -25,6 +25,7 @@ typedef struct rep {
     int64_t t_quarantine_until_ms;
     uint64_t t_last_pick; /* pick counter value at its last pick */
     int32_t refs;         /* leases */
+    bool drained;         /* an operator drained it: DRAINING whenever it is alive */
     bool listed;          /* in the list (false: removed, freed at refs 0) */
     struct rep *next;
 } rep;
@@ -240,14 +241,12 @@ int tsr_coord_heartbeat(tsr_coord *c, const tsr_replica_info *hb, bool *removed,
     } else if (hb->draining) {
         r->info.state = prev;
         set_down(r, "the replica is shutting down");
-    } else if (prev == TSR_REPLICA_DRAINING) {
-        r->info.state = TSR_REPLICA_DRAINING;
     } else if (prev == TSR_REPLICA_DOWN && t < r->t_quarantine_until_ms) {
         r->info.state = TSR_REPLICA_DOWN; /* a request just saw it fail */
         copy_str(r->info.reason, sizeof r->info.reason, reason);
     } else {
-        if (prev != TSR_REPLICA_UP) r->generation++;
-        r->info.state = TSR_REPLICA_UP;
+        if (prev != TSR_REPLICA_UP && prev != TSR_REPLICA_DRAINING) r->generation++;
+        r->info.state = r->drained ? TSR_REPLICA_DRAINING : TSR_REPLICA_UP;
     }
 out:
     pthread_mutex_unlock(&c->mu);
@@ -316,6 +315,7 @@ int tsr_coord_drain(tsr_coord *c, const char *name, bool drain, tsr_replica_info
         tsr_set_err(err, err_len, "no replica named '%s'", name);
         return TSR_COORD_ENOTFOUND;
     }
+    r->drained = drain;
     if (drain && r->info.state == TSR_REPLICA_UP) r->info.state = TSR_REPLICA_DRAINING;
     if (!drain && r->info.state == TSR_REPLICA_DRAINING) r->info.state = TSR_REPLICA_UP;
     if (info) snapshot(c, r, info, now_ms());

@@ -11,7 +11,8 @@
  * from an unknown name registers it: a coordinator that restarted has its cluster back
  * after one heartbeat interval. States:
  *   UP        heard within down_after_ms, healthy: gets requests;
- *   DRAINING  an operator drained it: no new requests, running ones finish;
+ *   DRAINING  an operator drained it: no new requests, running ones finish (the mark
+ *             survives the replica going down and coming back, until undrained);
  *   DOWN      no heartbeat for down_after_ms (3 s), unhealthy, or reported failed by a
  *             request (tsr_coord_report_failure): no requests until a healthy heartbeat
  *             arrives after that;

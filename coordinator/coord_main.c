@@ -301,7 +301,7 @@ static int read_cluster(const char *path, launched *out, char *err, size_t err_l
         } else {
             const char *b = strrchr(L->model, '/');
             b = b ? b + 1 : L->model;
-            snprintf(L->model_name, sizeof L->model_name, "%s", b);
+            snprintf(L->model_name, sizeof L->model_name, "%.127s", b);
             size_t k = strlen(L->model_name);
             if (k > 5 && !strcmp(L->model_name + k - 5, ".gguf")) L->model_name[k - 5] = 0;
         }

@@ -447,6 +447,7 @@ typedef struct {
 
 static bool idvec_push(idvec *v, const int32_t *ids, size_t n)
 {
+    if (n == 0) return true;
     if (v->n + n > v->cap) {
         size_t cap = v->cap ? v->cap * 2 : 256;
         while (cap < v->n + n) cap *= 2;
@@ -576,7 +577,7 @@ static void handle_generate(ccall *c, grpc_slice in)
                 reply_status(c, GRPC_STATUS_INTERNAL, "out of memory");
                 goto done;
             }
-            memcpy(attempt_ids, base.ids, base.n * sizeof *attempt_ids);
+            if (base.n) memcpy(attempt_ids, base.ids, base.n * sizeof *attempt_ids);
             memcpy(attempt_ids + base.n, streamed.ids, streamed.n * sizeof *attempt_ids);
             q->prompt = NULL;
             q->prompt_ids = attempt_ids;

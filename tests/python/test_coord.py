@@ -142,6 +142,15 @@ class Proc:
             self.log.close()
 
 
+def dump_logs(procs):
+    for p in procs:
+        try:
+            out = p.output().splitlines()
+        except Exception:  # noqa: BLE001
+            continue
+        print("---- %s (last lines)\n%s" % (" ".join(p.cmd[:6]), "\n".join(out[-25:])))
+
+
 def rank_pid(proc, rank):
     """The pid of MPI rank `rank` of an mpirun job (from its environment)."""
     for pid in proc.pids():
@@ -367,15 +376,16 @@ def test_basic():
 
         # Drain: no new request goes to a; undrain brings it back.
         r = ctl(co.target, "drain", "a")
-        assert r.returncode == 0 and "draining" in r.stdout, r.stdout
-        assert "draining" in ctl(co.target, "replicas").stdout
+        assert r.returncode == 0 and "drain: a" in r.stdout, (r.returncode, r.stdout, r.stderr,
+                                                             replicas(co.target))
+        wait_for(lambda: "draining" in ctl(co.target, "replicas").stdout, 5, "a draining")
         before = replicas(co.target)["a"]["requests_routed"]
         kws = [request(i, 8, "stories260K") for i in range(6)]
         outs = run_concurrent(inf, kws)
         check_equal(kws, outs, references(kws), "drained")
         after = replicas(co.target)
         assert after["a"]["requests_routed"] == before, "a drained replica got requests"
-        assert after["a"]["state"] == "draining", after["a"]
+        assert after["a"]["state"] == "draining", after
         r = ctl(co.target, "undrain", "a", "--json")
         assert r.returncode == 0 and json.loads(r.stdout)["state"] == "up", r.stdout
 
@@ -455,6 +465,9 @@ def test_basic():
         # SIGTERM: the coordinator stops cleanly.
         co2.p.send_signal(signal.SIGTERM)
         assert co2.p.wait(30) == 0, co2.output()[-2000:]
+    except Exception:
+        dump_logs(procs)
+        raise
     finally:
         for p in procs:
             p.kill()
@@ -585,6 +598,9 @@ def test_cluster():
         time.sleep(0.5)
         left = [p for p in co.pids() if p != co.p.pid]
         assert not left, "launched replicas left behind: %s" % left
+    except Exception:
+        dump_logs(procs)
+        raise
     finally:
         for p in procs:
             p.kill()
