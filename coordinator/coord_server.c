@@ -518,6 +518,7 @@ static void handle_generate(ccall *c, grpc_slice in)
         q->request_id = rid;
     }
     char *orig_prompt = q->prompt;
+    const size_t orig_n_messages = q->n_messages;
     int32_t *orig_ids = q->prompt_ids;
     size_t orig_n_ids = q->n_prompt_ids;
     const int32_t max_tokens = q->has_max_tokens ? q->max_tokens : DEFAULT_MAX_TOKENS;
@@ -537,9 +538,11 @@ static void handle_generate(ccall *c, grpc_slice in)
             goto done;
         /* Resuming: prompt ids + what was streamed, the budget left. */
         if (streamed.n > 0) {
-            if (text_prompt && base.n == 0) {
+            if ((text_prompt || q->n_messages > 0) && base.n == 0) {
                 Tessera__V1__TokenizeRequest tq = TESSERA__V1__TOKENIZE_REQUEST__INIT;
                 tq.text = orig_prompt;
+                tq.n_messages = q->n_messages;
+                tq.messages = q->messages;
                 tq.has_add_special_tokens = true;
                 tq.add_special_tokens = q->has_add_special_tokens ? q->add_special_tokens : true;
                 tq.has_parse_special = true;
@@ -580,6 +583,7 @@ static void handle_generate(ccall *c, grpc_slice in)
             if (base.n) memcpy(attempt_ids, base.ids, base.n * sizeof *attempt_ids);
             memcpy(attempt_ids + base.n, streamed.ids, streamed.n * sizeof *attempt_ids);
             q->prompt = NULL;
+            q->n_messages = 0; /* the conversation is in the ids now */
             q->prompt_ids = attempt_ids;
             q->n_prompt_ids = base.n + streamed.n;
             q->has_resumed_tokens = true;
@@ -743,6 +747,7 @@ static void handle_generate(ccall *c, grpc_slice in)
     }
 done:
     q->prompt = orig_prompt;
+    q->n_messages = orig_n_messages;
     if (q->prompt_ids == attempt_ids) {
         q->prompt_ids = orig_ids;
         q->n_prompt_ids = orig_n_ids;

@@ -5,6 +5,8 @@
  * --help. Exit status: 0 ok, 1 runtime error (bad model file, out of memory, ...),
  * 2 usage error (unknown flag, bad value) — with a message that says what to fix.
  */
+#include "coordinator/batch.h"
+#include "coordinator/chat.h"
 #include "coordinator/cli.h"
 #include "coordinator/drafter.h"
 #include "kernels/util.h"
@@ -1186,6 +1188,8 @@ static const char *main_help =
     "  bench      measure prefill/decode speed against the memory-bandwidth roofline\n"
     "  plan       print how a model is cut over tensor- and pipeline-parallel ranks\n"
     "  serve      serve a model over gRPC (continuous batching, paged KV cache)\n"
+    "  chat       chat with an instruct model (its chat template; interactive on a terminal)\n"
+    "  batch      run a JSONL file of requests (OpenAI Batch format), resumable\n"
     "  coordinator  one front door over many replicas (routing, failover, cluster file)\n"
     "  ctl        operate a cluster through its coordinator\n"
     "\n"
@@ -1217,6 +1221,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "bench")) return cmd_bench(argc, argv);
     if (!strcmp(cmd, "plan")) return cmd_plan(argc, argv);
     if (!strcmp(cmd, "serve")) return tsr_cmd_serve(argc, argv);
+    if (!strcmp(cmd, "chat")) return tsr_cmd_chat(argc, argv);
+    if (!strcmp(cmd, "batch")) return tsr_cmd_batch(argc, argv);
     if (!strcmp(cmd, "coordinator")) return tsr_cmd_coordinator(argc, argv);
     if (!strcmp(cmd, "ctl")) return tsr_cmd_ctl(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);

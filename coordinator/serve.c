@@ -74,6 +74,8 @@ static const char *serve_help =
     "  -t, --threads N           CPU threads per rank (default: all cores)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
+    "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
+    "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
     "\n"
     "speculative decoding (per request: the 'speculation' field, default auto):\n"
     "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
@@ -271,6 +273,7 @@ int tsr_cmd_serve(int argc, char **argv)
         O_SPEC,
         O_SPEC_K,
         O_SPEC_MAX_BATCH,
+        O_CHAT_TEMPLATE,
         O_MODEL_NAME,
         O_JOIN,
         O_NAME,
@@ -293,6 +296,7 @@ int tsr_cmd_serve(int argc, char **argv)
                                          {"spec", required_argument, 0, O_SPEC},
                                          {"spec-k", required_argument, 0, O_SPEC_K},
                                          {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
+                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
                                          {"model-name", required_argument, 0, O_MODEL_NAME},
                                          {"join", required_argument, 0, O_JOIN},
                                          {"name", required_argument, 0, O_NAME},
@@ -309,6 +313,7 @@ int tsr_cmd_serve(int argc, char **argv)
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
     int64_t spec_k = 4, spec_max_batch = 4;
+    const char *chat_template = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
@@ -384,6 +389,15 @@ int tsr_cmd_serve(int argc, char **argv)
                 return tsr_cli_usage_error(
                     "serve", "--spec-max-batch needs an integer in 1..4096, got '%s'", optarg);
             break;
+        case O_CHAT_TEMPLATE: {
+            tsr_chat_template *t = NULL;
+            char e[1024];
+            if (tsr_chat_template_new(optarg, NULL, NULL, &t, e, sizeof e) != 0)
+                return tsr_cli_usage_error("serve", "%s", e);
+            tsr_chat_template_free(t);
+            chat_template = optarg;
+            break;
+        }
         case O_KV_MEMORY:
             if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
                 return tsr_cli_usage_error("serve",
@@ -497,6 +511,7 @@ int tsr_cmd_serve(int argc, char **argv)
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
+    tsr_chat_template *chat = NULL;
     if (spec_oracle && tsr_drafter_oracle_load(spec_oracle, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
@@ -551,6 +566,12 @@ int tsr_cmd_serve(int argc, char **argv)
         .max_batch_tokens = (int32_t)max_batch,
         .max_queue = (int32_t)max_queue,
     };
+    /* GenerateRequest.messages: the model's chat template, or --chat-template; a model
+     * without one serves prompts only. */
+    if (tsr_chat_template_for_model(tsr_replica_gguf(rep), vocab, chat_template, &chat, err,
+                                    sizeof err) != 0)
+        fprintf(stderr, "tessera serve: chat messages are refused: %s\n", err);
+    info.chat = chat;
     if (sem_init(&g_sig_sem, 0, 0) != 0) {
         fprintf(stderr, "tessera serve: sem_init: %s\n", strerror(errno));
         goto release;
@@ -642,7 +663,10 @@ stop_server:
     }
 release:
     if (engine) tsr_engine_free(engine);
-    if (engine || !server) tsr_drafter_free(drafter); /* (leaked with a stuck server) */
+    if (engine || !server) { /* (leaked with a stuck server) */
+        tsr_drafter_free(drafter);
+        tsr_chat_template_free(chat);
+    }
     if (!leader_close(rep)) exit_code = 1;
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);

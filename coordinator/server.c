@@ -732,6 +732,9 @@ static bool model_matches(tsr_server *s, const char *model, reply *r)
     return false;
 }
 
+static bool chat_prompt(tsr_server *s, const Tessera__V1__GenerateRequest *q, int32_t **ids,
+                        size_t *n_ids, reply *r);
+
 static void handle_tokenize(tsr_server *s, grpc_slice in, reply *r)
 {
     Tessera__V1__TokenizeRequest *q = tessera__v1__tokenize_request__unpack(
@@ -741,6 +744,24 @@ static void handle_tokenize(tsr_server *s, grpc_slice in, reply *r)
         return;
     }
     if (!model_matches(s, q->model, r)) {
+        tessera__v1__tokenize_request__free_unpacked(q, NULL);
+        return;
+    }
+    if (q->n_messages > 0) {
+        /* The prompt ids of a conversation, as Generate renders it (a coordinator resuming
+         * a chat request after a failover needs them). */
+        Tessera__V1__GenerateRequest g = TESSERA__V1__GENERATE_REQUEST__INIT;
+        g.n_messages = q->n_messages;
+        g.messages = q->messages;
+        int32_t *cids = NULL;
+        size_t cn = 0;
+        if (chat_prompt(s, &g, &cids, &cn, r)) {
+            Tessera__V1__TokenizeResponse a = TESSERA__V1__TOKENIZE_RESPONSE__INIT;
+            a.n_ids = cn;
+            a.ids = cids;
+            reply_msg(r, &a.base);
+        }
+        free(cids);
         tessera__v1__tokenize_request__free_unpacked(q, NULL);
         return;
     }
@@ -800,6 +821,10 @@ static void handle_model_info(tsr_server *s, grpc_slice in, reply *r)
     SETF(max_batch_tokens, i->max_batch_tokens);
     SETF(max_queue, i->max_queue);
 #undef SETF
+    if (i->chat) a.chat_template = (char *)tsr_chat_template_name(i->chat);
+    const int32_t *eog;
+    a.n_eog_ids = tsr_vocab_eog_ids(s->vocab, &eog);
+    a.eog_ids = (int32_t *)eog;
     reply_msg(r, &a.base);
 }
 
@@ -909,6 +934,49 @@ static void handle_health_check(tsr_server *s, grpc_slice in, reply *r)
     grpc__health__v1__health_check_request__free_unpacked(q, NULL);
 }
 
+/* GenerateRequest.messages -> the prompt ids: rendered with the model's chat template and
+ * tokenized with special tokens parsed. Returns false with r set. */
+static bool chat_prompt(tsr_server *s, const Tessera__V1__GenerateRequest *q, int32_t **ids,
+                        size_t *n_ids, reply *r)
+{
+    if (!s->info.chat) {
+        reply_err(r, GRPC_STATUS_FAILED_PRECONDITION,
+                  "messages: the model has no chat template; send prompt or prompt_ids, or "
+                  "start the server with --chat-template NAME");
+        return false;
+    }
+    tsr_chat_msg *m = calloc(q->n_messages, sizeof *m);
+    if (!m) {
+        reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        return false;
+    }
+    size_t total = 0;
+    for (size_t i = 0; i < q->n_messages; i++) {
+        const Tessera__V1__ChatMessage *cm = q->messages[i];
+        m[i].role = cm->role ? cm->role : "";
+        m[i].content = cm->content ? cm->content : "";
+        total += strlen(m[i].content);
+    }
+    char err[512], *text = NULL;
+    size_t len = 0;
+    bool ok = false;
+    if (s->info.n_ctx > 0 && total / s->max_piece > (size_t)s->info.n_ctx) {
+        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                  "messages: %zu bytes cannot fit the context of %d tokens; shorten them", total,
+                  s->info.n_ctx);
+    } else if (tsr_chat_render(s->info.chat, m, q->n_messages, true, &text, &len, err,
+                               sizeof err) != 0) {
+        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "messages: %s", err);
+    } else if (tsr_chat_tokenize(s->vocab, text, len, ids, n_ids, err, sizeof err) != 0) {
+        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "messages: cannot tokenize: %s", err);
+    } else {
+        ok = true;
+    }
+    free(text);
+    free(m);
+    return ok;
+}
+
 /* Validate a GenerateRequest into an engine request. Returns false with r set. The prompt
  * ids are malloc'd into *ids (freed by the caller). */
 static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q,
@@ -927,18 +995,22 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
         er->n_resumed = q->resumed_tokens;
     }
     bool has_text = q->prompt && q->prompt[0];
-    if (has_text && q->n_prompt_ids > 0) {
-        reply_err(
-            r, GRPC_STATUS_INVALID_ARGUMENT,
-            "prompt and prompt_ids are both set: send the prompt as text or as ids, not both");
-        return false;
-    }
-    if (!has_text && q->n_prompt_ids == 0) {
+    int n_inputs = has_text + (q->n_prompt_ids > 0) + (q->n_messages > 0);
+    if (n_inputs > 1) {
         reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
-                  "prompt: empty; set prompt (text) or prompt_ids (token ids)");
+                  "prompt, prompt_ids and messages: set exactly one of them (%d are set)",
+                  n_inputs);
         return false;
     }
-    if (has_text) {
+    if (n_inputs == 0) {
+        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                  "prompt: empty; set exactly one of prompt (text), prompt_ids (token ids) and "
+                  "messages (a conversation)");
+        return false;
+    }
+    if (q->n_messages > 0) {
+        if (!chat_prompt(s, q, ids, n_ids, r)) return false;
+    } else if (has_text) {
         size_t len = strlen(q->prompt);
         if (s->info.n_ctx > 0 && len / s->max_piece > (size_t)s->info.n_ctx) {
             reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,

@@ -32,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/chat.h"
 #include "coordinator/engine.h"
 #include "shard/vocab.h"
 
@@ -59,6 +60,9 @@ typedef struct {
     int32_t kv_block_tokens;
     int32_t max_batch_tokens;
     int32_t max_queue;
+    /* The chat template of GenerateRequest.messages (borrowed: must outlive the server);
+     * NULL: the model has none and messages are refused. */
+    const tsr_chat_template *chat;
 } tsr_server_model_info;
 
 typedef struct {

@@ -13,6 +13,7 @@ are generated from proto/ into a temporary folder at start.
   /usr/bin/python3 ops/loadgen.py --target 127.0.0.1:50051 --concurrency 16 --requests 200
 """
 import argparse
+import json
 import os
 import random
 import shutil
@@ -64,7 +65,19 @@ def main():
     ap.add_argument("--speculation", choices=["default", "off", "auto"], default="default",
                     help="per-request speculative decoding (the server needs a drafter)")
     ap.add_argument("--proto", default=os.path.join(ROOT, "proto"), help="proto folder")
+    ap.add_argument("--input", default=None,
+                    help="a `tessera batch` JSONL file: one request per line with its prompt, "
+                         "max_tokens, temperature, seed, ignore_eos (sets --requests)")
     a = ap.parse_args()
+    items = None
+    if a.input:
+        items = []
+        with open(a.input) as f:
+            for line in f:
+                if line.strip():
+                    o = json.loads(line)
+                    items.append(o.get("body", o))
+        a.requests = len(items)
     if a.concurrency < 1 or a.requests < 1 or a.max_tokens < 1:
         ap.error("--concurrency, --requests and --max-tokens must be >= 1")
 
@@ -93,9 +106,17 @@ def main():
                     next_req[0] += 1
                 spec = {"default": pb.SPECULATION_DEFAULT, "off": pb.SPECULATION_OFF,
                         "auto": pb.SPECULATION_AUTO}[a.speculation]
-                req = pb.GenerateRequest(prompt=prompts[i], max_tokens=a.max_tokens,
-                                         temperature=a.temperature, ignore_eos=a.ignore_eos,
-                                         seed=i, speculation=spec)
+                if items:
+                    it = items[i]
+                    req = pb.GenerateRequest(
+                        prompt=it["prompt"], max_tokens=it.get("max_tokens", 16),
+                        temperature=it.get("temperature", 1.0),
+                        ignore_eos=it.get("ignore_eos", False), seed=it.get("seed", i),
+                        speculation=spec)
+                else:
+                    req = pb.GenerateRequest(prompt=prompts[i], max_tokens=a.max_tokens,
+                                             temperature=a.temperature, ignore_eos=a.ignore_eos,
+                                             seed=i, speculation=spec)
                 t0 = time.perf_counter()
                 prev, first, gaps, n = None, None, [], 0
                 try:

@@ -464,6 +464,8 @@ struct tsr_vocab {
     float *score;
     uint32_t *attr;
     uint8_t *eog;
+    int32_t *eog_ids; /* the ids with eog[id] set, ascending */
+    uint32_t n_eog;
     strtab merge; /* BPE merges "left right", index = rank */
     strmap merge_map;
     strtab piece; /* token_to_piece(id, render_special = true) */
@@ -488,6 +490,7 @@ void tsr_vocab_free(tsr_vocab *v)
     free(v->score);
     free(v->attr);
     free(v->eog);
+    free(v->eog_ids);
     strtab_free(&v->merge);
     strmap_free(&v->merge_map);
     strtab_free(&v->piece);
@@ -595,6 +598,8 @@ static const char *const k_eot_texts[] = {
     "_<EOT>",
     "<\xEF\xBD\x9C"
     "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>", /* DeepSeek */
+    "[EOT]",                                              /* Kimi-K2 */
+    "<end_of_utterance>",                                 /* SmolDocling */
     NULL};
 static const char *const k_eom_texts[] = {"<|eom_id|>", NULL};
 static const char *const k_fim_pre_texts[] = {"<|fim_prefix|>",
@@ -629,9 +634,28 @@ static const char *const k_fim_pad_texts[] = {"<|fim_pad|>", "<fim-pad>", "<fim_
 static const char *const k_fim_rep_texts[] = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
                                               "<REPO>",       "<reponame>",    NULL};
 static const char *const k_fim_sep_texts[] = {"<|file_sep|>", NULL};
-static const char *const k_eog_texts[] = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",   "<|endoftext|>",
-    "<|eom_id|>", "<EOT>",      "_<EOT>",  "<|end_of_text|>", NULL};
+/* Tokens that end generation whatever the metadata says (llama.cpp's special_eog_ids). */
+static const char *const k_eog_texts[] = {"<|eot_id|>",
+                                          "<|im_end|>",
+                                          "<|end|>",
+                                          "<|return|>",
+                                          "<|call|>", /* o200k_harmony */
+                                          "<|flush|>",
+                                          "<|calls|>", /* solar-open */
+                                          "<end_of_turn>",
+                                          "<|endoftext|>",
+                                          "</s>", /* paddleocr */
+                                          "<|eom_id|>",
+                                          "<EOT>",
+                                          "_<EOT>",
+                                          "[EOT]",
+                                          "[EOS]", /* Kimi-K2 */
+                                          "<|end_of_text|>",
+                                          "<end_of_utterance>", /* SmolDocling */
+                                          "<eos>",
+                                          "<turn|>",
+                                          "<|tool_response>", /* Gemma 4 */
+                                          NULL};
 
 /* Lowest id whose text is in `texts`, or TSR_TOKEN_NULL. */
 static int32_t find_any(const tsr_vocab *v, const char *const *texts)
@@ -650,7 +674,7 @@ static void mark_control(tsr_vocab *v, int32_t id)
     if (id >= 0) v->attr[id] |= TSR_VOCAB_ATTR_CONTROL;
 }
 
-static void detect_special_tokens(tsr_vocab *v)
+static int detect_special_tokens(tsr_vocab *v)
 {
     if (v->eot < 0) {
         v->eot = find_any(v, k_eot_texts);
@@ -677,6 +701,33 @@ static void detect_special_tokens(tsr_vocab *v)
     if (v->eos >= 0) v->eog[v->eos] = 1;
     if (v->eot >= 0) v->eog[v->eot] = 1;
     if (v->eom >= 0) v->eog[v->eom] = 1;
+
+    /* llama.cpp's two exceptions: with <|return|> and <|call|> (gpt-oss), or <|calls|>
+     * and <|flush|> (solar-open), <|end|> ends a message, not the generation; with
+     * <|tool_response> (Gemma 4), </s> is ordinary text. */
+    int32_t ret = find_token(v, "<|return|>", 10), call = find_token(v, "<|call|>", 8),
+            calls = find_token(v, "<|calls|>", 9), flush = find_token(v, "<|flush|>", 9),
+            end = find_token(v, "<|end|>", 7);
+    bool has_call = (call >= 0 && v->eog[call]) || (calls >= 0 && v->eog[calls]);
+    if (end >= 0 && v->eog[end] &&
+        ((ret >= 0 && v->eog[ret] && has_call) || (has_call && flush >= 0 && v->eog[flush]))) {
+        v->eog[end] = 0;
+        v->attr[end] = TSR_VOCAB_ATTR_USER_DEFINED;
+    }
+    int32_t tool = find_token(v, "<|tool_response>", 16), s_end = find_token(v, "</s>", 4);
+    if (tool >= 0 && v->eog[tool] && s_end >= 0 && v->eog[s_end]) {
+        v->eog[s_end] = 0;
+        v->attr[s_end] = TSR_VOCAB_ATTR_NORMAL;
+    }
+    v->n_eog = 0;
+    for (int32_t i = 0; i < v->n_tokens; i++)
+        if (v->eog[i]) v->n_eog++;
+    v->eog_ids = malloc((v->n_eog ? v->n_eog : 1) * sizeof *v->eog_ids);
+    if (!v->eog_ids) return TSR_VOCAB_ERR_NOMEM;
+    v->n_eog = 0;
+    for (int32_t i = 0; i < v->n_tokens; i++)
+        if (v->eog[i]) v->eog_ids[v->n_eog++] = i;
+    return 0;
 }
 
 /* Sort order of the partition candidates: longest text first, then lowest id. */
@@ -1089,7 +1140,11 @@ int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len
         goto fail_free;
     }
 
-    detect_special_tokens(v);
+    rc = detect_special_tokens(v);
+    if (rc) {
+        rc = fail(err, err_len, rc, "out of memory");
+        goto fail_free;
+    }
 
     /* partition candidates, longest first */
     v->special = malloc((size_t)v->n_tokens * sizeof *v->special);
@@ -1213,6 +1268,12 @@ bool tsr_vocab_add_space_prefix(const tsr_vocab *v)
 bool tsr_vocab_is_eog(const tsr_vocab *v, int32_t id)
 {
     return valid_id(v, id) && v->eog[id];
+}
+
+size_t tsr_vocab_eog_ids(const tsr_vocab *v, const int32_t **ids)
+{
+    if (ids) *ids = v ? v->eog_ids : NULL;
+    return v ? v->n_eog : 0;
 }
 
 bool tsr_vocab_is_control(const tsr_vocab *v, int32_t id)

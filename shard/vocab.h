@@ -98,9 +98,15 @@ bool tsr_vocab_add_eos(const tsr_vocab *v); /* tokenize(add_special) appends EOS
 bool tsr_vocab_add_space_prefix(const tsr_vocab *v);
 
 /* ---- per token (false / 0 / NULL for an id outside [0, n_tokens)) ---- */
-/* End of generation: EOS, EOT, EOM and the tokens llama.cpp recognizes by text
- * ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", ...). */
+/* End of generation: the set llama.cpp derives from the vocabulary (special_eog_ids):
+ * EOS, EOT, EOM, the FIM pad/repo/sep tokens and the tokens recognized by text
+ * ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+ * "<|end_of_text|>", "<EOT>", "<end_of_utterance>", ...), less llama.cpp's exceptions
+ * (<|end|> next to gpt-oss's <|return|>/<|call|>, </s> next to Gemma 4's tool tokens).
+ * Such tokens are also marked CONTROL, as llama.cpp does. */
 bool tsr_vocab_is_eog(const tsr_vocab *v, int32_t id);
+/* The same set as a list: *ids (owned by v, ascending) gets the ids; returns the count. */
+size_t tsr_vocab_eog_ids(const tsr_vocab *v, const int32_t **ids);
 bool tsr_vocab_is_control(const tsr_vocab *v, int32_t id);
 uint32_t tsr_vocab_token_attr(const tsr_vocab *v, int32_t id); /* TSR_VOCAB_ATTR_* bits */
 float tsr_vocab_token_score(const tsr_vocab *v, int32_t id);

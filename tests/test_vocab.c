@@ -134,15 +134,14 @@ static bool utf8_valid(const unsigned char *s, size_t n)
 
 static const char k_sep[] = "\n__ggml_vocab_test__\n";
 
-/* Run every case of vocab/ggml-vocab-<name>.gguf.inp/.out through v. */
-static void check_vectors(const tsr_vocab *v, const char *name)
+/* Run every text of inp_rel through v and compare with the ids of out_rel (one line per
+ * text), both relative to the models folder. */
+static void check_vector_files(const tsr_vocab *v, const char *name, const char *inp_rel,
+                               const char *out_rel)
 {
-    char rel[256];
     size_t inp_len, out_len;
-    snprintf(rel, sizeof rel, "vocab/ggml-vocab-%s.gguf.inp", name);
-    char *inp = tsr_test_read_file(tsr_test_model_path(rel), &inp_len);
-    snprintf(rel, sizeof rel, "vocab/ggml-vocab-%s.gguf.out", name);
-    char *out = tsr_test_read_file(tsr_test_model_path(rel), &out_len);
+    char *inp = tsr_test_read_file(tsr_test_model_path(inp_rel), &inp_len);
+    char *out = tsr_test_read_file(tsr_test_model_path(out_rel), &out_len);
     assert_non_null(inp);
     assert_non_null(out);
 
@@ -184,6 +183,54 @@ static void check_vectors(const tsr_vocab *v, const char *name)
     free(out);
     assert_true(n_cases >= 40);
     assert_int_equal(n_fail, 0);
+}
+
+/* Run every case of vocab/ggml-vocab-<name>.gguf.inp/.out through v. */
+static void check_vectors(const tsr_vocab *v, const char *name)
+{
+    char inp[256], out[256];
+    snprintf(inp, sizeof inp, "vocab/ggml-vocab-%s.gguf.inp", name);
+    snprintf(out, sizeof out, "vocab/ggml-vocab-%s.gguf.out", name);
+    check_vector_files(v, name, inp, out);
+}
+
+/* ---- the real models' vocabularies (ops/fetch-model.sh) ----
+ * expected/real-vocab/NAME.out: llama.cpp's ids of every text of the llama-bpe vectors in
+ * that model's vocabulary: SmolLM2 (BPE, pre-tokenizer smollm = the starcoder expression),
+ * Qwen2.5 (BPE, qwen2) and Gemma 3 (SentencePiece without the space prefix, byte
+ * fallback, 262k tokens). */
+static void run_real_vocab(const char *name)
+{
+    char cmd[1024], *out = NULL, *errs = NULL;
+    snprintf(cmd, sizeof cmd, "%s %s", TSR_FETCH_MODEL, name);
+    int rc = tsr_test_run(cmd, &out, &errs);
+    if (rc != 0 || !out) fail_msg("%s failed (%d): %s", cmd, rc, errs ? errs : "");
+    size_t n = strlen(out);
+    while (n && out[n - 1] == '\n') out[--n] = 0;
+    char *path = strrchr(out, '\n');
+    tsr_vocab *v = open_vocab_path(path ? path + 1 : out);
+    char rel[256];
+    snprintf(rel, sizeof rel, "expected/real-vocab/%s.out", name);
+    check_vector_files(v, name, "vocab/ggml-vocab-llama-bpe.gguf.inp", rel);
+    tsr_vocab_free(v);
+    free(out);
+    free(errs);
+}
+
+static void test_real_smollm2(void **state)
+{
+    (void)state;
+    run_real_vocab("smollm2-135m-instruct");
+}
+static void test_real_qwen25(void **state)
+{
+    (void)state;
+    run_real_vocab("qwen2.5-coder-0.5b-instruct");
+}
+static void test_real_gemma3(void **state)
+{
+    (void)state;
+    run_real_vocab("gemma-3-270m");
 }
 
 static void run_vocab_file(const char *name)
@@ -1098,6 +1145,9 @@ int main(void)
         cmocka_unit_test(test_mpt),
         cmocka_unit_test(test_starcoder),
         cmocka_unit_test(test_deepseek_llm),
+        cmocka_unit_test(test_real_smollm2),
+        cmocka_unit_test(test_real_qwen25),
+        cmocka_unit_test(test_real_gemma3),
         cmocka_unit_test(test_other_vocabs_load),
         cmocka_unit_test(test_bert_unsupported),
         cmocka_unit_test(test_llama_bpe_standin),

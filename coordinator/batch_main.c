@@ -1,0 +1,1329 @@
+/*
+ * batch_main.c — `tessera batch`: a JSONL file of requests through one replica's serving
+ * engine (continuous batching, paged KV), results appended to a JSONL file; resumable,
+ * shardable, stoppable by signal; and `tessera batch --merge` for shard outputs.
+ *
+ * Threads (on the leader rank; followers serve steps as under `serve`):
+ *   - the main thread runs the engine's step loop (it owns MPI: funneled use), from the
+ *     moment the replica is open, so followers always get steps or heartbeats;
+ *   - the driver thread does the rest: scans the output (resume), pre-scans the input
+ *     (duplicate custom_ids, totals), then streams the input — parse, tokenize, submit —
+ *     keeping at most `window` lines in flight, writes each finished line, flushes and
+ *     fsyncs in groups, prints progress, and handles SIGTERM / SIGUSR1 / SIGINT: stop
+ *     admitting, let running lines finish for up to --shutdown-grace, cancel the rest
+ *     (they are not written: a rerun does them), flush, exit 3 ("incomplete").
+ * Engine events arrive on the step-loop thread; the callback only appends to the line's
+ * buffers and, at FINISH, queues the line for the driver (never blocks on I/O).
+ *
+ * Memory: the lines in flight (window = 2 × --max-seqs by default), the output buffer of
+ * one flush group, and two key sets (custom_ids already in the output, and those of the
+ * input while it is checked for duplicates) — never the input itself.
+ */
+#include "coordinator/batch.h"
+
+#include "coordinator/cli.h"
+#include "coordinator/engine.h"
+#include "kernels/util.h"
+#include "shard/gguf.h"
+#include "shard/vocab.h"
+#include "worker/comm.h"
+#include "worker/model.h"
+#include "worker/replica.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DEFAULT_MODEL          "../shared/models/stories260K.gguf"
+#define DEFAULT_GRACE_MS       60000
+#define DEFAULT_FLUSH_LINES    64
+#define DEFAULT_FLUSH_MS       2000
+#define DEFAULT_MAX_LINE_BYTES ((size_t)8 << 20)
+#define DEFAULT_KV_CAP         ((uint64_t)8 << 30)
+
+static const char *batch_help =
+    "usage: tessera batch -m MODEL -i INPUT.jsonl -o OUTPUT.jsonl [flags]\n"
+    "       tessera batch --merge OUT.jsonl IN.jsonl... [-i INPUT.jsonl]\n"
+    "\n"
+    "Run every request line of INPUT through one replica with continuous batching and\n"
+    "append one result line per request to OUTPUT. Input lines: the OpenAI Batch API format\n"
+    "{\"custom_id\", \"method\": \"POST\", \"url\": \"/v1/completions\" or\n"
+    "\"/v1/chat/completions\", \"body\": {...}}, or plain {\"custom_id\", \"prompt\", ...}\n"
+    "lines; body fields as the gRPC request (max_tokens, temperature, top_p, top_k, min_p,\n"
+    "seed, stop, stop_token_ids, penalties, logprobs, ignore_eos, ...). A bad line gets an\n"
+    "error line and the run goes on. Rerun the same command after a crash or a signal: the\n"
+    "custom_ids already in OUTPUT are skipped (a torn last line is cut away).\n"
+    "\n"
+    "  -m, --model PATH          GGUF model (default " DEFAULT_MODEL ")\n"
+    "  -i, --input PATH          request lines (JSONL), read as a stream\n"
+    "  -o, --output PATH         result lines (JSONL), appended\n"
+    "      --ordered             write results in input order (default: as they finish)\n"
+    "      --shard I/N           only the lines whose 0-based line number mod N is I\n"
+    "      --seed S              seed of lines without one: derived from S and the\n"
+    "                            custom_id (reproducible); default: random per line\n"
+    "      --progress-interval S without a terminal on stderr, a progress line every S\n"
+    "                            seconds (default 30; 0 = none); on a terminal, a bar\n"
+    "      --shutdown-grace MS   on SIGTERM / SIGUSR1 / SIGINT, how long running lines may\n"
+    "                            finish before they are dropped (default 60000)\n"
+    "      --flush-lines N       fsync the output every N lines (default 64) ...\n"
+    "      --flush-interval MS   ... or every MS milliseconds (default 2000)\n"
+    "      --max-line-bytes N    longer input lines get an error line (default 8M)\n"
+    "\n"
+    "engine:\n"
+    "      --max-batch-tokens N  token budget of one step (default 512)\n"
+    "      --max-seqs N          sequences running at once (default 128)\n"
+    "      --kv-memory BYTES     KV cache of the whole replica, e.g. 2G (default: --max-seqs\n"
+    "                            full contexts, at most a quarter of the free memory and 8G)\n"
+    "  -c, --ctx-size N          tokens per line, prompt + output (default: the model's,\n"
+    "                            max 4096); longer prompts get an error line\n"
+    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    "\n"
+    "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
+    "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS   as in 'tessera generate'\n"
+    "\n"
+    "merge:\n"
+    "      --merge OUT IN...     merge shard outputs into OUT: each custom_id exactly once;\n"
+    "                            with -i INPUT also every line of INPUT answered\n"
+    "\n"
+    "exit status: 0 every line has a result or error line; 1 runtime error; 2 usage error,\n"
+    "duplicate custom_ids in INPUT, or an OUTPUT this command did not write; 3 incomplete:\n"
+    "stopped by a signal, rerun the same command to continue.\n"
+    "  -h, --help                this help\n";
+
+/* ---- signals ---- */
+
+static atomic_int g_sig_count;
+static atomic_int g_sig_last;
+
+static void on_signal(int sig)
+{
+    atomic_store(&g_sig_last, sig);
+    atomic_fetch_add(&g_sig_count, 1);
+}
+
+static const char *sig_name(int sig)
+{
+    return sig == SIGTERM   ? "SIGTERM"
+           : sig == SIGUSR1 ? "SIGUSR1"
+           : sig == SIGINT  ? "SIGINT"
+                            : "a signal";
+}
+
+/* ---- one line in flight ---- */
+
+typedef struct bslot {
+    struct bslot *next; /* in the finished queue */
+    void *job;          /* the job (the callback queues the slot there) */
+    uint64_t seq;       /* order of admission in this run (for --ordered) */
+    int64_t line_no;
+    char *custom_id;
+    char *model; /* the body's "model", echoed (NULL: the GGUF's name) */
+    bool chat, want_logprobs;
+    int32_t n_top;
+    int32_t n_prompt;
+    /* Filled by the engine callback. */
+    int32_t *ids;
+    size_t n_ids, cap;
+    char *text;
+    size_t text_len, text_cap;
+    float *chosen;
+    int32_t *top_ids;
+    float *top_lps;
+    int finish_reason;
+    bool oom;
+    bool drop; /* cancelled or failed: no output line, a rerun does it */
+    /* Error lines (and results once formatted). */
+    char *line;
+    size_t line_len;
+    bool is_error;
+} bslot;
+
+static void slot_free(bslot *s)
+{
+    if (!s) return;
+    free(s->custom_id);
+    free(s->model);
+    free(s->ids);
+    free(s->text);
+    free(s->chosen);
+    free(s->top_ids);
+    free(s->top_lps);
+    free(s->line);
+    free(s);
+}
+
+typedef struct {
+    /* configuration */
+    const char *model_name;
+    const char *in_path, *out_path;
+    bool ordered;
+    int64_t shard_i, shard_n;
+    bool seed_set;
+    uint64_t seed_base;
+    double progress_s;
+    int64_t grace_ms, flush_lines, flush_ms;
+    size_t max_line_bytes;
+    int32_t window;
+    tsr_engine *eng;
+    const tsr_vocab *vocab;
+    int32_t n_ctx, n_vocab;
+    /* step-loop -> driver */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bslot *fin_head, *fin_tail;
+    bool engine_ended; /* under mu */
+    /* driver state */
+    bslot **ring; /* --ordered: finished lines by seq % window */
+    uint64_t seq_next, seq_out;
+    int32_t inflight;
+    tsr_batch_out out;
+    tsr_batch_keyset *done;
+    uint64_t n_total, n_resumed, n_ok, n_failed, n_dropped;
+    uint64_t n_prompt_tokens, n_gen_tokens;
+    uint64_t t_start_ns, t_last_flush_ns, t_last_progress_ns;
+    bool tty;
+    size_t keyset_peak_bytes;
+    uint64_t rng;
+    int exit_code;
+    char err[1024];
+} job;
+
+/* ---- engine callback (step-loop thread) ---- */
+
+static bool grow(void **p, size_t elem, size_t need, size_t *cap)
+{
+    if (need <= *cap) return true;
+    size_t c = *cap ? *cap : 64;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, c * elem);
+    if (!q) return false;
+    *p = q;
+    *cap = c;
+    return true;
+}
+
+static void on_event(void *ud, const tsr_event *ev)
+{
+    bslot *s = ud;
+    job *j = s->job;
+    if (ev->kind == TSR_EV_TOKENS) {
+        if (s->oom) return;
+        size_t n = s->n_ids + ev->n_ids, cap = s->cap;
+        if (!grow((void **)&s->ids, sizeof(int32_t), n, &cap)) goto oom;
+        if (s->want_logprobs) {
+            size_t c2 = s->cap;
+            if (!grow((void **)&s->chosen, sizeof(float), n, &c2)) goto oom;
+            if (s->n_top > 0) {
+                c2 = s->cap;
+                if (!grow((void **)&s->top_ids, sizeof(int32_t) * (size_t)s->n_top, n, &c2))
+                    goto oom;
+                c2 = s->cap;
+                if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2)) goto oom;
+            }
+        }
+        s->cap = cap;
+        for (size_t i = 0; i < ev->n_ids; i++) {
+            size_t at = s->n_ids + i;
+            s->ids[at] = ev->ids[i];
+            if (s->want_logprobs) {
+                s->chosen[at] = ev->chosen_logprobs ? ev->chosen_logprobs[i] : NAN;
+                for (int32_t k = 0; k < s->n_top; k++) {
+                    bool have = ev->top_logprobs && k < ev->n_top;
+                    size_t o = at * (size_t)s->n_top + (size_t)k;
+                    s->top_ids[o] =
+                        have ? ev->top_logprobs[i * (size_t)ev->n_top + (size_t)k].id : -1;
+                    s->top_lps[o] =
+                        have ? ev->top_logprobs[i * (size_t)ev->n_top + (size_t)k].logprob : NAN;
+                }
+            }
+        }
+        s->n_ids = n;
+        if (ev->text_len) {
+            if (!grow((void **)&s->text, 1, s->text_len + ev->text_len + 1, &s->text_cap)) goto oom;
+            memcpy(s->text + s->text_len, ev->text, ev->text_len);
+            s->text_len += ev->text_len;
+            s->text[s->text_len] = '\0';
+        }
+        return;
+    oom:
+        s->oom = true;
+        return;
+    }
+    s->finish_reason = ev->finish_reason;
+    s->n_prompt = ev->n_prompt_tokens;
+    if (ev->finish_reason == TSR_FINISH_CANCELLED || ev->finish_reason == TSR_FINISH_ERROR)
+        s->drop = true;
+    pthread_mutex_lock(&j->mu);
+    s->next = NULL;
+    if (j->fin_tail)
+        j->fin_tail->next = s;
+    else
+        j->fin_head = s;
+    j->fin_tail = s;
+    pthread_cond_signal(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+}
+
+/* ---- driver helpers ---- */
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t fnv(const char *s)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+static long peak_rss_kib(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
+}
+
+static char *piece_of(const tsr_vocab *v, int32_t id)
+{
+    char buf[256];
+    if (id < 0) return strdup("");
+    int32_t n = tsr_vocab_token_to_piece(v, id, buf, sizeof buf, true);
+    if (n < 0) n = 0;
+    char *s = malloc((size_t)n + 1);
+    if (!s) return NULL;
+    if ((size_t)n <= sizeof buf) {
+        memcpy(s, buf, (size_t)n);
+    } else {
+        tsr_vocab_token_to_piece(v, id, s, (size_t)n, true);
+    }
+    s[n] = '\0';
+    /* Pieces can be part of a UTF-8 character: cJSON would copy the bytes as they are,
+     * making the line invalid UTF-8; replace such bytes. */
+    for (int32_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] >= 0x80) s[i] = '?';
+    return s;
+}
+
+/* Format a finished completion into s->line. */
+static int format_done(job *j, bslot *s)
+{
+    char **pieces = NULL, **top_pieces = NULL;
+    size_t n_top_all = s->want_logprobs ? s->n_ids * (size_t)(s->n_top > 0 ? s->n_top : 0) : 0;
+    int rc = TSR_BATCH_ENOMEM;
+    if (s->want_logprobs) {
+        pieces = calloc(s->n_ids + 1, sizeof *pieces);
+        top_pieces = calloc(n_top_all + 1, sizeof *top_pieces);
+        if (!pieces || !top_pieces) goto done;
+        for (size_t i = 0; i < s->n_ids; i++)
+            if (!(pieces[i] = piece_of(j->vocab, s->ids[i]))) goto done;
+        for (size_t i = 0; i < n_top_all; i++)
+            if (!(top_pieces[i] = piece_of(j->vocab, s->top_ids[i]))) goto done;
+    }
+    tsr_batch_result r = {.custom_id = s->custom_id,
+                          .model = s->model ? s->model : j->model_name,
+                          .text = s->text,
+                          .text_len = s->text_len,
+                          .ids = s->ids,
+                          .n_ids = s->n_ids,
+                          .finish_reason = s->finish_reason,
+                          .n_prompt_tokens = s->n_prompt,
+                          .want_logprobs = s->want_logprobs,
+                          .chat = s->chat,
+                          .pieces = (const char *const *)pieces,
+                          .chosen = s->chosen,
+                          .top_ids = s->top_ids,
+                          .top_lps = s->top_lps,
+                          .top_pieces = (const char *const *)top_pieces,
+                          .n_top = s->n_top};
+    rc = tsr_batch_format_result(&r, &s->line, &s->line_len);
+done:
+    if (pieces)
+        for (size_t i = 0; i < s->n_ids; i++) free(pieces[i]);
+    if (top_pieces)
+        for (size_t i = 0; i < n_top_all; i++) free(top_pieces[i]);
+    free(pieces);
+    free(top_pieces);
+    return rc;
+}
+
+static int emit(job *j, bslot *s)
+{
+    if (!s->drop) {
+        if (tsr_batch_out_add(&j->out, s->line, s->line_len) != 0) return TSR_BATCH_ENOMEM;
+        if (s->is_error)
+            j->n_failed++;
+        else
+            j->n_ok++;
+    } else {
+        j->n_dropped++;
+    }
+    slot_free(s);
+    return 0;
+}
+
+/* A finished line (result, error or dropped) in admission order or as it comes. */
+static int complete(job *j, bslot *s)
+{
+    if (!s->drop && !s->is_error) {
+        if (s->oom) {
+            s->drop = true;
+        } else {
+            j->n_gen_tokens += s->n_ids;
+            j->n_prompt_tokens += (uint64_t)s->n_prompt;
+            if (format_done(j, s) != 0) return TSR_BATCH_ENOMEM;
+        }
+    }
+    if (!j->ordered) return emit(j, s);
+    j->ring[s->seq % (uint64_t)j->window] = s;
+    while (j->seq_out < j->seq_next) {
+        bslot **at = &j->ring[j->seq_out % (uint64_t)j->window];
+        if (!*at) break;
+        int rc = emit(j, *at);
+        *at = NULL;
+        j->seq_out++;
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+static bslot *error_slot(job *j, char *custom_id, int64_t line_no, const char *code,
+                         const char *msg)
+{
+    bslot *s = calloc(1, sizeof *s);
+    if (!s) {
+        free(custom_id);
+        return NULL;
+    }
+    s->seq = j->seq_next++;
+    s->line_no = line_no;
+    s->custom_id = custom_id;
+    s->is_error = true;
+    if (tsr_batch_format_error(custom_id, line_no, code, msg, &s->line, &s->line_len) != 0) {
+        slot_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+static void progress(job *j, bool final)
+{
+    uint64_t t = tsr_now_ns();
+    double el = (double)(t - j->t_start_ns) / 1e9;
+    uint64_t done = j->n_resumed + j->n_ok + j->n_failed;
+    uint64_t this_run = j->n_ok + j->n_failed;
+    double tps = el > 0 ? (double)j->n_gen_tokens / el : 0;
+    double lps = el > 0 ? (double)this_run / el : 0;
+    double eta = lps > 0 && j->n_total > done ? (double)(j->n_total - done) / lps : 0;
+    double pct = j->n_total ? 100.0 * (double)done / (double)j->n_total : 100.0;
+    char etab[32];
+    if (lps > 0 || done >= j->n_total)
+        snprintf(etab, sizeof etab, "%d:%02d:%02d", (int)(eta / 3600), (int)fmod(eta / 60, 60),
+                 (int)fmod(eta, 60));
+    else
+        snprintf(etab, sizeof etab, "?");
+    if (j->tty) {
+        char bar[31];
+        int fill = (int)(pct * 30 / 100);
+        for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
+        bar[30] = '\0';
+        fprintf(stderr,
+                "\r\033[K[%s] %" PRIu64 "/%" PRIu64 " lines %3.0f%%  %" PRIu64
+                " failed  %.1f tok/s  ETA %s%s",
+                bar, done, j->n_total, pct, j->n_failed, tps, etab, final ? "\n" : "");
+    } else if (!final) {
+        fprintf(stderr,
+                "tessera batch: %" PRIu64 "/%" PRIu64 " lines (%.1f%%), %" PRIu64
+                " failed, %" PRIu64 " prompt + %" PRIu64
+                " generated tokens, %.1f generated tokens/s, elapsed %.0f s, ETA %s\n",
+                done, j->n_total, pct, j->n_failed, j->n_prompt_tokens, j->n_gen_tokens, tps, el,
+                etab);
+    }
+    fflush(stderr);
+    j->t_last_progress_ns = t;
+}
+
+static int flush_out(job *j)
+{
+    if (j->out.n_lines_buffered == 0) return 0;
+    j->t_last_flush_ns = tsr_now_ns();
+    if (tsr_batch_out_flush(&j->out, j->err, sizeof j->err) != 0) return TSR_BATCH_EIO;
+    return 0;
+}
+
+/* Pre-scan: count the lines of this shard, the ones already done, and refuse duplicate
+ * custom_ids (in the whole file: shards must agree). */
+static int prescan(job *j)
+{
+    FILE *f = fopen(j->in_path, "rb");
+    if (!f) {
+        tsr_set_err(j->err, sizeof j->err, "cannot read %s: %s", j->in_path, strerror(errno));
+        return TSR_BATCH_EIO;
+    }
+    tsr_batch_reader r;
+    tsr_batch_keyset *seen = tsr_batch_keyset_new();
+    int rc = TSR_BATCH_ENOMEM, k;
+    uint64_t n_dup = 0;
+    if (!seen || tsr_batch_reader_init(&r, f, j->max_line_bytes) != 0) {
+        tsr_batch_keyset_free(seen);
+        fclose(f);
+        tsr_set_err(j->err, sizeof j->err, "out of memory");
+        return rc;
+    }
+    rc = 0;
+    while ((k = tsr_batch_reader_next(&r)) == 1) {
+        if (!r.too_long && tsr_batch_line_blank(r.buf, r.len)) continue;
+        char *key = NULL;
+        size_t klen = 0;
+        if (r.too_long) {
+            char b[64];
+            klen = tsr_batch_line_key(r.line_no, b, sizeof b);
+            key = strdup(b);
+        } else if (tsr_batch_input_key(r.buf, r.len, r.line_no, &key, &klen) != 0) {
+            key = NULL;
+        }
+        if (!key) {
+            rc = TSR_BATCH_ENOMEM;
+            break;
+        }
+        int a = tsr_batch_keyset_add(seen, key, klen);
+        if (a < 0) {
+            free(key);
+            rc = a;
+            break;
+        }
+        if (a == 0) {
+            if (n_dup++ < 5)
+                fprintf(stderr, "tessera batch: %s line %" PRId64 ": custom_id '%.200s' again\n",
+                        j->in_path, r.line_no, key);
+        } else if ((r.line_no - 1) % j->shard_n == j->shard_i) {
+            j->n_total++;
+            if (tsr_batch_keyset_has(j->done, key, klen)) j->n_resumed++;
+        }
+        free(key);
+    }
+    if (rc == 0 && k < 0) rc = TSR_BATCH_EIO;
+    size_t b = tsr_batch_keyset_bytes(seen) + tsr_batch_keyset_bytes(j->done);
+    if (b > j->keyset_peak_bytes) j->keyset_peak_bytes = b;
+    tsr_batch_keyset_free(seen);
+    tsr_batch_reader_free(&r);
+    fclose(f);
+    if (rc == TSR_BATCH_EIO)
+        tsr_set_err(j->err, sizeof j->err, "cannot read %s: %s", j->in_path, strerror(errno));
+    else if (rc != 0)
+        tsr_set_err(j->err, sizeof j->err, "out of memory");
+    else if (n_dup) {
+        tsr_set_err(j->err, sizeof j->err,
+                    "%s has %" PRIu64 " duplicate custom_id%s (listed above, at most 5): every "
+                    "line needs its own custom_id, or a rerun could not tell which are done; "
+                    "fix the input",
+                    j->in_path, n_dup, n_dup > 1 ? "s" : "");
+        rc = TSR_BATCH_EDUP;
+    }
+    return rc;
+}
+
+#define ADMIT_REFUSED (-100) /* the engine takes no more work (draining, down) */
+
+/* Parse, tokenize and submit one line; error lines complete at once. Returns 0, or < 0
+ * when the engine refuses work (draining / down: stop admitting). */
+static int admit(job *j, tsr_batch_reader *r)
+{
+    char emsg[1024];
+    int64_t ln = r->line_no;
+    bslot *es = NULL;
+    if (r->too_long) {
+        snprintf(emsg, sizeof emsg,
+                 "line %" PRId64
+                 " is longer than --max-line-bytes (%zu bytes); shorten it or raise "
+                 "the limit",
+                 ln, j->max_line_bytes);
+        es = error_slot(j, NULL, ln, "line_too_long", emsg);
+        return es ? complete(j, es) : TSR_BATCH_ENOMEM;
+    }
+    tsr_batch_request rq;
+    const char *code;
+    char perr[768];
+    if (tsr_batch_parse_line(r->buf, r->len, &rq, &code, perr, sizeof perr) != 0) {
+        snprintf(emsg, sizeof emsg, "line %" PRId64 ": %s", ln, perr);
+        es = error_slot(j, rq.custom_id, ln, code, emsg);
+        return es ? complete(j, es) : TSR_BATCH_ENOMEM;
+    }
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    if (rq.kind == TSR_BATCH_CHAT) {
+        snprintf(emsg, sizeof emsg,
+                 "line %" PRId64 ": chat completions need a chat template (not available in this "
+                 "build); send /v1/completions with a prompt",
+                 ln);
+        code = "unsupported";
+        goto line_error;
+    }
+    if (rq.prompt) {
+        char terr[512];
+        /* A prompt longer than n_ctx tokens of at least one byte each cannot fit: refuse
+         * before tokenizing megabytes. */
+        size_t len = strlen(rq.prompt);
+        if (len > (size_t)j->n_ctx * 64) {
+            snprintf(emsg, sizeof emsg,
+                     "line %" PRId64 ": prompt: %zu bytes cannot fit the context of %d tokens; "
+                     "shorten the prompt",
+                     ln, len, j->n_ctx);
+            code = "prompt_too_long";
+            goto line_error;
+        }
+        if (tsr_vocab_tokenize(j->vocab, rq.prompt, len, rq.add_special, true, &ids, &n_ids, terr,
+                               sizeof terr) != 0) {
+            snprintf(emsg, sizeof emsg, "line %" PRId64 ": prompt: cannot tokenize: %s", ln, terr);
+            goto line_error;
+        }
+        if (n_ids == 0) {
+            snprintf(emsg, sizeof emsg, "line %" PRId64 ": prompt: tokenizes to no tokens", ln);
+            goto line_error;
+        }
+    } else {
+        ids = rq.prompt_ids;
+        n_ids = rq.n_prompt_ids;
+        rq.prompt_ids = NULL;
+        for (size_t i = 0; i < n_ids; i++) {
+            if (ids[i] >= j->n_vocab) {
+                snprintf(emsg, sizeof emsg,
+                         "line %" PRId64 ": prompt[%zu]: token id %d is outside the vocabulary "
+                         "[0, %d)",
+                         ln, i, ids[i], j->n_vocab);
+                goto line_error;
+            }
+        }
+    }
+    if (n_ids >= (size_t)j->n_ctx) {
+        snprintf(emsg, sizeof emsg,
+                 "line %" PRId64 ": prompt: %zu tokens do not fit the context of %d tokens (at "
+                 "least one position must be left to generate); shorten the prompt or raise "
+                 "--ctx-size",
+                 ln, n_ids, j->n_ctx);
+        code = "prompt_too_long";
+        goto line_error;
+    }
+    if (!rq.has_seed) {
+        if (j->seed_set) {
+            uint64_t x = j->seed_base ^ fnv(rq.custom_id);
+            rq.gen.sampling.seed = splitmix64(&x);
+        } else {
+            rq.gen.sampling.seed = splitmix64(&j->rng);
+        }
+    }
+    /* The context bounds max_tokens, as in `tessera generate`: what fits, then "length". */
+    if ((size_t)rq.gen.max_tokens + n_ids > (size_t)j->n_ctx)
+        rq.gen.max_tokens = j->n_ctx - (int32_t)n_ids;
+
+    bslot *s = calloc(1, sizeof *s);
+    if (!s) {
+        free(ids);
+        tsr_batch_request_free(&rq);
+        return TSR_BATCH_ENOMEM;
+    }
+    s->line_no = ln;
+    s->custom_id = rq.custom_id;
+    rq.custom_id = NULL;
+    s->model = rq.model;
+    rq.model = NULL;
+    s->chat = rq.kind == TSR_BATCH_CHAT;
+    s->want_logprobs = rq.want_logprobs;
+    s->n_top = rq.want_logprobs ? rq.logprobs : 0;
+    s->n_prompt = (int32_t)n_ids;
+    s->job = j;
+    tsr_engine_request er = {.prompt_ids = ids,
+                             .n_prompt = n_ids,
+                             .gen = rq.gen,
+                             /* the engine's logprobs = top-n; chosen logprobs come with any
+                                n >= 1, so logprobs 0 asks for 1 and keeps no alternatives */
+                             .logprobs = rq.want_logprobs ? (rq.logprobs > 0 ? rq.logprobs : 1) : 0,
+                             .speculation = 0,
+                             .on_event = on_event,
+                             .ud = s};
+    char serr[512];
+    s->seq = j->seq_next; /* before submit: events may come at once */
+    int rc = tsr_engine_submit(j->eng, &er, NULL, serr, sizeof serr);
+    /* The engine's queue count is published after each step, so it can lag behind the
+     * lines this driver saw finish: a full queue here is transient. Retry for a while. */
+    for (int tries = 0; rc == TSR_ENGINE_EQUEUE_FULL && tries < 5000; tries++) {
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+        rc = tsr_engine_submit(j->eng, &er, NULL, serr, sizeof serr);
+    }
+    free(ids);
+    ids = NULL;
+    if (rc == TSR_ENGINE_EINVAL) {
+        char *cid = s->custom_id;
+        s->custom_id = NULL;
+        slot_free(s);
+        snprintf(emsg, sizeof emsg, "line %" PRId64 ": %s", ln, serr);
+        tsr_batch_request_free(&rq);
+        es = error_slot(j, cid, ln, "invalid_request", emsg);
+        return es ? complete(j, es) : TSR_BATCH_ENOMEM;
+    }
+    if (rc != 0) {
+        slot_free(s);
+        tsr_batch_request_free(&rq);
+        snprintf(j->err, sizeof j->err, "the engine refused line %" PRId64 ": %s", ln, serr);
+        return rc == TSR_ENGINE_ENOMEM ? TSR_BATCH_ENOMEM : ADMIT_REFUSED;
+    }
+    j->seq_next++;
+    j->inflight++;
+    tsr_batch_request_free(&rq);
+    return 0;
+
+line_error:
+    free(ids);
+    {
+        char *cid = rq.custom_id;
+        rq.custom_id = NULL;
+        tsr_batch_request_free(&rq);
+        es = error_slot(j, cid, ln, code, emsg);
+    }
+    return es ? complete(j, es) : TSR_BATCH_ENOMEM;
+}
+
+/* The driver: resume scan, pre-scan, then the admission / completion loop. */
+static void *driver_main(void *arg)
+{
+    job *j = arg;
+    FILE *in = NULL;
+    tsr_batch_reader r;
+    bool reader_ok = false, out_ok = false;
+    j->exit_code = TSR_BATCH_EXIT_ERROR;
+    uint64_t n_out_lines = 0, n_torn = 0;
+    int rc = tsr_batch_scan_output(j->out_path, true, j->done, &n_out_lines, &n_torn, j->err,
+                                   sizeof j->err);
+    if (rc != 0) {
+        if (rc == TSR_BATCH_ECORRUPT) j->exit_code = TSR_BATCH_EXIT_USAGE;
+        goto end;
+    }
+    if (n_torn)
+        fprintf(stderr,
+                "tessera batch: %s: cut a torn last line (%" PRIu64
+                " bytes) left by an interrupted run\n",
+                j->out_path, n_torn);
+    rc = prescan(j);
+    if (rc != 0) {
+        if (rc == TSR_BATCH_EDUP) j->exit_code = TSR_BATCH_EXIT_USAGE;
+        goto end;
+    }
+    if (n_out_lines)
+        fprintf(stderr,
+                "tessera batch: resuming: %s has %" PRIu64 " lines, %" PRIu64
+                " of them answer lines of this %s\n",
+                j->out_path, n_out_lines, j->n_resumed, j->shard_n > 1 ? "shard" : "input");
+    fprintf(stderr,
+            "tessera batch: %" PRIu64 " lines%s, %" PRIu64 " to do; window %d lines in flight%s\n",
+            j->n_total, j->shard_n > 1 ? " in this shard" : "", j->n_total - j->n_resumed,
+            j->window, j->ordered ? ", ordered output" : "");
+    if (tsr_batch_out_open(&j->out, j->out_path, j->err, sizeof j->err) != 0) goto end;
+    out_ok = true;
+    in = fopen(j->in_path, "rb");
+    if (!in || tsr_batch_reader_init(&r, in, j->max_line_bytes) != 0) {
+        tsr_set_err(j->err, sizeof j->err, "cannot read %s: %s", j->in_path,
+                    in ? "out of memory" : strerror(errno));
+        goto end;
+    }
+    reader_ok = true;
+    j->t_start_ns = j->t_last_flush_ns = j->t_last_progress_ns = tsr_now_ns();
+    if (j->tty) progress(j, false);
+
+    bool eof = false, stopping = false, cancelled = false, refused = false;
+    int stop_sig = 0;
+    uint64_t stop_deadline = 0;
+    rc = 0;
+    for (;;) {
+        /* Signals: stop admitting; after the grace period (or a second signal) cancel. */
+        int nsig = atomic_load(&g_sig_count);
+        if (nsig > 0 && !stopping) {
+            stopping = true;
+            stop_sig = atomic_load(&g_sig_last);
+            stop_deadline = tsr_now_ns() + (uint64_t)j->grace_ms * 1000000u;
+            if (j->tty) fputc('\n', stderr);
+            fprintf(stderr,
+                    "tessera batch: %s: no new lines; %d running may finish within %" PRId64
+                    " ms, then the output is flushed and the run stops (exit 3: rerun to "
+                    "continue)\n",
+                    sig_name(stop_sig), j->inflight, j->grace_ms);
+        }
+        if (stopping && !cancelled && j->inflight > 0 &&
+            (tsr_now_ns() >= stop_deadline || nsig > 1)) {
+            fprintf(stderr, "tessera batch: %s: dropping %d running lines (a rerun does them)\n",
+                    nsig > 1 ? "second signal" : "grace period over", j->inflight);
+            tsr_engine_stop(j->eng, true);
+            cancelled = true;
+        }
+        /* Admit. */
+        while (!stopping && !refused && !eof && rc == 0 && j->inflight < j->window &&
+               (!j->ordered || j->seq_next < j->seq_out + (uint64_t)j->window)) {
+            int k = tsr_batch_reader_next(&r);
+            if (k < 0) {
+                tsr_set_err(j->err, sizeof j->err, "cannot read %s: %s", j->in_path,
+                            strerror(errno));
+                rc = k;
+                break;
+            }
+            if (k == 0) {
+                eof = true;
+                break;
+            }
+            if (!r.too_long && tsr_batch_line_blank(r.buf, r.len)) continue;
+            if ((r.line_no - 1) % j->shard_n != j->shard_i) continue;
+            char *key = NULL;
+            size_t klen = 0;
+            if (r.too_long) {
+                char b[64];
+                klen = tsr_batch_line_key(r.line_no, b, sizeof b);
+                key = strdup(b);
+            } else if (tsr_batch_input_key(r.buf, r.len, r.line_no, &key, &klen) != 0) {
+                key = NULL;
+            }
+            if (!key) {
+                rc = TSR_BATCH_ENOMEM;
+                break;
+            }
+            bool skip = tsr_batch_keyset_has(j->done, key, klen);
+            free(key);
+            if (skip) continue;
+            int a = admit(j, &r);
+            if (a == ADMIT_REFUSED) {
+                refused = true; /* the engine is draining or down */
+            } else if (a != 0) {
+                rc = a;
+                if (a == TSR_BATCH_ENOMEM) tsr_set_err(j->err, sizeof j->err, "out of memory");
+            }
+        }
+        if (rc != 0) break;
+        /* Collect what finished. */
+        pthread_mutex_lock(&j->mu);
+        bslot *fin = j->fin_head;
+        j->fin_head = j->fin_tail = NULL;
+        bool ended = j->engine_ended;
+        if (!fin && j->inflight > 0 && !ended) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 50 * 1000000L;
+            ts.tv_sec += ts.tv_nsec / 1000000000L;
+            ts.tv_nsec %= 1000000000L;
+            pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+            fin = j->fin_head;
+            j->fin_head = j->fin_tail = NULL;
+            ended = j->engine_ended;
+        }
+        pthread_mutex_unlock(&j->mu);
+        while (fin) {
+            bslot *nx = fin->next;
+            j->inflight--;
+            int c = complete(j, fin);
+            if (c != 0 && rc == 0) {
+                rc = c;
+                tsr_set_err(j->err, sizeof j->err, "out of memory");
+            }
+            fin = nx;
+        }
+        if (rc != 0) break;
+        uint64_t t = tsr_now_ns();
+        if (j->out.n_lines_buffered >= (size_t)j->flush_lines ||
+            (j->out.n_lines_buffered &&
+             t - j->t_last_flush_ns >= (uint64_t)j->flush_ms * 1000000u)) {
+            if ((rc = flush_out(j)) != 0) break;
+        }
+        if (j->tty
+                ? t - j->t_last_progress_ns >= 250000000u
+                : j->progress_s > 0 && (double)(t - j->t_last_progress_ns) / 1e9 >= j->progress_s)
+            progress(j, false);
+        if (j->inflight == 0 && (eof || stopping || refused || ended)) break;
+        if (ended && j->inflight > 0) {
+            /* The step loop is gone: nothing will finish these. */
+            break;
+        }
+    }
+    if (rc == 0) rc = flush_out(j);
+    if (j->tty) progress(j, true);
+    pthread_mutex_lock(&j->mu);
+    bool ended = j->engine_ended;
+    pthread_mutex_unlock(&j->mu);
+    if (rc != 0) goto end;
+    if (refused || ended) {
+        if (!j->err[0]) snprintf(j->err, sizeof j->err, "the engine stopped");
+        goto end;
+    }
+    double el = (double)(tsr_now_ns() - j->t_start_ns) / 1e9;
+    bool complete_run = eof && j->n_dropped == 0;
+    fprintf(stderr,
+            "tessera batch: %s: %" PRIu64 " lines ok, %" PRIu64 " failed, %" PRIu64
+            " resumed (already in %s), %" PRIu64 " dropped; %" PRIu64 " prompt + %" PRIu64
+            " generated tokens in %.2f s: %.1f generated tokens/s, %.1f total tokens/s; peak "
+            "RSS %.1f MiB, custom_id sets %.1f MiB\n",
+            complete_run ? "done" : "INCOMPLETE", j->n_ok, j->n_failed, j->n_resumed, j->out_path,
+            j->n_dropped, j->n_prompt_tokens, j->n_gen_tokens, el,
+            el > 0 ? (double)j->n_gen_tokens / el : 0.0,
+            el > 0 ? (double)(j->n_gen_tokens + j->n_prompt_tokens) / el : 0.0,
+            (double)peak_rss_kib() / 1024.0, (double)j->keyset_peak_bytes / 1048576.0);
+    if (complete_run) {
+        j->exit_code = TSR_BATCH_EXIT_OK;
+    } else {
+        uint64_t done = j->n_resumed + j->n_ok + j->n_failed;
+        fprintf(stderr,
+                "tessera batch: incomplete (%s): %" PRIu64 " of %" PRIu64 " lines done; rerun "
+                "the same command to continue (exit status 3)\n",
+                stop_sig ? sig_name(stop_sig) : "stopped", done, j->n_total);
+        j->exit_code = TSR_BATCH_EXIT_INCOMPLETE;
+    }
+end:
+    if (j->exit_code != TSR_BATCH_EXIT_OK && j->exit_code != TSR_BATCH_EXIT_INCOMPLETE)
+        fprintf(stderr, "tessera batch: %s\n", j->err[0] ? j->err : "failed");
+    if (out_ok) {
+        char e2[512];
+        if (tsr_batch_out_close(&j->out, e2, sizeof e2) != 0) {
+            fprintf(stderr, "tessera batch: %s\n", e2);
+            j->exit_code = TSR_BATCH_EXIT_ERROR;
+        }
+    }
+    if (reader_ok) tsr_batch_reader_free(&r);
+    if (in) fclose(in);
+    /* Lines still in flight (an error above): cancel them and wait for their FINISH, so
+     * no callback touches a freed slot. */
+    tsr_engine_stop(j->eng, j->inflight > 0 || j->exit_code != TSR_BATCH_EXIT_OK);
+    for (;;) {
+        pthread_mutex_lock(&j->mu);
+        bslot *fin = j->fin_head;
+        j->fin_head = j->fin_tail = NULL;
+        bool ended = j->engine_ended;
+        if (!fin && j->inflight > 0 && !ended) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+        }
+        pthread_mutex_unlock(&j->mu);
+        while (fin) {
+            bslot *nx = fin->next;
+            j->inflight--;
+            slot_free(fin);
+            fin = nx;
+        }
+        if (j->inflight <= 0 || ended) break;
+    }
+    if (j->ring)
+        for (int32_t i = 0; i < j->window; i++) slot_free(j->ring[i]);
+    return NULL;
+}
+
+/* ---- merge mode ---- */
+
+static int run_merge(int argc, char **argv, int first, const char *input)
+{
+    if (argc - first < 2)
+        return tsr_cli_usage_error("batch", "--merge needs OUT and at least one IN file");
+    const char *out = argv[first];
+    char err[1024];
+    uint64_t n = 0;
+    int rc = tsr_batch_merge(out, (const char *const *)argv + first + 1, (size_t)(argc - first - 1),
+                             input, &n, err, sizeof err);
+    if (rc != 0) {
+        fprintf(stderr, "tessera batch --merge: %s (nothing written)\n", err);
+        return TSR_BATCH_EXIT_ERROR;
+    }
+    fprintf(stderr, "tessera batch --merge: %" PRIu64 " lines from %d files into %s%s\n", n,
+            argc - first - 1, out, input ? " (every input line answered once)" : "");
+    return 0;
+}
+
+/* ---- KV sizing (as `serve`, but bounded by free memory) ---- */
+
+static uint64_t mem_available_bytes(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    uint64_t kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %" SCNu64 " kB", &kb) == 1) break;
+    fclose(f);
+    return kb * 1024u;
+}
+
+static int read_hparams(const char *path, tsr_hparams *hp, char *name, size_t name_cap, char *err,
+                        size_t err_len)
+{
+    tsr_gguf *g;
+    if (tsr_gguf_open(path, &g, err, err_len) != 0) return -1;
+    int rc = tsr_model_read_hparams(g, hp, err, err_len);
+    tsr_gguf_str s;
+    if (tsr_gguf_get_str(g, "general.name", &s) && s.len > 0) {
+        snprintf(name, name_cap, "%.*s", (int)(s.len < name_cap - 1 ? s.len : name_cap - 1), s.ptr);
+    } else {
+        const char *b = strrchr(path, '/');
+        snprintf(name, name_cap, "%s", b ? b + 1 : path);
+    }
+    tsr_gguf_close(g);
+    return rc;
+}
+
+/* ---- the command ---- */
+
+int tsr_cmd_batch(int argc, char **argv)
+{
+    enum {
+        O_ORDERED = 256,
+        O_SHARD,
+        O_SEED,
+        O_PROGRESS,
+        O_GRACE,
+        O_FLUSH_LINES,
+        O_FLUSH_MS,
+        O_MAX_LINE,
+        O_MAX_BATCH,
+        O_MAX_SEQS,
+        O_KV_MEMORY,
+        O_TP,
+        O_PP,
+        O_LAYERS,
+        O_COMM_TIMEOUT,
+        O_MERGE,
+    };
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"input", required_argument, 0, 'i'},
+                                         {"output", required_argument, 0, 'o'},
+                                         {"ordered", no_argument, 0, O_ORDERED},
+                                         {"shard", required_argument, 0, O_SHARD},
+                                         {"seed", required_argument, 0, O_SEED},
+                                         {"progress-interval", required_argument, 0, O_PROGRESS},
+                                         {"shutdown-grace", required_argument, 0, O_GRACE},
+                                         {"flush-lines", required_argument, 0, O_FLUSH_LINES},
+                                         {"flush-interval", required_argument, 0, O_FLUSH_MS},
+                                         {"max-line-bytes", required_argument, 0, O_MAX_LINE},
+                                         {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
+                                         {"max-seqs", required_argument, 0, O_MAX_SEQS},
+                                         {"kv-memory", required_argument, 0, O_KV_MEMORY},
+                                         {"ctx-size", required_argument, 0, 'c'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"tp", required_argument, 0, O_TP},
+                                         {"pp", required_argument, 0, O_PP},
+                                         {"layers", required_argument, 0, O_LAYERS},
+                                         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+                                         {"merge", no_argument, 0, O_MERGE},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *model = DEFAULT_MODEL, *in_path = NULL, *out_path = NULL;
+    tsr_replica_params rp = {.tp = 1, .pp = 1};
+    int64_t max_batch = 512, max_seqs = 128, n_ctx = 0, n_threads = tsr_cli_default_threads();
+    int64_t grace_ms = DEFAULT_GRACE_MS, flush_lines = DEFAULT_FLUSH_LINES,
+            flush_ms = DEFAULT_FLUSH_MS, v;
+    int64_t shard_i = 0, shard_n = 1;
+    uint64_t kv_memory = 0, max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
+    bool ordered = false, seed_set = false, merge = false;
+    float progress_s = 30.0f;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:i:o:c:t:h", opts, NULL)) != -1) {
+        switch (c) {
+#define INT_FLAG(name, lo, hi, dst)                                                                \
+    do {                                                                                           \
+        if (!tsr_cli_parse_i64(optarg, lo, hi, &v))                                                \
+            return tsr_cli_usage_error("batch", "%s needs an integer in %lld..%lld, got '%s'",     \
+                                       name, (long long)(lo), (long long)(hi), optarg);            \
+        (dst) = v;                                                                                 \
+    } while (0)
+        case 'm':
+            model = optarg;
+            break;
+        case 'i':
+            in_path = optarg;
+            break;
+        case 'o':
+            out_path = optarg;
+            break;
+        case O_ORDERED:
+            ordered = true;
+            break;
+        case O_MERGE:
+            merge = true;
+            break;
+        case O_SHARD: {
+            const char *slash = strchr(optarg, '/');
+            char ib[32];
+            if (!slash || (size_t)(slash - optarg) >= sizeof ib)
+                return tsr_cli_usage_error("batch", "--shard needs I/N (e.g. 0/3), got '%s'",
+                                           optarg);
+            memcpy(ib, optarg, (size_t)(slash - optarg));
+            ib[slash - optarg] = '\0';
+            if (!tsr_cli_parse_i64(slash + 1, 1, 1 << 20, &shard_n) ||
+                !tsr_cli_parse_i64(ib, 0, shard_n - 1, &shard_i))
+                return tsr_cli_usage_error(
+                    "batch", "--shard needs I/N with 0 <= I < N (e.g. 0/3), got '%s'", optarg);
+            break;
+        }
+        case O_SEED:
+            if (!tsr_cli_parse_u64(optarg, &seed))
+                return tsr_cli_usage_error("batch", "--seed needs a non-negative integer, got '%s'",
+                                           optarg);
+            seed_set = true;
+            break;
+        case O_PROGRESS:
+            if (!tsr_cli_parse_f32(optarg, &progress_s) || progress_s < 0)
+                return tsr_cli_usage_error(
+                    "batch", "--progress-interval needs seconds >= 0 (e.g. 30, 0.5), got '%s'",
+                    optarg);
+            break;
+        case O_GRACE:
+            INT_FLAG("--shutdown-grace", 0, 86400000, grace_ms);
+            break;
+        case O_FLUSH_LINES:
+            INT_FLAG("--flush-lines", 1, 1 << 20, flush_lines);
+            break;
+        case O_FLUSH_MS:
+            INT_FLAG("--flush-interval", 0, 86400000, flush_ms);
+            break;
+        case O_MAX_LINE:
+            if (!tsr_cli_parse_bytes(optarg, &max_line) || max_line < 16 || max_line > (1ull << 30))
+                return tsr_cli_usage_error(
+                    "batch", "--max-line-bytes needs a size in 16..1G (e.g. 8M), got '%s'", optarg);
+            break;
+        case O_MAX_BATCH:
+            INT_FLAG("--max-batch-tokens", 1, 1 << 20, max_batch);
+            break;
+        case O_MAX_SEQS:
+            INT_FLAG("--max-seqs", 1, 1 << 16, max_seqs);
+            break;
+        case 'c':
+            INT_FLAG("--ctx-size", 1, 1 << 24, n_ctx);
+            break;
+        case 't':
+            INT_FLAG("--threads", 1, 256, n_threads);
+            break;
+        case O_TP:
+            INT_FLAG("--tp", 1, 256, rp.tp);
+            break;
+        case O_PP:
+            INT_FLAG("--pp", 1, 256, rp.pp);
+            break;
+        case O_COMM_TIMEOUT:
+            INT_FLAG("--comm-timeout", 1, 86400000, rp.timeout_ms);
+            break;
+#undef INT_FLAG
+        case O_LAYERS:
+            rp.layers = optarg;
+            break;
+        case O_KV_MEMORY:
+            if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
+                return tsr_cli_usage_error(
+                    "batch", "--kv-memory needs a byte count > 0 such as 512M or 2G, got '%s'",
+                    optarg);
+            break;
+        case 'h':
+            fputs(batch_help, stdout);
+            return 0;
+        default:
+            return tsr_cli_usage_error("batch", "unknown flag");
+        }
+    }
+    if (merge) return run_merge(argc, argv, optind, in_path);
+    if (optind != argc)
+        return tsr_cli_usage_error("batch", "unexpected argument '%s'", argv[optind]);
+    if (!in_path) return tsr_cli_usage_error("batch", "needs an input file: -i INPUT.jsonl");
+    if (!out_path) return tsr_cli_usage_error("batch", "needs an output file: -o OUTPUT.jsonl");
+    if (!strcmp(in_path, out_path))
+        return tsr_cli_usage_error("batch", "-i and -o name the same file");
+
+    char err[1024], model_name[256];
+    tsr_hparams hp;
+    if (read_hparams(model, &hp, model_name, sizeof model_name, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", err);
+        return TSR_BATCH_EXIT_ERROR;
+    }
+    /* KV pool: one block = TSR_KV_BLOCK_SIZE positions of K and V, every layer and KV
+     * head, float32. Default: --max-seqs full contexts, at most a quarter of the free
+     * memory and DEFAULT_KV_CAP, at least one context. */
+    uint64_t block_bytes = (uint64_t)hp.n_layer * 2u * (uint64_t)hp.n_head_kv *
+                           (uint64_t)hp.head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    int64_t ctx_tokens =
+        n_ctx > 0 ? n_ctx : (hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
+    uint64_t blocks_per_seq = (uint64_t)(ctx_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    uint64_t n_blocks;
+    if (kv_memory) {
+        n_blocks = kv_memory / block_bytes;
+    } else {
+        uint64_t cap = mem_available_bytes() / 4;
+        if (cap == 0 || cap > DEFAULT_KV_CAP) cap = DEFAULT_KV_CAP;
+        n_blocks = blocks_per_seq * (uint64_t)max_seqs;
+        if (n_blocks > cap / block_bytes) n_blocks = cap / block_bytes;
+    }
+    if (n_blocks < blocks_per_seq) {
+        if (kv_memory) {
+            fprintf(stderr,
+                    "tessera batch: --kv-memory %" PRIu64 " holds %" PRIu64 " KV blocks but one "
+                    "context of %" PRId64 " tokens needs %" PRIu64 " (%" PRIu64
+                    " bytes each); raise it or lower --ctx-size\n",
+                    kv_memory, n_blocks, ctx_tokens, blocks_per_seq, block_bytes);
+            return TSR_BATCH_EXIT_ERROR;
+        }
+        n_blocks = blocks_per_seq;
+    }
+    if (n_blocks > INT32_MAX / TSR_KV_BLOCK_SIZE) n_blocks = INT32_MAX / TSR_KV_BLOCK_SIZE;
+
+    rp.n_threads = (int)n_threads;
+    rp.n_ctx = (int32_t)n_ctx;
+    rp.n_batch = (int32_t)max_batch;
+    rp.n_kv_blocks = (int32_t)n_blocks;
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", err);
+        return TSR_BATCH_EXIT_ERROR;
+    }
+    if (!tsr_replica_is_leader(rep)) {
+        /* The leader coordinates the stop; a signal forwarded by the launcher (srun
+         * forwards SIGTERM to every task, mpirun SIGUSR1) must not kill a follower. */
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
+        signal(SIGUSR1, SIG_IGN);
+        if (tsr_replica_follow(rep, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
+            tsr_comm_mpi_abort(1);
+            return TSR_BATCH_EXIT_ERROR;
+        }
+        if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
+            return TSR_BATCH_EXIT_ERROR;
+        }
+        tsr_replica_close(rep);
+        return 0;
+    }
+
+    int exit_code = TSR_BATCH_EXIT_ERROR;
+    tsr_engine *eng = NULL;
+    job j;
+    memset(&j, 0, sizeof j);
+    bool sync_ok = false, driver_started = false;
+    pthread_t driver;
+    tsr_engine_params ep = {
+        .max_batch_tokens = (int32_t)max_batch,
+        .max_seqs = (int32_t)max_seqs,
+        /* The driver keeps at most 2 x max_seqs lines in flight; the slack covers the
+           engine's queue count lagging by a step. */
+        .max_queue = (int32_t)(4 * max_seqs + 16),
+        .n_kv_blocks =
+            tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
+        .idle_heartbeat_ms = 1000,
+        .spec_default_on = false,
+    };
+    int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
+    if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
+    if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
+    if (tsr_engine_new(rep, &ep, &eng, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", err);
+        goto release;
+    }
+    j.model_name = model_name;
+    j.in_path = in_path;
+    j.out_path = out_path;
+    j.ordered = ordered;
+    j.shard_i = shard_i;
+    j.shard_n = shard_n;
+    j.seed_set = seed_set;
+    j.seed_base = seed;
+    j.progress_s = progress_s;
+    j.grace_ms = grace_ms;
+    j.flush_lines = flush_lines;
+    j.flush_ms = flush_ms;
+    j.max_line_bytes = (size_t)max_line;
+    j.window = (int32_t)(2 * max_seqs);
+    j.eng = eng;
+    j.vocab = tsr_replica_vocab(rep);
+    j.n_vocab = tsr_vocab_n_tokens(j.vocab);
+    j.n_ctx = tsr_replica_n_ctx(rep);
+    if (j.n_ctx > ep.n_kv_blocks * TSR_KV_BLOCK_SIZE) j.n_ctx = ep.n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    j.tty = isatty(STDERR_FILENO);
+    j.out.fd = -1;
+    j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
+    j.done = tsr_batch_keyset_new();
+    j.ring = ordered ? calloc((size_t)j.window, sizeof *j.ring) : NULL;
+    if (!j.done || (ordered && !j.ring)) {
+        fprintf(stderr, "tessera batch: out of memory\n");
+        goto release;
+    }
+    pthread_mutex_init(&j.mu, NULL);
+    pthread_cond_init(&j.cv, NULL);
+    sync_ok = true;
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    fprintf(stderr,
+            "tessera batch: %s, tp %d x pp %d, context %d, KV %d blocks (%.1f MiB), max batch "
+            "%" PRId64 " tokens, %" PRId64 " sequences, %" PRId64 " threads\n",
+            model, rp.tp, rp.pp, j.n_ctx, ep.n_kv_blocks,
+            (double)ep.n_kv_blocks * (double)block_bytes / 1048576.0, max_batch, max_seqs,
+            n_threads);
+    if (pthread_create(&driver, NULL, driver_main, &j) != 0) {
+        fprintf(stderr, "tessera batch: cannot start the driver thread\n");
+        goto release;
+    }
+    driver_started = true;
+    /* The step loop on the MPI thread until the driver stops it. */
+    int run_rc = tsr_engine_run(eng, err, sizeof err);
+    pthread_mutex_lock(&j.mu);
+    j.engine_ended = true;
+    pthread_cond_signal(&j.cv);
+    pthread_mutex_unlock(&j.mu);
+    pthread_join(driver, NULL);
+    driver_started = false;
+    exit_code = j.exit_code;
+    if (run_rc != 0) {
+        fprintf(stderr, "tessera batch: the engine stopped: %s\n", err);
+        if (exit_code == TSR_BATCH_EXIT_OK || exit_code == TSR_BATCH_EXIT_INCOMPLETE)
+            exit_code = TSR_BATCH_EXIT_ERROR;
+    }
+
+release:
+    if (driver_started) {
+        tsr_engine_stop(eng, true);
+        pthread_join(driver, NULL);
+    }
+    tsr_engine_free(eng);
+    if (sync_ok) {
+        pthread_mutex_destroy(&j.mu);
+        pthread_cond_destroy(&j.cv);
+    }
+    free(j.ring);
+    tsr_batch_keyset_free(j.done);
+    {
+        tsr_rank_stats *st = calloc((size_t)tsr_replica_size(rep), sizeof *st);
+        if (!st || tsr_replica_shutdown(rep, err, sizeof err) != 0 ||
+            tsr_replica_stats(rep, st, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera batch: shutting the replica down: %s\n",
+                    st ? err : "out of memory");
+            free(st);
+            tsr_comm_mpi_abort(1);
+            return TSR_BATCH_EXIT_ERROR;
+        }
+        free(st);
+    }
+    tsr_replica_close(rep);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGUSR1, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    return exit_code;
+}

@@ -1,0 +1,160 @@
+#!/usr/bin/python3
+"""bench_batch.py — throughput of `tessera batch` against the two other ways to run a file
+of prompts: `tessera generate` once per prompt, and `tessera serve` fed by ops/loadgen.py.
+
+  /usr/bin/python3 ops/bench_batch.py --tessera build/tessera --model /tmp/m100.gguf \\
+      --prompts 1000 --gen-prompts 50 --threads 2
+
+The model is made if missing (the issue's 100M shape: mkmodel --n-embd 768 --n-layer 12
+--n-head 12 --n-head-kv 12 --n-ff 2048 --type q8_0, vocabulary from
+../shared/models/vocab/ggml-vocab-llama-spm.gguf). Prompts: --prompts lines of 16..128
+tokens (common English words, one token each with this vocabulary, after BOS), 64
+generated tokens each (greedy, ignore_eos: random weights would stop anywhere).
+Printed: generated tokens/s of each way (generate: the tokens of --gen-prompts prompts
+over the wall time of their processes, start and model load included, as a user running
+it per prompt pays them; also its decode-only rate), and the ratios. Needs Debian's
+python3-grpcio for loadgen (/usr/bin/python3).
+"""
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the of and to in is was he for it with as his on be at by had not are but from "
+         "or have an they which one you were all we her she there would their will when who "
+         "him been has more if no out so said what up its about into than them can only "
+         "other time new some could these two may first then do any like my now over such "
+         "our man me even most made after also did many before must through back years where "
+         "much your way well down should because each just those people how too little state "
+         "good very make world still own see men work long get here between both life being "
+         "under never day same another know while last might us great old year off come "
+         "since against go came right used take three").split()
+
+
+def make_input(path, n, seed=3):
+    rnd = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = rnd.randint(15, 127)  # + BOS = 16..128 tokens
+            prompt = " ".join(rnd.choice(WORDS) for _ in range(words))
+            f.write(json.dumps({"custom_id": "p%05d" % i, "prompt": prompt, "max_tokens": 64,
+                                "temperature": 0, "ignore_eos": True}) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tessera", default=os.path.join(ROOT, "build", "tessera"))
+    ap.add_argument("--model", default="/tmp/tessera-bench-100m-q8_0.gguf")
+    ap.add_argument("--vocab", default=os.path.join(ROOT, "..", "shared", "models", "vocab",
+                                                    "ggml-vocab-llama-spm.gguf"))
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--gen-prompts", type=int, default=50,
+                    help="prompts for the generate-per-prompt baseline (a rate: fewer is fine)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--skip", default="", help="comma list of: batch,generate,serve")
+    ap.add_argument("batch_flags", nargs="*", help="extra flags for tessera batch (after --)")
+    a = ap.parse_args()
+    skip = set(x for x in a.skip.split(",") if x)
+    t = a.tessera
+    if not os.path.exists(a.model):
+        print("making %s ..." % a.model, flush=True)
+        subprocess.run([t, "mkmodel", "-o", a.model, "--vocab-from", a.vocab, "--n-embd", "768",
+                        "--n-layer", "12", "--n-head", "12", "--n-head-kv", "12", "--n-ff",
+                        "2048", "--type", "q8_0"], check=True)
+    tmp = tempfile.mkdtemp(prefix="tsr-bench-batch-")
+    inp = os.path.join(tmp, "in.jsonl")
+    make_input(inp, a.prompts)
+    res = {}
+    print("model %s, %d prompts x 64 tokens, %d threads" % (a.model, a.prompts, a.threads),
+          flush=True)
+
+    if "batch" not in skip:
+        out = os.path.join(tmp, "out.jsonl")
+        t0 = time.time()
+        r = subprocess.run([t, "batch", "-m", a.model, "-i", inp, "-o", out, "-t",
+                            str(a.threads), "--progress-interval", "60"] + a.batch_flags,
+                           capture_output=True, text=True)
+        wall = time.time() - t0
+        if r.returncode != 0:
+            sys.exit("batch failed: " + r.stderr[-2000:])
+        gen = ptok = 0
+        with open(out) as f:
+            for line in f:
+                u = json.loads(line)["response"]["body"]["usage"]
+                gen += u["completion_tokens"]
+                ptok += u["prompt_tokens"]
+        res["batch"] = gen / wall
+        print("batch:     %7.1f generated tokens/s (%d generated + %d prompt tokens, %.1f s "
+              "wall, process start included)" % (gen / wall, gen, ptok, wall))
+        print("           " + [l for l in r.stderr.splitlines() if " done: " in l][-1])
+
+    if "generate" not in skip:
+        items = [json.loads(l) for l in open(inp)][:a.gen_prompts]
+        gen = 0
+        dec_t = 0.0
+        t0 = time.time()
+        for it in items:
+            r = subprocess.run([t, "generate", "-m", a.model, "-p", it["prompt"], "-n", "64",
+                                "--temperature", "0", "--ignore-eos", "--json", "-t",
+                                str(a.threads)], capture_output=True, text=True, check=True)
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            gen += len(d["ids"])
+            if d["decode_tokens_per_s"] > 0:
+                dec_t += (len(d["ids"]) - 1) / d["decode_tokens_per_s"]
+        wall = time.time() - t0
+        res["generate"] = gen / wall
+        print("generate:  %7.1f generated tokens/s (%d prompts, once each: %.1f s wall; decode "
+              "alone %.1f tokens/s)" % (gen / wall, len(items), wall, (gen - len(items)) / dec_t))
+
+    if "serve" not in skip:
+        p = subprocess.Popen([t, "serve", "-m", a.model, "--listen", "127.0.0.1:0", "-t",
+                              str(a.threads), "--max-seqs", str(a.concurrency)],
+                             stderr=subprocess.PIPE, text=True)
+        port = None
+        try:
+            end = time.time() + 120
+            while time.time() < end:
+                line = p.stderr.readline()
+                if not line:
+                    break
+                m = re.search(r"listening on [^:]+:(\d+)", line)
+                if m:
+                    port = m.group(1)
+                    break
+            if not port:
+                sys.exit("serve did not start")
+            r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "ops", "loadgen.py"),
+                                "--target", "127.0.0.1:" + port, "--concurrency",
+                                str(a.concurrency), "--input", inp, "--timeout", "3600"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit("loadgen failed: " + r.stdout + r.stderr)
+            m = re.search(r"throughput:\s+([\d.]+) generated tokens/s", r.stdout)
+            res["serve"] = float(m.group(1))
+            print("serve:     %7.1f generated tokens/s (loadgen, concurrency %d)" % (
+                res["serve"], a.concurrency))
+        finally:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if "batch" in res and "generate" in res:
+        print("batch / generate per prompt: %.2fx" % (res["batch"] / res["generate"]))
+    if "batch" in res and "serve" in res:
+        print("batch / serve at concurrency %d: %.2fx" % (a.concurrency,
+                                                          res["batch"] / res["serve"]))
+    subprocess.run(["rm", "-rf", tmp])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
