@@ -176,8 +176,10 @@ def replica(coord_target, name, model=None, mpi_np=0, extra=()):
     return Proc(cmd, mpi_np=mpi_np)
 
 
-def ctl(coord_target, *args, timeout=30):
-    cmd = [ARGS.tessera, "ctl", "--coordinator", coord_target] + list(args)
+def ctl(coord_target, *args, timeout=60):
+    # A generous call deadline: the sanitizer tree on a loaded 2-core machine is slow.
+    extra = [] if "--timeout" in args else ["--timeout", "20000"]
+    cmd = [ARGS.tessera, "ctl", "--coordinator", coord_target] + extra + list(args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
