@@ -21,6 +21,7 @@
  */
 #include "coordinator/batch.h"
 
+#include "coordinator/chat.h"
 #include "coordinator/cli.h"
 #include "coordinator/engine.h"
 #include "kernels/util.h"
@@ -30,6 +31,7 @@
 #include "worker/model.h"
 #include "worker/replica.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -79,6 +81,9 @@ static const char *batch_help =
     "      --flush-lines N       fsync the output every N lines (default 64) ...\n"
     "      --flush-interval MS   ... or every MS milliseconds (default 2000)\n"
     "      --max-line-bytes N    longer input lines get an error line (default 8M)\n"
+    "      --chat-template NAME  chat lines: template family NAME (chatml, llama3, ...) or a\n"
+    "                            Jinja text instead of the model's (a model without one\n"
+    "                            answers chat lines with error lines)\n"
     "\n"
     "engine:\n"
     "      --max-batch-tokens N  token budget of one step (default 512)\n"
@@ -175,6 +180,8 @@ typedef struct {
     int64_t grace_ms, flush_lines, flush_ms;
     size_t max_line_bytes;
     int32_t window;
+    const tsr_chat_template *chat; /* NULL: chat lines get an error line (chat_err) */
+    char chat_err[512];
     tsr_engine *eng;
     const tsr_vocab *vocab;
     int32_t n_ctx, n_vocab;
@@ -537,6 +544,74 @@ static int prescan(job *j)
     return rc;
 }
 
+/* A chat line's messages (compact JSON: [{role, content}, ...]; content a string, or an
+ * array of {"type": "text", "text"} parts, joined) rendered with the model's chat template
+ * (add_generation_prompt) and tokenized as chat prompts are. */
+static int chat_prompt(job *j, const char *messages_json, int32_t **ids, size_t *n_ids, char *err,
+                       size_t err_len)
+{
+    int rc = -1;
+    cJSON *a = cJSON_Parse(messages_json);
+    int n = cJSON_GetArraySize(a);
+    tsr_chat_msg *m = n > 0 ? calloc((size_t)n, sizeof *m) : NULL;
+    char **parts = n > 0 ? calloc((size_t)n, sizeof *parts) : NULL;
+    char *text = NULL;
+    size_t len = 0;
+    if (!a || !m || !parts) {
+        tsr_set_err(err, err_len, "out of memory");
+        goto done;
+    }
+    int i = 0;
+    for (const cJSON *e = a->child; e; e = e->next, i++) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(e, "role");
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(e, "content");
+        m[i].role = role->valuestring;
+        if (cJSON_IsString(content)) {
+            m[i].content = content->valuestring;
+        } else if (cJSON_IsArray(content)) {
+            size_t total = 1;
+            for (const cJSON *p = content->child; p; p = p->next) {
+                const cJSON *t = cJSON_GetObjectItemCaseSensitive(p, "text");
+                const cJSON *ty = cJSON_GetObjectItemCaseSensitive(p, "type");
+                if (!cJSON_IsString(t) || !cJSON_IsString(ty) || strcmp(ty->valuestring, "text")) {
+                    tsr_set_err(err, err_len,
+                                "messages[%d].content: only {\"type\": \"text\", \"text\"} "
+                                "parts are supported",
+                                i);
+                    goto done;
+                }
+                total += strlen(t->valuestring);
+            }
+            if (!(parts[i] = malloc(total))) {
+                tsr_set_err(err, err_len, "out of memory");
+                goto done;
+            }
+            parts[i][0] = '\0';
+            for (const cJSON *p = content->child; p; p = p->next)
+                strcat(parts[i], cJSON_GetObjectItemCaseSensitive(p, "text")->valuestring);
+            m[i].content = parts[i];
+        } else {
+            tsr_set_err(err, err_len, "messages[%d].content must be a string or text parts", i);
+            goto done;
+        }
+    }
+    if (tsr_chat_render(j->chat, m, (size_t)n, true, &text, &len, err, err_len) != 0) goto done;
+    if (len > (size_t)j->n_ctx * 64) {
+        tsr_set_err(err, err_len, "%zu bytes cannot fit the context of %d tokens", len, j->n_ctx);
+        goto done;
+    }
+    if (tsr_chat_tokenize(j->vocab, text, len, ids, n_ids, err, err_len) != 0) goto done;
+    rc = 0;
+done:
+    if (parts)
+        for (int k = 0; k < n; k++) free(parts[k]);
+    free(parts);
+    free(m);
+    free(text);
+    cJSON_Delete(a);
+    return rc;
+}
+
 #define ADMIT_REFUSED (-100) /* the engine takes no more work (draining, down) */
 
 /* Parse, tokenize and submit one line; error lines complete at once. Returns 0, or < 0
@@ -566,14 +641,20 @@ static int admit(job *j, tsr_batch_reader *r)
     int32_t *ids = NULL;
     size_t n_ids = 0;
     if (rq.kind == TSR_BATCH_CHAT) {
-        snprintf(emsg, sizeof emsg,
-                 "line %" PRId64 ": chat completions need a chat template (not available in this "
-                 "build); send /v1/completions with a prompt",
-                 ln);
-        code = "unsupported";
-        goto line_error;
-    }
-    if (rq.prompt) {
+        if (!j->chat) {
+            snprintf(emsg, sizeof emsg, "line %" PRId64 ": chat completions: %s", ln, j->chat_err);
+            code = "unsupported";
+            goto line_error;
+        }
+        if (chat_prompt(j, rq.messages_json, &ids, &n_ids, perr, sizeof perr) != 0) {
+            snprintf(emsg, sizeof emsg, "line %" PRId64 ": messages: %s", ln, perr);
+            goto line_error;
+        }
+        if (n_ids == 0) {
+            snprintf(emsg, sizeof emsg, "line %" PRId64 ": messages: render to no tokens", ln);
+            goto line_error;
+        }
+    } else if (rq.prompt) {
         char terr[512];
         /* A prompt longer than n_ctx tokens of at least one byte each cannot fit: refuse
          * before tokenizing megabytes. */
@@ -998,6 +1079,7 @@ int tsr_cmd_batch(int argc, char **argv)
         O_LAYERS,
         O_COMM_TIMEOUT,
         O_MERGE,
+        O_CHAT_TEMPLATE,
     };
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"input", required_argument, 0, 'i'},
@@ -1020,6 +1102,7 @@ int tsr_cmd_batch(int argc, char **argv)
                                          {"layers", required_argument, 0, O_LAYERS},
                                          {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
                                          {"merge", no_argument, 0, O_MERGE},
+                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *in_path = NULL, *out_path = NULL;
@@ -1030,6 +1113,7 @@ int tsr_cmd_batch(int argc, char **argv)
     int64_t shard_i = 0, shard_n = 1;
     uint64_t kv_memory = 0, max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
     bool ordered = false, seed_set = false, merge = false;
+    const char *chat_template = NULL;
     float progress_s = 30.0f;
     int c;
     optind = 1;
@@ -1056,6 +1140,9 @@ int tsr_cmd_batch(int argc, char **argv)
             break;
         case O_MERGE:
             merge = true;
+            break;
+        case O_CHAT_TEMPLATE:
+            chat_template = optarg;
             break;
         case O_SHARD: {
             const char *slash = strchr(optarg, '/');
@@ -1188,6 +1275,7 @@ int tsr_cmd_batch(int argc, char **argv)
         fprintf(stderr, "tessera batch: %s\n", err);
         return TSR_BATCH_EXIT_ERROR;
     }
+    const uint64_t t_run_ns = tsr_now_ns();
     if (!tsr_replica_is_leader(rep)) {
         /* The leader coordinates the stop; a signal forwarded by the launcher (srun
          * forwards SIGTERM to every task, mpirun SIGUSR1) must not kill a follower. */
@@ -1209,6 +1297,7 @@ int tsr_cmd_batch(int argc, char **argv)
 
     int exit_code = TSR_BATCH_EXIT_ERROR;
     tsr_engine *eng = NULL;
+    tsr_chat_template *chat = NULL;
     job j;
     memset(&j, 0, sizeof j);
     bool sync_ok = false, driver_started = false;
@@ -1251,6 +1340,16 @@ int tsr_cmd_batch(int argc, char **argv)
     j.n_ctx = tsr_replica_n_ctx(rep);
     if (j.n_ctx > ep.n_kv_blocks * TSR_KV_BLOCK_SIZE) j.n_ctx = ep.n_kv_blocks * TSR_KV_BLOCK_SIZE;
     j.tty = isatty(STDERR_FILENO);
+    /* Chat lines: the model's chat template, or --chat-template; without one they get
+     * error lines (the completions still run). */
+    if (tsr_chat_template_for_model(tsr_replica_gguf(rep), j.vocab, chat_template, &chat,
+                                    j.chat_err, sizeof j.chat_err) != 0) {
+        if (chat_template) {
+            fprintf(stderr, "tessera batch: --chat-template: %s\n", j.chat_err);
+            goto release;
+        }
+    }
+    j.chat = chat;
     j.out.fd = -1;
     j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
     j.done = tsr_batch_keyset_new();
@@ -1303,6 +1402,7 @@ release:
         pthread_join(driver, NULL);
     }
     tsr_engine_free(eng);
+    tsr_chat_template_free(chat);
     if (sync_ok) {
         pthread_mutex_destroy(&j.mu);
         pthread_cond_destroy(&j.cv);
@@ -1319,6 +1419,16 @@ release:
             tsr_comm_mpi_abort(1);
             return TSR_BATCH_EXIT_ERROR;
         }
+        /* Where the time went, per rank: forward passes (compute), waiting on other ranks
+         * (comm); the rest of the wall time is the leader's sampling, scheduling and I/O. */
+        double wall_s = (double)(tsr_now_ns() - t_run_ns) / 1e9;
+        for (int r = 0; r < tsr_replica_size(rep) && r < 16 && st[r].n_steps; r++)
+            fprintf(stderr,
+                    "tessera batch: rank %d: %" PRIu64 " steps, %" PRIu64
+                    " tokens (%.1f per step), compute %.1f s, comm %.1f s of %.1f s wall\n",
+                    st[r].rank, st[r].n_steps, st[r].n_tokens,
+                    (double)st[r].n_tokens / (double)st[r].n_steps, st[r].t_compute_ns / 1e9,
+                    st[r].t_comm_ns / 1e9, wall_s);
         free(st);
     }
     tsr_replica_close(rep);

@@ -11,6 +11,7 @@
 #include "coordinator/chat.h"
 
 #include <ctype.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,15 +120,20 @@ static int fail(char *err, size_t err_len, int code, const char *fmt, ...)
     return code;
 }
 
+static char g_names[512];
+static pthread_once_t g_names_once = PTHREAD_ONCE_INIT;
+
+static void names_init(void)
+{
+    size_t o = 0;
+    for (int f = 0; f < FAM_COUNT; f++)
+        o += (size_t)snprintf(g_names + o, sizeof g_names - o, "%s%s", f ? ", " : "", k_names[f]);
+}
+
 const char *tsr_chat_family_names(void)
 {
-    static char buf[512];
-    if (!buf[0]) {
-        size_t o = 0;
-        for (int f = 0; f < FAM_COUNT; f++)
-            o += (size_t)snprintf(buf + o, sizeof buf - o, "%s%s", f ? ", " : "", k_names[f]);
-    }
-    return buf;
+    pthread_once(&g_names_once, names_init); /* server threads may ask at once */
+    return g_names;
 }
 
 /* ---- detection ---- */

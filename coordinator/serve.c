@@ -77,6 +77,14 @@ static const char *serve_help =
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
     "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
     "\n"
+    "output held for clients that read slowly or not at all (beyond: the stream is\n"
+    "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
+    "      --max-call-buffered-bytes BYTES  unread output of one call (default 1M)\n"
+    "      --max-buffered-bytes BYTES       of all calls together; the call holding the\n"
+    "                            most goes first (default 64M)\n"
+    "      --slow-reader-timeout MS  a message the client's flow control has not taken\n"
+    "                            after this long (default 30000)\n"
+    "\n"
     "speculative decoding (per request: the 'speculation' field, default auto):\n"
     "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
     "      --spec ngram          n-gram prompt lookup instead (no model)\n"
@@ -274,35 +282,42 @@ int tsr_cmd_serve(int argc, char **argv)
         O_SPEC_K,
         O_SPEC_MAX_BATCH,
         O_CHAT_TEMPLATE,
+        O_MAX_BUFFERED,
+        O_MAX_CALL_BUFFERED,
+        O_SLOW_READER,
         O_MODEL_NAME,
         O_JOIN,
         O_NAME,
         O_ADVERTISE,
     };
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"listen", required_argument, 0, O_LISTEN},
-                                         {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
-                                         {"max-seqs", required_argument, 0, O_MAX_SEQS},
-                                         {"max-queue", required_argument, 0, O_MAX_QUEUE},
-                                         {"kv-memory", required_argument, 0, O_KV_MEMORY},
-                                         {"ctx-size", required_argument, 0, 'c'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"shutdown-grace", required_argument, 0, O_GRACE},
-                                         {"tp", required_argument, 0, O_TP},
-                                         {"pp", required_argument, 0, O_PP},
-                                         {"layers", required_argument, 0, O_LAYERS},
-                                         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
-                                         {"draft-model", required_argument, 0, O_DRAFT},
-                                         {"spec", required_argument, 0, O_SPEC},
-                                         {"spec-k", required_argument, 0, O_SPEC_K},
-                                         {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
-                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
-                                         {"model-name", required_argument, 0, O_MODEL_NAME},
-                                         {"join", required_argument, 0, O_JOIN},
-                                         {"name", required_argument, 0, O_NAME},
-                                         {"advertise", required_argument, 0, O_ADVERTISE},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},
+        {"listen", required_argument, 0, O_LISTEN},
+        {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
+        {"max-seqs", required_argument, 0, O_MAX_SEQS},
+        {"max-queue", required_argument, 0, O_MAX_QUEUE},
+        {"kv-memory", required_argument, 0, O_KV_MEMORY},
+        {"ctx-size", required_argument, 0, 'c'},
+        {"threads", required_argument, 0, 't'},
+        {"shutdown-grace", required_argument, 0, O_GRACE},
+        {"tp", required_argument, 0, O_TP},
+        {"pp", required_argument, 0, O_PP},
+        {"layers", required_argument, 0, O_LAYERS},
+        {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"draft-model", required_argument, 0, O_DRAFT},
+        {"spec", required_argument, 0, O_SPEC},
+        {"spec-k", required_argument, 0, O_SPEC_K},
+        {"spec-max-batch", required_argument, 0, O_SPEC_MAX_BATCH},
+        {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
+        {"max-buffered-bytes", required_argument, 0, O_MAX_BUFFERED},
+        {"max-call-buffered-bytes", required_argument, 0, O_MAX_CALL_BUFFERED},
+        {"slow-reader-timeout", required_argument, 0, O_SLOW_READER},
+        {"model-name", required_argument, 0, O_MODEL_NAME},
+        {"join", required_argument, 0, O_JOIN},
+        {"name", required_argument, 0, O_NAME},
+        {"advertise", required_argument, 0, O_ADVERTISE},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     const char *model_name = NULL, *join = NULL, *join_name = NULL, *advertise = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
@@ -313,6 +328,9 @@ int tsr_cmd_serve(int argc, char **argv)
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
     int64_t spec_k = 4, spec_max_batch = 4;
+    uint64_t max_buffered = TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES,
+             max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
+    int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
     const char *chat_template = NULL;
     int c;
     optind = 1;
@@ -363,6 +381,9 @@ int tsr_cmd_serve(int argc, char **argv)
         case O_COMM_TIMEOUT:
             INT_FLAG("--comm-timeout", 1, 86400000, rp.timeout_ms);
             break;
+        case O_SLOW_READER:
+            INT_FLAG("--slow-reader-timeout", 1, 86400000, slow_reader_ms);
+            break;
 #undef INT_FLAG
         case O_LAYERS:
             rp.layers = optarg;
@@ -405,6 +426,19 @@ int tsr_cmd_serve(int argc, char **argv)
                                            "got '%s'",
                                            optarg);
             break;
+        case O_MAX_BUFFERED:
+        case O_MAX_CALL_BUFFERED: {
+            uint64_t b = 0;
+            const char *name =
+                c == O_MAX_BUFFERED ? "--max-buffered-bytes" : "--max-call-buffered-bytes";
+            if (!tsr_cli_parse_bytes(optarg, &b) || b < 4096 || b > (1ull << 40))
+                return tsr_cli_usage_error("serve",
+                                           "%s needs a byte count in 4K..1T such as 1M or 64M, "
+                                           "got '%s'",
+                                           name, optarg);
+            *(c == O_MAX_BUFFERED ? &max_buffered : &max_call_buffered) = b;
+            break;
+        }
         case O_MODEL_NAME:
             if (!optarg[0]) return tsr_cli_usage_error("serve", "--model-name must not be empty");
             model_name = optarg;
@@ -584,7 +618,10 @@ int tsr_cmd_serve(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
 
-    tsr_server_params sp = {.listen = listen};
+    tsr_server_params sp = {.listen = listen,
+                            .max_buffered_bytes = (int64_t)max_buffered,
+                            .max_call_buffered_bytes = (int64_t)max_call_buffered,
+                            .slow_reader_ms = slow_reader_ms};
     int port = 0;
     if (tsr_server_start(&sp, engine, vocab, &info, &server, &port, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);

@@ -28,6 +28,13 @@
  * the last: a call is freed exactly once, by whichever completion comes last, and never
  * before RECV_CLOSE (the close hold), so a call that is over cannot be left behind.
  *
+ * Output bounds (server.h): every change to a call's pending output or message in flight
+ * goes through account(), which keeps the call's n_bytes_held and the server's total. The
+ * engine callback flags a call over its own bound (the pump cancels it); the pump, when the
+ * total is over its bound, cancels the calls holding the most; the CQ thread's tick cancels
+ * calls whose send has waited longer than the slow-reader deadline. A cancelled call drops
+ * its pending output at once; its message in flight is freed when gRPC fails the send.
+ *
  * Shutdown (STACK.md §3 order, ASan clean): grpc_server_shutdown_and_notify; let open
  * Generate streams flush for the grace period; grpc_server_cancel_all_calls; drain the CQ
  * until the shutdown tag and every call are back; grpc_server_destroy; CQ shutdown and
@@ -35,6 +42,7 @@
  */
 #include "coordinator/server.h"
 #include "coordinator/cli.h"
+#include "coordinator/pbcheck.h"
 #include "kernels/util.h"
 
 #include "health.pb-c.h"
@@ -60,13 +68,16 @@
 #include <sys/random.h>
 #include <time.h>
 
-#define TICK_MS            200  /* CQ wake-up: health refresh, shutdown progress */
-#define HARD_EXTRA_MS      5000 /* after the grace period, how long calls may still linger */
-#define MAX_STOP_STRINGS   TSR_ENGINE_MAX_STOPS
-#define MAX_STOP_IDS       TSR_ENGINE_MAX_STOP_IDS
-#define MAX_STOP_BYTES     1024
-#define MAX_REQUEST_ID     256
-#define MAX_LOGPROBS       20
+#define TICK_MS          200  /* CQ wake-up: health refresh, shutdown progress */
+#define HARD_EXTRA_MS    5000 /* after the grace period, how long calls may still linger */
+#define MAX_STOP_STRINGS TSR_ENGINE_MAX_STOPS
+#define MAX_STOP_IDS     TSR_ENGINE_MAX_STOP_IDS
+#define MAX_STOP_BYTES   1024
+#define MAX_REQUEST_ID   256
+#define MAX_LOGPROBS     20
+/* Tokenize runs on the CQ thread: 64 KiB take ~15 ms (stories260K, this machine's 2 cores),
+ * 1 MiB took ~440 ms, during which no other call moved. */
+#define MAX_TOKENIZE_BYTES 65536
 #define DEFAULT_MAX_TOKENS 16
 
 typedef enum {
@@ -98,6 +109,9 @@ static const char *const k_health_services[] = {"", "tessera.v1.Inference", "tes
                                                 "grpc.health.v1.Health"};
 
 typedef enum { T_NEW_CALL = 1, T_SHUTDOWN, T_CLOSE, T_RECV, T_SEND } tag_kind;
+
+/* Why the server cancelled a call that holds too much unread output (0: it did not). */
+enum { KILL_NONE = 0, KILL_CALL_BYTES, KILL_TOTAL_BYTES, KILL_SLOW_READER };
 
 struct srv_call;
 typedef struct {
@@ -148,6 +162,12 @@ typedef struct srv_call {
     int32_t n_prompt_tokens, n_completion_tokens, n_preempted;
     int32_t spec_drafted, spec_accepted;
     uint64_t t_queue_ns, t_first_token_ns, t_decode_ns;
+    /* output held for the client (account()) */
+    int64_t n_bytes_held;     /* pending output + message in flight, in the server's total */
+    int64_t n_bytes_inflight; /* the message being sent */
+    int64_t t_send_ns;        /* when that send started (CLOCK_MONOTONIC) */
+    int kill;                 /* KILL_*: the server is cancelling the call */
+    bool kill_sent;           /* grpc_call_cancel_with_status done */
     /* Health.Watch */
     int health_want, health_sent; /* HealthCheckResponse.ServingStatus; -1 none */
     bool health_known_service;
@@ -173,6 +193,9 @@ struct tsr_server {
     atomic_uint_fast64_t next_req;
     atomic_bool stopping;    /* shutting down or not serving (readable under any lock) */
     int64_t last_refresh_ns; /* CQ thread only */
+    int64_t max_total_bytes, max_call_bytes, slow_reader_ns; /* output bounds (server.h) */
+    atomic_int_fast64_t n_bytes_buffered;                    /* sum of the calls' n_bytes_held */
+    atomic_uint_fast64_t n_killed;                           /* calls cancelled for the bounds */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -304,6 +327,7 @@ static void call_release(srv_call *c)
     if (c->m == M_GENERATE) s->n_generate_open--;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    atomic_fetch_sub(&s->n_bytes_buffered, c->n_bytes_held);
     call_destroy(c);
 }
 
@@ -320,6 +344,132 @@ static void call_put_unlock(srv_call *c)
     bool last = --c->holds == 0;
     pthread_mutex_unlock(&c->mu);
     if (last) call_release(c);
+}
+
+/* ---- output bounds ---- */
+
+/* Under c->mu: bytes of pending output (what the arrays hold for the next message). */
+static int64_t pending_bytes(const srv_call *c)
+{
+    int64_t per_id = (int64_t)sizeof(int32_t);
+    if (c->n_top >= 0)
+        per_id += (int64_t)sizeof(float) + (int64_t)c->n_top * (int64_t)sizeof(tsr_logprob);
+    return (int64_t)c->n_ids * per_id + (int64_t)c->text_len;
+}
+
+/* Under c->mu: bring the call's share of the server's total up to date. */
+static void account(srv_call *c)
+{
+    int64_t held = pending_bytes(c) + c->n_bytes_inflight;
+    int64_t d = held - c->n_bytes_held;
+    if (d == 0) return;
+    c->n_bytes_held = held;
+    atomic_fetch_add(&c->s->n_bytes_buffered, d);
+}
+
+/* Under c->mu: drop the pending output and free its arrays (nothing will send it). */
+static void drop_pending(srv_call *c)
+{
+    c->n_ids = c->text_len = 0;
+    free(c->ids);
+    free(c->text);
+    free(c->lp_chosen);
+    free(c->lp_top);
+    c->ids = NULL;
+    c->text = NULL;
+    c->lp_chosen = NULL;
+    c->lp_top = NULL;
+    c->cap_ids = c->cap_text = c->cap_chosen = c->cap_top = 0;
+    account(c);
+}
+
+/* Under c->mu, c->kill set: cancel the call with a status naming the limit. RECV_CLOSE then
+ * fires (on_close cancels the engine request: its KV blocks are freed) and the send in
+ * flight fails (its message is freed). */
+static void kill_now(srv_call *c)
+{
+    if (c->kill_sent || c->closed) return;
+    tsr_server *s = c->s;
+    c->kill_sent = true;
+    c->done_sending = true;
+    int64_t held = c->n_bytes_held;
+    drop_pending(c);
+    char msg[400];
+    switch (c->kill) {
+    case KILL_CALL_BYTES:
+        snprintf(msg, sizeof msg,
+                 "the client is not reading this stream: its unread output passed the bound of "
+                 "%lld bytes per call (--max-call-buffered-bytes); read the stream as it comes "
+                 "or ask for fewer tokens or logprobs",
+                 (long long)s->max_call_bytes);
+        break;
+    case KILL_TOTAL_BYTES:
+        snprintf(msg, sizeof msg,
+                 "the server's output buffers are full (--max-buffered-bytes %lld) and this "
+                 "stream held the most unread output (%lld bytes); read streams as they come",
+                 (long long)s->max_total_bytes, (long long)held);
+        break;
+    default:
+        snprintf(msg, sizeof msg,
+                 "the client did not read this stream's output for %lld ms "
+                 "(--slow-reader-timeout): cancelled, its resources are freed",
+                 (long long)(s->slow_reader_ns / 1000000));
+        break;
+    }
+    atomic_fetch_add(&s->n_killed, 1);
+    grpc_call_cancel_with_status(c->call, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, NULL);
+}
+
+/* No lock held: while all calls together hold more than the total bound, cancel the one
+ * holding the most (calls already being cancelled do not count: their memory is on its
+ * way out). At most 16 per pass; the next event or tick continues. */
+static void enforce_total(tsr_server *s)
+{
+    for (int pass = 0; pass < 16; pass++) {
+        if (atomic_load(&s->n_bytes_buffered) <= s->max_total_bytes) return;
+        int64_t live = 0, big_n = 0;
+        srv_call *big = NULL;
+        pthread_mutex_lock(&s->mu);
+        for (srv_call *c = s->calls; c; c = c->next) {
+            pthread_mutex_lock(&c->mu);
+            if (!c->kill && !c->closed) {
+                live += c->n_bytes_held;
+                if (c->n_bytes_held > big_n) {
+                    big_n = c->n_bytes_held;
+                    big = c;
+                }
+            }
+            pthread_mutex_unlock(&c->mu);
+        }
+        bool done = live <= s->max_total_bytes || !big;
+        if (!done) {
+            pthread_mutex_lock(&big->mu);
+            if (!big->kill && !big->closed) {
+                big->kill = KILL_TOTAL_BYTES;
+                kill_now(big);
+            }
+            pthread_mutex_unlock(&big->mu);
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (done) return;
+    }
+}
+
+/* CQ thread tick: cancel calls whose send has waited for the client too long. */
+static void sweep_slow_readers(tsr_server *s)
+{
+    int64_t now = (int64_t)tsr_now_ns();
+    pthread_mutex_lock(&s->mu);
+    for (srv_call *c = s->calls; c; c = c->next) {
+        pthread_mutex_lock(&c->mu);
+        if (!c->kill && !c->closed && c->send_pending && now - c->t_send_ns > s->slow_reader_ns) {
+            c->kill = KILL_SLOW_READER;
+            kill_now(c);
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    enforce_total(s);
 }
 
 /* ---- sending ---- */
@@ -355,7 +505,11 @@ static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status, grp
         ops[n].data.send_status_from_server.status_details = &c->status_details;
         n++;
     }
-    if (n == 0) return;
+    if (n == 0) {
+        account(c);
+        return;
+    }
+    int64_t n_bytes = msg ? (int64_t)grpc_byte_buffer_length(msg) : 0;
     grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->t_send, NULL);
     if (msg) grpc_byte_buffer_destroy(msg);
     if (e != GRPC_CALL_OK) {
@@ -363,8 +517,12 @@ static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status, grp
                 (int)e, c->m == M_GENERATE ? "Generate" : "a call");
         c->done_sending = true;
         grpc_call_cancel(c->call, NULL);
+        account(c);
         return;
     }
+    c->n_bytes_inflight = n_bytes; /* held by gRPC until the client's window takes it */
+    c->t_send_ns = (int64_t)tsr_now_ns();
+    account(c);
     c->md_sent = true;
     c->send_pending = true;
     call_hold(c); /* dropped by on_send_done */
@@ -476,6 +634,10 @@ static grpc_byte_buffer *build_health(int status)
  */
 static void advance(srv_call *c)
 {
+    if (c->kill) {
+        kill_now(c);
+        return;
+    }
     if (c->send_pending || c->done_sending || c->closed) return;
     if (c->m == M_GENERATE) {
         if (!c->finished && c->n_ids == 0 && c->text_len == 0) return;
@@ -572,6 +734,7 @@ static void *pump_main(void *arg)
         c->in_pump = false;
         advance(c);
         call_put_unlock(c);
+        if (atomic_load(&s->n_bytes_buffered) > s->max_total_bytes) enforce_total(s);
     }
     return NULL;
 }
@@ -595,7 +758,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
     pthread_mutex_lock(&c->mu);
     bool finish = false;
     if (ev->kind == TSR_EV_TOKENS) {
-        if (!c->closed && !c->oom && ev->n_ids + ev->text_len > 0) {
+        if (!c->closed && !c->oom && !c->kill && ev->n_ids + ev->text_len > 0) {
             size_t need = c->n_ids + ev->n_ids;
             bool ok = grow((void **)&c->ids, &c->cap_ids, need, sizeof(int32_t));
             if (ok && c->n_top >= 0)
@@ -627,6 +790,9 @@ static void on_engine_event(void *ud, const tsr_event *ev)
                 c->n_ids += ev->n_ids;
                 c->text_len += ev->text_len;
                 c->text[c->text_len] = '\0';
+                account(c);
+                /* Over its own bound: the pump cancels it (never the engine thread). */
+                if (c->n_bytes_held > c->s->max_call_bytes) c->kill = KILL_CALL_BYTES;
             }
         }
     } else if (ev->kind == TSR_EV_FINISH && c->engine_active) {
@@ -766,12 +932,20 @@ static void handle_tokenize(tsr_server *s, grpc_slice in, reply *r)
         return;
     }
     const char *text = q->text ? q->text : "";
+    size_t n_text = strlen(text);
+    if (n_text > MAX_TOKENIZE_BYTES) {
+        reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                  "text: %zu bytes; Tokenize takes at most %d bytes per call (split the text)",
+                  n_text, MAX_TOKENIZE_BYTES);
+        tessera__v1__tokenize_request__free_unpacked(q, NULL);
+        return;
+    }
     bool add_special = q->has_add_special_tokens ? q->add_special_tokens : true;
     bool parse_special = q->has_parse_special ? q->parse_special : true;
     int32_t *ids = NULL;
     size_t n = 0;
     char err[512];
-    if (tsr_vocab_tokenize(s->vocab, text, strlen(text), add_special, parse_special, &ids, &n, err,
+    if (tsr_vocab_tokenize(s->vocab, text, n_text, add_special, parse_special, &ids, &n, err,
                            sizeof err) != 0) {
         reply_err(r, GRPC_STATUS_INVALID_ARGUMENT, "text: %s", err);
     } else {
@@ -1263,6 +1437,22 @@ done:
     return ok;
 }
 
+/* The request message type of a method, for the string checks (NULL: none). */
+static const ProtobufCMessageDescriptor *request_descriptor(method_id m)
+{
+    switch (m) {
+    case M_GENERATE:
+        return &tessera__v1__generate_request__descriptor;
+    case M_TOKENIZE:
+        return &tessera__v1__tokenize_request__descriptor;
+    case M_HEALTH_CHECK:
+    case M_HEALTH_WATCH:
+        return &grpc__health__v1__health_check_request__descriptor;
+    default:
+        return NULL;
+    }
+}
+
 /* RECV_MESSAGE completed. The receive's hold is kept while the request is handled and
  * dropped at the end, whatever happened meanwhile (the close may have come first). */
 static void on_recv(tsr_server *s, srv_call *c, bool success)
@@ -1291,7 +1481,15 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
     } else {
         grpc_slice in = read_all(bb);
         grpc_byte_buffer_destroy(bb);
-        switch (c->m) {
+        char serr[512];
+        /* Every string field: no NUL (protobuf-c would cut it there), valid UTF-8. */
+        method_id m = c->m;
+        if (tsr_pbcheck_strings(request_descriptor(m), GRPC_SLICE_START_PTR(in),
+                                GRPC_SLICE_LENGTH(in), serr, sizeof serr) != 0) {
+            reply_err(&r, GRPC_STATUS_INVALID_ARGUMENT, "%s", serr);
+            m = M_UNKNOWN; /* answered: handle nothing */
+        }
+        switch (m) {
         case M_GENERATE:
             streaming_started = handle_generate(s, c, in, &r);
             break;
@@ -1422,8 +1620,7 @@ static void on_close(tsr_server *s, srv_call *c)
     if (cancel) c->cancel_sent = true;
     uint64_t id = c->req_id;
     /* Nothing can be sent any more: drop pending output. */
-    c->n_ids = 0;
-    c->text_len = 0;
+    drop_pending(c);
     call_put_unlock(c); /* the close's hold; c may be gone now */
     /* Client cancel, deadline, or a dead client: free its KV blocks now. */
     if (cancel) tsr_engine_cancel(s->engine, id);
@@ -1433,6 +1630,8 @@ static void on_send_done(srv_call *c, bool success)
 {
     pthread_mutex_lock(&c->mu);
     c->send_pending = false;
+    c->n_bytes_inflight = 0;
+    account(c);
     if (c->has_status_details) {
         grpc_slice_unref(c->status_details);
         c->has_status_details = false;
@@ -1506,6 +1705,7 @@ static void *cq_main(void *arg)
         if (tnow - s->last_refresh_ns >= (int64_t)TICK_MS * 1000000 / 2) {
             s->last_refresh_ns = tnow;
             health_refresh(s);
+            sweep_slow_readers(s);
         }
 
         pthread_mutex_lock(&s->mu);
@@ -1588,6 +1788,16 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
         if (tsr_vocab_token_text(vocab, id, &len) && len + 1 > s->max_piece) s->max_piece = len + 1;
     }
     s->t_start_ns = (uint64_t)(int64_t)tsr_now_ns();
+    s->max_total_bytes = p && p->max_buffered_bytes > 0 ? p->max_buffered_bytes
+                                                        : TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES;
+    s->max_call_bytes = p && p->max_call_buffered_bytes > 0
+                            ? p->max_call_buffered_bytes
+                            : TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
+    s->slow_reader_ns =
+        (p && p->slow_reader_ms > 0 ? p->slow_reader_ms : TSR_SERVER_DEFAULT_SLOW_READER_MS) *
+        1000000;
+    atomic_init(&s->n_bytes_buffered, 0);
+    atomic_init(&s->n_killed, 0);
     atomic_init(&s->next_req, 1);
     atomic_init(&s->stopping, false);
     bool mu_ok = false, pump_mu_ok = false, grpc_ok = false, started = false;
@@ -1712,6 +1922,8 @@ void tsr_server_get_stats(tsr_server *s, tsr_server_stats *st)
     st->n_active = s->n_calls;
     st->n_active_generate = s->n_generate_open;
     pthread_mutex_unlock(&s->mu);
+    st->n_bytes_buffered = atomic_load(&s->n_bytes_buffered);
+    st->n_slow_cancelled = atomic_load(&s->n_killed);
 }
 
 int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_len)

@@ -65,9 +65,26 @@ typedef struct {
     const tsr_chat_template *chat;
 } tsr_server_model_info;
 
+/*
+ * Output held for clients that do not read. A message is handed to gRPC only when the
+ * previous one was taken by the client's HTTP/2 flow control, so what a call holds is its
+ * pending output (tokens, text, logprobs produced meanwhile) plus the one message in flight.
+ * A call over max_call_buffered_bytes, the call holding the most when all calls together
+ * exceed max_buffered_bytes, and a call whose client has not taken a message for
+ * slow_reader_ms are cancelled with RESOURCE_EXHAUSTED (the message names the limit); the
+ * engine request is cancelled with it, so its KV blocks and buffers are freed. The engine
+ * never waits for a client.
+ */
+#define TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES      (64ll << 20)
+#define TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES (1ll << 20)
+#define TSR_SERVER_DEFAULT_SLOW_READER_MS          30000
+
 typedef struct {
-    const char *listen;        /* "host:port" (port 0: ephemeral); NULL = 127.0.0.1:50051 */
-    int32_t max_message_bytes; /* receive limit per message (0: gRPC's 4 MiB) */
+    const char *listen;              /* "host:port" (port 0: ephemeral); NULL = 127.0.0.1:50051 */
+    int32_t max_message_bytes;       /* receive limit per message (0: gRPC's 4 MiB) */
+    int64_t max_buffered_bytes;      /* all calls together (0: the default above) */
+    int64_t max_call_buffered_bytes; /* one call (0: the default above) */
+    int64_t slow_reader_ms;          /* (0: the default above) */
 } tsr_server_params;
 
 typedef struct tsr_server tsr_server;
@@ -106,6 +123,8 @@ typedef struct {
     uint64_t n_rejected; /* requests answered with a non-OK status */
     int32_t n_active;    /* calls open now */
     int32_t n_active_generate;
+    int64_t n_bytes_buffered;  /* output held for clients now (see above) */
+    uint64_t n_slow_cancelled; /* calls cancelled for holding too much or not reading */
 } tsr_server_stats;
 void tsr_server_get_stats(tsr_server *s, tsr_server_stats *st);
 

@@ -48,6 +48,86 @@ def make_input(path, n, seed=3):
                                 "temperature": 0, "ignore_eos": True}) + "\n")
 
 
+def run_batch(a, t, inp, tmp):
+    out = os.path.join(tmp, "out.jsonl")
+    if os.path.exists(out):
+        os.unlink(out)
+    t0 = time.time()
+    r = subprocess.run([t, "batch", "-m", a.model, "-i", inp, "-o", out, "-t", str(a.threads),
+                        "--progress-interval", "60"] + a.batch_flags,
+                       capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        sys.exit("batch failed: " + r.stderr[-2000:])
+    gen = ptok = 0
+    with open(out) as f:
+        for line in f:
+            u = json.loads(line)["response"]["body"]["usage"]
+            gen += u["completion_tokens"]
+            ptok += u["prompt_tokens"]
+    print("batch:     %7.1f generated tokens/s (%d generated + %d prompt tokens, %.1f s wall, "
+          "process start included)" % (gen / wall, gen, ptok, wall))
+    print("           " + [l for l in r.stderr.splitlines() if " done: " in l][-1], flush=True)
+    return gen / wall
+
+
+def run_generate(a, t, inp):
+    items = [json.loads(l) for l in open(inp)][:a.gen_prompts]
+    gen = 0
+    dec_t = 0.0
+    t0 = time.time()
+    for it in items:
+        r = subprocess.run([t, "generate", "-m", a.model, "-p", it["prompt"], "-n", "64",
+                            "--temperature", "0", "--ignore-eos", "--json", "-t",
+                            str(a.threads)], capture_output=True, text=True, check=True)
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        gen += len(d["ids"])
+        if d["decode_tokens_per_s"] > 0:
+            dec_t += (len(d["ids"]) - 1) / d["decode_tokens_per_s"]
+    wall = time.time() - t0
+    print("generate:  %7.1f generated tokens/s (%d prompts, once each: %.1f s wall; decode "
+          "alone %.1f tokens/s)" % (gen / wall, len(items), wall, (gen - len(items)) / dec_t),
+          flush=True)
+    return gen / wall
+
+
+def run_serve(a, t, inp):
+    p = subprocess.Popen([t, "serve", "-m", a.model, "--listen", "127.0.0.1:0", "-t",
+                          str(a.threads), "--max-seqs", str(a.concurrency)],
+                         stderr=subprocess.PIPE, text=True)
+    port = None
+    try:
+        end = time.time() + 120
+        while time.time() < end:
+            line = p.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"listening on [^:]+:(\d+)", line)
+            if m:
+                port = m.group(1)
+                break
+        if not port:
+            sys.exit("serve did not start")
+        t0 = time.time()
+        r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "ops", "loadgen.py"),
+                            "--target", "127.0.0.1:" + port, "--concurrency",
+                            str(a.concurrency), "--input", inp, "--timeout", "3600"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit("loadgen failed: " + r.stdout + r.stderr)
+        m = re.search(r"throughput:\s+([\d.]+) generated tokens/s", r.stdout)
+        v = float(m.group(1))
+        print("serve:     %7.1f generated tokens/s (loadgen, concurrency %d, %.1f s)" % (
+            v, a.concurrency, time.time() - t0), flush=True)
+        return v
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tessera", default=os.path.join(ROOT, "build", "tessera"))
@@ -59,6 +139,8 @@ def main():
                     help="prompts for the generate-per-prompt baseline (a rate: fewer is fine)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the three runs, interleaved; medians (a shared machine is noisy)")
     ap.add_argument("--skip", default="", help="comma list of: batch,generate,serve")
     ap.add_argument("batch_flags", nargs="*", help="extra flags for tessera batch (after --)")
     a = ap.parse_args()
@@ -72,86 +154,37 @@ def main():
     tmp = tempfile.mkdtemp(prefix="tsr-bench-batch-")
     inp = os.path.join(tmp, "in.jsonl")
     make_input(inp, a.prompts)
-    res = {}
-    print("model %s, %d prompts x 64 tokens, %d threads" % (a.model, a.prompts, a.threads),
-          flush=True)
-
-    if "batch" not in skip:
-        out = os.path.join(tmp, "out.jsonl")
-        t0 = time.time()
-        r = subprocess.run([t, "batch", "-m", a.model, "-i", inp, "-o", out, "-t",
-                            str(a.threads), "--progress-interval", "60"] + a.batch_flags,
-                           capture_output=True, text=True)
-        wall = time.time() - t0
-        if r.returncode != 0:
-            sys.exit("batch failed: " + r.stderr[-2000:])
-        gen = ptok = 0
-        with open(out) as f:
-            for line in f:
-                u = json.loads(line)["response"]["body"]["usage"]
-                gen += u["completion_tokens"]
-                ptok += u["prompt_tokens"]
-        res["batch"] = gen / wall
-        print("batch:     %7.1f generated tokens/s (%d generated + %d prompt tokens, %.1f s "
-              "wall, process start included)" % (gen / wall, gen, ptok, wall))
-        print("           " + [l for l in r.stderr.splitlines() if " done: " in l][-1])
-
-    if "generate" not in skip:
-        items = [json.loads(l) for l in open(inp)][:a.gen_prompts]
-        gen = 0
-        dec_t = 0.0
-        t0 = time.time()
-        for it in items:
-            r = subprocess.run([t, "generate", "-m", a.model, "-p", it["prompt"], "-n", "64",
-                                "--temperature", "0", "--ignore-eos", "--json", "-t",
-                                str(a.threads)], capture_output=True, text=True, check=True)
-            d = json.loads(r.stdout.strip().splitlines()[-1])
-            gen += len(d["ids"])
-            if d["decode_tokens_per_s"] > 0:
-                dec_t += (len(d["ids"]) - 1) / d["decode_tokens_per_s"]
-        wall = time.time() - t0
-        res["generate"] = gen / wall
-        print("generate:  %7.1f generated tokens/s (%d prompts, once each: %.1f s wall; decode "
-              "alone %.1f tokens/s)" % (gen / wall, len(items), wall, (gen - len(items)) / dec_t))
-
-    if "serve" not in skip:
-        p = subprocess.Popen([t, "serve", "-m", a.model, "--listen", "127.0.0.1:0", "-t",
-                              str(a.threads), "--max-seqs", str(a.concurrency)],
-                             stderr=subprocess.PIPE, text=True)
-        port = None
-        try:
-            end = time.time() + 120
-            while time.time() < end:
-                line = p.stderr.readline()
-                if not line:
-                    break
-                m = re.search(r"listening on [^:]+:(\d+)", line)
-                if m:
-                    port = m.group(1)
-                    break
-            if not port:
-                sys.exit("serve did not start")
-            r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "ops", "loadgen.py"),
-                                "--target", "127.0.0.1:" + port, "--concurrency",
-                                str(a.concurrency), "--input", inp, "--timeout", "3600"],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit("loadgen failed: " + r.stdout + r.stderr)
-            m = re.search(r"throughput:\s+([\d.]+) generated tokens/s", r.stdout)
-            res["serve"] = float(m.group(1))
-            print("serve:     %7.1f generated tokens/s (loadgen, concurrency %d)" % (
-                res["serve"], a.concurrency))
-        finally:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    if "batch" in res and "generate" in res:
-        print("batch / generate per prompt: %.2fx" % (res["batch"] / res["generate"]))
-    if "batch" in res and "serve" in res:
-        print("batch / serve at concurrency %d: %.2fx" % (a.concurrency,
-                                                          res["batch"] / res["serve"]))
+    print("model %s, %d prompts x 64 tokens, %d threads, %d round(s)" % (
+        a.model, a.prompts, a.threads, a.rounds), flush=True)
+    rounds = []
+    for rd in range(a.rounds):
+        res = {}
+        if "batch" not in skip:
+            res["batch"] = run_batch(a, t, inp, tmp)
+        if "generate" not in skip:
+            res["generate"] = run_generate(a, t, inp)
+        if "serve" not in skip:
+            res["serve"] = run_serve(a, t, inp)
+        line = "round %d:" % (rd + 1)
+        if "batch" in res and "generate" in res:
+            res["r_gen"] = res["batch"] / res["generate"]
+            line += " batch/generate %.2fx" % res["r_gen"]
+        if "batch" in res and "serve" in res:
+            res["r_serve"] = res["batch"] / res["serve"]
+            line += " batch/serve %.2fx" % res["r_serve"]
+        print(line, flush=True)
+        rounds.append(res)
+    med = lambda k: sorted(r[k] for r in rounds)[len(rounds) // 2]
+    for k, name in (("batch", "batch"), ("generate", "generate per prompt"),
+                    ("serve", "serve c%d" % a.concurrency)):
+        if k in rounds[0]:
+            print("median %-22s %7.1f generated tokens/s" % (name + ":", med(k)))
+    if "r_gen" in rounds[0]:
+        print("median batch / generate per prompt: %.2fx (per round: %s)" % (
+            med("r_gen"), ", ".join("%.2f" % r["r_gen"] for r in rounds)))
+    if "r_serve" in rounds[0]:
+        print("median batch / serve at concurrency %d: %.2fx (per round: %s)" % (
+            a.concurrency, med("r_serve"), ", ".join("%.2f" % r["r_serve"] for r in rounds)))
     subprocess.run(["rm", "-rf", tmp])
     return 0
 

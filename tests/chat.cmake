@@ -34,3 +34,13 @@ add_test(NAME serve_chat
                  --proto ${CMAKE_SOURCE_DIR}/proto)
 set_tests_properties(serve_chat PROPERTIES TIMEOUT 180 RUN_SERIAL TRUE
                      ENVIRONMENT "${TSR_CHAT_ENV}")
+
+# `tessera chat -p` on the real SmolLM2 (ops/fetch-model.sh) against llama.cpp's chat cases
+# (~20 s on 2 cores: release tree only).
+if(NOT TSR_SANITIZE)
+  add_test(NAME chat_smollm2
+           COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
+                   --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                   --fetch-model ${TSR_FETCH_MODEL} --real smollm2-135m-instruct)
+  set_tests_properties(chat_smollm2 PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
+endif()

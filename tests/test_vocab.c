@@ -199,22 +199,62 @@ static void check_vectors(const tsr_vocab *v, const char *name)
  * that model's vocabulary: SmolLM2 (BPE, pre-tokenizer smollm = the starcoder expression),
  * Qwen2.5 (BPE, qwen2) and Gemma 3 (SentencePiece without the space prefix, byte
  * fallback, 262k tokens). */
-static void run_real_vocab(const char *name)
+/* The cached path of a real model (malloc'd). */
+static char *real_model_path(const char *name)
 {
     char cmd[1024], *out = NULL, *errs = NULL;
     snprintf(cmd, sizeof cmd, "%s %s", TSR_FETCH_MODEL, name);
     int rc = tsr_test_run(cmd, &out, &errs);
     if (rc != 0 || !out) fail_msg("%s failed (%d): %s", cmd, rc, errs ? errs : "");
+    free(errs);
     size_t n = strlen(out);
     while (n && out[n - 1] == '\n') out[--n] = 0;
-    char *path = strrchr(out, '\n');
-    tsr_vocab *v = open_vocab_path(path ? path + 1 : out);
+    char *last = strrchr(out, '\n');
+    char *path = strdup(last ? last + 1 : out);
+    free(out);
+    return path;
+}
+
+static void run_real_vocab(const char *name)
+{
+    char *path = real_model_path(name);
+    tsr_vocab *v = open_vocab_path(path);
+    free(path);
     char rel[256];
     snprintf(rel, sizeof rel, "expected/real-vocab/%s.out", name);
     check_vector_files(v, name, "vocab/ggml-vocab-llama-bpe.gguf.inp", rel);
     tsr_vocab_free(v);
-    free(out);
-    free(errs);
+}
+
+/* DeepSeek-R1-Distill-Qwen ships Qwen2.5's tokenizer under tokenizer.ggml.pre =
+ * "deepseek-r1-qwen", which llama.cpp maps to the qwen2 expression: Qwen2.5's vocabulary
+ * (every key copied from the real file, no tensors) relabelled so must give the same ids. */
+static void test_real_deepseek_r1_qwen(void **state)
+{
+    (void)state;
+    char err[512], *path = real_model_path("qwen2.5-coder-0.5b-instruct");
+    tsr_gguf *g = NULL;
+    if (tsr_gguf_open(path, &g, err, sizeof err)) fail_msg("%s: %s", path, err);
+    free(path);
+    tsr_gguf_writer *w = tsr_gguf_writer_new();
+    assert_non_null(w);
+    for (int64_t i = 0; i < tsr_gguf_n_kv(g); i++)
+        if (!strncmp(tsr_gguf_kv_key(g, i), "tokenizer.", 10))
+            assert_int_equal(tsr_gguf_writer_copy_kv(w, g, i), 0);
+    tsr_gguf_close(g);
+    assert_int_equal(tsr_gguf_writer_set_str(w, "tokenizer.ggml.pre", "deepseek-r1-qwen", 16), 0);
+    char tmp[] = "/tmp/tsr_r1_qwen_XXXXXX";
+    int fd = mkstemp(tmp);
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(tsr_gguf_writer_save(w, tmp, err, sizeof err), 0);
+    tsr_gguf_writer_free(w);
+    tsr_vocab *v = open_vocab_path(tmp);
+    unlink(tmp);
+    assert_string_equal(tsr_vocab_pre(v), "deepseek-r1-qwen");
+    check_vector_files(v, "deepseek-r1-qwen", "vocab/ggml-vocab-llama-bpe.gguf.inp",
+                       "expected/real-vocab/qwen2.5-coder-0.5b-instruct.out");
+    tsr_vocab_free(v);
 }
 
 static void test_real_smollm2(void **state)
@@ -1148,6 +1188,7 @@ int main(void)
         cmocka_unit_test(test_real_smollm2),
         cmocka_unit_test(test_real_qwen25),
         cmocka_unit_test(test_real_gemma3),
+        cmocka_unit_test(test_real_deepseek_r1_qwen),
         cmocka_unit_test(test_other_vocabs_load),
         cmocka_unit_test(test_bert_unsupported),
         cmocka_unit_test(test_llama_bpe_standin),

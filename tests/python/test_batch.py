@@ -4,7 +4,7 @@
 The input mixes OpenAI Batch API lines (/v1/completions) and plain {"custom_id", "prompt"}
 lines, greedy and seeded sampling (top-k / top-p / min-p, penalties, stop strings), and
 malformed lines (invalid JSON, unknown fields, a prompt longer than the context, a chat
-line without chat support, bad values, a missing custom_id). The reference of every good
+line for a model without a chat template, bad values, a missing custom_id). The reference of every good
 line is `tessera generate --json` with the same parameters, one process per line.
 
 What is checked (`run`):
@@ -17,6 +17,7 @@ What is checked (`run`):
   - --shard 0/3, 1/3, 2/3 and --merge -i INPUT: the same set of lines as the single run;
     a merge with a line twice, or a line missing, fails and writes nothing;
   - duplicate custom_ids in the input: exit 2 at start, nothing generated;
+  - chat lines with --chat-template chatml equal `tessera chat --json`;
   - progress: a bar with done/total, tokens/s and ETA on a pseudo-terminal; periodic
     summary lines in a log (not a terminal); the final summary line.
 
@@ -473,6 +474,52 @@ def t_progress_tty(c):
     return "%d bar redraws, last: %s" % (len(bars), bars[-1].strip()[:90])
 
 
+def t_chat(c):
+    """Chat lines (/v1/chat/completions) rendered with --chat-template chatml (stories260K
+    has no template of its own) equal `tessera chat --json` for the same conversation."""
+    convs = [("Be brief.", "Tell me a story", 12, 0, None), (None, "Once upon a time", 16, 0, None),
+             ("You are a cat.", "What do you see?", 10, 0.75, 11), (None, "Lily", 8, 1.0, 5),
+             (None, "The dog ran", 14, 0.5, 99)]
+    inp = os.path.join(c.tmp, "chat.jsonl")
+    with open(inp, "w") as f:
+        for i, (sys_msg, user, n, temp, seed) in enumerate(convs):
+            msgs = ([{"role": "system", "content": sys_msg}] if sys_msg else []) + [
+                {"role": "user", "content": user}]
+            body = {"messages": msgs, "max_tokens": n, "temperature": temp}
+            if seed is not None:
+                body["seed"] = seed
+            f.write(json.dumps({"custom_id": "chat-%d" % i, "method": "POST",
+                                "url": "/v1/chat/completions", "body": body}) + "\n")
+    out = os.path.join(c.tmp, "chat-out.jsonl")
+    r = c.run([c.tessera, "batch", "-m", c.model, "-i", inp, "-o", out, "-c", str(CTX), "-t", "1",
+               "--chat-template", "chatml"])
+    assert r.returncode == 0, "exit %d: %s" % (r.returncode, r.stderr[-2000:])
+    got = {}
+    with open(out) as f:
+        for line in f:
+            o = json.loads(line)
+            assert o["error"] is None, o["error"]
+            b = o["response"]["body"]
+            assert b["object"] == "chat.completion"
+            got[o["custom_id"]] = b["choices"][0]
+    for i, (sys_msg, user, n, temp, seed) in enumerate(convs):
+        cmd = [c.tessera, "chat", "-m", c.model, "--chat-template", "chatml", "-p", user, "-n",
+               str(n), "--temperature", repr(float(temp)), "--top-k", "0", "--top-p", "1.0",
+               "--min-p", "0.0", "-c", str(CTX), "-t", "1", "--json"]
+        if sys_msg:
+            cmd += ["-s", sys_msg]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
+        rr = c.run(cmd)
+        assert rr.returncode == 0, rr.stderr[-1000:]
+        ref = json.loads(rr.stdout.strip().splitlines()[-1])
+        ch = got["chat-%d" % i]
+        assert ch["token_ids"] == ref["ids"] and ch["message"]["content"] == ref["text"], \
+            "chat-%d: expected %s %r, got %s %r" % (i, ref["ids"], ref["text"], ch["token_ids"],
+                                                    ch["message"]["content"])
+    return "%d chat lines equal 'tessera chat --json'" % len(convs)
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -523,8 +570,8 @@ def main():
     make_input(c.input, args.lines)
     c.refs = make_refs(c.tessera, c.model, c.input, os.path.join(tmp, "refs.json"))
     print("refs: %d lines through tessera generate (%.1f s)" % (len(c.refs), time.time() - t0))
-    tests = [t_single, t_duplicates, t_kill9_rerun, t_sigterm_incomplete, t_shards_merge,
-             t_progress_log, t_progress_tty]
+    tests = [t_single, t_chat, t_duplicates, t_kill9_rerun, t_sigterm_incomplete,
+             t_shards_merge, t_progress_log, t_progress_tty]
     if not args.no_mpi:
         tests.insert(1, t_mpi_ordered)
     passed = failed = 0

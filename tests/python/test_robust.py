@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -241,7 +242,211 @@ def test_request_sizes():
         srv.kill()
 
 
-TESTS = [test_request_sizes, test_cancel_storm]
+# ---------------------------------------------------------------------------------------
+# 3. clients that do not read
+
+# A client that reads nothing: a 1 KiB HTTP/2 stream window, no BDP probing (so the window
+# never grows), its own connection.
+SLOW_OPTS = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0),
+             ("grpc.use_local_subchannel_pool", 1)]
+BOUND_FLAGS = ["--max-call-buffered-bytes", "64K", "--max-buffered-bytes", "1M",
+               "--slow-reader-timeout", "600"]
+BOUND_TOTAL_KB = 1024
+
+
+def slow_readers_child(target, n, max_tokens, logprobs, seconds):
+    """(Run in a child process, so the measuring client's GIL is not shared.) n clients
+    that open a Generate stream, read nothing for a while, then drain it; again and again.
+    Prints the statuses seen as one line of JSON."""
+    import json
+    end = time.time() + seconds
+    out, lock = {}, threading.Lock()
+
+    def keeper():
+        ch = grpc.insecure_channel(target, options=SLOW_OPTS)
+        stub = ts.pbg.InferenceStub(ch)
+        while time.time() < end:
+            it = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=max_tokens,
+                                                  logprobs=logprobs, ignore_eos=True), timeout=60)
+            time.sleep(1.0)
+            try:
+                for _ in it:
+                    pass
+                key = "OK"
+            except grpc.RpcError as e:
+                key = e.code().name
+            with lock:
+                out[key] = out.get(key, 0) + 1
+        ch.close()
+
+    threads = [threading.Thread(target=keeper) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(out), flush=True)
+
+
+def latencies(inf, n):
+    """Wall time of n sequential normal 16-token requests, sorted."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        k = 0
+        for r in inf.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=16,
+                                                 temperature=0, ignore_eos=True), timeout=30):
+            k += len(r.token_ids)
+        assert k == 16, k
+        out.append(time.perf_counter() - t0)
+    return sorted(out)
+
+
+def p99(xs):
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+
+def test_slow_readers():
+    srv = ts.Server(["-t", "1", "-c", "1100"] + BOUND_FLAGS)
+    try:
+        # A. Memory: 48 clients that never read, 1000 tokens with 20 logprobs each (~200 kB
+        # of output apiece; unbounded, the server grew by ~1.5 MB per stream). Each is
+        # cancelled with RESOURCE_EXHAUSTED (its own bound, the total bound or the
+        # slow-reader deadline) and the server's RSS stays within the total bound plus
+        # what the 48 connections and sequences themselves cost.
+        n_slow = 48
+        chans = [grpc.insecure_channel(srv.target, options=SLOW_OPTS) for _ in range(n_slow)]
+        for c in chans:  # connections up first: their cost is not output
+            ts.pbg.AdminStub(c).Status(pb.StatusRequest(), timeout=10)
+        ts.wait_for(lambda: status_idle(srv), 10, "idle before the slow readers")
+        rss0 = rss_kb(srv.p.pid)
+        its = [ts.pbg.InferenceStub(c).Generate(pb.GenerateRequest(
+            prompt="Once upon a time", max_tokens=1000, logprobs=20, ignore_eos=True),
+            timeout=60) for c in chans]
+        peak, peak_kv, peak_active = rss0, 0, 0
+        t0 = time.time()
+        while time.time() - t0 < 10:
+            peak = max(peak, rss_kb(srv.p.pid))
+            ok, st = status_idle(srv)
+            peak_kv = max(peak_kv, st.kv_blocks_used)
+            peak_active = max(peak_active, st.active_streams)
+            if ok and peak_active >= n_slow // 2:  # the streams were there, and are gone
+                break
+            time.sleep(0.05)
+        assert ok and peak_active >= n_slow // 2, (
+            "slow readers not cancelled within 10 s (at most %d open): %s" % (peak_active, st))
+        t_cancel = time.time() - t0
+        seen = {}
+        for it in its:
+            n_tok = 0
+            try:
+                for r in it:
+                    n_tok += len(r.token_ids)
+                key = "OK (%d tokens)" % n_tok
+            except grpc.RpcError as e:
+                key = e.code().name
+                assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or any(
+                    f in e.details() for f in ("--max-call-buffered-bytes", "--max-buffered-bytes",
+                                               "--slow-reader-timeout")), e.details()
+            seen[key] = seen.get(key, 0) + 1
+        for c in chans:
+            c.close()
+        # Every stream ended long before its 60 s deadline. Now and then (1 run in ~3) one
+        # of the 48 connections still takes all 1000 tokens (its client transport keeps
+        # opening the window): that one simply finished; all others must have been cut.
+        assert seen.get("RESOURCE_EXHAUSTED", 0) >= n_slow - 2, seen
+        assert set(seen) <= {"RESOURCE_EXHAUSTED", "OK (1000 tokens)"}, seen
+        # The KV pool's pages are touched the first time a block is used: that is not
+        # output, so it is taken out of the growth (float32 K and V, 16 tokens a block).
+        mi = srv.inf.ModelInfo(pb.ModelInfoRequest(), timeout=5)
+        block_kb = mi.n_layer * 2 * mi.n_head_kv * (mi.n_embd // mi.n_head) * 4 * 16 / 1024
+        growth = peak - rss0
+        out_growth = growth - peak_kv * block_kb
+        print("    (A: %d non-reading streams (%d open at once) cancelled in %.1f s: %s; RSS %d kB, "
+              "peak +%d kB, of which KV blocks first touched %d kB, the rest %d kB; bound %d kB)" % (
+                  n_slow, peak_active, t_cancel, seen, rss0, growth, peak_kv * block_kb, out_growth,
+                  BOUND_TOTAL_KB))
+        if not ARGS.sanitized:
+            # The bound plus 4 MB for the sequences' own state, gRPC stream state and
+            # allocator slack; unbounded, this run grew by ~1.5 MB per stream.
+            assert out_growth < BOUND_TOTAL_KB + 4096, "RSS grew by %d kB" % out_growth
+
+        # B. Latency: 24 clients keep opening streams they do not read (16 tokens with 20
+        # logprobs: more than their window) while one client sends normal 16-token
+        # requests; its p99 stays within 2x that of the idle server.
+        if ARGS.sanitized:
+            return
+        latencies(srv.inf, 10)  # warm-up
+        idle = latencies(srv.inf, 200)
+        kid = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--tessera",
+                                ARGS.tessera, "--slow-readers-child",
+                                "%s,24,16,20,3.0" % srv.target, "--proto", ARGS.proto_stubs],
+                               stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        busy = latencies(srv.inf, 600)
+        out, _ = kid.communicate(timeout=60)
+        idle2 = latencies(srv.inf, 200)
+        ref = max(p99(idle), p99(idle2))
+        print("    (B: normal 16-token request p50 / p99: idle %.1f / %.1f ms (again after: "
+              "%.1f / %.1f), with 24 slow readers %.1f / %.1f ms; slow readers saw %s)" % (
+                  idle[len(idle) // 2] * 1e3, p99(idle) * 1e3, idle2[len(idle2) // 2] * 1e3,
+                  p99(idle2) * 1e3, busy[len(busy) // 2] * 1e3, p99(busy) * 1e3, out.strip()))
+        assert kid.returncode == 0, out
+        assert "RESOURCE_EXHAUSTED" in out, out
+        # The bound the issue asks for (2x), with a 10 ms floor for a shared 2-core machine.
+        assert p99(busy) <= max(2 * ref, ref + 0.010), "p99 %.1f ms > 2 x %.1f ms" % (
+            p99(busy) * 1e3, ref * 1e3)
+        ts.wait_for(lambda: status_idle(srv), 10, "idle after the slow readers")
+        sigterm_clean(srv, "after the slow readers")
+    finally:
+        srv.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. text fields: NUL bytes, invalid UTF-8, Tokenize's bound
+
+
+def test_text_fields():
+    srv = ts.Server(["-t", "1", "-c", "256"])
+    try:
+        gen = srv.channel.unary_stream("/tessera.v1.Inference/Generate")
+        tok = srv.channel.unary_unary("/tessera.v1.Inference/Tokenize")
+
+        def raw_gen(blob):
+            for _ in gen(blob, timeout=10):
+                pass
+
+        cases = [
+            (lambda: ts.run_generate(srv.inf, timeout=10, prompt="Once\x00 upon a time",
+                                     max_tokens=2), "prompt: contains a NUL byte at offset 4"),
+            (lambda: srv.inf.Tokenize(pb.TokenizeRequest(text="a\x00b"), timeout=10),
+             "text: contains a NUL byte at offset 1"),
+            (lambda: ts.run_generate(srv.inf, timeout=10, prompt="Hi", stop=["x", "o\x00k"]),
+             "stop[1]: contains a NUL"),
+            (lambda: raw_gen(b"\x0a\x03a\xff\xfe"), "prompt: not valid UTF-8"),
+            (lambda: raw_gen(b"\x0a\x04ab\xc0\xaf"), "prompt: not valid UTF-8"),  # overlong
+            (lambda: raw_gen(b"\x0a\x02Hi\x82\x01\x02\xc3\x28"), "request_id: not valid UTF-8"),
+            (lambda: raw_gen(b"\x0a\x02Hi\x62\x01x\x62\x03\xed\xa0\x80"),
+             "stop[1]: not valid UTF-8"),  # a surrogate
+            (lambda: tok(b"\x0a\x02\xf4\x90", timeout=10), "text: not valid UTF-8"),
+            (lambda: srv.inf.Tokenize(pb.TokenizeRequest(text="a" * (1 << 20)), timeout=10),
+             "at most 65536 bytes"),
+        ]
+        for fn, needle in cases:
+            ts.expect_code(fn, grpc.StatusCode.INVALID_ARGUMENT, needle)
+        # Valid UTF-8 of every length passes; the bound itself is fine.
+        ids, text, last, _ = ts.run_generate(srv.inf, timeout=10, prompt="Olá, añ € 😀",
+                                             max_tokens=2, temperature=0,
+                                             request_id="id-é-😀")
+        assert last.request_id == "id-é-😀", last.request_id
+        n = len(srv.inf.Tokenize(pb.TokenizeRequest(text="a b " * 16384), timeout=30).ids)
+        assert n > 0
+        assert srv.p.poll() is None, srv.output()[-2000:]
+        sigterm_clean(srv, "after the text checks")
+    finally:
+        srv.kill()
+
+
+TESTS = [test_request_sizes, test_text_fields, test_cancel_storm, test_slow_readers]
 
 
 def main():
@@ -255,7 +460,17 @@ def main():
     ap.add_argument("--sanitized", action="store_true",
                     help="the binary is an ASan/UBSan build (RSS bounds do not apply)")
     ap.add_argument("-k", default="", help="run only tests whose name contains this")
+    ap.add_argument("--slow-readers-child", default="", help=argparse.SUPPRESS)
     ARGS = ap.parse_args()
+    if ARGS.slow_readers_child:  # --proto is the stubs folder of the parent
+        sys.path.insert(0, ARGS.proto)
+        import tessera_pb2
+        import tessera_pb2_grpc
+        ts.pbg = tessera_pb2_grpc
+        pb = tessera_pb2
+        target, n, mt, lp, secs = ARGS.slow_readers_child.split(",")
+        slow_readers_child(target, int(n), int(mt), int(lp), float(secs))
+        return 0
     ARGS.models = os.environ.get("TESSERA_MODELS") or ARGS.models
     ARGS.model = os.path.join(ARGS.models, "stories260K.gguf")
     ts.ARGS = ARGS
@@ -267,6 +482,7 @@ def main():
     passed = failed = 0
     try:
         ts.make_stubs(ARGS.proto, tmp)
+        ARGS.proto_stubs = tmp
         pb = ts.pb
         for t in TESTS:
             if ARGS.k and ARGS.k not in t.__name__:
