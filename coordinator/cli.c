@@ -154,6 +154,16 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
                 cmd, "--comm-timeout needs milliseconds in 1..86400000, got '%s'", arg);
         rp->timeout_ms = v;
         return 0;
+    case TSR_CLI_O_DEVICE:
+        if (strcmp(arg, "cpu") != 0 && strcmp(arg, "cuda") != 0 && strcmp(arg, "auto") != 0)
+            return tsr_cli_usage_error(cmd, "--device must be cpu, cuda or auto, got '%s'", arg);
+        rp->device = arg;
+        return 0;
+    case TSR_CLI_O_GPU_MEMORY:
+        if (!tsr_cli_parse_bytes(arg, &rp->gpu_memory) || rp->gpu_memory == 0)
+            return tsr_cli_usage_error(cmd, "--gpu-memory needs a byte count (e.g. 20G), got '%s'",
+                                       arg);
+        return 0;
     }
     return -1;
 }

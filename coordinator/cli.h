@@ -53,16 +53,30 @@ int tsr_cli_default_threads(void);
     "      --tp N                  tensor-parallel ranks per stage (default 1)\n"                  \
     "      --pp N                  pipeline stages (default 1)\n"                                  \
     "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
-    "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"
+    "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"         \
+    "      --device cpu|cuda|auto  compute backend of every rank (default auto: cuda when\n"       \
+    "                              every rank sees a GPU; a rank uses GPU local-rank mod count)\n"  \
+    "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
+    "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
+    "it\n"
 
-enum { TSR_CLI_O_TP = 300, TSR_CLI_O_PP, TSR_CLI_O_LAYERS, TSR_CLI_O_COMM_TIMEOUT };
+enum {
+    TSR_CLI_O_TP = 300,
+    TSR_CLI_O_PP,
+    TSR_CLI_O_LAYERS,
+    TSR_CLI_O_COMM_TIMEOUT,
+    TSR_CLI_O_DEVICE,
+    TSR_CLI_O_GPU_MEMORY
+};
 
 /* struct option entries (getopt_long) of the layout flags. */
 #define TSR_CLI_REPLICA_OPTS                                                                       \
     {"tp", required_argument, 0, TSR_CLI_O_TP}, {"pp", required_argument, 0, TSR_CLI_O_PP},        \
         {"layers", required_argument, 0, TSR_CLI_O_LAYERS},                                        \
+        {"comm-timeout", required_argument, 0, TSR_CLI_O_COMM_TIMEOUT},                            \
+        {"device", required_argument, 0, TSR_CLI_O_DEVICE},                                        \
     {                                                                                              \
-        "comm-timeout", required_argument, 0, TSR_CLI_O_COMM_TIMEOUT                               \
+        "gpu-memory", required_argument, 0, TSR_CLI_O_GPU_MEMORY                                   \
     }
 
 /* Parse layout flag c (argument arg) into rp: -1 when c is not one, 0 ok, 2 usage error

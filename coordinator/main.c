@@ -62,8 +62,12 @@ static const char *inspect_help =
     "usage: tessera inspect FILE\n"
     "\n"
     "Print a GGUF file's header: version, every metadata key (arrays as their type,\n"
-    "length and first elements) and the tensor table (name, type, shape, offset, bytes).\n"
-    "The file is fully validated first; a corrupt file is reported with the field at fault.\n"
+    "length and first elements) and the tensor table (name, type, shape, offset, bytes),\n"
+    "whatever the file's architecture and tensor types (bytes '?' for a type id ggml does\n"
+    "not define), then whether Tessera can run it: 'tessera can run this file: yes', or\n"
+    "'no — ' and the reason (a tensor type it cannot compute with, an architecture or\n"
+    "hyperparameter the model loader refuses). The file is fully validated first; a corrupt\n"
+    "file is reported with the field at fault.\n"
     "\n"
     "  -h, --help   this help\n";
 
@@ -126,7 +130,7 @@ static int cmd_inspect(int argc, char **argv)
     if (optind != argc - 1) return tsr_cli_usage_error("inspect", "needs exactly one FILE");
     char err[512];
     tsr_gguf *g;
-    if (tsr_gguf_open(argv[optind], &g, err, sizeof err) != 0) {
+    if (tsr_gguf_open_ex(argv[optind], TSR_GGUF_OPEN_ANY_TYPE, &g, err, sizeof err) != 0) {
         fprintf(stderr, "tessera inspect: %s\n", err);
         return 1;
     }
@@ -154,7 +158,7 @@ static int cmd_inspect(int argc, char **argv)
         }
     }
     printf("\ntensors (%" PRId64 "):\n", tsr_gguf_n_tensors(g));
-    printf("  %-4s %-32s %-6s %-26s %12s %12s\n", "#", "name", "type", "shape", "offset", "bytes");
+    printf("  %-4s %-32s %-7s %-26s %12s %12s\n", "#", "name", "type", "shape", "offset", "bytes");
     uint64_t total = 0;
     for (int64_t i = 0; i < tsr_gguf_n_tensors(g); i++) {
         const tsr_gguf_tensor *t = tsr_gguf_tensor_at(g, i);
@@ -164,11 +168,26 @@ static int cmd_inspect(int argc, char **argv)
             k += snprintf(shape + k, sizeof shape - (size_t)k, "%s%" PRId64, d ? ", " : "",
                           t->ne[d]);
         snprintf(shape + k, sizeof shape - (size_t)k, "]");
-        printf("  %-4" PRId64 " %-32s %-6s %-26s %12" PRIu64 " %12" PRIu64 "\n", i, t->name,
-               tsr_type_name(t->type), shape, t->offset, t->n_bytes);
+        char bytes[24] = "?"; /* a type id ggml does not define: size unknown */
+        if (t->n_bytes) snprintf(bytes, sizeof bytes, "%" PRIu64, t->n_bytes);
+        char type[32];
+        snprintf(type, sizeof type, "%s", tsr_type_name(t->type));
+        if (strcmp(type, "unknown") == 0) snprintf(type, sizeof type, "id %u", t->type);
+        printf("  %-4" PRId64 " %-32s %-7s %-26s %12" PRIu64 " %12s\n", i, t->name, type, shape,
+               t->offset, bytes);
         total += t->n_bytes;
     }
     printf("  total tensor data: %" PRIu64 " bytes (%.2f MiB)\n", total, total / 1048576.0);
+    /* What Tessera cannot run: tensor types first (a clearer reason than the loader's),
+     * then whatever the model loader refuses (architecture, hyperparameters, tensors). */
+    tsr_model *m = NULL;
+    if (tsr_gguf_check_types(g, err, sizeof err) == 0 &&
+        tsr_model_load(g, &m, err, sizeof err) == 0) {
+        printf("\ntessera can run this file: yes\n");
+        tsr_model_free(m);
+    } else {
+        printf("\ntessera can run this file: no — %s\n", err);
+    }
     tsr_gguf_close(g);
     return 0;
 }
@@ -570,8 +589,12 @@ static const char *mkmodel_help =
     "      --n-head-kv N       KV heads, divides n_head (default: n_head)\n"
     "      --n-ff N            MLP width (default 768)\n"
     "      --n-ctx N           context length metadata (default 2048)\n"
-    "      --type T            F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M (default F16);\n"
-    "                          rows a type cannot hold fall back to Q8_0 or F16 (reported)\n"
+    "      --type T            F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K,\n"
+    "                          Q6_K (every matrix that type), or a llama-quantize mix: Q2_K,\n"
+    "                          Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M (default\n"
+    "                          F16); rows a type cannot hold fall back as llama-quantize does\n"
+    "                          (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, ...) or to F16 "
+    "(reported)\n"
     "      --tied              no output.weight: the head reuses token_embd\n"
     "      --seed S            random seed (default 1)\n"
     "      --rope-base F       rope frequency base (default 10000)\n"

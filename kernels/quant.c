@@ -1758,34 +1758,63 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
 #define OFFW_D(BLK, b, m, dw)            (dw)
 #define OFFW_M(BLK, b, m, dw)            f16x8_strided(&w[b].m, sizeof(BLK), m)
 #define BLOCK_LOOP(BLK, INT_DOT, OFFSET) BLOCK_LOOP_EX(BLK, INT_DOT, OFFSET, OFFW_D)
+/* The 4 accumulators are named registers, not an array: an array indexed by k & 3 in the
+ * partial last group made gcc keep all four in memory, putting a store-forwarding round
+ * trip into every FMA chain (about 2x slower, measured). The partial group comes after
+ * the full ones, with the same operations in the same order. */
+#define BL_FMA(k, bb, INT_DOT)                                                                     \
+    do {                                                                                           \
+        const __m256 t_ = _mm256_cvtepi32_ps(INT_DOT(bb));                                         \
+        switch ((k)&3) {                                                                           \
+        case 0:                                                                                    \
+            a0 = _mm256_fmadd_ps(bcast_lane(lo, hi, (k)), t_, a0);                                 \
+            break;                                                                                 \
+        case 1:                                                                                    \
+            a1 = _mm256_fmadd_ps(bcast_lane(lo, hi, (k)), t_, a1);                                 \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            a2 = _mm256_fmadd_ps(bcast_lane(lo, hi, (k)), t_, a2);                                 \
+            break;                                                                                 \
+        default:                                                                                   \
+            a3 = _mm256_fmadd_ps(bcast_lane(lo, hi, (k)), t_, a3);                                 \
+            break;                                                                                 \
+        }                                                                                          \
+    } while (0)
 #define BLOCK_LOOP_EX(BLK, INT_DOT, OFFSET, OFFW)                                                  \
     const BLK *w = (const BLK *)vw;                                                                \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),                \
-                     _mm256_setzero_ps()};                                                         \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                     \
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                                     \
     __m256 acc_off = _mm256_setzero_ps();                                                          \
-    for (int64_t b = 0; b < nb; b += 8) {                                                          \
-        const int m = nb - b < 8 ? (int)(nb - b) : 8;                                              \
+    int64_t b = 0;                                                                                 \
+    for (; b + 8 <= nb; b += 8) {                                                                  \
+        const int m = 8;                                                                           \
+        (void)m;                                                                                   \
+        const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), 8);                                  \
+        if (OFFSET)                                                                                \
+            acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
+        const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
+        const __m256 lo = _mm256_permute2f128_ps(sc, sc, 0x00);                                    \
+        const __m256 hi = _mm256_permute2f128_ps(sc, sc, 0x11);                                    \
+        BL_FMA(0, b + 0, INT_DOT);                                                                 \
+        BL_FMA(1, b + 1, INT_DOT);                                                                 \
+        BL_FMA(2, b + 2, INT_DOT);                                                                 \
+        BL_FMA(3, b + 3, INT_DOT);                                                                 \
+        BL_FMA(4, b + 4, INT_DOT);                                                                 \
+        BL_FMA(5, b + 5, INT_DOT);                                                                 \
+        BL_FMA(6, b + 6, INT_DOT);                                                                 \
+        BL_FMA(7, b + 7, INT_DOT);                                                                 \
+    }                                                                                              \
+    if (b < nb) {                                                                                  \
+        const int m = (int)(nb - b);                                                               \
         const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), m);                                  \
         if (OFFSET)                                                                                \
             acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
         const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
         const __m256 lo = _mm256_permute2f128_ps(sc, sc, 0x00);                                    \
         const __m256 hi = _mm256_permute2f128_ps(sc, sc, 0x11);                                    \
-        if (m == 8) {                                                                              \
-            _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k)                                    \
-            {                                                                                      \
-                acc[k & 3] = _mm256_fmadd_ps(bcast_lane(lo, hi, k),                                \
-                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);      \
-            }                                                                                      \
-        } else {                                                                                   \
-            for (int k = 0; k < m; ++k) {                                                          \
-                acc[k & 3] = _mm256_fmadd_ps(bcast_lane(lo, hi, k),                                \
-                                             _mm256_cvtepi32_ps(INT_DOT(b + k)), acc[k & 3]);      \
-            }                                                                                      \
-        }                                                                                          \
+        for (int k = 0; k < m; ++k) BL_FMA(k, b + k, INT_DOT);                                     \
     }                                                                                              \
-    const __m256 sum4 =                                                                            \
-        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));               \
+    const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));               \
     return hsum_ps(_mm256_add_ps(sum4, acc_off));
 
 /* Q8_0 x Q8_0, AVX2: sign trick |w| (unsigned) x sign(w)*y (signed) for vpmaddubsw; the
@@ -2026,6 +2055,147 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
         return hsum_ps(acc);                                                                       \
     }
 
+/* Q5_K x Q8_K: Q4_K's kernel with the 5th bit of each quant from qh (bit g of qh[l] for
+ * element l of group g, as in dequant_q5_K) ORed in at bit 4; q is then unsigned 0..31. */
+#define DEF_DOT_Q5_K(fname, ATTR, SACC)                                                            \
+    ATTR static float fname(int64_t n, const uint8_t *vw, const void *vx)                          \
+    {                                                                                              \
+        const blk_q5_K *w = (const blk_q5_K *)vw;                                                  \
+        const blk_q8_K *x = vx;                                                                    \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m16 = _mm256_set1_epi8(0x10);                   \
+        __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();                              \
+        for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
+            const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
+            const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
+            const __m256i sm16 = q4_K_scales_mins_x16(w[i].scales);                                \
+            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
+            const __m256i mins2 =                                                                  \
+                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
+                                    _mm256_loadu_si256((const __m256i *)k_dup16));                 \
+            const __m256i summ =                                                                   \
+                _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[i].bsums));         \
+            accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);          \
+            const __m256i hv = _mm256_loadu_si256((const __m256i *)w[i].qh);                       \
+            __m256i sumi = _mm256_setzero_si256();                                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
+            {                                                                                      \
+                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * j));        \
+                /* bit 2j (low nibbles) / 2j+1 (high) of each qh byte, moved to bit 4 */           \
+                const __m256i hl =                                                                 \
+                    _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hv, 2 * j), 4), m16);     \
+                const __m256i hh =                                                                 \
+                    _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hv, 2 * j + 1), 4), m16); \
+                const __m256i ql = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);                  \
+                const __m256i qh =                                                                 \
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), hh);           \
+                const __m256i yl = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));        \
+                const __m256i yh = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));   \
+                const __m256i scl = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j]));                  \
+                const __m256i sch = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));              \
+                sumi = SACC(sumi, _mm256_maddubs_epi16(ql, yl), scl);                              \
+                sumi = SACC(sumi, _mm256_maddubs_epi16(qh, yh), sch);                              \
+            }                                                                                      \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
+        }                                                                                          \
+        return hsum_ps(_mm256_sub_ps(acc, accm));                                                  \
+    }
+
+/* Q3_K's 16 6-bit scales, offset 32 removed, as int16 lanes (ggml's 32-bit unpacking). */
+TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
+{
+    uint32_t aux[4];
+    memcpy(aux, packed, 12);
+    const uint32_t tmp = aux[2], k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
+    aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+    aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+    aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+    aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+    const __m128i u = _mm_loadu_si128((const __m128i *)aux);
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
+}
+
+/* Q3_K x Q8_K. u = q2 | hbit<<2 is the quant + 4, unsigned 0..7, for vpmaddubsw; the -4
+ * comes out once per super-block as 4*sum_g sc_g*bsum_g. Half h of the block: 32 qs bytes,
+ * 4 shifts s of 2 bits = elements 128h + 32s + l, high bit 4h+s of hmask[l]; those 32
+ * elements are groups 8h+2s (low lane) and 8h+2s+1 (high lane), as Q6_K's. */
+#define DEF_DOT_Q3_K(fname, ATTR, SACC)                                                            \
+    ATTR static float fname(int64_t n, const uint8_t *vw, const void *vx)                          \
+    {                                                                                              \
+        const blk_q3_K *w = (const blk_q3_K *)vw;                                                  \
+        const blk_q8_K *x = vx;                                                                    \
+        const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);                          \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
+            const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
+            const __m256i sc16 = q3_K_scales_x16(w[i].scales);                                     \
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                    \
+            __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),                                \
+                                            _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2));    \
+            const __m256i hv = _mm256_loadu_si256((const __m256i *)w[i].hmask);                    \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i qv = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * h));        \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(qv, 2 * k), m3);         \
+                    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hv, 4 * h + k), m1);     \
+                    const __m256i u = _mm256_or_si256(q2, _mm256_slli_epi16(hb, 2));               \
+                    const __m256i yk =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(x[i].qs + 128 * h + 32 * k));         \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));                 \
+                    sumi = SACC(sumi, _mm256_maddubs_epi16(u, yk), s);                             \
+                }                                                                                  \
+            }                                                                                      \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
+        }                                                                                          \
+        return hsum_ps(acc);                                                                       \
+    }
+
+/* Q2_K x Q8_K: Q3_K's layout without the high bit; 4-bit scales (low nibble) and mins (high
+ * nibble) per 16-element group; the mins term uses the bsums as Q4_K's does. */
+#define DEF_DOT_Q2_K(fname, ATTR, SACC)                                                            \
+    ATTR static float fname(int64_t n, const uint8_t *vw, const void *vx)                          \
+    {                                                                                              \
+        const blk_q2_K *w = (const blk_q2_K *)vw;                                                  \
+        const blk_q8_K *x = vx;                                                                    \
+        const __m256i m3 = _mm256_set1_epi8(3);                                                    \
+        const __m128i m4 = _mm_set1_epi8(0x0F);                                                    \
+        __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();                              \
+        for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
+            const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
+            const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
+            const __m128i raw = _mm_loadu_si128((const __m128i *)w[i].scales);                     \
+            const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));                     \
+            const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));  \
+            const __m256i summ =                                                                   \
+                _mm256_madd_epi16(mn16, _mm256_loadu_si256((const __m256i *)x[i].bsums));          \
+            accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);          \
+            __m256i sumi = _mm256_setzero_si256();                                                 \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i qv = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * h));        \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(qv, 2 * k), m3);         \
+                    const __m256i yk =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(x[i].qs + 128 * h + 32 * k));         \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));                 \
+                    sumi = SACC(sumi, _mm256_maddubs_epi16(q2, yk), s);                            \
+                }                                                                                  \
+            }                                                                                      \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
+        }                                                                                          \
+        return hsum_ps(_mm256_sub_ps(acc, accm));                                                  \
+    }
+
 #define DEF_ROWS_BY_DOT(fname, ATTR, dot)                                                          \
     ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
                            const void *x, float *y)                                                \
@@ -2034,9 +2204,15 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
     }
 
 /* clang-format off */
+DEF_DOT_Q2_K(dot_q2_K_avx2, TSR_AVX2, SACC_AVX2)
+DEF_DOT_Q3_K(dot_q3_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q4_K(dot_q4_K_avx2, TSR_AVX2, SACC_AVX2)
+DEF_DOT_Q5_K(dot_q5_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
+DEF_ROWS_BY_DOT(rows_q2_K_avx2, TSR_AVX2, dot_q2_K_avx2)
+DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
 DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
+DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
 DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
 /* clang-format on */
 
@@ -2132,9 +2308,15 @@ ACT_ROWS_B(rows_q5_1_vnni, TSR_VNNI, q5_1_row_vnni, 0, rows_q5_1_scalar, act_inf
 /* clang-format on */
 
 /* clang-format off */
+DEF_DOT_Q2_K(dot_q2_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_DOT_Q3_K(dot_q3_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_DOT_Q4_K(dot_q4_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_DOT_Q5_K(dot_q5_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
+DEF_ROWS_BY_DOT(rows_q2_K_vnni, TSR_VNNI, dot_q2_K_vnni)
+DEF_ROWS_BY_DOT(rows_q3_K_vnni, TSR_VNNI, dot_q3_K_vnni)
 DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
+DEF_ROWS_BY_DOT(rows_q5_K_vnni, TSR_VNNI, dot_q5_K_vnni)
 DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
@@ -2641,12 +2823,18 @@ static rows_fn rows_kernel(uint32_t type)
             return isa >= ISA_AVX512VNNI ? rows_q5_0_vnni : rows_q5_0_avx2;
         case TSR_TYPE_Q5_1:
             return isa >= ISA_AVX512VNNI ? rows_q5_1_vnni : rows_q5_1_avx2;
+        case TSR_TYPE_Q2_K:
+            return isa >= ISA_AVX512VNNI ? rows_q2_K_vnni : rows_q2_K_avx2;
+        case TSR_TYPE_Q3_K:
+            return isa >= ISA_AVX512VNNI ? rows_q3_K_vnni : rows_q3_K_avx2;
         case TSR_TYPE_Q4_K:
             return isa >= ISA_AVX512VNNI ? rows_q4_K_vnni : rows_q4_K_avx2;
+        case TSR_TYPE_Q5_K:
+            return isa >= ISA_AVX512VNNI ? rows_q5_K_vnni : rows_q5_K_avx2;
         case TSR_TYPE_Q6_K:
             return isa >= ISA_AVX512VNNI ? rows_q6_K_vnni : rows_q6_K_avx2;
         default:
-            break; /* no SIMD kernel: the scalar one below */
+            return NULL;
         }
     }
 #else

@@ -46,7 +46,8 @@ struct tsr_gguf {
     gguf_kv *kv;
     int64_t n_tensors;
     tsr_gguf_tensor *tensors;
-    char *names; /* one block holding every key and tensor name */
+    char *names;   /* one block holding every key and tensor name */
+    bool any_type; /* TSR_GGUF_OPEN_ANY_TYPE: tensors of types we cannot compute with */
 };
 
 /* ---- bounds-checked cursor ---- */
@@ -361,12 +362,28 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
         }
         if (!cur_u32(&c, &t->type, what) || !cur_u64(&c, &t->offset, what))
             return TSR_GGUF_ERR_FORMAT;
-        if (!tsr_type_supported(t->type)) {
-            tsr_set_err(err, err_len, "%s: tensor type %u (%s) is not supported (supported: %s)",
-                        what, t->type, tsr_type_name(t->type), tsr_type_supported_list());
-            return TSR_GGUF_ERR_FORMAT;
-        }
         int64_t blk = tsr_type_block_elems(t->type);
+        size_t blk_bytes = tsr_type_block_bytes(t->type);
+        if (!tsr_type_supported(t->type)) {
+            if (!g->any_type) {
+                tsr_set_err(err, err_len,
+                            "%s: tensor type %u (%s) is not supported (supported: %s)", what,
+                            t->type, tsr_type_name(t->type), tsr_type_supported_list());
+                return TSR_GGUF_ERR_FORMAT;
+            }
+            if (!tsr_type_ggml_block(t->type, &blk, &blk_bytes)) {
+                /* an id ggml does not define: its size cannot be known (n_bytes 0) */
+                t->n_bytes = 0;
+                if (t->offset % g->alignment != 0) {
+                    tsr_set_err(err, err_len,
+                                "%s: offset %" PRIu64
+                                " is not a multiple of the alignment %" PRIu64,
+                                what, t->offset, g->alignment);
+                    return TSR_GGUF_ERR_FORMAT;
+                }
+                continue;
+            }
+        }
         if (t->ne[0] % blk != 0) {
             tsr_set_err(err, err_len,
                         "%s: row length %" PRId64 " is not a multiple of the %s block "
@@ -374,7 +391,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
                         what, t->ne[0], tsr_type_name(t->type), blk);
             return TSR_GGUF_ERR_FORMAT;
         }
-        uint64_t row = tsr_row_bytes(t->type, t->ne[0]);
+        uint64_t row = (uint64_t)(t->ne[0] / blk) * blk_bytes;
         uint64_t rows = n_elems / (uint64_t)t->ne[0];
         if (row == 0 || rows > UINT64_MAX / row) {
             tsr_set_err(err, err_len, "%s: byte size overflows", what);
@@ -403,7 +420,7 @@ static int parse(tsr_gguf *g, char *err, size_t err_len)
     for (int64_t i = 0; i < g->n_tensors; i++) {
         tsr_gguf_tensor *t = &g->tensors[i];
         uint64_t avail = g->size - g->data_off;
-        if (t->offset > avail || t->n_bytes > avail - t->offset) {
+        if (t->offset > avail || t->n_bytes > avail - t->offset) { /* n_bytes 0: unknown type */
             tsr_set_err(err, err_len,
                         "tensor %" PRId64 " '%.200s': data at offset %" PRIu64 " + %" PRIu64
                         " bytes runs past the end of the file (%" PRIu64 " bytes of data)",
@@ -437,12 +454,18 @@ fail:
 
 int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
 {
+    return tsr_gguf_open_ex(path, 0, out, err, err_len);
+}
+
+int tsr_gguf_open_ex(const char *path, uint32_t flags, tsr_gguf **out, char *err, size_t err_len)
+{
     *out = NULL;
     tsr_gguf *g = calloc(1, sizeof *g);
     if (!g) {
         tsr_set_err(err, err_len, "out of memory");
         return TSR_GGUF_ERR_NOMEM;
     }
+    g->any_type = (flags & TSR_GGUF_OPEN_ANY_TYPE) != 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         tsr_set_err(err, err_len, "cannot open '%s': %s", path, strerror(errno));
@@ -482,12 +505,19 @@ int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len)
 
 int tsr_gguf_open_memory(const void *buf, size_t len, tsr_gguf **out, char *err, size_t err_len)
 {
+    return tsr_gguf_open_memory_ex(buf, len, 0, out, err, err_len);
+}
+
+int tsr_gguf_open_memory_ex(const void *buf, size_t len, uint32_t flags, tsr_gguf **out, char *err,
+                            size_t err_len)
+{
     *out = NULL;
     tsr_gguf *g = calloc(1, sizeof *g);
     if (!g) {
         tsr_set_err(err, err_len, "out of memory");
         return TSR_GGUF_ERR_NOMEM;
     }
+    g->any_type = (flags & TSR_GGUF_OPEN_ANY_TYPE) != 0;
     g->base = buf;
     g->size = len;
     g->fd = -1;
@@ -730,6 +760,26 @@ bool tsr_gguf_arr_str(const tsr_gguf *g, int64_t i, uint64_t j, tsr_gguf_str *ou
 const tsr_gguf_tensor *tsr_gguf_tensor_at(const tsr_gguf *g, int64_t i)
 {
     return (i >= 0 && i < g->n_tensors) ? &g->tensors[i] : NULL;
+}
+
+int tsr_gguf_check_types(const tsr_gguf *g, char *err, size_t err_len)
+{
+    for (int64_t i = 0; i < g->n_tensors; i++) {
+        const tsr_gguf_tensor *t = &g->tensors[i];
+        if (tsr_type_supported(t->type)) continue;
+        if (tsr_type_ggml_block(t->type, NULL, NULL))
+            tsr_set_err(err, err_len,
+                        "tensor %s has type %s (ggml type id %u), which Tessera cannot compute "
+                        "with (it runs %s)",
+                        t->name, tsr_type_name(t->type), t->type, tsr_type_supported_list());
+        else
+            tsr_set_err(err, err_len,
+                        "tensor %s has type id %u, which ggml does not define (a newer or "
+                        "corrupt file?)",
+                        t->name, t->type);
+        return TSR_GGUF_ERR_FORMAT;
+    }
+    return TSR_GGUF_OK;
 }
 
 const tsr_gguf_tensor *tsr_gguf_find_tensor(const tsr_gguf *g, const char *name)

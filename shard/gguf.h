@@ -58,13 +58,19 @@ typedef struct {
 
 /* One tensor of the file. ne[0] is the contiguous (input) dimension, as in ggml:
  * `attn_q [n_embd, n_embd]` is n_embd rows of n_embd values. Unused ne[] are 1. */
+/* Open flags. ANY_TYPE: accept tensors of every type, not only those Tessera computes with
+ * (for `inspect`): types ggml defines get their sizes and bounds checked as usual; a type
+ * id ggml does not define gets n_bytes 0 (its size cannot be known). Such a handle must
+ * not be given to a model loader; tsr_gguf_check_types says whether it could be. */
+#define TSR_GGUF_OPEN_ANY_TYPE 1u
+
 typedef struct {
     const char *name; /* NUL-terminated copy */
     uint32_t type;    /* ggml type id (kernels/quant.h tsr_type) */
     uint32_t n_dims;  /* 1..4 */
     int64_t ne[TSR_GGUF_MAX_DIMS];
     uint64_t offset;  /* from the start of the data section */
-    uint64_t n_bytes; /* bytes of data: rows × row size of the type */
+    uint64_t n_bytes; /* bytes of data: rows × row size of the type (0: unknown type id) */
     const void *data; /* inside the mapping */
 } tsr_gguf_tensor;
 
@@ -74,10 +80,15 @@ typedef struct tsr_gguf tsr_gguf;
  * where (e.g. "tensor 3 'blk.0.attn_q.weight': offset 1234 + 4096 bytes is past the end
  * of the file (5000 bytes)"). */
 int tsr_gguf_open(const char *path, tsr_gguf **out, char *err, size_t err_len);
+/* The same with flags (TSR_GGUF_OPEN_*); tsr_gguf_open is flags 0: a tensor of a type
+ * Tessera cannot compute with is an error naming the tensor and the type. */
+int tsr_gguf_open_ex(const char *path, uint32_t flags, tsr_gguf **out, char *err, size_t err_len);
 
 /* Same over a caller-owned buffer (no copy: `buf` must outlive the handle). Used by
  * tests and fuzzers. */
 int tsr_gguf_open_memory(const void *buf, size_t len, tsr_gguf **out, char *err, size_t err_len);
+int tsr_gguf_open_memory_ex(const void *buf, size_t len, uint32_t flags, tsr_gguf **out, char *err,
+                            size_t err_len);
 
 void tsr_gguf_close(tsr_gguf *g);
 
@@ -125,6 +136,11 @@ int64_t tsr_gguf_n_tensors(const tsr_gguf *g);
 const tsr_gguf_tensor *tsr_gguf_tensor_at(const tsr_gguf *g, int64_t i);
 /* Tensor by name, or NULL. */
 const tsr_gguf_tensor *tsr_gguf_find_tensor(const tsr_gguf *g, const char *name);
+/* 0 when every tensor has a type Tessera computes with (always so for handles opened
+ * without TSR_GGUF_OPEN_ANY_TYPE); else < 0 and err names the first other one, e.g.
+ * "tensor blk.0.attn_q.weight has type IQ2_XXS (ggml type id 16), which Tessera cannot
+ * compute with (it runs F32, ...)". */
+int tsr_gguf_check_types(const tsr_gguf *g, char *err, size_t err_len);
 
 const char *tsr_gguf_vtype_name(tsr_gguf_vtype t);
 

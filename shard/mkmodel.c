@@ -71,33 +71,135 @@ static bool is_block_type(uint32_t t)
     return tsr_type_block_elems(t) > 1;
 }
 
-static int parse_type(const char *s, uint32_t *t, bool *q4km)
+/* llama-quantize's mixes (llama_tensor_get_type, llama arch, no imatrix): a base type
+ * for most matrices, some raised per tensor role and layer. MIX_NONE: one type for all. */
+typedef enum {
+    MIX_NONE,
+    MIX_Q2_K,
+    MIX_Q3_K_S,
+    MIX_Q3_K_M,
+    MIX_Q3_K_L,
+    MIX_Q4_K_S,
+    MIX_Q4_K_M,
+    MIX_Q5_K_S,
+    MIX_Q5_K_M,
+} mix_t;
+
+#define TYPE_NAMES                                                                                 \
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K (every matrix that "     \
+    "type) or the llama-quantize mixes Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, "     \
+    "Q5_K_M"
+
+static int parse_type(const char *s, uint32_t *t, mix_t *mix)
 {
     static const struct {
         const char *name;
         uint32_t t;
-    } types[] = {{"F32", TSR_TYPE_F32},   {"F16", TSR_TYPE_F16},   {"BF16", TSR_TYPE_BF16},
-                 {"Q8_0", TSR_TYPE_Q8_0}, {"Q4_0", TSR_TYPE_Q4_0}, {"Q4_K", TSR_TYPE_Q4_K},
-                 {"Q6_K", TSR_TYPE_Q6_K}};
-    *q4km = false;
-    if (strcasecmp(s, "Q4_K_M") == 0) {
-        *t = TSR_TYPE_Q4_K;
-        *q4km = true;
-        return 0;
-    }
+        mix_t mix;
+    } types[] = {
+        {"F32", TSR_TYPE_F32, MIX_NONE},       {"F16", TSR_TYPE_F16, MIX_NONE},
+        {"BF16", TSR_TYPE_BF16, MIX_NONE},     {"Q8_0", TSR_TYPE_Q8_0, MIX_NONE},
+        {"Q4_0", TSR_TYPE_Q4_0, MIX_NONE},     {"Q4_1", TSR_TYPE_Q4_1, MIX_NONE},
+        {"Q5_0", TSR_TYPE_Q5_0, MIX_NONE},     {"Q5_1", TSR_TYPE_Q5_1, MIX_NONE},
+        {"Q3_K", TSR_TYPE_Q3_K, MIX_NONE},     {"Q4_K", TSR_TYPE_Q4_K, MIX_NONE},
+        {"Q5_K", TSR_TYPE_Q5_K, MIX_NONE},     {"Q6_K", TSR_TYPE_Q6_K, MIX_NONE},
+        {"Q2_K", TSR_TYPE_Q2_K, MIX_Q2_K},     {"Q3_K_S", TSR_TYPE_Q3_K, MIX_Q3_K_S},
+        {"Q3_K_M", TSR_TYPE_Q3_K, MIX_Q3_K_M}, {"Q3_K_L", TSR_TYPE_Q3_K, MIX_Q3_K_L},
+        {"Q4_K_S", TSR_TYPE_Q4_K, MIX_Q4_K_S}, {"Q4_K_M", TSR_TYPE_Q4_K, MIX_Q4_K_M},
+        {"Q5_K_S", TSR_TYPE_Q5_K, MIX_Q5_K_S}, {"Q5_K_M", TSR_TYPE_Q5_K, MIX_Q5_K_M},
+    };
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
         if (strcasecmp(s, types[i].name) == 0) {
             *t = types[i].t;
+            *mix = types[i].mix;
             return 0;
         }
     }
     return -1;
 }
 
-/* llama.cpp's use_more_bits: which layers of attn_v / ffn_down get Q6_K in Q4_K_M. */
+/* llama.cpp's use_more_bits: which layers of attn_v / ffn_down get more bits in the _M
+ * mixes. */
 static bool more_bits(int i, int n)
 {
     return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+}
+
+typedef enum { ROLE_OTHER, ROLE_HEAD, ROLE_ATTN_V, ROLE_ATTN_OUTPUT, ROLE_FFN_DOWN } role_t;
+
+/* The type llama-quantize gives a tensor of `role` in layer l of n in a mix based on type
+ * `base` (n_gqa = n_head / n_head_kv; n_embd: the head's row length). */
+static uint32_t mix_type(mix_t mix, uint32_t base, role_t role, int l, int n, int n_gqa,
+                         int64_t n_embd)
+{
+    if (mix == MIX_NONE) return base;
+    switch (role) {
+    case ROLE_HEAD: /* output.weight, or token_embd when the head is tied to it */
+        return n_embd % TSR_QK_K != 0 ? TSR_TYPE_Q8_0 : TSR_TYPE_Q6_K;
+    case ROLE_ATTN_V:
+        switch (mix) {
+        case MIX_Q2_K:
+            return n_gqa >= 4 ? TSR_TYPE_Q4_K : TSR_TYPE_Q3_K;
+        case MIX_Q3_K_M:
+            return l < 2 ? TSR_TYPE_Q5_K : TSR_TYPE_Q4_K;
+        case MIX_Q3_K_L:
+            return TSR_TYPE_Q5_K;
+        case MIX_Q4_K_M:
+        case MIX_Q5_K_M:
+            return more_bits(l, n) ? TSR_TYPE_Q6_K : base;
+        case MIX_Q4_K_S:
+            return l < 4 ? TSR_TYPE_Q5_K : base;
+        default:
+            return base;
+        }
+    case ROLE_FFN_DOWN:
+        switch (mix) {
+        case MIX_Q2_K:
+            return TSR_TYPE_Q3_K;
+        case MIX_Q3_K_M: /* llama arch: Q4_K beyond the first sixteenth */
+            return l < n / 16 ? TSR_TYPE_Q5_K : TSR_TYPE_Q4_K;
+        case MIX_Q3_K_L:
+            return TSR_TYPE_Q5_K;
+        case MIX_Q4_K_M:
+        case MIX_Q5_K_M:
+            return more_bits(l, n) ? TSR_TYPE_Q6_K : base;
+        case MIX_Q4_K_S:
+            return l < n / 8 ? TSR_TYPE_Q5_K : base;
+        default:
+            return base;
+        }
+    case ROLE_ATTN_OUTPUT:
+        switch (mix) {
+        case MIX_Q2_K:
+            return TSR_TYPE_Q3_K;
+        case MIX_Q3_K_M:
+            return TSR_TYPE_Q4_K;
+        case MIX_Q3_K_L:
+            return TSR_TYPE_Q5_K;
+        default:
+            return base;
+        }
+    default:
+        return base;
+    }
+}
+
+/* llama-quantize's replacement for a type whose blocks do not fit a row length (the caller
+ * falls back to F16 when that one does not fit either). IQ4_NL, its choice for Q2_K/Q3_K,
+ * is not a type Tessera computes with: Q4_0 (the same 4.5 bits per weight) instead. */
+static uint32_t fallback_type(uint32_t t)
+{
+    switch (t) {
+    case TSR_TYPE_Q2_K:
+    case TSR_TYPE_Q3_K:
+        return TSR_TYPE_Q4_0;
+    case TSR_TYPE_Q4_K:
+        return TSR_TYPE_Q5_0;
+    case TSR_TYPE_Q5_K:
+        return TSR_TYPE_Q5_1;
+    default:
+        return TSR_TYPE_Q8_0;
+    }
 }
 
 typedef struct {
@@ -114,8 +216,8 @@ static int add_matrix(mk_t *mk, const char *name, int64_t n_in, int64_t n_out, u
                       float std)
 {
     if (is_block_type(t) && n_in % tsr_type_block_elems(t) != 0) {
-        uint32_t fb = (t != TSR_TYPE_Q8_0 && t != TSR_TYPE_Q4_0 && n_in % 32 == 0) ? TSR_TYPE_Q8_0
-                                                                                   : TSR_TYPE_F16;
+        uint32_t fb = fallback_type(t);
+        if (n_in % tsr_type_block_elems(fb) != 0) fb = TSR_TYPE_F16;
         if (mk->note) {
             char msg[256];
             snprintf(msg, sizeof msg,
@@ -166,17 +268,15 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     tsr_gguf *vg = NULL;
     mk_t mk = {0};
     uint32_t type;
-    bool q4km;
+    mix_t mix;
     char name[128];
 
     if (!p->out_path || !p->vocab_from) {
         tsr_set_err(err, err_len, "mkmodel needs an output path and a vocabulary GGUF");
         return -1;
     }
-    if (parse_type(p->type, &type, &q4km) != 0) {
-        tsr_set_err(err, err_len,
-                    "unknown type '%s' (use F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K or Q4_K_M)",
-                    p->type);
+    if (parse_type(p->type, &type, &mix) != 0) {
+        tsr_set_err(err, err_len, "unknown type '%s' (use " TYPE_NAMES ")", p->type);
         return -1;
     }
     if (p->n_layer < 1 || p->n_embd < 1 || p->n_head < 1 || p->n_head_kv < 1 || p->n_ff < 1 ||
@@ -242,12 +342,15 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     const int64_t E = p->n_embd, Q = (int64_t)p->n_head * head_dim,
                   KV = (int64_t)p->n_head_kv * head_dim, F = p->n_ff, V = (int64_t)n_vocab;
     const float std_in = 1.0f / sqrtf((float)E), std_ff = 1.0f / sqrtf((float)F);
-    uint32_t head_t = q4km ? TSR_TYPE_Q6_K : type;
+    const int n_gqa = p->n_head / p->n_head_kv;
+    uint32_t head_t = mix_type(mix, type, ROLE_HEAD, 0, p->n_layer, n_gqa, E);
     if (add_matrix(&mk, "token_embd.weight", E, V, p->tied ? head_t : type, 1.0f)) goto done;
     if (add_norm(&mk, "output_norm.weight", E)) goto oom;
     if (!p->tied && add_matrix(&mk, "output.weight", E, V, head_t, std_in)) goto done;
     for (int32_t l = 0; l < p->n_layer; l++) {
-        uint32_t tv = q4km && more_bits(l, p->n_layer) ? TSR_TYPE_Q6_K : type;
+        const uint32_t tv = mix_type(mix, type, ROLE_ATTN_V, l, p->n_layer, n_gqa, E);
+        const uint32_t to = mix_type(mix, type, ROLE_ATTN_OUTPUT, l, p->n_layer, n_gqa, E);
+        const uint32_t td = mix_type(mix, type, ROLE_FFN_DOWN, l, p->n_layer, n_gqa, E);
 #define M(nm, nin, nout, t, sd)                                                                    \
     do {                                                                                           \
         snprintf(name, sizeof name, "blk.%d." nm ".weight", l);                                    \
@@ -258,12 +361,12 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
         M("attn_q", E, Q, type, std_in);
         M("attn_k", E, KV, type, std_in);
         M("attn_v", E, KV, tv, std_in);
-        M("attn_output", Q, E, type, std_in);
+        M("attn_output", Q, E, to, std_in);
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
         if (add_norm(&mk, name, E)) goto oom;
         M("ffn_gate", E, F, type, std_in);
         M("ffn_up", E, F, type, std_in);
-        M("ffn_down", F, E, tv, std_ff);
+        M("ffn_down", F, E, td, std_ff);
 #undef M
     }
     rc = tsr_gguf_writer_save(w, p->out_path, err, err_len);

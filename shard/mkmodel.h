@@ -19,7 +19,8 @@ typedef struct {
     const char *vocab_from; /* GGUF whose tokenizer.* keys are copied; sets n_vocab */
     int32_t n_layer, n_embd, n_head, n_head_kv, n_ff;
     int32_t n_ctx;    /* llama.context_length */
-    const char *type; /* "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_K_M" */
+    const char *type; /* a type ("F16", "Q5_0", "Q4_K", ...: every matrix that type) or a
+                         llama-quantize mix ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", ...) */
     bool tied;        /* no output.weight: the head reuses token_embd */
     uint64_t seed;
     float rope_freq_base;
@@ -27,10 +28,14 @@ typedef struct {
 
 void tsr_mkmodel_params_default(tsr_mkmodel_params *p);
 
-/* Writes the file. Shapes that a type cannot hold (a row length that is not a multiple of
- * its block size) fall back per tensor to Q8_0 (K-quants) or F16, as llama.cpp does; each
- * fallback is reported through `note` (may be NULL). Returns < 0 with a message on bad
- * parameters or I/O errors. */
+/* Writes the file. A mix gives each tensor the type llama-quantize gives it (llama arch,
+ * no imatrix): e.g. Q4_K_M raises attn_v / ffn_down of some layers to Q6_K and the head
+ * (output.weight, or token_embd when tied) to Q6_K (Q8_0 when n_embd is not a multiple of
+ * 256). Shapes that a type cannot hold (a row length that is not a multiple of its block
+ * size) fall back per tensor as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K ->
+ * Q8_0; Q2_K / Q3_K -> Q4_0 where llama.cpp would pick IQ4_NL), or to F16; each fallback
+ * is reported through `note` (may be NULL). Returns < 0 with a message on bad parameters
+ * or I/O errors. */
 int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char *err,
                 size_t err_len);
 

@@ -5,6 +5,7 @@
  *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 [--layers SPEC] [--tol 1e-4] [-n 24]
  *   replica_check -m MODEL --tp 3 --expect-refusal "not divisible"
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
+ *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -44,8 +45,11 @@ int main(int argc, char **argv)
                                          {"n", required_argument, 0, 'n'},
                                          {"expect-refusal", required_argument, 0, 'r'},
                                          {"teacher-force", no_argument, 0, 'f'},
+                                         {"device", required_argument, 0, 'd'},
                                          {0, 0, 0, 0}};
-    tsr_replica_params rp = {.tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16};
+    /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
     const char *model = NULL, *refusal = NULL;
     double tol = 1e-4;
     int n_gen = 24, c;
@@ -76,6 +80,9 @@ int main(int argc, char **argv)
             break;
         case 'f':
             teacher = true;
+            break;
+        case 'd':
+            rp.device = optarg;
             break;
         default:
             return 2;

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kernels/quant.h"
+#include "shard/gguf.h"
 #include "tests/util.h"
 
 static const char *bin = TSR_TESSERA_BIN;
@@ -225,6 +227,49 @@ static void test_inspect(void **state)
     assert_non_null(strstr(out, "Q6_K"));
     assert_non_null(strstr(out, "[256, 32000]"));
     free(out);
+    /* Any tensor type: a copy with blk.0.attn_q a type Tessera cannot compute with
+     * (IQ2_XXS, 66 bytes per 256 values: fits in the Q4_K bytes) and blk.1.attn_q a type id
+     * ggml does not define. inspect prints it all and says what cannot run; loading it is
+     * refused with the tensor and type named. */
+    size_t len;
+    char *data = tsr_test_read_file(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), &len);
+    assert_non_null(data);
+    static const struct {
+        const char *name;
+        uint32_t type;
+    } patch[] = {{"blk.0.attn_q.weight", 16}, {"blk.1.attn_q.weight", 99}};
+    for (size_t k = 0; k < 2; k++) {
+        const size_t nl = strlen(patch[k].name);
+        char *p = memmem(data, len, patch[k].name, nl); /* the first: tensor infos */
+        assert_non_null(p);
+        uint32_t n_dims;
+        memcpy(&n_dims, p + nl, 4);
+        assert_int_equal(n_dims, 2);
+        memcpy(p + nl + 4 + 8 * n_dims, &patch[k].type, 4); /* after name, n_dims, ne[] */
+    }
+    char any[] = "/tmp/tsr_cli_any_XXXXXX";
+    int afd = mkstemp(any);
+    assert_true(write(afd, data, len) == (ssize_t)len);
+    close(afd);
+    free(data);
+    assert_int_equal(run(&out, &err, "inspect %s", any), 0);
+    if (!strstr(out, "IQ2_XXS") || !strstr(out, "id 99") ||
+        !strstr(out, "tessera can run this file: no — tensor blk.0.attn_q.weight has type "
+                     "IQ2_XXS"))
+        fail_msg("inspect of a file with IQ2_XXS / unknown types: got\n%s", out);
+    free(out);
+    free(err);
+    assert_int_equal(run(&out, &err, "generate -m %s -p hi -n 1", any), 1);
+    if (!strstr(err, "blk.0.attn_q.weight") || !strstr(err, "IQ2_XXS"))
+        fail_msg("generate on an IQ2_XXS file: expected the tensor and type named, got: %s", err);
+    free(out);
+    free(err);
+    unlink(any);
+    assert_int_equal(
+        run(&out, NULL, "inspect %s", tsr_test_model_path("synthetic/synth-tiny-q5_k_m.gguf")), 0);
+    assert_non_null(strstr(out, "Q5_K"));
+    assert_non_null(strstr(out, "tessera can run this file: yes"));
+    free(out);
     /* A corrupt file: exit 1 and a message naming the problem. */
     char path[] = "/tmp/tsr_cli_bad_XXXXXX";
     int fd = mkstemp(path);
@@ -246,7 +291,8 @@ static void test_mkmodel(void **state)
     const char *vocab = tsr_test_model_path("stories260K.gguf");
     const char *shape = "--n-layer 3 --n-embd 64 --n-head 4 --n-head-kv 1 --n-ff 96";
     char *out, *err;
-    static const char *types[] = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M"};
+    static const char *types[] = {"F32",  "F16",  "BF16", "Q8_0",   "Q4_0",
+                                  "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_S"};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
         assert_int_equal(run(NULL, &err, "mkmodel -o %s --vocab-from %s %s --type %s --seed 3", a,
                              vocab, shape, types[i]),
@@ -284,6 +330,35 @@ static void test_mkmodel(void **state)
         cJSON_Delete(j2);
         free(g1);
         free(g2);
+    }
+    /* The mixes give every tensor the type llama-quantize gave it in the synthetic files
+     * (same shape: 2 layers, 256 wide, 4 heads / 2 KV heads, n_ff 768, tied head). */
+    static const struct {
+        const char *type, *file;
+    } mixes[] = {
+        {"Q2_K", "q2_k"}, {"Q3_K_M", "q3_k_m"}, {"Q4_K_M", "q4_k_m"}, {"Q5_K_M", "q5_k_m"}};
+    for (size_t i = 0; i < sizeof mixes / sizeof mixes[0]; i++) {
+        assert_int_equal(run(NULL, NULL,
+                             "mkmodel -o %s --vocab-from %s --n-layer 2 --n-embd 256 --n-head 4 "
+                             "--n-head-kv 2 --n-ff 768 --tied --type %s",
+                             a, vocab, mixes[i].type),
+                         0);
+        char rel[96], e[512];
+        snprintf(rel, sizeof rel, "synthetic/synth-tiny-%s.gguf", mixes[i].file);
+        tsr_gguf *mine, *ref;
+        assert_int_equal(tsr_gguf_open(a, &mine, e, sizeof e), 0);
+        assert_int_equal(tsr_gguf_open(tsr_test_model_path(rel), &ref, e, sizeof e), 0);
+        assert_int_equal(tsr_gguf_n_tensors(mine), tsr_gguf_n_tensors(ref));
+        for (int64_t k = 0; k < tsr_gguf_n_tensors(ref); k++) {
+            const tsr_gguf_tensor *tr = tsr_gguf_tensor_at(ref, k);
+            const tsr_gguf_tensor *tm = tsr_gguf_find_tensor(mine, tr->name);
+            if (!tm || tm->type != tr->type)
+                fail_msg("mkmodel --type %s: %s expected %s (llama-quantize) got %s", mixes[i].type,
+                         tr->name, tsr_type_name(tr->type),
+                         tm ? tsr_type_name(tm->type) : "(missing)");
+        }
+        tsr_gguf_close(mine);
+        tsr_gguf_close(ref);
     }
     /* n_ff 96 cannot hold Q4_K rows (256): reported fallback, still a valid model. */
     assert_int_equal(

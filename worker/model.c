@@ -486,7 +486,9 @@ struct tsr_ctx {
     float *logits;     /* [n_batch][vocab slice] */
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
     void *scratch;
-    const tsr_batch *b; /* the batch in flight (attention workers read it) */
+    const tsr_batch *b;    /* the batch in flight (attention workers read it) */
+    const tsr_backend *be; /* NULL: the CPU path below (see tsr_ctx_set_backend) */
+    void *be_state;
     uint64_t t_forward_ns;
     uint64_t t_comm_ns;
 };
@@ -509,6 +511,7 @@ uint64_t tsr_ctx_forward_ns(const tsr_ctx *c)
 }
 uint64_t tsr_ctx_comm_ns(const tsr_ctx *c)
 {
+    if (c->be) return c->be->comm_ns ? c->be->comm_ns(c->be_state) : 0;
     return c->t_comm_ns;
 }
 float *tsr_ctx_hidden(tsr_ctx *c)
@@ -518,6 +521,22 @@ float *tsr_ctx_hidden(tsr_ctx *c)
 void tsr_ctx_set_tp_comm(tsr_ctx *c, tsr_comm *tp)
 {
     c->tp = tp;
+    if (c->be && c->be->set_tp_comm) c->be->set_tp_comm(c->be_state, tp);
+}
+
+void tsr_ctx_set_backend(tsr_ctx *c, const tsr_backend *be, void *state)
+{
+    c->be = be;
+    c->be_state = state;
+    if (be && be->set_tp_comm) be->set_tp_comm(state, c->tp);
+    free(c->k_cache);
+    free(c->v_cache);
+    c->k_cache = c->v_cache = NULL;
+}
+
+const char *tsr_ctx_backend_name(const tsr_ctx *c)
+{
+    return c->be ? c->be->name : "cpu";
 }
 
 static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
@@ -623,6 +642,7 @@ int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_thread
 void tsr_ctx_free(tsr_ctx *c)
 {
     if (!c) return;
+    if (c->be && c->be->free) c->be->free(c->be_state);
     if (c->pool) tsr_pool_free(c->pool);
     free(c->k_cache);
     free(c->v_cache);
@@ -763,6 +783,11 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     const int64_t n_ff = sh->ff_end - sh->ff_begin;
     if (check_batch(c, b, err, err_len) != 0) return -1;
     uint64_t t0 = tsr_now_ns();
+    if (c->be) {
+        int rc = c->be->forward_batch(c->be_state, b, x, logits, err, err_len);
+        c->t_forward_ns += tsr_now_ns() - t0;
+        return rc;
+    }
     c->b = b;
 
     if (m->first_stage) {

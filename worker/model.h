@@ -136,6 +136,29 @@ typedef struct {
     const int32_t *n_blocks;            /* [n_seqs] */
 } tsr_batch;
 
+/* The compute backend seam. A context computes on the CPU (kernels/ops.h) unless a backend
+ * is attached; then tsr_forward_batch validates the batch and hands it to the backend, which
+ * keeps its own weights and KV pool (worker/gpu.h: CUDA). The engine, sampling and the
+ * replica's communication around a step do not change. Members:
+ *   forward_batch  required: tsr_forward_batch's contract on a validated batch;
+ *   set_tp_comm    optional (NULL: the backend ignores tensor parallelism, valid for tp 1);
+ *   comm_ns        optional (NULL: 0): time in communication inside forward;
+ *   free           optional: releases state when the context is freed. */
+typedef struct {
+    const char *name; /* "cuda" */
+    int (*forward_batch)(void *state, const tsr_batch *b, float *hidden, float *logits, char *err,
+                         size_t err_len);
+    void (*set_tp_comm)(void *state, tsr_comm *tp);
+    uint64_t (*comm_ns)(const void *state);
+    void (*free)(void *state);
+} tsr_backend;
+
+/* Attach a backend (the context owns state from now on; it passes on the tp communicator
+ * set before or after). The context's host KV pool is released: the backend holds its own. */
+void tsr_ctx_set_backend(tsr_ctx *c, const tsr_backend *be, void *state);
+/* The attached backend's name, "cpu" without one. */
+const char *tsr_ctx_backend_name(const tsr_ctx *c);
+
 /* Run one batch (n_tokens <= n_batch) through this rank's part of the model.
  * hidden: [n_tokens][n_embd]; on the first stage it is filled from the embedding,
  * otherwise it must hold the previous stage's output; on return it holds this stage's

@@ -9,6 +9,7 @@
 #include "kernels/util.h"
 
 #include "kernels/quant.h"
+#include "worker/gpu.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -24,6 +25,8 @@ enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 struct tsr_replica {
     tsr_comm *world;
     tsr_comm *tp_comm; /* ranks of this stage */
+    tsr_comm *tp_nccl; /* the same ranks over NCCL (GPU ranks with NCCL), or NULL */
+    int32_t gpu;       /* CUDA device of this rank, -1: CPU backend */
     bool mpi;
     int rank, size, stage, tp_rank;
     tsr_replica_params p;
@@ -137,6 +140,50 @@ int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, siz
     return plan_model_from(g, &hp, pm, err, err_len);
 }
 
+/* --device: every rank counts its GPUs; "auto" runs on CUDA only when all ranks have one
+ * (one allreduce), "cuda" fails on every rank when any lacks one. Sets r->gpu. */
+static int decide_device(tsr_replica *r, char *err, size_t err_len)
+{
+    const char *dev = r->p.device ? r->p.device : "auto";
+    r->gpu = -1;
+    if (strcmp(dev, "cpu") == 0) return 0;
+    if (strcmp(dev, "cuda") != 0 && strcmp(dev, "auto") != 0) {
+        tsr_set_err(err, err_len, "--device must be cpu, cuda or auto, got '%s'", dev);
+        return -1;
+    }
+    char why[256] = "";
+    const int32_t n = tsr_gpu_device_count(why, sizeof why);
+    float have = n > 0 ? 1.0f : 0.0f;
+    if (r->size > 1 && tsr_comm_allreduce_sum_f32(r->world, &have, 1, err, err_len) != 0) return -1;
+    const bool all = have == (float)r->size;
+    if (!all) {
+        if (strcmp(dev, "auto") == 0) return 0;
+        if (n > 0)
+            tsr_set_err(err, err_len, "--device cuda: %d of %d ranks see no CUDA device",
+                        r->size - (int)have, r->size);
+        else
+            tsr_set_err(err, err_len, "--device cuda: no CUDA device (%s); use --device cpu", why);
+        return -1;
+    }
+    r->gpu = tsr_gpu_pick_device(why, sizeof why);
+    return 0;
+}
+
+/* Put this rank's context on its GPU (weights uploaded once: only this rank's tiles), and
+ * the tensor-parallel sums on NCCL when the build has it. */
+static int attach_device(tsr_replica *r, char *err, size_t err_len)
+{
+    if (r->gpu < 0) return 0;
+    if (tsr_gpu_attach(r->ctx, r->m, r->gpu, r->p.gpu_memory, err, err_len) != 0) return -1;
+    const char *no_nccl = getenv("TSR_NO_NCCL"); /* keep tp sums on MPI (host round trip) */
+    if (r->tp_comm && tsr_comm_nccl_available() && !(no_nccl && strcmp(no_nccl, "1") == 0)) {
+        if (tsr_comm_nccl_new(r->tp_comm, r->gpu, &r->tp_nccl, err, err_len) != 0) return -1;
+        tsr_comm_set_timeout_ms(r->tp_nccl, r->p.timeout_ms);
+        tsr_ctx_set_tp_comm(r->ctx, r->tp_nccl);
+    }
+    return 0;
+}
+
 int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_replica **out,
                      char *err, size_t err_len)
 {
@@ -190,11 +237,14 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     tsr_vocab_n_tokens(r->vocab), hp.n_vocab);
         goto fail;
     }
+    if (decide_device(r, err, err_len) != 0) goto fail;
     tsr_plan_model pm;
     if (plan_model_from(r->g, &hp, &pm, err, err_len) != 0) goto fail;
+    /* GPU ranks: the device memory is the budget of weights + KV unless --mem says more */
+    const uint64_t budget = r->gpu >= 0 && r->p.mem_budget == 0 ? r->p.gpu_memory : r->p.mem_budget;
     int32_t n_ctx = r->p.n_ctx > 0 ? r->p.n_ctx : (hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
-    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, r->p.mem_budget, n_ctx, &r->plan, err,
-                      err_len) != 0)
+    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, budget, n_ctx, &r->plan, err, err_len) !=
+        0)
         goto fail;
     const tsr_plan_rank *pr = &r->plan.ranks[r->rank];
     tsr_shard sh = {.layer_begin = pr->layer_begin,
@@ -224,6 +274,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
         tsr_comm_set_timeout_ms(r->tp_comm, r->p.timeout_ms);
         tsr_ctx_set_tp_comm(r->ctx, r->tp_comm);
     }
+    if (attach_device(r, err, err_len) != 0) goto fail;
     size_t nb = (size_t)tsr_ctx_n_batch(r->ctx);
     size_t V = (size_t)hp.n_vocab;
     r->logits_slice = malloc(nb * (size_t)(pr->vocab_end - pr->vocab_begin + 1) * sizeof(float));
@@ -260,6 +311,7 @@ void tsr_replica_close(tsr_replica *r)
     tsr_model_free(r->m);
     tsr_vocab_free(r->vocab);
     tsr_gguf_close(r->g);
+    if (r->tp_nccl) tsr_comm_free(r->tp_nccl);
     if (r->tp_comm) tsr_comm_free(r->tp_comm);
     if (r->world) tsr_comm_free(r->world);
     if (r->mpi) tsr_comm_mpi_finalize();

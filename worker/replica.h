@@ -41,6 +41,10 @@ typedef struct {
     int32_t n_ctx;       /* single-sequence context (0: model default) */
     int32_t n_batch;     /* max tokens per step (0: 128) */
     int64_t timeout_ms;  /* deadline of every communication wait (0: 30000) */
+    const char *device;  /* "cpu", "cuda", or NULL / "auto": cuda when every rank sees a GPU
+                            (worker/gpu.h); each rank takes GPU local-rank % count */
+    uint64_t gpu_memory; /* device bytes per rank (weights + KV + buffers; 0: what is free);
+                            on GPU ranks it is also the planner's budget when mem_budget is 0 */
     int32_t n_kv_blocks; /* TSR_REPLICA_KV_ONE_CONTEXT: a paged pool holding one full
                             context (n_ctx, after its default is applied);
                             > 0: a paged KV pool of this many blocks for many

@@ -164,6 +164,9 @@ def test_phi3(tmp):
         expect_error(s.stub, grpc.StatusCode.INVALID_ARGUMENT, ["messages", "robot"],
                      "a bad role: INVALID_ARGUMENT naming it",
                      messages=[msg("user", "hi"), msg("robot", "beep")], max_tokens=2)
+        expect_error(s.stub, grpc.StatusCode.INVALID_ARGUMENT, ["content"],
+                     "a NUL in a message: INVALID_ARGUMENT naming the field",
+                     messages=[msg("user", "hi\x00there")], max_tokens=2)
     finally:
         rc = s.stop()
     check(rc == 0, "phi3 server exits 0 on SIGTERM", rc)

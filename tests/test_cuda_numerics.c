@@ -1,0 +1,565 @@
+/*
+ * test_cuda_numerics.c — the arithmetic of the CUDA kernels (kernels/cuda/numerics.h),
+ * compiled here by the host C compiler, against the CPU kernels (kernels/quant.c,
+ * kernels/ops.c) on the shared models' tensors.
+ *
+ * What this covers: every per-element and per-block computation the device kernels run
+ * (dequantization, activation quantization, block dots, the RMSNorm scale, the online
+ * softmax, the rope rotation, SwiGLU/GeGLU), and the summation orders the kernels use,
+ * emulated here lane by lane (warp butterfly reductions, chunked online softmax). What it
+ * cannot cover: launches, indexing, shared memory and synchronisation on a real device —
+ * the GPU suite (ctest -L gpu) checks those against CPU logits.
+ *
+ * Checks: dequantization bit-identical for every tensor of every supported type in the
+ * models; activation quantizers (Q8_0, Q8_1, Q8_K) byte-identical; one-block dots
+ * bit-identical to the scalar CPU dot for every quantized type; whole-row dots in the warp
+ * order within
+ * (2 * n_terms + 8) * 2^-24 * sum|terms| of the scalar CPU dot.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/numerics.h"
+#include "kernels/ops.h"
+#include "kernels/quant.h"
+#include "shard/gguf.h"
+#include "tests/util.h"
+
+static const char *const k_files[] = {
+    "synthetic/synth-tiny-f16.gguf",    "synthetic/synth-tiny-bf16.gguf",
+    "synthetic/synth-tiny-q8_0.gguf",   "synthetic/synth-tiny-q4_0.gguf",
+    "synthetic/synth-tiny-q4_1.gguf",   "synthetic/synth-tiny-q5_0.gguf",
+    "synthetic/synth-tiny-q5_1.gguf",   "synthetic/synth-tiny-q2_k.gguf",
+    "synthetic/synth-tiny-q3_k_m.gguf", "synthetic/synth-tiny-q4_k_m.gguf",
+    "synthetic/synth-tiny-q5_k_m.gguf", "stories260K.gguf",
+    "derived/stories260K-q8_0.gguf",    "random/llama-2-tiny-random.gguf",
+};
+#define N_FILES (sizeof k_files / sizeof k_files[0])
+
+/* The sanitizer tree checks every tensor but only every 16th row (TSR_TEST_LEAN). */
+#ifdef TSR_TEST_LEAN
+#define ROW_STEP 16
+#else
+#define ROW_STEP 1
+#endif
+
+/* Every weight type the backend runs; the test insists that the models cover each. */
+static const uint32_t k_types[] = {TSR_CUDA_F32,  TSR_CUDA_F16,  TSR_CUDA_BF16, TSR_CUDA_Q8_0,
+                                   TSR_CUDA_Q4_0, TSR_CUDA_Q4_1, TSR_CUDA_Q5_0, TSR_CUDA_Q5_1,
+                                   TSR_CUDA_Q2_K, TSR_CUDA_Q3_K, TSR_CUDA_Q4_K, TSR_CUDA_Q5_K,
+                                   TSR_CUDA_Q6_K};
+#define N_TYPES (sizeof k_types / sizeof k_types[0])
+
+static uint64_t rng_next(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545F4914F6CDD1DULL;
+}
+
+static float rng_gauss(uint64_t *s)
+{
+    const double u1 = (double)(rng_next(s) >> 11) * 0x1p-53 + 1e-300;
+    const double u2 = (double)(rng_next(s) >> 11) * 0x1p-53;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    assert_non_null(p);
+    return p;
+}
+
+static uint32_t bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* The CPU must run every type the files hold; a type it lacks is a failure, not a skip. */
+static void require_cpu_type(uint32_t type, const char *file, const char *tensor)
+{
+    if (!tsr_type_supported(type))
+        fail_msg("%s: tensor %s has type %s, which kernels/quant.c does not run: the CPU "
+                 "reference is missing (merge main for the quant types)",
+                 file, tensor, tsr_type_name(type));
+}
+
+/* ---- warp-order emulation ------------------------------------------------------------- */
+
+/* __shfl_xor_sync butterfly over 32 lanes (offsets 16..1): lane 0's final value. */
+static float warp_sum(const float *lane_in)
+{
+    float v[32], nv[32];
+    memcpy(v, lane_in, sizeof v);
+    for (int off = 16; off >= 1; off /= 2) {
+        for (int l = 0; l < 32; ++l) nv[l] = v[l] + v[l ^ off];
+        memcpy(v, nv, sizeof v);
+    }
+    return v[0];
+}
+
+/* The row dot of kernels.cu's matvec (one warp per row): for 32-element blocks lane l
+ * takes blocks l, l+32, ...; for K-quants lanes 8k..8k+7 share super-block k (one 32-group
+ * each, integers summed exactly), super-blocks k, k+4, ...; for float weights lane l takes
+ * elements l, l+32, .... *abs_terms gets sum |term| for the error bound, *n_terms the
+ * number of float terms. xq is the activation row in the dot type. */
+static float gpu_row_dot(uint32_t type, int64_t n, const uint8_t *w, const void *xq,
+                         double *abs_terms, int64_t *n_terms)
+{
+    float lanes[32] = {0};
+    double at = 0;
+    const int32_t be = tsr_cuda_block_elems(type), bb = tsr_cuda_block_bytes(type);
+    const int64_t nb = n / be;
+    if (be == 1) {
+        const float *x = xq;
+        for (int64_t i = 0; i < n; ++i) {
+            const float t = tsr_cuda_dequant(type, w + (size_t)i * bb, 0) * x[i];
+            lanes[i % 32] += t;
+            at += fabs((double)t);
+        }
+        *n_terms = n;
+    } else if (be == 32) {
+        const uint32_t dt = tsr_cuda_dot_type(type);
+        const int32_t xb = tsr_cuda_block_bytes(dt);
+        for (int64_t b = 0; b < nb; ++b) {
+            const float t =
+                tsr_cuda_dot_blk32(type, w + (size_t)b * bb, (const uint8_t *)xq + b * xb);
+            lanes[b % 32] += t;
+            at += fabs((double)t);
+        }
+        *n_terms = nb;
+    } else {
+        const tsr_cuda_q8_K *x = xq;
+        for (int64_t b = 0; b < nb; ++b) {
+            int32_t si = 0, sm = 0;
+            for (int g = 0; g < 8; ++g) { /* xor-shuffle of ints: any order is exact */
+                int32_t a, c;
+                tsr_cuda_dot_group_k(type, w + (size_t)b * bb, &x[b], g, &a, &c);
+                si += a;
+                sm += c;
+            }
+            const float t = tsr_cuda_dot_combine_k(type, w + (size_t)b * bb, &x[b], si, sm);
+            lanes[(b % 4) * 8] += t;
+            at += fabs((double)t);
+        }
+        *n_terms = nb;
+    }
+    *abs_terms = at;
+    return warp_sum(lanes);
+}
+
+/* ---- dequantization: every tensor, every element ------------------------------------- */
+
+static void test_dequant_bit_identical(void **state)
+{
+    (void)state;
+    bool seen[64] = {false};
+    for (size_t f = 0; f < N_FILES; ++f) {
+        const char *path = tsr_test_model_path(k_files[f]);
+        tsr_gguf *g = NULL;
+        char err[256];
+        if (tsr_gguf_open(path, &g, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
+        for (int64_t t = 0; t < tsr_gguf_n_tensors(g); ++t) {
+            const tsr_gguf_tensor *ti = tsr_gguf_tensor_at(g, t);
+            require_cpu_type(ti->type, k_files[f], ti->name);
+            const int32_t be = tsr_cuda_block_elems(ti->type), bb = tsr_cuda_block_bytes(ti->type);
+            if (be == 0) fail_msg("%s: %s type %u unknown to numerics.h", path, ti->name, ti->type);
+            seen[ti->type] = true;
+            const int64_t n0 = ti->ne[0],
+                          rows = (int64_t)(ti->n_bytes / tsr_row_bytes(ti->type, n0));
+            float *ref = xmalloc(sizeof(float) * (size_t)n0);
+            const size_t rb = tsr_row_bytes(ti->type, n0);
+            for (int64_t r = 0; r < rows; r += ROW_STEP) {
+                const uint8_t *row = (const uint8_t *)ti->data + (size_t)r * rb;
+                tsr_dequant_row(ti->type, row, ref, n0);
+                for (int64_t i = 0; i < n0; ++i) {
+                    const float v =
+                        tsr_cuda_dequant(ti->type, row + (size_t)(i / be) * bb, (int)(i % be));
+                    if (bits(v) != bits(ref[i]))
+                        fail_msg("%s %s (%s) row %lld element %lld: CPU %.9g (0x%08x), "
+                                 "numerics.h %.9g (0x%08x)",
+                                 k_files[f], ti->name, tsr_type_name(ti->type), (long long)r,
+                                 (long long)i, ref[i], bits(ref[i]), v, bits(v));
+                }
+            }
+            free(ref);
+        }
+        tsr_gguf_close(g);
+    }
+    for (size_t k = 0; k < N_TYPES; ++k)
+        if (!seen[k_types[k]])
+            fail_msg("no tensor of type %s in the shared models: coverage lost",
+                     tsr_type_name(k_types[k]));
+}
+
+/* ---- activation quantizers ------------------------------------------------------------ */
+
+static void check_quant(uint32_t dt, const float *x, int64_t n)
+{
+    const size_t rb = tsr_row_bytes(dt, n);
+    uint8_t *cpu = xmalloc(rb), *hd = xmalloc(rb);
+    memset(hd, 0xAB, rb);
+    tsr_quant_row(dt, x, cpu, n);
+    const int32_t be = tsr_cuda_block_elems(dt), bb = tsr_cuda_block_bytes(dt);
+    for (int64_t b = 0; b < n / be; ++b) {
+        if (dt == TSR_CUDA_Q8_0) tsr_cuda_quant_q8_0(x + b * be, (tsr_cuda_q8_0 *)(hd + b * bb));
+        if (dt == TSR_CUDA_Q8_1) tsr_cuda_quant_q8_1(x + b * be, (tsr_cuda_q8_1 *)(hd + b * bb));
+        if (dt == TSR_CUDA_Q8_K) tsr_cuda_quant_q8_K(x + b * be, (tsr_cuda_q8_K *)(hd + b * bb));
+    }
+    for (size_t i = 0; i < rb; ++i)
+        if (cpu[i] != hd[i])
+            fail_msg("%s quantizer: byte %zu of block %zu differs: CPU 0x%02x, numerics.h 0x%02x",
+                     tsr_type_name(dt), i % (size_t)bb, i / (size_t)bb, cpu[i], hd[i]);
+    free(cpu);
+    free(hd);
+}
+
+static void test_activation_quantizers(void **state)
+{
+    (void)state;
+    const int64_t n = 4096;
+    float *x = xmalloc(sizeof(float) * (size_t)n);
+    uint64_t s = 12345;
+    for (int64_t i = 0; i < n; ++i) x[i] = rng_gauss(&s) * 3.0f;
+    for (int i = 256; i < 512; ++i) x[i] = 0.0f;             /* zero super-block */
+    for (int i = 512; i < 768; ++i) x[i] *= 1e-7f;           /* tiny */
+    x[1000] = 40.0f;                                         /* ties of |max| with */
+    x[1001] = -40.0f;                                        /* opposite signs */
+    for (int i = 1536; i < 1792; ++i) x[i] = (float)(i % 7); /* exact .5 ties after scaling */
+    check_quant(TSR_CUDA_Q8_0, x, n);
+    check_quant(TSR_CUDA_Q8_K, x, n);
+    if (!tsr_type_supported(TSR_CUDA_Q4_1)) fail_msg("CPU lacks Q4_1 / Q8_1 (merge main)");
+    check_quant(TSR_CUDA_Q8_1, x, n);
+    /* real activations: embedding rows of a model */
+    tsr_gguf *g = NULL;
+    char err[256];
+    assert_int_equal(
+        tsr_gguf_open(tsr_test_model_path("synthetic/synth-tiny-f16.gguf"), &g, err, sizeof err),
+        0);
+    const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
+    assert_non_null(te);
+    float *row = xmalloc(sizeof(float) * 256);
+    for (int r = 0; r < 64; ++r) {
+        tsr_dequant_row(te->type, (const uint8_t *)te->data + (size_t)((r * 397) % 32000) * 512,
+                        row, 256);
+        check_quant(TSR_CUDA_Q8_0, row, 256);
+        check_quant(TSR_CUDA_Q8_1, row, 256);
+        check_quant(TSR_CUDA_Q8_K, row, 256);
+    }
+    free(row);
+    tsr_gguf_close(g);
+    free(x);
+}
+
+/* ---- dots ----------------------------------------------------------------------------- */
+
+static void test_dots(void **state)
+{
+    (void)state;
+    assert_true(tsr_quant_set_isa("scalar"));
+    uint64_t s = 777;
+    int64_t n_rows_checked = 0;
+    double worst_ratio = 0;
+    for (size_t f = 0; f < N_FILES; ++f) {
+        const char *path = tsr_test_model_path(k_files[f]);
+        tsr_gguf *g = NULL;
+        char err[256];
+        if (tsr_gguf_open(path, &g, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
+        for (int64_t t = 0; t < tsr_gguf_n_tensors(g); ++t) {
+            const tsr_gguf_tensor *ti = tsr_gguf_tensor_at(g, t);
+            if (ti->n_dims < 2) continue;
+            require_cpu_type(ti->type, k_files[f], ti->name);
+            const int64_t n = ti->ne[0];
+            const uint32_t dt = tsr_type_vec_dot_type(ti->type);
+            assert_int_equal(dt, tsr_cuda_dot_type(ti->type));
+            float *x = xmalloc(sizeof(float) * (size_t)n);
+            for (int64_t i = 0; i < n; ++i) x[i] = rng_gauss(&s);
+            void *xq = xmalloc(tsr_row_bytes(dt, n));
+            tsr_quant_row(dt, x, xq, n);
+            const size_t rb = tsr_row_bytes(ti->type, n);
+            const int64_t rows = ti->ne[1];
+            const int64_t step = rows > 48 / ROW_STEP ? rows / (48 / ROW_STEP) : 1;
+            for (int64_t r = 0; r < rows; r += step) {
+                const uint8_t *w = (const uint8_t *)ti->data + (size_t)r * rb;
+                const float cpu = tsr_vec_dot(ti->type, n, w, xq);
+                double at;
+                int64_t nt;
+                const float gpu = gpu_row_dot(ti->type, n, w, xq, &at, &nt);
+                const double tol = (2.0 * (double)nt + 8.0) * 0x1p-24 * at + 1e-30;
+                const double d = fabs((double)gpu - (double)cpu);
+                if (!(d <= tol))
+                    fail_msg("%s %s (%s) row %lld: CPU dot %.9g, GPU-order dot %.9g, |diff| %.3g "
+                             "> bound %.3g",
+                             k_files[f], ti->name, tsr_type_name(ti->type), (long long)r, cpu, gpu,
+                             d, tol);
+                if (tol > 0 && d / tol > worst_ratio) worst_ratio = d / tol;
+                n_rows_checked++;
+                /* one block alone: the CPU's scalar dot is then that block's term */
+                const int32_t be = tsr_cuda_block_elems(ti->type);
+                if (be > 1) {
+                    const float c1 = tsr_vec_dot(ti->type, be, w, xq);
+                    const float g1 =
+                        be == 32 ? tsr_cuda_dot_blk32(ti->type, w, xq)
+                                 : tsr_cuda_dot_blk_k(ti->type, w, (const tsr_cuda_q8_K *)xq);
+                    if (bits(c1) != bits(0.0f + g1)) /* the CPU adds the term to 0 */
+                        fail_msg("%s %s (%s) row %lld block 0: CPU %.9g, numerics.h %.9g "
+                                 "(must be bit-identical)",
+                                 k_files[f], ti->name, tsr_type_name(ti->type), (long long)r, c1,
+                                 g1);
+                }
+            }
+            free(x);
+            free(xq);
+        }
+        tsr_gguf_close(g);
+    }
+    assert_true(tsr_quant_set_isa(NULL));
+    print_message("dots: %lld rows, worst |diff|/bound %.3f\n", (long long)n_rows_checked,
+                  worst_ratio);
+}
+
+/* ---- RMSNorm: double sum in the block-reduction order of kernels.cu ---------------------- */
+
+static void test_rmsnorm(void **state)
+{
+    (void)state;
+    const int n = 896, nt = 16;
+    float *x = xmalloc(sizeof(float) * n * nt), *w = xmalloc(sizeof(float) * n);
+    float *ref = xmalloc(sizeof(float) * n * nt);
+    uint64_t s = 99;
+    for (int i = 0; i < n * nt; ++i) x[i] = rng_gauss(&s) * (1 + i % 5);
+    for (int i = 0; i < n; ++i) w[i] = 1.0f + 0.1f * rng_gauss(&s);
+    tsr_rmsnorm(ref, x, w, nt, n, 1e-6f);
+    for (int t = 0; t < nt; ++t) {
+        /* 256 threads: strided partial sums, then a tree over threads */
+        double part[256] = {0};
+        for (int i = 0; i < n; ++i) part[i % 256] += (double)x[t * n + i] * x[t * n + i];
+        for (int half = 128; half >= 1; half /= 2)
+            for (int k = 0; k < half; ++k) part[k] += part[k + half];
+        const float sc = tsr_cuda_rms_scale(part[0], n, 1e-6f);
+        for (int i = 0; i < n; ++i) {
+            const float v = tsr_cuda_rms_apply(x[t * n + i], sc, w[i]);
+            const float r = ref[t * n + i];
+            if (fabsf(v - r) > 2.0f * 0x1p-24f * fabsf(r))
+                fail_msg("rmsnorm token %d element %d: CPU %.9g, GPU order %.9g", t, i, r, v);
+        }
+    }
+    free(x);
+    free(w);
+    free(ref);
+}
+
+/* ---- attention: online softmax over 16-position KV blocks vs the CPU's two passes -------- */
+
+static void test_online_softmax_attention(void **state)
+{
+    (void)state;
+    const int hd = 64, n_pos = 203;
+    float *q = xmalloc(sizeof(float) * hd), *k = xmalloc(sizeof(float) * hd * n_pos);
+    float *v = xmalloc(sizeof(float) * hd * n_pos), *att = xmalloc(sizeof(float) * n_pos);
+    uint64_t s = 4242;
+    for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
+    for (int i = 0; i < hd * n_pos; ++i) k[i] = 2.0f * rng_gauss(&s);
+    for (int i = 0; i < hd * n_pos; ++i) v[i] = rng_gauss(&s);
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* CPU (worker/model.c attn_run) */
+    float ref[64] = {0};
+    for (int p = 0; p < n_pos; ++p) {
+        float d = 0;
+        for (int i = 0; i < hd; ++i) d += q[i] * k[p * hd + i];
+        att[p] = d * scale;
+    }
+    tsr_softmax(att, n_pos);
+    for (int p = 0; p < n_pos; ++p)
+        for (int i = 0; i < hd; ++i) ref[i] += att[p] * v[p * hd + i];
+    /* kernels.cu: chunks of 16 positions; a score is a warp-sum over lanes (i % 32) */
+    tsr_cuda_softmax_state st;
+    tsr_cuda_softmax_init(&st);
+    float acc[64] = {0};
+    for (int c0 = 0; c0 < n_pos; c0 += 16) {
+        float sc[16];
+        float cmax = -INFINITY;
+        for (int j = 0; j < 16; ++j) {
+            const int p = c0 + j;
+            if (p >= n_pos) {
+                sc[j] = -INFINITY;
+                continue;
+            }
+            float lanes[32] = {0};
+            for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * k[p * hd + i];
+            sc[j] = warp_sum(lanes) * scale;
+            cmax = fmaxf(cmax, sc[j]);
+        }
+        const float corr = tsr_cuda_softmax_rescale(&st, cmax);
+        for (int i = 0; i < hd; ++i) acc[i] *= corr;
+        for (int j = 0; j < 16; ++j) {
+            const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
+            st.l += pw;
+            if (pw != 0.0f)
+                for (int i = 0; i < hd; ++i) acc[i] += pw * v[(c0 + j) * hd + i];
+        }
+    }
+    for (int i = 0; i < hd; ++i) {
+        const float o = acc[i] / st.l;
+        if (fabsf(o - ref[i]) > 1e-5f * (1.0f + fabsf(ref[i])))
+            fail_msg("attention dim %d: CPU %.9g, online softmax %.9g", i, ref[i], o);
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(att);
+}
+
+/* ---- RoPE ----------------------------------------------------------------------------- */
+
+static void rope_apply(const tsr_cuda_rope_params *rp, float *x, int32_t pos, int n_head, int hd,
+                       const float *ff)
+{
+    for (int h = 0; h < n_head; ++h)
+        for (int i0 = 0; i0 < rp->n_rot; i0 += 2) {
+            float c, sn;
+            tsr_cuda_rope_cs(rp, pos, i0, ff ? ff[i0 / 2] : 1.0f, &c, &sn);
+            int a, b;
+            tsr_cuda_rope_pair(rp->mode, rp->n_rot, i0, &a, &b);
+            tsr_cuda_rope_rotate(&x[h * hd + a], &x[h * hd + b], c, sn);
+        }
+}
+
+static void test_rope(void **state)
+{
+    (void)state;
+    const int hd = 64, nh = 4, n_rot = 64;
+    float x[256], y[256], z[256], ff[32];
+    uint64_t s = 5;
+    for (int i = 0; i < 32; ++i) ff[i] = 1.0f + (float)i / 8.0f;
+    const int32_t positions[] = {0, 1, 7, 100, 4095, 32767};
+    for (size_t pi = 0; pi < sizeof positions / sizeof positions[0]; ++pi) {
+        for (int variant = 0; variant < 3; ++variant) {
+            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = rng_gauss(&s);
+            const float fs = variant == 1 ? 0.25f : 1.0f;
+            const float *f = variant == 2 ? ff : NULL;
+            int32_t pos = positions[pi];
+            tsr_rope(x, &pos, 1, nh, hd, n_rot, 10000.0f, fs, f);
+            tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
+            rope_apply(&rp, y, pos, nh, hd, f);
+            for (int i = 0; i < nh * hd; ++i)
+                if (bits(x[i]) != bits(y[i]))
+                    fail_msg("rope NORM pos %d variant %d element %d: CPU %.9g, numerics.h %.9g",
+                             pos, variant, i, x[i], y[i]);
+            /* NEOX rotates (i, i+n_rot/2): the same as NORM on the interleaved vector */
+            for (int h = 0; h < nh; ++h)
+                for (int i = 0; i < hd / 2; ++i) {
+                    z[h * hd + 2 * i] = y[h * hd + i] = rng_gauss(&s);
+                    z[h * hd + 2 * i + 1] = y[h * hd + i + hd / 2] = rng_gauss(&s);
+                }
+            rp.mode = TSR_CUDA_ROPE_NEOX;
+            rope_apply(&rp, y, pos, nh, hd, f);
+            rp.mode = TSR_CUDA_ROPE_NORM;
+            rope_apply(&rp, z, pos, nh, hd, f);
+            for (int h = 0; h < nh; ++h)
+                for (int i = 0; i < hd / 2; ++i)
+                    if (bits(y[h * hd + i]) != bits(z[h * hd + 2 * i]) ||
+                        bits(y[h * hd + i + hd / 2]) != bits(z[h * hd + 2 * i + 1]))
+                        fail_msg("rope NEOX pos %d head %d pair %d differs from NORM on the "
+                                 "interleaved vector",
+                                 pos, h, i);
+        }
+    }
+    /* YaRN: with ext_factor 0 and attn_factor 1 it is the plain rotation; with a ramp the
+     * angle lies between the interpolated and the extrapolated one. */
+    tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NEOX, 64, 1e6f, 0.25f, 1.0f, 1.0f, {8.0f, 24.0f}, 0};
+    for (int i0 = 0; i0 < 64; i0 += 2) {
+        float c, sn;
+        tsr_cuda_rope_cs(&rp, 300, i0, 1.0f, &c, &sn);
+        const float msc = 1.0f + 0.1f * logf(4.0f);
+        assert_true(fabsf(c * c + sn * sn - msc * msc) < 1e-5f);
+        const double inv = pow(1e6, -(double)i0 / 64.0);
+        const double th = atan2((double)sn, (double)c);
+        const double lo = 0.25 * 300 * inv, hi = 300 * inv;
+        if (i0 / 2 >= 24 && hi < 3.0) assert_true(fabs(th - lo) < 1e-4);
+        if (i0 / 2 < 8 && fmod(hi, 6.283185307179586) < 3.0)
+            assert_true(fabs(th - fmod(hi, 6.283185307179586)) < 1e-3);
+    }
+}
+
+/* ---- gated units ---------------------------------------------------------------------- */
+
+static void test_glu(void **state)
+{
+    (void)state;
+    enum { N = 4096 };
+    float *g = xmalloc(sizeof(float) * N), *u = xmalloc(sizeof(float) * N);
+    float *ref = xmalloc(sizeof(float) * N);
+    uint64_t s = 31;
+    for (int i = 0; i < N; ++i) {
+        g[i] = ref[i] = 6.0f * rng_gauss(&s);
+        u[i] = rng_gauss(&s);
+    }
+    tsr_swiglu(ref, u, N);
+    for (int i = 0; i < N; ++i) {
+        const float v = tsr_cuda_swiglu(g[i], u[i]);
+        if (bits(v) != bits(ref[i])) fail_msg("swiglu %d: CPU %.9g, numerics.h %.9g", i, ref[i], v);
+        /* GeGLU against the tanh GELU in double, within the fp16 roundings of ggml's table */
+        const double x = g[i];
+        const double ge =
+            0.5 * x * (1.0 + tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x))) * u[i];
+        const float gv = tsr_cuda_geglu(g[i], u[i]);
+        if (fabs(gv - ge) > 2e-3 * fabs((double)u[i]) * (1.0 + fabs(x)))
+            fail_msg("geglu %d: double %.9g, numerics.h %.9g", i, ge, gv);
+    }
+    free(g);
+    free(u);
+    free(ref);
+}
+
+static void test_fp16_roundtrip(void **state)
+{
+    (void)state;
+    for (uint32_t h = 0; h < 65536; ++h) {
+        const float a = tsr_f16_to_f32((uint16_t)h), b = tsr_cuda_f16_to_f32((uint16_t)h);
+        if (bits(a) != bits(b))
+            fail_msg("f16 0x%04x: CPU 0x%08x, numerics.h 0x%08x", h, bits(a), bits(b));
+        assert_int_equal(tsr_cuda_bf16_to_f32((uint16_t)h), tsr_bf16_to_f32((uint16_t)h));
+    }
+    uint64_t s = 1;
+    for (int i = 0; i < 1000000; ++i) {
+        uint32_t u = (uint32_t)rng_next(&s);
+        float f;
+        memcpy(&f, &u, 4);
+        if (tsr_f32_to_f16(f) != tsr_cuda_f32_to_f16(f))
+            fail_msg("f32->f16 of 0x%08x: CPU 0x%04x, numerics.h 0x%04x", u, tsr_f32_to_f16(f),
+                     tsr_cuda_f32_to_f16(f));
+    }
+    for (size_t k = 0; k < N_TYPES; ++k) {
+        assert_int_equal(tsr_cuda_block_elems(k_types[k]), tsr_type_block_elems(k_types[k]));
+        assert_int_equal(tsr_cuda_block_bytes(k_types[k]),
+                         (int32_t)tsr_type_block_bytes(k_types[k]));
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fp16_roundtrip),
+        cmocka_unit_test(test_dequant_bit_identical),
+        cmocka_unit_test(test_activation_quantizers),
+        cmocka_unit_test(test_dots),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_online_softmax_attention),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_glu),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
