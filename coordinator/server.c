@@ -178,6 +178,8 @@ struct tsr_server {
     grpc_completion_queue *cq;
     tsr_engine *engine;
     const tsr_vocab *vocab;
+    tsr_auth *auth;
+    tsr_metrics *metrics;
     tsr_server_model_info info;
     size_t max_piece; /* longest token text in bytes: a prompt longer than n_ctx of them
                          cannot fit, whatever its tokenization (cheap pre-check) */
@@ -1388,7 +1390,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     char err[512];
     err[0] = '\0';
     uint64_t id = 0;
-    int rc = tsr_engine_submit(s->engine, &er, &id, err, sizeof err);
+    int rc = tsr_metrics_submit(s->metrics, s->engine, &er, &id, err, sizeof err);
     if (rc != TSR_ENGINE_OK) {
         switch (rc) {
         case TSR_ENGINE_EINVAL:
@@ -1598,6 +1600,30 @@ static void on_new_call(tsr_server *s, srv_call *c)
         count_rejected(s);
         return;
     }
+    if (c->m != M_HEALTH_CHECK && c->m != M_HEALTH_WATCH && tsr_auth_enabled(s->auth)) {
+        /* API keys (auth.h): the `authorization` metadata, "Bearer KEY" */
+        const char *val = NULL;
+        size_t len = 0;
+        for (size_t i = 0; i < c->md.count; i++) {
+            if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization") == 0) {
+                val = (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
+                len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
+                break;
+            }
+        }
+        char why[256];
+        tsr_auth_verdict v =
+            tsr_auth_check(s->auth, val, len, c->m == M_STATUS || c->m == M_DRAIN, why, sizeof why);
+        if (v != TSR_AUTH_ALLOW) {
+            start_send(c, NULL, true,
+                       v == TSR_AUTH_FORBIDDEN ? GRPC_STATUS_PERMISSION_DENIED
+                                               : GRPC_STATUS_UNAUTHENTICATED,
+                       why);
+            call_put_unlock(c);
+            count_rejected(s);
+            return;
+        }
+    }
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->recv_bb;
@@ -1775,6 +1801,8 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     }
     s->engine = engine;
     s->vocab = vocab;
+    s->auth = p ? p->auth : NULL;
+    s->metrics = p ? p->metrics : NULL;
     s->info = *info;
     s->arch = str_dup(info->architecture ? info->architecture : "llama");
     s->name = info->name ? str_dup(info->name) : NULL;
@@ -1831,7 +1859,22 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->cq = grpc_completion_queue_create_for_next(NULL);
     if (!s->srv || !s->cq) goto fail_mem;
     grpc_server_register_completion_queue(s->srv, s->cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds;
+    if (p && p->tls_cert_pem && p->tls_key_pem) {
+        grpc_ssl_pem_key_cert_pair pair = {p->tls_key_pem, p->tls_cert_pem};
+        creds = grpc_ssl_server_credentials_create_ex(
+            p->tls_client_ca_pem, &pair, 1,
+            p->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    if (!creds) {
+        tsr_set_err(err, err_len, "cannot create the gRPC TLS credentials (--tls-cert/--tls-key)");
+        rc = TSR_SERVER_EINVAL;
+        goto fail;
+    }
     int port = grpc_server_add_http2_port(s->srv, listen, creds);
     grpc_server_credentials_release(creds);
     if (port == 0) {
