@@ -24,6 +24,7 @@
 #include "coordinator/auth.h"
 #include "coordinator/http.h"
 #include "coordinator/metrics.h"
+#include "coordinator/join.h"
 #include "coordinator/server.h"
 
 #include "worker/comm.h"
@@ -84,8 +85,9 @@ static const char *serve_help =
     "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
     "                            /v1/chat/completions, /v1/models, /health, /metrics);\n"
     "                            port 0 picks a free port (printed)\n"
-    "      --model-name NAME     the model's name in the API (default: the file name\n"
-    "                            without .gguf)\n"
+    "      --model-name NAME     the model's name in the API and in a cluster (requests\n"
+    "                            route by it: GenerateRequest.model; default: the file\n"
+    "                            name without .gguf)\n"
     "      --http-max-body BYTES largest request body (default 4M; beyond: 413)\n"
     "      --api-key-file FILE   inference needs 'Authorization: Bearer KEY' (gRPC: the\n"
     "                            'authorization' metadata) with a key of FILE, one per line;\n"
@@ -118,6 +120,14 @@ static const char *serve_help =
     "      --pp N                pipeline stages (default 1)\n"
     "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
     "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
+    "\n"
+    "cluster (see 'tessera coordinator'):\n"
+    "      --join HOST:PORT      register with a coordinator and heartbeat every 500 ms\n"
+    "                            with this replica's load; rejoins after a coordinator\n"
+    "                            restart\n"
+    "      --name NAME           this replica's name in the cluster (default: its address)\n"
+    "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
+    "                            listen address)\n"
     "  -h, --help                this help\n";
 
 /* ---- signals -> control thread ---- */
@@ -359,6 +369,9 @@ int tsr_cmd_serve(int argc, char **argv)
         O_MAX_BUFFERED,
         O_MAX_CALL_BUFFERED,
         O_SLOW_READER,
+        O_JOIN,
+        O_NAME,
+        O_ADVERTISE,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -391,9 +404,13 @@ int tsr_cmd_serve(int argc, char **argv)
         {"tls-cert", required_argument, 0, O_TLS_CERT},
         {"tls-key", required_argument, 0, O_TLS_KEY},
         {"tls-client-ca", required_argument, 0, O_TLS_CA},
+        {"join", required_argument, 0, O_JOIN},
+        {"name", required_argument, 0, O_NAME},
+        {"advertise", required_argument, 0, O_ADVERTISE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
+    const char *join = NULL, *join_name = NULL, *advertise = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
     int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
@@ -552,6 +569,22 @@ int tsr_cmd_serve(int argc, char **argv)
             *(c == O_MAX_BUFFERED ? &max_buffered : &max_call_buffered) = b;
             break;
         }
+        case O_JOIN:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error(
+                    "serve", "--join needs the coordinator's HOST:PORT, got '%s'", optarg);
+            join = optarg;
+            break;
+        case O_NAME:
+            if (!optarg[0]) return tsr_cli_usage_error("serve", "--name must not be empty");
+            join_name = optarg;
+            break;
+        case O_ADVERTISE:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error("serve", "--advertise needs HOST:PORT, got '%s'",
+                                           optarg);
+            advertise = optarg;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -561,6 +594,13 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
+    if ((join_name || advertise) && !join)
+        return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
+    char model_name_buf[256];
+    if (!model_name) {
+        default_model_name(model, model_name_buf, sizeof model_name_buf);
+        model_name = model_name_buf;
+    }
     if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
         return tsr_cli_usage_error("serve", "choose one of --draft-model and --spec");
     if ((tls_cert != NULL) != (tls_key != NULL))
@@ -658,6 +698,7 @@ int tsr_cmd_serve(int argc, char **argv)
     control ctl;
     memset(&ctl, 0, sizeof ctl);
     bool ctl_started = false, sem_ok = false;
+    tsr_join *joined = NULL;
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
@@ -701,6 +742,7 @@ int tsr_cmd_serve(int argc, char **argv)
     tsr_server_model_info info = {
         .architecture = meta.arch,
         .name = meta.has_name ? meta.name : NULL,
+        .model = model_name,
         .n_ctx = tsr_replica_n_ctx(rep),
         .n_ctx_train = hp->n_ctx_train,
         .n_vocab = tsr_vocab_n_tokens(vocab),
@@ -811,6 +853,26 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     fprintf(stderr, "tessera serve: listening on %s:%d\n", host, port);
     fflush(stderr);
+    if (join) {
+        char addr[300];
+        if (advertise)
+            snprintf(addr, sizeof addr, "%s", advertise);
+        else
+            snprintf(addr, sizeof addr, "%s:%d",
+                     !strcmp(host, "0.0.0.0") || !strcmp(host, "[::]") ? "127.0.0.1" : host, port);
+        tsr_join_params jp = {.coordinator = join,
+                              .name = join_name ? join_name : addr,
+                              .address = addr,
+                              .model = model_name,
+                              .tp = rp.tp,
+                              .pp = rp.pp,
+                              .max_queue = (int32_t)max_queue,
+                              .context_length = info.n_ctx};
+        if (tsr_join_start(&jp, engine, &joined, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera serve: %s\n", err);
+            tsr_engine_stop(engine, true);
+        }
+    }
 
     /* The step loop, on the MPI thread, until the control thread stops it. */
     int run_rc = tsr_engine_run(engine, err, sizeof err);
@@ -822,6 +884,8 @@ int tsr_cmd_serve(int argc, char **argv)
     exit_code = run_rc == 0 ? 0 : 1;
 
 stop_server:
+    tsr_join_stop(joined);
+    joined = NULL;
     if (ctl_started) {
         pthread_mutex_lock(&ctl.mu);
         ctl.quit = true;

@@ -51,6 +51,8 @@
 typedef struct {
     const char *architecture; /* "llama" */
     const char *name;         /* general.name, or NULL */
+    const char *model;        /* the model name requests route by (GenerateRequest.model:
+                                 another name is NOT_FOUND); NULL = "" (accept any) */
     int32_t n_ctx;            /* tokens per sequence (prompt + generated) */
     int32_t n_ctx_train;
     int32_t n_vocab;

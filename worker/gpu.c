@@ -270,6 +270,15 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr
         tsr_set_err(err, err_len, "a GPU context needs >= 1 KV block and 1..65535 batch tokens");
         return -1;
     }
+    /* The CUDA graph is llama's; the other architectures' steps (biases, Q/K norms, NEOX
+     * rope, GEGLU, post norms, windows) run on the CPU backend only (worker/model.c). */
+    if (hp->arch != TSR_ARCH_LLAMA || hp->n_swa > 0) {
+        tsr_set_err(err, err_len,
+                    "the CUDA backend runs the llama architecture without a sliding window; "
+                    "this model is '%s'%s: run it on the CPU (--device cpu)",
+                    tsr_arch_name(hp->arch), hp->n_swa > 0 ? " with a sliding window" : "");
+        return -1;
+    }
     if (hp->head_dim > TSR_CUDA_MAX_HEAD_DIM) {
         tsr_set_err(err, err_len, "head dimension %d exceeds the CUDA attention kernel's %d",
                     hp->head_dim, TSR_CUDA_MAX_HEAD_DIM);
