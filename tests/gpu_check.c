@@ -2,7 +2,7 @@
  * gpu_check.c — the GPU suite's single-process check (ctest -L gpu): a model's logits on
  * the CUDA backend against the CPU backend, on the same tokens.
  *
- *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--gpu-memory BYTES]
+ *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--tie GAP] [--gpu-memory BYTES]
  *   gpu_check --need-gpus N   exit 0 when N CUDA devices are visible, else print the SKIP
  *                             line and exit 77 (tests/gpu_ranks.sh)
  *   gpu_check --info          one line per device: ordinal, name, compute capability,
@@ -18,8 +18,11 @@
  * Every logit must agree within --tol (absolute; default 0.35, the quantized-model tolerance
  * of ../shared/models README 8.3/8.4: the CPU quantizes activations to Q8_0/Q8_K, the cuBLAS
  * path rounds them to F16 instead, and a rounding boundary crossed by a tiny difference moves
- * logits by up to ~0.1-0.3). Greedy ids must be equal wherever the CPU's top-1/top-2 gap
- * exceeds 2 x tol (a near-tie is reported, not failed). It prints max |diff| per phase.
+ * logits by up to ~0.1-0.3; on 30-layer real models such flips compound to ~1-1.4, and merely
+ * switching the CPU's own kernels from AVX2 to scalar moves the difference from 1.36 to
+ * 0.75 on SmolLM2: order sensitivity, not error). Greedy ids must be equal wherever the
+ * CPU's top-1/top-2 gap exceeds --tie (default 0.5; a near-tie is reported, not failed).
+ * It prints max |diff| per phase.
  *
  * Exit status: 0 pass, 1 fail, 77 skipped: no CUDA device or a build without the CUDA
  * backend (the reason is printed as "SKIP: ..."; ctest's SKIP_RETURN_CODE / regex).
@@ -127,13 +130,15 @@ int main(int argc, char **argv)
         return 0;
     }
     uint64_t cap = 0;
-    double tol = 0.35;
+    double tol = 0.35, tie = 0.5;
     const char *prompt = "1 29871 29896 29871 29906 29871 29941 29871 29946";
     for (int i = 2; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--gpu-memory") == 0)
             cap = strtoull(argv[i + 1], NULL, 10);
         else if (strcmp(argv[i], "--tol") == 0)
             tol = strtod(argv[i + 1], NULL);
+        else if (strcmp(argv[i], "--tie") == 0)
+            tie = strtod(argv[i + 1], NULL);
         else if (strcmp(argv[i], "--prompt") == 0)
             prompt = argv[i + 1];
         else {
@@ -205,7 +210,7 @@ int main(int argc, char **argv)
         if (!(d <= worst[1])) worst[1] = d;
         const int ac = argmax(save, V), ag = argmax(lg, V);
         const double gap = top2_gap(save, V);
-        if (!(d <= tol) || (ac != ag && gap > 2 * tol)) {
+        if (!(d <= tol) || (ac != ag && gap > tie)) {
             fprintf(stderr,
                     "FAIL: decode step %d: greedy id CPU %d (logit %.6f, top-2 gap %.4f), GPU %d "
                     "(logit %.6f); max |logit diff| %.4g (tol %.4g)\n",
@@ -232,9 +237,9 @@ int main(int argc, char **argv)
     }
     printf("PASS %s on CUDA device %d%s: max |logit diff| (tol %.3g): prefill %d tokens (cuBLAS) "
            "%.3g, decode %.3g, 5-token prefill %.3g; greedy ids equal in %d of %d steps (the "
-           "others: near-ties within 2 x tol)\n",
+           "others: near-ties, top-2 gap < %.3g)\n",
            argv[1], device, SIM_NOTE, tol, n_prompt, worst[0], worst[1], worst[2],
-           N_DECODE - n_near_ties, N_DECODE);
+           N_DECODE - n_near_ties, N_DECODE, tie);
     rc = 0;
     goto out;
 fail:

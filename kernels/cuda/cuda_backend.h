@@ -45,7 +45,8 @@ extern "C" {
 /* Positions per KV block (must equal TSR_KV_BLOCK_SIZE of worker/model.h). */
 #define TSR_CUDA_KV_BLOCK 16
 /* Batches of at least this many tokens run quantized weights through cuBLAS (weights
- * dequantized to F16 tiles); smaller ones read the blocks in place (one warp per row). */
+ * dequantized to F16 tiles); smaller ones read the blocks in place (one warp per row). The
+ * environment variable TSR_CUDA_GEMM_MIN_TOKENS overrides it (benchmarks, checks). */
 #define TSR_CUDA_GEMM_MIN_TOKENS 8
 
 typedef struct tsr_cuda_dev tsr_cuda_dev;
@@ -150,6 +151,9 @@ int tsr_cuda_add(tsr_cuda_dev *d, float *x, const float *y, int64_t n, char *err
 int tsr_cuda_add_rows(tsr_cuda_dev *d, float *x, const float *b, int32_t n_rows, int32_t n,
                       char *err, size_t err_len);
 int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, char *err, size_t err_len);
+
+/* x[i] = cap * tanh(x[i] / cap) (final logit soft-capping, gemma). */
+int tsr_cuda_softcap(tsr_cuda_dev *d, float *x, float cap, int64_t n, char *err, size_t err_len);
 
 /* In-place softmax of n_rows rows of n (max, then exp and sum in a block reduction). */
 int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char *err,

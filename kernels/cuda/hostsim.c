@@ -222,6 +222,19 @@ static float f16_round(float x)
     return tsr_cuda_f16_to_f32(tsr_cuda_f32_to_f16(x));
 }
 
+/* TSR_CUDA_GEMM_MIN_TOKENS (environment) overrides the batch size from which matmuls go to
+ * cuBLAS (for benchmarks and checks; read once). */
+static int32_t tsr_cuda_gemm_min_tokens(void)
+{
+    static int32_t v = -1;
+    if (v < 0) {
+        const char *e = getenv("TSR_CUDA_GEMM_MIN_TOKENS");
+        const long x = e && *e ? strtol(e, NULL, 10) : 0;
+        v = x >= 1 ? (int32_t)x : TSR_CUDA_GEMM_MIN_TOKENS;
+    }
+    return v;
+}
+
 int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x, int32_t n_tok,
                     float *y, char *err, size_t err_len)
 {
@@ -233,7 +246,7 @@ int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x, i
     }
     const int64_t n = w->n_in;
     const uint8_t *wd = w->data;
-    if (n_tok >= TSR_CUDA_GEMM_MIN_TOKENS) {
+    if (n_tok >= tsr_cuda_gemm_min_tokens()) {
         /* cuBLAS: F32 weights in FP32; others F16 operands, FP32 accumulation */
         const int32_t bb = tsr_cuda_block_bytes(w->type);
         float *wr = malloc(sizeof(float) * (size_t)n);
@@ -369,6 +382,12 @@ int tsr_cuda_add_rows(tsr_cuda_dev *d, float *x, const float *b, int32_t n_rows,
 int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, char *err, size_t err_len)
 {
     for (int64_t i = 0; i < n; ++i) x[i] *= s;
+    return 0;
+}
+
+int tsr_cuda_softcap(tsr_cuda_dev *d, float *x, float cap, int64_t n, char *err, size_t err_len)
+{
+    for (int64_t i = 0; i < n; ++i) x[i] = tsr_cuda_softcap_value(x[i], cap);
     return 0;
 }
 

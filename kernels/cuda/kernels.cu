@@ -16,6 +16,7 @@
  */
 #include <cuda_fp16.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include "kernels/cuda/internal.h"
 #include "kernels/cuda/numerics.h"
@@ -250,6 +251,19 @@ extern "C" bool tsr_cuda_type_supported(uint32_t type)
     return type != TSR_CUDA_Q8_1 && type != TSR_CUDA_Q8_K && tsr_cuda_block_elems(type) > 0;
 }
 
+/* TSR_CUDA_GEMM_MIN_TOKENS (environment) overrides the batch size from which matmuls go to
+ * cuBLAS (for benchmarks and checks; read once). */
+static int32_t tsr_cuda_gemm_min_tokens(void)
+{
+    static int32_t v = -1;
+    if (v < 0) {
+        const char *e = getenv("TSR_CUDA_GEMM_MIN_TOKENS");
+        const long x = e && *e ? strtol(e, NULL, 10) : 0;
+        v = x >= 1 ? (int32_t)x : TSR_CUDA_GEMM_MIN_TOKENS;
+    }
+    return v;
+}
+
 extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x,
                                int32_t n_tok, float *y, char *err, size_t err_len)
 {
@@ -262,7 +276,7 @@ extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const 
             (long long)w->n_in, (long long)w->n_out, n_tok);
         return TSR_CUDA_EINVAL;
     }
-    if (n_tok >= TSR_CUDA_GEMM_MIN_TOKENS) return matmul_cublas(d, w, x, n_tok, y, err, err_len);
+    if (n_tok >= tsr_cuda_gemm_min_tokens()) return matmul_cublas(d, w, x, n_tok, y, err, err_len);
     const int threads = 256, warps = threads / 32;
     const dim3 grid((unsigned)((w->n_out + warps - 1) / warps), (unsigned)n_tok);
     if (be == 1) {
@@ -367,6 +381,13 @@ __global__ void k_add_rows(float *x, const float *b, int64_t n_rows, int32_t n)
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x)
         x[i] += b[i % n];
+}
+
+__global__ void k_softcap(float *x, float cap, int64_t n)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        x[i] = tsr_cuda_softcap_value(x[i], cap);
 }
 
 __global__ void k_scale(float *x, float s, int64_t n)
@@ -564,6 +585,14 @@ extern "C" int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, cha
     if (n < 1) return 0;
     k_scale<<<grid_cap(n, 256, 8192), 256, 0, d->stream>>>(x, s, n);
     return tsr_cuda_launched(d, "k_scale", err, err_len);
+}
+
+extern "C" int tsr_cuda_softcap(tsr_cuda_dev *d, float *x, float cap, int64_t n, char *err,
+                                size_t err_len)
+{
+    if (n < 1) return 0;
+    k_softcap<<<grid_cap(n, 256, 8192), 256, 0, d->stream>>>(x, cap, n);
+    return tsr_cuda_launched(d, "k_softcap", err, err_len);
 }
 
 extern "C" int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char *err,

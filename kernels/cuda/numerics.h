@@ -791,6 +791,12 @@ TSR_CUDA_HD void tsr_cuda_rope_rotate(float *x0, float *x1, float c, float s)
     *x1 = a * s + b * c;
 }
 
+/* Final logit soft-capping (worker/model.c): cap * tanh(x / cap). */
+TSR_CUDA_HD float tsr_cuda_softcap_value(float x, float cap)
+{
+    return cap * tanhf(x / cap);
+}
+
 /* Gated units: SwiGLU silu(g)*u (kernels/ops.c), GeGLU with ggml's tanh GELU. */
 TSR_CUDA_HD float tsr_cuda_swiglu(float g, float u)
 {
