@@ -5,9 +5,9 @@
  *
  * What this covers: every per-element and per-block computation the device kernels run
  * (dequantization, activation quantization, block dots, the RMSNorm scale, the online
- * softmax, the rope rotation, SwiGLU/GeGLU), and the summation orders the kernels use,
- * emulated here lane by lane (warp butterfly reductions, chunked online softmax). What it
- * cannot cover: launches, indexing, shared memory and synchronisation on a real device —
+ * softmax, the rope rotation (NORM, NEOX, ggml's angles), SwiGLU/GeGLU), and the summation orders
+ * the kernels use, emulated here lane by lane (warp butterfly reductions, chunked online softmax).
+ * What it cannot cover: launches, indexing, shared memory and synchronisation on a real device —
  * the GPU suite (ctest -L gpu) checks those against CPU logits.
  *
  * Checks: dequantization bit-identical for every tensor of every supported type in the
@@ -452,7 +452,8 @@ static void test_rope(void **state)
             const float *f = variant == 2 ? ff : NULL;
             int32_t pos = positions[pi];
             tsr_rope(x, &pos, 1, nh, hd, n_rot, 10000.0f, fs, f);
-            tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
+            tsr_cuda_rope_params rp = {
+                TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
             rope_apply(&rp, y, pos, nh, hd, f);
             for (int i = 0; i < nh * hd; ++i)
                 if (bits(x[i]) != bits(y[i]))
@@ -477,6 +478,30 @@ static void test_rope(void **state)
                                  pos, h, i);
         }
     }
+    /* ggml's running-product angles (tsr_rope_ext: qwen2/qwen3/gemma3 NEOX, and NORM) */
+    for (size_t pi = 0; pi < sizeof positions / sizeof positions[0]; ++pi)
+        for (int variant = 0; variant < 6; ++variant) {
+            const int neox = variant % 2;
+            const float fs = variant / 2 == 1 ? 0.125f : 1.0f;
+            const float *f = variant / 2 == 2 ? ff : NULL;
+            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = rng_gauss(&s);
+            int32_t pos = positions[pi];
+            tsr_rope_ext(x, &pos, 1, nh, hd, n_rot, 1000000.0f, fs, f, neox);
+            tsr_cuda_rope_params rp = {neox ? TSR_CUDA_ROPE_NEOX : TSR_CUDA_ROPE_NORM,
+                                       n_rot,
+                                       1000000.0f,
+                                       fs,
+                                       0.0f,
+                                       1.0f,
+                                       {0, 0},
+                                       1};
+            rope_apply(&rp, y, pos, nh, hd, f);
+            for (int i = 0; i < nh * hd; ++i)
+                if (bits(x[i]) != bits(y[i]))
+                    fail_msg("rope_ext (neox %d) pos %d variant %d element %d: CPU %.9g, "
+                             "numerics.h %.9g",
+                             neox, pos, variant, i, x[i], y[i]);
+        }
     /* YaRN: with ext_factor 0 and attn_factor 1 it is the plain rotation; with a ramp the
      * angle lies between the interpolated and the extrapolated one. */
     tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NEOX, 64, 1e6f, 0.25f, 1.0f, 1.0f, {8.0f, 24.0f}, 0};
@@ -511,7 +536,12 @@ static void test_glu(void **state)
     for (int i = 0; i < N; ++i) {
         const float v = tsr_cuda_swiglu(g[i], u[i]);
         if (bits(v) != bits(ref[i])) fail_msg("swiglu %d: CPU %.9g, numerics.h %.9g", i, ref[i], v);
-        /* GeGLU against the tanh GELU in double, within the fp16 roundings of ggml's table */
+        /* GeGLU: bit for bit the CPU's (ggml's fp16 table semantics) ... */
+        float gc = g[i];
+        tsr_geglu(&gc, &u[i], 1);
+        if (bits(gc) != bits(tsr_cuda_geglu(g[i], u[i])))
+            fail_msg("geglu %d: CPU %.9g, numerics.h %.9g", i, gc, tsr_cuda_geglu(g[i], u[i]));
+        /* ... and against the tanh GELU in double, within the fp16 roundings of the table */
         const double x = g[i];
         const double ge =
             0.5 * x * (1.0 + tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x))) * u[i];
