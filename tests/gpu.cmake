@@ -74,6 +74,16 @@ if(NOT TSR_SANITIZE)
     set_tests_properties(gpu_sim_replica_stories_tp${tp}_pp${pp} PROPERTIES
                          ENVIRONMENT "${TSR_MPI_ENV};TSR_NO_NCCL=1" TIMEOUT 120 PROCESSORS 2)
   endforeach()
+  # --gpu-memory is the planner's budget on GPU ranks: a layout that does not fit is refused
+  add_test(NAME gpu_sim_replica_gpu_memory_refused
+           COMMAND gpu_sim_replica_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
+                   --gpu-memory 300000 --expect-refusal "the budget is 0.3 MiB")
+  set_tests_properties(gpu_sim_replica_gpu_memory_refused PROPERTIES TIMEOUT 60)
+  # ... and what passes the planner but not the device cap fails naming the buffer and cap
+  add_test(NAME gpu_sim_replica_gpu_memory_cap
+           COMMAND gpu_sim_replica_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
+                   --gpu-memory 1400000 --expect-refusal "of GPU memory on CUDA device 0")
+  set_tests_properties(gpu_sim_replica_gpu_memory_cap PROPERTIES TIMEOUT 60)
   add_test(NAME gpu_sim_replica_synth_q4_0_tp2_pp1
            COMMAND ${TSR_MPIRUN} -np 2 $<TARGET_FILE:gpu_sim_replica_check>
                    -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_0.gguf --tp 2 --device cuda

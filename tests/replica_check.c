@@ -47,6 +47,7 @@ int main(int argc, char **argv)
                                          {"expect-refusal", required_argument, 0, 'r'},
                                          {"teacher-force", no_argument, 0, 'f'},
                                          {"device", required_argument, 0, 'd'},
+                                         {"gpu-memory", required_argument, 0, 'G'},
                                          {"prompt-ids", required_argument, 0, 'P'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
@@ -85,6 +86,9 @@ int main(int argc, char **argv)
             break;
         case 'd':
             rp.device = optarg;
+            break;
+        case 'G':
+            rp.gpu_memory = strtoull(optarg, NULL, 10);
             break;
         case 'P':
             prompt_ids = optarg;
