@@ -46,6 +46,11 @@ foreach(rel ${TSR_GPU_SIM_MODELS})
   add_test(NAME gpu_sim_${stem} COMMAND gpu_sim_check ${TSR_MODELS_DIR}/${rel} --tol ${tol})
   set_tests_properties(gpu_sim_${stem} PROPERTIES TIMEOUT 120)
 endforeach()
+# A long decode (positions to ~130: split attention, k_attn_merge, in the simulator).
+add_test(NAME gpu_sim_stories260K_long
+         COMMAND gpu_sim_check ${TSR_MODELS_DIR}/stories260K.gguf --tol 0.05 --decode 120)
+set_tests_properties(gpu_sim_stories260K_long PROPERTIES TIMEOUT 120)
+
 # Every architecture (the F32 synthetic files of tests/real_models.cmake: qwen2 biases,
 # qwen3 Q/K norms, gemma3 GeGLU / post norms / sliding window / soft-cap, llama with a
 # window and a tied head), both trees.
@@ -144,6 +149,9 @@ foreach(model stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf)
                -m ${TSR_MODELS_DIR}/${model} --tp 2 --device cuda --tol ${tol} -n 8)
   set_property(TEST gpu_nccl_${stem}_tp2 APPEND PROPERTY ENVIRONMENT "${TSR_MPI_ENV}")
 endforeach()
+
+tsr_gpu_test(logits_stories260K_long $<TARGET_FILE:gpu_check> ${TSR_MODELS_DIR}/stories260K.gguf
+             --tol 0.05 --decode 500)
 
 # Every architecture on the GPU: the synthetic files, and the real models (release tree;
 # fetched by ops/fetch-model.sh; prompts as tests/real_models.cmake; tolerances above its

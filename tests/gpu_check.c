@@ -2,7 +2,8 @@
  * gpu_check.c — the GPU suite's single-process check (ctest -L gpu): a model's logits on
  * the CUDA backend against the CPU backend, on the same tokens.
  *
- *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--tie GAP] [--gpu-memory BYTES]
+ *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--tie GAP] [--decode N]
+ *             [--gpu-memory BYTES]
  *   gpu_check --need-gpus N   exit 0 when N CUDA devices are visible, else print the SKIP
  *                             line and exit 77 (tests/gpu_ranks.sh)
  *   gpu_check --info          one line per device: ordinal, name, compute capability,
@@ -12,8 +13,8 @@
  * attached through the backend seam):
  *   1. prefill of the prompt (default: "1 2 3 4" of the llama-spm vocabulary, 9 ids; ids
  *      beyond the vocabulary wrap) with every row's logits (the cuBLAS path: >= 8 tokens);
- *   2. 16 greedy decode steps after it (the in-place quantized matvec), the CPU's argmax fed
- *      to both; every step's argmax must be equal;
+ *   2. 16 (--decode N) greedy decode steps after it (the in-place quantized matvec), the CPU's
+ * argmax fed to both; every step's argmax must be equal;
  *   3. a prefill of 5 tokens (matvec path with several tokens per weight row).
  * Every logit must agree within --tol (absolute; default 0.35, the quantized-model tolerance
  * of ../shared/models README 8.3/8.4: the CPU quantizes activations to Q8_0/Q8_K, the cuBLAS
@@ -45,7 +46,7 @@
 #endif
 
 #define MAX_PROMPT 64
-#define N_DECODE   16
+#define MAX_DECODE 512
 
 static int argmax(const float *x, int32_t n)
 {
@@ -83,8 +84,8 @@ static int pair_new(const tsr_model *m, int32_t device, uint64_t cap, pair *p, c
                     size_t err_len)
 {
     memset(p, 0, sizeof *p);
-    if (tsr_ctx_new(m, 256, 64, 2, &p->cpu, err, err_len) != 0) return -1;
-    if (tsr_ctx_new(m, 256, 64, 1, &p->gpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new(m, 640, 64, 2, &p->cpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new(m, 640, 64, 1, &p->gpu, err, err_len) != 0) return -1;
     return tsr_gpu_attach(p->gpu, m, device, cap, err, err_len);
 }
 
@@ -131,13 +132,17 @@ int main(int argc, char **argv)
     }
     uint64_t cap = 0;
     double tol = 0.35, tie = 0.5;
+    int n_decode = 16;
     const char *prompt = "1 29871 29896 29871 29906 29871 29941 29871 29946";
     for (int i = 2; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--gpu-memory") == 0)
             cap = strtoull(argv[i + 1], NULL, 10);
         else if (strcmp(argv[i], "--tol") == 0)
             tol = strtod(argv[i + 1], NULL);
-        else if (strcmp(argv[i], "--tie") == 0)
+        else if (strcmp(argv[i], "--decode") == 0) {
+            n_decode = atoi(argv[i + 1]);
+            if (n_decode < 1 || n_decode > MAX_DECODE) n_decode = 16;
+        } else if (strcmp(argv[i], "--tie") == 0)
             tie = strtod(argv[i + 1], NULL);
         else if (strcmp(argv[i], "--prompt") == 0)
             prompt = argv[i + 1];
@@ -165,7 +170,7 @@ int main(int argc, char **argv)
         return 1;
     }
     const int32_t V = m->hp.n_vocab;
-    int32_t toks[MAX_PROMPT + N_DECODE];
+    int32_t toks[MAX_PROMPT + MAX_DECODE];
     int n_prompt = 0;
     for (const char *p = prompt; *p && n_prompt < MAX_PROMPT;) {
         char *end;
@@ -200,7 +205,7 @@ int main(int argc, char **argv)
     }
     /* 2. greedy decode */
     int32_t next = argmax(save + (size_t)(n_prompt - 1) * V, V);
-    for (int s = 0; s < N_DECODE; s++) {
+    for (int s = 0; s < n_decode; s++) {
         const int32_t pos = n_prompt + s;
         toks[pos] = next;
         if (tsr_forward(p.cpu, &toks[pos], 1, pos, false, &lc, err, sizeof err) != 0) goto fail;
@@ -239,7 +244,7 @@ int main(int argc, char **argv)
            "%.3g, decode %.3g, 5-token prefill %.3g; greedy ids equal in %d of %d steps (the "
            "others: near-ties, top-2 gap < %.3g)\n",
            argv[1], device, SIM_NOTE, tol, n_prompt, worst[0], worst[1], worst[2],
-           N_DECODE - n_near_ties, N_DECODE, tie);
+           n_decode - n_near_ties, n_decode, tie);
     rc = 0;
     goto out;
 fail:

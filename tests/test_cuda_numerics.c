@@ -416,6 +416,53 @@ static void test_online_softmax_attention(void **state)
         if (fabsf(o - ref[i]) > 1e-5f * (1.0f + fabsf(ref[i])))
             fail_msg("attention dim %d: CPU %.9g, online softmax %.9g", i, ref[i], o);
     }
+    /* split attention (flash-decoding, kernels.cu k_attention + k_attn_merge): the chunks
+     * cut into n_split ranges, each folded alone, merged in split order */
+    const int32_t n_chunks = (n_pos - 1) / 16 + 1;
+    const int32_t n_split = tsr_cuda_attn_splits(1, 1, n_chunks);
+    assert_true(n_split > 1);
+    float ms[TSR_CUDA_ATT_MAX_SPLITS], ls[TSR_CUDA_ATT_MAX_SPLITS];
+    static float accs[TSR_CUDA_ATT_MAX_SPLITS][64];
+    for (int32_t sp = 0; sp < n_split; ++sp) {
+        int32_t c0, c1;
+        tsr_cuda_attn_split_range(0, n_chunks - 1, sp, n_split, &c0, &c1);
+        tsr_cuda_softmax_state ss;
+        tsr_cuda_softmax_init(&ss);
+        memset(accs[sp], 0, sizeof accs[sp]);
+        for (int32_t c = c0; c < c1; ++c) {
+            float sc[16], cmax = -INFINITY;
+            for (int j = 0; j < 16; ++j) {
+                const int p = c * 16 + j;
+                float lanes[32] = {0};
+                if (p < n_pos)
+                    for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * k[p * hd + i];
+                sc[j] = p < n_pos ? warp_sum(lanes) * scale : -INFINITY;
+                cmax = fmaxf(cmax, sc[j]);
+            }
+            const float corr = tsr_cuda_softmax_rescale(&ss, cmax);
+            for (int i = 0; i < hd; ++i) accs[sp][i] *= corr;
+            for (int j = 0; j < 16; ++j) {
+                const float pw = tsr_cuda_softmax_weight(&ss, sc[j]);
+                ss.l += pw;
+                if (pw != 0.0f)
+                    for (int i = 0; i < hd; ++i) accs[sp][i] += pw * v[(c * 16 + j) * hd + i];
+            }
+        }
+        ms[sp] = ss.m;
+        ls[sp] = ss.l;
+    }
+    float mm = -INFINITY, ll = 0.0f;
+    for (int32_t sp = 0; sp < n_split; ++sp) mm = fmaxf(mm, ms[sp]);
+    for (int32_t sp = 0; sp < n_split; ++sp) ll += ls[sp] * tsr_cuda_attn_merge_factor(ms[sp], mm);
+    for (int i = 0; i < hd; ++i) {
+        float o = 0.0f;
+        for (int32_t sp = 0; sp < n_split; ++sp)
+            o += accs[sp][i] * tsr_cuda_attn_merge_factor(ms[sp], mm);
+        o /= ll;
+        if (fabsf(o - ref[i]) > 1e-5f * (1.0f + fabsf(ref[i])))
+            fail_msg("split attention (%d splits) dim %d: CPU %.9g, merged %.9g", n_split, i,
+                     ref[i], o);
+    }
     free(q);
     free(k);
     free(v);

@@ -367,7 +367,7 @@ static int tp_allreduce(tsr_gpu_ctx *gc, float *x, size_t n, char *err, size_t e
 /* Pack the step descriptor: tokens, pos, seq, rows, logit rows [n each], then the block
  * tables [n_seqs][max_blocks]; upload it in one copy. */
 static int upload_desc(tsr_gpu_ctx *gc, const tsr_batch *b, int32_t *n_want, int32_t *max_blocks,
-                       char *err, size_t err_len)
+                       int32_t *max_pos, char *err, size_t err_len)
 {
     const int32_t n = b->n_tokens;
     int32_t mb = 1;
@@ -411,8 +411,12 @@ static int upload_desc(tsr_gpu_ctx *gc, const tsr_batch *b, int32_t *n_want, int
     for (int32_t s = 0; s < b->n_seqs; s++)
         for (int32_t k = 0; k < mb; k++)
             h[5 * n + s * mb + k] = k < b->n_blocks[s] ? b->block_tables[s][k] : 0;
+    int32_t mp = 0;
+    for (int32_t t = 0; t < n; t++)
+        if (b->pos[t] > mp) mp = b->pos[t];
     *n_want = w;
     *max_blocks = mb;
+    *max_pos = mp;
     return tsr_cuda_upload(d, gc->desc, h, sizeof(int32_t) * (size_t)need, err, err_len);
 }
 
@@ -431,8 +435,8 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         tsr_set_err(err, err_len, "a GPU batch holds 1..%d tokens, got %d", gc->n_batch, n);
         return -1;
     }
-    int32_t n_want = 0, mb = 1;
-    if (upload_desc(gc, b, &n_want, &mb, err, err_len) != 0) return -1;
+    int32_t n_want = 0, mb = 1, max_pos = 0;
+    if (upload_desc(gc, b, &n_want, &mb, &max_pos, err, err_len) != 0) return -1;
     const int32_t *d_tok = gc->desc, *d_pos = gc->desc + n, *d_seq = gc->desc + 2 * n;
     const int32_t *d_rows = gc->desc + 3 * n, *d_want = gc->desc + 4 * n;
     const int32_t *d_tables = gc->desc + 5 * n;
@@ -467,6 +471,9 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
                                 err_len));
         }
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
+        int32_t max_chunks = max_pos / TSR_KV_BLOCK_SIZE + 1;
+        if (swa && hp->n_swa / TSR_KV_BLOCK_SIZE + 2 < max_chunks)
+            max_chunks = hp->n_swa / TSR_KV_BLOCK_SIZE + 2;
         /* NEOX as tsr_rope_ext (ggml's running-product angles), NORM as tsr_rope (powf) */
         const tsr_cuda_rope_cfg rope = {
             .mode = hp->rope_neox ? 2 : 0,
@@ -493,6 +500,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
                                        .seq = d_seq,
                                        .tables = d_tables,
                                        .max_blocks = mb,
+                                       .max_chunks = max_chunks,
                                        .n_tok = n,
                                        .n_head_local = n_head_local,
                                        .head_dim = hd,

@@ -179,6 +179,7 @@ extern "C" void tsr_cuda_close(tsr_cuda_dev *d)
     cudaFree(d->xq);
     cudaFree(d->xh);
     cudaFree(d->tile);
+    cudaFree(d->att_part);
     cublasDestroy(d->cublas);
     cudaStreamDestroy(d->stream);
     cudaGetLastError();

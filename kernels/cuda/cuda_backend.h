@@ -163,8 +163,10 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
  * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] float32; the KV
  * of position p of sequence s is row tables[s * max_blocks + p / 16] * 16 + p % 16.
  * Token t (sequence seq[t], position pos[t]) attends to positions max(0, pos - window + 1)
- * .. pos (window 0: all). q: [n_tok][n_head_local][head_dim]; out likewise. Local query
- * head h uses local KV head (head_begin + h) / group - kv_head_begin. */
+ * .. pos (window 0: all). When few (token, head) pairs meet many chunks (decode of long
+ * contexts), the chunks are split over several thread blocks and merged (numerics.h). q:
+ * [n_tok][n_head_local][head_dim]; out likewise. Local query head h uses local KV head (head_begin
+ * + h) / group - kv_head_begin. */
 typedef struct {
     const float *q;
     const float *k_cache, *v_cache;
@@ -172,6 +174,7 @@ typedef struct {
     const int32_t *pos, *seq; /* device [n_tok] */
     const int32_t *tables;    /* device [n_seqs][max_blocks] */
     int32_t max_blocks;
+    int32_t max_chunks; /* the most 16-position chunks any token visits (sets the splits) */
     int32_t n_tok, n_head_local, head_dim, kv_dim;
     int32_t head_begin, group, kv_head_begin;
     int32_t window;

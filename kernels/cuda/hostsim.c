@@ -417,6 +417,7 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
         return TSR_CUDA_EINVAL;
     }
     const int hd = a->head_dim;
+    const int32_t n_split = tsr_cuda_attn_splits(a->n_tok, a->n_head_local, a->max_chunks);
     for (int32_t t = 0; t < a->n_tok; ++t)
         for (int32_t hl = 0; hl < a->n_head_local; ++hl) {
             const int kvh = (a->head_begin + hl) / a->group - a->kv_head_begin;
@@ -425,35 +426,59 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
             const int32_t p_first =
                 a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
             const float *q = a->q + ((size_t)t * a->n_head_local + hl) * hd;
-            float acc[TSR_CUDA_MAX_HEAD_DIM] = {0};
-            tsr_cuda_softmax_state st;
-            tsr_cuda_softmax_init(&st);
-            for (int32_t c = p_first / TSR_CUDA_KV_BLOCK; c <= pos / TSR_CUDA_KV_BLOCK; ++c) {
-                const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
-                float sc[TSR_CUDA_KV_BLOCK], cmax = -INFINITY;
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
-                    const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
-                    const float *kr = a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
-                    float lanes[32] = {0};
-                    const bool in = p >= p_first && p <= pos;
-                    if (in)
-                        for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * kr[i];
-                    const float s = warp_sum(lanes);
-                    sc[j] = in ? s * a->scale : -INFINITY;
+            float ms[TSR_CUDA_ATT_MAX_SPLITS], ls[TSR_CUDA_ATT_MAX_SPLITS];
+            static float accs[TSR_CUDA_ATT_MAX_SPLITS][TSR_CUDA_MAX_HEAD_DIM];
+            for (int32_t sp = 0; sp < n_split; ++sp) {
+                int32_t c0, c1;
+                tsr_cuda_attn_split_range(p_first / TSR_CUDA_KV_BLOCK, pos / TSR_CUDA_KV_BLOCK, sp,
+                                          n_split, &c0, &c1);
+                float *acc = accs[sp];
+                memset(acc, 0, sizeof(float) * (size_t)hd);
+                tsr_cuda_softmax_state st;
+                tsr_cuda_softmax_init(&st);
+                for (int32_t c = c0; c < c1; ++c) {
+                    const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
+                    float sc[TSR_CUDA_KV_BLOCK], cmax = -INFINITY;
+                    for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                        const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
+                        const float *kr = a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                        float lanes[32] = {0};
+                        const bool in = p >= p_first && p <= pos;
+                        if (in)
+                            for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * kr[i];
+                        const float s = warp_sum(lanes);
+                        sc[j] = in ? s * a->scale : -INFINITY;
+                    }
+                    for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
+                    const float corr = tsr_cuda_softmax_rescale(&st, cmax);
+                    for (int i = 0; i < hd; ++i) acc[i] *= corr;
+                    for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                        const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
+                        st.l += pw;
+                        if (pw == 0.0f) continue;
+                        const float *vr = a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                        for (int i = 0; i < hd; ++i) acc[i] += pw * vr[i];
+                    }
                 }
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
-                const float corr = tsr_cuda_softmax_rescale(&st, cmax);
-                for (int i = 0; i < hd; ++i) acc[i] *= corr;
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
-                    const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
-                    st.l += pw;
-                    if (pw == 0.0f) continue;
-                    const float *vr = a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
-                    for (int i = 0; i < hd; ++i) acc[i] += pw * vr[i];
-                }
+                ms[sp] = st.m;
+                ls[sp] = st.l;
             }
             float *o = a->out + ((size_t)t * a->n_head_local + hl) * hd;
-            for (int i = 0; i < hd; ++i) o[i] = acc[i] / st.l;
+            if (n_split == 1) {
+                for (int i = 0; i < hd; ++i) o[i] = accs[0][i] / ls[0];
+                continue;
+            }
+            /* k_attn_merge */
+            float m = -INFINITY, l = 0.0f;
+            for (int32_t sp = 0; sp < n_split; ++sp) m = fmaxf(m, ms[sp]);
+            for (int32_t sp = 0; sp < n_split; ++sp)
+                l += ls[sp] * tsr_cuda_attn_merge_factor(ms[sp], m);
+            for (int i = 0; i < hd; ++i) {
+                float v = 0.0f;
+                for (int32_t sp = 0; sp < n_split; ++sp)
+                    v += accs[sp][i] * tsr_cuda_attn_merge_factor(ms[sp], m);
+                o[i] = v / l;
+            }
         }
     return 0;
 }

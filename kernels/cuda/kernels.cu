@@ -447,25 +447,30 @@ __global__ void k_gather_rows(float *dst, const float *src, const int32_t *idx, 
 }
 
 /* ---- paged attention ------------------------------------------------------------------
- * One block of 128 threads per (token, local head). The KV positions are visited one
+ * One block of 128 threads per (token, local head, split). The KV positions are visited one
  * 16-position KV block (chunk) at a time: warp w scores positions w, w+4, w+8, w+12 of the
  * chunk (lanes split the head dimension, butterfly sum), then every thread folds the chunk
  * into its copy of the online-softmax state (identical in all threads) and into the output
- * dimensions it owns (threadIdx.x + 128 k). */
+ * dimensions it owns (threadIdx.x + 128 k). With one split the block writes the output;
+ * with several (decode of long contexts: few (token, head) pairs, many chunks) each writes
+ * its state (m, l, acc) to part[], and k_attn_merge combines them in split order. */
 #define ATT_THREADS 128
 #define ATT_DIMS    (TSR_CUDA_MAX_HEAD_DIM / ATT_THREADS)
 
-__global__ void k_attention(tsr_cuda_attn_args a)
+__global__ void k_attention(tsr_cuda_attn_args a, int32_t n_split, float *part)
 {
     __shared__ float qs[TSR_CUDA_MAX_HEAD_DIM];
     __shared__ float sc[TSR_CUDA_KV_BLOCK];
-    const int32_t t = blockIdx.x, hl = blockIdx.y;
+    const int32_t t = blockIdx.x, hl = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int hd = a.head_dim;
     const int kvh = (a.head_begin + hl) / a.group - a.kv_head_begin;
     const int32_t pos = a.pos[t];
     const int32_t *table = a.tables + (size_t)a.seq[t] * a.max_blocks;
     const int32_t p_first = a.window > 0 && pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    int32_t c0, c1;
+    tsr_cuda_attn_split_range(p_first / TSR_CUDA_KV_BLOCK, pos / TSR_CUDA_KV_BLOCK, split, n_split,
+                              &c0, &c1);
     const float *q = a.q + ((size_t)t * a.n_head_local + hl) * hd;
     for (int i = threadIdx.x; i < hd; i += ATT_THREADS) qs[i] = q[i];
     float acc[ATT_DIMS];
@@ -473,7 +478,7 @@ __global__ void k_attention(tsr_cuda_attn_args a)
     tsr_cuda_softmax_state st;
     tsr_cuda_softmax_init(&st);
     __syncthreads();
-    for (int32_t c = p_first / TSR_CUDA_KV_BLOCK; c <= pos / TSR_CUDA_KV_BLOCK; ++c) {
+    for (int32_t c = c0; c < c1; ++c) {
         const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
         for (int j = warp; j < TSR_CUDA_KV_BLOCK; j += ATT_THREADS / 32) {
             const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
@@ -501,10 +506,43 @@ __global__ void k_attention(tsr_cuda_attn_args a)
         }
         __syncthreads(); /* sc is rewritten by the next chunk */
     }
-    float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+    if (n_split == 1) {
+        float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+        for (int k = 0; k < ATT_DIMS; ++k) {
+            const int i = threadIdx.x + ATT_THREADS * k;
+            if (i < hd) o[i] = acc[k] / st.l;
+        }
+        return;
+    }
+    /* part: [n_tok][n_head_local][n_split][2 + head_dim] = m, l, acc */
+    float *pp = part + (((size_t)t * a.n_head_local + hl) * n_split + split) * (size_t)(2 + hd);
+    if (threadIdx.x == 0) {
+        pp[0] = st.m;
+        pp[1] = st.l;
+    }
     for (int k = 0; k < ATT_DIMS; ++k) {
         const int i = threadIdx.x + ATT_THREADS * k;
-        if (i < hd) o[i] = acc[k] / st.l;
+        if (i < hd) pp[2 + i] = acc[k];
+    }
+}
+
+__global__ void k_attn_merge(tsr_cuda_attn_args a, int32_t n_split, const float *part)
+{
+    const int32_t t = blockIdx.x, hl = blockIdx.y;
+    const int hd = a.head_dim;
+    const float *pp = part + ((size_t)t * a.n_head_local + hl) * n_split * (size_t)(2 + hd);
+    float m = -INFINITY;
+    for (int s = 0; s < n_split; ++s) m = fmaxf(m, pp[(size_t)s * (2 + hd)]);
+    float l = 0.0f;
+    for (int s = 0; s < n_split; ++s)
+        l += pp[(size_t)s * (2 + hd) + 1] * tsr_cuda_attn_merge_factor(pp[(size_t)s * (2 + hd)], m);
+    float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < n_split; ++s)
+            v += pp[(size_t)s * (2 + hd) + 2 + i] *
+                 tsr_cuda_attn_merge_factor(pp[(size_t)s * (2 + hd)], m);
+        o[i] = v / l;
     }
 }
 
@@ -613,8 +651,24 @@ extern "C" int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, 
         return TSR_CUDA_EINVAL;
     }
     if (a->n_tok == 0 || a->n_head_local == 0) return 0;
-    k_attention<<<dim3((unsigned)a->n_tok, (unsigned)a->n_head_local), ATT_THREADS, 0, d->stream>>>(
-        *a);
+    const int32_t n_split = tsr_cuda_attn_splits(a->n_tok, a->n_head_local, a->max_chunks);
+    const dim3 grid((unsigned)a->n_tok, (unsigned)a->n_head_local, (unsigned)n_split);
+    float *part = NULL;
+    if (n_split > 1) {
+        const size_t n_bytes = sizeof(float) * (size_t)a->n_tok * (size_t)a->n_head_local *
+                               (size_t)n_split * (size_t)(2 + a->head_dim);
+        if (tsr_cuda_scratch(d, &d->att_part, &d->att_part_bytes, n_bytes, "attention splits", err,
+                             err_len) != 0)
+            return TSR_CUDA_ENOMEM;
+        part = (float *)d->att_part;
+    }
+    k_attention<<<grid, ATT_THREADS, 0, d->stream>>>(*a, n_split, part);
+    if (n_split > 1) {
+        if (tsr_cuda_launched(d, "k_attention", err, err_len) != 0) return TSR_CUDA_ERR;
+        const dim3 mgrid((unsigned)a->n_tok, (unsigned)a->n_head_local);
+        k_attn_merge<<<mgrid, 128, 0, d->stream>>>(*a, n_split, part);
+        return tsr_cuda_launched(d, "k_attn_merge", err, err_len);
+    }
     return tsr_cuda_launched(d, "k_attention", err, err_len);
 }
 

@@ -723,6 +723,38 @@ TSR_CUDA_HD float tsr_cuda_softmax_weight(const tsr_cuda_softmax_state *st, floa
     return s == -INFINITY ? 0.0f : expf(s - st->m);
 }
 
+/* Split attention (flash-decoding): the KV chunks of one (token, head) are cut into n_split
+ * contiguous ranges, each folded into its own state (m_s, l_s, acc_s); then merged in
+ * split order: m = max m_s, l = sum l_s e^(m_s - m), out = sum acc_s e^(m_s - m) / l.
+ * tsr_cuda_attn_splits picks n_split so that about TSR_CUDA_ATT_TARGET_BLOCKS thread blocks
+ * run (never more than half the chunks, at most TSR_CUDA_ATT_MAX_SPLITS). */
+#define TSR_CUDA_ATT_TARGET_BLOCKS 256
+#define TSR_CUDA_ATT_MAX_SPLITS    32
+
+TSR_CUDA_HD int32_t tsr_cuda_attn_splits(int32_t n_tok, int32_t n_head, int32_t max_chunks)
+{
+    const int64_t blocks = (int64_t)n_tok * n_head;
+    int64_t s = (TSR_CUDA_ATT_TARGET_BLOCKS + blocks - 1) / (blocks > 0 ? blocks : 1);
+    if (s > max_chunks / 2) s = max_chunks / 2;
+    if (s > TSR_CUDA_ATT_MAX_SPLITS) s = TSR_CUDA_ATT_MAX_SPLITS;
+    return s < 1 ? 1 : (int32_t)s;
+}
+
+/* Chunks [*c0, *c1) of split `split` out of n_split over chunks [first, last]. */
+TSR_CUDA_HD void tsr_cuda_attn_split_range(int32_t first, int32_t last, int32_t split,
+                                           int32_t n_split, int32_t *c0, int32_t *c1)
+{
+    const int32_t n = last - first + 1;
+    *c0 = first + (int32_t)((int64_t)n * split / n_split);
+    *c1 = first + (int32_t)((int64_t)n * (split + 1) / n_split);
+}
+
+/* Factor of split s's accumulator and sum in the merge (0 for an empty split). */
+TSR_CUDA_HD float tsr_cuda_attn_merge_factor(float m_s, float m)
+{
+    return m_s == -INFINITY ? 0.0f : expf(m_s - m);
+}
+
 /* RoPE. Modes: NORM rotates adjacent pairs (2i, 2i+1) (llama); NEOX rotates (i, i + n_rot/2)
  * (qwen2/3, gemma3). The angle of pair i (i0 = 2i) comes in the two float orders the CPU
  * uses: theta = pos * freq_scale * base^(-i0/n_rot) / freq_factor[i] with powf per pair
