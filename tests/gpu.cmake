@@ -46,6 +46,20 @@ foreach(rel ${TSR_GPU_SIM_MODELS})
   add_test(NAME gpu_sim_${stem} COMMAND gpu_sim_check ${TSR_MODELS_DIR}/${rel} --tol ${tol})
   set_tests_properties(gpu_sim_${stem} PROPERTIES TIMEOUT 120)
 endforeach()
+# Speculative decoding on GPU ranks (simulated): with each drafter and k, ids equal to plain
+# decoding and no KV leak (spec_check). TSR_CUDA_GEMM_MIN_TOKENS keeps every batch on the
+# matvec path: GPU logits otherwise depend on whether a batch reaches the cuBLAS size, and a
+# near-tie could then part the two runs (the CPU's tiles do not have that property).
+add_executable(gpu_sim_spec_check ${CMAKE_CURRENT_SOURCE_DIR}/spec_check.c
+               ${CMAKE_SOURCE_DIR}/worker/gpu.c ${CMAKE_SOURCE_DIR}/kernels/cuda/hostsim.c)
+target_compile_definitions(gpu_sim_spec_check PRIVATE TSR_HAVE_CUDA TSR_GPU_SIM)
+target_link_libraries(gpu_sim_spec_check PRIVATE tessera_core)
+add_test(NAME gpu_sim_spec_stories
+         COMMAND gpu_sim_spec_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
+                 --draft ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf --k 4)
+set_tests_properties(gpu_sim_spec_stories PROPERTIES TIMEOUT 120
+                     ENVIRONMENT "TSR_CUDA_GEMM_MIN_TOKENS=65536")
+
 # A long decode (positions to ~130: split attention, k_attn_merge, in the simulator).
 add_test(NAME gpu_sim_stories260K_long
          COMMAND gpu_sim_check ${TSR_MODELS_DIR}/stories260K.gguf --tol 0.05 --decode 120)
@@ -149,6 +163,28 @@ foreach(model stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf)
                -m ${TSR_MODELS_DIR}/${model} --tp 2 --device cuda --tol ${tol} -n 8)
   set_property(TEST gpu_nccl_${stem}_tp2 APPEND PROPERTY ENVIRONMENT "${TSR_MPI_ENV}")
 endforeach()
+
+# Speculative decoding and the gRPC server on GPU ranks.
+tsr_gpu_test(spec_stories sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh $<TARGET_FILE:gpu_check> 1
+             $<TARGET_FILE:spec_check> -m ${TSR_MODELS_DIR}/stories260K.gguf
+             --device cuda --draft ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf
+             --draft ${TSR_MODELS_DIR}/derived/stories260K-q8_0.gguf --ngram --k 1,2,4,8)
+set_property(TEST gpu_spec_stories APPEND PROPERTY ENVIRONMENT "TSR_CUDA_GEMM_MIN_TOKENS=65536")
+tsr_gpu_test(spec_stories_tp2_pp2 sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
+             $<TARGET_FILE:gpu_check> 1 ${TSR_MPIRUN} -np 4 $<TARGET_FILE:spec_check>
+             -m ${TSR_MODELS_DIR}/stories260K.gguf --tp 2 --pp 2 --device cuda
+             --draft ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf --ngram --k 1,3)
+set_property(TEST gpu_spec_stories_tp2_pp2 APPEND PROPERTY ENVIRONMENT
+             "${TSR_MPI_ENV};TSR_NO_NCCL=1;TSR_CUDA_GEMM_MIN_TOKENS=65536")
+# The gRPC suite (tests/python/test_serve.py) with every rank on a GPU (--device auto picks
+# CUDA there): concurrency, speculation, cancellation, preemption, tp 2 × pp 2, a killed rank.
+tsr_gpu_test(serve_grpc sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh $<TARGET_FILE:gpu_check> 1
+             ${TSR_SYSTEM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_serve.py
+             --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+             --proto ${CMAKE_SOURCE_DIR}/proto --mpirun ${MPIEXEC_EXECUTABLE})
+set_property(TEST gpu_serve_grpc APPEND PROPERTY ENVIRONMENT
+             "${TSR_SERVE_ENV};TSR_NO_NCCL=1;TSR_CUDA_GEMM_MIN_TOKENS=65536")
+set_property(TEST gpu_serve_grpc PROPERTY TIMEOUT 600)
 
 tsr_gpu_test(logits_stories260K_long $<TARGET_FILE:gpu_check> ${TSR_MODELS_DIR}/stories260K.gguf
              --tol 0.05 --decode 500)
