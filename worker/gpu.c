@@ -147,7 +147,11 @@ uint64_t tsr_gpu_bytes_needed(const tsr_model *m, int32_t n_kv_blocks, int32_t n
         const tsr_layer *L = &m->layers[l];
         n += weight_bytes(&L->wq) + weight_bytes(&L->wk) + weight_bytes(&L->wv) +
              weight_bytes(&L->wo) + weight_bytes(&L->w_gate) + weight_bytes(&L->w_up) +
-             weight_bytes(&L->w_down) + 8u * (uint64_t)hp->n_embd;
+             weight_bytes(&L->w_down) + 4u * (uint64_t)hp->n_embd * 5u + /* norms, bo */
+             4u *
+                 (uint64_t)((sh->head_end - sh->head_begin) +
+                            2 * (sh->kv_head_end - sh->kv_head_begin) + 2) *
+                 (uint64_t)hp->head_dim; /* q/k/v biases, q/k norms */
     }
     const uint64_t kv_dim = (uint64_t)(sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
     n += 2ull * 4ull * (uint64_t)m->n_layer_local * (uint64_t)n_kv_blocks * 16ull * kv_dim;
