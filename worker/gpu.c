@@ -167,6 +167,7 @@ uint64_t tsr_gpu_bytes_needed(const tsr_model *m, int32_t n_kv_blocks, int32_t n
 void tsr_gpu_model_free(tsr_gpu_model *gm)
 {
     if (!gm) return;
+    if (gm->dev) tsr_cuda_activate(gm->dev, NULL, 0);
     for (int32_t i = 0; i < gm->n_allocs; i++)
         tsr_cuda_free(gm->dev, gm->allocs[i], gm->alloc_bytes[i]);
     tsr_cuda_close(gm->dev);
@@ -303,6 +304,10 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr
         return -1;
     }
     gc->gm = gm;
+    if (tsr_cuda_activate(gm->dev, err, err_len) != 0) {
+        free(gc);
+        return -1;
+    }
     gc->n_kv_blocks = n_kv_blocks;
     gc->n_batch = n_batch;
     gc->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
@@ -439,6 +444,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         tsr_set_err(err, err_len, "a GPU batch holds 1..%d tokens, got %d", gc->n_batch, n);
         return -1;
     }
+    if (tsr_cuda_activate(d, err, err_len) != 0) return -1; /* steps may run on any thread */
     int32_t n_want = 0, mb = 1, max_pos = 0;
     if (upload_desc(gc, b, &n_want, &mb, &max_pos, err, err_len) != 0) return -1;
     const int32_t *d_tok = gc->desc, *d_pos = gc->desc + n, *d_seq = gc->desc + 2 * n;

@@ -83,6 +83,9 @@ void tsr_cuda_close(tsr_cuda_dev *d);
 int32_t tsr_cuda_ordinal(const tsr_cuda_dev *d);
 uint64_t tsr_cuda_n_bytes_used(const tsr_cuda_dev *d);
 uint64_t tsr_cuda_n_bytes_cap(const tsr_cuda_dev *d);
+/* Make d the calling thread's current CUDA device (the current device is per thread: call
+ * it first in any thread that did not open d, e.g. the engine's step thread). */
+int tsr_cuda_activate(tsr_cuda_dev *d, char *err, size_t err_len);
 /* The device's stream (a cudaStream_t) for callers that enqueue their own work (NCCL). */
 void *tsr_cuda_stream(tsr_cuda_dev *d);
 
