@@ -46,24 +46,27 @@ foreach(rel ${TSR_GPU_SIM_MODELS})
   add_test(NAME gpu_sim_${stem} COMMAND gpu_sim_check ${TSR_MODELS_DIR}/${rel} --tol ${tol})
   set_tests_properties(gpu_sim_${stem} PROPERTIES TIMEOUT 120)
 endforeach()
-# Speculative decoding on GPU ranks (simulated): with each drafter and k, ids equal to plain
-# decoding and no KV leak (spec_check). TSR_CUDA_GEMM_MIN_TOKENS keeps every batch on the
-# matvec path: GPU logits otherwise depend on whether a batch reaches the cuBLAS size, and a
-# near-tie could then part the two runs (the CPU's tiles do not have that property).
-add_executable(gpu_sim_spec_check ${CMAKE_CURRENT_SOURCE_DIR}/spec_check.c
-               ${CMAKE_SOURCE_DIR}/worker/gpu.c ${CMAKE_SOURCE_DIR}/kernels/cuda/hostsim.c)
-target_compile_definitions(gpu_sim_spec_check PRIVATE TSR_HAVE_CUDA TSR_GPU_SIM)
-target_link_libraries(gpu_sim_spec_check PRIVATE tessera_core)
-add_test(NAME gpu_sim_spec_stories
-         COMMAND gpu_sim_spec_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
-                 --draft ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf --k 4)
-set_tests_properties(gpu_sim_spec_stories PROPERTIES TIMEOUT 120
-                     ENVIRONMENT "TSR_CUDA_GEMM_MIN_TOKENS=65536")
+# Release tree only (slow under the sanitizers): simulated speculation and a long decode.
+if(NOT TSR_SANITIZE)
+  # Speculative decoding on GPU ranks (simulated): with each drafter and k, ids equal to plain
+  # decoding and no KV leak (spec_check). TSR_CUDA_GEMM_MIN_TOKENS keeps every batch on the
+  # matvec path: GPU logits otherwise depend on whether a batch reaches the cuBLAS size, and a
+  # near-tie could then part the two runs (the CPU's tiles do not have that property).
+  add_executable(gpu_sim_spec_check ${CMAKE_CURRENT_SOURCE_DIR}/spec_check.c
+                 ${CMAKE_SOURCE_DIR}/worker/gpu.c ${CMAKE_SOURCE_DIR}/kernels/cuda/hostsim.c)
+  target_compile_definitions(gpu_sim_spec_check PRIVATE TSR_HAVE_CUDA TSR_GPU_SIM)
+  target_link_libraries(gpu_sim_spec_check PRIVATE tessera_core)
+  add_test(NAME gpu_sim_spec_stories
+           COMMAND gpu_sim_spec_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
+                   --draft ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf --k 4)
+  set_tests_properties(gpu_sim_spec_stories PROPERTIES TIMEOUT 120
+                       ENVIRONMENT "TSR_CUDA_GEMM_MIN_TOKENS=65536")
 
-# A long decode (positions to ~130: split attention, k_attn_merge, in the simulator).
-add_test(NAME gpu_sim_stories260K_long
-         COMMAND gpu_sim_check ${TSR_MODELS_DIR}/stories260K.gguf --tol 0.05 --decode 120)
-set_tests_properties(gpu_sim_stories260K_long PROPERTIES TIMEOUT 120)
+  # A long decode (positions to ~130: split attention, k_attn_merge, in the simulator).
+  add_test(NAME gpu_sim_stories260K_long
+           COMMAND gpu_sim_check ${TSR_MODELS_DIR}/stories260K.gguf --tol 0.05 --decode 120)
+  set_tests_properties(gpu_sim_stories260K_long PROPERTIES TIMEOUT 120)
+endif()
 
 # Every architecture (the F32 synthetic files of tests/real_models.cmake: qwen2 biases,
 # qwen3 Q/K norms, gemma3 GeGLU / post norms / sliding window / soft-cap, llama with a
