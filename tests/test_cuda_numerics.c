@@ -110,11 +110,11 @@ static float warp_sum(const float *lane_in)
     return v[0];
 }
 
-/* The row dot of kernels.cu's matvec (one warp per row): for 32-element blocks lane l
- * takes blocks l, l+32, ...; for K-quants lanes 8k..8k+7 share super-block k (one 32-group
- * each, integers summed exactly), super-blocks k, k+4, ...; for float weights lane l takes
- * elements l, l+32, .... *abs_terms gets sum |term| for the error bound, *n_terms the
- * number of float terms. xq is the activation row in the dot type. */
+/* The row dot of kernels.cu's matvec (one warp per row): for 32-element blocks lanes
+ * 4k..4k+3 share blocks k, k+8, ... (integer quarters summed exactly); for K-quants lanes 8k..8k+7
+ * share super-block k (one 32-group each, integers summed exactly), super-blocks k, k+4, ...; for
+ * float weights lane l takes elements l, l+32, .... *abs_terms gets sum |term| for the error bound,
+ * *n_terms the number of float terms. xq is the activation row in the dot type. */
 static float gpu_row_dot(uint32_t type, int64_t n, const uint8_t *w, const void *xq,
                          double *abs_terms, int64_t *n_terms)
 {
@@ -133,10 +133,15 @@ static float gpu_row_dot(uint32_t type, int64_t n, const uint8_t *w, const void 
     } else if (be == 32) {
         const uint32_t dt = tsr_cuda_dot_type(type);
         const int32_t xb = tsr_cuda_block_bytes(dt);
-        for (int64_t b = 0; b < nb; ++b) {
-            const float t =
-                tsr_cuda_dot_blk32(type, w + (size_t)b * bb, (const uint8_t *)xq + b * xb);
-            lanes[b % 32] += t;
+        for (int64_t b = 0; b < nb; ++b) { /* 4 lanes per block, exact integer parts */
+            const uint8_t *wbk = w + (size_t)b * bb, *xbk = (const uint8_t *)xq + b * xb;
+            int32_t si = 0;
+            for (int q = 0; q < 4; ++q) si += tsr_cuda_isum_part32(type, wbk, xbk, q);
+            const float t = tsr_cuda_dot_combine32(type, wbk, xbk, si);
+            if (bits(t) != bits(tsr_cuda_dot_blk32(type, wbk, xbk)))
+                fail_msg("block %lld: 4-lane parts give %.9g, the whole block %.9g", (long long)b,
+                         t, tsr_cuda_dot_blk32(type, wbk, xbk));
+            lanes[(b % 8) * 4] += t;
             at += fabs((double)t);
         }
         *n_terms = nb;

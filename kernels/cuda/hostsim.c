@@ -203,9 +203,12 @@ static float row_dot(uint32_t type, int64_t n, const uint8_t *w, const void *xr)
             lanes[i % 32] += tsr_cuda_dequant(type, w + (size_t)i * bb, 0) * x[i];
     } else if (be == 32) {
         const int32_t xb = tsr_cuda_block_bytes(tsr_cuda_dot_type(type));
-        for (int64_t b = 0; b < n / 32; ++b)
-            lanes[b % 32] +=
-                tsr_cuda_dot_blk32(type, w + (size_t)b * bb, (const uint8_t *)xr + b * xb);
+        for (int64_t b = 0; b < n / 32; ++b) { /* 4 lanes per block (exact integer parts) */
+            const uint8_t *wbk = w + (size_t)b * bb, *xbk = (const uint8_t *)xr + b * xb;
+            int32_t si = 0;
+            for (int q = 0; q < 4; ++q) si += tsr_cuda_isum_part32(type, wbk, xbk, q);
+            lanes[(b % 8) * 4] += tsr_cuda_dot_combine32(type, wbk, xbk, si);
+        }
     } else {
         const tsr_cuda_q8_K *x = xr;
         for (int64_t b = 0; b < n / 256; ++b) {

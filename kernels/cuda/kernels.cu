@@ -7,9 +7,10 @@
  * Matvec (decode, speculative verification, batches below TSR_CUDA_GEMM_MIN_TOKENS): the
  * activations are quantized once per token into the weight type's dot type (Q8_0 / Q8_1 /
  * Q8_K, the bytes the CPU makes), then one warp per weight row reads the quantized blocks
- * in place: lane l takes blocks l, l+32, ... (32-element types; K-quants: lanes 8k..8k+7
- * share super-block k, one 32-group each, integer partial sums added with shuffles), a
- * butterfly adds the lanes. Float weights: lane l takes elements l, l+32, ....
+ * in place: lanes 4k..4k+3 share block k, k+8, ... (32-element types, a quarter block each;
+ * K-quants: lanes 8k..8k+7 share super-block k, k+4, ..., one 32-group each), the integer
+ * partial sums of a block added with shuffles (exact), a butterfly adds the lanes. Float weights:
+ * lane l takes elements l, l+32, ....
  *
  * Compiled with --fmad=false (see numerics.h: no FMA contraction, so the host test's
  * results are the device's).
@@ -140,11 +141,21 @@ __global__ void k_matvec(uint32_t type, const uint8_t *w, size_t row_bytes, int6
         for (int64_t i = lane; i < n_in; i += 32)
             acc += tsr_cuda_dequant(type, wr + (size_t)i * bb, 0) * xf[i];
     } else if (KIND == 1) {
+        /* lanes 4k..4k+3 share block b0 + k (a quarter each: adjacent bytes, so one load
+         * instruction of the warp covers 8 consecutive blocks); blocks b0 + 8i */
         const int32_t bb = tsr_cuda_block_bytes(type);
         const int32_t xb = tsr_cuda_block_bytes(tsr_cuda_dot_type(type));
         const int64_t nb = n_in / 32;
-        for (int64_t b = lane; b < nb; b += 32)
-            acc += tsr_cuda_dot_blk32(type, wr + (size_t)b * bb, xr + (size_t)b * xb);
+        const int part = lane % 4;
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+            const int64_t b = b0 + lane / 4;
+            int32_t si = 0;
+            if (b < nb)
+                si = tsr_cuda_isum_part32(type, wr + (size_t)b * bb, xr + (size_t)b * xb, part);
+            si = warp_isum(si, 4);
+            if (b < nb && part == 0)
+                acc += tsr_cuda_dot_combine32(type, wr + (size_t)b * bb, xr + (size_t)b * xb, si);
+        }
     } else {
         const int32_t bb = tsr_cuda_block_bytes(type);
         const int64_t nb = n_in / 256;
