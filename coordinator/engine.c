@@ -65,6 +65,7 @@ typedef struct seq {
     void *ud;
     uint64_t t_submit, t_scheduled, t_first_token;
     int32_t n_generated, n_preempted;
+    int32_t n_resumed; /* generated elsewhere before a failover (the prompt's tail) */
     /* speculation */
     bool spec;
     int32_t spec_k, n_draft, spec_pause, n_verify;
@@ -229,6 +230,25 @@ void tsr_engine_free(tsr_engine *e)
 
 /* ---- submission (request threads) ---- */
 
+/* A resumed request: run the tokens generated before the failover through the detokenizer
+ * and the stop matcher, dropping the text they release (the client has it already) and
+ * keeping what they hold back (an incomplete UTF-8 character, a possible start of a stop
+ * string), exactly as the first run held it after those tokens: what the matcher holds is a
+ * function of the text so far, not of how it was cut. End-of-generation tokens were never
+ * text. 0, or -1 out of memory. */
+static int resume_replay(tsr_engine *e, seq *s, const int32_t *ids)
+{
+    const tsr_vocab *vocab = tsr_replica_vocab(e->rep);
+    for (int32_t i = 0; i < s->n_resumed; i++) {
+        const char *piece, *out;
+        size_t piece_len, out_len;
+        if (tsr_vocab_is_eog(vocab, ids[i])) continue;
+        if (tsr_detok_push(&s->dt, ids[i], &piece, &piece_len) != 0) continue;
+        if (tsr_stop_push(&s->stop, piece, piece_len, &out, &out_len) < 0) return -1;
+    }
+    return 0;
+}
+
 int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id, char *err,
                       size_t err_len)
 {
@@ -281,6 +301,13 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
         }
     }
     if (tsr_sampling_params_validate(&g->sampling, err, err_len) != 0) return TSR_ENGINE_EINVAL;
+    if (rq->n_resumed < 0 || (size_t)rq->n_resumed >= rq->n_prompt) {
+        tsr_set_err(err, err_len,
+                    "resumed_tokens must be in 0..%zu (the prompt ids minus at least one real "
+                    "prompt token), got %d",
+                    rq->n_prompt - 1, rq->n_resumed);
+        return TSR_ENGINE_EINVAL;
+    }
 
     seq *s = calloc(1, sizeof *s);
     if (!s) goto oom;
@@ -299,7 +326,10 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
         seq_free(s);
         return TSR_ENGINE_EINVAL;
     }
-    tsr_sampler_add_prompt(s->smp, rq->prompt_ids, rq->n_prompt);
+    const size_t n_real_prompt = rq->n_prompt - (size_t)rq->n_resumed;
+    tsr_sampler_add_prompt(s->smp, rq->prompt_ids, n_real_prompt);
+    for (size_t i = n_real_prompt; i < rq->n_prompt; i++)
+        tsr_sampler_accept(s->smp, rq->prompt_ids[i]);
     if (tsr_stop_init(&s->stop, g->stop, g->n_stop, err, err_len) != 0) {
         tsr_sampler_free(s->smp);
         free(s->tokens);
@@ -323,6 +353,8 @@ int tsr_engine_submit(tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
     }
     s->max_tokens = g->max_tokens;
     s->ignore_eos = g->ignore_eos;
+    s->n_resumed = rq->n_resumed;
+    if (rq->n_resumed > 0 && resume_replay(e, s, rq->prompt_ids + n_real_prompt) != 0) goto oom_s;
     s->spec = e->p.drafter && rq->logprobs == 0 &&
               (rq->speculation > 0 || (rq->speculation < 0 && e->p.spec_default_on));
     if (s->spec) {
@@ -470,8 +502,8 @@ static void finish(tsr_engine *e, seq *s, int reason, const char *error)
                     .request_id = s->id,
                     .finish_reason = reason,
                     .error = error,
-                    .n_prompt_tokens = s->n_prompt,
-                    .n_completion_tokens = s->n_generated,
+                    .n_prompt_tokens = s->n_prompt - s->n_resumed,
+                    .n_completion_tokens = s->n_resumed + s->n_generated,
                     .t_queue_ns = s->t_scheduled ? s->t_scheduled - s->t_submit : t - s->t_submit,
                     .t_first_token_ns = s->t_first_token ? s->t_first_token - s->t_submit : 0,
                     .t_decode_ns = s->t_first_token ? t - s->t_first_token : 0,

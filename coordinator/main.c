@@ -14,6 +14,7 @@
 #include "coordinator/generate.h"
 #include "coordinator/sampler.h"
 #include "coordinator/server.h"
+#include "coordinator/coord_server.h"
 #include "kernels/membw.h"
 #include "kernels/quant.h"
 #include "shard/gguf.h"
@@ -1248,6 +1249,8 @@ static const char *main_help =
     "  serve      serve a model over gRPC (continuous batching, paged KV cache)\n"
     "  chat       chat with an instruct model (its chat template; interactive on a terminal)\n"
     "  batch      run a JSONL file of requests (OpenAI Batch format), resumable\n"
+    "  coordinator  one front door over many replicas (routing, failover, cluster file)\n"
+    "  ctl        operate a cluster through its coordinator\n"
     "\n"
     "Run 'tessera COMMAND --help' for the flags of each command.\n";
 
@@ -1279,6 +1282,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "serve")) return tsr_cmd_serve(argc, argv);
     if (!strcmp(cmd, "chat")) return tsr_cmd_chat(argc, argv);
     if (!strcmp(cmd, "batch")) return tsr_cmd_batch(argc, argv);
+    if (!strcmp(cmd, "coordinator")) return tsr_cmd_coordinator(argc, argv);
+    if (!strcmp(cmd, "ctl")) return tsr_cmd_ctl(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n\n%s", g_prog, cmd, main_help);
     return TSR_CLI_EXIT_USAGE;
 }

@@ -26,7 +26,9 @@ typedef struct {
 struct tsr_sampler {
     tsr_sampling_params p;
     int32_t n_vocab;
-    uint64_t rng[4];    /* xoshiro256** state */
+    uint64_t seed_key;  /* mix64(seed): the key of the counter-based RNG */
+    int64_t pos;        /* generated tokens accepted so far: the position being drawn for */
+    uint64_t n_draw;    /* draws made at this position (reset when the position moves) */
     int32_t *gen_count; /* [n_vocab] times each id was accepted as generated */
     uint8_t *seen;      /* [n_vocab] 1 when the id is in seen_ids */
     int32_t *seen_ids;  /* distinct ids of prompt + generated, in first-seen order */
@@ -34,38 +36,29 @@ struct tsr_sampler {
     tsr_cand *cand; /* [n_vocab] scratch */
 };
 
-/* ---- RNG: splitmix64 seeding xoshiro256** (Blackman & Vigna), pure 64-bit integer ops. */
+/* ---- RNG: counter-based, u = f(seed, position, draw index), pure 64-bit integer ops.
+ *
+ * Every uniform is a hash of (seed, pos, n_draw) through the splitmix64 finalizer (Steele,
+ * Lea & Flood), so the numbers drawn for generated token i depend on the seed and i only,
+ * not on how many draws came before: a request resumed on another replica with its first
+ * i generated tokens given back (tsr_sampler_accept) draws exactly what an undisturbed run
+ * draws for token i. Within one position, successive draws (repeated calls without an
+ * accept, or the two of a speculative rejection) take draw indexes 0, 1, 2, ... */
 
-static uint64_t splitmix64(uint64_t *x)
+static uint64_t mix64(uint64_t z)
 {
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
 
-static uint64_t rotl64(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-static uint64_t xoshiro_next(uint64_t s[4])
-{
-    uint64_t result = rotl64(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl64(s[3], 45);
-    return result;
-}
-
-/* Uniform in [0, 1) with 53 random bits. */
+/* Uniform in [0, 1) with 53 random bits, for (seed, pos, n_draw); advances n_draw. */
 static double rng_uniform(tsr_sampler *s)
 {
-    return (double)(xoshiro_next(s->rng) >> 11) * 0x1.0p-53;
+    uint64_t h = mix64(s->seed_key + (uint64_t)s->pos * 0x9E3779B97F4A7C15ull);
+    h = mix64(h + (s->n_draw + 1) * 0xD1B54A32D192ED03ull);
+    s->n_draw++;
+    return (double)(h >> 11) * 0x1.0p-53;
 }
 
 /* ---- params */
@@ -137,8 +130,7 @@ int tsr_sampler_new(const tsr_sampling_params *p, int32_t n_vocab, tsr_sampler *
     s->seen_ids = malloc(n * sizeof *s->seen_ids);
     s->cand = malloc(n * sizeof *s->cand);
     if (!s->gen_count || !s->seen || !s->seen_ids || !s->cand) goto oom;
-    uint64_t x = p->seed;
-    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    s->seed_key = mix64(p->seed + 0x9E3779B97F4A7C15ull);
     *out = s;
     return 0;
 oom:
@@ -174,6 +166,8 @@ void tsr_sampler_add_prompt(tsr_sampler *s, const int32_t *ids, size_t n)
 
 void tsr_sampler_accept(tsr_sampler *s, int32_t id)
 {
+    s->pos++;
+    s->n_draw = 0;
     if (id < 0 || id >= s->n_vocab) return;
     if (!s->seen[id]) {
         s->seen[id] = 2; /* seen only as a generated token (see tsr_sampler_unaccept) */
@@ -757,6 +751,8 @@ int32_t tsr_sampler_sample_spec(tsr_sampler *s, float *logits, int32_t draft, bo
 
 void tsr_sampler_unaccept(tsr_sampler *s, int32_t id)
 {
+    if (s->pos > 0) s->pos--;
+    s->n_draw = 0;
     if (id < 0 || id >= s->n_vocab) return;
     if (s->gen_count[id] > 0) s->gen_count[id]--;
     /* `seen` stays set: the repetition penalty may keep counting a token that was only

@@ -22,8 +22,10 @@
  *                   descending order whose cumulative probability is >= top_p;
  *   6. min-p        drop tokens with p < min_p * p_max (a ratio, so renormalising after
  *                   top-k / top-p does not change it);
- *   7. draw         one token from the renormalised survivors with xoshiro256** seeded by
- *                   splitmix64(seed).
+ *   7. draw         one token from the renormalised survivors with a uniform that is a hash
+ *                   of (seed, position of the generated token, draw index at that
+ *                   position): counter-based, so a request resumed elsewhere with its
+ *                   generated prefix accepted draws the same numbers for the next token.
  *
  * After top-k the candidates carry probabilities (w = exp(l - max), as vLLM's probs): top-p
  * and min-p compare those (min-p: w >= min_p), and ties in probability go to the lowest id.
@@ -88,8 +90,11 @@ void tsr_sampler_free(tsr_sampler *s); /* NULL is a no-op */
 void tsr_sampler_add_prompt(tsr_sampler *s, const int32_t *ids, size_t n);
 
 /* A generated token (normally the one just returned by tsr_sampler_sample, but the caller
- * decides, e.g. after a forced token): counts for all three penalties. Ids outside
- * [0, n_vocab) are ignored. tsr_sampler_sample does NOT call this itself. */
+ * decides, e.g. after a forced token, or the tokens a resumed request already generated
+ * elsewhere): counts for all three penalties and moves the RNG to the next position (the
+ * draws for generated token i are a function of (seed, i) only). Ids outside [0, n_vocab)
+ * count for no penalty but still move the position. tsr_sampler_sample does NOT call this
+ * itself. */
 void tsr_sampler_accept(tsr_sampler *s, int32_t id);
 
 /* Apply step 1 (the penalties) to logits[n_vocab] in place. tsr_sampler_sample does this
@@ -97,8 +102,8 @@ void tsr_sampler_accept(tsr_sampler *s, int32_t id);
 void tsr_sampler_apply_penalties(const tsr_sampler *s, float *logits);
 
 /* Sample the next token from logits[n_vocab]. The array is scratch: it is modified in place
- * (penalised, scaled). Returns an id in [0, n_vocab). Advances the RNG once per non-greedy
- * call (greedy calls do not touch it). */
+ * (penalised, scaled). Returns an id in [0, n_vocab). Each non-greedy call takes the next
+ * draw index at the current position (greedy calls do not touch the RNG). */
 int32_t tsr_sampler_sample(tsr_sampler *s, float *logits);
 
 /* As tsr_sampler_sample, and also report log-probabilities for the OpenAI `logprobs`
@@ -121,7 +126,7 @@ int32_t tsr_sampler_sample_logprobs(tsr_sampler *s, float *logits, int32_t n_top
 int32_t tsr_sampler_sample_spec(tsr_sampler *s, float *logits, int32_t draft, bool *accepted);
 
 /* Undo one tsr_sampler_accept of `id` (a speculative token that was rolled back), so the
- * penalties see exactly the accepted history. */
+ * penalties see exactly the accepted history; the position moves back by one. */
 void tsr_sampler_unaccept(tsr_sampler *s, int32_t id);
 
 #endif

@@ -21,6 +21,10 @@
 #include "coordinator/cli.h"
 #include "kernels/util.h"
 #include "coordinator/drafter.h"
+#include "coordinator/auth.h"
+#include "coordinator/http.h"
+#include "coordinator/metrics.h"
+#include "coordinator/join.h"
 #include "coordinator/server.h"
 
 #include "worker/comm.h"
@@ -39,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -76,6 +81,23 @@ static const char *serve_help =
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
     "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
     "\n"
+    "HTTP, keys and TLS (the same keys and certificate serve gRPC and HTTP):\n"
+    "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
+    "                            /v1/chat/completions, /v1/models, /health, /metrics);\n"
+    "                            port 0 picks a free port (printed)\n"
+    "      --model-name NAME     the model's name in the API and in a cluster (requests\n"
+    "                            route by it: GenerateRequest.model; default: the file\n"
+    "                            name without .gguf)\n"
+    "      --http-max-body BYTES largest request body (default 4M; beyond: 413)\n"
+    "      --api-key-file FILE   inference needs 'Authorization: Bearer KEY' (gRPC: the\n"
+    "                            'authorization' metadata) with a key of FILE, one per line;\n"
+    "                            SIGHUP re-reads the key files\n"
+    "      --admin-key-file FILE keys for the Admin service and /metrics (they also work\n"
+    "                            for inference)\n"
+    "      --insecure-listen     allow non-loopback addresses without key files\n"
+    "      --tls-cert FILE       serve TLS (gRPC and HTTPS) with this PEM certificate chain\n"
+    "      --tls-key FILE        and this PEM private key (unencrypted)\n"
+    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
     "output held for clients that read slowly or not at all (beyond: the stream is\n"
     "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
     "      --max-call-buffered-bytes BYTES  unread output of one call (default 1M)\n"
@@ -98,6 +120,14 @@ static const char *serve_help =
     "      --pp N                pipeline stages (default 1)\n"
     "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
     "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
+    "\n"
+    "cluster (see 'tessera coordinator'):\n"
+    "      --join HOST:PORT      register with a coordinator and heartbeat every 500 ms\n"
+    "                            with this replica's load; rejoins after a coordinator\n"
+    "                            restart\n"
+    "      --name NAME           this replica's name in the cluster (default: its address)\n"
+    "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
+    "                            listen address)\n"
     "  -h, --help                this help\n";
 
 /* ---- signals -> control thread ---- */
@@ -107,9 +137,15 @@ static const char *serve_help =
 static sem_t g_sig_sem;
 static atomic_int g_sig_count;
 static atomic_int g_sig_last;
+static atomic_int g_sig_hup; /* SIGHUPs not yet handled: re-read the key files */
 
 static void on_signal(int sig)
 {
+    if (sig == SIGHUP) {
+        atomic_fetch_add(&g_sig_hup, 1);
+        sem_post(&g_sig_sem);
+        return;
+    }
     atomic_store(&g_sig_last, sig);
     atomic_fetch_add(&g_sig_count, 1);
     sem_post(&g_sig_sem); /* async-signal-safe */
@@ -118,6 +154,8 @@ static void on_signal(int sig)
 typedef struct {
     tsr_engine *engine;
     tsr_server *server;
+    tsr_http *http;
+    tsr_auth *auth;
     int64_t grace_ms;
     pthread_mutex_t mu;
     bool quit; /* under mu: the main thread is done with the step loop */
@@ -143,17 +181,32 @@ static void control_wait(int ms)
     }
 }
 
+/* SIGHUP: re-read the key files (the old keys stay on error). Never prints a key. */
+static void control_reload_keys(control *ctl)
+{
+    if (atomic_exchange(&g_sig_hup, 0) == 0 || !ctl->auth) return;
+    char err[1024];
+    int n_api = 0, n_admin = 0;
+    if (tsr_auth_reload(ctl->auth, &n_api, &n_admin, err, sizeof err) != 0)
+        fprintf(stderr, "tessera serve: SIGHUP: keeping the previous keys: %s\n", err);
+    else
+        fprintf(stderr, "tessera serve: SIGHUP: key files re-read (%d inference, %d admin keys)\n",
+                n_api, n_admin);
+}
+
 static void *control_main(void *arg)
 {
     control *ctl = arg;
     while (atomic_load(&g_sig_count) == 0) {
         if (control_quit(ctl)) return NULL;
+        control_reload_keys(ctl);
         control_wait(200);
     }
     int sig = atomic_load(&g_sig_last);
     fprintf(stderr, "tessera serve: %s: draining (up to %" PRId64 " ms), then stopping\n",
             sig == SIGINT ? "SIGINT" : "SIGTERM", ctl->grace_ms);
     tsr_server_set_not_serving(ctl->server);
+    tsr_http_set_not_serving(ctl->http);
     tsr_engine_drain(ctl->engine);
     int64_t until = (int64_t)(tsr_now_ns() / 1000000u) + ctl->grace_ms;
     for (;;) {
@@ -243,6 +296,39 @@ static bool leader_close(tsr_replica *rep)
     return true;
 }
 
+/* Is the host of "host:port" a loopback address (127.0.0.0/8, ::1, localhost)? */
+static bool listen_is_loopback(const char *listen)
+{
+    char host[256];
+    const char *colon = strrchr(listen, ':');
+    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
+    if (n >= sizeof host) return false;
+    memcpy(host, listen, n);
+    host[n] = '\0';
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+        memmove(host, host + 1, n - 2);
+        host[n - 2] = '\0';
+    }
+    if (!strcmp(host, "localhost")) return true;
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1) return IN6_IS_ADDR_LOOPBACK(&a6);
+    return false;
+}
+
+/* The API's model name: the file name without directory and .gguf. */
+static void default_model_name(const char *path, char *out, size_t cap)
+{
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    size_t n = strlen(b);
+    if (n > 5 && !strcmp(b + n - 5, ".gguf")) n -= 5;
+    if (n >= cap) n = cap - 1;
+    memcpy(out, b, n);
+    out[n] = '\0';
+}
+
 /* Split "host:port" for printing (IPv6 "[::1]:0" too). */
 static void listen_host(const char *listen, char *host, size_t cap)
 {
@@ -270,10 +356,22 @@ int tsr_cmd_serve(int argc, char **argv)
         O_SPEC,
         O_SPEC_K,
         O_SPEC_MAX_BATCH,
+        O_HTTP,
+        O_MODEL_NAME,
+        O_HTTP_MAX_BODY,
+        O_API_KEYS,
+        O_ADMIN_KEYS,
+        O_INSECURE,
+        O_TLS_CERT,
+        O_TLS_KEY,
+        O_TLS_CA,
         O_CHAT_TEMPLATE,
         O_MAX_BUFFERED,
         O_MAX_CALL_BUFFERED,
         O_SLOW_READER,
+        O_JOIN,
+        O_NAME,
+        O_ADVERTISE,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -297,9 +395,22 @@ int tsr_cmd_serve(int argc, char **argv)
         {"max-buffered-bytes", required_argument, 0, O_MAX_BUFFERED},
         {"max-call-buffered-bytes", required_argument, 0, O_MAX_CALL_BUFFERED},
         {"slow-reader-timeout", required_argument, 0, O_SLOW_READER},
+        {"http", required_argument, 0, O_HTTP},
+        {"model-name", required_argument, 0, O_MODEL_NAME},
+        {"http-max-body", required_argument, 0, O_HTTP_MAX_BODY},
+        {"api-key-file", required_argument, 0, O_API_KEYS},
+        {"admin-key-file", required_argument, 0, O_ADMIN_KEYS},
+        {"insecure-listen", no_argument, 0, O_INSECURE},
+        {"tls-cert", required_argument, 0, O_TLS_CERT},
+        {"tls-key", required_argument, 0, O_TLS_KEY},
+        {"tls-client-ca", required_argument, 0, O_TLS_CA},
+        {"join", required_argument, 0, O_JOIN},
+        {"name", required_argument, 0, O_NAME},
+        {"advertise", required_argument, 0, O_ADVERTISE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
+    const char *join = NULL, *join_name = NULL, *advertise = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
     int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
@@ -308,6 +419,10 @@ int tsr_cmd_serve(int argc, char **argv)
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
     int64_t spec_k = 4, spec_max_batch = 4;
+    const char *http_listen = NULL, *model_name = NULL, *api_keys = NULL, *admin_keys = NULL;
+    const char *tls_cert = NULL, *tls_key = NULL, *tls_ca = NULL;
+    uint64_t http_max_body = TSR_HTTP_DEFAULT_MAX_BODY;
+    bool insecure = false;
     uint64_t max_buffered = TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES,
              max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
     int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
@@ -406,6 +521,41 @@ int tsr_cmd_serve(int argc, char **argv)
                                            "got '%s'",
                                            optarg);
             break;
+        case O_HTTP:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error(
+                    "serve", "--http needs HOST:PORT (e.g. 127.0.0.1:8080), got '%s'", optarg);
+            http_listen = optarg;
+            break;
+        case O_MODEL_NAME:
+            if (!optarg[0] || strlen(optarg) > 200)
+                return tsr_cli_usage_error("serve", "--model-name needs 1..200 characters");
+            model_name = optarg;
+            break;
+        case O_HTTP_MAX_BODY:
+            if (!tsr_cli_parse_bytes(optarg, &http_max_body) || http_max_body < 1024 ||
+                http_max_body > (1ull << 30))
+                return tsr_cli_usage_error(
+                    "serve", "--http-max-body needs a byte count in 1K..1G, got '%s'", optarg);
+            break;
+        case O_API_KEYS:
+            api_keys = optarg;
+            break;
+        case O_ADMIN_KEYS:
+            admin_keys = optarg;
+            break;
+        case O_INSECURE:
+            insecure = true;
+            break;
+        case O_TLS_CERT:
+            tls_cert = optarg;
+            break;
+        case O_TLS_KEY:
+            tls_key = optarg;
+            break;
+        case O_TLS_CA:
+            tls_ca = optarg;
+            break;
         case O_MAX_BUFFERED:
         case O_MAX_CALL_BUFFERED: {
             uint64_t b = 0;
@@ -419,6 +569,22 @@ int tsr_cmd_serve(int argc, char **argv)
             *(c == O_MAX_BUFFERED ? &max_buffered : &max_call_buffered) = b;
             break;
         }
+        case O_JOIN:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error(
+                    "serve", "--join needs the coordinator's HOST:PORT, got '%s'", optarg);
+            join = optarg;
+            break;
+        case O_NAME:
+            if (!optarg[0]) return tsr_cli_usage_error("serve", "--name must not be empty");
+            join_name = optarg;
+            break;
+        case O_ADVERTISE:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error("serve", "--advertise needs HOST:PORT, got '%s'",
+                                           optarg);
+            advertise = optarg;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -428,13 +594,53 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
+    if ((join_name || advertise) && !join)
+        return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
+    char model_name_buf[256];
+    if (!model_name) {
+        default_model_name(model, model_name_buf, sizeof model_name_buf);
+        model_name = model_name_buf;
+    }
     if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
         return tsr_cli_usage_error("serve", "choose one of --draft-model and --spec");
+    if ((tls_cert != NULL) != (tls_key != NULL))
+        return tsr_cli_usage_error("serve", "--tls-cert and --tls-key go together");
+    if (tls_ca && !tls_cert)
+        return tsr_cli_usage_error("serve", "--tls-client-ca needs --tls-cert and --tls-key");
+    bool keyed = api_keys != NULL || admin_keys != NULL;
+    if (!keyed && !insecure) {
+        const char *open_addr = !listen_is_loopback(listen)                       ? listen
+                                : http_listen && !listen_is_loopback(http_listen) ? http_listen
+                                                                                  : NULL;
+        if (open_addr)
+            return tsr_cli_usage_error(
+                "serve",
+                "refusing to serve %s without authentication: give --api-key-file (and "
+                "--admin-key-file), or --insecure-listen to serve it open anyway",
+                open_addr);
+    }
 
     char err[1024];
     model_meta meta;
     if (read_meta(model, &meta, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
+        return 1;
+    }
+    /* Keys and TLS files: read and checked before anything starts (every rank reads them:
+     * a follower that cannot must fail the same way as the leader). */
+    tsr_auth *auth = NULL;
+    tsr_metrics *metrics = NULL;
+    char *cert_pem = NULL, *key_pem = NULL, *ca_pem = NULL;
+    if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
+        (tls_cert && tsr_http_read_pem("--tls-cert", tls_cert, &cert_pem, err, sizeof err) != 0) ||
+        (tls_key && tsr_http_read_pem("--tls-key", tls_key, &key_pem, err, sizeof err) != 0) ||
+        (tls_ca && tsr_http_read_pem("--tls-client-ca", tls_ca, &ca_pem, err, sizeof err) != 0) ||
+        (cert_pem && tsr_http_check_tls(cert_pem, key_pem, ca_pem, err, sizeof err) != 0)) {
+        fprintf(stderr, "tessera serve: %s\n", err);
+        tsr_auth_free(auth);
+        free(cert_pem);
+        free(key_pem);
+        free(ca_pem);
         return 1;
     }
     const tsr_hparams *hp = &meta.hp;
@@ -474,6 +680,10 @@ int tsr_cmd_serve(int argc, char **argv)
         return 1;
     }
     if (!tsr_replica_is_leader(rep)) {
+        tsr_auth_free(auth);
+        free(cert_pem);
+        free(key_pem);
+        free(ca_pem);
         /* The leader coordinates the shutdown; a signal forwarded by the launcher must
          * not kill a follower in the middle of it. */
         signal(SIGTERM, SIG_IGN);
@@ -484,9 +694,11 @@ int tsr_cmd_serve(int argc, char **argv)
     int exit_code = 1;
     tsr_engine *engine = NULL;
     tsr_server *server = NULL;
+    tsr_http *http = NULL;
     control ctl;
     memset(&ctl, 0, sizeof ctl);
     bool ctl_started = false, sem_ok = false;
+    tsr_join *joined = NULL;
     pthread_t ctl_thread;
 
     tsr_drafter *drafter = NULL;
@@ -530,6 +742,7 @@ int tsr_cmd_serve(int argc, char **argv)
     tsr_server_model_info info = {
         .architecture = meta.arch,
         .name = meta.has_name ? meta.name : NULL,
+        .model = model_name,
         .n_ctx = tsr_replica_n_ctx(rep),
         .n_ctx_train = hp->n_ctx_train,
         .n_vocab = tsr_vocab_n_tokens(vocab),
@@ -561,18 +774,51 @@ int tsr_cmd_serve(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
 
+    if (tsr_metrics_new(&metrics) != 0) {
+        fprintf(stderr, "tessera serve: out of memory\n");
+        goto release;
+    }
     tsr_server_params sp = {.listen = listen,
                             .max_buffered_bytes = (int64_t)max_buffered,
                             .max_call_buffered_bytes = (int64_t)max_call_buffered,
-                            .slow_reader_ms = slow_reader_ms};
+                            .slow_reader_ms = slow_reader_ms,
+                            .auth = auth,
+                            .metrics = metrics,
+                            .tls_cert_pem = cert_pem,
+                            .tls_key_pem = key_pem,
+                            .tls_client_ca_pem = ca_pem};
     int port = 0;
     if (tsr_server_start(&sp, engine, vocab, &info, &server, &port, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
+    int http_port = 0;
+    char api_name[256];
+    default_model_name(model, api_name, sizeof api_name);
+    if (http_listen) {
+        tsr_http_params hp_ = {.listen = http_listen,
+                               .model_id = model_name ? model_name : api_name,
+                               .n_ctx = info.n_ctx,
+                               .max_queue = (int32_t)max_queue,
+                               .max_body_bytes = (int64_t)http_max_body,
+                               .tls_cert_pem = cert_pem,
+                               .tls_key_pem = key_pem,
+                               .tls_client_ca_pem = ca_pem,
+                               .auth = auth,
+                               .metrics = metrics,
+                               .chat = chat};
+        if (tsr_http_start(&hp_, engine, vocab, &http, &http_port, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera serve: %s\n", err);
+            tsr_engine_stop(engine, true);
+            goto stop_server;
+        }
+    }
     ctl.engine = engine;
     ctl.server = server;
+    ctl.http = http;
+    ctl.auth = auth;
     ctl.grace_ms = grace_ms;
     pthread_mutex_init(&ctl.mu, NULL);
     if (pthread_create(&ctl_thread, NULL, control_main, &ctl) != 0) {
@@ -589,18 +835,57 @@ int tsr_cmd_serve(int argc, char **argv)
             " tokens, %.1f MiB), max batch %" PRId64 " tokens, queue %" PRId64 "\n",
             model, rp.tp, rp.pp, info.n_ctx, ep.n_kv_blocks, info.kv_capacity_tokens,
             (double)ep.n_kv_blocks * (double)block_bytes / 1048576.0, max_batch, max_queue);
+    if (!keyed)
+        fprintf(stderr, "tessera serve: no --api-key-file: serving without authentication%s\n",
+                insecure ? " (--insecure-listen)" : " (loopback addresses only)");
+    else
+        fprintf(stderr, "tessera serve: API keys required (%s%s%s)\n",
+                api_keys ? "--api-key-file" : "", api_keys && admin_keys ? ", " : "",
+                admin_keys ? "--admin-key-file" : "");
+    if (cert_pem)
+        fprintf(stderr, "tessera serve: TLS on%s\n",
+                ca_pem ? ", client certificates required (mutual TLS)" : "");
+    if (http) {
+        char hhost[256];
+        listen_host(http_listen, hhost, sizeof hhost);
+        fprintf(stderr, "tessera serve: http listening on %s:%d (model '%s')\n", hhost, http_port,
+                model_name ? model_name : api_name);
+    }
     fprintf(stderr, "tessera serve: listening on %s:%d\n", host, port);
     fflush(stderr);
+    if (join) {
+        char addr[300];
+        if (advertise)
+            snprintf(addr, sizeof addr, "%s", advertise);
+        else
+            snprintf(addr, sizeof addr, "%s:%d",
+                     !strcmp(host, "0.0.0.0") || !strcmp(host, "[::]") ? "127.0.0.1" : host, port);
+        tsr_join_params jp = {.coordinator = join,
+                              .name = join_name ? join_name : addr,
+                              .address = addr,
+                              .model = model_name,
+                              .tp = rp.tp,
+                              .pp = rp.pp,
+                              .max_queue = (int32_t)max_queue,
+                              .context_length = info.n_ctx};
+        if (tsr_join_start(&jp, engine, &joined, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera serve: %s\n", err);
+            tsr_engine_stop(engine, true);
+        }
+    }
 
     /* The step loop, on the MPI thread, until the control thread stops it. */
     int run_rc = tsr_engine_run(engine, err, sizeof err);
     if (run_rc != 0) {
         fprintf(stderr, "tessera serve: the engine stopped: %s\n", err);
         tsr_server_set_not_serving(server);
+        tsr_http_set_not_serving(http);
     }
     exit_code = run_rc == 0 ? 0 : 1;
 
 stop_server:
+    tsr_join_stop(joined);
+    joined = NULL;
     if (ctl_started) {
         pthread_mutex_lock(&ctl.mu);
         ctl.quit = true;
@@ -608,6 +893,14 @@ stop_server:
         sem_post(&g_sig_sem);
         pthread_join(ctl_thread, NULL);
         pthread_mutex_destroy(&ctl.mu);
+    }
+    if (http) {
+        if (!ctl_started) tsr_engine_stop(engine, true);
+        if (tsr_http_shutdown(http, SERVER_FLUSH_MS, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera serve: %s\n", err);
+            exit_code = 1;
+        }
+        http = NULL;
     }
     if (server) {
         /* A server that never started the step loop (thread failure) still has requests
@@ -627,9 +920,20 @@ release:
         tsr_chat_template_free(chat);
     }
     if (!leader_close(rep)) exit_code = 1;
+    if (engine || !server) { /* (leaked with a stuck server, which may still use them) */
+        tsr_metrics_free(metrics);
+        tsr_auth_free(auth);
+    }
+    free(cert_pem);
+    if (key_pem) {
+        memset(key_pem, 0, strlen(key_pem));
+        free(key_pem);
+    }
+    free(ca_pem);
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
+        signal(SIGHUP, SIG_DFL);
         sem_destroy(&g_sig_sem);
     }
     if (exit_code == 0) fprintf(stderr, "tessera serve: stopped\n");

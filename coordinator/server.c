@@ -178,10 +178,13 @@ struct tsr_server {
     grpc_completion_queue *cq;
     tsr_engine *engine;
     const tsr_vocab *vocab;
+    tsr_auth *auth;
+    tsr_metrics *metrics;
     tsr_server_model_info info;
     size_t max_piece; /* longest token text in bytes: a prompt longer than n_ctx of them
                          cannot fit, whatever its tokenization (cheap pre-check) */
     char *arch, *name;
+    char *model; /* the model name requests route by (GenerateRequest.model) */
     tag t_new, t_shutdown;
     srv_call *pending_new;  /* the call object request_call fills (CQ thread only) */
     bool new_call_armed;    /* CQ thread only */
@@ -887,12 +890,47 @@ static void reply_msg(reply *r, const ProtobufCMessage *m)
     reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,                                                     \
               "malformed " what ": the request bytes are not a valid protobuf message")
 
+/* A request naming a model (GenerateRequest.model and friends) must name this replica's:
+ * false with NOT_FOUND set otherwise. An empty or absent name is this replica's. */
+static bool model_matches(tsr_server *s, const char *model, reply *r)
+{
+    if (!model || !model[0] || !strcmp(model, s->model)) return true;
+    reply_err(r, GRPC_STATUS_NOT_FOUND, "model '%s' is not served here; this replica serves '%s'",
+              model, s->model);
+    return false;
+}
+
+static bool chat_prompt(tsr_server *s, const Tessera__V1__GenerateRequest *q, int32_t **ids,
+                        size_t *n_ids, reply *r);
+
 static void handle_tokenize(tsr_server *s, grpc_slice in, reply *r)
 {
     Tessera__V1__TokenizeRequest *q = tessera__v1__tokenize_request__unpack(
         NULL, GRPC_SLICE_LENGTH(in), GRPC_SLICE_START_PTR(in));
     if (!q) {
         MALFORMED(r, "TokenizeRequest");
+        return;
+    }
+    if (!model_matches(s, q->model, r)) {
+        tessera__v1__tokenize_request__free_unpacked(q, NULL);
+        return;
+    }
+    if (q->n_messages > 0) {
+        /* The prompt ids of a conversation, as Generate renders it (a coordinator resuming
+         * a chat request after a failover needs them). */
+        Tessera__V1__GenerateRequest g = TESSERA__V1__GENERATE_REQUEST__INIT;
+        g.n_messages = q->n_messages;
+        g.messages = q->messages;
+        int32_t *cids = NULL;
+        size_t cn = 0;
+        if (chat_prompt(s, &g, &cids, &cn, r)) {
+            Tessera__V1__TokenizeResponse a = TESSERA__V1__TOKENIZE_RESPONSE__INIT;
+            a.n_ids = cn;
+            a.ids = cids;
+            reply_msg(r, &a.base);
+        }
+        free(cids);
+        tessera__v1__tokenize_request__free_unpacked(q, NULL);
         return;
     }
     const char *text = q->text ? q->text : "";
@@ -930,11 +968,14 @@ static void handle_model_info(tsr_server *s, grpc_slice in, reply *r)
         MALFORMED(r, "ModelInfoRequest");
         return;
     }
+    bool model_ok = model_matches(s, q->model, r);
     tessera__v1__model_info_request__free_unpacked(q, NULL);
+    if (!model_ok) return;
     const tsr_server_model_info *i = &s->info;
     Tessera__V1__ModelInfoResponse a = TESSERA__V1__MODEL_INFO_RESPONSE__INIT;
     a.architecture = s->arch;
     a.name = s->name;
+    a.model = s->model;
 #define SETF(f, v)                                                                                 \
     do {                                                                                           \
         a.has_##f = true;                                                                          \
@@ -1118,6 +1159,17 @@ static bool generate_params(tsr_server *s, const Tessera__V1__GenerateRequest *q
                             tsr_engine_request *er, int32_t **ids, size_t *n_ids, reply *r)
 {
     const int32_t n_vocab = tsr_vocab_n_tokens(s->vocab);
+    if (!model_matches(s, q->model, r)) return false;
+    if (q->has_resumed_tokens) {
+        if (q->resumed_tokens < 0 || (size_t)q->resumed_tokens >= q->n_prompt_ids) {
+            reply_err(r, GRPC_STATUS_INVALID_ARGUMENT,
+                      "resumed_tokens must be in 0..%zu (prompt_ids minus at least one real "
+                      "prompt token), got %d",
+                      q->n_prompt_ids > 0 ? q->n_prompt_ids - 1 : 0, q->resumed_tokens);
+            return false;
+        }
+        er->n_resumed = q->resumed_tokens;
+    }
     bool has_text = q->prompt && q->prompt[0];
     int n_inputs = has_text + (q->n_prompt_ids > 0) + (q->n_messages > 0);
     if (n_inputs > 1) {
@@ -1338,7 +1390,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     char err[512];
     err[0] = '\0';
     uint64_t id = 0;
-    int rc = tsr_engine_submit(s->engine, &er, &id, err, sizeof err);
+    int rc = tsr_metrics_submit(s->metrics, s->engine, &er, &id, err, sizeof err);
     if (rc != TSR_ENGINE_OK) {
         switch (rc) {
         case TSR_ENGINE_EINVAL:
@@ -1548,6 +1600,30 @@ static void on_new_call(tsr_server *s, srv_call *c)
         count_rejected(s);
         return;
     }
+    if (c->m != M_HEALTH_CHECK && c->m != M_HEALTH_WATCH && tsr_auth_enabled(s->auth)) {
+        /* API keys (auth.h): the `authorization` metadata, "Bearer KEY" */
+        const char *val = NULL;
+        size_t len = 0;
+        for (size_t i = 0; i < c->md.count; i++) {
+            if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization") == 0) {
+                val = (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
+                len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
+                break;
+            }
+        }
+        char why[256];
+        tsr_auth_verdict v =
+            tsr_auth_check(s->auth, val, len, c->m == M_STATUS || c->m == M_DRAIN, why, sizeof why);
+        if (v != TSR_AUTH_ALLOW) {
+            start_send(c, NULL, true,
+                       v == TSR_AUTH_FORBIDDEN ? GRPC_STATUS_PERMISSION_DENIED
+                                               : GRPC_STATUS_UNAUTHENTICATED,
+                       why);
+            call_put_unlock(c);
+            count_rejected(s);
+            return;
+        }
+    }
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->recv_bb;
@@ -1725,9 +1801,12 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     }
     s->engine = engine;
     s->vocab = vocab;
+    s->auth = p ? p->auth : NULL;
+    s->metrics = p ? p->metrics : NULL;
     s->info = *info;
     s->arch = str_dup(info->architecture ? info->architecture : "llama");
     s->name = info->name ? str_dup(info->name) : NULL;
+    s->model = str_dup(info->model ? info->model : "");
     s->t_new = (tag){T_NEW_CALL, NULL};
     s->t_shutdown = (tag){T_SHUTDOWN, NULL};
     s->last_health = -1;
@@ -1750,7 +1829,7 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     atomic_init(&s->next_req, 1);
     atomic_init(&s->stopping, false);
     bool mu_ok = false, pump_mu_ok = false, grpc_ok = false, started = false;
-    if (!s->arch || (info->name && !s->name)) {
+    if (!s->arch || (info->name && !s->name) || !s->model) {
         tsr_set_err(err, err_len, "out of memory");
         goto fail;
     }
@@ -1780,7 +1859,22 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->cq = grpc_completion_queue_create_for_next(NULL);
     if (!s->srv || !s->cq) goto fail_mem;
     grpc_server_register_completion_queue(s->srv, s->cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds;
+    if (p && p->tls_cert_pem && p->tls_key_pem) {
+        grpc_ssl_pem_key_cert_pair pair = {p->tls_key_pem, p->tls_cert_pem};
+        creds = grpc_ssl_server_credentials_create_ex(
+            p->tls_client_ca_pem, &pair, 1,
+            p->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    if (!creds) {
+        tsr_set_err(err, err_len, "cannot create the gRPC TLS credentials (--tls-cert/--tls-key)");
+        rc = TSR_SERVER_EINVAL;
+        goto fail;
+    }
     int port = grpc_server_add_http2_port(s->srv, listen, creds);
     grpc_server_credentials_release(creds);
     if (port == 0) {
@@ -1846,6 +1940,7 @@ fail:
     }
     free(s->arch);
     free(s->name);
+    free(s->model);
     free(s);
     return rc;
 }
@@ -1925,6 +2020,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
     pthread_cond_destroy(&s->cv);
     free(s->arch);
     free(s->name);
+    free(s->model);
     free(s);
     return TSR_SERVER_OK;
 }

@@ -32,8 +32,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/auth.h"
 #include "coordinator/chat.h"
 #include "coordinator/engine.h"
+#include "coordinator/metrics.h"
 #include "shard/vocab.h"
 
 #define TSR_SERVER_OK       0
@@ -49,6 +51,8 @@
 typedef struct {
     const char *architecture; /* "llama" */
     const char *name;         /* general.name, or NULL */
+    const char *model;        /* the model name requests route by (GenerateRequest.model:
+                                 another name is NOT_FOUND); NULL = "" (accept any) */
     int32_t n_ctx;            /* tokens per sequence (prompt + generated) */
     int32_t n_ctx_train;
     int32_t n_vocab;
@@ -83,6 +87,14 @@ typedef struct {
     int64_t max_buffered_bytes;      /* all calls together (0: the default above) */
     int64_t max_call_buffered_bytes; /* one call (0: the default above) */
     int64_t slow_reader_ms;          /* (0: the default above) */
+    /* Keys (borrowed, NULL: none): every call but Health needs the `authorization`
+     * metadata "Bearer KEY" (UNAUTHENTICATED otherwise); Admin needs an admin key
+     * (PERMISSION_DENIED for an inference key). */
+    tsr_auth *auth;
+    tsr_metrics *metrics; /* borrowed, NULL: requests are not observed */
+    /* TLS when cert and key are set (PEM text); client_ca: mutual TLS, clients must
+     * present a certificate signed by it. */
+    const char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
 } tsr_server_params;
 
 typedef struct tsr_server tsr_server;

@@ -2105,14 +2105,16 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
 /* Q3_K's 16 6-bit scales, offset 32 removed, as int16 lanes (ggml's 32-bit unpacking). */
 TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
 {
-    uint32_t aux[4];
-    memcpy(aux, packed, 12);
-    const uint32_t tmp = aux[2], k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
-    aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
-    aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
-    aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
-    aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
-    const __m128i u = _mm_loadu_si128((const __m128i *)aux);
+    /* built in registers: a store of the words and a 128-bit reload of them would stall on
+     * store forwarding (measured 3x slower) */
+    uint32_t a[3];
+    memcpy(a, packed, 12);
+    const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
+    const uint32_t u2 = ((a[0] >> 4) & k2) | (((a[2] >> 4) & k1) << 4);
+    const uint32_t u3 = ((a[1] >> 4) & k2) | (((a[2] >> 6) & k1) << 4);
+    const uint32_t u0 = (a[0] & k2) | (((a[2] >> 0) & k1) << 4);
+    const uint32_t u1 = (a[1] & k2) | (((a[2] >> 2) & k1) << 4);
+    const __m128i u = _mm_set_epi32((int)u3, (int)u2, (int)u1, (int)u0);
     return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
 }
 
@@ -2458,15 +2460,19 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
  * fname_mk runs blocks [k0, k0 + kc) of one micro-tile; first / last: the row's first /
  * last K chunk (start from zero / write y rather than park the state in st). */
 #define DEF_TILE(fname, ATTR, BLK, R, MULT, WPREP, YPREP, IDOT, CVT, FALLBACK)                     \
-    ATTR TSR_INLINE void fname##_mk(const int T, size_t k0, int kc, bool first, bool last,         \
-                                    size_t nbp, const uint8_t *w, size_t ws, int nr,               \
-                                    const uint8_t *x, size_t xs, const float *dy, const float *ey, \
-                                    const float *dwr, __m256 *st, float *y, size_t ys)             \
+    DEF_TILE_EX(fname, ATTR, BLK, blk_q8_0, R, MULT, 0, d, act_info_build, WPREP, YPREP, IDOT,     \
+                CVT, FALLBACK)
+#define DEF_TILE_EX(fname, ATTR, BLK, XBLK, R, MULT, HASMIN, MFIELD, BUILD, WPREP, YPREP, IDOT,    \
+                    CVT, FALLBACK)                                                                 \
+    ATTR TSR_INLINE void fname##_mk(                                                               \
+        const int T, size_t k0, int kc, bool first, bool last, size_t nbp, const uint8_t *w,       \
+        size_t ws, int nr, const uint8_t *x, size_t xs, const float *dy, const float *ey,          \
+        const float *dwr, const float *mwr, __m256 *st, float *y, size_t ys)                       \
     {                                                                                              \
         const BLK *wr[R];                                                                          \
-        const blk_q8_0 *xt[TILE_T];                                                                \
+        const XBLK *xt[TILE_T];                                                                    \
         for (int r = 0; r < R; ++r) wr[r] = (const BLK *)(w + (size_t)(r < nr ? r : nr - 1) * ws); \
-        for (int t = 0; t < T; ++t) xt[t] = (const blk_q8_0 *)(x + (size_t)t * xs);                \
+        for (int t = 0; t < T; ++t) xt[t] = (const XBLK *)(x + (size_t)t * xs);                    \
         float sc[R * TILE_T][TILE_KC] __attribute__((aligned(32)));                                \
         __m256 park[4][R * TILE_T], off[R * TILE_T];                                               \
         _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o)                                   \
@@ -2483,8 +2489,10 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
                 {                                                                                  \
                     const int o = r * T + t;                                                       \
-                    if (MULT) {                                                                    \
-                        off[o] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + (size_t)t * nbp + b),    \
+                    if (MULT || HASMIN) { /* the offset: d_w (Q4_0 / Q5_0) or m_w (Q4_1) */        \
+                        const __m256 ow =                                                          \
+                            HASMIN ? _mm256_loadu_ps(mwr + (size_t)r * nbp + b) : dw;              \
+                        off[o] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(ey + (size_t)t * nbp + b),    \
                                                  off[o]);                                          \
                     }                                                                              \
                     _mm256_store_ps(sc[o] + g,                                                     \
@@ -2559,7 +2567,7 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
         /* workspace: the micro-tiles' parked state (rows longer than TILE_KC blocks), a row       \
          * group's weight scales, the token chunk's act_info */                                    \
         const size_t n_st = nb > TILE_KC ? (tc + TILE_T - 1) / TILE_T * TILE_STATE_VECS(R) : 0;    \
-        const size_t n_fl = (size_t)R * nbp + 2 * tc * nbp;                                        \
+        const size_t n_fl = 2 * (size_t)R * nbp + 2 * tc * nbp;                                    \
         uint8_t *buf = malloc(sizeof(__m256) * n_st + sizeof(float) * n_fl + 32);                  \
         if (!buf) {                                                                                \
             for (int32_t t = 0; t < ntok; ++t)                                                     \
@@ -2568,12 +2576,12 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
         }                                                                                          \
         __m256 *st = (__m256 *)(buf + (32 - (uintptr_t)buf % 32));                                 \
         float *dw = (float *)(st + n_st), *dy = dw + (size_t)R * nbp, *ey = dy + tc * nbp;         \
+        float *mw = ey + tc * nbp; /* the rows' mins (HASMIN) */                                   \
         for (size_t t0 = 0; t0 < (size_t)ntok; t0 += tc) {                                         \
             const int tcn = (size_t)ntok - t0 < tc ? (int)((size_t)ntok - t0) : (int)tc;           \
             for (int t = 0; t < tcn; ++t) {                                                        \
                 act_info ai = {dy + (size_t)t * nbp, ey + (size_t)t * nbp};                        \
-                act_info_build((const blk_q8_0 *)(x + (t0 + (size_t)t) * xs), (int64_t)nb, MULT,   \
-                               &ai);                                                               \
+                BUILD((const XBLK *)(x + (t0 + (size_t)t) * xs), (int64_t)nb, MULT, &ai);          \
             }                                                                                      \
             for (int64_t r0 = 0; r0 < nrows; r0 += R) {                                            \
                 const int nr = nrows - r0 < R ? (int)(nrows - r0) : R;                             \
@@ -2592,6 +2600,9 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
                         const int m = nb - b < 8 ? (int)(nb - b) : 8;                              \
                         _mm256_storeu_ps(dw + (size_t)r * nbp + b,                                 \
                                          f16x8_strided(&rw[b].d, sizeof(BLK), m));                 \
+                        if (HASMIN)                                                                \
+                            _mm256_storeu_ps(mw + (size_t)r * nbp + b,                             \
+                                             f16x8_strided(&rw[b].MFIELD, sizeof(BLK), m));        \
                     }                                                                              \
                 }                                                                                  \
                 for (size_t k0 = 0; k0 < nb; k0 += TILE_KC) {                                      \
@@ -2605,24 +2616,24 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
                         switch (tcn - t) {                                                         \
                         case 1:                                                                    \
                             fname##_mk(1, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt, eyt,  \
-                                       dw, stq, yt, ys);                                           \
+                                       dw, mw, stq, yt, ys);                                       \
                             break;                                                                 \
                         case 2:                                                                    \
                             fname##_mk(2, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt, eyt,  \
-                                       dw, stq, yt, ys);                                           \
+                                       dw, mw, stq, yt, ys);                                       \
                             break;                                                                 \
                         case 3:                                                                    \
                             fname##_mk(3, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt, eyt,  \
-                                       dw, stq, yt, ys);                                           \
+                                       dw, mw, stq, yt, ys);                                       \
                             break;                                                                 \
                         default: /* the common case, with whole rows of <= TILE_KC blocks          \
                                     specialized: no parking */                                     \
                             if (nb <= TILE_KC)                                                     \
                                 fname##_mk(4, 0, kc, true, true, nbp, wt, ws, nr, xt, xs, dyt,     \
-                                           eyt, dw, stq, yt, ys);                                  \
+                                           eyt, dw, mw, stq, yt, ys);                              \
                             else                                                                   \
                                 fname##_mk(4, k0, kc, first, last, nbp, wt, ws, nr, xt, xs, dyt,   \
-                                           eyt, dw, stq, yt, ys);                                  \
+                                           eyt, dw, mw, stq, yt, ys);                              \
                             break;                                                                 \
                         }                                                                          \
                     }                                                                              \
@@ -2702,6 +2713,10 @@ DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AV
          rows_q8_0_avx2)
 DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, Q4T_W, Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2,
          rows_q4_0_avx2)
+DEF_TILE_EX(tile_q4_1_avx2, TSR_AVX2, blk_q4_1, blk_q8_1, 2, 0, 1, m, act_info_build_q8_1, Q4T_W,
+            Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2, rows_q4_1_avx2)
+DEF_TILE_EX(tile_q4_1_vnni, TSR_VNNI, blk_q4_1, blk_q8_1, 4, 0, 1, m, act_info_build_q8_1, Q4T_W,
+            Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC, rows_q4_1_vnni)
 DEF_TILE(tile_q5_0_avx2, TSR_AVX2, blk_q5_0, 2, 16, Q5T_W_AVX2, Q8T_Y, Q4T_DOT_AVX2,
          TILE_CVT_AVX2, rows_q5_0_avx2)
 DEF_TILE(tile_q5_0_vnni, TSR_VNNI, blk_q5_0, 4, 16, Q5T_W_VNNI, Q8T_Y, Q4T_DOT_VNNI,
@@ -2903,6 +2918,8 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
         k = isa >= ISA_AVX512VNNI ? tile_q8_0_vnni : tile_q8_0_avx2;
     else if (type == TSR_TYPE_Q4_0 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q4_0_vnni : tile_q4_0_avx2;
+    else if (type == TSR_TYPE_Q4_1 && isa >= ISA_AVX2)
+        k = isa >= ISA_AVX512VNNI ? tile_q4_1_vnni : tile_q4_1_avx2;
     else if (type == TSR_TYPE_Q5_0 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q5_0_vnni : tile_q5_0_avx2;
     if (k && n > 0 && n_tok > 1) {

@@ -12,15 +12,20 @@ tokens (common English words, one token each with this vocabulary, after BOS), 6
 generated tokens each (greedy, ignore_eos: random weights would stop anywhere).
 Printed: generated tokens/s of each way (generate: the tokens of --gen-prompts prompts
 over the wall time of their processes, start and model load included, as a user running
-it per prompt pays them; also its decode-only rate), and the ratios. Needs Debian's
-python3-grpcio for loadgen (/usr/bin/python3).
+it per prompt pays them; also its decode-only rate), and the ratios; also generated
+tokens per CPU-second (user + system time of the tessera processes), which other tenants
+of a shared machine disturb far less than wall time. --rounds R interleaves the three
+ways R times and prints medians. Needs Debian's python3-grpcio for loadgen
+(/usr/bin/python3).
 """
 import argparse
 import json
 import os
 import random
 import re
+import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,15 +53,29 @@ def make_input(path, n, seed=3):
                                 "temperature": 0, "ignore_eos": True}) + "\n")
 
 
+def child_cpu_s():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def proc_cpu_s(pid):
+    """CPU seconds (user + system) of a running process, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_batch(a, t, inp, tmp):
     out = os.path.join(tmp, "out.jsonl")
     if os.path.exists(out):
         os.unlink(out)
     t0 = time.time()
+    c0 = child_cpu_s()
     r = subprocess.run([t, "batch", "-m", a.model, "-i", inp, "-o", out, "-t", str(a.threads),
                         "--progress-interval", "60"] + a.batch_flags,
                        capture_output=True, text=True)
     wall = time.time() - t0
+    cpu = child_cpu_s() - c0
     if r.returncode != 0:
         sys.exit("batch failed: " + r.stderr[-2000:])
     gen = ptok = 0
@@ -67,8 +86,12 @@ def run_batch(a, t, inp, tmp):
             ptok += u["prompt_tokens"]
     print("batch:     %7.1f generated tokens/s (%d generated + %d prompt tokens, %.1f s wall, "
           "process start included)" % (gen / wall, gen, ptok, wall))
-    print("           " + [l for l in r.stderr.splitlines() if " done: " in l][-1], flush=True)
-    return gen / wall
+    print("           %.1f generated tokens per CPU-second (%.1f CPU-s)" % (gen / cpu, cpu))
+    for l in r.stderr.splitlines():
+        if " done: " in l or ": rank " in l:
+            print("           " + l)
+    sys.stdout.flush()
+    return gen / wall, gen / cpu
 
 
 def run_generate(a, t, inp):
@@ -76,6 +99,7 @@ def run_generate(a, t, inp):
     gen = 0
     dec_t = 0.0
     t0 = time.time()
+    c0 = child_cpu_s()
     for it in items:
         r = subprocess.run([t, "generate", "-m", a.model, "-p", it["prompt"], "-n", "64",
                             "--temperature", "0", "--ignore-eos", "--json", "-t",
@@ -85,10 +109,11 @@ def run_generate(a, t, inp):
         if d["decode_tokens_per_s"] > 0:
             dec_t += (len(d["ids"]) - 1) / d["decode_tokens_per_s"]
     wall = time.time() - t0
+    cpu = child_cpu_s() - c0
     print("generate:  %7.1f generated tokens/s (%d prompts, once each: %.1f s wall; decode "
-          "alone %.1f tokens/s)" % (gen / wall, len(items), wall, (gen - len(items)) / dec_t),
-          flush=True)
-    return gen / wall
+          "alone %.1f tokens/s); %.1f generated tokens per CPU-second" % (
+              gen / wall, len(items), wall, (gen - len(items)) / dec_t, gen / cpu), flush=True)
+    return gen / wall, gen / cpu
 
 
 def run_serve(a, t, inp):
@@ -115,11 +140,15 @@ def run_serve(a, t, inp):
                            capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit("loadgen failed: " + r.stdout + r.stderr)
+        cpu = proc_cpu_s(p.pid)
         m = re.search(r"throughput:\s+([\d.]+) generated tokens/s", r.stdout)
         v = float(m.group(1))
-        print("serve:     %7.1f generated tokens/s (loadgen, concurrency %d, %.1f s)" % (
-            v, a.concurrency, time.time() - t0), flush=True)
-        return v
+        m = re.search(r"\((\d+) tokens\)", r.stdout)
+        gen = int(m.group(1))
+        print("serve:     %7.1f generated tokens/s (loadgen, concurrency %d, %.1f s); %.1f "
+              "generated tokens per CPU-second of the server (%.1f CPU-s, start included)" % (
+                  v, a.concurrency, time.time() - t0, gen / cpu, cpu), flush=True)
+        return v, gen / cpu
     finally:
         p.send_signal(signal.SIGTERM)
         try:
@@ -160,31 +189,31 @@ def main():
     for rd in range(a.rounds):
         res = {}
         if "batch" not in skip:
-            res["batch"] = run_batch(a, t, inp, tmp)
+            res["batch"], res["batch_cpu"] = run_batch(a, t, inp, tmp)
         if "generate" not in skip:
-            res["generate"] = run_generate(a, t, inp)
+            res["generate"], res["generate_cpu"] = run_generate(a, t, inp)
         if "serve" not in skip:
-            res["serve"] = run_serve(a, t, inp)
+            res["serve"], res["serve_cpu"] = run_serve(a, t, inp)
         line = "round %d:" % (rd + 1)
-        if "batch" in res and "generate" in res:
-            res["r_gen"] = res["batch"] / res["generate"]
-            line += " batch/generate %.2fx" % res["r_gen"]
-        if "batch" in res and "serve" in res:
-            res["r_serve"] = res["batch"] / res["serve"]
-            line += " batch/serve %.2fx" % res["r_serve"]
+        for other, key in (("generate", "r_gen"), ("serve", "r_serve")):
+            if "batch" in res and other in res:
+                res[key] = res["batch"] / res[other]
+                res[key + "_cpu"] = res["batch_cpu"] / res[other + "_cpu"]
+                line += " batch/%s %.2fx (per CPU-second %.2fx)" % (other, res[key],
+                                                                     res[key + "_cpu"])
         print(line, flush=True)
         rounds.append(res)
-    med = lambda k: sorted(r[k] for r in rounds)[len(rounds) // 2]
+    med = lambda k: statistics.median(r[k] for r in rounds)
     for k, name in (("batch", "batch"), ("generate", "generate per prompt"),
                     ("serve", "serve c%d" % a.concurrency)):
         if k in rounds[0]:
-            print("median %-22s %7.1f generated tokens/s" % (name + ":", med(k)))
-    if "r_gen" in rounds[0]:
-        print("median batch / generate per prompt: %.2fx (per round: %s)" % (
-            med("r_gen"), ", ".join("%.2f" % r["r_gen"] for r in rounds)))
-    if "r_serve" in rounds[0]:
-        print("median batch / serve at concurrency %d: %.2fx (per round: %s)" % (
-            a.concurrency, med("r_serve"), ", ".join("%.2f" % r["r_serve"] for r in rounds)))
+            print("median %-22s %7.1f generated tokens/s, %7.1f per CPU-second" % (
+                name + ":", med(k), med(k + "_cpu")))
+    for key, name in (("r_gen", "generate per prompt"),
+                      ("r_serve", "serve at concurrency %d" % a.concurrency)):
+        if key in rounds[0]:
+            print("median batch / %s: %.2fx wall (rounds: %s), %.2fx per CPU-second" % (
+                name, med(key), ", ".join("%.2f" % r[key] for r in rounds), med(key + "_cpu")))
     subprocess.run(["rm", "-rf", tmp])
     return 0
 

@@ -6,6 +6,7 @@ PKGS=(build-essential cmake pkg-config procps libpcre2-dev libcjson-dev libcmock
       libopenmpi-dev openmpi-bin
       libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-grpcio
       python3-grpc-tools protobuf-compiler-grpc python3-venv python3-pip unzip
+      libmicrohttpd-dev libgnutls28-dev prometheus openssl
       slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,19 +1,29 @@
 #!/usr/bin/python3
-"""loadgen.py — load generator for `tessera serve` (gRPC, tessera.v1.Inference/Generate).
+"""loadgen.py — load generator for `tessera serve`: gRPC (tessera.v1.Inference/Generate) or
+HTTP (`--protocol http`: POST /v1/completions with stream=true, Server-Sent Events).
 
 Runs N Generate requests with C in flight at once and prints throughput (generated
 tokens/s over the wall time), time to first token and inter-token latency (p50 / p99).
 Inter-token latency is measured per token: a message carrying k tokens that arrives t
 after the previous one counts k gaps of t/k (the server coalesces tokens produced while
-a send is in flight).
+a send is in flight). Over HTTP the chunks carry their token ids (the vLLM extension
+`return_token_ids`), so both protocols count tokens the same way; each thread keeps one
+connection (HTTP/1.1 keep-alive) as a gRPC channel does.
+
+Keys and TLS: `--api-key KEY` (gRPC `authorization` metadata / HTTP `Authorization: Bearer`),
+`--tls-ca FILE` (TLS, verifying the server with this CA), `--tls-cert FILE --tls-key FILE`
+(a client certificate for mutual TLS).
 
 Needs Debian's python3-grpcio and python3-grpc-tools (run with /usr/bin/python3); the stubs
 are generated from proto/ into a temporary folder at start.
 
   /usr/bin/python3 ops/loadgen.py --target 127.0.0.1:50051 --concurrency 16 --requests 200
+  /usr/bin/python3 ops/loadgen.py --protocol http --target 127.0.0.1:8080 -c 16 -n 200
 """
 import argparse
+import http.client
 import json
+import ssl
 import os
 import random
 import shutil
@@ -44,6 +54,16 @@ def load_stubs(proto_dir):
     return out, tessera_pb2, tessera_pb2_grpc
 
 
+def _grpc_stream(it, spec_counts, lock):
+    """The messages of a Generate stream, counting speculation from the last one."""
+    for r in it:
+        if r.HasField("usage"):
+            with lock:
+                spec_counts[0] += r.usage.spec_drafted
+                spec_counts[1] += r.usage.spec_accepted
+        yield r
+
+
 def pct(xs, p):
     if not xs:
         return float("nan")
@@ -63,8 +83,15 @@ def main():
     ap.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline per request, s")
     ap.add_argument("--speculation", choices=["default", "off", "auto"], default="default",
-                    help="per-request speculative decoding (the server needs a drafter)")
+                    help="per-request speculative decoding (the server needs a drafter; "
+                    "gRPC only: over HTTP the server's default applies)")
     ap.add_argument("--proto", default=os.path.join(ROOT, "proto"), help="proto folder")
+    ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+                    help="gRPC Generate or HTTP /v1/completions with SSE (default grpc)")
+    ap.add_argument("--api-key", default=None, help="key sent as 'Bearer KEY'")
+    ap.add_argument("--tls-ca", default=None, help="TLS: verify the server with this CA (PEM)")
+    ap.add_argument("--tls-cert", default=None, help="mutual TLS: client certificate (PEM)")
+    ap.add_argument("--tls-key", default=None, help="mutual TLS: client key (PEM)")
     ap.add_argument("--input", default=None,
                     help="a `tessera batch` JSONL file: one request per line with its prompt, "
                          "max_tokens, temperature, seed, ignore_eos (sets --requests)")
@@ -80,15 +107,35 @@ def main():
         a.requests = len(items)
     if a.concurrency < 1 or a.requests < 1 or a.max_tokens < 1:
         ap.error("--concurrency, --requests and --max-tokens must be >= 1")
+    if (a.tls_cert is None) != (a.tls_key is None) or (a.tls_cert and not a.tls_ca):
+        ap.error("--tls-cert and --tls-key go together, and need --tls-ca")
+    for f in (a.tls_ca, a.tls_cert, a.tls_key):
+        if f and not os.path.isfile(f):
+            ap.error("cannot read %s" % f)
+    md = [("authorization", "Bearer " + a.api_key)] if a.api_key else []
 
-    stub_dir, pb, pbg = load_stubs(a.proto)
+    stub_dir, pb, pbg = load_stubs(a.proto) if a.protocol == "grpc" else (None, None, None)
     try:
-        ch = grpc.insecure_channel(a.target)
-        try:
-            grpc.channel_ready_future(ch).result(timeout=10)
-        except grpc.FutureTimeoutError:
-            sys.exit("loadgen: cannot connect to %s within 10 s" % a.target)
-        stub = pbg.InferenceStub(ch)
+        stub = ch = None
+        if a.protocol == "grpc":
+            if a.tls_ca:
+                rd = lambda f: open(f, "rb").read() if f else None  # noqa: E731
+                creds = grpc.ssl_channel_credentials(rd(a.tls_ca), rd(a.tls_key),
+                                                     rd(a.tls_cert))
+                ch = grpc.secure_channel(a.target, creds)
+            else:
+                ch = grpc.insecure_channel(a.target)
+            try:
+                grpc.channel_ready_future(ch).result(timeout=10)
+            except grpc.FutureTimeoutError:
+                sys.exit("loadgen: cannot connect to %s within 10 s" % a.target)
+            stub = pbg.InferenceStub(ch)
+        host, _, port = a.target.rpartition(":")
+        ctx = None
+        if a.tls_ca:
+            ctx = ssl.create_default_context(cafile=a.tls_ca)
+            if a.tls_cert:
+                ctx.load_cert_chain(a.tls_cert, a.tls_key)
         lock = threading.Lock()
         next_req = [0]
         ttft, itl, errors = [], [], {}
@@ -97,35 +144,66 @@ def main():
         rng = random.Random(0)
         prompts = [a.prompt or rng.choice(PROMPTS) for _ in range(a.requests)]
 
+        def http_generate(conn, q):
+            """One streamed completion; yields the number of tokens of each chunk."""
+            body = json.dumps(dict(q, stream=True, return_token_ids=True))
+            hdr = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+            if a.api_key:
+                hdr["Authorization"] = "Bearer " + a.api_key
+            conn.request("POST", "/v1/completions", body=body, headers=hdr)
+            r = conn.getresponse()
+            if r.status != 200:
+                raise RuntimeError("HTTP %d: %s" % (r.status, r.read()[:200]))
+            while True:
+                line = r.readline()
+                if not line:
+                    raise RuntimeError("stream ended without [DONE]")
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    r.read()
+                    return
+                ev = json.loads(data)
+                if "error" in ev:
+                    raise RuntimeError(ev["error"].get("message", "error"))
+                yield sum(len(c.get("token_ids", [])) for c in ev.get("choices", []))
+
         def worker():
+            conn = None
+            if a.protocol == "http":
+                conn = (http.client.HTTPSConnection(host, int(port), context=ctx,
+                                                    timeout=a.timeout) if ctx else
+                        http.client.HTTPConnection(host, int(port), timeout=a.timeout))
             while True:
                 with lock:
                     i = next_req[0]
                     if i >= a.requests:
                         return
                     next_req[0] += 1
-                spec = {"default": pb.SPECULATION_DEFAULT, "off": pb.SPECULATION_OFF,
-                        "auto": pb.SPECULATION_AUTO}[a.speculation]
                 if items:
                     it = items[i]
-                    req = pb.GenerateRequest(
-                        prompt=it["prompt"], max_tokens=it.get("max_tokens", 16),
-                        temperature=it.get("temperature", 1.0),
-                        ignore_eos=it.get("ignore_eos", False), seed=it.get("seed", i),
-                        speculation=spec)
+                    q = dict(prompt=it["prompt"], max_tokens=it.get("max_tokens", 16),
+                             temperature=it.get("temperature", 1.0),
+                             ignore_eos=it.get("ignore_eos", False), seed=it.get("seed", i))
                 else:
-                    req = pb.GenerateRequest(prompt=prompts[i], max_tokens=a.max_tokens,
-                                             temperature=a.temperature, ignore_eos=a.ignore_eos,
-                                             seed=i, speculation=spec)
+                    q = dict(prompt=prompts[i], max_tokens=a.max_tokens,
+                             temperature=a.temperature, ignore_eos=a.ignore_eos, seed=i)
+                req = None
+                if conn is None:
+                    spec = {"default": pb.SPECULATION_DEFAULT, "off": pb.SPECULATION_OFF,
+                            "auto": pb.SPECULATION_AUTO}[a.speculation]
+                    req = pb.GenerateRequest(speculation=spec, **q)
                 t0 = time.perf_counter()
                 prev, first, gaps, n = None, None, [], 0
                 try:
-                    for r in stub.Generate(req, timeout=a.timeout):
-                        if r.HasField("usage"):
-                            with lock:
-                                spec_counts[0] += r.usage.spec_drafted
-                                spec_counts[1] += r.usage.spec_accepted
-                        k = len(r.token_ids)
+                    if conn is not None:
+                        counts = http_generate(conn, q)
+                    else:
+                        counts = (len(r.token_ids) for r in
+                                  _grpc_stream(stub.Generate(req, timeout=a.timeout,
+                                                             metadata=md), spec_counts, lock))
+                    for k in counts:
                         if k == 0:
                             continue
                         t = time.perf_counter()
@@ -141,6 +219,13 @@ def main():
                         key = "%s: %s" % (e.code().name, (e.details() or "")[:80])
                         errors[key] = errors.get(key, 0) + 1
                     continue
+                except (OSError, RuntimeError, ValueError, http.client.HTTPException) as e:
+                    with lock:
+                        key = "%s: %s" % (type(e).__name__, str(e)[:80])
+                        errors[key] = errors.get(key, 0) + 1
+                    if conn is not None:
+                        conn.close()  # reconnects on the next request
+                    continue
                 with lock:
                     tokens[0] += n
                     if first is not None:
@@ -155,12 +240,14 @@ def main():
         for t in threads:
             t.join()
         wall = time.perf_counter() - t_start
-        ch.close()
+        if ch is not None:
+            ch.close()
     finally:
-        shutil.rmtree(stub_dir, ignore_errors=True)
+        if stub_dir:
+            shutil.rmtree(stub_dir, ignore_errors=True)
 
     ok = a.requests - sum(errors.values())
-    print("target:          %s" % a.target)
+    print("target:          %s (%s%s)" % (a.target, a.protocol, ", TLS" if a.tls_ca else ""))
     print("requests:        %d ok, %d failed, concurrency %d, max_tokens %d"
           % (ok, a.requests - ok, a.concurrency, a.max_tokens))
     print("wall time:       %.2f s (%.2f requests/s)" % (wall, ok / wall))

@@ -81,7 +81,8 @@ static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stri
     *best = t[0];
 }
 
-/* Prefill: rows x 128 tokens of Q8_0 / Q4_0 at n = N_COLS, best of REPS, in block dots/ns. */
+/* Prefill: rows x 128 tokens of Q8_0 / Q4_0 / Q4_1 / Q5_0 at n = N_COLS, best of REPS, in
+ * block dots/ns. */
 /* Whether `name` is selected by the comma-separated list in environment variable `var`
  * (unset: everything). */
 static int selected(const char *var, const char *name)
@@ -101,7 +102,7 @@ static int selected(const char *var, const char *name)
 static void bench_tiles(void)
 {
     enum { N_TOK = 128 };
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q5_0};
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_1, TSR_TYPE_Q5_0};
     static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
     const char *env = getenv("TSR_BENCH_TILE_ROWS");
     const int64_t rows = env && atoi(env) > 0 ? atoi(env) : 2048;
@@ -111,7 +112,8 @@ static void bench_tiles(void)
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ++ti) {
         const uint32_t type = types[ti];
         if (!selected("TSR_BENCH_TYPES", tsr_type_name(type))) continue;
-        const size_t rb = tsr_row_bytes(type, N_COLS), xb = tsr_row_bytes(TSR_TYPE_Q8_0, N_COLS);
+        const uint32_t xtype = tsr_type_vec_dot_type(type);
+        const size_t rb = tsr_row_bytes(type, N_COLS), xb = tsr_row_bytes(xtype, N_COLS);
         uint8_t *w = malloc((size_t)rows * rb), *x = malloc(xb * N_TOK);
         float *f = malloc(sizeof(float) * N_COLS), *y = malloc(sizeof(float) * rows * N_TOK);
         if (!w || !x || !f || !y) exit(1);
@@ -124,7 +126,7 @@ static void bench_tiles(void)
             if (r < rows)
                 tsr_quant_row(type, f, w + (size_t)r * rb, N_COLS);
             else
-                tsr_quant_row(TSR_TYPE_Q8_0, f, x + (size_t)(r - rows) * xb, N_COLS);
+                tsr_quant_row(xtype, f, x + (size_t)(r - rows) * xb, N_COLS);
         }
         const double dots = (double)rows * N_TOK * (N_COLS / 32);
         for (size_t k = 0; k < sizeof isas / sizeof isas[0]; ++k) {

@@ -46,9 +46,9 @@ int main(int argc, char **argv)
                                          {"n", required_argument, 0, 'n'},
                                          {"expect-refusal", required_argument, 0, 'r'},
                                          {"teacher-force", no_argument, 0, 'f'},
+                                         {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
                                          {"gpu-memory", required_argument, 0, 'G'},
-                                         {"prompt-ids", required_argument, 0, 'P'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {

@@ -7,7 +7,8 @@
 #   2. `scancel --batch --signal=TERM` (what --signal=B:TERM@120 does before a time
 #      limit): tessera stops, flushes, exits 3, the job requeues itself and finishes;
 #   3. `scancel --signal=TERM` (the ranks only): the same;
-#   4. an array of 3 shards (--array=0-2) whose merge job (submitted by the first task,
+#   4. `srun --mpi=pmix -n 2 tessera batch --tp 2` writes the lines of `mpirun -np 2 --tp 2`;
+#   5. an array of 3 shards (--array=0-2) whose merge job (submitted by the first task,
 #      afterok on the array) writes the same set of lines as the single job.
 # Every output must answer each line of the 300-line input (tests/python/test_batch.py
 # make-input: completions, plain prompts, greedy and seeded, 10 malformed) exactly once,
@@ -173,6 +174,21 @@ grep -q "SIGUSR1: no new lines" "$D/timelimit.log" && grep -q "requeueing job" "
 preempt sigterm timeout -k 2 10 scancel --signal=TERM
 grep -q "SIGTERM: no new lines" "$D/sigterm.log" && grep -q "requeueing job" "$D/sigterm.log" ||
   { tail -n 30 "$D/sigterm.log"; fail "sigterm: tessera did not stop gracefully / the job did not requeue itself"; }
+
+# srun --mpi=pmix, 2 ranks (--tp 2), straight from the shell: the same lines as
+# `mpirun -np 2 ... --tp 2` (tp 2 sums in another order than one process, so the
+# reference of this layout is the same layout under the other launcher).
+timeout -k 2 120 srun --mpi=pmix -O -n 2 "$TESSERA" batch -m "$MODEL" -i "$INPUT" \
+  -o "$D/srun-tp2.jsonl" -c 256 -t 1 --tp 2 >"$D/srun-tp2.log" 2>&1 ||
+  { tail -n 20 "$D/srun-tp2.log"; fail "srun --mpi=pmix -n 2 tessera batch --tp 2"; }
+timeout -k 2 120 mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2 "$TESSERA" \
+  batch -m "$MODEL" -i "$INPUT" -o "$D/mpirun-tp2.jsonl" -c 256 -t 1 --tp 2 \
+  >"$D/mpirun-tp2.log" 2>&1 || { tail -n 20 "$D/mpirun-tp2.log"; fail "mpirun -np 2 tessera batch --tp 2"; }
+grep -q "tp 2 x pp 1" "$D/srun-tp2.log" || fail "the srun job did not run tp 2"
+if ! cmp -s <(sort "$D/srun-tp2.jsonl") <(sort "$D/mpirun-tp2.jsonl"); then
+  fail "srun -n 2 --tp 2 and mpirun -np 2 --tp 2 wrote different lines"
+fi
+echo "slurm_batch_check: srun --mpi=pmix -n 2 --tp 2: the $(wc -l <"$D/srun-tp2.jsonl") lines of mpirun -np 2 --tp 2 ($(at))"
 
 # Array of 3 shards + the merge job.
 ARR=$(cd "$D" && OUTPUT=$D/array.jsonl timeout -k 2 15 sbatch --parsable -n 1 -c 1 --array=0-2 \

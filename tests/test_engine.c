@@ -28,21 +28,28 @@ typedef struct {
     int finish;
     int n_finish;
     int n_preempted;
+    size_t text_at[256]; /* text_len after the event that carried ids[i] */
+    int n_prompt_tokens, n_completion_tokens;
 } result;
 
 static void on_event(void *ud, const tsr_event *ev)
 {
     result *r = ud;
     if (ev->kind == TSR_EV_TOKENS) {
-        for (size_t i = 0; i < ev->n_ids && r->n_ids < 256; i++) r->ids[r->n_ids++] = ev->ids[i];
         if (r->text_len + ev->text_len < sizeof r->text) {
             memcpy(r->text + r->text_len, ev->text, ev->text_len);
             r->text_len += ev->text_len;
+        }
+        for (size_t i = 0; i < ev->n_ids && r->n_ids < 256; i++) {
+            r->text_at[r->n_ids] = r->text_len;
+            r->ids[r->n_ids++] = ev->ids[i];
         }
     } else {
         r->finish = ev->finish_reason;
         r->n_finish++;
         r->n_preempted = ev->n_preempted;
+        r->n_prompt_tokens = ev->n_prompt_tokens;
+        r->n_completion_tokens = ev->n_completion_tokens;
     }
 }
 
@@ -211,12 +218,97 @@ static void test_cancel_and_errors(void **state)
     tsr_replica_close(rep);
 }
 
+/* Failover resume: a request handed its prompt plus the first K tokens an earlier run
+ * generated (n_resumed = K) and the budget left continues exactly as the undisturbed run:
+ * seeded sampling draws the same numbers, the penalties count those K tokens as output, the
+ * stop matcher holds back what the first run held back after K tokens (its text is not
+ * emitted again), and usage counts the K tokens as completion tokens. */
+static void test_resume(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 64, .n_kv_blocks = 128};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_engine_params ep = {.max_batch_tokens = 64, .max_seqs = 16, .max_queue = 16};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    enum { N = 60, N_CUTS = 4 };
+    const int cuts[N_CUTS] = {1, 9, 23, 59};
+    static const char *const stops[1] = {"the little dog flew"}; /* held back: "the ..." */
+    int32_t prompt[64 + N];
+    int n_prompt;
+    make_prompt(5, prompt, &n_prompt);
+    static result full, part[N_CUTS];
+    memset(&full, 0, sizeof full);
+    memset(part, 0, sizeof part);
+    tsr_engine_request rq = {
+        .prompt_ids = prompt, .n_prompt = (size_t)n_prompt, .on_event = on_event, .ud = &full};
+    tsr_sampling_params_default(&rq.gen.sampling);
+    rq.gen.sampling.temperature = 0.9f;
+    rq.gen.sampling.seed = 4242;
+    rq.gen.sampling.frequency_penalty = 0.4f;
+    rq.gen.sampling.presence_penalty = 0.2f;
+    rq.gen.sampling.repetition_penalty = 1.1f;
+    rq.gen.max_tokens = N;
+    rq.gen.ignore_eos = true;
+    rq.gen.stop = stops;
+    rq.gen.n_stop = 1;
+    uint64_t id;
+    if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    assert_int_equal(full.n_ids, N);
+    tsr_engine_free(e);
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    int32_t rprompt[N_CUTS][64 + N];
+    for (int c = 0; c < N_CUTS; c++) {
+        const int k = cuts[c];
+        memcpy(rprompt[c], prompt, sizeof(int32_t) * (size_t)n_prompt);
+        memcpy(rprompt[c] + n_prompt, full.ids, sizeof(int32_t) * (size_t)k);
+        rq.prompt_ids = rprompt[c];
+        rq.n_prompt = (size_t)(n_prompt + k);
+        rq.n_resumed = k;
+        rq.gen.max_tokens = N - k;
+        rq.ud = &part[c];
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("resume: %s", err);
+    }
+    /* A resumed prefix must leave a real prompt token. */
+    rq.n_resumed = (int32_t)rq.n_prompt;
+    assert_int_equal(tsr_engine_submit(e, &rq, NULL, err, sizeof err), TSR_ENGINE_EINVAL);
+    assert_non_null(strstr(err, "resumed_tokens"));
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    for (int c = 0; c < N_CUTS; c++) {
+        const int k = cuts[c];
+        const result *r = &part[c];
+        if (r->n_ids != N - k) fail_msg("cut %d: expected %d tokens, got %d", k, N - k, r->n_ids);
+        for (int i = 0; i < N - k; i++)
+            if (r->ids[i] != full.ids[k + i])
+                fail_msg("cut %d: token %d expected %d (undisturbed run), got %d", k, k + i,
+                         full.ids[k + i], r->ids[i]);
+        /* The text streamed before the cut plus the resumed run's text is the whole text. */
+        const size_t before = full.text_at[k - 1];
+        if (before + r->text_len != full.text_len ||
+            memcmp(full.text + before, r->text, r->text_len) != 0)
+            fail_msg("cut %d: text after the cut expected '%.*s', got '%.*s'", k,
+                     (int)(full.text_len - before), full.text + before, (int)r->text_len, r->text);
+        assert_int_equal(r->n_prompt_tokens, n_prompt);
+        assert_int_equal(r->n_completion_tokens, N);
+    }
+    tsr_engine_free(e);
+    tsr_replica_close(rep);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batched_equals_single),
         cmocka_unit_test(test_preemption),
         cmocka_unit_test(test_cancel_and_errors),
+        cmocka_unit_test(test_resume),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

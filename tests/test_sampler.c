@@ -210,6 +210,35 @@ static void test_seed_determinism(void **state)
     }
 }
 
+/* The draws for generated token i depend on (seed, i) only: a sampler that is handed the
+ * first K tokens of a run (as a request resumed after a failover is) draws the rest of that
+ * run exactly, with the penalties counting those K tokens as output. */
+static void test_resume_same_draws(void **state)
+{
+    enum { N = 1000, LEN = 120, K = 47 };
+    float l[N], scratch[N];
+    random_logits(l, N, 3.0f, 12);
+    tsr_sampling_params p;
+    tsr_sampling_params_default(&p);
+    p.top_p = 0.95f;
+    p.frequency_penalty = 0.5f;
+    p.presence_penalty = 0.3f;
+    p.repetition_penalty = 1.2f;
+    p.seed = 777;
+    int32_t a[LEN], b[LEN];
+    run_sequence(&p, l, N, a, LEN);
+    tsr_sampler *s = make_sampler(&p, N);
+    for (int32_t i = 0; i < K; i++) tsr_sampler_accept(s, a[i]);
+    for (int32_t i = K; i < LEN; i++) {
+        b[i] = draw(s, l, N, scratch);
+        tsr_sampler_accept(s, b[i]);
+        if (b[i] != a[i])
+            fail_msg("resumed at %d: step %d expected %d (undisturbed run), got %d", K, (int)i,
+                     (int)a[i], (int)b[i]);
+    }
+    tsr_sampler_free(s);
+}
+
 /* ---- top-k */
 
 static void test_top_k_one_is_greedy(void **state)
@@ -1016,6 +1045,7 @@ int main(void)
         cmocka_unit_test(test_greedy_argmax),
         cmocka_unit_test(test_greedy_large_vocab),
         cmocka_unit_test(test_seed_determinism),
+        cmocka_unit_test(test_resume_same_draws),
         cmocka_unit_test(test_top_k_one_is_greedy),
         cmocka_unit_test(test_top_k_set),
         cmocka_unit_test(test_top_k_ties_at_boundary),

@@ -1,0 +1,53 @@
+/*
+ * coord_server.h — the coordinator's gRPC front: tessera.v1.Inference (Generate, Tokenize,
+ * ModelInfo) proxied to the replicas with failover, tessera.v1.Cluster (the registry's
+ * admin and the replicas' heartbeats) and grpc.health.v1.Health.
+ *
+ * Threads: one completion-queue thread accepts calls and completes every batch (client
+ * side and server side; it only flips flags and signals); each call then runs on a thread
+ * of its own, which reads the request, picks a replica (coord.h), relays the replica's
+ * stream message by message (at most one send in flight, so a slow client slows its own
+ * replica call and nothing else) and waits on its own condition variable with a 100 ms
+ * tick, checking the client (cancelled / deadline), its replica (went DOWN) and shutdown.
+ *
+ * Failover of a Generate (the replica's stream breaks, its replica goes DOWN, or it
+ * answers UNAVAILABLE / INTERNAL / ...): before any token, the request is sent again to
+ * another replica; mid-stream, it is resumed on another replica with prompt_ids = the
+ * prompt's ids + the ids already streamed, resumed_tokens = their count and max_tokens =
+ * the budget left, so the client's stream continues exactly (greedy: exact arithmetic;
+ * seeded sampling: the sampler's (seed, position) RNG — the coordinator gives every
+ * sampled request without a seed one, so this holds for them too). The final usage
+ * carries `failovers`. Only when no replica of the model can take it (after waiting up to
+ * 10 s, within the client's deadline, for one to come back) does the client get
+ * UNAVAILABLE, with each replica's reason. A replica's RESOURCE_EXHAUSTED moves the
+ * request to another replica (not a failover); when all are full the client gets it.
+ *
+ * Status codes: 0 ok, negative with a message in err.
+ */
+#ifndef TSR_COORD_SERVER_H
+#define TSR_COORD_SERVER_H
+
+#include <stdint.h>
+
+#include "coordinator/coord.h"
+
+#define TSR_COORD_DEFAULT_LISTEN "127.0.0.1:50050"
+
+typedef struct tsr_coord_server tsr_coord_server;
+
+/* grpc_init, bind `listen` (SO_REUSEPORT off), start the CQ thread. The registry is
+ * borrowed (free it after tsr_coord_server_shutdown). *bound_port: the port bound. */
+int tsr_coord_server_start(const char *listen, tsr_coord *coord, tsr_coord_server **out,
+                           int *bound_port, char *err, size_t err_len);
+
+/* Stop accepting calls, let open ones finish for up to grace_ms, cancel the rest, wait for
+ * every call thread (bounded), destroy the server, grpc_shutdown. 0, or negative when
+ * calls were still held past the bound (the server is then leaked, not freed). */
+int tsr_coord_server_shutdown(tsr_coord_server *s, int64_t grace_ms, char *err, size_t err_len);
+
+/* `tessera coordinator` (coord_main.c) and `tessera ctl` (ctl.c): subcommands, argv[0]
+ * is the command name. Return the process exit status: 0, 1 runtime error, 2 usage. */
+int tsr_cmd_coordinator(int argc, char **argv);
+int tsr_cmd_ctl(int argc, char **argv);
+
+#endif
