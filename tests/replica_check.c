@@ -5,8 +5,8 @@
  *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 [--layers SPEC] [--tol 1e-4] [-n 24]
  *   replica_check -m MODEL --tp 3 --expect-refusal "not divisible"
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
- *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
+ *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -48,6 +48,7 @@ int main(int argc, char **argv)
                                          {"teacher-force", no_argument, 0, 'f'},
                                          {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
+                                         {"gpu-memory", required_argument, 0, 'G'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {
@@ -83,11 +84,14 @@ int main(int argc, char **argv)
         case 'f':
             teacher = true;
             break;
-        case 'P':
-            prompt_ids = optarg;
-            break;
         case 'd':
             rp.device = optarg;
+            break;
+        case 'G':
+            rp.gpu_memory = strtoull(optarg, NULL, 10);
+            break;
+        case 'P':
+            prompt_ids = optarg;
             break;
         default:
             return 2;
