@@ -598,6 +598,9 @@ static const char *mkmodel_help =
     "      --tied              no output.weight: the head reuses token_embd\n"
     "      --seed S            random seed (default 1)\n"
     "      --rope-base F       rope frequency base (default 10000)\n"
+    "      --arch A            llama (default), qwen2, qwen3 or gemma3 (their extra tensors)\n"
+    "      --head-dim N        head size (key_length; default n_embd / n_head)\n"
+    "      --sliding-window N  attention window (gemma3 default 512; llama: Mistral-style)\n"
     "  -h, --help              this help\n"
     "\n"
     "Shapes used by the benchmarks:\n"
@@ -612,15 +615,39 @@ static void print_note(const char *msg)
 
 static int cmd_mkmodel(int argc, char **argv)
 {
-    enum { O_VOCAB = 256, O_NL, O_NE, O_NH, O_NHKV, O_NFF, O_NCTX, O_TYPE, O_TIED, O_SEED, O_ROPE };
-    static const struct option opts[] = {
-        {"output", required_argument, 0, 'o'},   {"vocab-from", required_argument, 0, O_VOCAB},
-        {"n-layer", required_argument, 0, O_NL}, {"n-embd", required_argument, 0, O_NE},
-        {"n-head", required_argument, 0, O_NH},  {"n-head-kv", required_argument, 0, O_NHKV},
-        {"n-ff", required_argument, 0, O_NFF},   {"n-ctx", required_argument, 0, O_NCTX},
-        {"type", required_argument, 0, O_TYPE},  {"tied", no_argument, 0, O_TIED},
-        {"seed", required_argument, 0, O_SEED},  {"rope-base", required_argument, 0, O_ROPE},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    enum {
+        O_VOCAB = 256,
+        O_NL,
+        O_NE,
+        O_NH,
+        O_NHKV,
+        O_NFF,
+        O_NCTX,
+        O_TYPE,
+        O_TIED,
+        O_SEED,
+        O_ROPE,
+        O_ARCH,
+        O_HD,
+        O_SWA
+    };
+    static const struct option opts[] = {{"output", required_argument, 0, 'o'},
+                                         {"vocab-from", required_argument, 0, O_VOCAB},
+                                         {"n-layer", required_argument, 0, O_NL},
+                                         {"n-embd", required_argument, 0, O_NE},
+                                         {"n-head", required_argument, 0, O_NH},
+                                         {"n-head-kv", required_argument, 0, O_NHKV},
+                                         {"n-ff", required_argument, 0, O_NFF},
+                                         {"n-ctx", required_argument, 0, O_NCTX},
+                                         {"type", required_argument, 0, O_TYPE},
+                                         {"tied", no_argument, 0, O_TIED},
+                                         {"seed", required_argument, 0, O_SEED},
+                                         {"rope-base", required_argument, 0, O_ROPE},
+                                         {"arch", required_argument, 0, O_ARCH},
+                                         {"head-dim", required_argument, 0, O_HD},
+                                         {"sliding-window", required_argument, 0, O_SWA},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     tsr_mkmodel_params p;
     tsr_mkmodel_params_default(&p);
     int64_t head_kv = -1;
@@ -663,6 +690,15 @@ static int cmd_mkmodel(int argc, char **argv)
             break;
         case O_ROPE:
             FLOAT_FLAG("mkmodel", "--rope-base", p.rope_freq_base);
+            break;
+        case O_ARCH:
+            p.arch = optarg;
+            break;
+        case O_HD:
+            INT_FLAG("mkmodel", "--head-dim", 2, 1 << 14, p.head_dim);
+            break;
+        case O_SWA:
+            INT_FLAG("mkmodel", "--sliding-window", 1, 1 << 24, p.n_swa);
             break;
         case 'h':
             fputs(mkmodel_help, stdout);

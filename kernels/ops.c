@@ -6,6 +6,7 @@
 #include "kernels/quant.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -154,6 +155,63 @@ void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim,
                 v[1] = x0 * s + x1 * c;
             }
         }
+    }
+}
+
+void tsr_rope_ext(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim, int n_rot,
+                  float freq_base, float freq_scale, const float *freq_factors, int neox)
+{
+    const float theta_scale = powf(freq_base, -2.0f / (float)n_rot);
+    const int half = n_rot / 2;
+    for (int t = 0; t < n_tok; t++) {
+        float theta = (float)pos[t];
+        for (int i = 0; i < half; i++) {
+            const float ff = freq_factors ? freq_factors[i] : 1.0f;
+            const float th = freq_scale * (theta / ff);
+            const float c = cosf(th), s = sinf(th);
+            theta *= theta_scale;
+            /* Element offsets of the pair: (i, i + n_rot/2) or (2i, 2i+1). */
+            const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+            for (int h = 0; h < n_head; h++) {
+                float *v = x + ((size_t)t * n_head + h) * head_dim;
+                const float x0 = v[a], x1 = v[b];
+                v[a] = x0 * c - x1 * s;
+                v[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/* GELU (tanh approximation) of one fp16 input, rounded to fp16: one entry of ggml's table. */
+static float gelu_f16_entry(uint16_t h)
+{
+    const float x = tsr_f16_to_f32(h);
+    const float y =
+        0.5f * x *
+        (1.0f + tanhf(0.79788456080286535587989211986876f * x * (1.0f + 0.044715f * x * x)));
+    return tsr_f16_to_f32(tsr_f32_to_f16(y));
+}
+
+static float gelu_table[1 << 16];
+static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
+static void gelu_table_init(void)
+{
+    for (uint32_t i = 0; i < (1u << 16); i++) gelu_table[i] = gelu_f16_entry((uint16_t)i);
+}
+
+void tsr_geglu(float *gate, const float *up, int64_t n)
+{
+    pthread_once(&gelu_once, gelu_table_init);
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        float y;
+        if (g <= -10.0f)
+            y = 0.0f;
+        else if (g >= 10.0f)
+            y = g;
+        else
+            y = gelu_table[tsr_f32_to_f16(g)];
+        gate[i] = y * up[i];
     }
 }
 

@@ -45,8 +45,21 @@ void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int
 void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim, int n_rot,
               float freq_base, float freq_scale, const float *freq_factors);
 
+/* Rotary embedding as ggml computes it (ggml_rope_cache_init): theta_0 = pos, theta_{i+1} =
+ * theta_i * base^(-2/n_rot) (a running product, in float), divided by freq_factors[i] when
+ * given, times freq_scale. neox: rotates the pairs (i, i + n_rot/2) (GPT-NeoX; llama.cpp's
+ * LLAMA_ROPE_TYPE_NEOX, used by qwen2, qwen3, gemma3); otherwise adjacent pairs (2i, 2i+1).
+ * x is [n_tok][n_head][head_dim]; values past n_rot in each head are left alone. */
+void tsr_rope_ext(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim, int n_rot,
+                  float freq_base, float freq_scale, const float *freq_factors, int neox);
+
 /* x[i] = silu(gate[i]) * up[i] (SwiGLU), in place in gate. */
 void tsr_swiglu(float *gate, const float *up, int64_t n);
+
+/* gate[i] = gelu_tanh(gate[i]) * up[i] (GEGLU, gemma), as ggml's CPU backend computes it:
+ * the GELU of the input rounded to fp16, rounded to fp16 again (its 64K-entry table), with
+ * gelu(x) = 0 for x <= -10 and x for x >= 10. In place in gate. */
+void tsr_geglu(float *gate, const float *up, int64_t n);
 
 /* In-place softmax of n values. */
 void tsr_softmax(float *x, int n);

@@ -285,7 +285,19 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
                     "n_layer, n_embd, n_head, n_head_kv, n_ff and n_ctx must be >= 1");
         return -1;
     }
-    if (p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0) {
+    const char *arch = p->arch ? p->arch : "llama";
+    const bool qwen2 = !strcmp(arch, "qwen2"), qwen3 = !strcmp(arch, "qwen3"),
+               gemma3 = !strcmp(arch, "gemma3");
+    if (!qwen2 && !qwen3 && !gemma3 && strcmp(arch, "llama") != 0) {
+        tsr_set_err(err, err_len, "unknown architecture '%s' (use llama, qwen2, qwen3, gemma3)",
+                    arch);
+        return -1;
+    }
+    if (p->head_dim > 0 && p->head_dim % 2 != 0) {
+        tsr_set_err(err, err_len, "head size %d must be even", p->head_dim);
+        return -1;
+    }
+    if (p->head_dim <= 0 && (p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0)) {
         tsr_set_err(err, err_len,
                     "n_embd %d must be a multiple of n_head %d with an even head size", p->n_embd,
                     p->n_head);
@@ -311,29 +323,39 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     uint64_t x = p->seed;
     for (int i = 0; i < 4; i++) mk.rng.s[i] = splitmix64(&x);
 
-    const int32_t head_dim = p->n_embd / p->n_head;
+    const int32_t head_dim = p->head_dim > 0 ? p->head_dim : p->n_embd / p->n_head;
     tsr_gguf_writer *w = mk.w;
     char desc[256];
     snprintf(desc, sizeof desc,
-             "synthetic random-weight llama made by tessera mkmodel (seed %llu), not trained",
-             (unsigned long long)p->seed);
-    if (tsr_gguf_writer_set_str(w, "general.architecture", "llama", 5) ||
+             "synthetic random-weight %s made by tessera mkmodel (seed %llu), not trained",
+             p->arch ? p->arch : "llama", (unsigned long long)p->seed);
+    char key[128];
+#define KEY(nm) (snprintf(key, sizeof key, "%s." nm, arch), key)
+    if (tsr_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch)) ||
         tsr_gguf_writer_set_str(w, "general.name", "tessera-synthetic", 17) ||
         tsr_gguf_writer_set_str(w, "general.description", desc, strlen(desc)) ||
         tsr_gguf_writer_set_int(w, "general.alignment", TSR_GGUF_UINT32, 32) ||
-        tsr_gguf_writer_set_int(w, "llama.context_length", TSR_GGUF_UINT32, p->n_ctx) ||
-        tsr_gguf_writer_set_int(w, "llama.embedding_length", TSR_GGUF_UINT32, p->n_embd) ||
-        tsr_gguf_writer_set_int(w, "llama.block_count", TSR_GGUF_UINT32, p->n_layer) ||
-        tsr_gguf_writer_set_int(w, "llama.feed_forward_length", TSR_GGUF_UINT32, p->n_ff) ||
-        tsr_gguf_writer_set_int(w, "llama.attention.head_count", TSR_GGUF_UINT32, p->n_head) ||
-        tsr_gguf_writer_set_int(w, "llama.attention.head_count_kv", TSR_GGUF_UINT32,
-                                p->n_head_kv) ||
-        tsr_gguf_writer_set_int(w, "llama.rope.dimension_count", TSR_GGUF_UINT32, head_dim) ||
-        tsr_gguf_writer_set_float(w, "llama.rope.freq_base", TSR_GGUF_FLOAT32, p->rope_freq_base) ||
-        tsr_gguf_writer_set_float(w, "llama.attention.layer_norm_rms_epsilon", TSR_GGUF_FLOAT32,
+        tsr_gguf_writer_set_int(w, KEY("context_length"), TSR_GGUF_UINT32, p->n_ctx) ||
+        tsr_gguf_writer_set_int(w, KEY("embedding_length"), TSR_GGUF_UINT32, p->n_embd) ||
+        tsr_gguf_writer_set_int(w, KEY("block_count"), TSR_GGUF_UINT32, p->n_layer) ||
+        tsr_gguf_writer_set_int(w, KEY("feed_forward_length"), TSR_GGUF_UINT32, p->n_ff) ||
+        tsr_gguf_writer_set_int(w, KEY("attention.head_count"), TSR_GGUF_UINT32, p->n_head) ||
+        tsr_gguf_writer_set_int(w, KEY("attention.head_count_kv"), TSR_GGUF_UINT32, p->n_head_kv) ||
+        tsr_gguf_writer_set_int(w, KEY("rope.dimension_count"), TSR_GGUF_UINT32, head_dim) ||
+        tsr_gguf_writer_set_float(w, KEY("rope.freq_base"), TSR_GGUF_FLOAT32, p->rope_freq_base) ||
+        tsr_gguf_writer_set_float(w, KEY("attention.layer_norm_rms_epsilon"), TSR_GGUF_FLOAT32,
                                   1e-5) ||
-        tsr_gguf_writer_set_int(w, "llama.vocab_size", TSR_GGUF_UINT32, (int64_t)n_vocab))
+        tsr_gguf_writer_set_int(w, KEY("vocab_size"), TSR_GGUF_UINT32, (int64_t)n_vocab))
         goto oom;
+    if (p->head_dim > 0 &&
+        (tsr_gguf_writer_set_int(w, KEY("attention.key_length"), TSR_GGUF_UINT32, head_dim) ||
+         tsr_gguf_writer_set_int(w, KEY("attention.value_length"), TSR_GGUF_UINT32, head_dim)))
+        goto oom;
+    const int32_t n_swa = p->n_swa > 0 ? p->n_swa : (gemma3 ? 512 : 0);
+    if (n_swa > 0 &&
+        tsr_gguf_writer_set_int(w, KEY("attention.sliding_window"), TSR_GGUF_UINT32, n_swa))
+        goto oom;
+#undef KEY
     for (int64_t i = 0; i < tsr_gguf_n_kv(vg); i++) {
         const char *k = tsr_gguf_kv_key(vg, i);
         if (strncmp(k, "tokenizer.", 10) == 0 && tsr_gguf_writer_copy_kv(w, vg, i) != 0) goto oom;
@@ -368,6 +390,25 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
         M("ffn_up", E, F, type, std_in);
         M("ffn_down", F, E, td, std_ff);
 #undef M
+#define NORM(nm, n)                                                                                \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "blk.%d." nm, l);                                              \
+        if (add_norm(&mk, name, n)) goto oom;                                                      \
+    } while (0)
+        if (qwen2) { /* biases: values around 1 are as good as any to test them */
+            NORM("attn_q.bias", Q);
+            NORM("attn_k.bias", KV);
+            NORM("attn_v.bias", KV);
+        }
+        if (qwen3 || gemma3) {
+            NORM("attn_q_norm.weight", head_dim);
+            NORM("attn_k_norm.weight", head_dim);
+        }
+        if (gemma3) {
+            NORM("post_attention_norm.weight", E);
+            NORM("post_ffw_norm.weight", E);
+        }
+#undef NORM
     }
     rc = tsr_gguf_writer_save(w, p->out_path, err, err_len);
     goto done;

@@ -1,5 +1,6 @@
 /*
- * mkmodel.h — write a synthetic llama GGUF with random weights, of any shape and type.
+ * mkmodel.h — write a synthetic GGUF (llama, qwen2, qwen3 or gemma3 layout) with random
+ * weights, of any shape and type.
  *
  * Why: tests need awkward shapes (n_head_kv 1, n_ff not a multiple of 256, odd layer
  * counts) and benchmarks need 100M- and 1B-scale models, none of which can be downloaded
@@ -24,6 +25,11 @@ typedef struct {
     bool tied;        /* no output.weight: the head reuses token_embd */
     uint64_t seed;
     float rope_freq_base;
+    /* Architecture (NULL: "llama"): "qwen2" adds Q/K/V biases, "qwen3" per-head Q/K norms,
+     * "gemma3" Q/K norms, post-attention/FFN norms, key_length and a sliding window. */
+    const char *arch;
+    int32_t head_dim; /* attention.key_length; 0: n_embd / n_head */
+    int32_t n_swa;    /* {arch}.attention.sliding_window (0: none; gemma3 default 512) */
 } tsr_mkmodel_params;
 
 void tsr_mkmodel_params_default(tsr_mkmodel_params *p);

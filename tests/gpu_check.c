@@ -2,7 +2,8 @@
  * gpu_check.c — the GPU suite's single-process check (ctest -L gpu): a model's logits on
  * the CUDA backend against the CPU backend, on the same tokens.
  *
- *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--gpu-memory BYTES]
+ *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--tie GAP] [--decode N]
+ *             [--gpu-memory BYTES]
  *   gpu_check --need-gpus N   exit 0 when N CUDA devices are visible, else print the SKIP
  *                             line and exit 77 (tests/gpu_ranks.sh)
  *   gpu_check --info          one line per device: ordinal, name, compute capability,
@@ -12,14 +13,17 @@
  * attached through the backend seam):
  *   1. prefill of the prompt (default: "1 2 3 4" of the llama-spm vocabulary, 9 ids; ids
  *      beyond the vocabulary wrap) with every row's logits (the cuBLAS path: >= 8 tokens);
- *   2. 16 greedy decode steps after it (the in-place quantized matvec), the CPU's argmax fed
- *      to both; every step's argmax must be equal;
+ *   2. 16 (--decode N) greedy decode steps after it (the in-place quantized matvec), the CPU's
+ * argmax fed to both; every step's argmax must be equal;
  *   3. a prefill of 5 tokens (matvec path with several tokens per weight row).
  * Every logit must agree within --tol (absolute; default 0.35, the quantized-model tolerance
  * of ../shared/models README 8.3/8.4: the CPU quantizes activations to Q8_0/Q8_K, the cuBLAS
  * path rounds them to F16 instead, and a rounding boundary crossed by a tiny difference moves
- * logits by up to ~0.1-0.3). Greedy ids must be equal wherever the CPU's top-1/top-2 gap
- * exceeds 2 x tol (a near-tie is reported, not failed). It prints max |diff| per phase.
+ * logits by up to ~0.1-0.3; on 30-layer real models such flips compound to ~1-1.4, and merely
+ * switching the CPU's own kernels from AVX2 to scalar moves the difference from 1.36 to
+ * 0.75 on SmolLM2: order sensitivity, not error). Greedy ids must be equal wherever the
+ * CPU's top-1/top-2 gap exceeds --tie (default 0.5; a near-tie is reported, not failed).
+ * It prints max |diff| per phase.
  *
  * Exit status: 0 pass, 1 fail, 77 skipped: no CUDA device or a build without the CUDA
  * backend (the reason is printed as "SKIP: ..."; ctest's SKIP_RETURN_CODE / regex).
@@ -42,7 +46,7 @@
 #endif
 
 #define MAX_PROMPT 64
-#define N_DECODE   16
+#define MAX_DECODE 512
 
 static int argmax(const float *x, int32_t n)
 {
@@ -80,8 +84,8 @@ static int pair_new(const tsr_model *m, int32_t device, uint64_t cap, pair *p, c
                     size_t err_len)
 {
     memset(p, 0, sizeof *p);
-    if (tsr_ctx_new(m, 256, 64, 2, &p->cpu, err, err_len) != 0) return -1;
-    if (tsr_ctx_new(m, 256, 64, 1, &p->gpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new(m, 640, 64, 2, &p->cpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new(m, 640, 64, 1, &p->gpu, err, err_len) != 0) return -1;
     return tsr_gpu_attach(p->gpu, m, device, cap, err, err_len);
 }
 
@@ -127,13 +131,19 @@ int main(int argc, char **argv)
         return 0;
     }
     uint64_t cap = 0;
-    double tol = 0.35;
+    double tol = 0.35, tie = 0.5;
+    int n_decode = 16;
     const char *prompt = "1 29871 29896 29871 29906 29871 29941 29871 29946";
     for (int i = 2; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--gpu-memory") == 0)
             cap = strtoull(argv[i + 1], NULL, 10);
         else if (strcmp(argv[i], "--tol") == 0)
             tol = strtod(argv[i + 1], NULL);
+        else if (strcmp(argv[i], "--decode") == 0) {
+            n_decode = atoi(argv[i + 1]);
+            if (n_decode < 1 || n_decode > MAX_DECODE) n_decode = 16;
+        } else if (strcmp(argv[i], "--tie") == 0)
+            tie = strtod(argv[i + 1], NULL);
         else if (strcmp(argv[i], "--prompt") == 0)
             prompt = argv[i + 1];
         else {
@@ -160,7 +170,7 @@ int main(int argc, char **argv)
         return 1;
     }
     const int32_t V = m->hp.n_vocab;
-    int32_t toks[MAX_PROMPT + N_DECODE];
+    int32_t toks[MAX_PROMPT + MAX_DECODE];
     int n_prompt = 0;
     for (const char *p = prompt; *p && n_prompt < MAX_PROMPT;) {
         char *end;
@@ -195,7 +205,7 @@ int main(int argc, char **argv)
     }
     /* 2. greedy decode */
     int32_t next = argmax(save + (size_t)(n_prompt - 1) * V, V);
-    for (int s = 0; s < N_DECODE; s++) {
+    for (int s = 0; s < n_decode; s++) {
         const int32_t pos = n_prompt + s;
         toks[pos] = next;
         if (tsr_forward(p.cpu, &toks[pos], 1, pos, false, &lc, err, sizeof err) != 0) goto fail;
@@ -205,7 +215,7 @@ int main(int argc, char **argv)
         if (!(d <= worst[1])) worst[1] = d;
         const int ac = argmax(save, V), ag = argmax(lg, V);
         const double gap = top2_gap(save, V);
-        if (!(d <= tol) || (ac != ag && gap > 2 * tol)) {
+        if (!(d <= tol) || (ac != ag && gap > tie)) {
             fprintf(stderr,
                     "FAIL: decode step %d: greedy id CPU %d (logit %.6f, top-2 gap %.4f), GPU %d "
                     "(logit %.6f); max |logit diff| %.4g (tol %.4g)\n",
@@ -232,9 +242,9 @@ int main(int argc, char **argv)
     }
     printf("PASS %s on CUDA device %d%s: max |logit diff| (tol %.3g): prefill %d tokens (cuBLAS) "
            "%.3g, decode %.3g, 5-token prefill %.3g; greedy ids equal in %d of %d steps (the "
-           "others: near-ties within 2 x tol)\n",
+           "others: near-ties, top-2 gap < %.3g)\n",
            argv[1], device, SIM_NOTE, tol, n_prompt, worst[0], worst[1], worst[2],
-           N_DECODE - n_near_ties, N_DECODE);
+           n_decode - n_near_ties, n_decode, tie);
     rc = 0;
     goto out;
 fail:

@@ -6,6 +6,7 @@
  *   replica_check -m MODEL --tp 3 --expect-refusal "not divisible"
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
+ *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -45,12 +46,14 @@ int main(int argc, char **argv)
                                          {"n", required_argument, 0, 'n'},
                                          {"expect-refusal", required_argument, 0, 'r'},
                                          {"teacher-force", no_argument, 0, 'f'},
+                                         {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
+                                         {"gpu-memory", required_argument, 0, 'G'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {
         .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
-    const char *model = NULL, *refusal = NULL;
+    const char *model = NULL, *refusal = NULL, *prompt_ids = NULL;
     double tol = 1e-4;
     int n_gen = 24, c;
     bool teacher = false;
@@ -83,6 +86,12 @@ int main(int argc, char **argv)
             break;
         case 'd':
             rp.device = optarg;
+            break;
+        case 'G':
+            rp.gpu_memory = strtoull(optarg, NULL, 10);
+            break;
+        case 'P':
+            prompt_ids = optarg;
             break;
         default:
             return 2;
@@ -133,13 +142,30 @@ int main(int argc, char **argv)
         return fail("reference");
     }
     const int32_t V = m->hp.n_vocab;
-    static const int32_t prompts[3][12] = {
+    /* Three built-in prompts (ids reduced mod the vocabulary), or the user's (--prompt-ids
+     * "1,2,3;4,5": prompts separated by ';', at most 3 of at most 64 ids). */
+    int32_t prompts[3][64] = {
         {1, 403, 407, 261, 378}, {1, 359, 329, 421, 417, 411, 360, 265, 284, 411, 303, 299}, {1}};
-    static const int plen[3] = {5, 12, 1};
+    int plen[3] = {5, 12, 1}, n_prompts = 3;
+    if (prompt_ids) {
+        n_prompts = 0;
+        for (const char *q = prompt_ids; *q && n_prompts < 3;) {
+            int n = 0;
+            while (*q && *q != ';' && n < 64) {
+                char *end;
+                long v = strtol(q, &end, 10);
+                if (end == q) return fail("--prompt-ids: expected integers");
+                prompts[n_prompts][n++] = (int32_t)v;
+                q = *end == ',' ? end + 1 : end;
+            }
+            plen[n_prompts++] = n;
+            if (*q == ';') q++;
+        }
+    }
     double max_diff = 0.0;
     float *ref_logits = malloc(sizeof(float) * (size_t)V);
-    for (int k = 0; k < 3; k++) {
-        int32_t toks[12];
+    for (int k = 0; k < n_prompts; k++) {
+        int32_t toks[64];
         for (int i = 0; i < plen[k]; i++) toks[i] = prompts[k][i] % V;
         const float *lr, *ld;
         int32_t pos = plen[k];

@@ -2,7 +2,7 @@
  * spec_check.c — speculative decoding is exact on a replica layout (run under mpirun with
  * tp × pp ranks, or alone for 1 × 1):
  *   mpirun -np 4 spec_check -m TARGET --tp 2 --pp 2 --draft DRAFT.gguf [--draft D2 ...]
- *          [--ngram] [--k 1,2,4,8]
+ *          [--ngram] [--k 1,2,4,8] [--device cpu|cuda]
  * The leader runs 16 concurrent greedy requests (different prompts and lengths) through
  * the serving engine without speculation, then again with each drafter and each k, and
  * requires identical ids. After every step it checks the KV accounting: blocks in use
@@ -98,15 +98,18 @@ static int run(tsr_replica *rep, tsr_drafter *d, int32_t k, req *out, char *err,
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"tp", required_argument, 0, 't'},
-                                         {"pp", required_argument, 0, 'p'},
-                                         {"draft", required_argument, 0, 'd'},
-                                         {"ngram", no_argument, 0, 'g'},
-                                         {"k", required_argument, 0, 'k'},
-                                         {0, 0, 0, 0}};
-    tsr_replica_params rp = {
-        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 64, .n_kv_blocks = 256};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},  {"tp", required_argument, 0, 't'},
+        {"pp", required_argument, 0, 'p'},     {"draft", required_argument, 0, 'd'},
+        {"ngram", no_argument, 0, 'g'},        {"k", required_argument, 0, 'k'},
+        {"device", required_argument, 0, 'D'}, {0, 0, 0, 0}};
+    tsr_replica_params rp = {.tp = 1,
+                             .pp = 1,
+                             .n_threads = 1,
+                             .n_ctx = 256,
+                             .n_batch = 64,
+                             .n_kv_blocks = 256,
+                             .device = "cpu"};
     const char *model = NULL, *drafts[4];
     int n_drafts = 0;
     bool ngram = false;
@@ -128,6 +131,9 @@ int main(int argc, char **argv)
             break;
         case 'g':
             ngram = true;
+            break;
+        case 'D':
+            rp.device = optarg;
             break;
         case 'k': {
             n_ks = 0;

@@ -5,9 +5,9 @@
  *
  * What this covers: every per-element and per-block computation the device kernels run
  * (dequantization, activation quantization, block dots, the RMSNorm scale, the online
- * softmax, the rope rotation, SwiGLU/GeGLU), and the summation orders the kernels use,
- * emulated here lane by lane (warp butterfly reductions, chunked online softmax). What it
- * cannot cover: launches, indexing, shared memory and synchronisation on a real device —
+ * softmax, the rope rotation (NORM, NEOX, ggml's angles), SwiGLU/GeGLU), and the summation orders
+ * the kernels use, emulated here lane by lane (warp butterfly reductions, chunked online softmax).
+ * What it cannot cover: launches, indexing, shared memory and synchronisation on a real device —
  * the GPU suite (ctest -L gpu) checks those against CPU logits.
  *
  * Checks: dequantization bit-identical for every tensor of every supported type in the
@@ -110,11 +110,11 @@ static float warp_sum(const float *lane_in)
     return v[0];
 }
 
-/* The row dot of kernels.cu's matvec (one warp per row): for 32-element blocks lane l
- * takes blocks l, l+32, ...; for K-quants lanes 8k..8k+7 share super-block k (one 32-group
- * each, integers summed exactly), super-blocks k, k+4, ...; for float weights lane l takes
- * elements l, l+32, .... *abs_terms gets sum |term| for the error bound, *n_terms the
- * number of float terms. xq is the activation row in the dot type. */
+/* The row dot of kernels.cu's matvec (one warp per row): for 32-element blocks lanes
+ * 4k..4k+3 share blocks k, k+8, ... (integer quarters summed exactly); for K-quants lanes 8k..8k+7
+ * share super-block k (one 32-group each, integers summed exactly), super-blocks k, k+4, ...; for
+ * float weights lane l takes elements l, l+32, .... *abs_terms gets sum |term| for the error bound,
+ * *n_terms the number of float terms. xq is the activation row in the dot type. */
 static float gpu_row_dot(uint32_t type, int64_t n, const uint8_t *w, const void *xq,
                          double *abs_terms, int64_t *n_terms)
 {
@@ -133,10 +133,15 @@ static float gpu_row_dot(uint32_t type, int64_t n, const uint8_t *w, const void 
     } else if (be == 32) {
         const uint32_t dt = tsr_cuda_dot_type(type);
         const int32_t xb = tsr_cuda_block_bytes(dt);
-        for (int64_t b = 0; b < nb; ++b) {
-            const float t =
-                tsr_cuda_dot_blk32(type, w + (size_t)b * bb, (const uint8_t *)xq + b * xb);
-            lanes[b % 32] += t;
+        for (int64_t b = 0; b < nb; ++b) { /* 4 lanes per block, exact integer parts */
+            const uint8_t *wbk = w + (size_t)b * bb, *xbk = (const uint8_t *)xq + b * xb;
+            int32_t si = 0;
+            for (int q = 0; q < 4; ++q) si += tsr_cuda_isum_part32(type, wbk, xbk, q);
+            const float t = tsr_cuda_dot_combine32(type, wbk, xbk, si);
+            if (bits(t) != bits(tsr_cuda_dot_blk32(type, wbk, xbk)))
+                fail_msg("block %lld: 4-lane parts give %.9g, the whole block %.9g", (long long)b,
+                         t, tsr_cuda_dot_blk32(type, wbk, xbk));
+            lanes[(b % 8) * 4] += t;
             at += fabs((double)t);
         }
         *n_terms = nb;
@@ -416,6 +421,53 @@ static void test_online_softmax_attention(void **state)
         if (fabsf(o - ref[i]) > 1e-5f * (1.0f + fabsf(ref[i])))
             fail_msg("attention dim %d: CPU %.9g, online softmax %.9g", i, ref[i], o);
     }
+    /* split attention (flash-decoding, kernels.cu k_attention + k_attn_merge): the chunks
+     * cut into n_split ranges, each folded alone, merged in split order */
+    const int32_t n_chunks = (n_pos - 1) / 16 + 1;
+    const int32_t n_split = tsr_cuda_attn_splits(1, 1, n_chunks);
+    assert_true(n_split > 1);
+    float ms[TSR_CUDA_ATT_MAX_SPLITS], ls[TSR_CUDA_ATT_MAX_SPLITS];
+    static float accs[TSR_CUDA_ATT_MAX_SPLITS][64];
+    for (int32_t sp = 0; sp < n_split; ++sp) {
+        int32_t c0, c1;
+        tsr_cuda_attn_split_range(0, n_chunks - 1, sp, n_split, &c0, &c1);
+        tsr_cuda_softmax_state ss;
+        tsr_cuda_softmax_init(&ss);
+        memset(accs[sp], 0, sizeof accs[sp]);
+        for (int32_t c = c0; c < c1; ++c) {
+            float sc[16], cmax = -INFINITY;
+            for (int j = 0; j < 16; ++j) {
+                const int p = c * 16 + j;
+                float lanes[32] = {0};
+                if (p < n_pos)
+                    for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * k[p * hd + i];
+                sc[j] = p < n_pos ? warp_sum(lanes) * scale : -INFINITY;
+                cmax = fmaxf(cmax, sc[j]);
+            }
+            const float corr = tsr_cuda_softmax_rescale(&ss, cmax);
+            for (int i = 0; i < hd; ++i) accs[sp][i] *= corr;
+            for (int j = 0; j < 16; ++j) {
+                const float pw = tsr_cuda_softmax_weight(&ss, sc[j]);
+                ss.l += pw;
+                if (pw != 0.0f)
+                    for (int i = 0; i < hd; ++i) accs[sp][i] += pw * v[(c * 16 + j) * hd + i];
+            }
+        }
+        ms[sp] = ss.m;
+        ls[sp] = ss.l;
+    }
+    float mm = -INFINITY, ll = 0.0f;
+    for (int32_t sp = 0; sp < n_split; ++sp) mm = fmaxf(mm, ms[sp]);
+    for (int32_t sp = 0; sp < n_split; ++sp) ll += ls[sp] * tsr_cuda_attn_merge_factor(ms[sp], mm);
+    for (int i = 0; i < hd; ++i) {
+        float o = 0.0f;
+        for (int32_t sp = 0; sp < n_split; ++sp)
+            o += accs[sp][i] * tsr_cuda_attn_merge_factor(ms[sp], mm);
+        o /= ll;
+        if (fabsf(o - ref[i]) > 1e-5f * (1.0f + fabsf(ref[i])))
+            fail_msg("split attention (%d splits) dim %d: CPU %.9g, merged %.9g", n_split, i,
+                     ref[i], o);
+    }
     free(q);
     free(k);
     free(v);
@@ -452,7 +504,8 @@ static void test_rope(void **state)
             const float *f = variant == 2 ? ff : NULL;
             int32_t pos = positions[pi];
             tsr_rope(x, &pos, 1, nh, hd, n_rot, 10000.0f, fs, f);
-            tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
+            tsr_cuda_rope_params rp = {
+                TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
             rope_apply(&rp, y, pos, nh, hd, f);
             for (int i = 0; i < nh * hd; ++i)
                 if (bits(x[i]) != bits(y[i]))
@@ -477,6 +530,30 @@ static void test_rope(void **state)
                                  pos, h, i);
         }
     }
+    /* ggml's running-product angles (tsr_rope_ext: qwen2/qwen3/gemma3 NEOX, and NORM) */
+    for (size_t pi = 0; pi < sizeof positions / sizeof positions[0]; ++pi)
+        for (int variant = 0; variant < 6; ++variant) {
+            const int neox = variant % 2;
+            const float fs = variant / 2 == 1 ? 0.125f : 1.0f;
+            const float *f = variant / 2 == 2 ? ff : NULL;
+            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = rng_gauss(&s);
+            int32_t pos = positions[pi];
+            tsr_rope_ext(x, &pos, 1, nh, hd, n_rot, 1000000.0f, fs, f, neox);
+            tsr_cuda_rope_params rp = {neox ? TSR_CUDA_ROPE_NEOX : TSR_CUDA_ROPE_NORM,
+                                       n_rot,
+                                       1000000.0f,
+                                       fs,
+                                       0.0f,
+                                       1.0f,
+                                       {0, 0},
+                                       1};
+            rope_apply(&rp, y, pos, nh, hd, f);
+            for (int i = 0; i < nh * hd; ++i)
+                if (bits(x[i]) != bits(y[i]))
+                    fail_msg("rope_ext (neox %d) pos %d variant %d element %d: CPU %.9g, "
+                             "numerics.h %.9g",
+                             neox, pos, variant, i, x[i], y[i]);
+        }
     /* YaRN: with ext_factor 0 and attn_factor 1 it is the plain rotation; with a ramp the
      * angle lies between the interpolated and the extrapolated one. */
     tsr_cuda_rope_params rp = {TSR_CUDA_ROPE_NEOX, 64, 1e6f, 0.25f, 1.0f, 1.0f, {8.0f, 24.0f}, 0};
@@ -511,7 +588,12 @@ static void test_glu(void **state)
     for (int i = 0; i < N; ++i) {
         const float v = tsr_cuda_swiglu(g[i], u[i]);
         if (bits(v) != bits(ref[i])) fail_msg("swiglu %d: CPU %.9g, numerics.h %.9g", i, ref[i], v);
-        /* GeGLU against the tanh GELU in double, within the fp16 roundings of ggml's table */
+        /* GeGLU: bit for bit the CPU's (ggml's fp16 table semantics) ... */
+        float gc = g[i];
+        tsr_geglu(&gc, &u[i], 1);
+        if (bits(gc) != bits(tsr_cuda_geglu(g[i], u[i])))
+            fail_msg("geglu %d: CPU %.9g, numerics.h %.9g", i, gc, tsr_cuda_geglu(g[i], u[i]));
+        /* ... and against the tanh GELU in double, within the fp16 roundings of the table */
         const double x = g[i];
         const double ge =
             0.5 * x * (1.0 + tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x))) * u[i];

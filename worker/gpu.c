@@ -1,10 +1,13 @@
 /*
  * gpu.c — a rank's model tiles on a CUDA device and the forward pass over them (gpu.h).
  *
- * The sequence of operations mirrors tsr_forward_batch in worker/model.c step by step
- * (embedding, per layer: RMSNorm → Q/K/V → RoPE → KV store → paged attention → output
- * projection → tp all-reduce → residual → RMSNorm → gate/up → GLU → down → all-reduce →
- * residual; then the head for the rows that want logits), with the device kernels of
+ * The sequence of operations mirrors tsr_forward_batch in worker/model.c step by step, for
+ * every architecture it runs (embedding [× scale], per layer: RMSNorm → Q/K/V [+ biases]
+ * [→ per-head Q/K RMSNorm] → RoPE (NORM or NEOX, windowed layers' base) [→ Q × scale] → KV
+ * store → paged attention [sliding window] → output projection → tp all-reduce [+ bias]
+ * [→ post-attention RMSNorm] → residual → RMSNorm → gate/up → SwiGLU or GeGLU → down →
+ * all-reduce [→ post-FFN RMSNorm] → residual; then the head for the rows that want logits
+ * [soft-capped]), with the device kernels of
  * kernels/cuda/ (cuda_backend.h). Per step the host uploads one packed int32 descriptor
  * (tokens, positions, sequences, cache rows, logit rows, block tables) and downloads the
  * logits and the stage's hidden states.
@@ -25,6 +28,9 @@
 
 typedef struct {
     float *attn_norm, *ffn_norm;
+    float *bq, *bk, *bv, *bo;              /* biases (qwen2) or NULL */
+    float *q_norm, *k_norm;                /* per-head norms (qwen3, gemma3) or NULL */
+    float *post_attn_norm, *post_ffn_norm; /* gemma3 or NULL */
     tsr_cuda_weight wq, wk, wv, wo, w_gate, w_up, w_down;
 } gpu_layer;
 
@@ -141,7 +147,11 @@ uint64_t tsr_gpu_bytes_needed(const tsr_model *m, int32_t n_kv_blocks, int32_t n
         const tsr_layer *L = &m->layers[l];
         n += weight_bytes(&L->wq) + weight_bytes(&L->wk) + weight_bytes(&L->wv) +
              weight_bytes(&L->wo) + weight_bytes(&L->w_gate) + weight_bytes(&L->w_up) +
-             weight_bytes(&L->w_down) + 8u * (uint64_t)hp->n_embd;
+             weight_bytes(&L->w_down) + 4u * (uint64_t)hp->n_embd * 5u + /* norms, bo */
+             4u *
+                 (uint64_t)((sh->head_end - sh->head_begin) +
+                            2 * (sh->kv_head_end - sh->kv_head_begin) + 2) *
+                 (uint64_t)hp->head_dim; /* q/k/v biases, q/k norms */
     }
     const uint64_t kv_dim = (uint64_t)(sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
     n += 2ull * 4ull * (uint64_t)m->n_layer_local * (uint64_t)n_kv_blocks * 16ull * kv_dim;
@@ -157,6 +167,7 @@ uint64_t tsr_gpu_bytes_needed(const tsr_model *m, int32_t n_kv_blocks, int32_t n
 void tsr_gpu_model_free(tsr_gpu_model *gm)
 {
     if (!gm) return;
+    if (gm->dev) tsr_cuda_activate(gm->dev, NULL, 0);
     for (int32_t i = 0; i < gm->n_allocs; i++)
         tsr_cuda_free(gm->dev, gm->allocs[i], gm->alloc_bytes[i]);
     tsr_cuda_close(gm->dev);
@@ -202,8 +213,20 @@ int tsr_gpu_model_upload(const tsr_model *m, int32_t device, uint64_t n_bytes_ca
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
         gpu_layer *G = &gm->layers[l];
+        const int32_t hd = m->hp.head_dim;
+        const int32_t q_dim = (m->shard.head_end - m->shard.head_begin) * hd;
+        const int32_t kv_dim = (m->shard.kv_head_end - m->shard.kv_head_begin) * hd;
         if (up_floats(gm, L->attn_norm, E, "attn_norm", &G->attn_norm, err, err_len) ||
             up_floats(gm, L->ffn_norm, E, "ffn_norm", &G->ffn_norm, err, err_len) ||
+            up_floats(gm, L->bq, q_dim, "attn_q.bias", &G->bq, err, err_len) ||
+            up_floats(gm, L->bk, kv_dim, "attn_k.bias", &G->bk, err, err_len) ||
+            up_floats(gm, L->bv, kv_dim, "attn_v.bias", &G->bv, err, err_len) ||
+            up_floats(gm, L->bo, E, "attn_output.bias", &G->bo, err, err_len) ||
+            up_floats(gm, L->q_norm, hd, "attn_q_norm", &G->q_norm, err, err_len) ||
+            up_floats(gm, L->k_norm, hd, "attn_k_norm", &G->k_norm, err, err_len) ||
+            up_floats(gm, L->post_attn_norm, E, "post_attention_norm", &G->post_attn_norm, err,
+                      err_len) ||
+            up_floats(gm, L->post_ffn_norm, E, "post_ffw_norm", &G->post_ffn_norm, err, err_len) ||
             up_weight(gm, &L->wq, "attn_q", &G->wq, err, err_len) ||
             up_weight(gm, &L->wk, "attn_k", &G->wk, err, err_len) ||
             up_weight(gm, &L->wv, "attn_v", &G->wv, err, err_len) ||
@@ -281,6 +304,10 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr
         return -1;
     }
     gc->gm = gm;
+    if (tsr_cuda_activate(gm->dev, err, err_len) != 0) {
+        free(gc);
+        return -1;
+    }
     gc->n_kv_blocks = n_kv_blocks;
     gc->n_batch = n_batch;
     gc->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
@@ -349,7 +376,7 @@ static int tp_allreduce(tsr_gpu_ctx *gc, float *x, size_t n, char *err, size_t e
 /* Pack the step descriptor: tokens, pos, seq, rows, logit rows [n each], then the block
  * tables [n_seqs][max_blocks]; upload it in one copy. */
 static int upload_desc(tsr_gpu_ctx *gc, const tsr_batch *b, int32_t *n_want, int32_t *max_blocks,
-                       char *err, size_t err_len)
+                       int32_t *max_pos, char *err, size_t err_len)
 {
     const int32_t n = b->n_tokens;
     int32_t mb = 1;
@@ -393,8 +420,12 @@ static int upload_desc(tsr_gpu_ctx *gc, const tsr_batch *b, int32_t *n_want, int
     for (int32_t s = 0; s < b->n_seqs; s++)
         for (int32_t k = 0; k < mb; k++)
             h[5 * n + s * mb + k] = k < b->n_blocks[s] ? b->block_tables[s][k] : 0;
+    int32_t mp = 0;
+    for (int32_t t = 0; t < n; t++)
+        if (b->pos[t] > mp) mp = b->pos[t];
     *n_want = w;
     *max_blocks = mb;
+    *max_pos = mp;
     return tsr_cuda_upload(d, gc->desc, h, sizeof(int32_t) * (size_t)need, err, err_len);
 }
 
@@ -413,27 +444,26 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         tsr_set_err(err, err_len, "a GPU batch holds 1..%d tokens, got %d", gc->n_batch, n);
         return -1;
     }
-    int32_t n_want = 0, mb = 1;
-    if (upload_desc(gc, b, &n_want, &mb, err, err_len) != 0) return -1;
+    if (tsr_cuda_activate(d, err, err_len) != 0) return -1; /* steps may run on any thread */
+    int32_t n_want = 0, mb = 1, max_pos = 0;
+    if (upload_desc(gc, b, &n_want, &mb, &max_pos, err, err_len) != 0) return -1;
     const int32_t *d_tok = gc->desc, *d_pos = gc->desc + n, *d_seq = gc->desc + 2 * n;
     const int32_t *d_rows = gc->desc + 3 * n, *d_want = gc->desc + 4 * n;
     const int32_t *d_tables = gc->desc + 5 * n;
     const size_t nE = (size_t)n * (size_t)E;
-    const tsr_cuda_rope_cfg rope = {.mode = 0,
-                                    .n_rot = hp->n_rot,
-                                    .freq_base = hp->rope_freq_base,
-                                    .freq_scale = hp->rope_freq_scale,
-                                    .ext_factor = 0.0f,
-                                    .attn_factor = 1.0f};
 #define CK(call)                                                                                   \
     do {                                                                                           \
         if ((call) != 0) return -1;                                                                \
     } while (0)
-    if (m->first_stage)
+    if (m->first_stage) {
         CK(tsr_cuda_embed(d, &gm->tok_embd, d_tok, n, gc->x, err, err_len));
-    else
+        if (hp->embd_scale != 1.0f)
+            CK(tsr_cuda_scale(d, gc->x, hp->embd_scale, (int64_t)nE, err, err_len));
+    } else {
         CK(tsr_cuda_upload(d, gc->x, hidden, sizeof(float) * nE, err, err_len));
+    }
     const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim;
+    const int32_t q_dim = n_head_local * hd;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const gpu_layer *G = &gm->layers[l];
         float *kc = gc->k_cache + (size_t)l * kv_layer, *vc = gc->v_cache + (size_t)l * kv_layer;
@@ -441,10 +471,36 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         CK(tsr_cuda_matmul(d, &G->wq, gc->xb, n, gc->q, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wk, gc->xb, n, gc->k, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wv, gc->xb, n, gc->v, err, err_len));
+        CK(tsr_cuda_add_rows(d, gc->q, G->bq, n, q_dim, err, err_len)); /* NULL: no bias */
+        CK(tsr_cuda_add_rows(d, gc->k, G->bk, n, gc->kv_dim, err, err_len));
+        CK(tsr_cuda_add_rows(d, gc->v, G->bv, n, gc->kv_dim, err, err_len));
+        if (G->q_norm) { /* per head: [n * heads] rows of head_dim */
+            CK(tsr_cuda_rmsnorm(d, gc->q, gc->q, G->q_norm, n * n_head_local, hd, hp->rms_eps, err,
+                                err_len));
+            CK(tsr_cuda_rmsnorm(d, gc->k, gc->k, G->k_norm, n * n_kv_local, hd, hp->rms_eps, err,
+                                err_len));
+        }
+        const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
+        int32_t max_chunks = max_pos / TSR_KV_BLOCK_SIZE + 1;
+        if (swa && hp->n_swa / TSR_KV_BLOCK_SIZE + 2 < max_chunks)
+            max_chunks = hp->n_swa / TSR_KV_BLOCK_SIZE + 2;
+        /* NEOX as tsr_rope_ext (ggml's running-product angles), NORM as tsr_rope (powf) */
+        const tsr_cuda_rope_cfg rope = {
+            .mode = hp->rope_neox ? 2 : 0,
+            .n_rot = hp->n_rot,
+            .freq_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base,
+            .freq_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale,
+            .ext_factor = 0.0f,
+            .attn_factor = 1.0f,
+            .ggml_theta = hp->rope_neox ? 1 : 0};
         CK(tsr_cuda_rope(d, gc->q, d_pos, n, n_head_local, hd, &rope, gm->freq_factors, err,
                          err_len));
         CK(tsr_cuda_rope(d, gc->k, d_pos, n, n_kv_local, hd, &rope, gm->freq_factors, err,
                          err_len));
+        /* gemma3 scales Q before the product and uses a unit score scale (as model.c) */
+        const bool q_scaled = hp->arch == TSR_ARCH_GEMMA3;
+        if (q_scaled)
+            CK(tsr_cuda_scale(d, gc->q, hp->attn_scale, (int64_t)n * q_dim, err, err_len));
         CK(tsr_cuda_kv_store(d, kc, vc, gc->k, gc->v, d_rows, n, gc->kv_dim, err, err_len));
         const tsr_cuda_attn_args aa = {.q = gc->q,
                                        .k_cache = kc,
@@ -454,6 +510,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
                                        .seq = d_seq,
                                        .tables = d_tables,
                                        .max_blocks = mb,
+                                       .max_chunks = max_chunks,
                                        .n_tok = n,
                                        .n_head_local = n_head_local,
                                        .head_dim = hd,
@@ -461,29 +518,37 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
                                        .head_begin = sh->head_begin,
                                        .group = hp->n_head / hp->n_head_kv,
                                        .kv_head_begin = sh->kv_head_begin,
-                                       .window = 0,
-                                       .scale = 1.0f / sqrtf((float)hd)};
+                                       .window = swa ? hp->n_swa : 0,
+                                       .scale = q_scaled ? 1.0f : hp->attn_scale};
         CK(tsr_cuda_attention(d, &aa, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wo, gc->att, n, gc->xb2, err, err_len));
         CK(tp_allreduce(gc, gc->xb2, nE, err, err_len));
+        CK(tsr_cuda_add_rows(d, gc->xb2, G->bo, n, E, err, err_len));
+        if (G->post_attn_norm)
+            CK(tsr_cuda_rmsnorm(d, gc->xb2, gc->xb2, G->post_attn_norm, n, E, hp->rms_eps, err,
+                                err_len));
         CK(tsr_cuda_add(d, gc->x, gc->xb2, (int64_t)nE, err, err_len));
         CK(tsr_cuda_rmsnorm(d, gc->xb, gc->x, G->ffn_norm, n, E, hp->rms_eps, err, err_len));
         CK(tsr_cuda_matmul(d, &G->w_gate, gc->xb, n, gc->hb, err, err_len));
         CK(tsr_cuda_matmul(d, &G->w_up, gc->xb, n, gc->hb2, err, err_len));
-        CK(tsr_cuda_glu(d, TSR_CUDA_GLU_SWIGLU, gc->hb, gc->hb2, (int64_t)n * gc->n_ff, err,
-                        err_len));
+        CK(tsr_cuda_glu(d, hp->ffn_gelu ? TSR_CUDA_GLU_GEGLU : TSR_CUDA_GLU_SWIGLU, gc->hb, gc->hb2,
+                        (int64_t)n * gc->n_ff, err, err_len));
         CK(tsr_cuda_matmul(d, &G->w_down, gc->hb, n, gc->xb2, err, err_len));
         CK(tp_allreduce(gc, gc->xb2, nE, err, err_len));
+        if (G->post_ffn_norm)
+            CK(tsr_cuda_rmsnorm(d, gc->xb2, gc->xb2, G->post_ffn_norm, n, E, hp->rms_eps, err,
+                                err_len));
         CK(tsr_cuda_add(d, gc->x, gc->xb2, (int64_t)nE, err, err_len));
     }
     if (m->last_stage && logits && n_want > 0) {
+        const int64_t n_l = (int64_t)n_want * gc->n_vocab_local;
         CK(tsr_cuda_gather_rows(d, gc->xb, gc->x, d_want, n_want, E, err, err_len));
         CK(tsr_cuda_rmsnorm(d, gc->head_in, gc->xb, gm->output_norm, n_want, E, hp->rms_eps, err,
                             err_len));
         CK(tsr_cuda_matmul(d, &gm->output, gc->head_in, n_want, gc->logits, err, err_len));
-        CK(tsr_cuda_download(d, logits, gc->logits,
-                             sizeof(float) * (size_t)n_want * (size_t)gc->n_vocab_local, err,
-                             err_len));
+        if (hp->final_logit_softcap > 0.0f)
+            CK(tsr_cuda_softcap(d, gc->logits, hp->final_logit_softcap, n_l, err, err_len));
+        CK(tsr_cuda_download(d, logits, gc->logits, sizeof(float) * (size_t)n_l, err, err_len));
     }
     CK(tsr_cuda_download(d, hidden, gc->x, sizeof(float) * nE, err, err_len));
 #undef CK

@@ -123,6 +123,27 @@ static int bind_vec(tsr_model *m, const char *name, int64_t n, float **out, char
     return 0;
 }
 
+/* Values [r0, r1) of a 1-D vector of n values of any type, copied to float. */
+static int bind_vec_slice(tsr_model *m, const char *name, int64_t n, int64_t r0, int64_t r1,
+                          float **out, char *err, size_t err_len)
+{
+    float *full = NULL;
+    if (bind_vec(m, name, n, &full, err, err_len)) return -1;
+    if (r0 == 0 && r1 == n) {
+        *out = full;
+        return 0;
+    }
+    *out = malloc((size_t)(r1 - r0 > 0 ? r1 - r0 : 1) * sizeof(float));
+    if (!*out) {
+        free(full);
+        tsr_set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    memcpy(*out, full + r0, (size_t)(r1 - r0) * sizeof(float));
+    free(full);
+    return 0;
+}
+
 /* llama3-style rope scaling (as llama.cpp's converter computes rope_freqs). */
 static void llama3_factors(float *ff, int n_rot, float base, float factor, float low_ff,
                            float high_ff, float orig_ctx)
@@ -145,9 +166,35 @@ static void llama3_factors(float *ff, int n_rot, float base, float factor, float
     }
 }
 
+static const char *const arch_names[] = {"llama", "qwen2", "qwen3", "gemma3"};
+
+const char *tsr_arch_name(tsr_arch a)
+{
+    return (unsigned)a < sizeof arch_names / sizeof arch_names[0] ? arch_names[a] : "?";
+}
+
+bool tsr_hparams_layer_swa(const tsr_hparams *hp, int32_t il)
+{
+    if (hp->n_swa <= 0) return false;
+    if (hp->swa_pattern <= 0) return true;
+    return il % hp->swa_pattern < hp->swa_pattern - 1;
+}
+
+/* A required float hyperparameter: as get_hp_float, but a missing key is an error. */
+static int need_hp_float(const tsr_gguf *g, const char *arch, const char *name, float *out,
+                         char *err, size_t err_len)
+{
+    char key[160];
+    snprintf(key, sizeof key, "%s.%s", arch, name);
+    if (tsr_gguf_find_key(g, key) < 0) {
+        tsr_set_err(err, err_len, "missing required metadata key '%s'", key);
+        return -1;
+    }
+    return get_hp_float(g, arch, name, 0.0, out, err, err_len);
+}
+
 int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t err_len)
 {
-    const char *arch = "llama";
     char name[160];
     tsr_gguf_str s;
     memset(hp, 0, sizeof *hp);
@@ -155,13 +202,22 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
         tsr_set_err(err, err_len, "missing metadata key 'general.architecture' (string)");
         return -1;
     }
-    if (s.len != 5 || memcmp(s.ptr, "llama", 5) != 0) {
+    bool known = false;
+    for (size_t a = 0; a < sizeof arch_names / sizeof arch_names[0]; a++) {
+        if (s.len == strlen(arch_names[a]) && memcmp(s.ptr, arch_names[a], s.len) == 0) {
+            hp->arch = (tsr_arch)a;
+            known = true;
+        }
+    }
+    if (!known) {
         tsr_set_err(err, err_len,
-                    "unsupported architecture '%.*s': Tessera runs 'llama' models (Llama, "
-                    "TinyLlama, Mistral-style GQA)",
+                    "unsupported architecture '%.*s': Tessera runs 'llama' (Llama, TinyLlama, "
+                    "Mistral-style, SmolLM2), 'qwen2', 'qwen3' and 'gemma3' models",
                     (int)(s.len > 40 ? 40 : s.len), s.ptr);
         return -1;
     }
+    const char *arch = arch_names[hp->arch];
+    const bool is_llama = hp->arch == TSR_ARCH_LLAMA;
     if (get_hp_int(g, arch, "block_count", -1, 4096, &hp->n_layer, err, err_len) ||
         get_hp_int(g, arch, "embedding_length", -1, 1 << 20, &hp->n_embd, err, err_len) ||
         get_hp_int(g, arch, "attention.head_count", -1, 4096, &hp->n_head, err, err_len) ||
@@ -170,31 +226,50 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
         get_hp_int(g, arch, "feed_forward_length", -1, 1 << 22, &hp->n_ff, err, err_len) ||
         get_hp_int(g, arch, "context_length", 2048, 1 << 24, &hp->n_ctx_train, err, err_len))
         return -1;
-    if (hp->n_embd % hp->n_head != 0) {
-        tsr_set_err(err, err_len, "embedding_length %d is not divisible by head_count %d",
-                    hp->n_embd, hp->n_head);
-        return -1;
-    }
     if (hp->n_head % hp->n_head_kv != 0) {
-        tsr_set_err(err, err_len, "head_count %d is not a multiple of head_count_kv %d", hp->n_head,
-                    hp->n_head_kv);
+        tsr_set_err(err, err_len,
+                    "%s.attention.head_count %d is not a multiple of head_count_kv %d", arch,
+                    hp->n_head, hp->n_head_kv);
         return -1;
     }
+    /* Head size: attention.key_length, else n_embd / n_head (which must then divide). */
+    snprintf(name, sizeof name, "%s.attention.key_length", arch);
+    if (tsr_gguf_find_key(g, name) < 0 && hp->n_embd % hp->n_head != 0) {
+        tsr_set_err(err, err_len,
+                    "%s.embedding_length %d is not divisible by head_count %d and there is no "
+                    "'%s' key",
+                    arch, hp->n_embd, hp->n_head, name);
+        return -1;
+    }
+    int32_t v_len = 0;
     if (get_hp_int(g, arch, "attention.key_length", hp->n_embd / hp->n_head, 1 << 16, &hp->head_dim,
                    err, err_len) ||
+        get_hp_int(g, arch, "attention.value_length", hp->head_dim, 1 << 16, &v_len, err,
+                   err_len) ||
         get_hp_int(g, arch, "rope.dimension_count", hp->head_dim, hp->head_dim, &hp->n_rot, err,
                    err_len))
         return -1;
-    if (hp->n_rot % 2 != 0) {
-        tsr_set_err(err, err_len, "rope.dimension_count %d must be even", hp->n_rot);
+    if (v_len != hp->head_dim) {
+        tsr_set_err(err, err_len,
+                    "%s.attention.value_length %d differs from key_length %d (not supported)", arch,
+                    v_len, hp->head_dim);
         return -1;
     }
-    if (get_hp_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5, &hp->rms_eps, err,
-                     err_len) ||
+    if (hp->n_rot % 2 != 0) {
+        tsr_set_err(err, err_len, "%s.rope.dimension_count %d must be even", arch, hp->n_rot);
+        return -1;
+    }
+    /* llama.cpp requires the epsilon for every architecture; old llama files get 1e-5. */
+    if ((is_llama ? get_hp_float(g, arch, "attention.layer_norm_rms_epsilon", 1e-5, &hp->rms_eps,
+                                 err, err_len)
+                  : need_hp_float(g, arch, "attention.layer_norm_rms_epsilon", &hp->rms_eps, err,
+                                  err_len)) ||
         get_hp_float(g, arch, "rope.freq_base", 10000.0, &hp->rope_freq_base, err, err_len))
         return -1;
     if (!(hp->rms_eps > 0.0f) || !(hp->rope_freq_base > 0.0f)) {
-        tsr_set_err(err, err_len, "rms epsilon and rope.freq_base must be > 0");
+        tsr_set_err(err, err_len,
+                    "%s.attention.layer_norm_rms_epsilon and %s.rope.freq_base must be > 0", arch,
+                    arch);
         return -1;
     }
     hp->rope_freq_scale = 1.0f;
@@ -212,6 +287,50 @@ int tsr_model_read_hparams(const tsr_gguf *g, tsr_hparams *hp, char *err, size_t
     if (tsr_gguf_find_tensor(g, "rope_freqs.weight") ||
         (has_type && st.len == 6 && memcmp(st.ptr, "llama3", 6) == 0))
         hp->rope_llama3 = true;
+
+    /* Per-architecture graph details (llama.cpp's load_hparams and src/models/<arch>.cpp). */
+    hp->attn_scale = 1.0f / sqrtf((float)hp->head_dim);
+    hp->embd_scale = 1.0f;
+    hp->rope_freq_base_swa = hp->rope_freq_base;
+    hp->rope_freq_scale_swa = hp->rope_freq_scale;
+    switch (hp->arch) {
+    case TSR_ARCH_LLAMA:
+        /* Mistral-style files: a window on every layer when the file says so. */
+        if (get_hp_int(g, arch, "attention.sliding_window", 0, 1 << 24, &hp->n_swa, err, err_len))
+            return -1;
+        break;
+    case TSR_ARCH_QWEN2:
+        hp->rope_neox = true;
+        break;
+    case TSR_ARCH_QWEN3:
+        hp->rope_neox = true;
+        hp->qk_norm = true;
+        break;
+    case TSR_ARCH_GEMMA3:
+        hp->rope_neox = true;
+        hp->qk_norm = true;
+        hp->post_norms = true;
+        hp->ffn_gelu = true;
+        hp->embd_scale = sqrtf((float)hp->n_embd);
+        if (get_hp_int(g, arch, "attention.sliding_window", 0, 1 << 24, &hp->n_swa, err, err_len) ||
+            get_hp_int(g, arch, "attention.sliding_window_pattern", 6, 4096, &hp->swa_pattern, err,
+                       err_len) ||
+            get_hp_float(g, arch, "final_logit_softcapping", 0.0, &hp->final_logit_softcap, err,
+                         err_len))
+            return -1;
+        if (hp->n_swa > 0) {
+            hp->rope_freq_base_swa = 10000.0f;
+            hp->rope_freq_scale_swa = 1.0f;
+        }
+        if (hp->final_logit_softcap < 0.0f) {
+            tsr_set_err(err, err_len, "%s.final_logit_softcapping must be >= 0", arch);
+            return -1;
+        }
+        /* gemma_pytorch's query_pre_attn_scalar: n_embd / n_head for the 27B (62 layers),
+         * the head size otherwise. */
+        if (hp->n_layer == 62) hp->attn_scale = 1.0f / sqrtf((float)(hp->n_embd / hp->n_head));
+        break;
+    }
     /* Vocabulary size: the embedding's row count is the truth for the forward pass. */
     const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
     if (!te) {
@@ -366,11 +485,12 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
     } else if (hp->rope_llama3) {
         float factor = 1.0f, low = 1.0f, high = 4.0f;
         int32_t orig = 8192;
-        if (get_hp_float(g, "llama", "rope.scaling.factor", 1.0, &factor, err, err_len) ||
-            get_hp_float(g, "llama", "rope.scaling.low_freq_factor", 1.0, &low, err, err_len) ||
-            get_hp_float(g, "llama", "rope.scaling.high_freq_factor", 4.0, &high, err, err_len) ||
-            get_hp_int(g, "llama", "rope.scaling.original_context_length", 8192, 1 << 24, &orig,
-                       err, err_len))
+        const char *arch = tsr_arch_name(hp->arch);
+        if (get_hp_float(g, arch, "rope.scaling.factor", 1.0, &factor, err, err_len) ||
+            get_hp_float(g, arch, "rope.scaling.low_freq_factor", 1.0, &low, err, err_len) ||
+            get_hp_float(g, arch, "rope.scaling.high_freq_factor", 4.0, &high, err, err_len) ||
+            get_hp_int(g, arch, "rope.scaling.original_context_length", 8192, 1 << 24, &orig, err,
+                       err_len))
             goto fail;
         m->freq_factors = malloc(sizeof(float) * (size_t)(hp->n_rot / 2));
         if (!m->freq_factors) goto oom;
@@ -434,6 +554,31 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
         if (bind_vec(m, name, E, &L->attn_norm, err, err_len)) goto fail;
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
         if (bind_vec(m, name, E, &L->ffn_norm, err, err_len)) goto fail;
+            /* Biases (optional, as in llama.cpp): Q/K/V split by rows with their weights. */
+#define BIAS(field, nm, n, r0, r1)                                                                 \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "blk.%d." nm ".bias", l);                                      \
+        if (tsr_gguf_find_tensor(g, name) &&                                                       \
+            bind_vec_slice(m, name, n, r0, r1, &L->field, err, err_len))                           \
+            goto fail;                                                                             \
+    } while (0)
+        BIAS(bq, "attn_q", q_dim, h0, h1);
+        BIAS(bk, "attn_k", kv_dim, k0, k1);
+        BIAS(bv, "attn_v", kv_dim, k0, k1);
+        BIAS(bo, "attn_output", E, 0, E);
+#undef BIAS
+        if (hp->qk_norm) {
+            snprintf(name, sizeof name, "blk.%d.attn_q_norm.weight", l);
+            if (bind_vec(m, name, hd, &L->q_norm, err, err_len)) goto fail;
+            snprintf(name, sizeof name, "blk.%d.attn_k_norm.weight", l);
+            if (bind_vec(m, name, hd, &L->k_norm, err, err_len)) goto fail;
+        }
+        if (hp->post_norms) {
+            snprintf(name, sizeof name, "blk.%d.post_attention_norm.weight", l);
+            if (bind_vec(m, name, E, &L->post_attn_norm, err, err_len)) goto fail;
+            snprintf(name, sizeof name, "blk.%d.post_ffw_norm.weight", l);
+            if (bind_vec(m, name, E, &L->post_ffn_norm, err, err_len)) goto fail;
+        }
     }
     *out = m;
     return 0;
@@ -454,8 +599,17 @@ void tsr_model_free(tsr_model *m)
     if (!m) return;
     if (m->layers) {
         for (int32_t l = 0; l < m->n_layer_local; l++) {
-            free(m->layers[l].attn_norm);
-            free(m->layers[l].ffn_norm);
+            tsr_layer *L = &m->layers[l];
+            free(L->attn_norm);
+            free(L->ffn_norm);
+            free(L->bq);
+            free(L->bk);
+            free(L->bv);
+            free(L->bo);
+            free(L->q_norm);
+            free(L->k_norm);
+            free(L->post_attn_norm);
+            free(L->post_ffn_norm);
         }
     }
     for (int32_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
@@ -691,7 +845,9 @@ static void attn_run(void *arg, int ith, int nth)
     const int kv_dim = c->kv_dim;
     const int group = hp->n_head / hp->n_head_kv;
     const int n_head_local = sh->head_end - sh->head_begin;
-    const float scale = 1.0f / sqrtf((float)hd);
+    /* gemma3 scales Q before the product (llama.cpp: ggml_scale on Qcur, kq_scale 1). */
+    const float scale = hp->arch == TSR_ARCH_GEMMA3 ? 1.0f : hp->attn_scale;
+    const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + j->layer);
     const float *kc = c->k_cache + (size_t)j->layer * c->max_pos * kv_dim;
     const float *vc = c->v_cache + (size_t)j->layer * c->max_pos * kv_dim;
     float *att = c->att_scores + (size_t)ith * c->max_pos;
@@ -703,22 +859,31 @@ static void attn_run(void *arg, int ith, int nth)
         int t = it / n_head_local, hl = it % n_head_local;
         int kvh = (sh->head_begin + hl) / group - sh->kv_head_begin;
         int32_t pos = b->pos[t], s = b->seq[t];
+        /* Positions p0..pos: all earlier ones, or the last n_swa on windowed layers. */
+        const int32_t p0 = swa && pos - hp->n_swa + 1 > 0 ? pos - hp->n_swa + 1 : 0;
         const float *q = c->q + ((size_t)t * n_head_local + hl) * hd;
-        for (int32_t p = 0; p <= pos; p++) {
+        for (int32_t p = p0; p <= pos; p++) {
             const float *k = kc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
             float dot = 0.0f;
             for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-            att[p] = dot * scale;
+            att[p - p0] = dot * scale;
         }
-        tsr_softmax(att, pos + 1);
         float *o = c->att_out + ((size_t)t * n_head_local + hl) * hd;
+        tsr_softmax(att, pos - p0 + 1);
         memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int32_t p = 0; p <= pos; p++) {
+        for (int32_t p = p0; p <= pos; p++) {
             const float *v = vc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
-            const float a = att[p];
+            const float a = att[p - p0];
             for (int i = 0; i < hd; i++) o[i] += a * v[i];
         }
     }
+}
+
+/* x[t][i] += bias[i] for n_tok rows of n values. */
+static void add_bias(float *x, const float *bias, int n_tok, int n)
+{
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < n; i++) x[(size_t)t * n + i] += bias[i];
 }
 
 /* Sum partial results over the tensor-parallel group (no-op without one). */
@@ -795,6 +960,8 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             const uint8_t *row =
                 (const uint8_t *)m->tok_embd.data + (size_t)b->tokens[t] * m->tok_embd.row_bytes;
             tsr_dequant_row(m->tok_embd.type, row, x + (size_t)t * E, E);
+            if (hp->embd_scale != 1.0f)
+                for (int i = 0; i < E; i++) x[(size_t)t * E + i] *= hp->embd_scale;
         }
     }
 
@@ -811,10 +978,30 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             tsr_matmul(c->pool, &L->wk, c->xb, n, c->k, c->scratch);
             tsr_matmul(c->pool, &L->wv, c->xb, n, c->v, c->scratch);
         }
-        tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, hp->rope_freq_base,
-                 hp->rope_freq_scale, m->freq_factors);
-        tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, hp->rope_freq_base,
-                 hp->rope_freq_scale, m->freq_factors);
+        const int q_dim_local = n_head_local * hd;
+        if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
+        if (L->bk) add_bias(c->k, L->bk, n, c->kv_dim);
+        if (L->bv) add_bias(c->v, L->bv, n, c->kv_dim);
+        if (L->q_norm) { /* per head: [n * heads] rows of head_dim */
+            tsr_rmsnorm(c->q, c->q, L->q_norm, n * n_head_local, hd, hp->rms_eps);
+            tsr_rmsnorm(c->k, c->k, L->k_norm, n * n_kv_local, hd, hp->rms_eps);
+        }
+        const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
+        const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
+        const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
+        if (hp->rope_neox) {
+            tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                         m->freq_factors, 1);
+            tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                         m->freq_factors, 1);
+        } else {
+            tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors);
+            tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors);
+        }
+        if (hp->arch == TSR_ARCH_GEMMA3)
+            for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
         float *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_dim;
         float *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_dim;
         for (int t = 0; t < n; t++) {
@@ -831,6 +1018,8 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
 
         tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
+        if (L->bo) add_bias(c->xb2, L->bo, n, E);
+        if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
         tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
@@ -842,9 +1031,13 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             tsr_matmul(c->pool, &L->w_gate, c->xb, n, c->hb, c->scratch);
             tsr_matmul(c->pool, &L->w_up, c->xb, n, c->hb2, c->scratch);
         }
-        tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        if (hp->ffn_gelu)
+            tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        else
+            tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
+        if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
     }
 
@@ -857,6 +1050,11 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             n_want++;
         }
         if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
+        if (n_want > 0 && hp->final_logit_softcap > 0.0f) {
+            const float cap = hp->final_logit_softcap;
+            const size_t n_l = (size_t)n_want * (size_t)m->output.n_out;
+            for (size_t i = 0; i < n_l; i++) logits[i] = cap * tanhf(logits[i] / cap);
+        }
     }
     c->b = NULL;
     c->t_forward_ns += tsr_now_ns() - t0;

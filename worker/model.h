@@ -1,10 +1,23 @@
 /*
- * model.h — a llama-architecture model over a mapped GGUF, and its forward pass.
+ * model.h — a decoder-only transformer over a mapped GGUF, and its forward pass.
  *
- * The model is llama.cpp's `llama`: token embedding → n_layer × [RMSNorm → GQA attention
- * with NORM RoPE → residual → RMSNorm → SwiGLU MLP → residual] → RMSNorm → output head
- * (tied to token_embd when output.weight is absent). Weights stay in their file type and
- * are read in place from the mapping; only the small norm vectors are copied to float.
+ * The architectures are llama.cpp's, read from `general.architecture`, each with the
+ * hyperparameter keys llama.cpp reads for it (`{arch}.block_count`, ...):
+ *   llama  token embedding → n_layer × [RMSNorm → GQA attention with NORM RoPE (adjacent
+ *          pairs) → residual → RMSNorm → SwiGLU MLP → residual] → RMSNorm → output head
+ *          (tied to token_embd when output.weight is absent; SmolLM2). A
+ *          `llama.attention.sliding_window` key (Mistral-style files) windows every layer.
+ *   qwen2  llama + optional biases on Q/K/V, NEOX RoPE (pairs (i, i + n_rot/2)).
+ *   qwen3  llama + per-head RMSNorm on Q and K before RoPE (attn_q_norm/attn_k_norm), NEOX.
+ *   gemma3 embeddings × sqrt(n_embd); per-head Q/K RMSNorm; NEOX RoPE; Q × attention scale
+ *          (1/sqrt(key_length)); post-attention and post-FFN RMSNorms before each residual
+ *          add; GELU(tanh)-gated FFN; interleaved sliding-window attention (layer il is
+ *          local iff il % 6 < 5, window `attention.sliding_window`, rope base 10000 and
+ *          scale 1 there; global layers use rope.freq_base and rope scaling); optional
+ *          final logit soft-capping. Norm weights are used as stored (the GGUF converter
+ *          already added gemma's +1).
+ * Weights stay in their file type and are read in place from the mapping; only the small
+ * norm and bias vectors are copied to float.
  *
  * tsr_model: immutable after load, shareable by several contexts (threads).
  * tsr_ctx: one sequence's state: KV cache, scratch buffers and a thread pool.
@@ -22,13 +35,21 @@
 #include "shard/gguf.h"
 #include "worker/comm.h"
 
+typedef enum {
+    TSR_ARCH_LLAMA = 0,
+    TSR_ARCH_QWEN2,
+    TSR_ARCH_QWEN3,
+    TSR_ARCH_GEMMA3,
+} tsr_arch;
+
 typedef struct {
+    tsr_arch arch;
     int32_t n_vocab;
     int32_t n_embd;
     int32_t n_layer;
     int32_t n_head;
     int32_t n_head_kv;
-    int32_t head_dim; /* n_embd / n_head */
+    int32_t head_dim; /* attention.key_length (= value_length), default n_embd / n_head */
     int32_t n_ff;
     int32_t n_rot;       /* rotary dims per head (<= head_dim) */
     int32_t n_ctx_train; /* llama.context_length */
@@ -36,7 +57,26 @@ typedef struct {
     float rope_freq_base;
     float rope_freq_scale; /* 1 / linear scaling factor */
     bool rope_llama3;      /* freq_factors derived from llama3 scaling keys or rope_freqs */
+    bool rope_neox;        /* rotate pairs (i, i + n_rot/2) instead of (2i, 2i+1) */
+    /* Sliding-window attention: a token at position p attends to positions > p - n_swa
+     * (llama.cpp's LLAMA_SWA_TYPE_STANDARD) on the layers tsr_hparams_layer_swa names. */
+    int32_t n_swa;             /* 0: no window */
+    int32_t swa_pattern;       /* 0: every layer; p: layer il is windowed iff il % p < p - 1 */
+    float rope_freq_base_swa;  /* rope of windowed layers (gemma3: 10000) */
+    float rope_freq_scale_swa; /* (gemma3: 1, no scaling) */
+    float attn_scale;          /* multiplies q·k: 1/sqrt(head_dim) (gemma3 27B: n_head/n_embd) */
+    float embd_scale;          /* multiplies the token embedding (gemma3: sqrt(n_embd)) */
+    float final_logit_softcap; /* logits = c * tanh(logits / c); 0: none */
+    bool qk_norm;              /* per-head RMSNorm of Q and K (qwen3, gemma3) */
+    bool post_norms;           /* RMSNorm of attention and FFN outputs (gemma3) */
+    bool ffn_gelu;             /* GELU(tanh)-gated FFN instead of SwiGLU (gemma3) */
 } tsr_hparams;
+
+/* The architecture's name as in general.architecture ("llama", "qwen2", ...). */
+const char *tsr_arch_name(tsr_arch a);
+
+/* Whether layer il uses the sliding window (and the windowed layers' rope). */
+bool tsr_hparams_layer_swa(const tsr_hparams *hp, int32_t il);
 
 /* The part of the model one rank holds (shard/plan.h computes it). Ranges are half-open.
  * Query heads [head_begin, head_end) must map into KV heads [kv_head_begin, kv_head_end). */
@@ -50,6 +90,11 @@ typedef struct {
 
 typedef struct {
     float *attn_norm;        /* [n_embd] */
+    float *bq, *bk, *bv;     /* this rank's rows of the Q/K/V biases, or NULL (qwen2) */
+    float *bo;               /* [n_embd] attention output bias (added after the all-reduce) */
+    float *q_norm, *k_norm;  /* [head_dim] per-head RMSNorm weights, or NULL */
+    float *post_attn_norm;   /* [n_embd] or NULL (gemma3) */
+    float *post_ffn_norm;    /* [n_embd] or NULL (gemma3) */
     tsr_weight wq;           /* [n_embd] -> [n_head * head_dim] */
     tsr_weight wk, wv;       /* [n_embd] -> [n_head_kv * head_dim] */
     tsr_weight wo;           /* [n_head * head_dim] -> [n_embd] */

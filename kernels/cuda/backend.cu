@@ -179,6 +179,7 @@ extern "C" void tsr_cuda_close(tsr_cuda_dev *d)
     cudaFree(d->xq);
     cudaFree(d->xh);
     cudaFree(d->tile);
+    cudaFree(d->att_part);
     cublasDestroy(d->cublas);
     cudaStreamDestroy(d->stream);
     cudaGetLastError();
@@ -198,6 +199,12 @@ extern "C" uint64_t tsr_cuda_n_bytes_used(const tsr_cuda_dev *d)
 extern "C" uint64_t tsr_cuda_n_bytes_cap(const tsr_cuda_dev *d)
 {
     return d->n_bytes_cap;
+}
+
+extern "C" int tsr_cuda_activate(tsr_cuda_dev *d, char *err, size_t err_len)
+{
+    TSR_CUDA_CHECK(d, cudaSetDevice(d->ordinal));
+    return 0;
 }
 
 extern "C" void *tsr_cuda_stream(tsr_cuda_dev *d)

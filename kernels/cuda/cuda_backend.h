@@ -45,7 +45,8 @@ extern "C" {
 /* Positions per KV block (must equal TSR_KV_BLOCK_SIZE of worker/model.h). */
 #define TSR_CUDA_KV_BLOCK 16
 /* Batches of at least this many tokens run quantized weights through cuBLAS (weights
- * dequantized to F16 tiles); smaller ones read the blocks in place (one warp per row). */
+ * dequantized to F16 tiles); smaller ones read the blocks in place (one warp per row). The
+ * environment variable TSR_CUDA_GEMM_MIN_TOKENS overrides it (benchmarks, checks). */
 #define TSR_CUDA_GEMM_MIN_TOKENS 8
 
 typedef struct tsr_cuda_dev tsr_cuda_dev;
@@ -82,6 +83,9 @@ void tsr_cuda_close(tsr_cuda_dev *d);
 int32_t tsr_cuda_ordinal(const tsr_cuda_dev *d);
 uint64_t tsr_cuda_n_bytes_used(const tsr_cuda_dev *d);
 uint64_t tsr_cuda_n_bytes_cap(const tsr_cuda_dev *d);
+/* Make d the calling thread's current CUDA device (the current device is per thread: call
+ * it first in any thread that did not open d, e.g. the engine's step thread). */
+int tsr_cuda_activate(tsr_cuda_dev *d, char *err, size_t err_len);
 /* The device's stream (a cudaStream_t) for callers that enqueue their own work (NCCL). */
 void *tsr_cuda_stream(tsr_cuda_dev *d);
 
@@ -151,6 +155,9 @@ int tsr_cuda_add_rows(tsr_cuda_dev *d, float *x, const float *b, int32_t n_rows,
                       char *err, size_t err_len);
 int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, char *err, size_t err_len);
 
+/* x[i] = cap * tanh(x[i] / cap) (final logit soft-capping, gemma). */
+int tsr_cuda_softcap(tsr_cuda_dev *d, float *x, float cap, int64_t n, char *err, size_t err_len);
+
 /* In-place softmax of n_rows rows of n (max, then exp and sum in a block reduction). */
 int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char *err,
                      size_t err_len);
@@ -159,8 +166,10 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
  * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] float32; the KV
  * of position p of sequence s is row tables[s * max_blocks + p / 16] * 16 + p % 16.
  * Token t (sequence seq[t], position pos[t]) attends to positions max(0, pos - window + 1)
- * .. pos (window 0: all). q: [n_tok][n_head_local][head_dim]; out likewise. Local query
- * head h uses local KV head (head_begin + h) / group - kv_head_begin. */
+ * .. pos (window 0: all). When few (token, head) pairs meet many chunks (decode of long
+ * contexts), the chunks are split over several thread blocks and merged (numerics.h). q:
+ * [n_tok][n_head_local][head_dim]; out likewise. Local query head h uses local KV head (head_begin
+ * + h) / group - kv_head_begin. */
 typedef struct {
     const float *q;
     const float *k_cache, *v_cache;
@@ -168,6 +177,7 @@ typedef struct {
     const int32_t *pos, *seq; /* device [n_tok] */
     const int32_t *tables;    /* device [n_seqs][max_blocks] */
     int32_t max_blocks;
+    int32_t max_chunks; /* the most 16-position chunks any token visits (sets the splits) */
     int32_t n_tok, n_head_local, head_dim, kv_dim;
     int32_t head_begin, group, kv_head_begin;
     int32_t window;

@@ -97,6 +97,11 @@ uint64_t tsr_cuda_n_bytes_cap(const tsr_cuda_dev *d)
     return d->cap;
 }
 
+int tsr_cuda_activate(tsr_cuda_dev *d, char *err, size_t err_len)
+{
+    return 0;
+}
+
 void *tsr_cuda_stream(tsr_cuda_dev *d)
 {
     (void)d;
@@ -198,9 +203,12 @@ static float row_dot(uint32_t type, int64_t n, const uint8_t *w, const void *xr)
             lanes[i % 32] += tsr_cuda_dequant(type, w + (size_t)i * bb, 0) * x[i];
     } else if (be == 32) {
         const int32_t xb = tsr_cuda_block_bytes(tsr_cuda_dot_type(type));
-        for (int64_t b = 0; b < n / 32; ++b)
-            lanes[b % 32] +=
-                tsr_cuda_dot_blk32(type, w + (size_t)b * bb, (const uint8_t *)xr + b * xb);
+        for (int64_t b = 0; b < n / 32; ++b) { /* 4 lanes per block (exact integer parts) */
+            const uint8_t *wbk = w + (size_t)b * bb, *xbk = (const uint8_t *)xr + b * xb;
+            int32_t si = 0;
+            for (int q = 0; q < 4; ++q) si += tsr_cuda_isum_part32(type, wbk, xbk, q);
+            lanes[(b % 8) * 4] += tsr_cuda_dot_combine32(type, wbk, xbk, si);
+        }
     } else {
         const tsr_cuda_q8_K *x = xr;
         for (int64_t b = 0; b < n / 256; ++b) {
@@ -222,6 +230,19 @@ static float f16_round(float x)
     return tsr_cuda_f16_to_f32(tsr_cuda_f32_to_f16(x));
 }
 
+/* TSR_CUDA_GEMM_MIN_TOKENS (environment) overrides the batch size from which matmuls go to
+ * cuBLAS (for benchmarks and checks; read once). */
+static int32_t tsr_cuda_gemm_min_tokens(void)
+{
+    static int32_t v = -1;
+    if (v < 0) {
+        const char *e = getenv("TSR_CUDA_GEMM_MIN_TOKENS");
+        const long x = e && *e ? strtol(e, NULL, 10) : 0;
+        v = x >= 1 ? (int32_t)x : TSR_CUDA_GEMM_MIN_TOKENS;
+    }
+    return v;
+}
+
 int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x, int32_t n_tok,
                     float *y, char *err, size_t err_len)
 {
@@ -233,7 +254,7 @@ int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x, i
     }
     const int64_t n = w->n_in;
     const uint8_t *wd = w->data;
-    if (n_tok >= TSR_CUDA_GEMM_MIN_TOKENS) {
+    if (n_tok >= tsr_cuda_gemm_min_tokens()) {
         /* cuBLAS: F32 weights in FP32; others F16 operands, FP32 accumulation */
         const int32_t bb = tsr_cuda_block_bytes(w->type);
         float *wr = malloc(sizeof(float) * (size_t)n);
@@ -372,6 +393,12 @@ int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, char *err, siz
     return 0;
 }
 
+int tsr_cuda_softcap(tsr_cuda_dev *d, float *x, float cap, int64_t n, char *err, size_t err_len)
+{
+    for (int64_t i = 0; i < n; ++i) x[i] = tsr_cuda_softcap_value(x[i], cap);
+    return 0;
+}
+
 int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char *err,
                      size_t err_len)
 {
@@ -398,6 +425,7 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
         return TSR_CUDA_EINVAL;
     }
     const int hd = a->head_dim;
+    const int32_t n_split = tsr_cuda_attn_splits(a->n_tok, a->n_head_local, a->max_chunks);
     for (int32_t t = 0; t < a->n_tok; ++t)
         for (int32_t hl = 0; hl < a->n_head_local; ++hl) {
             const int kvh = (a->head_begin + hl) / a->group - a->kv_head_begin;
@@ -406,35 +434,59 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
             const int32_t p_first =
                 a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
             const float *q = a->q + ((size_t)t * a->n_head_local + hl) * hd;
-            float acc[TSR_CUDA_MAX_HEAD_DIM] = {0};
-            tsr_cuda_softmax_state st;
-            tsr_cuda_softmax_init(&st);
-            for (int32_t c = p_first / TSR_CUDA_KV_BLOCK; c <= pos / TSR_CUDA_KV_BLOCK; ++c) {
-                const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
-                float sc[TSR_CUDA_KV_BLOCK], cmax = -INFINITY;
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
-                    const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
-                    const float *kr = a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
-                    float lanes[32] = {0};
-                    const bool in = p >= p_first && p <= pos;
-                    if (in)
-                        for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * kr[i];
-                    const float s = warp_sum(lanes);
-                    sc[j] = in ? s * a->scale : -INFINITY;
+            float ms[TSR_CUDA_ATT_MAX_SPLITS], ls[TSR_CUDA_ATT_MAX_SPLITS];
+            static float accs[TSR_CUDA_ATT_MAX_SPLITS][TSR_CUDA_MAX_HEAD_DIM];
+            for (int32_t sp = 0; sp < n_split; ++sp) {
+                int32_t c0, c1;
+                tsr_cuda_attn_split_range(p_first / TSR_CUDA_KV_BLOCK, pos / TSR_CUDA_KV_BLOCK, sp,
+                                          n_split, &c0, &c1);
+                float *acc = accs[sp];
+                memset(acc, 0, sizeof(float) * (size_t)hd);
+                tsr_cuda_softmax_state st;
+                tsr_cuda_softmax_init(&st);
+                for (int32_t c = c0; c < c1; ++c) {
+                    const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
+                    float sc[TSR_CUDA_KV_BLOCK], cmax = -INFINITY;
+                    for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                        const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
+                        const float *kr = a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                        float lanes[32] = {0};
+                        const bool in = p >= p_first && p <= pos;
+                        if (in)
+                            for (int i = 0; i < hd; ++i) lanes[i % 32] += q[i] * kr[i];
+                        const float s = warp_sum(lanes);
+                        sc[j] = in ? s * a->scale : -INFINITY;
+                    }
+                    for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
+                    const float corr = tsr_cuda_softmax_rescale(&st, cmax);
+                    for (int i = 0; i < hd; ++i) acc[i] *= corr;
+                    for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                        const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
+                        st.l += pw;
+                        if (pw == 0.0f) continue;
+                        const float *vr = a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                        for (int i = 0; i < hd; ++i) acc[i] += pw * vr[i];
+                    }
                 }
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
-                const float corr = tsr_cuda_softmax_rescale(&st, cmax);
-                for (int i = 0; i < hd; ++i) acc[i] *= corr;
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
-                    const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
-                    st.l += pw;
-                    if (pw == 0.0f) continue;
-                    const float *vr = a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
-                    for (int i = 0; i < hd; ++i) acc[i] += pw * vr[i];
-                }
+                ms[sp] = st.m;
+                ls[sp] = st.l;
             }
             float *o = a->out + ((size_t)t * a->n_head_local + hl) * hd;
-            for (int i = 0; i < hd; ++i) o[i] = acc[i] / st.l;
+            if (n_split == 1) {
+                for (int i = 0; i < hd; ++i) o[i] = accs[0][i] / ls[0];
+                continue;
+            }
+            /* k_attn_merge */
+            float m = -INFINITY, l = 0.0f;
+            for (int32_t sp = 0; sp < n_split; ++sp) m = fmaxf(m, ms[sp]);
+            for (int32_t sp = 0; sp < n_split; ++sp)
+                l += ls[sp] * tsr_cuda_attn_merge_factor(ms[sp], m);
+            for (int i = 0; i < hd; ++i) {
+                float v = 0.0f;
+                for (int32_t sp = 0; sp < n_split; ++sp)
+                    v += accs[sp][i] * tsr_cuda_attn_merge_factor(ms[sp], m);
+                o[i] = v / l;
+            }
         }
     return 0;
 }

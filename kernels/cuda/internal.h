@@ -25,6 +25,8 @@ struct tsr_cuda_dev {
     size_t xh_bytes;
     void *tile;
     size_t tile_bytes;
+    void *att_part; /* split attention states */
+    size_t att_part_bytes;
 };
 
 /* Bytes of the F16 weight tile of the cuBLAS path (rows per tile = this / (2 * n_in)). */

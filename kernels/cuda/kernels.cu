@@ -7,15 +7,17 @@
  * Matvec (decode, speculative verification, batches below TSR_CUDA_GEMM_MIN_TOKENS): the
  * activations are quantized once per token into the weight type's dot type (Q8_0 / Q8_1 /
  * Q8_K, the bytes the CPU makes), then one warp per weight row reads the quantized blocks
- * in place: lane l takes blocks l, l+32, ... (32-element types; K-quants: lanes 8k..8k+7
- * share super-block k, one 32-group each, integer partial sums added with shuffles), a
- * butterfly adds the lanes. Float weights: lane l takes elements l, l+32, ....
+ * in place: lanes 4k..4k+3 share block k, k+8, ... (32-element types, a quarter block each;
+ * K-quants: lanes 8k..8k+7 share super-block k, k+4, ..., one 32-group each), the integer
+ * partial sums of a block added with shuffles (exact), a butterfly adds the lanes. Float weights:
+ * lane l takes elements l, l+32, ....
  *
  * Compiled with --fmad=false (see numerics.h: no FMA contraction, so the host test's
  * results are the device's).
  */
 #include <cuda_fp16.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include "kernels/cuda/internal.h"
 #include "kernels/cuda/numerics.h"
@@ -139,11 +141,21 @@ __global__ void k_matvec(uint32_t type, const uint8_t *w, size_t row_bytes, int6
         for (int64_t i = lane; i < n_in; i += 32)
             acc += tsr_cuda_dequant(type, wr + (size_t)i * bb, 0) * xf[i];
     } else if (KIND == 1) {
+        /* lanes 4k..4k+3 share block b0 + k (a quarter each: adjacent bytes, so one load
+         * instruction of the warp covers 8 consecutive blocks); blocks b0 + 8i */
         const int32_t bb = tsr_cuda_block_bytes(type);
         const int32_t xb = tsr_cuda_block_bytes(tsr_cuda_dot_type(type));
         const int64_t nb = n_in / 32;
-        for (int64_t b = lane; b < nb; b += 32)
-            acc += tsr_cuda_dot_blk32(type, wr + (size_t)b * bb, xr + (size_t)b * xb);
+        const int part = lane % 4;
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+            const int64_t b = b0 + lane / 4;
+            int32_t si = 0;
+            if (b < nb)
+                si = tsr_cuda_isum_part32(type, wr + (size_t)b * bb, xr + (size_t)b * xb, part);
+            si = warp_isum(si, 4);
+            if (b < nb && part == 0)
+                acc += tsr_cuda_dot_combine32(type, wr + (size_t)b * bb, xr + (size_t)b * xb, si);
+        }
     } else {
         const int32_t bb = tsr_cuda_block_bytes(type);
         const int64_t nb = n_in / 256;
@@ -250,6 +262,19 @@ extern "C" bool tsr_cuda_type_supported(uint32_t type)
     return type != TSR_CUDA_Q8_1 && type != TSR_CUDA_Q8_K && tsr_cuda_block_elems(type) > 0;
 }
 
+/* TSR_CUDA_GEMM_MIN_TOKENS (environment) overrides the batch size from which matmuls go to
+ * cuBLAS (for benchmarks and checks; read once). */
+static int32_t tsr_cuda_gemm_min_tokens(void)
+{
+    static int32_t v = -1;
+    if (v < 0) {
+        const char *e = getenv("TSR_CUDA_GEMM_MIN_TOKENS");
+        const long x = e && *e ? strtol(e, NULL, 10) : 0;
+        v = x >= 1 ? (int32_t)x : TSR_CUDA_GEMM_MIN_TOKENS;
+    }
+    return v;
+}
+
 extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float *x,
                                int32_t n_tok, float *y, char *err, size_t err_len)
 {
@@ -262,7 +287,7 @@ extern "C" int tsr_cuda_matmul(tsr_cuda_dev *d, const tsr_cuda_weight *w, const 
             (long long)w->n_in, (long long)w->n_out, n_tok);
         return TSR_CUDA_EINVAL;
     }
-    if (n_tok >= TSR_CUDA_GEMM_MIN_TOKENS) return matmul_cublas(d, w, x, n_tok, y, err, err_len);
+    if (n_tok >= tsr_cuda_gemm_min_tokens()) return matmul_cublas(d, w, x, n_tok, y, err, err_len);
     const int threads = 256, warps = threads / 32;
     const dim3 grid((unsigned)((w->n_out + warps - 1) / warps), (unsigned)n_tok);
     if (be == 1) {
@@ -369,6 +394,13 @@ __global__ void k_add_rows(float *x, const float *b, int64_t n_rows, int32_t n)
         x[i] += b[i % n];
 }
 
+__global__ void k_softcap(float *x, float cap, int64_t n)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        x[i] = tsr_cuda_softcap_value(x[i], cap);
+}
+
 __global__ void k_scale(float *x, float s, int64_t n)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -426,25 +458,30 @@ __global__ void k_gather_rows(float *dst, const float *src, const int32_t *idx, 
 }
 
 /* ---- paged attention ------------------------------------------------------------------
- * One block of 128 threads per (token, local head). The KV positions are visited one
+ * One block of 128 threads per (token, local head, split). The KV positions are visited one
  * 16-position KV block (chunk) at a time: warp w scores positions w, w+4, w+8, w+12 of the
  * chunk (lanes split the head dimension, butterfly sum), then every thread folds the chunk
  * into its copy of the online-softmax state (identical in all threads) and into the output
- * dimensions it owns (threadIdx.x + 128 k). */
+ * dimensions it owns (threadIdx.x + 128 k). With one split the block writes the output;
+ * with several (decode of long contexts: few (token, head) pairs, many chunks) each writes
+ * its state (m, l, acc) to part[], and k_attn_merge combines them in split order. */
 #define ATT_THREADS 128
 #define ATT_DIMS    (TSR_CUDA_MAX_HEAD_DIM / ATT_THREADS)
 
-__global__ void k_attention(tsr_cuda_attn_args a)
+__global__ void k_attention(tsr_cuda_attn_args a, int32_t n_split, float *part)
 {
     __shared__ float qs[TSR_CUDA_MAX_HEAD_DIM];
     __shared__ float sc[TSR_CUDA_KV_BLOCK];
-    const int32_t t = blockIdx.x, hl = blockIdx.y;
+    const int32_t t = blockIdx.x, hl = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int hd = a.head_dim;
     const int kvh = (a.head_begin + hl) / a.group - a.kv_head_begin;
     const int32_t pos = a.pos[t];
     const int32_t *table = a.tables + (size_t)a.seq[t] * a.max_blocks;
     const int32_t p_first = a.window > 0 && pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    int32_t c0, c1;
+    tsr_cuda_attn_split_range(p_first / TSR_CUDA_KV_BLOCK, pos / TSR_CUDA_KV_BLOCK, split, n_split,
+                              &c0, &c1);
     const float *q = a.q + ((size_t)t * a.n_head_local + hl) * hd;
     for (int i = threadIdx.x; i < hd; i += ATT_THREADS) qs[i] = q[i];
     float acc[ATT_DIMS];
@@ -452,7 +489,7 @@ __global__ void k_attention(tsr_cuda_attn_args a)
     tsr_cuda_softmax_state st;
     tsr_cuda_softmax_init(&st);
     __syncthreads();
-    for (int32_t c = p_first / TSR_CUDA_KV_BLOCK; c <= pos / TSR_CUDA_KV_BLOCK; ++c) {
+    for (int32_t c = c0; c < c1; ++c) {
         const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
         for (int j = warp; j < TSR_CUDA_KV_BLOCK; j += ATT_THREADS / 32) {
             const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
@@ -480,10 +517,43 @@ __global__ void k_attention(tsr_cuda_attn_args a)
         }
         __syncthreads(); /* sc is rewritten by the next chunk */
     }
-    float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+    if (n_split == 1) {
+        float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+        for (int k = 0; k < ATT_DIMS; ++k) {
+            const int i = threadIdx.x + ATT_THREADS * k;
+            if (i < hd) o[i] = acc[k] / st.l;
+        }
+        return;
+    }
+    /* part: [n_tok][n_head_local][n_split][2 + head_dim] = m, l, acc */
+    float *pp = part + (((size_t)t * a.n_head_local + hl) * n_split + split) * (size_t)(2 + hd);
+    if (threadIdx.x == 0) {
+        pp[0] = st.m;
+        pp[1] = st.l;
+    }
     for (int k = 0; k < ATT_DIMS; ++k) {
         const int i = threadIdx.x + ATT_THREADS * k;
-        if (i < hd) o[i] = acc[k] / st.l;
+        if (i < hd) pp[2 + i] = acc[k];
+    }
+}
+
+__global__ void k_attn_merge(tsr_cuda_attn_args a, int32_t n_split, const float *part)
+{
+    const int32_t t = blockIdx.x, hl = blockIdx.y;
+    const int hd = a.head_dim;
+    const float *pp = part + ((size_t)t * a.n_head_local + hl) * n_split * (size_t)(2 + hd);
+    float m = -INFINITY;
+    for (int s = 0; s < n_split; ++s) m = fmaxf(m, pp[(size_t)s * (2 + hd)]);
+    float l = 0.0f;
+    for (int s = 0; s < n_split; ++s)
+        l += pp[(size_t)s * (2 + hd) + 1] * tsr_cuda_attn_merge_factor(pp[(size_t)s * (2 + hd)], m);
+    float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < n_split; ++s)
+            v += pp[(size_t)s * (2 + hd) + 2 + i] *
+                 tsr_cuda_attn_merge_factor(pp[(size_t)s * (2 + hd)], m);
+        o[i] = v / l;
     }
 }
 
@@ -566,6 +636,14 @@ extern "C" int tsr_cuda_scale(tsr_cuda_dev *d, float *x, float s, int64_t n, cha
     return tsr_cuda_launched(d, "k_scale", err, err_len);
 }
 
+extern "C" int tsr_cuda_softcap(tsr_cuda_dev *d, float *x, float cap, int64_t n, char *err,
+                                size_t err_len)
+{
+    if (n < 1) return 0;
+    k_softcap<<<grid_cap(n, 256, 8192), 256, 0, d->stream>>>(x, cap, n);
+    return tsr_cuda_launched(d, "k_softcap", err, err_len);
+}
+
 extern "C" int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char *err,
                                 size_t err_len)
 {
@@ -584,8 +662,24 @@ extern "C" int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, 
         return TSR_CUDA_EINVAL;
     }
     if (a->n_tok == 0 || a->n_head_local == 0) return 0;
-    k_attention<<<dim3((unsigned)a->n_tok, (unsigned)a->n_head_local), ATT_THREADS, 0, d->stream>>>(
-        *a);
+    const int32_t n_split = tsr_cuda_attn_splits(a->n_tok, a->n_head_local, a->max_chunks);
+    const dim3 grid((unsigned)a->n_tok, (unsigned)a->n_head_local, (unsigned)n_split);
+    float *part = NULL;
+    if (n_split > 1) {
+        const size_t n_bytes = sizeof(float) * (size_t)a->n_tok * (size_t)a->n_head_local *
+                               (size_t)n_split * (size_t)(2 + a->head_dim);
+        if (tsr_cuda_scratch(d, &d->att_part, &d->att_part_bytes, n_bytes, "attention splits", err,
+                             err_len) != 0)
+            return TSR_CUDA_ENOMEM;
+        part = (float *)d->att_part;
+    }
+    k_attention<<<grid, ATT_THREADS, 0, d->stream>>>(*a, n_split, part);
+    if (n_split > 1) {
+        if (tsr_cuda_launched(d, "k_attention", err, err_len) != 0) return TSR_CUDA_ERR;
+        const dim3 mgrid((unsigned)a->n_tok, (unsigned)a->n_head_local);
+        k_attn_merge<<<mgrid, 128, 0, d->stream>>>(*a, n_split, part);
+        return tsr_cuda_launched(d, "k_attn_merge", err, err_len);
+    }
     return tsr_cuda_launched(d, "k_attention", err, err_len);
 }
 

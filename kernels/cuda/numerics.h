@@ -546,6 +546,68 @@ TSR_CUDA_HD float tsr_cuda_dot_blk32(uint32_t type, const void *wb, const void *
     }
 }
 
+/* 32-element blocks split over 4 lanes (the matvec kernel): part q (0..3) of a block gives
+ * an exact integer partial sum, the 4 partials add exactly in any order, and one lane
+ * combines them: the result is bit-identical to tsr_cuda_dot_blk32. Part q covers elements
+ * 8q..8q+7 for Q8_0, and bytes 4q..4q+3 (elements j and j+16) for the 4- and 5-bit types. */
+TSR_CUDA_HD int32_t tsr_cuda_isum_part32(uint32_t type, const void *wb, const void *xb, int q)
+{
+    const uint8_t *w = (const uint8_t *)wb;
+    int32_t si = 0;
+    switch (type) {
+    case TSR_CUDA_Q8_0: {
+        const int8_t *a = ((const tsr_cuda_q8_0 *)wb)->qs + 8 * q;
+        const int8_t *x = ((const tsr_cuda_q8_0 *)xb)->qs + 8 * q;
+        for (int j = 0; j < 8; ++j) si += a[j] * x[j];
+        break;
+    }
+    case TSR_CUDA_Q4_0:
+    case TSR_CUDA_Q4_1: {
+        const bool one = type == TSR_CUDA_Q4_1;
+        const uint8_t *qs = w + (one ? 4 : 2);
+        const int8_t *x = one ? ((const tsr_cuda_q8_1 *)xb)->qs : ((const tsr_cuda_q8_0 *)xb)->qs;
+        const int off = one ? 0 : 8;
+        for (int j = 4 * q; j < 4 * q + 4; ++j) {
+            si += ((qs[j] & 0xF) - off) * x[j];
+            si += ((qs[j] >> 4) - off) * x[j + 16];
+        }
+        break;
+    }
+    case TSR_CUDA_Q5_0:
+    case TSR_CUDA_Q5_1: {
+        const bool one = type == TSR_CUDA_Q5_1;
+        const uint8_t *qh8 = w + (one ? 4 : 2), *qs = qh8 + 4;
+        const int off = one ? 0 : 16;
+        const int8_t *x = one ? ((const tsr_cuda_q8_1 *)xb)->qs : ((const tsr_cuda_q8_0 *)xb)->qs;
+        uint32_t qh;
+        memcpy(&qh, qh8, 4);
+        for (int j = 4 * q; j < 4 * q + 4; ++j) {
+            const int x0 = ((qs[j] & 0xF) | (int)(((qh >> j) << 4) & 0x10)) - off;
+            const int x1 = ((qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10)) - off;
+            si += x0 * x[j] + x1 * x[j + 16];
+        }
+        break;
+    }
+    default:
+        break;
+    }
+    return si;
+}
+
+/* The block's float contribution from its summed integer (as tsr_cuda_dot_blk32). */
+TSR_CUDA_HD float tsr_cuda_dot_combine32(uint32_t type, const void *wb, const void *xb, int32_t si)
+{
+    const uint16_t dw = *(const uint16_t *)wb; /* d is the first field of every 32-block */
+    const bool one = type == TSR_CUDA_Q4_1 || type == TSR_CUDA_Q5_1;
+    if (!one)
+        return tsr_cuda_f16_to_f32(dw) * tsr_cuda_f16_to_f32(((const tsr_cuda_q8_0 *)xb)->d) *
+               (float)si;
+    const uint16_t mw = ((const uint16_t *)wb)[1];
+    const tsr_cuda_q8_1 *x = (const tsr_cuda_q8_1 *)xb;
+    return tsr_cuda_f16_to_f32(dw) * tsr_cuda_f16_to_f32(x->d) * (float)si +
+           tsr_cuda_f16_to_f32(mw) * tsr_cuda_f16_to_f32(x->s);
+}
+
 /* K-quants: a super-block of 256 is cut into 8 groups of 32; group g (0..7) yields two
  * exact integers, sumi (sum of scale * <q, x>) and summ (sum of min * bsum; K-types with
  * mins only). The device spreads the groups over 8 lanes and adds the integers with
@@ -723,6 +785,38 @@ TSR_CUDA_HD float tsr_cuda_softmax_weight(const tsr_cuda_softmax_state *st, floa
     return s == -INFINITY ? 0.0f : expf(s - st->m);
 }
 
+/* Split attention (flash-decoding): the KV chunks of one (token, head) are cut into n_split
+ * contiguous ranges, each folded into its own state (m_s, l_s, acc_s); then merged in
+ * split order: m = max m_s, l = sum l_s e^(m_s - m), out = sum acc_s e^(m_s - m) / l.
+ * tsr_cuda_attn_splits picks n_split so that about TSR_CUDA_ATT_TARGET_BLOCKS thread blocks
+ * run (never more than half the chunks, at most TSR_CUDA_ATT_MAX_SPLITS). */
+#define TSR_CUDA_ATT_TARGET_BLOCKS 256
+#define TSR_CUDA_ATT_MAX_SPLITS    32
+
+TSR_CUDA_HD int32_t tsr_cuda_attn_splits(int32_t n_tok, int32_t n_head, int32_t max_chunks)
+{
+    const int64_t blocks = (int64_t)n_tok * n_head;
+    int64_t s = (TSR_CUDA_ATT_TARGET_BLOCKS + blocks - 1) / (blocks > 0 ? blocks : 1);
+    if (s > max_chunks / 2) s = max_chunks / 2;
+    if (s > TSR_CUDA_ATT_MAX_SPLITS) s = TSR_CUDA_ATT_MAX_SPLITS;
+    return s < 1 ? 1 : (int32_t)s;
+}
+
+/* Chunks [*c0, *c1) of split `split` out of n_split over chunks [first, last]. */
+TSR_CUDA_HD void tsr_cuda_attn_split_range(int32_t first, int32_t last, int32_t split,
+                                           int32_t n_split, int32_t *c0, int32_t *c1)
+{
+    const int32_t n = last - first + 1;
+    *c0 = first + (int32_t)((int64_t)n * split / n_split);
+    *c1 = first + (int32_t)((int64_t)n * (split + 1) / n_split);
+}
+
+/* Factor of split s's accumulator and sum in the merge (0 for an empty split). */
+TSR_CUDA_HD float tsr_cuda_attn_merge_factor(float m_s, float m)
+{
+    return m_s == -INFINITY ? 0.0f : expf(m_s - m);
+}
+
 /* RoPE. Modes: NORM rotates adjacent pairs (2i, 2i+1) (llama); NEOX rotates (i, i + n_rot/2)
  * (qwen2/3, gemma3). The angle of pair i (i0 = 2i) comes in the two float orders the CPU
  * uses: theta = pos * freq_scale * base^(-i0/n_rot) / freq_factor[i] with powf per pair
@@ -789,6 +883,12 @@ TSR_CUDA_HD void tsr_cuda_rope_rotate(float *x0, float *x1, float c, float s)
     const float a = *x0, b = *x1;
     *x0 = a * c - b * s;
     *x1 = a * s + b * c;
+}
+
+/* Final logit soft-capping (worker/model.c): cap * tanh(x / cap). */
+TSR_CUDA_HD float tsr_cuda_softcap_value(float x, float cap)
+{
+    return cap * tanhf(x / cap);
 }
 
 /* Gated units: SwiGLU silu(g)*u (kernels/ops.c), GeGLU with ggml's tanh GELU. */
