@@ -419,6 +419,7 @@ def test_basic():
         assert r.returncode == 0 and json.loads(r.stdout)["state"] == "up", r.stdout
 
         # Failover: kill b mid-stream; everything completes exactly.
+        wait_up(co.target, ["a", "b"], timeout=10)
         kws = [request(i, 200, "stories260K") for i in range(6)]
         refs = references(kws)
         started = threading.Event()
@@ -446,7 +447,8 @@ def test_basic():
         gaps = sorted(g for g in (resume_delay(o, t_kill_b[0]) for o in moved) if g is not None)
         print("    failover: %d of %d streams moved; process kill -> resumed token %s s" % (
             len(moved), len(outs), ["%.3f" % g for g in gaps]))
-        assert moved, "no stream was on b when it was killed (none reports a failover)"
+        assert moved, "no stream was on b when it was killed (none reports a failover): %s" % (
+            replicas(co.target))
         wait_for(lambda: replicas(co.target)["b"]["state"] == "down", 3.5,
                  "b marked down within 3 s of its death")
         print("    b down %.2f s after the streams finished" % (time.time() - t_kill))
