@@ -92,6 +92,9 @@ static void test_all_files_open(void **state)
         "random/llama-2-tiny-random.gguf",    "synthetic/synth-tiny-f16.gguf",
         "synthetic/synth-tiny-q8_0.gguf",     "synthetic/synth-tiny-q4_k_m.gguf",
         "synthetic/synth-tiny-q4_0.gguf",     "synthetic/synth-tiny-bf16.gguf",
+        "synthetic/synth-tiny-q4_1.gguf",     "synthetic/synth-tiny-q5_0.gguf",
+        "synthetic/synth-tiny-q5_1.gguf",     "synthetic/synth-tiny-q2_k.gguf",
+        "synthetic/synth-tiny-q3_k_m.gguf",   "synthetic/synth-tiny-q5_k_m.gguf",
         "vocab/ggml-vocab-llama-spm.gguf",    "vocab/ggml-vocab-gpt-2.gguf",
         "vocab/ggml-vocab-deepseek-llm.gguf", "vocab/ggml-vocab-bert-bge.gguf",
     };
@@ -231,6 +234,65 @@ static void exercise(const tsr_gguf *g)
     }
 }
 
+/* Set the type id of tensor `name` in a GGUF image (the first occurrence of the name is
+ * its tensor info: name, n_dims, ne[n_dims], then the type). */
+static void set_tensor_type(char *buf, size_t len, const char *name, uint32_t type)
+{
+    const size_t nl = strlen(name);
+    char *p = memmem(buf, len, name, nl);
+    assert_non_null(p);
+    uint32_t n_dims;
+    memcpy(&n_dims, p + nl, 4);
+    memcpy(p + nl + 4 + 8 * (size_t)n_dims, &type, 4);
+}
+
+/* TSR_GGUF_OPEN_ANY_TYPE: types Tessera cannot compute with (IQ2_XXS) and ids ggml does not
+ * define are accepted, sized where ggml defines them and bounds-checked; the default open
+ * and tsr_gguf_check_types name the tensor and the type. */
+static void test_any_type(void **state)
+{
+    (void)state;
+    size_t len;
+    char *buf = tsr_test_read_file(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), &len);
+    assert_non_null(buf);
+    char err[512];
+    tsr_gguf *g = NULL;
+    set_tensor_type(buf, len, "blk.0.attn_q.weight", 16); /* IQ2_XXS: 66 bytes per 256 */
+    assert_true(tsr_gguf_open_memory(buf, len, &g, err, sizeof err) < 0);
+    assert_null(g);
+    if (!strstr(err, "blk.0.attn_q.weight") || !strstr(err, "IQ2_XXS"))
+        fail_msg("strict open of an IQ2_XXS tensor: expected its name and type, got: %s", err);
+    assert_int_equal(tsr_gguf_open_memory_ex(buf, len, TSR_GGUF_OPEN_ANY_TYPE, &g, err, sizeof err),
+                     0);
+    const tsr_gguf_tensor *t = tsr_gguf_find_tensor(g, "blk.0.attn_q.weight");
+    assert_int_equal(t->type, 16);
+    assert_int_equal(t->n_bytes, 256 / 256 * 66 * 256); /* [256, 256] */
+    assert_true(tsr_gguf_check_types(g, err, sizeof err) < 0);
+    assert_non_null(strstr(err, "tensor blk.0.attn_q.weight has type IQ2_XXS"));
+    tsr_gguf_close(g);
+    /* an id ggml does not define: size unknown (0), still listed */
+    set_tensor_type(buf, len, "blk.1.attn_q.weight", 99);
+    assert_int_equal(tsr_gguf_open_memory_ex(buf, len, TSR_GGUF_OPEN_ANY_TYPE, &g, err, sizeof err),
+                     0);
+    assert_int_equal(tsr_gguf_find_tensor(g, "blk.1.attn_q.weight")->n_bytes, 0);
+    tsr_gguf_close(g);
+    /* the last tensor as F32 (4 bytes a value, not 144 per 256) runs past the end of the
+     * file, which ANY_TYPE still refuses */
+    set_tensor_type(buf, len, "blk.1.ffn_up.weight", TSR_TYPE_F32);
+    assert_true(tsr_gguf_open_memory_ex(buf, len, TSR_GGUF_OPEN_ANY_TYPE, &g, err, sizeof err) < 0);
+    assert_non_null(strstr(err, "blk.1.ffn_up.weight"));
+    assert_null(g);
+    /* every byte of a truncated header is still refused in ANY_TYPE mode (ASan checks reads) */
+    for (size_t cut = 0; cut < 4096; cut += 97) {
+        char *copy = malloc(cut ? cut : 1);
+        memcpy(copy, buf, cut);
+        assert_true(
+            tsr_gguf_open_memory_ex(copy, cut, TSR_GGUF_OPEN_ANY_TYPE, &g, err, sizeof err) < 0);
+        free(copy);
+    }
+    free(buf);
+}
+
 static void test_truncated_every_byte(void **state)
 {
     (void)state;
@@ -338,6 +400,7 @@ int main(void)
         cmocka_unit_test(test_stories_header),   cmocka_unit_test(test_all_files_open),
         cmocka_unit_test(test_writer_roundtrip), cmocka_unit_test(test_truncated_every_byte),
         cmocka_unit_test(test_random_flips),     cmocka_unit_test(test_bad_files),
+        cmocka_unit_test(test_any_type),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
