@@ -403,6 +403,22 @@ def test_basic():
         expect_code(lambda: stream(inf, dict(prompt="x", model="stories260K", top_p=0.0)),
                     grpc.StatusCode.INVALID_ARGUMENT, "top_p")
 
+        # Cancellation and deadlines pass through: the replica's request ends too.
+        it = inf.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=100000,
+                                             ignore_eos=True, model="stories-q8"), timeout=60)
+        next(it)
+        it.cancel()
+        c_admin = pbg.AdminStub(grpc.insecure_channel(replicas(co.target)["c"]["address"]))
+        wait_for(lambda: c_admin.Status(pb.StatusRequest(), timeout=5).requests_running == 0, 1.5,
+                 "the replica's request to end after the client cancelled (a full run: 3 s)")
+        t0 = time.time()
+        expect_code(lambda: stream(inf, dict(prompt="Once upon a time", max_tokens=100000,
+                                             ignore_eos=True, model="stories-q8"), timeout=0.5),
+                    grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.time() - t0 < 2.0
+        wait_for(lambda: c_admin.Status(pb.StatusRequest(), timeout=5).requests_running == 0, 1.5,
+                 "the replica's request to end at the client's deadline (a full run: 3 s)")
+
         # Drain: no new request goes to a; undrain brings it back.
         r = ctl(co.target, "drain", "a")
         assert r.returncode == 0 and "drain: a" in r.stdout, (r.returncode, r.stdout, r.stderr,
