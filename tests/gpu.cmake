@@ -3,6 +3,11 @@
 # (the only skip the suite allows); on a GPU machine each compares the CUDA backend with the
 # CPU backend (see gpu_check.c and replica_check.c --device cuda). ops/gpu-check.sh runs them
 # together with the GPU benchmarks.
+# The --device / --gpu-memory flags on the command line (both trees, with or without CUDA).
+add_test(NAME gpu_cli_flags COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_cli.sh
+                                    $<TARGET_FILE:tessera> ${TSR_MODELS_DIR}/stories260K.gguf)
+set_tests_properties(gpu_cli_flags PROPERTIES TIMEOUT 60)
+
 if(TSR_SANITIZE) # test_cuda_numerics (tests/CMakeLists.txt): every tensor, every 16th row
   target_compile_definitions(test_cuda_numerics PRIVATE TSR_TEST_LEAN)
 endif()

@@ -4,6 +4,8 @@
  * from the launcher's local rank, allocations counted against the --gpu-memory cap, copies,
  * and the error wording (failing call, CUDA error name and text, device ordinal).
  */
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,6 +38,48 @@ int tsr_cuda_launched(tsr_cuda_dev *d, const char *kernel, char *err, size_t err
     tsr_cuda_errf(err, err_len, "launch of %s failed on CUDA device %d: %s (%s)", kernel,
                   d->ordinal, cudaGetErrorName(e), cudaGetErrorString(e));
     return TSR_CUDA_ERR;
+}
+
+static tsr_cublas_api g_blas;
+static char g_blas_err[512];
+static bool g_blas_ok;
+static pthread_once_t g_blas_once = PTHREAD_ONCE_INIT;
+
+static void blas_load(void)
+{
+    char lib[64];
+    snprintf(lib, sizeof lib, "libcublas.so.%d", CUBLAS_VER_MAJOR);
+    void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        snprintf(g_blas_err, sizeof g_blas_err, "dlopen %s: %s (install cuBLAS)", lib, dlerror());
+        return;
+    }
+    struct {
+        const char *name;
+        void **slot;
+    } syms[] = {{"cublasCreate_v2", (void **)&g_blas.create},
+                {"cublasDestroy_v2", (void **)&g_blas.destroy},
+                {"cublasSetStream_v2", (void **)&g_blas.set_stream},
+                {"cublasSgemm_v2", (void **)&g_blas.sgemm},
+                {"cublasGemmEx", (void **)&g_blas.gemm_ex},
+                {"cublasGetStatusName", (void **)&g_blas.status_name},
+                {"cublasGetStatusString", (void **)&g_blas.status_string}};
+    for (size_t i = 0; i < sizeof syms / sizeof syms[0]; ++i) {
+        *syms[i].slot = dlsym(h, syms[i].name);
+        if (!*syms[i].slot) {
+            snprintf(g_blas_err, sizeof g_blas_err, "%s lacks %s", lib, syms[i].name);
+            return;
+        }
+    }
+    g_blas_ok = true;
+}
+
+const tsr_cublas_api *tsr_cublas(char *err, size_t err_len)
+{
+    pthread_once(&g_blas_once, blas_load);
+    if (g_blas_ok) return &g_blas;
+    tsr_cuda_errf(err, err_len, "%s", g_blas_err);
+    return NULL;
 }
 
 extern "C" bool tsr_cuda_built(void)
@@ -132,15 +176,19 @@ extern "C" int tsr_cuda_open(int32_t ordinal, uint64_t n_bytes_cap, tsr_cuda_dev
         rc = tsr_cuda_fail(d, e, "cudaStreamCreateWithFlags", err, err_len);
         goto fail;
     }
-    if ((cs = cublasCreate(&d->cublas)) != CUBLAS_STATUS_SUCCESS) {
-        tsr_cuda_errf(err, err_len, "cublasCreate failed on CUDA device %d: %s (%s)", ordinal,
-                      cublasGetStatusName(cs), cublasGetStatusString(cs));
+    if (!(d->blas = tsr_cublas(err, err_len))) {
         rc = TSR_CUDA_ERR;
         goto fail_stream;
     }
-    if ((cs = cublasSetStream(d->cublas, d->stream)) != CUBLAS_STATUS_SUCCESS) {
+    if ((cs = d->blas->create(&d->cublas)) != CUBLAS_STATUS_SUCCESS) {
+        tsr_cuda_errf(err, err_len, "cublasCreate failed on CUDA device %d: %s (%s)", ordinal,
+                      d->blas->status_name(cs), d->blas->status_string(cs));
+        rc = TSR_CUDA_ERR;
+        goto fail_stream;
+    }
+    if ((cs = d->blas->set_stream(d->cublas, d->stream)) != CUBLAS_STATUS_SUCCESS) {
         tsr_cuda_errf(err, err_len, "cublasSetStream failed on CUDA device %d: %s", ordinal,
-                      cublasGetStatusName(cs));
+                      d->blas->status_name(cs));
         rc = TSR_CUDA_ERR;
         goto fail_cublas;
     }
@@ -163,7 +211,7 @@ extern "C" int tsr_cuda_open(int32_t ordinal, uint64_t n_bytes_cap, tsr_cuda_dev
     *out = d;
     return 0;
 fail_cublas:
-    cublasDestroy(d->cublas);
+    d->blas->destroy(d->cublas);
 fail_stream:
     cudaStreamDestroy(d->stream);
 fail:
@@ -180,7 +228,7 @@ extern "C" void tsr_cuda_close(tsr_cuda_dev *d)
     cudaFree(d->xh);
     cudaFree(d->tile);
     cudaFree(d->att_part);
-    cublasDestroy(d->cublas);
+    d->blas->destroy(d->cublas);
     cudaStreamDestroy(d->stream);
     cudaGetLastError();
     free(d);

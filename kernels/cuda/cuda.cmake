@@ -54,7 +54,9 @@ if(TSR_HAVE_CUDA)
       $<$<COMPILE_LANGUAGE:CUDA>:--fmad=false --Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Wno-unused-parameter>)
   set_target_properties(tessera_cuda PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON
                         POSITION_INDEPENDENT_CODE ON)
-  target_link_libraries(tessera_cuda PUBLIC CUDA::cudart CUDA::cublas)
+  # cuBLAS is dlopen'ed by backend.cu (only GPU runs pay for loading it); its headers come
+  # with the toolkit's include folder.
+  target_link_libraries(tessera_cuda PUBLIC CUDA::cudart ${CMAKE_DL_LIBS})
   target_compile_definitions(tessera_cuda PUBLIC TSR_HAVE_CUDA)
   message(STATUS "CUDA backend: on (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures "
                  "${CMAKE_CUDA_ARCHITECTURES})")

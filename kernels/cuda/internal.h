@@ -12,10 +12,31 @@
 
 #include "kernels/cuda/cuda_backend.h"
 
+/* cuBLAS, loaded with dlopen when the first device opens: linking it would map ~540 MB of
+ * libcublasLt into every tessera process (about 215 MB resident and 0.1 s at start), CPU
+ * runs included. decltype keeps the signatures those of cublas_v2.h. */
+typedef struct {
+    decltype(&cublasCreate_v2) create;
+    decltype(&cublasDestroy_v2) destroy;
+    decltype(&cublasSetStream_v2) set_stream;
+    decltype(&cublasSgemm_v2) sgemm;
+    /* the C symbol (C++ also sees an inline overload taking a cudaDataType compute type) */
+    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                              const void *, const void *, cudaDataType, int, const void *,
+                              cudaDataType, int, const void *, void *, cudaDataType, int,
+                              cublasComputeType_t, cublasGemmAlgo_t);
+    decltype(&cublasGetStatusName) status_name;
+    decltype(&cublasGetStatusString) status_string;
+} tsr_cublas_api;
+
+/* The loaded API, or NULL with err ("dlopen libcublas.so.13: ...") when it is missing. */
+const tsr_cublas_api *tsr_cublas(char *err, size_t err_len);
+
 struct tsr_cuda_dev {
     int32_t ordinal;
     cudaStream_t stream;
     cublasHandle_t cublas;
+    const tsr_cublas_api *blas;
     uint64_t n_bytes_cap, n_bytes_used;
     /* scratch, grown on demand (counted against the cap): quantized activations, the F16
      * activations and the F16 weight tile of the cuBLAS path */

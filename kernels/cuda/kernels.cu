@@ -203,7 +203,7 @@ static int cublas_fail(tsr_cuda_dev *d, cublasStatus_t s, const char *call, char
                        size_t err_len)
 {
     tsr_cuda_errf(err, err_len, "%s failed on CUDA device %d: %s (%s)", call, d->ordinal,
-                  cublasGetStatusName(s), cublasGetStatusString(s));
+                  d->blas->status_name(s), d->blas->status_string(s));
     return TSR_CUDA_ERR;
 }
 
@@ -220,8 +220,8 @@ static int matmul_cublas(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float 
     const int n_in = (int)w->n_in, n_out = (int)w->n_out;
     if (w->type == TSR_CUDA_F32) {
         /* y^T (n_out x n_tok, col-major) = W (rows of n_in: col-major n_in x n_out, op T) x^T */
-        CUBLAS_CHECK(cublasSgemm(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, n_in, &one,
-                                 (const float *)w->data, n_in, x, n_in, &zero, y, n_out));
+        CUBLAS_CHECK(d->blas->sgemm(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, n_in, &one,
+                                    (const float *)w->data, n_in, x, n_in, &zero, y, n_out));
         return 0;
     }
     const size_t xh_bytes = sizeof(__half) * (size_t)n_tok * (size_t)n_in;
@@ -231,9 +231,9 @@ static int matmul_cublas(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float 
     k_f32_to_f16<<<grid_cap(nx, 256, 4096), 256, 0, d->stream>>>(x, (__half *)d->xh, nx);
     if (tsr_cuda_launched(d, "k_f32_to_f16", err, err_len) != 0) return TSR_CUDA_ERR;
     if (w->type == TSR_CUDA_F16) {
-        CUBLAS_CHECK(cublasGemmEx(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, n_in, &one,
-                                  w->data, CUDA_R_16F, n_in, d->xh, CUDA_R_16F, n_in, &zero, y,
-                                  CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(d->blas->gemm_ex(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, n_in, &one,
+                                      w->data, CUDA_R_16F, n_in, d->xh, CUDA_R_16F, n_in, &zero, y,
+                                      CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         return 0;
     }
     int64_t rows_per_tile = (int64_t)(TSR_CUDA_TILE_BYTES / (sizeof(__half) * (size_t)n_in));
@@ -250,9 +250,10 @@ static int matmul_cublas(tsr_cuda_dev *d, const tsr_cuda_weight *w, const float 
         k_dequant_f16<<<blocks, 256, 0, d->stream>>>(w->type, (const uint8_t *)w->data,
                                                      w->row_bytes, n_in, r0, nr, (__half *)d->tile);
         if (tsr_cuda_launched(d, "k_dequant_f16", err, err_len) != 0) return TSR_CUDA_ERR;
-        CUBLAS_CHECK(cublasGemmEx(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, n_tok, n_in, &one,
-                                  d->tile, CUDA_R_16F, n_in, d->xh, CUDA_R_16F, n_in, &zero, y + r0,
-                                  CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(d->blas->gemm_ex(d->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, n_tok, n_in,
+                                      &one, d->tile, CUDA_R_16F, n_in, d->xh, CUDA_R_16F, n_in,
+                                      &zero, y + r0, CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
     }
     return 0;
 }

@@ -272,6 +272,18 @@ def stream(stub, kw, timeout=120, on_token=None):
             "finish": pb.FinishReason.Name(last.finish_reason), "t_tokens": t_tokens}
 
 
+def resume_delay(out, t_kill):
+    """Seconds from the kill to the first token of the resumed stream: the end of the
+    longest pause between two token messages that ends after the kill (tokens the dying
+    replica had already sent still arrive just after the kill)."""
+    ts = [t for t, _ in out["t_tokens"]]
+    best = None
+    for a, b in zip(ts, ts[1:]):
+        if b >= t_kill and (best is None or b - a > best[1] - best[0]):
+            best = (a, b)
+    return best[1] - t_kill if best else None
+
+
 def check_equal(kws, outs, refs, label):
     bad = []
     for i, (kw, out, ref) in enumerate(zip(kws, outs, refs)):
@@ -319,7 +331,9 @@ def test_basic():
         q8 = os.path.join(ARGS.models, "derived", "stories260K-q8_0.gguf")
         a = replica(co.target, "a")
         b = replica(co.target, "b")
-        c = replica(co.target, "c", model=q8, extra=["--model-name", "stories-q8"])
+        # c runs one sequence and queues one: the third request at once is refused.
+        c = replica(co.target, "c", model=q8, extra=["--model-name", "stories-q8",
+                                                     "--max-seqs", "1", "--max-queue", "1"])
         procs += [a, b, c]
         wait_up(co.target, ["a", "b", "c"], timeout=10)
         # Reconnect fast after the coordinator's restart (gRPC's default backoff grows to
@@ -345,6 +359,8 @@ def test_basic():
         assert sorted(st["models"]) == ["stories-q8", "stories260K"], st
         r = ctl(co.target, "status")
         assert r.returncode == 0 and "3 up" in r.stdout, r.stdout
+        r = ctl(co.target, "top", "--count", "2")
+        assert r.returncode == 0 and r.stdout.count("NAME") == 2, r.stdout
         r = ctl("127.0.0.1:1", "status", "--timeout", "2000")
         assert r.returncode == 1 and "cannot reach the coordinator at 127.0.0.1:1" in r.stderr, \
             (r.returncode, r.stderr)
@@ -365,8 +381,19 @@ def test_basic():
         outs = run_concurrent(inf, kws)
         check_equal(kws, outs, references(kws), "stories260K")
         kq = [request(i, 24, "stories-q8") for i in range(4)]
-        outs = run_concurrent(inf, kq)
+        outs = [stream(inf, kw) for kw in kq]
         check_equal(kq, outs, references(kq, q8), "q8")
+        # Backpressure: every replica of the model has a full queue -> RESOURCE_EXHAUSTED.
+        kq = [request(i, 300, "stories-q8") for i in range(6)]
+        outs = run_concurrent(inf, kq)
+        full = [o for o in outs if isinstance(o, grpc.RpcError)]
+        assert full and all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and
+                            "full queue" in o.details() for o in full), outs
+        done = [(kw, o) for kw, o in zip(kq, outs) if not isinstance(o, Exception)]
+        assert done, "no request went through"
+        check_equal([kw for kw, _ in done], [o for _, o in done],
+                    references([kw for kw, _ in done], q8), "q8 under backpressure")
+        print("    backpressure: %d of %d refused with RESOURCE_EXHAUSTED" % (len(full), len(kq)))
         assert inf.ModelInfo(pb.ModelInfoRequest(model="stories-q8"), timeout=5).model == \
             "stories-q8"
         expect_code(lambda: stream(inf, dict(prompt="x", model="nope")),
@@ -375,6 +402,22 @@ def test_basic():
                     "several models")
         expect_code(lambda: stream(inf, dict(prompt="x", model="stories260K", top_p=0.0)),
                     grpc.StatusCode.INVALID_ARGUMENT, "top_p")
+
+        # Cancellation and deadlines pass through: the replica's request ends too.
+        it = inf.Generate(pb.GenerateRequest(prompt="Once upon a time", max_tokens=100000,
+                                             ignore_eos=True, model="stories-q8"), timeout=60)
+        next(it)
+        it.cancel()
+        c_admin = pbg.AdminStub(grpc.insecure_channel(replicas(co.target)["c"]["address"]))
+        wait_for(lambda: c_admin.Status(pb.StatusRequest(), timeout=5).requests_running == 0, 1.5,
+                 "the replica's request to end after the client cancelled (a full run: 3 s)")
+        t0 = time.time()
+        expect_code(lambda: stream(inf, dict(prompt="Once upon a time", max_tokens=100000,
+                                             ignore_eos=True, model="stories-q8"), timeout=0.5),
+                    grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.time() - t0 < 2.0
+        wait_for(lambda: c_admin.Status(pb.StatusRequest(), timeout=5).requests_running == 0, 1.5,
+                 "the replica's request to end at the client's deadline (a full run: 3 s)")
 
         # Drain: no new request goes to a; undrain brings it back.
         r = ctl(co.target, "drain", "a")
@@ -392,7 +435,8 @@ def test_basic():
         assert r.returncode == 0 and json.loads(r.stdout)["state"] == "up", r.stdout
 
         # Failover: kill b mid-stream; everything completes exactly.
-        kws = [request(i, 96, "stories260K") for i in range(6)]
+        wait_up(co.target, ["a", "b"], timeout=10)
+        kws = [request(i, 200, "stories260K") for i in range(6)]
         refs = references(kws)
         started = threading.Event()
         killer_done = threading.Event()
@@ -401,9 +445,11 @@ def test_basic():
             if n >= 8:
                 started.set()
 
+        t_kill_b = [None]
+
         def killer():
             started.wait(60)
-            time.sleep(0.1)
+            t_kill_b[0] = time.time()
             os.kill(b.p.pid, signal.SIGKILL)
             killer_done.set()
         th = threading.Thread(target=killer)
@@ -413,8 +459,12 @@ def test_basic():
         assert killer_done.is_set()
         t_kill = time.time()
         check_equal(kws, outs, refs, "failover")
-        moved = sum(1 for o in outs if o["usage"].failovers > 0)
-        print("    failover: %d of %d streams moved" % (moved, len(outs)))
+        moved = [o for o in outs if o["usage"].failovers > 0]
+        gaps = sorted(g for g in (resume_delay(o, t_kill_b[0]) for o in moved) if g is not None)
+        print("    failover: %d of %d streams moved; process kill -> resumed token %s s" % (
+            len(moved), len(outs), ["%.3f" % g for g in gaps]))
+        assert moved, "no stream was on b when it was killed (none reports a failover): %s" % (
+            replicas(co.target))
         wait_for(lambda: replicas(co.target)["b"]["state"] == "down", 3.5,
                  "b marked down within 3 s of its death")
         print("    b down %.2f s after the streams finished" % (time.time() - t_kill))
@@ -531,12 +581,7 @@ def test_cluster():
         moved = [o for o in outs if o["usage"].failovers > 0]
         assert moved, "no stream reports a failover"
         # Failover time: from the kill to the next token of each moved stream.
-        gaps = []
-        for o in moved:
-            after = [t for t, _ in o["t_tokens"] if t >= t_kill[0]]
-            if after:
-                gaps.append(after[0] - t_kill[0])
-        gaps.sort()
+        gaps = sorted(g for g in (resume_delay(o, t_kill[0]) for o in moved) if g is not None)
         print("    48 streams in %.1f s: %d moved; kill -> next token p50 %.3f s, max %.3f s" % (
             time.time() - t0, len(moved), gaps[len(gaps) // 2] if gaps else -1,
             gaps[-1] if gaps else -1))
