@@ -35,12 +35,17 @@ add_test(NAME serve_chat
 set_tests_properties(serve_chat PROPERTIES TIMEOUT 180 RUN_SERIAL TRUE
                      ENVIRONMENT "${TSR_CHAT_ENV}")
 
-# `tessera chat -p` on the real SmolLM2 (ops/fetch-model.sh) against llama.cpp's chat cases
-# (~20 s on 2 cores: release tree only).
+# `tessera chat -p` on the real SmolLM2 and Qwen2.5 (ops/fetch-model.sh) against llama.cpp's
+# chat cases (~25 s and ~10 s on 2 cores: release tree only).
 if(NOT TSR_SANITIZE)
-  add_test(NAME chat_smollm2
-           COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
-                   --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
-                   --fetch-model ${TSR_FETCH_MODEL} --real smollm2-135m-instruct)
-  set_tests_properties(chat_smollm2 PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
+  foreach(m smollm2:smollm2-135m-instruct qwen25:qwen2.5-coder-0.5b-instruct)
+    string(REPLACE ":" ";" m ${m})
+    list(GET m 0 short)
+    list(GET m 1 name)
+    add_test(NAME chat_${short}
+             COMMAND ${TSR_CHAT_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_chat_cli.py
+                     --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                     --fetch-model ${TSR_FETCH_MODEL} --real ${name})
+    set_tests_properties(chat_${short} PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
+  endforeach()
 endif()
