@@ -479,6 +479,52 @@ static bool replica_fault(grpc_status_code code)
     }
 }
 
+/* The final message of a request whose replica died after streaming its last token. */
+static void send_lost_finish(ccall *c, char *request_id, Tessera__V1__FinishReason reason,
+                             int32_t n_completion, int32_t failovers)
+{
+    Tessera__V1__GenerateResponse m = TESSERA__V1__GENERATE_RESPONSE__INIT;
+    Tessera__V1__Usage u = TESSERA__V1__USAGE__INIT;
+    m.request_id = request_id;
+    m.has_finish_reason = true;
+    m.finish_reason = reason;
+    u.has_completion_tokens = true;
+    u.completion_tokens = n_completion;
+    u.has_failovers = true;
+    u.failovers = failovers;
+    m.usage = &u;
+    send_ops(c, pack_msg(&m.base), true, GRPC_STATUS_OK, "");
+}
+
+/* Did token `last` end the request (a stop token id; an end-of-generation token of the
+ * model, unless ignore_eos)? The finish reason, or -1. Asks the replica for its EOG ids. */
+static int finished_by(const Tessera__V1__GenerateRequest *q, grpc_channel *ch, int32_t last)
+{
+    for (size_t i = 0; i < q->n_stop_token_ids; i++)
+        if (q->stop_token_ids[i] == last) return TESSERA__V1__FINISH_REASON__FINISH_REASON_STOP;
+    if (q->has_ignore_eos && q->ignore_eos) return -1;
+    Tessera__V1__ModelInfoRequest mq = TESSERA__V1__MODEL_INFO_REQUEST__INIT;
+    mq.model = q->model;
+    uint8_t *resp = NULL;
+    size_t len = 0;
+    char det[256];
+    int reason = -1;
+    if (tsr_rpc_unary(ch, "/tessera.v1.Inference/ModelInfo", &mq.base, UNARY_TIMEOUT_MS, &resp,
+                      &len, det, sizeof det) == 0) {
+        Tessera__V1__ModelInfoResponse *a =
+            tessera__v1__model_info_response__unpack(NULL, len, resp);
+        if (a) {
+            for (size_t i = 0; i < a->n_eog_ids; i++)
+                if (a->eog_ids[i] == last) reason = TESSERA__V1__FINISH_REASON__FINISH_REASON_EOS;
+            if (a->n_eog_ids == 0 && a->has_eos_id && a->eos_id == last)
+                reason = TESSERA__V1__FINISH_REASON__FINISH_REASON_EOS;
+            tessera__v1__model_info_response__free_unpacked(a, NULL);
+        }
+    }
+    free(resp);
+    return reason;
+}
+
 static void handle_generate(ccall *c, grpc_slice in)
 {
     tsr_coord_server *s = c->s;
@@ -572,6 +618,15 @@ static void handle_generate(ccall *c, grpc_slice in)
                     reply_status(c, GRPC_STATUS_INTERNAL, "out of memory");
                     goto done;
                 }
+            }
+            /* The last token streamed may have ended the request, its finish lost with the
+             * replica: an end-of-generation token or a stop token id. */
+            int lost = finished_by(q, lease.channel, streamed.ids[streamed.n - 1]);
+            if (lost >= 0) {
+                tsr_coord_release(s->coord, &lease);
+                send_lost_finish(c, q->request_id, (Tessera__V1__FinishReason)lost,
+                                 (int32_t)streamed.n, failovers);
+                goto done;
             }
             free(attempt_ids);
             attempt_ids = malloc((base.n + streamed.n) * sizeof *attempt_ids);
@@ -731,17 +786,8 @@ static void handle_generate(ccall *c, grpc_slice in)
         pthread_mutex_unlock(&s->mu);
         if ((int64_t)streamed.n >= max_tokens) {
             /* Every token is out; only the finish was lost: it ended by length. */
-            Tessera__V1__GenerateResponse m = TESSERA__V1__GENERATE_RESPONSE__INIT;
-            Tessera__V1__Usage u = TESSERA__V1__USAGE__INIT;
-            m.request_id = q->request_id;
-            m.has_finish_reason = true;
-            m.finish_reason = TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH;
-            u.has_completion_tokens = true;
-            u.completion_tokens = (int32_t)streamed.n;
-            u.has_failovers = true;
-            u.failovers = failovers;
-            m.usage = &u;
-            send_ops(c, pack_msg(&m.base), true, GRPC_STATUS_OK, "");
+            send_lost_finish(c, q->request_id, TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH,
+                             (int32_t)streamed.n, failovers);
             goto done;
         }
     }

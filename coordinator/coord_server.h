@@ -17,10 +17,12 @@
  * the budget left, so the client's stream continues exactly (greedy: exact arithmetic;
  * seeded sampling: the sampler's (seed, position) RNG — the coordinator gives every
  * sampled request without a seed one, so this holds for them too). The final usage
- * carries `failovers`. Only when no replica of the model can take it (after waiting up to
- * 10 s, within the client's deadline, for one to come back) does the client get
- * UNAVAILABLE, with each replica's reason. A replica's RESOURCE_EXHAUSTED moves the
- * request to another replica (not a failover); when all are full the client gets it.
+ * carries `failovers`. When the last token streamed already ended the request (an
+ * end-of-generation token, a stop token id, max_tokens) and only the finish was lost with
+ * the replica, the coordinator sends that finish itself. Only when no replica of the model can take
+ * it (after waiting up to 10 s, within the client's deadline, for one to come back) does the client
+ * get UNAVAILABLE, with each replica's reason. A replica's RESOURCE_EXHAUSTED moves the request to
+ * another replica (not a failover); when all are full the client gets it.
  *
  * Status codes: 0 ok, negative with a message in err.
  */
