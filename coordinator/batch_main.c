@@ -93,6 +93,7 @@ static const char *batch_help =
     "  -c, --ctx-size N          tokens per line, prompt + output (default: the model's,\n"
     "                            max 4096); longer prompts get an error line\n"
     "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f32; see README)\n"
     "\n"
     "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
     "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS   as in 'tessera generate'\n"
@@ -1098,6 +1099,7 @@ int tsr_cmd_batch(int argc, char **argv)
                                          {"ctx-size", required_argument, 0, 'c'},
                                          {"threads", required_argument, 0, 't'},
                                          {"tp", required_argument, 0, O_TP},
+                                         {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
                                          {"pp", required_argument, 0, O_PP},
                                          {"layers", required_argument, 0, O_LAYERS},
                                          {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
@@ -1209,6 +1211,9 @@ int tsr_cmd_batch(int argc, char **argv)
         case O_LAYERS:
             rp.layers = optarg;
             break;
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("batch", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
+            break;
         case O_KV_MEMORY:
             if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
                 return tsr_cli_usage_error(
@@ -1237,10 +1242,10 @@ int tsr_cmd_batch(int argc, char **argv)
         return TSR_BATCH_EXIT_ERROR;
     }
     /* KV pool: one block = TSR_KV_BLOCK_SIZE positions of K and V, every layer and KV
-     * head, float32. Default: --max-seqs full contexts, at most a quarter of the free
+     * head, in --kv-type. Default: --max-seqs full contexts, at most a quarter of the free
      * memory and DEFAULT_KV_CAP, at least one context. */
-    uint64_t block_bytes = (uint64_t)hp.n_layer * 2u * (uint64_t)hp.n_head_kv *
-                           (uint64_t)hp.head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    uint64_t block_bytes =
+        tsr_kv_block_bytes(&hp, hp.n_layer, hp.n_head_kv, tsr_replica_params_kv_type(&rp));
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx : (hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
     uint64_t blocks_per_seq = (uint64_t)(ctx_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;

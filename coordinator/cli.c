@@ -164,8 +164,19 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
             return tsr_cli_usage_error(cmd, "--gpu-memory needs a byte count (e.g. 20G), got '%s'",
                                        arg);
         return 0;
+    case TSR_CLI_O_KV_TYPE:
+        return tsr_cli_kv_type_flag(cmd, arg, rp);
     }
     return -1;
+}
+
+int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp)
+{
+    tsr_kv_type t;
+    if (!tsr_kv_type_parse(arg, &t))
+        return tsr_cli_usage_error(cmd, "--kv-type must be f32, f16 or q8_0, got '%s'", arg);
+    rp->kv_type = arg;
+    return 0;
 }
 
 /* ---- the flags of a generation ---- */
@@ -287,9 +298,9 @@ int tsr_cli_gen_drafter(const tsr_cli_gen_opts *o, tsr_replica *rep, tsr_drafter
     if (o->spec_ngram) return tsr_drafter_ngram_new(1, 3, out, err, err_len);
     if (o->spec_oracle) return tsr_drafter_oracle_load(o->spec_oracle, out, err, err_len);
     if (o->draft_model)
-        return tsr_drafter_model_new(o->draft_model, tsr_replica_gguf(rep),
-                                     tsr_replica_n_kv_blocks(rep) + 8, (int)o->n_threads, out, err,
-                                     err_len);
+        return tsr_drafter_model_new_kv(o->draft_model, tsr_replica_gguf(rep),
+                                        tsr_replica_n_kv_blocks(rep) + 8, (int)o->n_threads,
+                                        tsr_replica_kv_type(rep), out, err, err_len);
     return 0;
 }
 

@@ -70,12 +70,14 @@ static const char *serve_help =
     "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
     "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"
     "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"
-    "                            n_layer x 2 x n_head_kv x head_dim x 4 x 16 bytes; each\n"
+    "                            n_layer x 2 x n_head_kv x head_dim x 16 values of --kv-type\n"
+    "                            (4, 2 or 34/32 bytes each); each\n"
     "                            rank holds its share of every block. Default: enough for\n"
     "                            --max-seqs full contexts, at most 1G\n"
     "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"
     "                            model's, max 4096)\n"
     "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f32; see README)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
@@ -387,6 +389,7 @@ int tsr_cmd_serve(int argc, char **argv)
         {"pp", required_argument, 0, O_PP},
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
         {"draft-model", required_argument, 0, O_DRAFT},
         {"spec", required_argument, 0, O_SPEC},
         {"spec-k", required_argument, 0, O_SPEC_K},
@@ -482,6 +485,9 @@ int tsr_cmd_serve(int argc, char **argv)
 #undef INT_FLAG
         case O_LAYERS:
             rp.layers = optarg;
+            break;
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("serve", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
             break;
         case O_DRAFT:
             draft_model = optarg;
@@ -644,8 +650,8 @@ int tsr_cmd_serve(int argc, char **argv)
         return 1;
     }
     const tsr_hparams *hp = &meta.hp;
-    uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
-                           (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    const tsr_kv_type kv_type = tsr_replica_params_kv_type(&rp);
+    uint64_t block_bytes = tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type);
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx
                   : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
@@ -656,10 +662,10 @@ int tsr_cmd_serve(int argc, char **argv)
         if (n_blocks == 0) {
             fprintf(stderr,
                     "tessera serve: --kv-memory %" PRIu64 " is less than one KV block of this "
-                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d x 4 x %d "
-                    "tokens)\n",
+                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d values x %d "
+                    "tokens in %s)\n",
                     kv_memory, block_bytes, hp->n_layer, hp->n_head_kv, hp->head_dim,
-                    TSR_KV_BLOCK_SIZE);
+                    TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
             return 1;
         }
     } else {
@@ -712,8 +718,9 @@ int tsr_cmd_serve(int argc, char **argv)
         goto release;
     }
     if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
-                              (int)n_threads, &drafter, err, sizeof err) != 0) {
+        tsr_drafter_model_new_kv(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
+                                 (int)n_threads, tsr_replica_kv_type(rep), &drafter, err,
+                                 sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }

@@ -7,6 +7,7 @@
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --kv-type f16   (both engines' KV type)
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -49,12 +50,14 @@ int main(int argc, char **argv)
                                          {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
                                          {"gpu-memory", required_argument, 0, 'G'},
+                                         {"kv-type", required_argument, 0, 'K'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {
         .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL;
     double tol = 1e-4;
+    tsr_kv_type kv_type = TSR_KV_F32;
     int n_gen = 24, c;
     bool teacher = false;
     int n_argmax_diff = 0;
@@ -89,6 +92,10 @@ int main(int argc, char **argv)
             break;
         case 'G':
             rp.gpu_memory = strtoull(optarg, NULL, 10);
+            break;
+        case 'K': /* both engines store the KV cache in this type */
+            if (!tsr_kv_type_parse(optarg, &kv_type)) return fail("--kv-type: f32, f16 or q8_0");
+            rp.kv_type = optarg;
             break;
         case 'P':
             prompt_ids = optarg;
@@ -132,12 +139,13 @@ int main(int argc, char **argv)
         return 0;
     }
 
-    /* Reference: the whole model in this process. */
+    /* Reference: the whole model in this process, with the replica's KV cache type. */
+    kv_type = tsr_replica_kv_type(rep);
     tsr_gguf *g;
     tsr_model *m;
     tsr_ctx *ref;
     if (tsr_gguf_open(model, &g, err, sizeof err) || tsr_model_load(g, &m, err, sizeof err) ||
-        tsr_ctx_new(m, 256, 16, 1, &ref, err, sizeof err)) {
+        tsr_ctx_new_kv(m, 256, 16, 1, kv_type, &ref, err, sizeof err)) {
         fprintf(stderr, "replica_check: reference: %s\n", err);
         return fail("reference");
     }
