@@ -37,9 +37,13 @@ grpc_channel *tsr_rpc_channel_tls(const char *target, const tsr_tls_client *tls)
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
     args[1].value.integer = 100;
+    /* gRPC core also takes this as the deadline of one connection attempt (the TCP connect
+     * and the handshakes): 100 ms is plenty for a plaintext connect, but a TLS handshake
+     * on a loaded machine (or under the sanitizers) can take longer, and a fail-fast call
+     * would then fail with "handshaker shutdown" without the peer being down. */
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
-    args[2].value.integer = 100;
+    args[2].value.integer = tsr_tls_client_enabled(tls) ? 5000 : 100;
     grpc_channel_args ca = {.num_args = 3, .args = args};
     grpc_channel *ch = grpc_channel_create(target, cr, &ca);
     grpc_channel_credentials_release(cr);
