@@ -88,7 +88,10 @@ def main():
     ap.add_argument("--proto", default=os.path.join(ROOT, "proto"), help="proto folder")
     ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
                     help="gRPC Generate or HTTP /v1/completions with SSE (default grpc)")
-    ap.add_argument("--api-key", default=None, help="key sent as 'Bearer KEY'")
+    ap.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY") or None,
+                    help="key sent as 'Bearer KEY' (default: $TESSERA_API_KEY)")
+    ap.add_argument("--api-key-file", default=None,
+                    help="the first key of this file (as `tessera ctl --api-key-file`)")
     ap.add_argument("--tls-ca", default=None, help="TLS: verify the server with this CA (PEM)")
     ap.add_argument("--tls-cert", default=None, help="mutual TLS: client certificate (PEM)")
     ap.add_argument("--tls-key", default=None, help="mutual TLS: client key (PEM)")
@@ -96,6 +99,12 @@ def main():
                     help="a `tessera batch` JSONL file: one request per line with its prompt, "
                          "max_tokens, temperature, seed, ignore_eos (sets --requests)")
     a = ap.parse_args()
+    if a.api_key_file:
+        with open(a.api_key_file) as f:
+            keys = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+        if not keys:
+            sys.exit("loadgen: --api-key-file %s: no key in the file" % a.api_key_file)
+        a.api_key = keys[0]
     items = None
     if a.input:
         items = []
