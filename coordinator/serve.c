@@ -81,6 +81,9 @@ static const char *serve_help =
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
     "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
+    "      --no-prefix-cache     compute every prompt in full (default: KV blocks of full\n"
+    "                            16-token prompt blocks stay cached after a request and\n"
+    "                            later requests with the same prefix reuse them)\n"
     "\n"
     "HTTP, keys and TLS (the same keys and certificate serve gRPC and HTTP):\n"
     "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
@@ -361,6 +364,7 @@ int tsr_cmd_serve(int argc, char **argv)
         O_JOIN_CA,
         O_JOIN_CERT,
         O_JOIN_TLSKEY,
+        O_NO_PREFIX_CACHE,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -400,6 +404,7 @@ int tsr_cmd_serve(int argc, char **argv)
         {"join-tls-ca", required_argument, 0, O_JOIN_CA},
         {"join-tls-cert", required_argument, 0, O_JOIN_CERT},
         {"join-tls-key", required_argument, 0, O_JOIN_TLSKEY},
+        {"no-prefix-cache", no_argument, 0, O_NO_PREFIX_CACHE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
@@ -421,6 +426,7 @@ int tsr_cmd_serve(int argc, char **argv)
              max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
     int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
     const char *chat_template = NULL;
+    bool no_prefix_cache = false;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
@@ -591,6 +597,9 @@ int tsr_cmd_serve(int argc, char **argv)
         case O_JOIN_TLSKEY:
             join_tlskey = optarg;
             break;
+        case O_NO_PREFIX_CACHE:
+            no_prefix_cache = true;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -746,6 +755,7 @@ int tsr_cmd_serve(int argc, char **argv)
             tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
         .idle_heartbeat_ms = 1000,
     };
+    ep.no_prefix_cache = no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
