@@ -4,6 +4,7 @@
 #include "kernels/ops.h"
 
 #include "kernels/quant.h"
+#include "kernels/repack.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -55,6 +56,14 @@ static void mm_run(void *arg, int ith, int nth)
         const tsr_weight *w = j->w[k];
         int64_t r0 = c * j->rows_per_chunk;
         int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
+        if (w->packed) {
+            /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): GEMV for one token,
+             * GEMM for any number, each weight group read once for all tokens; bit-identical
+             * to the paths below. */
+            tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, j->n_tok, j->xq, j->xq_stride,
+                           j->y[k] + r0, (size_t)w->n_out);
+            continue;
+        }
         const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
         if (j->n_tok >= TILE_MIN_TOKENS) {
             /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
