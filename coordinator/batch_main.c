@@ -84,6 +84,8 @@ static const char *batch_help =
     "      --chat-template NAME  chat lines: template family NAME (chatml, llama3, ...) or a\n"
     "                            Jinja text instead of the model's (a model without one\n"
     "                            answers chat lines with error lines)\n"
+    "      --no-prefix-cache     compute every prompt in full (default: lines sharing a\n"
+    "                            prompt prefix reuse its cached KV blocks)\n"
     "\n"
     "engine:\n"
     "      --max-batch-tokens N  token budget of one step (default 512)\n"
@@ -1080,6 +1082,7 @@ int tsr_cmd_batch(int argc, char **argv)
         O_COMM_TIMEOUT,
         O_MERGE,
         O_CHAT_TEMPLATE,
+        O_NO_PREFIX_CACHE,
     };
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"input", required_argument, 0, 'i'},
@@ -1103,6 +1106,7 @@ int tsr_cmd_batch(int argc, char **argv)
                                          {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
                                          {"merge", no_argument, 0, O_MERGE},
                                          {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
+                                         {"no-prefix-cache", no_argument, 0, O_NO_PREFIX_CACHE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *in_path = NULL, *out_path = NULL;
@@ -1114,6 +1118,7 @@ int tsr_cmd_batch(int argc, char **argv)
     uint64_t kv_memory = 0, max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
     bool ordered = false, seed_set = false, merge = false;
     const char *chat_template = NULL;
+    bool no_prefix_cache = false;
     float progress_s = 30.0f;
     int c;
     optind = 1;
@@ -1215,6 +1220,9 @@ int tsr_cmd_batch(int argc, char **argv)
                     "batch", "--kv-memory needs a byte count > 0 such as 512M or 2G, got '%s'",
                     optarg);
             break;
+        case O_NO_PREFIX_CACHE:
+            no_prefix_cache = true;
+            break;
         case 'h':
             fputs(batch_help, stdout);
             return 0;
@@ -1313,6 +1321,7 @@ int tsr_cmd_batch(int argc, char **argv)
         .idle_heartbeat_ms = 1000,
         .spec_default_on = false,
     };
+    ep.no_prefix_cache = no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;

@@ -22,6 +22,7 @@
 #include "kernels/util.h"
 #include "coordinator/drafter.h"
 #include "coordinator/auth.h"
+#include "coordinator/tls.h"
 #include "coordinator/http.h"
 #include "coordinator/metrics.h"
 #include "coordinator/join.h"
@@ -80,6 +81,9 @@ static const char *serve_help =
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
     "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
+    "      --no-prefix-cache     compute every prompt in full (default: KV blocks of full\n"
+    "                            16-token prompt blocks stay cached after a request and\n"
+    "                            later requests with the same prefix reuse them)\n"
     "\n"
     "HTTP, keys and TLS (the same keys and certificate serve gRPC and HTTP):\n"
     "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
@@ -128,6 +132,11 @@ static const char *serve_help =
     "      --name NAME           this replica's name in the cluster (default: its address)\n"
     "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
     "                            listen address)\n"
+    "      --join-key-file FILE  heartbeats carry the first key of FILE (an admin key of a\n"
+    "                            coordinator with keys)\n"
+    "      --join-tls-ca FILE    the coordinator serves TLS: verify it with this CA\n"
+    "      --join-tls-cert FILE, --join-tls-key FILE  client certificate for a coordinator\n"
+    "                            with mutual TLS\n"
     "  -h, --help                this help\n";
 
 /* ---- signals -> control thread ---- */
@@ -296,27 +305,6 @@ static bool leader_close(tsr_replica *rep)
     return true;
 }
 
-/* Is the host of "host:port" a loopback address (127.0.0.0/8, ::1, localhost)? */
-static bool listen_is_loopback(const char *listen)
-{
-    char host[256];
-    const char *colon = strrchr(listen, ':');
-    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
-    if (n >= sizeof host) return false;
-    memcpy(host, listen, n);
-    host[n] = '\0';
-    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
-        memmove(host, host + 1, n - 2);
-        host[n - 2] = '\0';
-    }
-    if (!strcmp(host, "localhost")) return true;
-    struct in_addr a4;
-    struct in6_addr a6;
-    if (inet_pton(AF_INET, host, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
-    if (inet_pton(AF_INET6, host, &a6) == 1) return IN6_IS_ADDR_LOOPBACK(&a6);
-    return false;
-}
-
 /* The API's model name: the file name without directory and .gguf. */
 static void default_model_name(const char *path, char *out, size_t cap)
 {
@@ -372,6 +360,11 @@ int tsr_cmd_serve(int argc, char **argv)
         O_JOIN,
         O_NAME,
         O_ADVERTISE,
+        O_JOIN_KEY,
+        O_JOIN_CA,
+        O_JOIN_CERT,
+        O_JOIN_TLSKEY,
+        O_NO_PREFIX_CACHE,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -407,10 +400,16 @@ int tsr_cmd_serve(int argc, char **argv)
         {"join", required_argument, 0, O_JOIN},
         {"name", required_argument, 0, O_NAME},
         {"advertise", required_argument, 0, O_ADVERTISE},
+        {"join-key-file", required_argument, 0, O_JOIN_KEY},
+        {"join-tls-ca", required_argument, 0, O_JOIN_CA},
+        {"join-tls-cert", required_argument, 0, O_JOIN_CERT},
+        {"join-tls-key", required_argument, 0, O_JOIN_TLSKEY},
+        {"no-prefix-cache", no_argument, 0, O_NO_PREFIX_CACHE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     const char *join = NULL, *join_name = NULL, *advertise = NULL;
+    const char *join_key = NULL, *join_ca = NULL, *join_cert = NULL, *join_tlskey = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
     int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
@@ -427,6 +426,7 @@ int tsr_cmd_serve(int argc, char **argv)
              max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
     int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
     const char *chat_template = NULL;
+    bool no_prefix_cache = false;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
@@ -585,6 +585,21 @@ int tsr_cmd_serve(int argc, char **argv)
                                            optarg);
             advertise = optarg;
             break;
+        case O_JOIN_KEY:
+            join_key = optarg;
+            break;
+        case O_JOIN_CA:
+            join_ca = optarg;
+            break;
+        case O_JOIN_CERT:
+            join_cert = optarg;
+            break;
+        case O_JOIN_TLSKEY:
+            join_tlskey = optarg;
+            break;
+        case O_NO_PREFIX_CACHE:
+            no_prefix_cache = true;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -594,8 +609,13 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
-    if ((join_name || advertise) && !join)
-        return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
+    if ((join_name || advertise || join_key || join_ca || join_cert || join_tlskey) && !join)
+        return tsr_cli_usage_error("serve",
+                                   "--name, --advertise and --join-* go with --join COORDINATOR");
+    if ((join_cert != NULL) != (join_tlskey != NULL))
+        return tsr_cli_usage_error("serve", "--join-tls-cert and --join-tls-key go together");
+    if (join_cert && !join_ca)
+        return tsr_cli_usage_error("serve", "--join-tls-cert / --join-tls-key need --join-tls-ca");
     char model_name_buf[256];
     if (!model_name) {
         default_model_name(model, model_name_buf, sizeof model_name_buf);
@@ -609,9 +629,8 @@ int tsr_cmd_serve(int argc, char **argv)
         return tsr_cli_usage_error("serve", "--tls-client-ca needs --tls-cert and --tls-key");
     bool keyed = api_keys != NULL || admin_keys != NULL;
     if (!keyed && !insecure) {
-        const char *open_addr = !listen_is_loopback(listen)                       ? listen
-                                : http_listen && !listen_is_loopback(http_listen) ? http_listen
-                                                                                  : NULL;
+        const char *listens[2] = {listen, http_listen};
+        const char *open_addr = tsr_auth_open_address(listens, 2);
         if (open_addr)
             return tsr_cli_usage_error(
                 "serve",
@@ -630,19 +649,24 @@ int tsr_cmd_serve(int argc, char **argv)
      * a follower that cannot must fail the same way as the leader). */
     tsr_auth *auth = NULL;
     tsr_metrics *metrics = NULL;
-    char *cert_pem = NULL, *key_pem = NULL, *ca_pem = NULL;
+    tsr_tls_server tls;
+    tsr_tls_client join_tls;
+    char *join_auth = NULL;
+    memset(&tls, 0, sizeof tls);
+    memset(&join_tls, 0, sizeof join_tls);
     if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
-        (tls_cert && tsr_http_read_pem("--tls-cert", tls_cert, &cert_pem, err, sizeof err) != 0) ||
-        (tls_key && tsr_http_read_pem("--tls-key", tls_key, &key_pem, err, sizeof err) != 0) ||
-        (tls_ca && tsr_http_read_pem("--tls-client-ca", tls_ca, &ca_pem, err, sizeof err) != 0) ||
-        (cert_pem && tsr_http_check_tls(cert_pem, key_pem, ca_pem, err, sizeof err) != 0)) {
+        tsr_tls_server_load("--tls-", tls_cert, tls_key, tls_ca, &tls, err, sizeof err) != 0 ||
+        tsr_tls_client_load("--join-tls-", join_ca, join_cert, join_tlskey, &join_tls, err,
+                            sizeof err) != 0 ||
+        tsr_auth_client_header("--join-key-file", join_key, NULL, &join_auth, err, sizeof err) !=
+            0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         tsr_auth_free(auth);
-        free(cert_pem);
-        free(key_pem);
-        free(ca_pem);
+        tsr_tls_server_free(&tls);
+        tsr_tls_client_free(&join_tls);
         return 1;
     }
+    char *cert_pem = tls.cert_pem, *key_pem = tls.key_pem, *ca_pem = tls.client_ca_pem;
     const tsr_hparams *hp = &meta.hp;
     uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
                            (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
@@ -684,6 +708,8 @@ int tsr_cmd_serve(int argc, char **argv)
         free(cert_pem);
         free(key_pem);
         free(ca_pem);
+        tsr_tls_client_free(&join_tls);
+        free(join_auth);
         /* The leader coordinates the shutdown; a signal forwarded by the launcher must
          * not kill a follower in the middle of it. */
         signal(SIGTERM, SIG_IGN);
@@ -711,9 +737,8 @@ int tsr_cmd_serve(int argc, char **argv)
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
-    if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
-                              (int)n_threads, &drafter, err, sizeof err) != 0) {
+    if (draft_model && tsr_drafter_model_new_for(draft_model, rep, (int32_t)n_blocks + 16,
+                                                 (int)n_threads, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
@@ -730,6 +755,7 @@ int tsr_cmd_serve(int argc, char **argv)
             tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
         .idle_heartbeat_ms = 1000,
     };
+    ep.no_prefix_cache = no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
@@ -867,7 +893,10 @@ int tsr_cmd_serve(int argc, char **argv)
                               .tp = rp.tp,
                               .pp = rp.pp,
                               .max_queue = (int32_t)max_queue,
-                              .context_length = info.n_ctx};
+                              .context_length = info.n_ctx,
+                              .serves_tls = cert_pem != NULL,
+                              .authorization = join_auth,
+                              .tls = &join_tls};
         if (tsr_join_start(&jp, engine, &joined, err, sizeof err) != 0) {
             fprintf(stderr, "tessera serve: %s\n", err);
             tsr_engine_stop(engine, true);
@@ -930,6 +959,8 @@ release:
         free(key_pem);
     }
     free(ca_pem);
+    tsr_tls_client_free(&join_tls);
+    free(join_auth);
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
