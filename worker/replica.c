@@ -356,6 +356,8 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.stage = r->stage;
     r->st.tp_rank = r->tp_rank;
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
+    r->st.n_bytes_repacked = r->m->n_bytes_repacked;
+    r->st.t_repack_ns = r->m->t_repack_ns;
     *out = r;
     return 0;
 fail:

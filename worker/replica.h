@@ -62,8 +62,10 @@ typedef struct {
     uint64_t t_comm_ns;    /* all-reduces, pipeline send/recv, logits gather */
     uint64_t n_bytes_sent;
     uint64_t n_steps;
-    uint64_t n_tokens;       /* tokens processed (all steps) */
-    uint64_t n_bytes_loaded; /* bytes of the model file this rank read */
+    uint64_t n_tokens;         /* tokens processed (all steps) */
+    uint64_t n_bytes_loaded;   /* bytes of the model file this rank read */
+    uint64_t n_bytes_repacked; /* anonymous memory of its repacked weights (0: none) */
+    uint64_t t_repack_ns;      /* load time spent repacking */
 } tsr_rank_stats;
 
 typedef struct tsr_replica tsr_replica;
