@@ -64,71 +64,139 @@ static const char *serve_help =
     "  -m, --model PATH          GGUF model (default " DEFAULT_MODEL ")\n"
     "      --listen HOST:PORT    address to serve on (default " TSR_SERVER_DEFAULT_LISTEN ");\n"
     "                            port 0 picks a free port (printed)\n"
-    "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"
-    "                            prefill chunks (default 256)\n"
-    "      --max-seqs N          sequences running at once (default 64)\n"
-    "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
-    "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"
-    "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"
-    "                            n_layer x 2 x n_head_kv x head_dim x 4 x 16 bytes; each\n"
-    "                            rank holds its share of every block. Default: enough for\n"
-    "                            --max-seqs full contexts, at most 1G\n"
-    "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"
-    "                            model's, max 4096)\n"
-    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
-    "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
-    "                            they are cancelled (default 10000)\n"
-    "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
-    "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
-    "\n"
-    "HTTP, keys and TLS (the same keys and certificate serve gRPC and HTTP):\n"
-    "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
-    "                            /v1/chat/completions, /v1/models, /health, /metrics);\n"
-    "                            port 0 picks a free port (printed)\n"
-    "      --model-name NAME     the model's name in the API and in a cluster (requests\n"
-    "                            route by it: GenerateRequest.model; default: the file\n"
-    "                            name without .gguf)\n"
-    "      --http-max-body BYTES largest request body (default 4M; beyond: 413)\n"
-    "      --api-key-file FILE   inference needs 'Authorization: Bearer KEY' (gRPC: the\n"
-    "                            'authorization' metadata) with a key of FILE, one per line;\n"
-    "                            SIGHUP re-reads the key files\n"
-    "      --admin-key-file FILE keys for the Admin service and /metrics (they also work\n"
-    "                            for inference)\n"
-    "      --insecure-listen     allow non-loopback addresses without key files\n"
-    "      --tls-cert FILE       serve TLS (gRPC and HTTPS) with this PEM certificate chain\n"
-    "      --tls-key FILE        and this PEM private key (unencrypted)\n"
-    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
-    "output held for clients that read slowly or not at all (beyond: the stream is\n"
-    "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
-    "      --max-call-buffered-bytes BYTES  unread output of one call (default 1M)\n"
-    "      --max-buffered-bytes BYTES       of all calls together; the call holding the\n"
-    "                            most goes first (default 64M)\n"
-    "      --slow-reader-timeout MS  a message the client's flow control has not taken\n"
-    "                            after this long (default 30000)\n"
-    "\n"
-    "speculative decoding (per request: the 'speculation' field, default auto):\n"
-    "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
-    "      --spec ngram          n-gram prompt lookup instead (no model)\n"
-    "      --spec oracle:PATH    (benchmarks) propose the tokens of a 'generate --json'\n"
-    "                            output: the ceiling of speculation\n"
-    "      --spec-k K            most draft tokens per step (default 4; adapts below)\n"
-    "      --spec-max-batch N    speculate only while at most N sequences decode\n"
-    "                            (default 4: larger batches already fill a step)\n"
-    "\n"
-    "distributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'; rank 0 serves gRPC):\n"
-    "      --tp N                tensor-parallel ranks per stage (default 1)\n"
-    "      --pp N                pipeline stages (default 1)\n"
-    "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
-    "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
-    "\n"
-    "cluster (see 'tessera coordinator'):\n"
-    "      --join HOST:PORT      register with a coordinator and heartbeat every 500 ms\n"
-    "                            with this replica's load; rejoins after a coordinator\n"
-    "                            restart\n"
-    "      --name NAME           this replica's name in the cluster (default: its address)\n"
-    "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
-    "                            listen address)\n"
-    "  -h, --help                this help\n";
+    "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default "
+    "256)\n" TSR_CLI_ENGINE_HELP(
+        "256", "64",
+        "enough for --max-seqs full contexts, at most 1G") "      --shutdown-grace MS   on "
+                                                           "SIGTERM, how long running requests may "
+                                                           "finish before\n"
+                                                           "                            they are "
+                                                           "cancelled (default 10000)\n"
+                                                           "      --chat-template NAME  template "
+                                                           "of GenerateRequest.messages instead of "
+                                                           "the\n"
+                                                           "                            model's "
+                                                           "tokenizer.chat_template (chatml, "
+                                                           "llama3, ...)\n"
+                                                           "\n"
+                                                           "HTTP, keys and TLS (the same keys and "
+                                                           "certificate serve gRPC and HTTP):\n"
+                                                           "      --http HOST:PORT      also serve "
+                                                           "the OpenAI-compatible API "
+                                                           "(/v1/completions,\n"
+                                                           "                            "
+                                                           "/v1/chat/completions, /v1/models, "
+                                                           "/health, /metrics);\n"
+                                                           "                            port 0 "
+                                                           "picks a free port (printed)\n"
+                                                           "      --model-name NAME     the "
+                                                           "model's name in the API and in a "
+                                                           "cluster (requests\n"
+                                                           "                            route by "
+                                                           "it: GenerateRequest.model; default: "
+                                                           "the file\n"
+                                                           "                            name "
+                                                           "without .gguf)\n"
+                                                           "      --http-max-body BYTES largest "
+                                                           "request body (default 4M; beyond: "
+                                                           "413)\n"
+                                                           "      --api-key-file FILE   inference "
+                                                           "needs 'Authorization: Bearer KEY' "
+                                                           "(gRPC: the\n"
+                                                           "                            "
+                                                           "'authorization' metadata) with a key "
+                                                           "of FILE, one per line;\n"
+                                                           "                            SIGHUP "
+                                                           "re-reads the key files\n"
+                                                           "      --admin-key-file FILE keys for "
+                                                           "the Admin service and /metrics (they "
+                                                           "also work\n"
+                                                           "                            for "
+                                                           "inference)\n"
+                                                           "      --insecure-listen     allow "
+                                                           "non-loopback addresses without key "
+                                                           "files\n"
+                                                           "      --tls-cert FILE       serve TLS "
+                                                           "(gRPC and HTTPS) with this PEM "
+                                                           "certificate chain\n"
+                                                           "      --tls-key FILE        and this "
+                                                           "PEM private key (unencrypted)\n"
+                                                           "      --tls-client-ca FILE  mutual "
+                                                           "TLS: clients need a certificate signed "
+                                                           "by this CA\n"
+                                                           "output held for clients that read "
+                                                           "slowly or not at all (beyond: the "
+                                                           "stream is\n"
+                                                           "cancelled with RESOURCE_EXHAUSTED and "
+                                                           "its KV blocks are freed):\n"
+                                                           "      --max-call-buffered-bytes BYTES  "
+                                                           "unread output of one call (default "
+                                                           "1M)\n"
+                                                           "      --max-buffered-bytes BYTES       "
+                                                           "of all calls together; the call "
+                                                           "holding the\n"
+                                                           "                            most goes "
+                                                           "first (default 64M)\n"
+                                                           "      --slow-reader-timeout MS  a "
+                                                           "message the client's flow control has "
+                                                           "not taken\n"
+                                                           "                            after this "
+                                                           "long (default 30000)\n"
+                                                           "\n"
+                                                           "speculative decoding (per request: the "
+                                                           "'speculation' field, default auto):\n"
+                                                           "      --draft-model PATH    draft "
+                                                           "model with the same vocabulary, run by "
+                                                           "rank 0\n"
+                                                           "      --spec ngram          n-gram "
+                                                           "prompt lookup instead (no model)\n"
+                                                           "      --spec oracle:PATH    "
+                                                           "(benchmarks) propose the tokens of a "
+                                                           "'generate --json'\n"
+                                                           "                            output: "
+                                                           "the ceiling of speculation\n"
+                                                           "      --spec-k K            most draft "
+                                                           "tokens per step (default 4; adapts "
+                                                           "below)\n"
+                                                           "      --spec-max-batch N    speculate "
+                                                           "only while at most N sequences decode\n"
+                                                           "                            (default "
+                                                           "4: larger batches already fill a "
+                                                           "step)\n"
+                                                           "\n"
+                                                           "distributed (run under 'mpirun -np "
+                                                           "TP*PP' or 'srun -n TP*PP'; rank 0 "
+                                                           "serves gRPC):\n"
+                                                           "      --tp N                "
+                                                           "tensor-parallel ranks per stage "
+                                                           "(default 1)\n"
+                                                           "      --pp N                pipeline "
+                                                           "stages (default 1)\n"
+                                                           "      --layers A-B,C-D      layers of "
+                                                           "each stage (default: balanced by "
+                                                           "cost)\n"
+                                                           "      --comm-timeout MS     deadline "
+                                                           "of every wait between ranks (default "
+                                                           "30000)\n"
+                                                           "\n"
+                                                           "cluster (see 'tessera coordinator'):\n"
+                                                           "      --join HOST:PORT      register "
+                                                           "with a coordinator and heartbeat every "
+                                                           "500 ms\n"
+                                                           "                            with this "
+                                                           "replica's load; rejoins after a "
+                                                           "coordinator\n"
+                                                           "                            restart\n"
+                                                           "      --name NAME           this "
+                                                           "replica's name in the cluster "
+                                                           "(default: its address)\n"
+                                                           "      --advertise HOST:PORT the "
+                                                           "address the coordinator dials "
+                                                           "(default: the bound\n"
+                                                           "                            listen "
+                                                           "address)\n"
+                                                           "  -h, --help                this "
+                                                           "help\n";
 
 /* ---- signals -> control thread ---- */
 
@@ -343,10 +411,7 @@ int tsr_cmd_serve(int argc, char **argv)
 {
     enum {
         O_LISTEN = 256,
-        O_MAX_BATCH,
-        O_MAX_SEQS,
         O_MAX_QUEUE,
-        O_KV_MEMORY,
         O_GRACE,
         O_TP,
         O_PP,
@@ -376,12 +441,8 @@ int tsr_cmd_serve(int argc, char **argv)
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
         {"listen", required_argument, 0, O_LISTEN},
-        {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
-        {"max-seqs", required_argument, 0, O_MAX_SEQS},
         {"max-queue", required_argument, 0, O_MAX_QUEUE},
-        {"kv-memory", required_argument, 0, O_KV_MEMORY},
-        {"ctx-size", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'},
+        TSR_CLI_ENGINE_OPTS,
         {"shutdown-grace", required_argument, 0, O_GRACE},
         {"tp", required_argument, 0, O_TP},
         {"pp", required_argument, 0, O_PP},
@@ -412,9 +473,9 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     const char *join = NULL, *join_name = NULL, *advertise = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
-    int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
-    uint64_t kv_memory = 0;
+    tsr_cli_engine_opts eo;
+    tsr_cli_engine_defaults(&eo, 256, 64);
+    int64_t max_queue = 256, grace_ms = DEFAULT_GRACE_MS, v;
     const char *draft_model = NULL;
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
@@ -429,7 +490,12 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *chat_template = NULL;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:h" TSR_CLI_ENGINE_SHORTOPTS, opts, NULL)) != -1) {
+        int erc = tsr_cli_engine_flag("serve", c, optarg, &eo);
+        if (erc >= 0) {
+            if (erc != 0) return erc;
+            continue;
+        }
         switch (c) {
         case 'm':
             model = optarg;
@@ -449,20 +515,8 @@ int tsr_cmd_serve(int argc, char **argv)
                                        name, (long long)(lo), (long long)(hi), optarg);            \
         (dst) = v;                                                                                 \
     } while (0)
-        case O_MAX_BATCH:
-            INT_FLAG("--max-batch-tokens", 1, 1 << 20, max_batch);
-            break;
-        case O_MAX_SEQS:
-            INT_FLAG("--max-seqs", 1, 1 << 16, max_seqs);
-            break;
         case O_MAX_QUEUE:
             INT_FLAG("--max-queue", 0, 1 << 24, max_queue);
-            break;
-        case 'c':
-            INT_FLAG("--ctx-size", 1, 1 << 24, n_ctx);
-            break;
-        case 't':
-            INT_FLAG("--threads", 1, 256, n_threads);
             break;
         case O_GRACE:
             INT_FLAG("--shutdown-grace", 0, 86400000, grace_ms);
@@ -514,13 +568,6 @@ int tsr_cmd_serve(int argc, char **argv)
             chat_template = optarg;
             break;
         }
-        case O_KV_MEMORY:
-            if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
-                return tsr_cli_usage_error("serve",
-                                           "--kv-memory needs a byte count > 0 such as 512M or 2G, "
-                                           "got '%s'",
-                                           optarg);
-            break;
         case O_HTTP:
             if (!strchr(optarg, ':'))
                 return tsr_cli_usage_error(
@@ -594,6 +641,9 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
+    const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
+                  n_threads = eo.n_threads;
+    const uint64_t kv_memory = eo.n_bytes_kv;
     if ((join_name || advertise) && !join)
         return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
     char model_name_buf[256];
