@@ -21,6 +21,7 @@
  */
 #include "coordinator/batch.h"
 
+#include "coordinator/auth.h"
 #include "coordinator/chat.h"
 #include "coordinator/cli.h"
 #include "coordinator/engine.h"
@@ -62,6 +63,7 @@
 #define DEFAULT_MAX_RETRIES        8
 #define MODEL_INFO_TIMEOUT_MS      10000
 
+/* clang-format off */
 static const char *batch_help =
     "usage: tessera batch -m MODEL -i INPUT.jsonl -o OUTPUT.jsonl [flags]\n"
     "       tessera batch --coordinator HOST:PORT -i INPUT.jsonl -o OUTPUT.jsonl [flags]\n"
@@ -95,101 +97,45 @@ static const char *batch_help =
     "                            Jinja text instead of the model's (a model without one\n"
     "                            answers chat lines with error lines)\n"
     "\n"
-    "engine:\n" TSR_CLI_ENGINE_HELP(
-        "512", "128",
-        "--max-seqs full contexts, at most a quarter\n"
-        "                            of the free memory and 8G") "\n"
-                                                                 "distributed (run under 'mpirun "
-                                                                 "-np TP*PP' or 'srun --mpi=pmix "
-                                                                 "-n TP*PP'):\n"
-                                                                 "      --tp N, --pp N, --layers "
-                                                                 "A-B,C-D, --comm-timeout MS   as "
-                                                                 "in 'tessera generate'\n"
-                                                                 "\n"
-                                                                 "cluster (no model is loaded; "
-                                                                 "engine, layout and "
-                                                                 "--chat-template flags do not "
-                                                                 "apply):\n"
-                                                                 "      --coordinator HOST:PORT  "
-                                                                 "send the lines to this 'tessera "
-                                                                 "coordinator' (or any\n"
-                                                                 "                            "
-                                                                 "'tessera serve') as Generate "
-                                                                 "calls; output lines are those\n"
-                                                                 "                            of a "
-                                                                 "local run\n"
-                                                                 "      --concurrency N       "
-                                                                 "Generate calls in flight "
-                                                                 "(default 64)\n"
-                                                                 "      --request-timeout MS  "
-                                                                 "deadline of each call (default "
-                                                                 "600000)\n"
-                                                                 "      --max-retries N       "
-                                                                 "tries again per line after "
-                                                                 "UNAVAILABLE, "
-                                                                 "RESOURCE_EXHAUSTED,\n"
-                                                                 "                            "
-                                                                 "DEADLINE_EXCEEDED, ABORTED or "
-                                                                 "CANCELLED, backing off\n"
-                                                                 "                            0.25 "
-                                                                 "s doubling to 8 s (default 8); "
-                                                                 "then the run stops,\n"
-                                                                 "                            exit "
-                                                                 "3. Other statuses become the "
-                                                                 "line's error line\n"
-                                                                 "      --retry-timeout MS    the "
-                                                                 "cluster answering nothing this "
-                                                                 "long while lines wait\n"
-                                                                 "                            to "
-                                                                 "be retried: stop, exit 3 "
-                                                                 "(default 60000)\n"
-                                                                 "      --model-name NAME     the "
-                                                                 "model to route to "
-                                                                 "(GenerateRequest.model; "
-                                                                 "default:\n"
-                                                                 "                            the "
-                                                                 "cluster's only one)\n"
-                                                                 "  -m, --model PATH          "
-                                                                 "optional here: its vocabulary "
-                                                                 "gives logprobs' token\n"
-                                                                 "                            "
-                                                                 "strings (lines with logprobs "
-                                                                 "need it)\n"
-                                                                 "      --tls-ca FILE         TLS, "
-                                                                 "verifying the coordinator with "
-                                                                 "these PEM roots\n"
-                                                                 "      --tls-cert FILE       "
-                                                                 "mutual TLS: this client "
-                                                                 "certificate (PEM) ...\n"
-                                                                 "      --tls-key FILE        ... "
-                                                                 "and its unencrypted PEM key\n"
-                                                                 "      --api-key-file FILE   send "
-                                                                 "the file's first key as "
-                                                                 "'authorization: Bearer KEY'\n"
-                                                                 "                            "
-                                                                 "(default: $TESSERA_API_KEY when "
-                                                                 "set)\n"
-                                                                 "\n"
-                                                                 "merge:\n"
-                                                                 "      --merge OUT IN...     "
-                                                                 "merge shard outputs into OUT: "
-                                                                 "each custom_id exactly once;\n"
-                                                                 "                            with "
-                                                                 "-i INPUT also every line of "
-                                                                 "INPUT answered\n"
-                                                                 "\n"
-                                                                 "exit status: 0 every line has a "
-                                                                 "result or error line; 1 runtime "
-                                                                 "error; 2 usage error,\n"
-                                                                 "duplicate custom_ids in INPUT, "
-                                                                 "or an OUTPUT this command did "
-                                                                 "not write; 3 incomplete:\n"
-                                                                 "stopped by a signal, or the "
-                                                                 "cluster stopped answering: rerun "
-                                                                 "the same command to\n"
-                                                                 "continue.\n"
-                                                                 "  -h, --help                this "
-                                                                 "help\n";
+    "engine:\n"
+    TSR_CLI_ENGINE_HELP("512", "128", "--max-seqs full contexts, at most a quarter\n"
+                        "                            of the free memory and 8G")
+    "\n"
+    "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
+    "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS   as in 'tessera generate'\n"
+    "\n"
+    "cluster (no model is loaded; engine, layout and --chat-template flags do not apply):\n"
+    "      --coordinator HOST:PORT  send the lines to this 'tessera coordinator' (or any\n"
+    "                            'tessera serve') as Generate calls; output lines are those\n"
+    "                            of a local run\n"
+    "      --concurrency N       Generate calls in flight (default 64)\n"
+    "      --request-timeout MS  deadline of each call (default 600000)\n"
+    "      --max-retries N       tries again per line after UNAVAILABLE, RESOURCE_EXHAUSTED,\n"
+    "                            DEADLINE_EXCEEDED, ABORTED or CANCELLED, backing off\n"
+    "                            0.25 s doubling to 8 s (default 8); then the run stops,\n"
+    "                            exit 3. Other statuses become the line's error line\n"
+    "      --retry-timeout MS    the cluster answering nothing this long while lines wait\n"
+    "                            to be retried: stop, exit 3 (default 60000)\n"
+    "      --model-name NAME     the model to route to (GenerateRequest.model; default:\n"
+    "                            the cluster's only one)\n"
+    "  -m, --model PATH          optional here: its vocabulary gives logprobs' token\n"
+    "                            strings (lines with logprobs need it)\n"
+    "      --tls-ca FILE         TLS, verifying the coordinator with these PEM roots\n"
+    "      --tls-cert FILE       mutual TLS: this client certificate (PEM) ...\n"
+    "      --tls-key FILE        ... and its unencrypted PEM key\n"
+    "      --api-key-file FILE   send the file's first key as 'authorization: Bearer KEY'\n"
+    "                            (default: $TESSERA_API_KEY when set)\n"
+    "\n"
+    "merge:\n"
+    "      --merge OUT IN...     merge shard outputs into OUT: each custom_id exactly once;\n"
+    "                            with -i INPUT also every line of INPUT answered\n"
+    "\n"
+    "exit status: 0 every line has a result or error line; 1 runtime error; 2 usage error,\n"
+    "duplicate custom_ids in INPUT, or an OUTPUT this command did not write; 3 incomplete:\n"
+    "stopped by a signal, or the cluster stopped answering: rerun the same command to\n"
+    "continue.\n"
+    "  -h, --help                this help\n";
+/* clang-format on */
 
 /* ---- signals ---- */
 
@@ -1640,7 +1586,7 @@ static int read_hparams(const char *path, tsr_hparams *hp, char *name, size_t na
 
 typedef struct {
     const char *coordinator, *vocab_model, *route_model, *api_key_file;
-    tsr_genclient_opts gco;
+    const char *tls_ca, *tls_cert, *tls_key;
     const char *in_path, *out_path;
     bool ordered;
     int64_t shard_i, shard_n;
@@ -1661,7 +1607,8 @@ static int run_remote(const remote_args *a)
 {
     char err[1024], model_name[256];
     int exit_code = TSR_BATCH_EXIT_ERROR;
-    char *key = NULL;
+    char *auth = NULL;
+    tsr_tls_client tls = {0};
     tsr_gguf *g = NULL;
     tsr_vocab *vocab = NULL;
     tsr_genclient *gc = NULL;
@@ -1669,20 +1616,21 @@ static int run_remote(const remote_args *a)
     job j;
     memset(&j, 0, sizeof j);
     bool sync_ok = false;
-    tsr_genclient_opts o = a->gco;
-    if (a->api_key_file) {
-        if (tsr_genclient_read_key_file(a->api_key_file, &key, err, sizeof err) != 0) {
-            fprintf(stderr, "tessera batch: %s\n", err);
-            return TSR_BATCH_EXIT_USAGE;
-        }
-        o.api_key = key;
-    } else if (getenv("TESSERA_API_KEY") && getenv("TESSERA_API_KEY")[0]) {
-        o.api_key = getenv("TESSERA_API_KEY");
+    if (tsr_auth_client_header("--api-key-file", a->api_key_file, "TESSERA_API_KEY", &auth, err,
+                               sizeof err) != 0 ||
+        tsr_tls_client_load("--tls-", a->tls_ca, a->tls_cert, a->tls_key, &tls, err, sizeof err) !=
+            0) {
+        fprintf(stderr, "tessera batch: %s\n", err);
+        tsr_tls_client_free(&tls);
+        free(auth);
+        return TSR_BATCH_EXIT_USAGE;
     }
+    tsr_genclient_opts o = {.target = a->coordinator, .tls = &tls, .authorization = auth};
     if (tsr_genclient_new(&o, &gc, err, sizeof err) != 0) {
         fprintf(stderr, "tessera batch: %s\n", err);
-        free(key);
-        return TSR_BATCH_EXIT_USAGE;
+        tsr_tls_client_free(&tls);
+        free(auth);
+        return TSR_BATCH_EXIT_ERROR;
     }
     if (a->vocab_model) {
         /* The vocabulary only (logprobs' token strings): the GGUF is mapped, no weights are
@@ -1773,7 +1721,7 @@ static int run_remote(const remote_args *a)
             "tessera batch: --coordinator %s%s: model '%s' (context %d), %" PRId64
             " calls in flight, request timeout %" PRId64 " ms, retries up to %" PRId64
             " per line, give up after %" PRId64 " ms without an answer\n",
-            a->coordinator, o.tls_ca || o.tls_cert ? " (TLS)" : "", model_name,
+            a->coordinator, tsr_tls_client_enabled(&tls) ? " (TLS)" : "", model_name,
             mi->has_context_length ? mi->context_length : 0, a->concurrency, a->request_timeout_ms,
             a->max_retries, a->retry_timeout_ms);
     driver_main(&j);
@@ -1793,7 +1741,8 @@ release:
     tsr_genclient_free(gc);
     tsr_vocab_free(vocab);
     if (g) tsr_gguf_close(g);
-    free(key);
+    tsr_tls_client_free(&tls);
+    free(auth);
     return exit_code;
 }
 
@@ -1870,7 +1819,7 @@ int tsr_cmd_batch(int argc, char **argv)
     bool ordered = false, seed_set = false, merge = false;
     const char *chat_template = NULL;
     const char *coordinator = NULL, *route_model = NULL, *api_key_file = NULL;
-    tsr_genclient_opts gco = {0};
+    const char *tls_ca = NULL, *tls_cert = NULL, *tls_key = NULL;
     int64_t concurrency = DEFAULT_CONCURRENCY, request_timeout_ms = DEFAULT_REQUEST_TIMEOUT_MS,
             retry_timeout_ms = DEFAULT_RETRY_TIMEOUT_MS, max_retries = DEFAULT_MAX_RETRIES;
     bool local_only_flag = false; /* an engine / layout flag: meaningless with --coordinator */
@@ -1994,13 +1943,13 @@ int tsr_cmd_batch(int argc, char **argv)
             route_model = optarg;
             break;
         case O_TLS_CA:
-            gco.tls_ca = optarg;
+            tls_ca = optarg;
             break;
         case O_TLS_CERT:
-            gco.tls_cert = optarg;
+            tls_cert = optarg;
             break;
         case O_TLS_KEY:
-            gco.tls_key = optarg;
+            tls_key = optarg;
             break;
         case O_API_KEY_FILE:
             api_key_file = optarg;
@@ -2024,14 +1973,17 @@ int tsr_cmd_batch(int argc, char **argv)
             return tsr_cli_usage_error(
                 "batch", "engine, layout and --chat-template flags configure a local replica; with "
                          "--coordinator the cluster's replicas have their own (drop them)");
-        if ((gco.tls_cert != NULL) != (gco.tls_key != NULL))
+        if ((tls_cert != NULL) != (tls_key != NULL))
             return tsr_cli_usage_error("batch", "--tls-cert and --tls-key go together");
-        gco.target = coordinator;
+        if (tls_cert && !tls_ca)
+            return tsr_cli_usage_error("batch", "--tls-cert / --tls-key need --tls-ca");
         return run_remote(&(remote_args){.coordinator = coordinator,
                                          .vocab_model = model_given ? model : NULL,
                                          .route_model = route_model,
                                          .api_key_file = api_key_file,
-                                         .gco = gco,
+                                         .tls_ca = tls_ca,
+                                         .tls_cert = tls_cert,
+                                         .tls_key = tls_key,
                                          .in_path = in_path,
                                          .out_path = out_path,
                                          .ordered = ordered,
@@ -2049,7 +2001,7 @@ int tsr_cmd_batch(int argc, char **argv)
                                          .retry_timeout_ms = retry_timeout_ms,
                                          .max_retries = max_retries});
     }
-    if (route_model || gco.tls_ca || gco.tls_cert || gco.tls_key || api_key_file)
+    if (route_model || tls_ca || tls_cert || tls_key || api_key_file)
         return tsr_cli_usage_error("batch", "--model-name, --tls-* and --api-key-file go with "
                                             "--coordinator ADDR");
     const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
@@ -2139,6 +2091,7 @@ int tsr_cmd_batch(int argc, char **argv)
         .idle_heartbeat_ms = 1000,
         .spec_default_on = false,
     };
+    ep.no_prefix_cache = eo.no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;

@@ -198,6 +198,9 @@ int tsr_cli_engine_flag(const char *cmd, int c, const char *arg, tsr_cli_engine_
         return engine_int(cmd, "--ctx-size", arg, 1, 1 << 24, &o->n_ctx);
     case 't':
         return engine_int(cmd, "--threads", arg, 1, 256, &o->n_threads);
+    case TSR_CLI_O_NO_PREFIX_CACHE:
+        o->no_prefix_cache = true;
+        return 0;
     case TSR_CLI_O_KV_MEMORY:
         if (!tsr_cli_parse_bytes(arg, &o->n_bytes_kv) || o->n_bytes_kv == 0)
             return tsr_cli_usage_error(

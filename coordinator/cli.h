@@ -100,22 +100,31 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
     "                            " kv_default "\n"                                                 \
     "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"             \
     "                            model's, max 4096)\n"                                             \
-    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    "  -t, --threads N           CPU threads per rank (default: all cores)\n"                      \
+    "      --no-prefix-cache     compute every prompt in full (default: KV blocks of full\n"       \
+    "                            16-token prompt blocks stay cached, and later requests\n"         \
+    "                            with the same prefix reuse them)\n"
 
-enum { TSR_CLI_O_MAX_BATCH = 340, TSR_CLI_O_MAX_SEQS, TSR_CLI_O_KV_MEMORY };
+enum {
+    TSR_CLI_O_MAX_BATCH = 340,
+    TSR_CLI_O_MAX_SEQS,
+    TSR_CLI_O_KV_MEMORY,
+    TSR_CLI_O_NO_PREFIX_CACHE,
+};
 
 /* Short options of the engine flags (append the command's own). */
 #define TSR_CLI_ENGINE_SHORTOPTS "c:t:"
 
 /* struct option entries (getopt_long) of the engine flags. */
+/* clang-format off */
 #define TSR_CLI_ENGINE_OPTS                                                                        \
     {"max-batch-tokens", required_argument, 0, TSR_CLI_O_MAX_BATCH},                               \
-        {"max-seqs", required_argument, 0, TSR_CLI_O_MAX_SEQS},                                    \
-        {"kv-memory", required_argument, 0, TSR_CLI_O_KV_MEMORY},                                  \
-        {"ctx-size", required_argument, 0, 'c'},                                                   \
-    {                                                                                              \
-        "threads", required_argument, 0, 't'                                                       \
-    }
+    {"max-seqs", required_argument, 0, TSR_CLI_O_MAX_SEQS},                                        \
+    {"kv-memory", required_argument, 0, TSR_CLI_O_KV_MEMORY},                                      \
+    {"ctx-size", required_argument, 0, 'c'},                                                       \
+    {"threads", required_argument, 0, 't'},                                                        \
+    {"no-prefix-cache", no_argument, 0, TSR_CLI_O_NO_PREFIX_CACHE}
+/* clang-format on */
 
 /* What the engine flags say. */
 typedef struct {
@@ -124,6 +133,7 @@ typedef struct {
     uint64_t n_bytes_kv;      /* --kv-memory; 0: the command's default sizing */
     int64_t n_ctx;            /* 0: the model's, at most 4096 */
     int64_t n_threads;        /* per rank */
+    bool no_prefix_cache;     /* --no-prefix-cache */
 } tsr_cli_engine_opts;
 
 /* Defaults: the command's batch budget and sequences, no KV budget, the model's context,

@@ -23,7 +23,6 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,119 +62,23 @@ struct tsr_genclient {
     size_t n_calls;
 };
 
-/* ---- files ---- */
-
-static char *read_file(const char *path, const char *flag, char *err, size_t err_len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        tsr_set_err(err, err_len, "%s %s: cannot read: %s", flag, path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        size_t n = fread(buf + len, 1, cap - len - 1, f);
-        len += n;
-        if (len + 1 < cap) break;
-        if (cap > ((size_t)16 << 20)) {
-            tsr_set_err(err, err_len, "%s %s: larger than 16 MiB", flag, path);
-            free(buf);
-            fclose(f);
-            return NULL;
-        }
-        char *nb = realloc(buf, cap * 2);
-        if (!nb) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = nb;
-        cap *= 2;
-    }
-    bool bad = ferror(f);
-    fclose(f);
-    if (!buf) {
-        tsr_set_err(err, err_len, "%s %s: out of memory", flag, path);
-        return NULL;
-    }
-    if (bad) {
-        tsr_set_err(err, err_len, "%s %s: read error", flag, path);
-        free(buf);
-        return NULL;
-    }
-    buf[len] = '\0';
-    return buf;
-}
-
-int tsr_genclient_read_key_file(const char *path, char **key, char *err, size_t err_len)
-{
-    *key = NULL;
-    char *text = read_file(path, "--api-key-file", err, err_len);
-    if (!text) return TSR_GENCLIENT_EINVAL;
-    for (char *line = text; line && *line;) {
-        char *nl = strchr(line, '\n');
-        if (nl) *nl = '\0';
-        char *b = line, *e = line + strlen(line);
-        while (*b == ' ' || *b == '\t' || *b == '\r') b++;
-        while (e > b && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r')) e--;
-        if (e > b && *b != '#') {
-            *key = strndup(b, (size_t)(e - b));
-            free(text);
-            if (!*key) {
-                tsr_set_err(err, err_len, "out of memory");
-                return TSR_GENCLIENT_ENOMEM;
-            }
-            return 0;
-        }
-        line = nl ? nl + 1 : NULL;
-    }
-    free(text);
-    tsr_set_err(err, err_len,
-                "--api-key-file %s: no key in the file (one key per line; '#' lines and blank "
-                "lines are skipped)",
-                path);
-    return TSR_GENCLIENT_EINVAL;
-}
-
 /* ---- the client ---- */
 
 int tsr_genclient_new(const tsr_genclient_opts *o, tsr_genclient **out, char *err, size_t err_len)
 {
     *out = NULL;
-    if ((o->tls_cert != NULL) != (o->tls_key != NULL)) {
-        tsr_set_err(err, err_len, "--tls-cert and --tls-key go together");
-        return TSR_GENCLIENT_EINVAL;
-    }
     tsr_genclient *gc = calloc(1, sizeof *gc);
-    if (!gc) {
+    if (!gc || (o->authorization && !(gc->auth_value = strdup(o->authorization)))) {
+        free(gc);
         tsr_set_err(err, err_len, "out of memory");
         return TSR_GENCLIENT_ENOMEM;
     }
-    char *ca = NULL, *cert = NULL, *key = NULL;
-    int rc = TSR_GENCLIENT_EINVAL;
-    if (o->tls_ca && !(ca = read_file(o->tls_ca, "--tls-ca", err, err_len))) goto fail;
-    if (o->tls_cert && !(cert = read_file(o->tls_cert, "--tls-cert", err, err_len))) goto fail;
-    if (o->tls_key && !(key = read_file(o->tls_key, "--tls-key", err, err_len))) goto fail;
-    if (o->api_key) {
-        size_t n = strlen(o->api_key) + 8;
-        if (!(gc->auth_value = malloc(n))) {
-            rc = TSR_GENCLIENT_ENOMEM;
-            tsr_set_err(err, err_len, "out of memory");
-            goto fail;
-        }
-        snprintf(gc->auth_value, n, "Bearer %s", o->api_key);
-    }
     grpc_init();
-    grpc_channel_credentials *cr;
-    if (ca || cert) {
-        grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
-        cr = grpc_ssl_credentials_create(ca, cert ? &pair : NULL, NULL, NULL);
-    } else {
-        cr = grpc_insecure_credentials_create();
-    }
+    grpc_channel_credentials *cr = tsr_tls_grpc_channel_credentials(o->tls);
     /* Reconnect fast: a coordinator that comes back is reached within a second, not after
-     * gRPC's default backoff of up to 2 minutes (as rpc.c). */
+     * gRPC's default backoff of up to 2 minutes. The minimum backoff is also the deadline of
+     * a connection attempt: TLS handshakes on a loaded machine need more than 100 ms (as
+     * rpc.c). */
     grpc_arg args[3];
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
@@ -185,30 +88,18 @@ int tsr_genclient_new(const tsr_genclient_opts *o, tsr_genclient **out, char *er
     args[1].value.integer = 100;
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
-    args[2].value.integer = 100;
+    args[2].value.integer = tsr_tls_client_enabled(o->tls) ? 5000 : 100;
     grpc_channel_args ca_args = {.num_args = 3, .args = args};
     gc->ch = cr ? grpc_channel_create(o->target, cr, &ca_args) : NULL;
     if (cr) grpc_channel_credentials_release(cr);
     gc->cq = grpc_completion_queue_create_for_next(NULL);
-    free(ca);
-    free(cert);
-    free(key);
-    ca = cert = key = NULL;
     if (!gc->ch || !gc->cq) {
         tsr_set_err(err, err_len, "cannot create a gRPC channel to %s", o->target);
-        rc = TSR_GENCLIENT_EINVAL;
         tsr_genclient_free(gc);
-        return rc;
+        return TSR_GENCLIENT_EINVAL;
     }
     *out = gc;
     return 0;
-fail:
-    free(ca);
-    free(cert);
-    free(key);
-    free(gc->auth_value);
-    free(gc);
-    return rc;
 }
 
 size_t tsr_genclient_n_calls(const tsr_genclient *gc)
@@ -245,7 +136,7 @@ void tsr_genclient_free(tsr_genclient *gc)
         }
         grpc_completion_queue_destroy(gc->cq);
     }
-    if (gc->ch || gc->cq) grpc_shutdown();
+    grpc_shutdown();
     free(gc->auth_value);
     free(gc);
 }

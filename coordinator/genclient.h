@@ -11,10 +11,9 @@
  * internal ones). Other clients of the cluster (load generators, a coordinator's proxy)
  * can reuse it.
  *
- * Security: TLS when a CA file or a client certificate is given (gRPC core's SSL
- * credentials; mutual TLS with --tls-cert/--tls-key), and an API key sent as the
- * `authorization: Bearer KEY` metadata of every call, as `tessera serve --api-key-file`
- * expects.
+ * Security: the shared client material of tls.h (TLS with a CA, mutual TLS with a client
+ * certificate) and auth.h's client header (an API key sent as the `authorization: Bearer
+ * KEY` metadata of every call), as `tessera ctl` and `serve --join` use them.
  *
  * A call's life: tsr_genclient_generate starts it; on_message runs once per
  * GenerateResponse (token ids, text, logprobs; the last one has finish_reason and usage);
@@ -33,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/tls.h"
 #include "tessera.pb-c.h"
 
 #define TSR_GENCLIENT_OK     0
@@ -41,11 +41,9 @@
 #define TSR_GENCLIENT_ENOMEM -3
 
 typedef struct {
-    const char *target;   /* "host:port" of the server */
-    const char *tls_ca;   /* PEM roots to verify the server with; TLS on when set */
-    const char *tls_cert; /* PEM client certificate chain (mutual TLS; TLS on; with tls_key) */
-    const char *tls_key;  /* its unencrypted PEM private key */
-    const char *api_key;  /* sent as "authorization: Bearer KEY" on every call (NULL: none) */
+    const char *target;        /* "host:port" of the server */
+    const tsr_tls_client *tls; /* NULL or without a CA: plaintext (tls.h, borrowed) */
+    const char *authorization; /* "Bearer KEY" (tsr_auth_client_header), NULL: none; copied */
 } tsr_genclient_opts;
 
 typedef struct tsr_genclient tsr_genclient;
@@ -57,8 +55,7 @@ typedef void (*tsr_genclient_msg_fn)(void *ud, const Tessera__V1__GenerateRespon
  * details its message (never NULL; "" when none). */
 typedef void (*tsr_genclient_done_fn)(void *ud, int code, const char *details);
 
-/* Open a channel to o->target (no connection is made until the first call). Reads the TLS
- * files now: a missing or unreadable one is TSR_GENCLIENT_EINVAL naming the flag's file. */
+/* Open a channel to o->target (no connection is made until the first call). */
 int tsr_genclient_new(const tsr_genclient_opts *o, tsr_genclient **out, char *err, size_t err_len);
 /* Cancels the calls still running (their on_done runs, with CANCELLED), waits for them
  * (bounded: cancelled calls end at once) and closes the channel. NULL-safe. */
@@ -95,10 +92,5 @@ int tsr_genclient_model_info(tsr_genclient *gc, const char *model, int64_t timeo
  * anyone). The rest (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAUTHENTICATED,
  * PERMISSION_DENIED, INTERNAL, ...) would fail again: they are the request's answer. */
 bool tsr_genclient_code_transient(int code);
-
-/* The first key of an API key file (the format of `serve --api-key-file`: one key per
- * line, blanks trimmed, empty and '#' lines skipped), malloc'd into *key. 0, or
- * TSR_GENCLIENT_EINVAL with err naming the file. */
-int tsr_genclient_read_key_file(const char *path, char **key, char *err, size_t err_len);
 
 #endif

@@ -22,6 +22,7 @@
 #include "kernels/util.h"
 #include "coordinator/drafter.h"
 #include "coordinator/auth.h"
+#include "coordinator/tls.h"
 #include "coordinator/http.h"
 #include "coordinator/metrics.h"
 #include "coordinator/join.h"
@@ -52,6 +53,7 @@
 #define DEFAULT_GRACE_MS  10000
 #define SERVER_FLUSH_MS   3000 /* after the step loop ended: time for streams to flush */
 
+/* clang-format off */
 static const char *serve_help =
     "usage: tessera serve -m MODEL [--tp T --pp P] [--listen HOST:PORT] [flags]\n"
     "\n"
@@ -64,139 +66,67 @@ static const char *serve_help =
     "  -m, --model PATH          GGUF model (default " DEFAULT_MODEL ")\n"
     "      --listen HOST:PORT    address to serve on (default " TSR_SERVER_DEFAULT_LISTEN ");\n"
     "                            port 0 picks a free port (printed)\n"
-    "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default "
-    "256)\n" TSR_CLI_ENGINE_HELP(
-        "256", "64",
-        "enough for --max-seqs full contexts, at most 1G") "      --shutdown-grace MS   on "
-                                                           "SIGTERM, how long running requests may "
-                                                           "finish before\n"
-                                                           "                            they are "
-                                                           "cancelled (default 10000)\n"
-                                                           "      --chat-template NAME  template "
-                                                           "of GenerateRequest.messages instead of "
-                                                           "the\n"
-                                                           "                            model's "
-                                                           "tokenizer.chat_template (chatml, "
-                                                           "llama3, ...)\n"
-                                                           "\n"
-                                                           "HTTP, keys and TLS (the same keys and "
-                                                           "certificate serve gRPC and HTTP):\n"
-                                                           "      --http HOST:PORT      also serve "
-                                                           "the OpenAI-compatible API "
-                                                           "(/v1/completions,\n"
-                                                           "                            "
-                                                           "/v1/chat/completions, /v1/models, "
-                                                           "/health, /metrics);\n"
-                                                           "                            port 0 "
-                                                           "picks a free port (printed)\n"
-                                                           "      --model-name NAME     the "
-                                                           "model's name in the API and in a "
-                                                           "cluster (requests\n"
-                                                           "                            route by "
-                                                           "it: GenerateRequest.model; default: "
-                                                           "the file\n"
-                                                           "                            name "
-                                                           "without .gguf)\n"
-                                                           "      --http-max-body BYTES largest "
-                                                           "request body (default 4M; beyond: "
-                                                           "413)\n"
-                                                           "      --api-key-file FILE   inference "
-                                                           "needs 'Authorization: Bearer KEY' "
-                                                           "(gRPC: the\n"
-                                                           "                            "
-                                                           "'authorization' metadata) with a key "
-                                                           "of FILE, one per line;\n"
-                                                           "                            SIGHUP "
-                                                           "re-reads the key files\n"
-                                                           "      --admin-key-file FILE keys for "
-                                                           "the Admin service and /metrics (they "
-                                                           "also work\n"
-                                                           "                            for "
-                                                           "inference)\n"
-                                                           "      --insecure-listen     allow "
-                                                           "non-loopback addresses without key "
-                                                           "files\n"
-                                                           "      --tls-cert FILE       serve TLS "
-                                                           "(gRPC and HTTPS) with this PEM "
-                                                           "certificate chain\n"
-                                                           "      --tls-key FILE        and this "
-                                                           "PEM private key (unencrypted)\n"
-                                                           "      --tls-client-ca FILE  mutual "
-                                                           "TLS: clients need a certificate signed "
-                                                           "by this CA\n"
-                                                           "output held for clients that read "
-                                                           "slowly or not at all (beyond: the "
-                                                           "stream is\n"
-                                                           "cancelled with RESOURCE_EXHAUSTED and "
-                                                           "its KV blocks are freed):\n"
-                                                           "      --max-call-buffered-bytes BYTES  "
-                                                           "unread output of one call (default "
-                                                           "1M)\n"
-                                                           "      --max-buffered-bytes BYTES       "
-                                                           "of all calls together; the call "
-                                                           "holding the\n"
-                                                           "                            most goes "
-                                                           "first (default 64M)\n"
-                                                           "      --slow-reader-timeout MS  a "
-                                                           "message the client's flow control has "
-                                                           "not taken\n"
-                                                           "                            after this "
-                                                           "long (default 30000)\n"
-                                                           "\n"
-                                                           "speculative decoding (per request: the "
-                                                           "'speculation' field, default auto):\n"
-                                                           "      --draft-model PATH    draft "
-                                                           "model with the same vocabulary, run by "
-                                                           "rank 0\n"
-                                                           "      --spec ngram          n-gram "
-                                                           "prompt lookup instead (no model)\n"
-                                                           "      --spec oracle:PATH    "
-                                                           "(benchmarks) propose the tokens of a "
-                                                           "'generate --json'\n"
-                                                           "                            output: "
-                                                           "the ceiling of speculation\n"
-                                                           "      --spec-k K            most draft "
-                                                           "tokens per step (default 4; adapts "
-                                                           "below)\n"
-                                                           "      --spec-max-batch N    speculate "
-                                                           "only while at most N sequences decode\n"
-                                                           "                            (default "
-                                                           "4: larger batches already fill a "
-                                                           "step)\n"
-                                                           "\n"
-                                                           "distributed (run under 'mpirun -np "
-                                                           "TP*PP' or 'srun -n TP*PP'; rank 0 "
-                                                           "serves gRPC):\n"
-                                                           "      --tp N                "
-                                                           "tensor-parallel ranks per stage "
-                                                           "(default 1)\n"
-                                                           "      --pp N                pipeline "
-                                                           "stages (default 1)\n"
-                                                           "      --layers A-B,C-D      layers of "
-                                                           "each stage (default: balanced by "
-                                                           "cost)\n"
-                                                           "      --comm-timeout MS     deadline "
-                                                           "of every wait between ranks (default "
-                                                           "30000)\n"
-                                                           "\n"
-                                                           "cluster (see 'tessera coordinator'):\n"
-                                                           "      --join HOST:PORT      register "
-                                                           "with a coordinator and heartbeat every "
-                                                           "500 ms\n"
-                                                           "                            with this "
-                                                           "replica's load; rejoins after a "
-                                                           "coordinator\n"
-                                                           "                            restart\n"
-                                                           "      --name NAME           this "
-                                                           "replica's name in the cluster "
-                                                           "(default: its address)\n"
-                                                           "      --advertise HOST:PORT the "
-                                                           "address the coordinator dials "
-                                                           "(default: the bound\n"
-                                                           "                            listen "
-                                                           "address)\n"
-                                                           "  -h, --help                this "
-                                                           "help\n";
+    "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
+    TSR_CLI_ENGINE_HELP("256", "64", "enough for --max-seqs full contexts, at most 1G")
+    "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
+    "                            they are cancelled (default 10000)\n"
+    "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
+    "                            model's tokenizer.chat_template (chatml, llama3, ...)\n"
+    "\n"
+    "HTTP, keys and TLS (the same keys and certificate serve gRPC and HTTP):\n"
+    "      --http HOST:PORT      also serve the OpenAI-compatible API (/v1/completions,\n"
+    "                            /v1/chat/completions, /v1/models, /health, /metrics);\n"
+    "                            port 0 picks a free port (printed)\n"
+    "      --model-name NAME     the model's name in the API and in a cluster (requests\n"
+    "                            route by it: GenerateRequest.model; default: the file\n"
+    "                            name without .gguf)\n"
+    "      --http-max-body BYTES largest request body (default 4M; beyond: 413)\n"
+    "      --api-key-file FILE   inference needs 'Authorization: Bearer KEY' (gRPC: the\n"
+    "                            'authorization' metadata) with a key of FILE, one per line;\n"
+    "                            SIGHUP re-reads the key files\n"
+    "      --admin-key-file FILE keys for the Admin service and /metrics (they also work\n"
+    "                            for inference)\n"
+    "      --insecure-listen     allow non-loopback addresses without key files\n"
+    "      --tls-cert FILE       serve TLS (gRPC and HTTPS) with this PEM certificate chain\n"
+    "      --tls-key FILE        and this PEM private key (unencrypted)\n"
+    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
+    "output held for clients that read slowly or not at all (beyond: the stream is\n"
+    "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
+    "      --max-call-buffered-bytes BYTES  unread output of one call (default 1M)\n"
+    "      --max-buffered-bytes BYTES       of all calls together; the call holding the\n"
+    "                            most goes first (default 64M)\n"
+    "      --slow-reader-timeout MS  a message the client's flow control has not taken\n"
+    "                            after this long (default 30000)\n"
+    "\n"
+    "speculative decoding (per request: the 'speculation' field, default auto):\n"
+    "      --draft-model PATH    draft model with the same vocabulary, run by rank 0\n"
+    "      --spec ngram          n-gram prompt lookup instead (no model)\n"
+    "      --spec oracle:PATH    (benchmarks) propose the tokens of a 'generate --json'\n"
+    "                            output: the ceiling of speculation\n"
+    "      --spec-k K            most draft tokens per step (default 4; adapts below)\n"
+    "      --spec-max-batch N    speculate only while at most N sequences decode\n"
+    "                            (default 4: larger batches already fill a step)\n"
+    "\n"
+    "distributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'; rank 0 serves gRPC):\n"
+    "      --tp N                tensor-parallel ranks per stage (default 1)\n"
+    "      --pp N                pipeline stages (default 1)\n"
+    "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
+    "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
+    "\n"
+    "cluster (see 'tessera coordinator'):\n"
+    "      --join HOST:PORT      register with a coordinator and heartbeat every 500 ms\n"
+    "                            with this replica's load; rejoins after a coordinator\n"
+    "                            restart\n"
+    "      --name NAME           this replica's name in the cluster (default: its address)\n"
+    "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
+    "                            listen address)\n"
+    "      --join-key-file FILE  heartbeats carry the first key of FILE (an admin key of a\n"
+    "                            coordinator with keys)\n"
+    "      --join-tls-ca FILE    the coordinator serves TLS: verify it with this CA\n"
+    "      --join-tls-cert FILE, --join-tls-key FILE  client certificate for a coordinator\n"
+    "                            with mutual TLS\n"
+    "  -h, --help                this help\n";
+/* clang-format on */
 
 /* ---- signals -> control thread ---- */
 
@@ -364,27 +294,6 @@ static bool leader_close(tsr_replica *rep)
     return true;
 }
 
-/* Is the host of "host:port" a loopback address (127.0.0.0/8, ::1, localhost)? */
-static bool listen_is_loopback(const char *listen)
-{
-    char host[256];
-    const char *colon = strrchr(listen, ':');
-    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
-    if (n >= sizeof host) return false;
-    memcpy(host, listen, n);
-    host[n] = '\0';
-    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
-        memmove(host, host + 1, n - 2);
-        host[n - 2] = '\0';
-    }
-    if (!strcmp(host, "localhost")) return true;
-    struct in_addr a4;
-    struct in6_addr a6;
-    if (inet_pton(AF_INET, host, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
-    if (inet_pton(AF_INET6, host, &a6) == 1) return IN6_IS_ADDR_LOOPBACK(&a6);
-    return false;
-}
-
 /* The API's model name: the file name without directory and .gguf. */
 static void default_model_name(const char *path, char *out, size_t cap)
 {
@@ -437,6 +346,10 @@ int tsr_cmd_serve(int argc, char **argv)
         O_JOIN,
         O_NAME,
         O_ADVERTISE,
+        O_JOIN_KEY,
+        O_JOIN_CA,
+        O_JOIN_CERT,
+        O_JOIN_TLSKEY,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -468,10 +381,15 @@ int tsr_cmd_serve(int argc, char **argv)
         {"join", required_argument, 0, O_JOIN},
         {"name", required_argument, 0, O_NAME},
         {"advertise", required_argument, 0, O_ADVERTISE},
+        {"join-key-file", required_argument, 0, O_JOIN_KEY},
+        {"join-tls-ca", required_argument, 0, O_JOIN_CA},
+        {"join-tls-cert", required_argument, 0, O_JOIN_CERT},
+        {"join-tls-key", required_argument, 0, O_JOIN_TLSKEY},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     const char *join = NULL, *join_name = NULL, *advertise = NULL;
+    const char *join_key = NULL, *join_ca = NULL, *join_cert = NULL, *join_tlskey = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
     tsr_cli_engine_opts eo;
     tsr_cli_engine_defaults(&eo, 256, 64);
@@ -632,6 +550,18 @@ int tsr_cmd_serve(int argc, char **argv)
                                            optarg);
             advertise = optarg;
             break;
+        case O_JOIN_KEY:
+            join_key = optarg;
+            break;
+        case O_JOIN_CA:
+            join_ca = optarg;
+            break;
+        case O_JOIN_CERT:
+            join_cert = optarg;
+            break;
+        case O_JOIN_TLSKEY:
+            join_tlskey = optarg;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -644,8 +574,13 @@ int tsr_cmd_serve(int argc, char **argv)
     const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
                   n_threads = eo.n_threads;
     const uint64_t kv_memory = eo.n_bytes_kv;
-    if ((join_name || advertise) && !join)
-        return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
+    if ((join_name || advertise || join_key || join_ca || join_cert || join_tlskey) && !join)
+        return tsr_cli_usage_error("serve",
+                                   "--name, --advertise and --join-* go with --join COORDINATOR");
+    if ((join_cert != NULL) != (join_tlskey != NULL))
+        return tsr_cli_usage_error("serve", "--join-tls-cert and --join-tls-key go together");
+    if (join_cert && !join_ca)
+        return tsr_cli_usage_error("serve", "--join-tls-cert / --join-tls-key need --join-tls-ca");
     char model_name_buf[256];
     if (!model_name) {
         default_model_name(model, model_name_buf, sizeof model_name_buf);
@@ -659,9 +594,8 @@ int tsr_cmd_serve(int argc, char **argv)
         return tsr_cli_usage_error("serve", "--tls-client-ca needs --tls-cert and --tls-key");
     bool keyed = api_keys != NULL || admin_keys != NULL;
     if (!keyed && !insecure) {
-        const char *open_addr = !listen_is_loopback(listen)                       ? listen
-                                : http_listen && !listen_is_loopback(http_listen) ? http_listen
-                                                                                  : NULL;
+        const char *listens[2] = {listen, http_listen};
+        const char *open_addr = tsr_auth_open_address(listens, 2);
         if (open_addr)
             return tsr_cli_usage_error(
                 "serve",
@@ -680,19 +614,24 @@ int tsr_cmd_serve(int argc, char **argv)
      * a follower that cannot must fail the same way as the leader). */
     tsr_auth *auth = NULL;
     tsr_metrics *metrics = NULL;
-    char *cert_pem = NULL, *key_pem = NULL, *ca_pem = NULL;
+    tsr_tls_server tls;
+    tsr_tls_client join_tls;
+    char *join_auth = NULL;
+    memset(&tls, 0, sizeof tls);
+    memset(&join_tls, 0, sizeof join_tls);
     if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
-        (tls_cert && tsr_http_read_pem("--tls-cert", tls_cert, &cert_pem, err, sizeof err) != 0) ||
-        (tls_key && tsr_http_read_pem("--tls-key", tls_key, &key_pem, err, sizeof err) != 0) ||
-        (tls_ca && tsr_http_read_pem("--tls-client-ca", tls_ca, &ca_pem, err, sizeof err) != 0) ||
-        (cert_pem && tsr_http_check_tls(cert_pem, key_pem, ca_pem, err, sizeof err) != 0)) {
+        tsr_tls_server_load("--tls-", tls_cert, tls_key, tls_ca, &tls, err, sizeof err) != 0 ||
+        tsr_tls_client_load("--join-tls-", join_ca, join_cert, join_tlskey, &join_tls, err,
+                            sizeof err) != 0 ||
+        tsr_auth_client_header("--join-key-file", join_key, NULL, &join_auth, err, sizeof err) !=
+            0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         tsr_auth_free(auth);
-        free(cert_pem);
-        free(key_pem);
-        free(ca_pem);
+        tsr_tls_server_free(&tls);
+        tsr_tls_client_free(&join_tls);
         return 1;
     }
+    char *cert_pem = tls.cert_pem, *key_pem = tls.key_pem, *ca_pem = tls.client_ca_pem;
     const tsr_hparams *hp = &meta.hp;
     uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
                            (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
@@ -734,6 +673,8 @@ int tsr_cmd_serve(int argc, char **argv)
         free(cert_pem);
         free(key_pem);
         free(ca_pem);
+        tsr_tls_client_free(&join_tls);
+        free(join_auth);
         /* The leader coordinates the shutdown; a signal forwarded by the launcher must
          * not kill a follower in the middle of it. */
         signal(SIGTERM, SIG_IGN);
@@ -780,6 +721,7 @@ int tsr_cmd_serve(int argc, char **argv)
             tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
         .idle_heartbeat_ms = 1000,
     };
+    ep.no_prefix_cache = eo.no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
@@ -917,7 +859,10 @@ int tsr_cmd_serve(int argc, char **argv)
                               .tp = rp.tp,
                               .pp = rp.pp,
                               .max_queue = (int32_t)max_queue,
-                              .context_length = info.n_ctx};
+                              .context_length = info.n_ctx,
+                              .serves_tls = cert_pem != NULL,
+                              .authorization = join_auth,
+                              .tls = &join_tls};
         if (tsr_join_start(&jp, engine, &joined, err, sizeof err) != 0) {
             fprintf(stderr, "tessera serve: %s\n", err);
             tsr_engine_stop(engine, true);
@@ -980,6 +925,8 @@ release:
         free(key_pem);
     }
     free(ca_pem);
+    tsr_tls_client_free(&join_tls);
+    free(join_auth);
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);

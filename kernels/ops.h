@@ -31,8 +31,10 @@ size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok);
 void tsr_matmul(tsr_pool *pool, const tsr_weight *w, const float *x, int n_tok, float *y,
                 void *scratch);
 
-/* Several weights with the same input and type-compatible layout share one activation
- * conversion (Q/K/V; gate/up): y[k] = W[k] x, up to 4. */
+/* Several weights with the same input in one pool run (Q/K/V; gate/up): y[k] = W[k] x, up
+ * to 4, of any types (weights whose dot types agree share one activation conversion).
+ * `scratch` must hold tsr_matmul_multi_scratch_bytes(w, n_w, n_tok) bytes. */
+size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n_tok);
 void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
                       const float *x, int n_tok, void *scratch);
 

@@ -740,11 +740,14 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     size_t scratch = 0;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
-        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (size_t k = 0; k < 7; k++) {
-            size_t sz = tsr_matmul_scratch_bytes(lw[k], n_batch);
-            if (sz > scratch) scratch = sz;
-        }
+        /* Q/K/V and gate/up run as one multi-matmul each (one conversion per dot type). */
+        const tsr_weight *qkv[] = {&L->wq, &L->wk, &L->wv}, *gu[] = {&L->w_gate, &L->w_up};
+        size_t sz[4] = {tsr_matmul_multi_scratch_bytes(qkv, 3, n_batch),
+                        tsr_matmul_multi_scratch_bytes(gu, 2, n_batch),
+                        tsr_matmul_scratch_bytes(&L->wo, n_batch),
+                        tsr_matmul_scratch_bytes(&L->w_down, n_batch)};
+        for (size_t k = 0; k < 4; k++)
+            if (sz[k] > scratch) scratch = sz[k];
     }
     if (m->last_stage) {
         size_t sz = tsr_matmul_scratch_bytes(&m->output, n_batch);
@@ -968,15 +971,10 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
         tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
-        if (tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wk.type) &&
-            tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wv.type)) {
+        {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
             float *ys[3] = {c->q, c->k, c->v};
             tsr_matmul_multi(c->pool, ws, ys, 3, c->xb, n, c->scratch);
-        } else {
-            tsr_matmul(c->pool, &L->wq, c->xb, n, c->q, c->scratch);
-            tsr_matmul(c->pool, &L->wk, c->xb, n, c->k, c->scratch);
-            tsr_matmul(c->pool, &L->wv, c->xb, n, c->v, c->scratch);
         }
         const int q_dim_local = n_head_local * hd;
         if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
@@ -1023,13 +1021,10 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
         tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
-        if (tsr_type_vec_dot_type(L->w_gate.type) == tsr_type_vec_dot_type(L->w_up.type)) {
+        {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
             tsr_matmul_multi(c->pool, ws, ys, 2, c->xb, n, c->scratch);
-        } else {
-            tsr_matmul(c->pool, &L->w_gate, c->xb, n, c->hb, c->scratch);
-            tsr_matmul(c->pool, &L->w_up, c->xb, n, c->hb2, c->scratch);
         }
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);

@@ -14,6 +14,9 @@ Tests:
              the cluster: equal to the local run; --ordered too (input order).
   replica    (release) a replica killed with kill -9 mid-run: exit 0, each custom_id
              exactly once, every line exact (the coordinator resumes the broken streams).
+  secure     (after mixed) a replica with an API key and mutual TLS, addressed directly:
+             without the key, exit 1 naming the credentials; with --tls-ca/--tls-cert/
+             --tls-key and $TESSERA_API_KEY (then --api-key-file), equal to the local run.
   coord      the coordinator killed mid-run: batch exits 3 ("incomplete") within its
              --retry-timeout, what it wrote is exact; the coordinator restarted on the same
              port, the replicas rejoin, the rerun of the same command completes: equal to
@@ -37,6 +40,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_batch  # noqa: E402  (make_input: the mixed file of the batch tests)
+from test_coord_front import make_certs  # noqa: E402  (a test CA, server and client certs)
 
 CTX = 256
 SEED = 7
@@ -258,6 +262,49 @@ def t_mixed(args, tmp, cl):
         read_lines(ref))
 
 
+def t_secure(args, tmp, cl):
+    inp, ref = os.path.join(tmp, "mixed.jsonl"), os.path.join(tmp, "mixed.local.jsonl")
+    assert os.path.exists(ref), "needs the mixed test's files"
+    p = make_certs(tmp)
+    key = os.path.join(tmp, "api.keys")
+    with open(key, "w") as f:
+        f.write("# batch test\nsecret-batch-key\n")
+    rep = Proc([args.tessera, "serve", "-m", args.model, "-c", str(CTX), "-t", "1",
+                "--chat-template", "chatml", "--listen", "127.0.0.1:0", "--api-key-file", key,
+                "--tls-cert", p("server.crt"), "--tls-key", p("server.key"),
+                "--tls-client-ca", p("ca.crt")], tmp, "replica-secure")
+    try:
+        addr = "127.0.0.1:%d" % rep.port
+        tls = ["--tls-ca", p("ca.crt"), "--tls-cert", p("client.crt"), "--tls-key",
+               p("client.key")]
+        env = dict(os.environ)
+        env.pop("TESSERA_API_KEY", None)
+        out = os.path.join(tmp, "mixed.secure-nokey.jsonl")
+        r = subprocess.run(batch_cmd(args, inp, out, *tls, coord=addr), capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr, (
+            "without a key: exit %d, expected 1 naming UNAUTHENTICATED:\n%s" % (
+                r.returncode, r.stderr[-1500:]))
+        assert not os.path.exists(out) or not read_lines(out), "lines written without a key"
+        out = os.path.join(tmp, "mixed.secure.jsonl")
+        env["TESSERA_API_KEY"] = "secret-batch-key"
+        r = subprocess.run(batch_cmd(args, inp, out, *tls, coord=addr), capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.returncode == 0 and "(TLS)" in r.stderr, "TLS + key: exit %d\n%s" % (
+            r.returncode, r.stderr[-1500:])
+        expect_equal(ref, out, "over mutual TLS with a key")
+        env.pop("TESSERA_API_KEY")
+        out = os.path.join(tmp, "mixed.secure-file.jsonl")
+        r = subprocess.run(batch_cmd(args, inp, out, *tls, "--api-key-file", key, coord=addr),
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, "--api-key-file: exit %d\n%s" % (r.returncode,
+                                                                   r.stderr[-1500:])
+        expect_equal(ref, out, "with --api-key-file")
+    finally:
+        rep.kill()
+    return "mutual TLS + API key (env and file) equal to local mode; no key: exit 1"
+
+
 def long_reference(args, tmp):
     """Release: 64 lines of 120..200 tokens; lean: 16 lines of 40..60."""
     inp, ref = os.path.join(tmp, "long.jsonl"), os.path.join(tmp, "long.local.jsonl")
@@ -322,8 +369,8 @@ def main():
     if not os.path.exists(args.model):
         print("FAIL: model %s is missing" % args.model)
         return 1
-    tests = [("mixed", t_mixed)] + ([] if args.lean else [("replica", t_replica)]) + [
-        ("coord", t_coord)]
+    tests = [("mixed", t_mixed), ("secure", t_secure)] + (
+        [] if args.lean else [("replica", t_replica)]) + [("coord", t_coord)]
     passed = failed = 0
     with tempfile.TemporaryDirectory(prefix="tsr-batch-coord-") as tmp:
         cl = None
