@@ -11,7 +11,8 @@ the cluster judges (same key and code, its own message).
 Tests:
   mixed      a 100-line file (Batch API completions, plain lines, chat lines, greedy and
              seeded sampling, unseeded lines seeded by --seed, 10 malformed lines) through
-             the cluster: equal to the local run; --ordered too (input order).
+             the cluster: equal to the local run; --ordered too (input order); logprobs
+             lines with -m MODEL (token strings) equal, without it error lines.
   replica    (release) a replica killed with kill -9 mid-run: exit 0, each custom_id
              exactly once, every line exact (the coordinator resumes the broken streams).
   secure     (after mixed) a replica with an API key and mutual TLS, addressed directly:
@@ -258,6 +259,26 @@ def t_mixed(args, tmp, cl):
             in_keys.append(k if isinstance(k, str) and k else "line:%d" % ln)
     assert order == in_keys, "--ordered: not in input order: %s ..." % order[:8]
     assert sorted(order) == sorted(ref_order)
+    # logprobs: token strings from -m's vocabulary (equal to local); without -m an error line.
+    lp, lp_ref = os.path.join(tmp, "lp.jsonl"), os.path.join(tmp, "lp.local.jsonl")
+    with open(lp, "w") as f:
+        f.write(json.dumps({"custom_id": "lp1", "prompt": "Once upon a time", "max_tokens": 6,
+                            "temperature": 0, "logprobs": 3}) + "\n")
+        f.write(json.dumps({"custom_id": "lp2", "method": "POST",
+                            "url": "/v1/chat/completions",
+                            "body": {"messages": [{"role": "user", "content": "Hi"}],
+                                     "max_completion_tokens": 5, "temperature": 0.7,
+                                     "seed": 3, "logprobs": True, "top_logprobs": 2}}) + "\n")
+    rc, err = run(batch_cmd(args, lp, lp_ref))
+    assert rc == 0, "local batch (logprobs): exit %d\n%s" % (rc, err[-2000:])
+    lp_out = os.path.join(tmp, "lp.coord.jsonl")
+    rc, err = run(batch_cmd(args, lp, lp_out, "-m", args.model, coord=cl.addr))
+    assert rc == 0, "batch --coordinator -m (logprobs): exit %d\n%s" % (rc, err[-2000:])
+    expect_equal(lp_ref, lp_out, "logprobs through the cluster")
+    lp_out = os.path.join(tmp, "lp.coord-novocab.jsonl")
+    rc, err = run(batch_cmd(args, lp, lp_out, coord=cl.addr))
+    codes = [json.loads(x)["error"]["code"] for x in read_lines(lp_out)]
+    assert rc == 0 and codes == ["unsupported"] * 2, "logprobs without -m: %s" % codes
     return "%d lines (chat, sampling, 10 malformed) equal to local mode, --ordered too" % len(
         read_lines(ref))
 
@@ -318,17 +339,20 @@ def long_reference(args, tmp):
 def t_replica(args, tmp, cl):
     inp, ref = long_reference(args, tmp)
     out = os.path.join(tmp, "long.replica-kill.jsonl")
-    p = subprocess.Popen(batch_cmd(args, inp, out, "--flush-lines", "1", coord=cl.addr),
-                         stderr=subprocess.PIPE, text=True)
+    # 16 calls in flight over 64 lines: the first lines finish while most still wait.
+    p = subprocess.Popen(batch_cmd(args, inp, out, "--flush-lines", "1", "--concurrency", "16",
+                                   coord=cl.addr), stderr=subprocess.PIPE, text=True)
     wait_lines(out, 1, p)
     assert p.poll() is None, "the run ended before the replica was killed"
     cl.replicas["a"].kill()
+    n_at_kill = len(read_lines(out))
     _, err = p.communicate(timeout=180)
     assert p.returncode == 0, "exit %d after a replica's kill -9\n%s" % (p.returncode, err[-2000:])
     expect_equal(ref, out, "a replica killed mid-run")
     cl.start_replica("a")  # back for the next test
     cl.wait_joined(2)
-    return "replica kill -9 mid-run: exit 0, every custom_id once and exact"
+    return "replica kill -9 after %d of %d lines: exit 0, every custom_id once and exact" % (
+        n_at_kill, len(read_lines(ref)))
 
 
 def t_coord(args, tmp, cl):
