@@ -329,9 +329,8 @@ int tsr_cli_gen_drafter(const tsr_cli_gen_opts *o, tsr_replica *rep, tsr_drafter
     if (o->spec_ngram) return tsr_drafter_ngram_new(1, 3, out, err, err_len);
     if (o->spec_oracle) return tsr_drafter_oracle_load(o->spec_oracle, out, err, err_len);
     if (o->draft_model)
-        return tsr_drafter_model_new(o->draft_model, tsr_replica_gguf(rep),
-                                     tsr_replica_n_kv_blocks(rep) + 8, (int)o->n_threads, out, err,
-                                     err_len);
+        return tsr_drafter_model_new_for(o->draft_model, rep, tsr_replica_n_kv_blocks(rep) + 8,
+                                         (int)o->n_threads, out, err, err_len);
     return 0;
 }
 

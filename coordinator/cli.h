@@ -54,8 +54,9 @@ int tsr_cli_default_threads(void);
     "      --pp N                  pipeline stages (default 1)\n"                                  \
     "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
     "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"         \
-    "      --device cpu|cuda|auto  compute backend of every rank (default auto: cuda when\n"       \
-    "                              every rank sees a GPU; a rank uses GPU local-rank mod count)\n" \
+    "      --device cpu|cuda|auto  compute backend of every rank (default $TESSERA_DEVICE, else\n" \
+    "                              auto: cuda when every rank sees a GPU; a rank uses GPU\n"        \
+    "                              local-rank mod count)\n"                                         \
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"

@@ -22,7 +22,9 @@
 
 #include "shard/gguf.h"
 #include "shard/vocab.h"
+#include "worker/gpu.h"
 #include "worker/model.h"
+#include "worker/replica.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -452,6 +454,44 @@ int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d)
     if (!d || d->vt != &tsr_drafter_model_vt) return -1;
     const tsr_drafter_model *dm = d->impl;
     return dm->n_free;
+}
+
+int tsr_drafter_model_use_gpu(tsr_drafter *d, int32_t device, uint64_t n_bytes_cap, char *err,
+                              size_t err_len)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) {
+        tsr_set_err(err, err_len, "only a draft model can run on a GPU");
+        return -1;
+    }
+    tsr_drafter_model *dm = d->impl;
+    char gerr[512];
+    if (tsr_gpu_attach(dm->c, dm->m, device, n_bytes_cap, gerr, sizeof gerr) != 0) {
+        tsr_set_err(err, err_len, "draft model on CUDA device %d: %s", device, gerr);
+        return -1;
+    }
+    return 0;
+}
+
+const char *tsr_drafter_model_backend(const tsr_drafter *d)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) return NULL;
+    const tsr_drafter_model *dm = d->impl;
+    return tsr_ctx_backend_name(dm->c);
+}
+
+int tsr_drafter_model_new_for(const char *path, const tsr_replica *target, int32_t n_kv_blocks,
+                              int n_threads, tsr_drafter **out, char *err, size_t err_len)
+{
+    if (tsr_drafter_model_new(path, tsr_replica_gguf(target), n_kv_blocks, n_threads, out, err,
+                              err_len) != 0)
+        return -1;
+    const int32_t device = tsr_replica_device(target);
+    if (device >= 0 && tsr_drafter_model_use_gpu(*out, device, 0, err, err_len) != 0) {
+        tsr_drafter_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 /* Printable prefix of a GGUF string for messages. */

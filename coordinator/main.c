@@ -968,9 +968,9 @@ static int cmd_bench(int argc, char **argv)
                 sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
             if (r == 0) {
                 if (draft_model) {
-                    if (tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
-                                              tsr_replica_n_kv_blocks(rep) + 8, (int)n_threads, &d,
-                                              err, sizeof err) != 0)
+                    if (tsr_drafter_model_new_for(draft_model, rep,
+                                                  tsr_replica_n_kv_blocks(rep) + 8, (int)n_threads,
+                                                  &d, err, sizeof err) != 0)
                         goto spec_fail;
                 } else if (!strcmp(spec, "ngram")) {
                     if (tsr_drafter_ngram_new(1, 3, &d, err, sizeof err) != 0) goto spec_fail;

@@ -702,9 +702,8 @@ int tsr_cmd_serve(int argc, char **argv)
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
-    if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
-                              (int)n_threads, &drafter, err, sizeof err) != 0) {
+    if (draft_model && tsr_drafter_model_new_for(draft_model, rep, (int32_t)n_blocks + 16,
+                                                 (int)n_threads, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }

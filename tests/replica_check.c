@@ -7,6 +7,12 @@
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --device cuda --batch-step
+ *          --expect-transport "device-direct"
+ * --batch-step adds one step of three sequences at once (tsr_replica_step; with pp > 1 it is
+ * cut into pipeline micro-batches), every token's logits against the reference's.
+ * --expect-transport TEXT: the replica's data plane (tsr_replica_transport) must contain
+ * TEXT on every rank (e.g. that GPU ranks move activations device to device).
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -49,11 +55,14 @@ int main(int argc, char **argv)
                                          {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
                                          {"gpu-memory", required_argument, 0, 'G'},
+                                         {"batch-step", no_argument, 0, 'B'},
+                                         {"expect-transport", required_argument, 0, 'T'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {
         .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
-    const char *model = NULL, *refusal = NULL, *prompt_ids = NULL;
+    const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
+    bool batch_step = false;
     double tol = 1e-4;
     int n_gen = 24, c;
     bool teacher = false;
@@ -93,6 +102,12 @@ int main(int argc, char **argv)
         case 'P':
             prompt_ids = optarg;
             break;
+        case 'B':
+            batch_step = true;
+            break;
+        case 'T':
+            transport = optarg;
+            break;
         default:
             return 2;
         }
@@ -122,6 +137,13 @@ int main(int argc, char **argv)
         return fail("open");
     }
     const int n_ranks = tsr_replica_size(rep);
+    if (transport && !strstr(tsr_replica_transport(rep), transport)) {
+        fprintf(stderr, "replica_check: rank %d: transport expected '%s', got '%s'\n",
+                tsr_replica_rank(rep), transport, tsr_replica_transport(rep));
+        return fail("transport");
+    }
+    if (tsr_replica_is_leader(rep))
+        printf("replica_check: rank 0 transport: %s\n", tsr_replica_transport(rep));
     if (!tsr_replica_is_leader(rep)) {
         if (tsr_replica_follow(rep, err, sizeof err) != 0 ||
             tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
@@ -207,6 +229,64 @@ int main(int argc, char **argv)
             }
             pos++;
         }
+    }
+    if (batch_step) {
+        /* One step of three sequences (the prompts, cut to fit the batch of 16: 5 + 10 + 1
+         * tokens), each in its own KV block, every token wanting logits: with pp > 1 the
+         * step runs as pipeline micro-batches and the logits rows come back in batch order. */
+        enum { NB = 16 };
+        int32_t tok[NB], pos[NB], seq[NB], nblk[3] = {1, 1, 1};
+        uint8_t want[NB];
+        static const int32_t blk[3] = {0, 1, 2};
+        const int32_t *tables[3] = {&blk[0], &blk[1], &blk[2]};
+        int lens[3] = {plen[0] < 5 ? plen[0] : 5, plen[1] < 10 ? plen[1] : 10,
+                       plen[2] < 1 ? plen[2] : 1};
+        int n = 0;
+        for (int k = 0; k < 3; k++)
+            for (int i = 0; i < lens[k]; i++, n++) {
+                tok[n] = prompts[k][i] % V;
+                pos[n] = i;
+                seq[n] = k;
+                want[n] = 1;
+            }
+        const tsr_batch b = {.n_tokens = n,
+                             .tokens = tok,
+                             .pos = pos,
+                             .seq = seq,
+                             .want_logits = want,
+                             .n_seqs = 3,
+                             .block_tables = tables,
+                             .n_blocks = nblk};
+        const float *ld;
+        if (tsr_replica_step(rep, &b, &ld, err, sizeof err) != 0) {
+            fprintf(stderr, "replica_check: batch step: %s\n", err);
+            return fail("batch step");
+        }
+        double bmax = 0.0;
+        for (int k = 0, row = 0; k < 3; k++) {
+            const float *lr;
+            if (lens[k] == 0) continue;
+            if (tsr_forward(ref, &tok[row], lens[k], 0, true, &lr, err, sizeof err) != 0) {
+                fprintf(stderr, "replica_check: reference: %s\n", err);
+                return fail("reference");
+            }
+            for (int i = 0; i < lens[k]; i++, row++)
+                for (int32_t v = 0; v < V; v++) {
+                    const double d =
+                        fabs((double)lr[(size_t)i * V + v] - (double)ld[(size_t)row * V + v]);
+                    if (!(d <= tol)) {
+                        fprintf(stderr,
+                                "replica_check: batch step: sequence %d token %d logit %d "
+                                "expected %.7g, got %.7g (tp %d pp %d), |diff| %.3g > %.3g\n",
+                                k, i, v, lr[(size_t)i * V + v], ld[(size_t)row * V + v], rp.tp,
+                                rp.pp, d, tol);
+                        return fail("batch step logits differ");
+                    }
+                    if (d > bmax) bmax = d;
+                }
+        }
+        printf("replica_check: batch step of %d tokens in 3 sequences: max |logit diff| %.3g\n", n,
+               bmax);
     }
     tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
     if (tsr_replica_shutdown(rep, err, sizeof err) || tsr_replica_stats(rep, st, err, sizeof err)) {

@@ -693,6 +693,16 @@ const char *tsr_ctx_backend_name(const tsr_ctx *c)
     return c->be ? c->be->name : "cpu";
 }
 
+const tsr_backend *tsr_ctx_backend(const tsr_ctx *c)
+{
+    return c->be;
+}
+
+void *tsr_ctx_backend_state(const tsr_ctx *c)
+{
+    return c->be ? c->be_state : NULL;
+}
+
 static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                      tsr_ctx **out, char *err, size_t err_len)
 {

@@ -203,6 +203,9 @@ typedef struct {
 void tsr_ctx_set_backend(tsr_ctx *c, const tsr_backend *be, void *state);
 /* The attached backend's name, "cpu" without one. */
 const char *tsr_ctx_backend_name(const tsr_ctx *c);
+/* The attached backend and its state (NULL, NULL without one). */
+const tsr_backend *tsr_ctx_backend(const tsr_ctx *c);
+void *tsr_ctx_backend_state(const tsr_ctx *c);
 
 /* Run one batch (n_tokens <= n_batch) through this rank's part of the model.
  * hidden: [n_tokens][n_embd]; on the first stage it is filled from the embedding,

@@ -24,9 +24,15 @@ enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 
 struct tsr_replica {
     tsr_comm *world;
-    tsr_comm *tp_comm; /* ranks of this stage */
-    tsr_comm *tp_nccl; /* the same ranks over NCCL (GPU ranks with NCCL), or NULL */
-    int32_t gpu;       /* CUDA device of this rank, -1: CPU backend */
+    tsr_comm *tp_comm;   /* ranks of this stage */
+    tsr_comm *tp_nccl;   /* the same ranks over NCCL (GPU ranks with NCCL), or NULL */
+    tsr_comm *pipe_nccl; /* every rank over NCCL: stage hand-offs, logits to the leader (pp > 1) */
+    int32_t gpu;         /* CUDA device of this rank, -1: CPU backend */
+    /* Device-direct transport (GPU ranks over NCCL; in the host simulator over MPI): hidden
+     * states and logits move between device buffers (worker/gpu.h tsr_gpu_ctx_set_pipe). */
+    bool direct;
+    tsr_comm *tp_direct;            /* the tp group that carries device buffers (tp > 1), or NULL */
+    int32_t *vocab_begin, *vocab_n; /* [tp] the last stage's vocabulary slices */
     bool mpi;
     int rank, size, stage, tp_rank;
     tsr_replica_params p;
@@ -144,13 +150,17 @@ int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, siz
  * (one allreduce), "cuda" fails on every rank when any lacks one. Sets r->gpu. */
 static int decide_device(tsr_replica *r, char *err, size_t err_len)
 {
-    const char *dev = r->p.device ? r->p.device : "auto";
+    /* no --device: TESSERA_DEVICE (the CPU test suite pins cpu with it), else auto */
+    const char *env = getenv("TESSERA_DEVICE");
+    const bool from_env = !r->p.device && env && *env;
+    const char *dev = r->p.device ? r->p.device : from_env ? env : "auto";
     r->gpu = -1;
-    if (strcmp(dev, "cpu") == 0) return 0;
-    if (strcmp(dev, "cuda") != 0 && strcmp(dev, "auto") != 0) {
-        tsr_set_err(err, err_len, "--device must be cpu, cuda or auto, got '%s'", dev);
+    if (strcmp(dev, "cuda") != 0 && strcmp(dev, "auto") != 0 && strcmp(dev, "cpu") != 0) {
+        tsr_set_err(err, err_len, "%s must be cpu, cuda or auto, got '%s'",
+                    from_env ? "TESSERA_DEVICE" : "--device", dev);
         return -1;
     }
+    if (strcmp(dev, "cpu") == 0) return 0;
     char why[256] = "";
     const int32_t n = tsr_gpu_device_count(why, sizeof why);
     float have = n > 0 ? 1.0f : 0.0f;
@@ -170,18 +180,68 @@ static int decide_device(tsr_replica *r, char *err, size_t err_len)
 }
 
 /* Put this rank's context on its GPU (weights uploaded once: only this rank's tiles), and
- * the tensor-parallel sums on NCCL when the build has it. */
+ * the replica's data plane on device buffers when it can be: NCCL for the tensor-parallel
+ * sums, the stage-to-stage hand-offs and the logits to the leader (MPI stays the control
+ * plane: step broadcast, stats). TSR_NO_NCCL=1 keeps all of it on MPI through host memory
+ * (needed when ranks share a GPU: NCCL refuses two ranks on one device). In the host
+ * simulator (tests) the MPI communicators carry the "device" buffers directly, which runs the
+ * device-direct logic without a GPU. */
 static int attach_device(tsr_replica *r, char *err, size_t err_len)
 {
     if (r->gpu < 0) return 0;
     if (tsr_gpu_attach(r->ctx, r->m, r->gpu, r->p.gpu_memory, err, err_len) != 0) return -1;
-    const char *no_nccl = getenv("TSR_NO_NCCL"); /* keep tp sums on MPI (host round trip) */
-    if (r->tp_comm && tsr_comm_nccl_available() && !(no_nccl && strcmp(no_nccl, "1") == 0)) {
-        if (tsr_comm_nccl_new(r->tp_comm, r->gpu, &r->tp_nccl, err, err_len) != 0) return -1;
-        tsr_comm_set_timeout_ms(r->tp_nccl, r->p.timeout_ms);
-        tsr_ctx_set_tp_comm(r->ctx, r->tp_nccl);
+    const char *no_nccl = getenv("TSR_NO_NCCL");
+    if (no_nccl && strcmp(no_nccl, "1") == 0) return 0;
+    tsr_comm *pipe = NULL;
+    if (tsr_gpu_host_addressable()) {
+        pipe = r->p.pp > 1 ? r->world : NULL;
+        r->tp_direct = r->tp_comm;
+    } else if (tsr_comm_nccl_available()) {
+        if (r->tp_comm) {
+            if (tsr_comm_nccl_new(r->tp_comm, r->gpu, &r->tp_nccl, err, err_len) != 0) return -1;
+            tsr_comm_set_timeout_ms(r->tp_nccl, r->p.timeout_ms);
+            tsr_ctx_set_tp_comm(r->ctx, r->tp_nccl);
+        }
+        if (r->p.pp > 1) {
+            if (tsr_comm_nccl_new(r->world, r->gpu, &r->pipe_nccl, err, err_len) != 0) return -1;
+            tsr_comm_set_timeout_ms(r->pipe_nccl, r->p.timeout_ms);
+        }
+        pipe = r->pipe_nccl;
+        r->tp_direct = r->tp_nccl;
+    } else {
+        return 0; /* built without NCCL: host round trips over MPI */
+    }
+    r->direct = true;
+    const int prev = r->stage > 0 ? (r->stage - 1) * r->p.tp + r->tp_rank : -1;
+    const int next = r->stage < r->p.pp - 1 ? (r->stage + 1) * r->p.tp + r->tp_rank : -1;
+    tsr_gpu_ctx_set_pipe(tsr_gpu_ctx_of(r->ctx), pipe, prev, next, TAG_HIDDEN);
+    r->vocab_begin = calloc((size_t)r->p.tp, sizeof(int32_t));
+    r->vocab_n = calloc((size_t)r->p.tp, sizeof(int32_t));
+    if (!r->vocab_begin || !r->vocab_n) {
+        tsr_set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    const int last = r->p.pp - 1;
+    for (int k = 0; k < r->p.tp; k++) {
+        const tsr_plan_rank *q = &r->plan.ranks[last * r->p.tp + k];
+        r->vocab_begin[k] = q->vocab_begin;
+        r->vocab_n[k] = q->vocab_end - q->vocab_begin;
     }
     return 0;
+}
+
+const char *tsr_replica_transport(const tsr_replica *r)
+{
+    if (r->gpu < 0) return r->size > 1 ? "host (mpi)" : "host";
+    if (!r->direct) return r->size > 1 ? "host round trip (mpi)" : "device";
+    if (r->pipe_nccl || r->tp_nccl) return "device-direct (nccl)";
+    if (r->size == 1) return "device";
+    return "device-direct (simulated: mpi carries device buffers)";
+}
+
+int32_t tsr_replica_device(const tsr_replica *r)
+{
+    return r->gpu;
 }
 
 int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_replica **out,
@@ -312,6 +372,7 @@ void tsr_replica_close(tsr_replica *r)
     tsr_vocab_free(r->vocab);
     tsr_gguf_close(r->g);
     if (r->tp_nccl) tsr_comm_free(r->tp_nccl);
+    if (r->pipe_nccl) tsr_comm_free(r->pipe_nccl);
     if (r->tp_comm) tsr_comm_free(r->tp_comm);
     if (r->world) tsr_comm_free(r->world);
     if (r->mpi) tsr_comm_mpi_finalize();
@@ -323,6 +384,8 @@ void tsr_replica_close(tsr_replica *r)
     free(r->displs);
     free(r->tables);
     free(r->want);
+    free(r->vocab_begin);
+    free(r->vocab_n);
     free(r);
 }
 
@@ -336,10 +399,12 @@ static int wire_reserve(tsr_replica *r, size_t n_ints)
     return 0;
 }
 
-/* Comm time attributed to this rank (world + tp group). */
+/* Comm time attributed to this rank (world + tp group, over MPI and NCCL). */
 static uint64_t comm_ns(const tsr_replica *r)
 {
-    return r->world->stats.t_comm_ns + (r->tp_comm ? r->tp_comm->stats.t_comm_ns : 0);
+    return r->world->stats.t_comm_ns + (r->tp_comm ? r->tp_comm->stats.t_comm_ns : 0) +
+           (r->tp_nccl ? r->tp_nccl->stats.t_comm_ns : 0) +
+           (r->pipe_nccl ? r->pipe_nccl->stats.t_comm_ns : 0);
 }
 
 /* Run the step described by r->wire on this rank; on the leader, fills r->logits with
@@ -391,7 +456,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const size_t V = (size_t)r->m->hp.n_vocab;
     float *x = tsr_ctx_hidden(r->ctx);
     const int last = r->p.pp - 1;
-    uint64_t t0 = tsr_now_ns(), c0 = comm_ns(r), fc0 = tsr_ctx_comm_ns(r->ctx);
+    uint64_t t0 = tsr_now_ns(), c0 = comm_ns(r);
 
     /* Pipeline micro-batches: with pp stages and several sequences in the step, the batch
      * is cut at sequence boundaries into up to pp parts of similar size. Each stage runs
@@ -414,10 +479,11 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     }
     cuts[n_mb] = n;
     int32_t want_done = 0;
+    if (r->direct) tsr_gpu_ctx_step_begin(tsr_gpu_ctx_of(r->ctx));
     for (int j = 0; j < n_mb; j++) {
         const int32_t off = cuts[j], len = cuts[j + 1] - cuts[j];
         float *xj = x + (size_t)off * E;
-        if (r->stage > 0) {
+        if (r->stage > 0 && !r->direct) {
             int peer = (r->stage - 1) * r->p.tp + r->tp_rank;
             if (tsr_comm_recv(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN, err,
                               err_len) != 0)
@@ -432,7 +498,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         float *lj = r->stage == last ? r->logits_slice + (size_t)want_done * vr : NULL;
         if (tsr_forward_batch(r->ctx, &bj, xj, lj, err, err_len) != 0) return -1;
         for (int32_t i = 0; i < len; i++) want_done += want[off + i] ? 1 : 0;
-        if (r->stage < last) {
+        if (r->stage < last && !r->direct) {
             int peer = (r->stage + 1) * r->p.tp + r->tp_rank;
             if (tsr_comm_send(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN, err,
                               err_len) != 0)
@@ -440,7 +506,19 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         }
     }
     (void)b;
-    if (r->stage < last) {
+    if (r->direct) {
+        /* device-direct: the last stage's tp rank 0 gathers the vocabulary slices on its
+         * device and hands the rows to the leader (download there, or a send to it) */
+        tsr_gpu_ctx *gc = tsr_gpu_ctx_of(r->ctx);
+        if (r->stage == last && n_want > 0 &&
+            tsr_gpu_ctx_logits_out(gc, r->tp_direct, r->vocab_begin, r->vocab_n, n_want, TAG_LOGITS,
+                                   r->rank == 0 ? r->logits : NULL, 0, err, err_len) != 0)
+            return -1;
+        if (r->rank == 0 && r->stage != last && n_want > 0 &&
+            tsr_gpu_ctx_logits_in(gc, last * r->p.tp, TAG_LOGITS, n_want, r->logits, err,
+                                  err_len) != 0)
+            return -1;
+    } else if (r->stage < last) {
         /* nothing more: the last stage returns the logits */
     } else if (n_want > 0) {
         float *full = r->logits;
@@ -476,16 +554,16 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
                 return -1;
         }
     }
-    if (r->rank == 0 && r->stage != last && n_want > 0) {
+    if (!r->direct && r->rank == 0 && r->stage != last && n_want > 0) {
         int peer = last * r->p.tp;
         if (tsr_comm_recv(r->world, r->logits, (size_t)n_want * V * sizeof(float), peer, TAG_LOGITS,
                           err, err_len) != 0)
             return -1;
     }
     uint64_t dt = tsr_now_ns() - t0;
-    uint64_t dc = (comm_ns(r) - c0) + (tsr_ctx_comm_ns(r->ctx) - fc0);
-    /* tp all-reduces are timed by the ctx AND counted by the tp comm: count them once. */
-    if (r->tp_comm) dc -= (tsr_ctx_comm_ns(r->ctx) - fc0);
+    /* every wait is a call on one of the replica's communicators (the backend's tp sums
+     * and device-direct transfers too), so their clocks hold all of it, counted once */
+    uint64_t dc = comm_ns(r) - c0;
     r->st.t_comm_ns += dc;
     r->st.t_compute_ns += dt > dc ? dt - dc : 0;
     r->st.n_steps++;

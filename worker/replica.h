@@ -100,6 +100,14 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
 /* Leader only: a no-op step that keeps idle followers within their wait deadline. */
 int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len);
 
+/* CUDA device of this rank, -1 when it computes on the CPU. */
+int32_t tsr_replica_device(const tsr_replica *r);
+/* How this rank's data plane moves activations and logits: "host" (CPU ranks), "device"
+ * (one GPU rank), "host round trip (mpi)" (GPU ranks, TSR_NO_NCCL=1 or no NCCL),
+ * "device-direct (nccl)", or, in the host simulator, "device-direct (simulated: mpi carries
+ * device buffers)". */
+const char *tsr_replica_transport(const tsr_replica *r);
+
 int32_t tsr_replica_n_batch(const tsr_replica *r);
 int32_t tsr_replica_n_kv_blocks(const tsr_replica *r);
 

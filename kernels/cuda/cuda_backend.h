@@ -102,6 +102,16 @@ int tsr_cuda_download(tsr_cuda_dev *d, void *dst_host, const void *src, size_t n
 int tsr_cuda_copy(tsr_cuda_dev *d, void *dst, const void *src, size_t n_bytes, char *err,
                   size_t err_len);
 int tsr_cuda_sync(tsr_cuda_dev *d, char *err, size_t err_len);
+/* rows copies of width_bytes from src (row pitch src_pitch bytes) to dst (pitch dst_pitch),
+ * device to device, on the stream (cudaMemcpy2DAsync; interleaves gathered logits slices). */
+int tsr_cuda_copy_2d(tsr_cuda_dev *d, void *dst, size_t dst_pitch, const void *src,
+                     size_t src_pitch, size_t width_bytes, size_t rows, char *err, size_t err_len);
+
+/* True only in the host simulator (kernels/cuda/hostsim.c): there "device memory" is host
+ * memory, so an MPI communicator can carry device buffers and stands in for NCCL in the
+ * tests of the device-direct transport (worker/gpu.h tsr_gpu_ctx_set_pipe). False in the
+ * real backend. */
+bool tsr_cuda_host_addressable(void);
 
 /* A weight in device memory: n_out rows of n_in elements of `type` (ggml id). */
 typedef struct {

@@ -161,6 +161,19 @@ int tsr_cuda_copy(tsr_cuda_dev *d, void *dst, const void *src, size_t n, char *e
     return 0;
 }
 
+int tsr_cuda_copy_2d(tsr_cuda_dev *d, void *dst, size_t dst_pitch, const void *src,
+                     size_t src_pitch, size_t width_bytes, size_t rows, char *err, size_t err_len)
+{
+    for (size_t r = 0; r < rows; r++)
+        memmove((char *)dst + r * dst_pitch, (const char *)src + r * src_pitch, width_bytes);
+    return 0;
+}
+
+bool tsr_cuda_host_addressable(void)
+{
+    return true;
+}
+
 int tsr_cuda_sync(tsr_cuda_dev *d, char *err, size_t err_len)
 {
     return 0;
