@@ -48,6 +48,9 @@ typedef struct {
     const char *kv_type; /* KV cache type "f32", "f16", "q8_0" (kernels/kvcache.h), or NULL:
                             TSR_KV_DEFAULT on the CPU, f32 on CUDA (whose device pool is
                             float32; another type with cuda is refused) */
+    bool no_repack;      /* keep the weights in the file's layout (kernels/repack.h; CPU ranks
+                            also skip repacking when tsr_model_repack_default() is false;
+                            GPU ranks never repack) */
     int32_t n_kv_blocks; /* TSR_REPLICA_KV_ONE_CONTEXT: a paged pool holding one full
                             context (n_ctx, after its default is applied);
                             > 0: a paged KV pool of this many blocks for many
@@ -62,8 +65,10 @@ typedef struct {
     uint64_t t_comm_ns;    /* all-reduces, pipeline send/recv, logits gather */
     uint64_t n_bytes_sent;
     uint64_t n_steps;
-    uint64_t n_tokens;       /* tokens processed (all steps) */
-    uint64_t n_bytes_loaded; /* bytes of the model file this rank read */
+    uint64_t n_tokens;         /* tokens processed (all steps) */
+    uint64_t n_bytes_loaded;   /* bytes of the model file this rank read */
+    uint64_t n_bytes_repacked; /* anonymous memory of its repacked weights (0: none) */
+    uint64_t t_repack_ns;      /* load time spent repacking */
 } tsr_rank_stats;
 
 typedef struct tsr_replica tsr_replica;
