@@ -440,8 +440,8 @@ __global__ void k_softmax(float *x, int32_t n)
     for (int i = threadIdx.x; i < n; i += 256) xr[i] *= inv;
 }
 
-__global__ void k_kv_store(void *kc, void *vc, const float *k, const float *v,
-                           const int32_t *rows, int32_t kv_dim, uint32_t kv_type)
+__global__ void k_kv_store(void *kc, void *vc, const float *k, const float *v, const int32_t *rows,
+                           int32_t kv_dim, uint32_t kv_type)
 {
     const int32_t t = blockIdx.x;
     const size_t eb = tsr_cuda_kv_elem_bytes(kv_type);
@@ -583,7 +583,8 @@ __global__ void k_attention_f16(tsr_cuda_attn_args a)
                 float cmax = -INFINITY;
                 for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
                 tsr_cuda_softmax_rescale(&st, cmax);
-                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) st.l += tsr_cuda_softmax_weight(&st, sc[j]);
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j)
+                    st.l += tsr_cuda_softmax_weight(&st, sc[j]);
             } else {
                 for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
                     const float pw = tsr_cuda_attn_prob_f16(sc[j], st.m, inv);
@@ -774,7 +775,7 @@ extern "C" int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, 
     }
     if (n_tok < 1 || kv_dim < 1) return 0;
     k_kv_store<<<(unsigned)n_tok, 256, 0, d->stream>>>(k_cache, v_cache, k, v, rows, kv_dim,
-                                                        kv_type);
+                                                       kv_type);
     return tsr_cuda_launched(d, "k_kv_store", err, err_len);
 }
 
