@@ -336,6 +336,10 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     .vocab_begin = pr->vocab_begin,
                     .vocab_end = pr->vocab_end};
     if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
+    /* CPU ranks repack their tiles (a GPU rank uploads the file's blocks instead) */
+    if (r->gpu < 0 && !r->p.no_repack && tsr_model_repack_default() &&
+        tsr_model_repack(r->m, err, err_len) != 0)
+        goto fail;
     if (r->p.n_kv_blocks == TSR_REPLICA_KV_ONE_CONTEXT)
         r->p.n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     if (r->p.n_kv_blocks > 0) {
@@ -370,6 +374,8 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.stage = r->stage;
     r->st.tp_rank = r->tp_rank;
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
+    r->st.n_bytes_repacked = r->m->n_bytes_repacked;
+    r->st.t_repack_ns = r->m->t_repack_ns;
     *out = r;
     return 0;
 fail:
