@@ -112,7 +112,8 @@ def check(server_args, n_req, mpi_np=0, metrics=False):
     reqs = make_requests(n_req)
     # 40 blocks = 640 positions: the longest prompts need 23 blocks each, so at most one or
     # two of them run at once and the rest wait, are preempted and evict cached blocks.
-    common = ["--kv-memory", str(40 * BLOCK_BYTES), "--max-batch-tokens", "64",
+    # (BLOCK_BYTES is a float32 block: --kv-type f32 keeps the pool at 40 blocks)
+    common = ["--kv-memory", str(40 * BLOCK_BYTES), "--kv-type", "f32", "--max-batch-tokens", "64",
               "--max-seqs", "16"] + server_args
     cold = ts.Server(common + ["--no-prefix-cache"], mpi_np=mpi_np, start_timeout=120)
     try:
