@@ -13,6 +13,7 @@
  * the client went away). The server counts live calls; shutdown waits for them.
  */
 #include "coordinator/coord_server.h"
+#include "coordinator/grpcutil.h"
 #include "coordinator/rpc.h"
 #include "coordinator/tls.h"
 #include "kernels/util.h"
@@ -112,51 +113,6 @@ struct tsr_coord_server {
 
 /* ---- helpers ---- */
 
-static gpr_timespec gpr_in_ms(int64_t ms)
-{
-    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
-}
-
-static struct timespec mono_in_ms(int64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
-    return ts;
-}
-
-static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice sl = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(sl));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
-    return bb;
-}
-
-static grpc_byte_buffer *bytes_msg(const uint8_t *p, size_t n)
-{
-    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)p, n);
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
-    return bb;
-}
-
-static grpc_slice read_all(grpc_byte_buffer *bb)
-{
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb)) return grpc_empty_slice();
-    grpc_slice sl = grpc_byte_buffer_reader_readall(&r);
-    grpc_byte_buffer_reader_destroy(&r);
-    return sl;
-}
-
 /* Remaining ms to the client's deadline (INT64_MAX: none). */
 static int64_t deadline_left_ms(const ccall *c)
 {
@@ -192,7 +148,7 @@ static unsigned done_bits(ccall *c)
 /* Wait until any bit of `mask` is done or ms passed (ms < 0: one tick). Returns done. */
 static unsigned wait_any(ccall *c, unsigned mask, int64_t ms)
 {
-    struct timespec ts = mono_in_ms(ms < 0 ? TICK_MS : ms);
+    struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, ms < 0 ? TICK_MS : ms);
     pthread_mutex_lock(&c->mu);
     while (!(c->done & mask)) {
         if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT) break;
@@ -217,7 +173,7 @@ static bool start(ccall *c, unsigned bit, const grpc_op *ops, size_t n, grpc_cal
 /* Wait (bounded by ms) for every in-flight tag in mask; false when some did not come. */
 static bool settle(ccall *c, unsigned mask, int64_t ms)
 {
-    struct timespec ts = mono_in_ms(ms);
+    struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, ms);
     pthread_mutex_lock(&c->mu);
     while ((c->done & c->inflight & mask) != (c->inflight & mask)) {
         if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT) break;
@@ -299,7 +255,7 @@ static void reply_status(ccall *c, grpc_status_code code, const char *fmt, ...)
 
 static void reply_msg(ccall *c, const ProtobufCMessage *m)
 {
-    send_ops(c, pack_msg(m), true, GRPC_STATUS_OK, "");
+    send_ops(c, tsr_grpc_pack(m), true, GRPC_STATUS_OK, "");
 }
 
 /* ---- replica calls ---- */
@@ -320,7 +276,7 @@ static bool up_start(ccall *c, grpc_channel *ch, const char *method, const Proto
     c->up_details = grpc_empty_slice();
     c->up_error_string = NULL;
     c->up_recv_bb = NULL;
-    c->up_send_bb = pack_msg(req);
+    c->up_send_bb = tsr_grpc_pack(req);
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -503,7 +459,7 @@ static void send_lost_finish(ccall *c, char *request_id, Tessera__V1__FinishReas
     u.has_failovers = true;
     u.failovers = failovers;
     m.usage = &u;
-    send_ops(c, pack_msg(&m.base), true, GRPC_STATUS_OK, "");
+    send_ops(c, tsr_grpc_pack(&m.base), true, GRPC_STATUS_OK, "");
 }
 
 /* Did token `last` end the request (a stop token id; an end-of-generation token of the
@@ -674,7 +630,7 @@ static void handle_generate(ccall *c, grpc_slice in)
             grpc_byte_buffer *bb;
             ev = up_next(c, &lease, &bb);
             if (ev != UP_MSG) break;
-            grpc_slice sl = read_all(bb);
+            grpc_slice sl = tsr_grpc_read_all(bb);
             grpc_byte_buffer_destroy(bb);
             Tessera__V1__GenerateResponse *m = tessera__v1__generate_response__unpack(
                 NULL, GRPC_SLICE_LENGTH(sl), GRPC_SLICE_START_PTR(sl));
@@ -698,7 +654,7 @@ static void handle_generate(ccall *c, grpc_slice in)
             }
             tessera__v1__generate_response__free_unpacked(m, NULL);
             /* Forward as received (the request_id is ours, so it is already right). */
-            bool sent = send_ops(c, bytes_msg(GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl)),
+            bool sent = send_ops(c, tsr_grpc_bytes(GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl)),
                                  false, GRPC_STATUS_OK, NULL);
             grpc_slice_unref(sl);
             if (!sent) {
@@ -736,7 +692,7 @@ static void handle_generate(ccall *c, grpc_slice in)
                 final->timings->has_decode_ms = true;
                 final->timings->decode_ms = (double)(t_end - t_first) / 1e6;
             }
-            grpc_byte_buffer *out = pack_msg(&final->base);
+            grpc_byte_buffer *out = tsr_grpc_pack(&final->base);
             if (final->usage == &u) final->usage = NULL;
             if (final->timings == &tm) final->timings = NULL;
             tessera__v1__generate_response__free_unpacked(final, NULL);
@@ -841,7 +797,7 @@ static void proxy_unary(ccall *c, const char *method, const char *model,
                                       &resp_len, det, sizeof det);
         if (code == GRPC_STATUS_OK) {
             tsr_coord_release(c->s->coord, &lease);
-            send_ops(c, bytes_msg(resp, resp_len), true, GRPC_STATUS_OK, "");
+            send_ops(c, tsr_grpc_bytes(resp, resp_len), true, GRPC_STATUS_OK, "");
             free(resp);
             return;
         }
@@ -930,7 +886,7 @@ static void handle_health(ccall *c, grpc_slice in, bool watch)
         if (st != sent) {
             Grpc__Health__V1__HealthCheckResponse a = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
             a.status = st;
-            if (!send_ops(c, pack_msg(&a.base), false, GRPC_STATUS_OK, NULL)) return;
+            if (!send_ops(c, tsr_grpc_pack(&a.base), false, GRPC_STATUS_OK, NULL)) return;
             sent = st;
         }
         if (wait_any(c, B_CLOSE, 200) & B_CLOSE) return;
@@ -1146,15 +1102,8 @@ static bool call_authorized(ccall *c)
 {
     if (!tsr_auth_enabled(c->s->auth)) return true;
     if (grpc_slice_buf_start_eq(c->details.method, "/grpc.health.v1.Health/", 23)) return true;
-    const char *val = NULL;
     size_t len = 0;
-    for (size_t i = 0; i < c->md.count; i++) {
-        if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization") == 0) {
-            val = (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
-            len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
-            break;
-        }
-    }
+    const char *val = tsr_grpc_md_get(&c->md, "authorization", &len);
     bool admin = grpc_slice_buf_start_eq(c->details.method, "/tessera.v1.Cluster/", 20);
     char why[512];
     tsr_auth_verdict v = tsr_auth_check(c->s->auth, val, len, admin, why, sizeof why);
@@ -1189,7 +1138,7 @@ static void *call_main(void *arg)
             if (!c->recv_bb) {
                 reply_status(c, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
             } else {
-                grpc_slice in = read_all(c->recv_bb);
+                grpc_slice in = tsr_grpc_read_all(c->recv_bb);
                 if (!strcmp(method, "/tessera.v1.Inference/Generate"))
                     handle_generate(c, in);
                 else if (!strcmp(method, "/tessera.v1.Inference/Tokenize"))
@@ -1276,7 +1225,7 @@ static void *cq_main(void *arg)
     tsr_coord_server *s = arg;
     arm(s);
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
+        grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(TICK_MS), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (ev.type == GRPC_OP_COMPLETE) {
             if (ev.tag == &s->new_tag) {
@@ -1392,7 +1341,7 @@ int tsr_coord_server_start(const tsr_coord_server_params *p, tsr_coord *coord,
         grpc_server_shutdown_and_notify(s->srv, s->cq, &s->shutdown_tag);
         grpc_server_cancel_all_calls(s->srv);
         for (;;) {
-            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(1000), NULL);
+            grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(1000), NULL);
             if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag) break;
             if (ev.type == GRPC_QUEUE_TIMEOUT) break;
         }
@@ -1417,14 +1366,14 @@ int tsr_coord_server_shutdown(tsr_coord_server *s, int64_t grace_ms, char *err, 
     atomic_store(&s->stopping, true);
     grpc_server_shutdown_and_notify(s->srv, s->cq, &s->shutdown_tag);
     /* Open streams get the grace period; then every call is cancelled. */
-    struct timespec ts = mono_in_ms(grace_ms);
+    struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, grace_ms);
     pthread_mutex_lock(&s->mu);
     while (s->n_generate > 0 && pthread_cond_timedwait(&s->cv, &s->mu, &ts) != ETIMEDOUT) {
     }
     pthread_mutex_unlock(&s->mu);
     atomic_store(&s->cancel_all, true);
     grpc_server_cancel_all_calls(s->srv);
-    ts = mono_in_ms(CLOSE_WAIT_MS + 5000);
+    ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, CLOSE_WAIT_MS + 5000);
     pthread_mutex_lock(&s->mu);
     bool timed_out = false;
     while ((s->n_calls > 0 || !s->shutdown_seen) && !timed_out)

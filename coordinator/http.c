@@ -10,6 +10,7 @@
  * as output arrives (tokens produced between two reads coalesce into one chunk).
  */
 #include "coordinator/http.h"
+#include "coordinator/evbuf.h"
 #include "kernels/util.h"
 
 #include <cjson/cJSON.h>
@@ -78,7 +79,6 @@ typedef struct hreq {
     /* the request */
     bool chat, stream, include_usage;
     bool return_token_ids; /* vLLM extension: choices[].token_ids */
-    int32_t n_top;         /* logprob alternatives asked; -1: no logprobs */
     bool want_logprobs;
     char id[48];
     int64_t created_s;
@@ -94,15 +94,9 @@ typedef struct hreq {
     char *finish_error;
     int32_t n_prompt_tokens, n_completion_tokens;
     bool oom;
-    /* pending output (streaming: since the last chunk; otherwise: everything) */
-    int32_t *ids;
-    size_t n_ids, cap_ids;
-    char *text;
-    size_t text_len, cap_text;
-    float *lp_chosen;
-    size_t cap_chosen;
-    tsr_logprob *lp_top;
-    size_t cap_top;
+    /* pending output (streaming: since the last chunk; otherwise: everything);
+     * pend.n_top: logprob alternatives asked, -1: no logprobs */
+    tsr_evbuf pend;
     size_t text_offset; /* completions logprobs: bytes of text before the pending ones */
     /* SSE output (connection thread only) */
     char *out;
@@ -307,7 +301,7 @@ static hreq *hreq_new(tsr_http *h, struct MHD_Connection *c)
     r->h = h;
     r->conn = c;
     r->refs = 1; /* libmicrohttpd's */
-    r->n_top = -1;
+    tsr_evbuf_init(&r->pend, -1);
     return r;
 }
 
@@ -317,10 +311,7 @@ static void hreq_free(hreq *r)
     pthread_cond_destroy(&r->cv);
     free(r->body);
     free(r->finish_error);
-    free(r->ids);
-    free(r->text);
-    free(r->lp_chosen);
-    free(r->lp_top);
+    tsr_evbuf_free(&r->pend);
     free(r->out);
     free(r);
 }
@@ -339,38 +330,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
     hreq *r = ud;
     pthread_mutex_lock(&r->mu);
     if (ev->kind == TSR_EV_TOKENS) {
-        if (!r->oom && ev->n_ids + ev->text_len > 0) {
-            size_t need = r->n_ids + ev->n_ids;
-            bool ok = grow((void **)&r->ids, &r->cap_ids, need, sizeof(int32_t));
-            if (ok && r->n_top >= 0)
-                ok = grow((void **)&r->lp_chosen, &r->cap_chosen, need, sizeof(float));
-            if (ok && r->n_top > 0)
-                ok = grow((void **)&r->lp_top, &r->cap_top, need * (size_t)r->n_top,
-                          sizeof(tsr_logprob));
-            ok = ok && grow((void **)&r->text, &r->cap_text, r->text_len + ev->text_len + 1, 1);
-            if (!ok) {
-                r->oom = true;
-            } else {
-                if (ev->n_ids) memcpy(r->ids + r->n_ids, ev->ids, ev->n_ids * sizeof(int32_t));
-                if (r->n_top >= 0) {
-                    for (size_t i = 0; i < ev->n_ids; i++)
-                        r->lp_chosen[r->n_ids + i] =
-                            ev->chosen_logprobs ? ev->chosen_logprobs[i] : NAN;
-                    size_t k = (size_t)r->n_top;
-                    for (size_t i = 0; i < ev->n_ids * k; i++) {
-                        tsr_logprob lp = {-1, NAN};
-                        size_t row = i / k, col = i % k;
-                        if (ev->top_logprobs && col < (size_t)ev->n_top)
-                            lp = ev->top_logprobs[row * (size_t)ev->n_top + col];
-                        r->lp_top[r->n_ids * k + i] = lp;
-                    }
-                }
-                if (ev->text_len) memcpy(r->text + r->text_len, ev->text, ev->text_len);
-                r->n_ids += ev->n_ids;
-                r->text_len += ev->text_len;
-                r->text[r->text_len] = '\0';
-            }
-        }
+        tsr_evbuf_append(&r->pend, ev); /* on OOM: r->pend.oom, the request fails */
         pthread_cond_broadcast(&r->cv);
         pthread_mutex_unlock(&r->mu);
         return;
@@ -427,9 +387,9 @@ static const char *finish_name(int reason)
  * "content" list. NULL when none were asked (or on OOM). Under r->mu. */
 static cJSON *logprobs_json(hreq *r, size_t n)
 {
-    if (r->n_top < 0 || !r->want_logprobs) return NULL;
+    if (r->pend.n_top < 0 || !r->want_logprobs) return NULL;
     const tsr_vocab *v = r->h->vocab;
-    size_t k = (size_t)r->n_top;
+    size_t k = (size_t)r->pend.n_top;
     if (r->chat) {
         cJSON *o = cJSON_CreateObject(), *content = cJSON_AddArrayToObject(o, "content");
         for (size_t i = 0; i < n && content; i++) {
@@ -437,9 +397,9 @@ static cJSON *logprobs_json(hreq *r, size_t n)
             cJSON_AddItemToArray(content, t);
             unsigned char *raw = NULL;
             size_t raw_len = 0;
-            char *s = token_text(v, r->ids[i], &raw, &raw_len);
+            char *s = token_text(v, r->pend.ids[i], &raw, &raw_len);
             cJSON_AddStringToObject(t, "token", s ? s : "");
-            cJSON_AddNumberToObject(t, "logprob", r->lp_chosen[i]);
+            cJSON_AddNumberToObject(t, "logprob", r->pend.lp_chosen[i]);
             cJSON *bytes = cJSON_AddArrayToObject(t, "bytes");
             for (size_t b = 0; raw && b < raw_len; b++)
                 cJSON_AddItemToArray(bytes, cJSON_CreateNumber(raw[b]));
@@ -447,7 +407,7 @@ static cJSON *logprobs_json(hreq *r, size_t n)
             free(raw);
             cJSON *tops = cJSON_AddArrayToObject(t, "top_logprobs");
             for (size_t j = 0; j < k; j++) {
-                tsr_logprob lp = r->lp_top[i * k + j];
+                tsr_logprob lp = r->pend.lp_top[i * k + j];
                 if (lp.id < 0) continue;
                 cJSON *x = cJSON_CreateObject();
                 cJSON_AddItemToArray(tops, x);
@@ -472,9 +432,9 @@ static cJSON *logprobs_json(hreq *r, size_t n)
     for (size_t i = 0; i < n && offs; i++) {
         unsigned char *raw = NULL;
         size_t raw_len = 0;
-        char *s = token_text(v, r->ids[i], &raw, &raw_len);
+        char *s = token_text(v, r->pend.ids[i], &raw, &raw_len);
         cJSON_AddItemToArray(toks, cJSON_CreateString(s ? s : ""));
-        cJSON_AddItemToArray(lps, cJSON_CreateNumber(r->lp_chosen[i]));
+        cJSON_AddItemToArray(lps, cJSON_CreateNumber(r->pend.lp_chosen[i]));
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)r->text_offset));
         r->text_offset += raw_len;
         free(s);
@@ -482,7 +442,7 @@ static cJSON *logprobs_json(hreq *r, size_t n)
         cJSON *t = cJSON_CreateObject();
         cJSON_AddItemToArray(tops, t);
         for (size_t j = 0; j < k; j++) {
-            tsr_logprob lp = r->lp_top[i * k + j];
+            tsr_logprob lp = r->pend.lp_top[i * k + j];
             if (lp.id < 0) continue;
             char *ts = token_text(v, lp.id, NULL, NULL);
             if (ts && !cJSON_GetObjectItemCaseSensitive(t, ts))
@@ -517,22 +477,23 @@ static cJSON *choice_json(hreq *r, bool with_finish, bool stream)
 {
     cJSON *c = cJSON_CreateObject();
     cJSON_AddNumberToObject(c, "index", 0);
-    const char *txt = r->text ? r->text : "";
-    if (r->text) r->text[r->text_len] = '\0';
+    const char *txt = r->pend.text ? r->pend.text : "";
+    if (r->pend.text) r->pend.text[r->pend.text_len] = '\0';
     if (r->chat) {
         cJSON *m = cJSON_AddObjectToObject(c, stream ? "delta" : "message");
         if (!stream || !r->sse_role_sent) cJSON_AddStringToObject(m, "role", "assistant");
-        if (!stream || r->text_len > 0 || !with_finish) cJSON_AddStringToObject(m, "content", txt);
+        if (!stream || r->pend.text_len > 0 || !with_finish)
+            cJSON_AddStringToObject(m, "content", txt);
         r->sse_role_sent = true;
     } else {
         cJSON_AddStringToObject(c, "text", txt);
     }
     if (r->return_token_ids) {
         cJSON *ids = cJSON_AddArrayToObject(c, "token_ids");
-        for (size_t i = 0; ids && i < r->n_ids; i++)
-            cJSON_AddItemToArray(ids, cJSON_CreateNumber(r->ids[i]));
+        for (size_t i = 0; ids && i < r->pend.n_ids; i++)
+            cJSON_AddItemToArray(ids, cJSON_CreateNumber(r->pend.ids[i]));
     }
-    cJSON *lp = logprobs_json(r, r->n_ids);
+    cJSON *lp = logprobs_json(r, r->pend.n_ids);
     if (lp)
         cJSON_AddItemToObject(c, "logprobs", lp);
     else
@@ -542,8 +503,7 @@ static cJSON *choice_json(hreq *r, bool with_finish, bool stream)
         cJSON_AddStringToObject(c, "finish_reason", fin);
     else
         cJSON_AddNullToObject(c, "finish_reason");
-    r->n_ids = 0;
-    r->text_len = 0;
+    tsr_evbuf_clear(&r->pend);
     return c;
 }
 
@@ -581,7 +541,7 @@ static cJSON *chunk_json(hreq *r, bool with_finish)
 static cJSON *stream_error_json(hreq *r)
 {
     herr e;
-    if (r->oom)
+    if (r->pend.oom)
         set_err(&e, 500, "server_error", NULL, "out_of_memory",
                 "the server ran out of memory while queuing this stream's output");
     else if (r->finish_reason == TSR_FINISH_ERROR)
@@ -629,10 +589,10 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             return MHD_CONTENT_READER_END_OF_STREAM;
         }
         bool ok = true;
-        if (r->finished && (r->oom || (r->finish_reason != TSR_FINISH_LENGTH &&
-                                       r->finish_reason != TSR_FINISH_STOP &&
-                                       r->finish_reason != TSR_FINISH_EOS))) {
-            if (!r->oom && (r->n_ids > 0 || r->text_len > 0))
+        if (r->finished && (r->pend.oom || (r->finish_reason != TSR_FINISH_LENGTH &&
+                                            r->finish_reason != TSR_FINISH_STOP &&
+                                            r->finish_reason != TSR_FINISH_EOS))) {
+            if (!r->pend.oom && (r->pend.n_ids > 0 || r->pend.text_len > 0))
                 ok = sse_append(r, chunk_json(r, false), NULL);
             ok = ok && sse_append(r, stream_error_json(r), NULL);
             r->sse_done = true;
@@ -658,7 +618,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             }
             continue;
         }
-        if (r->n_ids > 0 || r->text_len > 0) {
+        if (r->pend.n_ids > 0 || r->pend.text_len > 0) {
             if (!sse_append(r, chunk_json(r, false), NULL)) {
                 pthread_mutex_unlock(&r->mu);
                 return MHD_CONTENT_READER_END_WITH_ERROR;
@@ -1130,7 +1090,7 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
         }
         if (lp) {
             r->want_logprobs = true;
-            r->n_top = (int32_t)top;
+            r->pend.n_top = (int32_t)top;
         }
     } else {
         int64_t lp = 0;
@@ -1138,11 +1098,11 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
         if (!get_int(root, "logprobs", 0, MAX_LOGPROBS, &has_lp, &lp, e)) return false;
         if (has_lp) {
             r->want_logprobs = true;
-            r->n_top = (int32_t)lp;
+            r->pend.n_top = (int32_t)lp;
         }
     }
     /* the engine reports the chosen token's logprob only with alternatives: ask for one */
-    er->logprobs = r->want_logprobs ? (r->n_top > 0 ? r->n_top : 1) : 0;
+    er->logprobs = r->want_logprobs ? (r->pend.n_top > 0 ? r->pend.n_top : 1) : 0;
 
     /* streaming */
     bool stream = false;
@@ -1301,10 +1261,11 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
         pthread_mutex_unlock(&r->mu);
         return MHD_NO; /* the client is gone: nobody to answer */
     }
-    if (r->oom || (r->finish_reason != TSR_FINISH_LENGTH && r->finish_reason != TSR_FINISH_STOP &&
-                   r->finish_reason != TSR_FINISH_EOS)) {
+    if (r->pend.oom ||
+        (r->finish_reason != TSR_FINISH_LENGTH && r->finish_reason != TSR_FINISH_STOP &&
+         r->finish_reason != TSR_FINISH_EOS)) {
         cJSON *j = stream_error_json(r);
-        unsigned st = r->oom ? 500 : 503;
+        unsigned st = r->pend.oom ? 500 : 503;
         pthread_mutex_unlock(&r->mu);
         return queue_json(r, c, st, j);
     }
