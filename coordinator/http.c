@@ -48,7 +48,8 @@
 struct tsr_http {
     struct MHD_Daemon *d;
     int listen_fd;
-    tsr_engine *engine;
+    tsr_http_backend be;
+    tsr_engine *engine; /* the engine backend's (NULL for another backend) */
     const tsr_vocab *vocab;
     tsr_auth *auth;
     tsr_metrics *metrics;
@@ -81,6 +82,7 @@ typedef struct hreq {
     bool return_token_ids; /* vLLM extension: choices[].token_ids */
     bool want_logprobs;
     char id[48];
+    char model[128]; /* the "model" of responses */
     int64_t created_s;
 
     pthread_mutex_t mu;
@@ -364,7 +366,7 @@ static void cancel_locked(hreq *r)
 {
     if (r->engine_active && !r->cancel_sent) {
         r->cancel_sent = true;
-        tsr_engine_cancel(r->h->engine, r->req_id); /* thread-safe, never blocks on a step */
+        r->h->be.cancel(r->h->be.ctx, r->req_id); /* thread-safe, never blocks on a step */
     }
 }
 
@@ -468,7 +470,7 @@ static cJSON *envelope(const hreq *r, const char *object)
     cJSON_AddStringToObject(o, "id", r->id);
     cJSON_AddStringToObject(o, "object", object);
     cJSON_AddNumberToObject(o, "created", (double)r->created_s);
-    cJSON_AddStringToObject(o, "model", r->h->model_id);
+    cJSON_AddStringToObject(o, "model", r->model[0] ? r->model : r->h->model_id);
     return o;
 }
 
@@ -706,12 +708,21 @@ typedef struct {
     size_t n_ids;
     const char *stop[MAX_STOP_STRINGS];
     int32_t *stop_ids;
+    /* pass-through prompts (a backend without a vocabulary) */
+    const char *prompt_text; /* borrowed from the request's JSON */
+    tsr_chat_msg *messages;
+    char **message_bufs;
+    size_t n_messages;
+    const char *model;
 } parsed;
 
 static void parsed_free(parsed *p)
 {
     free(p->ids);
     free(p->stop_ids);
+    for (size_t k = 0; p->message_bufs && k < p->n_messages; k++) free(p->message_bufs[k]);
+    free(p->message_bufs);
+    free(p->messages);
 }
 
 /* The prompt of /v1/completions: a string, [string], token ids or [token ids]. */
@@ -732,13 +743,17 @@ static bool parse_prompt(tsr_http *h, const cJSON *root, parsed *p, herr *e)
             cJSON_GetArraySize(x));
         return false;
     }
-    const int32_t n_vocab = tsr_vocab_n_tokens(h->vocab);
+    const int32_t n_vocab = h->vocab ? tsr_vocab_n_tokens(h->vocab) : INT32_MAX;
     if (cJSON_IsString(x)) {
         const char *s = x->valuestring;
         size_t len = strlen(s);
         if (len == 0) {
             BAD(e, "prompt", "prompt is empty");
             return false;
+        }
+        if (!h->vocab) { /* passed through: the replica tokenizes */
+            p->prompt_text = s;
+            return true;
         }
         if (h->n_ctx > 0 && len / h->max_piece > (size_t)h->n_ctx) {
             BAD(e, "prompt", "prompt: %zu bytes cannot fit the context of %d tokens", len,
@@ -775,6 +790,7 @@ static bool parse_prompt(tsr_http *h, const cJSON *root, parsed *p, herr *e)
             p->ids[i] = (int32_t)t->valuedouble;
         }
         p->n_ids = (size_t)n;
+        if (!h->vocab) return true; /* the replica checks the ids against its vocabulary */
     } else {
         BAD(e, "prompt", "prompt must be a string or a list of token ids");
         return false;
@@ -836,7 +852,7 @@ static bool parse_messages(tsr_http *h, const cJSON *root, parsed *p, herr *e)
         BAD(e, "messages", "messages must be a non-empty list of {role, content} objects");
         return false;
     }
-    if (!h->chat) {
+    if (!h->chat && h->vocab) {
         BAD(e, "messages",
             "the model has no chat template: use /v1/completions, or start the server with "
             "--chat-template NAME");
@@ -868,6 +884,12 @@ static bool parse_messages(tsr_http *h, const cJSON *root, parsed *p, herr *e)
         m[i].content = message_content(content, i, &bufs[i], e);
         if (!m[i].content) goto done;
         total += strlen(m[i].content);
+    }
+    if (!h->vocab) { /* passed through: the replica renders its own template */
+        p->messages = m;
+        p->message_bufs = bufs;
+        p->n_messages = (size_t)n;
+        return true;
     }
     if (h->n_ctx > 0 && total / h->max_piece > (size_t)h->n_ctx) {
         BAD(e, "messages", "messages: %zu bytes cannot fit the context of %d tokens", total,
@@ -911,7 +933,8 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
         BAD(e, "model", "model must be a string");
         return false;
     }
-    if (x && strcmp(x->valuestring, h->model_id) != 0) {
+    if (x) p->model = x->valuestring;
+    if (x && h->vocab && strcmp(x->valuestring, h->model_id) != 0) {
         set_err(e, 404, "invalid_request_error", "model", "model_not_found",
                 "the model '%.200s' does not exist: this server serves '%.200s' (GET /v1/models)",
                 x->valuestring, h->model_id);
@@ -1054,7 +1077,7 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
     }
     x = field(root, "stop_token_ids");
     if (x) {
-        int nv = tsr_vocab_n_tokens(h->vocab);
+        int nv = h->vocab ? tsr_vocab_n_tokens(h->vocab) : INT32_MAX;
         if (!cJSON_IsArray(x) || cJSON_GetArraySize(x) > 1024) {
             BAD(e, "stop_token_ids", "stop_token_ids must be a list of at most 1024 token ids");
             return false;
@@ -1100,6 +1123,12 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
             r->want_logprobs = true;
             r->pend.n_top = (int32_t)lp;
         }
+    }
+    if (r->want_logprobs && !h->vocab) {
+        BAD(e, r->chat ? "logprobs" : "logprobs",
+            "logprobs are not served through the coordinator (their token strings need the "
+            "model's vocabulary): ask a replica directly");
+        return false;
     }
     /* the engine reports the chosen token's logprob only with alternatives: ask for one */
     er->logprobs = r->want_logprobs ? (r->pend.n_top > 0 ? r->pend.n_top : 1) : 0;
@@ -1160,8 +1189,14 @@ static void submit_error(tsr_http *h, int rc, const char *err, herr *e)
                 "the server is draining and accepts no new requests; retry on another replica");
         break;
     case TSR_ENGINE_EDOWN:
-        set_err(e, 503, "service_unavailable", NULL, "replica_down",
-                "the replica's data plane is down: %s", err[0] ? err : "a rank failed");
+        if (h->vocab)
+            set_err(e, 503, "service_unavailable", NULL, "replica_down",
+                    "the replica's data plane is down: %s", err[0] ? err : "a rank failed");
+        else
+            set_err(e, 503, "service_unavailable", NULL, "no_replica", "%s", err);
+        break;
+    case TSR_HTTP_BACKEND_ENOMODEL:
+        set_err(e, 404, "invalid_request_error", "model", "model_not_found", "%s", err);
         break;
     default:
         set_err(e, 500, "server_error", NULL, NULL, "engine error %d: %s", rc, err);
@@ -1197,6 +1232,13 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
         return queue_err(r, c, &e);
     }
     new_id(r, r->chat ? "chatcmpl" : "cmpl");
+    if (p.model) {
+        snprintf(r->model, sizeof r->model, "%s", p.model);
+    } else if (h->be.models) { /* a cluster: the model it routes a request without one to */
+        char names[1][128];
+        if (h->be.models(h->be.ctx, names, 1) == 1)
+            snprintf(r->model, sizeof r->model, "%s", names[0]);
+    }
     p.er.on_event = on_engine_event;
     p.er.ud = r;
     pthread_mutex_lock(&r->mu);
@@ -1206,7 +1248,12 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
     char err[512];
     err[0] = '\0';
     uint64_t id = 0;
-    int rc = tsr_metrics_submit(h->metrics, h->engine, &p.er, &id, err, sizeof err);
+    tsr_http_gen g = {.er = p.er,
+                      .prompt_text = p.prompt_text,
+                      .messages = p.messages,
+                      .n_messages = p.n_messages,
+                      .model = p.model};
+    int rc = h->be.submit(h->be.ctx, &g, &id, err, sizeof err);
     parsed_free(&p);
     cJSON_Delete(root); /* the engine copied the stop strings */
     if (rc != TSR_ENGINE_OK) {
@@ -1282,24 +1329,36 @@ static enum MHD_Result handle_models(tsr_http *h, hreq *r, struct MHD_Connection
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "object", "list");
     cJSON *data = cJSON_AddArrayToObject(o, "data");
-    cJSON *m = cJSON_CreateObject();
-    cJSON_AddItemToArray(data, m);
-    cJSON_AddStringToObject(m, "id", h->model_id);
-    cJSON_AddStringToObject(m, "object", "model");
-    cJSON_AddNumberToObject(m, "created", (double)h->created_s);
-    cJSON_AddStringToObject(m, "owned_by", "tessera");
-    cJSON_AddNumberToObject(m, "max_model_len", h->n_ctx);
+    static char names[64][128];
+    static pthread_mutex_t names_mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&names_mu);
+    size_t n = 1;
+    if (h->be.models) {
+        n = h->be.models(h->be.ctx, names, 64);
+        if (n > 64) n = 64;
+    } else {
+        snprintf(names[0], sizeof names[0], "%s", h->model_id);
+    }
+    for (size_t i = 0; i < n; i++) {
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddItemToArray(data, m);
+        cJSON_AddStringToObject(m, "id", names[i]);
+        cJSON_AddStringToObject(m, "object", "model");
+        cJSON_AddNumberToObject(m, "created", (double)h->created_s);
+        cJSON_AddStringToObject(m, "owned_by", "tessera");
+        if (h->n_ctx > 0) cJSON_AddNumberToObject(m, "max_model_len", h->n_ctx);
+    }
+    pthread_mutex_unlock(&names_mu);
     return queue_json(r, c, 200, o);
 }
 
 static enum MHD_Result handle_health(tsr_http *h, hreq *r, struct MHD_Connection *c)
 {
-    tsr_engine_status st;
-    tsr_engine_get_status(h->engine, &st);
+    int hs = h->be.health(h->be.ctx);
     const char *why = NULL;
-    if (!st.healthy)
+    if (hs == 2)
         why = "down";
-    else if (st.draining || atomic_load(&h->not_serving))
+    else if (hs == 1 || atomic_load(&h->not_serving))
         why = "draining";
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "status", why ? why : "ok");
@@ -1311,7 +1370,7 @@ static enum MHD_Result handle_metrics(tsr_http *h, hreq *r, struct MHD_Connectio
     char *text = NULL;
     size_t len = 0;
     tsr_metrics_count_http(h->metrics, 200); /* counted before rendering: shows itself */
-    if (tsr_metrics_render(h->metrics, h->engine, &text, &len) != 0) {
+    if (h->be.metrics(h->be.ctx, &text, &len) != 0) {
         herr e;
         set_err(&e, 500, "server_error", NULL, NULL, "out of memory rendering metrics");
         return queue_err(r, c, &e);
@@ -1564,13 +1623,65 @@ static int bind_listen(const char *listen_addr, int *fd_out, int *port_out, char
     return TSR_HTTP_OK;
 }
 
+/* ---- the engine backend (tessera serve) ---- */
+
+static int eng_submit(void *ctx, const tsr_http_gen *g, uint64_t *id, char *err, size_t err_len)
+{
+    tsr_http *h = ctx;
+    return tsr_metrics_submit(h->metrics, h->engine, &g->er, id, err, err_len);
+}
+
+static void eng_cancel(void *ctx, uint64_t id)
+{
+    tsr_http *h = ctx;
+    tsr_engine_cancel(h->engine, id);
+}
+
+static int eng_health(void *ctx)
+{
+    tsr_http *h = ctx;
+    tsr_engine_status st;
+    tsr_engine_get_status(h->engine, &st);
+    return !st.healthy ? 2 : st.draining ? 1 : 0;
+}
+
+static int eng_metrics(void *ctx, char **out, size_t *len)
+{
+    tsr_http *h = ctx;
+    return tsr_metrics_render(h->metrics, h->engine, out, len);
+}
+
+static int http_start(const tsr_http_params *p, const tsr_http_backend *be, tsr_engine *engine,
+                      tsr_http **out, int *port, char *err, size_t err_len);
+
 int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab *vocab,
                    tsr_http **out, int *port, char *err, size_t err_len)
 {
+    tsr_http_backend be = {.ctx = NULL, /* the server itself, set by http_start */
+                           .vocab = vocab,
+                           .submit = eng_submit,
+                           .cancel = eng_cancel,
+                           .health = eng_health,
+                           .models = NULL,
+                           .metrics = eng_metrics};
+    return http_start(p, &be, engine, out, port, err, err_len);
+}
+
+int tsr_http_start_backend(const tsr_http_params *p, const tsr_http_backend *be, tsr_http **out,
+                           int *port, char *err, size_t err_len)
+{
+    return http_start(p, be, NULL, out, port, err, err_len);
+}
+
+static int http_start(const tsr_http_params *p, const tsr_http_backend *be, tsr_engine *engine,
+                      tsr_http **out, int *port, char *err, size_t err_len)
+{
+    const tsr_vocab *vocab = be->vocab;
     *out = NULL;
     if (port) *port = 0;
-    if (!p || !p->listen || !engine || !vocab) {
-        tsr_set_err(err, err_len, "tsr_http_start: listen, engine and vocab are required");
+    if (!p || !p->listen || !be->submit || !be->cancel || !be->health || !be->metrics ||
+        (engine && !vocab)) {
+        tsr_set_err(err, err_len, "tsr_http_start: listen and a complete backend are required");
         return TSR_HTTP_EINVAL;
     }
     if ((p->tls_cert_pem != NULL) != (p->tls_key_pem != NULL)) {
@@ -1592,6 +1703,8 @@ int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab
     }
     int rc = TSR_HTTP_ENOMEM;
     h->listen_fd = -1;
+    h->be = *be;
+    if (engine) h->be.ctx = h;
     h->engine = engine;
     h->vocab = vocab;
     h->auth = p->auth;
@@ -1616,7 +1729,7 @@ int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab
     h->tls = h->cert != NULL;
     h->mtls = h->ca != NULL;
     h->max_piece = 1;
-    for (int32_t id = 0; id < tsr_vocab_n_tokens(vocab); id++) {
+    for (int32_t id = 0; vocab && id < tsr_vocab_n_tokens(vocab); id++) {
         size_t len = 0;
         if (tsr_vocab_token_text(vocab, id, &len) && len + 1 > h->max_piece) h->max_piece = len + 1;
     }
