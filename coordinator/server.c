@@ -959,6 +959,12 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     a.n_rank_status = (size_t)(st.n_rank_stats < 64 ? st.n_rank_stats : 64);
     a.rank_status = rsp;
     SETF(kv_blocks_needed, st.kv_blocks_needed);
+    SETF(prefix_cache, st.prefix_cache);
+    SETF(kv_blocks_cached, st.kv_blocks_cached);
+    SETF(prefix_cache_lookups, st.prefix_cache_lookups);
+    SETF(prefix_cache_hits, st.prefix_cache_hits);
+    SETF(prefix_cache_hit_tokens, st.prefix_cache_hit_tokens);
+    SETF(prefix_cache_evictions, st.prefix_cache_evictions);
 #undef SETF
     reply_msg(r, &a.base);
 }
