@@ -66,8 +66,8 @@ int tsr_cli_default_threads(void);
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"                                                                                         \
     "      --no-repack             keep the weights in the file's layout (default: each CPU\n"     \
-    "                              rank repacks its Q8_0/Q4_0/Q5_0/Q4_K/Q6_K tiles at load for\n"  \
-    "                              faster kernels: same results, a private copy of them)\n"
+    "                              rank repacks its Q8_0/Q4_0/Q5_0/Q4_1/Q4_K/Q6_K tiles at load\n" \
+    "                              for faster kernels: same results, a private copy of them)\n"
 
 enum {
     TSR_CLI_O_TP = 300,
