@@ -53,6 +53,7 @@
 #define DEFAULT_GRACE_MS  10000
 #define SERVER_FLUSH_MS   3000 /* after the step loop ended: time for streams to flush */
 
+/* clang-format off */
 static const char *serve_help =
     "usage: tessera serve -m MODEL [--tp T --pp P] [--listen HOST:PORT] [flags]\n"
     "\n"
@@ -65,18 +66,10 @@ static const char *serve_help =
     "  -m, --model PATH          GGUF model (default " DEFAULT_MODEL ")\n"
     "      --listen HOST:PORT    address to serve on (default " TSR_SERVER_DEFAULT_LISTEN ");\n"
     "                            port 0 picks a free port (printed)\n"
-    "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"
-    "                            prefill chunks (default 256)\n"
-    "      --max-seqs N          sequences running at once (default 64)\n"
     "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
-    "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"
-    "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"
-    "                            n_layer x 2 x n_head_kv x head_dim x 4 x 16 bytes; each\n"
-    "                            rank holds its share of every block. Default: enough for\n"
-    "                            --max-seqs full contexts, at most 1G\n"
-    "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"
-    "                            model's, max 4096)\n"
-    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    TSR_CLI_ENGINE_HELP("256", "64", "enough for --max-seqs full contexts, at most 1G")
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
+    "                            README: KV cache types)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
@@ -135,6 +128,7 @@ static const char *serve_help =
     "      --join-tls-cert FILE, --join-tls-key FILE  client certificate for a coordinator\n"
     "                            with mutual TLS\n"
     "  -h, --help                this help\n";
+/* clang-format on */
 
 /* ---- signals -> control thread ---- */
 
@@ -328,10 +322,7 @@ int tsr_cmd_serve(int argc, char **argv)
 {
     enum {
         O_LISTEN = 256,
-        O_MAX_BATCH,
-        O_MAX_SEQS,
         O_MAX_QUEUE,
-        O_KV_MEMORY,
         O_GRACE,
         O_TP,
         O_PP,
@@ -365,17 +356,14 @@ int tsr_cmd_serve(int argc, char **argv)
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
         {"listen", required_argument, 0, O_LISTEN},
-        {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
-        {"max-seqs", required_argument, 0, O_MAX_SEQS},
         {"max-queue", required_argument, 0, O_MAX_QUEUE},
-        {"kv-memory", required_argument, 0, O_KV_MEMORY},
-        {"ctx-size", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'},
+        TSR_CLI_ENGINE_OPTS,
         {"shutdown-grace", required_argument, 0, O_GRACE},
         {"tp", required_argument, 0, O_TP},
         {"pp", required_argument, 0, O_PP},
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
         {"draft-model", required_argument, 0, O_DRAFT},
         {"spec", required_argument, 0, O_SPEC},
         {"spec-k", required_argument, 0, O_SPEC_K},
@@ -406,9 +394,9 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *join = NULL, *join_name = NULL, *advertise = NULL;
     const char *join_key = NULL, *join_ca = NULL, *join_cert = NULL, *join_tlskey = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
-    int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
-    uint64_t kv_memory = 0;
+    tsr_cli_engine_opts eo;
+    tsr_cli_engine_defaults(&eo, 256, 64);
+    int64_t max_queue = 256, grace_ms = DEFAULT_GRACE_MS, v;
     const char *draft_model = NULL;
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
@@ -423,7 +411,12 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *chat_template = NULL;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:h" TSR_CLI_ENGINE_SHORTOPTS, opts, NULL)) != -1) {
+        int erc = tsr_cli_engine_flag("serve", c, optarg, &eo);
+        if (erc >= 0) {
+            if (erc != 0) return erc;
+            continue;
+        }
         switch (c) {
         case 'm':
             model = optarg;
@@ -443,20 +436,8 @@ int tsr_cmd_serve(int argc, char **argv)
                                        name, (long long)(lo), (long long)(hi), optarg);            \
         (dst) = v;                                                                                 \
     } while (0)
-        case O_MAX_BATCH:
-            INT_FLAG("--max-batch-tokens", 1, 1 << 20, max_batch);
-            break;
-        case O_MAX_SEQS:
-            INT_FLAG("--max-seqs", 1, 1 << 16, max_seqs);
-            break;
         case O_MAX_QUEUE:
             INT_FLAG("--max-queue", 0, 1 << 24, max_queue);
-            break;
-        case 'c':
-            INT_FLAG("--ctx-size", 1, 1 << 24, n_ctx);
-            break;
-        case 't':
-            INT_FLAG("--threads", 1, 256, n_threads);
             break;
         case O_GRACE:
             INT_FLAG("--shutdown-grace", 0, 86400000, grace_ms);
@@ -476,6 +457,9 @@ int tsr_cmd_serve(int argc, char **argv)
 #undef INT_FLAG
         case O_LAYERS:
             rp.layers = optarg;
+            break;
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("serve", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
             break;
         case O_DRAFT:
             draft_model = optarg;
@@ -508,13 +492,6 @@ int tsr_cmd_serve(int argc, char **argv)
             chat_template = optarg;
             break;
         }
-        case O_KV_MEMORY:
-            if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
-                return tsr_cli_usage_error("serve",
-                                           "--kv-memory needs a byte count > 0 such as 512M or 2G, "
-                                           "got '%s'",
-                                           optarg);
-            break;
         case O_HTTP:
             if (!strchr(optarg, ':'))
                 return tsr_cli_usage_error(
@@ -600,6 +577,9 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
+    const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
+                  n_threads = eo.n_threads;
+    const uint64_t kv_memory = eo.n_bytes_kv;
     if ((join_name || advertise || join_key || join_ca || join_cert || join_tlskey) && !join)
         return tsr_cli_usage_error("serve",
                                    "--name, --advertise and --join-* go with --join COORDINATOR");
@@ -659,8 +639,8 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     char *cert_pem = tls.cert_pem, *key_pem = tls.key_pem, *ca_pem = tls.client_ca_pem;
     const tsr_hparams *hp = &meta.hp;
-    uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
-                           (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    const tsr_kv_type kv_type = tsr_replica_params_kv_type(&rp);
+    uint64_t block_bytes = tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type);
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx
                   : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
@@ -671,10 +651,10 @@ int tsr_cmd_serve(int argc, char **argv)
         if (n_blocks == 0) {
             fprintf(stderr,
                     "tessera serve: --kv-memory %" PRIu64 " is less than one KV block of this "
-                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d x 4 x %d "
-                    "tokens)\n",
+                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d values x %d "
+                    "tokens in %s)\n",
                     kv_memory, block_bytes, hp->n_layer, hp->n_head_kv, hp->head_dim,
-                    TSR_KV_BLOCK_SIZE);
+                    TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
             return 1;
         }
     } else {
@@ -728,9 +708,8 @@ int tsr_cmd_serve(int argc, char **argv)
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
-    if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
-                              (int)n_threads, &drafter, err, sizeof err) != 0) {
+    if (draft_model && tsr_drafter_model_new_for(draft_model, rep, (int32_t)n_blocks + 16,
+                                                 (int)n_threads, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
@@ -747,6 +726,7 @@ int tsr_cmd_serve(int argc, char **argv)
             tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
         .idle_heartbeat_ms = 1000,
     };
+    ep.no_prefix_cache = eo.no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
