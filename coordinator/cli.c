@@ -159,6 +159,11 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
             return tsr_cli_usage_error(cmd, "--device must be cpu, cuda or auto, got '%s'", arg);
         rp->device = arg;
         return 0;
+    case TSR_CLI_O_NO_REPACK:
+        /* the process-wide default too, so a draft model loaded later follows it */
+        rp->no_repack = true;
+        tsr_model_set_repack_default(false);
+        return 0;
     case TSR_CLI_O_GPU_MEMORY:
         if (!tsr_cli_parse_bytes(arg, &rp->gpu_memory) || rp->gpu_memory == 0)
             return tsr_cli_usage_error(cmd, "--gpu-memory needs a byte count (e.g. 20G), got '%s'",

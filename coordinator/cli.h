@@ -59,7 +59,10 @@ int tsr_cli_default_threads(void);
     "                              local-rank mod count)\n"                                         \
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
-    "it\n"
+    "it\n"                                                                                         \
+    "      --no-repack             keep Q8_0/Q4_0 weights in the file's layout (default: each\n"   \
+    "                              CPU rank repacks its tiles at load for faster kernels; same\n"  \
+    "                              results, a private copy instead of the shared mapping)\n"
 
 enum {
     TSR_CLI_O_TP = 300,
@@ -67,7 +70,8 @@ enum {
     TSR_CLI_O_LAYERS,
     TSR_CLI_O_COMM_TIMEOUT,
     TSR_CLI_O_DEVICE,
-    TSR_CLI_O_GPU_MEMORY
+    TSR_CLI_O_GPU_MEMORY,
+    TSR_CLI_O_NO_REPACK
 };
 
 /* struct option entries (getopt_long) of the layout flags. */
@@ -76,6 +80,7 @@ enum {
         {"layers", required_argument, 0, TSR_CLI_O_LAYERS},                                        \
         {"comm-timeout", required_argument, 0, TSR_CLI_O_COMM_TIMEOUT},                            \
         {"device", required_argument, 0, TSR_CLI_O_DEVICE},                                        \
+        {"no-repack", no_argument, 0, TSR_CLI_O_NO_REPACK},                                        \
     {                                                                                              \
         "gpu-memory", required_argument, 0, TSR_CLI_O_GPU_MEMORY                                   \
     }

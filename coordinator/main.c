@@ -1070,6 +1070,8 @@ stop:;
         cJSON_AddNumberToObject(o, "roofline_tokens_per_s", roof);
         cJSON_AddNumberToObject(o, "decode_roofline_ratio", roof > 0 ? dc_med / roof : 0.0);
         cJSON_AddNumberToObject(o, "peak_rss_mib_leader", rss_mib);
+        cJSON_AddNumberToObject(o, "repacked_mib_leader", st[0].n_bytes_repacked / 1048576.0);
+        cJSON_AddNumberToObject(o, "repack_ms_leader", st[0].t_repack_ns / 1e6);
         if (verify_cost) {
             cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
             for (int ki = 1; ki < 5; ki++) {
@@ -1112,6 +1114,8 @@ stop:;
         printf("decode roofline:  %.2f tokens/s; achieved %.1f%%\n", roof,
                roof > 0 ? 100.0 * dc_med / roof : 0.0);
         printf("peak RSS:         %.1f MiB (leader)\n", rss_mib);
+        printf("repacked weights: %.1f MiB in %.0f ms at load (leader; --no-repack: none)\n",
+               st[0].n_bytes_repacked / 1048576.0, st[0].t_repack_ns / 1e6);
         if (verify_cost) {
             printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
             for (int ki = 1; ki < 5; ki++)

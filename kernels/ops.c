@@ -4,6 +4,7 @@
 #include "kernels/ops.h"
 
 #include "kernels/quant.h"
+#include "kernels/repack.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -65,6 +66,14 @@ static void mm_run(void *arg, int ith, int nth)
         const tsr_weight *w = j->w[k];
         int64_t r0 = c * j->rows_per_chunk;
         int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
+        if (w->packed) {
+            /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): GEMV for one token,
+             * GEMM for any number, each weight group read once for all tokens; bit-identical
+             * to the paths below. */
+            tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, j->n_tok, j->xq[k], j->xq_stride[k],
+                           j->y[k] + r0, (size_t)w->n_out);
+            continue;
+        }
         const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
         if (j->n_tok >= TILE_MIN_TOKENS) {
             /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
@@ -139,7 +148,8 @@ void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *
     int64_t total_rows = 0;
     for (int k = 0; k < n_w; k++) total_rows += w[k]->n_out;
     /* Enough chunks for load balance (others share these cores), few enough that the
-     * atomic counter costs nothing; a multiple of 4 rows for the multi-row dots. */
+     * atomic counter costs nothing; a multiple of 4 rows for the multi-row dots and the
+     * repacked groups (TSR_REPACK_ROWS). */
     int64_t rpc = total_rows / ((int64_t)nth * 16);
     if (n_tok > 1) rpc = total_rows / ((int64_t)nth * 4);
     rpc = rpc < 8 ? 8 : (rpc + 3) & ~(int64_t)3;

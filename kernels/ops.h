@@ -20,7 +20,9 @@ typedef struct {
     int64_t n_in;  /* ne[0] */
     int64_t n_out; /* ne[1] */
     size_t row_bytes;
-    const void *data;
+    const void *data;   /* the file's block layout (NULL for a column slice once repacked) */
+    const void *packed; /* kernels/repack.h layout of the same rows, or NULL: the matmul then
+                           reads it instead of data (bit-identical results) */
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold

@@ -7,6 +7,8 @@
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --batch-step --dump FILE  (the
+ *       replica's logits as raw floats, to compare two runs bit for bit)
  *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --device cuda --batch-step
  *          --expect-transport "device-direct"
  * --batch-step adds one step of three sequences at once (tsr_replica_step; with pp > 1 it is
@@ -57,11 +59,13 @@ int main(int argc, char **argv)
                                          {"gpu-memory", required_argument, 0, 'G'},
                                          {"batch-step", no_argument, 0, 'B'},
                                          {"expect-transport", required_argument, 0, 'T'},
+                                         {"dump", required_argument, 0, 'D'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {
         .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
+    const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
     bool batch_step = false;
     double tol = 1e-4;
     int n_gen = 24, c;
@@ -107,6 +111,9 @@ int main(int argc, char **argv)
             break;
         case 'T':
             transport = optarg;
+            break;
+        case 'D':
+            dump_path = optarg;
             break;
         default:
             return 2;
@@ -186,6 +193,10 @@ int main(int argc, char **argv)
     }
     double max_diff = 0.0;
     float *ref_logits = malloc(sizeof(float) * (size_t)V);
+    /* every logit the replica returns, in order, for a bitwise comparison of two runs (repack
+     * on / off: tests/CMakeLists.txt) */
+    FILE *dump = dump_path ? fopen(dump_path, "wb") : NULL;
+    if (dump_path && !dump) return fail("--dump: cannot create the file");
     for (int k = 0; k < n_prompts; k++) {
         int32_t toks[64];
         for (int i = 0; i < plen[k]; i++) toks[i] = prompts[k][i] % V;
@@ -198,6 +209,8 @@ int main(int argc, char **argv)
         }
         for (int step = 0; step < n_gen; step++) {
             memcpy(ref_logits, lr, sizeof(float) * (size_t)V);
+            if (dump && fwrite(ld, sizeof(float), (size_t)V, dump) != (size_t)V)
+                return fail("--dump: write");
             int32_t br = 0, bd = 0;
             for (int32_t v = 0; v < V; v++) {
                 double d = fabs((double)ref_logits[v] - (double)ld[v]);
@@ -262,6 +275,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "replica_check: batch step: %s\n", err);
             return fail("batch step");
         }
+        if (dump && fwrite(ld, sizeof(float) * (size_t)V, (size_t)n, dump) != (size_t)n)
+            return fail("--dump: write");
         double bmax = 0.0;
         for (int k = 0, row = 0; k < 3; k++) {
             const float *lr;
@@ -288,6 +303,7 @@ int main(int argc, char **argv)
         printf("replica_check: batch step of %d tokens in 3 sequences: max |logit diff| %.3g\n", n,
                bmax);
     }
+    if (dump && fclose(dump) != 0) return fail("--dump: close");
     tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
     if (tsr_replica_shutdown(rep, err, sizeof err) || tsr_replica_stats(rep, st, err, sizeof err)) {
         fprintf(stderr, "replica_check: %s\n", err);

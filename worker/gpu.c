@@ -25,6 +25,7 @@
 #ifdef TSR_HAVE_CUDA
 
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/numerics.h" /* KV element types */
 
 typedef struct {
     float *attn_norm, *ffn_norm;
@@ -51,7 +52,9 @@ struct tsr_gpu_ctx {
     tsr_gpu_model *gm;
     tsr_comm *tp;
     int32_t n_kv_blocks, n_batch, kv_dim, q_dim, n_ff, n_vocab_local;
-    float *k_cache, *v_cache; /* [n_layer_local][n_kv_blocks * 16][kv_dim] */
+    uint32_t kv_type; /* element type of the KV pool: 0 F32, 1 F16 (numerics.h) */
+    size_t kv_elem_bytes;
+    float *k_cache, *v_cache; /* [n_layer_local][n_kv_blocks * 16][kv_dim] elements of kv_type */
     float *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *head_in, *logits;
     void *bufs[16]; /* the buffers above and their sizes, to give back */
     size_t buf_bytes[16];
@@ -295,11 +298,19 @@ static int ctx_buf(tsr_gpu_ctx *gc, size_t n_floats, const char *what, float **o
     return 0;
 }
 
-int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr_gpu_ctx **out,
-                    char *err, size_t err_len)
+int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
+                    tsr_gpu_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     const tsr_model *m = gm->m;
+    const size_t kv_eb = tsr_cuda_kv_elem_bytes(kv_type);
+    if (!kv_eb) {
+        tsr_set_err(err, err_len,
+                    "KV cache type %s is not supported on the GPU (the device pool stores f32 or "
+                    "f16): use --kv-type f16 or f32, or --device cpu",
+                    kv_type == 8 ? "q8_0" : "?");
+        return -1;
+    }
     const tsr_hparams *hp = &m->hp;
     const tsr_shard *sh = &m->shard;
     if (n_kv_blocks < 1 || n_batch < 1 || n_batch > 65535) {
@@ -323,13 +334,17 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr
     }
     gc->n_kv_blocks = n_kv_blocks;
     gc->n_batch = n_batch;
+    gc->kv_type = kv_type;
+    gc->kv_elem_bytes = kv_eb;
     gc->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
     gc->q_dim = (sh->head_end - sh->head_begin) * hp->head_dim;
     gc->n_ff = sh->ff_end - sh->ff_begin;
     gc->n_vocab_local = sh->vocab_end - sh->vocab_begin;
     const size_t nb = (size_t)n_batch, E = (size_t)hp->n_embd;
-    const size_t kv =
-        (size_t)m->n_layer_local * (size_t)n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim;
+    /* in floats of 4 bytes (the pool holds kv_eb-byte elements; 16 positions per block
+     * keep the count whole) */
+    const size_t kv = (size_t)m->n_layer_local * (size_t)n_kv_blocks * TSR_KV_BLOCK_SIZE *
+                      (size_t)gc->kv_dim * kv_eb / sizeof(float);
     const size_t qd = (size_t)gc->q_dim;
     if (ctx_buf(gc, kv, "KV cache (K)", &gc->k_cache, err, err_len) ||
         ctx_buf(gc, kv, "KV cache (V)", &gc->v_cache, err, err_len) ||
@@ -611,11 +626,13 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
     } else {
         CK(tsr_cuda_upload(d, gc->x, hidden, sizeof(float) * nE, err, err_len));
     }
-    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim;
+    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim *
+                            gc->kv_elem_bytes; /* bytes */
     const int32_t q_dim = n_head_local * hd;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const gpu_layer *G = &gm->layers[l];
-        float *kc = gc->k_cache + (size_t)l * kv_layer, *vc = gc->v_cache + (size_t)l * kv_layer;
+        void *kc = (uint8_t *)gc->k_cache + (size_t)l * kv_layer;
+        void *vc = (uint8_t *)gc->v_cache + (size_t)l * kv_layer;
         CK(tsr_cuda_rmsnorm(d, gc->xb, gc->x, G->attn_norm, n, E, hp->rms_eps, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wq, gc->xb, n, gc->q, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wk, gc->xb, n, gc->k, err, err_len));
@@ -650,10 +667,12 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         const bool q_scaled = hp->arch == TSR_ARCH_GEMMA3;
         if (q_scaled)
             CK(tsr_cuda_scale(d, gc->q, hp->attn_scale, (int64_t)n * q_dim, err, err_len));
-        CK(tsr_cuda_kv_store(d, kc, vc, gc->k, gc->v, d_rows, n, gc->kv_dim, err, err_len));
+        CK(tsr_cuda_kv_store(d, kc, vc, gc->k, gc->v, d_rows, n, gc->kv_dim, gc->kv_type, err,
+                             err_len));
         const tsr_cuda_attn_args aa = {.q = gc->q,
                                        .k_cache = kc,
                                        .v_cache = vc,
+                                       .kv_type = gc->kv_type,
                                        .out = gc->att,
                                        .pos = d_pos,
                                        .seq = d_seq,
@@ -770,7 +789,8 @@ int tsr_gpu_attach(tsr_ctx *c, const tsr_model *m, int32_t device, uint64_t n_by
     tsr_gpu_model *gm = NULL;
     tsr_gpu_ctx *gc = NULL;
     if (tsr_gpu_model_upload(m, device, n_bytes_cap, &gm, err, err_len) != 0) return -1;
-    if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), &gc, err, err_len) != 0) {
+    if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), TSR_CUDA_KV_F32, &gc, err,
+                        err_len) != 0) {
         tsr_gpu_model_free(gm);
         return -1;
     }
@@ -831,8 +851,8 @@ int32_t tsr_gpu_model_device(const tsr_gpu_model *gm)
     return -1;
 }
 
-int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr_gpu_ctx **out,
-                    char *err, size_t err_len)
+int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
+                    tsr_gpu_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     tsr_set_err(err, err_len, "%s", NO_CUDA);

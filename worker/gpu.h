@@ -59,9 +59,11 @@ void tsr_gpu_model_free(tsr_gpu_model *gm);
 uint64_t tsr_gpu_model_bytes(const tsr_gpu_model *gm); /* device bytes in use */
 int32_t tsr_gpu_model_device(const tsr_gpu_model *gm);
 
-/* A device KV pool of n_kv_blocks blocks and buffers for batches of n_batch tokens. */
-int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr_gpu_ctx **out,
-                    char *err, size_t err_len);
+/* A device KV pool of n_kv_blocks blocks, K and V stored as kv_type (ggml type ids: 0 F32,
+ * 1 F16 with the CPU f16 path's roundings, kernels/cuda/numerics.h; others are refused with
+ * what to use), and buffers for batches of n_batch tokens. */
+int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
+                    tsr_gpu_ctx **out, char *err, size_t err_len);
 void tsr_gpu_ctx_free(tsr_gpu_ctx *gc);
 void tsr_gpu_ctx_set_tp_comm(tsr_gpu_ctx *gc, tsr_comm *tp);
 uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc);

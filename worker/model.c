@@ -95,6 +95,7 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     w->n_out = n_out;
     w->row_bytes = tsr_row_bytes(t->type, n_in);
     w->data = t->data;
+    w->packed = NULL;
     m->n_bytes_weights += t->n_bytes;
     m->n_bytes_loaded += t->n_bytes;
     return 0;
@@ -591,7 +592,13 @@ fail:
 
 int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len)
 {
-    return tsr_model_load_shard(g, NULL, out, err, err_len);
+    if (tsr_model_load_shard(g, NULL, out, err, err_len) != 0) return -1;
+    if (tsr_model_repack_default() && tsr_model_repack(*out, err, err_len) != 0) {
+        tsr_model_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 void tsr_model_free(tsr_model *m)

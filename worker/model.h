@@ -117,8 +117,12 @@ typedef struct {
     tsr_layer *layers;        /* [n_layer_local]: layer layer_begin + i */
     uint64_t n_bytes_weights; /* bytes of tensor data the forward pass reads per token */
     uint64_t n_bytes_loaded;  /* bytes of the file this rank's views and copies cover */
-    void **owned;             /* private copies of column slices (tensor parallelism) */
+    void **owned;             /* private copies of column slices (tensor parallelism) and
+                                 repacked weights */
     int32_t n_owned;
+    uint64_t n_bytes_repacked; /* anonymous memory of repacked weights (tsr_model_repack) */
+    uint64_t t_repack_ns;      /* load time spent repacking */
+    int32_t n_repacked;        /* matrices repacked */
     const tsr_gguf *gguf;
 } tsr_model;
 
@@ -136,8 +140,25 @@ void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s);
 int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
                          size_t err_len);
 
+/* Repack this rank's matrices of the types kernels/repack.h has kernels for (Q8_0, Q4_0)
+ * into its interleaved-row layout, in anonymous memory owned by the model (w->packed; the
+ * matmul reads it, with bit-identical results). Row slices are read with pread (the mapping
+ * is not touched); a column slice's private copy is repacked and freed (its data becomes
+ * NULL). Other types keep their file layout. Adds to n_bytes_repacked / t_repack_ns /
+ * n_repacked; repacked weights are skipped, so a second call does nothing. Returns < 0 with
+ * err when memory runs out (the message suggests --no-repack). CPU backend only: a GPU rank
+ * uploads the file's blocks (worker/gpu.h) and must not be repacked. */
+int tsr_model_repack(tsr_model *m, char *err, size_t err_len);
+
+/* Whether tsr_model_load repacks (and the replica repacks its CPU ranks): true unless
+ * tsr_model_set_repack_default(false) was called (`--no-repack`) or, before any such call,
+ * the environment variable TSR_NO_REPACK is set (non-empty, not "0"). */
+bool tsr_model_repack_default(void);
+void tsr_model_set_repack_default(bool on);
+
 /* Reads hyperparameters and binds every tensor (the whole model), validating shapes and
- * types. Returns < 0 with a message naming the key or tensor on error. */
+ * types, then repacks when tsr_model_repack_default(). Returns < 0 with a message naming the
+ * key or tensor on error. */
 int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len);
 void tsr_model_free(tsr_model *m);
 

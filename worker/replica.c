@@ -192,6 +192,24 @@ static int attach_device(tsr_replica *r, char *err, size_t err_len)
     if (tsr_gpu_attach(r->ctx, r->m, r->gpu, r->p.gpu_memory, err, err_len) != 0) return -1;
     const char *no_nccl = getenv("TSR_NO_NCCL");
     if (no_nccl && strcmp(no_nccl, "1") == 0) return 0;
+    /* NCCL refuses two ranks on one GPU: when any node runs more ranks than it has GPUs
+     * (OMPI_COMM_WORLD_LOCAL_SIZE / MPI_LOCALNRANKS), every rank keeps the host path (one
+     * allreduce, so all decide alike: the NCCL constructors are collective) */
+    if (r->size > 1 && !tsr_gpu_host_addressable()) {
+        const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+        if (!ls) ls = getenv("MPI_LOCALNRANKS");
+        const long n_local = ls ? strtol(ls, NULL, 10) : 1;
+        float shared = n_local > tsr_gpu_device_count(NULL, 0) ? 1.0f : 0.0f;
+        if (tsr_comm_allreduce_sum_f32(r->world, &shared, 1, err, err_len) != 0) return -1;
+        if (shared > 0.0f) {
+            if (r->rank == 0)
+                fprintf(stderr,
+                        "tessera: ranks share a GPU on %d node(s): activations and logits go "
+                        "through host memory over MPI (NCCL needs one GPU per rank)\n",
+                        (int)shared);
+            return 0;
+        }
+    }
     tsr_comm *pipe = NULL;
     if (tsr_gpu_host_addressable()) {
         pipe = r->p.pp > 1 ? r->world : NULL;
@@ -318,6 +336,10 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     .vocab_begin = pr->vocab_begin,
                     .vocab_end = pr->vocab_end};
     if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
+    /* CPU ranks repack their tiles (a GPU rank uploads the file's blocks instead) */
+    if (r->gpu < 0 && !r->p.no_repack && tsr_model_repack_default() &&
+        tsr_model_repack(r->m, err, err_len) != 0)
+        goto fail;
     if (r->p.n_kv_blocks == TSR_REPLICA_KV_ONE_CONTEXT)
         r->p.n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     if (r->p.n_kv_blocks > 0) {
@@ -352,6 +374,8 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.stage = r->stage;
     r->st.tp_rank = r->tp_rank;
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
+    r->st.n_bytes_repacked = r->m->n_bytes_repacked;
+    r->st.t_repack_ns = r->m->t_repack_ns;
     *out = r;
     return 0;
 fail:

@@ -45,6 +45,9 @@ typedef struct {
                             (worker/gpu.h); each rank takes GPU local-rank % count */
     uint64_t gpu_memory; /* device bytes per rank (weights + KV + buffers; 0: what is free);
                             on GPU ranks it is also the planner's budget when mem_budget is 0 */
+    bool no_repack;      /* keep the weights in the file's layout (kernels/repack.h; CPU ranks
+                            also skip repacking when tsr_model_repack_default() is false;
+                            GPU ranks never repack) */
     int32_t n_kv_blocks; /* TSR_REPLICA_KV_ONE_CONTEXT: a paged pool holding one full
                             context (n_ctx, after its default is applied);
                             > 0: a paged KV pool of this many blocks for many
@@ -59,8 +62,10 @@ typedef struct {
     uint64_t t_comm_ns;    /* all-reduces, pipeline send/recv, logits gather */
     uint64_t n_bytes_sent;
     uint64_t n_steps;
-    uint64_t n_tokens;       /* tokens processed (all steps) */
-    uint64_t n_bytes_loaded; /* bytes of the model file this rank read */
+    uint64_t n_tokens;         /* tokens processed (all steps) */
+    uint64_t n_bytes_loaded;   /* bytes of the model file this rank read */
+    uint64_t n_bytes_repacked; /* anonymous memory of its repacked weights (0: none) */
+    uint64_t t_repack_ns;      /* load time spent repacking */
 } tsr_rank_stats;
 
 typedef struct tsr_replica tsr_replica;

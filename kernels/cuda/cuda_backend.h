@@ -173,7 +173,9 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
                      size_t err_len);
 
 /* Paged attention (decode and prefill chunks, flash-attention style: online softmax over
- * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] float32; the KV
+ * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] elements of
+ * kv_type (TSR_CUDA_KV_F32 or TSR_CUDA_KV_F16 of numerics.h; fp16 runs the CPU f16 path's
+ * roundings in two passes and is never split); the KV
  * of position p of sequence s is row tables[s * max_blocks + p / 16] * 16 + p % 16.
  * Token t (sequence seq[t], position pos[t]) attends to positions max(0, pos - window + 1)
  * .. pos (window 0: all). When few (token, head) pairs meet many chunks (decode of long
@@ -182,7 +184,8 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
  * + h) / group - kv_head_begin. */
 typedef struct {
     const float *q;
-    const float *k_cache, *v_cache;
+    const void *k_cache, *v_cache; /* elements of kv_type */
+    uint32_t kv_type;              /* 0 F32, 1 F16 (ggml type ids) */
     float *out;
     const int32_t *pos, *seq; /* device [n_tok] */
     const int32_t *tables;    /* device [n_seqs][max_blocks] */
@@ -195,10 +198,11 @@ typedef struct {
 } tsr_cuda_attn_args;
 int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, size_t err_len);
 
-/* Store k, v [n_tok][kv_dim] into the caches at rows[t] (device int32[n_tok]). */
-int tsr_cuda_kv_store(tsr_cuda_dev *d, float *k_cache, float *v_cache, const float *k,
-                      const float *v, const int32_t *rows, int32_t n_tok, int32_t kv_dim, char *err,
-                      size_t err_len);
+/* Store k, v [n_tok][kv_dim] into the caches (elements of kv_type: F32 copies, F16 rounds
+ * to nearest even) at rows[t] (device int32[n_tok]). */
+int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, const float *k, const float *v,
+                      const int32_t *rows, int32_t n_tok, int32_t kv_dim, uint32_t kv_type,
+                      char *err, size_t err_len);
 
 /* dst[i] = src[idx[i]] rows of n floats for i < n_rows (gathers the rows that want logits). */
 int tsr_cuda_gather_rows(tsr_cuda_dev *d, float *dst, const float *src, const int32_t *idx,
