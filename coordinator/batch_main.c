@@ -100,6 +100,8 @@ static const char *batch_help =
     "engine:\n"
     TSR_CLI_ENGINE_HELP("512", "128", "--max-seqs full contexts, at most a quarter\n"
                         "                            of the free memory and 8G")
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
+    "                            README: KV cache types)\n"
     "\n"
     "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
     "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS   as in 'tessera generate'\n"
@@ -1790,6 +1792,7 @@ int tsr_cmd_batch(int argc, char **argv)
         {"max-line-bytes", required_argument, 0, O_MAX_LINE},
         TSR_CLI_ENGINE_OPTS,
         {"tp", required_argument, 0, O_TP},
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
         {"pp", required_argument, 0, O_PP},
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
@@ -1930,6 +1933,10 @@ int tsr_cmd_batch(int argc, char **argv)
             rp.layers = optarg;
             local_only_flag = true;
             break;
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("batch", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
+            local_only_flag = true;
+            break;
         case O_COORDINATOR:
             if (!tsr_cli_parse_hostport(optarg, NULL, 0, NULL))
                 return tsr_cli_usage_error(
@@ -2015,10 +2022,10 @@ int tsr_cmd_batch(int argc, char **argv)
         return TSR_BATCH_EXIT_ERROR;
     }
     /* KV pool: one block = TSR_KV_BLOCK_SIZE positions of K and V, every layer and KV
-     * head, float32. Default: --max-seqs full contexts, at most a quarter of the free
+     * head, in --kv-type. Default: --max-seqs full contexts, at most a quarter of the free
      * memory and DEFAULT_KV_CAP, at least one context. */
-    uint64_t block_bytes = (uint64_t)hp.n_layer * 2u * (uint64_t)hp.n_head_kv *
-                           (uint64_t)hp.head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    uint64_t block_bytes =
+        tsr_kv_block_bytes(&hp, hp.n_layer, hp.n_head_kv, tsr_replica_params_kv_type(&rp));
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx : (hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
     uint64_t blocks_per_seq = (uint64_t)(ctx_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;

@@ -169,8 +169,19 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
             return tsr_cli_usage_error(cmd, "--gpu-memory needs a byte count (e.g. 20G), got '%s'",
                                        arg);
         return 0;
+    case TSR_CLI_O_KV_TYPE:
+        return tsr_cli_kv_type_flag(cmd, arg, rp);
     }
     return -1;
+}
+
+int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp)
+{
+    tsr_kv_type t;
+    if (!tsr_kv_type_parse(arg, &t))
+        return tsr_cli_usage_error(cmd, "--kv-type must be f32, f16 or q8_0, got '%s'", arg);
+    rp->kv_type = arg;
+    return 0;
 }
 
 /* ---- engine flags ---- */

@@ -48,6 +48,11 @@ int tsr_cli_default_threads(void);
 
 /* ---- the distributed layout: --tp, --pp, --layers, --comm-timeout ---- */
 
+/* --kv-type, also taken by serve and batch (which list their own flags). */
+#define TSR_CLI_KV_TYPE_HELP                                                                       \
+    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f32; f16 halves it,\n"    \
+    "                              q8_0 is 34/128 of f32; CUDA ranks: f32 only)\n"
+
 #define TSR_CLI_REPLICA_HELP                                                                       \
     "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \
     "      --tp N                  tensor-parallel ranks per stage (default 1)\n"                  \
@@ -55,8 +60,8 @@ int tsr_cli_default_threads(void);
     "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
     "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"         \
     "      --device cpu|cuda|auto  compute backend of every rank (default $TESSERA_DEVICE, else\n" \
-    "                              auto: cuda when every rank sees a GPU; a rank uses GPU\n"        \
-    "                              local-rank mod count)\n"                                         \
+    "                              auto: cuda when every rank sees a GPU; a rank uses GPU\n"       \
+    "                              local-rank mod count)\n" TSR_CLI_KV_TYPE_HELP                   \
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"                                                                                         \
@@ -71,6 +76,7 @@ enum {
     TSR_CLI_O_COMM_TIMEOUT,
     TSR_CLI_O_DEVICE,
     TSR_CLI_O_GPU_MEMORY,
+    TSR_CLI_O_KV_TYPE,
     TSR_CLI_O_NO_REPACK
 };
 
@@ -80,14 +86,17 @@ enum {
         {"layers", required_argument, 0, TSR_CLI_O_LAYERS},                                        \
         {"comm-timeout", required_argument, 0, TSR_CLI_O_COMM_TIMEOUT},                            \
         {"device", required_argument, 0, TSR_CLI_O_DEVICE},                                        \
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},                                      \
         {"no-repack", no_argument, 0, TSR_CLI_O_NO_REPACK},                                        \
     {                                                                                              \
         "gpu-memory", required_argument, 0, TSR_CLI_O_GPU_MEMORY                                   \
     }
 
-/* Parse layout flag c (argument arg) into rp: -1 when c is not one, 0 ok, 2 usage error
- * (printed). */
+/* Parse layout flag c (argument arg) into rp (--kv-type included): -1 when c is not one, 0
+ * ok, 2 usage error (printed). */
 int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_params *rp);
+/* --kv-type's argument into rp->kv_type: 0, or 2 after printing the usage error. */
+int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp);
 
 /* ---- engine flags: the serving engine's sizes, shared by `serve` and `batch` ---- */
 
@@ -101,7 +110,8 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
     "      --max-seqs N          sequences running at once (default " max_seqs ")\n"               \
     "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"            \
     "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"      \
-    "                            n_layer x 2 x n_head_kv x head_dim x 4 x 16 bytes; each\n"        \
+    "                            n_layer x 2 x n_head_kv x head_dim x 16 values of\n"              \
+    "                            --kv-type (4, 2 or 34/32 bytes each); each\n"                     \
     "                            rank holds its share of every block. Default:\n"                  \
     "                            " kv_default "\n"                                                 \
     "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"             \

@@ -482,8 +482,9 @@ const char *tsr_drafter_model_backend(const tsr_drafter *d)
 int tsr_drafter_model_new_for(const char *path, const tsr_replica *target, int32_t n_kv_blocks,
                               int n_threads, tsr_drafter **out, char *err, size_t err_len)
 {
-    if (tsr_drafter_model_new(path, tsr_replica_gguf(target), n_kv_blocks, n_threads, out, err,
-                              err_len) != 0)
+    /* the draft's cache in the target's KV type (f32 on GPU ranks) */
+    if (tsr_drafter_model_new_kv(path, tsr_replica_gguf(target), n_kv_blocks, n_threads,
+                                 tsr_replica_kv_type(target), out, err, err_len) != 0)
         return -1;
     const int32_t device = tsr_replica_device(target);
     if (device >= 0 && tsr_drafter_model_use_gpu(*out, device, 0, err, err_len) != 0) {
@@ -596,6 +597,14 @@ done:
 int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
                           int n_threads, tsr_drafter **out, char *err, size_t err_len)
 {
+    return tsr_drafter_model_new_kv(path, target_gguf, n_kv_blocks, n_threads, TSR_KV_F32, out, err,
+                                    err_len);
+}
+
+int tsr_drafter_model_new_kv(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
+                             int n_threads, tsr_kv_type kv_type, tsr_drafter **out, char *err,
+                             size_t err_len)
+{
     *out = NULL;
     char merr[512];
     if (!path || !target_gguf) {
@@ -620,8 +629,10 @@ int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t
     dm->n_vocab = dm->m->hp.n_vocab;
     dm->n_batch = TSR_DRAFTER_N_BATCH;
     dm->n_kv_blocks = n_kv_blocks;
-    if (tsr_ctx_new_paged(dm->m, n_kv_blocks, dm->n_batch, n_threads, &dm->c, merr, sizeof merr) !=
-        0) {
+    /* A draft whose heads cannot be q8_0 (head_dim % 32) keeps f16: drafts are proposals. */
+    if (!tsr_kv_type_fits(kv_type, dm->m->hp.head_dim, NULL, 0)) kv_type = TSR_KV_F16;
+    if (tsr_ctx_new_paged_kv(dm->m, n_kv_blocks, dm->n_batch, n_threads, kv_type, &dm->c, merr,
+                             sizeof merr) != 0) {
         tsr_set_err(err, err_len, "draft model %s: %s", path, merr);
         goto fail;
     }

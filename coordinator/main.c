@@ -1046,8 +1046,10 @@ stop:;
             tsr_model_free(m);
         }
     }
-    double kv_per_tok = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * sizeof(float) *
-                        ((double)n_prompt + (double)n_gen / 2.0);
+    /* K and V of every cached position, in the cache's type, over the mean context */
+    const tsr_kv_type kv_type = tsr_replica_kv_type(rep);
+    double kv_per_tok = (double)tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type) /
+                        TSR_KV_BLOCK_SIZE * ((double)n_prompt + (double)n_gen / 2.0);
     double bytes_tok = (double)w_bytes + kv_per_tok + (double)hp->n_embd * 4.0;
     double roof = bw > 0 ? bw / bytes_tok : 0.0;
     struct rusage ru;
@@ -1066,6 +1068,8 @@ stop:;
         cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc_med);
         cJSON_AddNumberToObject(o, "weight_bytes", (double)w_bytes);
         cJSON_AddNumberToObject(o, "bytes_per_token", bytes_tok);
+        cJSON_AddStringToObject(o, "kv_type", tsr_kv_type_name(kv_type));
+        cJSON_AddNumberToObject(o, "kv_bytes_per_token", kv_per_tok);
         cJSON_AddNumberToObject(o, "mem_bw_gb_s", bw / 1e9);
         cJSON_AddNumberToObject(o, "roofline_tokens_per_s", roof);
         cJSON_AddNumberToObject(o, "decode_roofline_ratio", roof > 0 ? dc_med / roof : 0.0);
@@ -1108,8 +1112,9 @@ stop:;
                pf_med, n_prompt, reps);
         printf("decode:           %.2f tokens/s (%" PRId64 " tokens, median of %" PRId64 ")\n",
                dc_med, n_gen, reps);
-        printf("bytes per token:  %.1f MiB (weights %.1f MiB)\n", bytes_tok / 1048576.0,
-               (double)w_bytes / 1048576.0);
+        printf("bytes per token:  %.1f MiB (weights %.1f MiB, KV cache %.2f MiB in %s)\n",
+               bytes_tok / 1048576.0, (double)w_bytes / 1048576.0, kv_per_tok / 1048576.0,
+               tsr_kv_type_name(kv_type));
         printf("memory bandwidth: %.1f GB/s (read, %" PRId64 " threads)\n", bw / 1e9, n_threads);
         printf("decode roofline:  %.2f tokens/s; achieved %.1f%%\n", roof,
                roof > 0 ? 100.0 * dc_med / roof : 0.0);
@@ -1221,7 +1226,7 @@ static int cmd_plan(int argc, char **argv)
     tsr_plan_model pm;
     static tsr_plan plan;
     int rc = 1;
-    if (tsr_replica_plan_model(g, &pm, err, sizeof err) != 0 ||
+    if (tsr_replica_plan_model_kv(g, tsr_replica_params_kv_type(&rp), &pm, err, sizeof err) != 0 ||
         tsr_plan_make(&pm, rp.tp, rp.pp, rp.layers, mem, (int32_t)n_ctx, &plan, err, sizeof err) !=
             0) {
         fprintf(stderr, "tessera plan: %s\n", err);

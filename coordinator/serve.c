@@ -68,6 +68,8 @@ static const char *serve_help =
     "                            port 0 picks a free port (printed)\n"
     "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
     TSR_CLI_ENGINE_HELP("256", "64", "enough for --max-seqs full contexts, at most 1G")
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
+    "                            README: KV cache types)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
@@ -361,6 +363,7 @@ int tsr_cmd_serve(int argc, char **argv)
         {"pp", required_argument, 0, O_PP},
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
         {"draft-model", required_argument, 0, O_DRAFT},
         {"spec", required_argument, 0, O_SPEC},
         {"spec-k", required_argument, 0, O_SPEC_K},
@@ -454,6 +457,9 @@ int tsr_cmd_serve(int argc, char **argv)
 #undef INT_FLAG
         case O_LAYERS:
             rp.layers = optarg;
+            break;
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("serve", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
             break;
         case O_DRAFT:
             draft_model = optarg;
@@ -633,8 +639,8 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     char *cert_pem = tls.cert_pem, *key_pem = tls.key_pem, *ca_pem = tls.client_ca_pem;
     const tsr_hparams *hp = &meta.hp;
-    uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
-                           (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    const tsr_kv_type kv_type = tsr_replica_params_kv_type(&rp);
+    uint64_t block_bytes = tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type);
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx
                   : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
@@ -645,10 +651,10 @@ int tsr_cmd_serve(int argc, char **argv)
         if (n_blocks == 0) {
             fprintf(stderr,
                     "tessera serve: --kv-memory %" PRIu64 " is less than one KV block of this "
-                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d x 4 x %d "
-                    "tokens)\n",
+                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d values x %d "
+                    "tokens in %s)\n",
                     kv_memory, block_bytes, hp->n_layer, hp->n_head_kv, hp->head_dim,
-                    TSR_KV_BLOCK_SIZE);
+                    TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
             return 1;
         }
     } else {

@@ -3,7 +3,7 @@
  *
  *   real_models_check --expected real-models.json --name qwen2.5-coder-0.5b-instruct \
  *                     -m MODEL.gguf [-t THREADS] [--case K] [--steps N] [--batch B]
- *                     [--tie-ref 0.25] [--tie-ours 0.5]
+ *                     [--tie-ref 0.25] [--tie-ours 0.5] [--kv-type f32|f16|q8_0]
  *
  * For every case of the model in the expected file (../shared/models/README.md section
  * 9.2), raw and chat alike, the prompt is fed as its `prompt_ids` (the check does not
@@ -74,16 +74,22 @@ static int32_t argmax(const float *x, int32_t n)
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"expected", required_argument, 0, 'e'}, {"name", required_argument, 0, 'N'},
-        {"model", required_argument, 0, 'm'},    {"threads", required_argument, 0, 't'},
-        {"case", required_argument, 0, 'k'},     {"batch", required_argument, 0, 'b'},
-        {"tie-ref", required_argument, 0, 'T'},  {"tie-ours", required_argument, 0, 'U'},
-        {"steps", required_argument, 0, 'S'},    {0, 0, 0, 0}};
+    static const struct option opts[] = {{"expected", required_argument, 0, 'e'},
+                                         {"name", required_argument, 0, 'N'},
+                                         {"model", required_argument, 0, 'm'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"case", required_argument, 0, 'k'},
+                                         {"batch", required_argument, 0, 'b'},
+                                         {"tie-ref", required_argument, 0, 'T'},
+                                         {"tie-ours", required_argument, 0, 'U'},
+                                         {"steps", required_argument, 0, 'S'},
+                                         {"kv-type", required_argument, 0, 'K'},
+                                         {0, 0, 0, 0}};
     const char *expected = NULL, *name = NULL, *model = NULL;
     int n_threads = 2, only_case = -1, n_batch = 64, c;
     double tie_ref = 0.25, tie_ours = 0.5;
     int max_steps = 1 << 30;
+    tsr_kv_type kv_type = TSR_KV_F32;
     while ((c = getopt_long(argc, argv, "m:t:", opts, NULL)) != -1) {
         switch (c) {
         case 'e':
@@ -112,6 +118,12 @@ int main(int argc, char **argv)
             break;
         case 'S':
             max_steps = atoi(optarg);
+            break;
+        case 'K':
+            if (!tsr_kv_type_parse(optarg, &kv_type)) {
+                fprintf(stderr, "real_models_check: --kv-type must be f32, f16 or q8_0\n");
+                return 2;
+            }
             break;
         default:
             return 2;
@@ -167,7 +179,8 @@ int main(int argc, char **argv)
         int n_cmp = (int)rel->valuedouble < n_ids ? (int)rel->valuedouble : n_ids;
         if (n_cmp > max_steps) n_cmp = max_steps;
         tsr_ctx *ctx;
-        if (tsr_ctx_new(m, n_prompt + n_cmp + 16, n_batch, n_threads, &ctx, err, sizeof err)) {
+        if (tsr_ctx_new_kv(m, n_prompt + n_cmp + 16, n_batch, n_threads, kv_type, &ctx, err,
+                           sizeof err)) {
             fprintf(stderr, "real_models_check: %s\n", err);
             return 1;
         }

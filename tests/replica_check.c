@@ -7,6 +7,7 @@
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --kv-type f16   (both engines' KV type)
  *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --batch-step --dump FILE  (the
  *       replica's logits as raw floats, to compare two runs bit for bit)
  *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --device cuda --batch-step
@@ -57,6 +58,7 @@ int main(int argc, char **argv)
                                          {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
                                          {"gpu-memory", required_argument, 0, 'G'},
+                                         {"kv-type", required_argument, 0, 'K'},
                                          {"batch-step", no_argument, 0, 'B'},
                                          {"expect-transport", required_argument, 0, 'T'},
                                          {"dump", required_argument, 0, 'D'},
@@ -68,6 +70,7 @@ int main(int argc, char **argv)
     const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
     bool batch_step = false;
     double tol = 1e-4;
+    tsr_kv_type kv_type = TSR_KV_F32;
     int n_gen = 24, c;
     bool teacher = false;
     int n_argmax_diff = 0;
@@ -102,6 +105,10 @@ int main(int argc, char **argv)
             break;
         case 'G':
             rp.gpu_memory = strtoull(optarg, NULL, 10);
+            break;
+        case 'K': /* both engines store the KV cache in this type */
+            if (!tsr_kv_type_parse(optarg, &kv_type)) return fail("--kv-type: f32, f16 or q8_0");
+            rp.kv_type = optarg;
             break;
         case 'P':
             prompt_ids = optarg;
@@ -161,12 +168,13 @@ int main(int argc, char **argv)
         return 0;
     }
 
-    /* Reference: the whole model in this process. */
+    /* Reference: the whole model in this process, with the replica's KV cache type. */
+    kv_type = tsr_replica_kv_type(rep);
     tsr_gguf *g;
     tsr_model *m;
     tsr_ctx *ref;
     if (tsr_gguf_open(model, &g, err, sizeof err) || tsr_model_load(g, &m, err, sizeof err) ||
-        tsr_ctx_new(m, 256, 16, 1, &ref, err, sizeof err)) {
+        tsr_ctx_new_kv(m, 256, 16, 1, kv_type, &ref, err, sizeof err)) {
         fprintf(stderr, "replica_check: reference: %s\n", err);
         return fail("reference");
     }

@@ -8,6 +8,7 @@
 #include "worker/model.h"
 #include "kernels/util.h"
 
+#include "kernels/kvcache.h"
 #include "kernels/quant.h"
 
 #include <inttypes.h>
@@ -637,8 +638,13 @@ struct tsr_ctx {
     int32_t n_batch;
     int32_t n_kv_blocks;
     int32_t kv_dim; /* local: (kv_head_end - kv_head_begin) * head_dim */
-    /* KV pool: [n_layer_local][n_kv_blocks * TSR_KV_BLOCK_SIZE][kv_dim] float32 each. */
-    float *k_cache, *v_cache;
+    /* KV pool: [n_layer_local][n_kv_blocks * TSR_KV_BLOCK_SIZE] rows of kv_row_bytes each
+     * (kv_dim values of kv_type; kernels/kvcache.h). */
+    uint8_t *k_cache, *v_cache;
+    tsr_kv_type kv_type;
+    size_t kv_row_bytes;
+    uint8_t *attn_scratch; /* [n_threads][attn_scratch_bytes] (kernels/kvcache.h) */
+    size_t attn_scratch_bytes;
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
@@ -700,6 +706,18 @@ const char *tsr_ctx_backend_name(const tsr_ctx *c)
     return c->be ? c->be->name : "cpu";
 }
 
+uint64_t tsr_kv_block_bytes(const tsr_hparams *hp, int32_t n_layer, int32_t n_head_kv,
+                            tsr_kv_type t)
+{
+    return 2ull * (uint64_t)n_layer * TSR_KV_BLOCK_SIZE *
+           (uint64_t)tsr_kv_row_bytes(t, (int64_t)n_head_kv * hp->head_dim);
+}
+
+tsr_kv_type tsr_ctx_kv_type(const tsr_ctx *c)
+{
+    return c->kv_type;
+}
+
 const tsr_backend *tsr_ctx_backend(const tsr_ctx *c)
 {
     return c->be;
@@ -711,11 +729,12 @@ void *tsr_ctx_backend_state(const tsr_ctx *c)
 }
 
 static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
-                     tsr_ctx **out, char *err, size_t err_len)
+                     tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     const tsr_hparams *hp = &m->hp;
     const tsr_shard *sh = &m->shard;
+    if (!tsr_kv_type_fits(kv_type, hp->head_dim, err, err_len)) return -1;
     if (n_threads < 1 || n_threads > 256) {
         tsr_set_err(err, err_len, "thread count %d is out of range (1..256)", n_threads);
         return -1;
@@ -731,15 +750,19 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->n_kv_blocks = n_kv_blocks;
     c->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
     c->max_pos = n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    c->kv_type = kv_type;
+    c->kv_row_bytes = tsr_kv_row_bytes(kv_type, c->kv_dim);
     const size_t hd = (size_t)hp->head_dim;
     const size_t q_dim = (size_t)(sh->head_end - sh->head_begin) * hd;
     const size_t kv_dim = (size_t)c->kv_dim;
     const size_t n_ff = (size_t)(sh->ff_end - sh->ff_begin);
     const size_t nb = (size_t)n_batch;
     const size_t E = (size_t)hp->n_embd;
-    size_t kv_elems = (size_t)m->n_layer_local * (size_t)c->max_pos * kv_dim;
-    c->k_cache = calloc(kv_elems ? kv_elems : 1, sizeof(float));
-    c->v_cache = calloc(kv_elems ? kv_elems : 1, sizeof(float));
+    size_t kv_bytes = (size_t)m->n_layer_local * (size_t)c->max_pos * c->kv_row_bytes;
+    c->k_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
+    c->v_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
+    c->attn_scratch_bytes = tsr_attn_scratch_bytes(hp->head_dim);
+    c->attn_scratch = aligned_alloc(64, (size_t)n_threads * c->attn_scratch_bytes);
     c->x = malloc(nb * E * sizeof(float));
     c->xb = malloc(nb * (q_dim > E ? q_dim : E) * sizeof(float));
     c->xb2 = malloc(nb * E * sizeof(float));
@@ -774,13 +797,13 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->pool = tsr_pool_new(n_threads);
     if (!c->k_cache || !c->v_cache || !c->x || !c->xb || !c->xb2 || !c->q || !c->k || !c->v ||
         !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->head_in ||
-        !c->scratch || !c->pool)
+        !c->scratch || !c->pool || !c->attn_scratch)
         goto oom;
     *out = c;
     return 0;
 oom:
-    tsr_set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens)",
-                n_kv_blocks, TSR_KV_BLOCK_SIZE);
+    tsr_set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens, %s)",
+                n_kv_blocks, TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
     tsr_ctx_free(c);
     return -1;
 }
@@ -788,18 +811,30 @@ oom:
 int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                       tsr_ctx **out, char *err, size_t err_len)
 {
-    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, out, err, err_len);
+    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, TSR_KV_F32, out, err, err_len);
+}
+
+int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                         tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
+{
+    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, kv_type, out, err, err_len);
 }
 
 int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads, tsr_ctx **out,
                 char *err, size_t err_len)
+{
+    return tsr_ctx_new_kv(m, n_ctx, n_batch, n_threads, TSR_KV_F32, out, err, err_len);
+}
+
+int tsr_ctx_new_kv(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
+                   tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
 {
     const tsr_hparams *hp = &m->hp;
     if (n_ctx <= 0) n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
     if (n_batch <= 0) n_batch = 128;
     if (n_batch > n_ctx) n_batch = n_ctx;
     int32_t n_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
-    if (ctx_alloc(m, n_blocks, n_batch, n_threads, out, err, err_len) != 0) return -1;
+    if (ctx_alloc(m, n_blocks, n_batch, n_threads, kv_type, out, err, err_len) != 0) return -1;
     tsr_ctx *c = *out;
     c->n_ctx = n_ctx;
     c->ident_table = malloc(sizeof(int32_t) * (size_t)n_blocks);
@@ -820,6 +855,7 @@ void tsr_ctx_free(tsr_ctx *c)
     if (c->pool) tsr_pool_free(c->pool);
     free(c->k_cache);
     free(c->v_cache);
+    free(c->attn_scratch);
     free(c->ident_table);
     free(c->x);
     free(c->xb);
@@ -853,7 +889,8 @@ static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
 }
 
 /* One (token, local head) pair per work item: scores over positions 0..pos of the token's
- * sequence, softmax, weighted sum of V. */
+ * sequence, softmax, weighted sum of V, in the numerics of the cache's type
+ * (kernels/kvcache.h). */
 static void attn_run(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
@@ -862,15 +899,14 @@ static void attn_run(void *arg, int ith, int nth)
     const tsr_hparams *hp = &c->m->hp;
     const tsr_shard *sh = &c->m->shard;
     const int hd = hp->head_dim;
-    const int kv_dim = c->kv_dim;
     const int group = hp->n_head / hp->n_head_kv;
     const int n_head_local = sh->head_end - sh->head_begin;
     /* gemma3 scales Q before the product (llama.cpp: ggml_scale on Qcur, kq_scale 1). */
     const float scale = hp->arch == TSR_ARCH_GEMMA3 ? 1.0f : hp->attn_scale;
     const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + j->layer);
-    const float *kc = c->k_cache + (size_t)j->layer * c->max_pos * kv_dim;
-    const float *vc = c->v_cache + (size_t)j->layer * c->max_pos * kv_dim;
+    const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
     float *att = c->att_scores + (size_t)ith * c->max_pos;
+    void *scratch = c->attn_scratch + (size_t)ith * c->attn_scratch_bytes;
     const int n_items = b->n_tokens * n_head_local;
     (void)nth;
     for (;;) {
@@ -881,21 +917,18 @@ static void attn_run(void *arg, int ith, int nth)
         int32_t pos = b->pos[t], s = b->seq[t];
         /* Positions p0..pos: all earlier ones, or the last n_swa on windowed layers. */
         const int32_t p0 = swa && pos - hp->n_swa + 1 > 0 ? pos - hp->n_swa + 1 : 0;
-        const float *q = c->q + ((size_t)t * n_head_local + hl) * hd;
-        for (int32_t p = p0; p <= pos; p++) {
-            const float *k = kc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
-            float dot = 0.0f;
-            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-            att[p - p0] = dot * scale;
-        }
-        float *o = c->att_out + ((size_t)t * n_head_local + hl) * hd;
-        tsr_softmax(att, pos - p0 + 1);
-        memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int32_t p = p0; p <= pos; p++) {
-            const float *v = vc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
-            const float a = att[p - p0];
-            for (int i = 0; i < hd; i++) o[i] += a * v[i];
-        }
+        const tsr_kv_view kv = {
+            .type = c->kv_type,
+            .head_dim = hd,
+            .block_size = TSR_KV_BLOCK_SIZE,
+            .k = c->k_cache + (size_t)j->layer * layer_bytes,
+            .v = c->v_cache + (size_t)j->layer * layer_bytes,
+            .row_bytes = c->kv_row_bytes,
+            .head_offset = tsr_kv_row_bytes(c->kv_type, (int64_t)kvh * hd),
+            .block_table = b->block_tables[s],
+        };
+        tsr_attn_head(&kv, c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos, att,
+                      scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
     }
 }
 
@@ -1017,14 +1050,15 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
-        float *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_dim;
-        float *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_dim;
+        /* Store this batch's K and V rows in the cache's type (kernels/kvcache.h). */
+        uint8_t *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_row_bytes;
+        uint8_t *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_row_bytes;
         for (int t = 0; t < n; t++) {
             size_t row = kv_row(b, b->seq[t], b->pos[t]);
-            memcpy(kc + row * c->kv_dim, c->k + (size_t)t * c->kv_dim,
-                   sizeof(float) * (size_t)c->kv_dim);
-            memcpy(vc + row * c->kv_dim, c->v + (size_t)t * c->kv_dim,
-                   sizeof(float) * (size_t)c->kv_dim);
+            tsr_kv_store(c->kv_type, c->k + (size_t)t * c->kv_dim, kc + row * c->kv_row_bytes,
+                         c->kv_dim);
+            tsr_kv_store(c->kv_type, c->v + (size_t)t * c->kv_dim, vc + row * c->kv_row_bytes,
+                         c->kv_dim);
         }
 
         attn_job aj = {.c = c, .layer = l};

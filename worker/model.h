@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/kvcache.h"
 #include "kernels/ops.h"
 #include "shard/gguf.h"
 #include "worker/comm.h"
@@ -165,9 +166,10 @@ void tsr_model_free(tsr_model *m);
 typedef struct tsr_ctx tsr_ctx;
 
 /* KV cache geometry: a pool of n_blocks blocks of block_size token positions each, per
- * layer of this rank, for its KV heads (float32). A sequence owns a list of blocks (its
- * block table); position p of the sequence lives in block table[p / block_size] at offset
- * p % block_size. Who owns which block is the caller's business (the leader's scheduler);
+ * layer of this rank, for its KV heads, stored as the context's tsr_kv_type (float32, fp16
+ * or q8_0; kernels/kvcache.h says how each is stored and how attention reads it). A sequence owns a
+ * list of blocks (its block table); position p of the sequence lives in block table[p / block_size]
+ * at offset p % block_size. Who owns which block is the caller's business (the leader's scheduler);
  * the context only stores and reads. */
 #define TSR_KV_BLOCK_SIZE 16
 
@@ -180,6 +182,20 @@ int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_thread
 /* A context with a KV pool of n_kv_blocks blocks for many sequences (serving). */
 int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                       tsr_ctx **out, char *err, size_t err_len);
+
+/* As tsr_ctx_new / tsr_ctx_new_paged (which store float32), with K and V stored as kv_type.
+ * Fails with a message when the model's heads cannot be stored so (q8_0 needs head_dim %
+ * 32 == 0: tsr_kv_type_fits). */
+int tsr_ctx_new_kv(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
+                   tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len);
+int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                         tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len);
+tsr_kv_type tsr_ctx_kv_type(const tsr_ctx *c);
+
+/* Bytes of one KV block (K and V, TSR_KV_BLOCK_SIZE positions) over n_layer layers of
+ * n_head_kv heads stored as t: what a --kv-memory budget is divided by. */
+uint64_t tsr_kv_block_bytes(const tsr_hparams *hp, int32_t n_layer, int32_t n_head_kv,
+                            tsr_kv_type t);
 int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c);
 int32_t tsr_ctx_n_batch(const tsr_ctx *c);
 

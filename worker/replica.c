@@ -36,6 +36,7 @@ struct tsr_replica {
     bool mpi;
     int rank, size, stage, tp_rank;
     tsr_replica_params p;
+    tsr_kv_type kv_type; /* resolved from p.kv_type and the backend */
     tsr_plan plan;
     tsr_gguf *g;
     tsr_vocab *vocab;
@@ -82,6 +83,11 @@ const tsr_plan *tsr_replica_plan(const tsr_replica *r)
 {
     return &r->plan;
 }
+tsr_kv_type tsr_replica_kv_type(const tsr_replica *r)
+{
+    return r->kv_type;
+}
+
 int32_t tsr_replica_n_ctx(const tsr_replica *r)
 {
     return r->n_ctx;
@@ -96,8 +102,8 @@ int32_t tsr_replica_n_kv_blocks(const tsr_replica *r)
 }
 
 /* The planner's view of a model file. */
-static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_model *pm, char *err,
-                           size_t err_len)
+static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_kv_type kv_type,
+                           tsr_plan_model *pm, char *err, size_t err_len)
 {
     memset(pm, 0, sizeof *pm);
     pm->n_layer = hp->n_layer;
@@ -135,7 +141,10 @@ static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_mo
     pm->type_output = to ? to->type : te->type;
     pm->n_bytes_output = to ? to->n_bytes : te->n_bytes;
     pm->n_bytes_embd_row = tsr_row_bytes(te->type, te->ne[0]);
-    pm->n_bytes_kv_per_token_layer = 2ull * (uint64_t)hp->n_head_kv * hp->head_dim * 4ull;
+    /* K + V of one position of one layer in the cache's type (f32 4, f16 2, q8_0 34/32
+     * bytes per value) */
+    pm->n_bytes_kv_per_token_layer =
+        2ull * (uint64_t)tsr_kv_row_bytes(kv_type, (int64_t)hp->n_head_kv * hp->head_dim);
     return 0;
 }
 
@@ -143,7 +152,15 @@ int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, siz
 {
     tsr_hparams hp;
     if (tsr_model_read_hparams(g, &hp, err, err_len) != 0) return -1;
-    return plan_model_from(g, &hp, pm, err, err_len);
+    return plan_model_from(g, &hp, TSR_KV_F32, pm, err, err_len);
+}
+
+int tsr_replica_plan_model_kv(const tsr_gguf *g, tsr_kv_type kv_type, tsr_plan_model *pm, char *err,
+                              size_t err_len)
+{
+    tsr_hparams hp;
+    if (tsr_model_read_hparams(g, &hp, err, err_len) != 0) return -1;
+    return plan_model_from(g, &hp, kv_type, pm, err, err_len);
 }
 
 /* --device: every rank counts its GPUs; "auto" runs on CUDA only when all ranks have one
@@ -176,6 +193,40 @@ static int decide_device(tsr_replica *r, char *err, size_t err_len)
         return -1;
     }
     r->gpu = tsr_gpu_pick_device(why, sizeof why);
+    return 0;
+}
+
+tsr_kv_type tsr_replica_params_kv_type(const tsr_replica_params *p)
+{
+    tsr_kv_type t = TSR_KV_DEFAULT;
+    if (p->kv_type) {
+        if (!tsr_kv_type_parse(p->kv_type, &t)) t = TSR_KV_DEFAULT;
+    } else if (p->device && strcmp(p->device, "cuda") == 0) {
+        t = TSR_KV_F32;
+    }
+    return t;
+}
+
+/* The KV cache type: the one asked for, or the backend's default (CPU: TSR_KV_DEFAULT;
+ * CUDA: f32, the only type of worker/gpu.c's device pool). */
+static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
+{
+    if (!r->p.kv_type) {
+        r->kv_type = r->gpu >= 0 ? TSR_KV_F32 : TSR_KV_DEFAULT;
+        return 0;
+    }
+    if (!tsr_kv_type_parse(r->p.kv_type, &r->kv_type)) {
+        tsr_set_err(err, err_len, "unknown KV cache type '%s': use f32, f16 or q8_0", r->p.kv_type);
+        return -1;
+    }
+    if (r->gpu >= 0 && r->kv_type != TSR_KV_F32) {
+        /* worker/gpu.c keeps its own float32 device KV pool */
+        tsr_set_err(err, err_len,
+                    "--kv-type %s is not supported on the CUDA backend yet (its KV cache is "
+                    "float32): use --kv-type f32 with --device cuda, or --device cpu",
+                    tsr_kv_type_name(r->kv_type));
+        return -1;
+    }
     return 0;
 }
 
@@ -316,8 +367,9 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
         goto fail;
     }
     if (decide_device(r, err, err_len) != 0) goto fail;
+    if (resolve_kv_type(r, err, err_len) != 0) goto fail;
     tsr_plan_model pm;
-    if (plan_model_from(r->g, &hp, &pm, err, err_len) != 0) goto fail;
+    if (plan_model_from(r->g, &hp, r->kv_type, &pm, err, err_len) != 0) goto fail;
     /* GPU ranks: the device memory is the budget of weights + KV unless --mem says more */
     const uint64_t budget = r->gpu >= 0 && r->p.mem_budget == 0 ? r->p.gpu_memory : r->p.mem_budget;
     int32_t n_ctx = r->p.n_ctx > 0 ? r->p.n_ctx : (hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
@@ -343,10 +395,11 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     if (r->p.n_kv_blocks == TSR_REPLICA_KV_ONE_CONTEXT)
         r->p.n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     if (r->p.n_kv_blocks > 0) {
-        if (tsr_ctx_new_paged(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, &r->ctx, err,
-                              err_len) != 0)
+        if (tsr_ctx_new_paged_kv(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, r->kv_type,
+                                 &r->ctx, err, err_len) != 0)
             goto fail;
-    } else if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) != 0) {
+    } else if (tsr_ctx_new_kv(r->m, n_ctx, r->p.n_batch, r->p.n_threads, r->kv_type, &r->ctx, err,
+                              err_len) != 0) {
         goto fail;
     }
     r->n_ctx = n_ctx;
