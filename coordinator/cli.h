@@ -65,9 +65,9 @@ int tsr_cli_default_threads(void);
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"                                                                                         \
-    "      --no-repack             keep Q8_0/Q4_0 weights in the file's layout (default: each\n"   \
-    "                              CPU rank repacks its tiles at load for faster kernels; same\n"  \
-    "                              results, a private copy instead of the shared mapping)\n"
+    "      --no-repack             keep Q8_0/Q4_0/Q4_K/Q6_K weights in the file's layout (each\n"   \
+    "                              CPU rank repacks its tiles at load by default, for faster\n"    \
+    "                              kernels: same results, a private copy of the weights)\n"
 
 enum {
     TSR_CLI_O_TP = 300,

@@ -37,7 +37,14 @@ enum { RP_Q8_0_QB = 32, RP_Q4_0_QB = 16, RP_XBLK = 34 /* a Q8_0 activation block
 
 bool tsr_repack_supported(uint32_t type)
 {
-    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0;
+    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_K ||
+           type == TSR_TYPE_Q6_K;
+}
+
+/* K-quant super-blocks move whole: [nsb][4 rows][block]. */
+static bool is_kquant(uint32_t type)
+{
+    return type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
 }
 
 /* Quant bytes per block (the qs array after the 2-byte fp16 scale). */
@@ -48,6 +55,11 @@ static size_t quant_bytes(uint32_t type)
 
 size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
 {
+    if (is_kquant(type)) {
+        if (n <= 0 || n % TSR_QK_K != 0) return 0;
+        const size_t bytes = (size_t)(n / TSR_QK_K) * TSR_REPACK_ROWS * tsr_type_block_bytes(type);
+        return (bytes + 63) / 64 * 64;
+    }
     if (!tsr_repack_supported(type) || n <= 0 || n % 32 != 0) return 0;
     const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
     const size_t bytes = TSR_REPACK_ROWS * nbp * 2 + nb * TSR_REPACK_ROWS * quant_bytes(type);
@@ -66,6 +78,22 @@ int tsr_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t 
 {
     const size_t gb = tsr_repack_group_bytes(type, n);
     if (!gb || n_out <= 0) return -1;
+    if (is_kquant(type)) {
+        const size_t nsb = (size_t)n / TSR_QK_K, bb = tsr_type_block_bytes(type);
+        const int64_t n_groups = (n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            uint8_t *grp = (uint8_t *)dst + (size_t)g * gb;
+            memset(grp, 0, gb);
+            for (int r = 0; r < TSR_REPACK_ROWS; ++r) {
+                int64_t row = g * TSR_REPACK_ROWS + r;
+                if (row >= n_out) row = n_out - 1;
+                const uint8_t *s = (const uint8_t *)src + (size_t)row * src_stride;
+                for (size_t b = 0; b < nsb; ++b)
+                    memcpy(grp + (b * TSR_REPACK_ROWS + (size_t)r) * bb, s + b * bb, bb);
+            }
+        }
+        return 0;
+    }
     const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8, qb = quant_bytes(type);
     const size_t bb = 2 + qb; /* source block bytes: fp16 d, then qs */
     const int64_t n_groups = (n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
@@ -477,6 +505,356 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
 
 #endif /* TSR_RP_X86 */
 
+/* ---- Q4_K, Q6_K: super-blocks of 4 rows side by side ------------------------------------
+ * The row dot (quant.c's dot_q4_K_scalar / DEF_DOT_Q4_K) per super-block i: an exact int32
+ * sum of sc_g * <q_g, y_g> (8 lanes on SIMD), acc += d * float(sumi) and accm += dmin *
+ * float(summ) in one chain each, the end hsum(acc - accm). The GEMM shares a super-block's
+ * unpacking (scales, mins, nibbles, the scale shuffles) among 4 tokens. */
+
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[TSR_QK_K / 2];
+} rp_q4_K;
+
+typedef struct {
+    float d;
+    int8_t qs[TSR_QK_K];
+    int16_t bsums[TSR_QK_K / 16];
+} rp_q8_K;
+
+typedef struct {
+    uint8_t ql[TSR_QK_K / 2];
+    uint8_t qh[TSR_QK_K / 4];
+    int8_t scales[TSR_QK_K / 16];
+    uint16_t d;
+} rp_q6_K;
+
+_Static_assert(sizeof(rp_q6_K) == 210, "Q6_K block");
+_Static_assert(sizeof(rp_q4_K) == 144, "Q4_K block");
+_Static_assert(sizeof(rp_q8_K) == 292, "Q8_K block");
+
+#define RP_KB(grp, i, r) ((const rp_q4_K *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
+#define RP_K6(grp, i, r) ((const rp_q6_K *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
+
+static inline void q4_K_sm(const uint8_t *packed, uint8_t out[16])
+{
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(out, u, 16);
+}
+
+static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float s = 0;
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q4_K *w = RP_KB(grp, i, r);
+        uint8_t sm[16];
+        q4_K_sm(w->scales, sm);
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 8; ++g) {
+            const uint8_t *q = w->qs + 32 * (g / 2);
+            const int shift = (g & 1) * 4;
+            const int8_t *y = x[i].qs + 32 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 32; ++l) sg += ((q[l] >> shift) & 0xF) * y[l];
+            sumi += sm[g] * sg;
+            summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
+        }
+        s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi -
+             tsr_f16_to_f32(w->dmin) * x[i].d * (float)summ;
+    }
+    return s;
+}
+
+/* quant.c's dot_q6_K_scalar */
+static float dot_q6_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float s = 0;
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q6_K *w = RP_K6(grp, i, r);
+        int8_t q[TSR_QK_K];
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t *ql = w->ql + 64 * half, *qh = w->qh + 32 * half;
+            int8_t *o = q + 128 * half;
+            for (int l = 0; l < 32; ++l) {
+                o[l + 0] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+        int32_t sumi = 0;
+        for (int g = 0; g < TSR_QK_K / 16; ++g) {
+            int32_t sg = 0;
+            for (int l = 0; l < 16; ++l) sg += q[16 * g + l] * x[i].qs[16 * g + l];
+            sumi += w->scales[g] * sg;
+        }
+        s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi;
+    }
+    return s;
+}
+
+static void repack_dot_k_scalar(bool q6, size_t nsb, size_t gb, const uint8_t *packed,
+                                int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
+                                float *y, size_t ys)
+{
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const uint8_t *grp = packed + (size_t)(r / TSR_REPACK_ROWS) * gb;
+        const int rr = (int)(r % TSR_REPACK_ROWS);
+        for (int32_t t = 0; t < n_tok; ++t) {
+            const rp_q8_K *xt = (const rp_q8_K *)(x + (size_t)t * xs);
+            y[(size_t)t * ys + (size_t)r] =
+                q6 ? dot_q6_K_scalar(nsb, grp, rr, xt) : dot_q4_K_scalar(nsb, grp, rr, xt);
+        }
+    }
+}
+
+#if TSR_RP_X86
+
+#define SHUF16(g) 2 * (g), 2 * (g) + 1
+#define SHUF16x8(g)                                                                                \
+    SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
+static const uint8_t k_shuf_q4_K[8][32] __attribute__((aligned(32))) = {
+    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
+    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
+};
+static const uint8_t k_dup16[32]
+    __attribute__((aligned(32))) = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
+                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
+
+RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
+{
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
+    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
+    return _mm256_cvtepu8_epi16(
+        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
+}
+
+#define RP_SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
+#define RP_SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
+
+/* One row (group row r) x T tokens (T <= 4, a constant after inlining): each super-block
+ * unpacked once, then per token the row dot's operations. */
+#define DEF_K4(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+        __m256 acc[4], accm[4];                                                                    \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
+        }                                                                                          \
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q4_K *w = RP_KB(grp, i, r);                                                   \
+            const float wd = _cvtsh_ss(w->d), wdmin = _cvtsh_ss(w->dmin);                          \
+            const __m256i sm16 = q4_K_sm_x16(w->scales);                                           \
+            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
+            const __m256i mins2 =                                                                  \
+                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
+                                    _mm256_load_si256((const __m256i *)k_dup16));                  \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i summ =                                                               \
+                    _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums)); \
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wdmin),                      \
+                                          _mm256_cvtepi32_ps(summ), accm[t]);                      \
+                sumi[t] = _mm256_setzero_si256();                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
+            {                                                                                      \
+                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));          \
+                const __m256i ql = _mm256_and_si256(q4, m4);                                       \
+                const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                 \
+                const __m256i scl = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));                   \
+                const __m256i sch = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));               \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const __m256i yl =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j));               \
+                    const __m256i yh =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j + 32));          \
+                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(ql, yl), scl);                    \
+                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(qh, yh), sch);                    \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+    }                                                                                              \
+    ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
+                           size_t xs, float *y, size_t ys)                                         \
+    {                                                                                              \
+        switch (T) {                                                                               \
+        case 1:                                                                                    \
+            fname##_mk(1, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fname##_mk(2, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fname##_mk(3, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        default:                                                                                   \
+            fname##_mk(4, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        }                                                                                          \
+    }
+
+static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
+    {SHUF16x8(0), SHUF16x8(1)},
+    {SHUF16x8(2), SHUF16x8(3)},
+    {SHUF16x8(4), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(7)},
+};
+
+/* Q6_K (quant.c's DEF_DOT_Q6_K): the -32 offset as -32 * sum_g sc_g * bsum_g per token, the
+ * 6-bit quants built once per super-block half for T tokens. */
+#define DEF_K6(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);                       \
+        __m256 acc[4];                                                                             \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = _mm256_setzero_ps();                                                          \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
+        }                                                                                          \
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q6_K *w = RP_K6(grp, i, r);                                                   \
+            const float wd = _cvtsh_ss(w->d);                                                      \
+            const __m256i sc16 =                                                                   \
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));                 \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)xt[t][i].bsums);            \
+                sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(),                                 \
+                                           _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));     \
+            }                                                                                      \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));         \
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));    \
+                const __m256i qhv = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));         \
+                __m256i q[4];                                                                      \
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),                                  \
+                                       _mm256_slli_epi16(_mm256_and_si256(qhv, m2), 4));           \
+                q[1] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(ql1, m4),                                                     \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2), 4));        \
+                q[2] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),                               \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 4), m2), 4));        \
+                q[3] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),                               \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 6), m2), 4));        \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const __m256i yk =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 128 * h + 32 * k)); \
+                        sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(q[k], yk), s);                \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(acc[t]);                           \
+    }                                                                                              \
+    ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
+                           size_t xs, float *y, size_t ys)                                         \
+    {                                                                                              \
+        switch (T) {                                                                               \
+        case 1:                                                                                    \
+            fname##_mk(1, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fname##_mk(2, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fname##_mk(3, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        default:                                                                                   \
+            fname##_mk(4, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        }                                                                                          \
+    }
+
+/* clang-format off */
+DEF_K6(k6_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K6(k6_vnni, RP_VNNI, RP_SACC_VNNI)
+/* clang-format on */
+
+/* clang-format off */
+DEF_K4(k4_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K4(k4_vnni, RP_VNNI, RP_SACC_VNNI)
+/* clang-format on */
+
+typedef void (*k4_fn)(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x, size_t xs,
+                      float *y, size_t ys);
+
+/* Tokens in micro-tiles of 4, in chunks whose activations stay in L2; the group's rows one
+ * by one (a group's super-blocks, 4 x 144 bytes each, stay in L1 across its 4 rows' passes
+ * only partly; they are re-read from L2). */
+static void repack_dot_k_simd(bool vnni, bool q6, size_t nsb, size_t gb, const uint8_t *packed,
+                              int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs, float *y,
+                              size_t ys)
+{
+    const k4_fn f = q6 ? (vnni ? k6_vnni : k6_avx2) : (vnni ? k4_vnni : k4_avx2);
+    size_t tc = RP_ACT_BYTES / (nsb * sizeof(rp_q8_K)) / 4 * 4;
+    if (tc < 4) tc = 4;
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
+        const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            if (g + 1 < n_groups) {
+                const char *p = (const char *)(grp + gb);
+                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            for (int r = 0; r < TSR_REPACK_ROWS && g * TSR_REPACK_ROWS + r < n_rows; ++r) {
+                for (size_t t = 0; t < tcn; t += 4) {
+                    const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                    f(T, nsb, grp, r, x + (t0 + t) * xs, xs,
+                      y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)r, ys);
+                }
+            }
+        }
+    }
+}
+
+#endif /* TSR_RP_X86 */
+
 void tsr_repack_dot(uint32_t type, int64_t n, const void *packed, int64_t r0, int64_t n_rows,
                     int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
 {
@@ -485,6 +863,19 @@ void tsr_repack_dot(uint32_t type, int64_t n, const void *packed, int64_t r0, in
     const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
     const uint8_t *p = (const uint8_t *)packed + (size_t)(r0 / TSR_REPACK_ROWS) * gb;
     const char *isa = tsr_quant_isa();
+    if (is_kquant(type)) {
+        const size_t nsb = (size_t)n / TSR_QK_K;
+#if TSR_RP_X86
+        if (strcmp(isa, "scalar") != 0) {
+            repack_dot_k_simd(strcmp(isa, "avx512vnni") == 0, type == TSR_TYPE_Q6_K, nsb, gb, p,
+                              n_rows, n_tok, (const uint8_t *)x, x_stride, y, y_stride);
+            return;
+        }
+#endif
+        repack_dot_k_scalar(type == TSR_TYPE_Q6_K, nsb, gb, p, n_rows, n_tok, (const uint8_t *)x,
+                            x_stride, y, y_stride);
+        return;
+    }
 #if TSR_RP_X86
     if (strcmp(isa, "scalar") != 0) {
         repack_dot_simd(strcmp(isa, "avx512vnni") == 0, type, nb, nbp, gb, p, n_rows, n_tok, x,

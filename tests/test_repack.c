@@ -3,7 +3,8 @@
  * bit, for every repacked type, on every instruction set this CPU has (scalar, AVX2, AVX-512
  * VNNI, forced with tsr_quant_set_isa), for token counts 1..9 and 16, odd row counts, row
  * ranges starting inside the matrix, block counts that leave a partial group of 8, and on
- * the real tensors of the shared model files (stories260K Q8_0, synth-tiny Q8_0 / Q4_0).
+ * the real tensors of the shared model files (stories260K Q8_0, synth-tiny Q8_0 / Q4_0 /
+ * Q4_K_M).
  * A failure prints the row, token, both values and their bits.
  *
  * Model level: logits of a model loaded with and without repacking are bit-identical, for
@@ -135,15 +136,16 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
 static void test_random(void **state)
 {
     (void)state;
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0};
-    static const int64_t shapes[][2] = {{32, 1},   {32, 7},    {96, 5},   {256, 4},
-                                        {288, 13}, {2048, 9},  {2208, 6}, {8192, 5},
-                                        {640, 3},  {4864, 11}, {96, 64}};
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K};
+    static const int64_t shapes[][2] = {{32, 1},   {32, 7},   {96, 5},   {256, 4}, {288, 13},
+                                        {2048, 9}, {2208, 6}, {8192, 5}, {640, 3}, {4864, 11},
+                                        {96, 64},  {768, 13}, {256, 1}};
     uint64_t seed = 42;
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ++ti) {
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si) {
             const int64_t n = shapes[si][0], n_out = shapes[si][1];
             const size_t rb = tsr_row_bytes(types[ti], n);
+            if (rb == 0) continue; /* not a whole number of Q4_K super-blocks */
             float *wf = malloc(sizeof(float) * (size_t)n);
             uint8_t *w = malloc(rb * (size_t)n_out);
             assert_non_null(wf);
@@ -180,7 +182,7 @@ static void check_file(const char *rel)
         n_mat++;
     }
     tsr_gguf_close(g);
-    if (n_mat == 0) fail_msg("%s has no Q8_0 / Q4_0 matrix", rel);
+    if (n_mat == 0) fail_msg("%s has no matrix of a repacked type", rel);
 }
 
 static void test_model_tensors(void **state)
@@ -189,14 +191,17 @@ static void test_model_tensors(void **state)
     check_file("derived/stories260K-q8_0.gguf");
     check_file("synthetic/synth-tiny-q8_0.gguf");
     check_file("synthetic/synth-tiny-q4_0.gguf");
+    check_file("synthetic/synth-tiny-q4_k_m.gguf");
 }
 
 static void test_sizes(void **state)
 {
     (void)state;
-    assert_false(tsr_repack_supported(TSR_TYPE_Q4_K));
+    assert_false(tsr_repack_supported(TSR_TYPE_Q5_K));
     assert_false(tsr_repack_supported(TSR_TYPE_F32));
-    assert_int_equal(tsr_repack_bytes(TSR_TYPE_Q4_K, 256, 4), 0);
+    assert_int_equal(tsr_repack_bytes(TSR_TYPE_Q5_K, 256, 4), 0);
+    /* Q4_K: whole super-blocks, 4 rows side by side */
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_K, 512), (2 * 4 * 144 + 63) / 64 * 64);
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q8_0, 33), 0);
     /* Q8_0, 2048 elements: 64 blocks; 4 rows x 64 fp16 scales + 64 x 4 x 32 quants */
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q8_0, 2048), 4 * 64 * 2 + 64 * 4 * 32);
@@ -205,7 +210,7 @@ static void test_sizes(void **state)
     /* 3 blocks: scales padded to 8 */
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 96),
                      (4 * 8 * 2 + 3 * 4 * 16 + 63) / 64 * 64);
-    assert_int_equal(tsr_repack(TSR_TYPE_Q4_K, 256, 1, NULL, 0, NULL), -1);
+    assert_int_equal(tsr_repack(TSR_TYPE_Q5_K, 256, 1, NULL, 0, NULL), -1);
 }
 
 /* ---- model level ------------------------------------------------------------------------ */
@@ -295,6 +300,7 @@ static void test_model_on_off(void **state)
     check_model_on_off(tsr_test_model_path("derived/stories260K-q8_0.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"));
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"));
 }
 
 static const char *g_model_arg;
