@@ -65,9 +65,9 @@ int tsr_cli_default_threads(void);
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"                                                                                         \
-    "      --no-repack             keep Q8_0/Q4_0/Q4_K/Q6_K weights in the file's layout (each\n"   \
-    "                              CPU rank repacks its tiles at load by default, for faster\n"    \
-    "                              kernels: same results, a private copy of the weights)\n"
+    "      --no-repack             keep the weights in the file's layout (default: each CPU\n"     \
+    "                              rank repacks its Q8_0/Q4_0/Q5_0/Q4_K/Q6_K tiles at load for\n"  \
+    "                              faster kernels: same results, a private copy of them)\n"
 
 enum {
     TSR_CLI_O_TP = 300,

@@ -33,12 +33,17 @@
 #define TSR_RP_X86 0
 #endif
 
-enum { RP_Q8_0_QB = 32, RP_Q4_0_QB = 16, RP_XBLK = 34 /* a Q8_0 activation block */ };
+enum {
+    RP_Q8_0_QB = 32,
+    RP_Q4_0_QB = 16,
+    RP_Q5_0_QB = 20, /* qh[4] (5th bits) then qs[16], as the block stores them */
+    RP_XBLK = 34     /* a Q8_0 activation block */
+};
 
 bool tsr_repack_supported(uint32_t type)
 {
-    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_K ||
-           type == TSR_TYPE_Q6_K;
+    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 ||
+           type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
 }
 
 /* K-quant super-blocks move whole: [nsb][4 rows][block]. */
@@ -50,7 +55,7 @@ static bool is_kquant(uint32_t type)
 /* Quant bytes per block (the qs array after the 2-byte fp16 scale). */
 static size_t quant_bytes(uint32_t type)
 {
-    return type == TSR_TYPE_Q8_0 ? RP_Q8_0_QB : RP_Q4_0_QB;
+    return type == TSR_TYPE_Q8_0 ? RP_Q8_0_QB : type == TSR_TYPE_Q5_0 ? RP_Q5_0_QB : RP_Q4_0_QB;
 }
 
 size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
@@ -134,6 +139,14 @@ static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp
         int32_t si = 0;
         if (type == TSR_TYPE_Q8_0) {
             for (int j = 0; j < 32; ++j) si += (int8_t)wq[j] * xq[j];
+        } else if (type == TSR_TYPE_Q5_0) { /* quant.c's q5_unpack, then (q - 16) * y */
+            uint32_t qh;
+            memcpy(&qh, wq, 4);
+            const uint8_t *qs = wq + 4;
+            for (int j = 0; j < 16; ++j) {
+                si += (((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) - 16) * xq[j];
+                si += (((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - 16) * xq[j + 16];
+            }
         } else {
             for (int j = 0; j < 16; ++j) {
                 si += ((wq[j] & 0xF) - 8) * xq[j];
@@ -178,6 +191,27 @@ RP_AVX2 RP_INLINE __m256i q4_nibbles(const uint8_t *qs)
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
     const __m256i sh = _mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0));
     return _mm256_and_si256(sh, _mm256_set1_epi8(0x0F));
+}
+
+/* A Q5_0 block's 32 quants as unsigned bytes 0..31 (quant.c's q5_bytes_avx2 / _vnni); qp
+ * points at qh[4] then qs[16]. */
+RP_AVX2 RP_INLINE __m256i q5_bytes_avx2(const uint8_t *qp)
+{
+    uint32_t x32;
+    memcpy(&x32, qp, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x((long long)0x7fbfdfeff7fbfdfeull));
+    const __m256i bits = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+    return _mm256_or_si256(q4_nibbles(qp + 4), _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+}
+RP_VNNI RP_INLINE __m256i q5_bytes_vnni(const uint8_t *qp)
+{
+    uint32_t bits;
+    memcpy(&bits, qp, 4);
+    return _mm256_or_si256(q4_nibbles(qp + 4),
+                           _mm256_maskz_mov_epi8((__mmask32)bits, _mm256_set1_epi8(0x10)));
 }
 
 /* The activation facts of quant.c's act_info_build: dy[b] = fp16 scale, ey[b] = dy[b] *
@@ -228,6 +262,9 @@ RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
 #define Q4_IDOT_AVX2(qp, yv)                                                                       \
     _mm256_madd_epi16(_mm256_maddubs_epi16(q4_nibbles(qp), yv), _mm256_set1_epi16(1))
 #define Q4_IDOT_VNNI(qp, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_nibbles(qp), yv)
+#define Q5_IDOT_AVX2(qp, yv)                                                                       \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q5_bytes_avx2(qp), yv), _mm256_set1_epi16(1))
+#define Q5_IDOT_VNNI(qp, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q5_bytes_vnni(qp), yv)
 
 /* GEMV over R rows of a group (rows rr..rr+R-1; nr of them stored): 4 chains per row kept
  * in registers, the 8 scales of each row per 8 blocks in a small aligned array (broadcast
@@ -291,6 +328,8 @@ DEF_GEMV(gemv_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, Q8_IDOT_AVX2)
 DEF_GEMV(gemv_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, Q4_IDOT_AVX2)
 DEF_GEMV(gemv_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, Q8_IDOT_VNNI)
 DEF_GEMV(gemv_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4_IDOT_VNNI)
+DEF_GEMV(gemv_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, Q5_IDOT_AVX2)
+DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
 /* clang-format on */
 
 /* ---- GEMM micro-kernels: R rows x T tokens (T <= 4), chain-major --------------------------
@@ -329,6 +368,16 @@ DEF_GEMV(gemv_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4_IDOT_VNNI)
 #define Q4D_AVX2(wv, wa, yv)                                                                       \
     _mm256_madd_epi16(_mm256_maddubs_epi16(((void)(wa), wv), yv), _mm256_set1_epi16(1))
 #define Q4D_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(_mm256_set1_epi32(RP_MAGIC), ((void)(wa), wv), yv)
+#define Q5W_AVX2(wv, wa, qp)                                                                       \
+    do {                                                                                           \
+        wv = q5_bytes_avx2(qp);                                                                    \
+        wa = wv;                                                                                   \
+    } while (0)
+#define Q5W_VNNI(wv, wa, qp)                                                                       \
+    do {                                                                                           \
+        wv = q5_bytes_vnni(qp);                                                                    \
+        wa = wv;                                                                                   \
+    } while (0)
 
 /* sc[o * nbp + b] = fp16(d_w(row r, b)) * dy_t[b] and off[o] (Q4_0) for o = r*T + t, made 8
  * blocks at a time exactly as the row kernel makes them; then the chains. */
@@ -416,6 +465,8 @@ DEF_GEMM(gemm_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, Q8W_AVX2, RP_Y, Q8D_AVX2, RP
 DEF_GEMM(gemm_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, Q4W, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
 DEF_GEMM(gemm_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, Q8W_VNNI, RP_Y_X80, Q8D_VNNI, RP_CVT_MAGIC)
 DEF_GEMM(gemm_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4W, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
+DEF_GEMM(gemm_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, Q5W_AVX2, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5W_VNNI, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
 /* clang-format on */
 
 typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,
@@ -432,13 +483,25 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
                             const uint8_t *packed, int64_t n_rows, int32_t n_tok, const uint8_t *x,
                             size_t xs, float *y, size_t ys)
 {
-    const bool q4 = type == TSR_TYPE_Q4_0;
     const int R = vnni ? 4 : 2;
-    const int32_t mult = q4 ? 8 : 0;
-    const gemv_fn gv =
-        vnni ? (q4 ? gemv_q4_0_vnni : gemv_q8_0_vnni) : (q4 ? gemv_q4_0_avx2 : gemv_q8_0_avx2);
-    const gemm_fn gm =
-        vnni ? (q4 ? gemm_q4_0_vnni : gemm_q8_0_vnni) : (q4 ? gemm_q4_0_avx2 : gemm_q8_0_avx2);
+    /* the offset of the unsigned quants: -8 (Q4_0), -16 (Q5_0), none (Q8_0) */
+    const int32_t mult = type == TSR_TYPE_Q4_0 ? 8 : type == TSR_TYPE_Q5_0 ? 16 : 0;
+    gemv_fn gv;
+    gemm_fn gm;
+    switch (type) {
+    case TSR_TYPE_Q4_0:
+        gv = vnni ? gemv_q4_0_vnni : gemv_q4_0_avx2;
+        gm = vnni ? gemm_q4_0_vnni : gemm_q4_0_avx2;
+        break;
+    case TSR_TYPE_Q5_0:
+        gv = vnni ? gemv_q5_0_vnni : gemv_q5_0_avx2;
+        gm = vnni ? gemm_q5_0_vnni : gemm_q5_0_avx2;
+        break;
+    default:
+        gv = vnni ? gemv_q8_0_vnni : gemv_q8_0_avx2;
+        gm = vnni ? gemm_q8_0_vnni : gemm_q8_0_avx2;
+        break;
+    }
     const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
     if (n_tok == 1) {
         float stack_buf[2 * RP_STACK_BLOCKS] __attribute__((aligned(32)));

@@ -86,8 +86,8 @@ run_ctest() { # LABEL ARGS...
     grep -E "Test +#|tests passed|SKIP|Not Run|\*\*\*" | sed 's/^ *//'
   local n_pass n_skip n_fail n_total
   n_pass=$(grep -Ec "Test +#[0-9]+: .* Passed" "$table.ct")
-  n_skip=$(grep -Ec "Test +#[0-9]+: .* Skipped" "$table.ct")
-  n_fail=$(grep -Ec "Test +#[0-9]+: .* (\*\*\*Failed|\*\*\*Timeout|\*\*\*Exception|Failed)" "$table.ct")
+  n_skip=$(grep -Ec "Test +#[0-9]+: .*\*\*\*Skipped" "$table.ct")
+  n_fail=$(grep -Ec "Test +#[0-9]+: .*(\*\*\*Failed|\*\*\*Timeout|\*\*\*Exception|Exit code)" "$table.ct")
   n_total=$(sed -n 's/.*tests failed out of \([0-9]*\).*/\1/p' "$table.ct" | tail -1)
   local notrun=$(( ${n_total:-0} - n_pass - n_skip - n_fail ))
   [ "$notrun" -lt 0 ] && notrun=0

@@ -10,7 +10,8 @@ first left in the cache). Every answer must equal the cold server's (`--no-prefi
 same pool): token ids, finish reason, usage, and logprobs bit for bit. Admin.Status must
 show hits, hit tokens, lookups and evictions, and no block may stay referenced at the end
 (kv_blocks_used 0, kv_blocks_free = total); /metrics must report the same counters. The
-same on `mpirun -np 4 tessera serve --tp 2 --pp 2` against a cold server of that layout.
+same on `mpirun -np 4 tessera serve --tp 2 --pp 2 --kv-type f16` against a cold server of
+that layout and KV type.
 
 usage: test_prefix_cache.py --tessera BUILD/tessera [--models DIR] [--proto DIR]
                             [--mpirun PATH] [--lean] [-k NAME]
@@ -108,12 +109,13 @@ def scrape(port):
     return vals
 
 
-def check(server_args, n_req, mpi_np=0, metrics=False):
+def check(server_args, n_req, mpi_np=0, metrics=False, kv_type="f32"):
     reqs = make_requests(n_req)
     # 40 blocks = 640 positions: the longest prompts need 23 blocks each, so at most one or
     # two of them run at once and the rest wait, are preempted and evict cached blocks.
-    common = ["--kv-memory", str(40 * BLOCK_BYTES), "--max-batch-tokens", "64",
-              "--max-seqs", "16"] + server_args
+    block_bytes = BLOCK_BYTES // (2 if kv_type == "f16" else 1)
+    common = ["--kv-type", kv_type, "--kv-memory", str(40 * block_bytes),
+              "--max-batch-tokens", "64", "--max-seqs", "16"] + server_args
     cold = ts.Server(common + ["--no-prefix-cache"], mpi_np=mpi_np, start_timeout=120)
     try:
         want = run_all(cold, reqs)
@@ -133,7 +135,7 @@ def check(server_args, n_req, mpi_np=0, metrics=False):
         st = settled(warm)
         print("    %s: %d requests x 2: lookups %d, hits %d (first wave %d), hit tokens %d, "
               "evictions %d, cached blocks %d/%d, preemptions %d (cold: %d)" % (
-                  "tp 2 x pp 2" if mpi_np else "one process", n_req, st.prefix_cache_lookups,
+                  ("tp 2 x pp 2" if mpi_np else "one process") + ", KV " + kv_type, n_req, st.prefix_cache_lookups,
                   st.prefix_cache_hits, st1.prefix_cache_hits, st.prefix_cache_hit_tokens,
                   st.prefix_cache_evictions, st.kv_blocks_cached, st.kv_blocks_total,
                   st.preemptions, cold_preempt))
@@ -164,7 +166,7 @@ def test_one_process():
 
 
 def test_mpi_tp2_pp2():
-    check(["--tp", "2", "--pp", "2", "-t", "1"], 32, mpi_np=4)
+    check(["--tp", "2", "--pp", "2", "-t", "1"], 32, mpi_np=4, kv_type="f16")
 
 
 TESTS = [test_one_process, test_mpi_tp2_pp2]
