@@ -8,6 +8,8 @@ test_coord.py, and through them test_robust.py, test_coord_front.py, ...).
               log file, the port read from that log, the process tree from /proc, and a
               kill that leaves no rank behind.
 
+  make_certs  a test CA, server and client certificates (openssl).
+
 Each test module keeps its own helpers on top (channels, stubs, references); what is here
 is only what they all did the same way. Run with Debian's /usr/bin/python3 (grpcio).
 """
@@ -125,3 +127,29 @@ class Proc:
             self.wait(10)
         if not self.log.closed:
             self.log.close()
+
+
+def openssl(*args):
+    r = subprocess.run(["openssl"] + list(args), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, "openssl %s: %s" % (" ".join(args), r.stderr)
+
+
+def make_certs(d):
+    """A test CA, a server certificate for 127.0.0.1 / localhost and a client certificate
+    in folder d (openssl, EC P-256; the recipe of test_http.py and test_coord_front.py).
+    Returns p: name -> path ("ca.crt", "server.key", "client.crt", ...)."""
+    p = lambda n: os.path.join(d, n)  # noqa: E731
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", p("ca.key"), "-out", p("ca.crt"), "-days", "2",
+            "-subj", "/CN=tessera test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                 "extendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        openssl("req", *ec, "-keyout", p(name + ".key"), "-out", p(name + ".csr"),
+                "-subj", "/CN=tessera test " + name)
+        with open(p(name + ".ext"), "w") as f:
+            f.write(ext)
+        openssl("x509", "-req", "-in", p(name + ".csr"), "-CA", p("ca.crt"), "-CAkey",
+                p("ca.key"), "-CAcreateserial", "-out", p(name + ".crt"), "-days", "2",
+                "-extfile", p(name + ".ext"))
+    return p
