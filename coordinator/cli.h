@@ -50,8 +50,8 @@ int tsr_cli_default_threads(void);
 
 /* --kv-type, also taken by serve and batch (which list their own flags). */
 #define TSR_CLI_KV_TYPE_HELP                                                                       \
-    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f32; f16 halves it,\n"    \
-    "                              q8_0 is 34/128 of f32; CUDA ranks: f32 only)\n"
+    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f16, f32 on CUDA; f16\n"  \
+    "                              halves f32, q8_0 is 34/128 of it; CUDA: f32 or f16)\n"
 
 #define TSR_CLI_REPLICA_HELP                                                                       \
     "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \

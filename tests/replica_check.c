@@ -64,8 +64,15 @@ int main(int argc, char **argv)
                                          {"dump", required_argument, 0, 'D'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
-    tsr_replica_params rp = {
-        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
+    /* f32 KV unless --kv-type says otherwise: the layouts' float32 logits agree within 1e-4,
+     * which an f16 cache's rounding of re-associated K/V sums would exceed */
+    tsr_replica_params rp = {.tp = 1,
+                             .pp = 1,
+                             .n_threads = 1,
+                             .n_ctx = 256,
+                             .n_batch = 16,
+                             .device = "cpu",
+                             .kv_type = "f32"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
     const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
     bool batch_step = false;

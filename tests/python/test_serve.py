@@ -321,11 +321,12 @@ def rank_of(pid):
 
 
 def test_preemption_small_kv():
-    # 20480 bytes per 16-token block for stories260K (5 layers x 2 x 4 KV heads x 8 x 4 x 16):
-    # 10 blocks hold 160 tokens, while 12 streams of up to 69 tokens want ~60 blocks.
+    # 10240 bytes per 16-token block for stories260K in the default f16 KV cache (5 layers x 2
+    # x 4 KV heads x 8 values x 2 bytes x 16): 10 blocks hold 160 tokens, while 12 streams of
+    # up to 69 tokens want ~60 blocks.
     items = [(PROMPT_WORDS[i], 48 + i) for i in range(12)]
     refs = references(items)
-    srv = Server(["-t", "1", "--kv-memory", str(10 * 20480), "--max-batch-tokens", "32"])
+    srv = Server(["-t", "1", "--kv-memory", str(10 * 10240), "--max-batch-tokens", "32"])
     try:
         mi = srv.inf.ModelInfo(pb.ModelInfoRequest(), timeout=5)
         assert mi.kv_capacity_tokens == 160, mi
