@@ -102,8 +102,8 @@ int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *r
 
 /* One block of help for the engine flags. The commands' defaults differ (a server keeps
  * latency low, a batch job fills the machine), so they come in as strings; kv_default is
- * the text after "Default:" for --kv-memory. New engine flags (--no-repack, --kv-type,
- * ...) go here, in TSR_CLI_ENGINE_OPTS, tsr_cli_engine_opts and tsr_cli_engine_flag. */
+ * the text after "Default:" for --kv-memory. New engine flags (--kv-type, ...)
+ * go here, in TSR_CLI_ENGINE_OPTS, tsr_cli_engine_opts and tsr_cli_engine_flag. */
 #define TSR_CLI_ENGINE_HELP(max_batch, max_seqs, kv_default)                                       \
     "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"            \
     "                            prefill chunks (default " max_batch ")\n"                         \
