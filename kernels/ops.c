@@ -40,7 +40,7 @@ static void mm_convert(void *arg, int ith, int nth)
     mm_job *j = arg;
     int64_t n_in = j->w[0]->n_in;
     for (int t = ith; t < j->n_tok; t += nth)
-        tsr_quant_row(j->vt, j->x + (size_t)t * n_in, (uint8_t *)j->xq + (size_t)t * j->xq_stride,
+        tsr_quant_act_row(j->vt, j->x + (size_t)t * n_in, (uint8_t *)j->xq + (size_t)t * j->xq_stride,
                       n_in);
 }
 
@@ -128,10 +128,9 @@ void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int
     for (int t = 0; t < n_tok; t++) {
         const float *xr = x + (size_t)t * n;
         float *o = out + (size_t)t * n;
-        /* Sum in double: ggml sums in ggml_float (double) too, and it keeps the scale
-         * exact enough for 1e-4 logit agreement. */
+        /* As ggml: float squares summed in ggml_float (double). */
         double ss = 0.0;
-        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        for (int i = 0; i < n; i++) ss += (double)(xr[i] * xr[i]);
         float scale = 1.0f / sqrtf((float)(ss / n) + eps);
         for (int i = 0; i < n; i++) o[i] = xr[i] * scale * weight[i];
     }
@@ -234,4 +233,31 @@ void tsr_softmax(float *x, int n)
     }
     float inv = 1.0f / sum;
     for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+float tsr_f16_round(float x)
+{
+    return tsr_f16_to_f32(tsr_f32_to_f16(x));
+}
+
+float tsr_dot_f16_ggml(const float *k, const float *q, int n)
+{
+    /* ggml_vec_dot_f16 with AVX-512: 4 accumulators of 16 lanes over steps of 64 (element i
+     * in accumulator (i/16)%4, lane i%16; products of F16 values are exact in float), then
+     * acc0+acc2, acc1+acc3, their sum, the 16 lanes halved 8/4/2/1 as _mm512_reduce_add_ps
+     * does; a tail past the last full step is added in double. */
+    float acc[4][16] = {{0}};
+    const int np = n & ~63;
+    for (int i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++)
+                acc[j][l] = fmaf(k[i + 16 * j + l], q[i + 16 * j + l], acc[j][l]);
+    float r[16];
+    for (int l = 0; l < 16; l++) r[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    float h8[8], h4[4];
+    for (int l = 0; l < 8; l++) h8[l] = r[l + 8] + r[l];
+    for (int l = 0; l < 4; l++) h4[l] = h8[l + 4] + h8[l];
+    double sum = (double)((h4[0] + h4[2]) + (h4[1] + h4[3]));
+    for (int i = np; i < n; i++) sum += (double)(k[i] * q[i]);
+    return (float)sum;
 }

@@ -61,6 +61,13 @@ void tsr_swiglu(float *gate, const float *up, int64_t n);
  * gelu(x) = 0 for x <= -10 and x for x >= 10. In place in gate. */
 void tsr_geglu(float *gate, const float *up, int64_t n);
 
+/* x rounded to the nearest F16 value (ties to even), as a float. */
+float tsr_f16_round(float x);
+
+/* sum k[i]*q[i] over n values that are F16 values (products exact in float), in the order
+ * of ggml's F16 dot product on AVX-512 (the KQ scores of llama.cpp's attention). */
+float tsr_dot_f16_ggml(const float *k, const float *q, int n);
+
 /* In-place softmax of n values. */
 void tsr_softmax(float *x, int n);
 

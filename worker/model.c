@@ -635,7 +635,7 @@ struct tsr_ctx {
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
-    float *att_scores; /* [n_threads][max positions] */
+    float *att_scores; /* [n_threads][2 * head_dim]: attn_run's F16 query and accumulator */
     int32_t max_pos;   /* positions a sequence may reach (att_scores size) */
     float *logits;     /* [n_batch][vocab slice] */
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
@@ -732,7 +732,8 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->att_out = malloc(nb * (q_dim ? q_dim : 1) * sizeof(float));
     c->hb = malloc(nb * n_ff * sizeof(float));
     c->hb2 = malloc(nb * n_ff * sizeof(float));
-    c->att_scores = malloc((size_t)n_threads * (size_t)c->max_pos * sizeof(float));
+    /* per thread: the query in F16 and the F16 accumulator of one head (attn_run) */
+    c->att_scores = malloc((size_t)n_threads * 2 * hd * sizeof(float));
     size_t n_vocab_local = (size_t)(sh->vocab_end - sh->vocab_begin);
     c->logits = malloc(nb * (n_vocab_local ? n_vocab_local : 1) * sizeof(float));
     c->head_in = malloc(nb * E * sizeof(float));
@@ -850,7 +851,7 @@ static void attn_run(void *arg, int ith, int nth)
     const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + j->layer);
     const float *kc = c->k_cache + (size_t)j->layer * c->max_pos * kv_dim;
     const float *vc = c->v_cache + (size_t)j->layer * c->max_pos * kv_dim;
-    float *att = c->att_scores + (size_t)ith * c->max_pos;
+    float *att = c->att_scores + (size_t)ith * 2 * hd;
     const int n_items = b->n_tokens * n_head_local;
     (void)nth;
     for (;;) {
@@ -861,22 +862,58 @@ static void attn_run(void *arg, int ith, int nth)
         int32_t pos = b->pos[t], s = b->seq[t];
         /* Positions p0..pos: all earlier ones, or the last n_swa on windowed layers. */
         const int32_t p0 = swa && pos - hp->n_swa + 1 > 0 ? pos - hp->n_swa + 1 : 0;
+        /* llama.cpp's attention (flash attention, its default on the CPU, over its F16 KV
+         * cache), step for step: Q rounded to F16; per cached position in order, the score
+         * s = dot(K, Q) (ggml's F16 dot order) * scale; an online softmax whose output
+         * accumulator is F16 (rescaled, then v * e^(s - M) added, rounded to F16 at each
+         * step); finally divided by the sum. K and V are stored F16-rounded. */
         const float *q = c->q + ((size_t)t * n_head_local + hl) * hd;
+        float *qh = att, *acc = att + hd;
+        for (int i = 0; i < hd; i++) qh[i] = tsr_f16_round(q[i]);
+        for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+        float M = -INFINITY, S = 0.0f;
         for (int32_t p = p0; p <= pos; p++) {
-            const float *k = kc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
-            float dot = 0.0f;
-            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-            att[p - p0] = dot * scale;
+            const size_t row = kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
+            const float sc = tsr_dot_f16_ggml(kc + row, qh, hd) * scale;
+            float ms = 1.0f, vs = 1.0f;
+            if (sc > M) {
+                const float m_old = M;
+                M = sc;
+                ms = expf(m_old - M);
+                for (int i = 0; i < hd; i++) acc[i] = tsr_f16_round(acc[i] * ms);
+            } else {
+                vs = expf(sc - M);
+            }
+            const float *v = vc + row;
+            for (int i = 0; i < hd; i++) acc[i] = tsr_f16_round(fmaf(v[i], vs, acc[i]));
+            S = fmaf(S, ms, vs);
         }
         float *o = c->att_out + ((size_t)t * n_head_local + hl) * hd;
-        tsr_softmax(att, pos - p0 + 1);
-        memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int32_t p = p0; p <= pos; p++) {
-            const float *v = vc + kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
-            const float a = att[p - p0];
-            for (int i = 0; i < hd; i++) o[i] += a * v[i];
-        }
+        const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
+        for (int i = 0; i < hd; i++) o[i] = acc[i] * s_inv;
     }
+}
+
+/* Debug: TSR_DUMP_DIR=dir writes named activations of forward call number TSR_DUMP_CALL
+ * (default 0) as raw float32 files dir/NAME-LAYER.f32 ([n_tokens][width]), for
+ * comparisons with llama.cpp's eval-callback tensors. */
+static int dump_call = -1;
+static bool dump_on(void)
+{
+    const char *d = getenv("TSR_DUMP_DIR");
+    if (!d) return false;
+    const char *cs = getenv("TSR_DUMP_CALL");
+    return dump_call == (cs ? atoi(cs) : 0);
+}
+static void dump(const char *name, int il, const float *x, size_t n)
+{
+    if (!dump_on()) return;
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s-%d.f32", getenv("TSR_DUMP_DIR"), name, il);
+    FILE *f = fopen(path, "wb");
+    if (!f) return;
+    fwrite(x, sizeof(float), n, f);
+    fclose(f);
 }
 
 /* x[t][i] += bias[i] for n_tok rows of n values. */
@@ -954,6 +991,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         return rc;
     }
     c->b = b;
+    dump_call++;
 
     if (m->first_stage) {
         for (int t = 0; t < n; t++) {
@@ -967,7 +1005,10 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
 
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
+        const int il = sh->layer_begin + l;
+        dump("inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
+        dump("attn_norm", il, c->xb, (size_t)n * E);
         if (tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wk.type) &&
             tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wv.type)) {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
@@ -979,6 +1020,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             tsr_matmul(c->pool, &L->wv, c->xb, n, c->v, c->scratch);
         }
         const int q_dim_local = n_head_local * hd;
+        dump("q_mm", il, c->q, (size_t)n * q_dim_local);
+        dump("k_mm", il, c->k, (size_t)n * c->kv_dim);
+        dump("v_mm", il, c->v, (size_t)n * c->kv_dim);
         if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
         if (L->bk) add_bias(c->k, L->bk, n, c->kv_dim);
         if (L->bv) add_bias(c->v, L->bv, n, c->kv_dim);
@@ -989,17 +1033,16 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
         const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
         const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
-        if (hp->rope_neox) {
-            tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-            tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-        } else {
-            tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-            tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-        }
+        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
+         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
+        const int neox = hp->rope_neox ? 1 : 0;
+        tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
+        tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
+        dump("Qcur", il, c->q, (size_t)n * q_dim_local);
+        dump("Kcur", il, c->k, (size_t)n * c->kv_dim);
+        dump("Vcur", il, c->v, (size_t)n * c->kv_dim);
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
         float *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_dim;
@@ -1010,19 +1053,28 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                    sizeof(float) * (size_t)c->kv_dim);
             memcpy(vc + row * c->kv_dim, c->v + (size_t)t * c->kv_dim,
                    sizeof(float) * (size_t)c->kv_dim);
+            /* the cache holds F16 values (llama.cpp's default KV type) */
+            for (int i = 0; i < c->kv_dim; i++) {
+                kc[row * c->kv_dim + i] = tsr_f16_round(kc[row * c->kv_dim + i]);
+                vc[row * c->kv_dim + i] = tsr_f16_round(vc[row * c->kv_dim + i]);
+            }
         }
 
         attn_job aj = {.c = c, .layer = l};
         atomic_store(&aj.next, 0);
         tsr_pool_run(c->pool, attn_run, &aj);
 
+        dump("kqv_out", il, c->att_out, (size_t)n * q_dim_local);
         tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
+        dump("attn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->bo) add_bias(c->xb2, L->bo, n, E);
         if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
+        dump("ffn_inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
+        dump("ffn_norm", il, c->xb, (size_t)n * E);
         if (tsr_type_vec_dot_type(L->w_gate.type) == tsr_type_vec_dot_type(L->w_up.type)) {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
@@ -1031,11 +1083,15 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             tsr_matmul(c->pool, &L->w_gate, c->xb, n, c->hb, c->scratch);
             tsr_matmul(c->pool, &L->w_up, c->xb, n, c->hb2, c->scratch);
         }
+        dump("ffn_gate", il, c->hb, (size_t)n * n_ff);
+        dump("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
         else
             tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        dump("ffn_act", il, c->hb, (size_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
+        dump("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
@@ -1049,7 +1105,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                         hp->rms_eps);
             n_want++;
         }
+        dump("result_norm", -1, c->head_in, (size_t)n_want * E);
         if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
+        dump("result_output", -1, logits, (size_t)n_want * m->output.n_out);
         if (n_want > 0 && hp->final_logit_softcap > 0.0f) {
             const float cap = hp->final_logit_softcap;
             const size_t n_l = (size_t)n_want * (size_t)m->output.n_out;
