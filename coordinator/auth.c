@@ -4,6 +4,7 @@
 #include "coordinator/auth.h"
 #include "kernels/util.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <pthread.h>
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 
 typedef struct {
     char **keys;
@@ -262,4 +264,71 @@ tsr_auth_verdict tsr_auth_check(tsr_auth *a, const char *authorization, size_t l
     }
     if (!admin && !is_api && !is_admin) return TSR_AUTH_UNAUTHENTICATED;
     return TSR_AUTH_ALLOW;
+}
+
+int tsr_auth_client_header(const char *flag, const char *path, const char *env_name, char **out,
+                           char *err, size_t err_len)
+{
+    *out = NULL;
+    const char *key = NULL;
+    size_t n = 0;
+    key_set k;
+    memset(&k, 0, sizeof k);
+    if (path) {
+        int rc = key_set_load(path, flag, &k, err, err_len);
+        if (rc != 0) return rc;
+        key = k.keys[0];
+        n = k.lens[0];
+    } else if (env_name && getenv(env_name) && getenv(env_name)[0]) {
+        key = getenv(env_name);
+        while (*key && isspace((unsigned char)*key)) key++;
+        n = strlen(key);
+        while (n > 0 && isspace((unsigned char)key[n - 1])) n--;
+        if (n == 0 || n > TSR_AUTH_MAX_KEY_BYTES || memchr(key, '\n', n)) {
+            tsr_set_err(err, err_len, "$%s: not a key (one line of 1..%d bytes)", env_name,
+                        TSR_AUTH_MAX_KEY_BYTES);
+            return TSR_AUTH_EFILE;
+        }
+    } else {
+        return TSR_AUTH_OK;
+    }
+    char *h = malloc(n + 8);
+    if (!h) {
+        key_set_free(&k);
+        tsr_set_err(err, err_len, "out of memory");
+        return TSR_AUTH_ENOMEM;
+    }
+    memcpy(h, "Bearer ", 7);
+    memcpy(h + 7, key, n);
+    h[n + 7] = '\0';
+    key_set_free(&k);
+    *out = h;
+    return TSR_AUTH_OK;
+}
+
+bool tsr_auth_listen_is_loopback(const char *listen)
+{
+    char host[256];
+    const char *colon = strrchr(listen, ':');
+    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
+    if (n >= sizeof host) return false;
+    memcpy(host, listen, n);
+    host[n] = '\0';
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+        memmove(host, host + 1, n - 2);
+        host[n - 2] = '\0';
+    }
+    if (!strcmp(host, "localhost")) return true;
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1) return IN6_IS_ADDR_LOOPBACK(&a6);
+    return false;
+}
+
+const char *tsr_auth_open_address(const char *const *listens, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (listens[i] && !tsr_auth_listen_is_loopback(listens[i])) return listens[i];
+    return NULL;
 }

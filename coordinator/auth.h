@@ -67,4 +67,20 @@ tsr_auth_verdict tsr_auth_check(tsr_auth *a, const char *authorization, size_t l
 bool tsr_auth_key_equal(const char *presented, size_t presented_len, const char *stored,
                         size_t stored_len);
 
+/* A client's key (`tessera ctl`, `serve --join`, the coordinator calling replicas): the
+ * first key of `path` (the rules of key files above; err names `flag`), else the value of
+ * the environment variable env_name (may be NULL), else none. *out is the malloc'd header
+ * value "Bearer KEY" to send as `authorization`, or NULL when no key was given. 0, or
+ * TSR_AUTH_EFILE / ENOMEM with err (never containing the key). */
+int tsr_auth_client_header(const char *flag, const char *path, const char *env_name, char **out,
+                           char *err, size_t err_len);
+
+/* The rule for servers without key files: is the host of "host:port" a loopback address
+ * (127.0.0.0/8, ::1, localhost)? */
+bool tsr_auth_listen_is_loopback(const char *listen);
+
+/* The first of n addresses (NULL entries skipped) that is not loopback, or NULL: what a
+ * server without keys must refuse unless --insecure-listen. */
+const char *tsr_auth_open_address(const char *const *listens, size_t n);
+
 #endif

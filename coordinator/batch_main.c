@@ -21,9 +21,12 @@
  */
 #include "coordinator/batch.h"
 
+#include "coordinator/auth.h"
 #include "coordinator/chat.h"
 #include "coordinator/cli.h"
 #include "coordinator/engine.h"
+#include "coordinator/genclient.h"
+#include "coordinator/rpc.h"
 #include "kernels/util.h"
 #include "shard/gguf.h"
 #include "shard/vocab.h"
@@ -34,6 +37,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
+#include <grpc/grpc.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -47,19 +51,27 @@
 #include <time.h>
 #include <unistd.h>
 
-#define DEFAULT_MODEL          "../shared/models/stories260K.gguf"
-#define DEFAULT_GRACE_MS       60000
-#define DEFAULT_FLUSH_LINES    64
-#define DEFAULT_FLUSH_MS       2000
-#define DEFAULT_MAX_LINE_BYTES ((size_t)8 << 20)
-#define DEFAULT_KV_CAP         ((uint64_t)8 << 30)
+#define DEFAULT_MODEL              "../shared/models/stories260K.gguf"
+#define DEFAULT_GRACE_MS           60000
+#define DEFAULT_FLUSH_LINES        64
+#define DEFAULT_FLUSH_MS           2000
+#define DEFAULT_MAX_LINE_BYTES     ((size_t)8 << 20)
+#define DEFAULT_KV_CAP             ((uint64_t)8 << 30)
+#define DEFAULT_CONCURRENCY        64
+#define DEFAULT_REQUEST_TIMEOUT_MS 600000
+#define DEFAULT_RETRY_TIMEOUT_MS   60000
+#define DEFAULT_MAX_RETRIES        8
+#define MODEL_INFO_TIMEOUT_MS      10000
 
+/* clang-format off */
 static const char *batch_help =
     "usage: tessera batch -m MODEL -i INPUT.jsonl -o OUTPUT.jsonl [flags]\n"
+    "       tessera batch --coordinator HOST:PORT -i INPUT.jsonl -o OUTPUT.jsonl [flags]\n"
     "       tessera batch --merge OUT.jsonl IN.jsonl... [-i INPUT.jsonl]\n"
     "\n"
-    "Run every request line of INPUT through one replica with continuous batching and\n"
-    "append one result line per request to OUTPUT. Input lines: the OpenAI Batch API format\n"
+    "Run every request line of INPUT through one replica with continuous batching (or, with\n"
+    "--coordinator, through a running Tessera cluster) and append one result line per\n"
+    "request to OUTPUT. Input lines: the OpenAI Batch API format\n"
     "{\"custom_id\", \"method\": \"POST\", \"url\": \"/v1/completions\" or\n"
     "\"/v1/chat/completions\", \"body\": {...}}, or plain {\"custom_id\", \"prompt\", ...}\n"
     "lines; body fields as the gRPC request (max_tokens, temperature, top_p, top_k, min_p,\n"
@@ -86,16 +98,35 @@ static const char *batch_help =
     "                            answers chat lines with error lines)\n"
     "\n"
     "engine:\n"
-    "      --max-batch-tokens N  token budget of one step (default 512)\n"
-    "      --max-seqs N          sequences running at once (default 128)\n"
-    "      --kv-memory BYTES     KV cache of the whole replica, e.g. 2G (default: --max-seqs\n"
-    "                            full contexts, at most a quarter of the free memory and 8G)\n"
-    "  -c, --ctx-size N          tokens per line, prompt + output (default: the model's,\n"
-    "                            max 4096); longer prompts get an error line\n"
-    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    TSR_CLI_ENGINE_HELP("512", "128", "--max-seqs full contexts, at most a quarter\n"
+                        "                            of the free memory and 8G")
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
+    "                            README: KV cache types)\n"
     "\n"
     "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
     "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS   as in 'tessera generate'\n"
+    "\n"
+    "cluster (no model is loaded; engine, layout and --chat-template flags do not apply):\n"
+    "      --coordinator HOST:PORT  send the lines to this 'tessera coordinator' (or any\n"
+    "                            'tessera serve') as Generate calls; output lines are those\n"
+    "                            of a local run\n"
+    "      --concurrency N       Generate calls in flight (default 64)\n"
+    "      --request-timeout MS  deadline of each call (default 600000)\n"
+    "      --max-retries N       tries again per line after UNAVAILABLE, RESOURCE_EXHAUSTED,\n"
+    "                            DEADLINE_EXCEEDED, ABORTED or CANCELLED, backing off\n"
+    "                            0.25 s doubling to 8 s (default 8); then the run stops,\n"
+    "                            exit 3. Other statuses become the line's error line\n"
+    "      --retry-timeout MS    the cluster answering nothing this long while lines wait\n"
+    "                            to be retried: stop, exit 3 (default 60000)\n"
+    "      --model-name NAME     the model to route to (GenerateRequest.model; default:\n"
+    "                            the cluster's only one)\n"
+    "  -m, --model PATH          optional here: its vocabulary gives logprobs' token\n"
+    "                            strings (lines with logprobs need it)\n"
+    "      --tls-ca FILE         TLS, verifying the coordinator with these PEM roots\n"
+    "      --tls-cert FILE       mutual TLS: this client certificate (PEM) ...\n"
+    "      --tls-key FILE        ... and its unencrypted PEM key\n"
+    "      --api-key-file FILE   send the file's first key as 'authorization: Bearer KEY'\n"
+    "                            (default: $TESSERA_API_KEY when set)\n"
     "\n"
     "merge:\n"
     "      --merge OUT IN...     merge shard outputs into OUT: each custom_id exactly once;\n"
@@ -103,8 +134,10 @@ static const char *batch_help =
     "\n"
     "exit status: 0 every line has a result or error line; 1 runtime error; 2 usage error,\n"
     "duplicate custom_ids in INPUT, or an OUTPUT this command did not write; 3 incomplete:\n"
-    "stopped by a signal, rerun the same command to continue.\n"
+    "stopped by a signal, or the cluster stopped answering: rerun the same command to\n"
+    "continue.\n"
     "  -h, --help                this help\n";
+/* clang-format on */
 
 /* ---- signals ---- */
 
@@ -152,6 +185,19 @@ typedef struct bslot {
     char *line;
     size_t line_len;
     bool is_error;
+    /* --coordinator: the request as parsed and as sent (kept for retries), the call. */
+    tsr_batch_request rq;
+    bool has_rq;
+    Tessera__V1__GenerateRequest greq;
+    Tessera__V1__ChatMessage *msgs;
+    Tessera__V1__ChatMessage **msgp;
+    char **msg_parts;
+    size_t n_msgs;
+    cJSON *msg_tree;
+    tsr_gencall *call;
+    int32_t attempts;  /* calls started for this line */
+    uint64_t t_due_ns; /* waiting for a retry: when */
+    bool got_finish;   /* the last message (finish_reason) arrived */
 } bslot;
 
 static void slot_free(bslot *s)
@@ -165,6 +211,13 @@ static void slot_free(bslot *s)
     free(s->top_ids);
     free(s->top_lps);
     free(s->line);
+    if (s->has_rq) tsr_batch_request_free(&s->rq);
+    if (s->msg_parts)
+        for (size_t i = 0; i < s->n_msgs; i++) free(s->msg_parts[i]);
+    free(s->msg_parts);
+    free(s->msgs);
+    free(s->msgp);
+    cJSON_Delete(s->msg_tree);
     free(s);
 }
 
@@ -182,9 +235,23 @@ typedef struct {
     int32_t window;
     const tsr_chat_template *chat; /* NULL: chat lines get an error line (chat_err) */
     char chat_err[512];
-    tsr_engine *eng;
-    const tsr_vocab *vocab;
+    tsr_engine *eng;        /* local mode */
+    const tsr_vocab *vocab; /* local mode; --coordinator: from -m, else NULL */
     int32_t n_ctx, n_vocab;
+    /* --coordinator: the cluster's Generate client, driven by the driver thread alone */
+    bool remote;
+    tsr_genclient *gc;
+    const char *coord_addr;
+    const char *route_model; /* GenerateRequest.model (--model-name), NULL: any */
+    int64_t request_timeout_ms, retry_timeout_ms;
+    int32_t max_retries;
+    bslot *retry_head;         /* lines waiting to be sent again (counted in inflight) */
+    uint64_t t_last_answer_ns; /* the cluster last answered something */
+    uint64_t n_retries;
+    bool cancelling; /* calls ending now are dropped, not retried */
+    bool gave_up;    /* a line ran out of retries, or the cluster is gone */
+    bool fatal;      /* the cluster refused our credentials */
+    char last_transient[512];
     /* step-loop -> driver */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -220,26 +287,59 @@ static bool grow(void **p, size_t elem, size_t need, size_t *cap)
     return true;
 }
 
+/* Room for n generated tokens (ids, and logprobs when asked). */
+static bool slot_reserve(bslot *s, size_t n)
+{
+    size_t cap = s->cap;
+    if (!grow((void **)&s->ids, sizeof(int32_t), n, &cap)) return false;
+    if (s->want_logprobs) {
+        size_t c2 = s->cap;
+        if (!grow((void **)&s->chosen, sizeof(float), n, &c2)) return false;
+        if (s->n_top > 0) {
+            c2 = s->cap;
+            if (!grow((void **)&s->top_ids, sizeof(int32_t) * (size_t)s->n_top, n, &c2))
+                return false;
+            c2 = s->cap;
+            if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2)) return false;
+        }
+    }
+    s->cap = cap;
+    return true;
+}
+
+static bool slot_add_text(bslot *s, const char *text, size_t len)
+{
+    if (!len) return true;
+    if (!grow((void **)&s->text, 1, s->text_len + len + 1, &s->text_cap)) return false;
+    memcpy(s->text + s->text_len, text, len);
+    s->text_len += len;
+    s->text[s->text_len] = '\0';
+    return true;
+}
+
+/* Hand a finished line to the driver (engine thread in local mode; the driver itself with
+ * --coordinator). */
+static void queue_finished(job *j, bslot *s)
+{
+    pthread_mutex_lock(&j->mu);
+    s->next = NULL;
+    if (j->fin_tail)
+        j->fin_tail->next = s;
+    else
+        j->fin_head = s;
+    j->fin_tail = s;
+    pthread_cond_signal(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+}
+
 static void on_event(void *ud, const tsr_event *ev)
 {
     bslot *s = ud;
     job *j = s->job;
     if (ev->kind == TSR_EV_TOKENS) {
         if (s->oom) return;
-        size_t n = s->n_ids + ev->n_ids, cap = s->cap;
-        if (!grow((void **)&s->ids, sizeof(int32_t), n, &cap)) goto oom;
-        if (s->want_logprobs) {
-            size_t c2 = s->cap;
-            if (!grow((void **)&s->chosen, sizeof(float), n, &c2)) goto oom;
-            if (s->n_top > 0) {
-                c2 = s->cap;
-                if (!grow((void **)&s->top_ids, sizeof(int32_t) * (size_t)s->n_top, n, &c2))
-                    goto oom;
-                c2 = s->cap;
-                if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2)) goto oom;
-            }
-        }
-        s->cap = cap;
+        size_t n = s->n_ids + ev->n_ids;
+        if (!slot_reserve(s, n)) goto oom;
         for (size_t i = 0; i < ev->n_ids; i++) {
             size_t at = s->n_ids + i;
             s->ids[at] = ev->ids[i];
@@ -256,12 +356,7 @@ static void on_event(void *ud, const tsr_event *ev)
             }
         }
         s->n_ids = n;
-        if (ev->text_len) {
-            if (!grow((void **)&s->text, 1, s->text_len + ev->text_len + 1, &s->text_cap)) goto oom;
-            memcpy(s->text + s->text_len, ev->text, ev->text_len);
-            s->text_len += ev->text_len;
-            s->text[s->text_len] = '\0';
-        }
+        if (!slot_add_text(s, ev->text, ev->text_len)) goto oom;
         return;
     oom:
         s->oom = true;
@@ -271,18 +366,14 @@ static void on_event(void *ud, const tsr_event *ev)
     s->n_prompt = ev->n_prompt_tokens;
     if (ev->finish_reason == TSR_FINISH_CANCELLED || ev->finish_reason == TSR_FINISH_ERROR)
         s->drop = true;
-    pthread_mutex_lock(&j->mu);
-    s->next = NULL;
-    if (j->fin_tail)
-        j->fin_tail->next = s;
-    else
-        j->fin_head = s;
-    j->fin_tail = s;
-    pthread_cond_signal(&j->cv);
-    pthread_mutex_unlock(&j->mu);
+    queue_finished(j, s);
 }
 
 /* ---- driver helpers ---- */
+
+static int complete(job *j, bslot *s);
+static bslot *error_slot(job *j, char *custom_id, int64_t line_no, const char *code,
+                         const char *msg);
 
 static uint64_t splitmix64(uint64_t *x)
 {
@@ -472,6 +563,23 @@ static int flush_out(job *j)
     return 0;
 }
 
+/* The key of the line the reader holds (see batch.h: its custom_id, or its line key), as
+ * the output will carry it; malloc'd, NULL when out of memory. The pre-scan and the
+ * admission loop must agree on it, so both take it from here. */
+static char *line_key(const tsr_batch_reader *r, size_t *klen)
+{
+    char *key = NULL;
+    *klen = 0;
+    if (r->too_long) {
+        char b[64];
+        *klen = tsr_batch_line_key(r->line_no, b, sizeof b);
+        key = strdup(b);
+    } else if (tsr_batch_input_key(r->buf, r->len, r->line_no, &key, klen) != 0) {
+        key = NULL;
+    }
+    return key;
+}
+
 /* Pre-scan: count the lines of this shard, the ones already done, and refuse duplicate
  * custom_ids (in the whole file: shards must agree). */
 static int prescan(job *j)
@@ -494,16 +602,9 @@ static int prescan(job *j)
     rc = 0;
     while ((k = tsr_batch_reader_next(&r)) == 1) {
         if (!r.too_long && tsr_batch_line_blank(r.buf, r.len)) continue;
-        char *key = NULL;
-        size_t klen = 0;
-        if (r.too_long) {
-            char b[64];
-            klen = tsr_batch_line_key(r.line_no, b, sizeof b);
-            key = strdup(b);
-        } else if (tsr_batch_input_key(r.buf, r.len, r.line_no, &key, &klen) != 0) {
-            key = NULL;
-        }
-        if (!key) {
+        char *key;
+        size_t klen;
+        if (!(key = line_key(&r, &klen))) {
             rc = TSR_BATCH_ENOMEM;
             break;
         }
@@ -544,22 +645,24 @@ static int prescan(job *j)
     return rc;
 }
 
-/* A chat line's messages (compact JSON: [{role, content}, ...]; content a string, or an
- * array of {"type": "text", "text"} parts, joined) rendered with the model's chat template
- * (add_generation_prompt) and tokenized as chat prompts are. */
-static int chat_prompt(job *j, const char *messages_json, int32_t **ids, size_t *n_ids, char *err,
-                       size_t err_len)
+/* A chat line's messages (compact JSON: [{role, content}, ...], checked by the parser;
+ * content a string, or an array of {"type": "text", "text"} parts, joined) as role /
+ * content pairs. *m points into *tree and *parts (all three the caller's to free, *parts
+ * with its *n entries). */
+static int parse_messages(const char *messages_json, tsr_chat_msg **m_out, char ***parts_out,
+                          cJSON **tree_out, int *n_out, char *err, size_t err_len)
 {
-    int rc = -1;
     cJSON *a = cJSON_Parse(messages_json);
     int n = cJSON_GetArraySize(a);
     tsr_chat_msg *m = n > 0 ? calloc((size_t)n, sizeof *m) : NULL;
     char **parts = n > 0 ? calloc((size_t)n, sizeof *parts) : NULL;
-    char *text = NULL;
-    size_t len = 0;
+    *m_out = m;
+    *parts_out = parts;
+    *tree_out = a;
+    *n_out = n;
     if (!a || !m || !parts) {
         tsr_set_err(err, err_len, "out of memory");
-        goto done;
+        return -1;
     }
     int i = 0;
     for (const cJSON *e = a->child; e; e = e->next, i++) {
@@ -578,13 +681,13 @@ static int chat_prompt(job *j, const char *messages_json, int32_t **ids, size_t 
                                 "messages[%d].content: only {\"type\": \"text\", \"text\"} "
                                 "parts are supported",
                                 i);
-                    goto done;
+                    return -1;
                 }
                 total += strlen(t->valuestring);
             }
             if (!(parts[i] = malloc(total))) {
                 tsr_set_err(err, err_len, "out of memory");
-                goto done;
+                return -1;
             }
             parts[i][0] = '\0';
             for (const cJSON *p = content->child; p; p = p->next)
@@ -592,9 +695,32 @@ static int chat_prompt(job *j, const char *messages_json, int32_t **ids, size_t 
             m[i].content = parts[i];
         } else {
             tsr_set_err(err, err_len, "messages[%d].content must be a string or text parts", i);
-            goto done;
+            return -1;
         }
     }
+    return 0;
+}
+
+static void free_messages(tsr_chat_msg *m, char **parts, cJSON *tree, int n)
+{
+    if (parts)
+        for (int k = 0; k < n; k++) free(parts[k]);
+    free(parts);
+    free(m);
+    cJSON_Delete(tree);
+}
+
+/* A chat line's messages rendered with the model's chat template (add_generation_prompt)
+ * and tokenized as chat prompts are. */
+static int chat_prompt(job *j, const char *messages_json, int32_t **ids, size_t *n_ids, char *err,
+                       size_t err_len)
+{
+    int rc = -1, n = 0;
+    tsr_chat_msg *m = NULL;
+    char **parts = NULL, *text = NULL;
+    cJSON *tree = NULL;
+    size_t len = 0;
+    if (parse_messages(messages_json, &m, &parts, &tree, &n, err, err_len) != 0) goto done;
     if (tsr_chat_render(j->chat, m, (size_t)n, true, &text, &len, err, err_len) != 0) goto done;
     if (len > (size_t)j->n_ctx * 64) {
         tsr_set_err(err, err_len, "%zu bytes cannot fit the context of %d tokens", len, j->n_ctx);
@@ -603,13 +729,355 @@ static int chat_prompt(job *j, const char *messages_json, int32_t **ids, size_t 
     if (tsr_chat_tokenize(j->vocab, text, len, ids, n_ids, err, err_len) != 0) goto done;
     rc = 0;
 done:
-    if (parts)
-        for (int k = 0; k < n; k++) free(parts[k]);
-    free(parts);
-    free(m);
+    free_messages(m, parts, tree, n);
     free(text);
-    cJSON_Delete(a);
     return rc;
+}
+
+/* ---- --coordinator: lines as Generate calls to the cluster ---- */
+
+static int map_finish(Tessera__V1__FinishReason r)
+{
+    switch (r) {
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_STOP:
+        return TSR_FINISH_STOP;
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_EOS:
+        return TSR_FINISH_EOS;
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH:
+        return TSR_FINISH_LENGTH;
+    default:
+        return TSR_FINISH_CANCELLED;
+    }
+}
+
+static void on_remote_message(void *ud, const Tessera__V1__GenerateResponse *m)
+{
+    bslot *s = ud;
+    job *j = s->job;
+    j->t_last_answer_ns = tsr_now_ns();
+    if (s->oom) return;
+    size_t n = s->n_ids + m->n_token_ids;
+    if (!slot_reserve(s, n)) goto oom;
+    for (size_t i = 0; i < m->n_token_ids; i++) {
+        size_t at = s->n_ids + i;
+        s->ids[at] = m->token_ids[i];
+        if (s->want_logprobs) {
+            const Tessera__V1__Logprobs *lp = i < m->n_logprobs ? m->logprobs[i] : NULL;
+            s->chosen[at] = lp && lp->has_logprob ? lp->logprob : NAN;
+            for (int32_t k = 0; k < s->n_top; k++) {
+                const Tessera__V1__TokenLogprob *t =
+                    lp && (size_t)k < lp->n_top ? lp->top[k] : NULL;
+                size_t o = at * (size_t)s->n_top + (size_t)k;
+                s->top_ids[o] = t && t->has_id ? t->id : -1;
+                s->top_lps[o] = t && t->has_logprob ? t->logprob : NAN;
+            }
+        }
+    }
+    s->n_ids = n;
+    if (m->text && !slot_add_text(s, m->text, strlen(m->text))) goto oom;
+    if (m->has_finish_reason) {
+        s->got_finish = true;
+        s->finish_reason = map_finish(m->finish_reason);
+        if (m->usage && m->usage->has_prompt_tokens) s->n_prompt = m->usage->prompt_tokens;
+    }
+    return;
+oom:
+    s->oom = true;
+}
+
+/* The line's answer is an error line (a status of the cluster that another try would not
+ * change). */
+static void slot_to_error(bslot *s, const char *code, const char *msg)
+{
+    free(s->line);
+    s->line = NULL;
+    s->is_error = true;
+    if (tsr_batch_format_error(s->custom_id, s->line_no, code, msg, &s->line, &s->line_len) != 0)
+        s->oom = true; /* dropped: a rerun does it */
+}
+
+static void on_remote_done(void *ud, int code, const char *details)
+{
+    bslot *s = ud;
+    job *j = s->job;
+    s->call = NULL;
+    uint64_t now = tsr_now_ns();
+    if (code == GRPC_STATUS_OK && s->got_finish) {
+        j->t_last_answer_ns = now;
+        if (s->finish_reason == TSR_FINISH_CANCELLED) s->drop = true;
+        queue_finished(j, s);
+        return;
+    }
+    if (code == GRPC_STATUS_OK) {
+        code = GRPC_STATUS_UNAVAILABLE;
+        details = "the stream ended without its last message";
+    }
+    if (j->cancelling) {
+        s->drop = true;
+        queue_finished(j, s);
+        return;
+    }
+    if (tsr_genclient_code_transient(code)) {
+        snprintf(j->last_transient, sizeof j->last_transient, "%s: %s", tsr_rpc_code_name(code),
+                 details[0] ? details : "(no message)");
+        if (s->attempts <= j->max_retries) {
+            /* Back off 0.25 s, doubling to 8 s, jittered by up to +25%: the lines that
+             * failed together (a replica or the coordinator gone) do not come back in
+             * lockstep. */
+            int sh = s->attempts - 1 < 5 ? s->attempts - 1 : 5;
+            uint64_t d = 250000000ull << sh;
+            d += splitmix64(&j->rng) % (d / 4 + 1);
+            s->t_due_ns = now + d;
+            s->n_ids = 0;
+            s->text_len = 0;
+            s->oom = false;
+            s->got_finish = false;
+            s->next = j->retry_head;
+            j->retry_head = s;
+            j->n_retries++;
+            return;
+        }
+        fprintf(stderr,
+                "tessera batch: line %" PRId64 " (%s): %s after %d tries; stopping (rerun to "
+                "continue)\n",
+                s->line_no, s->custom_id ? s->custom_id : "?", j->last_transient, s->attempts);
+        j->gave_up = true;
+        s->drop = true;
+        queue_finished(j, s);
+        return;
+    }
+    j->t_last_answer_ns = now;
+    if (code == GRPC_STATUS_UNAUTHENTICATED || code == GRPC_STATUS_PERMISSION_DENIED) {
+        /* Every line would get the same answer: stop instead of writing error lines. */
+        if (!j->fatal)
+            snprintf(j->err, sizeof j->err,
+                     "%s refused the credentials (%s: %s); check --api-key-file / "
+                     "TESSERA_API_KEY and the TLS flags",
+                     j->coord_addr, tsr_rpc_code_name(code), details);
+        j->fatal = true;
+        s->drop = true;
+        queue_finished(j, s);
+        return;
+    }
+    char msg[1200];
+    const char *ecode = "server_error";
+    if (code == GRPC_STATUS_FAILED_PRECONDITION && s->chat) {
+        ecode = "unsupported";
+        snprintf(msg, sizeof msg, "line %" PRId64 ": chat completions: %s", s->line_no, details);
+    } else {
+        if (code == GRPC_STATUS_INVALID_ARGUMENT && strstr(details, "do not fit the context"))
+            ecode = "prompt_too_long"; /* as local mode's code for it */
+        else if (code == GRPC_STATUS_INVALID_ARGUMENT || code == GRPC_STATUS_OUT_OF_RANGE)
+            ecode = "invalid_request";
+        else if (code == GRPC_STATUS_NOT_FOUND)
+            ecode = "model_not_found";
+        else if (code == GRPC_STATUS_FAILED_PRECONDITION)
+            ecode = "unsupported";
+        snprintf(msg, sizeof msg, "line %" PRId64 ": %s (%s from %s)", s->line_no, details,
+                 tsr_rpc_code_name(code), j->coord_addr);
+    }
+    slot_to_error(s, ecode, msg);
+    queue_finished(j, s);
+}
+
+/* Send (or send again) a line's request. */
+static int remote_start(job *j, bslot *s)
+{
+    char err[256];
+    s->attempts++;
+    s->n_ids = 0;
+    s->text_len = 0;
+    s->got_finish = false;
+    int rc = tsr_genclient_generate(j->gc, &s->greq, j->request_timeout_ms, on_remote_message,
+                                    on_remote_done, s, &s->call, err, sizeof err);
+    if (rc == TSR_GENCLIENT_ENOMEM) return TSR_BATCH_ENOMEM;
+    if (rc != 0) {
+        /* Not started: as a transient failure, it is tried again later. */
+        on_remote_done(s, GRPC_STATUS_UNAVAILABLE, err);
+    }
+    return 0;
+}
+
+/* Lines whose retry is due. */
+static int remote_retry_due(job *j)
+{
+    uint64_t now = tsr_now_ns();
+    bslot **pp = &j->retry_head;
+    bslot *due = NULL;
+    while (*pp) {
+        bslot *s = *pp;
+        if (s->t_due_ns <= now) {
+            *pp = s->next;
+            s->next = due;
+            due = s;
+        } else {
+            pp = &s->next;
+        }
+    }
+    while (due) {
+        bslot *s = due;
+        due = s->next;
+        s->next = NULL;
+        int rc = remote_start(j, s);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+/* Stop every call and every retry: their lines are dropped (a rerun does them). */
+static void remote_cancel(job *j)
+{
+    j->cancelling = true;
+    tsr_genclient_cancel_all(j->gc);
+    while (j->retry_head) {
+        bslot *s = j->retry_head;
+        j->retry_head = s->next;
+        s->drop = true;
+        queue_finished(j, s);
+    }
+}
+
+/* The GenerateRequest of a parsed line. Takes rq; error lines complete at once. */
+static int admit_remote(job *j, tsr_batch_request *rq, int64_t ln)
+{
+    char emsg[1024], perr[768];
+    const char *code = "invalid_request";
+    bslot *s = calloc(1, sizeof *s);
+    if (!s) {
+        tsr_batch_request_free(rq);
+        return TSR_BATCH_ENOMEM;
+    }
+    s->rq = *rq;
+    s->has_rq = true;
+    memset(rq, 0, sizeof *rq);
+    rq = &s->rq;
+    s->line_no = ln;
+    s->job = j;
+    s->custom_id = rq->custom_id;
+    rq->custom_id = NULL;
+    s->model = rq->model;
+    rq->model = NULL;
+    s->chat = rq->kind == TSR_BATCH_CHAT;
+    s->want_logprobs = rq->want_logprobs;
+    s->n_top = rq->want_logprobs ? rq->logprobs : 0;
+    Tessera__V1__GenerateRequest *g = &s->greq;
+    tessera__v1__generate_request__init(g);
+    if (s->want_logprobs && !j->vocab) {
+        snprintf(emsg, sizeof emsg,
+                 "line %" PRId64 ": logprobs through --coordinator need the model's vocabulary "
+                 "for the token strings: pass -m MODEL.gguf (the file the cluster serves)",
+                 ln);
+        code = "unsupported";
+        goto line_error;
+    }
+    if (s->chat) {
+        tsr_chat_msg *m = NULL;
+        int n = 0;
+        if (parse_messages(rq->messages_json, &m, &s->msg_parts, &s->msg_tree, &n, perr,
+                           sizeof perr) != 0) {
+            s->n_msgs = (size_t)n;
+            free(m);
+            snprintf(emsg, sizeof emsg, "line %" PRId64 ": messages: %s", ln, perr);
+            goto line_error;
+        }
+        s->n_msgs = (size_t)n;
+        s->msgs = calloc((size_t)n, sizeof *s->msgs);
+        s->msgp = calloc((size_t)n, sizeof *s->msgp);
+        if (!s->msgs || !s->msgp) {
+            free(m);
+            slot_free(s);
+            return TSR_BATCH_ENOMEM;
+        }
+        for (int i = 0; i < n; i++) {
+            tessera__v1__chat_message__init(&s->msgs[i]);
+            s->msgs[i].role = (char *)m[i].role;
+            s->msgs[i].content = (char *)m[i].content;
+            s->msgp[i] = &s->msgs[i];
+        }
+        free(m);
+        g->n_messages = (size_t)n;
+        g->messages = s->msgp;
+    } else if (rq->prompt) {
+        /* The same early refusal as local mode (a prompt of more bytes than 64 per
+         * position of the context cannot fit); the cluster checks the tokens. */
+        size_t len = strlen(rq->prompt);
+        if (len > (size_t)j->n_ctx * 64) {
+            snprintf(emsg, sizeof emsg,
+                     "line %" PRId64 ": prompt: %zu bytes cannot fit the context of %d tokens; "
+                     "shorten the prompt",
+                     ln, len, j->n_ctx);
+            code = "prompt_too_long";
+            goto line_error;
+        }
+        g->prompt = rq->prompt;
+        g->has_add_special_tokens = 1;
+        g->add_special_tokens = rq->add_special;
+    } else {
+        for (size_t i = 0; i < rq->n_prompt_ids; i++) {
+            if (rq->prompt_ids[i] >= j->n_vocab) {
+                snprintf(emsg, sizeof emsg,
+                         "line %" PRId64 ": prompt[%zu]: token id %d is outside the vocabulary "
+                         "[0, %d)",
+                         ln, i, rq->prompt_ids[i], j->n_vocab);
+                goto line_error;
+            }
+        }
+        g->n_prompt_ids = rq->n_prompt_ids;
+        g->prompt_ids = rq->prompt_ids;
+    }
+    if (!rq->has_seed) {
+        if (j->seed_set) {
+            uint64_t x = j->seed_base ^ fnv(s->custom_id);
+            rq->gen.sampling.seed = splitmix64(&x);
+        } else {
+            rq->gen.sampling.seed = splitmix64(&j->rng);
+        }
+    }
+    /* Every parameter explicitly: the parser's defaults are the gRPC request's, and a retry
+     * (on whatever replica) must sample exactly as the first try. */
+    const tsr_sampling_params *sp = &rq->gen.sampling;
+    g->has_max_tokens = 1;
+    g->max_tokens = rq->gen.max_tokens;
+    g->has_temperature = 1;
+    g->temperature = sp->temperature;
+    g->has_top_p = 1;
+    g->top_p = sp->top_p;
+    g->has_top_k = 1;
+    g->top_k = sp->top_k;
+    g->has_min_p = 1;
+    g->min_p = sp->min_p;
+    g->has_repetition_penalty = 1;
+    g->repetition_penalty = sp->repetition_penalty;
+    g->has_presence_penalty = 1;
+    g->presence_penalty = sp->presence_penalty;
+    g->has_frequency_penalty = 1;
+    g->frequency_penalty = sp->frequency_penalty;
+    g->has_seed = 1;
+    g->seed = sp->seed;
+    g->n_stop = rq->n_stop;
+    g->stop = rq->stop;
+    g->n_stop_token_ids = rq->n_stop_ids;
+    g->stop_token_ids = rq->stop_ids;
+    g->has_ignore_eos = 1;
+    g->ignore_eos = rq->gen.ignore_eos;
+    if (rq->want_logprobs) {
+        /* As local mode: top-n, and 1 (chosen logprobs only, no alternatives kept) for 0. */
+        g->has_logprobs = 1;
+        g->logprobs = rq->logprobs > 0 ? rq->logprobs : 1;
+    }
+    if (j->route_model) g->model = (char *)j->route_model;
+
+    s->seq = j->seq_next++;
+    j->inflight++;
+    return remote_start(j, s);
+
+line_error : {
+    char *cid = s->custom_id;
+    s->custom_id = NULL;
+    slot_free(s);
+    bslot *es = error_slot(j, cid, ln, code, emsg);
+    return es ? complete(j, es) : TSR_BATCH_ENOMEM;
+}
 }
 
 #define ADMIT_REFUSED (-100) /* the engine takes no more work (draining, down) */
@@ -638,6 +1106,7 @@ static int admit(job *j, tsr_batch_reader *r)
         es = error_slot(j, rq.custom_id, ln, code, emsg);
         return es ? complete(j, es) : TSR_BATCH_ENOMEM;
     }
+    if (j->remote) return admit_remote(j, &rq, ln);
     int32_t *ids = NULL;
     size_t n_ids = 0;
     if (rq.kind == TSR_BATCH_CHAT) {
@@ -779,6 +1248,54 @@ line_error:
     return es ? complete(j, es) : TSR_BATCH_ENOMEM;
 }
 
+/* The lines finished since the last call, waiting up to wait_ms for one when lines are in
+ * flight: local mode on the engine's condition variable, --coordinator by running the
+ * client's completion queue (its callbacks queue the lines) or sleeping until the next
+ * retry is due. *ended: the engine's step loop is gone (local mode). */
+static bslot *take_finished(job *j, int64_t wait_ms, bool *ended)
+{
+    if (j->remote && j->fin_head == NULL && j->inflight > 0) {
+        if (tsr_genclient_n_calls(j->gc) > 0) {
+            tsr_genclient_poll(j->gc, wait_ms);
+        } else if (j->retry_head) {
+            uint64_t now = tsr_now_ns(), due = UINT64_MAX;
+            for (bslot *s = j->retry_head; s; s = s->next)
+                if (s->t_due_ns < due) due = s->t_due_ns;
+            uint64_t w = due > now ? due - now : 0;
+            if (w > (uint64_t)wait_ms * 1000000u) w = (uint64_t)wait_ms * 1000000u;
+            struct timespec ts = {(time_t)(w / 1000000000u), (long)(w % 1000000000u)};
+            nanosleep(&ts, NULL);
+        }
+    }
+    pthread_mutex_lock(&j->mu);
+    bslot *fin = j->fin_head;
+    j->fin_head = j->fin_tail = NULL;
+    *ended = j->engine_ended;
+    if (!j->remote && !fin && j->inflight > 0 && !*ended && wait_ms > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += wait_ms / 1000;
+        ts.tv_nsec += (wait_ms % 1000) * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&j->cv, &j->mu, &ts);
+        fin = j->fin_head;
+        j->fin_head = j->fin_tail = NULL;
+        *ended = j->engine_ended;
+    }
+    pthread_mutex_unlock(&j->mu);
+    return fin;
+}
+
+/* Stop what runs: its lines end (dropped) through take_finished. */
+static void cancel_running(job *j)
+{
+    if (j->remote)
+        remote_cancel(j);
+    else
+        tsr_engine_stop(j->eng, true);
+}
+
 /* The driver: resume scan, pre-scan, then the admission / completion loop. */
 static void *driver_main(void *arg)
 {
@@ -823,6 +1340,7 @@ static void *driver_main(void *arg)
     }
     reader_ok = true;
     j->t_start_ns = j->t_last_flush_ns = j->t_last_progress_ns = tsr_now_ns();
+    j->t_last_answer_ns = j->t_start_ns;
     if (j->tty) progress(j, false);
 
     bool eof = false, stopping = false, cancelled = false, refused = false;
@@ -847,8 +1365,31 @@ static void *driver_main(void *arg)
             (tsr_now_ns() >= stop_deadline || nsig > 1)) {
             fprintf(stderr, "tessera batch: %s: dropping %d running lines (a rerun does them)\n",
                     nsig > 1 ? "second signal" : "grace period over", j->inflight);
-            tsr_engine_stop(j->eng, true);
+            cancel_running(j);
             cancelled = true;
+        }
+        if (j->remote && !cancelled) {
+            /* The cluster is gone when lines wait for retries and it has answered nothing
+             * for --retry-timeout; a line out of retries, or credentials refused, end the
+             * run too. Stop now: the rerun continues. */
+            bool lost = j->retry_head && tsr_now_ns() - j->t_last_answer_ns >=
+                                             (uint64_t)j->retry_timeout_ms * 1000000u;
+            if (lost || j->gave_up || j->fatal) {
+                if (lost) {
+                    fprintf(stderr,
+                            "tessera batch: %s has answered nothing for %" PRId64
+                            " ms (last: %s); dropping %d lines in flight (a rerun does them)\n",
+                            j->coord_addr, j->retry_timeout_ms, j->last_transient, j->inflight);
+                    j->gave_up = true;
+                }
+                stopping = true;
+                cancel_running(j);
+                cancelled = true;
+            }
+        }
+        if (j->remote && !cancelled && (rc = remote_retry_due(j)) != 0) {
+            tsr_set_err(j->err, sizeof j->err, "out of memory");
+            break;
         }
         /* Admit. */
         while (!stopping && !refused && !eof && rc == 0 && j->inflight < j->window &&
@@ -866,15 +1407,8 @@ static void *driver_main(void *arg)
             }
             if (!r.too_long && tsr_batch_line_blank(r.buf, r.len)) continue;
             if ((r.line_no - 1) % j->shard_n != j->shard_i) continue;
-            char *key = NULL;
-            size_t klen = 0;
-            if (r.too_long) {
-                char b[64];
-                klen = tsr_batch_line_key(r.line_no, b, sizeof b);
-                key = strdup(b);
-            } else if (tsr_batch_input_key(r.buf, r.len, r.line_no, &key, &klen) != 0) {
-                key = NULL;
-            }
+            size_t klen;
+            char *key = line_key(&r, &klen);
             if (!key) {
                 rc = TSR_BATCH_ENOMEM;
                 break;
@@ -892,22 +1426,8 @@ static void *driver_main(void *arg)
         }
         if (rc != 0) break;
         /* Collect what finished. */
-        pthread_mutex_lock(&j->mu);
-        bslot *fin = j->fin_head;
-        j->fin_head = j->fin_tail = NULL;
-        bool ended = j->engine_ended;
-        if (!fin && j->inflight > 0 && !ended) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 50 * 1000000L;
-            ts.tv_sec += ts.tv_nsec / 1000000000L;
-            ts.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&j->cv, &j->mu, &ts);
-            fin = j->fin_head;
-            j->fin_head = j->fin_tail = NULL;
-            ended = j->engine_ended;
-        }
-        pthread_mutex_unlock(&j->mu);
+        bool ended;
+        bslot *fin = take_finished(j, 50, &ended);
         while (fin) {
             bslot *nx = fin->next;
             j->inflight--;
@@ -945,6 +1465,7 @@ static void *driver_main(void *arg)
         if (!j->err[0]) snprintf(j->err, sizeof j->err, "the engine stopped");
         goto end;
     }
+    if (j->fatal) goto end; /* the cluster refused the credentials: j->err says so */
     double el = (double)(tsr_now_ns() - j->t_start_ns) / 1e9;
     bool complete_run = eof && j->n_dropped == 0;
     fprintf(stderr,
@@ -957,14 +1478,24 @@ static void *driver_main(void *arg)
             el > 0 ? (double)j->n_gen_tokens / el : 0.0,
             el > 0 ? (double)(j->n_gen_tokens + j->n_prompt_tokens) / el : 0.0,
             (double)peak_rss_kib() / 1024.0, (double)j->keyset_peak_bytes / 1048576.0);
+    if (j->remote)
+        fprintf(stderr, "tessera batch: %s: %" PRIu64 " retries of transient errors (%s)\n",
+                j->coord_addr, j->n_retries, j->n_retries ? j->last_transient : "none");
     if (complete_run) {
         j->exit_code = TSR_BATCH_EXIT_OK;
     } else {
         uint64_t done = j->n_resumed + j->n_ok + j->n_failed;
+        char why[700];
+        if (stop_sig)
+            snprintf(why, sizeof why, "%s", sig_name(stop_sig));
+        else if (j->gave_up)
+            snprintf(why, sizeof why, "the cluster at %s: %s", j->coord_addr, j->last_transient);
+        else
+            snprintf(why, sizeof why, "stopped");
         fprintf(stderr,
                 "tessera batch: incomplete (%s): %" PRIu64 " of %" PRIu64 " lines done; rerun "
                 "the same command to continue (exit status 3)\n",
-                stop_sig ? sig_name(stop_sig) : "stopped", done, j->n_total);
+                why, done, j->n_total);
         j->exit_code = TSR_BATCH_EXIT_INCOMPLETE;
     }
 end:
@@ -981,19 +1512,14 @@ end:
     if (in) fclose(in);
     /* Lines still in flight (an error above): cancel them and wait for their FINISH, so
      * no callback touches a freed slot. */
-    tsr_engine_stop(j->eng, j->inflight > 0 || j->exit_code != TSR_BATCH_EXIT_OK);
+    if (j->remote) {
+        if (j->inflight > 0) remote_cancel(j);
+    } else {
+        tsr_engine_stop(j->eng, j->inflight > 0 || j->exit_code != TSR_BATCH_EXIT_OK);
+    }
     for (;;) {
-        pthread_mutex_lock(&j->mu);
-        bslot *fin = j->fin_head;
-        j->fin_head = j->fin_tail = NULL;
-        bool ended = j->engine_ended;
-        if (!fin && j->inflight > 0 && !ended) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += 1;
-            pthread_cond_timedwait(&j->cv, &j->mu, &ts);
-        }
-        pthread_mutex_unlock(&j->mu);
+        bool ended;
+        bslot *fin = take_finished(j, 1000, &ended);
         while (fin) {
             bslot *nx = fin->next;
             j->inflight--;
@@ -1058,6 +1584,170 @@ static int read_hparams(const char *path, tsr_hparams *hp, char *name, size_t na
     return rc;
 }
 
+/* ---- --coordinator: the same job against a running cluster ---- */
+
+typedef struct {
+    const char *coordinator, *vocab_model, *route_model, *api_key_file;
+    const char *tls_ca, *tls_cert, *tls_key;
+    const char *in_path, *out_path;
+    bool ordered;
+    int64_t shard_i, shard_n;
+    bool seed_set;
+    uint64_t seed;
+    float progress_s;
+    int64_t grace_ms, flush_lines, flush_ms;
+    uint64_t max_line;
+    int64_t concurrency, request_timeout_ms, retry_timeout_ms, max_retries;
+} remote_args;
+
+/* No model here: the driver runs on this thread, its lines are Generate calls in flight on
+ * one completion queue (genclient.h). ModelInfo first: the model's name for the output
+ * lines (as local mode: general.name, else the served name), the context and vocabulary
+ * sizes for the same early checks as local mode — and a clear error when the cluster
+ * cannot be reached or refuses the credentials. */
+static int run_remote(const remote_args *a)
+{
+    char err[1024], model_name[256];
+    int exit_code = TSR_BATCH_EXIT_ERROR;
+    char *auth = NULL;
+    tsr_tls_client tls = {0};
+    tsr_gguf *g = NULL;
+    tsr_vocab *vocab = NULL;
+    tsr_genclient *gc = NULL;
+    Tessera__V1__ModelInfoResponse *mi = NULL;
+    job j;
+    memset(&j, 0, sizeof j);
+    bool sync_ok = false;
+    if (tsr_auth_client_header("--api-key-file", a->api_key_file, "TESSERA_API_KEY", &auth, err,
+                               sizeof err) != 0 ||
+        tsr_tls_client_load("--tls-", a->tls_ca, a->tls_cert, a->tls_key, &tls, err, sizeof err) !=
+            0) {
+        fprintf(stderr, "tessera batch: %s\n", err);
+        tsr_tls_client_free(&tls);
+        free(auth);
+        return TSR_BATCH_EXIT_USAGE;
+    }
+    tsr_genclient_opts o = {.target = a->coordinator, .tls = &tls, .authorization = auth};
+    if (tsr_genclient_new(&o, &gc, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", err);
+        tsr_tls_client_free(&tls);
+        free(auth);
+        return TSR_BATCH_EXIT_ERROR;
+    }
+    if (a->vocab_model) {
+        /* The vocabulary only (logprobs' token strings): the GGUF is mapped, no weights are
+         * read. */
+        if (tsr_gguf_open(a->vocab_model, &g, err, sizeof err) != 0 ||
+            tsr_vocab_load(g, &vocab, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera batch: -m %s: %s\n", a->vocab_model, err);
+            goto release;
+        }
+    }
+    /* The cluster may be starting (a requeued job, replicas still loading): ask for up to
+     * --retry-timeout while it answers a transient status. */
+    uint64_t t0 = tsr_now_ns();
+    for (int tries = 0;; tries++) {
+        int code = tsr_genclient_model_info(gc, a->route_model, MODEL_INFO_TIMEOUT_MS, &mi, err,
+                                            sizeof err);
+        if (code == GRPC_STATUS_OK) break;
+        if (!tsr_genclient_code_transient(code) ||
+            tsr_now_ns() - t0 >= (uint64_t)a->retry_timeout_ms * 1000000u) {
+            fprintf(stderr, "tessera batch: --coordinator %s: ModelInfo: %s: %s%s\n",
+                    a->coordinator, tsr_rpc_code_name(code), err,
+                    tsr_genclient_code_transient(code)
+                        ? " (is the coordinator running and a replica up? rerun to continue)"
+                        : "");
+            if (tsr_genclient_code_transient(code)) exit_code = TSR_BATCH_EXIT_INCOMPLETE;
+            goto release;
+        }
+        struct timespec ts = {0, (tries < 4 ? 100000000L << tries : 1000000000L) % 1000000000L};
+        if (tries >= 4) ts.tv_sec = 1;
+        nanosleep(&ts, NULL);
+    }
+    if (mi->name && mi->name[0])
+        snprintf(model_name, sizeof model_name, "%s", mi->name);
+    else
+        snprintf(model_name, sizeof model_name, "%s", mi->model ? mi->model : "");
+    if (vocab && mi->has_vocab_size && tsr_vocab_n_tokens(vocab) != mi->vocab_size) {
+        fprintf(stderr,
+                "tessera batch: -m %s has %d tokens but the cluster's model has %d: pass the "
+                "file the cluster serves\n",
+                a->vocab_model, tsr_vocab_n_tokens(vocab), mi->vocab_size);
+        goto release;
+    }
+    j.remote = true;
+    j.gc = gc;
+    j.coord_addr = a->coordinator;
+    j.route_model = a->route_model;
+    j.request_timeout_ms = a->request_timeout_ms;
+    j.retry_timeout_ms = a->retry_timeout_ms;
+    j.max_retries = (int32_t)a->max_retries;
+    j.model_name = model_name;
+    j.in_path = a->in_path;
+    j.out_path = a->out_path;
+    j.ordered = a->ordered;
+    j.shard_i = a->shard_i;
+    j.shard_n = a->shard_n;
+    j.seed_set = a->seed_set;
+    j.seed_base = a->seed;
+    j.progress_s = a->progress_s;
+    j.grace_ms = a->grace_ms;
+    j.flush_lines = a->flush_lines;
+    j.flush_ms = a->flush_ms;
+    j.max_line_bytes = (size_t)a->max_line;
+    j.window = (int32_t)a->concurrency;
+    j.vocab = vocab;
+    j.n_vocab = mi->has_vocab_size ? mi->vocab_size : INT32_MAX;
+    j.n_ctx =
+        mi->has_context_length && mi->context_length > 0 ? mi->context_length : INT32_MAX / 64;
+    j.tty = isatty(STDERR_FILENO);
+    j.out.fd = -1;
+    j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
+    j.done = tsr_batch_keyset_new();
+    j.ring = a->ordered ? calloc((size_t)j.window, sizeof *j.ring) : NULL;
+    if (!j.done || (a->ordered && !j.ring)) {
+        fprintf(stderr, "tessera batch: out of memory\n");
+        goto release;
+    }
+    pthread_mutex_init(&j.mu, NULL);
+    pthread_cond_init(&j.cv, NULL);
+    sync_ok = true;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    fprintf(stderr,
+            "tessera batch: --coordinator %s%s: model '%s' (context %d), %" PRId64
+            " calls in flight, request timeout %" PRId64 " ms, retries up to %" PRId64
+            " per line, give up after %" PRId64 " ms without an answer\n",
+            a->coordinator, tsr_tls_client_enabled(&tls) ? " (TLS)" : "", model_name,
+            mi->has_context_length ? mi->context_length : 0, a->concurrency, a->request_timeout_ms,
+            a->max_retries, a->retry_timeout_ms);
+    driver_main(&j);
+    exit_code = j.exit_code;
+
+release:
+    free(j.ring);
+    tsr_batch_keyset_free(j.done);
+    if (sync_ok) {
+        pthread_mutex_destroy(&j.mu);
+        pthread_cond_destroy(&j.cv);
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGUSR1, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+    }
+    if (mi) tessera__v1__model_info_response__free_unpacked(mi, NULL);
+    tsr_genclient_free(gc);
+    tsr_vocab_free(vocab);
+    if (g) tsr_gguf_close(g);
+    tsr_tls_client_free(&tls);
+    free(auth);
+    return exit_code;
+}
+
 /* ---- the command ---- */
 
 int tsr_cmd_batch(int argc, char **argv)
@@ -1071,53 +1761,81 @@ int tsr_cmd_batch(int argc, char **argv)
         O_FLUSH_LINES,
         O_FLUSH_MS,
         O_MAX_LINE,
-        O_MAX_BATCH,
-        O_MAX_SEQS,
-        O_KV_MEMORY,
         O_TP,
         O_PP,
         O_LAYERS,
         O_COMM_TIMEOUT,
         O_MERGE,
         O_CHAT_TEMPLATE,
+        O_COORDINATOR,
+        O_CONCURRENCY,
+        O_REQUEST_TIMEOUT,
+        O_RETRY_TIMEOUT,
+        O_MAX_RETRIES,
+        O_MODEL_NAME,
+        O_TLS_CA,
+        O_TLS_CERT,
+        O_TLS_KEY,
+        O_API_KEY_FILE,
     };
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                         {"input", required_argument, 0, 'i'},
-                                         {"output", required_argument, 0, 'o'},
-                                         {"ordered", no_argument, 0, O_ORDERED},
-                                         {"shard", required_argument, 0, O_SHARD},
-                                         {"seed", required_argument, 0, O_SEED},
-                                         {"progress-interval", required_argument, 0, O_PROGRESS},
-                                         {"shutdown-grace", required_argument, 0, O_GRACE},
-                                         {"flush-lines", required_argument, 0, O_FLUSH_LINES},
-                                         {"flush-interval", required_argument, 0, O_FLUSH_MS},
-                                         {"max-line-bytes", required_argument, 0, O_MAX_LINE},
-                                         {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
-                                         {"max-seqs", required_argument, 0, O_MAX_SEQS},
-                                         {"kv-memory", required_argument, 0, O_KV_MEMORY},
-                                         {"ctx-size", required_argument, 0, 'c'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"tp", required_argument, 0, O_TP},
-                                         {"pp", required_argument, 0, O_PP},
-                                         {"layers", required_argument, 0, O_LAYERS},
-                                         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
-                                         {"merge", no_argument, 0, O_MERGE},
-                                         {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},
+        {"input", required_argument, 0, 'i'},
+        {"output", required_argument, 0, 'o'},
+        {"ordered", no_argument, 0, O_ORDERED},
+        {"shard", required_argument, 0, O_SHARD},
+        {"seed", required_argument, 0, O_SEED},
+        {"progress-interval", required_argument, 0, O_PROGRESS},
+        {"shutdown-grace", required_argument, 0, O_GRACE},
+        {"flush-lines", required_argument, 0, O_FLUSH_LINES},
+        {"flush-interval", required_argument, 0, O_FLUSH_MS},
+        {"max-line-bytes", required_argument, 0, O_MAX_LINE},
+        TSR_CLI_ENGINE_OPTS,
+        {"tp", required_argument, 0, O_TP},
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
+        {"pp", required_argument, 0, O_PP},
+        {"layers", required_argument, 0, O_LAYERS},
+        {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"merge", no_argument, 0, O_MERGE},
+        {"chat-template", required_argument, 0, O_CHAT_TEMPLATE},
+        {"coordinator", required_argument, 0, O_COORDINATOR},
+        {"concurrency", required_argument, 0, O_CONCURRENCY},
+        {"request-timeout", required_argument, 0, O_REQUEST_TIMEOUT},
+        {"retry-timeout", required_argument, 0, O_RETRY_TIMEOUT},
+        {"max-retries", required_argument, 0, O_MAX_RETRIES},
+        {"model-name", required_argument, 0, O_MODEL_NAME},
+        {"tls-ca", required_argument, 0, O_TLS_CA},
+        {"tls-cert", required_argument, 0, O_TLS_CERT},
+        {"tls-key", required_argument, 0, O_TLS_KEY},
+        {"api-key-file", required_argument, 0, O_API_KEY_FILE},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *in_path = NULL, *out_path = NULL;
+    bool model_given = false;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t max_batch = 512, max_seqs = 128, n_ctx = 0, n_threads = tsr_cli_default_threads();
+    tsr_cli_engine_opts eo;
+    tsr_cli_engine_defaults(&eo, 512, 128);
     int64_t grace_ms = DEFAULT_GRACE_MS, flush_lines = DEFAULT_FLUSH_LINES,
             flush_ms = DEFAULT_FLUSH_MS, v;
     int64_t shard_i = 0, shard_n = 1;
-    uint64_t kv_memory = 0, max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
+    uint64_t max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
     bool ordered = false, seed_set = false, merge = false;
     const char *chat_template = NULL;
+    const char *coordinator = NULL, *route_model = NULL, *api_key_file = NULL;
+    const char *tls_ca = NULL, *tls_cert = NULL, *tls_key = NULL;
+    int64_t concurrency = DEFAULT_CONCURRENCY, request_timeout_ms = DEFAULT_REQUEST_TIMEOUT_MS,
+            retry_timeout_ms = DEFAULT_RETRY_TIMEOUT_MS, max_retries = DEFAULT_MAX_RETRIES;
+    bool local_only_flag = false; /* an engine / layout flag: meaningless with --coordinator */
     float progress_s = 30.0f;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "m:i:o:c:t:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:i:o:h" TSR_CLI_ENGINE_SHORTOPTS, opts, NULL)) != -1) {
+        int erc = tsr_cli_engine_flag("batch", c, optarg, &eo);
+        if (erc >= 0) {
+            if (erc != 0) return erc;
+            local_only_flag = true;
+            continue;
+        }
         switch (c) {
 #define INT_FLAG(name, lo, hi, dst)                                                                \
     do {                                                                                           \
@@ -1128,6 +1846,7 @@ int tsr_cmd_batch(int argc, char **argv)
     } while (0)
         case 'm':
             model = optarg;
+            model_given = true;
             break;
         case 'i':
             in_path = optarg;
@@ -1143,6 +1862,7 @@ int tsr_cmd_batch(int argc, char **argv)
             break;
         case O_CHAT_TEMPLATE:
             chat_template = optarg;
+            local_only_flag = true;
             break;
         case O_SHARD: {
             const char *slash = strchr(optarg, '/');
@@ -1184,36 +1904,62 @@ int tsr_cmd_batch(int argc, char **argv)
                 return tsr_cli_usage_error(
                     "batch", "--max-line-bytes needs a size in 16..1G (e.g. 8M), got '%s'", optarg);
             break;
-        case O_MAX_BATCH:
-            INT_FLAG("--max-batch-tokens", 1, 1 << 20, max_batch);
-            break;
-        case O_MAX_SEQS:
-            INT_FLAG("--max-seqs", 1, 1 << 16, max_seqs);
-            break;
-        case 'c':
-            INT_FLAG("--ctx-size", 1, 1 << 24, n_ctx);
-            break;
-        case 't':
-            INT_FLAG("--threads", 1, 256, n_threads);
-            break;
         case O_TP:
             INT_FLAG("--tp", 1, 256, rp.tp);
+            local_only_flag = true;
             break;
         case O_PP:
             INT_FLAG("--pp", 1, 256, rp.pp);
+            local_only_flag = true;
             break;
         case O_COMM_TIMEOUT:
             INT_FLAG("--comm-timeout", 1, 86400000, rp.timeout_ms);
+            local_only_flag = true;
+            break;
+        case O_CONCURRENCY:
+            INT_FLAG("--concurrency", 1, 65536, concurrency);
+            break;
+        case O_REQUEST_TIMEOUT:
+            INT_FLAG("--request-timeout", 1, 86400000, request_timeout_ms);
+            break;
+        case O_RETRY_TIMEOUT:
+            INT_FLAG("--retry-timeout", 1, 86400000, retry_timeout_ms);
+            break;
+        case O_MAX_RETRIES:
+            INT_FLAG("--max-retries", 0, 1000000, max_retries);
             break;
 #undef INT_FLAG
         case O_LAYERS:
             rp.layers = optarg;
+            local_only_flag = true;
             break;
-        case O_KV_MEMORY:
-            if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("batch", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
+            local_only_flag = true;
+            break;
+        case O_COORDINATOR:
+            if (!tsr_cli_parse_hostport(optarg, NULL, 0, NULL))
                 return tsr_cli_usage_error(
-                    "batch", "--kv-memory needs a byte count > 0 such as 512M or 2G, got '%s'",
+                    "batch", "--coordinator needs HOST:PORT (e.g. 127.0.0.1:50050), got '%s'",
                     optarg);
+            coordinator = optarg;
+            break;
+        case O_MODEL_NAME:
+            if (!optarg[0] || strlen(optarg) > 200)
+                return tsr_cli_usage_error("batch", "--model-name needs 1..200 characters");
+            route_model = optarg;
+            break;
+        case O_TLS_CA:
+            tls_ca = optarg;
+            break;
+        case O_TLS_CERT:
+            tls_cert = optarg;
+            break;
+        case O_TLS_KEY:
+            tls_key = optarg;
+            break;
+        case O_API_KEY_FILE:
+            api_key_file = optarg;
             break;
         case 'h':
             fputs(batch_help, stdout);
@@ -1229,6 +1975,45 @@ int tsr_cmd_batch(int argc, char **argv)
     if (!out_path) return tsr_cli_usage_error("batch", "needs an output file: -o OUTPUT.jsonl");
     if (!strcmp(in_path, out_path))
         return tsr_cli_usage_error("batch", "-i and -o name the same file");
+    if (coordinator) {
+        if (local_only_flag)
+            return tsr_cli_usage_error(
+                "batch", "engine, layout and --chat-template flags configure a local replica; with "
+                         "--coordinator the cluster's replicas have their own (drop them)");
+        if ((tls_cert != NULL) != (tls_key != NULL))
+            return tsr_cli_usage_error("batch", "--tls-cert and --tls-key go together");
+        if (tls_cert && !tls_ca)
+            return tsr_cli_usage_error("batch", "--tls-cert / --tls-key need --tls-ca");
+        return run_remote(&(remote_args){.coordinator = coordinator,
+                                         .vocab_model = model_given ? model : NULL,
+                                         .route_model = route_model,
+                                         .api_key_file = api_key_file,
+                                         .tls_ca = tls_ca,
+                                         .tls_cert = tls_cert,
+                                         .tls_key = tls_key,
+                                         .in_path = in_path,
+                                         .out_path = out_path,
+                                         .ordered = ordered,
+                                         .shard_i = shard_i,
+                                         .shard_n = shard_n,
+                                         .seed_set = seed_set,
+                                         .seed = seed,
+                                         .progress_s = progress_s,
+                                         .grace_ms = grace_ms,
+                                         .flush_lines = flush_lines,
+                                         .flush_ms = flush_ms,
+                                         .max_line = max_line,
+                                         .concurrency = concurrency,
+                                         .request_timeout_ms = request_timeout_ms,
+                                         .retry_timeout_ms = retry_timeout_ms,
+                                         .max_retries = max_retries});
+    }
+    if (route_model || tls_ca || tls_cert || tls_key || api_key_file)
+        return tsr_cli_usage_error("batch", "--model-name, --tls-* and --api-key-file go with "
+                                            "--coordinator ADDR");
+    const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
+                  n_threads = eo.n_threads;
+    const uint64_t kv_memory = eo.n_bytes_kv;
 
     char err[1024], model_name[256];
     tsr_hparams hp;
@@ -1237,10 +2022,10 @@ int tsr_cmd_batch(int argc, char **argv)
         return TSR_BATCH_EXIT_ERROR;
     }
     /* KV pool: one block = TSR_KV_BLOCK_SIZE positions of K and V, every layer and KV
-     * head, float32. Default: --max-seqs full contexts, at most a quarter of the free
+     * head, in --kv-type. Default: --max-seqs full contexts, at most a quarter of the free
      * memory and DEFAULT_KV_CAP, at least one context. */
-    uint64_t block_bytes = (uint64_t)hp.n_layer * 2u * (uint64_t)hp.n_head_kv *
-                           (uint64_t)hp.head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    uint64_t block_bytes =
+        tsr_kv_block_bytes(&hp, hp.n_layer, hp.n_head_kv, tsr_replica_params_kv_type(&rp));
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx : (hp.n_ctx_train > 0 && hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
     uint64_t blocks_per_seq = (uint64_t)(ctx_tokens + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
@@ -1313,6 +2098,7 @@ int tsr_cmd_batch(int argc, char **argv)
         .idle_heartbeat_ms = 1000,
         .spec_default_on = false,
     };
+    ep.no_prefix_cache = eo.no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;

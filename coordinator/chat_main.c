@@ -51,7 +51,10 @@ static const char *chat_help =
     "      --chat-template NAME    use template family NAME (or a Jinja text) instead of\n"
     "                              the model's: chatml, llama2, llama3, gemma, phi3,\n"
     "                              zephyr, deepseek, mistral-v7, ... (an unknown NAME lists\n"
-    "                              them all)\n" TSR_CLI_GEN_HELP(
+    "                              them all)\n"
+    "      --no-prefix-cache       recompute the whole conversation every turn (default:\n"
+    "                              the earlier turns' full 16-token prompt blocks are "
+    "reused)\n" TSR_CLI_GEN_HELP(
         DEFAULT_MODEL) "      --json                  print one JSON object per answer (after the "
                        "session):\n"
                        "                              the keys of 'generate --json' plus prompt "
@@ -408,12 +411,13 @@ static void *sigint_thread(void *arg)
 
 int tsr_cmd_chat(int argc, char **argv)
 {
-    enum { O_JSON = 400, O_TEMPLATE };
+    enum { O_JSON = 400, O_TEMPLATE, O_NO_PREFIX_CACHE };
     static const struct option opts[] = {TSR_CLI_GEN_OPTS,
                                          {"prompt", required_argument, 0, 'p'},
                                          {"system", required_argument, 0, 's'},
                                          {"chat-template", required_argument, 0, O_TEMPLATE},
                                          {"json", no_argument, 0, O_JSON},
+                                         {"no-prefix-cache", no_argument, 0, O_NO_PREFIX_CACHE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     tsr_cli_gen_opts o;
@@ -421,6 +425,7 @@ int tsr_cmd_chat(int argc, char **argv)
     chat_session c;
     memset(&c, 0, sizeof c);
     const char *tmpl_override = NULL;
+    bool no_prefix_cache = false;
     int ch;
     while ((ch = getopt_long(argc, argv, TSR_CLI_GEN_SHORTOPTS "p:s:h", opts, NULL)) != -1) {
         switch (ch) {
@@ -435,6 +440,9 @@ int tsr_cmd_chat(int argc, char **argv)
             break;
         case O_JSON:
             c.json = true;
+            break;
+        case O_NO_PREFIX_CACHE:
+            no_prefix_cache = true;
             break;
         case 'h':
             fputs(chat_help, stdout);
@@ -503,7 +511,8 @@ int tsr_cmd_chat(int argc, char **argv)
                             .max_queue = 4,
                             .drafter = drafter,
                             .spec_k = (int32_t)o.spec_k,
-                            .spec_default_on = true};
+                            .spec_default_on = true,
+                            .no_prefix_cache = no_prefix_cache};
     if (tsr_engine_new(rep, &ep, &c.eng, err, sizeof err) != 0) goto stop;
 
     if (c.mode == MODE_INTERACTIVE) {

@@ -159,10 +159,68 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
             return tsr_cli_usage_error(cmd, "--device must be cpu, cuda or auto, got '%s'", arg);
         rp->device = arg;
         return 0;
+    case TSR_CLI_O_NO_REPACK:
+        /* the process-wide default too, so a draft model loaded later follows it */
+        rp->no_repack = true;
+        tsr_model_set_repack_default(false);
+        return 0;
     case TSR_CLI_O_GPU_MEMORY:
         if (!tsr_cli_parse_bytes(arg, &rp->gpu_memory) || rp->gpu_memory == 0)
             return tsr_cli_usage_error(cmd, "--gpu-memory needs a byte count (e.g. 20G), got '%s'",
                                        arg);
+        return 0;
+    case TSR_CLI_O_KV_TYPE:
+        return tsr_cli_kv_type_flag(cmd, arg, rp);
+    }
+    return -1;
+}
+
+int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp)
+{
+    tsr_kv_type t;
+    if (!tsr_kv_type_parse(arg, &t))
+        return tsr_cli_usage_error(cmd, "--kv-type must be f32, f16 or q8_0, got '%s'", arg);
+    rp->kv_type = arg;
+    return 0;
+}
+
+/* ---- engine flags ---- */
+
+void tsr_cli_engine_defaults(tsr_cli_engine_opts *o, int64_t max_batch_tokens, int64_t max_seqs)
+{
+    memset(o, 0, sizeof *o);
+    o->max_batch_tokens = max_batch_tokens;
+    o->max_seqs = max_seqs;
+    o->n_threads = tsr_cli_default_threads();
+}
+
+static int engine_int(const char *cmd, const char *name, const char *arg, int64_t lo, int64_t hi,
+                      int64_t *dst)
+{
+    if (!tsr_cli_parse_i64(arg, lo, hi, dst))
+        return tsr_cli_usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,
+                                   (long long)lo, (long long)hi, arg);
+    return 0;
+}
+
+int tsr_cli_engine_flag(const char *cmd, int c, const char *arg, tsr_cli_engine_opts *o)
+{
+    switch (c) {
+    case TSR_CLI_O_MAX_BATCH:
+        return engine_int(cmd, "--max-batch-tokens", arg, 1, 1 << 20, &o->max_batch_tokens);
+    case TSR_CLI_O_MAX_SEQS:
+        return engine_int(cmd, "--max-seqs", arg, 1, 1 << 16, &o->max_seqs);
+    case 'c':
+        return engine_int(cmd, "--ctx-size", arg, 1, 1 << 24, &o->n_ctx);
+    case 't':
+        return engine_int(cmd, "--threads", arg, 1, 256, &o->n_threads);
+    case TSR_CLI_O_NO_PREFIX_CACHE:
+        o->no_prefix_cache = true;
+        return 0;
+    case TSR_CLI_O_KV_MEMORY:
+        if (!tsr_cli_parse_bytes(arg, &o->n_bytes_kv) || o->n_bytes_kv == 0)
+            return tsr_cli_usage_error(
+                cmd, "--kv-memory needs a byte count > 0 such as 512M or 2G, got '%s'", arg);
         return 0;
     }
     return -1;
@@ -287,9 +345,8 @@ int tsr_cli_gen_drafter(const tsr_cli_gen_opts *o, tsr_replica *rep, tsr_drafter
     if (o->spec_ngram) return tsr_drafter_ngram_new(1, 3, out, err, err_len);
     if (o->spec_oracle) return tsr_drafter_oracle_load(o->spec_oracle, out, err, err_len);
     if (o->draft_model)
-        return tsr_drafter_model_new(o->draft_model, tsr_replica_gguf(rep),
-                                     tsr_replica_n_kv_blocks(rep) + 8, (int)o->n_threads, out, err,
-                                     err_len);
+        return tsr_drafter_model_new_for(o->draft_model, rep, tsr_replica_n_kv_blocks(rep) + 8,
+                                         (int)o->n_threads, out, err, err_len);
     return 0;
 }
 

@@ -48,17 +48,26 @@ int tsr_cli_default_threads(void);
 
 /* ---- the distributed layout: --tp, --pp, --layers, --comm-timeout ---- */
 
+/* --kv-type, also taken by serve and batch (which list their own flags). */
+#define TSR_CLI_KV_TYPE_HELP                                                                       \
+    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f32; f16 halves it,\n"    \
+    "                              q8_0 is 34/128 of f32; CUDA ranks: f32 only)\n"
+
 #define TSR_CLI_REPLICA_HELP                                                                       \
     "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \
     "      --tp N                  tensor-parallel ranks per stage (default 1)\n"                  \
     "      --pp N                  pipeline stages (default 1)\n"                                  \
     "      --layers A-B,C-D        layers of each stage (default: balanced by cost)\n"             \
     "      --comm-timeout MS       deadline of every wait between ranks (default 30000)\n"         \
-    "      --device cpu|cuda|auto  compute backend of every rank (default auto: cuda when\n"       \
-    "                              every rank sees a GPU; a rank uses GPU local-rank mod count)\n"  \
+    "      --device cpu|cuda|auto  compute backend of every rank (default $TESSERA_DEVICE, else\n" \
+    "                              auto: cuda when every rank sees a GPU; a rank uses GPU\n"       \
+    "                              local-rank mod count)\n" TSR_CLI_KV_TYPE_HELP                   \
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
-    "it\n"
+    "it\n"                                                                                         \
+    "      --no-repack             keep the weights in the file's layout (default: each CPU\n"     \
+    "                              rank repacks its Q8_0/Q4_0/Q5_0/Q4_K/Q6_K tiles at load for\n"  \
+    "                              faster kernels: same results, a private copy of them)\n"
 
 enum {
     TSR_CLI_O_TP = 300,
@@ -66,7 +75,9 @@ enum {
     TSR_CLI_O_LAYERS,
     TSR_CLI_O_COMM_TIMEOUT,
     TSR_CLI_O_DEVICE,
-    TSR_CLI_O_GPU_MEMORY
+    TSR_CLI_O_GPU_MEMORY,
+    TSR_CLI_O_KV_TYPE,
+    TSR_CLI_O_NO_REPACK
 };
 
 /* struct option entries (getopt_long) of the layout flags. */
@@ -75,13 +86,78 @@ enum {
         {"layers", required_argument, 0, TSR_CLI_O_LAYERS},                                        \
         {"comm-timeout", required_argument, 0, TSR_CLI_O_COMM_TIMEOUT},                            \
         {"device", required_argument, 0, TSR_CLI_O_DEVICE},                                        \
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},                                      \
+        {"no-repack", no_argument, 0, TSR_CLI_O_NO_REPACK},                                        \
     {                                                                                              \
         "gpu-memory", required_argument, 0, TSR_CLI_O_GPU_MEMORY                                   \
     }
 
-/* Parse layout flag c (argument arg) into rp: -1 when c is not one, 0 ok, 2 usage error
- * (printed). */
+/* Parse layout flag c (argument arg) into rp (--kv-type included): -1 when c is not one, 0
+ * ok, 2 usage error (printed). */
 int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_params *rp);
+/* --kv-type's argument into rp->kv_type: 0, or 2 after printing the usage error. */
+int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp);
+
+/* ---- engine flags: the serving engine's sizes, shared by `serve` and `batch` ---- */
+
+/* One block of help for the engine flags. The commands' defaults differ (a server keeps
+ * latency low, a batch job fills the machine), so they come in as strings; kv_default is
+ * the text after "Default:" for --kv-memory. New engine flags (--no-repack, --kv-type,
+ * ...) go here, in TSR_CLI_ENGINE_OPTS, tsr_cli_engine_opts and tsr_cli_engine_flag. */
+#define TSR_CLI_ENGINE_HELP(max_batch, max_seqs, kv_default)                                       \
+    "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"            \
+    "                            prefill chunks (default " max_batch ")\n"                         \
+    "      --max-seqs N          sequences running at once (default " max_seqs ")\n"               \
+    "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"            \
+    "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"      \
+    "                            n_layer x 2 x n_head_kv x head_dim x 16 values of\n"              \
+    "                            --kv-type (4, 2 or 34/32 bytes each); each\n"                     \
+    "                            rank holds its share of every block. Default:\n"                  \
+    "                            " kv_default "\n"                                                 \
+    "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"             \
+    "                            model's, max 4096)\n"                                             \
+    "  -t, --threads N           CPU threads per rank (default: all cores)\n"                      \
+    "      --no-prefix-cache     compute every prompt in full (default: KV blocks of full\n"       \
+    "                            16-token prompt blocks stay cached, and later requests\n"         \
+    "                            with the same prefix reuse them)\n"
+
+enum {
+    TSR_CLI_O_MAX_BATCH = 340,
+    TSR_CLI_O_MAX_SEQS,
+    TSR_CLI_O_KV_MEMORY,
+    TSR_CLI_O_NO_PREFIX_CACHE,
+};
+
+/* Short options of the engine flags (append the command's own). */
+#define TSR_CLI_ENGINE_SHORTOPTS "c:t:"
+
+/* struct option entries (getopt_long) of the engine flags. */
+/* clang-format off */
+#define TSR_CLI_ENGINE_OPTS                                                                        \
+    {"max-batch-tokens", required_argument, 0, TSR_CLI_O_MAX_BATCH},                               \
+    {"max-seqs", required_argument, 0, TSR_CLI_O_MAX_SEQS},                                        \
+    {"kv-memory", required_argument, 0, TSR_CLI_O_KV_MEMORY},                                      \
+    {"ctx-size", required_argument, 0, 'c'},                                                       \
+    {"threads", required_argument, 0, 't'},                                                        \
+    {"no-prefix-cache", no_argument, 0, TSR_CLI_O_NO_PREFIX_CACHE}
+/* clang-format on */
+
+/* What the engine flags say. */
+typedef struct {
+    int64_t max_batch_tokens; /* token budget of one step */
+    int64_t max_seqs;         /* sequences running at once */
+    uint64_t n_bytes_kv;      /* --kv-memory; 0: the command's default sizing */
+    int64_t n_ctx;            /* 0: the model's, at most 4096 */
+    int64_t n_threads;        /* per rank */
+    bool no_prefix_cache;     /* --no-prefix-cache */
+} tsr_cli_engine_opts;
+
+/* Defaults: the command's batch budget and sequences, no KV budget, the model's context,
+ * every core. */
+void tsr_cli_engine_defaults(tsr_cli_engine_opts *o, int64_t max_batch_tokens, int64_t max_seqs);
+/* Parse engine flag c (getopt's optarg in arg): -1 when c is not one, 0 ok, 2 usage error
+ * (printed). */
+int tsr_cli_engine_flag(const char *cmd, int c, const char *arg, tsr_cli_engine_opts *o);
 
 /* ---- the flags of a generation ---- */
 

@@ -20,6 +20,7 @@
 typedef struct rep {
     tsr_replica_info info; /* identity + last reported load + state, reason, launched */
     grpc_channel *ch;
+    bool ch_tls; /* ch was made with TLS */
     uint64_t generation;
     int64_t t_heartbeat_ms; /* 0: never */
     int64_t t_quarantine_until_ms;
@@ -196,8 +197,16 @@ int tsr_coord_heartbeat(tsr_coord *c, const tsr_replica_info *hb, bool *removed,
         r->generation = 1;
         insert(c, r);
     }
-    if (!r->ch || strcmp(r->info.address, hb->address) != 0) {
-        grpc_channel *ch = tsr_rpc_channel(hb->address);
+    if (hb->tls && !tsr_tls_client_enabled(c->p.replica_tls)) {
+        tsr_set_err(err, err_len,
+                    "replica '%s' serves TLS, but this coordinator has no CA to verify it: start "
+                    "it with --replica-tls-ca FILE",
+                    hb->name);
+        rc = TSR_COORD_EINVAL;
+        goto out;
+    }
+    if (!r->ch || strcmp(r->info.address, hb->address) != 0 || r->ch_tls != hb->tls) {
+        grpc_channel *ch = tsr_rpc_channel_tls(hb->address, hb->tls ? c->p.replica_tls : NULL);
         if (!ch) {
             tsr_set_err(err, err_len, "cannot create a channel to %s", hb->address);
             rc = TSR_COORD_ENOMEM;
@@ -218,6 +227,7 @@ int tsr_coord_heartbeat(tsr_coord *c, const tsr_replica_info *hb, bool *removed,
             c->retired = rt;
         }
         r->ch = ch;
+        r->ch_tls = hb->tls;
         r->generation++;
     }
     bool launched = r->info.launched;

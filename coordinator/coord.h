@@ -34,6 +34,8 @@
 #ifndef TSR_COORD_H
 #define TSR_COORD_H
 
+#include "coordinator/tls.h"
+
 #include <grpc/grpc.h>
 
 #include <stdbool.h>
@@ -67,6 +69,7 @@ typedef struct {
     double tokens_per_second;
     bool healthy, draining; /* heartbeat: the replica's own view */
     int32_t max_queue, context_length;
+    bool tls; /* the replica serves TLS (its channel uses tsr_coord_params.replica_tls) */
     /* list only */
     tsr_replica_state state;
     double last_heartbeat_ms_ago; /* -1: never */
@@ -81,6 +84,11 @@ typedef struct {
 typedef struct {
     int64_t down_after_ms;         /* default 3000 */
     int32_t heartbeat_interval_ms; /* told to replicas; default 500 */
+    /* How to dial replicas that serve TLS (heartbeat `tls`): their CA and the coordinator's
+     * client certificate (borrowed, must outlive the registry; NULL or without a CA: a TLS
+     * replica is refused at its heartbeat, naming --replica-tls-ca). Plaintext replicas
+     * are dialled in plaintext either way. */
+    const tsr_tls_client *replica_tls;
 } tsr_coord_params;
 
 typedef struct tsr_coord tsr_coord;

@@ -17,9 +17,11 @@
  * doubling to 30 s; reset after 60 s of life); SIGTERM / SIGINT stops them all (SIGTERM to
  * each group, SIGKILL after 10 s) and then the coordinator.
  */
+#include "coordinator/auth.h"
 #include "coordinator/cli.h"
 #include "coordinator/coord.h"
 #include "coordinator/coord_server.h"
+#include "coordinator/tls.h"
 #include "kernels/util.h"
 #include "shard/gguf.h"
 #include "shard/plan.h"
@@ -67,6 +69,21 @@ static const char *coord_help =
     "      --tessera PATH        the tessera binary launched replicas run (default: this one)\n"
     "      --down-after MS       a replica without a heartbeat this long is down (default 3000)\n"
     "      --shutdown-grace MS   on SIGTERM, how long open streams may finish (default 10000)\n"
+    "\n"
+    "keys and TLS (as 'tessera serve'):\n"
+    "      --api-key-file FILE   Inference needs the 'authorization: Bearer KEY' metadata with\n"
+    "                            a key of FILE (one per line); SIGHUP re-reads the key files\n"
+    "      --admin-key-file FILE the Cluster service (ctl, replica heartbeats) needs one of\n"
+    "                            these keys (they work for inference too)\n"
+    "      --insecure-listen     allow a non-loopback --listen without key files\n"
+    "      --tls-cert FILE       serve TLS with this PEM certificate chain\n"
+    "      --tls-key FILE        and this PEM private key (unencrypted)\n"
+    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
+    "      --replica-key-file FILE  send the first key of FILE to replicas (their\n"
+    "                            --api-key-file); launched replicas get it as theirs\n"
+    "      --replica-tls-ca FILE verify replicas that serve TLS with this CA\n"
+    "      --replica-tls-cert FILE, --replica-tls-key FILE  client certificate for replicas\n"
+    "                            with mutual TLS\n"
     "  -h, --help                this help\n";
 
 /* ---- signals ---- */
@@ -74,10 +91,14 @@ static const char *coord_help =
 static sem_t g_sem;
 static atomic_int g_signals;
 
+static atomic_int g_hups; /* SIGHUPs not yet handled: re-read the key files */
+
 static void on_signal(int sig)
 {
-    (void)sig;
-    atomic_fetch_add(&g_signals, 1);
+    if (sig == SIGHUP)
+        atomic_fetch_add(&g_hups, 1);
+    else
+        atomic_fetch_add(&g_signals, 1);
     sem_post(&g_sem);
 }
 
@@ -135,7 +156,9 @@ static bool buf_add(char **buf, size_t *len, size_t *cap, const char *s, bool qu
     return true;
 }
 
-static char *expand(const launched *r, const char *tessera, const char *coordinator)
+/* `extra`: serve arguments the coordinator adds (already shell-quoted), or "". */
+static char *expand(const launched *r, const char *tessera, const char *coordinator,
+                    const char *extra)
 {
     char *serve = NULL, *out = NULL;
     size_t sl = 0, sc = 0, ol = 0, oc = 0;
@@ -147,7 +170,7 @@ static char *expand(const launched *r, const char *tessera, const char *coordina
          buf_add(&serve, &sl, &sc, coordinator, true) &&
          buf_add(&serve, &sl, &sc, " --name ", false) && buf_add(&serve, &sl, &sc, r->name, true) &&
          buf_add(&serve, &sl, &sc, " --model-name ", false) &&
-         buf_add(&serve, &sl, &sc, r->model_name, true);
+         buf_add(&serve, &sl, &sc, r->model_name, true) && buf_add(&serve, &sl, &sc, extra, false);
     for (int i = 0; ok && i < r->n_args; i++)
         ok = buf_add(&serve, &sl, &sc, " ", false) && buf_add(&serve, &sl, &sc, r->args[i], true);
     const char *t = r->launch;
@@ -421,17 +444,46 @@ static void describe_exit(int status, char *buf, size_t cap)
 
 int tsr_cmd_coordinator(int argc, char **argv)
 {
-    enum { O_LISTEN = 256, O_CLUSTER, O_DRY, O_TESSERA, O_DOWN, O_GRACE };
+    enum {
+        O_LISTEN = 256,
+        O_CLUSTER,
+        O_DRY,
+        O_TESSERA,
+        O_DOWN,
+        O_GRACE,
+        O_API_KEYS,
+        O_ADMIN_KEYS,
+        O_INSECURE,
+        O_TLS_CERT,
+        O_TLS_KEY,
+        O_TLS_CA,
+        O_R_KEY,
+        O_R_CA,
+        O_R_CERT,
+        O_R_TLSKEY
+    };
     static const struct option opts[] = {{"listen", required_argument, 0, O_LISTEN},
                                          {"cluster", required_argument, 0, O_CLUSTER},
                                          {"dry-run", no_argument, 0, O_DRY},
                                          {"tessera", required_argument, 0, O_TESSERA},
                                          {"down-after", required_argument, 0, O_DOWN},
                                          {"shutdown-grace", required_argument, 0, O_GRACE},
+                                         {"api-key-file", required_argument, 0, O_API_KEYS},
+                                         {"admin-key-file", required_argument, 0, O_ADMIN_KEYS},
+                                         {"insecure-listen", no_argument, 0, O_INSECURE},
+                                         {"tls-cert", required_argument, 0, O_TLS_CERT},
+                                         {"tls-key", required_argument, 0, O_TLS_KEY},
+                                         {"tls-client-ca", required_argument, 0, O_TLS_CA},
+                                         {"replica-key-file", required_argument, 0, O_R_KEY},
+                                         {"replica-tls-ca", required_argument, 0, O_R_CA},
+                                         {"replica-tls-cert", required_argument, 0, O_R_CERT},
+                                         {"replica-tls-key", required_argument, 0, O_R_TLSKEY},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *listen = TSR_COORD_DEFAULT_LISTEN, *cluster = NULL, *tessera = NULL;
-    bool dry = false;
+    const char *api_keys = NULL, *admin_keys = NULL, *tls_cert = NULL, *tls_key = NULL,
+               *tls_ca = NULL, *r_key = NULL, *r_ca = NULL, *r_cert = NULL, *r_tlskey = NULL;
+    bool dry = false, insecure = false;
     int64_t down_ms = 3000, grace_ms = 10000;
     int c;
     optind = 1;
@@ -464,6 +516,36 @@ int tsr_cmd_coordinator(int argc, char **argv)
                 return tsr_cli_usage_error("coordinator",
                                            "--shutdown-grace needs milliseconds, got '%s'", optarg);
             break;
+        case O_API_KEYS:
+            api_keys = optarg;
+            break;
+        case O_ADMIN_KEYS:
+            admin_keys = optarg;
+            break;
+        case O_INSECURE:
+            insecure = true;
+            break;
+        case O_TLS_CERT:
+            tls_cert = optarg;
+            break;
+        case O_TLS_KEY:
+            tls_key = optarg;
+            break;
+        case O_TLS_CA:
+            tls_ca = optarg;
+            break;
+        case O_R_KEY:
+            r_key = optarg;
+            break;
+        case O_R_CA:
+            r_ca = optarg;
+            break;
+        case O_R_CERT:
+            r_cert = optarg;
+            break;
+        case O_R_TLSKEY:
+            r_tlskey = optarg;
+            break;
         case 'h':
             fputs(coord_help, stdout);
             return 0;
@@ -475,14 +557,66 @@ int tsr_cmd_coordinator(int argc, char **argv)
         return tsr_cli_usage_error("coordinator", "unexpected argument '%s'", argv[optind]);
     if (dry && !cluster)
         return tsr_cli_usage_error("coordinator", "--dry-run goes with --cluster FILE");
+    if ((tls_cert != NULL) != (tls_key != NULL))
+        return tsr_cli_usage_error("coordinator", "--tls-cert and --tls-key go together");
+    if (tls_ca && !tls_cert)
+        return tsr_cli_usage_error("coordinator", "--tls-client-ca needs --tls-cert and --tls-key");
+    if ((r_cert != NULL) != (r_tlskey != NULL))
+        return tsr_cli_usage_error("coordinator",
+                                   "--replica-tls-cert and --replica-tls-key go together");
+    if (r_cert && !r_ca)
+        return tsr_cli_usage_error("coordinator",
+                                   "--replica-tls-cert / --replica-tls-key need --replica-tls-ca");
+    if (!api_keys && !admin_keys && !insecure && !tsr_auth_listen_is_loopback(listen))
+        return tsr_cli_usage_error(
+            "coordinator",
+            "refusing to serve %s without authentication: give --api-key-file (and "
+            "--admin-key-file), or --insecure-listen to serve it open anyway",
+            listen);
 
     char err[2048];
     char self[4096];
+    /* Keys and TLS files: read and checked before anything starts. */
+    tsr_auth *auth = NULL;
+    tsr_tls_server tls;
+    tsr_tls_client rtls;
+    char *r_auth = NULL;
+    memset(&tls, 0, sizeof tls);
+    memset(&rtls, 0, sizeof rtls);
+    if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
+        tsr_tls_server_load("--tls-", tls_cert, tls_key, tls_ca, &tls, err, sizeof err) != 0 ||
+        tsr_tls_client_load("--replica-tls-", r_ca, r_cert, r_tlskey, &rtls, err, sizeof err) !=
+            0 ||
+        tsr_auth_client_header("--replica-key-file", r_key, NULL, &r_auth, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera coordinator: %s\n", err);
+        tsr_auth_free(auth);
+        tsr_tls_server_free(&tls);
+        tsr_tls_client_free(&rtls);
+        return 1;
+    }
+    /* Launched replicas join with an admin key and serve with the replica key. */
+    char *launch_extra = NULL;
+    size_t le_len = 0, le_cap = 0;
+    bool le_ok = buf_add(&launch_extra, &le_len, &le_cap, "", false);
+    if (le_ok && admin_keys)
+        le_ok = buf_add(&launch_extra, &le_len, &le_cap, " --join-key-file ", false) &&
+                buf_add(&launch_extra, &le_len, &le_cap, admin_keys, true);
+    if (le_ok && r_key)
+        le_ok = buf_add(&launch_extra, &le_len, &le_cap, " --api-key-file ", false) &&
+                buf_add(&launch_extra, &le_len, &le_cap, r_key, true);
+    if (le_ok && tls_cert && tls_ca)
+        le_ok = buf_add(&launch_extra, &le_len, &le_cap, " --join-tls-ca ", false) &&
+                buf_add(&launch_extra, &le_len, &le_cap, tls_ca, true);
+    int early_rc = 1;
+    if (!le_ok) {
+        fprintf(stderr, "tessera coordinator: out of memory\n");
+        goto fail_keys;
+    }
     if (!tessera) {
         ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
         if (n <= 0) {
             fprintf(stderr, "tessera coordinator: cannot find this binary; pass --tessera PATH\n");
-            return 1;
+            goto fail_keys;
         }
         self[n] = 0;
         tessera = self;
@@ -493,7 +627,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
         n_launched = read_cluster(cluster, L, err, sizeof err);
         if (n_launched < 0) {
             fprintf(stderr, "tessera coordinator: %s\n", err);
-            return 1;
+            goto fail_keys;
         }
         /* Plan every replica before starting any. */
         static tsr_plan plan;
@@ -502,12 +636,12 @@ int tsr_cmd_coordinator(int argc, char **argv)
             if (plan_replica(&L[i], &plan, &pm, err, sizeof err) != 0) {
                 fprintf(stderr, "tessera coordinator: %s\n", err);
                 launched_free(L, n_launched);
-                return 1;
+                goto fail_keys;
             }
             if (dry) {
                 static char buf[1 << 16];
                 tsr_plan_format(&plan, &pm, buf, sizeof buf);
-                L[i].cmd = expand(&L[i], tessera, dry ? listen : listen);
+                L[i].cmd = expand(&L[i], tessera, listen, launch_extra);
                 printf("replica %s: model %s (%s), tp %d x pp %d, %d threads per rank\n", L[i].name,
                        L[i].model_name, L[i].model, L[i].tp, L[i].pp, L[i].threads);
                 printf("  launch: %s\n", L[i].cmd ? L[i].cmd : "(bad template)");
@@ -519,32 +653,36 @@ int tsr_cmd_coordinator(int argc, char **argv)
                             "{name} {coordinator} {tessera} {serve_args}\n",
                             L[i].name);
                     launched_free(L, n_launched);
-                    return 1;
+                    goto fail_keys;
                 }
             }
         }
         if (dry) {
             launched_free(L, n_launched);
-            return 0;
+            early_rc = 0;
+            goto fail_keys;
         }
     }
 
     grpc_init(); /* held until the registry's channels are gone */
     tsr_coord *coord;
-    tsr_coord_params cp = {.down_after_ms = down_ms, .heartbeat_interval_ms = 500};
+    tsr_coord_params cp = {
+        .down_after_ms = down_ms, .heartbeat_interval_ms = 500, .replica_tls = &rtls};
     if (tsr_coord_new(&cp, &coord, err, sizeof err) != 0) {
         fprintf(stderr, "tessera coordinator: %s\n", err);
         grpc_shutdown();
-        return 1;
+        goto fail_keys;
     }
     tsr_coord_server *srv;
     int port = 0;
-    if (tsr_coord_server_start(listen, coord, &srv, &port, err, sizeof err) != 0) {
+    tsr_coord_server_params sp = {
+        .listen = listen, .auth = auth, .tls = &tls, .replica_authorization = r_auth};
+    if (tsr_coord_server_start(&sp, coord, &srv, &port, err, sizeof err) != 0) {
         fprintf(stderr, "tessera coordinator: %s\n", err);
         tsr_coord_free(coord);
         grpc_shutdown();
         launched_free(L, n_launched);
-        return 1;
+        goto fail_keys;
     }
     sem_init(&g_sem, 0, 0);
     struct sigaction sa;
@@ -553,6 +691,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
 
     char host[256];
     const char *colon = strrchr(listen, ':');
@@ -560,11 +699,22 @@ int tsr_cmd_coordinator(int argc, char **argv)
     char self_addr[300];
     snprintf(self_addr, sizeof self_addr, "%s:%d",
              !strcmp(host, "0.0.0.0") || !strcmp(host, "[::]") ? "127.0.0.1" : host, port);
+    if (!tsr_auth_enabled(auth))
+        fprintf(stderr,
+                "tessera coordinator: no --api-key-file: serving without authentication%s\n",
+                insecure ? " (--insecure-listen)" : " (loopback addresses only)");
+    else
+        fprintf(stderr, "tessera coordinator: keys required (%s%s%s)\n",
+                api_keys ? "--api-key-file" : "", api_keys && admin_keys ? ", " : "",
+                admin_keys ? "--admin-key-file" : "");
+    if (tsr_tls_server_enabled(&tls))
+        fprintf(stderr, "tessera coordinator: TLS on%s\n",
+                tls.client_ca_pem ? " (mutual TLS: client certificates required)" : "");
     fprintf(stderr, "tessera coordinator: listening on %s:%d\n", host, port);
     fflush(stderr);
 
     for (int i = 0; i < n_launched; i++) {
-        L[i].cmd = expand(&L[i], tessera, self_addr);
+        L[i].cmd = expand(&L[i], tessera, self_addr, launch_extra);
         if (!L[i].cmd) {
             fprintf(stderr,
                     "tessera coordinator: replica '%s': the launch template has an unknown "
@@ -594,6 +744,17 @@ int tsr_cmd_coordinator(int argc, char **argv)
             ts.tv_nsec -= 1000000000L;
         }
         while (sem_timedwait(&g_sem, &ts) != 0 && errno == EINTR) {
+        }
+        if (atomic_exchange(&g_hups, 0) > 0 && auth) {
+            int n_api = 0, n_admin = 0;
+            if (tsr_auth_reload(auth, &n_api, &n_admin, err, sizeof err) != 0)
+                fprintf(stderr, "tessera coordinator: SIGHUP: keeping the previous keys: %s\n",
+                        err);
+            else
+                fprintf(stderr,
+                        "tessera coordinator: SIGHUP: key files re-read (%d inference, %d admin "
+                        "keys)\n",
+                        n_api, n_admin);
         }
         tsr_coord_tick(coord);
         const int64_t t = now_ms();
@@ -674,7 +835,22 @@ int tsr_cmd_coordinator(int argc, char **argv)
     launched_free(L, n_launched);
     signal(SIGTERM, SIG_DFL);
     signal(SIGINT, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
     sem_destroy(&g_sem);
+    if (rc == 0) {
+        tsr_auth_free(auth);
+        tsr_tls_client_free(&rtls);
+    }
+    tsr_tls_server_free(&tls);
+    free(r_auth);
+    free(launch_extra);
     if (rc == 0) fprintf(stderr, "tessera coordinator: stopped\n");
     return rc;
+fail_keys:
+    tsr_auth_free(auth);
+    tsr_tls_server_free(&tls);
+    tsr_tls_client_free(&rtls);
+    free(r_auth);
+    free(launch_extra);
+    return early_rc;
 }

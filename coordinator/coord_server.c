@@ -14,6 +14,7 @@
  */
 #include "coordinator/coord_server.h"
 #include "coordinator/rpc.h"
+#include "coordinator/tls.h"
 #include "kernels/util.h"
 
 #include "health.pb-c.h"
@@ -91,6 +92,9 @@ struct tsr_coord_server {
     grpc_server *srv;
     grpc_completion_queue *cq;
     tsr_coord *coord;
+    tsr_auth *auth;              /* borrowed, NULL: no keys */
+    char *replica_authorization; /* "Bearer KEY" sent to replicas, or NULL */
+    grpc_metadata replica_md;    /* authorization: replica_authorization */
     pthread_t cq_thread;
     int shutdown_tag, new_tag;
     ccall *pending;         /* the call request_call fills (CQ thread) */
@@ -320,6 +324,11 @@ static bool up_start(ccall *c, grpc_channel *ch, const char *method, const Proto
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    if (c->s->replica_authorization) {
+        /* The slices live in the server (static key, value copied once at start). */
+        ops[0].data.send_initial_metadata.count = 1;
+        ops[0].data.send_initial_metadata.metadata = &c->s->replica_md;
+    }
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = c->up_send_bb;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -470,10 +479,11 @@ static bool replica_fault(grpc_status_code code)
     case GRPC_STATUS_FAILED_PRECONDITION:
     case GRPC_STATUS_OUT_OF_RANGE:
     case GRPC_STATUS_UNIMPLEMENTED:
-    case GRPC_STATUS_PERMISSION_DENIED:
-    case GRPC_STATUS_UNAUTHENTICATED:
     case GRPC_STATUS_ALREADY_EXISTS:
         return false;
+    /* UNAUTHENTICATED / PERMISSION_DENIED from a replica refuse the coordinator's own key
+     * (--replica-key-file), not the client's (checked here already): that replica cannot
+     * serve through this coordinator, so the request goes elsewhere. */
     default:
         return true;
     }
@@ -498,7 +508,8 @@ static void send_lost_finish(ccall *c, char *request_id, Tessera__V1__FinishReas
 
 /* Did token `last` end the request (a stop token id; an end-of-generation token of the
  * model, unless ignore_eos)? The finish reason, or -1. Asks the replica for its EOG ids. */
-static int finished_by(const Tessera__V1__GenerateRequest *q, grpc_channel *ch, int32_t last)
+static int finished_by(const Tessera__V1__GenerateRequest *q, grpc_channel *ch, const char *auth,
+                       int32_t last)
 {
     for (size_t i = 0; i < q->n_stop_token_ids; i++)
         if (q->stop_token_ids[i] == last) return TESSERA__V1__FINISH_REASON__FINISH_REASON_STOP;
@@ -509,8 +520,8 @@ static int finished_by(const Tessera__V1__GenerateRequest *q, grpc_channel *ch, 
     size_t len = 0;
     char det[256];
     int reason = -1;
-    if (tsr_rpc_unary(ch, "/tessera.v1.Inference/ModelInfo", &mq.base, UNARY_TIMEOUT_MS, &resp,
-                      &len, det, sizeof det) == 0) {
+    if (tsr_rpc_unary_auth(ch, auth, "/tessera.v1.Inference/ModelInfo", &mq.base, UNARY_TIMEOUT_MS,
+                           &resp, &len, det, sizeof det) == 0) {
         Tessera__V1__ModelInfoResponse *a =
             tessera__v1__model_info_response__unpack(NULL, len, resp);
         if (a) {
@@ -597,8 +608,9 @@ static void handle_generate(ccall *c, grpc_slice in)
                 uint8_t *resp = NULL;
                 size_t resp_len = 0;
                 char det[512];
-                int code = tsr_rpc_unary(lease.channel, "/tessera.v1.Inference/Tokenize", &tq.base,
-                                         UNARY_TIMEOUT_MS, &resp, &resp_len, det, sizeof det);
+                int code = tsr_rpc_unary_auth(lease.channel, s->replica_authorization,
+                                              "/tessera.v1.Inference/Tokenize", &tq.base,
+                                              UNARY_TIMEOUT_MS, &resp, &resp_len, det, sizeof det);
                 Tessera__V1__TokenizeResponse *tr =
                     code == 0 ? tessera__v1__tokenize_response__unpack(NULL, resp_len, resp) : NULL;
                 free(resp);
@@ -621,7 +633,8 @@ static void handle_generate(ccall *c, grpc_slice in)
             }
             /* The last token streamed may have ended the request, its finish lost with the
              * replica: an end-of-generation token or a stop token id. */
-            int lost = finished_by(q, lease.channel, streamed.ids[streamed.n - 1]);
+            int lost = finished_by(q, lease.channel, s->replica_authorization,
+                                   streamed.ids[streamed.n - 1]);
             if (lost >= 0) {
                 tsr_coord_release(s->coord, &lease);
                 send_lost_finish(c, q->request_id, (Tessera__V1__FinishReason)lost,
@@ -823,9 +836,9 @@ static void proxy_unary(ccall *c, const char *method, const char *model,
         uint8_t *resp = NULL;
         size_t resp_len = 0;
         char det[1024];
-        int code = tsr_rpc_unary(lease.channel, method, req,
-                                 left < UNARY_TIMEOUT_MS ? left : UNARY_TIMEOUT_MS, &resp,
-                                 &resp_len, det, sizeof det);
+        int code = tsr_rpc_unary_auth(lease.channel, c->s->replica_authorization, method, req,
+                                      left < UNARY_TIMEOUT_MS ? left : UNARY_TIMEOUT_MS, &resp,
+                                      &resp_len, det, sizeof det);
         if (code == GRPC_STATUS_OK) {
             tsr_coord_release(c->s->coord, &lease);
             send_ops(c, bytes_msg(resp, resp_len), true, GRPC_STATUS_OK, "");
@@ -1090,6 +1103,7 @@ static void handle_heartbeat(ccall *c, grpc_slice in)
     hb.draining = q->draining;
     hb.max_queue = q->max_queue;
     hb.context_length = q->context_length;
+    hb.tls = q->has_tls && q->tls;
     tessera__v1__heartbeat_request__free_unpacked(q, NULL);
     bool removed = false;
     char err[512];
@@ -1126,6 +1140,31 @@ static void call_free(ccall *c)
     free(c);
 }
 
+/* Keys (auth.h) before the request is read: every method but Health needs one, Cluster
+ * (ctl, heartbeats) an admin key. false: the client got UNAUTHENTICATED / PERMISSION_DENIED. */
+static bool call_authorized(ccall *c)
+{
+    if (!tsr_auth_enabled(c->s->auth)) return true;
+    if (grpc_slice_buf_start_eq(c->details.method, "/grpc.health.v1.Health/", 23)) return true;
+    const char *val = NULL;
+    size_t len = 0;
+    for (size_t i = 0; i < c->md.count; i++) {
+        if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization") == 0) {
+            val = (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
+            len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
+            break;
+        }
+    }
+    bool admin = grpc_slice_buf_start_eq(c->details.method, "/tessera.v1.Cluster/", 20);
+    char why[512];
+    tsr_auth_verdict v = tsr_auth_check(c->s->auth, val, len, admin, why, sizeof why);
+    if (v == TSR_AUTH_ALLOW) return true;
+    reply_status(
+        c, v == TSR_AUTH_FORBIDDEN ? GRPC_STATUS_PERMISSION_DENIED : GRPC_STATUS_UNAUTHENTICATED,
+        "%s", why);
+    return false;
+}
+
 static void *call_main(void *arg)
 {
     ccall *c = arg;
@@ -1135,6 +1174,7 @@ static void *call_main(void *arg)
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &c->cancelled;
     bool ok = start(c, B_CLOSE, &op, 1, c->call);
+    if (ok && !call_authorized(c)) ok = false; /* answered: no request is read */
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->recv_bb;
@@ -1285,16 +1325,28 @@ static void *cq_main(void *arg)
 
 /* ---- start / shutdown ---- */
 
-int tsr_coord_server_start(const char *listen, tsr_coord *coord, tsr_coord_server **out,
-                           int *bound_port, char *err, size_t err_len)
+int tsr_coord_server_start(const tsr_coord_server_params *p, tsr_coord *coord,
+                           tsr_coord_server **out, int *bound_port, char *err, size_t err_len)
 {
     *out = NULL;
+    const char *listen = p->listen ? p->listen : TSR_COORD_DEFAULT_LISTEN;
     tsr_coord_server *s = calloc(1, sizeof *s);
     if (!s) {
         tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
     s->coord = coord;
+    s->auth = p->auth;
+    if (p->replica_authorization) {
+        s->replica_authorization = strdup(p->replica_authorization);
+        if (!s->replica_authorization) {
+            free(s);
+            tsr_set_err(err, err_len, "out of memory");
+            return -1;
+        }
+        s->replica_md.key = grpc_slice_from_static_string("authorization");
+        s->replica_md.value = grpc_slice_from_static_string(s->replica_authorization);
+    }
     s->t_start_ns = tsr_now_ns();
     atomic_init(&s->next_id, 1);
     pthread_mutex_init(&s->mu, NULL);
@@ -1312,12 +1364,16 @@ int tsr_coord_server_start(const char *listen, tsr_coord *coord, tsr_coord_serve
     s->srv = grpc_server_create(&ch_args, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->srv, s->cq, NULL);
-    grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
-    int port = grpc_server_add_http2_port(s->srv, listen, cr);
-    grpc_server_credentials_release(cr);
+    grpc_server_credentials *cr = tsr_tls_grpc_server_credentials(p->tls);
+    int port = cr ? grpc_server_add_http2_port(s->srv, listen, cr) : 0;
+    if (cr) grpc_server_credentials_release(cr);
     if (port == 0) {
-        tsr_set_err(err, err_len,
-                    "cannot listen on '%s' (address in use, or not a valid HOST:PORT)", listen);
+        if (cr)
+            tsr_set_err(err, err_len,
+                        "cannot listen on '%s' (address in use, or not a valid HOST:PORT)", listen);
+        else
+            tsr_set_err(err, err_len, "cannot create the gRPC TLS credentials (--tls-cert)");
+        free(s->replica_authorization);
         grpc_server_destroy(s->srv);
         grpc_completion_queue_shutdown(s->cq);
         while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
@@ -1347,6 +1403,7 @@ int tsr_coord_server_start(const char *listen, tsr_coord *coord, tsr_coord_serve
         }
         grpc_completion_queue_destroy(s->cq);
         grpc_shutdown();
+        free(s->replica_authorization);
         free(s);
         return -1;
     }
@@ -1387,6 +1444,7 @@ int tsr_coord_server_shutdown(tsr_coord_server *s, int64_t grace_ms, char *err, 
     grpc_shutdown();
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    free(s->replica_authorization);
     free(s);
     return 0;
 }

@@ -31,16 +31,33 @@
 
 #include <stdint.h>
 
+#include "coordinator/auth.h"
 #include "coordinator/coord.h"
+#include "coordinator/tls.h"
 
 #define TSR_COORD_DEFAULT_LISTEN "127.0.0.1:50050"
 
 typedef struct tsr_coord_server tsr_coord_server;
 
-/* grpc_init, bind `listen` (SO_REUSEPORT off), start the CQ thread. The registry is
+typedef struct {
+    const char *listen; /* "host:port" (port 0: ephemeral); NULL: TSR_COORD_DEFAULT_LISTEN */
+    /* Keys (auth.h; borrowed, NULL: none): every call but Health needs `authorization:
+     * Bearer KEY` (UNAUTHENTICATED otherwise, before the request is read); the Cluster
+     * service (ctl, replica heartbeats) an admin key (PERMISSION_DENIED for an inference
+     * key). */
+    tsr_auth *auth;
+    /* TLS on the port (tls.h; read during start only; NULL or empty: plaintext). */
+    const tsr_tls_server *tls;
+    /* "Bearer KEY" sent as `authorization` on every call to a replica (copied; NULL:
+     * none). A replica refusing it (UNAUTHENTICATED / PERMISSION_DENIED) counts as that
+     * replica's failure: the request goes to another one. */
+    const char *replica_authorization;
+} tsr_coord_server_params;
+
+/* grpc_init, bind p->listen (SO_REUSEPORT off), start the CQ thread. The registry is
  * borrowed (free it after tsr_coord_server_shutdown). *bound_port: the port bound. */
-int tsr_coord_server_start(const char *listen, tsr_coord *coord, tsr_coord_server **out,
-                           int *bound_port, char *err, size_t err_len);
+int tsr_coord_server_start(const tsr_coord_server_params *p, tsr_coord *coord,
+                           tsr_coord_server **out, int *bound_port, char *err, size_t err_len);
 
 /* Stop accepting calls, let open ones finish for up to grace_ms, cancel the rest, wait for
  * every call thread (bounded), destroy the server, grpc_shutdown. 0, or negative when

@@ -6,6 +6,7 @@
  * 1 runtime error (coordinator unreachable, unknown replica: the message says which),
  * 2 usage error. Every call has a deadline (--timeout, default 5 s).
  */
+#include "coordinator/auth.h"
 #include "coordinator/cli.h"
 #include "coordinator/coord_server.h"
 #include "coordinator/rpc.h"
@@ -45,15 +46,25 @@ static const char *ctl_help =
     "      --coordinator ADDR   the coordinator (default " TSR_COORD_DEFAULT_LISTEN ")\n"
     "      --json               one JSON document instead of a table\n"
     "      --timeout MS         deadline of each call (default 5000)\n"
+    "      --api-key-file FILE  send the first key of FILE as 'authorization: Bearer KEY'\n"
+    "                           (a coordinator with --admin-key-file needs an admin key);\n"
+    "                           without it, the key in $TESSERA_API_KEY if set\n"
+    "      --tls-ca FILE        connect with TLS, verifying the coordinator's certificate\n"
+    "                           with this CA (PEM)\n"
+    "      --tls-cert FILE      mutual TLS: this client certificate (PEM) ...\n"
+    "      --tls-key FILE       ... and its unencrypted key (PEM)\n"
     "  -h, --help               this help\n"
     "\n"
-    "exit status: 0 ok, 1 runtime error (unreachable coordinator, unknown replica), 2 usage\n";
+    "exit status: 0 ok, 1 runtime error (unreachable coordinator, refused key, bad key or TLS\n"
+    "file, unknown replica), 2 usage\n";
 
 typedef struct {
     const char *addr;
     bool json;
     int64_t timeout_ms;
     grpc_channel *ch;
+    char *authorization; /* "Bearer KEY" or NULL */
+    bool tls;
 } ctl;
 
 /* One Cluster call; returns the reply bytes or NULL after printing the error. */
@@ -61,9 +72,26 @@ static uint8_t *call(ctl *k, const char *method, const ProtobufCMessage *req, si
 {
     uint8_t *resp = NULL;
     char det[1024];
-    int code = tsr_rpc_unary(k->ch, method, req, k->timeout_ms, &resp, len, det, sizeof det);
+    int code = tsr_rpc_unary_auth(k->ch, k->authorization, method, req, k->timeout_ms, &resp, len,
+                                  det, sizeof det);
     if (code != 0) {
-        if (code == GRPC_STATUS_UNAVAILABLE || code == GRPC_STATUS_DEADLINE_EXCEEDED)
+        if (code == GRPC_STATUS_UNAUTHENTICATED)
+            fprintf(stderr,
+                    "tessera ctl: the coordinator at %s refused the call: %s (give its key with "
+                    "--api-key-file FILE or $TESSERA_API_KEY)\n",
+                    k->addr, det);
+        else if (code == GRPC_STATUS_PERMISSION_DENIED)
+            fprintf(stderr,
+                    "tessera ctl: the coordinator at %s refused the call: %s (ctl needs an admin "
+                    "key: one of the coordinator's --admin-key-file)\n",
+                    k->addr, det);
+        else if (code == GRPC_STATUS_UNAVAILABLE && !k->tls)
+            fprintf(stderr,
+                    "tessera ctl: cannot reach the coordinator at %s (%s: %s); is 'tessera "
+                    "coordinator' running there? (--coordinator HOST:PORT; a coordinator serving "
+                    "TLS needs --tls-ca FILE)\n",
+                    k->addr, tsr_rpc_code_name(code), det);
+        else if (code == GRPC_STATUS_UNAVAILABLE || code == GRPC_STATUS_DEADLINE_EXCEEDED)
             fprintf(stderr,
                     "tessera ctl: cannot reach the coordinator at %s (%s: %s); is 'tessera "
                     "coordinator' running there? (--coordinator HOST:PORT)\n",
@@ -305,17 +333,22 @@ done:
 
 int tsr_cmd_ctl(int argc, char **argv)
 {
-    enum { O_COORD = 256, O_JSON, O_TIMEOUT, O_TP, O_PP, O_COUNT };
+    enum { O_COORD = 256, O_JSON, O_TIMEOUT, O_TP, O_PP, O_COUNT, O_KEYS, O_CA, O_CERT, O_KEY };
     static const struct option opts[] = {{"coordinator", required_argument, 0, O_COORD},
                                          {"json", no_argument, 0, O_JSON},
                                          {"timeout", required_argument, 0, O_TIMEOUT},
                                          {"tp", required_argument, 0, O_TP},
                                          {"pp", required_argument, 0, O_PP},
                                          {"count", required_argument, 0, O_COUNT},
+                                         {"api-key-file", required_argument, 0, O_KEYS},
+                                         {"tls-ca", required_argument, 0, O_CA},
+                                         {"tls-cert", required_argument, 0, O_CERT},
+                                         {"tls-key", required_argument, 0, O_KEY},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     ctl k = {.addr = TSR_COORD_DEFAULT_LISTEN, .timeout_ms = 5000};
     int64_t tp = 1, pp = 1, count = 0;
+    const char *key_file = NULL, *tls_ca = NULL, *tls_cert = NULL, *tls_key = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -347,6 +380,18 @@ int tsr_cmd_ctl(int argc, char **argv)
             if (!tsr_cli_parse_i64(optarg, 1, 1000000, &count))
                 return tsr_cli_usage_error("ctl", "--count needs an integer >= 1, got '%s'",
                                            optarg);
+            break;
+        case O_KEYS:
+            key_file = optarg;
+            break;
+        case O_CA:
+            tls_ca = optarg;
+            break;
+        case O_CERT:
+            tls_cert = optarg;
+            break;
+        case O_KEY:
+            tls_key = optarg;
             break;
         case 'h':
             fputs(ctl_help, stdout);
@@ -381,9 +426,25 @@ int tsr_cmd_ctl(int argc, char **argv)
         return tsr_cli_usage_error(
             "ctl", want == 1 ? "'%s' takes no argument" : "'%s' needs one argument (a %s)", cmd,
             !strcmp(cmd, "plan") ? "GGUF path" : "replica name");
+    if ((tls_cert != NULL) != (tls_key != NULL))
+        return tsr_cli_usage_error("ctl", "--tls-cert and --tls-key go together");
+    if (tls_cert && !tls_ca)
+        return tsr_cli_usage_error(
+            "ctl",
+            "--tls-cert / --tls-key need --tls-ca (the CA of the coordinator's certificate)");
     if (!strcmp(cmd, "plan")) return cmd_plan(&k, args[1], tp, pp);
+    char err[1024];
+    tsr_tls_client tls;
+    if (tsr_auth_client_header("--api-key-file", key_file, "TESSERA_API_KEY", &k.authorization, err,
+                               sizeof err) != 0 ||
+        tsr_tls_client_load("--tls-", tls_ca, tls_cert, tls_key, &tls, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera ctl: %s\n", err);
+        free(k.authorization);
+        return 1;
+    }
+    k.tls = tsr_tls_client_enabled(&tls);
     grpc_init();
-    k.ch = tsr_rpc_channel(k.addr);
+    k.ch = tsr_rpc_channel_tls(k.addr, &tls);
     int rc = 1;
     if (!k.ch) {
         fprintf(stderr, "tessera ctl: cannot create a channel to %s\n", k.addr);
@@ -398,5 +459,7 @@ int tsr_cmd_ctl(int argc, char **argv)
     }
     if (k.ch) grpc_channel_destroy(k.ch);
     grpc_shutdown();
+    tsr_tls_client_free(&tls);
+    free(k.authorization);
     return rc;
 }

@@ -22,7 +22,9 @@
 
 #include "shard/gguf.h"
 #include "shard/vocab.h"
+#include "worker/gpu.h"
 #include "worker/model.h"
+#include "worker/replica.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -454,6 +456,45 @@ int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d)
     return dm->n_free;
 }
 
+int tsr_drafter_model_use_gpu(tsr_drafter *d, int32_t device, uint64_t n_bytes_cap, char *err,
+                              size_t err_len)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) {
+        tsr_set_err(err, err_len, "only a draft model can run on a GPU");
+        return -1;
+    }
+    tsr_drafter_model *dm = d->impl;
+    char gerr[512];
+    if (tsr_gpu_attach(dm->c, dm->m, device, n_bytes_cap, gerr, sizeof gerr) != 0) {
+        tsr_set_err(err, err_len, "draft model on CUDA device %d: %s", device, gerr);
+        return -1;
+    }
+    return 0;
+}
+
+const char *tsr_drafter_model_backend(const tsr_drafter *d)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) return NULL;
+    const tsr_drafter_model *dm = d->impl;
+    return tsr_ctx_backend_name(dm->c);
+}
+
+int tsr_drafter_model_new_for(const char *path, const tsr_replica *target, int32_t n_kv_blocks,
+                              int n_threads, tsr_drafter **out, char *err, size_t err_len)
+{
+    /* the draft's cache in the target's KV type (f32 on GPU ranks) */
+    if (tsr_drafter_model_new_kv(path, tsr_replica_gguf(target), n_kv_blocks, n_threads,
+                                 tsr_replica_kv_type(target), out, err, err_len) != 0)
+        return -1;
+    const int32_t device = tsr_replica_device(target);
+    if (device >= 0 && tsr_drafter_model_use_gpu(*out, device, 0, err, err_len) != 0) {
+        tsr_drafter_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 /* Printable prefix of a GGUF string for messages. */
 static int tsr_drafter_str_len(const tsr_gguf_str *s)
 {
@@ -556,6 +597,14 @@ done:
 int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
                           int n_threads, tsr_drafter **out, char *err, size_t err_len)
 {
+    return tsr_drafter_model_new_kv(path, target_gguf, n_kv_blocks, n_threads, TSR_KV_F32, out, err,
+                                    err_len);
+}
+
+int tsr_drafter_model_new_kv(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
+                             int n_threads, tsr_kv_type kv_type, tsr_drafter **out, char *err,
+                             size_t err_len)
+{
     *out = NULL;
     char merr[512];
     if (!path || !target_gguf) {
@@ -580,8 +629,10 @@ int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t
     dm->n_vocab = dm->m->hp.n_vocab;
     dm->n_batch = TSR_DRAFTER_N_BATCH;
     dm->n_kv_blocks = n_kv_blocks;
-    if (tsr_ctx_new_paged(dm->m, n_kv_blocks, dm->n_batch, n_threads, &dm->c, merr, sizeof merr) !=
-        0) {
+    /* A draft whose heads cannot be q8_0 (head_dim % 32) keeps f16: drafts are proposals. */
+    if (!tsr_kv_type_fits(kv_type, dm->m->hp.head_dim, NULL, 0)) kv_type = TSR_KV_F16;
+    if (tsr_ctx_new_paged_kv(dm->m, n_kv_blocks, dm->n_batch, n_threads, kv_type, &dm->c, merr,
+                             sizeof merr) != 0) {
         tsr_set_err(err, err_len, "draft model %s: %s", path, merr);
         goto fail;
     }

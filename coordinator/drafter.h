@@ -24,6 +24,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/kvcache.h"
+
 typedef struct tsr_drafter tsr_drafter;
 
 typedef struct {
@@ -57,6 +59,26 @@ int tsr_drafter_ngram_new(int32_t min_n, int32_t max_n, tsr_drafter **out, char 
 typedef struct tsr_gguf tsr_gguf;
 int tsr_drafter_model_new(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
                           int n_threads, tsr_drafter **out, char *err, size_t err_len);
+/* The same with its KV cache stored as kv_type (kernels/kvcache.h; the target's type, so
+ * --kv-type covers the draft too). A draft model whose heads cannot be q8_0 (head_dim % 32
+ * != 0) keeps f16. tsr_drafter_model_new stores float32. */
+int tsr_drafter_model_new_kv(const char *path, const tsr_gguf *target_gguf, int32_t n_kv_blocks,
+                             int n_threads, tsr_kv_type kv_type, tsr_drafter **out, char *err,
+                             size_t err_len);
+
+/* The draft model of a target replica: as tsr_drafter_model_new, and on the leader's GPU
+ * when the target runs there (tsr_replica_device >= 0; the draft's weights and KV pool then
+ * live on that device, under what it has free; an error names the device). Speculation
+ * stays on the host: only the draft's forward passes move. */
+typedef struct tsr_replica tsr_replica;
+int tsr_drafter_model_new_for(const char *path, const tsr_replica *target, int32_t n_kv_blocks,
+                              int n_threads, tsr_drafter **out, char *err, size_t err_len);
+/* Move a draft model's forward pass to CUDA device `device` (n_bytes_cap: 0 = what is free
+ * less a reserve). -1 with err when d is not a draft model or the device refuses. */
+int tsr_drafter_model_use_gpu(tsr_drafter *d, int32_t device, uint64_t n_bytes_cap, char *err,
+                              size_t err_len);
+/* "cpu" or "cuda" for a draft model, NULL for other drafters. */
+const char *tsr_drafter_model_backend(const tsr_drafter *d);
 
 /* Free blocks in a draft model's KV pool (stats, leak checks), or -1 when d is not a
  * draft-model drafter. When the pool runs out, propose frees that sequence's blocks and

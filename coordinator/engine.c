@@ -9,10 +9,19 @@
  * A sequence's tokens are prompt + generated; n_computed of them are in the KV cache; a
  * step feeds tokens[n_computed .. n_computed + chunk) and asks for logits only when the
  * chunk reaches the last token. When a running sequence needs a block and none is free,
- * the newest running sequence is preempted: its blocks are freed and it goes back to the
- * head of the queue with n_computed = 0, to be recomputed later (vLLM's recompute policy).
- * Because every output of the forward pass is computed independently per token, neither
- * batching nor recomputation changes a greedy answer.
+ * the newest running sequence is preempted: its block references are dropped and it goes
+ * back to the head of the queue with n_computed = 0, to be recomputed later (vLLM's
+ * recompute policy). Because every output of the forward pass is computed independently
+ * per token, neither batching nor recomputation changes a greedy answer.
+ *
+ * Prefix caching (coordinator/kvblocks.h): after each step a sequence commits its full
+ * prompt blocks whose K/V are all computed to the cache; when a sequence is admitted with
+ * nothing computed (new, or preempted), it takes references on the longest cached chain of
+ * its prompt's full blocks short of the block of its last token and starts computing after
+ * it. The same per-token independence makes a chunk that starts at a cached offset give
+ * exactly what the cold run gives. Shared blocks are never written: a sequence writes only
+ * at positions >= n_computed, committed blocks lie below it, and n_computed never moves
+ * back while the sequence holds them (rejected drafts roll back to at least the prompt).
  *
  * Speculative decoding: a decoding sequence may feed, instead of its one last token, that
  * token plus k draft tokens from the drafter, with logits for all k+1 positions. The
@@ -31,6 +40,7 @@
  * that never repeats) turns itself off.
  */
 #include "coordinator/engine.h"
+#include "coordinator/kvblocks.h"
 #include "kernels/util.h"
 
 #include "coordinator/stop.h"
@@ -52,6 +62,7 @@ typedef struct seq {
     int32_t n_computed; /* tokens whose K/V are cached */
     int32_t *blocks;
     int32_t n_blocks, blocks_cap;
+    tsr_kvblocks_chain chain; /* leading blocks found in or committed to the prefix cache */
     tsr_sampler *smp;
     tsr_stop stop;
     tsr_detok dt;
@@ -96,8 +107,7 @@ struct tsr_engine {
     int32_t n_running;
     seq **waiting; /* FIFO ring as an array: waiting[0] is the oldest */
     int32_t n_waiting, cap_waiting;
-    int32_t *free_blocks;
-    int32_t n_free;
+    tsr_kvblocks *kvb; /* block manager and prefix cache */
     /* Batch scratch. */
     int32_t *b_tokens, *b_pos, *b_seq;
     uint8_t *b_want;
@@ -156,7 +166,6 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     e->running = calloc((size_t)ms, sizeof(seq *));
     e->cap_waiting = e->p.max_queue + ms + 1;
     e->waiting = calloc((size_t)e->cap_waiting, sizeof(seq *));
-    e->free_blocks = malloc(sizeof(int32_t) * (size_t)e->p.n_kv_blocks);
     e->b_tokens = malloc(sizeof(int32_t) * (size_t)nb);
     e->b_pos = malloc(sizeof(int32_t) * (size_t)nb);
     e->b_seq = malloc(sizeof(int32_t) * (size_t)nb);
@@ -166,12 +175,13 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     e->b_seqs = calloc((size_t)ms, sizeof(seq *));
     e->b_chunk = calloc((size_t)ms, sizeof(int32_t));
     e->lg = malloc(sizeof(float) * (size_t)e->n_vocab);
-    if (!e->running || !e->waiting || !e->free_blocks || !e->b_tokens || !e->b_pos || !e->b_seq ||
-        !e->b_want || !e->b_tables || !e->b_nblocks || !e->b_seqs || !e->b_chunk || !e->lg)
+    if (!e->running || !e->waiting || !e->b_tokens || !e->b_pos || !e->b_seq || !e->b_want ||
+        !e->b_tables || !e->b_nblocks || !e->b_seqs || !e->b_chunk || !e->lg)
         goto oom;
-    /* Free list as a stack, lowest ids on top. */
-    for (int32_t i = 0; i < e->p.n_kv_blocks; i++) e->free_blocks[i] = e->p.n_kv_blocks - 1 - i;
-    e->n_free = e->p.n_kv_blocks;
+    if (tsr_kvblocks_new(e->p.n_kv_blocks, !e->p.no_prefix_cache, &e->kvb, err, err_len) != 0) {
+        tsr_engine_free(e);
+        return TSR_ENGINE_ENOMEM;
+    }
     e->rate_t0 = tsr_now_ns();
     e->mode_spec = true;
     e->phase_len = 32;
@@ -213,7 +223,7 @@ void tsr_engine_free(tsr_engine *e)
     pthread_cond_destroy(&e->cv);
     free(e->running);
     free(e->waiting);
-    free(e->free_blocks);
+    tsr_kvblocks_free(e->kvb);
     free(e->cancels);
     free(e->b_tokens);
     free(e->b_pos);
@@ -454,20 +464,50 @@ void tsr_engine_get_status(tsr_engine *e, tsr_engine_status *st)
 
 /* ---- the step loop ---- */
 
+/* Drop s's references to its blocks (shared prefix blocks stay cached for others). */
 static void blocks_release(tsr_engine *e, seq *s)
 {
-    for (int32_t i = 0; i < s->n_blocks; i++) e->free_blocks[e->n_free++] = s->blocks[i];
+    tsr_kvblocks_release(e->kvb, s->blocks, s->n_blocks);
     s->n_blocks = 0;
     s->n_computed = 0;
+    memset(&s->chain, 0, sizeof s->chain);
 }
 
-/* Make sure s has blocks for its first `upto` positions; false when the pool is short. */
+/* Make sure s has blocks for its first `upto` positions; false when the pool is short
+ * (free blocks and cached blocks nobody references both count). */
 static bool blocks_reserve(tsr_engine *e, seq *s, int32_t upto)
 {
     int32_t need = (upto + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
-    if (need - s->n_blocks > e->n_free) return false;
-    while (s->n_blocks < need) s->blocks[s->n_blocks++] = e->free_blocks[--e->n_free];
+    if (need <= s->n_blocks) return true;
+    if (!tsr_kvblocks_alloc(e->kvb, need - s->n_blocks, s->blocks + s->n_blocks)) return false;
+    s->n_blocks = need;
     return true;
+}
+
+/* A sequence about to be admitted with nothing computed: reuse the longest cached chain of
+ * its prompt's full blocks, short of the block of its last token (whose logits must be
+ * computed: that block is written, so it cannot be a shared one). */
+static void prefix_match(tsr_engine *e, seq *s)
+{
+    if (s->n_blocks > 0 || !tsr_kvblocks_caching(e->kvb)) return;
+    int32_t upto = s->n_prompt < s->n_tokens - 1 ? s->n_prompt : s->n_tokens - 1;
+    int32_t n =
+        tsr_kvblocks_match(e->kvb, s->tokens, upto / TSR_KV_BLOCK_SIZE, s->blocks, &s->chain);
+    s->n_blocks = n;
+    s->n_computed = n * TSR_KV_BLOCK_SIZE;
+}
+
+/* Cache s's full prompt blocks whose K/V are all computed now. They are final: s only
+ * writes at positions >= n_computed, and never moves n_computed back while it holds them. */
+static void prefix_commit(tsr_engine *e, seq *s)
+{
+    if (!tsr_kvblocks_caching(e->kvb)) return;
+    int32_t upto = s->n_computed < s->n_prompt ? s->n_computed : s->n_prompt;
+    while (s->chain.n_blocks < upto / TSR_KV_BLOCK_SIZE) {
+        int32_t i = s->chain.n_blocks;
+        tsr_kvblocks_commit(e->kvb, &s->chain, s->blocks[i],
+                            s->tokens + (size_t)i * TSR_KV_BLOCK_SIZE);
+    }
 }
 
 static void finish(tsr_engine *e, seq *s, int reason, const char *error)
@@ -606,9 +646,17 @@ static void publish_status(tsr_engine *e)
     memcpy(e->snap.rank_stats, e->rank_stats, sizeof(tsr_rank_stats) * (size_t)e->n_rank_stats);
     e->snap.n_running = e->n_running;
     e->snap.n_waiting = e->n_waiting + e->n_inbox;
+    tsr_kvblocks_stats kst;
+    tsr_kvblocks_get_stats(e->kvb, &kst);
     e->snap.kv_blocks_total = e->p.n_kv_blocks;
-    e->snap.kv_blocks_free = e->n_free;
-    e->snap.kv_blocks_used = e->p.n_kv_blocks - e->n_free;
+    e->snap.kv_blocks_free = kst.n_total - kst.n_used;
+    e->snap.kv_blocks_used = kst.n_used;
+    e->snap.kv_blocks_cached = kst.n_cached;
+    e->snap.prefix_cache = tsr_kvblocks_caching(e->kvb);
+    e->snap.prefix_cache_lookups = kst.n_lookups;
+    e->snap.prefix_cache_hits = kst.n_hits;
+    e->snap.prefix_cache_hit_tokens = kst.n_hit_tokens;
+    e->snap.prefix_cache_evictions = kst.n_evictions;
     e->snap.kv_block_tokens = TSR_KV_BLOCK_SIZE;
     e->snap.n_preemptions = e->n_preemptions;
     e->snap.n_requests_done = e->n_done;
@@ -693,9 +741,14 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
     while (e->n_waiting > 0 && budget > 0 && e->n_running < e->p.max_seqs) {
         seq *s = e->waiting[0];
         s->n_draft = 0;
+        prefix_match(e, s);
         int32_t want = s->n_tokens - s->n_computed;
         int32_t chunk = want < budget ? want : budget;
-        if (!blocks_reserve(e, s, s->n_computed + chunk)) break;
+        if (!blocks_reserve(e, s, s->n_computed + chunk)) {
+            blocks_release(e, s); /* the prefix found, if any: looked up again next step */
+            break;
+        }
+        tsr_kvblocks_count_lookup(e->kvb, s->chain.n_blocks);
         remove_waiting(e, 0);
         e->running[e->n_running++] = s;
         if (!s->t_scheduled) s->t_scheduled = tsr_now_ns();
@@ -737,7 +790,10 @@ static int find_running(tsr_engine *e, seq *s)
 static void blocks_trim(tsr_engine *e, seq *s, int32_t upto)
 {
     int32_t need = (upto + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
-    while (s->n_blocks > need) e->free_blocks[e->n_free++] = s->blocks[--s->n_blocks];
+    if (need < s->chain.n_blocks) need = s->chain.n_blocks; /* never a shared prompt block */
+    if (s->n_blocks <= need) return;
+    tsr_kvblocks_release(e->kvb, s->blocks + need, s->n_blocks - need);
+    s->n_blocks = need;
 }
 
 /* Append a sampled token, emit its text; returns a finish reason or -1. */
@@ -813,6 +869,7 @@ static void after_step(tsr_engine *e, int32_t n_bseq, const float *logits)
         const int32_t m = s->n_draft;
         const int32_t n_tokens_before = s->n_tokens;
         s->n_computed += e->b_chunk[j] - m;
+        prefix_commit(e, s);
         if (s->n_computed < s->n_tokens) continue; /* still prefilling */
         s->n_steps++;
         int reason = -1;

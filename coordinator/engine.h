@@ -120,11 +120,18 @@ typedef struct {
                                token of decode steps with and without drafts and keeps the
                                faster (re-probing the other every 40 steps); true: always
                                draft when allowed (tests of the verification itself) */
+    bool no_prefix_cache;   /* false (default): KV blocks of full prompt prefixes are kept
+                               after their request ends and reused by later requests with
+                               the same prefix (coordinator/kvblocks.h); true: every prompt
+                               is computed in full (--no-prefix-cache) */
 } tsr_engine_params;
 
 typedef struct {
     int32_t n_running, n_waiting;
+    /* used: referenced by running sequences (a block shared by several counts once);
+     * free: total - used, including cached blocks nobody references (evictable). */
     int32_t kv_blocks_used, kv_blocks_free, kv_blocks_total;
+    int32_t kv_blocks_cached; /* blocks holding cached prompt prefixes, referenced or not */
     int32_t kv_blocks_needed; /* what the running sequences' tokens need: used <= needed
                                  always (more would be a leak, e.g. of rolled-back drafts) */
     int32_t kv_block_tokens;
@@ -142,6 +149,14 @@ typedef struct {
     uint64_t spec_drafted;  /* draft tokens proposed, all requests */
     uint64_t spec_accepted; /* of which accepted */
     double spec_acceptance; /* accepted / drafted (0 when none) */
+    /* Prefix cache (counters since start). A lookup is made each time a request is
+     * admitted with nothing computed (a preempted one again when it is readmitted); a hit
+     * is a lookup that reused at least one block; hit tokens are the positions reused. */
+    bool prefix_cache;
+    uint64_t prefix_cache_lookups;
+    uint64_t prefix_cache_hits;
+    uint64_t prefix_cache_hit_tokens;
+    uint64_t prefix_cache_evictions; /* cached blocks taken back for other uses */
 } tsr_engine_status;
 
 typedef struct tsr_engine tsr_engine;

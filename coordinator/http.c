@@ -148,51 +148,6 @@ static struct timespec abstime_in_ms(int64_t ms)
     return ts;
 }
 
-int tsr_http_read_pem(const char *flag, const char *path, char **out, char *err, size_t err_len)
-{
-    *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        tsr_set_err(err, err_len, "%s %s: cannot open: %s", flag, path, strerror(errno));
-        return TSR_HTTP_EINVAL;
-    }
-    char *buf = NULL;
-    size_t n = 0, cap = 0;
-    int rc = TSR_HTTP_OK;
-    for (;;) {
-        if (!grow((void **)&buf, &cap, n + 4097, 1)) {
-            tsr_set_err(err, err_len, "%s %s: out of memory", flag, path);
-            rc = TSR_HTTP_ENOMEM;
-            goto done;
-        }
-        size_t got = fread(buf + n, 1, 4096, f);
-        n += got;
-        if (got < 4096) break;
-        if (n > (1u << 20)) {
-            tsr_set_err(err, err_len, "%s %s: larger than 1 MiB: not a PEM file", flag, path);
-            rc = TSR_HTTP_EINVAL;
-            goto done;
-        }
-    }
-    if (ferror(f)) {
-        tsr_set_err(err, err_len, "%s %s: read error: %s", flag, path, strerror(errno));
-        rc = TSR_HTTP_EINVAL;
-        goto done;
-    }
-    buf[n] = '\0';
-    if (!strstr(buf, "-----BEGIN ")) {
-        tsr_set_err(err, err_len, "%s %s: not a PEM file (no '-----BEGIN' line)", flag, path);
-        rc = TSR_HTTP_EINVAL;
-        goto done;
-    }
-    *out = buf;
-    buf = NULL;
-done:
-    free(buf);
-    fclose(f);
-    return rc;
-}
-
 /* Copy s[0..n) as valid UTF-8 (ill-formed bytes -> U+FFFD) into a NUL-terminated buffer of
  * at least 3n+1 bytes. Token pieces can be parts of characters. */
 static void utf8_sanitize(const char *s, size_t n, char *out)
@@ -1777,38 +1732,4 @@ int tsr_http_shutdown(tsr_http *h, int64_t grace_ms, char *err, size_t err_len)
     free(h->ca);
     free(h);
     return TSR_HTTP_OK;
-}
-
-int tsr_http_check_tls(const char *cert_pem, const char *key_pem, const char *ca_pem, char *err,
-                       size_t err_len)
-{
-    gnutls_certificate_credentials_t cred;
-    if (gnutls_certificate_allocate_credentials(&cred) != GNUTLS_E_SUCCESS) {
-        tsr_set_err(err, err_len, "out of memory checking the TLS files");
-        return TSR_HTTP_ENOMEM;
-    }
-    int rc = TSR_HTTP_OK;
-    gnutls_datum_t c = {(unsigned char *)cert_pem, (unsigned)strlen(cert_pem)};
-    gnutls_datum_t k = {(unsigned char *)key_pem, (unsigned)strlen(key_pem)};
-    int g = gnutls_certificate_set_x509_key_mem(cred, &c, &k, GNUTLS_X509_FMT_PEM);
-    if (g < 0) {
-        tsr_set_err(err, err_len,
-                    "--tls-cert / --tls-key: %s (both PEM; the key unencrypted and matching the "
-                    "certificate)",
-                    gnutls_strerror(g));
-        rc = TSR_HTTP_EINVAL;
-        goto done;
-    }
-    if (ca_pem) {
-        gnutls_datum_t a = {(unsigned char *)ca_pem, (unsigned)strlen(ca_pem)};
-        g = gnutls_certificate_set_x509_trust_mem(cred, &a, GNUTLS_X509_FMT_PEM);
-        if (g <= 0) {
-            tsr_set_err(err, err_len, "--tls-client-ca: %s",
-                        g < 0 ? gnutls_strerror(g) : "no certificate in the file");
-            rc = TSR_HTTP_EINVAL;
-        }
-    }
-done:
-    gnutls_certificate_free_credentials(cred);
-    return rc;
 }

@@ -92,13 +92,4 @@ void tsr_http_set_not_serving(tsr_http *h);
  * FINISH). Bounded. s must not be used after. 0, or negative with err. */
 int tsr_http_shutdown(tsr_http *h, int64_t grace_ms, char *err, size_t err_len);
 
-/* Read a whole (PEM) file for the TLS options; *out malloc'd and NUL-terminated. 0, or
- * negative with err naming the flag and the file. */
-int tsr_http_read_pem(const char *flag, const char *path, char **out, char *err, size_t err_len);
-
-/* Check TLS material before serving: the certificate chain and key parse and belong
- * together, the client CA (may be NULL) holds a certificate. 0, or negative with err. */
-int tsr_http_check_tls(const char *cert_pem, const char *key_pem, const char *ca_pem, char *err,
-                       size_t err_len);
-
 #endif

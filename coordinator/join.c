@@ -20,7 +20,10 @@
 
 struct tsr_join {
     char *coordinator, *name, *address, *model;
+    char *authorization; /* NULL: none */
     int32_t tp, pp, max_queue, context_length;
+    bool serves_tls;
+    bool tls; /* the coordinator is dialled with TLS */
     tsr_engine *engine;
     grpc_channel *ch;
     pthread_t thread;
@@ -42,6 +45,7 @@ static void *join_main(void *arg)
     tsr_join *j = arg;
     int64_t interval_ms = HEARTBEAT_DEFAULT_MS;
     bool in_contact = false, first = true;
+    int last_code = 0;
     for (;;) {
         tsr_engine_status st;
         tsr_engine_get_status(j->engine, &st);
@@ -65,12 +69,14 @@ static void *join_main(void *arg)
         SETF(draining, st.draining);
         SETF(max_queue, j->max_queue);
         SETF(context_length, j->context_length);
+        if (j->serves_tls) SETF(tls, true);
 #undef SETF
         uint8_t *resp = NULL;
         size_t resp_len = 0;
         char details[512];
-        int code = tsr_rpc_unary(j->ch, "/tessera.v1.Cluster/Heartbeat", &q.base,
-                                 HEARTBEAT_TIMEOUT_MS, &resp, &resp_len, details, sizeof details);
+        int code =
+            tsr_rpc_unary_auth(j->ch, j->authorization, "/tessera.v1.Cluster/Heartbeat", &q.base,
+                               HEARTBEAT_TIMEOUT_MS, &resp, &resp_len, details, sizeof details);
         bool removed = false;
         if (code == 0) {
             Tessera__V1__HeartbeatResponse *a =
@@ -86,13 +92,22 @@ static void *join_main(void *arg)
                 fprintf(stderr, "tessera serve: joined coordinator %s as '%s' (model '%s')\n",
                         j->coordinator, j->name, j->model);
             in_contact = true;
-        } else if (in_contact || first) {
-            fprintf(stderr,
-                    "tessera serve: coordinator %s unreachable (%s: %s); retrying every %lld "
-                    "ms\n",
-                    j->coordinator, tsr_rpc_code_name(code), details, (long long)interval_ms);
+        } else if (in_contact || first || code != last_code) {
+            const char *hint =
+                code == GRPC_STATUS_UNAUTHENTICATED || code == GRPC_STATUS_PERMISSION_DENIED
+                    ? " (give an admin key of the coordinator: --join-key-file FILE)"
+                : code == GRPC_STATUS_UNAVAILABLE && !j->tls
+                    ? " (a coordinator serving TLS needs --join-tls-ca FILE)"
+                    : "";
+            fprintf(stderr, "tessera serve: coordinator %s %s (%s: %s)%s; retrying every %lld ms\n",
+                    j->coordinator,
+                    code == GRPC_STATUS_UNAVAILABLE || code == GRPC_STATUS_DEADLINE_EXCEEDED
+                        ? "unreachable"
+                        : "refused the heartbeat",
+                    tsr_rpc_code_name(code), details, hint, (long long)interval_ms);
             in_contact = false;
         }
+        last_code = code;
         free(resp);
         first = false;
         fflush(stderr);
@@ -124,6 +139,7 @@ static void join_free(tsr_join *j)
     free(j->name);
     free(j->address);
     free(j->model);
+    free(j->authorization);
     free(j);
 }
 
@@ -138,13 +154,16 @@ int tsr_join_start(const tsr_join_params *p, tsr_engine *engine, tsr_join **out,
     j->address = dup_str(p->address);
     j->model = dup_str(p->model);
     if (!j->coordinator || !j->name || !j->address || !j->model) goto oom_j;
+    if (p->authorization && !(j->authorization = dup_str(p->authorization))) goto oom_j;
+    j->serves_tls = p->serves_tls;
+    j->tls = tsr_tls_client_enabled(p->tls);
     j->tp = p->tp;
     j->pp = p->pp;
     j->max_queue = p->max_queue;
     j->context_length = p->context_length;
     j->engine = engine;
     grpc_init();
-    j->ch = tsr_rpc_channel(p->coordinator);
+    j->ch = tsr_rpc_channel_tls(p->coordinator, p->tls);
     if (!j->ch) {
         tsr_set_err(err, err_len, "--join %s: cannot create a channel", p->coordinator);
         join_free(j);

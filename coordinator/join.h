@@ -20,6 +20,9 @@
 #include <stdint.h>
 
 #include "coordinator/engine.h"
+#include "coordinator/tls.h"
+
+#include <stdbool.h>
 
 typedef struct {
     const char *coordinator; /* host:port */
@@ -29,6 +32,12 @@ typedef struct {
     int32_t tp, pp;
     int32_t max_queue;
     int32_t context_length;
+    bool serves_tls; /* heartbeat `tls`: the coordinator must dial `address` with TLS */
+    /* To reach a coordinator with keys / TLS: "Bearer KEY" sent as `authorization` (an
+     * admin key of the coordinator; copied; NULL: none) and its CA (+ client certificate;
+     * borrowed during start only; NULL or without CA: plaintext). */
+    const char *authorization;
+    const tsr_tls_client *tls;
 } tsr_join_params;
 
 typedef struct tsr_join tsr_join;

@@ -968,9 +968,9 @@ static int cmd_bench(int argc, char **argv)
                 sink.n_ids > 1 ? (double)(sink.n_ids - 1) * 1e9 / (double)sink.fin.t_decode_ns : 0;
             if (r == 0) {
                 if (draft_model) {
-                    if (tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep),
-                                              tsr_replica_n_kv_blocks(rep) + 8, (int)n_threads, &d,
-                                              err, sizeof err) != 0)
+                    if (tsr_drafter_model_new_for(draft_model, rep,
+                                                  tsr_replica_n_kv_blocks(rep) + 8, (int)n_threads,
+                                                  &d, err, sizeof err) != 0)
                         goto spec_fail;
                 } else if (!strcmp(spec, "ngram")) {
                     if (tsr_drafter_ngram_new(1, 3, &d, err, sizeof err) != 0) goto spec_fail;
@@ -1046,8 +1046,10 @@ stop:;
             tsr_model_free(m);
         }
     }
-    double kv_per_tok = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * sizeof(float) *
-                        ((double)n_prompt + (double)n_gen / 2.0);
+    /* K and V of every cached position, in the cache's type, over the mean context */
+    const tsr_kv_type kv_type = tsr_replica_kv_type(rep);
+    double kv_per_tok = (double)tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type) /
+                        TSR_KV_BLOCK_SIZE * ((double)n_prompt + (double)n_gen / 2.0);
     double bytes_tok = (double)w_bytes + kv_per_tok + (double)hp->n_embd * 4.0;
     double roof = bw > 0 ? bw / bytes_tok : 0.0;
     struct rusage ru;
@@ -1066,10 +1068,14 @@ stop:;
         cJSON_AddNumberToObject(o, "decode_tokens_per_s", dc_med);
         cJSON_AddNumberToObject(o, "weight_bytes", (double)w_bytes);
         cJSON_AddNumberToObject(o, "bytes_per_token", bytes_tok);
+        cJSON_AddStringToObject(o, "kv_type", tsr_kv_type_name(kv_type));
+        cJSON_AddNumberToObject(o, "kv_bytes_per_token", kv_per_tok);
         cJSON_AddNumberToObject(o, "mem_bw_gb_s", bw / 1e9);
         cJSON_AddNumberToObject(o, "roofline_tokens_per_s", roof);
         cJSON_AddNumberToObject(o, "decode_roofline_ratio", roof > 0 ? dc_med / roof : 0.0);
         cJSON_AddNumberToObject(o, "peak_rss_mib_leader", rss_mib);
+        cJSON_AddNumberToObject(o, "repacked_mib_leader", st[0].n_bytes_repacked / 1048576.0);
+        cJSON_AddNumberToObject(o, "repack_ms_leader", st[0].t_repack_ns / 1e6);
         if (verify_cost) {
             cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
             for (int ki = 1; ki < 5; ki++) {
@@ -1106,12 +1112,15 @@ stop:;
                pf_med, n_prompt, reps);
         printf("decode:           %.2f tokens/s (%" PRId64 " tokens, median of %" PRId64 ")\n",
                dc_med, n_gen, reps);
-        printf("bytes per token:  %.1f MiB (weights %.1f MiB)\n", bytes_tok / 1048576.0,
-               (double)w_bytes / 1048576.0);
+        printf("bytes per token:  %.1f MiB (weights %.1f MiB, KV cache %.2f MiB in %s)\n",
+               bytes_tok / 1048576.0, (double)w_bytes / 1048576.0, kv_per_tok / 1048576.0,
+               tsr_kv_type_name(kv_type));
         printf("memory bandwidth: %.1f GB/s (read, %" PRId64 " threads)\n", bw / 1e9, n_threads);
         printf("decode roofline:  %.2f tokens/s; achieved %.1f%%\n", roof,
                roof > 0 ? 100.0 * dc_med / roof : 0.0);
         printf("peak RSS:         %.1f MiB (leader)\n", rss_mib);
+        printf("repacked weights: %.1f MiB in %.0f ms at load (leader; --no-repack: none)\n",
+               st[0].n_bytes_repacked / 1048576.0, st[0].t_repack_ns / 1e6);
         if (verify_cost) {
             printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
             for (int ki = 1; ki < 5; ki++)
@@ -1217,7 +1226,7 @@ static int cmd_plan(int argc, char **argv)
     tsr_plan_model pm;
     static tsr_plan plan;
     int rc = 1;
-    if (tsr_replica_plan_model(g, &pm, err, sizeof err) != 0 ||
+    if (tsr_replica_plan_model_kv(g, tsr_replica_params_kv_type(&rp), &pm, err, sizeof err) != 0 ||
         tsr_plan_make(&pm, rp.tp, rp.pp, rp.layers, mem, (int32_t)n_ctx, &plan, err, sizeof err) !=
             0) {
         fprintf(stderr, "tessera plan: %s\n", err);

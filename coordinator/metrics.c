@@ -280,7 +280,8 @@ int tsr_metrics_render(tsr_metrics *m, tsr_engine *e, char **out, size_t *len)
         fprintf(f, "tessera_requests_running %d\n", st.n_running);
         family(f, "tessera_requests_waiting", "gauge", "Requests queued, not yet scheduled.");
         fprintf(f, "tessera_requests_waiting %d\n", st.n_waiting);
-        family(f, "tessera_kv_blocks_used", "gauge", "KV cache blocks in use.");
+        family(f, "tessera_kv_blocks_used", "gauge",
+               "KV cache blocks referenced by running requests.");
         fprintf(f, "tessera_kv_blocks_used %d\n", st.kv_blocks_used);
         family(f, "tessera_kv_blocks_capacity", "gauge", "KV cache blocks in the pool.");
         fprintf(f, "tessera_kv_blocks_capacity %d\n", st.kv_blocks_total);
@@ -297,6 +298,22 @@ int tsr_metrics_render(tsr_metrics *m, tsr_engine *e, char **out, size_t *len)
         family(f, "tessera_spec_accepted_tokens_total", "counter",
                "Speculative draft tokens accepted by the model.");
         fprintf(f, "tessera_spec_accepted_tokens_total %" PRIu64 "\n", st.spec_accepted);
+        family(f, "tessera_kv_blocks_cached", "gauge",
+               "KV cache blocks holding cached prompt prefixes (referenced or not).");
+        fprintf(f, "tessera_kv_blocks_cached %d\n", st.kv_blocks_cached);
+        family(f, "tessera_prefix_cache_lookups_total", "counter",
+               "Requests admitted with a prefix cache lookup (again after a preemption).");
+        fprintf(f, "tessera_prefix_cache_lookups_total %" PRIu64 "\n", st.prefix_cache_lookups);
+        family(f, "tessera_prefix_cache_hits_total", "counter",
+               "Prefix cache lookups that reused at least one KV block.");
+        fprintf(f, "tessera_prefix_cache_hits_total %" PRIu64 "\n", st.prefix_cache_hits);
+        family(f, "tessera_prefix_cache_hit_tokens_total", "counter",
+               "Prompt tokens whose KV came from the prefix cache instead of being computed.");
+        fprintf(f, "tessera_prefix_cache_hit_tokens_total %" PRIu64 "\n",
+                st.prefix_cache_hit_tokens);
+        family(f, "tessera_prefix_cache_evictions_total", "counter",
+               "Cached prefix blocks evicted to make room (least recently used first).");
+        fprintf(f, "tessera_prefix_cache_evictions_total %" PRIu64 "\n", st.prefix_cache_evictions);
         family(f, "tessera_healthy", "gauge", "1 while the data plane completes steps.");
         fprintf(f, "tessera_healthy %d\n", st.healthy ? 1 : 0);
         family(f, "tessera_draining", "gauge", "1 once draining: no new requests.");

@@ -21,7 +21,12 @@
 
 grpc_channel *tsr_rpc_channel(const char *target)
 {
-    grpc_channel_credentials *cr = grpc_insecure_credentials_create();
+    return tsr_rpc_channel_tls(target, NULL);
+}
+
+grpc_channel *tsr_rpc_channel_tls(const char *target, const tsr_tls_client *tls)
+{
+    grpc_channel_credentials *cr = tsr_tls_grpc_channel_credentials(tls);
     if (!cr) return NULL;
     /* Fail fast and reconnect fast: a coordinator or replica that comes back is reached
      * within a second, not after gRPC's default backoff of up to 2 minutes. */
@@ -32,9 +37,13 @@ grpc_channel *tsr_rpc_channel(const char *target)
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
     args[1].value.integer = 100;
+    /* gRPC core also takes this as the deadline of one connection attempt (the TCP connect
+     * and the handshakes): 100 ms is plenty for a plaintext connect, but a TLS handshake
+     * on a loaded machine (or under the sanitizers) can take longer, and a fail-fast call
+     * would then fail with "handshaker shutdown" without the peer being down. */
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
-    args[2].value.integer = 100;
+    args[2].value.integer = tsr_tls_client_enabled(tls) ? 5000 : 100;
     grpc_channel_args ca = {.num_args = 3, .args = args};
     grpc_channel *ch = grpc_channel_create(target, cr, &ca);
     grpc_channel_credentials_release(cr);
@@ -68,6 +77,14 @@ int tsr_rpc_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *
                   int64_t timeout_ms, uint8_t **resp, size_t *resp_len, char *details,
                   size_t details_len)
 {
+    return tsr_rpc_unary_auth(ch, NULL, method, req, timeout_ms, resp, resp_len, details,
+                              details_len);
+}
+
+int tsr_rpc_unary_auth(grpc_channel *ch, const char *authorization, const char *method,
+                       const ProtobufCMessage *req, int64_t timeout_ms, uint8_t **resp,
+                       size_t *resp_len, char *details, size_t details_len)
+{
     *resp = NULL;
     *resp_len = 0;
     if (details_len) details[0] = 0;
@@ -100,7 +117,15 @@ int tsr_rpc_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *
     const char *error_string = NULL;
     grpc_op ops[5];
     memset(ops, 0, sizeof ops);
+    grpc_metadata auth_md;
+    memset(&auth_md, 0, sizeof auth_md);
+    if (authorization) {
+        auth_md.key = grpc_slice_from_static_string("authorization");
+        auth_md.value = grpc_slice_from_copied_string(authorization);
+    }
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = authorization ? 1 : 0;
+    ops[0].data.send_initial_metadata.metadata = authorization ? &auth_md : NULL;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = send_bb;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -135,6 +160,7 @@ int tsr_rpc_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *
         if (!done2) grpc_completion_queue_pluck(cq, (void *)2, bound, NULL);
     }
     grpc_byte_buffer_destroy(send_bb);
+    if (authorization) grpc_slice_unref(auth_md.value);
     int rc;
     if (!ok1 || !ok2) {
         tsr_set_err(details, details_len, "cannot start the call to %s", method);

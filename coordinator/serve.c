@@ -22,6 +22,7 @@
 #include "kernels/util.h"
 #include "coordinator/drafter.h"
 #include "coordinator/auth.h"
+#include "coordinator/tls.h"
 #include "coordinator/http.h"
 #include "coordinator/metrics.h"
 #include "coordinator/join.h"
@@ -52,6 +53,7 @@
 #define DEFAULT_GRACE_MS  10000
 #define SERVER_FLUSH_MS   3000 /* after the step loop ended: time for streams to flush */
 
+/* clang-format off */
 static const char *serve_help =
     "usage: tessera serve -m MODEL [--tp T --pp P] [--listen HOST:PORT] [flags]\n"
     "\n"
@@ -64,18 +66,10 @@ static const char *serve_help =
     "  -m, --model PATH          GGUF model (default " DEFAULT_MODEL ")\n"
     "      --listen HOST:PORT    address to serve on (default " TSR_SERVER_DEFAULT_LISTEN ");\n"
     "                            port 0 picks a free port (printed)\n"
-    "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"
-    "                            prefill chunks (default 256)\n"
-    "      --max-seqs N          sequences running at once (default 64)\n"
     "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
-    "      --kv-memory BYTES     KV cache budget of the whole replica, e.g. 512M, 2G\n"
-    "                            (suffixes K, M, G = 1024^n). One block of 16 tokens costs\n"
-    "                            n_layer x 2 x n_head_kv x head_dim x 4 x 16 bytes; each\n"
-    "                            rank holds its share of every block. Default: enough for\n"
-    "                            --max-seqs full contexts, at most 1G\n"
-    "  -c, --ctx-size N          tokens per sequence, prompt + output (default: the\n"
-    "                            model's, max 4096)\n"
-    "  -t, --threads N           CPU threads per rank (default: all cores)\n"
+    TSR_CLI_ENGINE_HELP("256", "64", "enough for --max-seqs full contexts, at most 1G")
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
+    "                            README: KV cache types)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"
@@ -128,7 +122,13 @@ static const char *serve_help =
     "      --name NAME           this replica's name in the cluster (default: its address)\n"
     "      --advertise HOST:PORT the address the coordinator dials (default: the bound\n"
     "                            listen address)\n"
+    "      --join-key-file FILE  heartbeats carry the first key of FILE (an admin key of a\n"
+    "                            coordinator with keys)\n"
+    "      --join-tls-ca FILE    the coordinator serves TLS: verify it with this CA\n"
+    "      --join-tls-cert FILE, --join-tls-key FILE  client certificate for a coordinator\n"
+    "                            with mutual TLS\n"
     "  -h, --help                this help\n";
+/* clang-format on */
 
 /* ---- signals -> control thread ---- */
 
@@ -296,27 +296,6 @@ static bool leader_close(tsr_replica *rep)
     return true;
 }
 
-/* Is the host of "host:port" a loopback address (127.0.0.0/8, ::1, localhost)? */
-static bool listen_is_loopback(const char *listen)
-{
-    char host[256];
-    const char *colon = strrchr(listen, ':');
-    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
-    if (n >= sizeof host) return false;
-    memcpy(host, listen, n);
-    host[n] = '\0';
-    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
-        memmove(host, host + 1, n - 2);
-        host[n - 2] = '\0';
-    }
-    if (!strcmp(host, "localhost")) return true;
-    struct in_addr a4;
-    struct in6_addr a6;
-    if (inet_pton(AF_INET, host, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
-    if (inet_pton(AF_INET6, host, &a6) == 1) return IN6_IS_ADDR_LOOPBACK(&a6);
-    return false;
-}
-
 /* The API's model name: the file name without directory and .gguf. */
 static void default_model_name(const char *path, char *out, size_t cap)
 {
@@ -343,10 +322,7 @@ int tsr_cmd_serve(int argc, char **argv)
 {
     enum {
         O_LISTEN = 256,
-        O_MAX_BATCH,
-        O_MAX_SEQS,
         O_MAX_QUEUE,
-        O_KV_MEMORY,
         O_GRACE,
         O_TP,
         O_PP,
@@ -372,21 +348,22 @@ int tsr_cmd_serve(int argc, char **argv)
         O_JOIN,
         O_NAME,
         O_ADVERTISE,
+        O_JOIN_KEY,
+        O_JOIN_CA,
+        O_JOIN_CERT,
+        O_JOIN_TLSKEY,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
         {"listen", required_argument, 0, O_LISTEN},
-        {"max-batch-tokens", required_argument, 0, O_MAX_BATCH},
-        {"max-seqs", required_argument, 0, O_MAX_SEQS},
         {"max-queue", required_argument, 0, O_MAX_QUEUE},
-        {"kv-memory", required_argument, 0, O_KV_MEMORY},
-        {"ctx-size", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'},
+        TSR_CLI_ENGINE_OPTS,
         {"shutdown-grace", required_argument, 0, O_GRACE},
         {"tp", required_argument, 0, O_TP},
         {"pp", required_argument, 0, O_PP},
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
+        {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
         {"draft-model", required_argument, 0, O_DRAFT},
         {"spec", required_argument, 0, O_SPEC},
         {"spec-k", required_argument, 0, O_SPEC_K},
@@ -407,14 +384,19 @@ int tsr_cmd_serve(int argc, char **argv)
         {"join", required_argument, 0, O_JOIN},
         {"name", required_argument, 0, O_NAME},
         {"advertise", required_argument, 0, O_ADVERTISE},
+        {"join-key-file", required_argument, 0, O_JOIN_KEY},
+        {"join-tls-ca", required_argument, 0, O_JOIN_CA},
+        {"join-tls-cert", required_argument, 0, O_JOIN_CERT},
+        {"join-tls-key", required_argument, 0, O_JOIN_TLSKEY},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *listen = TSR_SERVER_DEFAULT_LISTEN;
     const char *join = NULL, *join_name = NULL, *advertise = NULL;
+    const char *join_key = NULL, *join_ca = NULL, *join_cert = NULL, *join_tlskey = NULL;
     tsr_replica_params rp = {.tp = 1, .pp = 1};
-    int64_t max_batch = 256, max_seqs = 64, max_queue = 256, n_ctx = 0;
-    int64_t n_threads = tsr_cli_default_threads(), grace_ms = DEFAULT_GRACE_MS, v;
-    uint64_t kv_memory = 0;
+    tsr_cli_engine_opts eo;
+    tsr_cli_engine_defaults(&eo, 256, 64);
+    int64_t max_queue = 256, grace_ms = DEFAULT_GRACE_MS, v;
     const char *draft_model = NULL;
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
@@ -429,7 +411,12 @@ int tsr_cmd_serve(int argc, char **argv)
     const char *chat_template = NULL;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "m:c:t:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:h" TSR_CLI_ENGINE_SHORTOPTS, opts, NULL)) != -1) {
+        int erc = tsr_cli_engine_flag("serve", c, optarg, &eo);
+        if (erc >= 0) {
+            if (erc != 0) return erc;
+            continue;
+        }
         switch (c) {
         case 'm':
             model = optarg;
@@ -449,20 +436,8 @@ int tsr_cmd_serve(int argc, char **argv)
                                        name, (long long)(lo), (long long)(hi), optarg);            \
         (dst) = v;                                                                                 \
     } while (0)
-        case O_MAX_BATCH:
-            INT_FLAG("--max-batch-tokens", 1, 1 << 20, max_batch);
-            break;
-        case O_MAX_SEQS:
-            INT_FLAG("--max-seqs", 1, 1 << 16, max_seqs);
-            break;
         case O_MAX_QUEUE:
             INT_FLAG("--max-queue", 0, 1 << 24, max_queue);
-            break;
-        case 'c':
-            INT_FLAG("--ctx-size", 1, 1 << 24, n_ctx);
-            break;
-        case 't':
-            INT_FLAG("--threads", 1, 256, n_threads);
             break;
         case O_GRACE:
             INT_FLAG("--shutdown-grace", 0, 86400000, grace_ms);
@@ -482,6 +457,9 @@ int tsr_cmd_serve(int argc, char **argv)
 #undef INT_FLAG
         case O_LAYERS:
             rp.layers = optarg;
+            break;
+        case TSR_CLI_O_KV_TYPE:
+            if (tsr_cli_kv_type_flag("serve", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
             break;
         case O_DRAFT:
             draft_model = optarg;
@@ -514,13 +492,6 @@ int tsr_cmd_serve(int argc, char **argv)
             chat_template = optarg;
             break;
         }
-        case O_KV_MEMORY:
-            if (!tsr_cli_parse_bytes(optarg, &kv_memory) || kv_memory == 0)
-                return tsr_cli_usage_error("serve",
-                                           "--kv-memory needs a byte count > 0 such as 512M or 2G, "
-                                           "got '%s'",
-                                           optarg);
-            break;
         case O_HTTP:
             if (!strchr(optarg, ':'))
                 return tsr_cli_usage_error(
@@ -585,6 +556,18 @@ int tsr_cmd_serve(int argc, char **argv)
                                            optarg);
             advertise = optarg;
             break;
+        case O_JOIN_KEY:
+            join_key = optarg;
+            break;
+        case O_JOIN_CA:
+            join_ca = optarg;
+            break;
+        case O_JOIN_CERT:
+            join_cert = optarg;
+            break;
+        case O_JOIN_TLSKEY:
+            join_tlskey = optarg;
+            break;
         case 'h':
             fputs(serve_help, stdout);
             return 0;
@@ -594,8 +577,16 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if (optind != argc)
         return tsr_cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
-    if ((join_name || advertise) && !join)
-        return tsr_cli_usage_error("serve", "--name and --advertise go with --join COORDINATOR");
+    const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
+                  n_threads = eo.n_threads;
+    const uint64_t kv_memory = eo.n_bytes_kv;
+    if ((join_name || advertise || join_key || join_ca || join_cert || join_tlskey) && !join)
+        return tsr_cli_usage_error("serve",
+                                   "--name, --advertise and --join-* go with --join COORDINATOR");
+    if ((join_cert != NULL) != (join_tlskey != NULL))
+        return tsr_cli_usage_error("serve", "--join-tls-cert and --join-tls-key go together");
+    if (join_cert && !join_ca)
+        return tsr_cli_usage_error("serve", "--join-tls-cert / --join-tls-key need --join-tls-ca");
     char model_name_buf[256];
     if (!model_name) {
         default_model_name(model, model_name_buf, sizeof model_name_buf);
@@ -609,9 +600,8 @@ int tsr_cmd_serve(int argc, char **argv)
         return tsr_cli_usage_error("serve", "--tls-client-ca needs --tls-cert and --tls-key");
     bool keyed = api_keys != NULL || admin_keys != NULL;
     if (!keyed && !insecure) {
-        const char *open_addr = !listen_is_loopback(listen)                       ? listen
-                                : http_listen && !listen_is_loopback(http_listen) ? http_listen
-                                                                                  : NULL;
+        const char *listens[2] = {listen, http_listen};
+        const char *open_addr = tsr_auth_open_address(listens, 2);
         if (open_addr)
             return tsr_cli_usage_error(
                 "serve",
@@ -630,22 +620,27 @@ int tsr_cmd_serve(int argc, char **argv)
      * a follower that cannot must fail the same way as the leader). */
     tsr_auth *auth = NULL;
     tsr_metrics *metrics = NULL;
-    char *cert_pem = NULL, *key_pem = NULL, *ca_pem = NULL;
+    tsr_tls_server tls;
+    tsr_tls_client join_tls;
+    char *join_auth = NULL;
+    memset(&tls, 0, sizeof tls);
+    memset(&join_tls, 0, sizeof join_tls);
     if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
-        (tls_cert && tsr_http_read_pem("--tls-cert", tls_cert, &cert_pem, err, sizeof err) != 0) ||
-        (tls_key && tsr_http_read_pem("--tls-key", tls_key, &key_pem, err, sizeof err) != 0) ||
-        (tls_ca && tsr_http_read_pem("--tls-client-ca", tls_ca, &ca_pem, err, sizeof err) != 0) ||
-        (cert_pem && tsr_http_check_tls(cert_pem, key_pem, ca_pem, err, sizeof err) != 0)) {
+        tsr_tls_server_load("--tls-", tls_cert, tls_key, tls_ca, &tls, err, sizeof err) != 0 ||
+        tsr_tls_client_load("--join-tls-", join_ca, join_cert, join_tlskey, &join_tls, err,
+                            sizeof err) != 0 ||
+        tsr_auth_client_header("--join-key-file", join_key, NULL, &join_auth, err, sizeof err) !=
+            0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         tsr_auth_free(auth);
-        free(cert_pem);
-        free(key_pem);
-        free(ca_pem);
+        tsr_tls_server_free(&tls);
+        tsr_tls_client_free(&join_tls);
         return 1;
     }
+    char *cert_pem = tls.cert_pem, *key_pem = tls.key_pem, *ca_pem = tls.client_ca_pem;
     const tsr_hparams *hp = &meta.hp;
-    uint64_t block_bytes = (uint64_t)hp->n_layer * 2u * (uint64_t)hp->n_head_kv *
-                           (uint64_t)hp->head_dim * 4u * TSR_KV_BLOCK_SIZE;
+    const tsr_kv_type kv_type = tsr_replica_params_kv_type(&rp);
+    uint64_t block_bytes = tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type);
     int64_t ctx_tokens =
         n_ctx > 0 ? n_ctx
                   : (hp->n_ctx_train > 0 && hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
@@ -656,10 +651,10 @@ int tsr_cmd_serve(int argc, char **argv)
         if (n_blocks == 0) {
             fprintf(stderr,
                     "tessera serve: --kv-memory %" PRIu64 " is less than one KV block of this "
-                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d x 4 x %d "
-                    "tokens)\n",
+                    "model (%" PRIu64 " bytes = %d layers x 2 x %d KV heads x %d values x %d "
+                    "tokens in %s)\n",
                     kv_memory, block_bytes, hp->n_layer, hp->n_head_kv, hp->head_dim,
-                    TSR_KV_BLOCK_SIZE);
+                    TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
             return 1;
         }
     } else {
@@ -684,6 +679,8 @@ int tsr_cmd_serve(int argc, char **argv)
         free(cert_pem);
         free(key_pem);
         free(ca_pem);
+        tsr_tls_client_free(&join_tls);
+        free(join_auth);
         /* The leader coordinates the shutdown; a signal forwarded by the launcher must
          * not kill a follower in the middle of it. */
         signal(SIGTERM, SIG_IGN);
@@ -711,9 +708,8 @@ int tsr_cmd_serve(int argc, char **argv)
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
-    if (draft_model &&
-        tsr_drafter_model_new(draft_model, tsr_replica_gguf(rep), (int32_t)n_blocks + 16,
-                              (int)n_threads, &drafter, err, sizeof err) != 0) {
+    if (draft_model && tsr_drafter_model_new_for(draft_model, rep, (int32_t)n_blocks + 16,
+                                                 (int)n_threads, &drafter, err, sizeof err) != 0) {
         fprintf(stderr, "tessera serve: %s\n", err);
         goto release;
     }
@@ -730,6 +726,7 @@ int tsr_cmd_serve(int argc, char **argv)
             tsr_replica_n_kv_blocks(rep) > 0 ? tsr_replica_n_kv_blocks(rep) : (int32_t)n_blocks,
         .idle_heartbeat_ms = 1000,
     };
+    ep.no_prefix_cache = eo.no_prefix_cache;
     int64_t comm_timeout = rp.timeout_ms > 0 ? rp.timeout_ms : 30000;
     if (ep.idle_heartbeat_ms > comm_timeout / 4) ep.idle_heartbeat_ms = comm_timeout / 4;
     if (ep.idle_heartbeat_ms < 1) ep.idle_heartbeat_ms = 1;
@@ -867,7 +864,10 @@ int tsr_cmd_serve(int argc, char **argv)
                               .tp = rp.tp,
                               .pp = rp.pp,
                               .max_queue = (int32_t)max_queue,
-                              .context_length = info.n_ctx};
+                              .context_length = info.n_ctx,
+                              .serves_tls = cert_pem != NULL,
+                              .authorization = join_auth,
+                              .tls = &join_tls};
         if (tsr_join_start(&jp, engine, &joined, err, sizeof err) != 0) {
             fprintf(stderr, "tessera serve: %s\n", err);
             tsr_engine_stop(engine, true);
@@ -930,6 +930,8 @@ release:
         free(key_pem);
     }
     free(ca_pem);
+    tsr_tls_client_free(&join_tls);
+    free(join_auth);
     if (sem_ok) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);

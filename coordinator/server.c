@@ -41,6 +41,7 @@
  * drain; grpc_completion_queue_destroy; grpc_shutdown.
  */
 #include "coordinator/server.h"
+#include "coordinator/tls.h"
 #include "coordinator/cli.h"
 #include "coordinator/pbcheck.h"
 #include "kernels/util.h"
@@ -1063,6 +1064,12 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     a.n_rank_status = (size_t)(st.n_rank_stats < 64 ? st.n_rank_stats : 64);
     a.rank_status = rsp;
     SETF(kv_blocks_needed, st.kv_blocks_needed);
+    SETF(prefix_cache, st.prefix_cache);
+    SETF(kv_blocks_cached, st.kv_blocks_cached);
+    SETF(prefix_cache_lookups, st.prefix_cache_lookups);
+    SETF(prefix_cache_hits, st.prefix_cache_hits);
+    SETF(prefix_cache_hit_tokens, st.prefix_cache_hit_tokens);
+    SETF(prefix_cache_evictions, st.prefix_cache_evictions);
 #undef SETF
     reply_msg(r, &a.base);
 }
@@ -1859,17 +1866,9 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->cq = grpc_completion_queue_create_for_next(NULL);
     if (!s->srv || !s->cq) goto fail_mem;
     grpc_server_register_completion_queue(s->srv, s->cq, NULL);
-    grpc_server_credentials *creds;
-    if (p && p->tls_cert_pem && p->tls_key_pem) {
-        grpc_ssl_pem_key_cert_pair pair = {p->tls_key_pem, p->tls_cert_pem};
-        creds = grpc_ssl_server_credentials_create_ex(
-            p->tls_client_ca_pem, &pair, 1,
-            p->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-                                 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
-            NULL);
-    } else {
-        creds = grpc_insecure_server_credentials_create();
-    }
+    tsr_tls_server tls = {p ? (char *)p->tls_cert_pem : NULL, p ? (char *)p->tls_key_pem : NULL,
+                          p ? (char *)p->tls_client_ca_pem : NULL};
+    grpc_server_credentials *creds = tsr_tls_grpc_server_credentials(&tls);
     if (!creds) {
         tsr_set_err(err, err_len, "cannot create the gRPC TLS credentials (--tls-cert/--tls-key)");
         rc = TSR_SERVER_EINVAL;

@@ -4,10 +4,12 @@
 #include "kernels/ops.h"
 
 #include "kernels/quant.h"
+#include "kernels/repack.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <string.h>
 
 /* Batches narrower than this run token by token (see mm_run). */
@@ -24,10 +26,16 @@ typedef struct {
     const tsr_weight *const *w;
     float *const *y;
     int n_w;
-    const void *xq;   /* [n_tok] rows of the dot type */
-    size_t xq_stride; /* bytes between token rows */
-    const float *x;   /* for conversion */
-    uint32_t vt;
+    /* Activations converted to each weight's dot type: [n_tok] rows of xq_stride[k] bytes
+     * at xq[k] (weights sharing a dot type share one conversion). */
+    const void *xq[4];
+    size_t xq_stride[4];
+    /* The distinct conversions to make: dot type, destination, row stride. */
+    int n_conv;
+    uint32_t conv_vt[4];
+    void *conv_dst[4];
+    size_t conv_stride[4];
+    const float *x; /* for conversion */
     int n_tok;
     int64_t rows_per_chunk;
     int64_t chunks_per_w[4];
@@ -35,13 +43,16 @@ typedef struct {
     _Atomic int64_t next;
 } mm_job;
 
+/* Work items are (conversion, token) pairs, split by ith. */
 static void mm_convert(void *arg, int ith, int nth)
 {
     mm_job *j = arg;
     int64_t n_in = j->w[0]->n_in;
-    for (int t = ith; t < j->n_tok; t += nth)
-        tsr_quant_act_row(j->vt, j->x + (size_t)t * n_in, (uint8_t *)j->xq + (size_t)t * j->xq_stride,
-                      n_in);
+    for (int it = ith; it < j->n_conv * j->n_tok; it += nth) {
+        int cv = it / j->n_tok, t = it % j->n_tok;
+        tsr_quant_act_row(j->conv_vt[cv], j->x + (size_t)t * n_in,
+                          (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv], n_in);
+    }
 }
 
 static void mm_run(void *arg, int ith, int nth)
@@ -55,13 +66,21 @@ static void mm_run(void *arg, int ith, int nth)
         const tsr_weight *w = j->w[k];
         int64_t r0 = c * j->rows_per_chunk;
         int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
+        if (w->packed) {
+            /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): GEMV for one token,
+             * GEMM for any number, each weight group read once for all tokens; bit-identical
+             * to the paths below. */
+            tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, j->n_tok, j->xq[k], j->xq_stride[k],
+                           j->y[k] + r0, (size_t)w->n_out);
+            continue;
+        }
         const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
         if (j->n_tok >= TILE_MIN_TOKENS) {
             /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
              * (each weight block unpacked once for several tokens); bit-identical per
              * element to the token-by-token loop below. */
-            tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, j->n_tok, j->xq,
-                             j->xq_stride, j->y[k] + r0, (size_t)w->n_out);
+            tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, j->n_tok, j->xq[k],
+                             j->xq_stride[k], j->y[k] + r0, (size_t)w->n_out);
             continue;
         }
         /* Decode: one token, rows streamed (memory-bound); 2-3 tokens (speculative
@@ -70,10 +89,22 @@ static void mm_run(void *arg, int ith, int nth)
          * 2-token step costs 1.4x a 1-token step this way, 2.0x with tiles). */
         for (int t = 0; t < j->n_tok; t++) {
             tsr_vec_dot_rows(w->type, w->n_in, nr, wrow, w->row_bytes,
-                             (const uint8_t *)j->xq + (size_t)t * j->xq_stride,
+                             (const uint8_t *)j->xq[k] + (size_t)t * j->xq_stride[k],
                              j->y[k] + (size_t)t * w->n_out + r0);
         }
     }
+}
+
+size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n_tok)
+{
+    size_t n_bytes = 0;
+    for (int k = 0; k < n_w; k++) {
+        bool seen = false;
+        for (int i = 0; i < k; i++)
+            seen |= tsr_type_vec_dot_type(w[i]->type) == tsr_type_vec_dot_type(w[k]->type);
+        if (!seen) n_bytes += tsr_matmul_scratch_bytes(w[k], n_tok);
+    }
+    return n_bytes;
 }
 
 void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
@@ -86,23 +117,39 @@ void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *
     j.n_w = n_w;
     j.n_tok = n_tok;
     j.x = x;
-    j.vt = tsr_type_vec_dot_type(w[0]->type);
-    if (j.vt == TSR_TYPE_F32) {
-        j.xq = x;
-        j.xq_stride = (size_t)w[0]->n_in * sizeof(float);
-    } else {
-        j.xq = scratch;
-        j.xq_stride = tsr_row_bytes(j.vt, w[0]->n_in);
-        if (n_tok > 1)
-            tsr_pool_run(pool, mm_convert, &j);
-        else
-            mm_convert(&j, 0, 1);
+    /* One conversion per distinct dot type, laid out one after another in scratch. */
+    uint8_t *dst = scratch;
+    for (int k = 0; k < n_w; k++) {
+        uint32_t vt = tsr_type_vec_dot_type(w[k]->type);
+        int i = 0;
+        while (i < k && tsr_type_vec_dot_type(w[i]->type) != vt) i++;
+        if (i < k) {
+            j.xq[k] = j.xq[i];
+            j.xq_stride[k] = j.xq_stride[i];
+        } else if (vt == TSR_TYPE_F32) {
+            j.xq[k] = x;
+            j.xq_stride[k] = (size_t)w[k]->n_in * sizeof(float);
+        } else {
+            j.conv_vt[j.n_conv] = vt;
+            j.conv_dst[j.n_conv] = dst;
+            j.conv_stride[j.n_conv] = tsr_row_bytes(vt, w[k]->n_in);
+            j.xq[k] = dst;
+            j.xq_stride[k] = j.conv_stride[j.n_conv];
+            dst += (size_t)n_tok * j.xq_stride[k];
+            j.n_conv++;
+        }
     }
+    /* One token: a few µs of conversion, cheaper inline than a pool run. */
+    if (n_tok > 1 && j.n_conv > 0)
+        tsr_pool_run(pool, mm_convert, &j);
+    else if (j.n_conv > 0)
+        mm_convert(&j, 0, 1);
     int nth = tsr_pool_n_threads(pool);
     int64_t total_rows = 0;
     for (int k = 0; k < n_w; k++) total_rows += w[k]->n_out;
     /* Enough chunks for load balance (others share these cores), few enough that the
-     * atomic counter costs nothing; a multiple of 4 rows for the multi-row dots. */
+     * atomic counter costs nothing; a multiple of 4 rows for the multi-row dots and the
+     * repacked groups (TSR_REPACK_ROWS). */
     int64_t rpc = total_rows / ((int64_t)nth * 16);
     if (n_tok > 1) rpc = total_rows / ((int64_t)nth * 4);
     rpc = rpc < 8 ? 8 : (rpc + 3) & ~(int64_t)3;
@@ -233,31 +280,4 @@ void tsr_softmax(float *x, int n)
     }
     float inv = 1.0f / sum;
     for (int i = 0; i < n; i++) x[i] *= inv;
-}
-
-float tsr_f16_round(float x)
-{
-    return tsr_f16_to_f32(tsr_f32_to_f16(x));
-}
-
-float tsr_dot_f16_ggml(const float *k, const float *q, int n)
-{
-    /* ggml_vec_dot_f16 with AVX-512: 4 accumulators of 16 lanes over steps of 64 (element i
-     * in accumulator (i/16)%4, lane i%16; products of F16 values are exact in float), then
-     * acc0+acc2, acc1+acc3, their sum, the 16 lanes halved 8/4/2/1 as _mm512_reduce_add_ps
-     * does; a tail past the last full step is added in double. */
-    float acc[4][16] = {{0}};
-    const int np = n & ~63;
-    for (int i = 0; i < np; i += 64)
-        for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 16; l++)
-                acc[j][l] = fmaf(k[i + 16 * j + l], q[i + 16 * j + l], acc[j][l]);
-    float r[16];
-    for (int l = 0; l < 16; l++) r[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
-    float h8[8], h4[4];
-    for (int l = 0; l < 8; l++) h8[l] = r[l + 8] + r[l];
-    for (int l = 0; l < 4; l++) h4[l] = h8[l + 4] + h8[l];
-    double sum = (double)((h4[0] + h4[2]) + (h4[1] + h4[3]));
-    for (int i = np; i < n; i++) sum += (double)(k[i] * q[i]);
-    return (float)sum;
 }

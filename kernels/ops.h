@@ -20,7 +20,9 @@ typedef struct {
     int64_t n_in;  /* ne[0] */
     int64_t n_out; /* ne[1] */
     size_t row_bytes;
-    const void *data;
+    const void *data;   /* the file's block layout (NULL for a column slice once repacked) */
+    const void *packed; /* kernels/repack.h layout of the same rows, or NULL: the matmul then
+                           reads it instead of data (bit-identical results) */
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold
@@ -31,8 +33,10 @@ size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok);
 void tsr_matmul(tsr_pool *pool, const tsr_weight *w, const float *x, int n_tok, float *y,
                 void *scratch);
 
-/* Several weights with the same input and type-compatible layout share one activation
- * conversion (Q/K/V; gate/up): y[k] = W[k] x, up to 4. */
+/* Several weights with the same input in one pool run (Q/K/V; gate/up): y[k] = W[k] x, up
+ * to 4, of any types (weights whose dot types agree share one activation conversion).
+ * `scratch` must hold tsr_matmul_multi_scratch_bytes(w, n_w, n_tok) bytes. */
+size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n_tok);
 void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
                       const float *x, int n_tok, void *scratch);
 
@@ -60,13 +64,6 @@ void tsr_swiglu(float *gate, const float *up, int64_t n);
  * the GELU of the input rounded to fp16, rounded to fp16 again (its 64K-entry table), with
  * gelu(x) = 0 for x <= -10 and x for x >= 10. In place in gate. */
 void tsr_geglu(float *gate, const float *up, int64_t n);
-
-/* x rounded to the nearest F16 value (ties to even), as a float. */
-float tsr_f16_round(float x);
-
-/* sum k[i]*q[i] over n values that are F16 values (products exact in float), in the order
- * of ggml's F16 dot product on AVX-512 (the KQ scores of llama.cpp's attention). */
-float tsr_dot_f16_ggml(const float *k, const float *q, int n);
 
 /* In-place softmax of n values. */
 void tsr_softmax(float *x, int n);

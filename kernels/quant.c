@@ -759,8 +759,8 @@ static float act_q8_block(const float *x, int8_t *qs)
     for (int j = 0; j < 32; ++j) {
         const float v = x[j] * id;
         /* |v| <= 127 up to rounding; out of range (inf/NaN inputs) saturates as the packs */
-        qs[j] = v != v ? (int8_t)-128
-                : v >= 127.0f ? (int8_t)127
+        qs[j] = v != v         ? (int8_t)-128
+                : v >= 127.0f  ? (int8_t)127
                 : v <= -128.0f ? (int8_t)-128
                                : (int8_t)nearest_int(v);
     }
@@ -2451,13 +2451,15 @@ TSR_AVX2 TSR_INLINE float act_q8_block_avx2(const float *x, int8_t *qs, int32_t 
         q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     if (sum) {
-        const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        const __m256i s8 =
+            _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
         s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
         *sum = _mm_cvtsi128_si32(s4);
     }
-    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    const __m256i b =
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
     _mm256_storeu_si256((__m256i *)qs,
                         _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     return d;

@@ -1,9 +1,13 @@
 #!/usr/bin/python3
-"""bench_batch.py — throughput of `tessera batch` against the two other ways to run a file
-of prompts: `tessera generate` once per prompt, and `tessera serve` fed by ops/loadgen.py.
+"""bench_batch.py — throughput of `tessera batch` against the other ways to run a file of
+prompts: `tessera generate` once per prompt, `tessera serve` fed by ops/loadgen.py, and
+`tessera batch --coordinator` through a `tessera coordinator` with one replica.
 
-  /usr/bin/python3 ops/bench_batch.py --tessera build/tessera --model /tmp/m100.gguf \\
-      --prompts 1000 --gen-prompts 50 --threads 2
+  flock /work/bench.lock /usr/bin/python3 ops/bench_batch.py --threads 2
+
+(defaults: build/tessera, 1000 prompts, 50 of them for the generate baseline, the model
+made in /tmp if missing). It prints `uptime` before and after, each way as it finishes,
+and a table at the end.
 
 The model is made if missing (the issue's 100M shape: mkmodel --n-embd 768 --n-layer 12
 --n-head 12 --n-head-kv 12 --n-ff 2048 --type q8_0, vocabulary from
@@ -13,8 +17,11 @@ generated tokens each (greedy, ignore_eos: random weights would stop anywhere).
 Printed: generated tokens/s of each way (generate: the tokens of --gen-prompts prompts
 over the wall time of their processes, start and model load included, as a user running
 it per prompt pays them; also its decode-only rate), and the ratios; also generated
-tokens per CPU-second (user + system time of the tessera processes), which other tenants
-of a shared machine disturb far less than wall time. --rounds R interleaves the three
+tokens per CPU-second (user + system time of the tessera processes: for the cluster way
+the batch client, the coordinator and the replica together), which other tenants of a
+shared machine disturb far less than wall time. The replica of serve and of the cluster
+way runs with the same flags (-t, --max-seqs = --concurrency); --coord-concurrency sets
+batch --coordinator's calls in flight (default --concurrency). --rounds R interleaves the three
 ways R times and prints medians. Needs Debian's python3-grpcio for loadgen
 (/usr/bin/python3).
 """
@@ -116,6 +123,83 @@ def run_generate(a, t, inp):
     return gen / wall, gen / cpu
 
 
+def start_listening(cmd, what, env=None):
+    """A tessera process whose stderr says 'listening on HOST:PORT' -> (Popen, port)."""
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    end = time.time() + 120
+    while time.time() < end:
+        line = p.stderr.readline()
+        if not line:
+            break
+        m = re.search(r"listening on [^:]+:(\d+)", line)
+        if m:
+            # Keep draining stderr so the process never blocks on a full pipe.
+            subprocess.Popen(["cat"], stdin=p.stderr, stdout=subprocess.DEVNULL)
+            return p, m.group(1)
+    p.kill()
+    sys.exit("%s did not start" % what)
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def run_coord(a, t, inp, tmp):
+    """batch --coordinator through a coordinator with one replica (serve's flags)."""
+    coord, cport = start_listening([t, "coordinator", "--listen", "127.0.0.1:0"], "coordinator")
+    addr = "127.0.0.1:" + cport
+    rep = None
+    try:
+        rep, _ = start_listening([t, "serve", "-m", a.model, "--listen", "127.0.0.1:0", "-t",
+                                  str(a.threads), "--max-seqs", str(a.concurrency), "--join",
+                                  addr, "--name", "bench"], "replica")
+        end = time.time() + 30
+        while time.time() < end:
+            r = subprocess.run([t, "ctl", "--coordinator", addr, "--json", "replicas"],
+                               capture_output=True, text=True)
+            if r.returncode == 0 and any(x.get("state") == "up"
+                                         for x in json.loads(r.stdout).get("replicas", [])):
+                break
+            time.sleep(0.2)
+        else:
+            sys.exit("the replica did not join the coordinator")
+        out = os.path.join(tmp, "out-coord.jsonl")
+        if os.path.exists(out):
+            os.unlink(out)
+        cc = a.coord_concurrency or a.concurrency
+        cpu_rep0, cpu_coord0 = proc_cpu_s(rep.pid), proc_cpu_s(coord.pid)
+        t0 = time.time()
+        c0 = child_cpu_s()
+        r = subprocess.run([t, "batch", "--coordinator", addr, "-i", inp, "-o", out,
+                            "--concurrency", str(cc), "--progress-interval", "60"],
+                           capture_output=True, text=True)
+        wall = time.time() - t0
+        cpu_client = child_cpu_s() - c0
+        cpu_rep = proc_cpu_s(rep.pid) - cpu_rep0
+        cpu_coord = proc_cpu_s(coord.pid) - cpu_coord0
+        if r.returncode != 0:
+            sys.exit("batch --coordinator failed: " + r.stderr[-2000:])
+        gen = 0
+        with open(out) as f:
+            for line in f:
+                gen += json.loads(line)["response"]["body"]["usage"]["completion_tokens"]
+        cpu = cpu_client + cpu_rep + cpu_coord
+        print("coord:     %7.1f generated tokens/s (batch --coordinator, %d calls in flight, one "
+              "replica, %.1f s wall); %.1f generated tokens per CPU-second (replica %.1f, "
+              "coordinator %.1f, batch client %.1f CPU-s)" % (
+                  gen / wall, cc, wall, gen / cpu, cpu_rep, cpu_coord, cpu_client), flush=True)
+        return gen / wall, gen / cpu
+    finally:
+        if rep:
+            stop(rep)
+        stop(coord)
+
+
 def run_serve(a, t, inp):
     p = subprocess.Popen([t, "serve", "-m", a.model, "--listen", "127.0.0.1:0", "-t",
                           str(a.threads), "--max-seqs", str(a.concurrency)],
@@ -168,9 +252,11 @@ def main():
                     help="prompts for the generate-per-prompt baseline (a rate: fewer is fine)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--coord-concurrency", type=int, default=0,
+                    help="batch --coordinator's calls in flight (default: --concurrency)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the three runs, interleaved; medians (a shared machine is noisy)")
-    ap.add_argument("--skip", default="", help="comma list of: batch,generate,serve")
+    ap.add_argument("--skip", default="", help="comma list of: batch,generate,serve,coord")
     ap.add_argument("batch_flags", nargs="*", help="extra flags for tessera batch (after --)")
     a = ap.parse_args()
     skip = set(x for x in a.skip.split(",") if x)
@@ -183,8 +269,9 @@ def main():
     tmp = tempfile.mkdtemp(prefix="tsr-bench-batch-")
     inp = os.path.join(tmp, "in.jsonl")
     make_input(inp, a.prompts)
-    print("model %s, %d prompts x 64 tokens, %d threads, %d round(s)" % (
-        a.model, a.prompts, a.threads, a.rounds), flush=True)
+    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print("model %s, %d prompts x 64 tokens, %d threads, %d round(s); uptime: %s" % (
+        a.model, a.prompts, a.threads, a.rounds, uptime()), flush=True)
     rounds = []
     for rd in range(a.rounds):
         res = {}
@@ -194,8 +281,10 @@ def main():
             res["generate"], res["generate_cpu"] = run_generate(a, t, inp)
         if "serve" not in skip:
             res["serve"], res["serve_cpu"] = run_serve(a, t, inp)
+        if "coord" not in skip:
+            res["coord"], res["coord_cpu"] = run_coord(a, t, inp, tmp)
         line = "round %d:" % (rd + 1)
-        for other, key in (("generate", "r_gen"), ("serve", "r_serve")):
+        for other, key in (("generate", "r_gen"), ("serve", "r_serve"), ("coord", "r_coord")):
             if "batch" in res and other in res:
                 res[key] = res["batch"] / res[other]
                 res[key + "_cpu"] = res["batch_cpu"] / res[other + "_cpu"]
@@ -204,16 +293,24 @@ def main():
         print(line, flush=True)
         rounds.append(res)
     med = lambda k: statistics.median(r[k] for r in rounds)
-    for k, name in (("batch", "batch"), ("generate", "generate per prompt"),
-                    ("serve", "serve c%d" % a.concurrency)):
-        if k in rounds[0]:
-            print("median %-22s %7.1f generated tokens/s, %7.1f per CPU-second" % (
-                name + ":", med(k), med(k + "_cpu")))
-    for key, name in (("r_gen", "generate per prompt"),
-                      ("r_serve", "serve at concurrency %d" % a.concurrency)):
-        if key in rounds[0]:
-            print("median batch / %s: %.2fx wall (rounds: %s), %.2fx per CPU-second" % (
-                name, med(key), ", ".join("%.2f" % r[key] for r in rounds), med(key + "_cpu")))
+    print()
+    print("uptime: %s" % uptime())
+    print("%d prompts (generate: %d) x 64 generated tokens, %d threads, medians of %d round(s)"
+          % (a.prompts, a.gen_prompts, a.threads, a.rounds))
+    print("%-34s %14s %14s %12s %12s" % ("way", "gen tok/s", "tok/CPU-s", "batch/way",
+                                         "per CPU-s"))
+    for k, name in (("batch", "tessera batch (local)"), ("generate", "tessera generate per prompt"),
+                    ("serve", "tessera serve + loadgen c%d" % a.concurrency),
+                    ("coord", "batch --coordinator (1 replica)")):
+        if k not in rounds[0]:
+            continue
+        ratio = ratio_cpu = "-"
+        if "batch" in rounds[0] and k != "batch":
+            ratio = "%.2fx" % statistics.median(r["batch"] / r[k] for r in rounds)
+            ratio_cpu = "%.2fx" % statistics.median(r["batch_cpu"] / r[k + "_cpu"]
+                                                    for r in rounds)
+        print("%-34s %14.1f %14.1f %12s %12s" % (name, med(k), med(k + "_cpu"), ratio,
+                                                 ratio_cpu))
     subprocess.run(["rm", "-rf", tmp])
     return 0
 

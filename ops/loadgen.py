@@ -19,6 +19,12 @@ are generated from proto/ into a temporary folder at start.
 
   /usr/bin/python3 ops/loadgen.py --target 127.0.0.1:50051 --concurrency 16 --requests 200
   /usr/bin/python3 ops/loadgen.py --protocol http --target 127.0.0.1:8080 -c 16 -n 200
+
+Prefix caching: `--shared-prefix N --suffix M` sends token-id prompts (gRPC prompt_ids) of
+BOS + N - 1 ids shared by every request (a system prompt) + M ids of its own, random over
+the model's vocabulary (ModelInfo), seeded; compare TTFT against `serve --no-prefix-cache`.
+
+  /usr/bin/python3 ops/loadgen.py --target 127.0.0.1:50051 -c 1 -n 32 --shared-prefix 512 --suffix 32
 """
 import argparse
 import http.client
@@ -88,15 +94,33 @@ def main():
     ap.add_argument("--proto", default=os.path.join(ROOT, "proto"), help="proto folder")
     ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
                     help="gRPC Generate or HTTP /v1/completions with SSE (default grpc)")
-    ap.add_argument("--api-key", default=None, help="key sent as 'Bearer KEY'")
+    ap.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY") or None,
+                    help="key sent as 'Bearer KEY' (default: $TESSERA_API_KEY)")
+    ap.add_argument("--api-key-file", default=None,
+                    help="the first key of this file (as `tessera ctl --api-key-file`)")
     ap.add_argument("--tls-ca", default=None, help="TLS: verify the server with this CA (PEM)")
     ap.add_argument("--tls-cert", default=None, help="mutual TLS: client certificate (PEM)")
     ap.add_argument("--tls-key", default=None, help="mutual TLS: client key (PEM)")
     ap.add_argument("--input", default=None,
                     help="a `tessera batch` JSONL file: one request per line with its prompt, "
                          "max_tokens, temperature, seed, ignore_eos (sets --requests)")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                    help="token-id prompts: BOS + N - 1 ids shared by every request ...")
+    ap.add_argument("--suffix", type=int, default=0, metavar="M",
+                    help="... + M ids of its own (gRPC only)")
     a = ap.parse_args()
+    if a.api_key_file:
+        with open(a.api_key_file) as f:
+            keys = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+        if not keys:
+            sys.exit("loadgen: --api-key-file %s: no key in the file" % a.api_key_file)
+        a.api_key = keys[0]
     items = None
+    if (a.shared_prefix or a.suffix) and (a.protocol != "grpc" or a.input or a.prompt):
+        ap.error("--shared-prefix/--suffix are gRPC only, without --input or --prompt")
+    if a.shared_prefix < 0 or a.suffix < 0 or ((a.shared_prefix or a.suffix) and
+                                               a.shared_prefix + a.suffix < 1):
+        ap.error("--shared-prefix and --suffix must be >= 0, together >= 1")
     if a.input:
         items = []
         with open(a.input) as f:
@@ -130,6 +154,16 @@ def main():
             except grpc.FutureTimeoutError:
                 sys.exit("loadgen: cannot connect to %s within 10 s" % a.target)
             stub = pbg.InferenceStub(ch)
+        id_prompts = None
+        if a.shared_prefix or a.suffix:
+            mi = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=md)
+            # Ordinary tokens: above the byte/special ids at the bottom of most vocabularies.
+            lo, hi = min(300, mi.vocab_size // 2), mi.vocab_size
+            prng = random.Random(1234)
+            head = ([mi.bos_id] if mi.HasField("bos_id") and mi.bos_id >= 0 else []) + [
+                prng.randrange(lo, hi) for _ in range(max(a.shared_prefix - 1, 0))]
+            id_prompts = [head + [prng.randrange(lo, hi) for _ in range(a.suffix)]
+                          for _ in range(a.requests)]
         host, _, port = a.target.rpartition(":")
         ctx = None
         if a.tls_ca:
@@ -186,6 +220,9 @@ def main():
                     q = dict(prompt=it["prompt"], max_tokens=it.get("max_tokens", 16),
                              temperature=it.get("temperature", 1.0),
                              ignore_eos=it.get("ignore_eos", False), seed=it.get("seed", i))
+                elif id_prompts:
+                    q = dict(prompt_ids=id_prompts[i], max_tokens=a.max_tokens,
+                             temperature=a.temperature, ignore_eos=a.ignore_eos, seed=i)
                 else:
                     q = dict(prompt=prompts[i], max_tokens=a.max_tokens,
                              temperature=a.temperature, ignore_eos=a.ignore_eos, seed=i)
@@ -250,6 +287,9 @@ def main():
     print("target:          %s (%s%s)" % (a.target, a.protocol, ", TLS" if a.tls_ca else ""))
     print("requests:        %d ok, %d failed, concurrency %d, max_tokens %d"
           % (ok, a.requests - ok, a.concurrency, a.max_tokens))
+    if a.shared_prefix or a.suffix:
+        print("prompts:         shared prefix %d + suffix %d token ids" % (a.shared_prefix,
+                                                                          a.suffix))
     print("wall time:       %.2f s (%.2f requests/s)" % (wall, ok / wall))
     print("throughput:      %.1f generated tokens/s (%d tokens)" % (tokens[0] / wall, tokens[0]))
     print("TTFT:            p50 %.1f ms, p99 %.1f ms" % (pct(ttft, 50) * 1e3, pct(ttft, 99) * 1e3))

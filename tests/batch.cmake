@@ -28,3 +28,21 @@ if(NOT TSR_SANITIZE)
   set_tests_properties(slurm_batch PROPERTIES TIMEOUT 240 SKIP_RETURN_CODE 77 RUN_SERIAL TRUE
                        ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 endif()
+
+# `tessera batch --coordinator` (tests/python/test_batch_coord.py): a coordinator and two
+# stories260K replicas; a 100-line mixed file (chat, sampling, malformed lines) equal to
+# local-mode batch as sets of lines (--ordered too), a replica kill -9 mid-run (release),
+# the coordinator killed mid-run (exit 3) and the rerun completing. Release ~25 s;
+# sanitizers: --lean (50 lines; the coordinator kill on 16 short lines), the client's completion-queue and
+# retry paths under ASan/UBSan.
+if(TSR_SANITIZE)
+  set(TSR_BATCH_COORD_ARGS --lean)
+else()
+  set(TSR_BATCH_COORD_ARGS)
+endif()
+add_test(NAME batch_coord
+         COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/python/test_batch_coord.py
+                 --tessera $<TARGET_FILE:tessera> --model ${TSR_MODELS_DIR}/stories260K.gguf
+                 ${TSR_BATCH_COORD_ARGS})
+set_tests_properties(batch_coord PROPERTIES TIMEOUT 240 RUN_SERIAL TRUE
+                     ENVIRONMENT "${TSR_BATCH_ENV}")

@@ -15,3 +15,13 @@ if(NOT TSR_SANITIZE)
   set_tests_properties(coord_cluster PROPERTIES TIMEOUT 300 RUN_SERIAL TRUE
                        ENVIRONMENT "${TSR_SERVE_ENV}")
 endif()
+# The coordinator's front doors with keys and TLS (tests/python/test_coord_front.py): ctl's
+# client flags, a keyed + TLS replica serving through a keyed + TLS coordinator, grpcio with
+# the test CA. The venv python (the openai client) sees Debian's python3-grpcio. Both trees:
+# it is the request path.
+add_test(NAME coord_front
+         COMMAND ${TSR_VENV_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/python/test_coord_front.py
+                 --tessera $<TARGET_FILE:tessera> --models ${TSR_MODELS_DIR}
+                 --proto ${CMAKE_SOURCE_DIR}/proto)
+set_tests_properties(coord_front PROPERTIES TIMEOUT 240 RUN_SERIAL TRUE
+                     ENVIRONMENT "${TSR_SERVE_ENV}")

@@ -94,13 +94,31 @@ if(NOT TSR_SANITIZE)
     list(GET layout 0 tp)
     list(GET layout 1 pp)
     math(EXPR np "${tp} * ${pp}")
+    # TSR_NO_NCCL=1: activations and logits through host memory over MPI
     add_test(NAME gpu_sim_replica_stories_tp${tp}_pp${pp}
              COMMAND ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:gpu_sim_replica_check>
                      -m ${TSR_MODELS_DIR}/stories260K.gguf --tp ${tp} --pp ${pp} --device cuda
-                     --tol 1e-3 -n 8)
+                     --tol 1e-3 -n 8 --batch-step --expect-transport "host round trip")
     set_tests_properties(gpu_sim_replica_stories_tp${tp}_pp${pp} PROPERTIES
                          ENVIRONMENT "${TSR_MPI_ENV};TSR_NO_NCCL=1" TIMEOUT 120 PROCESSORS 2)
+    # the device-direct data plane (what NCCL carries on GPU ranks: tp sums, stage hand-offs
+    # from device buffers, the last stage's logits gathered on tp rank 0's device and sent to
+    # the leader), with MPI carrying the simulator's device buffers; --batch-step runs a
+    # three-sequence step, cut into pipeline micro-batches when pp > 1
+    add_test(NAME gpu_sim_replica_direct_stories_tp${tp}_pp${pp}
+             COMMAND ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:gpu_sim_replica_check>
+                     -m ${TSR_MODELS_DIR}/stories260K.gguf --tp ${tp} --pp ${pp} --device cuda
+                     --tol 1e-3 -n 8 --batch-step --expect-transport "device-direct")
+    set_tests_properties(gpu_sim_replica_direct_stories_tp${tp}_pp${pp} PROPERTIES
+                         ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 120 PROCESSORS 2)
   endforeach()
+  add_test(NAME gpu_sim_replica_direct_synth_q4_0_tp2_pp2
+           COMMAND ${TSR_MPIRUN} -np 4 $<TARGET_FILE:gpu_sim_replica_check>
+                   -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_0.gguf --tp 2 --pp 2
+                   --device cuda --teacher-force --tol 0.5 -n 8 --batch-step
+                   --expect-transport "device-direct")
+  set_tests_properties(gpu_sim_replica_direct_synth_q4_0_tp2_pp2 PROPERTIES
+                       ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 120 PROCESSORS 2)
   # --gpu-memory is the planner's budget on GPU ranks: a layout that does not fit is refused
   add_test(NAME gpu_sim_replica_gpu_memory_refused
            COMMAND gpu_sim_replica_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
@@ -161,15 +179,25 @@ foreach(layout "2;1" "1;2" "2;2")
   set_property(TEST gpu_replica_synth_q4_k_m_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
                "${TSR_MPI_ENV};TSR_NO_NCCL=1")
 endforeach()
-# NCCL: tp 2 on two GPUs (skipped with the reason on fewer).
+# NCCL (one GPU per rank; skipped with the reason on fewer): tp 2, pp 2 and tp 2 × pp 2 with
+# the whole data plane device to device (tp sums, stage hand-offs, logits gather and the send
+# to the leader), a three-sequence step cut into pipeline micro-batches included.
 foreach(model stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf)
   get_filename_component(stem ${model} NAME_WE)
   string(REPLACE "-" "_" stem ${stem})
   tsr_gpu_tol(${model} tol)
-  tsr_gpu_test(nccl_${stem}_tp2 sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
-               $<TARGET_FILE:gpu_check> 2 ${TSR_MPIRUN} -np 2 $<TARGET_FILE:replica_check>
-               -m ${TSR_MODELS_DIR}/${model} --tp 2 --device cuda --tol ${tol} -n 8)
-  set_property(TEST gpu_nccl_${stem}_tp2 APPEND PROPERTY ENVIRONMENT "${TSR_MPI_ENV}")
+  foreach(layout "2;1" "1;2" "2;2")
+    list(GET layout 0 tp)
+    list(GET layout 1 pp)
+    math(EXPR np "${tp} * ${pp}")
+    tsr_gpu_test(nccl_${stem}_tp${tp}_pp${pp} sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
+                 $<TARGET_FILE:gpu_check> ${np} ${TSR_MPIRUN} -np ${np}
+                 $<TARGET_FILE:replica_check> -m ${TSR_MODELS_DIR}/${model} --tp ${tp}
+                 --pp ${pp} --device cuda --tol ${tol} -n 8 --batch-step
+                 --expect-transport "device-direct (nccl)")
+    set_property(TEST gpu_nccl_${stem}_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
+                 "${TSR_MPI_ENV}")
+  endforeach()
 endforeach()
 
 # Speculative decoding and the gRPC server on GPU ranks.

@@ -8,6 +8,13 @@ fail() { echo "FAIL: $*"; exit 1; }
 out=$("$t" generate -m "$m" -p Once -n 4 --temperature 0 --device tpu 2>&1); rc=$?
 [ $rc = 2 ] || fail "--device tpu: exit $rc, expected 2: $out"
 echo "$out" | grep -q "device must be cpu, cuda or auto, got 'tpu'" || fail "--device tpu: $out"
+# TESSERA_DEVICE is the default of an absent --device (the CPU suite runs with it = cpu)
+out=$(TESSERA_DEVICE=tpu "$t" generate -m "$m" -p Once -n 4 --temperature 0 2>&1); rc=$?
+[ $rc = 1 ] || fail "TESSERA_DEVICE=tpu: exit $rc, expected 1: $out"
+echo "$out" | grep -q "TESSERA_DEVICE must be cpu, cuda or auto, got 'tpu'" ||
+  fail "TESSERA_DEVICE=tpu: $out"
+TESSERA_DEVICE=tpu "$t" generate -m "$m" -p Once -n 4 --temperature 0 --device cpu >/dev/null 2>&1 ||
+  fail "--device cpu must override TESSERA_DEVICE"
 out=$("$t" generate -m "$m" -p Once -n 4 --temperature 0 --gpu-memory 0 2>&1); rc=$?
 [ $rc = 2 ] || fail "--gpu-memory 0: exit $rc, expected 2: $out"
 ref=$("$t" generate -m "$m" -p Once -n 4 --temperature 0 --device cpu 2>/dev/null) || fail "cpu run"

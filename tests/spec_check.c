@@ -170,13 +170,22 @@ int main(int argc, char **argv)
         for (int ki = 0; ki < n_ks; ki++) {
             tsr_drafter *d;
             const char *name = di < n_drafts ? drafts[di] : "ngram";
-            int rc = di < n_drafts ? tsr_drafter_model_new(drafts[di], tsr_replica_gguf(rep), 512,
-                                                           1, &d, err, sizeof err)
-                                   : tsr_drafter_ngram_new(1, 3, &d, err, sizeof err);
+            int rc = di < n_drafts
+                         ? tsr_drafter_model_new_for(drafts[di], rep, 512, 1, &d, err, sizeof err)
+                         : tsr_drafter_ngram_new(1, 3, &d, err, sizeof err);
             if (rc != 0) {
                 fprintf(stderr, "spec_check: drafter %s: %s\n", name, err);
                 return fail("drafter");
             }
+            /* the draft model runs where the target's leader runs (GPU ranks: on its GPU) */
+            const char *want_be = tsr_replica_device(rep) >= 0 ? "cuda" : "cpu";
+            if (di < n_drafts && strcmp(tsr_drafter_model_backend(d), want_be) != 0) {
+                fprintf(stderr, "spec_check: draft %s runs on '%s', expected '%s'\n", name,
+                        tsr_drafter_model_backend(d), want_be);
+                return fail("draft backend");
+            }
+            if (ki == 0 && di < n_drafts)
+                printf("spec_check: draft %s on %s\n", name, tsr_drafter_model_backend(d));
             if (run(rep, d, ks[ki], got, err, sizeof err) != 0) {
                 fprintf(stderr, "spec_check: %s k %d: %s\n", name, ks[ki], err);
                 return fail("speculative run");

@@ -75,6 +75,18 @@ static void test_usage_errors(void **state)
     expect_usage_error(args, "top_p");
     snprintf(args, sizeof args, "generate -m %s -p hi -t 0", m);
     expect_usage_error(args, "--threads");
+    /* Engine flags: parsed once (cli.c) for serve and batch. */
+    snprintf(args, sizeof args, "serve -m %s --max-seqs 0", m);
+    expect_usage_error(args, "--max-seqs");
+    snprintf(args, sizeof args, "batch -m %s -i x -o y --max-batch-tokens 12x", m);
+    expect_usage_error(args, "--max-batch-tokens");
+    snprintf(args, sizeof args, "batch -m %s -i x -o y --kv-memory -1", m);
+    expect_usage_error(args, "--kv-memory");
+    /* batch --coordinator: an address, and no local engine flags. */
+    expect_usage_error("batch --coordinator nowhere -i x -o y", "--coordinator");
+    expect_usage_error("batch --coordinator 127.0.0.1:1 -i x -o y -t 2", "--coordinator");
+    expect_usage_error("batch --coordinator 127.0.0.1:1 -i x -o y --tls-cert c.pem", "--tls-key");
+    expect_usage_error("batch -i x -o y --api-key-file k", "--coordinator");
     expect_usage_error("tokenize", "TEXT");
     expect_usage_error("inspect", "FILE");
     expect_usage_error("mkmodel -o /tmp/x.gguf", "--vocab-from");

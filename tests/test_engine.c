@@ -2,7 +2,8 @@
  * test_engine.c — the serving engine (continuous batching, paged KV, preemption) in one
  * process: batched greedy answers equal single-sequence ones, a pool too small for all
  * requests still completes them through preemption, cancellation frees KV blocks, bad
- * requests are refused naming the field.
+ * requests are refused naming the field, prefix caching gives exactly the cold run's tokens
+ * and logprobs (with preemption, eviction and speculation).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -30,6 +31,7 @@ typedef struct {
     int n_preempted;
     size_t text_at[256]; /* text_len after the event that carried ids[i] */
     int n_prompt_tokens, n_completion_tokens;
+    float lp[256]; /* chosen logprob per id, when asked for */
 } result;
 
 static void on_event(void *ud, const tsr_event *ev)
@@ -42,6 +44,7 @@ static void on_event(void *ud, const tsr_event *ev)
         }
         for (size_t i = 0; i < ev->n_ids && r->n_ids < 256; i++) {
             r->text_at[r->n_ids] = r->text_len;
+            if (ev->chosen_logprobs) r->lp[r->n_ids] = ev->chosen_logprobs[i];
             r->ids[r->n_ids++] = ev->ids[i];
         }
     } else {
@@ -302,13 +305,109 @@ static void test_resume(void **state)
     tsr_replica_close(rep);
 }
 
+/* Prefix caching: 48 requests whose prompts share prefixes of 0, 16, 40 and 100 tokens
+ * (differing suffixes), greedy and seeded, with logprobs or with n-gram speculation, in a
+ * pool small enough to preempt and evict, give exactly the tokens and logprobs (bit for
+ * bit) of the same engine with --no-prefix-cache; hits are counted, and no block stays
+ * referenced at the end. */
+#define N_PFX 48
+static void run_prefix(bool cache, result *res, tsr_engine_status *st)
+{
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 48, .n_kv_blocks = 40};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_drafter *d;
+    assert_int_equal(tsr_drafter_ngram_new(1, 3, &d, err, sizeof err), 0);
+    tsr_engine_params ep = {.max_batch_tokens = 48,
+                            .max_seqs = 16,
+                            .max_queue = 64,
+                            .drafter = d,
+                            .spec_no_probe = true,
+                            .spec_max_batch = 16,
+                            .no_prefix_cache = !cache};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    static const int32_t shared[4] = {0, 16, 40, 100};
+    for (int k = 0; k < N_PFX; k++) {
+        int32_t prompt[160];
+        int n = 0, sh = shared[k % 4];
+        prompt[n++] = 1;
+        for (int i = 1; i < sh; i++) prompt[n++] = 259 + (i * 37 + (k % 4) * 11) % 253;
+        for (int i = 0; i < 3 + (k * 5) % 21; i++) prompt[n++] = 259 + (k * 29 + i * 13) % 253;
+        tsr_engine_request rq = {
+            .prompt_ids = prompt, .n_prompt = (size_t)n, .on_event = on_event, .ud = &res[k]};
+        tsr_sampling_params_default(&rq.gen.sampling);
+        rq.gen.sampling.temperature = k % 3 == 0 ? 0.0f : 0.8f;
+        rq.gen.sampling.seed = 1000 + (uint64_t)k;
+        rq.gen.max_tokens = 8 + (k * 7) % 17;
+        rq.gen.ignore_eos = true;
+        /* Speculation on the greedy requests without logprobs (sampled ones with drafts are
+         * correctly distributed but depend on how many drafts each step verifies, which
+         * scheduling decides); logprobs on the others. */
+        if (k % 2) rq.logprobs = 1;
+        rq.speculation = k % 2 == 0 && k % 3 == 0 ? 1 : 0;
+        uint64_t id;
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    }
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    tsr_engine_get_status(e, st);
+    tsr_engine_free(e);
+    tsr_drafter_free(d);
+    tsr_replica_close(rep);
+}
+
+static void test_prefix_cache(void **state)
+{
+    (void)state;
+    static result cold[N_PFX], warm[N_PFX];
+    memset(cold, 0, sizeof cold);
+    memset(warm, 0, sizeof warm);
+    tsr_engine_status sc, sw;
+    run_prefix(false, cold, &sc);
+    run_prefix(true, warm, &sw);
+    for (int k = 0; k < N_PFX; k++) {
+        assert_int_equal(warm[k].n_finish, 1);
+        if (warm[k].n_ids != cold[k].n_ids)
+            fail_msg("request %d: cold run %d tokens, cached %d", k, cold[k].n_ids, warm[k].n_ids);
+        for (int i = 0; i < cold[k].n_ids; i++) {
+            if (warm[k].ids[i] != cold[k].ids[i])
+                fail_msg("request %d token %d: cold run %d, cached %d", k, i, cold[k].ids[i],
+                         warm[k].ids[i]);
+            if (memcmp(&warm[k].lp[i], &cold[k].lp[i], sizeof(float)) != 0)
+                fail_msg("request %d token %d: logprob cold %.9g, cached %.9g", k, i,
+                         (double)cold[k].lp[i], (double)warm[k].lp[i]);
+        }
+    }
+    print_message("prefix cache: %llu lookups, %llu hits, %llu hit tokens, %llu evictions, "
+                  "%llu preemptions (cold: %llu)\n",
+                  (unsigned long long)sw.prefix_cache_lookups,
+                  (unsigned long long)sw.prefix_cache_hits,
+                  (unsigned long long)sw.prefix_cache_hit_tokens,
+                  (unsigned long long)sw.prefix_cache_evictions,
+                  (unsigned long long)sw.n_preemptions, (unsigned long long)sc.n_preemptions);
+    assert_true(sw.prefix_cache && !sc.prefix_cache);
+    assert_true(sw.prefix_cache_hits > 0 && sw.prefix_cache_hit_tokens > 0);
+    assert_true(sw.prefix_cache_evictions > 0);
+    assert_true(sw.n_preemptions > 0 && sc.n_preemptions > 0);
+    assert_true(sw.spec_accepted > 0);
+    assert_int_equal(sc.prefix_cache_lookups, 0);
+    assert_int_equal(sc.kv_blocks_cached, 0);
+    assert_int_equal(sw.kv_blocks_used, 0);
+    assert_int_equal(sc.kv_blocks_used, 0);
+    assert_true(sw.kv_blocks_cached > 0);
+    assert_int_equal(sw.kv_blocks_free, sw.kv_blocks_total);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_batched_equals_single),
-        cmocka_unit_test(test_preemption),
-        cmocka_unit_test(test_cancel_and_errors),
-        cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_batched_equals_single), cmocka_unit_test(test_preemption),
+        cmocka_unit_test(test_cancel_and_errors),     cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_prefix_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

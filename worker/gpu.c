@@ -25,6 +25,7 @@
 #ifdef TSR_HAVE_CUDA
 
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/numerics.h" /* KV element types */
 
 typedef struct {
     float *attn_norm, *ffn_norm;
@@ -51,7 +52,9 @@ struct tsr_gpu_ctx {
     tsr_gpu_model *gm;
     tsr_comm *tp;
     int32_t n_kv_blocks, n_batch, kv_dim, q_dim, n_ff, n_vocab_local;
-    float *k_cache, *v_cache; /* [n_layer_local][n_kv_blocks * 16][kv_dim] */
+    uint32_t kv_type; /* element type of the KV pool: 0 F32, 1 F16 (numerics.h) */
+    size_t kv_elem_bytes;
+    float *k_cache, *v_cache; /* [n_layer_local][n_kv_blocks * 16][kv_dim] elements of kv_type */
     float *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *head_in, *logits;
     void *bufs[16]; /* the buffers above and their sizes, to give back */
     size_t buf_bytes[16];
@@ -61,7 +64,18 @@ struct tsr_gpu_ctx {
     int32_t *desc_host; /* host staging of the descriptor */
     float *host_buf;    /* host staging of tp all-reduces over a non-NCCL communicator */
     uint64_t t_comm_ns;
+    /* device-direct transport (tsr_gpu_ctx_set_pipe) */
+    bool direct;
+    tsr_comm *pipe;
+    int prev_peer, next_peer, pipe_tag;
+    int32_t want_done;  /* logits rows of this step so far (direct: they stay in logits) */
+    float *logits_full; /* [rows][n_vocab]: interleaved (last stage) or received (leader) */
+    size_t logits_full_floats;
+    float *logits_parts; /* the tp slices received by tp rank 0 of the last stage */
+    size_t logits_parts_floats;
 };
+
+static const tsr_backend k_gpu_backend;
 
 bool tsr_gpu_built(void)
 {
@@ -261,6 +275,8 @@ void tsr_gpu_ctx_free(tsr_gpu_ctx *gc)
     tsr_cuda_dev *d = gc->gm->dev;
     for (int32_t i = 0; i < gc->n_bufs; i++) tsr_cuda_free(d, gc->bufs[i], gc->buf_bytes[i]);
     tsr_cuda_free(d, gc->desc, sizeof(int32_t) * (size_t)gc->desc_cap);
+    tsr_cuda_free(d, gc->logits_full, sizeof(float) * gc->logits_full_floats);
+    tsr_cuda_free(d, gc->logits_parts, sizeof(float) * gc->logits_parts_floats);
     free(gc->desc_host);
     free(gc->host_buf);
     free(gc);
@@ -282,11 +298,19 @@ static int ctx_buf(tsr_gpu_ctx *gc, size_t n_floats, const char *what, float **o
     return 0;
 }
 
-int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr_gpu_ctx **out,
-                    char *err, size_t err_len)
+int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
+                    tsr_gpu_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     const tsr_model *m = gm->m;
+    const size_t kv_eb = tsr_cuda_kv_elem_bytes(kv_type);
+    if (!kv_eb) {
+        tsr_set_err(err, err_len,
+                    "KV cache type %s is not supported on the GPU (the device pool stores f32 or "
+                    "f16): use --kv-type f16 or f32, or --device cpu",
+                    kv_type == 8 ? "q8_0" : "?");
+        return -1;
+    }
     const tsr_hparams *hp = &m->hp;
     const tsr_shard *sh = &m->shard;
     if (n_kv_blocks < 1 || n_batch < 1 || n_batch > 65535) {
@@ -310,13 +334,17 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr
     }
     gc->n_kv_blocks = n_kv_blocks;
     gc->n_batch = n_batch;
+    gc->kv_type = kv_type;
+    gc->kv_elem_bytes = kv_eb;
     gc->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
     gc->q_dim = (sh->head_end - sh->head_begin) * hp->head_dim;
     gc->n_ff = sh->ff_end - sh->ff_begin;
     gc->n_vocab_local = sh->vocab_end - sh->vocab_begin;
     const size_t nb = (size_t)n_batch, E = (size_t)hp->n_embd;
-    const size_t kv =
-        (size_t)m->n_layer_local * (size_t)n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim;
+    /* in floats of 4 bytes (the pool holds kv_eb-byte elements; 16 positions per block
+     * keep the count whole) */
+    const size_t kv = (size_t)m->n_layer_local * (size_t)n_kv_blocks * TSR_KV_BLOCK_SIZE *
+                      (size_t)gc->kv_dim * kv_eb / sizeof(float);
     const size_t qd = (size_t)gc->q_dim;
     if (ctx_buf(gc, kv, "KV cache (K)", &gc->k_cache, err, err_len) ||
         ctx_buf(gc, kv, "KV cache (V)", &gc->v_cache, err, err_len) ||
@@ -354,6 +382,137 @@ uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc)
     return gc->t_comm_ns;
 }
 
+bool tsr_gpu_host_addressable(void)
+{
+    return tsr_cuda_host_addressable();
+}
+
+void tsr_gpu_ctx_set_pipe(tsr_gpu_ctx *gc, tsr_comm *pipe, int prev_peer, int next_peer, int tag)
+{
+    gc->direct = true;
+    gc->pipe = pipe;
+    gc->prev_peer = pipe ? prev_peer : -1;
+    gc->next_peer = pipe ? next_peer : -1;
+    gc->pipe_tag = tag;
+}
+
+void tsr_gpu_ctx_step_begin(tsr_gpu_ctx *gc)
+{
+    gc->want_done = 0;
+}
+
+/* Grow a device buffer of the context to n floats (contents not kept). */
+static int grow(tsr_gpu_ctx *gc, float **buf, size_t *have, size_t n, const char *what, char *err,
+                size_t err_len)
+{
+    if (n <= *have) return 0;
+    tsr_cuda_dev *d = gc->gm->dev;
+    if (*buf) {
+        if (tsr_cuda_sync(d, err, err_len) != 0) return -1;
+        tsr_cuda_free(d, *buf, sizeof(float) * *have);
+    }
+    *buf = NULL;
+    *have = 0;
+    void *p;
+    if (tsr_cuda_alloc(d, sizeof(float) * n, what, &p, err, err_len) != 0) return -1;
+    *buf = p;
+    *have = n;
+    return 0;
+}
+
+int tsr_gpu_ctx_logits_out(tsr_gpu_ctx *gc, tsr_comm *tp, const int32_t *vocab_begin,
+                           const int32_t *vocab_n, int32_t n_want, int tag, float *host_out,
+                           int leader_peer, char *err, size_t err_len)
+{
+    tsr_cuda_dev *d = gc->gm->dev;
+    const size_t V = (size_t)gc->gm->m->hp.n_vocab;
+    const int n_tp = tp ? tp->size : 1, me = tp ? tp->rank : 0;
+    if (n_want <= 0) return 0;
+    if (!gc->direct || n_want != gc->want_done) {
+        tsr_set_err(err, err_len,
+                    "logits out: the step computed %d logits rows on the device, %d were asked for",
+                    gc->want_done, n_want);
+        return -1;
+    }
+    if (tsr_cuda_activate(d, err, err_len) != 0 || tsr_cuda_sync(d, err, err_len) != 0) return -1;
+    const uint64_t t0 = tsr_now_ns();
+    int rc = 0;
+    float *full = gc->logits; /* tp 1: this rank's slice is the whole vocabulary */
+    if (n_tp > 1 && me != 0) {
+        /* [n_want][vocab_n[me]] to tp rank 0 */
+        rc = tsr_comm_send(tp, gc->logits, sizeof(float) * (size_t)n_want * (size_t)vocab_n[me], 0,
+                           tag, err, err_len);
+        gc->t_comm_ns += tsr_now_ns() - t0;
+        return rc;
+    }
+    if (n_tp > 1) {
+        /* tp rank 0: receive the others' slices back to back, then interleave every rank's
+         * [n_want][vocab_n[k]] block into the columns [vocab_begin[k], +vocab_n[k]) of
+         * [n_want][V] rows (one 2-D copy per rank) */
+        size_t parts = 0;
+        for (int k = 1; k < n_tp; k++) parts += (size_t)n_want * (size_t)vocab_n[k];
+        if (grow(gc, &gc->logits_parts, &gc->logits_parts_floats, parts, "tp logits slices", err,
+                 err_len) != 0 ||
+            grow(gc, &gc->logits_full, &gc->logits_full_floats, (size_t)n_want * V, "logits", err,
+                 err_len) != 0)
+            return -1;
+        full = gc->logits_full;
+        size_t off = 0;
+        for (int k = 0; k < n_tp && rc == 0; k++) {
+            const float *src = gc->logits;
+            if (k > 0) {
+                const size_t n_k = (size_t)n_want * (size_t)vocab_n[k];
+                rc = tsr_comm_recv(tp, gc->logits_parts + off, sizeof(float) * n_k, k, tag, err,
+                                   err_len);
+                src = gc->logits_parts + off;
+                off += n_k;
+            }
+            if (rc == 0)
+                rc = tsr_cuda_copy_2d(d, full + vocab_begin[k], sizeof(float) * V, src,
+                                      sizeof(float) * (size_t)vocab_n[k],
+                                      sizeof(float) * (size_t)vocab_n[k], (size_t)n_want, err,
+                                      err_len);
+        }
+        if (rc == 0) rc = tsr_cuda_sync(d, err, err_len);
+    }
+    if (rc == 0) {
+        if (host_out)
+            rc = tsr_cuda_download(d, host_out, full, sizeof(float) * (size_t)n_want * V, err,
+                                   err_len);
+        else
+            rc = tsr_comm_send(gc->pipe, full, sizeof(float) * (size_t)n_want * V, leader_peer, tag,
+                               err, err_len);
+    }
+    gc->t_comm_ns += tsr_now_ns() - t0;
+    return rc;
+}
+
+int tsr_gpu_ctx_logits_in(tsr_gpu_ctx *gc, int peer, int tag, int32_t n_want, float *host_out,
+                          char *err, size_t err_len)
+{
+    tsr_cuda_dev *d = gc->gm->dev;
+    const size_t n = (size_t)n_want * (size_t)gc->gm->m->hp.n_vocab;
+    if (n_want <= 0) return 0;
+    if (!gc->direct || !gc->pipe) {
+        tsr_set_err(err, err_len, "logits in: the context has no device-direct pipeline");
+        return -1;
+    }
+    if (tsr_cuda_activate(d, err, err_len) != 0) return -1;
+    if (grow(gc, &gc->logits_full, &gc->logits_full_floats, n, "logits", err, err_len) != 0)
+        return -1;
+    const uint64_t t0 = tsr_now_ns();
+    int rc = tsr_comm_recv(gc->pipe, gc->logits_full, sizeof(float) * n, peer, tag, err, err_len);
+    if (rc == 0)
+        rc = tsr_cuda_download(d, host_out, gc->logits_full, sizeof(float) * n, err, err_len);
+    gc->t_comm_ns += tsr_now_ns() - t0;
+    return rc;
+}
+
+tsr_gpu_ctx *tsr_gpu_ctx_of(tsr_ctx *c)
+{
+    return tsr_ctx_backend(c) == &k_gpu_backend ? tsr_ctx_backend_state(c) : NULL;
+}
+
 /* Sum x [n floats, device] over the tp group. */
 static int tp_allreduce(tsr_gpu_ctx *gc, float *x, size_t n, char *err, size_t err_len)
 {
@@ -362,7 +521,7 @@ static int tp_allreduce(tsr_gpu_ctx *gc, float *x, size_t n, char *err, size_t e
     if (tsr_cuda_sync(d, err, err_len) != 0) return -1;
     const uint64_t t0 = tsr_now_ns();
     int rc;
-    if (strcmp(gc->tp->vt->name, "nccl") == 0) {
+    if (gc->direct || strcmp(gc->tp->vt->name, "nccl") == 0) {
         rc = tsr_comm_allreduce_sum_f32(gc->tp, x, n, err, err_len);
     } else {
         rc = tsr_cuda_download(d, gc->host_buf, x, sizeof(float) * n, err, err_len);
@@ -459,14 +618,21 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         CK(tsr_cuda_embed(d, &gm->tok_embd, d_tok, n, gc->x, err, err_len));
         if (hp->embd_scale != 1.0f)
             CK(tsr_cuda_scale(d, gc->x, hp->embd_scale, (int64_t)nE, err, err_len));
+    } else if (gc->direct && gc->prev_peer >= 0) {
+        /* the previous stage's output, device to device (kernels of the last step are done:
+         * the previous send or download waited for them) */
+        CK(tsr_comm_recv(gc->pipe, gc->x, sizeof(float) * nE, gc->prev_peer, gc->pipe_tag, err,
+                         err_len));
     } else {
         CK(tsr_cuda_upload(d, gc->x, hidden, sizeof(float) * nE, err, err_len));
     }
-    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim;
+    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim *
+                            gc->kv_elem_bytes; /* bytes */
     const int32_t q_dim = n_head_local * hd;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const gpu_layer *G = &gm->layers[l];
-        float *kc = gc->k_cache + (size_t)l * kv_layer, *vc = gc->v_cache + (size_t)l * kv_layer;
+        void *kc = (uint8_t *)gc->k_cache + (size_t)l * kv_layer;
+        void *vc = (uint8_t *)gc->v_cache + (size_t)l * kv_layer;
         CK(tsr_cuda_rmsnorm(d, gc->xb, gc->x, G->attn_norm, n, E, hp->rms_eps, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wq, gc->xb, n, gc->q, err, err_len));
         CK(tsr_cuda_matmul(d, &G->wk, gc->xb, n, gc->k, err, err_len));
@@ -501,10 +667,12 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         const bool q_scaled = hp->arch == TSR_ARCH_GEMMA3;
         if (q_scaled)
             CK(tsr_cuda_scale(d, gc->q, hp->attn_scale, (int64_t)n * q_dim, err, err_len));
-        CK(tsr_cuda_kv_store(d, kc, vc, gc->k, gc->v, d_rows, n, gc->kv_dim, err, err_len));
+        CK(tsr_cuda_kv_store(d, kc, vc, gc->k, gc->v, d_rows, n, gc->kv_dim, gc->kv_type, err,
+                             err_len));
         const tsr_cuda_attn_args aa = {.q = gc->q,
                                        .k_cache = kc,
                                        .v_cache = vc,
+                                       .kv_type = gc->kv_type,
                                        .out = gc->att,
                                        .pos = d_pos,
                                        .seq = d_seq,
@@ -540,17 +708,38 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
                                 err_len));
         CK(tsr_cuda_add(d, gc->x, gc->xb2, (int64_t)nE, err, err_len));
     }
-    if (m->last_stage && logits && n_want > 0) {
+    if (m->last_stage && (logits || gc->direct) && n_want > 0) {
         const int64_t n_l = (int64_t)n_want * gc->n_vocab_local;
+        /* direct: the step's rows stay on the device, appended after the earlier
+         * micro-batches' (tsr_gpu_ctx_logits_out takes them from there) */
+        const int32_t row0 = gc->direct ? gc->want_done : 0;
+        if (row0 + n_want > gc->n_batch) {
+            tsr_set_err(err, err_len, "%d logits rows in one step exceed the batch of %d",
+                        row0 + n_want, gc->n_batch);
+            return -1;
+        }
+        float *lg = gc->logits + (size_t)row0 * (size_t)gc->n_vocab_local;
         CK(tsr_cuda_gather_rows(d, gc->xb, gc->x, d_want, n_want, E, err, err_len));
         CK(tsr_cuda_rmsnorm(d, gc->head_in, gc->xb, gm->output_norm, n_want, E, hp->rms_eps, err,
                             err_len));
-        CK(tsr_cuda_matmul(d, &gm->output, gc->head_in, n_want, gc->logits, err, err_len));
+        CK(tsr_cuda_matmul(d, &gm->output, gc->head_in, n_want, lg, err, err_len));
         if (hp->final_logit_softcap > 0.0f)
-            CK(tsr_cuda_softcap(d, gc->logits, hp->final_logit_softcap, n_l, err, err_len));
-        CK(tsr_cuda_download(d, logits, gc->logits, sizeof(float) * (size_t)n_l, err, err_len));
+            CK(tsr_cuda_softcap(d, lg, hp->final_logit_softcap, n_l, err, err_len));
+        if (gc->direct)
+            gc->want_done += n_want;
+        else
+            CK(tsr_cuda_download(d, logits, lg, sizeof(float) * (size_t)n_l, err, err_len));
     }
-    CK(tsr_cuda_download(d, hidden, gc->x, sizeof(float) * nE, err, err_len));
+    if (gc->direct && gc->next_peer >= 0) {
+        /* to the next stage, device to device (NCCL runs on its own stream: wait for ours) */
+        CK(tsr_cuda_sync(d, err, err_len));
+        CK(tsr_comm_send(gc->pipe, gc->x, sizeof(float) * nE, gc->next_peer, gc->pipe_tag, err,
+                         err_len));
+    } else if (!gc->direct) {
+        CK(tsr_cuda_download(d, hidden, gc->x, sizeof(float) * nE, err, err_len));
+    } else {
+        CK(tsr_cuda_sync(d, err, err_len)); /* errors of this step's kernels surface here */
+    }
 #undef CK
     return 0;
 }
@@ -600,7 +789,8 @@ int tsr_gpu_attach(tsr_ctx *c, const tsr_model *m, int32_t device, uint64_t n_by
     tsr_gpu_model *gm = NULL;
     tsr_gpu_ctx *gc = NULL;
     if (tsr_gpu_model_upload(m, device, n_bytes_cap, &gm, err, err_len) != 0) return -1;
-    if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), &gc, err, err_len) != 0) {
+    if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), TSR_CUDA_KV_F32, &gc, err,
+                        err_len) != 0) {
         tsr_gpu_model_free(gm);
         return -1;
     }
@@ -661,8 +851,8 @@ int32_t tsr_gpu_model_device(const tsr_gpu_model *gm)
     return -1;
 }
 
-int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr_gpu_ctx **out,
-                    char *err, size_t err_len)
+int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
+                    tsr_gpu_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     tsr_set_err(err, err_len, "%s", NO_CUDA);
@@ -689,6 +879,35 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
 }
 
 const tsr_backend *tsr_gpu_backend(void)
+{
+    return NULL;
+}
+
+bool tsr_gpu_host_addressable(void)
+{
+    return false;
+}
+
+void tsr_gpu_ctx_set_pipe(tsr_gpu_ctx *gc, tsr_comm *pipe, int prev_peer, int next_peer, int tag) {}
+
+void tsr_gpu_ctx_step_begin(tsr_gpu_ctx *gc) {}
+
+int tsr_gpu_ctx_logits_out(tsr_gpu_ctx *gc, tsr_comm *tp, const int32_t *vocab_begin,
+                           const int32_t *vocab_n, int32_t n_want, int tag, float *host_out,
+                           int leader_peer, char *err, size_t err_len)
+{
+    tsr_set_err(err, err_len, "%s", NO_CUDA);
+    return -1;
+}
+
+int tsr_gpu_ctx_logits_in(tsr_gpu_ctx *gc, int peer, int tag, int32_t n_want, float *host_out,
+                          char *err, size_t err_len)
+{
+    tsr_set_err(err, err_len, "%s", NO_CUDA);
+    return -1;
+}
+
+tsr_gpu_ctx *tsr_gpu_ctx_of(tsr_ctx *c)
 {
     return NULL;
 }

@@ -59,9 +59,11 @@ void tsr_gpu_model_free(tsr_gpu_model *gm);
 uint64_t tsr_gpu_model_bytes(const tsr_gpu_model *gm); /* device bytes in use */
 int32_t tsr_gpu_model_device(const tsr_gpu_model *gm);
 
-/* A device KV pool of n_kv_blocks blocks and buffers for batches of n_batch tokens. */
-int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, tsr_gpu_ctx **out,
-                    char *err, size_t err_len);
+/* A device KV pool of n_kv_blocks blocks, K and V stored as kv_type (ggml type ids: 0 F32,
+ * 1 F16 with the CPU f16 path's roundings, kernels/cuda/numerics.h; others are refused with
+ * what to use), and buffers for batches of n_batch tokens. */
+int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
+                    tsr_gpu_ctx **out, char *err, size_t err_len);
 void tsr_gpu_ctx_free(tsr_gpu_ctx *gc);
 void tsr_gpu_ctx_set_tp_comm(tsr_gpu_ctx *gc, tsr_comm *tp);
 uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc);
@@ -70,6 +72,38 @@ uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc);
  * (hidden and logits are host buffers; the batch was validated by the caller). */
 int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, float *logits,
                           char *err, size_t err_len);
+
+/* ---- device-direct transport between GPU ranks (NCCL; no host round trip) ----
+ * After tsr_gpu_ctx_set_pipe the context's forward pass
+ *   - receives its input hidden states [n][n_embd] from prev_peer over pipe (prev_peer >= 0)
+ *     into device memory instead of uploading `hidden`, and sends its output [n][n_embd] to
+ *     next_peer (>= 0) from device memory instead of downloading it (hidden is then neither
+ *     read nor written);
+ *   - keeps the logits rows on the device, appended in batch order from the last
+ *     tsr_gpu_ctx_step_begin (the `logits` argument is ignored): tsr_gpu_ctx_logits_out
+ *     moves them on;
+ *   - sums the tp group's partials on device buffers through its tp communicator.
+ * The communicators must carry device buffers: NCCL ones, or, in the host simulator
+ * (tsr_gpu_host_addressable), any. pipe (borrowed; NULL for one stage) spans the replica;
+ * peers are its ranks; tag names the hidden-state messages (NCCL ignores tags). */
+bool tsr_gpu_host_addressable(void);
+void tsr_gpu_ctx_set_pipe(tsr_gpu_ctx *gc, tsr_comm *pipe, int prev_peer, int next_peer, int tag);
+/* A step starts: its logits rows start at row 0 again. */
+void tsr_gpu_ctx_step_begin(tsr_gpu_ctx *gc);
+/* Last stage, after the step's forward passes: the step's n_want logits rows to the leader.
+ * tp (device-direct, or NULL for tp 1): tp rank k holds vocabulary [vocab_begin[k],
+ * + vocab_n[k]); ranks k > 0 send their [n_want][vocab_n[k]] slices to tp rank 0, which
+ * interleaves them into [n_want][n_vocab] rows on its device, then downloads them into
+ * host_out (non-NULL: it is the leader) or sends them to leader_peer over pipe. */
+int tsr_gpu_ctx_logits_out(tsr_gpu_ctx *gc, tsr_comm *tp, const int32_t *vocab_begin,
+                           const int32_t *vocab_n, int32_t n_want, int tag, float *host_out,
+                           int leader_peer, char *err, size_t err_len);
+/* The leader, not on the last stage: [n_want][n_vocab] logits from peer over pipe into
+ * device memory, then downloaded into host_out. */
+int tsr_gpu_ctx_logits_in(tsr_gpu_ctx *gc, int peer, int tag, int32_t n_want, float *host_out,
+                          char *err, size_t err_len);
+/* The device context attached to c (tsr_gpu_attach), or NULL when c computes elsewhere. */
+tsr_gpu_ctx *tsr_gpu_ctx_of(tsr_ctx *c);
 
 /* The backend seam's vtable for a tsr_gpu_ctx (model.h tsr_backend). */
 const tsr_backend *tsr_gpu_backend(void);

@@ -8,6 +8,7 @@
 #include "worker/model.h"
 #include "kernels/util.h"
 
+#include "kernels/kvcache.h"
 #include "kernels/quant.h"
 
 #include <inttypes.h>
@@ -95,6 +96,7 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     w->n_out = n_out;
     w->row_bytes = tsr_row_bytes(t->type, n_in);
     w->data = t->data;
+    w->packed = NULL;
     m->n_bytes_weights += t->n_bytes;
     m->n_bytes_loaded += t->n_bytes;
     return 0;
@@ -591,7 +593,13 @@ fail:
 
 int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len)
 {
-    return tsr_model_load_shard(g, NULL, out, err, err_len);
+    if (tsr_model_load_shard(g, NULL, out, err, err_len) != 0) return -1;
+    if (tsr_model_repack_default() && tsr_model_repack(*out, err, err_len) != 0) {
+        tsr_model_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 void tsr_model_free(tsr_model *m)
@@ -630,12 +638,17 @@ struct tsr_ctx {
     int32_t n_batch;
     int32_t n_kv_blocks;
     int32_t kv_dim; /* local: (kv_head_end - kv_head_begin) * head_dim */
-    /* KV pool: [n_layer_local][n_kv_blocks * TSR_KV_BLOCK_SIZE][kv_dim] float32 each. */
-    float *k_cache, *v_cache;
+    /* KV pool: [n_layer_local][n_kv_blocks * TSR_KV_BLOCK_SIZE] rows of kv_row_bytes each
+     * (kv_dim values of kv_type; kernels/kvcache.h). */
+    uint8_t *k_cache, *v_cache;
+    tsr_kv_type kv_type;
+    size_t kv_row_bytes;
+    uint8_t *attn_scratch; /* [n_threads][attn_scratch_bytes] (kernels/kvcache.h) */
+    size_t attn_scratch_bytes;
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
-    float *att_scores; /* [n_threads][2 * head_dim]: attn_run's F16 query and accumulator */
+    float *att_scores; /* [n_threads][max positions] */
     int32_t max_pos;   /* positions a sequence may reach (att_scores size) */
     float *logits;     /* [n_batch][vocab slice] */
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
@@ -693,12 +706,35 @@ const char *tsr_ctx_backend_name(const tsr_ctx *c)
     return c->be ? c->be->name : "cpu";
 }
 
+uint64_t tsr_kv_block_bytes(const tsr_hparams *hp, int32_t n_layer, int32_t n_head_kv,
+                            tsr_kv_type t)
+{
+    return 2ull * (uint64_t)n_layer * TSR_KV_BLOCK_SIZE *
+           (uint64_t)tsr_kv_row_bytes(t, (int64_t)n_head_kv * hp->head_dim);
+}
+
+tsr_kv_type tsr_ctx_kv_type(const tsr_ctx *c)
+{
+    return c->kv_type;
+}
+
+const tsr_backend *tsr_ctx_backend(const tsr_ctx *c)
+{
+    return c->be;
+}
+
+void *tsr_ctx_backend_state(const tsr_ctx *c)
+{
+    return c->be ? c->be_state : NULL;
+}
+
 static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
-                     tsr_ctx **out, char *err, size_t err_len)
+                     tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
 {
     *out = NULL;
     const tsr_hparams *hp = &m->hp;
     const tsr_shard *sh = &m->shard;
+    if (!tsr_kv_type_fits(kv_type, hp->head_dim, err, err_len)) return -1;
     if (n_threads < 1 || n_threads > 256) {
         tsr_set_err(err, err_len, "thread count %d is out of range (1..256)", n_threads);
         return -1;
@@ -714,15 +750,19 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->n_kv_blocks = n_kv_blocks;
     c->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
     c->max_pos = n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    c->kv_type = kv_type;
+    c->kv_row_bytes = tsr_kv_row_bytes(kv_type, c->kv_dim);
     const size_t hd = (size_t)hp->head_dim;
     const size_t q_dim = (size_t)(sh->head_end - sh->head_begin) * hd;
     const size_t kv_dim = (size_t)c->kv_dim;
     const size_t n_ff = (size_t)(sh->ff_end - sh->ff_begin);
     const size_t nb = (size_t)n_batch;
     const size_t E = (size_t)hp->n_embd;
-    size_t kv_elems = (size_t)m->n_layer_local * (size_t)c->max_pos * kv_dim;
-    c->k_cache = calloc(kv_elems ? kv_elems : 1, sizeof(float));
-    c->v_cache = calloc(kv_elems ? kv_elems : 1, sizeof(float));
+    size_t kv_bytes = (size_t)m->n_layer_local * (size_t)c->max_pos * c->kv_row_bytes;
+    c->k_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
+    c->v_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
+    c->attn_scratch_bytes = tsr_attn_scratch_bytes(hp->head_dim);
+    c->attn_scratch = aligned_alloc(64, (size_t)n_threads * c->attn_scratch_bytes);
     c->x = malloc(nb * E * sizeof(float));
     c->xb = malloc(nb * (q_dim > E ? q_dim : E) * sizeof(float));
     c->xb2 = malloc(nb * E * sizeof(float));
@@ -732,8 +772,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->att_out = malloc(nb * (q_dim ? q_dim : 1) * sizeof(float));
     c->hb = malloc(nb * n_ff * sizeof(float));
     c->hb2 = malloc(nb * n_ff * sizeof(float));
-    /* per thread: the query in F16 and the F16 accumulator of one head (attn_run) */
-    c->att_scores = malloc((size_t)n_threads * 2 * hd * sizeof(float));
+    c->att_scores = malloc((size_t)n_threads * (size_t)c->max_pos * sizeof(float));
     size_t n_vocab_local = (size_t)(sh->vocab_end - sh->vocab_begin);
     c->logits = malloc(nb * (n_vocab_local ? n_vocab_local : 1) * sizeof(float));
     c->head_in = malloc(nb * E * sizeof(float));
@@ -741,11 +780,14 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     size_t scratch = 0;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
-        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (size_t k = 0; k < 7; k++) {
-            size_t sz = tsr_matmul_scratch_bytes(lw[k], n_batch);
-            if (sz > scratch) scratch = sz;
-        }
+        /* Q/K/V and gate/up run as one multi-matmul each (one conversion per dot type). */
+        const tsr_weight *qkv[] = {&L->wq, &L->wk, &L->wv}, *gu[] = {&L->w_gate, &L->w_up};
+        size_t sz[4] = {tsr_matmul_multi_scratch_bytes(qkv, 3, n_batch),
+                        tsr_matmul_multi_scratch_bytes(gu, 2, n_batch),
+                        tsr_matmul_scratch_bytes(&L->wo, n_batch),
+                        tsr_matmul_scratch_bytes(&L->w_down, n_batch)};
+        for (size_t k = 0; k < 4; k++)
+            if (sz[k] > scratch) scratch = sz[k];
     }
     if (m->last_stage) {
         size_t sz = tsr_matmul_scratch_bytes(&m->output, n_batch);
@@ -755,13 +797,13 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->pool = tsr_pool_new(n_threads);
     if (!c->k_cache || !c->v_cache || !c->x || !c->xb || !c->xb2 || !c->q || !c->k || !c->v ||
         !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->head_in ||
-        !c->scratch || !c->pool)
+        !c->scratch || !c->pool || !c->attn_scratch)
         goto oom;
     *out = c;
     return 0;
 oom:
-    tsr_set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens)",
-                n_kv_blocks, TSR_KV_BLOCK_SIZE);
+    tsr_set_err(err, err_len, "out of memory creating a context (%d KV blocks of %d tokens, %s)",
+                n_kv_blocks, TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
     tsr_ctx_free(c);
     return -1;
 }
@@ -769,18 +811,30 @@ oom:
 int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                       tsr_ctx **out, char *err, size_t err_len)
 {
-    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, out, err, err_len);
+    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, TSR_KV_F32, out, err, err_len);
+}
+
+int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                         tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
+{
+    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, kv_type, out, err, err_len);
 }
 
 int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads, tsr_ctx **out,
                 char *err, size_t err_len)
+{
+    return tsr_ctx_new_kv(m, n_ctx, n_batch, n_threads, TSR_KV_F32, out, err, err_len);
+}
+
+int tsr_ctx_new_kv(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
+                   tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
 {
     const tsr_hparams *hp = &m->hp;
     if (n_ctx <= 0) n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
     if (n_batch <= 0) n_batch = 128;
     if (n_batch > n_ctx) n_batch = n_ctx;
     int32_t n_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
-    if (ctx_alloc(m, n_blocks, n_batch, n_threads, out, err, err_len) != 0) return -1;
+    if (ctx_alloc(m, n_blocks, n_batch, n_threads, kv_type, out, err, err_len) != 0) return -1;
     tsr_ctx *c = *out;
     c->n_ctx = n_ctx;
     c->ident_table = malloc(sizeof(int32_t) * (size_t)n_blocks);
@@ -801,6 +855,7 @@ void tsr_ctx_free(tsr_ctx *c)
     if (c->pool) tsr_pool_free(c->pool);
     free(c->k_cache);
     free(c->v_cache);
+    free(c->attn_scratch);
     free(c->ident_table);
     free(c->x);
     free(c->xb);
@@ -834,7 +889,8 @@ static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
 }
 
 /* One (token, local head) pair per work item: scores over positions 0..pos of the token's
- * sequence, softmax, weighted sum of V. */
+ * sequence, softmax, weighted sum of V, in the numerics of the cache's type
+ * (kernels/kvcache.h). */
 static void attn_run(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
@@ -843,15 +899,14 @@ static void attn_run(void *arg, int ith, int nth)
     const tsr_hparams *hp = &c->m->hp;
     const tsr_shard *sh = &c->m->shard;
     const int hd = hp->head_dim;
-    const int kv_dim = c->kv_dim;
     const int group = hp->n_head / hp->n_head_kv;
     const int n_head_local = sh->head_end - sh->head_begin;
     /* gemma3 scales Q before the product (llama.cpp: ggml_scale on Qcur, kq_scale 1). */
     const float scale = hp->arch == TSR_ARCH_GEMMA3 ? 1.0f : hp->attn_scale;
     const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + j->layer);
-    const float *kc = c->k_cache + (size_t)j->layer * c->max_pos * kv_dim;
-    const float *vc = c->v_cache + (size_t)j->layer * c->max_pos * kv_dim;
-    float *att = c->att_scores + (size_t)ith * 2 * hd;
+    const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
+    float *att = c->att_scores + (size_t)ith * c->max_pos;
+    void *scratch = c->attn_scratch + (size_t)ith * c->attn_scratch_bytes;
     const int n_items = b->n_tokens * n_head_local;
     (void)nth;
     for (;;) {
@@ -862,58 +917,19 @@ static void attn_run(void *arg, int ith, int nth)
         int32_t pos = b->pos[t], s = b->seq[t];
         /* Positions p0..pos: all earlier ones, or the last n_swa on windowed layers. */
         const int32_t p0 = swa && pos - hp->n_swa + 1 > 0 ? pos - hp->n_swa + 1 : 0;
-        /* llama.cpp's attention (flash attention, its default on the CPU, over its F16 KV
-         * cache), step for step: Q rounded to F16; per cached position in order, the score
-         * s = dot(K, Q) (ggml's F16 dot order) * scale; an online softmax whose output
-         * accumulator is F16 (rescaled, then v * e^(s - M) added, rounded to F16 at each
-         * step); finally divided by the sum. K and V are stored F16-rounded. */
-        const float *q = c->q + ((size_t)t * n_head_local + hl) * hd;
-        float *qh = att, *acc = att + hd;
-        for (int i = 0; i < hd; i++) qh[i] = tsr_f16_round(q[i]);
-        for (int i = 0; i < hd; i++) acc[i] = 0.0f;
-        float M = -INFINITY, S = 0.0f;
-        for (int32_t p = p0; p <= pos; p++) {
-            const size_t row = kv_row(b, s, p) * kv_dim + (size_t)kvh * hd;
-            const float sc = tsr_dot_f16_ggml(kc + row, qh, hd) * scale;
-            float ms = 1.0f, vs = 1.0f;
-            if (sc > M) {
-                const float m_old = M;
-                M = sc;
-                ms = expf(m_old - M);
-                for (int i = 0; i < hd; i++) acc[i] = tsr_f16_round(acc[i] * ms);
-            } else {
-                vs = expf(sc - M);
-            }
-            const float *v = vc + row;
-            for (int i = 0; i < hd; i++) acc[i] = tsr_f16_round(fmaf(v[i], vs, acc[i]));
-            S = fmaf(S, ms, vs);
-        }
-        float *o = c->att_out + ((size_t)t * n_head_local + hl) * hd;
-        const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
-        for (int i = 0; i < hd; i++) o[i] = acc[i] * s_inv;
+        const tsr_kv_view kv = {
+            .type = c->kv_type,
+            .head_dim = hd,
+            .block_size = TSR_KV_BLOCK_SIZE,
+            .k = c->k_cache + (size_t)j->layer * layer_bytes,
+            .v = c->v_cache + (size_t)j->layer * layer_bytes,
+            .row_bytes = c->kv_row_bytes,
+            .head_offset = tsr_kv_row_bytes(c->kv_type, (int64_t)kvh * hd),
+            .block_table = b->block_tables[s],
+        };
+        tsr_attn_head(&kv, c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos, att,
+                      scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
     }
-}
-
-/* Debug: TSR_DUMP_DIR=dir writes named activations of forward call number TSR_DUMP_CALL
- * (default 0) as raw float32 files dir/NAME-LAYER.f32 ([n_tokens][width]), for
- * comparisons with llama.cpp's eval-callback tensors. */
-static int dump_call = -1;
-static bool dump_on(void)
-{
-    const char *d = getenv("TSR_DUMP_DIR");
-    if (!d) return false;
-    const char *cs = getenv("TSR_DUMP_CALL");
-    return dump_call == (cs ? atoi(cs) : 0);
-}
-static void dump(const char *name, int il, const float *x, size_t n)
-{
-    if (!dump_on()) return;
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s-%d.f32", getenv("TSR_DUMP_DIR"), name, il);
-    FILE *f = fopen(path, "wb");
-    if (!f) return;
-    fwrite(x, sizeof(float), n, f);
-    fclose(f);
 }
 
 /* x[t][i] += bias[i] for n_tok rows of n values. */
@@ -991,7 +1007,6 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         return rc;
     }
     c->b = b;
-    dump_call++;
 
     if (m->first_stage) {
         for (int t = 0; t < n; t++) {
@@ -1005,24 +1020,13 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
 
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
-        const int il = sh->layer_begin + l;
-        dump("inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
-        dump("attn_norm", il, c->xb, (size_t)n * E);
-        if (tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wk.type) &&
-            tsr_type_vec_dot_type(L->wq.type) == tsr_type_vec_dot_type(L->wv.type)) {
+        {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
             float *ys[3] = {c->q, c->k, c->v};
             tsr_matmul_multi(c->pool, ws, ys, 3, c->xb, n, c->scratch);
-        } else {
-            tsr_matmul(c->pool, &L->wq, c->xb, n, c->q, c->scratch);
-            tsr_matmul(c->pool, &L->wk, c->xb, n, c->k, c->scratch);
-            tsr_matmul(c->pool, &L->wv, c->xb, n, c->v, c->scratch);
         }
         const int q_dim_local = n_head_local * hd;
-        dump("q_mm", il, c->q, (size_t)n * q_dim_local);
-        dump("k_mm", il, c->k, (size_t)n * c->kv_dim);
-        dump("v_mm", il, c->v, (size_t)n * c->kv_dim);
         if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
         if (L->bk) add_bias(c->k, L->bk, n, c->kv_dim);
         if (L->bv) add_bias(c->v, L->bv, n, c->kv_dim);
@@ -1040,58 +1044,40 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                      m->freq_factors, neox);
         tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
                      m->freq_factors, neox);
-        dump("Qcur", il, c->q, (size_t)n * q_dim_local);
-        dump("Kcur", il, c->k, (size_t)n * c->kv_dim);
-        dump("Vcur", il, c->v, (size_t)n * c->kv_dim);
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
-        float *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_dim;
-        float *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_dim;
+        /* Store this batch's K and V rows in the cache's type (kernels/kvcache.h). */
+        uint8_t *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_row_bytes;
+        uint8_t *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_row_bytes;
         for (int t = 0; t < n; t++) {
             size_t row = kv_row(b, b->seq[t], b->pos[t]);
-            memcpy(kc + row * c->kv_dim, c->k + (size_t)t * c->kv_dim,
-                   sizeof(float) * (size_t)c->kv_dim);
-            memcpy(vc + row * c->kv_dim, c->v + (size_t)t * c->kv_dim,
-                   sizeof(float) * (size_t)c->kv_dim);
-            /* the cache holds F16 values (llama.cpp's default KV type) */
-            for (int i = 0; i < c->kv_dim; i++) {
-                kc[row * c->kv_dim + i] = tsr_f16_round(kc[row * c->kv_dim + i]);
-                vc[row * c->kv_dim + i] = tsr_f16_round(vc[row * c->kv_dim + i]);
-            }
+            tsr_kv_store(c->kv_type, c->k + (size_t)t * c->kv_dim, kc + row * c->kv_row_bytes,
+                         c->kv_dim);
+            tsr_kv_store(c->kv_type, c->v + (size_t)t * c->kv_dim, vc + row * c->kv_row_bytes,
+                         c->kv_dim);
         }
 
         attn_job aj = {.c = c, .layer = l};
         atomic_store(&aj.next, 0);
         tsr_pool_run(c->pool, attn_run, &aj);
 
-        dump("kqv_out", il, c->att_out, (size_t)n * q_dim_local);
         tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
-        dump("attn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->bo) add_bias(c->xb2, L->bo, n, E);
         if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
-        dump("ffn_inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
-        dump("ffn_norm", il, c->xb, (size_t)n * E);
-        if (tsr_type_vec_dot_type(L->w_gate.type) == tsr_type_vec_dot_type(L->w_up.type)) {
+        {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
             tsr_matmul_multi(c->pool, ws, ys, 2, c->xb, n, c->scratch);
-        } else {
-            tsr_matmul(c->pool, &L->w_gate, c->xb, n, c->hb, c->scratch);
-            tsr_matmul(c->pool, &L->w_up, c->xb, n, c->hb2, c->scratch);
         }
-        dump("ffn_gate", il, c->hb, (size_t)n * n_ff);
-        dump("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
         else
             tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
-        dump("ffn_act", il, c->hb, (size_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
-        dump("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
@@ -1105,9 +1091,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                         hp->rms_eps);
             n_want++;
         }
-        dump("result_norm", -1, c->head_in, (size_t)n_want * E);
         if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
-        dump("result_output", -1, logits, (size_t)n_want * m->output.n_out);
         if (n_want > 0 && hp->final_logit_softcap > 0.0f) {
             const float cap = hp->final_logit_softcap;
             const size_t n_l = (size_t)n_want * (size_t)m->output.n_out;

@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/kvcache.h"
 #include "kernels/ops.h"
 #include "shard/gguf.h"
 #include "worker/comm.h"
@@ -117,8 +118,12 @@ typedef struct {
     tsr_layer *layers;        /* [n_layer_local]: layer layer_begin + i */
     uint64_t n_bytes_weights; /* bytes of tensor data the forward pass reads per token */
     uint64_t n_bytes_loaded;  /* bytes of the file this rank's views and copies cover */
-    void **owned;             /* private copies of column slices (tensor parallelism) */
+    void **owned;             /* private copies of column slices (tensor parallelism) and
+                                 repacked weights */
     int32_t n_owned;
+    uint64_t n_bytes_repacked; /* anonymous memory of repacked weights (tsr_model_repack) */
+    uint64_t t_repack_ns;      /* load time spent repacking */
+    int32_t n_repacked;        /* matrices repacked */
     const tsr_gguf *gguf;
 } tsr_model;
 
@@ -136,17 +141,36 @@ void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s);
 int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
                          size_t err_len);
 
+/* Repack this rank's matrices of the types kernels/repack.h has kernels for (Q8_0, Q4_0,
+ * Q5_0, Q4_K, Q6_K)
+ * into its interleaved-row layout, in anonymous memory owned by the model (w->packed; the
+ * matmul reads it, with bit-identical results). Row slices are read with pread (the mapping
+ * is not touched); a column slice's private copy is repacked and freed (its data becomes
+ * NULL). Other types keep their file layout. Adds to n_bytes_repacked / t_repack_ns /
+ * n_repacked; repacked weights are skipped, so a second call does nothing. Returns < 0 with
+ * err when memory runs out (the message suggests --no-repack). CPU backend only: a GPU rank
+ * uploads the file's blocks (worker/gpu.h) and must not be repacked. */
+int tsr_model_repack(tsr_model *m, char *err, size_t err_len);
+
+/* Whether tsr_model_load repacks (and the replica repacks its CPU ranks): true unless
+ * tsr_model_set_repack_default(false) was called (`--no-repack`) or, before any such call,
+ * the environment variable TSR_NO_REPACK is set (non-empty, not "0"). */
+bool tsr_model_repack_default(void);
+void tsr_model_set_repack_default(bool on);
+
 /* Reads hyperparameters and binds every tensor (the whole model), validating shapes and
- * types. Returns < 0 with a message naming the key or tensor on error. */
+ * types, then repacks when tsr_model_repack_default(). Returns < 0 with a message naming the
+ * key or tensor on error. */
 int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len);
 void tsr_model_free(tsr_model *m);
 
 typedef struct tsr_ctx tsr_ctx;
 
 /* KV cache geometry: a pool of n_blocks blocks of block_size token positions each, per
- * layer of this rank, for its KV heads (float32). A sequence owns a list of blocks (its
- * block table); position p of the sequence lives in block table[p / block_size] at offset
- * p % block_size. Who owns which block is the caller's business (the leader's scheduler);
+ * layer of this rank, for its KV heads, stored as the context's tsr_kv_type (float32, fp16
+ * or q8_0; kernels/kvcache.h says how each is stored and how attention reads it). A sequence owns a
+ * list of blocks (its block table); position p of the sequence lives in block table[p / block_size]
+ * at offset p % block_size. Who owns which block is the caller's business (the leader's scheduler);
  * the context only stores and reads. */
 #define TSR_KV_BLOCK_SIZE 16
 
@@ -159,6 +183,20 @@ int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_thread
 /* A context with a KV pool of n_kv_blocks blocks for many sequences (serving). */
 int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                       tsr_ctx **out, char *err, size_t err_len);
+
+/* As tsr_ctx_new / tsr_ctx_new_paged (which store float32), with K and V stored as kv_type.
+ * Fails with a message when the model's heads cannot be stored so (q8_0 needs head_dim %
+ * 32 == 0: tsr_kv_type_fits). */
+int tsr_ctx_new_kv(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
+                   tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len);
+int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
+                         tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len);
+tsr_kv_type tsr_ctx_kv_type(const tsr_ctx *c);
+
+/* Bytes of one KV block (K and V, TSR_KV_BLOCK_SIZE positions) over n_layer layers of
+ * n_head_kv heads stored as t: what a --kv-memory budget is divided by. */
+uint64_t tsr_kv_block_bytes(const tsr_hparams *hp, int32_t n_layer, int32_t n_head_kv,
+                            tsr_kv_type t);
 int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c);
 int32_t tsr_ctx_n_batch(const tsr_ctx *c);
 
@@ -203,6 +241,9 @@ typedef struct {
 void tsr_ctx_set_backend(tsr_ctx *c, const tsr_backend *be, void *state);
 /* The attached backend's name, "cpu" without one. */
 const char *tsr_ctx_backend_name(const tsr_ctx *c);
+/* The attached backend and its state (NULL, NULL without one). */
+const tsr_backend *tsr_ctx_backend(const tsr_ctx *c);
+void *tsr_ctx_backend_state(const tsr_ctx *c);
 
 /* Run one batch (n_tokens <= n_batch) through this rank's part of the model.
  * hidden: [n_tokens][n_embd]; on the first stage it is filled from the embedding,

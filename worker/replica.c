@@ -24,12 +24,19 @@ enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 
 struct tsr_replica {
     tsr_comm *world;
-    tsr_comm *tp_comm; /* ranks of this stage */
-    tsr_comm *tp_nccl; /* the same ranks over NCCL (GPU ranks with NCCL), or NULL */
-    int32_t gpu;       /* CUDA device of this rank, -1: CPU backend */
+    tsr_comm *tp_comm;   /* ranks of this stage */
+    tsr_comm *tp_nccl;   /* the same ranks over NCCL (GPU ranks with NCCL), or NULL */
+    tsr_comm *pipe_nccl; /* every rank over NCCL: stage hand-offs, logits to the leader (pp > 1) */
+    int32_t gpu;         /* CUDA device of this rank, -1: CPU backend */
+    /* Device-direct transport (GPU ranks over NCCL; in the host simulator over MPI): hidden
+     * states and logits move between device buffers (worker/gpu.h tsr_gpu_ctx_set_pipe). */
+    bool direct;
+    tsr_comm *tp_direct;            /* the tp group that carries device buffers (tp > 1), or NULL */
+    int32_t *vocab_begin, *vocab_n; /* [tp] the last stage's vocabulary slices */
     bool mpi;
     int rank, size, stage, tp_rank;
     tsr_replica_params p;
+    tsr_kv_type kv_type; /* resolved from p.kv_type and the backend */
     tsr_plan plan;
     tsr_gguf *g;
     tsr_vocab *vocab;
@@ -76,6 +83,11 @@ const tsr_plan *tsr_replica_plan(const tsr_replica *r)
 {
     return &r->plan;
 }
+tsr_kv_type tsr_replica_kv_type(const tsr_replica *r)
+{
+    return r->kv_type;
+}
+
 int32_t tsr_replica_n_ctx(const tsr_replica *r)
 {
     return r->n_ctx;
@@ -90,8 +102,8 @@ int32_t tsr_replica_n_kv_blocks(const tsr_replica *r)
 }
 
 /* The planner's view of a model file. */
-static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_model *pm, char *err,
-                           size_t err_len)
+static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_kv_type kv_type,
+                           tsr_plan_model *pm, char *err, size_t err_len)
 {
     memset(pm, 0, sizeof *pm);
     pm->n_layer = hp->n_layer;
@@ -129,7 +141,10 @@ static int plan_model_from(const tsr_gguf *g, const tsr_hparams *hp, tsr_plan_mo
     pm->type_output = to ? to->type : te->type;
     pm->n_bytes_output = to ? to->n_bytes : te->n_bytes;
     pm->n_bytes_embd_row = tsr_row_bytes(te->type, te->ne[0]);
-    pm->n_bytes_kv_per_token_layer = 2ull * (uint64_t)hp->n_head_kv * hp->head_dim * 4ull;
+    /* K + V of one position of one layer in the cache's type (f32 4, f16 2, q8_0 34/32
+     * bytes per value) */
+    pm->n_bytes_kv_per_token_layer =
+        2ull * (uint64_t)tsr_kv_row_bytes(kv_type, (int64_t)hp->n_head_kv * hp->head_dim);
     return 0;
 }
 
@@ -137,20 +152,32 @@ int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, siz
 {
     tsr_hparams hp;
     if (tsr_model_read_hparams(g, &hp, err, err_len) != 0) return -1;
-    return plan_model_from(g, &hp, pm, err, err_len);
+    return plan_model_from(g, &hp, TSR_KV_F32, pm, err, err_len);
+}
+
+int tsr_replica_plan_model_kv(const tsr_gguf *g, tsr_kv_type kv_type, tsr_plan_model *pm, char *err,
+                              size_t err_len)
+{
+    tsr_hparams hp;
+    if (tsr_model_read_hparams(g, &hp, err, err_len) != 0) return -1;
+    return plan_model_from(g, &hp, kv_type, pm, err, err_len);
 }
 
 /* --device: every rank counts its GPUs; "auto" runs on CUDA only when all ranks have one
  * (one allreduce), "cuda" fails on every rank when any lacks one. Sets r->gpu. */
 static int decide_device(tsr_replica *r, char *err, size_t err_len)
 {
-    const char *dev = r->p.device ? r->p.device : "auto";
+    /* no --device: TESSERA_DEVICE (the CPU test suite pins cpu with it), else auto */
+    const char *env = getenv("TESSERA_DEVICE");
+    const bool from_env = !r->p.device && env && *env;
+    const char *dev = r->p.device ? r->p.device : from_env ? env : "auto";
     r->gpu = -1;
-    if (strcmp(dev, "cpu") == 0) return 0;
-    if (strcmp(dev, "cuda") != 0 && strcmp(dev, "auto") != 0) {
-        tsr_set_err(err, err_len, "--device must be cpu, cuda or auto, got '%s'", dev);
+    if (strcmp(dev, "cuda") != 0 && strcmp(dev, "auto") != 0 && strcmp(dev, "cpu") != 0) {
+        tsr_set_err(err, err_len, "%s must be cpu, cuda or auto, got '%s'",
+                    from_env ? "TESSERA_DEVICE" : "--device", dev);
         return -1;
     }
+    if (strcmp(dev, "cpu") == 0) return 0;
     char why[256] = "";
     const int32_t n = tsr_gpu_device_count(why, sizeof why);
     float have = n > 0 ? 1.0f : 0.0f;
@@ -169,19 +196,121 @@ static int decide_device(tsr_replica *r, char *err, size_t err_len)
     return 0;
 }
 
+tsr_kv_type tsr_replica_params_kv_type(const tsr_replica_params *p)
+{
+    tsr_kv_type t = TSR_KV_DEFAULT;
+    if (p->kv_type) {
+        if (!tsr_kv_type_parse(p->kv_type, &t)) t = TSR_KV_DEFAULT;
+    } else if (p->device && strcmp(p->device, "cuda") == 0) {
+        t = TSR_KV_F32;
+    }
+    return t;
+}
+
+/* The KV cache type: the one asked for, or the backend's default (CPU: TSR_KV_DEFAULT;
+ * CUDA: f32, the only type of worker/gpu.c's device pool). */
+static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
+{
+    if (!r->p.kv_type) {
+        r->kv_type = r->gpu >= 0 ? TSR_KV_F32 : TSR_KV_DEFAULT;
+        return 0;
+    }
+    if (!tsr_kv_type_parse(r->p.kv_type, &r->kv_type)) {
+        tsr_set_err(err, err_len, "unknown KV cache type '%s': use f32, f16 or q8_0", r->p.kv_type);
+        return -1;
+    }
+    if (r->gpu >= 0 && r->kv_type != TSR_KV_F32) {
+        /* worker/gpu.c keeps its own float32 device KV pool */
+        tsr_set_err(err, err_len,
+                    "--kv-type %s is not supported on the CUDA backend yet (its KV cache is "
+                    "float32): use --kv-type f32 with --device cuda, or --device cpu",
+                    tsr_kv_type_name(r->kv_type));
+        return -1;
+    }
+    return 0;
+}
+
 /* Put this rank's context on its GPU (weights uploaded once: only this rank's tiles), and
- * the tensor-parallel sums on NCCL when the build has it. */
+ * the replica's data plane on device buffers when it can be: NCCL for the tensor-parallel
+ * sums, the stage-to-stage hand-offs and the logits to the leader (MPI stays the control
+ * plane: step broadcast, stats). TSR_NO_NCCL=1 keeps all of it on MPI through host memory
+ * (needed when ranks share a GPU: NCCL refuses two ranks on one device). In the host
+ * simulator (tests) the MPI communicators carry the "device" buffers directly, which runs the
+ * device-direct logic without a GPU. */
 static int attach_device(tsr_replica *r, char *err, size_t err_len)
 {
     if (r->gpu < 0) return 0;
     if (tsr_gpu_attach(r->ctx, r->m, r->gpu, r->p.gpu_memory, err, err_len) != 0) return -1;
-    const char *no_nccl = getenv("TSR_NO_NCCL"); /* keep tp sums on MPI (host round trip) */
-    if (r->tp_comm && tsr_comm_nccl_available() && !(no_nccl && strcmp(no_nccl, "1") == 0)) {
-        if (tsr_comm_nccl_new(r->tp_comm, r->gpu, &r->tp_nccl, err, err_len) != 0) return -1;
-        tsr_comm_set_timeout_ms(r->tp_nccl, r->p.timeout_ms);
-        tsr_ctx_set_tp_comm(r->ctx, r->tp_nccl);
+    const char *no_nccl = getenv("TSR_NO_NCCL");
+    if (no_nccl && strcmp(no_nccl, "1") == 0) return 0;
+    /* NCCL refuses two ranks on one GPU: when any node runs more ranks than it has GPUs
+     * (OMPI_COMM_WORLD_LOCAL_SIZE / MPI_LOCALNRANKS), every rank keeps the host path (one
+     * allreduce, so all decide alike: the NCCL constructors are collective) */
+    if (r->size > 1 && !tsr_gpu_host_addressable()) {
+        const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+        if (!ls) ls = getenv("MPI_LOCALNRANKS");
+        const long n_local = ls ? strtol(ls, NULL, 10) : 1;
+        float shared = n_local > tsr_gpu_device_count(NULL, 0) ? 1.0f : 0.0f;
+        if (tsr_comm_allreduce_sum_f32(r->world, &shared, 1, err, err_len) != 0) return -1;
+        if (shared > 0.0f) {
+            if (r->rank == 0)
+                fprintf(stderr,
+                        "tessera: ranks share a GPU on %d node(s): activations and logits go "
+                        "through host memory over MPI (NCCL needs one GPU per rank)\n",
+                        (int)shared);
+            return 0;
+        }
+    }
+    tsr_comm *pipe = NULL;
+    if (tsr_gpu_host_addressable()) {
+        pipe = r->p.pp > 1 ? r->world : NULL;
+        r->tp_direct = r->tp_comm;
+    } else if (tsr_comm_nccl_available()) {
+        if (r->tp_comm) {
+            if (tsr_comm_nccl_new(r->tp_comm, r->gpu, &r->tp_nccl, err, err_len) != 0) return -1;
+            tsr_comm_set_timeout_ms(r->tp_nccl, r->p.timeout_ms);
+            tsr_ctx_set_tp_comm(r->ctx, r->tp_nccl);
+        }
+        if (r->p.pp > 1) {
+            if (tsr_comm_nccl_new(r->world, r->gpu, &r->pipe_nccl, err, err_len) != 0) return -1;
+            tsr_comm_set_timeout_ms(r->pipe_nccl, r->p.timeout_ms);
+        }
+        pipe = r->pipe_nccl;
+        r->tp_direct = r->tp_nccl;
+    } else {
+        return 0; /* built without NCCL: host round trips over MPI */
+    }
+    r->direct = true;
+    const int prev = r->stage > 0 ? (r->stage - 1) * r->p.tp + r->tp_rank : -1;
+    const int next = r->stage < r->p.pp - 1 ? (r->stage + 1) * r->p.tp + r->tp_rank : -1;
+    tsr_gpu_ctx_set_pipe(tsr_gpu_ctx_of(r->ctx), pipe, prev, next, TAG_HIDDEN);
+    r->vocab_begin = calloc((size_t)r->p.tp, sizeof(int32_t));
+    r->vocab_n = calloc((size_t)r->p.tp, sizeof(int32_t));
+    if (!r->vocab_begin || !r->vocab_n) {
+        tsr_set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    const int last = r->p.pp - 1;
+    for (int k = 0; k < r->p.tp; k++) {
+        const tsr_plan_rank *q = &r->plan.ranks[last * r->p.tp + k];
+        r->vocab_begin[k] = q->vocab_begin;
+        r->vocab_n[k] = q->vocab_end - q->vocab_begin;
     }
     return 0;
+}
+
+const char *tsr_replica_transport(const tsr_replica *r)
+{
+    if (r->gpu < 0) return r->size > 1 ? "host (mpi)" : "host";
+    if (!r->direct) return r->size > 1 ? "host round trip (mpi)" : "device";
+    if (r->pipe_nccl || r->tp_nccl) return "device-direct (nccl)";
+    if (r->size == 1) return "device";
+    return "device-direct (simulated: mpi carries device buffers)";
+}
+
+int32_t tsr_replica_device(const tsr_replica *r)
+{
+    return r->gpu;
 }
 
 int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_replica **out,
@@ -238,8 +367,9 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
         goto fail;
     }
     if (decide_device(r, err, err_len) != 0) goto fail;
+    if (resolve_kv_type(r, err, err_len) != 0) goto fail;
     tsr_plan_model pm;
-    if (plan_model_from(r->g, &hp, &pm, err, err_len) != 0) goto fail;
+    if (plan_model_from(r->g, &hp, r->kv_type, &pm, err, err_len) != 0) goto fail;
     /* GPU ranks: the device memory is the budget of weights + KV unless --mem says more */
     const uint64_t budget = r->gpu >= 0 && r->p.mem_budget == 0 ? r->p.gpu_memory : r->p.mem_budget;
     int32_t n_ctx = r->p.n_ctx > 0 ? r->p.n_ctx : (hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
@@ -258,13 +388,18 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     .vocab_begin = pr->vocab_begin,
                     .vocab_end = pr->vocab_end};
     if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
+    /* CPU ranks repack their tiles (a GPU rank uploads the file's blocks instead) */
+    if (r->gpu < 0 && !r->p.no_repack && tsr_model_repack_default() &&
+        tsr_model_repack(r->m, err, err_len) != 0)
+        goto fail;
     if (r->p.n_kv_blocks == TSR_REPLICA_KV_ONE_CONTEXT)
         r->p.n_kv_blocks = (n_ctx + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     if (r->p.n_kv_blocks > 0) {
-        if (tsr_ctx_new_paged(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, &r->ctx, err,
-                              err_len) != 0)
+        if (tsr_ctx_new_paged_kv(r->m, r->p.n_kv_blocks, r->p.n_batch, r->p.n_threads, r->kv_type,
+                                 &r->ctx, err, err_len) != 0)
             goto fail;
-    } else if (tsr_ctx_new(r->m, n_ctx, r->p.n_batch, r->p.n_threads, &r->ctx, err, err_len) != 0) {
+    } else if (tsr_ctx_new_kv(r->m, n_ctx, r->p.n_batch, r->p.n_threads, r->kv_type, &r->ctx, err,
+                              err_len) != 0) {
         goto fail;
     }
     r->n_ctx = n_ctx;
@@ -292,6 +427,8 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.stage = r->stage;
     r->st.tp_rank = r->tp_rank;
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
+    r->st.n_bytes_repacked = r->m->n_bytes_repacked;
+    r->st.t_repack_ns = r->m->t_repack_ns;
     *out = r;
     return 0;
 fail:
@@ -312,6 +449,7 @@ void tsr_replica_close(tsr_replica *r)
     tsr_vocab_free(r->vocab);
     tsr_gguf_close(r->g);
     if (r->tp_nccl) tsr_comm_free(r->tp_nccl);
+    if (r->pipe_nccl) tsr_comm_free(r->pipe_nccl);
     if (r->tp_comm) tsr_comm_free(r->tp_comm);
     if (r->world) tsr_comm_free(r->world);
     if (r->mpi) tsr_comm_mpi_finalize();
@@ -323,6 +461,8 @@ void tsr_replica_close(tsr_replica *r)
     free(r->displs);
     free(r->tables);
     free(r->want);
+    free(r->vocab_begin);
+    free(r->vocab_n);
     free(r);
 }
 
@@ -336,10 +476,12 @@ static int wire_reserve(tsr_replica *r, size_t n_ints)
     return 0;
 }
 
-/* Comm time attributed to this rank (world + tp group). */
+/* Comm time attributed to this rank (world + tp group, over MPI and NCCL). */
 static uint64_t comm_ns(const tsr_replica *r)
 {
-    return r->world->stats.t_comm_ns + (r->tp_comm ? r->tp_comm->stats.t_comm_ns : 0);
+    return r->world->stats.t_comm_ns + (r->tp_comm ? r->tp_comm->stats.t_comm_ns : 0) +
+           (r->tp_nccl ? r->tp_nccl->stats.t_comm_ns : 0) +
+           (r->pipe_nccl ? r->pipe_nccl->stats.t_comm_ns : 0);
 }
 
 /* Run the step described by r->wire on this rank; on the leader, fills r->logits with
@@ -391,7 +533,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     const size_t V = (size_t)r->m->hp.n_vocab;
     float *x = tsr_ctx_hidden(r->ctx);
     const int last = r->p.pp - 1;
-    uint64_t t0 = tsr_now_ns(), c0 = comm_ns(r), fc0 = tsr_ctx_comm_ns(r->ctx);
+    uint64_t t0 = tsr_now_ns(), c0 = comm_ns(r);
 
     /* Pipeline micro-batches: with pp stages and several sequences in the step, the batch
      * is cut at sequence boundaries into up to pp parts of similar size. Each stage runs
@@ -414,10 +556,11 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
     }
     cuts[n_mb] = n;
     int32_t want_done = 0;
+    if (r->direct) tsr_gpu_ctx_step_begin(tsr_gpu_ctx_of(r->ctx));
     for (int j = 0; j < n_mb; j++) {
         const int32_t off = cuts[j], len = cuts[j + 1] - cuts[j];
         float *xj = x + (size_t)off * E;
-        if (r->stage > 0) {
+        if (r->stage > 0 && !r->direct) {
             int peer = (r->stage - 1) * r->p.tp + r->tp_rank;
             if (tsr_comm_recv(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN, err,
                               err_len) != 0)
@@ -432,7 +575,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         float *lj = r->stage == last ? r->logits_slice + (size_t)want_done * vr : NULL;
         if (tsr_forward_batch(r->ctx, &bj, xj, lj, err, err_len) != 0) return -1;
         for (int32_t i = 0; i < len; i++) want_done += want[off + i] ? 1 : 0;
-        if (r->stage < last) {
+        if (r->stage < last && !r->direct) {
             int peer = (r->stage + 1) * r->p.tp + r->tp_rank;
             if (tsr_comm_send(r->world, xj, (size_t)len * E * sizeof(float), peer, TAG_HIDDEN, err,
                               err_len) != 0)
@@ -440,7 +583,19 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         }
     }
     (void)b;
-    if (r->stage < last) {
+    if (r->direct) {
+        /* device-direct: the last stage's tp rank 0 gathers the vocabulary slices on its
+         * device and hands the rows to the leader (download there, or a send to it) */
+        tsr_gpu_ctx *gc = tsr_gpu_ctx_of(r->ctx);
+        if (r->stage == last && n_want > 0 &&
+            tsr_gpu_ctx_logits_out(gc, r->tp_direct, r->vocab_begin, r->vocab_n, n_want, TAG_LOGITS,
+                                   r->rank == 0 ? r->logits : NULL, 0, err, err_len) != 0)
+            return -1;
+        if (r->rank == 0 && r->stage != last && n_want > 0 &&
+            tsr_gpu_ctx_logits_in(gc, last * r->p.tp, TAG_LOGITS, n_want, r->logits, err,
+                                  err_len) != 0)
+            return -1;
+    } else if (r->stage < last) {
         /* nothing more: the last stage returns the logits */
     } else if (n_want > 0) {
         float *full = r->logits;
@@ -476,16 +631,16 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
                 return -1;
         }
     }
-    if (r->rank == 0 && r->stage != last && n_want > 0) {
+    if (!r->direct && r->rank == 0 && r->stage != last && n_want > 0) {
         int peer = last * r->p.tp;
         if (tsr_comm_recv(r->world, r->logits, (size_t)n_want * V * sizeof(float), peer, TAG_LOGITS,
                           err, err_len) != 0)
             return -1;
     }
     uint64_t dt = tsr_now_ns() - t0;
-    uint64_t dc = (comm_ns(r) - c0) + (tsr_ctx_comm_ns(r->ctx) - fc0);
-    /* tp all-reduces are timed by the ctx AND counted by the tp comm: count them once. */
-    if (r->tp_comm) dc -= (tsr_ctx_comm_ns(r->ctx) - fc0);
+    /* every wait is a call on one of the replica's communicators (the backend's tp sums
+     * and device-direct transfers too), so their clocks hold all of it, counted once */
+    uint64_t dc = comm_ns(r) - c0;
     r->st.t_comm_ns += dc;
     r->st.t_compute_ns += dt > dc ? dt - dc : 0;
     r->st.n_steps++;

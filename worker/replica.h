@@ -45,6 +45,12 @@ typedef struct {
                             (worker/gpu.h); each rank takes GPU local-rank % count */
     uint64_t gpu_memory; /* device bytes per rank (weights + KV + buffers; 0: what is free);
                             on GPU ranks it is also the planner's budget when mem_budget is 0 */
+    const char *kv_type; /* KV cache type "f32", "f16", "q8_0" (kernels/kvcache.h), or NULL:
+                            TSR_KV_DEFAULT on the CPU, f32 on CUDA (whose device pool is
+                            float32; another type with cuda is refused) */
+    bool no_repack;      /* keep the weights in the file's layout (kernels/repack.h; CPU ranks
+                            also skip repacking when tsr_model_repack_default() is false;
+                            GPU ranks never repack) */
     int32_t n_kv_blocks; /* TSR_REPLICA_KV_ONE_CONTEXT: a paged pool holding one full
                             context (n_ctx, after its default is applied);
                             > 0: a paged KV pool of this many blocks for many
@@ -59,14 +65,19 @@ typedef struct {
     uint64_t t_comm_ns;    /* all-reduces, pipeline send/recv, logits gather */
     uint64_t n_bytes_sent;
     uint64_t n_steps;
-    uint64_t n_tokens;       /* tokens processed (all steps) */
-    uint64_t n_bytes_loaded; /* bytes of the model file this rank read */
+    uint64_t n_tokens;         /* tokens processed (all steps) */
+    uint64_t n_bytes_loaded;   /* bytes of the model file this rank read */
+    uint64_t n_bytes_repacked; /* anonymous memory of its repacked weights (0: none) */
+    uint64_t t_repack_ns;      /* load time spent repacking */
 } tsr_rank_stats;
 
 typedef struct tsr_replica tsr_replica;
 
 /* The planner's view of a model file (hyperparameters, tensor types, bytes). */
 int tsr_replica_plan_model(const tsr_gguf *g, tsr_plan_model *pm, char *err, size_t err_len);
+/* The same with the KV cache bytes of kv_type (tsr_replica_plan_model: float32). */
+int tsr_replica_plan_model_kv(const tsr_gguf *g, tsr_kv_type kv_type, tsr_plan_model *pm, char *err,
+                              size_t err_len);
 
 /* Every rank calls this. Returns 0, or < 0 with err: launcher/layout mismatch ("the MPI
  * job has 3 ranks but --tp 2 --pp 2 needs 4"), impossible layouts (the planner's message),
@@ -83,6 +94,12 @@ const tsr_gguf *tsr_replica_gguf(const tsr_replica *r);
 const tsr_hparams *tsr_replica_hparams(const tsr_replica *r);
 const tsr_plan *tsr_replica_plan(const tsr_replica *r);
 int32_t tsr_replica_n_ctx(const tsr_replica *r);
+/* The KV cache type p asks for, for sizing a pool before the replica is open: p->kv_type, or
+ * the default (f32 when p->device is "cuda"; an unknown name gives the default too, which
+ * tsr_replica_open then refuses). */
+tsr_kv_type tsr_replica_params_kv_type(const tsr_replica_params *p);
+/* The KV cache type this rank stores (p.kv_type resolved). */
+tsr_kv_type tsr_replica_kv_type(const tsr_replica *r);
 
 /* Leader only: one step of the single sequence (as tsr_forward): n tokens at positions
  * pos0.., logits of the last token (full vocabulary) in *logits, valid until the next
@@ -99,6 +116,14 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
 
 /* Leader only: a no-op step that keeps idle followers within their wait deadline. */
 int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len);
+
+/* CUDA device of this rank, -1 when it computes on the CPU. */
+int32_t tsr_replica_device(const tsr_replica *r);
+/* How this rank's data plane moves activations and logits: "host" (CPU ranks), "device"
+ * (one GPU rank), "host round trip (mpi)" (GPU ranks, TSR_NO_NCCL=1 or no NCCL),
+ * "device-direct (nccl)", or, in the host simulator, "device-direct (simulated: mpi carries
+ * device buffers)". */
+const char *tsr_replica_transport(const tsr_replica *r);
 
 int32_t tsr_replica_n_batch(const tsr_replica *r);
 int32_t tsr_replica_n_kv_blocks(const tsr_replica *r);

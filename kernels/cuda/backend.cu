@@ -342,3 +342,18 @@ extern "C" int tsr_cuda_sync(tsr_cuda_dev *d, char *err, size_t err_len)
     TSR_CUDA_CHECK(d, cudaStreamSynchronize(d->stream));
     return 0;
 }
+
+extern "C" int tsr_cuda_copy_2d(tsr_cuda_dev *d, void *dst, size_t dst_pitch, const void *src,
+                                size_t src_pitch, size_t width_bytes, size_t rows, char *err,
+                                size_t err_len)
+{
+    if (width_bytes == 0 || rows == 0) return 0;
+    TSR_CUDA_CHECK(d, cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width_bytes, rows,
+                                        cudaMemcpyDeviceToDevice, d->stream));
+    return 0;
+}
+
+extern "C" bool tsr_cuda_host_addressable(void)
+{
+    return false;
+}

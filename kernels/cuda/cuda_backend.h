@@ -102,6 +102,16 @@ int tsr_cuda_download(tsr_cuda_dev *d, void *dst_host, const void *src, size_t n
 int tsr_cuda_copy(tsr_cuda_dev *d, void *dst, const void *src, size_t n_bytes, char *err,
                   size_t err_len);
 int tsr_cuda_sync(tsr_cuda_dev *d, char *err, size_t err_len);
+/* rows copies of width_bytes from src (row pitch src_pitch bytes) to dst (pitch dst_pitch),
+ * device to device, on the stream (cudaMemcpy2DAsync; interleaves gathered logits slices). */
+int tsr_cuda_copy_2d(tsr_cuda_dev *d, void *dst, size_t dst_pitch, const void *src,
+                     size_t src_pitch, size_t width_bytes, size_t rows, char *err, size_t err_len);
+
+/* True only in the host simulator (kernels/cuda/hostsim.c): there "device memory" is host
+ * memory, so an MPI communicator can carry device buffers and stands in for NCCL in the
+ * tests of the device-direct transport (worker/gpu.h tsr_gpu_ctx_set_pipe). False in the
+ * real backend. */
+bool tsr_cuda_host_addressable(void);
 
 /* A weight in device memory: n_out rows of n_in elements of `type` (ggml id). */
 typedef struct {
@@ -163,7 +173,9 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
                      size_t err_len);
 
 /* Paged attention (decode and prefill chunks, flash-attention style: online softmax over
- * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] float32; the KV
+ * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] elements of
+ * kv_type (TSR_CUDA_KV_F32 or TSR_CUDA_KV_F16 of numerics.h; fp16 runs the CPU f16 path's
+ * roundings in two passes and is never split); the KV
  * of position p of sequence s is row tables[s * max_blocks + p / 16] * 16 + p % 16.
  * Token t (sequence seq[t], position pos[t]) attends to positions max(0, pos - window + 1)
  * .. pos (window 0: all). When few (token, head) pairs meet many chunks (decode of long
@@ -172,7 +184,8 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
  * + h) / group - kv_head_begin. */
 typedef struct {
     const float *q;
-    const float *k_cache, *v_cache;
+    const void *k_cache, *v_cache; /* elements of kv_type */
+    uint32_t kv_type;              /* 0 F32, 1 F16 (ggml type ids) */
     float *out;
     const int32_t *pos, *seq; /* device [n_tok] */
     const int32_t *tables;    /* device [n_seqs][max_blocks] */
@@ -185,10 +198,11 @@ typedef struct {
 } tsr_cuda_attn_args;
 int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, size_t err_len);
 
-/* Store k, v [n_tok][kv_dim] into the caches at rows[t] (device int32[n_tok]). */
-int tsr_cuda_kv_store(tsr_cuda_dev *d, float *k_cache, float *v_cache, const float *k,
-                      const float *v, const int32_t *rows, int32_t n_tok, int32_t kv_dim, char *err,
-                      size_t err_len);
+/* Store k, v [n_tok][kv_dim] into the caches (elements of kv_type: F32 copies, F16 rounds
+ * to nearest even) at rows[t] (device int32[n_tok]). */
+int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, const float *k, const float *v,
+                      const int32_t *rows, int32_t n_tok, int32_t kv_dim, uint32_t kv_type,
+                      char *err, size_t err_len);
 
 /* dst[i] = src[idx[i]] rows of n floats for i < n_rows (gathers the rows that want logits). */
 int tsr_cuda_gather_rows(tsr_cuda_dev *d, float *dst, const float *src, const int32_t *idx,

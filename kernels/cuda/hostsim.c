@@ -161,6 +161,19 @@ int tsr_cuda_copy(tsr_cuda_dev *d, void *dst, const void *src, size_t n, char *e
     return 0;
 }
 
+int tsr_cuda_copy_2d(tsr_cuda_dev *d, void *dst, size_t dst_pitch, const void *src,
+                     size_t src_pitch, size_t width_bytes, size_t rows, char *err, size_t err_len)
+{
+    for (size_t r = 0; r < rows; r++)
+        memmove((char *)dst + r * dst_pitch, (const char *)src + r * src_pitch, width_bytes);
+    return 0;
+}
+
+bool tsr_cuda_host_addressable(void)
+{
+    return true;
+}
+
 int tsr_cuda_sync(tsr_cuda_dev *d, char *err, size_t err_len)
 {
     return 0;
@@ -417,8 +430,62 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
     return 0;
 }
 
+/* k_attention_f16 for one (token, head): pass 1 folds every chunk's scores into the
+ * online max and sum, pass 2 recomputes them and adds each V row weighted by its fp16
+ * probability (numerics.h, "KV cache element types"). Scores as the kernel: q rounded to
+ * fp16, lane i % 32 of a warp sums q_i k_i, then the butterfly. */
+static void att_head_f16(const tsr_cuda_attn_args *a, const float *q, const int32_t *table,
+                         int32_t p_first, int32_t pos, int kvh, float *o)
+{
+    const int hd = a->head_dim;
+    float qh[TSR_CUDA_MAX_HEAD_DIM], acc[TSR_CUDA_MAX_HEAD_DIM] = {0};
+    for (int i = 0; i < hd; ++i) qh[i] = tsr_cuda_round_f16(q[i]);
+    const int32_t c0 = p_first / TSR_CUDA_KV_BLOCK, c1 = pos / TSR_CUDA_KV_BLOCK + 1;
+    tsr_cuda_softmax_state st;
+    tsr_cuda_softmax_init(&st);
+    float inv = 0.0f;
+    for (int pass = 0; pass < 2; ++pass) {
+        for (int32_t c = c0; c < c1; ++c) {
+            const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
+            float sc[TSR_CUDA_KV_BLOCK], cmax = -INFINITY;
+            for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
+                const uint16_t *kr =
+                    (const uint16_t *)a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                float lanes[32] = {0};
+                const bool in = p >= p_first && p <= pos;
+                if (in)
+                    for (int i = 0; i < hd; ++i)
+                        lanes[i % 32] += qh[i] * tsr_cuda_kv_get(TSR_CUDA_KV_F16, kr, i);
+                const float s = warp_sum(lanes);
+                sc[j] = in ? s * a->scale : -INFINITY;
+            }
+            if (pass == 0) {
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
+                tsr_cuda_softmax_rescale(&st, cmax);
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j)
+                    st.l += tsr_cuda_softmax_weight(&st, sc[j]);
+                continue;
+            }
+            for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                const float pw = tsr_cuda_attn_prob_f16(sc[j], st.m, inv);
+                if (pw == 0.0f) continue;
+                const uint16_t *vr =
+                    (const uint16_t *)a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                for (int i = 0; i < hd; ++i) acc[i] += pw * tsr_cuda_kv_get(TSR_CUDA_KV_F16, vr, i);
+            }
+        }
+        inv = 1.0f / st.l;
+    }
+    for (int i = 0; i < hd; ++i) o[i] = acc[i];
+}
+
 int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, size_t err_len)
 {
+    if (a->kv_type != TSR_CUDA_KV_F32 && a->kv_type != TSR_CUDA_KV_F16) {
+        errf(err, err_len, "cuda attention: KV type %u is not supported on the device", a->kv_type);
+        return TSR_CUDA_EINVAL;
+    }
     if (a->head_dim < 1 || a->head_dim > TSR_CUDA_MAX_HEAD_DIM || a->group < 1) {
         errf(err, err_len, "cuda attention: head_dim %d (max %d), group %d", a->head_dim,
              TSR_CUDA_MAX_HEAD_DIM, a->group);
@@ -434,6 +501,11 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
             const int32_t p_first =
                 a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
             const float *q = a->q + ((size_t)t * a->n_head_local + hl) * hd;
+            if (a->kv_type == TSR_CUDA_KV_F16) {
+                att_head_f16(a, q, table, p_first, pos, kvh,
+                             a->out + ((size_t)t * a->n_head_local + hl) * hd);
+                continue;
+            }
             float ms[TSR_CUDA_ATT_MAX_SPLITS], ls[TSR_CUDA_ATT_MAX_SPLITS];
             static float accs[TSR_CUDA_ATT_MAX_SPLITS][TSR_CUDA_MAX_HEAD_DIM];
             for (int32_t sp = 0; sp < n_split; ++sp) {
@@ -449,7 +521,8 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
                     float sc[TSR_CUDA_KV_BLOCK], cmax = -INFINITY;
                     for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
                         const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
-                        const float *kr = a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                        const float *kr =
+                            (const float *)a->k_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
                         float lanes[32] = {0};
                         const bool in = p >= p_first && p <= pos;
                         if (in)
@@ -464,7 +537,8 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
                         const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
                         st.l += pw;
                         if (pw == 0.0f) continue;
-                        const float *vr = a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
+                        const float *vr =
+                            (const float *)a->v_cache + (row0 + j) * a->kv_dim + (size_t)kvh * hd;
                         for (int i = 0; i < hd; ++i) acc[i] += pw * vr[i];
                     }
                 }
@@ -491,15 +565,22 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
     return 0;
 }
 
-int tsr_cuda_kv_store(tsr_cuda_dev *d, float *k_cache, float *v_cache, const float *k,
-                      const float *v, const int32_t *rows, int32_t n_tok, int32_t kv_dim, char *err,
-                      size_t err_len)
+int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, const float *k, const float *v,
+                      const int32_t *rows, int32_t n_tok, int32_t kv_dim, uint32_t kv_type,
+                      char *err, size_t err_len)
 {
+    const size_t eb = tsr_cuda_kv_elem_bytes(kv_type);
+    if (!eb) {
+        errf(err, err_len, "cuda kv store: KV type %u is not supported on the device", kv_type);
+        return TSR_CUDA_EINVAL;
+    }
     for (int32_t t = 0; t < n_tok; ++t) {
-        memcpy(k_cache + (size_t)rows[t] * kv_dim, k + (size_t)t * kv_dim,
-               sizeof(float) * (size_t)kv_dim);
-        memcpy(v_cache + (size_t)rows[t] * kv_dim, v + (size_t)t * kv_dim,
-               sizeof(float) * (size_t)kv_dim);
+        uint8_t *kr = (uint8_t *)k_cache + (size_t)rows[t] * kv_dim * eb;
+        uint8_t *vr = (uint8_t *)v_cache + (size_t)rows[t] * kv_dim * eb;
+        for (int32_t i = 0; i < kv_dim; ++i) {
+            tsr_cuda_kv_put(kv_type, kr, i, k[(size_t)t * kv_dim + i]);
+            tsr_cuda_kv_put(kv_type, vr, i, v[(size_t)t * kv_dim + i]);
+        }
     }
     return 0;
 }

@@ -440,14 +440,16 @@ __global__ void k_softmax(float *x, int32_t n)
     for (int i = threadIdx.x; i < n; i += 256) xr[i] *= inv;
 }
 
-__global__ void k_kv_store(float *kc, float *vc, const float *k, const float *v,
-                           const int32_t *rows, int32_t kv_dim)
+__global__ void k_kv_store(void *kc, void *vc, const float *k, const float *v, const int32_t *rows,
+                           int32_t kv_dim, uint32_t kv_type)
 {
     const int32_t t = blockIdx.x;
-    const size_t row = (size_t)rows[t];
+    const size_t eb = tsr_cuda_kv_elem_bytes(kv_type);
+    uint8_t *kr = (uint8_t *)kc + (size_t)rows[t] * kv_dim * eb;
+    uint8_t *vr = (uint8_t *)vc + (size_t)rows[t] * kv_dim * eb;
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        kc[row * kv_dim + i] = k[(size_t)t * kv_dim + i];
-        vc[row * kv_dim + i] = v[(size_t)t * kv_dim + i];
+        tsr_cuda_kv_put(kv_type, kr, i, k[(size_t)t * kv_dim + i]);
+        tsr_cuda_kv_put(kv_type, vr, i, v[(size_t)t * kv_dim + i]);
     }
 }
 
@@ -494,7 +496,7 @@ __global__ void k_attention(tsr_cuda_attn_args a, int32_t n_split, float *part)
         const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
         for (int j = warp; j < TSR_CUDA_KV_BLOCK; j += ATT_THREADS / 32) {
             const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
-            const float *kr = a.k_cache + (row0 + j) * a.kv_dim + (size_t)kvh * hd;
+            const float *kr = (const float *)a.k_cache + (row0 + j) * a.kv_dim + (size_t)kvh * hd;
             float s = 0.0f;
             if (p >= p_first && p <= pos)
                 for (int i = lane; i < hd; i += 32) s += qs[i] * kr[i];
@@ -510,7 +512,7 @@ __global__ void k_attention(tsr_cuda_attn_args a, int32_t n_split, float *part)
             const float pw = tsr_cuda_softmax_weight(&st, sc[j]);
             st.l += pw;
             if (pw == 0.0f) continue;
-            const float *vr = a.v_cache + (row0 + j) * a.kv_dim + (size_t)kvh * hd;
+            const float *vr = (const float *)a.v_cache + (row0 + j) * a.kv_dim + (size_t)kvh * hd;
             for (int k = 0; k < ATT_DIMS; ++k) {
                 const int i = threadIdx.x + ATT_THREADS * k;
                 if (i < hd) acc[k] += pw * vr[i];
@@ -535,6 +537,74 @@ __global__ void k_attention(tsr_cuda_attn_args a, int32_t n_split, float *part)
     for (int k = 0; k < ATT_DIMS; ++k) {
         const int i = threadIdx.x + ATT_THREADS * k;
         if (i < hd) pp[2 + i] = acc[k];
+    }
+}
+
+/* fp16 KV (numerics.h, "KV cache element types"): one block of 128 threads per (token,
+ * local head), never split. Pass 1 folds the chunks' scores into the online max and sum;
+ * pass 2 recomputes the scores and adds each V row weighted by its fp16 probability
+ * exp(s - m) / l. Scores as k_attention, from q rounded to fp16 and fp16 K. */
+__global__ void k_attention_f16(tsr_cuda_attn_args a)
+{
+    __shared__ float qs[TSR_CUDA_MAX_HEAD_DIM];
+    __shared__ float sc[TSR_CUDA_KV_BLOCK];
+    const int32_t t = blockIdx.x, hl = blockIdx.y;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int hd = a.head_dim;
+    const int kvh = (a.head_begin + hl) / a.group - a.kv_head_begin;
+    const int32_t pos = a.pos[t];
+    const int32_t *table = a.tables + (size_t)a.seq[t] * a.max_blocks;
+    const int32_t p_first = a.window > 0 && pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    const int32_t c0 = p_first / TSR_CUDA_KV_BLOCK, c1 = pos / TSR_CUDA_KV_BLOCK + 1;
+    const float *q = a.q + ((size_t)t * a.n_head_local + hl) * hd;
+    for (int i = threadIdx.x; i < hd; i += ATT_THREADS) qs[i] = tsr_cuda_round_f16(q[i]);
+    float acc[ATT_DIMS];
+    for (int k = 0; k < ATT_DIMS; ++k) acc[k] = 0.0f;
+    tsr_cuda_softmax_state st;
+    tsr_cuda_softmax_init(&st);
+    float inv = 0.0f;
+    __syncthreads();
+    for (int pass = 0; pass < 2; ++pass) {
+        for (int32_t c = c0; c < c1; ++c) {
+            const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
+            for (int j = warp; j < TSR_CUDA_KV_BLOCK; j += ATT_THREADS / 32) {
+                const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
+                const uint16_t *kr =
+                    (const uint16_t *)a.k_cache + (row0 + j) * a.kv_dim + (size_t)kvh * hd;
+                float s = 0.0f;
+                if (p >= p_first && p <= pos)
+                    for (int i = lane; i < hd; i += 32)
+                        s += qs[i] * tsr_cuda_kv_get(TSR_CUDA_KV_F16, kr, i);
+                s = warp_sum(s);
+                if (lane == 0) sc[j] = (p >= p_first && p <= pos) ? s * a.scale : -INFINITY;
+            }
+            __syncthreads();
+            if (pass == 0) {
+                float cmax = -INFINITY;
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) cmax = fmaxf(cmax, sc[j]);
+                tsr_cuda_softmax_rescale(&st, cmax);
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j)
+                    st.l += tsr_cuda_softmax_weight(&st, sc[j]);
+            } else {
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                    const float pw = tsr_cuda_attn_prob_f16(sc[j], st.m, inv);
+                    if (pw == 0.0f) continue;
+                    const uint16_t *vr =
+                        (const uint16_t *)a.v_cache + (row0 + j) * a.kv_dim + (size_t)kvh * hd;
+                    for (int k = 0; k < ATT_DIMS; ++k) {
+                        const int i = threadIdx.x + ATT_THREADS * k;
+                        if (i < hd) acc[k] += pw * tsr_cuda_kv_get(TSR_CUDA_KV_F16, vr, i);
+                    }
+                }
+            }
+            __syncthreads(); /* sc is rewritten by the next chunk */
+        }
+        inv = 1.0f / st.l;
+    }
+    float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+    for (int k = 0; k < ATT_DIMS; ++k) {
+        const int i = threadIdx.x + ATT_THREADS * k;
+        if (i < hd) o[i] = acc[k];
     }
 }
 
@@ -662,7 +732,17 @@ extern "C" int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, 
                       a->head_dim, TSR_CUDA_MAX_HEAD_DIM, a->group, a->n_head_local);
         return TSR_CUDA_EINVAL;
     }
+    if (a->kv_type != TSR_CUDA_KV_F32 && a->kv_type != TSR_CUDA_KV_F16) {
+        tsr_cuda_errf(err, err_len, "cuda attention: KV type %u is not supported on the device",
+                      a->kv_type);
+        return TSR_CUDA_EINVAL;
+    }
     if (a->n_tok == 0 || a->n_head_local == 0) return 0;
+    if (a->kv_type == TSR_CUDA_KV_F16) {
+        const dim3 grid((unsigned)a->n_tok, (unsigned)a->n_head_local);
+        k_attention_f16<<<grid, ATT_THREADS, 0, d->stream>>>(*a);
+        return tsr_cuda_launched(d, "k_attention_f16", err, err_len);
+    }
     const int32_t n_split = tsr_cuda_attn_splits(a->n_tok, a->n_head_local, a->max_chunks);
     const dim3 grid((unsigned)a->n_tok, (unsigned)a->n_head_local, (unsigned)n_split);
     float *part = NULL;
@@ -684,12 +764,18 @@ extern "C" int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, 
     return tsr_cuda_launched(d, "k_attention", err, err_len);
 }
 
-extern "C" int tsr_cuda_kv_store(tsr_cuda_dev *d, float *k_cache, float *v_cache, const float *k,
+extern "C" int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, const float *k,
                                  const float *v, const int32_t *rows, int32_t n_tok, int32_t kv_dim,
-                                 char *err, size_t err_len)
+                                 uint32_t kv_type, char *err, size_t err_len)
 {
+    if (!tsr_cuda_kv_elem_bytes(kv_type)) {
+        tsr_cuda_errf(err, err_len, "cuda kv store: KV type %u is not supported on the device",
+                      kv_type);
+        return TSR_CUDA_EINVAL;
+    }
     if (n_tok < 1 || kv_dim < 1) return 0;
-    k_kv_store<<<(unsigned)n_tok, 256, 0, d->stream>>>(k_cache, v_cache, k, v, rows, kv_dim);
+    k_kv_store<<<(unsigned)n_tok, 256, 0, d->stream>>>(k_cache, v_cache, k, v, rows, kv_dim,
+                                                       kv_type);
     return tsr_cuda_launched(d, "k_kv_store", err, err_len);
 }
 

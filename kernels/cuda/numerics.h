@@ -817,6 +817,55 @@ TSR_CUDA_HD float tsr_cuda_attn_merge_factor(float m_s, float m)
     return m_s == -INFINITY ? 0.0f : expf(m_s - m);
 }
 
+/* ---- KV cache element types ----
+ * The device KV pool stores K and V as float32 (type 0, ggml's F32 id) or fp16 (type 1,
+ * F16). fp16 follows the CPU's f16 KV path (kernels/kvcache.h, llama.cpp's F16 cache
+ * without flash attention): K and V are rounded to nearest even when stored; Q is rounded
+ * to fp16 before q·k, whose products of fp16 values are summed in float; the softmax is
+ * float; each probability exp(s - max) * (1 / sum) is rounded to fp16 before it weighs V,
+ * and the weighted V rows are summed in float. The device reaches the normalized
+ * probabilities with two passes over the KV blocks (pass 1: the online max and sum; pass 2:
+ * the probabilities and the V sum), so every fp16 rounding point is the CPU's; only the
+ * float summation orders differ (lanes of a warp vs the CPU's 16 FMA lanes; the online sum
+ * vs a sequential one). */
+#define TSR_CUDA_KV_F32 0u
+#define TSR_CUDA_KV_F16 1u
+
+/* Bytes of one element of the KV pool (0: unsupported type). */
+TSR_CUDA_HD size_t tsr_cuda_kv_elem_bytes(uint32_t type)
+{
+    return type == TSR_CUDA_KV_F32 ? 4u : type == TSR_CUDA_KV_F16 ? 2u : 0u;
+}
+
+/* Element i of a KV row stored as type. */
+TSR_CUDA_HD float tsr_cuda_kv_get(uint32_t type, const void *row, int64_t i)
+{
+    if (type == TSR_CUDA_KV_F16) return tsr_cuda_f16_to_f32(((const uint16_t *)row)[i]);
+    return ((const float *)row)[i];
+}
+
+/* Store x as element i of a KV row of type (fp16: round to nearest even). */
+TSR_CUDA_HD void tsr_cuda_kv_put(uint32_t type, void *row, int64_t i, float x)
+{
+    if (type == TSR_CUDA_KV_F16)
+        ((uint16_t *)row)[i] = tsr_cuda_f32_to_f16(x);
+    else
+        ((float *)row)[i] = x;
+}
+
+/* x rounded to fp16 and back (the f16 path's Q and probabilities). */
+TSR_CUDA_HD float tsr_cuda_round_f16(float x)
+{
+    return tsr_cuda_f16_to_f32(tsr_cuda_f32_to_f16(x));
+}
+
+/* The f16 path's weight of a score s: exp(s - m) * inv_sum rounded to fp16 (0 for masked
+ * positions, s = -INFINITY), m the max and inv_sum = 1 / sum of exp(s - m). */
+TSR_CUDA_HD float tsr_cuda_attn_prob_f16(float s, float m, float inv_sum)
+{
+    return s == -INFINITY ? 0.0f : tsr_cuda_round_f16(expf(s - m) * inv_sum);
+}
+
 /* RoPE. Modes: NORM rotates adjacent pairs (2i, 2i+1) (llama); NEOX rotates (i, i + n_rot/2)
  * (qwen2/3, gemma3). The angle of pair i (i0 = 2i) comes in the two float orders the CPU
  * uses: theta = pos * freq_scale * base^(-i0/n_rot) / freq_factor[i] with powf per pair

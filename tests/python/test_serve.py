@@ -109,7 +109,7 @@ class Server:
         self.port = None
         deadline = time.time() + start_timeout
         while time.time() < deadline:
-            m = re.search(rb"listening on [^\s]+:(\d+)", self.output_bytes())
+            m = re.search(rb"(?<!http )listening on [^\s]+:(\d+)", self.output_bytes())
             if m:
                 self.port = int(m.group(1))
                 break

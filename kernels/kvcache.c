@@ -1,0 +1,452 @@
+/*
+ * kvcache.c — KV cache element types and attention kernels (see kvcache.h).
+ *
+ * Every path of one type computes the same operations in the same order (the scalar code is
+ * the reference and spells the order out; the AVX2 and AVX-512 code vectorizes it without
+ * reassociating), so f16 and the V side of q8_0 are bit-identical across instruction sets.
+ * The q8_0 q·k uses kernels/quant.h's Q8_0 dot, whose ISA paths agree up to float
+ * summation order.
+ */
+#include "kernels/kvcache.h"
+
+#include "kernels/ops.h"
+#include "kernels/quant.h"
+#include "kernels/util.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define LANES 16 /* float lanes of ggml's AVX-512 tinyBLAS F16 kernel */
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[TSR_QK8_0];
+} kv_q8_0;
+
+static const char *const kv_names[TSR_KV_TYPE_COUNT] = {"f32", "f16", "q8_0"};
+
+const char *tsr_kv_type_name(tsr_kv_type t)
+{
+    return (unsigned)t < TSR_KV_TYPE_COUNT ? kv_names[t] : "?";
+}
+
+bool tsr_kv_type_parse(const char *s, tsr_kv_type *out)
+{
+    for (int i = 0; s && i < TSR_KV_TYPE_COUNT; i++)
+        if (strcmp(s, kv_names[i]) == 0) {
+            *out = (tsr_kv_type)i;
+            return true;
+        }
+    return false;
+}
+
+size_t tsr_kv_row_bytes(tsr_kv_type t, int64_t n)
+{
+    if (n < 0) return 0;
+    switch (t) {
+    case TSR_KV_F32:
+        return (size_t)n * 4u;
+    case TSR_KV_F16:
+        return (size_t)n * 2u;
+    case TSR_KV_Q8_0:
+        return n % TSR_QK8_0 ? 0 : (size_t)(n / TSR_QK8_0) * sizeof(kv_q8_0);
+    }
+    return 0;
+}
+
+bool tsr_kv_type_fits(tsr_kv_type t, int32_t head_dim, char *err, size_t err_len)
+{
+    if ((unsigned)t >= TSR_KV_TYPE_COUNT) {
+        tsr_set_err(err, err_len, "unknown KV cache type %d (f32, f16 or q8_0)", (int)t);
+        return false;
+    }
+    if (t == TSR_KV_Q8_0 && head_dim % TSR_QK8_0 != 0) {
+        tsr_set_err(err, err_len,
+                    "--kv-type q8_0 stores K and V in blocks of %d values along the head, but "
+                    "this model's heads have %d values; use --kv-type f16 or f32",
+                    TSR_QK8_0, head_dim);
+        return false;
+    }
+    return true;
+}
+
+void tsr_kv_store(tsr_kv_type t, const float *src, void *dst, int64_t n)
+{
+    switch (t) {
+    case TSR_KV_F32:
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        break;
+    case TSR_KV_F16: {
+        uint16_t *h = dst;
+        for (int64_t i = 0; i < n; i++) h[i] = tsr_f32_to_f16(src[i]);
+        break;
+    }
+    case TSR_KV_Q8_0:
+        tsr_quant_row(TSR_TYPE_Q8_0, src, dst, n);
+        break;
+    }
+}
+
+void tsr_kv_load(tsr_kv_type t, const void *src, float *dst, int64_t n)
+{
+    switch (t) {
+    case TSR_KV_F32:
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        break;
+    case TSR_KV_F16:
+        tsr_dequant_row(TSR_TYPE_F16, src, dst, n);
+        break;
+    case TSR_KV_Q8_0:
+        tsr_dequant_row(TSR_TYPE_Q8_0, src, dst, n);
+        break;
+    }
+}
+
+/* ---- instruction set ---- */
+
+enum { KV_SCALAR = 0, KV_AVX2 = 1, KV_AVX512 = 2 };
+
+static int kv_isa(void)
+{
+    const char *isa = tsr_quant_isa();
+    if (strcmp(isa, "avx512vnni") == 0) return KV_AVX512;
+    if (strcmp(isa, "avx2") == 0) return KV_AVX2;
+    return KV_SCALAR;
+}
+
+const char *tsr_attn_isa(void)
+{
+    static const char *const names[] = {"scalar", "avx2", "avx512"};
+    return names[kv_isa()];
+}
+
+/* Scratch: [qh: head_dim fp16 | qq: head_dim/32 Q8_0 blocks][acc: LANES * head_dim floats],
+ * each part rounded up to 64 bytes. */
+static size_t up64(size_t n)
+{
+    return (n + 63u) & ~(size_t)63u;
+}
+
+/* Bytes before the lane accumulators (the fp16 or Q8_0 copy of q). */
+static size_t q_part_bytes(size_t hd)
+{
+    size_t q = up64(hd * 2u);
+    size_t qq = up64((hd / TSR_QK8_0 + 1u) * sizeof(kv_q8_0));
+    return q > qq ? q : qq;
+}
+
+size_t tsr_attn_scratch_bytes(int32_t head_dim)
+{
+    const size_t hd = head_dim > 0 ? (size_t)head_dim : 1u;
+    return q_part_bytes(hd) + up64(LANES * hd * sizeof(float));
+}
+
+static inline const uint8_t *kv_at(const tsr_kv_view *kv, const uint8_t *base, int32_t p)
+{
+    const int32_t bs = kv->block_size;
+    const size_t slot = (size_t)kv->block_table[p / bs] * (size_t)bs + (size_t)(p % bs);
+    return base + slot * kv->row_bytes + kv->head_offset;
+}
+
+/* _mm512_reduce_add_ps's tree over 16 lanes (GCC): (i, i+8), (i, i+4), (i, i+2), (0, 1). */
+static inline float reduce16(const float *l)
+{
+    float t8[8], t4[4];
+    for (int i = 0; i < 8; i++) t8[i] = l[i + 8] + l[i];
+    for (int i = 0; i < 4; i++) t4[i] = t8[i + 4] + t8[i];
+    return (t4[0] + t4[2]) + (t4[1] + t4[3]);
+}
+
+/* ---- f32: the engine's original attention ---- */
+
+static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                     float *att, float *o)
+{
+    const int hd = kv->head_dim;
+    for (int32_t p = p0; p <= p1; p++) {
+        const float *k = (const float *)kv_at(kv, kv->k, p);
+        float dot = 0.0f;
+        for (int i = 0; i < hd; i++) dot += q[i] * k[i];
+        att[p - p0] = dot * scale;
+    }
+    tsr_softmax(att, p1 - p0 + 1);
+    memset(o, 0, sizeof(float) * (size_t)hd);
+    for (int32_t p = p0; p <= p1; p++) {
+        const float *v = (const float *)kv_at(kv, kv->v, p);
+        const float a = att[p - p0];
+        for (int i = 0; i < hd; i++) o[i] += a * v[i];
+    }
+}
+
+/* ---- f16, scalar reference ---- */
+
+/* q·k of fp16 rows, hd % 16 == 0: tinyBLAS<16> (lane l: FMA chain over i ≡ l mod 16). */
+static float dot_f16_lanes_scalar(const uint16_t *k, const uint16_t *q, int hd)
+{
+    float l16[LANES] = {0};
+    for (int i = 0; i < hd; i += LANES)
+        for (int l = 0; l < LANES; l++)
+            l16[l] = fmaf(tsr_f16_to_f32(k[i + l]), tsr_f16_to_f32(q[i + l]), l16[l]);
+    return reduce16(l16);
+}
+
+/* q·k when hd % 16 != 0 (ggml_vec_dot_f16 on AVX-512: 4 × 16 lanes over each whole 64,
+ * sums (0+2, 1+3), (0+1), the 16-lane tree, then the rest added in double). */
+static float dot_f16_vecdot_scalar(const uint16_t *k, const uint16_t *q, int hd)
+{
+    float s[4][LANES] = {{0}};
+    const int np = hd & ~63;
+    for (int i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < LANES; l++)
+                s[j][l] = fmaf(tsr_f16_to_f32(k[i + j * LANES + l]),
+                               tsr_f16_to_f32(q[i + j * LANES + l]), s[j][l]);
+    for (int l = 0; l < LANES; l++) {
+        s[0][l] = s[0][l] + s[2][l];
+        s[1][l] = s[1][l] + s[3][l];
+        s[0][l] = s[0][l] + s[1][l];
+    }
+    double sum = (double)reduce16(s[0]);
+    for (int i = np; i < hd; i++) sum += (double)(tsr_f16_to_f32(k[i]) * tsr_f16_to_f32(q[i]));
+    return (float)sum;
+}
+
+static void v_f16_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
+                         float *acc)
+{
+    const int hd = kv->head_dim;
+    for (int32_t p = p0; p <= p1; p++) {
+        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
+        const float pr = tsr_f16_to_f32(tsr_f32_to_f16(att[p - p0]));
+        float *a = acc + (size_t)(p % LANES) * hd;
+        for (int i = 0; i < hd; i++) a[i] = fmaf(tsr_f16_to_f32(v[i]), pr, a[i]);
+    }
+}
+
+static void reduce_lanes_scalar(const float *acc, int hd, float *o)
+{
+    float l16[LANES];
+    for (int i = 0; i < hd; i++) {
+        for (int l = 0; l < LANES; l++) l16[l] = acc[(size_t)l * hd + i];
+        o[i] = reduce16(l16);
+    }
+}
+
+/* ---- f16, AVX2 + F16C (16 lanes as two 8-float halves) ---- */
+
+#define TSR_KV_AVX2   __attribute__((target("avx2,fma,f16c")))
+#define TSR_KV_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw")))
+
+TSR_KV_AVX2 static inline __m256 ld8_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+TSR_KV_AVX2 static float dot_f16_avx2(const uint16_t *k, const uint16_t *q, int hd)
+{
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int i = 0; i < hd; i += LANES) {
+        lo = _mm256_fmadd_ps(ld8_f16(k + i), ld8_f16(q + i), lo);
+        hi = _mm256_fmadd_ps(ld8_f16(k + i + 8), ld8_f16(q + i + 8), hi);
+    }
+    __m256 t3 = _mm256_add_ps(hi, lo);
+    __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+    __m128 t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+    return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
+}
+
+TSR_KV_AVX2 static void v_f16_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
+                                   float *acc)
+{
+    const int hd = kv->head_dim;
+    for (int32_t p = p0; p <= p1; p++) {
+        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
+        const __m256 pr =
+            _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(att[p - p0]), 0))));
+        float *a = acc + (size_t)(p % LANES) * hd;
+        for (int i = 0; i < hd; i += 8)
+            _mm256_storeu_ps(a + i, _mm256_fmadd_ps(ld8_f16(v + i), pr, _mm256_loadu_ps(a + i)));
+    }
+}
+
+/* The lane tree for every output value at once: acc[l][i] += acc[l + w][i], w = 8, 4, 2, 1. */
+TSR_KV_AVX2 static void reduce_lanes_avx2(float *acc, int hd, float *o)
+{
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) {
+            float *a = acc + (size_t)l * hd;
+            const float *b = acc + (size_t)(l + w) * hd;
+            for (int i = 0; i < hd; i += 8)
+                _mm256_storeu_ps(a + i,
+                                 _mm256_add_ps(_mm256_loadu_ps(b + i), _mm256_loadu_ps(a + i)));
+        }
+    memcpy(o, acc, sizeof(float) * (size_t)hd);
+}
+
+/* ---- f16, AVX-512 ---- */
+
+TSR_KV_AVX512 static float dot_f16_avx512(const uint16_t *k, const uint16_t *q, int hd)
+{
+    __m512 s = _mm512_setzero_ps();
+    for (int i = 0; i < hd; i += LANES)
+        s = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i))),
+                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + i))), s);
+    return _mm512_reduce_add_ps(s);
+}
+
+TSR_KV_AVX512 static void v_f16_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
+                                       int32_t p1, float *acc)
+{
+    const int hd = kv->head_dim;
+    for (int32_t p = p0; p <= p1; p++) {
+        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
+        const __m512 pr =
+            _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(att[p - p0]), 0))));
+        float *a = acc + (size_t)(p % LANES) * hd;
+        for (int i = 0; i < hd; i += LANES)
+            _mm512_storeu_ps(
+                a + i,
+                _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i))), pr,
+                                _mm512_loadu_ps(a + i)));
+    }
+}
+
+TSR_KV_AVX512 static void reduce_lanes_avx512(float *acc, int hd, float *o)
+{
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) {
+            float *a = acc + (size_t)l * hd;
+            const float *b = acc + (size_t)(l + w) * hd;
+            for (int i = 0; i < hd; i += LANES)
+                _mm512_storeu_ps(a + i,
+                                 _mm512_add_ps(_mm512_loadu_ps(b + i), _mm512_loadu_ps(a + i)));
+        }
+    memcpy(o, acc, sizeof(float) * (size_t)hd);
+}
+
+static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                     float *att, void *scratch, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    uint16_t *qh = scratch;
+    float *acc = (float *)((uint8_t *)scratch + q_part_bytes((size_t)hd));
+    /* Q rounded to fp16 (ggml converts src1 to the F16 weight's vec_dot_type). */
+    for (int i = 0; i < hd; i++) qh[i] = tsr_f32_to_f16(q[i]);
+    const bool lanes16 = hd % LANES == 0;
+    if (isa == KV_AVX512 && !lanes16) isa = hd % 8 == 0 ? KV_AVX2 : KV_SCALAR;
+    if (isa == KV_AVX2 && hd % 8 != 0) isa = KV_SCALAR;
+    for (int32_t p = p0; p <= p1; p++) {
+        const uint16_t *k = (const uint16_t *)kv_at(kv, kv->k, p);
+        float s;
+        if (!lanes16)
+            s = dot_f16_vecdot_scalar(k, qh, hd);
+        else if (isa == KV_AVX512)
+            s = dot_f16_avx512(k, qh, hd);
+        else if (isa == KV_AVX2)
+            s = dot_f16_avx2(k, qh, hd);
+        else
+            s = dot_f16_lanes_scalar(k, qh, hd);
+        att[p - p0] = s * scale;
+    }
+    tsr_softmax(att, p1 - p0 + 1);
+    memset(acc, 0, sizeof(float) * LANES * (size_t)hd);
+    if (isa == KV_AVX512) {
+        v_f16_avx512(kv, att, p0, p1, acc);
+        reduce_lanes_avx512(acc, hd, o);
+    } else if (isa == KV_AVX2) {
+        v_f16_avx2(kv, att, p0, p1, acc);
+        reduce_lanes_avx2(acc, hd, o);
+    } else {
+        v_f16_scalar(kv, att, p0, p1, acc);
+        reduce_lanes_scalar(acc, hd, o);
+    }
+}
+
+/* ---- q8_0 ---- */
+
+static void v_q8_0_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    for (int32_t p = p0; p <= p1; p++) {
+        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
+        const float pr = att[p - p0];
+        for (int b = 0; b < nb; b++) {
+            const float d = tsr_f16_to_f32(v[b].d);
+            float *ob = o + b * TSR_QK8_0;
+            for (int j = 0; j < TSR_QK8_0; j++) ob[j] = fmaf(d * (float)v[b].qs[j], pr, ob[j]);
+        }
+    }
+}
+
+TSR_KV_AVX2 static void v_q8_0_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
+                                    float *o)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    for (int32_t p = p0; p <= p1; p++) {
+        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
+        const __m256 pr = _mm256_set1_ps(att[p - p0]);
+        for (int b = 0; b < nb; b++) {
+            const __m256 d = _mm256_set1_ps(tsr_f16_to_f32(v[b].d));
+            float *ob = o + b * TSR_QK8_0;
+            for (int j = 0; j < TSR_QK8_0; j += 8) {
+                __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + j));
+                __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+                _mm256_storeu_ps(ob + j, _mm256_fmadd_ps(x, pr, _mm256_loadu_ps(ob + j)));
+            }
+        }
+    }
+}
+
+TSR_KV_AVX512 static void v_q8_0_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
+                                        int32_t p1, float *o)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    for (int32_t p = p0; p <= p1; p++) {
+        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
+        const __m512 pr = _mm512_set1_ps(att[p - p0]);
+        for (int b = 0; b < nb; b++) {
+            const __m512 d = _mm512_set1_ps(tsr_f16_to_f32(v[b].d));
+            float *ob = o + b * TSR_QK8_0;
+            for (int j = 0; j < TSR_QK8_0; j += LANES) {
+                __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + j));
+                __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
+                _mm512_storeu_ps(ob + j, _mm512_fmadd_ps(x, pr, _mm512_loadu_ps(ob + j)));
+            }
+        }
+    }
+}
+
+static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                      float *att, void *scratch, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    void *qq = scratch;
+    tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
+    for (int32_t p = p0; p <= p1; p++)
+        att[p - p0] = tsr_vec_dot(TSR_TYPE_Q8_0, hd, kv_at(kv, kv->k, p), qq) * scale;
+    tsr_softmax(att, p1 - p0 + 1);
+    memset(o, 0, sizeof(float) * (size_t)hd);
+    if (isa == KV_AVX512)
+        v_q8_0_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_q8_0_avx2(kv, att, p0, p1, o);
+    else
+        v_q8_0_scalar(kv, att, p0, p1, o);
+}
+
+void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                   float *scores, void *scratch, float *out)
+{
+    switch (kv->type) {
+    case TSR_KV_F32:
+        attn_f32(kv, q, scale, p0, p1, scores, out);
+        break;
+    case TSR_KV_F16:
+        attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
+        break;
+    case TSR_KV_Q8_0:
+        attn_q8_0(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
+        break;
+    }
+}

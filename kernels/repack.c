@@ -1,0 +1,952 @@
+/*
+ * repack.c — interleaved-row weights and their GEMV / GEMM kernels (see repack.h).
+ *
+ * Every kernel here reproduces, output by output, the arithmetic of the row kernel of
+ * kernels/quant.c on the same instruction set; only where the bytes come from and the
+ * schedule differ:
+ *  - scalar: s += fp16(d_w) * fp16(d_x) * (float)sum_i(q_w * q_x) block after block
+ *    (dot_q8_0_scalar, dot_q4_0_scalar);
+ *  - AVX2 / AVX-512 VNNI (quant.c's BLOCK_LOOP): per block an int32x8 dot whose lane l sums
+ *    elements 4l..4l+3 (exact integers, however they are made), the scale fp16(d_w) * d_y
+ *    made 8 blocks at a time, block b FMA'd into chain b % 4; Q4_0's -8 offset as
+ *    fma(d_w, ey, off) per 8 blocks (ey = d_y * -8 * sum(y)); the end is
+ *    hsum((c0 + c1) + (c2 + c3) + off).
+ * The GEMM walks the chains one after the other (chain-major, as quant.c's tiles do) so a
+ * micro-tile of rows x tokens keeps one accumulator per output in registers; the chains
+ * are independent sums, so the order inside each is unchanged.
+ *
+ * The small helpers (block structs, nibble unpacking, the activation facts) are local
+ * copies of quant.c's: quant.c keeps them static, and tests/test_repack.c checks every
+ * kernel here against tsr_vec_dot bit for bit, so a change on either side is caught.
+ */
+#include "kernels/repack.h"
+
+#include "kernels/quant.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TSR_RP_X86 1
+#else
+#define TSR_RP_X86 0
+#endif
+
+enum {
+    RP_Q8_0_QB = 32,
+    RP_Q4_0_QB = 16,
+    RP_Q5_0_QB = 20, /* qh[4] (5th bits) then qs[16], as the block stores them */
+    RP_XBLK = 34     /* a Q8_0 activation block */
+};
+
+bool tsr_repack_supported(uint32_t type)
+{
+    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 ||
+           type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+}
+
+/* K-quant super-blocks move whole: [nsb][4 rows][block]. */
+static bool is_kquant(uint32_t type)
+{
+    return type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+}
+
+/* Quant bytes per block (the qs array after the 2-byte fp16 scale). */
+static size_t quant_bytes(uint32_t type)
+{
+    return type == TSR_TYPE_Q8_0 ? RP_Q8_0_QB : type == TSR_TYPE_Q5_0 ? RP_Q5_0_QB : RP_Q4_0_QB;
+}
+
+size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
+{
+    if (is_kquant(type)) {
+        if (n <= 0 || n % TSR_QK_K != 0) return 0;
+        const size_t bytes = (size_t)(n / TSR_QK_K) * TSR_REPACK_ROWS * tsr_type_block_bytes(type);
+        return (bytes + 63) / 64 * 64;
+    }
+    if (!tsr_repack_supported(type) || n <= 0 || n % 32 != 0) return 0;
+    const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
+    const size_t bytes = TSR_REPACK_ROWS * nbp * 2 + nb * TSR_REPACK_ROWS * quant_bytes(type);
+    return (bytes + 63) / 64 * 64;
+}
+
+size_t tsr_repack_bytes(uint32_t type, int64_t n, int64_t n_out)
+{
+    if (n_out <= 0) return 0;
+    return tsr_repack_group_bytes(type, n) *
+           (size_t)((n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS);
+}
+
+int tsr_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t src_stride,
+               void *dst)
+{
+    const size_t gb = tsr_repack_group_bytes(type, n);
+    if (!gb || n_out <= 0) return -1;
+    if (is_kquant(type)) {
+        const size_t nsb = (size_t)n / TSR_QK_K, bb = tsr_type_block_bytes(type);
+        const int64_t n_groups = (n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            uint8_t *grp = (uint8_t *)dst + (size_t)g * gb;
+            memset(grp, 0, gb);
+            for (int r = 0; r < TSR_REPACK_ROWS; ++r) {
+                int64_t row = g * TSR_REPACK_ROWS + r;
+                if (row >= n_out) row = n_out - 1;
+                const uint8_t *s = (const uint8_t *)src + (size_t)row * src_stride;
+                for (size_t b = 0; b < nsb; ++b)
+                    memcpy(grp + (b * TSR_REPACK_ROWS + (size_t)r) * bb, s + b * bb, bb);
+            }
+        }
+        return 0;
+    }
+    const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8, qb = quant_bytes(type);
+    const size_t bb = 2 + qb; /* source block bytes: fp16 d, then qs */
+    const int64_t n_groups = (n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    for (int64_t g = 0; g < n_groups; ++g) {
+        uint8_t *grp = (uint8_t *)dst + (size_t)g * gb;
+        memset(grp, 0, gb);
+        uint16_t *d16 = (uint16_t *)grp;
+        uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
+        for (int r = 0; r < TSR_REPACK_ROWS; ++r) {
+            int64_t row = g * TSR_REPACK_ROWS + r;
+            if (row >= n_out) row = n_out - 1;
+            const uint8_t *s = (const uint8_t *)src + (size_t)row * src_stride;
+            for (size_t b = 0; b < nb; ++b) {
+                memcpy(&d16[(size_t)r * nbp + b], s + b * bb, 2);
+                memcpy(q + (b * TSR_REPACK_ROWS + (size_t)r) * qb, s + b * bb + 2, qb);
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- scalar reference ------------------------------------------------------------------ */
+
+/* One row (group row rr) x one token, in dot_q8_0_scalar / dot_q4_0_scalar's order. */
+static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp, int rr,
+                        const uint8_t *x)
+{
+    const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;
+    const size_t qb = quant_bytes(type);
+    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * qb;
+    float s = 0;
+    for (size_t b = 0; b < nb; ++b) {
+        const uint8_t *wq = q + b * TSR_REPACK_ROWS * qb;
+        const uint8_t *xb = x + b * RP_XBLK;
+        uint16_t xd;
+        memcpy(&xd, xb, 2);
+        const int8_t *xq = (const int8_t *)(xb + 2);
+        int32_t si = 0;
+        if (type == TSR_TYPE_Q8_0) {
+            for (int j = 0; j < 32; ++j) si += (int8_t)wq[j] * xq[j];
+        } else if (type == TSR_TYPE_Q5_0) { /* quant.c's q5_unpack, then (q - 16) * y */
+            uint32_t qh;
+            memcpy(&qh, wq, 4);
+            const uint8_t *qs = wq + 4;
+            for (int j = 0; j < 16; ++j) {
+                si += (((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) - 16) * xq[j];
+                si += (((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - 16) * xq[j + 16];
+            }
+        } else {
+            for (int j = 0; j < 16; ++j) {
+                si += ((wq[j] & 0xF) - 8) * xq[j];
+                si += ((wq[j] >> 4) - 8) * xq[j + 16];
+            }
+        }
+        s += tsr_f16_to_f32(d16[b]) * tsr_f16_to_f32(xd) * (float)si;
+    }
+    return s;
+}
+
+static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
+                              const uint8_t *packed, int64_t n_rows, int32_t n_tok,
+                              const uint8_t *x, size_t xs, float *y, size_t ys)
+{
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const uint8_t *grp = packed + (size_t)(r / TSR_REPACK_ROWS) * gb;
+        for (int32_t t = 0; t < n_tok; ++t)
+            y[(size_t)t * ys + (size_t)r] =
+                dot_scalar(type, nb, nbp, grp, (int)(r % TSR_REPACK_ROWS), x + (size_t)t * xs);
+    }
+}
+
+#if TSR_RP_X86
+
+#define RP_AVX2   __attribute__((target("avx2,fma,f16c")))
+#define RP_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define RP_INLINE static inline __attribute__((always_inline))
+
+/* quant.c's hsum_ps: ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)). */
+RP_AVX2 RP_INLINE float hsum_ps(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* A Q4_0 block's 32 nibbles as bytes in element order (quant.c's q4_0_nibbles). */
+RP_AVX2 RP_INLINE __m256i q4_nibbles(const uint8_t *qs)
+{
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    const __m256i sh = _mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0));
+    return _mm256_and_si256(sh, _mm256_set1_epi8(0x0F));
+}
+
+/* A Q5_0 block's 32 quants as unsigned bytes 0..31 (quant.c's q5_bytes_avx2 / _vnni); qp
+ * points at qh[4] then qs[16]. */
+RP_AVX2 RP_INLINE __m256i q5_bytes_avx2(const uint8_t *qp)
+{
+    uint32_t x32;
+    memcpy(&x32, qp, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x((long long)0x7fbfdfeff7fbfdfeull));
+    const __m256i bits = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+    return _mm256_or_si256(q4_nibbles(qp + 4), _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+}
+RP_VNNI RP_INLINE __m256i q5_bytes_vnni(const uint8_t *qp)
+{
+    uint32_t bits;
+    memcpy(&bits, qp, 4);
+    return _mm256_or_si256(q4_nibbles(qp + 4),
+                           _mm256_maskz_mov_epi8((__mmask32)bits, _mm256_set1_epi8(0x10)));
+}
+
+/* The activation facts of quant.c's act_info_build: dy[b] = fp16 scale, ey[b] = dy[b] *
+ * -mult * sum(y_b) (mult 8 for Q4_0, 0 for Q8_0: zeros), both zero-padded to nbp. */
+RP_AVX2 static void act_build(const uint8_t *x, size_t nb, size_t nbp, int32_t mult, float *dy,
+                              float *ey)
+{
+    const __m256i k80 = _mm256_set1_epi8((char)0x80);
+    size_t b = 0;
+    for (; b < nb; ++b) {
+        const uint8_t *xb = x + b * RP_XBLK;
+        uint16_t d;
+        memcpy(&d, xb, 2);
+        dy[b] = _cvtsh_ss(d);
+        if (!mult) {
+            ey[b] = 0.0f;
+            continue;
+        }
+        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xb + 2)), k80);
+        const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
+        const __m128i s2 =
+            _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+        const int32_t sum =
+            _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+        ey[b] = dy[b] * (float)(-mult * sum);
+    }
+    for (; b < nbp; ++b) dy[b] = ey[b] = 0.0f;
+}
+
+/* ---- integer block dots: int32x8, lane l = elements 4l..4l+3 (quant.c's lanes) ---------- */
+
+#define XQ(xb) _mm256_loadu_si256((const __m256i *)((xb) + 2))
+
+/* GEMV (one token): the row kernels' own operations. */
+RP_AVX2 RP_INLINE __m256i q8_idot_avx2(const uint8_t *qp, __m256i yv)
+{
+    const __m256i w = _mm256_loadu_si256((const __m256i *)qp);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(yv, w)),
+                             _mm256_set1_epi16(1));
+}
+RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
+{
+    const __m256i w = _mm256_loadu_si256((const __m256i *)qp);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(yv, w));
+}
+#define Q8_IDOT_AVX2(qp, yv) q8_idot_avx2(qp, yv)
+#define Q8_IDOT_VNNI(qp, yv) q8_idot_vnni(qp, yv)
+#define Q4_IDOT_AVX2(qp, yv)                                                                       \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q4_nibbles(qp), yv), _mm256_set1_epi16(1))
+#define Q4_IDOT_VNNI(qp, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_nibbles(qp), yv)
+#define Q5_IDOT_AVX2(qp, yv)                                                                       \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(q5_bytes_avx2(qp), yv), _mm256_set1_epi16(1))
+#define Q5_IDOT_VNNI(qp, yv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), q5_bytes_vnni(qp), yv)
+
+/* GEMV over R rows of a group (rows rr..rr+R-1; nr of them stored): 4 chains per row kept
+ * in registers, the 8 scales of each row per 8 blocks in a small aligned array (broadcast
+ * from memory per block). */
+#define DEF_GEMV(fname, ATTR, R, QB, OFFSET, IDOT)                                                 \
+    ATTR static void fname(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,              \
+                           const uint8_t *x, const float *dy, const float *ey, float *y)           \
+    {                                                                                              \
+        const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;                            \
+        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * (QB);                    \
+        __m256 a0[R], a1[R], a2[R], a3[R], off[R];                                                 \
+        float sc[R][8] __attribute__((aligned(32)));                                               \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                        \
+        {                                                                                          \
+            a0[r] = a1[r] = a2[r] = a3[r] = off[r] = _mm256_setzero_ps();                          \
+        }                                                                                          \
+        for (size_t b = 0; b < nb; b += 8) {                                                       \
+            const int m = nb - b < 8 ? (int)(nb - b) : 8;                                          \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
+            {                                                                                      \
+                const __m256 dw = _mm256_cvtph_ps(                                                 \
+                    _mm_loadu_si128((const __m128i *)(d16 + (size_t)r * nbp + b)));                \
+                if (OFFSET) off[r] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + b), off[r]);         \
+                _mm256_store_ps(sc[r], _mm256_mul_ps(dw, _mm256_loadu_ps(dy + b)));                \
+            }                                                                                      \
+            _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k)                                    \
+            {                                                                                      \
+                if (k >= m) break;                                                                 \
+                const __m256i yv = XQ(x + (b + (size_t)k) * RP_XBLK);                              \
+                const uint8_t *qb = q + (b + (size_t)k) * TSR_REPACK_ROWS * (QB);                  \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
+                {                                                                                  \
+                    const __m256 f = _mm256_cvtepi32_ps(IDOT(qb + (size_t)r * (QB), yv));          \
+                    const __m256 s = _mm256_broadcast_ss(&sc[r][k]);                               \
+                    switch (k & 3) {                                                               \
+                    case 0:                                                                        \
+                        a0[r] = _mm256_fmadd_ps(s, f, a0[r]);                                      \
+                        break;                                                                     \
+                    case 1:                                                                        \
+                        a1[r] = _mm256_fmadd_ps(s, f, a1[r]);                                      \
+                        break;                                                                     \
+                    case 2:                                                                        \
+                        a2[r] = _mm256_fmadd_ps(s, f, a2[r]);                                      \
+                        break;                                                                     \
+                    default:                                                                       \
+                        a3[r] = _mm256_fmadd_ps(s, f, a3[r]);                                      \
+                        break;                                                                     \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < nr; ++r) {                                                             \
+            const __m256 sum4 =                                                                    \
+                _mm256_add_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_add_ps(a2[r], a3[r]));           \
+            y[r] = hsum_ps(_mm256_add_ps(sum4, off[r]));                                           \
+        }                                                                                          \
+    }
+
+/* clang-format off */
+DEF_GEMV(gemv_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, Q8_IDOT_AVX2)
+DEF_GEMV(gemv_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, Q4_IDOT_AVX2)
+DEF_GEMV(gemv_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, Q8_IDOT_VNNI)
+DEF_GEMV(gemv_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4_IDOT_VNNI)
+DEF_GEMV(gemv_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, Q5_IDOT_AVX2)
+DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
+/* clang-format on */
+
+/* ---- GEMM micro-kernels: R rows x T tokens (T <= 4), chain-major --------------------------
+ * WPREP(wv, wa, qp)  a weight block, unpacked once for the T tokens (wa: a helper);
+ * YPREP(yv, xb)      an activation block;
+ * IDOT(wv, wa, yv)   the block's int32x8 lanes, CVT them as floats (exactly vcvtdq2ps's).
+ * VNNI: the dots start at 0x4B400000 (the bits of 1.5*2^23), so the lanes read as the
+ * floats 1.5*2^23 + dot, exact for |dot| < 2^22 (ours < 2^17), and subtracting 1.5*2^23
+ * gives float(dot) on the FP add pipes; Q8_0 feeds y+128 (unsigned) and starts each dot at
+ * MAGIC - 128*sum(w) per lane (quant.c's tile trick: no per-pair sign op). */
+#define RP_MAGIC         0x4B400000
+#define RP_CVT_AVX2(i)   _mm256_cvtepi32_ps(i)
+#define RP_CVT_MAGIC(i)  _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(12582912.0f))
+#define RP_Y(yv, xb)     yv = XQ(xb)
+#define RP_Y_X80(yv, xb) yv = _mm256_xor_si256(XQ(xb), _mm256_set1_epi8((char)0x80))
+#define Q8W_AVX2(wv, wa, qp)                                                                       \
+    do {                                                                                           \
+        wv = _mm256_loadu_si256((const __m256i *)(qp));                                            \
+        wa = _mm256_sign_epi8(wv, wv);                                                             \
+    } while (0)
+#define Q8D_AVX2(wv, wa, yv)                                                                       \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(yv, wv)), _mm256_set1_epi16(1))
+#define Q8W_VNNI(wv, wa, qp)                                                                       \
+    do {                                                                                           \
+        wv = _mm256_loadu_si256((const __m256i *)(qp));                                            \
+        wa = _mm256_sub_epi32(                                                                     \
+            _mm256_set1_epi32(RP_MAGIC),                                                           \
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), wv));        \
+    } while (0)
+#define Q8D_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(wa, yv, wv)
+#define Q4W(wv, wa, qp)                                                                            \
+    do {                                                                                           \
+        wv = q4_nibbles(qp);                                                                       \
+        wa = wv;                                                                                   \
+    } while (0)
+#define Q4D_AVX2(wv, wa, yv)                                                                       \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(((void)(wa), wv), yv), _mm256_set1_epi16(1))
+#define Q4D_VNNI(wv, wa, yv) _mm256_dpbusd_epi32(_mm256_set1_epi32(RP_MAGIC), ((void)(wa), wv), yv)
+#define Q5W_AVX2(wv, wa, qp)                                                                       \
+    do {                                                                                           \
+        wv = q5_bytes_avx2(qp);                                                                    \
+        wa = wv;                                                                                   \
+    } while (0)
+#define Q5W_VNNI(wv, wa, qp)                                                                       \
+    do {                                                                                           \
+        wv = q5_bytes_vnni(qp);                                                                    \
+        wa = wv;                                                                                   \
+    } while (0)
+
+/* sc[o * nbp + b] = fp16(d_w(row r, b)) * dy_t[b] and off[o] (Q4_0) for o = r*T + t, made 8
+ * blocks at a time exactly as the row kernel makes them; then the chains. */
+#define DEF_GEMM(fname, ATTR, R, QB, OFFSET, WPREP, YPREP, IDOT, CVT)                              \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, \
+                                   int nr, const uint8_t *x, size_t xs, const float *dy,           \
+                                   const float *ey, float *sc, float *y, size_t ys)                \
+    {                                                                                              \
+        const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;                            \
+        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * (QB);                    \
+        __m256 off[R * 4];                                                                         \
+        _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) off[o] = _mm256_setzero_ps();     \
+        for (size_t b = 0; b < nbp; b += 8) {                                                      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
+            {                                                                                      \
+                const __m256 dw = _mm256_cvtph_ps(                                                 \
+                    _mm_loadu_si128((const __m128i *)(d16 + (size_t)r * nbp + b)));                \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const int o = r * T + t;                                                       \
+                    if (OFFSET)                                                                    \
+                        off[o] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + (size_t)t * nbp + b),    \
+                                                 off[o]);                                          \
+                    _mm256_store_ps(sc + (size_t)o * nbp + b,                                      \
+                                    _mm256_mul_ps(dw, _mm256_loadu_ps(dy + (size_t)t * nbp + b))); \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        __m256 park[4][R * 4];                                                                     \
+        for (int c = 0; c < 4; ++c) {                                                              \
+            __m256 acc[R * 4];                                                                     \
+            _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) acc[o] = _mm256_setzero_ps(); \
+            for (size_t b = (size_t)c; b < nb; b += 4) {                                           \
+                __m256i wv[R], wa[R], yv[4];                                                       \
+                const uint8_t *qb = q + b * TSR_REPACK_ROWS * (QB);                                \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
+                    WPREP(wv[r], wa[r], qb + (size_t)r * (QB));                                    \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                    YPREP(yv[t], x + (size_t)t * xs + b * RP_XBLK);                                \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
+                {                                                                                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const int o = r * T + t;                                                   \
+                        const __m256 f = CVT(IDOT(wv[r], wa[r], yv[t]));                           \
+                        acc[o] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + (size_t)o * nbp + b), f, \
+                                                 acc[o]);                                          \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) park[c][o] = acc[o];          \
+        }                                                                                          \
+        for (int r = 0; r < nr; ++r) {                                                             \
+            for (int t = 0; t < T; ++t) {                                                          \
+                const int o = r * T + t;                                                           \
+                const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(park[0][o], park[1][o]),           \
+                                                  _mm256_add_ps(park[2][o], park[3][o]));          \
+                y[(size_t)t * ys + (size_t)r] = hsum_ps(_mm256_add_ps(sum4, off[o]));              \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    ATTR static void fname(int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,       \
+                           const uint8_t *x, size_t xs, const float *dy, const float *ey,          \
+                           float *sc, float *y, size_t ys)                                         \
+    {                                                                                              \
+        switch (T) {                                                                               \
+        case 1:                                                                                    \
+            fname##_mk(1, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fname##_mk(2, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fname##_mk(3, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
+            break;                                                                                 \
+        default:                                                                                   \
+            fname##_mk(4, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
+            break;                                                                                 \
+        }                                                                                          \
+    }
+
+/* AVX2's 16 vector registers hold 2 rows x 4 tokens; AVX-512 VL's 32 hold 4 x 4. */
+/* clang-format off */
+DEF_GEMM(gemm_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, Q8W_AVX2, RP_Y, Q8D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, Q4W, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, Q8W_VNNI, RP_Y_X80, Q8D_VNNI, RP_CVT_MAGIC)
+DEF_GEMM(gemm_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4W, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
+DEF_GEMM(gemm_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, Q5W_AVX2, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5W_VNNI, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
+/* clang-format on */
+
+typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,
+                        const float *dy, const float *ey, float *y);
+typedef void (*gemm_fn)(int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,
+                        const uint8_t *x, size_t xs, const float *dy, const float *ey, float *sc,
+                        float *y, size_t ys);
+
+enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
+
+/* The SIMD path: one token through the GEMV, several through the GEMM in token chunks whose
+ * activations stay in L2 (the group's weights stream from memory once per chunk). */
+static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, size_t gb,
+                            const uint8_t *packed, int64_t n_rows, int32_t n_tok, const uint8_t *x,
+                            size_t xs, float *y, size_t ys)
+{
+    const int R = vnni ? 4 : 2;
+    /* the offset of the unsigned quants: -8 (Q4_0), -16 (Q5_0), none (Q8_0) */
+    const int32_t mult = type == TSR_TYPE_Q4_0 ? 8 : type == TSR_TYPE_Q5_0 ? 16 : 0;
+    gemv_fn gv;
+    gemm_fn gm;
+    switch (type) {
+    case TSR_TYPE_Q4_0:
+        gv = vnni ? gemv_q4_0_vnni : gemv_q4_0_avx2;
+        gm = vnni ? gemm_q4_0_vnni : gemm_q4_0_avx2;
+        break;
+    case TSR_TYPE_Q5_0:
+        gv = vnni ? gemv_q5_0_vnni : gemv_q5_0_avx2;
+        gm = vnni ? gemm_q5_0_vnni : gemm_q5_0_avx2;
+        break;
+    default:
+        gv = vnni ? gemv_q8_0_vnni : gemv_q8_0_avx2;
+        gm = vnni ? gemm_q8_0_vnni : gemm_q8_0_avx2;
+        break;
+    }
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    if (n_tok == 1) {
+        float stack_buf[2 * RP_STACK_BLOCKS] __attribute__((aligned(32)));
+        float *buf = nbp <= RP_STACK_BLOCKS ? stack_buf : malloc(2 * sizeof(float) * nbp);
+        if (!buf) {
+            repack_dot_scalar(type, nb, nbp, gb, packed, n_rows, 1, x, xs, y, ys);
+            return;
+        }
+        float *dy = buf, *ey = buf + nbp;
+        act_build(x, nb, nbp, mult, dy, ey);
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
+                const int64_t left = n_rows - g * TSR_REPACK_ROWS - rr;
+                if (left <= 0) break;
+                gv(nb, nbp, grp, rr, left < R ? (int)left : R, x, dy, ey,
+                   y + (size_t)g * TSR_REPACK_ROWS + (size_t)rr);
+            }
+        }
+        if (buf != stack_buf) free(buf);
+        return;
+    }
+    /* tokens per chunk: activations within RP_ACT_BYTES, a multiple of 4, balanced */
+    size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
+    if (tc < 4) tc = 4;
+    const size_t n_chunks = ((size_t)n_tok + tc - 1) / tc;
+    tc = ((size_t)n_tok + n_chunks - 1) / n_chunks;
+    tc = (tc + 3) / 4 * 4;
+    if (tc > (size_t)n_tok) tc = (size_t)n_tok;
+    /* workspace: the chunk's dy / ey, a micro-tile's scales [R*4][nbp] */
+    const size_t n_fl = 2 * tc * nbp + (size_t)R * 4 * nbp;
+    float *buf = aligned_alloc(32, (sizeof(float) * n_fl + 31) / 32 * 32);
+    if (!buf) {
+        for (int32_t t = 0; t < n_tok; ++t)
+            repack_dot_simd(vnni, type, nb, nbp, gb, packed, n_rows, 1, x + (size_t)t * xs, xs,
+                            y + (size_t)t * ys, ys);
+        return;
+    }
+    float *dy = buf, *ey = dy + tc * nbp, *sc = ey + tc * nbp;
+    for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
+        const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
+        for (size_t t = 0; t < tcn; ++t)
+            act_build(x + (t0 + t) * xs, nb, nbp, mult, dy + t * nbp, ey + t * nbp);
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            if (g + 1 < n_groups) { /* the next group toward L2 while this one computes */
+                const char *p = (const char *)(grp + gb);
+                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
+                const int64_t left = n_rows - g * TSR_REPACK_ROWS - rr;
+                if (left <= 0) break;
+                const int nr = left < R ? (int)left : R;
+                for (size_t t = 0; t < tcn; t += 4) {
+                    const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                    gm(T, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs, dy + t * nbp, ey + t * nbp,
+                       sc, y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + rr, ys);
+                }
+            }
+        }
+    }
+    free(buf);
+}
+
+#endif /* TSR_RP_X86 */
+
+/* ---- Q4_K, Q6_K: super-blocks of 4 rows side by side ------------------------------------
+ * The row dot (quant.c's dot_q4_K_scalar / DEF_DOT_Q4_K) per super-block i: an exact int32
+ * sum of sc_g * <q_g, y_g> (8 lanes on SIMD), acc += d * float(sumi) and accm += dmin *
+ * float(summ) in one chain each, the end hsum(acc - accm). The GEMM shares a super-block's
+ * unpacking (scales, mins, nibbles, the scale shuffles) among 4 tokens. */
+
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[TSR_QK_K / 2];
+} rp_q4_K;
+
+typedef struct {
+    float d;
+    int8_t qs[TSR_QK_K];
+    int16_t bsums[TSR_QK_K / 16];
+} rp_q8_K;
+
+typedef struct {
+    uint8_t ql[TSR_QK_K / 2];
+    uint8_t qh[TSR_QK_K / 4];
+    int8_t scales[TSR_QK_K / 16];
+    uint16_t d;
+} rp_q6_K;
+
+_Static_assert(sizeof(rp_q6_K) == 210, "Q6_K block");
+_Static_assert(sizeof(rp_q4_K) == 144, "Q4_K block");
+_Static_assert(sizeof(rp_q8_K) == 292, "Q8_K block");
+
+#define RP_KB(grp, i, r) ((const rp_q4_K *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
+#define RP_K6(grp, i, r) ((const rp_q6_K *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
+
+static inline void q4_K_sm(const uint8_t *packed, uint8_t out[16])
+{
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(out, u, 16);
+}
+
+static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float s = 0;
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q4_K *w = RP_KB(grp, i, r);
+        uint8_t sm[16];
+        q4_K_sm(w->scales, sm);
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 8; ++g) {
+            const uint8_t *q = w->qs + 32 * (g / 2);
+            const int shift = (g & 1) * 4;
+            const int8_t *y = x[i].qs + 32 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 32; ++l) sg += ((q[l] >> shift) & 0xF) * y[l];
+            sumi += sm[g] * sg;
+            summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
+        }
+        s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi -
+             tsr_f16_to_f32(w->dmin) * x[i].d * (float)summ;
+    }
+    return s;
+}
+
+/* quant.c's dot_q6_K_scalar */
+static float dot_q6_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float s = 0;
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q6_K *w = RP_K6(grp, i, r);
+        int8_t q[TSR_QK_K];
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t *ql = w->ql + 64 * half, *qh = w->qh + 32 * half;
+            int8_t *o = q + 128 * half;
+            for (int l = 0; l < 32; ++l) {
+                o[l + 0] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+        int32_t sumi = 0;
+        for (int g = 0; g < TSR_QK_K / 16; ++g) {
+            int32_t sg = 0;
+            for (int l = 0; l < 16; ++l) sg += q[16 * g + l] * x[i].qs[16 * g + l];
+            sumi += w->scales[g] * sg;
+        }
+        s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi;
+    }
+    return s;
+}
+
+static void repack_dot_k_scalar(bool q6, size_t nsb, size_t gb, const uint8_t *packed,
+                                int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
+                                float *y, size_t ys)
+{
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const uint8_t *grp = packed + (size_t)(r / TSR_REPACK_ROWS) * gb;
+        const int rr = (int)(r % TSR_REPACK_ROWS);
+        for (int32_t t = 0; t < n_tok; ++t) {
+            const rp_q8_K *xt = (const rp_q8_K *)(x + (size_t)t * xs);
+            y[(size_t)t * ys + (size_t)r] =
+                q6 ? dot_q6_K_scalar(nsb, grp, rr, xt) : dot_q4_K_scalar(nsb, grp, rr, xt);
+        }
+    }
+}
+
+#if TSR_RP_X86
+
+#define SHUF16(g) 2 * (g), 2 * (g) + 1
+#define SHUF16x8(g)                                                                                \
+    SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
+static const uint8_t k_shuf_q4_K[8][32] __attribute__((aligned(32))) = {
+    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
+    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
+};
+static const uint8_t k_dup16[32]
+    __attribute__((aligned(32))) = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
+                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
+
+RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
+{
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
+    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
+    return _mm256_cvtepu8_epi16(
+        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
+}
+
+#define RP_SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
+#define RP_SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
+
+/* One row (group row r) x T tokens (T <= 4, a constant after inlining): each super-block
+ * unpacked once, then per token the row dot's operations. */
+#define DEF_K4(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+        __m256 acc[4], accm[4];                                                                    \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
+        }                                                                                          \
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q4_K *w = RP_KB(grp, i, r);                                                   \
+            const float wd = _cvtsh_ss(w->d), wdmin = _cvtsh_ss(w->dmin);                          \
+            const __m256i sm16 = q4_K_sm_x16(w->scales);                                           \
+            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
+            const __m256i mins2 =                                                                  \
+                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
+                                    _mm256_load_si256((const __m256i *)k_dup16));                  \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i summ =                                                               \
+                    _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums)); \
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wdmin),                      \
+                                          _mm256_cvtepi32_ps(summ), accm[t]);                      \
+                sumi[t] = _mm256_setzero_si256();                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
+            {                                                                                      \
+                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));          \
+                const __m256i ql = _mm256_and_si256(q4, m4);                                       \
+                const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                 \
+                const __m256i scl = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));                   \
+                const __m256i sch = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));               \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const __m256i yl =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j));               \
+                    const __m256i yh =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j + 32));          \
+                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(ql, yl), scl);                    \
+                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(qh, yh), sch);                    \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+    }                                                                                              \
+    ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
+                           size_t xs, float *y, size_t ys)                                         \
+    {                                                                                              \
+        switch (T) {                                                                               \
+        case 1:                                                                                    \
+            fname##_mk(1, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fname##_mk(2, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fname##_mk(3, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        default:                                                                                   \
+            fname##_mk(4, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        }                                                                                          \
+    }
+
+static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
+    {SHUF16x8(0), SHUF16x8(1)},
+    {SHUF16x8(2), SHUF16x8(3)},
+    {SHUF16x8(4), SHUF16x8(5)},
+    {SHUF16x8(6), SHUF16x8(7)},
+};
+
+/* Q6_K (quant.c's DEF_DOT_Q6_K): the -32 offset as -32 * sum_g sc_g * bsum_g per token, the
+ * 6-bit quants built once per super-block half for T tokens. */
+#define DEF_K6(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);                       \
+        __m256 acc[4];                                                                             \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = _mm256_setzero_ps();                                                          \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
+        }                                                                                          \
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q6_K *w = RP_K6(grp, i, r);                                                   \
+            const float wd = _cvtsh_ss(w->d);                                                      \
+            const __m256i sc16 =                                                                   \
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));                 \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)xt[t][i].bsums);            \
+                sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(),                                 \
+                                           _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));     \
+            }                                                                                      \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));         \
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));    \
+                const __m256i qhv = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));         \
+                __m256i q[4];                                                                      \
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),                                  \
+                                       _mm256_slli_epi16(_mm256_and_si256(qhv, m2), 4));           \
+                q[1] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(ql1, m4),                                                     \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 2), m2), 4));        \
+                q[2] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),                               \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 4), m2), 4));        \
+                q[3] = _mm256_or_si256(                                                            \
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),                               \
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 6), m2), 4));        \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const __m256i yk =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 128 * h + 32 * k)); \
+                        sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(q[k], yk), s);                \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(acc[t]);                           \
+    }                                                                                              \
+    ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
+                           size_t xs, float *y, size_t ys)                                         \
+    {                                                                                              \
+        switch (T) {                                                                               \
+        case 1:                                                                                    \
+            fname##_mk(1, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fname##_mk(2, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fname##_mk(3, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        default:                                                                                   \
+            fname##_mk(4, nsb, grp, r, x, xs, y, ys);                                              \
+            break;                                                                                 \
+        }                                                                                          \
+    }
+
+/* clang-format off */
+DEF_K6(k6_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K6(k6_vnni, RP_VNNI, RP_SACC_VNNI)
+/* clang-format on */
+
+/* clang-format off */
+DEF_K4(k4_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K4(k4_vnni, RP_VNNI, RP_SACC_VNNI)
+/* clang-format on */
+
+typedef void (*k4_fn)(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x, size_t xs,
+                      float *y, size_t ys);
+
+/* Tokens in micro-tiles of 4, in chunks whose activations stay in L2; the group's rows one
+ * by one (a group's super-blocks, 4 x 144 bytes each, stay in L1 across its 4 rows' passes
+ * only partly; they are re-read from L2). */
+static void repack_dot_k_simd(bool vnni, bool q6, size_t nsb, size_t gb, const uint8_t *packed,
+                              int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs, float *y,
+                              size_t ys)
+{
+    const k4_fn f = q6 ? (vnni ? k6_vnni : k6_avx2) : (vnni ? k4_vnni : k4_avx2);
+    size_t tc = RP_ACT_BYTES / (nsb * sizeof(rp_q8_K)) / 4 * 4;
+    if (tc < 4) tc = 4;
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
+        const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            if (g + 1 < n_groups) {
+                const char *p = (const char *)(grp + gb);
+                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            for (int r = 0; r < TSR_REPACK_ROWS && g * TSR_REPACK_ROWS + r < n_rows; ++r) {
+                for (size_t t = 0; t < tcn; t += 4) {
+                    const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                    f(T, nsb, grp, r, x + (t0 + t) * xs, xs,
+                      y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)r, ys);
+                }
+            }
+        }
+    }
+}
+
+#endif /* TSR_RP_X86 */
+
+void tsr_repack_dot(uint32_t type, int64_t n, const void *packed, int64_t r0, int64_t n_rows,
+                    int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
+{
+    const size_t gb = tsr_repack_group_bytes(type, n);
+    if (!gb || n_rows <= 0 || n_tok <= 0) return;
+    const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
+    const uint8_t *p = (const uint8_t *)packed + (size_t)(r0 / TSR_REPACK_ROWS) * gb;
+    const char *isa = tsr_quant_isa();
+    if (is_kquant(type)) {
+        const size_t nsb = (size_t)n / TSR_QK_K;
+#if TSR_RP_X86
+        if (strcmp(isa, "scalar") != 0) {
+            repack_dot_k_simd(strcmp(isa, "avx512vnni") == 0, type == TSR_TYPE_Q6_K, nsb, gb, p,
+                              n_rows, n_tok, (const uint8_t *)x, x_stride, y, y_stride);
+            return;
+        }
+#endif
+        repack_dot_k_scalar(type == TSR_TYPE_Q6_K, nsb, gb, p, n_rows, n_tok, (const uint8_t *)x,
+                            x_stride, y, y_stride);
+        return;
+    }
+#if TSR_RP_X86
+    if (strcmp(isa, "scalar") != 0) {
+        repack_dot_simd(strcmp(isa, "avx512vnni") == 0, type, nb, nbp, gb, p, n_rows, n_tok, x,
+                        x_stride, y, y_stride);
+        return;
+    }
+#else
+    (void)isa;
+#endif
+    repack_dot_scalar(type, nb, nbp, gb, p, n_rows, n_tok, x, x_stride, y, y_stride);
+}

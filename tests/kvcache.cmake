@@ -1,0 +1,48 @@
+# KV cache types (kernels/kvcache.h, --kv-type). test_kvcache itself is registered by the
+# test_*.c glob; the sanitizer tree runs a lean version of its model cases (TSR_KV_LEAN).
+if(TSR_SANITIZE)
+  target_compile_definitions(test_kvcache PRIVATE TSR_KV_LEAN=1)
+endif()
+set_tests_properties(test_kvcache PROPERTIES TIMEOUT 300)
+
+# tp 2 x pp 2 with an f16 cache equals one process with an f16 cache (greedy ids identical,
+# logits within 1e-4); q8_0 across tp 2. Release tree only (4 ASan ranks spend ~30 s in
+# LeakSanitizer's exit scan; test_kvcache covers the kernels there).
+if(NOT TSR_SANITIZE)
+  add_test(NAME replica_kv_f16_tp2_pp2
+           COMMAND ${TSR_MPIRUN} -np 4 $<TARGET_FILE:replica_check>
+                   -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q8_0.gguf --tp 2 --pp 2 -n 16
+                   --kv-type f16)
+  set_tests_properties(replica_kv_f16_tp2_pp2 PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
+                       TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
+  add_test(NAME replica_kv_q8_0_tp2_pp1
+           COMMAND ${TSR_MPIRUN} -np 2 $<TARGET_FILE:replica_check>
+                   -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-f16.gguf --tp 2 --pp 1 -n 16
+                   --kv-type q8_0)
+  set_tests_properties(replica_kv_q8_0_tp2_pp1 PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
+                       TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
+endif()
+
+# The draft model's cache follows --kv-type: speculation with an f16 cache gives the ids of
+# plain generation with an f16 cache.
+add_test(NAME spec_kv_f16_draft
+         COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/spec_same.sh $<TARGET_FILE:tessera>
+                 ${TSR_MODELS_DIR}/stories260K.gguf "Once upon a time" 48
+                 --draft-model ${TSR_MODELS_DIR}/derived/stories260K-4layer-draft.gguf)
+set_tests_properties(spec_kv_f16_draft PROPERTIES ENVIRONMENT "TSR_SPEC_COMMON=--kv-type f16"
+                     TIMEOUT 120)
+
+# Bad --kv-type values are usage errors naming the choices; q8_0 on heads of 8 values says
+# which types fit.
+add_test(NAME cli_kv_type_errors
+         COMMAND sh -c "set -e; b=$<TARGET_FILE:tessera>; m=${TSR_MODELS_DIR}/stories260K.gguf; \
+if $b generate -m $m -p hi -n 1 --kv-type q4 2>err.txt; then exit 1; fi; \
+grep -q 'f32, f16 or q8_0' err.txt; \
+if $b generate -m $m -p hi -n 1 --kv-type q8_0 2>err.txt; then exit 1; fi; \
+grep -q 'use --kv-type f16 or f32' err.txt; \
+$b generate -m $m -p 'Once upon a time' -n 4 --temperature 0 --kv-type f16 >/dev/null")
+set_tests_properties(cli_kv_type_errors PROPERTIES TIMEOUT 60)
+
+# The attention kernel's time per type and ISA at long context (ops/bench-kvtype.sh runs it).
+add_executable(bench_kvcache ${CMAKE_CURRENT_SOURCE_DIR}/bench_kvcache.c)
+target_link_libraries(bench_kvcache PRIVATE tessera_core)

@@ -1,0 +1,284 @@
+#!/usr/bin/python3
+"""test_coord_front.py — the coordinator's front doors with keys and TLS, end to end.
+
+Real processes: `tessera coordinator` with keys (--api-key-file / --admin-key-file) and TLS
+(--tls-cert / --tls-key), a replica that itself serves TLS with its own key and joins it
+(`serve --join --join-key-file --join-tls-ca`), the coordinator dialling it with
+--replica-key-file / --replica-tls-ca; clients are `tessera ctl` (--tls-ca, --api-key-file,
+$TESSERA_API_KEY) and Debian's python3-grpcio with the test CA (openssl at test time, as in
+test_http.py). Greedy streams are compared with single-process `tessera generate`.
+
+Tests (-k NAME runs those whose name contains NAME):
+  secure   keyed + TLS replica serving through a keyed + TLS coordinator: exact stream;
+           UNAUTHENTICATED (no / wrong key), PERMISSION_DENIED (inference key on Cluster),
+           Health without a key; plaintext against the TLS port fails cleanly; ctl with
+           --tls-ca and an admin key (file and environment), ctl's errors (no CA, no key,
+           inference key, bad files: exit 1; flag misuse: exit 2); SIGHUP re-reads the keys;
+           the coordinator's start errors (open address without keys, bad TLS files).
+
+usage: test_coord_front.py --tessera BUILD/tessera --models DIR --proto DIR [-k NAME]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import test_coord as tc  # noqa: E402  (processes, references, streams)
+
+ARGS = None
+TMP = None
+
+
+def openssl(*args):
+    r = subprocess.run(["openssl"] + list(args), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, "openssl %s: %s" % (" ".join(args), r.stderr)
+
+
+def make_certs(d):
+    """A test CA, a server certificate for 127.0.0.1 / localhost, a client certificate
+    (the same recipe as test_http.py)."""
+    p = lambda n: os.path.join(d, n)  # noqa: E731
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", p("ca.key"), "-out", p("ca.crt"), "-days", "2",
+            "-subj", "/CN=tessera test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                 "extendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        openssl("req", *ec, "-keyout", p(name + ".key"), "-out", p(name + ".csr"),
+                "-subj", "/CN=tessera test " + name)
+        with open(p(name + ".ext"), "w") as f:
+            f.write(ext)
+        openssl("x509", "-req", "-in", p(name + ".csr"), "-CA", p("ca.crt"), "-CAkey",
+                p("ca.key"), "-CAcreateserial", "-out", p(name + ".crt"), "-days", "2",
+                "-extfile", p(name + ".ext"))
+    return p
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def ctl(target, *args, env=None, timeout=60):
+    cmd = [ARGS.tessera, "ctl", "--coordinator", target, "--timeout", "20000"] + list(args)
+    e = dict(os.environ)
+    e.pop("TESSERA_API_KEY", None)
+    e.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def expect_fail(r, code, *needles):
+    out = r.stdout + r.stderr
+    assert r.returncode == code, "expected exit %d, got %d: %s" % (code, r.returncode, out)
+    for n in needles:
+        assert n in out, "expected %r in the output, got: %s" % (n, out)
+
+
+def expect_code(fn, code, *needles):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        assert e.code() == code, "expected %s, got %s: %s" % (code, e.code(), e.details())
+        for n in needles:
+            assert n in (e.details() or ""), "expected %r in %r" % (n, e.details())
+        return
+    raise AssertionError("expected %s, the call succeeded" % code)
+
+
+def md(key):
+    return (("authorization", "Bearer " + key),)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def t_secure(p):
+    api = write(os.path.join(TMP, "api.keys"), "# clients\napi-key-1\n")
+    admin = write(os.path.join(TMP, "admin.keys"), "admin-key-1\n")
+    rkey = write(os.path.join(TMP, "replica.keys"), "replica-key-1\n")
+    procs = []
+    try:
+        co = tc.Proc([ARGS.tessera, "coordinator", "--listen", "127.0.0.1:0",
+                      "--api-key-file", api, "--admin-key-file", admin,
+                      "--tls-cert", p("server.crt"), "--tls-key", p("server.key"),
+                      "--replica-key-file", rkey, "--replica-tls-ca", p("ca.crt")])
+        procs.append(co)
+        out = co.output()
+        assert "keys required" in out and "TLS on" in out, out
+        # A replica with its own key and TLS joins with an admin key over TLS.
+        rep = tc.Proc([ARGS.tessera, "serve", "-m", ARGS.model, "--listen", "127.0.0.1:0",
+                       "-t", "1", "--kv-memory", "32M", "--api-key-file", rkey,
+                       "--tls-cert", p("server.crt"), "--tls-key", p("server.key"),
+                       "--join", co.target, "--name", "sec-a", "--join-key-file", admin,
+                       "--join-tls-ca", p("ca.crt")])
+        procs.append(rep)
+        tls = ["--tls-ca", p("ca.crt")]
+
+        def up():
+            r = ctl(co.target, "replicas", "--json", "--api-key-file", admin, *tls)
+            assert r.returncode == 0, r.stderr
+            reps = {x["name"]: x for x in json.loads(r.stdout)["replicas"]}
+            return "sec-a" in reps and reps["sec-a"]["state"] == "up"
+        tc.wait_for(up, 60, "the TLS replica up through ctl --tls-ca")
+
+        # grpcio with the test CA and an inference key: exact.
+        ch = grpc.secure_channel(co.target, grpc.ssl_channel_credentials(
+            open(p("ca.crt"), "rb").read()))
+        stub = tc.pbg.InferenceStub(ch)
+        kw = dict(prompt="Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True)
+        ref = tc.references([kw])[0]
+        ids, text = [], ""
+        for m in stub.Generate(tc.pb.GenerateRequest(**kw), timeout=60,
+                               metadata=md("api-key-1")):
+            ids += list(m.token_ids)
+            text += m.text
+        assert ids == ref["ids"] and text == ref["text"], \
+            "expected %s, got %s" % (ref["ids"], ids)
+        # Keys: none, wrong, inference key on Cluster; Health needs none.
+        gen = lambda meta: list(stub.Generate(tc.pb.GenerateRequest(**kw), timeout=30,  # noqa
+                                              metadata=meta))
+        expect_code(lambda: gen(()), grpc.StatusCode.UNAUTHENTICATED)
+        expect_code(lambda: gen(md("nope")), grpc.StatusCode.UNAUTHENTICATED)
+        expect_code(lambda: gen(md("replica-key-1")), grpc.StatusCode.UNAUTHENTICATED)
+        cl = tc.pbg.ClusterStub(ch)
+        expect_code(lambda: cl.ListReplicas(tc.pb.ListReplicasRequest(), timeout=30,
+                                            metadata=md("api-key-1")),
+                    grpc.StatusCode.PERMISSION_DENIED)
+        assert len(cl.ListReplicas(tc.pb.ListReplicasRequest(), timeout=30,
+                                   metadata=md("admin-key-1")).replicas) == 1
+        h = tc.hpbg.HealthStub(ch).Check(tc.hpb.HealthCheckRequest(), timeout=30)
+        assert h.status == tc.hpb.HealthCheckResponse.SERVING, h
+        ch.close()
+        # Plaintext against the TLS port: a clean failure, fast.
+        t0 = time.time()
+        ch2 = grpc.insecure_channel(co.target)
+        expect_code(lambda: list(tc.pbg.InferenceStub(ch2).Generate(
+            tc.pb.GenerateRequest(**kw), timeout=10, metadata=md("api-key-1"))),
+            grpc.StatusCode.UNAVAILABLE)
+        assert time.time() - t0 < 9, "plaintext against TLS took %.1f s" % (time.time() - t0)
+        ch2.close()
+
+        # ctl: the environment's key, and its errors.
+        r = ctl(co.target, "status", *tls, env={"TESSERA_API_KEY": "admin-key-1"})
+        assert r.returncode == 0 and "1 up" in r.stdout, r.stdout + r.stderr
+        expect_fail(ctl(co.target, "status", "--api-key-file", admin), 1, "--tls-ca")
+        expect_fail(ctl(co.target, "status", *tls), 1, "refused", "--api-key-file")
+        expect_fail(ctl(co.target, "status", *tls, "--api-key-file", api), 1, "admin key")
+        expect_fail(ctl(co.target, "status", "--tls-ca", "/nonexistent.crt"), 1,
+                    "--tls-ca /nonexistent.crt: cannot open")
+        expect_fail(ctl(co.target, "status", "--tls-ca", api), 1, "not a PEM file")
+        expect_fail(ctl(co.target, "status", *tls, "--api-key-file",
+                        write(os.path.join(TMP, "empty.keys"), "# none\n")), 1, "no key")
+        expect_fail(ctl(co.target, "status", *tls, "--tls-cert", p("client.crt")), 2,
+                    "--tls-cert and --tls-key go together")
+        expect_fail(ctl(co.target, "status", "--tls-cert", p("client.crt"), "--tls-key",
+                        p("client.key")), 2, "--tls-ca")
+        expect_fail(ctl(co.target, "status", *tls, "--api-key-file", admin, "--tls-cert",
+                        p("server.crt"), "--tls-key", p("client.key")), 1, "--tls-key")
+
+        # SIGHUP: a new admin key works, the old one no longer does.
+        write(admin, "admin-key-2\n")
+        os.kill(co.p.pid, signal.SIGHUP)
+        tc.wait_for(lambda: "key files re-read" in co.output(), 20, "the SIGHUP reload")
+        r = ctl(co.target, "status", *tls, env={"TESSERA_API_KEY": "admin-key-2"})
+        assert r.returncode == 0, r.stderr
+        expect_fail(ctl(co.target, "status", *tls, env={"TESSERA_API_KEY": "admin-key-1"}), 1,
+                    "refused")
+        # The replica's heartbeats carry admin-key-1 (read at its start): refused now, so it
+        # goes down; a broken key file keeps the keys in force.
+        write(admin, "admin-key-1\nadmin-key-2\n")
+        os.kill(co.p.pid, signal.SIGHUP)
+        tc.wait_for(lambda: co.output().count("key files re-read") == 2, 20, "a second reload")
+        write(api, "")
+        os.kill(co.p.pid, signal.SIGHUP)
+        tc.wait_for(lambda: "keeping the previous keys" in co.output(), 20, "a refused reload")
+        tc.wait_for(up, 30, "the replica up again after its key came back")
+    except Exception:
+        tc.dump_logs(procs)
+        raise
+    finally:
+        for pr in procs:
+            pr.kill()
+
+
+def t_start_errors(p):
+    api = write(os.path.join(TMP, "api2.keys"), "k\n")
+    cases = [
+        (["--listen", "0.0.0.0:0"], 2, "without authentication"),
+        (["--listen", "127.0.0.1:0", "--tls-cert", "/nonexistent.crt", "--tls-key",
+          p("server.key")], 1, "--tls-cert /nonexistent.crt: cannot open"),
+        (["--listen", "127.0.0.1:0", "--tls-cert", p("server.crt"), "--tls-key",
+          p("client.key")], 1, "--tls-key"),
+        (["--listen", "127.0.0.1:0", "--tls-cert", p("server.crt")], 2, "go together"),
+        (["--listen", "127.0.0.1:0", "--api-key-file", "/nonexistent.keys"], 1,
+         "--api-key-file /nonexistent.keys: cannot open"),
+        (["--listen", "127.0.0.1:0", "--replica-key-file",
+          write(os.path.join(TMP, "empty2.keys"), "\n")], 1, "no key"),
+        (["--listen", "127.0.0.1:0", "--replica-tls-cert", p("client.crt"),
+          "--replica-tls-key", p("client.key")], 2, "--replica-tls-ca"),
+    ]
+    for args, code, needle in cases:
+        r = subprocess.run([ARGS.tessera, "coordinator"] + args, capture_output=True, text=True,
+                           timeout=30)
+        expect_fail(r, code, needle)
+    # An open address with keys starts (and says keys are required).
+    co = tc.Proc([ARGS.tessera, "coordinator", "--listen", "0.0.0.0:0", "--api-key-file", api])
+    try:
+        assert "keys required" in co.output(), co.output()
+    finally:
+        co.kill()
+
+
+def main():
+    global ARGS, TMP
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tessera", required=True)
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--proto", required=True)
+    ap.add_argument("-k", default=None)
+    ARGS = ap.parse_args()
+    ARGS.models = os.environ.get("TESSERA_MODELS") or ARGS.models
+    ARGS.model = os.path.join(ARGS.models, "stories260K.gguf")
+    if not os.path.exists(ARGS.model):
+        print("FAIL: missing %s (TESSERA_MODELS / --models)" % ARGS.model)
+        return 1
+    if not shutil.which("openssl"):
+        print("FAIL: openssl not found (ops/install-deps.sh)")
+        return 1
+    tc.ARGS = ARGS
+    TMP = tempfile.mkdtemp(prefix="tsr-cfront-")
+    passed = failed = 0
+    try:
+        tc.make_stubs(os.path.abspath(ARGS.proto), TMP)
+        certs = make_certs(TMP)
+        for name, fn in (("secure", t_secure), ("start_errors", t_start_errors)):
+            if ARGS.k and ARGS.k not in name:
+                continue
+            t0 = time.time()
+            try:
+                fn(certs)
+                passed += 1
+                print("PASS %s (%.1f s)" % (name, time.time() - t0), flush=True)
+            except Exception:  # noqa: BLE001
+                failed += 1
+                print("FAIL %s (%.1f s)\n%s" % (name, time.time() - t0, traceback.format_exc()),
+                      flush=True)
+        print("%d passed, %d failed" % (passed, failed))
+        return 1 if failed or not passed else 0
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
