@@ -50,8 +50,8 @@ static void mm_convert(void *arg, int ith, int nth)
     int64_t n_in = j->w[0]->n_in;
     for (int it = ith; it < j->n_conv * j->n_tok; it += nth) {
         int cv = it / j->n_tok, t = it % j->n_tok;
-        tsr_quant_act_row(j->conv_vt[cv], j->x + (size_t)t * n_in,
-                          (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv], n_in);
+        tsr_quant_row(j->conv_vt[cv], j->x + (size_t)t * n_in,
+                      (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv], n_in);
     }
 }
 
@@ -175,9 +175,10 @@ void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int
     for (int t = 0; t < n_tok; t++) {
         const float *xr = x + (size_t)t * n;
         float *o = out + (size_t)t * n;
-        /* As ggml: float squares summed in ggml_float (double). */
+        /* Sum in double: ggml sums in ggml_float (double) too, and it keeps the scale
+         * exact enough for 1e-4 logit agreement. */
         double ss = 0.0;
-        for (int i = 0; i < n; i++) ss += (double)(xr[i] * xr[i]);
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
         float scale = 1.0f / sqrtf((float)(ss / n) + eps);
         for (int i = 0; i < n; i++) o[i] = xr[i] * scale * weight[i];
     }

@@ -743,46 +743,6 @@ static void quant_q8_1(const float *x, blk_q8_1 *y, int64_t nb)
     }
 }
 
-/* ---- Activation quantization as ggml's CPU backend does it (its from_float) ----------
- * For Q8_0 / Q8_1 ggml's x86 code (AVX and AVX2 builds) is not its reference quantizer:
- * the multiplier is 127/amax (not 1/(amax/127)) and the quants round half to even (not
- * half away from zero). Both differ from the reference in the last bit often enough to
- * move an int8 of most activation rows, and llama.cpp's outputs on x86 are made with
- * these, so the matmuls quantize activations this way (tsr_quant_act_row); weights keep
- * the reference quantizers (llama-quantize's). One block: quants into qs, returns d. */
-static float act_q8_block(const float *x, int8_t *qs)
-{
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
-    const float d = amax / 127.f;
-    const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-    for (int j = 0; j < 32; ++j) {
-        const float v = x[j] * id;
-        /* |v| <= 127 up to rounding; out of range (inf/NaN inputs) saturates as the packs */
-        qs[j] = v != v         ? (int8_t)-128
-                : v >= 127.0f  ? (int8_t)127
-                : v <= -128.0f ? (int8_t)-128
-                               : (int8_t)nearest_int(v);
-    }
-    return d;
-}
-
-static void act_q8_0(const float *x, blk_q8_0 *y, int64_t nb)
-{
-    for (int64_t i = 0; i < nb; ++i, x += 32) y[i].d = tsr_f32_to_f16(act_q8_block(x, y[i].qs));
-}
-
-static void act_q8_1(const float *x, blk_q8_1 *y, int64_t nb)
-{
-    for (int64_t i = 0; i < nb; ++i, x += 32) {
-        const float d = act_q8_block(x, y[i].qs);
-        int sum = 0;
-        for (int j = 0; j < 32; ++j) sum += y[i].qs[j];
-        y[i].d = tsr_f32_to_f16(d);
-        y[i].s = tsr_f32_to_f16(d * (float)sum);
-    }
-}
-
 static void quant_q8_K(const float *x, blk_q8_K *y, int64_t nb)
 {
     for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
@@ -2430,57 +2390,6 @@ TSR_AVX2 static void quant_q8_1_avx2(const float *x, blk_q8_1 *y, int64_t nb)
     }
 }
 
-/* tsr_quant_act_row's Q8_0 / Q8_1 blocks (act_q8_block) with AVX2: x * (127/amax) rounded
- * to nearest even by vroundps, converted and packed with saturation. Same bytes. */
-TSR_AVX2 TSR_INLINE float act_q8_block_avx2(const float *x, int8_t *qs, int32_t *sum)
-{
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v[4], m = _mm256_setzero_ps();
-    for (int k = 0; k < 4; ++k) {
-        v[k] = _mm256_loadu_ps(x + 8 * k);
-        m = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), m);
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    const float amax = _mm_cvtss_f32(h);
-    const float d = amax / 127.f;
-    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
-    __m256i q[4];
-    for (int k = 0; k < 4; ++k)
-        q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id),
-                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    if (sum) {
-        const __m256i s8 =
-            _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-        s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
-        *sum = _mm_cvtsi128_si32(s4);
-    }
-    const __m256i b =
-        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    _mm256_storeu_si256((__m256i *)qs,
-                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    return d;
-}
-
-TSR_AVX2 static void act_q8_0_avx2(const float *x, blk_q8_0 *y, int64_t nb)
-{
-    for (int64_t i = 0; i < nb; ++i, x += 32)
-        y[i].d = tsr_f32_to_f16(act_q8_block_avx2(x, y[i].qs, NULL));
-}
-
-TSR_AVX2 static void act_q8_1_avx2(const float *x, blk_q8_1 *y, int64_t nb)
-{
-    for (int64_t i = 0; i < nb; ++i, x += 32) {
-        int32_t sum;
-        const float d = act_q8_block_avx2(x, y[i].qs, &sum);
-        y[i].d = tsr_f32_to_f16(d);
-        y[i].s = tsr_f32_to_f16(d * (float)sum);
-    }
-}
-
 /* ---- Multi-token tiles (prefill) -------------------------------------------------------
  *
  * y[t*ys + r] = dot(row r, token t) for a rows x tokens tile of Q8_0 / Q4_0 weights.
@@ -2891,29 +2800,6 @@ static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb)
     }
 #endif
     quant_q8_1(x, y, nb);
-}
-
-void tsr_quant_act_row(uint32_t type, const float *src, void *dst, int64_t n)
-{
-    if (type != TSR_TYPE_Q8_0 && type != TSR_TYPE_Q8_1) {
-        tsr_quant_row(type, src, dst, n);
-        return;
-    }
-    if (n <= 0) return;
-    const int64_t nb = n / 32;
-#if TSR_X86
-    if (isa_get() >= ISA_AVX2) {
-        if (type == TSR_TYPE_Q8_0)
-            act_q8_0_avx2(src, dst, nb);
-        else
-            act_q8_1_avx2(src, dst, nb);
-        return;
-    }
-#endif
-    if (type == TSR_TYPE_Q8_0)
-        act_q8_0(src, dst, nb);
-    else
-        act_q8_1(src, dst, nb);
 }
 
 const char *tsr_quant_isa(void)

@@ -81,14 +81,6 @@ void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);
  * reference quantizers (quantize_row_*_ref), so quantize(dequant(q)) round-trips. */
 void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n);
 
-/* Convert n floats of an activation row into the dot type `type` (Q8_0, Q8_1, Q8_K, F16,
- * ...) as ggml's CPU backend does before a matmul (its from_float), which for Q8_0 / Q8_1
- * is not the reference quantizer above: ggml's x86 code scales by 127/amax and rounds half
- * to even, where quantize_row_q8_0_ref scales by 1/(amax/127) and rounds half away from
- * zero. Every matmul uses this, so activations round as llama.cpp's do; other types are
- * tsr_quant_row. The same bytes on every ISA. */
-void tsr_quant_act_row(uint32_t type, const float *src, void *dst, int64_t n);
-
 /* Activation type for dots with weights of `type`; TSR_TYPE_COUNT for unsupported ids. */
 uint32_t tsr_type_vec_dot_type(uint32_t type);
 

@@ -217,7 +217,7 @@ static void check_quant(uint32_t dt, const float *x, int64_t n)
     const size_t rb = tsr_row_bytes(dt, n);
     uint8_t *cpu = xmalloc(rb), *hd = xmalloc(rb);
     memset(hd, 0xAB, rb);
-    tsr_quant_act_row(dt, x, cpu, n);
+    tsr_quant_row(dt, x, cpu, n);
     const int32_t be = tsr_cuda_block_elems(dt), bb = tsr_cuda_block_bytes(dt);
     for (int64_t b = 0; b < n / be; ++b) {
         if (dt == TSR_CUDA_Q8_0) tsr_cuda_quant_q8_0(x + b * be, (tsr_cuda_q8_0 *)(hd + b * bb));

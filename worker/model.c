@@ -1037,13 +1037,17 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
         const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
         const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
-        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
-         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
-        const int neox = hp->rope_neox ? 1 : 0;
-        tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors, neox);
-        tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors, neox);
+        if (hp->rope_neox) {
+            tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                         m->freq_factors, 1);
+            tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                         m->freq_factors, 1);
+        } else {
+            tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors);
+            tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors);
+        }
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
         /* Store this batch's K and V rows in the cache's type (kernels/kvcache.h). */

@@ -384,10 +384,9 @@ TSR_CUDA_HD float tsr_cuda_dequant(uint32_t type, const void *blk, int j)
     }
 }
 
-/* ---- activation quantizers (ggml's CPU conversion before a matmul: Q8_0 / Q8_1 as its
- * x86 code, scale 127/amax and quants rounded half to even; Q8_K as quantize_row_q8_K_ref;
- * kernels/quant.c's tsr_quant_act_row gives the same bytes). The device runs them one block per
- * warp, with the same per-element steps and an order-free max (see tsr_cuda_amax_pick). ---- */
+/* ---- activation quantizers (ggml quantize_row_*_ref; kernels/quant.c gives the same
+ * bytes). The device runs them one block per warp, with the same per-element steps and
+ * an order-free max (see tsr_cuda_amax_pick). ---- */
 
 /* Round to nearest, ties to even, through the float adder (|f| <= 4194303). */
 TSR_CUDA_HD int tsr_cuda_nearest_int(float f)
@@ -407,18 +406,13 @@ TSR_CUDA_HD bool tsr_cuda_amax_pick(float a, int ia, float b, int ib)
 /* Q8_0 block from x[32] given amax = max |x| (any order: max is exact). */
 TSR_CUDA_HD void tsr_cuda_q8_0_scale(float amax, float *d, float *id)
 {
-    *d = amax / 127.f;
-    *id = amax != 0.0f ? 127.f / amax : 0.0f;
+    *d = amax / 127;
+    *id = *d ? 1.0f / *d : 0.0f;
 }
 
-/* x * id rounded half to even; out of range (inf/NaN inputs) saturates as ggml's packs. */
 TSR_CUDA_HD int8_t tsr_cuda_q8_0_elem(float x, float id)
 {
-    const float v = x * id;
-    return v != v         ? (int8_t)-128
-           : v >= 127.0f  ? (int8_t)127
-           : v <= -128.0f ? (int8_t)-128
-                          : (int8_t)tsr_cuda_nearest_int(v);
+    return (int8_t)roundf(x * id);
 }
 
 TSR_CUDA_HD void tsr_cuda_quant_q8_0(const float *x, tsr_cuda_q8_0 *y)
@@ -434,7 +428,7 @@ TSR_CUDA_HD void tsr_cuda_quant_q8_0(const float *x, tsr_cuda_q8_0 *y)
 /* Q8_1: as Q8_0 plus s = fp16(d * sum(qs)) (sum over ints: exact in any order). */
 TSR_CUDA_HD uint16_t tsr_cuda_q8_1_s(int32_t sum_qs, float d)
 {
-    return tsr_cuda_f32_to_f16(d * (float)sum_qs);
+    return tsr_cuda_f32_to_f16((float)sum_qs * d);
 }
 
 TSR_CUDA_HD void tsr_cuda_quant_q8_1(const float *x, tsr_cuda_q8_1 *y)

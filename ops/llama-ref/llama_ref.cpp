@@ -15,7 +15,7 @@
 //     json.load(open(sys.argv[1]))["models"][sys.argv[2]]["cases"]]' real-models.json NAME
 // Run: llama_ref MODEL CASES [--threads 2] [--n-ctx 512] [--fa 1|0|2] [--no-repack]
 //        [--case K] [--dump DIR --dump-case K --dump-step S [--filter NAME]]
-// Prints "case K ids ..." and "case K margins ..." (as tests/real_models_check --print).
+// Prints "case K ids ..." and "case K margins ..." per case.
 // With --fa 1 (the default: flash attention on, n_ctx 512, n_batch/n_ubatch 512, 2
 // threads) it reproduces every id and every margin of real-models.json on an AVX-512
 // machine; with flash attention off (--fa 0) the margins move by up to 0.7 and ids part.
