@@ -21,6 +21,8 @@
 #include "coordinator/cli.h"
 #include "coordinator/coord.h"
 #include "coordinator/coord_server.h"
+#include "coordinator/http.h"
+#include "coordinator/metrics.h"
 #include "coordinator/tls.h"
 #include "kernels/util.h"
 #include "shard/gguf.h"
@@ -69,6 +71,9 @@ static const char *coord_help =
     "      --tessera PATH        the tessera binary launched replicas run (default: this one)\n"
     "      --down-after MS       a replica without a heartbeat this long is down (default 3000)\n"
     "      --shutdown-grace MS   on SIGTERM, how long open streams may finish (default 10000)\n"
+    "      --http HOST:PORT      also serve the OpenAI HTTP API (/v1/completions,\n"
+    "                            /v1/chat/completions, /v1/models, /health, /metrics) through\n"
+    "                            the same routing and failover; port 0 picks a free port\n"
     "\n"
     "keys and TLS (as 'tessera serve'):\n"
     "      --api-key-file FILE   Inference needs the 'authorization: Bearer KEY' metadata with\n"
@@ -460,7 +465,8 @@ int tsr_cmd_coordinator(int argc, char **argv)
         O_R_KEY,
         O_R_CA,
         O_R_CERT,
-        O_R_TLSKEY
+        O_R_TLSKEY,
+        O_HTTP
     };
     static const struct option opts[] = {{"listen", required_argument, 0, O_LISTEN},
                                          {"cluster", required_argument, 0, O_CLUSTER},
@@ -478,11 +484,13 @@ int tsr_cmd_coordinator(int argc, char **argv)
                                          {"replica-tls-ca", required_argument, 0, O_R_CA},
                                          {"replica-tls-cert", required_argument, 0, O_R_CERT},
                                          {"replica-tls-key", required_argument, 0, O_R_TLSKEY},
+                                         {"http", required_argument, 0, O_HTTP},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *listen = TSR_COORD_DEFAULT_LISTEN, *cluster = NULL, *tessera = NULL;
     const char *api_keys = NULL, *admin_keys = NULL, *tls_cert = NULL, *tls_key = NULL,
-               *tls_ca = NULL, *r_key = NULL, *r_ca = NULL, *r_cert = NULL, *r_tlskey = NULL;
+               *tls_ca = NULL, *r_key = NULL, *r_ca = NULL, *r_cert = NULL, *r_tlskey = NULL,
+               *http_listen = NULL;
     bool dry = false, insecure = false;
     int64_t down_ms = 3000, grace_ms = 10000;
     int c;
@@ -546,6 +554,12 @@ int tsr_cmd_coordinator(int argc, char **argv)
         case O_R_TLSKEY:
             r_tlskey = optarg;
             break;
+        case O_HTTP:
+            if (!strchr(optarg, ':'))
+                return tsr_cli_usage_error("coordinator", "--http needs HOST:PORT, got '%s'",
+                                           optarg);
+            http_listen = optarg;
+            break;
         case 'h':
             fputs(coord_help, stdout);
             return 0;
@@ -567,12 +581,14 @@ int tsr_cmd_coordinator(int argc, char **argv)
     if (r_cert && !r_ca)
         return tsr_cli_usage_error("coordinator",
                                    "--replica-tls-cert / --replica-tls-key need --replica-tls-ca");
-    if (!api_keys && !admin_keys && !insecure && !tsr_auth_listen_is_loopback(listen))
+    const char *listens[2] = {listen, http_listen};
+    const char *open_addr = tsr_auth_open_address(listens, 2);
+    if (!api_keys && !admin_keys && !insecure && open_addr)
         return tsr_cli_usage_error(
             "coordinator",
             "refusing to serve %s without authentication: give --api-key-file (and "
             "--admin-key-file), or --insecure-listen to serve it open anyway",
-            listen);
+            open_addr);
 
     char err[2048];
     char self[4096];
@@ -684,6 +700,36 @@ int tsr_cmd_coordinator(int argc, char **argv)
         launched_free(L, n_launched);
         goto fail_keys;
     }
+    tsr_metrics *metrics = NULL;
+    tsr_http *http = NULL;
+    int http_bound = 0;
+    if (http_listen) {
+        tsr_http_backend be;
+        int http_port = 0;
+        if (tsr_metrics_new(&metrics) != 0) {
+            fprintf(stderr, "tessera coordinator: out of memory\n");
+            http_listen = NULL;
+        } else {
+            tsr_coord_server_http_backend(srv, metrics, &be);
+            tsr_http_params hp = {.listen = http_listen,
+                                  .model_id = "",
+                                  .tls_cert_pem = tls.cert_pem,
+                                  .tls_key_pem = tls.key_pem,
+                                  .tls_client_ca_pem = tls.client_ca_pem,
+                                  .auth = auth,
+                                  .metrics = metrics};
+            if (tsr_http_start_backend(&hp, &be, &http, &http_port, err, sizeof err) != 0) {
+                fprintf(stderr, "tessera coordinator: --http %s: %s\n", http_listen, err);
+                tsr_coord_server_shutdown(srv, 0, err, sizeof err);
+                tsr_coord_free(coord);
+                grpc_shutdown();
+                tsr_metrics_free(metrics);
+                launched_free(L, n_launched);
+                goto fail_keys;
+            }
+            http_bound = http_port;
+        }
+    }
     sem_init(&g_sem, 0, 0);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -711,6 +757,13 @@ int tsr_cmd_coordinator(int argc, char **argv)
         fprintf(stderr, "tessera coordinator: TLS on%s\n",
                 tls.client_ca_pem ? " (mutual TLS: client certificates required)" : "");
     fprintf(stderr, "tessera coordinator: listening on %s:%d\n", host, port);
+    if (http) {
+        /* after the gRPC line: scripts take the first "listening on" as the gRPC port */
+        char hhost[256];
+        const char *hc = strrchr(http_listen, ':');
+        snprintf(hhost, sizeof hhost, "%.*s", (int)(hc - http_listen), http_listen);
+        fprintf(stderr, "tessera coordinator: http listening on %s:%d\n", hhost, http_bound);
+    }
     fflush(stderr);
 
     for (int i = 0; i < n_launched; i++) {
@@ -825,12 +878,24 @@ int tsr_cmd_coordinator(int argc, char **argv)
         usleep(50000);
     }
     int rc = 0;
+    if (http) {
+        /* First the HTTP front door: its open requests get the grace period while the
+         * proxy still runs; what is left is cancelled (each gets its FINISH when the
+         * coordinator's server below ends its thread). */
+        tsr_http_set_not_serving(http);
+        if (tsr_http_shutdown(http, grace_ms, err, sizeof err) != 0) {
+            fprintf(stderr, "tessera coordinator: %s\n", err);
+            rc = 1;
+        }
+        http = NULL;
+    }
     if (tsr_coord_server_shutdown(srv, grace_ms, err, sizeof err) != 0) {
         fprintf(stderr, "tessera coordinator: %s\n", err);
         rc = 1;
     } else {
         tsr_coord_free(coord);
         grpc_shutdown();
+        tsr_metrics_free(metrics); /* after every request's FINISH */
     }
     launched_free(L, n_launched);
     signal(SIGTERM, SIG_DFL);

@@ -13,6 +13,7 @@
  * the client went away). The server counts live calls; shutdown waits for them.
  */
 #include "coordinator/coord_server.h"
+#include "coordinator/grpcutil.h"
 #include "coordinator/rpc.h"
 #include "coordinator/tls.h"
 #include "kernels/util.h"
@@ -86,6 +87,7 @@ typedef struct ccall {
     grpc_slice up_details;
     const char *up_error_string;
     struct ccall *next_new; /* request_call chain */
+    struct hsink *sink;     /* HTTP front door: replies go to it, not to a gRPC call */
 } ccall;
 
 struct tsr_coord_server {
@@ -107,55 +109,12 @@ struct tsr_coord_server {
     int32_t n_calls, n_generate;
     bool cq_done, shutdown_seen;
     uint64_t n_requests, n_failovers, n_failed;
+    struct hsink *sinks;  /* HTTP requests in flight (cancel by id) */
+    tsr_metrics *metrics; /* HTTP requests' observer (borrowed, may be NULL) */
     atomic_uint_fast64_t next_id;
 };
 
 /* ---- helpers ---- */
-
-static gpr_timespec gpr_in_ms(int64_t ms)
-{
-    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
-}
-
-static struct timespec mono_in_ms(int64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
-    return ts;
-}
-
-static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice sl = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(sl));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
-    return bb;
-}
-
-static grpc_byte_buffer *bytes_msg(const uint8_t *p, size_t n)
-{
-    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)p, n);
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
-    return bb;
-}
-
-static grpc_slice read_all(grpc_byte_buffer *bb)
-{
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb)) return grpc_empty_slice();
-    grpc_slice sl = grpc_byte_buffer_reader_readall(&r);
-    grpc_byte_buffer_reader_destroy(&r);
-    return sl;
-}
 
 /* Remaining ms to the client's deadline (INT64_MAX: none). */
 static int64_t deadline_left_ms(const ccall *c)
@@ -192,7 +151,7 @@ static unsigned done_bits(ccall *c)
 /* Wait until any bit of `mask` is done or ms passed (ms < 0: one tick). Returns done. */
 static unsigned wait_any(ccall *c, unsigned mask, int64_t ms)
 {
-    struct timespec ts = mono_in_ms(ms < 0 ? TICK_MS : ms);
+    struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, ms < 0 ? TICK_MS : ms);
     pthread_mutex_lock(&c->mu);
     while (!(c->done & mask)) {
         if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT) break;
@@ -217,7 +176,7 @@ static bool start(ccall *c, unsigned bit, const grpc_op *ops, size_t n, grpc_cal
 /* Wait (bounded by ms) for every in-flight tag in mask; false when some did not come. */
 static bool settle(ccall *c, unsigned mask, int64_t ms)
 {
-    struct timespec ts = mono_in_ms(ms);
+    struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, ms);
     pthread_mutex_lock(&c->mu);
     while ((c->done & c->inflight & mask) != (c->inflight & mask)) {
         if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT) break;
@@ -240,9 +199,13 @@ static void free_st_slice(ccall *c)
 
 /* One batch: [initial metadata] [message] [status]. Waits for it (or for the client to go
  * away). Returns true when it went out. */
+static bool sink_deliver(ccall *c, grpc_byte_buffer *msg, bool with_status, grpc_status_code code,
+                         const char *details);
+
 static bool send_ops(ccall *c, grpc_byte_buffer *msg, bool with_status, grpc_status_code code,
                      const char *details)
 {
+    if (c->sink) return sink_deliver(c, msg, with_status, code, details);
     if (done_bits(c) & B_CLOSE) {
         if (msg) grpc_byte_buffer_destroy(msg);
         return false;
@@ -299,7 +262,7 @@ static void reply_status(ccall *c, grpc_status_code code, const char *fmt, ...)
 
 static void reply_msg(ccall *c, const ProtobufCMessage *m)
 {
-    send_ops(c, pack_msg(m), true, GRPC_STATUS_OK, "");
+    send_ops(c, tsr_grpc_pack(m), true, GRPC_STATUS_OK, "");
 }
 
 /* ---- replica calls ---- */
@@ -320,7 +283,7 @@ static bool up_start(ccall *c, grpc_channel *ch, const char *method, const Proto
     c->up_details = grpc_empty_slice();
     c->up_error_string = NULL;
     c->up_recv_bb = NULL;
-    c->up_send_bb = pack_msg(req);
+    c->up_send_bb = tsr_grpc_pack(req);
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -503,7 +466,7 @@ static void send_lost_finish(ccall *c, char *request_id, Tessera__V1__FinishReas
     u.has_failovers = true;
     u.failovers = failovers;
     m.usage = &u;
-    send_ops(c, pack_msg(&m.base), true, GRPC_STATUS_OK, "");
+    send_ops(c, tsr_grpc_pack(&m.base), true, GRPC_STATUS_OK, "");
 }
 
 /* Did token `last` end the request (a stop token id; an end-of-generation token of the
@@ -674,7 +637,7 @@ static void handle_generate(ccall *c, grpc_slice in)
             grpc_byte_buffer *bb;
             ev = up_next(c, &lease, &bb);
             if (ev != UP_MSG) break;
-            grpc_slice sl = read_all(bb);
+            grpc_slice sl = tsr_grpc_read_all(bb);
             grpc_byte_buffer_destroy(bb);
             Tessera__V1__GenerateResponse *m = tessera__v1__generate_response__unpack(
                 NULL, GRPC_SLICE_LENGTH(sl), GRPC_SLICE_START_PTR(sl));
@@ -698,7 +661,7 @@ static void handle_generate(ccall *c, grpc_slice in)
             }
             tessera__v1__generate_response__free_unpacked(m, NULL);
             /* Forward as received (the request_id is ours, so it is already right). */
-            bool sent = send_ops(c, bytes_msg(GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl)),
+            bool sent = send_ops(c, tsr_grpc_bytes(GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl)),
                                  false, GRPC_STATUS_OK, NULL);
             grpc_slice_unref(sl);
             if (!sent) {
@@ -736,7 +699,7 @@ static void handle_generate(ccall *c, grpc_slice in)
                 final->timings->has_decode_ms = true;
                 final->timings->decode_ms = (double)(t_end - t_first) / 1e6;
             }
-            grpc_byte_buffer *out = pack_msg(&final->base);
+            grpc_byte_buffer *out = tsr_grpc_pack(&final->base);
             if (final->usage == &u) final->usage = NULL;
             if (final->timings == &tm) final->timings = NULL;
             tessera__v1__generate_response__free_unpacked(final, NULL);
@@ -841,7 +804,7 @@ static void proxy_unary(ccall *c, const char *method, const char *model,
                                       &resp_len, det, sizeof det);
         if (code == GRPC_STATUS_OK) {
             tsr_coord_release(c->s->coord, &lease);
-            send_ops(c, bytes_msg(resp, resp_len), true, GRPC_STATUS_OK, "");
+            send_ops(c, tsr_grpc_bytes(resp, resp_len), true, GRPC_STATUS_OK, "");
             free(resp);
             return;
         }
@@ -930,7 +893,7 @@ static void handle_health(ccall *c, grpc_slice in, bool watch)
         if (st != sent) {
             Grpc__Health__V1__HealthCheckResponse a = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
             a.status = st;
-            if (!send_ops(c, pack_msg(&a.base), false, GRPC_STATUS_OK, NULL)) return;
+            if (!send_ops(c, tsr_grpc_pack(&a.base), false, GRPC_STATUS_OK, NULL)) return;
             sent = st;
         }
         if (wait_any(c, B_CLOSE, 200) & B_CLOSE) return;
@@ -1146,15 +1109,8 @@ static bool call_authorized(ccall *c)
 {
     if (!tsr_auth_enabled(c->s->auth)) return true;
     if (grpc_slice_buf_start_eq(c->details.method, "/grpc.health.v1.Health/", 23)) return true;
-    const char *val = NULL;
     size_t len = 0;
-    for (size_t i = 0; i < c->md.count; i++) {
-        if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization") == 0) {
-            val = (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
-            len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
-            break;
-        }
-    }
+    const char *val = tsr_grpc_md_get(&c->md, "authorization", &len);
     bool admin = grpc_slice_buf_start_eq(c->details.method, "/tessera.v1.Cluster/", 20);
     char why[512];
     tsr_auth_verdict v = tsr_auth_check(c->s->auth, val, len, admin, why, sizeof why);
@@ -1189,7 +1145,7 @@ static void *call_main(void *arg)
             if (!c->recv_bb) {
                 reply_status(c, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
             } else {
-                grpc_slice in = read_all(c->recv_bb);
+                grpc_slice in = tsr_grpc_read_all(c->recv_bb);
                 if (!strcmp(method, "/tessera.v1.Inference/Generate"))
                     handle_generate(c, in);
                 else if (!strcmp(method, "/tessera.v1.Inference/Tokenize"))
@@ -1276,7 +1232,7 @@ static void *cq_main(void *arg)
     tsr_coord_server *s = arg;
     arm(s);
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
+        grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(TICK_MS), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (ev.type == GRPC_OP_COMPLETE) {
             if (ev.tag == &s->new_tag) {
@@ -1392,7 +1348,7 @@ int tsr_coord_server_start(const tsr_coord_server_params *p, tsr_coord *coord,
         grpc_server_shutdown_and_notify(s->srv, s->cq, &s->shutdown_tag);
         grpc_server_cancel_all_calls(s->srv);
         for (;;) {
-            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(1000), NULL);
+            grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(1000), NULL);
             if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag) break;
             if (ev.type == GRPC_QUEUE_TIMEOUT) break;
         }
@@ -1417,14 +1373,14 @@ int tsr_coord_server_shutdown(tsr_coord_server *s, int64_t grace_ms, char *err, 
     atomic_store(&s->stopping, true);
     grpc_server_shutdown_and_notify(s->srv, s->cq, &s->shutdown_tag);
     /* Open streams get the grace period; then every call is cancelled. */
-    struct timespec ts = mono_in_ms(grace_ms);
+    struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, grace_ms);
     pthread_mutex_lock(&s->mu);
     while (s->n_generate > 0 && pthread_cond_timedwait(&s->cv, &s->mu, &ts) != ETIMEDOUT) {
     }
     pthread_mutex_unlock(&s->mu);
     atomic_store(&s->cancel_all, true);
     grpc_server_cancel_all_calls(s->srv);
-    ts = mono_in_ms(CLOSE_WAIT_MS + 5000);
+    ts = tsr_grpc_abstime_in_ms(CLOCK_MONOTONIC, CLOSE_WAIT_MS + 5000);
     pthread_mutex_lock(&s->mu);
     bool timed_out = false;
     while ((s->n_calls > 0 || !s->shutdown_seen) && !timed_out)
@@ -1447,4 +1403,486 @@ int tsr_coord_server_shutdown(tsr_coord_server *s, int64_t grace_ms, char *err, 
     free(s->replica_authorization);
     free(s);
     return 0;
+}
+
+/* ---- the HTTP front door's backend (coordinator --http) ----
+ *
+ * An HTTP request runs handle_generate on a thread of its own with a ccall that has no
+ * gRPC call: its replies (send_ops) go to the sink, which turns each GenerateResponse into
+ * the engine events the front door consumes (http.h), and the front door's cancel sets
+ * the call's B_CLOSE bit, as a client that went away does. submit waits for the first
+ * reply, so a request refused before any token (unknown model, bad parameter, every queue
+ * full, no replica) gets its HTTP status rather than a stream that fails. */
+
+typedef struct hsink {
+    tsr_coord_server *s;
+    ccall *c;
+    uint64_t id;
+    tsr_event_fn fn;
+    void *ud;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int refs;      /* the submitter's and the thread's */
+    bool first;    /* a reply came (submit may return) */
+    int submit_rc; /* refused before any token: the TSR_ENGINE_* code */
+    char submit_err[512];
+    bool finished; /* FINISH delivered */
+    bool cancelled;
+    grpc_slice in;      /* the packed GenerateRequest */
+    struct hsink *next; /* s->sinks, under s->mu */
+} hsink;
+
+static void sink_unref(hsink *k)
+{
+    pthread_mutex_lock(&k->mu);
+    bool last = --k->refs == 0;
+    pthread_mutex_unlock(&k->mu);
+    if (!last) return;
+    pthread_mutex_destroy(&k->mu);
+    pthread_cond_destroy(&k->cv);
+    grpc_slice_unref(k->in);
+    free(k);
+}
+
+static int code_to_engine(grpc_status_code code)
+{
+    switch (code) {
+    case GRPC_STATUS_INVALID_ARGUMENT:
+    case GRPC_STATUS_FAILED_PRECONDITION:
+    case GRPC_STATUS_OUT_OF_RANGE:
+        return TSR_ENGINE_EINVAL;
+    case GRPC_STATUS_NOT_FOUND:
+        return TSR_HTTP_BACKEND_ENOMODEL;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED:
+        return TSR_ENGINE_EQUEUE_FULL;
+    default:
+        return TSR_ENGINE_EDOWN;
+    }
+}
+
+static int finish_from_proto(Tessera__V1__FinishReason r)
+{
+    switch (r) {
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH:
+        return TSR_FINISH_LENGTH;
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_STOP:
+        return TSR_FINISH_STOP;
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_EOS:
+        return TSR_FINISH_EOS;
+    case TESSERA__V1__FINISH_REASON__FINISH_REASON_CANCELLED:
+        return TSR_FINISH_CANCELLED;
+    default:
+        return TSR_FINISH_ERROR;
+    }
+}
+
+/* One reply of handle_generate: a message (TOKENS, and FINISH when it is the last) and/or
+ * a status. Runs on the request's thread; the front door's callback only copies. */
+static bool sink_deliver(ccall *c, grpc_byte_buffer *msg, bool with_status, grpc_status_code code,
+                         const char *details)
+{
+    hsink *k = c->sink;
+    bool gone = done_bits(c) & B_CLOSE;
+    Tessera__V1__GenerateResponse *m = NULL;
+    if (msg) {
+        grpc_slice sl = tsr_grpc_read_all(msg);
+        grpc_byte_buffer_destroy(msg);
+        m = tessera__v1__generate_response__unpack(NULL, GRPC_SLICE_LENGTH(sl),
+                                                   GRPC_SLICE_START_PTR(sl));
+        grpc_slice_unref(sl);
+    }
+    pthread_mutex_lock(&k->mu);
+    bool first = k->first, finished = k->finished;
+    if (!first && with_status && code != GRPC_STATUS_OK && !m) {
+        /* Refused before any token: submit reports it; no event follows. */
+        k->submit_rc = code_to_engine(code);
+        snprintf(k->submit_err, sizeof k->submit_err, "%s", details ? details : "");
+        k->finished = true;
+        finished = true;
+    }
+    k->first = true;
+    pthread_cond_broadcast(&k->cv);
+    pthread_mutex_unlock(&k->mu);
+    if (finished) {
+        if (m) tessera__v1__generate_response__free_unpacked(m, NULL);
+        return false;
+    }
+    if (m && (m->n_token_ids || (m->text && m->text[0]))) {
+        tsr_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.kind = TSR_EV_TOKENS;
+        ev.request_id = k->id;
+        ev.ids = m->token_ids;
+        ev.n_ids = m->n_token_ids;
+        ev.text = m->text ? m->text : "";
+        ev.text_len = m->text ? strlen(m->text) : 0;
+        k->fn(k->ud, &ev);
+    }
+    bool end = with_status || (m && m->has_finish_reason);
+    if (end) {
+        tsr_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.kind = TSR_EV_FINISH;
+        ev.request_id = k->id;
+        char why[600];
+        if (m && m->has_finish_reason && (!with_status || code == GRPC_STATUS_OK)) {
+            ev.finish_reason = finish_from_proto(m->finish_reason);
+        } else if (k->cancelled || gone) {
+            ev.finish_reason = TSR_FINISH_CANCELLED;
+        } else {
+            ev.finish_reason = TSR_FINISH_ERROR;
+            snprintf(why, sizeof why, "%s: %s", tsr_rpc_code_name((int)code),
+                     details && details[0] ? details : "the request failed");
+            ev.error = why;
+        }
+        if (m && m->usage) {
+            ev.n_prompt_tokens = m->usage->prompt_tokens;
+            ev.n_completion_tokens = m->usage->completion_tokens;
+        }
+        pthread_mutex_lock(&k->mu);
+        k->finished = true;
+        pthread_mutex_unlock(&k->mu);
+        k->fn(k->ud, &ev); /* the last event: k->ud may be freed by it */
+    }
+    if (m) tessera__v1__generate_response__free_unpacked(m, NULL);
+    return !gone;
+}
+
+static void *http_call_main(void *arg)
+{
+    hsink *k = arg;
+    ccall *c = k->c;
+    tsr_coord_server *s = k->s;
+    handle_generate(c, k->in);
+    /* Ended without a status (the front door cancelled, the coordinator is stopping). */
+    pthread_mutex_lock(&k->mu);
+    bool first = k->first, finished = k->finished;
+    if (!first) {
+        k->submit_rc = TSR_ENGINE_EDOWN;
+        snprintf(k->submit_err, sizeof k->submit_err, "the coordinator is shutting down");
+        k->first = finished = k->finished = true;
+        pthread_cond_broadcast(&k->cv);
+    }
+    pthread_mutex_unlock(&k->mu);
+    if (!finished) {
+        tsr_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.kind = TSR_EV_FINISH;
+        ev.request_id = k->id;
+        ev.finish_reason = TSR_FINISH_CANCELLED;
+        pthread_mutex_lock(&k->mu);
+        k->finished = true;
+        pthread_mutex_unlock(&k->mu);
+        k->fn(k->ud, &ev);
+    }
+    pthread_mutex_lock(&s->mu);
+    for (hsink **pp = &s->sinks; *pp; pp = &(*pp)->next) {
+        if (*pp == k) {
+            *pp = k->next;
+            break;
+        }
+    }
+    s->n_calls--;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    call_free(c);
+    sink_unref(k);
+    return NULL;
+}
+
+typedef struct {
+    tsr_coord_server *s;
+    const tsr_http_gen *g;
+} http_submit_ctx;
+
+/* Submit (through the metrics observer): the GenerateRequest the front door's fields make,
+ * on a thread of its own; wait for its first reply. */
+static int http_submit_raw(void *ctx, const tsr_engine_request *rq, uint64_t *id, char *err,
+                           size_t err_len)
+{
+    http_submit_ctx *x = ctx;
+    tsr_coord_server *s = x->s;
+    const tsr_http_gen *g = x->g;
+    if (atomic_load(&s->stopping)) {
+        tsr_set_err(err, err_len, "the coordinator is shutting down");
+        return TSR_ENGINE_EDRAINING;
+    }
+    Tessera__V1__GenerateRequest q = TESSERA__V1__GENERATE_REQUEST__INIT;
+    Tessera__V1__ChatMessage *msgs = NULL, **msgp = NULL;
+    if (g->prompt_text) {
+        q.prompt = (char *)g->prompt_text;
+    } else if (g->n_messages) {
+        msgs = calloc(g->n_messages, sizeof *msgs);
+        msgp = calloc(g->n_messages, sizeof *msgp);
+        if (!msgs || !msgp) {
+            free(msgs);
+            free(msgp);
+            tsr_set_err(err, err_len, "out of memory");
+            return TSR_ENGINE_ENOMEM;
+        }
+        for (size_t i = 0; i < g->n_messages; i++) {
+            Tessera__V1__ChatMessage init = TESSERA__V1__CHAT_MESSAGE__INIT;
+            msgs[i] = init;
+            msgs[i].role = (char *)g->messages[i].role;
+            msgs[i].content = (char *)g->messages[i].content;
+            msgp[i] = &msgs[i];
+        }
+        q.n_messages = g->n_messages;
+        q.messages = msgp;
+    } else {
+        q.prompt_ids = (int32_t *)rq->prompt_ids;
+        q.n_prompt_ids = rq->n_prompt;
+    }
+    const tsr_sampling_params *sp = &rq->gen.sampling;
+    q.has_max_tokens = q.has_temperature = q.has_top_p = q.has_top_k = q.has_min_p = true;
+    q.has_repetition_penalty = q.has_presence_penalty = q.has_frequency_penalty = true;
+    q.has_seed = q.has_ignore_eos = true;
+    q.max_tokens = rq->gen.max_tokens;
+    q.temperature = sp->temperature;
+    q.top_p = sp->top_p;
+    q.top_k = sp->top_k;
+    q.min_p = sp->min_p;
+    q.repetition_penalty = sp->repetition_penalty;
+    q.presence_penalty = sp->presence_penalty;
+    q.frequency_penalty = sp->frequency_penalty;
+    q.seed = sp->seed;
+    q.ignore_eos = rq->gen.ignore_eos;
+    q.n_stop = rq->gen.n_stop;
+    q.stop = (char **)rq->gen.stop;
+    q.n_stop_token_ids = rq->gen.n_stop_ids;
+    q.stop_token_ids = (int32_t *)rq->gen.stop_ids;
+    q.model = (char *)(g->model ? g->model : "");
+    size_t n = protobuf_c_message_get_packed_size(&q.base);
+    grpc_slice in = grpc_slice_malloc(n);
+    protobuf_c_message_pack(&q.base, GRPC_SLICE_START_PTR(in));
+    free(msgs);
+    free(msgp);
+
+    hsink *k = calloc(1, sizeof *k);
+    ccall *c = k ? call_new(s) : NULL;
+    if (!k || !c) {
+        free(k);
+        grpc_slice_unref(in);
+        tsr_set_err(err, err_len, "out of memory");
+        return TSR_ENGINE_ENOMEM;
+    }
+    k->s = s;
+    k->c = c;
+    k->fn = rq->on_event;
+    k->ud = rq->ud;
+    k->in = in;
+    k->refs = 2;
+    k->id = atomic_fetch_add(&s->next_id, 1);
+    pthread_mutex_init(&k->mu, NULL);
+    pthread_cond_init(&k->cv, NULL);
+    c->sink = k;
+    /* The client's deadline (engine: CLOCK_MONOTONIC ns) as the replica calls' deadline. */
+    if (rq->deadline_ns > 0) {
+        int64_t left_ms = (rq->deadline_ns - (int64_t)tsr_now_ns()) / 1000000;
+        c->details.deadline = tsr_grpc_in_ms(left_ms > 0 ? left_ms : 1);
+    } else {
+        c->details.deadline = gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    }
+    pthread_mutex_lock(&s->mu);
+    s->n_calls++;
+    k->next = s->sinks;
+    s->sinks = k;
+    pthread_mutex_unlock(&s->mu);
+    *id = k->id;
+    pthread_t th;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&at, 512 * 1024);
+    if (pthread_create(&th, &at, http_call_main, k) != 0) {
+        pthread_attr_destroy(&at);
+        pthread_mutex_lock(&s->mu);
+        s->sinks = k->next;
+        s->n_calls--;
+        pthread_mutex_unlock(&s->mu);
+        call_free(c);
+        k->refs = 1;
+        sink_unref(k);
+        tsr_set_err(err, err_len, "cannot start a request thread");
+        return TSR_ENGINE_ENOMEM;
+    }
+    pthread_attr_destroy(&at);
+    /* Bounded by the request's own path: pick waits at most NO_REPLICA_WAIT_MS for a
+     * replica, replica calls carry the deadline, shutdown cancels everything. */
+    pthread_mutex_lock(&k->mu);
+    while (!k->first) pthread_cond_wait(&k->cv, &k->mu);
+    int rc = k->submit_rc;
+    if (rc != 0) tsr_set_err(err, err_len, "%s", k->submit_err);
+    pthread_mutex_unlock(&k->mu);
+    sink_unref(k);
+    return rc;
+}
+
+static int http_submit(void *ctx, const tsr_http_gen *g, uint64_t *id, char *err, size_t err_len)
+{
+    http_submit_ctx x = {ctx, g};
+    tsr_coord_server *s = ctx;
+    return tsr_metrics_submit_with(s->metrics, http_submit_raw, &x, &g->er, id, err, err_len);
+}
+
+static void http_cancel(void *ctx, uint64_t id)
+{
+    tsr_coord_server *s = ctx;
+    pthread_mutex_lock(&s->mu);
+    for (hsink *k = s->sinks; k; k = k->next) {
+        if (k->id == id) {
+            k->cancelled = true;
+            tag_done(&k->c->t[0], false); /* B_CLOSE: the client went away */
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static int http_health(void *ctx)
+{
+    tsr_coord_server *s = ctx;
+    if (atomic_load(&s->stopping)) return 1;
+    return health_of(s, "") == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0
+                                                                                                : 2;
+}
+
+static size_t http_models(void *ctx, char (*names)[128], size_t cap)
+{
+    tsr_coord_server *s = ctx;
+    return tsr_coord_models(s->coord, names, cap, false);
+}
+
+static void label(FILE *f, const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '"' || *v == '\\')
+            fprintf(f, "\\%c", *v);
+        else if (*v == '\n')
+            fputs("\\n", f);
+        else
+            fputc(*v, f);
+    }
+}
+
+static int http_metrics(void *ctx, char **out, size_t *len)
+{
+    tsr_coord_server *s = ctx;
+    char *reqs = NULL;
+    size_t n_reqs = 0;
+    if (tsr_metrics_render(s->metrics, NULL, &reqs, &n_reqs) != 0) return -1;
+    tsr_replica_info *reps = NULL;
+    size_t n = 0;
+    if (tsr_coord_list(s->coord, &reps, &n) != 0) {
+        free(reqs);
+        return -1;
+    }
+    pthread_mutex_lock(&s->mu);
+    uint64_t n_failovers = s->n_failovers, n_requests = s->n_requests, n_failed = s->n_failed;
+    int32_t n_active = s->n_generate;
+    pthread_mutex_unlock(&s->mu);
+    char *buf = NULL;
+    size_t blen = 0;
+    FILE *f = open_memstream(&buf, &blen);
+    if (!f) {
+        free(reqs);
+        free(reps);
+        return -1;
+    }
+    fwrite(reqs, 1, n_reqs, f);
+    free(reqs);
+    fprintf(f,
+            "# HELP tessera_failovers_total Requests moved to another replica after theirs "
+            "failed (gRPC and HTTP).\n# TYPE tessera_failovers_total counter\n"
+            "tessera_failovers_total %" PRIu64 "\n",
+            n_failovers);
+    fprintf(f,
+            "# HELP tessera_coordinator_requests_total Generate requests the coordinator "
+            "routed (gRPC and HTTP).\n# TYPE tessera_coordinator_requests_total counter\n"
+            "tessera_coordinator_requests_total %" PRIu64 "\n",
+            n_requests);
+    fprintf(f,
+            "# HELP tessera_coordinator_requests_failed_total Requests answered with an "
+            "error status.\n# TYPE tessera_coordinator_requests_failed_total counter\n"
+            "tessera_coordinator_requests_failed_total %" PRIu64 "\n",
+            n_failed);
+    fprintf(f,
+            "# HELP tessera_coordinator_requests_active Generate requests in flight.\n"
+            "# TYPE tessera_coordinator_requests_active gauge\n"
+            "tessera_coordinator_requests_active %d\n",
+            n_active);
+    static const char *const states[] = {"up", "draining", "down", "starting"};
+    static const struct {
+        const char *name, *type, *help;
+    } fam[] = {
+        {"tessera_replica_state", "gauge",
+         "1 for the replica's state (up, draining, down, starting), 0 for the others."},
+        {"tessera_replica_outstanding_requests", "gauge",
+         "Requests the coordinator has on the replica now."},
+        {"tessera_replica_requests_running", "gauge", "Running requests the replica reports."},
+        {"tessera_replica_requests_queued", "gauge", "Queued requests the replica reports."},
+        {"tessera_replica_kv_blocks_used", "gauge", "KV blocks in use the replica reports."},
+        {"tessera_replica_tokens_per_second", "gauge", "Generated tokens/s the replica reports."},
+        {"tessera_replica_requests_routed_total", "counter",
+         "Requests the coordinator routed to the replica."},
+    };
+    for (size_t k = 0; k < sizeof fam / sizeof *fam; k++) {
+        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", fam[k].name, fam[k].help, fam[k].name,
+                fam[k].type);
+        for (size_t i = 0; i < n; i++) {
+            const tsr_replica_info *r = &reps[i];
+            for (int st = 0; st < (k == 0 ? 4 : 1); st++) {
+                fprintf(f, "%s{replica=\"", fam[k].name);
+                label(f, r->name);
+                fputs("\",model=\"", f);
+                label(f, r->model);
+                if (k == 0) fprintf(f, "\",state=\"%s", states[st]);
+                fputs("\"} ", f);
+                switch (k) {
+                case 0:
+                    fprintf(f, "%d\n", (int)r->state == st + 1 ? 1 : 0);
+                    break;
+                case 1:
+                    fprintf(f, "%d\n", r->outstanding);
+                    break;
+                case 2:
+                    fprintf(f, "%d\n", r->requests_running);
+                    break;
+                case 3:
+                    fprintf(f, "%d\n", r->requests_queued);
+                    break;
+                case 4:
+                    fprintf(f, "%d\n", r->kv_blocks_used);
+                    break;
+                case 5:
+                    fprintf(f, "%.17g\n", r->tokens_per_second);
+                    break;
+                default:
+                    fprintf(f, "%" PRIu64 "\n", r->requests_routed);
+                    break;
+                }
+            }
+        }
+    }
+    free(reps);
+    if (fclose(f) != 0 || !buf) {
+        free(buf);
+        return -1;
+    }
+    *out = buf;
+    *len = blen;
+    return 0;
+}
+
+void tsr_coord_server_http_backend(tsr_coord_server *s, tsr_metrics *m, tsr_http_backend *out)
+{
+    s->metrics = m;
+    memset(out, 0, sizeof *out);
+    out->ctx = s;
+    out->vocab = NULL;
+    out->submit = http_submit;
+    out->cancel = http_cancel;
+    out->health = http_health;
+    out->models = http_models;
+    out->metrics = http_metrics;
 }

@@ -33,6 +33,8 @@
 
 #include "coordinator/auth.h"
 #include "coordinator/coord.h"
+#include "coordinator/http.h"
+#include "coordinator/metrics.h"
 #include "coordinator/tls.h"
 
 #define TSR_COORD_DEFAULT_LISTEN "127.0.0.1:50050"
@@ -58,6 +60,14 @@ typedef struct {
  * borrowed (free it after tsr_coord_server_shutdown). *bound_port: the port bound. */
 int tsr_coord_server_start(const tsr_coord_server_params *p, tsr_coord *coord,
                            tsr_coord_server **out, int *bound_port, char *err, size_t err_len);
+
+/* The backend of an HTTP front door (http.h, tsr_http_start_backend) over this server:
+ * /v1/completions and /v1/chat/completions proxied with the routing, failover and resume of
+ * Generate (chat messages are forwarded, the replica renders its own template); /v1/models
+ * lists every model of the cluster; /health is SERVING while some replica is up; /metrics
+ * has the HTTP requests observed by m (borrowed, may be NULL), tessera_failovers_total and
+ * per-replica families (labels replica, model). Shut the HTTP server down before this one. */
+void tsr_coord_server_http_backend(tsr_coord_server *s, tsr_metrics *m, tsr_http_backend *out);
 
 /* Stop accepting calls, let open ones finish for up to grace_ms, cancel the rest, wait for
  * every call thread (bounded), destroy the server, grpc_shutdown. 0, or negative when

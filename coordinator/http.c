@@ -10,6 +10,7 @@
  * as output arrives (tokens produced between two reads coalesce into one chunk).
  */
 #include "coordinator/http.h"
+#include "coordinator/evbuf.h"
 #include "kernels/util.h"
 
 #include <cjson/cJSON.h>
@@ -47,7 +48,8 @@
 struct tsr_http {
     struct MHD_Daemon *d;
     int listen_fd;
-    tsr_engine *engine;
+    tsr_http_backend be;
+    tsr_engine *engine; /* the engine backend's (NULL for another backend) */
     const tsr_vocab *vocab;
     tsr_auth *auth;
     tsr_metrics *metrics;
@@ -78,9 +80,9 @@ typedef struct hreq {
     /* the request */
     bool chat, stream, include_usage;
     bool return_token_ids; /* vLLM extension: choices[].token_ids */
-    int32_t n_top;         /* logprob alternatives asked; -1: no logprobs */
     bool want_logprobs;
     char id[48];
+    char model[128]; /* the "model" of responses */
     int64_t created_s;
 
     pthread_mutex_t mu;
@@ -94,15 +96,9 @@ typedef struct hreq {
     char *finish_error;
     int32_t n_prompt_tokens, n_completion_tokens;
     bool oom;
-    /* pending output (streaming: since the last chunk; otherwise: everything) */
-    int32_t *ids;
-    size_t n_ids, cap_ids;
-    char *text;
-    size_t text_len, cap_text;
-    float *lp_chosen;
-    size_t cap_chosen;
-    tsr_logprob *lp_top;
-    size_t cap_top;
+    /* pending output (streaming: since the last chunk; otherwise: everything);
+     * pend.n_top: logprob alternatives asked, -1: no logprobs */
+    tsr_evbuf pend;
     size_t text_offset; /* completions logprobs: bytes of text before the pending ones */
     /* SSE output (connection thread only) */
     char *out;
@@ -307,7 +303,7 @@ static hreq *hreq_new(tsr_http *h, struct MHD_Connection *c)
     r->h = h;
     r->conn = c;
     r->refs = 1; /* libmicrohttpd's */
-    r->n_top = -1;
+    tsr_evbuf_init(&r->pend, -1);
     return r;
 }
 
@@ -317,10 +313,7 @@ static void hreq_free(hreq *r)
     pthread_cond_destroy(&r->cv);
     free(r->body);
     free(r->finish_error);
-    free(r->ids);
-    free(r->text);
-    free(r->lp_chosen);
-    free(r->lp_top);
+    tsr_evbuf_free(&r->pend);
     free(r->out);
     free(r);
 }
@@ -339,38 +332,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
     hreq *r = ud;
     pthread_mutex_lock(&r->mu);
     if (ev->kind == TSR_EV_TOKENS) {
-        if (!r->oom && ev->n_ids + ev->text_len > 0) {
-            size_t need = r->n_ids + ev->n_ids;
-            bool ok = grow((void **)&r->ids, &r->cap_ids, need, sizeof(int32_t));
-            if (ok && r->n_top >= 0)
-                ok = grow((void **)&r->lp_chosen, &r->cap_chosen, need, sizeof(float));
-            if (ok && r->n_top > 0)
-                ok = grow((void **)&r->lp_top, &r->cap_top, need * (size_t)r->n_top,
-                          sizeof(tsr_logprob));
-            ok = ok && grow((void **)&r->text, &r->cap_text, r->text_len + ev->text_len + 1, 1);
-            if (!ok) {
-                r->oom = true;
-            } else {
-                if (ev->n_ids) memcpy(r->ids + r->n_ids, ev->ids, ev->n_ids * sizeof(int32_t));
-                if (r->n_top >= 0) {
-                    for (size_t i = 0; i < ev->n_ids; i++)
-                        r->lp_chosen[r->n_ids + i] =
-                            ev->chosen_logprobs ? ev->chosen_logprobs[i] : NAN;
-                    size_t k = (size_t)r->n_top;
-                    for (size_t i = 0; i < ev->n_ids * k; i++) {
-                        tsr_logprob lp = {-1, NAN};
-                        size_t row = i / k, col = i % k;
-                        if (ev->top_logprobs && col < (size_t)ev->n_top)
-                            lp = ev->top_logprobs[row * (size_t)ev->n_top + col];
-                        r->lp_top[r->n_ids * k + i] = lp;
-                    }
-                }
-                if (ev->text_len) memcpy(r->text + r->text_len, ev->text, ev->text_len);
-                r->n_ids += ev->n_ids;
-                r->text_len += ev->text_len;
-                r->text[r->text_len] = '\0';
-            }
-        }
+        tsr_evbuf_append(&r->pend, ev); /* on OOM: r->pend.oom, the request fails */
         pthread_cond_broadcast(&r->cv);
         pthread_mutex_unlock(&r->mu);
         return;
@@ -404,7 +366,7 @@ static void cancel_locked(hreq *r)
 {
     if (r->engine_active && !r->cancel_sent) {
         r->cancel_sent = true;
-        tsr_engine_cancel(r->h->engine, r->req_id); /* thread-safe, never blocks on a step */
+        r->h->be.cancel(r->h->be.ctx, r->req_id); /* thread-safe, never blocks on a step */
     }
 }
 
@@ -427,9 +389,9 @@ static const char *finish_name(int reason)
  * "content" list. NULL when none were asked (or on OOM). Under r->mu. */
 static cJSON *logprobs_json(hreq *r, size_t n)
 {
-    if (r->n_top < 0 || !r->want_logprobs) return NULL;
+    if (r->pend.n_top < 0 || !r->want_logprobs) return NULL;
     const tsr_vocab *v = r->h->vocab;
-    size_t k = (size_t)r->n_top;
+    size_t k = (size_t)r->pend.n_top;
     if (r->chat) {
         cJSON *o = cJSON_CreateObject(), *content = cJSON_AddArrayToObject(o, "content");
         for (size_t i = 0; i < n && content; i++) {
@@ -437,9 +399,9 @@ static cJSON *logprobs_json(hreq *r, size_t n)
             cJSON_AddItemToArray(content, t);
             unsigned char *raw = NULL;
             size_t raw_len = 0;
-            char *s = token_text(v, r->ids[i], &raw, &raw_len);
+            char *s = token_text(v, r->pend.ids[i], &raw, &raw_len);
             cJSON_AddStringToObject(t, "token", s ? s : "");
-            cJSON_AddNumberToObject(t, "logprob", r->lp_chosen[i]);
+            cJSON_AddNumberToObject(t, "logprob", r->pend.lp_chosen[i]);
             cJSON *bytes = cJSON_AddArrayToObject(t, "bytes");
             for (size_t b = 0; raw && b < raw_len; b++)
                 cJSON_AddItemToArray(bytes, cJSON_CreateNumber(raw[b]));
@@ -447,7 +409,7 @@ static cJSON *logprobs_json(hreq *r, size_t n)
             free(raw);
             cJSON *tops = cJSON_AddArrayToObject(t, "top_logprobs");
             for (size_t j = 0; j < k; j++) {
-                tsr_logprob lp = r->lp_top[i * k + j];
+                tsr_logprob lp = r->pend.lp_top[i * k + j];
                 if (lp.id < 0) continue;
                 cJSON *x = cJSON_CreateObject();
                 cJSON_AddItemToArray(tops, x);
@@ -472,9 +434,9 @@ static cJSON *logprobs_json(hreq *r, size_t n)
     for (size_t i = 0; i < n && offs; i++) {
         unsigned char *raw = NULL;
         size_t raw_len = 0;
-        char *s = token_text(v, r->ids[i], &raw, &raw_len);
+        char *s = token_text(v, r->pend.ids[i], &raw, &raw_len);
         cJSON_AddItemToArray(toks, cJSON_CreateString(s ? s : ""));
-        cJSON_AddItemToArray(lps, cJSON_CreateNumber(r->lp_chosen[i]));
+        cJSON_AddItemToArray(lps, cJSON_CreateNumber(r->pend.lp_chosen[i]));
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)r->text_offset));
         r->text_offset += raw_len;
         free(s);
@@ -482,7 +444,7 @@ static cJSON *logprobs_json(hreq *r, size_t n)
         cJSON *t = cJSON_CreateObject();
         cJSON_AddItemToArray(tops, t);
         for (size_t j = 0; j < k; j++) {
-            tsr_logprob lp = r->lp_top[i * k + j];
+            tsr_logprob lp = r->pend.lp_top[i * k + j];
             if (lp.id < 0) continue;
             char *ts = token_text(v, lp.id, NULL, NULL);
             if (ts && !cJSON_GetObjectItemCaseSensitive(t, ts))
@@ -508,7 +470,7 @@ static cJSON *envelope(const hreq *r, const char *object)
     cJSON_AddStringToObject(o, "id", r->id);
     cJSON_AddStringToObject(o, "object", object);
     cJSON_AddNumberToObject(o, "created", (double)r->created_s);
-    cJSON_AddStringToObject(o, "model", r->h->model_id);
+    cJSON_AddStringToObject(o, "model", r->model[0] ? r->model : r->h->model_id);
     return o;
 }
 
@@ -517,22 +479,23 @@ static cJSON *choice_json(hreq *r, bool with_finish, bool stream)
 {
     cJSON *c = cJSON_CreateObject();
     cJSON_AddNumberToObject(c, "index", 0);
-    const char *txt = r->text ? r->text : "";
-    if (r->text) r->text[r->text_len] = '\0';
+    const char *txt = r->pend.text ? r->pend.text : "";
+    if (r->pend.text) r->pend.text[r->pend.text_len] = '\0';
     if (r->chat) {
         cJSON *m = cJSON_AddObjectToObject(c, stream ? "delta" : "message");
         if (!stream || !r->sse_role_sent) cJSON_AddStringToObject(m, "role", "assistant");
-        if (!stream || r->text_len > 0 || !with_finish) cJSON_AddStringToObject(m, "content", txt);
+        if (!stream || r->pend.text_len > 0 || !with_finish)
+            cJSON_AddStringToObject(m, "content", txt);
         r->sse_role_sent = true;
     } else {
         cJSON_AddStringToObject(c, "text", txt);
     }
     if (r->return_token_ids) {
         cJSON *ids = cJSON_AddArrayToObject(c, "token_ids");
-        for (size_t i = 0; ids && i < r->n_ids; i++)
-            cJSON_AddItemToArray(ids, cJSON_CreateNumber(r->ids[i]));
+        for (size_t i = 0; ids && i < r->pend.n_ids; i++)
+            cJSON_AddItemToArray(ids, cJSON_CreateNumber(r->pend.ids[i]));
     }
-    cJSON *lp = logprobs_json(r, r->n_ids);
+    cJSON *lp = logprobs_json(r, r->pend.n_ids);
     if (lp)
         cJSON_AddItemToObject(c, "logprobs", lp);
     else
@@ -542,8 +505,7 @@ static cJSON *choice_json(hreq *r, bool with_finish, bool stream)
         cJSON_AddStringToObject(c, "finish_reason", fin);
     else
         cJSON_AddNullToObject(c, "finish_reason");
-    r->n_ids = 0;
-    r->text_len = 0;
+    tsr_evbuf_clear(&r->pend);
     return c;
 }
 
@@ -581,7 +543,7 @@ static cJSON *chunk_json(hreq *r, bool with_finish)
 static cJSON *stream_error_json(hreq *r)
 {
     herr e;
-    if (r->oom)
+    if (r->pend.oom)
         set_err(&e, 500, "server_error", NULL, "out_of_memory",
                 "the server ran out of memory while queuing this stream's output");
     else if (r->finish_reason == TSR_FINISH_ERROR)
@@ -629,10 +591,10 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             return MHD_CONTENT_READER_END_OF_STREAM;
         }
         bool ok = true;
-        if (r->finished && (r->oom || (r->finish_reason != TSR_FINISH_LENGTH &&
-                                       r->finish_reason != TSR_FINISH_STOP &&
-                                       r->finish_reason != TSR_FINISH_EOS))) {
-            if (!r->oom && (r->n_ids > 0 || r->text_len > 0))
+        if (r->finished && (r->pend.oom || (r->finish_reason != TSR_FINISH_LENGTH &&
+                                            r->finish_reason != TSR_FINISH_STOP &&
+                                            r->finish_reason != TSR_FINISH_EOS))) {
+            if (!r->pend.oom && (r->pend.n_ids > 0 || r->pend.text_len > 0))
                 ok = sse_append(r, chunk_json(r, false), NULL);
             ok = ok && sse_append(r, stream_error_json(r), NULL);
             r->sse_done = true;
@@ -658,7 +620,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             }
             continue;
         }
-        if (r->n_ids > 0 || r->text_len > 0) {
+        if (r->pend.n_ids > 0 || r->pend.text_len > 0) {
             if (!sse_append(r, chunk_json(r, false), NULL)) {
                 pthread_mutex_unlock(&r->mu);
                 return MHD_CONTENT_READER_END_WITH_ERROR;
@@ -746,12 +708,21 @@ typedef struct {
     size_t n_ids;
     const char *stop[MAX_STOP_STRINGS];
     int32_t *stop_ids;
+    /* pass-through prompts (a backend without a vocabulary) */
+    const char *prompt_text; /* borrowed from the request's JSON */
+    tsr_chat_msg *messages;
+    char **message_bufs;
+    size_t n_messages;
+    const char *model;
 } parsed;
 
 static void parsed_free(parsed *p)
 {
     free(p->ids);
     free(p->stop_ids);
+    for (size_t k = 0; p->message_bufs && k < p->n_messages; k++) free(p->message_bufs[k]);
+    free(p->message_bufs);
+    free(p->messages);
 }
 
 /* The prompt of /v1/completions: a string, [string], token ids or [token ids]. */
@@ -772,13 +743,17 @@ static bool parse_prompt(tsr_http *h, const cJSON *root, parsed *p, herr *e)
             cJSON_GetArraySize(x));
         return false;
     }
-    const int32_t n_vocab = tsr_vocab_n_tokens(h->vocab);
+    const int32_t n_vocab = h->vocab ? tsr_vocab_n_tokens(h->vocab) : INT32_MAX;
     if (cJSON_IsString(x)) {
         const char *s = x->valuestring;
         size_t len = strlen(s);
         if (len == 0) {
             BAD(e, "prompt", "prompt is empty");
             return false;
+        }
+        if (!h->vocab) { /* passed through: the replica tokenizes */
+            p->prompt_text = s;
+            return true;
         }
         if (h->n_ctx > 0 && len / h->max_piece > (size_t)h->n_ctx) {
             BAD(e, "prompt", "prompt: %zu bytes cannot fit the context of %d tokens", len,
@@ -815,6 +790,7 @@ static bool parse_prompt(tsr_http *h, const cJSON *root, parsed *p, herr *e)
             p->ids[i] = (int32_t)t->valuedouble;
         }
         p->n_ids = (size_t)n;
+        if (!h->vocab) return true; /* the replica checks the ids against its vocabulary */
     } else {
         BAD(e, "prompt", "prompt must be a string or a list of token ids");
         return false;
@@ -876,7 +852,7 @@ static bool parse_messages(tsr_http *h, const cJSON *root, parsed *p, herr *e)
         BAD(e, "messages", "messages must be a non-empty list of {role, content} objects");
         return false;
     }
-    if (!h->chat) {
+    if (!h->chat && h->vocab) {
         BAD(e, "messages",
             "the model has no chat template: use /v1/completions, or start the server with "
             "--chat-template NAME");
@@ -908,6 +884,12 @@ static bool parse_messages(tsr_http *h, const cJSON *root, parsed *p, herr *e)
         m[i].content = message_content(content, i, &bufs[i], e);
         if (!m[i].content) goto done;
         total += strlen(m[i].content);
+    }
+    if (!h->vocab) { /* passed through: the replica renders its own template */
+        p->messages = m;
+        p->message_bufs = bufs;
+        p->n_messages = (size_t)n;
+        return true;
     }
     if (h->n_ctx > 0 && total / h->max_piece > (size_t)h->n_ctx) {
         BAD(e, "messages", "messages: %zu bytes cannot fit the context of %d tokens", total,
@@ -951,7 +933,8 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
         BAD(e, "model", "model must be a string");
         return false;
     }
-    if (x && strcmp(x->valuestring, h->model_id) != 0) {
+    if (x) p->model = x->valuestring;
+    if (x && h->vocab && strcmp(x->valuestring, h->model_id) != 0) {
         set_err(e, 404, "invalid_request_error", "model", "model_not_found",
                 "the model '%.200s' does not exist: this server serves '%.200s' (GET /v1/models)",
                 x->valuestring, h->model_id);
@@ -1094,7 +1077,7 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
     }
     x = field(root, "stop_token_ids");
     if (x) {
-        int nv = tsr_vocab_n_tokens(h->vocab);
+        int nv = h->vocab ? tsr_vocab_n_tokens(h->vocab) : INT32_MAX;
         if (!cJSON_IsArray(x) || cJSON_GetArraySize(x) > 1024) {
             BAD(e, "stop_token_ids", "stop_token_ids must be a list of at most 1024 token ids");
             return false;
@@ -1130,7 +1113,7 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
         }
         if (lp) {
             r->want_logprobs = true;
-            r->n_top = (int32_t)top;
+            r->pend.n_top = (int32_t)top;
         }
     } else {
         int64_t lp = 0;
@@ -1138,11 +1121,17 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
         if (!get_int(root, "logprobs", 0, MAX_LOGPROBS, &has_lp, &lp, e)) return false;
         if (has_lp) {
             r->want_logprobs = true;
-            r->n_top = (int32_t)lp;
+            r->pend.n_top = (int32_t)lp;
         }
     }
+    if (r->want_logprobs && !h->vocab) {
+        BAD(e, r->chat ? "logprobs" : "logprobs",
+            "logprobs are not served through the coordinator (their token strings need the "
+            "model's vocabulary): ask a replica directly");
+        return false;
+    }
     /* the engine reports the chosen token's logprob only with alternatives: ask for one */
-    er->logprobs = r->want_logprobs ? (r->n_top > 0 ? r->n_top : 1) : 0;
+    er->logprobs = r->want_logprobs ? (r->pend.n_top > 0 ? r->pend.n_top : 1) : 0;
 
     /* streaming */
     bool stream = false;
@@ -1200,8 +1189,14 @@ static void submit_error(tsr_http *h, int rc, const char *err, herr *e)
                 "the server is draining and accepts no new requests; retry on another replica");
         break;
     case TSR_ENGINE_EDOWN:
-        set_err(e, 503, "service_unavailable", NULL, "replica_down",
-                "the replica's data plane is down: %s", err[0] ? err : "a rank failed");
+        if (h->vocab)
+            set_err(e, 503, "service_unavailable", NULL, "replica_down",
+                    "the replica's data plane is down: %s", err[0] ? err : "a rank failed");
+        else
+            set_err(e, 503, "service_unavailable", NULL, "no_replica", "%s", err);
+        break;
+    case TSR_HTTP_BACKEND_ENOMODEL:
+        set_err(e, 404, "invalid_request_error", "model", "model_not_found", "%s", err);
         break;
     default:
         set_err(e, 500, "server_error", NULL, NULL, "engine error %d: %s", rc, err);
@@ -1237,6 +1232,13 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
         return queue_err(r, c, &e);
     }
     new_id(r, r->chat ? "chatcmpl" : "cmpl");
+    if (p.model) {
+        snprintf(r->model, sizeof r->model, "%s", p.model);
+    } else if (h->be.models) { /* a cluster: the model it routes a request without one to */
+        char names[1][128];
+        if (h->be.models(h->be.ctx, names, 1) == 1)
+            snprintf(r->model, sizeof r->model, "%s", names[0]);
+    }
     p.er.on_event = on_engine_event;
     p.er.ud = r;
     pthread_mutex_lock(&r->mu);
@@ -1246,7 +1248,12 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
     char err[512];
     err[0] = '\0';
     uint64_t id = 0;
-    int rc = tsr_metrics_submit(h->metrics, h->engine, &p.er, &id, err, sizeof err);
+    tsr_http_gen g = {.er = p.er,
+                      .prompt_text = p.prompt_text,
+                      .messages = p.messages,
+                      .n_messages = p.n_messages,
+                      .model = p.model};
+    int rc = h->be.submit(h->be.ctx, &g, &id, err, sizeof err);
     parsed_free(&p);
     cJSON_Delete(root); /* the engine copied the stop strings */
     if (rc != TSR_ENGINE_OK) {
@@ -1301,10 +1308,11 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
         pthread_mutex_unlock(&r->mu);
         return MHD_NO; /* the client is gone: nobody to answer */
     }
-    if (r->oom || (r->finish_reason != TSR_FINISH_LENGTH && r->finish_reason != TSR_FINISH_STOP &&
-                   r->finish_reason != TSR_FINISH_EOS)) {
+    if (r->pend.oom ||
+        (r->finish_reason != TSR_FINISH_LENGTH && r->finish_reason != TSR_FINISH_STOP &&
+         r->finish_reason != TSR_FINISH_EOS)) {
         cJSON *j = stream_error_json(r);
-        unsigned st = r->oom ? 500 : 503;
+        unsigned st = r->pend.oom ? 500 : 503;
         pthread_mutex_unlock(&r->mu);
         return queue_json(r, c, st, j);
     }
@@ -1321,24 +1329,36 @@ static enum MHD_Result handle_models(tsr_http *h, hreq *r, struct MHD_Connection
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "object", "list");
     cJSON *data = cJSON_AddArrayToObject(o, "data");
-    cJSON *m = cJSON_CreateObject();
-    cJSON_AddItemToArray(data, m);
-    cJSON_AddStringToObject(m, "id", h->model_id);
-    cJSON_AddStringToObject(m, "object", "model");
-    cJSON_AddNumberToObject(m, "created", (double)h->created_s);
-    cJSON_AddStringToObject(m, "owned_by", "tessera");
-    cJSON_AddNumberToObject(m, "max_model_len", h->n_ctx);
+    static char names[64][128];
+    static pthread_mutex_t names_mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&names_mu);
+    size_t n = 1;
+    if (h->be.models) {
+        n = h->be.models(h->be.ctx, names, 64);
+        if (n > 64) n = 64;
+    } else {
+        snprintf(names[0], sizeof names[0], "%s", h->model_id);
+    }
+    for (size_t i = 0; i < n; i++) {
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddItemToArray(data, m);
+        cJSON_AddStringToObject(m, "id", names[i]);
+        cJSON_AddStringToObject(m, "object", "model");
+        cJSON_AddNumberToObject(m, "created", (double)h->created_s);
+        cJSON_AddStringToObject(m, "owned_by", "tessera");
+        if (h->n_ctx > 0) cJSON_AddNumberToObject(m, "max_model_len", h->n_ctx);
+    }
+    pthread_mutex_unlock(&names_mu);
     return queue_json(r, c, 200, o);
 }
 
 static enum MHD_Result handle_health(tsr_http *h, hreq *r, struct MHD_Connection *c)
 {
-    tsr_engine_status st;
-    tsr_engine_get_status(h->engine, &st);
+    int hs = h->be.health(h->be.ctx);
     const char *why = NULL;
-    if (!st.healthy)
+    if (hs == 2)
         why = "down";
-    else if (st.draining || atomic_load(&h->not_serving))
+    else if (hs == 1 || atomic_load(&h->not_serving))
         why = "draining";
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "status", why ? why : "ok");
@@ -1350,7 +1370,7 @@ static enum MHD_Result handle_metrics(tsr_http *h, hreq *r, struct MHD_Connectio
     char *text = NULL;
     size_t len = 0;
     tsr_metrics_count_http(h->metrics, 200); /* counted before rendering: shows itself */
-    if (tsr_metrics_render(h->metrics, h->engine, &text, &len) != 0) {
+    if (h->be.metrics(h->be.ctx, &text, &len) != 0) {
         herr e;
         set_err(&e, 500, "server_error", NULL, NULL, "out of memory rendering metrics");
         return queue_err(r, c, &e);
@@ -1603,13 +1623,65 @@ static int bind_listen(const char *listen_addr, int *fd_out, int *port_out, char
     return TSR_HTTP_OK;
 }
 
+/* ---- the engine backend (tessera serve) ---- */
+
+static int eng_submit(void *ctx, const tsr_http_gen *g, uint64_t *id, char *err, size_t err_len)
+{
+    tsr_http *h = ctx;
+    return tsr_metrics_submit(h->metrics, h->engine, &g->er, id, err, err_len);
+}
+
+static void eng_cancel(void *ctx, uint64_t id)
+{
+    tsr_http *h = ctx;
+    tsr_engine_cancel(h->engine, id);
+}
+
+static int eng_health(void *ctx)
+{
+    tsr_http *h = ctx;
+    tsr_engine_status st;
+    tsr_engine_get_status(h->engine, &st);
+    return !st.healthy ? 2 : st.draining ? 1 : 0;
+}
+
+static int eng_metrics(void *ctx, char **out, size_t *len)
+{
+    tsr_http *h = ctx;
+    return tsr_metrics_render(h->metrics, h->engine, out, len);
+}
+
+static int http_start(const tsr_http_params *p, const tsr_http_backend *be, tsr_engine *engine,
+                      tsr_http **out, int *port, char *err, size_t err_len);
+
 int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab *vocab,
                    tsr_http **out, int *port, char *err, size_t err_len)
 {
+    tsr_http_backend be = {.ctx = NULL, /* the server itself, set by http_start */
+                           .vocab = vocab,
+                           .submit = eng_submit,
+                           .cancel = eng_cancel,
+                           .health = eng_health,
+                           .models = NULL,
+                           .metrics = eng_metrics};
+    return http_start(p, &be, engine, out, port, err, err_len);
+}
+
+int tsr_http_start_backend(const tsr_http_params *p, const tsr_http_backend *be, tsr_http **out,
+                           int *port, char *err, size_t err_len)
+{
+    return http_start(p, be, NULL, out, port, err, err_len);
+}
+
+static int http_start(const tsr_http_params *p, const tsr_http_backend *be, tsr_engine *engine,
+                      tsr_http **out, int *port, char *err, size_t err_len)
+{
+    const tsr_vocab *vocab = be->vocab;
     *out = NULL;
     if (port) *port = 0;
-    if (!p || !p->listen || !engine || !vocab) {
-        tsr_set_err(err, err_len, "tsr_http_start: listen, engine and vocab are required");
+    if (!p || !p->listen || !be->submit || !be->cancel || !be->health || !be->metrics ||
+        (engine && !vocab)) {
+        tsr_set_err(err, err_len, "tsr_http_start: listen and a complete backend are required");
         return TSR_HTTP_EINVAL;
     }
     if ((p->tls_cert_pem != NULL) != (p->tls_key_pem != NULL)) {
@@ -1631,6 +1703,8 @@ int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab
     }
     int rc = TSR_HTTP_ENOMEM;
     h->listen_fd = -1;
+    h->be = *be;
+    if (engine) h->be.ctx = h;
     h->engine = engine;
     h->vocab = vocab;
     h->auth = p->auth;
@@ -1655,7 +1729,7 @@ int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab
     h->tls = h->cert != NULL;
     h->mtls = h->ca != NULL;
     h->max_piece = 1;
-    for (int32_t id = 0; id < tsr_vocab_n_tokens(vocab); id++) {
+    for (int32_t id = 0; vocab && id < tsr_vocab_n_tokens(vocab); id++) {
         size_t len = 0;
         if (tsr_vocab_token_text(vocab, id, &len) && len + 1 > h->max_piece) h->max_piece = len + 1;
     }

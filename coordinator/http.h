@@ -79,10 +79,54 @@ typedef struct {
 
 typedef struct tsr_http tsr_http;
 
-/* Bind and start. The engine and vocab are borrowed and must outlive the server
- * (tsr_http_shutdown before tsr_engine_free). *port is the port actually bound. */
+/*
+ * The backend seam: what runs the requests the front door parsed. One implementation is
+ * the local engine (tsr_http_start: `tessera serve`), another the coordinator's proxy with
+ * failover (coordinator/coord_server.h: `tessera coordinator --http`). The front door does
+ * the HTTP, the OpenAI JSON, SSE, keys and the validation of every field; the backend
+ * submits and emits engine events (engine.h: TOKENS..., then exactly one FINISH on another
+ * thread, through g->er.on_event) and cancels.
+ *
+ * Prompt: with a vocabulary (vocab set) the front door tokenizes the prompt / renders the
+ * chat template itself and g->er carries the ids. Without one (the coordinator has no
+ * model) it passes the prompt through as the client sent it: exactly one of prompt_text,
+ * g->er.prompt_ids (a list of ids, not checked against a vocabulary) or messages; logprobs
+ * are then refused (their token strings need the vocabulary).
+ */
+typedef struct {
+    tsr_engine_request er; /* parameters, callback; prompt ids (see above) */
+    const char *prompt_text;
+    const tsr_chat_msg *messages;
+    size_t n_messages;
+    const char *model; /* the request's "model" (NULL: none given) */
+} tsr_http_gen;
+
+#define TSR_HTTP_BACKEND_ENOMODEL -100 /* submit: no such model (404 model_not_found) */
+
+typedef struct {
+    void *ctx;
+    const tsr_vocab *vocab; /* NULL: prompts pass through (see above) */
+    /* TSR_ENGINE_OK with *id, or TSR_ENGINE_E* / TSR_HTTP_BACKEND_ENOMODEL with err. On OK
+     * exactly one FINISH follows. Observes metrics itself (metrics.h). */
+    int (*submit)(void *ctx, const tsr_http_gen *g, uint64_t *id, char *err, size_t err_len);
+    void (*cancel)(void *ctx, uint64_t id); /* thread-safe; unknown ids ignored */
+    /* /health: 0 serving, 1 draining, 2 down */
+    int (*health)(void *ctx);
+    /* /v1/models: fills up to cap names (128 bytes each), returns how many there are.
+     * NULL: the one model_id of the params. */
+    size_t (*models)(void *ctx, char (*names)[128], size_t cap);
+    /* /metrics: the exposition text (malloc'd), 0 or negative on out of memory. */
+    int (*metrics)(void *ctx, char **out, size_t *len);
+} tsr_http_backend;
+
+/* Bind and start over the local engine. The engine and vocab are borrowed and must outlive
+ * the server (tsr_http_shutdown before tsr_engine_free). *port is the port actually bound. */
 int tsr_http_start(const tsr_http_params *p, tsr_engine *engine, const tsr_vocab *vocab,
                    tsr_http **out, int *port, char *err, size_t err_len);
+
+/* Bind and start over another backend (copied; its ctx must outlive the server). */
+int tsr_http_start_backend(const tsr_http_params *p, const tsr_http_backend *be, tsr_http **out,
+                           int *port, char *err, size_t err_len);
 
 /* Thread-safe: /health answers 503 from now on (shutdown begun, data plane failed). */
 void tsr_http_set_not_serving(tsr_http *h);

@@ -165,10 +165,22 @@ static void observe_event(void *ud, const tsr_event *ev)
     o->fn(o->ud, ev);
 }
 
+static int submit_engine(void *ctx, const tsr_engine_request *rq, uint64_t *id, char *err,
+                         size_t err_len)
+{
+    return tsr_engine_submit(ctx, rq, id, err, err_len);
+}
+
 int tsr_metrics_submit(tsr_metrics *m, tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
                        char *err, size_t err_len)
 {
-    if (!m) return tsr_engine_submit(e, rq, id, err, err_len);
+    return tsr_metrics_submit_with(m, submit_engine, e, rq, id, err, err_len);
+}
+
+int tsr_metrics_submit_with(tsr_metrics *m, tsr_metrics_submit_fn fn, void *ctx,
+                            const tsr_engine_request *rq, uint64_t *id, char *err, size_t err_len)
+{
+    if (!m) return fn(ctx, rq, id, err, err_len);
     observer *o = calloc(1, sizeof *o);
     if (!o) {
         tsr_set_err(err, err_len, "out of memory");
@@ -181,7 +193,7 @@ int tsr_metrics_submit(tsr_metrics *m, tsr_engine *e, const tsr_engine_request *
     tsr_engine_request r = *rq;
     r.on_event = observe_event;
     r.ud = o;
-    int rc = tsr_engine_submit(e, &r, id, err, err_len);
+    int rc = fn(ctx, &r, id, err, err_len);
     if (rc != TSR_ENGINE_OK) {
         free(o); /* no event follows a refused submit */
         int why = rc == TSR_ENGINE_EINVAL        ? R_INVALID

@@ -50,6 +50,15 @@ void tsr_metrics_free(tsr_metrics *m); /* NULL is fine; after every request fini
 int tsr_metrics_submit(tsr_metrics *m, tsr_engine *e, const tsr_engine_request *rq, uint64_t *id,
                        char *err, size_t err_len);
 
+/* The same around another submission path with the engine's contract (the coordinator's
+ * proxy, coordinator/coord_server.h): fn(ctx, rq', ...) submits rq' (rq with the
+ * observer's callback) and returns TSR_ENGINE_* codes (other negative codes count as
+ * rejections of reason "other"); on OK exactly one FINISH must follow. */
+typedef int (*tsr_metrics_submit_fn)(void *ctx, const tsr_engine_request *rq, uint64_t *id,
+                                     char *err, size_t err_len);
+int tsr_metrics_submit_with(tsr_metrics *m, tsr_metrics_submit_fn fn, void *ctx,
+                            const tsr_engine_request *rq, uint64_t *id, char *err, size_t err_len);
+
 /* Count one HTTP response by status code (NULL m: nothing). */
 void tsr_metrics_count_http(tsr_metrics *m, int status);
 

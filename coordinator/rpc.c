@@ -7,6 +7,7 @@
  * at its deadline, so the margin is never waited for unless the core misbehaves).
  */
 #include "coordinator/rpc.h"
+#include "coordinator/grpcutil.h"
 #include "kernels/util.h"
 
 #include <grpc/byte_buffer.h>
@@ -101,8 +102,7 @@ int tsr_rpc_unary_auth(grpc_channel *ch, const char *authorization, const char *
     grpc_slice_unref(s);
 
     grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-    gpr_timespec deadline =
-        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    gpr_timespec deadline = tsr_grpc_in_ms(timeout_ms);
     grpc_slice msl = grpc_slice_from_static_string(method);
     grpc_call *call =
         grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, msl, NULL, deadline, NULL);
@@ -171,10 +171,8 @@ int tsr_rpc_unary_auth(grpc_channel *ch, const char *authorization, const char *
     } else {
         rc = (int)code;
         if (code == GRPC_STATUS_OK && recv_bb) {
-            grpc_byte_buffer_reader rd;
-            if (grpc_byte_buffer_reader_init(&rd, recv_bb)) {
-                grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-                grpc_byte_buffer_reader_destroy(&rd);
+            {
+                grpc_slice all = tsr_grpc_read_all(recv_bb);
                 size_t len = GRPC_SLICE_LENGTH(all);
                 *resp = malloc(len ? len : 1);
                 if (*resp) {

@@ -41,6 +41,8 @@
  * drain; grpc_completion_queue_destroy; grpc_shutdown.
  */
 #include "coordinator/server.h"
+#include "coordinator/evbuf.h"
+#include "coordinator/grpcutil.h"
 #include "coordinator/tls.h"
 #include "coordinator/cli.h"
 #include "coordinator/pbcheck.h"
@@ -146,17 +148,8 @@ typedef struct srv_call {
     char *request_id;    /* echoed in every GenerateResponse */
     grpc_slice status_details;
     bool has_status_details;
-    /* pending Generate output */
-    int32_t *ids;
-    size_t n_ids, cap_ids;
-    char *text;
-    size_t text_len, cap_text;
-    int32_t n_top;    /* logprobs requested (top-n); < 0: none */
-    float *lp_chosen; /* [n_ids] */
-    size_t cap_chosen;
-    tsr_logprob *lp_top; /* [n_ids * n_top] */
-    size_t cap_top;
-    bool oom;
+    /* pending Generate output (out.n_top: logprobs requested, top-n; < 0: none) */
+    tsr_evbuf out;
     bool finished;
     int finish_reason;
     char *finish_error;
@@ -219,25 +212,6 @@ struct tsr_server {
 
 /* ---- small helpers ---- */
 
-static gpr_timespec gpr_in_ms(int64_t ms)
-{
-    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
-}
-
-/* Abstime for pthread_cond_timedwait (CLOCK_REALTIME, the condvars' default clock). */
-static struct timespec abstime_in_ms(int64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
-    return ts;
-}
-
 static char *str_dup(const char *s)
 {
     if (!s) return NULL;
@@ -256,27 +230,6 @@ static uint64_t random_seed(tsr_server *s)
     return x;
 }
 
-/* Serialized protobuf-c message -> a byte buffer for SEND_MESSAGE (NULL on OOM). */
-static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice sl = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(sl));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
-    return bb;
-}
-
-/* The received message as one slice (decompressed); caller unrefs. */
-static grpc_slice read_all(grpc_byte_buffer *bb)
-{
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb)) return grpc_empty_slice();
-    grpc_slice sl = grpc_byte_buffer_reader_readall(&r);
-    grpc_byte_buffer_reader_destroy(&r);
-    return sl;
-}
-
 /* ---- call lifetime ---- */
 
 static srv_call *call_new(tsr_server *s)
@@ -293,7 +246,7 @@ static srv_call *call_new(tsr_server *s)
     c->t_send = (tag){T_SEND, c};
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
-    c->n_top = -1;
+    tsr_evbuf_init(&c->out, -1);
     c->health_want = c->health_sent = -1;
     return c;
 }
@@ -306,10 +259,7 @@ static void call_destroy(srv_call *c)
     grpc_call_details_destroy(&c->details);
     grpc_metadata_array_destroy(&c->md);
     free(c->request_id);
-    free(c->ids);
-    free(c->text);
-    free(c->lp_chosen);
-    free(c->lp_top);
+    tsr_evbuf_free(&c->out);
     free(c->finish_error);
     pthread_mutex_destroy(&c->mu);
     free(c);
@@ -354,10 +304,7 @@ static void call_put_unlock(srv_call *c)
 /* Under c->mu: bytes of pending output (what the arrays hold for the next message). */
 static int64_t pending_bytes(const srv_call *c)
 {
-    int64_t per_id = (int64_t)sizeof(int32_t);
-    if (c->n_top >= 0)
-        per_id += (int64_t)sizeof(float) + (int64_t)c->n_top * (int64_t)sizeof(tsr_logprob);
-    return (int64_t)c->n_ids * per_id + (int64_t)c->text_len;
+    return tsr_evbuf_bytes(&c->out);
 }
 
 /* Under c->mu: bring the call's share of the server's total up to date. */
@@ -373,16 +320,7 @@ static void account(srv_call *c)
 /* Under c->mu: drop the pending output and free its arrays (nothing will send it). */
 static void drop_pending(srv_call *c)
 {
-    c->n_ids = c->text_len = 0;
-    free(c->ids);
-    free(c->text);
-    free(c->lp_chosen);
-    free(c->lp_top);
-    c->ids = NULL;
-    c->text = NULL;
-    c->lp_chosen = NULL;
-    c->lp_top = NULL;
-    c->cap_ids = c->cap_text = c->cap_chosen = c->cap_top = 0;
+    tsr_evbuf_free(&c->out);
     account(c);
 }
 
@@ -564,13 +502,13 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
     Tessera__V1__Logprobs *lps = NULL, **lpp = NULL;
     Tessera__V1__TokenLogprob *tops = NULL, **topp = NULL;
     grpc_byte_buffer *bb = NULL;
-    r.n_token_ids = c->n_ids;
-    r.token_ids = c->ids;
-    r.text = c->text ? c->text : (char *)"";
-    if (c->text) c->text[c->text_len] = '\0';
+    r.n_token_ids = c->out.n_ids;
+    r.token_ids = c->out.ids;
+    r.text = c->out.text ? c->out.text : (char *)"";
+    if (c->out.text) c->out.text[c->out.text_len] = '\0';
     r.request_id = c->request_id;
-    if (c->n_top >= 0 && c->n_ids > 0) {
-        size_t n = c->n_ids, k = (size_t)c->n_top;
+    if (c->out.n_top >= 0 && c->out.n_ids > 0) {
+        size_t n = c->out.n_ids, k = (size_t)c->out.n_top;
         lps = calloc(n, sizeof *lps);
         lpp = calloc(n, sizeof *lpp);
         tops = calloc(n * k + 1, sizeof *tops);
@@ -580,15 +518,15 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
             Tessera__V1__Logprobs init = TESSERA__V1__LOGPROBS__INIT;
             lps[i] = init;
             lps[i].has_logprob = true;
-            lps[i].logprob = c->lp_chosen[i];
+            lps[i].logprob = c->out.lp_chosen[i];
             lps[i].n_top = k;
             lps[i].top = topp + i * k;
             for (size_t j = 0; j < k; j++) {
                 Tessera__V1__TokenLogprob ti = TESSERA__V1__TOKEN_LOGPROB__INIT;
                 tops[i * k + j] = ti;
                 tops[i * k + j].has_id = tops[i * k + j].has_logprob = true;
-                tops[i * k + j].id = c->lp_top[i * k + j].id;
-                tops[i * k + j].logprob = c->lp_top[i * k + j].logprob;
+                tops[i * k + j].id = c->out.lp_top[i * k + j].id;
+                tops[i * k + j].logprob = c->out.lp_top[i * k + j].logprob;
                 topp[i * k + j] = &tops[i * k + j];
             }
             lpp[i] = &lps[i];
@@ -613,9 +551,8 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
         tim.decode_ms = (double)c->t_decode_ns / 1e6;
         r.timings = &tim;
     }
-    bb = pack_msg(&r.base);
-    c->n_ids = 0;
-    c->text_len = 0;
+    bb = tsr_grpc_pack(&r.base);
+    tsr_evbuf_clear(&c->out);
 done:
     free(lps);
     free(lpp);
@@ -628,7 +565,7 @@ static grpc_byte_buffer *build_health(int status)
 {
     Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
     r.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)status;
-    return pack_msg(&r.base);
+    return tsr_grpc_pack(&r.base);
 }
 
 /*
@@ -643,8 +580,8 @@ static void advance(srv_call *c)
     }
     if (c->send_pending || c->done_sending || c->closed) return;
     if (c->m == M_GENERATE) {
-        if (!c->finished && c->n_ids == 0 && c->text_len == 0) return;
-        if (c->finished && c->oom) {
+        if (!c->finished && c->out.n_ids == 0 && c->out.text_len == 0) return;
+        if (c->finished && c->out.oom) {
             start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED,
                        "the server ran out of memory while queuing this stream's output");
             return;
@@ -661,7 +598,7 @@ static void advance(srv_call *c)
             code = GRPC_STATUS_UNAVAILABLE;
             snprintf(msg, sizeof msg, "the replica failed during this request: %s",
                      c->finish_error ? c->finish_error : "data plane error");
-            send_last = c->n_ids > 0 || c->text_len > 0;
+            send_last = c->out.n_ids > 0 || c->out.text_len > 0;
         } else if (c->finish_reason == TSR_FINISH_CANCELLED) {
             bool stopping = atomic_load(&c->s->stopping);
             if (c->deadline_ns && (int64_t)tsr_now_ns() >= c->deadline_ns) {
@@ -721,7 +658,7 @@ static void *pump_main(void *arg)
     for (;;) {
         pthread_mutex_lock(&s->pump_mu);
         while (!s->pump_head && !s->pump_stop) {
-            struct timespec ts = abstime_in_ms(1000);
+            struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_REALTIME, 1000);
             pthread_cond_timedwait(&s->pump_cv, &s->pump_mu, &ts);
         }
         srv_call *c = s->pump_head;
@@ -742,18 +679,6 @@ static void *pump_main(void *arg)
     return NULL;
 }
 
-static bool grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-    if (need <= *cap) return true;
-    size_t nc = *cap ? *cap : 16;
-    while (nc < need) nc *= 2;
-    void *q = realloc(*p, nc * elem);
-    if (!q) return false;
-    *p = q;
-    *cap = nc;
-    return true;
-}
-
 /* The engine's callback (engine thread): copy, queue, return. */
 static void on_engine_event(void *ud, const tsr_event *ev)
 {
@@ -761,38 +686,8 @@ static void on_engine_event(void *ud, const tsr_event *ev)
     pthread_mutex_lock(&c->mu);
     bool finish = false;
     if (ev->kind == TSR_EV_TOKENS) {
-        if (!c->closed && !c->oom && !c->kill && ev->n_ids + ev->text_len > 0) {
-            size_t need = c->n_ids + ev->n_ids;
-            bool ok = grow((void **)&c->ids, &c->cap_ids, need, sizeof(int32_t));
-            if (ok && c->n_top >= 0)
-                ok = grow((void **)&c->lp_chosen, &c->cap_chosen, need, sizeof(float));
-            if (ok && c->n_top > 0)
-                ok = grow((void **)&c->lp_top, &c->cap_top, need * (size_t)c->n_top,
-                          sizeof(tsr_logprob));
-            ok = ok && grow((void **)&c->text, &c->cap_text, c->text_len + ev->text_len + 1, 1);
-            if (!ok) {
-                c->oom = true;
-            } else {
-                if (ev->n_ids) memcpy(c->ids + c->n_ids, ev->ids, ev->n_ids * sizeof(int32_t));
-                if (c->n_top >= 0) {
-                    for (size_t i = 0; i < ev->n_ids; i++)
-                        c->lp_chosen[c->n_ids + i] =
-                            ev->chosen_logprobs ? ev->chosen_logprobs[i] : NAN;
-                    if (c->n_top > 0) {
-                        size_t k = (size_t)c->n_top;
-                        for (size_t i = 0; i < ev->n_ids * k; i++) {
-                            tsr_logprob lp = {-1, NAN};
-                            size_t row = i / k, col = i % k;
-                            if (ev->top_logprobs && col < (size_t)ev->n_top)
-                                lp = ev->top_logprobs[row * (size_t)ev->n_top + col];
-                            c->lp_top[c->n_ids * k + i] = lp;
-                        }
-                    }
-                }
-                if (ev->text_len) memcpy(c->text + c->text_len, ev->text, ev->text_len);
-                c->n_ids += ev->n_ids;
-                c->text_len += ev->text_len;
-                c->text[c->text_len] = '\0';
+        if (!c->closed && !c->out.oom && !c->kill && ev->n_ids + ev->text_len > 0) {
+            if (tsr_evbuf_append(&c->out, ev)) {
                 account(c);
                 /* Over its own bound: the pump cancels it (never the engine thread). */
                 if (c->n_bytes_held > c->s->max_call_bytes) c->kill = KILL_CALL_BYTES;
@@ -883,7 +778,7 @@ static void reply_err(reply *r, grpc_status_code code, const char *fmt, ...)
 
 static void reply_msg(reply *r, const ProtobufCMessage *m)
 {
-    r->msg = pack_msg(m);
+    r->msg = tsr_grpc_pack(m);
     if (!r->msg) reply_err(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
 }
 
@@ -1380,7 +1275,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     pthread_mutex_lock(&c->mu);
     free(c->request_id);
     c->request_id = str_dup(q->request_id ? q->request_id : rid);
-    c->n_top = er.logprobs > 0 ? er.logprobs : -1;
+    c->out.n_top = er.logprobs > 0 ? er.logprobs : -1;
     c->deadline_ns = deadline_ns;
     bool closed = c->closed;
     if (!closed) {
@@ -1488,7 +1383,7 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
         reply_err(&r, GRPC_STATUS_INVALID_ARGUMENT,
                   "no request message: the client closed the call without sending one");
     } else {
-        grpc_slice in = read_all(bb);
+        grpc_slice in = tsr_grpc_read_all(bb);
         grpc_byte_buffer_destroy(bb);
         char serr[512];
         /* Every string field: no NUL (protobuf-c would cut it there), valid UTF-8. */
@@ -1609,15 +1504,8 @@ static void on_new_call(tsr_server *s, srv_call *c)
     }
     if (c->m != M_HEALTH_CHECK && c->m != M_HEALTH_WATCH && tsr_auth_enabled(s->auth)) {
         /* API keys (auth.h): the `authorization` metadata, "Bearer KEY" */
-        const char *val = NULL;
         size_t len = 0;
-        for (size_t i = 0; i < c->md.count; i++) {
-            if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization") == 0) {
-                val = (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
-                len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
-                break;
-            }
-        }
+        const char *val = tsr_grpc_md_get(&c->md, "authorization", &len);
         char why[256];
         tsr_auth_verdict v =
             tsr_auth_check(s->auth, val, len, c->m == M_STATUS || c->m == M_DRAIN, why, sizeof why);
@@ -1702,7 +1590,7 @@ static void *cq_main(void *arg)
     bool timed_out = false;
     arm_new_call(s);
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
+        grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(TICK_MS), NULL);
         if (ev.type == GRPC_OP_COMPLETE) {
             tag *t = ev.tag;
             switch (t->kind) {
@@ -1763,7 +1651,7 @@ static void *cq_main(void *arg)
         grpc_completion_queue_shutdown(s->cq);
         int64_t until = (int64_t)tsr_now_ns() + 5000000000LL;
         for (;;) {
-            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
+            grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(TICK_MS), NULL);
             if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
             if ((int64_t)tsr_now_ns() >= until) {
                 timed_out = true;
@@ -1914,7 +1802,7 @@ fail:
             grpc_server_shutdown_and_notify(s->srv, s->cq, &s->t_shutdown);
             grpc_server_cancel_all_calls(s->srv);
             for (int i = 0; i < 50; i++) { /* bounded: 10 s */
-                grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
+                grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(TICK_MS), NULL);
                 if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->t_shutdown) break;
             }
         }
@@ -1923,7 +1811,7 @@ fail:
     if (s->cq) {
         grpc_completion_queue_shutdown(s->cq);
         for (int i = 0; i < 50; i++) {
-            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_in_ms(TICK_MS), NULL);
+            grpc_event ev = grpc_completion_queue_next(s->cq, tsr_grpc_in_ms(TICK_MS), NULL);
             if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         }
         grpc_completion_queue_destroy(s->cq);
@@ -1986,7 +1874,7 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
 
     /* The CQ thread finishes the shutdown; wait for it, bounded. */
     int64_t wait_ms = grace_ms + HARD_EXTRA_MS + 8000;
-    struct timespec until = abstime_in_ms(wait_ms);
+    struct timespec until = tsr_grpc_abstime_in_ms(CLOCK_REALTIME, wait_ms);
     pthread_mutex_lock(&s->mu);
     while (!s->cq_done) {
         if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT) break;

@@ -50,8 +50,9 @@ typedef enum {
 
 #define TSR_KV_TYPE_COUNT 3
 
-/* The type a CPU replica stores when none is asked for (README "KV cache types" says why). */
-#define TSR_KV_DEFAULT TSR_KV_F32
+/* The type a CPU replica stores when none is asked for: f16, the fastest type that keeps
+ * every greedy reference of ../shared/models/expected (README "KV cache types"). */
+#define TSR_KV_DEFAULT TSR_KV_F16
 
 /* "f32", "f16", "q8_0"; "?" for anything else. */
 const char *tsr_kv_type_name(tsr_kv_type t);

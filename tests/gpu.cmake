@@ -73,6 +73,12 @@ if(NOT TSR_SANITIZE)
   set_tests_properties(gpu_sim_stories260K_long PROPERTIES TIMEOUT 120)
 endif()
 
+# --kv-type f16 on the device (k_kv_store's fp16 rounding, k_attention_f16's two passes)
+# against the CPU's f16 path, both trees; and q8_0, CPU-only so far, refused on GPU ranks.
+add_test(NAME gpu_sim_stories260K_kv_f16
+         COMMAND gpu_sim_check ${TSR_MODELS_DIR}/stories260K.gguf --tol 0.05 --kv-type f16)
+set_tests_properties(gpu_sim_stories260K_kv_f16 PROPERTIES TIMEOUT 120)
+
 # Every architecture (the F32 synthetic files of tests/real_models.cmake: qwen2 biases,
 # qwen3 Q/K norms, gemma3 GeGLU / post norms / sliding window / soft-cap, llama with a
 # window and a tied head), both trees.
@@ -112,6 +118,30 @@ if(NOT TSR_SANITIZE)
     set_tests_properties(gpu_sim_replica_direct_stories_tp${tp}_pp${pp} PROPERTIES
                          ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 120 PROCESSORS 2)
   endforeach()
+  add_test(NAME gpu_sim_replica_direct_stories_kv_f16_tp2_pp2
+           COMMAND ${TSR_MPIRUN} -np 4 $<TARGET_FILE:gpu_sim_replica_check>
+                   -m ${TSR_MODELS_DIR}/stories260K.gguf --tp 2 --pp 2 --device cuda
+                   --kv-type f16 --tol 1e-3 -n 8 --batch-step --expect-transport "device-direct")
+  set_tests_properties(gpu_sim_replica_direct_stories_kv_f16_tp2_pp2 PROPERTIES
+                       ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 120 PROCESSORS 2)
+  # a stuck peer on the device-direct path (its sends and receives from device buffers, the
+  # tp sums) becomes an error naming it within --comm-timeout (2 s here), never a hang
+  foreach(layout "1;2" "2;2")
+    list(GET layout 0 tp)
+    list(GET layout 1 pp)
+    math(EXPR np "${tp} * ${pp}")
+    add_test(NAME gpu_sim_replica_direct_stuck_peer_tp${tp}_pp${pp}
+             COMMAND ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:gpu_sim_replica_check>
+                     -m ${TSR_MODELS_DIR}/stories260K.gguf --tp ${tp} --pp ${pp} --device cuda
+                     --stall-followers 2000)
+    set_tests_properties(gpu_sim_replica_direct_stuck_peer_tp${tp}_pp${pp} PROPERTIES
+                         ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 60 PROCESSORS 2
+                         PASS_REGULAR_EXPRESSION "replica_check: PASS: stuck peer reported")
+  endforeach()
+  add_test(NAME gpu_sim_replica_kv_q8_0_refused
+           COMMAND gpu_sim_replica_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
+                   --kv-type q8_0 --expect-refusal "q8_0 is not supported on the CUDA backend")
+  set_tests_properties(gpu_sim_replica_kv_q8_0_refused PROPERTIES TIMEOUT 60)
   add_test(NAME gpu_sim_replica_direct_synth_q4_0_tp2_pp2
            COMMAND ${TSR_MPIRUN} -np 4 $<TARGET_FILE:gpu_sim_replica_check>
                    -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_0.gguf --tp 2 --pp 2
@@ -224,6 +254,11 @@ set_property(TEST gpu_serve_grpc PROPERTY TIMEOUT 600)
 
 tsr_gpu_test(logits_stories260K_long $<TARGET_FILE:gpu_check> ${TSR_MODELS_DIR}/stories260K.gguf
              --tol 0.05 --decode 500)
+# --kv-type f16: the device's fp16 KV pool against the CPU's f16 path
+tsr_gpu_test(logits_stories260K_kv_f16 $<TARGET_FILE:gpu_check>
+             ${TSR_MODELS_DIR}/stories260K.gguf --tol 0.05 --decode 200 --kv-type f16)
+tsr_gpu_test(logits_synth_q4_k_m_kv_f16 $<TARGET_FILE:gpu_check>
+             ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_k_m.gguf --tol 0.5 --kv-type f16)
 
 # Every architecture on the GPU: the synthetic files, and the real models (release tree;
 # fetched by ops/fetch-model.sh; prompts as tests/real_models.cmake; tolerances above its
@@ -239,6 +274,7 @@ endforeach()
 set(TSR_GPU_REAL_smollm2 "smollm2-135m-instruct;3.0;504 3575 282 4649 314 1604 3987 46477 24 94 727")
 set(TSR_GPU_REAL_qwen2 "qwen2.5-coder-0.5b-instruct;3.0;750 3974 6860 10939 1648 785 3974 13876 38835")
 set(TSR_GPU_REAL_gemma3 "gemma-3-270m;4.0;2 236770 236764 236743 236778 236764 236743 236800 236764 236743 236812 236764 236743 236810 236764")
+list(GET TSR_GPU_REAL_qwen2 2 TSR_GPU_REAL_qwen2_ids)
 foreach(short smollm2 qwen2 gemma3)
   list(GET TSR_GPU_REAL_${short} 0 fetch)
   list(GET TSR_GPU_REAL_${short} 1 tol)
@@ -247,6 +283,9 @@ foreach(short smollm2 qwen2 gemma3)
 set -e; p=$(${TSR_FETCH_MODEL} ${fetch} | tail -n 1); \
 $<TARGET_FILE:gpu_check> \"$p\" --tol ${tol} --prompt '${ids}'")
 endforeach()
+tsr_gpu_test(logits_real_qwen2_kv_f16 sh -c "$<TARGET_FILE:gpu_check> --need-gpus 1 || exit $?; \
+set -e; p=$(${TSR_FETCH_MODEL} qwen2.5-coder-0.5b-instruct | tail -n 1); \
+$<TARGET_FILE:gpu_check> \"$p\" --tol 3.0 --kv-type f16 --prompt '${TSR_GPU_REAL_qwen2_ids}'")
 tsr_gpu_test(replica_real_qwen2_tp2_pp1 sh -c "$<TARGET_FILE:gpu_check> --need-gpus 1 || exit $?; \
 set -e; p=$(${TSR_FETCH_MODEL} qwen2.5-coder-0.5b-instruct | tail -n 1); \
 ${TSR_MPIRUN} -np 2 $<TARGET_FILE:replica_check> -m \"$p\" --tp 2 --device cuda -n 8 --tol 3.0 \

@@ -3,7 +3,7 @@
  * the CUDA backend against the CPU backend, on the same tokens.
  *
  *   gpu_check MODEL.gguf [--prompt "ID ID ..."] [--tol ABS] [--tie GAP] [--decode N]
- *             [--gpu-memory BYTES]
+ *             [--gpu-memory BYTES] [--kv-type f32|f16|q8_0]   (both backends' KV cache type)
  *   gpu_check --need-gpus N   exit 0 when N CUDA devices are visible, else print the SKIP
  *                             line and exit 77 (tests/gpu_ranks.sh)
  *   gpu_check --info          one line per device: ordinal, name, compute capability,
@@ -80,12 +80,14 @@ typedef struct {
     tsr_ctx *cpu, *gpu;
 } pair;
 
+static tsr_kv_type g_kv_type = TSR_KV_F32; /* --kv-type: both contexts store it */
+
 static int pair_new(const tsr_model *m, int32_t device, uint64_t cap, pair *p, char *err,
                     size_t err_len)
 {
     memset(p, 0, sizeof *p);
-    if (tsr_ctx_new(m, 640, 64, 2, &p->cpu, err, err_len) != 0) return -1;
-    if (tsr_ctx_new(m, 640, 64, 1, &p->gpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new_kv(m, 640, 64, 2, g_kv_type, &p->cpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new_kv(m, 640, 64, 1, g_kv_type, &p->gpu, err, err_len) != 0) return -1;
     return tsr_gpu_attach(p->gpu, m, device, cap, err, err_len);
 }
 
@@ -146,7 +148,12 @@ int main(int argc, char **argv)
             tie = strtod(argv[i + 1], NULL);
         else if (strcmp(argv[i], "--prompt") == 0)
             prompt = argv[i + 1];
-        else {
+        else if (strcmp(argv[i], "--kv-type") == 0) {
+            if (!tsr_kv_type_parse(argv[i + 1], &g_kv_type)) {
+                fprintf(stderr, "gpu_check: --kv-type f32|f16|q8_0, got %s\n", argv[i + 1]);
+                return 2;
+            }
+        } else {
             fprintf(stderr, "gpu_check: unknown option %s\n", argv[i]);
             return 2;
         }

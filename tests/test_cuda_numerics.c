@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "kernels/cuda/numerics.h"
+#include "kernels/kvcache.h"
 #include "kernels/ops.h"
 #include "kernels/quant.h"
 #include "shard/gguf.h"
@@ -631,6 +632,133 @@ static void test_fp16_roundtrip(void **state)
     }
 }
 
+/* fp16 KV cache (numerics.h "KV cache element types"): what the device stores is the CPU's
+ * fp16 bit for bit, and the device's two-pass f16 attention (emulated in the kernel's order:
+ * q rounded to fp16, warp-lane score sums, online max/sum, then fp16 probabilities) agrees
+ * with the CPU's f16 path (kernels/kvcache.c tsr_attn_head) within the float summation
+ * order: the fp16 rounding points are the same. Head sizes 64 and 80 (not a multiple of 16:
+ * the CPU's other q·k order), windows of 1, 17 and 203 positions. */
+static void test_kv_f16(void **state)
+{
+    (void)state;
+    const int n_pos = 203;
+    const int hds[2] = {64, 80};
+    uint64_t s = 777;
+    for (int h = 0; h < 2; ++h) {
+        const int hd = hds[h];
+        float *q = xmalloc(sizeof(float) * hd), *kf = xmalloc(sizeof(float) * hd * n_pos);
+        float *vf = xmalloc(sizeof(float) * hd * n_pos), *att = xmalloc(sizeof(float) * n_pos);
+        uint16_t *kc = xmalloc(2 * (size_t)hd * n_pos), *vc = xmalloc(2 * (size_t)hd * n_pos);
+        uint16_t *kd = xmalloc(2 * (size_t)hd * n_pos), *vd = xmalloc(2 * (size_t)hd * n_pos);
+        for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
+        for (int i = 0; i < hd * n_pos; ++i) kf[i] = 2.0f * rng_gauss(&s);
+        for (int i = 0; i < hd * n_pos; ++i) vf[i] = rng_gauss(&s);
+        /* stores: the device's k_kv_store element by element vs the CPU's tsr_kv_store */
+        tsr_kv_store(TSR_KV_F16, kf, kc, (int64_t)hd * n_pos);
+        tsr_kv_store(TSR_KV_F16, vf, vc, (int64_t)hd * n_pos);
+        for (int64_t i = 0; i < (int64_t)hd * n_pos; ++i) {
+            tsr_cuda_kv_put(TSR_CUDA_KV_F16, kd, i, kf[i]);
+            tsr_cuda_kv_put(TSR_CUDA_KV_F16, vd, i, vf[i]);
+            if (kd[i] != kc[i] || vd[i] != vc[i])
+                fail_msg("f16 store %lld: CPU %04x/%04x, device %04x/%04x", (long long)i, kc[i],
+                         vc[i], kd[i], vd[i]);
+        }
+        const float scale = 1.0f / sqrtf((float)hd);
+        const int32_t table[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        const int p0s[3] = {202, 186, 0};
+        for (int w = 0; w < 3; ++w) {
+            const int p0 = p0s[w], p1 = n_pos - 1;
+            /* CPU: kernels/kvcache.c */
+            const tsr_kv_view kv = {.type = TSR_KV_F16,
+                                    .head_dim = hd,
+                                    .block_size = 16,
+                                    .k = (const uint8_t *)kc,
+                                    .v = (const uint8_t *)vc,
+                                    .row_bytes = 2 * (size_t)hd,
+                                    .head_offset = 0,
+                                    .block_table = table};
+            void *scratch = NULL;
+            assert_int_equal(posix_memalign(&scratch, 64, tsr_attn_scratch_bytes(hd)), 0);
+            float ref[80];
+            tsr_attn_head(&kv, q, scale, p0, p1, att, scratch, ref);
+            free(scratch);
+            /* device (kernels.cu k_attention_f16) */
+            float qh[80], acc[80] = {0};
+            for (int i = 0; i < hd; ++i) qh[i] = tsr_cuda_round_f16(q[i]);
+            tsr_cuda_softmax_state st;
+            tsr_cuda_softmax_init(&st);
+            float inv = 0.0f;
+            int n_prob_diff = 0;
+            for (int pass = 0; pass < 2; ++pass) {
+                for (int c0 = p0 / 16 * 16; c0 <= p1; c0 += 16) {
+                    float sc[16], cmax = -INFINITY;
+                    for (int j = 0; j < 16; ++j) {
+                        const int p = c0 + j;
+                        if (p < p0 || p > p1) {
+                            sc[j] = -INFINITY;
+                            continue;
+                        }
+                        float lanes[32] = {0};
+                        for (int i = 0; i < hd; ++i)
+                            lanes[i % 32] +=
+                                qh[i] * tsr_cuda_kv_get(TSR_CUDA_KV_F16, kd + (size_t)p * hd, i);
+                        sc[j] = warp_sum(lanes) * scale;
+                    }
+                    if (pass == 0) {
+                        for (int j = 0; j < 16; ++j) cmax = fmaxf(cmax, sc[j]);
+                        tsr_cuda_softmax_rescale(&st, cmax);
+                        for (int j = 0; j < 16; ++j) st.l += tsr_cuda_softmax_weight(&st, sc[j]);
+                        continue;
+                    }
+                    for (int j = 0; j < 16; ++j) {
+                        const float pw = tsr_cuda_attn_prob_f16(sc[j], st.m, inv);
+                        /* the CPU's probability of this position, rounded the same way */
+                        const int p = c0 + j;
+                        if (p >= p0 && p <= p1) {
+                            const float pc = tsr_cuda_round_f16(att[p - p0]);
+                            n_prob_diff += pw != pc;
+                            if (fabsf(pw - pc) > 1e-3f * pc + 1e-7f)
+                                fail_msg("hd %d window %d position %d: probability CPU %.9g, "
+                                         "device %.9g",
+                                         hd, p1 - p0 + 1, p, pc, pw);
+                        }
+                        if (pw == 0.0f) continue;
+                        for (int i = 0; i < hd; ++i)
+                            acc[i] += pw * tsr_cuda_kv_get(TSR_CUDA_KV_F16,
+                                                           vd + (size_t)(c0 + j) * hd, i);
+                    }
+                }
+                inv = 1.0f / st.l;
+            }
+            double worst = 0;
+            for (int i = 0; i < hd; ++i) {
+                const double d = fabs((double)acc[i] - ref[i]);
+                if (d > worst) worst = d;
+                if (d > 2e-3 * (1.0 + fabs(ref[i])))
+                    fail_msg("f16 attention hd %d window %d dim %d: CPU %.9g, device %.9g", hd,
+                             p1 - p0 + 1, i, ref[i], acc[i]);
+            }
+            /* the same fp16 rounding points: the probabilities are the CPU's fp16 values,
+             * but for the few a float-order difference moves across a rounding boundary */
+            if (n_prob_diff * 20 > p1 - p0 + 1)
+                fail_msg("f16 attention hd %d window %d: %d of %d fp16 probabilities differ from "
+                         "the CPU's",
+                         hd, p1 - p0 + 1, n_prob_diff, p1 - p0 + 1);
+            printf("f16 KV attention hd %d window %d: max |diff| %.3g, %d of %d fp16 "
+                   "probabilities differ from the CPU's\n",
+                   hd, p1 - p0 + 1, worst, n_prob_diff, p1 - p0 + 1);
+        }
+        free(q);
+        free(kf);
+        free(vf);
+        free(att);
+        free(kc);
+        free(vc);
+        free(kd);
+        free(vd);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -640,6 +768,7 @@ int main(void)
         cmocka_unit_test(test_dots),
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_online_softmax_attention),
+        cmocka_unit_test(test_kv_f16),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_glu),
     };

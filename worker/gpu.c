@@ -122,6 +122,13 @@ static int up_weight(tsr_gpu_model *gm, const tsr_weight *w, const char *what, t
                     w->type);
         return -1;
     }
+    if (!w->data) { /* a column slice repacked for the CPU kernels (worker/model.h) */
+        tsr_set_err(err, err_len,
+                    "%s: the weights were repacked for the CPU and their file layout freed; a "
+                    "GPU rank needs the model loaded without repacking (--no-repack)",
+                    what);
+        return -1;
+    }
     const size_t n = w->row_bytes * (size_t)w->n_out;
     void *p;
     if (track(gm, n, what, &p, err, err_len) != 0) return -1;
@@ -789,7 +796,13 @@ int tsr_gpu_attach(tsr_ctx *c, const tsr_model *m, int32_t device, uint64_t n_by
     tsr_gpu_model *gm = NULL;
     tsr_gpu_ctx *gc = NULL;
     if (tsr_gpu_model_upload(m, device, n_bytes_cap, &gm, err, err_len) != 0) return -1;
-    if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), TSR_CUDA_KV_F32, &gc, err,
+    /* the device pool stores what the context stores (kernels/kvcache.h -> numerics.h ids;
+     * q8_0 is refused by tsr_gpu_ctx_new, naming what to use) */
+    const tsr_kv_type kt = tsr_ctx_kv_type(c);
+    const uint32_t kv_type = kt == TSR_KV_F32   ? TSR_CUDA_KV_F32
+                             : kt == TSR_KV_F16 ? TSR_CUDA_KV_F16
+                                                : 8u /* Q8_0 */;
+    if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), kv_type, &gc, err,
                         err_len) != 0) {
         tsr_gpu_model_free(gm);
         return -1;

@@ -208,7 +208,8 @@ tsr_kv_type tsr_replica_params_kv_type(const tsr_replica_params *p)
 }
 
 /* The KV cache type: the one asked for, or the backend's default (CPU: TSR_KV_DEFAULT;
- * CUDA: f32, the only type of worker/gpu.c's device pool). */
+ * CUDA: f32). worker/gpu.c's device pool stores f32 or f16 (the CPU f16 path's roundings,
+ * kernels/cuda/numerics.h); q8_0 is CPU-only so far. */
 static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
 {
     if (!r->p.kv_type) {
@@ -219,12 +220,10 @@ static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
         tsr_set_err(err, err_len, "unknown KV cache type '%s': use f32, f16 or q8_0", r->p.kv_type);
         return -1;
     }
-    if (r->gpu >= 0 && r->kv_type != TSR_KV_F32) {
-        /* worker/gpu.c keeps its own float32 device KV pool */
+    if (r->gpu >= 0 && r->kv_type == TSR_KV_Q8_0) {
         tsr_set_err(err, err_len,
-                    "--kv-type %s is not supported on the CUDA backend yet (its KV cache is "
-                    "float32): use --kv-type f32 with --device cuda, or --device cpu",
-                    tsr_kv_type_name(r->kv_type));
+                    "--kv-type q8_0 is not supported on the CUDA backend yet (its device KV cache "
+                    "stores f32 or f16): use --kv-type f16 with --device cuda, or --device cpu");
         return -1;
     }
     return 0;

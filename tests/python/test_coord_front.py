@@ -14,7 +14,14 @@ Tests (-k NAME runs those whose name contains NAME):
            Health without a key; plaintext against the TLS port fails cleanly; ctl with
            --tls-ca and an admin key (file and environment), ctl's errors (no CA, no key,
            inference key, bad files: exit 1; flag misuse: exit 2); SIGHUP re-reads the keys;
-           the coordinator's start errors (open address without keys, bad TLS files).
+           the coordinator's start errors (open address without keys, bad TLS files);
+           HTTPS on the coordinator's --http port with the same keys (401 / 403) and exact.
+  http     `coordinator --http` over two replicas: the official openai client, completions
+           and chat, streaming and not, equal `tessera generate` / `tessera chat`; /v1/models
+           lists the cluster's model, /health; a replica killed with SIGKILL mid-stream: the
+           HTTP streams complete exactly (failover); promtool checks /metrics, which has
+           per-replica labels and tessera_failovers_total > 0; bad requests keep their
+           statuses (404 unknown model, 400 bad field / logprobs, 503 no replica).
 
 usage: test_coord_front.py --tessera BUILD/tessera --models DIR --proto DIR [-k NAME]
 """
@@ -30,6 +37,7 @@ import time
 import traceback
 
 import grpc
+import openai
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -112,7 +120,8 @@ def t_secure(p):
         co = tc.Proc([ARGS.tessera, "coordinator", "--listen", "127.0.0.1:0",
                       "--api-key-file", api, "--admin-key-file", admin,
                       "--tls-cert", p("server.crt"), "--tls-key", p("server.key"),
-                      "--replica-key-file", rkey, "--replica-tls-ca", p("ca.crt")])
+                      "--replica-key-file", rkey, "--replica-tls-ca", p("ca.crt"),
+                      "--http", "127.0.0.1:0"])
         procs.append(co)
         out = co.output()
         assert "keys required" in out and "TLS on" in out, out
@@ -169,6 +178,28 @@ def t_secure(p):
         assert time.time() - t0 < 9, "plaintext against TLS took %.1f s" % (time.time() - t0)
         ch2.close()
 
+        # HTTPS on the coordinator's HTTP port: the same keys and certificate.
+        hp = http_port(co)
+        try:  # the HTTP client the openai package is built on (as test_http.py)
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
+        hc = httpx.Client(verify=p("ca.crt"), timeout=60)
+        cl = openai.OpenAI(base_url="https://127.0.0.1:%d/v1" % hp, api_key="api-key-1",
+                           max_retries=0, http_client=hc)
+        a = cl.completions.create(model="stories260K", prompt=kw["prompt"], max_tokens=24,
+                                  temperature=0, extra_body={"ignore_eos": True})
+        assert a.choices[0].text == ref["text"], (a.choices[0].text, ref["text"])
+        r = hc.post("https://127.0.0.1:%d/v1/completions" % hp, json={"prompt": "x"})
+        assert r.status_code == 401, (r.status_code, r.text)
+        r = hc.get("https://127.0.0.1:%d/metrics" % hp,
+                   headers={"authorization": "Bearer api-key-1"})
+        assert r.status_code == 403, (r.status_code, r.text)
+        r = hc.get("https://127.0.0.1:%d/metrics" % hp,
+                   headers={"authorization": "Bearer admin-key-1"})
+        assert r.status_code == 200 and 'replica="sec-a"' in r.text, (r.status_code, r.text)
+        hc.close()
+
         # ctl: the environment's key, and its errors.
         r = ctl(co.target, "status", *tls, env={"TESSERA_API_KEY": "admin-key-1"})
         assert r.returncode == 0 and "1 up" in r.stdout, r.stdout + r.stderr
@@ -204,6 +235,162 @@ def t_secure(p):
         os.kill(co.p.pid, signal.SIGHUP)
         tc.wait_for(lambda: "keeping the previous keys" in co.output(), 20, "a refused reload")
         tc.wait_for(up, 30, "the replica up again after its key came back")
+    except Exception:
+        tc.dump_logs(procs)
+        raise
+    finally:
+        for pr in procs:
+            pr.kill()
+
+
+def http_port(proc):
+    import re
+    m = re.search(r"http listening on [^\s]+:(\d+)", proc.output())
+    assert m, proc.output()
+    return int(m.group(1))
+
+
+def metrics_text(port):
+    import urllib.request
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30) as r:
+        return r.read().decode()
+
+
+def metric(text, name, labels=""):
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return None
+
+
+def promtool_check(text):
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, "promtool check metrics: %s%s\n%s" % (r.stdout, r.stderr, text)
+
+
+def chat_reference(q, n):
+    cmd = [ARGS.tessera, "chat", "-m", ARGS.model, "-p", q, "-n", str(n), "--temperature", "0",
+           "--json", "-t", "1", "--chat-template", "chatml"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "%s: %s" % (cmd, r.stderr)
+    return json.loads(r.stdout)
+
+
+def t_http(p):
+    procs = []
+    try:
+        co = tc.Proc([ARGS.tessera, "coordinator", "--listen", "127.0.0.1:0", "--http",
+                      "127.0.0.1:0"])
+        procs.append(co)
+        hp = http_port(co)
+        cl = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % hp, api_key="none",
+                           max_retries=0, timeout=120)
+        # No replica yet: 503, never a hang.
+        try:
+            cl.completions.create(model="stories260K", prompt="x", max_tokens=2, timeout=30)
+            raise AssertionError("a completion without replicas succeeded")
+        except openai.APIStatusError as e:
+            assert e.status_code in (404, 503), (e.status_code, e.message)
+        reps = {}
+        for name in ("a", "b"):
+            reps[name] = tc.Proc([ARGS.tessera, "serve", "-m", ARGS.model, "--listen",
+                                  "127.0.0.1:0", "-t", "1", "--kv-memory", "32M", "--join",
+                                  co.target, "--name", name, "--chat-template", "chatml"])
+            procs.append(reps[name])
+        tc.wait_up(co.target, ["a", "b"])
+        models = [m.id for m in cl.models.list().data]
+        assert models == ["stories260K"], models
+
+        # completions, streaming and not, and chat, equal the single-process references
+        kws = [dict(prompt=tc.PROMPTS[i], max_tokens=n, temperature=0.0, ignore_eos=True)
+               for i, n in ((0, 40), (2, 7), (5, 1))]
+        for kw, ref in zip(kws, tc.references(kws)):
+            a = cl.completions.create(model="stories260K", prompt=kw["prompt"],
+                                      max_tokens=kw["max_tokens"], temperature=0,
+                                      extra_body={"ignore_eos": True})
+            assert a.choices[0].text == ref["text"], (kw, a.choices[0].text, ref["text"])
+            assert a.usage.completion_tokens == len(ref["ids"]), a.usage
+            assert a.usage.prompt_tokens == len(ref["prompt_ids"]), a.usage
+            assert a.model == "stories260K", a.model
+            text, usage = "", None
+            for ch in cl.completions.create(model="stories260K", prompt=kw["prompt"],
+                                            max_tokens=kw["max_tokens"], temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}):
+                if ch.usage is not None:
+                    usage = ch.usage
+                text += "".join(c.text for c in ch.choices)
+            assert text == ref["text"], ("stream", kw, text, ref["text"])
+            assert usage and usage.completion_tokens == len(ref["ids"]), usage
+        q = "What is the capital of France?"
+        ref = chat_reference(q, 20)
+        msgs = [{"role": "user", "content": q}]
+        a = cl.chat.completions.create(model="stories260K", messages=msgs, max_tokens=20,
+                                       temperature=0)
+        assert a.choices[0].message.content == ref["text"], (a.choices[0].message, ref["text"])
+        text = ""
+        for ch in cl.chat.completions.create(model="stories260K", messages=msgs, max_tokens=20,
+                                             temperature=0, stream=True):
+            text += "".join(c.delta.content or "" for c in ch.choices)
+        assert text == ref["text"], (text, ref["text"])
+
+        # Errors keep their statuses through the coordinator.
+        for call, status, param in (
+                (lambda: cl.completions.create(model="nope", prompt="x"), 404, "model"),
+                (lambda: cl.completions.create(model="stories260K", prompt="x",
+                                               temperature=-1), 400, "temperature"),
+                (lambda: cl.completions.create(model="stories260K", prompt="x", logprobs=2),
+                 400, "logprobs")):
+            try:
+                call()
+                raise AssertionError("expected %d" % status)
+            except openai.APIStatusError as e:
+                assert e.status_code == status, (status, e.status_code, e.message)
+                assert e.body and e.body.get("param") == param, e.body
+
+        # Failover over HTTP: kill -9 a replica mid-stream; every stream completes exactly.
+        kws = [dict(prompt=tc.PROMPTS[i], max_tokens=300, temperature=0.0, ignore_eos=True)
+               for i in range(4)]
+        refs = tc.references(kws)
+        import concurrent.futures as cf
+        import threading
+        started = threading.Event()
+
+        def one(kw):
+            text = ""
+            for ch in cl.completions.create(model="stories260K", prompt=kw["prompt"],
+                                            max_tokens=kw["max_tokens"], temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}):
+                text += "".join(c.text for c in ch.choices)
+                if len(text) > 40:
+                    started.set()
+            return text
+        with cf.ThreadPoolExecutor(len(kws)) as ex:
+            futs = [ex.submit(one, kw) for kw in kws]
+            assert started.wait(60), "no stream started"
+            os.kill(reps["b"].p.pid, signal.SIGKILL)
+            outs = [f.result(timeout=180) for f in futs]
+        for kw, out, ref in zip(kws, outs, refs):
+            assert out == ref["text"], "failover %r: expected %r\n got %r" % (
+                kw["prompt"], ref["text"], out)
+        text = metrics_text(hp)
+        promtool_check(text)
+        fo = metric(text, "tessera_failovers_total")
+        assert fo is not None and fo >= 1, "tessera_failovers_total: %r\n%s" % (fo, text)
+        assert metric(text, "tessera_replica_state",
+                      '{replica="a",model="stories260K",state="up"}') == 1, text
+        for fam in ("tessera_replica_outstanding_requests", "tessera_replica_requests_routed_total",
+                    "tessera_time_to_first_token_seconds_bucket"):
+            assert fam in text, fam
+        assert metric(text, "tessera_requests_total", '{finish_reason="length"}') >= 10, text
+        # b is down within its heartbeat timeout; health stays ok with a up
+        tc.wait_for(lambda: metric(metrics_text(hp), "tessera_replica_state",
+                                   '{replica="b",model="stories260K",state="down"}') == 1, 10,
+                    "b down in /metrics")
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % hp, timeout=30) as r:
+            assert r.status == 200, r.status
     except Exception:
         tc.dump_logs(procs)
         raise
@@ -253,16 +440,17 @@ def main():
     if not os.path.exists(ARGS.model):
         print("FAIL: missing %s (TESSERA_MODELS / --models)" % ARGS.model)
         return 1
-    if not shutil.which("openssl"):
-        print("FAIL: openssl not found (ops/install-deps.sh)")
-        return 1
+    for tool in ("openssl", "promtool"):
+        if not shutil.which(tool):
+            print("FAIL: %s not found (ops/install-deps.sh)" % tool)
+            return 1
     tc.ARGS = ARGS
     TMP = tempfile.mkdtemp(prefix="tsr-cfront-")
     passed = failed = 0
     try:
         tc.make_stubs(os.path.abspath(ARGS.proto), TMP)
         certs = make_certs(TMP)
-        for name, fn in (("secure", t_secure), ("start_errors", t_start_errors)):
+        for name, fn in (("secure", t_secure), ("http", t_http), ("start_errors", t_start_errors)):
             if ARGS.k and ARGS.k not in name:
                 continue
             t0 = time.time()

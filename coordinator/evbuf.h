@@ -1,0 +1,51 @@
+/*
+ * evbuf.h — a request's engine output not yet sent: the accumulator at the engine seam.
+ *
+ * Why its own module: every front end that relays engine events (the gRPC server, the
+ * HTTP front door — on a replica over the engine, on the coordinator over the proxy)
+ * collects the same things between two sends: the new token ids, the text they completed,
+ * and per id the chosen token's logprob and the top-k alternatives. The engine callback
+ * appends (it must only copy and return); the sender reads and clears.
+ *
+ * Layout: ids[n_ids]; text[text_len] (NUL-terminated); with logprobs (n_top >= 0)
+ * lp_chosen[n_ids] (NaN when the event had none) and, for n_top > 0, lp_top[n_ids × n_top]
+ * row-major (entries past what the event carried: id -1, NaN). Not thread-safe: the owner
+ * holds its lock around every call.
+ */
+#ifndef TSR_EVBUF_H
+#define TSR_EVBUF_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/engine.h"
+
+typedef struct {
+    int32_t n_top; /* -1: no logprobs; 0: the chosen token's only; k: k alternatives */
+    int32_t *ids;
+    size_t n_ids, cap_ids;
+    char *text;
+    size_t text_len, cap_text;
+    float *lp_chosen;
+    size_t cap_chosen;
+    tsr_logprob *lp_top;
+    size_t cap_top;
+    bool oom; /* an append ran out of memory: the output is incomplete */
+} tsr_evbuf;
+
+/* Empty buffer keeping n_top alternatives per token (-1: no logprobs). */
+void tsr_evbuf_init(tsr_evbuf *b, int32_t n_top);
+void tsr_evbuf_free(tsr_evbuf *b); /* leaves it empty (init'ed again with its n_top) */
+
+/* Append a TOKENS event (ids, text, logprobs). Nothing when it carries none. false when
+ * memory ran out (b->oom is set and the event is dropped whole). */
+bool tsr_evbuf_append(tsr_evbuf *b, const tsr_event *ev);
+
+/* Forget the pending output (after it was sent); keeps the memory. */
+void tsr_evbuf_clear(tsr_evbuf *b);
+
+/* Bytes the pending output holds (ids, text and logprobs), for output bounds. */
+int64_t tsr_evbuf_bytes(const tsr_evbuf *b);
+
+#endif
