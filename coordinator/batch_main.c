@@ -100,8 +100,8 @@ static const char *batch_help =
     "engine:\n"
     TSR_CLI_ENGINE_HELP("512", "128", "--max-seqs full contexts, at most a quarter\n"
                         "                            of the free memory and 8G")
-    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
-    "                            README: KV cache types)\n"
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f16,\n"
+    "                            f32 on CUDA; README: KV cache types)\n"
     "\n"
     "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
     "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS   as in 'tessera generate'\n"

@@ -50,8 +50,8 @@ int tsr_cli_default_threads(void);
 
 /* --kv-type, also taken by serve and batch (which list their own flags). */
 #define TSR_CLI_KV_TYPE_HELP                                                                       \
-    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f32; f16 halves it,\n"    \
-    "                              q8_0 is 34/128 of f32; CUDA ranks: f32 only)\n"
+    "      --kv-type f32|f16|q8_0  element type of the KV cache (default f16, f32 on CUDA; f16\n"  \
+    "                              halves f32, q8_0 is 34/128 of it; CUDA: f32 or f16)\n"
 
 #define TSR_CLI_REPLICA_HELP                                                                       \
     "\ndistributed (run under 'mpirun -np TP*PP' or 'srun -n TP*PP'):\n"                           \
@@ -66,8 +66,8 @@ int tsr_cli_default_threads(void);
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"                                                                                         \
     "      --no-repack             keep the weights in the file's layout (default: each CPU\n"     \
-    "                              rank repacks its Q8_0/Q4_0/Q5_0/Q4_K/Q6_K tiles at load for\n"  \
-    "                              faster kernels: same results, a private copy of them)\n"
+    "                              rank repacks its Q8_0/Q4_0/Q5_0/Q4_1/Q4_K/Q6_K tiles at load\n" \
+    "                              for faster kernels: same results, a private copy of them)\n"
 
 enum {
     TSR_CLI_O_TP = 300,
@@ -102,8 +102,8 @@ int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *r
 
 /* One block of help for the engine flags. The commands' defaults differ (a server keeps
  * latency low, a batch job fills the machine), so they come in as strings; kv_default is
- * the text after "Default:" for --kv-memory. New engine flags (--no-repack, --kv-type,
- * ...) go here, in TSR_CLI_ENGINE_OPTS, tsr_cli_engine_opts and tsr_cli_engine_flag. */
+ * the text after "Default:" for --kv-memory. New engine flags (--kv-type, ...)
+ * go here, in TSR_CLI_ENGINE_OPTS, tsr_cli_engine_opts and tsr_cli_engine_flag. */
 #define TSR_CLI_ENGINE_HELP(max_batch, max_seqs, kv_default)                                       \
     "      --max-batch-tokens N  token budget of one engine step: decode tokens plus\n"            \
     "                            prefill chunks (default " max_batch ")\n"                         \

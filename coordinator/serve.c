@@ -68,8 +68,8 @@ static const char *serve_help =
     "                            port 0 picks a free port (printed)\n"
     "      --max-queue N         waiting requests before RESOURCE_EXHAUSTED (default 256)\n"
     TSR_CLI_ENGINE_HELP("256", "64", "enough for --max-seqs full contexts, at most 1G")
-    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f32;\n"
-    "                            README: KV cache types)\n"
+    "      --kv-type T           KV cache element type: f32, f16 or q8_0 (default f16,\n"
+    "                            f32 on CUDA; README: KV cache types)\n"
     "      --shutdown-grace MS   on SIGTERM, how long running requests may finish before\n"
     "                            they are cancelled (default 10000)\n"
     "      --chat-template NAME  template of GenerateRequest.messages instead of the\n"

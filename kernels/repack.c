@@ -37,13 +37,14 @@ enum {
     RP_Q8_0_QB = 32,
     RP_Q4_0_QB = 16,
     RP_Q5_0_QB = 20, /* qh[4] (5th bits) then qs[16], as the block stores them */
-    RP_XBLK = 34     /* a Q8_0 activation block */
+    RP_XBLK = 34,    /* a Q8_0 activation block */
+    RP_X1BLK = 36    /* a Q8_1 activation block (Q4_1's) */
 };
 
 bool tsr_repack_supported(uint32_t type)
 {
     return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 ||
-           type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+           type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
 }
 
 /* K-quant super-blocks move whole: [nsb][4 rows][block]. */
@@ -58,6 +59,12 @@ static size_t quant_bytes(uint32_t type)
     return type == TSR_TYPE_Q8_0 ? RP_Q8_0_QB : type == TSR_TYPE_Q5_0 ? RP_Q5_0_QB : RP_Q4_0_QB;
 }
 
+/* fp16 arrays in front of a group's quants: d, and m for Q4_1 (x = d*q + m). */
+static size_t n_scales(uint32_t type)
+{
+    return type == TSR_TYPE_Q4_1 ? 2 : 1;
+}
+
 size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
 {
     if (is_kquant(type)) {
@@ -67,7 +74,8 @@ size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
     }
     if (!tsr_repack_supported(type) || n <= 0 || n % 32 != 0) return 0;
     const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
-    const size_t bytes = TSR_REPACK_ROWS * nbp * 2 + nb * TSR_REPACK_ROWS * quant_bytes(type);
+    const size_t bytes =
+        TSR_REPACK_ROWS * nbp * 2 * n_scales(type) + nb * TSR_REPACK_ROWS * quant_bytes(type);
     return (bytes + 63) / 64 * 64;
 }
 
@@ -100,20 +108,23 @@ int tsr_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t 
         return 0;
     }
     const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8, qb = quant_bytes(type);
-    const size_t bb = 2 + qb; /* source block bytes: fp16 d, then qs */
+    const size_t ns = n_scales(type);
+    const size_t bb = 2 * ns + qb; /* source block bytes: fp16 d (and m), then the quants */
     const int64_t n_groups = (n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
     for (int64_t g = 0; g < n_groups; ++g) {
         uint8_t *grp = (uint8_t *)dst + (size_t)g * gb;
         memset(grp, 0, gb);
         uint16_t *d16 = (uint16_t *)grp;
-        uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
+        uint16_t *m16 = d16 + TSR_REPACK_ROWS * nbp;
+        uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 * ns;
         for (int r = 0; r < TSR_REPACK_ROWS; ++r) {
             int64_t row = g * TSR_REPACK_ROWS + r;
             if (row >= n_out) row = n_out - 1;
             const uint8_t *s = (const uint8_t *)src + (size_t)row * src_stride;
             for (size_t b = 0; b < nb; ++b) {
                 memcpy(&d16[(size_t)r * nbp + b], s + b * bb, 2);
-                memcpy(q + (b * TSR_REPACK_ROWS + (size_t)r) * qb, s + b * bb + 2, qb);
+                if (ns == 2) memcpy(&m16[(size_t)r * nbp + b], s + b * bb + 2, 2);
+                memcpy(q + (b * TSR_REPACK_ROWS + (size_t)r) * qb, s + b * bb + 2 * ns, qb);
             }
         }
     }
@@ -127,16 +138,29 @@ static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp
                         const uint8_t *x)
 {
     const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;
+    const uint16_t *m16 = d16 + TSR_REPACK_ROWS * nbp;
     const size_t qb = quant_bytes(type);
-    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * qb;
+    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 * n_scales(type) + (size_t)rr * qb;
+    const bool q41 = type == TSR_TYPE_Q4_1; /* Q8_1 activations: d, s, then qs */
+    const size_t xbb = q41 ? RP_X1BLK : RP_XBLK;
     float s = 0;
     for (size_t b = 0; b < nb; ++b) {
         const uint8_t *wq = q + b * TSR_REPACK_ROWS * qb;
-        const uint8_t *xb = x + b * RP_XBLK;
-        uint16_t xd;
+        const uint8_t *xb = x + b * xbb;
+        uint16_t xd, xsum;
         memcpy(&xd, xb, 2);
-        const int8_t *xq = (const int8_t *)(xb + 2);
+        memcpy(&xsum, xb + 2, 2);
+        const int8_t *xq = (const int8_t *)(xb + (q41 ? 4 : 2));
         int32_t si = 0;
+        if (q41) { /* dot_q4_1_scalar: d_w*d_y*sum(q*y) + m_w*s_y */
+            for (int j = 0; j < 16; ++j) {
+                si += (wq[j] & 0xF) * xq[j];
+                si += (wq[j] >> 4) * xq[j + 16];
+            }
+            s += tsr_f16_to_f32(d16[b]) * tsr_f16_to_f32(xd) * (float)si +
+                 tsr_f16_to_f32(m16[b]) * tsr_f16_to_f32(xsum);
+            continue;
+        }
         if (type == TSR_TYPE_Q8_0) {
             for (int j = 0; j < 32; ++j) si += (int8_t)wq[j] * xq[j];
         } else if (type == TSR_TYPE_Q5_0) { /* quant.c's q5_unpack, then (q - 16) * y */
@@ -241,6 +265,22 @@ RP_AVX2 static void act_build(const uint8_t *x, size_t nb, size_t nbp, int32_t m
     for (; b < nbp; ++b) dy[b] = ey[b] = 0.0f;
 }
 
+/* Q8_1 activations (Q4_1): dy[b] = fp16 d, ey[b] = fp16 s (quant.c's act_info_build_q8_1). */
+RP_AVX2 static void act_build_q8_1(const uint8_t *x, size_t nb, size_t nbp, int32_t mult, float *dy,
+                                   float *ey)
+{
+    (void)mult;
+    size_t b = 0;
+    for (; b < nb; ++b) {
+        uint16_t d, s;
+        memcpy(&d, x + b * RP_X1BLK, 2);
+        memcpy(&s, x + b * RP_X1BLK + 2, 2);
+        dy[b] = _cvtsh_ss(d);
+        ey[b] = _cvtsh_ss(s);
+    }
+    for (; b < nbp; ++b) dy[b] = ey[b] = 0.0f;
+}
+
 /* ---- integer block dots: int32x8, lane l = elements 4l..4l+3 (quant.c's lanes) ---------- */
 
 #define XQ(xb) _mm256_loadu_si256((const __m256i *)((xb) + 2))
@@ -269,12 +309,15 @@ RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
 /* GEMV over R rows of a group (rows rr..rr+R-1; nr of them stored): 4 chains per row kept
  * in registers, the 8 scales of each row per 8 blocks in a small aligned array (broadcast
  * from memory per block). */
-#define DEF_GEMV(fname, ATTR, R, QB, OFFSET, IDOT)                                                 \
+#define DEF_GEMV(fname, ATTR, R, QB, OFFSET, HASMIN, XB, XO, IDOT)                                 \
     ATTR static void fname(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,              \
                            const uint8_t *x, const float *dy, const float *ey, float *y)           \
     {                                                                                              \
         const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;                            \
-        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * (QB);                    \
+        const uint16_t *m16 = (const uint16_t *)grp + TSR_REPACK_ROWS * nbp + (size_t)rr * nbp;    \
+        const uint8_t *q =                                                                         \
+            grp + TSR_REPACK_ROWS * nbp * 2 * ((HASMIN) ? 2 : 1) + (size_t)rr * (QB);              \
+        (void)m16;                                                                                 \
         __m256 a0[R], a1[R], a2[R], a3[R], off[R];                                                 \
         float sc[R][8] __attribute__((aligned(32)));                                               \
         _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                        \
@@ -287,13 +330,19 @@ RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
             {                                                                                      \
                 const __m256 dw = _mm256_cvtph_ps(                                                 \
                     _mm_loadu_si128((const __m128i *)(d16 + (size_t)r * nbp + b)));                \
-                if (OFFSET) off[r] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + b), off[r]);         \
+                if (OFFSET || HASMIN)                                                              \
+                    off[r] = _mm256_fmadd_ps(                                                      \
+                        (HASMIN) ? _mm256_cvtph_ps(_mm_loadu_si128(                                \
+                                       (const __m128i *)(m16 + (size_t)r * nbp + b)))              \
+                                 : dw,                                                             \
+                        _mm256_loadu_ps(ey + b), off[r]);                                          \
                 _mm256_store_ps(sc[r], _mm256_mul_ps(dw, _mm256_loadu_ps(dy + b)));                \
             }                                                                                      \
             _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k)                                    \
             {                                                                                      \
                 if (k >= m) break;                                                                 \
-                const __m256i yv = XQ(x + (b + (size_t)k) * RP_XBLK);                              \
+                const __m256i yv =                                                                 \
+                    _mm256_loadu_si256((const __m256i *)(x + (b + (size_t)k) * (XB) + (XO)));      \
                 const uint8_t *qb = q + (b + (size_t)k) * TSR_REPACK_ROWS * (QB);                  \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
                 {                                                                                  \
@@ -324,12 +373,14 @@ RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
     }
 
 /* clang-format off */
-DEF_GEMV(gemv_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, Q8_IDOT_AVX2)
-DEF_GEMV(gemv_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, Q4_IDOT_AVX2)
-DEF_GEMV(gemv_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, Q8_IDOT_VNNI)
-DEF_GEMV(gemv_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4_IDOT_VNNI)
-DEF_GEMV(gemv_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, Q5_IDOT_AVX2)
-DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
+DEF_GEMV(gemv_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, 0, RP_XBLK, 2, Q8_IDOT_AVX2)
+DEF_GEMV(gemv_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, 0, RP_XBLK, 2, Q4_IDOT_AVX2)
+DEF_GEMV(gemv_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, 0, RP_XBLK, 2, Q8_IDOT_VNNI)
+DEF_GEMV(gemv_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, 0, RP_XBLK, 2, Q4_IDOT_VNNI)
+DEF_GEMV(gemv_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, 0, RP_XBLK, 2, Q5_IDOT_AVX2)
+DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, 0, RP_XBLK, 2, Q5_IDOT_VNNI)
+DEF_GEMV(gemv_q4_1_avx2, RP_AVX2, 2, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_AVX2)
+DEF_GEMV(gemv_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_VNNI)
 /* clang-format on */
 
 /* ---- GEMM micro-kernels: R rows x T tokens (T <= 4), chain-major --------------------------
@@ -344,6 +395,7 @@ DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
 #define RP_CVT_AVX2(i)   _mm256_cvtepi32_ps(i)
 #define RP_CVT_MAGIC(i)  _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(12582912.0f))
 #define RP_Y(yv, xb)     yv = XQ(xb)
+#define RP_Y1(yv, xb)    yv = _mm256_loadu_si256((const __m256i *)((xb) + 4)) /* Q8_1 */
 #define RP_Y_X80(yv, xb) yv = _mm256_xor_si256(XQ(xb), _mm256_set1_epi8((char)0x80))
 #define Q8W_AVX2(wv, wa, qp)                                                                       \
     do {                                                                                           \
@@ -381,13 +433,16 @@ DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
 
 /* sc[o * nbp + b] = fp16(d_w(row r, b)) * dy_t[b] and off[o] (Q4_0) for o = r*T + t, made 8
  * blocks at a time exactly as the row kernel makes them; then the chains. */
-#define DEF_GEMM(fname, ATTR, R, QB, OFFSET, WPREP, YPREP, IDOT, CVT)                              \
+#define DEF_GEMM(fname, ATTR, R, QB, OFFSET, HASMIN, XB, WPREP, YPREP, IDOT, CVT)                  \
     ATTR RP_INLINE void fname##_mk(const int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, \
                                    int nr, const uint8_t *x, size_t xs, const float *dy,           \
                                    const float *ey, float *sc, float *y, size_t ys)                \
     {                                                                                              \
         const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;                            \
-        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * (QB);                    \
+        const uint16_t *m16 = (const uint16_t *)grp + TSR_REPACK_ROWS * nbp + (size_t)rr * nbp;    \
+        const uint8_t *q =                                                                         \
+            grp + TSR_REPACK_ROWS * nbp * 2 * ((HASMIN) ? 2 : 1) + (size_t)rr * (QB);              \
+        (void)m16;                                                                                 \
         __m256 off[R * 4];                                                                         \
         _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) off[o] = _mm256_setzero_ps();     \
         for (size_t b = 0; b < nbp; b += 8) {                                                      \
@@ -398,9 +453,12 @@ DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
                 {                                                                                  \
                     const int o = r * T + t;                                                       \
-                    if (OFFSET)                                                                    \
-                        off[o] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(ey + (size_t)t * nbp + b),    \
-                                                 off[o]);                                          \
+                    if (OFFSET || HASMIN)                                                          \
+                        off[o] = _mm256_fmadd_ps(                                                  \
+                            (HASMIN) ? _mm256_cvtph_ps(_mm_loadu_si128(                            \
+                                           (const __m128i *)(m16 + (size_t)r * nbp + b)))          \
+                                     : dw,                                                         \
+                            _mm256_loadu_ps(ey + (size_t)t * nbp + b), off[o]);                    \
                     _mm256_store_ps(sc + (size_t)o * nbp + b,                                      \
                                     _mm256_mul_ps(dw, _mm256_loadu_ps(dy + (size_t)t * nbp + b))); \
                 }                                                                                  \
@@ -416,7 +474,7 @@ DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
                     WPREP(wv[r], wa[r], qb + (size_t)r * (QB));                                    \
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
-                    YPREP(yv[t], x + (size_t)t * xs + b * RP_XBLK);                                \
+                    YPREP(yv[t], x + (size_t)t * xs + b * (XB));                                   \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
                 {                                                                                  \
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
@@ -461,12 +519,18 @@ DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5_IDOT_VNNI)
 
 /* AVX2's 16 vector registers hold 2 rows x 4 tokens; AVX-512 VL's 32 hold 4 x 4. */
 /* clang-format off */
-DEF_GEMM(gemm_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, Q8W_AVX2, RP_Y, Q8D_AVX2, RP_CVT_AVX2)
-DEF_GEMM(gemm_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, Q4W, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
-DEF_GEMM(gemm_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, Q8W_VNNI, RP_Y_X80, Q8D_VNNI, RP_CVT_MAGIC)
-DEF_GEMM(gemm_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, Q4W, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
-DEF_GEMM(gemm_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, Q5W_AVX2, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
-DEF_GEMM(gemm_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, Q5W_VNNI, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
+DEF_GEMM(gemm_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, 0, RP_XBLK, Q8W_AVX2, RP_Y, Q8D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, 0, RP_XBLK, Q4W, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, 0, RP_XBLK, Q8W_VNNI, RP_Y_X80, Q8D_VNNI,
+         RP_CVT_MAGIC)
+DEF_GEMM(gemm_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, 0, RP_XBLK, Q4W, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
+DEF_GEMM(gemm_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, 0, RP_XBLK, Q5W_AVX2, RP_Y, Q4D_AVX2,
+         RP_CVT_AVX2)
+DEF_GEMM(gemm_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, 0, RP_XBLK, Q5W_VNNI, RP_Y, Q4D_VNNI,
+         RP_CVT_MAGIC)
+DEF_GEMM(gemm_q4_1_avx2, RP_AVX2, 2, RP_Q4_0_QB, 0, 1, RP_X1BLK, Q4W, RP_Y1, Q4D_AVX2, RP_CVT_AVX2)
+DEF_GEMM(gemm_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, Q4W, RP_Y1, Q4D_VNNI,
+         RP_CVT_MAGIC)
 /* clang-format on */
 
 typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,
@@ -497,11 +561,17 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         gv = vnni ? gemv_q5_0_vnni : gemv_q5_0_avx2;
         gm = vnni ? gemm_q5_0_vnni : gemm_q5_0_avx2;
         break;
+    case TSR_TYPE_Q4_1:
+        gv = vnni ? gemv_q4_1_vnni : gemv_q4_1_avx2;
+        gm = vnni ? gemm_q4_1_vnni : gemm_q4_1_avx2;
+        break;
     default:
         gv = vnni ? gemv_q8_0_vnni : gemv_q8_0_avx2;
         gm = vnni ? gemm_q8_0_vnni : gemm_q8_0_avx2;
         break;
     }
+    void (*build)(const uint8_t *, size_t, size_t, int32_t, float *, float *) =
+        type == TSR_TYPE_Q4_1 ? act_build_q8_1 : act_build;
     const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
     if (n_tok == 1) {
         float stack_buf[2 * RP_STACK_BLOCKS] __attribute__((aligned(32)));
@@ -511,7 +581,7 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
             return;
         }
         float *dy = buf, *ey = buf + nbp;
-        act_build(x, nb, nbp, mult, dy, ey);
+        build(x, nb, nbp, mult, dy, ey);
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
             for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
@@ -525,7 +595,7 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         return;
     }
     /* tokens per chunk: activations within RP_ACT_BYTES, a multiple of 4, balanced */
-    size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
+    size_t tc = RP_ACT_BYTES / (nb * (type == TSR_TYPE_Q4_1 ? RP_X1BLK : RP_XBLK)) / 4 * 4;
     if (tc < 4) tc = 4;
     const size_t n_chunks = ((size_t)n_tok + tc - 1) / tc;
     tc = ((size_t)n_tok + n_chunks - 1) / n_chunks;
@@ -544,7 +614,7 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
     for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
         const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
         for (size_t t = 0; t < tcn; ++t)
-            act_build(x + (t0 + t) * xs, nb, nbp, mult, dy + t * nbp, ey + t * nbp);
+            build(x + (t0 + t) * xs, nb, nbp, mult, dy + t * nbp, ey + t * nbp);
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
             if (g + 1 < n_groups) { /* the next group toward L2 while this one computes */

@@ -18,14 +18,15 @@
  * blocks, the same final additions). So results are bit-identical with and without
  * repacking, for one token or many, whatever the thread count or row split.
  *
- * Repacked types: Q8_0, Q4_0, Q5_0, Q4_K, Q6_K. Others keep the row / tile kernels of quant.h
+ * Repacked types: Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K. Others keep the row / tile kernels of quant.h
  * (tsr_repack_supported is false for them).
  *
  * Layout of a repacked matrix of n_out rows x n elements (nb = n / 32 blocks, nbp = nb
  * rounded up to 8): ceil(n_out / 4) groups of tsr_repack_group_bytes bytes; a group holds
  *   uint16 d[4][nbp]   the fp16 block scales of its 4 rows (zero past nb)
+ *   uint16 m[4][nbp]   Q4_1 only: the rows' fp16 block mins
  *   quants [nb][4][Q]  block b's quant bytes of row 0, 1, 2, 3 (Q = 32 for Q8_0, 16 for
- *                      Q4_0, 20 for Q5_0: the bytes after d, as stored)
+ *                      Q4_0 / Q4_1, 20 for Q5_0: the bytes after d (and m), as stored)
  * padded to 64 bytes. Q4_K / Q6_K (K-quants): ceil(n_out / 4) groups of [n / 256][4] whole
  * super-blocks (block i of rows 0..3 side by side), padded to 64 bytes. Rows past n_out in
  * the last group repeat the last row (computed, never stored).
@@ -39,8 +40,8 @@
 
 #define TSR_REPACK_ROWS 4 /* rows per group; row splits of a repacked matrix are multiples */
 
-/* Whether weights of `type` have a repacked layout and kernels (Q8_0, Q4_0, Q5_0, Q4_K,
- * Q6_K). */
+/* Whether weights of `type` have a repacked layout and kernels (Q8_0, Q4_0, Q5_0, Q4_1,
+ * Q4_K, Q6_K). */
 bool tsr_repack_supported(uint32_t type);
 
 /* Bytes of one group of TSR_REPACK_ROWS rows of n elements, and of a whole matrix of

@@ -5,12 +5,14 @@
 #      Qwen2.5-Coder-0.5B (ops/fetch-model.sh);
 #   2. the attention kernel alone: one head over 4096 positions per type and ISA
 #      (build/tests/bench_kvcache).
-# Each bench figure is the median of REPS runs (default 3); timings on a shared machine
-# are noisy. Run it under `flock /work/bench.lock` on a shared machine. Needs build/.
+# Each bench figure is the median of REPS runs (default 3; REPS_LONG, default 1, at 4096:
+# its prefill alone takes minutes); timings on a shared machine are noisy. Run it under
+# `flock /work/bench.lock` on a shared machine. Needs build/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-2}
 REPS=${REPS:-3}
+REPS_LONG=${REPS_LONG:-1}
 GEN=${GEN:-32}
 CTXS=${CTXS:-"128 1024 4096"}
 uptime
@@ -19,7 +21,9 @@ for name in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do
   m=$(ops/fetch-model.sh "$name" | tail -n 1)
   for ctx in $CTXS; do
     for kv in f32 f16 q8_0; do
-      j=$(build/tessera bench -m "$m" -t "$THREADS" -p "$ctx" -n "$GEN" -r "$REPS" \
+      r=$REPS
+      [ "$ctx" -ge 4096 ] && r=$REPS_LONG
+      j=$(build/tessera bench -m "$m" -t "$THREADS" -p "$ctx" -n "$GEN" -r "$r" \
             --kv-type "$kv" --json)
       /usr/bin/python3 - "$name" "$kv" "$ctx" "$j" <<'PY'
 import json, sys

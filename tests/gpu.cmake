@@ -124,6 +124,20 @@ if(NOT TSR_SANITIZE)
                    --kv-type f16 --tol 1e-3 -n 8 --batch-step --expect-transport "device-direct")
   set_tests_properties(gpu_sim_replica_direct_stories_kv_f16_tp2_pp2 PROPERTIES
                        ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 120 PROCESSORS 2)
+  # a stuck peer on the device-direct path (its sends and receives from device buffers, the
+  # tp sums) becomes an error naming it within --comm-timeout (2 s here), never a hang
+  foreach(layout "1;2" "2;2")
+    list(GET layout 0 tp)
+    list(GET layout 1 pp)
+    math(EXPR np "${tp} * ${pp}")
+    add_test(NAME gpu_sim_replica_direct_stuck_peer_tp${tp}_pp${pp}
+             COMMAND ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:gpu_sim_replica_check>
+                     -m ${TSR_MODELS_DIR}/stories260K.gguf --tp ${tp} --pp ${pp} --device cuda
+                     --stall-followers 2000)
+    set_tests_properties(gpu_sim_replica_direct_stuck_peer_tp${tp}_pp${pp} PROPERTIES
+                         ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 60 PROCESSORS 2
+                         PASS_REGULAR_EXPRESSION "replica_check: PASS: stuck peer reported")
+  endforeach()
   add_test(NAME gpu_sim_replica_kv_q8_0_refused
            COMMAND gpu_sim_replica_check -m ${TSR_MODELS_DIR}/stories260K.gguf --device cuda
                    --kv-type q8_0 --expect-refusal "q8_0 is not supported on the CUDA backend")

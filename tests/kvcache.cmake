@@ -46,3 +46,15 @@ set_tests_properties(cli_kv_type_errors PROPERTIES TIMEOUT 60)
 # The attention kernel's time per type and ISA at long context (ops/bench-kvtype.sh runs it).
 add_executable(bench_kvcache ${CMAKE_CURRENT_SOURCE_DIR}/bench_kvcache.c)
 target_link_libraries(bench_kvcache PRIVATE tessera_core)
+
+# The real models keep llama.cpp's greedy ids (within real_models_check's near-tie rule)
+# with the default f16 cache too (real_model_* run the f32 cache). Release tree only.
+if(NOT TSR_SANITIZE)
+  foreach(short smollm2 qwen2 gemma3)
+    add_test(NAME real_model_${short}_kv_f16
+             COMMAND sh -c "set -e; p=$(${TSR_FETCH_MODEL} ${TSR_REAL_${short}} | tail -n 1); \
+$<TARGET_FILE:real_models_check> --expected ${TSR_REAL_EXPECTED} --name ${TSR_REAL_${short}} \
+-m \"$p\" -t 2 --steps 24 --kv-type f16")
+    set_tests_properties(real_model_${short}_kv_f16 PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
+  endforeach()
+endif()

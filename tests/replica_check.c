@@ -16,6 +16,10 @@
  * cut into pipeline micro-batches), every token's logits against the reference's.
  * --expect-transport TEXT: the replica's data plane (tsr_replica_transport) must contain
  * TEXT on every rank (e.g. that GPU ranks move activations device to device).
+ * --stall-followers MS: a stuck peer. Followers sleep instead of following (for 4 × MS, then
+ * exit); the leader, with a comm deadline of MS, runs one step and must get an error that
+ * says which rank did not answer within MS, in about MS; it prints PASS and ends the job
+ * (MPI_Abort: the stuck ranks would hold MPI_Finalize).
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -37,6 +41,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kernels/util.h"
 
 static int fail(const char *what)
 {
@@ -61,14 +69,23 @@ int main(int argc, char **argv)
                                          {"kv-type", required_argument, 0, 'K'},
                                          {"batch-step", no_argument, 0, 'B'},
                                          {"expect-transport", required_argument, 0, 'T'},
+                                         {"stall-followers", required_argument, 0, 'S'},
                                          {"dump", required_argument, 0, 'D'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
-    tsr_replica_params rp = {
-        .tp = 1, .pp = 1, .n_threads = 1, .n_ctx = 256, .n_batch = 16, .device = "cpu"};
+    /* f32 KV unless --kv-type says otherwise: the layouts' float32 logits agree within 1e-4,
+     * which an f16 cache's rounding of re-associated K/V sums would exceed */
+    tsr_replica_params rp = {.tp = 1,
+                             .pp = 1,
+                             .n_threads = 1,
+                             .n_ctx = 256,
+                             .n_batch = 16,
+                             .device = "cpu",
+                             .kv_type = "f32"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
     const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
     bool batch_step = false;
+    long stall_ms = 0;
     double tol = 1e-4;
     tsr_kv_type kv_type = TSR_KV_F32;
     int n_gen = 24, c;
@@ -119,6 +136,10 @@ int main(int argc, char **argv)
         case 'T':
             transport = optarg;
             break;
+        case 'S':
+            stall_ms = atol(optarg);
+            rp.timeout_ms = stall_ms;
+            break;
         case 'D':
             dump_path = optarg;
             break;
@@ -158,6 +179,28 @@ int main(int argc, char **argv)
     }
     if (tsr_replica_is_leader(rep))
         printf("replica_check: rank 0 transport: %s\n", tsr_replica_transport(rep));
+    if (stall_ms > 0) {
+        if (!tsr_replica_is_leader(rep)) {
+            struct timespec ts = {stall_ms * 4 / 1000, (stall_ms * 4 % 1000) * 1000000L};
+            nanosleep(&ts, NULL); /* stuck: no answer to the leader's step */
+            _exit(3);
+        }
+        int32_t toks[5] = {1, 2, 3, 4, 5};
+        const float *lg;
+        const uint64_t t0 = tsr_now_ns();
+        rc = tsr_replica_forward(rep, toks, 5, 0, &lg, err, sizeof err);
+        const double waited_ms = (double)(tsr_now_ns() - t0) / 1e6;
+        printf("replica_check: step with stuck followers: rc %d after %.0f ms: %s\n", rc, waited_ms,
+               rc ? err : "(no error)");
+        if (rc == 0 || (!strstr(err, "did not answer within") && !strstr(err, "no answer from")) ||
+            waited_ms > 3.0 * stall_ms)
+            return fail("a stuck peer must become an error naming it within the deadline");
+        printf("replica_check: PASS: stuck peer reported as an error in %.0f ms (deadline %ld "
+               "ms)\n",
+               waited_ms, stall_ms);
+        fflush(stdout);
+        tsr_comm_mpi_abort(0);
+    }
     if (!tsr_replica_is_leader(rep)) {
         if (tsr_replica_follow(rep, err, sizeof err) != 0 ||
             tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {

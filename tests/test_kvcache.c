@@ -438,7 +438,7 @@ static void test_synth_tiny(void **state)
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
     int n_cases = 0;
-    float worst[5] = {0}; /* [1], [2]: f16, q8_0 on float weights; [3], [4]: quantized */
+    float worst[5] = {0}; /* [1], [2]: f16, q8_0 on the F16 file; [3], [4]: others */
     for (size_t i = 0; i < nb; i++) {
         const char *model = tsr_test_block_get(&b[i], "model");
         const char *pids = tsr_test_block_get(&b[i], "prompt_ids");
@@ -490,8 +490,8 @@ static void test_synth_tiny(void **state)
     assert_int_equal(n_cases, 15);
 #endif
     printf("synth-tiny: %d cases keep llama.cpp's greedy ids with f32, f16 and q8_0 KV; max "
-           "|logit - f32 KV's| with F16/BF16 weights: f16 %.3g, q8_0 %.3g; with quantized "
-           "weights: f16 %.3g, q8_0 %.3g\n",
+           "|logit - f32 KV's| with the F16 file: f16 %.3g, q8_0 %.3g; with quantized or "
+           "BF16 weights: f16 %.3g, q8_0 %.3g\n",
            n_cases, worst[1], worst[2], worst[3], worst[4]);
     tsr_test_blocks_free(b, nb);
 }

@@ -4,7 +4,7 @@
  * VNNI, forced with tsr_quant_set_isa), for token counts 1..9 and 16, odd row counts, row
  * ranges starting inside the matrix, block counts that leave a partial group of 8, and on
  * the real tensors of the shared model files (stories260K Q8_0, synth-tiny Q8_0 / Q4_0 /
- * Q4_K_M / Q5_0).
+ * Q4_K_M / Q5_0 / Q4_1).
  * A failure prints the row, token, both values and their bits.
  *
  * Model level: logits of a model loaded with and without repacking are bit-identical, for
@@ -193,6 +193,7 @@ static void test_model_tensors(void **state)
     check_file("synthetic/synth-tiny-q4_0.gguf");
     check_file("synthetic/synth-tiny-q4_k_m.gguf");
     check_file("synthetic/synth-tiny-q5_0.gguf");
+    check_file("synthetic/synth-tiny-q4_1.gguf");
 }
 
 static void test_sizes(void **state)
@@ -303,6 +304,7 @@ static void test_model_on_off(void **state)
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"));
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"));
 }
 
 static const char *g_model_arg;

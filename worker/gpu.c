@@ -122,6 +122,13 @@ static int up_weight(tsr_gpu_model *gm, const tsr_weight *w, const char *what, t
                     w->type);
         return -1;
     }
+    if (!w->data) { /* a column slice repacked for the CPU kernels (worker/model.h) */
+        tsr_set_err(err, err_len,
+                    "%s: the weights were repacked for the CPU and their file layout freed; a "
+                    "GPU rank needs the model loaded without repacking (--no-repack)",
+                    what);
+        return -1;
+    }
     const size_t n = w->row_bytes * (size_t)w->n_out;
     void *p;
     if (track(gm, n, what, &p, err, err_len) != 0) return -1;

@@ -142,7 +142,7 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
                          size_t err_len);
 
 /* Repack this rank's matrices of the types kernels/repack.h has kernels for (Q8_0, Q4_0,
- * Q5_0, Q4_K, Q6_K)
+ * Q5_0, Q4_1, Q4_K, Q6_K)
  * into its interleaved-row layout, in anonymous memory owned by the model (w->packed; the
  * matmul reads it, with bit-identical results). Row slices are read with pread (the mapping
  * is not touched); a column slice's private copy is repacked and freed (its data becomes

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_batch  # noqa: E402  (make_input: the mixed file of the batch tests)
-from test_coord_front import make_certs  # noqa: E402  (a test CA, server and client certs)
+from tsrtest import make_certs  # noqa: E402  (a test CA, server and client certs)
 
 CTX = 256
 SEED = 7

@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -38,8 +37,10 @@ import traceback
 
 import grpc
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tsrtest  # noqa: E402  (stubs, processes)
+
+MPI_ENV = tsrtest.MPI_ENV
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
            "One day, a big bird", "The sun was", "Ben had a red ball", "Mom said",
            "There was a tree"]
@@ -48,98 +49,21 @@ pb = pbg = hpb = hpbg = None
 
 
 def make_stubs(proto_dir, out_dir):
-    protos = ["tessera.proto", "health.proto"]
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir, "--python_out", out_dir,
-           "--grpc_python_out", out_dir] + protos
-    r = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        plugin = shutil.which("grpc_python_plugin") or "/usr/bin/grpc_python_plugin"
-        cmd = ["protoc", "-I", proto_dir, "--python_out", out_dir, "--grpc_python_out",
-               out_dir, "--plugin=protoc-gen-grpc_python=" + plugin] + protos
-        r2 = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
-        if r2.returncode != 0:
-            raise RuntimeError("cannot generate stubs: %s / %s" % (r.stderr, r2.stderr))
-    sys.path.insert(0, out_dir)
     global pb, pbg, hpb, hpbg
-    import tessera_pb2 as pb  # noqa: E402
-    import tessera_pb2_grpc as pbg  # noqa: E402
-    import health_pb2 as hpb  # noqa: E402
-    import health_pb2_grpc as hpbg  # noqa: E402
+    pb, pbg, hpb, hpbg = tsrtest.make_stubs(proto_dir, out_dir)
 
 
 # ---------------------------------------------------------------------------------------
 # processes
 
 
-class Proc:
+class Proc(tsrtest.Proc):
     """A tessera process (or an mpirun job) whose stderr says 'listening on HOST:PORT'."""
 
     def __init__(self, cmd, mpi_np=0, wait_listen=True, timeout=60):
-        self.log_path = tempfile.mktemp(prefix="tsr-coord-", suffix=".log")
-        self.log = open(self.log_path, "w+b")
-        env = dict(os.environ)
-        if mpi_np:
-            env.update(MPI_ENV)
-            cmd = [ARGS.mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(mpi_np)] + cmd
-        self.cmd = cmd
-        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
-        self.port = None
-        if not wait_listen:
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            m = re.search(rb"listening on [^\s]+:(\d+)", self.output_bytes())
-            if m:
-                self.port = int(m.group(1))
-                break
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.05)
-        if self.port is None:
-            out = self.output()
-            self.kill()
-            raise AssertionError("did not start: %s\n%s" % (" ".join(cmd), out[-3000:]))
-        self.target = "127.0.0.1:%d" % self.port
-
-    def output_bytes(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read()
-
-    def output(self):
-        return self.output_bytes().decode("utf-8", "replace")
-
-    def pids(self):
-        out, todo = [], [self.p.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            try:
-                with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-                    todo += [int(x) for x in f.read().split()]
-            except OSError:
-                pass
-        return out
-
-    def kill(self):
-        if self.p.poll() is None:
-            pids = self.pids()
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        if not self.log.closed:
-            self.log.close()
+        super().__init__(cmd, mpirun=getattr(ARGS, "mpirun", None), mpi_np=mpi_np,
+                         wait_listen=wait_listen,
+                         timeout=timeout, log_prefix="tsr-coord-")
 
 
 def dump_logs(procs):

@@ -28,7 +28,6 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,9 @@ import time
 import traceback
 
 import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tsrtest  # noqa: E402  (stubs, processes)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -66,115 +68,41 @@ def prompts_32():
 
 
 def make_stubs(proto_dir, out_dir):
-    protos = ["tessera.proto", "health.proto"]
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir,
-           "--python_out", out_dir, "--grpc_python_out", out_dir] + protos
-    r = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        plugin = shutil.which("grpc_python_plugin") or "/usr/bin/grpc_python_plugin"
-        cmd = ["protoc", "-I", proto_dir, "--python_out", out_dir, "--grpc_python_out",
-               out_dir, "--plugin=protoc-gen-grpc_python=" + plugin] + protos
-        r2 = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
-        if r2.returncode != 0:
-            raise RuntimeError("cannot generate stubs: %s / %s" % (r.stderr, r2.stderr))
-    sys.path.insert(0, out_dir)
     global pb, pbg, hpb, hpbg
-    import tessera_pb2 as pb  # noqa: E402
-    import tessera_pb2_grpc as pbg  # noqa: E402
-    import health_pb2 as hpb  # noqa: E402
-    import health_pb2_grpc as hpbg  # noqa: E402
+    pb, pbg, hpb, hpbg = tsrtest.make_stubs(proto_dir, out_dir)
 
 
 # ---------------------------------------------------------------------------------------
 # processes
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+MPI_ENV = tsrtest.MPI_ENV
 
 
-class Server:
-    """A `tessera serve` process (or an mpirun job of them) on an ephemeral port."""
+class Server(tsrtest.Proc):
+    """A `tessera serve` process (or an mpirun job of them) on an ephemeral port, with a
+    channel and the Inference, Admin and Health stubs on it."""
 
     def __init__(self, args, mpi_np=0, start_timeout=60):
-        self.log_path = tempfile.mktemp(prefix="tsr-serve-", suffix=".log")
-        self.log = open(self.log_path, "w+b")
-        env = dict(os.environ)
         cmd = [ARGS.tessera, "serve", "-m", ARGS.model, "--listen", "127.0.0.1:0"] + args
-        if mpi_np:
-            env.update(MPI_ENV)
-            cmd = [ARGS.mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(mpi_np)] + cmd
-        self.cmd = cmd
-        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
-        self.port = None
-        deadline = time.time() + start_timeout
-        while time.time() < deadline:
-            m = re.search(rb"(?<!http )listening on [^\s]+:(\d+)", self.output_bytes())
-            if m:
-                self.port = int(m.group(1))
-                break
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.05)
-        if self.port is None:
-            out = self.output()
-            self.kill()
-            raise AssertionError("server did not start: %s\n%s" % (" ".join(cmd), out[-3000:]))
-        self.target = "127.0.0.1:%d" % self.port
+        super().__init__(cmd, mpirun=getattr(ARGS, "mpirun", None), mpi_np=mpi_np,
+                         timeout=start_timeout,
+                         listen_re=rb"(?<!http )listening on [^\s]+:(\d+)",
+                         log_prefix="tsr-serve-", fail_what="server did not start")
         self.channel = grpc.insecure_channel(self.target)
         grpc.channel_ready_future(self.channel).result(timeout=10)
         self.inf = pbg.InferenceStub(self.channel)
         self.admin = pbg.AdminStub(self.channel)
         self.health = hpbg.HealthStub(self.channel)
 
-    def output_bytes(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read()
-
-    def output(self):
-        return self.output_bytes().decode("utf-8", "replace")
-
     def status(self):
         return self.admin.Status(pb.StatusRequest(), timeout=5)
-
-    def pids(self):
-        """The process and its descendants (mpirun's ranks)."""
-        out, todo = [], [self.p.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            try:
-                with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-                    todo += [int(x) for x in f.read().split()]
-            except OSError:
-                pass
-        return out
-
-    def wait(self, timeout):
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
 
     def kill(self):
         try:
             self.channel.close()
         except Exception:
             pass
-        if self.p.poll() is None:
-            pids = self.pids()
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.wait(10)
-        self.log.close()
+        super().kill()
         try:
             os.unlink(self.log_path)
         except OSError:
@@ -321,11 +249,12 @@ def rank_of(pid):
 
 
 def test_preemption_small_kv():
-    # 20480 bytes per 16-token block for stories260K (5 layers x 2 x 4 KV heads x 8 x 4 x 16):
-    # 10 blocks hold 160 tokens, while 12 streams of up to 69 tokens want ~60 blocks.
+    # 10240 bytes per 16-token block for stories260K in the default f16 KV cache (5 layers x 2
+    # x 4 KV heads x 8 values x 2 bytes x 16): 10 blocks hold 160 tokens, while 12 streams of
+    # up to 69 tokens want ~60 blocks.
     items = [(PROMPT_WORDS[i], 48 + i) for i in range(12)]
     refs = references(items)
-    srv = Server(["-t", "1", "--kv-memory", str(10 * 20480), "--max-batch-tokens", "32"])
+    srv = Server(["-t", "1", "--kv-memory", str(10 * 10240), "--max-batch-tokens", "32"])
     try:
         mi = srv.inf.ModelInfo(pb.ModelInfoRequest(), timeout=5)
         assert mi.kv_capacity_tokens == 160, mi

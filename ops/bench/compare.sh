@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# compare.sh — Tessera against llama.cpp's llama-bench on the same GGUF files, same threads.
+#
+#   ops/bench/compare.sh [-t THREADS] [-r REPS] [-n GEN] [-m MODELS] [--quick] [--cache DIR]
+#
+#   -t, --threads LIST  comma-separated thread counts (default: all cores)
+#   -r, --reps N        repetitions, interleaved Tessera / llama.cpp (default 5)
+#   -n, --gen N         decode tokens per repetition (default 32)
+#   -m, --models LIST   comma-separated, from q8_0, q4_0, q4_k_m (the 1B shape: n_embd 2048,
+#                       16 layers, 32/8 heads, n_ff 8192, vocab 32000, made with
+#                       `tessera mkmodel`) and qwen (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M-ish
+#                       real model via ops/fetch-model.sh), or paths of GGUF files;
+#                       default q8_0,q4_0,q4_k_m,qwen
+#       --quick         -r 3 -n 16 -m q4_0,qwen
+#       --cache DIR     where llama.cpp is built and the 1B files are kept (default
+#                       $TSR_BENCH_CACHE or ~/.cache/tessera; llama.cpp in DIR/llama.cpp)
+#
+# Prefill is 128 tokens (llama-bench pp128 / `tessera bench -p 128`); decode is GEN tokens
+# (llama-bench tgGEN, from an empty context; Tessera decodes after its 128-token prompt,
+# so it reads slightly more KV per token: under 1% of the bytes on these models).
+# Each repetition runs Tessera once, then llama-bench once, so drifting load hits both.
+# The table gives medians, the ratio Tessera / llama.cpp, the memory read bandwidth that
+# `tessera bench` measured in the same runs (median) and each decode's fraction of the
+# roofline (bandwidth / bytes read per token, as `tessera bench` computes it).
+# Builds llama.cpp on first use (ops/bench/llama-build.sh, a few minutes on 2 cores).
+# Run it under `flock /work/bench.lock` on a shared machine; it prints `uptime` before
+# and after. Needs build/tessera (ops/build.sh release).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+THREADS=$(nproc)
+REPS=5
+GEN=32
+MODELS=q8_0,q4_0,q4_k_m,qwen
+CACHE="${TSR_BENCH_CACHE:-$HOME/.cache/tessera}"
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+    -t | --threads) THREADS="$2"; shift 2 ;;
+    -r | --reps) REPS="$2"; shift 2 ;;
+    -n | --gen) GEN="$2"; shift 2 ;;
+    -m | --models) MODELS="$2"; shift 2 ;;
+    --quick) REPS=3; GEN=16; MODELS=q4_0,qwen; shift ;;
+    --cache) CACHE="$2"; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "compare.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+for v in "$REPS" "$GEN"; do
+    [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: -r and -n take a positive integer, got '$v'" >&2; exit 2; }
+done
+[[ "$THREADS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] ||
+    { echo "compare.sh: -t takes a comma-separated list of thread counts, got '$THREADS'" >&2; exit 2; }
+
+TSR=build/tessera
+[ -x "$TSR" ] || { echo "compare.sh: $TSR is missing; run ops/build.sh release first" >&2; exit 1; }
+LLAMA_BENCH=$(TSR_LLAMA_CACHE="$CACHE/llama.cpp" ops/bench/llama-build.sh | tail -1)
+
+VOCAB=../shared/models/vocab/ggml-vocab-llama-spm.gguf
+model_path() { # name -> GGUF path (made or fetched on first use)
+    case "$1" in
+    q8_0 | q4_0 | q4_k_m)
+        local ty f
+        ty=$(echo "$1" | tr a-z A-Z)
+        f="$CACHE/bench-models/1b-$ty.gguf"
+        if [ ! -f "$f" ]; then
+            [ -f "$VOCAB" ] || { echo "compare.sh: $VOCAB is missing (the models folder)" >&2; exit 1; }
+            mkdir -p "$CACHE/bench-models"
+            echo "compare.sh: making $f (tessera mkmodel, 1B shape, $ty)" >&2
+            "$TSR" mkmodel -o "$f.tmp" --vocab-from "$VOCAB" --n-layer 16 --n-embd 2048 \
+                --n-head 32 --n-head-kv 8 --n-ff 8192 --type "$ty" >&2
+            mv "$f.tmp" "$f"
+        fi
+        echo "$f" ;;
+    qwen) ops/fetch-model.sh qwen2.5-coder-0.5b-instruct | tail -1 ;;
+    *.gguf) [ -f "$1" ] || { echo "compare.sh: no file '$1'" >&2; exit 2; }; echo "$1" ;;
+    *) echo "compare.sh: unknown model '$1' (q8_0, q4_0, q4_k_m, qwen, or a .gguf path)" >&2; exit 2 ;;
+    esac
+}
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+echo "compare.sh: tessera $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $LLAMA_BENCH"
+echo "uptime before: $(uptime)"
+IFS=, read -r -a model_list <<<"$MODELS"
+IFS=, read -r -a thread_list <<<"$THREADS"
+for m in "${model_list[@]}"; do
+    f=$(model_path "$m")
+    m=$(basename "$m" .gguf)
+    for t in "${thread_list[@]}"; do
+        for r in $(seq "$REPS"); do
+            echo "  $m t=$t rep $r/$REPS" >&2
+            # One Tessera run (its own warm-up token) and one llama-bench run (its warm-up).
+            if ! "$TSR" bench -m "$f" -t "$t" -p 128 -n "$GEN" -r 1 --json \
+                >"$OUT/tsr.$m.$t.$r.json" 2>"$OUT/tsr.err"; then
+                echo "compare.sh: tessera bench failed on $f:" >&2; cat "$OUT/tsr.err" >&2; exit 1
+            fi
+            if ! "$LLAMA_BENCH" -m "$f" -t "$t" -p 128 -n "$GEN" -r 1 -o jsonl \
+                >"$OUT/llama.$m.$t.$r.jsonl" 2>"$OUT/llama.err"; then
+                echo "compare.sh: llama-bench failed on $f:" >&2; tail -20 "$OUT/llama.err" >&2; exit 1
+            fi
+        done
+    done
+done
+echo "uptime after:  $(uptime)"
+python3 - "$OUT" "$MODELS" "$THREADS" "$REPS" "$GEN" <<'EOF'
+import glob, json, os, statistics, sys
+out, models, threads, reps, gen = sys.argv[1], [os.path.basename(m)[:-5] if m.endswith(".gguf") else m for m in sys.argv[2].split(",")], sys.argv[3].split(","), int(sys.argv[4]), int(sys.argv[5])
+med = statistics.median
+print()
+print(f"medians of {reps} interleaved runs; prefill pp128, decode tg{gen}; tok/s")
+hdr = f"{'model':<11} {'thr':>3} {'test':<7} {'tessera':>9} {'llama.cpp':>9} {'ratio':>6}  {'GB/s':>5} {'roofline':>8} {'tsr roof':>8} {'llama roof':>10}"
+print(hdr)
+print("-" * len(hdr))
+for m in models:
+    for t in threads:
+        tj = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/tsr.{m}.{t}.*.json"))]
+        lj = [json.loads(l) for f in sorted(glob.glob(f"{out}/llama.{m}.{t}.*.jsonl")) for l in open(f) if l.strip()]
+        pp_l = [x["avg_ts"] for x in lj if x["n_prompt"] > 0 and x["n_gen"] == 0]
+        tg_l = [x["avg_ts"] for x in lj if x["n_gen"] > 0 and x["n_prompt"] == 0]
+        pp_t = [x["prefill_tokens_per_s"] for x in tj]
+        tg_t = [x["decode_tokens_per_s"] for x in tj]
+        bw = med([x["mem_bw_gb_s"] for x in tj])
+        bpt = tj[0]["bytes_per_token"]
+        roof = bw * 1e9 / bpt
+        r_pp = med(pp_t) / med(pp_l)
+        r_tg = med(tg_t) / med(tg_l)
+        print(f"{m[:11]:<11} {t:>3} {'pp128':<7} {med(pp_t):>9.1f} {med(pp_l):>9.1f} {r_pp:>6.2f}")
+        print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen):<7} {med(tg_t):>9.2f} {med(tg_l):>9.2f} {r_tg:>6.2f}  {bw:>5.1f} {roof:>8.2f} {100*med(tg_t)/roof:>7.1f}% {100*med(tg_l)/roof:>9.1f}%")
+print()
+print("ratio = Tessera / llama.cpp; GB/s = memory read bandwidth measured by `tessera bench` in")
+print("the same runs with the same threads; roofline = GB/s / bytes read per decode token.")
+EOF

@@ -1,0 +1,155 @@
+"""tsrtest.py — fixtures shared by the Python end-to-end tests (test_serve.py,
+test_coord.py, and through them test_robust.py, test_coord_front.py, ...).
+
+  make_stubs  Python gRPC stubs generated from proto/ at test time (grpc_tools, else
+              protoc with grpc_python_plugin), imported and returned;
+  Proc        a tessera process (or an mpirun job of them) that prints 'listening on
+              HOST:PORT' when it serves: started in its own session with its output in a
+              log file, the port read from that log, the process tree from /proc, and a
+              kill that leaves no rank behind.
+
+  make_certs  a test CA, server and client certificates (openssl).
+
+Each test module keeps its own helpers on top (channels, stubs, references); what is here
+is only what they all did the same way. Run with Debian's /usr/bin/python3 (grpcio).
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
+
+def make_stubs(proto_dir, out_dir, protos=("tessera.proto", "health.proto")):
+    """Generate the stubs of `protos` into out_dir and import them: returns the modules
+    (NAME_pb2, NAME_pb2_grpc for each proto, in order)."""
+    protos = list(protos)
+    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir,
+           "--python_out", out_dir, "--grpc_python_out", out_dir] + protos
+    r = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        plugin = shutil.which("grpc_python_plugin") or "/usr/bin/grpc_python_plugin"
+        cmd = ["protoc", "-I", proto_dir, "--python_out", out_dir, "--grpc_python_out",
+               out_dir, "--plugin=protoc-gen-grpc_python=" + plugin] + protos
+        r2 = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
+        if r2.returncode != 0:
+            raise RuntimeError("cannot generate stubs: %s / %s" % (r.stderr, r2.stderr))
+    sys.path.insert(0, out_dir)
+    mods = []
+    for p in protos:
+        base = os.path.splitext(os.path.basename(p))[0]
+        mods.append(__import__(base + "_pb2"))
+        mods.append(__import__(base + "_pb2_grpc"))
+    return tuple(mods)
+
+
+class Proc:
+    """A tessera process (or `mpirun -np mpi_np ...` of it) on an ephemeral port."""
+
+    LISTEN_RE = rb"listening on [^\s]+:(\d+)"
+
+    def __init__(self, cmd, mpirun=None, mpi_np=0, wait_listen=True, timeout=60,
+                 listen_re=LISTEN_RE, log_prefix="tsr-", fail_what="did not start"):
+        self.log_path = tempfile.mktemp(prefix=log_prefix, suffix=".log")
+        self.log = open(self.log_path, "w+b")
+        env = dict(os.environ)
+        if mpi_np:
+            env.update(MPI_ENV)
+            cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(mpi_np)] + cmd
+        self.cmd = cmd
+        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        self.port = None
+        if not wait_listen:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(listen_re, self.output_bytes())
+            if m:
+                self.port = int(m.group(1))
+                break
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        if self.port is None:
+            out = self.output()
+            self.kill()
+            raise AssertionError("%s: %s\n%s" % (fail_what, " ".join(cmd), out[-3000:]))
+        self.target = "127.0.0.1:%d" % self.port
+
+    def output_bytes(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read()
+
+    def output(self):
+        return self.output_bytes().decode("utf-8", "replace")
+
+    def pids(self):
+        """The process and its descendants (mpirun's ranks)."""
+        out, todo = [], [self.p.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                    todo += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        return out
+
+    def wait(self, timeout):
+        """The exit status, or None if still running after timeout seconds."""
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        """SIGKILL to the session and to every descendant, then wait up to 10 s."""
+        if self.p.poll() is None:
+            pids = self.pids()
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.wait(10)
+        if not self.log.closed:
+            self.log.close()
+
+
+def openssl(*args):
+    r = subprocess.run(["openssl"] + list(args), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, "openssl %s: %s" % (" ".join(args), r.stderr)
+
+
+def make_certs(d):
+    """A test CA, a server certificate for 127.0.0.1 / localhost and a client certificate
+    in folder d (openssl, EC P-256; the recipe of test_http.py and test_coord_front.py).
+    Returns p: name -> path ("ca.crt", "server.key", "client.crt", ...)."""
+    p = lambda n: os.path.join(d, n)  # noqa: E731
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", p("ca.key"), "-out", p("ca.crt"), "-days", "2",
+            "-subj", "/CN=tessera test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                 "extendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        openssl("req", *ec, "-keyout", p(name + ".key"), "-out", p(name + ".csr"),
+                "-subj", "/CN=tessera test " + name)
+        with open(p(name + ".ext"), "w") as f:
+            f.write(ext)
+        openssl("x509", "-req", "-in", p(name + ".csr"), "-CA", p("ca.crt"), "-CAkey",
+                p("ca.key"), "-CAcreateserial", "-out", p(name + ".crt"), "-days", "2",
+                "-extfile", p(name + ".ext"))
+    return p
