@@ -9,8 +9,8 @@
  *   f32   float32, the attention of the original engine: sequential float dot products,
  *         softmax, weighted sum of V in position order.
  *   f16   IEEE half. Numerics follow llama.cpp's CPU graph with F16 K/V and flash attention
- *         off (llama-cpp-python's default, the configuration that made
- *         ../shared/models/expected): Q is rounded to fp16, each q·k is a float dot product
+ *         off (llama-cpp-python's default; real-models.json was made with it on, see
+ *         docs/architecture.md "llama.cpp's numerics"): Q is rounded to fp16, each q·k is a float dot product
  *         of fp16 values, softmax in float32, the probabilities are rounded to fp16 and
  *         multiplied with the fp16 V, accumulating in float. The summation order is that of
  *         ggml's llamafile tinyBLAS F16 kernel on AVX-512 (16 float lanes, each an FMA chain

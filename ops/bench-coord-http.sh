@@ -36,9 +36,9 @@ print(f(r"TTFT: *p50 ([0-9.]+)"), f(r"inter-token: *p50 ([0-9.]+)"), f(r"through
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 measure() { # protocol target concurrency
-  local tt=() it=() tp=()
+  local tt=() it=() tp=() x y z
   for _ in $(seq "$REPS"); do
-    read -r a b c < <(loadgen "$1" "$2" "$3"); tt+=("$a"); it+=("$b"); tp+=("$c")
+    read -r x y z < <(loadgen "$1" "$2" "$3"); tt+=("$x"); it+=("$y"); tp+=("$z")
   done
   printf '%-5s via coordinator  c=%-3s TTFT p50 %8s ms   ITL p50 %7s ms   %8s tok/s\n' "$1" "$3" \
     "$(printf '%s\n' "${tt[@]}" | median)" "$(printf '%s\n' "${it[@]}" | median)" \
@@ -51,8 +51,8 @@ C=$(addr "$LOG/c" "coordinator: listening on")
 H=$(addr "$LOG/c" "http listening on")
 $T serve -m "$MODEL" -t "$THREADS" --listen 127.0.0.1:0 --join "$C" --name r1 2>"$LOG/r1" & PIDS+=($!)
 addr "$LOG/r1" "joined coordinator" >/dev/null
-for c in 1 16; do
-  measure grpc "$C" $c
-  measure http "$H" $c
+for conc in 1 16; do
+  measure grpc "$C" $conc
+  measure http "$H" $conc
 done
 uptime
