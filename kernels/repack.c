@@ -23,6 +23,7 @@
 
 #include "kernels/quant.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,6 +73,26 @@ static size_t quant_bytes(uint32_t type)
 static size_t n_scales(uint32_t type)
 {
     return has_min(type) ? 2 : 1;
+}
+
+/* -1: not decided yet (the environment decides at the first call). */
+static _Atomic int g_repack_all = -1;
+
+void tsr_repack_set_all(bool all)
+{
+    atomic_store(&g_repack_all, all ? 1 : 0);
+}
+
+bool tsr_repack_chosen(uint32_t type)
+{
+    if (!tsr_repack_supported(type)) return false;
+    int all = atomic_load(&g_repack_all);
+    if (all < 0) {
+        const char *e = getenv("TSR_REPACK_ALL");
+        all = (e && *e && strcmp(e, "0") != 0) ? 1 : 0;
+        atomic_store(&g_repack_all, all);
+    }
+    return all || type == TSR_TYPE_Q5_1 || is_kquant(type);
 }
 
 size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
@@ -681,7 +702,7 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
 
 #endif /* TSR_RP_X86 */
 
-/* ---- Q4_K, Q6_K: super-blocks of 4 rows side by side ------------------------------------
+/* ---- K-quants: super-blocks of 4 rows side by side ------------------------------------
  * The row dot (quant.c's dot_q4_K_scalar / DEF_DOT_Q4_K) per super-block i: an exact int32
  * sum of sc_g * <q_g, y_g> (8 lanes on SIMD), acc += d * float(sumi) and accm += dmin *
  * float(summ) in one chain each, the end hsum(acc - accm). The GEMM shares a super-block's

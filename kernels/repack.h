@@ -18,16 +18,18 @@
  * blocks, the same final additions). So results are bit-identical with and without
  * repacking, for one token or many, whatever the thread count or row split.
  *
- * Repacked types: Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K. Others keep the row / tile kernels of quant.h
- * (tsr_repack_supported is false for them).
+ * Repacked types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (every quantized
+ * weight type). Others keep the row / tile kernels of quant.h (tsr_repack_supported is false
+ * for them); which supported types the load repacks: tsr_repack_chosen.
  *
  * Layout of a repacked matrix of n_out rows x n elements (nb = n / 32 blocks, nbp = nb
  * rounded up to 8): ceil(n_out / 4) groups of tsr_repack_group_bytes bytes; a group holds
  *   uint16 d[4][nbp]   the fp16 block scales of its 4 rows (zero past nb)
- *   uint16 m[4][nbp]   Q4_1 only: the rows' fp16 block mins
+ *   uint16 m[4][nbp]   Q4_1 / Q5_1 only: the rows' fp16 block mins
  *   quants [nb][4][Q]  block b's quant bytes of row 0, 1, 2, 3 (Q = 32 for Q8_0, 16 for
- *                      Q4_0 / Q4_1, 20 for Q5_0: the bytes after d (and m), as stored)
- * padded to 64 bytes. Q4_K / Q6_K (K-quants): ceil(n_out / 4) groups of [n / 256][4] whole
+ *                      Q4_0 / Q4_1, 20 for Q5_0 / Q5_1: the bytes after d (and m), as
+ *                      stored)
+ * padded to 64 bytes. K-quants (Q2_K .. Q6_K): ceil(n_out / 4) groups of [n / 256][4] whole
  * super-blocks (block i of rows 0..3 side by side), padded to 64 bytes. Rows past n_out in
  * the last group repeat the last row (computed, never stored).
  */
@@ -40,9 +42,19 @@
 
 #define TSR_REPACK_ROWS 4 /* rows per group; row splits of a repacked matrix are multiples */
 
-/* Whether weights of `type` have a repacked layout and kernels (Q8_0, Q4_0, Q5_0, Q4_1,
- * Q4_K, Q6_K). */
+/* Whether weights of `type` have a repacked layout and kernels (the quantized types above). */
 bool tsr_repack_supported(uint32_t type);
+
+/* Whether the load repacks weights of `type` by default: the types whose repacked GEMM
+ * beats their file layout for several tokens (measured, 1B shapes, 2 threads: Q4_K_M prefill
+ * 105 vs 61 tokens/s), i.e. those without a register-blocked file-layout tile in quant.c: Q5_1
+ * and the K-quants. Q8_0 / Q4_0 / Q4_1 / Q5_0 have such a tile and it was faster (Q8_0
+ * prefill 112 vs 93 tokens/s, Q4_0 108 vs 91), so they stay in place, unless
+ * tsr_repack_set_all(true) or the environment variable TSR_REPACK_ALL (non-empty, not "0")
+ * asks for every supported type (tests, measurements). One token (decode) runs on the file
+ * layout whenever it is still there (kernels/ops.c): the row dots stream it faster. */
+bool tsr_repack_chosen(uint32_t type);
+void tsr_repack_set_all(bool all);
 
 /* Bytes of one group of TSR_REPACK_ROWS rows of n elements, and of a whole matrix of
  * n_out rows; 0 when the type is not supported or n is not a multiple of its block. */

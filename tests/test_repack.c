@@ -7,8 +7,10 @@
  * type: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q2_K / Q3_K_M / Q4_K_M / Q5_K_M).
  * A failure prints the row, token, both values and their bits.
  *
- * Model level: logits of a model loaded with and without repacking are bit-identical, for
- * a batch (prefill, all logits) and for single tokens, and single tokens equal the batch's
+ * Model level: logits of a model loaded with and without repacking (the default choice of
+ * types, or every supported type for the Q8_0 / Q4_0 / Q5_0 / Q4_1 files, which the default
+ * keeps in place) are bit-identical, for a batch (prefill, all logits: the repacked GEMM)
+ * and for single tokens (the file layout's row dots), and single tokens equal the batch's
  * rows (stories260K Q8_0, the synth-tiny files above; `test_repack MODEL` checks MODEL only:
  * the release tree passes the real Qwen2.5 this way).
  */
@@ -230,6 +232,19 @@ static void test_sizes(void **state)
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 96),
                      (4 * 8 * 2 + 3 * 4 * 16 + 63) / 64 * 64);
     assert_int_equal(tsr_repack(TSR_TYPE_F16, 256, 1, NULL, 0, NULL), -1);
+    /* the load's choice: Q5_1 and the K-quants (no file-layout tile), all on request */
+    tsr_repack_set_all(false);
+    for (size_t i = 0; i < sizeof k_all / sizeof k_all[0]; ++i) {
+        const uint32_t t = k_all[i];
+        const bool want =
+            t != TSR_TYPE_Q8_0 && t != TSR_TYPE_Q4_0 && t != TSR_TYPE_Q4_1 && t != TSR_TYPE_Q5_0;
+        if (tsr_repack_chosen(t) != want)
+            fail_msg("tsr_repack_chosen(%s): expected %d, got %d", tsr_type_name(t), want, !want);
+        tsr_repack_set_all(true);
+        assert_true(tsr_repack_chosen(t));
+        tsr_repack_set_all(false);
+    }
+    assert_false(tsr_repack_chosen(TSR_TYPE_F16));
 }
 
 /* ---- model level ------------------------------------------------------------------------ */
@@ -279,7 +294,8 @@ static void compare_logits(const char *what, const float *a, const float *b, int
     }
 }
 
-static void check_model_on_off(const char *path)
+/* all: repack every supported type (tsr_repack_set_all), else the default choice. */
+static void check_model_on_off_ex(const char *path, bool all)
 {
     char err[512] = "";
     tsr_gguf *g = NULL;
@@ -288,7 +304,9 @@ static void check_model_on_off(const char *path)
     if (tsr_model_load_shard(g, NULL, &off, err, sizeof err) != 0 ||
         tsr_model_load_shard(g, NULL, &on, err, sizeof err) != 0)
         fail_msg("load %s: %s", path, err);
+    tsr_repack_set_all(all);
     if (tsr_model_repack(on, err, sizeof err) != 0) fail_msg("repack %s: %s", path, err);
+    tsr_repack_set_all(false);
     if (on->n_repacked == 0) fail_msg("%s: no matrix was repacked", path);
     assert_int_equal(off->n_repacked, 0);
     print_message("%s: %d matrices repacked, %.1f MiB, %.1f ms\n", path, on->n_repacked,
@@ -313,15 +331,21 @@ static void check_model_on_off(const char *path)
     tsr_gguf_close(g);
 }
 
+static void check_model_on_off(const char *path)
+{
+    check_model_on_off_ex(path, false);
+}
+
 static void test_model_on_off(void **state)
 {
     (void)state;
-    check_model_on_off(tsr_test_model_path("derived/stories260K-q8_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"));
+    /* Q8_0 / Q4_0 / Q5_0 / Q4_1 stay in place by default: repack them all */
+    check_model_on_off_ex(tsr_test_model_path("derived/stories260K-q8_0.gguf"), true);
+    check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"), true);
+    check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"), true);
+    check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"), true);
+    check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"), true);
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_1.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q2_k.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q3_k_m.gguf"));

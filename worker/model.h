@@ -141,12 +141,12 @@ void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s);
 int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
                          size_t err_len);
 
-/* Repack this rank's matrices of the types kernels/repack.h has kernels for (Q8_0, Q4_0,
- * Q5_0, Q4_1, Q4_K, Q6_K)
- * into its interleaved-row layout, in anonymous memory owned by the model (w->packed; the
- * matmul reads it, with bit-identical results). Row slices are read with pread (the mapping
- * is not touched); a column slice's private copy is repacked and freed (its data becomes
- * NULL). Other types keep their file layout. Adds to n_bytes_repacked / t_repack_ns /
+/* Repack this rank's matrices of the types tsr_repack_chosen picks (kernels/repack.h: Q5_1
+ * and the K-quants by default) into its interleaved-row layout, in anonymous memory owned by
+ * the model (w->packed; the matmul runs several tokens on it, one token on w->data, with
+ * bit-identical results). Row slices are read with pread; w->data (a view of the mapping,
+ * or a column slice's private copy) stays. Other types keep their file layout only. Adds
+ * to n_bytes_repacked / t_repack_ns /
  * n_repacked; repacked weights are skipped, so a second call does nothing. Returns < 0 with
  * err when memory runs out (the message suggests --no-repack). CPU backend only: a GPU rank
  * uploads the file's blocks (worker/gpu.h) and must not be repacked. */

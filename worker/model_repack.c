@@ -4,9 +4,14 @@
  *
  * Why a separate file: the walk over a model's matrices and the memory bookkeeping are
  * independent of the forward pass in model.c. Row slices (views of the mapping) are read
- * with pread, a group of 4 rows at a time, so the repack never faults the mapping in: the
- * rank's resident memory is its repacked copy, not the copy plus the file's pages. Column
- * slices are already private pread copies; they are repacked and the copy is freed.
+ * with pread, a group of 4 rows at a time, so the repack itself does not fault the mapping
+ * in. Column slices are already private pread copies; they are repacked and kept.
+ *
+ * Both layouts stay: the matmul (kernels/ops.c) runs one token (decode) on the file layout,
+ * whose row dots stream faster than the repacked GEMV, and several tokens on the repacked
+ * GEMM. The price is memory: the repacked copy (n_bytes_repacked, anonymous) on top of what
+ * --no-repack holds (the file's pages of this rank's tiles, shared and reclaimable; a column
+ * slice's private copy). Which types are repacked: tsr_repack_chosen (kernels/repack.h).
  */
 #include "worker/model.h"
 
@@ -56,7 +61,7 @@ static int owned_index(const tsr_model *m, const void *p)
 
 static int repack_weight(tsr_model *m, tsr_weight *w, const char *what, char *err, size_t err_len)
 {
-    if (w->packed || !w->data || !tsr_repack_supported(w->type) || w->n_out <= 0) return 0;
+    if (w->packed || !w->data || !tsr_repack_chosen(w->type) || w->n_out <= 0) return 0;
     const size_t bytes = tsr_repack_bytes(w->type, w->n_in, w->n_out);
     const size_t gb = tsr_repack_group_bytes(w->type, w->n_in);
     if (!bytes) return 0;
@@ -99,12 +104,7 @@ static int repack_weight(tsr_model *m, tsr_weight *w, const char *what, char *er
         }
         free(tmp);
     }
-    w->packed = dst;
-    if (oi >= 0) { /* the column slice's copy is no longer read */
-        free(m->owned[oi]);
-        m->owned[oi] = NULL;
-        w->data = NULL;
-    }
+    w->packed = dst; /* w->data stays: one token reads the file layout (see the top) */
     m->n_bytes_repacked += bytes;
     m->n_repacked++;
     return 0;

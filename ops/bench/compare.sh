@@ -11,6 +11,8 @@
 #                       `tessera mkmodel`) and qwen (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M-ish
 #                       real model via ops/fetch-model.sh), or paths of GGUF files;
 #                       default q8_0,q4_0,q4_k_m,qwen
+#       --no-repack-too also run Tessera with --no-repack (TSR_NO_REPACK=1) in every
+#                       repetition; its rows are marked /nr
 #       --quick         -r 3 -n 16 -m q4_0,qwen
 #       --cache DIR     where llama.cpp is built and the 1B files are kept (default
 #                       $TSR_BENCH_CACHE or ~/.cache/tessera; llama.cpp in DIR/llama.cpp)
@@ -33,7 +35,8 @@ REPS=5
 GEN=32
 MODELS=q8_0,q4_0,q4_k_m,qwen
 CACHE="${TSR_BENCH_CACHE:-$HOME/.cache/tessera}"
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+NR=0
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
     -t | --threads) THREADS="$2"; shift 2 ;;
@@ -41,6 +44,7 @@ while [ $# -gt 0 ]; do
     -n | --gen) GEN="$2"; shift 2 ;;
     -m | --models) MODELS="$2"; shift 2 ;;
     --quick) REPS=3; GEN=16; MODELS=q4_0,qwen; shift ;;
+    --no-repack-too) NR=1; shift ;;
     --cache) CACHE="$2"; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "compare.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -95,6 +99,10 @@ for m in "${model_list[@]}"; do
                 >"$OUT/tsr.$m.$t.$r.json" 2>"$OUT/tsr.err"; then
                 echo "compare.sh: tessera bench failed on $f:" >&2; cat "$OUT/tsr.err" >&2; exit 1
             fi
+            if [ "$NR" = 1 ] && ! TSR_NO_REPACK=1 "$TSR" bench -m "$f" -t "$t" -p 128 -n "$GEN" \
+                -r 1 --json >"$OUT/tsrnr.$m.$t.$r.json" 2>"$OUT/tsr.err"; then
+                echo "compare.sh: tessera bench --no-repack failed on $f:" >&2; cat "$OUT/tsr.err" >&2; exit 1
+            fi
             if ! "$LLAMA_BENCH" -m "$f" -t "$t" -p 128 -n "$GEN" -r 1 -o jsonl \
                 >"$OUT/llama.$m.$t.$r.jsonl" 2>"$OUT/llama.err"; then
                 echo "compare.sh: llama-bench failed on $f:" >&2; tail -20 "$OUT/llama.err" >&2; exit 1
@@ -127,6 +135,12 @@ for m in models:
         r_tg = med(tg_t) / med(tg_l)
         print(f"{m[:11]:<11} {t:>3} {'pp128':<7} {med(pp_t):>9.1f} {med(pp_l):>9.1f} {r_pp:>6.2f}")
         print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen):<7} {med(tg_t):>9.2f} {med(tg_l):>9.2f} {r_tg:>6.2f}  {bw:>5.1f} {roof:>8.2f} {100*med(tg_t)/roof:>7.1f}% {100*med(tg_l)/roof:>9.1f}%")
+        nj = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/tsrnr.{m}.{t}.*.json"))]
+        if nj:
+            pp_n = med([x["prefill_tokens_per_s"] for x in nj])
+            tg_n = med([x["decode_tokens_per_s"] for x in nj])
+            print(f"{m[:11]:<11} {t:>3} {'pp128/nr':<8}{pp_n:>9.1f} {med(pp_l):>9.1f} {pp_n / med(pp_l):>6.2f}")
+            print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen)+'/nr':<8}{tg_n:>9.2f} {med(tg_l):>9.2f} {tg_n / med(tg_l):>6.2f}  {'':>5} {'':>8} {100*tg_n/roof:>7.1f}%")
 print()
 print("ratio = Tessera / llama.cpp; GB/s = memory read bandwidth measured by `tessera bench` in")
 print("the same runs with the same threads; roofline = GB/s / bytes read per decode token.")
