@@ -3,9 +3,9 @@
  *
  * Every path of one type computes the same operations in the same order (the scalar code is
  * the reference and spells the order out; the AVX2 and AVX-512 code vectorizes it without
- * reassociating), so f16 and the V side of q8_0 are bit-identical across instruction sets.
- * The q8_0 q·k uses kernels/quant.h's Q8_0 dot, whose ISA paths agree up to float
- * summation order.
+ * reassociating), so every type is bit-identical across instruction sets. The f32 and q8_0
+ * kernels walk a head's positions in runs of one block-table block (consecutive rows), all
+ * positions in one call.
  */
 #include "kernels/kvcache.h"
 
