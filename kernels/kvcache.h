@@ -39,9 +39,9 @@
  * head_dim values.
  *
  * Every type computes one order on every ISA path, so all three give bit-identical results
- * (test_kvcache). Dispatch follows kernels/quant.h's instruction set (tsr_quant_isa / tsr_quant_set_isa /
- * TSR_ISA), so tests and benchmarks force AVX2 or scalar the same way. Pure functions,
- * thread-safe.
+ * (test_kvcache). Dispatch follows kernels/quant.h's instruction set (tsr_quant_isa /
+ * tsr_quant_set_isa / TSR_ISA), so tests and benchmarks force AVX2 or scalar the same way.
+ * Pure functions, thread-safe.
  */
 #ifndef TSR_KVCACHE_H
 #define TSR_KVCACHE_H
