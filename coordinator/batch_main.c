@@ -150,6 +150,40 @@ static void on_signal(int sig)
     atomic_fetch_add(&g_sig_count, 1);
 }
 
+/* The stop signals (SIGTERM, SIGUSR1, SIGINT) counted by on_signal, for the driver to
+ * see: both modes' leader, once the job is set up. restore_signals puts the default back,
+ * only where install_signals ran; ignore_signals is for followers (the leader coordinates
+ * the stop; a signal forwarded by the launcher must not kill them). */
+static bool g_sig_installed;
+
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    g_sig_installed = true;
+}
+
+static void restore_signals(void)
+{
+    if (!g_sig_installed) return;
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGUSR1, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    g_sig_installed = false;
+}
+
+static void ignore_signals(void)
+{
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGUSR1, SIG_IGN);
+}
+
 static const char *sig_name(int sig)
 {
     return sig == SIGTERM   ? "SIGTERM"
@@ -255,6 +289,7 @@ typedef struct {
     /* step-loop -> driver */
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    bool sync_init; /* mu and cv initialised (job_init) */
     bslot *fin_head, *fin_tail;
     bool engine_ended; /* under mu */
     /* driver state */
@@ -272,6 +307,41 @@ typedef struct {
     int exit_code;
     char err[1024];
 } job;
+
+/* The job's resources, the same in both modes, once its configuration (window, ordered)
+ * is filled in: the output not yet open, the random state of lines without a seed, the key
+ * set of custom_ids already done, the --ordered ring (window slots) and the step-loop ->
+ * driver lock. 0, or -1 with j->err filled (out of memory). job_cleanup undoes it, also
+ * after a failure or on a zeroed job. */
+static int job_init(job *j)
+{
+    j->tty = isatty(STDERR_FILENO);
+    j->out.fd = -1;
+    j->rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
+    j->done = tsr_batch_keyset_new();
+    j->ring = j->ordered ? calloc((size_t)j->window, sizeof *j->ring) : NULL;
+    if (!j->done || (j->ordered && !j->ring)) {
+        snprintf(j->err, sizeof j->err, "out of memory");
+        return -1;
+    }
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    j->sync_init = true;
+    return 0;
+}
+
+static void job_cleanup(job *j)
+{
+    if (j->sync_init) {
+        pthread_mutex_destroy(&j->mu);
+        pthread_cond_destroy(&j->cv);
+        j->sync_init = false;
+    }
+    free(j->ring);
+    j->ring = NULL;
+    tsr_batch_keyset_free(j->done);
+    j->done = NULL;
+}
 
 /* ---- engine callback (step-loop thread) ---- */
 
@@ -1617,7 +1687,6 @@ static int run_remote(const remote_args *a)
     Tessera__V1__ModelInfoResponse *mi = NULL;
     job j;
     memset(&j, 0, sizeof j);
-    bool sync_ok = false;
     if (tsr_auth_client_header("--api-key-file", a->api_key_file, "TESSERA_API_KEY", &auth, err,
                                sizeof err) != 0 ||
         tsr_tls_client_load("--tls-", a->tls_ca, a->tls_cert, a->tls_key, &tls, err, sizeof err) !=
@@ -1700,25 +1769,11 @@ static int run_remote(const remote_args *a)
     j.n_vocab = mi->has_vocab_size ? mi->vocab_size : INT32_MAX;
     j.n_ctx =
         mi->has_context_length && mi->context_length > 0 ? mi->context_length : INT32_MAX / 64;
-    j.tty = isatty(STDERR_FILENO);
-    j.out.fd = -1;
-    j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
-    j.done = tsr_batch_keyset_new();
-    j.ring = a->ordered ? calloc((size_t)j.window, sizeof *j.ring) : NULL;
-    if (!j.done || (a->ordered && !j.ring)) {
-        fprintf(stderr, "tessera batch: out of memory\n");
+    if (job_init(&j) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", j.err);
         goto release;
     }
-    pthread_mutex_init(&j.mu, NULL);
-    pthread_cond_init(&j.cv, NULL);
-    sync_ok = true;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    install_signals();
     fprintf(stderr,
             "tessera batch: --coordinator %s%s: model '%s' (context %d), %" PRId64
             " calls in flight, request timeout %" PRId64 " ms, retries up to %" PRId64
@@ -1730,15 +1785,8 @@ static int run_remote(const remote_args *a)
     exit_code = j.exit_code;
 
 release:
-    free(j.ring);
-    tsr_batch_keyset_free(j.done);
-    if (sync_ok) {
-        pthread_mutex_destroy(&j.mu);
-        pthread_cond_destroy(&j.cv);
-        signal(SIGTERM, SIG_DFL);
-        signal(SIGUSR1, SIG_DFL);
-        signal(SIGINT, SIG_DFL);
-    }
+    job_cleanup(&j);
+    restore_signals();
     if (mi) tessera__v1__model_info_response__free_unpacked(mi, NULL);
     tsr_genclient_free(gc);
     tsr_vocab_free(vocab);
@@ -2064,9 +2112,7 @@ int tsr_cmd_batch(int argc, char **argv)
     if (!tsr_replica_is_leader(rep)) {
         /* The leader coordinates the stop; a signal forwarded by the launcher (srun
          * forwards SIGTERM to every task, mpirun SIGUSR1) must not kill a follower. */
-        signal(SIGTERM, SIG_IGN);
-        signal(SIGINT, SIG_IGN);
-        signal(SIGUSR1, SIG_IGN);
+        ignore_signals();
         if (tsr_replica_follow(rep, err, sizeof err) != 0) {
             fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
             tsr_comm_mpi_abort(1);
@@ -2085,7 +2131,7 @@ int tsr_cmd_batch(int argc, char **argv)
     tsr_chat_template *chat = NULL;
     job j;
     memset(&j, 0, sizeof j);
-    bool sync_ok = false, driver_started = false;
+    bool driver_started = false;
     pthread_t driver;
     tsr_engine_params ep = {
         .max_batch_tokens = (int32_t)max_batch,
@@ -2125,7 +2171,6 @@ int tsr_cmd_batch(int argc, char **argv)
     j.n_vocab = tsr_vocab_n_tokens(j.vocab);
     j.n_ctx = tsr_replica_n_ctx(rep);
     if (j.n_ctx > ep.n_kv_blocks * TSR_KV_BLOCK_SIZE) j.n_ctx = ep.n_kv_blocks * TSR_KV_BLOCK_SIZE;
-    j.tty = isatty(STDERR_FILENO);
     /* Chat lines: the model's chat template, or --chat-template; without one they get
      * error lines (the completions still run). */
     if (tsr_chat_template_for_model(tsr_replica_gguf(rep), j.vocab, chat_template, &chat,
@@ -2136,25 +2181,11 @@ int tsr_cmd_batch(int argc, char **argv)
         }
     }
     j.chat = chat;
-    j.out.fd = -1;
-    j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
-    j.done = tsr_batch_keyset_new();
-    j.ring = ordered ? calloc((size_t)j.window, sizeof *j.ring) : NULL;
-    if (!j.done || (ordered && !j.ring)) {
-        fprintf(stderr, "tessera batch: out of memory\n");
+    if (job_init(&j) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", j.err);
         goto release;
     }
-    pthread_mutex_init(&j.mu, NULL);
-    pthread_cond_init(&j.cv, NULL);
-    sync_ok = true;
-
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    install_signals();
 
     fprintf(stderr,
             "tessera batch: %s, tp %d x pp %d, context %d, KV %d blocks (%.1f MiB), max batch "
@@ -2189,12 +2220,7 @@ release:
     }
     tsr_engine_free(eng);
     tsr_chat_template_free(chat);
-    if (sync_ok) {
-        pthread_mutex_destroy(&j.mu);
-        pthread_cond_destroy(&j.cv);
-    }
-    free(j.ring);
-    tsr_batch_keyset_free(j.done);
+    job_cleanup(&j);
     {
         tsr_rank_stats *st = calloc((size_t)tsr_replica_size(rep), sizeof *st);
         if (!st || tsr_replica_shutdown(rep, err, sizeof err) != 0 ||
@@ -2218,8 +2244,6 @@ release:
         free(st);
     }
     tsr_replica_close(rep);
-    signal(SIGTERM, SIG_DFL);
-    signal(SIGUSR1, SIG_DFL);
-    signal(SIGINT, SIG_DFL);
+    restore_signals();
     return exit_code;
 }
