@@ -784,12 +784,38 @@ static void be_free(void *state)
     tsr_gpu_model_free(gm);
 }
 
+/* Copy-on-write of KV blocks (tsr_ctx_kv_copy): a block is TSR_KV_BLOCK_SIZE consecutive
+ * rows of each layer's K and V pool, copied device to device on the context's stream, so
+ * the next step's kernels see it. */
+static int be_kv_copy(void *state, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                      size_t err_len)
+{
+    tsr_gpu_ctx *gc = state;
+    tsr_cuda_dev *d = gc->gm->dev;
+    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim *
+                            gc->kv_elem_bytes; /* bytes, as tsr_gpu_forward_batch lays it out */
+    const size_t block_bytes = kv_layer / (size_t)gc->n_kv_blocks;
+    if (tsr_cuda_activate(d, err, err_len) != 0) return -1; /* steps may run on any thread */
+    for (int32_t l = 0; l < gc->gm->m->n_layer_local; l++) {
+        uint8_t *kc = (uint8_t *)gc->k_cache + (size_t)l * kv_layer;
+        uint8_t *vc = (uint8_t *)gc->v_cache + (size_t)l * kv_layer;
+        for (int32_t i = 0; i < n; i++) {
+            const size_t so = (size_t)src[i] * block_bytes, dof = (size_t)dst[i] * block_bytes;
+            if (tsr_cuda_copy(d, kc + dof, kc + so, block_bytes, err, err_len) != 0 ||
+                tsr_cuda_copy(d, vc + dof, vc + so, block_bytes, err, err_len) != 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
 static const tsr_backend k_gpu_backend = {
     .name = "cuda",
     .forward_batch = be_forward,
     .set_tp_comm = be_set_tp,
     .comm_ns = be_comm_ns,
     .free = be_free,
+    .kv_copy = be_kv_copy,
 };
 
 const tsr_backend *tsr_gpu_backend(void)

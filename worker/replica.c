@@ -4,6 +4,7 @@
  * Step descriptor wire format (int32 little-endian, broadcast from rank 0 over the whole
  * replica): header {op, n_tokens, n_seqs, n_table_entries, n_want}, then tokens[n_tokens],
  * pos[n_tokens], seq[n_tokens], want[n_tokens], n_blocks[n_seqs], tables (concatenated).
+ * A KV block copy (copy-on-write): header {op, n_pairs, 0, 0, 0}, then src[n], dst[n].
  */
 #include "worker/replica.h"
 #include "kernels/util.h"
@@ -18,7 +19,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3, OP_STATS = 4 };
+enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3, OP_STATS = 4, OP_KV_COPY = 5 };
 enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 #define HDR_INTS 5
 
@@ -762,6 +763,32 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
     return 0;
 }
 
+int tsr_replica_kv_copy(tsr_replica *r, const int32_t *src, const int32_t *dst, int32_t n,
+                        char *err, size_t err_len)
+{
+    if (r->rank != 0) {
+        tsr_set_err(err, err_len, "only the leader drives the replica");
+        return -1;
+    }
+    if (n <= 0) return 0;
+    if (wire_reserve(r, HDR_INTS + 2 * (size_t)n) != 0) {
+        tsr_set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    int32_t *w = r->wire;
+    w[0] = OP_KV_COPY;
+    w[1] = n;
+    w[2] = w[3] = w[4] = 0;
+    memcpy(w + HDR_INTS, src, sizeof(int32_t) * (size_t)n);
+    memcpy(w + HDR_INTS + n, dst, sizeof(int32_t) * (size_t)n);
+    if (r->size > 1 &&
+        (tsr_comm_bcast(r->world, w, HDR_INTS * sizeof(int32_t), 0, err, err_len) != 0 ||
+         tsr_comm_bcast(r->world, w + HDR_INTS, 2 * (size_t)n * sizeof(int32_t), 0, err, err_len) !=
+             0))
+        return -1;
+    return tsr_ctx_kv_copy(r->ctx, w + HDR_INTS, w + HDR_INTS + n, n, err, err_len);
+}
+
 int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len)
 {
     if (r->rank != 0 || r->size == 1) return 0;
@@ -780,6 +807,20 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
         if (op == OP_NOOP) continue;
         if (op == OP_STATS) {
             if (tsr_replica_stats(r, NULL, err, err_len) != 0) return -1;
+            continue;
+        }
+        if (op == OP_KV_COPY) {
+            int32_t n = r->wire[1];
+            if (n < 1 || n > 1 << 20) {
+                tsr_set_err(err, err_len, "malformed KV copy descriptor from the leader");
+                return -1;
+            }
+            if (wire_reserve(r, HDR_INTS + 2 * (size_t)n) != 0) goto oom;
+            if (tsr_comm_bcast(r->world, r->wire + HDR_INTS, 2 * (size_t)n * sizeof(int32_t), 0,
+                               err, err_len) != 0 ||
+                tsr_ctx_kv_copy(r->ctx, r->wire + HDR_INTS, r->wire + HDR_INTS + n, n, err,
+                                err_len) != 0)
+                return -1;
             continue;
         }
         if (op != OP_STEP) {

@@ -119,6 +119,12 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
 int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, char *err,
                      size_t err_len);
 
+/* Leader only, between steps: copy KV blocks src[i] -> dst[i] of the paged pool on every
+ * rank (tsr_ctx_kv_copy: each its layers and heads), for the prefix cache's copy-on-write
+ * (coordinator/kvblocks.h). Returns 0 or < 0 with err (bad ids, communication). */
+int tsr_replica_kv_copy(tsr_replica *r, const int32_t *src, const int32_t *dst, int32_t n,
+                        char *err, size_t err_len);
+
 /* Leader only: a no-op step that keeps idle followers within their wait deadline. */
 int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len);
 
