@@ -792,8 +792,8 @@ static int be_kv_copy(void *state, const int32_t *src, const int32_t *dst, int32
 {
     tsr_gpu_ctx *gc = state;
     tsr_cuda_dev *d = gc->gm->dev;
-    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim *
-                            gc->kv_elem_bytes; /* bytes, as tsr_gpu_forward_batch lays it out */
+    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE *
+                            gc->kv_row_bytes; /* bytes, as tsr_gpu_forward_batch lays it out */
     const size_t block_bytes = kv_layer / (size_t)gc->n_kv_blocks;
     if (tsr_cuda_activate(d, err, err_len) != 0) return -1; /* steps may run on any thread */
     for (int32_t l = 0; l < gc->gm->m->n_layer_local; l++) {
