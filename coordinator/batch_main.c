@@ -122,11 +122,7 @@ static const char *batch_help =
     "                            the cluster's only one)\n"
     "  -m, --model PATH          optional here: its vocabulary gives logprobs' token\n"
     "                            strings (lines with logprobs need it)\n"
-    "      --tls-ca FILE         TLS, verifying the coordinator with these PEM roots\n"
-    "      --tls-cert FILE       mutual TLS: this client certificate (PEM) ...\n"
-    "      --tls-key FILE        ... and its unencrypted PEM key\n"
-    "      --api-key-file FILE   send the file's first key as 'authorization: Bearer KEY'\n"
-    "                            (default: $TESSERA_API_KEY when set)\n"
+    TSR_CLI_CLIENT_SECURITY_HELP
     "\n"
     "merge:\n"
     "      --merge OUT IN...     merge shard outputs into OUT: each custom_id exactly once;\n"
@@ -1657,8 +1653,8 @@ static int read_hparams(const char *path, tsr_hparams *hp, char *name, size_t na
 /* ---- --coordinator: the same job against a running cluster ---- */
 
 typedef struct {
-    const char *coordinator, *vocab_model, *route_model, *api_key_file;
-    const char *tls_ca, *tls_cert, *tls_key;
+    const char *coordinator, *vocab_model, *route_model;
+    tsr_cli_client_security_opts sec; /* --api-key-file, --tls-* */
     const char *in_path, *out_path;
     bool ordered;
     int64_t shard_i, shard_n;
@@ -1687,13 +1683,9 @@ static int run_remote(const remote_args *a)
     Tessera__V1__ModelInfoResponse *mi = NULL;
     job j;
     memset(&j, 0, sizeof j);
-    if (tsr_auth_client_header("--api-key-file", a->api_key_file, "TESSERA_API_KEY", &auth, err,
-                               sizeof err) != 0 ||
-        tsr_tls_client_load("--tls-", a->tls_ca, a->tls_cert, a->tls_key, &tls, err, sizeof err) !=
-            0) {
+    if (tsr_cli_client_security_load(&a->sec, "TESSERA_API_KEY", &auth, &tls, err, sizeof err) !=
+        0) {
         fprintf(stderr, "tessera batch: %s\n", err);
-        tsr_tls_client_free(&tls);
-        free(auth);
         return TSR_BATCH_EXIT_USAGE;
     }
     tsr_genclient_opts o = {.target = a->coordinator, .tls = &tls, .authorization = auth};
@@ -1821,10 +1813,6 @@ int tsr_cmd_batch(int argc, char **argv)
         O_RETRY_TIMEOUT,
         O_MAX_RETRIES,
         O_MODEL_NAME,
-        O_TLS_CA,
-        O_TLS_CERT,
-        O_TLS_KEY,
-        O_API_KEY_FILE,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -1852,10 +1840,7 @@ int tsr_cmd_batch(int argc, char **argv)
         {"retry-timeout", required_argument, 0, O_RETRY_TIMEOUT},
         {"max-retries", required_argument, 0, O_MAX_RETRIES},
         {"model-name", required_argument, 0, O_MODEL_NAME},
-        {"tls-ca", required_argument, 0, O_TLS_CA},
-        {"tls-cert", required_argument, 0, O_TLS_CERT},
-        {"tls-key", required_argument, 0, O_TLS_KEY},
-        {"api-key-file", required_argument, 0, O_API_KEY_FILE},
+        TSR_CLI_CLIENT_SECURITY_OPTS,
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *in_path = NULL, *out_path = NULL;
@@ -1869,8 +1854,8 @@ int tsr_cmd_batch(int argc, char **argv)
     uint64_t max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
     bool ordered = false, seed_set = false, merge = false;
     const char *chat_template = NULL;
-    const char *coordinator = NULL, *route_model = NULL, *api_key_file = NULL;
-    const char *tls_ca = NULL, *tls_cert = NULL, *tls_key = NULL;
+    const char *coordinator = NULL, *route_model = NULL;
+    tsr_cli_client_security_opts sec = {0};
     int64_t concurrency = DEFAULT_CONCURRENCY, request_timeout_ms = DEFAULT_REQUEST_TIMEOUT_MS,
             retry_timeout_ms = DEFAULT_RETRY_TIMEOUT_MS, max_retries = DEFAULT_MAX_RETRIES;
     bool local_only_flag = false; /* an engine / layout flag: meaningless with --coordinator */
@@ -1884,6 +1869,7 @@ int tsr_cmd_batch(int argc, char **argv)
             local_only_flag = true;
             continue;
         }
+        if (tsr_cli_client_security_flag(c, optarg, &sec) == 0) continue;
         switch (c) {
 #define INT_FLAG(name, lo, hi, dst)                                                                \
     do {                                                                                           \
@@ -1997,18 +1983,6 @@ int tsr_cmd_batch(int argc, char **argv)
                 return tsr_cli_usage_error("batch", "--model-name needs 1..200 characters");
             route_model = optarg;
             break;
-        case O_TLS_CA:
-            tls_ca = optarg;
-            break;
-        case O_TLS_CERT:
-            tls_cert = optarg;
-            break;
-        case O_TLS_KEY:
-            tls_key = optarg;
-            break;
-        case O_API_KEY_FILE:
-            api_key_file = optarg;
-            break;
         case 'h':
             fputs(batch_help, stdout);
             return 0;
@@ -2028,17 +2002,12 @@ int tsr_cmd_batch(int argc, char **argv)
             return tsr_cli_usage_error(
                 "batch", "engine, layout and --chat-template flags configure a local replica; with "
                          "--coordinator the cluster's replicas have their own (drop them)");
-        if ((tls_cert != NULL) != (tls_key != NULL))
-            return tsr_cli_usage_error("batch", "--tls-cert and --tls-key go together");
-        if (tls_cert && !tls_ca)
-            return tsr_cli_usage_error("batch", "--tls-cert / --tls-key need --tls-ca");
+        int src = tsr_cli_client_security_finish("batch", &sec);
+        if (src != 0) return src;
         return run_remote(&(remote_args){.coordinator = coordinator,
                                          .vocab_model = model_given ? model : NULL,
                                          .route_model = route_model,
-                                         .api_key_file = api_key_file,
-                                         .tls_ca = tls_ca,
-                                         .tls_cert = tls_cert,
-                                         .tls_key = tls_key,
+                                         .sec = sec,
                                          .in_path = in_path,
                                          .out_path = out_path,
                                          .ordered = ordered,
@@ -2056,7 +2025,7 @@ int tsr_cmd_batch(int argc, char **argv)
                                          .retry_timeout_ms = retry_timeout_ms,
                                          .max_retries = max_retries});
     }
-    if (route_model || tls_ca || tls_cert || tls_key || api_key_file)
+    if (route_model || tsr_cli_client_security_given(&sec))
         return tsr_cli_usage_error("batch", "--model-name, --tls-* and --api-key-file go with "
                                             "--coordinator ADDR");
     const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
