@@ -209,8 +209,8 @@ tsr_kv_type tsr_replica_params_kv_type(const tsr_replica_params *p)
 }
 
 /* The KV cache type: the one asked for, or the backend's default (CPU: TSR_KV_DEFAULT;
- * CUDA: f32). worker/gpu.c's device pool stores f32 or f16 (the CPU f16 path's roundings,
- * kernels/cuda/numerics.h); q8_0 is CPU-only so far. */
+ * CUDA: f32). worker/gpu.c's device pool stores each type with the CPU path's roundings
+ * (kernels/cuda/numerics.h). */
 static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
 {
     if (!r->p.kv_type) {
@@ -219,12 +219,6 @@ static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
     }
     if (!tsr_kv_type_parse(r->p.kv_type, &r->kv_type)) {
         tsr_set_err(err, err_len, "unknown KV cache type '%s': use f32, f16 or q8_0", r->p.kv_type);
-        return -1;
-    }
-    if (r->gpu >= 0 && r->kv_type == TSR_KV_Q8_0) {
-        tsr_set_err(err, err_len,
-                    "--kv-type q8_0 is not supported on the CUDA backend yet (its device KV cache "
-                    "stores f32 or f16): use --kv-type f16 with --device cuda, or --device cpu");
         return -1;
     }
     return 0;
@@ -373,8 +367,18 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     /* GPU ranks: the device memory is the budget of weights + KV unless --mem says more */
     const uint64_t budget = r->gpu >= 0 && r->p.mem_budget == 0 ? r->p.gpu_memory : r->p.mem_budget;
     int32_t n_ctx = r->p.n_ctx > 0 ? r->p.n_ctx : (hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
-    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, budget, n_ctx, &r->plan, err, err_len) !=
-        0)
+    /* GPU ranks: the planner counts what the device will hold (worker/gpu.c): stage 0's whole
+     * embedding table, the KV pool (its positions, in the cache type's bytes), the step's
+     * buffers for n_batch tokens and the logits buffers (the leader's included) */
+    int32_t n_ctx_plan = n_ctx;
+    if (r->gpu >= 0) {
+        pm.dev_n_batch = r->p.n_batch < n_ctx ? r->p.n_batch : n_ctx;
+        pm.dev_n_bytes_embd = tsr_gguf_find_tensor(r->g, "token_embd.weight")->n_bytes;
+        pm.dev_embd_tied = tsr_gguf_find_tensor(r->g, "output.weight") == NULL;
+        if (r->p.n_kv_blocks > 0) n_ctx_plan = r->p.n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    }
+    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, budget, n_ctx_plan, &r->plan, err,
+                      err_len) != 0)
         goto fail;
     const tsr_plan_rank *pr = &r->plan.ranks[r->rank];
     tsr_shard sh = {.layer_begin = pr->layer_begin,
@@ -429,6 +433,11 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
     r->st.n_bytes_repacked = r->m->n_bytes_repacked;
     r->st.t_repack_ns = r->m->t_repack_ns;
+    if (r->gpu >= 0) /* what the planner counted for this rank (tsr_rank_stats) */
+        r->st.n_bytes_device_planned =
+            pr->n_bytes_weights +
+            (uint64_t)((n_ctx_plan + 15) / 16 * 16) * pr->n_bytes_kv_per_token +
+            tsr_plan_device_buffer_bytes(&pm, r->p.tp, r->p.pp, pr, n_ctx_plan);
     *out = r;
     return 0;
 fail:
@@ -846,6 +855,7 @@ int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err
 {
     r->st.n_bytes_sent =
         r->world->stats.n_bytes_sent + (r->tp_comm ? r->tp_comm->stats.n_bytes_sent : 0);
+    r->st.n_bytes_device = tsr_gpu_ctx_device_bytes(r->ctx ? tsr_gpu_ctx_of(r->ctx) : NULL);
     if (r->size == 1) {
         if (out) out[0] = r->st;
         return 0;

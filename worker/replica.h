@@ -69,6 +69,11 @@ typedef struct {
     uint64_t n_bytes_loaded;   /* bytes of the model file this rank read */
     uint64_t n_bytes_repacked; /* anonymous memory of its repacked weights (0: none) */
     uint64_t t_repack_ns;      /* load time spent repacking */
+    /* GPU ranks (0 on CPU ranks): device bytes in use (weights, KV pool, step buffers, the
+     * logits buffers and scratch grown so far), and the planner's figure for this rank
+     * (weights + KV + tsr_plan_device_buffer_bytes), which --gpu-memory was checked against */
+    uint64_t n_bytes_device;
+    uint64_t n_bytes_device_planned;
 } tsr_rank_stats;
 
 typedef struct tsr_replica tsr_replica;
