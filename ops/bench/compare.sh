@@ -36,7 +36,7 @@ GEN=32
 MODELS=q8_0,q4_0,q4_k_m,qwen
 CACHE="${TSR_BENCH_CACHE:-$HOME/.cache/tessera}"
 NR=0
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
     -t | --threads) THREADS="$2"; shift 2 ;;
