@@ -401,19 +401,25 @@ TSR_KV_AVX2 static void qk_f32_avx2(const tsr_kv_view *kv, const float *q, float
     });
 }
 
+/* V: up to 64 output values in registers over all positions (as v_q8_0_avx2). */
 TSR_KV_AVX2 static void v_f32_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
                                    float *o)
 {
     const int hd = kv->head_dim;
-    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
-        for (int32_t j = 0; j < n; j++) {
-            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
-            const __m256 a = _mm256_set1_ps(att[i0 + j]);
-            for (int i = 0; i < hd; i += 8)
-                _mm256_storeu_ps(
-                    o + i, _mm256_fmadd_ps(_mm256_loadu_ps(v + i), a, _mm256_loadu_ps(o + i)));
-        }
-    });
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nr = (hd - c0 >= 64 ? 64 : hd - c0) / 8; /* hd % 16 == 0 */
+        __m256 acc[8];
+        for (int r = 0; r < nr; r++) acc[r] = _mm256_loadu_ps(o + c0 + 8 * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const float *v = (const float *)(row + (size_t)j * kv->row_bytes) + c0;
+                const __m256 a = _mm256_set1_ps(att[i0 + j]);
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(v + 8 * r), a, acc[r]);
+            }
+        });
+        for (int r = 0; r < nr; r++) _mm256_storeu_ps(o + c0 + 8 * r, acc[r]);
+    }
 }
 
 TSR_KV_AVX512 static void qk_f32_avx512(const tsr_kv_view *kv, const float *q, float scale,
@@ -435,15 +441,20 @@ TSR_KV_AVX512 static void v_f32_avx512(const tsr_kv_view *kv, const float *att, 
                                        int32_t p1, float *o)
 {
     const int hd = kv->head_dim;
-    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
-        for (int32_t j = 0; j < n; j++) {
-            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
-            const __m512 a = _mm512_set1_ps(att[i0 + j]);
-            for (int i = 0; i < hd; i += LANES)
-                _mm512_storeu_ps(
-                    o + i, _mm512_fmadd_ps(_mm512_loadu_ps(v + i), a, _mm512_loadu_ps(o + i)));
-        }
-    });
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nr = (hd - c0 >= 64 ? 64 : hd - c0) / LANES;
+        __m512 acc[4];
+        for (int r = 0; r < nr; r++) acc[r] = _mm512_loadu_ps(o + c0 + LANES * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const float *v = (const float *)(row + (size_t)j * kv->row_bytes) + c0;
+                const __m512 a = _mm512_set1_ps(att[i0 + j]);
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(v + LANES * r), a, acc[r]);
+            }
+        });
+        for (int r = 0; r < nr; r++) _mm512_storeu_ps(o + c0 + LANES * r, acc[r]);
+    }
 }
 
 static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
@@ -524,41 +535,60 @@ static void v_q8_0_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, i
     }
 }
 
+/* The V product keeps a chunk of up to 64 output values in registers over all positions
+ * (the same per-value FMA chain in position order as the scalar code, without a store and a
+ * reload per position), chunk after chunk. */
 TSR_KV_AVX2 static void v_q8_0_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
                                     float *o)
 {
-    const int nb = kv->head_dim / TSR_QK8_0;
-    for (int32_t p = p0; p <= p1; p++) {
-        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
-        const __m256 pr = _mm256_set1_ps(att[p - p0]);
-        for (int b = 0; b < nb; b++) {
-            const __m256 d = _mm256_set1_ps(tsr_f16_to_f32(v[b].d));
-            float *ob = o + b * TSR_QK8_0;
-            for (int j = 0; j < TSR_QK8_0; j += 8) {
-                __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + j));
-                __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-                _mm256_storeu_ps(ob + j, _mm256_fmadd_ps(x, pr, _mm256_loadu_ps(ob + j)));
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nbc = hd - c0 >= 64 ? 2 : 1; /* Q8_0 blocks in this chunk */
+        const int b0 = c0 / TSR_QK8_0;
+        __m256 acc[8];
+        for (int r = 0; r < 4 * nbc; r++) acc[r] = _mm256_loadu_ps(o + c0 + 8 * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const kv_q8_0 *v = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes) + b0;
+                const __m256 pr = _mm256_set1_ps(att[i0 + j]);
+                for (int b = 0; b < nbc; b++) {
+                    const __m256 d = _mm256_set1_ps(_cvtsh_ss(v[b].d));
+                    for (int r = 0; r < 4; r++) {
+                        __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + 8 * r));
+                        __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+                        acc[4 * b + r] = _mm256_fmadd_ps(x, pr, acc[4 * b + r]);
+                    }
+                }
             }
-        }
+        });
+        for (int r = 0; r < 4 * nbc; r++) _mm256_storeu_ps(o + c0 + 8 * r, acc[r]);
     }
 }
 
 TSR_KV_AVX512 static void v_q8_0_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
                                         int32_t p1, float *o)
 {
-    const int nb = kv->head_dim / TSR_QK8_0;
-    for (int32_t p = p0; p <= p1; p++) {
-        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
-        const __m512 pr = _mm512_set1_ps(att[p - p0]);
-        for (int b = 0; b < nb; b++) {
-            const __m512 d = _mm512_set1_ps(tsr_f16_to_f32(v[b].d));
-            float *ob = o + b * TSR_QK8_0;
-            for (int j = 0; j < TSR_QK8_0; j += LANES) {
-                __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + j));
-                __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
-                _mm512_storeu_ps(ob + j, _mm512_fmadd_ps(x, pr, _mm512_loadu_ps(ob + j)));
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nbc = hd - c0 >= 64 ? 2 : 1;
+        const int b0 = c0 / TSR_QK8_0;
+        __m512 acc[4];
+        for (int r = 0; r < 2 * nbc; r++) acc[r] = _mm512_loadu_ps(o + c0 + LANES * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const kv_q8_0 *v = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes) + b0;
+                const __m512 pr = _mm512_set1_ps(att[i0 + j]);
+                for (int b = 0; b < nbc; b++) {
+                    const __m512 d = _mm512_set1_ps(_cvtsh_ss(v[b].d));
+                    for (int r = 0; r < 2; r++) {
+                        __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + LANES * r));
+                        __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
+                        acc[2 * b + r] = _mm512_fmadd_ps(x, pr, acc[2 * b + r]);
+                    }
+                }
             }
-        }
+        });
+        for (int r = 0; r < 2 * nbc; r++) _mm512_storeu_ps(o + c0 + LANES * r, acc[r]);
     }
 }
 
@@ -631,49 +661,21 @@ TSR_KV_AVX2 static void qk_q8_0_avx2(const tsr_kv_view *kv, const kv_q8_0 *qq, f
     });
 }
 
-/* Two positions per 512-bit register (one per 256-bit half), the same lane arithmetic. */
-TSR_KV_AVX512 static void qk_q8_0_avx512(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
-                                         int32_t p0, int32_t p1, float *att)
+/* With AVX-512 VNNI: the 8 sums of 4 products in one vpdpbusd (the same exact integers). */
+#define TSR_KV_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+TSR_KV_VNNI static void qk_q8_0_vnni(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
+                                     int32_t p0, int32_t p1, float *att)
 {
     const int nb = kv->head_dim / TSR_QK8_0;
-    const __m512i ones = _mm512_set1_epi16(1);
-    const __m256i ones8 = _mm256_set1_epi16(1);
     KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
-        int32_t j = 0;
-        for (; j + 1 < n; j += 2) {
-            const kv_q8_0 *ka = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
-            const kv_q8_0 *kb = (const kv_q8_0 *)(row + (size_t)(j + 1) * kv->row_bytes);
-            __m512 acc = _mm512_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                const __m256i qb = _mm256_loadu_si256((const __m256i *)qq[b].qs);
-                const __m512i k2 = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)ka[b].qs)),
-                    _mm256_loadu_si256((const __m256i *)kb[b].qs), 1);
-                const __m512i q2 = _mm512_inserti64x4(_mm512_castsi256_si512(qb), qb, 1);
-                const __m512i ak = _mm512_abs_epi8(k2);
-                const __m512i sq =
-                    _mm512_mask_sub_epi8(q2, _mm512_movepi8_mask(k2), _mm512_setzero_si512(), q2);
-                const __m512 s =
-                    _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(ak, sq), ones));
-                const float qd = _cvtsh_ss(qq[b].d);
-                const __m512 d = _mm512_castpd_ps(_mm512_insertf64x4(
-                    _mm512_castpd256_pd512(
-                        _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(ka[b].d) * qd))),
-                    _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(kb[b].d) * qd)), 1));
-                acc = _mm512_fmadd_ps(d, s, acc);
-            }
-            att[i0 + j] = hsum8_avx2(_mm512_castps512_ps256(acc)) * scale;
-            att[i0 + j + 1] =
-                hsum8_avx2(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))) *
-                scale;
-        }
-        for (; j < n; j++) {
+        for (int32_t j = 0; j < n; j++) {
             const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
             __m256 acc = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
-                const __m256 s =
-                    q8_block_sums_avx2(_mm256_loadu_si256((const __m256i *)k[b].qs),
-                                       _mm256_loadu_si256((const __m256i *)qq[b].qs), ones8);
+                const __m256i kb = _mm256_loadu_si256((const __m256i *)k[b].qs);
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)qq[b].qs);
+                const __m256 s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(), _mm256_sign_epi8(kb, kb), _mm256_sign_epi8(qb, kb)));
                 const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
                 acc = _mm256_fmadd_ps(d, s, acc);
             }
@@ -689,7 +691,7 @@ static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_
     kv_q8_0 *qq = scratch;
     tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
     if (isa == KV_AVX512)
-        qk_q8_0_avx512(kv, qq, scale, p0, p1, att);
+        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
     else if (isa == KV_AVX2)
         qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
     else
