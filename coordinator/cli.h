@@ -69,9 +69,9 @@ int tsr_cli_default_threads(void);
     "      --gpu-memory BYTES      device memory per rank for weights + KV + buffers (default:\n"  \
     "                              what is free; K/M/G suffixes); the planner fits layouts in "    \
     "it\n"                                                                                         \
-    "      --no-repack             keep the weights in the file's layout only (default: each\n"   \
-    "                              CPU rank also repacks its Q5_1/K-quant tiles at load for\n"    \
-    "                              faster prefill: same results, a private copy of them)\n"
+    "      --no-repack             keep the weights in the file's layout only (default: each\n"    \
+    "                              CPU rank also repacks its quantized tiles at load for\n"        \
+    "                              faster batches: same results, a private copy of them)\n"
 
 enum {
     TSR_CLI_O_TP = 300,

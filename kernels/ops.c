@@ -66,12 +66,12 @@ static void mm_run(void *arg, int ith, int nth)
         const tsr_weight *w = j->w[k];
         int64_t r0 = c * j->rows_per_chunk;
         int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
-        if (w->packed && (j->n_tok > 1 || !w->data)) {
+        if (w->packed && (!w->data || !tsr_repack_use_file_layout(w->type, j->n_tok))) {
             /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): the GEMM for several
-             * tokens, each weight group read once for all of them; one token only when the
-             * file layout is gone (a column slice). Bit-identical to the paths below. One
-             * token streams the file layout: the row dots read it faster than the repacked
-             * GEMV (1B Q4_K_M decode, 2 threads: 45.6 vs 26.7 tokens/s). */
+             * tokens, each weight group read once for all of them. Which layout is faster
+             * for how many tokens was measured (tsr_repack_use_file_layout): one token
+             * streams the file layout, as do long batches of types with a file tile.
+             * Bit-identical to the paths below either way. */
             tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, j->n_tok, j->xq[k], j->xq_stride[k],
                            j->y[k] + r0, (size_t)w->n_out);
             continue;

@@ -89,10 +89,18 @@ bool tsr_repack_chosen(uint32_t type)
     int all = atomic_load(&g_repack_all);
     if (all < 0) {
         const char *e = getenv("TSR_REPACK_ALL");
-        all = (e && *e && strcmp(e, "0") != 0) ? 1 : 0;
+        all = (e && strcmp(e, "0") == 0) ? 0 : 1;
         atomic_store(&g_repack_all, all);
     }
     return all || type == TSR_TYPE_Q5_1 || is_kquant(type);
+}
+
+bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)
+{
+    if (n_tok <= 1) return true;
+    const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 ||
+                           type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q5_0;
+    return file_tile && n_tok >= TSR_REPACK_TILE_MIN_TOKENS;
 }
 
 size_t tsr_repack_group_bytes(uint32_t type, int64_t n)

@@ -45,16 +45,25 @@
 /* Whether weights of `type` have a repacked layout and kernels (the quantized types above). */
 bool tsr_repack_supported(uint32_t type);
 
-/* Whether the load repacks weights of `type` by default: the types whose repacked GEMM
- * beats their file layout for several tokens (measured, 1B shapes, 2 threads: Q4_K_M prefill
- * 105 vs 61 tokens/s), i.e. those without a register-blocked file-layout tile in quant.c: Q5_1
- * and the K-quants. Q8_0 / Q4_0 / Q4_1 / Q5_0 have such a tile and it was faster (Q8_0
- * prefill 112 vs 93 tokens/s, Q4_0 108 vs 91), so they stay in place, unless
- * tsr_repack_set_all(true) or the environment variable TSR_REPACK_ALL (non-empty, not "0")
- * asks for every supported type (tests, measurements). One token (decode) runs on the file
- * layout whenever it is still there (kernels/ops.c): the row dots stream it faster. */
+/* Whether the load repacks weights of `type`: every supported type (the default), or, after
+ * tsr_repack_set_all(false) or with the environment variable TSR_REPACK_ALL=0, only Q5_1 and
+ * the K-quants, whose file layout has no register-blocked tile (quant.c): the repacked copy
+ * is then kept only where several tokens gain most from it. */
 bool tsr_repack_chosen(uint32_t type);
 void tsr_repack_set_all(bool all);
+
+/* Tokens from which a batch of Q8_0 / Q4_0 / Q4_1 / Q5_0 runs on the file layout's tile
+ * (quant.c) rather than the repacked GEMM. Measured, 1B Q8_0, 2 threads: the repacked GEMM
+ * wins for 2-9 tokens (verification of k drafts, step of k+1 / step of 1: k=1 1.07 vs 1.6-2.0,
+ * k=4 1.9 vs 2.4-3.4, k=8 3.1-3.2 vs 3.9), the tile for a 128-token prefill (79 vs 72-78
+ * tokens/s; Q4_0 108 vs 91 on a quiet machine); 64 lies between the measured points. */
+#define TSR_REPACK_TILE_MIN_TOKENS 64
+
+/* Whether n_tok tokens through a `type` matrix should read the file layout (when the rank
+ * still has it): one token of any type (the row dots stream memory faster than the repacked
+ * GEMV: 1B Q4_K_M decode 45.6 vs 26.7 tokens/s), and TSR_REPACK_TILE_MIN_TOKENS or more of a
+ * type with a file-layout tile. kernels/ops.c's one choice point. */
+bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok);
 
 /* Bytes of one group of TSR_REPACK_ROWS rows of n elements, and of a whole matrix of
  * n_out rows; 0 when the type is not supported or n is not a multiple of its block. */

@@ -237,17 +237,24 @@ static void test_sizes(void **state)
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 96),
                      (4 * 8 * 2 + 3 * 4 * 16 + 63) / 64 * 64);
     assert_int_equal(tsr_repack(TSR_TYPE_F16, 256, 1, NULL, 0, NULL), -1);
-    /* the load's choice: Q5_1 and the K-quants (no file-layout tile), all on request */
-    tsr_repack_set_all(false);
+    /* the load's choice: every type, or Q5_1 and the K-quants (no file-layout tile); the
+     * matmul's: the file layout for 1 token, and for long batches of types with a tile */
     for (size_t i = 0; i < sizeof k_all / sizeof k_all[0]; ++i) {
         const uint32_t t = k_all[i];
-        const bool want =
-            t != TSR_TYPE_Q8_0 && t != TSR_TYPE_Q4_0 && t != TSR_TYPE_Q4_1 && t != TSR_TYPE_Q5_0;
-        if (tsr_repack_chosen(t) != want)
-            fail_msg("tsr_repack_chosen(%s): expected %d, got %d", tsr_type_name(t), want, !want);
+        const bool tile =
+            t == TSR_TYPE_Q8_0 || t == TSR_TYPE_Q4_0 || t == TSR_TYPE_Q4_1 || t == TSR_TYPE_Q5_0;
+        tsr_repack_set_all(false);
+        if (tsr_repack_chosen(t) != !tile)
+            fail_msg("tsr_repack_chosen(%s), light choice: expected %d, got %d", tsr_type_name(t),
+                     !tile, tile);
         tsr_repack_set_all(true);
         assert_true(tsr_repack_chosen(t));
-        tsr_repack_set_all(false);
+        assert_true(tsr_repack_use_file_layout(t, 1));
+        assert_false(tsr_repack_use_file_layout(t, 2));
+        assert_false(tsr_repack_use_file_layout(t, 16));
+        if (tsr_repack_use_file_layout(t, TSR_REPACK_TILE_MIN_TOKENS) != tile)
+            fail_msg("tsr_repack_use_file_layout(%s, %d): expected %d", tsr_type_name(t),
+                     TSR_REPACK_TILE_MIN_TOKENS, tile);
     }
     assert_false(tsr_repack_chosen(TSR_TYPE_F16));
 }
@@ -299,7 +306,7 @@ static void compare_logits(const char *what, const float *a, const float *b, int
     }
 }
 
-/* all: repack every supported type (tsr_repack_set_all), else the default choice. */
+/* all: repack every supported type (the default), else the light choice (Q5_1, K-quants). */
 static void check_model_on_off_ex(const char *path, bool all)
 {
     char err[512] = "";
@@ -311,7 +318,7 @@ static void check_model_on_off_ex(const char *path, bool all)
         fail_msg("load %s: %s", path, err);
     tsr_repack_set_all(all);
     if (tsr_model_repack(on, err, sizeof err) != 0) fail_msg("repack %s: %s", path, err);
-    tsr_repack_set_all(false);
+    tsr_repack_set_all(true);
     if (on->n_repacked == 0) fail_msg("%s: no matrix was repacked", path);
     assert_int_equal(off->n_repacked, 0);
     print_message("%s: %d matrices repacked, %.1f MiB, %.1f ms\n", path, on->n_repacked,
@@ -338,19 +345,19 @@ static void check_model_on_off_ex(const char *path, bool all)
 
 static void check_model_on_off(const char *path)
 {
-    check_model_on_off_ex(path, false);
+    check_model_on_off_ex(path, true);
 }
 
 static void test_model_on_off(void **state)
 {
     (void)state;
-    /* Q8_0 / Q4_0 / Q5_0 / Q4_1 stay in place by default: repack them all */
+    /* the default repacks every type; the light choice (Q5_1, K-quants) once */
     check_model_on_off_ex(tsr_test_model_path("derived/stories260K-q8_0.gguf"), true);
     check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"), true);
     check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"), true);
     check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"), true);
     check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"), true);
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"));
+    check_model_on_off_ex(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), false);
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_1.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q2_k.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q3_k_m.gguf"));

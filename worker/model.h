@@ -141,9 +141,9 @@ void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s);
 int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **out, char *err,
                          size_t err_len);
 
-/* Repack this rank's matrices of the types tsr_repack_chosen picks (kernels/repack.h: Q5_1
- * and the K-quants by default) into its interleaved-row layout, in anonymous memory owned by
- * the model (w->packed; the matmul runs several tokens on it, one token on w->data, with
+/* Repack this rank's matrices of the types tsr_repack_chosen picks (kernels/repack.h: every
+ * quantized type by default) into its interleaved-row layout, in anonymous memory owned by
+ * the model (w->packed; the matmul picks per token count, tsr_repack_use_file_layout, with
  * bit-identical results). Row slices are read with pread; w->data (a view of the mapping,
  * or a column slice's private copy) stays. Other types keep their file layout only. Adds
  * to n_bytes_repacked / t_repack_ns /

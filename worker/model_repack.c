@@ -7,9 +7,10 @@
  * with pread, a group of 4 rows at a time, so the repack itself does not fault the mapping
  * in. Column slices are already private pread copies; they are repacked and kept.
  *
- * Both layouts stay: the matmul (kernels/ops.c) runs one token (decode) on the file layout,
- * whose row dots stream faster than the repacked GEMV, and several tokens on the repacked
- * GEMM. The price is memory: the repacked copy (n_bytes_repacked, anonymous) on top of what
+ * Both layouts stay: the matmul (kernels/ops.c, tsr_repack_use_file_layout) runs one token
+ * (decode) on the file layout, whose row dots stream faster than the repacked GEMV, and
+ * several tokens on the repacked GEMM (long batches on the file tile where one exists). The
+ * price is memory: the repacked copy (n_bytes_repacked, anonymous) on top of what
  * --no-repack holds (the file's pages of this rank's tiles, shared and reclaimable; a column
  * slice's private copy). Which types are repacked: tsr_repack_chosen (kernels/repack.h).
  */
