@@ -43,8 +43,10 @@ enum {
 
 bool tsr_repack_supported(uint32_t type)
 {
-    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 ||
-           type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+    /* Not Q8_0 / Q4_1: their dots follow ggml's x86 order (kernels/dot_ggml.h), which
+     * ggml itself runs unrepacked on x86; the row and tile kernels there are as fast. */
+    return type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q4_K ||
+           type == TSR_TYPE_Q6_K;
 }
 
 /* K-quant super-blocks move whole: [nsb][4 rows][block]. */

@@ -10,6 +10,7 @@
 
 #include "kernels/kvcache.h"
 #include "kernels/quant.h"
+#include "worker/tdump.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -1007,6 +1008,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         return rc;
     }
     c->b = b;
+    tsr_tdump_begin_call();
 
     if (m->first_stage) {
         for (int t = 0; t < n; t++) {
@@ -1020,13 +1022,19 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
 
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
+        const int il = sh->layer_begin + l;
+        TSR_TDUMP("inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
+        TSR_TDUMP("attn_norm", il, c->xb, (size_t)n * E);
         {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
             float *ys[3] = {c->q, c->k, c->v};
             tsr_matmul_multi(c->pool, ws, ys, 3, c->xb, n, c->scratch);
         }
         const int q_dim_local = n_head_local * hd;
+        TSR_TDUMP("q_mm", il, c->q, (size_t)n * q_dim_local);
+        TSR_TDUMP("k_mm", il, c->k, (size_t)n * c->kv_dim);
+        TSR_TDUMP("v_mm", il, c->v, (size_t)n * c->kv_dim);
         if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
         if (L->bk) add_bias(c->k, L->bk, n, c->kv_dim);
         if (L->bv) add_bias(c->v, L->bv, n, c->kv_dim);
@@ -1037,17 +1045,16 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
         const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
         const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
-        if (hp->rope_neox) {
-            tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-            tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-        } else {
-            tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-            tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-        }
+        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
+         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
+        const int neox = hp->rope_neox ? 1 : 0;
+        tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
+        tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
+        TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
+        TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
+        TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
         /* Store this batch's K and V rows in the cache's type (kernels/kvcache.h). */
@@ -1065,26 +1072,36 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         atomic_store(&aj.next, 0);
         tsr_pool_run(c->pool, attn_run, &aj);
 
+        TSR_TDUMP("kqv_out", il, c->att_out, (size_t)n * q_dim_local);
         tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
+        TSR_TDUMP("attn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->bo) add_bias(c->xb2, L->bo, n, E);
         if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
+        TSR_TDUMP("ffn_inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
+        TSR_TDUMP("ffn_norm", il, c->xb, (size_t)n * E);
         {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
             tsr_matmul_multi(c->pool, ws, ys, 2, c->xb, n, c->scratch);
         }
+        TSR_TDUMP("ffn_gate", il, c->hb, (size_t)n * n_ff);
+        TSR_TDUMP("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
-        else
-            tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        else /* per row: ggml's vector / scalar split is per row */
+            for (int t = 0; t < n; t++)
+                tsr_swiglu(c->hb + (size_t)t * n_ff, c->hb2 + (size_t)t * n_ff, n_ff);
+        TSR_TDUMP("ffn_act", il, c->hb, (size_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
+        TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
+        TSR_TDUMP("l_out", il, x, (size_t)n * E);
     }
 
     if (m->last_stage && logits) {
@@ -1095,7 +1112,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                         hp->rms_eps);
             n_want++;
         }
+        TSR_TDUMP("result_norm", -1, c->head_in, (size_t)n_want * E);
         if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
+        TSR_TDUMP("result_output", -1, logits, (size_t)n_want * m->output.n_out);
         if (n_want > 0 && hp->final_logit_softcap > 0.0f) {
             const float cap = hp->final_logit_softcap;
             const size_t n_l = (size_t)n_want * (size_t)m->output.n_out;
