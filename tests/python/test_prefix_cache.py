@@ -23,17 +23,14 @@ import concurrent.futures as cf
 import os
 import random
 import re
-import shutil
 import struct
 import sys
-import tempfile
-import time
-import traceback
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import test_serve as ts  # noqa: E402  (its Server, stubs and helpers)
+import tsrtest  # noqa: E402  (the runner)
 
 BLOCK_BYTES = 5 * 2 * 4 * 8 * 4 * 16  # stories260K: layers x K,V x kv heads x head_dim x f32 x 16
 SHARED = [0, 16, 100, 300]
@@ -189,28 +186,9 @@ def main():
         print("missing model %s (set TESSERA_MODELS)" % ARGS.model)
         print("0 passed, 1 failed")
         return 1
-    tmp = tempfile.mkdtemp(prefix="tsr-stubs-")
-    passed = failed = 0
-    try:
-        ts.make_stubs(os.path.abspath(ARGS.proto), tmp)
-        for t in TESTS:
-            if ARGS.k and ARGS.k not in t.__name__:
-                continue
-            if ARGS.lean and t is test_mpi_tp2_pp2:
-                continue
-            t0 = time.time()
-            try:
-                t()
-                passed += 1
-                print("ok    %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
-            except Exception:
-                failed += 1
-                print("FAIL  %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
-                traceback.print_exc()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    tests = [t for t in TESTS if not (ARGS.lean and t is test_mpi_tp2_pp2)]
+    return tsrtest.run_tests(tests, ARGS.k,
+                             setup=lambda tmp: ts.make_stubs(os.path.abspath(ARGS.proto), tmp))
 
 
 if __name__ == "__main__":
