@@ -148,7 +148,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
 
 /* Four independent pairs (w0,x0)..(w3,x3), each in ggml's order; out[k] gets pair k. */
 #define GG_DOT4_Q41(NAME, ATTR, US8)                                                               \
-    ATTR static void NAME(int64_t nb, const gg_q4_1 *const *w, const gg_q8_1 *const *x,          \
+    ATTR static void NAME(int64_t nb, const gg_q4_1 *const *w, const gg_q8_1 *const *x,            \
                           float *out)                                                              \
     {                                                                                              \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
@@ -176,7 +176,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
     }
 
 #define GG_DOT4_Q80(NAME, ATTR, US8)                                                               \
-    ATTR static void NAME(int64_t nb, const gg_q8_0 *const *w, const gg_q8_0 *const *x,          \
+    ATTR static void NAME(int64_t nb, const gg_q8_0 *const *w, const gg_q8_0 *const *x,            \
                           float *out)                                                              \
     {                                                                                              \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
@@ -200,7 +200,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
 
 /* One pair (the remainder of a 4-group). */
 #define GG_DOT1_Q41(NAME, ATTR, US8)                                                               \
-    ATTR static float NAME(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *x)                        \
+    ATTR static float NAME(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *x)                         \
     {                                                                                              \
         __m256 a = _mm256_setzero_ps();                                                            \
         float s = 0.0f;                                                                            \
@@ -212,7 +212,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         return gg_hsum_ps(a) + s;                                                                  \
     }
 #define GG_DOT1_Q80(NAME, ATTR, US8)                                                               \
-    ATTR static float NAME(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)                        \
+    ATTR static float NAME(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)                         \
     {                                                                                              \
         __m256 a = _mm256_setzero_ps();                                                            \
         for (int64_t b = 0; b < nb; ++b)                                                           \
@@ -362,8 +362,7 @@ GG_AVX2 static float act_block_avx2(const float *x, int8_t *qs, int32_t *sum)
     for (int k = 0; k < 4; ++k)
         q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __m256i s8 =
-        _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
     s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
@@ -419,9 +418,9 @@ static float gg_expf_scalar(float x)
     const float n = z - r;
     const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
     const float u = b * b;
-    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-                              fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-                         u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    const float j = fmaf(
+        fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+        u, fmaf(0x1.ffffecp-1f, b, 1.0f));
     if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
     return ldexpf(j, (int)n);
 }
@@ -457,8 +456,8 @@ GG_AVX2 static __m256 gg_expf_avx2(__m256 x)
             _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
         u, _mm256_fmadd_ps(_mm256_set1_ps(0x1.ffffecp-1f), b, _mm256_set1_ps(1.0f)));
     /* n in [-192, 192] here (larger |n| is replaced below): n = h1 + h2, each in [-96, 96] */
-    const __m256 nc = _mm256_max_ps(_mm256_min_ps(n, _mm256_set1_ps(192.0f)),
-                                    _mm256_set1_ps(-192.0f));
+    const __m256 nc =
+        _mm256_max_ps(_mm256_min_ps(n, _mm256_set1_ps(192.0f)), _mm256_set1_ps(-192.0f));
     const __m256i ni = _mm256_cvtps_epi32(nc);
     const __m256i h1 = _mm256_srai_epi32(ni, 1);
     const __m256i h2 = _mm256_sub_epi32(ni, h1);

@@ -233,7 +233,8 @@ TSR_KV_AVX2 static float dot_f16_avx2(const uint16_t *k, const uint16_t *q, int 
     for (int i = 0; i < np; i += 64)
         for (int j = 0; j < 4; j++) {
             lo[j] = _mm256_fmadd_ps(ld8_f16(k + i + 16 * j), ld8_f16(q + i + 16 * j), lo[j]);
-            hi[j] = _mm256_fmadd_ps(ld8_f16(k + i + 16 * j + 8), ld8_f16(q + i + 16 * j + 8), hi[j]);
+            hi[j] =
+                _mm256_fmadd_ps(ld8_f16(k + i + 16 * j + 8), ld8_f16(q + i + 16 * j + 8), hi[j]);
         }
     const __m256 l0 = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
     const __m256 h0 = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));

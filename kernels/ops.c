@@ -199,8 +199,8 @@ void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim,
             for (int h = 0; h < n_head; h++) {
                 float *v = x + ((size_t)t * n_head + h) * head_dim + i;
                 float x0 = v[0], x1 = v[1];
-                v[0] = x0 * c - x1 * s;
-                v[1] = x0 * s + x1 * c;
+                v[0] = fmaf(x0, c, -(x1 * s)); /* as tsr_rope_ext */
+                v[1] = fmaf(x0, s, x1 * c);
             }
         }
     }
