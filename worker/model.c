@@ -1188,3 +1188,34 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
     *logits = c->logits;
     return rc;
 }
+
+int tsr_ctx_kv_copy(tsr_ctx *c, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                    size_t err_len)
+{
+    for (int32_t i = 0; i < n; i++) {
+        if (src[i] < 0 || src[i] >= c->n_kv_blocks || dst[i] < 0 || dst[i] >= c->n_kv_blocks) {
+            tsr_set_err(err, err_len, "KV block copy %d -> %d is outside the pool of %d blocks",
+                        src[i], dst[i], c->n_kv_blocks);
+            return -1;
+        }
+    }
+    if (c->be) {
+        if (!c->be->kv_copy) {
+            tsr_set_err(err, err_len, "the %s backend cannot copy KV blocks", c->be->name);
+            return -1;
+        }
+        return n > 0 ? c->be->kv_copy(c->be_state, src, dst, n, err, err_len) : 0;
+    }
+    /* A block's positions are consecutive slots: TSR_KV_BLOCK_SIZE rows of one layer. */
+    const size_t block_bytes = (size_t)TSR_KV_BLOCK_SIZE * c->kv_row_bytes;
+    const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
+    for (int32_t l = 0; l < c->m->n_layer_local; l++) {
+        for (int32_t i = 0; i < n; i++) {
+            const size_t so = (size_t)l * layer_bytes + (size_t)src[i] * block_bytes;
+            const size_t d0 = (size_t)l * layer_bytes + (size_t)dst[i] * block_bytes;
+            memcpy(c->k_cache + d0, c->k_cache + so, block_bytes);
+            memcpy(c->v_cache + d0, c->v_cache + so, block_bytes);
+        }
+    }
+    return 0;
+}
