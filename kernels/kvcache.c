@@ -4,8 +4,7 @@
  * Every path of one type computes the same operations in the same order (the scalar code is
  * the reference and spells the order out; the AVX2 and AVX-512 code vectorizes it without
  * reassociating), so f16 and the V side of q8_0 are bit-identical across instruction sets.
- * The q8_0 q·k uses kernels/quant.h's Q8_0 dot, whose ISA paths agree up to float
- * summation order.
+ * The q8_0 q·k sums its blocks in order (q8_0_score), the same on every ISA.
  */
 #include "kernels/kvcache.h"
 
@@ -381,6 +380,20 @@ TSR_KV_AVX512 static void v_q8_0_avx512(const tsr_kv_view *kv, const float *att,
     }
 }
 
+/* q·k of Q8_0 rows: per block d_k * d_q * (exact int sum), added in block order (the order
+ * kernels/cuda/numerics.h tsr_cuda_kv_q8_0_score reproduces on the device; the weights'
+ * Q8_0 dot follows ggml's lane order instead, kernels/dot_ggml.h). */
+static float q8_0_score(const kv_q8_0 *k, const kv_q8_0 *q, int nb)
+{
+    float s = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        int32_t si = 0;
+        for (int j = 0; j < TSR_QK8_0; j++) si += k[b].qs[j] * q[b].qs[j];
+        s += tsr_f16_to_f32(k[b].d) * tsr_f16_to_f32(q[b].d) * (float)si;
+    }
+    return s;
+}
+
 static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                       float *att, void *scratch, float *o, int isa)
 {
@@ -388,7 +401,7 @@ static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_
     void *qq = scratch;
     tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
     for (int32_t p = p0; p <= p1; p++)
-        att[p - p0] = tsr_vec_dot(TSR_TYPE_Q8_0, hd, kv_at(kv, kv->k, p), qq) * scale;
+        att[p - p0] = q8_0_score((const kv_q8_0 *)kv_at(kv, kv->k, p), qq, hd / TSR_QK8_0) * scale;
     tsr_softmax(att, p1 - p0 + 1);
     memset(o, 0, sizeof(float) * (size_t)hd);
     if (isa == KV_AVX512)
