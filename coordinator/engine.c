@@ -192,6 +192,12 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
         !e->b_tables || !e->b_nblocks || !e->cow_src || !e->cow_dst || !e->b_seqs || !e->b_chunk ||
         !e->lg)
         goto oom;
+    /* --no-prefix-cache covers the draft model's pool too */
+    if (e->p.drafter && e->p.no_prefix_cache &&
+        tsr_drafter_model_set_prefix_cache(e->p.drafter, false, err, err_len) != 0) {
+        tsr_engine_free(e);
+        return TSR_ENGINE_EINVAL;
+    }
     if (tsr_kvblocks_new(e->p.n_kv_blocks, !e->p.no_prefix_cache, &e->kvb, err, err_len) != 0) {
         tsr_engine_free(e);
         return TSR_ENGINE_ENOMEM;

@@ -8,7 +8,8 @@ set_tests_properties(test_kvcache PROPERTIES TIMEOUT 300)
 # tp 2 x pp 2 with an f16 cache equals one process with an f16 cache (greedy ids identical;
 # logits within 0.3: the f16 attention keeps llama.cpp's fp16 output accumulator, rounded
 # at every position, so tp's re-associated all-reduce sums (last bits) flip some of those
-# roundings: 0.115 measured on this Q8_0 file, 0 with pp alone); q8_0 across tp 2. Release tree only (4 ASan ranks spend ~30 s in
+# roundings: 0.115 measured on this Q8_0 file, 0 with pp alone); q8_0 across tp 2 (logits within 1e-3: tp's last-bit differences can flip
+# an int8 rounding of a stored K or V block; 1.7e-4 measured). Release tree only (4 ASan ranks spend ~30 s in
 # LeakSanitizer's exit scan; test_kvcache covers the kernels there).
 if(NOT TSR_SANITIZE)
   add_test(NAME replica_kv_f16_tp2_pp2
@@ -20,7 +21,7 @@ if(NOT TSR_SANITIZE)
   add_test(NAME replica_kv_q8_0_tp2_pp1
            COMMAND ${TSR_MPIRUN} -np 2 $<TARGET_FILE:replica_check>
                    -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-f16.gguf --tp 2 --pp 1 -n 16
-                   --kv-type q8_0)
+                   --kv-type q8_0 --tol 1e-3)
   set_tests_properties(replica_kv_q8_0_tp2_pp1 PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
                        TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
 endif()

@@ -533,12 +533,124 @@ static void test_prefix_cow(void **state)
     assert_int_equal(sw.kv_blocks_free, sw.kv_blocks_total);
 }
 
+/* The draft model's pool has its own prefix cache: one request at a time with a draft model
+ * (greedy, speculation on), r1 sharing 2 blocks of r0's prompt, r2 = exactly r0's first 32
+ * tokens (wholly cached in the target's pool: copy-on-write there), r3 = r0's first 31
+ * tokens, whose greedy answer starts with r0's 32nd (the drafter's first history is then
+ * r0's first 32 tokens, all cached in the draft pool: copy-on-write there). The
+ * answers equal the greedy reference and a cold engine (--no-prefix-cache, which turns the
+ * draft pool's cache off too), and so do the counts of drafted and accepted tokens (the same
+ * drafts); both pools count hits, the draft pool copies, and every
+ * block of both returns. */
+static void run_draft(bool cache, const int32_t *const *prompts, const int *n_prompt, int n_req,
+                      result *res, tsr_engine_status *st, tsr_kvblocks_stats *dst)
+{
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 48, .n_kv_blocks = 40};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_drafter *d;
+    if (tsr_drafter_model_new_kv(tsr_test_model_path("derived/stories260K-4layer-draft.gguf"),
+                                 tsr_replica_gguf(rep), 24, 1, tsr_replica_kv_type(rep), &d, err,
+                                 sizeof err) != 0)
+        fail_msg("draft model: %s", err);
+    tsr_engine_params ep = {.max_batch_tokens = 48,
+                            .max_seqs = 1,
+                            .max_queue = 64,
+                            .drafter = d,
+                            .spec_k = 3,
+                            .spec_no_probe = true,
+                            .spec_max_batch = 16,
+                            .no_prefix_cache = !cache};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    for (int k = 0; k < n_req; k++) {
+        tsr_engine_request rq = {.prompt_ids = prompts[k],
+                                 .n_prompt = (size_t)n_prompt[k],
+                                 .on_event = on_event,
+                                 .ud = &res[k],
+                                 .speculation = 1};
+        tsr_sampling_params_default(&rq.gen.sampling);
+        rq.gen.sampling.temperature = 0.0f;
+        rq.gen.max_tokens = 20;
+        rq.gen.ignore_eos = true;
+        uint64_t id;
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    }
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    tsr_engine_get_status(e, st);
+    assert_int_equal(tsr_drafter_model_prefix_stats(d, dst), 0);
+    assert_int_equal(tsr_drafter_model_n_free_blocks(d), 24);
+    tsr_engine_free(e);
+    tsr_drafter_free(d);
+    tsr_replica_close(rep);
+}
+
+static void test_prefix_draft(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    int32_t p0[40], p1[41];
+    p0[0] = p1[0] = 1;
+    for (int i = 1; i < 40; i++) p0[i] = 259 + (i * 53 + 11) % 253;
+    /* token 31 is the greedy continuation of the first 31: r3's first drafting history */
+    reference(model, p0, 31, 1, p0 + 31);
+    memcpy(p1, p0, sizeof(int32_t) * 32);
+    for (int i = 32; i < 41; i++) p1[i] = 300 + (i * 7) % 200;
+    const int32_t *prompts[4] = {p0, p1, p0, p0};
+    const int n_prompt[4] = {40, 41, 32, 31};
+    static result cold[4], warm[4];
+    memset(cold, 0, sizeof cold);
+    memset(warm, 0, sizeof warm);
+    tsr_engine_status sc, sw;
+    tsr_kvblocks_stats dc, dw;
+    run_draft(false, prompts, n_prompt, 4, cold, &sc, &dc);
+    run_draft(true, prompts, n_prompt, 4, warm, &sw, &dw);
+    for (int k = 0; k < 4; k++) {
+        int32_t want[20];
+        reference(model, prompts[k], n_prompt[k], 20, want);
+        assert_int_equal(cold[k].n_ids, 20);
+        for (int i = 0; i < 20; i++)
+            if (cold[k].ids[i] != want[i])
+                fail_msg("cold, request %d token %d: reference %d, engine %d", k, i, want[i],
+                         cold[k].ids[i]);
+    }
+    compare_runs("draft model", cold, warm, 4);
+    print_message("prefix draft: target %llu hits / %llu hit tokens / %llu copies; draft pool "
+                  "%llu lookups, %llu hits, %llu hit tokens, %llu copies; accepted %llu of "
+                  "%llu drafts\n",
+                  (unsigned long long)sw.prefix_cache_hits,
+                  (unsigned long long)sw.prefix_cache_hit_tokens,
+                  (unsigned long long)sw.prefix_cache_copies, (unsigned long long)dw.n_lookups,
+                  (unsigned long long)dw.n_hits, (unsigned long long)dw.n_hit_tokens,
+                  (unsigned long long)dw.n_copies, (unsigned long long)sw.spec_accepted,
+                  (unsigned long long)sw.spec_drafted);
+    assert_true(sw.spec_accepted > 0);
+    /* the drafts themselves are those of a cold draft pool (the answers would not show a
+     * wrong draft: the target verifies them) */
+    if (sw.spec_drafted != sc.spec_drafted || sw.spec_accepted != sc.spec_accepted)
+        fail_msg("drafts: cold %llu drafted / %llu accepted, cached %llu / %llu",
+                 (unsigned long long)sc.spec_drafted, (unsigned long long)sc.spec_accepted,
+                 (unsigned long long)sw.spec_drafted, (unsigned long long)sw.spec_accepted);
+    assert_true(sw.prefix_cache_hits >= 3 && sw.prefix_cache_copies >= 1);
+    assert_true(dw.n_hits >= 3 && dw.n_copies >= 1);
+    assert_true(dw.n_hit_tokens >= (2 + 2 + 2) * 16);
+    assert_int_equal(dw.n_used, 0);
+    assert_int_equal(dc.n_lookups, 0);
+    assert_int_equal(dc.n_cached, 0);
+    assert_int_equal(sw.kv_blocks_used, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batched_equals_single), cmocka_unit_test(test_preemption),
         cmocka_unit_test(test_cancel_and_errors),     cmocka_unit_test(test_resume),
         cmocka_unit_test(test_prefix_cache),          cmocka_unit_test(test_prefix_cow),
+        cmocka_unit_test(test_prefix_draft),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
