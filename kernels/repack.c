@@ -51,8 +51,11 @@ static bool is_kquant(uint32_t type)
 
 bool tsr_repack_supported(uint32_t type)
 {
-    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 ||
-           type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q5_1 || is_kquant(type);
+    /* Not Q8_0 / Q4_1: their dots follow ggml's x86 order (kernels/dot_ggml.h), which
+     * ggml itself runs unrepacked on x86 (their repack kernels below stay for the tests
+     * of the layout but no weight uses them). */
+    return type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q5_1 ||
+           is_kquant(type);
 }
 
 /* Q8_1 activations (d, s, qs): the types with a min (x = d*q + m). */
