@@ -23,6 +23,7 @@
 
 #include "kernels/quant.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -133,6 +134,38 @@ int tsr_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t 
 
 /* ---- scalar reference ------------------------------------------------------------------ */
 
+/* Q5_0 (quant.c's dot_q5_0_scalar: ggml's order): 8 lanes of 4 elements per block, one FMA
+ * chain per lane, ggml's hsum_float_8. */
+static float dot_q5_0_scalar(size_t nb, size_t nbp, const uint8_t *grp, int rr, const uint8_t *x)
+{
+    const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;
+    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * 20;
+    float acc[8] = {0};
+    for (size_t b = 0; b < nb; ++b) {
+        const uint8_t *wq = q + b * TSR_REPACK_ROWS * 20, *xb = x + b * RP_XBLK;
+        uint16_t xd;
+        memcpy(&xd, xb, 2);
+        const int8_t *xq = (const int8_t *)(xb + 2);
+        uint32_t qh;
+        memcpy(&qh, wq, 4);
+        const uint8_t *qs = wq + 4;
+        int v[32];
+        for (int j = 0; j < 16; ++j) {
+            v[j] = ((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) - 16;
+            v[j + 16] = ((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - 16;
+        }
+        const float d = tsr_f16_to_f32(d16[b]) * tsr_f16_to_f32(xd);
+        for (int k = 0; k < 8; ++k) {
+            int32_t si = 0;
+            for (int j = 4 * k; j < 4 * k + 4; ++j) si += v[j] * xq[j];
+            acc[k] = fmaf((float)si, d, acc[k]);
+        }
+    }
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
+                t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
 /* One row (group row rr) x one token, in dot_q8_0_scalar / dot_q4_0_scalar's order. */
 static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp, int rr,
                         const uint8_t *x)
@@ -163,14 +196,6 @@ static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp
         }
         if (type == TSR_TYPE_Q8_0) {
             for (int j = 0; j < 32; ++j) si += (int8_t)wq[j] * xq[j];
-        } else if (type == TSR_TYPE_Q5_0) { /* quant.c's q5_unpack, then (q - 16) * y */
-            uint32_t qh;
-            memcpy(&qh, wq, 4);
-            const uint8_t *qs = wq + 4;
-            for (int j = 0; j < 16; ++j) {
-                si += (((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) - 16) * xq[j];
-                si += (((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - 16) * xq[j + 16];
-            }
         } else {
             for (int j = 0; j < 16; ++j) {
                 si += ((wq[j] & 0xF) - 8) * xq[j];
@@ -190,7 +215,10 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
         const uint8_t *grp = packed + (size_t)(r / TSR_REPACK_ROWS) * gb;
         for (int32_t t = 0; t < n_tok; ++t)
             y[(size_t)t * ys + (size_t)r] =
-                dot_scalar(type, nb, nbp, grp, (int)(r % TSR_REPACK_ROWS), x + (size_t)t * xs);
+                type == TSR_TYPE_Q5_0
+                    ? dot_q5_0_scalar(nb, nbp, grp, (int)(r % TSR_REPACK_ROWS), x + (size_t)t * xs)
+                    : dot_scalar(type, nb, nbp, grp, (int)(r % TSR_REPACK_ROWS),
+                                 x + (size_t)t * xs);
     }
 }
 
@@ -533,13 +561,135 @@ DEF_GEMM(gemm_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, Q4W, RP_Y1, Q4D
          RP_CVT_MAGIC)
 /* clang-format on */
 
+/* ---- Q5_0 in ggml's order (quant.c's dot_q5_0_scalar) --------------------------------------
+ * R group rows x T tokens (constants after inlining): per block, each row's signed quants
+ * q5 - 16 once, then per token the sign trick |q| x sign(y, q) into 8 int32 lanes of 4
+ * elements and acc = fma(d_w*d_y, float(lanes), acc); the end hsum_ps. One FMA chain per
+ * (row, token), so several of them overlap. */
+#define RP_Q50_LANES_AVX2(ax, sy)                                                                  \
+    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+#define RP_Q50_LANES_VNNI(ax, sy) _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+#define DEF_Q50(fname, ATTR, BYTES, LANES)                                                         \
+    ATTR RP_INLINE void fname##_mk(const int T, const int R, size_t nb, size_t nbp,                \
+                                   const uint8_t *grp, int rr, int nr, const uint8_t *x,           \
+                                   size_t xs, float *y, size_t ys)                                 \
+    {                                                                                              \
+        const uint16_t *d16 = (const uint16_t *)grp;                                               \
+        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;                                        \
+        __m256 acc[4][4];                                                                          \
+        for (int r = 0; r < R; ++r)                                                                \
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();                           \
+        for (size_t b = 0; b < nb; ++b) {                                                          \
+            float dy[4];                                                                           \
+            __m256i yv[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const uint8_t *xb = x + (size_t)t * xs + b * RP_XBLK;                              \
+                uint16_t xd;                                                                       \
+                memcpy(&xd, xb, 2);                                                                \
+                dy[t] = _cvtsh_ss(xd);                                                             \
+                yv[t] = _mm256_loadu_si256((const __m256i *)(xb + 2));                             \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
+            {                                                                                      \
+                const __m256i qv =                                                                 \
+                    _mm256_sub_epi8(BYTES(q + (b * TSR_REPACK_ROWS + (size_t)(rr + r)) * 20),      \
+                                    _mm256_set1_epi8(16));                                         \
+                const __m256i ax = _mm256_abs_epi8(qv);                                            \
+                const float dw = _cvtsh_ss(d16[(size_t)(rr + r) * nbp + b]);                       \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const __m256i lanes = LANES(ax, _mm256_sign_epi8(yv[t], qv));                  \
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy[t]),                        \
+                                                _mm256_cvtepi32_ps(lanes), acc[r][t]);             \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < R && r < nr; ++r)                                                      \
+            for (int t = 0; t < T; ++t) y[(size_t)t * ys + (size_t)r] = hsum_ps(acc[r][t]);        \
+    }                                                                                              \
+    ATTR static void fname(int T, int R, size_t nb, size_t nbp, const uint8_t *grp, int rr,        \
+                           int nr, const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        if (R == 4) {                                                                              \
+            switch (T) {                                                                           \
+            case 1:                                                                                \
+                fname##_mk(1, 4, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            case 2:                                                                                \
+                fname##_mk(2, 4, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            case 3:                                                                                \
+                fname##_mk(3, 4, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            default:                                                                               \
+                fname##_mk(4, 4, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            }                                                                                      \
+        } else {                                                                                   \
+            switch (T) {                                                                           \
+            case 1:                                                                                \
+                fname##_mk(1, 2, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            case 2:                                                                                \
+                fname##_mk(2, 2, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            case 3:                                                                                \
+                fname##_mk(3, 2, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            default:                                                                               \
+                fname##_mk(4, 2, nb, nbp, grp, rr, nr, x, xs, y, ys);                              \
+                break;                                                                             \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+/* clang-format off */
+DEF_Q50(q50_avx2, RP_AVX2, q5_bytes_avx2, RP_Q50_LANES_AVX2)
+DEF_Q50(q50_vnni, RP_VNNI, q5_bytes_vnni, RP_Q50_LANES_VNNI)
+/* clang-format on */
+
+enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
+
+/* One token: 4 rows per pass (4 chains); several: tokens in chunks whose activations stay in
+ * L2, 4 x 4 (AVX-512: 32 registers) or 2 x 4 (AVX2) micro-tiles. */
+static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
+                                int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
+                                float *y, size_t ys)
+{
+    void (*f)(int, int, size_t, size_t, const uint8_t *, int, int, const uint8_t *, size_t, float *,
+              size_t) = vnni ? q50_vnni : q50_avx2;
+    const int R = n_tok == 1 || vnni ? 4 : 2;
+    size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
+    if (tc < 4) tc = 4;
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
+        const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            if (g + 1 < n_groups) {
+                const char *p = (const char *)(grp + gb);
+                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
+                const int64_t left = n_rows - g * TSR_REPACK_ROWS - rr;
+                if (left <= 0) break;
+                const int nr = left < R ? (int)left : R;
+                for (size_t t = 0; t < tcn; t += 4) {
+                    const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                    f(T, R, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs,
+                      y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)rr, ys);
+                }
+            }
+        }
+    }
+}
+
 typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,
                         const float *dy, const float *ey, float *y);
 typedef void (*gemm_fn)(int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,
                         const uint8_t *x, size_t xs, const float *dy, const float *ey, float *sc,
                         float *y, size_t ys);
-
-enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
 
 /* The SIMD path: one token through the GEMV, several through the GEMM in token chunks whose
  * activations stay in L2 (the group's weights stream from memory once per chunk). */
@@ -547,6 +697,10 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
                             const uint8_t *packed, int64_t n_rows, int32_t n_tok, const uint8_t *x,
                             size_t xs, float *y, size_t ys)
 {
+    if (type == TSR_TYPE_Q5_0) {
+        repack_dot_q50_simd(vnni, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
+        return;
+    }
     const int R = vnni ? 4 : 2;
     /* the offset of the unsigned quants: -8 (Q4_0), -16 (Q5_0), none (Q8_0) */
     const int32_t mult = type == TSR_TYPE_Q4_0 ? 8 : type == TSR_TYPE_Q5_0 ? 16 : 0;
@@ -682,9 +836,10 @@ static inline void q4_K_sm(const uint8_t *packed, uint8_t out[16])
     memcpy(out, u, 16);
 }
 
+/* quant.c's dot_q4_K_scalar (ggml's repacked GEMV order) */
 static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
 {
-    float s = 0;
+    float sumf = 0, summf = 0;
     for (size_t i = 0; i < nsb; ++i) {
         const rp_q4_K *w = RP_KB(grp, i, r);
         uint8_t sm[16];
@@ -699,38 +854,41 @@ static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_
             sumi += sm[g] * sg;
             summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
         }
-        s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi -
-             tsr_f16_to_f32(w->dmin) * x[i].d * (float)summ;
+        sumf = fmaf((float)sumi, tsr_f16_to_f32(w->d) * x[i].d, sumf);
+        summf = fmaf((float)summ, tsr_f16_to_f32(w->dmin) * x[i].d, summf);
     }
-    return s;
+    return sumf - summf;
 }
 
-/* quant.c's dot_q6_K_scalar */
+/* quant.c's dot_q6_K_scalar (ggml_vec_dot_q6_K_q8_K's lanes) */
 static float dot_q6_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
 {
-    float s = 0;
+    float acc[8] = {0};
     for (size_t i = 0; i < nsb; ++i) {
         const rp_q6_K *w = RP_K6(grp, i, r);
-        int8_t q[TSR_QK_K];
+        uint8_t q[TSR_QK_K];
         for (int half = 0; half < 2; ++half) {
             const uint8_t *ql = w->ql + 64 * half, *qh = w->qh + 32 * half;
-            int8_t *o = q + 128 * half;
+            uint8_t *o = q + 128 * half;
             for (int l = 0; l < 32; ++l) {
-                o[l + 0] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                o[l + 0] = (uint8_t)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
+                o[l + 32] = (uint8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                o[l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                o[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
             }
         }
-        int32_t sumi = 0;
-        for (int g = 0; g < TSR_QK_K / 16; ++g) {
-            int32_t sg = 0;
-            for (int l = 0; l < 16; ++l) sg += q[16 * g + l] * x[i].qs[16 * g + l];
-            sumi += w->scales[g] * sg;
-        }
-        s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi;
+        int32_t lane[8];
+        for (int k = 0; k < 8; ++k)
+            lane[k] = -32 * (w->scales[2 * k] * x[i].bsums[2 * k] +
+                             w->scales[2 * k + 1] * x[i].bsums[2 * k + 1]);
+        for (int e = 0; e < TSR_QK_K; ++e)
+            lane[(e % 32) / 4] += w->scales[e / 16] * q[e] * x[i].qs[e];
+        const float d = x[i].d * tsr_f16_to_f32(w->d);
+        for (int k = 0; k < 8; ++k) acc[k] = fmaf((float)lane[k], d, acc[k]);
     }
-    return s;
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
+                t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
 }
 
 static void repack_dot_k_scalar(bool q6, size_t nsb, size_t gb, const uint8_t *packed,
@@ -774,6 +932,15 @@ RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
         _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
 }
 
+/* The exact sum of 8 int32 lanes. */
+RP_AVX2 RP_INLINE int32_t rp_hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
 #define RP_SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
 #define RP_SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
 
@@ -784,10 +951,10 @@ RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
                                    const uint8_t *x, size_t xs, float *y, size_t ys)               \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
-        __m256 acc[4], accm[4];                                                                    \
+        float acc[4], accm[4];                                                                     \
         const rp_q8_K *xt[4];                                                                      \
         for (int t = 0; t < T; ++t) {                                                              \
-            acc[t] = accm[t] = _mm256_setzero_ps();                                                \
+            acc[t] = accm[t] = 0.0f;                                                               \
             xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
         }                                                                                          \
         for (size_t i = 0; i < nsb; ++i) {                                                         \
@@ -803,8 +970,7 @@ RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
             {                                                                                      \
                 const __m256i summ =                                                               \
                     _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums)); \
-                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wdmin),                      \
-                                          _mm256_cvtepi32_ps(summ), accm[t]);                      \
+                accm[t] = fmaf((float)rp_hsum_epi32(summ), xt[t][i].d * wdmin, accm[t]);           \
                 sumi[t] = _mm256_setzero_si256();                                                  \
             }                                                                                      \
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
@@ -828,11 +994,10 @@ RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
             }                                                                                      \
             _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
             {                                                                                      \
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
-                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+                acc[t] = fmaf((float)rp_hsum_epi32(sumi[t]), xt[t][i].d * wd, acc[t]);             \
             }                                                                                      \
         }                                                                                          \
-        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = acc[t] - accm[t];                          \
     }                                                                                              \
     ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
                            size_t xs, float *y, size_t ys)                                         \
