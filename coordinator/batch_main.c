@@ -122,11 +122,7 @@ static const char *batch_help =
     "                            the cluster's only one)\n"
     "  -m, --model PATH          optional here: its vocabulary gives logprobs' token\n"
     "                            strings (lines with logprobs need it)\n"
-    "      --tls-ca FILE         TLS, verifying the coordinator with these PEM roots\n"
-    "      --tls-cert FILE       mutual TLS: this client certificate (PEM) ...\n"
-    "      --tls-key FILE        ... and its unencrypted PEM key\n"
-    "      --api-key-file FILE   send the file's first key as 'authorization: Bearer KEY'\n"
-    "                            (default: $TESSERA_API_KEY when set)\n"
+    TSR_CLI_CLIENT_SECURITY_HELP
     "\n"
     "merge:\n"
     "      --merge OUT IN...     merge shard outputs into OUT: each custom_id exactly once;\n"
@@ -148,6 +144,40 @@ static void on_signal(int sig)
 {
     atomic_store(&g_sig_last, sig);
     atomic_fetch_add(&g_sig_count, 1);
+}
+
+/* The stop signals (SIGTERM, SIGUSR1, SIGINT) counted by on_signal, for the driver to
+ * see: both modes' leader, once the job is set up. restore_signals puts the default back,
+ * only where install_signals ran; ignore_signals is for followers (the leader coordinates
+ * the stop; a signal forwarded by the launcher must not kill them). */
+static bool g_sig_installed;
+
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    g_sig_installed = true;
+}
+
+static void restore_signals(void)
+{
+    if (!g_sig_installed) return;
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGUSR1, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    g_sig_installed = false;
+}
+
+static void ignore_signals(void)
+{
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGUSR1, SIG_IGN);
 }
 
 static const char *sig_name(int sig)
@@ -255,6 +285,7 @@ typedef struct {
     /* step-loop -> driver */
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    bool sync_init; /* mu and cv initialised (job_init) */
     bslot *fin_head, *fin_tail;
     bool engine_ended; /* under mu */
     /* driver state */
@@ -272,6 +303,41 @@ typedef struct {
     int exit_code;
     char err[1024];
 } job;
+
+/* The job's resources, the same in both modes, once its configuration (window, ordered)
+ * is filled in: the output not yet open, the random state of lines without a seed, the key
+ * set of custom_ids already done, the --ordered ring (window slots) and the step-loop ->
+ * driver lock. 0, or -1 with j->err filled (out of memory). job_cleanup undoes it, also
+ * after a failure or on a zeroed job. */
+static int job_init(job *j)
+{
+    j->tty = isatty(STDERR_FILENO);
+    j->out.fd = -1;
+    j->rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
+    j->done = tsr_batch_keyset_new();
+    j->ring = j->ordered ? calloc((size_t)j->window, sizeof *j->ring) : NULL;
+    if (!j->done || (j->ordered && !j->ring)) {
+        snprintf(j->err, sizeof j->err, "out of memory");
+        return -1;
+    }
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    j->sync_init = true;
+    return 0;
+}
+
+static void job_cleanup(job *j)
+{
+    if (j->sync_init) {
+        pthread_mutex_destroy(&j->mu);
+        pthread_cond_destroy(&j->cv);
+        j->sync_init = false;
+    }
+    free(j->ring);
+    j->ring = NULL;
+    tsr_batch_keyset_free(j->done);
+    j->done = NULL;
+}
 
 /* ---- engine callback (step-loop thread) ---- */
 
@@ -1587,8 +1653,8 @@ static int read_hparams(const char *path, tsr_hparams *hp, char *name, size_t na
 /* ---- --coordinator: the same job against a running cluster ---- */
 
 typedef struct {
-    const char *coordinator, *vocab_model, *route_model, *api_key_file;
-    const char *tls_ca, *tls_cert, *tls_key;
+    const char *coordinator, *vocab_model, *route_model;
+    tsr_cli_client_security_opts sec; /* --api-key-file, --tls-* */
     const char *in_path, *out_path;
     bool ordered;
     int64_t shard_i, shard_n;
@@ -1617,14 +1683,9 @@ static int run_remote(const remote_args *a)
     Tessera__V1__ModelInfoResponse *mi = NULL;
     job j;
     memset(&j, 0, sizeof j);
-    bool sync_ok = false;
-    if (tsr_auth_client_header("--api-key-file", a->api_key_file, "TESSERA_API_KEY", &auth, err,
-                               sizeof err) != 0 ||
-        tsr_tls_client_load("--tls-", a->tls_ca, a->tls_cert, a->tls_key, &tls, err, sizeof err) !=
-            0) {
+    if (tsr_cli_client_security_load(&a->sec, "TESSERA_API_KEY", &auth, &tls, err, sizeof err) !=
+        0) {
         fprintf(stderr, "tessera batch: %s\n", err);
-        tsr_tls_client_free(&tls);
-        free(auth);
         return TSR_BATCH_EXIT_USAGE;
     }
     tsr_genclient_opts o = {.target = a->coordinator, .tls = &tls, .authorization = auth};
@@ -1700,25 +1761,11 @@ static int run_remote(const remote_args *a)
     j.n_vocab = mi->has_vocab_size ? mi->vocab_size : INT32_MAX;
     j.n_ctx =
         mi->has_context_length && mi->context_length > 0 ? mi->context_length : INT32_MAX / 64;
-    j.tty = isatty(STDERR_FILENO);
-    j.out.fd = -1;
-    j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
-    j.done = tsr_batch_keyset_new();
-    j.ring = a->ordered ? calloc((size_t)j.window, sizeof *j.ring) : NULL;
-    if (!j.done || (a->ordered && !j.ring)) {
-        fprintf(stderr, "tessera batch: out of memory\n");
+    if (job_init(&j) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", j.err);
         goto release;
     }
-    pthread_mutex_init(&j.mu, NULL);
-    pthread_cond_init(&j.cv, NULL);
-    sync_ok = true;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    install_signals();
     fprintf(stderr,
             "tessera batch: --coordinator %s%s: model '%s' (context %d), %" PRId64
             " calls in flight, request timeout %" PRId64 " ms, retries up to %" PRId64
@@ -1730,15 +1777,8 @@ static int run_remote(const remote_args *a)
     exit_code = j.exit_code;
 
 release:
-    free(j.ring);
-    tsr_batch_keyset_free(j.done);
-    if (sync_ok) {
-        pthread_mutex_destroy(&j.mu);
-        pthread_cond_destroy(&j.cv);
-        signal(SIGTERM, SIG_DFL);
-        signal(SIGUSR1, SIG_DFL);
-        signal(SIGINT, SIG_DFL);
-    }
+    job_cleanup(&j);
+    restore_signals();
     if (mi) tessera__v1__model_info_response__free_unpacked(mi, NULL);
     tsr_genclient_free(gc);
     tsr_vocab_free(vocab);
@@ -1773,10 +1813,6 @@ int tsr_cmd_batch(int argc, char **argv)
         O_RETRY_TIMEOUT,
         O_MAX_RETRIES,
         O_MODEL_NAME,
-        O_TLS_CA,
-        O_TLS_CERT,
-        O_TLS_KEY,
-        O_API_KEY_FILE,
     };
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -1804,10 +1840,7 @@ int tsr_cmd_batch(int argc, char **argv)
         {"retry-timeout", required_argument, 0, O_RETRY_TIMEOUT},
         {"max-retries", required_argument, 0, O_MAX_RETRIES},
         {"model-name", required_argument, 0, O_MODEL_NAME},
-        {"tls-ca", required_argument, 0, O_TLS_CA},
-        {"tls-cert", required_argument, 0, O_TLS_CERT},
-        {"tls-key", required_argument, 0, O_TLS_KEY},
-        {"api-key-file", required_argument, 0, O_API_KEY_FILE},
+        TSR_CLI_CLIENT_SECURITY_OPTS,
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *model = DEFAULT_MODEL, *in_path = NULL, *out_path = NULL;
@@ -1821,8 +1854,8 @@ int tsr_cmd_batch(int argc, char **argv)
     uint64_t max_line = DEFAULT_MAX_LINE_BYTES, seed = 0;
     bool ordered = false, seed_set = false, merge = false;
     const char *chat_template = NULL;
-    const char *coordinator = NULL, *route_model = NULL, *api_key_file = NULL;
-    const char *tls_ca = NULL, *tls_cert = NULL, *tls_key = NULL;
+    const char *coordinator = NULL, *route_model = NULL;
+    tsr_cli_client_security_opts sec = {0};
     int64_t concurrency = DEFAULT_CONCURRENCY, request_timeout_ms = DEFAULT_REQUEST_TIMEOUT_MS,
             retry_timeout_ms = DEFAULT_RETRY_TIMEOUT_MS, max_retries = DEFAULT_MAX_RETRIES;
     bool local_only_flag = false; /* an engine / layout flag: meaningless with --coordinator */
@@ -1836,6 +1869,7 @@ int tsr_cmd_batch(int argc, char **argv)
             local_only_flag = true;
             continue;
         }
+        if (tsr_cli_client_security_flag(c, optarg, &sec) == 0) continue;
         switch (c) {
 #define INT_FLAG(name, lo, hi, dst)                                                                \
     do {                                                                                           \
@@ -1949,18 +1983,6 @@ int tsr_cmd_batch(int argc, char **argv)
                 return tsr_cli_usage_error("batch", "--model-name needs 1..200 characters");
             route_model = optarg;
             break;
-        case O_TLS_CA:
-            tls_ca = optarg;
-            break;
-        case O_TLS_CERT:
-            tls_cert = optarg;
-            break;
-        case O_TLS_KEY:
-            tls_key = optarg;
-            break;
-        case O_API_KEY_FILE:
-            api_key_file = optarg;
-            break;
         case 'h':
             fputs(batch_help, stdout);
             return 0;
@@ -1980,17 +2002,12 @@ int tsr_cmd_batch(int argc, char **argv)
             return tsr_cli_usage_error(
                 "batch", "engine, layout and --chat-template flags configure a local replica; with "
                          "--coordinator the cluster's replicas have their own (drop them)");
-        if ((tls_cert != NULL) != (tls_key != NULL))
-            return tsr_cli_usage_error("batch", "--tls-cert and --tls-key go together");
-        if (tls_cert && !tls_ca)
-            return tsr_cli_usage_error("batch", "--tls-cert / --tls-key need --tls-ca");
+        int src = tsr_cli_client_security_finish("batch", &sec);
+        if (src != 0) return src;
         return run_remote(&(remote_args){.coordinator = coordinator,
                                          .vocab_model = model_given ? model : NULL,
                                          .route_model = route_model,
-                                         .api_key_file = api_key_file,
-                                         .tls_ca = tls_ca,
-                                         .tls_cert = tls_cert,
-                                         .tls_key = tls_key,
+                                         .sec = sec,
                                          .in_path = in_path,
                                          .out_path = out_path,
                                          .ordered = ordered,
@@ -2008,7 +2025,7 @@ int tsr_cmd_batch(int argc, char **argv)
                                          .retry_timeout_ms = retry_timeout_ms,
                                          .max_retries = max_retries});
     }
-    if (route_model || tls_ca || tls_cert || tls_key || api_key_file)
+    if (route_model || tsr_cli_client_security_given(&sec))
         return tsr_cli_usage_error("batch", "--model-name, --tls-* and --api-key-file go with "
                                             "--coordinator ADDR");
     const int64_t max_batch = eo.max_batch_tokens, max_seqs = eo.max_seqs, n_ctx = eo.n_ctx,
@@ -2064,20 +2081,8 @@ int tsr_cmd_batch(int argc, char **argv)
     if (!tsr_replica_is_leader(rep)) {
         /* The leader coordinates the stop; a signal forwarded by the launcher (srun
          * forwards SIGTERM to every task, mpirun SIGUSR1) must not kill a follower. */
-        signal(SIGTERM, SIG_IGN);
-        signal(SIGINT, SIG_IGN);
-        signal(SIGUSR1, SIG_IGN);
-        if (tsr_replica_follow(rep, err, sizeof err) != 0) {
-            fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
-            tsr_comm_mpi_abort(1);
-            return TSR_BATCH_EXIT_ERROR;
-        }
-        if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
-            fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
-            return TSR_BATCH_EXIT_ERROR;
-        }
-        tsr_replica_close(rep);
-        return 0;
+        ignore_signals();
+        return tsr_cli_follow("batch", rep); /* 1 = TSR_BATCH_EXIT_ERROR on failure */
     }
 
     int exit_code = TSR_BATCH_EXIT_ERROR;
@@ -2085,7 +2090,7 @@ int tsr_cmd_batch(int argc, char **argv)
     tsr_chat_template *chat = NULL;
     job j;
     memset(&j, 0, sizeof j);
-    bool sync_ok = false, driver_started = false;
+    bool driver_started = false;
     pthread_t driver;
     tsr_engine_params ep = {
         .max_batch_tokens = (int32_t)max_batch,
@@ -2125,7 +2130,6 @@ int tsr_cmd_batch(int argc, char **argv)
     j.n_vocab = tsr_vocab_n_tokens(j.vocab);
     j.n_ctx = tsr_replica_n_ctx(rep);
     if (j.n_ctx > ep.n_kv_blocks * TSR_KV_BLOCK_SIZE) j.n_ctx = ep.n_kv_blocks * TSR_KV_BLOCK_SIZE;
-    j.tty = isatty(STDERR_FILENO);
     /* Chat lines: the model's chat template, or --chat-template; without one they get
      * error lines (the completions still run). */
     if (tsr_chat_template_for_model(tsr_replica_gguf(rep), j.vocab, chat_template, &chat,
@@ -2136,25 +2140,11 @@ int tsr_cmd_batch(int argc, char **argv)
         }
     }
     j.chat = chat;
-    j.out.fd = -1;
-    j.rng = tsr_now_ns() ^ ((uint64_t)getpid() << 32);
-    j.done = tsr_batch_keyset_new();
-    j.ring = ordered ? calloc((size_t)j.window, sizeof *j.ring) : NULL;
-    if (!j.done || (ordered && !j.ring)) {
-        fprintf(stderr, "tessera batch: out of memory\n");
+    if (job_init(&j) != 0) {
+        fprintf(stderr, "tessera batch: %s\n", j.err);
         goto release;
     }
-    pthread_mutex_init(&j.mu, NULL);
-    pthread_cond_init(&j.cv, NULL);
-    sync_ok = true;
-
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    install_signals();
 
     fprintf(stderr,
             "tessera batch: %s, tp %d x pp %d, context %d, KV %d blocks (%.1f MiB), max batch "
@@ -2189,12 +2179,7 @@ release:
     }
     tsr_engine_free(eng);
     tsr_chat_template_free(chat);
-    if (sync_ok) {
-        pthread_mutex_destroy(&j.mu);
-        pthread_cond_destroy(&j.cv);
-    }
-    free(j.ring);
-    tsr_batch_keyset_free(j.done);
+    job_cleanup(&j);
     {
         tsr_rank_stats *st = calloc((size_t)tsr_replica_size(rep), sizeof *st);
         if (!st || tsr_replica_shutdown(rep, err, sizeof err) != 0 ||
@@ -2218,8 +2203,6 @@ release:
         free(st);
     }
     tsr_replica_close(rep);
-    signal(SIGTERM, SIG_DFL);
-    signal(SIGUSR1, SIG_DFL);
-    signal(SIGINT, SIG_DFL);
+    restore_signals();
     return exit_code;
 }

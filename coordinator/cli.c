@@ -397,3 +397,120 @@ const char *tsr_cli_finish_name(int r)
     if (r == TSR_FINISH_ERROR) return "error";
     return tsr_finish_reason_name((tsr_finish_reason)r);
 }
+
+/* ---- security flags ---- */
+
+int tsr_cli_security_flag(int c, const char *arg, tsr_cli_security_opts *o)
+{
+    switch (c) {
+    case TSR_CLI_O_API_KEYS:
+        o->api_keys = arg;
+        return 0;
+    case TSR_CLI_O_ADMIN_KEYS:
+        o->admin_keys = arg;
+        return 0;
+    case TSR_CLI_O_INSECURE:
+        o->insecure = true;
+        return 0;
+    case TSR_CLI_O_TLS_CERT:
+        o->tls_cert = arg;
+        return 0;
+    case TSR_CLI_O_TLS_KEY:
+        o->tls_key = arg;
+        return 0;
+    case TSR_CLI_O_TLS_CLIENT_CA:
+        o->tls_client_ca = arg;
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+int tsr_cli_security_finish(const char *cmd, const tsr_cli_security_opts *o,
+                            const char *const *listens, size_t n)
+{
+    if ((o->tls_cert != NULL) != (o->tls_key != NULL))
+        return tsr_cli_usage_error(cmd, "--tls-cert and --tls-key go together");
+    if (o->tls_client_ca && !o->tls_cert)
+        return tsr_cli_usage_error(cmd, "--tls-client-ca needs --tls-cert and --tls-key");
+    const char *open_addr = tsr_auth_open_address(listens, n);
+    if (!o->api_keys && !o->admin_keys && !o->insecure && open_addr)
+        return tsr_cli_usage_error(
+            cmd,
+            "refusing to serve %s without authentication: give --api-key-file (and "
+            "--admin-key-file), or --insecure-listen to serve it open anyway",
+            open_addr);
+    return 0;
+}
+
+int tsr_cli_security_load(const tsr_cli_security_opts *o, tsr_auth **auth, tsr_tls_server *tls,
+                          char *err, size_t err_len)
+{
+    *auth = NULL;
+    memset(tls, 0, sizeof *tls);
+    int rc = tsr_auth_new(o->api_keys, o->admin_keys, auth, err, err_len);
+    if (rc != 0) goto fail;
+    rc =
+        tsr_tls_server_load("--tls-", o->tls_cert, o->tls_key, o->tls_client_ca, tls, err, err_len);
+    if (rc != 0) goto fail;
+    return 0;
+fail:
+    tsr_auth_free(*auth);
+    *auth = NULL;
+    tsr_tls_server_free(tls);
+    return rc < 0 ? rc : -1;
+}
+
+int tsr_cli_client_security_flag(int c, const char *arg, tsr_cli_client_security_opts *o)
+{
+    switch (c) {
+    case TSR_CLI_O_CLIENT_API_KEY:
+        o->api_key_file = arg;
+        return 0;
+    case TSR_CLI_O_CLIENT_TLS_CA:
+        o->tls_ca = arg;
+        return 0;
+    case TSR_CLI_O_CLIENT_TLS_CERT:
+        o->tls_cert = arg;
+        return 0;
+    case TSR_CLI_O_CLIENT_TLS_KEY:
+        o->tls_key = arg;
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+bool tsr_cli_client_security_given(const tsr_cli_client_security_opts *o)
+{
+    return o->api_key_file || o->tls_ca || o->tls_cert || o->tls_key;
+}
+
+int tsr_cli_client_security_finish(const char *cmd, const tsr_cli_client_security_opts *o)
+{
+    if ((o->tls_cert != NULL) != (o->tls_key != NULL))
+        return tsr_cli_usage_error(cmd, "--tls-cert and --tls-key go together");
+    if (o->tls_cert && !o->tls_ca)
+        return tsr_cli_usage_error(
+            cmd, "--tls-cert / --tls-key need --tls-ca (the CA of the server's certificate)");
+    return 0;
+}
+
+int tsr_cli_client_security_load(const tsr_cli_client_security_opts *o, const char *env_name,
+                                 char **authorization, tsr_tls_client *tls, char *err,
+                                 size_t err_len)
+{
+    *authorization = NULL;
+    memset(tls, 0, sizeof *tls);
+    int rc = tsr_auth_client_header("--api-key-file", o->api_key_file, env_name, authorization, err,
+                                    err_len);
+    if (rc == 0)
+        rc = tsr_tls_client_load("--tls-", o->tls_ca, o->tls_cert, o->tls_key, tls, err, err_len);
+    if (rc != 0) {
+        free(*authorization);
+        *authorization = NULL;
+        tsr_tls_client_free(tls);
+        return rc < 0 ? rc : -1;
+    }
+    return 0;
+}

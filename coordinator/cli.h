@@ -3,7 +3,9 @@
  * rejects garbage, the usage-error convention (a message, a pointer to --help, exit
  * status 2) and the default thread count. Shared by coordinator/main.c and serve.c.
  *
- * It also holds the flags of a generation (`generate`, `chat`, ...): sampling, stop
+ * It also holds the security flags (keys and TLS) of the servers (`serve`, `coordinator`)
+ * and of the clients (`ctl`, `batch --coordinator`), so each is parsed, checked and
+ * documented once. And the flags of a generation (`generate`, `chat`, ...): sampling, stop
  * strings, speculation, threads, context and the distributed layout, parsed once here so
  * every subcommand that generates takes the same flags with the same checks, plus the
  * replica plumbing those subcommands share (follower loop, per-rank stats as JSON).
@@ -18,8 +20,10 @@
 
 #include <cjson/cJSON.h>
 
+#include "coordinator/auth.h"
 #include "coordinator/drafter.h"
 #include "coordinator/generate.h"
+#include "coordinator/tls.h"
 #include "worker/replica.h"
 
 #define TSR_CLI_EXIT_USAGE 2
@@ -158,6 +162,104 @@ void tsr_cli_engine_defaults(tsr_cli_engine_opts *o, int64_t max_batch_tokens, i
 /* Parse engine flag c (getopt's optarg in arg): -1 when c is not one, 0 ok, 2 usage error
  * (printed). */
 int tsr_cli_engine_flag(const char *cmd, int c, const char *arg, tsr_cli_engine_opts *o);
+
+/* ---- security flags of a server (`serve`, `coordinator`): keys and TLS ---- */
+
+/* clang-format off */
+#define TSR_CLI_SECURITY_HELP                                                                      \
+    "      --api-key-file FILE   inference needs 'Authorization: Bearer KEY' (gRPC: the\n"         \
+    "                            'authorization' metadata) with a key of FILE, one per line;\n"    \
+    "                            SIGHUP re-reads the key files\n"                                  \
+    "      --admin-key-file FILE keys for the admin services (Admin; Cluster: ctl and replica\n"   \
+    "                            heartbeats) and /metrics; they also work for inference\n"         \
+    "      --insecure-listen     allow non-loopback addresses without key files\n"                 \
+    "      --tls-cert FILE       serve TLS (gRPC and HTTPS) with this PEM certificate chain\n"     \
+    "      --tls-key FILE        and this PEM private key (unencrypted)\n"                         \
+    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
+
+enum {
+    TSR_CLI_O_API_KEYS = 380,
+    TSR_CLI_O_ADMIN_KEYS,
+    TSR_CLI_O_INSECURE,
+    TSR_CLI_O_TLS_CERT,
+    TSR_CLI_O_TLS_KEY,
+    TSR_CLI_O_TLS_CLIENT_CA,
+};
+
+#define TSR_CLI_SECURITY_OPTS                                                                      \
+    {"api-key-file", required_argument, 0, TSR_CLI_O_API_KEYS},                                    \
+    {"admin-key-file", required_argument, 0, TSR_CLI_O_ADMIN_KEYS},                                \
+    {"insecure-listen", no_argument, 0, TSR_CLI_O_INSECURE},                                       \
+    {"tls-cert", required_argument, 0, TSR_CLI_O_TLS_CERT},                                        \
+    {"tls-key", required_argument, 0, TSR_CLI_O_TLS_KEY},                                          \
+    {"tls-client-ca", required_argument, 0, TSR_CLI_O_TLS_CLIENT_CA}
+/* clang-format on */
+
+/* What the security flags say (paths point into argv; NULL: not given). */
+typedef struct {
+    const char *api_keys, *admin_keys;              /* --api-key-file, --admin-key-file */
+    const char *tls_cert, *tls_key, *tls_client_ca; /* --tls-cert, --tls-key, --tls-client-ca */
+    bool insecure;                                  /* --insecure-listen */
+} tsr_cli_security_opts;
+
+/* Parse security flag c (getopt's optarg in arg) into o (zeroed before the first flag): -1
+ * when c is not one, 0 ok. */
+int tsr_cli_security_flag(int c, const char *arg, tsr_cli_security_opts *o);
+/* After the last flag: --tls-cert and --tls-key together, --tls-client-ca only with them,
+ * and no open address among listens[0..n) (NULL entries skipped) without key files unless
+ * --insecure-listen. 0, or 2 after printing the usage error. */
+int tsr_cli_security_finish(const char *cmd, const tsr_cli_security_opts *o,
+                            const char *const *listens, size_t n);
+/* Read and check the files: *auth the keys (NULL without key files; tsr_auth_free), *tls the
+ * TLS material (tsr_tls_server_free; empty without --tls-cert). 0, or negative with err
+ * naming the flag and the file (nothing is left allocated). */
+int tsr_cli_security_load(const tsr_cli_security_opts *o, tsr_auth **auth, tsr_tls_server *tls,
+                          char *err, size_t err_len);
+
+/* ---- security flags of a client (`ctl`, `batch --coordinator`) ---- */
+
+/* clang-format off */
+#define TSR_CLI_CLIENT_SECURITY_HELP                                                               \
+    "      --api-key-file FILE   send the first key of FILE as 'authorization: Bearer KEY'\n"      \
+    "                            (without it: the key in $TESSERA_API_KEY if set)\n"               \
+    "      --tls-ca FILE         connect with TLS, verifying the server's certificate with\n"      \
+    "                            this CA (PEM)\n"                                                  \
+    "      --tls-cert FILE       mutual TLS: this client certificate (PEM) ...\n"                  \
+    "      --tls-key FILE        ... and its unencrypted key (PEM)\n"
+
+enum {
+    TSR_CLI_O_CLIENT_API_KEY = 390,
+    TSR_CLI_O_CLIENT_TLS_CA,
+    TSR_CLI_O_CLIENT_TLS_CERT,
+    TSR_CLI_O_CLIENT_TLS_KEY,
+};
+
+#define TSR_CLI_CLIENT_SECURITY_OPTS                                                               \
+    {"api-key-file", required_argument, 0, TSR_CLI_O_CLIENT_API_KEY},                              \
+    {"tls-ca", required_argument, 0, TSR_CLI_O_CLIENT_TLS_CA},                                     \
+    {"tls-cert", required_argument, 0, TSR_CLI_O_CLIENT_TLS_CERT},                                 \
+    {"tls-key", required_argument, 0, TSR_CLI_O_CLIENT_TLS_KEY}
+/* clang-format on */
+
+/* What a client's security flags say (paths point into argv; NULL: not given). */
+typedef struct {
+    const char *api_key_file, *tls_ca, *tls_cert, *tls_key;
+} tsr_cli_client_security_opts;
+
+/* Parse client security flag c into o (zeroed before the first flag): -1 when c is not one,
+ * 0 ok. */
+int tsr_cli_client_security_flag(int c, const char *arg, tsr_cli_client_security_opts *o);
+/* Was any of them given? */
+bool tsr_cli_client_security_given(const tsr_cli_client_security_opts *o);
+/* After the last flag: --tls-cert and --tls-key together, and only with --tls-ca. 0, or 2
+ * after printing the usage error. */
+int tsr_cli_client_security_finish(const char *cmd, const tsr_cli_client_security_opts *o);
+/* Read the files: *authorization "Bearer KEY" from --api-key-file, else from $env_name (may
+ * be NULL), else NULL (free it); *tls the client's TLS material (tsr_tls_client_free). 0, or
+ * negative with err naming the flag and the file (nothing is left allocated). */
+int tsr_cli_client_security_load(const tsr_cli_client_security_opts *o, const char *env_name,
+                                 char **authorization, tsr_tls_client *tls, char *err,
+                                 size_t err_len);
 
 /* ---- the flags of a generation ---- */
 

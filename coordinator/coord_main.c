@@ -75,15 +75,7 @@ static const char *coord_help =
     "                            /v1/chat/completions, /v1/models, /health, /metrics) through\n"
     "                            the same routing and failover; port 0 picks a free port\n"
     "\n"
-    "keys and TLS (as 'tessera serve'):\n"
-    "      --api-key-file FILE   Inference needs the 'authorization: Bearer KEY' metadata with\n"
-    "                            a key of FILE (one per line); SIGHUP re-reads the key files\n"
-    "      --admin-key-file FILE the Cluster service (ctl, replica heartbeats) needs one of\n"
-    "                            these keys (they work for inference too)\n"
-    "      --insecure-listen     allow a non-loopback --listen without key files\n"
-    "      --tls-cert FILE       serve TLS with this PEM certificate chain\n"
-    "      --tls-key FILE        and this PEM private key (unencrypted)\n"
-    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
+    "keys and TLS (as 'tessera serve'; the --http port too):\n" TSR_CLI_SECURITY_HELP
     "      --replica-key-file FILE  send the first key of FILE to replicas (their\n"
     "                            --api-key-file); launched replicas get it as theirs\n"
     "      --replica-tls-ca FILE verify replicas that serve TLS with this CA\n"
@@ -456,12 +448,6 @@ int tsr_cmd_coordinator(int argc, char **argv)
         O_TESSERA,
         O_DOWN,
         O_GRACE,
-        O_API_KEYS,
-        O_ADMIN_KEYS,
-        O_INSECURE,
-        O_TLS_CERT,
-        O_TLS_KEY,
-        O_TLS_CA,
         O_R_KEY,
         O_R_CA,
         O_R_CERT,
@@ -474,12 +460,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
                                          {"tessera", required_argument, 0, O_TESSERA},
                                          {"down-after", required_argument, 0, O_DOWN},
                                          {"shutdown-grace", required_argument, 0, O_GRACE},
-                                         {"api-key-file", required_argument, 0, O_API_KEYS},
-                                         {"admin-key-file", required_argument, 0, O_ADMIN_KEYS},
-                                         {"insecure-listen", no_argument, 0, O_INSECURE},
-                                         {"tls-cert", required_argument, 0, O_TLS_CERT},
-                                         {"tls-key", required_argument, 0, O_TLS_KEY},
-                                         {"tls-client-ca", required_argument, 0, O_TLS_CA},
+                                         TSR_CLI_SECURITY_OPTS,
                                          {"replica-key-file", required_argument, 0, O_R_KEY},
                                          {"replica-tls-ca", required_argument, 0, O_R_CA},
                                          {"replica-tls-cert", required_argument, 0, O_R_CERT},
@@ -488,14 +469,14 @@ int tsr_cmd_coordinator(int argc, char **argv)
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *listen = TSR_COORD_DEFAULT_LISTEN, *cluster = NULL, *tessera = NULL;
-    const char *api_keys = NULL, *admin_keys = NULL, *tls_cert = NULL, *tls_key = NULL,
-               *tls_ca = NULL, *r_key = NULL, *r_ca = NULL, *r_cert = NULL, *r_tlskey = NULL,
-               *http_listen = NULL;
-    bool dry = false, insecure = false;
+    const char *r_key = NULL, *r_ca = NULL, *r_cert = NULL, *r_tlskey = NULL, *http_listen = NULL;
+    tsr_cli_security_opts so = {0};
+    bool dry = false;
     int64_t down_ms = 3000, grace_ms = 10000;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (tsr_cli_security_flag(c, optarg, &so) == 0) continue;
         switch (c) {
         case O_LISTEN:
             if (!strchr(optarg, ':'))
@@ -523,24 +504,6 @@ int tsr_cmd_coordinator(int argc, char **argv)
             if (!tsr_cli_parse_i64(optarg, 0, 86400000, &grace_ms))
                 return tsr_cli_usage_error("coordinator",
                                            "--shutdown-grace needs milliseconds, got '%s'", optarg);
-            break;
-        case O_API_KEYS:
-            api_keys = optarg;
-            break;
-        case O_ADMIN_KEYS:
-            admin_keys = optarg;
-            break;
-        case O_INSECURE:
-            insecure = true;
-            break;
-        case O_TLS_CERT:
-            tls_cert = optarg;
-            break;
-        case O_TLS_KEY:
-            tls_key = optarg;
-            break;
-        case O_TLS_CA:
-            tls_ca = optarg;
             break;
         case O_R_KEY:
             r_key = optarg;
@@ -571,10 +534,6 @@ int tsr_cmd_coordinator(int argc, char **argv)
         return tsr_cli_usage_error("coordinator", "unexpected argument '%s'", argv[optind]);
     if (dry && !cluster)
         return tsr_cli_usage_error("coordinator", "--dry-run goes with --cluster FILE");
-    if ((tls_cert != NULL) != (tls_key != NULL))
-        return tsr_cli_usage_error("coordinator", "--tls-cert and --tls-key go together");
-    if (tls_ca && !tls_cert)
-        return tsr_cli_usage_error("coordinator", "--tls-client-ca needs --tls-cert and --tls-key");
     if ((r_cert != NULL) != (r_tlskey != NULL))
         return tsr_cli_usage_error("coordinator",
                                    "--replica-tls-cert and --replica-tls-key go together");
@@ -582,13 +541,8 @@ int tsr_cmd_coordinator(int argc, char **argv)
         return tsr_cli_usage_error("coordinator",
                                    "--replica-tls-cert / --replica-tls-key need --replica-tls-ca");
     const char *listens[2] = {listen, http_listen};
-    const char *open_addr = tsr_auth_open_address(listens, 2);
-    if (!api_keys && !admin_keys && !insecure && open_addr)
-        return tsr_cli_usage_error(
-            "coordinator",
-            "refusing to serve %s without authentication: give --api-key-file (and "
-            "--admin-key-file), or --insecure-listen to serve it open anyway",
-            open_addr);
+    int src = tsr_cli_security_finish("coordinator", &so, listens, 2);
+    if (src != 0) return src;
 
     char err[2048];
     char self[4096];
@@ -599,8 +553,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
     char *r_auth = NULL;
     memset(&tls, 0, sizeof tls);
     memset(&rtls, 0, sizeof rtls);
-    if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
-        tsr_tls_server_load("--tls-", tls_cert, tls_key, tls_ca, &tls, err, sizeof err) != 0 ||
+    if (tsr_cli_security_load(&so, &auth, &tls, err, sizeof err) != 0 ||
         tsr_tls_client_load("--replica-tls-", r_ca, r_cert, r_tlskey, &rtls, err, sizeof err) !=
             0 ||
         tsr_auth_client_header("--replica-key-file", r_key, NULL, &r_auth, err, sizeof err) != 0) {
@@ -614,15 +567,15 @@ int tsr_cmd_coordinator(int argc, char **argv)
     char *launch_extra = NULL;
     size_t le_len = 0, le_cap = 0;
     bool le_ok = buf_add(&launch_extra, &le_len, &le_cap, "", false);
-    if (le_ok && admin_keys)
+    if (le_ok && so.admin_keys)
         le_ok = buf_add(&launch_extra, &le_len, &le_cap, " --join-key-file ", false) &&
-                buf_add(&launch_extra, &le_len, &le_cap, admin_keys, true);
+                buf_add(&launch_extra, &le_len, &le_cap, so.admin_keys, true);
     if (le_ok && r_key)
         le_ok = buf_add(&launch_extra, &le_len, &le_cap, " --api-key-file ", false) &&
                 buf_add(&launch_extra, &le_len, &le_cap, r_key, true);
-    if (le_ok && tls_cert && tls_ca)
+    if (le_ok && so.tls_cert && so.tls_client_ca)
         le_ok = buf_add(&launch_extra, &le_len, &le_cap, " --join-tls-ca ", false) &&
-                buf_add(&launch_extra, &le_len, &le_cap, tls_ca, true);
+                buf_add(&launch_extra, &le_len, &le_cap, so.tls_client_ca, true);
     int early_rc = 1;
     if (!le_ok) {
         fprintf(stderr, "tessera coordinator: out of memory\n");
@@ -748,11 +701,11 @@ int tsr_cmd_coordinator(int argc, char **argv)
     if (!tsr_auth_enabled(auth))
         fprintf(stderr,
                 "tessera coordinator: no --api-key-file: serving without authentication%s\n",
-                insecure ? " (--insecure-listen)" : " (loopback addresses only)");
+                so.insecure ? " (--insecure-listen)" : " (loopback addresses only)");
     else
         fprintf(stderr, "tessera coordinator: keys required (%s%s%s)\n",
-                api_keys ? "--api-key-file" : "", api_keys && admin_keys ? ", " : "",
-                admin_keys ? "--admin-key-file" : "");
+                so.api_keys ? "--api-key-file" : "", so.api_keys && so.admin_keys ? ", " : "",
+                so.admin_keys ? "--admin-key-file" : "");
     if (tsr_tls_server_enabled(&tls))
         fprintf(stderr, "tessera coordinator: TLS on%s\n",
                 tls.client_ca_pem ? " (mutual TLS: client certificates required)" : "");

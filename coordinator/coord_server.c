@@ -31,6 +31,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -86,8 +87,10 @@ typedef struct ccall {
     grpc_status_code up_code;
     grpc_slice up_details;
     const char *up_error_string;
-    struct ccall *next_new; /* request_call chain */
-    struct hsink *sink;     /* HTTP front door: replies go to it, not to a gRPC call */
+    struct ccall *next_new;   /* request_call chain */
+    struct hsink *sink;       /* HTTP front door: replies go to it, not to a gRPC call */
+    grpc_status_code st_code; /* the error status reply_status sent (st_error) */
+    bool st_error;
 } ccall;
 
 struct tsr_coord_server {
@@ -253,6 +256,8 @@ static void reply_status(ccall *c, grpc_status_code code, const char *fmt, ...)
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     if (code != GRPC_STATUS_OK) {
+        c->st_code = code;
+        c->st_error = true;
         pthread_mutex_lock(&c->s->mu);
         c->s->n_failed++;
         pthread_mutex_unlock(&c->s->mu);
@@ -499,6 +504,41 @@ static int finished_by(const Tessera__V1__GenerateRequest *q, grpc_channel *ch, 
     return reason;
 }
 
+static int code_to_engine(grpc_status_code code);
+static int finish_from_proto(Tessera__V1__FinishReason r);
+
+/* The metrics observation of a gRPC Generate call (the HTTP front door's calls are
+ * observed at its submit): a TOKENS event for ids, or the FINISH that ends it. */
+static void obs_tokens(tsr_metrics_req *mr, const int32_t *ids, size_t n)
+{
+    if (!mr || n == 0) return;
+    tsr_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.kind = TSR_EV_TOKENS;
+    ev.ids = ids;
+    ev.n_ids = n;
+    tsr_metrics_req_event(mr, &ev);
+}
+
+static void obs_finish(tsr_metrics_req **mr, int reason, const Tessera__V1__GenerateResponse *fin,
+                       int32_t n_completion)
+{
+    if (!*mr) return;
+    tsr_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.kind = TSR_EV_FINISH;
+    ev.finish_reason = reason;
+    ev.n_completion_tokens = n_completion;
+    if (fin && fin->usage) {
+        ev.n_prompt_tokens = fin->usage->prompt_tokens;
+        ev.n_completion_tokens = fin->usage->completion_tokens;
+    }
+    if (fin && fin->timings && fin->timings->has_queue_ms)
+        ev.t_queue_ns = (uint64_t)(fin->timings->queue_ms * 1e6);
+    tsr_metrics_req_event(*mr, &ev); /* frees it */
+    *mr = NULL;
+}
+
 static void handle_generate(ccall *c, grpc_slice in)
 {
     tsr_coord_server *s = c->s;
@@ -521,6 +561,8 @@ static void handle_generate(ccall *c, grpc_slice in)
     pthread_mutex_lock(&s->mu);
     s->n_requests++;
     s->n_generate++;
+    /* gRPC calls enter the request histograms here (HTTP ones at the front door's submit) */
+    tsr_metrics_req *mr = c->sink ? NULL : tsr_metrics_req_begin(s->metrics);
     pthread_mutex_unlock(&s->mu);
 
     /* Make the request reproducible wherever it runs: a seed and an id of our own. */
@@ -599,6 +641,8 @@ static void handle_generate(ccall *c, grpc_slice in)
             int lost = finished_by(q, lease.channel, s->replica_authorization,
                                    streamed.ids[streamed.n - 1]);
             if (lost >= 0) {
+                obs_finish(&mr, finish_from_proto((Tessera__V1__FinishReason)lost), NULL,
+                           (int32_t)streamed.n);
                 tsr_coord_release(s->coord, &lease);
                 send_lost_finish(c, q->request_id, (Tessera__V1__FinishReason)lost,
                                  (int32_t)streamed.n, failovers);
@@ -647,6 +691,7 @@ static void handle_generate(ccall *c, grpc_slice in)
                 break;
             }
             if (m->n_token_ids && !t_first) t_first = tsr_now_ns();
+            obs_tokens(mr, m->token_ids, m->n_token_ids);
             if (!idvec_push(&streamed, m->token_ids, m->n_token_ids)) {
                 tessera__v1__generate_response__free_unpacked(m, NULL);
                 grpc_slice_unref(sl);
@@ -700,6 +745,7 @@ static void handle_generate(ccall *c, grpc_slice in)
                 final->timings->decode_ms = (double)(t_end - t_first) / 1e6;
             }
             grpc_byte_buffer *out = tsr_grpc_pack(&final->base);
+            obs_finish(&mr, finish_from_proto(final->finish_reason), final, (int32_t)streamed.n);
             if (final->usage == &u) final->usage = NULL;
             if (final->timings == &tm) final->timings = NULL;
             tessera__v1__generate_response__free_unpacked(final, NULL);
@@ -762,12 +808,26 @@ static void handle_generate(ccall *c, grpc_slice in)
         pthread_mutex_unlock(&s->mu);
         if ((int64_t)streamed.n >= max_tokens) {
             /* Every token is out; only the finish was lost: it ended by length. */
+            obs_finish(&mr, TSR_FINISH_LENGTH, NULL, (int32_t)streamed.n);
             send_lost_finish(c, q->request_id, TESSERA__V1__FINISH_REASON__FINISH_REASON_LENGTH,
                              (int32_t)streamed.n, failovers);
             goto done;
         }
     }
 done:
+    if (mr) {
+        /* No finish went out: refused before any token (counted by reason), the client
+         * went away or ran out of time (cancelled), or it failed mid-stream (error). */
+        const bool timeout = c->st_error && (c->st_code == GRPC_STATUS_DEADLINE_EXCEEDED ||
+                                             c->st_code == GRPC_STATUS_CANCELLED);
+        if (c->st_error && !timeout && streamed.n == 0) {
+            tsr_metrics_req_rejected(mr, code_to_engine(c->st_code));
+            mr = NULL;
+        } else {
+            obs_finish(&mr, c->st_error && !timeout ? TSR_FINISH_ERROR : TSR_FINISH_CANCELLED, NULL,
+                       (int32_t)streamed.n);
+        }
+    }
     q->prompt = orig_prompt;
     q->n_messages = orig_n_messages;
     if (q->prompt_ids == attempt_ids) {
@@ -1428,6 +1488,7 @@ typedef struct hsink {
     char submit_err[512];
     bool finished; /* FINISH delivered */
     bool cancelled;
+    int32_t n_top;      /* logprobs asked: alternatives per token (0: none) */
     grpc_slice in;      /* the packed GenerateRequest */
     struct hsink *next; /* s->sinks, under s->mu */
 } hsink;
@@ -1476,6 +1537,52 @@ static int finish_from_proto(Tessera__V1__FinishReason r)
     }
 }
 
+/* A GenerateResponse's logprobs as the engine event's arrays (n ids × k alternatives, the
+ * token text the replica sent with them). Pointers into m: valid while m is. */
+typedef struct {
+    float *chosen;
+    tsr_logprob *top;
+    tsr_token_piece *chosen_pieces, *top_pieces;
+} sink_logprobs;
+
+static void sink_logprobs_free(sink_logprobs *lp)
+{
+    free(lp->chosen);
+    free(lp->top);
+    free(lp->chosen_pieces);
+    free(lp->top_pieces);
+    memset(lp, 0, sizeof *lp);
+}
+
+/* Fill lp from m (k alternatives per token); false on out of memory (lp empty). */
+static bool sink_logprobs_fill(sink_logprobs *lp, const Tessera__V1__GenerateResponse *m, int32_t k)
+{
+    const size_t n = m->n_token_ids, kk = (size_t)k;
+    lp->chosen = malloc((n + 1) * sizeof *lp->chosen);
+    lp->top = malloc((n * kk + 1) * sizeof *lp->top);
+    lp->chosen_pieces = calloc(n + 1, sizeof *lp->chosen_pieces);
+    lp->top_pieces = calloc(n * kk + 1, sizeof *lp->top_pieces);
+    if (!lp->chosen || !lp->top || !lp->chosen_pieces || !lp->top_pieces) {
+        sink_logprobs_free(lp);
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const Tessera__V1__Logprobs *l = i < m->n_logprobs ? m->logprobs[i] : NULL;
+        lp->chosen[i] = l && l->has_logprob ? l->logprob : NAN;
+        if (l && l->has_token)
+            lp->chosen_pieces[i] = (tsr_token_piece){(const char *)l->token.data, l->token.len};
+        for (size_t j = 0; j < kk; j++) {
+            const Tessera__V1__TokenLogprob *t = l && j < l->n_top ? l->top[j] : NULL;
+            lp->top[i * kk + j] =
+                (tsr_logprob){t && t->has_id ? t->id : -1, t && t->has_logprob ? t->logprob : NAN};
+            if (t && t->has_token)
+                lp->top_pieces[i * kk + j] =
+                    (tsr_token_piece){(const char *)t->token.data, t->token.len};
+        }
+    }
+    return true;
+}
+
 /* One reply of handle_generate: a message (TOKENS, and FINISH when it is the last) and/or
  * a status. Runs on the request's thread; the front door's callback only copies. */
 static bool sink_deliver(ccall *c, grpc_byte_buffer *msg, bool with_status, grpc_status_code code,
@@ -1516,7 +1623,16 @@ static bool sink_deliver(ccall *c, grpc_byte_buffer *msg, bool with_status, grpc
         ev.n_ids = m->n_token_ids;
         ev.text = m->text ? m->text : "";
         ev.text_len = m->text ? strlen(m->text) : 0;
-        k->fn(k->ud, &ev);
+        sink_logprobs lp = {0};
+        if (k->n_top > 0 && m->n_logprobs > 0 && sink_logprobs_fill(&lp, m, k->n_top)) {
+            ev.chosen_logprobs = lp.chosen;
+            ev.top_logprobs = lp.top;
+            ev.n_top = k->n_top;
+            ev.chosen_pieces = lp.chosen_pieces;
+            ev.top_pieces = lp.top_pieces;
+        }
+        k->fn(k->ud, &ev); /* on OOM above: the event without logprobs (NaN, no text) */
+        sink_logprobs_free(&lp);
     }
     bool end = with_status || (m && m->has_finish_reason);
     if (end) {
@@ -1652,6 +1768,10 @@ static int http_submit_raw(void *ctx, const tsr_engine_request *rq, uint64_t *id
     q.n_stop_token_ids = rq->gen.n_stop_ids;
     q.stop_token_ids = (int32_t *)rq->gen.stop_ids;
     q.model = (char *)(g->model ? g->model : "");
+    if (rq->logprobs > 0) {
+        q.has_logprobs = true;
+        q.logprobs = rq->logprobs;
+    }
     size_t n = protobuf_c_message_get_packed_size(&q.base);
     grpc_slice in = grpc_slice_malloc(n);
     protobuf_c_message_pack(&q.base, GRPC_SLICE_START_PTR(in));
@@ -1671,6 +1791,7 @@ static int http_submit_raw(void *ctx, const tsr_engine_request *rq, uint64_t *id
     k->fn = rq->on_event;
     k->ud = rq->ud;
     k->in = in;
+    k->n_top = rq->logprobs;
     k->refs = 2;
     k->id = atomic_fetch_add(&s->next_id, 1);
     pthread_mutex_init(&k->mu, NULL);
@@ -1876,7 +1997,9 @@ static int http_metrics(void *ctx, char **out, size_t *len)
 
 void tsr_coord_server_http_backend(tsr_coord_server *s, tsr_metrics *m, tsr_http_backend *out)
 {
+    pthread_mutex_lock(&s->mu); /* gRPC calls may already read it */
     s->metrics = m;
+    pthread_mutex_unlock(&s->mu);
     memset(out, 0, sizeof *out);
     out->ctx = s;
     out->vocab = NULL;

@@ -65,8 +65,10 @@ int tsr_coord_server_start(const tsr_coord_server_params *p, tsr_coord *coord,
  * /v1/completions and /v1/chat/completions proxied with the routing, failover and resume of
  * Generate (chat messages are forwarded, the replica renders its own template); /v1/models
  * lists every model of the cluster; /health is SERVING while some replica is up; /metrics
- * has the HTTP requests observed by m (borrowed, may be NULL), tessera_failovers_total and
- * per-replica families (labels replica, model). Shut the HTTP server down before this one. */
+ * has the requests observed by m (borrowed, may be NULL; HTTP requests and, from this call
+ * on, gRPC Generate calls too: counters and the TTFT / inter-token / end-to-end histograms
+ * as the coordinator sees them), tessera_failovers_total and per-replica families (labels
+ * replica, model). Shut the HTTP server down before this one. */
 void tsr_coord_server_http_backend(tsr_coord_server *s, tsr_metrics *m, tsr_http_backend *out);
 
 /* Stop accepting calls, let open ones finish for up to grace_ms, cancel the rest, wait for

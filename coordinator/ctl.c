@@ -46,14 +46,8 @@ static const char *ctl_help =
     "      --coordinator ADDR   the coordinator (default " TSR_COORD_DEFAULT_LISTEN ")\n"
     "      --json               one JSON document instead of a table\n"
     "      --timeout MS         deadline of each call (default 5000)\n"
-    "      --api-key-file FILE  send the first key of FILE as 'authorization: Bearer KEY'\n"
-    "                           (a coordinator with --admin-key-file needs an admin key);\n"
-    "                           without it, the key in $TESSERA_API_KEY if set\n"
-    "      --tls-ca FILE        connect with TLS, verifying the coordinator's certificate\n"
-    "                           with this CA (PEM)\n"
-    "      --tls-cert FILE      mutual TLS: this client certificate (PEM) ...\n"
-    "      --tls-key FILE       ... and its unencrypted key (PEM)\n"
-    "  -h, --help               this help\n"
+    "keys and TLS (a coordinator with --admin-key-file needs an admin "
+    "key):\n" TSR_CLI_CLIENT_SECURITY_HELP "  -h, --help               this help\n"
     "\n"
     "exit status: 0 ok, 1 runtime error (unreachable coordinator, refused key, bad key or TLS\n"
     "file, unknown replica), 2 usage\n";
@@ -333,25 +327,23 @@ done:
 
 int tsr_cmd_ctl(int argc, char **argv)
 {
-    enum { O_COORD = 256, O_JSON, O_TIMEOUT, O_TP, O_PP, O_COUNT, O_KEYS, O_CA, O_CERT, O_KEY };
+    enum { O_COORD = 256, O_JSON, O_TIMEOUT, O_TP, O_PP, O_COUNT };
     static const struct option opts[] = {{"coordinator", required_argument, 0, O_COORD},
                                          {"json", no_argument, 0, O_JSON},
                                          {"timeout", required_argument, 0, O_TIMEOUT},
                                          {"tp", required_argument, 0, O_TP},
                                          {"pp", required_argument, 0, O_PP},
                                          {"count", required_argument, 0, O_COUNT},
-                                         {"api-key-file", required_argument, 0, O_KEYS},
-                                         {"tls-ca", required_argument, 0, O_CA},
-                                         {"tls-cert", required_argument, 0, O_CERT},
-                                         {"tls-key", required_argument, 0, O_KEY},
+                                         TSR_CLI_CLIENT_SECURITY_OPTS,
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     ctl k = {.addr = TSR_COORD_DEFAULT_LISTEN, .timeout_ms = 5000};
     int64_t tp = 1, pp = 1, count = 0;
-    const char *key_file = NULL, *tls_ca = NULL, *tls_cert = NULL, *tls_key = NULL;
+    tsr_cli_client_security_opts so = {0};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (tsr_cli_client_security_flag(c, optarg, &so) == 0) continue;
         switch (c) {
         case O_COORD:
             if (!strchr(optarg, ':'))
@@ -380,18 +372,6 @@ int tsr_cmd_ctl(int argc, char **argv)
             if (!tsr_cli_parse_i64(optarg, 1, 1000000, &count))
                 return tsr_cli_usage_error("ctl", "--count needs an integer >= 1, got '%s'",
                                            optarg);
-            break;
-        case O_KEYS:
-            key_file = optarg;
-            break;
-        case O_CA:
-            tls_ca = optarg;
-            break;
-        case O_CERT:
-            tls_cert = optarg;
-            break;
-        case O_KEY:
-            tls_key = optarg;
             break;
         case 'h':
             fputs(ctl_help, stdout);
@@ -426,20 +406,14 @@ int tsr_cmd_ctl(int argc, char **argv)
         return tsr_cli_usage_error(
             "ctl", want == 1 ? "'%s' takes no argument" : "'%s' needs one argument (a %s)", cmd,
             !strcmp(cmd, "plan") ? "GGUF path" : "replica name");
-    if ((tls_cert != NULL) != (tls_key != NULL))
-        return tsr_cli_usage_error("ctl", "--tls-cert and --tls-key go together");
-    if (tls_cert && !tls_ca)
-        return tsr_cli_usage_error(
-            "ctl",
-            "--tls-cert / --tls-key need --tls-ca (the CA of the coordinator's certificate)");
+    int src = tsr_cli_client_security_finish("ctl", &so);
+    if (src != 0) return src;
     if (!strcmp(cmd, "plan")) return cmd_plan(&k, args[1], tp, pp);
     char err[1024];
     tsr_tls_client tls;
-    if (tsr_auth_client_header("--api-key-file", key_file, "TESSERA_API_KEY", &k.authorization, err,
-                               sizeof err) != 0 ||
-        tsr_tls_client_load("--tls-", tls_ca, tls_cert, tls_key, &tls, err, sizeof err) != 0) {
+    if (tsr_cli_client_security_load(&so, "TESSERA_API_KEY", &k.authorization, &tls, err,
+                                     sizeof err) != 0) {
         fprintf(stderr, "tessera ctl: %s\n", err);
-        free(k.authorization);
         return 1;
     }
     k.tls = tsr_tls_client_enabled(&tls);

@@ -48,6 +48,12 @@ typedef struct {
     float logprob;
 } tsr_logprob;
 
+/* A token's text: n_bytes bytes (not NUL-terminated; may be part of a UTF-8 character). */
+typedef struct {
+    const char *bytes;
+    size_t n_bytes;
+} tsr_token_piece;
+
 typedef enum { TSR_EV_TOKENS = 1, TSR_EV_FINISH = 2 } tsr_event_kind;
 
 /* One event of a request. Pointers are valid during the callback only. */
@@ -65,6 +71,11 @@ typedef struct {
     const float *chosen_logprobs;
     const tsr_logprob *top_logprobs;
     int32_t n_top;
+    /* With logprobs, from a source without the vocabulary at hand (the coordinator's proxy:
+     * the replica sent them): each chosen token's text [n_ids] and each alternative's
+     * [n_ids × n_top]. NULL from the local engine (the front end asks its vocabulary). */
+    const tsr_token_piece *chosen_pieces;
+    const tsr_token_piece *top_pieces;
     /* FINISH */
     int finish_reason; /* tsr_finish_reason or tsr_finish_reason_ext */
     const char *error; /* TSR_FINISH_ERROR: what failed */
@@ -157,6 +168,7 @@ typedef struct {
     uint64_t prefix_cache_hits;
     uint64_t prefix_cache_hit_tokens;
     uint64_t prefix_cache_evictions; /* cached blocks taken back for other uses */
+    uint64_t prefix_cache_copies;    /* copy-on-write copies of a fully cached last block */
 } tsr_engine_status;
 
 typedef struct tsr_engine tsr_engine;

@@ -168,19 +168,29 @@ static void utf8_sanitize(const char *s, size_t n, char *out)
     out[o] = '\0';
 }
 
-/* Token id -> its text as a JSON-safe string (caller frees); NULL on OOM. */
-static char *token_text(const tsr_vocab *v, int32_t id, unsigned char **raw, size_t *raw_len)
+/* A token's text as a JSON-safe string (caller frees; NULL on OOM), and its raw bytes when
+ * raw is set (caller frees). The text comes from the vocabulary when the front door has
+ * one, else from the pending output's token text (b: what the replica sent through the
+ * coordinator; span sp of b->pieces), else it is empty. */
+static char *token_text(const tsr_vocab *v, int32_t id, const tsr_evbuf *b, tsr_evbuf_span sp,
+                        unsigned char **raw, size_t *raw_len)
 {
     char small[256];
-    int32_t n = tsr_vocab_token_to_piece(v, id, small, sizeof small, true);
-    if (n < 0) n = 0;
+    int32_t n = 0;
     char *piece = small;
     char *big = NULL;
-    if ((size_t)n > sizeof small) {
-        big = malloc((size_t)n);
-        if (!big) return NULL;
-        tsr_vocab_token_to_piece(v, id, big, (size_t)n, true);
-        piece = big;
+    if (v) {
+        n = tsr_vocab_token_to_piece(v, id, small, sizeof small, true);
+        if (n < 0) n = 0;
+        if ((size_t)n > sizeof small) {
+            big = malloc((size_t)n);
+            if (!big) return NULL;
+            tsr_vocab_token_to_piece(v, id, big, (size_t)n, true);
+            piece = big;
+        }
+    } else if (b->has_pieces) {
+        piece = b->pieces + sp.off;
+        n = (int32_t)sp.len;
     }
     char *out = malloc((size_t)n * 3 + 1);
     if (out) utf8_sanitize(piece, (size_t)n, out);
@@ -391,6 +401,8 @@ static cJSON *logprobs_json(hreq *r, size_t n)
 {
     if (r->pend.n_top < 0 || !r->want_logprobs) return NULL;
     const tsr_vocab *v = r->h->vocab;
+    const tsr_evbuf *b = &r->pend;
+    const tsr_evbuf_span none = {0, 0};
     size_t k = (size_t)r->pend.n_top;
     if (r->chat) {
         cJSON *o = cJSON_CreateObject(), *content = cJSON_AddArrayToObject(o, "content");
@@ -399,7 +411,8 @@ static cJSON *logprobs_json(hreq *r, size_t n)
             cJSON_AddItemToArray(content, t);
             unsigned char *raw = NULL;
             size_t raw_len = 0;
-            char *s = token_text(v, r->pend.ids[i], &raw, &raw_len);
+            char *s = token_text(v, r->pend.ids[i], b, b->has_pieces ? b->chosen_piece[i] : none,
+                                 &raw, &raw_len);
             cJSON_AddStringToObject(t, "token", s ? s : "");
             cJSON_AddNumberToObject(t, "logprob", r->pend.lp_chosen[i]);
             cJSON *bytes = cJSON_AddArrayToObject(t, "bytes");
@@ -414,7 +427,8 @@ static cJSON *logprobs_json(hreq *r, size_t n)
                 cJSON *x = cJSON_CreateObject();
                 cJSON_AddItemToArray(tops, x);
                 raw = NULL;
-                s = token_text(v, lp.id, &raw, &raw_len);
+                s = token_text(v, lp.id, b, b->has_pieces ? b->top_piece[i * k + j] : none, &raw,
+                               &raw_len);
                 cJSON_AddStringToObject(x, "token", s ? s : "");
                 cJSON_AddNumberToObject(x, "logprob", lp.logprob);
                 cJSON *xb = cJSON_AddArrayToObject(x, "bytes");
@@ -434,7 +448,8 @@ static cJSON *logprobs_json(hreq *r, size_t n)
     for (size_t i = 0; i < n && offs; i++) {
         unsigned char *raw = NULL;
         size_t raw_len = 0;
-        char *s = token_text(v, r->pend.ids[i], &raw, &raw_len);
+        char *s = token_text(v, r->pend.ids[i], b, b->has_pieces ? b->chosen_piece[i] : none, &raw,
+                             &raw_len);
         cJSON_AddItemToArray(toks, cJSON_CreateString(s ? s : ""));
         cJSON_AddItemToArray(lps, cJSON_CreateNumber(r->pend.lp_chosen[i]));
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)r->text_offset));
@@ -446,7 +461,8 @@ static cJSON *logprobs_json(hreq *r, size_t n)
         for (size_t j = 0; j < k; j++) {
             tsr_logprob lp = r->pend.lp_top[i * k + j];
             if (lp.id < 0) continue;
-            char *ts = token_text(v, lp.id, NULL, NULL);
+            char *ts =
+                token_text(v, lp.id, b, b->has_pieces ? b->top_piece[i * k + j] : none, NULL, NULL);
             if (ts && !cJSON_GetObjectItemCaseSensitive(t, ts))
                 cJSON_AddNumberToObject(t, ts, lp.logprob);
             free(ts);
@@ -1123,12 +1139,6 @@ static bool parse_request(tsr_http *h, hreq *r, const cJSON *root, parsed *p, he
             r->want_logprobs = true;
             r->pend.n_top = (int32_t)lp;
         }
-    }
-    if (r->want_logprobs && !h->vocab) {
-        BAD(e, r->chat ? "logprobs" : "logprobs",
-            "logprobs are not served through the coordinator (their token strings need the "
-            "model's vocabulary): ask a replica directly");
-        return false;
     }
     /* the engine reports the chosen token's logprob only with alternatives: ask for one */
     er->logprobs = r->want_logprobs ? (r->pend.n_top > 0 ? r->pend.n_top : 1) : 0;

@@ -90,8 +90,9 @@ typedef struct tsr_http tsr_http;
  * Prompt: with a vocabulary (vocab set) the front door tokenizes the prompt / renders the
  * chat template itself and g->er carries the ids. Without one (the coordinator has no
  * model) it passes the prompt through as the client sent it: exactly one of prompt_text,
- * g->er.prompt_ids (a list of ids, not checked against a vocabulary) or messages; logprobs
- * are then refused (their token strings need the vocabulary).
+ * g->er.prompt_ids (a list of ids, not checked against a vocabulary) or messages. Logprobs
+ * then name their tokens with the text the events carry (tsr_event.chosen_pieces /
+ * top_pieces: the replica's vocabulary, sent in the GenerateResponse).
  */
 typedef struct {
     tsr_engine_request er; /* parameters, callback; prompt ids (see above) */

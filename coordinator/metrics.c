@@ -61,13 +61,14 @@ struct tsr_metrics {
 };
 
 /* One request's observer state (engine thread only once submitted). */
-typedef struct {
+struct tsr_metrics_req {
     tsr_metrics *m;
-    tsr_event_fn fn;
+    tsr_event_fn fn; /* NULL: nothing to forward to (tsr_metrics_req_begin) */
     void *ud;
     uint64_t t_submit_ns, t_last_ns;
     bool have_token;
-} observer;
+};
+typedef struct tsr_metrics_req observer;
 
 static void hist_init(histogram *h, const char *name, const char *help, const double *bounds, int n)
 {
@@ -159,10 +160,44 @@ static void observe_event(void *ud, const tsr_event *ev)
         tsr_event_fn fn = o->fn;
         void *cud = o->ud;
         free(o);
-        fn(cud, ev);
+        if (fn) fn(cud, ev);
         return;
     }
-    o->fn(o->ud, ev);
+    if (o->fn) o->fn(o->ud, ev);
+}
+
+static int reject_reason(int rc)
+{
+    return rc == TSR_ENGINE_EINVAL        ? R_INVALID
+           : rc == TSR_ENGINE_EQUEUE_FULL ? R_QUEUE_FULL
+           : rc == TSR_ENGINE_EDRAINING   ? R_DRAINING
+           : rc == TSR_ENGINE_EDOWN       ? R_DOWN
+           : rc == TSR_ENGINE_ENOMEM      ? R_NOMEM
+                                          : R_OTHER;
+}
+
+tsr_metrics_req *tsr_metrics_req_begin(tsr_metrics *m)
+{
+    if (!m) return NULL;
+    observer *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    o->m = m;
+    o->t_submit_ns = tsr_now_ns();
+    return o;
+}
+
+void tsr_metrics_req_event(tsr_metrics_req *r, const tsr_event *ev)
+{
+    if (r) observe_event(r, ev);
+}
+
+void tsr_metrics_req_rejected(tsr_metrics_req *r, int engine_rc)
+{
+    if (!r) return;
+    pthread_mutex_lock(&r->m->mu);
+    r->m->rejected[reject_reason(engine_rc)]++;
+    pthread_mutex_unlock(&r->m->mu);
+    free(r);
 }
 
 static int submit_engine(void *ctx, const tsr_engine_request *rq, uint64_t *id, char *err,
@@ -196,12 +231,7 @@ int tsr_metrics_submit_with(tsr_metrics *m, tsr_metrics_submit_fn fn, void *ctx,
     int rc = fn(ctx, &r, id, err, err_len);
     if (rc != TSR_ENGINE_OK) {
         free(o); /* no event follows a refused submit */
-        int why = rc == TSR_ENGINE_EINVAL        ? R_INVALID
-                  : rc == TSR_ENGINE_EQUEUE_FULL ? R_QUEUE_FULL
-                  : rc == TSR_ENGINE_EDRAINING   ? R_DRAINING
-                  : rc == TSR_ENGINE_EDOWN       ? R_DOWN
-                  : rc == TSR_ENGINE_ENOMEM      ? R_NOMEM
-                                                 : R_OTHER;
+        int why = reject_reason(rc);
         pthread_mutex_lock(&m->mu);
         m->rejected[why]++;
         pthread_mutex_unlock(&m->mu);
@@ -326,6 +356,10 @@ int tsr_metrics_render(tsr_metrics *m, tsr_engine *e, char **out, size_t *len)
         family(f, "tessera_prefix_cache_evictions_total", "counter",
                "Cached prefix blocks evicted to make room (least recently used first).");
         fprintf(f, "tessera_prefix_cache_evictions_total %" PRIu64 "\n", st.prefix_cache_evictions);
+        family(f, "tessera_prefix_cache_copies_total", "counter",
+               "Copy-on-write copies of a cached block that a wholly cached prompt's last token "
+               "writes.");
+        fprintf(f, "tessera_prefix_cache_copies_total %" PRIu64 "\n", st.prefix_cache_copies);
         family(f, "tessera_healthy", "gauge", "1 while the data plane completes steps.");
         fprintf(f, "tessera_healthy %d\n", st.healthy ? 1 : 0);
         family(f, "tessera_draining", "gauge", "1 once draining: no new requests.");

@@ -59,6 +59,18 @@ typedef int (*tsr_metrics_submit_fn)(void *ctx, const tsr_engine_request *rq, ui
 int tsr_metrics_submit_with(tsr_metrics *m, tsr_metrics_submit_fn fn, void *ctx,
                             const tsr_engine_request *rq, uint64_t *id, char *err, size_t err_len);
 
+/* Observation of a request that does not pass through a submit function: the
+ * coordinator's gRPC Generate proxy, which relays a replica's stream. Begin when it
+ * arrives, feed it the events it produces (TOKENS: the ids for time to first token and
+ * inter-token latency; FINISH: finish reason, lengths, queue time — it ends the observation
+ * and frees r), or end it with tsr_metrics_req_rejected (a TSR_ENGINE_* code) when it was
+ * refused before any token. Begin returns NULL for a NULL m or out of memory; the other
+ * calls take NULL (and do nothing). */
+typedef struct tsr_metrics_req tsr_metrics_req;
+tsr_metrics_req *tsr_metrics_req_begin(tsr_metrics *m);
+void tsr_metrics_req_event(tsr_metrics_req *r, const tsr_event *ev);
+void tsr_metrics_req_rejected(tsr_metrics_req *r, int engine_rc);
+
 /* Count one HTTP response by status code (NULL m: nothing). */
 void tsr_metrics_count_http(tsr_metrics *m, int status);
 

@@ -83,15 +83,7 @@ static const char *serve_help =
     "                            route by it: GenerateRequest.model; default: the file\n"
     "                            name without .gguf)\n"
     "      --http-max-body BYTES largest request body (default 4M; beyond: 413)\n"
-    "      --api-key-file FILE   inference needs 'Authorization: Bearer KEY' (gRPC: the\n"
-    "                            'authorization' metadata) with a key of FILE, one per line;\n"
-    "                            SIGHUP re-reads the key files\n"
-    "      --admin-key-file FILE keys for the Admin service and /metrics (they also work\n"
-    "                            for inference)\n"
-    "      --insecure-listen     allow non-loopback addresses without key files\n"
-    "      --tls-cert FILE       serve TLS (gRPC and HTTPS) with this PEM certificate chain\n"
-    "      --tls-key FILE        and this PEM private key (unencrypted)\n"
-    "      --tls-client-ca FILE  mutual TLS: clients need a certificate signed by this CA\n"
+    TSR_CLI_SECURITY_HELP
     "output held for clients that read slowly or not at all (beyond: the stream is\n"
     "cancelled with RESOURCE_EXHAUSTED and its KV blocks are freed):\n"
     "      --max-call-buffered-bytes BYTES  unread output of one call (default 1M)\n"
@@ -335,12 +327,6 @@ int tsr_cmd_serve(int argc, char **argv)
         O_HTTP,
         O_MODEL_NAME,
         O_HTTP_MAX_BODY,
-        O_API_KEYS,
-        O_ADMIN_KEYS,
-        O_INSECURE,
-        O_TLS_CERT,
-        O_TLS_KEY,
-        O_TLS_CA,
         O_CHAT_TEMPLATE,
         O_MAX_BUFFERED,
         O_MAX_CALL_BUFFERED,
@@ -375,12 +361,7 @@ int tsr_cmd_serve(int argc, char **argv)
         {"http", required_argument, 0, O_HTTP},
         {"model-name", required_argument, 0, O_MODEL_NAME},
         {"http-max-body", required_argument, 0, O_HTTP_MAX_BODY},
-        {"api-key-file", required_argument, 0, O_API_KEYS},
-        {"admin-key-file", required_argument, 0, O_ADMIN_KEYS},
-        {"insecure-listen", no_argument, 0, O_INSECURE},
-        {"tls-cert", required_argument, 0, O_TLS_CERT},
-        {"tls-key", required_argument, 0, O_TLS_KEY},
-        {"tls-client-ca", required_argument, 0, O_TLS_CA},
+        TSR_CLI_SECURITY_OPTS,
         {"join", required_argument, 0, O_JOIN},
         {"name", required_argument, 0, O_NAME},
         {"advertise", required_argument, 0, O_ADVERTISE},
@@ -401,10 +382,9 @@ int tsr_cmd_serve(int argc, char **argv)
     bool spec_ngram = false;
     const char *spec_oracle = NULL;
     int64_t spec_k = 4, spec_max_batch = 4;
-    const char *http_listen = NULL, *model_name = NULL, *api_keys = NULL, *admin_keys = NULL;
-    const char *tls_cert = NULL, *tls_key = NULL, *tls_ca = NULL;
+    const char *http_listen = NULL, *model_name = NULL;
+    tsr_cli_security_opts so = {0};
     uint64_t http_max_body = TSR_HTTP_DEFAULT_MAX_BODY;
-    bool insecure = false;
     uint64_t max_buffered = TSR_SERVER_DEFAULT_MAX_BUFFERED_BYTES,
              max_call_buffered = TSR_SERVER_DEFAULT_MAX_CALL_BUFFERED_BYTES;
     int64_t slow_reader_ms = TSR_SERVER_DEFAULT_SLOW_READER_MS;
@@ -417,6 +397,7 @@ int tsr_cmd_serve(int argc, char **argv)
             if (erc != 0) return erc;
             continue;
         }
+        if (tsr_cli_security_flag(c, optarg, &so) == 0) continue;
         switch (c) {
         case 'm':
             model = optarg;
@@ -509,24 +490,6 @@ int tsr_cmd_serve(int argc, char **argv)
                 return tsr_cli_usage_error(
                     "serve", "--http-max-body needs a byte count in 1K..1G, got '%s'", optarg);
             break;
-        case O_API_KEYS:
-            api_keys = optarg;
-            break;
-        case O_ADMIN_KEYS:
-            admin_keys = optarg;
-            break;
-        case O_INSECURE:
-            insecure = true;
-            break;
-        case O_TLS_CERT:
-            tls_cert = optarg;
-            break;
-        case O_TLS_KEY:
-            tls_key = optarg;
-            break;
-        case O_TLS_CA:
-            tls_ca = optarg;
-            break;
         case O_MAX_BUFFERED:
         case O_MAX_CALL_BUFFERED: {
             uint64_t b = 0;
@@ -594,21 +557,9 @@ int tsr_cmd_serve(int argc, char **argv)
     }
     if ((draft_model != NULL) + spec_ngram + (spec_oracle != NULL) > 1)
         return tsr_cli_usage_error("serve", "choose one of --draft-model and --spec");
-    if ((tls_cert != NULL) != (tls_key != NULL))
-        return tsr_cli_usage_error("serve", "--tls-cert and --tls-key go together");
-    if (tls_ca && !tls_cert)
-        return tsr_cli_usage_error("serve", "--tls-client-ca needs --tls-cert and --tls-key");
-    bool keyed = api_keys != NULL || admin_keys != NULL;
-    if (!keyed && !insecure) {
-        const char *listens[2] = {listen, http_listen};
-        const char *open_addr = tsr_auth_open_address(listens, 2);
-        if (open_addr)
-            return tsr_cli_usage_error(
-                "serve",
-                "refusing to serve %s without authentication: give --api-key-file (and "
-                "--admin-key-file), or --insecure-listen to serve it open anyway",
-                open_addr);
-    }
+    const char *listens[2] = {listen, http_listen};
+    int src = tsr_cli_security_finish("serve", &so, listens, 2);
+    if (src != 0) return src;
 
     char err[1024];
     model_meta meta;
@@ -625,8 +576,7 @@ int tsr_cmd_serve(int argc, char **argv)
     char *join_auth = NULL;
     memset(&tls, 0, sizeof tls);
     memset(&join_tls, 0, sizeof join_tls);
-    if (tsr_auth_new(api_keys, admin_keys, &auth, err, sizeof err) != 0 ||
-        tsr_tls_server_load("--tls-", tls_cert, tls_key, tls_ca, &tls, err, sizeof err) != 0 ||
+    if (tsr_cli_security_load(&so, &auth, &tls, err, sizeof err) != 0 ||
         tsr_tls_client_load("--join-tls-", join_ca, join_cert, join_tlskey, &join_tls, err,
                             sizeof err) != 0 ||
         tsr_auth_client_header("--join-key-file", join_key, NULL, &join_auth, err, sizeof err) !=
@@ -832,13 +782,13 @@ int tsr_cmd_serve(int argc, char **argv)
             " tokens, %.1f MiB), max batch %" PRId64 " tokens, queue %" PRId64 "\n",
             model, rp.tp, rp.pp, info.n_ctx, ep.n_kv_blocks, info.kv_capacity_tokens,
             (double)ep.n_kv_blocks * (double)block_bytes / 1048576.0, max_batch, max_queue);
-    if (!keyed)
+    if (!so.api_keys && !so.admin_keys)
         fprintf(stderr, "tessera serve: no --api-key-file: serving without authentication%s\n",
-                insecure ? " (--insecure-listen)" : " (loopback addresses only)");
+                so.insecure ? " (--insecure-listen)" : " (loopback addresses only)");
     else
         fprintf(stderr, "tessera serve: API keys required (%s%s%s)\n",
-                api_keys ? "--api-key-file" : "", api_keys && admin_keys ? ", " : "",
-                admin_keys ? "--admin-key-file" : "");
+                so.api_keys ? "--api-key-file" : "", so.api_keys && so.admin_keys ? ", " : "",
+                so.admin_keys ? "--admin-key-file" : "");
     if (cert_pem)
         fprintf(stderr, "tessera serve: TLS on%s\n",
                 ca_pem ? ", client certificates required (mutual TLS)" : "");

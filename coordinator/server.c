@@ -492,6 +492,24 @@ static Tessera__V1__FinishReason finish_to_proto(int r)
     return TESSERA__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
 }
 
+/* Bytes of token id's text (special tokens rendered, as the HTTP front door names them);
+ * 0 for an id outside the vocabulary (an alternative the engine did not fill: -1). */
+static size_t piece_len(const tsr_vocab *v, int32_t id)
+{
+    int32_t n = tsr_vocab_token_to_piece(v, id, NULL, 0, true);
+    return n > 0 ? (size_t)n : 0;
+}
+
+/* Token id's text into buf at *off (piece_len bytes were reserved), as a protobuf bytes. */
+static ProtobufCBinaryData piece_put(const tsr_vocab *v, int32_t id, char *buf, size_t *off)
+{
+    size_t n = piece_len(v, id);
+    ProtobufCBinaryData d = {n, (uint8_t *)buf + *off};
+    if (n) tsr_vocab_token_to_piece(v, id, buf + *off, n, true);
+    *off += n;
+    return d;
+}
+
 /* Under c->mu: everything pending of a Generate call as one GenerateResponse (NULL on OOM).
  * Clears the pending ids / text / logprobs. */
 static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
@@ -501,6 +519,7 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
     Tessera__V1__Timings tim = TESSERA__V1__TIMINGS__INIT;
     Tessera__V1__Logprobs *lps = NULL, **lpp = NULL;
     Tessera__V1__TokenLogprob *tops = NULL, **topp = NULL;
+    char *pieces = NULL;
     grpc_byte_buffer *bb = NULL;
     r.n_token_ids = c->out.n_ids;
     r.token_ids = c->out.ids;
@@ -514,6 +533,17 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
         tops = calloc(n * k + 1, sizeof *tops);
         topp = calloc(n * k + 1, sizeof *topp);
         if (!lps || !lpp || !tops || !topp) goto done;
+        /* The tokens' text (chosen and alternatives) so a client without the vocabulary —
+         * the coordinator's HTTP front door — can name them: one buffer for the message. */
+        const tsr_vocab *v = c->s->vocab;
+        size_t n_bytes = 1;
+        for (size_t i = 0; i < n; i++) {
+            n_bytes += piece_len(v, c->out.ids[i]);
+            for (size_t j = 0; j < k; j++) n_bytes += piece_len(v, c->out.lp_top[i * k + j].id);
+        }
+        pieces = malloc(n_bytes);
+        if (!pieces) goto done;
+        size_t off = 0;
         for (size_t i = 0; i < n; i++) {
             Tessera__V1__Logprobs init = TESSERA__V1__LOGPROBS__INIT;
             lps[i] = init;
@@ -521,12 +551,16 @@ static grpc_byte_buffer *build_generate_response(srv_call *c, bool last)
             lps[i].logprob = c->out.lp_chosen[i];
             lps[i].n_top = k;
             lps[i].top = topp + i * k;
+            lps[i].has_token = true;
+            lps[i].token = piece_put(v, c->out.ids[i], pieces, &off);
             for (size_t j = 0; j < k; j++) {
                 Tessera__V1__TokenLogprob ti = TESSERA__V1__TOKEN_LOGPROB__INIT;
                 tops[i * k + j] = ti;
                 tops[i * k + j].has_id = tops[i * k + j].has_logprob = true;
                 tops[i * k + j].id = c->out.lp_top[i * k + j].id;
                 tops[i * k + j].logprob = c->out.lp_top[i * k + j].logprob;
+                tops[i * k + j].has_token = true;
+                tops[i * k + j].token = piece_put(v, tops[i * k + j].id, pieces, &off);
                 topp[i * k + j] = &tops[i * k + j];
             }
             lpp[i] = &lps[i];
@@ -558,6 +592,7 @@ done:
     free(lpp);
     free(tops);
     free(topp);
+    free(pieces);
     return bb;
 }
 
@@ -965,6 +1000,7 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     SETF(prefix_cache_hits, st.prefix_cache_hits);
     SETF(prefix_cache_hit_tokens, st.prefix_cache_hit_tokens);
     SETF(prefix_cache_evictions, st.prefix_cache_evictions);
+    SETF(prefix_cache_copies, st.prefix_cache_copies);
 #undef SETF
     reply_msg(r, &a.base);
 }

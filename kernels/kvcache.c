@@ -3,9 +3,9 @@
  *
  * Every path of one type computes the same operations in the same order (the scalar code is
  * the reference and spells the order out; the AVX2 and AVX-512 code vectorizes it without
- * reassociating), so f16 and the V side of q8_0 are bit-identical across instruction sets.
- * The q8_0 q·k uses kernels/quant.h's Q8_0 dot, whose ISA paths agree up to float
- * summation order.
+ * reassociating), so every type is bit-identical across instruction sets. The f32 and q8_0
+ * kernels walk a head's positions in runs of one block-table block (consecutive rows), all
+ * positions in one call.
  */
 #include "kernels/kvcache.h"
 
@@ -158,10 +158,36 @@ static inline float reduce16(const float *l)
     return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
-/* ---- f32: the engine's original attention ---- */
+/* Walk positions p0..p1 in runs that share a block-table block: within a run, rows are
+ * consecutive slots, row_bytes apart. The body (the variadic part) sees ROW (the run's
+ * first row, at the head's offset), N (its length) and I0 (its first index from p0). */
+#define KV_RUNS(kv, base, p0, p1, ROW, N, I0, ...)                                                 \
+    do {                                                                                           \
+        const int32_t bs_ = (kv)->block_size;                                                      \
+        for (int32_t p_ = (p0); p_ <= (p1);) {                                                     \
+            const int32_t off_ = p_ % bs_;                                                         \
+            int32_t N = bs_ - off_;                                                                \
+            if (N > (p1)-p_ + 1) N = (p1)-p_ + 1;                                                  \
+            const uint8_t *ROW =                                                                   \
+                (base) +                                                                           \
+                ((size_t)(kv)->block_table[p_ / bs_] * (size_t)bs_ + (size_t)off_) *               \
+                    (kv)->row_bytes +                                                              \
+                (kv)->head_offset;                                                                 \
+            const int32_t I0 = p_ - (p0);                                                          \
+            __VA_ARGS__                                                                            \
+            p_ += N;                                                                               \
+        }                                                                                          \
+    } while (0)
 
-static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
-                     float *att, float *o)
+/* ---- f32 ----
+ * Head sizes that are a multiple of 16: q·k in tinyBLAS<16>'s order (the f16 path's, without
+ * its fp16 roundings: lane l an FMA chain over i ≡ l mod 16, then the 16-lane tree), V
+ * accumulated per output value with FMA in position order; every ISA path computes exactly
+ * this. Other head sizes keep the engine's original loops (a sequential dot, then
+ * o += a·v in position order). */
+
+static void attn_f32_seq(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                         float *att, float *o)
 {
     const int hd = kv->head_dim;
     for (int32_t p = p0; p <= p1; p++) {
@@ -177,6 +203,33 @@ static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t
         const float a = att[p - p0];
         for (int i = 0; i < hd; i++) o[i] += a * v[i];
     }
+}
+
+static void qk_f32_scalar(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                          int32_t p1, float *att)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *k = (const float *)(row + (size_t)j * kv->row_bytes);
+            float l16[LANES] = {0};
+            for (int i = 0; i < hd; i += LANES)
+                for (int l = 0; l < LANES; l++) l16[l] = fmaf(k[i + l], q[i + l], l16[l]);
+            att[i0 + j] = reduce16(l16) * scale;
+        }
+    });
+}
+
+static void v_f32_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
+            const float a = att[i0 + j];
+            for (int i = 0; i < hd; i++) o[i] = fmaf(v[i], a, o[i]);
+        }
+    });
 }
 
 /* ---- f16, scalar reference ---- */
@@ -325,6 +378,98 @@ TSR_KV_AVX512 static void reduce_lanes_avx512(float *acc, int hd, float *o)
     memcpy(o, acc, sizeof(float) * (size_t)hd);
 }
 
+/* ---- f32, AVX2 and AVX-512 (the scalar order above) ---- */
+
+TSR_KV_AVX2 static void qk_f32_avx2(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                                    int32_t p1, float *att)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *k = (const float *)(row + (size_t)j * kv->row_bytes);
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            for (int i = 0; i < hd; i += LANES) {
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(q + i), lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(k + i + 8), _mm256_loadu_ps(q + i + 8), hi);
+            }
+            /* reduce16: (i, i+8), (i, i+4), (0+2) + (1+3) */
+            __m256 t3 = _mm256_add_ps(hi, lo);
+            __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+            __m128 t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+            att[i0 + j] = (_mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1))) * scale;
+        }
+    });
+}
+
+TSR_KV_AVX2 static void v_f32_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
+                                   float *o)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
+            const __m256 a = _mm256_set1_ps(att[i0 + j]);
+            for (int i = 0; i < hd; i += 8)
+                _mm256_storeu_ps(
+                    o + i, _mm256_fmadd_ps(_mm256_loadu_ps(v + i), a, _mm256_loadu_ps(o + i)));
+        }
+    });
+}
+
+TSR_KV_AVX512 static void qk_f32_avx512(const tsr_kv_view *kv, const float *q, float scale,
+                                        int32_t p0, int32_t p1, float *att)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *k = (const float *)(row + (size_t)j * kv->row_bytes);
+            __m512 acc = _mm512_setzero_ps();
+            for (int i = 0; i < hd; i += LANES)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(k + i), _mm512_loadu_ps(q + i), acc);
+            att[i0 + j] = _mm512_reduce_add_ps(acc) * scale; /* reduce16's tree (GCC) */
+        }
+    });
+}
+
+TSR_KV_AVX512 static void v_f32_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
+                                       int32_t p1, float *o)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
+            const __m512 a = _mm512_set1_ps(att[i0 + j]);
+            for (int i = 0; i < hd; i += LANES)
+                _mm512_storeu_ps(
+                    o + i, _mm512_fmadd_ps(_mm512_loadu_ps(v + i), a, _mm512_loadu_ps(o + i)));
+        }
+    });
+}
+
+static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                     float *att, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    if (hd % LANES != 0) {
+        attn_f32_seq(kv, q, scale, p0, p1, att, o);
+        return;
+    }
+    if (isa == KV_AVX512)
+        qk_f32_avx512(kv, q, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_f32_avx2(kv, q, scale, p0, p1, att);
+    else
+        qk_f32_scalar(kv, q, scale, p0, p1, att);
+    tsr_softmax(att, p1 - p0 + 1);
+    memset(o, 0, sizeof(float) * (size_t)hd);
+    if (isa == KV_AVX512)
+        v_f32_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_f32_avx2(kv, att, p0, p1, o);
+    else
+        v_f32_scalar(kv, att, p0, p1, o);
+}
+
 static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                      float *att, void *scratch, float *o, int isa)
 {
@@ -417,14 +562,138 @@ TSR_KV_AVX512 static void v_q8_0_avx512(const tsr_kv_view *kv, const float *att,
     }
 }
 
+/* q·k of Q8_0 rows, many positions per call, in ggml's x86 order for a Q8_0 dot
+ * (ggml_vec_dot_q8_0_q8_0 on AVX2): 8 float lanes, lane l takes the integer sum of the
+ * products of values 4l .. 4l+3 of each block (exact), converted to float, times the
+ * block's d_k · d_q (one float product), by FMA in block order; then hsum_float_8's tree
+ * ((l, l+4), then (0+2) + (1+3)). Every ISA path computes exactly this. */
+static inline float hsum8(const float *l)
+{
+    const float t0 = l[4] + l[0], t1 = l[5] + l[1], t2 = l[6] + l[2], t3 = l[7] + l[3];
+    return (t0 + t2) + (t1 + t3);
+}
+
+static void qk_q8_0_scalar(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale, int32_t p0,
+                           int32_t p1, float *att)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            float l8[8] = {0};
+            for (int b = 0; b < nb; b++) {
+                const float d = tsr_f16_to_f32(k[b].d) * tsr_f16_to_f32(qq[b].d);
+                for (int l = 0; l < 8; l++) {
+                    int32_t si = 0;
+                    for (int e = 4 * l; e < 4 * l + 4; e++) si += k[b].qs[e] * qq[b].qs[e];
+                    l8[l] = fmaf(d, (float)si, l8[l]);
+                }
+            }
+            att[i0 + j] = hsum8(l8) * scale;
+        }
+    });
+}
+
+/* The 8 int32 sums of 4 products each of one block (maddubs on |k| and sign(k)·q: exact,
+ * |pair sum| <= 2·128·127 < 2^15). */
+TSR_KV_AVX2 static inline __m256 q8_block_sums_avx2(__m256i k, __m256i q, __m256i ones)
+{
+    const __m256i ak = _mm256_sign_epi8(k, k), sq = _mm256_sign_epi8(q, k);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ak, sq), ones));
+}
+
+TSR_KV_AVX2 static inline float hsum8_avx2(__m256 x)
+{
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+TSR_KV_AVX2 static void qk_q8_0_avx2(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
+                                     int32_t p0, int32_t p1, float *att)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const __m256 s =
+                    q8_block_sums_avx2(_mm256_loadu_si256((const __m256i *)k[b].qs),
+                                       _mm256_loadu_si256((const __m256i *)qq[b].qs), ones);
+                const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            att[i0 + j] = hsum8_avx2(acc) * scale;
+        }
+    });
+}
+
+/* Two positions per 512-bit register (one per 256-bit half), the same lane arithmetic. */
+TSR_KV_AVX512 static void qk_q8_0_avx512(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
+                                         int32_t p0, int32_t p1, float *att)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    const __m512i ones = _mm512_set1_epi16(1);
+    const __m256i ones8 = _mm256_set1_epi16(1);
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        int32_t j = 0;
+        for (; j + 1 < n; j += 2) {
+            const kv_q8_0 *ka = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            const kv_q8_0 *kb = (const kv_q8_0 *)(row + (size_t)(j + 1) * kv->row_bytes);
+            __m512 acc = _mm512_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)qq[b].qs);
+                const __m512i k2 = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)ka[b].qs)),
+                    _mm256_loadu_si256((const __m256i *)kb[b].qs), 1);
+                const __m512i q2 = _mm512_inserti64x4(_mm512_castsi256_si512(qb), qb, 1);
+                const __m512i ak = _mm512_abs_epi8(k2);
+                const __m512i sq =
+                    _mm512_mask_sub_epi8(q2, _mm512_movepi8_mask(k2), _mm512_setzero_si512(), q2);
+                const __m512 s =
+                    _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(ak, sq), ones));
+                const float qd = _cvtsh_ss(qq[b].d);
+                const __m512 d = _mm512_castpd_ps(_mm512_insertf64x4(
+                    _mm512_castpd256_pd512(
+                        _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(ka[b].d) * qd))),
+                    _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(kb[b].d) * qd)), 1));
+                acc = _mm512_fmadd_ps(d, s, acc);
+            }
+            att[i0 + j] = hsum8_avx2(_mm512_castps512_ps256(acc)) * scale;
+            att[i0 + j + 1] =
+                hsum8_avx2(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))) *
+                scale;
+        }
+        for (; j < n; j++) {
+            const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const __m256 s =
+                    q8_block_sums_avx2(_mm256_loadu_si256((const __m256i *)k[b].qs),
+                                       _mm256_loadu_si256((const __m256i *)qq[b].qs), ones8);
+                const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            att[i0 + j] = hsum8_avx2(acc) * scale;
+        }
+    });
+}
+
 static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                       float *att, void *scratch, float *o, int isa)
 {
     const int hd = kv->head_dim;
-    void *qq = scratch;
+    kv_q8_0 *qq = scratch;
     tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
-    for (int32_t p = p0; p <= p1; p++)
-        att[p - p0] = tsr_vec_dot(TSR_TYPE_Q8_0, hd, kv_at(kv, kv->k, p), qq) * scale;
+    if (isa == KV_AVX512)
+        qk_q8_0_avx512(kv, qq, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
+    else
+        qk_q8_0_scalar(kv, qq, scale, p0, p1, att);
     tsr_softmax(att, p1 - p0 + 1);
     memset(o, 0, sizeof(float) * (size_t)hd);
     if (isa == KV_AVX512)
@@ -440,7 +709,7 @@ void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p
 {
     switch (kv->type) {
     case TSR_KV_F32:
-        attn_f32(kv, q, scale, p0, p1, scores, out);
+        attn_f32(kv, q, scale, p0, p1, scores, out, kv_isa());
         break;
     case TSR_KV_F16:
         attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());

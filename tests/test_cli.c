@@ -87,6 +87,16 @@ static void test_usage_errors(void **state)
     expect_usage_error("batch --coordinator 127.0.0.1:1 -i x -o y -t 2", "--coordinator");
     expect_usage_error("batch --coordinator 127.0.0.1:1 -i x -o y --tls-cert c.pem", "--tls-key");
     expect_usage_error("batch -i x -o y --api-key-file k", "--coordinator");
+    /* Security flags: one parser (cli.c) for serve and coordinator, one for the clients. */
+    snprintf(args, sizeof args, "serve -m %s --listen 0.0.0.0:0", m);
+    expect_usage_error(args, "without authentication");
+    snprintf(args, sizeof args, "serve -m %s --tls-key k.pem", m);
+    expect_usage_error(args, "--tls-cert and --tls-key go together");
+    expect_usage_error("coordinator --listen 127.0.0.1:0 --tls-client-ca ca.pem",
+                       "--tls-client-ca needs --tls-cert");
+    expect_usage_error("coordinator --listen 127.0.0.1:0 --http 0.0.0.0:0",
+                       "refusing to serve 0.0.0.0:0");
+    expect_usage_error("ctl --tls-cert c.pem --tls-key k.pem status", "need --tls-ca");
     expect_usage_error("tokenize", "TEXT");
     expect_usage_error("inspect", "FILE");
     expect_usage_error("mkmodel -o /tmp/x.gguf", "--vocab-from");
@@ -109,6 +119,14 @@ static void test_help(void **state)
          {"--n-layer", "--n-embd", "--n-head", "--n-head-kv", "--n-ff", "--type", "--vocab-from",
           "--seed", NULL}},
         {"bench", {"--threads", "--prompt-len", "--gen-len", "--json", NULL}},
+        {"serve",
+         {"--api-key-file", "--admin-key-file", "--insecure-listen", "--tls-cert", "--tls-key",
+          "--tls-client-ca", NULL}},
+        {"coordinator",
+         {"--api-key-file", "--admin-key-file", "--insecure-listen", "--tls-cert", "--tls-key",
+          "--tls-client-ca", NULL}},
+        {"ctl", {"--api-key-file", "--tls-ca", "--tls-cert", "--tls-key", NULL}},
+        {"batch", {"--api-key-file", "--tls-ca", "--tls-cert", "--tls-key", NULL}},
     };
     char *out;
     assert_int_equal(run(&out, NULL, "--help"), 0);

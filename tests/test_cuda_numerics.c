@@ -759,6 +759,178 @@ static void test_kv_f16(void **state)
     }
 }
 
+/* The CPU's q8_0 attention (kernels/kvcache.c) for head `head` of rows of n_kv heads. */
+static void cpu_attn_q8_0(const uint8_t *kc, const uint8_t *vc, int hd, int n_kv, int head,
+                          const float *q, float scale, int p0, int p1, float *att, float *out)
+{
+    const int32_t table[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const size_t head_bytes = tsr_kv_row_bytes(TSR_KV_Q8_0, hd);
+    const tsr_kv_view kv = {.type = TSR_KV_Q8_0,
+                            .head_dim = hd,
+                            .block_size = 16,
+                            .k = kc,
+                            .v = vc,
+                            .row_bytes = head_bytes * (size_t)n_kv,
+                            .head_offset = head_bytes * (size_t)head,
+                            .block_table = table};
+    void *scratch = NULL;
+    assert_int_equal(posix_memalign(&scratch, 64, tsr_attn_scratch_bytes(hd)), 0);
+    tsr_attn_head(&kv, q, scale, p0, p1, att, scratch, out);
+    free(scratch);
+}
+
+/* Q8_0 KV cache (numerics.h "KV cache element types"): the device's stores (k_kv_store_q8_0:
+ * a warp max per block, then tsr_cuda_q8_0_scale / _elem per lane) are the bytes of the
+ * CPU's tsr_kv_store; q's quantization likewise; and k_attention_q8_0's arithmetic, emulated
+ * in the kernel's structure (quarter-block integer sums per lane, block terms in block order,
+ * max / sum / probabilities and V in three passes, FMA chains over the positions), is bit
+ * for bit the CPU's q8_0 attention on its scalar path (probabilities and outputs), and within
+ * the float order of the Q8_0 dot of the CPU's dispatched ISA. Head sizes 64 and 128, rows of
+ * 2 KV heads (head 1 read: the head offset), windows of 1, 17 and 203 positions. */
+static void test_kv_q8_0(void **state)
+{
+    (void)state;
+    const int n_pos = 203, n_kv = 2;
+    const int hds[2] = {64, 128};
+    uint64_t s = 4242;
+    const char *isa0 = tsr_quant_isa();
+    char isa_saved[32];
+    snprintf(isa_saved, sizeof isa_saved, "%s", isa0);
+    for (int h = 0; h < 2; ++h) {
+        const int hd = hds[h], nb = hd / 32, kv_dim = hd * n_kv;
+        const size_t rb = tsr_kv_row_bytes(TSR_KV_Q8_0, kv_dim);
+        assert_int_equal(rb, tsr_cuda_kv_row_bytes(TSR_CUDA_KV_Q8_0, kv_dim));
+        float *q = xmalloc(sizeof(float) * hd), *att = xmalloc(sizeof(float) * n_pos);
+        float *kf = xmalloc(sizeof(float) * kv_dim * n_pos);
+        float *vf = xmalloc(sizeof(float) * kv_dim * n_pos);
+        uint8_t *kc = xmalloc(rb * n_pos), *vc = xmalloc(rb * n_pos);
+        uint8_t *kd = xmalloc(rb * n_pos), *vd = xmalloc(rb * n_pos);
+        for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
+        for (int i = 0; i < kv_dim * n_pos; ++i) kf[i] = 2.0f * rng_gauss(&s);
+        for (int i = 0; i < kv_dim * n_pos; ++i) vf[i] = rng_gauss(&s);
+        kf[5] = 0.0f; /* one all-zero block: d = 0 */
+        for (int i = 0; i < 32; ++i) kf[kv_dim + i] = 0.0f;
+        /* stores: per row, as the CPU's tsr_kv_store (one call per position, as model.c) */
+        for (int p = 0; p < n_pos; ++p) {
+            tsr_kv_store(TSR_KV_Q8_0, kf + (size_t)p * kv_dim, kc + (size_t)p * rb, kv_dim);
+            tsr_kv_store(TSR_KV_Q8_0, vf + (size_t)p * kv_dim, vc + (size_t)p * rb, kv_dim);
+            for (int g = 0; g < 2 * (kv_dim / 32); ++g) { /* k_kv_store_q8_0's warps */
+                const bool is_v = g >= kv_dim / 32;
+                const int b = is_v ? g - kv_dim / 32 : g;
+                const float *x = (is_v ? vf : kf) + (size_t)p * kv_dim + 32 * b;
+                tsr_cuda_q8_0 *blk = (tsr_cuda_q8_0 *)((is_v ? vd : kd) + (size_t)p * rb) + b;
+                float amax = 0.0f, d, id;
+                for (int l = 0; l < 32; ++l) amax = fmaxf(amax, fabsf(x[l]));
+                tsr_cuda_q8_0_scale(amax, &d, &id);
+                for (int l = 0; l < 32; ++l) blk->qs[l] = tsr_cuda_q8_0_elem(x[l], id);
+                blk->d = tsr_cuda_f32_to_f16(d);
+            }
+        }
+        for (size_t i = 0; i < rb * n_pos; ++i)
+            if (kd[i] != kc[i] || vd[i] != vc[i])
+                fail_msg("q8_0 store byte %zu (position %zu): CPU %02x/%02x, device %02x/%02x", i,
+                         i / rb, kc[i], vc[i], kd[i], vd[i]);
+        /* dequantized as the CPU reads them */
+        float deq[128];
+        tsr_kv_load(TSR_KV_Q8_0, kc + rb * 7 + tsr_kv_row_bytes(TSR_KV_Q8_0, hd), deq, hd);
+        for (int i = 0; i < hd; ++i) {
+            const float dv = tsr_cuda_kv_get(TSR_CUDA_KV_Q8_0,
+                                             kd + rb * 7 + tsr_kv_row_bytes(TSR_KV_Q8_0, hd), i);
+            if (bits(dv) != bits(deq[i]))
+                fail_msg("q8_0 load %d: CPU %.9g, device %.9g", i, deq[i], dv);
+        }
+        const float scale = 1.0f / sqrtf((float)hd);
+        const int p0s[3] = {202, 186, 0};
+        for (int w = 0; w < 3; ++w) {
+            const int p0 = p0s[w], p1 = n_pos - 1, n = p1 - p0 + 1;
+            /* CPU: scalar path (the order the device follows) and the dispatched ISA */
+            float ref[128], ref_isa[128], *att_isa = xmalloc(sizeof(float) * n_pos);
+            cpu_attn_q8_0(kc, vc, hd, n_kv, 1, q, scale, p0, p1, att_isa, ref_isa);
+            assert_true(tsr_quant_set_isa("scalar"));
+            cpu_attn_q8_0(kc, vc, hd, n_kv, 1, q, scale, p0, p1, att, ref);
+            assert_true(tsr_quant_set_isa(isa_saved));
+            /* device (kernels.cu k_attention_q8_0), KV head 1 */
+            tsr_cuda_q8_0 qq[4];
+            for (int b = 0; b < nb; ++b) { /* warp b's block */
+                float amax = 0.0f, d, id;
+                for (int l = 0; l < 32; ++l) amax = fmaxf(amax, fabsf(q[32 * b + l]));
+                tsr_cuda_q8_0_scale(amax, &d, &id);
+                for (int l = 0; l < 32; ++l) qq[b].qs[l] = tsr_cuda_q8_0_elem(q[32 * b + l], id);
+                qq[b].d = tsr_cuda_f32_to_f16(d);
+            }
+            float acc[128] = {0}, m = -INFINITY, sum = 0.0f, inv = 0.0f;
+            for (int pass = 0; pass < 3; ++pass) {
+                for (int c0 = p0 / 16 * 16; c0 <= p1; c0 += 16) {
+                    float sc[16];
+                    for (int j = 0; j < 16; ++j) {
+                        const int p = c0 + j;
+                        if (p < p0 || p > p1) {
+                            sc[j] = -INFINITY;
+                            continue;
+                        }
+                        const tsr_cuda_q8_0 *kr = (const tsr_cuda_q8_0 *)(kd + (size_t)p * rb) + nb;
+                        int32_t si[4];
+                        for (int g = 0; g < nb; g += 8) { /* lane l: quarter l % 4 of g + l / 4 */
+                            int32_t part[32] = {0};
+                            for (int l = 0; l < 32; ++l)
+                                if (g + l / 4 < nb)
+                                    part[l] = tsr_cuda_isum_part32(TSR_CUDA_Q8_0, &kr[g + l / 4],
+                                                                   &qq[g + l / 4], l % 4);
+                            for (int k = 0; k < 8 && g + k < nb; ++k)
+                                si[g + k] = part[4 * k] + part[4 * k + 1] + part[4 * k + 2] +
+                                            part[4 * k + 3];
+                        }
+                        sc[j] = tsr_cuda_kv_q8_0_score(kr, qq, si, nb, scale);
+                    }
+                    for (int j = 0; j < 16; ++j) {
+                        if (pass == 0) {
+                            m = sc[j] > m ? sc[j] : m;
+                        } else if (pass == 1) {
+                            sum += tsr_cuda_attn_exp(sc[j], m);
+                        } else if (sc[j] != -INFINITY) {
+                            const float pw = tsr_cuda_attn_exp(sc[j], m) * inv;
+                            const int p = c0 + j;
+                            if (bits(pw) != bits(att[p - p0]))
+                                fail_msg("q8_0 hd %d window %d position %d: probability CPU "
+                                         "%.9g, device %.9g",
+                                         hd, n, p, att[p - p0], pw);
+                            const tsr_cuda_q8_0 *vr =
+                                (const tsr_cuda_q8_0 *)(vd + (size_t)p * rb) + nb;
+                            for (int i = 0; i < hd; ++i)
+                                acc[i] = tsr_cuda_kv_q8_0_v_fma(vr, i, pw, acc[i]);
+                        }
+                    }
+                }
+                if (pass == 1) inv = 1.0f / sum;
+            }
+            double worst = 0;
+            for (int i = 0; i < hd; ++i) {
+                if (bits(acc[i]) != bits(ref[i]))
+                    fail_msg("q8_0 attention hd %d window %d dim %d: CPU (scalar) %.9g, device "
+                             "%.9g",
+                             hd, n, i, ref[i], acc[i]);
+                const double dd = fabs((double)acc[i] - ref_isa[i]);
+                if (dd > worst) worst = dd;
+                if (dd > 1e-5 * (1.0 + fabs(ref_isa[i])))
+                    fail_msg("q8_0 attention hd %d window %d dim %d: CPU (%s) %.9g, device %.9g",
+                             hd, n, i, isa_saved, ref_isa[i], acc[i]);
+            }
+            printf("q8_0 KV attention hd %d window %d: bit-identical to the CPU's scalar path; "
+                   "max |diff| %.3g against its %s path\n",
+                   hd, n, worst, isa_saved);
+            free(att_isa);
+        }
+        free(q);
+        free(att);
+        free(kf);
+        free(vf);
+        free(kc);
+        free(vc);
+        free(kd);
+        free(vd);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -769,6 +941,7 @@ int main(void)
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_online_softmax_attention),
         cmocka_unit_test(test_kv_f16),
+        cmocka_unit_test(test_kv_q8_0),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_glu),
     };

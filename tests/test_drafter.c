@@ -56,64 +56,18 @@ static void expect_tokens(const char *what, const int32_t *exp, int n_exp, const
     fail_msg("%s: expected %d tokens [%s], got %d [%s]", what, n_exp, e, n_got, g);
 }
 
-static int32_t argmax(const float *l, int32_t n)
-{
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (l[i] > l[best]) best = i;
-    return best;
-}
-
-/* A model on a plain single-sequence context: the independent reference. */
-typedef struct {
-    tsr_gguf *g;
-    tsr_model *m;
-    tsr_ctx *c;
-} plain_model;
-
-static void plain_open(plain_model *pm, const char *path)
-{
-    char err[512];
-    if (tsr_gguf_open(path, &pm->g, err, sizeof err) != 0) fail_msg("open %s: %s", path, err);
-    if (tsr_model_load(pm->g, &pm->m, err, sizeof err) != 0) fail_msg("load %s: %s", path, err);
-    if (tsr_ctx_new(pm->m, REF_CTX, 64, 1, &pm->c, err, sizeof err) != 0)
-        fail_msg("ctx %s: %s", path, err);
-}
-
-static void plain_close(plain_model *pm)
-{
-    tsr_ctx_free(pm->c);
-    tsr_model_free(pm->m);
-    tsr_gguf_close(pm->g);
-}
-
-/* Greedy continuation of hist[0..n) by k tokens, recomputed from position 0. */
-static void plain_greedy(plain_model *pm, const int32_t *hist, int32_t n, int32_t k, int32_t *out)
-{
-    char err[512];
-    const float *lg;
-    if (tsr_forward(pm->c, hist, n, 0, false, &lg, err, sizeof err) != 0)
-        fail_msg("reference forward: %s", err);
-    for (int32_t i = 0; i < k; i++) {
-        out[i] = argmax(lg, pm->m->hp.n_vocab);
-        if (i == k - 1) break;
-        if (tsr_forward(pm->c, &out[i], 1, n + i, false, &lg, err, sizeof err) != 0)
-            fail_msg("reference forward: %s", err);
-    }
-}
-
 /* BOS + PATH_LEN greedy tokens of the target. */
 static void target_path(int32_t *path)
 {
-    plain_model t;
+    tsr_test_model t;
     char err[512];
-    plain_open(&t, tsr_test_model_path(TARGET_PATH));
+    tsr_test_model_open(&t, tsr_test_model_path(TARGET_PATH), REF_CTX, 64, 1, TSR_KV_F32);
     tsr_vocab *v;
     if (tsr_vocab_load(t.g, &v, err, sizeof err) != 0) fail_msg("vocab: %s", err);
     path[0] = tsr_vocab_bos(v);
     tsr_vocab_free(v);
-    plain_greedy(&t, path, 1, PATH_LEN, path + 1);
-    plain_close(&t);
+    tsr_test_greedy(&t, path, 1, PATH_LEN, path + 1, NULL);
+    tsr_test_model_close(&t);
 }
 
 static uint32_t lcg_next(uint32_t *s)
@@ -128,14 +82,14 @@ static void random_tokens(int32_t *t, int n, uint32_t seed, int32_t n_vocab)
 }
 
 /* Propose and compare with the independent greedy continuation. */
-static void propose_check(tsr_drafter *d, plain_model *ref, uint64_t seq, const int32_t *hist,
+static void propose_check(tsr_drafter *d, tsr_test_model *ref, uint64_t seq, const int32_t *hist,
                           int32_t n, int32_t k, const char *what)
 {
     char err[512] = "", label[256];
     int32_t got[MAX_K], exp[MAX_K];
     int r = d->vt->propose(d, seq, hist, n, k, got, err, sizeof err);
     if (r < 0) fail_msg("%s: propose failed: %s", what, err);
-    plain_greedy(ref, hist, n, k, exp);
+    tsr_test_greedy(ref, hist, n, k, exp, NULL);
     snprintf(label, sizeof label, "%s (seq %llu, history %d, k %d)", what, (unsigned long long)seq,
              n, k);
     expect_tokens(label, exp, k, got, r);
@@ -268,8 +222,8 @@ static void check_model_exact(const char *rel)
     tsr_gguf *tg;
     char err[512];
     assert_int_equal(tsr_gguf_open(tsr_test_model_path(TARGET_PATH), &tg, err, sizeof err), 0);
-    plain_model ref;
-    plain_open(&ref, tsr_test_model_path(rel));
+    tsr_test_model ref;
+    tsr_test_model_open(&ref, tsr_test_model_path(rel), REF_CTX, 64, 1, TSR_KV_F32);
     const int32_t n_blocks = 64;
     tsr_drafter *d = draft_new(rel, tg, n_blocks);
     assert_string_equal(d->vt->name, "draft-model");
@@ -317,7 +271,7 @@ static void check_model_exact(const char *rel)
     d->vt->release(d, 99); /* unknown: nothing happens */
     assert_int_equal(tsr_drafter_model_n_free_blocks(d), n_blocks);
     tsr_drafter_free(d);
-    plain_close(&ref);
+    tsr_test_model_close(&ref);
     tsr_gguf_close(tg);
 }
 
@@ -547,8 +501,8 @@ static void test_pool_exhaustion(void **state)
     char err[512];
     tsr_gguf *tg;
     assert_int_equal(tsr_gguf_open(tsr_test_model_path(TARGET_PATH), &tg, err, sizeof err), 0);
-    plain_model ref;
-    plain_open(&ref, tsr_test_model_path(LAYER4_PATH));
+    tsr_test_model ref;
+    tsr_test_model_open(&ref, tsr_test_model_path(LAYER4_PATH), REF_CTX, 64, 1, TSR_KV_F32);
     int32_t rnd[64];
     random_tokens(rnd, 64, 7, ref.m->hp.n_vocab);
     /* 4 blocks: 64 positions in all. */
@@ -574,7 +528,7 @@ static void test_pool_exhaustion(void **state)
     d->vt->release(d, 3);
     assert_int_equal(tsr_drafter_model_n_free_blocks(d), 4);
     tsr_drafter_free(d);
-    plain_close(&ref);
+    tsr_test_model_close(&ref);
     tsr_gguf_close(tg);
 }
 

@@ -29,71 +29,6 @@
 #include "tests/util.h"
 #include "worker/model.h"
 
-typedef struct {
-    tsr_gguf *g;
-    tsr_model *m;
-    tsr_ctx *c;
-} fixture;
-
-static void open_model(fixture *f, const char *rel, int n_threads, int n_batch)
-{
-    char err[512] = "";
-    const char *path = tsr_test_model_path(rel);
-    if (tsr_gguf_open(path, &f->g, err, sizeof err) != 0) fail_msg("open %s: %s", path, err);
-    if (tsr_model_load(f->g, &f->m, err, sizeof err) != 0) fail_msg("load %s: %s", path, err);
-    if (tsr_ctx_new(f->m, 512, n_batch, n_threads, &f->c, err, sizeof err) != 0)
-        fail_msg("ctx %s: %s", path, err);
-}
-
-static void close_model(fixture *f)
-{
-    tsr_ctx_free(f->c);
-    tsr_model_free(f->m);
-    tsr_gguf_close(f->g);
-}
-
-static int32_t argmax(const float *x, int32_t n)
-{
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
-}
-
-/* Prefill `prompt`, then greedy-decode n tokens into out; logits_after_prompt (n_vocab)
- * receives the logits after the prompt when not NULL. */
-static void greedy(fixture *f, const int32_t *prompt, size_t n_prompt, int32_t n, int32_t *out,
-                   float *logits_after_prompt)
-{
-    char err[512];
-    const float *lg;
-    int32_t V = f->m->hp.n_vocab;
-    if (tsr_forward(f->c, prompt, (int32_t)n_prompt, 0, false, &lg, err, sizeof err) != 0)
-        fail_msg("forward: %s", err);
-    if (logits_after_prompt) memcpy(logits_after_prompt, lg, sizeof(float) * (size_t)V);
-    for (int32_t i = 0; i < n; i++) {
-        out[i] = argmax(lg, V);
-        if (i + 1 < n &&
-            tsr_forward(f->c, &out[i], 1, (int32_t)n_prompt + i, false, &lg, err, sizeof err))
-            fail_msg("forward: %s", err);
-    }
-}
-
-static void check_ids(const char *what, const int32_t *want, const int32_t *got, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (want[i] != got[i]) {
-            fprintf(stderr, "%s: first difference at generated index %zu\n  expected:", what, i);
-            for (size_t k = i; k < n && k < i + 10; k++) fprintf(stderr, " %d", want[k]);
-            fprintf(stderr, "\n  got:     ");
-            for (size_t k = i; k < n && k < i + 10; k++) fprintf(stderr, " %d", got[k]);
-            fprintf(stderr, "\n");
-            fail_msg("%s: greedy ids differ at index %zu (expected %d, got %d)", what, i, want[i],
-                     got[i]);
-        }
-    }
-}
-
 /* Compare reference top logits (by id) with ours. */
 static void check_logits(const char *what, const char *ref, const float *lg, float tol)
 {
@@ -112,8 +47,8 @@ static void check_logits(const char *what, const char *ref, const float *lg, flo
 static void test_stories260k_expected(void **state)
 {
     (void)state;
-    fixture f;
-    open_model(&f, "stories260K.gguf", 2, 64);
+    tsr_test_model f;
+    tsr_test_model_open(&f, tsr_test_model_path("stories260K.gguf"), 512, 64, 2, TSR_KV_F32);
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/stories260K-expected.txt"), &b);
     assert_true(nb >= 4);
@@ -131,10 +66,10 @@ static void test_stories260k_expected(void **state)
         size_t n_want = tsr_test_parse_ids(gids, &want);
         assert_int_equal(n_want, (size_t)atoi(np));
         int32_t *got = malloc(sizeof(int32_t) * n_want);
-        greedy(&f, prompt_ids, n_prompt, (int32_t)n_want, got, lg);
+        tsr_test_greedy(&f, prompt_ids, n_prompt, (int32_t)n_want, got, lg);
         char what[160];
         snprintf(what, sizeof what, "stories260K %s prompt %s", kind, prompt);
-        check_ids(what, want, got, n_want);
+        tsr_test_check_ids(what, want, got, n_want);
         const char *ref = tsr_test_block_get(&b[i], "top5_logits_after_prompt");
         if (!ref) ref = tsr_test_block_get(&b[i], "top5_logits_after_bos");
         assert_non_null(ref);
@@ -148,14 +83,15 @@ static void test_stories260k_expected(void **state)
     assert_int_equal(n_greedy, 4);
     free(lg);
     tsr_test_blocks_free(b, nb);
-    close_model(&f);
+    tsr_test_model_close(&f);
 }
 
 static void test_stories260k_q8_0(void **state)
 {
     (void)state;
-    fixture f;
-    open_model(&f, "derived/stories260K-q8_0.gguf", 2, 64);
+    tsr_test_model f;
+    tsr_test_model_open(&f, tsr_test_model_path("derived/stories260K-q8_0.gguf"), 512, 64, 2,
+                        TSR_KV_F32);
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/stories260K-expected.txt"), &b);
     const tsr_test_block *bos = NULL;
@@ -169,11 +105,11 @@ static void test_stories260k_q8_0(void **state)
     assert_true(n_want >= 114);
     int32_t got[114];
     int32_t bos_id = 1;
-    greedy(&f, &bos_id, 1, 114, got, NULL);
-    check_ids("stories260K-q8_0 bos-200 (first 114)", want, got, 114);
+    tsr_test_greedy(&f, &bos_id, 1, 114, got, NULL);
+    tsr_test_check_ids("stories260K-q8_0 bos-200 (first 114)", want, got, 114);
     free(want);
     tsr_test_blocks_free(b, nb);
-    close_model(&f);
+    tsr_test_model_close(&f);
 }
 
 static void test_synth_tiny(void **state)
@@ -187,17 +123,17 @@ static void test_synth_tiny(void **state)
         const char *pids = tsr_test_block_get(&b[i], "prompt_ids");
         const char *gids = tsr_test_block_get(&b[i], "greedy_ids");
         if (!model || !pids || !gids) continue;
-        fixture f;
-        open_model(&f, model, 2, 64);
+        tsr_test_model f;
+        tsr_test_model_open(&f, tsr_test_model_path(model), 512, 64, 2, TSR_KV_F32);
         int32_t *prompt_ids, *want;
         size_t n_prompt = tsr_test_parse_ids(pids, &prompt_ids);
         size_t n_want = tsr_test_parse_ids(gids, &want);
         int32_t *got = malloc(sizeof(int32_t) * n_want);
         float *lg = malloc(sizeof(float) * (size_t)f.m->hp.n_vocab);
-        greedy(&f, prompt_ids, n_prompt, (int32_t)n_want, got, lg);
+        tsr_test_greedy(&f, prompt_ids, n_prompt, (int32_t)n_want, got, lg);
         char what[256];
         snprintf(what, sizeof what, "%s prompt %s", model, tsr_test_block_get(&b[i], "prompt"));
-        check_ids(what, want, got, n_want);
+        tsr_test_check_ids(what, want, got, n_want);
         /* Tolerances from the expected file's header: 0.02 for f16 (our pass is the float32
          * reference), 0.3 for quantized weights (the reference quantizes nothing). We compare
          * with the float32 reference (_ref) and llama.cpp (_llama). */
@@ -209,7 +145,7 @@ static void test_synth_tiny(void **state)
         free(want);
         free(got);
         free(lg);
-        close_model(&f);
+        tsr_test_model_close(&f);
     }
     assert_int_equal(n_cases, 15);
     tsr_test_blocks_free(b, nb);
@@ -247,8 +183,8 @@ static void test_synth_tiny_more_quants(void **state)
     const cJSON *file;
     cJSON_ArrayForEach(file, files)
     {
-        fixture f;
-        open_model(&f, file->string, 2, 64);
+        tsr_test_model f;
+        tsr_test_model_open(&f, tsr_test_model_path(file->string), 512, 64, 2, TSR_KV_F32);
         char err[512];
         tsr_vocab *v;
         if (tsr_vocab_load(f.g, &v, err, sizeof err) != 0)
@@ -270,11 +206,11 @@ static void test_synth_tiny_more_quants(void **state)
             char what[256];
             snprintf(what, sizeof what, "%s prompt '%s' (prompt ids)", file->string, prompt);
             if (n_ids != n_prompt) fail_msg("%s: expected %zu ids, got %zu", what, n_prompt, n_ids);
-            check_ids(what, want_prompt, ids, n_prompt);
+            tsr_test_check_ids(what, want_prompt, ids, n_prompt);
             int32_t *got = malloc(sizeof(int32_t) * n_want);
-            greedy(&f, want_prompt, n_prompt, (int32_t)n_want, got, NULL);
+            tsr_test_greedy(&f, want_prompt, n_prompt, (int32_t)n_want, got, NULL);
             snprintf(what, sizeof what, "%s prompt '%s'", file->string, prompt);
-            check_ids(what, want, got, n_want);
+            tsr_test_check_ids(what, want, got, n_want);
             n_cases++;
             free(want_prompt);
             free(want);
@@ -282,7 +218,7 @@ static void test_synth_tiny_more_quants(void **state)
             free(got);
         }
         tsr_vocab_free(v);
-        close_model(&f);
+        tsr_test_model_close(&f);
         n_files++;
     }
     /* six files (models README 9.1) x three prompts */
@@ -295,10 +231,11 @@ static void test_synth_tiny_more_quants(void **state)
 /* Same logits with 1 and 3 threads (bit for bit), and batch prefill vs token by token. */
 static void check_threads_and_batch(const char *rel)
 {
-    fixture f1, f3, fb;
-    open_model(&f1, rel, 1, 64);
-    open_model(&f3, rel, 3, 64);
-    open_model(&fb, rel, 2, 1); /* n_batch 1: every token alone */
+    tsr_test_model f1, f3, fb;
+    tsr_test_model_open(&f1, tsr_test_model_path(rel), 512, 64, 1, TSR_KV_F32);
+    tsr_test_model_open(&f3, tsr_test_model_path(rel), 512, 64, 3, TSR_KV_F32);
+    tsr_test_model_open(&fb, tsr_test_model_path(rel), 512, 1, 2,
+                        TSR_KV_F32); /* n_batch 1: every token alone */
     int32_t V = f1.m->hp.n_vocab;
     int32_t prompt[12] = {1, 450, 7483, 310, 3444, 338, 263, 931, 29871, 29896, 29906, 29941};
     for (int i = 0; i < 12; i++) prompt[i] %= V;
@@ -318,9 +255,9 @@ static void check_threads_and_batch(const char *rel)
     /* Batched and token-by-token runs quantize the same activations; only summation order
      * in attention differs. */
     if (maxd > 1e-3f) fail_msg("%s: batch vs token-by-token logits differ by %g", rel, maxd);
-    close_model(&f1);
-    close_model(&f3);
-    close_model(&fb);
+    tsr_test_model_close(&f1);
+    tsr_test_model_close(&f3);
+    tsr_test_model_close(&fb);
 }
 
 static void test_threads_and_batch(void **state)
@@ -335,8 +272,8 @@ static void test_threads_and_batch(void **state)
 static void test_errors(void **state)
 {
     (void)state;
-    fixture f;
-    open_model(&f, "stories260K.gguf", 1, 8);
+    tsr_test_model f;
+    tsr_test_model_open(&f, tsr_test_model_path("stories260K.gguf"), 512, 8, 1, TSR_KV_F32);
     char err[512] = "";
     const float *lg;
     int32_t bad = 512;
@@ -345,7 +282,7 @@ static void test_errors(void **state)
     int32_t ok = 1;
     assert_true(tsr_forward(f.c, &ok, 1, 512, false, &lg, err, sizeof err) < 0);
     assert_non_null(strstr(err, "context"));
-    close_model(&f);
+    tsr_test_model_close(&f);
 
     /* A vocabulary-only GGUF is not a model: the message says so. */
     tsr_gguf *g;

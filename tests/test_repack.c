@@ -3,13 +3,13 @@
  * bit, for every repacked type, on every instruction set this CPU has (scalar, AVX2, AVX-512
  * VNNI, forced with tsr_quant_set_isa), for token counts 1..9 and 16, odd row counts, row
  * ranges starting inside the matrix, block counts that leave a partial group of 8, and on
- * the real tensors of the shared model files (stories260K Q8_0, synth-tiny Q8_0 / Q4_0 /
- * Q4_K_M / Q5_0 / Q4_1).
+ * the real tensors of the shared model files (stories260K Q8_0, synth-tiny in every quant
+ * type: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q2_K / Q3_K_M / Q4_K_M / Q5_K_M).
  * A failure prints the row, token, both values and their bits.
  *
  * Model level: logits of a model loaded with and without repacking are bit-identical, for
  * a batch (prefill, all logits) and for single tokens, and single tokens equal the batch's
- * rows (stories260K Q8_0, synth-tiny Q8_0 / Q4_0; `test_repack MODEL` checks MODEL only:
+ * rows (stories260K Q8_0, the synth-tiny files above; `test_repack MODEL` checks MODEL only:
  * the release tree passes the real Qwen2.5 this way).
  */
 #include <stdarg.h>
@@ -152,7 +152,9 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
 static void test_random(void **state)
 {
     (void)state;
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K};
+    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_1, TSR_TYPE_Q5_0,
+                                     TSR_TYPE_Q5_1, TSR_TYPE_Q2_K, TSR_TYPE_Q3_K, TSR_TYPE_Q4_K,
+                                     TSR_TYPE_Q5_K, TSR_TYPE_Q6_K};
     static const int64_t shapes[][2] = {{32, 1},   {32, 7},   {96, 5},   {256, 4}, {288, 13},
                                         {2048, 9}, {2208, 6}, {8192, 5}, {640, 3}, {4864, 11},
                                         {96, 64},  {768, 13}, {256, 1}};
@@ -210,14 +212,29 @@ static void test_model_tensors(void **state)
     check_file("synthetic/synth-tiny-q4_k_m.gguf");
     check_file("synthetic/synth-tiny-q5_0.gguf");
     check_file("synthetic/synth-tiny-q4_1.gguf");
+    check_file("synthetic/synth-tiny-q5_1.gguf");
+    check_file("synthetic/synth-tiny-q2_k.gguf");
+    check_file("synthetic/synth-tiny-q3_k_m.gguf");
+    check_file("synthetic/synth-tiny-q5_k_m.gguf");
 }
 
 static void test_sizes(void **state)
 {
     (void)state;
-    assert_false(tsr_repack_supported(TSR_TYPE_Q5_K));
+    assert_false(tsr_repack_supported(TSR_TYPE_F16));
     assert_false(tsr_repack_supported(TSR_TYPE_F32));
-    assert_int_equal(tsr_repack_bytes(TSR_TYPE_Q5_K, 256, 4), 0);
+    assert_int_equal(tsr_repack_bytes(TSR_TYPE_F16, 256, 4), 0);
+    /* every quantized weight type of the real-models issue is repacked */
+    static const uint32_t k_all[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_1, TSR_TYPE_Q5_0,
+                                     TSR_TYPE_Q5_1, TSR_TYPE_Q2_K, TSR_TYPE_Q3_K, TSR_TYPE_Q4_K,
+                                     TSR_TYPE_Q5_K, TSR_TYPE_Q6_K};
+    for (size_t i = 0; i < sizeof k_all / sizeof k_all[0]; ++i)
+        assert_true(tsr_repack_supported(k_all[i]));
+    /* Q5_1, 64 elements: 2 blocks; d and m of 4 rows padded to 8 blocks + 2 x 4 x 20 quants */
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q5_1, 64),
+                     (2 * 4 * 8 * 2 + 2 * 4 * 20 + 63) / 64 * 64);
+    /* Q3_K: 110-byte super-blocks, 4 rows side by side */
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q3_K, 256), (4 * 110 + 63) / 64 * 64);
     /* Q4_K: whole super-blocks, 4 rows side by side */
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_K, 512), (2 * 4 * 144 + 63) / 64 * 64);
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q8_0, 33), 0);
@@ -228,7 +245,7 @@ static void test_sizes(void **state)
     /* 3 blocks: scales padded to 8 */
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 96),
                      (4 * 8 * 2 + 3 * 4 * 16 + 63) / 64 * 64);
-    assert_int_equal(tsr_repack(TSR_TYPE_Q5_K, 256, 1, NULL, 0, NULL), -1);
+    assert_int_equal(tsr_repack(TSR_TYPE_F16, 256, 1, NULL, 0, NULL), -1);
 }
 
 /* ---- model level ------------------------------------------------------------------------ */
@@ -321,6 +338,10 @@ static void test_model_on_off(void **state)
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"));
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"));
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_1.gguf"));
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q2_k.gguf"));
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q3_k_m.gguf"));
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_k_m.gguf"));
 }
 
 static const char *g_model_arg;

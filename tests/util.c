@@ -222,3 +222,63 @@ int tsr_test_run(const char *cmdline, char **out, char **errout)
     if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
     return -1;
 }
+
+/* ---- a model on one context, greedy decoding ---- */
+
+void tsr_test_model_open(tsr_test_model *f, const char *path, int32_t n_ctx, int32_t n_batch,
+                         int n_threads, tsr_kv_type kv_type)
+{
+    char err[512] = "";
+    if (tsr_gguf_open(path, &f->g, err, sizeof err) != 0) fail_msg("open %s: %s", path, err);
+    if (tsr_model_load(f->g, &f->m, err, sizeof err) != 0) fail_msg("load %s: %s", path, err);
+    if (tsr_ctx_new_kv(f->m, n_ctx, n_batch, n_threads, kv_type, &f->c, err, sizeof err) != 0)
+        fail_msg("ctx %s (%s): %s", path, tsr_kv_type_name(kv_type), err);
+    assert_int_equal(tsr_ctx_kv_type(f->c), kv_type);
+}
+
+void tsr_test_model_close(tsr_test_model *f)
+{
+    tsr_ctx_free(f->c);
+    tsr_model_free(f->m);
+    tsr_gguf_close(f->g);
+}
+
+int32_t tsr_test_argmax(const float *x, int32_t n)
+{
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+void tsr_test_greedy(tsr_test_model *f, const int32_t *prompt, size_t n_prompt, int32_t n,
+                     int32_t *out, float *logits_after_prompt)
+{
+    char err[512];
+    const float *lg;
+    int32_t V = f->m->hp.n_vocab;
+    if (tsr_forward(f->c, prompt, (int32_t)n_prompt, 0, false, &lg, err, sizeof err) != 0)
+        fail_msg("forward: %s", err);
+    if (logits_after_prompt) memcpy(logits_after_prompt, lg, sizeof(float) * (size_t)V);
+    for (int32_t i = 0; i < n; i++) {
+        out[i] = tsr_test_argmax(lg, V);
+        if (i + 1 < n &&
+            tsr_forward(f->c, &out[i], 1, (int32_t)n_prompt + i, false, &lg, err, sizeof err))
+            fail_msg("forward: %s", err);
+    }
+}
+
+void tsr_test_check_ids(const char *what, const int32_t *want, const int32_t *got, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (want[i] != got[i]) {
+            fprintf(stderr, "%s: first difference at generated index %zu\n  expected:", what, i);
+            for (size_t k = i; k < n && k < i + 10; k++) fprintf(stderr, " %d", want[k]);
+            fprintf(stderr, "\n  got:     ");
+            for (size_t k = i; k < n && k < i + 10; k++) fprintf(stderr, " %d", got[k]);
+            fprintf(stderr, "\n");
+            fail_msg("%s: greedy ids differ at index %zu (expected %d, got %d)", what, i, want[i],
+                     got[i]);
+        }
+    }
+}

@@ -10,6 +10,7 @@
 
 #include "kernels/kvcache.h"
 #include "kernels/quant.h"
+#include "worker/tdump.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -1007,6 +1008,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         return rc;
     }
     c->b = b;
+    tsr_tdump_begin_call();
 
     if (m->first_stage) {
         for (int t = 0; t < n; t++) {
@@ -1020,13 +1022,19 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
 
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
+        const int il = sh->layer_begin + l;
+        TSR_TDUMP("inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
+        TSR_TDUMP("attn_norm", il, c->xb, (size_t)n * E);
         {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
             float *ys[3] = {c->q, c->k, c->v};
             tsr_matmul_multi(c->pool, ws, ys, 3, c->xb, n, c->scratch);
         }
         const int q_dim_local = n_head_local * hd;
+        TSR_TDUMP("q_mm", il, c->q, (size_t)n * q_dim_local);
+        TSR_TDUMP("k_mm", il, c->k, (size_t)n * c->kv_dim);
+        TSR_TDUMP("v_mm", il, c->v, (size_t)n * c->kv_dim);
         if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
         if (L->bk) add_bias(c->k, L->bk, n, c->kv_dim);
         if (L->bv) add_bias(c->v, L->bv, n, c->kv_dim);
@@ -1048,6 +1056,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
                      m->freq_factors);
         }
+        TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
+        TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
+        TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
         /* Store this batch's K and V rows in the cache's type (kernels/kvcache.h). */
@@ -1065,26 +1076,35 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         atomic_store(&aj.next, 0);
         tsr_pool_run(c->pool, attn_run, &aj);
 
+        TSR_TDUMP("kqv_out", il, c->att_out, (size_t)n * q_dim_local);
         tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
+        TSR_TDUMP("attn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->bo) add_bias(c->xb2, L->bo, n, E);
         if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
+        TSR_TDUMP("ffn_inp", il, x, (size_t)n * E);
         tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
+        TSR_TDUMP("ffn_norm", il, c->xb, (size_t)n * E);
         {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
             tsr_matmul_multi(c->pool, ws, ys, 2, c->xb, n, c->scratch);
         }
+        TSR_TDUMP("ffn_gate", il, c->hb, (size_t)n * n_ff);
+        TSR_TDUMP("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
         else
             tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        TSR_TDUMP("ffn_act", il, c->hb, (size_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
+        TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
+        TSR_TDUMP("l_out", il, x, (size_t)n * E);
     }
 
     if (m->last_stage && logits) {
@@ -1095,7 +1115,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                         hp->rms_eps);
             n_want++;
         }
+        TSR_TDUMP("result_norm", -1, c->head_in, (size_t)n_want * E);
         if (n_want > 0) tsr_matmul(c->pool, &m->output, c->head_in, n_want, logits, c->scratch);
+        TSR_TDUMP("result_output", -1, logits, (size_t)n_want * m->output.n_out);
         if (n_want > 0 && hp->final_logit_softcap > 0.0f) {
             const float cap = hp->final_logit_softcap;
             const size_t n_l = (size_t)n_want * (size_t)m->output.n_out;
@@ -1168,4 +1190,35 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
     free(want);
     *logits = c->logits;
     return rc;
+}
+
+int tsr_ctx_kv_copy(tsr_ctx *c, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                    size_t err_len)
+{
+    for (int32_t i = 0; i < n; i++) {
+        if (src[i] < 0 || src[i] >= c->n_kv_blocks || dst[i] < 0 || dst[i] >= c->n_kv_blocks) {
+            tsr_set_err(err, err_len, "KV block copy %d -> %d is outside the pool of %d blocks",
+                        src[i], dst[i], c->n_kv_blocks);
+            return -1;
+        }
+    }
+    if (c->be) {
+        if (!c->be->kv_copy) {
+            tsr_set_err(err, err_len, "the %s backend cannot copy KV blocks", c->be->name);
+            return -1;
+        }
+        return n > 0 ? c->be->kv_copy(c->be_state, src, dst, n, err, err_len) : 0;
+    }
+    /* A block's positions are consecutive slots: TSR_KV_BLOCK_SIZE rows of one layer. */
+    const size_t block_bytes = (size_t)TSR_KV_BLOCK_SIZE * c->kv_row_bytes;
+    const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
+    for (int32_t l = 0; l < c->m->n_layer_local; l++) {
+        for (int32_t i = 0; i < n; i++) {
+            const size_t so = (size_t)l * layer_bytes + (size_t)src[i] * block_bytes;
+            const size_t d0 = (size_t)l * layer_bytes + (size_t)dst[i] * block_bytes;
+            memcpy(c->k_cache + d0, c->k_cache + so, block_bytes);
+            memcpy(c->v_cache + d0, c->v_cache + so, block_bytes);
+        }
+    }
+    return 0;
 }

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,41 +39,18 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_batch  # noqa: E402  (make_input: the mixed file of the batch tests)
+import tsrtest  # noqa: E402  (Proc: a process on an ephemeral port)
 from tsrtest import make_certs  # noqa: E402  (a test CA, server and client certs)
 
 CTX = 256
 SEED = 7
 
 
-class Proc:
-    """A tessera process whose stderr says 'listening on HOST:PORT'."""
+class Proc(tsrtest.Proc):
+    """A tessera process whose stderr says 'listening on HOST:PORT', its log in tmp."""
 
     def __init__(self, cmd, tmp, name, timeout=60):
-        self.log_path = os.path.join(tmp, name + ".log")
-        self.log = open(self.log_path, "ab")
-        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        self.port = None
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            m = re.search(r"listening on [^\s]+:(\d+)", self.output())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError("did not start: %s\n%s" % (" ".join(cmd), self.output()[-3000:]))
-
-    def output(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(10)
+        super().__init__(cmd, timeout=timeout, log_prefix=name + "-", log_dir=tmp)
 
 
 def make_long_input(path, n, tokens, seed=5):

@@ -21,7 +21,10 @@ Tests (-k NAME runs those whose name contains NAME):
            lists the cluster's model, /health; a replica killed with SIGKILL mid-stream: the
            HTTP streams complete exactly (failover); promtool checks /metrics, which has
            per-replica labels and tessera_failovers_total > 0; bad requests keep their
-           statuses (404 unknown model, 400 bad field / logprobs, 503 no replica).
+           statuses (404 unknown model, 400 bad field / logprobs, 503 no replica);
+           logprobs through the coordinator equal the replica's own HTTP (completions and
+           chat, streaming and not, and across the failover); gRPC Generate calls through
+           the coordinator move its TTFT / inter-token / end-to-end histograms.
 
 usage: test_coord_front.py --tessera BUILD/tessera --models DIR --proto DIR [-k NAME]
 """
@@ -42,34 +45,11 @@ import openai
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import test_coord as tc  # noqa: E402  (processes, references, streams)
+import tsrtest  # noqa: E402  (processes)
+from tsrtest import make_certs  # noqa: E402  (a test CA, server and client certs)
 
 ARGS = None
 TMP = None
-
-
-def openssl(*args):
-    r = subprocess.run(["openssl"] + list(args), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, "openssl %s: %s" % (" ".join(args), r.stderr)
-
-
-def make_certs(d):
-    """A test CA, a server certificate for 127.0.0.1 / localhost, a client certificate
-    (the same recipe as test_http.py)."""
-    p = lambda n: os.path.join(d, n)  # noqa: E731
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", p("ca.key"), "-out", p("ca.crt"), "-days", "2",
-            "-subj", "/CN=tessera test CA")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                 "extendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", *ec, "-keyout", p(name + ".key"), "-out", p(name + ".csr"),
-                "-subj", "/CN=tessera test " + name)
-        with open(p(name + ".ext"), "w") as f:
-            f.write(ext)
-        openssl("x509", "-req", "-in", p(name + ".csr"), "-CA", p("ca.crt"), "-CAkey",
-                p("ca.key"), "-CAcreateserial", "-out", p(name + ".crt"), "-days", "2",
-                "-extfile", p(name + ".ext"))
-    return p
 
 
 def write(path, text):
@@ -277,6 +257,56 @@ def chat_reference(q, n):
     return json.loads(r.stdout)
 
 
+def lp_completion(cl, stream, **kw):
+    """A completion's (text, tokens, token_logprobs, top_logprobs, text_offset), the chunks
+    of a stream joined."""
+    if not stream:
+        c = cl.completions.create(**kw).choices[0]
+        lp = c.logprobs
+        return c.text, lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    out = ["", [], [], [], []]
+    for ch in cl.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            out[0] += c.text
+            if c.logprobs:
+                for i, f in enumerate(("tokens", "token_logprobs", "top_logprobs",
+                                       "text_offset")):
+                    out[i + 1] += getattr(c.logprobs, f)
+    return tuple(out)
+
+
+def lp_chat(cl, stream, **kw):
+    """A chat completion's (text, [(token, logprob, bytes, [(token, logprob, bytes)])])."""
+    def entries(content):
+        return [(t.token, t.logprob, t.bytes, [(x.token, x.logprob, x.bytes)
+                                               for x in t.top_logprobs]) for t in content]
+    if not stream:
+        c = cl.chat.completions.create(**kw).choices[0]
+        return c.message.content, entries(c.logprobs.content)
+    text, content = "", []
+    for ch in cl.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            text += c.delta.content or ""
+            if c.logprobs and c.logprobs.content:
+                content += entries(c.logprobs.content)
+    return text, content
+
+
+def check_close_logprobs(got, ref, tol=2e-3):
+    """Completions logprobs [(token, logprob, {token: logprob})]: the same tokens, values
+    within tol, the same alternatives (but for a near tie at the end of the list)."""
+    assert [g[0] for g in got] == [r[0] for r in ref], (got, ref)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert abs(g[1] - r[1]) <= tol, "token %d: logprob %r, replica %r" % (i, g[1], r[1])
+        for t in set(g[2]) | set(r[2]):
+            if t in g[2] and t in r[2]:
+                assert abs(g[2][t] - r[2][t]) <= tol, "token %d top %r: %r vs %r" % (i, t, g, r)
+            else:
+                lo = min(min(g[2].values()), min(r[2].values()))
+                v = g[2].get(t, r[2].get(t))
+                assert abs(v - lo) <= tol, "token %d: top lists differ: %r vs %r" % (i, g, r)
+
+
 def t_http(p):
     procs = []
     try:
@@ -294,10 +324,16 @@ def t_http(p):
             assert e.status_code in (404, 503), (e.status_code, e.message)
         reps = {}
         for name in ("a", "b"):
-            reps[name] = tc.Proc([ARGS.tessera, "serve", "-m", ARGS.model, "--listen",
-                                  "127.0.0.1:0", "-t", "1", "--kv-memory", "32M", "--join",
-                                  co.target, "--name", name, "--chat-template", "chatml"])
+            # a also serves HTTP itself: the reference of logprobs through the coordinator
+            extra = ["--http", "127.0.0.1:0"] if name == "a" else []
+            reps[name] = tsrtest.Proc([ARGS.tessera, "serve", "-m", ARGS.model, "--listen",
+                                       "127.0.0.1:0", "-t", "1", "--kv-memory", "32M", "--join",
+                                       co.target, "--name", name, "--chat-template", "chatml"]
+                                      + extra, listen_re=rb"serve: listening on [^\s]+:(\d+)",
+                                      log_prefix="tsr-cfront-")
             procs.append(reps[name])
+        direct = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % http_port(reps["a"]),
+                               api_key="none", max_retries=0, timeout=120)
         tc.wait_up(co.target, ["a", "b"])
         models = [m.id for m in cl.models.list().data]
         assert models == ["stories260K"], models
@@ -335,12 +371,49 @@ def t_http(p):
             text += "".join(c.delta.content or "" for c in ch.choices)
         assert text == ref["text"], (text, ref["text"])
 
+        # Logprobs through the coordinator: the same tokens, values and top lists as the
+        # replica's own HTTP front door, completions and chat, streaming and not.
+        kw = dict(model="stories260K", prompt=tc.PROMPTS[1], max_tokens=12, temperature=0,
+                  logprobs=3, extra_body={"ignore_eos": True})
+        ref = lp_completion(direct, False, **kw)
+        assert len(ref[1]) == 12 and all(len(t) >= 1 for t in ref[3]), ref
+        for stream in (False, True):
+            got = lp_completion(cl, stream, **kw)
+            assert got == ref, "completions logprobs (stream=%s):\n coordinator %r\n replica %r" % (
+                stream, got, ref)
+        kw = dict(model="stories260K", messages=msgs, max_tokens=10, temperature=0,
+                  logprobs=True, top_logprobs=3)
+        ref = lp_chat(direct, False, **kw)
+        assert len(ref[1]) == 10 and all(len(t[3]) == 3 for t in ref[1]), ref
+        for stream in (False, True):
+            got = lp_chat(cl, stream, **kw)
+            assert got == ref, "chat logprobs (stream=%s):\n coordinator %r\n replica %r" % (
+                stream, got, ref)
+
+        # gRPC Generate through the coordinator enters the request histograms of /metrics.
+        before = metrics_text(hp)
+        stub = tc.pbg.InferenceStub(grpc.insecure_channel(co.target))
+        outs = [tc.stream(stub, dict(prompt=tc.PROMPTS[i], max_tokens=n, temperature=0.0,
+                                     ignore_eos=True)) for i, n in ((3, 9), (4, 5))]
+        after = metrics_text(hp)
+        promtool_check(after)
+        for fam, want in (("tessera_time_to_first_token_seconds_count", 2),
+                          ("tessera_e2e_request_latency_seconds_count", 2),
+                          ("tessera_inter_token_latency_seconds_count",
+                           sum(len(o["ids"]) - 1 for o in outs)),
+                          ("tessera_request_generation_tokens_sum", 14)):
+            d = metric(after, fam) - metric(before, fam)
+            assert d == want, "%s: +%r after 2 gRPC streams, expected +%r" % (fam, d, want)
+        d = (metric(after, "tessera_requests_total", '{finish_reason="length"}')
+             - metric(before, "tessera_requests_total", '{finish_reason="length"}'))
+        assert d == 2, "tessera_requests_total{finish_reason=\"length\"}: +%r, expected +2" % d
+
         # Errors keep their statuses through the coordinator.
         for call, status, param in (
                 (lambda: cl.completions.create(model="nope", prompt="x"), 404, "model"),
                 (lambda: cl.completions.create(model="stories260K", prompt="x",
                                                temperature=-1), 400, "temperature"),
-                (lambda: cl.completions.create(model="stories260K", prompt="x", logprobs=2),
+                (lambda: cl.completions.create(model="stories260K", prompt="x", logprobs=21),
                  400, "logprobs")):
             try:
                 call()
@@ -358,22 +431,34 @@ def t_http(p):
         started = threading.Event()
 
         def one(kw):
-            text = ""
+            text, lps = "", []
+            extra = {"logprobs": 2} if kw is kws[0] else {}  # logprobs across the failover
             for ch in cl.completions.create(model="stories260K", prompt=kw["prompt"],
                                             max_tokens=kw["max_tokens"], temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True}):
+                                            stream=True, extra_body={"ignore_eos": True},
+                                            **extra):
                 text += "".join(c.text for c in ch.choices)
+                for c in ch.choices:
+                    if c.logprobs:
+                        lps += list(zip(c.logprobs.tokens, c.logprobs.token_logprobs,
+                                        c.logprobs.top_logprobs))
                 if len(text) > 40:
                     started.set()
-            return text
+            return text, lps
         with cf.ThreadPoolExecutor(len(kws)) as ex:
             futs = [ex.submit(one, kw) for kw in kws]
             assert started.wait(60), "no stream started"
             os.kill(reps["b"].p.pid, signal.SIGKILL)
             outs = [f.result(timeout=180) for f in futs]
-        for kw, out, ref in zip(kws, outs, refs):
+        for kw, (out, _), ref in zip(kws, outs, refs):
             assert out == ref["text"], "failover %r: expected %r\n got %r" % (
                 kw["prompt"], ref["text"], out)
+        # The logprobs streamed across the failover equal the surviving replica's own (values:
+        # a resumed request recomputes its tokens as a prompt, so to rounding).
+        a = direct.completions.create(model="stories260K", prompt=kws[0]["prompt"],
+                                      max_tokens=kws[0]["max_tokens"], temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True}).choices[0].logprobs
+        check_close_logprobs(outs[0][1], list(zip(a.tokens, a.token_logprobs, a.top_logprobs)))
         text = metrics_text(hp)
         promtool_check(text)
         fo = metric(text, "tessera_failovers_total")

@@ -58,6 +58,8 @@ except ImportError:
     import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import tsrtest  # noqa: E402  (stubs, certificates)
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
            "One day, a big bird", "The sun was", "Ben had a red ball", "Mom said",
@@ -71,20 +73,8 @@ pb = pbg = None
 
 
 def make_stubs(proto_dir, out_dir):
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir, "--python_out", out_dir,
-           "--grpc_python_out", out_dir, "tessera.proto"]
-    r = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        plugin = shutil.which("grpc_python_plugin") or "/usr/bin/grpc_python_plugin"
-        cmd = ["protoc", "-I", proto_dir, "--python_out", out_dir, "--grpc_python_out", out_dir,
-               "--plugin=protoc-gen-grpc_python=" + plugin, "tessera.proto"]
-        r2 = subprocess.run(cmd, cwd=proto_dir, capture_output=True, text=True, timeout=60)
-        if r2.returncode != 0:
-            raise RuntimeError("cannot generate stubs: %s / %s" % (r.stderr, r2.stderr))
-    sys.path.insert(0, out_dir)
     global pb, pbg
-    import tessera_pb2 as pb  # noqa: E402
-    import tessera_pb2_grpc as pbg  # noqa: E402
+    pb, pbg = tsrtest.make_stubs(proto_dir, out_dir, protos=("tessera.proto",))
 
 
 # ---------------------------------------------------------------------------------------
@@ -673,28 +663,7 @@ def t_keys(api_file, admin_file):
 # TLS
 
 
-def openssl(*args):
-    r = subprocess.run(["openssl"] + list(args), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, "openssl %s: %s" % (" ".join(args), r.stderr)
-
-
-def make_certs(d):
-    """A test CA, a server certificate for 127.0.0.1 / localhost, a client certificate."""
-    p = lambda n: os.path.join(d, n)  # noqa: E731
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", p("ca.key"), "-out", p("ca.crt"), "-days", "2",
-            "-subj", "/CN=tessera test CA")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                 "extendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", *ec, "-keyout", p(name + ".key"), "-out", p(name + ".csr"),
-                "-subj", "/CN=tessera test " + name)
-        with open(p(name + ".ext"), "w") as f:
-            f.write(ext)
-        openssl("x509", "-req", "-in", p(name + ".csr"), "-CA", p("ca.crt"), "-CAkey",
-                p("ca.key"), "-CAcreateserial", "-out", p(name + ".crt"), "-days", "2",
-                "-extfile", p(name + ".ext"))
-    return p
+make_certs = tsrtest.make_certs  # a test CA, server and client certificates
 
 
 def t_tls(p):

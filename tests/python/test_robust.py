@@ -22,19 +22,17 @@ Prints one line per test and `N passed, M failed`; exits 1 on any failure.
 import argparse
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_serve as ts  # noqa: E402
+import tsrtest  # noqa: E402  (the runner)
 
 pb = None
 
@@ -478,28 +476,14 @@ def main():
         print("missing model %s (set TESSERA_MODELS)" % ARGS.model)
         print("0 passed, 1 failed")
         return 1
-    tmp = tempfile.mkdtemp(prefix="tsr-stubs-")
-    passed = failed = 0
-    try:
+
+    def setup(tmp):
+        global pb
         ts.make_stubs(ARGS.proto, tmp)
         ARGS.proto_stubs = tmp
         pb = ts.pb
-        for t in TESTS:
-            if ARGS.k and ARGS.k not in t.__name__:
-                continue
-            t0 = time.time()
-            try:
-                t()
-                passed += 1
-                print("ok    %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
-            except Exception:
-                failed += 1
-                print("FAIL  %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
-                traceback.print_exc()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+
+    return tsrtest.run_tests(TESTS, ARGS.k, setup=setup)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,11 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 import grpc
 
@@ -613,26 +610,7 @@ def main():
         print("missing model %s (set TESSERA_MODELS)" % ARGS.model)
         print("0 passed, 1 failed")
         return 1
-    tmp = tempfile.mkdtemp(prefix="tsr-stubs-")
-    passed = failed = 0
-    try:
-        make_stubs(ARGS.proto, tmp)
-        for t in TESTS:
-            if ARGS.k and ARGS.k not in t.__name__:
-                continue
-            t0 = time.time()
-            try:
-                t()
-                passed += 1
-                print("ok    %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
-            except Exception:
-                failed += 1
-                print("FAIL  %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
-                traceback.print_exc()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return tsrtest.run_tests(TESTS, ARGS.k, setup=lambda tmp: make_stubs(ARGS.proto, tmp))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ usage: test_serve_chat.py --tessera BUILD/tessera --models DIR --proto DIR
 import argparse
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import tempfile
 import time
 
 import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tsrtest  # noqa: E402  (stubs)
 
 P = argparse.ArgumentParser()
 P.add_argument("--tessera", required=True)
@@ -45,21 +47,8 @@ def check(cond, what, detail=""):
 
 
 def make_stubs(out_dir):
-    protos = ["tessera.proto", "health.proto"]
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", ARGS.proto, "--python_out", out_dir,
-           "--grpc_python_out", out_dir] + protos
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        plugin = shutil.which("grpc_python_plugin") or "/usr/bin/grpc_python_plugin"
-        cmd = ["protoc", "-I", ARGS.proto, "--python_out", out_dir, "--grpc_python_out", out_dir,
-               "--plugin=protoc-gen-grpc_python=" + plugin] + protos
-        r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if r2.returncode != 0:
-            raise RuntimeError("cannot generate stubs: %s / %s" % (r.stderr, r2.stderr))
-    sys.path.insert(0, out_dir)
     global pb, pbg
-    import tessera_pb2 as pb  # noqa: E402
-    import tessera_pb2_grpc as pbg  # noqa: E402
+    pb, pbg, _, _ = tsrtest.make_stubs(ARGS.proto, out_dir)
 
 
 class Server:

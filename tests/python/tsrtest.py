@@ -10,6 +10,9 @@ test_coord.py, and through them test_robust.py, test_coord_front.py, ...).
 
   make_certs  a test CA, server and client certificates (openssl).
 
+  run_tests   the runner of test_serve.py, test_robust.py, test_prefix_cache.py: stubs in
+              a temporary folder, each test timed, 'ok' / 'FAIL' lines, 'N passed, M failed'.
+
 Each test module keeps its own helpers on top (channels, stubs, references); what is here
 is only what they all did the same way. Run with Debian's /usr/bin/python3 (grpcio).
 """
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
@@ -55,8 +59,10 @@ class Proc:
     LISTEN_RE = rb"listening on [^\s]+:(\d+)"
 
     def __init__(self, cmd, mpirun=None, mpi_np=0, wait_listen=True, timeout=60,
-                 listen_re=LISTEN_RE, log_prefix="tsr-", fail_what="did not start"):
-        self.log_path = tempfile.mktemp(prefix=log_prefix, suffix=".log")
+                 listen_re=LISTEN_RE, log_prefix="tsr-", fail_what="did not start",
+                 log_dir=None):
+        """log_dir: the folder of the log (a fresh name in it; default: the temp folder)."""
+        self.log_path = tempfile.mktemp(prefix=log_prefix, suffix=".log", dir=log_dir)
         self.log = open(self.log_path, "w+b")
         env = dict(os.environ)
         if mpi_np:
@@ -84,7 +90,8 @@ class Proc:
         self.target = "127.0.0.1:%d" % self.port
 
     def output_bytes(self):
-        self.log.flush()
+        if not self.log.closed:  # after kill() the log is closed, and still readable
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read()
 
@@ -127,6 +134,34 @@ class Proc:
             self.wait(10)
         if not self.log.closed:
             self.log.close()
+
+
+def run_tests(tests, only="", setup=None):
+    """Run each test function of `tests` (only those whose name contains `only`, when
+    given): 'ok    NAME  T s', or 'FAIL  NAME  T s' and the traceback; then
+    'N passed, M failed'. setup(stub_dir), when given, runs first with a temporary folder
+    that is removed at the end (for make_stubs). Returns the exit status: 1 on any failure."""
+    tmp = tempfile.mkdtemp(prefix="tsr-stubs-")
+    passed = failed = 0
+    try:
+        if setup:
+            setup(tmp)
+        for t in tests:
+            if only and only not in t.__name__:
+                continue
+            t0 = time.time()
+            try:
+                t()
+                passed += 1
+                print("ok    %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
+            except Exception:
+                failed += 1
+                print("FAIL  %-40s %.1f s" % (t.__name__, time.time() - t0), flush=True)
+                traceback.print_exc()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
 
 
 def openssl(*args):
