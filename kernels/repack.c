@@ -711,7 +711,7 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
     size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
     if (tc < 4) tc = 4;
     if (tc > (size_t)n_tok) tc = (size_t)n_tok;
-    __m256i *nyw = aligned_alloc(32, tc * nb * (sizeof(__m256i) + sizeof(float)));
+    __m256i *nyw = aligned_alloc(32, (tc * nb * (sizeof(__m256i) + sizeof(float)) + 31) / 32 * 32);
     if (!nyw) {
         repack_dot_scalar(TSR_TYPE_Q5_0, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
         return;
