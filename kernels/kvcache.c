@@ -5,7 +5,7 @@
  * the reference and spells the order out; the AVX2 and AVX-512 code vectorizes it without
  * reassociating), so every type is bit-identical across instruction sets. The f32 and q8_0
  * kernels walk a head's positions in runs of one block-table block (consecutive rows), all
- * positions in one call.
+ * positions in one call. f16 is llama.cpp's CPU flash attention, operation for operation.
  */
 #include "kernels/kvcache.h"
 
@@ -234,18 +234,10 @@ static void v_f32_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, in
 
 /* ---- f16, scalar reference ---- */
 
-/* q·k of fp16 rows, hd % 16 == 0: tinyBLAS<16> (lane l: FMA chain over i ≡ l mod 16). */
-static float dot_f16_lanes_scalar(const uint16_t *k, const uint16_t *q, int hd)
-{
-    float l16[LANES] = {0};
-    for (int i = 0; i < hd; i += LANES)
-        for (int l = 0; l < LANES; l++)
-            l16[l] = fmaf(tsr_f16_to_f32(k[i + l]), tsr_f16_to_f32(q[i + l]), l16[l]);
-    return reduce16(l16);
-}
-
-/* q·k when hd % 16 != 0 (ggml_vec_dot_f16 on AVX-512: 4 × 16 lanes over each whole 64,
- * sums (0+2, 1+3), (0+1), the 16-lane tree, then the rest added in double). */
+/* q·k of fp16 rows in ggml_vec_dot_f16's order on AVX-512 (the K·Q of llama.cpp's CPU
+ * flash attention): 4 × 16 lanes over each whole 64 (element i: accumulator (i / 16) % 4,
+ * lane i % 16, an FMA chain), sums (0+2, 1+3), (0+1), the 16-lane tree, then the rest
+ * added in double. Products of fp16 values are exact in float. */
 static float dot_f16_vecdot_scalar(const uint16_t *k, const uint16_t *q, int hd)
 {
     float s[4][LANES] = {{0}};
@@ -265,28 +257,17 @@ static float dot_f16_vecdot_scalar(const uint16_t *k, const uint16_t *q, int hd)
     return (float)sum;
 }
 
-static void v_f16_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
-                         float *acc)
+/* acc = fp16(acc * ms) (ggml_vec_scale_f16), then acc = fp16(fma(v, vs, acc))
+ * (ggml_vec_mad_f16): element by element, so every ISA gives the same bits. */
+static void fa_v_scalar(uint16_t *acc, const uint16_t *v, int hd, bool rescale, float ms, float vs)
 {
-    const int hd = kv->head_dim;
-    for (int32_t p = p0; p <= p1; p++) {
-        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        const float pr = tsr_f16_to_f32(tsr_f32_to_f16(att[p - p0]));
-        float *a = acc + (size_t)(p % LANES) * hd;
-        for (int i = 0; i < hd; i++) a[i] = fmaf(tsr_f16_to_f32(v[i]), pr, a[i]);
-    }
+    if (rescale)
+        for (int i = 0; i < hd; i++) acc[i] = tsr_f32_to_f16(tsr_f16_to_f32(acc[i]) * ms);
+    for (int i = 0; i < hd; i++)
+        acc[i] = tsr_f32_to_f16(fmaf(tsr_f16_to_f32(v[i]), vs, tsr_f16_to_f32(acc[i])));
 }
 
-static void reduce_lanes_scalar(const float *acc, int hd, float *o)
-{
-    float l16[LANES];
-    for (int i = 0; i < hd; i++) {
-        for (int l = 0; l < LANES; l++) l16[l] = acc[(size_t)l * hd + i];
-        o[i] = reduce16(l16);
-    }
-}
-
-/* ---- f16, AVX2 + F16C (16 lanes as two 8-float halves) ---- */
+/* ---- f16, AVX2 + F16C and AVX-512 ---- */
 
 #define TSR_KV_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define TSR_KV_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw")))
@@ -296,86 +277,62 @@ TSR_KV_AVX2 static inline __m256 ld8_f16(const uint16_t *p)
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* dot_f16_vecdot_scalar with the 16 lanes as two 8-float halves. */
 TSR_KV_AVX2 static float dot_f16_avx2(const uint16_t *k, const uint16_t *q, int hd)
 {
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    for (int i = 0; i < hd; i += LANES) {
-        lo = _mm256_fmadd_ps(ld8_f16(k + i), ld8_f16(q + i), lo);
-        hi = _mm256_fmadd_ps(ld8_f16(k + i + 8), ld8_f16(q + i + 8), hi);
-    }
-    __m256 t3 = _mm256_add_ps(hi, lo);
-    __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-    __m128 t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-    return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
-}
-
-TSR_KV_AVX2 static void v_f16_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
-                                   float *acc)
-{
-    const int hd = kv->head_dim;
-    for (int32_t p = p0; p <= p1; p++) {
-        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        const __m256 pr =
-            _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(att[p - p0]), 0))));
-        float *a = acc + (size_t)(p % LANES) * hd;
-        for (int i = 0; i < hd; i += 8)
-            _mm256_storeu_ps(a + i, _mm256_fmadd_ps(ld8_f16(v + i), pr, _mm256_loadu_ps(a + i)));
-    }
-}
-
-/* The lane tree for every output value at once: acc[l][i] += acc[l + w][i], w = 8, 4, 2, 1. */
-TSR_KV_AVX2 static void reduce_lanes_avx2(float *acc, int hd, float *o)
-{
-    for (int w = 8; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) {
-            float *a = acc + (size_t)l * hd;
-            const float *b = acc + (size_t)(l + w) * hd;
-            for (int i = 0; i < hd; i += 8)
-                _mm256_storeu_ps(a + i,
-                                 _mm256_add_ps(_mm256_loadu_ps(b + i), _mm256_loadu_ps(a + i)));
+    __m256 lo[4], hi[4];
+    for (int j = 0; j < 4; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+    const int np = hd & ~63;
+    for (int i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++) {
+            lo[j] = _mm256_fmadd_ps(ld8_f16(k + i + 16 * j), ld8_f16(q + i + 16 * j), lo[j]);
+            hi[j] =
+                _mm256_fmadd_ps(ld8_f16(k + i + 16 * j + 8), ld8_f16(q + i + 16 * j + 8), hi[j]);
         }
-    memcpy(o, acc, sizeof(float) * (size_t)hd);
+    const __m256 l0 = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+    const __m256 h0 = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+    /* reduce16: (i, i+8), (i, i+4), (i, i+2), (0, 1) */
+    const __m256 t8 = _mm256_add_ps(h0, l0);
+    const __m128 t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+    const __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    double sum = (double)(_mm_cvtss_f32(t2) + _mm_cvtss_f32(_mm_shuffle_ps(t2, t2, 1)));
+    for (int i = np; i < hd; i++) sum += (double)(tsr_f16_to_f32(k[i]) * tsr_f16_to_f32(q[i]));
+    return (float)sum;
 }
-
-/* ---- f16, AVX-512 ---- */
 
 TSR_KV_AVX512 static float dot_f16_avx512(const uint16_t *k, const uint16_t *q, int hd)
 {
-    __m512 s = _mm512_setzero_ps();
-    for (int i = 0; i < hd; i += LANES)
-        s = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i))),
-                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + i))), s);
-    return _mm512_reduce_add_ps(s);
+    __m512 s[4];
+    for (int j = 0; j < 4; j++) s[j] = _mm512_setzero_ps();
+    const int np = hd & ~63;
+    for (int i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm512_fmadd_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i + 16 * j))),
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + i + 16 * j))), s[j]);
+    const __m512 r = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+    double sum = (double)_mm512_reduce_add_ps(r);
+    for (int i = np; i < hd; i++) sum += (double)(tsr_f16_to_f32(k[i]) * tsr_f16_to_f32(q[i]));
+    return (float)sum;
 }
 
-TSR_KV_AVX512 static void v_f16_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
-                                       int32_t p1, float *acc)
+TSR_KV_AVX2 static void fa_v_avx2(uint16_t *acc, const uint16_t *v, int hd, bool rescale, float ms,
+                                  float vs)
 {
-    const int hd = kv->head_dim;
-    for (int32_t p = p0; p <= p1; p++) {
-        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        const __m512 pr =
-            _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(att[p - p0]), 0))));
-        float *a = acc + (size_t)(p % LANES) * hd;
-        for (int i = 0; i < hd; i += LANES)
-            _mm512_storeu_ps(
-                a + i,
-                _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i))), pr,
-                                _mm512_loadu_ps(a + i)));
+    const int n8 = hd & ~7;
+    if (rescale) {
+        const __m256 m = _mm256_set1_ps(ms);
+        for (int i = 0; i < n8; i += 8)
+            _mm_storeu_si128((__m128i *)(acc + i),
+                             _mm256_cvtps_ph(_mm256_mul_ps(ld8_f16(acc + i), m),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
-}
-
-TSR_KV_AVX512 static void reduce_lanes_avx512(float *acc, int hd, float *o)
-{
-    for (int w = 8; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) {
-            float *a = acc + (size_t)l * hd;
-            const float *b = acc + (size_t)(l + w) * hd;
-            for (int i = 0; i < hd; i += LANES)
-                _mm512_storeu_ps(a + i,
-                                 _mm512_add_ps(_mm512_loadu_ps(b + i), _mm512_loadu_ps(a + i)));
-        }
-    memcpy(o, acc, sizeof(float) * (size_t)hd);
+    const __m256 w = _mm256_set1_ps(vs);
+    for (int i = 0; i < n8; i += 8)
+        _mm_storeu_si128((__m128i *)(acc + i),
+                         _mm256_cvtps_ph(_mm256_fmadd_ps(ld8_f16(v + i), w, ld8_f16(acc + i)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (n8 < hd) fa_v_scalar(acc + n8, v + n8, hd - n8, rescale, ms, vs);
 }
 
 /* ---- f32, AVX2 and AVX-512 (the scalar order above) ---- */
@@ -401,19 +358,25 @@ TSR_KV_AVX2 static void qk_f32_avx2(const tsr_kv_view *kv, const float *q, float
     });
 }
 
+/* V: up to 64 output values in registers over all positions (as v_q8_0_avx2). */
 TSR_KV_AVX2 static void v_f32_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
                                    float *o)
 {
     const int hd = kv->head_dim;
-    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
-        for (int32_t j = 0; j < n; j++) {
-            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
-            const __m256 a = _mm256_set1_ps(att[i0 + j]);
-            for (int i = 0; i < hd; i += 8)
-                _mm256_storeu_ps(
-                    o + i, _mm256_fmadd_ps(_mm256_loadu_ps(v + i), a, _mm256_loadu_ps(o + i)));
-        }
-    });
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nr = (hd - c0 >= 64 ? 64 : hd - c0) / 8; /* hd % 16 == 0 */
+        __m256 acc[8];
+        for (int r = 0; r < nr; r++) acc[r] = _mm256_loadu_ps(o + c0 + 8 * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const float *v = (const float *)(row + (size_t)j * kv->row_bytes) + c0;
+                const __m256 a = _mm256_set1_ps(att[i0 + j]);
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(v + 8 * r), a, acc[r]);
+            }
+        });
+        for (int r = 0; r < nr; r++) _mm256_storeu_ps(o + c0 + 8 * r, acc[r]);
+    }
 }
 
 TSR_KV_AVX512 static void qk_f32_avx512(const tsr_kv_view *kv, const float *q, float scale,
@@ -435,15 +398,20 @@ TSR_KV_AVX512 static void v_f32_avx512(const tsr_kv_view *kv, const float *att, 
                                        int32_t p1, float *o)
 {
     const int hd = kv->head_dim;
-    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
-        for (int32_t j = 0; j < n; j++) {
-            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
-            const __m512 a = _mm512_set1_ps(att[i0 + j]);
-            for (int i = 0; i < hd; i += LANES)
-                _mm512_storeu_ps(
-                    o + i, _mm512_fmadd_ps(_mm512_loadu_ps(v + i), a, _mm512_loadu_ps(o + i)));
-        }
-    });
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nr = (hd - c0 >= 64 ? 64 : hd - c0) / LANES;
+        __m512 acc[4];
+        for (int r = 0; r < nr; r++) acc[r] = _mm512_loadu_ps(o + c0 + LANES * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const float *v = (const float *)(row + (size_t)j * kv->row_bytes) + c0;
+                const __m512 a = _mm512_set1_ps(att[i0 + j]);
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(v + LANES * r), a, acc[r]);
+            }
+        });
+        for (int r = 0; r < nr; r++) _mm512_storeu_ps(o + c0 + LANES * r, acc[r]);
+    }
 }
 
 static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
@@ -470,42 +438,49 @@ static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t
         v_f32_scalar(kv, att, p0, p1, o);
 }
 
+/* llama.cpp's CPU flash attention over an F16 cache (ggml_compute_forward_flash_attn_ext_f16
+ * one_chunk, the path of every reference in ../shared/models/expected): Q rounded to fp16;
+ * per position in order s = fp16 dot(K, Q) * scale; an online softmax (running max M, sum
+ * S = fma(S, ms, vs), libm expf) whose output accumulator is fp16, rescaled and added to
+ * with a rounding after each step; finally acc / S. scores[p - p0] is left holding s. */
 static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                      float *att, void *scratch, float *o, int isa)
 {
     const int hd = kv->head_dim;
     uint16_t *qh = scratch;
-    float *acc = (float *)((uint8_t *)scratch + q_part_bytes((size_t)hd));
-    /* Q rounded to fp16 (ggml converts src1 to the F16 weight's vec_dot_type). */
+    uint16_t *acc = (uint16_t *)((uint8_t *)scratch + q_part_bytes((size_t)hd));
     for (int i = 0; i < hd; i++) qh[i] = tsr_f32_to_f16(q[i]);
-    const bool lanes16 = hd % LANES == 0;
-    if (isa == KV_AVX512 && !lanes16) isa = hd % 8 == 0 ? KV_AVX2 : KV_SCALAR;
-    if (isa == KV_AVX2 && hd % 8 != 0) isa = KV_SCALAR;
+    memset(acc, 0, sizeof(uint16_t) * (size_t)hd);
+    float M = -INFINITY, S = 0.0f;
     for (int32_t p = p0; p <= p1; p++) {
         const uint16_t *k = (const uint16_t *)kv_at(kv, kv->k, p);
         float s;
-        if (!lanes16)
-            s = dot_f16_vecdot_scalar(k, qh, hd);
-        else if (isa == KV_AVX512)
+        if (isa == KV_AVX512)
             s = dot_f16_avx512(k, qh, hd);
         else if (isa == KV_AVX2)
             s = dot_f16_avx2(k, qh, hd);
         else
-            s = dot_f16_lanes_scalar(k, qh, hd);
-        att[p - p0] = s * scale;
+            s = dot_f16_vecdot_scalar(k, qh, hd);
+        s = s * scale;
+        att[p - p0] = s;
+        float ms = 1.0f, vs = 1.0f;
+        const bool rescale = s > M;
+        if (rescale) {
+            const float m_old = M;
+            M = s;
+            ms = expf(m_old - M);
+        } else {
+            vs = expf(s - M);
+        }
+        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
+        if (isa >= KV_AVX2)
+            fa_v_avx2(acc, v, hd, rescale, ms, vs);
+        else
+            fa_v_scalar(acc, v, hd, rescale, ms, vs);
+        S = fmaf(S, ms, vs);
     }
-    tsr_softmax(att, p1 - p0 + 1);
-    memset(acc, 0, sizeof(float) * LANES * (size_t)hd);
-    if (isa == KV_AVX512) {
-        v_f16_avx512(kv, att, p0, p1, acc);
-        reduce_lanes_avx512(acc, hd, o);
-    } else if (isa == KV_AVX2) {
-        v_f16_avx2(kv, att, p0, p1, acc);
-        reduce_lanes_avx2(acc, hd, o);
-    } else {
-        v_f16_scalar(kv, att, p0, p1, acc);
-        reduce_lanes_scalar(acc, hd, o);
-    }
+    const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
+    for (int i = 0; i < hd; i++) o[i] = tsr_f16_to_f32(acc[i]) * s_inv;
 }
 
 /* ---- q8_0 ---- */
@@ -524,41 +499,60 @@ static void v_q8_0_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, i
     }
 }
 
+/* The V product keeps a chunk of up to 64 output values in registers over all positions
+ * (the same per-value FMA chain in position order as the scalar code, without a store and a
+ * reload per position), chunk after chunk. */
 TSR_KV_AVX2 static void v_q8_0_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
                                     float *o)
 {
-    const int nb = kv->head_dim / TSR_QK8_0;
-    for (int32_t p = p0; p <= p1; p++) {
-        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
-        const __m256 pr = _mm256_set1_ps(att[p - p0]);
-        for (int b = 0; b < nb; b++) {
-            const __m256 d = _mm256_set1_ps(tsr_f16_to_f32(v[b].d));
-            float *ob = o + b * TSR_QK8_0;
-            for (int j = 0; j < TSR_QK8_0; j += 8) {
-                __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + j));
-                __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-                _mm256_storeu_ps(ob + j, _mm256_fmadd_ps(x, pr, _mm256_loadu_ps(ob + j)));
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nbc = hd - c0 >= 64 ? 2 : 1; /* Q8_0 blocks in this chunk */
+        const int b0 = c0 / TSR_QK8_0;
+        __m256 acc[8];
+        for (int r = 0; r < 4 * nbc; r++) acc[r] = _mm256_loadu_ps(o + c0 + 8 * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const kv_q8_0 *v = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes) + b0;
+                const __m256 pr = _mm256_set1_ps(att[i0 + j]);
+                for (int b = 0; b < nbc; b++) {
+                    const __m256 d = _mm256_set1_ps(_cvtsh_ss(v[b].d));
+                    for (int r = 0; r < 4; r++) {
+                        __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + 8 * r));
+                        __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+                        acc[4 * b + r] = _mm256_fmadd_ps(x, pr, acc[4 * b + r]);
+                    }
+                }
             }
-        }
+        });
+        for (int r = 0; r < 4 * nbc; r++) _mm256_storeu_ps(o + c0 + 8 * r, acc[r]);
     }
 }
 
 TSR_KV_AVX512 static void v_q8_0_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
                                         int32_t p1, float *o)
 {
-    const int nb = kv->head_dim / TSR_QK8_0;
-    for (int32_t p = p0; p <= p1; p++) {
-        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
-        const __m512 pr = _mm512_set1_ps(att[p - p0]);
-        for (int b = 0; b < nb; b++) {
-            const __m512 d = _mm512_set1_ps(tsr_f16_to_f32(v[b].d));
-            float *ob = o + b * TSR_QK8_0;
-            for (int j = 0; j < TSR_QK8_0; j += LANES) {
-                __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + j));
-                __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
-                _mm512_storeu_ps(ob + j, _mm512_fmadd_ps(x, pr, _mm512_loadu_ps(ob + j)));
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nbc = hd - c0 >= 64 ? 2 : 1;
+        const int b0 = c0 / TSR_QK8_0;
+        __m512 acc[4];
+        for (int r = 0; r < 2 * nbc; r++) acc[r] = _mm512_loadu_ps(o + c0 + LANES * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const kv_q8_0 *v = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes) + b0;
+                const __m512 pr = _mm512_set1_ps(att[i0 + j]);
+                for (int b = 0; b < nbc; b++) {
+                    const __m512 d = _mm512_set1_ps(_cvtsh_ss(v[b].d));
+                    for (int r = 0; r < 2; r++) {
+                        __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + LANES * r));
+                        __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
+                        acc[2 * b + r] = _mm512_fmadd_ps(x, pr, acc[2 * b + r]);
+                    }
+                }
             }
-        }
+        });
+        for (int r = 0; r < 2 * nbc; r++) _mm512_storeu_ps(o + c0 + LANES * r, acc[r]);
     }
 }
 
@@ -631,49 +625,21 @@ TSR_KV_AVX2 static void qk_q8_0_avx2(const tsr_kv_view *kv, const kv_q8_0 *qq, f
     });
 }
 
-/* Two positions per 512-bit register (one per 256-bit half), the same lane arithmetic. */
-TSR_KV_AVX512 static void qk_q8_0_avx512(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
-                                         int32_t p0, int32_t p1, float *att)
+/* With AVX-512 VNNI: the 8 sums of 4 products in one vpdpbusd (the same exact integers). */
+#define TSR_KV_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+TSR_KV_VNNI static void qk_q8_0_vnni(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
+                                     int32_t p0, int32_t p1, float *att)
 {
     const int nb = kv->head_dim / TSR_QK8_0;
-    const __m512i ones = _mm512_set1_epi16(1);
-    const __m256i ones8 = _mm256_set1_epi16(1);
     KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
-        int32_t j = 0;
-        for (; j + 1 < n; j += 2) {
-            const kv_q8_0 *ka = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
-            const kv_q8_0 *kb = (const kv_q8_0 *)(row + (size_t)(j + 1) * kv->row_bytes);
-            __m512 acc = _mm512_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                const __m256i qb = _mm256_loadu_si256((const __m256i *)qq[b].qs);
-                const __m512i k2 = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)ka[b].qs)),
-                    _mm256_loadu_si256((const __m256i *)kb[b].qs), 1);
-                const __m512i q2 = _mm512_inserti64x4(_mm512_castsi256_si512(qb), qb, 1);
-                const __m512i ak = _mm512_abs_epi8(k2);
-                const __m512i sq =
-                    _mm512_mask_sub_epi8(q2, _mm512_movepi8_mask(k2), _mm512_setzero_si512(), q2);
-                const __m512 s =
-                    _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(ak, sq), ones));
-                const float qd = _cvtsh_ss(qq[b].d);
-                const __m512 d = _mm512_castpd_ps(_mm512_insertf64x4(
-                    _mm512_castpd256_pd512(
-                        _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(ka[b].d) * qd))),
-                    _mm256_castps_pd(_mm256_set1_ps(_cvtsh_ss(kb[b].d) * qd)), 1));
-                acc = _mm512_fmadd_ps(d, s, acc);
-            }
-            att[i0 + j] = hsum8_avx2(_mm512_castps512_ps256(acc)) * scale;
-            att[i0 + j + 1] =
-                hsum8_avx2(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))) *
-                scale;
-        }
-        for (; j < n; j++) {
+        for (int32_t j = 0; j < n; j++) {
             const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
             __m256 acc = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
-                const __m256 s =
-                    q8_block_sums_avx2(_mm256_loadu_si256((const __m256i *)k[b].qs),
-                                       _mm256_loadu_si256((const __m256i *)qq[b].qs), ones8);
+                const __m256i kb = _mm256_loadu_si256((const __m256i *)k[b].qs);
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)qq[b].qs);
+                const __m256 s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(), _mm256_sign_epi8(kb, kb), _mm256_sign_epi8(qb, kb)));
                 const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
                 acc = _mm256_fmadd_ps(d, s, acc);
             }
@@ -689,7 +655,7 @@ static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_
     kv_q8_0 *qq = scratch;
     tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
     if (isa == KV_AVX512)
-        qk_q8_0_avx512(kv, qq, scale, p0, p1, att);
+        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
     else if (isa == KV_AVX2)
         qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
     else

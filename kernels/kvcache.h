@@ -28,10 +28,10 @@
  *         Q8_0 (tsr_quant_row) and dotted with K in integers, in the order of ggml's x86
  *         ggml_vec_dot_q8_0_q8_0 (8 float lanes, lane l the exact integer sum of values
  *         4l..4l+3 of a block, times d_k·d_q by FMA block after block, then hsum_float_8's
- *         tree), one kernel call for all positions of a head (two positions per 512-bit
- *         register on AVX-512); softmax in float32; V dequantized (d × q, exact in float) and
- *         accumulated in float with FMA in position order. The head size must be a multiple
- *         of 32.
+ *         tree), one kernel call for all positions of a head (vpdpbusd with AVX-512 VNNI);
+ *         softmax in float32; V dequantized (d × q, exact in float) and accumulated in
+ *         float with FMA in position order, 64 output values held in registers across
+ *         positions. The head size must be a multiple of 32.
  *
  * Layout (owned by the caller, worker/model.c): per layer, a pool of slots (block b,
  * offset o -> slot b * block_size + o), each slot one row of tsr_kv_row_bytes(type,

@@ -21,6 +21,8 @@
  */
 #include "kernels/quant.h"
 
+#include "kernels/dot_ggml.h"
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -2886,6 +2888,14 @@ static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb)
     quant_q8_1(x, y, nb);
 }
 
+void tsr_quant_act_row(uint32_t type, const float *src, void *dst, int64_t n)
+{
+    if (type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q8_1)
+        tsr_ggml_quant_act_row(type, isa_get(), src, dst, n);
+    else
+        tsr_quant_row(type, src, dst, n);
+}
+
 const char *tsr_quant_isa(void)
 {
     return k_isa_names[isa_get()];
@@ -2900,9 +2910,23 @@ bool tsr_quant_set_isa(const char *isa)
     return true;
 }
 
+/* Q4_1 and Q8_0: ggml's x86 order (kernels/dot_ggml.h), on every ISA. */
+static void rows_q4_1_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                           float *y)
+{
+    tsr_ggml_dot_rows(TSR_TYPE_Q4_1, isa_get(), n, nrows, w, stride, x, y);
+}
+static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                           float *y)
+{
+    tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
+}
+
 static rows_fn rows_kernel(uint32_t type)
 {
     const int isa = isa_get();
+    if (type == TSR_TYPE_Q4_1) return rows_q4_1_ggml;
+    if (type == TSR_TYPE_Q8_0) return rows_q8_0_ggml;
 #if TSR_X86
     if (isa >= ISA_AVX2) {
         switch (type) {
@@ -2995,6 +3019,10 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
                       int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
 {
     if (n_rows <= 0 || n_tok <= 0) return;
+    if (tsr_ggml_dot_handles(type)) {
+        tsr_ggml_dot_tile(type, isa_get(), n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
 #if TSR_X86
     const int isa = isa_get();
     tile_fn k = NULL;

@@ -271,6 +271,39 @@ static void test_activation_quantizers(void **state)
 
 /* ---- dots ----------------------------------------------------------------------------- */
 
+/* For the CPU dots in ggml's lane order (Q8_0, Q4_1: kernels/dot_ggml.h), the partial sums
+ * are per 4-element lane, not per block: sum over blocks of |d_w d_x| * sum |q_w q_x| (plus
+ * |m_w s_x| for Q4_1) bounds their absolute values as the block terms do for the others. */
+static double lane_abs_sum(uint32_t type, int64_t n, const uint8_t *w, const uint8_t *x)
+{
+    double at = 0;
+    for (int64_t b = 0; b < n / 32; ++b) {
+        uint16_t dw, dx, mw, sx;
+        memcpy(&dw, w, 2);
+        memcpy(&dx, x, 2);
+        double si = 0;
+        if (type == TSR_TYPE_Q8_0) {
+            for (int e = 0; e < 32; ++e)
+                si += fabs((double)((const int8_t *)w)[2 + e] * ((const int8_t *)x)[2 + e]);
+            at += fabs((double)tsr_f16_to_f32(dw) * tsr_f16_to_f32(dx)) * si;
+            w += 34;
+            x += 34;
+        } else { /* Q4_1 x Q8_1 */
+            memcpy(&mw, w + 2, 2);
+            memcpy(&sx, x + 2, 2);
+            for (int e = 0; e < 32; ++e) {
+                const int q = e < 16 ? w[4 + e] & 0xF : w[4 + e - 16] >> 4;
+                si += fabs((double)q * ((const int8_t *)x)[4 + e]);
+            }
+            at += fabs((double)tsr_f16_to_f32(dw) * tsr_f16_to_f32(dx)) * si +
+                  fabs((double)tsr_f16_to_f32(mw) * tsr_f16_to_f32(sx));
+            w += 20;
+            x += 36;
+        }
+    }
+    return at;
+}
+
 static void test_dots(void **state)
 {
     (void)state;
@@ -303,6 +336,8 @@ static void test_dots(void **state)
                 double at;
                 int64_t nt;
                 const float gpu = gpu_row_dot(ti->type, n, w, xq, &at, &nt);
+                if (ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1)
+                    at = fmax(at, lane_abs_sum(ti->type, n, w, xq));
                 const double tol = (2.0 * (double)nt + 8.0) * 0x1p-24 * at + 1e-30;
                 const double d = fabs((double)gpu - (double)cpu);
                 if (!(d <= tol))
@@ -312,9 +347,12 @@ static void test_dots(void **state)
                              d, tol);
                 if (tol > 0 && d / tol > worst_ratio) worst_ratio = d / tol;
                 n_rows_checked++;
-                /* one block alone: the CPU's scalar dot is then that block's term */
+                /* one block alone: the CPU's scalar dot is then that block's term, except for
+                 * the types whose CPU dot follows ggml's x86 lane order (kernels/dot_ggml.h:
+                 * 8 lane products per block, each rounded, then a tree), bound-checked above */
                 const int32_t be = tsr_cuda_block_elems(ti->type);
-                if (be > 1) {
+                const bool lane_order = ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1;
+                if (be > 1 && !lane_order) {
                     const float c1 = tsr_vec_dot(ti->type, be, w, xq);
                     const float g1 =
                         be == 32 ? tsr_cuda_dot_blk32(ti->type, w, xq)
@@ -635,9 +673,10 @@ static void test_fp16_roundtrip(void **state)
 /* fp16 KV cache (numerics.h "KV cache element types"): what the device stores is the CPU's
  * fp16 bit for bit, and the device's two-pass f16 attention (emulated in the kernel's order:
  * q rounded to fp16, warp-lane score sums, online max/sum, then fp16 probabilities) agrees
- * with the CPU's f16 path (kernels/kvcache.c tsr_attn_head) within the float summation
- * order: the fp16 rounding points are the same. Head sizes 64 and 80 (not a multiple of 16:
- * the CPU's other q·k order), windows of 1, 17 and 203 positions. */
+ * with the CPU's f16 path (kernels/kvcache.c tsr_attn_head, llama.cpp's flash attention:
+ * one pass, fp16 output accumulator) within 2e-3 relative, and the fp16 probabilities the
+ * CPU's scores give are the device's. Head sizes 64 and 80 (not a multiple of 64: the
+ * CPU's q·k adds the rest in double), windows of 1, 17 and 203 positions. */
 static void test_kv_f16(void **state)
 {
     (void)state;
@@ -682,6 +721,11 @@ static void test_kv_f16(void **state)
             float ref[80];
             tsr_attn_head(&kv, q, scale, p0, p1, att, scratch, ref);
             free(scratch);
+            /* the CPU runs llama.cpp's flash attention (online softmax, fp16 accumulator) and
+             * leaves its scores in att: the probabilities they give, two-pass */
+            float cpu_m = -INFINITY, cpu_l = 0.0f;
+            for (int p = p0; p <= p1; ++p) cpu_m = fmaxf(cpu_m, att[p - p0]);
+            for (int p = p0; p <= p1; ++p) cpu_l += expf(att[p - p0] - cpu_m);
             /* device (kernels.cu k_attention_f16) */
             float qh[80], acc[80] = {0};
             for (int i = 0; i < hd; ++i) qh[i] = tsr_cuda_round_f16(q[i]);
@@ -715,7 +759,7 @@ static void test_kv_f16(void **state)
                         /* the CPU's probability of this position, rounded the same way */
                         const int p = c0 + j;
                         if (p >= p0 && p <= p1) {
-                            const float pc = tsr_cuda_round_f16(att[p - p0]);
+                            const float pc = tsr_cuda_round_f16(expf(att[p - p0] - cpu_m) / cpu_l);
                             n_prob_diff += pw != pc;
                             if (fabsf(pw - pc) > 1e-3f * pc + 1e-7f)
                                 fail_msg("hd %d window %d position %d: probability CPU %.9g, "

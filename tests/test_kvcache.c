@@ -341,8 +341,10 @@ static void test_stories260k_f16(void **state)
         for (size_t k = 0; k < n; k++) {
             float d = fabsf(lg[ids[k]] - vals[k]);
             worst = d > worst ? d : worst;
-            if (!(d <= 5e-3f))
-                fail_msg("%s: logit of %d: float32 reference %.4f, got %.4f (tolerance 5e-3)", what,
+            /* 1e-2: the f16 path keeps llama.cpp's flash-attention P.V accumulator in fp16
+             * (rounded after every position), which alone moves these logits by up to ~6e-3 */
+            if (!(d <= 1e-2f))
+                fail_msg("%s: logit of %d: float32 reference %.4f, got %.4f (tolerance 1e-2)", what,
                          ids[k], vals[k], lg[ids[k]]);
         }
         n_greedy++;

@@ -664,7 +664,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         int32_t max_chunks = max_pos / TSR_KV_BLOCK_SIZE + 1;
         if (swa && hp->n_swa / TSR_KV_BLOCK_SIZE + 2 < max_chunks)
             max_chunks = hp->n_swa / TSR_KV_BLOCK_SIZE + 2;
-        /* NEOX as tsr_rope_ext (ggml's running-product angles), NORM as tsr_rope (powf) */
+        /* both pairings with ggml's running-product angles, as the CPU's tsr_rope_ext */
         const tsr_cuda_rope_cfg rope = {
             .mode = hp->rope_neox ? 2 : 0,
             .n_rot = hp->n_rot,
@@ -672,7 +672,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
             .freq_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale,
             .ext_factor = 0.0f,
             .attn_factor = 1.0f,
-            .ggml_theta = hp->rope_neox ? 1 : 0};
+            .ggml_theta = 1};
         CK(tsr_cuda_rope(d, gc->q, d_pos, n, n_head_local, hd, &rope, gm->freq_factors, err,
                          err_len));
         CK(tsr_cuda_rope(d, gc->k, d_pos, n, n_kv_local, hd, &rope, gm->freq_factors, err,

@@ -1045,17 +1045,13 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
         const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
         const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
-        if (hp->rope_neox) {
-            tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-            tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-        } else {
-            tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-            tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-        }
+        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
+         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
+        const int neox = hp->rope_neox ? 1 : 0;
+        tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
+        tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
         TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
         TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
         TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
@@ -1096,8 +1092,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         TSR_TDUMP("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
-        else
-            tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        else /* per row: ggml's vector / scalar split is per row */
+            for (int t = 0; t < n; t++)
+                tsr_swiglu(c->hb + (size_t)t * n_ff, c->hb2 + (size_t)t * n_ff, n_ff);
         TSR_TDUMP("ffn_act", il, c->hb, (size_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
         TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);

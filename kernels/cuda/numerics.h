@@ -990,8 +990,9 @@ TSR_CUDA_HD void tsr_cuda_rope_pair(int32_t mode, int32_t n_rot, int i0, int *a,
 TSR_CUDA_HD void tsr_cuda_rope_rotate(float *x0, float *x1, float c, float s)
 {
     const float a = *x0, b = *x1;
-    *x0 = a * c - b * s;
-    *x1 = a * s + b * c;
+    /* as kernels/ops.c (ggml's rotate_pairs as GCC contracts it) */
+    *x0 = fmaf(a, c, -(b * s));
+    *x1 = fmaf(a, s, b * c);
 }
 
 /* Final logit soft-capping (worker/model.c): cap * tanh(x / cap). */
@@ -1000,10 +1001,27 @@ TSR_CUDA_HD float tsr_cuda_softcap_value(float x, float cap)
     return cap * tanhf(x / cap);
 }
 
-/* Gated units: SwiGLU silu(g)*u (kernels/ops.c), GeGLU with ggml's tanh GELU. */
+/* ggml_v_expf's AVX-512 polynomial for one float (kernels/dot_ggml.c gg_expf_scalar). */
+TSR_CUDA_HD float tsr_cuda_ggml_expf(float x)
+{
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                              fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                         u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+    return ldexpf(j, (int)n);
+}
+
+/* Gated units: SwiGLU silu(g)*u as kernels/ops.c for rows of whole 16s (ggml's vector expf;
+ * the CPU uses libm expf for the elements past a row's last whole 16, which no model here
+ * has), GeGLU with ggml's tanh GELU. */
 TSR_CUDA_HD float tsr_cuda_swiglu(float g, float u)
 {
-    return g / (1.0f + expf(-g)) * u;
+    return g / (1.0f + tsr_cuda_ggml_expf(0.0f - g)) * u;
 }
 
 TSR_CUDA_HD float tsr_cuda_gelu_tanh(float x)
