@@ -221,6 +221,42 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         return gg_hsum_ps(a);                                                                      \
     }
 
+/* One weight row, four tokens: the same per-pair operations as GG_DOT4_*, the weight block
+ * unpacked once for the four (prefill tiles). */
+#define GG_TILE4_Q41(NAME, ATTR, US8)                                                              \
+    ATTR static void NAME(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *const *x, float *out)       \
+    {                                                                                              \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                          \
+        const gg_q8_1 *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                              \
+        for (int64_t b = 0; b < nb; ++b) {                                                         \
+            const float dw = gg_h2f(w[b].d), mw = gg_h2f(w[b].m);                                  \
+            const __m256i qw = gg_nibbles(w[b].qs);                                                \
+            s0 = fmaf(mw, gg_h2f(x0[b].s), s0);                                                    \
+            s1 = fmaf(mw, gg_h2f(x1[b].s), s1);                                                    \
+            s2 = fmaf(mw, gg_h2f(x2[b].s), s2);                                                    \
+            s3 = fmaf(mw, gg_h2f(x3[b].s), s3);                                                    \
+            a0 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x0[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x0[b].qs))), a0);   \
+            a1 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x1[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x1[b].qs))), a1);   \
+            a2 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x2[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x2[b].qs))), a2);   \
+            a3 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x3[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x3[b].qs))), a3);   \
+        }                                                                                          \
+        out[0] = gg_hsum_ps(a0) + s0;                                                              \
+        out[1] = gg_hsum_ps(a1) + s1;                                                              \
+        out[2] = gg_hsum_ps(a2) + s2;                                                              \
+        out[3] = gg_hsum_ps(a3) + s3;                                                              \
+    }
+
+GG_TILE4_Q41(tile4_q4_1_avx2, GG_AVX2, gg_us8_avx2)
+GG_TILE4_Q41(tile4_q4_1_vnni, GG_VNNI, gg_us8_vnni)
 GG_DOT4_Q41(dot4_q4_1_avx2, GG_AVX2, gg_us8_avx2)
 GG_DOT4_Q41(dot4_q4_1_vnni, GG_VNNI, gg_us8_vnni)
 GG_DOT4_Q80(dot4_q8_0_avx2, GG_AVX2, gg_us8_avx2)
@@ -293,7 +329,12 @@ void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
                     dot_scalar(type, nb, wr + (size_t)r * w_stride, xr + (size_t)t * x_stride);
         return;
     }
-    /* Row by row (its blocks stay in L1 for all tokens), 4 tokens at a time. */
+    /* Row by row (its blocks stay in L1 for all tokens), 4 tokens at a time; Q4_1's weight
+     * block unpacked once for the 4. */
+    void (*t4)(int64_t, const gg_q4_1 *, const gg_q8_1 *const *, float *) = NULL;
+#if GG_X86
+    if (type == TSR_TYPE_Q4_1) t4 = isa >= TSR_GGML_VNNI ? tile4_q4_1_vnni : tile4_q4_1_avx2;
+#endif
     for (int64_t r = 0; r < n_rows; ++r) {
         const void *wrow = wr + (size_t)r * w_stride;
         int32_t t = 0;
@@ -302,7 +343,10 @@ void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
             const void *xs[4] = {xr + (size_t)t * x_stride, xr + (size_t)(t + 1) * x_stride,
                                  xr + (size_t)(t + 2) * x_stride, xr + (size_t)(t + 3) * x_stride};
             float out[4];
-            d4(nb, ws, xs, out);
+            if (t4)
+                t4(nb, wrow, (const gg_q8_1 *const *)xs, out);
+            else
+                d4(nb, ws, xs, out);
             for (int k = 0; k < 4; ++k) y[(size_t)(t + k) * y_stride + r] = out[k];
         }
         for (; t < n_tok; ++t)

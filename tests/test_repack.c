@@ -70,6 +70,8 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
     uint8_t *packed = aligned_alloc(64, (pb + 63) / 64 * 64);
     float *ref = malloc(sizeof(float) * (size_t)n_out * (size_t)max_tok);
     float *got = malloc(sizeof(float) * (size_t)n_out * (size_t)max_tok);
+    float *ref0 = malloc(sizeof(float) * (size_t)n_out * (size_t)max_tok);
+    assert_non_null(ref0);
     assert_non_null(xf);
     assert_non_null(x);
     assert_non_null(packed);
@@ -91,6 +93,19 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
             for (int32_t t = 0; t < max_tok; ++t)
                 ref[(size_t)t * (size_t)n_out + (size_t)r] =
                     tsr_vec_dot(type, n, rows + (size_t)r * row_bytes, x + (size_t)t * xs);
+        /* Q5_0 / Q4_K / Q6_K sum in ggml's order on every instruction set: the references
+         * of all of them equal the scalar one bit for bit */
+        const bool one_order =
+            type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+        const size_t n_ref = (size_t)n_out * (size_t)max_tok;
+        if (ii == 0) memcpy(ref0, ref, sizeof(float) * n_ref);
+        for (size_t e = 0; one_order && e < n_ref; ++e)
+            if (fbits(ref[e]) != fbits(ref0[e]))
+                fail_msg("%s %s n=%" PRId64 ": row %zu token %zu: %s %.9g (0x%08x) vs scalar "
+                         "%.9g (0x%08x): must be bit-identical",
+                         what, tsr_type_name(type), n, e % (size_t)n_out, e / (size_t)n_out,
+                         k_isas[ii], (double)ref[e], fbits(ref[e]), (double)ref0[e],
+                         fbits(ref0[e]));
         /* whole matrix, and a range starting at group 1 with an odd length */
         const int64_t ranges[2][2] = {{0, n_out}, {4, n_out > 4 ? (n_out - 4) / 2 * 2 + 1 : 0}};
         for (int k = 0; k < 2; ++k) {
@@ -130,6 +145,7 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
     free(x);
     free(packed);
     free(ref);
+    free(ref0);
     free(got);
     return n_cmp;
 }
