@@ -134,14 +134,6 @@ static bool key_set_has(const key_set *k, const char *key, size_t len)
     return found;
 }
 
-static char *dup_str(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 int tsr_auth_new(const char *api_key_file, const char *admin_key_file, tsr_auth **out, char *err,
                  size_t err_len)
 {
@@ -152,8 +144,8 @@ int tsr_auth_new(const char *api_key_file, const char *admin_key_file, tsr_auth 
         return TSR_AUTH_ENOMEM;
     }
     int rc = TSR_AUTH_ENOMEM;
-    if ((api_key_file && !(a->api_path = dup_str(api_key_file))) ||
-        (admin_key_file && !(a->admin_path = dup_str(admin_key_file)))) {
+    if ((api_key_file && !(a->api_path = strdup(api_key_file))) ||
+        (admin_key_file && !(a->admin_path = strdup(admin_key_file)))) {
         tsr_set_err(err, err_len, "out of memory");
         goto fail;
     }

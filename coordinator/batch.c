@@ -214,14 +214,6 @@ bool tsr_batch_line_blank(const char *line, size_t len)
 
 /* ---- parsing ---- */
 
-static char *dup_str(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 void tsr_batch_request_free(tsr_batch_request *rq)
 {
     free(rq->custom_id);
@@ -284,7 +276,7 @@ static bool add_stop(tsr_batch_request *rq, const cJSON *v, char *err, size_t er
         rq->stop = calloc(TSR_BATCH_MAX_STOP, sizeof *rq->stop);
         if (!rq->stop) BAD("out of memory");
     }
-    rq->stop[rq->n_stop] = dup_str(v->valuestring);
+    rq->stop[rq->n_stop] = strdup(v->valuestring);
     if (!rq->stop[rq->n_stop]) BAD("out of memory");
     rq->n_stop++;
     return true;
@@ -310,7 +302,7 @@ static bool parse_body(const cJSON *body, tsr_batch_request *rq, bool plain, cha
         } else if (!strcmp(k, "model")) {
             if (!cJSON_IsString(f)) BAD("model must be a string");
             free(rq->model);
-            rq->model = dup_str(f->valuestring);
+            rq->model = strdup(f->valuestring);
             if (!rq->model) BAD("out of memory");
         } else if (!strcmp(k, "prompt") && !chat) {
             have_prompt = true;
@@ -322,7 +314,7 @@ static bool parse_body(const cJSON *body, tsr_batch_request *rq, bool plain, cha
                 p = cJSON_GetArrayItem(p, 0);
             if (cJSON_IsString(p)) {
                 if (!p->valuestring[0]) BAD("prompt is empty");
-                rq->prompt = dup_str(p->valuestring);
+                rq->prompt = strdup(p->valuestring);
                 if (!rq->prompt) BAD("out of memory");
             } else if (cJSON_IsArray(p)) {
                 int n = cJSON_GetArraySize(p);
@@ -473,7 +465,7 @@ int tsr_batch_parse_line(const char *line, size_t len, tsr_batch_request *rq, co
     }
     const cJSON *cid = cJSON_GetObjectItemCaseSensitive(j, "custom_id");
     if (valid_custom_id(cid)) {
-        rq->custom_id = dup_str(cid->valuestring);
+        rq->custom_id = strdup(cid->valuestring);
         if (!rq->custom_id) {
             tsr_set_err(err, err_len, "out of memory");
             goto done;
@@ -547,7 +539,7 @@ int tsr_batch_input_key(const char *line, size_t len, int64_t line_no, char **ke
     cJSON *j = cJSON_ParseWithLengthOpts(line, len, NULL, false);
     const cJSON *cid = j ? cJSON_GetObjectItemCaseSensitive(j, "custom_id") : NULL;
     if (cJSON_IsObject(j) && valid_custom_id(cid)) {
-        *key = dup_str(cid->valuestring);
+        *key = strdup(cid->valuestring);
         *key_len = *key ? strlen(*key) : 0;
     } else {
         char buf[64];

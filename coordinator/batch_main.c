@@ -2082,17 +2082,7 @@ int tsr_cmd_batch(int argc, char **argv)
         /* The leader coordinates the stop; a signal forwarded by the launcher (srun
          * forwards SIGTERM to every task, mpirun SIGUSR1) must not kill a follower. */
         ignore_signals();
-        if (tsr_replica_follow(rep, err, sizeof err) != 0) {
-            fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
-            tsr_comm_mpi_abort(1);
-            return TSR_BATCH_EXIT_ERROR;
-        }
-        if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
-            fprintf(stderr, "tessera batch: rank %d: %s\n", tsr_replica_rank(rep), err);
-            return TSR_BATCH_EXIT_ERROR;
-        }
-        tsr_replica_close(rep);
-        return 0;
+        return tsr_cli_follow("batch", rep); /* 1 = TSR_BATCH_EXIT_ERROR on failure */
     }
 
     int exit_code = TSR_BATCH_EXIT_ERROR;

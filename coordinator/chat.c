@@ -10,6 +10,8 @@
  */
 #include "coordinator/chat.h"
 
+#include "kernels/util.h"
+
 #include <ctype.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -106,19 +108,6 @@ struct tsr_chat_template {
     bool user_assistant;  /* Phi-3 mini/medium: only user and assistant branches (system
                              messages render nothing; each user turn opens the answer) */
 };
-
-static int fail(char *err, size_t err_len, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int fail(char *err, size_t err_len, int code, const char *fmt, ...)
-{
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 static char g_names[512];
 static pthread_once_t g_names_once = PTHREAD_ONCE_INIT;
@@ -307,23 +296,23 @@ int tsr_chat_template_new(const char *spec, const char *bos_text, const char *eo
     if (err && err_len) err[0] = 0;
     *out = NULL;
     if (!spec || !*spec)
-        return fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
-                    "empty chat template; pass --chat-template NAME, one of: %s",
-                    tsr_chat_family_names());
+        return tsr_fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
+                        "empty chat template; pass --chat-template NAME, one of: %s",
+                        tsr_chat_family_names());
     bool is_name = !strstr(spec, "{%") && !strstr(spec, "{{");
     int f = is_name ? name_to_family(spec) : detect(spec);
     if (f < 0) {
         if (is_name)
-            return fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
-                        "unknown chat template '%.64s'; known families: %s", spec,
+            return tsr_fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
+                            "unknown chat template '%.64s'; known families: %s", spec,
+                            tsr_chat_family_names());
+        return tsr_fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
+                        "the model's chat template is of no family Tessera knows; pass "
+                        "--chat-template NAME, one of: %s",
                         tsr_chat_family_names());
-        return fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
-                    "the model's chat template is of no family Tessera knows; pass "
-                    "--chat-template NAME, one of: %s",
-                    tsr_chat_family_names());
     }
     tsr_chat_template *t = calloc(1, sizeof *t);
-    if (!t) return fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
+    if (!t) return tsr_fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
     t->fam = (family)f;
     /* A template that writes bos_token starts with it; a family name gets none (the
      * tokenizer adds BOS as the vocabulary says, as llama.cpp's named templates do). */
@@ -335,7 +324,7 @@ int tsr_chat_template_new(const char *spec, const char *bos_text, const char *eo
                         : "<|endoftext|>");
     if (!t->bos || !t->eos || !t->eot) {
         tsr_chat_template_free(t);
-        return fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
+        return tsr_fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
     }
     if (!is_name) {
         t->bos_turns = strstr(spec, "bos_token + '[INST]") != NULL;
@@ -367,18 +356,19 @@ int tsr_chat_template_for_model(const tsr_gguf *g, const tsr_vocab *v, const cha
     if (override) return tsr_chat_template_new(override, bos, eos, out, err, err_len);
     tsr_gguf_str s;
     if (!tsr_gguf_get_str(g, "tokenizer.chat_template", &s))
-        return fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
-                    "the model has no chat template (no tokenizer.chat_template key): pass "
-                    "--chat-template NAME, one of: %s",
-                    tsr_chat_family_names());
+        return tsr_fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
+                        "the model has no chat template (no tokenizer.chat_template key): pass "
+                        "--chat-template NAME, one of: %s",
+                        tsr_chat_family_names());
     char *text = malloc(s.len + 1);
-    if (!text) return fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
+    if (!text) return tsr_fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
     memcpy(text, s.ptr, s.len);
     text[s.len] = 0;
-    int rc = strlen(text) != s.len
-                 ? fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
-                        "tokenizer.chat_template contains a NUL byte; pass --chat-template NAME")
-                 : tsr_chat_template_new(text, bos, eos, out, err, err_len);
+    int rc =
+        strlen(text) != s.len
+            ? tsr_fail(err, err_len, TSR_CHAT_ERR_UNKNOWN,
+                       "tokenizer.chat_template contains a NUL byte; pass --chat-template NAME")
+            : tsr_chat_template_new(text, bos, eos, out, err, err_len);
     free(text);
     return rc;
 }
@@ -460,8 +450,8 @@ static int roles_of(const tsr_chat_msg *m, size_t n, role *r, char *err, size_t 
 {
     for (size_t i = 0; i < n; i++) {
         if (!m[i].role || !m[i].content)
-            return fail(err, err_len, TSR_CHAT_ERR_ARG, "message %zu has no %s", i,
-                        m[i].role ? "content" : "role");
+            return tsr_fail(err, err_len, TSR_CHAT_ERR_ARG, "message %zu has no %s", i,
+                            m[i].role ? "content" : "role");
         if (!strcmp(m[i].role, "system"))
             r[i] = R_SYSTEM;
         else if (!strcmp(m[i].role, "user"))
@@ -469,9 +459,9 @@ static int roles_of(const tsr_chat_msg *m, size_t n, role *r, char *err, size_t 
         else if (!strcmp(m[i].role, "assistant"))
             r[i] = R_ASSISTANT;
         else
-            return fail(err, err_len, TSR_CHAT_ERR_ARG,
-                        "message %zu: role '%.32s' is not one of system, user, assistant", i,
-                        m[i].role);
+            return tsr_fail(err, err_len, TSR_CHAT_ERR_ARG,
+                            "message %zu: role '%.32s' is not one of system, user, assistant", i,
+                            m[i].role);
     }
     return 0;
 }
@@ -608,7 +598,7 @@ int tsr_chat_render(const tsr_chat_template *t, const tsr_chat_msg *m, size_t n,
     *out = NULL;
     if (out_len) *out_len = 0;
     role *r = calloc(n ? n : 1, sizeof *r);
-    if (!r) return fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
+    if (!r) return tsr_fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
     int rc = roles_of(m, n, r, err, err_len);
     if (rc) {
         free(r);
@@ -799,7 +789,7 @@ int tsr_chat_render(const tsr_chat_template *t, const tsr_chat_msg *m, size_t n,
     free(r);
     if (b.oom) {
         free(b.a);
-        return fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
+        return tsr_fail(err, err_len, TSR_CHAT_ERR_NOMEM, "out of memory");
     }
     *out = b.a;
     if (out_len) *out_len = b.n;

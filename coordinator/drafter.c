@@ -16,8 +16,17 @@
  *     still covers a rejected draft) can cost recomputation, never a wrong draft.
  * Running out of KV blocks is not an error: the sequence's draft state is dropped and the
  * call proposes nothing, so the request goes on without speculation.
+ *
+ * The draft pool has its own prefix cache (coordinator/kvblocks.h, as the engine's): a new
+ * sequence takes the longest cached chain of its history's full blocks (copy-on-write of
+ * the last one when the whole history is cached, since its last token is fed again) and
+ * computes only the rest. Blocks are committed once nothing can write them again: during
+ * propose, the full blocks before the block of the last history token (drafts and the
+ * re-fed last token are written at or after it, and history only grows); at release, every
+ * full block it computed (the KV of exactly the tokens it names, drafts or not).
  */
 #include "coordinator/drafter.h"
+#include "coordinator/kvblocks.h"
 #include "kernels/util.h"
 
 #include "shard/gguf.h"
@@ -222,8 +231,9 @@ typedef struct {
     uint64_t id;
     int32_t *blocks; /* block table: blocks of the drafter's pool, in position order */
     int32_t n_blocks, cap_blocks;
-    int32_t *fed;       /* [cap_blocks * TSR_KV_BLOCK_SIZE]: the tokens in the KV cache */
-    int32_t n_computed; /* positions 0..n_computed-1 hold fed[0..n_computed) */
+    int32_t *fed;             /* [cap_blocks * TSR_KV_BLOCK_SIZE]: the tokens in the KV cache */
+    int32_t n_computed;       /* positions 0..n_computed-1 hold fed[0..n_computed) */
+    tsr_kvblocks_chain chain; /* leading blocks found in or committed to the prefix cache */
 } tsr_drafter_seq;
 
 typedef struct {
@@ -233,8 +243,7 @@ typedef struct {
     int32_t n_vocab;
     int32_t n_batch;
     int32_t n_kv_blocks;
-    int32_t *free_list; /* stack of free pool blocks */
-    int32_t n_free;
+    tsr_kvblocks *kvb; /* the pool's blocks and its prefix cache */
     /* Live sequences: a small array searched linearly — the engine runs tens of
      * sequences at most, and a forward step dwarfs the scan. */
     tsr_drafter_seq *seqs;
@@ -252,41 +261,116 @@ static tsr_drafter_seq *tsr_drafter_model_find(tsr_drafter_model *dm, uint64_t i
     return NULL;
 }
 
-/* Give all of a sequence's blocks back to the pool (its cache becomes empty). */
+/* Give all of a sequence's blocks back to the pool (its cache becomes empty; blocks in the
+ * prefix cache stay there, evictable). */
 static void tsr_drafter_model_drop(tsr_drafter_model *dm, tsr_drafter_seq *s)
 {
-    for (int32_t i = s->n_blocks - 1; i >= 0; i--) dm->free_list[dm->n_free++] = s->blocks[i];
+    tsr_kvblocks_release(dm->kvb, s->blocks, s->n_blocks);
     s->n_blocks = 0;
     s->n_computed = 0;
+    memset(&s->chain, 0, sizeof s->chain);
 }
 
-/* Keep only the blocks that positions 0..n_computed-1 need. */
-static void tsr_drafter_model_trim(tsr_drafter_model *dm, tsr_drafter_seq *s)
+/* Room in the block table and `fed` for n_blocks blocks. 0 or -1 out of memory. */
+static int tsr_drafter_model_cap(tsr_drafter_seq *s, int32_t n_blocks)
 {
-    int32_t need = (s->n_computed + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
-    while (s->n_blocks > need) dm->free_list[dm->n_free++] = s->blocks[--s->n_blocks];
+    if (n_blocks <= s->cap_blocks) return 0;
+    int32_t cap = s->cap_blocks ? s->cap_blocks : 4;
+    while (cap < n_blocks) cap *= 2;
+    int32_t *blocks = realloc(s->blocks, sizeof(int32_t) * (size_t)cap);
+    if (!blocks) return -1;
+    s->blocks = blocks;
+    int32_t *fed = realloc(s->fed, sizeof(int32_t) * (size_t)cap * TSR_KV_BLOCK_SIZE);
+    if (!fed) return -1;
+    s->fed = fed;
+    s->cap_blocks = cap;
+    return 0;
 }
 
-/* Make room for positions 0..n_pos-1. Returns 0, 1 when the pool has too few free blocks
- * (nothing taken), -1 out of memory. */
+/* Make room for positions 0..n_pos-1. Returns 0, 1 when the pool has too few blocks to
+ * spare (nothing taken), -1 out of memory. */
 static int tsr_drafter_model_reserve(tsr_drafter_model *dm, tsr_drafter_seq *s, int32_t n_pos)
 {
     int32_t need = (n_pos + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
     if (need <= s->n_blocks) return 0;
-    if (need - s->n_blocks > dm->n_free) return 1;
-    if (need > s->cap_blocks) {
-        int32_t cap = s->cap_blocks ? s->cap_blocks : 4;
-        while (cap < need) cap *= 2;
-        int32_t *blocks = realloc(s->blocks, sizeof(int32_t) * (size_t)cap);
-        if (!blocks) return -1;
-        s->blocks = blocks;
-        int32_t *fed = realloc(s->fed, sizeof(int32_t) * (size_t)cap * TSR_KV_BLOCK_SIZE);
-        if (!fed) return -1;
-        s->fed = fed;
-        s->cap_blocks = cap;
-    }
-    while (s->n_blocks < need) s->blocks[s->n_blocks++] = dm->free_list[--dm->n_free];
+    if (need - s->n_blocks > tsr_kvblocks_n_available(dm->kvb)) return 1;
+    if (tsr_drafter_model_cap(s, need) != 0) return -1;
+    if (!tsr_kvblocks_alloc(dm->kvb, need - s->n_blocks, s->blocks + s->n_blocks)) return 1;
+    s->n_blocks = need;
     return 0;
+}
+
+/* Commit s's full blocks below position upto (their tokens in fed) to the prefix cache. */
+static void tsr_drafter_model_commit(tsr_drafter_model *dm, tsr_drafter_seq *s, int32_t upto)
+{
+    if (upto > s->n_computed) upto = s->n_computed;
+    while (s->chain.n_blocks < upto / TSR_KV_BLOCK_SIZE && s->chain.n_blocks < s->n_blocks) {
+        const int32_t i = s->chain.n_blocks;
+        tsr_kvblocks_commit(dm->kvb, &s->chain, s->blocks[i],
+                            s->fed + (size_t)i * TSR_KV_BLOCK_SIZE);
+    }
+}
+
+/* A sequence with nothing computed (s->n_blocks == 0): take the longest cached chain of the
+ * full blocks of tokens[0..n_avail) that positions 0..upto-1 need. When it reaches past
+ * upto, position upto (the last token, fed again for its logits, or the first after a
+ * rollback) is written into the last block: that block becomes a private copy (or, with no
+ * block to spare, is dropped). tokens may be s->fed. Returns 0 or -1 (out of memory, copy
+ * failed; err set). */
+static int tsr_drafter_model_match(tsr_drafter_model *dm, tsr_drafter_seq *s, const int32_t *tokens,
+                                   int32_t n_avail, int32_t upto, char *err, size_t err_len)
+{
+    if (!tsr_kvblocks_caching(dm->kvb)) return 0;
+    int32_t full = (upto + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    if (full > n_avail / TSR_KV_BLOCK_SIZE) full = n_avail / TSR_KV_BLOCK_SIZE;
+    if (tsr_drafter_model_cap(s, full + 1) != 0) {
+        tsr_set_err(err, err_len, "draft model: out of memory");
+        return -1;
+    }
+    int32_t n = tsr_kvblocks_match(dm->kvb, tokens, full, s->blocks, &s->chain);
+    s->n_blocks = n;
+    s->n_computed = n * TSR_KV_BLOCK_SIZE;
+    if (n > 0 && s->n_computed > upto) {
+        int32_t src, dst;
+        if (tsr_kvblocks_cow(dm->kvb, &s->chain, s->blocks, &src, &dst)) {
+            int rc = tsr_ctx_kv_copy(dm->c, &src, &dst, 1, err, err_len);
+            tsr_kvblocks_release(dm->kvb, &src, 1);
+            if (rc != 0) {
+                tsr_drafter_model_drop(dm, s);
+                return -1;
+            }
+            s->n_computed = upto;
+        } else {
+            s->n_blocks = n - 1;
+            s->n_computed = (n - 1) * TSR_KV_BLOCK_SIZE;
+        }
+    }
+    if (tokens != s->fed) memcpy(s->fed, tokens, sizeof(int32_t) * (size_t)s->n_computed);
+    tsr_kvblocks_count_lookup(dm->kvb, (s->n_computed + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE);
+    return 0;
+}
+
+/* Keep only the blocks that positions 0..n_computed-1 need. A rollback into the chain's
+ * blocks (which may be shared, and are not written in place) takes the chain again up to
+ * n_computed from the cache, with a private copy of the block it will write next; if that
+ * fails, the state is dropped (the next propose recomputes it). */
+static void tsr_drafter_model_trim(tsr_drafter_model *dm, tsr_drafter_seq *s)
+{
+    if (s->n_computed < s->chain.n_blocks * TSR_KV_BLOCK_SIZE) {
+        const int32_t upto = s->n_computed, n_avail = s->n_blocks * TSR_KV_BLOCK_SIZE;
+        tsr_kvblocks_release(dm->kvb, s->blocks, s->n_blocks);
+        s->n_blocks = 0;
+        memset(&s->chain, 0, sizeof s->chain);
+        char err[256];
+        if (tsr_drafter_model_match(dm, s, s->fed, n_avail, upto, err, sizeof err) != 0)
+            tsr_drafter_model_drop(dm, s);
+        return;
+    }
+    int32_t need = (s->n_computed + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    if (s->n_blocks > need) {
+        tsr_kvblocks_release(dm->kvb, s->blocks + need, s->n_blocks - need);
+        s->n_blocks = need;
+    }
 }
 
 /* Index of the first largest logit: the same tie-break as the sampler's greedy path. */
@@ -361,6 +445,14 @@ static int tsr_drafter_model_propose(tsr_drafter *d, uint64_t seq_id, const int3
         }
     }
     s->n_computed = valid;
+    if (valid < s->chain.n_blocks * TSR_KV_BLOCK_SIZE) {
+        /* would write into a block that may be shared: start over (never happens while the
+         * history only grows; a safety net) */
+        tsr_drafter_model_drop(dm, s);
+    }
+    if (s->n_blocks == 0 &&
+        tsr_drafter_model_match(dm, s, tokens, n_tokens, n_tokens - 1, err, err_len) != 0)
+        return -1;
     int rc = tsr_drafter_model_reserve(dm, s, n_pos);
     if (rc < 0) goto oom;
     if (rc > 0) {
@@ -381,6 +473,9 @@ static int tsr_drafter_model_propose(tsr_drafter *d, uint64_t seq_id, const int3
         memcpy(s->fed + s->n_computed, toks, sizeof(int32_t) * (size_t)n);
         s->n_computed += n;
     }
+    /* Final from here on: the blocks before the last history token's (it and the drafts
+     * are written at or after it, now and in every later call). */
+    tsr_drafter_model_commit(dm, s, ((n_tokens - 1) / TSR_KV_BLOCK_SIZE) * TSR_KV_BLOCK_SIZE);
     /* Greedy drafts; each but the last is fed back for the next one's logits. */
     for (int32_t i = 0; i < k; i++) {
         out[i] = tsr_drafter_argmax(dm->logits, dm->n_vocab);
@@ -410,6 +505,9 @@ static void tsr_drafter_model_release(tsr_drafter *d, uint64_t seq_id)
     tsr_drafter_model *dm = d->impl;
     tsr_drafter_seq *s = tsr_drafter_model_find(dm, seq_id);
     if (!s) return;
+    /* Nothing writes these blocks any more: cache every full one (the KV of exactly the
+     * tokens in fed), so a later request with this history reuses it. */
+    tsr_drafter_model_commit(dm, s, s->n_computed);
     tsr_drafter_model_drop(dm, s);
     free(s->blocks);
     free(s->fed);
@@ -424,7 +522,7 @@ static void tsr_drafter_model_destroy(tsr_drafter_model *dm)
         free(dm->seqs[i].fed);
     }
     free(dm->seqs);
-    free(dm->free_list);
+    tsr_kvblocks_free(dm->kvb);
     free(dm->b_pos);
     free(dm->b_seq);
     free(dm->b_want);
@@ -453,7 +551,31 @@ int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d)
 {
     if (!d || d->vt != &tsr_drafter_model_vt) return -1;
     const tsr_drafter_model *dm = d->impl;
-    return dm->n_free;
+    return tsr_kvblocks_n_available(dm->kvb);
+}
+
+int tsr_drafter_model_prefix_stats(const tsr_drafter *d, tsr_kvblocks_stats *st)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) return -1;
+    const tsr_drafter_model *dm = d->impl;
+    tsr_kvblocks_get_stats(dm->kvb, st);
+    return 0;
+}
+
+int tsr_drafter_model_set_prefix_cache(tsr_drafter *d, bool on, char *err, size_t err_len)
+{
+    if (!d || d->vt != &tsr_drafter_model_vt) return 0;
+    tsr_drafter_model *dm = d->impl;
+    if (tsr_kvblocks_caching(dm->kvb) == on) return 0;
+    if (dm->n_seqs > 0) {
+        tsr_set_err(err, err_len, "draft model: the prefix cache is switched before any sequence");
+        return -1;
+    }
+    tsr_kvblocks *kvb;
+    if (tsr_kvblocks_new(dm->n_kv_blocks, on, &kvb, err, err_len) != 0) return -1;
+    tsr_kvblocks_free(dm->kvb);
+    dm->kvb = kvb;
+    return 0;
 }
 
 int tsr_drafter_model_use_gpu(tsr_drafter *d, int32_t device, uint64_t n_bytes_cap, char *err,
@@ -636,15 +758,12 @@ int tsr_drafter_model_new_kv(const char *path, const tsr_gguf *target_gguf, int3
         tsr_set_err(err, err_len, "draft model %s: %s", path, merr);
         goto fail;
     }
-    dm->free_list = malloc(sizeof(int32_t) * (size_t)n_kv_blocks);
+    if (tsr_kvblocks_new(n_kv_blocks, true, &dm->kvb, err, err_len) != 0) goto fail;
     dm->b_pos = malloc(sizeof(int32_t) * (size_t)dm->n_batch);
     dm->b_seq = calloc((size_t)dm->n_batch, sizeof(int32_t)); /* one sequence: index 0 */
     dm->b_want = malloc((size_t)dm->n_batch);
     dm->logits = malloc(sizeof(float) * (size_t)dm->n_vocab);
-    if (!dm->free_list || !dm->b_pos || !dm->b_seq || !dm->b_want || !dm->logits) goto oom;
-    /* Stack order: blocks come out 0, 1, 2, ... on a fresh pool. */
-    for (int32_t i = 0; i < n_kv_blocks; i++) dm->free_list[i] = n_kv_blocks - 1 - i;
-    dm->n_free = n_kv_blocks;
+    if (!dm->b_pos || !dm->b_seq || !dm->b_want || !dm->logits) goto oom;
     if (tsr_drafter_new_shell(&tsr_drafter_model_vt, dm, out, err, err_len) != 0) goto fail;
     return 0;
 oom:

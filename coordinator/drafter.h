@@ -24,6 +24,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "coordinator/kvblocks.h"
 #include "kernels/kvcache.h"
 
 typedef struct tsr_drafter tsr_drafter;
@@ -80,12 +81,25 @@ int tsr_drafter_model_use_gpu(tsr_drafter *d, int32_t device, uint64_t n_bytes_c
 /* "cpu" or "cuda" for a draft model, NULL for other drafters. */
 const char *tsr_drafter_model_backend(const tsr_drafter *d);
 
-/* Free blocks in a draft model's KV pool (stats, leak checks), or -1 when d is not a
- * draft-model drafter. When the pool runs out, propose frees that sequence's blocks and
- * proposes nothing (0, not an error). propose also re-checks the tokens its cache holds
- * against the history it is given, so a missed or generous rollback costs recomputation,
- * never a wrong draft. */
+/* Blocks no sequence holds in a draft model's KV pool (free or cached and evictable: stats,
+ * leak checks), or -1 when d is not a draft-model drafter. When the pool runs out, propose
+ * frees that sequence's blocks and proposes nothing (0, not an error). propose also
+ * re-checks the tokens its cache holds against the history it is given, so a missed or
+ * generous rollback costs recomputation, never a wrong draft.
+ *
+ * Prefix cache of the draft pool (coordinator/kvblocks.h; on by default): a new sequence
+ * reuses the cached blocks of its history's longest cached prefix (copy-on-write of the
+ * last block when all of it is cached); blocks are committed when final and at release.
+ * Drafts stay exactly those of a cold pool. */
 int32_t tsr_drafter_model_n_free_blocks(const tsr_drafter *d);
+
+/* The draft pool's block and prefix-cache counters (lookups, hits, hit tokens, copies, ...).
+ * -1 when d is not a draft model. */
+int tsr_drafter_model_prefix_stats(const tsr_drafter *d, tsr_kvblocks_stats *st);
+
+/* Turn the draft pool's prefix cache on or off (the engine follows --no-prefix-cache), before
+ * any sequence. 0 (also for drafters without a pool), or -1 with err. */
+int tsr_drafter_model_set_prefix_cache(tsr_drafter *d, bool on, char *err, size_t err_len);
 
 /* Oracle (benchmarks only): proposes from a known continuation. `tokens` is the complete
  * expected sequence (prompt + output, copied); a sequence whose history is a prefix of it

@@ -15,13 +15,20 @@
  * per token, neither batching nor recomputation changes a greedy answer.
  *
  * Prefix caching (coordinator/kvblocks.h): after each step a sequence commits its full
- * prompt blocks whose K/V are all computed to the cache; when a sequence is admitted with
+ * blocks whose K/V are all computed to the cache — prompt and generated tokens alike, so a
+ * multi-turn chat that sends the previous answer back reuses it, and a preempted sequence
+ * finds its own blocks again if they were not evicted; when a sequence is admitted with
  * nothing computed (new, or preempted), it takes references on the longest cached chain of
- * its prompt's full blocks short of the block of its last token and starts computing after
- * it. The same per-token independence makes a chunk that starts at a cached offset give
- * exactly what the cold run gives. Shared blocks are never written: a sequence writes only
- * at positions >= n_computed, committed blocks lie below it, and n_computed never moves
- * back while the sequence holds them (rejected drafts roll back to at least the prompt).
+ * its tokens' full blocks and starts computing after it. The same per-token independence
+ * makes a chunk that starts at a cached offset give exactly what the cold run gives. Shared
+ * blocks are never written: a sequence writes only at positions >= n_computed, committed
+ * blocks lie below it, and n_computed never moves back while the sequence holds them
+ * (rejected drafts lie at or after it, and verification moves it forward). One exception,
+ * handled by copy-on-write: when every token lies in cached blocks (the tokens end on a
+ * block boundary), the last token must still run to give logits, and it writes its K/V row
+ * in the last block; that block is then replaced by a private copy (tsr_kvblocks_cow), the
+ * copy made on every rank before the step (tsr_replica_kv_copy), and only that one token
+ * runs.
  *
  * Speculative decoding: a decoding sequence may feed, instead of its one last token, that
  * token plus k draft tokens from the drafter, with logits for all k+1 positions. The
@@ -108,6 +115,10 @@ struct tsr_engine {
     seq **waiting; /* FIFO ring as an array: waiting[0] is the oldest */
     int32_t n_waiting, cap_waiting;
     tsr_kvblocks *kvb; /* block manager and prefix cache */
+    /* copy-on-write copies of this step's admissions, made before the step; the engine
+     * holds a reference on each src until then ([max_seqs] each) */
+    int32_t *cow_src, *cow_dst;
+    int32_t n_cow;
     /* Batch scratch. */
     int32_t *b_tokens, *b_pos, *b_seq;
     uint8_t *b_want;
@@ -172,12 +183,21 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     e->b_want = malloc((size_t)nb);
     e->b_tables = calloc((size_t)ms, sizeof(int32_t *));
     e->b_nblocks = calloc((size_t)ms, sizeof(int32_t));
+    e->cow_src = calloc((size_t)ms, sizeof(int32_t));
+    e->cow_dst = calloc((size_t)ms, sizeof(int32_t));
     e->b_seqs = calloc((size_t)ms, sizeof(seq *));
     e->b_chunk = calloc((size_t)ms, sizeof(int32_t));
     e->lg = malloc(sizeof(float) * (size_t)e->n_vocab);
     if (!e->running || !e->waiting || !e->b_tokens || !e->b_pos || !e->b_seq || !e->b_want ||
-        !e->b_tables || !e->b_nblocks || !e->b_seqs || !e->b_chunk || !e->lg)
+        !e->b_tables || !e->b_nblocks || !e->cow_src || !e->cow_dst || !e->b_seqs || !e->b_chunk ||
+        !e->lg)
         goto oom;
+    /* --no-prefix-cache covers the draft model's pool too */
+    if (e->p.drafter && e->p.no_prefix_cache &&
+        tsr_drafter_model_set_prefix_cache(e->p.drafter, false, err, err_len) != 0) {
+        tsr_engine_free(e);
+        return TSR_ENGINE_EINVAL;
+    }
     if (tsr_kvblocks_new(e->p.n_kv_blocks, !e->p.no_prefix_cache, &e->kvb, err, err_len) != 0) {
         tsr_engine_free(e);
         return TSR_ENGINE_ENOMEM;
@@ -231,6 +251,8 @@ void tsr_engine_free(tsr_engine *e)
     free(e->b_want);
     free(e->b_tables);
     free(e->b_nblocks);
+    free(e->cow_src);
+    free(e->cow_dst);
     free(e->b_seqs);
     free(e->b_chunk);
     free(e->lg);
@@ -485,24 +507,35 @@ static bool blocks_reserve(tsr_engine *e, seq *s, int32_t upto)
 }
 
 /* A sequence about to be admitted with nothing computed: reuse the longest cached chain of
- * its prompt's full blocks, short of the block of its last token (whose logits must be
- * computed: that block is written, so it cannot be a shared one). */
-static void prefix_match(tsr_engine *e, seq *s)
+ * its tokens' full blocks. When that covers every token (they end on a block boundary),
+ * the last token must still run for its logits and writes into the last block: that block
+ * becomes a private copy (copy-on-write; cow_src and cow_dst get the pair, the caller copies
+ * and then releases src), or, with no block to spare, is dropped and recomputed. */
+static void prefix_match(tsr_engine *e, seq *s, int32_t *cow_src, int32_t *cow_dst)
 {
+    *cow_src = *cow_dst = -1;
     if (s->n_blocks > 0 || !tsr_kvblocks_caching(e->kvb)) return;
-    int32_t upto = s->n_prompt < s->n_tokens - 1 ? s->n_prompt : s->n_tokens - 1;
-    int32_t n =
-        tsr_kvblocks_match(e->kvb, s->tokens, upto / TSR_KV_BLOCK_SIZE, s->blocks, &s->chain);
+    const int32_t full = s->n_tokens / TSR_KV_BLOCK_SIZE;
+    int32_t n = tsr_kvblocks_match(e->kvb, s->tokens, full, s->blocks, &s->chain);
     s->n_blocks = n;
     s->n_computed = n * TSR_KV_BLOCK_SIZE;
+    if (n > 0 && s->n_computed >= s->n_tokens) {
+        if (tsr_kvblocks_cow(e->kvb, &s->chain, s->blocks, cow_src, cow_dst)) {
+            s->n_computed = s->n_tokens - 1;
+        } else {
+            s->n_blocks = n - 1;
+            s->n_computed = (n - 1) * TSR_KV_BLOCK_SIZE;
+        }
+    }
 }
 
-/* Cache s's full prompt blocks whose K/V are all computed now. They are final: s only
- * writes at positions >= n_computed, and never moves n_computed back while it holds them. */
+/* Cache s's full blocks whose K/V are all computed now (prompt and generated tokens). They
+ * are final: s only writes at positions >= n_computed, and never moves n_computed back
+ * while it holds them. */
 static void prefix_commit(tsr_engine *e, seq *s)
 {
     if (!tsr_kvblocks_caching(e->kvb)) return;
-    int32_t upto = s->n_computed < s->n_prompt ? s->n_computed : s->n_prompt;
+    int32_t upto = s->n_computed;
     while (s->chain.n_blocks < upto / TSR_KV_BLOCK_SIZE) {
         int32_t i = s->chain.n_blocks;
         tsr_kvblocks_commit(e->kvb, &s->chain, s->blocks[i],
@@ -657,6 +690,7 @@ static void publish_status(tsr_engine *e)
     e->snap.prefix_cache_hits = kst.n_hits;
     e->snap.prefix_cache_hit_tokens = kst.n_hit_tokens;
     e->snap.prefix_cache_evictions = kst.n_evictions;
+    e->snap.prefix_cache_copies = kst.n_copies;
     e->snap.kv_block_tokens = TSR_KV_BLOCK_SIZE;
     e->snap.n_preemptions = e->n_preemptions;
     e->snap.n_requests_done = e->n_done;
@@ -741,14 +775,23 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
     while (e->n_waiting > 0 && budget > 0 && e->n_running < e->p.max_seqs) {
         seq *s = e->waiting[0];
         s->n_draft = 0;
-        prefix_match(e, s);
+        int32_t cow_src, cow_dst;
+        prefix_match(e, s, &cow_src, &cow_dst);
         int32_t want = s->n_tokens - s->n_computed;
         int32_t chunk = want < budget ? want : budget;
         if (!blocks_reserve(e, s, s->n_computed + chunk)) {
-            blocks_release(e, s); /* the prefix found, if any: looked up again next step */
+            /* the prefix found, if any: looked up again next step */
+            if (cow_src >= 0) tsr_kvblocks_release(e->kvb, &cow_src, 1);
+            blocks_release(e, s);
             break;
         }
-        tsr_kvblocks_count_lookup(e->kvb, s->chain.n_blocks);
+        if (cow_src >= 0) {
+            e->cow_src[e->n_cow] = cow_src;
+            e->cow_dst[e->n_cow] = cow_dst;
+            e->n_cow++;
+        }
+        tsr_kvblocks_count_lookup(e->kvb,
+                                  (s->n_computed + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE);
         remove_waiting(e, 0);
         e->running[e->n_running++] = s;
         if (!s->t_scheduled) s->t_scheduled = tsr_now_ns();
@@ -1002,6 +1045,14 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
                        .n_blocks = e->b_nblocks};
         const float *logits;
         uint64_t t0 = tsr_now_ns();
+        if (e->n_cow > 0) {
+            /* copy-on-write blocks of this step's admissions, on every rank, before the
+             * step reads them; then the shared originals are no longer needed */
+            int rc = tsr_replica_kv_copy(e->rep, e->cow_src, e->cow_dst, e->n_cow, err, err_len);
+            tsr_kvblocks_release(e->kvb, e->cow_src, e->n_cow);
+            e->n_cow = 0;
+            if (rc != 0) goto down;
+        }
         if (tsr_replica_step(e->rep, &b, &logits, err, err_len) != 0) goto down;
         double ms = (double)(tsr_now_ns() - t0) / 1e6;
         e->step_ms_mean = e->step_ms_mean == 0.0 ? ms : 0.9 * e->step_ms_mean + 0.1 * ms;

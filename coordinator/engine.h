@@ -168,6 +168,7 @@ typedef struct {
     uint64_t prefix_cache_hits;
     uint64_t prefix_cache_hit_tokens;
     uint64_t prefix_cache_evictions; /* cached blocks taken back for other uses */
+    uint64_t prefix_cache_copies;    /* copy-on-write copies of a fully cached last block */
 } tsr_engine_status;
 
 typedef struct tsr_engine tsr_engine;

@@ -32,14 +32,6 @@ struct tsr_join {
     bool stop; /* under mu */
 };
 
-static char *dup_str(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 static void *join_main(void *arg)
 {
     tsr_join *j = arg;
@@ -149,12 +141,12 @@ int tsr_join_start(const tsr_join_params *p, tsr_engine *engine, tsr_join **out,
     *out = NULL;
     tsr_join *j = calloc(1, sizeof *j);
     if (!j) goto oom;
-    j->coordinator = dup_str(p->coordinator);
-    j->name = dup_str(p->name);
-    j->address = dup_str(p->address);
-    j->model = dup_str(p->model);
+    j->coordinator = strdup(p->coordinator);
+    j->name = strdup(p->name);
+    j->address = strdup(p->address);
+    j->model = strdup(p->model);
     if (!j->coordinator || !j->name || !j->address || !j->model) goto oom_j;
-    if (p->authorization && !(j->authorization = dup_str(p->authorization))) goto oom_j;
+    if (p->authorization && !(j->authorization = strdup(p->authorization))) goto oom_j;
     j->serves_tls = p->serves_tls;
     j->tls = tsr_tls_client_enabled(p->tls);
     j->tp = p->tp;

@@ -24,9 +24,10 @@ struct tsr_kvblocks {
     int32_t *refcount;
     /* cache entries (serial 0: the block holds none) */
     uint64_t *key, *serial, *parent_serial;
-    int32_t *tokens; /* [n_blocks][TSR_KV_BLOCK_SIZE] */
-    int32_t *bucket; /* [n_buckets] first block of the bucket, or NIL */
-    int32_t *hnext;  /* next block in the same bucket */
+    uint64_t *parent_key; /* the parent entry's chain key (0 at the root): tsr_kvblocks_cow */
+    int32_t *tokens;      /* [n_blocks][TSR_KV_BLOCK_SIZE] */
+    int32_t *bucket;      /* [n_buckets] first block of the bucket, or NIL */
+    int32_t *hnext;       /* next block in the same bucket */
     uint64_t bucket_mask;
     /* LRU list of evictable blocks: head = least recently used */
     int32_t *lru_prev, *lru_next;
@@ -36,7 +37,7 @@ struct tsr_kvblocks {
     int32_t n_free;
     int32_t n_used, n_evictable, n_cached;
     uint64_t next_serial;
-    uint64_t n_lookups, n_hits, n_hit_tokens, n_evictions, n_inserted;
+    uint64_t n_lookups, n_hits, n_hit_tokens, n_evictions, n_inserted, n_copies;
     tsr_kvblocks_hash_fn hash;
 };
 
@@ -83,13 +84,14 @@ int tsr_kvblocks_new(int32_t n_blocks, bool prefix_cache, tsr_kvblocks **out, ch
         m->key = calloc(n, sizeof(uint64_t));
         m->serial = calloc(n, sizeof(uint64_t));
         m->parent_serial = calloc(n, sizeof(uint64_t));
+        m->parent_key = calloc(n, sizeof(uint64_t));
         m->tokens = calloc(n * TSR_KV_BLOCK_SIZE, sizeof(int32_t));
         m->bucket = malloc((size_t)n_buckets * sizeof(int32_t));
         m->hnext = malloc(n * sizeof(int32_t));
         m->lru_prev = malloc(n * sizeof(int32_t));
         m->lru_next = malloc(n * sizeof(int32_t));
-        if (!m->key || !m->serial || !m->parent_serial || !m->tokens || !m->bucket || !m->hnext ||
-            !m->lru_prev || !m->lru_next)
+        if (!m->key || !m->serial || !m->parent_serial || !m->parent_key || !m->tokens ||
+            !m->bucket || !m->hnext || !m->lru_prev || !m->lru_next)
             goto oom;
         for (uint64_t b = 0; b < n_buckets; b++) m->bucket[b] = NIL;
         for (size_t i = 0; i < n; i++) m->hnext[i] = m->lru_prev[i] = m->lru_next[i] = NIL;
@@ -112,6 +114,7 @@ void tsr_kvblocks_free(tsr_kvblocks *m)
     free(m->key);
     free(m->serial);
     free(m->parent_serial);
+    free(m->parent_key);
     free(m->tokens);
     free(m->bucket);
     free(m->hnext);
@@ -246,6 +249,31 @@ int32_t tsr_kvblocks_match(tsr_kvblocks *m, const int32_t *tokens, int32_t max_b
     return n;
 }
 
+int tsr_kvblocks_cow(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t *blocks, int32_t *src,
+                     int32_t *dst)
+{
+    *src = *dst = NIL;
+    const int32_t n = chain->n_blocks;
+    if (!m->caching || n <= 0) return 0;
+    const int32_t shared = blocks[n - 1];
+    /* Step the chain back to the parent of the last block: the copy is private, and the
+     * caller's commit of that position finds the shared entry again (or caches the copy if
+     * the entry was evicted meanwhile). */
+    chain->n_blocks = n - 1;
+    chain->key = m->parent_key[shared];
+    chain->serial = m->parent_serial[shared];
+    int32_t fresh;
+    if (!tsr_kvblocks_alloc(m, 1, &fresh)) {
+        tsr_kvblocks_release(m, &shared, 1);
+        return 0;
+    }
+    blocks[n - 1] = fresh;
+    *src = shared;
+    *dst = fresh;
+    m->n_copies++;
+    return 1;
+}
+
 void tsr_kvblocks_count_lookup(tsr_kvblocks *m, int32_t n_blocks)
 {
     if (!m->caching) return;
@@ -279,6 +307,7 @@ bool tsr_kvblocks_commit(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t blo
     m->key[block] = k;
     m->serial[block] = ++m->next_serial;
     m->parent_serial[block] = chain->serial;
+    m->parent_key[block] = chain->key;
     memcpy(&m->tokens[(size_t)block * TSR_KV_BLOCK_SIZE], tokens,
            sizeof(int32_t) * TSR_KV_BLOCK_SIZE);
     int32_t *head = &m->bucket[k & m->bucket_mask];
@@ -314,4 +343,5 @@ void tsr_kvblocks_get_stats(const tsr_kvblocks *m, tsr_kvblocks_stats *st)
     st->n_hit_tokens = m->n_hit_tokens;
     st->n_evictions = m->n_evictions;
     st->n_inserted = m->n_inserted;
+    st->n_copies = m->n_copies;
 }

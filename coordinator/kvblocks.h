@@ -18,11 +18,13 @@
  * from position 0. A hit is never trusted to the hash: the entry's 16 token ids are
  * compared, and so is the identity of its parent entry (a serial number that is never
  * reused, so an entry whose parent was evicted can no longer be reached even if the
- * parent's block is reused for the same or another chain). Only full blocks wholly inside
- * a prompt are cached (tsr_kvblocks_commit), and the engine never writes into a block
- * below its sequence's computed length, so a shared block is read-only while shared and no
- * copy-on-write is needed; blocks of generated tokens (written by decoding, rolled back by
- * speculation) stay private.
+ * parent's block is reused for the same or another chain). Only full blocks whose K/V are
+ * final are cached (tsr_kvblocks_commit: the engine commits every full block below its
+ * sequence's computed length, prompt or generated tokens; rejected speculative drafts lie
+ * at or after that length), and the engine never writes into a block below its computed
+ * length, so a shared block is read-only while shared. The one write into a shared block —
+ * the last token of a sequence whose tokens end on a block boundary and are all cached,
+ * run again for its logits — goes to a private copy instead (tsr_kvblocks_cow).
  *
  * Eviction order: releasing a sequence's blocks last block first puts the deeper blocks of
  * a chain before their parents in the LRU list, so a chain is evicted from its tail and a
@@ -66,6 +68,7 @@ typedef struct {
     uint64_t n_hit_tokens;
     uint64_t n_evictions; /* cache entries dropped to reuse their block */
     uint64_t n_inserted;  /* cache entries made by commits */
+    uint64_t n_copies;    /* copy-on-write block copies (tsr_kvblocks_cow) */
 } tsr_kvblocks_stats;
 
 /* A manager of n_blocks blocks (>= 1), all free; prefix_cache false turns caching off.
@@ -92,10 +95,26 @@ void tsr_kvblocks_release(tsr_kvblocks *m, const int32_t *blocks, int32_t n);
  * position 0, each hit verified by its token ids and its parent entry. Takes a reference
  * on every block found (they are no longer evictable), writes their ids to out_blocks and
  * sets *chain to the last one (chain->n_blocks = the count, also returned). The caller
- * bounds max_blocks: full blocks of the prompt only, and never the block of the last token
- * it must compute. With caching off: 0. */
+ * bounds max_blocks to its full blocks; when the block of a token it must compute is among
+ * those found, it calls tsr_kvblocks_cow. With caching off: 0. */
 int32_t tsr_kvblocks_match(tsr_kvblocks *m, const int32_t *tokens, int32_t max_blocks,
                            int32_t *out_blocks, tsr_kvblocks_chain *chain);
+
+/* Copy-on-write of the last block a match found, for a sequence that must write into it:
+ * its tokens end on a block boundary and every block is cached, but the last token must
+ * run again to give logits, and running it writes its K/V row in that (shared) block.
+ * chain: as tsr_kvblocks_match left it (chain->n_blocks >= 1); blocks: the matched ids.
+ * Takes a fresh private block (free first, else evicting; the shared one is referenced so
+ * it is not a candidate) and puts it in blocks[n - 1]; *src = the shared block, whose
+ * reference now belongs to the caller's copy: it copies src's K/V into *dst on every rank
+ * (tsr_replica_kv_copy / tsr_ctx_kv_copy) before anything reads dst, then releases src.
+ * The chain steps back to the parent of the last block (the copy is private; committing it
+ * after it is computed finds the shared entry and continues the chain there). Returns 1
+ * then. Returns 0 when no block is available (or caching is off): the shared last block
+ * is released and the chain stepped back the same way, so the caller recomputes that block
+ * as before copy-on-write existed (*src = *dst = -1). */
+int tsr_kvblocks_cow(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t *blocks, int32_t *src,
+                     int32_t *dst);
 
 /* Count one lookup that reused n_blocks blocks (the engine counts when a request is
  * admitted, not when an admission is retried for want of blocks). */
@@ -107,7 +126,7 @@ void tsr_kvblocks_count_lookup(tsr_kvblocks *m, int32_t n_blocks);
  * too), leave `block` private and continue the chain on that entry. Advances *chain by one
  * block. Returns true when `block` itself was cached. With caching off: false (the chain
  * still advances). The block must not be written again while it stays cached: the caller
- * commits only full prompt blocks below its computed length. */
+ * commits only full blocks below its computed length whose tokens are final. */
 bool tsr_kvblocks_commit(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t block,
                          const int32_t *tokens);
 

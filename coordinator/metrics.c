@@ -356,6 +356,10 @@ int tsr_metrics_render(tsr_metrics *m, tsr_engine *e, char **out, size_t *len)
         family(f, "tessera_prefix_cache_evictions_total", "counter",
                "Cached prefix blocks evicted to make room (least recently used first).");
         fprintf(f, "tessera_prefix_cache_evictions_total %" PRIu64 "\n", st.prefix_cache_evictions);
+        family(f, "tessera_prefix_cache_copies_total", "counter",
+               "Copy-on-write copies of a cached block that a wholly cached prompt's last token "
+               "writes.");
+        fprintf(f, "tessera_prefix_cache_copies_total %" PRIu64 "\n", st.prefix_cache_copies);
         family(f, "tessera_healthy", "gauge", "1 while the data plane completes steps.");
         fprintf(f, "tessera_healthy %d\n", st.healthy ? 1 : 0);
         family(f, "tessera_draining", "gauge", "1 once draining: no new requests.");

@@ -1000,6 +1000,7 @@ static void handle_status(tsr_server *s, grpc_slice in, reply *r)
     SETF(prefix_cache_hits, st.prefix_cache_hits);
     SETF(prefix_cache_hit_tokens, st.prefix_cache_hit_tokens);
     SETF(prefix_cache_evictions, st.prefix_cache_evictions);
+    SETF(prefix_cache_copies, st.prefix_cache_copies);
 #undef SETF
     reply_msg(r, &a.base);
 }

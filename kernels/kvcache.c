@@ -3,9 +3,9 @@
  *
  * Every path of one type computes the same operations in the same order (the scalar code is
  * the reference and spells the order out; the AVX2 and AVX-512 code vectorizes it without
- * reassociating), so f16 and the V side of q8_0 are bit-identical across instruction sets.
- * The q8_0 q·k uses kernels/quant.h's Q8_0 dot, whose ISA paths agree up to float
- * summation order.
+ * reassociating), so every type is bit-identical across instruction sets. The f32 and q8_0
+ * kernels walk a head's positions in runs of one block-table block (consecutive rows), all
+ * positions in one call. f16 is llama.cpp's CPU flash attention, operation for operation.
  */
 #include "kernels/kvcache.h"
 
@@ -158,10 +158,36 @@ static inline float reduce16(const float *l)
     return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
-/* ---- f32: the engine's original attention ---- */
+/* Walk positions p0..p1 in runs that share a block-table block: within a run, rows are
+ * consecutive slots, row_bytes apart. The body (the variadic part) sees ROW (the run's
+ * first row, at the head's offset), N (its length) and I0 (its first index from p0). */
+#define KV_RUNS(kv, base, p0, p1, ROW, N, I0, ...)                                                 \
+    do {                                                                                           \
+        const int32_t bs_ = (kv)->block_size;                                                      \
+        for (int32_t p_ = (p0); p_ <= (p1);) {                                                     \
+            const int32_t off_ = p_ % bs_;                                                         \
+            int32_t N = bs_ - off_;                                                                \
+            if (N > (p1)-p_ + 1) N = (p1)-p_ + 1;                                                  \
+            const uint8_t *ROW =                                                                   \
+                (base) +                                                                           \
+                ((size_t)(kv)->block_table[p_ / bs_] * (size_t)bs_ + (size_t)off_) *               \
+                    (kv)->row_bytes +                                                              \
+                (kv)->head_offset;                                                                 \
+            const int32_t I0 = p_ - (p0);                                                          \
+            __VA_ARGS__                                                                            \
+            p_ += N;                                                                               \
+        }                                                                                          \
+    } while (0)
 
-static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
-                     float *att, float *o)
+/* ---- f32 ----
+ * Head sizes that are a multiple of 16: q·k in tinyBLAS<16>'s order (the f16 path's, without
+ * its fp16 roundings: lane l an FMA chain over i ≡ l mod 16, then the 16-lane tree), V
+ * accumulated per output value with FMA in position order; every ISA path computes exactly
+ * this. Other head sizes keep the engine's original loops (a sequential dot, then
+ * o += a·v in position order). */
+
+static void attn_f32_seq(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                         float *att, float *o)
 {
     const int hd = kv->head_dim;
     for (int32_t p = p0; p <= p1; p++) {
@@ -179,20 +205,39 @@ static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t
     }
 }
 
-/* ---- f16, scalar reference ---- */
-
-/* q·k of fp16 rows, hd % 16 == 0: tinyBLAS<16> (lane l: FMA chain over i ≡ l mod 16). */
-static float dot_f16_lanes_scalar(const uint16_t *k, const uint16_t *q, int hd)
+static void qk_f32_scalar(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                          int32_t p1, float *att)
 {
-    float l16[LANES] = {0};
-    for (int i = 0; i < hd; i += LANES)
-        for (int l = 0; l < LANES; l++)
-            l16[l] = fmaf(tsr_f16_to_f32(k[i + l]), tsr_f16_to_f32(q[i + l]), l16[l]);
-    return reduce16(l16);
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *k = (const float *)(row + (size_t)j * kv->row_bytes);
+            float l16[LANES] = {0};
+            for (int i = 0; i < hd; i += LANES)
+                for (int l = 0; l < LANES; l++) l16[l] = fmaf(k[i + l], q[i + l], l16[l]);
+            att[i0 + j] = reduce16(l16) * scale;
+        }
+    });
 }
 
-/* q·k when hd % 16 != 0 (ggml_vec_dot_f16 on AVX-512: 4 × 16 lanes over each whole 64,
- * sums (0+2, 1+3), (0+1), the 16-lane tree, then the rest added in double). */
+static void v_f32_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o)
+{
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *v = (const float *)(row + (size_t)j * kv->row_bytes);
+            const float a = att[i0 + j];
+            for (int i = 0; i < hd; i++) o[i] = fmaf(v[i], a, o[i]);
+        }
+    });
+}
+
+/* ---- f16, scalar reference ---- */
+
+/* q·k of fp16 rows in ggml_vec_dot_f16's order on AVX-512 (the K·Q of llama.cpp's CPU
+ * flash attention): 4 × 16 lanes over each whole 64 (element i: accumulator (i / 16) % 4,
+ * lane i % 16, an FMA chain), sums (0+2, 1+3), (0+1), the 16-lane tree, then the rest
+ * added in double. Products of fp16 values are exact in float. */
 static float dot_f16_vecdot_scalar(const uint16_t *k, const uint16_t *q, int hd)
 {
     float s[4][LANES] = {{0}};
@@ -212,28 +257,17 @@ static float dot_f16_vecdot_scalar(const uint16_t *k, const uint16_t *q, int hd)
     return (float)sum;
 }
 
-static void v_f16_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
-                         float *acc)
+/* acc = fp16(acc * ms) (ggml_vec_scale_f16), then acc = fp16(fma(v, vs, acc))
+ * (ggml_vec_mad_f16): element by element, so every ISA gives the same bits. */
+static void fa_v_scalar(uint16_t *acc, const uint16_t *v, int hd, bool rescale, float ms, float vs)
 {
-    const int hd = kv->head_dim;
-    for (int32_t p = p0; p <= p1; p++) {
-        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        const float pr = tsr_f16_to_f32(tsr_f32_to_f16(att[p - p0]));
-        float *a = acc + (size_t)(p % LANES) * hd;
-        for (int i = 0; i < hd; i++) a[i] = fmaf(tsr_f16_to_f32(v[i]), pr, a[i]);
-    }
+    if (rescale)
+        for (int i = 0; i < hd; i++) acc[i] = tsr_f32_to_f16(tsr_f16_to_f32(acc[i]) * ms);
+    for (int i = 0; i < hd; i++)
+        acc[i] = tsr_f32_to_f16(fmaf(tsr_f16_to_f32(v[i]), vs, tsr_f16_to_f32(acc[i])));
 }
 
-static void reduce_lanes_scalar(const float *acc, int hd, float *o)
-{
-    float l16[LANES];
-    for (int i = 0; i < hd; i++) {
-        for (int l = 0; l < LANES; l++) l16[l] = acc[(size_t)l * hd + i];
-        o[i] = reduce16(l16);
-    }
-}
-
-/* ---- f16, AVX2 + F16C (16 lanes as two 8-float halves) ---- */
+/* ---- f16, AVX2 + F16C and AVX-512 ---- */
 
 #define TSR_KV_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define TSR_KV_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw")))
@@ -243,124 +277,210 @@ TSR_KV_AVX2 static inline __m256 ld8_f16(const uint16_t *p)
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* dot_f16_vecdot_scalar with the 16 lanes as two 8-float halves. */
 TSR_KV_AVX2 static float dot_f16_avx2(const uint16_t *k, const uint16_t *q, int hd)
 {
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    for (int i = 0; i < hd; i += LANES) {
-        lo = _mm256_fmadd_ps(ld8_f16(k + i), ld8_f16(q + i), lo);
-        hi = _mm256_fmadd_ps(ld8_f16(k + i + 8), ld8_f16(q + i + 8), hi);
-    }
-    __m256 t3 = _mm256_add_ps(hi, lo);
-    __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-    __m128 t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-    return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
-}
-
-TSR_KV_AVX2 static void v_f16_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
-                                   float *acc)
-{
-    const int hd = kv->head_dim;
-    for (int32_t p = p0; p <= p1; p++) {
-        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        const __m256 pr =
-            _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(att[p - p0]), 0))));
-        float *a = acc + (size_t)(p % LANES) * hd;
-        for (int i = 0; i < hd; i += 8)
-            _mm256_storeu_ps(a + i, _mm256_fmadd_ps(ld8_f16(v + i), pr, _mm256_loadu_ps(a + i)));
-    }
-}
-
-/* The lane tree for every output value at once: acc[l][i] += acc[l + w][i], w = 8, 4, 2, 1. */
-TSR_KV_AVX2 static void reduce_lanes_avx2(float *acc, int hd, float *o)
-{
-    for (int w = 8; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) {
-            float *a = acc + (size_t)l * hd;
-            const float *b = acc + (size_t)(l + w) * hd;
-            for (int i = 0; i < hd; i += 8)
-                _mm256_storeu_ps(a + i,
-                                 _mm256_add_ps(_mm256_loadu_ps(b + i), _mm256_loadu_ps(a + i)));
+    __m256 lo[4], hi[4];
+    for (int j = 0; j < 4; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+    const int np = hd & ~63;
+    for (int i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++) {
+            lo[j] = _mm256_fmadd_ps(ld8_f16(k + i + 16 * j), ld8_f16(q + i + 16 * j), lo[j]);
+            hi[j] =
+                _mm256_fmadd_ps(ld8_f16(k + i + 16 * j + 8), ld8_f16(q + i + 16 * j + 8), hi[j]);
         }
-    memcpy(o, acc, sizeof(float) * (size_t)hd);
+    const __m256 l0 = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+    const __m256 h0 = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+    /* reduce16: (i, i+8), (i, i+4), (i, i+2), (0, 1) */
+    const __m256 t8 = _mm256_add_ps(h0, l0);
+    const __m128 t4 = _mm_add_ps(_mm256_extractf128_ps(t8, 1), _mm256_castps256_ps128(t8));
+    const __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    double sum = (double)(_mm_cvtss_f32(t2) + _mm_cvtss_f32(_mm_shuffle_ps(t2, t2, 1)));
+    for (int i = np; i < hd; i++) sum += (double)(tsr_f16_to_f32(k[i]) * tsr_f16_to_f32(q[i]));
+    return (float)sum;
 }
-
-/* ---- f16, AVX-512 ---- */
 
 TSR_KV_AVX512 static float dot_f16_avx512(const uint16_t *k, const uint16_t *q, int hd)
 {
-    __m512 s = _mm512_setzero_ps();
-    for (int i = 0; i < hd; i += LANES)
-        s = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i))),
-                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + i))), s);
-    return _mm512_reduce_add_ps(s);
+    __m512 s[4];
+    for (int j = 0; j < 4; j++) s[j] = _mm512_setzero_ps();
+    const int np = hd & ~63;
+    for (int i = 0; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm512_fmadd_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i + 16 * j))),
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + i + 16 * j))), s[j]);
+    const __m512 r = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+    double sum = (double)_mm512_reduce_add_ps(r);
+    for (int i = np; i < hd; i++) sum += (double)(tsr_f16_to_f32(k[i]) * tsr_f16_to_f32(q[i]));
+    return (float)sum;
 }
 
-TSR_KV_AVX512 static void v_f16_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
-                                       int32_t p1, float *acc)
+TSR_KV_AVX2 static void fa_v_avx2(uint16_t *acc, const uint16_t *v, int hd, bool rescale, float ms,
+                                  float vs)
+{
+    const int n8 = hd & ~7;
+    if (rescale) {
+        const __m256 m = _mm256_set1_ps(ms);
+        for (int i = 0; i < n8; i += 8)
+            _mm_storeu_si128((__m128i *)(acc + i),
+                             _mm256_cvtps_ph(_mm256_mul_ps(ld8_f16(acc + i), m),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    const __m256 w = _mm256_set1_ps(vs);
+    for (int i = 0; i < n8; i += 8)
+        _mm_storeu_si128((__m128i *)(acc + i),
+                         _mm256_cvtps_ph(_mm256_fmadd_ps(ld8_f16(v + i), w, ld8_f16(acc + i)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (n8 < hd) fa_v_scalar(acc + n8, v + n8, hd - n8, rescale, ms, vs);
+}
+
+/* ---- f32, AVX2 and AVX-512 (the scalar order above) ---- */
+
+TSR_KV_AVX2 static void qk_f32_avx2(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                                    int32_t p1, float *att)
 {
     const int hd = kv->head_dim;
-    for (int32_t p = p0; p <= p1; p++) {
-        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        const __m512 pr =
-            _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(att[p - p0]), 0))));
-        float *a = acc + (size_t)(p % LANES) * hd;
-        for (int i = 0; i < hd; i += LANES)
-            _mm512_storeu_ps(
-                a + i,
-                _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + i))), pr,
-                                _mm512_loadu_ps(a + i)));
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *k = (const float *)(row + (size_t)j * kv->row_bytes);
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            for (int i = 0; i < hd; i += LANES) {
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(q + i), lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(k + i + 8), _mm256_loadu_ps(q + i + 8), hi);
+            }
+            /* reduce16: (i, i+8), (i, i+4), (0+2) + (1+3) */
+            __m256 t3 = _mm256_add_ps(hi, lo);
+            __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+            __m128 t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+            att[i0 + j] = (_mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1))) * scale;
+        }
+    });
+}
+
+/* V: up to 64 output values in registers over all positions (as v_q8_0_avx2). */
+TSR_KV_AVX2 static void v_f32_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
+                                   float *o)
+{
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nr = (hd - c0 >= 64 ? 64 : hd - c0) / 8; /* hd % 16 == 0 */
+        __m256 acc[8];
+        for (int r = 0; r < nr; r++) acc[r] = _mm256_loadu_ps(o + c0 + 8 * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const float *v = (const float *)(row + (size_t)j * kv->row_bytes) + c0;
+                const __m256 a = _mm256_set1_ps(att[i0 + j]);
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(v + 8 * r), a, acc[r]);
+            }
+        });
+        for (int r = 0; r < nr; r++) _mm256_storeu_ps(o + c0 + 8 * r, acc[r]);
     }
 }
 
-TSR_KV_AVX512 static void reduce_lanes_avx512(float *acc, int hd, float *o)
+TSR_KV_AVX512 static void qk_f32_avx512(const tsr_kv_view *kv, const float *q, float scale,
+                                        int32_t p0, int32_t p1, float *att)
 {
-    for (int w = 8; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) {
-            float *a = acc + (size_t)l * hd;
-            const float *b = acc + (size_t)(l + w) * hd;
+    const int hd = kv->head_dim;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const float *k = (const float *)(row + (size_t)j * kv->row_bytes);
+            __m512 acc = _mm512_setzero_ps();
             for (int i = 0; i < hd; i += LANES)
-                _mm512_storeu_ps(a + i,
-                                 _mm512_add_ps(_mm512_loadu_ps(b + i), _mm512_loadu_ps(a + i)));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(k + i), _mm512_loadu_ps(q + i), acc);
+            att[i0 + j] = _mm512_reduce_add_ps(acc) * scale; /* reduce16's tree (GCC) */
         }
-    memcpy(o, acc, sizeof(float) * (size_t)hd);
+    });
 }
 
+TSR_KV_AVX512 static void v_f32_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
+                                       int32_t p1, float *o)
+{
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nr = (hd - c0 >= 64 ? 64 : hd - c0) / LANES;
+        __m512 acc[4];
+        for (int r = 0; r < nr; r++) acc[r] = _mm512_loadu_ps(o + c0 + LANES * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const float *v = (const float *)(row + (size_t)j * kv->row_bytes) + c0;
+                const __m512 a = _mm512_set1_ps(att[i0 + j]);
+                for (int r = 0; r < nr; r++)
+                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(v + LANES * r), a, acc[r]);
+            }
+        });
+        for (int r = 0; r < nr; r++) _mm512_storeu_ps(o + c0 + LANES * r, acc[r]);
+    }
+}
+
+static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                     float *att, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    if (hd % LANES != 0) {
+        attn_f32_seq(kv, q, scale, p0, p1, att, o);
+        return;
+    }
+    if (isa == KV_AVX512)
+        qk_f32_avx512(kv, q, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_f32_avx2(kv, q, scale, p0, p1, att);
+    else
+        qk_f32_scalar(kv, q, scale, p0, p1, att);
+    tsr_softmax(att, p1 - p0 + 1);
+    memset(o, 0, sizeof(float) * (size_t)hd);
+    if (isa == KV_AVX512)
+        v_f32_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_f32_avx2(kv, att, p0, p1, o);
+    else
+        v_f32_scalar(kv, att, p0, p1, o);
+}
+
+/* llama.cpp's CPU flash attention over an F16 cache (ggml_compute_forward_flash_attn_ext_f16
+ * one_chunk, the path of every reference in ../shared/models/expected): Q rounded to fp16;
+ * per position in order s = fp16 dot(K, Q) * scale; an online softmax (running max M, sum
+ * S = fma(S, ms, vs), libm expf) whose output accumulator is fp16, rescaled and added to
+ * with a rounding after each step; finally acc / S. scores[p - p0] is left holding s. */
 static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                      float *att, void *scratch, float *o, int isa)
 {
     const int hd = kv->head_dim;
     uint16_t *qh = scratch;
-    float *acc = (float *)((uint8_t *)scratch + q_part_bytes((size_t)hd));
-    /* Q rounded to fp16 (ggml converts src1 to the F16 weight's vec_dot_type). */
+    uint16_t *acc = (uint16_t *)((uint8_t *)scratch + q_part_bytes((size_t)hd));
     for (int i = 0; i < hd; i++) qh[i] = tsr_f32_to_f16(q[i]);
-    const bool lanes16 = hd % LANES == 0;
-    if (isa == KV_AVX512 && !lanes16) isa = hd % 8 == 0 ? KV_AVX2 : KV_SCALAR;
-    if (isa == KV_AVX2 && hd % 8 != 0) isa = KV_SCALAR;
+    memset(acc, 0, sizeof(uint16_t) * (size_t)hd);
+    float M = -INFINITY, S = 0.0f;
     for (int32_t p = p0; p <= p1; p++) {
         const uint16_t *k = (const uint16_t *)kv_at(kv, kv->k, p);
         float s;
-        if (!lanes16)
-            s = dot_f16_vecdot_scalar(k, qh, hd);
-        else if (isa == KV_AVX512)
+        if (isa == KV_AVX512)
             s = dot_f16_avx512(k, qh, hd);
         else if (isa == KV_AVX2)
             s = dot_f16_avx2(k, qh, hd);
         else
-            s = dot_f16_lanes_scalar(k, qh, hd);
-        att[p - p0] = s * scale;
+            s = dot_f16_vecdot_scalar(k, qh, hd);
+        s = s * scale;
+        att[p - p0] = s;
+        float ms = 1.0f, vs = 1.0f;
+        const bool rescale = s > M;
+        if (rescale) {
+            const float m_old = M;
+            M = s;
+            ms = expf(m_old - M);
+        } else {
+            vs = expf(s - M);
+        }
+        const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
+        if (isa >= KV_AVX2)
+            fa_v_avx2(acc, v, hd, rescale, ms, vs);
+        else
+            fa_v_scalar(acc, v, hd, rescale, ms, vs);
+        S = fmaf(S, ms, vs);
     }
-    tsr_softmax(att, p1 - p0 + 1);
-    memset(acc, 0, sizeof(float) * LANES * (size_t)hd);
-    if (isa == KV_AVX512) {
-        v_f16_avx512(kv, att, p0, p1, acc);
-        reduce_lanes_avx512(acc, hd, o);
-    } else if (isa == KV_AVX2) {
-        v_f16_avx2(kv, att, p0, p1, acc);
-        reduce_lanes_avx2(acc, hd, o);
-    } else {
-        v_f16_scalar(kv, att, p0, p1, acc);
-        reduce_lanes_scalar(acc, hd, o);
-    }
+    const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
+    for (int i = 0; i < hd; i++) o[i] = tsr_f16_to_f32(acc[i]) * s_inv;
 }
 
 /* ---- q8_0 ---- */
@@ -379,52 +499,167 @@ static void v_q8_0_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, i
     }
 }
 
+/* The V product keeps a chunk of up to 64 output values in registers over all positions
+ * (the same per-value FMA chain in position order as the scalar code, without a store and a
+ * reload per position), chunk after chunk. */
 TSR_KV_AVX2 static void v_q8_0_avx2(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1,
                                     float *o)
 {
-    const int nb = kv->head_dim / TSR_QK8_0;
-    for (int32_t p = p0; p <= p1; p++) {
-        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
-        const __m256 pr = _mm256_set1_ps(att[p - p0]);
-        for (int b = 0; b < nb; b++) {
-            const __m256 d = _mm256_set1_ps(tsr_f16_to_f32(v[b].d));
-            float *ob = o + b * TSR_QK8_0;
-            for (int j = 0; j < TSR_QK8_0; j += 8) {
-                __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + j));
-                __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-                _mm256_storeu_ps(ob + j, _mm256_fmadd_ps(x, pr, _mm256_loadu_ps(ob + j)));
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nbc = hd - c0 >= 64 ? 2 : 1; /* Q8_0 blocks in this chunk */
+        const int b0 = c0 / TSR_QK8_0;
+        __m256 acc[8];
+        for (int r = 0; r < 4 * nbc; r++) acc[r] = _mm256_loadu_ps(o + c0 + 8 * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const kv_q8_0 *v = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes) + b0;
+                const __m256 pr = _mm256_set1_ps(att[i0 + j]);
+                for (int b = 0; b < nbc; b++) {
+                    const __m256 d = _mm256_set1_ps(_cvtsh_ss(v[b].d));
+                    for (int r = 0; r < 4; r++) {
+                        __m128i q8 = _mm_loadl_epi64((const __m128i *)(v[b].qs + 8 * r));
+                        __m256 x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+                        acc[4 * b + r] = _mm256_fmadd_ps(x, pr, acc[4 * b + r]);
+                    }
+                }
             }
-        }
+        });
+        for (int r = 0; r < 4 * nbc; r++) _mm256_storeu_ps(o + c0 + 8 * r, acc[r]);
     }
 }
 
 TSR_KV_AVX512 static void v_q8_0_avx512(const tsr_kv_view *kv, const float *att, int32_t p0,
                                         int32_t p1, float *o)
 {
-    const int nb = kv->head_dim / TSR_QK8_0;
-    for (int32_t p = p0; p <= p1; p++) {
-        const kv_q8_0 *v = (const kv_q8_0 *)kv_at(kv, kv->v, p);
-        const __m512 pr = _mm512_set1_ps(att[p - p0]);
-        for (int b = 0; b < nb; b++) {
-            const __m512 d = _mm512_set1_ps(tsr_f16_to_f32(v[b].d));
-            float *ob = o + b * TSR_QK8_0;
-            for (int j = 0; j < TSR_QK8_0; j += LANES) {
-                __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + j));
-                __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
-                _mm512_storeu_ps(ob + j, _mm512_fmadd_ps(x, pr, _mm512_loadu_ps(ob + j)));
+    const int hd = kv->head_dim;
+    for (int c0 = 0; c0 < hd; c0 += 64) {
+        const int nbc = hd - c0 >= 64 ? 2 : 1;
+        const int b0 = c0 / TSR_QK8_0;
+        __m512 acc[4];
+        for (int r = 0; r < 2 * nbc; r++) acc[r] = _mm512_loadu_ps(o + c0 + LANES * r);
+        KV_RUNS(kv, kv->v, p0, p1, row, n, i0, {
+            for (int32_t j = 0; j < n; j++) {
+                const kv_q8_0 *v = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes) + b0;
+                const __m512 pr = _mm512_set1_ps(att[i0 + j]);
+                for (int b = 0; b < nbc; b++) {
+                    const __m512 d = _mm512_set1_ps(_cvtsh_ss(v[b].d));
+                    for (int r = 0; r < 2; r++) {
+                        __m128i q8 = _mm_loadu_si128((const __m128i *)(v[b].qs + LANES * r));
+                        __m512 x = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)));
+                        acc[2 * b + r] = _mm512_fmadd_ps(x, pr, acc[2 * b + r]);
+                    }
+                }
             }
-        }
+        });
+        for (int r = 0; r < 2 * nbc; r++) _mm512_storeu_ps(o + c0 + LANES * r, acc[r]);
     }
+}
+
+/* q·k of Q8_0 rows, many positions per call, in ggml's x86 order for a Q8_0 dot
+ * (ggml_vec_dot_q8_0_q8_0 on AVX2): 8 float lanes, lane l takes the integer sum of the
+ * products of values 4l .. 4l+3 of each block (exact), converted to float, times the
+ * block's d_k · d_q (one float product), by FMA in block order; then hsum_float_8's tree
+ * ((l, l+4), then (0+2) + (1+3)). Every ISA path computes exactly this. */
+static inline float hsum8(const float *l)
+{
+    const float t0 = l[4] + l[0], t1 = l[5] + l[1], t2 = l[6] + l[2], t3 = l[7] + l[3];
+    return (t0 + t2) + (t1 + t3);
+}
+
+static void qk_q8_0_scalar(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale, int32_t p0,
+                           int32_t p1, float *att)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            float l8[8] = {0};
+            for (int b = 0; b < nb; b++) {
+                const float d = tsr_f16_to_f32(k[b].d) * tsr_f16_to_f32(qq[b].d);
+                for (int l = 0; l < 8; l++) {
+                    int32_t si = 0;
+                    for (int e = 4 * l; e < 4 * l + 4; e++) si += k[b].qs[e] * qq[b].qs[e];
+                    l8[l] = fmaf(d, (float)si, l8[l]);
+                }
+            }
+            att[i0 + j] = hsum8(l8) * scale;
+        }
+    });
+}
+
+/* The 8 int32 sums of 4 products each of one block (maddubs on |k| and sign(k)·q: exact,
+ * |pair sum| <= 2·128·127 < 2^15). */
+TSR_KV_AVX2 static inline __m256 q8_block_sums_avx2(__m256i k, __m256i q, __m256i ones)
+{
+    const __m256i ak = _mm256_sign_epi8(k, k), sq = _mm256_sign_epi8(q, k);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ak, sq), ones));
+}
+
+TSR_KV_AVX2 static inline float hsum8_avx2(__m256 x)
+{
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+TSR_KV_AVX2 static void qk_q8_0_avx2(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
+                                     int32_t p0, int32_t p1, float *att)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const __m256 s =
+                    q8_block_sums_avx2(_mm256_loadu_si256((const __m256i *)k[b].qs),
+                                       _mm256_loadu_si256((const __m256i *)qq[b].qs), ones);
+                const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            att[i0 + j] = hsum8_avx2(acc) * scale;
+        }
+    });
+}
+
+/* With AVX-512 VNNI: the 8 sums of 4 products in one vpdpbusd (the same exact integers). */
+#define TSR_KV_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+TSR_KV_VNNI static void qk_q8_0_vnni(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
+                                     int32_t p0, int32_t p1, float *att)
+{
+    const int nb = kv->head_dim / TSR_QK8_0;
+    KV_RUNS(kv, kv->k, p0, p1, row, n, i0, {
+        for (int32_t j = 0; j < n; j++) {
+            const kv_q8_0 *k = (const kv_q8_0 *)(row + (size_t)j * kv->row_bytes);
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const __m256i kb = _mm256_loadu_si256((const __m256i *)k[b].qs);
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)qq[b].qs);
+                const __m256 s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(), _mm256_sign_epi8(kb, kb), _mm256_sign_epi8(qb, kb)));
+                const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            att[i0 + j] = hsum8_avx2(acc) * scale;
+        }
+    });
 }
 
 static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                       float *att, void *scratch, float *o, int isa)
 {
     const int hd = kv->head_dim;
-    void *qq = scratch;
+    kv_q8_0 *qq = scratch;
     tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
-    for (int32_t p = p0; p <= p1; p++)
-        att[p - p0] = tsr_vec_dot(TSR_TYPE_Q8_0, hd, kv_at(kv, kv->k, p), qq) * scale;
+    if (isa == KV_AVX512)
+        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
+    else
+        qk_q8_0_scalar(kv, qq, scale, p0, p1, att);
     tsr_softmax(att, p1 - p0 + 1);
     memset(o, 0, sizeof(float) * (size_t)hd);
     if (isa == KV_AVX512)
@@ -440,7 +675,7 @@ void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p
 {
     switch (kv->type) {
     case TSR_KV_F32:
-        attn_f32(kv, q, scale, p0, p1, scores, out);
+        attn_f32(kv, q, scale, p0, p1, scores, out, kv_isa());
         break;
     case TSR_KV_F16:
         attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());

@@ -6,8 +6,11 @@
  * 2× / ~3.76× the token positions, and decode at long context reads that much fewer bytes.
  *
  * Types (`--kv-type`):
- *   f32   float32, the attention of the original engine: sequential float dot products,
- *         softmax, weighted sum of V in position order.
+ *   f32   float32. Head sizes that are a multiple of 16: q·k in the order of ggml's
+ *         llamafile tinyBLAS<16> (the f16 path's order below, without its roundings: 16
+ *         lanes, lane l an FMA chain over the elements l ≡ i mod 16, then the 16-lane tree),
+ *         softmax, V accumulated per output value by FMA in position order. Other head sizes
+ *         keep the original engine's loops (sequential dot products, o += p·v).
  *   f16   IEEE half. Numerics follow llama.cpp's CPU graph with F16 K/V and flash attention
  *         off (llama-cpp-python's default; real-models.json was made with it on, see
  *         docs/architecture.md "llama.cpp's numerics"): Q is rounded to fp16, each q·k is a float dot product
@@ -22,18 +25,23 @@
  *         scalar) computes exactly this order, so all three give bit-identical results.
  *   q8_0  ggml's Q8_0 blocks (32 values, one fp16 scale) along the head dimension, as
  *         llama.cpp's q8_0 K/V cache (which requires flash attention): Q is quantized to
- *         Q8_0 and dotted with K in integers (kernels/quant.h's Q8_0 dot), softmax in
- *         float32, V dequantized (d × q, exact in float) and accumulated in float with FMA
- *         in position order. The head size must be a multiple of 32.
+ *         Q8_0 (tsr_quant_row) and dotted with K in integers, in the order of ggml's x86
+ *         ggml_vec_dot_q8_0_q8_0 (8 float lanes, lane l the exact integer sum of values
+ *         4l..4l+3 of a block, times d_k·d_q by FMA block after block, then hsum_float_8's
+ *         tree), one kernel call for all positions of a head (vpdpbusd with AVX-512 VNNI);
+ *         softmax in float32; V dequantized (d × q, exact in float) and accumulated in
+ *         float with FMA in position order, 64 output values held in registers across
+ *         positions. The head size must be a multiple of 32.
  *
  * Layout (owned by the caller, worker/model.c): per layer, a pool of slots (block b,
  * offset o -> slot b * block_size + o), each slot one row of tsr_kv_row_bytes(type,
  * kv_dim) bytes holding every local KV head of one position, head h at h * the bytes of
  * head_dim values.
  *
- * Dispatch follows kernels/quant.h's instruction set (tsr_quant_isa / tsr_quant_set_isa /
- * TSR_ISA), so tests and benchmarks force AVX2 or scalar the same way. Pure functions,
- * thread-safe.
+ * Every type computes one order on every ISA path, so all three give bit-identical results
+ * (test_kvcache). Dispatch follows kernels/quant.h's instruction set (tsr_quant_isa /
+ * tsr_quant_set_isa / TSR_ISA), so tests and benchmarks force AVX2 or scalar the same way.
+ * Pure functions, thread-safe.
  */
 #ifndef TSR_KVCACHE_H
 #define TSR_KVCACHE_H

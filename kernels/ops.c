@@ -3,6 +3,7 @@
  * file only schedules them over threads. */
 #include "kernels/ops.h"
 
+#include "kernels/dot_ggml.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 
@@ -50,8 +51,8 @@ static void mm_convert(void *arg, int ith, int nth)
     int64_t n_in = j->w[0]->n_in;
     for (int it = ith; it < j->n_conv * j->n_tok; it += nth) {
         int cv = it / j->n_tok, t = it % j->n_tok;
-        tsr_quant_row(j->conv_vt[cv], j->x + (size_t)t * n_in,
-                      (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv], n_in);
+        tsr_quant_act_row(j->conv_vt[cv], j->x + (size_t)t * n_in,
+                          (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv], n_in);
     }
 }
 
@@ -175,10 +176,10 @@ void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int
     for (int t = 0; t < n_tok; t++) {
         const float *xr = x + (size_t)t * n;
         float *o = out + (size_t)t * n;
-        /* Sum in double: ggml sums in ggml_float (double) too, and it keeps the scale
-         * exact enough for 1e-4 logit agreement. */
+        /* As ggml's rms_norm: float squares summed in order in ggml_float (double), the
+         * mean rounded to float, scale = 1 / sqrtf(mean + eps), then (x * scale) * w. */
         double ss = 0.0;
-        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        for (int i = 0; i < n; i++) ss += (double)(xr[i] * xr[i]);
         float scale = 1.0f / sqrtf((float)(ss / n) + eps);
         for (int i = 0; i < n; i++) o[i] = xr[i] * scale * weight[i];
     }
@@ -198,8 +199,8 @@ void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim,
             for (int h = 0; h < n_head; h++) {
                 float *v = x + ((size_t)t * n_head + h) * head_dim + i;
                 float x0 = v[0], x1 = v[1];
-                v[0] = x0 * c - x1 * s;
-                v[1] = x0 * s + x1 * c;
+                v[0] = fmaf(x0, c, -(x1 * s)); /* as tsr_rope_ext */
+                v[1] = fmaf(x0, s, x1 * c);
             }
         }
     }
@@ -222,20 +223,26 @@ void tsr_rope_ext(float *x, const int32_t *pos, int n_tok, int n_head, int head_
             for (int h = 0; h < n_head; h++) {
                 float *v = x + ((size_t)t * n_head + h) * head_dim;
                 const float x0 = v[a], x1 = v[b];
-                v[a] = x0 * c - x1 * s;
-                v[b] = x0 * s + x1 * c;
+                /* as ggml's rotate_pairs compiled by GCC (contracted to FMAs; the
+                 * products it fuses found by comparing bits with llama.cpp) */
+                v[a] = fmaf(x0, c, -(x1 * s));
+                v[b] = fmaf(x0, s, x1 * c);
             }
         }
     }
 }
 
-/* GELU (tanh approximation) of one fp16 input, rounded to fp16: one entry of ggml's table. */
+/* GELU (tanh approximation) of one fp16 input, rounded to fp16: one entry of ggml's table
+ * (ggml_table_gelu_f16). ggml's C is compiled with GCC's default -ffp-contract=fast, so its
+ * 1 + 0.044715*x*x is one FMA; written out here (this file is ISO C11: no contraction).
+ * It matters for one of the 65536 entries (x = -1.99902344: -0.0455017 against -0.0454712),
+ * checked against the table of the llama.cpp build that made the references. */
 static float gelu_f16_entry(uint16_t h)
 {
     const float x = tsr_f16_to_f32(h);
     const float y =
         0.5f * x *
-        (1.0f + tanhf(0.79788456080286535587989211986876f * x * (1.0f + 0.044715f * x * x)));
+        (1.0f + tanhf(0.79788456080286535587989211986876f * x * fmaf(0.044715f * x, x, 1.0f)));
     return tsr_f16_to_f32(tsr_f32_to_f16(y));
 }
 
@@ -264,10 +271,8 @@ void tsr_geglu(float *gate, const float *up, int64_t n)
 
 void tsr_swiglu(float *gate, const float *up, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) {
-        float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    /* ggml's order (kernels/dot_ggml.h): its vector expf on whole 16s, libm on the rest */
+    tsr_ggml_swiglu(tsr_ggml_isa(), gate, up, n);
 }
 
 void tsr_softmax(float *x, int n)

@@ -57,7 +57,9 @@ void tsr_rope(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim,
 void tsr_rope_ext(float *x, const int32_t *pos, int n_tok, int n_head, int head_dim, int n_rot,
                   float freq_base, float freq_scale, const float *freq_factors, int neox);
 
-/* x[i] = silu(gate[i]) * up[i] (SwiGLU), in place in gate. */
+/* x[i] = silu(gate[i]) * up[i] (SwiGLU), in place in gate, in ggml's order for one row of n
+ * (kernels/dot_ggml.h tsr_ggml_swiglu: its AVX-512 vector expf on whole 16s, libm expf on the
+ * rest), so call it per row. */
 void tsr_swiglu(float *gate, const float *up, int64_t n);
 
 /* gate[i] = gelu_tanh(gate[i]) * up[i] (GEGLU, gemma), as ggml's CPU backend computes it:

@@ -21,6 +21,8 @@
  */
 #include "kernels/quant.h"
 
+#include "kernels/dot_ggml.h"
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -1362,19 +1364,34 @@ static float dot_q4_1_scalar(int64_t n, const void *vw, const void *vx)
     return s;
 }
 
+/* ggml's float order for the Q8_0-activation dots of Q5_0 (ggml_vec_dot_q5_0_q8_0 on AVX2 /
+ * AVX-512 for one token, llamafile's tinyBLAS for several: the same per-element result):
+ * 8 float lanes, lane k holding the exact int sum over elements 4k..4k+3 of each block,
+ * acc_k = fma(float(lane_k), d_w*d_y, acc_k) block after block, then hsum8 below. Every
+ * path (scalar, AVX2, AVX-512, repacked) computes exactly this. */
+static inline float hsum8_ggml(const float a[8])
+{
+    /* ggml's hsum_float_8: (hi + lo), + movehl, + movehdup */
+    const float t0 = a[0] + a[4], t1 = a[1] + a[5], t2 = a[2] + a[6], t3 = a[3] + a[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
 static float dot_q5_0_scalar(int64_t n, const void *vw, const void *vx)
 {
     const blk_q5_0 *w = vw;
     const blk_q8_0 *x = vx;
-    float s = 0;
+    float acc[8] = {0};
     for (int64_t i = 0; i < n / 32; ++i) {
         int q[32];
         q5_unpack(w[i].qh, w[i].qs, q);
-        int32_t si = 0;
-        for (int j = 0; j < 32; ++j) si += (q[j] - 16) * x[i].qs[j];
-        s += f16(w[i].d) * f16(x[i].d) * (float)si;
+        const float d = f16(w[i].d) * f16(x[i].d);
+        for (int k = 0; k < 8; ++k) {
+            int32_t si = 0;
+            for (int j = 4 * k; j < 4 * k + 4; ++j) si += (q[j] - 16) * x[i].qs[j];
+            acc[k] = fmaf((float)si, d, acc[k]);
+        }
     }
-    return s;
+    return hsum8_ggml(acc);
 }
 
 static float dot_q5_1_scalar(int64_t n, const void *vw, const void *vx)
@@ -1455,12 +1472,16 @@ static inline void q4_K_scales_mins(const uint8_t *packed, uint8_t out[16])
     memcpy(out, u, 16);
 }
 
-/* Q4_K x Q8_K: per super-block d*dy*sum_g sc_g*<q_g, y_g> - dmin*dy*sum_g m_g*sum(y_g). */
+/* Q4_K x Q8_K in the order of ggml's repacked Q4_K GEMV (ggml_gemv_q4_K_8x8_q8_K, what
+ * llama.cpp runs for Q4_K on x86 with AVX2: every matrix whose row count is a multiple of 8):
+ * per super-block the exact int32 sums isum = sum_g sc_g*<q_g, y_g> and imin = sum_g m_g *
+ * sum(y_g), then sumf = fma(float(isum), d_w*d_y, sumf) and summ = fma(float(imin),
+ * dmin_w*d_y, summ) in one chain each; the result sumf - summ. */
 static float dot_q4_K_scalar(int64_t n, const void *vw, const void *vx)
 {
     const blk_q4_K *w = vw;
     const blk_q8_K *x = vx;
-    float s = 0;
+    float sumf = 0, summf = 0;
     for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
         uint8_t sm[16];
         q4_K_scales_mins(w[i].scales, sm);
@@ -1474,9 +1495,10 @@ static float dot_q4_K_scalar(int64_t n, const void *vw, const void *vx)
             sumi += sm[g] * sg;
             summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
         }
-        s += f16(w[i].d) * x[i].d * (float)sumi - f16(w[i].dmin) * x[i].d * (float)summ;
+        sumf = fmaf((float)sumi, f16(w[i].d) * x[i].d, sumf);
+        summf = fmaf((float)summ, f16(w[i].dmin) * x[i].d, summf);
     }
-    return s;
+    return sumf - summf;
 }
 
 static float dot_q5_K_scalar(int64_t n, const void *vw, const void *vx)
@@ -1503,32 +1525,39 @@ static float dot_q5_K_scalar(int64_t n, const void *vw, const void *vx)
     return s;
 }
 
+/* Q6_K x Q8_K in ggml_vec_dot_q6_K_q8_K's order (AVX2; llama.cpp does not repack Q6_K on
+ * x86): 8 int32 lanes per super-block, lane k = sum over the 8 chunks of 32 elements of
+ * sc*q*y for the chunk's elements 4k..4k+3 (q unsigned, 0..63), minus 32*(sc_2k*bsum_2k +
+ * sc_2k+1*bsum_2k+1) (the offset, by 16-element groups 2k and 2k+1); acc_k = fma(float(
+ * lane_k), d_y*d_w, acc_k) super-block after super-block; then hsum8. The lanes' int32
+ * sums can pass 2^24, so which elements a lane holds matters for the float result. */
 static float dot_q6_K_scalar(int64_t n, const void *vw, const void *vx)
 {
     const blk_q6_K *w = vw;
     const blk_q8_K *x = vx;
-    float s = 0;
+    float acc[8] = {0};
     for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
-        int8_t q[TSR_QK_K]; /* element order, offset removed: [-32, 31] */
+        uint8_t q[TSR_QK_K]; /* element order, unsigned 0..63 */
         for (int half = 0; half < 2; ++half) {
             const uint8_t *ql = w[i].ql + 64 * half, *qh = w[i].qh + 32 * half;
-            int8_t *o = q + 128 * half;
+            uint8_t *o = q + 128 * half;
             for (int l = 0; l < 32; ++l) {
-                o[l + 0] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                o[l + 0] = (uint8_t)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
+                o[l + 32] = (uint8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                o[l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                o[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
             }
         }
-        int32_t sumi = 0;
-        for (int g = 0; g < TSR_QK_K / 16; ++g) {
-            int32_t sg = 0;
-            for (int l = 0; l < 16; ++l) sg += q[16 * g + l] * x[i].qs[16 * g + l];
-            sumi += w[i].scales[g] * sg;
-        }
-        s += f16(w[i].d) * x[i].d * (float)sumi;
+        int32_t lane[8];
+        for (int k = 0; k < 8; ++k)
+            lane[k] = -32 * (w[i].scales[2 * k] * x[i].bsums[2 * k] +
+                             w[i].scales[2 * k + 1] * x[i].bsums[2 * k + 1]);
+        for (int e = 0; e < TSR_QK_K; ++e)
+            lane[(e % 32) / 4] += w[i].scales[e / 16] * q[e] * x[i].qs[e];
+        const float d = x[i].d * f16(w[i].d);
+        for (int k = 0; k < 8; ++k) acc[k] = fmaf((float)lane[k], d, acc[k]);
     }
-    return s;
+    return hsum8_ggml(acc);
 }
 
 typedef float (*dot_fn)(int64_t n, const void *w, const void *x);
@@ -1896,13 +1925,45 @@ TSR_AVX2 TSR_INLINE __m256i q5_dot_avx2(const uint8_t *qs, const uint8_t *qh, co
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-/* Q5_0 x Q8_0: unsigned q (the value + 16) x y; the -16 offset via act_info's ey. */
-TSR_AVX2 static float q5_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
+/* Q5_0 x Q8_0 in ggml's order (dot_q5_0_scalar): signed q = q5 - 16, the sign trick
+ * |q| x sign(y, q) into 8 int32 lanes of 4 elements, one FMA chain per row. Two rows at a
+ * time so that two chains overlap. */
+TSR_AVX2 TSR_INLINE __m256i q5_0_lanes_avx2(const blk_q5_0 *w, const int8_t *yq)
 {
-#define Q50_DOT_AVX2(bb) q5_dot_avx2(w[bb].qs, w[bb].qh, x[bb].qs)
-    BLOCK_LOOP(blk_q5_0, Q50_DOT_AVX2, 1);
-#undef Q50_DOT_AVX2
+    const __m256i q = _mm256_sub_epi8(q5_bytes_avx2(w->qs, w->qh), _mm256_set1_epi8(16));
+    const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+TSR_AVX2 static void rows_q5_0_avx2(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
+                                    const void *vx, float *y)
+{
+    const blk_q8_0 *x = vx;
+    const int64_t nb = n / TSR_QK8_0;
+    int64_t r = 0;
+    for (; r + 2 <= nrows; r += 2) {
+        const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
+        const blk_q5_0 *w1 = (const blk_q5_0 *)(w + (size_t)(r + 1) * stride);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+            const float dy = _cvtsh_ss(x[b].d);
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * dy),
+                                 _mm256_cvtepi32_ps(q5_0_lanes_avx2(&w0[b], x[b].qs)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w1[b].d) * dy),
+                                 _mm256_cvtepi32_ps(q5_0_lanes_avx2(&w1[b], x[b].qs)), a1);
+        }
+        y[r] = hsum_ps(a0);
+        y[r + 1] = hsum_ps(a1);
+    }
+    for (; r < nrows; ++r) {
+        const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b)
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * _cvtsh_ss(x[b].d)),
+                                 _mm256_cvtepi32_ps(q5_0_lanes_avx2(&w0[b], x[b].qs)), a0);
+        y[r] = hsum_ps(a0);
+    }
 }
 
 TSR_AVX2 static float q5_1_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
@@ -1915,7 +1976,6 @@ TSR_AVX2 static float q5_1_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_
 
 /* clang-format off */
 ACT_ROWS_B(rows_q4_1_avx2, TSR_AVX2, q4_1_row_avx2, 0, rows_q4_1_scalar, act_info_build_q8_1)
-ACT_ROWS(rows_q5_0_avx2, TSR_AVX2, q5_0_row_avx2, 16, rows_q5_0_scalar)
 ACT_ROWS_B(rows_q5_1_avx2, TSR_AVX2, q5_1_row_avx2, 0, rows_q5_1_scalar, act_info_build_q8_1)
 /* clang-format on */
 
@@ -1961,16 +2021,26 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
 #define SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
 #define SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
 
-/* Q4_K x Q8_K. Per super-block: 8 groups of 32 (low nibbles of qs[32j..], then high),
- * each scaled by its 6-bit scale; the mins term uses the Q8_K bsums:
- * d*dy*sum_g sc_g*<q_g, y_g> - dmin*dy*sum_g m_g*sum(y_g). */
+/* The exact sum of 8 int32 lanes. */
+TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Q4_K x Q8_K in ggml's repacked-GEMV order (dot_q4_K_scalar). Per super-block: 8 groups
+ * of 32 (low nibbles of qs[32j..], then high), each scaled by its 6-bit scale, summed in
+ * int32 lanes, then exactly to one int; the mins term from the Q8_K bsums likewise; one
+ * scalar FMA chain each. */
 #define DEF_DOT_Q4_K(fname, ATTR, SACC)                                                            \
     ATTR static float fname(int64_t n, const uint8_t *vw, const void *vx)                          \
     {                                                                                              \
         const blk_q4_K *w = (const blk_q4_K *)vw;                                                  \
         const blk_q8_K *x = vx;                                                                    \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
-        __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();                              \
+        float sumf = 0, summf = 0;                                                                 \
         for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
             const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
             const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
@@ -1984,7 +2054,6 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
                                     _mm256_loadu_si256((const __m256i *)k_dup16));                 \
             const __m256i summ =                                                                   \
                 _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[i].bsums));         \
-            accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);          \
             __m256i sumi = _mm256_setzero_si256();                                                 \
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
             {                                                                                      \
@@ -2000,9 +2069,10 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
                 sumi = SACC(sumi, _mm256_maddubs_epi16(ql, yl), scl);                              \
                 sumi = SACC(sumi, _mm256_maddubs_epi16(qh, yh), sch);                              \
             }                                                                                      \
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
+            sumf = fmaf((float)hsum_epi32(sumi), d, sumf);                                         \
+            summf = fmaf((float)hsum_epi32(summ), dmin, summf);                                    \
         }                                                                                          \
-        return hsum_ps(_mm256_sub_ps(acc, accm));                                                  \
+        return sumf - summf;                                                                       \
     }
 
 /* Q6_K x Q8_K. 6-bit q = ql nibble | 2 qh bits << 4, unsigned [0, 63] for vpmaddubsw; the
@@ -2287,12 +2357,42 @@ TSR_VNNI TSR_INLINE __m256i q5_dot_vnni(const uint8_t *qs, const uint8_t *qh, co
                                _mm256_loadu_si256((const __m256i *)yq));
 }
 
-TSR_VNNI static float q5_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
+/* Q5_0 in ggml's order (rows_q5_0_avx2) with vpdpbusd for the lanes. */
+TSR_VNNI TSR_INLINE __m256i q5_0_lanes_vnni(const blk_q5_0 *w, const int8_t *yq)
 {
-#define Q50_DOT_VNNI(bb) q5_dot_vnni(w[bb].qs, w[bb].qh, x[bb].qs)
-    BLOCK_LOOP(blk_q5_0, Q50_DOT_VNNI, 1);
-#undef Q50_DOT_VNNI
+    const __m256i q = _mm256_sub_epi8(q5_bytes_vnni(w->qs, w->qh), _mm256_set1_epi8(16));
+    const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(q), _mm256_sign_epi8(y, q));
+}
+
+TSR_VNNI static void rows_q5_0_vnni(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
+                                    const void *vx, float *y)
+{
+    const blk_q8_0 *x = vx;
+    const int64_t nb = n / TSR_QK8_0;
+    int64_t r = 0;
+    for (; r + 2 <= nrows; r += 2) {
+        const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
+        const blk_q5_0 *w1 = (const blk_q5_0 *)(w + (size_t)(r + 1) * stride);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+            const float dy = _cvtsh_ss(x[b].d);
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * dy),
+                                 _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w0[b], x[b].qs)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w1[b].d) * dy),
+                                 _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w1[b], x[b].qs)), a1);
+        }
+        y[r] = hsum_ps(a0);
+        y[r + 1] = hsum_ps(a1);
+    }
+    for (; r < nrows; ++r) {
+        const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b)
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * _cvtsh_ss(x[b].d)),
+                                 _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w0[b], x[b].qs)), a0);
+        y[r] = hsum_ps(a0);
+    }
 }
 
 TSR_VNNI static float q5_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
@@ -2305,7 +2405,6 @@ TSR_VNNI static float q5_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_
 
 /* clang-format off */
 ACT_ROWS_B(rows_q4_1_vnni, TSR_VNNI, q4_1_row_vnni, 0, rows_q4_1_scalar, act_info_build_q8_1)
-ACT_ROWS(rows_q5_0_vnni, TSR_VNNI, q5_0_row_vnni, 16, rows_q5_0_scalar)
 ACT_ROWS_B(rows_q5_1_vnni, TSR_VNNI, q5_1_row_vnni, 0, rows_q5_1_scalar, act_info_build_q8_1)
 /* clang-format on */
 
@@ -2692,17 +2791,8 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
 #define Q4T_DOT_VNNI(wv, wa, yv)                                                                   \
     _mm256_dpbusd_epi32(_mm256_set1_epi32(TILE_MAGIC), ((void)(wa), wv), yv)
 
-/* Q5_0 x Q8_0: the 5-bit unsigned quants once per weight block; offset -16 via ey. */
-#define Q5T_W_AVX2(wv, wa, blk)                                                                    \
-    do {                                                                                           \
-        wv = q5_bytes_avx2((blk)->qs, (blk)->qh);                                                  \
-        wa = wv;                                                                                   \
-    } while (0)
-#define Q5T_W_VNNI(wv, wa, blk)                                                                    \
-    do {                                                                                           \
-        wv = q5_bytes_vnni((blk)->qs, (blk)->qh);                                                  \
-        wa = wv;                                                                                   \
-    } while (0)
+/* (Q5_0 has no tile kernel: its several-token work runs over the rows in ggml's order, or
+ * over the repacked layout, kernels/repack.c.) */
 
 typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, int32_t ntok,
                         const uint8_t *x, size_t xs, float *y, size_t ys);
@@ -2717,10 +2807,6 @@ DEF_TILE_EX(tile_q4_1_avx2, TSR_AVX2, blk_q4_1, blk_q8_1, 2, 0, 1, m, act_info_b
             Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2, rows_q4_1_avx2)
 DEF_TILE_EX(tile_q4_1_vnni, TSR_VNNI, blk_q4_1, blk_q8_1, 4, 0, 1, m, act_info_build_q8_1, Q4T_W,
             Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC, rows_q4_1_vnni)
-DEF_TILE(tile_q5_0_avx2, TSR_AVX2, blk_q5_0, 2, 16, Q5T_W_AVX2, Q8T_Y, Q4T_DOT_AVX2,
-         TILE_CVT_AVX2, rows_q5_0_avx2)
-DEF_TILE(tile_q5_0_vnni, TSR_VNNI, blk_q5_0, 4, 16, Q5T_W_VNNI, Q8T_Y, Q4T_DOT_VNNI,
-         TILE_CVT_MAGIC, rows_q5_0_vnni)
 DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, Q8T_W_VNNI, Q8T_Y_VNNI, Q8T_DOT_VNNI,
          TILE_CVT_MAGIC, rows_q8_0_vnni)
 DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, Q4T_W, Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC,
@@ -2802,6 +2888,14 @@ static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb)
     quant_q8_1(x, y, nb);
 }
 
+void tsr_quant_act_row(uint32_t type, const float *src, void *dst, int64_t n)
+{
+    if (type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q8_1)
+        tsr_ggml_quant_act_row(type, isa_get(), src, dst, n);
+    else
+        tsr_quant_row(type, src, dst, n);
+}
+
 const char *tsr_quant_isa(void)
 {
     return k_isa_names[isa_get()];
@@ -2816,9 +2910,23 @@ bool tsr_quant_set_isa(const char *isa)
     return true;
 }
 
+/* Q4_1 and Q8_0: ggml's x86 order (kernels/dot_ggml.h), on every ISA. */
+static void rows_q4_1_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                           float *y)
+{
+    tsr_ggml_dot_rows(TSR_TYPE_Q4_1, isa_get(), n, nrows, w, stride, x, y);
+}
+static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                           float *y)
+{
+    tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
+}
+
 static rows_fn rows_kernel(uint32_t type)
 {
     const int isa = isa_get();
+    if (type == TSR_TYPE_Q4_1) return rows_q4_1_ggml;
+    if (type == TSR_TYPE_Q8_0) return rows_q8_0_ggml;
 #if TSR_X86
     if (isa >= ISA_AVX2) {
         switch (type) {
@@ -2911,6 +3019,10 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
                       int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
 {
     if (n_rows <= 0 || n_tok <= 0) return;
+    if (tsr_ggml_dot_handles(type)) {
+        tsr_ggml_dot_tile(type, isa_get(), n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
 #if TSR_X86
     const int isa = isa_get();
     tile_fn k = NULL;
@@ -2920,8 +3032,6 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
         k = isa >= ISA_AVX512VNNI ? tile_q4_0_vnni : tile_q4_0_avx2;
     else if (type == TSR_TYPE_Q4_1 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q4_1_vnni : tile_q4_1_avx2;
-    else if (type == TSR_TYPE_Q5_0 && isa >= ISA_AVX2)
-        k = isa >= ISA_AVX512VNNI ? tile_q5_0_vnni : tile_q5_0_avx2;
     if (k && n > 0 && n_tok > 1) {
         k(n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
         return;

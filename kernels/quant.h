@@ -81,6 +81,12 @@ void tsr_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);
  * reference quantizers (quantize_row_*_ref), so quantize(dequant(q)) round-trips. */
 void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n);
 
+/* Convert n floats of an activation row into the dot type `type` as ggml's CPU backend
+ * does before a matmul (its x86 from_float): for Q8_0 / Q8_1 that is not the reference
+ * quantizer above (scale 127/amax, quants rounded half to even; kernels/dot_ggml.h), for
+ * other types tsr_quant_row. Every matmul uses it; the same bytes on every ISA. */
+void tsr_quant_act_row(uint32_t type, const float *src, void *dst, int64_t n);
+
 /* Activation type for dots with weights of `type`; TSR_TYPE_COUNT for unsupported ids. */
 uint32_t tsr_type_vec_dot_type(uint32_t type);
 

@@ -23,6 +23,7 @@
 
 #include "kernels/quant.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -41,28 +42,40 @@ enum {
     RP_X1BLK = 36    /* a Q8_1 activation block (Q4_1's) */
 };
 
-bool tsr_repack_supported(uint32_t type)
-{
-    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 ||
-           type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
-}
-
 /* K-quant super-blocks move whole: [nsb][4 rows][block]. */
 static bool is_kquant(uint32_t type)
 {
-    return type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+    return type == TSR_TYPE_Q2_K || type == TSR_TYPE_Q3_K || type == TSR_TYPE_Q4_K ||
+           type == TSR_TYPE_Q5_K || type == TSR_TYPE_Q6_K;
 }
 
-/* Quant bytes per block (the qs array after the 2-byte fp16 scale). */
+bool tsr_repack_supported(uint32_t type)
+{
+    /* Not Q8_0 / Q4_1: their dots follow ggml's x86 order (kernels/dot_ggml.h), which
+     * ggml itself runs unrepacked on x86 (their repack kernels below stay for the tests
+     * of the layout but no weight uses them). */
+    return type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q5_1 ||
+           is_kquant(type);
+}
+
+/* Q8_1 activations (d, s, qs): the types with a min (x = d*q + m). */
+static bool has_min(uint32_t type)
+{
+    return type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q5_1;
+}
+
+/* Quant bytes per block (the bytes after the fp16 scale, and the min). */
 static size_t quant_bytes(uint32_t type)
 {
-    return type == TSR_TYPE_Q8_0 ? RP_Q8_0_QB : type == TSR_TYPE_Q5_0 ? RP_Q5_0_QB : RP_Q4_0_QB;
+    return type == TSR_TYPE_Q8_0                            ? RP_Q8_0_QB
+           : type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q5_1 ? RP_Q5_0_QB
+                                                            : RP_Q4_0_QB;
 }
 
-/* fp16 arrays in front of a group's quants: d, and m for Q4_1 (x = d*q + m). */
+/* fp16 arrays in front of a group's quants: d, and m for Q4_1 / Q5_1 (x = d*q + m). */
 static size_t n_scales(uint32_t type)
 {
-    return type == TSR_TYPE_Q4_1 ? 2 : 1;
+    return has_min(type) ? 2 : 1;
 }
 
 size_t tsr_repack_group_bytes(uint32_t type, int64_t n)
@@ -133,6 +146,38 @@ int tsr_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t 
 
 /* ---- scalar reference ------------------------------------------------------------------ */
 
+/* Q5_0 (quant.c's dot_q5_0_scalar: ggml's order): 8 lanes of 4 elements per block, one FMA
+ * chain per lane, ggml's hsum_float_8. */
+static float dot_q5_0_scalar(size_t nb, size_t nbp, const uint8_t *grp, int rr, const uint8_t *x)
+{
+    const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;
+    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 + (size_t)rr * 20;
+    float acc[8] = {0};
+    for (size_t b = 0; b < nb; ++b) {
+        const uint8_t *wq = q + b * TSR_REPACK_ROWS * 20, *xb = x + b * RP_XBLK;
+        uint16_t xd;
+        memcpy(&xd, xb, 2);
+        const int8_t *xq = (const int8_t *)(xb + 2);
+        uint32_t qh;
+        memcpy(&qh, wq, 4);
+        const uint8_t *qs = wq + 4;
+        int v[32];
+        for (int j = 0; j < 16; ++j) {
+            v[j] = ((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) - 16;
+            v[j + 16] = ((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - 16;
+        }
+        const float d = tsr_f16_to_f32(d16[b]) * tsr_f16_to_f32(xd);
+        for (int k = 0; k < 8; ++k) {
+            int32_t si = 0;
+            for (int j = 4 * k; j < 4 * k + 4; ++j) si += v[j] * xq[j];
+            acc[k] = fmaf((float)si, d, acc[k]);
+        }
+    }
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
+                t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
 /* One row (group row rr) x one token, in dot_q8_0_scalar / dot_q4_0_scalar's order. */
 static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp, int rr,
                         const uint8_t *x)
@@ -141,7 +186,7 @@ static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp
     const uint16_t *m16 = d16 + TSR_REPACK_ROWS * nbp;
     const size_t qb = quant_bytes(type);
     const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2 * n_scales(type) + (size_t)rr * qb;
-    const bool q41 = type == TSR_TYPE_Q4_1; /* Q8_1 activations: d, s, then qs */
+    const bool q41 = has_min(type); /* Q8_1 activations: d, s, then qs */
     const size_t xbb = q41 ? RP_X1BLK : RP_XBLK;
     float s = 0;
     for (size_t b = 0; b < nb; ++b) {
@@ -152,6 +197,18 @@ static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp
         memcpy(&xsum, xb + 2, 2);
         const int8_t *xq = (const int8_t *)(xb + (q41 ? 4 : 2));
         int32_t si = 0;
+        if (type == TSR_TYPE_Q5_1) { /* dot_q5_1_scalar: Q4_1's with q5_unpack's quants */
+            uint32_t qh;
+            memcpy(&qh, wq, 4);
+            const uint8_t *qs = wq + 4;
+            for (int j = 0; j < 16; ++j) {
+                si += ((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) * xq[j];
+                si += ((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) * xq[j + 16];
+            }
+            s += tsr_f16_to_f32(d16[b]) * tsr_f16_to_f32(xd) * (float)si +
+                 tsr_f16_to_f32(m16[b]) * tsr_f16_to_f32(xsum);
+            continue;
+        }
         if (q41) { /* dot_q4_1_scalar: d_w*d_y*sum(q*y) + m_w*s_y */
             for (int j = 0; j < 16; ++j) {
                 si += (wq[j] & 0xF) * xq[j];
@@ -163,14 +220,6 @@ static float dot_scalar(uint32_t type, size_t nb, size_t nbp, const uint8_t *grp
         }
         if (type == TSR_TYPE_Q8_0) {
             for (int j = 0; j < 32; ++j) si += (int8_t)wq[j] * xq[j];
-        } else if (type == TSR_TYPE_Q5_0) { /* quant.c's q5_unpack, then (q - 16) * y */
-            uint32_t qh;
-            memcpy(&qh, wq, 4);
-            const uint8_t *qs = wq + 4;
-            for (int j = 0; j < 16; ++j) {
-                si += (((qs[j] & 0x0F) | (int)(((qh >> j) & 1u) << 4)) - 16) * xq[j];
-                si += (((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4)) - 16) * xq[j + 16];
-            }
         } else {
             for (int j = 0; j < 16; ++j) {
                 si += ((wq[j] & 0xF) - 8) * xq[j];
@@ -190,7 +239,10 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
         const uint8_t *grp = packed + (size_t)(r / TSR_REPACK_ROWS) * gb;
         for (int32_t t = 0; t < n_tok; ++t)
             y[(size_t)t * ys + (size_t)r] =
-                dot_scalar(type, nb, nbp, grp, (int)(r % TSR_REPACK_ROWS), x + (size_t)t * xs);
+                type == TSR_TYPE_Q5_0
+                    ? dot_q5_0_scalar(nb, nbp, grp, (int)(r % TSR_REPACK_ROWS), x + (size_t)t * xs)
+                    : dot_scalar(type, nb, nbp, grp, (int)(r % TSR_REPACK_ROWS),
+                                 x + (size_t)t * xs);
     }
 }
 
@@ -199,6 +251,37 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
 #define RP_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define RP_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define RP_INLINE static inline __attribute__((always_inline))
+
+/* The micro-kernels are written for T tokens (T <= 4) and inlined with T a constant, so each
+ * width gets its loops unrolled and its accumulators in registers: fname(T, ...) calls
+ * fname##_mk(1..4, ...). PARAMS / ARGS are the parameters after T, parenthesized. */
+#define RP_UNPAREN(...) __VA_ARGS__
+#define RP_DEF_T_SWITCH(fname, ATTR, PARAMS, ARGS)                                                 \
+    ATTR static void fname(int T, RP_UNPAREN PARAMS)                                               \
+    {                                                                                              \
+        switch (T) {                                                                               \
+        case 1:                                                                                    \
+            fname##_mk(1, RP_UNPAREN ARGS);                                                        \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fname##_mk(2, RP_UNPAREN ARGS);                                                        \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fname##_mk(3, RP_UNPAREN ARGS);                                                        \
+            break;                                                                                 \
+        default:                                                                                   \
+            fname##_mk(4, RP_UNPAREN ARGS);                                                        \
+            break;                                                                                 \
+        }                                                                                          \
+    }
+#define RP_GEMM_PARAMS                                                                             \
+    (size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x, size_t xs,       \
+     const float *dy, const float *ey, float *sc, float *y, size_t ys, const char *pf,             \
+     size_t pf_bytes)
+#define RP_GEMM_ARGS (nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys, pf, pf_bytes)
+#define RP_K_PARAMS                                                                                \
+    (size_t nsb, const uint8_t *grp, int r, const uint8_t *x, size_t xs, float *y, size_t ys)
+#define RP_K_ARGS (nsb, grp, r, x, xs, y, ys)
 
 /* quant.c's hsum_ps: ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)). */
 RP_AVX2 RP_INLINE float hsum_ps(__m256 v)
@@ -381,6 +464,8 @@ DEF_GEMV(gemv_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, 0, RP_XBLK, 2, Q5_IDOT_AVX2)
 DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, 0, RP_XBLK, 2, Q5_IDOT_VNNI)
 DEF_GEMV(gemv_q4_1_avx2, RP_AVX2, 2, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_AVX2)
 DEF_GEMV(gemv_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_VNNI)
+DEF_GEMV(gemv_q5_1_avx2, RP_AVX2, 2, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_AVX2)
+DEF_GEMV(gemv_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_VNNI)
 /* clang-format on */
 
 /* ---- GEMM micro-kernels: R rows x T tokens (T <= 4), chain-major --------------------------
@@ -436,7 +521,8 @@ DEF_GEMV(gemv_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_VNNI
 #define DEF_GEMM(fname, ATTR, R, QB, OFFSET, HASMIN, XB, WPREP, YPREP, IDOT, CVT)                  \
     ATTR RP_INLINE void fname##_mk(const int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, \
                                    int nr, const uint8_t *x, size_t xs, const float *dy,           \
-                                   const float *ey, float *sc, float *y, size_t ys)                \
+                                   const float *ey, float *sc, float *y, size_t ys,                \
+                                   const char *pf, size_t pf_bytes)                                \
     {                                                                                              \
         const uint16_t *d16 = (const uint16_t *)grp + (size_t)rr * nbp;                            \
         const uint16_t *m16 = (const uint16_t *)grp + TSR_REPACK_ROWS * nbp + (size_t)rr * nbp;    \
@@ -465,12 +551,18 @@ DEF_GEMV(gemv_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_VNNI
             }                                                                                      \
         }                                                                                          \
         __m256 park[4][R * 4];                                                                     \
+        /* pf: the next group, pf_bytes of it, drawn toward L2 a few lines per block over          \
+         * this call (see repack_dot_simd) */                                                      \
+        const char *pf_end = pf ? pf + pf_bytes : NULL;                                            \
+        const size_t pf_step = pf ? (pf_bytes / 64 + nb - 1) / nb : 0;                             \
         for (int c = 0; c < 4; ++c) {                                                              \
             __m256 acc[R * 4];                                                                     \
             _Pragma("GCC unroll 16") for (int o = 0; o < R * T; ++o) acc[o] = _mm256_setzero_ps(); \
             for (size_t b = (size_t)c; b < nb; b += 4) {                                           \
                 __m256i wv[R], wa[R], yv[4];                                                       \
                 const uint8_t *qb = q + b * TSR_REPACK_ROWS * (QB);                                \
+                for (size_t i = 0; i < pf_step && pf < pf_end; ++i, pf += 64)                      \
+                    _mm_prefetch(pf, _MM_HINT_T1);                                                 \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
                     WPREP(wv[r], wa[r], qb + (size_t)r * (QB));                                    \
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
@@ -497,25 +589,7 @@ DEF_GEMV(gemv_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_VNNI
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    ATTR static void fname(int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,       \
-                           const uint8_t *x, size_t xs, const float *dy, const float *ey,          \
-                           float *sc, float *y, size_t ys)                                         \
-    {                                                                                              \
-        switch (T) {                                                                               \
-        case 1:                                                                                    \
-            fname##_mk(1, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
-            break;                                                                                 \
-        case 2:                                                                                    \
-            fname##_mk(2, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
-            break;                                                                                 \
-        case 3:                                                                                    \
-            fname##_mk(3, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
-            break;                                                                                 \
-        default:                                                                                   \
-            fname##_mk(4, nb, nbp, grp, rr, nr, x, xs, dy, ey, sc, y, ys);                         \
-            break;                                                                                 \
-        }                                                                                          \
-    }
+    RP_DEF_T_SWITCH(fname, ATTR, RP_GEMM_PARAMS, RP_GEMM_ARGS)
 
 /* AVX2's 16 vector registers hold 2 rows x 4 tokens; AVX-512 VL's 32 hold 4 x 4. */
 /* clang-format off */
@@ -531,15 +605,160 @@ DEF_GEMM(gemm_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, 0, RP_XBLK, Q5W_VNNI, RP_Y, 
 DEF_GEMM(gemm_q4_1_avx2, RP_AVX2, 2, RP_Q4_0_QB, 0, 1, RP_X1BLK, Q4W, RP_Y1, Q4D_AVX2, RP_CVT_AVX2)
 DEF_GEMM(gemm_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, Q4W, RP_Y1, Q4D_VNNI,
          RP_CVT_MAGIC)
+DEF_GEMM(gemm_q5_1_avx2, RP_AVX2, 2, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_AVX2, RP_Y1, Q4D_AVX2,
+         RP_CVT_AVX2)
+DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1, Q4D_VNNI,
+         RP_CVT_MAGIC)
 /* clang-format on */
+
+/* ---- Q5_0 in ggml's order (quant.c's dot_q5_0_scalar) --------------------------------------
+ * R group rows x T tokens (constants after inlining): per block, lane k = sum over elements
+ * 4k..4k+3 of (q5 - 16) * y, made as vpdpbusd(-16 * sum(y), q5, y) with the unsigned 5-bit
+ * quants (the same exact integers as the sign trick; the -16 * lane sums of y are made
+ * once per token and block, in the workspace, for all rows), then acc = fma(d_w*d_y,
+ * float(lanes), acc); the end hsum_ps. One FMA chain per (row, token). */
+#define RP_Q50_LANES_AVX2(ny, qu, y)                                                               \
+    _mm256_add_epi32(ny, _mm256_madd_epi16(_mm256_maddubs_epi16(qu, y), _mm256_set1_epi16(1)))
+#define RP_Q50_LANES_VNNI(ny, qu, y) _mm256_dpbusd_epi32(ny, qu, y)
+#define DEF_Q50(fname, ATTR, BYTES, LANES)                                                         \
+    ATTR RP_INLINE void fname##_mk(                                                                \
+        const int T, const int R, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,       \
+        const uint8_t *x, size_t xs, const float *dyw, const __m256i *nyw, float *y, size_t ys)    \
+    {                                                                                              \
+        const uint16_t *d16 = (const uint16_t *)grp;                                               \
+        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;                                        \
+        __m256 acc[4][4];                                                                          \
+        for (int r = 0; r < R; ++r)                                                                \
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();                           \
+        for (size_t b = 0; b < nb; ++b) {                                                          \
+            __m256i yv[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) yv[t] =                            \
+                _mm256_loadu_si256((const __m256i *)(x + (size_t)t * xs + b * RP_XBLK + 2));       \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
+            {                                                                                      \
+                const __m256i qu = BYTES(q + (b * TSR_REPACK_ROWS + (size_t)(rr + r)) * 20);       \
+                const float dw = _cvtsh_ss(d16[(size_t)(rr + r) * nbp + b]);                       \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const __m256i lanes = LANES(nyw[(size_t)t * nb + b], qu, yv[t]);               \
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dyw[(size_t)t * nb + b]),      \
+                                                _mm256_cvtepi32_ps(lanes), acc[r][t]);             \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < R && r < nr; ++r)                                                      \
+            for (int t = 0; t < T; ++t) y[(size_t)t * ys + (size_t)r] = hsum_ps(acc[r][t]);        \
+    }                                                                                              \
+    ATTR static void fname(int T, int R, size_t nb, size_t nbp, const uint8_t *grp, int rr,        \
+                           int nr, const uint8_t *x, size_t xs, const float *dyw,                  \
+                           const __m256i *nyw, float *y, size_t ys)                                \
+    {                                                                                              \
+        if (R == 4) {                                                                              \
+            switch (T) {                                                                           \
+            case 1:                                                                                \
+                fname##_mk(1, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            case 2:                                                                                \
+                fname##_mk(2, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            case 3:                                                                                \
+                fname##_mk(3, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            default:                                                                               \
+                fname##_mk(4, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            }                                                                                      \
+        } else {                                                                                   \
+            switch (T) {                                                                           \
+            case 1:                                                                                \
+                fname##_mk(1, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            case 2:                                                                                \
+                fname##_mk(2, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            case 3:                                                                                \
+                fname##_mk(3, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            default:                                                                               \
+                fname##_mk(4, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                break;                                                                             \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+/* clang-format off */
+DEF_Q50(q50_avx2, RP_AVX2, q5_bytes_avx2, RP_Q50_LANES_AVX2)
+DEF_Q50(q50_vnni, RP_VNNI, q5_bytes_vnni, RP_Q50_LANES_VNNI)
+/* clang-format on */
+
+/* A token's per-block d_y as float and -16 * (4-element lane sums of y) (exact ints). */
+RP_AVX2 static void q50_act_build(const uint8_t *x, size_t nb, float *dy, __m256i *ny)
+{
+    for (size_t b = 0; b < nb; ++b) {
+        uint16_t xd;
+        memcpy(&xd, x + b * RP_XBLK, 2);
+        dy[b] = _cvtsh_ss(xd);
+        const __m256i yv = _mm256_loadu_si256((const __m256i *)(x + b * RP_XBLK + 2));
+        const __m256i s =
+            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), yv), _mm256_set1_epi16(1));
+        _mm256_store_si256(ny + b,
+                           _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s, 4)));
+    }
+}
+
+enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
+
+/* One token: 4 rows per pass (4 chains); several: tokens in chunks whose activations stay in
+ * L2, 4 x 4 (AVX-512: 32 registers) or 2 x 4 (AVX2) micro-tiles. The workspace holds the
+ * chunk's d_y and -16 * lane sums (36 bytes per token and block); without it, the scalar
+ * path (same bits). */
+static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
+                                int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
+                                float *y, size_t ys)
+{
+    void (*f)(int, int, size_t, size_t, const uint8_t *, int, int, const uint8_t *, size_t,
+              const float *, const __m256i *, float *, size_t) = vnni ? q50_vnni : q50_avx2;
+    const int R = n_tok == 1 || vnni ? 4 : 2;
+    size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
+    if (tc < 4) tc = 4;
+    if (tc > (size_t)n_tok) tc = (size_t)n_tok;
+    __m256i *nyw = aligned_alloc(32, (tc * nb * (sizeof(__m256i) + sizeof(float)) + 31) / 32 * 32);
+    if (!nyw) {
+        repack_dot_scalar(TSR_TYPE_Q5_0, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
+        return;
+    }
+    float *dyw = (float *)(nyw + tc * nb);
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
+        const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
+        for (size_t t = 0; t < tcn; ++t)
+            q50_act_build(x + (t0 + t) * xs, nb, dyw + t * nb, nyw + t * nb);
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            if (g + 1 < n_groups) {
+                const char *p = (const char *)(grp + gb);
+                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
+                const int64_t left = n_rows - g * TSR_REPACK_ROWS - rr;
+                if (left <= 0) break;
+                const int nr = left < R ? (int)left : R;
+                for (size_t t = 0; t < tcn; t += 4) {
+                    const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                    f(T, R, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs, dyw + t * nb, nyw + t * nb,
+                      y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)rr, ys);
+                }
+            }
+        }
+    }
+    free(nyw);
+}
 
 typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,
                         const float *dy, const float *ey, float *y);
 typedef void (*gemm_fn)(int T, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,
                         const uint8_t *x, size_t xs, const float *dy, const float *ey, float *sc,
-                        float *y, size_t ys);
-
-enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
+                        float *y, size_t ys, const char *pf, size_t pf_bytes);
 
 /* The SIMD path: one token through the GEMV, several through the GEMM in token chunks whose
  * activations stay in L2 (the group's weights stream from memory once per chunk). */
@@ -547,6 +766,10 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
                             const uint8_t *packed, int64_t n_rows, int32_t n_tok, const uint8_t *x,
                             size_t xs, float *y, size_t ys)
 {
+    if (type == TSR_TYPE_Q5_0) {
+        repack_dot_q50_simd(vnni, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
+        return;
+    }
     const int R = vnni ? 4 : 2;
     /* the offset of the unsigned quants: -8 (Q4_0), -16 (Q5_0), none (Q8_0) */
     const int32_t mult = type == TSR_TYPE_Q4_0 ? 8 : type == TSR_TYPE_Q5_0 ? 16 : 0;
@@ -565,13 +788,17 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         gv = vnni ? gemv_q4_1_vnni : gemv_q4_1_avx2;
         gm = vnni ? gemm_q4_1_vnni : gemm_q4_1_avx2;
         break;
+    case TSR_TYPE_Q5_1:
+        gv = vnni ? gemv_q5_1_vnni : gemv_q5_1_avx2;
+        gm = vnni ? gemm_q5_1_vnni : gemm_q5_1_avx2;
+        break;
     default:
         gv = vnni ? gemv_q8_0_vnni : gemv_q8_0_avx2;
         gm = vnni ? gemm_q8_0_vnni : gemm_q8_0_avx2;
         break;
     }
     void (*build)(const uint8_t *, size_t, size_t, int32_t, float *, float *) =
-        type == TSR_TYPE_Q4_1 ? act_build_q8_1 : act_build;
+        has_min(type) ? act_build_q8_1 : act_build;
     const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
     if (n_tok == 1) {
         float stack_buf[2 * RP_STACK_BLOCKS] __attribute__((aligned(32)));
@@ -595,7 +822,7 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         return;
     }
     /* tokens per chunk: activations within RP_ACT_BYTES, a multiple of 4, balanced */
-    size_t tc = RP_ACT_BYTES / (nb * (type == TSR_TYPE_Q4_1 ? RP_X1BLK : RP_XBLK)) / 4 * 4;
+    size_t tc = RP_ACT_BYTES / (nb * (has_min(type) ? RP_X1BLK : RP_XBLK)) / 4 * 4;
     if (tc < 4) tc = 4;
     const size_t n_chunks = ((size_t)n_tok + tc - 1) / tc;
     tc = ((size_t)n_tok + n_chunks - 1) / n_chunks;
@@ -617,10 +844,11 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
             build(x + (t0 + t) * xs, nb, nbp, mult, dy + t * nbp, ey + t * nbp);
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
-            if (g + 1 < n_groups) { /* the next group toward L2 while this one computes */
-                const char *p = (const char *)(grp + gb);
-                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
-            }
+            /* The next group toward L2 while this one computes, spread over the first
+             * micro-tile's blocks: a burst of prefetches at the group's start stalls the core
+             * until memory answers (measured: 2-token GEMM 2.5x a GEMV that way, 1.3-1.4x
+             * spread), spread they overlap the arithmetic. */
+            const char *pf = g + 1 < n_groups ? (const char *)(grp + gb) : NULL;
             for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
                 const int64_t left = n_rows - g * TSR_REPACK_ROWS - rr;
                 if (left <= 0) break;
@@ -628,7 +856,9 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
                 for (size_t t = 0; t < tcn; t += 4) {
                     const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
                     gm(T, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs, dy + t * nbp, ey + t * nbp,
-                       sc, y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + rr, ys);
+                       sc, y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + rr, ys, pf,
+                       pf ? gb : 0);
+                    pf = NULL;
                 }
             }
         }
@@ -663,12 +893,37 @@ typedef struct {
     uint16_t d;
 } rp_q6_K;
 
+typedef struct {
+    uint8_t scales[TSR_QK_K / 16]; /* scale (low 4 bits), min (high 4) per 16 elements */
+    uint8_t qs[TSR_QK_K / 4];
+    uint16_t d, dmin;
+} rp_q2_K;
+
+typedef struct {
+    uint8_t hmask[TSR_QK_K / 8];
+    uint8_t qs[TSR_QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
+} rp_q3_K;
+
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[TSR_QK_K / 8];
+    uint8_t qs[TSR_QK_K / 2];
+} rp_q5_K;
+
+_Static_assert(sizeof(rp_q2_K) == 84, "Q2_K block");
+_Static_assert(sizeof(rp_q3_K) == 110, "Q3_K block");
+_Static_assert(sizeof(rp_q5_K) == 176, "Q5_K block");
 _Static_assert(sizeof(rp_q6_K) == 210, "Q6_K block");
 _Static_assert(sizeof(rp_q4_K) == 144, "Q4_K block");
 _Static_assert(sizeof(rp_q8_K) == 292, "Q8_K block");
 
 #define RP_KB(grp, i, r) ((const rp_q4_K *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
 #define RP_K6(grp, i, r) ((const rp_q6_K *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
+/* super-block i of group row r, for any K-quant block struct */
+#define RP_KX(BLK, grp, i, r) ((const BLK *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
 
 static inline void q4_K_sm(const uint8_t *packed, uint8_t out[16])
 {
@@ -682,9 +937,10 @@ static inline void q4_K_sm(const uint8_t *packed, uint8_t out[16])
     memcpy(out, u, 16);
 }
 
+/* quant.c's dot_q4_K_scalar (ggml's repacked GEMV order) */
 static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
 {
-    float s = 0;
+    float sumf = 0, summf = 0;
     for (size_t i = 0; i < nsb; ++i) {
         const rp_q4_K *w = RP_KB(grp, i, r);
         uint8_t sm[16];
@@ -699,41 +955,144 @@ static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_
             sumi += sm[g] * sg;
             summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
         }
+        sumf = fmaf((float)sumi, tsr_f16_to_f32(w->d) * x[i].d, sumf);
+        summf = fmaf((float)summ, tsr_f16_to_f32(w->dmin) * x[i].d, summf);
+    }
+    return sumf - summf;
+}
+
+/* quant.c's dot_q6_K_scalar (ggml_vec_dot_q6_K_q8_K's lanes) */
+static float dot_q6_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float acc[8] = {0};
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q6_K *w = RP_K6(grp, i, r);
+        uint8_t q[TSR_QK_K];
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t *ql = w->ql + 64 * half, *qh = w->qh + 32 * half;
+            uint8_t *o = q + 128 * half;
+            for (int l = 0; l < 32; ++l) {
+                o[l + 0] = (uint8_t)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
+                o[l + 32] = (uint8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                o[l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                o[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+            }
+        }
+        int32_t lane[8];
+        for (int k = 0; k < 8; ++k)
+            lane[k] = -32 * (w->scales[2 * k] * x[i].bsums[2 * k] +
+                             w->scales[2 * k + 1] * x[i].bsums[2 * k + 1]);
+        for (int e = 0; e < TSR_QK_K; ++e)
+            lane[(e % 32) / 4] += w->scales[e / 16] * q[e] * x[i].qs[e];
+        const float d = x[i].d * tsr_f16_to_f32(w->d);
+        for (int k = 0; k < 8; ++k) acc[k] = fmaf((float)lane[k], d, acc[k]);
+    }
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
+                t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
+/* quant.c's dot_q5_K_scalar: Q4_K's with the 5th bit of element l of group g from bit g
+ * of qh[l]. */
+static float dot_q5_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float s = 0;
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q5_K *w = RP_KX(rp_q5_K, grp, i, r);
+        uint8_t sm[16];
+        q4_K_sm(w->scales, sm);
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 8; ++g) {
+            const uint8_t *q = w->qs + 32 * (g / 2);
+            const int shift = (g & 1) * 4;
+            const int8_t *y = x[i].qs + 32 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 32; ++l)
+                sg += (((q[l] >> shift) & 0xF) | (((w->qh[l] >> g) & 1) << 4)) * y[l];
+            sumi += sm[g] * sg;
+            summ += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
+        }
         s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi -
              tsr_f16_to_f32(w->dmin) * x[i].d * (float)summ;
     }
     return s;
 }
 
-/* quant.c's dot_q6_K_scalar */
-static float dot_q6_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+/* quant.c's dot_q2_K_scalar: 16 groups of 16, 4-bit scale and min per group. */
+static float dot_q2_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
 {
     float s = 0;
     for (size_t i = 0; i < nsb; ++i) {
-        const rp_q6_K *w = RP_K6(grp, i, r);
-        int8_t q[TSR_QK_K];
-        for (int half = 0; half < 2; ++half) {
-            const uint8_t *ql = w->ql + 64 * half, *qh = w->qh + 32 * half;
-            int8_t *o = q + 128 * half;
-            for (int l = 0; l < 32; ++l) {
-                o[l + 0] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-        }
-        int32_t sumi = 0;
-        for (int g = 0; g < TSR_QK_K / 16; ++g) {
+        const rp_q2_K *w = RP_KX(rp_q2_K, grp, i, r);
+        int32_t sumi = 0, summ = 0;
+        for (int g = 0; g < 16; ++g) {
+            const uint8_t *q = w->qs + 32 * (g / 8) + 16 * (g % 2);
+            const int shift = 2 * ((g / 2) % 4);
+            const int8_t *y = x[i].qs + 16 * g;
             int32_t sg = 0;
-            for (int l = 0; l < 16; ++l) sg += q[16 * g + l] * x[i].qs[16 * g + l];
-            sumi += w->scales[g] * sg;
+            for (int l = 0; l < 16; ++l) sg += ((q[l] >> shift) & 3) * y[l];
+            sumi += (w->scales[g] & 0xF) * sg;
+            summ += (w->scales[g] >> 4) * x[i].bsums[g];
+        }
+        s += x[i].d * tsr_f16_to_f32(w->d) * (float)sumi -
+             x[i].d * tsr_f16_to_f32(w->dmin) * (float)summ;
+    }
+    return s;
+}
+
+/* quant.c's q3_K_scales: 16 6-bit scales, offset 32 removed. */
+static inline void q3_K_sc(const uint8_t packed[12], int8_t out[16])
+{
+    for (int j = 0; j < 16; ++j) {
+        const int lo = j < 8 ? packed[j] & 0xF : packed[j - 8] >> 4;
+        const int hi = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+        out[j] = (int8_t)((lo | (hi << 4)) - 32);
+    }
+}
+
+/* quant.c's dot_q3_K_scalar */
+static float dot_q3_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    float s = 0;
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q3_K *w = RP_KX(rp_q3_K, grp, i, r);
+        int8_t sc[16];
+        q3_K_sc(w->scales, sc);
+        int32_t sumi = 0;
+        for (int g = 0; g < 16; ++g) {
+            const int off = 32 * (g / 8) + 16 * (g % 2);
+            const int shift = 2 * ((g / 2) % 4);
+            const int hbit = g / 2;
+            const int8_t *y = x[i].qs + 16 * g;
+            int32_t sg = 0;
+            for (int l = 0; l < 16; ++l) {
+                const int h = (w->hmask[16 * (g % 2) + l] >> hbit) & 1;
+                sg += (((w->qs[off + l] >> shift) & 3) - (h ? 0 : 4)) * y[l];
+            }
+            sumi += sc[g] * sg;
         }
         s += tsr_f16_to_f32(w->d) * x[i].d * (float)sumi;
     }
     return s;
 }
 
-static void repack_dot_k_scalar(bool q6, size_t nsb, size_t gb, const uint8_t *packed,
+static float dot_k_scalar(uint32_t type, size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
+{
+    switch (type) {
+    case TSR_TYPE_Q2_K:
+        return dot_q2_K_scalar(nsb, grp, r, x);
+    case TSR_TYPE_Q3_K:
+        return dot_q3_K_scalar(nsb, grp, r, x);
+    case TSR_TYPE_Q5_K:
+        return dot_q5_K_scalar(nsb, grp, r, x);
+    case TSR_TYPE_Q6_K:
+        return dot_q6_K_scalar(nsb, grp, r, x);
+    default:
+        return dot_q4_K_scalar(nsb, grp, r, x);
+    }
+}
+
+static void repack_dot_k_scalar(uint32_t type, size_t nsb, size_t gb, const uint8_t *packed,
                                 int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
                                 float *y, size_t ys)
 {
@@ -742,8 +1101,7 @@ static void repack_dot_k_scalar(bool q6, size_t nsb, size_t gb, const uint8_t *p
         const int rr = (int)(r % TSR_REPACK_ROWS);
         for (int32_t t = 0; t < n_tok; ++t) {
             const rp_q8_K *xt = (const rp_q8_K *)(x + (size_t)t * xs);
-            y[(size_t)t * ys + (size_t)r] =
-                q6 ? dot_q6_K_scalar(nsb, grp, rr, xt) : dot_q4_K_scalar(nsb, grp, rr, xt);
+            y[(size_t)t * ys + (size_t)r] = dot_k_scalar(type, nsb, grp, rr, xt);
         }
     }
 }
@@ -774,84 +1132,103 @@ RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
         _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
 }
 
+/* The exact sum of 8 int32 lanes. */
+RP_AVX2 RP_INLINE int32_t rp_hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
 #define RP_SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
 #define RP_SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
 
 /* One row (group row r) x T tokens (T <= 4, a constant after inlining): each super-block
  * unpacked once, then per token the row dot's operations. */
+/* 4 rows' int32 lane vectors -> their 4 exact sums, row r in lane r. */
+RP_AVX2 RP_INLINE __m128i rp_hsum4_epi32(__m256i s0, __m256i s1, __m256i s2, __m256i s3)
+{
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* Q4_K: the group's 4 rows x T tokens (T <= 4, a constant after inlining), ggml's repacked
+ * GEMV order (quant.c's DEF_DOT_Q4_K): per super-block and row the exact int32 lanes of
+ * sum_g sc_g*<q_g, y_g> and of sum_g m_g*bsum_g, reduced to one int per row with the 4 rows
+ * side by side (row r in lane r), then per token one 4-lane FMA for the 4 rows' scale chains
+ * and one for their min chains: lane r is exactly the row dot's scalar fma. */
 #define DEF_K4(fname, ATTR, SACC)                                                                  \
-    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int nr,            \
                                    const uint8_t *x, size_t xs, float *y, size_t ys)               \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
-        __m256 acc[4], accm[4];                                                                    \
+        __m128 acc[4], accm[4];                                                                    \
         const rp_q8_K *xt[4];                                                                      \
         for (int t = 0; t < T; ++t) {                                                              \
-            acc[t] = accm[t] = _mm256_setzero_ps();                                                \
+            acc[t] = accm[t] = _mm_setzero_ps();                                                   \
             xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
         }                                                                                          \
         for (size_t i = 0; i < nsb; ++i) {                                                         \
-            const rp_q4_K *w = RP_KB(grp, i, r);                                                   \
-            const float wd = _cvtsh_ss(w->d), wdmin = _cvtsh_ss(w->dmin);                          \
-            const __m256i sm16 = q4_K_sm_x16(w->scales);                                           \
-            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
-            const __m256i mins2 =                                                                  \
-                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
-                                    _mm256_load_si256((const __m256i *)k_dup16));                  \
-            __m256i sumi[4];                                                                       \
-            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            __m256i sumi[4][4], summ[4][4]; /* [row][token] */                                     \
+            uint16_t dh[4], dmh[4];                                                                \
+            _Pragma("GCC unroll 4") for (int r = 0; r < TSR_REPACK_ROWS; ++r)                      \
             {                                                                                      \
-                const __m256i summ =                                                               \
-                    _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums)); \
-                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wdmin),                      \
-                                          _mm256_cvtepi32_ps(summ), accm[t]);                      \
-                sumi[t] = _mm256_setzero_si256();                                                  \
-            }                                                                                      \
-            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
-            {                                                                                      \
-                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));          \
-                const __m256i ql = _mm256_and_si256(q4, m4);                                       \
-                const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                 \
-                const __m256i scl = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));                   \
-                const __m256i sch = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));               \
+                const rp_q4_K *w = RP_KB(grp, i, r);                                               \
+                dh[r] = w->d;                                                                      \
+                dmh[r] = w->dmin;                                                                  \
+                const __m256i sm16 = q4_K_sm_x16(w->scales);                                       \
+                const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                    \
+                const __m256i mins2 =                                                              \
+                    _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),               \
+                                        _mm256_load_si256((const __m256i *)k_dup16));              \
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
                 {                                                                                  \
-                    const __m256i yl =                                                             \
-                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j));               \
-                    const __m256i yh =                                                             \
-                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j + 32));          \
-                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(ql, yl), scl);                    \
-                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(qh, yh), sch);                    \
+                    summ[r][t] = _mm256_madd_epi16(                                                \
+                        mins2, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums));               \
+                    sumi[r][t] = _mm256_setzero_si256();                                           \
+                }                                                                                  \
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                \
+                {                                                                                  \
+                    const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));      \
+                    const __m256i ql = _mm256_and_si256(q4, m4);                                   \
+                    const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);             \
+                    const __m256i scl = _mm256_shuffle_epi8(                                       \
+                        sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));               \
+                    const __m256i sch = _mm256_shuffle_epi8(                                       \
+                        sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));           \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const __m256i yl =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j));           \
+                        const __m256i yh =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j + 32));      \
+                        sumi[r][t] = SACC(sumi[r][t], _mm256_maddubs_epi16(ql, yl), scl);          \
+                        sumi[r][t] = SACC(sumi[r][t], _mm256_maddubs_epi16(qh, yh), sch);          \
+                    }                                                                              \
                 }                                                                                  \
             }                                                                                      \
+            uint64_t d64, dm64;                                                                    \
+            memcpy(&d64, dh, 8);                                                                   \
+            memcpy(&dm64, dmh, 8);                                                                 \
+            const __m128 wd = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)d64));                     \
+            const __m128 wdmin = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)dm64));                 \
             _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
             {                                                                                      \
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
-                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+                const __m128 dy = _mm_set1_ps(xt[t][i].d);                                         \
+                const __m128i is = rp_hsum4_epi32(sumi[0][t], sumi[1][t], sumi[2][t], sumi[3][t]); \
+                const __m128i im = rp_hsum4_epi32(summ[0][t], summ[1][t], summ[2][t], summ[3][t]); \
+                acc[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(is), _mm_mul_ps(wd, dy), acc[t]);            \
+                accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(im), _mm_mul_ps(wdmin, dy), accm[t]);       \
             }                                                                                      \
         }                                                                                          \
-        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
-    }                                                                                              \
-    ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
-                           size_t xs, float *y, size_t ys)                                         \
-    {                                                                                              \
-        switch (T) {                                                                               \
-        case 1:                                                                                    \
-            fname##_mk(1, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
-        case 2:                                                                                    \
-            fname##_mk(2, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
-        case 3:                                                                                    \
-            fname##_mk(3, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
-        default:                                                                                   \
-            fname##_mk(4, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
+        for (int t = 0; t < T; ++t) {                                                              \
+            float o[4];                                                                            \
+            _mm_storeu_ps(o, _mm_sub_ps(acc[t], accm[t]));                                         \
+            for (int r = 0; r < nr; ++r) y[(size_t)t * ys + (size_t)r] = o[r];                     \
         }                                                                                          \
-    }
+    }                                                                                              \
+    RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
 
 static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
     {SHUF16x8(0), SHUF16x8(1)},
@@ -924,24 +1301,207 @@ static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
         }                                                                                          \
         for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(acc[t]);                           \
     }                                                                                              \
-    ATTR static void fname(int T, size_t nsb, const uint8_t *grp, int r, const uint8_t *x,         \
-                           size_t xs, float *y, size_t ys)                                         \
+    RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
+
+/* quant.c's q3_K_scales_x16: Q3_K's 16 scales, offset removed, as int16 lanes (built in
+ * registers). */
+RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
+{
+    uint32_t a[3];
+    memcpy(a, packed, 12);
+    const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
+    const uint32_t u2 = ((a[0] >> 4) & k2) | (((a[2] >> 4) & k1) << 4);
+    const uint32_t u3 = ((a[1] >> 4) & k2) | (((a[2] >> 6) & k1) << 4);
+    const uint32_t u0 = (a[0] & k2) | (((a[2] >> 0) & k1) << 4);
+    const uint32_t u1 = (a[1] & k2) | (((a[2] >> 2) & k1) << 4);
+    const __m128i u = _mm_set_epi32((int)u3, (int)u2, (int)u1, (int)u0);
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
+}
+
+/* Q5_K (quant.c's DEF_DOT_Q5_K): Q4_K's kernel with the 5th bits from qh. */
+#define DEF_K5(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
     {                                                                                              \
-        switch (T) {                                                                               \
-        case 1:                                                                                    \
-            fname##_mk(1, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
-        case 2:                                                                                    \
-            fname##_mk(2, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
-        case 3:                                                                                    \
-            fname##_mk(3, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
-        default:                                                                                   \
-            fname##_mk(4, nsb, grp, r, x, xs, y, ys);                                              \
-            break;                                                                                 \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m16 = _mm256_set1_epi8(0x10);                   \
+        __m256 acc[4], accm[4];                                                                    \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
         }                                                                                          \
-    }
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q5_K *w = RP_KX(rp_q5_K, grp, i, r);                                          \
+            const float wd = _cvtsh_ss(w->d), wdmin = _cvtsh_ss(w->dmin);                          \
+            const __m256i sm16 = q4_K_sm_x16(w->scales);                                           \
+            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
+            const __m256i mins2 =                                                                  \
+                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
+                                    _mm256_load_si256((const __m256i *)k_dup16));                  \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i summ =                                                               \
+                    _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums)); \
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wdmin),                      \
+                                          _mm256_cvtepi32_ps(summ), accm[t]);                      \
+                sumi[t] = _mm256_setzero_si256();                                                  \
+            }                                                                                      \
+            const __m256i hv = _mm256_loadu_si256((const __m256i *)w->qh);                         \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                                    \
+            {                                                                                      \
+                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));          \
+                const __m256i hl =                                                                 \
+                    _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hv, 2 * j), 4), m16);     \
+                const __m256i hh =                                                                 \
+                    _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hv, 2 * j + 1), 4), m16); \
+                const __m256i ql = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);                  \
+                const __m256i qh =                                                                 \
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), hh);           \
+                const __m256i scl = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));                   \
+                const __m256i sch = _mm256_shuffle_epi8(                                           \
+                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));               \
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
+                {                                                                                  \
+                    const __m256i yl =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j));               \
+                    const __m256i yh =                                                             \
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 64 * j + 32));          \
+                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(ql, yl), scl);                    \
+                    sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(qh, yh), sch);                    \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+    }                                                                                              \
+    RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
+
+/* Q3_K (quant.c's DEF_DOT_Q3_K): u = q2 | hbit << 2 (the quant + 4) against y, the -4 as
+ * -4 * sum_g sc_g * bsum_g per token. */
+#define DEF_K3(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);                          \
+        __m256 acc[4];                                                                             \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = _mm256_setzero_ps();                                                          \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
+        }                                                                                          \
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q3_K *w = RP_KX(rp_q3_K, grp, i, r);                                          \
+            const float wd = _cvtsh_ss(w->d);                                                      \
+            const __m256i sc16 = q3_K_sc_x16(w->scales);                                           \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)xt[t][i].bsums);            \
+                sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(),                                 \
+                                           _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2));     \
+            }                                                                                      \
+            const __m256i hv = _mm256_loadu_si256((const __m256i *)w->hmask);                      \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i qv = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * h));          \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(qv, 2 * k), m3);         \
+                    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hv, 4 * h + k), m1);     \
+                    const __m256i u = _mm256_or_si256(q2, _mm256_slli_epi16(hb, 2));               \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const __m256i yk =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 128 * h + 32 * k)); \
+                        sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(u, yk), s);                   \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(acc[t]);                           \
+    }                                                                                              \
+    RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
+
+/* Q2_K (quant.c's DEF_DOT_Q2_K): Q3_K's layout without the high bit, 4-bit scales and mins
+ * per 16 elements, the mins term from the bsums as Q4_K's. */
+#define DEF_K2(fname, ATTR, SACC)                                                                  \
+    ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
+                                   const uint8_t *x, size_t xs, float *y, size_t ys)               \
+    {                                                                                              \
+        const __m256i m3 = _mm256_set1_epi8(3);                                                    \
+        const __m128i m4 = _mm_set1_epi8(0x0F);                                                    \
+        __m256 acc[4], accm[4];                                                                    \
+        const rp_q8_K *xt[4];                                                                      \
+        for (int t = 0; t < T; ++t) {                                                              \
+            acc[t] = accm[t] = _mm256_setzero_ps();                                                \
+            xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);                                         \
+        }                                                                                          \
+        for (size_t i = 0; i < nsb; ++i) {                                                         \
+            const rp_q2_K *w = RP_KX(rp_q2_K, grp, i, r);                                          \
+            const float wd = _cvtsh_ss(w->d), wdmin = _cvtsh_ss(w->dmin);                          \
+            const __m128i raw = _mm_loadu_si128((const __m128i *)w->scales);                       \
+            const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));                     \
+            const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));  \
+            __m256i sumi[4];                                                                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                const __m256i summ =                                                               \
+                    _mm256_madd_epi16(mn16, _mm256_loadu_si256((const __m256i *)xt[t][i].bsums));  \
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wdmin),                      \
+                                          _mm256_cvtepi32_ps(summ), accm[t]);                      \
+                sumi[t] = _mm256_setzero_si256();                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                                    \
+            {                                                                                      \
+                const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)                \
+                                      : _mm256_permute2x128_si256(sc16, sc16, 0x00);               \
+                const __m256i qv = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * h));          \
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
+                {                                                                                  \
+                    const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(qv, 2 * k), m3);         \
+                    const __m256i s = _mm256_shuffle_epi8(                                         \
+                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
+                    {                                                                              \
+                        const __m256i yk =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 128 * h + 32 * k)); \
+                        sumi[t] = SACC(sumi[t], _mm256_maddubs_epi16(q2, yk), s);                  \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
+            {                                                                                      \
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xt[t][i].d * wd),                          \
+                                         _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+    }                                                                                              \
+    RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
+
+/* clang-format off */
+DEF_K2(k2_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K2(k2_vnni, RP_VNNI, RP_SACC_VNNI)
+DEF_K3(k3_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K3(k3_vnni, RP_VNNI, RP_SACC_VNNI)
+DEF_K5(k5_avx2, RP_AVX2, RP_SACC_AVX2)
+DEF_K5(k5_vnni, RP_VNNI, RP_SACC_VNNI)
+/* clang-format on */
 
 /* clang-format off */
 DEF_K6(k6_avx2, RP_AVX2, RP_SACC_AVX2)
@@ -959,11 +1519,28 @@ typedef void (*k4_fn)(int T, size_t nsb, const uint8_t *grp, int r, const uint8_
 /* Tokens in micro-tiles of 4, in chunks whose activations stay in L2; the group's rows one
  * by one (a group's super-blocks, 4 x 144 bytes each, stay in L1 across its 4 rows' passes
  * only partly; they are re-read from L2). */
-static void repack_dot_k_simd(bool vnni, bool q6, size_t nsb, size_t gb, const uint8_t *packed,
-                              int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs, float *y,
-                              size_t ys)
+static void repack_dot_k_simd(bool vnni, uint32_t type, size_t nsb, size_t gb,
+                              const uint8_t *packed, int64_t n_rows, int32_t n_tok,
+                              const uint8_t *x, size_t xs, float *y, size_t ys)
 {
-    const k4_fn f = q6 ? (vnni ? k6_vnni : k6_avx2) : (vnni ? k4_vnni : k4_avx2);
+    k4_fn f;
+    switch (type) {
+    case TSR_TYPE_Q2_K:
+        f = vnni ? k2_vnni : k2_avx2;
+        break;
+    case TSR_TYPE_Q3_K:
+        f = vnni ? k3_vnni : k3_avx2;
+        break;
+    case TSR_TYPE_Q5_K:
+        f = vnni ? k5_vnni : k5_avx2;
+        break;
+    case TSR_TYPE_Q6_K:
+        f = vnni ? k6_vnni : k6_avx2;
+        break;
+    default:
+        f = vnni ? k4_vnni : k4_avx2;
+        break;
+    }
     size_t tc = RP_ACT_BYTES / (nsb * sizeof(rp_q8_K)) / 4 * 4;
     if (tc < 4) tc = 4;
     const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
@@ -974,6 +1551,16 @@ static void repack_dot_k_simd(bool vnni, bool q6, size_t nsb, size_t gb, const u
             if (g + 1 < n_groups) {
                 const char *p = (const char *)(grp + gb);
                 for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            if (type == TSR_TYPE_Q4_K) { /* the group's 4 rows at once (r: their count) */
+                const int64_t left = n_rows - g * TSR_REPACK_ROWS;
+                const int nr = left < TSR_REPACK_ROWS ? (int)left : TSR_REPACK_ROWS;
+                for (size_t t = 0; t < tcn; t += 4) {
+                    const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                    f(T, nsb, grp, nr, x + (t0 + t) * xs, xs,
+                      y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS, ys);
+                }
+                continue;
             }
             for (int r = 0; r < TSR_REPACK_ROWS && g * TSR_REPACK_ROWS + r < n_rows; ++r) {
                 for (size_t t = 0; t < tcn; t += 4) {
@@ -1000,13 +1587,13 @@ void tsr_repack_dot(uint32_t type, int64_t n, const void *packed, int64_t r0, in
         const size_t nsb = (size_t)n / TSR_QK_K;
 #if TSR_RP_X86
         if (strcmp(isa, "scalar") != 0) {
-            repack_dot_k_simd(strcmp(isa, "avx512vnni") == 0, type == TSR_TYPE_Q6_K, nsb, gb, p,
-                              n_rows, n_tok, (const uint8_t *)x, x_stride, y, y_stride);
+            repack_dot_k_simd(strcmp(isa, "avx512vnni") == 0, type, nsb, gb, p, n_rows, n_tok,
+                              (const uint8_t *)x, x_stride, y, y_stride);
             return;
         }
 #endif
-        repack_dot_k_scalar(type == TSR_TYPE_Q6_K, nsb, gb, p, n_rows, n_tok, (const uint8_t *)x,
-                            x_stride, y, y_stride);
+        repack_dot_k_scalar(type, nsb, gb, p, n_rows, n_tok, (const uint8_t *)x, x_stride, y,
+                            y_stride);
         return;
     }
 #if TSR_RP_X86

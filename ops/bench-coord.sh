@@ -11,17 +11,8 @@ REPS=${REPS:-3}
 REQ=${REQ:-64}
 TOK=${TOK:-64}
 T=build/tessera
-LOG=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$LOG"; }
-trap cleanup EXIT
-addr() { # wait for "listening on" in $1
-  for _ in $(seq 200); do
-    a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | awk '{print $3}') && [ -n "$a" ] && { echo "$a"; return; }
-    sleep 0.05
-  done
-  echo "no 'listening on' in $1" >&2; cat "$1" >&2; exit 1
-}
+. ops/bench/lib.sh # bench_tmp (LOG, PIDS), addr, median
+bench_tmp
 loadgen() { # target concurrency -> "ttft_p50_ms tok_s"
   /usr/bin/python3 ops/loadgen.py --target "$1" -c "$2" -n "$REQ" --max-tokens "$TOK" \
     --ignore-eos 2>&1 | python3 -c '
@@ -30,7 +21,6 @@ t = sys.stdin.read()
 tps = re.search(r"throughput: *([0-9.]+)", t); ttft = re.search(r"TTFT: *p50 ([0-9.]+)", t)
 print(ttft.group(1) if ttft else "nan", tps.group(1) if tps else "nan")'
 }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 measure() { # label target concurrency
   local tt=() tp=()
   for _ in $(seq "$REPS"); do read -r a b < <(loadgen "$2" "$3"); tt+=("$a"); tp+=("$b"); done

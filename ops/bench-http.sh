@@ -25,17 +25,8 @@ REQ16=${REQ16:-64}
 TOK=${TOK:-64}
 THREADS=${THREADS:-1}
 T=build/tessera
-LOG=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$LOG"; }
-trap cleanup EXIT
-addr() { # $1 log, $2 pattern before the address
-  for _ in $(seq 1200); do
-    a=$(grep -o "$2 [^ ]*" "$1" 2>/dev/null | head -1 | awk '{print $NF}') && [ -n "$a" ] && { echo "$a"; return; }
-    sleep 0.05
-  done
-  echo "no '$2' in $1" >&2; cat "$1" >&2; exit 1
-}
+. ops/bench/lib.sh # bench_tmp (LOG, PIDS), addr, median
+bench_tmp
 loadgen() { # protocol target concurrency requests -> "ttft_p50_ms itl_p50_ms tok_s"
   /usr/bin/python3 ops/loadgen.py --protocol "$1" --target "$2" -c "$3" -n "$4" \
     --max-tokens "$TOK" --ignore-eos 2>&1 | python3 -c '
@@ -44,7 +35,6 @@ t = sys.stdin.read()
 f = lambda p: (re.search(p, t).group(1) if re.search(p, t) else "nan")
 print(f(r"TTFT: *p50 ([0-9.]+)"), f(r"inter-token: *p50 ([0-9.]+)"), f(r"throughput: *([0-9.]+)"))'
 }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "model $(basename "$MODEL"), $VIA, -t $THREADS, $TOK tokens per request, c=1: $REQ1 requests, c=16: $REQ16, medians of $REPS interleaved runs"
 uptime
 if [ "$VIA" = coordinator ]; then

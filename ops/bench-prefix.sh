@@ -20,18 +20,8 @@ PREFIX=${PREFIX:-512}
 SUFFIX=${SUFFIX:-32}
 THREADS=${THREADS:-2}
 T=build/tessera
-LOG=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$LOG"; }
-trap cleanup EXIT
-addr() { # wait for the gRPC "listening on" in $1
-  for _ in $(seq 600); do
-    a=$(grep -o 'serve: listening on [^ ]*' "$1" 2>/dev/null | awk '{print $4}') &&
-      [ -n "$a" ] && { echo "$a"; return; }
-    sleep 0.05
-  done
-  echo "no 'listening on' in $1" >&2; cat "$1" >&2; exit 1
-}
+. ops/bench/lib.sh # bench_tmp (LOG, PIDS), addr, median
+bench_tmp
 lg() { # target concurrency n -> "ttft_p50_ms ttft_p99_ms"
   /usr/bin/python3 ops/loadgen.py --target "$1" -c "$2" -n "$3" --max-tokens "$TOK" \
     --ignore-eos --shared-prefix "$PREFIX" --suffix "$SUFFIX" 2>&1 | python3 -c '
@@ -42,7 +32,6 @@ if not m or "0 failed" not in t:
     sys.exit("loadgen failed:\n" + t)
 print(m.group(1), m.group(2))'
 }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 uptime
 for MODEL in "$@"; do
   echo "== $(basename "$MODEL"): shared prefix $PREFIX + suffix $SUFFIX tokens, $TOK generated, -t $THREADS"
@@ -50,7 +39,7 @@ for MODEL in "$@"; do
   $T serve -m "$MODEL" -t "$THREADS" --listen 127.0.0.1:0 -c 2048 2>"$LOG/a" & PIDS+=($!)
   $T serve -m "$MODEL" -t "$THREADS" --listen 127.0.0.1:0 -c 2048 --no-prefix-cache \
     2>"$LOG/b" & PIDS+=($!)
-  declare -A ADDR=([cache]=$(addr "$LOG/a") [no-cache]=$(addr "$LOG/b"))
+  declare -A ADDR=([cache]=$(addr "$LOG/a" "serve: listening on") [no-cache]=$(addr "$LOG/b" "serve: listening on"))
   for c in 1 4; do
     declare -A P50=() P99=()
     for _ in $(seq "$REPS"); do

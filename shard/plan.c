@@ -27,6 +27,13 @@
  *     is feasible iff the per-stage layer caps under X sum to at least n_layer), so a
  *     refusal can say exactly how much a rank would need.
  *
+ *   - GPU ranks (dev_n_batch > 0): memory is what a rank allocates on its device
+ *     (worker/gpu.c, kernels/cuda): stage 0 uploads the whole embedding table (the CPU
+ *     reads one row per token), the KV pool holds whole 16-position blocks, and the step's
+ *     buffers (activations, matmul scratch, the logits buffers of the leader and of the last
+ *     stage's tp rank 0) come on top; they do not grow with layers, so the bisection and the
+ *     layer caps stay exact. A refusal also names the largest context that would fit.
+ *
  * Approximation (documented in the table too): the model only gives the mean bytes of a
  * whole layer, not per tensor. A rank's share of a layer is estimated from the tensor
  * shapes and nominal types (its q rows, its k/v heads, its attn_output columns, its
@@ -236,10 +243,68 @@ static int make_slices(plan_ctx *c, char *err, size_t len)
 
 static uint64_t rank_weights(const plan_ctx *c, int32_t t, int32_t n_layers, int first, int last)
 {
+    const tsr_plan_model *m = c->m;
     uint64_t w = (uint64_t)llround((double)n_layers * c->s[t].w_layer);
-    if (first) w += c->m->n_bytes_embd_row;
-    if (last) w += c->s[t].out_share;
+    const bool dev = m->dev_n_batch > 0;
+    if (first) w += dev ? m->dev_n_bytes_embd : m->n_bytes_embd_row;
+    /* a GPU rank holding the tied table whole (tp 1, pp 1) uploads it once */
+    if (last && !(dev && first && m->dev_embd_tied && c->tp == 1)) w += c->s[t].out_share;
     return w;
+}
+
+static uint64_t max_u64(uint64_t a, uint64_t b)
+{
+    return a > b ? a : b;
+}
+
+/* Bytes of an F16 weight tile of the cuBLAS path for an n_out × n_in matrix of type (0 for
+ * F32 / F16 weights, which cuBLAS reads directly); kernels/cuda TSR_CUDA_TILE_BYTES (64 MiB)
+ * bounds it. */
+static uint64_t dev_tile(uint32_t type, uint64_t n_out, uint64_t n_in)
+{
+    const uint64_t cap = (uint64_t)64 << 20;
+    if (type == TSR_TYPE_F32 || type == TSR_TYPE_F16 || n_in == 0) return 0;
+    uint64_t rows = cap / (2u * n_in);
+    if (rows > n_out) rows = n_out;
+    if (rows < 1) rows = 1;
+    return 2u * rows * n_in;
+}
+
+/* tsr_plan_device_buffer_bytes for slice s of a stage (first / last). */
+static uint64_t dev_buffers(const tsr_plan_model *m, int32_t tp, int32_t t, const slice_info *s,
+                            int first, int last, int32_t n_ctx)
+{
+    if (m->dev_n_batch <= 0) return 0;
+    const uint64_t nb = (uint64_t)m->dev_n_batch, E = (uint64_t)m->n_embd;
+    const uint64_t hd = (uint64_t)m->head_dim, V = (uint64_t)m->n_vocab;
+    const uint64_t qd = (uint64_t)(s->head_end - s->head_begin) * hd;
+    const uint64_t kvd = (uint64_t)(s->kv_head_end - s->kv_head_begin) * hd;
+    const uint64_t ff = (uint64_t)(s->ff_end - s->ff_begin);
+    const uint64_t vl = last ? (uint64_t)(s->vocab_end - s->vocab_begin) : 1u; /* >= 1 float */
+    /* the step's activations (gpu.c tsr_gpu_ctx_new: x, xb, xb2, q, k, v, att, hb, hb2,
+     * head_in, logits) */
+    uint64_t n = 4u * nb * (4u * E + max_u64(qd, E) + 2u * qd + 2u * kvd + 2u * ff + vl);
+    /* step descriptor: token, position, sequence, row, want per token + block tables */
+    n += 4u * nb * (5u + (uint64_t)(n_ctx + 15) / 16u + 1u);
+    /* matmul scratch: activations in the dot type (<= 292 bytes per 256 values, Q8_K), the
+     * F16 activations and the F16 weight tile of the cuBLAS path */
+    const uint64_t max_in = max_u64(max_u64(E, qd), ff);
+    n += nb * ((max_in + 255u) / 256u) * 292u + 2u * nb * max_in;
+    uint64_t tile = max_u64(dev_tile(m->type_attn_q, qd, E), dev_tile(m->type_attn_k, kvd, E));
+    tile = max_u64(tile, dev_tile(m->type_attn_v, kvd, E));
+    tile = max_u64(tile, dev_tile(m->type_attn_output, E, qd));
+    tile = max_u64(tile, dev_tile(m->type_ffn_gate, ff, E));
+    tile = max_u64(tile, dev_tile(m->type_ffn_up, ff, E));
+    tile = max_u64(tile, dev_tile(m->type_ffn_down, E, ff));
+    if (last) tile = max_u64(tile, dev_tile(m->type_output, vl, E));
+    n += tile;
+    /* split attention states: fewer than 2 x 256 (token, head, split) triples of 2 + hd */
+    n += 4u * (2u + hd) * 512u;
+    /* logits: the leader receives [n_batch][n_vocab] from the last stage (pp > 1); tp rank 0
+     * of the last stage gathers the slices (tp > 1): the other ranks' parts and the rows */
+    if (t == 0 && first && !last) n += 4u * nb * V;
+    if (t == 0 && last && tp > 1) n += 4u * nb * V + 4u * nb * (V - vl);
+    return n;
 }
 
 static uint64_t rank_kv(const plan_ctx *c, int32_t t, int32_t n_layers)
@@ -249,7 +314,9 @@ static uint64_t rank_kv(const plan_ctx *c, int32_t t, int32_t n_layers)
 
 static uint64_t rank_mem(const plan_ctx *c, int32_t t, int32_t n_layers, int first, int last)
 {
-    return rank_weights(c, t, n_layers, first, last) + (uint64_t)c->n_ctx * rank_kv(c, t, n_layers);
+    return rank_weights(c, t, n_layers, first, last) +
+           (uint64_t)c->n_ctx * rank_kv(c, t, n_layers) +
+           dev_buffers(c->m, c->tp, t, &c->s[t], first, last, c->n_ctx);
 }
 
 /* Peak memory over the tp ranks of a stage with n layers. */
@@ -555,7 +622,9 @@ int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *l
     }
     c->m = m;
     c->tp = tp;
-    c->n_ctx = n_ctx;
+    /* the device pool holds whole 16-position blocks */
+    c->n_ctx = m->dev_n_batch > 0 ? (int32_t)(((int64_t)n_ctx + 15) / 16 * 16) : n_ctx;
+    const char *what = m->dev_n_batch > 0 ? "weights + KV + device buffers" : "weights + KV";
     int rc = make_slices(c, err, err_len);
     if (rc) goto done;
 
@@ -570,8 +639,8 @@ int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *l
                 if (need > mem_budget_bytes) {
                     set_err(err, err_len,
                             "--layers '%s': stage %d (layers %d-%d) needs %.1f MiB per rank "
-                            "(weights + KV for %d tokens); the budget is %.1f MiB",
-                            layers, s, at, at + counts[s] - 1, (double)need / MIB, n_ctx,
+                            "(%s for %d tokens); the budget is %.1f MiB",
+                            layers, s, at, at + counts[s] - 1, (double)need / MIB, what, c->n_ctx,
                             (double)mem_budget_bytes / MIB);
                     rc = -1;
                     goto done;
@@ -585,7 +654,7 @@ int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *l
             const uint64_t need = min_peak(c, pp);
             if (need > mem_budget_bytes) {
                 /* Say which larger pp would fit at this tp, when one does. */
-                char hint[128] = "use more ranks";
+                char hint[256] = "use more ranks";
                 for (int32_t p2 = pp + 1;
                      p2 <= m->n_layer && (int64_t)tp * p2 <= TSR_PLAN_MAX_RANKS; p2++) {
                     if (min_peak(c, p2) <= mem_budget_bytes) {
@@ -594,10 +663,32 @@ int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *l
                         break;
                     }
                 }
+                /* GPU ranks: the largest context (whole KV blocks) that fits this layout */
+                if (m->dev_n_batch > 0 && c->n_ctx > 16) {
+                    const int32_t n_ctx_asked = c->n_ctx;
+                    int32_t lo = 0, hi = n_ctx_asked / 16 - 1; /* blocks */
+                    while (lo < hi) {
+                        const int32_t mid = lo + (hi - lo + 1) / 2;
+                        c->n_ctx = mid * 16;
+                        if (min_peak(c, pp) <= mem_budget_bytes)
+                            lo = mid;
+                        else
+                            hi = mid - 1;
+                    }
+                    c->n_ctx = lo * 16;
+                    if (lo > 0 && min_peak(c, pp) <= mem_budget_bytes) {
+                        const size_t at = strlen(hint);
+                        snprintf(hint + at, sizeof hint - at,
+                                 ", or a context of at most %d tokens (--ctx) at tp %d × pp %d",
+                                 lo * 16, tp, pp);
+                    }
+                    c->n_ctx = n_ctx_asked;
+                }
                 set_err(err, err_len,
-                        "tp %d × pp %d needs at least %.1f MiB per rank (weights + KV for %d "
-                        "tokens); the budget is %.1f MiB; %s",
-                        tp, pp, (double)need / MIB, n_ctx, (double)mem_budget_bytes / MIB, hint);
+                        "tp %d × pp %d needs at least %.1f MiB per rank (%s for %d tokens); the "
+                        "budget is %.1f MiB; %s",
+                        tp, pp, (double)need / MIB, what, c->n_ctx, (double)mem_budget_bytes / MIB,
+                        hint);
                 rc = -1;
                 goto done;
             }
@@ -640,6 +731,22 @@ done:
     free(c);
     if (rc) memset(out, 0, sizeof *out);
     return rc;
+}
+
+uint64_t tsr_plan_device_buffer_bytes(const tsr_plan_model *m, int32_t tp, int32_t pp,
+                                      const tsr_plan_rank *r, int32_t n_ctx)
+{
+    if (!m || !r || m->dev_n_batch <= 0 || tp < 1 || pp < 1) return 0;
+    const slice_info s = {.head_begin = r->head_begin,
+                          .head_end = r->head_end,
+                          .kv_head_begin = r->kv_head_begin,
+                          .kv_head_end = r->kv_head_end,
+                          .ff_begin = r->ff_begin,
+                          .ff_end = r->ff_end,
+                          .vocab_begin = r->vocab_begin,
+                          .vocab_end = r->vocab_end};
+    const int32_t n = (int32_t)(((int64_t)(n_ctx > 0 ? n_ctx : 0) + 15) / 16 * 16);
+    return dev_buffers(m, tp, r->tp_rank, &s, r->stage == 0, r->stage == pp - 1, n);
 }
 
 /* Appends with snprintf semantics: keeps counting when the buffer is full. */

@@ -36,6 +36,16 @@ typedef struct {
     uint64_t n_bytes_output; /* output head (token_embd when tied) */
     uint64_t n_bytes_embd_row;
     uint64_t n_bytes_kv_per_token_layer; /* K+V bytes per token per layer (whole model) */
+    /* GPU ranks (worker/gpu.c; leave all 0 for CPU ranks, whose plan does not change). With
+     * dev_n_batch > 0 a rank's memory is what it allocates on its device: its weights, where
+     * stage 0 holds the whole embedding table (dev_n_bytes_embd bytes) rather than one row,
+     * and a tied table that is also the whole output head (dev_embd_tied, at tp 1 and pp 1)
+     * once; the KV pool in whole 16-position blocks of the cache type's bytes (n_ctx rounded
+     * up to a multiple of 16; n_bytes_kv_per_token_layer in that type); and the buffers of
+     * tsr_plan_device_buffer_bytes for steps of dev_n_batch tokens. */
+    int32_t dev_n_batch;
+    int32_t dev_embd_tied;
+    uint64_t dev_n_bytes_embd;
 } tsr_plan_model;
 
 /* One rank's share. Ranges are half-open [begin, end). */
@@ -58,12 +68,28 @@ typedef struct {
 
 /* Compute the plan. `layers` is NULL or an override like "0-7,8-15" (pp ranges, in order,
  * covering every layer exactly once). `mem_budget_bytes` is 0 (none) or the per-rank
- * limit on weights + KV for `n_ctx` tokens: the layer split then also respects it.
+ * limit on weights + KV for `n_ctx` tokens (+ the device buffers on GPU ranks, see
+ * dev_n_batch): the layer split then also respects it, and a layout that cannot fit is
+ * refused saying how much it needs and what would fit (more pipeline stages, or on GPU
+ * ranks the largest context that fits).
  * Returns 0, or < 0 with a message in err such as
  *   "n_head 8 is not divisible by tp 3; use tp 1, 2, 4 or 8". */
 int tsr_plan_make(const tsr_plan_model *m, int32_t tp, int32_t pp, const char *layers,
                   uint64_t mem_budget_bytes, int32_t n_ctx, tsr_plan *out, char *err,
                   size_t err_len);
+
+/* Device buffers of GPU rank r of a tp × pp plan besides weights and KV (0 when
+ * m->dev_n_batch is 0), as worker/gpu.c and kernels/cuda allocate them for steps of
+ * m->dev_n_batch tokens over a pool of n_ctx positions: the step's activations
+ * ([n_batch] × (4 n_embd + max(q_dim, n_embd) + 2 q_dim + 2 kv_dim + 2 n_ff_local +
+ * n_vocab_local) floats), the step descriptor and block tables, the matmul scratch
+ * (activations quantized to the dot type, the F16 activations and F16 weight tile of the
+ * cuBLAS path), the split-attention states, and the logits buffers: the leader (rank 0)
+ * receives [n_batch][n_vocab] floats from the last stage when pp > 1, and tp rank 0 of the
+ * last stage gathers the tp slices into [n_batch][n_vocab] when tp > 1 (both counted
+ * whether or not the data plane is device-direct). */
+uint64_t tsr_plan_device_buffer_bytes(const tsr_plan_model *m, int32_t tp, int32_t pp,
+                                      const tsr_plan_rank *r, int32_t n_ctx);
 
 /* Human-readable table of the plan (one line per rank) into buf; returns bytes written
  * (snprintf semantics). */

@@ -26,11 +26,12 @@
  */
 #include "shard/vocab.h"
 
+#include "kernels/util.h"
+
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
 #include <ctype.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,23 +39,6 @@
 #define MAX_REGEX        8
 #define MAX_TOKENS       (1 << 26) /* sanity bound on the vocabulary size */
 #define REPLACEMENT_CHAR "\xEF\xBF\xBD"
-
-/* ------------------------------------------------------------------------------------ */
-/* errors                                                                               */
-
-static int fail(char *err, size_t err_len, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int fail(char *err, size_t err_len, int code, const char *fmt, ...)
-{
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 /* ------------------------------------------------------------------------------------ */
 /* UTF-8                                                                                */
@@ -529,8 +513,8 @@ static int read_opt_str(const tsr_gguf *g, const char *key, tsr_gguf_str *out, b
     *present = idx >= 0;
     if (idx < 0) return 0;
     if (!tsr_gguf_kv_str(g, idx, out))
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected a string", key,
-                    vtype_name(g, idx));
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected a string",
+                        key, vtype_name(g, idx));
     return 0;
 }
 
@@ -539,8 +523,8 @@ static int read_opt_bool(const tsr_gguf *g, const char *key, bool *out, char *er
     int64_t idx = tsr_gguf_find_key(g, key), v;
     if (idx < 0) return 0;
     if (tsr_gguf_kv_type(g, idx) != TSR_GGUF_BOOL || !tsr_gguf_kv_int(g, idx, &v))
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected a bool", key,
-                    vtype_name(g, idx));
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected a bool", key,
+                        vtype_name(g, idx));
     *out = v != 0;
     return 0;
 }
@@ -554,16 +538,16 @@ static int read_special_id(const tsr_gguf *g, const char *key, int32_t n_tokens,
     int64_t idx = tsr_gguf_find_key(g, key), v;
     if (idx < 0) return 0;
     if (tsr_gguf_kv_type(g, idx) == TSR_GGUF_BOOL || !tsr_gguf_kv_int(g, idx, &v))
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected an integer", key,
-                    vtype_name(g, idx));
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected an integer",
+                        key, vtype_name(g, idx));
     if (v == -1 || v == (int64_t)UINT32_MAX) {
         *id = TSR_TOKEN_NULL;
         return 0;
     }
     if (v < 0 || v >= n_tokens)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                    "%s = %lld is outside the vocabulary (%d tokens)", key, (long long)v,
-                    (int)n_tokens);
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                        "%s = %lld is outside the vocabulary (%d tokens)", key, (long long)v,
+                        (int)n_tokens);
     *id = (int32_t)v;
     return 0;
 }
@@ -575,8 +559,8 @@ static int find_array(const tsr_gguf *g, const char *key, tsr_gguf_vtype *et, ui
     *idx = tsr_gguf_find_key(g, key);
     if (*idx < 0) return 0;
     if (!tsr_gguf_kv_arr(g, *idx, et, n))
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected an array", key,
-                    vtype_name(g, *idx));
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "%s has type %s, expected an array",
+                        key, vtype_name(g, *idx));
     return 0;
 }
 
@@ -853,27 +837,28 @@ static int load_tokens(tsr_vocab *v, const tsr_gguf *g, char *err, size_t err_le
     int rc = find_array(g, "tokenizer.ggml.tokens", &et, &n, &idx, err, err_len);
     if (rc) return rc;
     if (idx < 0)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "tokenizer.ggml.tokens is missing");
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "tokenizer.ggml.tokens is missing");
     if (et != TSR_GGUF_STRING)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                    "tokenizer.ggml.tokens has type %s, expected an array of string",
-                    vtype_name(g, idx));
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                        "tokenizer.ggml.tokens has type %s, expected an array of string",
+                        vtype_name(g, idx));
     if (n == 0 || n > MAX_TOKENS)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                    "tokenizer.ggml.tokens has %llu entries (expected 1..%d)",
-                    (unsigned long long)n, MAX_TOKENS);
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                        "tokenizer.ggml.tokens has %llu entries (expected 1..%d)",
+                        (unsigned long long)n, MAX_TOKENS);
     v->n_tokens = (int32_t)n;
 
     size_t bytes = 0;
     for (uint64_t i = 0; i < n; i++) {
         tsr_gguf_str s;
         if (!tsr_gguf_arr_str(g, idx, i, &s))
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.tokens[%llu] unreadable", (unsigned long long)i);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.tokens[%llu] unreadable", (unsigned long long)i);
         bytes += s.len + 1;
     }
     rc = strtab_init(&v->tok, (uint32_t)n, bytes + 32 * 8);
-    if (rc) return fail(err, err_len, rc, "out of memory for %llu tokens", (unsigned long long)n);
+    if (rc)
+        return tsr_fail(err, err_len, rc, "out of memory for %llu tokens", (unsigned long long)n);
     for (uint64_t i = 0; i < n && rc == 0; i++) {
         tsr_gguf_str s;
         tsr_gguf_arr_str(g, idx, i, &s);
@@ -885,16 +870,16 @@ static int load_tokens(tsr_vocab *v, const tsr_gguf *g, char *err, size_t err_le
             rc = strtab_add(&v->tok, s.ptr, s.len);
         }
     }
-    if (rc) return fail(err, err_len, rc, "tokenizer.ggml.tokens: too large");
+    if (rc) return tsr_fail(err, err_len, rc, "tokenizer.ggml.tokens: too large");
 
     rc = strmap_init(&v->tok_map, (uint32_t)n);
-    if (rc) return fail(err, err_len, rc, "out of memory for the token map");
+    if (rc) return tsr_fail(err, err_len, rc, "out of memory for the token map");
     for (uint32_t i = 0; i < (uint32_t)n; i++) {
         int64_t dup = strmap_insert(&v->tok_map, &v->tok, i);
         if (dup >= 0)
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "duplicate token in tokenizer.ggml.tokens: '%.64s' has ids %lld and %u",
-                        v->tok.data + v->tok.off[i], (long long)dup, i);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "duplicate token in tokenizer.ggml.tokens: '%.64s' has ids %lld and %u",
+                            v->tok.data + v->tok.off[i], (long long)dup, i);
     }
 
     /* scores: float (or int32) per token; absent = 0 */
@@ -902,26 +887,26 @@ static int load_tokens(tsr_vocab *v, const tsr_gguf *g, char *err, size_t err_le
     v->attr = malloc(n * sizeof *v->attr);
     v->eog = calloc(n, 1);
     if (!v->score || !v->attr || !v->eog)
-        return fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
     uint64_t m;
     rc = find_array(g, "tokenizer.ggml.scores", &et, &m, &idx, err, err_len);
     if (rc) return rc;
     if (idx >= 0) {
         bool is_float = et == TSR_GGUF_FLOAT32 || et == TSR_GGUF_FLOAT64;
         if (!is_float && et != TSR_GGUF_INT32)
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.scores has type %s, expected an array of float32",
-                        vtype_name(g, idx));
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.scores has type %s, expected an array of float32",
+                            vtype_name(g, idx));
         if (m < n)
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.scores has %llu entries for %llu tokens",
-                        (unsigned long long)m, (unsigned long long)n);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.scores has %llu entries for %llu tokens",
+                            (unsigned long long)m, (unsigned long long)n);
         for (uint64_t i = 0; i < n; i++) {
             double d = 0;
             int64_t k = 0;
             if (is_float ? !tsr_gguf_arr_float(g, idx, i, &d) : !tsr_gguf_arr_int(g, idx, i, &k))
-                return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                            "tokenizer.ggml.scores[%llu] unreadable", (unsigned long long)i);
+                return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                                "tokenizer.ggml.scores[%llu] unreadable", (unsigned long long)i);
             v->score[i] = is_float ? (float)d : (float)k;
         }
     }
@@ -932,19 +917,19 @@ static int load_tokens(tsr_vocab *v, const tsr_gguf *g, char *err, size_t err_le
     if (idx >= 0) {
         if (et == TSR_GGUF_STRING || et == TSR_GGUF_ARRAY || et == TSR_GGUF_FLOAT32 ||
             et == TSR_GGUF_FLOAT64 || et == TSR_GGUF_BOOL)
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.token_type has type %s, expected an array of int32",
-                        vtype_name(g, idx));
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.token_type has type %s, expected an array of int32",
+                            vtype_name(g, idx));
         if (m < n)
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.token_type has %llu entries for %llu tokens",
-                        (unsigned long long)m, (unsigned long long)n);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.token_type has %llu entries for %llu tokens",
+                            (unsigned long long)m, (unsigned long long)n);
     }
     for (uint64_t i = 0; i < n; i++) {
         int64_t t = 1;
         if (idx >= 0 && !tsr_gguf_arr_int(g, idx, i, &t))
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.token_type[%llu] unreadable", (unsigned long long)i);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.token_type[%llu] unreadable", (unsigned long long)i);
         switch (t) {
         case 1:
             v->attr[i] = TSR_VOCAB_ATTR_NORMAL;
@@ -980,31 +965,32 @@ static int load_merges(tsr_vocab *v, const tsr_gguf *g, char *err, size_t err_le
     int rc = find_array(g, "tokenizer.ggml.merges", &et, &n, &idx, err, err_len);
     if (rc) return rc;
     if (idx < 0)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                    "tokenizer.ggml.merges is missing (required by a gpt2 tokenizer)");
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                        "tokenizer.ggml.merges is missing (required by a gpt2 tokenizer)");
     if (et != TSR_GGUF_STRING)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                    "tokenizer.ggml.merges has type %s, expected an array of string",
-                    vtype_name(g, idx));
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                        "tokenizer.ggml.merges has type %s, expected an array of string",
+                        vtype_name(g, idx));
     if (n > MAX_TOKENS * 4ull)
-        return fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "tokenizer.ggml.merges has %llu entries",
-                    (unsigned long long)n);
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                        "tokenizer.ggml.merges has %llu entries", (unsigned long long)n);
     size_t bytes = 0;
     for (uint64_t i = 0; i < n; i++) {
         tsr_gguf_str s;
         if (!tsr_gguf_arr_str(g, idx, i, &s))
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "tokenizer.ggml.merges[%llu] unreadable", (unsigned long long)i);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "tokenizer.ggml.merges[%llu] unreadable", (unsigned long long)i);
         bytes += s.len + 1;
     }
     rc = strtab_init(&v->merge, (uint32_t)n, bytes);
     if (!rc) rc = strmap_init(&v->merge_map, (uint32_t)n);
-    if (rc) return fail(err, err_len, rc, "out of memory for %llu merges", (unsigned long long)n);
+    if (rc)
+        return tsr_fail(err, err_len, rc, "out of memory for %llu merges", (unsigned long long)n);
     for (uint64_t i = 0; i < n; i++) {
         tsr_gguf_str s;
         tsr_gguf_arr_str(g, idx, i, &s);
         rc = strtab_add(&v->merge, s.ptr, s.len);
-        if (rc) return fail(err, err_len, rc, "tokenizer.ggml.merges: too large");
+        if (rc) return tsr_fail(err, err_len, rc, "tokenizer.ggml.merges: too large");
         /* a repeated merge keeps its first (best) rank, as llama.cpp's emplace does */
         (void)strmap_insert(&v->merge_map, &v->merge, (uint32_t)i);
     }
@@ -1015,7 +1001,7 @@ static int compile_regexes(tsr_vocab *v, pre_kind kind, char *err, size_t err_le
 {
     for (int i = 0; i < MAX_REGEX && k_pre_regex[kind][i]; i++) {
         char *pat = rx_rewrite(k_pre_regex[kind][i]);
-        if (!pat) return fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
+        if (!pat) return tsr_fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
         int ec;
         PCRE2_SIZE eo;
         pcre2_code *re =
@@ -1025,9 +1011,9 @@ static int compile_regexes(tsr_vocab *v, pre_kind kind, char *err, size_t err_le
         if (!re) {
             PCRE2_UCHAR msg[128];
             pcre2_get_error_message(ec, msg, sizeof msg);
-            return fail(err, err_len, TSR_VOCAB_ERR_INTERNAL,
-                        "pre-tokenizer '%s' regex %d: %s at offset %zu", v->pre, i, (char *)msg,
-                        (size_t)eo);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_INTERNAL,
+                            "pre-tokenizer '%s' regex %d: %s at offset %zu", v->pre, i, (char *)msg,
+                            (size_t)eo);
         }
         (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* the interpreter is the fallback */
         v->re[v->n_re++] = re;
@@ -1038,12 +1024,12 @@ static int compile_regexes(tsr_vocab *v, pre_kind kind, char *err, size_t err_le
 int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len)
 {
     if (err && err_len) err[0] = 0;
-    if (!out) return fail(err, err_len, TSR_VOCAB_ERR_ARG, "out is NULL");
+    if (!out) return tsr_fail(err, err_len, TSR_VOCAB_ERR_ARG, "out is NULL");
     *out = NULL;
-    if (!g) return fail(err, err_len, TSR_VOCAB_ERR_ARG, "gguf is NULL");
+    if (!g) return tsr_fail(err, err_len, TSR_VOCAB_ERR_ARG, "gguf is NULL");
 
     tsr_vocab *v = calloc(1, sizeof *v);
-    if (!v) return fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
+    if (!v) return tsr_fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
     int rc;
     tsr_gguf_str s;
     bool present;
@@ -1054,7 +1040,7 @@ int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len
     rc = read_opt_str(g, "tokenizer.ggml.model", &s, &present, err, err_len);
     if (rc) goto fail_free;
     if (!present) {
-        rc = fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "tokenizer.ggml.model is missing");
+        rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT, "tokenizer.ggml.model is missing");
         goto fail_free;
     }
     if (str_eq(s.ptr, s.len, "llama")) {
@@ -1065,16 +1051,17 @@ int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len
         v->type = TSR_VOCAB_BPE;
         v->bos = 11, v->eos = 11, v->unk = TSR_TOKEN_NULL;
     } else if (str_eq(s.ptr, s.len, "no_vocab") || str_eq(s.ptr, s.len, "none")) {
-        rc = fail(err, err_len, TSR_VOCAB_ERR_UNSUPPORTED,
-                  "the model has no vocabulary "
-                  "(tokenizer.ggml.model = '%.*s')",
-                  (int)s.len, s.ptr);
+        rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_UNSUPPORTED,
+                      "the model has no vocabulary "
+                      "(tokenizer.ggml.model = '%.*s')",
+                      (int)s.len, s.ptr);
         goto fail_free;
     } else {
-        rc = fail(err, err_len, TSR_VOCAB_ERR_UNSUPPORTED,
-                  "tokenizer.ggml.model '%.*s' is not supported (only 'llama' = SentencePiece and "
-                  "'gpt2' = byte-level BPE)",
-                  (int)(s.len > 64 ? 64 : s.len), s.ptr);
+        rc = tsr_fail(
+            err, err_len, TSR_VOCAB_ERR_UNSUPPORTED,
+            "tokenizer.ggml.model '%.*s' is not supported (only 'llama' = SentencePiece and "
+            "'gpt2' = byte-level BPE)",
+            (int)(s.len > 64 ? 64 : s.len), s.ptr);
         goto fail_free;
     }
     v->eot = v->eom = v->sep = v->pad = TSR_TOKEN_NULL;
@@ -1088,9 +1075,9 @@ int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len
             for (k = 0; k < nn && !str_eq(s.ptr, s.len, k_pre_names[k].name); k++) {
             }
             if (k == nn) {
-                rc = fail(err, err_len, TSR_VOCAB_ERR_UNSUPPORTED,
-                          "unknown pre-tokenizer tokenizer.ggml.pre = '%.*s'",
-                          (int)(s.len > 64 ? 64 : s.len), s.ptr);
+                rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_UNSUPPORTED,
+                              "unknown pre-tokenizer tokenizer.ggml.pre = '%.*s'",
+                              (int)(s.len > 64 ? 64 : s.len), s.ptr);
                 goto fail_free;
             }
             kind = k_pre_names[k].kind;
@@ -1130,26 +1117,26 @@ int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len
     rc = read_opt_bool(g, "tokenizer.ggml.add_eos_token", &v->add_eos, err, err_len);
     if (rc) goto fail_free;
     if (v->add_bos && v->bos < 0) {
-        rc = fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                  "tokenizer.ggml.add_bos_token is true but there is no BOS token");
+        rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                      "tokenizer.ggml.add_bos_token is true but there is no BOS token");
         goto fail_free;
     }
     if (v->add_eos && v->eos < 0) {
-        rc = fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                  "tokenizer.ggml.add_eos_token is true but there is no EOS token");
+        rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                      "tokenizer.ggml.add_eos_token is true but there is no EOS token");
         goto fail_free;
     }
 
     rc = detect_special_tokens(v);
     if (rc) {
-        rc = fail(err, err_len, rc, "out of memory");
+        rc = tsr_fail(err, err_len, rc, "out of memory");
         goto fail_free;
     }
 
     /* partition candidates, longest first */
     v->special = malloc((size_t)v->n_tokens * sizeof *v->special);
     if (!v->special) {
-        rc = fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
+        rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory");
         goto fail_free;
     }
     for (int32_t i = 0; i < v->n_tokens; i++)
@@ -1201,7 +1188,7 @@ int tsr_vocab_load(const tsr_gguf *g, tsr_vocab **out, char *err, size_t err_len
 
     rc = build_pieces(v);
     if (rc) {
-        rc = fail(err, err_len, rc, "out of memory for the token pieces");
+        rc = tsr_fail(err, err_len, rc, "out of memory for the token pieces");
         goto fail_free;
     }
     *out = v;
@@ -1482,8 +1469,9 @@ static int spm_emit_bytes(tok_ctx *c, const char *s, size_t n, char *err, size_t
         int32_t id = c->v->byte_tok[(uint8_t)s[j]];
         if (id < 0) id = c->v->unk;
         if (id < 0)
-            return fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
-                        "byte 0x%02X has no token and the vocabulary has no <unk>", (uint8_t)s[j]);
+            return tsr_fail(err, err_len, TSR_VOCAB_ERR_FORMAT,
+                            "byte 0x%02X has no token and the vocabulary has no <unk>",
+                            (uint8_t)s[j]);
         if (ivec_push(&c->out, id)) return TSR_VOCAB_ERR_NOMEM;
     }
     return 0;
@@ -1608,8 +1596,8 @@ static int pretokenize(tok_ctx *c, char *err, size_t err_len)
                 if (m < 0) {
                     PCRE2_UCHAR msg[128];
                     pcre2_get_error_message(m, msg, sizeof msg);
-                    return fail(err, err_len, TSR_VOCAB_ERR_INTERNAL,
-                                "pre-tokenizer regex %u failed: %s", r, (char *)msg);
+                    return tsr_fail(err, err_len, TSR_VOCAB_ERR_INTERNAL,
+                                    "pre-tokenizer regex %u failed: %s", r, (char *)msg);
                 }
                 PCRE2_SIZE *ov = pcre2_get_ovector_pointer(c->md);
                 size_t ms = ov[0], me = ov[1];
@@ -1725,10 +1713,11 @@ int tsr_vocab_tokenize(const tsr_vocab *v, const char *text, size_t len, bool ad
                        bool parse_special, int32_t **ids, size_t *n_ids, char *err, size_t err_len)
 {
     if (err && err_len) err[0] = 0;
-    if (!ids || !n_ids) return fail(err, err_len, TSR_VOCAB_ERR_ARG, "ids or n_ids is NULL");
+    if (!ids || !n_ids) return tsr_fail(err, err_len, TSR_VOCAB_ERR_ARG, "ids or n_ids is NULL");
     *ids = NULL;
     *n_ids = 0;
-    if (!v || (!text && len)) return fail(err, err_len, TSR_VOCAB_ERR_ARG, "vocab or text is NULL");
+    if (!v || (!text && len))
+        return tsr_fail(err, err_len, TSR_VOCAB_ERR_ARG, "vocab or text is NULL");
 
     tok_ctx c = {.v = v};
     int rc = 0;
@@ -1792,9 +1781,10 @@ int tsr_vocab_tokenize(const tsr_vocab *v, const char *text, size_t len, bool ad
     return 0;
 
 nomem:
-    rc = fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory while tokenizing %zu bytes", len);
+    rc = tsr_fail(err, err_len, TSR_VOCAB_ERR_NOMEM, "out of memory while tokenizing %zu bytes",
+                  len);
 out:
-    if (err && err_len && !err[0]) fail(err, err_len, rc, "tokenize failed (%d)", rc);
+    if (err && err_len && !err[0]) tsr_fail(err, err_len, rc, "tokenize failed (%d)", rc);
     ctx_free(&c);
     return rc;
 }

@@ -15,7 +15,10 @@
  *      beyond the vocabulary wrap) with every row's logits (the cuBLAS path: >= 8 tokens);
  *   2. 16 (--decode N) greedy decode steps after it (the in-place quantized matvec), the CPU's
  * argmax fed to both; every step's argmax must be equal;
- *   3. a prefill of 5 tokens (matvec path with several tokens per weight row).
+ *   3. a prefill of 5 tokens (matvec path with several tokens per weight row);
+ *   (between 2 and 3) the sequence's KV blocks copied within the pool (tsr_ctx_kv_copy, the
+ *      prefix cache's copy-on-write): one more token over the copies gives, on each backend,
+ *      exactly the logits it gives over the originals.
  * Every logit must agree within --tol (absolute; default 0.35, the quantized-model tolerance
  * of ../shared/models README 8.3/8.4: the CPU quantizes activations to Q8_0/Q8_K, the cuBLAS
  * path rounds them to F16 instead, and a rounding boundary crossed by a tiny difference moves
@@ -231,6 +234,59 @@ int main(int argc, char **argv)
         }
         if (ac != ag) n_near_ties++;
         next = ac;
+    }
+    /* 4. KV block copy (the prefix cache's copy-on-write, tsr_ctx_kv_copy): the blocks
+     * holding the sequence copied to the end of the pool; the next token over the copies
+     * must give exactly the logits it gives over the originals, on each backend. */
+    {
+        const int32_t L = n_prompt + n_decode, nb = L / TSR_KV_BLOCK_SIZE + 1;
+        const int32_t n_pool = tsr_ctx_n_kv_blocks(p.cpu);
+        int32_t src[64], dst[64], pos = L, seq0 = 0;
+        uint8_t want = 1;
+        float *l_copy = malloc(sizeof(float) * (size_t)V),
+              *l_orig = malloc(sizeof(float) * (size_t)V);
+        if (!l_copy || !l_orig || 2 * nb > n_pool || nb > 64) {
+            free(l_copy);
+            free(l_orig);
+            snprintf(err, sizeof err, "KV copy phase: %d blocks do not fit twice in a pool of %d",
+                     nb, n_pool);
+            goto fail;
+        }
+        for (int32_t i = 0; i < nb; i++) {
+            src[i] = i;
+            dst[i] = n_pool - nb + i;
+        }
+        tsr_ctx *cs[2] = {p.cpu, p.gpu};
+        for (int k = 0; k < 2; k++) {
+            const int32_t *tab_c[1] = {dst}, *tab_o[1] = {src};
+            tsr_batch b = {.n_tokens = 1,
+                           .tokens = &next,
+                           .pos = &pos,
+                           .seq = &seq0,
+                           .want_logits = &want,
+                           .n_seqs = 1,
+                           .n_blocks = &nb};
+            int ok = tsr_ctx_kv_copy(cs[k], src, dst, nb, err, sizeof err) == 0;
+            b.block_tables = tab_c;
+            ok = ok &&
+                 tsr_forward_batch(cs[k], &b, tsr_ctx_hidden(cs[k]), l_copy, err, sizeof err) == 0;
+            b.block_tables = tab_o;
+            ok = ok &&
+                 tsr_forward_batch(cs[k], &b, tsr_ctx_hidden(cs[k]), l_orig, err, sizeof err) == 0;
+            const int same = ok && memcmp(l_copy, l_orig, sizeof(float) * (size_t)V) == 0;
+            if (!same) {
+                if (ok)
+                    snprintf(err, sizeof err,
+                             "%s: logits over copied KV blocks differ from the originals' "
+                             "(max |diff| %.4g; must be identical)",
+                             k ? "GPU" : "CPU", max_diff(l_copy, l_orig, V));
+                free(l_copy);
+                free(l_orig);
+                goto fail;
+            }
+        }
+        free(l_copy);
+        free(l_orig);
     }
     pair_free(&p);
     /* 3. short prefill (matvec with 5 tokens) */

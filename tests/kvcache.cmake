@@ -5,20 +5,23 @@ if(TSR_SANITIZE)
 endif()
 set_tests_properties(test_kvcache PROPERTIES TIMEOUT 300)
 
-# tp 2 x pp 2 with an f16 cache equals one process with an f16 cache (greedy ids identical,
-# logits within 1e-4); q8_0 across tp 2. Release tree only (4 ASan ranks spend ~30 s in
+# tp 2 x pp 2 with an f16 cache equals one process with an f16 cache (greedy ids identical;
+# logits within 0.3: the f16 attention keeps llama.cpp's fp16 output accumulator, rounded
+# at every position, so tp's re-associated all-reduce sums (last bits) flip some of those
+# roundings: 0.115 measured on this Q8_0 file, 0 with pp alone); q8_0 across tp 2 (logits within 1e-3: tp's last-bit differences can flip
+# an int8 rounding of a stored K or V block; 1.7e-4 measured). Release tree only (4 ASan ranks spend ~30 s in
 # LeakSanitizer's exit scan; test_kvcache covers the kernels there).
 if(NOT TSR_SANITIZE)
   add_test(NAME replica_kv_f16_tp2_pp2
            COMMAND ${TSR_MPIRUN} -np 4 $<TARGET_FILE:replica_check>
                    -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q8_0.gguf --tp 2 --pp 2 -n 16
-                   --kv-type f16)
+                   --kv-type f16 --tol 0.3)
   set_tests_properties(replica_kv_f16_tp2_pp2 PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
                        TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
   add_test(NAME replica_kv_q8_0_tp2_pp1
            COMMAND ${TSR_MPIRUN} -np 2 $<TARGET_FILE:replica_check>
                    -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-f16.gguf --tp 2 --pp 1 -n 16
-                   --kv-type q8_0)
+                   --kv-type q8_0 --tol 1e-3)
   set_tests_properties(replica_kv_q8_0_tp2_pp1 PROPERTIES ENVIRONMENT "${TSR_MPI_ENV}"
                        TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
 endif()
@@ -47,14 +50,24 @@ set_tests_properties(cli_kv_type_errors PROPERTIES TIMEOUT 60)
 add_executable(bench_kvcache ${CMAKE_CURRENT_SOURCE_DIR}/bench_kvcache.c)
 target_link_libraries(bench_kvcache PRIVATE tessera_core)
 
-# The real models keep llama.cpp's greedy ids (within real_models_check's near-tie rule)
-# with the default f16 cache too (real_model_* run the f32 cache). Release tree only.
+# The real models with the default settings (f16 cache, repacking on; real_model_* run the
+# f32 cache): the cases listed in TSR_REAL_EXACT_* run free-running and must give llama.cpp's
+# ids exactly (their every op is bit-identical to ggml's; docs/architecture.md "Numerics"),
+# the others teacher-forced within real_models_check's near-tie rule. Release tree only.
+# Not yet exact: Gemma 3 case 3 (free-running equal to step 16 of 40: llama.cpp's Q4_K
+# prefill sums tokens in groups of 4 in another order than its decode; we keep one order).
+set(TSR_REAL_EXACT_smollm2 all)
+set(TSR_REAL_STEPS_smollm2 40)
+set(TSR_REAL_EXACT_qwen2 all)
+set(TSR_REAL_STEPS_qwen2 24)
+set(TSR_REAL_EXACT_gemma3 0,1,2)
+set(TSR_REAL_STEPS_gemma3 24)
 if(NOT TSR_SANITIZE)
   foreach(short smollm2 qwen2 gemma3)
     add_test(NAME real_model_${short}_kv_f16
              COMMAND sh -c "set -e; p=$(${TSR_FETCH_MODEL} ${TSR_REAL_${short}} | tail -n 1); \
 $<TARGET_FILE:real_models_check> --expected ${TSR_REAL_EXPECTED} --name ${TSR_REAL_${short}} \
--m \"$p\" -t 2 --steps 24 --kv-type f16")
+-m \"$p\" -t 2 --steps ${TSR_REAL_STEPS_${short}} --kv-type f16 --exact ${TSR_REAL_EXACT_${short}}")
     set_tests_properties(real_model_${short}_kv_f16 PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
   endforeach()
 endif()

@@ -20,6 +20,10 @@
  * exit); the leader, with a comm deadline of MS, runs one step and must get an error that
  * says which rank did not answer within MS, in about MS; it prints PASS and ends the job
  * (MPI_Abort: the stuck ranks would hold MPI_Finalize).
+ * --check-device-memory (GPU ranks): after the run, every rank's device bytes in use (weights,
+ * KV pool, step buffers, the logits buffers grown by the steps: the leader's when pp > 1,
+ * tp rank 0's of the last stage when tp > 1) must not exceed what the planner counted for it
+ * (tsr_rank_stats n_bytes_device_planned), the figure --gpu-memory is checked against.
  * --teacher-force feeds both engines the reference's greedy token at every step and
  * compares logits only: for random-weight quantized models, whose top logits are often
  * closer than the rounding of a re-associated sum, once amplified by activation
@@ -71,6 +75,7 @@ int main(int argc, char **argv)
                                          {"expect-transport", required_argument, 0, 'T'},
                                          {"stall-followers", required_argument, 0, 'S'},
                                          {"dump", required_argument, 0, 'D'},
+                                         {"check-device-memory", no_argument, 0, 'M'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     /* f32 KV unless --kv-type says otherwise: the layouts' float32 logits agree within 1e-4,
@@ -84,7 +89,7 @@ int main(int argc, char **argv)
                              .kv_type = "f32"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
     const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
-    bool batch_step = false;
+    bool batch_step = false, check_dev_mem = false;
     long stall_ms = 0;
     double tol = 1e-4;
     tsr_kv_type kv_type = TSR_KV_F32;
@@ -142,6 +147,9 @@ int main(int argc, char **argv)
             break;
         case 'D':
             dump_path = optarg;
+            break;
+        case 'M':
+            check_dev_mem = true;
             break;
         default:
             return 2;
@@ -390,6 +398,19 @@ int main(int argc, char **argv)
                st[i].t_comm_ns / 1e3 / (double)(st[i].n_tokens ? st[i].n_tokens : 1),
                (double)st[i].n_bytes_sent / (double)(st[i].n_tokens ? st[i].n_tokens : 1));
         sum_layers += l;
+    }
+    for (int i = 0; check_dev_mem && i < n_ranks; i++) {
+        printf("rank %d: device %.1f KiB in use, %.1f KiB planned\n", i,
+               st[i].n_bytes_device / 1024.0, st[i].n_bytes_device_planned / 1024.0);
+        if (st[i].n_bytes_device == 0 || st[i].n_bytes_device_planned == 0)
+            return fail("--check-device-memory: a rank has no device figures (not a GPU rank?)");
+        if (st[i].n_bytes_device > st[i].n_bytes_device_planned) {
+            fprintf(stderr,
+                    "replica_check: rank %d uses %llu device bytes, the planner counted %llu\n", i,
+                    (unsigned long long)st[i].n_bytes_device,
+                    (unsigned long long)st[i].n_bytes_device_planned);
+            return fail("device memory over the plan");
+        }
     }
     bool kv_replicated = rp.tp > m->hp.n_head_kv;
     if (!kv_replicated && sum_layers != total_layers) {

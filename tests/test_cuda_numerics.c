@@ -271,6 +271,39 @@ static void test_activation_quantizers(void **state)
 
 /* ---- dots ----------------------------------------------------------------------------- */
 
+/* For the CPU dots in ggml's lane order (Q8_0, Q4_1: kernels/dot_ggml.h), the partial sums
+ * are per 4-element lane, not per block: sum over blocks of |d_w d_x| * sum |q_w q_x| (plus
+ * |m_w s_x| for Q4_1) bounds their absolute values as the block terms do for the others. */
+static double lane_abs_sum(uint32_t type, int64_t n, const uint8_t *w, const uint8_t *x)
+{
+    double at = 0;
+    for (int64_t b = 0; b < n / 32; ++b) {
+        uint16_t dw, dx, mw, sx;
+        memcpy(&dw, w, 2);
+        memcpy(&dx, x, 2);
+        double si = 0;
+        if (type == TSR_TYPE_Q8_0) {
+            for (int e = 0; e < 32; ++e)
+                si += fabs((double)((const int8_t *)w)[2 + e] * ((const int8_t *)x)[2 + e]);
+            at += fabs((double)tsr_f16_to_f32(dw) * tsr_f16_to_f32(dx)) * si;
+            w += 34;
+            x += 34;
+        } else { /* Q4_1 x Q8_1 */
+            memcpy(&mw, w + 2, 2);
+            memcpy(&sx, x + 2, 2);
+            for (int e = 0; e < 32; ++e) {
+                const int q = e < 16 ? w[4 + e] & 0xF : w[4 + e - 16] >> 4;
+                si += fabs((double)q * ((const int8_t *)x)[4 + e]);
+            }
+            at += fabs((double)tsr_f16_to_f32(dw) * tsr_f16_to_f32(dx)) * si +
+                  fabs((double)tsr_f16_to_f32(mw) * tsr_f16_to_f32(sx));
+            w += 20;
+            x += 36;
+        }
+    }
+    return at;
+}
+
 static void test_dots(void **state)
 {
     (void)state;
@@ -303,6 +336,8 @@ static void test_dots(void **state)
                 double at;
                 int64_t nt;
                 const float gpu = gpu_row_dot(ti->type, n, w, xq, &at, &nt);
+                if (ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1)
+                    at = fmax(at, lane_abs_sum(ti->type, n, w, xq));
                 const double tol = (2.0 * (double)nt + 8.0) * 0x1p-24 * at + 1e-30;
                 const double d = fabs((double)gpu - (double)cpu);
                 if (!(d <= tol))
@@ -312,9 +347,12 @@ static void test_dots(void **state)
                              d, tol);
                 if (tol > 0 && d / tol > worst_ratio) worst_ratio = d / tol;
                 n_rows_checked++;
-                /* one block alone: the CPU's scalar dot is then that block's term */
+                /* one block alone: the CPU's scalar dot is then that block's term, except for
+                 * the types whose CPU dot follows ggml's x86 lane order (kernels/dot_ggml.h:
+                 * 8 lane products per block, each rounded, then a tree), bound-checked above */
                 const int32_t be = tsr_cuda_block_elems(ti->type);
-                if (be > 1) {
+                const bool lane_order = ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1;
+                if (be > 1 && !lane_order) {
                     const float c1 = tsr_vec_dot(ti->type, be, w, xq);
                     const float g1 =
                         be == 32 ? tsr_cuda_dot_blk32(ti->type, w, xq)
@@ -635,9 +673,10 @@ static void test_fp16_roundtrip(void **state)
 /* fp16 KV cache (numerics.h "KV cache element types"): what the device stores is the CPU's
  * fp16 bit for bit, and the device's two-pass f16 attention (emulated in the kernel's order:
  * q rounded to fp16, warp-lane score sums, online max/sum, then fp16 probabilities) agrees
- * with the CPU's f16 path (kernels/kvcache.c tsr_attn_head) within the float summation
- * order: the fp16 rounding points are the same. Head sizes 64 and 80 (not a multiple of 16:
- * the CPU's other q·k order), windows of 1, 17 and 203 positions. */
+ * with the CPU's f16 path (kernels/kvcache.c tsr_attn_head, llama.cpp's flash attention:
+ * one pass, fp16 output accumulator) within 2e-3 relative, and the fp16 probabilities the
+ * CPU's scores give are the device's. Head sizes 64 and 80 (not a multiple of 64: the
+ * CPU's q·k adds the rest in double), windows of 1, 17 and 203 positions. */
 static void test_kv_f16(void **state)
 {
     (void)state;
@@ -682,6 +721,11 @@ static void test_kv_f16(void **state)
             float ref[80];
             tsr_attn_head(&kv, q, scale, p0, p1, att, scratch, ref);
             free(scratch);
+            /* the CPU runs llama.cpp's flash attention (online softmax, fp16 accumulator) and
+             * leaves its scores in att: the probabilities they give, two-pass */
+            float cpu_m = -INFINITY, cpu_l = 0.0f;
+            for (int p = p0; p <= p1; ++p) cpu_m = fmaxf(cpu_m, att[p - p0]);
+            for (int p = p0; p <= p1; ++p) cpu_l += expf(att[p - p0] - cpu_m);
             /* device (kernels.cu k_attention_f16) */
             float qh[80], acc[80] = {0};
             for (int i = 0; i < hd; ++i) qh[i] = tsr_cuda_round_f16(q[i]);
@@ -715,7 +759,7 @@ static void test_kv_f16(void **state)
                         /* the CPU's probability of this position, rounded the same way */
                         const int p = c0 + j;
                         if (p >= p0 && p <= p1) {
-                            const float pc = tsr_cuda_round_f16(att[p - p0]);
+                            const float pc = tsr_cuda_round_f16(expf(att[p - p0] - cpu_m) / cpu_l);
                             n_prob_diff += pw != pc;
                             if (fabsf(pw - pc) > 1e-3f * pc + 1e-7f)
                                 fail_msg("hd %d window %d position %d: probability CPU %.9g, "
@@ -759,6 +803,178 @@ static void test_kv_f16(void **state)
     }
 }
 
+/* The CPU's q8_0 attention (kernels/kvcache.c) for head `head` of rows of n_kv heads. */
+static void cpu_attn_q8_0(const uint8_t *kc, const uint8_t *vc, int hd, int n_kv, int head,
+                          const float *q, float scale, int p0, int p1, float *att, float *out)
+{
+    const int32_t table[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const size_t head_bytes = tsr_kv_row_bytes(TSR_KV_Q8_0, hd);
+    const tsr_kv_view kv = {.type = TSR_KV_Q8_0,
+                            .head_dim = hd,
+                            .block_size = 16,
+                            .k = kc,
+                            .v = vc,
+                            .row_bytes = head_bytes * (size_t)n_kv,
+                            .head_offset = head_bytes * (size_t)head,
+                            .block_table = table};
+    void *scratch = NULL;
+    assert_int_equal(posix_memalign(&scratch, 64, tsr_attn_scratch_bytes(hd)), 0);
+    tsr_attn_head(&kv, q, scale, p0, p1, att, scratch, out);
+    free(scratch);
+}
+
+/* Q8_0 KV cache (numerics.h "KV cache element types"): the device's stores (k_kv_store_q8_0:
+ * a warp max per block, then tsr_cuda_q8_0_scale / _elem per lane) are the bytes of the
+ * CPU's tsr_kv_store; q's quantization likewise; and k_attention_q8_0's arithmetic, emulated
+ * in the kernel's structure (quarter-block integer sums per lane, block terms in block order,
+ * max / sum / probabilities and V in three passes, FMA chains over the positions), is bit
+ * for bit the CPU's q8_0 attention on its scalar path (probabilities and outputs), and within
+ * the float order of the Q8_0 dot of the CPU's dispatched ISA. Head sizes 64 and 128, rows of
+ * 2 KV heads (head 1 read: the head offset), windows of 1, 17 and 203 positions. */
+static void test_kv_q8_0(void **state)
+{
+    (void)state;
+    const int n_pos = 203, n_kv = 2;
+    const int hds[2] = {64, 128};
+    uint64_t s = 4242;
+    const char *isa0 = tsr_quant_isa();
+    char isa_saved[32];
+    snprintf(isa_saved, sizeof isa_saved, "%s", isa0);
+    for (int h = 0; h < 2; ++h) {
+        const int hd = hds[h], nb = hd / 32, kv_dim = hd * n_kv;
+        const size_t rb = tsr_kv_row_bytes(TSR_KV_Q8_0, kv_dim);
+        assert_int_equal(rb, tsr_cuda_kv_row_bytes(TSR_CUDA_KV_Q8_0, kv_dim));
+        float *q = xmalloc(sizeof(float) * hd), *att = xmalloc(sizeof(float) * n_pos);
+        float *kf = xmalloc(sizeof(float) * kv_dim * n_pos);
+        float *vf = xmalloc(sizeof(float) * kv_dim * n_pos);
+        uint8_t *kc = xmalloc(rb * n_pos), *vc = xmalloc(rb * n_pos);
+        uint8_t *kd = xmalloc(rb * n_pos), *vd = xmalloc(rb * n_pos);
+        for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
+        for (int i = 0; i < kv_dim * n_pos; ++i) kf[i] = 2.0f * rng_gauss(&s);
+        for (int i = 0; i < kv_dim * n_pos; ++i) vf[i] = rng_gauss(&s);
+        kf[5] = 0.0f; /* one all-zero block: d = 0 */
+        for (int i = 0; i < 32; ++i) kf[kv_dim + i] = 0.0f;
+        /* stores: per row, as the CPU's tsr_kv_store (one call per position, as model.c) */
+        for (int p = 0; p < n_pos; ++p) {
+            tsr_kv_store(TSR_KV_Q8_0, kf + (size_t)p * kv_dim, kc + (size_t)p * rb, kv_dim);
+            tsr_kv_store(TSR_KV_Q8_0, vf + (size_t)p * kv_dim, vc + (size_t)p * rb, kv_dim);
+            for (int g = 0; g < 2 * (kv_dim / 32); ++g) { /* k_kv_store_q8_0's warps */
+                const bool is_v = g >= kv_dim / 32;
+                const int b = is_v ? g - kv_dim / 32 : g;
+                const float *x = (is_v ? vf : kf) + (size_t)p * kv_dim + 32 * b;
+                tsr_cuda_q8_0 *blk = (tsr_cuda_q8_0 *)((is_v ? vd : kd) + (size_t)p * rb) + b;
+                float amax = 0.0f, d, id;
+                for (int l = 0; l < 32; ++l) amax = fmaxf(amax, fabsf(x[l]));
+                tsr_cuda_q8_0_scale(amax, &d, &id);
+                for (int l = 0; l < 32; ++l) blk->qs[l] = tsr_cuda_q8_0_elem(x[l], id);
+                blk->d = tsr_cuda_f32_to_f16(d);
+            }
+        }
+        for (size_t i = 0; i < rb * n_pos; ++i)
+            if (kd[i] != kc[i] || vd[i] != vc[i])
+                fail_msg("q8_0 store byte %zu (position %zu): CPU %02x/%02x, device %02x/%02x", i,
+                         i / rb, kc[i], vc[i], kd[i], vd[i]);
+        /* dequantized as the CPU reads them */
+        float deq[128];
+        tsr_kv_load(TSR_KV_Q8_0, kc + rb * 7 + tsr_kv_row_bytes(TSR_KV_Q8_0, hd), deq, hd);
+        for (int i = 0; i < hd; ++i) {
+            const float dv = tsr_cuda_kv_get(TSR_CUDA_KV_Q8_0,
+                                             kd + rb * 7 + tsr_kv_row_bytes(TSR_KV_Q8_0, hd), i);
+            if (bits(dv) != bits(deq[i]))
+                fail_msg("q8_0 load %d: CPU %.9g, device %.9g", i, deq[i], dv);
+        }
+        const float scale = 1.0f / sqrtf((float)hd);
+        const int p0s[3] = {202, 186, 0};
+        for (int w = 0; w < 3; ++w) {
+            const int p0 = p0s[w], p1 = n_pos - 1, n = p1 - p0 + 1;
+            /* CPU: scalar path (the order the device follows) and the dispatched ISA */
+            float ref[128], ref_isa[128], *att_isa = xmalloc(sizeof(float) * n_pos);
+            cpu_attn_q8_0(kc, vc, hd, n_kv, 1, q, scale, p0, p1, att_isa, ref_isa);
+            assert_true(tsr_quant_set_isa("scalar"));
+            cpu_attn_q8_0(kc, vc, hd, n_kv, 1, q, scale, p0, p1, att, ref);
+            assert_true(tsr_quant_set_isa(isa_saved));
+            /* device (kernels.cu k_attention_q8_0), KV head 1 */
+            tsr_cuda_q8_0 qq[4];
+            for (int b = 0; b < nb; ++b) { /* warp b's block */
+                float amax = 0.0f, d, id;
+                for (int l = 0; l < 32; ++l) amax = fmaxf(amax, fabsf(q[32 * b + l]));
+                tsr_cuda_q8_0_scale(amax, &d, &id);
+                for (int l = 0; l < 32; ++l) qq[b].qs[l] = tsr_cuda_q8_0_elem(q[32 * b + l], id);
+                qq[b].d = tsr_cuda_f32_to_f16(d);
+            }
+            float acc[128] = {0}, m = -INFINITY, sum = 0.0f, inv = 0.0f;
+            for (int pass = 0; pass < 3; ++pass) {
+                for (int c0 = p0 / 16 * 16; c0 <= p1; c0 += 16) {
+                    float sc[16];
+                    for (int j = 0; j < 16; ++j) {
+                        const int p = c0 + j;
+                        if (p < p0 || p > p1) {
+                            sc[j] = -INFINITY;
+                            continue;
+                        }
+                        const tsr_cuda_q8_0 *kr = (const tsr_cuda_q8_0 *)(kd + (size_t)p * rb) + nb;
+                        int32_t si[4];
+                        for (int g = 0; g < nb; g += 8) { /* lane l: quarter l % 4 of g + l / 4 */
+                            int32_t part[32] = {0};
+                            for (int l = 0; l < 32; ++l)
+                                if (g + l / 4 < nb)
+                                    part[l] = tsr_cuda_isum_part32(TSR_CUDA_Q8_0, &kr[g + l / 4],
+                                                                   &qq[g + l / 4], l % 4);
+                            for (int k = 0; k < 8 && g + k < nb; ++k)
+                                si[g + k] = part[4 * k] + part[4 * k + 1] + part[4 * k + 2] +
+                                            part[4 * k + 3];
+                        }
+                        sc[j] = tsr_cuda_kv_q8_0_score(kr, qq, si, nb, scale);
+                    }
+                    for (int j = 0; j < 16; ++j) {
+                        if (pass == 0) {
+                            m = sc[j] > m ? sc[j] : m;
+                        } else if (pass == 1) {
+                            sum += tsr_cuda_attn_exp(sc[j], m);
+                        } else if (sc[j] != -INFINITY) {
+                            const float pw = tsr_cuda_attn_exp(sc[j], m) * inv;
+                            const int p = c0 + j;
+                            if (bits(pw) != bits(att[p - p0]))
+                                fail_msg("q8_0 hd %d window %d position %d: probability CPU "
+                                         "%.9g, device %.9g",
+                                         hd, n, p, att[p - p0], pw);
+                            const tsr_cuda_q8_0 *vr =
+                                (const tsr_cuda_q8_0 *)(vd + (size_t)p * rb) + nb;
+                            for (int i = 0; i < hd; ++i)
+                                acc[i] = tsr_cuda_kv_q8_0_v_fma(vr, i, pw, acc[i]);
+                        }
+                    }
+                }
+                if (pass == 1) inv = 1.0f / sum;
+            }
+            double worst = 0;
+            for (int i = 0; i < hd; ++i) {
+                if (bits(acc[i]) != bits(ref[i]))
+                    fail_msg("q8_0 attention hd %d window %d dim %d: CPU (scalar) %.9g, device "
+                             "%.9g",
+                             hd, n, i, ref[i], acc[i]);
+                const double dd = fabs((double)acc[i] - ref_isa[i]);
+                if (dd > worst) worst = dd;
+                if (dd > 1e-5 * (1.0 + fabs(ref_isa[i])))
+                    fail_msg("q8_0 attention hd %d window %d dim %d: CPU (%s) %.9g, device %.9g",
+                             hd, n, i, isa_saved, ref_isa[i], acc[i]);
+            }
+            printf("q8_0 KV attention hd %d window %d: bit-identical to the CPU's scalar path; "
+                   "max |diff| %.3g against its %s path\n",
+                   hd, n, worst, isa_saved);
+            free(att_isa);
+        }
+        free(q);
+        free(att);
+        free(kf);
+        free(vf);
+        free(kc);
+        free(vc);
+        free(kd);
+        free(vd);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -769,6 +985,7 @@ int main(void)
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_online_softmax_attention),
         cmocka_unit_test(test_kv_f16),
+        cmocka_unit_test(test_kv_q8_0),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_glu),
     };

@@ -3,7 +3,8 @@
  * process: batched greedy answers equal single-sequence ones, a pool too small for all
  * requests still completes them through preemption, cancellation frees KV blocks, bad
  * requests are refused naming the field, prefix caching gives exactly the cold run's tokens
- * and logprobs (with preemption, eviction and speculation).
+ * and logprobs (with preemption, eviction and speculation), also when a prompt is wholly
+ * cached (copy-on-write of its last block) or resends a previous answer (generated blocks).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -403,12 +404,253 @@ static void test_prefix_cache(void **state)
     assert_int_equal(sw.kv_blocks_free, sw.kv_blocks_total);
 }
 
+/* Copy-on-write and generated blocks in the cache. A request list run on one engine, cold
+ * (--no-prefix-cache) and warm, must give the same tokens and logprobs bit for bit. */
+typedef struct {
+    const int32_t *prompt;
+    int n_prompt, max_tokens, logprobs;
+    float temperature;
+} cow_req;
+
+static void run_cow(bool cache, int32_t max_seqs, int32_t n_kv_blocks, const cow_req *rq_list,
+                    int n_req, result *res, tsr_engine_status *st)
+{
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 48, .n_kv_blocks = n_kv_blocks};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_engine_params ep = {
+        .max_batch_tokens = 48, .max_seqs = max_seqs, .max_queue = 64, .no_prefix_cache = !cache};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    for (int k = 0; k < n_req; k++) {
+        tsr_engine_request rq = {.prompt_ids = rq_list[k].prompt,
+                                 .n_prompt = (size_t)rq_list[k].n_prompt,
+                                 .on_event = on_event,
+                                 .ud = &res[k],
+                                 .logprobs = rq_list[k].logprobs};
+        tsr_sampling_params_default(&rq.gen.sampling);
+        rq.gen.sampling.temperature = rq_list[k].temperature;
+        rq.gen.sampling.seed = 500 + (uint64_t)k;
+        rq.gen.max_tokens = rq_list[k].max_tokens;
+        rq.gen.ignore_eos = true;
+        uint64_t id;
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    }
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    tsr_engine_get_status(e, st);
+    tsr_engine_free(e);
+    tsr_replica_close(rep);
+}
+
+static void compare_runs(const char *what, const result *cold, const result *warm, int n)
+{
+    for (int k = 0; k < n; k++) {
+        assert_int_equal(warm[k].n_finish, 1);
+        if (warm[k].n_ids != cold[k].n_ids)
+            fail_msg("%s, request %d: cold run %d tokens, cached %d", what, k, cold[k].n_ids,
+                     warm[k].n_ids);
+        for (int i = 0; i < cold[k].n_ids; i++) {
+            if (warm[k].ids[i] != cold[k].ids[i])
+                fail_msg("%s, request %d token %d: cold run %d, cached %d", what, k, i,
+                         cold[k].ids[i], warm[k].ids[i]);
+            if (memcmp(&warm[k].lp[i], &cold[k].lp[i], sizeof(float)) != 0)
+                fail_msg("%s, request %d token %d: logprob cold %.9g, cached %.9g", what, k, i,
+                         (double)cold[k].lp[i], (double)warm[k].lp[i]);
+        }
+    }
+}
+
+/* Multi-turn and wholly cached prompts, one request at a time: r0 generates 27 tokens after
+ * a 37-token prompt P (63 positions computed: 3 full blocks cached, generated tokens
+ * included); r1 sends P + r0's answer + 5 more (hits those 3 blocks: 48 tokens, 16 of them
+ * generated); r2 sends P + answer (64 tokens: all 4 blocks cached, the last copied); r3 the
+ * first 32 tokens of P (2 blocks, copied), sampled with logprobs; r4 = r2 sampled with
+ * logprobs. Then, with a pool small enough to preempt, 16 concurrent requests whose prompts
+ * are 16, 32, 48 or 64 tokens of one text (each wholly cached once computed). */
+static void test_prefix_cow(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    int32_t turn[80];
+    int n = 0;
+    turn[n++] = 1;
+    for (int i = 1; i < 37; i++) turn[n++] = 259 + (i * 41 + 7) % 253;
+    reference(model, turn, 37, 27, turn + 37); /* r0's greedy answer */
+    for (int i = 0; i < 5; i++) turn[64 + i] = 300 + i * 19;
+    const cow_req seq_reqs[5] = {
+        {turn, 37, 27, 0, 0.0f}, {turn, 69, 12, 0, 0.0f}, {turn, 64, 12, 0, 0.0f},
+        {turn, 32, 12, 1, 0.8f}, {turn, 64, 12, 1, 0.8f},
+    };
+    static result cold[16], warm[16];
+    tsr_engine_status sc, sw;
+    memset(cold, 0, sizeof cold);
+    memset(warm, 0, sizeof warm);
+    run_cow(false, 1, 40, seq_reqs, 5, cold, &sc);
+    run_cow(true, 1, 40, seq_reqs, 5, warm, &sw);
+    for (int i = 0; i < 27; i++)
+        if (cold[0].ids[i] != turn[37 + i])
+            fail_msg("r0 token %d: reference %d, engine %d", i, turn[37 + i], cold[0].ids[i]);
+    compare_runs("sequential", cold, warm, 5);
+    print_message("prefix cow, sequential: %llu hits, %llu hit tokens, %llu copies\n",
+                  (unsigned long long)sw.prefix_cache_hits,
+                  (unsigned long long)sw.prefix_cache_hit_tokens,
+                  (unsigned long long)sw.prefix_cache_copies);
+    assert_int_equal(sw.prefix_cache_lookups, 5);
+    assert_int_equal(sw.prefix_cache_hits, 4);
+    assert_int_equal(sw.prefix_cache_hit_tokens, (3 + 4 + 2 + 4) * 16);
+    assert_int_equal(sw.prefix_cache_copies, 3);
+    assert_int_equal(sw.kv_blocks_used, 0);
+    assert_int_equal(sc.prefix_cache_copies, 0);
+
+    /* Concurrent, preempted: 16 requests over 14 blocks (a 64-token prompt and its 20
+     * tokens need 6). */
+    int32_t text[64];
+    text[0] = 1;
+    for (int i = 1; i < 64; i++) text[i] = 259 + (i * 23 + 3) % 253;
+    cow_req conc[16];
+    for (int k = 0; k < 16; k++) {
+        conc[k] = (cow_req){text, 16 * (1 + (k * 3) % 4), 8 + (k * 5) % 13, k % 2,
+                            k % 3 == 0 ? 0.0f : 0.8f};
+    }
+    memset(cold, 0, sizeof cold);
+    memset(warm, 0, sizeof warm);
+    run_cow(false, 8, 14, conc, 16, cold, &sc);
+    run_cow(true, 8, 14, conc, 16, warm, &sw);
+    compare_runs("concurrent", cold, warm, 16);
+    print_message(
+        "prefix cow, concurrent: %llu hits, %llu hit tokens, %llu copies, %llu "
+        "evictions, %llu preemptions (cold: %llu)\n",
+        (unsigned long long)sw.prefix_cache_hits, (unsigned long long)sw.prefix_cache_hit_tokens,
+        (unsigned long long)sw.prefix_cache_copies, (unsigned long long)sw.prefix_cache_evictions,
+        (unsigned long long)sw.n_preemptions, (unsigned long long)sc.n_preemptions);
+    assert_true(sw.prefix_cache_copies > 0);
+    assert_true(sw.n_preemptions > 0 && sc.n_preemptions > 0);
+    assert_int_equal(sw.kv_blocks_used, 0);
+    assert_int_equal(sw.kv_blocks_free, sw.kv_blocks_total);
+}
+
+/* The draft model's pool has its own prefix cache: one request at a time with a draft model
+ * (greedy, speculation on), r1 sharing 2 blocks of r0's prompt, r2 = exactly r0's first 32
+ * tokens (wholly cached in the target's pool: copy-on-write there), r3 = r0's first 31
+ * tokens, whose greedy answer starts with r0's 32nd (the drafter's first history is then
+ * r0's first 32 tokens, all cached in the draft pool: copy-on-write there). The
+ * answers equal the greedy reference and a cold engine (--no-prefix-cache, which turns the
+ * draft pool's cache off too), and so do the counts of drafted and accepted tokens (the same
+ * drafts); both pools count hits, the draft pool copies, and every
+ * block of both returns. */
+static void run_draft(bool cache, const int32_t *const *prompts, const int *n_prompt, int n_req,
+                      result *res, tsr_engine_status *st, tsr_kvblocks_stats *dst)
+{
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 48, .n_kv_blocks = 40};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_drafter *d;
+    if (tsr_drafter_model_new_kv(tsr_test_model_path("derived/stories260K-4layer-draft.gguf"),
+                                 tsr_replica_gguf(rep), 24, 1, tsr_replica_kv_type(rep), &d, err,
+                                 sizeof err) != 0)
+        fail_msg("draft model: %s", err);
+    tsr_engine_params ep = {.max_batch_tokens = 48,
+                            .max_seqs = 1,
+                            .max_queue = 64,
+                            .drafter = d,
+                            .spec_k = 3,
+                            .spec_no_probe = true,
+                            .spec_max_batch = 16,
+                            .no_prefix_cache = !cache};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    for (int k = 0; k < n_req; k++) {
+        tsr_engine_request rq = {.prompt_ids = prompts[k],
+                                 .n_prompt = (size_t)n_prompt[k],
+                                 .on_event = on_event,
+                                 .ud = &res[k],
+                                 .speculation = 1};
+        tsr_sampling_params_default(&rq.gen.sampling);
+        rq.gen.sampling.temperature = 0.0f;
+        rq.gen.max_tokens = 20;
+        rq.gen.ignore_eos = true;
+        uint64_t id;
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    }
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    tsr_engine_get_status(e, st);
+    assert_int_equal(tsr_drafter_model_prefix_stats(d, dst), 0);
+    assert_int_equal(tsr_drafter_model_n_free_blocks(d), 24);
+    tsr_engine_free(e);
+    tsr_drafter_free(d);
+    tsr_replica_close(rep);
+}
+
+static void test_prefix_draft(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    int32_t p0[40], p1[41];
+    p0[0] = p1[0] = 1;
+    for (int i = 1; i < 40; i++) p0[i] = 259 + (i * 53 + 11) % 253;
+    /* token 31 is the greedy continuation of the first 31: r3's first drafting history */
+    reference(model, p0, 31, 1, p0 + 31);
+    memcpy(p1, p0, sizeof(int32_t) * 32);
+    for (int i = 32; i < 41; i++) p1[i] = 300 + (i * 7) % 200;
+    const int32_t *prompts[4] = {p0, p1, p0, p0};
+    const int n_prompt[4] = {40, 41, 32, 31};
+    static result cold[4], warm[4];
+    memset(cold, 0, sizeof cold);
+    memset(warm, 0, sizeof warm);
+    tsr_engine_status sc, sw;
+    tsr_kvblocks_stats dc, dw;
+    run_draft(false, prompts, n_prompt, 4, cold, &sc, &dc);
+    run_draft(true, prompts, n_prompt, 4, warm, &sw, &dw);
+    for (int k = 0; k < 4; k++) {
+        int32_t want[20];
+        reference(model, prompts[k], n_prompt[k], 20, want);
+        assert_int_equal(cold[k].n_ids, 20);
+        for (int i = 0; i < 20; i++)
+            if (cold[k].ids[i] != want[i])
+                fail_msg("cold, request %d token %d: reference %d, engine %d", k, i, want[i],
+                         cold[k].ids[i]);
+    }
+    compare_runs("draft model", cold, warm, 4);
+    print_message("prefix draft: target %llu hits / %llu hit tokens / %llu copies; draft pool "
+                  "%llu lookups, %llu hits, %llu hit tokens, %llu copies; accepted %llu of "
+                  "%llu drafts\n",
+                  (unsigned long long)sw.prefix_cache_hits,
+                  (unsigned long long)sw.prefix_cache_hit_tokens,
+                  (unsigned long long)sw.prefix_cache_copies, (unsigned long long)dw.n_lookups,
+                  (unsigned long long)dw.n_hits, (unsigned long long)dw.n_hit_tokens,
+                  (unsigned long long)dw.n_copies, (unsigned long long)sw.spec_accepted,
+                  (unsigned long long)sw.spec_drafted);
+    assert_true(sw.spec_accepted > 0);
+    /* the drafts themselves are those of a cold draft pool (the answers would not show a
+     * wrong draft: the target verifies them) */
+    if (sw.spec_drafted != sc.spec_drafted || sw.spec_accepted != sc.spec_accepted)
+        fail_msg("drafts: cold %llu drafted / %llu accepted, cached %llu / %llu",
+                 (unsigned long long)sc.spec_drafted, (unsigned long long)sc.spec_accepted,
+                 (unsigned long long)sw.spec_drafted, (unsigned long long)sw.spec_accepted);
+    assert_true(sw.prefix_cache_hits >= 3 && sw.prefix_cache_copies >= 1);
+    assert_true(dw.n_hits >= 3 && dw.n_copies >= 1);
+    assert_true(dw.n_hit_tokens >= (2 + 2 + 2) * 16);
+    assert_int_equal(dw.n_used, 0);
+    assert_int_equal(dc.n_lookups, 0);
+    assert_int_equal(dc.n_cached, 0);
+    assert_int_equal(sw.kv_blocks_used, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batched_equals_single), cmocka_unit_test(test_preemption),
         cmocka_unit_test(test_cancel_and_errors),     cmocka_unit_test(test_resume),
-        cmocka_unit_test(test_prefix_cache),
+        cmocka_unit_test(test_prefix_cache),          cmocka_unit_test(test_prefix_cow),
+        cmocka_unit_test(test_prefix_draft),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

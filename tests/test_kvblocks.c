@@ -2,7 +2,8 @@
  * test_kvblocks.c — the KV block manager and its prefix cache (coordinator/kvblocks.h):
  * chain keys, hits verified by token ids and parent (with a degenerate hash too), shared
  * blocks' reference counts, LRU eviction order (a chain from its tail), an evicted parent
- * making its children unreachable, duplicate commits, the cache turned off, and a random
+ * making its children unreachable, duplicate commits, copy-on-write of a fully cached
+ * sequence's last block, the cache turned off, and a random
  * workload whose invariants are checked after every operation and whose references all
  * return to zero at the end.
  */
@@ -413,6 +414,91 @@ static void test_random_workload(void **state)
     tsr_kvblocks_free(m);
 }
 
+/* Copy-on-write (tsr_kvblocks_cow): a sequence whose tokens are all cached must write the
+ * last token's row; it gets a private copy of the last block, holds the shared one until
+ * its copy is made, and its chain steps back so that committing the copy continues on the
+ * shared entry (or caches the copy when the entry was evicted meanwhile). With no block to
+ * spare the last block is dropped instead. */
+static void test_copy_on_write(void **state)
+{
+    (void)state;
+    tsr_kvblocks *m = mk(4, true);
+    int32_t toks[2 * B], blocks[2], got[2], one[1];
+    fill(toks, 2, 3);
+    compute(m, toks, 2, blocks);
+    tsr_kvblocks_release(m, blocks, 2);
+    /* the chain after the first block, for comparison */
+    tsr_kvblocks_chain ch1;
+    assert_int_equal(tsr_kvblocks_match(m, toks, 1, one, &ch1), 1);
+    tsr_kvblocks_release(m, one, 1);
+
+    tsr_kvblocks_chain ch;
+    assert_int_equal(tsr_kvblocks_match(m, toks, 2, got, &ch), 2);
+    int32_t src = -2, dst = -2;
+    assert_int_equal(tsr_kvblocks_cow(m, &ch, got, &src, &dst), 1);
+    assert_int_equal(src, blocks[1]);
+    assert_true(dst != blocks[0] && dst != blocks[1] && dst >= 0);
+    assert_int_equal(got[0], blocks[0]);
+    assert_int_equal(got[1], dst);
+    assert_int_equal(ch.n_blocks, 1);
+    if (ch.key != ch1.key || ch.serial != ch1.serial)
+        fail_msg("chain after cow: expected key %llx serial %llu (one block), got %llx %llu",
+                 (unsigned long long)ch1.key, (unsigned long long)ch1.serial,
+                 (unsigned long long)ch.key, (unsigned long long)ch.serial);
+    assert_int_equal(tsr_kvblocks_refcount(m, src), 1); /* the caller's, until copied */
+    assert_int_equal(tsr_kvblocks_refcount(m, dst), 1);
+    assert_false(tsr_kvblocks_is_cached(m, dst));
+    check_invariants(m);
+    /* copied: the shared block goes back to the LRU list; the copy, once computed, finds
+     * the shared entry (the copy stays private) and the chain continues there */
+    tsr_kvblocks_release(m, &src, 1);
+    assert_false(tsr_kvblocks_commit(m, &ch, dst, toks + B));
+    assert_int_equal(ch.n_blocks, 2);
+    assert_false(tsr_kvblocks_is_cached(m, dst));
+    tsr_kvblocks_stats st;
+    tsr_kvblocks_get_stats(m, &st);
+    assert_int_equal(st.n_copies, 1);
+    tsr_kvblocks_release(m, got, 2);
+    check_invariants(m);
+
+    /* Shared entry evicted before the copy is committed: the copy is cached instead, under
+     * the same parent, and a later match finds it. */
+    assert_int_equal(tsr_kvblocks_match(m, toks, 2, got, &ch), 2);
+    assert_int_equal(tsr_kvblocks_cow(m, &ch, got, &src, &dst), 1);
+    tsr_kvblocks_release(m, &src, 1);
+    int32_t fill_blocks[2];
+    assert_true(tsr_kvblocks_alloc(m, 2, fill_blocks)); /* takes the free one, evicts src */
+    assert_false(tsr_kvblocks_is_cached(m, src));
+    assert_true(tsr_kvblocks_commit(m, &ch, dst, toks + B));
+    tsr_kvblocks_release(m, fill_blocks, 2);
+    tsr_kvblocks_release(m, got, 2);
+    int32_t again[2];
+    tsr_kvblocks_chain ch2;
+    assert_int_equal(tsr_kvblocks_match(m, toks, 2, again, &ch2), 2);
+    assert_int_equal(again[1], dst);
+    tsr_kvblocks_release(m, again, 2);
+
+    /* No block to spare: every other block referenced. The last block is dropped (it
+     * stays cached, evictable) and the chain steps back. */
+    int32_t hold[2];
+    assert_int_equal(tsr_kvblocks_match(m, toks, 2, got, &ch), 2);
+    assert_true(tsr_kvblocks_alloc(m, 2, hold));
+    assert_int_equal(tsr_kvblocks_n_available(m), 0);
+    assert_int_equal(tsr_kvblocks_cow(m, &ch, got, &src, &dst), 0);
+    assert_int_equal(src, -1);
+    assert_int_equal(dst, -1);
+    assert_int_equal(ch.n_blocks, 1);
+    assert_int_equal(tsr_kvblocks_refcount(m, again[1]), 0);
+    assert_true(tsr_kvblocks_is_cached(m, again[1]));
+    tsr_kvblocks_release(m, got, 1);
+    tsr_kvblocks_release(m, hold, 2);
+    check_invariants(m);
+    tsr_kvblocks_get_stats(m, &st);
+    assert_int_equal(st.n_used, 0);
+    assert_int_equal(st.n_copies, 2);
+    tsr_kvblocks_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -420,7 +506,7 @@ int main(void)
         cmocka_unit_test(test_parent_verified),    cmocka_unit_test(test_hit_verified_by_tokens),
         cmocka_unit_test(test_lru_eviction_order), cmocka_unit_test(test_evicted_parent),
         cmocka_unit_test(test_duplicate_commit),   cmocka_unit_test(test_cache_off),
-        cmocka_unit_test(test_random_workload),
+        cmocka_unit_test(test_random_workload),    cmocka_unit_test(test_copy_on_write),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -7,8 +7,8 @@
  *     kernel's own arithmetic adds: f32 1e-5, f16 2e-3, q8_0 3e-2 of max|v|);
  *   - against the f32 kernel on the unrounded K/V (what the type costs in all: f16 4e-3,
  *     q8_0 4e-2 of max|v|);
- *   - f16 bit-identical across instruction sets (one summation order, kvcache.h), q8_0's V
- *     side too (its q·k uses quant.h's Q8_0 dot: within 1e-5).
+ *   - every type bit-identical across instruction sets (one summation order per type,
+ *     kvcache.h), with odd position counts and runs that start mid-block.
  * Model level (single process, tsr_ctx_new_kv):
  *   - stories260K with f16: the 200 greedy ids from BOS and the three prompt cases of
  *     expected/stories260K-expected.txt, top-5 logits within 5e-3 of the float32
@@ -239,14 +239,11 @@ static void kernel_case(int hd, int n_kvh, int n_pos, int p0, double *worst)
                 continue;
             }
             for (int i = 0; i < hd; i++) {
-                if (t == TSR_KV_F16 && memcmp(&o[i], &first[i], sizeof(float)) != 0)
-                    fail_msg("f16 hd %d: out[%d] is %.9g on %s but %.9g on %s (must be "
-                             "bit-identical)",
-                             hd, i, o[i], isas[k], first[i], first_isa);
-                if (!(fabsf(o[i] - first[i]) <= 1e-5f * vmax))
-                    fail_msg("%s hd %d: out[%d] is %.9g on %s but %.9g on %s",
-                             tsr_kv_type_name((tsr_kv_type)t), hd, i, o[i], isas[k], first[i],
-                             first_isa);
+                if (memcmp(&o[i], &first[i], sizeof(float)) != 0)
+                    fail_msg("%s hd %d, positions %d..%d: out[%d] is %.9g on %s but %.9g on %s "
+                             "(must be bit-identical)",
+                             tsr_kv_type_name((tsr_kv_type)t), hd, p0, p1, i, o[i], isas[k],
+                             first[i], first_isa);
             }
             free(o);
         }
@@ -267,9 +264,9 @@ static void test_kernels(void **state)
     (void)state;
     double worst[6] = {0};
     const int cases[][4] = {/* hd, n_kvh, n_pos, p0 */
-                            {64, 2, 1, 0},    {64, 3, 17, 0}, {64, 2, 300, 0}, {64, 1, 300, 250},
-                            {128, 2, 77, 5},  {32, 4, 40, 0}, {8, 2, 45, 0},   {24, 2, 33, 3},
-                            {96, 1, 1000, 0}, {80, 2, 129, 0}};
+                            {64, 2, 1, 0},    {64, 3, 17, 0},  {64, 2, 300, 0}, {64, 1, 300, 250},
+                            {128, 2, 77, 5},  {32, 4, 40, 0},  {8, 2, 45, 0},   {24, 2, 33, 3},
+                            {96, 1, 1000, 0}, {80, 2, 129, 0}, {32, 2, 50, 13}, {256, 1, 33, 1}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         kernel_case(cases[i][0], cases[i][1], cases[i][2], cases[i][3], worst);
     printf("kernels (isa %s): max error / max|v| vs float64 reference: f32 %.2g, f16 %.2g, q8_0 "
@@ -344,8 +341,10 @@ static void test_stories260k_f16(void **state)
         for (size_t k = 0; k < n; k++) {
             float d = fabsf(lg[ids[k]] - vals[k]);
             worst = d > worst ? d : worst;
-            if (!(d <= 5e-3f))
-                fail_msg("%s: logit of %d: float32 reference %.4f, got %.4f (tolerance 5e-3)", what,
+            /* 1e-2: the f16 path keeps llama.cpp's flash-attention P.V accumulator in fp16
+             * (rounded after every position), which alone moves these logits by up to ~6e-3 */
+            if (!(d <= 1e-2f))
+                fail_msg("%s: logit of %d: float32 reference %.4f, got %.4f (tolerance 1e-2)", what,
                          ids[k], vals[k], lg[ids[k]]);
         }
         n_greedy++;

@@ -2,7 +2,8 @@
  * test_ops.c — kernels/ops dispatch: tsr_matmul_multi over weights of different types
  * (dot types Q8_0, Q8_K and F32 in one pool run, as Q/K/V of a Q4_K_M file can be) equals
  * one tsr_matmul per weight bit for bit, for 1, 3 and 8 tokens (decode, the token-by-token
- * path of short verify steps, and tiles), and 1, 2 and 5 threads give the same bits.
+ * path of short verify steps, and tiles), and 1, 2 and 5 threads give the same bits; GEGLU's
+ * GELU table equals ggml's entry for entry.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -108,10 +109,48 @@ static void test_multi_mixed_types(void **state)
     for (int k = 0; k < 4; k++) free(ow[k].data);
 }
 
+/* GEGLU's GELU(tanh) equals ggml's fp16 table entry for entry: gate = every fp16 value in
+ * (-10, 10), up = 1, so the output is the table value itself. Expected values read from
+ * ggml_table_gelu_f16 of the llama.cpp build that made the references (llama-cpp-python
+ * 0.3.36, after ggml_cpu_init): an FNV-1a hash over the 37376 entries (low byte, then high
+ * byte, in input order) and three entries, -1.99902344 (0xbfff) being the one where ggml's
+ * FMA-contracted 1 + 0.044715*x*x changes the rounded result. */
+static void test_geglu_ggml_table(void **state)
+{
+    (void)state;
+    uint64_t h = 1469598103934665603ull;
+    int n = 0;
+    for (uint32_t i = 0; i < 65536; i++) {
+        float g = tsr_f16_to_f32((uint16_t)i);
+        if (!(g > -10.0f && g < 10.0f)) continue;
+        const float up = 1.0f;
+        tsr_geglu(&g, &up, 1);
+        const uint16_t v = tsr_f32_to_f16(g);
+        if (tsr_f16_to_f32(v) != g)
+            fail_msg("geglu of fp16 %04x with up 1: %.9g is not an fp16 value", i, (double)g);
+        if (i == 0xbfff && v != 0xa9d3)
+            fail_msg("geglu(-1.99902344): expected fp16 a9d3 (ggml's table), got %04x", v);
+        if (i == 0x3c00 && v != 0x3abb)
+            fail_msg("geglu(1): expected fp16 3abb (ggml's table), got %04x", v);
+        if (i == 0xc000 && v != 0xa9d0)
+            fail_msg("geglu(-2): expected fp16 a9d0 (ggml's table), got %04x", v);
+        h ^= v & 0xffu;
+        h *= 1099511628211ull;
+        h ^= v >> 8;
+        h *= 1099511628211ull;
+        n++;
+    }
+    assert_int_equal(n, 37376);
+    if (h != 0xf0f8429dfdb90568ull)
+        fail_msg("GELU table hash: expected f0f8429dfdb90568 (ggml's), got %016llx",
+                 (unsigned long long)h);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_multi_mixed_types),
+        cmocka_unit_test(test_geglu_ggml_table),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

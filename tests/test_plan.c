@@ -28,6 +28,7 @@
 #include <cmocka.h>
 
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -242,11 +243,16 @@ static void check_plan(const tsr_plan_model *m, const tsr_plan *p, int32_t tp, i
             uint64_t sum = 0;
             for (int32_t t = 0; t < tp; t++) sum += p->ranks[s * tp + t].n_bytes_weights;
             const int32_t nl = r0->layer_end - r0->layer_begin;
+            /* GPU ranks: every stage-0 rank uploads the whole table (a tied one that is the
+             * whole head, at tp 1 and pp 1, once) */
+            const bool dev = m->dev_n_batch > 0;
+            const uint64_t embd = dev ? m->dev_n_bytes_embd : m->n_bytes_embd_row;
+            const bool head_in_embd = dev && m->dev_embd_tied && tp == 1 && pp == 1;
             const uint64_t want =
                 (uint64_t)nl * m->n_bytes_layer +
                 (uint64_t)(tp - 1) * (uint64_t)nl * 2u * 4u * (uint64_t)m->n_embd +
-                (s == 0 ? (uint64_t)tp * m->n_bytes_embd_row : 0) +
-                (s == pp - 1 ? m->n_bytes_output : 0);
+                (s == 0 ? (uint64_t)tp * embd : 0) +
+                (s == pp - 1 && !head_in_embd ? m->n_bytes_output : 0);
             const double rel = ((double)sum - (double)want) / (double)want;
             if (rel > 1e-6 || rel < -1e-6)
                 fail_msg("stage %d: rank weights sum to %" PRIu64 ", expected %" PRIu64, s, sum,
@@ -302,6 +308,25 @@ static uint64_t plan_peak_mem(const tsr_plan *p, int32_t n_ctx)
     return mx;
 }
 
+/* Peak of a plan for GPU ranks: weights + KV in whole 16-position blocks + the device
+ * buffers (tsr_plan_device_buffer_bytes) of each rank. */
+static uint64_t plan_peak_dev(const tsr_plan_model *m, const tsr_plan *p, int32_t n_ctx)
+{
+    const uint64_t n16 = (uint64_t)(n_ctx + 15) / 16u * 16u;
+    uint64_t mx = 0;
+    for (int32_t i = 0; i < p->n_ranks; i++) {
+        const uint64_t v = p->ranks[i].n_bytes_weights + n16 * p->ranks[i].n_bytes_kv_per_token +
+                           tsr_plan_device_buffer_bytes(m, p->tp, p->pp, &p->ranks[i], n_ctx);
+        if (v > mx) mx = v;
+    }
+    return mx;
+}
+
+static uint64_t peak_of(const tsr_plan_model *m, const tsr_plan *p, int32_t n_ctx)
+{
+    return m->dev_n_batch > 0 ? plan_peak_dev(m, p, n_ctx) : plan_peak_mem(p, n_ctx);
+}
+
 /* Brute force through the override: the smallest per-rank peak over all splits. */
 static void brute_mem_rec(const tsr_plan_model *m, int32_t tp, int32_t pp, int32_t n_ctx, int32_t s,
                           int32_t at, char *str, size_t len, uint64_t *best)
@@ -310,7 +335,7 @@ static void brute_mem_rec(const tsr_plan_model *m, int32_t tp, int32_t pp, int32
         char full[1024];
         snprintf(full, sizeof full, "%s%s%d-%d", str, s ? "," : "", at, m->n_layer - 1);
         make_ok(m, tp, pp, full, 0, n_ctx);
-        const uint64_t v = plan_peak_mem(&plan, n_ctx);
+        const uint64_t v = peak_of(m, &plan, n_ctx);
         if (v < *best) *best = v;
         return;
     }
@@ -716,6 +741,109 @@ static void test_budget(void **state)
     make_ok(&m, 1, 1, NULL, 0, n_ctx);
 }
 
+/* GPU ranks (dev_n_batch > 0): the budget holds what the device allocates. The smallest
+ * feasible budget (brute force over splits, each rank's weights + whole KV blocks +
+ * tsr_plan_device_buffer_bytes) is accepted and one byte less refused, naming the device
+ * buffers; the leader's [n_batch][n_vocab] logits buffer (pp > 1) and tp rank 0's gather
+ * (tp > 1) are in the buffers; stage 0 holds the whole embedding (once when tied); the KV
+ * type's bytes per block count; the refusal names the largest context that fits, and that
+ * context fits while 16 positions more do not. */
+static void test_device_memory(void **state)
+{
+    (void)state;
+    tsr_plan_model s = stories();
+    const int32_t nb = 64, V = s.n_vocab;
+    s.dev_n_batch = nb;
+    s.dev_n_bytes_embd = s.n_bytes_output; /* 512 rows of 64 floats */
+    const int32_t layouts[][2] = {{1, 1}, {2, 1}, {1, 2}, {2, 2}, {1, 3}, {4, 1}};
+    for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
+        const int32_t tp = layouts[i][0], pp = layouts[i][1];
+        const uint64_t need = brute_min_mem(&s, tp, pp, 200);
+        make_ok(&s, tp, pp, NULL, need, 200);
+        check_plan(&s, &plan, tp, pp);
+        if (plan_peak_dev(&s, &plan, 200) > need)
+            fail_msg("device tp %d pp %d: peak %" PRIu64 " over the budget %" PRIu64, tp, pp,
+                     plan_peak_dev(&s, &plan, 200), need);
+        make_bad(&s, tp, pp, NULL, need - 1, 200);
+        expect_contains("(weights + KV + device buffers for 208 tokens)");
+        /* the CPU plan of the same budget and layout needs less (one embedding row, no
+         * buffers) */
+        tsr_plan_model cpu = s;
+        cpu.dev_n_batch = 0;
+        assert_true(brute_min_mem(&cpu, tp, pp, 200) < need);
+    }
+    /* the leader's logits buffer: stage 0 of 3 holds what a middle stage holds, plus
+     * [n_batch][n_vocab] floats received from the last stage */
+    make_ok(&s, 1, 3, NULL, 0, 200);
+    EXPECT_EQ("leader logits buffer (rank 0 - rank 1 of pp 3)", 4ll * nb * V,
+              (long long)tsr_plan_device_buffer_bytes(&s, 1, 3, &plan.ranks[0], 200) -
+                  (long long)tsr_plan_device_buffer_bytes(&s, 1, 3, &plan.ranks[1], 200));
+    /* ... and tp rank 0 of the last stage gathers the slices: the others' parts + the rows
+     * (even halves at tp 2: same vocabulary and n_ff slices otherwise) */
+    make_ok(&s, 2, 1, NULL, 0, 200);
+    const int32_t vl0 = plan.ranks[0].vocab_end - plan.ranks[0].vocab_begin;
+    EXPECT_EQ("vocabulary halves", vl0, plan.ranks[1].vocab_end - plan.ranks[1].vocab_begin);
+    EXPECT_EQ("gather buffers (rank 0 - rank 1 of tp 2)", 4ll * nb * V + 4ll * nb * (V - vl0),
+              (long long)tsr_plan_device_buffer_bytes(&s, 2, 1, &plan.ranks[0], 200) -
+                  (long long)tsr_plan_device_buffer_bytes(&s, 2, 1, &plan.ranks[1], 200));
+    /* stage 0 holds the whole table; a tied table that is the whole head is held once */
+    make_ok(&s, 1, 1, NULL, 0, 200);
+    const uint64_t w_untied = plan.ranks[0].n_bytes_weights;
+    s.dev_embd_tied = 1;
+    make_ok(&s, 1, 1, NULL, 0, 200);
+    EXPECT_EQ("tied table held once", (long long)s.n_bytes_output,
+              (long long)(w_untied - plan.ranks[0].n_bytes_weights));
+    EXPECT_EQ("stage 0 weights: layers + the whole table",
+              (long long)llround(5.0 * (double)s.n_bytes_layer) + (long long)s.n_bytes_output,
+              (long long)plan.ranks[0].n_bytes_weights);
+    s.dev_embd_tied = 0;
+    /* whole KV blocks: 193..208 positions need the same */
+    EXPECT_EQ("n_ctx 193 vs 208", (long long)brute_min_mem(&s, 1, 2, 193),
+              (long long)brute_min_mem(&s, 1, 2, 208));
+    assert_true(brute_min_mem(&s, 1, 2, 209) > brute_min_mem(&s, 1, 2, 208));
+
+    /* the 1B shape with a q8_0 KV cache (34 bytes per 32 values) on GPU ranks */
+    tsr_plan_model m = llama_1b();
+    m.n_bytes_kv_per_token_layer = 2u * 8u * (64u / 32u) * 34u;
+    m.dev_n_batch = 512;
+    m.dev_n_bytes_embd = tsr_row_bytes(TSR_TYPE_Q8_0, 2048) * 32000u;
+    make_ok(&m, 1, 1, NULL, 0, 4096);
+    EXPECT_EQ("q8_0 KV bytes per token", 16ll * 1088, plan.ranks[0].n_bytes_kv_per_token);
+    const uint64_t need1 = brute_min_mem(&m, 1, 1, 4096);
+    const uint64_t need2 = brute_min_mem(&m, 1, 2, 4096);
+    assert_true(need2 < need1);
+    const uint64_t budget = (need1 + need2) / 2;
+    make_bad(&m, 1, 1, NULL, budget, 4096);
+    char want[160];
+    snprintf(want, sizeof want,
+             "tp 1 × pp 1 needs at least %.1f MiB per rank (weights + KV + device buffers for "
+             "4096 tokens)",
+             (double)need1 / 1048576.0);
+    expect_contains(want);
+    expect_contains("pp 2 would fit at tp 1");
+    /* the weights alone are over this budget: no context would fit, none is named */
+    if (strstr(err, "a context of"))
+        fail_msg("no context fits, but the message names one: %s", err);
+    /* 20 MiB short (the KV of 4096 tokens is 68 MiB): a shorter context fits */
+    const uint64_t budget_ctx = need1 - ((uint64_t)20 << 20);
+    make_bad(&m, 1, 1, NULL, budget_ctx, 4096);
+    const char *at = strstr(err, "a context of at most ");
+    if (!at) fail_msg("message should name the largest context that fits\n  got: %s", err);
+    const int32_t n_fit = (int32_t)strtol(at + strlen("a context of at most "), NULL, 10);
+    assert_true(n_fit > 0 && n_fit < 4096 && n_fit % 16 == 0);
+    make_ok(&m, 1, 1, NULL, budget_ctx, n_fit);
+    make_bad(&m, 1, 1, NULL, budget_ctx, n_fit + 16);
+    printf("1B q8_0 KV on one GPU: %.1f MiB needed at 4096 tokens, budget %.1f MiB fits %d "
+           "tokens\n",
+           (double)need1 / 1048576.0, (double)budget_ctx / 1048576.0, n_fit);
+    /* CPU ranks (dev_n_batch 0): the buffers are not counted */
+    tsr_plan_model cpu = m;
+    cpu.dev_n_batch = 0;
+    make_ok(&cpu, 1, 1, NULL, 0, 4096);
+    EXPECT_EQ("no device buffers on CPU ranks", 0,
+              tsr_plan_device_buffer_bytes(&cpu, 1, 1, &plan.ranks[0], 4096));
+}
+
 static void test_weights_share(void **state)
 {
     (void)state;
@@ -769,6 +897,7 @@ int main(void)
         cmocka_unit_test(test_1b_balance),      cmocka_unit_test(test_balance_brute),
         cmocka_unit_test(test_override),        cmocka_unit_test(test_budget),
         cmocka_unit_test(test_weights_share),   cmocka_unit_test(test_format),
+        cmocka_unit_test(test_device_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -975,6 +975,12 @@ static void for_each_n(uint32_t type, void (*fn)(uint32_t, int64_t, void *), voi
     for (size_t i = 0; i < cnt; ++i) fn(type, ns[i], arg);
 }
 
+/* Types whose dots sum in ggml's order on every instruction set (bit-identical results). */
+static bool ggml_order_type(uint32_t type)
+{
+    return type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+}
+
 static void dots_one(uint32_t type, int64_t n, void *arg)
 {
     (void)arg;
@@ -991,6 +997,12 @@ static void dots_one(uint32_t type, int64_t n, void *arg)
             if (!have_first) {
                 first = got;
                 have_first = 1;
+            } else if (ggml_order_type(type) && fbits(got) != fbits(first)) {
+                /* one summation order (ggml's, see kernels/quant.c) on every path */
+                fail_msg("dot %s n=%" PRId64 " seed %" PRIu64 ": scalar %.9g (%08x) vs %s %.9g "
+                         "(%08x): must be bit-identical",
+                         tsr_type_name(type), n, seed, (double)first, fbits(first), k_isas[k],
+                         (double)got, fbits(got));
             } else if (!(fabs((double)got - first) <= 2 * DOT_REL_TOL * c.mag + 1e-30)) {
                 fail_msg("%s dot %s n=%" PRId64 ": scalar %.9g vs %s %.9g differ by %.3g > %.3g",
                          k_isas[k], tsr_type_name(type), n, (double)first, k_isas[k], (double)got,

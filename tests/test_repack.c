@@ -3,13 +3,15 @@
  * bit, for every repacked type, on every instruction set this CPU has (scalar, AVX2, AVX-512
  * VNNI, forced with tsr_quant_set_isa), for token counts 1..9 and 16, odd row counts, row
  * ranges starting inside the matrix, block counts that leave a partial group of 8, and on
- * the real tensors of the shared model files (stories260K Q8_0, synth-tiny Q8_0 / Q4_0 /
- * Q4_K_M / Q5_0 / Q4_1).
+ * the real tensors of the shared model files (synth-tiny in every repacked quant type:
+ * Q4_0 / Q5_0 / Q5_1 / Q2_K / Q3_K_M / Q4_K_M / Q5_K_M). Q8_0 and Q4_1 are not repacked
+ * (their dots follow ggml's x86 order, which ggml runs unrepacked).
  * A failure prints the row, token, both values and their bits.
  *
  * Model level: logits of a model loaded with and without repacking are bit-identical, for
  * a batch (prefill, all logits) and for single tokens, and single tokens equal the batch's
- * rows (stories260K Q8_0, synth-tiny Q8_0 / Q4_0; `test_repack MODEL` checks MODEL only:
+ * rows (stories260K Q8_0, the synth-tiny files above and their Q8_0 / Q4_1 ones, where it
+ * checks tiles against rows; `test_repack MODEL` checks MODEL only:
  * the release tree passes the real Qwen2.5 this way).
  */
 #include <stdarg.h>
@@ -67,6 +69,8 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
     uint8_t *packed = aligned_alloc(64, (pb + 63) / 64 * 64);
     float *ref = malloc(sizeof(float) * (size_t)n_out * (size_t)max_tok);
     float *got = malloc(sizeof(float) * (size_t)n_out * (size_t)max_tok);
+    float *ref0 = malloc(sizeof(float) * (size_t)n_out * (size_t)max_tok);
+    assert_non_null(ref0);
     assert_non_null(xf);
     assert_non_null(x);
     assert_non_null(packed);
@@ -88,6 +92,19 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
             for (int32_t t = 0; t < max_tok; ++t)
                 ref[(size_t)t * (size_t)n_out + (size_t)r] =
                     tsr_vec_dot(type, n, rows + (size_t)r * row_bytes, x + (size_t)t * xs);
+        /* Q5_0 / Q4_K / Q6_K sum in ggml's order on every instruction set: the references
+         * of all of them equal the scalar one bit for bit */
+        const bool one_order =
+            type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K;
+        const size_t n_ref = (size_t)n_out * (size_t)max_tok;
+        if (ii == 0) memcpy(ref0, ref, sizeof(float) * n_ref);
+        for (size_t e = 0; one_order && e < n_ref; ++e)
+            if (fbits(ref[e]) != fbits(ref0[e]))
+                fail_msg("%s %s n=%" PRId64 ": row %zu token %zu: %s %.9g (0x%08x) vs scalar "
+                         "%.9g (0x%08x): must be bit-identical",
+                         what, tsr_type_name(type), n, e % (size_t)n_out, e / (size_t)n_out,
+                         k_isas[ii], (double)ref[e], fbits(ref[e]), (double)ref0[e],
+                         fbits(ref0[e]));
         /* whole matrix, and a range starting at group 1 with an odd length */
         const int64_t ranges[2][2] = {{0, n_out}, {4, n_out > 4 ? (n_out - 4) / 2 * 2 + 1 : 0}};
         for (int k = 0; k < 2; ++k) {
@@ -127,6 +144,7 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
     free(x);
     free(packed);
     free(ref);
+    free(ref0);
     free(got);
     return n_cmp;
 }
@@ -136,7 +154,8 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
 static void test_random(void **state)
 {
     (void)state;
-    static const uint32_t types[] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_0, TSR_TYPE_Q4_K, TSR_TYPE_Q6_K};
+    static const uint32_t types[] = {TSR_TYPE_Q4_0, TSR_TYPE_Q5_0, TSR_TYPE_Q5_1, TSR_TYPE_Q2_K,
+                                     TSR_TYPE_Q3_K, TSR_TYPE_Q4_K, TSR_TYPE_Q5_K, TSR_TYPE_Q6_K};
     static const int64_t shapes[][2] = {{32, 1},   {32, 7},   {96, 5},   {256, 4}, {288, 13},
                                         {2048, 9}, {2208, 6}, {8192, 5}, {640, 3}, {4864, 11},
                                         {96, 64},  {768, 13}, {256, 1}};
@@ -164,7 +183,7 @@ static void test_random(void **state)
     }
 }
 
-/* Every Q8_0 / Q4_0 matrix of the shared model files (the first 64 rows of large ones). */
+/* Every repacked-type matrix of the shared model files (the first 64 rows of large ones). */
 static void check_file(const char *rel)
 {
     const char *path = tsr_test_model_path(rel);
@@ -188,31 +207,43 @@ static void check_file(const char *rel)
 static void test_model_tensors(void **state)
 {
     (void)state;
-    check_file("derived/stories260K-q8_0.gguf");
-    check_file("synthetic/synth-tiny-q8_0.gguf");
     check_file("synthetic/synth-tiny-q4_0.gguf");
     check_file("synthetic/synth-tiny-q4_k_m.gguf");
     check_file("synthetic/synth-tiny-q5_0.gguf");
-    check_file("synthetic/synth-tiny-q4_1.gguf");
+    check_file("synthetic/synth-tiny-q5_1.gguf");
+    check_file("synthetic/synth-tiny-q2_k.gguf");
+    check_file("synthetic/synth-tiny-q3_k_m.gguf");
+    check_file("synthetic/synth-tiny-q5_k_m.gguf");
 }
 
 static void test_sizes(void **state)
 {
     (void)state;
-    assert_false(tsr_repack_supported(TSR_TYPE_Q5_K));
+    assert_false(tsr_repack_supported(TSR_TYPE_F16));
     assert_false(tsr_repack_supported(TSR_TYPE_F32));
-    assert_int_equal(tsr_repack_bytes(TSR_TYPE_Q5_K, 256, 4), 0);
+    assert_int_equal(tsr_repack_bytes(TSR_TYPE_F16, 256, 4), 0);
+    /* every quantized weight type of the real-models issue is repacked but Q8_0 and Q4_1 */
+    static const uint32_t k_all[] = {TSR_TYPE_Q4_0, TSR_TYPE_Q5_0, TSR_TYPE_Q5_1, TSR_TYPE_Q2_K,
+                                     TSR_TYPE_Q3_K, TSR_TYPE_Q4_K, TSR_TYPE_Q5_K, TSR_TYPE_Q6_K};
+    for (size_t i = 0; i < sizeof k_all / sizeof k_all[0]; ++i)
+        assert_true(tsr_repack_supported(k_all[i]));
+    /* Q5_1, 64 elements: 2 blocks; d and m of 4 rows padded to 8 blocks + 2 x 4 x 20 quants */
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q5_1, 64),
+                     (2 * 4 * 8 * 2 + 2 * 4 * 20 + 63) / 64 * 64);
+    /* Q3_K: 110-byte super-blocks, 4 rows side by side */
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q3_K, 256), (4 * 110 + 63) / 64 * 64);
     /* Q4_K: whole super-blocks, 4 rows side by side */
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_K, 512), (2 * 4 * 144 + 63) / 64 * 64);
-    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q8_0, 33), 0);
-    /* Q8_0, 2048 elements: 64 blocks; 4 rows x 64 fp16 scales + 64 x 4 x 32 quants */
-    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q8_0, 2048), 4 * 64 * 2 + 64 * 4 * 32);
+    assert_false(tsr_repack_supported(TSR_TYPE_Q8_0)); /* ggml's x86 order, unrepacked */
+    assert_false(tsr_repack_supported(TSR_TYPE_Q4_1));
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q8_0, 2048), 0);
+    assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 33), 0);
     /* 5 rows: 2 groups */
     assert_int_equal(tsr_repack_bytes(TSR_TYPE_Q4_0, 2048, 5), 2 * (4 * 64 * 2 + 64 * 4 * 16));
     /* 3 blocks: scales padded to 8 */
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 96),
                      (4 * 8 * 2 + 3 * 4 * 16 + 63) / 64 * 64);
-    assert_int_equal(tsr_repack(TSR_TYPE_Q5_K, 256, 1, NULL, 0, NULL), -1);
+    assert_int_equal(tsr_repack(TSR_TYPE_F16, 256, 1, NULL, 0, NULL), -1);
 }
 
 /* ---- model level ------------------------------------------------------------------------ */
@@ -262,7 +293,9 @@ static void compare_logits(const char *what, const float *a, const float *b, int
     }
 }
 
-static void check_model_on_off(const char *path)
+/* expect_repack: false for files of unrepacked types (Q8_0, Q4_1), where the check is
+ * batch tiles vs single-token rows and thread counts. */
+static void check_model_on_off(const char *path, bool expect_repack)
 {
     char err[512] = "";
     tsr_gguf *g = NULL;
@@ -272,7 +305,7 @@ static void check_model_on_off(const char *path)
         tsr_model_load_shard(g, NULL, &on, err, sizeof err) != 0)
         fail_msg("load %s: %s", path, err);
     if (tsr_model_repack(on, err, sizeof err) != 0) fail_msg("repack %s: %s", path, err);
-    if (on->n_repacked == 0) fail_msg("%s: no matrix was repacked", path);
+    if (expect_repack && on->n_repacked == 0) fail_msg("%s: no matrix was repacked", path);
     assert_int_equal(off->n_repacked, 0);
     print_message("%s: %d matrices repacked, %.1f MiB, %.1f ms\n", path, on->n_repacked,
                   (double)on->n_bytes_repacked / 1048576.0, (double)on->t_repack_ns / 1e6);
@@ -299,12 +332,16 @@ static void check_model_on_off(const char *path)
 static void test_model_on_off(void **state)
 {
     (void)state;
-    check_model_on_off(tsr_test_model_path("derived/stories260K-q8_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"));
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"));
+    check_model_on_off(tsr_test_model_path("derived/stories260K-q8_0.gguf"), false);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"), false);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_1.gguf"), false);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_1.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q2_k.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q3_k_m.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_k_m.gguf"), true);
 }
 
 static const char *g_model_arg;
@@ -312,7 +349,7 @@ static const char *g_model_arg;
 static void test_model_arg(void **state)
 {
     (void)state;
-    check_model_on_off(g_model_arg);
+    check_model_on_off(g_model_arg, true);
 }
 
 int main(int argc, char **argv)

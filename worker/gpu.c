@@ -52,9 +52,9 @@ struct tsr_gpu_ctx {
     tsr_gpu_model *gm;
     tsr_comm *tp;
     int32_t n_kv_blocks, n_batch, kv_dim, q_dim, n_ff, n_vocab_local;
-    uint32_t kv_type; /* element type of the KV pool: 0 F32, 1 F16 (numerics.h) */
-    size_t kv_elem_bytes;
-    float *k_cache, *v_cache; /* [n_layer_local][n_kv_blocks * 16][kv_dim] elements of kv_type */
+    uint32_t kv_type;         /* element type of the KV pool: 0 F32, 1 F16, 8 Q8_0 (numerics.h) */
+    size_t kv_row_bytes;      /* bytes of one pool row (one position, all local KV heads) */
+    float *k_cache, *v_cache; /* [n_layer_local][n_kv_blocks * 16] rows of kv_row_bytes */
     float *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *head_in, *logits;
     void *bufs[16]; /* the buffers above and their sizes, to give back */
     size_t buf_bytes[16];
@@ -310,16 +310,18 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uin
 {
     *out = NULL;
     const tsr_model *m = gm->m;
-    const size_t kv_eb = tsr_cuda_kv_elem_bytes(kv_type);
-    if (!kv_eb) {
-        tsr_set_err(err, err_len,
-                    "KV cache type %s is not supported on the GPU (the device pool stores f32 or "
-                    "f16): use --kv-type f16 or f32, or --device cpu",
-                    kv_type == 8 ? "q8_0" : "?");
-        return -1;
-    }
     const tsr_hparams *hp = &m->hp;
     const tsr_shard *sh = &m->shard;
+    if (!tsr_cuda_kv_type_ok(kv_type, hp->head_dim)) {
+        tsr_set_err(err, err_len,
+                    kv_type == TSR_CUDA_KV_Q8_0
+                        ? "--kv-type q8_0 stores K and V in blocks of 32 values along the head, "
+                          "but this model's heads have %d values; use --kv-type f16 or f32"
+                        : "KV cache type %d is not supported on the GPU: use --kv-type f32, f16 "
+                          "or q8_0",
+                    kv_type == TSR_CUDA_KV_Q8_0 ? hp->head_dim : (int)kv_type);
+        return -1;
+    }
     if (n_kv_blocks < 1 || n_batch < 1 || n_batch > 65535) {
         tsr_set_err(err, err_len, "a GPU context needs >= 1 KV block and 1..65535 batch tokens");
         return -1;
@@ -342,16 +344,16 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uin
     gc->n_kv_blocks = n_kv_blocks;
     gc->n_batch = n_batch;
     gc->kv_type = kv_type;
-    gc->kv_elem_bytes = kv_eb;
     gc->kv_dim = (sh->kv_head_end - sh->kv_head_begin) * hp->head_dim;
+    gc->kv_row_bytes = tsr_cuda_kv_row_bytes(kv_type, gc->kv_dim);
     gc->q_dim = (sh->head_end - sh->head_begin) * hp->head_dim;
     gc->n_ff = sh->ff_end - sh->ff_begin;
     gc->n_vocab_local = sh->vocab_end - sh->vocab_begin;
     const size_t nb = (size_t)n_batch, E = (size_t)hp->n_embd;
-    /* in floats of 4 bytes (the pool holds kv_eb-byte elements; 16 positions per block
-     * keep the count whole) */
+    /* in floats of 4 bytes (the pool holds rows of kv_row_bytes; 16 positions per block keep
+     * the count whole: 16 x 2 bytes, 16 x 34 bytes per Q8_0 block) */
     const size_t kv = (size_t)m->n_layer_local * (size_t)n_kv_blocks * TSR_KV_BLOCK_SIZE *
-                      (size_t)gc->kv_dim * kv_eb / sizeof(float);
+                      gc->kv_row_bytes / sizeof(float);
     const size_t qd = (size_t)gc->q_dim;
     if (ctx_buf(gc, kv, "KV cache (K)", &gc->k_cache, err, err_len) ||
         ctx_buf(gc, kv, "KV cache (V)", &gc->v_cache, err, err_len) ||
@@ -515,6 +517,11 @@ int tsr_gpu_ctx_logits_in(tsr_gpu_ctx *gc, int peer, int tag, int32_t n_want, fl
     return rc;
 }
 
+uint64_t tsr_gpu_ctx_device_bytes(const tsr_gpu_ctx *gc)
+{
+    return gc ? tsr_cuda_n_bytes_used(gc->gm->dev) : 0;
+}
+
 tsr_gpu_ctx *tsr_gpu_ctx_of(tsr_ctx *c)
 {
     return tsr_ctx_backend(c) == &k_gpu_backend ? tsr_ctx_backend_state(c) : NULL;
@@ -633,8 +640,8 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
     } else {
         CK(tsr_cuda_upload(d, gc->x, hidden, sizeof(float) * nE, err, err_len));
     }
-    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * (size_t)gc->kv_dim *
-                            gc->kv_elem_bytes; /* bytes */
+    const size_t kv_layer =
+        (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE * gc->kv_row_bytes; /* bytes */
     const int32_t q_dim = n_head_local * hd;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
         const gpu_layer *G = &gm->layers[l];
@@ -657,7 +664,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
         int32_t max_chunks = max_pos / TSR_KV_BLOCK_SIZE + 1;
         if (swa && hp->n_swa / TSR_KV_BLOCK_SIZE + 2 < max_chunks)
             max_chunks = hp->n_swa / TSR_KV_BLOCK_SIZE + 2;
-        /* NEOX as tsr_rope_ext (ggml's running-product angles), NORM as tsr_rope (powf) */
+        /* both pairings with ggml's running-product angles, as the CPU's tsr_rope_ext */
         const tsr_cuda_rope_cfg rope = {
             .mode = hp->rope_neox ? 2 : 0,
             .n_rot = hp->n_rot,
@@ -665,7 +672,7 @@ int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, fl
             .freq_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale,
             .ext_factor = 0.0f,
             .attn_factor = 1.0f,
-            .ggml_theta = hp->rope_neox ? 1 : 0};
+            .ggml_theta = 1};
         CK(tsr_cuda_rope(d, gc->q, d_pos, n, n_head_local, hd, &rope, gm->freq_factors, err,
                          err_len));
         CK(tsr_cuda_rope(d, gc->k, d_pos, n, n_kv_local, hd, &rope, gm->freq_factors, err,
@@ -777,12 +784,38 @@ static void be_free(void *state)
     tsr_gpu_model_free(gm);
 }
 
+/* Copy-on-write of KV blocks (tsr_ctx_kv_copy): a block is TSR_KV_BLOCK_SIZE consecutive
+ * rows of each layer's K and V pool, copied device to device on the context's stream, so
+ * the next step's kernels see it. */
+static int be_kv_copy(void *state, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                      size_t err_len)
+{
+    tsr_gpu_ctx *gc = state;
+    tsr_cuda_dev *d = gc->gm->dev;
+    const size_t kv_layer = (size_t)gc->n_kv_blocks * TSR_KV_BLOCK_SIZE *
+                            gc->kv_row_bytes; /* bytes, as tsr_gpu_forward_batch lays it out */
+    const size_t block_bytes = kv_layer / (size_t)gc->n_kv_blocks;
+    if (tsr_cuda_activate(d, err, err_len) != 0) return -1; /* steps may run on any thread */
+    for (int32_t l = 0; l < gc->gm->m->n_layer_local; l++) {
+        uint8_t *kc = (uint8_t *)gc->k_cache + (size_t)l * kv_layer;
+        uint8_t *vc = (uint8_t *)gc->v_cache + (size_t)l * kv_layer;
+        for (int32_t i = 0; i < n; i++) {
+            const size_t so = (size_t)src[i] * block_bytes, dof = (size_t)dst[i] * block_bytes;
+            if (tsr_cuda_copy(d, kc + dof, kc + so, block_bytes, err, err_len) != 0 ||
+                tsr_cuda_copy(d, vc + dof, vc + so, block_bytes, err, err_len) != 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
 static const tsr_backend k_gpu_backend = {
     .name = "cuda",
     .forward_batch = be_forward,
     .set_tp_comm = be_set_tp,
     .comm_ns = be_comm_ns,
     .free = be_free,
+    .kv_copy = be_kv_copy,
 };
 
 const tsr_backend *tsr_gpu_backend(void)
@@ -796,12 +829,11 @@ int tsr_gpu_attach(tsr_ctx *c, const tsr_model *m, int32_t device, uint64_t n_by
     tsr_gpu_model *gm = NULL;
     tsr_gpu_ctx *gc = NULL;
     if (tsr_gpu_model_upload(m, device, n_bytes_cap, &gm, err, err_len) != 0) return -1;
-    /* the device pool stores what the context stores (kernels/kvcache.h -> numerics.h ids;
-     * q8_0 is refused by tsr_gpu_ctx_new, naming what to use) */
+    /* the device pool stores what the context stores (kernels/kvcache.h -> numerics.h ids) */
     const tsr_kv_type kt = tsr_ctx_kv_type(c);
     const uint32_t kv_type = kt == TSR_KV_F32   ? TSR_CUDA_KV_F32
                              : kt == TSR_KV_F16 ? TSR_CUDA_KV_F16
-                                                : 8u /* Q8_0 */;
+                                                : TSR_CUDA_KV_Q8_0;
     if (tsr_gpu_ctx_new(gm, tsr_ctx_n_kv_blocks(c), tsr_ctx_n_batch(c), kv_type, &gc, err,
                         err_len) != 0) {
         tsr_gpu_model_free(gm);
@@ -856,6 +888,12 @@ void tsr_gpu_model_free(tsr_gpu_model *gm)
 
 uint64_t tsr_gpu_model_bytes(const tsr_gpu_model *gm)
 {
+    return 0;
+}
+
+uint64_t tsr_gpu_ctx_device_bytes(const tsr_gpu_ctx *gc)
+{
+    (void)gc;
     return 0;
 }
 

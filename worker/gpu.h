@@ -60,8 +60,9 @@ uint64_t tsr_gpu_model_bytes(const tsr_gpu_model *gm); /* device bytes in use */
 int32_t tsr_gpu_model_device(const tsr_gpu_model *gm);
 
 /* A device KV pool of n_kv_blocks blocks, K and V stored as kv_type (ggml type ids: 0 F32,
- * 1 F16 with the CPU f16 path's roundings, kernels/cuda/numerics.h; others are refused with
- * what to use), and buffers for batches of n_batch tokens. */
+ * 1 F16 with the CPU f16 path's roundings, 8 Q8_0 with the CPU q8_0 path's, both in
+ * kernels/cuda/numerics.h; Q8_0 needs a head size that is a multiple of 32, others are
+ * refused with what to use), and buffers for batches of n_batch tokens. */
 int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uint32_t kv_type,
                     tsr_gpu_ctx **out, char *err, size_t err_len);
 void tsr_gpu_ctx_free(tsr_gpu_ctx *gc);
@@ -104,6 +105,9 @@ int tsr_gpu_ctx_logits_in(tsr_gpu_ctx *gc, int peer, int tag, int32_t n_want, fl
                           char *err, size_t err_len);
 /* The device context attached to c (tsr_gpu_attach), or NULL when c computes elsewhere. */
 tsr_gpu_ctx *tsr_gpu_ctx_of(tsr_ctx *c);
+/* Device bytes in use on gc's device (its model's weights, the KV pool, the step buffers and
+ * scratch grown so far: what --gpu-memory caps; 0 without the backend). */
+uint64_t tsr_gpu_ctx_device_bytes(const tsr_gpu_ctx *gc);
 
 /* The backend seam's vtable for a tsr_gpu_ctx (model.h tsr_backend). */
 const tsr_backend *tsr_gpu_backend(void);

@@ -1045,17 +1045,13 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
         const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
         const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
-        if (hp->rope_neox) {
-            tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-            tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                         m->freq_factors, 1);
-        } else {
-            tsr_rope(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-            tsr_rope(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors);
-        }
+        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
+         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
+        const int neox = hp->rope_neox ? 1 : 0;
+        tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
+        tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
+                     m->freq_factors, neox);
         TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
         TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
         TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
@@ -1096,8 +1092,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         TSR_TDUMP("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
-        else
-            tsr_swiglu(c->hb, c->hb2, (int64_t)n * n_ff);
+        else /* per row: ggml's vector / scalar split is per row */
+            for (int t = 0; t < n; t++)
+                tsr_swiglu(c->hb + (size_t)t * n_ff, c->hb2 + (size_t)t * n_ff, n_ff);
         TSR_TDUMP("ffn_act", il, c->hb, (size_t)n * n_ff);
         tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
         TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);
@@ -1190,4 +1187,35 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
     free(want);
     *logits = c->logits;
     return rc;
+}
+
+int tsr_ctx_kv_copy(tsr_ctx *c, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                    size_t err_len)
+{
+    for (int32_t i = 0; i < n; i++) {
+        if (src[i] < 0 || src[i] >= c->n_kv_blocks || dst[i] < 0 || dst[i] >= c->n_kv_blocks) {
+            tsr_set_err(err, err_len, "KV block copy %d -> %d is outside the pool of %d blocks",
+                        src[i], dst[i], c->n_kv_blocks);
+            return -1;
+        }
+    }
+    if (c->be) {
+        if (!c->be->kv_copy) {
+            tsr_set_err(err, err_len, "the %s backend cannot copy KV blocks", c->be->name);
+            return -1;
+        }
+        return n > 0 ? c->be->kv_copy(c->be_state, src, dst, n, err, err_len) : 0;
+    }
+    /* A block's positions are consecutive slots: TSR_KV_BLOCK_SIZE rows of one layer. */
+    const size_t block_bytes = (size_t)TSR_KV_BLOCK_SIZE * c->kv_row_bytes;
+    const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
+    for (int32_t l = 0; l < c->m->n_layer_local; l++) {
+        for (int32_t i = 0; i < n; i++) {
+            const size_t so = (size_t)l * layer_bytes + (size_t)src[i] * block_bytes;
+            const size_t d0 = (size_t)l * layer_bytes + (size_t)dst[i] * block_bytes;
+            memcpy(c->k_cache + d0, c->k_cache + so, block_bytes);
+            memcpy(c->v_cache + d0, c->v_cache + so, block_bytes);
+        }
+    }
+    return 0;
 }

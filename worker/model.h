@@ -226,7 +226,9 @@ typedef struct {
  *   forward_batch  required: tsr_forward_batch's contract on a validated batch;
  *   set_tp_comm    optional (NULL: the backend ignores tensor parallelism, valid for tp 1);
  *   comm_ns        optional (NULL: 0): time in communication inside forward;
- *   free           optional: releases state when the context is freed. */
+ *   free           optional: releases state when the context is freed;
+ *   kv_copy        optional (NULL: tsr_ctx_kv_copy refuses): tsr_ctx_kv_copy on validated
+ *                  block ids. */
 typedef struct {
     const char *name; /* "cuda" */
     int (*forward_batch)(void *state, const tsr_batch *b, float *hidden, float *logits, char *err,
@@ -234,6 +236,8 @@ typedef struct {
     void (*set_tp_comm)(void *state, tsr_comm *tp);
     uint64_t (*comm_ns)(const void *state);
     void (*free)(void *state);
+    int (*kv_copy)(void *state, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                   size_t err_len);
 } tsr_backend;
 
 /* Attach a backend (the context owns state from now on; it passes on the tp communicator
@@ -253,6 +257,15 @@ void *tsr_ctx_backend_state(const tsr_ctx *c);
  * with err (bad ids/positions/blocks, communication failure). */
 int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *hidden, float *logits, char *err,
                       size_t err_len);
+
+/* Copy-on-write of KV blocks (coordinator/kvblocks.h tsr_kvblocks_cow): block dst[i] of
+ * the pool gets the K and V of block src[i], all TSR_KV_BLOCK_SIZE positions, on every
+ * layer and head this rank holds, byte for byte (so attention over the copy gives exactly
+ * what it gives over the original). Copies run in order; a dst must not be a src of a later
+ * pair. Returns 0, or < 0 with err (a block id outside the pool, a backend without
+ * kv_copy). */
+int tsr_ctx_kv_copy(tsr_ctx *c, const int32_t *src, const int32_t *dst, int32_t n, char *err,
+                    size_t err_len);
 
 /* Scratch for hidden states, [n_batch][n_embd], owned by the context. */
 float *tsr_ctx_hidden(tsr_ctx *c);

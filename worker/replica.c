@@ -4,6 +4,7 @@
  * Step descriptor wire format (int32 little-endian, broadcast from rank 0 over the whole
  * replica): header {op, n_tokens, n_seqs, n_table_entries, n_want}, then tokens[n_tokens],
  * pos[n_tokens], seq[n_tokens], want[n_tokens], n_blocks[n_seqs], tables (concatenated).
+ * A KV block copy (copy-on-write): header {op, n_pairs, 0, 0, 0}, then src[n], dst[n].
  */
 #include "worker/replica.h"
 #include "kernels/util.h"
@@ -18,7 +19,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3, OP_STATS = 4 };
+enum { OP_STEP = 1, OP_SHUTDOWN = 2, OP_NOOP = 3, OP_STATS = 4, OP_KV_COPY = 5 };
 enum { TAG_HIDDEN = 11, TAG_LOGITS = 12 };
 #define HDR_INTS 5
 
@@ -208,8 +209,8 @@ tsr_kv_type tsr_replica_params_kv_type(const tsr_replica_params *p)
 }
 
 /* The KV cache type: the one asked for, or the backend's default (CPU: TSR_KV_DEFAULT;
- * CUDA: f32). worker/gpu.c's device pool stores f32 or f16 (the CPU f16 path's roundings,
- * kernels/cuda/numerics.h); q8_0 is CPU-only so far. */
+ * CUDA: f32). worker/gpu.c's device pool stores each type with the CPU path's roundings
+ * (kernels/cuda/numerics.h). */
 static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
 {
     if (!r->p.kv_type) {
@@ -218,12 +219,6 @@ static int resolve_kv_type(tsr_replica *r, char *err, size_t err_len)
     }
     if (!tsr_kv_type_parse(r->p.kv_type, &r->kv_type)) {
         tsr_set_err(err, err_len, "unknown KV cache type '%s': use f32, f16 or q8_0", r->p.kv_type);
-        return -1;
-    }
-    if (r->gpu >= 0 && r->kv_type == TSR_KV_Q8_0) {
-        tsr_set_err(err, err_len,
-                    "--kv-type q8_0 is not supported on the CUDA backend yet (its device KV cache "
-                    "stores f32 or f16): use --kv-type f16 with --device cuda, or --device cpu");
         return -1;
     }
     return 0;
@@ -372,8 +367,18 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     /* GPU ranks: the device memory is the budget of weights + KV unless --mem says more */
     const uint64_t budget = r->gpu >= 0 && r->p.mem_budget == 0 ? r->p.gpu_memory : r->p.mem_budget;
     int32_t n_ctx = r->p.n_ctx > 0 ? r->p.n_ctx : (hp.n_ctx_train < 4096 ? hp.n_ctx_train : 4096);
-    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, budget, n_ctx, &r->plan, err, err_len) !=
-        0)
+    /* GPU ranks: the planner counts what the device will hold (worker/gpu.c): stage 0's whole
+     * embedding table, the KV pool (its positions, in the cache type's bytes), the step's
+     * buffers for n_batch tokens and the logits buffers (the leader's included) */
+    int32_t n_ctx_plan = n_ctx;
+    if (r->gpu >= 0) {
+        pm.dev_n_batch = r->p.n_batch < n_ctx ? r->p.n_batch : n_ctx;
+        pm.dev_n_bytes_embd = tsr_gguf_find_tensor(r->g, "token_embd.weight")->n_bytes;
+        pm.dev_embd_tied = tsr_gguf_find_tensor(r->g, "output.weight") == NULL;
+        if (r->p.n_kv_blocks > 0) n_ctx_plan = r->p.n_kv_blocks * TSR_KV_BLOCK_SIZE;
+    }
+    if (tsr_plan_make(&pm, r->p.tp, r->p.pp, r->p.layers, budget, n_ctx_plan, &r->plan, err,
+                      err_len) != 0)
         goto fail;
     const tsr_plan_rank *pr = &r->plan.ranks[r->rank];
     tsr_shard sh = {.layer_begin = pr->layer_begin,
@@ -428,6 +433,11 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
     r->st.n_bytes_repacked = r->m->n_bytes_repacked;
     r->st.t_repack_ns = r->m->t_repack_ns;
+    if (r->gpu >= 0) /* what the planner counted for this rank (tsr_rank_stats) */
+        r->st.n_bytes_device_planned =
+            pr->n_bytes_weights +
+            (uint64_t)((n_ctx_plan + 15) / 16 * 16) * pr->n_bytes_kv_per_token +
+            tsr_plan_device_buffer_bytes(&pm, r->p.tp, r->p.pp, pr, n_ctx_plan);
     *out = r;
     return 0;
 fail:
@@ -753,6 +763,32 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
     return 0;
 }
 
+int tsr_replica_kv_copy(tsr_replica *r, const int32_t *src, const int32_t *dst, int32_t n,
+                        char *err, size_t err_len)
+{
+    if (r->rank != 0) {
+        tsr_set_err(err, err_len, "only the leader drives the replica");
+        return -1;
+    }
+    if (n <= 0) return 0;
+    if (wire_reserve(r, HDR_INTS + 2 * (size_t)n) != 0) {
+        tsr_set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    int32_t *w = r->wire;
+    w[0] = OP_KV_COPY;
+    w[1] = n;
+    w[2] = w[3] = w[4] = 0;
+    memcpy(w + HDR_INTS, src, sizeof(int32_t) * (size_t)n);
+    memcpy(w + HDR_INTS + n, dst, sizeof(int32_t) * (size_t)n);
+    if (r->size > 1 &&
+        (tsr_comm_bcast(r->world, w, HDR_INTS * sizeof(int32_t), 0, err, err_len) != 0 ||
+         tsr_comm_bcast(r->world, w + HDR_INTS, 2 * (size_t)n * sizeof(int32_t), 0, err, err_len) !=
+             0))
+        return -1;
+    return tsr_ctx_kv_copy(r->ctx, w + HDR_INTS, w + HDR_INTS + n, n, err, err_len);
+}
+
 int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len)
 {
     if (r->rank != 0 || r->size == 1) return 0;
@@ -771,6 +807,20 @@ int tsr_replica_follow(tsr_replica *r, char *err, size_t err_len)
         if (op == OP_NOOP) continue;
         if (op == OP_STATS) {
             if (tsr_replica_stats(r, NULL, err, err_len) != 0) return -1;
+            continue;
+        }
+        if (op == OP_KV_COPY) {
+            int32_t n = r->wire[1];
+            if (n < 1 || n > 1 << 20) {
+                tsr_set_err(err, err_len, "malformed KV copy descriptor from the leader");
+                return -1;
+            }
+            if (wire_reserve(r, HDR_INTS + 2 * (size_t)n) != 0) goto oom;
+            if (tsr_comm_bcast(r->world, r->wire + HDR_INTS, 2 * (size_t)n * sizeof(int32_t), 0,
+                               err, err_len) != 0 ||
+                tsr_ctx_kv_copy(r->ctx, r->wire + HDR_INTS, r->wire + HDR_INTS + n, n, err,
+                                err_len) != 0)
+                return -1;
             continue;
         }
         if (op != OP_STEP) {
@@ -805,6 +855,7 @@ int tsr_replica_stats(tsr_replica *r, tsr_rank_stats *out, char *err, size_t err
 {
     r->st.n_bytes_sent =
         r->world->stats.n_bytes_sent + (r->tp_comm ? r->tp_comm->stats.n_bytes_sent : 0);
+    r->st.n_bytes_device = tsr_gpu_ctx_device_bytes(r->ctx ? tsr_gpu_ctx_of(r->ctx) : NULL);
     if (r->size == 1) {
         if (out) out[0] = r->st;
         return 0;

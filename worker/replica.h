@@ -69,6 +69,11 @@ typedef struct {
     uint64_t n_bytes_loaded;   /* bytes of the model file this rank read */
     uint64_t n_bytes_repacked; /* anonymous memory of its repacked weights (0: none) */
     uint64_t t_repack_ns;      /* load time spent repacking */
+    /* GPU ranks (0 on CPU ranks): device bytes in use (weights, KV pool, step buffers, the
+     * logits buffers and scratch grown so far), and the planner's figure for this rank
+     * (weights + KV + tsr_plan_device_buffer_bytes), which --gpu-memory was checked against */
+    uint64_t n_bytes_device;
+    uint64_t n_bytes_device_planned;
 } tsr_rank_stats;
 
 typedef struct tsr_replica tsr_replica;
@@ -113,6 +118,12 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
  * next call. b->n_tokens <= the replica's n_batch. */
 int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, char *err,
                      size_t err_len);
+
+/* Leader only, between steps: copy KV blocks src[i] -> dst[i] of the paged pool on every
+ * rank (tsr_ctx_kv_copy: each its layers and heads), for the prefix cache's copy-on-write
+ * (coordinator/kvblocks.h). Returns 0 or < 0 with err (bad ids, communication). */
+int tsr_replica_kv_copy(tsr_replica *r, const int32_t *src, const int32_t *dst, int32_t n,
+                        char *err, size_t err_len);
 
 /* Leader only: a no-op step that keeps idle followers within their wait deadline. */
 int tsr_replica_heartbeat(tsr_replica *r, char *err, size_t err_len);

@@ -31,9 +31,9 @@ void tsr_tdump_begin_call(void);
  * file cannot be written (a debugging aid never fails the forward pass). */
 void tsr_tdump_write(const char *name, int layer, const float *x, size_t n);
 
-#define TSR_TDUMP(name, layer, x, n)                                                           \
-    do {                                                                                       \
-        if (tsr_tdump_active) tsr_tdump_write((name), (layer), (x), (n));                      \
+#define TSR_TDUMP(name, layer, x, n)                                                               \
+    do {                                                                                           \
+        if (tsr_tdump_active) tsr_tdump_write((name), (layer), (x), (n));                          \
     } while (0)
 
 #endif

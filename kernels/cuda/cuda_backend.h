@@ -173,9 +173,10 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
                      size_t err_len);
 
 /* Paged attention (decode and prefill chunks, flash-attention style: online softmax over
- * the 16-position KV blocks). The caches of one layer are [n_rows][kv_dim] elements of
- * kv_type (TSR_CUDA_KV_F32 or TSR_CUDA_KV_F16 of numerics.h; fp16 runs the CPU f16 path's
- * roundings in two passes and is never split); the KV
+ * the 16-position KV blocks). The caches of one layer are [n_rows] rows of kv_dim values of
+ * kv_type (TSR_CUDA_KV_F32, _F16 or _Q8_0 of numerics.h: tsr_cuda_kv_row_bytes each; fp16
+ * runs the CPU f16 path's roundings in two passes, Q8_0 the CPU q8_0 path's operations in
+ * its scalar order in three passes; neither is split); the KV
  * of position p of sequence s is row tables[s * max_blocks + p / 16] * 16 + p % 16.
  * Token t (sequence seq[t], position pos[t]) attends to positions max(0, pos - window + 1)
  * .. pos (window 0: all). When few (token, head) pairs meet many chunks (decode of long
@@ -184,8 +185,8 @@ int tsr_cuda_softmax(tsr_cuda_dev *d, float *x, int32_t n_rows, int32_t n, char 
  * + h) / group - kv_head_begin. */
 typedef struct {
     const float *q;
-    const void *k_cache, *v_cache; /* elements of kv_type */
-    uint32_t kv_type;              /* 0 F32, 1 F16 (ggml type ids) */
+    const void *k_cache, *v_cache; /* rows of kv_type */
+    uint32_t kv_type;              /* 0 F32, 1 F16, 8 Q8_0 (ggml type ids) */
     float *out;
     const int32_t *pos, *seq; /* device [n_tok] */
     const int32_t *tables;    /* device [n_seqs][max_blocks] */
@@ -198,8 +199,9 @@ typedef struct {
 } tsr_cuda_attn_args;
 int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, size_t err_len);
 
-/* Store k, v [n_tok][kv_dim] into the caches (elements of kv_type: F32 copies, F16 rounds
- * to nearest even) at rows[t] (device int32[n_tok]). */
+/* Store k, v [n_tok][kv_dim] into the caches (rows of kv_type: F32 copies, F16 rounds
+ * to nearest even, Q8_0 quantizes each 32 values as the CPU's tsr_kv_store) at rows[t]
+ * (device int32[n_tok]). */
 int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, const float *k, const float *v,
                       const int32_t *rows, int32_t n_tok, int32_t kv_dim, uint32_t kv_type,
                       char *err, size_t err_len);

@@ -480,10 +480,61 @@ static void att_head_f16(const tsr_cuda_attn_args *a, const float *q, const int3
     for (int i = 0; i < hd; ++i) o[i] = acc[i];
 }
 
+/* k_attention_q8_0 for one (token, head): q quantized to Q8_0, each score from the blocks'
+ * integer sums (the kernel's 4 lane quarters, added exactly) in block order; pass 1 the
+ * max, pass 2 the sum of exp(s - max) in position order, pass 3 the probabilities and each
+ * output value's FMA chain over the positions (numerics.h, "KV cache element types"). */
+static void att_head_q8_0(const tsr_cuda_attn_args *a, const float *q, const int32_t *table,
+                          int32_t p_first, int32_t pos, int kvh, float *o)
+{
+    const int hd = a->head_dim, nb = hd / 32;
+    const size_t rb = tsr_cuda_kv_row_bytes(TSR_CUDA_KV_Q8_0, a->kv_dim);
+    tsr_cuda_q8_0 qq[TSR_CUDA_MAX_HEAD_DIM / 32];
+    for (int b = 0; b < nb; ++b) tsr_cuda_quant_q8_0(q + 32 * b, &qq[b]);
+    float acc[TSR_CUDA_MAX_HEAD_DIM] = {0};
+    float m = -INFINITY, sum = 0.0f, inv = 0.0f;
+    const int32_t c0 = p_first / TSR_CUDA_KV_BLOCK, c1 = pos / TSR_CUDA_KV_BLOCK + 1;
+    for (int pass = 0; pass < 3; ++pass) {
+        for (int32_t c = c0; c < c1; ++c) {
+            const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
+            for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
+                if (p < p_first || p > pos) continue;
+                const tsr_cuda_q8_0 *kr =
+                    (const tsr_cuda_q8_0 *)((const uint8_t *)a->k_cache + (row0 + j) * rb) +
+                    (size_t)kvh * nb;
+                int32_t si[TSR_CUDA_MAX_HEAD_DIM / 32];
+                for (int b = 0; b < nb; ++b) {
+                    si[b] = 0;
+                    for (int part = 0; part < 4; ++part)
+                        si[b] += tsr_cuda_isum_part32(TSR_CUDA_Q8_0, &kr[b], &qq[b], part);
+                }
+                const float s = tsr_cuda_kv_q8_0_score(kr, qq, si, nb, a->scale);
+                if (pass == 0) {
+                    m = s > m ? s : m;
+                } else if (pass == 1) {
+                    sum += tsr_cuda_attn_exp(s, m);
+                } else {
+                    const float pw = tsr_cuda_attn_exp(s, m) * inv;
+                    const tsr_cuda_q8_0 *vr =
+                        (const tsr_cuda_q8_0 *)((const uint8_t *)a->v_cache + (row0 + j) * rb) +
+                        (size_t)kvh * nb;
+                    for (int i = 0; i < hd; ++i) acc[i] = tsr_cuda_kv_q8_0_v_fma(vr, i, pw, acc[i]);
+                }
+            }
+        }
+        if (pass == 1) inv = 1.0f / sum;
+    }
+    for (int i = 0; i < hd; ++i) o[i] = acc[i];
+}
+
 int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, size_t err_len)
 {
-    if (a->kv_type != TSR_CUDA_KV_F32 && a->kv_type != TSR_CUDA_KV_F16) {
-        errf(err, err_len, "cuda attention: KV type %u is not supported on the device", a->kv_type);
+    if (!tsr_cuda_kv_type_ok(a->kv_type, a->head_dim)) {
+        errf(err, err_len,
+             "cuda attention: KV type %u with head_dim %d is not supported on the device (f32, "
+             "f16, or q8_0 with head_dim a multiple of 32)",
+             a->kv_type, a->head_dim);
         return TSR_CUDA_EINVAL;
     }
     if (a->head_dim < 1 || a->head_dim > TSR_CUDA_MAX_HEAD_DIM || a->group < 1) {
@@ -501,6 +552,11 @@ int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, char *err, 
             const int32_t p_first =
                 a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
             const float *q = a->q + ((size_t)t * a->n_head_local + hl) * hd;
+            if (a->kv_type == TSR_CUDA_KV_Q8_0) {
+                att_head_q8_0(a, q, table, p_first, pos, kvh,
+                              a->out + ((size_t)t * a->n_head_local + hl) * hd);
+                continue;
+            }
             if (a->kv_type == TSR_CUDA_KV_F16) {
                 att_head_f16(a, q, table, p_first, pos, kvh,
                              a->out + ((size_t)t * a->n_head_local + hl) * hd);
@@ -569,14 +625,23 @@ int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, const float
                       const int32_t *rows, int32_t n_tok, int32_t kv_dim, uint32_t kv_type,
                       char *err, size_t err_len)
 {
-    const size_t eb = tsr_cuda_kv_elem_bytes(kv_type);
-    if (!eb) {
-        errf(err, err_len, "cuda kv store: KV type %u is not supported on the device", kv_type);
+    const size_t rb = tsr_cuda_kv_row_bytes(kv_type, kv_dim);
+    if (!rb) {
+        errf(err, err_len,
+             "cuda kv store: KV type %u with rows of %d values is not supported on the device",
+             kv_type, kv_dim);
         return TSR_CUDA_EINVAL;
     }
     for (int32_t t = 0; t < n_tok; ++t) {
-        uint8_t *kr = (uint8_t *)k_cache + (size_t)rows[t] * kv_dim * eb;
-        uint8_t *vr = (uint8_t *)v_cache + (size_t)rows[t] * kv_dim * eb;
+        uint8_t *kr = (uint8_t *)k_cache + (size_t)rows[t] * rb;
+        uint8_t *vr = (uint8_t *)v_cache + (size_t)rows[t] * rb;
+        if (kv_type == TSR_CUDA_KV_Q8_0) { /* k_kv_store_q8_0: one warp per block */
+            for (int32_t b = 0; b < kv_dim / 32; ++b) {
+                tsr_cuda_quant_q8_0(k + (size_t)t * kv_dim + 32 * b, (tsr_cuda_q8_0 *)kr + b);
+                tsr_cuda_quant_q8_0(v + (size_t)t * kv_dim + 32 * b, (tsr_cuda_q8_0 *)vr + b);
+            }
+            continue;
+        }
         for (int32_t i = 0; i < kv_dim; ++i) {
             tsr_cuda_kv_put(kv_type, kr, i, k[(size_t)t * kv_dim + i]);
             tsr_cuda_kv_put(kv_type, vr, i, v[(size_t)t * kv_dim + i]);

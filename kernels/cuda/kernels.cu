@@ -444,12 +444,36 @@ __global__ void k_kv_store(void *kc, void *vc, const float *k, const float *v, c
                            int32_t kv_dim, uint32_t kv_type)
 {
     const int32_t t = blockIdx.x;
-    const size_t eb = tsr_cuda_kv_elem_bytes(kv_type);
-    uint8_t *kr = (uint8_t *)kc + (size_t)rows[t] * kv_dim * eb;
-    uint8_t *vr = (uint8_t *)vc + (size_t)rows[t] * kv_dim * eb;
+    const size_t rb = tsr_cuda_kv_row_bytes(kv_type, kv_dim);
+    uint8_t *kr = (uint8_t *)kc + (size_t)rows[t] * rb;
+    uint8_t *vr = (uint8_t *)vc + (size_t)rows[t] * rb;
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
         tsr_cuda_kv_put(kv_type, kr, i, k[(size_t)t * kv_dim + i]);
         tsr_cuda_kv_put(kv_type, vr, i, v[(size_t)t * kv_dim + i]);
+    }
+}
+
+/* Q8_0 KV rows: one warp per 32-value block of K or V (lane j: value j), the block's max |x|
+ * with a warp max (exact in any order), then tsr_cuda_quant_q8_0's steps per value: the
+ * bytes the CPU's tsr_kv_store writes. */
+__global__ void k_kv_store_q8_0(void *kc, void *vc, const float *k, const float *v,
+                                const int32_t *rows, int32_t kv_dim)
+{
+    const int32_t t = blockIdx.x;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    const int32_t nb = kv_dim / 32;
+    const size_t rb = tsr_cuda_kv_row_bytes(TSR_CUDA_KV_Q8_0, kv_dim);
+    for (int32_t g = warp; g < 2 * nb; g += n_warps) {
+        const bool is_v = g >= nb;
+        const int32_t b = is_v ? g - nb : g;
+        const float x = (is_v ? v : k)[(size_t)t * kv_dim + 32 * b + lane];
+        const float amax = warp_max(fabsf(x));
+        float d, id;
+        tsr_cuda_q8_0_scale(amax, &d, &id);
+        tsr_cuda_q8_0 *blk =
+            (tsr_cuda_q8_0 *)((uint8_t *)(is_v ? vc : kc) + (size_t)rows[t] * rb) + b;
+        blk->qs[lane] = tsr_cuda_q8_0_elem(x, id);
+        if (lane == 0) blk->d = tsr_cuda_f32_to_f16(d);
     }
 }
 
@@ -608,6 +632,94 @@ __global__ void k_attention_f16(tsr_cuda_attn_args a)
     }
 }
 
+/* Q8_0 KV (numerics.h, "KV cache element types"): one block of 128 threads per (token,
+ * local head), never split. q is quantized into Q8_0 blocks in shared memory (warp w: blocks
+ * w, w+4, ...). A score is computed by one warp: lane l takes quarter l % 4 of block
+ * g + l / 4 (groups of 8 blocks), the quarters' exact integers are added with shuffles, and
+ * the block terms are added in block order (tsr_cuda_kv_q8_0_score, the CPU's scalar order).
+ * Three passes over the KV blocks: the max; the sum of exp(s - max) in position order; the
+ * probabilities exp(s - max) / sum and, per output value, the FMA chain over the positions in
+ * order (tsr_cuda_kv_q8_0_v_fma). Every thread keeps the same max and sum. */
+__global__ void k_attention_q8_0(tsr_cuda_attn_args a)
+{
+    __shared__ tsr_cuda_q8_0 qq[TSR_CUDA_MAX_HEAD_DIM / 32];
+    __shared__ float sc[TSR_CUDA_KV_BLOCK];
+    const int32_t t = blockIdx.x, hl = blockIdx.y;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int hd = a.head_dim, nb = hd / 32;
+    const int kvh = (a.head_begin + hl) / a.group - a.kv_head_begin;
+    const int32_t pos = a.pos[t];
+    const int32_t *table = a.tables + (size_t)a.seq[t] * a.max_blocks;
+    const int32_t p_first = a.window > 0 && pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    const int32_t c0 = p_first / TSR_CUDA_KV_BLOCK, c1 = pos / TSR_CUDA_KV_BLOCK + 1;
+    const size_t rb = tsr_cuda_kv_row_bytes(TSR_CUDA_KV_Q8_0, a.kv_dim);
+    const float *q = a.q + ((size_t)t * a.n_head_local + hl) * hd;
+    for (int b = warp; b < nb; b += ATT_THREADS / 32) {
+        const float x = q[32 * b + lane];
+        float d, id;
+        tsr_cuda_q8_0_scale(warp_max(fabsf(x)), &d, &id);
+        qq[b].qs[lane] = tsr_cuda_q8_0_elem(x, id);
+        if (lane == 0) qq[b].d = tsr_cuda_f32_to_f16(d);
+    }
+    float acc[ATT_DIMS];
+    for (int k = 0; k < ATT_DIMS; ++k) acc[k] = 0.0f;
+    float m = -INFINITY, sum = 0.0f, inv = 0.0f;
+    __syncthreads();
+    for (int pass = 0; pass < 3; ++pass) {
+        for (int32_t c = c0; c < c1; ++c) {
+            const size_t row0 = (size_t)table[c] * TSR_CUDA_KV_BLOCK;
+            for (int j = warp; j < TSR_CUDA_KV_BLOCK; j += ATT_THREADS / 32) {
+                const int32_t p = c * TSR_CUDA_KV_BLOCK + j;
+                if (p < p_first || p > pos) { /* warp-uniform */
+                    if (lane == 0) sc[j] = -INFINITY;
+                    continue;
+                }
+                const tsr_cuda_q8_0 *kr =
+                    (const tsr_cuda_q8_0 *)((const uint8_t *)a.k_cache + (row0 + j) * rb) +
+                    (size_t)kvh * nb;
+                int32_t si[TSR_CUDA_MAX_HEAD_DIM / 32];
+                for (int g = 0; g < nb; g += 8) {
+                    const int b = g + lane / 4;
+                    int32_t part =
+                        b < nb ? tsr_cuda_isum_part32(TSR_CUDA_Q8_0, &kr[b], &qq[b], lane % 4) : 0;
+                    part = warp_isum(part, 4);
+                    for (int k = 0; k < 8; ++k) {
+                        const int32_t sk = __shfl_sync(FULL_MASK, part, 4 * k);
+                        if (g + k < nb) si[g + k] = sk;
+                    }
+                }
+                const float s = tsr_cuda_kv_q8_0_score(kr, qq, si, nb, a.scale);
+                if (lane == 0) sc[j] = s;
+            }
+            __syncthreads();
+            if (pass == 0) {
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) m = sc[j] > m ? sc[j] : m;
+            } else if (pass == 1) {
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) sum += tsr_cuda_attn_exp(sc[j], m);
+            } else {
+                for (int j = 0; j < TSR_CUDA_KV_BLOCK; ++j) {
+                    if (sc[j] == -INFINITY) continue; /* masked (outside the window) */
+                    const float pw = tsr_cuda_attn_exp(sc[j], m) * inv;
+                    const tsr_cuda_q8_0 *vr =
+                        (const tsr_cuda_q8_0 *)((const uint8_t *)a.v_cache + (row0 + j) * rb) +
+                        (size_t)kvh * nb;
+                    for (int k = 0; k < ATT_DIMS; ++k) {
+                        const int i = threadIdx.x + ATT_THREADS * k;
+                        if (i < hd) acc[k] = tsr_cuda_kv_q8_0_v_fma(vr, i, pw, acc[k]);
+                    }
+                }
+            }
+            __syncthreads(); /* sc is rewritten by the next chunk */
+        }
+        if (pass == 1) inv = 1.0f / sum;
+    }
+    float *o = a.out + ((size_t)t * a.n_head_local + hl) * hd;
+    for (int k = 0; k < ATT_DIMS; ++k) {
+        const int i = threadIdx.x + ATT_THREADS * k;
+        if (i < hd) o[i] = acc[k];
+    }
+}
+
 __global__ void k_attn_merge(tsr_cuda_attn_args a, int32_t n_split, const float *part)
 {
     const int32_t t = blockIdx.x, hl = blockIdx.y;
@@ -732,12 +844,19 @@ extern "C" int tsr_cuda_attention(tsr_cuda_dev *d, const tsr_cuda_attn_args *a, 
                       a->head_dim, TSR_CUDA_MAX_HEAD_DIM, a->group, a->n_head_local);
         return TSR_CUDA_EINVAL;
     }
-    if (a->kv_type != TSR_CUDA_KV_F32 && a->kv_type != TSR_CUDA_KV_F16) {
-        tsr_cuda_errf(err, err_len, "cuda attention: KV type %u is not supported on the device",
-                      a->kv_type);
+    if (!tsr_cuda_kv_type_ok(a->kv_type, a->head_dim)) {
+        tsr_cuda_errf(err, err_len,
+                      "cuda attention: KV type %u with head_dim %d is not supported on the device "
+                      "(f32, f16, or q8_0 with head_dim a multiple of 32)",
+                      a->kv_type, a->head_dim);
         return TSR_CUDA_EINVAL;
     }
     if (a->n_tok == 0 || a->n_head_local == 0) return 0;
+    if (a->kv_type == TSR_CUDA_KV_Q8_0) {
+        const dim3 grid((unsigned)a->n_tok, (unsigned)a->n_head_local);
+        k_attention_q8_0<<<grid, ATT_THREADS, 0, d->stream>>>(*a);
+        return tsr_cuda_launched(d, "k_attention_q8_0", err, err_len);
+    }
     if (a->kv_type == TSR_CUDA_KV_F16) {
         const dim3 grid((unsigned)a->n_tok, (unsigned)a->n_head_local);
         k_attention_f16<<<grid, ATT_THREADS, 0, d->stream>>>(*a);
@@ -768,12 +887,19 @@ extern "C" int tsr_cuda_kv_store(tsr_cuda_dev *d, void *k_cache, void *v_cache, 
                                  const float *v, const int32_t *rows, int32_t n_tok, int32_t kv_dim,
                                  uint32_t kv_type, char *err, size_t err_len)
 {
-    if (!tsr_cuda_kv_elem_bytes(kv_type)) {
-        tsr_cuda_errf(err, err_len, "cuda kv store: KV type %u is not supported on the device",
-                      kv_type);
+    if (!tsr_cuda_kv_row_bytes(kv_type, kv_dim)) {
+        tsr_cuda_errf(err, err_len,
+                      "cuda kv store: KV type %u with rows of %d values is not supported on the "
+                      "device",
+                      kv_type, kv_dim);
         return TSR_CUDA_EINVAL;
     }
     if (n_tok < 1 || kv_dim < 1) return 0;
+    if (kv_type == TSR_CUDA_KV_Q8_0) {
+        k_kv_store_q8_0<<<(unsigned)n_tok, 256, 0, d->stream>>>(k_cache, v_cache, k, v, rows,
+                                                                kv_dim);
+        return tsr_cuda_launched(d, "k_kv_store_q8_0", err, err_len);
+    }
     k_kv_store<<<(unsigned)n_tok, 256, 0, d->stream>>>(k_cache, v_cache, k, v, rows, kv_dim,
                                                        kv_type);
     return tsr_cuda_launched(d, "k_kv_store", err, err_len);

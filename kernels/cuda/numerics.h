@@ -818,33 +818,67 @@ TSR_CUDA_HD float tsr_cuda_attn_merge_factor(float m_s, float m)
 }
 
 /* ---- KV cache element types ----
- * The device KV pool stores K and V as float32 (type 0, ggml's F32 id) or fp16 (type 1,
- * F16). fp16 follows the CPU's f16 KV path (kernels/kvcache.h, llama.cpp's F16 cache
- * without flash attention): K and V are rounded to nearest even when stored; Q is rounded
- * to fp16 before q·k, whose products of fp16 values are summed in float; the softmax is
- * float; each probability exp(s - max) * (1 / sum) is rounded to fp16 before it weighs V,
- * and the weighted V rows are summed in float. The device reaches the normalized
- * probabilities with two passes over the KV blocks (pass 1: the online max and sum; pass 2:
- * the probabilities and the V sum), so every fp16 rounding point is the CPU's; only the
- * float summation orders differ (lanes of a warp vs the CPU's 16 FMA lanes; the online sum
- * vs a sequential one). */
-#define TSR_CUDA_KV_F32 0u
-#define TSR_CUDA_KV_F16 1u
+ * The device KV pool stores K and V as float32 (type 0, ggml's F32 id), fp16 (type 1, F16)
+ * or Q8_0 blocks (type 8, Q8_0), as the CPU's --kv-type f32 / f16 / q8_0
+ * (kernels/kvcache.h).
+ *
+ * fp16 follows the CPU's f16 KV path (llama.cpp's F16 cache without flash attention): K and
+ * V are rounded to nearest even when stored; Q is rounded to fp16 before q·k, whose products
+ * of fp16 values are summed in float; the softmax is float; each probability
+ * exp(s - max) * (1 / sum) is rounded to fp16 before it weighs V, and the weighted V rows are
+ * summed in float. The device reaches the normalized probabilities with two passes over the
+ * KV blocks (pass 1: the online max and sum; pass 2: the probabilities and the V sum), so
+ * every fp16 rounding point is the CPU's; only the float summation orders differ (lanes of a
+ * warp vs the CPU's 16 FMA lanes; the online sum vs a sequential one).
+ *
+ * Q8_0 follows the CPU's q8_0 path operation for operation, in the order of its scalar
+ * reference (kernels/kvcache.c attn_q8_0 with kernels/quant.c's scalar Q8_0 dot): K and V
+ * rows are quantized as 32-value blocks when stored (tsr_cuda_quant_q8_0: d = amax / 127,
+ * q = roundf(x / d), the bytes of tsr_kv_store), and so is q before q·k; a score is the
+ * blocks' contributions (d_k * d_q) * sum(k_q * q_q) (exact integer sums) added in block
+ * order, times the scale; the softmax takes the max, then the sum of exp(s - max) in
+ * position order, then exp(s - max) * (1 / sum); each output value is an FMA chain over
+ * the positions in order, fmaf(d_v * q_v, p, acc). The device runs three passes over the
+ * KV blocks (max; sum; probabilities and V) with every sum in the CPU's order, so on the
+ * host this arithmetic is bit-identical to the CPU's scalar path; on a GPU only expf (CUDA's
+ * is within 2 ulp of glibc's) can differ, and the CPU's AVX2 / AVX-512 Q8_0 dots add the
+ * block terms in another float order than its scalar one. */
+#define TSR_CUDA_KV_F32  0u
+#define TSR_CUDA_KV_F16  1u
+#define TSR_CUDA_KV_Q8_0 8u
 
-/* Bytes of one element of the KV pool (0: unsupported type). */
-TSR_CUDA_HD size_t tsr_cuda_kv_elem_bytes(uint32_t type)
+/* Whether the device pool can store type with heads of head_dim values (Q8_0: whole
+ * 32-value blocks per head). */
+TSR_CUDA_HD bool tsr_cuda_kv_type_ok(uint32_t type, int32_t head_dim)
 {
-    return type == TSR_CUDA_KV_F32 ? 4u : type == TSR_CUDA_KV_F16 ? 2u : 0u;
+    if (type == TSR_CUDA_KV_F32 || type == TSR_CUDA_KV_F16) return head_dim > 0;
+    return type == TSR_CUDA_KV_Q8_0 && head_dim > 0 && head_dim % 32 == 0;
 }
 
-/* Element i of a KV row stored as type. */
+/* Bytes of n values of a KV row stored as type (0: unsupported type, or Q8_0 with n not a
+ * multiple of 32); as tsr_kv_row_bytes. */
+TSR_CUDA_HD size_t tsr_cuda_kv_row_bytes(uint32_t type, int64_t n)
+{
+    if (n < 0) return 0u;
+    if (type == TSR_CUDA_KV_F32) return (size_t)n * 4u;
+    if (type == TSR_CUDA_KV_F16) return (size_t)n * 2u;
+    if (type == TSR_CUDA_KV_Q8_0 && n % 32 == 0) return (size_t)(n / 32) * sizeof(tsr_cuda_q8_0);
+    return 0u;
+}
+
+/* Element i of a KV row stored as type (F32 or F16; Q8_0: d * q of its block). */
 TSR_CUDA_HD float tsr_cuda_kv_get(uint32_t type, const void *row, int64_t i)
 {
     if (type == TSR_CUDA_KV_F16) return tsr_cuda_f16_to_f32(((const uint16_t *)row)[i]);
+    if (type == TSR_CUDA_KV_Q8_0) {
+        const tsr_cuda_q8_0 *b = (const tsr_cuda_q8_0 *)row + i / 32;
+        return tsr_cuda_f16_to_f32(b->d) * (float)b->qs[i % 32];
+    }
     return ((const float *)row)[i];
 }
 
-/* Store x as element i of a KV row of type (fp16: round to nearest even). */
+/* Store x as element i of a KV row of type F32 or F16 (fp16: round to nearest even). Q8_0
+ * rows are stored a block at a time (tsr_cuda_quant_q8_0). */
 TSR_CUDA_HD void tsr_cuda_kv_put(uint32_t type, void *row, int64_t i, float x)
 {
     if (type == TSR_CUDA_KV_F16)
@@ -864,6 +898,32 @@ TSR_CUDA_HD float tsr_cuda_round_f16(float x)
 TSR_CUDA_HD float tsr_cuda_attn_prob_f16(float s, float m, float inv_sum)
 {
     return s == -INFINITY ? 0.0f : tsr_cuda_round_f16(expf(s - m) * inv_sum);
+}
+
+/* Q8_0 q·k of one head: block b's contribution from its exact integer sum si[b] (the device
+ * adds the 4 lane parts of tsr_cuda_isum_part32 first), added in block order as the CPU's
+ * scalar Q8_0 dot; times scale. k, q: nb blocks. */
+TSR_CUDA_HD float tsr_cuda_kv_q8_0_score(const tsr_cuda_q8_0 *k, const tsr_cuda_q8_0 *q,
+                                         const int32_t *si, int nb, float scale)
+{
+    float s = 0.0f;
+    for (int b = 0; b < nb; ++b) s += tsr_cuda_dot_combine32(TSR_CUDA_Q8_0, &k[b], &q[b], si[b]);
+    return s * scale;
+}
+
+/* The Q8_0 path's softmax steps (the CPU's tsr_softmax): e = exp(s - m) (0 for masked
+ * positions), the sum of the e in position order, then the probability e * (1 / sum). */
+TSR_CUDA_HD float tsr_cuda_attn_exp(float s, float m)
+{
+    return s == -INFINITY ? 0.0f : expf(s - m);
+}
+
+/* One step of output value i's FMA chain over the positions: acc + (d_v * q_v) * p, fused
+ * (the CPU's fmaf in kernels/kvcache.c v_q8_0_*). */
+TSR_CUDA_HD float tsr_cuda_kv_q8_0_v_fma(const tsr_cuda_q8_0 *v, int i, float p, float acc)
+{
+    const tsr_cuda_q8_0 *b = v + i / 32;
+    return fmaf(tsr_cuda_f16_to_f32(b->d) * (float)b->qs[i % 32], p, acc);
 }
 
 /* RoPE. Modes: NORM rotates adjacent pairs (2i, 2i+1) (llama); NEOX rotates (i, i + n_rot/2)
@@ -930,8 +990,9 @@ TSR_CUDA_HD void tsr_cuda_rope_pair(int32_t mode, int32_t n_rot, int i0, int *a,
 TSR_CUDA_HD void tsr_cuda_rope_rotate(float *x0, float *x1, float c, float s)
 {
     const float a = *x0, b = *x1;
-    *x0 = a * c - b * s;
-    *x1 = a * s + b * c;
+    /* as kernels/ops.c (ggml's rotate_pairs as GCC contracts it) */
+    *x0 = fmaf(a, c, -(b * s));
+    *x1 = fmaf(a, s, b * c);
 }
 
 /* Final logit soft-capping (worker/model.c): cap * tanh(x / cap). */
@@ -940,10 +1001,27 @@ TSR_CUDA_HD float tsr_cuda_softcap_value(float x, float cap)
     return cap * tanhf(x / cap);
 }
 
-/* Gated units: SwiGLU silu(g)*u (kernels/ops.c), GeGLU with ggml's tanh GELU. */
+/* ggml_v_expf's AVX-512 polynomial for one float (kernels/dot_ggml.c gg_expf_scalar). */
+TSR_CUDA_HD float tsr_cuda_ggml_expf(float x)
+{
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                              fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                         u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+    return ldexpf(j, (int)n);
+}
+
+/* Gated units: SwiGLU silu(g)*u as kernels/ops.c for rows of whole 16s (ggml's vector expf;
+ * the CPU uses libm expf for the elements past a row's last whole 16, which no model here
+ * has), GeGLU with ggml's tanh GELU. */
 TSR_CUDA_HD float tsr_cuda_swiglu(float g, float u)
 {
-    return g / (1.0f + expf(-g)) * u;
+    return g / (1.0f + tsr_cuda_ggml_expf(0.0f - g)) * u;
 }
 
 TSR_CUDA_HD float tsr_cuda_gelu_tanh(float x)

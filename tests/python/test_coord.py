@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 
 import grpc
 
@@ -599,25 +598,12 @@ def main():
         if not os.path.exists(need):
             print("FAIL: missing %s (TESSERA_MODELS / --models)" % need)
             return 1
-    stub_dir = tempfile.mkdtemp(prefix="tsr-stubs-")
-    try:
-        make_stubs(ARGS.proto, stub_dir)
-        names = ARGS.k or list(TESTS)
-        failed = 0
-        for name in names:
-            t0 = time.time()
-            try:
-                TESTS[name]()
-                print("PASS %s (%.1f s)" % (name, time.time() - t0), flush=True)
-            except Exception:  # noqa: BLE001
-                failed += 1
-                print("FAIL %s (%.1f s)\n%s" % (name, time.time() - t0, traceback.format_exc()),
-                      flush=True)
-        print("%d passed, %d failed" % (len(names) - failed, failed))
-        return 1 if failed else 0
-    finally:
-        shutil.rmtree(stub_dir, ignore_errors=True)
-
+    unknown = [n for n in ARGS.k or [] if n not in TESTS]
+    if unknown:
+        print("FAIL: unknown test %s (tests: %s)" % (", ".join(unknown), ", ".join(TESTS)))
+        return 1
+    tests = [TESTS[n] for n in ARGS.k or list(TESTS)]
+    return tsrtest.run_tests(tests, setup=lambda tmp: make_stubs(ARGS.proto, tmp))
 
 if __name__ == "__main__":
     sys.exit(main())

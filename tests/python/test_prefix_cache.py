@@ -3,12 +3,14 @@
 
 The client is Debian's python3-grpcio; the server fixtures are test_serve.py's (ephemeral
 ports, every process killed at the end). 64 requests whose prompts share prefixes of 0, 16,
-100 and 300 tokens (system-prompt-like; the suffixes differ), greedy and seeded sampling,
+100 and 300 tokens (system-prompt-like; the suffixes differ; one in 8 is 16..64 tokens of
+the 300-token family with no suffix, wholly cached in the second wave, which copies its
+last block: copy-on-write), greedy and seeded sampling,
 some with logprobs, some resumed after a failover (resumed_tokens), run concurrently on a KV
 pool small enough to force preemptions (and evictions), twice (the second wave hits what the
 first left in the cache). Every answer must equal the cold server's (`--no-prefix-cache`,
 same pool): token ids, finish reason, usage, and logprobs bit for bit. Admin.Status must
-show hits, hit tokens, lookups and evictions, and no block may stay referenced at the end
+show hits, hit tokens, lookups, evictions and (second wave) copies, and no block may stay referenced at the end
 (kv_blocks_used 0, kv_blocks_free = total); /metrics must report the same counters. The
 same on `mpirun -np 4 tessera serve --tp 2 --pp 2 --kv-type f16` against a cold server of
 that layout and KV type.
@@ -47,6 +49,10 @@ def make_requests(n):
         fam = fams[k % 4]
         suffix = [rng.randrange(259, 512) for _ in range(5 + (k * 7) % 36)]
         prompt = (fam if fam[1:] else [1]) + suffix
+        if k % 8 == 3:
+            # block-aligned, no suffix: 16..64 tokens of the 300-token family, wholly cached
+            # once a longer prompt of it ran (copy-on-write of the last block)
+            prompt = fam[:16 * (1 + (k // 8) % 4)]
         kw = dict(prompt_ids=prompt, max_tokens=6 + k % 13, ignore_eos=True)
         if (k // 4) % 3 == 0:
             kw["temperature"] = 0.0
@@ -131,16 +137,18 @@ def check(server_args, n_req, mpi_np=0, metrics=False, kv_type="f32"):
         compare("second wave", got2, want, reqs)
         st = settled(warm)
         print("    %s: %d requests x 2: lookups %d, hits %d (first wave %d), hit tokens %d, "
-              "evictions %d, cached blocks %d/%d, preemptions %d (cold: %d)" % (
+              "evictions %d, cached blocks %d/%d, copies %d, preemptions %d (cold: %d)" % (
                   ("tp 2 x pp 2" if mpi_np else "one process") + ", KV " + kv_type, n_req, st.prefix_cache_lookups,
                   st.prefix_cache_hits, st1.prefix_cache_hits, st.prefix_cache_hit_tokens,
                   st.prefix_cache_evictions, st.kv_blocks_cached, st.kv_blocks_total,
+                  st.prefix_cache_copies,
                   st.preemptions, cold_preempt))
         assert st.prefix_cache, st
         assert st1.prefix_cache_hits > 0 and st.prefix_cache_hits > st1.prefix_cache_hits, st
         assert st.prefix_cache_hit_tokens >= 16 * st.prefix_cache_hits, st
         assert st.prefix_cache_lookups >= 2 * n_req, st
         assert st.prefix_cache_evictions > 0, st
+        assert st.prefix_cache_copies > st1.prefix_cache_copies, st  # the second wave's
         assert st.preemptions > 0 and cold_preempt > 0, (st.preemptions, cold_preempt)
         assert st.kv_blocks_used == 0 and st.kv_blocks_free == st.kv_blocks_total, st
         assert 0 < st.kv_blocks_cached <= st.kv_blocks_total, st
@@ -152,6 +160,7 @@ def check(server_args, n_req, mpi_np=0, metrics=False, kv_type="f32"):
                    "tessera_prefix_cache_hits_total": st.prefix_cache_hits,
                    "tessera_prefix_cache_hit_tokens_total": st.prefix_cache_hit_tokens,
                    "tessera_prefix_cache_evictions_total": st.prefix_cache_evictions,
+                   "tessera_prefix_cache_copies_total": st.prefix_cache_copies,
                    "tessera_kv_blocks_cached": st.kv_blocks_cached}
             assert v == exp, "/metrics %s, Admin.Status %s" % (v, exp)
     finally:

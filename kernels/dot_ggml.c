@@ -1,0 +1,549 @@
+/* dot_ggml.c — see dot_ggml.h. One (weight row, activation row) pair is always summed by
+ * the same steps; the kernels differ only in how many independent pairs they interleave
+ * (4 rows of one token for decode, 4 tokens of one row for prefill tiles) to hide the FMA
+ * latency of the single accumulator chain ggml's order imposes. */
+#include "kernels/dot_ggml.h"
+
+#include "kernels/quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define GG_X86 1
+#include <immintrin.h>
+#else
+#define GG_X86 0
+#endif
+
+typedef struct {
+    uint16_t d;
+    uint16_t m;
+    uint8_t qs[16]; /* element j: low nibble of qs[j]; j+16: high nibble */
+} gg_q4_1;
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[32];
+} gg_q8_0;
+
+typedef struct {
+    uint16_t d;
+    uint16_t s;
+    int8_t qs[32];
+} gg_q8_1;
+
+_Static_assert(sizeof(gg_q4_1) == 20, "Q4_1 block");
+_Static_assert(sizeof(gg_q8_0) == 34, "Q8_0 block");
+_Static_assert(sizeof(gg_q8_1) == 36, "Q8_1 block");
+
+bool tsr_ggml_dot_handles(uint32_t type)
+{
+    return type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q8_0;
+}
+
+/* ggml's hsum_float_8: (lo + hi) lane-wise, then (0+2) + (1+3). */
+static float hsum8(const float *a)
+{
+    const float r0 = a[0] + a[4], r1 = a[1] + a[5], r2 = a[2] + a[6], r3 = a[3] + a[7];
+    return (r0 + r2) + (r1 + r3);
+}
+
+/* ---- scalar: the reference of the order ------------------------------------------------ */
+
+static float dot_q4_1_scalar(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *x)
+{
+    float acc[8] = {0};
+    float summs = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+        summs = fmaf(tsr_f16_to_f32(w[b].m), tsr_f16_to_f32(x[b].s), summs);
+        const float dd = tsr_f16_to_f32(w[b].d) * tsr_f16_to_f32(x[b].d);
+        for (int l = 0; l < 8; ++l) {
+            int32_t s = 0;
+            for (int k = 0; k < 4; ++k) {
+                const int e = 4 * l + k;
+                const int q = e < 16 ? w[b].qs[e] & 0xF : w[b].qs[e - 16] >> 4;
+                s += q * x[b].qs[e];
+            }
+            acc[l] = fmaf(dd, (float)s, acc[l]);
+        }
+    }
+    return hsum8(acc) + summs;
+}
+
+static float dot_q8_0_scalar(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)
+{
+    float acc[8] = {0};
+    for (int64_t b = 0; b < nb; ++b) {
+        const float dd = tsr_f16_to_f32(w[b].d) * tsr_f16_to_f32(x[b].d);
+        for (int l = 0; l < 8; ++l) {
+            int32_t s = 0;
+            for (int k = 0; k < 4; ++k) s += w[b].qs[4 * l + k] * x[b].qs[4 * l + k];
+            acc[l] = fmaf(dd, (float)s, acc[l]);
+        }
+    }
+    return hsum8(acc);
+}
+
+static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)
+{
+    return type == TSR_TYPE_Q4_1 ? dot_q4_1_scalar(nb, w, x) : dot_q8_0_scalar(nb, w, x);
+}
+
+/* ---- AVX2 / AVX-512 VNNI ------------------------------------------------------------------ */
+#if GG_X86
+
+#define GG_AVX2   __attribute__((target("avx2,fma,f16c")))
+#define GG_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define GG_INLINE static inline __attribute__((always_inline))
+
+GG_AVX2 GG_INLINE float gg_hsum_ps(__m256 v)
+{
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+GG_AVX2 GG_INLINE float gg_h2f(uint16_t h)
+{
+    return _cvtsh_ss(h);
+}
+
+/* Q4_1 quants as 32 unsigned bytes: low nibbles (elements 0..15), then high (16..31). */
+GG_AVX2 GG_INLINE __m256i gg_nibbles(const uint8_t *qs)
+{
+    const __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i b = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+
+/* 8 lanes of exact int32 sums of 4 adjacent products u8 x s8 (ggml mul_sum_us8_pairs). */
+GG_AVX2 GG_INLINE __m256i gg_us8_avx2(__m256i u, __m256i s)
+{
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+GG_VNNI GG_INLINE __m256i gg_us8_vnni(__m256i u, __m256i s)
+{
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+}
+
+/* One block's float lanes for each type and ISA: (float)int lanes. */
+#define GG_Q41_LANES(US8, wb, xb)                                                                  \
+    _mm256_cvtepi32_ps(US8(gg_nibbles((wb)->qs), _mm256_loadu_si256((const __m256i *)(xb)->qs)))
+#define GG_Q80_LANES(US8, wb, xb) _mm256_cvtepi32_ps(US8##_q80((wb)->qs, (xb)->qs))
+/* |w| (unsigned) x sign(w)*x (signed): the products w*x exactly (|q| <= 127 here). */
+GG_AVX2 GG_INLINE __m256i gg_us8_avx2_q80(const int8_t *wq, const int8_t *xq)
+{
+    const __m256i w = _mm256_loadu_si256((const __m256i *)wq);
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    return gg_us8_avx2(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
+{
+    const __m256i w = _mm256_loadu_si256((const __m256i *)wq);
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    return gg_us8_vnni(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+/* Four independent pairs (w0,x0)..(w3,x3), each in ggml's order; out[k] gets pair k. */
+#define GG_DOT4_Q41(NAME, ATTR, US8)                                                               \
+    ATTR static void NAME(int64_t nb, const gg_q4_1 *const *w, const gg_q8_1 *const *x,            \
+                          float *out)                                                              \
+    {                                                                                              \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                          \
+        const gg_q4_1 *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];                              \
+        const gg_q8_1 *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                              \
+        for (int64_t b = 0; b < nb; ++b) {                                                         \
+            s0 = fmaf(gg_h2f(w0[b].m), gg_h2f(x0[b].s), s0);                                       \
+            s1 = fmaf(gg_h2f(w1[b].m), gg_h2f(x1[b].s), s1);                                       \
+            s2 = fmaf(gg_h2f(w2[b].m), gg_h2f(x2[b].s), s2);                                       \
+            s3 = fmaf(gg_h2f(w3[b].m), gg_h2f(x3[b].s), s3);                                       \
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w0[b].d) * gg_h2f(x0[b].d)),                \
+                                 GG_Q41_LANES(US8, &w0[b], &x0[b]), a0);                           \
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w1[b].d) * gg_h2f(x1[b].d)),                \
+                                 GG_Q41_LANES(US8, &w1[b], &x1[b]), a1);                           \
+            a2 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w2[b].d) * gg_h2f(x2[b].d)),                \
+                                 GG_Q41_LANES(US8, &w2[b], &x2[b]), a2);                           \
+            a3 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w3[b].d) * gg_h2f(x3[b].d)),                \
+                                 GG_Q41_LANES(US8, &w3[b], &x3[b]), a3);                           \
+        }                                                                                          \
+        out[0] = gg_hsum_ps(a0) + s0;                                                              \
+        out[1] = gg_hsum_ps(a1) + s1;                                                              \
+        out[2] = gg_hsum_ps(a2) + s2;                                                              \
+        out[3] = gg_hsum_ps(a3) + s3;                                                              \
+    }
+
+#define GG_DOT4_Q80(NAME, ATTR, US8)                                                               \
+    ATTR static void NAME(int64_t nb, const gg_q8_0 *const *w, const gg_q8_0 *const *x,            \
+                          float *out)                                                              \
+    {                                                                                              \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+        const gg_q8_0 *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];                              \
+        const gg_q8_0 *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                              \
+        for (int64_t b = 0; b < nb; ++b) {                                                         \
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w0[b].d) * gg_h2f(x0[b].d)),                \
+                                 GG_Q80_LANES(US8, &w0[b], &x0[b]), a0);                           \
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w1[b].d) * gg_h2f(x1[b].d)),                \
+                                 GG_Q80_LANES(US8, &w1[b], &x1[b]), a1);                           \
+            a2 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w2[b].d) * gg_h2f(x2[b].d)),                \
+                                 GG_Q80_LANES(US8, &w2[b], &x2[b]), a2);                           \
+            a3 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w3[b].d) * gg_h2f(x3[b].d)),                \
+                                 GG_Q80_LANES(US8, &w3[b], &x3[b]), a3);                           \
+        }                                                                                          \
+        out[0] = gg_hsum_ps(a0);                                                                   \
+        out[1] = gg_hsum_ps(a1);                                                                   \
+        out[2] = gg_hsum_ps(a2);                                                                   \
+        out[3] = gg_hsum_ps(a3);                                                                   \
+    }
+
+/* One pair (the remainder of a 4-group). */
+#define GG_DOT1_Q41(NAME, ATTR, US8)                                                               \
+    ATTR static float NAME(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *x)                         \
+    {                                                                                              \
+        __m256 a = _mm256_setzero_ps();                                                            \
+        float s = 0.0f;                                                                            \
+        for (int64_t b = 0; b < nb; ++b) {                                                         \
+            s = fmaf(gg_h2f(w[b].m), gg_h2f(x[b].s), s);                                           \
+            a = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w[b].d) * gg_h2f(x[b].d)),                   \
+                                GG_Q41_LANES(US8, &w[b], &x[b]), a);                               \
+        }                                                                                          \
+        return gg_hsum_ps(a) + s;                                                                  \
+    }
+#define GG_DOT1_Q80(NAME, ATTR, US8)                                                               \
+    ATTR static float NAME(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)                         \
+    {                                                                                              \
+        __m256 a = _mm256_setzero_ps();                                                            \
+        for (int64_t b = 0; b < nb; ++b)                                                           \
+            a = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w[b].d) * gg_h2f(x[b].d)),                   \
+                                GG_Q80_LANES(US8, &w[b], &x[b]), a);                               \
+        return gg_hsum_ps(a);                                                                      \
+    }
+
+/* One weight row, four tokens: the same per-pair operations as GG_DOT4_*, the weight block
+ * unpacked once for the four (prefill tiles). */
+#define GG_TILE4_Q41(NAME, ATTR, US8)                                                              \
+    ATTR static void NAME(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *const *x, float *out)       \
+    {                                                                                              \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                          \
+        const gg_q8_1 *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                              \
+        for (int64_t b = 0; b < nb; ++b) {                                                         \
+            const float dw = gg_h2f(w[b].d), mw = gg_h2f(w[b].m);                                  \
+            const __m256i qw = gg_nibbles(w[b].qs);                                                \
+            s0 = fmaf(mw, gg_h2f(x0[b].s), s0);                                                    \
+            s1 = fmaf(mw, gg_h2f(x1[b].s), s1);                                                    \
+            s2 = fmaf(mw, gg_h2f(x2[b].s), s2);                                                    \
+            s3 = fmaf(mw, gg_h2f(x3[b].s), s3);                                                    \
+            a0 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x0[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x0[b].qs))), a0);   \
+            a1 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x1[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x1[b].qs))), a1);   \
+            a2 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x2[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x2[b].qs))), a2);   \
+            a3 = _mm256_fmadd_ps(                                                                  \
+                _mm256_set1_ps(dw * gg_h2f(x3[b].d)),                                              \
+                _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x3[b].qs))), a3);   \
+        }                                                                                          \
+        out[0] = gg_hsum_ps(a0) + s0;                                                              \
+        out[1] = gg_hsum_ps(a1) + s1;                                                              \
+        out[2] = gg_hsum_ps(a2) + s2;                                                              \
+        out[3] = gg_hsum_ps(a3) + s3;                                                              \
+    }
+
+GG_TILE4_Q41(tile4_q4_1_avx2, GG_AVX2, gg_us8_avx2)
+GG_TILE4_Q41(tile4_q4_1_vnni, GG_VNNI, gg_us8_vnni)
+GG_DOT4_Q41(dot4_q4_1_avx2, GG_AVX2, gg_us8_avx2)
+GG_DOT4_Q41(dot4_q4_1_vnni, GG_VNNI, gg_us8_vnni)
+GG_DOT4_Q80(dot4_q8_0_avx2, GG_AVX2, gg_us8_avx2)
+GG_DOT4_Q80(dot4_q8_0_vnni, GG_VNNI, gg_us8_vnni)
+GG_DOT1_Q41(dot1_q4_1_avx2, GG_AVX2, gg_us8_avx2)
+GG_DOT1_Q41(dot1_q4_1_vnni, GG_VNNI, gg_us8_vnni)
+GG_DOT1_Q80(dot1_q8_0_avx2, GG_AVX2, gg_us8_avx2)
+GG_DOT1_Q80(dot1_q8_0_vnni, GG_VNNI, gg_us8_vnni)
+
+#endif /* GG_X86 */
+
+/* ---- dispatch ----------------------------------------------------------------------------- */
+
+typedef void (*dot4_fn)(int64_t nb, const void *const *w, const void *const *x, float *out);
+typedef float (*dot1_fn)(int64_t nb, const void *w, const void *x);
+
+static void pick(uint32_t type, int isa, dot4_fn *d4, dot1_fn *d1)
+{
+    *d4 = NULL;
+    *d1 = NULL;
+#if GG_X86
+    if (isa >= TSR_GGML_VNNI) {
+        *d4 = type == TSR_TYPE_Q4_1 ? (dot4_fn)dot4_q4_1_vnni : (dot4_fn)dot4_q8_0_vnni;
+        *d1 = type == TSR_TYPE_Q4_1 ? (dot1_fn)dot1_q4_1_vnni : (dot1_fn)dot1_q8_0_vnni;
+    } else if (isa >= TSR_GGML_AVX2) {
+        *d4 = type == TSR_TYPE_Q4_1 ? (dot4_fn)dot4_q4_1_avx2 : (dot4_fn)dot4_q8_0_avx2;
+        *d1 = type == TSR_TYPE_Q4_1 ? (dot1_fn)dot1_q4_1_avx2 : (dot1_fn)dot1_q8_0_avx2;
+    }
+#else
+    (void)type;
+    (void)isa;
+#endif
+}
+
+void tsr_ggml_dot_rows(uint32_t type, int isa, int64_t n, int64_t n_rows, const void *w,
+                       size_t w_stride, const void *x, float *y)
+{
+    const int64_t nb = n / 32;
+    dot4_fn d4;
+    dot1_fn d1;
+    pick(type, isa, &d4, &d1);
+    const uint8_t *wr = w;
+    int64_t r = 0;
+    if (d4) {
+        for (; r + 4 <= n_rows; r += 4) {
+            const void *ws[4] = {wr + (size_t)r * w_stride, wr + (size_t)(r + 1) * w_stride,
+                                 wr + (size_t)(r + 2) * w_stride, wr + (size_t)(r + 3) * w_stride};
+            const void *xs[4] = {x, x, x, x};
+            d4(nb, ws, xs, y + r);
+        }
+        for (; r < n_rows; ++r) y[r] = d1(nb, wr + (size_t)r * w_stride, x);
+        return;
+    }
+    for (; r < n_rows; ++r) y[r] = dot_scalar(type, nb, wr + (size_t)r * w_stride, x);
+}
+
+void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const void *w,
+                       size_t w_stride, int32_t n_tok, const void *x, size_t x_stride, float *y,
+                       size_t y_stride)
+{
+    const int64_t nb = n / 32;
+    dot4_fn d4;
+    dot1_fn d1;
+    pick(type, isa, &d4, &d1);
+    const uint8_t *wr = w, *xr = x;
+    if (!d4) {
+        for (int32_t t = 0; t < n_tok; ++t)
+            for (int64_t r = 0; r < n_rows; ++r)
+                y[(size_t)t * y_stride + r] =
+                    dot_scalar(type, nb, wr + (size_t)r * w_stride, xr + (size_t)t * x_stride);
+        return;
+    }
+    /* Row by row (its blocks stay in L1 for all tokens), 4 tokens at a time; Q4_1's weight
+     * block unpacked once for the 4. */
+    void (*t4)(int64_t, const gg_q4_1 *, const gg_q8_1 *const *, float *) = NULL;
+#if GG_X86
+    if (type == TSR_TYPE_Q4_1) t4 = isa >= TSR_GGML_VNNI ? tile4_q4_1_vnni : tile4_q4_1_avx2;
+#endif
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const void *wrow = wr + (size_t)r * w_stride;
+        int32_t t = 0;
+        for (; t + 4 <= n_tok; t += 4) {
+            const void *ws[4] = {wrow, wrow, wrow, wrow};
+            const void *xs[4] = {xr + (size_t)t * x_stride, xr + (size_t)(t + 1) * x_stride,
+                                 xr + (size_t)(t + 2) * x_stride, xr + (size_t)(t + 3) * x_stride};
+            float out[4];
+            if (t4)
+                t4(nb, wrow, (const gg_q8_1 *const *)xs, out);
+            else
+                d4(nb, ws, xs, out);
+            for (int k = 0; k < 4; ++k) y[(size_t)(t + k) * y_stride + r] = out[k];
+        }
+        for (; t < n_tok; ++t)
+            y[(size_t)t * y_stride + r] = d1(nb, wrow, xr + (size_t)t * x_stride);
+    }
+}
+
+/* ---- activation quantizer ----------------------------------------------------------------- */
+
+/* Round to nearest, ties to even, through the float adder (|f| <= 2^22). */
+static int gg_nearest_int(float f)
+{
+    float v = f + 12582912.f;
+    int32_t i;
+    memcpy(&i, &v, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* One block: quants into qs, returns d (unrounded) and the quants' sum. */
+static float act_block_scalar(const float *x, int8_t *qs, int32_t *sum)
+{
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.f;
+    const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) {
+        const float v = x[j] * id;
+        /* |v| <= 127 up to rounding; out of range (inf/NaN inputs) saturates as the packs */
+        qs[j] = v != v         ? (int8_t)-128
+                : v >= 127.0f  ? (int8_t)127
+                : v <= -128.0f ? (int8_t)-128
+                               : (int8_t)gg_nearest_int(v);
+        s += qs[j];
+    }
+    *sum = s;
+    return d;
+}
+
+#if GG_X86
+/* The same with AVX2: vroundps to nearest even, converted and packed with saturation. */
+GG_AVX2 static float act_block_avx2(const float *x, int8_t *qs, int32_t *sum)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), m);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float d = amax / 127.f;
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k)
+        q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+    *sum = _mm_cvtsi128_si32(s4);
+    const __m256i b =
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i *)qs,
+                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return d;
+}
+#endif
+
+void tsr_ggml_quant_act_row(uint32_t type, int isa, const float *src, void *dst, int64_t n)
+{
+    const int64_t nb = n / 32;
+    float (*blk)(const float *, int8_t *, int32_t *) = act_block_scalar;
+#if GG_X86
+    if (isa >= TSR_GGML_AVX2) blk = act_block_avx2;
+#else
+    (void)isa;
+#endif
+    if (type == TSR_TYPE_Q8_1) {
+        gg_q8_1 *y = dst;
+        for (int64_t i = 0; i < nb; ++i, src += 32) {
+            int32_t sum;
+            const float d = blk(src, y[i].qs, &sum);
+            y[i].d = tsr_f32_to_f16(d);
+            y[i].s = tsr_f32_to_f16(d * (float)sum);
+        }
+    } else {
+        gg_q8_0 *y = dst;
+        for (int64_t i = 0; i < nb; ++i, src += 32) {
+            int32_t sum;
+            y[i].d = tsr_f32_to_f16(blk(src, y[i].qs, &sum));
+        }
+    }
+}
+
+/* ---- SiLU / SwiGLU ------------------------------------------------------------------------
+ * ggml_vec_swiglu_f32 on AVX-512 (the references' machine): per group of 16 elements
+ * y = x / (1 + v_expf(0 - x)) * g with ggml_v_expf's AVX-512 polynomial (below); the
+ * elements past the last whole 16 use libm: x / (1 + expf(-x)) * g. The AVX2 build of ggml
+ * uses another final step (k + k*j instead of scalef(j, n)), which rounds differently: we
+ * follow the AVX-512 one on every ISA. */
+
+/* ggml_v_expf (AVX-512) for one float: n = round(x * log2 e) by the 1.5 * 2^23 trick,
+ * b = x - n * ln2 (hi, lo), j = polynomial(b), result = j * 2^n (scalef), and 0 / inf when
+ * |n| > 192. */
+static float gg_expf_scalar(float x)
+{
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const float u = b * b;
+    const float j = fmaf(
+        fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+        u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+    return ldexpf(j, (int)n);
+}
+
+static void swiglu_scalar(float *gate, const float *up, int64_t n)
+{
+    for (int64_t i = 0; i < n; ++i) {
+        const float x = gate[i];
+        gate[i] = x / (1.0f + gg_expf_scalar(0.0f - x)) * up[i];
+    }
+}
+
+#if GG_X86
+/* The same with AVX2: scalef as two exact power-of-two multiplies (2^n split so both
+ * factors are normal floats; only results below 2^-126 could round twice, and those give
+ * 1 + e == 1 in SiLU either way). */
+GG_AVX2 GG_INLINE __m256 gg_pow2i_avx2(__m256i e)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+}
+
+GG_AVX2 static __m256 gg_expf_avx2(__m256 x)
+{
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+            _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_fmadd_ps(_mm256_set1_ps(0x1.ffffecp-1f), b, _mm256_set1_ps(1.0f)));
+    /* n in [-192, 192] here (larger |n| is replaced below): n = h1 + h2, each in [-96, 96] */
+    const __m256 nc =
+        _mm256_max_ps(_mm256_min_ps(n, _mm256_set1_ps(192.0f)), _mm256_set1_ps(-192.0f));
+    const __m256i ni = _mm256_cvtps_epi32(nc);
+    const __m256i h1 = _mm256_srai_epi32(ni, 1);
+    const __m256i h2 = _mm256_sub_epi32(ni, h1);
+    const __m256 res = _mm256_mul_ps(_mm256_mul_ps(j, gg_pow2i_avx2(h1)), gg_pow2i_avx2(h2));
+    const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), n),
+                                     _mm256_set1_ps(192.0f), _CMP_GT_OQ);
+    const __m256 alt = _mm256_andnot_ps(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ),
+                                        _mm256_set1_ps(INFINITY));
+    return _mm256_blendv_ps(res, alt, big);
+}
+
+GG_AVX2 static void swiglu_avx2(float *gate, const float *up, int64_t n)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(gate + i);
+        const __m256 e = gg_expf_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)),
+                                                 _mm256_loadu_ps(up + i)));
+    }
+}
+#endif
+
+void tsr_ggml_swiglu(int isa, float *gate, const float *up, int64_t n)
+{
+    const int64_t n16 = n & ~(int64_t)15;
+#if GG_X86
+    if (isa >= TSR_GGML_AVX2)
+        swiglu_avx2(gate, up, n16);
+    else
+        swiglu_scalar(gate, up, n16);
+#else
+    (void)isa;
+    swiglu_scalar(gate, up, n16);
+#endif
+    for (int64_t i = n16; i < n; ++i) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+int tsr_ggml_isa(void)
+{
+    const char *s = tsr_quant_isa();
+    return strcmp(s, "avx512vnni") == 0 ? TSR_GGML_VNNI
+           : strcmp(s, "avx2") == 0     ? TSR_GGML_AVX2
+                                        : TSR_GGML_SCALAR;
+}

@@ -1,0 +1,64 @@
+/*
+ * dot_ggml.h — row dots and activation quantizers in the exact order of ggml's x86 CPU
+ * kernels (llama.cpp built for AVX2 or better), so a matmul's every output float is
+ * bit-identical to llama.cpp's.
+ *
+ * Why: the real-model references (../shared/models/expected) are llama.cpp's greedy ids.
+ * Small models amplify a last-bit difference through their layers until a near-tie flips;
+ * only the same floating-point operations in the same order give the same ids.
+ *
+ * The order (ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 under __AVX2__, the same with
+ * AVX-512 VNNI, which only changes how the exact integer lane sums are formed):
+ *   per 32-element block b, 8 integer lanes, lane l = sum of the 4 products of elements
+ *   4l..4l+3 (exact); acc[l] = fma(fp16(w.d) * fp16(x.d), (float)lane[l], acc[l]), blocks
+ *   in order, one accumulator; Q4_1 also summs = fma(fp16(w.m), fp16(x.s), summs) per block
+ *   (GCC contracts ggml's `summs += m*s`); result = hsum8(acc) (+ summs), hsum8 =
+ *   ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)) as ggml's hsum_float_8.
+ * Every ISA path here (scalar, AVX2, AVX-512 VNNI) and every shape (rows for one token,
+ * tiles for several) computes each (row, token) element exactly so: results never depend
+ * on the ISA, thread count, batch size or tiling.
+ *
+ * Activations (ggml's x86 quantize_row_q8_0 / q8_1, not the reference quantizers): per
+ * block amax = max |x|, d = amax / 127, multiplier id = 127 / amax (0 if amax is 0),
+ * q = x * id rounded half to even; Q8_1's s = fp16(d * (float)sum(q)).
+ *
+ * All functions are pure and thread-safe. n is a multiple of 32.
+ */
+#ifndef TSR_DOT_GGML_H
+#define TSR_DOT_GGML_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ISA levels, as kernels/quant.c's dispatcher numbers them. */
+enum { TSR_GGML_SCALAR = 0, TSR_GGML_AVX2 = 1, TSR_GGML_VNNI = 2 };
+
+/* true for the weight types whose dots this module computes (Q4_1, Q8_0). */
+bool tsr_ggml_dot_handles(uint32_t type);
+
+/* y[r] = dot(row r, x) for n_rows rows of n elements, w_stride bytes apart; x holds the
+ * activation row in the type's dot type (Q8_1 for Q4_1, Q8_0 for Q8_0). isa: one of the
+ * levels above (the caller checked the CPU has it). */
+void tsr_ggml_dot_rows(uint32_t type, int isa, int64_t n, int64_t n_rows, const void *w,
+                       size_t w_stride, const void *x, float *y);
+
+/* y[t * y_stride + r] = dot(row r, token t) for n_tok tokens x_stride bytes apart:
+ * bit-identical to tsr_ggml_dot_rows per token. */
+void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const void *w,
+                       size_t w_stride, int32_t n_tok, const void *x, size_t x_stride, float *y,
+                       size_t y_stride);
+
+/* One activation row of n floats into Q8_0 (type 8) or Q8_1 (type 9) blocks at dst, as
+ * ggml's x86 from_float (above). Same bytes on every ISA. */
+void tsr_ggml_quant_act_row(uint32_t type, int isa, const float *src, void *dst, int64_t n);
+
+/* gate[i] = silu(gate[i]) * up[i] for one row of n values, as ggml_vec_swiglu_f32 on
+ * AVX-512: ggml_v_expf's AVX-512 polynomial for each whole 16 elements, libm expf for the
+ * rest (so call it per row). The same bits on every ISA. */
+void tsr_ggml_swiglu(int isa, float *gate, const float *up, int64_t n);
+
+/* The ISA level kernels/quant.c dispatches to now (from tsr_quant_isa). */
+int tsr_ggml_isa(void);
+
+#endif
