@@ -8,7 +8,9 @@
 # machine hits both alike; each figure is the median of REPS runs (default 3). Runs under
 # `flock /work/bench.lock` when that file exists. Needs build/tessera, /usr/bin/python3.
 # Environment: REPS, REQ1 / REQ16 (requests at c=1 / c=16; default 16 / 64), TOK (tokens per
-# request, default 64), THREADS (per replica, default 1).
+# request, default 64), THREADS (per replica, default 1). Prints the medians of each
+# protocol, their ratio, and the median of the per-rep ratios (each HTTP run against the
+# gRPC run next to it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${TSR_BENCH_LOCKED:-}" ] && [ -e /work/bench.lock ]; then
@@ -66,7 +68,16 @@ for conc in 1 16; do
     "$VIA" "$conc" "$mg" "$mgi" "$(printf '%s\n' "${gp[@]}" | median)" "${gt[*]}" "${gi[*]}"
   printf '%-11s c=%-3s HTTP TTFT p50 %8s ms  ITL p50 %7s ms  %8s tok/s   (runs: TTFT %s; ITL %s)\n' \
     "$VIA" "$conc" "$mh" "$mhi" "$(printf '%s\n' "${hp[@]}" | median)" "${ht[*]}" "${hi[*]}"
-  awk -v a="$mh" -v b="$mg" -v c="$mhi" -v d="$mgi" -v v="$VIA" -v k="$conc" 'BEGIN {
-    printf "%-11s c=%-3s HTTP / gRPC: TTFT %+.1f%%, ITL %+.1f%%\n", v, k, (a / b - 1) * 100, (c / d - 1) * 100 }'
+  # Paired: rep r's HTTP run against its neighbouring gRPC run, then the median of the
+  # ratios (drifting load cancels better than in the ratio of the medians).
+  rt=(); ri=()
+  for i in "${!gt[@]}"; do
+    rt+=("$(awk -v a="${ht[$i]}" -v b="${gt[$i]}" 'BEGIN { printf "%.4f", a / b }')")
+    ri+=("$(awk -v a="${hi[$i]}" -v b="${gi[$i]}" 'BEGIN { printf "%.4f", a / b }')")
+  done
+  awk -v a="$mh" -v b="$mg" -v c="$mhi" -v d="$mgi" -v v="$VIA" -v k="$conc" \
+    -v pt="$(printf '%s\n' "${rt[@]}" | median)" -v pi="$(printf '%s\n' "${ri[@]}" | median)" 'BEGIN {
+    printf "%-11s c=%-3s HTTP / gRPC: TTFT %+.1f%%, ITL %+.1f%% (medians); paired runs: TTFT %+.1f%%, ITL %+.1f%%\n",
+      v, k, (a / b - 1) * 100, (c / d - 1) * 100, (pt - 1) * 100, (pi - 1) * 100 }'
 done
 uptime
