@@ -338,6 +338,17 @@ static void test_dots(void **state)
                 const float gpu = gpu_row_dot(ti->type, n, w, xq, &at, &nt);
                 if (ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1)
                     at = fmax(at, lane_abs_sum(ti->type, n, w, xq));
+                if (ti->type == TSR_TYPE_Q5_0 || ti->type == TSR_TYPE_Q4_K ||
+                    ti->type == TSR_TYPE_Q6_K) {
+                    /* the CPU sums these in ggml's x86 order: bound both orders by the
+                     * element magnitudes (x4 covers the K-quant min terms that cancel) */
+                    float *wd = xmalloc(sizeof(float) * (size_t)n);
+                    tsr_dequant_row(ti->type, w, wd, n);
+                    double ae = 0;
+                    for (int64_t i = 0; i < n; ++i) ae += fabs((double)wd[i] * x[i]);
+                    at = fmax(at, 4.0 * ae);
+                    free(wd);
+                }
                 const double tol = (2.0 * (double)nt + 8.0) * 0x1p-24 * at + 1e-30;
                 const double d = fabs((double)gpu - (double)cpu);
                 if (!(d <= tol))
@@ -351,7 +362,11 @@ static void test_dots(void **state)
                  * the types whose CPU dot follows ggml's x86 lane order (kernels/dot_ggml.h:
                  * 8 lane products per block, each rounded, then a tree), bound-checked above */
                 const int32_t be = tsr_cuda_block_elems(ti->type);
-                const bool lane_order = ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1;
+                /* Q5_0, Q4_K and Q6_K follow ggml's x86 orders on the CPU too (exactb); the
+                 * device kernels keep the block order, bound-checked above */
+                const bool lane_order = ti->type == TSR_TYPE_Q8_0 || ti->type == TSR_TYPE_Q4_1 ||
+                                        ti->type == TSR_TYPE_Q5_0 || ti->type == TSR_TYPE_Q4_K ||
+                                        ti->type == TSR_TYPE_Q6_K;
                 if (be > 1 && !lane_order) {
                     const float c1 = tsr_vec_dot(ti->type, be, w, xq);
                     const float g1 =
@@ -934,7 +949,9 @@ static void test_kv_q8_0(void **state)
                         } else if (sc[j] != -INFINITY) {
                             const float pw = tsr_cuda_attn_exp(sc[j], m) * inv;
                             const int p = c0 + j;
-                            if (bits(pw) != bits(att[p - p0]))
+                            /* the CPU's q.k now sums blocks in ggml's x86 lane order
+                             * (kernels/kvcache.c); the device keeps the block order: a few ulp */
+                            if (fabsf(pw - att[p - p0]) > 1e-5f * (1e-3f + fabsf(att[p - p0])))
                                 fail_msg("q8_0 hd %d window %d position %d: probability CPU "
                                          "%.9g, device %.9g",
                                          hd, n, p, att[p - p0], pw);
@@ -949,7 +966,7 @@ static void test_kv_q8_0(void **state)
             }
             double worst = 0;
             for (int i = 0; i < hd; ++i) {
-                if (bits(acc[i]) != bits(ref[i]))
+                if (fabs((double)acc[i] - ref[i]) > 1e-5 * (1.0 + fabs(ref[i])))
                     fail_msg("q8_0 attention hd %d window %d dim %d: CPU (scalar) %.9g, device "
                              "%.9g",
                              hd, n, i, ref[i], acc[i]);
@@ -959,7 +976,7 @@ static void test_kv_q8_0(void **state)
                     fail_msg("q8_0 attention hd %d window %d dim %d: CPU (%s) %.9g, device %.9g",
                              hd, n, i, isa_saved, ref_isa[i], acc[i]);
             }
-            printf("q8_0 KV attention hd %d window %d: bit-identical to the CPU's scalar path; "
+            printf("q8_0 KV attention hd %d window %d: within 1e-5 of the CPU's scalar path; "
                    "max |diff| %.3g against its %s path\n",
                    hd, n, worst, isa_saved);
             free(att_isa);
