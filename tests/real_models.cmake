@@ -29,9 +29,12 @@ if(NOT TSR_SANITIZE)
   list(APPEND TSR_ARCH_LAYOUTS qwen3 mistral)
 endif()
 foreach(arch ${TSR_ARCH_LAYOUTS})
+  # --tol 1e-2: the default f16 KV keeps ggml's fp16 flash-attention accumulator, so the
+  # last-bit differences of tp's split partial sums can flip an fp16 rounding (measured
+  # 1.1e-4 on gemma3); the greedy ids must still be identical
   add_test(NAME replica_arch_${arch}_tp2_pp2
            COMMAND ${TSR_MPIRUN} -np 4 $<TARGET_FILE:replica_check>
-                   -m ${TSR_ARCH_DIR}/arch-${arch}.gguf --tp 2 --pp 2 -n 24)
+                   -m ${TSR_ARCH_DIR}/arch-${arch}.gguf --tp 2 --pp 2 -n 24 --tol 1e-2)
   set_tests_properties(replica_arch_${arch}_tp2_pp2 PROPERTIES
                        ENVIRONMENT "${TSR_MPI_ENV}" FIXTURES_REQUIRED arch_models
                        TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
