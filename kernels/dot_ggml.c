@@ -96,14 +96,7 @@ static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)
 #define GG_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define GG_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define GG_INLINE static inline __attribute__((always_inline))
-
-GG_AVX2 GG_INLINE float gg_hsum_ps(__m256 v)
-{
-    __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
+#include "kernels/x86hsum.h"
 
 GG_AVX2 GG_INLINE float gg_h2f(uint16_t h)
 {
@@ -169,10 +162,10 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
             a3 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w3[b].d) * gg_h2f(x3[b].d)),                \
                                  GG_Q41_LANES(US8, &w3[b], &x3[b]), a3);                           \
         }                                                                                          \
-        out[0] = gg_hsum_ps(a0) + s0;                                                              \
-        out[1] = gg_hsum_ps(a1) + s1;                                                              \
-        out[2] = gg_hsum_ps(a2) + s2;                                                              \
-        out[3] = gg_hsum_ps(a3) + s3;                                                              \
+        out[0] = tsr_hsum8_ps(a0) + s0;                                                            \
+        out[1] = tsr_hsum8_ps(a1) + s1;                                                            \
+        out[2] = tsr_hsum8_ps(a2) + s2;                                                            \
+        out[3] = tsr_hsum8_ps(a3) + s3;                                                            \
     }
 
 #define GG_DOT4_Q80(NAME, ATTR, US8)                                                               \
@@ -192,10 +185,10 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
             a3 = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w3[b].d) * gg_h2f(x3[b].d)),                \
                                  GG_Q80_LANES(US8, &w3[b], &x3[b]), a3);                           \
         }                                                                                          \
-        out[0] = gg_hsum_ps(a0);                                                                   \
-        out[1] = gg_hsum_ps(a1);                                                                   \
-        out[2] = gg_hsum_ps(a2);                                                                   \
-        out[3] = gg_hsum_ps(a3);                                                                   \
+        out[0] = tsr_hsum8_ps(a0);                                                                 \
+        out[1] = tsr_hsum8_ps(a1);                                                                 \
+        out[2] = tsr_hsum8_ps(a2);                                                                 \
+        out[3] = tsr_hsum8_ps(a3);                                                                 \
     }
 
 /* One pair (the remainder of a 4-group). */
@@ -209,7 +202,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
             a = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w[b].d) * gg_h2f(x[b].d)),                   \
                                 GG_Q41_LANES(US8, &w[b], &x[b]), a);                               \
         }                                                                                          \
-        return gg_hsum_ps(a) + s;                                                                  \
+        return tsr_hsum8_ps(a) + s;                                                                \
     }
 #define GG_DOT1_Q80(NAME, ATTR, US8)                                                               \
     ATTR static float NAME(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)                         \
@@ -218,7 +211,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         for (int64_t b = 0; b < nb; ++b)                                                           \
             a = _mm256_fmadd_ps(_mm256_set1_ps(gg_h2f(w[b].d) * gg_h2f(x[b].d)),                   \
                                 GG_Q80_LANES(US8, &w[b], &x[b]), a);                               \
-        return gg_hsum_ps(a);                                                                      \
+        return tsr_hsum8_ps(a);                                                                    \
     }
 
 /* One weight row, four tokens: the same per-pair operations as GG_DOT4_*, the weight block
@@ -249,10 +242,10 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
                 _mm256_set1_ps(dw * gg_h2f(x3[b].d)),                                              \
                 _mm256_cvtepi32_ps(US8(qw, _mm256_loadu_si256((const __m256i *)x3[b].qs))), a3);   \
         }                                                                                          \
-        out[0] = gg_hsum_ps(a0) + s0;                                                              \
-        out[1] = gg_hsum_ps(a1) + s1;                                                              \
-        out[2] = gg_hsum_ps(a2) + s2;                                                              \
-        out[3] = gg_hsum_ps(a3) + s3;                                                              \
+        out[0] = tsr_hsum8_ps(a0) + s0;                                                            \
+        out[1] = tsr_hsum8_ps(a1) + s1;                                                            \
+        out[2] = tsr_hsum8_ps(a2) + s2;                                                            \
+        out[3] = tsr_hsum8_ps(a3) + s3;                                                            \
     }
 
 GG_TILE4_Q41(tile4_q4_1_avx2, GG_AVX2, gg_us8_avx2)

@@ -271,6 +271,7 @@ static void fa_v_scalar(uint16_t *acc, const uint16_t *v, int hd, bool rescale, 
 
 #define TSR_KV_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define TSR_KV_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw")))
+#include "kernels/x86hsum.h"
 
 TSR_KV_AVX2 static inline __m256 ld8_f16(const uint16_t *p)
 {
@@ -596,14 +597,6 @@ TSR_KV_AVX2 static inline __m256 q8_block_sums_avx2(__m256i k, __m256i q, __m256
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ak, sq), ones));
 }
 
-TSR_KV_AVX2 static inline float hsum8_avx2(__m256 x)
-{
-    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
 TSR_KV_AVX2 static void qk_q8_0_avx2(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale,
                                      int32_t p0, int32_t p1, float *att)
 {
@@ -620,7 +613,7 @@ TSR_KV_AVX2 static void qk_q8_0_avx2(const tsr_kv_view *kv, const kv_q8_0 *qq, f
                 const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
                 acc = _mm256_fmadd_ps(d, s, acc);
             }
-            att[i0 + j] = hsum8_avx2(acc) * scale;
+            att[i0 + j] = tsr_hsum8_ps(acc) * scale;
         }
     });
 }
@@ -643,7 +636,7 @@ TSR_KV_VNNI static void qk_q8_0_vnni(const tsr_kv_view *kv, const kv_q8_0 *qq, f
                 const __m256 d = _mm256_set1_ps(_cvtsh_ss(k[b].d) * _cvtsh_ss(qq[b].d));
                 acc = _mm256_fmadd_ps(d, s, acc);
             }
-            att[i0 + j] = hsum8_avx2(acc) * scale;
+            att[i0 + j] = tsr_hsum8_ps(acc) * scale;
         }
     });
 }

@@ -1595,14 +1595,7 @@ SCALAR_ROWS(q6_K)
 
 #define TSR_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define TSR_INLINE static inline __attribute__((always_inline))
-
-TSR_AVX2 TSR_INLINE float hsum_ps(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "kernels/x86hsum.h"
 
 /* 32 nibbles of a Q4_0 block as bytes in element order: low nibbles (elements 0..15) in
  * the low lane, high nibbles (16..31) in the high lane. One broadcast load, a 64-bit
@@ -1649,7 +1642,7 @@ TSR_AVX2 TSR_INLINE float float_row_avx2(uint32_t type, int64_t n, const uint8_t
     }
     for (; i + 8 <= n; i += 8)
         a0 = _mm256_fmadd_ps(load_w8(type, w, i), _mm256_loadu_ps(x + i), a0);
-    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s = tsr_hsum8_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < n; ++i) s += load_w1(type, w, i) * x[i];
     return s;
 }
@@ -1844,7 +1837,7 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
         for (int k = 0; k < m; ++k) BL_FMA(k, b + k, INT_DOT);                                     \
     }                                                                                              \
     const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));               \
-    return hsum_ps(_mm256_add_ps(sum4, acc_off));
+    return tsr_hsum8_ps(_mm256_add_ps(sum4, acc_off));
 
 /* Q8_0 x Q8_0, AVX2: sign trick |w| (unsigned) x sign(w)*y (signed) for vpmaddubsw; the
  * int16 pair sums (<= 2*128*127) cannot saturate. */
@@ -1953,8 +1946,8 @@ TSR_AVX2 static void rows_q5_0_avx2(int64_t n, int64_t nrows, const uint8_t *w, 
             a1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w1[b].d) * dy),
                                  _mm256_cvtepi32_ps(q5_0_lanes_avx2(&w1[b], x[b].qs)), a1);
         }
-        y[r] = hsum_ps(a0);
-        y[r + 1] = hsum_ps(a1);
+        y[r] = tsr_hsum8_ps(a0);
+        y[r + 1] = tsr_hsum8_ps(a1);
     }
     for (; r < nrows; ++r) {
         const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
@@ -1962,7 +1955,7 @@ TSR_AVX2 static void rows_q5_0_avx2(int64_t n, int64_t nrows, const uint8_t *w, 
         for (int64_t b = 0; b < nb; ++b)
             a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * _cvtsh_ss(x[b].d)),
                                  _mm256_cvtepi32_ps(q5_0_lanes_avx2(&w0[b], x[b].qs)), a0);
-        y[r] = hsum_ps(a0);
+        y[r] = tsr_hsum8_ps(a0);
     }
 }
 
@@ -2122,7 +2115,7 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
             }                                                                                      \
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
         }                                                                                          \
-        return hsum_ps(acc);                                                                       \
+        return tsr_hsum8_ps(acc);                                                                  \
     }
 
 /* Q5_K x Q8_K: Q4_K's kernel with the 5th bit of each quant from qh (bit g of qh[l] for
@@ -2169,7 +2162,7 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
             }                                                                                      \
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
         }                                                                                          \
-        return hsum_ps(_mm256_sub_ps(acc, accm));                                                  \
+        return tsr_hsum8_ps(_mm256_sub_ps(acc, accm));                                             \
     }
 
 /* Q3_K's 16 6-bit scales, offset 32 removed, as int16 lanes (ggml's 32-bit unpacking). */
@@ -2225,7 +2218,7 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
             }                                                                                      \
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
         }                                                                                          \
-        return hsum_ps(acc);                                                                       \
+        return tsr_hsum8_ps(acc);                                                                  \
     }
 
 /* Q2_K x Q8_K: Q3_K's layout without the high bit; 4-bit scales (low nibble) and mins (high
@@ -2265,7 +2258,7 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
             }                                                                                      \
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);               \
         }                                                                                          \
-        return hsum_ps(_mm256_sub_ps(acc, accm));                                                  \
+        return tsr_hsum8_ps(_mm256_sub_ps(acc, accm));                                             \
     }
 
 #define DEF_ROWS_BY_DOT(fname, ATTR, dot)                                                          \
@@ -2382,8 +2375,8 @@ TSR_VNNI static void rows_q5_0_vnni(int64_t n, int64_t nrows, const uint8_t *w, 
             a1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w1[b].d) * dy),
                                  _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w1[b], x[b].qs)), a1);
         }
-        y[r] = hsum_ps(a0);
-        y[r + 1] = hsum_ps(a1);
+        y[r] = tsr_hsum8_ps(a0);
+        y[r + 1] = tsr_hsum8_ps(a1);
     }
     for (; r < nrows; ++r) {
         const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
@@ -2391,7 +2384,7 @@ TSR_VNNI static void rows_q5_0_vnni(int64_t n, int64_t nrows, const uint8_t *w, 
         for (int64_t b = 0; b < nb; ++b)
             a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * _cvtsh_ss(x[b].d)),
                                  _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w0[b], x[b].qs)), a0);
-        y[r] = hsum_ps(a0);
+        y[r] = tsr_hsum8_ps(a0);
     }
 }
 
@@ -2506,7 +2499,7 @@ TSR_AVX2 static void quant_q8_1_avx2(const float *x, blk_q8_1 *y, int64_t nb)
  * the int32 lanes of each block's dot are the same exact integers (sums over the same 4
  * elements per lane), the scale is the same product fp16(d_w)*d_y, block b goes into
  * accumulator b % 4 with the same FMA in increasing b, and the end is the same
- * (acc0+acc1)+(acc2+acc3)+acc_off and hsum_ps. Only the schedule differs: 4 accumulators
+ * (acc0+acc1)+(acc2+acc3)+acc_off and tsr_hsum8_ps. Only the schedule differs: 4 accumulators
  * for each of 16 outputs would need 64 registers, so a K chunk is walked chain-major
  * (blocks 0,4,8,.. into acc0 of every output of the tile, then 1,5,9,.. into acc1, ...),
  * one accumulator per output live, the other chains parked.
@@ -2527,8 +2520,8 @@ enum { TILE_T = 4, TILE_KC = 64, TILE_ACT_BYTES = 640 << 10 };
 /* A micro-tile's state across K chunks: the 4 chains and Q4_0's offset accumulator. */
 #define TILE_STATE_VECS(R) (5 * (R)*TILE_T)
 
-/* y of a full 4-row x 2-token pair: v[k] is output (row k/2, token k%2) before hsum_ps.
- * The 8 horizontal sums run side by side with exactly hsum_ps's additions per output
+/* y of a full 4-row x 2-token pair: v[k] is output (row k/2, token k%2) before tsr_hsum8_ps.
+ * The 8 horizontal sums run side by side with exactly tsr_hsum8_ps's additions per output
  * ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)), so the results are bit-identical to it. */
 TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
 {
@@ -2647,7 +2640,8 @@ TSR_AVX2 TSR_INLINE void hsum_4x2_store(const __m256 v[8], float *y0, float *y1)
             return;                                                                                \
         }                                                                                          \
         for (int r = 0; r < nr; ++r) {                                                             \
-            for (int t = 0; t < T; ++t) y[(size_t)t * ys + (size_t)r] = hsum_ps(v[r * T + t]);     \
+            for (int t = 0; t < T; ++t)                                                            \
+                y[(size_t)t * ys + (size_t)r] = tsr_hsum8_ps(v[r * T + t]);                        \
         }                                                                                          \
     }                                                                                              \
                                                                                                    \

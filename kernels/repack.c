@@ -280,6 +280,7 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
 #define RP_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define RP_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define RP_INLINE static inline __attribute__((always_inline))
+#include "kernels/x86hsum.h"
 
 /* The micro-kernels are written for T tokens (T <= 4) and inlined with T a constant, so each
  * width gets its loops unrolled and its accumulators in registers: fname(T, ...) calls
@@ -311,15 +312,6 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
 #define RP_K_PARAMS                                                                                \
     (size_t nsb, const uint8_t *grp, int r, const uint8_t *x, size_t xs, float *y, size_t ys)
 #define RP_K_ARGS (nsb, grp, r, x, xs, y, ys)
-
-/* quant.c's hsum_ps: ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)). */
-RP_AVX2 RP_INLINE float hsum_ps(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* A Q4_0 block's 32 nibbles as bytes in element order (quant.c's q4_0_nibbles). */
 RP_AVX2 RP_INLINE __m256i q4_nibbles(const uint8_t *qs)
@@ -480,7 +472,7 @@ RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
         for (int r = 0; r < nr; ++r) {                                                             \
             const __m256 sum4 =                                                                    \
                 _mm256_add_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_add_ps(a2[r], a3[r]));           \
-            y[r] = hsum_ps(_mm256_add_ps(sum4, off[r]));                                           \
+            y[r] = tsr_hsum8_ps(_mm256_add_ps(sum4, off[r]));                                      \
         }                                                                                          \
     }
 
@@ -614,7 +606,7 @@ DEF_GEMV(gemv_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_VNNI
                 const int o = r * T + t;                                                           \
                 const __m256 sum4 = _mm256_add_ps(_mm256_add_ps(park[0][o], park[1][o]),           \
                                                   _mm256_add_ps(park[2][o], park[3][o]));          \
-                y[(size_t)t * ys + (size_t)r] = hsum_ps(_mm256_add_ps(sum4, off[o]));              \
+                y[(size_t)t * ys + (size_t)r] = tsr_hsum8_ps(_mm256_add_ps(sum4, off[o]));         \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
@@ -645,7 +637,7 @@ DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1
  * 4k..4k+3 of (q5 - 16) * y, made as vpdpbusd(-16 * sum(y), q5, y) with the unsigned 5-bit
  * quants (the same exact integers as the sign trick; the -16 * lane sums of y are made
  * once per token and block, in the workspace, for all rows), then acc = fma(d_w*d_y,
- * float(lanes), acc); the end hsum_ps. One FMA chain per (row, token). */
+ * float(lanes), acc); the end tsr_hsum8_ps. One FMA chain per (row, token). */
 #define RP_Q50_LANES_AVX2(ny, qu, y)                                                               \
     _mm256_add_epi32(ny, _mm256_madd_epi16(_mm256_maddubs_epi16(qu, y), _mm256_set1_epi16(1)))
 #define RP_Q50_LANES_VNNI(ny, qu, y) _mm256_dpbusd_epi32(ny, qu, y)
@@ -676,7 +668,7 @@ DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1
             }                                                                                      \
         }                                                                                          \
         for (int r = 0; r < R && r < nr; ++r)                                                      \
-            for (int t = 0; t < T; ++t) y[(size_t)t * ys + (size_t)r] = hsum_ps(acc[r][t]);        \
+            for (int t = 0; t < T; ++t) y[(size_t)t * ys + (size_t)r] = tsr_hsum8_ps(acc[r][t]);   \
     }                                                                                              \
     ATTR static void fname(int T, int R, size_t nb, size_t nbp, const uint8_t *grp, int rr,        \
                            int nr, const uint8_t *x, size_t xs, const float *dyw,                  \
@@ -1328,7 +1320,7 @@ static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
                                          _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
             }                                                                                      \
         }                                                                                          \
-        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(acc[t]);                           \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = tsr_hsum8_ps(acc[t]);                      \
     }                                                                                              \
     RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
 
@@ -1407,7 +1399,8 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
                                          _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
             }                                                                                      \
         }                                                                                          \
-        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+        for (int t = 0; t < T; ++t)                                                                \
+            y[(size_t)t * ys] = tsr_hsum8_ps(_mm256_sub_ps(acc[t], accm[t]));                      \
     }                                                                                              \
     RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
 
@@ -1462,7 +1455,7 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
                                          _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
             }                                                                                      \
         }                                                                                          \
-        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(acc[t]);                           \
+        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = tsr_hsum8_ps(acc[t]);                      \
     }                                                                                              \
     RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
 
@@ -1519,7 +1512,8 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
                                          _mm256_cvtepi32_ps(sumi[t]), acc[t]);                     \
             }                                                                                      \
         }                                                                                          \
-        for (int t = 0; t < T; ++t) y[(size_t)t * ys] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));   \
+        for (int t = 0; t < T; ++t)                                                                \
+            y[(size_t)t * ys] = tsr_hsum8_ps(_mm256_sub_ps(acc[t], accm[t]));                      \
     }                                                                                              \
     RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
 
