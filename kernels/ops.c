@@ -78,7 +78,9 @@ static void mm_run(void *arg, int ith, int nth)
             continue;
         }
         const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
-        if (j->n_tok >= TILE_MIN_TOKENS) {
+        /* Q8_0 / Q4_1 (kernels/dot_ggml.c): register tiles from 2 tokens on, the weights
+         * read once for all of them (2-3 tokens: speculative verification of k <= 2) */
+        if (j->n_tok >= TILE_MIN_TOKENS || (j->n_tok > 1 && tsr_ggml_dot_handles(w->type))) {
             /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
              * (each weight block unpacked once for several tokens); bit-identical per
              * element to the token-by-token loop below. */
