@@ -217,7 +217,22 @@ typedef struct {
     int32_t n_seqs;
     const int32_t *const *block_tables; /* [n_seqs][n_blocks[s]] */
     const int32_t *n_blocks;            /* [n_seqs] */
+    /* [n_tokens] order class of each token, or NULL (all 0). 1: a prompt token that
+     * llama.cpp multiplies with its repacked Q4_K GEMM: position p < 4 * floor(L / 4) of a
+     * sequence whose prompt has L tokens (tsr_order_class). Q4_K matmuls then sum in that
+     * GEMM's order (kernels/q4k_gemm.h), others ignore it; 0: the GEMV order (the prompt's
+     * tail, generated tokens, drafts). The class is part of the token's identity: its
+     * results depend on it and never on the rest of the batch. */
+    const uint8_t *order;
 } tsr_batch;
+
+/* The order class of position pos in a sequence whose prompt has n_prompt tokens (the
+ * engine's rule, llama.cpp's as it runs a prompt in ubatches of 512 then one token per step:
+ * the GEMM gets the first n - n % 4 tokens of every ubatch). */
+static inline uint8_t tsr_order_class(int32_t pos, int32_t n_prompt)
+{
+    return pos < (n_prompt / 4) * 4 ? 1 : 0;
+}
 
 /* The compute backend seam. A context computes on the CPU (kernels/ops.h) unless a backend
  * is attached; then tsr_forward_batch validates the batch and hands it to the backend, which
@@ -252,9 +267,13 @@ void *tsr_ctx_backend_state(const tsr_ctx *c);
 /* Run one batch (n_tokens <= n_batch) through this rank's part of the model.
  * hidden: [n_tokens][n_embd]; on the first stage it is filled from the embedding,
  * otherwise it must hold the previous stage's output; on return it holds this stage's
- * output. On the last stage, logits receives [n_want][vocab_end - vocab_begin] rows (this
- * rank's vocabulary slice) for the marked tokens; pass NULL elsewhere. Returns 0 or < 0
- * with err (bad ids/positions/blocks, communication failure). */
+ * output, except on the last stage: there the last layer computes its post-attention part
+ * (norms, FFN) only for the tokens that want logits, as llama.cpp does (inp_out_ids), and
+ * hidden holds their rows only, first n_want rows in batch order; every token runs that
+ * part in the GEMV order (class 0), as llama.cpp's single output row does. On the last stage,
+ * logits receives [n_want][vocab_end - vocab_begin] rows (this rank's vocabulary slice) for the
+ * marked tokens; pass NULL elsewhere. Returns 0 or < 0 with err (bad ids/positions/blocks,
+ * communication failure). */
 int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *hidden, float *logits, char *err,
                       size_t err_len);
 
@@ -274,6 +293,11 @@ float *tsr_ctx_hidden(tsr_ctx *c);
 uint64_t tsr_ctx_comm_ns(const tsr_ctx *c);
 void tsr_ctx_free(tsr_ctx *c);
 int32_t tsr_ctx_n_ctx(const tsr_ctx *c);
+
+/* Order classes for tsr_forward: positions below 4 * floor(n_prompt / 4) run as prompt
+ * tokens (tsr_order_class). 0 (the default) runs every token in the GEMV order. Set it to the
+ * prompt's length before feeding the prompt to get llama.cpp's results. */
+void tsr_ctx_set_prompt_len(tsr_ctx *c, int32_t n_prompt);
 
 /* Single sequence, single process (whole model): run n tokens at positions
  * pos0 .. pos0+n-1 (earlier positions must already be in the KV cache). n may exceed n_batch: it is
