@@ -25,6 +25,7 @@
 #include "coordinator/chat.h"
 #include "coordinator/cli.h"
 #include "coordinator/engine.h"
+#include "coordinator/evbuf.h"
 #include "coordinator/genclient.h"
 #include "coordinator/rpc.h"
 #include "kernels/util.h"
@@ -341,32 +342,21 @@ static void job_cleanup(job *j)
 
 /* ---- engine callback (step-loop thread) ---- */
 
-static bool grow(void **p, size_t elem, size_t need, size_t *cap)
-{
-    if (need <= *cap) return true;
-    size_t c = *cap ? *cap : 64;
-    while (c < need) c *= 2;
-    void *q = realloc(*p, c * elem);
-    if (!q) return false;
-    *p = q;
-    *cap = c;
-    return true;
-}
-
 /* Room for n generated tokens (ids, and logprobs when asked). */
 static bool slot_reserve(bslot *s, size_t n)
 {
     size_t cap = s->cap;
-    if (!grow((void **)&s->ids, sizeof(int32_t), n, &cap)) return false;
+    if (!tsr_evbuf_grow((void **)&s->ids, &cap, n, sizeof(int32_t))) return false;
     if (s->want_logprobs) {
         size_t c2 = s->cap;
-        if (!grow((void **)&s->chosen, sizeof(float), n, &c2)) return false;
+        if (!tsr_evbuf_grow((void **)&s->chosen, &c2, n, sizeof(float))) return false;
         if (s->n_top > 0) {
             c2 = s->cap;
-            if (!grow((void **)&s->top_ids, sizeof(int32_t) * (size_t)s->n_top, n, &c2))
+            if (!tsr_evbuf_grow((void **)&s->top_ids, &c2, n, sizeof(int32_t) * (size_t)s->n_top))
                 return false;
             c2 = s->cap;
-            if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2)) return false;
+            if (!tsr_evbuf_grow((void **)&s->top_lps, &c2, n, sizeof(float) * (size_t)s->n_top))
+                return false;
         }
     }
     s->cap = cap;
@@ -376,7 +366,7 @@ static bool slot_reserve(bslot *s, size_t n)
 static bool slot_add_text(bslot *s, const char *text, size_t len)
 {
     if (!len) return true;
-    if (!grow((void **)&s->text, 1, s->text_len + len + 1, &s->text_cap)) return false;
+    if (!tsr_evbuf_grow((void **)&s->text, &s->text_cap, s->text_len + len + 1, 1)) return false;
     memcpy(s->text + s->text_len, text, len);
     s->text_len += len;
     s->text[s->text_len] = '\0';

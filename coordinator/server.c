@@ -212,15 +212,6 @@ struct tsr_server {
 
 /* ---- small helpers ---- */
 
-static char *str_dup(const char *s)
-{
-    if (!s) return NULL;
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 static uint64_t random_seed(tsr_server *s)
 {
     uint64_t x = 0;
@@ -733,7 +724,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
         c->finished = true;
         c->engine_active = false;
         c->finish_reason = ev->finish_reason;
-        if (ev->error && !c->finish_error) c->finish_error = str_dup(ev->error);
+        if (ev->error && !c->finish_error) c->finish_error = strdup(ev->error);
         c->n_prompt_tokens = ev->n_prompt_tokens;
         c->n_completion_tokens = ev->n_completion_tokens;
         c->n_preempted = ev->n_preempted;
@@ -1310,7 +1301,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     snprintf(rid, sizeof rid, "tsr-%" PRIu64, (uint64_t)atomic_fetch_add(&s->next_req, 1));
     pthread_mutex_lock(&c->mu);
     free(c->request_id);
-    c->request_id = str_dup(q->request_id ? q->request_id : rid);
+    c->request_id = strdup(q->request_id ? q->request_id : rid);
     c->out.n_top = er.logprobs > 0 ? er.logprobs : -1;
     c->deadline_ns = deadline_ns;
     bool closed = c->closed;
@@ -1735,9 +1726,9 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->auth = p ? p->auth : NULL;
     s->metrics = p ? p->metrics : NULL;
     s->info = *info;
-    s->arch = str_dup(info->architecture ? info->architecture : "llama");
-    s->name = info->name ? str_dup(info->name) : NULL;
-    s->model = str_dup(info->model ? info->model : "");
+    s->arch = strdup(info->architecture ? info->architecture : "llama");
+    s->name = info->name ? strdup(info->name) : NULL;
+    s->model = strdup(info->model ? info->model : "");
     s->t_new = (tag){T_NEW_CALL, NULL};
     s->t_shutdown = (tag){T_SHUTDOWN, NULL};
     s->last_health = -1;
