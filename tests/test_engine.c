@@ -553,7 +553,7 @@ static void test_prefix_cow(void **state)
  * block 3: none) must not be reused: r1 hits blocks 0-1 only, computes 2-3 as prompt
  * tokens and caches them, r2 then hits all 4 (the last copied). Warm equals cold bit for
  * bit (ids and logprobs), and r0 equals the single-sequence greedy run with the prompt's
- * classes (tsr_ctx_set_prompt_len). */
+ * classes (tsr_ctx_set_prompt_len). Then batching and preemption on the same model. */
 static void test_prefix_order_class(void **state)
 {
     (void)state;
@@ -601,6 +601,27 @@ static void test_prefix_order_class(void **state)
                   (unsigned long long)sw.prefix_cache_copies);
     assert_int_equal(sw.prefix_cache_hits, 2);
     assert_int_equal(sw.prefix_cache_hit_tokens, (2 + 4) * 16);
+    assert_int_equal(sw.kv_blocks_used, 0);
+
+    /* Batched, preempted, recomputed, cached: 16 concurrent requests over 14 blocks, whose
+     * prompts are 16..64 tokens of one text, against one request at a time in a large pool
+     * without the cache (no batching, no preemption): the same ids and logprobs. */
+    int32_t text[64];
+    text[0] = 1;
+    for (int i = 1; i < 64; i++) text[i] = 259 + (i * 23 + 3) % 253;
+    cow_req conc[16];
+    for (int k = 0; k < 16; k++)
+        conc[k] = (cow_req){text, 16 * (1 + (k * 3) % 4) - (k % 4), 8 + (k * 5) % 13, 1,
+                            k % 3 == 0 ? 0.0f : 0.8f};
+    static result alone[16], busy[16];
+    memset(alone, 0, sizeof alone);
+    memset(busy, 0, sizeof busy);
+    run_cow_model(model, "f32", false, 1, 200, conc, 16, alone, &sc);
+    run_cow_model(model, "f32", true, 8, 14, conc, 16, busy, &sw);
+    compare_runs("order classes, concurrent", alone, busy, 16);
+    print_message("prefix order classes, concurrent: %llu hits, %llu preemptions\n",
+                  (unsigned long long)sw.prefix_cache_hits, (unsigned long long)sw.n_preemptions);
+    assert_true(sw.n_preemptions > 0 && sc.n_preemptions == 0);
     assert_int_equal(sw.kv_blocks_used, 0);
 }
 
