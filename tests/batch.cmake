@@ -31,8 +31,9 @@ endif()
 
 # `tessera batch --coordinator` (tests/python/test_batch_coord.py): a coordinator and two
 # stories260K replicas; a 100-line mixed file (chat, sampling, malformed lines) equal to
-# local-mode batch as sets of lines (--ordered too), a replica kill -9 mid-run (release),
-# the coordinator killed mid-run (exit 3) and the rerun completing. Release ~25 s;
+# local-mode batch as sets of lines (--ordered too; logprobs lines without -m), a replica
+# kill -9 mid-run (release), the coordinator killed mid-run (exit 3) and the rerun
+# completing. Release ~25 s;
 # sanitizers: --lean (50 lines; the coordinator kill on 16 short lines), the client's completion-queue and
 # retry paths under ASan/UBSan.
 if(TSR_SANITIZE)

@@ -658,14 +658,8 @@ struct tsr_ctx {
     int32_t prompt_len;    /* tsr_forward's order classes (tsr_ctx_set_prompt_len) */
     const tsr_backend *be; /* NULL: the CPU path below (see tsr_ctx_set_backend) */
     void *be_state;
-    uint64_t t_forward_ns;
-    uint64_t t_comm_ns;
 };
 
-int32_t tsr_ctx_n_ctx(const tsr_ctx *c)
-{
-    return c->n_ctx;
-}
 int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c)
 {
     return c->n_kv_blocks;
@@ -673,15 +667,6 @@ int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c)
 int32_t tsr_ctx_n_batch(const tsr_ctx *c)
 {
     return c->n_batch;
-}
-uint64_t tsr_ctx_forward_ns(const tsr_ctx *c)
-{
-    return c->t_forward_ns;
-}
-uint64_t tsr_ctx_comm_ns(const tsr_ctx *c)
-{
-    if (c->be) return c->be->comm_ns ? c->be->comm_ns(c->be_state) : 0;
-    return c->t_comm_ns;
 }
 void tsr_ctx_set_prompt_len(tsr_ctx *c, int32_t n_prompt)
 {
@@ -814,12 +799,6 @@ oom:
     return -1;
 }
 
-int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
-                      tsr_ctx **out, char *err, size_t err_len)
-{
-    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, TSR_KV_F32, out, err, err_len);
-}
-
 int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
                          tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len)
 {
@@ -949,10 +928,7 @@ static void add_bias(float *x, const float *bias, int n_tok, int n)
 static int tp_allreduce(tsr_ctx *c, float *buf, size_t n, char *err, size_t err_len)
 {
     if (!c->tp || c->tp->size <= 1) return 0;
-    uint64_t t0 = tsr_now_ns();
-    int rc = tsr_comm_allreduce_sum_f32(c->tp, buf, n, err, err_len);
-    c->t_comm_ns += tsr_now_ns() - t0;
-    return rc;
+    return tsr_comm_allreduce_sum_f32(c->tp, buf, n, err, err_len);
 }
 
 static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t err_len)
@@ -1009,12 +985,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
     const int64_t n_ff = sh->ff_end - sh->ff_begin;
     if (check_batch(c, b, err, err_len) != 0) return -1;
-    uint64_t t0 = tsr_now_ns();
-    if (c->be) {
-        int rc = c->be->forward_batch(c->be_state, b, x, logits, err, err_len);
-        c->t_forward_ns += tsr_now_ns() - t0;
-        return rc;
-    }
+    if (c->be) return c->be->forward_batch(c->be_state, b, x, logits, err, err_len);
     c->b = b;
     tsr_tdump_begin_call();
 
@@ -1156,7 +1127,6 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
     }
     c->b = NULL;
-    c->t_forward_ns += tsr_now_ns() - t0;
     return 0;
 fail:
     c->b = NULL;

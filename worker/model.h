@@ -180,13 +180,10 @@ typedef struct tsr_ctx tsr_ctx;
 int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads, tsr_ctx **out,
                 char *err, size_t err_len);
 
-/* A context with a KV pool of n_kv_blocks blocks for many sequences (serving). */
-int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
-                      tsr_ctx **out, char *err, size_t err_len);
-
-/* As tsr_ctx_new / tsr_ctx_new_paged (which store float32), with K and V stored as kv_type.
- * Fails with a message when the model's heads cannot be stored so (q8_0 needs head_dim %
- * 32 == 0: tsr_kv_type_fits). */
+/* As tsr_ctx_new (which stores float32), with K and V stored as kv_type; the _paged_ form
+ * makes a KV pool of n_kv_blocks blocks for many sequences (serving). Fails with a message
+ * when the model's heads cannot be stored so (q8_0 needs head_dim % 32 == 0:
+ * tsr_kv_type_fits). */
 int tsr_ctx_new_kv(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
                    tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len);
 int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
@@ -240,7 +237,6 @@ static inline uint8_t tsr_order_class(int32_t pos, int32_t n_prompt)
  * replica's communication around a step do not change. Members:
  *   forward_batch  required: tsr_forward_batch's contract on a validated batch;
  *   set_tp_comm    optional (NULL: the backend ignores tensor parallelism, valid for tp 1);
- *   comm_ns        optional (NULL: 0): time in communication inside forward;
  *   free           optional: releases state when the context is freed;
  *   kv_copy        optional (NULL: tsr_ctx_kv_copy refuses): tsr_ctx_kv_copy on validated
  *                  block ids. */
@@ -249,7 +245,6 @@ typedef struct {
     int (*forward_batch)(void *state, const tsr_batch *b, float *hidden, float *logits, char *err,
                          size_t err_len);
     void (*set_tp_comm)(void *state, tsr_comm *tp);
-    uint64_t (*comm_ns)(const void *state);
     void (*free)(void *state);
     int (*kv_copy)(void *state, const int32_t *src, const int32_t *dst, int32_t n, char *err,
                    size_t err_len);
@@ -289,10 +284,7 @@ int tsr_ctx_kv_copy(tsr_ctx *c, const int32_t *src, const int32_t *dst, int32_t 
 /* Scratch for hidden states, [n_batch][n_embd], owned by the context. */
 float *tsr_ctx_hidden(tsr_ctx *c);
 
-/* Time in communication inside forward (tensor-parallel all-reduces), nanoseconds. */
-uint64_t tsr_ctx_comm_ns(const tsr_ctx *c);
 void tsr_ctx_free(tsr_ctx *c);
-int32_t tsr_ctx_n_ctx(const tsr_ctx *c);
 
 /* Order classes for tsr_forward: positions below 4 * floor(n_prompt / 4) run as prompt
  * tokens (tsr_order_class). 0 (the default) runs every token in the GEMV order. Set it to the
@@ -306,8 +298,5 @@ void tsr_ctx_set_prompt_len(tsr_ctx *c, int32_t n_prompt);
  * n_batch then). */
 int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool all_logits,
                 const float **logits, char *err, size_t err_len);
-
-/* Time spent in the forward pass since creation, in nanoseconds (for benchmarks). */
-uint64_t tsr_ctx_forward_ns(const tsr_ctx *c);
 
 #endif
