@@ -153,7 +153,7 @@ static void test_mixed_batch(void **state)
     char err[512] = "";
     if (tsr_gguf_open(tsr_test_model_path(k_model), &g, err, sizeof err) != 0 ||
         tsr_model_load(g, &m, err, sizeof err) != 0 ||
-        tsr_ctx_new_paged(m, 8, 32, 2, &c, err, sizeof err) != 0)
+        tsr_ctx_new_paged_kv(m, 8, 32, 2, TSR_KV_F32, &c, err, sizeof err) != 0)
         fail_msg("open: %s", err);
     enum { N = L + L2 };
     int32_t tok[N], pos[N], seq[N];
