@@ -133,7 +133,23 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
             const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
             const __m256i mins2 =                                                                  \
                 _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11), dup16);           \
-            __m256i p[4][4]; /* [sb][token]: int32 lanes of I */                                   \
+            const __m128 dx = _mm_set_ps(x[3][i].d, x[2][i].d, x[1][i].d, x[0][i].d);              \
+            const __m128 dd = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w->d)), dx);                        \
+            const __m128 dm = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w->dmin)), dx);                     \
+            /* mins: lane g of mm[t] = mn_g * (bsum_2g + bsum_2g+1); per 128-bit lane of m01:      \
+             * [t0 M(2k), t0 M(2k+1), t1 .., t1 ..] (k = 0 low, 1 high) */                         \
+            __m256i mm[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) mm[t] =                            \
+                _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[t][i].bsums));      \
+            const __m256 m01 = _mm256_castsi256_ps(_mm256_hadd_epi32(mm[0], mm[1]));               \
+            const __m256 m23 = _mm256_castsi256_ps(_mm256_hadd_epi32(mm[2], mm[3]));               \
+            const __m256 me = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(2, 0, 2, 0)); /* sb 0|2 */   \
+            const __m256 mo = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(3, 1, 3, 1)); /* sb 1|3 */   \
+            const __m128i msb[4] = {_mm_castps_si128(_mm256_castps256_ps128(me)),                  \
+                                    _mm_castps_si128(_mm256_castps256_ps128(mo)),                  \
+                                    _mm_castps_si128(_mm256_extractf128_ps(me, 1)),                \
+                                    _mm_castps_si128(_mm256_extractf128_ps(mo, 1))};               \
+            /* per 64 elements: the 4 tokens' exact sums, then one FMA per chain (lane = token) */ \
             _Pragma("GCC unroll 4") for (int sb = 0; sb < 4; sb++)                                 \
             {                                                                                      \
                 const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * sb));         \
@@ -143,34 +159,16 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
                     sc, _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb]));                    \
                 const __m256i sch = _mm256_shuffle_epi8(                                           \
                     sc, _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb + 1]));                \
+                __m256i p[4];                                                                      \
                 _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++)                                \
                 {                                                                                  \
                     const int8_t *y = x[t][i].qs + 64 * sb;                                        \
                     const __m256i yl = _mm256_loadu_si256((const __m256i *)y);                     \
                     const __m256i yh = _mm256_loadu_si256((const __m256i *)(y + 32));              \
                     __m256i s = SACC(_mm256_setzero_si256(), _mm256_maddubs_epi16(ql, yl), scl);   \
-                    p[sb][t] = SACC(s, _mm256_maddubs_epi16(qh, yh), sch);                         \
+                    p[t] = SACC(s, _mm256_maddubs_epi16(qh, yh), sch);                             \
                 }                                                                                  \
-            }                                                                                      \
-            /* mins: lane g of mm[t] = mn_g * (bsum_2g + bsum_2g+1) */                             \
-            __m256i mm[4];                                                                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) mm[t] =                            \
-                _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[t][i].bsums));      \
-            /* per 128-bit lane: [t0 M(2k), t0 M(2k+1), t1 .., t1 ..] (k = 0 low, 1 high) */       \
-            const __m256 m01 = _mm256_castsi256_ps(_mm256_hadd_epi32(mm[0], mm[1]));               \
-            const __m256 m23 = _mm256_castsi256_ps(_mm256_hadd_epi32(mm[2], mm[3]));               \
-            const __m256 me = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(2, 0, 2, 0)); /* sb 0|2 */   \
-            const __m256 mo = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(3, 1, 3, 1)); /* sb 1|3 */   \
-            const __m128i msb[4] = {_mm_castps_si128(_mm256_castps256_ps128(me)),                  \
-                                    _mm_castps_si128(_mm256_castps256_ps128(mo)),                  \
-                                    _mm_castps_si128(_mm256_extractf128_ps(me, 1)),                \
-                                    _mm_castps_si128(_mm256_extractf128_ps(mo, 1))};               \
-            const __m128 dx = _mm_set_ps(x[3][i].d, x[2][i].d, x[1][i].d, x[0][i].d);              \
-            const __m128 dd = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w->d)), dx);                        \
-            const __m128 dm = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w->dmin)), dx);                     \
-            _Pragma("GCC unroll 4") for (int sb = 0; sb < 4; sb++)                                 \
-            {                                                                                      \
-                const __m128i isb = qg_hsum4(p[sb][0], p[sb][1], p[sb][2], p[sb][3]);              \
+                const __m128i isb = qg_hsum4(p[0], p[1], p[2], p[3]);                              \
                 acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isb), dd, acc);                                 \
                 accm = _mm_fmadd_ps(_mm_cvtepi32_ps(msb[sb]), dm, accm);                           \
             }                                                                                      \
