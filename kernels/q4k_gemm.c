@@ -1,8 +1,8 @@
-/* q4k_gemm.c — see q4k_gemm.h. One weight row at a time against up to 4 tokens: the row's
- * nibbles and scales are unpacked once per super-block for all of them, and the 4 tokens'
- * accumulator chains run in the 4 lanes of one float vector (each lane is one token's
- * sequential chain, so the lanes hide each other's FMA latency without changing any
- * order). */
+/* q4k_gemm.c — see q4k_gemm.h. Tiles of 2 weight rows x 4 tokens: a row's nibbles and
+ * scales are unpacked once per super-block for the 4 tokens, each activation load serves
+ * both rows, and the 4 tokens' accumulator chains of a row run in the 4 lanes of one float
+ * vector (each lane is one token's sequential chain, so the lanes hide each other's FMA
+ * latency without changing any order). */
 #include "kernels/q4k_gemm.h"
 
 #include "kernels/dot_ggml.h"
@@ -117,67 +117,97 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
 #define QG_SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
 #define QG_SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
 
-/* One row against 4 tokens x[0..3] (rows of Q8_K; repeat a pointer for fewer tokens): out[t]
- * = GEMM-order dot. Integer work as quant.c's Q4_K row dot (vpmaddubsw into int16 pairs,
- * then the sub-block scale); the 4 per-sb sums of each token reduced to one lane per token. */
-#define DEF_ROW4(fname, ATTR, SACC)                                                                \
-    ATTR static void fname(int64_t nsb, const uint8_t *wrow, size_t blk_stride,                    \
-                           const qg_q8_K *const x[4], float out[4])                                \
+/* R rows (1 or 2, a constant after inlining; row r's super-block i at w[r] + i * blk_stride)
+ * against 4 tokens x[0..3] (rows of Q8_K; repeat a pointer for fewer tokens): out[r][t] =
+ * GEMM-order dot. Integer work as quant.c's Q4_K row dot (vpmaddubsw into int16 pairs, then
+ * the sub-block scale); per 64 elements the 4 tokens' int32 lanes are reduced to one lane per
+ * token and FMAed into that row's chain (lane t = token t's sequential chain). Two rows share
+ * each activation load. */
+#define DEF_TILE(fname, ATTR, SACC)                                                                \
+    ATTR QG_INLINE void fname##_r(const int R, int64_t nsb, const uint8_t *const w0[2],            \
+                                  size_t blk_stride, const qg_q8_K *const x[4], float out[2][4])   \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
         const __m256i dup16 = _mm256_load_si256((const __m256i *)k_qg_dup16);                      \
-        __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();                                    \
+        __m128 acc[2], accm[2];                                                                    \
+        for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm_setzero_ps();                           \
         for (int64_t i = 0; i < nsb; i++) {                                                        \
-            const qg_q4_K *w = (const qg_q4_K *)(wrow + (size_t)i * blk_stride);                   \
-            const __m256i sm16 = qg_sm_x16(w->scales);                                             \
-            const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
-            const __m256i mins2 =                                                                  \
-                _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11), dup16);           \
             const __m128 dx = _mm_set_ps(x[3][i].d, x[2][i].d, x[1][i].d, x[0][i].d);              \
-            const __m128 dd = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w->d)), dx);                        \
-            const __m128 dm = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w->dmin)), dx);                     \
-            /* mins: lane g of mm[t] = mn_g * (bsum_2g + bsum_2g+1); per 128-bit lane of m01:      \
-             * [t0 M(2k), t0 M(2k+1), t1 .., t1 ..] (k = 0 low, 1 high) */                         \
-            __m256i mm[4];                                                                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) mm[t] =                            \
-                _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[t][i].bsums));      \
-            const __m256 m01 = _mm256_castsi256_ps(_mm256_hadd_epi32(mm[0], mm[1]));               \
-            const __m256 m23 = _mm256_castsi256_ps(_mm256_hadd_epi32(mm[2], mm[3]));               \
-            const __m256 me = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(2, 0, 2, 0)); /* sb 0|2 */   \
-            const __m256 mo = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(3, 1, 3, 1)); /* sb 1|3 */   \
-            const __m128i msb[4] = {_mm_castps_si128(_mm256_castps256_ps128(me)),                  \
-                                    _mm_castps_si128(_mm256_castps256_ps128(mo)),                  \
-                                    _mm_castps_si128(_mm256_extractf128_ps(me, 1)),                \
-                                    _mm_castps_si128(_mm256_extractf128_ps(mo, 1))};               \
-            /* per 64 elements: the 4 tokens' exact sums, then one FMA per chain (lane = token) */ \
+            __m256i bs[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) bs[t] =                            \
+                _mm256_loadu_si256((const __m256i *)x[t][i].bsums);                                \
+            const qg_q4_K *w[2];                                                                   \
+            __m256i sc[2];                                                                         \
+            __m128 dd[2], dm[2];                                                                   \
+            __m128i msb[2][4];                                                                     \
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                    \
+            {                                                                                      \
+                w[r] = (const qg_q4_K *)(w0[r] + (size_t)i * blk_stride);                          \
+                const __m256i sm16 = qg_sm_x16(w[r]->scales);                                      \
+                sc[r] = _mm256_permute2x128_si256(sm16, sm16, 0x00);                               \
+                const __m256i mins2 =                                                              \
+                    _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11), dup16);       \
+                dd[r] = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w[r]->d)), dx);                           \
+                dm[r] = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w[r]->dmin)), dx);                        \
+                /* mins: lane g of madd = mn_g * (bsum_2g + bsum_2g+1); per 128-bit lane of m01:   \
+                 * [t0 M(2k), t0 M(2k+1), t1 .., t1 ..] (k = 0 low, 1 high) */                     \
+                const __m256 m01 = _mm256_castsi256_ps(_mm256_hadd_epi32(                          \
+                    _mm256_madd_epi16(mins2, bs[0]), _mm256_madd_epi16(mins2, bs[1])));            \
+                const __m256 m23 = _mm256_castsi256_ps(_mm256_hadd_epi32(                          \
+                    _mm256_madd_epi16(mins2, bs[2]), _mm256_madd_epi16(mins2, bs[3])));            \
+                const __m256 me = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(2, 0, 2, 0));            \
+                const __m256 mo = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(3, 1, 3, 1));            \
+                msb[r][0] = _mm_castps_si128(_mm256_castps256_ps128(me));   /* sb 0 */             \
+                msb[r][1] = _mm_castps_si128(_mm256_castps256_ps128(mo));   /* sb 1 */             \
+                msb[r][2] = _mm_castps_si128(_mm256_extractf128_ps(me, 1)); /* sb 2 */             \
+                msb[r][3] = _mm_castps_si128(_mm256_extractf128_ps(mo, 1)); /* sb 3 */             \
+            }                                                                                      \
             _Pragma("GCC unroll 4") for (int sb = 0; sb < 4; sb++)                                 \
             {                                                                                      \
-                const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * sb));         \
-                const __m256i ql = _mm256_and_si256(q4, m4);                                       \
-                const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                 \
-                const __m256i scl = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb]));                    \
-                const __m256i sch = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb + 1]));                \
-                __m256i p[4];                                                                      \
+                const __m256i shl = _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb]);         \
+                const __m256i shh = _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb + 1]);     \
+                __m256i ql[2], qh[2], scl[2], sch[2], p[2][4];                                     \
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                \
+                {                                                                                  \
+                    const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w[r]->qs + 32 * sb));  \
+                    ql[r] = _mm256_and_si256(q4, m4);                                              \
+                    qh[r] = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                        \
+                    scl[r] = _mm256_shuffle_epi8(sc[r], shl);                                      \
+                    sch[r] = _mm256_shuffle_epi8(sc[r], shh);                                      \
+                }                                                                                  \
                 _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++)                                \
                 {                                                                                  \
                     const int8_t *y = x[t][i].qs + 64 * sb;                                        \
                     const __m256i yl = _mm256_loadu_si256((const __m256i *)y);                     \
                     const __m256i yh = _mm256_loadu_si256((const __m256i *)(y + 32));              \
-                    __m256i s = SACC(_mm256_setzero_si256(), _mm256_maddubs_epi16(ql, yl), scl);   \
-                    p[t] = SACC(s, _mm256_maddubs_epi16(qh, yh), sch);                             \
+                    _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                            \
+                    {                                                                              \
+                        const __m256i s0 =                                                         \
+                            SACC(_mm256_setzero_si256(), _mm256_maddubs_epi16(ql[r], yl), scl[r]); \
+                        p[r][t] = SACC(s0, _mm256_maddubs_epi16(qh[r], yh), sch[r]);               \
+                    }                                                                              \
                 }                                                                                  \
-                const __m128i isb = qg_hsum4(p[0], p[1], p[2], p[3]);                              \
-                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isb), dd, acc);                                 \
-                accm = _mm_fmadd_ps(_mm_cvtepi32_ps(msb[sb]), dm, accm);                           \
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                \
+                {                                                                                  \
+                    const __m128i isb = qg_hsum4(p[r][0], p[r][1], p[r][2], p[r][3]);              \
+                    acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(isb), dd[r], acc[r]);                    \
+                    accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(msb[r][sb]), dm[r], accm[r]);           \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        _mm_storeu_ps(out, _mm_sub_ps(acc, accm));                                                 \
+        for (int r = 0; r < R; r++) _mm_storeu_ps(out[r], _mm_sub_ps(acc[r], accm[r]));            \
+    }                                                                                              \
+    ATTR static void fname(int R, int64_t nsb, const uint8_t *const w0[2], size_t blk_stride,      \
+                           const qg_q8_K *const x[4], float out[2][4])                             \
+    {                                                                                              \
+        if (R == 2)                                                                                \
+            fname##_r(2, nsb, w0, blk_stride, x, out);                                             \
+        else                                                                                       \
+            fname##_r(1, nsb, w0, blk_stride, x, out);                                             \
     }
 
-DEF_ROW4(row4_avx2, QG_AVX2, QG_SACC_AVX2)
-DEF_ROW4(row4_vnni, QG_VNNI, QG_SACC_VNNI)
+DEF_TILE(tile_avx2, QG_AVX2, QG_SACC_AVX2)
+DEF_TILE(tile_vnni, QG_VNNI, QG_SACC_VNNI)
 
 #endif /* QG_X86 */
 
@@ -190,17 +220,22 @@ void tsr_q4k_gemm_dot(int isa, int64_t n, int64_t n_rows, const void *w, size_t 
     const uint8_t *xb = x;
 #if QG_X86
     if (isa >= TSR_GGML_AVX2) {
-        void (*row4)(int64_t, const uint8_t *, size_t, const qg_q8_K *const[4], float[4]) =
-            isa >= TSR_GGML_VNNI ? row4_vnni : row4_avx2;
+        void (*tile)(int, int64_t, const uint8_t *const[2], size_t, const qg_q8_K *const[4],
+                     float[2][4]) = isa >= TSR_GGML_VNNI ? tile_vnni : tile_avx2;
         for (int32_t t0 = 0; t0 < n_tok; t0 += 4) {
             const int32_t nt = n_tok - t0 < 4 ? n_tok - t0 : 4;
             const qg_q8_K *xs[4];
             for (int t = 0; t < 4; t++) /* missing tokens repeat the first (discarded) */
                 xs[t] = (const qg_q8_K *)(xb + (size_t)(t0 + (t < nt ? t : 0)) * x_stride);
-            for (int64_t r = 0; r < n_rows; r++) {
-                float out[4];
-                row4(nsb, wb + (size_t)r * row_stride, blk_stride, xs, out);
-                for (int t = 0; t < nt; t++) y[(size_t)(t0 + t) * y_stride + (size_t)r] = out[t];
+            for (int64_t r = 0; r < n_rows; r += 2) {
+                const int nr = n_rows - r < 2 ? 1 : 2;
+                const uint8_t *w0[2] = {wb + (size_t)r * row_stride,
+                                        wb + (size_t)(r + nr - 1) * row_stride};
+                float out[2][4];
+                tile(nr, nsb, w0, blk_stride, xs, out);
+                for (int k = 0; k < nr; k++)
+                    for (int t = 0; t < nt; t++)
+                        y[(size_t)(t0 + t) * y_stride + (size_t)(r + k)] = out[k][t];
             }
         }
         return;

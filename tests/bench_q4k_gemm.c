@@ -4,7 +4,8 @@
  * tsr_matmul_multi_ord with every token in class 1 (llama.cpp's GEMM order,
  * kernels/q4k_gemm.c) vs class 0 (the GEMV order: the repacked GEMM of kernels/repack.c, or
  * the file layout's rows), with and without a repacked copy, 1 and 2 threads. Prints the
- * median time per pass and tokens/s; the classes' ratio is what a Q4_K prefill pays for the
+ * median wall and CPU time per pass (CPU time: all threads, less sensitive to the other
+ * processes of the machine); the classes' ratio is what a Q4_K prefill pays for the
  * prompt order. Medians of REPS passes (the machine is shared; run under
  * flock /work/bench.lock and print uptime next to the figures).
  *
@@ -29,6 +30,15 @@ static double now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* CPU time of the process (all threads): less sensitive than wall time to the other
+ * processes of a shared machine. */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -76,22 +86,25 @@ int main(void)
             const tsr_weight *ws[1] = {&wt};
             float *ys[1] = {y};
             void *scratch = malloc(tsr_matmul_multi_scratch_bytes(ws, 1, N_TOK));
-            double med[2];
+            double med[2], cpu[2];
             for (int cls = 0; cls < 2; cls++) {
-                double t[REPS];
+                double t[REPS], c[REPS];
                 for (int r = 0; r < REPS; r++) {
-                    const double t0 = now_s();
+                    const double t0 = now_s(), c0 = cpu_s();
                     tsr_matmul_multi_ord(pool, ws, ys, 1, f, N_TOK, cls ? ord1 : ord0, scratch);
                     t[r] = now_s() - t0;
+                    c[r] = cpu_s() - c0;
                 }
                 qsort(t, REPS, sizeof t[0], cmp_d);
+                qsort(c, REPS, sizeof c[0], cmp_d);
                 med[cls] = t[REPS / 2];
+                cpu[cls] = c[REPS / 2];
             }
-            printf("  %d thread%s, %-16s class 0 (GEMV order) %7.2f ms %7.0f tok/s | class 1 (GEMM "
-                   "order) %7.2f ms %7.0f tok/s | class 1 / class 0 time %.2f\n",
+            printf("  %d thread%s, %-16s class 0 (GEMV order) %6.2f ms, CPU %6.2f ms | class 1 "
+                   "(GEMM order) %6.2f ms, CPU %6.2f ms | class 1 / class 0: time %.2f, CPU %.2f\n",
                    nth, nth > 1 ? "s" : " ",
-                   packed ? "repacked copy:" : "file layout:", 1e3 * med[0], N_TOK / med[0],
-                   1e3 * med[1], N_TOK / med[1], med[1] / med[0]);
+                   packed ? "repacked copy:" : "file layout:", 1e3 * med[0], 1e3 * cpu[0],
+                   1e3 * med[1], 1e3 * cpu[1], med[1] / med[0], cpu[1] / cpu[0]);
             free(scratch);
         }
         tsr_pool_free(pool);
