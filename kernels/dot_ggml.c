@@ -1,7 +1,11 @@
 /* dot_ggml.c — see dot_ggml.h. One (weight row, activation row) pair is always summed by
- * the same steps; the kernels differ only in how many independent pairs they interleave
- * (4 rows of one token for decode, 4 tokens of one row for prefill tiles) to hide the FMA
- * latency of the single accumulator chain ggml's order imposes. */
+ * the same steps; the kernels differ only in how many independent pairs they interleave to
+ * hide the FMA latency of the single accumulator chain ggml's order imposes, and in how
+ * they feed them: decode (rows4_*) walks 4-row groups with the next group prefetched (the
+ * hardware prefetchers do not follow 4 interleaved row streams: 1 thread, 2 KiB Q8_0 rows,
+ * 7.7 GB/s without, 16.9 with) and the token's scales converted once; several tokens
+ * (tile_*) run as register tiles of 4 rows x up to 4 tokens, weight and activation blocks
+ * loaded once per tile, scales as floats. No repacked layout: the file's blocks suffice. */
 #include "kernels/dot_ggml.h"
 
 #include "kernels/quant.h"
