@@ -301,42 +301,46 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         GG_TILE_HEAD(T);                                                                           \
         for (int64_t b = 0; b < nb; ++b) {                                                         \
             GG_TILE_PREFETCH(gg_q8_0)                                                              \
-            __m256i wq[4], wa[4], xq[T];                                                           \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
-            {                                                                                      \
-                wq[r] = _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)wr[r])[b].qs);       \
-                if (VNNI) /* -128 * 4-sums of w: the start of each dot */                          \
-                    wa[r] = _mm256_sub_epi32(_mm256_setzero_si256(),                               \
-                                             _mm256_dpbusd_epi32(_mm256_setzero_si256(),           \
-                                                                 _mm256_set1_epi8(-128), wq[r]));  \
-                else                                                                               \
-                    wa[r] = _mm256_sign_epi8(wq[r], wq[r]);                                        \
-            }                                                                                      \
+            __m256i xq[T];                                                                         \
             _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                                  \
             {                                                                                      \
                 xq[t] = _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)xr[t])[b].qs);       \
                 if (VNNI) xq[t] = _mm256_xor_si256(xq[t], _mm256_set1_epi8(-128));                 \
             }                                                                                      \
+            /* row by row: only one row's weight registers live beside the accumulators */         \
             _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
             {                                                                                      \
+                const __m256i wq =                                                                 \
+                    _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)wr[r])[b].qs);           \
+                __m256i wa; /* VNNI: -128 * the 4-sums of w, each dot's start; AVX2: |w| */        \
+                if (VNNI)                                                                          \
+                    wa = _mm256_sub_epi32(                                                         \
+                        _mm256_setzero_si256(),                                                    \
+                        GG_DPBUSD(_mm256_setzero_si256(), _mm256_set1_epi8(-128), wq));            \
+                else                                                                               \
+                    wa = _mm256_sign_epi8(wq, wq);                                                 \
                 const __m256 sw = _mm256_broadcast_ss(dw + (size_t)r * nb + b);                    \
                 _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                              \
                 {                                                                                  \
                     __m256i l;                                                                     \
                     if (VNNI)                                                                      \
-                        l = GG_DPBUSD(wa[r], xq[t], wq[r]);                                        \
+                        l = GG_DPBUSD(wa, xq[t], wq);                                              \
                     else                                                                           \
                         l = _mm256_madd_epi16(                                                     \
-                            _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xq[t], wq[r])),           \
+                            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq[t], wq)),                 \
                             _mm256_set1_epi16(1));                                                 \
                     acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(dx[t] + b)), \
                                                 _mm256_cvtepi32_ps(l), acc[r][t]);                 \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        for (int r = 0; r < nr; ++r)                                                               \
-            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t) y[(size_t)t * ys + r] =          \
-                tsr_hsum8_ps(acc[r][t]);                                                           \
+        /* constant indices only (unrolled), so acc stays in registers in the loop above */        \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
+            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                                  \
+        {                                                                                          \
+            const float v = tsr_hsum8_ps(acc[r][t]);                                               \
+            if (r < nr) y[(size_t)t * ys + r] = v;                                                 \
+        }                                                                                          \
     }
 
 /* Q4_1 x Q8_1: nibbles (unsigned) x activation quants (signed) need no trick; summs per pair
@@ -376,11 +380,15 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        for (int r = 0; r < nr; ++r) {                                                             \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
+        {                                                                                          \
             float s4[4];                                                                           \
             _mm_storeu_ps(s4, sm[r]);                                                              \
-            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t) y[(size_t)t * ys + r] =          \
-                tsr_hsum8_ps(acc[r][t]) + s4[t];                                                   \
+            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                                  \
+            {                                                                                      \
+                const float v = tsr_hsum8_ps(acc[r][t]) + s4[t];                                   \
+                if (r < nr) y[(size_t)t * ys + r] = v;                                             \
+            }                                                                                      \
         }                                                                                          \
     }
 
