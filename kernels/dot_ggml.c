@@ -237,7 +237,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
                           const float *xd, const float *xsm, float *out, const uint8_t *pf)        \
     {                                                                                              \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                          \
+        __m256 sv = a0; /* odd lanes: the 4 rows' summs */                                         \
         const gg_q4_1 *w0 = (const gg_q4_1 *)w, *w1 = (const gg_q4_1 *)(w + ws);                   \
         const gg_q4_1 *w2 = (const gg_q4_1 *)(w + 2 * ws), *w3 = (const gg_q4_1 *)(w + 3 * ws);    \
         const uint8_t *pp = pf, *pend = pf;                                                        \
@@ -246,22 +246,28 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
                 pend += 4 * sizeof(gg_q4_1);                                                       \
                 for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, _MM_HINT_T0);           \
             }                                                                                      \
-            const float sx = xsm[b];                                                               \
-            s0 = fmaf(gg_h2f(w0[b].m), sx, s0);                                                    \
-            s1 = fmaf(gg_h2f(w1[b].m), sx, s1);                                                    \
-            s2 = fmaf(gg_h2f(w2[b].m), sx, s2);                                                    \
-            s3 = fmaf(gg_h2f(w3[b].m), sx, s3);                                                    \
-            const __m256 dx = _mm256_set1_ps(xd[b]);                                               \
+            /* the 4 rows' (d, m) fp16 pairs converted in one step: lanes d0 m0 d1 m1 .. */        \
+            uint32_t dm[4];                                                                        \
+            memcpy(&dm[0], &w0[b], 4), memcpy(&dm[1], &w1[b], 4);                                  \
+            memcpy(&dm[2], &w2[b], 4), memcpy(&dm[3], &w3[b], 4);                                  \
+            const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));                \
+            /* odd lanes: summs_r = fma(m_r, s_x, summs_r), each lane the scalar chain's fmaf */   \
+            sv = _mm256_fmadd_ps(f, _mm256_set1_ps(xsm[b]), sv);                                   \
+            /* even lanes: fp16(d_r) * fp16(d_x) */                                                \
+            const __m256 dd = _mm256_mul_ps(f, _mm256_set1_ps(xd[b]));                             \
             const __m256i qx = _mm256_loadu_si256((const __m256i *)x[b].qs);                       \
-            a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(gg_h2f(w0[b].d)), dx),               \
+            a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(0)),               \
                                  _mm256_cvtepi32_ps(US8(gg_nibbles(w0[b].qs), qx)), a0);           \
-            a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(gg_h2f(w1[b].d)), dx),               \
+            a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(2)),               \
                                  _mm256_cvtepi32_ps(US8(gg_nibbles(w1[b].qs), qx)), a1);           \
-            a2 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(gg_h2f(w2[b].d)), dx),               \
+            a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(4)),               \
                                  _mm256_cvtepi32_ps(US8(gg_nibbles(w2[b].qs), qx)), a2);           \
-            a3 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(gg_h2f(w3[b].d)), dx),               \
+            a3 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(6)),               \
                                  _mm256_cvtepi32_ps(US8(gg_nibbles(w3[b].qs), qx)), a3);           \
         }                                                                                          \
+        float sl[8];                                                                               \
+        _mm256_storeu_ps(sl, sv);                                                                  \
+        const float s0 = sl[1], s1 = sl[3], s2 = sl[5], s3 = sl[7];                                \
         out[0] = tsr_hsum8_ps(a0) + s0;                                                            \
         out[1] = tsr_hsum8_ps(a1) + s1;                                                            \
         out[2] = tsr_hsum8_ps(a2) + s2;                                                            \
