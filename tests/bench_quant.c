@@ -9,7 +9,8 @@
  * matrix of TSR_BENCH_TILE_ROWS rows, default 2048: 4.4 MiB of Q8_0, mostly in L3).
  *
  * TSR_BENCH_TYPES=Q5_0,Q4_K (names, comma-separated) limits the types; TSR_BENCH_ISAS=avx2
- * the instruction sets; TSR_BENCH_MB the decode matrix size.
+ * the instruction sets; TSR_BENCH_MB the decode matrix size; TSR_BENCH_COLS the row length
+ * (default 2048; a multiple of 256 for the K-quants, of 32 for the others).
  *
  * Not a ctest (CMake only builds tests/test_*.c). Build and run:
  *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_quant.c kernels/quant.c -lm -lpthread \
@@ -24,7 +25,9 @@
 
 #include "kernels/quant.h"
 
-enum { N_COLS = 2048, REPS = 12 };
+enum { REPS = 12 };
+/* Elements per row: TSR_BENCH_COLS (default 2048; e.g. 896 for Qwen2.5-0.5B's rows). */
+static int64_t N_COLS = 2048;
 
 static double now_s(void)
 {
@@ -165,6 +168,8 @@ int main(void)
                                      TSR_TYPE_F32};
     static const char *const isas[] = {"avx512vnni", "avx2", "scalar"};
     /* TSR_BENCH_MB: matrix size (default 64 MiB; e.g. 1 to measure in-cache compute) */
+    const char *cols = getenv("TSR_BENCH_COLS");
+    if (cols && atoll(cols) > 0) N_COLS = atoll(cols);
     const char *mb = getenv("TSR_BENCH_MB");
     const size_t matrix_bytes = (size_t)(mb && atof(mb) > 0 ? atof(mb) : 64.0) * (1 << 20);
     printf("GB/s of weight bytes, median / best of %d passes\n", REPS);
