@@ -1780,6 +1780,9 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
 #define OFFW_D(BLK, b, m, dw)            (dw)
 #define OFFW_M(BLK, b, m, dw)            f16x8_strided(&w[b].m, sizeof(BLK), m)
 #define BLOCK_LOOP(BLK, INT_DOT, OFFSET) BLOCK_LOOP_EX(BLK, INT_DOT, OFFSET, OFFW_D)
+/* How BLOCK_LOOP_EX gathers 8 blocks' fp16 scales (a row kernel may redefine it around its
+ * body, e.g. Q4_0 on AVX-512: two loads and one word permute). */
+#define BL_DW8 f16x8_strided
 /* The 4 accumulators are named registers, not an array: an array indexed by k & 3 in the
  * partial last group made gcc keep all four in memory, putting a store-forwarding round
  * trip into every FMA chain (about 2x slower, measured). The partial group comes after
@@ -1811,7 +1814,7 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
     for (; b + 8 <= nb; b += 8) {                                                                  \
         const int m = 8;                                                                           \
         (void)m;                                                                                   \
-        const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), 8);                                  \
+        const __m256 dw = BL_DW8(&w[b].d, sizeof(BLK), 8);                                         \
         if (OFFSET)                                                                                \
             acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
         const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
@@ -1828,7 +1831,7 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
     }                                                                                              \
     if (b < nb) {                                                                                  \
         const int m = (int)(nb - b);                                                               \
-        const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), m);                                  \
+        const __m256 dw = BL_DW8(&w[b].d, sizeof(BLK), m);                                         \
         if (OFFSET)                                                                                \
             acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
         const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
@@ -2507,6 +2510,12 @@ DEF_ROWS_Q6_K(rows_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
 
 #define TSR_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
+/* The mask of a masked load of the first nbytes (clamped to 0..64) of 64 bytes. */
+TSR_VNNI TSR_INLINE uint64_t first_bytes_mask(int64_t nbytes)
+{
+    return nbytes >= 64 ? ~0ull : nbytes <= 0 ? 0 : (1ull << nbytes) - 1;
+}
+
 /* Q8_0 x Q8_0 with vpdpbusd (u8 x s8 summed into int32, no saturation): the sign trick,
  * |w| x sign(w)*y. (The w+128 alternative saves an op but needs a per-block correction
  * load, and loads are what this loop runs out of first.) */
@@ -2537,11 +2546,37 @@ TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
                                _mm256_loadu_si256((const __m256i *)yq));
 }
 
+/* The fp16 scales of blocks 0..m-1 (m <= 8) of a Q4_0 row (words 9k from p on) as floats,
+ * 0 past m: two loads (masked past the group's 18m bytes) and one word permute, instead of
+ * f16x8_strided's scalar gather (about a third of the Q5_0 kernel's time, see q5_0_d8). */
+static const uint16_t k_q40_didx[32] = {0, 9, 18, 27, 36, 45, 54, 63};
+
+TSR_VNNI TSR_INLINE __m256 q4_0_dw8_vnni(const uint16_t *d0, size_t stride, int m)
+{
+    (void)stride; /* sizeof(blk_q4_0) */
+    const uint8_t *p = (const uint8_t *)d0;
+    __m512i z0, z1;
+    if (m == 8) {
+        z0 = _mm512_loadu_si512(p);
+        z1 = _mm512_loadu_si512(p + 64);
+    } else {
+        const int64_t nbytes = (int64_t)sizeof(blk_q4_0) * m;
+        z0 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes), p);
+        z1 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 64), p + 64);
+    }
+    const __m512i t = _mm512_permutex2var_epi16(z0, _mm512_loadu_si512(k_q40_didx), z1);
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(t));
+}
+
 TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
                                     const act_info *ai)
 {
 #define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
+#undef BL_DW8
+#define BL_DW8 q4_0_dw8_vnni
     BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1);
+#undef BL_DW8
+#define BL_DW8 f16x8_strided
 #undef Q4_DOT_VNNI
 }
 
@@ -2608,11 +2643,6 @@ TSR_VNNI TSR_INLINE __m512i q5_0_pair_lanes_512(const blk_q5_0 *a, const blk_q5_
 static const uint16_t k_q50_didx01[32] = {0, 11, 22, 33, 44, 55};
 static const uint16_t k_q50_didx2[32] = {0, 0, 0, 0, 0, 0, 2, 13};
 
-TSR_VNNI TSR_INLINE uint64_t q50_bytes_mask(int64_t nbytes)
-{
-    return nbytes >= 64 ? ~0ull : nbytes <= 0 ? 0 : (1ull << nbytes) - 1;
-}
-
 TSR_VNNI TSR_INLINE __m128i q5_0_d8(const blk_q5_0 *blk, int m)
 {
     const uint8_t *p = (const uint8_t *)blk;
@@ -2623,9 +2653,9 @@ TSR_VNNI TSR_INLINE __m128i q5_0_d8(const blk_q5_0 *blk, int m)
         z2 = _mm512_maskz_loadu_epi8(0x0FFFFFFF, p + 128);
     } else {
         const int64_t nbytes = (int64_t)sizeof(blk_q5_0) * m;
-        z0 = _mm512_maskz_loadu_epi8(q50_bytes_mask(nbytes), p);
-        z1 = _mm512_maskz_loadu_epi8(q50_bytes_mask(nbytes - 64), p + 64);
-        z2 = _mm512_maskz_loadu_epi8(q50_bytes_mask(nbytes - 128), p + 128);
+        z0 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes), p);
+        z1 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 64), p + 64);
+        z2 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 128), p + 128);
     }
     __m512i t = _mm512_permutex2var_epi16(z0, _mm512_loadu_si512(k_q50_didx01), z1);
     t = _mm512_mask_permutexvar_epi16(t, 0xC0, _mm512_loadu_si512(k_q50_didx2), z2);
