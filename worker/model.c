@@ -646,6 +646,10 @@ struct tsr_ctx {
     size_t kv_row_bytes;
     uint8_t *attn_scratch; /* [n_threads][attn_scratch_bytes] (kernels/kvcache.h) */
     size_t attn_scratch_bytes;
+    /* Attention work pieces of one token: query heads that share a KV head, [i][0] the first
+     * local head, [i][1] the count (attn_pieces); [n_head_local][2]. */
+    int32_t (*attn_piece)[2];
+    int32_t n_attn_pieces;
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
@@ -762,7 +766,11 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     size_t kv_bytes = (size_t)m->n_layer_local * (size_t)c->max_pos * c->kv_row_bytes;
     c->k_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
     c->v_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
-    c->attn_scratch_bytes = tsr_attn_scratch_bytes(hp->head_dim);
+    /* up to one GQA group of query heads per tsr_attn_group call */
+    const int32_t n_head_local = sh->head_end - sh->head_begin;
+    const int32_t group = hp->n_head_kv > 0 ? hp->n_head / hp->n_head_kv : 1;
+    c->attn_scratch_bytes = tsr_attn_group_scratch_bytes(hp->head_dim, group);
+    c->attn_piece = malloc(sizeof *c->attn_piece * (size_t)(n_head_local > 0 ? n_head_local : 1));
     c->attn_scratch = aligned_alloc(64, (size_t)n_threads * c->attn_scratch_bytes);
     c->x = malloc(nb * E * sizeof(float));
     c->xb = malloc(nb * (q_dim > E ? q_dim : E) * sizeof(float));
@@ -798,7 +806,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->pool = tsr_pool_new(n_threads);
     if (!c->k_cache || !c->v_cache || !c->x || !c->xb || !c->xb2 || !c->q || !c->k || !c->v ||
         !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->head_in ||
-        !c->scratch || !c->pool || !c->attn_scratch)
+        !c->scratch || !c->pool || !c->attn_scratch || !c->attn_piece)
         goto oom;
     *out = c;
     return 0;
@@ -868,6 +876,7 @@ void tsr_ctx_free(tsr_ctx *c)
     free(c->hb);
     free(c->hb2);
     free(c->att_scores);
+    free(c->attn_piece);
     free(c->logits);
     free(c->head_in);
     free(c->scratch);
@@ -889,9 +898,39 @@ static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
            (size_t)(p % TSR_KV_BLOCK_SIZE);
 }
 
-/* One (token, local head) pair per work item: scores over positions 0..pos of the token's
- * sequence, softmax, weighted sum of V, in the numerics of the cache's type
- * (kernels/kvcache.h). */
+/* Split each token's local query heads into the pieces attn_run hands out: runs of heads
+ * that read the same KV head (a GQA group; tsr_attn_group reads each K/V row once for all of
+ * them and interleaves their fp16 accumulator chains), cut into equal parts only when the
+ * batch has fewer groups than threads (decode of a model with few KV heads). Each head's
+ * result is the same whichever piece computes it (kernels/kvcache.h). */
+static void attn_pieces(tsr_ctx *c, int n_tokens)
+{
+    const tsr_hparams *hp = &c->m->hp;
+    const tsr_shard *sh = &c->m->shard;
+    const int group = hp->n_head / hp->n_head_kv;
+    const int n_head_local = sh->head_end - sh->head_begin;
+    const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
+    const int nth = tsr_pool_n_threads(c->pool);
+    int split = 1;
+    if ((int64_t)n_tokens * n_kv_local < nth)
+        split = (nth + n_tokens * n_kv_local - 1) / (n_tokens * n_kv_local);
+    int sub = (group + split - 1) / split;
+    if (sub < 1) sub = 1;
+    c->n_attn_pieces = 0;
+    for (int hl = 0; hl < n_head_local;) {
+        const int kvh = (sh->head_begin + hl) / group;
+        int n = 0;
+        while (hl + n < n_head_local && (sh->head_begin + hl + n) / group == kvh && n < sub) n++;
+        c->attn_piece[c->n_attn_pieces][0] = hl;
+        c->attn_piece[c->n_attn_pieces][1] = n;
+        c->n_attn_pieces++;
+        hl += n;
+    }
+}
+
+/* One (token, piece of local heads sharing a KV head) per work item: scores over positions
+ * 0..pos of the token's sequence, softmax, weighted sum of V, in the numerics of the cache's
+ * type (kernels/kvcache.h). */
 static void attn_run(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
@@ -908,12 +947,14 @@ static void attn_run(void *arg, int ith, int nth)
     const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
     float *att = c->att_scores + (size_t)ith * c->max_pos;
     void *scratch = c->attn_scratch + (size_t)ith * c->attn_scratch_bytes;
-    const int n_items = b->n_tokens * n_head_local;
+    const int n_items = b->n_tokens * c->n_attn_pieces;
     (void)nth;
     for (;;) {
         int it = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
-        int t = it / n_head_local, hl = it % n_head_local;
+        const int t = it / c->n_attn_pieces;
+        const int32_t *piece = c->attn_piece[it % c->n_attn_pieces];
+        const int hl = piece[0];
         int kvh = (sh->head_begin + hl) / group - sh->kv_head_begin;
         int32_t pos = b->pos[t], s = b->seq[t];
         /* Positions p0..pos: all earlier ones, or the last n_swa on windowed layers. */
@@ -928,8 +969,8 @@ static void attn_run(void *arg, int ith, int nth)
             .head_offset = tsr_kv_row_bytes(c->kv_type, (int64_t)kvh * hd),
             .block_table = b->block_tables[s],
         };
-        tsr_attn_head(&kv, c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos, att,
-                      scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
+        tsr_attn_group(&kv, piece[1], c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos,
+                       att, scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
     }
 }
 
@@ -1020,6 +1061,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
     }
 
+    attn_pieces(c, n);
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
         const int il = sh->layer_begin + l;
