@@ -898,7 +898,7 @@ TSR_KV_AVX2 static void fa_vg_avx2(int nh, float *acc, int hd, const uint16_t *c
 
 /* attn_f16 for n_q heads at once (head_dim % 64 == 0, AVX2 or AVX-512). */
 static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
-                           int32_t p0, int32_t p1, void *scratch, float *o, int isa)
+                           int32_t p0, int32_t p1, float *scores, void *scratch, float *o, int isa)
 {
     const int hd = kv->head_dim;
     fa_scratch f =
@@ -918,6 +918,9 @@ static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, f
             fa_qk_avx512(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
         else
             fa_qk_avx2(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
+        for (int h = 0; h < n_q; h++) /* leave the scores as attn_f16 does */
+            memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
+                   f.w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
         for (int h = 0; h < n_q; h++)
             fa_softmax_chunk(f.w + (size_t)h * FA_CHUNK, f.ms + (size_t)h * FA_CHUNK, n, &f.m[h],
                              &f.s[h]);
@@ -1117,16 +1120,112 @@ size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q)
     return head_scratch_bytes(hd) + fa_scratch_bytes(hd, n_q > 0 ? (size_t)n_q : 1u);
 }
 
+/* ---- f32 and q8_0, a group of query heads ----
+ * attn_f32 / attn_q8_0 per head, with the positions walked in chunks of GQ_CHUNK for all
+ * heads in turn: each K and V row comes from memory once per group, not once per head (at
+ * long context a KV head's rows outgrow the caches). Per head the operations and their
+ * order are attn_f32's / attn_q8_0's: the scores are independent per position, and V's
+ * per-value FMA chains continue in position order from chunk to chunk through out. */
+
+#define GQ_CHUNK 64
+
+static void qk_f32_isa(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                       float *att, int isa)
+{
+    if (isa == KV_AVX512)
+        qk_f32_avx512(kv, q, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_f32_avx2(kv, q, scale, p0, p1, att);
+    else
+        qk_f32_scalar(kv, q, scale, p0, p1, att);
+}
+
+static void v_f32_isa(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o,
+                      int isa)
+{
+    if (isa == KV_AVX512)
+        v_f32_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_f32_avx2(kv, att, p0, p1, o);
+    else
+        v_f32_scalar(kv, att, p0, p1, o);
+}
+
+static void qk_q8_0_isa(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale, int32_t p0,
+                        int32_t p1, float *att, int isa)
+{
+    if (isa == KV_AVX512)
+        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
+    else
+        qk_q8_0_scalar(kv, qq, scale, p0, p1, att);
+}
+
+static void v_q8_0_isa(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o,
+                       int isa)
+{
+    if (isa == KV_AVX512)
+        v_q8_0_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_q8_0_avx2(kv, att, p0, p1, o);
+    else
+        v_q8_0_scalar(kv, att, p0, p1, o);
+}
+
+/* f32 (head size a multiple of 16) or q8_0 for n_q heads; scores [n_q][p1 - p0 + 1]; qq: n_q
+ * Q8_0 rows of q (q8_0 only). */
+static void attn_group_2pass(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
+                             int32_t p0, int32_t p1, float *scores, kv_q8_0 *qq, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    const size_t n = (size_t)(p1 - p0 + 1), nb = (size_t)hd / TSR_QK8_0;
+    const bool q8 = kv->type == TSR_KV_Q8_0;
+    if (q8)
+        for (int32_t h = 0; h < n_q; h++)
+            tsr_quant_row(TSR_TYPE_Q8_0, q + (size_t)h * hd, qq + (size_t)h * nb, hd);
+    for (int32_t c = p0; c <= p1; c += GQ_CHUNK) {
+        const int32_t ce = p1 - c < GQ_CHUNK ? p1 : c + GQ_CHUNK - 1;
+        for (int32_t h = 0; h < n_q; h++) {
+            float *att = scores + (size_t)h * n + (size_t)(c - p0);
+            if (q8)
+                qk_q8_0_isa(kv, qq + (size_t)h * nb, scale, c, ce, att, isa);
+            else
+                qk_f32_isa(kv, q + (size_t)h * hd, scale, c, ce, att, isa);
+        }
+    }
+    for (int32_t h = 0; h < n_q; h++) tsr_softmax(scores + (size_t)h * n, (int)n);
+    memset(o, 0, sizeof(float) * (size_t)n_q * (size_t)hd);
+    for (int32_t c = p0; c <= p1; c += GQ_CHUNK) {
+        const int32_t ce = p1 - c < GQ_CHUNK ? p1 : c + GQ_CHUNK - 1;
+        for (int32_t h = 0; h < n_q; h++) {
+            const float *att = scores + (size_t)h * n + (size_t)(c - p0);
+            if (q8)
+                v_q8_0_isa(kv, att, c, ce, o + (size_t)h * hd, isa);
+            else
+                v_f32_isa(kv, att, c, ce, o + (size_t)h * hd, isa);
+        }
+    }
+}
+
 void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale, int32_t p0,
                     int32_t p1, float *scores, void *scratch, float *out)
 {
     const int isa = kv_isa(), hd = kv->head_dim;
     if (kv->type == TSR_KV_F16 && isa != KV_SCALAR && hd % 64 == 0) {
-        attn_f16_group(kv, n_q, q, scale, p0, p1, scratch, out, isa);
+        attn_f16_group(kv, n_q, q, scale, p0, p1, scores, scratch, out, isa);
+        return;
+    }
+    if ((kv->type == TSR_KV_F32 && hd % LANES == 0) || kv->type == TSR_KV_Q8_0) {
+        /* the group part's qf region holds n_q Q8_0 rows (34 bytes per 32 values < 4 per value) */
+        fa_scratch f = fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd),
+                                     (size_t)hd, (size_t)n_q);
+        attn_group_2pass(kv, n_q, q, scale, p0, p1, scores, (kv_q8_0 *)f.qf, out, isa);
         return;
     }
     for (int32_t h = 0; h < n_q; h++)
-        tsr_attn_head(kv, q + (size_t)h * hd, scale, p0, p1, scores, scratch, out + (size_t)h * hd);
+        tsr_attn_head(kv, q + (size_t)h * hd, scale, p0, p1,
+                      scores + (size_t)h * (size_t)(p1 - p0 + 1), scratch, out + (size_t)h * hd);
 }
 
 void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
@@ -1138,7 +1237,7 @@ void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p
         break;
     case TSR_KV_F16:
         if (kv_isa() != KV_SCALAR && kv->head_dim % 64 == 0)
-            attn_f16_group(kv, 1, q, scale, p0, p1, scratch, out, kv_isa());
+            attn_f16_group(kv, 1, q, scale, p0, p1, scores, scratch, out, kv_isa());
         else
             attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
         break;

@@ -99,7 +99,8 @@ size_t tsr_attn_scratch_bytes(int32_t head_dim);
 /* Attention of one query head over positions p0..p1 (inclusive) of one sequence:
  * out[head_dim] = sum_p softmax_p(scale * q·k_p) v_p, in the numerics of kv->type (see
  * above). q: [head_dim] floats; scores: p1 - p0 + 1 floats of caller scratch (left holding
- * the probabilities); scratch: tsr_attn_scratch_bytes(head_dim) bytes. */
+ * the probabilities with f32 and q8_0, the scaled scores q·k with f16); scratch:
+ * tsr_attn_scratch_bytes(head_dim) bytes. */
 void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                    float *scores, void *scratch, float *out);
 
@@ -113,8 +114,10 @@ size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q);
  * tsr_attn_head gives for q + h * head_dim (q, out: [n_q][head_dim] floats). Each K and V
  * row is read once for all n_q heads: with f16 (head sizes that are a multiple of 64, AVX2
  * or AVX-512) the heads' fp16 accumulator chains are interleaved, which is most of its speed
- * (one head's chain waits on a convert-FMA-convert latency at every position). scores:
- * p1 - p0 + 1 floats of caller scratch (contents unspecified afterwards); scratch:
+ * (one head's chain waits on a convert-FMA-convert latency at every position); with f32 and
+ * q8_0 the positions are walked in chunks for all heads in turn, so a long context's rows
+ * come from memory once per group instead of once per head. scores: n_q * (p1 - p0 + 1)
+ * floats of caller scratch, left holding per head what tsr_attn_head leaves; scratch:
  * tsr_attn_group_scratch_bytes(head_dim, n_q) bytes. */
 void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale, int32_t p0,
                     int32_t p1, float *scores, void *scratch, float *out);

@@ -63,7 +63,7 @@ int main(int argc, char **argv)
     float *x = malloc(sizeof(float) * (size_t)hd);
     float *q = malloc(sizeof(float) * (size_t)hd * group);
     float *out = malloc(sizeof(float) * (size_t)hd * group);
-    float *scores = malloc(sizeof(float) * (size_t)n_pos);
+    float *scores = malloc(sizeof(float) * (size_t)n_pos * group);
     void *scratch = aligned_alloc(64, tsr_attn_group_scratch_bytes(hd, group));
     uint64_t *t = malloc(sizeof(uint64_t) * (size_t)reps);
     if (!table || !x || !q || !out || !scores || !scratch || !t) return 1;

@@ -653,7 +653,7 @@ struct tsr_ctx {
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
-    float *att_scores; /* [n_threads][max positions] */
+    float *att_scores; /* [n_threads][GQA group][max positions] */
     int32_t max_pos;   /* positions a sequence may reach (att_scores size) */
     float *logits;     /* [n_batch][vocab slice] */
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
@@ -781,7 +781,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->att_out = malloc(nb * (q_dim ? q_dim : 1) * sizeof(float));
     c->hb = malloc(nb * n_ff * sizeof(float));
     c->hb2 = malloc(nb * n_ff * sizeof(float));
-    c->att_scores = malloc((size_t)n_threads * (size_t)c->max_pos * sizeof(float));
+    c->att_scores = malloc((size_t)n_threads * (size_t)group * (size_t)c->max_pos * sizeof(float));
     size_t n_vocab_local = (size_t)(sh->vocab_end - sh->vocab_begin);
     c->logits = malloc(nb * (n_vocab_local ? n_vocab_local : 1) * sizeof(float));
     c->head_in = malloc(nb * E * sizeof(float));
@@ -901,7 +901,7 @@ static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
 /* Split each token's local query heads into the pieces attn_run hands out: runs of heads
  * that read the same KV head (a GQA group; tsr_attn_group reads each K/V row once for all of
  * them and interleaves their fp16 accumulator chains), cut into equal parts only when the
- * batch has fewer groups than threads (decode of a model with few KV heads). Each head's
+ * batch has fewer than two groups per thread (decode of a model with few KV heads). Each head's
  * result is the same whichever piece computes it (kernels/kvcache.h). */
 static void attn_pieces(tsr_ctx *c, int n_tokens)
 {
@@ -911,9 +911,10 @@ static void attn_pieces(tsr_ctx *c, int n_tokens)
     const int n_head_local = sh->head_end - sh->head_begin;
     const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
     const int nth = tsr_pool_n_threads(c->pool);
+    /* at least two pieces per thread, so that the atomic hand-out can balance them */
+    const int64_t n_groups = (int64_t)n_tokens * n_kv_local;
     int split = 1;
-    if ((int64_t)n_tokens * n_kv_local < nth)
-        split = (nth + n_tokens * n_kv_local - 1) / (n_tokens * n_kv_local);
+    if (n_groups < 2 * nth) split = (int)((2 * nth + n_groups - 1) / n_groups);
     int sub = (group + split - 1) / split;
     if (sub < 1) sub = 1;
     c->n_attn_pieces = 0;
@@ -945,7 +946,7 @@ static void attn_run(void *arg, int ith, int nth)
     const float scale = hp->arch == TSR_ARCH_GEMMA3 ? 1.0f : hp->attn_scale;
     const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + j->layer);
     const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
-    float *att = c->att_scores + (size_t)ith * c->max_pos;
+    float *att = c->att_scores + (size_t)ith * group * c->max_pos;
     void *scratch = c->attn_scratch + (size_t)ith * c->attn_scratch_bytes;
     const int n_items = b->n_tokens * c->n_attn_pieces;
     (void)nth;
