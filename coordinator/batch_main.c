@@ -25,6 +25,7 @@
 #include "coordinator/chat.h"
 #include "coordinator/cli.h"
 #include "coordinator/engine.h"
+#include "coordinator/evbuf.h"
 #include "coordinator/genclient.h"
 #include "coordinator/rpc.h"
 #include "kernels/util.h"
@@ -120,8 +121,8 @@ static const char *batch_help =
     "                            to be retried: stop, exit 3 (default 60000)\n"
     "      --model-name NAME     the model to route to (GenerateRequest.model; default:\n"
     "                            the cluster's only one)\n"
-    "  -m, --model PATH          optional here: its vocabulary gives logprobs' token\n"
-    "                            strings (lines with logprobs need it)\n"
+    "  -m, --model PATH          optional here: checks the cluster serves this vocabulary\n"
+    "                            (logprobs' token strings come with the answers)\n"
     TSR_CLI_CLIENT_SECURITY_HELP
     "\n"
     "merge:\n"
@@ -208,6 +209,14 @@ typedef struct bslot {
     float *chosen;
     int32_t *top_ids;
     float *top_lps;
+    /* --coordinator with logprobs (want_pieces): the token text the replicas sent with them
+     * (Logprobs.token, TokenLogprob.token), so no vocabulary is needed here: chosen token
+     * i's bytes are pieces[chosen_piece[i].off ..+ .len], alternative (i, k)'s those of
+     * top_piece[i × n_top + k]; len PIECE_ABSENT: the message carried none. */
+    bool want_pieces;
+    tsr_evbuf_span *chosen_piece, *top_piece;
+    char *pieces;
+    size_t pieces_len, pieces_cap;
     int finish_reason;
     bool oom;
     bool drop; /* cancelled or failed: no output line, a rerun does it */
@@ -240,6 +249,9 @@ static void slot_free(bslot *s)
     free(s->chosen);
     free(s->top_ids);
     free(s->top_lps);
+    free(s->chosen_piece);
+    free(s->top_piece);
+    free(s->pieces);
     free(s->line);
     if (s->has_rq) tsr_batch_request_free(&s->rq);
     if (s->msg_parts)
@@ -341,32 +353,32 @@ static void job_cleanup(job *j)
 
 /* ---- engine callback (step-loop thread) ---- */
 
-static bool grow(void **p, size_t elem, size_t need, size_t *cap)
-{
-    if (need <= *cap) return true;
-    size_t c = *cap ? *cap : 64;
-    while (c < need) c *= 2;
-    void *q = realloc(*p, c * elem);
-    if (!q) return false;
-    *p = q;
-    *cap = c;
-    return true;
-}
-
 /* Room for n generated tokens (ids, and logprobs when asked). */
 static bool slot_reserve(bslot *s, size_t n)
 {
     size_t cap = s->cap;
-    if (!grow((void **)&s->ids, sizeof(int32_t), n, &cap)) return false;
+    if (!tsr_evbuf_grow((void **)&s->ids, &cap, n, sizeof(int32_t))) return false;
     if (s->want_logprobs) {
         size_t c2 = s->cap;
-        if (!grow((void **)&s->chosen, sizeof(float), n, &c2)) return false;
+        if (!tsr_evbuf_grow((void **)&s->chosen, &c2, n, sizeof(float))) return false;
         if (s->n_top > 0) {
             c2 = s->cap;
-            if (!grow((void **)&s->top_ids, sizeof(int32_t) * (size_t)s->n_top, n, &c2))
+            if (!tsr_evbuf_grow((void **)&s->top_ids, &c2, n, sizeof(int32_t) * (size_t)s->n_top))
                 return false;
             c2 = s->cap;
-            if (!grow((void **)&s->top_lps, sizeof(float) * (size_t)s->n_top, n, &c2)) return false;
+            if (!tsr_evbuf_grow((void **)&s->top_lps, &c2, n, sizeof(float) * (size_t)s->n_top))
+                return false;
+        }
+    }
+    if (s->want_pieces) {
+        size_t c2 = s->cap;
+        if (!tsr_evbuf_grow((void **)&s->chosen_piece, &c2, n, sizeof(tsr_evbuf_span)))
+            return false;
+        if (s->n_top > 0) {
+            c2 = s->cap;
+            if (!tsr_evbuf_grow((void **)&s->top_piece, &c2, n,
+                                sizeof(tsr_evbuf_span) * (size_t)s->n_top))
+                return false;
         }
     }
     s->cap = cap;
@@ -376,7 +388,7 @@ static bool slot_reserve(bslot *s, size_t n)
 static bool slot_add_text(bslot *s, const char *text, size_t len)
 {
     if (!len) return true;
-    if (!grow((void **)&s->text, 1, s->text_len + len + 1, &s->text_cap)) return false;
+    if (!tsr_evbuf_grow((void **)&s->text, &s->text_cap, s->text_len + len + 1, 1)) return false;
     memcpy(s->text + s->text_len, text, len);
     s->text_len += len;
     s->text[s->text_len] = '\0';
@@ -462,26 +474,50 @@ static long peak_rss_kib(void)
     return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
 }
 
+/* A token's text as the output line shows it: a NUL-terminated copy of p[0..n) (NULL when
+ * memory ran out). Pieces can be part of a UTF-8 character: cJSON would copy the bytes as
+ * they are, making the line invalid UTF-8; such bytes are replaced by '?'. */
+static char *piece_copy(const char *p, size_t n)
+{
+    char *s = malloc(n + 1);
+    if (!s) return NULL;
+    for (size_t i = 0; i < n; i++) s[i] = (unsigned char)p[i] >= 0x80 ? '?' : p[i];
+    s[n] = '\0';
+    return s;
+}
+
+/* Token id's text from the vocabulary (what the replicas send as Logprobs.token). */
 static char *piece_of(const tsr_vocab *v, int32_t id)
 {
     char buf[256];
     if (id < 0) return strdup("");
     int32_t n = tsr_vocab_token_to_piece(v, id, buf, sizeof buf, true);
     if (n < 0) n = 0;
-    char *s = malloc((size_t)n + 1);
-    if (!s) return NULL;
-    if ((size_t)n <= sizeof buf) {
-        memcpy(s, buf, (size_t)n);
-    } else {
-        tsr_vocab_token_to_piece(v, id, s, (size_t)n, true);
-    }
-    s[n] = '\0';
-    /* Pieces can be part of a UTF-8 character: cJSON would copy the bytes as they are,
-     * making the line invalid UTF-8; replace such bytes. */
-    for (int32_t i = 0; i < n; i++)
-        if ((unsigned char)s[i] >= 0x80) s[i] = '?';
+    if ((size_t)n <= sizeof buf) return piece_copy(buf, (size_t)n);
+    char *big = malloc((size_t)n);
+    if (!big) return NULL;
+    tsr_vocab_token_to_piece(v, id, big, (size_t)n, true);
+    char *s = piece_copy(big, (size_t)n);
+    free(big);
     return s;
 }
+
+#define PIECE_ABSENT UINT32_MAX
+
+/* The text of token id at a logprobs entry: the bytes the replica sent (sp, --coordinator),
+ * else the vocabulary's. *missing when neither is there (a replica that sends no token
+ * text, and no -m). NULL: out of memory. */
+static char *entry_piece(const job *j, const bslot *s, int32_t id, const tsr_evbuf_span *sp,
+                         bool *missing)
+{
+    if (id < 0) return strdup(""); /* an alternative the replica did not have */
+    if (sp && sp->len != PIECE_ABSENT) return piece_copy(s->pieces + sp->off, sp->len);
+    if (j->vocab) return piece_of(j->vocab, id);
+    *missing = true;
+    return strdup("");
+}
+
+static void slot_to_error(bslot *s, const char *code, const char *msg);
 
 /* Format a finished completion into s->line. */
 static int format_done(job *j, bslot *s)
@@ -490,13 +526,26 @@ static int format_done(job *j, bslot *s)
     size_t n_top_all = s->want_logprobs ? s->n_ids * (size_t)(s->n_top > 0 ? s->n_top : 0) : 0;
     int rc = TSR_BATCH_ENOMEM;
     if (s->want_logprobs) {
+        bool missing = false;
         pieces = calloc(s->n_ids + 1, sizeof *pieces);
         top_pieces = calloc(n_top_all + 1, sizeof *top_pieces);
         if (!pieces || !top_pieces) goto done;
         for (size_t i = 0; i < s->n_ids; i++)
-            if (!(pieces[i] = piece_of(j->vocab, s->ids[i]))) goto done;
+            if (!(pieces[i] = entry_piece(j, s, s->ids[i],
+                                          s->want_pieces ? &s->chosen_piece[i] : NULL, &missing)))
+                goto done;
         for (size_t i = 0; i < n_top_all; i++)
-            if (!(top_pieces[i] = piece_of(j->vocab, s->top_ids[i]))) goto done;
+            if (!(top_pieces[i] = entry_piece(j, s, s->top_ids[i],
+                                              s->want_pieces ? &s->top_piece[i] : NULL, &missing)))
+                goto done;
+        if (missing) {
+            slot_to_error(s, "unsupported",
+                          "the cluster sent logprobs without their token text (replicas older "
+                          "than this client): pass -m MODEL.gguf (the file the cluster serves) "
+                          "for the token strings");
+            rc = s->oom ? TSR_BATCH_ENOMEM : 0;
+            goto done;
+        }
     }
     tsr_batch_result r = {.custom_id = s->custom_id,
                           .model = s->model ? s->model : j->model_name,
@@ -816,6 +865,23 @@ static int map_finish(Tessera__V1__FinishReason r)
     }
 }
 
+/* Keep a token text of the message (NULL: it carried none) in s->pieces; false on out of
+ * memory. */
+static bool put_piece(bslot *s, const ProtobufCBinaryData *b, tsr_evbuf_span *sp)
+{
+    if (!b) {
+        *sp = (tsr_evbuf_span){0, PIECE_ABSENT};
+        return true;
+    }
+    if (b->len >= PIECE_ABSENT || s->pieces_len + b->len >= PIECE_ABSENT ||
+        !tsr_evbuf_grow((void **)&s->pieces, &s->pieces_cap, s->pieces_len + b->len + 1, 1))
+        return false;
+    if (b->len) memcpy(s->pieces + s->pieces_len, b->data, b->len);
+    *sp = (tsr_evbuf_span){(uint32_t)s->pieces_len, (uint32_t)b->len};
+    s->pieces_len += b->len;
+    return true;
+}
+
 static void on_remote_message(void *ud, const Tessera__V1__GenerateResponse *m)
 {
     bslot *s = ud;
@@ -830,12 +896,18 @@ static void on_remote_message(void *ud, const Tessera__V1__GenerateResponse *m)
         if (s->want_logprobs) {
             const Tessera__V1__Logprobs *lp = i < m->n_logprobs ? m->logprobs[i] : NULL;
             s->chosen[at] = lp && lp->has_logprob ? lp->logprob : NAN;
+            if (s->want_pieces &&
+                !put_piece(s, lp && lp->has_token ? &lp->token : NULL, &s->chosen_piece[at]))
+                goto oom;
             for (int32_t k = 0; k < s->n_top; k++) {
                 const Tessera__V1__TokenLogprob *t =
                     lp && (size_t)k < lp->n_top ? lp->top[k] : NULL;
                 size_t o = at * (size_t)s->n_top + (size_t)k;
                 s->top_ids[o] = t && t->has_id ? t->id : -1;
                 s->top_lps[o] = t && t->has_logprob ? t->logprob : NAN;
+                if (s->want_pieces &&
+                    !put_piece(s, t && t->has_token ? &t->token : NULL, &s->top_piece[o]))
+                    goto oom;
             }
         }
     }
@@ -896,6 +968,7 @@ static void on_remote_done(void *ud, int code, const char *details)
             s->t_due_ns = now + d;
             s->n_ids = 0;
             s->text_len = 0;
+            s->pieces_len = 0;
             s->oom = false;
             s->got_finish = false;
             s->next = j->retry_head;
@@ -1028,14 +1101,7 @@ static int admit_remote(job *j, tsr_batch_request *rq, int64_t ln)
     s->n_top = rq->want_logprobs ? rq->logprobs : 0;
     Tessera__V1__GenerateRequest *g = &s->greq;
     tessera__v1__generate_request__init(g);
-    if (s->want_logprobs && !j->vocab) {
-        snprintf(emsg, sizeof emsg,
-                 "line %" PRId64 ": logprobs through --coordinator need the model's vocabulary "
-                 "for the token strings: pass -m MODEL.gguf (the file the cluster serves)",
-                 ln);
-        code = "unsupported";
-        goto line_error;
-    }
+    s->want_pieces = s->want_logprobs;
     if (s->chat) {
         tsr_chat_msg *m = NULL;
         int n = 0;

@@ -388,11 +388,6 @@ const char *tsr_chat_template_name(const tsr_chat_template *t)
     return k_names[t->fam];
 }
 
-const char *tsr_chat_template_default_system(const tsr_chat_template *t)
-{
-    return t->default_system;
-}
-
 /* ---- rendering ---- */
 
 typedef struct {

@@ -67,14 +67,12 @@ void tsr_chat_template_free(tsr_chat_template *t); /* NULL is fine */
 
 /* The family's name (one of tsr_chat_family_names()); owned by the template. */
 const char *tsr_chat_template_name(const tsr_chat_template *t);
-/* The default system prompt found in the template text, or NULL. */
-const char *tsr_chat_template_default_system(const tsr_chat_template *t);
 
 /* Every family name, comma-separated, for messages and --help (static storage). */
 const char *tsr_chat_family_names(void);
 
-/* The family name detected in a Jinja text, or NULL when none matches (pure; for tests
- * and `inspect`). */
+/* The family name detected in a Jinja text, or NULL when none matches (pure: the detection
+ * tsr_chat_template_for_model runs, without a GGUF; for tests). */
 const char *tsr_chat_detect(const char *jinja);
 
 /*

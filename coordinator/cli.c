@@ -194,8 +194,8 @@ void tsr_cli_engine_defaults(tsr_cli_engine_opts *o, int64_t max_batch_tokens, i
     o->n_threads = tsr_cli_default_threads();
 }
 
-static int engine_int(const char *cmd, const char *name, const char *arg, int64_t lo, int64_t hi,
-                      int64_t *dst)
+static int int_flag(const char *cmd, const char *name, const char *arg, int64_t lo, int64_t hi,
+                    int64_t *dst)
 {
     if (!tsr_cli_parse_i64(arg, lo, hi, dst))
         return tsr_cli_usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,
@@ -207,13 +207,13 @@ int tsr_cli_engine_flag(const char *cmd, int c, const char *arg, tsr_cli_engine_
 {
     switch (c) {
     case TSR_CLI_O_MAX_BATCH:
-        return engine_int(cmd, "--max-batch-tokens", arg, 1, 1 << 20, &o->max_batch_tokens);
+        return int_flag(cmd, "--max-batch-tokens", arg, 1, 1 << 20, &o->max_batch_tokens);
     case TSR_CLI_O_MAX_SEQS:
-        return engine_int(cmd, "--max-seqs", arg, 1, 1 << 16, &o->max_seqs);
+        return int_flag(cmd, "--max-seqs", arg, 1, 1 << 16, &o->max_seqs);
     case 'c':
-        return engine_int(cmd, "--ctx-size", arg, 1, 1 << 24, &o->n_ctx);
+        return int_flag(cmd, "--ctx-size", arg, 1, 1 << 24, &o->n_ctx);
     case 't':
-        return engine_int(cmd, "--threads", arg, 1, 256, &o->n_threads);
+        return int_flag(cmd, "--threads", arg, 1, 256, &o->n_threads);
     case TSR_CLI_O_NO_PREFIX_CACHE:
         o->no_prefix_cache = true;
         return 0;
@@ -242,15 +242,6 @@ void tsr_cli_gen_defaults(tsr_cli_gen_opts *o, const char *default_model)
     o->gp.sampling.top_k = 40;
     o->gp.sampling.top_p = 0.95f;
     o->gp.sampling.min_p = 0.05f;
-}
-
-static int int_flag(const char *cmd, const char *name, const char *arg, int64_t lo, int64_t hi,
-                    int64_t *dst)
-{
-    if (!tsr_cli_parse_i64(arg, lo, hi, dst))
-        return tsr_cli_usage_error(cmd, "%s needs an integer in %lld..%lld, got '%s'", name,
-                                   (long long)lo, (long long)hi, arg);
-    return 0;
 }
 
 static int float_flag(const char *cmd, const char *name, const char *arg, float *dst)

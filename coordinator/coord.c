@@ -50,7 +50,7 @@ struct tsr_coord {
     uint64_t n_picks;
 };
 
-static int64_t now_ms(void)
+int64_t tsr_coord_now_ms(void)
 {
     return (int64_t)(tsr_now_ns() / 1000000u);
 }
@@ -174,7 +174,7 @@ int tsr_coord_heartbeat(tsr_coord *c, const tsr_replica_info *hb, bool *removed,
         *removed = true;
         goto out;
     }
-    const int64_t t = now_ms();
+    const int64_t t = tsr_coord_now_ms();
     rep *r = find(c, hb->name);
     if (r && strcmp(r->info.address, hb->address) != 0 && r->info.state == TSR_REPLICA_UP &&
         t - r->t_heartbeat_ms < c->p.down_after_ms) {
@@ -328,7 +328,7 @@ int tsr_coord_drain(tsr_coord *c, const char *name, bool drain, tsr_replica_info
     r->drained = drain;
     if (drain && r->info.state == TSR_REPLICA_UP) r->info.state = TSR_REPLICA_DRAINING;
     if (!drain && r->info.state == TSR_REPLICA_DRAINING) r->info.state = TSR_REPLICA_UP;
-    if (info) snapshot(c, r, info, now_ms());
+    if (info) snapshot(c, r, info, tsr_coord_now_ms());
     pthread_mutex_unlock(&c->mu);
     return 0;
 }
@@ -352,7 +352,7 @@ int tsr_coord_remove(tsr_coord *c, const char *name, tsr_replica_info *info, cha
     copy_str(rm->name, sizeof rm->name, name);
     rm->next = c->removed;
     c->removed = rm;
-    if (info) snapshot(c, r, info, now_ms());
+    if (info) snapshot(c, r, info, tsr_coord_now_ms());
     unlink_rep(c, r);
     pthread_mutex_unlock(&c->mu);
     return 0;
@@ -368,7 +368,7 @@ int tsr_coord_list(tsr_coord *c, tsr_replica_info **out, size_t *n)
         pthread_mutex_unlock(&c->mu);
         return TSR_COORD_ENOMEM;
     }
-    const int64_t t = now_ms();
+    const int64_t t = tsr_coord_now_ms();
     size_t i = 0;
     for (rep *r = c->head; r; r = r->next) snapshot(c, r, &a[i++], t);
     pthread_mutex_unlock(&c->mu);
@@ -406,7 +406,7 @@ size_t tsr_coord_models(tsr_coord *c, char (*models)[128], size_t cap, bool up_o
 void tsr_coord_tick(tsr_coord *c)
 {
     pthread_mutex_lock(&c->mu);
-    const int64_t t = now_ms();
+    const int64_t t = tsr_coord_now_ms();
     for (rep *r = c->head; r; r = r->next) {
         if ((r->info.state == TSR_REPLICA_UP || r->info.state == TSR_REPLICA_DRAINING) &&
             t - r->t_heartbeat_ms >= c->p.down_after_ms) {
@@ -565,7 +565,7 @@ void tsr_coord_report_failure(tsr_coord *c, const tsr_coord_lease *lease, const 
     rep *r = lease->r;
     if (r->listed && r->generation == lease->generation) {
         set_down(r, reason);
-        r->t_quarantine_until_ms = now_ms() + QUARANTINE_MS;
+        r->t_quarantine_until_ms = tsr_coord_now_ms() + QUARANTINE_MS;
     }
     pthread_mutex_unlock(&c->mu);
 }

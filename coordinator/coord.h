@@ -128,6 +128,10 @@ size_t tsr_coord_models(tsr_coord *c, char (*models)[128], size_t cap, bool up_o
 /* Mark replicas without a heartbeat for down_after_ms DOWN. Call every ~100 ms. */
 void tsr_coord_tick(tsr_coord *c);
 
+/* The clock of the registry's ages and deadlines (heartbeats, quarantine): CLOCK_MONOTONIC
+ * in ms. The launcher (coord_main.c) times its restarts on it too. */
+int64_t tsr_coord_now_ms(void);
+
 /* ---- routing ---- */
 
 typedef struct {

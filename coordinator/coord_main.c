@@ -115,11 +115,6 @@ typedef struct {
     int64_t backoff_ms;
 } launched;
 
-static int64_t now_ms(void)
-{
-    return (int64_t)(tsr_now_ns() / 1000000u);
-}
-
 /* Append s to a growable buffer, shell-quoted when `quote`. */
 static bool buf_add(char **buf, size_t *len, size_t *cap, const char *s, bool quote)
 {
@@ -423,7 +418,7 @@ static pid_t spawn(launched *L)
     }
     setpgid(pid, pid);
     L->pid = pid;
-    L->t_started_ms = now_ms();
+    L->t_started_ms = tsr_coord_now_ms();
     return pid;
 }
 
@@ -763,7 +758,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
                         n_api, n_admin);
         }
         tsr_coord_tick(coord);
-        const int64_t t = now_ms();
+        const int64_t t = tsr_coord_now_ms();
         for (int i = 0; i < n_launched; i++) {
             if (L[i].pid > 0) {
                 int status;
@@ -804,7 +799,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
     fprintf(stderr, "tessera coordinator: stopping: replicas first, then the front door\n");
     for (int i = 0; i < n_launched; i++)
         if (L[i].pid > 0) killpg(L[i].pid, SIGTERM);
-    int64_t until = now_ms() + STOP_KILL_MS;
+    int64_t until = tsr_coord_now_ms() + STOP_KILL_MS;
     for (;;) {
         bool any = false;
         for (int i = 0; i < n_launched; i++) {
@@ -818,7 +813,7 @@ int tsr_cmd_coordinator(int argc, char **argv)
             }
         }
         if (!any) break;
-        if (now_ms() >= until) {
+        if (tsr_coord_now_ms() >= until) {
             for (int i = 0; i < n_launched; i++) {
                 if (L[i].pid > 0) {
                     killpg(L[i].pid, SIGKILL);

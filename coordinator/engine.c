@@ -122,6 +122,9 @@ struct tsr_engine {
     /* Batch scratch. */
     int32_t *b_tokens, *b_pos, *b_seq;
     uint8_t *b_want;
+    uint8_t *b_order;     /* order class of each token (worker/model.h tsr_order_class) */
+    bool order_sensitive; /* the classes change results (Q4_K weights): tag cached blocks */
+    uint8_t *tags;        /* [n_ctx / TSR_KV_BLOCK_SIZE + 1] prefix-cache tags of a lookup */
     const int32_t **b_tables;
     int32_t *b_nblocks;
     seq **b_seqs;     /* sequence of each batch sequence index */
@@ -181,6 +184,9 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     e->b_pos = malloc(sizeof(int32_t) * (size_t)nb);
     e->b_seq = malloc(sizeof(int32_t) * (size_t)nb);
     e->b_want = malloc((size_t)nb);
+    e->b_order = malloc((size_t)nb);
+    e->tags = calloc((size_t)(e->n_ctx / TSR_KV_BLOCK_SIZE + 2), 1);
+    e->order_sensitive = tsr_replica_order_sensitive(e->rep);
     e->b_tables = calloc((size_t)ms, sizeof(int32_t *));
     e->b_nblocks = calloc((size_t)ms, sizeof(int32_t));
     e->cow_src = calloc((size_t)ms, sizeof(int32_t));
@@ -189,8 +195,8 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     e->b_chunk = calloc((size_t)ms, sizeof(int32_t));
     e->lg = malloc(sizeof(float) * (size_t)e->n_vocab);
     if (!e->running || !e->waiting || !e->b_tokens || !e->b_pos || !e->b_seq || !e->b_want ||
-        !e->b_tables || !e->b_nblocks || !e->cow_src || !e->cow_dst || !e->b_seqs || !e->b_chunk ||
-        !e->lg)
+        !e->b_order || !e->tags || !e->b_tables || !e->b_nblocks || !e->cow_src || !e->cow_dst ||
+        !e->b_seqs || !e->b_chunk || !e->lg)
         goto oom;
     /* --no-prefix-cache covers the draft model's pool too */
     if (e->p.drafter && e->p.no_prefix_cache &&
@@ -249,6 +255,8 @@ void tsr_engine_free(tsr_engine *e)
     free(e->b_pos);
     free(e->b_seq);
     free(e->b_want);
+    free(e->b_order);
+    free(e->tags);
     free(e->b_tables);
     free(e->b_nblocks);
     free(e->cow_src);
@@ -506,6 +514,24 @@ static bool blocks_reserve(tsr_engine *e, seq *s, int32_t upto)
     return true;
 }
 
+/* The length of s's prompt for the order classes: the real prompt (tokens resumed after a
+ * failover were generated, and keep the generated tokens' class). */
+static int32_t order_prompt_len(const seq *s)
+{
+    return s->n_prompt - s->n_resumed;
+}
+
+/* The prefix-cache tag of s's block i: how many of its positions run as prompt tokens (0..16)
+ * on a model whose results depend on the order class, else 0. A block is reused only by a
+ * sequence that computes it in the same classes (a cold run's), so the previous answer of a
+ * chat, computed as generated tokens, is not reused as the next turn's prompt there. */
+static uint8_t block_tag(const tsr_engine *e, const seq *s, int32_t i)
+{
+    if (!e->order_sensitive) return 0;
+    const int32_t c = (order_prompt_len(s) / 4) * 4 - i * TSR_KV_BLOCK_SIZE;
+    return (uint8_t)(c < 0 ? 0 : c > TSR_KV_BLOCK_SIZE ? TSR_KV_BLOCK_SIZE : c);
+}
+
 /* A sequence about to be admitted with nothing computed: reuse the longest cached chain of
  * its tokens' full blocks. When that covers every token (they end on a block boundary),
  * the last token must still run for its logits and writes into the last block: that block
@@ -516,7 +542,8 @@ static void prefix_match(tsr_engine *e, seq *s, int32_t *cow_src, int32_t *cow_d
     *cow_src = *cow_dst = -1;
     if (s->n_blocks > 0 || !tsr_kvblocks_caching(e->kvb)) return;
     const int32_t full = s->n_tokens / TSR_KV_BLOCK_SIZE;
-    int32_t n = tsr_kvblocks_match(e->kvb, s->tokens, full, s->blocks, &s->chain);
+    for (int32_t i = 0; i < full; i++) e->tags[i] = block_tag(e, s, i);
+    int32_t n = tsr_kvblocks_match_tagged(e->kvb, s->tokens, e->tags, full, s->blocks, &s->chain);
     s->n_blocks = n;
     s->n_computed = n * TSR_KV_BLOCK_SIZE;
     if (n > 0 && s->n_computed >= s->n_tokens) {
@@ -538,8 +565,8 @@ static void prefix_commit(tsr_engine *e, seq *s)
     int32_t upto = s->n_computed;
     while (s->chain.n_blocks < upto / TSR_KV_BLOCK_SIZE) {
         int32_t i = s->chain.n_blocks;
-        tsr_kvblocks_commit(e->kvb, &s->chain, s->blocks[i],
-                            s->tokens + (size_t)i * TSR_KV_BLOCK_SIZE);
+        tsr_kvblocks_commit_tagged(e->kvb, &s->chain, s->blocks[i],
+                                   s->tokens + (size_t)i * TSR_KV_BLOCK_SIZE, block_tag(e, s, i));
     }
 }
 
@@ -814,6 +841,7 @@ static int32_t schedule(tsr_engine *e, int32_t *n_bseq)
             e->b_pos[t] = p;
             e->b_seq[t] = j;
             e->b_want[t] = p >= s->n_tokens - 1;
+            e->b_order[t] = tsr_order_class(p, order_prompt_len(s));
         }
         e->b_tables[j] = s->blocks;
         e->b_nblocks[j] = s->n_blocks;
@@ -1042,7 +1070,8 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
                        .want_logits = e->b_want,
                        .n_seqs = n_bseq,
                        .block_tables = e->b_tables,
-                       .n_blocks = e->b_nblocks};
+                       .n_blocks = e->b_nblocks,
+                       .order = e->b_order};
         const float *logits;
         uint64_t t0 = tsr_now_ns();
         if (e->n_cow > 0) {

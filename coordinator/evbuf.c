@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static bool grow(void **p, size_t *cap, size_t need, size_t elem)
+bool tsr_evbuf_grow(void **p, size_t *cap, size_t need, size_t elem)
 {
     if (need <= *cap) return true;
     size_t nc = *cap ? *cap : 16;
@@ -52,11 +52,13 @@ bool tsr_evbuf_append(tsr_evbuf *b, const tsr_event *ev)
     if (b->oom) return false;
     if (ev->n_ids + ev->text_len == 0) return true;
     size_t need = b->n_ids + ev->n_ids;
-    bool ok = grow((void **)&b->ids, &b->cap_ids, need, sizeof(int32_t));
-    if (ok && b->n_top >= 0) ok = grow((void **)&b->lp_chosen, &b->cap_chosen, need, sizeof(float));
+    bool ok = tsr_evbuf_grow((void **)&b->ids, &b->cap_ids, need, sizeof(int32_t));
+    if (ok && b->n_top >= 0)
+        ok = tsr_evbuf_grow((void **)&b->lp_chosen, &b->cap_chosen, need, sizeof(float));
     if (ok && b->n_top > 0)
-        ok = grow((void **)&b->lp_top, &b->cap_top, need * (size_t)b->n_top, sizeof(tsr_logprob));
-    ok = ok && grow((void **)&b->text, &b->cap_text, b->text_len + ev->text_len + 1, 1);
+        ok = tsr_evbuf_grow((void **)&b->lp_top, &b->cap_top, need * (size_t)b->n_top,
+                            sizeof(tsr_logprob));
+    ok = ok && tsr_evbuf_grow((void **)&b->text, &b->cap_text, b->text_len + ev->text_len + 1, 1);
     /* token text: from the first event that carries some on */
     const bool pieces = b->n_top >= 0 && (b->has_pieces || ev->chosen_pieces || ev->top_pieces);
     size_t n_piece_bytes = 0;
@@ -67,10 +69,12 @@ bool tsr_evbuf_append(tsr_evbuf *b, const tsr_event *ev)
     for (size_t i = 0; pieces && ev->top_pieces && i < ev->n_ids * ek; i++)
         if (i % ek < k) n_piece_bytes += ev->top_pieces[i].n_bytes;
     if (ok && pieces) {
-        ok = grow((void **)&b->chosen_piece, &b->cap_chosen_piece, need, sizeof(tsr_evbuf_span)) &&
-             (k == 0 ||
-              grow((void **)&b->top_piece, &b->cap_top_piece, need * k, sizeof(tsr_evbuf_span))) &&
-             grow((void **)&b->pieces, &b->cap_pieces, b->pieces_len + n_piece_bytes + 1, 1) &&
+        ok = tsr_evbuf_grow((void **)&b->chosen_piece, &b->cap_chosen_piece, need,
+                            sizeof(tsr_evbuf_span)) &&
+             (k == 0 || tsr_evbuf_grow((void **)&b->top_piece, &b->cap_top_piece, need * k,
+                                       sizeof(tsr_evbuf_span))) &&
+             tsr_evbuf_grow((void **)&b->pieces, &b->cap_pieces, b->pieces_len + n_piece_bytes + 1,
+                            1) &&
              b->pieces_len + n_piece_bytes < UINT32_MAX;
     }
     if (!ok) {

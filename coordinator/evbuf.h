@@ -48,6 +48,12 @@ typedef struct {
     bool oom; /* an append ran out of memory: the output is incomplete */
 } tsr_evbuf;
 
+/* The growth rule of every array here, shared with the front ends' own output buffers:
+ * make room for `need` elements of `elem` bytes in *p (capacity *cap elements, doubling from
+ * 16). true when there is room (*p and *cap updated); false when memory ran out (*p and *cap
+ * untouched, still the caller's to free). */
+bool tsr_evbuf_grow(void **p, size_t *cap, size_t need, size_t elem);
+
 /* Empty buffer keeping n_top alternatives per token (-1: no logprobs). */
 void tsr_evbuf_init(tsr_evbuf *b, int32_t n_top);
 void tsr_evbuf_free(tsr_evbuf *b); /* leaves it empty (init'ed again with its n_top) */

@@ -11,6 +11,7 @@
  */
 #include "coordinator/http.h"
 #include "coordinator/evbuf.h"
+#include "coordinator/grpcutil.h"
 #include "kernels/util.h"
 
 #include <cjson/cJSON.h>
@@ -110,40 +111,6 @@ typedef struct hreq {
 
 /* ---- small helpers ---- */
 
-static char *str_dup(const char *s)
-{
-    if (!s) return NULL;
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
-static bool grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-    if (need <= *cap) return true;
-    size_t nc = *cap ? *cap : 16;
-    while (nc < need) nc *= 2;
-    void *q = realloc(*p, nc * elem);
-    if (!q) return false;
-    *p = q;
-    *cap = nc;
-    return true;
-}
-
-static struct timespec abstime_in_ms(int64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
-    return ts;
-}
-
 /* Copy s[0..n) as valid UTF-8 (ill-formed bytes -> U+FFFD) into a NUL-terminated buffer of
  * at least 3n+1 bytes. Token pieces can be parts of characters. */
 static void utf8_sanitize(const char *s, size_t n, char *out)
@@ -230,7 +197,7 @@ static enum MHD_Result queue_json(hreq *r, struct MHD_Connection *c, unsigned st
         static const char oom[] =
             "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,"
             "\"code\":null}}";
-        s = str_dup(oom);
+        s = strdup(oom);
         status = MHD_HTTP_INTERNAL_SERVER_ERROR;
         if (!s) return MHD_NO;
     }
@@ -351,7 +318,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
     r->finished = true;
     r->engine_active = false;
     r->finish_reason = ev->finish_reason;
-    if (ev->error && !r->finish_error) r->finish_error = str_dup(ev->error);
+    if (ev->error && !r->finish_error) r->finish_error = strdup(ev->error);
     r->n_prompt_tokens = ev->n_prompt_tokens;
     r->n_completion_tokens = ev->n_completion_tokens;
     pthread_cond_broadcast(&r->cv);
@@ -535,7 +502,7 @@ static bool sse_append(hreq *r, cJSON *j, const char *raw)
     const char *body = raw ? raw : s;
     if (!body) return false;
     size_t n = strlen(body);
-    bool ok = grow((void **)&r->out, &r->out_cap, r->out_len + n + 9, 1);
+    bool ok = tsr_evbuf_grow((void **)&r->out, &r->out_cap, r->out_len + n + 9, 1);
     if (ok) {
         memcpy(r->out + r->out_len, "data: ", 6);
         memcpy(r->out + r->out_len + 6, body, n);
@@ -645,7 +612,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
         }
         if (now - r->last_write_ns >= KEEPALIVE_NS) {
             static const char ka[] = ": keep-alive\n\n";
-            if (grow((void **)&r->out, &r->out_cap, r->out_len + sizeof ka, 1)) {
+            if (tsr_evbuf_grow((void **)&r->out, &r->out_cap, r->out_len + sizeof ka, 1)) {
                 memcpy(r->out + r->out_len, ka, sizeof ka - 1);
                 r->out_len += sizeof ka - 1;
                 continue;
@@ -656,7 +623,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
             pthread_mutex_unlock(&r->mu);
             return MHD_CONTENT_READER_END_WITH_ERROR;
         }
-        struct timespec ts = abstime_in_ms(WAIT_SLICE_MS);
+        struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_REALTIME, WAIT_SLICE_MS);
         pthread_cond_timedwait(&r->cv, &r->mu, &ts);
     }
 }
@@ -848,7 +815,7 @@ static const char *message_content(const cJSON *c, int i, char **buf, herr *e)
             return NULL;
         }
         size_t n = strlen(text->valuestring);
-        if (!grow((void **)buf, &cap, len + n + 1, 1)) {
+        if (!tsr_evbuf_grow((void **)buf, &cap, len + n + 1, 1)) {
             set_err(e, 500, "server_error", NULL, NULL, "out of memory");
             return NULL;
         }
@@ -1300,7 +1267,7 @@ static enum MHD_Result handle_generate(tsr_http *h, hreq *r, struct MHD_Connecti
     /* Not streaming: wait for FINISH in slices, watching the client. */
     pthread_mutex_lock(&r->mu);
     while (!r->finished) {
-        struct timespec ts = abstime_in_ms(WAIT_SLICE_MS);
+        struct timespec ts = tsr_grpc_abstime_in_ms(CLOCK_REALTIME, WAIT_SLICE_MS);
         pthread_cond_timedwait(&r->cv, &r->mu, &ts);
         int64_t now = (int64_t)tsr_now_ns();
         if (now >= r->next_check_ns) { /* every slice, even while tokens keep arriving */
@@ -1518,7 +1485,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             r->too_big = true; /* keep reading (discarding) to answer 413 at the end */
             return MHD_YES;
         }
-        if (!grow((void **)&r->body, &r->body_cap, r->body_len + n + 1, 1)) return MHD_NO;
+        if (!tsr_evbuf_grow((void **)&r->body, &r->body_cap, r->body_len + n + 1, 1)) return MHD_NO;
         memcpy(r->body + r->body_len, upload_data, n);
         r->body_len += n;
         r->body[r->body_len] = '\0';
@@ -1724,10 +1691,10 @@ static int http_start(const tsr_http_params *p, const tsr_http_backend *be, tsr_
     h->max_queue = p->max_queue;
     h->max_body = p->max_body_bytes > 0 ? p->max_body_bytes : TSR_HTTP_DEFAULT_MAX_BODY;
     h->created_s = (int64_t)time(NULL);
-    h->model_id = str_dup(p->model_id ? p->model_id : "tessera");
-    h->cert = str_dup(p->tls_cert_pem);
-    h->key = str_dup(p->tls_key_pem);
-    h->ca = str_dup(p->tls_client_ca_pem);
+    h->model_id = strdup(p->model_id ? p->model_id : "tessera");
+    h->cert = p->tls_cert_pem ? strdup(p->tls_cert_pem) : NULL;
+    h->key = p->tls_key_pem ? strdup(p->tls_key_pem) : NULL;
+    h->ca = p->tls_client_ca_pem ? strdup(p->tls_client_ca_pem) : NULL;
     atomic_init(&h->not_serving, false);
     atomic_init(&h->stopping, false);
     atomic_init(&h->stop_ns, 0);

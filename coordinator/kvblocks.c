@@ -26,6 +26,7 @@ struct tsr_kvblocks {
     uint64_t *key, *serial, *parent_serial;
     uint64_t *parent_key; /* the parent entry's chain key (0 at the root): tsr_kvblocks_cow */
     int32_t *tokens;      /* [n_blocks][TSR_KV_BLOCK_SIZE] */
+    uint8_t *tag;         /* the entry's tag (tsr_kvblocks_match_tagged), compared on lookup */
     int32_t *bucket;      /* [n_buckets] first block of the bucket, or NIL */
     int32_t *hnext;       /* next block in the same bucket */
     uint64_t bucket_mask;
@@ -86,11 +87,12 @@ int tsr_kvblocks_new(int32_t n_blocks, bool prefix_cache, tsr_kvblocks **out, ch
         m->parent_serial = calloc(n, sizeof(uint64_t));
         m->parent_key = calloc(n, sizeof(uint64_t));
         m->tokens = calloc(n * TSR_KV_BLOCK_SIZE, sizeof(int32_t));
+        m->tag = calloc(n, 1);
         m->bucket = malloc((size_t)n_buckets * sizeof(int32_t));
         m->hnext = malloc(n * sizeof(int32_t));
         m->lru_prev = malloc(n * sizeof(int32_t));
         m->lru_next = malloc(n * sizeof(int32_t));
-        if (!m->key || !m->serial || !m->parent_serial || !m->parent_key || !m->tokens ||
+        if (!m->key || !m->serial || !m->parent_serial || !m->parent_key || !m->tokens || !m->tag ||
             !m->bucket || !m->hnext || !m->lru_prev || !m->lru_next)
             goto oom;
         for (uint64_t b = 0; b < n_buckets; b++) m->bucket[b] = NIL;
@@ -116,6 +118,7 @@ void tsr_kvblocks_free(tsr_kvblocks *m)
     free(m->parent_serial);
     free(m->parent_key);
     free(m->tokens);
+    free(m->tag);
     free(m->bucket);
     free(m->hnext);
     free(m->lru_prev);
@@ -177,12 +180,20 @@ static void uncache(tsr_kvblocks *m, int32_t b)
     m->n_cached--;
 }
 
-/* The cached entry with this key, parent and tokens, or NIL. */
+/* The chain key of a block with these tokens and tag under parent_key (tag 0: the plain
+ * hash, so a custom hash function sees what it always saw). */
+static uint64_t key_of(const tsr_kvblocks *m, uint64_t parent_key, const int32_t *tokens,
+                       uint8_t tag)
+{
+    return m->hash(tag ? parent_key ^ mix64(0x7f4a7c159e3779b9ull + tag) : parent_key, tokens);
+}
+
+/* The cached entry with this key, parent, tokens and tag, or NIL. */
 static int32_t find(const tsr_kvblocks *m, uint64_t key, uint64_t parent_serial,
-                    const int32_t *tokens)
+                    const int32_t *tokens, uint8_t tag)
 {
     for (int32_t b = m->bucket[key & m->bucket_mask]; b != NIL; b = m->hnext[b]) {
-        if (m->key[b] == key && m->parent_serial[b] == parent_serial &&
+        if (m->key[b] == key && m->parent_serial[b] == parent_serial && m->tag[b] == tag &&
             !memcmp(&m->tokens[(size_t)b * TSR_KV_BLOCK_SIZE], tokens,
                     sizeof(int32_t) * TSR_KV_BLOCK_SIZE))
             return b;
@@ -228,13 +239,21 @@ void tsr_kvblocks_release(tsr_kvblocks *m, const int32_t *blocks, int32_t n)
 int32_t tsr_kvblocks_match(tsr_kvblocks *m, const int32_t *tokens, int32_t max_blocks,
                            int32_t *out_blocks, tsr_kvblocks_chain *chain)
 {
+    return tsr_kvblocks_match_tagged(m, tokens, NULL, max_blocks, out_blocks, chain);
+}
+
+int32_t tsr_kvblocks_match_tagged(tsr_kvblocks *m, const int32_t *tokens, const uint8_t *tags,
+                                  int32_t max_blocks, int32_t *out_blocks,
+                                  tsr_kvblocks_chain *chain)
+{
     memset(chain, 0, sizeof *chain);
     if (!m->caching) return 0;
     int32_t n = 0;
     for (; n < max_blocks; n++) {
         const int32_t *t = tokens + (size_t)n * TSR_KV_BLOCK_SIZE;
-        uint64_t k = m->hash(chain->key, t);
-        int32_t b = find(m, k, chain->serial, t);
+        const uint8_t tag = tags ? tags[n] : 0;
+        uint64_t k = key_of(m, chain->key, t, tag);
+        int32_t b = find(m, k, chain->serial, t, tag);
         if (b == NIL) break;
         if (m->refcount[b] == 0) {
             lru_remove(m, b);
@@ -287,10 +306,16 @@ void tsr_kvblocks_count_lookup(tsr_kvblocks *m, int32_t n_blocks)
 bool tsr_kvblocks_commit(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t block,
                          const int32_t *tokens)
 {
+    return tsr_kvblocks_commit_tagged(m, chain, block, tokens, 0);
+}
+
+bool tsr_kvblocks_commit_tagged(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t block,
+                                const int32_t *tokens, uint8_t tag)
+{
     chain->n_blocks++;
     if (!m->caching || chain->serial == SERIAL_DEAD) return false;
-    uint64_t k = m->hash(chain->key, tokens);
-    int32_t e = find(m, k, chain->serial, tokens);
+    uint64_t k = key_of(m, chain->key, tokens, tag);
+    int32_t e = find(m, k, chain->serial, tokens, tag);
     if (e != NIL) {
         /* Cached already (another sequence computed the same prefix): continue the chain
          * on that entry; this copy stays private and is freed with its sequence. */
@@ -305,6 +330,7 @@ bool tsr_kvblocks_commit(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t blo
         return false;
     }
     m->key[block] = k;
+    m->tag[block] = tag;
     m->serial[block] = ++m->next_serial;
     m->parent_serial[block] = chain->serial;
     m->parent_key[block] = chain->key;

@@ -130,6 +130,18 @@ void tsr_kvblocks_count_lookup(tsr_kvblocks *m, int32_t n_blocks);
 bool tsr_kvblocks_commit(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t block,
                          const int32_t *tokens);
 
+/* As tsr_kvblocks_match / tsr_kvblocks_commit, with a tag per block (tags[i] for block i of
+ * the lookup; tags NULL: all 0) that is part of the entry: a lookup finds only entries
+ * committed with the same tag. The engine tags a block with how the numerics computed it
+ * (the order classes of its positions, worker/model.h tsr_order_class), so a block computed
+ * as generated tokens is never handed to a prompt that a cold run computes as prompt
+ * tokens. Tag 0 is the untagged functions' entry. */
+int32_t tsr_kvblocks_match_tagged(tsr_kvblocks *m, const int32_t *tokens, const uint8_t *tags,
+                                  int32_t max_blocks, int32_t *out_blocks,
+                                  tsr_kvblocks_chain *chain);
+bool tsr_kvblocks_commit_tagged(tsr_kvblocks *m, tsr_kvblocks_chain *chain, int32_t block,
+                                const int32_t *tokens, uint8_t tag);
+
 /* References held on a block (tests, leak checks). */
 int32_t tsr_kvblocks_refcount(const tsr_kvblocks *m, int32_t block);
 /* Whether a block holds a cache entry. */

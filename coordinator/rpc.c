@@ -20,11 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-grpc_channel *tsr_rpc_channel(const char *target)
-{
-    return tsr_rpc_channel_tls(target, NULL);
-}
-
 grpc_channel *tsr_rpc_channel_tls(const char *target, const tsr_tls_client *tls)
 {
     grpc_channel_credentials *cr = tsr_tls_grpc_channel_credentials(tls);
@@ -72,14 +67,6 @@ const char *tsr_rpc_code_name(int code)
                                         "UNAUTHENTICATED"};
     if (code >= 0 && code < (int)(sizeof names / sizeof names[0])) return names[code];
     return "UNKNOWN_CODE";
-}
-
-int tsr_rpc_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
-                  int64_t timeout_ms, uint8_t **resp, size_t *resp_len, char *details,
-                  size_t details_len)
-{
-    return tsr_rpc_unary_auth(ch, NULL, method, req, timeout_ms, resp, resp_len, details,
-                              details_len);
 }
 
 int tsr_rpc_unary_auth(grpc_channel *ch, const char *authorization, const char *method,

@@ -20,23 +20,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* An insecure channel to "host:port" (NULL on failure). Release with grpc_channel_destroy. */
-grpc_channel *tsr_rpc_channel(const char *target);
-
 /* A channel to "host:port" over TLS when tls has a CA (tls.h; with its client certificate
- * for mutual TLS), plaintext otherwise (tls may be NULL). NULL on failure. */
+ * for mutual TLS), plaintext otherwise (tls may be NULL). NULL on failure. Release with
+ * grpc_channel_destroy. */
 grpc_channel *tsr_rpc_channel_tls(const char *target, const tsr_tls_client *tls);
 
 /* One unary call: send `req` to `method` ("/tessera.v1.Cluster/Heartbeat") with a deadline
- * of timeout_ms from now. Returns the gRPC status code (GRPC_STATUS_OK = 0): on OK *resp
- * holds the reply bytes (malloc'd, *resp_len bytes; free it); otherwise details gets the
- * status message (or what failed locally, e.g. "cannot pack the request"). */
-int tsr_rpc_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
-                  int64_t timeout_ms, uint8_t **resp, size_t *resp_len, char *details,
-                  size_t details_len);
-
-/* tsr_rpc_unary with the `authorization` metadata set to `authorization` ("Bearer KEY",
- * see auth.h tsr_auth_client_header; NULL: none). */
+ * of timeout_ms from now, with the `authorization` metadata set to `authorization` ("Bearer
+ * KEY", see auth.h tsr_auth_client_header; NULL: none). Returns the gRPC status code
+ * (GRPC_STATUS_OK = 0): on OK *resp holds the reply bytes (malloc'd, *resp_len bytes; free
+ * it); otherwise details gets the status message (or what failed locally, e.g. "cannot pack
+ * the request"). */
 int tsr_rpc_unary_auth(grpc_channel *ch, const char *authorization, const char *method,
                        const ProtobufCMessage *req, int64_t timeout_ms, uint8_t **resp,
                        size_t *resp_len, char *details, size_t details_len);

@@ -253,22 +253,6 @@ static int read_meta(const char *path, model_meta *m, char *err, size_t err_len)
     return rc;
 }
 
-static int follower(tsr_replica *rep)
-{
-    char err[1024];
-    if (tsr_replica_follow(rep, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera serve: rank %d: %s\n", tsr_replica_rank(rep), err);
-        tsr_comm_mpi_abort(1);
-        return 1;
-    }
-    if (tsr_replica_stats(rep, NULL, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera serve: rank %d: %s\n", tsr_replica_rank(rep), err);
-        return 1;
-    }
-    tsr_replica_close(rep);
-    return 0;
-}
-
 /* Leader: release the followers and close. Returns false when the replica could not be
  * shut down cleanly (the MPI job is then aborted). */
 static bool leader_close(tsr_replica *rep)
@@ -635,7 +619,7 @@ int tsr_cmd_serve(int argc, char **argv)
          * not kill a follower in the middle of it. */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
-        return follower(rep);
+        return tsr_cli_follow("serve", rep);
     }
 
     int exit_code = 1;

@@ -191,7 +191,6 @@ struct tsr_server {
     int64_t last_refresh_ns; /* CQ thread only */
     int64_t max_total_bytes, max_call_bytes, slow_reader_ns; /* output bounds (server.h) */
     atomic_int_fast64_t n_bytes_buffered;                    /* sum of the calls' n_bytes_held */
-    atomic_uint_fast64_t n_killed;                           /* calls cancelled for the bounds */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -202,7 +201,6 @@ struct tsr_server {
     bool shutdown_called; /* grpc_server_shutdown_and_notify done: no new calls */
     int64_t grace_deadline_ns, hard_deadline_ns;
     int last_health;
-    uint64_t n_accepted, n_submitted, n_rejected;
 
     pthread_mutex_t pump_mu;
     pthread_cond_t pump_cv;
@@ -211,15 +209,6 @@ struct tsr_server {
 };
 
 /* ---- small helpers ---- */
-
-static char *str_dup(const char *s)
-{
-    if (!s) return NULL;
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
 
 static uint64_t random_seed(tsr_server *s)
 {
@@ -357,7 +346,6 @@ static void kill_now(srv_call *c)
                  (long long)(s->slow_reader_ns / 1000000));
         break;
     }
-    atomic_fetch_add(&s->n_killed, 1);
     grpc_call_cancel_with_status(c->call, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, NULL);
 }
 
@@ -468,13 +456,6 @@ static void start_send(srv_call *c, grpc_byte_buffer *msg, bool with_status, grp
     c->send_pending = true;
     call_hold(c); /* dropped by on_send_done */
     if (with_status) c->done_sending = true;
-}
-
-static void count_rejected(tsr_server *s)
-{
-    pthread_mutex_lock(&s->mu);
-    s->n_rejected++;
-    pthread_mutex_unlock(&s->mu);
 }
 
 static Tessera__V1__FinishReason finish_to_proto(int r)
@@ -733,7 +714,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
         c->finished = true;
         c->engine_active = false;
         c->finish_reason = ev->finish_reason;
-        if (ev->error && !c->finish_error) c->finish_error = str_dup(ev->error);
+        if (ev->error && !c->finish_error) c->finish_error = strdup(ev->error);
         c->n_prompt_tokens = ev->n_prompt_tokens;
         c->n_completion_tokens = ev->n_completion_tokens;
         c->n_preempted = ev->n_preempted;
@@ -1310,7 +1291,7 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     snprintf(rid, sizeof rid, "tsr-%" PRIu64, (uint64_t)atomic_fetch_add(&s->next_req, 1));
     pthread_mutex_lock(&c->mu);
     free(c->request_id);
-    c->request_id = str_dup(q->request_id ? q->request_id : rid);
+    c->request_id = strdup(q->request_id ? q->request_id : rid);
     c->out.n_top = er.logprobs > 0 ? er.logprobs : -1;
     c->deadline_ns = deadline_ns;
     bool closed = c->closed;
@@ -1361,9 +1342,6 @@ static bool handle_generate(tsr_server *s, srv_call *c, grpc_slice in, reply *r)
     pthread_mutex_lock(&c->mu);
     c->req_id = id;
     pthread_mutex_unlock(&c->mu);
-    pthread_mutex_lock(&s->mu);
-    s->n_submitted++;
-    pthread_mutex_unlock(&s->mu);
     ok = true;
     goto done;
 
@@ -1479,7 +1457,6 @@ static void on_recv(tsr_server *s, srv_call *c, bool success)
         call_put_unlock(c);
         return;
     }
-    if (r.code != GRPC_STATUS_OK) count_rejected(s);
     pthread_mutex_lock(&c->mu);
     if (!c->closed && !c->done_sending && !c->send_pending) {
         if (r.code == GRPC_STATUS_OK && r.msg) {
@@ -1505,7 +1482,6 @@ static void on_new_call(tsr_server *s, srv_call *c)
     if (s->calls) s->calls->prev = c;
     s->calls = c;
     s->n_calls++;
-    s->n_accepted++;
     if (c->m == M_GENERATE) s->n_generate_open++;
     pthread_mutex_unlock(&s->mu);
 
@@ -1535,7 +1511,6 @@ static void on_new_call(tsr_server *s, srv_call *c)
         gpr_free(path);
         start_send(c, NULL, true, GRPC_STATUS_UNIMPLEMENTED, msg);
         call_put_unlock(c);
-        count_rejected(s);
         return;
     }
     if (c->m != M_HEALTH_CHECK && c->m != M_HEALTH_WATCH && tsr_auth_enabled(s->auth)) {
@@ -1551,7 +1526,6 @@ static void on_new_call(tsr_server *s, srv_call *c)
                                                : GRPC_STATUS_UNAUTHENTICATED,
                        why);
             call_put_unlock(c);
-            count_rejected(s);
             return;
         }
     }
@@ -1735,9 +1709,9 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
     s->auth = p ? p->auth : NULL;
     s->metrics = p ? p->metrics : NULL;
     s->info = *info;
-    s->arch = str_dup(info->architecture ? info->architecture : "llama");
-    s->name = info->name ? str_dup(info->name) : NULL;
-    s->model = str_dup(info->model ? info->model : "");
+    s->arch = strdup(info->architecture ? info->architecture : "llama");
+    s->name = info->name ? strdup(info->name) : NULL;
+    s->model = strdup(info->model ? info->model : "");
     s->t_new = (tag){T_NEW_CALL, NULL};
     s->t_shutdown = (tag){T_SHUTDOWN, NULL};
     s->last_health = -1;
@@ -1756,7 +1730,6 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
         (p && p->slow_reader_ms > 0 ? p->slow_reader_ms : TSR_SERVER_DEFAULT_SLOW_READER_MS) *
         1000000;
     atomic_init(&s->n_bytes_buffered, 0);
-    atomic_init(&s->n_killed, 0);
     atomic_init(&s->next_req, 1);
     atomic_init(&s->stopping, false);
     bool mu_ok = false, pump_mu_ok = false, grpc_ok = false, started = false;
@@ -1876,20 +1849,6 @@ void tsr_server_set_not_serving(tsr_server *s)
     pthread_mutex_unlock(&s->mu);
     atomic_store(&s->stopping, true);
     /* The CQ thread's next tick (<= 200 ms) tells the Watch streams. */
-}
-
-void tsr_server_get_stats(tsr_server *s, tsr_server_stats *st)
-{
-    memset(st, 0, sizeof *st);
-    pthread_mutex_lock(&s->mu);
-    st->n_calls = s->n_accepted;
-    st->n_generate = s->n_submitted;
-    st->n_rejected = s->n_rejected;
-    st->n_active = s->n_calls;
-    st->n_active_generate = s->n_generate_open;
-    pthread_mutex_unlock(&s->mu);
-    st->n_bytes_buffered = atomic_load(&s->n_bytes_buffered);
-    st->n_slow_cancelled = atomic_load(&s->n_killed);
 }
 
 int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_len)

@@ -126,18 +126,6 @@ void tsr_server_set_not_serving(tsr_server *s);
  */
 int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_len);
 
-/* Counters for logs and tests (thread-safe). */
-typedef struct {
-    uint64_t n_calls;    /* calls accepted */
-    uint64_t n_generate; /* Generate requests submitted to the engine */
-    uint64_t n_rejected; /* requests answered with a non-OK status */
-    int32_t n_active;    /* calls open now */
-    int32_t n_active_generate;
-    int64_t n_bytes_buffered;  /* output held for clients now (see above) */
-    uint64_t n_slow_cancelled; /* calls cancelled for holding too much or not reading */
-} tsr_server_stats;
-void tsr_server_get_stats(tsr_server *s, tsr_server_stats *st);
-
 /* `tessera serve`: the subcommand (argv[0] is "serve"). Opens the replica on every rank
  * (followers serve steps), and on the leader runs the engine's step loop on the main thread
  * with this server in front, until SIGTERM / SIGINT: then health NOT_SERVING, drain for

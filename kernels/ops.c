@@ -4,6 +4,7 @@
 #include "kernels/ops.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/q4k_gemm.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 
@@ -38,6 +39,8 @@ typedef struct {
     size_t conv_stride[4];
     const float *x; /* for conversion */
     int n_tok;
+    const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K), or NULL */
+    int isa;            /* kernels/dot_ggml.h level, when ord is set */
     int64_t rows_per_chunk;
     int64_t chunks_per_w[4];
     int64_t n_chunks;
@@ -56,9 +59,72 @@ static void mm_convert(void *arg, int ith, int nth)
     }
 }
 
+/* Rows [r0, r0 + nr) of weight k for tokens [t0, t0 + n_tok) in the row dots' order (the
+ * GEMV order for Q4_K). */
+static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int n_tok)
+{
+    const tsr_weight *w = j->w[k];
+    const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
+    float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
+    if (w->packed && (!w->data || !tsr_repack_use_file_layout(w->type, n_tok))) {
+        /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): the GEMM for several
+         * tokens, each weight group read once for all of them. Which layout is faster
+         * for how many tokens was measured (tsr_repack_use_file_layout): one token
+         * streams the file layout, as do long batches of types with a file tile.
+         * Bit-identical to the paths below either way. */
+        tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
+                       (size_t)w->n_out);
+        return;
+    }
+    const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    if (n_tok >= TILE_MIN_TOKENS) {
+        /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
+         * (each weight block unpacked once for several tokens); bit-identical per
+         * element to the token-by-token loop below. */
+        tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, n_tok, xq, j->xq_stride[k],
+                         yk + r0, (size_t)w->n_out);
+        return;
+    }
+    /* Decode: one token, rows streamed (memory-bound); 2-3 tokens (speculative
+     * verification of k <= 2 drafts) also go token by token, the chunk's rows staying
+     * in cache: measured cheaper than tiles at that width (1B Q8_0, 2 threads: a
+     * 2-token step costs 1.4x a 1-token step this way, 2.0x with tiles). */
+    for (int t = 0; t < n_tok; t++) {
+        tsr_vec_dot_rows(w->type, w->n_in, nr, wrow, w->row_bytes, xq + (size_t)t * j->xq_stride[k],
+                         yk + (size_t)t * w->n_out + r0);
+    }
+}
+
+/* The same rows and tokens of a Q4_K weight in the prompt (GEMM) order (kernels/q4k_gemm.h),
+ * from the file layout, or from the repacked groups when the rank keeps only those. */
+static void mm_rows_gemm(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int n_tok)
+{
+    const tsr_weight *w = j->w[k];
+    const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
+    float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
+    const size_t blk = tsr_type_block_bytes(w->type);
+    if (w->data) {
+        tsr_q4k_gemm_dot(j->isa, w->n_in, nr, (const uint8_t *)w->data + (size_t)r0 * w->row_bytes,
+                         w->row_bytes, blk, n_tok, xq, j->xq_stride[k], yk + r0, (size_t)w->n_out);
+        return;
+    }
+    /* repacked: groups of TSR_REPACK_ROWS rows, super-block i of the group's rows side by
+     * side (r0 is a multiple of TSR_REPACK_ROWS) */
+    const size_t gb = tsr_repack_group_bytes(w->type, w->n_in);
+    for (int64_t r = 0; r < nr; r += TSR_REPACK_ROWS) {
+        const int64_t g = (r0 + r) / TSR_REPACK_ROWS;
+        const int64_t rows = nr - r < TSR_REPACK_ROWS ? nr - r : TSR_REPACK_ROWS;
+        tsr_q4k_gemm_dot(j->isa, w->n_in, rows, (const uint8_t *)w->packed + (size_t)g * gb, blk,
+                         blk * TSR_REPACK_ROWS, n_tok, xq, j->xq_stride[k], yk + r0 + r,
+                         (size_t)w->n_out);
+    }
+}
+
 static void mm_run(void *arg, int ith, int nth)
 {
     mm_job *j = arg;
+    (void)ith;
+    (void)nth;
     for (;;) {
         int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (c >= j->n_chunks) break;
@@ -67,33 +133,19 @@ static void mm_run(void *arg, int ith, int nth)
         const tsr_weight *w = j->w[k];
         int64_t r0 = c * j->rows_per_chunk;
         int64_t nr = w->n_out - r0 < j->rows_per_chunk ? w->n_out - r0 : j->rows_per_chunk;
-        if (w->packed && (!w->data || !tsr_repack_use_file_layout(w->type, j->n_tok))) {
-            /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): the GEMM for several
-             * tokens, each weight group read once for all of them. Which layout is faster
-             * for how many tokens was measured (tsr_repack_use_file_layout): one token
-             * streams the file layout, as do long batches of types with a file tile.
-             * Bit-identical to the paths below either way. */
-            tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, j->n_tok, j->xq[k], j->xq_stride[k],
-                           j->y[k] + r0, (size_t)w->n_out);
+        if (!j->ord || w->type != TSR_TYPE_Q4_K) {
+            mm_rows(j, k, r0, nr, 0, j->n_tok);
             continue;
         }
-        const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
-        if (j->n_tok >= TILE_MIN_TOKENS) {
-            /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
-             * (each weight block unpacked once for several tokens); bit-identical per
-             * element to the token-by-token loop below. */
-            tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, j->n_tok, j->xq[k],
-                             j->xq_stride[k], j->y[k] + r0, (size_t)w->n_out);
-            continue;
-        }
-        /* Decode: one token, rows streamed (memory-bound); 2-3 tokens (speculative
-         * verification of k <= 2 drafts) also go token by token, the chunk's rows staying
-         * in cache: measured cheaper than tiles at that width (1B Q8_0, 2 threads: a
-         * 2-token step costs 1.4x a 1-token step this way, 2.0x with tiles). */
-        for (int t = 0; t < j->n_tok; t++) {
-            tsr_vec_dot_rows(w->type, w->n_in, nr, wrow, w->row_bytes,
-                             (const uint8_t *)j->xq[k] + (size_t)t * j->xq_stride[k],
-                             j->y[k] + (size_t)t * w->n_out + r0);
+        /* Q4_K with order classes: each run of tokens of one class in its order. */
+        for (int t = 0; t < j->n_tok;) {
+            int e = t + 1;
+            while (e < j->n_tok && (j->ord[e] != 0) == (j->ord[t] != 0)) e++;
+            if (j->ord[t])
+                mm_rows_gemm(j, k, r0, nr, t, e - t);
+            else
+                mm_rows(j, k, r0, nr, t, e - t);
+            t = e;
         }
     }
 }
@@ -113,8 +165,19 @@ size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n
 void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
                       const float *x, int n_tok, void *scratch)
 {
+    tsr_matmul_multi_ord(pool, w, y, n_w, x, n_tok, NULL, scratch);
+}
+
+void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
+                          const float *x, int n_tok, const uint8_t *ord, void *scratch)
+{
     mm_job j;
     memset(&j, 0, sizeof j);
+    if (ord) { /* only tokens of the prompt class need the check per weight */
+        for (int t = 0; t < n_tok && !j.ord; t++)
+            if (ord[t]) j.ord = ord;
+        j.isa = tsr_ggml_isa();
+    }
     j.w = w;
     j.y = y;
     j.n_w = n_w;

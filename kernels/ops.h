@@ -40,6 +40,13 @@ size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n
 void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
                       const float *x, int n_tok, void *scratch);
 
+/* tsr_matmul_multi with an order class per token (ord[t], NULL: all 0). Class 1 computes
+ * Q4_K weights in llama.cpp's prompt (GEMM) order (kernels/q4k_gemm.h) instead of the row
+ * dots' GEMV order; other types ignore it. A token's result depends on its class, never on
+ * the other tokens of the call. */
+void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
+                          const float *x, int n_tok, const uint8_t *ord, void *scratch);
+
 /* out[i] = x[i] / sqrt(mean(x^2) + eps) * weight[i], for n_tok rows of n values. */
 void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int n, float eps);
 

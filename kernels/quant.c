@@ -2261,6 +2261,228 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
         return tsr_hsum8_ps(_mm256_sub_ps(acc, accm));                                             \
     }
 
+/* ---- Q4_K / Q6_K row kernels: 4 rows at a time --------------------------------------------
+ * Decode streams every weight byte once, so a row kernel must keep up with memory (~20-25
+ * GB/s per core); the one-row dots above run at ~13-15 GB/s even from L1 (~110 instructions
+ * per super-block). Four rows of the file layout side by side share what depends on the
+ * activation only (its 8 x 32 quants in registers, the Q8_K bsums, d_y), unpack the four
+ * rows' scales with a few vector ops, and reduce four rows' int32 lanes together. Each row
+ * keeps exactly its one-row dot's arithmetic: the int32 sums are exact integers (whatever
+ * lanes and instruction order make them), and every float operation is the one-row dot's,
+ * lane r of a vector standing for row r's scalar (Q4_K) or its 8 lanes staying its own
+ * (Q6_K). Prefetch: each row's stream RQ_PF super-blocks ahead, into the next 4 rows near
+ * the end, spread over the loop (3 lines per row and super-block) rather than in bursts. */
+#define RQ_PF 4
+
+/* Prefetch the super-block RQ_PF ahead of block i in row r of the group at w0 (rows
+ * `stride` bytes apart, `bs` bytes per block, nb blocks per row): past the row's end, the
+ * same row of the next group of 4 (never faults; a stray prefetch past the matrix is
+ * harmless). */
+#define RQ_PREFETCH(w0, r, i, nb, stride, bs)                                                      \
+    do {                                                                                           \
+        const int64_t ip_ = (i) + RQ_PF;                                                           \
+        const char *p_ =                                                                           \
+            (const char *)(w0) +                                                                   \
+            (ip_ < (nb) ? (size_t)(r) * (stride) + (size_t)ip_ * (bs)                              \
+                        : (size_t)((r) + 4) * (stride) + (size_t)(ip_ - (nb)) * (bs));             \
+        _mm_prefetch(p_, _MM_HINT_T0);                                                             \
+        _mm_prefetch(p_ + 64, _MM_HINT_T0);                                                        \
+        _mm_prefetch(p_ + 128, _MM_HINT_T0);                                                       \
+    } while (0)
+
+/* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
+#define BCW(g)  (g), 0x80
+#define BCW8(g) BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g)
+static const uint8_t k_bcw_q4_K[8][32] __attribute__((aligned(32))) = {
+    {BCW8(0), BCW8(0)}, {BCW8(1), BCW8(1)}, {BCW8(2), BCW8(2)}, {BCW8(3), BCW8(3)},
+    {BCW8(4), BCW8(4)}, {BCW8(5), BCW8(5)}, {BCW8(6), BCW8(6)}, {BCW8(7), BCW8(7)},
+};
+/* Q4_K block bytes 0..15 (d, dmin, scales[12]; s_j = byte 4 + j) -> per lane: bytes
+ * 0-3 s0..s3, 4-7 s8..s11, 8-11 s4..s7, 12-15 s8..s11 (their high nibbles used), and the
+ * sources of the top 2 bits: 4-7 s0..s3, 12-15 s4..s7 (get_scale_min_k4). */
+static const uint8_t k_q4_K_sm_a[32]
+    __attribute__((aligned(32))) = {4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15,
+                                    4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15};
+static const uint8_t k_q4_K_sm_b[32] __attribute__((aligned(32))) = {
+    0x80, 0x80, 0x80, 0x80, 4, 5, 6, 7, 0x80, 0x80, 0x80, 0x80, 8, 9, 10, 11,
+    0x80, 0x80, 0x80, 0x80, 4, 5, 6, 7, 0x80, 0x80, 0x80, 0x80, 8, 9, 10, 11};
+static const uint8_t k_q4_K_sm_lo[32] __attribute__((aligned(32))) = {
+    0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f, 0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f,
+    0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f, 0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f};
+/* mins (bytes 8-15 of a lane) zero-extended to int16 */
+static const uint8_t k_q4_K_mins16[32] __attribute__((aligned(32))) = {
+    8, 0x80, 9, 0x80, 10, 0x80, 11, 0x80, 12, 0x80, 13, 0x80, 14, 0x80, 15, 0x80,
+    8, 0x80, 9, 0x80, 10, 0x80, 11, 0x80, 12, 0x80, 13, 0x80, 14, 0x80, 15, 0x80};
+
+/* Two rows' raw block heads (row a in the low lane, b in the high) -> per lane the 8
+ * scales then the 8 mins as bytes (q4_K_scales_mins). */
+TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
+{
+    const __m256i a = _mm256_shuffle_epi8(raw, _mm256_load_si256((const __m256i *)k_q4_K_sm_a));
+    const __m256i b = _mm256_shuffle_epi8(raw, _mm256_load_si256((const __m256i *)k_q4_K_sm_b));
+    /* bytes 12-15 of each lane: the high nibbles of s8..s11 */
+    const __m256i c = _mm256_blend_epi32(a, _mm256_srli_epi16(a, 4), 0x88);
+    const __m256i lo = _mm256_and_si256(c, _mm256_load_si256((const __m256i *)k_q4_K_sm_lo));
+    /* (s >> 6) << 4: bits 6-7 to 4-5 (bytes where b is 0 get 0) */
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 2), _mm256_set1_epi8(0x30));
+    return _mm256_or_si256(lo, hi);
+}
+
+/* Q4_K, 4 rows: per super-block row r's exact isum_r and imin_r (DEF_DOT_Q4_K's), then one
+ * 8-lane FMA: lanes 0-3 the rows' sumf chains (isum_r * (d_y * d_r)), lanes 4-7 their summf
+ * chains (imin_r * (d_y * dmin_r)); y_r = sumf_r - summf_r. */
+#define DEF_ROWS_Q4_K(fname, ATTR, SACC, dot1)                                                     \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
+                           const void *vx, float *y)                                               \
+    {                                                                                              \
+        const blk_q8_K *x = vx;                                                                    \
+        const int64_t nb = n / TSR_QK_K;                                                           \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+        /* fp16 d0..d3 then dmin0..dmin3 from the 4 rows' (d, dmin) dwords */                      \
+        const __m128i dsel = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);  \
+        int64_t r = 0;                                                                             \
+        for (; r + 4 <= nrows; r += 4) {                                                           \
+            const uint8_t *w0 = w + (size_t)r * stride;                                            \
+            __m256 acc = _mm256_setzero_ps();                                                      \
+            for (int64_t i = 0; i < nb; ++i) {                                                     \
+                const blk_q4_K *b0 = (const blk_q4_K *)w0 + i;                                     \
+                const blk_q4_K *b1 = (const blk_q4_K *)(w0 + stride) + i;                          \
+                const blk_q4_K *b2 = (const blk_q4_K *)(w0 + 2 * stride) + i;                      \
+                const blk_q4_K *b3 = (const blk_q4_K *)(w0 + 3 * stride) + i;                      \
+                const __m128i h0 = _mm_loadu_si128((const __m128i *)b0);                           \
+                const __m128i h1 = _mm_loadu_si128((const __m128i *)b1);                           \
+                const __m128i h2 = _mm_loadu_si128((const __m128i *)b2);                           \
+                const __m128i h3 = _mm_loadu_si128((const __m128i *)b3);                           \
+                const __m256i sm01 =                                                               \
+                    q4_K_sm_2rows(_mm256_inserti128_si256(_mm256_castsi128_si256(h0), h1, 1));     \
+                const __m256i sm23 =                                                               \
+                    q4_K_sm_2rows(_mm256_inserti128_si256(_mm256_castsi128_si256(h2), h3, 1));     \
+                /* bsum pairs bp_g = bsum_2g + bsum_2g+1 as int16 in both lanes */                 \
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                \
+                const __m256i bp = _mm256_permute4x64_epi64(_mm256_hadd_epi16(bs, bs), 0x88);      \
+                const __m256i mm01 = _mm256_madd_epi16(                                            \
+                    _mm256_shuffle_epi8(sm01, _mm256_load_si256((const __m256i *)k_q4_K_mins16)),  \
+                    bp);                                                                           \
+                const __m256i mm23 = _mm256_madd_epi16(                                            \
+                    _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_mins16)),  \
+                    bp);                                                                           \
+                __m256i sumi[4];                                                                   \
+                _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
+                {                                                                                  \
+                    const blk_q4_K *bk = rr == 0 ? b0 : rr == 1 ? b1 : rr == 2 ? b2 : b3;          \
+                    const __m256i smx = rr < 2 ? sm01 : sm23;                                      \
+                    const __m256i sc = (rr & 1) ? _mm256_permute2x128_si256(smx, smx, 0x11)        \
+                                                : _mm256_permute2x128_si256(smx, smx, 0x00);       \
+                    RQ_PREFETCH(w0, rr, i, nb, stride, sizeof(blk_q4_K));                          \
+                    __m256i s = _mm256_setzero_si256();                                            \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                            \
+                    {                                                                              \
+                        const __m256i q4 = _mm256_loadu_si256((const __m256i *)(bk->qs + 32 * j)); \
+                        const __m256i ql = _mm256_and_si256(q4, m4);                               \
+                        const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);         \
+                        const __m256i yl =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));               \
+                        const __m256i yh =                                                         \
+                            _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));          \
+                        s = SACC(s, _mm256_maddubs_epi16(ql, yl),                                  \
+                                 _mm256_shuffle_epi8(                                              \
+                                     sc, _mm256_load_si256((const __m256i *)k_bcw_q4_K[2 * j])));  \
+                        s = SACC(                                                                  \
+                            s, _mm256_maddubs_epi16(qh, yh),                                       \
+                            _mm256_shuffle_epi8(                                                   \
+                                sc, _mm256_load_si256((const __m256i *)k_bcw_q4_K[2 * j + 1])));   \
+                    }                                                                              \
+                    sumi[rr] = s;                                                                  \
+                }                                                                                  \
+                /* row r's isum in lane r, imin in lane 4 + r (exact int32 sums) */                \
+                const __m256i hs = _mm256_hadd_epi32(_mm256_hadd_epi32(sumi[0], sumi[1]),          \
+                                                     _mm256_hadd_epi32(sumi[2], sumi[3]));         \
+                const __m128i is =                                                                 \
+                    _mm_add_epi32(_mm256_castsi256_si128(hs), _mm256_extracti128_si256(hs, 1));    \
+                __m256i hm = _mm256_hadd_epi32(mm01, mm23);                                        \
+                hm = _mm256_hadd_epi32(hm, hm);                                                    \
+                const __m128i im = _mm_unpacklo_epi32(_mm256_castsi256_si128(hm),                  \
+                                                      _mm256_extracti128_si256(hm, 1));            \
+                /* d_y * d_r, d_y * dmin_r */                                                      \
+                const __m128i dd = _mm_shuffle_epi8(                                               \
+                    _mm_unpacklo_epi64(_mm_unpacklo_epi32(h0, h1), _mm_unpacklo_epi32(h2, h3)),    \
+                    dsel);                                                                         \
+                const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(x[i].d), _mm256_cvtph_ps(dd));   \
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_inserti128_si256(                  \
+                                          _mm256_castsi128_si256(is), im, 1)),                     \
+                                      scale, acc);                                                 \
+            }                                                                                      \
+            _mm_storeu_ps(y + r,                                                                   \
+                          _mm_sub_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1))); \
+        }                                                                                          \
+        for (; r < nrows; ++r) y[r] = dot1(n, w + (size_t)r * stride, x);                          \
+    }
+
+/* Q6_K, 4 rows: each row's 8 int32 lanes and 8-lane float chain exactly DEF_DOT_Q6_K's
+ * (lane k: elements 4k..4k+3 of every 32), the activation's quants loaded once for the 4. */
+#define DEF_ROWS_Q6_K(fname, ATTR, SACC, dot1)                                                     \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
+                           const void *vx, float *y)                                               \
+    {                                                                                              \
+        const blk_q8_K *x = vx;                                                                    \
+        const int64_t nb = n / TSR_QK_K;                                                           \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);                   \
+        int64_t r = 0;                                                                             \
+        for (; r + 4 <= nrows; r += 4) {                                                           \
+            const uint8_t *w0 = w + (size_t)r * stride;                                            \
+            __m256 acc[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr) acc[rr] = _mm256_setzero_ps();  \
+            for (int64_t i = 0; i < nb; ++i) {                                                     \
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                \
+                _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
+                {                                                                                  \
+                    const blk_q6_K *bk = (const blk_q6_K *)(w0 + (size_t)rr * stride) + i;         \
+                    RQ_PREFETCH(w0, rr, i, nb, stride, sizeof(blk_q6_K));                          \
+                    const float d = x[i].d * _cvtsh_ss(bk->d);                                     \
+                    const __m256i sc16 =                                                           \
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)bk->scales));        \
+                    __m256i sumi =                                                                 \
+                        _mm256_sub_epi32(_mm256_setzero_si256(),                                   \
+                                         _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));       \
+                    _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                            \
+                    {                                                                              \
+                        const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)        \
+                                              : _mm256_permute2x128_si256(sc16, sc16, 0x00);       \
+                        const __m256i ql0 =                                                        \
+                            _mm256_loadu_si256((const __m256i *)(bk->ql + 64 * h));                \
+                        const __m256i ql1 =                                                        \
+                            _mm256_loadu_si256((const __m256i *)(bk->ql + 64 * h + 32));           \
+                        const __m256i qhv =                                                        \
+                            _mm256_loadu_si256((const __m256i *)(bk->qh + 32 * h));                \
+                        const int8_t *yq = x[i].qs + 128 * h;                                      \
+                        /* 6-bit q = low or high nibble of ql | 2 bits of qh at bits 4-5 */        \
+                        __m256i q[4];                                                              \
+                        q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),                          \
+                                               _mm256_and_si256(_mm256_slli_epi16(qhv, 4), m30));  \
+                        q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4),                          \
+                                               _mm256_and_si256(_mm256_slli_epi16(qhv, 2), m30));  \
+                        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),    \
+                                               _mm256_and_si256(qhv, m30));                        \
+                        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),    \
+                                               _mm256_and_si256(_mm256_srli_epi16(qhv, 2), m30));  \
+                        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                        \
+                        {                                                                          \
+                            const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k)); \
+                            const __m256i s = _mm256_shuffle_epi8(                                 \
+                                sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));         \
+                            sumi = SACC(sumi, _mm256_maddubs_epi16(q[k], yk), s);                  \
+                        }                                                                          \
+                    }                                                                              \
+                    acc[rr] =                                                                      \
+                        _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[rr]);     \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr) y[r + rr] =                     \
+                tsr_hsum8_ps(acc[rr]);                                                             \
+        }                                                                                          \
+        for (; r < nrows; ++r) y[r] = dot1(n, w + (size_t)r * stride, x);                          \
+    }
+
 #define DEF_ROWS_BY_DOT(fname, ATTR, dot)                                                          \
     ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
                            const void *x, float *y)                                                \
@@ -2276,9 +2498,9 @@ DEF_DOT_Q5_K(dot_q5_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_ROWS_BY_DOT(rows_q2_K_avx2, TSR_AVX2, dot_q2_K_avx2)
 DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
-DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
+DEF_ROWS_Q4_K(rows_q4_K_avx2, TSR_AVX2, SACC_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
-DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
+DEF_ROWS_Q6_K(rows_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
 /* clang-format on */
 
 /* ---- AVX-512 VNNI (256-bit vectors, EVEX vpdpbusd) -------------------------------------- */
@@ -2409,9 +2631,9 @@ DEF_DOT_Q5_K(dot_q5_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_ROWS_BY_DOT(rows_q2_K_vnni, TSR_VNNI, dot_q2_K_vnni)
 DEF_ROWS_BY_DOT(rows_q3_K_vnni, TSR_VNNI, dot_q3_K_vnni)
-DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
+DEF_ROWS_Q4_K(rows_q4_K_vnni, TSR_VNNI, SACC_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q5_K_vnni, TSR_VNNI, dot_q5_K_vnni)
-DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
+DEF_ROWS_Q6_K(rows_q6_K_vnni, TSR_VNNI, SACC_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
 /* ---- Q8_0 quantization of activations --------------------------------------------------

@@ -1227,14 +1227,6 @@ int32_t tsr_vocab_eos(const tsr_vocab *v)
 {
     return v->eos;
 }
-int32_t tsr_vocab_eot(const tsr_vocab *v)
-{
-    return v->eot;
-}
-int32_t tsr_vocab_unk(const tsr_vocab *v)
-{
-    return v->unk;
-}
 int32_t tsr_vocab_pad(const tsr_vocab *v)
 {
     return v->pad;
@@ -1246,10 +1238,6 @@ bool tsr_vocab_add_bos(const tsr_vocab *v)
 bool tsr_vocab_add_eos(const tsr_vocab *v)
 {
     return v->add_eos;
-}
-bool tsr_vocab_add_space_prefix(const tsr_vocab *v)
-{
-    return v->add_space_prefix;
 }
 
 bool tsr_vocab_is_eog(const tsr_vocab *v, int32_t id)
@@ -1266,16 +1254,6 @@ size_t tsr_vocab_eog_ids(const tsr_vocab *v, const int32_t **ids)
 bool tsr_vocab_is_control(const tsr_vocab *v, int32_t id)
 {
     return valid_id(v, id) && (v->attr[id] & TSR_VOCAB_ATTR_CONTROL);
-}
-
-uint32_t tsr_vocab_token_attr(const tsr_vocab *v, int32_t id)
-{
-    return valid_id(v, id) ? v->attr[id] : 0;
-}
-
-float tsr_vocab_token_score(const tsr_vocab *v, int32_t id)
-{
-    return valid_id(v, id) ? v->score[id] : 0.0f;
 }
 
 const char *tsr_vocab_token_text(const tsr_vocab *v, int32_t id, size_t *len)

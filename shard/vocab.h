@@ -90,12 +90,9 @@ const char *tsr_vocab_pre(const tsr_vocab *v);
 int32_t tsr_vocab_n_tokens(const tsr_vocab *v);
 int32_t tsr_vocab_bos(const tsr_vocab *v); /* TSR_TOKEN_NULL when the model has none */
 int32_t tsr_vocab_eos(const tsr_vocab *v);
-int32_t tsr_vocab_eot(const tsr_vocab *v); /* end of turn (key or found by text) */
-int32_t tsr_vocab_unk(const tsr_vocab *v);
 int32_t tsr_vocab_pad(const tsr_vocab *v);
 bool tsr_vocab_add_bos(const tsr_vocab *v); /* tokenize(add_special) prepends BOS */
 bool tsr_vocab_add_eos(const tsr_vocab *v); /* tokenize(add_special) appends EOS */
-bool tsr_vocab_add_space_prefix(const tsr_vocab *v);
 
 /* ---- per token (false / 0 / NULL for an id outside [0, n_tokens)) ---- */
 /* End of generation: the set llama.cpp derives from the vocabulary (special_eog_ids):
@@ -108,8 +105,6 @@ bool tsr_vocab_is_eog(const tsr_vocab *v, int32_t id);
 /* The same set as a list: *ids (owned by v, ascending) gets the ids; returns the count. */
 size_t tsr_vocab_eog_ids(const tsr_vocab *v, const int32_t **ids);
 bool tsr_vocab_is_control(const tsr_vocab *v, int32_t id);
-uint32_t tsr_vocab_token_attr(const tsr_vocab *v, int32_t id); /* TSR_VOCAB_ATTR_* bits */
-float tsr_vocab_token_score(const tsr_vocab *v, int32_t id);
 /* The token's text as stored in the vocabulary (SPM: with U+2581; BPE: byte-unicode
  * characters), NUL-terminated, owned by v; *len (if len is not NULL) gets its byte length. */
 const char *tsr_vocab_token_text(const tsr_vocab *v, int32_t id, size_t *len);

@@ -4,8 +4,9 @@
 # 3 shards + --merge, duplicate ids refused, progress on a pseudo-terminal and in a log.
 # Release: 300 lines, plus `mpirun -np 2 ... --tp 2 --ordered` (~25 s). Sanitizers: 60
 # lines on one process (the parsers, resume and signal paths under ASan/UBSan, ~15 s).
-# The Slurm side (sbatch preemption and requeue, array job + merge) is slurm_batch
-# (tests/slurm_batch_check.sh), release only. Included from tests/CMakeLists.txt.
+# The Slurm side (sbatch preemption and requeue, a COORDINATOR job through a cluster whose
+# coordinator dies mid-run, array job + merge) is slurm_batch (tests/slurm_batch_check.sh),
+# release only. Included from tests/CMakeLists.txt.
 set(TSR_BATCH_ENV "OMPI_ALLOW_RUN_AS_ROOT=1" "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 if(TSR_SANITIZE)
   list(APPEND TSR_BATCH_ENV "ASAN_OPTIONS=fast_unwind_on_malloc=0:detect_leaks=1"
@@ -31,8 +32,9 @@ endif()
 
 # `tessera batch --coordinator` (tests/python/test_batch_coord.py): a coordinator and two
 # stories260K replicas; a 100-line mixed file (chat, sampling, malformed lines) equal to
-# local-mode batch as sets of lines (--ordered too), a replica kill -9 mid-run (release),
-# the coordinator killed mid-run (exit 3) and the rerun completing. Release ~25 s;
+# local-mode batch as sets of lines (--ordered too; logprobs lines without -m), a replica
+# kill -9 mid-run (release), the coordinator killed mid-run (exit 3) and the rerun
+# completing. Release ~25 s;
 # sanitizers: --lean (50 lines; the coordinator kill on 16 short lines), the client's completion-queue and
 # retry paths under ASan/UBSan.
 if(TSR_SANITIZE)

@@ -9,7 +9,8 @@
  * matrix of TSR_BENCH_TILE_ROWS rows, default 2048: 4.4 MiB of Q8_0, mostly in L3).
  *
  * TSR_BENCH_TYPES=Q5_0,Q4_K (names, comma-separated) limits the types; TSR_BENCH_ISAS=avx2
- * the instruction sets; TSR_BENCH_MB the decode matrix size.
+ * the instruction sets; TSR_BENCH_MB the decode matrix size; TSR_BENCH_COLS the row length
+ * (default 2048; 8192 is the 1B shape's ffn_down).
  *
  * Not a ctest (CMake only builds tests/test_*.c). Build and run:
  *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_quant.c kernels/quant.c -lm -lpthread \
@@ -24,7 +25,9 @@
 
 #include "kernels/quant.h"
 
-enum { N_COLS = 2048, REPS = 12 };
+enum { REPS = 12 };
+/* elements per row: TSR_BENCH_COLS (default 2048; a multiple of 256 for the K-quants) */
+static int64_t N_COLS = 2048;
 
 static double now_s(void)
 {
@@ -167,6 +170,8 @@ int main(void)
     /* TSR_BENCH_MB: matrix size (default 64 MiB; e.g. 1 to measure in-cache compute) */
     const char *mb = getenv("TSR_BENCH_MB");
     const size_t matrix_bytes = (size_t)(mb && atof(mb) > 0 ? atof(mb) : 64.0) * (1 << 20);
+    const char *cols = getenv("TSR_BENCH_COLS");
+    if (cols && atoi(cols) >= 256 && atoi(cols) % 256 == 0) N_COLS = atoi(cols);
     printf("GB/s of weight bytes, median / best of %d passes\n", REPS);
     printf("%-6s %-11s %8s %15s %15s\n", "type", "isa", "rows", "1 thread", "2 threads");
     for (size_t t = 0; t < sizeof types / sizeof types[0]; ++t) {

@@ -54,13 +54,13 @@ target_link_libraries(bench_kvcache PRIVATE tessera_core)
 # f32 cache): the cases listed in TSR_REAL_EXACT_* run free-running and must give llama.cpp's
 # ids exactly (their every op is bit-identical to ggml's; docs/architecture.md "Numerics"),
 # the others teacher-forced within real_models_check's near-tie rule. Release tree only.
-# Not yet exact: Gemma 3 case 3 (free-running equal to step 16 of 40: llama.cpp's Q4_K
-# prefill sums tokens in groups of 4 in another order than its decode; we keep one order).
+# Gemma 3 case 3 needs the prompt tokens' Q4_K order (llama.cpp's repacked GEMM; worker/model.h
+# tsr_order_class): without it, free-running ids diverge at step 16 of 40.
 set(TSR_REAL_EXACT_smollm2 all)
 set(TSR_REAL_STEPS_smollm2 40)
 set(TSR_REAL_EXACT_qwen2 all)
 set(TSR_REAL_STEPS_qwen2 24)
-set(TSR_REAL_EXACT_gemma3 0,1,2)
+set(TSR_REAL_EXACT_gemma3 all)
 set(TSR_REAL_STEPS_gemma3 24)
 if(NOT TSR_SANITIZE)
   foreach(short smollm2 qwen2 gemma3)

@@ -209,6 +209,8 @@ int main(int argc, char **argv)
         const bool is_exact = case_listed(exact, k);
         const float *logits;
         int free_run = -1, n_near = 0, n_bad = 0;
+        /* prompt tokens in llama.cpp's prompt order classes (worker/model.h) */
+        tsr_ctx_set_prompt_len(ctx, n_prompt);
         int rc = tsr_forward(ctx, prompt, n_prompt, 0, false, &logits, err, sizeof err);
         for (int i = 0; rc == 0 && i < n_cmp; i++) {
             const int32_t got = argmax(logits, m->hp.n_vocab);

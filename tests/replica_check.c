@@ -31,7 +31,8 @@
  * part; the per-step logits must still agree.
  * The leader also loads the whole model in-process (tp 1, pp 1) and, for three prompts,
  * compares the greedy ids (identical) and every logit of every step (within --tol) of the
- * replica with the reference. It then checks what each rank read of the file: the sum of
+ * replica with the reference (prompt tokens in their order classes, worker/model.h
+ * tsr_order_class, on both sides: the class travels to every rank and stage). It then checks what each rank read of the file: the sum of
  * the ranks' layer bytes equals the model's (no rank read another's tiles), and each
  * rank's share is what the plan says. Exit 0 when all holds; 1 with a message otherwise.
  * With --expect-refusal TEXT the layout must be refused on every rank with a message
@@ -261,6 +262,9 @@ int main(int argc, char **argv)
         for (int i = 0; i < plen[k]; i++) toks[i] = prompts[k][i] % V;
         const float *lr, *ld;
         int32_t pos = plen[k];
+        /* the prompt's tokens in their order classes (worker/model.h), on every rank */
+        tsr_ctx_set_prompt_len(ref, plen[k]);
+        tsr_replica_set_prompt_len(rep, plen[k]);
         if (tsr_forward(ref, toks, plen[k], 0, false, &lr, err, sizeof err) ||
             tsr_replica_forward(rep, toks, plen[k], 0, &ld, err, sizeof err)) {
             fprintf(stderr, "replica_check: %s\n", err);
@@ -308,7 +312,7 @@ int main(int argc, char **argv)
          * step runs as pipeline micro-batches and the logits rows come back in batch order. */
         enum { NB = 16 };
         int32_t tok[NB], pos[NB], seq[NB], nblk[3] = {1, 1, 1};
-        uint8_t want[NB];
+        uint8_t want[NB], ord[NB];
         static const int32_t blk[3] = {0, 1, 2};
         const int32_t *tables[3] = {&blk[0], &blk[1], &blk[2]};
         int lens[3] = {plen[0] < 5 ? plen[0] : 5, plen[1] < 10 ? plen[1] : 10,
@@ -320,6 +324,7 @@ int main(int argc, char **argv)
                 pos[n] = i;
                 seq[n] = k;
                 want[n] = 1;
+                ord[n] = tsr_order_class(i, lens[k]);
             }
         const tsr_batch b = {.n_tokens = n,
                              .tokens = tok,
@@ -328,7 +333,8 @@ int main(int argc, char **argv)
                              .want_logits = want,
                              .n_seqs = 3,
                              .block_tables = tables,
-                             .n_blocks = nblk};
+                             .n_blocks = nblk,
+                             .order = ord};
         const float *ld;
         if (tsr_replica_step(rep, &b, &ld, err, sizeof err) != 0) {
             fprintf(stderr, "replica_check: batch step: %s\n", err);
@@ -340,6 +346,7 @@ int main(int argc, char **argv)
         for (int k = 0, row = 0; k < 3; k++) {
             const float *lr;
             if (lens[k] == 0) continue;
+            tsr_ctx_set_prompt_len(ref, lens[k]);
             if (tsr_forward(ref, &tok[row], lens[k], 0, true, &lr, err, sizeof err) != 0) {
                 fprintf(stderr, "replica_check: reference: %s\n", err);
                 return fail("reference");

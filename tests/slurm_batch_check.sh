@@ -7,6 +7,10 @@
 #   2. `scancel --batch --signal=TERM` (what --signal=B:TERM@120 does before a time
 #      limit): tessera stops, flushes, exits 3, the job requeues itself and finishes;
 #   3. `scancel --signal=TERM` (the ranks only): the same;
+#   3b. COORDINATOR=ADDR (no MODEL): the job sends the lines to a coordinator + replica
+#      started here; the coordinator is killed mid-run: tessera exits 3 after
+#      --retry-timeout, the job requeues itself, resumes once the coordinator is back on
+#      its port (the replica rejoins) and completes;
 #   4. `srun --mpi=pmix -n 2 tessera batch --tp 2` writes the lines of `mpirun -np 2 --tp 2`;
 #   5. an array of 3 shards (--array=0-2) whose merge job (submitted by the first task,
 #      afterok on the array) writes the same set of lines as the single job.
@@ -17,7 +21,7 @@
 # Slurm holds a requeued job ~2 minutes before it is eligible again (its own delay, so
 # that the old job's processes are gone); the test waits until no slurmstepd of the job
 # is left, then moves the start time to now (`scontrol update StartTime=now`).
-# Exit 77 (ctest: skipped) without root or the Slurm packages. ~60 s.
+# Exit 77 (ctest: skipped) without root or the Slurm packages. ~65 s.
 set -u
 if [ $# -ne 2 ]; then
   echo "usage: $0 TESSERA MODEL (stories260K.gguf; the synthetic model next to it is used)" >&2
@@ -53,8 +57,11 @@ at() { echo "at $(($(date +%s%3N) - T0)) ms"; }
 D=$(mktemp -d /tmp/tessera-slurm-batch.XXXXXX) || exit 1
 FAILED=0
 REFS_PID=""
+COORD_PID=""
+REP_PID=""
 cleanup() {
   [ -n "$REFS_PID" ] && kill "$REFS_PID" 2>/dev/null
+  for p in $COORD_PID $REP_PID; do kill -9 "$p" 2>/dev/null; done
   "$CLUSTER" stop "$D/cluster" >/dev/null 2>&1 || "$CLUSTER" stop "$D/cluster"
   if [ $FAILED -ne 0 ]; then
     for f in "$D"/cluster/log/slurmctld.log "$D"/cluster/log/slurmd.log; do
@@ -174,6 +181,65 @@ grep -q "SIGUSR1: no new lines" "$D/timelimit.log" && grep -q "requeueing job" "
 preempt sigterm timeout -k 2 10 scancel --signal=TERM
 grep -q "SIGTERM: no new lines" "$D/sigterm.log" && grep -q "requeueing job" "$D/sigterm.log" ||
   { tail -n 30 "$D/sigterm.log"; fail "sigterm: tessera did not stop gracefully / the job did not requeue itself"; }
+
+# COORDINATOR: the job loads no model (MODEL unset) and talks to a cluster started here.
+# wait_listen LOG: the address a tessera server printed ("listening on HOST:PORT").
+wait_listen() {
+  local end=$(($(date +%s) + 15)) a
+  while [ "$(date +%s)" -lt $end ]; do
+    a=$(grep -o 'listening on [0-9.]*:[0-9]*' "$1" 2>/dev/null | head -n 1 | cut -d' ' -f3)
+    [ -n "$a" ] && { echo "$a"; return 0; }
+    sleep 0.1
+  done
+  return 1
+}
+# wait_up ADDR: until the coordinator lists a replica UP.
+wait_up() {
+  local end=$(($(date +%s) + 15))
+  while [ "$(date +%s)" -lt $end ]; do
+    timeout -k 2 10 "$TESSERA" ctl --coordinator "$1" --json replicas 2>/dev/null |
+      grep -q '"state":[[:space:]]*"up"' && return 0
+    sleep 0.2
+  done
+  return 1
+}
+"$TESSERA" coordinator --listen 127.0.0.1:0 >"$D/coord-1.log" 2>&1 &
+COORD_PID=$!
+ADDR=$(wait_listen "$D/coord-1.log") || { cat "$D/coord-1.log"; fail "coordinator: did not start"; }
+"$TESSERA" serve -m "$MODEL" -c 256 -t 1 --max-seqs 1 --listen 127.0.0.1:0 --join "$ADDR" \
+  --name r1 >"$D/replica.log" 2>&1 &
+REP_PID=$!
+wait_up "$ADDR" || { tail -n 20 "$D/replica.log"; fail "coordinator: the replica did not join $ADDR"; }
+out=$D/coordinator.jsonl
+log=$D/coordinator.log
+job=$(cd "$D" && env -u MODEL COORDINATOR="$ADDR" OUTPUT="$out" timeout -k 2 15 sbatch --parsable \
+  -n 1 -c 1 --job-name=coordinator --output="$log" "$SB" --concurrency 4 --flush-lines 4 \
+  --flush-interval 100 --retry-timeout 2000 --max-retries 2 2>"$D/sbatch.err")
+job=${job%%;*}
+[ -n "$job" ] || { cat "$D/sbatch.err"; fail "coordinator: sbatch did not submit the job"; }
+wait_lines "$out" 30 || { tail -n 20 "$log"; fail "coordinator: job $job wrote no 30 lines in 30 s"; }
+kill -9 "$COORD_PID"
+{ wait "$COORD_PID"; } 2>/dev/null
+COORD_PID=""
+n_before=$(wc -l <"$out")
+END=$(($(date +%s) + 30))
+until grep -q "requeueing job" "$log" || [ "$(date +%s)" -ge $END ]; do sleep 0.2; done
+grep -q "incomplete (exit 3)" "$log" && grep -q "requeueing job" "$log" ||
+  { tail -n 30 "$log"; fail "coordinator: the job did not stop (exit 3) and requeue itself when the coordinator died"; }
+"$TESSERA" coordinator --listen "$ADDR" >"$D/coord-2.log" 2>&1 &
+COORD_PID=$!
+wait_listen "$D/coord-2.log" >/dev/null || { cat "$D/coord-2.log"; fail "coordinator: did not restart on $ADDR"; }
+wait_up "$ADDR" || { tail -n 20 "$D/replica.log"; fail "coordinator: the replica did not rejoin $ADDR"; }
+wait_done "$job" 90 || { tail -n 30 "$log"; fail "coordinator: job $job did not complete"; }
+grep -q "through the cluster at $ADDR" "$log" && grep -q "start 2" "$log" &&
+  grep -q "resuming: .* has [0-9]* lines" "$log" ||
+  { tail -n 30 "$log"; fail "coordinator: the requeued job did not resume through the cluster"; }
+echo "slurm_batch_check: coordinator: killed with $n_before lines written; exit 3, requeued, resumed through the restarted coordinator, completed ($(at))"
+check coordinator "$out" "$log"
+kill "$COORD_PID" "$REP_PID" 2>/dev/null
+{ wait "$COORD_PID" "$REP_PID"; } 2>/dev/null
+COORD_PID=""
+REP_PID=""
 
 # srun --mpi=pmix, 2 ranks (--tp 2), straight from the shell: the same lines as
 # `mpirun -np 2 ... --tp 2` (tp 2 sums in another order than one process, so the

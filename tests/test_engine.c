@@ -412,13 +412,18 @@ typedef struct {
     float temperature;
 } cow_req;
 
-static void run_cow(bool cache, int32_t max_seqs, int32_t n_kv_blocks, const cow_req *rq_list,
-                    int n_req, result *res, tsr_engine_status *st)
+static void run_cow_model(const char *model, const char *kv_type, bool cache, int32_t max_seqs,
+                          int32_t n_kv_blocks, const cow_req *rq_list, int n_req, result *res,
+                          tsr_engine_status *st)
 {
-    const char *model = tsr_test_model_path("stories260K.gguf");
     char err[512];
-    tsr_replica_params rp = {
-        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 48, .n_kv_blocks = n_kv_blocks};
+    tsr_replica_params rp = {.tp = 1,
+                             .pp = 1,
+                             .n_threads = 2,
+                             .n_ctx = 512,
+                             .n_batch = 48,
+                             .n_kv_blocks = n_kv_blocks,
+                             .kv_type = kv_type};
     tsr_replica *rep;
     if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
     tsr_engine_params ep = {
@@ -444,6 +449,13 @@ static void run_cow(bool cache, int32_t max_seqs, int32_t n_kv_blocks, const cow
     tsr_engine_get_status(e, st);
     tsr_engine_free(e);
     tsr_replica_close(rep);
+}
+
+static void run_cow(bool cache, int32_t max_seqs, int32_t n_kv_blocks, const cow_req *rq_list,
+                    int n_req, result *res, tsr_engine_status *st)
+{
+    run_cow_model(tsr_test_model_path("stories260K.gguf"), NULL, cache, max_seqs, n_kv_blocks,
+                  rq_list, n_req, res, st);
 }
 
 static void compare_runs(const char *what, const result *cold, const result *warm, int n)
@@ -531,6 +543,86 @@ static void test_prefix_cow(void **state)
     assert_true(sw.n_preemptions > 0 && sc.n_preemptions > 0);
     assert_int_equal(sw.kv_blocks_used, 0);
     assert_int_equal(sw.kv_blocks_free, sw.kv_blocks_total);
+}
+
+/* Order classes (worker/model.h) and the prefix cache, on a model with Q4_K weights, where a
+ * token's class changes its bits: r0 generates 27 tokens after a 37-token prompt P (classes:
+ * positions 0..35 prompt, 36.. GEMV); r1 sends P + r0's answer + 5 (69 tokens: positions
+ * 0..67 in the prompt class in a cold run) and r2 P + the answer (64). A block r0 computed
+ * with other classes than r1's cold run (block 2: 4 of 16 positions in the prompt class;
+ * block 3: none) must not be reused: r1 hits blocks 0-1 only, computes 2-3 as prompt
+ * tokens and caches them, r2 then hits all 4 (the last copied). Warm equals cold bit for
+ * bit (ids and logprobs), and r0 equals the single-sequence greedy run with the prompt's
+ * classes (tsr_ctx_set_prompt_len). Then batching and preemption on the same model. */
+static void test_prefix_order_class(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf");
+    int32_t turn[80];
+    turn[0] = 1;
+    for (int i = 1; i < 37; i++) turn[i] = 259 + (i * 41 + 7) % 253;
+    {
+        char err[512];
+        tsr_gguf *g;
+        tsr_model *m;
+        tsr_ctx *c;
+        assert_int_equal(tsr_gguf_open(model, &g, err, sizeof err), 0);
+        assert_int_equal(tsr_model_load(g, &m, err, sizeof err), 0);
+        assert_int_equal(tsr_ctx_new_kv(m, 512, 64, 1, TSR_KV_F32, &c, err, sizeof err), 0);
+        tsr_ctx_set_prompt_len(c, 37);
+        const float *lg;
+        assert_int_equal(tsr_forward(c, turn, 37, 0, false, &lg, err, sizeof err), 0);
+        for (int i = 0; i < 27; i++) {
+            turn[37 + i] = tsr_test_argmax(lg, m->hp.n_vocab);
+            assert_int_equal(tsr_forward(c, &turn[37 + i], 1, 37 + i, false, &lg, err, sizeof err),
+                             0);
+        }
+        tsr_ctx_free(c);
+        tsr_model_free(m);
+        tsr_gguf_close(g);
+    }
+    for (int i = 0; i < 5; i++) turn[64 + i] = 300 + i * 19;
+    const cow_req reqs[3] = {
+        {turn, 37, 27, 1, 0.0f}, {turn, 69, 12, 1, 0.0f}, {turn, 64, 12, 1, 0.0f}};
+    static result cold[3], warm[3];
+    tsr_engine_status sc, sw;
+    memset(cold, 0, sizeof cold);
+    memset(warm, 0, sizeof warm);
+    /* an f32 cache: f16 would round most of a K/V row's class difference away */
+    run_cow_model(model, "f32", false, 1, 40, reqs, 3, cold, &sc);
+    run_cow_model(model, "f32", true, 1, 40, reqs, 3, warm, &sw);
+    for (int i = 0; i < 27; i++)
+        if (cold[0].ids[i] != turn[37 + i])
+            fail_msg("r0 token %d: reference %d, engine %d", i, turn[37 + i], cold[0].ids[i]);
+    compare_runs("order classes", cold, warm, 3);
+    print_message("prefix order classes: %llu hits, %llu hit tokens, %llu copies\n",
+                  (unsigned long long)sw.prefix_cache_hits,
+                  (unsigned long long)sw.prefix_cache_hit_tokens,
+                  (unsigned long long)sw.prefix_cache_copies);
+    assert_int_equal(sw.prefix_cache_hits, 2);
+    assert_int_equal(sw.prefix_cache_hit_tokens, (2 + 4) * 16);
+    assert_int_equal(sw.kv_blocks_used, 0);
+
+    /* Batched, preempted, recomputed, cached: 16 concurrent requests over 14 blocks, whose
+     * prompts are 16..64 tokens of one text, against one request at a time in a large pool
+     * without the cache (no batching, no preemption): the same ids and logprobs. */
+    int32_t text[64];
+    text[0] = 1;
+    for (int i = 1; i < 64; i++) text[i] = 259 + (i * 23 + 3) % 253;
+    cow_req conc[16];
+    for (int k = 0; k < 16; k++)
+        conc[k] = (cow_req){text, 16 * (1 + (k * 3) % 4) - (k % 4), 8 + (k * 5) % 13, 1,
+                            k % 3 == 0 ? 0.0f : 0.8f};
+    static result alone[16], busy[16];
+    memset(alone, 0, sizeof alone);
+    memset(busy, 0, sizeof busy);
+    run_cow_model(model, "f32", false, 1, 200, conc, 16, alone, &sc);
+    run_cow_model(model, "f32", true, 8, 14, conc, 16, busy, &sw);
+    compare_runs("order classes, concurrent", alone, busy, 16);
+    print_message("prefix order classes, concurrent: %llu hits, %llu preemptions\n",
+                  (unsigned long long)sw.prefix_cache_hits, (unsigned long long)sw.n_preemptions);
+    assert_true(sw.n_preemptions > 0 && sc.n_preemptions == 0);
+    assert_int_equal(sw.kv_blocks_used, 0);
 }
 
 /* The draft model's pool has its own prefix cache: one request at a time with a draft model
@@ -650,7 +742,7 @@ int main(void)
         cmocka_unit_test(test_batched_equals_single), cmocka_unit_test(test_preemption),
         cmocka_unit_test(test_cancel_and_errors),     cmocka_unit_test(test_resume),
         cmocka_unit_test(test_prefix_cache),          cmocka_unit_test(test_prefix_cow),
-        cmocka_unit_test(test_prefix_draft),
+        cmocka_unit_test(test_prefix_draft),          cmocka_unit_test(test_prefix_order_class),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

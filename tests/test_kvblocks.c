@@ -3,7 +3,8 @@
  * chain keys, hits verified by token ids and parent (with a degenerate hash too), shared
  * blocks' reference counts, LRU eviction order (a chain from its tail), an evicted parent
  * making its children unreachable, duplicate commits, copy-on-write of a fully cached
- * sequence's last block, the cache turned off, and a random
+ * sequence's last block, tags (blocks found only under the tag they were committed with), the
+ * cache turned off, and a random
  * workload whose invariants are checked after every operation and whose references all
  * return to zero at the end.
  */
@@ -210,6 +211,52 @@ static void test_hit_verified_by_tokens(void **state)
     tsr_kvblocks_release(m, got, 1);
     check_invariants(m);
     tsr_kvblocks_free(m);
+}
+
+/* Tags (the engine's order classes): an entry is found only under the tag it was committed
+ * with, even when every hash is the same; tag 0 is the untagged functions' entry, and the
+ * same tokens may be cached once per tag. */
+static void test_tags(void **state)
+{
+    (void)state;
+    for (int degenerate = 0; degenerate < 2; degenerate++) {
+        tsr_kvblocks *m = mk(16, true);
+        if (degenerate) tsr_kvblocks_set_hash(m, constant_hash);
+        int32_t p[3 * B], blocks[3], got[3];
+        fill(p, 3, 7);
+        const uint8_t tags[3] = {16, 4, 0}; /* a prompt block, a mixed one, a generated one */
+        assert_true(tsr_kvblocks_alloc(m, 3, blocks));
+        tsr_kvblocks_chain ch = {0};
+        for (int32_t i = 0; i < 3; i++)
+            assert_true(tsr_kvblocks_commit_tagged(m, &ch, blocks[i], p + (size_t)i * B, tags[i]));
+        tsr_kvblocks_release(m, blocks, 3);
+        /* the same tags: all three */
+        assert_int_equal(tsr_kvblocks_match_tagged(m, p, tags, 3, got, &ch), 3);
+        tsr_kvblocks_release(m, got, 3);
+        /* a later prompt computes blocks 1 and 2 as prompt tokens (tag 16): block 0 only */
+        const uint8_t prompt_tags[3] = {16, 16, 16};
+        assert_int_equal(tsr_kvblocks_match_tagged(m, p, prompt_tags, 3, got, &ch), 1);
+        assert_int_equal(got[0], blocks[0]);
+        /* ... computes them and caches them under its tags, beside the others */
+        int32_t mine[2];
+        assert_true(tsr_kvblocks_alloc(m, 2, mine));
+        for (int32_t i = 1; i < 3; i++)
+            assert_true(
+                tsr_kvblocks_commit_tagged(m, &ch, mine[i - 1], p + (size_t)i * B, prompt_tags[i]));
+        tsr_kvblocks_release(m, got, 1);
+        tsr_kvblocks_release(m, mine, 2);
+        assert_int_equal(tsr_kvblocks_match_tagged(m, p, prompt_tags, 3, got, &ch), 3);
+        assert_int_equal(got[1], mine[0]);
+        assert_int_equal(got[2], mine[1]);
+        tsr_kvblocks_release(m, got, 3);
+        assert_int_equal(tsr_kvblocks_match_tagged(m, p, tags, 3, got, &ch), 3);
+        assert_int_equal(got[1], blocks[1]);
+        tsr_kvblocks_release(m, got, 3);
+        /* untagged lookups see tag 0 only: block 0 was tag 16 */
+        assert_int_equal(tsr_kvblocks_match(m, p, 3, got, &ch), 0);
+        check_invariants(m);
+        tsr_kvblocks_free(m);
+    }
 }
 
 /* Free blocks go first; then the least recently used cached ones, a chain from its tail. */
@@ -502,11 +549,17 @@ static void test_copy_on_write(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_hash_chain),         cmocka_unit_test(test_hit_and_refcounts),
-        cmocka_unit_test(test_parent_verified),    cmocka_unit_test(test_hit_verified_by_tokens),
-        cmocka_unit_test(test_lru_eviction_order), cmocka_unit_test(test_evicted_parent),
-        cmocka_unit_test(test_duplicate_commit),   cmocka_unit_test(test_cache_off),
-        cmocka_unit_test(test_random_workload),    cmocka_unit_test(test_copy_on_write),
+        cmocka_unit_test(test_hash_chain),
+        cmocka_unit_test(test_hit_and_refcounts),
+        cmocka_unit_test(test_parent_verified),
+        cmocka_unit_test(test_hit_verified_by_tokens),
+        cmocka_unit_test(test_lru_eviction_order),
+        cmocka_unit_test(test_evicted_parent),
+        cmocka_unit_test(test_duplicate_commit),
+        cmocka_unit_test(test_cache_off),
+        cmocka_unit_test(test_random_workload),
+        cmocka_unit_test(test_copy_on_write),
+        cmocka_unit_test(test_tags),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

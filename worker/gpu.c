@@ -63,7 +63,6 @@ struct tsr_gpu_ctx {
     int32_t desc_cap;   /* int32s */
     int32_t *desc_host; /* host staging of the descriptor */
     float *host_buf;    /* host staging of tp all-reduces over a non-NCCL communicator */
-    uint64_t t_comm_ns;
     /* device-direct transport (tsr_gpu_ctx_set_pipe) */
     bool direct;
     tsr_comm *pipe;
@@ -386,11 +385,6 @@ void tsr_gpu_ctx_set_tp_comm(tsr_gpu_ctx *gc, tsr_comm *tp)
     gc->tp = tp;
 }
 
-uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc)
-{
-    return gc->t_comm_ns;
-}
-
 bool tsr_gpu_host_addressable(void)
 {
     return tsr_cuda_host_addressable();
@@ -444,15 +438,12 @@ int tsr_gpu_ctx_logits_out(tsr_gpu_ctx *gc, tsr_comm *tp, const int32_t *vocab_b
         return -1;
     }
     if (tsr_cuda_activate(d, err, err_len) != 0 || tsr_cuda_sync(d, err, err_len) != 0) return -1;
-    const uint64_t t0 = tsr_now_ns();
     int rc = 0;
     float *full = gc->logits; /* tp 1: this rank's slice is the whole vocabulary */
     if (n_tp > 1 && me != 0) {
         /* [n_want][vocab_n[me]] to tp rank 0 */
-        rc = tsr_comm_send(tp, gc->logits, sizeof(float) * (size_t)n_want * (size_t)vocab_n[me], 0,
-                           tag, err, err_len);
-        gc->t_comm_ns += tsr_now_ns() - t0;
-        return rc;
+        return tsr_comm_send(tp, gc->logits, sizeof(float) * (size_t)n_want * (size_t)vocab_n[me],
+                             0, tag, err, err_len);
     }
     if (n_tp > 1) {
         /* tp rank 0: receive the others' slices back to back, then interleave every rank's
@@ -492,7 +483,6 @@ int tsr_gpu_ctx_logits_out(tsr_gpu_ctx *gc, tsr_comm *tp, const int32_t *vocab_b
             rc = tsr_comm_send(gc->pipe, full, sizeof(float) * (size_t)n_want * V, leader_peer, tag,
                                err, err_len);
     }
-    gc->t_comm_ns += tsr_now_ns() - t0;
     return rc;
 }
 
@@ -509,11 +499,9 @@ int tsr_gpu_ctx_logits_in(tsr_gpu_ctx *gc, int peer, int tag, int32_t n_want, fl
     if (tsr_cuda_activate(d, err, err_len) != 0) return -1;
     if (grow(gc, &gc->logits_full, &gc->logits_full_floats, n, "logits", err, err_len) != 0)
         return -1;
-    const uint64_t t0 = tsr_now_ns();
     int rc = tsr_comm_recv(gc->pipe, gc->logits_full, sizeof(float) * n, peer, tag, err, err_len);
     if (rc == 0)
         rc = tsr_cuda_download(d, host_out, gc->logits_full, sizeof(float) * n, err, err_len);
-    gc->t_comm_ns += tsr_now_ns() - t0;
     return rc;
 }
 
@@ -533,7 +521,6 @@ static int tp_allreduce(tsr_gpu_ctx *gc, float *x, size_t n, char *err, size_t e
     if (!gc->tp || gc->tp->size <= 1) return 0;
     tsr_cuda_dev *d = gc->gm->dev;
     if (tsr_cuda_sync(d, err, err_len) != 0) return -1;
-    const uint64_t t0 = tsr_now_ns();
     int rc;
     if (gc->direct || strcmp(gc->tp->vt->name, "nccl") == 0) {
         rc = tsr_comm_allreduce_sum_f32(gc->tp, x, n, err, err_len);
@@ -542,7 +529,6 @@ static int tp_allreduce(tsr_gpu_ctx *gc, float *x, size_t n, char *err, size_t e
         if (rc == 0) rc = tsr_comm_allreduce_sum_f32(gc->tp, gc->host_buf, n, err, err_len);
         if (rc == 0) rc = tsr_cuda_upload(d, x, gc->host_buf, sizeof(float) * n, err, err_len);
     }
-    gc->t_comm_ns += tsr_now_ns() - t0;
     return rc;
 }
 
@@ -771,11 +757,6 @@ static void be_set_tp(void *state, tsr_comm *tp)
     tsr_gpu_ctx_set_tp_comm(state, tp);
 }
 
-static uint64_t be_comm_ns(const void *state)
-{
-    return tsr_gpu_ctx_comm_ns(state);
-}
-
 static void be_free(void *state)
 {
     tsr_gpu_ctx *gc = state;
@@ -813,7 +794,6 @@ static const tsr_backend k_gpu_backend = {
     .name = "cuda",
     .forward_batch = be_forward,
     .set_tp_comm = be_set_tp,
-    .comm_ns = be_comm_ns,
     .free = be_free,
     .kv_copy = be_kv_copy,
 };
@@ -916,11 +896,6 @@ void tsr_gpu_ctx_free(tsr_gpu_ctx *gc)
 }
 
 void tsr_gpu_ctx_set_tp_comm(tsr_gpu_ctx *gc, tsr_comm *tp) {}
-
-uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc)
-{
-    return 0;
-}
 
 int tsr_gpu_forward_batch(tsr_gpu_ctx *gc, const tsr_batch *b, float *hidden, float *logits,
                           char *err, size_t err_len)

@@ -67,7 +67,6 @@ int tsr_gpu_ctx_new(tsr_gpu_model *gm, int32_t n_kv_blocks, int32_t n_batch, uin
                     tsr_gpu_ctx **out, char *err, size_t err_len);
 void tsr_gpu_ctx_free(tsr_gpu_ctx *gc);
 void tsr_gpu_ctx_set_tp_comm(tsr_gpu_ctx *gc, tsr_comm *tp);
-uint64_t tsr_gpu_ctx_comm_ns(const tsr_gpu_ctx *gc);
 
 /* One batch through this rank's part of the model, with tsr_forward_batch's contract
  * (hidden and logits are host buffers; the batch was validated by the caller). */

@@ -659,16 +659,11 @@ struct tsr_ctx {
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
     void *scratch;
     const tsr_batch *b;    /* the batch in flight (attention workers read it) */
+    int32_t prompt_len;    /* tsr_forward's order classes (tsr_ctx_set_prompt_len) */
     const tsr_backend *be; /* NULL: the CPU path below (see tsr_ctx_set_backend) */
     void *be_state;
-    uint64_t t_forward_ns;
-    uint64_t t_comm_ns;
 };
 
-int32_t tsr_ctx_n_ctx(const tsr_ctx *c)
-{
-    return c->n_ctx;
-}
 int32_t tsr_ctx_n_kv_blocks(const tsr_ctx *c)
 {
     return c->n_kv_blocks;
@@ -677,14 +672,9 @@ int32_t tsr_ctx_n_batch(const tsr_ctx *c)
 {
     return c->n_batch;
 }
-uint64_t tsr_ctx_forward_ns(const tsr_ctx *c)
+void tsr_ctx_set_prompt_len(tsr_ctx *c, int32_t n_prompt)
 {
-    return c->t_forward_ns;
-}
-uint64_t tsr_ctx_comm_ns(const tsr_ctx *c)
-{
-    if (c->be) return c->be->comm_ns ? c->be->comm_ns(c->be_state) : 0;
-    return c->t_comm_ns;
+    c->prompt_len = n_prompt;
 }
 float *tsr_ctx_hidden(tsr_ctx *c)
 {
@@ -815,12 +805,6 @@ oom:
                 n_kv_blocks, TSR_KV_BLOCK_SIZE, tsr_kv_type_name(kv_type));
     tsr_ctx_free(c);
     return -1;
-}
-
-int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
-                      tsr_ctx **out, char *err, size_t err_len)
-{
-    return ctx_alloc(m, n_kv_blocks, n_batch, n_threads, TSR_KV_F32, out, err, err_len);
 }
 
 int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
@@ -986,10 +970,7 @@ static void add_bias(float *x, const float *bias, int n_tok, int n)
 static int tp_allreduce(tsr_ctx *c, float *buf, size_t n, char *err, size_t err_len)
 {
     if (!c->tp || c->tp->size <= 1) return 0;
-    uint64_t t0 = tsr_now_ns();
-    int rc = tsr_comm_allreduce_sum_f32(c->tp, buf, n, err, err_len);
-    c->t_comm_ns += tsr_now_ns() - t0;
-    return rc;
+    return tsr_comm_allreduce_sum_f32(c->tp, buf, n, err, err_len);
 }
 
 static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t err_len)
@@ -1038,17 +1019,15 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     const tsr_shard *sh = &m->shard;
     const int E = hp->n_embd;
     const int hd = hp->head_dim;
-    const int n = b->n_tokens;
+    int n = b->n_tokens; /* rows in flight: all tokens, then after the last layer's cut the
+                            tokens that want logits */
+    const uint8_t *ord = b->order;
+    bool cut = false;
     const int n_head_local = sh->head_end - sh->head_begin;
     const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
     const int64_t n_ff = sh->ff_end - sh->ff_begin;
     if (check_batch(c, b, err, err_len) != 0) return -1;
-    uint64_t t0 = tsr_now_ns();
-    if (c->be) {
-        int rc = c->be->forward_batch(c->be_state, b, x, logits, err, err_len);
-        c->t_forward_ns += tsr_now_ns() - t0;
-        return rc;
-    }
+    if (c->be) return c->be->forward_batch(c->be_state, b, x, logits, err, err_len);
     c->b = b;
     tsr_tdump_begin_call();
 
@@ -1072,7 +1051,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
             float *ys[3] = {c->q, c->k, c->v};
-            tsr_matmul_multi(c->pool, ws, ys, 3, c->xb, n, c->scratch);
+            tsr_matmul_multi_ord(c->pool, ws, ys, 3, c->xb, n, ord, c->scratch);
         }
         const int q_dim_local = n_head_local * hd;
         TSR_TDUMP("q_mm", il, c->q, (size_t)n * q_dim_local);
@@ -1116,10 +1095,32 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         tsr_pool_run(c->pool, attn_run, &aj);
 
         TSR_TDUMP("kqv_out", il, c->att_out, (size_t)n * q_dim_local);
-        tsr_matmul(c->pool, &L->wo, c->att_out, n, c->xb2, c->scratch);
+        {
+            const tsr_weight *ws[1] = {&L->wo};
+            float *ys[1] = {c->xb2};
+            tsr_matmul_multi_ord(c->pool, ws, ys, 1, c->att_out, n, ord, c->scratch);
+        }
         TSR_TDUMP("attn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->bo) add_bias(c->xb2, L->bo, n, E);
+        if (il == hp->n_layer - 1 && m->last_stage) {
+            /* The last layer's cut (llama.cpp's inp_out_ids, after the attention output):
+             * only the tokens that want logits go on, in the GEMV order. Nothing else reads
+             * the other rows: their K/V of this layer are stored already. */
+            int n_keep = 0;
+            for (int t = 0; t < n; t++) {
+                if (!b->want_logits[t]) continue;
+                if (t != n_keep) {
+                    memmove(x + (size_t)n_keep * E, x + (size_t)t * E, sizeof(float) * E);
+                    memmove(c->xb2 + (size_t)n_keep * E, c->xb2 + (size_t)t * E, sizeof(float) * E);
+                }
+                n_keep++;
+            }
+            n = n_keep;
+            ord = NULL;
+            cut = true;
+            if (n == 0) break;
+        }
         if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
 
@@ -1129,7 +1130,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
             float *ys[2] = {c->hb, c->hb2};
-            tsr_matmul_multi(c->pool, ws, ys, 2, c->xb, n, c->scratch);
+            tsr_matmul_multi_ord(c->pool, ws, ys, 2, c->xb, n, ord, c->scratch);
         }
         TSR_TDUMP("ffn_gate", il, c->hb, (size_t)n * n_ff);
         TSR_TDUMP("ffn_up", il, c->hb2, (size_t)n * n_ff);
@@ -1139,7 +1140,11 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             for (int t = 0; t < n; t++)
                 tsr_swiglu(c->hb + (size_t)t * n_ff, c->hb2 + (size_t)t * n_ff, n_ff);
         TSR_TDUMP("ffn_act", il, c->hb, (size_t)n * n_ff);
-        tsr_matmul(c->pool, &L->w_down, c->hb, n, c->xb2, c->scratch);
+        {
+            const tsr_weight *ws[1] = {&L->w_down};
+            float *ys[1] = {c->xb2};
+            tsr_matmul_multi_ord(c->pool, ws, ys, 1, c->hb, n, ord, c->scratch);
+        }
         TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
         if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
@@ -1149,8 +1154,8 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
 
     if (m->last_stage && logits) {
         int n_want = 0;
-        for (int t = 0; t < n; t++) {
-            if (!b->want_logits[t]) continue;
+        for (int t = 0; t < n; t++) { /* after the cut every row wants logits */
+            if (!cut && !b->want_logits[t]) continue;
             tsr_rmsnorm(c->head_in + (size_t)n_want * E, x + (size_t)t * E, m->output_norm, 1, E,
                         hp->rms_eps);
             n_want++;
@@ -1165,7 +1170,6 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
     }
     c->b = NULL;
-    c->t_forward_ns += tsr_now_ns() - t0;
     return 0;
 fail:
     c->b = NULL;
@@ -1198,10 +1202,12 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)c->n_batch);
     int32_t *seq = calloc((size_t)c->n_batch, sizeof(int32_t));
     uint8_t *want = calloc((size_t)c->n_batch, 1);
-    if (!pos || !seq || !want) {
+    uint8_t *ord = calloc((size_t)c->n_batch, 1);
+    if (!pos || !seq || !want || !ord) {
         free(pos);
         free(seq);
         free(want);
+        free(ord);
         tsr_set_err(err, err_len, "out of memory");
         return -1;
     }
@@ -1213,6 +1219,7 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
         for (int32_t i = 0; i < k; i++) {
             pos[i] = pos0 + done + i;
             want[i] = all_logits || done + i == n - 1;
+            ord[i] = tsr_order_class(pos[i], c->prompt_len);
         }
         tsr_batch b = {.n_tokens = k,
                        .tokens = tokens + done,
@@ -1221,13 +1228,15 @@ int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool
                        .want_logits = want,
                        .n_seqs = 1,
                        .block_tables = tables,
-                       .n_blocks = &n_blocks};
+                       .n_blocks = &n_blocks,
+                       .order = ord};
         rc = tsr_forward_batch(c, &b, c->x, c->logits, err, err_len);
         done += k;
     }
     free(pos);
     free(seq);
     free(want);
+    free(ord);
     *logits = c->logits;
     return rc;
 }

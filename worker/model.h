@@ -180,13 +180,10 @@ typedef struct tsr_ctx tsr_ctx;
 int tsr_ctx_new(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads, tsr_ctx **out,
                 char *err, size_t err_len);
 
-/* A context with a KV pool of n_kv_blocks blocks for many sequences (serving). */
-int tsr_ctx_new_paged(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
-                      tsr_ctx **out, char *err, size_t err_len);
-
-/* As tsr_ctx_new / tsr_ctx_new_paged (which store float32), with K and V stored as kv_type.
- * Fails with a message when the model's heads cannot be stored so (q8_0 needs head_dim %
- * 32 == 0: tsr_kv_type_fits). */
+/* As tsr_ctx_new (which stores float32), with K and V stored as kv_type; the _paged_ form
+ * makes a KV pool of n_kv_blocks blocks for many sequences (serving). Fails with a message
+ * when the model's heads cannot be stored so (q8_0 needs head_dim % 32 == 0:
+ * tsr_kv_type_fits). */
 int tsr_ctx_new_kv(const tsr_model *m, int32_t n_ctx, int32_t n_batch, int n_threads,
                    tsr_kv_type kv_type, tsr_ctx **out, char *err, size_t err_len);
 int tsr_ctx_new_paged_kv(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, int n_threads,
@@ -217,7 +214,22 @@ typedef struct {
     int32_t n_seqs;
     const int32_t *const *block_tables; /* [n_seqs][n_blocks[s]] */
     const int32_t *n_blocks;            /* [n_seqs] */
+    /* [n_tokens] order class of each token, or NULL (all 0). 1: a prompt token that
+     * llama.cpp multiplies with its repacked Q4_K GEMM: position p < 4 * floor(L / 4) of a
+     * sequence whose prompt has L tokens (tsr_order_class). Q4_K matmuls then sum in that
+     * GEMM's order (kernels/q4k_gemm.h), others ignore it; 0: the GEMV order (the prompt's
+     * tail, generated tokens, drafts). The class is part of the token's identity: its
+     * results depend on it and never on the rest of the batch. */
+    const uint8_t *order;
 } tsr_batch;
+
+/* The order class of position pos in a sequence whose prompt has n_prompt tokens (the
+ * engine's rule, llama.cpp's as it runs a prompt in ubatches of 512 then one token per step:
+ * the GEMM gets the first n - n % 4 tokens of every ubatch). */
+static inline uint8_t tsr_order_class(int32_t pos, int32_t n_prompt)
+{
+    return pos < (n_prompt / 4) * 4 ? 1 : 0;
+}
 
 /* The compute backend seam. A context computes on the CPU (kernels/ops.h) unless a backend
  * is attached; then tsr_forward_batch validates the batch and hands it to the backend, which
@@ -225,7 +237,6 @@ typedef struct {
  * replica's communication around a step do not change. Members:
  *   forward_batch  required: tsr_forward_batch's contract on a validated batch;
  *   set_tp_comm    optional (NULL: the backend ignores tensor parallelism, valid for tp 1);
- *   comm_ns        optional (NULL: 0): time in communication inside forward;
  *   free           optional: releases state when the context is freed;
  *   kv_copy        optional (NULL: tsr_ctx_kv_copy refuses): tsr_ctx_kv_copy on validated
  *                  block ids. */
@@ -234,7 +245,6 @@ typedef struct {
     int (*forward_batch)(void *state, const tsr_batch *b, float *hidden, float *logits, char *err,
                          size_t err_len);
     void (*set_tp_comm)(void *state, tsr_comm *tp);
-    uint64_t (*comm_ns)(const void *state);
     void (*free)(void *state);
     int (*kv_copy)(void *state, const int32_t *src, const int32_t *dst, int32_t n, char *err,
                    size_t err_len);
@@ -252,9 +262,13 @@ void *tsr_ctx_backend_state(const tsr_ctx *c);
 /* Run one batch (n_tokens <= n_batch) through this rank's part of the model.
  * hidden: [n_tokens][n_embd]; on the first stage it is filled from the embedding,
  * otherwise it must hold the previous stage's output; on return it holds this stage's
- * output. On the last stage, logits receives [n_want][vocab_end - vocab_begin] rows (this
- * rank's vocabulary slice) for the marked tokens; pass NULL elsewhere. Returns 0 or < 0
- * with err (bad ids/positions/blocks, communication failure). */
+ * output, except on the last stage: there the last layer computes its post-attention part
+ * (norms, FFN) only for the tokens that want logits, as llama.cpp does (inp_out_ids), and
+ * hidden holds their rows only, first n_want rows in batch order; every token runs that
+ * part in the GEMV order (class 0), as llama.cpp's single output row does. On the last stage,
+ * logits receives [n_want][vocab_end - vocab_begin] rows (this rank's vocabulary slice) for the
+ * marked tokens; pass NULL elsewhere. Returns 0 or < 0 with err (bad ids/positions/blocks,
+ * communication failure). */
 int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *hidden, float *logits, char *err,
                       size_t err_len);
 
@@ -270,10 +284,12 @@ int tsr_ctx_kv_copy(tsr_ctx *c, const int32_t *src, const int32_t *dst, int32_t 
 /* Scratch for hidden states, [n_batch][n_embd], owned by the context. */
 float *tsr_ctx_hidden(tsr_ctx *c);
 
-/* Time in communication inside forward (tensor-parallel all-reduces), nanoseconds. */
-uint64_t tsr_ctx_comm_ns(const tsr_ctx *c);
 void tsr_ctx_free(tsr_ctx *c);
-int32_t tsr_ctx_n_ctx(const tsr_ctx *c);
+
+/* Order classes for tsr_forward: positions below 4 * floor(n_prompt / 4) run as prompt
+ * tokens (tsr_order_class). 0 (the default) runs every token in the GEMV order. Set it to the
+ * prompt's length before feeding the prompt to get llama.cpp's results. */
+void tsr_ctx_set_prompt_len(tsr_ctx *c, int32_t n_prompt);
 
 /* Single sequence, single process (whole model): run n tokens at positions
  * pos0 .. pos0+n-1 (earlier positions must already be in the KV cache). n may exceed n_batch: it is
@@ -282,8 +298,5 @@ int32_t tsr_ctx_n_ctx(const tsr_ctx *c);
  * n_batch then). */
 int tsr_forward(tsr_ctx *c, const int32_t *tokens, int32_t n, int32_t pos0, bool all_logits,
                 const float **logits, char *err, size_t err_len);
-
-/* Time spent in the forward pass since creation, in nanoseconds (for benchmarks). */
-uint64_t tsr_ctx_forward_ns(const tsr_ctx *c);
 
 #endif

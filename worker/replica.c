@@ -51,8 +51,10 @@ struct tsr_replica {
     size_t *counts, *displs;
     const int32_t **tables; /* [tables_cap] per-sequence block tables of a step */
     int32_t tables_cap;
-    uint8_t *want; /* [n_batch] */
-    int32_t n_ctx; /* max positions of one sequence */
+    uint8_t *want;      /* [n_batch] */
+    uint8_t *order;     /* [n_batch] order classes of a step (bit 1 of the wire's want) */
+    int32_t prompt_len; /* tsr_replica_forward's order classes (tsr_replica_set_prompt_len) */
+    int32_t n_ctx;      /* max positions of one sequence */
     tsr_rank_stats st;
 };
 
@@ -89,6 +91,18 @@ tsr_kv_type tsr_replica_kv_type(const tsr_replica *r)
     return r->kv_type;
 }
 
+void tsr_replica_set_prompt_len(tsr_replica *r, int32_t n_prompt)
+{
+    r->prompt_len = n_prompt;
+}
+bool tsr_replica_order_sensitive(const tsr_replica *r)
+{
+    /* Q4_K is the one type whose dots have two orders (kernels/q4k_gemm.h); the leader
+     * may hold only part of the model, so ask the file */
+    for (int64_t i = 0; i < tsr_gguf_n_tensors(r->g); i++)
+        if (tsr_gguf_tensor_at(r->g, i)->type == TSR_TYPE_Q4_K) return true;
+    return false;
+}
 int32_t tsr_replica_n_ctx(const tsr_replica *r)
 {
     return r->n_ctx;
@@ -420,10 +434,11 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->logits_gather = malloc(nb * V * sizeof(float));
     r->logits = malloc(nb * V * sizeof(float));
     r->want = malloc(nb);
+    r->order = malloc(nb);
     r->counts = calloc((size_t)r->p.tp, sizeof(size_t));
     r->displs = calloc((size_t)r->p.tp, sizeof(size_t));
     if (!r->logits_slice || !r->logits_gather || !r->logits || !r->counts || !r->displs ||
-        !r->want) {
+        !r->want || !r->order) {
         tsr_set_err(err, err_len, "out of memory");
         goto fail;
     }
@@ -470,6 +485,7 @@ void tsr_replica_close(tsr_replica *r)
     free(r->displs);
     free(r->tables);
     free(r->want);
+    free(r->order);
     free(r->vocab_begin);
     free(r->vocab_n);
     free(r);
@@ -529,7 +545,12 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         tables[s] = tab + off;
         off += n_blocks[s];
     }
-    for (int32_t i = 0; i < n; i++) want[i] = (uint8_t)want32[i];
+    /* the wire's want word: bit 0 wants logits, bit 1 the token's order class */
+    uint8_t *order = r->order;
+    for (int32_t i = 0; i < n; i++) {
+        want[i] = (uint8_t)(want32[i] & 1);
+        order[i] = (uint8_t)((want32[i] >> 1) & 1);
+    }
     tsr_batch b = {.n_tokens = n,
                    .tokens = tokens,
                    .pos = pos,
@@ -537,7 +558,8 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
                    .want_logits = want,
                    .n_seqs = n_seqs,
                    .block_tables = tables,
-                   .n_blocks = n_blocks};
+                   .n_blocks = n_blocks,
+                   .order = order};
     const size_t E = (size_t)r->m->hp.n_embd;
     const size_t V = (size_t)r->m->hp.n_vocab;
     float *x = tsr_ctx_hidden(r->ctx);
@@ -581,6 +603,7 @@ static int run_step(tsr_replica *r, char *err, size_t err_len)
         bj.pos = pos + off;
         bj.seq = seq + off;
         bj.want_logits = want + off;
+        bj.order = order + off;
         float *lj = r->stage == last ? r->logits_slice + (size_t)want_done * vr : NULL;
         if (tsr_forward_batch(r->ctx, &bj, xj, lj, err, err_len) != 0) return -1;
         for (int32_t i = 0; i < len; i++) want_done += want[off + i] ? 1 : 0;
@@ -694,7 +717,8 @@ int tsr_replica_forward(tsr_replica *r, const int32_t *tokens, int32_t n, int32_
             tk[i] = tokens[done + i];
             ps[i] = pos0 + done + i;
             sq[i] = 0;
-            wt[i] = done + i == n - 1;
+            wt[i] = (done + i == n - 1 ? 1 : 0) | tsr_order_class(pos0 + done + i, r->prompt_len)
+                                                      << 1;
         }
         nbk[0] = n_tab;
         for (int32_t i = 0; i < n_tab; i++) nbk[1 + i] = i;
@@ -750,7 +774,7 @@ int tsr_replica_step(tsr_replica *r, const tsr_batch *b, const float **logits, c
         tk[i] = b->tokens[i];
         ps[i] = b->pos[i];
         sq[i] = b->seq[i];
-        wt[i] = b->want_logits[i] ? 1 : 0;
+        wt[i] = (b->want_logits[i] ? 1 : 0) | (b->order && b->order[i] ? 2 : 0);
     }
     int32_t *tab = nbk + b->n_seqs;
     for (int32_t s = 0; s < b->n_seqs; s++) {

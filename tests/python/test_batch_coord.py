@@ -12,7 +12,8 @@ Tests:
   mixed      a 100-line file (Batch API completions, plain lines, chat lines, greedy and
              seeded sampling, unseeded lines seeded by --seed, 10 malformed lines) through
              the cluster: equal to the local run; --ordered too (input order); logprobs
-             lines with -m MODEL (token strings) equal, without it error lines.
+             lines (token strings from the replicas' answers, a non-ASCII piece among the
+             top 20) equal to the local run without -m MODEL, and with it.
   replica    (release) a replica killed with kill -9 mid-run: exit 0, each custom_id
              exactly once, every line exact (the coordinator resumes the broken streams).
   secure     (after mixed) a replica with an API key and mutual TLS, addressed directly:
@@ -234,7 +235,8 @@ def t_mixed(args, tmp, cl):
             in_keys.append(k if isinstance(k, str) and k else "line:%d" % ln)
     assert order == in_keys, "--ordered: not in input order: %s ..." % order[:8]
     assert sorted(order) == sorted(ref_order)
-    # logprobs: token strings from -m's vocabulary (equal to local); without -m an error line.
+    # logprobs: the token strings come with the replicas' answers (Logprobs.token), so the
+    # lines equal local mode's without -m; with -m (the vocabulary checked) too.
     lp, lp_ref = os.path.join(tmp, "lp.jsonl"), os.path.join(tmp, "lp.local.jsonl")
     with open(lp, "w") as f:
         f.write(json.dumps({"custom_id": "lp1", "prompt": "Once upon a time", "max_tokens": 6,
@@ -244,18 +246,27 @@ def t_mixed(args, tmp, cl):
                             "body": {"messages": [{"role": "user", "content": "Hi"}],
                                      "max_completion_tokens": 5, "temperature": 0.7,
                                      "seed": 3, "logprobs": True, "top_logprobs": 2}}) + "\n")
+        # Among its top 20 a piece that is part of a UTF-8 character (shown as '?').
+        f.write(json.dumps({"custom_id": "lp3", "prompt": "Caf\u00e9 \u2615 na\u00efve",
+                            "max_tokens": 8, "temperature": 1.0, "seed": 1,
+                            "logprobs": 20}) + "\n")
     rc, err = run(batch_cmd(args, lp, lp_ref))
     assert rc == 0, "local batch (logprobs): exit %d\n%s" % (rc, err[-2000:])
+    tops = [t for x in read_lines(lp_ref) if key_of(x) == "lp3"
+            for d in json.loads(x)["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"]
+            for t in d]
+    assert any("?" in t for t in tops), (
+        "lp3: expected a partial UTF-8 piece ('?') among the alternatives, got: %s" % tops)
+    lp_out = os.path.join(tmp, "lp.coord-novocab.jsonl")
+    rc, err = run(batch_cmd(args, lp, lp_out, coord=cl.addr))
+    assert rc == 0, "batch --coordinator (logprobs, no -m): exit %d\n%s" % (rc, err[-2000:])
+    expect_equal(lp_ref, lp_out, "logprobs through the cluster without -m")
     lp_out = os.path.join(tmp, "lp.coord.jsonl")
     rc, err = run(batch_cmd(args, lp, lp_out, "-m", args.model, coord=cl.addr))
     assert rc == 0, "batch --coordinator -m (logprobs): exit %d\n%s" % (rc, err[-2000:])
-    expect_equal(lp_ref, lp_out, "logprobs through the cluster")
-    lp_out = os.path.join(tmp, "lp.coord-novocab.jsonl")
-    rc, err = run(batch_cmd(args, lp, lp_out, coord=cl.addr))
-    codes = [json.loads(x)["error"]["code"] for x in read_lines(lp_out)]
-    assert rc == 0 and codes == ["unsupported"] * 2, "logprobs without -m: %s" % codes
-    return "%d lines (chat, sampling, 10 malformed) equal to local mode, --ordered too" % len(
-        read_lines(ref))
+    expect_equal(lp_ref, lp_out, "logprobs through the cluster with -m")
+    return ("%d lines (chat, sampling, 10 malformed) equal to local mode, --ordered too; "
+            "logprobs lines without -m too" % len(read_lines(ref)))
 
 
 def t_secure(args, tmp, cl):

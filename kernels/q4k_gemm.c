@@ -1,0 +1,251 @@
+/* q4k_gemm.c — see q4k_gemm.h. Tiles of 2 weight rows x 4 tokens: a row's nibbles and
+ * scales are unpacked once per super-block for the 4 tokens, each activation load serves
+ * both rows, and the 4 tokens' accumulator chains of a row run in the 4 lanes of one float
+ * vector (each lane is one token's sequential chain, so the lanes hide each other's FMA
+ * latency without changing any order). */
+#include "kernels/q4k_gemm.h"
+
+#include "kernels/dot_ggml.h"
+#include "kernels/quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define QG_X86 1
+#include <immintrin.h>
+#else
+#define QG_X86 0
+#endif
+
+typedef struct {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qs[128];
+} qg_q4_K;
+
+typedef struct {
+    float d;
+    int8_t qs[256];
+    int16_t bsums[16];
+} qg_q8_K;
+
+_Static_assert(sizeof(qg_q4_K) == 144, "Q4_K block");
+_Static_assert(sizeof(qg_q8_K) == 292, "Q8_K block");
+
+/* A Q4_K block's 8 six-bit scales (out[0..7]) and mins (out[8..15]). */
+static inline void qg_scales_mins(const uint8_t *packed, uint8_t out[16])
+{
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(out, u, 16);
+}
+
+/* The reference: one (row, token) pair in the order of q4k_gemm.h. */
+static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, const qg_q8_K *x)
+{
+    float acc = 0.0f, accm = 0.0f;
+    for (int64_t i = 0; i < nsb; i++) {
+        const qg_q4_K *w = (const qg_q4_K *)(wrow + (size_t)i * blk_stride);
+        uint8_t sm[16];
+        qg_scales_mins(w->scales, sm);
+        const float dd = tsr_f16_to_f32(w->d) * x[i].d;
+        const float dm = tsr_f16_to_f32(w->dmin) * x[i].d;
+        for (int sb = 0; sb < 4; sb++) {
+            int32_t isum = 0, imin = 0;
+            for (int h = 0; h < 2; h++) {
+                const int g = 2 * sb + h;
+                const int8_t *y = x[i].qs + 32 * g;
+                int32_t s = 0;
+                for (int l = 0; l < 32; l++) s += ((w->qs[32 * sb + l] >> (4 * h)) & 0xF) * y[l];
+                isum += sm[g] * s;
+                imin += sm[8 + g] * (x[i].bsums[2 * g] + x[i].bsums[2 * g + 1]);
+            }
+            acc = fmaf((float)isum, dd, acc);
+            accm = fmaf((float)imin, dm, accm);
+        }
+    }
+    return acc - accm;
+}
+
+#if QG_X86
+
+#define QG_AVX2   __attribute__((target("avx2,fma,f16c")))
+#define QG_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define QG_INLINE static inline __attribute__((always_inline))
+
+/* vpshufb masks broadcasting int16 element g of a 128-bit lane to all its 8 slots. */
+#define QG_S16(g) 2 * (g), 2 * (g) + 1
+#define QG_S16x8(g)                                                                                \
+    QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g)
+static const uint8_t k_qg_shuf[8][32] __attribute__((aligned(32))) = {
+    {QG_S16x8(0), QG_S16x8(0)}, {QG_S16x8(1), QG_S16x8(1)}, {QG_S16x8(2), QG_S16x8(2)},
+    {QG_S16x8(3), QG_S16x8(3)}, {QG_S16x8(4), QG_S16x8(4)}, {QG_S16x8(5), QG_S16x8(5)},
+    {QG_S16x8(6), QG_S16x8(6)}, {QG_S16x8(7), QG_S16x8(7)},
+};
+/* int16 element k of a lane twice (mins against the 16 bsums). */
+static const uint8_t k_qg_dup16[32]
+    __attribute__((aligned(32))) = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
+                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
+
+/* Q4_K's 12 packed bytes -> 8 scales then 8 mins as 16 int16 lanes. */
+QG_AVX2 QG_INLINE __m256i qg_sm_x16(const uint8_t *packed)
+{
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
+    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
+    return _mm256_cvtepu8_epi16(
+        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
+}
+
+/* [sum(a), sum(b), sum(c), sum(d)] of four vectors of 8 int32 lanes (exact). */
+QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
+{
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+#define QG_SACC_AVX2(acc, p16, s16) _mm256_add_epi32(acc, _mm256_madd_epi16(p16, s16))
+#define QG_SACC_VNNI(acc, p16, s16) _mm256_dpwssd_epi32(acc, p16, s16)
+
+/* R rows (1 or 2, a constant after inlining; row r's super-block i at w[r] + i * blk_stride)
+ * against 4 tokens x[0..3] (rows of Q8_K; repeat a pointer for fewer tokens): out[r][t] =
+ * GEMM-order dot. Integer work as quant.c's Q4_K row dot (vpmaddubsw into int16 pairs, then
+ * the sub-block scale); per 64 elements the 4 tokens' int32 lanes are reduced to one lane per
+ * token and FMAed into that row's chain (lane t = token t's sequential chain). Two rows share
+ * each activation load. */
+#define DEF_TILE(fname, ATTR, SACC)                                                                \
+    ATTR QG_INLINE void fname##_r(const int R, int64_t nsb, const uint8_t *const w0[2],            \
+                                  size_t blk_stride, const qg_q8_K *const x[4], float out[2][4])   \
+    {                                                                                              \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+        const __m256i dup16 = _mm256_load_si256((const __m256i *)k_qg_dup16);                      \
+        __m128 acc[2], accm[2];                                                                    \
+        for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm_setzero_ps();                           \
+        for (int64_t i = 0; i < nsb; i++) {                                                        \
+            const __m128 dx = _mm_set_ps(x[3][i].d, x[2][i].d, x[1][i].d, x[0][i].d);              \
+            __m256i bs[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) bs[t] =                            \
+                _mm256_loadu_si256((const __m256i *)x[t][i].bsums);                                \
+            const qg_q4_K *w[2];                                                                   \
+            __m256i sc[2];                                                                         \
+            __m128 dd[2], dm[2];                                                                   \
+            __m128i msb[2][4];                                                                     \
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                    \
+            {                                                                                      \
+                w[r] = (const qg_q4_K *)(w0[r] + (size_t)i * blk_stride);                          \
+                const __m256i sm16 = qg_sm_x16(w[r]->scales);                                      \
+                sc[r] = _mm256_permute2x128_si256(sm16, sm16, 0x00);                               \
+                const __m256i mins2 =                                                              \
+                    _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11), dup16);       \
+                dd[r] = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w[r]->d)), dx);                           \
+                dm[r] = _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(w[r]->dmin)), dx);                        \
+                /* mins: lane g of madd = mn_g * (bsum_2g + bsum_2g+1); per 128-bit lane of m01:   \
+                 * [t0 M(2k), t0 M(2k+1), t1 .., t1 ..] (k = 0 low, 1 high) */                     \
+                const __m256 m01 = _mm256_castsi256_ps(_mm256_hadd_epi32(                          \
+                    _mm256_madd_epi16(mins2, bs[0]), _mm256_madd_epi16(mins2, bs[1])));            \
+                const __m256 m23 = _mm256_castsi256_ps(_mm256_hadd_epi32(                          \
+                    _mm256_madd_epi16(mins2, bs[2]), _mm256_madd_epi16(mins2, bs[3])));            \
+                const __m256 me = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(2, 0, 2, 0));            \
+                const __m256 mo = _mm256_shuffle_ps(m01, m23, _MM_SHUFFLE(3, 1, 3, 1));            \
+                msb[r][0] = _mm_castps_si128(_mm256_castps256_ps128(me));   /* sb 0 */             \
+                msb[r][1] = _mm_castps_si128(_mm256_castps256_ps128(mo));   /* sb 1 */             \
+                msb[r][2] = _mm_castps_si128(_mm256_extractf128_ps(me, 1)); /* sb 2 */             \
+                msb[r][3] = _mm_castps_si128(_mm256_extractf128_ps(mo, 1)); /* sb 3 */             \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int sb = 0; sb < 4; sb++)                                 \
+            {                                                                                      \
+                const __m256i shl = _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb]);         \
+                const __m256i shh = _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb + 1]);     \
+                __m256i ql[2], qh[2], scl[2], sch[2], p[2][4];                                     \
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                \
+                {                                                                                  \
+                    const __m256i q4 = _mm256_loadu_si256((const __m256i *)(w[r]->qs + 32 * sb));  \
+                    ql[r] = _mm256_and_si256(q4, m4);                                              \
+                    qh[r] = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);                        \
+                    scl[r] = _mm256_shuffle_epi8(sc[r], shl);                                      \
+                    sch[r] = _mm256_shuffle_epi8(sc[r], shh);                                      \
+                }                                                                                  \
+                _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++)                                \
+                {                                                                                  \
+                    const int8_t *y = x[t][i].qs + 64 * sb;                                        \
+                    const __m256i yl = _mm256_loadu_si256((const __m256i *)y);                     \
+                    const __m256i yh = _mm256_loadu_si256((const __m256i *)(y + 32));              \
+                    _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                            \
+                    {                                                                              \
+                        const __m256i s0 =                                                         \
+                            SACC(_mm256_setzero_si256(), _mm256_maddubs_epi16(ql[r], yl), scl[r]); \
+                        p[r][t] = SACC(s0, _mm256_maddubs_epi16(qh[r], yh), sch[r]);               \
+                    }                                                                              \
+                }                                                                                  \
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                \
+                {                                                                                  \
+                    const __m128i isb = qg_hsum4(p[r][0], p[r][1], p[r][2], p[r][3]);              \
+                    acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(isb), dd[r], acc[r]);                    \
+                    accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(msb[r][sb]), dm[r], accm[r]);           \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < R; r++) _mm_storeu_ps(out[r], _mm_sub_ps(acc[r], accm[r]));            \
+    }                                                                                              \
+    ATTR static void fname(int R, int64_t nsb, const uint8_t *const w0[2], size_t blk_stride,      \
+                           const qg_q8_K *const x[4], float out[2][4])                             \
+    {                                                                                              \
+        if (R == 2)                                                                                \
+            fname##_r(2, nsb, w0, blk_stride, x, out);                                             \
+        else                                                                                       \
+            fname##_r(1, nsb, w0, blk_stride, x, out);                                             \
+    }
+
+DEF_TILE(tile_avx2, QG_AVX2, QG_SACC_AVX2)
+DEF_TILE(tile_vnni, QG_VNNI, QG_SACC_VNNI)
+
+#endif /* QG_X86 */
+
+void tsr_q4k_gemm_dot(int isa, int64_t n, int64_t n_rows, const void *w, size_t row_stride,
+                      size_t blk_stride, int32_t n_tok, const void *x, size_t x_stride, float *y,
+                      size_t y_stride)
+{
+    const int64_t nsb = n / 256;
+    const uint8_t *wb = w;
+    const uint8_t *xb = x;
+#if QG_X86
+    if (isa >= TSR_GGML_AVX2) {
+        void (*tile)(int, int64_t, const uint8_t *const[2], size_t, const qg_q8_K *const[4],
+                     float[2][4]) = isa >= TSR_GGML_VNNI ? tile_vnni : tile_avx2;
+        for (int32_t t0 = 0; t0 < n_tok; t0 += 4) {
+            const int32_t nt = n_tok - t0 < 4 ? n_tok - t0 : 4;
+            const qg_q8_K *xs[4];
+            for (int t = 0; t < 4; t++) /* missing tokens repeat the first (discarded) */
+                xs[t] = (const qg_q8_K *)(xb + (size_t)(t0 + (t < nt ? t : 0)) * x_stride);
+            for (int64_t r = 0; r < n_rows; r += 2) {
+                const int nr = n_rows - r < 2 ? 1 : 2;
+                const uint8_t *w0[2] = {wb + (size_t)r * row_stride,
+                                        wb + (size_t)(r + nr - 1) * row_stride};
+                float out[2][4];
+                tile(nr, nsb, w0, blk_stride, xs, out);
+                for (int k = 0; k < nr; k++)
+                    for (int t = 0; t < nt; t++)
+                        y[(size_t)(t0 + t) * y_stride + (size_t)(r + k)] = out[k][t];
+            }
+        }
+        return;
+    }
+#endif
+    (void)isa;
+    for (int32_t t = 0; t < n_tok; t++) {
+        const qg_q8_K *xt = (const qg_q8_K *)(xb + (size_t)t * x_stride);
+        for (int64_t r = 0; r < n_rows; r++)
+            y[(size_t)t * y_stride + (size_t)r] =
+                dot_scalar(nsb, wb + (size_t)r * row_stride, blk_stride, xt);
+    }
+}

@@ -1,0 +1,117 @@
+/*
+ * bench_q4k_gemm.c — the Q4_K matmul of a prefill in the two order classes (worker/model.h
+ * tsr_order_class): 128 tokens through a 2048 x 2048 Q4_K matrix (the 1B shape's attn_q),
+ * tsr_matmul_multi_ord with every token in class 1 (llama.cpp's GEMM order,
+ * kernels/q4k_gemm.c) vs class 0 (the GEMV order: the repacked GEMM of kernels/repack.c, or
+ * the file layout's rows), with and without a repacked copy, 1 and 2 threads. Prints the
+ * median wall and CPU time per pass (CPU time: all threads, less sensitive to the other
+ * processes of the machine); the classes' ratio is what a Q4_K prefill pays for the
+ * prompt order. Medians of REPS passes (the machine is shared; run under
+ * flock /work/bench.lock and print uptime next to the figures).
+ *
+ * Not a ctest (CMake only builds tests/test_*.c). Build and run:
+ *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_q4k_gemm.c build/libtessera_core.a \
+ *       -lm -lpthread -o /tmp/bench_q4k_gemm && /tmp/bench_q4k_gemm
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/ops.h"
+#include "kernels/pool.h"
+#include "kernels/quant.h"
+#include "kernels/repack.h"
+
+enum { N_IN = 2048, N_OUT = 2048, N_TOK = 128, REPS = 9 };
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* CPU time of the process (all threads): less sensitive than wall time to the other
+ * processes of a shared machine. */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(void)
+{
+    const size_t row_b = tsr_row_bytes(TSR_TYPE_Q4_K, N_IN);
+    uint8_t *w = malloc(row_b * N_OUT);
+    float *f = malloc(sizeof(float) * N_IN * (size_t)N_TOK);
+    uint32_t s = 1;
+    for (int r = 0; r < N_OUT; r++) {
+        for (int i = 0; i < N_IN; i++) {
+            s = s * 1103515245u + 12345u;
+            f[i] = (float)((int32_t)(s >> 8) % 2001 - 1000) / 1000.0f;
+        }
+        tsr_quant_row(TSR_TYPE_Q4_K, f, w + (size_t)r * row_b, N_IN);
+    }
+    for (size_t i = 0; i < (size_t)N_IN * N_TOK; i++) {
+        s = s * 1103515245u + 12345u;
+        f[i] = (float)((int32_t)(s >> 8) % 2001 - 1000) / 500.0f;
+    }
+    const size_t pk_b = (tsr_repack_bytes(TSR_TYPE_Q4_K, N_IN, N_OUT) + 63) / 64 * 64;
+    uint8_t *pk = aligned_alloc(64, pk_b);
+    tsr_repack(TSR_TYPE_Q4_K, N_IN, N_OUT, w, row_b, pk);
+    float *y = malloc(sizeof(float) * N_OUT * (size_t)N_TOK);
+    uint8_t ord1[N_TOK], ord0[N_TOK];
+    memset(ord1, 1, sizeof ord1);
+    memset(ord0, 0, sizeof ord0);
+    printf("Q4_K %d x %d, %d tokens, ISA %s: median of %d passes\n", N_OUT, N_IN, N_TOK,
+           tsr_quant_isa(), REPS);
+    for (int nth = 1; nth <= 2; nth++) {
+        tsr_pool *pool = tsr_pool_new(nth);
+        for (int packed = 1; packed >= 0; packed--) {
+            tsr_weight wt = {.type = TSR_TYPE_Q4_K,
+                             .n_in = N_IN,
+                             .n_out = N_OUT,
+                             .row_bytes = row_b,
+                             .data = w,
+                             .packed = packed ? pk : NULL};
+            const tsr_weight *ws[1] = {&wt};
+            float *ys[1] = {y};
+            void *scratch = malloc(tsr_matmul_multi_scratch_bytes(ws, 1, N_TOK));
+            double med[2], cpu[2];
+            for (int cls = 0; cls < 2; cls++) {
+                double t[REPS], c[REPS];
+                for (int r = 0; r < REPS; r++) {
+                    const double t0 = now_s(), c0 = cpu_s();
+                    tsr_matmul_multi_ord(pool, ws, ys, 1, f, N_TOK, cls ? ord1 : ord0, scratch);
+                    t[r] = now_s() - t0;
+                    c[r] = cpu_s() - c0;
+                }
+                qsort(t, REPS, sizeof t[0], cmp_d);
+                qsort(c, REPS, sizeof c[0], cmp_d);
+                med[cls] = t[REPS / 2];
+                cpu[cls] = c[REPS / 2];
+            }
+            printf("  %d thread%s, %-16s class 0 (GEMV order) %6.2f ms, CPU %6.2f ms | class 1 "
+                   "(GEMM order) %6.2f ms, CPU %6.2f ms | class 1 / class 0: time %.2f, CPU %.2f\n",
+                   nth, nth > 1 ? "s" : " ",
+                   packed ? "repacked copy:" : "file layout:", 1e3 * med[0], 1e3 * cpu[0],
+                   1e3 * med[1], 1e3 * cpu[1], med[1] / med[0], cpu[1] / cpu[0]);
+            free(scratch);
+        }
+        tsr_pool_free(pool);
+    }
+    free(pk);
+    free(y);
+    free(f);
+    free(w);
+    return 0;
+}
