@@ -102,8 +102,8 @@ bool tsr_repack_chosen(uint32_t type)
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)
 {
     if (n_tok <= 1) return true;
-    /* (Q5_0 has no file-layout tile: quant.c would run a long batch token by token, 1.9x
-     * slower than the repacked GEMM on Qwen2.5-0.5B's 128-token prefill) */
+    /* (Q5_0 has no file-layout tile: quant.c would run a long batch token by token, about
+     * 2x the CPU time of the repacked GEMM: 1.45 vs 0.65 ns per block dot, 896 x 1024 x 128) */
     const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_1;
     return file_tile && n_tok >= TSR_REPACK_TILE_MIN_TOKENS;
 }
