@@ -2690,6 +2690,12 @@ TSR_VNNI TSR_INLINE __m512 q50_bcast8_ps(const float *p)
     return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
 }
 
+/* Software prefetch of the rows 4 passes (16 rows) ahead, from each row's current block:
+ * the hardware prefetchers alone left this kernel waiting on memory (CPU time per row-block
+ * streaming a 62 MB matrix, one thread: 3.2 ns, 2.3 ns with it; 1, 2, 8, 16 passes ahead
+ * measured 2.6-3.0, 2.6-2.7, 2.4-2.6, 2.4-2.7). Prefetches past the matrix never fault. */
+#define Q50_PF_BYTES (16 * stride)
+
 /* One block of a pass of P row pairs: y broadcast to both halves, -16 * its lane sums made
  * once for the pass. Named accumulators, not arrays: gcc kept an array in memory (a store
  * and a reload in every FMA chain). */
@@ -2700,6 +2706,12 @@ TSR_VNNI TSR_INLINE __m512 q50_bcast8_ps(const float *p)
         const __m512i ny2_ = _mm512_sub_epi32(                                                     \
             _mm512_setzero_si512(),                                                                \
             _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(0x10), y2_));             \
+        if (((k)&1) == 0) { /* every line of the rows 4 passes ahead (44 bytes per row) */         \
+            _mm_prefetch((const char *)&w0[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)&w1[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)&w2[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)&w3[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+        }                                                                                          \
         acc0 = _mm512_fmadd_ps(                                                                    \
             q5_0_bcast_pair(sc0, (k)),                                                             \
             _mm512_cvtepi32_ps(q5_0_pair_lanes_512(&w0[b + (k)], &w1[b + (k)], y2_, ny2_)), acc0); \
@@ -2750,6 +2762,7 @@ TSR_VNNI TSR_INLINE void q5_0_pass_512(const int P, int64_t nb, const uint8_t *w
     }
 }
 #undef Q50P_BLOCK
+#undef Q50_PF_BYTES
 
 TSR_VNNI static void rows_q5_0_vnni(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
                                     const void *vx, float *y)
