@@ -136,10 +136,17 @@ static size_t q_part_bytes(size_t hd)
     return q > qq ? q : qq;
 }
 
+/* Bytes of the single-head part (attn_f16, attn_q8_0); the group path's part follows it. */
+static size_t head_scratch_bytes(size_t hd)
+{
+    return q_part_bytes(hd) + up64(LANES * hd * sizeof(float));
+}
+
+static size_t fa_scratch_bytes(size_t hd, size_t n_q);
+
 size_t tsr_attn_scratch_bytes(int32_t head_dim)
 {
-    const size_t hd = head_dim > 0 ? (size_t)head_dim : 1u;
-    return q_part_bytes(hd) + up64(LANES * hd * sizeof(float));
+    return tsr_attn_group_scratch_bytes(head_dim, 1);
 }
 
 static inline const uint8_t *kv_at(const tsr_kv_view *kv, const uint8_t *base, int32_t p)
@@ -484,6 +491,450 @@ static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t
     for (int i = 0; i < hd; i++) o[i] = tsr_f16_to_f32(acc[i]) * s_inv;
 }
 
+/* ---- f16, a group of query heads over one KV head (AVX2 + F16C, AVX-512) ----
+ *
+ * tsr_attn_group's f16 path for head sizes that are a multiple of 64: for every query head
+ * exactly attn_f16's operations (the scalar reference), restructured so the CPU is busy:
+ *   - positions go in chunks of FA_CHUNK; within a chunk, first every head's scores (q·k of
+ *     16 positions at once, the 16-lane trees of 16 dots interleaved: the same additions
+ *     of the same pairs, see fa_qk16_avx512), then every head's online softmax step by step
+ *     (the same M, S, expf calls, in position order), then V: each output value's fp16
+ *     accumulator chain in position order, as attn_f16, with the chains of up to
+ *     FA_HEADS heads × one column tile interleaved (one chain alone waits on the
+ *     convert-FMA-convert latency at every position) and the V row converted once for all
+ *     of them;
+ *   - between chunks each head keeps M, S and its accumulator (fp16 values, held as floats:
+ *     exact).
+ * A rescale multiplies the accumulator by ms = expf(Mold - M) and rounds; ms == 1.0f
+ * (no new maximum, or one so close that expf rounds to 1) leaves every fp16 value as it is,
+ * so the scale is skipped exactly then. */
+
+#define FA_CHUNK 64 /* positions per chunk */
+#define FA_KBLK  16 /* positions whose K rows are converted to float at once */
+
+/* Scratch of the group path after the single-head part: qf [n_q][hd] (q rounded to fp16, as
+ * floats), acc [n_q][hd], w [n_q][FA_CHUNK] (scores, then the weight vs of V), ms
+ * [n_q][FA_CHUNK] (the rescale factor, 1 when none), m/s [n_q] (running max and sum), kf
+ * [FA_KBLK][hd] (K rows as floats, exact), the chunk's K and V row pointers. */
+typedef struct {
+    float *qf, *acc, *w, *ms, *m, *s, *kf;
+    const uint16_t **kp, **vp;
+} fa_scratch;
+
+static size_t fa_scratch_bytes(size_t hd, size_t n_q)
+{
+    return up64(n_q * hd * 4u) * 2u + up64(n_q * FA_CHUNK * 4u) * 2u + up64(n_q * 4u) * 2u +
+           up64(FA_KBLK * hd * 4u) + up64(FA_CHUNK * sizeof(void *)) * 2u;
+}
+
+static fa_scratch fa_scratch_at(uint8_t *p, size_t hd, size_t n_q)
+{
+    fa_scratch f;
+    f.qf = (float *)p;
+    p += up64(n_q * hd * 4u);
+    f.acc = (float *)p;
+    p += up64(n_q * hd * 4u);
+    f.w = (float *)p;
+    p += up64(n_q * FA_CHUNK * 4u);
+    f.ms = (float *)p;
+    p += up64(n_q * FA_CHUNK * 4u);
+    f.m = (float *)p;
+    p += up64(n_q * 4u);
+    f.s = (float *)p;
+    p += up64(n_q * 4u);
+    f.kf = (float *)p;
+    p += up64(FA_KBLK * hd * 4u);
+    f.kp = (const uint16_t **)p;
+    p += up64(FA_CHUNK * sizeof(void *));
+    f.vp = (const uint16_t **)p;
+    return f;
+}
+
+/* The online softmax of one head over n scores of a chunk (attn_f16's steps): w[j] becomes
+ * vs (1 on a new maximum), ms[j] the accumulator's rescale factor (1 when none). (Running
+ * the expf calls in a separate loop of their own measured slower.) */
+TSR_KV_AVX2 static void fa_softmax_chunk(float *w, float *ms, int n, float *m_io, float *s_io)
+{
+    float M = *m_io, S = *s_io;
+    for (int j = 0; j < n; j++) {
+        const float s = w[j];
+        float m = 1.0f, vs = 1.0f;
+        if (s > M) {
+            const float m_old = M;
+            M = s;
+            m = expf(m_old - M);
+        } else {
+            vs = expf(s - M);
+        }
+        S = fmaf(S, m, vs);
+        w[j] = vs;
+        ms[j] = m;
+    }
+    *m_io = M;
+    *s_io = S;
+}
+
+/* K and V row pointers of positions p..p+n-1 (block-table runs). */
+static void fa_rows(const tsr_kv_view *kv, int32_t p, int n, const uint16_t **kp,
+                    const uint16_t **vp)
+{
+    KV_RUNS(kv, kv->k, p, p + n - 1, row, nr, i0, {
+        const size_t d = (size_t)(row - kv->k);
+        for (int32_t j = 0; j < nr; j++) {
+            kp[i0 + j] = (const uint16_t *)(kv->k + d + (size_t)j * kv->row_bytes);
+            vp[i0 + j] = (const uint16_t *)(kv->v + d + (size_t)j * kv->row_bytes);
+        }
+    });
+}
+
+#define KV_INLINE static inline __attribute__((always_inline))
+
+/* AVX-512: the 16 lanes of one q·k before its tree (dot_f16_avx512: 4 chains over each 64,
+ * then (0+2) + (1+3)); k and q as floats (exact fp16 values). */
+TSR_KV_AVX512 KV_INLINE __m512 fa_lanes_avx512(const float *k, const float *qf, int hd)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int i = 0; i < hd; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_load_ps(k + i), _mm512_loadu_ps(qf + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_load_ps(k + i + 16), _mm512_loadu_ps(qf + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_load_ps(k + i + 32), _mm512_loadu_ps(qf + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_load_ps(k + i + 48), _mm512_loadu_ps(qf + i + 48), s3);
+    }
+    return _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
+}
+
+/* reduce16 of 16 vectors at once, each pair of lanes added exactly as reduce16 adds it:
+ * (i, i+8) by 256-bit halves of two vectors, (i, i+4) by 128-bit quarters of two, (0, 2)
+ * and (1, 3) within quarters, then (0+2) + (1+3). Lane 4k + i of the result is vector
+ * k + 4i's sum. */
+TSR_KV_AVX512 KV_INLINE __m512 fa_tree16_avx512(const __m512 *r)
+{
+    __m512 c[8], d[4], e[2];
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; m++)
+        c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * m], r[2 * m + 1], 0xEE),
+                             _mm512_shuffle_f32x4(r[2 * m], r[2 * m + 1], 0x44));
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++)
+        d[m] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], 0xDD),
+                             _mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], 0x88));
+#pragma GCC unroll 2
+    for (int m = 0; m < 2; m++)
+        e[m] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * m], d[2 * m + 1], 0x44),
+                             _mm512_shuffle_ps(d[2 * m], d[2 * m + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+}
+
+/* Scores of n_q heads for n positions of a chunk: w[h][j] = dot(k_j, q_h) * scale. K rows
+ * are converted to float once per FA_KBLK positions for all heads. */
+TSR_KV_AVX512 KV_INLINE void fa_qk_body_avx512(const uint16_t *const *kp, int n, int n_q,
+                                               const float *qf, const int hd, float scale,
+                                               float *kf, float *w)
+{
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += FA_KBLK) {
+        const int nj = n - j0 < FA_KBLK ? n - j0 : FA_KBLK;
+        for (int j = 0; j < nj; j++)
+            for (int i = 0; i < hd; i += 16)
+                _mm512_store_ps(kf + (size_t)j * hd + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                             (const __m256i *)(kp[j0 + j] + i))));
+        for (int j = nj; j < FA_KBLK; j++) /* rows past the chunk: zeros, their dots unused */
+            for (int i = 0; i < hd; i += 16)
+                _mm512_store_ps(kf + (size_t)j * hd + i, _mm512_setzero_ps());
+        for (int h = 0; h < n_q; h++) {
+            const float *q = qf + (size_t)h * hd;
+            __m512 r[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) r[j] = fa_lanes_avx512(kf + (size_t)j * hd, q, hd);
+            const __m512 x = _mm512_mul_ps(_mm512_permutexvar_ps(order, fa_tree16_avx512(r)), sc);
+            _mm512_mask_storeu_ps(w + (size_t)h * FA_CHUNK + j0, (__mmask16)((1u << nj) - 1u), x);
+        }
+    }
+}
+
+/* fa_qk_body_avx512 with the common head sizes as constants (loops unrolled). */
+TSR_KV_AVX512 static void fa_qk_avx512(const uint16_t *const *kp, int n, int n_q, const float *qf,
+                                       int hd, float scale, float *kf, float *w)
+{
+    if (hd == 64)
+        fa_qk_body_avx512(kp, n, n_q, qf, 64, scale, kf, w);
+    else if (hd == 128)
+        fa_qk_body_avx512(kp, n, n_q, qf, 128, scale, kf, w);
+    else
+        fa_qk_body_avx512(kp, n, n_q, qf, hd, scale, kf, w);
+}
+
+TSR_KV_AVX512 KV_INLINE __m512 fa_round_avx512(__m512 x)
+{
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* The V product of NH heads for CV × 16 output values from c0 (compile-time counts) over
+ * the n positions of a chunk: per head and value, acc = fp16(acc · ms) on a rescale, then
+ * acc = fp16(fma(v, vs, acc)), position after position (fa_v_scalar's order); the V row is
+ * converted once for all heads. acc, w and ms: the heads' rows, strides hd and FA_CHUNK. */
+TSR_KV_AVX512 KV_INLINE void fa_v_tile_avx512(const int NH, const int CV, float *acc, int hd,
+                                              int c0, const uint16_t *const *vp, int n,
+                                              const float *w, const float *ms)
+{
+    __m512 a[8][4];
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; h++)
+#pragma GCC unroll 4
+        for (int r = 0; r < CV; r++) a[h][r] = _mm512_loadu_ps(acc + h * hd + c0 + 16 * r);
+    for (int j = 0; j < n; j++) {
+        const uint16_t *v = vp[j] + c0;
+        __m512 x[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < CV; r++)
+            x[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * r)));
+#pragma GCC unroll 8
+        for (int h = 0; h < NH; h++) {
+            const float m = ms[h * FA_CHUNK + j];
+            if (m != 1.0f) {
+                const __m512 mm = _mm512_set1_ps(m);
+#pragma GCC unroll 4
+                for (int r = 0; r < CV; r++) a[h][r] = fa_round_avx512(_mm512_mul_ps(a[h][r], mm));
+            }
+            const __m512 ww = _mm512_set1_ps(w[h * FA_CHUNK + j]);
+#pragma GCC unroll 4
+            for (int r = 0; r < CV; r++)
+                a[h][r] = fa_round_avx512(_mm512_fmadd_ps(x[r], ww, a[h][r]));
+        }
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; h++)
+#pragma GCC unroll 4
+        for (int r = 0; r < CV; r++) _mm512_storeu_ps(acc + h * hd + c0 + 16 * r, a[h][r]);
+}
+
+/* Tiles of up to 8 heads: 64 values wide for up to 6 heads (24 accumulators), 32 for 7 or 8
+ * (enough independent chains either way to keep the converters busy). */
+TSR_KV_AVX512 static void fa_vg_avx512(int nh, float *acc, int hd, const uint16_t *const *vp, int n,
+                                       const float *w, const float *ms)
+{
+    for (int h = 0; h < nh; h += 8) {
+        const int k = nh - h < 8 ? nh - h : 8;
+        const int cols = k <= 6 ? 64 : 32;
+        for (int c0 = 0; c0 < hd; c0 += cols) {
+            float *ah = acc + (size_t)h * hd;
+            const float *wh = w + (size_t)h * FA_CHUNK, *mh = ms + (size_t)h * FA_CHUNK;
+            switch (k) {
+            case 1:
+                fa_v_tile_avx512(1, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 2:
+                fa_v_tile_avx512(2, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 3:
+                fa_v_tile_avx512(3, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 4:
+                fa_v_tile_avx512(4, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 5:
+                fa_v_tile_avx512(5, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 6:
+                fa_v_tile_avx512(6, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 7:
+                fa_v_tile_avx512(7, 2, ah, hd, c0, vp, n, wh, mh);
+                break;
+            default:
+                fa_v_tile_avx512(8, 2, ah, hd, c0, vp, n, wh, mh);
+                break;
+            }
+        }
+    }
+}
+
+/* AVX2: the 16 lanes as two halves, added to the 8 lanes of reduce16's first step
+ * ((i+8) + i), as dot_f16_avx2. */
+TSR_KV_AVX2 KV_INLINE __m256 fa_lanes8_avx2(const float *k, const float *qf, int hd)
+{
+    __m256 lo[4], hi[4];
+    for (int j = 0; j < 4; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+    for (int i = 0; i < hd; i += 64)
+        for (int j = 0; j < 4; j++) {
+            lo[j] = _mm256_fmadd_ps(_mm256_load_ps(k + i + 16 * j),
+                                    _mm256_loadu_ps(qf + i + 16 * j), lo[j]);
+            hi[j] = _mm256_fmadd_ps(_mm256_load_ps(k + i + 16 * j + 8),
+                                    _mm256_loadu_ps(qf + i + 16 * j + 8), hi[j]);
+        }
+    const __m256 l0 = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+    const __m256 h0 = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+    return _mm256_add_ps(h0, l0);
+}
+
+/* The rest of reduce16 for 8 vectors at once: (i, i+4) by 128-bit halves of two vectors,
+ * (0, 2) and (1, 3) within halves, then (0+2) + (1+3). Lane 4k + i is vector k + 2i's. */
+TSR_KV_AVX2 KV_INLINE __m256 fa_tree8_avx2(const __m256 *t)
+{
+    __m256 d[4], e[2];
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++)
+        d[m] = _mm256_add_ps(_mm256_permute2f128_ps(t[2 * m], t[2 * m + 1], 0x31),
+                             _mm256_permute2f128_ps(t[2 * m], t[2 * m + 1], 0x20));
+#pragma GCC unroll 2
+    for (int m = 0; m < 2; m++)
+        e[m] = _mm256_add_ps(_mm256_shuffle_ps(d[2 * m], d[2 * m + 1], 0x44),
+                             _mm256_shuffle_ps(d[2 * m], d[2 * m + 1], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(e[0], e[1], 0x88), _mm256_shuffle_ps(e[0], e[1], 0xDD));
+}
+
+TSR_KV_AVX2 KV_INLINE void fa_qk_body_avx2(const uint16_t *const *kp, int n, int n_q,
+                                           const float *qf, const int hd, float scale, float *kf,
+                                           float *w)
+{
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += 8) {
+        const int nj = n - j0 < 8 ? n - j0 : 8;
+        for (int j = 0; j < nj; j++)
+            for (int i = 0; i < hd; i += 8)
+                _mm256_store_ps(kf + (size_t)j * hd + i, ld8_f16(kp[j0 + j] + i));
+        for (int j = nj; j < 8; j++) /* rows past the chunk: zeros, their dots unused */
+            for (int i = 0; i < hd; i += 8)
+                _mm256_store_ps(kf + (size_t)j * hd + i, _mm256_setzero_ps());
+        for (int h = 0; h < n_q; h++) {
+            const float *q = qf + (size_t)h * hd;
+            __m256 t[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) t[j] = fa_lanes8_avx2(kf + (size_t)j * hd, q, hd);
+            const __m256 x = _mm256_mul_ps(_mm256_permutevar8x32_ps(fa_tree8_avx2(t), order), sc);
+            float *o = w + (size_t)h * FA_CHUNK + j0;
+            if (nj == 8) {
+                _mm256_storeu_ps(o, x);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, x);
+                memcpy(o, tmp, sizeof(float) * (size_t)nj);
+            }
+        }
+    }
+}
+
+TSR_KV_AVX2 static void fa_qk_avx2(const uint16_t *const *kp, int n, int n_q, const float *qf,
+                                   int hd, float scale, float *kf, float *w)
+{
+    if (hd == 64)
+        fa_qk_body_avx2(kp, n, n_q, qf, 64, scale, kf, w);
+    else if (hd == 128)
+        fa_qk_body_avx2(kp, n, n_q, qf, 128, scale, kf, w);
+    else
+        fa_qk_body_avx2(kp, n, n_q, qf, hd, scale, kf, w);
+}
+
+TSR_KV_AVX2 KV_INLINE __m256 fa_round_avx2(__m256 x)
+{
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* fa_v_tile_avx512 with CV × 8 output values per tile (16 ymm registers). */
+TSR_KV_AVX2 KV_INLINE void fa_v_tile_avx2(const int NH, const int CV, float *acc, int hd, int c0,
+                                          const uint16_t *const *vp, int n, const float *w,
+                                          const float *ms)
+{
+    __m256 a[6][8];
+#pragma GCC unroll 6
+    for (int h = 0; h < NH; h++)
+#pragma GCC unroll 8
+        for (int r = 0; r < CV; r++) a[h][r] = _mm256_loadu_ps(acc + h * hd + c0 + 8 * r);
+    for (int j = 0; j < n; j++) {
+        const uint16_t *v = vp[j] + c0;
+#pragma GCC unroll 8
+        for (int r = 0; r < CV; r++) {
+            const __m256 x = ld8_f16(v + 8 * r);
+#pragma GCC unroll 6
+            for (int h = 0; h < NH; h++) {
+                const float m = ms[h * FA_CHUNK + j];
+                if (m != 1.0f) a[h][r] = fa_round_avx2(_mm256_mul_ps(a[h][r], _mm256_set1_ps(m)));
+                a[h][r] =
+                    fa_round_avx2(_mm256_fmadd_ps(x, _mm256_set1_ps(w[h * FA_CHUNK + j]), a[h][r]));
+            }
+        }
+    }
+#pragma GCC unroll 6
+    for (int h = 0; h < NH; h++)
+#pragma GCC unroll 8
+        for (int r = 0; r < CV; r++) _mm256_storeu_ps(acc + h * hd + c0 + 8 * r, a[h][r]);
+}
+
+/* Tiles of up to 6 heads: 64 values wide for 1 head, 32 for 2 or 3, 16 for 4 to 6. */
+TSR_KV_AVX2 static void fa_vg_avx2(int nh, float *acc, int hd, const uint16_t *const *vp, int n,
+                                   const float *w, const float *ms)
+{
+    for (int h = 0; h < nh; h += 6) {
+        const int k = nh - h < 6 ? nh - h : 6;
+        const int cols = k == 1 ? 64 : k <= 3 ? 32 : 16;
+        for (int c0 = 0; c0 < hd; c0 += cols) {
+            float *ah = acc + (size_t)h * hd;
+            const float *wh = w + (size_t)h * FA_CHUNK, *mh = ms + (size_t)h * FA_CHUNK;
+            switch (k) {
+            case 1:
+                fa_v_tile_avx2(1, 8, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 2:
+                fa_v_tile_avx2(2, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 3:
+                fa_v_tile_avx2(3, 4, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 4:
+                fa_v_tile_avx2(4, 2, ah, hd, c0, vp, n, wh, mh);
+                break;
+            case 5:
+                fa_v_tile_avx2(5, 2, ah, hd, c0, vp, n, wh, mh);
+                break;
+            default:
+                fa_v_tile_avx2(6, 2, ah, hd, c0, vp, n, wh, mh);
+                break;
+            }
+        }
+    }
+}
+
+/* attn_f16 for n_q heads at once (head_dim % 64 == 0, AVX2 or AVX-512). */
+static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
+                           int32_t p0, int32_t p1, float *scores, void *scratch, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    fa_scratch f =
+        fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd), (size_t)hd, (size_t)n_q);
+    for (size_t i = 0; i < (size_t)n_q * hd; i++) {
+        f.qf[i] = tsr_f16_to_f32(tsr_f32_to_f16(q[i]));
+        f.acc[i] = 0.0f;
+    }
+    for (int h = 0; h < n_q; h++) {
+        f.m[h] = -INFINITY;
+        f.s[h] = 0.0f;
+    }
+    for (int32_t c = p0; c <= p1; c += FA_CHUNK) {
+        const int n = p1 - c + 1 < FA_CHUNK ? p1 - c + 1 : FA_CHUNK;
+        fa_rows(kv, c, n, f.kp, f.vp);
+        if (isa == KV_AVX512)
+            fa_qk_avx512(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
+        else
+            fa_qk_avx2(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
+        for (int h = 0; h < n_q; h++) /* leave the scores as attn_f16 does */
+            memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
+                   f.w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
+        for (int h = 0; h < n_q; h++)
+            fa_softmax_chunk(f.w + (size_t)h * FA_CHUNK, f.ms + (size_t)h * FA_CHUNK, n, &f.m[h],
+                             &f.s[h]);
+        if (isa == KV_AVX512)
+            fa_vg_avx512(n_q, f.acc, hd, f.vp, n, f.w, f.ms);
+        else
+            fa_vg_avx2(n_q, f.acc, hd, f.vp, n, f.w, f.ms);
+    }
+    for (int h = 0; h < n_q; h++) {
+        const float S = f.s[h], s_inv = S == 0.0f ? 0.0f : 1.0f / S;
+        for (int i = 0; i < hd; i++) o[(size_t)h * hd + i] = f.acc[(size_t)h * hd + i] * s_inv;
+    }
+}
+
 /* ---- q8_0 ---- */
 
 static void v_q8_0_scalar(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o)
@@ -663,6 +1114,120 @@ static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_
         v_q8_0_scalar(kv, att, p0, p1, o);
 }
 
+size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q)
+{
+    const size_t hd = head_dim > 0 ? (size_t)head_dim : 1u;
+    return head_scratch_bytes(hd) + fa_scratch_bytes(hd, n_q > 0 ? (size_t)n_q : 1u);
+}
+
+/* ---- f32 and q8_0, a group of query heads ----
+ * attn_f32 / attn_q8_0 per head, with the positions walked in chunks of GQ_CHUNK for all
+ * heads in turn: each K and V row comes from memory once per group, not once per head (at
+ * long context a KV head's rows outgrow the caches). Per head the operations and their
+ * order are attn_f32's / attn_q8_0's: the scores are independent per position, and V's
+ * per-value FMA chains continue in position order from chunk to chunk through out. */
+
+#define GQ_CHUNK 64
+
+static void qk_f32_isa(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                       float *att, int isa)
+{
+    if (isa == KV_AVX512)
+        qk_f32_avx512(kv, q, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_f32_avx2(kv, q, scale, p0, p1, att);
+    else
+        qk_f32_scalar(kv, q, scale, p0, p1, att);
+}
+
+static void v_f32_isa(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o,
+                      int isa)
+{
+    if (isa == KV_AVX512)
+        v_f32_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_f32_avx2(kv, att, p0, p1, o);
+    else
+        v_f32_scalar(kv, att, p0, p1, o);
+}
+
+static void qk_q8_0_isa(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale, int32_t p0,
+                        int32_t p1, float *att, int isa)
+{
+    if (isa == KV_AVX512)
+        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
+    else if (isa == KV_AVX2)
+        qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
+    else
+        qk_q8_0_scalar(kv, qq, scale, p0, p1, att);
+}
+
+static void v_q8_0_isa(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o,
+                       int isa)
+{
+    if (isa == KV_AVX512)
+        v_q8_0_avx512(kv, att, p0, p1, o);
+    else if (isa == KV_AVX2)
+        v_q8_0_avx2(kv, att, p0, p1, o);
+    else
+        v_q8_0_scalar(kv, att, p0, p1, o);
+}
+
+/* f32 (head size a multiple of 16) or q8_0 for n_q heads; scores [n_q][p1 - p0 + 1]; qq: n_q
+ * Q8_0 rows of q (q8_0 only). */
+static void attn_group_2pass(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
+                             int32_t p0, int32_t p1, float *scores, kv_q8_0 *qq, float *o, int isa)
+{
+    const int hd = kv->head_dim;
+    const size_t n = (size_t)(p1 - p0 + 1), nb = (size_t)hd / TSR_QK8_0;
+    const bool q8 = kv->type == TSR_KV_Q8_0;
+    if (q8)
+        for (int32_t h = 0; h < n_q; h++)
+            tsr_quant_row(TSR_TYPE_Q8_0, q + (size_t)h * hd, qq + (size_t)h * nb, hd);
+    for (int32_t c = p0; c <= p1; c += GQ_CHUNK) {
+        const int32_t ce = p1 - c < GQ_CHUNK ? p1 : c + GQ_CHUNK - 1;
+        for (int32_t h = 0; h < n_q; h++) {
+            float *att = scores + (size_t)h * n + (size_t)(c - p0);
+            if (q8)
+                qk_q8_0_isa(kv, qq + (size_t)h * nb, scale, c, ce, att, isa);
+            else
+                qk_f32_isa(kv, q + (size_t)h * hd, scale, c, ce, att, isa);
+        }
+    }
+    for (int32_t h = 0; h < n_q; h++) tsr_softmax(scores + (size_t)h * n, (int)n);
+    memset(o, 0, sizeof(float) * (size_t)n_q * (size_t)hd);
+    for (int32_t c = p0; c <= p1; c += GQ_CHUNK) {
+        const int32_t ce = p1 - c < GQ_CHUNK ? p1 : c + GQ_CHUNK - 1;
+        for (int32_t h = 0; h < n_q; h++) {
+            const float *att = scores + (size_t)h * n + (size_t)(c - p0);
+            if (q8)
+                v_q8_0_isa(kv, att, c, ce, o + (size_t)h * hd, isa);
+            else
+                v_f32_isa(kv, att, c, ce, o + (size_t)h * hd, isa);
+        }
+    }
+}
+
+void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale, int32_t p0,
+                    int32_t p1, float *scores, void *scratch, float *out)
+{
+    const int isa = kv_isa(), hd = kv->head_dim;
+    if (kv->type == TSR_KV_F16 && isa != KV_SCALAR && hd % 64 == 0) {
+        attn_f16_group(kv, n_q, q, scale, p0, p1, scores, scratch, out, isa);
+        return;
+    }
+    if ((kv->type == TSR_KV_F32 && hd % LANES == 0) || kv->type == TSR_KV_Q8_0) {
+        /* the group part's qf region holds n_q Q8_0 rows (34 bytes per 32 values < 4 per value) */
+        fa_scratch f = fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd),
+                                     (size_t)hd, (size_t)n_q);
+        attn_group_2pass(kv, n_q, q, scale, p0, p1, scores, (kv_q8_0 *)f.qf, out, isa);
+        return;
+    }
+    for (int32_t h = 0; h < n_q; h++)
+        tsr_attn_head(kv, q + (size_t)h * hd, scale, p0, p1,
+                      scores + (size_t)h * (size_t)(p1 - p0 + 1), scratch, out + (size_t)h * hd);
+}
+
 void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                    float *scores, void *scratch, float *out)
 {
@@ -671,7 +1236,10 @@ void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p
         attn_f32(kv, q, scale, p0, p1, scores, out, kv_isa());
         break;
     case TSR_KV_F16:
-        attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
+        if (kv_isa() != KV_SCALAR && kv->head_dim % 64 == 0)
+            attn_f16_group(kv, 1, q, scale, p0, p1, scores, scratch, out, kv_isa());
+        else
+            attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
         break;
     case TSR_KV_Q8_0:
         attn_q8_0(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());

@@ -13,8 +13,8 @@
  *         keep the original engine's loops (sequential dot products, o += p·v).
  *   f16   IEEE half. Numerics follow llama.cpp's CPU graph with F16 K/V and flash attention
  *         off (llama-cpp-python's default; real-models.json was made with it on, see
- *         docs/architecture.md "llama.cpp's numerics"): Q is rounded to fp16, each q·k is a float dot product
- *         of fp16 values, softmax in float32, the probabilities are rounded to fp16 and
+ *         docs/architecture.md "llama.cpp's numerics"): Q is rounded to fp16, each q·k is a float
+ * dot product of fp16 values, softmax in float32, the probabilities are rounded to fp16 and
  *         multiplied with the fp16 V, accumulating in float. The summation order is that of
  *         ggml's llamafile tinyBLAS F16 kernel on AVX-512 (16 float lanes, each an FMA chain
  *         over the elements l ≡ lane mod 16, then _mm512_reduce_add_ps's tree: (i, i+8),
@@ -99,9 +99,28 @@ size_t tsr_attn_scratch_bytes(int32_t head_dim);
 /* Attention of one query head over positions p0..p1 (inclusive) of one sequence:
  * out[head_dim] = sum_p softmax_p(scale * q·k_p) v_p, in the numerics of kv->type (see
  * above). q: [head_dim] floats; scores: p1 - p0 + 1 floats of caller scratch (left holding
- * the probabilities); scratch: tsr_attn_scratch_bytes(head_dim) bytes. */
+ * the probabilities with f32 and q8_0, the scaled scores q·k with f16); scratch:
+ * tsr_attn_scratch_bytes(head_dim) bytes. */
 void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                    float *scores, void *scratch, float *out);
+
+/* Per-thread scratch tsr_attn_group needs for up to n_q query heads of head_dim values
+ * (bytes, 64-aligned size, at least tsr_attn_scratch_bytes(head_dim); pass memory aligned
+ * to 64). */
+size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q);
+
+/* Attention of n_q query heads that read the same KV head (a GQA group, or part of one)
+ * over positions p0..p1 of one sequence: out[h * head_dim ..] is, bit for bit, what
+ * tsr_attn_head gives for q + h * head_dim (q, out: [n_q][head_dim] floats). Each K and V
+ * row is read once for all n_q heads: with f16 (head sizes that are a multiple of 64, AVX2
+ * or AVX-512) the heads' fp16 accumulator chains are interleaved, which is most of its speed
+ * (one head's chain waits on a convert-FMA-convert latency at every position); with f32 and
+ * q8_0 the positions are walked in chunks for all heads in turn, so a long context's rows
+ * come from memory once per group instead of once per head. scores: n_q * (p1 - p0 + 1)
+ * floats of caller scratch, left holding per head what tsr_attn_head leaves; scratch:
+ * tsr_attn_group_scratch_bytes(head_dim, n_q) bytes. */
+void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale, int32_t p0,
+                    int32_t p1, float *scores, void *scratch, float *out);
 
 /* The path tsr_attn_head takes now: "avx512", "avx2" or "scalar" (from tsr_quant_isa). */
 const char *tsr_attn_isa(void);

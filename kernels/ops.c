@@ -77,7 +77,9 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
         return;
     }
     const uint8_t *wrow = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
-    if (n_tok >= TILE_MIN_TOKENS) {
+    /* Q8_0 / Q4_1 (kernels/dot_ggml.c) take their register tiles from 2 tokens on: the
+     * weights read once for all of them (2-3 tokens: speculative verification of k <= 2) */
+    if (n_tok >= TILE_MIN_TOKENS || (n_tok > 1 && tsr_ggml_dot_handles(w->type))) {
         /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
          * (each weight block unpacked once for several tokens); bit-identical per
          * element to the token-by-token loop below. */

@@ -222,20 +222,31 @@ void tsr_q4k_gemm_dot(int isa, int64_t n, int64_t n_rows, const void *w, size_t 
     if (isa >= TSR_GGML_AVX2) {
         void (*tile)(int, int64_t, const uint8_t *const[2], size_t, const qg_q8_K *const[4],
                      float[2][4]) = isa >= TSR_GGML_VNNI ? tile_vnni : tile_avx2;
-        for (int32_t t0 = 0; t0 < n_tok; t0 += 4) {
-            const int32_t nt = n_tok - t0 < 4 ? n_tok - t0 : 4;
-            const qg_q8_K *xs[4];
-            for (int t = 0; t < 4; t++) /* missing tokens repeat the first (discarded) */
-                xs[t] = (const qg_q8_K *)(xb + (size_t)(t0 + (t < nt ? t : 0)) * x_stride);
+        /* Tokens in blocks whose activations stay in L2 (640 KiB, a multiple of 4 tokens);
+         * within a block, each row pair meets every token while its weights are in L1. */
+        int32_t tb = (int32_t)((640 << 10) / ((size_t)nsb * sizeof(qg_q8_K)) / 4 * 4);
+        if (tb < 4) tb = 4;
+        for (int32_t b0 = 0; b0 < n_tok; b0 += tb) {
+            const int32_t bn = n_tok - b0 < tb ? n_tok - b0 : tb;
             for (int64_t r = 0; r < n_rows; r += 2) {
                 const int nr = n_rows - r < 2 ? 1 : 2;
                 const uint8_t *w0[2] = {wb + (size_t)r * row_stride,
                                         wb + (size_t)(r + nr - 1) * row_stride};
-                float out[2][4];
-                tile(nr, nsb, w0, blk_stride, xs, out);
-                for (int k = 0; k < nr; k++)
-                    for (int t = 0; t < nt; t++)
-                        y[(size_t)(t0 + t) * y_stride + (size_t)(r + k)] = out[k][t];
+                if (r + 2 < n_rows) /* the next pair's first super-blocks */
+                    for (int k = 0; k < 2 && r + 2 + k < n_rows; k++)
+                        _mm_prefetch((const char *)(wb + (size_t)(r + 2 + k) * row_stride),
+                                     _MM_HINT_T0);
+                for (int32_t t0 = b0; t0 < b0 + bn; t0 += 4) {
+                    const int32_t nt = b0 + bn - t0 < 4 ? b0 + bn - t0 : 4;
+                    const qg_q8_K *xs[4];
+                    for (int t = 0; t < 4; t++) /* missing tokens repeat the first (discarded) */
+                        xs[t] = (const qg_q8_K *)(xb + (size_t)(t0 + (t < nt ? t : 0)) * x_stride);
+                    float out[2][4];
+                    tile(nr, nsb, w0, blk_stride, xs, out);
+                    for (int k = 0; k < nr; k++)
+                        for (int t = 0; t < nt; t++)
+                            y[(size_t)(t0 + t) * y_stride + (size_t)(r + k)] = out[k][t];
+                }
             }
         }
         return;

@@ -274,6 +274,91 @@ static void test_kernels(void **state)
            tsr_attn_isa(), worst[0], worst[2], worst[4], worst[3], worst[5]);
 }
 
+/* tsr_attn_group of n_q heads on each ISA against tsr_attn_head (scalar, the reference) per
+ * head: bit-identical. mode 0: normal data; 1: scores rising with the position (a new
+ * maximum, so an accumulator rescale, at almost every step); 2: scores spread over
+ * hundreds (expf underflows to subnormals and 0), V with signed zeros and values near the
+ * fp16 limit (accumulators that overflow, round to zero, keep their sign). */
+static void group_case(tsr_kv_type t, int hd, int n_q, int n_pos, int p0, int mode)
+{
+    const int n_kvh = 2, w = n_kvh * hd, kvh = 1, p1 = n_pos - 1;
+    float *kf = malloc(sizeof(float) * (size_t)n_pos * w);
+    float *vf = malloc(sizeof(float) * (size_t)n_pos * w);
+    float *q = malloc(sizeof(float) * (size_t)n_q * hd);
+    float *ref = malloc(sizeof(float) * (size_t)n_q * hd);
+    float *o = malloc(sizeof(float) * (size_t)n_q * hd);
+    float *scores = malloc(sizeof(float) * (size_t)n_pos * n_q);
+    void *scratch = aligned_alloc(64, tsr_attn_group_scratch_bytes(hd, n_q));
+    assert_non_null(scratch);
+    for (int i = 0; i < n_q * hd; i++) q[i] = nrand() * (mode == 2 ? 12.0f : 1.5f);
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < w; i++) {
+            float k = nrand(), v = nrand() * 0.5f;
+            if (mode == 1) k = 0.3f * k + 0.02f * (float)p * q[i % hd];
+            if (mode == 2) {
+                const double u = urand();
+                v = u < 0.1 ? 0.0f : u < 0.2 ? -0.0f : u < 0.25 ? 6.0e4f * nrand() : v;
+            }
+            kf[(size_t)p * w + i] = k;
+            vf[(size_t)p * w + i] = v;
+        }
+    cache c;
+    cache_make(&c, t, hd, n_kvh, n_pos, kf, vf);
+    tsr_kv_view kv = cache_view(&c, kvh);
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int n = p1 - p0 + 1;
+    float *ref_scores = malloc(sizeof(float) * (size_t)n * n_q);
+    assert_true(tsr_quant_set_isa("scalar"));
+    for (int h = 0; h < n_q; h++)
+        tsr_attn_head(&kv, q + (size_t)h * hd, scale, p0, p1, ref_scores + (size_t)h * n, scratch,
+                      ref + (size_t)h * hd);
+    for (size_t k = 0; k < sizeof isas / sizeof isas[0]; k++) {
+        if (!tsr_quant_set_isa(isas[k])) continue;
+        memset(o, 0xff, sizeof(float) * (size_t)n_q * hd);
+        tsr_attn_group(&kv, n_q, q, scale, p0, p1, scores, scratch, o);
+        for (int i = 0; i < n_q * hd; i++)
+            if (memcmp(&o[i], &ref[i], sizeof(float)) != 0)
+                fail_msg("%s group of %d heads on %s, hd %d, positions %d..%d, mode %d: head %d "
+                         "out[%d] is %.9g (0x%08x), tsr_attn_head (scalar) gives %.9g (0x%08x); "
+                         "must be bit-identical",
+                         tsr_kv_type_name(t), n_q, isas[k], hd, p0, p1, mode, i / hd, i % hd, o[i],
+                         *(uint32_t *)&o[i], ref[i], *(uint32_t *)&ref[i]);
+        for (int i = 0; i < n * n_q; i++)
+            if (memcmp(&scores[i], &ref_scores[i], sizeof(float)) != 0)
+                fail_msg("%s group of %d heads on %s, hd %d, positions %d..%d, mode %d: head %d "
+                         "leaves score %d as %.9g, tsr_attn_head (scalar) %.9g",
+                         tsr_kv_type_name(t), n_q, isas[k], hd, p0, p1, mode, i / n, i % n,
+                         scores[i], ref_scores[i]);
+    }
+    free(ref_scores);
+    tsr_quant_set_isa(NULL);
+    cache_free(&c);
+    free(kf);
+    free(vf);
+    free(q);
+    free(ref);
+    free(o);
+    free(scores);
+    free(scratch);
+}
+
+static void test_group(void **state)
+{
+    (void)state;
+    const int cases[][4] = {/* hd, n_q, n_pos, p0 */
+                            {64, 7, 300, 0}, {64, 1, 1, 0},    {64, 3, 17, 0},  {64, 4, 129, 5},
+                            {64, 8, 70, 63}, {128, 2, 200, 0}, {128, 5, 65, 1}, {256, 4, 40, 0},
+                            {32, 3, 50, 0},  {80, 2, 33, 3},   {8, 4, 20, 0}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int mode = 0; mode < 3; mode++)
+            for (int t = 0; t < TSR_KV_TYPE_COUNT; t++) {
+                if (!tsr_kv_type_fits((tsr_kv_type)t, cases[i][0], NULL, 0)) continue;
+                if (t != TSR_KV_F16 && mode == 1) continue;
+                group_case((tsr_kv_type)t, cases[i][0], cases[i][1], cases[i][2], cases[i][3],
+                           mode);
+            }
+}
+
 static void test_types_and_rows(void **state)
 {
     (void)state;
@@ -514,9 +599,10 @@ static void test_capacity(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_types_and_rows),  cmocka_unit_test(test_kernels),
-        cmocka_unit_test(test_stories260k_f16), cmocka_unit_test(test_synth_tiny),
-        cmocka_unit_test(test_threads),         cmocka_unit_test(test_capacity),
+        cmocka_unit_test(test_types_and_rows), cmocka_unit_test(test_kernels),
+        cmocka_unit_test(test_group),          cmocka_unit_test(test_stories260k_f16),
+        cmocka_unit_test(test_synth_tiny),     cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_capacity),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -249,12 +249,12 @@ static void test_gemm_order(void **state)
         fail_msg("the GEMM and GEMV orders never differed: the test cannot tell them");
 }
 
-/* The matmul: a batch mixing both classes gives each token its class's order. */
-static void test_matmul_ord(void **state)
+/* The matmul: a batch mixing both classes gives each token its class's order. n 8192 x 75
+ * tokens: more than one of the kernel's L2-sized token blocks (68 tokens there), the last
+ * 4-token group partial. */
+static void check_matmul_ord(int64_t n, int n_tok)
 {
-    (void)state;
-    const int64_t n = 512, n_out = 40;
-    const int n_tok = 11;
+    const int64_t n_out = 40;
     const size_t row_b = (size_t)(n / QK) * Q4K_BYTES;
     uint8_t *w = malloc((size_t)n_out * row_b);
     make_weights(n, (int)n_out, w);
@@ -264,7 +264,9 @@ static void test_matmul_ord(void **state)
     for (int t = 0; t < n_tok; t++)
         tsr_quant_act_row(TSR_TYPE_Q8_K, x + (size_t)t * (size_t)n,
                           xq + (size_t)t * (size_t)(n / QK) * Q8K_BYTES, n);
-    static const uint8_t ord[11] = {1, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0};
+    static const uint8_t pattern[11] = {1, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0};
+    uint8_t *ord = malloc((size_t)n_tok);
+    for (int t = 0; t < n_tok; t++) ord[t] = pattern[t % 11];
     uint8_t *pk = aligned_alloc(64, (tsr_repack_bytes(TSR_TYPE_Q4_K, n, n_out) + 63) / 64 * 64);
     assert_int_equal(tsr_repack(TSR_TYPE_Q4_K, n, n_out, w, row_b, pk), 0);
     tsr_pool *pool = tsr_pool_new(2);
@@ -299,10 +301,18 @@ static void test_matmul_ord(void **state)
         free(y);
     }
     tsr_pool_free(pool);
+    free(ord);
     free(pk);
     free(xq);
     free(x);
     free(w);
+}
+
+static void test_matmul_ord(void **state)
+{
+    (void)state;
+    check_matmul_ord(512, 11);
+    check_matmul_ord(8192, 75);
 }
 
 int main(void)

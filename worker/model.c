@@ -646,10 +646,14 @@ struct tsr_ctx {
     size_t kv_row_bytes;
     uint8_t *attn_scratch; /* [n_threads][attn_scratch_bytes] (kernels/kvcache.h) */
     size_t attn_scratch_bytes;
+    /* Attention work pieces of one token: query heads that share a KV head, [i][0] the first
+     * local head, [i][1] the count (attn_pieces); [n_head_local][2]. */
+    int32_t (*attn_piece)[2];
+    int32_t n_attn_pieces;
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
     /* Activations, [n_batch][width]. */
     float *x, *xb, *xb2, *q, *k, *v, *att_out, *hb, *hb2;
-    float *att_scores; /* [n_threads][max positions] */
+    float *att_scores; /* [n_threads][GQA group][max positions] */
     int32_t max_pos;   /* positions a sequence may reach (att_scores size) */
     float *logits;     /* [n_batch][vocab slice] */
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
@@ -752,7 +756,11 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     size_t kv_bytes = (size_t)m->n_layer_local * (size_t)c->max_pos * c->kv_row_bytes;
     c->k_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
     c->v_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
-    c->attn_scratch_bytes = tsr_attn_scratch_bytes(hp->head_dim);
+    /* up to one GQA group of query heads per tsr_attn_group call */
+    const int32_t n_head_local = sh->head_end - sh->head_begin;
+    const int32_t group = hp->n_head_kv > 0 ? hp->n_head / hp->n_head_kv : 1;
+    c->attn_scratch_bytes = tsr_attn_group_scratch_bytes(hp->head_dim, group);
+    c->attn_piece = malloc(sizeof *c->attn_piece * (size_t)(n_head_local > 0 ? n_head_local : 1));
     c->attn_scratch = aligned_alloc(64, (size_t)n_threads * c->attn_scratch_bytes);
     c->x = malloc(nb * E * sizeof(float));
     c->xb = malloc(nb * (q_dim > E ? q_dim : E) * sizeof(float));
@@ -763,7 +771,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->att_out = malloc(nb * (q_dim ? q_dim : 1) * sizeof(float));
     c->hb = malloc(nb * n_ff * sizeof(float));
     c->hb2 = malloc(nb * n_ff * sizeof(float));
-    c->att_scores = malloc((size_t)n_threads * (size_t)c->max_pos * sizeof(float));
+    c->att_scores = malloc((size_t)n_threads * (size_t)group * (size_t)c->max_pos * sizeof(float));
     size_t n_vocab_local = (size_t)(sh->vocab_end - sh->vocab_begin);
     c->logits = malloc(nb * (n_vocab_local ? n_vocab_local : 1) * sizeof(float));
     c->head_in = malloc(nb * E * sizeof(float));
@@ -788,7 +796,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->pool = tsr_pool_new(n_threads);
     if (!c->k_cache || !c->v_cache || !c->x || !c->xb || !c->xb2 || !c->q || !c->k || !c->v ||
         !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->head_in ||
-        !c->scratch || !c->pool || !c->attn_scratch)
+        !c->scratch || !c->pool || !c->attn_scratch || !c->attn_piece)
         goto oom;
     *out = c;
     return 0;
@@ -852,6 +860,7 @@ void tsr_ctx_free(tsr_ctx *c)
     free(c->hb);
     free(c->hb2);
     free(c->att_scores);
+    free(c->attn_piece);
     free(c->logits);
     free(c->head_in);
     free(c->scratch);
@@ -873,9 +882,40 @@ static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
            (size_t)(p % TSR_KV_BLOCK_SIZE);
 }
 
-/* One (token, local head) pair per work item: scores over positions 0..pos of the token's
- * sequence, softmax, weighted sum of V, in the numerics of the cache's type
- * (kernels/kvcache.h). */
+/* Split each token's local query heads into the pieces attn_run hands out: runs of heads
+ * that read the same KV head (a GQA group; tsr_attn_group reads each K/V row once for all of
+ * them and interleaves their fp16 accumulator chains), cut into equal parts only when the
+ * batch has fewer than two groups per thread (decode of a model with few KV heads). Each head's
+ * result is the same whichever piece computes it (kernels/kvcache.h). */
+static void attn_pieces(tsr_ctx *c, int n_tokens)
+{
+    const tsr_hparams *hp = &c->m->hp;
+    const tsr_shard *sh = &c->m->shard;
+    const int group = hp->n_head / hp->n_head_kv;
+    const int n_head_local = sh->head_end - sh->head_begin;
+    const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
+    const int nth = tsr_pool_n_threads(c->pool);
+    /* at least two pieces per thread, so that the atomic hand-out can balance them */
+    const int64_t n_groups = (int64_t)n_tokens * n_kv_local;
+    int split = 1;
+    if (n_groups < 2 * nth) split = (int)((2 * nth + n_groups - 1) / n_groups);
+    int sub = (group + split - 1) / split;
+    if (sub < 1) sub = 1;
+    c->n_attn_pieces = 0;
+    for (int hl = 0; hl < n_head_local;) {
+        const int kvh = (sh->head_begin + hl) / group;
+        int n = 0;
+        while (hl + n < n_head_local && (sh->head_begin + hl + n) / group == kvh && n < sub) n++;
+        c->attn_piece[c->n_attn_pieces][0] = hl;
+        c->attn_piece[c->n_attn_pieces][1] = n;
+        c->n_attn_pieces++;
+        hl += n;
+    }
+}
+
+/* One (token, piece of local heads sharing a KV head) per work item: scores over positions
+ * 0..pos of the token's sequence, softmax, weighted sum of V, in the numerics of the cache's
+ * type (kernels/kvcache.h). */
 static void attn_run(void *arg, int ith, int nth)
 {
     attn_job *j = arg;
@@ -890,14 +930,16 @@ static void attn_run(void *arg, int ith, int nth)
     const float scale = hp->arch == TSR_ARCH_GEMMA3 ? 1.0f : hp->attn_scale;
     const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + j->layer);
     const size_t layer_bytes = (size_t)c->max_pos * c->kv_row_bytes;
-    float *att = c->att_scores + (size_t)ith * c->max_pos;
+    float *att = c->att_scores + (size_t)ith * group * c->max_pos;
     void *scratch = c->attn_scratch + (size_t)ith * c->attn_scratch_bytes;
-    const int n_items = b->n_tokens * n_head_local;
+    const int n_items = b->n_tokens * c->n_attn_pieces;
     (void)nth;
     for (;;) {
         int it = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
-        int t = it / n_head_local, hl = it % n_head_local;
+        const int t = it / c->n_attn_pieces;
+        const int32_t *piece = c->attn_piece[it % c->n_attn_pieces];
+        const int hl = piece[0];
         int kvh = (sh->head_begin + hl) / group - sh->kv_head_begin;
         int32_t pos = b->pos[t], s = b->seq[t];
         /* Positions p0..pos: all earlier ones, or the last n_swa on windowed layers. */
@@ -912,8 +954,8 @@ static void attn_run(void *arg, int ith, int nth)
             .head_offset = tsr_kv_row_bytes(c->kv_type, (int64_t)kvh * hd),
             .block_table = b->block_tables[s],
         };
-        tsr_attn_head(&kv, c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos, att,
-                      scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
+        tsr_attn_group(&kv, piece[1], c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos,
+                       att, scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
     }
 }
 
@@ -999,6 +1041,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
     }
 
+    attn_pieces(c, n);
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
         const int il = sh->layer_begin + l;
