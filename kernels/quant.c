@@ -1730,6 +1730,33 @@ TSR_AVX2 static void act_info_build_q8_1(const blk_q8_1 *x, int64_t nb, int32_t 
         if (buf != stack_buf) free(buf);                                                           \
     }
 
+/* ACT_ROWS with a software prefetch of the row PF_ROWS ahead (all of its lines) before each
+ * row: the hardware prefetchers alone left the Q4_0 row kernel waiting on memory (CPU time
+ * per block streaming a 69 MB 2048-column matrix, one thread: 1.6 ns, 1.25-1.35 ns with 4
+ * rows ahead; 8: 1.23-1.5, 16: 1.43). Prefetches past the matrix never fault. */
+#define ACT_ROWS_PF(fname, ATTR, rowfn, mult, fallback, BLK, PF_ROWS)                              \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
+                           const void *vx, float *y)                                               \
+    {                                                                                              \
+        const int64_t nb = n / TSR_QK8_0, nbp = (nb + 7) / 8 * 8;                                  \
+        float stack_buf[2 * ACT_STACK_BLOCKS];                                                     \
+        float *buf =                                                                               \
+            nbp <= ACT_STACK_BLOCKS ? stack_buf : malloc(2 * sizeof(float) * (size_t)nbp);         \
+        if (!buf) {                                                                                \
+            fallback(n, nrows, w, stride, vx, y);                                                  \
+            return;                                                                                \
+        }                                                                                          \
+        act_info ai = {buf, buf + nbp};                                                            \
+        act_info_build(vx, nb, mult, &ai);                                                         \
+        const size_t row_bytes = (size_t)nb * sizeof(BLK);                                         \
+        for (int64_t r = 0; r < nrows; ++r) {                                                      \
+            const char *pf = (const char *)(w + (size_t)(r + (PF_ROWS)) * stride);                 \
+            for (size_t off = 0; off < row_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);  \
+            y[r] = rowfn(nb, w + (size_t)r * stride, vx, &ai);                                     \
+        }                                                                                          \
+        if (buf != stack_buf) free(buf);                                                           \
+    }
+
 /* fp16 scales of 8 consecutive blocks (m < 8: the first m, the rest 0) as floats. The
  * 16-bit loads and packing run on the integer side, leaving one vcvtph2ps per 8 blocks on
  * the vector pipes (a broadcast + convert per block cost ~25% of the Q4_0 kernel). */
@@ -1780,6 +1807,9 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
 #define OFFW_D(BLK, b, m, dw)            (dw)
 #define OFFW_M(BLK, b, m, dw)            f16x8_strided(&w[b].m, sizeof(BLK), m)
 #define BLOCK_LOOP(BLK, INT_DOT, OFFSET) BLOCK_LOOP_EX(BLK, INT_DOT, OFFSET, OFFW_D)
+/* How BLOCK_LOOP_EX gathers 8 blocks' fp16 scales (a row kernel may redefine it around its
+ * body, e.g. Q4_0 on AVX-512: two loads and one word permute). */
+#define BL_DW8 f16x8_strided
 /* The 4 accumulators are named registers, not an array: an array indexed by k & 3 in the
  * partial last group made gcc keep all four in memory, putting a store-forwarding round
  * trip into every FMA chain (about 2x slower, measured). The partial group comes after
@@ -1811,7 +1841,7 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
     for (; b + 8 <= nb; b += 8) {                                                                  \
         const int m = 8;                                                                           \
         (void)m;                                                                                   \
-        const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), 8);                                  \
+        const __m256 dw = BL_DW8(&w[b].d, sizeof(BLK), 8);                                         \
         if (OFFSET)                                                                                \
             acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
         const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
@@ -1828,7 +1858,7 @@ TSR_AVX2 TSR_INLINE __m256 bcast_lane(__m256 lo, __m256 hi, int k)
     }                                                                                              \
     if (b < nb) {                                                                                  \
         const int m = (int)(nb - b);                                                               \
-        const __m256 dw = f16x8_strided(&w[b].d, sizeof(BLK), m);                                  \
+        const __m256 dw = BL_DW8(&w[b].d, sizeof(BLK), m);                                         \
         if (OFFSET)                                                                                \
             acc_off = _mm256_fmadd_ps(OFFW(BLK, b, m, dw), _mm256_loadu_ps(ai->ey + b), acc_off);  \
         const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(ai->dy + b));                          \
@@ -2507,6 +2537,12 @@ DEF_ROWS_Q6_K(rows_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
 
 #define TSR_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
+/* The mask of a masked load of the first nbytes (clamped to 0..64) of 64 bytes. */
+TSR_VNNI TSR_INLINE uint64_t first_bytes_mask(int64_t nbytes)
+{
+    return nbytes >= 64 ? ~0ull : nbytes <= 0 ? 0 : (1ull << nbytes) - 1;
+}
+
 /* Q8_0 x Q8_0 with vpdpbusd (u8 x s8 summed into int32, no saturation): the sign trick,
  * |w| x sign(w)*y. (The w+128 alternative saves an op but needs a per-block correction
  * load, and loads are what this loop runs out of first.) */
@@ -2537,16 +2573,42 @@ TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
                                _mm256_loadu_si256((const __m256i *)yq));
 }
 
+/* The fp16 scales of blocks 0..m-1 (m <= 8) of a Q4_0 row (words 9k from p on) as floats,
+ * 0 past m: two loads (masked past the group's 18m bytes) and one word permute, instead of
+ * f16x8_strided's scalar gather (about a third of the Q5_0 kernel's time, see q5_0_d8). */
+static const uint16_t k_q40_didx[32] = {0, 9, 18, 27, 36, 45, 54, 63};
+
+TSR_VNNI TSR_INLINE __m256 q4_0_dw8_vnni(const uint16_t *d0, size_t stride, int m)
+{
+    (void)stride; /* sizeof(blk_q4_0) */
+    const uint8_t *p = (const uint8_t *)d0;
+    __m512i z0, z1;
+    if (m == 8) {
+        z0 = _mm512_loadu_si512(p);
+        z1 = _mm512_loadu_si512(p + 64);
+    } else {
+        const int64_t nbytes = (int64_t)sizeof(blk_q4_0) * m;
+        z0 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes), p);
+        z1 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 64), p + 64);
+    }
+    const __m512i t = _mm512_permutex2var_epi16(z0, _mm512_loadu_si512(k_q40_didx), z1);
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(t));
+}
+
 TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
                                     const act_info *ai)
 {
 #define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
+#undef BL_DW8
+#define BL_DW8 q4_0_dw8_vnni
     BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1);
+#undef BL_DW8
+#define BL_DW8 f16x8_strided
 #undef Q4_DOT_VNNI
 }
 
 /* clang-format off */
-ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
+ACT_ROWS_PF(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar, blk_q4_0, 4)
 /* clang-format on */
 
 TSR_VNNI static float q4_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
@@ -2580,26 +2642,173 @@ TSR_VNNI TSR_INLINE __m256i q5_0_lanes_vnni(const blk_q5_0 *w, const int8_t *yq)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(q), _mm256_sign_epi8(y, q));
 }
 
+/* Two rows in one 512-bit register: block b of row A in the low 8 int32 lanes, of row B in
+ * the high 8, each lane the exact sum over its 4 elements of (q5 - 16) * y, the same
+ * integers as q5_0_lanes_vnni: vpdpbusd of the unsigned 5-bit quants onto -16 * (the
+ * lane sums of y), ny2 (made once per block for all rows of a pass). The nibbles of both
+ * rows come from two 16-byte broadcasts ([A, A, B, B], the high copies shifted by 4), the
+ * 5th bits of both (64 bits) add 16 under a mask. */
+TSR_VNNI TSR_INLINE __m512i q5_0_pair_lanes_512(const blk_q5_0 *a, const blk_q5_0 *b, __m512i y2,
+                                                __m512i ny2)
+{
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)a->qs));
+    v = _mm512_mask_broadcast_i32x4(v, 0xFF00, _mm_loadu_si128((const __m128i *)b->qs));
+    v = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)),
+                         _mm512_set1_epi8(0x0F));
+    uint32_t ha, hb;
+    memcpy(&ha, a->qh, 4);
+    memcpy(&hb, b->qh, 4);
+    v = _mm512_mask_add_epi8(v, _cvtu64_mask64((uint64_t)ha | (uint64_t)hb << 32), v,
+                             _mm512_set1_epi8(0x10));
+    return _mm512_dpbusd_epi32(ny2, v, y2);
+}
+
+/* The fp16 scales of blocks 0..m-1 (m <= 8) of a Q5_0 row from blk on (the words at byte
+ * 22k) as 8 words, 0 past m: three loads (masked past the group's bytes: nothing beyond
+ * the row is read) and two word permutes. A scalar gather of the 8 words (f16x8_strided)
+ * took about a third of this kernel's time. */
+static const uint16_t k_q50_didx01[32] = {0, 11, 22, 33, 44, 55};
+static const uint16_t k_q50_didx2[32] = {0, 0, 0, 0, 0, 0, 2, 13};
+
+TSR_VNNI TSR_INLINE __m128i q5_0_d8(const blk_q5_0 *blk, int m)
+{
+    const uint8_t *p = (const uint8_t *)blk;
+    __m512i z0, z1, z2;
+    if (m == 8) {
+        z0 = _mm512_loadu_si512(p);
+        z1 = _mm512_loadu_si512(p + 64);
+        z2 = _mm512_maskz_loadu_epi8(0x0FFFFFFF, p + 128);
+    } else {
+        const int64_t nbytes = (int64_t)sizeof(blk_q5_0) * m;
+        z0 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes), p);
+        z1 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 64), p + 64);
+        z2 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 128), p + 128);
+    }
+    __m512i t = _mm512_permutex2var_epi16(z0, _mm512_loadu_si512(k_q50_didx01), z1);
+    t = _mm512_mask_permutexvar_epi16(t, 0xC0, _mm512_loadu_si512(k_q50_didx2), z2);
+    return _mm512_castsi512_si128(t);
+}
+
+/* Scales fp16(d_w) * d_y of 8 blocks of rows A and B ([A 0..7 | B 0..7], dy16 = [d_y 0..7 |
+ * d_y 0..7]); block k's pair of them broadcast to the two row halves by one vpermps. */
+TSR_VNNI TSR_INLINE __m512 q5_0_pair_scales(const blk_q5_0 *a, const blk_q5_0 *b, __m512 dy16,
+                                            int m)
+{
+    const __m256i dd =
+        _mm256_inserti128_si256(_mm256_castsi128_si256(q5_0_d8(a, m)), q5_0_d8(b, m), 1);
+    return _mm512_mul_ps(_mm512_cvtph_ps(dd), dy16);
+}
+
+TSR_VNNI TSR_INLINE __m512 q5_0_bcast_pair(__m512 sc, int k)
+{
+    return _mm512_permutexvar_ps(_mm512_set_epi32(8 + k, 8 + k, 8 + k, 8 + k, 8 + k, 8 + k, 8 + k,
+                                                  8 + k, k, k, k, k, k, k, k, k),
+                                 sc);
+}
+
+TSR_VNNI TSR_INLINE float hsum8_hi512(__m512 v)
+{
+    return tsr_hsum8_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/* 8 floats at p in both halves of a 512-bit register. */
+TSR_VNNI TSR_INLINE __m512 q50_bcast8_ps(const float *p)
+{
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+}
+
+/* Software prefetch of the rows 4 passes (16 rows) ahead, from each row's current block:
+ * the hardware prefetchers alone left this kernel waiting on memory (CPU time per row-block
+ * streaming a 62 MB matrix, one thread: 3.2 ns, 2.3 ns with it; 1, 2, 8, 16 passes ahead
+ * measured 2.6-3.0, 2.6-2.7, 2.4-2.6, 2.4-2.7). Prefetches past the matrix never fault. */
+#define Q50_PF_BYTES (16 * stride)
+
+/* One block of a pass of P row pairs: y broadcast to both halves, -16 * its lane sums made
+ * once for the pass. Named accumulators, not arrays: gcc kept an array in memory (a store
+ * and a reload in every FMA chain). */
+#define Q50P_BLOCK(k)                                                                              \
+    do {                                                                                           \
+        const __m512i y2_ =                                                                        \
+            _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x[b + (k)].qs));            \
+        const __m512i ny2_ = _mm512_sub_epi32(                                                     \
+            _mm512_setzero_si512(),                                                                \
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(0x10), y2_));             \
+        if (((k)&1) == 0) { /* every line of the rows 4 passes ahead (44 bytes per row) */         \
+            _mm_prefetch((const char *)&w0[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)&w1[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)&w2[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)&w3[b + (k)] + Q50_PF_BYTES, _MM_HINT_T0);                  \
+        }                                                                                          \
+        acc0 = _mm512_fmadd_ps(                                                                    \
+            q5_0_bcast_pair(sc0, (k)),                                                             \
+            _mm512_cvtepi32_ps(q5_0_pair_lanes_512(&w0[b + (k)], &w1[b + (k)], y2_, ny2_)), acc0); \
+        if (P == 2)                                                                                \
+            acc1 = _mm512_fmadd_ps(                                                                \
+                q5_0_bcast_pair(sc1, (k)),                                                         \
+                _mm512_cvtepi32_ps(q5_0_pair_lanes_512(&w2[b + (k)], &w3[b + (k)], y2_, ny2_)),    \
+                acc1);                                                                             \
+    } while (0)
+
+/* 2P rows (P = 1 or 2, a constant after inlining) in ggml's order, each row's 8 lanes one FMA
+ * chain over its blocks (acc = fma(d_w*d_y, float(lanes), acc)), then tsr_hsum8_ps: the
+ * operations of rows_q5_0_avx2 per row, two rows per instruction. */
+TSR_VNNI TSR_INLINE void q5_0_pass_512(const int P, int64_t nb, const uint8_t *w, size_t stride,
+                                       const blk_q8_0 *x, const float *dy, float *y)
+{
+    const blk_q5_0 *w0 = (const blk_q5_0 *)w, *w1 = (const blk_q5_0 *)(w + stride);
+    const blk_q5_0 *w2 = P == 2 ? (const blk_q5_0 *)(w + 2 * stride) : w0;
+    const blk_q5_0 *w3 = P == 2 ? (const blk_q5_0 *)(w + 3 * stride) : w1;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 sc0, sc1 = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        const __m512 dy16 = q50_bcast8_ps(dy + b);
+        sc0 = q5_0_pair_scales(&w0[b], &w1[b], dy16, 8);
+        if (P == 2) sc1 = q5_0_pair_scales(&w2[b], &w3[b], dy16, 8);
+        Q50P_BLOCK(0);
+        Q50P_BLOCK(1);
+        Q50P_BLOCK(2);
+        Q50P_BLOCK(3);
+        Q50P_BLOCK(4);
+        Q50P_BLOCK(5);
+        Q50P_BLOCK(6);
+        Q50P_BLOCK(7);
+    }
+    if (b < nb) {
+        const int m = (int)(nb - b);
+        const __m512 dy16 = q50_bcast8_ps(dy + b);
+        sc0 = q5_0_pair_scales(&w0[b], &w1[b], dy16, m);
+        if (P == 2) sc1 = q5_0_pair_scales(&w2[b], &w3[b], dy16, m);
+        for (int k = 0; k < m; ++k) Q50P_BLOCK(k);
+    }
+    y[0] = tsr_hsum8_ps(_mm512_castps512_ps256(acc0));
+    y[1] = hsum8_hi512(acc0);
+    if (P == 2) {
+        y[2] = tsr_hsum8_ps(_mm512_castps512_ps256(acc1));
+        y[3] = hsum8_hi512(acc1);
+    }
+}
+#undef Q50P_BLOCK
+#undef Q50_PF_BYTES
+
 TSR_VNNI static void rows_q5_0_vnni(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,
                                     const void *vx, float *y)
 {
     const blk_q8_0 *x = vx;
-    const int64_t nb = n / TSR_QK8_0;
+    const int64_t nb = n / TSR_QK8_0, nbp = (nb + 7) / 8 * 8;
+    float stack_dy[ACT_STACK_BLOCKS];
+    float *dy = nbp <= ACT_STACK_BLOCKS ? stack_dy : malloc(sizeof(float) * (size_t)nbp);
     int64_t r = 0;
-    for (; r + 2 <= nrows; r += 2) {
-        const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
-        const blk_q5_0 *w1 = (const blk_q5_0 *)(w + (size_t)(r + 1) * stride);
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b) {
-            const float dy = _cvtsh_ss(x[b].d);
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w0[b].d) * dy),
-                                 _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w0[b], x[b].qs)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w1[b].d) * dy),
-                                 _mm256_cvtepi32_ps(q5_0_lanes_vnni(&w1[b], x[b].qs)), a1);
-        }
-        y[r] = tsr_hsum8_ps(a0);
-        y[r + 1] = tsr_hsum8_ps(a1);
+    if (dy) {
+        for (int64_t b = 0; b < nb; ++b) dy[b] = _cvtsh_ss(x[b].d);
+        for (int64_t b = nb; b < nbp; ++b) dy[b] = 0.0f;
+        for (; r + 4 <= nrows; r += 4)
+            q5_0_pass_512(2, nb, w + (size_t)r * stride, stride, x, dy, y + r);
+        for (; r + 2 <= nrows; r += 2)
+            q5_0_pass_512(1, nb, w + (size_t)r * stride, stride, x, dy, y + r);
+        if (dy != stack_dy) free(dy);
     }
+    /* the last row (or all of them if the heap failed): the same operations, 256 bits */
     for (; r < nrows; ++r) {
         const blk_q5_0 *w0 = (const blk_q5_0 *)(w + (size_t)r * stride);
         __m256 a0 = _mm256_setzero_ps();

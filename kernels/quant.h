@@ -108,7 +108,7 @@ void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
 /* A tile of rows x tokens (the prefill matmul): y[t*y_stride + r] = dot(w + r*w_stride, x +
  * t*x_stride) for r < n_rows, t < n_tok (strides in bytes for w and x, in floats for y).
  * Each weight block is loaded and unpacked once for several tokens and each activation
- * block once for several rows (register-blocked Q8_0 / Q4_0 / Q4_1 / Q5_0 kernels; other types and
+ * block once for several rows (register-blocked Q8_0 / Q4_0 / Q4_1 kernels; other types and
  * the scalar path loop over tsr_vec_dot_rows). Every y element is bit-identical to tsr_vec_dot of
  * its row and token (for activations made by tsr_quant_row), so answers never depend on how a
  * matmul groups rows and tokens. Allocates a heap workspace per call (8 bytes per activation block

@@ -46,13 +46,13 @@
 bool tsr_repack_supported(uint32_t type);
 
 /* Whether the load repacks weights of `type`: every supported type (the default), or, after
- * tsr_repack_set_all(false) or with the environment variable TSR_REPACK_ALL=0, only Q5_1 and
+ * tsr_repack_set_all(false) or with the environment variable TSR_REPACK_ALL=0, only Q5_0, Q5_1 and
  * the K-quants, whose file layout has no register-blocked tile (quant.c): the repacked copy
  * is then kept only where several tokens gain most from it. */
 bool tsr_repack_chosen(uint32_t type);
 void tsr_repack_set_all(bool all);
 
-/* Tokens from which a batch of Q8_0 / Q4_0 / Q4_1 / Q5_0 runs on the file layout's tile
+/* Tokens from which a batch of Q8_0 / Q4_0 / Q4_1 runs on the file layout's tile
  * (quant.c) rather than the repacked GEMM. Measured, 1B Q8_0, 2 threads: the repacked GEMM
  * wins for 2-9 tokens (verification of k drafts, step of k+1 / step of 1: k=1 1.07 vs 1.6-2.0,
  * k=4 1.9 vs 2.4-3.4, k=8 3.1-3.2 vs 3.9), the tile for a 128-token prefill (79 vs 72-78

@@ -250,12 +250,11 @@ static void test_sizes(void **state)
     assert_int_equal(tsr_repack_group_bytes(TSR_TYPE_Q4_0, 96),
                      (4 * 8 * 2 + 3 * 4 * 16 + 63) / 64 * 64);
     assert_int_equal(tsr_repack(TSR_TYPE_F16, 256, 1, NULL, 0, NULL), -1);
-    /* the load's choice: every type, or Q5_1 and the K-quants (no file-layout tile); the
+    /* the load's choice: every type, or Q5_0, Q5_1 and the K-quants (no file-layout tile); the
      * matmul's: the file layout for 1 token, and for long batches of types with a tile */
     for (size_t i = 0; i < sizeof k_all / sizeof k_all[0]; ++i) {
         const uint32_t t = k_all[i];
-        const bool tile =
-            t == TSR_TYPE_Q8_0 || t == TSR_TYPE_Q4_0 || t == TSR_TYPE_Q4_1 || t == TSR_TYPE_Q5_0;
+        const bool tile = t == TSR_TYPE_Q8_0 || t == TSR_TYPE_Q4_0 || t == TSR_TYPE_Q4_1;
         tsr_repack_set_all(false);
         if (tsr_repack_chosen(t) != !tile)
             fail_msg("tsr_repack_chosen(%s), light choice: expected %d, got %d", tsr_type_name(t),
