@@ -1730,6 +1730,33 @@ TSR_AVX2 static void act_info_build_q8_1(const blk_q8_1 *x, int64_t nb, int32_t 
         if (buf != stack_buf) free(buf);                                                           \
     }
 
+/* ACT_ROWS with a software prefetch of the row PF_ROWS ahead (all of its lines) before each
+ * row: the hardware prefetchers alone left the Q4_0 row kernel waiting on memory (CPU time
+ * per block streaming a 69 MB 2048-column matrix, one thread: 1.6 ns, 1.25-1.35 ns with 4
+ * rows ahead; 8: 1.23-1.5, 16: 1.43). Prefetches past the matrix never fault. */
+#define ACT_ROWS_PF(fname, ATTR, rowfn, mult, fallback, BLK, PF_ROWS)                              \
+    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
+                           const void *vx, float *y)                                               \
+    {                                                                                              \
+        const int64_t nb = n / TSR_QK8_0, nbp = (nb + 7) / 8 * 8;                                  \
+        float stack_buf[2 * ACT_STACK_BLOCKS];                                                     \
+        float *buf =                                                                               \
+            nbp <= ACT_STACK_BLOCKS ? stack_buf : malloc(2 * sizeof(float) * (size_t)nbp);         \
+        if (!buf) {                                                                                \
+            fallback(n, nrows, w, stride, vx, y);                                                  \
+            return;                                                                                \
+        }                                                                                          \
+        act_info ai = {buf, buf + nbp};                                                            \
+        act_info_build(vx, nb, mult, &ai);                                                         \
+        const size_t row_bytes = (size_t)nb * sizeof(BLK);                                         \
+        for (int64_t r = 0; r < nrows; ++r) {                                                      \
+            const char *pf = (const char *)(w + (size_t)(r + (PF_ROWS)) * stride);                 \
+            for (size_t off = 0; off < row_bytes; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);  \
+            y[r] = rowfn(nb, w + (size_t)r * stride, vx, &ai);                                     \
+        }                                                                                          \
+        if (buf != stack_buf) free(buf);                                                           \
+    }
+
 /* fp16 scales of 8 consecutive blocks (m < 8: the first m, the rest 0) as floats. The
  * 16-bit loads and packing run on the integer side, leaving one vcvtph2ps per 8 blocks on
  * the vector pipes (a broadcast + convert per block cost ~25% of the Q4_0 kernel). */
@@ -2589,7 +2616,7 @@ TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_
 }
 
 /* clang-format off */
-ACT_ROWS(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar)
+ACT_ROWS_PF(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar, blk_q4_0, 4)
 /* clang-format on */
 
 TSR_VNNI static float q4_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
