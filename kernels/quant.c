@@ -2291,33 +2291,28 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
         return tsr_hsum8_ps(_mm256_sub_ps(acc, accm));                                             \
     }
 
-/* ---- Q4_K / Q6_K row kernels: 4 rows at a time --------------------------------------------
+/* ---- Q4_K / Q6_K GEMV over the repacked groups: 4 rows at a time -----------------------
  * Decode streams every weight byte once, so a row kernel must keep up with memory (~20-25
- * GB/s per core); the one-row dots above run at ~13-15 GB/s even from L1 (~110 instructions
- * per super-block). Four rows of the file layout side by side share what depends on the
+ * GB/s per core); the one-row dots above run at ~13-16 GB/s even from cache (~110
+ * instructions per super-block). Four rows side by side share what depends on the
  * activation only (its 8 x 32 quants in registers, the Q8_K bsums, d_y), unpack the four
- * rows' scales with a few vector ops, and reduce four rows' int32 lanes together. Each row
- * keeps exactly its one-row dot's arithmetic: the int32 sums are exact integers (whatever
- * lanes and instruction order make them), and every float operation is the one-row dot's,
- * lane r of a vector standing for row r's scalar (Q4_K) or its 8 lanes staying its own
- * (Q6_K). Prefetch: each row's stream RQ_PF super-blocks ahead, into the next 4 rows near
- * the end, spread over the loop (3 lines per row and super-block) rather than in bursts. */
+ * rows' scales with a few vector ops and reduce four rows' int32 lanes together: ~25 GB/s
+ * per core from cache for Q4_K, ~33 for Q6_K. Each row keeps exactly its one-row dot's
+ * arithmetic: the int32 sums are exact integers (whatever lanes and instruction order make
+ * them), and every float operation is the one-row dot's, lane r of a vector standing for
+ * row r's scalar (Q4_K) or its 8 lanes staying its own (Q6_K). Read from the repacked
+ * groups (kernels/repack.h: super-block i of the 4 rows side by side), the 4 rows are one
+ * linear stream, prefetched RQ_PF steps ahead spread over the loop (never in bursts). */
 #define RQ_PF 4
 
-/* Prefetch the super-block RQ_PF ahead of block i in row r of the group at w0 (rows
- * `stride` bytes apart, `bs` bytes per block, nb blocks per row): past the row's end, the
- * same row of the next group of 4 (never faults; a stray prefetch past the matrix is
- * harmless). */
-#define RQ_PREFETCH(w0, r, i, nb, stride, bs)                                                      \
+/* Prefetch the super-block RQ_PF steps ahead of block b (bs bytes) in its stream, blocks
+ * `bstride` bytes apart: the same row RQ_PF blocks on in the file layout (past the row's end:
+ * the next row's start), RQ_PF * 4 blocks on in the repacked groups (one linear stream). A
+ * prefetch never faults; one past the matrix is harmless. */
+#define RQ_PREFETCH(b, bstride, bs)                                                                \
     do {                                                                                           \
-        const int64_t ip_ = (i) + RQ_PF;                                                           \
-        const char *p_ =                                                                           \
-            (const char *)(w0) +                                                                   \
-            (ip_ < (nb) ? (size_t)(r) * (stride) + (size_t)ip_ * (bs)                              \
-                        : (size_t)((r) + 4) * (stride) + (size_t)(ip_ - (nb)) * (bs));             \
-        _mm_prefetch(p_, _MM_HINT_T0);                                                             \
-        _mm_prefetch(p_ + 64, _MM_HINT_T0);                                                        \
-        _mm_prefetch(p_ + 128, _MM_HINT_T0);                                                       \
+        const char *p_ = (const char *)(b) + RQ_PF * (bstride);                                    \
+        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);               \
     } while (0)
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
@@ -2358,27 +2353,41 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
     return _mm256_or_si256(lo, hi);
 }
 
+/* fname##_kg: a 4-row kernel fname##_4 (block i of row r at w0 + r * stride + i * bstride)
+ * over the repacked groups of kernels/repack.h (gb bytes apart, block i of the 4 rows side by
+ * side: one linear stream; a short last group's missing rows repeat its last row there,
+ * computed and not stored). The file layout keeps the one-row kernels: its 4 rows side by
+ * side would be 4 streams, which measured slower from memory than one. */
+#define DEF_ROWS_DRIVERS(fname, ATTR, BLK, dot1)                                                   \
+    ATTR static void fname##_kg(int64_t n, int64_t nrows, const uint8_t *groups, size_t gb,        \
+                                const void *vx, float *y)                                          \
+    {                                                                                              \
+        for (int64_t r = 0; r < nrows; r += 4) {                                                   \
+            float o[4];                                                                            \
+            fname##_4(n / TSR_QK_K, groups + (size_t)(r / 4) * gb, sizeof(BLK), 4 * sizeof(BLK),   \
+                      (const blk_q8_K *)vx, o);                                                    \
+            for (int k = 0; k < 4 && r + k < nrows; ++k) y[r + k] = o[k];                          \
+        }                                                                                          \
+    }
+
 /* Q4_K, 4 rows: per super-block row r's exact isum_r and imin_r (DEF_DOT_Q4_K's), then one
  * 8-lane FMA: lanes 0-3 the rows' sumf chains (isum_r * (d_y * d_r)), lanes 4-7 their summf
  * chains (imin_r * (d_y * dmin_r)); y_r = sumf_r - summf_r. */
 #define DEF_ROWS_Q4_K(fname, ATTR, SACC, dot1)                                                     \
-    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
-                           const void *vx, float *y)                                               \
+    ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
+                                   const blk_q8_K *x, float *out)                                  \
     {                                                                                              \
-        const blk_q8_K *x = vx;                                                                    \
-        const int64_t nb = n / TSR_QK_K;                                                           \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
         /* fp16 d0..d3 then dmin0..dmin3 from the 4 rows' (d, dmin) dwords */                      \
         const __m128i dsel = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);  \
-        int64_t r = 0;                                                                             \
-        for (; r + 4 <= nrows; r += 4) {                                                           \
-            const uint8_t *w0 = w + (size_t)r * stride;                                            \
+        {                                                                                          \
             __m256 acc = _mm256_setzero_ps();                                                      \
             for (int64_t i = 0; i < nb; ++i) {                                                     \
-                const blk_q4_K *b0 = (const blk_q4_K *)w0 + i;                                     \
-                const blk_q4_K *b1 = (const blk_q4_K *)(w0 + stride) + i;                          \
-                const blk_q4_K *b2 = (const blk_q4_K *)(w0 + 2 * stride) + i;                      \
-                const blk_q4_K *b3 = (const blk_q4_K *)(w0 + 3 * stride) + i;                      \
+                const uint8_t *wi = w0 + (size_t)i * bstride;                                      \
+                const blk_q4_K *b0 = (const blk_q4_K *)wi;                                         \
+                const blk_q4_K *b1 = (const blk_q4_K *)(wi + stride);                              \
+                const blk_q4_K *b2 = (const blk_q4_K *)(wi + 2 * stride);                          \
+                const blk_q4_K *b3 = (const blk_q4_K *)(wi + 3 * stride);                          \
                 const __m128i h0 = _mm_loadu_si128((const __m128i *)b0);                           \
                 const __m128i h1 = _mm_loadu_si128((const __m128i *)b1);                           \
                 const __m128i h2 = _mm_loadu_si128((const __m128i *)b2);                           \
@@ -2403,7 +2412,7 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                     const __m256i smx = rr < 2 ? sm01 : sm23;                                      \
                     const __m256i sc = (rr & 1) ? _mm256_permute2x128_si256(smx, smx, 0x11)        \
                                                 : _mm256_permute2x128_si256(smx, smx, 0x00);       \
-                    RQ_PREFETCH(w0, rr, i, nb, stride, sizeof(blk_q4_K));                          \
+                    RQ_PREFETCH(bk, bstride, sizeof(blk_q4_K));                                    \
                     __m256i s = _mm256_setzero_si256();                                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                            \
                     {                                                                              \
@@ -2442,32 +2451,29 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                                           _mm256_castsi128_si256(is), im, 1)),                     \
                                       scale, acc);                                                 \
             }                                                                                      \
-            _mm_storeu_ps(y + r,                                                                   \
+            _mm_storeu_ps(out,                                                                     \
                           _mm_sub_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1))); \
         }                                                                                          \
-        for (; r < nrows; ++r) y[r] = dot1(n, w + (size_t)r * stride, x);                          \
-    }
+    }                                                                                              \
+    DEF_ROWS_DRIVERS(fname, ATTR, blk_q4_K, dot1)
 
 /* Q6_K, 4 rows: each row's 8 int32 lanes and 8-lane float chain exactly DEF_DOT_Q6_K's
  * (lane k: elements 4k..4k+3 of every 32), the activation's quants loaded once for the 4. */
 #define DEF_ROWS_Q6_K(fname, ATTR, SACC, dot1)                                                     \
-    ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
-                           const void *vx, float *y)                                               \
+    ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
+                                   const blk_q8_K *x, float *out)                                  \
     {                                                                                              \
-        const blk_q8_K *x = vx;                                                                    \
-        const int64_t nb = n / TSR_QK_K;                                                           \
         const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);                   \
-        int64_t r = 0;                                                                             \
-        for (; r + 4 <= nrows; r += 4) {                                                           \
-            const uint8_t *w0 = w + (size_t)r * stride;                                            \
+        {                                                                                          \
             __m256 acc[4];                                                                         \
             _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr) acc[rr] = _mm256_setzero_ps();  \
             for (int64_t i = 0; i < nb; ++i) {                                                     \
                 const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                \
                 _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
                 {                                                                                  \
-                    const blk_q6_K *bk = (const blk_q6_K *)(w0 + (size_t)rr * stride) + i;         \
-                    RQ_PREFETCH(w0, rr, i, nb, stride, sizeof(blk_q6_K));                          \
+                    const blk_q6_K *bk =                                                           \
+                        (const blk_q6_K *)(w0 + (size_t)rr * stride + (size_t)i * bstride);        \
+                    RQ_PREFETCH(bk, bstride, sizeof(blk_q6_K));                                    \
                     const float d = x[i].d * _cvtsh_ss(bk->d);                                     \
                     const __m256i sc16 =                                                           \
                         _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)bk->scales));        \
@@ -2507,11 +2513,11 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                         _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[rr]);     \
                 }                                                                                  \
             }                                                                                      \
-            _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr) y[r + rr] =                     \
+            _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr) out[rr] =                       \
                 tsr_hsum8_ps(acc[rr]);                                                             \
         }                                                                                          \
-        for (; r < nrows; ++r) y[r] = dot1(n, w + (size_t)r * stride, x);                          \
-    }
+    }                                                                                              \
+    DEF_ROWS_DRIVERS(fname, ATTR, blk_q6_K, dot1)
 
 #define DEF_ROWS_BY_DOT(fname, ATTR, dot)                                                          \
     ATTR static void fname(int64_t n, int64_t nrows, const uint8_t *w, size_t stride,              \
@@ -2528,9 +2534,11 @@ DEF_DOT_Q5_K(dot_q5_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_ROWS_BY_DOT(rows_q2_K_avx2, TSR_AVX2, dot_q2_K_avx2)
 DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
-DEF_ROWS_Q4_K(rows_q4_K_avx2, TSR_AVX2, SACC_AVX2, dot_q4_K_avx2)
+DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, dot_q4_K_avx2)
+DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
-DEF_ROWS_Q6_K(rows_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
+DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
+DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
 /* clang-format on */
 
 /* ---- AVX-512 VNNI (256-bit vectors, EVEX vpdpbusd) -------------------------------------- */
@@ -2840,9 +2848,11 @@ DEF_DOT_Q5_K(dot_q5_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_ROWS_BY_DOT(rows_q2_K_vnni, TSR_VNNI, dot_q2_K_vnni)
 DEF_ROWS_BY_DOT(rows_q3_K_vnni, TSR_VNNI, dot_q3_K_vnni)
-DEF_ROWS_Q4_K(rows_q4_K_vnni, TSR_VNNI, SACC_VNNI, dot_q4_K_vnni)
+DEF_ROWS_Q4_K(kg_q4_K_vnni, TSR_VNNI, SACC_VNNI, dot_q4_K_vnni)
+DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q5_K_vnni, TSR_VNNI, dot_q5_K_vnni)
-DEF_ROWS_Q6_K(rows_q6_K_vnni, TSR_VNNI, SACC_VNNI, dot_q6_K_vnni)
+DEF_ROWS_Q6_K(kg_q6_K_vnni, TSR_VNNI, SACC_VNNI, dot_q6_K_vnni)
+DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
 /* ---- Q8_0 quantization of activations --------------------------------------------------
@@ -3438,6 +3448,27 @@ void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
         return;
     }
     k(n, n_rows, w, w_stride_bytes, x, y);
+}
+
+bool tsr_vec_dot_kgroups(uint32_t type, int64_t n, int64_t n_rows, const void *groups, size_t gb,
+                         const void *x, float *y)
+{
+#if TSR_X86
+    const int isa = isa_get();
+    if (isa < ISA_AVX2 || n_rows <= 0 || n % TSR_QK_K != 0) return false;
+    const bool vnni = isa >= ISA_AVX512VNNI;
+    if (type == TSR_TYPE_Q4_K) {
+        (vnni ? kg_q4_K_vnni_kg : kg_q4_K_avx2_kg)(n, n_rows, groups, gb, x, y);
+        return true;
+    }
+    if (type == TSR_TYPE_Q6_K) {
+        (vnni ? kg_q6_K_vnni_kg : kg_q6_K_avx2_kg)(n, n_rows, groups, gb, x, y);
+        return true;
+    }
+#else
+    (void)type, (void)n, (void)n_rows, (void)groups, (void)gb, (void)x, (void)y;
+#endif
+    return false;
 }
 
 void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, size_t w_stride,

@@ -105,6 +105,14 @@ float tsr_vec_dot(uint32_t type, int64_t n, const void *w, const void *x);
 void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
                       size_t w_stride_bytes, const void *x, float *y);
 
+/* The same rows of Q4_K / Q6_K weights repacked in groups of 4 rows (kernels/repack.h's
+ * K-quant layout: group g, gb bytes after group g - 1, holds super-block i of its rows 0..3
+ * side by side; a short last group repeats its last row): y[r] = dot(row r, x) for r <
+ * n_rows, bit-identical to tsr_vec_dot of that row. Returns false (nothing written) for
+ * other types and where only the scalar reference runs; the caller then uses its own loop. */
+bool tsr_vec_dot_kgroups(uint32_t type, int64_t n, int64_t n_rows, const void *groups, size_t gb,
+                         const void *x, float *y);
+
 /* A tile of rows x tokens (the prefill matmul): y[t*y_stride + r] = dot(w + r*w_stride, x +
  * t*x_stride) for r < n_rows, t < n_tok (strides in bytes for w and x, in floats for y).
  * Each weight block is loaded and unpacked once for several tokens and each activation

@@ -101,7 +101,9 @@ bool tsr_repack_chosen(uint32_t type)
 
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)
 {
-    if (n_tok <= 1) return true;
+    /* Q4_K / Q6_K: one token reads the groups too (tsr_vec_dot_kgroups: 4 rows at once in
+     * one linear stream, where the file layout's 4 rows are 4 streams) */
+    if (n_tok <= 1) return type != TSR_TYPE_Q4_K && type != TSR_TYPE_Q6_K;
     /* (Q5_0 has no file-layout tile: quant.c would run a long batch token by token, about
      * 2x the CPU time of the repacked GEMM: 1.45 vs 0.65 ns per block dot, 896 x 1024 x 128) */
     const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_1;
@@ -1630,6 +1632,8 @@ void tsr_repack_dot(uint32_t type, int64_t n, const void *packed, int64_t r0, in
     const char *isa = tsr_quant_isa();
     if (is_kquant(type)) {
         const size_t nsb = (size_t)n / TSR_QK_K;
+        /* one token of Q4_K / Q6_K: quant.c's 4-row GEMV (the row dots' arithmetic) */
+        if (n_tok == 1 && tsr_vec_dot_kgroups(type, n, n_rows, p, gb, x, y)) return;
 #if TSR_RP_X86
         if (strcmp(isa, "scalar") != 0) {
             repack_dot_k_simd(strcmp(isa, "avx512vnni") == 0, type, nsb, gb, p, n_rows, n_tok,

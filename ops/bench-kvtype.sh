@@ -4,7 +4,7 @@
 #      lengths 128, 1024 and 4096, for --kv-type f32, f16 and q8_0, on SmolLM2-135M and
 #      Qwen2.5-Coder-0.5B (ops/fetch-model.sh);
 #   2. the attention kernel alone: one head over 4096 positions per type and ISA
-#      (build/tests/bench_kvcache).
+#      (build/tests/bench_kvcache), alone and in a group of 7 query heads per KV head.
 # Each bench figure is the median of REPS runs (default 3; REPS_LONG, default 1, at 4096:
 # its prefill alone takes minutes); timings on a shared machine are noisy. Run it under
 # `flock /work/bench.lock` on a shared machine. Needs build/.
@@ -35,4 +35,5 @@ PY
   done
 done
 build/tests/bench_kvcache -d 64 -n 4096
+build/tests/bench_kvcache -d 64 -n 4096 -g 7 # Qwen2.5's GQA group: tsr_attn_group, as the engine
 uptime
