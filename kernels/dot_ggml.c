@@ -589,12 +589,14 @@ void tsr_ggml_dot_rows(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
 }
 
 #if GG_X86
-/* The register tiles over a whole call: scales as floats once (tokens: per call; rows: per
- * group of 4), then row groups, each against the tokens 4 at a time (the group's blocks stay
- * in L1 for all the tokens), the next group prefetched during the first token tile. Returns
- * -1 (nothing done) when the workspace cannot be allocated. */
-static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_rows, const uint8_t *w,
-                        size_t ws, int32_t n_tok, const uint8_t *x, size_t xs, float *y, size_t ys)
+/* The register tiles over a whole call (F16C's conversions inline: the library's scalar
+ * tsr_f16_to_f32 took a quarter of a 2-5 token step): scales as floats once (tokens: per call;
+ * rows: per group of 4), then row groups, each against the tokens 4 at a time (the group's blocks
+ * stay in L1 for all the tokens), the next group prefetched during the first token tile. Returns -1
+ * (nothing done) when the workspace cannot be allocated. */
+GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_rows,
+                                const uint8_t *w, size_t ws, int32_t n_tok, const uint8_t *x,
+                                size_t xs, float *y, size_t ys)
 {
     const bool q41 = type == TSR_TYPE_Q4_1, vnni = isa >= TSR_GGML_VNNI;
     const int tmax = vnni ? 4 : 2;
@@ -609,10 +611,10 @@ static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_rows, cons
         for (int64_t b = 0; b < nb; ++b) {
             if (q41) {
                 const gg_q8_1 *xb = (const gg_q8_1 *)xt + b;
-                dx[(size_t)t * nb + b] = tsr_f16_to_f32(xb->d);
-                sx[((size_t)(t / 4) * nb + b) * 4 + t % 4] = tsr_f16_to_f32(xb->s);
+                dx[(size_t)t * nb + b] = gg_h2f(xb->d);
+                sx[((size_t)(t / 4) * nb + b) * 4 + t % 4] = gg_h2f(xb->s);
             } else {
-                dx[(size_t)t * nb + b] = tsr_f16_to_f32(((const gg_q8_0 *)xt)[b].d);
+                dx[(size_t)t * nb + b] = gg_h2f(((const gg_q8_0 *)xt)[b].d);
             }
         }
     }
@@ -629,10 +631,10 @@ static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_rows, cons
             wr[r] = w + (size_t)(r0 + (r < nr ? r : nr - 1)) * ws;
             for (int64_t b = 0; b < nb; ++b) {
                 if (q41) {
-                    dw[(size_t)r * nb + b] = tsr_f16_to_f32(((const gg_q4_1 *)wr[r])[b].d);
-                    mw[(size_t)r * nb + b] = tsr_f16_to_f32(((const gg_q4_1 *)wr[r])[b].m);
+                    dw[(size_t)r * nb + b] = gg_h2f(((const gg_q4_1 *)wr[r])[b].d);
+                    mw[(size_t)r * nb + b] = gg_h2f(((const gg_q4_1 *)wr[r])[b].m);
                 } else {
-                    dw[(size_t)r * nb + b] = tsr_f16_to_f32(((const gg_q8_0 *)wr[r])[b].d);
+                    dw[(size_t)r * nb + b] = gg_h2f(((const gg_q8_0 *)wr[r])[b].d);
                 }
             }
         }
