@@ -528,7 +528,10 @@ def test_cluster():
         procs.append(tp2)
         wait_up(co.target, ["tp2", "joined", "launched"], timeout=60)
         os.killpg(j.p.pid, signal.SIGSTOP)
-        kws = [request(i, 32) for i in range(12)]
+        # Enough work that the live replicas' outstanding tokens pass the stopped one's load
+        # (its cached KV blocks count up to 1024) while requests arrive, however fast they
+        # decode: 24 x (prompt + 96) tokens; references are step 1's.
+        kws = [request(i, 96) for i in range(24)]
         result = [None]
 
         def send():
