@@ -80,32 +80,7 @@ static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, con
 #define QG_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define QG_INLINE static inline __attribute__((always_inline))
 
-/* vpshufb masks broadcasting int16 element g of a 128-bit lane to all its 8 slots. */
-#define QG_S16(g) 2 * (g), 2 * (g) + 1
-#define QG_S16x8(g)                                                                                \
-    QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g), QG_S16(g)
-static const uint8_t k_qg_shuf[8][32] __attribute__((aligned(32))) = {
-    {QG_S16x8(0), QG_S16x8(0)}, {QG_S16x8(1), QG_S16x8(1)}, {QG_S16x8(2), QG_S16x8(2)},
-    {QG_S16x8(3), QG_S16x8(3)}, {QG_S16x8(4), QG_S16x8(4)}, {QG_S16x8(5), QG_S16x8(5)},
-    {QG_S16x8(6), QG_S16x8(6)}, {QG_S16x8(7), QG_S16x8(7)},
-};
-/* int16 element k of a lane twice (mins against the 16 bsums). */
-static const uint8_t k_qg_dup16[32]
-    __attribute__((aligned(32))) = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
-                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
-
-/* Q4_K's 12 packed bytes -> 8 scales then 8 mins as 16 int16 lanes. */
-QG_AVX2 QG_INLINE __m256i qg_sm_x16(const uint8_t *packed)
-{
-    uint32_t u[3];
-    memcpy(u, packed, 12);
-    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
-    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
-    return _mm256_cvtepu8_epi16(
-        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
-}
+#include "kernels/x86kquant.h"
 
 /* [sum(a), sum(b), sum(c), sum(d)] of four vectors of 8 int32 lanes (exact). */
 QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
@@ -128,7 +103,7 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
                                   size_t blk_stride, const qg_q8_K *const x[4], float out[2][4])   \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
-        const __m256i dup16 = _mm256_load_si256((const __m256i *)k_qg_dup16);                      \
+        const __m256i dup16 = _mm256_load_si256((const __m256i *)tsr_k_dup16);                     \
         __m128 acc[2], accm[2];                                                                    \
         for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm_setzero_ps();                           \
         for (int64_t i = 0; i < nsb; i++) {                                                        \
@@ -143,7 +118,7 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                    \
             {                                                                                      \
                 w[r] = (const qg_q4_K *)(w0[r] + (size_t)i * blk_stride);                          \
-                const __m256i sm16 = qg_sm_x16(w[r]->scales);                                      \
+                const __m256i sm16 = tsr_q4_K_sm_x16(w[r]->scales);                                \
                 sc[r] = _mm256_permute2x128_si256(sm16, sm16, 0x00);                               \
                 const __m256i mins2 =                                                              \
                     _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11), dup16);       \
@@ -164,8 +139,9 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
             }                                                                                      \
             _Pragma("GCC unroll 4") for (int sb = 0; sb < 4; sb++)                                 \
             {                                                                                      \
-                const __m256i shl = _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb]);         \
-                const __m256i shh = _mm256_load_si256((const __m256i *)k_qg_shuf[2 * sb + 1]);     \
+                const __m256i shl = _mm256_load_si256((const __m256i *)tsr_k_shuf_q4_K[2 * sb]);   \
+                const __m256i shh =                                                                \
+                    _mm256_load_si256((const __m256i *)tsr_k_shuf_q4_K[2 * sb + 1]);               \
                 __m256i ql[2], qh[2], scl[2], sch[2], p[2][4];                                     \
                 _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                \
                 {                                                                                  \

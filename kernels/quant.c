@@ -2002,40 +2002,7 @@ ACT_ROWS_B(rows_q4_1_avx2, TSR_AVX2, q4_1_row_avx2, 0, rows_q4_1_scalar, act_inf
 ACT_ROWS_B(rows_q5_1_avx2, TSR_AVX2, q5_1_row_avx2, 0, rows_q5_1_scalar, act_info_build_q8_1)
 /* clang-format on */
 
-/* vpshufb masks broadcasting int16 element g (0..7) of a 128-bit lane to all 8 slots. */
-#define SHUF16(g) 2 * (g), 2 * (g) + 1
-#define SHUF16x8(g)                                                                                \
-    SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
-static const uint8_t k_shuf_q4_K[8][32] = {
-    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
-    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
-    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
-};
-/* Q6_K: 32 elements span two 16-element groups: int16 2k in the low lane, 2k+1 high. */
-static const uint8_t k_shuf_q6_K[4][32] = {
-    {SHUF16x8(0), SHUF16x8(1)},
-    {SHUF16x8(2), SHUF16x8(3)},
-    {SHUF16x8(4), SHUF16x8(5)},
-    {SHUF16x8(6), SHUF16x8(7)},
-};
-
-/* vpshufb mask: int16 element k of a lane (k = 0..3 low lane, 4..7 high lane) twice. */
-static const uint8_t k_dup16[32] = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
-                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
-
-/* Q4_K's 12 packed bytes -> 8 scales then 8 mins as 16 int16 lanes (q4_K_scales_mins done
- * on general registers, widened once). */
-TSR_AVX2 TSR_INLINE __m256i q4_K_scales_mins_x16(const uint8_t *packed)
-{
-    uint32_t u[3];
-    memcpy(u, packed, 12);
-    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
-    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
-    return _mm256_cvtepu8_epi16(
-        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
-}
+#include "kernels/x86kquant.h"
 
 /* K-quant kernels, one row each (rows are streamed one by one, see above). The integer
  * work per 32 (Q4_K) or 16 (Q6_K) elements is vpmaddubsw(q, y) into int16 pairs, then the
@@ -2069,12 +2036,12 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
             const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
             /* 8 scales and 8 mins unpacked in registers (a store/reload of the unpacked           \
              * bytes stalls on store forwarding); int16 lanes: scales low, mins high */            \
-            const __m256i sm16 = q4_K_scales_mins_x16(w[i].scales);                                \
+            const __m256i sm16 = tsr_q4_K_sm_x16(w[i].scales);                                     \
             const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
             /* mins: each min twice, against the 16 bsums -> m_g*(bsum_2g + bsum_2g+1) */          \
             const __m256i mins2 =                                                                  \
                 _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
-                                    _mm256_loadu_si256((const __m256i *)k_dup16));                 \
+                                    _mm256_loadu_si256((const __m256i *)tsr_k_dup16));             \
             const __m256i summ =                                                                   \
                 _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[i].bsums));         \
             __m256i sumi = _mm256_setzero_si256();                                                 \
@@ -2086,9 +2053,9 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
                 const __m256i yl = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));        \
                 const __m256i yh = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));   \
                 const __m256i scl = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j]));                  \
+                    sc, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j]));              \
                 const __m256i sch = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));              \
+                    sc, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j + 1]));          \
                 sumi = SACC(sumi, _mm256_maddubs_epi16(ql, yl), scl);                              \
                 sumi = SACC(sumi, _mm256_maddubs_epi16(qh, yh), sch);                              \
             }                                                                                      \
@@ -2139,7 +2106,7 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
                 {                                                                                  \
                     const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k));         \
                     const __m256i s = _mm256_shuffle_epi8(                                         \
-                        sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));                 \
+                        sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k]));             \
                     sumi = SACC(sumi, _mm256_maddubs_epi16(q[k], yk), s);                          \
                 }                                                                                  \
             }                                                                                      \
@@ -2160,11 +2127,11 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
         for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
             const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
             const float dmin = x[i].d * _cvtsh_ss(w[i].dmin);                                      \
-            const __m256i sm16 = q4_K_scales_mins_x16(w[i].scales);                                \
+            const __m256i sm16 = tsr_q4_K_sm_x16(w[i].scales);                                     \
             const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
             const __m256i mins2 =                                                                  \
                 _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
-                                    _mm256_loadu_si256((const __m256i *)k_dup16));                 \
+                                    _mm256_loadu_si256((const __m256i *)tsr_k_dup16));             \
             const __m256i summ =                                                                   \
                 _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i *)x[i].bsums));         \
             accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), accm);          \
@@ -2184,9 +2151,9 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
                 const __m256i yl = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));        \
                 const __m256i yh = _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));   \
                 const __m256i scl = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j]));                  \
+                    sc, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j]));              \
                 const __m256i sch = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_loadu_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));              \
+                    sc, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j + 1]));          \
                 sumi = SACC(sumi, _mm256_maddubs_epi16(ql, yl), scl);                              \
                 sumi = SACC(sumi, _mm256_maddubs_epi16(qh, yh), sch);                              \
             }                                                                                      \
@@ -2242,7 +2209,7 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
                     const __m256i yk =                                                             \
                         _mm256_loadu_si256((const __m256i *)(x[i].qs + 128 * h + 32 * k));         \
                     const __m256i s = _mm256_shuffle_epi8(                                         \
-                        sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));                 \
+                        sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k]));             \
                     sumi = SACC(sumi, _mm256_maddubs_epi16(u, yk), s);                             \
                 }                                                                                  \
             }                                                                                      \
@@ -2282,7 +2249,7 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
                     const __m256i yk =                                                             \
                         _mm256_loadu_si256((const __m256i *)(x[i].qs + 128 * h + 32 * k));         \
                     const __m256i s = _mm256_shuffle_epi8(                                         \
-                        sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));                 \
+                        sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k]));             \
                     sumi = SACC(sumi, _mm256_maddubs_epi16(q2, yk), s);                            \
                 }                                                                                  \
             }                                                                                      \
@@ -2505,7 +2472,7 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                         {                                                                          \
                             const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k)); \
                             const __m256i s = _mm256_shuffle_epi8(                                 \
-                                sch, _mm256_loadu_si256((const __m256i *)k_shuf_q6_K[k]));         \
+                                sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k]));     \
                             sumi = SACC(sumi, _mm256_maddubs_epi16(q[k], yk), s);                  \
                         }                                                                          \
                     }                                                                              \

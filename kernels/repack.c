@@ -1153,29 +1153,7 @@ static void repack_dot_k_scalar(uint32_t type, size_t nsb, size_t gb, const uint
 
 #if TSR_RP_X86
 
-#define SHUF16(g) 2 * (g), 2 * (g) + 1
-#define SHUF16x8(g)                                                                                \
-    SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g), SHUF16(g)
-static const uint8_t k_shuf_q4_K[8][32] __attribute__((aligned(32))) = {
-    {SHUF16x8(0), SHUF16x8(0)}, {SHUF16x8(1), SHUF16x8(1)}, {SHUF16x8(2), SHUF16x8(2)},
-    {SHUF16x8(3), SHUF16x8(3)}, {SHUF16x8(4), SHUF16x8(4)}, {SHUF16x8(5), SHUF16x8(5)},
-    {SHUF16x8(6), SHUF16x8(6)}, {SHUF16x8(7), SHUF16x8(7)},
-};
-static const uint8_t k_dup16[32]
-    __attribute__((aligned(32))) = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
-                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
-
-RP_AVX2 RP_INLINE __m256i q4_K_sm_x16(const uint8_t *packed)
-{
-    uint32_t u[3];
-    memcpy(u, packed, 12);
-    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
-    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
-    return _mm256_cvtepu8_epi16(
-        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
-}
+#include "kernels/x86kquant.h"
 
 /* The exact sum of 8 int32 lanes. */
 RP_AVX2 RP_INLINE int32_t rp_hsum_epi32(__m256i v)
@@ -1222,11 +1200,11 @@ RP_AVX2 RP_INLINE __m128i rp_hsum4_epi32(__m256i s0, __m256i s1, __m256i s2, __m
                 const rp_q4_K *w = RP_KB(grp, i, r);                                               \
                 dh[r] = w->d;                                                                      \
                 dmh[r] = w->dmin;                                                                  \
-                const __m256i sm16 = q4_K_sm_x16(w->scales);                                       \
+                const __m256i sm16 = tsr_q4_K_sm_x16(w->scales);                                   \
                 const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                    \
                 const __m256i mins2 =                                                              \
                     _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),               \
-                                        _mm256_load_si256((const __m256i *)k_dup16));              \
+                                        _mm256_load_si256((const __m256i *)tsr_k_dup16));          \
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
                 {                                                                                  \
                     summ[r][t] = _mm256_madd_epi16(                                                \
@@ -1239,9 +1217,9 @@ RP_AVX2 RP_INLINE __m128i rp_hsum4_epi32(__m256i s0, __m256i s1, __m256i s2, __m
                     const __m256i ql = _mm256_and_si256(q4, m4);                                   \
                     const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);             \
                     const __m256i scl = _mm256_shuffle_epi8(                                       \
-                        sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));               \
+                        sc, _mm256_load_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j]));           \
                     const __m256i sch = _mm256_shuffle_epi8(                                       \
-                        sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));           \
+                        sc, _mm256_load_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j + 1]));       \
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
                     {                                                                              \
                         const __m256i yl =                                                         \
@@ -1274,13 +1252,6 @@ RP_AVX2 RP_INLINE __m128i rp_hsum4_epi32(__m256i s0, __m256i s1, __m256i s2, __m
         }                                                                                          \
     }                                                                                              \
     RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
-
-static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
-    {SHUF16x8(0), SHUF16x8(1)},
-    {SHUF16x8(2), SHUF16x8(3)},
-    {SHUF16x8(4), SHUF16x8(5)},
-    {SHUF16x8(6), SHUF16x8(7)},
-};
 
 /* Q6_K (quant.c's DEF_DOT_Q6_K): the -32 offset as -32 * sum_g sc_g * bsum_g per token, the
  * 6-bit quants built once per super-block half for T tokens. */
@@ -1329,7 +1300,7 @@ static const uint8_t k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
                 _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                                \
                 {                                                                                  \
                     const __m256i s = _mm256_shuffle_epi8(                                         \
-                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                        sch, _mm256_load_si256((const __m256i *)tsr_k_shuf_q6_K[k]));              \
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
                     {                                                                              \
                         const __m256i yk =                                                         \
@@ -1378,11 +1349,11 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
         for (size_t i = 0; i < nsb; ++i) {                                                         \
             const rp_q5_K *w = RP_KX(rp_q5_K, grp, i, r);                                          \
             const float wd = _cvtsh_ss(w->d), wdmin = _cvtsh_ss(w->dmin);                          \
-            const __m256i sm16 = q4_K_sm_x16(w->scales);                                           \
+            const __m256i sm16 = tsr_q4_K_sm_x16(w->scales);                                       \
             const __m256i sc = _mm256_permute2x128_si256(sm16, sm16, 0x00);                        \
             const __m256i mins2 =                                                                  \
                 _mm256_shuffle_epi8(_mm256_permute2x128_si256(sm16, sm16, 0x11),                   \
-                                    _mm256_load_si256((const __m256i *)k_dup16));                  \
+                                    _mm256_load_si256((const __m256i *)tsr_k_dup16));              \
             __m256i sumi[4];                                                                       \
             _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
             {                                                                                      \
@@ -1404,9 +1375,9 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
                 const __m256i qh =                                                                 \
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), hh);           \
                 const __m256i scl = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j]));                   \
+                    sc, _mm256_load_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j]));               \
                 const __m256i sch = _mm256_shuffle_epi8(                                           \
-                    sc, _mm256_load_si256((const __m256i *)k_shuf_q4_K[2 * j + 1]));               \
+                    sc, _mm256_load_si256((const __m256i *)tsr_k_shuf_q4_K[2 * j + 1]));           \
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
                 {                                                                                  \
                     const __m256i yl =                                                             \
@@ -1464,7 +1435,7 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
                     const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hv, 4 * h + k), m1);     \
                     const __m256i u = _mm256_or_si256(q2, _mm256_slli_epi16(hb, 2));               \
                     const __m256i s = _mm256_shuffle_epi8(                                         \
-                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                        sch, _mm256_load_si256((const __m256i *)tsr_k_shuf_q6_K[k]));              \
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
                     {                                                                              \
                         const __m256i yk =                                                         \
@@ -1521,7 +1492,7 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
                 {                                                                                  \
                     const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(qv, 2 * k), m3);         \
                     const __m256i s = _mm256_shuffle_epi8(                                         \
-                        sch, _mm256_load_si256((const __m256i *)k_shuf_q6_K[k]));                  \
+                        sch, _mm256_load_si256((const __m256i *)tsr_k_shuf_q6_K[k]));              \
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                            \
                     {                                                                              \
                         const __m256i yk =                                                         \

@@ -1,0 +1,55 @@
+/* x86kquant.h — the K-quants' scale unpacking and vpshufb masks on x86, one copy for the
+ * row dots (kernels/quant.c), the repacked kernels (kernels/repack.c) and Q4_K's prompt-order
+ * GEMM (kernels/q4k_gemm.c), which each kept an identical copy.
+ *
+ * Include only from x86 code (immintrin.h already included). The tables are static: each
+ * file that includes this gets its own 32-byte-aligned copy (aligned and unaligned loads
+ * both work on them). */
+#ifndef TSR_X86KQUANT_H
+#define TSR_X86KQUANT_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* vpshufb masks broadcasting int16 element g (0..7) of a 128-bit lane to all 8 slots. */
+#define TSR_SHUF16(g) 2 * (g), 2 * (g) + 1
+#define TSR_SHUF16x8(g)                                                                            \
+    TSR_SHUF16(g), TSR_SHUF16(g), TSR_SHUF16(g), TSR_SHUF16(g), TSR_SHUF16(g), TSR_SHUF16(g),      \
+        TSR_SHUF16(g), TSR_SHUF16(g)
+
+/* Q4_K: int16 element g in both lanes (a 32-element sub-block's scale or min). */
+static const uint8_t tsr_k_shuf_q4_K[8][32] __attribute__((aligned(32))) = {
+    {TSR_SHUF16x8(0), TSR_SHUF16x8(0)}, {TSR_SHUF16x8(1), TSR_SHUF16x8(1)},
+    {TSR_SHUF16x8(2), TSR_SHUF16x8(2)}, {TSR_SHUF16x8(3), TSR_SHUF16x8(3)},
+    {TSR_SHUF16x8(4), TSR_SHUF16x8(4)}, {TSR_SHUF16x8(5), TSR_SHUF16x8(5)},
+    {TSR_SHUF16x8(6), TSR_SHUF16x8(6)}, {TSR_SHUF16x8(7), TSR_SHUF16x8(7)},
+};
+/* Q6_K: 32 elements span two 16-element groups: int16 2k in the low lane, 2k+1 high. */
+static const uint8_t tsr_k_shuf_q6_K[4][32] __attribute__((aligned(32))) = {
+    {TSR_SHUF16x8(0), TSR_SHUF16x8(1)},
+    {TSR_SHUF16x8(2), TSR_SHUF16x8(3)},
+    {TSR_SHUF16x8(4), TSR_SHUF16x8(5)},
+    {TSR_SHUF16x8(6), TSR_SHUF16x8(7)},
+};
+/* int16 element k of a lane (k = 0..3 low lane, 4..7 high lane) twice (the mins against
+ * the 16 bsums). */
+static const uint8_t tsr_k_dup16[32]
+    __attribute__((aligned(32))) = {0, 1, 0, 1, 2,  3,  2,  3,  4,  5,  4,  5,  6,  7,  6,  7,
+                                    8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15};
+
+/* Q4_K's 12 packed bytes -> 8 scales then 8 mins as 16 int16 lanes (get_scale_min_k4 done on
+ * general registers, widened once). */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) __m256i
+tsr_q4_K_sm_x16(const uint8_t *packed)
+{
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    const uint32_t u3 = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t u2 = u[1] & 0x3f3f3f3fu;
+    const uint32_t u1 = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t u0 = u[0] & 0x3f3f3f3fu;
+    return _mm256_cvtepu8_epi16(
+        _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
+}
+
+#endif
