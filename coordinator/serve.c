@@ -106,6 +106,9 @@ static const char *serve_help =
     "      --pp N                pipeline stages (default 1)\n"
     "      --layers A-B,C-D      layers of each stage (default: balanced by cost)\n"
     "      --comm-timeout MS     deadline of every wait between ranks (default 30000)\n"
+    "      --no-repack           keep the weights in the file's layout only (default: each\n"
+    "                            CPU rank also repacks its quantized tiles at load for\n"
+    "                            faster batches: same results, a private copy of them)\n"
     "\n"
     "cluster (see 'tessera coordinator'):\n"
     "      --join HOST:PORT      register with a coordinator and heartbeat every 500 ms\n"
@@ -334,6 +337,7 @@ int tsr_cmd_serve(int argc, char **argv)
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
         {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
+        {"no-repack", no_argument, 0, TSR_CLI_O_NO_REPACK},
         {"draft-model", required_argument, 0, O_DRAFT},
         {"spec", required_argument, 0, O_SPEC},
         {"spec-k", required_argument, 0, O_SPEC_K},
@@ -425,6 +429,9 @@ int tsr_cmd_serve(int argc, char **argv)
             break;
         case TSR_CLI_O_KV_TYPE:
             if (tsr_cli_kv_type_flag("serve", optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
+            break;
+        case TSR_CLI_O_NO_REPACK:
+            if (tsr_cli_replica_flag("serve", c, optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
             break;
         case O_DRAFT:
             draft_model = optarg;
