@@ -304,44 +304,60 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, _MM_HINT_T0);                   \
     }
 
+/* The pairs' scale products dd[r][t][j] = dw[r][b0 + j] * dx[t][b0 + j] for 8 blocks from b0
+ * (the same single rounding as one product per pair and block, 8 at a time; rows of dw and dx
+ * padded to GG_NBP(nb)), and the loop over those blocks (b = b0 + j). */
+#define GG_DD_CHUNK(T)                                                                             \
+    const int m = nb - b0 < 8 ? (int)(nb - b0) : 8;                                                \
+    _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                            \
+    {                                                                                              \
+        const __m256 sw_ = _mm256_loadu_ps(dw + (size_t)r * GG_NBP(nb) + b0);                      \
+        _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                                      \
+            _mm256_store_ps(dd[r][t], _mm256_mul_ps(sw_, _mm256_loadu_ps(dx[t] + b0)));            \
+    }
+
 #define GG_TILE_Q80(NAME, ATTR, T, VNNI)                                                           \
     ATTR static void NAME(int64_t nb, const uint8_t *const *wr, const uint8_t *const *xr,          \
                           const float *dw, const float *const *dx, float *y, size_t ys, int nr,    \
                           const uint8_t *pf)                                                       \
     {                                                                                              \
         GG_TILE_HEAD(T);                                                                           \
-        for (int64_t b = 0; b < nb; ++b) {                                                         \
-            GG_TILE_PREFETCH(gg_q8_0)                                                              \
-            __m256i xq[T];                                                                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                                  \
-            {                                                                                      \
-                xq[t] = _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)xr[t])[b].qs);       \
-                if (VNNI) xq[t] = _mm256_xor_si256(xq[t], _mm256_set1_epi8(-128));                 \
-            }                                                                                      \
-            /* row by row: only one row's weight registers live beside the accumulators */         \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
-            {                                                                                      \
-                const __m256i wq =                                                                 \
-                    _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)wr[r])[b].qs);           \
-                __m256i wa; /* VNNI: -128 * the 4-sums of w, each dot's start; AVX2: |w| */        \
-                if (VNNI)                                                                          \
-                    wa = _mm256_sub_epi32(                                                         \
-                        _mm256_setzero_si256(),                                                    \
-                        GG_DPBUSD(_mm256_setzero_si256(), _mm256_set1_epi8(-128), wq));            \
-                else                                                                               \
-                    wa = _mm256_sign_epi8(wq, wq);                                                 \
-                const __m256 sw = _mm256_broadcast_ss(dw + (size_t)r * GG_NBP(nb) + b);            \
+        float dd[4][T][8] __attribute__((aligned(32)));                                            \
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \
+            GG_DD_CHUNK(T)                                                                         \
+            for (int j = 0; j < m; ++j) {                                                          \
+                const int64_t b = b0 + j;                                                          \
+                GG_TILE_PREFETCH(gg_q8_0)                                                          \
+                __m256i xq[T];                                                                     \
                 _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                              \
                 {                                                                                  \
-                    __m256i l;                                                                     \
+                    xq[t] = _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)xr[t])[b].qs);   \
+                    if (VNNI) xq[t] = _mm256_xor_si256(xq[t], _mm256_set1_epi8(-128));             \
+                }                                                                                  \
+                /* row by row: only one row's weight registers live beside the accumulators */     \
+                _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                \
+                {                                                                                  \
+                    const __m256i wq =                                                             \
+                        _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)wr[r])[b].qs);       \
+                    __m256i wa; /* VNNI: -128 * the 4-sums of w, each dot's start; AVX2: |w| */    \
                     if (VNNI)                                                                      \
-                        l = GG_DPBUSD(wa, xq[t], wq);                                              \
+                        wa = _mm256_sub_epi32(                                                     \
+                            _mm256_setzero_si256(),                                                \
+                            GG_DPBUSD(_mm256_setzero_si256(), _mm256_set1_epi8(-128), wq));        \
                     else                                                                           \
-                        l = _mm256_madd_epi16(                                                     \
-                            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq[t], wq)),                 \
-                            _mm256_set1_epi16(1));                                                 \
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(dx[t] + b)), \
-                                                _mm256_cvtepi32_ps(l), acc[r][t]);                 \
+                        wa = _mm256_sign_epi8(wq, wq);                                             \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                          \
+                    {                                                                              \
+                        __m256i l;                                                                 \
+                        if (VNNI)                                                                  \
+                            l = GG_DPBUSD(wa, xq[t], wq);                                          \
+                        else                                                                       \
+                            l = _mm256_madd_epi16(                                                 \
+                                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq[t], wq)),             \
+                                _mm256_set1_epi16(1));                                             \
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r][t][j]),             \
+                                                    _mm256_cvtepi32_ps(l), acc[r][t]);             \
+                    }                                                                              \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
@@ -419,31 +435,35 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
     {                                                                                              \
         GG_TILE_HEAD(T);                                                                           \
         __m128 sm[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};   \
-        for (int64_t b = 0; b < nb; ++b) {                                                         \
-            GG_TILE_PREFETCH(gg_q4_1)                                                              \
-            __m256i wq[4], xq[T];                                                                  \
-            const __m128 sxb = _mm_loadu_ps(sx + 4 * b);                                           \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
-            {                                                                                      \
-                wq[r] = gg_nibbles(((const gg_q4_1 *)wr[r])[b].qs);                                \
-                sm[r] =                                                                            \
-                    _mm_fmadd_ps(_mm_broadcast_ss(mw + (size_t)r * GG_NBP(nb) + b), sxb, sm[r]);   \
-            }                                                                                      \
-            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t) xq[t] =                          \
-                _mm256_loadu_si256((const __m256i *)((const gg_q8_1 *)xr[t])[b].qs);               \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
-            {                                                                                      \
-                const __m256 sw = _mm256_broadcast_ss(dw + (size_t)r * GG_NBP(nb) + b);            \
-                _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                              \
+        float dd[4][T][8] __attribute__((aligned(32)));                                            \
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \
+            GG_DD_CHUNK(T)                                                                         \
+            for (int j = 0; j < m; ++j) {                                                          \
+                const int64_t b = b0 + j;                                                          \
+                GG_TILE_PREFETCH(gg_q4_1)                                                          \
+                __m256i wq[4], xq[T];                                                              \
+                const __m128 sxb = _mm_loadu_ps(sx + 4 * b);                                       \
+                _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                \
                 {                                                                                  \
-                    __m256i l;                                                                     \
-                    if (VNNI)                                                                      \
-                        l = GG_DPBUSD(_mm256_setzero_si256(), wq[r], xq[t]);                       \
-                    else                                                                           \
-                        l = _mm256_madd_epi16(_mm256_maddubs_epi16(wq[r], xq[t]),                  \
-                                              _mm256_set1_epi16(1));                               \
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(dx[t] + b)), \
-                                                _mm256_cvtepi32_ps(l), acc[r][t]);                 \
+                    wq[r] = gg_nibbles(((const gg_q4_1 *)wr[r])[b].qs);                            \
+                    sm[r] = _mm_fmadd_ps(_mm_broadcast_ss(mw + (size_t)r * GG_NBP(nb) + b), sxb,   \
+                                         sm[r]);                                                   \
+                }                                                                                  \
+                _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t) xq[t] =                      \
+                    _mm256_loadu_si256((const __m256i *)((const gg_q8_1 *)xr[t])[b].qs);           \
+                _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                \
+                {                                                                                  \
+                    _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                          \
+                    {                                                                              \
+                        __m256i l;                                                                 \
+                        if (VNNI)                                                                  \
+                            l = GG_DPBUSD(_mm256_setzero_si256(), wq[r], xq[t]);                   \
+                        else                                                                       \
+                            l = _mm256_madd_epi16(_mm256_maddubs_epi16(wq[r], xq[t]),              \
+                                                  _mm256_set1_epi16(1));                           \
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r][t][j]),             \
+                                                    _mm256_cvtepi32_ps(l), acc[r][t]);             \
+                    }                                                                              \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
