@@ -2,7 +2,7 @@
  * test_dot_ggml.c — kernels/dot_ggml: the ggml-exact primitives.
  *
  * - Q4_1 x Q8_1 and Q8_0 x Q8_0 dots: every ISA path (scalar, AVX2, AVX-512 VNNI), rows
- *   and tiles (1..9 tokens) give the same bits, and those bits are the order this test
+ *   and tiles (1..13 tokens) give the same bits, and those bits are the order this test
  *   spells out independently from ggml's x86 source (ggml_vec_dot_*: 8 int lanes of 4
  *   products per block, one FMA per block into one 8-lane accumulator, hsum_float_8,
  *   Q4_1's min term as an FMA chain added last).
@@ -75,7 +75,7 @@ static float ggml_order_dot(uint32_t type, int64_t n, const uint8_t *w, const ui
 
 static void check_dots(uint32_t type)
 {
-    enum { N = 576, ROWS = 13, TOK = 9 };
+    enum { N = 576, ROWS = 13, TOK = 13 }; /* 13 tokens: 3 VNNI Q8_0 tiles */
     const uint32_t vt = tsr_type_vec_dot_type(type);
     const size_t rb = tsr_row_bytes(type, N), xb = tsr_row_bytes(vt, N);
     uint8_t *w = malloc(rb * ROWS), *x = malloc(xb * TOK);
