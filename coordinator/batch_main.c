@@ -454,14 +454,6 @@ static int complete(job *j, bslot *s);
 static bslot *error_slot(job *j, char *custom_id, int64_t line_no, const char *code,
                          const char *msg);
 
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static uint64_t fnv(const char *s)
 {
     uint64_t h = 1469598103934665603ull;
@@ -965,7 +957,7 @@ static void on_remote_done(void *ud, int code, const char *details)
              * lockstep. */
             int sh = s->attempts - 1 < 5 ? s->attempts - 1 : 5;
             uint64_t d = 250000000ull << sh;
-            d += splitmix64(&j->rng) % (d / 4 + 1);
+            d += tsr_splitmix64(&j->rng) % (d / 4 + 1);
             s->t_due_ns = now + d;
             s->n_ids = 0;
             s->text_len = 0;
@@ -1161,9 +1153,9 @@ static int admit_remote(job *j, tsr_batch_request *rq, int64_t ln)
     if (!rq->has_seed) {
         if (j->seed_set) {
             uint64_t x = j->seed_base ^ fnv(s->custom_id);
-            rq->gen.sampling.seed = splitmix64(&x);
+            rq->gen.sampling.seed = tsr_splitmix64(&x);
         } else {
-            rq->gen.sampling.seed = splitmix64(&j->rng);
+            rq->gen.sampling.seed = tsr_splitmix64(&j->rng);
         }
     }
     /* Every parameter explicitly: the parser's defaults are the gRPC request's, and a retry
@@ -1304,9 +1296,9 @@ static int admit(job *j, tsr_batch_reader *r)
     if (!rq.has_seed) {
         if (j->seed_set) {
             uint64_t x = j->seed_base ^ fnv(rq.custom_id);
-            rq.gen.sampling.seed = splitmix64(&x);
+            rq.gen.sampling.seed = tsr_splitmix64(&x);
         } else {
-            rq.gen.sampling.seed = splitmix64(&j->rng);
+            rq.gen.sampling.seed = tsr_splitmix64(&j->rng);
         }
     }
     /* The context bounds max_tokens, as in `tessera generate`: what fits, then "length". */

@@ -42,22 +42,11 @@ struct tsr_kvblocks {
     tsr_kvblocks_hash_fn hash;
 };
 
-static uint64_t mix64(uint64_t x)
-{
-    /* splitmix64's finalizer: every input bit reaches every output bit. */
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return x;
-}
-
 uint64_t tsr_kvblocks_hash(uint64_t parent_key, const int32_t *tokens)
 {
-    uint64_t h = mix64(parent_key ^ 0x9e3779b97f4a7c15ull);
+    uint64_t h = tsr_mix64(parent_key ^ 0x9e3779b97f4a7c15ull);
     for (int32_t i = 0; i < TSR_KV_BLOCK_SIZE; i++)
-        h = mix64(h ^ ((uint64_t)(uint32_t)tokens[i] | ((uint64_t)(uint32_t)i << 32)));
+        h = tsr_mix64(h ^ ((uint64_t)(uint32_t)tokens[i] | ((uint64_t)(uint32_t)i << 32)));
     return h;
 }
 
@@ -185,7 +174,7 @@ static void uncache(tsr_kvblocks *m, int32_t b)
 static uint64_t key_of(const tsr_kvblocks *m, uint64_t parent_key, const int32_t *tokens,
                        uint8_t tag)
 {
-    return m->hash(tag ? parent_key ^ mix64(0x7f4a7c159e3779b9ull + tag) : parent_key, tokens);
+    return m->hash(tag ? parent_key ^ tsr_mix64(0x7f4a7c159e3779b9ull + tag) : parent_key, tokens);
 }
 
 /* The cached entry with this key, parent, tokens and tag, or NIL. */

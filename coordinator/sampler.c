@@ -26,7 +26,7 @@ typedef struct {
 struct tsr_sampler {
     tsr_sampling_params p;
     int32_t n_vocab;
-    uint64_t seed_key;  /* mix64(seed): the key of the counter-based RNG */
+    uint64_t seed_key;  /* tsr_mix64(seed): the key of the counter-based RNG */
     int64_t pos;        /* generated tokens accepted so far: the position being drawn for */
     uint64_t n_draw;    /* draws made at this position (reset when the position moves) */
     int32_t *gen_count; /* [n_vocab] times each id was accepted as generated */
@@ -45,18 +45,11 @@ struct tsr_sampler {
  * draws for token i. Within one position, successive draws (repeated calls without an
  * accept, or the two of a speculative rejection) take draw indexes 0, 1, 2, ... */
 
-static uint64_t mix64(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Uniform in [0, 1) with 53 random bits, for (seed, pos, n_draw); advances n_draw. */
 static double rng_uniform(tsr_sampler *s)
 {
-    uint64_t h = mix64(s->seed_key + (uint64_t)s->pos * 0x9E3779B97F4A7C15ull);
-    h = mix64(h + (s->n_draw + 1) * 0xD1B54A32D192ED03ull);
+    uint64_t h = tsr_mix64(s->seed_key + (uint64_t)s->pos * 0x9E3779B97F4A7C15ull);
+    h = tsr_mix64(h + (s->n_draw + 1) * 0xD1B54A32D192ED03ull);
     s->n_draw++;
     return (double)(h >> 11) * 0x1.0p-53;
 }
@@ -130,7 +123,7 @@ int tsr_sampler_new(const tsr_sampling_params *p, int32_t n_vocab, tsr_sampler *
     s->seen_ids = malloc(n * sizeof *s->seen_ids);
     s->cand = malloc(n * sizeof *s->cand);
     if (!s->gen_count || !s->seen || !s->seen_ids || !s->cand) goto oom;
-    s->seed_key = mix64(p->seed + 0x9E3779B97F4A7C15ull);
+    s->seed_key = tsr_mix64(p->seed + 0x9E3779B97F4A7C15ull);
     *out = s;
     return 0;
 oom:

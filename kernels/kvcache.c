@@ -497,10 +497,10 @@ static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t
  * exactly attn_f16's operations (the scalar reference), restructured so the CPU is busy:
  *   - positions go in chunks of FA_CHUNK; within a chunk, first every head's scores (q·k of
  *     16 positions at once, the 16-lane trees of 16 dots interleaved: the same additions
- *     of the same pairs, see fa_qk16_avx512), then every head's online softmax step by step
+ *     of the same pairs, see fa_tree16_avx512), then every head's online softmax step by step
  *     (the same M, S, expf calls, in position order), then V: each output value's fp16
  *     accumulator chain in position order, as attn_f16, with the chains of up to
- *     FA_HEADS heads × one column tile interleaved (one chain alone waits on the
+ *     max_heads heads × one column tile interleaved (one chain alone waits on the
  *     convert-FMA-convert latency at every position) and the V row converted once for all
  *     of them;
  *   - between chunks each head keeps M, S and its accumulator (fp16 values, held as floats:
@@ -653,18 +653,6 @@ TSR_KV_AVX512 KV_INLINE void fa_qk_body_avx512(const uint16_t *const *kp, int n,
     }
 }
 
-/* fa_qk_body_avx512 with the common head sizes as constants (loops unrolled). */
-TSR_KV_AVX512 static void fa_qk_avx512(const uint16_t *const *kp, int n, int n_q, const float *qf,
-                                       int hd, float scale, float *kf, float *w)
-{
-    if (hd == 64)
-        fa_qk_body_avx512(kp, n, n_q, qf, 64, scale, kf, w);
-    else if (hd == 128)
-        fa_qk_body_avx512(kp, n, n_q, qf, 128, scale, kf, w);
-    else
-        fa_qk_body_avx512(kp, n, n_q, qf, hd, scale, kf, w);
-}
-
 TSR_KV_AVX512 KV_INLINE __m512 fa_round_avx512(__m512 x)
 {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -707,47 +695,6 @@ TSR_KV_AVX512 KV_INLINE void fa_v_tile_avx512(const int NH, const int CV, float 
     for (int h = 0; h < NH; h++)
 #pragma GCC unroll 4
         for (int r = 0; r < CV; r++) _mm512_storeu_ps(acc + h * hd + c0 + 16 * r, a[h][r]);
-}
-
-/* Tiles of up to 8 heads: 64 values wide for up to 6 heads (24 accumulators), 32 for 7 or 8
- * (enough independent chains either way to keep the converters busy). */
-TSR_KV_AVX512 static void fa_vg_avx512(int nh, float *acc, int hd, const uint16_t *const *vp, int n,
-                                       const float *w, const float *ms)
-{
-    for (int h = 0; h < nh; h += 8) {
-        const int k = nh - h < 8 ? nh - h : 8;
-        const int cols = k <= 6 ? 64 : 32;
-        for (int c0 = 0; c0 < hd; c0 += cols) {
-            float *ah = acc + (size_t)h * hd;
-            const float *wh = w + (size_t)h * FA_CHUNK, *mh = ms + (size_t)h * FA_CHUNK;
-            switch (k) {
-            case 1:
-                fa_v_tile_avx512(1, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 2:
-                fa_v_tile_avx512(2, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 3:
-                fa_v_tile_avx512(3, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 4:
-                fa_v_tile_avx512(4, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 5:
-                fa_v_tile_avx512(5, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 6:
-                fa_v_tile_avx512(6, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 7:
-                fa_v_tile_avx512(7, 2, ah, hd, c0, vp, n, wh, mh);
-                break;
-            default:
-                fa_v_tile_avx512(8, 2, ah, hd, c0, vp, n, wh, mh);
-                break;
-            }
-        }
-    }
 }
 
 /* AVX2: the 16 lanes as two halves, added to the 8 lanes of reduce16's first step
@@ -816,17 +763,6 @@ TSR_KV_AVX2 KV_INLINE void fa_qk_body_avx2(const uint16_t *const *kp, int n, int
     }
 }
 
-TSR_KV_AVX2 static void fa_qk_avx2(const uint16_t *const *kp, int n, int n_q, const float *qf,
-                                   int hd, float scale, float *kf, float *w)
-{
-    if (hd == 64)
-        fa_qk_body_avx2(kp, n, n_q, qf, 64, scale, kf, w);
-    else if (hd == 128)
-        fa_qk_body_avx2(kp, n, n_q, qf, 128, scale, kf, w);
-    else
-        fa_qk_body_avx2(kp, n, n_q, qf, hd, scale, kf, w);
-}
-
 TSR_KV_AVX2 KV_INLINE __m256 fa_round_avx2(__m256 x)
 {
     return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -862,37 +798,81 @@ TSR_KV_AVX2 KV_INLINE void fa_v_tile_avx2(const int NH, const int CV, float *acc
         for (int r = 0; r < CV; r++) _mm256_storeu_ps(acc + h * hd + c0 + 8 * r, a[h][r]);
 }
 
-/* Tiles of up to 6 heads: 64 values wide for 1 head, 32 for 2 or 3, 16 for 4 to 6. */
-TSR_KV_AVX2 static void fa_vg_avx2(int nh, float *acc, int hd, const uint16_t *const *vp, int n,
-                                   const float *w, const float *ms)
+/* ---- the ISAs' kernels behind one dispatcher ----
+ * An ISA's kernels for attn_f16_group: qk, the scores of a chunk (its fa_qk_body with the
+ * common head sizes as constants, loops unrolled), and v[k], the V product of k heads
+ * (1..max_heads) over all hd values, in tiles of its fa_v_tile with k and the tile width as
+ * constants. fa_vg walks the heads in groups of max_heads with them. */
+typedef void (*fa_qk_fn)(const uint16_t *const *kp, int n, int n_q, const float *qf, int hd,
+                         float scale, float *kf, float *w);
+typedef void (*fa_v_fn)(float *acc, int hd, const uint16_t *const *vp, int n, const float *w,
+                        const float *ms);
+#define FA_MAX_HEADS 8
+typedef struct {
+    fa_qk_fn qk;
+    int max_heads;
+    fa_v_fn v[FA_MAX_HEADS + 1]; /* v[k]: k heads; v[0] unused */
+} fa_kernels;
+
+#define FA_QK_DEFINE(ATTR, NAME, BODY)                                                             \
+    ATTR static void NAME(const uint16_t *const *kp, int n, int n_q, const float *qf, int hd,      \
+                          float scale, float *kf, float *w)                                        \
+    {                                                                                              \
+        if (hd == 64)                                                                              \
+            BODY(kp, n, n_q, qf, 64, scale, kf, w);                                                \
+        else if (hd == 128)                                                                        \
+            BODY(kp, n, n_q, qf, 128, scale, kf, w);                                               \
+        else                                                                                       \
+            BODY(kp, n, n_q, qf, hd, scale, kf, w);                                                \
+    }
+
+/* NH heads, tiles of CV vectors of VW floats (hd is a multiple of 64, so of the width) */
+#define FA_V_DEFINE(ATTR, NAME, TILE, NH, CV, VW)                                                  \
+    ATTR static void NAME(float *acc, int hd, const uint16_t *const *vp, int n, const float *w,    \
+                          const float *ms)                                                         \
+    {                                                                                              \
+        for (int c0 = 0; c0 < hd; c0 += (CV) * (VW)) TILE(NH, CV, acc, hd, c0, vp, n, w, ms);      \
+    }
+
+/* AVX-512: tiles of up to 8 heads, 64 values wide for up to 6 heads (24 accumulators), 32
+ * for 7 or 8 (enough independent chains either way to keep the converters busy). */
+FA_QK_DEFINE(TSR_KV_AVX512, fa_qk_avx512, fa_qk_body_avx512)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v1_avx512, fa_v_tile_avx512, 1, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v2_avx512, fa_v_tile_avx512, 2, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v3_avx512, fa_v_tile_avx512, 3, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v4_avx512, fa_v_tile_avx512, 4, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v5_avx512, fa_v_tile_avx512, 5, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v6_avx512, fa_v_tile_avx512, 6, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v7_avx512, fa_v_tile_avx512, 7, 2, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_v8_avx512, fa_v_tile_avx512, 8, 2, 16)
+static const fa_kernels k_fa_avx512 = {.qk = fa_qk_avx512,
+                                       .max_heads = 8,
+                                       .v = {NULL, fa_v1_avx512, fa_v2_avx512, fa_v3_avx512,
+                                             fa_v4_avx512, fa_v5_avx512, fa_v6_avx512, fa_v7_avx512,
+                                             fa_v8_avx512}};
+
+/* AVX2 (16 ymm registers): tiles of up to 6 heads, 64 values wide for 1 head, 32 for 2 or 3,
+ * 16 for 4 to 6. */
+FA_QK_DEFINE(TSR_KV_AVX2, fa_qk_avx2, fa_qk_body_avx2)
+FA_V_DEFINE(TSR_KV_AVX2, fa_v1_avx2, fa_v_tile_avx2, 1, 8, 8)
+FA_V_DEFINE(TSR_KV_AVX2, fa_v2_avx2, fa_v_tile_avx2, 2, 4, 8)
+FA_V_DEFINE(TSR_KV_AVX2, fa_v3_avx2, fa_v_tile_avx2, 3, 4, 8)
+FA_V_DEFINE(TSR_KV_AVX2, fa_v4_avx2, fa_v_tile_avx2, 4, 2, 8)
+FA_V_DEFINE(TSR_KV_AVX2, fa_v5_avx2, fa_v_tile_avx2, 5, 2, 8)
+FA_V_DEFINE(TSR_KV_AVX2, fa_v6_avx2, fa_v_tile_avx2, 6, 2, 8)
+static const fa_kernels k_fa_avx2 = {
+    .qk = fa_qk_avx2,
+    .max_heads = 6,
+    .v = {NULL, fa_v1_avx2, fa_v2_avx2, fa_v3_avx2, fa_v4_avx2, fa_v5_avx2, fa_v6_avx2}};
+
+/* The V product of nh heads: groups of up to max_heads, each by the ISA's tile of its size. */
+static void fa_vg(const fa_kernels *K, int nh, float *acc, int hd, const uint16_t *const *vp, int n,
+                  const float *w, const float *ms)
 {
-    for (int h = 0; h < nh; h += 6) {
-        const int k = nh - h < 6 ? nh - h : 6;
-        const int cols = k == 1 ? 64 : k <= 3 ? 32 : 16;
-        for (int c0 = 0; c0 < hd; c0 += cols) {
-            float *ah = acc + (size_t)h * hd;
-            const float *wh = w + (size_t)h * FA_CHUNK, *mh = ms + (size_t)h * FA_CHUNK;
-            switch (k) {
-            case 1:
-                fa_v_tile_avx2(1, 8, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 2:
-                fa_v_tile_avx2(2, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 3:
-                fa_v_tile_avx2(3, 4, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 4:
-                fa_v_tile_avx2(4, 2, ah, hd, c0, vp, n, wh, mh);
-                break;
-            case 5:
-                fa_v_tile_avx2(5, 2, ah, hd, c0, vp, n, wh, mh);
-                break;
-            default:
-                fa_v_tile_avx2(6, 2, ah, hd, c0, vp, n, wh, mh);
-                break;
-            }
-        }
+    for (int h = 0; h < nh; h += K->max_heads) {
+        const int k = nh - h < K->max_heads ? nh - h : K->max_heads;
+        K->v[k](acc + (size_t)h * hd, hd, vp, n, w + (size_t)h * FA_CHUNK,
+                ms + (size_t)h * FA_CHUNK);
     }
 }
 
@@ -901,6 +881,7 @@ static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, f
                            int32_t p0, int32_t p1, float *scores, void *scratch, float *o, int isa)
 {
     const int hd = kv->head_dim;
+    const fa_kernels *K = isa == KV_AVX512 ? &k_fa_avx512 : &k_fa_avx2;
     fa_scratch f =
         fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd), (size_t)hd, (size_t)n_q);
     for (size_t i = 0; i < (size_t)n_q * hd; i++) {
@@ -914,20 +895,14 @@ static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, f
     for (int32_t c = p0; c <= p1; c += FA_CHUNK) {
         const int n = p1 - c + 1 < FA_CHUNK ? p1 - c + 1 : FA_CHUNK;
         fa_rows(kv, c, n, f.kp, f.vp);
-        if (isa == KV_AVX512)
-            fa_qk_avx512(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
-        else
-            fa_qk_avx2(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
+        K->qk(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
         for (int h = 0; h < n_q; h++) /* leave the scores as attn_f16 does */
             memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
                    f.w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
         for (int h = 0; h < n_q; h++)
             fa_softmax_chunk(f.w + (size_t)h * FA_CHUNK, f.ms + (size_t)h * FA_CHUNK, n, &f.m[h],
                              &f.s[h]);
-        if (isa == KV_AVX512)
-            fa_vg_avx512(n_q, f.acc, hd, f.vp, n, f.w, f.ms);
-        else
-            fa_vg_avx2(n_q, f.acc, hd, f.vp, n, f.w, f.ms);
+        fa_vg(K, n_q, f.acc, hd, f.vp, n, f.w, f.ms);
     }
     for (int h = 0; h < n_q; h++) {
         const float S = f.s[h], s_inv = S == 0.0f ? 0.0f : 1.0f / S;

@@ -102,13 +102,16 @@ bool tsr_repack_chosen(uint32_t type)
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)
 {
     /* Q4_K / Q6_K: one token reads the groups too (tsr_vec_dot_kgroups: 4 rows at once in
-     * one linear stream, where the file layout's 4 rows are 4 streams) */
-    /* Q4_0 on AVX-512 VNNI: one token reads the groups through gemv_q4_0_groups_v512 (a 4-row
+     * one linear stream, where the file layout's 4 rows are 4 streams). Q5_0 too: its
+     * one-token GEMV over the groups (repack_dot_q50_simd, 4 rows per pass, scales of 8
+     * blocks read as one vector) beat the row dots' 4-rows-in-2-registers unpacking, which
+     * is compute-bound (bench_repack, 896 and 2048 columns, 1 thread: 10-15 vs 6-8 GB/s).
+     * Q4_0 on AVX-512 VNNI: one token reads the groups through gemv_q4_0_groups_v512 (a 4-row
      * 512-bit GEMV, one prefetched linear stream; CPU time per block streaming a 64 MiB matrix,
-     * one thread: 1.0 vs 1.6 ns, 8192 columns 1.4 vs 1.9). On AVX2 the row kernel stays
+     * one thread: 1.0 vs 1.6 ns, 8192 columns 1.4 vs 1.9). On AVX2 the Q4_0 row kernel stays
      * faster than the generic repacked GEMV (1.2 vs 1.4 ns). */
     if (n_tok <= 1 && type == TSR_TYPE_Q4_0) return strcmp(tsr_quant_isa(), "avx512vnni") != 0;
-    if (n_tok <= 1) return type != TSR_TYPE_Q4_K && type != TSR_TYPE_Q6_K;
+    if (n_tok <= 1) return type != TSR_TYPE_Q4_K && type != TSR_TYPE_Q6_K && type != TSR_TYPE_Q5_0;
     /* (Q5_0 has no file-layout tile: quant.c would run a long batch token by token, about
      * 2x the CPU time of the repacked GEMM: 1.45 vs 0.65 ns per block dot, 896 x 1024 x 128) */
     const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_1;
@@ -872,7 +875,7 @@ RP_AVX2 static void q50_act_build(const uint8_t *x, size_t nb, size_t nbp, float
     }
 }
 
-enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
+enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024, RP_Q50_STACK_BLOCKS = 256 };
 
 /* One token: 4 rows per pass (4 chains); several: tokens in chunks whose activations stay in
  * L2, 4 x 4 (AVX-512: 32 registers) or 2 x 4 (AVX2) micro-tiles. The workspace holds the
@@ -888,8 +891,15 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
     size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
     if (tc < 4) tc = 4;
     if (tc > (size_t)n_tok) tc = (size_t)n_tok;
+    /* one token of a row up to 8192 elements (decode: one call per chunk of rows) works on
+     * the stack, not the heap */
+    __m256i stack_ws[RP_Q50_STACK_BLOCKS + RP_Q50_STACK_BLOCKS / 8 + 1];
+    const bool on_stack =
+        tc * nb <= RP_Q50_STACK_BLOCKS && tc * nbp <= 8 * (RP_Q50_STACK_BLOCKS / 8 + 1);
     __m256i *nyw =
-        aligned_alloc(32, (tc * nb * sizeof(__m256i) + tc * nbp * sizeof(float) + 31) / 32 * 32);
+        on_stack ? stack_ws
+                 : aligned_alloc(32, (tc * nb * sizeof(__m256i) + tc * nbp * sizeof(float) + 31) /
+                                         32 * 32);
     if (!nyw) {
         repack_dot_scalar(TSR_TYPE_Q5_0, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
         return;
@@ -919,7 +929,7 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
             }
         }
     }
-    free(nyw);
+    if (!on_stack) free(nyw);
 }
 
 typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,

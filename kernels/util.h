@@ -1,6 +1,8 @@
 /*
  * util.h — the helpers every module needs: filling a caller's error buffer (and returning
- * an error code with it) and reading the monotonic clock. Kept here (the bottom layer) so that no
+ * an error code with it), reading the monotonic clock, and splitmix64 (the generator and
+ * its finalizer: batch seeds, mkmodel's weights, the sampler's counter-based RNG, the
+ * prefix cache's block hash). Kept here (the bottom layer) so that no
  * module grows its own copy.
  */
 #ifndef TSR_UTIL_H
@@ -19,5 +21,22 @@ int tsr_fail(char *err, size_t err_len, int code, const char *fmt, ...)
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t tsr_now_ns(void);
+
+/* splitmix64's finalizer (Steele, Lea & Flood): a bijection of 64-bit integers in which
+ * every input bit reaches every output bit; pure integer operations, identical on every
+ * platform (hashes and seeds derived with it are stable). */
+static inline uint64_t tsr_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* splitmix64: advances the state *x by the golden-ratio increment and returns the mixed
+ * value (a full-period 64-bit generator, and the usual seeder of larger ones). */
+static inline uint64_t tsr_splitmix64(uint64_t *x)
+{
+    return tsr_mix64(*x += 0x9e3779b97f4a7c15ull);
+}
 
 #endif

@@ -31,14 +31,6 @@ typedef struct {
     uint64_t s[4];
 } rng_t;
 
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static uint64_t rotl(uint64_t x, int k)
 {
     return (x << k) | (x >> (64 - k));
@@ -321,7 +313,7 @@ int tsr_mkmodel(const tsr_mkmodel_params *p, void (*note)(const char *msg), char
     mk.err = err;
     mk.err_len = err_len;
     uint64_t x = p->seed;
-    for (int i = 0; i < 4; i++) mk.rng.s[i] = splitmix64(&x);
+    for (int i = 0; i < 4; i++) mk.rng.s[i] = tsr_splitmix64(&x);
 
     const int32_t head_dim = p->head_dim > 0 ? p->head_dim : p->n_embd / p->n_head;
     tsr_gguf_writer *w = mk.w;

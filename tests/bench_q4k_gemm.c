@@ -9,9 +9,8 @@
  * prompt order. Medians of REPS passes (the machine is shared; run under
  * flock /work/bench.lock and print uptime next to the figures).
  *
- * Not a ctest (CMake only builds tests/test_*.c). Build and run:
- *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_q4k_gemm.c build/libtessera_core.a \
- *       -lm -lpthread -o /tmp/bench_q4k_gemm && /tmp/bench_q4k_gemm
+ * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
+ *   cmake --build build --target bench_q4k_gemm && flock /work/bench.lock build/tests/bench_q4k_gemm
  */
 #include <stdint.h>
 #include <stdio.h>

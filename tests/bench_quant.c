@@ -13,9 +13,8 @@
  * (default 2048; 8192 is the 1B shape's ffn_down, 896 Qwen2.5-0.5B's rows: types whose block
  * does not divide it are skipped).
  *
- * Not a ctest (CMake only builds tests/test_*.c). Build and run:
- *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_quant.c kernels/quant.c -lm -lpthread \
- *       -o /tmp/bench_quant && /tmp/bench_quant
+ * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
+ *   cmake --build build --target bench_quant && flock /work/bench.lock build/tests/bench_quant
  */
 #include <pthread.h>
 #include <stdint.h>

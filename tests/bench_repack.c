@@ -11,9 +11,8 @@
  * TSR_BENCH_TYPES=Q8_0,Q4_K limits the types, TSR_BENCH_ISAS=avx2 the instruction sets
  * (default: the best this CPU has), TSR_BENCH_MB the decode matrix size.
  *
- * Not a ctest (CMake only builds tests/test_*.c). Build and run:
- *   gcc -std=c11 -D_GNU_SOURCE -O2 -I. tests/bench_repack.c kernels/repack.c kernels/quant.c \
- *       -lm -lpthread -o /tmp/bench_repack && /tmp/bench_repack
+ * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
+ *   cmake --build build --target bench_repack && flock /work/bench.lock build/tests/bench_repack
  */
 #include <pthread.h>
 #include <stdint.h>

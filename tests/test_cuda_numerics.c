@@ -59,21 +59,6 @@ static const uint32_t k_types[] = {TSR_CUDA_F32,  TSR_CUDA_F16,  TSR_CUDA_BF16, 
                                    TSR_CUDA_Q6_K};
 #define N_TYPES (sizeof k_types / sizeof k_types[0])
 
-static uint64_t rng_next(uint64_t *s)
-{
-    *s ^= *s >> 12;
-    *s ^= *s << 25;
-    *s ^= *s >> 27;
-    return *s * 0x2545F4914F6CDD1DULL;
-}
-
-static float rng_gauss(uint64_t *s)
-{
-    const double u1 = (double)(rng_next(s) >> 11) * 0x1p-53 + 1e-300;
-    const double u2 = (double)(rng_next(s) >> 11) * 0x1p-53;
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
 static void *xmalloc(size_t n)
 {
     void *p = malloc(n ? n : 1);
@@ -238,7 +223,7 @@ static void test_activation_quantizers(void **state)
     const int64_t n = 4096;
     float *x = xmalloc(sizeof(float) * (size_t)n);
     uint64_t s = 12345;
-    for (int64_t i = 0; i < n; ++i) x[i] = rng_gauss(&s) * 3.0f;
+    for (int64_t i = 0; i < n; ++i) x[i] = tsr_test_gauss(&s) * 3.0f;
     for (int i = 256; i < 512; ++i) x[i] = 0.0f;             /* zero super-block */
     for (int i = 512; i < 768; ++i) x[i] *= 1e-7f;           /* tiny */
     x[1000] = 40.0f;                                         /* ties of |max| with */
@@ -324,7 +309,7 @@ static void test_dots(void **state)
             const uint32_t dt = tsr_type_vec_dot_type(ti->type);
             assert_int_equal(dt, tsr_cuda_dot_type(ti->type));
             float *x = xmalloc(sizeof(float) * (size_t)n);
-            for (int64_t i = 0; i < n; ++i) x[i] = rng_gauss(&s);
+            for (int64_t i = 0; i < n; ++i) x[i] = tsr_test_gauss(&s);
             void *xq = xmalloc(tsr_row_bytes(dt, n));
             tsr_quant_row(dt, x, xq, n);
             const size_t rb = tsr_row_bytes(ti->type, n);
@@ -398,8 +383,8 @@ static void test_rmsnorm(void **state)
     float *x = xmalloc(sizeof(float) * n * nt), *w = xmalloc(sizeof(float) * n);
     float *ref = xmalloc(sizeof(float) * n * nt);
     uint64_t s = 99;
-    for (int i = 0; i < n * nt; ++i) x[i] = rng_gauss(&s) * (1 + i % 5);
-    for (int i = 0; i < n; ++i) w[i] = 1.0f + 0.1f * rng_gauss(&s);
+    for (int i = 0; i < n * nt; ++i) x[i] = tsr_test_gauss(&s) * (1 + i % 5);
+    for (int i = 0; i < n; ++i) w[i] = 1.0f + 0.1f * tsr_test_gauss(&s);
     tsr_rmsnorm(ref, x, w, nt, n, 1e-6f);
     for (int t = 0; t < nt; ++t) {
         /* 256 threads: strided partial sums, then a tree over threads */
@@ -429,9 +414,9 @@ static void test_online_softmax_attention(void **state)
     float *q = xmalloc(sizeof(float) * hd), *k = xmalloc(sizeof(float) * hd * n_pos);
     float *v = xmalloc(sizeof(float) * hd * n_pos), *att = xmalloc(sizeof(float) * n_pos);
     uint64_t s = 4242;
-    for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
-    for (int i = 0; i < hd * n_pos; ++i) k[i] = 2.0f * rng_gauss(&s);
-    for (int i = 0; i < hd * n_pos; ++i) v[i] = rng_gauss(&s);
+    for (int i = 0; i < hd; ++i) q[i] = tsr_test_gauss(&s);
+    for (int i = 0; i < hd * n_pos; ++i) k[i] = 2.0f * tsr_test_gauss(&s);
+    for (int i = 0; i < hd * n_pos; ++i) v[i] = tsr_test_gauss(&s);
     const float scale = 1.0f / sqrtf((float)hd);
     /* CPU (worker/model.c attn_run) */
     float ref[64] = {0};
@@ -553,7 +538,7 @@ static void test_rope(void **state)
     const int32_t positions[] = {0, 1, 7, 100, 4095, 32767};
     for (size_t pi = 0; pi < sizeof positions / sizeof positions[0]; ++pi) {
         for (int variant = 0; variant < 3; ++variant) {
-            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = rng_gauss(&s);
+            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = tsr_test_gauss(&s);
             const float fs = variant == 1 ? 0.25f : 1.0f;
             const float *f = variant == 2 ? ff : NULL;
             int32_t pos = positions[pi];
@@ -568,8 +553,8 @@ static void test_rope(void **state)
             /* NEOX rotates (i, i+n_rot/2): the same as NORM on the interleaved vector */
             for (int h = 0; h < nh; ++h)
                 for (int i = 0; i < hd / 2; ++i) {
-                    z[h * hd + 2 * i] = y[h * hd + i] = rng_gauss(&s);
-                    z[h * hd + 2 * i + 1] = y[h * hd + i + hd / 2] = rng_gauss(&s);
+                    z[h * hd + 2 * i] = y[h * hd + i] = tsr_test_gauss(&s);
+                    z[h * hd + 2 * i + 1] = y[h * hd + i + hd / 2] = tsr_test_gauss(&s);
                 }
             rp.mode = TSR_CUDA_ROPE_NEOX;
             rope_apply(&rp, y, pos, nh, hd, f);
@@ -590,7 +575,7 @@ static void test_rope(void **state)
             const int neox = variant % 2;
             const float fs = variant / 2 == 1 ? 0.125f : 1.0f;
             const float *f = variant / 2 == 2 ? ff : NULL;
-            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = rng_gauss(&s);
+            for (int i = 0; i < nh * hd; ++i) x[i] = y[i] = tsr_test_gauss(&s);
             int32_t pos = positions[pi];
             tsr_rope_ext(x, &pos, 1, nh, hd, n_rot, 1000000.0f, fs, f, neox);
             tsr_cuda_rope_params rp = {neox ? TSR_CUDA_ROPE_NEOX : TSR_CUDA_ROPE_NORM,
@@ -635,8 +620,8 @@ static void test_glu(void **state)
     float *ref = xmalloc(sizeof(float) * N);
     uint64_t s = 31;
     for (int i = 0; i < N; ++i) {
-        g[i] = ref[i] = 6.0f * rng_gauss(&s);
-        u[i] = rng_gauss(&s);
+        g[i] = ref[i] = 6.0f * tsr_test_gauss(&s);
+        u[i] = tsr_test_gauss(&s);
     }
     tsr_swiglu(ref, u, N);
     for (int i = 0; i < N; ++i) {
@@ -671,7 +656,7 @@ static void test_fp16_roundtrip(void **state)
     }
     uint64_t s = 1;
     for (int i = 0; i < 1000000; ++i) {
-        uint32_t u = (uint32_t)rng_next(&s);
+        uint32_t u = (uint32_t)tsr_test_xorshift64s(&s);
         float f;
         memcpy(&f, &u, 4);
         if (tsr_f32_to_f16(f) != tsr_cuda_f32_to_f16(f))
@@ -704,9 +689,9 @@ static void test_kv_f16(void **state)
         float *vf = xmalloc(sizeof(float) * hd * n_pos), *att = xmalloc(sizeof(float) * n_pos);
         uint16_t *kc = xmalloc(2 * (size_t)hd * n_pos), *vc = xmalloc(2 * (size_t)hd * n_pos);
         uint16_t *kd = xmalloc(2 * (size_t)hd * n_pos), *vd = xmalloc(2 * (size_t)hd * n_pos);
-        for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
-        for (int i = 0; i < hd * n_pos; ++i) kf[i] = 2.0f * rng_gauss(&s);
-        for (int i = 0; i < hd * n_pos; ++i) vf[i] = rng_gauss(&s);
+        for (int i = 0; i < hd; ++i) q[i] = tsr_test_gauss(&s);
+        for (int i = 0; i < hd * n_pos; ++i) kf[i] = 2.0f * tsr_test_gauss(&s);
+        for (int i = 0; i < hd * n_pos; ++i) vf[i] = tsr_test_gauss(&s);
         /* stores: the device's k_kv_store element by element vs the CPU's tsr_kv_store */
         tsr_kv_store(TSR_KV_F16, kf, kc, (int64_t)hd * n_pos);
         tsr_kv_store(TSR_KV_F16, vf, vc, (int64_t)hd * n_pos);
@@ -864,9 +849,9 @@ static void test_kv_q8_0(void **state)
         float *vf = xmalloc(sizeof(float) * kv_dim * n_pos);
         uint8_t *kc = xmalloc(rb * n_pos), *vc = xmalloc(rb * n_pos);
         uint8_t *kd = xmalloc(rb * n_pos), *vd = xmalloc(rb * n_pos);
-        for (int i = 0; i < hd; ++i) q[i] = rng_gauss(&s);
-        for (int i = 0; i < kv_dim * n_pos; ++i) kf[i] = 2.0f * rng_gauss(&s);
-        for (int i = 0; i < kv_dim * n_pos; ++i) vf[i] = rng_gauss(&s);
+        for (int i = 0; i < hd; ++i) q[i] = tsr_test_gauss(&s);
+        for (int i = 0; i < kv_dim * n_pos; ++i) kf[i] = 2.0f * tsr_test_gauss(&s);
+        for (int i = 0; i < kv_dim * n_pos; ++i) vf[i] = tsr_test_gauss(&s);
         kf[5] = 0.0f; /* one all-zero block: d = 0 */
         for (int i = 0; i < 32; ++i) kf[kv_dim + i] = 0.0f;
         /* stores: per row, as the CPU's tsr_kv_store (one call per position, as model.c) */

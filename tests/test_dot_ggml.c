@@ -2,7 +2,7 @@
  * test_dot_ggml.c — kernels/dot_ggml: the ggml-exact primitives.
  *
  * - Q4_1 x Q8_1 and Q8_0 x Q8_0 dots: every ISA path (scalar, AVX2, AVX-512 VNNI), rows
- *   and tiles (1..9 tokens) give the same bits, and those bits are the order this test
+ *   and tiles (1..13 tokens) give the same bits, and those bits are the order this test
  *   spells out independently from ggml's x86 source (ggml_vec_dot_*: 8 int lanes of 4
  *   products per block, one FMA per block into one 8-lane accumulator, hsum_float_8,
  *   Q4_1's min term as an FMA chain added last).
@@ -29,25 +29,11 @@
 #include "kernels/dot_ggml.h"
 #include "kernels/ops.h"
 #include "kernels/quant.h"
+#include "tests/util.h"
 
 static const char *const k_isas[] = {"scalar", "avx2", "avx512vnni"};
 
 static uint64_t rng = 0x243F6A8885A308D3ull;
-static float frand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static uint32_t fbits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
 /* ggml's order, spelled out from its x86 source (not from kernels/dot_ggml.c). */
 static float ggml_order_dot(uint32_t type, int64_t n, const uint8_t *w, const uint8_t *x)
 {
@@ -89,18 +75,18 @@ static float ggml_order_dot(uint32_t type, int64_t n, const uint8_t *w, const ui
 
 static void check_dots(uint32_t type)
 {
-    enum { N = 576, ROWS = 13, TOK = 9 };
+    enum { N = 576, ROWS = 13, TOK = 13 }; /* 13 tokens: 3 VNNI Q8_0 tiles */
     const uint32_t vt = tsr_type_vec_dot_type(type);
     const size_t rb = tsr_row_bytes(type, N), xb = tsr_row_bytes(vt, N);
     uint8_t *w = malloc(rb * ROWS), *x = malloc(xb * TOK);
     float *ref = malloc(sizeof(float) * ROWS * TOK), *got = malloc(sizeof(float) * ROWS * TOK);
     float row[N];
     for (int r = 0; r < ROWS; ++r) {
-        for (int i = 0; i < N; ++i) row[i] = frand() * (r == 3 ? 1e-3f : 1.0f);
+        for (int i = 0; i < N; ++i) row[i] = tsr_test_frand(&rng) * (r == 3 ? 1e-3f : 1.0f);
         tsr_quant_row(type, row, w + (size_t)r * rb, N);
     }
     for (int t = 0; t < TOK; ++t) {
-        for (int i = 0; i < N; ++i) row[i] = frand() * (float)(1 + 5 * t);
+        for (int i = 0; i < N; ++i) row[i] = tsr_test_frand(&rng) * (float)(1 + 5 * t);
         if (t == 2) memset(row, 0, sizeof(float) * 64); /* all-zero blocks: d = 0 */
         tsr_quant_act_row(vt, row, x + (size_t)t * xb, N);
     }
@@ -119,12 +105,12 @@ static void check_dots(uint32_t type)
                 tsr_vec_dot_tile(type, N, ROWS, w, rb, nt, x, xb, got, ROWS);
             for (int t = 0; t < nt; ++t)
                 for (int r = 0; r < ROWS; ++r)
-                    if (fbits(got[t * ROWS + r]) != fbits(ref[t * ROWS + r]))
+                    if (tsr_test_fbits(got[t * ROWS + r]) != tsr_test_fbits(ref[t * ROWS + r]))
                         fail_msg("%s %s, %d tokens: row %d token %d: ggml's order %.9g (0x%08x), "
                                  "got %.9g (0x%08x)",
                                  tsr_type_name(type), k_isas[ii], nt, r, t,
-                                 (double)ref[t * ROWS + r], fbits(ref[t * ROWS + r]),
-                                 (double)got[t * ROWS + r], fbits(got[t * ROWS + r]));
+                                 (double)ref[t * ROWS + r], tsr_test_fbits(ref[t * ROWS + r]),
+                                 (double)got[t * ROWS + r], tsr_test_fbits(got[t * ROWS + r]));
         }
     }
     tsr_quant_set_isa(NULL);
@@ -200,8 +186,8 @@ static void test_swiglu(void **state)
     float *g = malloc(sizeof(float) * N), *u = malloc(sizeof(float) * N);
     float *a = malloc(sizeof(float) * N), *b = malloc(sizeof(float) * N);
     for (int i = 0; i < N; ++i) {
-        g[i] = 12.0f * frand();
-        u[i] = frand();
+        g[i] = 12.0f * tsr_test_frand(&rng);
+        u[i] = tsr_test_frand(&rng);
     }
     static const float ends[] = {0.0f,   -0.0f,   88.0f,  -88.0f,  88.8f, -88.8f, 104.0f, -104.0f,
                                  150.0f, -150.0f, 1e-30f, -1e-30f, 30.0f, -30.0f, 1e30f,  -1e30f};
@@ -217,7 +203,7 @@ static void test_swiglu(void **state)
     tsr_quant_set_isa(NULL);
     if (n_isa == 2)
         for (int i = 0; i < N; ++i)
-            if (fbits(a[i]) != fbits(b[i]))
+            if (tsr_test_fbits(a[i]) != tsr_test_fbits(b[i]))
                 fail_msg("swiglu(%.9g) * %.9g: scalar %.9g, avx2 %.9g", (double)g[i], (double)u[i],
                          (double)a[i], (double)b[i]);
     double worst = 0;
@@ -231,7 +217,7 @@ static void test_swiglu(void **state)
         if (fabs(want) > 1e-30 && d / fabs(want) > worst) worst = d / fabs(want);
     }
     for (int i = N - 5; i < N; ++i) /* the tail: libm, as ggml_silu_f32 */
-        if (fbits(a[i]) != fbits(g[i] / (1.0f + expf(-g[i])) * u[i]))
+        if (tsr_test_fbits(a[i]) != tsr_test_fbits(g[i] / (1.0f + expf(-g[i])) * u[i]))
             fail_msg("swiglu tail element %d: expected libm's %.9g, got %.9g", i,
                      (double)(g[i] / (1.0f + expf(-g[i])) * u[i]), (double)a[i]);
     printf("swiglu: %d ISA paths equal bit for bit; max relative error vs float64 %.3g\n", n_isa,

@@ -45,10 +45,7 @@
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static double urand(void) /* [0, 1) */
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / 9007199254740992.0;
+    return tsr_test_unit(tsr_test_xorshift64(&rng_state));
 }
 static float nrand(void)
 {
@@ -419,19 +416,11 @@ static void test_stories260k_f16(void **state)
         const char *ref = tsr_test_block_get(&b[i], "top5_logits_after_prompt");
         if (!ref) ref = tsr_test_block_get(&b[i], "top5_logits_after_bos");
         assert_non_null(ref);
-        int32_t ids[8];
-        float vals[8];
-        size_t n = tsr_test_parse_logits(ref, ids, vals, 8);
-        assert_true(n >= 5);
-        for (size_t k = 0; k < n; k++) {
-            float d = fabsf(lg[ids[k]] - vals[k]);
-            worst = d > worst ? d : worst;
-            /* 1e-2: the f16 path keeps llama.cpp's flash-attention P.V accumulator in fp16
-             * (rounded after every position), which alone moves these logits by up to ~6e-3 */
-            if (!(d <= 1e-2f))
-                fail_msg("%s: logit of %d: float32 reference %.4f, got %.4f (tolerance 1e-2)", what,
-                         ids[k], vals[k], lg[ids[k]]);
-        }
+        /* 1e-2 of the float32 reference: the f16 path keeps llama.cpp's flash-attention P.V
+         * accumulator in fp16 (rounded after every position), which alone moves these
+         * logits by up to ~6e-3 */
+        const float d = tsr_test_check_logits(what, ref, lg, 1e-2f);
+        worst = d > worst ? d : worst;
         n_greedy++;
         free(prompt_ids);
         free(want);
@@ -446,18 +435,12 @@ static void test_stories260k_f16(void **state)
     tsr_test_model_close(&f);
     /* q8_0 cannot store heads of 8 values: a clear error */
     char err[512] = "";
-    tsr_gguf *g;
-    tsr_model *m;
-    tsr_ctx *c = NULL;
-    assert_int_equal(tsr_gguf_open(tsr_test_model_path("stories260K.gguf"), &g, err, sizeof err),
-                     0);
-    assert_int_equal(tsr_model_load(g, &m, err, sizeof err), 0);
-    assert_true(tsr_ctx_new_kv(m, 64, 8, 1, TSR_KV_Q8_0, &c, err, sizeof err) < 0);
-    assert_null(c);
+    tsr_test_model_load(&f, tsr_test_model_path("stories260K.gguf"));
+    assert_true(tsr_ctx_new_kv(f.m, 64, 8, 1, TSR_KV_Q8_0, &f.c, err, sizeof err) < 0);
+    assert_null(f.c);
     if (!strstr(err, "q8_0") || !strstr(err, "8 values") || !strstr(err, "f16"))
         fail_msg("q8_0 on head_dim 8: unexpected message '%s'", err);
-    tsr_model_free(m);
-    tsr_gguf_close(g);
+    tsr_test_model_close(&f);
 }
 
 static void test_synth_tiny(void **state)
@@ -537,10 +520,10 @@ static void test_threads(void **state)
         const float *l1, *l3;
         assert_int_equal(tsr_forward(f1.c, prompt, 12, 0, false, &l1, err, sizeof err), 0);
         assert_int_equal(tsr_forward(f3.c, prompt, 12, 0, false, &l3, err, sizeof err), 0);
-        for (int32_t v = 0; v < f1.m->hp.n_vocab; v++)
-            if (memcmp(&l1[v], &l3[v], sizeof(float)) != 0)
-                fail_msg("%s KV: logit %d differs between 1 and 3 threads: %.9g vs %.9g",
-                         tsr_kv_type_name((tsr_kv_type)t), v, l1[v], l3[v]);
+        char what[64];
+        snprintf(what, sizeof what, "%s KV, logits with 1 and 3 threads",
+                 tsr_kv_type_name((tsr_kv_type)t));
+        tsr_test_check_same(what, l1, l3, (size_t)f1.m->hp.n_vocab);
         tsr_test_model_close(&f1);
         tsr_test_model_close(&f3);
     }
@@ -551,9 +534,7 @@ static void test_capacity(void **state)
     (void)state;
     char err[512];
     tsr_test_model f;
-    const char *path = tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf");
-    if (tsr_gguf_open(path, &f.g, err, sizeof err) != 0) fail_msg("open %s: %s", path, err);
-    if (tsr_model_load(f.g, &f.m, err, sizeof err) != 0) fail_msg("load %s: %s", path, err);
+    tsr_test_model_load(&f, tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"));
     const tsr_hparams *hp = &f.m->hp;
     const uint64_t budget = 64ull << 20;
     uint64_t n[3];
@@ -592,8 +573,7 @@ static void test_capacity(void **state)
     free(logits);
     free(table);
     tsr_ctx_free(c);
-    tsr_model_free(f.m);
-    tsr_gguf_close(f.g);
+    tsr_test_model_close(&f);
 }
 
 int main(void)

@@ -29,21 +29,6 @@
 #include "tests/util.h"
 #include "worker/model.h"
 
-/* Compare reference top logits (by id) with ours. */
-static void check_logits(const char *what, const char *ref, const float *lg, float tol)
-{
-    int32_t ids[8];
-    float vals[8];
-    size_t n = tsr_test_parse_logits(ref, ids, vals, 8);
-    assert_true(n >= 5);
-    for (size_t k = 0; k < n; k++) {
-        float got = lg[ids[k]];
-        if (!(fabsf(got - vals[k]) <= tol))
-            fail_msg("%s: logit of token %d: expected %.4f, got %.4f (tolerance %g)", what, ids[k],
-                     vals[k], got, tol);
-    }
-}
-
 static void test_stories260k_expected(void **state)
 {
     (void)state;
@@ -73,7 +58,7 @@ static void test_stories260k_expected(void **state)
         const char *ref = tsr_test_block_get(&b[i], "top5_logits_after_prompt");
         if (!ref) ref = tsr_test_block_get(&b[i], "top5_logits_after_bos");
         assert_non_null(ref);
-        check_logits(what, ref, lg, 1e-3f);
+        tsr_test_check_logits(what, ref, lg, 1e-3f);
         n_greedy++;
         free(prompt_ids);
         free(want);
@@ -138,8 +123,10 @@ static void test_synth_tiny(void **state)
          * reference), 0.3 for quantized weights (the reference quantizes nothing). We compare
          * with the float32 reference (_ref) and llama.cpp (_llama). */
         float tol = strstr(model, "-f16.gguf") ? 0.02f : 0.3f;
-        check_logits(what, tsr_test_block_get(&b[i], "top5_logits_after_prompt_ref"), lg, tol);
-        check_logits(what, tsr_test_block_get(&b[i], "top5_logits_after_prompt_llama"), lg, tol);
+        tsr_test_check_logits(what, tsr_test_block_get(&b[i], "top5_logits_after_prompt_ref"), lg,
+                              tol);
+        tsr_test_check_logits(what, tsr_test_block_get(&b[i], "top5_logits_after_prompt_llama"), lg,
+                              tol);
         n_cases++;
         free(prompt_ids);
         free(want);
@@ -244,11 +231,11 @@ static void check_threads_and_batch(const char *rel)
     assert_int_equal(tsr_forward(f1.c, prompt, 12, 0, false, &l1, err, sizeof err), 0);
     assert_int_equal(tsr_forward(f3.c, prompt, 12, 0, false, &l3, err, sizeof err), 0);
     assert_int_equal(tsr_forward(fb.c, prompt, 12, 0, false, &lb, err, sizeof err), 0);
+    char what[300];
+    snprintf(what, sizeof what, "%s, logits with 1 and 3 threads", rel);
+    tsr_test_check_same(what, l1, l3, (size_t)V);
     float maxd = 0.0f;
     for (int32_t v = 0; v < V; v++) {
-        if (memcmp(&l1[v], &l3[v], sizeof(float)) != 0)
-            fail_msg("%s: logit %d differs between 1 and 3 threads: %.9g vs %.9g", rel, v, l1[v],
-                     l3[v]);
         float d = fabsf(l1[v] - lb[v]);
         maxd = d > maxd ? d : maxd;
     }

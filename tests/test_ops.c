@@ -17,18 +17,11 @@
 
 #include "kernels/ops.h"
 #include "kernels/quant.h"
+#include "tests/util.h"
 
 #define N_IN 512
 
 static uint64_t rng = 88172645463325252ull;
-static float frand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
 typedef struct {
     tsr_weight w;
     void *data;
@@ -41,7 +34,7 @@ static void make_weight(owned_weight *o, uint32_t type, int64_t n_out)
     assert_non_null(o->data);
     float row[N_IN];
     for (int64_t r = 0; r < n_out; r++) {
-        for (int i = 0; i < N_IN; i++) row[i] = frand();
+        for (int i = 0; i < N_IN; i++) row[i] = tsr_test_frand(&rng);
         tsr_quant_row(type, row, (uint8_t *)o->data + (size_t)r * rb, N_IN);
     }
     o->w =
@@ -66,7 +59,7 @@ static void test_multi_mixed_types(void **state)
         const int n_tok = toks[ti];
         float *x = malloc(sizeof(float) * N_IN * (size_t)n_tok);
         assert_non_null(x);
-        for (int i = 0; i < N_IN * n_tok; i++) x[i] = frand();
+        for (int i = 0; i < N_IN * n_tok; i++) x[i] = tsr_test_frand(&rng);
         /* Reference: one matmul per weight on one thread. */
         float *ref[4], *got[4];
         tsr_pool *p1 = tsr_pool_new(1);

@@ -31,13 +31,6 @@ static const char *k_model = "synthetic/synth-tiny-q4_k_m.gguf";
 
 static int32_t k_toks[T];
 
-static uint32_t fbits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
 typedef enum { M_BATCH, M_SINGLE, M_CHUNK } run_mode;
 
 /* Logits of every position of the sequence into out[T][V]. */
@@ -76,9 +69,9 @@ static void compare(const char *what, const float *a, const float *b, int32_t V,
         for (int32_t v = 0; v < V; v++) {
             const float x = a[(size_t)i * (size_t)V + (size_t)v];
             const float y = b[(size_t)i * (size_t)V + (size_t)v];
-            if (fbits(x) != fbits(y))
+            if (tsr_test_fbits(x) != tsr_test_fbits(y))
                 fail_msg("%s: position %d logit %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
-                         what, i, v, (double)x, fbits(x), (double)y, fbits(y));
+                         what, i, v, (double)x, tsr_test_fbits(x), (double)y, tsr_test_fbits(y));
         }
 }
 
@@ -116,7 +109,8 @@ static void test_batching_does_not_matter(void **state)
     int n_diff = 0;
     for (int32_t i = 0; i < (L / 4) * 4; i++)
         for (int32_t v = 0; v < V; v++)
-            n_diff += fbits(ref[(size_t)i * V + v]) != fbits(got[(size_t)i * V + v]);
+            n_diff +=
+                tsr_test_fbits(ref[(size_t)i * V + v]) != tsr_test_fbits(got[(size_t)i * V + v]);
     printf("  prompt class vs GEMV class: %d of %d logits of positions 0..11 differ\n", n_diff,
            (L / 4) * 4 * V);
     if (n_diff == 0) fail_msg("the order class changed no logit: the test cannot tell the classes");

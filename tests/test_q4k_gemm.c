@@ -34,23 +34,9 @@
 #include "kernels/q4k_gemm.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
+#include "tests/util.h"
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
-static float frand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static uint32_t fbits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
 enum { QK = 256, Q4K_BYTES = 144, Q8K_BYTES = 292 };
 
 /* ggml's block_q4_K / block_q8_K fields, read by offset (not through kernels' structs). */
@@ -140,7 +126,7 @@ static void make_weights(int64_t n, int n_rows, uint8_t *w)
 {
     float *f = malloc(sizeof(float) * (size_t)n);
     for (int r = 0; r < n_rows; r++) {
-        for (int64_t i = 0; i < n; i++) f[i] = frand() * (1.0f + (float)(i % 7));
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_frand(&rng) * (1.0f + (float)(i % 7));
         tsr_quant_row(TSR_TYPE_Q4_K, f, w + (size_t)r * (size_t)(n / QK) * Q4K_BYTES, n);
     }
     free(f);
@@ -150,7 +136,7 @@ static void make_acts(int64_t n, int n_tok, uint8_t *x, float *f)
 {
     for (int t = 0; t < n_tok; t++) {
         float *ft = f + (size_t)t * (size_t)n;
-        for (int64_t i = 0; i < n; i++) ft[i] = frand() * 3.0f;
+        for (int64_t i = 0; i < n; i++) ft[i] = tsr_test_frand(&rng) * 3.0f;
         if (t == 1) { /* |x| tie: -amax first, then +amax (the quantizers differ in sign) */
             ft[3] = -7.5f;
             ft[200] = 7.5f;
@@ -166,7 +152,7 @@ static void test_gemm_order(void **state)
     int n_differ = 0, n_total = 0;
     for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in++) {
         const int64_t n = ns[in], nsb = n / QK;
-        enum { MAXR = 9, MAXT = 9 };
+        enum { MAXR = 20, MAXT = 9 }; /* rows: one 16-row AVX-512 tile and a partial one */
         uint8_t *w = malloc((size_t)MAXR * (size_t)nsb * Q4K_BYTES);
         uint8_t *x = malloc((size_t)MAXT * (size_t)nsb * Q8K_BYTES);
         uint8_t *x4 = malloc((size_t)MAXT * (size_t)nsb * Q8K_BYTES);
@@ -190,14 +176,14 @@ static void test_gemm_order(void **state)
             for (int r = 0; r < MAXR; r++) {
                 ref[t][r] = ggml_gemm_order(n, w + r * row_b, x + t * xs);
                 const float r4 = ggml_gemm_order(n, w + r * row_b, x4 + t * xs);
-                if (fbits(r4) != fbits(ref[t][r]))
+                if (tsr_test_fbits(r4) != tsr_test_fbits(ref[t][r]))
                     fail_msg("n %lld row %d token %d: ggml's 4x8 quantizer gives %.9g (0x%08x), "
                              "quantize_row_q8_K %.9g (0x%08x)",
-                             (long long)n, r, t, (double)r4, fbits(r4), (double)ref[t][r],
-                             fbits(ref[t][r]));
+                             (long long)n, r, t, (double)r4, tsr_test_fbits(r4), (double)ref[t][r],
+                             tsr_test_fbits(ref[t][r]));
                 const float gemv = tsr_vec_dot(TSR_TYPE_Q4_K, n, w + r * row_b, x + t * xs);
                 n_total++;
-                n_differ += fbits(gemv) != fbits(ref[t][r]);
+                n_differ += tsr_test_fbits(gemv) != tsr_test_fbits(ref[t][r]);
                 if (fabsf(gemv - ref[t][r]) > 1e-4f * (fabsf(ref[t][r]) + 1.0f))
                     fail_msg("GEMV %.9g vs GEMM order %.9g: further apart than rounding",
                              (double)gemv, (double)ref[t][r]);
@@ -216,22 +202,30 @@ static void test_gemm_order(void **state)
             const int isa = tsr_ggml_isa();
             for (int nr = 1; nr <= MAXR; nr++) {
                 for (int nt = 1; nt <= MAXT; nt++) {
-                    float y[MAXT * MAXR], yp[MAXT * MAXR];
+                    float y[MAXT * MAXR], yp[MAXT * MAXR], yg[MAXT * MAXR];
                     tsr_q4k_gemm_dot(isa, n, nr, w, row_b, Q4K_BYTES, nt, x, xs, y, MAXR);
                     for (int g = 0; g * 4 < nr; g++) {
                         const int rows = nr - 4 * g < 4 ? nr - 4 * g : 4;
                         tsr_q4k_gemm_dot(isa, n, rows, pk + (size_t)g * gb, Q4K_BYTES,
                                          4 * Q4K_BYTES, nt, x, xs, yp + 4 * g, MAXR);
                     }
+                    /* all the groups in one call (ops.c's way) */
+                    tsr_q4k_gemm_dot_grouped(isa, n, nr, pk, 4, gb, Q4K_BYTES, 4 * Q4K_BYTES, nt, x,
+                                             xs, yg, MAXR);
                     for (int t = 0; t < nt; t++) {
                         for (int r = 0; r < nr; r++) {
                             const float e = ref[t][r], a = y[t * MAXR + r], b = yp[t * MAXR + r];
-                            if (fbits(a) != fbits(e) || fbits(b) != fbits(e))
+                            const float c = yg[t * MAXR + r];
+                            if (tsr_test_fbits(a) != tsr_test_fbits(e) ||
+                                tsr_test_fbits(b) != tsr_test_fbits(e) ||
+                                tsr_test_fbits(c) != tsr_test_fbits(e))
                                 fail_msg("%s n %lld %d rows x %d tokens, row %d token %d: expected "
                                          "%.9g (0x%08x), got %.9g (0x%08x) from the file layout, "
-                                         "%.9g (0x%08x) repacked",
+                                         "%.9g (0x%08x) repacked by group, %.9g (0x%08x) over "
+                                         "the groups",
                                          k_isas[ii], (long long)n, nr, nt, r, t, (double)e,
-                                         fbits(e), (double)a, fbits(a), (double)b, fbits(b));
+                                         tsr_test_fbits(e), (double)a, tsr_test_fbits(a), (double)b,
+                                         tsr_test_fbits(b), (double)c, tsr_test_fbits(c));
                         }
                     }
                 }
@@ -259,7 +253,7 @@ static void check_matmul_ord(int64_t n, int n_tok)
     uint8_t *w = malloc((size_t)n_out * row_b);
     make_weights(n, (int)n_out, w);
     float *x = malloc(sizeof(float) * (size_t)(n * n_tok));
-    for (int64_t i = 0; i < n * n_tok; i++) x[i] = frand();
+    for (int64_t i = 0; i < n * n_tok; i++) x[i] = tsr_test_frand(&rng);
     uint8_t *xq = malloc((size_t)n_tok * (size_t)(n / QK) * Q8K_BYTES);
     for (int t = 0; t < n_tok; t++)
         tsr_quant_act_row(TSR_TYPE_Q8_K, x + (size_t)t * (size_t)n,
@@ -290,11 +284,11 @@ static void check_matmul_ord(int64_t n, int n_tok)
                 const float e = ord[t] ? ggml_gemm_order(n, w + r * row_b, xt)
                                        : tsr_vec_dot(TSR_TYPE_Q4_K, n, w + r * row_b, xt);
                 const float a = y[(size_t)t * (size_t)n_out + (size_t)r];
-                if (fbits(a) != fbits(e))
+                if (tsr_test_fbits(a) != tsr_test_fbits(e))
                     fail_msg("layout variant %d, token %d (class %d) row %lld: expected %.9g "
                              "(0x%08x), got %.9g (0x%08x)",
-                             variant, t, ord[t], (long long)r, (double)e, fbits(e), (double)a,
-                             fbits(a));
+                             variant, t, ord[t], (long long)r, (double)e, tsr_test_fbits(e),
+                             (double)a, tsr_test_fbits(a));
             }
         }
         free(scratch);

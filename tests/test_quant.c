@@ -35,46 +35,12 @@
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
-static uint32_t fbits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-static float ffrom(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* xorshift64*: deterministic data for every run. */
-static uint64_t rng_next(uint64_t *s)
-{
-    *s ^= *s >> 12;
-    *s ^= *s << 25;
-    *s ^= *s >> 27;
-    return *s * 0x2545F4914F6CDD1DULL;
-}
-
-static double rng_unif(uint64_t *s) /* [0, 1) */
-{
-    return (double)(rng_next(s) >> 11) * 0x1p-53;
-}
-
-static float rng_gauss(uint64_t *s)
-{
-    const double u1 = rng_unif(s) + 1e-300, u2 = rng_unif(s);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
 /* Random test vector: mostly Gaussian, with some structure quantizers must survive
  * (a zero block, a tiny-magnitude block, outliers, an all-positive block). */
 static void fill_data(float *x, int64_t n, uint64_t seed, float scale)
 {
     uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
-    for (int64_t i = 0; i < n; ++i) x[i] = scale * rng_gauss(&s);
+    for (int64_t i = 0; i < n; ++i) x[i] = scale * tsr_test_gauss(&s);
     if (n >= 512) {
         for (int i = 0; i < 32; ++i) x[32 + i] = 0.0f;                            /* zero block */
         for (int i = 0; i < 32; ++i) x[64 + i] *= 1e-6f;                          /* tiny */
@@ -464,8 +430,8 @@ static void test_fp16_bf16(void **state)
     if (__get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C)) {
         uint64_t s = 7;
         for (uint32_t i = 0; i < 4000000; ++i) {
-            const uint32_t u = i < 2000000 ? i * 2147u : (uint32_t)rng_next(&s);
-            const float f = ffrom(u);
+            const uint32_t u = i < 2000000 ? i * 2147u : (uint32_t)tsr_test_xorshift64s(&s);
+            const float f = tsr_test_ffrom(u);
             if (isnan(f)) continue;
             const uint16_t want = hw_f32_to_f16(f), got = tsr_f32_to_f16(f);
             if (want != got)
@@ -483,13 +449,13 @@ static void test_fp16_bf16(void **state)
         {0x00000001, 0x0000}, {0x80000000, 0x8000},
     };
     for (size_t i = 0; i < sizeof kb / sizeof kb[0]; ++i) {
-        const uint16_t got = tsr_f32_to_bf16(ffrom(kb[i].f));
+        const uint16_t got = tsr_f32_to_bf16(tsr_test_ffrom(kb[i].f));
         if (got != kb[i].h) fail_msg("bf16(%08x): expected %04x got %04x", kb[i].f, kb[i].h, got);
     }
     for (uint32_t h = 0; h < 65536; ++h) {
         const float f = tsr_bf16_to_f32((uint16_t)h);
-        if (fbits(f) != h << 16)
-            fail_msg("bf16 %04x: expected bits %08x got %08x", h, h << 16, fbits(f));
+        if (tsr_test_fbits(f) != h << 16)
+            fail_msg("bf16 %04x: expected bits %08x got %08x", h, h << 16, tsr_test_fbits(f));
         if (!isnan(f) && tsr_f32_to_bf16(f) != h) fail_msg("bf16 %04x: round trip failed", h);
     }
 }
@@ -553,10 +519,10 @@ static void test_dequant_matches_ggml(void **state)
         /* first 512 elements on their own (whole blocks), then the whole tensor */
         tsr_dequant_row(e->type, raw, out, 512);
         for (int j = 0; j < 512; ++j) {
-            if (fbits(out[j]) != fbits(e->first[j])) {
+            if (tsr_test_fbits(out[j]) != tsr_test_fbits(e->first[j])) {
                 fail_msg("%s %s (%s) element %d: expected %.9g [%08x] got %.9g [%08x]", e->file,
-                         e->tensor, e->type_name, j, (double)e->first[j], fbits(e->first[j]),
-                         (double)out[j], fbits(out[j]));
+                         e->tensor, e->type_name, j, (double)e->first[j],
+                         tsr_test_fbits(e->first[j]), (double)out[j], tsr_test_fbits(out[j]));
             }
         }
         tsr_dequant_row(e->type, raw, out, e->n);
@@ -997,12 +963,12 @@ static void dots_one(uint32_t type, int64_t n, void *arg)
             if (!have_first) {
                 first = got;
                 have_first = 1;
-            } else if (ggml_order_type(type) && fbits(got) != fbits(first)) {
+            } else if (ggml_order_type(type) && tsr_test_fbits(got) != tsr_test_fbits(first)) {
                 /* one summation order (ggml's, see kernels/quant.c) on every path */
                 fail_msg("dot %s n=%" PRId64 " seed %" PRIu64 ": scalar %.9g (%08x) vs %s %.9g "
                          "(%08x): must be bit-identical",
-                         tsr_type_name(type), n, seed, (double)first, fbits(first), k_isas[k],
-                         (double)got, fbits(got));
+                         tsr_type_name(type), n, seed, (double)first, tsr_test_fbits(first),
+                         k_isas[k], (double)got, tsr_test_fbits(got));
             } else if (!(fabs((double)got - first) <= 2 * DOT_REL_TOL * c.mag + 1e-30)) {
                 fail_msg("%s dot %s n=%" PRId64 ": scalar %.9g vs %s %.9g differ by %.3g > %.3g",
                          k_isas[k], tsr_type_name(type), n, (double)first, k_isas[k], (double)got,
@@ -1052,7 +1018,7 @@ static void rows_one(uint32_t type, int64_t n, void *arg)
                         continue;
                     }
                     const float want = tsr_vec_dot(type, n, w + (size_t)r * stride, x);
-                    if (fbits(want) != fbits(y[r])) {
+                    if (tsr_test_fbits(want) != tsr_test_fbits(y[r])) {
                         fail_msg("%s %s n=%" PRId64 " rows=%d stride=%zu row %d: expected %.9g"
                                  " (tsr_vec_dot) got %.9g",
                                  k_isas[k], tsr_type_name(type), n, nrows, stride, r, (double)want,
@@ -1162,7 +1128,7 @@ static void tile_case(uint32_t type, int64_t n, int max_rows, int max_tok, int s
                             }
                             continue;
                         }
-                        if (fbits(got) != fbits(want[t * max_rows + r])) {
+                        if (tsr_test_fbits(got) != tsr_test_fbits(want[t * max_rows + r])) {
                             fail_msg("%s %s n=%" PRId64 " tile %dx%d row %d token %d: expected"
                                      " %.9g (tsr_vec_dot) got %.9g",
                                      k_isas[k], tsr_type_name(type), n, nr, nt, r, t,

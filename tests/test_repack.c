@@ -34,24 +34,10 @@
 
 static const char *const k_isas[] = {"scalar", "avx2", "avx512vnni"};
 
-static uint64_t rng_next(uint64_t *s)
-{
-    *s ^= *s >> 12;
-    *s ^= *s << 25;
-    *s ^= *s >> 27;
-    return *s * 0x2545F4914F6CDD1DULL;
-}
-
+/* uniform in [-1, 1), rounded once from double */
 static float rng_f(uint64_t *s)
 {
-    return (float)((double)(rng_next(s) >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-static uint32_t fbits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
+    return (float)(tsr_test_unit(tsr_test_xorshift64s(s)) * 2.0 - 1.0);
 }
 
 /* rows: n_out rows of `type` (row_bytes apart); checks every token count of k_ntok over
@@ -100,12 +86,12 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
         const size_t n_ref = (size_t)n_out * (size_t)max_tok;
         if (ii == 0) memcpy(ref0, ref, sizeof(float) * n_ref);
         for (size_t e = 0; one_order && e < n_ref; ++e)
-            if (fbits(ref[e]) != fbits(ref0[e]))
+            if (tsr_test_fbits(ref[e]) != tsr_test_fbits(ref0[e]))
                 fail_msg("%s %s n=%" PRId64 ": row %zu token %zu: %s %.9g (0x%08x) vs scalar "
                          "%.9g (0x%08x): must be bit-identical",
                          what, tsr_type_name(type), n, e % (size_t)n_out, e / (size_t)n_out,
-                         k_isas[ii], (double)ref[e], fbits(ref[e]), (double)ref0[e],
-                         fbits(ref0[e]));
+                         k_isas[ii], (double)ref[e], tsr_test_fbits(ref[e]), (double)ref0[e],
+                         tsr_test_fbits(ref0[e]));
         /* whole matrix, and a range starting at group 1 with an odd length */
         const int64_t ranges[2][2] = {{0, n_out}, {4, n_out > 4 ? (n_out - 4) / 2 * 2 + 1 : 0}};
         for (int k = 0; k < 2; ++k) {
@@ -121,18 +107,18 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
                     for (int64_t r = r0; r < r0 + nr; ++r) {
                         const float e = ref[(size_t)t * (size_t)n_out + (size_t)r];
                         const float g = got[(size_t)t * (size_t)n_out + (size_t)r];
-                        if (fbits(e) != fbits(g))
+                        if (tsr_test_fbits(e) != tsr_test_fbits(g))
                             fail_msg("%s %s n=%" PRId64 " isa=%s tokens=%d rows [%" PRId64
                                      ", +%" PRId64 "): row %" PRId64 " token %d: expected %.9g "
                                      "(0x%08x, tsr_vec_dot), got %.9g (0x%08x, repacked)",
                                      what, tsr_type_name(type), n, k_isas[ii], nt, r0, nr, r, t,
-                                     (double)e, fbits(e), (double)g, fbits(g));
+                                     (double)e, tsr_test_fbits(e), (double)g, tsr_test_fbits(g));
                         n_cmp++;
                     }
                     /* rows outside the range are untouched */
                     if (r0 > 0) {
                         const float g = got[(size_t)t * (size_t)n_out + (size_t)r0 - 1];
-                        if (fbits(g) != 0xFFFFFFFFu)
+                        if (tsr_test_fbits(g) != 0xFFFFFFFFu)
                             fail_msg("%s: row %" PRId64 " outside the range was written", what,
                                      r0 - 1);
                     }
@@ -261,12 +247,12 @@ static void test_sizes(void **state)
                      !tile, tile);
         tsr_repack_set_all(true);
         assert_true(tsr_repack_chosen(t));
-        /* one token: the file layout, except Q4_K / Q6_K (their 4-row GEMV streams the groups)
-         * and Q4_0 on AVX-512 VNNI (its 512-bit GEMV over the groups) */
-        const bool file1 = t != TSR_TYPE_Q4_K && t != TSR_TYPE_Q6_K &&
-                           !(t == TSR_TYPE_Q4_0 && strcmp(tsr_quant_isa(), "avx512vnni") == 0);
-        if (tsr_repack_use_file_layout(t, 1) != file1)
-            fail_msg("tsr_repack_use_file_layout(%s, 1): expected %d", tsr_type_name(t), file1);
+        /* one token: the file layout, except Q4_K / Q6_K / Q5_0 (their 4-row GEMVs stream
+         * the groups) and Q4_0 on AVX-512 VNNI (its 512-bit GEMV over the groups) */
+        const bool one_file = t != TSR_TYPE_Q4_K && t != TSR_TYPE_Q6_K && t != TSR_TYPE_Q5_0 &&
+                              !(t == TSR_TYPE_Q4_0 && strcmp(tsr_quant_isa(), "avx512vnni") == 0);
+        if (tsr_repack_use_file_layout(t, 1) != one_file)
+            fail_msg("tsr_repack_use_file_layout(%s, 1): expected %d", tsr_type_name(t), one_file);
         assert_false(tsr_repack_use_file_layout(t, 2));
         assert_false(tsr_repack_use_file_layout(t, 16));
         if (tsr_repack_use_file_layout(t, TSR_REPACK_TILE_MIN_TOKENS) != tile)
@@ -315,10 +301,10 @@ static void compare_logits(const char *what, const float *a, const float *b, int
         for (int32_t v = 0; v < V; ++v) {
             const float x = a[(size_t)i * (size_t)V + (size_t)v];
             const float y = b[(size_t)i * (size_t)V + (size_t)v];
-            if (fbits(x) != fbits(y))
+            if (tsr_test_fbits(x) != tsr_test_fbits(y))
                 fail_msg("%s: token %d (%s) logit %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
-                         what, i, i < MT_PROMPT ? "prompt" : "decode", v, (double)x, fbits(x),
-                         (double)y, fbits(y));
+                         what, i, i < MT_PROMPT ? "prompt" : "decode", v, (double)x,
+                         tsr_test_fbits(x), (double)y, tsr_test_fbits(y));
         }
     }
 }

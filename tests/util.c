@@ -1,6 +1,7 @@
 /* util.c — see util.h. */
 #include "tests/util.h"
 
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -225,12 +226,19 @@ int tsr_test_run(const char *cmdline, char **out, char **errout)
 
 /* ---- a model on one context, greedy decoding ---- */
 
+void tsr_test_model_load(tsr_test_model *f, const char *path)
+{
+    char err[512] = "";
+    f->c = NULL;
+    if (tsr_gguf_open(path, &f->g, err, sizeof err) != 0) fail_msg("open %s: %s", path, err);
+    if (tsr_model_load(f->g, &f->m, err, sizeof err) != 0) fail_msg("load %s: %s", path, err);
+}
+
 void tsr_test_model_open(tsr_test_model *f, const char *path, int32_t n_ctx, int32_t n_batch,
                          int n_threads, tsr_kv_type kv_type)
 {
     char err[512] = "";
-    if (tsr_gguf_open(path, &f->g, err, sizeof err) != 0) fail_msg("open %s: %s", path, err);
-    if (tsr_model_load(f->g, &f->m, err, sizeof err) != 0) fail_msg("load %s: %s", path, err);
+    tsr_test_model_load(f, path);
     if (tsr_ctx_new_kv(f->m, n_ctx, n_batch, n_threads, kv_type, &f->c, err, sizeof err) != 0)
         fail_msg("ctx %s (%s): %s", path, tsr_kv_type_name(kv_type), err);
     assert_int_equal(tsr_ctx_kv_type(f->c), kv_type);
@@ -281,4 +289,77 @@ void tsr_test_check_ids(const char *what, const int32_t *want, const int32_t *go
                      got[i]);
         }
     }
+}
+
+float tsr_test_check_logits(const char *what, const char *ref, const float *lg, float tol)
+{
+    int32_t ids[8];
+    float vals[8];
+    const size_t n = tsr_test_parse_logits(ref, ids, vals, 8);
+    if (n < 5) fail_msg("%s: expected at least 5 reference logits, got %zu in '%s'", what, n, ref);
+    float worst = 0.0f;
+    for (size_t k = 0; k < n; k++) {
+        const float d = fabsf(lg[ids[k]] - vals[k]);
+        worst = d > worst ? d : worst;
+        if (!(d <= tol))
+            fail_msg("%s: logit of token %d: expected %.4f, got %.4f (tolerance %g)", what, ids[k],
+                     vals[k], lg[ids[k]], tol);
+    }
+    return worst;
+}
+
+void tsr_test_check_same(const char *what, const float *a, const float *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0)
+            fail_msg("%s: value %zu differs: %.9g vs %.9g", what, i, a[i], b[i]);
+}
+
+/* ---- deterministic data ---- */
+
+uint64_t tsr_test_xorshift64(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+uint64_t tsr_test_xorshift64s(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545F4914F6CDD1DULL;
+}
+
+double tsr_test_unit(uint64_t r)
+{
+    return (double)(r >> 11) * 0x1p-53;
+}
+
+float tsr_test_frand(uint64_t *s)
+{
+    return (float)tsr_test_unit(tsr_test_xorshift64(s)) * 2.0f - 1.0f;
+}
+
+float tsr_test_gauss(uint64_t *s)
+{
+    const double u1 = tsr_test_unit(tsr_test_xorshift64s(s)) + 1e-300;
+    const double u2 = tsr_test_unit(tsr_test_xorshift64s(s));
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+uint32_t tsr_test_fbits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+float tsr_test_ffrom(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }

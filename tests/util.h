@@ -1,7 +1,8 @@
 /*
  * util.h — helpers shared by the tests: where the models are, reading whole files and the
- * reference files, running commands, and a model opened on one context with greedy
- * decoding (test_model, test_kvcache, test_drafter compare against references with it).
+ * reference files, running commands, a model opened on one context with greedy decoding
+ * (test_model, test_kvcache, test_drafter compare against references with it), and the
+ * random data and float bits of the kernel tests.
  * A missing models folder fails the test (never skips it into a green run).
  */
 #ifndef TSR_TEST_UTIL_H
@@ -18,8 +19,6 @@ const char *tsr_test_model_path(const char *rel);
 
 /* Read a whole file into a malloc'd NUL-terminated buffer; NULL on error. */
 char *tsr_test_read_file(const char *path, size_t *len);
-
-#endif
 
 /* The reference files in ../shared/models/expected are blocks of 'key: value' lines
  * separated by blank lines; '#' lines are comments. */
@@ -61,6 +60,10 @@ typedef struct {
  * (cmocka) with the step and the message on any error. */
 void tsr_test_model_open(tsr_test_model *f, const char *path, int32_t n_ctx, int32_t n_batch,
                          int n_threads, tsr_kv_type kv_type);
+/* The GGUF and the weights only (f->c = NULL: the test makes its own contexts, or checks
+ * that one is refused). Fails the current test on an error, as tsr_test_model_open. */
+void tsr_test_model_load(tsr_test_model *f, const char *path);
+/* Frees what either opened (a NULL context is fine). */
 void tsr_test_model_close(tsr_test_model *f);
 
 /* Index of the largest of x[0..n) (the first one on ties). */
@@ -75,3 +78,32 @@ void tsr_test_greedy(tsr_test_model *f, const int32_t *prompt, size_t n_prompt, 
 /* Fails the current test unless got[0..n) == want[0..n), printing both from the first
  * difference (up to 10 ids) and naming `what`. */
 void tsr_test_check_ids(const char *what, const int32_t *want, const int32_t *got, size_t n);
+
+/* Fails the current test unless every logit of the reference list `ref` ('id:logit ...',
+ * at least 5 pairs: a top-5 line of the expected files) is within tol of lg[id], naming
+ * `what`, the id and both values. Returns the largest difference. */
+float tsr_test_check_logits(const char *what, const char *ref, const float *lg, float tol);
+
+/* Fails the current test unless a[0..n) and b[0..n) are the same floats bit for bit (two
+ * thread counts, two layouts), naming `what` and the first index that differs. */
+void tsr_test_check_same(const char *what, const float *a, const float *b, size_t n);
+
+/* ---- deterministic data for the kernel tests ----
+ * Each test keeps its own generator state (a nonzero uint64_t it seeds), so its data stay
+ * what they have always been; these are the one copy of the generators and conversions. */
+
+/* xorshift64 (shifts 13, 7, 17): advances *s and returns the new state. */
+uint64_t tsr_test_xorshift64(uint64_t *s);
+/* xorshift64* (shifts 12, 25, 27; the state times 0x2545F4914F6CDD1D is the output). */
+uint64_t tsr_test_xorshift64s(uint64_t *s);
+/* The top 53 bits of r as a double in [0, 1) (exact). */
+double tsr_test_unit(uint64_t r);
+/* Uniform in [-1, 1) from xorshift64: float(tsr_test_unit) * 2 - 1 in float arithmetic. */
+float tsr_test_frand(uint64_t *s);
+/* Standard normal from two xorshift64* draws (Box-Muller, the first draw kept off 0). */
+float tsr_test_gauss(uint64_t *s);
+/* The bits of a float, and the float of bits (bit-identity checks print and compare them). */
+uint32_t tsr_test_fbits(float f);
+float tsr_test_ffrom(uint32_t u);
+
+#endif
