@@ -115,10 +115,32 @@ static int kv_isa(void)
     return KV_SCALAR;
 }
 
+/* One instruction set's kernels, a const table each (at the end of the file): the paths
+ * below take the table of the CPU's ISA (kv_kernels_now) instead of testing the ISA at
+ * every call. */
+struct fa_kernels;
+typedef struct {
+    const char *name; /* tsr_attn_isa's */
+    /* f32: the scores att[p - p0] = q·k_p * scale, and o += sum of att · v_p */
+    void (*qk_f32)(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                   float *att);
+    void (*v_f32)(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o);
+    /* f16, one head (attn_f16 with this ISA's q·k and accumulator step) */
+    void (*attn_f16)(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
+                     float *att, void *scratch, float *o);
+    /* f16, a group of heads with head sizes % 64 == 0 (attn_f16_group); NULL: none */
+    const struct fa_kernels *fa;
+    /* q8_0: as f32, q quantized to Q8_0 rows */
+    void (*qk_q8_0)(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale, int32_t p0, int32_t p1,
+                    float *att);
+    void (*v_q8_0)(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o);
+} kv_kernels;
+
+static const kv_kernels *kv_kernels_now(void);
+
 const char *tsr_attn_isa(void)
 {
-    static const char *const names[] = {"scalar", "avx2", "avx512"};
-    return names[kv_isa()];
+    return kv_kernels_now()->name;
 }
 
 /* Scratch: [qh: head_dim fp16 | qq: head_dim/32 Q8_0 blocks][acc: LANES * head_dim floats],
@@ -423,27 +445,17 @@ TSR_KV_AVX512 static void v_f32_avx512(const tsr_kv_view *kv, const float *att, 
 }
 
 static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
-                     float *att, float *o, int isa)
+                     float *att, float *o, const kv_kernels *K)
 {
     const int hd = kv->head_dim;
     if (hd % LANES != 0) {
         attn_f32_seq(kv, q, scale, p0, p1, att, o);
         return;
     }
-    if (isa == KV_AVX512)
-        qk_f32_avx512(kv, q, scale, p0, p1, att);
-    else if (isa == KV_AVX2)
-        qk_f32_avx2(kv, q, scale, p0, p1, att);
-    else
-        qk_f32_scalar(kv, q, scale, p0, p1, att);
+    K->qk_f32(kv, q, scale, p0, p1, att);
     tsr_softmax(att, p1 - p0 + 1);
     memset(o, 0, sizeof(float) * (size_t)hd);
-    if (isa == KV_AVX512)
-        v_f32_avx512(kv, att, p0, p1, o);
-    else if (isa == KV_AVX2)
-        v_f32_avx2(kv, att, p0, p1, o);
-    else
-        v_f32_scalar(kv, att, p0, p1, o);
+    K->v_f32(kv, att, p0, p1, o);
 }
 
 /* llama.cpp's CPU flash attention over an F16 cache (ggml_compute_forward_flash_attn_ext_f16
@@ -451,8 +463,10 @@ static void attn_f32(const tsr_kv_view *kv, const float *q, float scale, int32_t
  * per position in order s = fp16 dot(K, Q) * scale; an online softmax (running max M, sum
  * S = fma(S, ms, vs), libm expf) whose output accumulator is fp16, rescaled and added to
  * with a rounding after each step; finally acc / S. scores[p - p0] is left holding s. */
-static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
-                     float *att, void *scratch, float *o, int isa)
+static inline __attribute__((always_inline)) void
+attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1, float *att,
+         void *scratch, float *o, float (*dot_f16)(const uint16_t *, const uint16_t *, int),
+         void (*fa_v)(uint16_t *, const uint16_t *, int, bool, float, float))
 {
     const int hd = kv->head_dim;
     uint16_t *qh = scratch;
@@ -462,14 +476,7 @@ static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t
     float M = -INFINITY, S = 0.0f;
     for (int32_t p = p0; p <= p1; p++) {
         const uint16_t *k = (const uint16_t *)kv_at(kv, kv->k, p);
-        float s;
-        if (isa == KV_AVX512)
-            s = dot_f16_avx512(k, qh, hd);
-        else if (isa == KV_AVX2)
-            s = dot_f16_avx2(k, qh, hd);
-        else
-            s = dot_f16_vecdot_scalar(k, qh, hd);
-        s = s * scale;
+        const float s = dot_f16(k, qh, hd) * scale;
         att[p - p0] = s;
         float ms = 1.0f, vs = 1.0f;
         const bool rescale = s > M;
@@ -481,14 +488,31 @@ static void attn_f16(const tsr_kv_view *kv, const float *q, float scale, int32_t
             vs = expf(s - M);
         }
         const uint16_t *v = (const uint16_t *)kv_at(kv, kv->v, p);
-        if (isa >= KV_AVX2)
-            fa_v_avx2(acc, v, hd, rescale, ms, vs);
-        else
-            fa_v_scalar(acc, v, hd, rescale, ms, vs);
+        fa_v(acc, v, hd, rescale, ms, vs);
         S = fmaf(S, ms, vs);
     }
     const float s_inv = S == 0.0f ? 0.0f : 1.0f / S;
     for (int i = 0; i < hd; i++) o[i] = tsr_f16_to_f32(acc[i]) * s_inv;
+}
+
+/* attn_f16 per ISA with its kernels as constants (direct calls, no pointer per position) */
+static void attn_f16_scalar(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                            int32_t p1, float *att, void *scratch, float *o)
+{
+    attn_f16(kv, q, scale, p0, p1, att, scratch, o, dot_f16_vecdot_scalar, fa_v_scalar);
+}
+
+static void attn_f16_avx2(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                          int32_t p1, float *att, void *scratch, float *o)
+{
+    attn_f16(kv, q, scale, p0, p1, att, scratch, o, dot_f16_avx2, fa_v_avx2);
+}
+
+/* the accumulator step is AVX2's on AVX-512 too (fa_v_avx2 has no AVX-512 twin) */
+static void attn_f16_avx512(const tsr_kv_view *kv, const float *q, float scale, int32_t p0,
+                            int32_t p1, float *att, void *scratch, float *o)
+{
+    attn_f16(kv, q, scale, p0, p1, att, scratch, o, dot_f16_avx512, fa_v_avx2);
 }
 
 /* ---- f16, a group of query heads over one KV head (AVX2 + F16C, AVX-512) ----
@@ -808,7 +832,7 @@ typedef void (*fa_qk_fn)(const uint16_t *const *kp, int n, int n_q, const float 
 typedef void (*fa_v_fn)(float *acc, int hd, const uint16_t *const *vp, int n, const float *w,
                         const float *ms);
 #define FA_MAX_HEADS 8
-typedef struct {
+typedef struct fa_kernels {
     fa_qk_fn qk;
     int max_heads;
     fa_v_fn v[FA_MAX_HEADS + 1]; /* v[k]: k heads; v[0] unused */
@@ -878,10 +902,10 @@ static void fa_vg(const fa_kernels *K, int nh, float *acc, int hd, const uint16_
 
 /* attn_f16 for n_q heads at once (head_dim % 64 == 0, AVX2 or AVX-512). */
 static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
-                           int32_t p0, int32_t p1, float *scores, void *scratch, float *o, int isa)
+                           int32_t p0, int32_t p1, float *scores, void *scratch, float *o,
+                           const fa_kernels *K)
 {
     const int hd = kv->head_dim;
-    const fa_kernels *K = isa == KV_AVX512 ? &k_fa_avx512 : &k_fa_avx2;
     fa_scratch f =
         fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd), (size_t)hd, (size_t)n_q);
     for (size_t i = 0; i < (size_t)n_q * hd; i++) {
@@ -1068,25 +1092,15 @@ TSR_KV_VNNI static void qk_q8_0_vnni(const tsr_kv_view *kv, const kv_q8_0 *qq, f
 }
 
 static void attn_q8_0(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
-                      float *att, void *scratch, float *o, int isa)
+                      float *att, void *scratch, float *o, const kv_kernels *K)
 {
     const int hd = kv->head_dim;
     kv_q8_0 *qq = scratch;
     tsr_quant_row(TSR_TYPE_Q8_0, q, qq, hd);
-    if (isa == KV_AVX512)
-        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
-    else if (isa == KV_AVX2)
-        qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
-    else
-        qk_q8_0_scalar(kv, qq, scale, p0, p1, att);
+    K->qk_q8_0(kv, qq, scale, p0, p1, att);
     tsr_softmax(att, p1 - p0 + 1);
     memset(o, 0, sizeof(float) * (size_t)hd);
-    if (isa == KV_AVX512)
-        v_q8_0_avx512(kv, att, p0, p1, o);
-    else if (isa == KV_AVX2)
-        v_q8_0_avx2(kv, att, p0, p1, o);
-    else
-        v_q8_0_scalar(kv, att, p0, p1, o);
+    K->v_q8_0(kv, att, p0, p1, o);
 }
 
 size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q)
@@ -1104,54 +1118,11 @@ size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q)
 
 #define GQ_CHUNK 64
 
-static void qk_f32_isa(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
-                       float *att, int isa)
-{
-    if (isa == KV_AVX512)
-        qk_f32_avx512(kv, q, scale, p0, p1, att);
-    else if (isa == KV_AVX2)
-        qk_f32_avx2(kv, q, scale, p0, p1, att);
-    else
-        qk_f32_scalar(kv, q, scale, p0, p1, att);
-}
-
-static void v_f32_isa(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o,
-                      int isa)
-{
-    if (isa == KV_AVX512)
-        v_f32_avx512(kv, att, p0, p1, o);
-    else if (isa == KV_AVX2)
-        v_f32_avx2(kv, att, p0, p1, o);
-    else
-        v_f32_scalar(kv, att, p0, p1, o);
-}
-
-static void qk_q8_0_isa(const tsr_kv_view *kv, const kv_q8_0 *qq, float scale, int32_t p0,
-                        int32_t p1, float *att, int isa)
-{
-    if (isa == KV_AVX512)
-        qk_q8_0_vnni(kv, qq, scale, p0, p1, att);
-    else if (isa == KV_AVX2)
-        qk_q8_0_avx2(kv, qq, scale, p0, p1, att);
-    else
-        qk_q8_0_scalar(kv, qq, scale, p0, p1, att);
-}
-
-static void v_q8_0_isa(const tsr_kv_view *kv, const float *att, int32_t p0, int32_t p1, float *o,
-                       int isa)
-{
-    if (isa == KV_AVX512)
-        v_q8_0_avx512(kv, att, p0, p1, o);
-    else if (isa == KV_AVX2)
-        v_q8_0_avx2(kv, att, p0, p1, o);
-    else
-        v_q8_0_scalar(kv, att, p0, p1, o);
-}
-
 /* f32 (head size a multiple of 16) or q8_0 for n_q heads; scores [n_q][p1 - p0 + 1]; qq: n_q
  * Q8_0 rows of q (q8_0 only). */
 static void attn_group_2pass(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
-                             int32_t p0, int32_t p1, float *scores, kv_q8_0 *qq, float *o, int isa)
+                             int32_t p0, int32_t p1, float *scores, kv_q8_0 *qq, float *o,
+                             const kv_kernels *K)
 {
     const int hd = kv->head_dim;
     const size_t n = (size_t)(p1 - p0 + 1), nb = (size_t)hd / TSR_QK8_0;
@@ -1164,9 +1135,9 @@ static void attn_group_2pass(const tsr_kv_view *kv, int32_t n_q, const float *q,
         for (int32_t h = 0; h < n_q; h++) {
             float *att = scores + (size_t)h * n + (size_t)(c - p0);
             if (q8)
-                qk_q8_0_isa(kv, qq + (size_t)h * nb, scale, c, ce, att, isa);
+                K->qk_q8_0(kv, qq + (size_t)h * nb, scale, c, ce, att);
             else
-                qk_f32_isa(kv, q + (size_t)h * hd, scale, c, ce, att, isa);
+                K->qk_f32(kv, q + (size_t)h * hd, scale, c, ce, att);
         }
     }
     for (int32_t h = 0; h < n_q; h++) tsr_softmax(scores + (size_t)h * n, (int)n);
@@ -1176,26 +1147,64 @@ static void attn_group_2pass(const tsr_kv_view *kv, int32_t n_q, const float *q,
         for (int32_t h = 0; h < n_q; h++) {
             const float *att = scores + (size_t)h * n + (size_t)(c - p0);
             if (q8)
-                v_q8_0_isa(kv, att, c, ce, o + (size_t)h * hd, isa);
+                K->v_q8_0(kv, att, c, ce, o + (size_t)h * hd);
             else
-                v_f32_isa(kv, att, c, ce, o + (size_t)h * hd, isa);
+                K->v_f32(kv, att, c, ce, o + (size_t)h * hd);
         }
+    }
+}
+
+/* ---- the tables ---- */
+
+static const kv_kernels k_kv_scalar = {.name = "scalar",
+                                       .qk_f32 = qk_f32_scalar,
+                                       .v_f32 = v_f32_scalar,
+                                       .attn_f16 = attn_f16_scalar,
+                                       .fa = NULL,
+                                       .qk_q8_0 = qk_q8_0_scalar,
+                                       .v_q8_0 = v_q8_0_scalar};
+static const kv_kernels k_kv_avx2 = {.name = "avx2",
+                                     .qk_f32 = qk_f32_avx2,
+                                     .v_f32 = v_f32_avx2,
+                                     .attn_f16 = attn_f16_avx2,
+                                     .fa = &k_fa_avx2,
+                                     .qk_q8_0 = qk_q8_0_avx2,
+                                     .v_q8_0 = v_q8_0_avx2};
+/* AVX-512: the q8_0 scores use VNNI. */
+static const kv_kernels k_kv_avx512 = {.name = "avx512",
+                                       .qk_f32 = qk_f32_avx512,
+                                       .v_f32 = v_f32_avx512,
+                                       .attn_f16 = attn_f16_avx512,
+                                       .fa = &k_fa_avx512,
+                                       .qk_q8_0 = qk_q8_0_vnni,
+                                       .v_q8_0 = v_q8_0_avx512};
+
+static const kv_kernels *kv_kernels_now(void)
+{
+    switch (kv_isa()) {
+    case KV_AVX512:
+        return &k_kv_avx512;
+    case KV_AVX2:
+        return &k_kv_avx2;
+    default:
+        return &k_kv_scalar;
     }
 }
 
 void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale, int32_t p0,
                     int32_t p1, float *scores, void *scratch, float *out)
 {
-    const int isa = kv_isa(), hd = kv->head_dim;
-    if (kv->type == TSR_KV_F16 && isa != KV_SCALAR && hd % 64 == 0) {
-        attn_f16_group(kv, n_q, q, scale, p0, p1, scores, scratch, out, isa);
+    const kv_kernels *K = kv_kernels_now();
+    const int hd = kv->head_dim;
+    if (kv->type == TSR_KV_F16 && K->fa && hd % 64 == 0) {
+        attn_f16_group(kv, n_q, q, scale, p0, p1, scores, scratch, out, K->fa);
         return;
     }
     if ((kv->type == TSR_KV_F32 && hd % LANES == 0) || kv->type == TSR_KV_Q8_0) {
         /* the group part's qf region holds n_q Q8_0 rows (34 bytes per 32 values < 4 per value) */
         fa_scratch f = fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd),
                                      (size_t)hd, (size_t)n_q);
-        attn_group_2pass(kv, n_q, q, scale, p0, p1, scores, (kv_q8_0 *)f.qf, out, isa);
+        attn_group_2pass(kv, n_q, q, scale, p0, p1, scores, (kv_q8_0 *)f.qf, out, K);
         return;
     }
     for (int32_t h = 0; h < n_q; h++)
@@ -1206,18 +1215,19 @@ void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float sc
 void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,
                    float *scores, void *scratch, float *out)
 {
+    const kv_kernels *K = kv_kernels_now();
     switch (kv->type) {
     case TSR_KV_F32:
-        attn_f32(kv, q, scale, p0, p1, scores, out, kv_isa());
+        attn_f32(kv, q, scale, p0, p1, scores, out, K);
         break;
     case TSR_KV_F16:
-        if (kv_isa() != KV_SCALAR && kv->head_dim % 64 == 0)
-            attn_f16_group(kv, 1, q, scale, p0, p1, scores, scratch, out, kv_isa());
+        if (K->fa && kv->head_dim % 64 == 0)
+            attn_f16_group(kv, 1, q, scale, p0, p1, scores, scratch, out, K->fa);
         else
-            attn_f16(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
+            K->attn_f16(kv, q, scale, p0, p1, scores, scratch, out);
         break;
     case TSR_KV_Q8_0:
-        attn_q8_0(kv, q, scale, p0, p1, scores, scratch, out, kv_isa());
+        attn_q8_0(kv, q, scale, p0, p1, scores, scratch, out, K);
         break;
     }
 }

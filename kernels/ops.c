@@ -113,13 +113,10 @@ static void mm_rows_gemm(const mm_job *j, int k, int64_t r0, int64_t nr, int t0,
     /* repacked: groups of TSR_REPACK_ROWS rows, super-block i of the group's rows side by
      * side (r0 is a multiple of TSR_REPACK_ROWS) */
     const size_t gb = tsr_repack_group_bytes(w->type, w->n_in);
-    for (int64_t r = 0; r < nr; r += TSR_REPACK_ROWS) {
-        const int64_t g = (r0 + r) / TSR_REPACK_ROWS;
-        const int64_t rows = nr - r < TSR_REPACK_ROWS ? nr - r : TSR_REPACK_ROWS;
-        tsr_q4k_gemm_dot(j->isa, w->n_in, rows, (const uint8_t *)w->packed + (size_t)g * gb, blk,
-                         blk * TSR_REPACK_ROWS, n_tok, xq, j->xq_stride[k], yk + r0 + r,
-                         (size_t)w->n_out);
-    }
+    tsr_q4k_gemm_dot_grouped(j->isa, w->n_in, nr,
+                             (const uint8_t *)w->packed + (size_t)(r0 / TSR_REPACK_ROWS) * gb,
+                             TSR_REPACK_ROWS, gb, blk, blk * TSR_REPACK_ROWS, n_tok, xq,
+                             j->xq_stride[k], yk + r0, (size_t)w->n_out);
 }
 
 static void mm_run(void *arg, int ith, int nth)

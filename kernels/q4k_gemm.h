@@ -42,4 +42,14 @@ void tsr_q4k_gemm_dot(int isa, int64_t n, int64_t n_rows, const void *w, size_t 
                       size_t blk_stride, int32_t n_tok, const void *x, size_t x_stride, float *y,
                       size_t y_stride);
 
+/* The same over rows in groups (a repacked matrix, kernels/repack.h): super-block i of row r
+ * lies at w + (r / rows_per_group) * group_stride + (r % rows_per_group) * row_stride +
+ * i * blk_stride bytes. tsr_q4k_gemm_dot is rows_per_group 1, group_stride row_stride; the
+ * repacked groups are (TSR_REPACK_ROWS, tsr_repack_group_bytes, 144, TSR_REPACK_ROWS * 144),
+ * so one call covers a whole row range (the AVX-512 tiles take 16 rows at a time). */
+void tsr_q4k_gemm_dot_grouped(int isa, int64_t n, int64_t n_rows, const void *w,
+                              int64_t rows_per_group, size_t group_stride, size_t row_stride,
+                              size_t blk_stride, int32_t n_tok, const void *x, size_t x_stride,
+                              float *y, size_t y_stride);
+
 #endif /* TSR_Q4K_GEMM_H */

@@ -102,8 +102,16 @@ bool tsr_repack_chosen(uint32_t type)
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)
 {
     /* Q4_K / Q6_K: one token reads the groups too (tsr_vec_dot_kgroups: 4 rows at once in
-     * one linear stream, where the file layout's 4 rows are 4 streams) */
-    if (n_tok <= 1) return type != TSR_TYPE_Q4_K && type != TSR_TYPE_Q6_K;
+     * one linear stream, where the file layout's 4 rows are 4 streams). Q5_0 too: its
+     * one-token GEMV over the groups (repack_dot_q50_simd, 4 rows per pass, scales of 8
+     * blocks read as one vector) beat the row dots' 4-rows-in-2-registers unpacking, which
+     * is compute-bound (bench_repack, 896 and 2048 columns, 1 thread: 10-15 vs 6-8 GB/s).
+     * Q4_0 on AVX-512 VNNI: one token reads the groups through gemv_q4_0_groups_v512 (a 4-row
+     * 512-bit GEMV, one prefetched linear stream; CPU time per block streaming a 64 MiB matrix,
+     * one thread: 1.0 vs 1.6 ns, 8192 columns 1.4 vs 1.9). On AVX2 the Q4_0 row kernel stays
+     * faster than the generic repacked GEMV (1.2 vs 1.4 ns). */
+    if (n_tok <= 1 && type == TSR_TYPE_Q4_0) return strcmp(tsr_quant_isa(), "avx512vnni") != 0;
+    if (n_tok <= 1) return type != TSR_TYPE_Q4_K && type != TSR_TYPE_Q6_K && type != TSR_TYPE_Q5_0;
     /* (Q5_0 has no file-layout tile: quant.c would run a long batch token by token, about
      * 2x the CPU time of the repacked GEMM: 1.45 vs 0.65 ns per block dot, 896 x 1024 x 128) */
     const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_1;
@@ -492,6 +500,124 @@ DEF_GEMV(gemv_q5_1_avx2, RP_AVX2, 2, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_AVX2
 DEF_GEMV(gemv_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_VNNI)
 /* clang-format on */
 
+/* Q4_0 GEMV on AVX-512 over whole groups: DEF_GEMV's operations for each of the 4 rows (the
+ * same float chains, products and final sums, so bit-identical), with a group's 4 rows in
+ * 512-bit registers. Block b of the group's rows is one aligned 64-byte line (4 x 16 bytes):
+ * its low nibbles (elements 0..15 of each row) and high nibbles (16..31) are two vectors, and
+ * vpdpbusd against the activation's halves broadcast to the 4 lanes gives lanes 0..3 and 4..7
+ * of every row's int32x8 dot at once. The chains live as (row, lane) pairs: lo[c] holds lanes
+ * 0..3 of rows 0..3, hi[c] lanes 4..7; one vpermt2ps per block broadcasts each row's scale
+ * to its 128-bit lane. Half the instructions of DEF_GEMV per block, and a software prefetch
+ * PF_BYTES ahead of the stream (the groups are one linear stream; the hardware prefetcher
+ * alone left the core waiting on memory). */
+enum { Q40_PF_BYTES = 1536 };
+RP_VNNI static void gemv_q4_0_groups_v512(size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
+                                          int64_t n_rows, const uint8_t *x, const float *dy,
+                                          const float *ey, float *y)
+{
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    const __m512i k0f = _mm512_set1_epi8(0x0F);
+    /* vpermt2ps indices of block k: lane 4r + j <- row r's scale of block k, rows 0 / 1 in
+     * the first source (lanes 0..7 / 8..15), rows 2 / 3 in the second (16..23 / 24..31) */
+    __m512i pidx[8];
+    for (int k = 0; k < 8; ++k)
+        pidx[k] = _mm512_set_epi32(24 + k, 24 + k, 24 + k, 24 + k, 16 + k, 16 + k, 16 + k, 16 + k,
+                                   8 + k, 8 + k, 8 + k, 8 + k, k, k, k, k);
+    const char *pf = (const char *)packed + Q40_PF_BYTES;
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const uint8_t *grp = packed + (size_t)g * gb;
+        const uint16_t *d16 = (const uint16_t *)grp;
+        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
+        __m512 lo0 = _mm512_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0;
+        __m512 hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
+        __m512 off01 = lo0, off23 = lo0;
+        for (size_t b = 0; b < nb; b += 8) {
+            const int m = nb - b < 8 ? (int)(nb - b) : 8;
+            /* rows 0, 1 (and 2, 3) side by side: lane 8*(r%2) + i is block b + i */
+            const __m512 dw01 = _mm512_cvtph_ps(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(d16 + b))),
+                _mm_loadu_si128((const __m128i *)(d16 + nbp + b)), 1));
+            const __m512 dw23 = _mm512_cvtph_ps(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(d16 + 2 * nbp + b))),
+                _mm_loadu_si128((const __m128i *)(d16 + 3 * nbp + b)), 1));
+            const __m512 dy2 =
+                _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(dy + b))));
+            const __m512 ey2 =
+                _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(ey + b))));
+            off01 = _mm512_fmadd_ps(dw01, ey2, off01);
+            off23 = _mm512_fmadd_ps(dw23, ey2, off23);
+            const __m512 sc01 = _mm512_mul_ps(dw01, dy2), sc23 = _mm512_mul_ps(dw23, dy2);
+            _mm_prefetch(pf, _MM_HINT_T0);
+            pf += 64;
+#define Q40_V512_BLOCK(k, LO, HI)                                                                  \
+    do {                                                                                           \
+        _mm_prefetch(pf, _MM_HINT_T0);                                                             \
+        pf += 64;                                                                                  \
+        const uint8_t *xb_ = x + (b + (k)) * RP_XBLK + 2;                                          \
+        const __m512i v_ = _mm512_loadu_si512((const void *)(q + (b + (k)) * 64));                 \
+        const __m512i l_ = _mm512_and_si512(v_, k0f);                                              \
+        const __m512i h_ = _mm512_and_si512(_mm512_srli_epi16(v_, 4), k0f);                        \
+        const __m512i yl_ = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb_));         \
+        const __m512i yh_ = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb_ + 16)));  \
+        const __m512 fl_ =                                                                         \
+            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), l_, yl_));              \
+        const __m512 fh_ =                                                                         \
+            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), h_, yh_));              \
+        const __m512 s_ = _mm512_permutex2var_ps(sc01, pidx[k], sc23);                             \
+        LO = _mm512_fmadd_ps(s_, fl_, LO);                                                         \
+        HI = _mm512_fmadd_ps(s_, fh_, HI);                                                         \
+    } while (0)
+            if (m == 8) {
+                Q40_V512_BLOCK(0, lo0, hi0);
+                Q40_V512_BLOCK(1, lo1, hi1);
+                Q40_V512_BLOCK(2, lo2, hi2);
+                Q40_V512_BLOCK(3, lo3, hi3);
+                Q40_V512_BLOCK(4, lo0, hi0);
+                Q40_V512_BLOCK(5, lo1, hi1);
+                Q40_V512_BLOCK(6, lo2, hi2);
+                Q40_V512_BLOCK(7, lo3, hi3);
+            } else {
+                for (int k = 0; k < m; ++k) {
+                    switch (k & 3) {
+                    case 0:
+                        Q40_V512_BLOCK(k, lo0, hi0);
+                        break;
+                    case 1:
+                        Q40_V512_BLOCK(k, lo1, hi1);
+                        break;
+                    case 2:
+                        Q40_V512_BLOCK(k, lo2, hi2);
+                        break;
+                    default:
+                        Q40_V512_BLOCK(k, lo3, hi3);
+                        break;
+                    }
+                }
+            }
+#undef Q40_V512_BLOCK
+        }
+        /* DEF_GEMV's end per row: ((a0 + a1) + (a2 + a3)) + off, then the 8-lane sum */
+        const __m512 slo = _mm512_add_ps(_mm512_add_ps(lo0, lo1), _mm512_add_ps(lo2, lo3));
+        const __m512 shi = _mm512_add_ps(_mm512_add_ps(hi0, hi1), _mm512_add_ps(hi2, hi3));
+        const int64_t left = n_rows - g * TSR_REPACK_ROWS;
+        const int nr = left < TSR_REPACK_ROWS ? (int)left : TSR_REPACK_ROWS;
+        float *yg = y + (size_t)g * TSR_REPACK_ROWS;
+#define Q40_V512_ROW(r, OFF, HALF)                                                                 \
+    if ((r) < nr) {                                                                                \
+        const __m256 s8_ =                                                                         \
+            _mm256_insertf128_ps(_mm256_castps128_ps256(_mm512_extractf32x4_ps(slo, r)),           \
+                                 _mm512_extractf32x4_ps(shi, r), 1);                               \
+        yg[r] = tsr_hsum8_ps(_mm256_add_ps(                                                        \
+            s8_, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(OFF), HALF))));          \
+    }
+        Q40_V512_ROW(0, off01, 0)
+        Q40_V512_ROW(1, off01, 1)
+        Q40_V512_ROW(2, off23, 0)
+        Q40_V512_ROW(3, off23, 1)
+#undef Q40_V512_ROW
+    }
+}
+
 /* ---- GEMM micro-kernels: R rows x T tokens (T <= 4), chain-major --------------------------
  * WPREP(wv, wa, qp)  a weight block, unpacked once for the T tokens (wa: a helper);
  * YPREP(yv, xb)      an activation block;
@@ -645,9 +771,10 @@ DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1
     _mm256_add_epi32(ny, _mm256_madd_epi16(_mm256_maddubs_epi16(qu, y), _mm256_set1_epi16(1)))
 #define RP_Q50_LANES_VNNI(ny, qu, y) _mm256_dpbusd_epi32(ny, qu, y)
 #define DEF_Q50(fname, ATTR, BYTES, LANES)                                                         \
-    ATTR RP_INLINE void fname##_mk(                                                                \
-        const int T, const int R, size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr,       \
-        const uint8_t *x, size_t xs, const float *dyw, const __m256i *nyw, float *y, size_t ys)    \
+    ATTR RP_INLINE void fname##_mk(const int T, const int R, size_t nb, size_t nbp,                \
+                                   const uint8_t *grp, int rr, int nr, const uint8_t *x,           \
+                                   size_t xs, const float *dyw, const __m256i *nyw, float *y,      \
+                                   size_t ys, size_t pfd)                                          \
     {                                                                                              \
         const uint16_t *d16 = (const uint16_t *)grp;                                               \
         const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;                                        \
@@ -668,6 +795,11 @@ DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1
                     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) _mm256_store_ps(           \
                         sc[r][t], _mm256_mul_ps(dw8, _mm256_loadu_ps(dyw + (size_t)t * nbp + b))); \
                 }                                                                                  \
+            }                                                                                      \
+            if (pfd) { /* pfd bytes ahead of this block's 4 x 20 quant bytes: every line */        \
+                const char *pf_ = (const char *)(q + b * TSR_REPACK_ROWS * 20) + pfd;              \
+                _mm_prefetch(pf_, _MM_HINT_T0);                                                    \
+                _mm_prefetch(pf_ + 40, _MM_HINT_T0);                                               \
             }                                                                                      \
             __m256i yv[4];                                                                         \
             _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) yv[t] =                            \
@@ -692,36 +824,36 @@ DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1
     }                                                                                              \
     ATTR static void fname(int T, int R, size_t nb, size_t nbp, const uint8_t *grp, int rr,        \
                            int nr, const uint8_t *x, size_t xs, const float *dyw,                  \
-                           const __m256i *nyw, float *y, size_t ys)                                \
+                           const __m256i *nyw, float *y, size_t ys, size_t pfd)                    \
     {                                                                                              \
         if (R == 4) {                                                                              \
             switch (T) {                                                                           \
             case 1:                                                                                \
-                fname##_mk(1, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(1, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, pfd);               \
                 break;                                                                             \
             case 2:                                                                                \
-                fname##_mk(2, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(2, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             case 3:                                                                                \
-                fname##_mk(3, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(3, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             default:                                                                               \
-                fname##_mk(4, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(4, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             }                                                                                      \
         } else {                                                                                   \
             switch (T) {                                                                           \
             case 1:                                                                                \
-                fname##_mk(1, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(1, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             case 2:                                                                                \
-                fname##_mk(2, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(2, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             case 3:                                                                                \
-                fname##_mk(3, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(3, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             default:                                                                               \
-                fname##_mk(4, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys);                    \
+                fname##_mk(4, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
                 break;                                                                             \
             }                                                                                      \
         }                                                                                          \
@@ -749,7 +881,14 @@ RP_AVX2 static void q50_act_build(const uint8_t *x, size_t nb, size_t nbp, float
     }
 }
 
-enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024 };
+enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024, RP_Q50_STACK_BLOCKS = 256 };
+
+/* One token's software prefetch distance: the bytes ahead of the block being read (the
+ * groups are one linear stream). A burst of prefetches of the whole next group at each
+ * group's start (the GEMM's way) stalled the core: 14% of a Qwen2.5-0.5B decode step sat on
+ * it. Per block, 8 KiB ahead (3 groups of 896 columns): 17.3-17.6 GB/s of one thread's CPU
+ * time against 13.1-13.9 without software prefetch (16 KiB: 16.9-17.1; 0.5-4 KiB less). */
+enum { RP_Q50_PF_BYTES = 8192 };
 
 /* One token: 4 rows per pass (4 chains); several: tokens in chunks whose activations stay in
  * L2, 4 x 4 (AVX-512: 32 registers) or 2 x 4 (AVX2) micro-tiles. The workspace holds the
@@ -760,13 +899,20 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
                                 float *y, size_t ys)
 {
     void (*f)(int, int, size_t, size_t, const uint8_t *, int, int, const uint8_t *, size_t,
-              const float *, const __m256i *, float *, size_t) = vnni ? q50_vnni : q50_avx2;
+              const float *, const __m256i *, float *, size_t, size_t) = vnni ? q50_vnni : q50_avx2;
     const int R = n_tok == 1 || vnni ? 4 : 2;
     size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
     if (tc < 4) tc = 4;
     if (tc > (size_t)n_tok) tc = (size_t)n_tok;
+    /* one token of a row up to 8192 elements (decode: one call per chunk of rows) works on
+     * the stack, not the heap */
+    __m256i stack_ws[RP_Q50_STACK_BLOCKS + RP_Q50_STACK_BLOCKS / 8 + 1];
+    const bool on_stack =
+        tc * nb <= RP_Q50_STACK_BLOCKS && tc * nbp <= 8 * (RP_Q50_STACK_BLOCKS / 8 + 1);
     __m256i *nyw =
-        aligned_alloc(32, (tc * nb * sizeof(__m256i) + tc * nbp * sizeof(float) + 31) / 32 * 32);
+        on_stack ? stack_ws
+                 : aligned_alloc(32, (tc * nb * sizeof(__m256i) + tc * nbp * sizeof(float) + 31) /
+                                         32 * 32);
     if (!nyw) {
         repack_dot_scalar(TSR_TYPE_Q5_0, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
         return;
@@ -779,7 +925,7 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
             q50_act_build(x + (t0 + t) * xs, nb, nbp, dyw + t * nbp, nyw + t * nb);
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
-            if (g + 1 < n_groups) {
+            if (n_tok > 1 && g + 1 < n_groups) {
                 const char *p = (const char *)(grp + gb);
                 for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
             }
@@ -791,12 +937,12 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
                     const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
                     f(T, R, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs, dyw + t * nbp,
                       nyw + t * nb, y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)rr,
-                      ys);
+                      ys, n_tok == 1 ? RP_Q50_PF_BYTES : 0);
                 }
             }
         }
     }
-    free(nyw);
+    if (!on_stack) free(nyw);
 }
 
 typedef void (*gemv_fn)(size_t nb, size_t nbp, const uint8_t *grp, int rr, int nr, const uint8_t *x,
@@ -854,6 +1000,11 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         }
         float *dy = buf, *ey = buf + nbp;
         build(x, nb, nbp, mult, dy, ey);
+        if (vnni && type == TSR_TYPE_Q4_0) {
+            gemv_q4_0_groups_v512(nb, nbp, gb, packed, n_rows, x, dy, ey, y);
+            if (buf != stack_buf) free(buf);
+            return;
+        }
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
             for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
@@ -1566,7 +1717,7 @@ static void repack_dot_k_simd(bool vnni, uint32_t type, size_t nsb, size_t gb,
         const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
-            if (g + 1 < n_groups) {
+            if (n_tok > 1 && g + 1 < n_groups) {
                 const char *p = (const char *)(grp + gb);
                 for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
             }

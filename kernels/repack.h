@@ -60,9 +60,12 @@ void tsr_repack_set_all(bool all);
 #define TSR_REPACK_TILE_MIN_TOKENS 64
 
 /* Whether n_tok tokens through a `type` matrix should read the file layout (when the rank
- * still has it): one token of any type but Q4_K / Q6_K (the row dots stream memory faster
- * than the generic repacked GEMV: 1B Q4_K_M decode 45.6 vs 26.7 tokens/s; one Q4_K / Q6_K
- * token runs quant.c's 4-row GEMV over the groups, tsr_vec_dot_kgroups, one linear stream),
+ * still has it): one token of any type but Q4_K / Q6_K / Q5_0, and but Q4_0 on AVX-512 VNNI
+ * (the row dots stream memory faster than the generic repacked GEMV: 1B Q4_K_M decode 45.6 vs
+ * 26.7 tokens/s; one Q4_K / Q6_K token runs quant.c's 4-row GEMV over the groups,
+ * tsr_vec_dot_kgroups, one linear stream; one Q5_0 token the groups' own ggml-order GEMV,
+ * cheaper than the row dots; one Q4_0 token on AVX-512 VNNI repack.c's 512-bit 4-row GEMV
+ * over the groups, one prefetched stream: CPU time per block 1.0 vs 1.6 ns),
  * and TSR_REPACK_TILE_MIN_TOKENS or more of a type with a file-layout tile. kernels/ops.c's
  * one choice point. */
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok);

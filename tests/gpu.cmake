@@ -249,28 +249,48 @@ foreach(layout "2;1" "1;2" "2;2")
                --tol 0.05)
   set_property(TEST gpu_replica_stories_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
                "${TSR_MPI_ENV};TSR_NO_NCCL=1")
-  tsr_gpu_test(replica_synth_q4_k_m_tp${tp}_pp${pp} sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
+  # a quantized model: Q4_K_M where the layout keeps whole 256-value blocks (tp 1), Q4_0
+  # (32-value blocks) under tp 2: synth-tiny's 4 heads x 64 give a tp 2 rank 128 columns of
+  # attn_output, and the split refuses Q4_K there (seen on an H200, 2026-12-04)
+  if(tp EQUAL 1)
+    set(qm synth-tiny-q4_k_m)
+    set(qflags --tol 0.5 -n 8)
+  else()
+    set(qm synth-tiny-q4_0)
+    set(qflags --teacher-force --tol 0.5 -n 8)
+  endif()
+  string(REPLACE "-" "_" qstem ${qm})
+  tsr_gpu_test(replica_${qstem}_tp${tp}_pp${pp} sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
                $<TARGET_FILE:gpu_check> 1 ${TSR_MPIRUN} -np ${np} $<TARGET_FILE:replica_check>
-               -m ${TSR_MODELS_DIR}/synthetic/synth-tiny-q4_k_m.gguf --tp ${tp} --pp ${pp}
-               --device cuda --tol 0.5 -n 8)
-  set_property(TEST gpu_replica_synth_q4_k_m_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
+               -m ${TSR_MODELS_DIR}/synthetic/${qm}.gguf --tp ${tp} --pp ${pp}
+               --device cuda ${qflags})
+  set_property(TEST gpu_replica_${qstem}_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
                "${TSR_MPI_ENV};TSR_NO_NCCL=1")
 endforeach()
 # NCCL (one GPU per rank; skipped with the reason on fewer): tp 2, pp 2 and tp 2 × pp 2 with
 # the whole data plane device to device (tp sums, stage hand-offs, logits gather and the send
 # to the leader), a three-sequence step cut into pipeline micro-batches included.
-foreach(model stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf)
+# The quantized model: Q4_K_M at tp 1, Q4_0 under tp 2 (whole blocks per rank, as above).
+foreach(model stories260K.gguf synthetic/synth-tiny-q4_k_m.gguf synthetic/synth-tiny-q4_0.gguf)
   get_filename_component(stem ${model} NAME_WE)
   string(REPLACE "-" "_" stem ${stem})
   tsr_gpu_tol(${model} tol)
+  set(extra "")
+  if(stem STREQUAL "synth_tiny_q4_0")
+    set(extra --teacher-force)
+  endif()
   foreach(layout "2;1" "1;2" "2;2")
     list(GET layout 0 tp)
     list(GET layout 1 pp)
     math(EXPR np "${tp} * ${pp}")
+    if((stem STREQUAL "synth_tiny_q4_k_m" AND tp GREATER 1) OR
+       (stem STREQUAL "synth_tiny_q4_0" AND tp EQUAL 1))
+      continue()
+    endif()
     tsr_gpu_test(nccl_${stem}_tp${tp}_pp${pp} sh ${CMAKE_CURRENT_SOURCE_DIR}/gpu_ranks.sh
                  $<TARGET_FILE:gpu_check> ${np} ${TSR_MPIRUN} -np ${np}
                  $<TARGET_FILE:replica_check> -m ${TSR_MODELS_DIR}/${model} --tp ${tp}
-                 --pp ${pp} --device cuda --tol ${tol} -n 8 --batch-step
+                 --pp ${pp} --device cuda --tol ${tol} -n 8 --batch-step ${extra}
                  --expect-transport "device-direct (nccl)")
     set_property(TEST gpu_nccl_${stem}_tp${tp}_pp${pp} APPEND PROPERTY ENVIRONMENT
                  "${TSR_MPI_ENV}")

@@ -89,8 +89,10 @@ static int pair_new(const tsr_model *m, int32_t device, uint64_t cap, pair *p, c
                     size_t err_len)
 {
     memset(p, 0, sizeof *p);
-    if (tsr_ctx_new_kv(m, 640, 64, 2, g_kv_type, &p->cpu, err, err_len) != 0) return -1;
-    if (tsr_ctx_new_kv(m, 640, 64, 1, g_kv_type, &p->gpu, err, err_len) != 0) return -1;
+    /* 1280 positions = 80 blocks: the KV copy phase needs the longest run (prompt 64 +
+     * decode 512 = 37 blocks) twice (a pool of 40 failed --decode 500 on an H200) */
+    if (tsr_ctx_new_kv(m, 1280, 64, 2, g_kv_type, &p->cpu, err, err_len) != 0) return -1;
+    if (tsr_ctx_new_kv(m, 1280, 64, 1, g_kv_type, &p->gpu, err, err_len) != 0) return -1;
     return tsr_gpu_attach(p->gpu, m, device, cap, err, err_len);
 }
 

@@ -59,20 +59,6 @@ static const uint32_t k_types[] = {TSR_CUDA_F32,  TSR_CUDA_F16,  TSR_CUDA_BF16, 
                                    TSR_CUDA_Q6_K};
 #define N_TYPES (sizeof k_types / sizeof k_types[0])
 
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    assert_non_null(p);
-    return p;
-}
-
-static uint32_t bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
 /* The CPU must run every type the files hold; a type it lacks is a failure, not a skip. */
 static void require_cpu_type(uint32_t type, const char *file, const char *tensor)
 {
@@ -124,7 +110,7 @@ static float gpu_row_dot(uint32_t type, int64_t n, const uint8_t *w, const void 
             int32_t si = 0;
             for (int q = 0; q < 4; ++q) si += tsr_cuda_isum_part32(type, wbk, xbk, q);
             const float t = tsr_cuda_dot_combine32(type, wbk, xbk, si);
-            if (bits(t) != bits(tsr_cuda_dot_blk32(type, wbk, xbk)))
+            if (tsr_test_fbits(t) != tsr_test_fbits(tsr_cuda_dot_blk32(type, wbk, xbk)))
                 fail_msg("block %lld: 4-lane parts give %.9g, the whole block %.9g", (long long)b,
                          t, tsr_cuda_dot_blk32(type, wbk, xbk));
             lanes[(b % 8) * 4] += t;
@@ -170,7 +156,7 @@ static void test_dequant_bit_identical(void **state)
             seen[ti->type] = true;
             const int64_t n0 = ti->ne[0],
                           rows = (int64_t)(ti->n_bytes / tsr_row_bytes(ti->type, n0));
-            float *ref = xmalloc(sizeof(float) * (size_t)n0);
+            float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)n0);
             const size_t rb = tsr_row_bytes(ti->type, n0);
             for (int64_t r = 0; r < rows; r += ROW_STEP) {
                 const uint8_t *row = (const uint8_t *)ti->data + (size_t)r * rb;
@@ -178,11 +164,12 @@ static void test_dequant_bit_identical(void **state)
                 for (int64_t i = 0; i < n0; ++i) {
                     const float v =
                         tsr_cuda_dequant(ti->type, row + (size_t)(i / be) * bb, (int)(i % be));
-                    if (bits(v) != bits(ref[i]))
+                    if (tsr_test_fbits(v) != tsr_test_fbits(ref[i]))
                         fail_msg("%s %s (%s) row %lld element %lld: CPU %.9g (0x%08x), "
                                  "numerics.h %.9g (0x%08x)",
                                  k_files[f], ti->name, tsr_type_name(ti->type), (long long)r,
-                                 (long long)i, ref[i], bits(ref[i]), v, bits(v));
+                                 (long long)i, ref[i], tsr_test_fbits(ref[i]), v,
+                                 tsr_test_fbits(v));
                 }
             }
             free(ref);
@@ -200,7 +187,7 @@ static void test_dequant_bit_identical(void **state)
 static void check_quant(uint32_t dt, const float *x, int64_t n)
 {
     const size_t rb = tsr_row_bytes(dt, n);
-    uint8_t *cpu = xmalloc(rb), *hd = xmalloc(rb);
+    uint8_t *cpu = tsr_test_xmalloc(rb), *hd = tsr_test_xmalloc(rb);
     memset(hd, 0xAB, rb);
     tsr_quant_row(dt, x, cpu, n);
     const int32_t be = tsr_cuda_block_elems(dt), bb = tsr_cuda_block_bytes(dt);
@@ -221,7 +208,7 @@ static void test_activation_quantizers(void **state)
 {
     (void)state;
     const int64_t n = 4096;
-    float *x = xmalloc(sizeof(float) * (size_t)n);
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)n);
     uint64_t s = 12345;
     for (int64_t i = 0; i < n; ++i) x[i] = tsr_test_gauss(&s) * 3.0f;
     for (int i = 256; i < 512; ++i) x[i] = 0.0f;             /* zero super-block */
@@ -241,7 +228,7 @@ static void test_activation_quantizers(void **state)
         0);
     const tsr_gguf_tensor *te = tsr_gguf_find_tensor(g, "token_embd.weight");
     assert_non_null(te);
-    float *row = xmalloc(sizeof(float) * 256);
+    float *row = tsr_test_xmalloc(sizeof(float) * 256);
     for (int r = 0; r < 64; ++r) {
         tsr_dequant_row(te->type, (const uint8_t *)te->data + (size_t)((r * 397) % 32000) * 512,
                         row, 256);
@@ -308,9 +295,9 @@ static void test_dots(void **state)
             const int64_t n = ti->ne[0];
             const uint32_t dt = tsr_type_vec_dot_type(ti->type);
             assert_int_equal(dt, tsr_cuda_dot_type(ti->type));
-            float *x = xmalloc(sizeof(float) * (size_t)n);
+            float *x = tsr_test_xmalloc(sizeof(float) * (size_t)n);
             for (int64_t i = 0; i < n; ++i) x[i] = tsr_test_gauss(&s);
-            void *xq = xmalloc(tsr_row_bytes(dt, n));
+            void *xq = tsr_test_xmalloc(tsr_row_bytes(dt, n));
             tsr_quant_row(dt, x, xq, n);
             const size_t rb = tsr_row_bytes(ti->type, n);
             const int64_t rows = ti->ne[1];
@@ -327,7 +314,7 @@ static void test_dots(void **state)
                     ti->type == TSR_TYPE_Q6_K) {
                     /* the CPU sums these in ggml's x86 order: bound both orders by the
                      * element magnitudes (x4 covers the K-quant min terms that cancel) */
-                    float *wd = xmalloc(sizeof(float) * (size_t)n);
+                    float *wd = tsr_test_xmalloc(sizeof(float) * (size_t)n);
                     tsr_dequant_row(ti->type, w, wd, n);
                     double ae = 0;
                     for (int64_t i = 0; i < n; ++i) ae += fabs((double)wd[i] * x[i]);
@@ -357,7 +344,8 @@ static void test_dots(void **state)
                     const float g1 =
                         be == 32 ? tsr_cuda_dot_blk32(ti->type, w, xq)
                                  : tsr_cuda_dot_blk_k(ti->type, w, (const tsr_cuda_q8_K *)xq);
-                    if (bits(c1) != bits(0.0f + g1)) /* the CPU adds the term to 0 */
+                    if (tsr_test_fbits(c1) !=
+                        tsr_test_fbits(0.0f + g1)) /* the CPU adds the term to 0 */
                         fail_msg("%s %s (%s) row %lld block 0: CPU %.9g, numerics.h %.9g "
                                  "(must be bit-identical)",
                                  k_files[f], ti->name, tsr_type_name(ti->type), (long long)r, c1,
@@ -380,8 +368,8 @@ static void test_rmsnorm(void **state)
 {
     (void)state;
     const int n = 896, nt = 16;
-    float *x = xmalloc(sizeof(float) * n * nt), *w = xmalloc(sizeof(float) * n);
-    float *ref = xmalloc(sizeof(float) * n * nt);
+    float *x = tsr_test_xmalloc(sizeof(float) * n * nt), *w = tsr_test_xmalloc(sizeof(float) * n);
+    float *ref = tsr_test_xmalloc(sizeof(float) * n * nt);
     uint64_t s = 99;
     for (int i = 0; i < n * nt; ++i) x[i] = tsr_test_gauss(&s) * (1 + i % 5);
     for (int i = 0; i < n; ++i) w[i] = 1.0f + 0.1f * tsr_test_gauss(&s);
@@ -411,8 +399,10 @@ static void test_online_softmax_attention(void **state)
 {
     (void)state;
     const int hd = 64, n_pos = 203;
-    float *q = xmalloc(sizeof(float) * hd), *k = xmalloc(sizeof(float) * hd * n_pos);
-    float *v = xmalloc(sizeof(float) * hd * n_pos), *att = xmalloc(sizeof(float) * n_pos);
+    float *q = tsr_test_xmalloc(sizeof(float) * hd),
+          *k = tsr_test_xmalloc(sizeof(float) * hd * n_pos);
+    float *v = tsr_test_xmalloc(sizeof(float) * hd * n_pos),
+          *att = tsr_test_xmalloc(sizeof(float) * n_pos);
     uint64_t s = 4242;
     for (int i = 0; i < hd; ++i) q[i] = tsr_test_gauss(&s);
     for (int i = 0; i < hd * n_pos; ++i) k[i] = 2.0f * tsr_test_gauss(&s);
@@ -547,7 +537,7 @@ static void test_rope(void **state)
                 TSR_CUDA_ROPE_NORM, n_rot, 10000.0f, fs, 0.0f, 1.0f, {0, 0}, 0};
             rope_apply(&rp, y, pos, nh, hd, f);
             for (int i = 0; i < nh * hd; ++i)
-                if (bits(x[i]) != bits(y[i]))
+                if (tsr_test_fbits(x[i]) != tsr_test_fbits(y[i]))
                     fail_msg("rope NORM pos %d variant %d element %d: CPU %.9g, numerics.h %.9g",
                              pos, variant, i, x[i], y[i]);
             /* NEOX rotates (i, i+n_rot/2): the same as NORM on the interleaved vector */
@@ -562,8 +552,9 @@ static void test_rope(void **state)
             rope_apply(&rp, z, pos, nh, hd, f);
             for (int h = 0; h < nh; ++h)
                 for (int i = 0; i < hd / 2; ++i)
-                    if (bits(y[h * hd + i]) != bits(z[h * hd + 2 * i]) ||
-                        bits(y[h * hd + i + hd / 2]) != bits(z[h * hd + 2 * i + 1]))
+                    if (tsr_test_fbits(y[h * hd + i]) != tsr_test_fbits(z[h * hd + 2 * i]) ||
+                        tsr_test_fbits(y[h * hd + i + hd / 2]) !=
+                            tsr_test_fbits(z[h * hd + 2 * i + 1]))
                         fail_msg("rope NEOX pos %d head %d pair %d differs from NORM on the "
                                  "interleaved vector",
                                  pos, h, i);
@@ -588,7 +579,7 @@ static void test_rope(void **state)
                                        1};
             rope_apply(&rp, y, pos, nh, hd, f);
             for (int i = 0; i < nh * hd; ++i)
-                if (bits(x[i]) != bits(y[i]))
+                if (tsr_test_fbits(x[i]) != tsr_test_fbits(y[i]))
                     fail_msg("rope_ext (neox %d) pos %d variant %d element %d: CPU %.9g, "
                              "numerics.h %.9g",
                              neox, pos, variant, i, x[i], y[i]);
@@ -616,8 +607,8 @@ static void test_glu(void **state)
 {
     (void)state;
     enum { N = 4096 };
-    float *g = xmalloc(sizeof(float) * N), *u = xmalloc(sizeof(float) * N);
-    float *ref = xmalloc(sizeof(float) * N);
+    float *g = tsr_test_xmalloc(sizeof(float) * N), *u = tsr_test_xmalloc(sizeof(float) * N);
+    float *ref = tsr_test_xmalloc(sizeof(float) * N);
     uint64_t s = 31;
     for (int i = 0; i < N; ++i) {
         g[i] = ref[i] = 6.0f * tsr_test_gauss(&s);
@@ -626,11 +617,12 @@ static void test_glu(void **state)
     tsr_swiglu(ref, u, N);
     for (int i = 0; i < N; ++i) {
         const float v = tsr_cuda_swiglu(g[i], u[i]);
-        if (bits(v) != bits(ref[i])) fail_msg("swiglu %d: CPU %.9g, numerics.h %.9g", i, ref[i], v);
+        if (tsr_test_fbits(v) != tsr_test_fbits(ref[i]))
+            fail_msg("swiglu %d: CPU %.9g, numerics.h %.9g", i, ref[i], v);
         /* GeGLU: bit for bit the CPU's (ggml's fp16 table semantics) ... */
         float gc = g[i];
         tsr_geglu(&gc, &u[i], 1);
-        if (bits(gc) != bits(tsr_cuda_geglu(g[i], u[i])))
+        if (tsr_test_fbits(gc) != tsr_test_fbits(tsr_cuda_geglu(g[i], u[i])))
             fail_msg("geglu %d: CPU %.9g, numerics.h %.9g", i, gc, tsr_cuda_geglu(g[i], u[i]));
         /* ... and against the tanh GELU in double, within the fp16 roundings of the table */
         const double x = g[i];
@@ -650,8 +642,9 @@ static void test_fp16_roundtrip(void **state)
     (void)state;
     for (uint32_t h = 0; h < 65536; ++h) {
         const float a = tsr_f16_to_f32((uint16_t)h), b = tsr_cuda_f16_to_f32((uint16_t)h);
-        if (bits(a) != bits(b))
-            fail_msg("f16 0x%04x: CPU 0x%08x, numerics.h 0x%08x", h, bits(a), bits(b));
+        if (tsr_test_fbits(a) != tsr_test_fbits(b))
+            fail_msg("f16 0x%04x: CPU 0x%08x, numerics.h 0x%08x", h, tsr_test_fbits(a),
+                     tsr_test_fbits(b));
         assert_int_equal(tsr_cuda_bf16_to_f32((uint16_t)h), tsr_bf16_to_f32((uint16_t)h));
     }
     uint64_t s = 1;
@@ -685,10 +678,14 @@ static void test_kv_f16(void **state)
     uint64_t s = 777;
     for (int h = 0; h < 2; ++h) {
         const int hd = hds[h];
-        float *q = xmalloc(sizeof(float) * hd), *kf = xmalloc(sizeof(float) * hd * n_pos);
-        float *vf = xmalloc(sizeof(float) * hd * n_pos), *att = xmalloc(sizeof(float) * n_pos);
-        uint16_t *kc = xmalloc(2 * (size_t)hd * n_pos), *vc = xmalloc(2 * (size_t)hd * n_pos);
-        uint16_t *kd = xmalloc(2 * (size_t)hd * n_pos), *vd = xmalloc(2 * (size_t)hd * n_pos);
+        float *q = tsr_test_xmalloc(sizeof(float) * hd),
+              *kf = tsr_test_xmalloc(sizeof(float) * hd * n_pos);
+        float *vf = tsr_test_xmalloc(sizeof(float) * hd * n_pos),
+              *att = tsr_test_xmalloc(sizeof(float) * n_pos);
+        uint16_t *kc = tsr_test_xmalloc(2 * (size_t)hd * n_pos),
+                 *vc = tsr_test_xmalloc(2 * (size_t)hd * n_pos);
+        uint16_t *kd = tsr_test_xmalloc(2 * (size_t)hd * n_pos),
+                 *vd = tsr_test_xmalloc(2 * (size_t)hd * n_pos);
         for (int i = 0; i < hd; ++i) q[i] = tsr_test_gauss(&s);
         for (int i = 0; i < hd * n_pos; ++i) kf[i] = 2.0f * tsr_test_gauss(&s);
         for (int i = 0; i < hd * n_pos; ++i) vf[i] = tsr_test_gauss(&s);
@@ -844,11 +841,12 @@ static void test_kv_q8_0(void **state)
         const int hd = hds[h], nb = hd / 32, kv_dim = hd * n_kv;
         const size_t rb = tsr_kv_row_bytes(TSR_KV_Q8_0, kv_dim);
         assert_int_equal(rb, tsr_cuda_kv_row_bytes(TSR_CUDA_KV_Q8_0, kv_dim));
-        float *q = xmalloc(sizeof(float) * hd), *att = xmalloc(sizeof(float) * n_pos);
-        float *kf = xmalloc(sizeof(float) * kv_dim * n_pos);
-        float *vf = xmalloc(sizeof(float) * kv_dim * n_pos);
-        uint8_t *kc = xmalloc(rb * n_pos), *vc = xmalloc(rb * n_pos);
-        uint8_t *kd = xmalloc(rb * n_pos), *vd = xmalloc(rb * n_pos);
+        float *q = tsr_test_xmalloc(sizeof(float) * hd),
+              *att = tsr_test_xmalloc(sizeof(float) * n_pos);
+        float *kf = tsr_test_xmalloc(sizeof(float) * kv_dim * n_pos);
+        float *vf = tsr_test_xmalloc(sizeof(float) * kv_dim * n_pos);
+        uint8_t *kc = tsr_test_xmalloc(rb * n_pos), *vc = tsr_test_xmalloc(rb * n_pos);
+        uint8_t *kd = tsr_test_xmalloc(rb * n_pos), *vd = tsr_test_xmalloc(rb * n_pos);
         for (int i = 0; i < hd; ++i) q[i] = tsr_test_gauss(&s);
         for (int i = 0; i < kv_dim * n_pos; ++i) kf[i] = 2.0f * tsr_test_gauss(&s);
         for (int i = 0; i < kv_dim * n_pos; ++i) vf[i] = tsr_test_gauss(&s);
@@ -880,7 +878,7 @@ static void test_kv_q8_0(void **state)
         for (int i = 0; i < hd; ++i) {
             const float dv = tsr_cuda_kv_get(TSR_CUDA_KV_Q8_0,
                                              kd + rb * 7 + tsr_kv_row_bytes(TSR_KV_Q8_0, hd), i);
-            if (bits(dv) != bits(deq[i]))
+            if (tsr_test_fbits(dv) != tsr_test_fbits(deq[i]))
                 fail_msg("q8_0 load %d: CPU %.9g, device %.9g", i, deq[i], dv);
         }
         const float scale = 1.0f / sqrtf((float)hd);
@@ -888,7 +886,7 @@ static void test_kv_q8_0(void **state)
         for (int w = 0; w < 3; ++w) {
             const int p0 = p0s[w], p1 = n_pos - 1, n = p1 - p0 + 1;
             /* CPU: scalar path (the order the device follows) and the dispatched ISA */
-            float ref[128], ref_isa[128], *att_isa = xmalloc(sizeof(float) * n_pos);
+            float ref[128], ref_isa[128], *att_isa = tsr_test_xmalloc(sizeof(float) * n_pos);
             cpu_attn_q8_0(kc, vc, hd, n_kv, 1, q, scale, p0, p1, att_isa, ref_isa);
             assert_true(tsr_quant_set_isa("scalar"));
             cpu_attn_q8_0(kc, vc, hd, n_kv, 1, q, scale, p0, p1, att, ref);

@@ -152,7 +152,7 @@ static void test_gemm_order(void **state)
     int n_differ = 0, n_total = 0;
     for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in++) {
         const int64_t n = ns[in], nsb = n / QK;
-        enum { MAXR = 9, MAXT = 9 };
+        enum { MAXR = 20, MAXT = 9 }; /* rows: one 16-row AVX-512 tile and a partial one */
         uint8_t *w = malloc((size_t)MAXR * (size_t)nsb * Q4K_BYTES);
         uint8_t *x = malloc((size_t)MAXT * (size_t)nsb * Q8K_BYTES);
         uint8_t *x4 = malloc((size_t)MAXT * (size_t)nsb * Q8K_BYTES);
@@ -202,24 +202,30 @@ static void test_gemm_order(void **state)
             const int isa = tsr_ggml_isa();
             for (int nr = 1; nr <= MAXR; nr++) {
                 for (int nt = 1; nt <= MAXT; nt++) {
-                    float y[MAXT * MAXR], yp[MAXT * MAXR];
+                    float y[MAXT * MAXR], yp[MAXT * MAXR], yg[MAXT * MAXR];
                     tsr_q4k_gemm_dot(isa, n, nr, w, row_b, Q4K_BYTES, nt, x, xs, y, MAXR);
                     for (int g = 0; g * 4 < nr; g++) {
                         const int rows = nr - 4 * g < 4 ? nr - 4 * g : 4;
                         tsr_q4k_gemm_dot(isa, n, rows, pk + (size_t)g * gb, Q4K_BYTES,
                                          4 * Q4K_BYTES, nt, x, xs, yp + 4 * g, MAXR);
                     }
+                    /* all the groups in one call (ops.c's way) */
+                    tsr_q4k_gemm_dot_grouped(isa, n, nr, pk, 4, gb, Q4K_BYTES, 4 * Q4K_BYTES, nt, x,
+                                             xs, yg, MAXR);
                     for (int t = 0; t < nt; t++) {
                         for (int r = 0; r < nr; r++) {
                             const float e = ref[t][r], a = y[t * MAXR + r], b = yp[t * MAXR + r];
+                            const float c = yg[t * MAXR + r];
                             if (tsr_test_fbits(a) != tsr_test_fbits(e) ||
-                                tsr_test_fbits(b) != tsr_test_fbits(e))
+                                tsr_test_fbits(b) != tsr_test_fbits(e) ||
+                                tsr_test_fbits(c) != tsr_test_fbits(e))
                                 fail_msg("%s n %lld %d rows x %d tokens, row %d token %d: expected "
                                          "%.9g (0x%08x), got %.9g (0x%08x) from the file layout, "
-                                         "%.9g (0x%08x) repacked",
+                                         "%.9g (0x%08x) repacked by group, %.9g (0x%08x) over "
+                                         "the groups",
                                          k_isas[ii], (long long)n, nr, nt, r, t, (double)e,
                                          tsr_test_fbits(e), (double)a, tsr_test_fbits(a), (double)b,
-                                         tsr_test_fbits(b));
+                                         tsr_test_fbits(b), (double)c, tsr_test_fbits(c));
                         }
                     }
                 }

@@ -50,13 +50,6 @@ static void fill_data(float *x, int64_t n, uint64_t seed, float scale)
     }
 }
 
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    assert_non_null(p);
-    return p;
-}
-
 static const uint32_t k_weight_types[] = {
     TSR_TYPE_F32,  TSR_TYPE_F16,  TSR_TYPE_BF16, TSR_TYPE_Q8_0, TSR_TYPE_Q4_0,
     TSR_TYPE_Q4_1, TSR_TYPE_Q5_0, TSR_TYPE_Q5_1, TSR_TYPE_Q2_K, TSR_TYPE_Q3_K,
@@ -181,7 +174,7 @@ static int load_dequant_expected(dq_entry **out)
     char *text = tsr_test_read_file(tsr_test_model_path("expected/synth-tiny-dequant.txt"), &len);
     assert_non_null(text);
     int cap = 32, count = 0;
-    dq_entry *es = xmalloc(sizeof(dq_entry) * (size_t)cap);
+    dq_entry *es = tsr_test_xmalloc(sizeof(dq_entry) * (size_t)cap);
     char *save = NULL;
     dq_entry *cur = NULL;
     int nvals = -1; /* values still to read for cur; -1 = expecting a header */
@@ -245,7 +238,7 @@ static uint8_t *read_tensor(const char *file, uint64_t offset, size_t bytes)
     snprintf(rel, sizeof rel, "synthetic/%s", file);
     FILE *f = fopen(tsr_test_model_path(rel), "rb");
     if (!f) fail_msg("cannot open %s", rel);
-    uint8_t *buf = xmalloc(bytes);
+    uint8_t *buf = tsr_test_xmalloc(bytes);
     if (fseeko(f, (off_t)offset, SEEK_SET) != 0 || fread(buf, 1, bytes, f) != bytes) {
         fclose(f);
         fail_msg("cannot read %zu bytes at %" PRIu64 " of %s", bytes, offset, rel);
@@ -468,9 +461,10 @@ static void check_real_rows(const dq_entry *e, const uint8_t *raw, const float *
 {
     const uint32_t xtype = tsr_type_vec_dot_type(e->type);
     const int64_t ne0 = e->ne0, rows = e->ne1;
-    float *xf = xmalloc((size_t)ne0 * sizeof(float)), *xd = xmalloc((size_t)ne0 * sizeof(float));
-    uint8_t *xq = xmalloc(tsr_row_bytes(xtype, ne0));
-    float *y = xmalloc((size_t)rows * sizeof(float));
+    float *xf = tsr_test_xmalloc((size_t)ne0 * sizeof(float)),
+          *xd = tsr_test_xmalloc((size_t)ne0 * sizeof(float));
+    uint8_t *xq = tsr_test_xmalloc(tsr_row_bytes(xtype, ne0));
+    float *y = tsr_test_xmalloc((size_t)rows * sizeof(float));
     fill_data(xf, ne0, 4242, 1.0f);
     tsr_quant_row(xtype, xf, xq, ne0);
     tsr_dequant_row(xtype, xq, xd, ne0);
@@ -515,7 +509,7 @@ static void test_dequant_matches_ggml(void **state)
                      e->type_name, e->bytes_first_512, tsr_row_bytes(e->type, 512));
         }
         uint8_t *raw = read_tensor(e->file, e->data_offset, bytes);
-        float *out = xmalloc((size_t)e->n * sizeof(float));
+        float *out = tsr_test_xmalloc((size_t)e->n * sizeof(float));
         /* first 512 elements on their own (whole blocks), then the whole tensor */
         tsr_dequant_row(e->type, raw, out, 512);
         for (int j = 0; j < 512; ++j) {
@@ -572,8 +566,8 @@ static void test_quantizers_match_llama_quantize(void **state)
         const size_t bytes = tsr_row_bytes(e->type, e->n);
         uint8_t *f16raw = read_tensor(src->file, src->data_offset, src_bytes);
         uint8_t *want = read_tensor(e->file, e->data_offset, bytes);
-        float *f = xmalloc((size_t)e->n * sizeof(float));
-        uint8_t *got = xmalloc(bytes);
+        float *f = tsr_test_xmalloc((size_t)e->n * sizeof(float));
+        uint8_t *got = tsr_test_xmalloc(bytes);
         tsr_dequant_row(TSR_TYPE_F16, f16raw, f, e->n);
         /* row by row, as llama-quantize does (a row is ne0 elements) */
         const size_t rb = tsr_row_bytes(e->type, e->ne0);
@@ -636,8 +630,8 @@ static void test_quantizers_match_llama_quantize_more(void **state)
             if (!s16 || s16->type != TSR_TYPE_F16) fail_msg("%s: no F16 source tensor", t->name);
             const int64_t ne0 = t->ne[0], rows = t->ne[1] * t->ne[2] * t->ne[3];
             const size_t rb = tsr_row_bytes(t->type, ne0), bb = tsr_type_block_bytes(t->type);
-            float *x = xmalloc(sizeof(float) * (size_t)ne0);
-            uint8_t *got = xmalloc(rb);
+            float *x = tsr_test_xmalloc(sizeof(float) * (size_t)ne0);
+            uint8_t *got = tsr_test_xmalloc(rb);
             int64_t bad = 0, first_row = -1;
             for (int64_t r = 0; r < rows; ++r) {
                 tsr_dequant_row(TSR_TYPE_F16, (const uint8_t *)s16->data + (size_t)r * 2 * ne0, x,
@@ -676,10 +670,10 @@ static void test_quantizers_match_llama_quantize_more(void **state)
 
 static void check_roundtrip(uint32_t type, int64_t n, uint64_t seed, float scale)
 {
-    float *x = xmalloc((size_t)n * sizeof(float));
-    float *y = xmalloc((size_t)n * sizeof(float));
+    float *x = tsr_test_xmalloc((size_t)n * sizeof(float));
+    float *y = tsr_test_xmalloc((size_t)n * sizeof(float));
     const size_t bytes = tsr_row_bytes(type, n);
-    uint8_t *q = xmalloc(bytes), *q2 = xmalloc(bytes);
+    uint8_t *q = tsr_test_xmalloc(bytes), *q2 = tsr_test_xmalloc(bytes);
     fill_data(x, n, seed, scale);
     tsr_quant_row(type, x, q, n);
     tsr_dequant_row(type, q, y, n);
@@ -842,15 +836,16 @@ static void dot_case_make(dot_case *c, uint32_t type, int64_t n, uint64_t seed)
     c->type = type;
     c->xtype = tsr_type_vec_dot_type(type);
     c->n = n;
-    c->wf = xmalloc((size_t)n * sizeof(float));
-    c->xf = xmalloc((size_t)n * sizeof(float));
+    c->wf = tsr_test_xmalloc((size_t)n * sizeof(float));
+    c->xf = tsr_test_xmalloc((size_t)n * sizeof(float));
     fill_data(c->wf, n, seed, 0.05f);
     fill_data(c->xf, n, seed + 1000, 2.0f);
-    c->w = xmalloc(tsr_row_bytes(type, n));
-    c->x = xmalloc(tsr_row_bytes(c->xtype, n));
+    c->w = tsr_test_xmalloc(tsr_row_bytes(type, n));
+    c->x = tsr_test_xmalloc(tsr_row_bytes(c->xtype, n));
     tsr_quant_row(type, c->wf, c->w, n);
     tsr_quant_row(c->xtype, c->xf, c->x, n);
-    float *wd = xmalloc((size_t)n * sizeof(float)), *xd = xmalloc((size_t)n * sizeof(float));
+    float *wd = tsr_test_xmalloc((size_t)n * sizeof(float)),
+          *xd = tsr_test_xmalloc((size_t)n * sizeof(float));
     tsr_dequant_row(type, c->w, wd, n);
     tsr_dequant_row(c->xtype, c->x, xd, n);
     c->ref = c->mag = c->fdot = c->act_bound = c->s_dev = 0;
@@ -994,13 +989,13 @@ static void rows_one(uint32_t type, int64_t n, void *arg)
     const uint32_t xtype = tsr_type_vec_dot_type(type);
     const size_t rb = tsr_row_bytes(type, n);
     enum { MAX_ROWS = 11 };
-    float *f = xmalloc((size_t)n * sizeof(float));
-    uint8_t *x = xmalloc(tsr_row_bytes(xtype, n));
+    float *f = tsr_test_xmalloc((size_t)n * sizeof(float));
+    uint8_t *x = tsr_test_xmalloc(tsr_row_bytes(xtype, n));
     fill_data(f, n, 99 + (uint64_t)n, 1.0f);
     tsr_quant_row(xtype, f, x, n);
     for (int pad = 0; pad <= 64; pad += 64) {
         const size_t stride = rb + (size_t)pad;
-        uint8_t *w = xmalloc(stride * MAX_ROWS);
+        uint8_t *w = tsr_test_xmalloc(stride * MAX_ROWS);
         memset(w, 0xA5, stride * MAX_ROWS); /* padding is garbage the kernels must skip */
         for (int r = 0; r < MAX_ROWS; ++r) {
             fill_data(f, n, 1000 + (uint64_t)r * 31 + (uint64_t)n, 0.1f);
@@ -1052,7 +1047,7 @@ static void test_quant_q8_0_isas(void **state)
 {
     (void)state;
     enum { N = 4096 + 5 * 32 };
-    float *x = xmalloc(N * sizeof(float));
+    float *x = tsr_test_xmalloc(N * sizeof(float));
     fill_data(x, 4096, 4242, 3.0f);
     float *e = x + 4096;
     for (int i = 0; i < 32; ++i) e[i] = (i % 2 ? -1.0f : 1.0f) * ((float)i + 0.5f); /* ties */
@@ -1064,7 +1059,7 @@ static void test_quant_q8_0_isas(void **state)
     for (int i = 0; i < 32; ++i) e[96 + i] = 1e-30f * (float)(i - 16); /* tiny */
     for (int i = 0; i < 32; ++i) e[128 + i] = 6e4f * (float)(i - 16) / 16.0f;
     const size_t bytes = tsr_row_bytes(TSR_TYPE_Q8_0, N);
-    uint8_t *ref = xmalloc(bytes), *got = xmalloc(bytes);
+    uint8_t *ref = tsr_test_xmalloc(bytes), *got = tsr_test_xmalloc(bytes);
     assert_true(tsr_quant_set_isa("scalar"));
     tsr_quant_row(TSR_TYPE_Q8_0, x, ref, N);
     for (size_t k = 1; k < sizeof k_isas / sizeof k_isas[0]; ++k) {
@@ -1091,10 +1086,11 @@ static void tile_case(uint32_t type, int64_t n, int max_rows, int max_tok, int s
     const uint32_t xtype = tsr_type_vec_dot_type(type);
     const size_t wstride = tsr_row_bytes(type, n) + 64, xstride = tsr_row_bytes(xtype, n) + 32;
     const size_t ystride = (size_t)max_rows + 3;
-    float *f = xmalloc((size_t)n * sizeof(float));
-    uint8_t *w = xmalloc(wstride * (size_t)max_rows), *x = xmalloc(xstride * (size_t)max_tok);
-    float *y = xmalloc(sizeof(float) * ystride * (size_t)max_tok);
-    float *want = xmalloc(sizeof(float) * (size_t)max_rows * (size_t)max_tok);
+    float *f = tsr_test_xmalloc((size_t)n * sizeof(float));
+    uint8_t *w = tsr_test_xmalloc(wstride * (size_t)max_rows),
+            *x = tsr_test_xmalloc(xstride * (size_t)max_tok);
+    float *y = tsr_test_xmalloc(sizeof(float) * ystride * (size_t)max_tok);
+    float *want = tsr_test_xmalloc(sizeof(float) * (size_t)max_rows * (size_t)max_tok);
     memset(w, 0xA5, wstride * (size_t)max_rows); /* padding is garbage the kernels must skip */
     memset(x, 0x5A, xstride * (size_t)max_tok);
     for (int r = 0; r < max_rows; ++r) {

@@ -27,6 +27,13 @@ const char *tsr_test_model_path(const char *rel)
     return buf;
 }
 
+void *tsr_test_xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) fail_msg("out of memory (%zu bytes)", n);
+    return p;
+}
+
 char *tsr_test_read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");

@@ -17,6 +17,9 @@
  * buffer rotated over 8 slots. Fails the current test (cmocka) if the file is missing. */
 const char *tsr_test_model_path(const char *rel);
 
+/* malloc(n) (at least 1 byte) that fails the current test when out of memory. */
+void *tsr_test_xmalloc(size_t n);
+
 /* Read a whole file into a malloc'd NUL-terminated buffer; NULL on error. */
 char *tsr_test_read_file(const char *path, size_t *len);
 

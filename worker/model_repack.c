@@ -8,7 +8,8 @@
  * in. Column slices are already private pread copies; they are repacked and kept.
  *
  * Both layouts stay: the matmul (kernels/ops.c, tsr_repack_use_file_layout) runs one token
- * (decode) on the file layout, whose row dots stream faster than the repacked GEMV, and
+ * (decode) on the file layout, whose row dots stream faster than the repacked GEMV (not
+ * Q4_K / Q6_K / Q5_0, whose one-token GEMVs read the groups), and
  * several tokens on the repacked GEMM (long batches on the file tile where one exists). The
  * price is memory: the repacked copy (n_bytes_repacked, anonymous) on top of what
  * --no-repack holds (the file's pages of this rank's tiles, shared and reclaimable; a column

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 import grpc
 import openai
@@ -45,7 +44,7 @@ import openai
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import test_coord as tc  # noqa: E402  (processes, references, streams)
-import tsrtest  # noqa: E402  (processes)
+import tsrtest  # noqa: E402  (processes, promtool, the runner)
 from tsrtest import make_certs  # noqa: E402  (a test CA, server and client certs)
 
 ARGS = None
@@ -159,7 +158,7 @@ def t_secure(p):
         ch2.close()
 
         # HTTPS on the coordinator's HTTP port: the same keys and certificate.
-        hp = http_port(co)
+        hp = co.wait_port()
         try:  # the HTTP client the openai package is built on (as test_http.py)
             import httpx2 as httpx
         except ImportError:
@@ -223,13 +222,6 @@ def t_secure(p):
             pr.kill()
 
 
-def http_port(proc):
-    import re
-    m = re.search(r"http listening on [^\s]+:(\d+)", proc.output())
-    assert m, proc.output()
-    return int(m.group(1))
-
-
 def metrics_text(port):
     import urllib.request
     with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30) as r:
@@ -241,12 +233,6 @@ def metric(text, name, labels=""):
         if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
             return float(line.split()[-1])
     return None
-
-
-def promtool_check(text):
-    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, "promtool check metrics: %s%s\n%s" % (r.stdout, r.stderr, text)
 
 
 def chat_reference(q, n):
@@ -313,7 +299,7 @@ def t_http(p):
         co = tc.Proc([ARGS.tessera, "coordinator", "--listen", "127.0.0.1:0", "--http",
                       "127.0.0.1:0"])
         procs.append(co)
-        hp = http_port(co)
+        hp = co.wait_port()
         cl = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % hp, api_key="none",
                            max_retries=0, timeout=120)
         # No replica yet: 503, never a hang.
@@ -332,7 +318,7 @@ def t_http(p):
                                       + extra, listen_re=rb"serve: listening on [^\s]+:(\d+)",
                                       log_prefix="tsr-cfront-")
             procs.append(reps[name])
-        direct = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % http_port(reps["a"]),
+        direct = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % reps["a"].wait_port(),
                                api_key="none", max_retries=0, timeout=120)
         tc.wait_up(co.target, ["a", "b"])
         models = [m.id for m in cl.models.list().data]
@@ -396,7 +382,7 @@ def t_http(p):
         outs = [tc.stream(stub, dict(prompt=tc.PROMPTS[i], max_tokens=n, temperature=0.0,
                                      ignore_eos=True)) for i, n in ((3, 9), (4, 5))]
         after = metrics_text(hp)
-        promtool_check(after)
+        tsrtest.promtool_check(after)
         for fam, want in (("tessera_time_to_first_token_seconds_count", 2),
                           ("tessera_e2e_request_latency_seconds_count", 2),
                           ("tessera_inter_token_latency_seconds_count",
@@ -460,7 +446,7 @@ def t_http(p):
                                       extra_body={"ignore_eos": True}).choices[0].logprobs
         check_close_logprobs(outs[0][1], list(zip(a.tokens, a.token_logprobs, a.top_logprobs)))
         text = metrics_text(hp)
-        promtool_check(text)
+        tsrtest.promtool_check(text)
         fo = metric(text, "tessera_failovers_total")
         assert fo is not None and fo >= 1, "tessera_failovers_total: %r\n%s" % (fo, text)
         assert metric(text, "tessera_replica_state",
@@ -531,27 +517,15 @@ def main():
             return 1
     tc.ARGS = ARGS
     TMP = tempfile.mkdtemp(prefix="tsr-cfront-")
-    passed = failed = 0
+    r = tsrtest.Runner(ARGS.k)
     try:
         tc.make_stubs(os.path.abspath(ARGS.proto), TMP)
         certs = make_certs(TMP)
         for name, fn in (("secure", t_secure), ("http", t_http), ("start_errors", t_start_errors)):
-            if ARGS.k and ARGS.k not in name:
-                continue
-            t0 = time.time()
-            try:
-                fn(certs)
-                passed += 1
-                print("PASS %s (%.1f s)" % (name, time.time() - t0), flush=True)
-            except Exception:  # noqa: BLE001
-                failed += 1
-                print("FAIL %s (%.1f s)\n%s" % (name, time.time() - t0, traceback.format_exc()),
-                      flush=True)
-        print("%d passed, %d failed" % (passed, failed))
-        return 1 if failed or not passed else 0
+            r.run(name, fn, certs)
+        return r.summary(need_one=True)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

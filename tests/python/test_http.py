@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -59,7 +58,7 @@ except ImportError:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import tsrtest  # noqa: E402  (stubs, certificates)
+import tsrtest  # noqa: E402  (stubs, processes, certificates, promtool, the runner)
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
            "One day, a big bird", "The sun was", "Ben had a red ball", "Mom said",
@@ -81,61 +80,20 @@ def make_stubs(proto_dir, out_dir):
 # processes
 
 
-class Server:
-    """A `tessera serve --http` process on ephemeral ports."""
+class Server(tsrtest.Proc):
+    """A `tessera serve --http` process on ephemeral ports (port: gRPC, http_port: HTTP)."""
 
     def __init__(self, args, start_timeout=60):
-        self.log_path = os.path.join(TMP, "serve-%d.log" % time.monotonic_ns())
-        self.log = open(self.log_path, "w+b")
-        self.cmd = [ARGS.tessera, "serve", "-m", ARGS.model, "--listen", "127.0.0.1:0",
-                    "--http", "127.0.0.1:0", "-t", "1"] + args
-        self.p = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        self.port = self.http_port = None
-        deadline = time.time() + start_timeout
-        while time.time() < deadline:
-            out = self.output()
-            m = re.search(r"serve: listening on [^\s]+:(\d+)", out)
-            h = re.search(r"http listening on [^\s]+:(\d+)", out)
-            if m and h:
-                self.port, self.http_port = int(m.group(1)), int(h.group(1))
-                break
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.05)
-        if self.port is None:
-            out = self.output()
-            self.kill()
-            raise AssertionError("server did not start: %s\n%s" % (" ".join(self.cmd), out[-3000:]))
-        self.target = "127.0.0.1:%d" % self.port
-
-    def output(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def kill(self):
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        self.log.close()
+        cmd = [ARGS.tessera, "serve", "-m", ARGS.model, "--listen", "127.0.0.1:0",
+               "--http", "127.0.0.1:0", "-t", "1"] + args
+        super().__init__(cmd, timeout=start_timeout,
+                         listen_re=rb"serve: listening on [^\s]+:(\d+)", http=True,
+                         log_prefix="serve-", log_dir=TMP, fail_what="server did not start")
 
     def stop(self):
         """SIGTERM: must exit 0 (clean shutdown; under ASan also leak-free)."""
-        self.p.send_signal(signal.SIGTERM)
-        try:
-            rc = self.p.wait(30)
-        except subprocess.TimeoutExpired:
-            rc = None
-        out = self.output()
-        self.kill()
-        assert rc == 0, "serve exited %s after SIGTERM:\n%s" % (rc, out[-4000:])
+        rc = super().stop(30)
+        assert rc == 0, "serve exited %s after SIGTERM:\n%s" % (rc, self.output()[-4000:])
 
 
 def generate_reference(prompt, n):
@@ -242,12 +200,6 @@ def wait_idle(srv, headers=None, timeout=10):
         assert time.time() < deadline, "server not idle after %d s: running, waiting, KV " \
                                        "blocks used = %s" % (timeout, busy)
         time.sleep(0.05)
-
-
-def promtool_check(text):
-    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                       text=True, timeout=30)
-    assert r.returncode == 0, "promtool check metrics failed:\n%s%s" % (r.stdout, r.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,9 +309,9 @@ def t_concurrent_streams_and_metrics(s):
         busy = [t for t in scrapes if metric_value(t, "tessera_requests_running") > 0]
         assert busy, "no scrape saw a running request (%d scrapes)" % len(scrapes)
         for t in busy[:3] + scrapes[-1:]:
-            promtool_check(t)
+            tsrtest.promtool_check(t)
         t = wait_idle(s)
-        promtool_check(t)
+        tsrtest.promtool_check(t)
         assert metric_value(t, "tessera_time_to_first_token_seconds_count") >= 32
         assert metric_value(t, "tessera_request_generation_tokens_sum") >= \
             2 * sum(len(r["ids"]) for r in refs)
@@ -594,7 +546,7 @@ def t_keys(api_file, admin_file):
         check_error(*raw(s, "GET", "/v1/models", None, {"Authorization": "Basic abc"})[:2], 401)
         check_error(*raw(s, "GET", "/metrics", None, API)[:2], 403)
         check_error(*raw(s, "GET", "/metrics")[:2], 401)
-        promtool_check(metrics(s, ADMIN))
+        tsrtest.promtool_check(metrics(s, ADMIN))
         assert raw(s, "GET", "/health")[0] == 200  # no key for health checks
         try:
             client(s, key="wrong").completions.create(model=MODEL, prompt="a", max_tokens=2)
@@ -822,22 +774,8 @@ def main():
     MODEL = "stories260K"
     TMP = tempfile.mkdtemp(prefix="tsr-http-")
     make_stubs(os.path.abspath(ARGS.proto), TMP)
-    passed, failed = 0, 0
-
-    def run(name, fn, *a):
-        nonlocal passed, failed
-        if ARGS.k and ARGS.k not in name:
-            return
-        t0 = time.time()
-        try:
-            fn(*a)
-            passed += 1
-            print("ok   %-40s %.1f s" % (name, time.time() - t0), flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL %-40s %.1f s\n%s" % (name, time.time() - t0, traceback.format_exc()),
-                  flush=True)
-
+    r = tsrtest.Runner(ARGS.k)
+    run = r.run
     try:
         s = Server(["-c", "8192"])  # long enough for a request a client abandons
         try:
@@ -859,21 +797,19 @@ def main():
         certs = make_certs(TMP)
         run("tls", t_tls, certs)
         run("start_errors", t_start_errors, certs, api_file)
-        if ARGS.chat_tiny and (not ARGS.k or "chat" in ARGS.k):
+        if ARGS.chat_tiny:
             run("chat", t_chat, ARGS.model, "chatml")
-        elif not ARGS.k or "chat" in ARGS.k:
-            r = subprocess.run([ARGS.fetch_model, "smollm2-135m-instruct"], capture_output=True,
+        elif r.selected("chat"):
+            f = subprocess.run([ARGS.fetch_model, "smollm2-135m-instruct"], capture_output=True,
                                text=True, timeout=600)
-            path = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-            if r.returncode != 0 or not os.path.exists(path):
-                print("FAIL chat: cannot fetch smollm2-135m-instruct: %s" % r.stderr[-500:])
-                failed += 1
+            path = f.stdout.strip().splitlines()[-1] if f.stdout.strip() else ""
+            if f.returncode != 0 or not os.path.exists(path):
+                r.fail("chat", "cannot fetch smollm2-135m-instruct: %s" % f.stderr[-500:])
             else:
                 run("chat", t_chat, path)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    sys.exit(1 if failed or not passed else 0)
+    sys.exit(r.summary(need_one=True))
 
 
 if __name__ == "__main__":

@@ -153,9 +153,7 @@ def check(server_args, n_req, mpi_np=0, metrics=False, kv_type="f32"):
         assert st.kv_blocks_used == 0 and st.kv_blocks_free == st.kv_blocks_total, st
         assert 0 < st.kv_blocks_cached <= st.kv_blocks_total, st
         if metrics:
-            m = re.search(rb"http listening on [^\s]+:(\d+)", warm.output_bytes())
-            assert m, "no 'http listening on' line"
-            v = scrape(int(m.group(1)))
+            v = scrape(warm.wait_port())
             exp = {"tessera_prefix_cache_lookups_total": st.prefix_cache_lookups,
                    "tessera_prefix_cache_hits_total": st.prefix_cache_hits,
                    "tessera_prefix_cache_hit_tokens_total": st.prefix_cache_hit_tokens,

@@ -19,17 +19,14 @@ usage: test_serve_chat.py --tessera BUILD/tessera --models DIR --proto DIR
 """
 import argparse
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tsrtest  # noqa: E402  (stubs)
+import tsrtest  # noqa: E402  (stubs, processes)
 
 P = argparse.ArgumentParser()
 P.add_argument("--tessera", required=True)
@@ -51,39 +48,21 @@ def make_stubs(out_dir):
     pb, pbg, _, _ = tsrtest.make_stubs(ARGS.proto, out_dir)
 
 
-class Server:
+class Server(tsrtest.Proc):
+    """`tessera serve` of `model` on an ephemeral port, with an Inference stub (its log in
+    the test's temporary folder)."""
+
     def __init__(self, model, args=()):
-        self.log = tempfile.TemporaryFile()
-        self.p = subprocess.Popen([ARGS.tessera, "serve", "-m", model, "--listen", "127.0.0.1:0",
-                                   "-t", "1"] + list(args), stdout=self.log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        self.port = None
-        end = time.time() + 60
-        while time.time() < end and self.p.poll() is None:
-            m = re.search(rb"listening on [^\s]+:(\d+)", self.output())
-            if m:
-                self.port = int(m.group(1))
-                break
-            time.sleep(0.05)
-        if self.port is None:
-            self.stop()
-            raise RuntimeError("server did not start: %s" % self.output().decode())
-        self.ch = grpc.insecure_channel("127.0.0.1:%d" % self.port)
+        super().__init__([ARGS.tessera, "serve", "-m", model, "--listen", "127.0.0.1:0", "-t",
+                          "1"] + list(args), log_prefix="serve-", log_dir=TMP,
+                         fail_what="server did not start")
+        self.ch = grpc.insecure_channel(self.target)
         self.stub = pbg.InferenceStub(self.ch)
 
-    def output(self):
-        self.log.seek(0)
-        return self.log.read()
-
     def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait()
-        return self.p.returncode
+        """SIGTERM; the exit status (None if it had to be killed after 30 s)."""
+        self.ch.close()
+        return super().stop(30)
 
 
 def generate(stub, **kw):
@@ -194,9 +173,9 @@ def test_stories():
           "serve --chat-template with an unknown name is a usage error", r.stderr)
 
 
-with tempfile.TemporaryDirectory(prefix="tsr-chat-") as tmp:
-    make_stubs(tmp)
-    test_phi3(tmp)
+with tempfile.TemporaryDirectory(prefix="tsr-chat-") as TMP:
+    make_stubs(TMP)
+    test_phi3(TMP)
     test_stories()
 if FAILED:
     print("%d check(s) failed: %s" % (len(FAILED), ", ".join(FAILED)))
