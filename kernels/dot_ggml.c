@@ -298,6 +298,16 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[r][t] = _mm256_setzero_ps();     \
     const uint8_t *pp = pf, *pend = pf
 
+/* The tile's end: each (row, token) chain's 8 lanes summed into y, rows past nr dropped
+ * (constant indices only, unrolled, so acc stays in registers in the loop before it). */
+#define GG_TILE_STORE(T)                                                                           \
+    _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                            \
+        _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                                      \
+    {                                                                                              \
+        const float v = tsr_hsum8_ps(acc[r][t]);                                                   \
+        if (r < nr) y[(size_t)t * ys + r] = v;                                                     \
+    }
+
 #define GG_TILE_PREFETCH(BLK)                                                                      \
     if (pf) {                                                                                      \
         pend += 4 * sizeof(BLK);                                                                   \
@@ -361,13 +371,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        /* constant indices only (unrolled), so acc stays in registers in the loop above */        \
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
-            _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                                  \
-        {                                                                                          \
-            const float v = tsr_hsum8_ps(acc[r][t]);                                               \
-            if (r < nr) y[(size_t)t * ys + r] = v;                                                 \
-        }                                                                                          \
+        GG_TILE_STORE(T);                                                                          \
     }
 
 /* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
@@ -389,15 +393,8 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) x[t] = (const gg_q8_0 *)xr[t];       \
         float dd[4][T][8] __attribute__((aligned(32)));                                            \
         const __m256i k80 = _mm256_set1_epi8(-128);                                                \
-        const size_t nbp = GG_NBP(nb);                                                             \
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \
-            const int m = nb - b0 < 8 ? (int)(nb - b0) : 8;                                        \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
-            {                                                                                      \
-                const __m256 sw = _mm256_loadu_ps(dw + (size_t)r * nbp + b0);                      \
-                _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                              \
-                    _mm256_store_ps(dd[r][t], _mm256_mul_ps(sw, _mm256_loadu_ps(dx[t] + b0)));     \
-            }                                                                                      \
+            GG_DD_CHUNK(T)                                                                         \
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
                 GG_TILE_PREFETCH(gg_q8_0)                                                          \
@@ -417,12 +414,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
-            _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                                  \
-        {                                                                                          \
-            const float v = tsr_hsum8_ps(acc[r][t]);                                               \
-            if (r < nr) y[(size_t)t * ys + r] = v;                                                 \
-        }                                                                                          \
+        GG_TILE_STORE(T);                                                                          \
     }
 
 /* Q4_1 x Q8_1: nibbles (unsigned) x activation quants (signed) need no trick; summs per pair
