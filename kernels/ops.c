@@ -70,7 +70,8 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
         /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): the GEMM for several
          * tokens, each weight group read once for all of them. Which layout is faster
          * for how many tokens was measured (tsr_repack_use_file_layout): one token
-         * streams the file layout, as do long batches of types with a file tile.
+         * streams the file layout except where the groups' GEMV is faster (Q4_K, Q6_K,
+         * Q5_0, Q4_0 on AVX-512 VNNI), as do long batches of types with a file tile.
          * Bit-identical to the paths below either way. */
         tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
                        (size_t)w->n_out);
