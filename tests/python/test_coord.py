@@ -217,6 +217,29 @@ def resume_delay(out, t_kill):
     return best[1] - t_kill if best else None
 
 
+def replica_admin(address):
+    """An Admin stub on a replica, its channel already connected (one Status call), so that
+    wait_replica_busy polls without a connection setup in the way."""
+    admin = pbg.AdminStub(grpc.insecure_channel(address))
+    admin.Status(pb.StatusRequest(), timeout=10)
+    return admin
+
+
+def wait_replica_busy(admin, timeout=5.0):
+    """Polls a replica's own Admin.Status until it runs a request (or `timeout` s pass):
+    a test that kills a replica mid-stream calls it so that the kill finds a stream there
+    however fast the machine runs the model. Returns whether one ran."""
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        try:
+            if admin.Status(pb.StatusRequest(), timeout=1).requests_running > 0:
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.002)
+    return False
+
+
 def check_equal(kws, outs, refs, label):
     bad = []
     for i, (kw, out, ref) in enumerate(zip(kws, outs, refs)):
@@ -369,8 +392,12 @@ def test_basic():
 
         # Failover: kill b mid-stream; everything completes exactly.
         wait_up(co.target, ["a", "b"], timeout=10)
-        # Half of them may end at the model's end-of-text token (ignore_eos off).
-        kws = [dict(request(i, 200, "stories260K"), ignore_eos=i % 4 < 2) for i in range(6)]
+        # Half of them may end at the model's end-of-text token (ignore_eos off). The others
+        # run 600 tokens, so that b's streams are still running when it is killed on a fast
+        # machine (200 tokens of stories260K last ~0.1 s there: a CI run once killed b after
+        # its streams had ended).
+        kws = [dict(request(i, 600 if i % 4 < 2 else 200, "stories260K"), ignore_eos=i % 4 < 2)
+               for i in range(6)]
         refs = references(kws)
         started = threading.Event()
         killer_done = threading.Event()
@@ -381,8 +408,12 @@ def test_basic():
 
         t_kill_b = [None]
 
+        b_admin = replica_admin(replicas(co.target)["b"]["address"])
+
         def killer():
             started.wait(60)
+            # The first stream to reach 8 tokens may be on a: kill b while it runs one.
+            wait_replica_busy(b_admin)
             t_kill_b[0] = time.time()
             os.kill(b.p.pid, signal.SIGKILL)
             killer_done.set()

@@ -409,8 +409,10 @@ def t_http(p):
                 assert e.body and e.body.get("param") == param, e.body
 
         # Failover over HTTP: kill -9 a replica mid-stream; every stream completes exactly.
-        kws = [dict(prompt=tc.PROMPTS[i], max_tokens=300, temperature=0.0, ignore_eos=True)
+        # 600 tokens: b's streams must still run when it is killed on a fast machine.
+        kws = [dict(prompt=tc.PROMPTS[i], max_tokens=600, temperature=0.0, ignore_eos=True)
                for i in range(4)]
+        b_admin = tc.replica_admin(tc.replicas(co.target)["b"]["address"])
         refs = tc.references(kws)
         import concurrent.futures as cf
         import threading
@@ -434,6 +436,7 @@ def t_http(p):
         with cf.ThreadPoolExecutor(len(kws)) as ex:
             futs = [ex.submit(one, kw) for kw in kws]
             assert started.wait(60), "no stream started"
+            tc.wait_replica_busy(b_admin)
             os.kill(reps["b"].p.pid, signal.SIGKILL)
             outs = [f.result(timeout=180) for f in futs]
         for kw, (out, _), ref in zip(kws, outs, refs):
