@@ -15,6 +15,7 @@
 #include "kernels/repack.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -93,18 +94,23 @@ static int32_t token_block(int64_t nb)
     return tb < QT ? QT : tb;
 }
 
-static void act_facts(int64_t nb, int32_t bn, const uint8_t *x, size_t x_stride, float *dy,
-                      int32_t *ny)
+__attribute__((target("avx2,f16c"))) static void act_facts(int64_t nb, int32_t bn, const uint8_t *x,
+                                                           size_t x_stride, float *dy, int32_t *ny)
 {
+    const __m256i k80 = _mm256_set1_epi8((char)0x80);
     for (int32_t t = 0; t < bn; t++) {
         const uint8_t *xt = x + (size_t)t * x_stride;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *xb = xt + (size_t)b * Q8_BLK;
-            const int8_t *y = (const int8_t *)(xb + 2);
-            int32_t s = 0;
-            for (int l = 0; l < 32; l++) s += y[l];
-            dy[(size_t)t * (size_t)nb + (size_t)b] = tsr_f16_to_f32(rd16(xb));
-            ny[(size_t)t * (size_t)nb + (size_t)b] = -8 * s;
+            /* sum of the signed bytes = sum of (y ^ 0x80) as unsigned - 32 * 128 (vpsadbw) */
+            const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xb + 2)), k80);
+            const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
+            const __m128i s2 =
+                _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+            const int32_t sum =
+                _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+            dy[(size_t)t * (size_t)nb + (size_t)b] = _cvtsh_ss(rd16(xb));
+            ny[(size_t)t * (size_t)nb + (size_t)b] = -8 * sum;
         }
     }
 }
@@ -139,6 +145,36 @@ QG_Z512 QG_INLINE void qz_unpack(const uint8_t *bd, const uint8_t *bq, __m512i o
         const __m512i q = _mm512_i32gather_epi32(offq, bq + 4 * c, 1);
         s->q[c] = _mm512_and_si512(q, m4);
         s->q[4 + c] = _mm512_and_si512(_mm512_srli_epi32(q, 4), m4);
+    }
+}
+
+/* The same from the repacked groups when the 16 rows are 4 whole groups (no gathers): g0 is
+ * the first group's block (64 bytes: rows 0..3 x 16 bytes, dword 4j + c = row j's bytes
+ * 4c..4c + 3), the others gstride apart; a 4 x 4 dword transpose per group pair, then 128-bit
+ * lane shuffles, put row 4g + j's dword c in lane 4g + j of vector c. */
+QG_Z512 QG_INLINE void qz_unpack_groups(const uint8_t *bd, const uint8_t *g0, size_t gstride,
+                                        __m512i offd, qz_blk *s)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    s->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offd, bd, 1)));
+    const __m512i i01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i i23 =
+        _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512i G0 = _mm512_loadu_si512(g0), G1 = _mm512_loadu_si512(g0 + gstride);
+    const __m512i G2 = _mm512_loadu_si512(g0 + 2 * gstride);
+    const __m512i G3 = _mm512_loadu_si512(g0 + 3 * gstride);
+    /* lanes 0..7: dword c of rows 0..7 of the pair, lanes 8..15: dword c + 1 */
+    const __m512i a01 = _mm512_permutex2var_epi32(G0, i01, G1);
+    const __m512i a23 = _mm512_permutex2var_epi32(G0, i23, G1);
+    const __m512i b01 = _mm512_permutex2var_epi32(G2, i01, G3);
+    const __m512i b23 = _mm512_permutex2var_epi32(G2, i23, G3);
+    const __m512i q[4] = {
+        _mm512_shuffle_i64x2(a01, b01, 0x44), _mm512_shuffle_i64x2(a01, b01, 0xEE),
+        _mm512_shuffle_i64x2(a23, b23, 0x44), _mm512_shuffle_i64x2(a23, b23, 0xEE)};
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+    {
+        s->q[c] = _mm512_and_si512(q[c], m4);
+        s->q[4 + c] = _mm512_and_si512(_mm512_srli_epi32(q[c], 4), m4);
     }
 }
 
@@ -224,9 +260,13 @@ QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
             __m512i offd[2], offq[2];
             const uint8_t *wd[2], *wq[2];
             int nr[2] = {0, 0};
+            bool grp[2] = {false, false};
             for (int q = 0; q < R; q++) {
                 const int64_t rq = r0 + q * QZ_ROWS;
                 nr[q] = n_rows - rq < QZ_ROWS ? (int)(n_rows - rq) : QZ_ROWS;
+                /* 4 whole repacked groups of 16-byte quants: loads and shuffles */
+                grp[q] = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && rq % 4 == 0 &&
+                         nr[q] == QZ_ROWS;
                 /* rows past n_rows repeat the last one (computed, never stored) */
                 const size_t bd = off_d(L, rq), bq = off_q(L, rq);
                 int32_t od[QZ_ROWS], oq[QZ_ROWS];
@@ -243,11 +283,18 @@ QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
             for (int32_t t = 0; t < bn; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
             for (int64_t k0 = 0; k0 < nb; k0 += QKB) {
                 const int kn = nb - k0 < QKB ? (int)(nb - k0) : QKB;
-                for (int q = 0; q < R; q++)
-                    for (int kb = 0; kb < kn; kb++)
-                        qz_unpack(wd[q] + (size_t)(k0 + kb) * L->d_blk,
-                                  wq[q] + (size_t)(k0 + kb) * L->q_blk, offd[q], offq[q],
-                                  &sb[q][kb]);
+                for (int q = 0; q < R; q++) {
+                    if (grp[q])
+                        for (int kb = 0; kb < kn; kb++)
+                            qz_unpack_groups(wd[q] + (size_t)(k0 + kb) * L->d_blk,
+                                             wq[q] + (size_t)(k0 + kb) * L->q_blk, L->group_stride,
+                                             offd[q], &sb[q][kb]);
+                    else
+                        for (int kb = 0; kb < kn; kb++)
+                            qz_unpack(wd[q] + (size_t)(k0 + kb) * L->d_blk,
+                                      wq[q] + (size_t)(k0 + kb) * L->q_blk, offd[q], offq[q],
+                                      &sb[q][kb]);
+                }
                 for (int32_t t0 = 0; t0 < bn; t0 += QT) {
                     const int nt = bn - t0 < QT ? (int)(bn - t0) : QT;
                     const uint8_t *xb[QT];
