@@ -2162,22 +2162,6 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
         return tsr_hsum8_ps(_mm256_sub_ps(acc, accm));                                             \
     }
 
-/* Q3_K's 16 6-bit scales, offset 32 removed, as int16 lanes (ggml's 32-bit unpacking). */
-TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
-{
-    /* built in registers: a store of the words and a 128-bit reload of them would stall on
-     * store forwarding (measured 3x slower) */
-    uint32_t a[3];
-    memcpy(a, packed, 12);
-    const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
-    const uint32_t u2 = ((a[0] >> 4) & k2) | (((a[2] >> 4) & k1) << 4);
-    const uint32_t u3 = ((a[1] >> 4) & k2) | (((a[2] >> 6) & k1) << 4);
-    const uint32_t u0 = (a[0] & k2) | (((a[2] >> 0) & k1) << 4);
-    const uint32_t u1 = (a[1] & k2) | (((a[2] >> 2) & k1) << 4);
-    const __m128i u = _mm_set_epi32((int)u3, (int)u2, (int)u1, (int)u0);
-    return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
-}
-
 /* Q3_K x Q8_K. u = q2 | hbit<<2 is the quant + 4, unsigned 0..7, for vpmaddubsw; the -4
  * comes out once per super-block as 4*sum_g sc_g*bsum_g. Half h of the block: 32 qs bytes,
  * 4 shifts s of 2 bits = elements 128h + 32s + l, high bit 4h+s of hmask[l]; those 32
@@ -2191,7 +2175,7 @@ TSR_AVX2 TSR_INLINE __m256i q3_K_scales_x16(const uint8_t *packed)
         __m256 acc = _mm256_setzero_ps();                                                          \
         for (int64_t i = 0; i < n / TSR_QK_K; ++i) {                                               \
             const float d = x[i].d * _cvtsh_ss(w[i].d);                                            \
-            const __m256i sc16 = q3_K_scales_x16(w[i].scales);                                     \
+            const __m256i sc16 = tsr_q3_K_sc_x16(w[i].scales);                                     \
             const __m256i bs = _mm256_loadu_si256((const __m256i *)x[i].bsums);                    \
             __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(),                                \
                                             _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2));    \

@@ -1470,21 +1470,6 @@ RP_AVX2 RP_INLINE __m128i rp_hsum4_epi32(__m256i s0, __m256i s1, __m256i s2, __m
     }                                                                                              \
     RP_DEF_T_SWITCH(fname, ATTR, RP_K_PARAMS, RP_K_ARGS)
 
-/* quant.c's q3_K_scales_x16: Q3_K's 16 scales, offset removed, as int16 lanes (built in
- * registers). */
-RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
-{
-    uint32_t a[3];
-    memcpy(a, packed, 12);
-    const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
-    const uint32_t u2 = ((a[0] >> 4) & k2) | (((a[2] >> 4) & k1) << 4);
-    const uint32_t u3 = ((a[1] >> 4) & k2) | (((a[2] >> 6) & k1) << 4);
-    const uint32_t u0 = (a[0] & k2) | (((a[2] >> 0) & k1) << 4);
-    const uint32_t u1 = (a[1] & k2) | (((a[2] >> 2) & k1) << 4);
-    const __m128i u = _mm_set_epi32((int)u3, (int)u2, (int)u1, (int)u0);
-    return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
-}
-
 /* Q5_K (quant.c's DEF_DOT_Q5_K): Q4_K's kernel with the 5th bits from qh. */
 #define DEF_K5(fname, ATTR, SACC)                                                                  \
     ATTR RP_INLINE void fname##_mk(const int T, size_t nsb, const uint8_t *grp, int r,             \
@@ -1566,7 +1551,7 @@ RP_AVX2 RP_INLINE __m256i q3_K_sc_x16(const uint8_t *packed)
         for (size_t i = 0; i < nsb; ++i) {                                                         \
             const rp_q3_K *w = RP_KX(rp_q3_K, grp, i, r);                                          \
             const float wd = _cvtsh_ss(w->d);                                                      \
-            const __m256i sc16 = q3_K_sc_x16(w->scales);                                           \
+            const __m256i sc16 = tsr_q3_K_sc_x16(w->scales);                                       \
             __m256i sumi[4];                                                                       \
             _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                    \
             {                                                                                      \
