@@ -148,15 +148,14 @@ QG_Z512 QG_INLINE void qz_unpack(const uint8_t *bd, const uint8_t *bq, __m512i o
     }
 }
 
-/* The same from the repacked groups when the 16 rows are 4 whole groups (no gathers): g0 is
- * the first group's block (64 bytes: rows 0..3 x 16 bytes, dword 4j + c = row j's bytes
- * 4c..4c + 3), the others gstride apart; a 4 x 4 dword transpose per group pair, then 128-bit
- * lane shuffles, put row 4g + j's dword c in lane 4g + j of vector c. */
-QG_Z512 QG_INLINE void qz_unpack_groups(const uint8_t *bd, const uint8_t *g0, size_t gstride,
-                                        __m512i offd, qz_blk *s)
+/* The same from the repacked groups when the 16 rows are 4 whole groups (no gathers for the
+ * quants; s->d is set by qz_unpack_groups_d): g0 is the first group's block (64 bytes: rows
+ * 0..3 x 16 bytes, dword 4j + c = row j's bytes 4c..4c + 3), the others gstride apart; a
+ * 4 x 4 dword transpose per group pair, then 128-bit lane shuffles, put row 4g + j's dword c
+ * in lane 4g + j of vector c. */
+QG_Z512 QG_INLINE void qz_unpack_groups(const uint8_t *g0, size_t gstride, qz_blk *s)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    s->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offd, bd, 1)));
     const __m512i i01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
     const __m512i i23 =
         _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
@@ -175,6 +174,24 @@ QG_Z512 QG_INLINE void qz_unpack_groups(const uint8_t *bd, const uint8_t *g0, si
     {
         s->q[c] = _mm512_and_si512(q[c], m4);
         s->q[4 + c] = _mm512_and_si512(_mm512_srli_epi32(q[c], 4), m4);
+    }
+}
+
+/* The fp16 scales of blocks 0..3 of 16 rows of repacked groups (each row's scales contiguous:
+ * row r's at bd + off[r]) into s[0..n-1].d, n <= 4: two 8-byte gathers (4 blocks x 8 rows
+ * each) and a word permute per block, instead of a 16-lane gather per block. The 8 bytes may
+ * run past the row's last block into its zero padding (d[4][nbp], nbp a multiple of 8). */
+QG_Z512 QG_INLINE void qz_unpack_groups_d(const uint8_t *bd, __m512i off, int n, qz_blk *s)
+{
+    const __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(off), bd, 1);
+    const __m512i hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(off, 1), bd, 1);
+    for (int i = 0; i < n; i++) {
+        /* word 4r + i of lo (rows 0..7), then of hi (bit 5 of an index picks hi) */
+        const __m512i idx = _mm512_add_epi16(_mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                              0, 0, 0, 60, 56, 52, 48, 44, 40, 36,
+                                                              32, 28, 24, 20, 16, 12, 8, 4, 0),
+                                             _mm512_set1_epi16((short)i));
+        s[i].d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(lo, idx, hi)));
     }
 }
 
@@ -265,8 +282,8 @@ QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
                 const int64_t rq = r0 + q * QZ_ROWS;
                 nr[q] = n_rows - rq < QZ_ROWS ? (int)(n_rows - rq) : QZ_ROWS;
                 /* 4 whole repacked groups of 16-byte quants: loads and shuffles */
-                grp[q] = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && rq % 4 == 0 &&
-                         nr[q] == QZ_ROWS;
+                grp[q] = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_blk == 2 &&
+                         rq % 4 == 0 && nr[q] == QZ_ROWS;
                 /* rows past n_rows repeat the last one (computed, never stored) */
                 const size_t bd = off_d(L, rq), bq = off_q(L, rq);
                 int32_t od[QZ_ROWS], oq[QZ_ROWS];
@@ -284,12 +301,14 @@ QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
             for (int64_t k0 = 0; k0 < nb; k0 += QKB) {
                 const int kn = nb - k0 < QKB ? (int)(nb - k0) : QKB;
                 for (int q = 0; q < R; q++) {
-                    if (grp[q])
+                    if (grp[q]) {
+                        for (int kb = 0; kb < kn; kb += 4)
+                            qz_unpack_groups_d(wd[q] + (size_t)(k0 + kb) * L->d_blk, offd[q],
+                                               kn - kb < 4 ? kn - kb : 4, &sb[q][kb]);
                         for (int kb = 0; kb < kn; kb++)
-                            qz_unpack_groups(wd[q] + (size_t)(k0 + kb) * L->d_blk,
-                                             wq[q] + (size_t)(k0 + kb) * L->q_blk, L->group_stride,
-                                             offd[q], &sb[q][kb]);
-                    else
+                            qz_unpack_groups(wq[q] + (size_t)(k0 + kb) * L->q_blk, L->group_stride,
+                                             &sb[q][kb]);
+                    } else
                         for (int kb = 0; kb < kn; kb++)
                             qz_unpack(wd[q] + (size_t)(k0 + kb) * L->d_blk,
                                       wq[q] + (size_t)(k0 + kb) * L->q_blk, offd[q], offq[q],
