@@ -4,7 +4,7 @@
 # bench_repack: the repacked GEMM / GEMV tiles against the file layout's rows; bench_q4k_gemm:
 # a Q4_K prefill matmul in the two order classes. bench_kvcache (kvcache.cmake) and bench_head
 # (real_models.cmake) sit with the tests of their module.
-foreach(b bench_quant bench_repack bench_q4k_gemm)
+foreach(b bench_quant bench_repack bench_q4k_gemm bench_verify)
   add_executable(${b} ${CMAKE_CURRENT_SOURCE_DIR}/${b}.c)
   target_link_libraries(${b} PRIVATE tessera_core)
 endforeach()
