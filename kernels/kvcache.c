@@ -71,6 +71,27 @@ bool tsr_kv_type_fits(tsr_kv_type t, int32_t head_dim, char *err, size_t err_len
     return true;
 }
 
+static int kv_isa(void);
+
+/* tsr_f32_to_f16 over n values with F16C (round to nearest even as there; a NaN becomes
+ * its sign | 0x7e00 as there, where F16C would keep part of its payload). */
+__attribute__((target("avx2,fma,f16c"))) static void kv_store_f16_f16c(const float *src,
+                                                                       uint16_t *h, int64_t n)
+{
+    const __m128i sign = _mm_set1_epi16((short)0x8000), qnan = _mm_set1_epi16(0x7e00);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(src + i);
+        __m128i y = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        const __m128i nan16 =
+            _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
+        y = _mm_blendv_epi8(y, _mm_or_si128(_mm_and_si128(y, sign), qnan), nan16);
+        _mm_storeu_si128((__m128i *)(h + i), y);
+    }
+    for (; i < n; i++) h[i] = tsr_f32_to_f16(src[i]);
+}
+
 void tsr_kv_store(tsr_kv_type t, const float *src, void *dst, int64_t n)
 {
     switch (t) {
@@ -79,6 +100,10 @@ void tsr_kv_store(tsr_kv_type t, const float *src, void *dst, int64_t n)
         break;
     case TSR_KV_F16: {
         uint16_t *h = dst;
+        if (kv_isa() != 0) { /* AVX2 or AVX-512: F16C */
+            kv_store_f16_f16c(src, h, n);
+            break;
+        }
         for (int64_t i = 0; i < n; i++) h[i] = tsr_f32_to_f16(src[i]);
         break;
     }
@@ -543,12 +568,13 @@ static void attn_f16_avx512(const tsr_kv_view *kv, const float *q, float scale, 
 typedef struct {
     float *qf, *acc, *w, *ms, *m, *s, *kf;
     const uint16_t **kp, **vp;
+    const uint16_t **kph, **vph; /* kp, vp moved to another KV head (tsr_attn_heads) */
 } fa_scratch;
 
 static size_t fa_scratch_bytes(size_t hd, size_t n_q)
 {
     return up64(n_q * hd * 4u) * 2u + up64(n_q * FA_CHUNK * 4u) * 2u + up64(n_q * 4u) * 2u +
-           up64(FA_KBLK * hd * 4u) + up64(FA_CHUNK * sizeof(void *)) * 2u;
+           up64(FA_KBLK * hd * 4u) + up64(FA_CHUNK * sizeof(void *)) * 4u;
 }
 
 static fa_scratch fa_scratch_at(uint8_t *p, size_t hd, size_t n_q)
@@ -571,6 +597,10 @@ static fa_scratch fa_scratch_at(uint8_t *p, size_t hd, size_t n_q)
     f.kp = (const uint16_t **)p;
     p += up64(FA_CHUNK * sizeof(void *));
     f.vp = (const uint16_t **)p;
+    p += up64(FA_CHUNK * sizeof(void *));
+    f.kph = (const uint16_t **)p;
+    p += up64(FA_CHUNK * sizeof(void *));
+    f.vph = (const uint16_t **)p;
     return f;
 }
 
@@ -611,7 +641,8 @@ static void fa_rows(const tsr_kv_view *kv, int32_t p, int n, const uint16_t **kp
     });
 }
 
-#define KV_INLINE static inline __attribute__((always_inline))
+#define KV_INLINE        static inline __attribute__((always_inline))
+#define FA_MAX_SIDE_TILE 4 /* KV heads of one side-by-side V tile (fa_vs_tile_avx512) */
 
 /* AVX-512: the 16 lanes of one q·k before its tree (dot_f16_avx512: 4 chains over each 64,
  * then (0+2) + (1+3)); k and q as floats (exact fp16 values). */
@@ -677,6 +708,45 @@ TSR_KV_AVX512 KV_INLINE void fa_qk_body_avx512(const uint16_t *const *kp, int n,
     }
 }
 
+/* fa_qk_body_avx512 for one query head: each K row converted as the dot reads it (the same
+ * exact values; with one head a float copy of the rows would be read once only), q held
+ * in registers. */
+TSR_KV_AVX512 KV_INLINE void fa_qk1_body_avx512(const uint16_t *const *kp, int n, const float *qf,
+                                                const int hd, float scale, float *w)
+{
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += FA_KBLK) {
+        const int nj = n - j0 < FA_KBLK ? n - j0 : FA_KBLK;
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) {
+            if (j >= nj) { /* rows past the chunk: their dots unused */
+                r[j] = _mm512_setzero_ps();
+                continue;
+            }
+            const uint16_t *k = kp[j0 + j];
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int i = 0; i < hd; i += 64) {
+                s0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i))),
+                                     _mm512_loadu_ps(qf + i), s0);
+                s1 = _mm512_fmadd_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i + 16))),
+                    _mm512_loadu_ps(qf + i + 16), s1);
+                s2 = _mm512_fmadd_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i + 32))),
+                    _mm512_loadu_ps(qf + i + 32), s2);
+                s3 = _mm512_fmadd_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + i + 48))),
+                    _mm512_loadu_ps(qf + i + 48), s3);
+            }
+            r[j] = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
+        }
+        const __m512 x = _mm512_mul_ps(_mm512_permutexvar_ps(order, fa_tree16_avx512(r)), sc);
+        _mm512_mask_storeu_ps(w + j0, (__mmask16)((1u << nj) - 1u), x);
+    }
+}
+
 TSR_KV_AVX512 KV_INLINE __m512 fa_round_avx512(__m512 x)
 {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -716,6 +786,45 @@ TSR_KV_AVX512 KV_INLINE void fa_v_tile_avx512(const int NH, const int CV, float 
         }
     }
 #pragma GCC unroll 8
+    for (int h = 0; h < NH; h++)
+#pragma GCC unroll 4
+        for (int r = 0; r < CV; r++) _mm512_storeu_ps(acc + h * hd + c0 + 16 * r, a[h][r]);
+}
+
+/* fa_v_tile_avx512 for NH KV heads side by side, one query head each (tsr_attn_heads with
+ * one query head per KV head, as in MHA): head h reads its own V slice, hd values after
+ * head h - 1's in the same row, and keeps its accumulator at acc + h * hd; each value's
+ * chain is the same as fa_v_tile's, the NH heads' chains interleaved. */
+TSR_KV_AVX512 KV_INLINE void fa_vs_tile_avx512(const int NH, const int CV, float *acc, int hd,
+                                               int c0, const uint16_t *const *vp, int n,
+                                               const float *w, const float *ms)
+{
+    __m512 a[FA_MAX_SIDE_TILE][4];
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; h++)
+#pragma GCC unroll 4
+        for (int r = 0; r < CV; r++) a[h][r] = _mm512_loadu_ps(acc + h * hd + c0 + 16 * r);
+    for (int j = 0; j < n; j++) {
+#pragma GCC unroll 4
+        for (int h = 0; h < NH; h++) {
+            const uint16_t *v = vp[j] + h * hd + c0;
+            __m512 x[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < CV; r++)
+                x[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * r)));
+            const float m = ms[h * FA_CHUNK + j];
+            if (m != 1.0f) {
+                const __m512 mm = _mm512_set1_ps(m);
+#pragma GCC unroll 4
+                for (int r = 0; r < CV; r++) a[h][r] = fa_round_avx512(_mm512_mul_ps(a[h][r], mm));
+            }
+            const __m512 ww = _mm512_set1_ps(w[h * FA_CHUNK + j]);
+#pragma GCC unroll 4
+            for (int r = 0; r < CV; r++)
+                a[h][r] = fa_round_avx512(_mm512_fmadd_ps(x[r], ww, a[h][r]));
+        }
+    }
+#pragma GCC unroll 4
     for (int h = 0; h < NH; h++)
 #pragma GCC unroll 4
         for (int r = 0; r < CV; r++) _mm512_storeu_ps(acc + h * hd + c0 + 16 * r, a[h][r]);
@@ -832,10 +941,14 @@ typedef void (*fa_qk_fn)(const uint16_t *const *kp, int n, int n_q, const float 
 typedef void (*fa_v_fn)(float *acc, int hd, const uint16_t *const *vp, int n, const float *w,
                         const float *ms);
 #define FA_MAX_HEADS 8
+#define FA_MAX_SIDE  FA_MAX_SIDE_TILE
 typedef struct fa_kernels {
     fa_qk_fn qk;
     int max_heads;
     fa_v_fn v[FA_MAX_HEADS + 1]; /* v[k]: k heads; v[0] unused */
+    /* vs[k]: k KV heads side by side, one query head each (fa_vs_tile); NULL: none */
+    int max_side;
+    fa_v_fn vs[FA_MAX_SIDE + 1];
 } fa_kernels;
 
 #define FA_QK_DEFINE(ATTR, NAME, BODY)                                                             \
@@ -860,7 +973,17 @@ typedef struct fa_kernels {
 
 /* AVX-512: tiles of up to 8 heads, 64 values wide for up to 6 heads (24 accumulators), 32
  * for 7 or 8 (enough independent chains either way to keep the converters busy). */
-FA_QK_DEFINE(TSR_KV_AVX512, fa_qk_avx512, fa_qk_body_avx512)
+FA_QK_DEFINE(TSR_KV_AVX512, fa_qkn_avx512, fa_qk_body_avx512)
+TSR_KV_AVX512 static void fa_qk_avx512(const uint16_t *const *kp, int n, int n_q, const float *qf,
+                                       int hd, float scale, float *kf, float *w)
+{
+    if (n_q > 1)
+        fa_qkn_avx512(kp, n, n_q, qf, hd, scale, kf, w);
+    else if (hd == 64)
+        fa_qk1_body_avx512(kp, n, qf, 64, scale, w);
+    else
+        fa_qk1_body_avx512(kp, n, qf, hd, scale, w);
+}
 FA_V_DEFINE(TSR_KV_AVX512, fa_v1_avx512, fa_v_tile_avx512, 1, 4, 16)
 FA_V_DEFINE(TSR_KV_AVX512, fa_v2_avx512, fa_v_tile_avx512, 2, 4, 16)
 FA_V_DEFINE(TSR_KV_AVX512, fa_v3_avx512, fa_v_tile_avx512, 3, 4, 16)
@@ -869,11 +992,18 @@ FA_V_DEFINE(TSR_KV_AVX512, fa_v5_avx512, fa_v_tile_avx512, 5, 4, 16)
 FA_V_DEFINE(TSR_KV_AVX512, fa_v6_avx512, fa_v_tile_avx512, 6, 4, 16)
 FA_V_DEFINE(TSR_KV_AVX512, fa_v7_avx512, fa_v_tile_avx512, 7, 2, 16)
 FA_V_DEFINE(TSR_KV_AVX512, fa_v8_avx512, fa_v_tile_avx512, 8, 2, 16)
-static const fa_kernels k_fa_avx512 = {.qk = fa_qk_avx512,
-                                       .max_heads = 8,
-                                       .v = {NULL, fa_v1_avx512, fa_v2_avx512, fa_v3_avx512,
-                                             fa_v4_avx512, fa_v5_avx512, fa_v6_avx512, fa_v7_avx512,
-                                             fa_v8_avx512}};
+/* Side by side (tsr_attn_heads, one query head per KV head): up to 4 heads, 64 values wide
+ * (16 accumulators; each head converts its own V slice). */
+FA_V_DEFINE(TSR_KV_AVX512, fa_vs2_avx512, fa_vs_tile_avx512, 2, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_vs3_avx512, fa_vs_tile_avx512, 3, 4, 16)
+FA_V_DEFINE(TSR_KV_AVX512, fa_vs4_avx512, fa_vs_tile_avx512, 4, 4, 16)
+static const fa_kernels k_fa_avx512 = {
+    .qk = fa_qk_avx512,
+    .max_heads = 8,
+    .v = {NULL, fa_v1_avx512, fa_v2_avx512, fa_v3_avx512, fa_v4_avx512, fa_v5_avx512, fa_v6_avx512,
+          fa_v7_avx512, fa_v8_avx512},
+    .max_side = 4,
+    .vs = {NULL, fa_v1_avx512, fa_vs2_avx512, fa_vs3_avx512, fa_vs4_avx512}};
 
 /* AVX2 (16 ymm registers): tiles of up to 6 heads, 64 values wide for 1 head, 32 for 2 or 3,
  * 16 for 4 to 6. */
@@ -900,38 +1030,95 @@ static void fa_vg(const fa_kernels *K, int nh, float *acc, int hd, const uint16_
     }
 }
 
-/* attn_f16 for n_q heads at once (head_dim % 64 == 0, AVX2 or AVX-512). */
-static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
-                           int32_t p0, int32_t p1, float *scores, void *scratch, float *o,
-                           const fa_kernels *K)
+/* q rounded to fp16 and back, as tsr_f16_to_f32(tsr_f32_to_f16(q[i])) (F16C rounds to
+ * nearest even as tsr_f32_to_f16 does; a NaN becomes its quiet NaN 0x7e00 as there). */
+TSR_KV_AVX2 static void fa_round_q(const float *q, float *qf, size_t n)
 {
-    const int hd = kv->head_dim;
+    const __m256 sign = _mm256_set1_ps(-0.0f),
+                 qnan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(q + i);
+        const __m256 y =
+            _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256 nan = _mm256_or_ps(_mm256_and_ps(x, sign), qnan);
+        _mm256_storeu_ps(qf + i, _mm256_blendv_ps(y, nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    }
+    for (; i < n; i++) qf[i] = tsr_f16_to_f32(tsr_f32_to_f16(q[i]));
+}
+
+/* attn_f16 for n_kv KV heads side by side in the row (kv->head_offset: the first) with group
+ * query heads each (head_dim % 64 == 0, AVX2 or AVX-512): chunk after chunk, every head's
+ * scores, then every head's softmax steps, then every head's V (with one query head per KV
+ * head and K->vs, up to max_side KV heads' chains interleaved). n_kv == 1 is
+ * tsr_attn_group's path. scores: [group][p1 - p0 + 1], the last KV head's. */
+static void attn_f16_heads(const tsr_kv_view *kv, int32_t n_kv, int32_t group, const float *q,
+                           float scale, int32_t p0, int32_t p1, float *scores, void *scratch,
+                           float *o, const fa_kernels *K)
+{
+    const int hd = kv->head_dim, n_q = n_kv * group;
     fa_scratch f =
         fa_scratch_at((uint8_t *)scratch + head_scratch_bytes((size_t)hd), (size_t)hd, (size_t)n_q);
-    for (size_t i = 0; i < (size_t)n_q * hd; i++) {
-        f.qf[i] = tsr_f16_to_f32(tsr_f32_to_f16(q[i]));
-        f.acc[i] = 0.0f;
-    }
+    fa_round_q(q, f.qf, (size_t)n_q * hd);
+    memset(f.acc, 0, sizeof(float) * (size_t)n_q * hd);
     for (int h = 0; h < n_q; h++) {
         f.m[h] = -INFINITY;
         f.s[h] = 0.0f;
     }
+    const bool side = group == 1 && n_kv > 1 && K->max_side > 1;
     for (int32_t c = p0; c <= p1; c += FA_CHUNK) {
         const int n = p1 - c + 1 < FA_CHUNK ? p1 - c + 1 : FA_CHUNK;
         fa_rows(kv, c, n, f.kp, f.vp);
-        K->qk(f.kp, n, n_q, f.qf, hd, scale, f.kf, f.w);
-        for (int h = 0; h < n_q; h++) /* leave the scores as attn_f16 does */
-            memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
-                   f.w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
+        for (int i = 0; i < n_kv; i++) {
+            const uint16_t *const *kp = f.kp;
+            if (i > 0) {
+                for (int j = 0; j < n; j++) f.kph[j] = f.kp[j] + (size_t)i * hd;
+                kp = f.kph;
+            }
+            float *w = f.w + (size_t)i * group * FA_CHUNK;
+            K->qk(kp, n, group, f.qf + (size_t)i * group * hd, hd, scale, f.kf, w);
+            if (i == n_kv - 1) /* leave the scores as attn_f16 does */
+                for (int h = 0; h < group; h++)
+                    memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
+                           w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
+        }
         for (int h = 0; h < n_q; h++)
             fa_softmax_chunk(f.w + (size_t)h * FA_CHUNK, f.ms + (size_t)h * FA_CHUNK, n, &f.m[h],
                              &f.s[h]);
-        fa_vg(K, n_q, f.acc, hd, f.vp, n, f.w, f.ms);
+        if (side) {
+            for (int i = 0; i < n_kv; i += K->max_side) {
+                const int k = n_kv - i < K->max_side ? n_kv - i : K->max_side;
+                const uint16_t *const *vp = f.vp;
+                if (i > 0) {
+                    for (int j = 0; j < n; j++) f.vph[j] = f.vp[j] + (size_t)i * hd;
+                    vp = f.vph;
+                }
+                K->vs[k](f.acc + (size_t)i * hd, hd, vp, n, f.w + (size_t)i * FA_CHUNK,
+                         f.ms + (size_t)i * FA_CHUNK);
+            }
+        } else {
+            for (int i = 0; i < n_kv; i++) {
+                const uint16_t *const *vp = f.vp;
+                if (i > 0) {
+                    for (int j = 0; j < n; j++) f.vph[j] = f.vp[j] + (size_t)i * hd;
+                    vp = f.vph;
+                }
+                fa_vg(K, group, f.acc + (size_t)i * group * hd, hd, vp, n,
+                      f.w + (size_t)i * group * FA_CHUNK, f.ms + (size_t)i * group * FA_CHUNK);
+            }
+        }
     }
     for (int h = 0; h < n_q; h++) {
         const float S = f.s[h], s_inv = S == 0.0f ? 0.0f : 1.0f / S;
         for (int i = 0; i < hd; i++) o[(size_t)h * hd + i] = f.acc[(size_t)h * hd + i] * s_inv;
     }
+}
+
+static void attn_f16_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale,
+                           int32_t p0, int32_t p1, float *scores, void *scratch, float *o,
+                           const fa_kernels *K)
+{
+    attn_f16_heads(kv, 1, n_q, q, scale, p0, p1, scores, scratch, o, K);
 }
 
 /* ---- q8_0 ---- */
@@ -1210,6 +1397,23 @@ void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float sc
     for (int32_t h = 0; h < n_q; h++)
         tsr_attn_head(kv, q + (size_t)h * hd, scale, p0, p1,
                       scores + (size_t)h * (size_t)(p1 - p0 + 1), scratch, out + (size_t)h * hd);
+}
+
+void tsr_attn_heads(const tsr_kv_view *kv, int32_t n_kv, int32_t group, const float *q, float scale,
+                    int32_t p0, int32_t p1, float *scores, void *scratch, float *out)
+{
+    const kv_kernels *K = kv_kernels_now();
+    const int hd = kv->head_dim;
+    if (kv->type == TSR_KV_F16 && K->fa && hd % 64 == 0) {
+        attn_f16_heads(kv, n_kv, group, q, scale, p0, p1, scores, scratch, out, K->fa);
+        return;
+    }
+    tsr_kv_view one = *kv;
+    for (int32_t i = 0; i < n_kv; i++) {
+        one.head_offset = kv->head_offset + tsr_kv_row_bytes(kv->type, (int64_t)i * hd);
+        const size_t at = (size_t)i * (size_t)group * (size_t)hd;
+        tsr_attn_group(&one, group, q + at, scale, p0, p1, scores, scratch, out + at);
+    }
 }
 
 void tsr_attn_head(const tsr_kv_view *kv, const float *q, float scale, int32_t p0, int32_t p1,

@@ -122,6 +122,21 @@ size_t tsr_attn_group_scratch_bytes(int32_t head_dim, int32_t n_q);
 void tsr_attn_group(const tsr_kv_view *kv, int32_t n_q, const float *q, float scale, int32_t p0,
                     int32_t p1, float *scores, void *scratch, float *out);
 
+/* Attention of n_kv KV heads that lie side by side in the row (kv->head_offset: the first;
+ * KV head i is i * head_dim values further) with group query heads each, over positions
+ * p0..p1 of one sequence: out[(i * group + g) * head_dim ..] is, bit for bit, what
+ * tsr_attn_group gives for KV head i and q + (i * group + g) * head_dim (q, out: [n_kv *
+ * group][head_dim] floats). With f16 (head sizes a multiple of 64, AVX2 or AVX-512) the
+ * positions go in chunks for all heads at once, so one sequence's K and V rows are read
+ * whole, chunk after chunk, instead of one head's slice of every row per call; with one
+ * query head per KV head (MHA) and AVX-512 the V chains of up to 4 KV heads are interleaved
+ * (one head's chain alone waits on a convert-FMA-convert latency at every position). Other
+ * types: tsr_attn_group per KV head. scores: group * (p1 - p0 + 1) floats of caller
+ * scratch, left holding what tsr_attn_group leaves for the last KV head; scratch:
+ * tsr_attn_group_scratch_bytes(head_dim, n_kv * group) bytes. */
+void tsr_attn_heads(const tsr_kv_view *kv, int32_t n_kv, int32_t group, const float *q,
+                    float scale, int32_t p0, int32_t p1, float *scores, void *scratch, float *out);
+
 /* The path tsr_attn_head takes now: "avx512", "avx2" or "scalar" (from tsr_quant_isa). */
 const char *tsr_attn_isa(void);
 

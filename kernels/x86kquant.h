@@ -52,4 +52,21 @@ tsr_q4_K_sm_x16(const uint8_t *packed)
         _mm_set_epi64x((long long)((uint64_t)u3 << 32 | u2), (long long)((uint64_t)u1 << 32 | u0)));
 }
 
+/* Q3_K's 16 6-bit scales, offset 32 removed, as int16 lanes (ggml's 32-bit unpacking),
+ * built in registers: a store of the words and a 128-bit reload of them would stall on
+ * store forwarding (measured 3x slower). */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) __m256i
+tsr_q3_K_sc_x16(const uint8_t *packed)
+{
+    uint32_t a[3];
+    memcpy(a, packed, 12);
+    const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
+    const uint32_t u2 = ((a[0] >> 4) & k2) | (((a[2] >> 4) & k1) << 4);
+    const uint32_t u3 = ((a[1] >> 4) & k2) | (((a[2] >> 6) & k1) << 4);
+    const uint32_t u0 = (a[0] & k2) | (((a[2] >> 0) & k1) << 4);
+    const uint32_t u1 = (a[1] & k2) | (((a[2] >> 2) & k1) << 4);
+    const __m128i u = _mm_set_epi32((int)u3, (int)u2, (int)u1, (int)u0);
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
+}
+
 #endif

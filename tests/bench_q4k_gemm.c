@@ -1,16 +1,17 @@
 /*
- * bench_q4k_gemm.c — the Q4_K matmul of a prefill in the two order classes (worker/model.h
- * tsr_order_class): 128 tokens through a 2048 x 2048 Q4_K matrix (the 1B shape's attn_q),
- * tsr_matmul_multi_ord with every token in class 1 (llama.cpp's GEMM order,
- * kernels/q4k_gemm.c) vs class 0 (the GEMV order: the repacked GEMM of kernels/repack.c, or
- * the file layout's rows), with and without a repacked copy, 1 and 2 threads. Prints the
- * median wall and CPU time per pass (CPU time: all threads, less sensitive to the other
- * processes of the machine); the classes' ratio is what a Q4_K prefill pays for the
- * prompt order. Medians of REPS passes (the machine is shared; run under
- * flock /work/bench.lock and print uptime next to the figures).
+ * bench_q4k_gemm.c — the Q4_K and the Q4_0 matmul of a prefill in the two order classes
+ * (worker/model.h tsr_order_class): 128 tokens through a 2048 x 2048 matrix (the 1B shape's
+ * attn_q), tsr_matmul_multi_ord with every token in class 1 (llama.cpp's GEMM order,
+ * kernels/q4k_gemm.c, kernels/q40_gemm.c) vs class 0 (the row dots' order: the repacked GEMM of
+ * kernels/repack.c, or the file layout's rows), with and without a repacked copy, 1 and 2
+ * threads. Prints the median wall and CPU time per pass (CPU time: all threads, less
+ * sensitive to the other processes of the machine); the classes' ratio is what (Q4_K) a
+ * prefill pays for the prompt order or (Q4_0) gains by it. Medians of REPS passes (the machine is
+ * shared; run under flock /work/bench.lock and print uptime next to the figures).
  *
  * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
- *   cmake --build build --target bench_q4k_gemm && flock /work/bench.lock build/tests/bench_q4k_gemm
+ *   cmake --build build --target bench_q4k_gemm && flock /work/bench.lock
+ * build/tests/bench_q4k_gemm
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -47,9 +48,9 @@ static int cmp_d(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-int main(void)
+static void bench_type(uint32_t type, const char *name)
 {
-    const size_t row_b = tsr_row_bytes(TSR_TYPE_Q4_K, N_IN);
+    const size_t row_b = tsr_row_bytes(type, N_IN);
     uint8_t *w = malloc(row_b * N_OUT);
     float *f = malloc(sizeof(float) * N_IN * (size_t)N_TOK);
     uint32_t s = 1;
@@ -58,25 +59,25 @@ int main(void)
             s = s * 1103515245u + 12345u;
             f[i] = (float)((int32_t)(s >> 8) % 2001 - 1000) / 1000.0f;
         }
-        tsr_quant_row(TSR_TYPE_Q4_K, f, w + (size_t)r * row_b, N_IN);
+        tsr_quant_row(type, f, w + (size_t)r * row_b, N_IN);
     }
     for (size_t i = 0; i < (size_t)N_IN * N_TOK; i++) {
         s = s * 1103515245u + 12345u;
         f[i] = (float)((int32_t)(s >> 8) % 2001 - 1000) / 500.0f;
     }
-    const size_t pk_b = (tsr_repack_bytes(TSR_TYPE_Q4_K, N_IN, N_OUT) + 63) / 64 * 64;
+    const size_t pk_b = (tsr_repack_bytes(type, N_IN, N_OUT) + 63) / 64 * 64;
     uint8_t *pk = aligned_alloc(64, pk_b);
-    tsr_repack(TSR_TYPE_Q4_K, N_IN, N_OUT, w, row_b, pk);
+    tsr_repack(type, N_IN, N_OUT, w, row_b, pk);
     float *y = malloc(sizeof(float) * N_OUT * (size_t)N_TOK);
     uint8_t ord1[N_TOK], ord0[N_TOK];
     memset(ord1, 1, sizeof ord1);
     memset(ord0, 0, sizeof ord0);
-    printf("Q4_K %d x %d, %d tokens, ISA %s: median of %d passes\n", N_OUT, N_IN, N_TOK,
+    printf("%s %d x %d, %d tokens, ISA %s: median of %d passes\n", name, N_OUT, N_IN, N_TOK,
            tsr_quant_isa(), REPS);
     for (int nth = 1; nth <= 2; nth++) {
         tsr_pool *pool = tsr_pool_new(nth);
         for (int packed = 1; packed >= 0; packed--) {
-            tsr_weight wt = {.type = TSR_TYPE_Q4_K,
+            tsr_weight wt = {.type = type,
                              .n_in = N_IN,
                              .n_out = N_OUT,
                              .row_bytes = row_b,
@@ -112,5 +113,11 @@ int main(void)
     free(y);
     free(f);
     free(w);
+}
+
+int main(void)
+{
+    bench_type(TSR_TYPE_Q4_K, "Q4_K");
+    bench_type(TSR_TYPE_Q4_0, "Q4_0");
     return 0;
 }

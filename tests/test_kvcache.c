@@ -8,7 +8,10 @@
  *   - against the f32 kernel on the unrounded K/V (what the type costs in all: f16 4e-3,
  *     q8_0 4e-2 of max|v|);
  *   - every type bit-identical across instruction sets (one summation order per type,
- *     kvcache.h), with odd position counts and runs that start mid-block.
+ *     kvcache.h), with odd position counts and runs that start mid-block;
+ *   - tsr_attn_group (one KV head) and tsr_attn_heads (several, MHA and GQA) bit-identical to
+ *     tsr_attn_head per query head, with rescales at almost every step, underflowing
+ *     weights, signed zeros and fp16 overflow.
  * Model level (single process, tsr_ctx_new_kv):
  *   - stories260K with f16: the 200 greedy ids from BOS and the three prompt cases of
  *     expected/stories260K-expected.txt, top-5 logits within 5e-3 of the float32
@@ -356,6 +359,93 @@ static void test_group(void **state)
             }
 }
 
+/* tsr_attn_heads over n_kvh KV heads with group query heads each, on each ISA, against
+ * tsr_attn_head (scalar, the reference) per query head: bit-identical, and the scores left
+ * are the last KV head's. Modes as group_case. */
+static void heads_case(tsr_kv_type t, int hd, int n_kvh, int group, int n_pos, int p0, int mode)
+{
+    const int w = n_kvh * hd, n_q = n_kvh * group, p1 = n_pos - 1, n = p1 - p0 + 1;
+    float *kf = malloc(sizeof(float) * (size_t)n_pos * w);
+    float *vf = malloc(sizeof(float) * (size_t)n_pos * w);
+    float *q = malloc(sizeof(float) * (size_t)n_q * hd);
+    float *ref = malloc(sizeof(float) * (size_t)n_q * hd);
+    float *o = malloc(sizeof(float) * (size_t)n_q * hd);
+    float *ref_scores = malloc(sizeof(float) * (size_t)n * n_q);
+    float *scores = malloc(sizeof(float) * (size_t)n * group);
+    void *scratch = aligned_alloc(64, tsr_attn_group_scratch_bytes(hd, n_q));
+    assert_non_null(scratch);
+    for (int i = 0; i < n_q * hd; i++) q[i] = nrand() * (mode == 2 ? 12.0f : 1.5f);
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < w; i++) {
+            float k = nrand(), v = nrand() * 0.5f;
+            if (mode == 1) k = 0.3f * k + 0.02f * (float)p * q[i % hd];
+            if (mode == 2) {
+                const double u = urand();
+                v = u < 0.1 ? 0.0f : u < 0.2 ? -0.0f : u < 0.25 ? 6.0e4f * nrand() : v;
+            }
+            kf[(size_t)p * w + i] = k;
+            vf[(size_t)p * w + i] = v;
+        }
+    cache c;
+    cache_make(&c, t, hd, n_kvh, n_pos, kf, vf);
+    const float scale = 1.0f / sqrtf((float)hd);
+    assert_true(tsr_quant_set_isa("scalar"));
+    for (int h = 0; h < n_q; h++) {
+        tsr_kv_view kv = cache_view(&c, h / group);
+        tsr_attn_head(&kv, q + (size_t)h * hd, scale, p0, p1, ref_scores + (size_t)h * n, scratch,
+                      ref + (size_t)h * hd);
+    }
+    const tsr_kv_view kv0 = cache_view(&c, 0);
+    for (size_t k = 0; k < sizeof isas / sizeof isas[0]; k++) {
+        if (!tsr_quant_set_isa(isas[k])) continue;
+        memset(o, 0xff, sizeof(float) * (size_t)n_q * hd);
+        tsr_attn_heads(&kv0, n_kvh, group, q, scale, p0, p1, scores, scratch, o);
+        for (int i = 0; i < n_q * hd; i++)
+            if (memcmp(&o[i], &ref[i], sizeof(float)) != 0)
+                fail_msg("%s heads (%d KV x %d) on %s, hd %d, positions %d..%d, mode %d: head %d "
+                         "out[%d] is %.9g (0x%08x), tsr_attn_head (scalar) gives %.9g (0x%08x); "
+                         "must be bit-identical",
+                         tsr_kv_type_name(t), n_kvh, group, isas[k], hd, p0, p1, mode, i / hd,
+                         i % hd, o[i], *(uint32_t *)&o[i], ref[i], *(uint32_t *)&ref[i]);
+        const float *last = ref_scores + (size_t)(n_q - group) * n;
+        for (int i = 0; i < n * group; i++)
+            if (memcmp(&scores[i], &last[i], sizeof(float)) != 0)
+                fail_msg("%s heads (%d KV x %d) on %s, hd %d, positions %d..%d, mode %d: score "
+                         "%d of the last KV head's query head %d is %.9g, tsr_attn_head (scalar) "
+                         "%.9g",
+                         tsr_kv_type_name(t), n_kvh, group, isas[k], hd, p0, p1, mode, i % n, i / n,
+                         scores[i], last[i]);
+    }
+    tsr_quant_set_isa(NULL);
+    cache_free(&c);
+    free(kf);
+    free(vf);
+    free(q);
+    free(ref);
+    free(o);
+    free(scores);
+    free(ref_scores);
+    free(scratch);
+}
+
+static void test_heads(void **state)
+{
+    (void)state;
+    const int cases[][5] = {/* hd, n_kvh, group, n_pos, p0 */
+                            {64, 12, 1, 70, 0}, {64, 5, 1, 130, 3}, {64, 2, 1, 1, 0},
+                            {64, 9, 1, 17, 16}, {128, 3, 1, 65, 0}, {64, 4, 2, 40, 0},
+                            {128, 2, 4, 33, 1}, {32, 3, 1, 20, 0},  {80, 2, 2, 19, 0},
+                            {64, 1, 3, 50, 0}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int mode = 0; mode < 3; mode++)
+            for (int t = 0; t < TSR_KV_TYPE_COUNT; t++) {
+                if (!tsr_kv_type_fits((tsr_kv_type)t, cases[i][0], NULL, 0)) continue;
+                if (t != TSR_KV_F16 && mode == 1) continue;
+                heads_case((tsr_kv_type)t, cases[i][0], cases[i][1], cases[i][2], cases[i][3],
+                           cases[i][4], mode);
+            }
+}
+
 static void test_types_and_rows(void **state)
 {
     (void)state;
@@ -385,6 +475,37 @@ static void test_types_and_rows(void **state)
     tsr_kv_store(TSR_KV_Q8_0, x, buf, 64);
     tsr_kv_load(TSR_KV_Q8_0, buf, y, 64);
     for (int i = 0; i < 64; i++) assert_true(fabsf(y[i] - x[i]) <= 12.0f / 127.0f);
+    /* f16 store on every ISA (F16C on AVX2 / AVX-512) bit for bit tsr_f32_to_f16: ties,
+     * overflow to inf, subnormals, signed zeros, NaNs with payloads (-> sign | 0x7e00) */
+    enum { NE = 203 }; /* odd: a tail past the vectors */
+    static const uint32_t edge[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff8abcdeu, 0x7fbfffffu,
+                                    0x7f800000u, 0xff800000u, 0x477fe000u, 0x477fefffu, 0x477ff000u,
+                                    0xc77ff000u, 0x38800000u, 0x387fffffu, 0x33800000u, 0x33000000u,
+                                    0x33000001u, 0x00000001u, 0x80000000u, 0x00000000u, 0x3f801000u,
+                                    0x3f803000u, 0x3f800fffu, 0xb3c00000u, 0x38801000u};
+    float e[NE];
+    uint16_t got[NE];
+    const size_t n_edge = sizeof edge / sizeof edge[0];
+    for (int i = 0; i < NE; i++) {
+        if ((size_t)i < n_edge)
+            memcpy(&e[i], &edge[i], sizeof(float));
+        else
+            e[i] = nrand() * (i % 3 == 0 ? 1e-5f : i % 3 == 1 ? 3.0f : 4e4f);
+    }
+    for (size_t k = 0; k < sizeof isas / sizeof isas[0]; k++) {
+        if (!tsr_quant_set_isa(isas[k])) continue;
+        memset(got, 0, sizeof got);
+        tsr_kv_store(TSR_KV_F16, e, got, NE);
+        for (int i = 0; i < NE; i++) {
+            uint32_t bits;
+            memcpy(&bits, &e[i], sizeof bits);
+            if (got[i] != tsr_f32_to_f16(e[i]))
+                fail_msg("f16 store on %s of 0x%08x (value %d): 0x%04x, tsr_f32_to_f16 gives "
+                         "0x%04x",
+                         isas[k], bits, i, got[i], tsr_f32_to_f16(e[i]));
+        }
+    }
+    tsr_quant_set_isa(NULL);
 }
 
 /* ---- model level ---- */
@@ -579,10 +700,10 @@ static void test_capacity(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_types_and_rows), cmocka_unit_test(test_kernels),
-        cmocka_unit_test(test_group),          cmocka_unit_test(test_stories260k_f16),
-        cmocka_unit_test(test_synth_tiny),     cmocka_unit_test(test_threads),
-        cmocka_unit_test(test_capacity),
+        cmocka_unit_test(test_types_and_rows),  cmocka_unit_test(test_kernels),
+        cmocka_unit_test(test_group),           cmocka_unit_test(test_heads),
+        cmocka_unit_test(test_stories260k_f16), cmocka_unit_test(test_synth_tiny),
+        cmocka_unit_test(test_threads),         cmocka_unit_test(test_capacity),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

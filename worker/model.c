@@ -631,6 +631,11 @@ void tsr_model_free(tsr_model *m)
 
 /* ---- context ---- */
 
+/* KV heads per attention piece when a batch has enough tokens (attn_pieces): 4 keeps one
+ * piece's V chains in registers (kernels/kvcache.c, side by side) and leaves a batch of 16
+ * sequences of a 12-head model 48 pieces to balance over the threads. */
+#define ATTN_RUN_KV 4
+
 struct tsr_ctx {
     const tsr_model *m;
     tsr_pool *pool;
@@ -646,8 +651,8 @@ struct tsr_ctx {
     size_t kv_row_bytes;
     uint8_t *attn_scratch; /* [n_threads][attn_scratch_bytes] (kernels/kvcache.h) */
     size_t attn_scratch_bytes;
-    /* Attention work pieces of one token: query heads that share a KV head, [i][0] the first
-     * local head, [i][1] the count (attn_pieces); [n_head_local][2]. */
+    /* Attention work pieces of one token: query heads of one KV head or of a run of whole KV
+     * groups, [i][0] the first local head, [i][1] the count (attn_pieces); [n_head_local][2]. */
     int32_t (*attn_piece)[2];
     int32_t n_attn_pieces;
     int32_t *ident_table; /* single sequence: block table 0, 1, 2, ... */
@@ -756,10 +761,10 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     size_t kv_bytes = (size_t)m->n_layer_local * (size_t)c->max_pos * c->kv_row_bytes;
     c->k_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
     c->v_cache = calloc(kv_bytes ? kv_bytes : 1, 1);
-    /* up to one GQA group of query heads per tsr_attn_group call */
+    /* up to ATTN_RUN_KV KV heads' query heads per tsr_attn_heads call (attn_pieces) */
     const int32_t n_head_local = sh->head_end - sh->head_begin;
     const int32_t group = hp->n_head_kv > 0 ? hp->n_head / hp->n_head_kv : 1;
-    c->attn_scratch_bytes = tsr_attn_group_scratch_bytes(hp->head_dim, group);
+    c->attn_scratch_bytes = tsr_attn_group_scratch_bytes(hp->head_dim, ATTN_RUN_KV * group);
     c->attn_piece = malloc(sizeof *c->attn_piece * (size_t)(n_head_local > 0 ? n_head_local : 1));
     c->attn_scratch = aligned_alloc(64, (size_t)n_threads * c->attn_scratch_bytes);
     c->x = malloc(nb * E * sizeof(float));
@@ -882,11 +887,14 @@ static inline size_t kv_row(const tsr_batch *b, int32_t s, int32_t p)
            (size_t)(p % TSR_KV_BLOCK_SIZE);
 }
 
-/* Split each token's local query heads into the pieces attn_run hands out: runs of heads
+/* Split each token's local query heads into the pieces attn_run hands out. With many
+ * tokens (a batch of sequences, a prompt), runs of up to ATTN_RUN_KV whole KV groups:
+ * tsr_attn_heads reads a sequence's K/V rows across those heads chunk by chunk and, with one
+ * query head per KV head, interleaves their fp16 accumulator chains. Otherwise runs of heads
  * that read the same KV head (a GQA group; tsr_attn_group reads each K/V row once for all of
- * them and interleaves their fp16 accumulator chains), cut into equal parts only when the
- * batch has fewer than two groups per thread (decode of a model with few KV heads). Each head's
- * result is the same whichever piece computes it (kernels/kvcache.h). */
+ * them and interleaves their chains), cut into equal parts only when the batch has fewer
+ * than two groups per thread (decode of a model with few KV heads). Each head's result is
+ * the same whichever piece computes it (kernels/kvcache.h). */
 static void attn_pieces(tsr_ctx *c, int n_tokens)
 {
     const tsr_hparams *hp = &c->m->hp;
@@ -896,6 +904,18 @@ static void attn_pieces(tsr_ctx *c, int n_tokens)
     const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
     const int nth = tsr_pool_n_threads(c->pool);
     /* at least two pieces per thread, so that the atomic hand-out can balance them */
+    const int run = n_kv_local < ATTN_RUN_KV ? n_kv_local : ATTN_RUN_KV;
+    if (run > 1 && sh->head_begin % group == 0 && n_head_local == n_kv_local * group &&
+        (int64_t)n_tokens * ((n_kv_local + run - 1) / run) >= 2 * nth) {
+        c->n_attn_pieces = 0;
+        for (int kl = 0; kl < n_kv_local; kl += run) {
+            c->attn_piece[c->n_attn_pieces][0] = kl * group;
+            c->attn_piece[c->n_attn_pieces][1] =
+                (n_kv_local - kl < run ? n_kv_local - kl : run) * group;
+            c->n_attn_pieces++;
+        }
+        return;
+    }
     const int64_t n_groups = (int64_t)n_tokens * n_kv_local;
     int split = 1;
     if (n_groups < 2 * nth) split = (int)((2 * nth + n_groups - 1) / n_groups);
@@ -954,8 +974,12 @@ static void attn_run(void *arg, int ith, int nth)
             .head_offset = tsr_kv_row_bytes(c->kv_type, (int64_t)kvh * hd),
             .block_table = b->block_tables[s],
         };
-        tsr_attn_group(&kv, piece[1], c->q + ((size_t)t * n_head_local + hl) * hd, scale, p0, pos,
-                       att, scratch, c->att_out + ((size_t)t * n_head_local + hl) * hd);
+        const size_t at = ((size_t)t * n_head_local + hl) * hd;
+        if (piece[1] > group) /* whole KV groups (attn_pieces) */
+            tsr_attn_heads(&kv, piece[1] / group, group, c->q + at, scale, p0, pos, att, scratch,
+                           c->att_out + at);
+        else
+            tsr_attn_group(&kv, piece[1], c->q + at, scale, p0, pos, att, scratch, c->att_out + at);
     }
 }
 

@@ -216,8 +216,9 @@ typedef struct {
     const int32_t *n_blocks;            /* [n_seqs] */
     /* [n_tokens] order class of each token, or NULL (all 0). 1: a prompt token that
      * llama.cpp multiplies with its repacked Q4_K GEMM: position p < 4 * floor(L / 4) of a
-     * sequence whose prompt has L tokens (tsr_order_class). Q4_K matmuls then sum in that
-     * GEMM's order (kernels/q4k_gemm.h), others ignore it; 0: the GEMV order (the prompt's
+     * sequence whose prompt has L tokens (tsr_order_class). Q4_K and Q4_0 matmuls then sum
+     * in llama.cpp's GEMM order (kernels/q4k_gemm.h, kernels/q40_gemm.h), others ignore it;
+     * 0: the GEMV order (Q4_0: Tessera's row dots) (the prompt's
      * tail, generated tokens, drafts). The class is part of the token's identity: its
      * results depend on it and never on the rest of the batch. */
     const uint8_t *order;

@@ -149,7 +149,10 @@ def check(server_args, n_req, mpi_np=0, metrics=False, kv_type="f32"):
         assert st.prefix_cache_lookups >= 2 * n_req, st
         assert st.prefix_cache_evictions > 0, st
         assert st.prefix_cache_copies > st1.prefix_cache_copies, st  # the second wave's
-        assert st.preemptions > 0 and cold_preempt > 0, (st.preemptions, cold_preempt)
+        # Preemption is forced by the pool size, but how often depends on how the 16
+        # clients' requests arrive (a slow sanitizer build once ran one of the two servers
+        # without any): the two servers together must have preempted.
+        assert st.preemptions + cold_preempt > 0, (st.preemptions, cold_preempt)
         assert st.kv_blocks_used == 0 and st.kv_blocks_free == st.kv_blocks_total, st
         assert 0 < st.kv_blocks_cached <= st.kv_blocks_total, st
         if metrics:

@@ -1,0 +1,532 @@
+/* q40_gemm.c — see q40_gemm.h. Two SIMD kernels, both in the reference's order, one vector
+ * lane per weight row (as ggml's 8x8 GEMM: no horizontal sums):
+ * - AVX-512 VNNI (gemm_z512): tiles of 32 rows (two sets of 16, one zmm lane per row) x 4
+ *   tokens. A chunk of 8 blocks of the tile is unpacked once (gathers: any row layout) into
+ *   nibble vectors (L1) that every token of an L2-sized token block then multiplies with
+ *   vpdpbusd (8 per block, the token's 4 bytes broadcast from memory), starting from the
+ *   token's -8 * sum(y) so the offset costs nothing; then one convert and one FMA per 16 rows.
+ * - AVX2 (gemm_avx2): the same walk with 8 rows per ymm x 4 tokens; vpmaddubsw pairs summed
+ *   in int16 (exact: 8 * 2 * 15 * 128 < 32768), one vpmaddwd per block.
+ * Both read the file layout or the repacked groups through one description (q40_layout). */
+#include "kernels/q40_gemm.h"
+
+#include "kernels/dot_ggml.h"
+#include "kernels/quant.h"
+#include "kernels/repack.h"
+
+#include <math.h>
+#include <stdbool.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define QG_X86 1
+#include <immintrin.h>
+#else
+#define QG_X86 0
+#endif
+
+enum { Q4_BLK = 18, Q8_BLK = 34 };
+
+/* Where row r's block b lies: its fp16 d at w + roff(r) + d_off + b * d_blk, its 16 nibble
+ * bytes at w + roff(r, q) + q_off + b * q_blk, with roff(r) = (r / rpg) * group_stride +
+ * (r % rpg) * {d,q}_row. */
+typedef struct {
+    int64_t rpg;
+    size_t group_stride;
+    size_t d_row, d_off, d_blk;
+    size_t q_row, q_off, q_blk;
+} q40_layout;
+
+static inline size_t off_d(const q40_layout *L, int64_t r)
+{
+    return (size_t)(r / L->rpg) * L->group_stride + (size_t)(r % L->rpg) * L->d_row + L->d_off;
+}
+
+static inline size_t off_q(const q40_layout *L, int64_t r)
+{
+    return (size_t)(r / L->rpg) * L->group_stride + (size_t)(r % L->rpg) * L->q_row + L->q_off;
+}
+
+static inline uint16_t rd16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* The reference: one (row, token) pair in the order of q40_gemm.h. */
+static float dot_scalar(int64_t nb, const uint8_t *wd, const uint8_t *wq, const q40_layout *L,
+                        const uint8_t *x)
+{
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = wq + (size_t)b * L->q_blk, *xb = x + (size_t)b * Q8_BLK;
+        const int8_t *y = (const int8_t *)(xb + 2);
+        int32_t isum = 0;
+        for (int l = 0; l < 16; l++)
+            isum += ((q[l] & 0xF) - 8) * y[l] + ((q[l] >> 4) - 8) * y[l + 16];
+        const float dd = tsr_f16_to_f32(rd16(wd + (size_t)b * L->d_blk)) * tsr_f16_to_f32(rd16(xb));
+        acc = fmaf((float)isum, dd, acc);
+    }
+    return acc;
+}
+
+#if QG_X86
+
+#define QG_INLINE static inline __attribute__((always_inline))
+
+enum {
+    QT = 4,        /* tokens per register tile */
+    QKB = 8,       /* blocks unpacked per chunk */
+    QMAX_TB = 128, /* tokens per block at most */
+    QACT = 16384,  /* (token, block) entries of the per-token block facts (128 KiB) */
+};
+
+/* Per (token, block) of a token block: dy = fp16(y.d) as float, ny = -8 * sum(y) (the Q4_0
+ * offset: sum (q - 8) y = sum q y + ny, exact). Entry [t * nb + b]. Returns the token count of
+ * the block: activations in L2 (640 KiB), facts in QACT, a multiple of QT. */
+static int32_t token_block(int64_t nb)
+{
+    int32_t tb = (int32_t)((640 << 10) / ((size_t)nb * Q8_BLK));
+    if (tb > QACT / nb) tb = (int32_t)(QACT / nb);
+    if (tb > QMAX_TB) tb = QMAX_TB;
+    tb = tb / QT * QT;
+    return tb < QT ? QT : tb;
+}
+
+__attribute__((target("avx2,f16c"))) static void act_facts(int64_t nb, int32_t bn, const uint8_t *x,
+                                                           size_t x_stride, float *dy, int32_t *ny)
+{
+    const __m256i k80 = _mm256_set1_epi8((char)0x80);
+    for (int32_t t = 0; t < bn; t++) {
+        const uint8_t *xt = x + (size_t)t * x_stride;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *xb = xt + (size_t)b * Q8_BLK;
+            /* sum of the signed bytes = sum of (y ^ 0x80) as unsigned - 32 * 128 (vpsadbw) */
+            const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xb + 2)), k80);
+            const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
+            const __m128i s2 =
+                _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+            const int32_t sum =
+                _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+            dy[(size_t)t * (size_t)nb + (size_t)b] = _cvtsh_ss(rd16(xb));
+            ny[(size_t)t * (size_t)nb + (size_t)b] = -8 * sum;
+        }
+    }
+}
+
+static inline int32_t bcast4(const uint8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ---- AVX-512 VNNI ---------------------------------------------------------------------- */
+
+#define QG_Z512                                                                                    \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
+
+/* One block of 16 rows, unpacked (lane r: row r). q[k]: the row's elements 4k .. 4k + 3 as
+ * unsigned nibbles (k < 4: low nibbles of bytes 4k..; k >= 4: high nibbles of bytes 4(k-4)..),
+ * matching the activation's bytes 4k .. 4k + 3. */
+typedef struct {
+    __m512i q[8];
+    __m512 d;
+} qz_blk;
+
+QG_Z512 QG_INLINE void qz_unpack(const uint8_t *bd, const uint8_t *bq, __m512i offd, __m512i offq,
+                                 qz_blk *s)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    s->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offd, bd, 1)));
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+    {
+        const __m512i q = _mm512_i32gather_epi32(offq, bq + 4 * c, 1);
+        s->q[c] = _mm512_and_si512(q, m4);
+        s->q[4 + c] = _mm512_and_si512(_mm512_srli_epi32(q, 4), m4);
+    }
+}
+
+/* The same from the repacked groups when the 16 rows are 4 whole groups (no gathers for the
+ * quants; s->d is set by qz_unpack_groups_d): g0 is the first group's block (64 bytes: rows
+ * 0..3 x 16 bytes, dword 4j + c = row j's bytes 4c..4c + 3), the others gstride apart; a
+ * 4 x 4 dword transpose per group pair, then 128-bit lane shuffles, put row 4g + j's dword c
+ * in lane 4g + j of vector c. */
+QG_Z512 QG_INLINE void qz_unpack_groups(const uint8_t *g0, size_t gstride, qz_blk *s)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i i01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i i23 =
+        _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512i G0 = _mm512_loadu_si512(g0), G1 = _mm512_loadu_si512(g0 + gstride);
+    const __m512i G2 = _mm512_loadu_si512(g0 + 2 * gstride);
+    const __m512i G3 = _mm512_loadu_si512(g0 + 3 * gstride);
+    /* lanes 0..7: dword c of rows 0..7 of the pair, lanes 8..15: dword c + 1 */
+    const __m512i a01 = _mm512_permutex2var_epi32(G0, i01, G1);
+    const __m512i a23 = _mm512_permutex2var_epi32(G0, i23, G1);
+    const __m512i b01 = _mm512_permutex2var_epi32(G2, i01, G3);
+    const __m512i b23 = _mm512_permutex2var_epi32(G2, i23, G3);
+    const __m512i q[4] = {
+        _mm512_shuffle_i64x2(a01, b01, 0x44), _mm512_shuffle_i64x2(a01, b01, 0xEE),
+        _mm512_shuffle_i64x2(a23, b23, 0x44), _mm512_shuffle_i64x2(a23, b23, 0xEE)};
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+    {
+        s->q[c] = _mm512_and_si512(q[c], m4);
+        s->q[4 + c] = _mm512_and_si512(_mm512_srli_epi32(q[c], 4), m4);
+    }
+}
+
+/* The fp16 scales of blocks 0..3 of 16 rows of repacked groups (each row's scales contiguous:
+ * row r's at bd + off[r]) into s[0..n-1].d, n <= 4: two 8-byte gathers (4 blocks x 8 rows
+ * each) and a word permute per block, instead of a 16-lane gather per block. The 8 bytes may
+ * run past the row's last block into its zero padding (d[4][nbp], nbp a multiple of 8). */
+QG_Z512 QG_INLINE void qz_unpack_groups_d(const uint8_t *bd, __m512i off, int n, qz_blk *s)
+{
+    const __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(off), bd, 1);
+    const __m512i hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(off, 1), bd, 1);
+    for (int i = 0; i < n; i++) {
+        /* word 4r + i of lo (rows 0..7), then of hi (bit 5 of an index picks hi) */
+        const __m512i idx = _mm512_add_epi16(_mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                              0, 0, 0, 60, 56, 52, 48, 44, 40, 36,
+                                                              32, 28, 24, 20, 16, 12, 8, 4, 0),
+                                             _mm512_set1_epi16((short)i));
+        s[i].d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(lo, idx, hi)));
+    }
+}
+
+/* R row sets of 16 (s[q][kb]) x T tokens over kn blocks: token t's Q8_0 blocks at xb[t], its
+ * facts at dy[t] / ny[t] (all from the chunk's first block), its accumulators acc[t][0..R-1]. */
+QG_Z512 QG_INLINE void qz_tile_r(const int R, const int T, int kn, const qz_blk (*s)[QKB],
+                                 const uint8_t *const xb[QT], const float *const dy[QT],
+                                 const int32_t *const ny[QT], __m512 (*acc)[2])
+{
+    __m512 a[QT][2];
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+        _Pragma("GCC unroll 2") for (int q = 0; q < R; q++) a[t][q] = acc[t][q];
+    for (int kb = 0; kb < kn; kb++) {
+        __m512i si[2][QT];
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+        {
+            const __m512i n0 = _mm512_set1_epi32(ny[t][kb]);
+            _Pragma("GCC unroll 2") for (int q = 0; q < R; q++) si[q][t] = n0;
+        }
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+        {
+            __m512i w[2];
+            _Pragma("GCC unroll 2") for (int q = 0; q < R; q++) w[q] = s[q][kb].q[k];
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+            {
+                const __m512i y =
+                    _mm512_set1_epi32(bcast4(xb[t] + (size_t)kb * Q8_BLK + 2 + 4 * k));
+                _Pragma("GCC unroll 2") for (int q = 0; q < R; q++) si[q][t] =
+                    _mm512_dpbusd_epi32(si[q][t], w[q], y);
+            }
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+        {
+            const __m512 dyt = _mm512_set1_ps(dy[t][kb]);
+            _Pragma("GCC unroll 2") for (int q = 0; q < R; q++) a[t][q] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(si[q][t]), _mm512_mul_ps(s[q][kb].d, dyt), a[t][q]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+        _Pragma("GCC unroll 2") for (int q = 0; q < R; q++) acc[t][q] = a[t][q];
+}
+
+QG_Z512 static void qz_tile(int R, int T, int kn, const qz_blk (*s)[QKB],
+                            const uint8_t *const xb[QT], const float *const dy[QT],
+                            const int32_t *const ny[QT], __m512 (*acc)[2])
+{
+#define QZ_CASE(r, t)                                                                              \
+    case 4 * (r) + (t):                                                                            \
+        qz_tile_r(r, t, kn, s, xb, dy, ny, acc);                                                   \
+        break;
+    switch (4 * R + T) {
+        QZ_CASE(2, 4)
+        QZ_CASE(2, 3)
+        QZ_CASE(2, 2)
+        QZ_CASE(2, 1)
+        QZ_CASE(1, 4)
+        QZ_CASE(1, 3)
+        QZ_CASE(1, 2)
+    default:
+        qz_tile_r(1, 1, kn, s, xb, dy, ny, acc);
+        break;
+    }
+#undef QZ_CASE
+}
+
+enum { QZ_ROWS = 16 };
+
+QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L, int64_t n_rows,
+                              int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
+                              size_t y_stride)
+{
+    const int32_t tb = token_block(nb);
+    float dy[QACT];
+    int32_t ny[QACT];
+    __m512 acc[QMAX_TB][2];
+    qz_blk sb[2][QKB];
+    for (int32_t b0 = 0; b0 < n_tok; b0 += tb) {
+        const int32_t bn = n_tok - b0 < tb ? n_tok - b0 : tb;
+        const uint8_t *xt0 = x + (size_t)b0 * x_stride;
+        act_facts(nb, bn, xt0, x_stride, dy, ny);
+        for (int64_t r0 = 0; r0 < n_rows;) {
+            const int R = n_rows - r0 > QZ_ROWS ? 2 : 1;
+            __m512i offd[2], offq[2];
+            const uint8_t *wd[2], *wq[2];
+            int nr[2] = {0, 0};
+            bool grp[2] = {false, false};
+            for (int q = 0; q < R; q++) {
+                const int64_t rq = r0 + q * QZ_ROWS;
+                nr[q] = n_rows - rq < QZ_ROWS ? (int)(n_rows - rq) : QZ_ROWS;
+                /* 4 whole repacked groups of 16-byte quants: loads and shuffles */
+                grp[q] = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_blk == 2 &&
+                         rq % 4 == 0 && nr[q] == QZ_ROWS;
+                /* rows past n_rows repeat the last one (computed, never stored) */
+                const size_t bd = off_d(L, rq), bq = off_q(L, rq);
+                int32_t od[QZ_ROWS], oq[QZ_ROWS];
+                for (int r = 0; r < QZ_ROWS; r++) {
+                    const int64_t rr = rq + (r < nr[q] ? r : nr[q] - 1);
+                    od[r] = (int32_t)(off_d(L, rr) - bd);
+                    oq[r] = (int32_t)(off_q(L, rr) - bq);
+                }
+                offd[q] = _mm512_loadu_si512(od);
+                offq[q] = _mm512_loadu_si512(oq);
+                wd[q] = w + bd;
+                wq[q] = w + bq;
+            }
+            for (int32_t t = 0; t < bn; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            for (int64_t k0 = 0; k0 < nb; k0 += QKB) {
+                const int kn = nb - k0 < QKB ? (int)(nb - k0) : QKB;
+                for (int q = 0; q < R; q++) {
+                    if (grp[q]) {
+                        for (int kb = 0; kb < kn; kb += 4)
+                            qz_unpack_groups_d(wd[q] + (size_t)(k0 + kb) * L->d_blk, offd[q],
+                                               kn - kb < 4 ? kn - kb : 4, &sb[q][kb]);
+                        for (int kb = 0; kb < kn; kb++)
+                            qz_unpack_groups(wq[q] + (size_t)(k0 + kb) * L->q_blk, L->group_stride,
+                                             &sb[q][kb]);
+                    } else
+                        for (int kb = 0; kb < kn; kb++)
+                            qz_unpack(wd[q] + (size_t)(k0 + kb) * L->d_blk,
+                                      wq[q] + (size_t)(k0 + kb) * L->q_blk, offd[q], offq[q],
+                                      &sb[q][kb]);
+                }
+                for (int32_t t0 = 0; t0 < bn; t0 += QT) {
+                    const int nt = bn - t0 < QT ? (int)(bn - t0) : QT;
+                    const uint8_t *xb[QT];
+                    const float *dyp[QT];
+                    const int32_t *nyp[QT];
+                    for (int t = 0; t < QT; t++) {
+                        const int32_t tt = t0 + (t < nt ? t : 0);
+                        xb[t] = xt0 + (size_t)tt * x_stride + (size_t)k0 * Q8_BLK;
+                        dyp[t] = dy + (size_t)tt * (size_t)nb + (size_t)k0;
+                        nyp[t] = ny + (size_t)tt * (size_t)nb + (size_t)k0;
+                    }
+                    qz_tile(R, nt, kn, (const qz_blk(*)[QKB])sb, xb, dyp, nyp, acc + t0);
+                }
+            }
+            for (int q = 0; q < R; q++) {
+                const __mmask16 mask = (__mmask16)((1u << nr[q]) - 1u);
+                for (int32_t t = 0; t < bn; t++)
+                    _mm512_mask_storeu_ps(y + (size_t)(b0 + t) * y_stride +
+                                              (size_t)(r0 + q * QZ_ROWS),
+                                          mask, acc[t][q]);
+            }
+            r0 += (int64_t)R * QZ_ROWS;
+        }
+    }
+}
+
+/* ---- AVX2 ------------------------------------------------------------------------------ */
+
+#define QG_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* One block of 8 rows (lane r: row r), as qz_blk. */
+typedef struct {
+    __m256i q[8];
+    __m256 d;
+} qa_blk;
+
+enum { QA_ROWS = 8 };
+
+QG_AVX2 QG_INLINE void qa_unpack(const uint8_t *bd, const uint8_t *bq, __m256i offd, __m256i offq,
+                                 qa_blk *s)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    /* the low 16 bits of each dword lane: fp16 d */
+    const __m256i dd = _mm256_i32gather_epi32((const int *)bd, offd, 1);
+    const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
+                                            _mm256_setzero_si256()); /* [0..3 x 4..7 x] */
+    const __m256i d16p = _mm256_permute4x64_epi64(d16, 0x08);        /* [0..3 4..7 x x] */
+    s->d = _mm256_cvtph_ps(_mm256_castsi256_si128(d16p));
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+    {
+        const __m256i q = _mm256_i32gather_epi32((const int *)(bq + 4 * c), offq, 1);
+        s->q[c] = _mm256_and_si256(q, m4);
+        s->q[4 + c] = _mm256_and_si256(_mm256_srli_epi32(q, 4), m4);
+    }
+}
+
+/* One row set of 8 x T tokens over kn blocks (as qz_tile_r). */
+QG_AVX2 QG_INLINE void qa_tile_t(const int T, int kn, const qa_blk *s, const uint8_t *const xb[QT],
+                                 const float *const dy[QT], const int32_t *const ny[QT],
+                                 __m256 *acc)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a[QT];
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) a[t] = acc[t];
+    for (int kb = 0; kb < kn; kb++) {
+        __m256i s16[QT];
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) s16[t] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+        {
+            const __m256i wk = s[kb].q[k];
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+            {
+                const __m256i yk =
+                    _mm256_set1_epi32(bcast4(xb[t] + (size_t)kb * Q8_BLK + 2 + 4 * k));
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wk, yk));
+            }
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+        {
+            const __m256i i32 =
+                _mm256_add_epi32(_mm256_madd_epi16(s16[t], ones), _mm256_set1_epi32(ny[t][kb]));
+            a[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32),
+                                   _mm256_mul_ps(s[kb].d, _mm256_set1_ps(dy[t][kb])), a[t]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) acc[t] = a[t];
+}
+
+QG_AVX2 static void qa_tile(int T, int kn, const qa_blk *s, const uint8_t *const xb[QT],
+                            const float *const dy[QT], const int32_t *const ny[QT], __m256 *acc)
+{
+    switch (T) {
+    case 4:
+        qa_tile_t(4, kn, s, xb, dy, ny, acc);
+        break;
+    case 3:
+        qa_tile_t(3, kn, s, xb, dy, ny, acc);
+        break;
+    case 2:
+        qa_tile_t(2, kn, s, xb, dy, ny, acc);
+        break;
+    default:
+        qa_tile_t(1, kn, s, xb, dy, ny, acc);
+        break;
+    }
+}
+
+QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L, int64_t n_rows,
+                              int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
+                              size_t y_stride)
+{
+    const int32_t tb = token_block(nb);
+    float dy[QACT];
+    int32_t ny[QACT];
+    __m256 acc[QMAX_TB];
+    qa_blk sb[QKB];
+    for (int32_t b0 = 0; b0 < n_tok; b0 += tb) {
+        const int32_t bn = n_tok - b0 < tb ? n_tok - b0 : tb;
+        const uint8_t *xt0 = x + (size_t)b0 * x_stride;
+        act_facts(nb, bn, xt0, x_stride, dy, ny);
+        for (int64_t r0 = 0; r0 < n_rows; r0 += QA_ROWS) {
+            const int nr = n_rows - r0 < QA_ROWS ? (int)(n_rows - r0) : QA_ROWS;
+            const size_t bd = off_d(L, r0), bq = off_q(L, r0);
+            int32_t od[QA_ROWS], oq[QA_ROWS];
+            for (int r = 0; r < QA_ROWS; r++) {
+                const int64_t rr = r0 + (r < nr ? r : nr - 1);
+                od[r] = (int32_t)(off_d(L, rr) - bd);
+                oq[r] = (int32_t)(off_q(L, rr) - bq);
+            }
+            const __m256i offd = _mm256_loadu_si256((const __m256i *)od);
+            const __m256i offq = _mm256_loadu_si256((const __m256i *)oq);
+            for (int32_t t = 0; t < bn; t++) acc[t] = _mm256_setzero_ps();
+            for (int64_t k0 = 0; k0 < nb; k0 += QKB) {
+                const int kn = nb - k0 < QKB ? (int)(nb - k0) : QKB;
+                for (int kb = 0; kb < kn; kb++)
+                    qa_unpack(w + bd + (size_t)(k0 + kb) * L->d_blk,
+                              w + bq + (size_t)(k0 + kb) * L->q_blk, offd, offq, &sb[kb]);
+                for (int32_t t0 = 0; t0 < bn; t0 += QT) {
+                    const int nt = bn - t0 < QT ? (int)(bn - t0) : QT;
+                    const uint8_t *xb[QT];
+                    const float *dyp[QT];
+                    const int32_t *nyp[QT];
+                    for (int t = 0; t < QT; t++) {
+                        const int32_t tt = t0 + (t < nt ? t : 0);
+                        xb[t] = xt0 + (size_t)tt * x_stride + (size_t)k0 * Q8_BLK;
+                        dyp[t] = dy + (size_t)tt * (size_t)nb + (size_t)k0;
+                        nyp[t] = ny + (size_t)tt * (size_t)nb + (size_t)k0;
+                    }
+                    qa_tile(nt, kn, sb, xb, dyp, nyp, acc + t0);
+                }
+            }
+            for (int32_t t = 0; t < bn; t++) {
+                float out[QA_ROWS];
+                _mm256_storeu_ps(out, acc[t]);
+                memcpy(y + (size_t)(b0 + t) * y_stride + (size_t)r0, out,
+                       sizeof(float) * (size_t)nr);
+            }
+        }
+    }
+}
+
+#endif /* QG_X86 */
+
+static void gemm(int isa, int64_t n, const uint8_t *w, const q40_layout *L, int64_t n_rows,
+                 int32_t n_tok, const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
+{
+    const int64_t nb = n / 32;
+    if (n_rows <= 0 || n_tok <= 0) return;
+#if QG_X86
+    if (isa >= TSR_GGML_VNNI) {
+        gemm_z512(nb, w, L, n_rows, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
+    if (isa >= TSR_GGML_AVX2) {
+        gemm_avx2(nb, w, L, n_rows, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
+#endif
+    (void)isa;
+    for (int32_t t = 0; t < n_tok; t++) {
+        const uint8_t *xt = x + (size_t)t * x_stride;
+        for (int64_t r = 0; r < n_rows; r++)
+            y[(size_t)t * y_stride + (size_t)r] =
+                dot_scalar(nb, w + off_d(L, r), w + off_q(L, r), L, xt);
+    }
+}
+
+void tsr_q40_gemm_dot(int isa, int64_t n, int64_t n_rows, const void *w, size_t row_stride,
+                      int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
+{
+    const q40_layout L = {.rpg = 1,
+                          .group_stride = row_stride,
+                          .d_row = 0,
+                          .d_off = 0,
+                          .d_blk = Q4_BLK,
+                          .q_row = 0,
+                          .q_off = 2,
+                          .q_blk = Q4_BLK};
+    gemm(isa, n, w, &L, n_rows, n_tok, x, x_stride, y, y_stride);
+}
+
+void tsr_q40_gemm_dot_repacked(int isa, int64_t n, int64_t n_rows, const void *packed,
+                               int32_t n_tok, const void *x, size_t x_stride, float *y,
+                               size_t y_stride)
+{
+    const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
+    const q40_layout L = {.rpg = TSR_REPACK_ROWS,
+                          .group_stride = tsr_repack_group_bytes(TSR_TYPE_Q4_0, n),
+                          .d_row = nbp * 2,
+                          .d_off = 0,
+                          .d_blk = 2,
+                          .q_row = 16,
+                          .q_off = TSR_REPACK_ROWS * nbp * 2,
+                          .q_blk = TSR_REPACK_ROWS * 16};
+    gemm(isa, n, packed, &L, n_rows, n_tok, x, x_stride, y, y_stride);
+}

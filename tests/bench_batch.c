@@ -1,0 +1,177 @@
+/*
+ * bench_batch.c — the cost of a decode step of many sequences against one of a single
+ * sequence: the ceiling of `tessera serve`'s throughput at concurrency S over concurrency 1
+ * (ops/bench/serving.sh measures the real thing through gRPC; this times the forward pass
+ * alone, without the scheduler, sampling or the network). A benchmark, not a test: it
+ * prints figures and checks nothing.
+ *
+ *   bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] [-r REPS]
+ *
+ * A paged f16 KV cache (as serve) holds SEQS sequences of CONTEXT cached tokens each
+ * (default 16 sequences of 40: the middle of serving.sh's 64-token requests); then one
+ * decode step of 1 sequence and one of all SEQS sequences (one token each, logits for
+ * every token) are timed REPS times each, interleaved. Prints the medians, the time per
+ * token and the ratio SEQS * t(1) / t(SEQS), the tokens/s a batch of SEQS gives over one,
+ * from the wall time and from the process's CPU time (with -t 1 that is the work itself,
+ * less disturbed by a busy machine; with more threads it counts their waits too).
+ * Timings on a shared machine are noisy: take the median of several runs.
+ */
+#include "kernels/kvcache.h"
+#include "kernels/util.h"
+#include "worker/model.h"
+
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* CPU time of the process (all threads), ns: with -t 1 the work itself, which a busy shared
+ * machine disturbs less than the wall time. */
+static uint64_t cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model = NULL;
+    int n_threads = 2, n_seqs = 16, n_ctx = 40, reps = 21, c;
+    while ((c = getopt(argc, argv, "m:t:s:c:r:")) != -1) {
+        if (c == 'm')
+            model = optarg;
+        else if (c == 't')
+            n_threads = atoi(optarg);
+        else if (c == 's')
+            n_seqs = atoi(optarg);
+        else if (c == 'c')
+            n_ctx = atoi(optarg);
+        else if (c == 'r')
+            reps = atoi(optarg);
+        else
+            return 2;
+    }
+    if (!model || n_threads < 1 || n_seqs < 1 || n_ctx < 1 || reps < 1) {
+        fprintf(stderr, "usage: bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] "
+                        "[-r REPS]\n");
+        return 2;
+    }
+    const int32_t bps = (n_ctx + 1 + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
+    const int32_t n_batch = n_ctx > n_seqs ? n_ctx : n_seqs;
+    char err[512];
+    tsr_gguf *g;
+    tsr_model *m;
+    tsr_ctx *ctx;
+    if (tsr_gguf_open(model, &g, err, sizeof err) || tsr_model_load(g, &m, err, sizeof err) ||
+        tsr_ctx_new_paged_kv(m, n_seqs * bps, n_batch, n_threads, TSR_KV_F16, &ctx, err,
+                             sizeof err)) {
+        fprintf(stderr, "bench_batch: %s\n", err);
+        return 1;
+    }
+    const int32_t nb = n_batch;
+    int32_t *tables = malloc(sizeof(int32_t) * (size_t)(n_seqs * bps));
+    const int32_t **tabs = malloc(sizeof(int32_t *) * (size_t)n_seqs);
+    int32_t *n_blocks = malloc(sizeof(int32_t) * (size_t)n_seqs);
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)nb),
+            *pos = malloc(sizeof(int32_t) * (size_t)nb), *sq = malloc(sizeof(int32_t) * (size_t)nb);
+    uint8_t *want = malloc((size_t)nb);
+    float *x = malloc(sizeof(float) * (size_t)nb * (size_t)m->hp.n_embd);
+    float *logits = malloc(sizeof(float) * (size_t)nb * (size_t)m->hp.n_vocab);
+    uint64_t *t1 = malloc(sizeof(uint64_t) * (size_t)reps),
+             *ts = malloc(sizeof(uint64_t) * (size_t)reps);
+    uint64_t *c1 = malloc(sizeof(uint64_t) * (size_t)reps),
+             *cs = malloc(sizeof(uint64_t) * (size_t)reps);
+    if (!tables || !tabs || !n_blocks || !toks || !pos || !sq || !want || !x || !logits || !t1 ||
+        !ts || !c1 || !cs) {
+        fprintf(stderr, "bench_batch: out of memory\n");
+        return 1;
+    }
+    /* blocks of the sequences interleaved over the pool, as a busy server's end up */
+    for (int32_t s = 0; s < n_seqs; s++) {
+        for (int32_t k = 0; k < bps; k++) tables[s * bps + k] = k * n_seqs + s;
+        tabs[s] = tables + s * bps;
+        n_blocks[s] = bps;
+    }
+    /* the prompts: one batch per sequence, pseudo-random ids */
+    uint32_t r = 12345;
+    for (int32_t s = 0; s < n_seqs; s++) {
+        for (int32_t i = 0; i < n_ctx; i++) {
+            r = r * 1103515245u + 12345u;
+            toks[i] = (int32_t)((r >> 8) % (uint32_t)m->hp.n_vocab);
+            pos[i] = i;
+            sq[i] = s;
+            want[i] = i == n_ctx - 1;
+        }
+        tsr_batch b = {.n_tokens = n_ctx,
+                       .tokens = toks,
+                       .pos = pos,
+                       .seq = sq,
+                       .want_logits = want,
+                       .n_seqs = n_seqs,
+                       .block_tables = tabs,
+                       .n_blocks = n_blocks};
+        if (tsr_forward_batch(ctx, &b, x, logits, err, sizeof err)) {
+            fprintf(stderr, "bench_batch: %s\n", err);
+            return 1;
+        }
+    }
+    for (int32_t s = 0; s < n_seqs; s++) {
+        toks[s] = (int32_t)((s * 7919 + 11) % m->hp.n_vocab);
+        pos[s] = n_ctx;
+        sq[s] = s;
+        want[s] = 1;
+    }
+    tsr_batch b1 = {.n_tokens = 1,
+                    .tokens = toks,
+                    .pos = pos,
+                    .seq = sq,
+                    .want_logits = want,
+                    .n_seqs = n_seqs,
+                    .block_tables = tabs,
+                    .n_blocks = n_blocks};
+    tsr_batch bs = b1;
+    bs.n_tokens = n_seqs;
+    for (int i = 0; i < reps + 1; i++) { /* the first of each: warm-up */
+        uint64_t a = tsr_now_ns(), ca = cpu_ns();
+        if (tsr_forward_batch(ctx, &b1, x, logits, err, sizeof err)) goto fail;
+        uint64_t bt = tsr_now_ns(), cb = cpu_ns();
+        if (tsr_forward_batch(ctx, &bs, x, logits, err, sizeof err)) goto fail;
+        uint64_t e = tsr_now_ns(), ce = cpu_ns();
+        if (i > 0) {
+            t1[i - 1] = bt - a;
+            ts[i - 1] = e - bt;
+            c1[i - 1] = cb - ca;
+            cs[i - 1] = ce - cb;
+        }
+    }
+    qsort(t1, (size_t)reps, sizeof *t1, cmp_u64);
+    qsort(ts, (size_t)reps, sizeof *ts, cmp_u64);
+    qsort(c1, (size_t)reps, sizeof *c1, cmp_u64);
+    qsort(cs, (size_t)reps, sizeof *cs, cmp_u64);
+    const double ms1 = t1[reps / 2] / 1e6, mss = ts[reps / 2] / 1e6;
+    const double cms1 = c1[reps / 2] / 1e6, cmss = cs[reps / 2] / 1e6;
+    printf("%s: %d threads, %d sequences of %d cached tokens, f16 KV, attention %s, median of %d\n",
+           model, n_threads, n_seqs, n_ctx, tsr_attn_isa(), reps);
+    printf("  step of 1 sequence    %8.2f ms   CPU %8.2f ms\n", ms1, cms1);
+    printf("  step of %2d sequences  %8.2f ms   CPU %8.2f ms  (%.2f ms per token)\n", n_seqs, mss,
+           cmss, mss / n_seqs);
+    printf("  throughput ratio      %8.2f x  (%d x t(1) / t(%d): the ceiling of serve's c%d/c1)\n",
+           n_seqs * ms1 / mss, n_seqs, n_seqs, n_seqs);
+    printf("  CPU time ratio        %8.2f x  (the same from CPU time: with -t 1, the work)\n",
+           n_seqs * cms1 / cmss);
+    tsr_ctx_free(ctx);
+    tsr_model_free(m);
+    tsr_gguf_close(g);
+    return 0;
+fail:
+    fprintf(stderr, "bench_batch: %s\n", err);
+    return 1;
+}
