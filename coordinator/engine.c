@@ -946,8 +946,15 @@ static void after_step(tsr_engine *e, int32_t n_bseq, const float *logits)
         int reason = -1;
         int32_t accepted = 0;
         for (int32_t i = 0; i <= m && reason < 0; i++) {
-            memcpy(e->lg, logits + (size_t)(row + i) * V, sizeof(float) * V);
+            const float *row_i = logits + (size_t)(row + i) * V;
             int32_t id;
+            if (i == m && s->logprobs == 0 && tsr_sampler_read_only(s->smp)) {
+                /* greedy, no penalties: the argmax of the step's row, no scratch copy */
+                id = tsr_sampler_sample_read_only(s->smp, row_i);
+                reason = emit_token(e, s, id, NULL, NULL);
+                continue;
+            }
+            memcpy(e->lg, row_i, sizeof(float) * V);
             if (i < m) {
                 bool ok;
                 id = tsr_sampler_sample_spec(s->smp, e->lg, s->draft[i], &ok);

@@ -11,6 +11,7 @@
 #include "kernels/util.h"
 
 #include <float.h>
+#include <immintrin.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -481,7 +482,7 @@ static float scale_clean_max(float *l, int32_t n, float temp)
 
 /* Index of the first maximum of logits[0..n) (NaN never wins); 0 when none is > -inf. A
  * vector pass for the max, then a scan for its first occurrence. */
-static int32_t argmax_first(const float *l, int32_t n)
+static int32_t argmax_first_v4(const float *l, int32_t n)
 {
     v4f m = (v4f){0} - INFINITY;
     int32_t i = 0;
@@ -497,6 +498,38 @@ static int32_t argmax_first(const float *l, int32_t n)
         if (l[i] == mx) return i;
     }
     return 0; /* unreachable */
+}
+
+/* argmax_first_v4 16 lanes at a time: vmaxps returns its second operand when either is NaN
+ * or both are equal, so (v, m) keeps m exactly where v > m is false, as v4f_select; the
+ * first occurrence by compare masks. The same index for every input. */
+__attribute__((target("avx512f"))) static int32_t argmax_first_avx512(const float *l, int32_t n)
+{
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(l + i), m);
+    float lanes[16];
+    _mm512_storeu_ps(lanes, m);
+    float mx = -INFINITY;
+    for (int j = 0; j < 16; j++) mx = lanes[j] > mx ? lanes[j] : mx;
+    for (; i < n; i++) mx = l[i] > mx ? l[i] : mx;
+    if (mx == -INFINITY) return 0;
+    const __m512 vx = _mm512_set1_ps(mx);
+    for (i = 0; i + 16 <= n; i += 16) {
+        const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + i), vx, _CMP_EQ_OQ);
+        if (k) return i + __builtin_ctz((unsigned)k);
+    }
+    for (; i < n; i++)
+        if (l[i] == mx) return i;
+    return 0; /* unreachable */
+}
+
+/* Index of the first maximum of logits[0..n) (NaN never wins); 0 when none is > -inf. */
+static int32_t argmax_first(const float *l, int32_t n)
+{
+    static int avx512 = -1;
+    if (avx512 < 0) avx512 = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return avx512 ? argmax_first_avx512(l, n) : argmax_first_v4(l, n);
 }
 
 /* Draw from weights w[0..n) (>= 0) with total `sum` > 0; returns the index. */
@@ -676,6 +709,18 @@ static int32_t sample_impl(tsr_sampler *s, float *logits, int32_t n_top, int32_t
     id = c[draw_index_cand(s, c, nc, sum)].id;
     if (chosen_lp) *chosen_lp = weights_in_logits ? logf(logits[id]) + max - lse : logits[id] - lse;
     return id;
+}
+
+bool tsr_sampler_read_only(const tsr_sampler *s)
+{
+    const tsr_sampling_params *p = &s->p;
+    return p->temperature < TSR_SAMPLER_GREEDY_EPS && p->repetition_penalty == 1.0f &&
+           p->frequency_penalty == 0.0f && p->presence_penalty == 0.0f;
+}
+
+int32_t tsr_sampler_sample_read_only(const tsr_sampler *s, const float *logits)
+{
+    return argmax_first(logits, s->n_vocab);
 }
 
 int32_t tsr_sampler_sample(tsr_sampler *s, float *logits)

@@ -106,6 +106,12 @@ void tsr_sampler_apply_penalties(const tsr_sampler *s, float *logits);
  * draw index at the current position (greedy calls do not touch the RNG). */
 int32_t tsr_sampler_sample(tsr_sampler *s, float *logits);
 
+/* Whether tsr_sampler_sample leaves logits untouched (greedy without penalties): then
+ * tsr_sampler_sample_read_only gives the same id from logits it only reads (the caller
+ * needs no scratch copy). Predicate of the parameters only. */
+bool tsr_sampler_read_only(const tsr_sampler *s);
+int32_t tsr_sampler_sample_read_only(const tsr_sampler *s, const float *logits);
+
 /* As tsr_sampler_sample, and also report log-probabilities for the OpenAI `logprobs`
  * fields, taken from log_softmax of the logits after penalties and temperature (temperature
  * 1 when greedy) and before top-k / top-p / min-p:

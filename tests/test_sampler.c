@@ -163,6 +163,66 @@ static void test_greedy_large_vocab(void **state)
     free(scratch);
 }
 
+/* The argmax (16 lanes with AVX-512, 4 otherwise) and the read-only path against a scalar
+ * first-maximum over sizes around the vector widths: ties across lanes and the tail, NaNs
+ * everywhere (kind 7: one after the maximum in its lane), signed zeros, +inf, all -inf /
+ * NaN (-> 0). tsr_sampler_read_only only for
+ * greedy without penalties. */
+static void test_greedy_read_only(void **state)
+{
+    (void)state;
+    tsr_sampling_params p;
+    tsr_sampling_params_default(&p);
+    p.temperature = 0.0f;
+    uint64_t r = 99;
+    for (int32_t n = 1; n <= 70; n++) {
+        tsr_sampler *s = make_sampler(&p, n);
+        assert_true(tsr_sampler_read_only(s));
+        float *l = malloc(sizeof(float) * (size_t)n), *scratch = malloc(sizeof(float) * (size_t)n);
+        for (int kind = 0; kind < 8; kind++) {
+            for (int32_t i = 0; i < n; i++) {
+                r = r * 6364136223846793005ull + 1442695040888963407ull;
+                const int v = (int)(r >> 59); /* 0..31: few values, many ties */
+                l[i] = kind == 0   ? (float)(v % 5)
+                       : kind == 1 ? (v < 8 ? NAN : (float)(v % 3))
+                       : kind == 2 ? (v < 16 ? -0.0f : 0.0f)
+                       : kind == 3 ? (v == 0 ? INFINITY : (float)v)
+                       : kind == 4 ? -INFINITY
+                       : kind == 5 ? NAN
+                       : kind == 6 ? (v < 16 ? NAN : -INFINITY)
+                                   : (i == 0        ? 5.0f
+                                      : i % 16 == 0 ? NAN
+                                                    : 1.0f);
+            }
+            int32_t want = 0;
+            float mx = -INFINITY;
+            for (int32_t i = 0; i < n; i++)
+                if (l[i] > mx) {
+                    mx = l[i];
+                    want = i;
+                }
+            const int32_t ro = tsr_sampler_sample_read_only(s, l);
+            const int32_t got = draw(s, l, n, scratch);
+            if (ro != want || got != want)
+                fail_msg("greedy over %d logits (kind %d): read-only %d, sample %d, the first "
+                         "maximum is %d",
+                         (int)n, kind, (int)ro, (int)got, (int)want);
+        }
+        free(l);
+        free(scratch);
+        tsr_sampler_free(s);
+    }
+    p.repetition_penalty = 1.1f;
+    tsr_sampler *s = make_sampler(&p, 5);
+    assert_false(tsr_sampler_read_only(s));
+    tsr_sampler_free(s);
+    tsr_sampling_params_default(&p);
+    p.temperature = 0.7f;
+    s = make_sampler(&p, 5);
+    assert_false(tsr_sampler_read_only(s));
+    tsr_sampler_free(s);
+}
+
 /* ---- seeds */
 
 static void run_sequence(const tsr_sampling_params *p, const float *l, int32_t n, int32_t *out,
@@ -1044,6 +1104,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_argmax),
         cmocka_unit_test(test_greedy_large_vocab),
+        cmocka_unit_test(test_greedy_read_only),
         cmocka_unit_test(test_seed_determinism),
         cmocka_unit_test(test_resume_same_draws),
         cmocka_unit_test(test_top_k_one_is_greedy),
