@@ -2,8 +2,9 @@
  * test_ops.c — kernels/ops dispatch: tsr_matmul_multi over weights of different types
  * (dot types Q8_0, Q8_K and F32 in one pool run, as Q/K/V of a Q4_K_M file can be) equals
  * one tsr_matmul per weight bit for bit, for 1, 3 and 8 tokens (decode, the token-by-token
- * path of short verify steps, and tiles), and 1, 2 and 5 threads give the same bits; GEGLU's
- * GELU table equals ggml's entry for entry.
+ * path of short verify steps, and tiles), and 1, 2 and 5 threads give the same bits; one
+ * token's guided row claims split large weights (file layout and repacked groups) without
+ * changing a row; GEGLU's GELU table equals ggml's entry for entry.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,6 +18,7 @@
 
 #include "kernels/ops.h"
 #include "kernels/quant.h"
+#include "kernels/repack.h"
 #include "tests/util.h"
 
 #define N_IN 512
@@ -108,6 +110,72 @@ static void test_multi_mixed_types(void **state)
  * 0.3.36, after ggml_cpu_init): an FNV-1a hash over the 37376 entries (low byte, then high
  * byte, in input order) and three entries, -1.99902344 (0xbfff) being the one where ggml's
  * FMA-contracted 1 + 0.044715*x*x changes the rounded result. */
+/* One token over weights large enough that the guided claims (ops.c mm_claim: 1/(2 nth) of
+ * the rows left, at least 64 KiB) split each weight into several pieces and stop at the
+ * weights' ends (row counts not multiples of 4), from the file layout (Q8_0) and from the
+ * repacked groups (Q4_K, data NULL as on a tp slice): every row equals its own row dot
+ * (tsr_vec_dot), for 1, 2, 3 and 5 threads. */
+static void test_one_token_guided_claims(void **state)
+{
+    (void)state;
+    static const uint32_t types[3] = {TSR_TYPE_Q8_0, TSR_TYPE_Q4_K, TSR_TYPE_Q8_0};
+    static const int64_t n_out[3] = {1501, 2002, 403};
+    owned_weight ow[3];
+    void *packed = NULL;
+    const tsr_weight *ws[3];
+    for (int k = 0; k < 3; k++) {
+        make_weight(&ow[k], types[k], n_out[k]);
+        ws[k] = &ow[k].w;
+    }
+    /* weight 1 keeps only its groups */
+    packed = aligned_alloc(64, (tsr_repack_bytes(TSR_TYPE_Q4_K, N_IN, n_out[1]) + 63) / 64 * 64);
+    assert_non_null(packed);
+    assert_int_equal(
+        tsr_repack(TSR_TYPE_Q4_K, N_IN, n_out[1], ow[1].data, ow[1].w.row_bytes, packed), 0);
+    ow[1].w.packed = packed;
+    ow[1].w.data = NULL;
+    float x[N_IN];
+    for (int i = 0; i < N_IN; i++) x[i] = tsr_test_frand(&rng);
+    float *ref[3], *got[3];
+    uint8_t xq[2][4096];
+    tsr_quant_act_row(TSR_TYPE_Q8_0, x, xq[0], N_IN);
+    tsr_quant_act_row(TSR_TYPE_Q8_K, x, xq[1], N_IN);
+    for (int k = 0; k < 3; k++) {
+        ref[k] = malloc(sizeof(float) * (size_t)n_out[k]);
+        got[k] = malloc(sizeof(float) * (size_t)n_out[k]);
+        assert_non_null(ref[k]);
+        assert_non_null(got[k]);
+        for (int64_t r = 0; r < n_out[k]; r++)
+            ref[k][r] = tsr_vec_dot(types[k], N_IN,
+                                    (const uint8_t *)ow[k].data + (size_t)r * ow[k].w.row_bytes,
+                                    xq[types[k] == TSR_TYPE_Q4_K]);
+    }
+    void *sc = malloc(tsr_matmul_multi_scratch_bytes(ws, 3, 1));
+    assert_non_null(sc);
+    static const int threads[4] = {1, 2, 3, 5};
+    for (int hi = 0; hi < 4; hi++) {
+        tsr_pool *p = tsr_pool_new(threads[hi]);
+        assert_non_null(p);
+        for (int k = 0; k < 3; k++) memset(got[k], 0xff, sizeof(float) * (size_t)n_out[k]);
+        tsr_matmul_multi(p, ws, got, 3, x, 1, sc);
+        for (int k = 0; k < 3; k++)
+            for (int64_t r = 0; r < n_out[k]; r++)
+                if (memcmp(&ref[k][r], &got[k][r], sizeof(float)) != 0)
+                    fail_msg("weight %d (type %u, %lld rows), %d threads, row %lld: expected "
+                             "%.9g (its row dot), got %.9g (one-token matmul)",
+                             k, types[k], (long long)n_out[k], threads[hi], (long long)r, ref[k][r],
+                             got[k][r]);
+        tsr_pool_free(p);
+    }
+    free(sc);
+    free(packed);
+    for (int k = 0; k < 3; k++) {
+        free(ref[k]);
+        free(got[k]);
+        free(ow[k].data);
+    }
+}
+
 static void test_geglu_ggml_table(void **state)
 {
     (void)state;
@@ -143,6 +211,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_multi_mixed_types),
+        cmocka_unit_test(test_one_token_guided_claims),
         cmocka_unit_test(test_geglu_ggml_table),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
