@@ -919,33 +919,37 @@ static int cmd_bench(int argc, char **argv)
         int32_t *table = malloc(sizeof(int32_t) * (size_t)n_tab);
         if (!table) goto stop;
         for (int32_t i = 0; i < n_tab; i++) table[i] = i;
-        for (int ki = 0; ki < 5; ki++) {
-            int32_t k1 = vk[ki] + 1, pos[9], sq[9] = {0};
-            uint8_t want[9];
-            for (int32_t i = 0; i < k1; i++) {
-                pos[i] = (int32_t)n_prompt + i;
-                want[i] = 1;
-            }
-            const int32_t *tabs[1] = {table};
-            tsr_batch b = {.n_tokens = k1,
-                           .tokens = toks,
-                           .pos = pos,
-                           .seq = sq,
-                           .want_logits = want,
-                           .n_seqs = 1,
-                           .block_tables = tabs,
-                           .n_blocks = &n_tab};
-            double best[7];
-            for (int r = 0; r < 7; r++) {
+        /* The five widths interleaved rep by rep (a shared machine's load drifts over a
+         * run; back-to-back reps of one width would fold the drift into the ratios). */
+        double best[5][7];
+        for (int r = 0; r < 7; r++) {
+            for (int ki = 0; ki < 5; ki++) {
+                int32_t k1 = vk[ki] + 1, pos[9], sq[9] = {0};
+                uint8_t want[9];
+                for (int32_t i = 0; i < k1; i++) {
+                    pos[i] = (int32_t)n_prompt + i;
+                    want[i] = 1;
+                }
+                const int32_t *tabs[1] = {table};
+                tsr_batch b = {.n_tokens = k1,
+                               .tokens = toks,
+                               .pos = pos,
+                               .seq = sq,
+                               .want_logits = want,
+                               .n_seqs = 1,
+                               .block_tables = tabs,
+                               .n_blocks = &n_tab};
                 uint64_t t0 = tsr_now_ns();
                 if (tsr_replica_step(rep, &b, &logits, err, sizeof err) != 0) {
                     free(table);
                     goto stop;
                 }
-                best[r] = (double)(tsr_now_ns() - t0);
+                best[ki][r] = (double)(tsr_now_ns() - t0);
             }
-            qsort(best, 7, sizeof(double), cmp_double);
-            vc[ki] = best[3];
+        }
+        for (int ki = 0; ki < 5; ki++) {
+            qsort(best[ki], 7, sizeof(double), cmp_double);
+            vc[ki] = best[ki][3];
         }
         free(table);
     }

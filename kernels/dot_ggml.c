@@ -308,11 +308,14 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         if (r < nr) y[(size_t)t * ys + r] = v;                                                     \
     }
 
-#define GG_TILE_PREFETCH(BLK)                                                                      \
+/* The next row group prefetched over the K loop: HINT _MM_HINT_T0 (L1) in the Q4_1 and AVX2
+ * tiles; the VNNI Q8_0 tile takes _MM_HINT_T1 (below). */
+#define GG_TILE_PREFETCH_H(BLK, HINT)                                                              \
     if (pf) {                                                                                      \
         pend += 4 * sizeof(BLK);                                                                   \
-        for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, _MM_HINT_T0);                   \
+        for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, HINT);                          \
     }
+#define GG_TILE_PREFETCH(BLK) GG_TILE_PREFETCH_H(BLK, _MM_HINT_T0)
 
 /* The pairs' scale products dd[r][t][j] = dw[r][b0 + j] * dx[t][b0 + j] for 8 blocks from b0
  * (the same single rounding as one product per pair and block, 8 at a time; rows of dw and dx
@@ -374,18 +377,49 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         GG_TILE_STORE(T);                                                                          \
     }
 
+/* The fp16 scales d of 8 consecutive Q8_0 blocks (m < 8: the first m, the rest 0) as floats,
+ * read from the weights themselves as the tile reaches them (a separate pass over a row group's
+ * scales before its tile waited on the memory the tile's prefetch had not brought yet). Whole
+ * chunks: the 272 bytes as four 64-byte loads, d of block k at 16-bit word 17k picked by two
+ * vpermt2w (blocks 0-3 from the first 128 bytes, 4-7 from the next 128). */
+GG_VNNI GG_INLINE __m256 gg_row_d8(const gg_q8_0 *w, int m)
+{
+    if (m == 8) {
+        const uint8_t *p = (const uint8_t *)w;
+        static const uint16_t k_idx[32] = {0, 17, 34, 51, 4, 21, 38, 55};
+        const __m512i idx = _mm512_loadu_si512(k_idx);
+        const __m512i lo =
+            _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+        const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(p + 128), idx,
+                                                     _mm512_loadu_si512(p + 192));
+        const __m512i d = _mm512_mask_mov_epi16(lo, 0xF0, hi);
+        return _mm256_cvtph_ps(_mm512_castsi512_si128(d));
+    }
+    uint16_t h[8] = {0};
+    for (int k = 0; k < m; ++k) h[k] = w[k].d;
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
 /* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
  * above. The vector pipes bound it, so the pairs' scales fp16(d_w) * fp16(d_x) (the same single
  * rounding) are multiplied 8 blocks at a time into dd before the blocks' integer dots, not once
  * per pair and block, and each FMA takes its scale as a broadcast load; up to 6 tokens, so a
  * speculative step of k = 4 drafts (5 tokens) is one tile, not 4 + 1. One thread, 2048-element
  * rows, block dots per ns against the 4x4 tiles with a multiply per pair: 4 tokens 1.5 -> 1.8,
- * 5 tokens 1.5 -> 1.9, 16 tokens 1.9 -> 2.3, 32 tokens 2.0 -> 2.4 (a shared machine: +-5%). */
+ * 5 tokens 1.5 -> 1.9, 16 tokens 1.9 -> 2.3, 32 tokens 2.0 -> 2.4 (a shared machine: +-5%).
+ * The rows' scales come from the weights chunk by chunk (gg_row_d8; dw is unused), not from a
+ * pass over the whole row group before the tile: that pass waited on the group's memory with
+ * nothing to compute (a sixth of the samples of `tessera bench --verify-cost` on 1B Q8_0, 2
+ * threads); cache-resident, 5 tokens 1.9 -> 2.2 block dots per ns. The next group is
+ * prefetched into L2, not L1 (one thread, 8 x 8192 x 2048 streamed, 5 tokens: 14.2 -> 13.0 ms,
+ * medians; L1 holds this group, the tokens' blocks and dd: 5 tokens of 2048 are 11 KiB, one
+ * group 8.7 KiB). */
 #define GG_TILEV_Q80(NAME, T)                                                                      \
     GG_VNNI static void NAME(int64_t nb, const uint8_t *const *wr, const uint8_t *const *xr,       \
-                             const float *dw, const float *const *dx, float *y, size_t ys, int nr, \
-                             const uint8_t *pf)                                                    \
+                             const float *dw_unused, const float *const *dx, float *y, size_t ys,  \
+                             int nr, const uint8_t *pf)                                            \
     {                                                                                              \
+        (void)dw_unused;                                                                           \
         GG_TILE_HEAD(T);                                                                           \
         const gg_q8_0 *w[4] = {(const gg_q8_0 *)wr[0], (const gg_q8_0 *)wr[1],                     \
                                (const gg_q8_0 *)wr[2], (const gg_q8_0 *)wr[3]};                    \
@@ -394,10 +428,16 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         float dd[4][T][8] __attribute__((aligned(32)));                                            \
         const __m256i k80 = _mm256_set1_epi8(-128);                                                \
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \
-            GG_DD_CHUNK(T)                                                                         \
+            const int m = nb - b0 < 8 ? (int)(nb - b0) : 8;                                        \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
+            {                                                                                      \
+                const __m256 sw_ = gg_row_d8(w[r] + b0, m);                                        \
+                _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                              \
+                    _mm256_store_ps(dd[r][t], _mm256_mul_ps(sw_, _mm256_loadu_ps(dx[t] + b0)));    \
+            }                                                                                      \
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
-                GG_TILE_PREFETCH(gg_q8_0)                                                          \
+                GG_TILE_PREFETCH_H(gg_q8_0, _MM_HINT_T1)                                           \
                 __m256i xq[T];                                                                     \
                 _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) xq[t] =                      \
                     _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[t][b].qs), k80);        \
@@ -667,7 +707,8 @@ void tsr_ggml_dot_rows(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
 #if GG_X86
 /* The register tiles over a whole call (F16C's conversions inline: the library's scalar
  * tsr_f16_to_f32 took a quarter of a 2-5 token step): scales as floats once (tokens: per call;
- * rows: per group of 4; each row of scales nb floats padded with zeros to GG_NBP(nb)), then row
+ * rows: per group of 4, except the VNNI Q8_0 tile, which converts them itself as it goes; each
+ * row of scales nb floats padded with zeros to GG_NBP(nb)), then row
  * groups, each against the tokens in tiles (the group's blocks stay in L1 for all the tokens),
  * the next group prefetched during the first token tile. Returns -1 (nothing done) when the
  * workspace cannot be allocated. */
@@ -707,7 +748,7 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
         const uint8_t *wr[4];
         for (int r = 0; r < 4; ++r) {
             wr[r] = w + (size_t)(r0 + (r < nr ? r : nr - 1)) * ws;
-            for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t b = 0; b < (vnni && !q41 ? 0 : nb); ++b) { /* VNNI Q8_0: none */
                 if (q41) {
                     dw[(size_t)r * nbp + b] = gg_h2f(((const gg_q4_1 *)wr[r])[b].d);
                     mw[(size_t)r * nbp + b] = gg_h2f(((const gg_q4_1 *)wr[r])[b].m);

@@ -3,9 +3,10 @@
 # to their figures (the machine is shared). bench_quant: the row kernels per type and ISA;
 # bench_repack: the repacked GEMM / GEMV tiles against the file layout's rows; bench_q4k_gemm:
 # a Q4_K and a Q4_0 prefill matmul in the two order classes; bench_batch: a decode step of
-# many sequences against one (the ceiling of serving's c16/c1). bench_kvcache (kvcache.cmake)
+# many sequences against one (the ceiling of serving's c16/c1); bench_verify: the matmuls of a
+# speculative verification step (1B Q8_0 shape, 1..8 tokens). bench_kvcache (kvcache.cmake)
 # and bench_head (real_models.cmake) sit with the tests of their module.
-foreach(b bench_quant bench_repack bench_q4k_gemm bench_batch)
+foreach(b bench_quant bench_repack bench_q4k_gemm bench_batch bench_verify)
   add_executable(${b} ${CMAKE_CURRENT_SOURCE_DIR}/${b}.c)
   target_link_libraries(${b} PRIVATE tessera_core)
 endforeach()

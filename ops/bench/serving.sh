@@ -8,11 +8,12 @@
 #   3. `tessera bench --spec oracle` on 1B Q8_0: greedy decode with the oracle drafter
 #      (every draft accepted) vs without, the ceiling of speculation (aim: >= 2.5x).
 #
-#   ops/bench/serving.sh [-t THREADS] [-r REPS] [--quick] [--cache DIR]
+#   ops/bench/serving.sh [-t THREADS] [-r REPS] [--quick] [--spec-only] [--cache DIR]
 #
 #   -t, --threads N   threads of the server and of the benches (default: all cores)
 #   -r, --reps N      repetitions of each figure; medians are printed (default 3)
 #       --quick       -r 1 and fewer requests (a smoke run)
+#       --spec-only   only figures 2 and 3 (verify cost, oracle ceiling): no server
 #       --cache DIR   where the benchmark models are kept (default $TSR_BENCH_CACHE or
 #                     ~/.cache/tessera; shared with compare.sh)
 #
@@ -25,12 +26,14 @@ THREADS=$(nproc)
 REPS=3
 N16=64 # requests at concurrency 16
 N1=8   # requests at concurrency 1
+SPEC_ONLY=0
 CACHE="${TSR_BENCH_CACHE:-$HOME/.cache/tessera}"
 while [ $# -gt 0 ]; do
     case "$1" in
     -t | --threads) THREADS="$2"; shift 2 ;;
     -r | --reps) REPS="$2"; shift 2 ;;
     --quick) REPS=1; N16=32; N1=4; shift ;;
+    --spec-only) SPEC_ONLY=1; shift ;;
     --cache) CACHE="$2"; shift 2 ;;
     -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serving.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -67,6 +70,7 @@ echo "serving.sh: tessera $(git rev-parse --short HEAD 2>/dev/null || echo '?'),
 echo "uptime before: $(uptime)"
 
 # ---- 1. serving throughput, concurrency 16 vs 1 ----
+if [ "$SPEC_ONLY" = 0 ]; then
 "$TSR" serve -m "$M100" -t "$THREADS" --listen 127.0.0.1:0 2>"$LOG/serve" &
 SERVER=$!
 ADDR=
@@ -100,6 +104,7 @@ echo "serving, 100M Q8_0, 64 tokens per request (ops/loadgen.py, gRPC):"
 printf '  concurrency  1: %8.1f tok/s   (%s)\n' "$t1" "${T1[*]}"
 printf '  concurrency 16: %8.1f tok/s   (%s)\n' "$t16" "${T16[*]}"
 printf '  ratio c16/c1:   %8.2f x       (aim >= 4)\n' "$(echo "$t16 $t1" | awk '{print $1/$2}')"
+fi
 
 # ---- 2. verify cost, 3. oracle ceiling (1B Q8_0) ----
 VC=() OR=() PL=() SP=()
