@@ -514,10 +514,13 @@ DEF_GEMV(gemv_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_VNNI
  * Q40_PF_BYTES ahead of the quants being read: a group is the 4 rows' scales (8 * nbp bytes:
  * 2 KiB at 8192 columns) then their quants, so a pointer started Q40_PF_BYTES past the
  * matrix's first byte (as before) trailed the quant reads through the first quarter of every
- * 8192-column group (down projections). 6 KiB past the quants measured best (2 threads, 96 MiB
- * matrix, alternated in one process, 4 rounds: 2048 columns +10-15% GB/s over the old start
- * at 1536 bytes when memory was fast, 8192 columns +2-7%; 1.5-16 KiB spanned). */
-enum { Q40_PF_BYTES = 6144 };
+ * 8192-column group (down projections). The lines go to L2 (prefetcht1), not L1: at 8192
+ * columns the activation row (8.7 KiB of Q8_0, 2 KiB of scales) shares L1 with the stream,
+ * and L1 prefetches evicted it. Measured (2 threads, 96 MiB matrix, settings alternated in
+ * one process, 3 rounds each): 9 KiB ahead to L2 streamed 8192 columns 31-37% faster than
+ * 6 KiB ahead to L1, and 2048 columns -5..+7% (even); 6 KiB to L1 had been 2048 columns
+ * +10-15% and 8192 +2-7% over the old start at 1536 bytes. */
+enum { Q40_PF_BYTES = 9216 };
 RP_VNNI static void gemv_q4_0_groups_v512(size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
                                           int64_t n_rows, const uint8_t *x, const float *dy,
                                           const float *ey, float *y)
@@ -554,11 +557,11 @@ RP_VNNI static void gemv_q4_0_groups_v512(size_t nb, size_t nbp, size_t gb, cons
             off01 = _mm512_fmadd_ps(dw01, ey2, off01);
             off23 = _mm512_fmadd_ps(dw23, ey2, off23);
             const __m512 sc01 = _mm512_mul_ps(dw01, dy2), sc23 = _mm512_mul_ps(dw23, dy2);
-            _mm_prefetch(pf, _MM_HINT_T0);
+            _mm_prefetch(pf, _MM_HINT_T1);
             pf += 64;
 #define Q40_V512_BLOCK(k, LO, HI)                                                                  \
     do {                                                                                           \
-        _mm_prefetch(pf, _MM_HINT_T0);                                                             \
+        _mm_prefetch(pf, _MM_HINT_T1);                                                             \
         pf += 64;                                                                                  \
         const uint8_t *xb_ = x + (b + (k)) * RP_XBLK + 2;                                          \
         const __m512i v_ = _mm512_loadu_si512((const void *)(q + (b + (k)) * 64));                 \
