@@ -1035,6 +1035,101 @@ static int check_batch(const tsr_ctx *c, const tsr_batch *b, char *err, size_t e
     return 0;
 }
 
+/* ---- per-token work on the pool ----
+ * The steps between the matmuls (norms, biases, RoPE, the K/V store, residual adds, SwiGLU)
+ * act on each token's rows alone, so a batch of many tokens (many sequences decoding, a
+ * prompt) splits them by token over the threads instead of leaving all but one waiting:
+ * every row gets the very operations it gets serially. One token runs inline. */
+typedef struct {
+    tsr_ctx *c;
+    const tsr_batch *b;
+    const tsr_layer *L;
+    float *x;
+    int layer, n, stage; /* stage: TOK_* */
+    float rope_base, rope_scale;
+} tok_job;
+
+enum { TOK_QKV = 0, TOK_STORE = 1, TOK_FFN_IN = 2, TOK_ACT = 3, TOK_OUT = 4 };
+
+static void tok_rows(const tok_job *j, int t0, int t1)
+{
+    tsr_ctx *c = j->c;
+    const tsr_model *m = c->m;
+    const tsr_hparams *hp = &m->hp;
+    const tsr_shard *sh = &m->shard;
+    const tsr_layer *L = j->L;
+    const int E = hp->n_embd, hd = hp->head_dim, nt = t1 - t0;
+    const int n_head_local = sh->head_end - sh->head_begin;
+    const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
+    const size_t qd = (size_t)n_head_local * hd, kd = (size_t)c->kv_dim;
+    const int64_t n_ff = sh->ff_end - sh->ff_begin;
+    float *q = c->q + (size_t)t0 * qd, *k = c->k + (size_t)t0 * kd, *v = c->v + (size_t)t0 * kd;
+    switch (j->stage) {
+    case TOK_QKV: /* biases, Q/K norms, RoPE */
+        if (L->bq) add_bias(q, L->bq, nt, (int)qd);
+        if (L->bk) add_bias(k, L->bk, nt, (int)kd);
+        if (L->bv) add_bias(v, L->bv, nt, (int)kd);
+        if (L->q_norm) { /* per head: [n * heads] rows of head_dim */
+            tsr_rmsnorm(q, q, L->q_norm, nt * n_head_local, hd, hp->rms_eps);
+            tsr_rmsnorm(k, k, L->k_norm, nt * n_kv_local, hd, hp->rms_eps);
+        }
+        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
+         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
+        tsr_rope_ext(q, j->b->pos + t0, nt, n_head_local, hd, hp->n_rot, j->rope_base,
+                     j->rope_scale, m->freq_factors, hp->rope_neox ? 1 : 0);
+        tsr_rope_ext(k, j->b->pos + t0, nt, n_kv_local, hd, hp->n_rot, j->rope_base, j->rope_scale,
+                     m->freq_factors, hp->rope_neox ? 1 : 0);
+        break;
+    case TOK_STORE: { /* gemma's Q scale; this batch's K and V rows in the cache's type */
+        if (hp->arch == TSR_ARCH_GEMMA3)
+            for (size_t i = 0; i < (size_t)nt * qd; i++) q[i] *= hp->attn_scale;
+        uint8_t *kc = c->k_cache + (size_t)j->layer * c->max_pos * c->kv_row_bytes;
+        uint8_t *vc = c->v_cache + (size_t)j->layer * c->max_pos * c->kv_row_bytes;
+        for (int t = t0; t < t1; t++) {
+            size_t row = kv_row(j->b, j->b->seq[t], j->b->pos[t]);
+            tsr_kv_store(c->kv_type, c->k + (size_t)t * kd, kc + row * c->kv_row_bytes,
+                         (int64_t)kd);
+            tsr_kv_store(c->kv_type, c->v + (size_t)t * kd, vc + row * c->kv_row_bytes,
+                         (int64_t)kd);
+        }
+        break;
+    }
+    case TOK_FFN_IN: { /* post-attention norm, residual, FFN norm */
+        float *x = j->x + (size_t)t0 * E, *a = c->xb2 + (size_t)t0 * E;
+        if (L->post_attn_norm) tsr_rmsnorm(a, a, L->post_attn_norm, nt, E, hp->rms_eps);
+        for (size_t i = 0; i < (size_t)nt * E; i++) x[i] += a[i];
+        tsr_rmsnorm(c->xb + (size_t)t0 * E, x, L->ffn_norm, nt, E, hp->rms_eps);
+        break;
+    }
+    case TOK_ACT: /* per row: ggml's vector / scalar split is per row */
+        for (int t = t0; t < t1; t++)
+            tsr_swiglu(c->hb + (size_t)t * n_ff, c->hb2 + (size_t)t * n_ff, n_ff);
+        break;
+    case TOK_OUT: { /* post-FFN norm, residual */
+        float *x = j->x + (size_t)t0 * E, *a = c->xb2 + (size_t)t0 * E;
+        if (L->post_ffn_norm) tsr_rmsnorm(a, a, L->post_ffn_norm, nt, E, hp->rms_eps);
+        for (size_t i = 0; i < (size_t)nt * E; i++) x[i] += a[i];
+        break;
+    }
+    }
+}
+
+static void tok_run(void *arg, int ith, int nth)
+{
+    const tok_job *j = arg;
+    const int t0 = (int)((int64_t)j->n * ith / nth), t1 = (int)((int64_t)j->n * (ith + 1) / nth);
+    if (t1 > t0) tok_rows(j, t0, t1);
+}
+
+static void per_token(tsr_ctx *c, tok_job *j, int stage)
+{
+    j->stage = stage;
+    if (j->n < 2 || tsr_pool_n_threads(c->pool) < 2)
+        tok_rows(j, 0, j->n);
+    else
+        tsr_pool_run(c->pool, tok_run, j);
+}
+
 int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, char *err,
                       size_t err_len)
 {
@@ -1048,7 +1143,6 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     const uint8_t *ord = b->order;
     bool cut = false;
     const int n_head_local = sh->head_end - sh->head_begin;
-    const int n_kv_local = sh->kv_head_end - sh->kv_head_begin;
     const int64_t n_ff = sh->ff_end - sh->ff_begin;
     if (check_batch(c, b, err, err_len) != 0) return -1;
     if (c->be) return c->be->forward_batch(c->be_state, b, x, logits, err, err_len);
@@ -1081,38 +1175,20 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         TSR_TDUMP("q_mm", il, c->q, (size_t)n * q_dim_local);
         TSR_TDUMP("k_mm", il, c->k, (size_t)n * c->kv_dim);
         TSR_TDUMP("v_mm", il, c->v, (size_t)n * c->kv_dim);
-        if (L->bq) add_bias(c->q, L->bq, n, q_dim_local);
-        if (L->bk) add_bias(c->k, L->bk, n, c->kv_dim);
-        if (L->bv) add_bias(c->v, L->bv, n, c->kv_dim);
-        if (L->q_norm) { /* per head: [n * heads] rows of head_dim */
-            tsr_rmsnorm(c->q, c->q, L->q_norm, n * n_head_local, hd, hp->rms_eps);
-            tsr_rmsnorm(c->k, c->k, L->k_norm, n * n_kv_local, hd, hp->rms_eps);
-        }
         const bool swa = tsr_hparams_layer_swa(hp, sh->layer_begin + l);
-        const float rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base;
-        const float rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale;
-        /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
-         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
-        const int neox = hp->rope_neox ? 1 : 0;
-        tsr_rope_ext(c->q, b->pos, n, n_head_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors, neox);
-        tsr_rope_ext(c->k, b->pos, n, n_kv_local, hd, hp->n_rot, rope_base, rope_scale,
-                     m->freq_factors, neox);
+        tok_job tj = {.c = c,
+                      .b = b,
+                      .L = L,
+                      .x = x,
+                      .layer = l,
+                      .n = n,
+                      .rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base,
+                      .rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale};
+        per_token(c, &tj, TOK_QKV);
         TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
         TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
         TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
-        if (hp->arch == TSR_ARCH_GEMMA3)
-            for (size_t i = 0; i < (size_t)n * (size_t)q_dim_local; i++) c->q[i] *= hp->attn_scale;
-        /* Store this batch's K and V rows in the cache's type (kernels/kvcache.h). */
-        uint8_t *kc = c->k_cache + (size_t)l * c->max_pos * c->kv_row_bytes;
-        uint8_t *vc = c->v_cache + (size_t)l * c->max_pos * c->kv_row_bytes;
-        for (int t = 0; t < n; t++) {
-            size_t row = kv_row(b, b->seq[t], b->pos[t]);
-            tsr_kv_store(c->kv_type, c->k + (size_t)t * c->kv_dim, kc + row * c->kv_row_bytes,
-                         c->kv_dim);
-            tsr_kv_store(c->kv_type, c->v + (size_t)t * c->kv_dim, vc + row * c->kv_row_bytes,
-                         c->kv_dim);
-        }
+        per_token(c, &tj, TOK_STORE);
 
         attn_job aj = {.c = c, .layer = l};
         atomic_store(&aj.next, 0);
@@ -1145,11 +1221,9 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
             cut = true;
             if (n == 0) break;
         }
-        if (L->post_attn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_attn_norm, n, E, hp->rms_eps);
-        for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
-
+        tj.n = n; /* after the cut: the tokens that want logits */
+        per_token(c, &tj, TOK_FFN_IN);
         TSR_TDUMP("ffn_inp", il, x, (size_t)n * E);
-        tsr_rmsnorm(c->xb, x, L->ffn_norm, n, E, hp->rms_eps);
         TSR_TDUMP("ffn_norm", il, c->xb, (size_t)n * E);
         {
             const tsr_weight *ws[2] = {&L->w_gate, &L->w_up};
@@ -1160,9 +1234,8 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         TSR_TDUMP("ffn_up", il, c->hb2, (size_t)n * n_ff);
         if (hp->ffn_gelu)
             tsr_geglu(c->hb, c->hb2, (int64_t)n * n_ff);
-        else /* per row: ggml's vector / scalar split is per row */
-            for (int t = 0; t < n; t++)
-                tsr_swiglu(c->hb + (size_t)t * n_ff, c->hb2 + (size_t)t * n_ff, n_ff);
+        else
+            per_token(c, &tj, TOK_ACT);
         TSR_TDUMP("ffn_act", il, c->hb, (size_t)n * n_ff);
         {
             const tsr_weight *ws[1] = {&L->w_down};
@@ -1171,8 +1244,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
         TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
-        if (L->post_ffn_norm) tsr_rmsnorm(c->xb2, c->xb2, L->post_ffn_norm, n, E, hp->rms_eps);
-        for (size_t i = 0; i < (size_t)n * E; i++) x[i] += c->xb2[i];
+        per_token(c, &tj, TOK_OUT);
         TSR_TDUMP("l_out", il, x, (size_t)n * E);
     }
 
