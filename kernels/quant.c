@@ -2270,13 +2270,14 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
         for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);               \
     } while (0)
 
-/* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
-#define BCW(g)  (g), 0x80
-#define BCW8(g) BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g)
-static const uint8_t k_bcw_q4_K[8][32] __attribute__((aligned(32))) = {
-    {BCW8(0), BCW8(0)}, {BCW8(1), BCW8(1)}, {BCW8(2), BCW8(2)}, {BCW8(3), BCW8(3)},
-    {BCW8(4), BCW8(4)}, {BCW8(5), BCW8(5)}, {BCW8(6), BCW8(6)}, {BCW8(7), BCW8(7)},
+/* Per 128-bit lane (one row's scales in bytes 0-7, q4_K_sm_2rows): scale g zero-extended to
+ * an int16 pair (s_g, s_g) as dword g - 4h of lane (g = 4h..4h+3). */
+#define BCD(g) (g), 0x80, (g), 0x80
+static const uint8_t k_q4_K_scd[2][32] __attribute__((aligned(32))) = {
+    {BCD(0), BCD(1), BCD(2), BCD(3), BCD(0), BCD(1), BCD(2), BCD(3)},
+    {BCD(4), BCD(5), BCD(6), BCD(7), BCD(4), BCD(5), BCD(6), BCD(7)},
 };
+#undef BCD
 /* Q4_K block bytes 0..15 (d, dmin, scales[12]; s_j = byte 4 + j) -> per lane: bytes
  * 0-3 s0..s3, 4-7 s8..s11, 8-11 s4..s7, 12-15 s8..s11 (their high nibbles used), and the
  * sources of the top 2 bits: 4-7 s0..s3, 12-15 s4..s7 (get_scale_min_k4). */
@@ -2360,13 +2361,28 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                 const __m256i mm23 = _mm256_madd_epi16(                                            \
                     _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_mins16)),  \
                     bp);                                                                           \
+                /* the scales as (s_g, s_g) dwords in memory, each broadcast by a load (no         \
+                 * shuffle port): scd[p][8h + 4(r & 1) + g - 4h] for row r of pair p */            \
+                uint32_t scd[2][16] __attribute__((aligned(32)));                                  \
+                _mm256_store_si256(                                                                \
+                    (__m256i *)scd[0],                                                             \
+                    _mm256_shuffle_epi8(sm01, _mm256_load_si256((const __m256i *)k_q4_K_scd[0]))); \
+                _mm256_store_si256(                                                                \
+                    (__m256i *)(scd[0] + 8),                                                       \
+                    _mm256_shuffle_epi8(sm01, _mm256_load_si256((const __m256i *)k_q4_K_scd[1]))); \
+                _mm256_store_si256(                                                                \
+                    (__m256i *)scd[1],                                                             \
+                    _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_scd[0]))); \
+                _mm256_store_si256(                                                                \
+                    (__m256i *)(scd[1] + 8),                                                       \
+                    _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_scd[1]))); \
+                /* opaque to gcc, which otherwise forwards the stores through shuffles */          \
+                __asm__ volatile("" : "+m"(scd));                                                  \
                 __m256i sumi[4];                                                                   \
                 _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
                 {                                                                                  \
                     const blk_q4_K *bk = rr == 0 ? b0 : rr == 1 ? b1 : rr == 2 ? b2 : b3;          \
-                    const __m256i smx = rr < 2 ? sm01 : sm23;                                      \
-                    const __m256i sc = (rr & 1) ? _mm256_permute2x128_si256(smx, smx, 0x11)        \
-                                                : _mm256_permute2x128_si256(smx, smx, 0x00);       \
+                    const uint32_t *sd = scd[rr >> 1] + 4 * (rr & 1);                              \
                     RQ_PREFETCH(bk, RQ_PF_Q4_K, bstride, sizeof(blk_q4_K));                        \
                     __m256i s = _mm256_setzero_si256();                                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                            \
@@ -2378,13 +2394,11 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                             _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));               \
                         const __m256i yh =                                                         \
                             _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));          \
+                        /* scales 2j and 2j + 1: dwords 2j and 2j + 1 - 4h, h = j >> 1 */          \
                         s = SACC(s, _mm256_maddubs_epi16(ql, yl),                                  \
-                                 _mm256_shuffle_epi8(                                              \
-                                     sc, _mm256_load_si256((const __m256i *)k_bcw_q4_K[2 * j])));  \
-                        s = SACC(                                                                  \
-                            s, _mm256_maddubs_epi16(qh, yh),                                       \
-                            _mm256_shuffle_epi8(                                                   \
-                                sc, _mm256_load_si256((const __m256i *)k_bcw_q4_K[2 * j + 1])));   \
+                                 _mm256_set1_epi32((int32_t)sd[2 * j + 4 * (j >> 1)]));            \
+                        s = SACC(s, _mm256_maddubs_epi16(qh, yh),                                  \
+                                 _mm256_set1_epi32((int32_t)sd[2 * j + 1 + 4 * (j >> 1)]));        \
                     }                                                                              \
                     sumi[rr] = s;                                                                  \
                 }                                                                                  \
