@@ -2326,10 +2326,65 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
         }                                                                                          \
     }
 
+/* How the 4-row Q4_K GEMV applies the 6-bit scales to its int16 pair sums (either way the
+ * same exact int32 isum per row). SCALES(sm01, sm23, scb) writes a super-block's scales for
+ * the 4 rows to scb (256 bytes; each then read by a broadcast load, which needs no shuffle
+ * port), JSTEP(SACC, s, ql, qh, yl, yh, scb, r, j) adds row r's j-th 64 elements to s.
+ * _DW (AVX2): vpmaddubsw pairs times (s_g, s_g) dwords: scb[64p + 4(8h + 4o + g - 4h)] for
+ * row r = 2p + o, scale g (h = g >> 2). */
+#define Q4K_SC_DW(sm01, sm23, scb)                                                                 \
+    do {                                                                                           \
+        _Pragma("GCC unroll 2") for (int h_ = 0; h_ < 2; ++h_)                                     \
+        {                                                                                          \
+            const __m256i m_ = _mm256_load_si256((const __m256i *)k_q4_K_scd[h_]);                 \
+            _mm256_store_si256((__m256i *)((scb) + 32 * h_), _mm256_shuffle_epi8(sm01, m_));       \
+            _mm256_store_si256((__m256i *)((scb) + 64 + 32 * h_), _mm256_shuffle_epi8(sm23, m_));  \
+        }                                                                                          \
+    } while (0)
+#define Q4K_J_DW(SACC, s, ql, qh, yl, yh, scb, r, j)                                               \
+    do {                                                                                           \
+        const uint32_t *sd_ = (const uint32_t *)((scb) + 64 * ((r) >> 1)) + 4 * ((r)&1);           \
+        s = SACC(s, _mm256_maddubs_epi16(ql, yl),                                                  \
+                 _mm256_set1_epi32((int32_t)sd_[2 * (j) + 4 * ((j) >> 1)]));                       \
+        s = SACC(s, _mm256_maddubs_epi16(qh, yh),                                                  \
+                 _mm256_set1_epi32((int32_t)sd_[2 * (j) + 1 + 4 * ((j) >> 1)]));                   \
+    } while (0)
+/* _PAIR (AVX-512 VNNI): vpdpbusd sums 4 products per int32 lane (|sum| <= 4 * 15 * 128, so
+ * vpackssdw packs the low and the high nibbles' lanes into int16 exactly), then one vpdpwssd
+ * against the 16-byte pattern (s_2j x4, s_2j+1 x4) of row r = 2p + o at scb[128p + 32j +
+ * 16o]: 3 multiplies per 64 elements instead of 4. */
+static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
+#define SCP(a, b) a, 0x80, a, 0x80, a, 0x80, a, 0x80, b, 0x80, b, 0x80, b, 0x80, b, 0x80
+    {SCP(0, 1), SCP(0, 1)},
+    {SCP(2, 3), SCP(2, 3)},
+    {SCP(4, 5), SCP(4, 5)},
+    {SCP(6, 7), SCP(6, 7)},
+#undef SCP
+};
+#define Q4K_SC_PAIR(sm01, sm23, scb)                                                               \
+    do {                                                                                           \
+        _Pragma("GCC unroll 4") for (int j_ = 0; j_ < 4; ++j_)                                     \
+        {                                                                                          \
+            const __m256i m_ = _mm256_load_si256((const __m256i *)k_q4_K_scp[j_]);                 \
+            _mm256_store_si256((__m256i *)((scb) + 32 * j_), _mm256_shuffle_epi8(sm01, m_));       \
+            _mm256_store_si256((__m256i *)((scb) + 128 + 32 * j_), _mm256_shuffle_epi8(sm23, m_)); \
+        }                                                                                          \
+    } while (0)
+#define Q4K_J_PAIR(SACC, s, ql, qh, yl, yh, scb, r, j)                                             \
+    do {                                                                                           \
+        const __m256i p_ =                                                                         \
+            _mm256_packs_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ql, yl),                \
+                               _mm256_dpbusd_epi32(_mm256_setzero_si256(), qh, yh));               \
+        s = _mm256_dpwssd_epi32(                                                                   \
+            s, p_,                                                                                 \
+            _mm256_broadcastsi128_si256(_mm_load_si128(                                            \
+                (const __m128i *)((scb) + 128 * ((r) >> 1) + 32 * (j) + 16 * ((r)&1)))));          \
+    } while (0)
+
 /* Q4_K, 4 rows: per super-block row r's exact isum_r and imin_r (DEF_DOT_Q4_K's), then one
  * 8-lane FMA: lanes 0-3 the rows' sumf chains (isum_r * (d_y * d_r)), lanes 4-7 their summf
  * chains (imin_r * (d_y * dmin_r)); y_r = sumf_r - summf_r. */
-#define DEF_ROWS_Q4_K(fname, ATTR, SACC, dot1)                                                     \
+#define DEF_ROWS_Q4_K(fname, ATTR, SACC, SCALES, JSTEP, dot1)                                      \
     ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
                                    const blk_q8_K *x, float *out)                                  \
     {                                                                                              \
@@ -2361,28 +2416,14 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                 const __m256i mm23 = _mm256_madd_epi16(                                            \
                     _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_mins16)),  \
                     bp);                                                                           \
-                /* the scales as (s_g, s_g) dwords in memory, each broadcast by a load (no         \
-                 * shuffle port): scd[p][8h + 4(r & 1) + g - 4h] for row r of pair p */            \
-                uint32_t scd[2][16] __attribute__((aligned(32)));                                  \
-                _mm256_store_si256(                                                                \
-                    (__m256i *)scd[0],                                                             \
-                    _mm256_shuffle_epi8(sm01, _mm256_load_si256((const __m256i *)k_q4_K_scd[0]))); \
-                _mm256_store_si256(                                                                \
-                    (__m256i *)(scd[0] + 8),                                                       \
-                    _mm256_shuffle_epi8(sm01, _mm256_load_si256((const __m256i *)k_q4_K_scd[1]))); \
-                _mm256_store_si256(                                                                \
-                    (__m256i *)scd[1],                                                             \
-                    _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_scd[0]))); \
-                _mm256_store_si256(                                                                \
-                    (__m256i *)(scd[1] + 8),                                                       \
-                    _mm256_shuffle_epi8(sm23, _mm256_load_si256((const __m256i *)k_q4_K_scd[1]))); \
+                uint8_t scb[256] __attribute__((aligned(32)));                                     \
+                SCALES(sm01, sm23, scb);                                                           \
                 /* opaque to gcc, which otherwise forwards the stores through shuffles */          \
-                __asm__ volatile("" : "+m"(scd));                                                  \
+                __asm__ volatile("" : "+m"(scb));                                                  \
                 __m256i sumi[4];                                                                   \
                 _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
                 {                                                                                  \
                     const blk_q4_K *bk = rr == 0 ? b0 : rr == 1 ? b1 : rr == 2 ? b2 : b3;          \
-                    const uint32_t *sd = scd[rr >> 1] + 4 * (rr & 1);                              \
                     RQ_PREFETCH(bk, RQ_PF_Q4_K, bstride, sizeof(blk_q4_K));                        \
                     __m256i s = _mm256_setzero_si256();                                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                            \
@@ -2394,11 +2435,7 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
                             _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));               \
                         const __m256i yh =                                                         \
                             _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));          \
-                        /* scales 2j and 2j + 1: dwords 2j and 2j + 1 - 4h, h = j >> 1 */          \
-                        s = SACC(s, _mm256_maddubs_epi16(ql, yl),                                  \
-                                 _mm256_set1_epi32((int32_t)sd[2 * j + 4 * (j >> 1)]));            \
-                        s = SACC(s, _mm256_maddubs_epi16(qh, yh),                                  \
-                                 _mm256_set1_epi32((int32_t)sd[2 * j + 1 + 4 * (j >> 1)]));        \
+                        JSTEP(SACC, s, ql, qh, yl, yh, scb, rr, j);                                \
                     }                                                                              \
                     sumi[rr] = s;                                                                  \
                 }                                                                                  \
@@ -2503,7 +2540,7 @@ DEF_DOT_Q5_K(dot_q5_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_ROWS_BY_DOT(rows_q2_K_avx2, TSR_AVX2, dot_q2_K_avx2)
 DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
-DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, dot_q4_K_avx2)
+DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, Q4K_SC_DW, Q4K_J_DW, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
 DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
@@ -2817,7 +2854,7 @@ DEF_DOT_Q5_K(dot_q5_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_DOT_Q6_K(dot_q6_K_vnni, TSR_VNNI, SACC_VNNI)
 DEF_ROWS_BY_DOT(rows_q2_K_vnni, TSR_VNNI, dot_q2_K_vnni)
 DEF_ROWS_BY_DOT(rows_q3_K_vnni, TSR_VNNI, dot_q3_K_vnni)
-DEF_ROWS_Q4_K(kg_q4_K_vnni, TSR_VNNI, SACC_VNNI, dot_q4_K_vnni)
+DEF_ROWS_Q4_K(kg_q4_K_vnni, TSR_VNNI, SACC_VNNI, Q4K_SC_PAIR, Q4K_J_PAIR, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q5_K_vnni, TSR_VNNI, dot_q5_K_vnni)
 DEF_ROWS_Q6_K(kg_q6_K_vnni, TSR_VNNI, SACC_VNNI, dot_q6_K_vnni)
