@@ -754,11 +754,15 @@ TSR_KV_AVX512 KV_INLINE __m512 fa_round_avx512(__m512 x)
 
 /* The V product of NH heads for CV × 16 output values from c0 (compile-time counts) over
  * the n positions of a chunk: per head and value, acc = fp16(acc · ms) on a rescale, then
- * acc = fp16(fma(v, vs, acc)), position after position (fa_v_scalar's order); the V row is
- * converted once for all heads. acc, w and ms: the heads' rows, strides hd and FA_CHUNK. */
-TSR_KV_AVX512 KV_INLINE void fa_v_tile_avx512(const int NH, const int CV, float *acc, int hd,
-                                              int c0, const uint16_t *const *vp, int n,
-                                              const float *w, const float *ms)
+ * acc = fp16(fma(v, vs, acc)), position after position (fa_v_scalar's order). SIDE 0: the
+ * heads share one V row (a GQA group's query heads), converted once for all of them; SIDE
+ * 1: NH KV heads side by side, one query head each (tsr_attn_heads with one query head per
+ * KV head, as in MHA): head h reads its own V slice, hd values after head h - 1's in the
+ * same row (each value's chain the same, the heads' chains interleaved). acc, w and ms: the
+ * heads' rows, strides hd and FA_CHUNK. */
+TSR_KV_AVX512 KV_INLINE void fa_vt_avx512(const int NH, const int CV, const int SIDE, float *acc,
+                                          int hd, int c0, const uint16_t *const *vp, int n,
+                                          const float *w, const float *ms)
 {
     __m512 a[8][4];
 #pragma GCC unroll 8
@@ -766,13 +770,15 @@ TSR_KV_AVX512 KV_INLINE void fa_v_tile_avx512(const int NH, const int CV, float 
 #pragma GCC unroll 4
         for (int r = 0; r < CV; r++) a[h][r] = _mm512_loadu_ps(acc + h * hd + c0 + 16 * r);
     for (int j = 0; j < n; j++) {
-        const uint16_t *v = vp[j] + c0;
         __m512 x[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < CV; r++)
-            x[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * r)));
 #pragma GCC unroll 8
         for (int h = 0; h < NH; h++) {
+            if (h == 0 || SIDE) {
+                const uint16_t *v = vp[j] + (SIDE ? h * hd : 0) + c0;
+#pragma GCC unroll 4
+                for (int r = 0; r < CV; r++)
+                    x[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * r)));
+            }
             const float m = ms[h * FA_CHUNK + j];
             if (m != 1.0f) {
                 const __m512 mm = _mm512_set1_ps(m);
@@ -790,45 +796,8 @@ TSR_KV_AVX512 KV_INLINE void fa_v_tile_avx512(const int NH, const int CV, float 
 #pragma GCC unroll 4
         for (int r = 0; r < CV; r++) _mm512_storeu_ps(acc + h * hd + c0 + 16 * r, a[h][r]);
 }
-
-/* fa_v_tile_avx512 for NH KV heads side by side, one query head each (tsr_attn_heads with
- * one query head per KV head, as in MHA): head h reads its own V slice, hd values after
- * head h - 1's in the same row, and keeps its accumulator at acc + h * hd; each value's
- * chain is the same as fa_v_tile's, the NH heads' chains interleaved. */
-TSR_KV_AVX512 KV_INLINE void fa_vs_tile_avx512(const int NH, const int CV, float *acc, int hd,
-                                               int c0, const uint16_t *const *vp, int n,
-                                               const float *w, const float *ms)
-{
-    __m512 a[FA_MAX_SIDE_TILE][4];
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; h++)
-#pragma GCC unroll 4
-        for (int r = 0; r < CV; r++) a[h][r] = _mm512_loadu_ps(acc + h * hd + c0 + 16 * r);
-    for (int j = 0; j < n; j++) {
-#pragma GCC unroll 4
-        for (int h = 0; h < NH; h++) {
-            const uint16_t *v = vp[j] + h * hd + c0;
-            __m512 x[4];
-#pragma GCC unroll 4
-            for (int r = 0; r < CV; r++)
-                x[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * r)));
-            const float m = ms[h * FA_CHUNK + j];
-            if (m != 1.0f) {
-                const __m512 mm = _mm512_set1_ps(m);
-#pragma GCC unroll 4
-                for (int r = 0; r < CV; r++) a[h][r] = fa_round_avx512(_mm512_mul_ps(a[h][r], mm));
-            }
-            const __m512 ww = _mm512_set1_ps(w[h * FA_CHUNK + j]);
-#pragma GCC unroll 4
-            for (int r = 0; r < CV; r++)
-                a[h][r] = fa_round_avx512(_mm512_fmadd_ps(x[r], ww, a[h][r]));
-        }
-    }
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; h++)
-#pragma GCC unroll 4
-        for (int r = 0; r < CV; r++) _mm512_storeu_ps(acc + h * hd + c0 + 16 * r, a[h][r]);
-}
+#define fa_v_tile_avx512(NH, CV, ...)  fa_vt_avx512(NH, CV, 0, __VA_ARGS__)
+#define fa_vs_tile_avx512(NH, CV, ...) fa_vt_avx512(NH, CV, 1, __VA_ARGS__)
 
 /* AVX2: the 16 lanes as two halves, added to the 8 lanes of reduce16's first step
  * ((i+8) + i), as dot_f16_avx2. */

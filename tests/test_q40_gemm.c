@@ -170,18 +170,9 @@ static void test_gemm_order(void **state)
                     tsr_q40_gemm_dot_repacked(isa, n, nr, pk, nt, x, xs, yg, MAXR);
                     for (int t = 0; t < nt; t++) {
                         for (int r = 0; r < nr; r++) {
-                            const float e = ref[t][r], a = y[t * MAXR + r], b = yp[t * MAXR + r];
-                            const float c = yg[t * MAXR + r];
-                            if (tsr_test_fbits(a) != tsr_test_fbits(e) ||
-                                tsr_test_fbits(b) != tsr_test_fbits(e) ||
-                                tsr_test_fbits(c) != tsr_test_fbits(e))
-                                fail_msg("%s n %lld %d rows x %d tokens, row %d token %d: expected "
-                                         "%.9g (0x%08x), got %.9g (0x%08x) from the file layout, "
-                                         "%.9g (0x%08x) repacked by group, %.9g (0x%08x) over "
-                                         "the groups",
-                                         k_isas[ii], (long long)n, nr, nt, r, t, (double)e,
-                                         tsr_test_fbits(e), (double)a, tsr_test_fbits(a), (double)b,
-                                         tsr_test_fbits(b), (double)c, tsr_test_fbits(c));
+                            tsr_test_check_layouts(k_isas[ii], n, nr, nt, r, t, ref[t][r],
+                                                   y[t * MAXR + r], yp[t * MAXR + r],
+                                                   yg[t * MAXR + r]);
                         }
                     }
                 }

@@ -370,3 +370,15 @@ float tsr_test_ffrom(uint32_t u)
     memcpy(&f, &u, 4);
     return f;
 }
+
+void tsr_test_check_layouts(const char *isa, int64_t n, int n_rows, int n_tok, int r, int t,
+                            float e, float a, float b, float c)
+{
+    if (tsr_test_fbits(a) != tsr_test_fbits(e) || tsr_test_fbits(b) != tsr_test_fbits(e) ||
+        tsr_test_fbits(c) != tsr_test_fbits(e))
+        fail_msg("%s n %lld %d rows x %d tokens, row %d token %d: expected %.9g (0x%08x), got "
+                 "%.9g (0x%08x) from the file layout, %.9g (0x%08x) repacked by group, %.9g "
+                 "(0x%08x) over the groups",
+                 isa, (long long)n, n_rows, n_tok, r, t, (double)e, tsr_test_fbits(e), (double)a,
+                 tsr_test_fbits(a), (double)b, tsr_test_fbits(b), (double)c, tsr_test_fbits(c));
+}

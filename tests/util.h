@@ -91,6 +91,13 @@ float tsr_test_check_logits(const char *what, const char *ref, const float *lg, 
  * thread counts, two layouts), naming `what` and the first index that differs. */
 void tsr_test_check_same(const char *what, const float *a, const float *b, size_t n);
 
+/* The prompt-order GEMM tests (test_q4k_gemm, test_q40_gemm): fails the current test
+ * unless the results a (file layout), b (repacked, group by group) and c (repacked, all
+ * groups in one call) of row r, token t are the expected e bit for bit, printing all four
+ * with the ISA, n, the tile's rows x tokens and (r, t). */
+void tsr_test_check_layouts(const char *isa, int64_t n, int n_rows, int n_tok, int r, int t,
+                            float e, float a, float b, float c);
+
 /* ---- deterministic data for the kernel tests ----
  * Each test keeps its own generator state (a nonzero uint64_t it seeds), so its data stay
  * what they have always been; these are the one copy of the generators and conversions. */
