@@ -2270,14 +2270,13 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
         for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);               \
     } while (0)
 
-/* Per 128-bit lane (one row's scales in bytes 0-7, q4_K_sm_2rows): scale g zero-extended to
- * an int16 pair (s_g, s_g) as dword g - 4h of lane (g = 4h..4h+3). */
-#define BCD(g) (g), 0x80, (g), 0x80
-static const uint8_t k_q4_K_scd[2][32] __attribute__((aligned(32))) = {
-    {BCD(0), BCD(1), BCD(2), BCD(3), BCD(0), BCD(1), BCD(2), BCD(3)},
-    {BCD(4), BCD(5), BCD(6), BCD(7), BCD(4), BCD(5), BCD(6), BCD(7)},
+/* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
+#define BCW(g)  (g), 0x80
+#define BCW8(g) BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g), BCW(g)
+static const uint8_t k_bcw_q4_K[8][32] __attribute__((aligned(32))) = {
+    {BCW8(0), BCW8(0)}, {BCW8(1), BCW8(1)}, {BCW8(2), BCW8(2)}, {BCW8(3), BCW8(3)},
+    {BCW8(4), BCW8(4)}, {BCW8(5), BCW8(5)}, {BCW8(6), BCW8(6)}, {BCW8(7), BCW8(7)},
 };
-#undef BCD
 /* Q4_K block bytes 0..15 (d, dmin, scales[12]; s_j = byte 4 + j) -> per lane: bytes
  * 0-3 s0..s3, 4-7 s8..s11, 8-11 s4..s7, 12-15 s8..s11 (their high nibbles used), and the
  * sources of the top 2 bits: 4-7 s0..s3, 12-15 s4..s7 (get_scale_min_k4). */
@@ -2327,27 +2326,23 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
     }
 
 /* How the 4-row Q4_K GEMV applies the 6-bit scales to its int16 pair sums (either way the
- * same exact int32 isum per row). SCALES(sm01, sm23, scb) writes a super-block's scales for
- * the 4 rows to scb (256 bytes; each then read by a broadcast load, which needs no shuffle
- * port), JSTEP(SACC, s, ql, qh, yl, yh, scb, r, j) adds row r's j-th 64 elements to s.
- * _DW (AVX2): vpmaddubsw pairs times (s_g, s_g) dwords: scb[64p + 4(8h + 4o + g - 4h)] for
- * row r = 2p + o, scale g (h = g >> 2). */
-#define Q4K_SC_DW(sm01, sm23, scb)                                                                 \
+ * same exact int32 isum per row). SCALES(sm01, sm23, scb) writes what a super-block's scales
+ * for the 4 rows need to scb (256 bytes), JSTEP(SACC, s, ql, qh, yl, yh, scb, sm01, sm23, r,
+ * j) adds row r's j-th 64 elements to s.
+ * _BCW (AVX2): vpmaddubsw pairs times the scale broadcast to all 16 words by a vpshufb of
+ * the row's lane (scale broadcasts by loads measured 8% slower there from cache). */
+#define Q4K_SC_BCW(sm01, sm23, scb) (void)(scb)
+#define Q4K_J_BCW(SACC, s, ql, qh, yl, yh, scb, sm01, sm23, r, j)                                  \
     do {                                                                                           \
-        _Pragma("GCC unroll 2") for (int h_ = 0; h_ < 2; ++h_)                                     \
-        {                                                                                          \
-            const __m256i m_ = _mm256_load_si256((const __m256i *)k_q4_K_scd[h_]);                 \
-            _mm256_store_si256((__m256i *)((scb) + 32 * h_), _mm256_shuffle_epi8(sm01, m_));       \
-            _mm256_store_si256((__m256i *)((scb) + 64 + 32 * h_), _mm256_shuffle_epi8(sm23, m_));  \
-        }                                                                                          \
-    } while (0)
-#define Q4K_J_DW(SACC, s, ql, qh, yl, yh, scb, r, j)                                               \
-    do {                                                                                           \
-        const uint32_t *sd_ = (const uint32_t *)((scb) + 64 * ((r) >> 1)) + 4 * ((r)&1);           \
-        s = SACC(s, _mm256_maddubs_epi16(ql, yl),                                                  \
-                 _mm256_set1_epi32((int32_t)sd_[2 * (j) + 4 * ((j) >> 1)]));                       \
+        const __m256i smx_ = (r) < 2 ? (sm01) : (sm23);                                            \
+        const __m256i sc_ = ((r)&1) ? _mm256_permute2x128_si256(smx_, smx_, 0x11)                  \
+                                    : _mm256_permute2x128_si256(smx_, smx_, 0x00);                 \
+        s = SACC(                                                                                  \
+            s, _mm256_maddubs_epi16(ql, yl),                                                       \
+            _mm256_shuffle_epi8(sc_, _mm256_load_si256((const __m256i *)k_bcw_q4_K[2 * (j)])));    \
         s = SACC(s, _mm256_maddubs_epi16(qh, yh),                                                  \
-                 _mm256_set1_epi32((int32_t)sd_[2 * (j) + 1 + 4 * ((j) >> 1)]));                   \
+                 _mm256_shuffle_epi8(                                                              \
+                     sc_, _mm256_load_si256((const __m256i *)k_bcw_q4_K[2 * (j) + 1])));           \
     } while (0)
 /* _PAIR (AVX-512 VNNI): vpdpbusd sums 4 products per int32 lane (|sum| <= 4 * 15 * 128, so
  * vpackssdw packs the low and the high nibbles' lanes into int16 exactly), then one vpdpwssd
@@ -2369,8 +2364,10 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
             _mm256_store_si256((__m256i *)((scb) + 32 * j_), _mm256_shuffle_epi8(sm01, m_));       \
             _mm256_store_si256((__m256i *)((scb) + 128 + 32 * j_), _mm256_shuffle_epi8(sm23, m_)); \
         }                                                                                          \
+        /* opaque to gcc, which otherwise forwards the stores through shuffles */                  \
+        __asm__ volatile("" : "+m"(scb));                                                          \
     } while (0)
-#define Q4K_J_PAIR(SACC, s, ql, qh, yl, yh, scb, r, j)                                             \
+#define Q4K_J_PAIR(SACC, s, ql, qh, yl, yh, scb, sm01, sm23, r, j)                                 \
     do {                                                                                           \
         const __m256i p_ =                                                                         \
             _mm256_packs_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ql, yl),                \
@@ -2418,8 +2415,6 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
                     bp);                                                                           \
                 uint8_t scb[256] __attribute__((aligned(32)));                                     \
                 SCALES(sm01, sm23, scb);                                                           \
-                /* opaque to gcc, which otherwise forwards the stores through shuffles */          \
-                __asm__ volatile("" : "+m"(scb));                                                  \
                 __m256i sumi[4];                                                                   \
                 _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
                 {                                                                                  \
@@ -2435,7 +2430,7 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
                             _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j));               \
                         const __m256i yh =                                                         \
                             _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32));          \
-                        JSTEP(SACC, s, ql, qh, yl, yh, scb, rr, j);                                \
+                        JSTEP(SACC, s, ql, qh, yl, yh, scb, sm01, sm23, rr, j);                    \
                     }                                                                              \
                     sumi[rr] = s;                                                                  \
                 }                                                                                  \
@@ -2540,7 +2535,7 @@ DEF_DOT_Q5_K(dot_q5_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_DOT_Q6_K(dot_q6_K_avx2, TSR_AVX2, SACC_AVX2)
 DEF_ROWS_BY_DOT(rows_q2_K_avx2, TSR_AVX2, dot_q2_K_avx2)
 DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
-DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, Q4K_SC_DW, Q4K_J_DW, dot_q4_K_avx2)
+DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, Q4K_SC_BCW, Q4K_J_BCW, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
 DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
