@@ -21,6 +21,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define QG_X86 1
 #include <immintrin.h>
+
+#include "kernels/x86hsum.h"
 #else
 #define QG_X86 0
 #endif
@@ -97,18 +99,11 @@ static int32_t token_block(int64_t nb)
 __attribute__((target("avx2,f16c"))) static void act_facts(int64_t nb, int32_t bn, const uint8_t *x,
                                                            size_t x_stride, float *dy, int32_t *ny)
 {
-    const __m256i k80 = _mm256_set1_epi8((char)0x80);
     for (int32_t t = 0; t < bn; t++) {
         const uint8_t *xt = x + (size_t)t * x_stride;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *xb = xt + (size_t)b * Q8_BLK;
-            /* sum of the signed bytes = sum of (y ^ 0x80) as unsigned - 32 * 128 (vpsadbw) */
-            const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xb + 2)), k80);
-            const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
-            const __m128i s2 =
-                _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-            const int32_t sum =
-                _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+            const int32_t sum = tsr_qsum32_i8(xb + 2);
             dy[(size_t)t * (size_t)nb + (size_t)b] = _cvtsh_ss(rd16(xb));
             ny[(size_t)t * (size_t)nb + (size_t)b] = -8 * sum;
         }

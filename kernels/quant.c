@@ -1677,18 +1677,11 @@ enum { ACT_STACK_BLOCKS = 2048 }; /* rows up to 65536 elements use the stack (16
 
 TSR_AVX2 static void act_info_build(const blk_q8_0 *x, int64_t nb, int32_t mult, act_info *ai)
 {
-    const __m256i k80 = _mm256_set1_epi8((char)0x80);
     int64_t b = 0;
     for (; b < nb; ++b) {
         ai->dy[b] = _cvtsh_ss(x[b].d);
         if (!mult) continue;
-        /* sum of signed bytes = sum of (y ^ 0x80) as unsigned - 32*128, via vpsadbw */
-        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[b].qs), k80);
-        const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
-        const __m128i s2 =
-            _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-        const int32_t sum =
-            _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+        const int32_t sum = tsr_qsum32_i8(x[b].qs);
         ai->ey[b] = ai->dy[b] * (float)(-mult * sum);
     }
     if (!mult) memset(ai->ey, 0, sizeof(float) * (size_t)nb);
@@ -2913,13 +2906,7 @@ TSR_AVX2 static void quant_q8_1_avx2(const float *x, blk_q8_1 *y, int64_t nb)
     for (int64_t i = 0; i < nb; ++i, x += TSR_QK8_0) {
         const float d = q8_block_avx2(x, y[i].qs);
         y[i].d = tsr_f32_to_f16(d);
-        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)y[i].qs),
-                                           _mm256_set1_epi8((char)0x80));
-        const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
-        const __m128i s2 =
-            _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-        const int32_t sum =
-            _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+        const int32_t sum = tsr_qsum32_i8(y[i].qs);
         y[i].s = tsr_f32_to_f16((float)sum * d);
     }
 }

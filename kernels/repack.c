@@ -358,7 +358,6 @@ RP_VNNI RP_INLINE __m256i q5_bytes_vnni(const uint8_t *qp)
 RP_AVX2 static void act_build(const uint8_t *x, size_t nb, size_t nbp, int32_t mult, float *dy,
                               float *ey)
 {
-    const __m256i k80 = _mm256_set1_epi8((char)0x80);
     size_t b = 0;
     for (; b < nb; ++b) {
         const uint8_t *xb = x + b * RP_XBLK;
@@ -369,12 +368,7 @@ RP_AVX2 static void act_build(const uint8_t *x, size_t nb, size_t nbp, int32_t m
             ey[b] = 0.0f;
             continue;
         }
-        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xb + 2)), k80);
-        const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
-        const __m128i s2 =
-            _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-        const int32_t sum =
-            _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+        const int32_t sum = tsr_qsum32_i8(xb + 2);
         ey[b] = dy[b] * (float)(-mult * sum);
     }
     for (; b < nbp; ++b) dy[b] = ey[b] = 0.0f;

@@ -1,4 +1,6 @@
-/* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses.
+/* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses, and the
+ * integer sum of a Q8_0 block's 32 quants (the Q4_0 / Q8_1 activation facts of quant.c,
+ * repack.c and q40_gemm.c).
  *
  * Its order is part of the numerics: it is ggml's hsum_float_8, ((v0+v4)+(v2+v6)) +
  * ((v1+v5)+(v3+v7)), which the ggml-exact dots (kernels/dot_ggml.c, kernels/quant.c), the
@@ -8,6 +10,8 @@
 #ifndef TSR_X86HSUM_H
 #define TSR_X86HSUM_H
 
+#include <stdint.h>
+
 __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) float
 tsr_hsum8_ps(__m256 v)
 {
@@ -15,6 +19,18 @@ tsr_hsum8_ps(__m256 v)
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* Sum of the 32 signed bytes at q (exact): the bytes ^ 0x80 summed as unsigned by vpsadbw,
+ * less 32 * 128. */
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) int32_t
+tsr_qsum32_i8(const void *q)
+{
+    const __m256i u =
+        _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)q), _mm256_set1_epi8((char)0x80));
+    const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
+    const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+    return _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
 }
 
 #endif
