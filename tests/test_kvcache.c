@@ -274,6 +274,25 @@ static void test_kernels(void **state)
            tsr_attn_isa(), worst[0], worst[2], worst[4], worst[3], worst[5]);
 }
 
+/* The queries q [n_q][hd] and the K / V rows kf, vf [n_pos][w] of the group and heads cases,
+ * in one order of draws: mode 0 plain; 1 scores growing with the position (K drawn towards
+ * q); 2 large queries and V with zeros, signed zeros and values near the fp16 limit. */
+static void fill_qkv(int mode, int hd, int n_q, int n_pos, int w, float *q, float *kf, float *vf)
+{
+    for (int i = 0; i < n_q * hd; i++) q[i] = nrand() * (mode == 2 ? 12.0f : 1.5f);
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < w; i++) {
+            float k = nrand(), v = nrand() * 0.5f;
+            if (mode == 1) k = 0.3f * k + 0.02f * (float)p * q[i % hd];
+            if (mode == 2) {
+                const double u = urand();
+                v = u < 0.1 ? 0.0f : u < 0.2 ? -0.0f : u < 0.25 ? 6.0e4f * nrand() : v;
+            }
+            kf[(size_t)p * w + i] = k;
+            vf[(size_t)p * w + i] = v;
+        }
+}
+
 /* tsr_attn_group of n_q heads on each ISA against tsr_attn_head (scalar, the reference) per
  * head: bit-identical. mode 0: normal data; 1: scores rising with the position (a new
  * maximum, so an accumulator rescale, at almost every step); 2: scores spread over
@@ -290,18 +309,7 @@ static void group_case(tsr_kv_type t, int hd, int n_q, int n_pos, int p0, int mo
     float *scores = malloc(sizeof(float) * (size_t)n_pos * n_q);
     void *scratch = aligned_alloc(64, tsr_attn_group_scratch_bytes(hd, n_q));
     assert_non_null(scratch);
-    for (int i = 0; i < n_q * hd; i++) q[i] = nrand() * (mode == 2 ? 12.0f : 1.5f);
-    for (int p = 0; p < n_pos; p++)
-        for (int i = 0; i < w; i++) {
-            float k = nrand(), v = nrand() * 0.5f;
-            if (mode == 1) k = 0.3f * k + 0.02f * (float)p * q[i % hd];
-            if (mode == 2) {
-                const double u = urand();
-                v = u < 0.1 ? 0.0f : u < 0.2 ? -0.0f : u < 0.25 ? 6.0e4f * nrand() : v;
-            }
-            kf[(size_t)p * w + i] = k;
-            vf[(size_t)p * w + i] = v;
-        }
+    fill_qkv(mode, hd, n_q, n_pos, w, q, kf, vf);
     cache c;
     cache_make(&c, t, hd, n_kvh, n_pos, kf, vf);
     tsr_kv_view kv = cache_view(&c, kvh);
@@ -374,18 +382,7 @@ static void heads_case(tsr_kv_type t, int hd, int n_kvh, int group, int n_pos, i
     float *scores = malloc(sizeof(float) * (size_t)n * group);
     void *scratch = aligned_alloc(64, tsr_attn_group_scratch_bytes(hd, n_q));
     assert_non_null(scratch);
-    for (int i = 0; i < n_q * hd; i++) q[i] = nrand() * (mode == 2 ? 12.0f : 1.5f);
-    for (int p = 0; p < n_pos; p++)
-        for (int i = 0; i < w; i++) {
-            float k = nrand(), v = nrand() * 0.5f;
-            if (mode == 1) k = 0.3f * k + 0.02f * (float)p * q[i % hd];
-            if (mode == 2) {
-                const double u = urand();
-                v = u < 0.1 ? 0.0f : u < 0.2 ? -0.0f : u < 0.25 ? 6.0e4f * nrand() : v;
-            }
-            kf[(size_t)p * w + i] = k;
-            vf[(size_t)p * w + i] = v;
-        }
+    fill_qkv(mode, hd, n_q, n_pos, w, q, kf, vf);
     cache c;
     cache_make(&c, t, hd, n_kvh, n_pos, kf, vf);
     const float scale = 1.0f / sqrtf((float)hd);
