@@ -84,6 +84,21 @@ enum {
     QACT = 16384,  /* (token, block) entries of the per-token block facts (128 KiB) */
 };
 
+/* Tokens t0 .. t0 + nt - 1 of a token block from block k0 on: their activation blocks
+ * (x_stride bytes a token), scales dy and -8·Σy terms ny ([token][nb]); the QT - nt unused
+ * slots repeat token t0 (their results are never stored). */
+QG_INLINE void tile_tokens(int32_t t0, int nt, int64_t k0, int64_t nb, const uint8_t *xt0,
+                           size_t x_stride, const float *dy, const int32_t *ny,
+                           const uint8_t *xb[QT], const float *dyp[QT], const int32_t *nyp[QT])
+{
+    for (int t = 0; t < QT; t++) {
+        const int32_t tt = t0 + (t < nt ? t : 0);
+        xb[t] = xt0 + (size_t)tt * x_stride + (size_t)k0 * Q8_BLK;
+        dyp[t] = dy + (size_t)tt * (size_t)nb + (size_t)k0;
+        nyp[t] = ny + (size_t)tt * (size_t)nb + (size_t)k0;
+    }
+}
+
 /* Per (token, block) of a token block: dy = fp16(y.d) as float, ny = -8 * sum(y) (the Q4_0
  * offset: sum (q - 8) y = sum q y + ny, exact). Entry [t * nb + b]. Returns the token count of
  * the block: activations in L2 (640 KiB), facts in QACT, a multiple of QT. */
@@ -314,12 +329,7 @@ QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
                     const uint8_t *xb[QT];
                     const float *dyp[QT];
                     const int32_t *nyp[QT];
-                    for (int t = 0; t < QT; t++) {
-                        const int32_t tt = t0 + (t < nt ? t : 0);
-                        xb[t] = xt0 + (size_t)tt * x_stride + (size_t)k0 * Q8_BLK;
-                        dyp[t] = dy + (size_t)tt * (size_t)nb + (size_t)k0;
-                        nyp[t] = ny + (size_t)tt * (size_t)nb + (size_t)k0;
-                    }
+                    tile_tokens(t0, nt, k0, nb, xt0, x_stride, dy, ny, xb, dyp, nyp);
                     qz_tile(R, nt, kn, (const qz_blk(*)[QKB])sb, xb, dyp, nyp, acc + t0);
                 }
             }
@@ -451,12 +461,7 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
                     const uint8_t *xb[QT];
                     const float *dyp[QT];
                     const int32_t *nyp[QT];
-                    for (int t = 0; t < QT; t++) {
-                        const int32_t tt = t0 + (t < nt ? t : 0);
-                        xb[t] = xt0 + (size_t)tt * x_stride + (size_t)k0 * Q8_BLK;
-                        dyp[t] = dy + (size_t)tt * (size_t)nb + (size_t)k0;
-                        nyp[t] = ny + (size_t)tt * (size_t)nb + (size_t)k0;
-                    }
+                    tile_tokens(t0, nt, k0, nb, xt0, x_stride, dy, ny, xb, dyp, nyp);
                     qa_tile(nt, kn, sb, xb, dyp, nyp, acc + t0);
                 }
             }
