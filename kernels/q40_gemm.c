@@ -492,27 +492,19 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
 
 enum {
     QV_MAXB = 4096, /* blocks of a row at most (n <= 131072; longer rows: the GEMM) */
-    /* software prefetch distance in each quad's stream, in blocks (4 KiB of a group's
-     * quants; 4 streams a pass), into L2 as gemv_q4_0_groups_v512 did (L1 prefetches evicted
-     * the activation row); bench 1 thread, 64 MiB, 2048 / 8192 columns: 16 blocks to L2
-     * 19 / 18.5 GB/s, 40 to L1 22 / 25, 64 to L2 22 / 27, 96 to L2 21 / 27 (noisy) */
-    QV_PF_BLOCKS = 64,
-    QA_PF_BLOCKS = 40, /* AVX2 (8 rows a pass: 2 streams), into L1 */
 };
 
 /* Quad q of a pass: 4 rows' nibbles (block 0) at qp[j]; rows[j] the row each lane computes
  * (rows past n_rows repeat the last one: computed, never stored); grp: one repacked group
- * (block b of the 4 rows: 64 contiguous bytes at qp[0] + 64 b); nxt: the first byte of the
- * quad's group in the next pass (the prefetch stream continues there), or NULL. */
+ * (block b of the 4 rows: 64 contiguous bytes at qp[0] + 64 b). */
 typedef struct {
     const uint8_t *qp[4];
     int64_t rows[4];
     bool grp;
-    const uint8_t *nxt;
 } qv_quad;
 
 static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int64_t n_rows,
-                         int64_t pass_rows, qv_quad *Q)
+                         qv_quad *Q)
 {
     const int64_t last = n_rows - 1;
     Q->grp = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && rq % 4 == 0;
@@ -523,28 +515,15 @@ static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int6
         Q->rows[j] = Q->grp ? rq + j : (rq + j <= last ? rq + j : last);
         Q->qp[j] = w + off_q(L, Q->rows[j]);
     }
-    Q->nxt = Q->grp && rq + pass_rows <= last ? w + off_q(L, rq + pass_rows) - L->q_off : NULL;
 }
 
-/* Software prefetch of block b's bytes, into L2 (T1) or L1 (T0), PF blocks ahead:
- * - repacked groups: quad Q's stream (64 bytes a block), into the next pass's group (its
- *   scales, then quants) past this one's last block;
- * - the file layout: the next pass's rows (pass_bytes from nxt, the rows one after another),
- *   spread over this pass's nb blocks, so a pass prefetches the next one whole. */
-QG_INLINE void qv_prefetch_grp(const qv_quad *Q, int64_t b, int64_t nb, int64_t pf, bool t1)
-{
-    const int64_t a = b + pf;
-    const char *p = a < nb   ? (const char *)Q->qp[0] + a * 64
-                    : Q->nxt ? (const char *)Q->nxt + (a - nb) * 64
-                             : NULL;
-    if (!p) return;
-    if (t1)
-        _mm_prefetch(p, _MM_HINT_T1);
-    else
-        _mm_prefetch(p, _MM_HINT_T0);
-}
-
-QG_INLINE void qv_prefetch_file(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb,
+/* Software prefetch, into L2, of the next pass's rows (pass_bytes from nxt: its 4 groups, or
+ * its 16 / 8 rows of the file layout, one after another), spread over this pass's nb blocks:
+ * a pass prefetches the next one whole, as one linear stream. Measured (bench of 64 MiB
+ * matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
+ * 24-35 GB/s per thread against 17-27 for a prefetch in each group's stream 64 blocks ahead
+ * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. */
+QG_INLINE void qv_prefetch_next(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb,
                                 int n_lines)
 {
     if (!nxt) return;
@@ -647,12 +626,8 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
         {
             if (k >= kn) break;
             const int64_t b = b0 + k;
-            if (grp) {
-                _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)
-                    qv_prefetch_grp(&Q[q], b, nb, QV_PF_BLOCKS, true);
-            } else { /* 16 rows x 18 bytes a block: 4.5 lines */
-                qv_prefetch_file(pfn, pass_bytes, b, nb, 5);
-            }
+            /* 16 rows x 18 bytes (4 groups' 64 + 8) a block: 4.5 lines */
+            qv_prefetch_next(pfn, pass_bytes, b, nb, 5);
             const uint8_t *xb = x + (size_t)b * Q8_BLK + 2;
             const __m512i yl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
             const __m512i yh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
@@ -693,7 +668,7 @@ QG_Z512 static void gemv_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
         qv_quad Q[4];
         int32_t od[16];
         size_t goff[4];
-        for (int q = 0; q < 4; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, 16, &Q[q]);
+        for (int q = 0; q < 4; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
         const bool grp = Q[0].grp && L->d_blk == 2 && L->d_row == nbp * 2;
         const size_t bd = off_d(L, r0);
         for (int l = 0; l < 16; l++) {
@@ -702,14 +677,13 @@ QG_Z512 static void gemv_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
         }
         for (int q = 0; q < 4; q++) goff[q] = off_d(L, Q[q].rows[0]) - bd;
         const __m512i offd = _mm512_loadu_si512(od);
-        /* the file layout's next pass, when there is one */
-        const char *pfn =
-            !grp && r0 + 16 < n_rows ? (const char *)w + off_q(L, r0 + 16) - L->q_off : NULL;
-        const size_t pass_bytes = 16 * L->group_stride;
-        const __m512 acc =
-            grp ? gemv_z512_pass(true, nb, L, Q, offd, goff, nbp, w + bd, x, dy, ny, NULL, 0)
-                : gemv_z512_pass(false, nb, L, Q, offd, goff, nbp, w + bd, x, dy, ny, pfn,
-                                 pass_bytes);
+        /* the next pass, when there is one */
+        const char *pfn = r0 + 16 < n_rows ? (const char *)w + off_q(L, r0 + 16) - L->q_off : NULL;
+        const size_t pass_bytes = (size_t)(16 / L->rpg) * L->group_stride;
+        const __m512 acc = grp ? gemv_z512_pass(true, nb, L, Q, offd, goff, nbp, w + bd, x, dy, ny,
+                                                pfn, pass_bytes)
+                               : gemv_z512_pass(false, nb, L, Q, offd, goff, nbp, w + bd, x, dy, ny,
+                                                pfn, pass_bytes);
         const int64_t left = n_rows - r0;
         _mm512_mask_storeu_ps(y + r0, (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u),
                               _mm512_permutexvar_ps(back, acc));
@@ -753,12 +727,7 @@ QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_la
 {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        if (grp) {
-            qv_prefetch_grp(&Q[0], b, nb, QA_PF_BLOCKS, false);
-            qv_prefetch_grp(&Q[1], b, nb, QA_PF_BLOCKS, false);
-        } else { /* 8 rows x 18 bytes a block: 2.25 lines */
-            qv_prefetch_file(pfn, pass_bytes, b, nb, 3);
-        }
+        qv_prefetch_next(pfn, pass_bytes, b, nb, 3); /* 8 rows x 18 bytes a block */
         const __m256i dd =
             _mm256_i32gather_epi32((const int *)(wd + (size_t)b * L->d_blk), offd, 1);
         const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
@@ -790,7 +759,7 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
     for (int64_t r0 = 0; r0 < n_rows; r0 += 8) {
         qv_quad Q[2];
         int32_t od[8];
-        for (int q = 0; q < 2; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, 8, &Q[q]);
+        for (int q = 0; q < 2; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
         const bool grp = Q[0].grp;
         const size_t bd = off_d(L, r0);
         for (int i = 0; i < 8; i++) {
@@ -798,11 +767,10 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
             od[i] = (int32_t)(off_d(L, Q[r / 4].rows[r % 4]) - bd);
         }
         const __m256i offd = _mm256_loadu_si256((const __m256i *)od);
-        const char *pfn =
-            !grp && r0 + 8 < n_rows ? (const char *)w + off_q(L, r0 + 8) - L->q_off : NULL;
-        const size_t pass_bytes = 8 * L->group_stride;
+        const char *pfn = r0 + 8 < n_rows ? (const char *)w + off_q(L, r0 + 8) - L->q_off : NULL;
+        const size_t pass_bytes = (size_t)(8 / L->rpg) * L->group_stride;
         const __m256 acc =
-            grp ? gemv_avx2_pass(true, nb, L, Q, offd, w + bd, x, dy, ny, NULL, 0)
+            grp ? gemv_avx2_pass(true, nb, L, Q, offd, w + bd, x, dy, ny, pfn, pass_bytes)
                 : gemv_avx2_pass(false, nb, L, Q, offd, w + bd, x, dy, ny, pfn, pass_bytes);
         /* back to row order: row r from lane (r % 2) * 4 + r / 2 */
         float out[8];
