@@ -22,6 +22,7 @@
 #include "kernels/quant.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/q40_gemm.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -1331,6 +1332,8 @@ static float dot_q8_0_scalar(int64_t n, const void *vw, const void *vx)
     return s;
 }
 
+/* Q4_0 x Q8_0 in llama.cpp's repacked Q4_0 GEMM / GEMV order (kernels/q40_gemm.h): per block
+ * the exact int32, then one FMA with fp16(d_w) * fp16(d_y); the SIMD paths are q40_gemm.c's. */
 static float dot_q4_0_scalar(int64_t n, const void *vw, const void *vx)
 {
     const blk_q4_0 *w = vw;
@@ -1342,7 +1345,7 @@ static float dot_q4_0_scalar(int64_t n, const void *vw, const void *vx)
             si += ((w[i].qs[j] & 0xF) - 8) * x[i].qs[j];
             si += ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + TSR_QK4_0 / 2];
         }
-        s += f16(w[i].d) * f16(x[i].d) * (float)si;
+        s = fmaf((float)si, f16(w[i].d) * f16(x[i].d), s);
     }
     return s;
 }
@@ -1884,26 +1887,14 @@ TSR_AVX2 static float q8_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_
 ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
 /* clang-format on */
 
-/* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
- * directly; the -8 offset comes from act_info's ey. */
+/* Q4_1's nibbles q in [0, 15] x Q8_0 / Q8_1 bytes, AVX2: q unsigned, so vpmaddubsw(q, y)
+ * directly. */
 TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq)
 {
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
     const __m256i p16 = _mm256_maddubs_epi16(q4_0_nibbles(wq), y);
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
-
-TSR_AVX2 static float q4_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2, 1);
-#undef Q4_DOT_AVX2
-}
-
-/* clang-format off */
-ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
-/* clang-format on */
 
 /* Q4_1 x Q8_1, AVX2: nibbles x y as Q4_0 (no offset: q is the value), plus m_w * s_y. */
 TSR_AVX2 static float q4_1_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
@@ -2608,51 +2599,12 @@ TSR_VNNI static float q8_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_
 ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 0, rows_q8_0_scalar)
 /* clang-format on */
 
-/* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y; the -8 offset comes from
- * act_info's ey. */
+/* Q4_1's nibbles [0, 15] (unsigned) against y with vpdpbusd. */
 TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
 {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_0_nibbles(wq),
                                _mm256_loadu_si256((const __m256i *)yq));
 }
-
-/* The fp16 scales of blocks 0..m-1 (m <= 8) of a Q4_0 row (words 9k from p on) as floats,
- * 0 past m: two loads (masked past the group's 18m bytes) and one word permute, instead of
- * f16x8_strided's scalar gather (about a third of the Q5_0 kernel's time, see q5_0_d8). */
-static const uint16_t k_q40_didx[32] = {0, 9, 18, 27, 36, 45, 54, 63};
-
-TSR_VNNI TSR_INLINE __m256 q4_0_dw8_vnni(const uint16_t *d0, size_t stride, int m)
-{
-    (void)stride; /* sizeof(blk_q4_0) */
-    const uint8_t *p = (const uint8_t *)d0;
-    __m512i z0, z1;
-    if (m == 8) {
-        z0 = _mm512_loadu_si512(p);
-        z1 = _mm512_loadu_si512(p + 64);
-    } else {
-        const int64_t nbytes = (int64_t)sizeof(blk_q4_0) * m;
-        z0 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes), p);
-        z1 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 64), p + 64);
-    }
-    const __m512i t = _mm512_permutex2var_epi16(z0, _mm512_loadu_si512(k_q40_didx), z1);
-    return _mm256_cvtph_ps(_mm512_castsi512_si128(t));
-}
-
-TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
-#undef BL_DW8
-#define BL_DW8 q4_0_dw8_vnni
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1);
-#undef BL_DW8
-#define BL_DW8 f16x8_strided
-#undef Q4_DOT_VNNI
-}
-
-/* clang-format off */
-ACT_ROWS_PF(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar, blk_q4_0, 4)
-/* clang-format on */
 
 TSR_VNNI static float q4_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
                                     const act_info *ai)
@@ -3265,16 +3217,12 @@ typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, i
 /* clang-format off */
 DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AVX2, TILE_CVT_AVX2,
          rows_q8_0_avx2)
-DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, Q4T_W, Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2,
-         rows_q4_0_avx2)
 DEF_TILE_EX(tile_q4_1_avx2, TSR_AVX2, blk_q4_1, blk_q8_1, 2, 0, 1, m, act_info_build_q8_1, Q4T_W,
             Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2, rows_q4_1_avx2)
 DEF_TILE_EX(tile_q4_1_vnni, TSR_VNNI, blk_q4_1, blk_q8_1, 4, 0, 1, m, act_info_build_q8_1, Q4T_W,
             Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC, rows_q4_1_vnni)
 DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, Q8T_W_VNNI, Q8T_Y_VNNI, Q8T_DOT_VNNI,
          TILE_CVT_MAGIC, rows_q8_0_vnni)
-DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, Q4T_W, Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC,
-         rows_q4_0_vnni)
 /* clang-format on */
 
 #endif /* TSR_X86 */
@@ -3386,9 +3334,17 @@ static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
     tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
 }
 
+/* Q4_0: llama.cpp's repacked GEMV order (kernels/q40_gemm.h), on every ISA. */
+static void rows_q4_0_q40(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                          float *y)
+{
+    tsr_q40_gemm_dot(isa_get(), n, nrows, w, stride, 1, x, 0, y, 1);
+}
+
 static rows_fn rows_kernel(uint32_t type)
 {
     const int isa = isa_get();
+    if (type == TSR_TYPE_Q4_0) return isa > ISA_SCALAR ? rows_q4_0_q40 : rows_q4_0_scalar;
     if (type == TSR_TYPE_Q4_1) return rows_q4_1_ggml;
     if (type == TSR_TYPE_Q8_0) return rows_q8_0_ggml;
 #if TSR_X86
@@ -3402,8 +3358,6 @@ static rows_fn rows_kernel(uint32_t type)
             return rows_bf16_avx2;
         case TSR_TYPE_Q8_0:
             return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
-        case TSR_TYPE_Q4_0:
-            return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
         case TSR_TYPE_Q4_1:
             return isa >= ISA_AVX512VNNI ? rows_q4_1_vnni : rows_q4_1_avx2;
         case TSR_TYPE_Q5_0:
@@ -3508,13 +3462,15 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
         tsr_ggml_dot_tile(type, isa_get(), n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
         return;
     }
+    if (type == TSR_TYPE_Q4_0) { /* one order for any token count (kernels/q40_gemm.h) */
+        tsr_q40_gemm_dot(isa_get(), n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
 #if TSR_X86
     const int isa = isa_get();
     tile_fn k = NULL;
     if (type == TSR_TYPE_Q8_0 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q8_0_vnni : tile_q8_0_avx2;
-    else if (type == TSR_TYPE_Q4_0 && isa >= ISA_AVX2)
-        k = isa >= ISA_AVX512VNNI ? tile_q4_0_vnni : tile_q4_0_avx2;
     else if (type == TSR_TYPE_Q4_1 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q4_1_vnni : tile_q4_1_avx2;
     if (k && n > 0 && n_tok > 1) {
