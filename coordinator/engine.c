@@ -123,7 +123,7 @@ struct tsr_engine {
     int32_t *b_tokens, *b_pos, *b_seq;
     uint8_t *b_want;
     uint8_t *b_order;     /* order class of each token (worker/model.h tsr_order_class) */
-    bool order_sensitive; /* the classes change results (Q4_K / Q4_0): tag cached blocks */
+    bool order_sensitive; /* the classes change results (Q4_K): tag cached blocks */
     uint8_t *tags;        /* [n_ctx / TSR_KV_BLOCK_SIZE + 1] prefix-cache tags of a lookup */
     const int32_t **b_tables;
     int32_t *b_nblocks;

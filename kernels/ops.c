@@ -4,7 +4,6 @@
 #include "kernels/ops.h"
 
 #include "kernels/dot_ggml.h"
-#include "kernels/q40_gemm.h"
 #include "kernels/q4k_gemm.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -40,7 +39,7 @@ typedef struct {
     size_t conv_stride[4];
     const float *x; /* for conversion */
     int n_tok;
-    const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K / Q4_0), or NULL */
+    const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K), or NULL */
     int isa;            /* kernels/dot_ggml.h level, when ord is set */
     int64_t rows_per_chunk;
     int64_t chunks_per_w[4];
@@ -79,7 +78,7 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
          * tokens, each weight group read once for all of them. Which layout is faster
          * for how many tokens was measured (tsr_repack_use_file_layout): one token
          * streams the file layout except where the groups' GEMV is faster (Q4_K, Q6_K,
-         * Q5_0, Q4_0 on AVX-512 VNNI), as do long batches of types with a file tile.
+         * Q5_0, Q4_0), as do long batches of types with a file tile.
          * Bit-identical to the paths below either way. */
         tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
                        (size_t)w->n_out);
@@ -107,26 +106,13 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
 }
 
 /* The same rows and tokens of a Q4_K weight in the prompt (GEMM) order (kernels/q4k_gemm.h),
- * from the file layout, or from the repacked groups when the rank keeps only those; of a
- * Q4_0 weight in its prompt order (kernels/q40_gemm.h). */
+ * from the file layout, or from the repacked groups when the rank keeps only those. (Q4_0 has
+ * one order for every token, kernels/q40_gemm.h: mm_rows.) */
 static void mm_rows_gemm(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int n_tok)
 {
     const tsr_weight *w = j->w[k];
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
-    if (w->type == TSR_TYPE_Q4_0) {
-        if (w->packed) /* the groups: 4 rows' blocks side by side (r0 a multiple of 4) */
-            tsr_q40_gemm_dot_repacked(j->isa, w->n_in, nr,
-                                      (const uint8_t *)w->packed +
-                                          (size_t)(r0 / TSR_REPACK_ROWS) *
-                                              tsr_repack_group_bytes(w->type, w->n_in),
-                                      n_tok, xq, j->xq_stride[k], yk + r0, (size_t)w->n_out);
-        else
-            tsr_q40_gemm_dot(j->isa, w->n_in, nr,
-                             (const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes,
-                             n_tok, xq, j->xq_stride[k], yk + r0, (size_t)w->n_out);
-        return;
-    }
     const size_t blk = tsr_type_block_bytes(w->type);
     if (w->data) {
         tsr_q4k_gemm_dot(j->isa, w->n_in, nr, (const uint8_t *)w->data + (size_t)r0 * w->row_bytes,
@@ -192,11 +178,11 @@ static void mm_run(void *arg, int ith, int nth)
     int64_t r0, nr;
     while (mm_claim(j, &k, &r0, &nr)) {
         const tsr_weight *w = j->w[k];
-        if (!j->ord || (w->type != TSR_TYPE_Q4_K && w->type != TSR_TYPE_Q4_0)) {
+        if (!j->ord || w->type != TSR_TYPE_Q4_K) {
             mm_rows(j, k, r0, nr, 0, j->n_tok);
             continue;
         }
-        /* Q4_K / Q4_0 with order classes: each run of tokens of one class in its order. */
+        /* Q4_K with order classes: each run of tokens of one class in its order. */
         for (int t = 0; t < j->n_tok;) {
             int e = t + 1;
             while (e < j->n_tok && (j->ord[e] != 0) == (j->ord[t] != 0)) e++;
