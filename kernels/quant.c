@@ -2237,21 +2237,26 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * them), and every float operation is the one-row dot's, lane r of a vector standing for
  * row r's scalar (Q4_K) or its 8 lanes staying its own (Q6_K). Read from the repacked
  * groups (kernels/repack.h: super-block i of the 4 rows side by side), the 4 rows are one
- * linear stream, prefetched pf steps ahead spread over the loop (never in bursts): Q4_K
- * RQ_PF_Q4_K steps of 4 x 144 bytes (6.2 KiB), Q6_K RQ_PF_Q6_K of 4 x 210 (3.4 KiB). Q4_K
- * measured 3-5% more GB/s at 11 steps than at 4 (2 threads, 96 MiB, 2048 and 8192 columns,
- * alternated in one process; 8 and 14 in between); Q6_K showed no steady difference from 4
- * to 10. */
-#define RQ_PF_Q4_K 11
-#define RQ_PF_Q6_K 4
+ * linear stream, prefetched pf steps ahead spread over the loop (never in bursts) into L2
+ * (not L1): Q4_K RQ_PF_Q4_K steps of 4 x 144 bytes (16 KiB), Q6_K RQ_PF_Q6_K of 4 x 210
+ * (13 KiB). Measured on the huge-page arena (worker/model_repack.c), 64 MiB, alternated in
+ * one session, GB/s: into L1 (the old hint), Q6_K gained from 4 steps (21.1) to 12 (28-30,
+ * 1 thread, 2048 columns) but sank to 21-23 at 8192 columns (L1 prefetches evicted the
+ * 8.7 KiB activation row, as they did for Q4_0); into L2, Q6_K 16 steps: 1 thread 34.5
+ * (2048) / 34.4 (8192) against 29.2 / 22.9 into L1 at 12 (8 steps 28, 20 steps 33);
+ * 2 threads 60-61 / 63.5 against 56-58 / 49. Q4_K into L2 at 28 steps: 1 thread 28.0 /
+ * 28.5 against 27.8 / 25.3 into L1 at 11 (16 steps 27.0 / 27.7, 40 steps 27.8 / 28.3);
+ * 2 threads 50.6-53 / 52 against 46-51 / 50. (Q4_K from cache: 30.6, Q6_K 38.5.) */
+#define RQ_PF_Q4_K 28
+#define RQ_PF_Q6_K 16
 
-/* Prefetch the super-block pf steps ahead of block b (bs bytes) in its stream, blocks
- * `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear stream). A
- * prefetch never faults; one past the matrix is harmless. */
+/* Prefetch into L2 the super-block pf steps ahead of block b (bs bytes) in its stream,
+ * blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear
+ * stream). A prefetch never faults; one past the matrix is harmless. */
 #define RQ_PREFETCH(b, pf, bstride, bs)                                                            \
     do {                                                                                           \
         const char *p_ = (const char *)(b) + (pf) * (bstride);                                     \
-        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);               \
+        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T1);               \
     } while (0)
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
@@ -2442,9 +2447,54 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
     }                                                                                              \
     DEF_ROWS_DRIVERS(fname, ATTR, blk_q4_K, dot1)
 
+/* How the 4-row Q6_K GEMV adds half h (128 elements: q[k], k = 0..3, 32 unsigned 6-bit
+ * quants each, against yq + 32k) of a row to its 8 int32 lanes sumi; lane 4L + e of q[k]
+ * takes scale s_(8h + 2k + L). Either way each lane gets the same exact integer.
+ * _SHUF (AVX2): vpmaddubsw pairs times the scale words (vpshufb of sch, the 8 scales of half
+ * h in both lanes), DEF_DOT_Q6_K's instructions. */
+#define Q6K_Q_SHUF(SACC, sumi, q, yq, sc16, sch, h)                                                \
+    do {                                                                                           \
+        _Pragma("GCC unroll 4") for (int k_ = 0; k_ < 4; ++k_)                                     \
+        {                                                                                          \
+            const __m256i yk_ = _mm256_loadu_si256((const __m256i *)((yq) + 32 * k_));             \
+            const __m256i s_ = _mm256_shuffle_epi8(                                                \
+                sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k_]));                    \
+            sumi = SACC(sumi, _mm256_maddubs_epi16(q[k_], yk_), s_);                               \
+        }                                                                                          \
+    } while (0)
+/* _PAIR (AVX-512 VNNI): vpdpbusd sums 4 products per int32 lane (|sum| <= 4 * 63 * 128 fits
+ * int16); two k's lanes as the int16 halves of one dword (k low, k + 1 high), one vpdpwssd
+ * against (s_k, s_k+1) words per lane (vpermw of sc16): 3 multiplies per 64 elements
+ * instead of 4 and 1 shuffle instead of 2. */
+static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
+#define SP(a, b) a, b, a, b, a, b, a, b
+    {SP(0, 2), SP(1, 3)},
+    {SP(4, 6), SP(5, 7)},
+    {SP(8, 10), SP(9, 11)},
+    {SP(12, 14), SP(13, 15)},
+#undef SP
+};
+#define Q6K_Q_PAIR(SACC, sumi, q, yq, sc16, sch, h)                                                \
+    do {                                                                                           \
+        (void)(sch);                                                                               \
+        _Pragma("GCC unroll 2") for (int p_ = 0; p_ < 2; ++p_)                                     \
+        {                                                                                          \
+            const __m256i r0_ =                                                                    \
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[2 * p_],                             \
+                                    _mm256_loadu_si256((const __m256i *)((yq) + 64 * p_)));        \
+            const __m256i r1_ =                                                                    \
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[2 * p_ + 1],                         \
+                                    _mm256_loadu_si256((const __m256i *)((yq) + 64 * p_ + 32)));   \
+            const __m256i t_ = _mm256_mask_blend_epi16(0xAAAA, r0_, _mm256_slli_epi32(r1_, 16));   \
+            const __m256i s_ = _mm256_permutexvar_epi16(                                           \
+                _mm256_load_si256((const __m256i *)k_q6_K_sp[2 * (h) + p_]), sc16);                \
+            sumi = _mm256_dpwssd_epi32(sumi, t_, s_);                                              \
+        }                                                                                          \
+    } while (0)
+
 /* Q6_K, 4 rows: each row's 8 int32 lanes and 8-lane float chain exactly DEF_DOT_Q6_K's
  * (lane k: elements 4k..4k+3 of every 32), the activation's quants loaded once for the 4. */
-#define DEF_ROWS_Q6_K(fname, ATTR, SACC, dot1)                                                     \
+#define DEF_ROWS_Q6_K(fname, ATTR, SACC, QSTEP, dot1)                                              \
     ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
                                    const blk_q8_K *x, float *out)                                  \
     {                                                                                              \
@@ -2486,13 +2536,7 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
                                                _mm256_and_si256(qhv, m30));                        \
                         q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),    \
                                                _mm256_and_si256(_mm256_srli_epi16(qhv, 2), m30));  \
-                        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                        \
-                        {                                                                          \
-                            const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k)); \
-                            const __m256i s = _mm256_shuffle_epi8(                                 \
-                                sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k]));     \
-                            sumi = SACC(sumi, _mm256_maddubs_epi16(q[k], yk), s);                  \
-                        }                                                                          \
+                        QSTEP(SACC, sumi, q, yq, sc16, sch, h);                                    \
                     }                                                                              \
                     acc[rr] =                                                                      \
                         _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[rr]);     \
@@ -2522,7 +2566,7 @@ DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
 DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, Q4K_SC_BCW, Q4K_J_BCW, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
-DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
+DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, Q6K_Q_SHUF, dot_q6_K_avx2)
 DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
 /* clang-format on */
 
@@ -2797,7 +2841,7 @@ DEF_ROWS_BY_DOT(rows_q3_K_vnni, TSR_VNNI, dot_q3_K_vnni)
 DEF_ROWS_Q4_K(kg_q4_K_vnni, TSR_VNNI, SACC_VNNI, Q4K_SC_PAIR, Q4K_J_PAIR, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q5_K_vnni, TSR_VNNI, dot_q5_K_vnni)
-DEF_ROWS_Q6_K(kg_q6_K_vnni, TSR_VNNI, SACC_VNNI, dot_q6_K_vnni)
+DEF_ROWS_Q6_K(kg_q6_K_vnni, TSR_VNNI, SACC_VNNI, Q6K_Q_PAIR, dot_q6_K_vnni)
 DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
