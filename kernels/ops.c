@@ -4,7 +4,6 @@
 #include "kernels/ops.h"
 
 #include "kernels/dot_ggml.h"
-#include "kernels/q40_gemm.h"
 #include "kernels/q4k_gemm.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -40,7 +39,7 @@ typedef struct {
     size_t conv_stride[4];
     const float *x; /* for conversion */
     int n_tok;
-    const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K / Q4_0), or NULL */
+    const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K), or NULL */
     int isa;            /* kernels/dot_ggml.h level, when ord is set */
     int64_t rows_per_chunk;
     int64_t chunks_per_w[4];
@@ -79,7 +78,7 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
          * tokens, each weight group read once for all of them. Which layout is faster
          * for how many tokens was measured (tsr_repack_use_file_layout): one token
          * streams the file layout except where the groups' GEMV is faster (Q4_K, Q6_K,
-         * Q5_0, Q4_0 on AVX-512 VNNI), as do long batches of types with a file tile.
+         * Q5_0, Q4_0), as do long batches of types with a file tile.
          * Bit-identical to the paths below either way. */
         tsr_repack_dot(w->type, w->n_in, w->packed, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
                        (size_t)w->n_out);
@@ -107,26 +106,13 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
 }
 
 /* The same rows and tokens of a Q4_K weight in the prompt (GEMM) order (kernels/q4k_gemm.h),
- * from the file layout, or from the repacked groups when the rank keeps only those; of a
- * Q4_0 weight in its prompt order (kernels/q40_gemm.h). */
+ * from the file layout, or from the repacked groups when the rank keeps only those. (Q4_0 has
+ * one order for every token, kernels/q40_gemm.h: mm_rows.) */
 static void mm_rows_gemm(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int n_tok)
 {
     const tsr_weight *w = j->w[k];
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
-    if (w->type == TSR_TYPE_Q4_0) {
-        if (w->packed) /* the groups: 4 rows' blocks side by side (r0 a multiple of 4) */
-            tsr_q40_gemm_dot_repacked(j->isa, w->n_in, nr,
-                                      (const uint8_t *)w->packed +
-                                          (size_t)(r0 / TSR_REPACK_ROWS) *
-                                              tsr_repack_group_bytes(w->type, w->n_in),
-                                      n_tok, xq, j->xq_stride[k], yk + r0, (size_t)w->n_out);
-        else
-            tsr_q40_gemm_dot(j->isa, w->n_in, nr,
-                             (const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes,
-                             n_tok, xq, j->xq_stride[k], yk + r0, (size_t)w->n_out);
-        return;
-    }
     const size_t blk = tsr_type_block_bytes(w->type);
     if (w->data) {
         tsr_q4k_gemm_dot(j->isa, w->n_in, nr, (const uint8_t *)w->data + (size_t)r0 * w->row_bytes,
@@ -192,11 +178,11 @@ static void mm_run(void *arg, int ith, int nth)
     int64_t r0, nr;
     while (mm_claim(j, &k, &r0, &nr)) {
         const tsr_weight *w = j->w[k];
-        if (!j->ord || (w->type != TSR_TYPE_Q4_K && w->type != TSR_TYPE_Q4_0)) {
+        if (!j->ord || w->type != TSR_TYPE_Q4_K) {
             mm_rows(j, k, r0, nr, 0, j->n_tok);
             continue;
         }
-        /* Q4_K / Q4_0 with order classes: each run of tokens of one class in its order. */
+        /* Q4_K with order classes: each run of tokens of one class in its order. */
         for (int t = 0; t < j->n_tok;) {
             int e = t + 1;
             while (e < j->n_tok && (j->ord[e] != 0) == (j->ord[t] != 0)) e++;
@@ -307,11 +293,31 @@ void tsr_matmul(tsr_pool *pool, const tsr_weight *w, const float *x, int n_tok, 
 
 void tsr_rmsnorm(float *out, const float *x, const float *weight, int n_tok, int n, float eps)
 {
-    for (int t = 0; t < n_tok; t++) {
+    /* As ggml's rms_norm: float squares summed in order in ggml_float (double), the mean
+     * rounded to float, scale = 1 / sqrtf(mean + eps), then (x * scale) * w. The sum is one
+     * serial chain of double adds per row (latency-bound); four rows' chains run side by side
+     * (a batch of sequences, a prompt), each row's sum exactly its own. */
+    int t = 0;
+    for (; t + 4 <= n_tok; t += 4) {
+        const float *x0 = x + (size_t)t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        for (int i = 0; i < n; i++) {
+            s0 += (double)(x0[i] * x0[i]);
+            s1 += (double)(x1[i] * x1[i]);
+            s2 += (double)(x2[i] * x2[i]);
+            s3 += (double)(x3[i] * x3[i]);
+        }
+        const double ss[4] = {s0, s1, s2, s3};
+        for (int r = 0; r < 4; r++) {
+            const float *xr = x + (size_t)(t + r) * n;
+            float *o = out + (size_t)(t + r) * n;
+            const float scale = 1.0f / sqrtf((float)(ss[r] / n) + eps);
+            for (int i = 0; i < n; i++) o[i] = xr[i] * scale * weight[i];
+        }
+    }
+    for (; t < n_tok; t++) {
         const float *xr = x + (size_t)t * n;
         float *o = out + (size_t)t * n;
-        /* As ggml's rms_norm: float squares summed in order in ggml_float (double), the
-         * mean rounded to float, scale = 1 / sqrtf(mean + eps), then (x * scale) * w. */
         double ss = 0.0;
         for (int i = 0; i < n; i++) ss += (double)(xr[i] * xr[i]);
         float scale = 1.0f / sqrtf((float)(ss / n) + eps);

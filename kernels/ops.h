@@ -41,8 +41,9 @@ void tsr_matmul_multi(tsr_pool *pool, const tsr_weight *const *w, float *const *
                       const float *x, int n_tok, void *scratch);
 
 /* tsr_matmul_multi with an order class per token (ord[t], NULL: all 0). Class 1 computes
- * Q4_K and Q4_0 weights in llama.cpp's prompt (GEMM) order (kernels/q4k_gemm.h,
- * kernels/q40_gemm.h) instead of the row dots' order; other types ignore it. A token's result depends on its class, never on
+ * Q4_K weights in llama.cpp's prompt (GEMM) order (kernels/q4k_gemm.h) instead of the row
+ * dots' order; other types ignore it (Q4_0 has one order, kernels/q40_gemm.h). A token's
+ * result depends on its class, never on
  * the other tokens of the call. */
 void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *const *y, int n_w,
                           const float *x, int n_tok, const uint8_t *ord, void *scratch);

@@ -1,4 +1,4 @@
-/* q40_gemm.c — see q40_gemm.h. Two SIMD kernels, both in the reference's order, one vector
+/* q40_gemm.c — see q40_gemm.h. SIMD kernels, all in the reference's order, one vector
  * lane per weight row (as ggml's 8x8 GEMM: no horizontal sums):
  * - AVX-512 VNNI (gemm_z512): tiles of 32 rows (two sets of 16, one zmm lane per row) x 4
  *   tokens. A chunk of 8 blocks of the tile is unpacked once (gathers: any row layout) into
@@ -7,7 +7,9 @@
  *   token's -8 * sum(y) so the offset costs nothing; then one convert and one FMA per 16 rows.
  * - AVX2 (gemm_avx2): the same walk with 8 rows per ymm x 4 tokens; vpmaddubsw pairs summed
  *   in int16 (exact: 8 * 2 * 15 * 128 < 32768), one vpmaddwd per block.
- * Both read the file layout or the repacked groups through one description (q40_layout). */
+ * - one token (gemv_z512 / gemv_avx2, below): rows in lanes without the unpacking, each
+ *   row's block reduced to its int32 by integer shuffles (see "One token").
+ * All read the file layout or the repacked groups through one description (q40_layout). */
 #include "kernels/q40_gemm.h"
 
 #include "kernels/dot_ggml.h"
@@ -475,6 +477,310 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
     }
 }
 
+/* ---- One token (GEMV) -------------------------------------------------------------------
+ * The same order per (row, block), for one token, rows in vector lanes for the FMA. The
+ * weight bytes are read as they lie: a quad of 4 rows' 16-byte nibble blocks (one 64-byte
+ * load from a repacked group, four 16-byte loads from the file layout); low and high nibbles
+ * against the activation's two 16-byte halves broadcast to every 128-bit lane: vpdpbusd
+ * (AVX-512) or vpmaddubsw + vpmaddwd (AVX2) leave each row's block as 4 int32 parts (bytes
+ * 4c..4c+3 of both halves), which permutes and adds (AVX-512) or vphaddd (AVX2) reduce to the
+ * row's int32 (the parts of an exact integer sum add in any order). The -8 offset enters as
+ * -8·Σy (the GEMM's ny; AVX-512: a quarter of it in each part). Then one convert and one FMA
+ * per block for 16 (8) rows, the scale fp16(d_w)·d_y made per lane as the GEMM makes it: the
+ * GEMM's operations per output, without its unpacking into per-row lanes (gathers /
+ * transposes), which a single token cannot amortize. */
+
+enum {
+    QV_MAXB = 4096, /* blocks of a row at most (n <= 131072; longer rows: the GEMM) */
+};
+
+/* Quad q of a pass: 4 rows' nibbles (block 0) at qp[j]; rows[j] the row each lane computes
+ * (rows past n_rows repeat the last one: computed, never stored); grp: one repacked group
+ * (block b of the 4 rows: 64 contiguous bytes at qp[0] + 64 b). */
+typedef struct {
+    const uint8_t *qp[4];
+    int64_t rows[4];
+    bool grp;
+} qv_quad;
+
+static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int64_t n_rows,
+                         qv_quad *Q)
+{
+    const int64_t last = n_rows - 1;
+    Q->grp = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && rq % 4 == 0;
+    if (rq > last) rq = Q->grp ? last / 4 * 4 : last;
+    for (int j = 0; j < 4; j++) {
+        /* a group's rows lie in its memory even past n_rows (the matrix's last group repeats
+         * its last row; other rows belong to other claims): read whole */
+        Q->rows[j] = Q->grp ? rq + j : (rq + j <= last ? rq + j : last);
+        Q->qp[j] = w + off_q(L, Q->rows[j]);
+    }
+}
+
+/* Software prefetch, into L2, of the next pass's rows (pass_bytes from nxt: its 4 groups, or
+ * its 16 / 8 rows of the file layout, one after another), spread over this pass's nb blocks:
+ * a pass prefetches the next one whole, as one linear stream. Measured (bench of 64 MiB
+ * matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
+ * 24-35 GB/s per thread against 17-27 for a prefetch in each group's stream 64 blocks ahead
+ * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. */
+QG_INLINE void qv_prefetch_next(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb,
+                                int n_lines)
+{
+    if (!nxt) return;
+    const char *p = nxt + pass_bytes * (size_t)b / (size_t)nb;
+    for (int i = 0; i < n_lines; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
+}
+
+/* ---- AVX-512 VNNI GEMV: 16 rows (4 quads, lane 4q + j: row j of quad q) a pass ---- */
+
+QG_Z512 QG_INLINE __m512i qv_load_z512(const qv_quad *Q, bool grp, size_t b, size_t q_blk)
+{
+    if (grp) return _mm512_loadu_si512(Q->qp[0] + b * 64);
+    const __m256i v01 = _mm256_loadu2_m128i((const __m128i *)(Q->qp[1] + b * q_blk),
+                                            (const __m128i *)(Q->qp[0] + b * q_blk));
+    const __m256i v23 = _mm256_loadu2_m128i((const __m128i *)(Q->qp[3] + b * q_blk),
+                                            (const __m128i *)(Q->qp[2] + b * q_blk));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(v01), v23, 1);
+}
+
+/* The pass's 16 lanes after the reduction below: lane 4k + g holds row 4g + k (row k of quad
+ * g), the order vpackssdw / vpmaddwd leave. */
+static inline int qz_lane_row(int lane)
+{
+    return 4 * (lane % 4) + lane / 4;
+}
+
+/* Word permutes of qz_groups_sc8 (below). */
+static const int16_t k_sc8_w[2][32] __attribute__((aligned(64))) = {
+    {0, 32, 8,  40, 16, 48, 24, 56, 1, 33, 9,  41, 17, 49, 25, 57,
+     2, 34, 10, 42, 18, 50, 26, 58, 3, 35, 11, 43, 19, 51, 27, 59},
+    {4, 36, 12, 44, 20, 52, 28, 60, 5, 37, 13, 45, 21, 53, 29, 61,
+     6, 38, 14, 46, 22, 54, 30, 62, 7, 39, 15, 47, 23, 55, 31, 63},
+};
+static const int16_t k_sc8_v[4][32] __attribute__((aligned(64))) = {
+    {0, 1, 32, 33, 2, 3, 34, 35, 4, 5, 36, 37, 6, 7, 38, 39,
+     0, 1, 32, 33, 2, 3, 34, 35, 4, 5, 36, 37, 6, 7, 38, 39},
+    {8, 9, 40, 41, 10, 11, 42, 43, 12, 13, 44, 45, 14, 15, 46, 47,
+     8, 9, 40, 41, 10, 11, 42, 43, 12, 13, 44, 45, 14, 15, 46, 47},
+    {16, 17, 48, 49, 18, 19, 50, 51, 20, 21, 52, 53, 22, 23, 54, 55,
+     16, 17, 48, 49, 18, 19, 50, 51, 20, 21, 52, 53, 22, 23, 54, 55},
+    {24, 25, 56, 57, 26, 27, 58, 59, 28, 29, 60, 61, 30, 31, 62, 63,
+     24, 25, 56, 57, 26, 27, 58, 59, 28, 29, 60, 61, 30, 31, 62, 63},
+};
+
+/* The fp16 scales of blocks b0..b0+7 of 16 rows of 4 whole repacked groups (row j of group g
+ * at wd + goff[g] + 2 j nbp, 8 contiguous fp16 from b0 on: nbp is a multiple of 8) times dy,
+ * lane 4k + g: 16 16-byte loads, 12 word permutes, 8 converts. */
+QG_Z512 QG_INLINE void qz_groups_sc8(const uint8_t *wd, const size_t goff[4], size_t nbp,
+                                     int64_t b0, const float *dy, int kn, __m512 sc[8])
+{
+    __m512i Z[4];
+    _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++)
+    {
+        const uint8_t *p = wd + goff[g] + (size_t)b0 * 2;
+        __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p + 2 * nbp)), 1);
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p + 4 * nbp)), 2);
+        Z[g] = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(p + 6 * nbp)), 3);
+    }
+    /* Z[g] word 8k + b: row k, block b0 + b. W[h][p] word 8b' + 2k + g' (b = 4h + b'): quads
+     * 2p + g' (k_sc8_w[h]); block b's 16 words, lane 4k + g, from W[b / 4] (k_sc8_v[b % 4]) */
+    __m512i W[2][2];
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++)
+    {
+        const __m512i I = _mm512_load_si512(k_sc8_w[h]);
+        W[h][0] = _mm512_permutex2var_epi16(Z[0], I, Z[1]);
+        W[h][1] = _mm512_permutex2var_epi16(Z[2], I, Z[3]);
+    }
+    _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++)
+    {
+        if (b >= kn) break;
+        const __m512i V =
+            _mm512_permutex2var_epi16(W[b / 4][0], _mm512_load_si512(k_sc8_v[b % 4]), W[b / 4][1]);
+        sc[b] =
+            _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(V)), _mm512_set1_ps(dy[b0 + b]));
+    }
+}
+
+QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_layout *L,
+                                        const qv_quad Q[4], __m512i offd, const size_t goff[4],
+                                        size_t nbp, const uint8_t *wd, const uint8_t *x,
+                                        const float *dy, const int32_t *ny, const char *pfn,
+                                        size_t pass_bytes)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi16(1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int kn = nb - b0 < 8 ? (int)(nb - b0) : 8;
+        __m512 sc[8] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                        _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                        _mm512_setzero_ps(), _mm512_setzero_ps()};
+        if (grp)
+            qz_groups_sc8(wd, goff, nbp, b0, dy, kn, sc);
+        else
+            for (int k = 0; k < kn; k++)
+                sc[k] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(
+                                          offd, wd + (size_t)(b0 + k) * L->d_blk, 1))),
+                                      _mm512_set1_ps(dy[b0 + k]));
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+        {
+            if (k >= kn) break;
+            const int64_t b = b0 + k;
+            /* 16 rows x 18 bytes (4 groups' 64 + 8) a block: 4.5 lines */
+            qv_prefetch_next(pfn, pass_bytes, b, nb, 5);
+            const uint8_t *xb = x + (size_t)b * Q8_BLK + 2;
+            const __m512i yl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
+            const __m512i yh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
+            /* P[q] lane 4k + c: part c (bytes 4c..4c+3, both nibbles) of row k of quad q:
+             * |part| <= 8 * 15 * 128 = 15360, so two parts fit an int16 (no saturation) */
+            __m512i P[4];
+            _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)
+            {
+                const __m512i v = qv_load_z512(&Q[q], grp, (size_t)b, L->q_blk);
+                const __m512i lo = _mm512_and_si512(v, m4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                P[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, yl), hi,
+                                           yh);
+            }
+            /* lane k of 128 bits: [P0 k (c0+c1), (c2+c3), P1 k ...], then [P0 k, P1 k, P2 k,
+             * P3 k]: lane 4k + q */
+            const __m512i A01 = _mm512_madd_epi16(_mm512_packs_epi32(P[0], P[1]), ones);
+            const __m512i A23 = _mm512_madd_epi16(_mm512_packs_epi32(P[2], P[3]), ones);
+            const __m512i S = _mm512_add_epi32(
+                _mm512_madd_epi16(_mm512_packs_epi32(A01, A23), ones), _mm512_set1_epi32(ny[b]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), sc[k], acc);
+        }
+    }
+    return acc;
+}
+
+QG_Z512 static void gemv_z512(int64_t nb, const uint8_t *w, const q40_layout *L, int64_t n_rows,
+                              const uint8_t *x, float *y)
+{
+    float dy[QV_MAXB];
+    int32_t ny[QV_MAXB];
+    act_facts(nb, 1, x, 0, dy, ny);
+    const size_t nbp = (size_t)(nb + 7) / 8 * 8;
+    int32_t rowidx[16];
+    for (int r = 0; r < 16; r++) rowidx[r] = 4 * (r % 4) + r / 4; /* row r <- lane */
+    const __m512i back = _mm512_loadu_si512(rowidx);
+    for (int64_t r0 = 0; r0 < n_rows; r0 += 16) {
+        qv_quad Q[4];
+        int32_t od[16];
+        size_t goff[4];
+        for (int q = 0; q < 4; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
+        const bool grp = Q[0].grp && L->d_blk == 2 && L->d_row == nbp * 2;
+        const size_t bd = off_d(L, r0);
+        for (int l = 0; l < 16; l++) {
+            const int r = qz_lane_row(l);
+            od[l] = (int32_t)(off_d(L, Q[r / 4].rows[r % 4]) - bd);
+        }
+        for (int q = 0; q < 4; q++) goff[q] = off_d(L, Q[q].rows[0]) - bd;
+        const __m512i offd = _mm512_loadu_si512(od);
+        /* the next pass, when there is one */
+        const char *pfn = r0 + 16 < n_rows ? (const char *)w + off_q(L, r0 + 16) - L->q_off : NULL;
+        const size_t pass_bytes = (size_t)(16 / L->rpg) * L->group_stride;
+        const __m512 acc = grp ? gemv_z512_pass(true, nb, L, Q, offd, goff, nbp, w + bd, x, dy, ny,
+                                                pfn, pass_bytes)
+                               : gemv_z512_pass(false, nb, L, Q, offd, goff, nbp, w + bd, x, dy, ny,
+                                                pfn, pass_bytes);
+        const int64_t left = n_rows - r0;
+        _mm512_mask_storeu_ps(y + r0, (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u),
+                              _mm512_permutexvar_ps(back, acc));
+    }
+}
+
+/* ---- AVX2 GEMV: 8 rows (2 quads) a pass; lane i holds row k_avx2_row[i] (vphaddd's order) */
+
+static const int32_t k_avx2_row[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+QG_AVX2 QG_INLINE void qv_load_avx2(const qv_quad *Q, bool grp, size_t b, size_t q_blk,
+                                    __m256i *v01, __m256i *v23)
+{
+    if (grp) {
+        *v01 = _mm256_loadu_si256((const __m256i *)(Q->qp[0] + b * 64));
+        *v23 = _mm256_loadu_si256((const __m256i *)(Q->qp[0] + b * 64 + 32));
+        return;
+    }
+    *v01 = _mm256_loadu2_m128i((const __m128i *)(Q->qp[1] + b * q_blk),
+                               (const __m128i *)(Q->qp[0] + b * q_blk));
+    *v23 = _mm256_loadu2_m128i((const __m128i *)(Q->qp[3] + b * q_blk),
+                               (const __m128i *)(Q->qp[2] + b * q_blk));
+}
+
+/* Two rows' block (128-bit lane r: row r) as 4 int32 parts each. */
+QG_AVX2 QG_INLINE __m256i qv_parts_avx2(__m256i v, __m256i yl, __m256i yh)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(v, m4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    /* int16 pairs: |2 * 15 * 128| each, two of them < 32768 (exact) */
+    const __m256i p16 =
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, yl), _mm256_maddubs_epi16(hi, yh));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_layout *L,
+                                        const qv_quad Q[2], __m256i offd, const uint8_t *wd,
+                                        const uint8_t *x, const float *dy, const int32_t *ny,
+                                        const char *pfn, size_t pass_bytes)
+{
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        qv_prefetch_next(pfn, pass_bytes, b, nb, 3); /* 8 rows x 18 bytes a block */
+        const __m256i dd =
+            _mm256_i32gather_epi32((const int *)(wd + (size_t)b * L->d_blk), offd, 1);
+        const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
+                                                _mm256_setzero_si256());
+        const __m256 dw =
+            _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(d16, 0x08)));
+        const uint8_t *xb = x + (size_t)b * Q8_BLK + 2;
+        const __m256i yl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
+        const __m256i yh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
+        __m256i v[4];
+        qv_load_avx2(&Q[0], grp, (size_t)b, L->q_blk, &v[0], &v[1]);
+        qv_load_avx2(&Q[1], grp, (size_t)b, L->q_blk, &v[2], &v[3]);
+        /* [r0 r2 r4 r6 | r1 r3 r5 r7] */
+        const __m256i h = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(qv_parts_avx2(v[0], yl, yh), qv_parts_avx2(v[1], yl, yh)),
+            _mm256_hadd_epi32(qv_parts_avx2(v[2], yl, yh), qv_parts_avx2(v[3], yl, yh)));
+        const __m256i I = _mm256_add_epi32(h, _mm256_set1_epi32(ny[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dw, _mm256_set1_ps(dy[b])), acc);
+    }
+    return acc;
+}
+
+QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L, int64_t n_rows,
+                              const uint8_t *x, float *y)
+{
+    float dy[QV_MAXB];
+    int32_t ny[QV_MAXB];
+    act_facts(nb, 1, x, 0, dy, ny);
+    for (int64_t r0 = 0; r0 < n_rows; r0 += 8) {
+        qv_quad Q[2];
+        int32_t od[8];
+        for (int q = 0; q < 2; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
+        const bool grp = Q[0].grp;
+        const size_t bd = off_d(L, r0);
+        for (int i = 0; i < 8; i++) {
+            const int r = k_avx2_row[i];
+            od[i] = (int32_t)(off_d(L, Q[r / 4].rows[r % 4]) - bd);
+        }
+        const __m256i offd = _mm256_loadu_si256((const __m256i *)od);
+        const char *pfn = r0 + 8 < n_rows ? (const char *)w + off_q(L, r0 + 8) - L->q_off : NULL;
+        const size_t pass_bytes = (size_t)(8 / L->rpg) * L->group_stride;
+        const __m256 acc =
+            grp ? gemv_avx2_pass(true, nb, L, Q, offd, w + bd, x, dy, ny, pfn, pass_bytes)
+                : gemv_avx2_pass(false, nb, L, Q, offd, w + bd, x, dy, ny, pfn, pass_bytes);
+        /* back to row order: row r from lane (r % 2) * 4 + r / 2 */
+        float out[8];
+        _mm256_storeu_ps(out,
+                         _mm256_permutevar8x32_ps(acc, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const int64_t left = n_rows - r0;
+        memcpy(y + r0, out, sizeof(float) * (size_t)(left < 8 ? left : 8));
+    }
+}
+
 #endif /* QG_X86 */
 
 static void gemm(int isa, int64_t n, const uint8_t *w, const q40_layout *L, int64_t n_rows,
@@ -483,6 +789,10 @@ static void gemm(int isa, int64_t n, const uint8_t *w, const q40_layout *L, int6
     const int64_t nb = n / 32;
     if (n_rows <= 0 || n_tok <= 0) return;
 #if QG_X86
+    if (n_tok == 1 && nb <= QV_MAXB && isa >= TSR_GGML_AVX2) {
+        (isa >= TSR_GGML_VNNI ? gemv_z512 : gemv_avx2)(nb, w, L, n_rows, x, y);
+        return;
+    }
     if (isa >= TSR_GGML_VNNI) {
         gemm_z512(nb, w, L, n_rows, n_tok, x, x_stride, y, y_stride);
         return;

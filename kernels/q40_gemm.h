@@ -1,15 +1,19 @@
 /*
- * q40_gemm.h — Q4_0 x Q8_0 dots in the order of llama.cpp's repacked Q4_0 GEMM
- * (ggml_gemm_q4_0_8x8_q8_0, x86 AVX2 / AVX-512: gemm_q4_b32_8x8_q8_0_lut_avx), the "prompt
- * order" of a token (order class 1, worker/model.h tsr_order_class).
+ * q40_gemm.h — every Q4_0 x Q8_0 dot of the engine, in the order of llama.cpp's repacked Q4_0
+ * GEMM and GEMV (ggml_gemm_q4_0_8x8_q8_0 / ggml_gemv_q4_0_8x8_q8_0, x86 AVX2 / AVX-512:
+ * gemm_q4_b32_8x8_q8_0_lut_avx / gemv_q4_b32_8x8_q8_0_lut_avx, the same order per output):
+ * prompt and generated tokens alike (Q4_0 ignores the order class of worker/model.h).
  *
  * Why: on x86 with AVX2 llama.cpp repacks every Q4_0 matrix whose row count is a multiple of
- * 8 (block_q4_0x8) and multiplies a prompt's tokens with that GEMM. It reduces each 32-element
- * block of a (row, token) pair to one exact integer and applies the float scales once per
- * block, rows in the lanes of a vector: no horizontal sums. Tessera's own Q4_0 row order
- * (kernels/quant.c: 8-lane float chains, the -8 offset per 8 blocks) costs a float FMA per
- * 8 elements and was slower at prefill (1B Q4_0 pp128 0.87-0.91x llama.cpp). Prompt tokens
- * computed here are both faster and closer to llama.cpp's logits.
+ * 8 (block_q4_0x8) and multiplies a prompt's tokens with that GEMM, a generated token with
+ * that GEMV. Both reduce each 32-element block of a (row, token) pair to one exact integer
+ * and apply the float scales once per block, rows in the lanes of a vector: no horizontal
+ * sums. Tessera's former Q4_0 row order (8-lane float chains, the -8 offset per 8 blocks)
+ * cost a float FMA per 8 elements and was slower at prefill (1B Q4_0 pp128 0.87-0.91x
+ * llama.cpp), and it was not llama.cpp's. With one order Q4_0 is exact against llama.cpp
+ * for prompts and generation, and nothing depends on a token's class. kernels/quant.c
+ * (tsr_vec_dot*, whose scalar reference is this order) and kernels/repack.c
+ * (tsr_repack_dot) call this module for Q4_0.
  *
  * The order, per (row, token), blocks b = 0 .. n/32 - 1 in order:
  *   I   = sum_{l < 32} (q_l - 8) * y_l                        (exact int32: |I| <= 32512)
@@ -21,6 +25,9 @@
  * Every ISA path (scalar reference, AVX2, AVX-512 VNNI) computes exactly this, for any row
  * and token grouping and either weight layout, so results do not depend on the ISA, the
  * threads, the batch or repacking.
+ *
+ * One token runs a GEMV (16 rows a pass on AVX-512 VNNI, 8 on AVX2; rows in lanes, each
+ * row's block reduced to its int32 before the one FMA), several tokens the GEMM tiles.
  *
  * Pure and thread-safe. n is a multiple of 32. Uses up to ~200 KiB of the caller's stack.
  */

@@ -22,6 +22,7 @@
 #include "kernels/quant.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/q40_gemm.h"
 #include "kernels/q80_gemv.h"
 
 #include <math.h>
@@ -1332,6 +1333,8 @@ static float dot_q8_0_scalar(int64_t n, const void *vw, const void *vx)
     return s;
 }
 
+/* Q4_0 x Q8_0 in llama.cpp's repacked Q4_0 GEMM / GEMV order (kernels/q40_gemm.h): per block
+ * the exact int32, then one FMA with fp16(d_w) * fp16(d_y); the SIMD paths are q40_gemm.c's. */
 static float dot_q4_0_scalar(int64_t n, const void *vw, const void *vx)
 {
     const blk_q4_0 *w = vw;
@@ -1343,7 +1346,7 @@ static float dot_q4_0_scalar(int64_t n, const void *vw, const void *vx)
             si += ((w[i].qs[j] & 0xF) - 8) * x[i].qs[j];
             si += ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + TSR_QK4_0 / 2];
         }
-        s += f16(w[i].d) * f16(x[i].d) * (float)si;
+        s = fmaf((float)si, f16(w[i].d) * f16(x[i].d), s);
     }
     return s;
 }
@@ -1885,26 +1888,14 @@ TSR_AVX2 static float q8_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_
 ACT_ROWS(rows_q8_0_avx2, TSR_AVX2, q8_0_row_avx2, 0, rows_q8_0_scalar)
 /* clang-format on */
 
-/* Q4_0 x Q8_0, AVX2: nibbles q in [0, 15] are unsigned already, so vpmaddubsw(q, y)
- * directly; the -8 offset comes from act_info's ey. */
+/* Q4_1's nibbles q in [0, 15] x Q8_0 / Q8_1 bytes, AVX2: q unsigned, so vpmaddubsw(q, y)
+ * directly. */
 TSR_AVX2 TSR_INLINE __m256i q4_dot_avx2(const uint8_t *wq, const int8_t *yq)
 {
     const __m256i y = _mm256_loadu_si256((const __m256i *)yq);
     const __m256i p16 = _mm256_maddubs_epi16(q4_0_nibbles(wq), y);
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
-
-TSR_AVX2 static float q4_0_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q4_DOT_AVX2(bb) q4_dot_avx2(w[bb].qs, x[bb].qs)
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_AVX2, 1);
-#undef Q4_DOT_AVX2
-}
-
-/* clang-format off */
-ACT_ROWS(rows_q4_0_avx2, TSR_AVX2, q4_0_row_avx2, 8, rows_q4_0_scalar)
-/* clang-format on */
 
 /* Q4_1 x Q8_1, AVX2: nibbles x y as Q4_0 (no offset: q is the value), plus m_w * s_y. */
 TSR_AVX2 static float q4_1_row_avx2(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
@@ -2247,21 +2238,26 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * them), and every float operation is the one-row dot's, lane r of a vector standing for
  * row r's scalar (Q4_K) or its 8 lanes staying its own (Q6_K). Read from the repacked
  * groups (kernels/repack.h: super-block i of the 4 rows side by side), the 4 rows are one
- * linear stream, prefetched pf steps ahead spread over the loop (never in bursts): Q4_K
- * RQ_PF_Q4_K steps of 4 x 144 bytes (6.2 KiB), Q6_K RQ_PF_Q6_K of 4 x 210 (3.4 KiB). Q4_K
- * measured 3-5% more GB/s at 11 steps than at 4 (2 threads, 96 MiB, 2048 and 8192 columns,
- * alternated in one process; 8 and 14 in between); Q6_K showed no steady difference from 4
- * to 10. */
-#define RQ_PF_Q4_K 11
-#define RQ_PF_Q6_K 4
+ * linear stream, prefetched pf steps ahead spread over the loop (never in bursts) into L2
+ * (not L1): Q4_K RQ_PF_Q4_K steps of 4 x 144 bytes (16 KiB), Q6_K RQ_PF_Q6_K of 4 x 210
+ * (13 KiB). Measured on the huge-page arena (worker/model_repack.c), 64 MiB, alternated in
+ * one session, GB/s: into L1 (the old hint), Q6_K gained from 4 steps (21.1) to 12 (28-30,
+ * 1 thread, 2048 columns) but sank to 21-23 at 8192 columns (L1 prefetches evicted the
+ * 8.7 KiB activation row, as they did for Q4_0); into L2, Q6_K 16 steps: 1 thread 34.5
+ * (2048) / 34.4 (8192) against 29.2 / 22.9 into L1 at 12 (8 steps 28, 20 steps 33);
+ * 2 threads 60-61 / 63.5 against 56-58 / 49. Q4_K into L2 at 28 steps: 1 thread 28.0 /
+ * 28.5 against 27.8 / 25.3 into L1 at 11 (16 steps 27.0 / 27.7, 40 steps 27.8 / 28.3);
+ * 2 threads 50.6-53 / 52 against 46-51 / 50. (Q4_K from cache: 30.6, Q6_K 38.5.) */
+#define RQ_PF_Q4_K 28
+#define RQ_PF_Q6_K 16
 
-/* Prefetch the super-block pf steps ahead of block b (bs bytes) in its stream, blocks
- * `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear stream). A
- * prefetch never faults; one past the matrix is harmless. */
+/* Prefetch into L2 the super-block pf steps ahead of block b (bs bytes) in its stream,
+ * blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear
+ * stream). A prefetch never faults; one past the matrix is harmless. */
 #define RQ_PREFETCH(b, pf, bstride, bs)                                                            \
     do {                                                                                           \
         const char *p_ = (const char *)(b) + (pf) * (bstride);                                     \
-        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);               \
+        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T1);               \
     } while (0)
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
@@ -2452,9 +2448,54 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
     }                                                                                              \
     DEF_ROWS_DRIVERS(fname, ATTR, blk_q4_K, dot1)
 
+/* How the 4-row Q6_K GEMV adds half h (128 elements: q[k], k = 0..3, 32 unsigned 6-bit
+ * quants each, against yq + 32k) of a row to its 8 int32 lanes sumi; lane 4L + e of q[k]
+ * takes scale s_(8h + 2k + L). Either way each lane gets the same exact integer.
+ * _SHUF (AVX2): vpmaddubsw pairs times the scale words (vpshufb of sch, the 8 scales of half
+ * h in both lanes), DEF_DOT_Q6_K's instructions. */
+#define Q6K_Q_SHUF(SACC, sumi, q, yq, sc16, sch, h)                                                \
+    do {                                                                                           \
+        _Pragma("GCC unroll 4") for (int k_ = 0; k_ < 4; ++k_)                                     \
+        {                                                                                          \
+            const __m256i yk_ = _mm256_loadu_si256((const __m256i *)((yq) + 32 * k_));             \
+            const __m256i s_ = _mm256_shuffle_epi8(                                                \
+                sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k_]));                    \
+            sumi = SACC(sumi, _mm256_maddubs_epi16(q[k_], yk_), s_);                               \
+        }                                                                                          \
+    } while (0)
+/* _PAIR (AVX-512 VNNI): vpdpbusd sums 4 products per int32 lane (|sum| <= 4 * 63 * 128 fits
+ * int16); two k's lanes as the int16 halves of one dword (k low, k + 1 high), one vpdpwssd
+ * against (s_k, s_k+1) words per lane (vpermw of sc16): 3 multiplies per 64 elements
+ * instead of 4 and 1 shuffle instead of 2. */
+static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
+#define SP(a, b) a, b, a, b, a, b, a, b
+    {SP(0, 2), SP(1, 3)},
+    {SP(4, 6), SP(5, 7)},
+    {SP(8, 10), SP(9, 11)},
+    {SP(12, 14), SP(13, 15)},
+#undef SP
+};
+#define Q6K_Q_PAIR(SACC, sumi, q, yq, sc16, sch, h)                                                \
+    do {                                                                                           \
+        (void)(sch);                                                                               \
+        _Pragma("GCC unroll 2") for (int p_ = 0; p_ < 2; ++p_)                                     \
+        {                                                                                          \
+            const __m256i r0_ =                                                                    \
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[2 * p_],                             \
+                                    _mm256_loadu_si256((const __m256i *)((yq) + 64 * p_)));        \
+            const __m256i r1_ =                                                                    \
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[2 * p_ + 1],                         \
+                                    _mm256_loadu_si256((const __m256i *)((yq) + 64 * p_ + 32)));   \
+            const __m256i t_ = _mm256_mask_blend_epi16(0xAAAA, r0_, _mm256_slli_epi32(r1_, 16));   \
+            const __m256i s_ = _mm256_permutexvar_epi16(                                           \
+                _mm256_load_si256((const __m256i *)k_q6_K_sp[2 * (h) + p_]), sc16);                \
+            sumi = _mm256_dpwssd_epi32(sumi, t_, s_);                                              \
+        }                                                                                          \
+    } while (0)
+
 /* Q6_K, 4 rows: each row's 8 int32 lanes and 8-lane float chain exactly DEF_DOT_Q6_K's
  * (lane k: elements 4k..4k+3 of every 32), the activation's quants loaded once for the 4. */
-#define DEF_ROWS_Q6_K(fname, ATTR, SACC, dot1)                                                     \
+#define DEF_ROWS_Q6_K(fname, ATTR, SACC, QSTEP, dot1)                                              \
     ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
                                    const blk_q8_K *x, float *out)                                  \
     {                                                                                              \
@@ -2496,13 +2537,7 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
                                                _mm256_and_si256(qhv, m30));                        \
                         q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),    \
                                                _mm256_and_si256(_mm256_srli_epi16(qhv, 2), m30));  \
-                        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)                        \
-                        {                                                                          \
-                            const __m256i yk = _mm256_loadu_si256((const __m256i *)(yq + 32 * k)); \
-                            const __m256i s = _mm256_shuffle_epi8(                                 \
-                                sch, _mm256_loadu_si256((const __m256i *)tsr_k_shuf_q6_K[k]));     \
-                            sumi = SACC(sumi, _mm256_maddubs_epi16(q[k], yk), s);                  \
-                        }                                                                          \
+                        QSTEP(SACC, sumi, q, yq, sc16, sch, h);                                    \
                     }                                                                              \
                     acc[rr] =                                                                      \
                         _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[rr]);     \
@@ -2532,7 +2567,7 @@ DEF_ROWS_BY_DOT(rows_q3_K_avx2, TSR_AVX2, dot_q3_K_avx2)
 DEF_ROWS_Q4_K(kg_q4_K_avx2, TSR_AVX2, SACC_AVX2, Q4K_SC_BCW, Q4K_J_BCW, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q4_K_avx2, TSR_AVX2, dot_q4_K_avx2)
 DEF_ROWS_BY_DOT(rows_q5_K_avx2, TSR_AVX2, dot_q5_K_avx2)
-DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, dot_q6_K_avx2)
+DEF_ROWS_Q6_K(kg_q6_K_avx2, TSR_AVX2, SACC_AVX2, Q6K_Q_SHUF, dot_q6_K_avx2)
 DEF_ROWS_BY_DOT(rows_q6_K_avx2, TSR_AVX2, dot_q6_K_avx2)
 /* clang-format on */
 
@@ -2568,51 +2603,12 @@ TSR_VNNI static float q8_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_
 ACT_ROWS(rows_q8_0_vnni, TSR_VNNI, q8_0_row_vnni, 0, rows_q8_0_scalar)
 /* clang-format on */
 
-/* Q4_0 x Q8_0 with vpdpbusd: nibbles [0, 15] unsigned against y; the -8 offset comes from
- * act_info's ey. */
+/* Q4_1's nibbles [0, 15] (unsigned) against y with vpdpbusd. */
 TSR_VNNI TSR_INLINE __m256i q4_dot_vnni(const uint8_t *wq, const int8_t *yq)
 {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_0_nibbles(wq),
                                _mm256_loadu_si256((const __m256i *)yq));
 }
-
-/* The fp16 scales of blocks 0..m-1 (m <= 8) of a Q4_0 row (words 9k from p on) as floats,
- * 0 past m: two loads (masked past the group's 18m bytes) and one word permute, instead of
- * f16x8_strided's scalar gather (about a third of the Q5_0 kernel's time, see q5_0_d8). */
-static const uint16_t k_q40_didx[32] = {0, 9, 18, 27, 36, 45, 54, 63};
-
-TSR_VNNI TSR_INLINE __m256 q4_0_dw8_vnni(const uint16_t *d0, size_t stride, int m)
-{
-    (void)stride; /* sizeof(blk_q4_0) */
-    const uint8_t *p = (const uint8_t *)d0;
-    __m512i z0, z1;
-    if (m == 8) {
-        z0 = _mm512_loadu_si512(p);
-        z1 = _mm512_loadu_si512(p + 64);
-    } else {
-        const int64_t nbytes = (int64_t)sizeof(blk_q4_0) * m;
-        z0 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes), p);
-        z1 = _mm512_maskz_loadu_epi8(first_bytes_mask(nbytes - 64), p + 64);
-    }
-    const __m512i t = _mm512_permutex2var_epi16(z0, _mm512_loadu_si512(k_q40_didx), z1);
-    return _mm256_cvtph_ps(_mm512_castsi512_si128(t));
-}
-
-TSR_VNNI static float q4_0_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_0 *x,
-                                    const act_info *ai)
-{
-#define Q4_DOT_VNNI(bb) q4_dot_vnni(w[bb].qs, x[bb].qs)
-#undef BL_DW8
-#define BL_DW8 q4_0_dw8_vnni
-    BLOCK_LOOP(blk_q4_0, Q4_DOT_VNNI, 1);
-#undef BL_DW8
-#define BL_DW8 f16x8_strided
-#undef Q4_DOT_VNNI
-}
-
-/* clang-format off */
-ACT_ROWS_PF(rows_q4_0_vnni, TSR_VNNI, q4_0_row_vnni, 8, rows_q4_0_scalar, blk_q4_0, 4)
-/* clang-format on */
 
 TSR_VNNI static float q4_1_row_vnni(int64_t nb, const uint8_t *vw, const blk_q8_1 *x,
                                     const act_info *ai)
@@ -2846,7 +2842,7 @@ DEF_ROWS_BY_DOT(rows_q3_K_vnni, TSR_VNNI, dot_q3_K_vnni)
 DEF_ROWS_Q4_K(kg_q4_K_vnni, TSR_VNNI, SACC_VNNI, Q4K_SC_PAIR, Q4K_J_PAIR, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q4_K_vnni, TSR_VNNI, dot_q4_K_vnni)
 DEF_ROWS_BY_DOT(rows_q5_K_vnni, TSR_VNNI, dot_q5_K_vnni)
-DEF_ROWS_Q6_K(kg_q6_K_vnni, TSR_VNNI, SACC_VNNI, dot_q6_K_vnni)
+DEF_ROWS_Q6_K(kg_q6_K_vnni, TSR_VNNI, SACC_VNNI, Q6K_Q_PAIR, dot_q6_K_vnni)
 DEF_ROWS_BY_DOT(rows_q6_K_vnni, TSR_VNNI, dot_q6_K_vnni)
 /* clang-format on */
 
@@ -3225,16 +3221,12 @@ typedef void (*tile_fn)(int64_t n, int64_t nrows, const uint8_t *w, size_t ws, i
 /* clang-format off */
 DEF_TILE(tile_q8_0_avx2, TSR_AVX2, blk_q8_0, 2, 0, Q8T_W_AVX2, Q8T_Y, Q8T_DOT_AVX2, TILE_CVT_AVX2,
          rows_q8_0_avx2)
-DEF_TILE(tile_q4_0_avx2, TSR_AVX2, blk_q4_0, 2, 8, Q4T_W, Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2,
-         rows_q4_0_avx2)
 DEF_TILE_EX(tile_q4_1_avx2, TSR_AVX2, blk_q4_1, blk_q8_1, 2, 0, 1, m, act_info_build_q8_1, Q4T_W,
             Q8T_Y, Q4T_DOT_AVX2, TILE_CVT_AVX2, rows_q4_1_avx2)
 DEF_TILE_EX(tile_q4_1_vnni, TSR_VNNI, blk_q4_1, blk_q8_1, 4, 0, 1, m, act_info_build_q8_1, Q4T_W,
             Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC, rows_q4_1_vnni)
 DEF_TILE(tile_q8_0_vnni, TSR_VNNI, blk_q8_0, 4, 0, Q8T_W_VNNI, Q8T_Y_VNNI, Q8T_DOT_VNNI,
          TILE_CVT_MAGIC, rows_q8_0_vnni)
-DEF_TILE(tile_q4_0_vnni, TSR_VNNI, blk_q4_0, 4, 8, Q4T_W, Q8T_Y, Q4T_DOT_VNNI, TILE_CVT_MAGIC,
-         rows_q4_0_vnni)
 /* clang-format on */
 
 #endif /* TSR_X86 */
@@ -3348,9 +3340,17 @@ static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
         tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
 }
 
+/* Q4_0: llama.cpp's repacked GEMV order (kernels/q40_gemm.h), on every ISA. */
+static void rows_q4_0_q40(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
+                          float *y)
+{
+    tsr_q40_gemm_dot(isa_get(), n, nrows, w, stride, 1, x, 0, y, 1);
+}
+
 static rows_fn rows_kernel(uint32_t type)
 {
     const int isa = isa_get();
+    if (type == TSR_TYPE_Q4_0) return isa > ISA_SCALAR ? rows_q4_0_q40 : rows_q4_0_scalar;
     if (type == TSR_TYPE_Q4_1) return rows_q4_1_ggml;
     if (type == TSR_TYPE_Q8_0) return rows_q8_0_ggml;
 #if TSR_X86
@@ -3364,8 +3364,6 @@ static rows_fn rows_kernel(uint32_t type)
             return rows_bf16_avx2;
         case TSR_TYPE_Q8_0:
             return isa >= ISA_AVX512VNNI ? rows_q8_0_vnni : rows_q8_0_avx2;
-        case TSR_TYPE_Q4_0:
-            return isa >= ISA_AVX512VNNI ? rows_q4_0_vnni : rows_q4_0_avx2;
         case TSR_TYPE_Q4_1:
             return isa >= ISA_AVX512VNNI ? rows_q4_1_vnni : rows_q4_1_avx2;
         case TSR_TYPE_Q5_0:
@@ -3470,13 +3468,15 @@ void tsr_vec_dot_tile(uint32_t type, int64_t n, int64_t n_rows, const void *w, s
         tsr_ggml_dot_tile(type, isa_get(), n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
         return;
     }
+    if (type == TSR_TYPE_Q4_0) { /* one order for any token count (kernels/q40_gemm.h) */
+        tsr_q40_gemm_dot(isa_get(), n, n_rows, w, w_stride, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
 #if TSR_X86
     const int isa = isa_get();
     tile_fn k = NULL;
     if (type == TSR_TYPE_Q8_0 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q8_0_vnni : tile_q8_0_avx2;
-    else if (type == TSR_TYPE_Q4_0 && isa >= ISA_AVX2)
-        k = isa >= ISA_AVX512VNNI ? tile_q4_0_vnni : tile_q4_0_avx2;
     else if (type == TSR_TYPE_Q4_1 && isa >= ISA_AVX2)
         k = isa >= ISA_AVX512VNNI ? tile_q4_1_vnni : tile_q4_1_avx2;
     if (k && n > 0 && n_tok > 1) {

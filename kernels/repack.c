@@ -21,6 +21,8 @@
  */
 #include "kernels/repack.h"
 
+#include "kernels/dot_ggml.h"
+#include "kernels/q40_gemm.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -106,15 +108,14 @@ bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)
      * one-token GEMV over the groups (repack_dot_q50_simd, 4 rows per pass, scales of 8
      * blocks read as one vector) beat the row dots' 4-rows-in-2-registers unpacking, which
      * is compute-bound (bench_repack, 896 and 2048 columns, 1 thread: 10-15 vs 6-8 GB/s).
-     * Q4_0 on AVX-512 VNNI: one token reads the groups through gemv_q4_0_groups_v512 (a 4-row
-     * 512-bit GEMV, one prefetched linear stream; CPU time per block streaming a 64 MiB matrix,
-     * one thread: 1.0 vs 1.6 ns, 8192 columns 1.4 vs 1.9). On AVX2 the Q4_0 row kernel stays
-     * faster than the generic repacked GEMV (1.2 vs 1.4 ns). */
-    if (n_tok <= 1 && type == TSR_TYPE_Q4_0) return strcmp(tsr_quant_isa(), "avx512vnni") != 0;
+     * Q4_0: every token count reads the groups when there are any (kernels/q40_gemm.c: a
+     * group's block of 4 rows is one 64-byte load, where the file layout costs 4 loads, or
+     * gathers in the GEMM). */
+    if (type == TSR_TYPE_Q4_0) return false;
     if (n_tok <= 1) return type != TSR_TYPE_Q4_K && type != TSR_TYPE_Q6_K && type != TSR_TYPE_Q5_0;
     /* (Q5_0 has no file-layout tile: quant.c would run a long batch token by token, about
      * 2x the CPU time of the repacked GEMM: 1.45 vs 0.65 ns per block dot, 896 x 1024 x 128) */
-    const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0 || type == TSR_TYPE_Q4_1;
+    const bool file_tile = type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_1;
     return file_tile && n_tok >= TSR_REPACK_TILE_MIN_TOKENS;
 }
 
@@ -483,9 +484,7 @@ RP_VNNI RP_INLINE __m256i q8_idot_vnni(const uint8_t *qp, __m256i yv)
 
 /* clang-format off */
 DEF_GEMV(gemv_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, 0, RP_XBLK, 2, Q8_IDOT_AVX2)
-DEF_GEMV(gemv_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, 0, RP_XBLK, 2, Q4_IDOT_AVX2)
 DEF_GEMV(gemv_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, 0, RP_XBLK, 2, Q8_IDOT_VNNI)
-DEF_GEMV(gemv_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, 0, RP_XBLK, 2, Q4_IDOT_VNNI)
 DEF_GEMV(gemv_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, 0, RP_XBLK, 2, Q5_IDOT_AVX2)
 DEF_GEMV(gemv_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, 0, RP_XBLK, 2, Q5_IDOT_VNNI)
 DEF_GEMV(gemv_q4_1_avx2, RP_AVX2, 2, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_AVX2)
@@ -493,134 +492,6 @@ DEF_GEMV(gemv_q4_1_vnni, RP_VNNI, 4, RP_Q4_0_QB, 0, 1, RP_X1BLK, 4, Q4_IDOT_VNNI
 DEF_GEMV(gemv_q5_1_avx2, RP_AVX2, 2, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_AVX2)
 DEF_GEMV(gemv_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_VNNI)
 /* clang-format on */
-
-/* Q4_0 GEMV on AVX-512 over whole groups: DEF_GEMV's operations for each of the 4 rows (the
- * same float chains, products and final sums, so bit-identical), with a group's 4 rows in
- * 512-bit registers. Block b of the group's rows is one aligned 64-byte line (4 x 16 bytes):
- * its low nibbles (elements 0..15 of each row) and high nibbles (16..31) are two vectors, and
- * vpdpbusd against the activation's halves broadcast to the 4 lanes gives lanes 0..3 and 4..7
- * of every row's int32x8 dot at once. The chains live as (row, lane) pairs: lo[c] holds lanes
- * 0..3 of rows 0..3, hi[c] lanes 4..7; one vpermt2ps per block broadcasts each row's scale
- * to its 128-bit lane. Half the instructions of DEF_GEMV per block, and a software prefetch
- * of the stream (the hardware prefetcher alone left the core waiting on memory): 9 lines per
- * 8 blocks, the bytes the loop consumes (8 quant lines, the 4 rows' 8 scales), so the
- * prefetch keeps its distance to the reads through every group. That distance is
- * Q40_PF_BYTES ahead of the quants being read: a group is the 4 rows' scales (8 * nbp bytes:
- * 2 KiB at 8192 columns) then their quants, so a pointer started Q40_PF_BYTES past the
- * matrix's first byte (as before) trailed the quant reads through the first quarter of every
- * 8192-column group (down projections). The lines go to L2 (prefetcht1), not L1: at 8192
- * columns the activation row (8.7 KiB of Q8_0, 2 KiB of scales) shares L1 with the stream,
- * and L1 prefetches evicted it. Measured (2 threads, 96 MiB matrix, settings alternated in
- * one process, 3 rounds each): 9 KiB ahead to L2 streamed 8192 columns 31-37% faster than
- * 6 KiB ahead to L1, and 2048 columns -5..+7% (even); 6 KiB to L1 had been 2048 columns
- * +10-15% and 8192 +2-7% over the old start at 1536 bytes. */
-enum { Q40_PF_BYTES = 9216 };
-RP_VNNI static void gemv_q4_0_groups_v512(size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
-                                          int64_t n_rows, const uint8_t *x, const float *dy,
-                                          const float *ey, float *y)
-{
-    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
-    const __m512i k0f = _mm512_set1_epi8(0x0F);
-    /* vpermt2ps indices of block k: lane 4r + j <- row r's scale of block k, rows 0 / 1 in
-     * the first source (lanes 0..7 / 8..15), rows 2 / 3 in the second (16..23 / 24..31) */
-    __m512i pidx[8];
-    for (int k = 0; k < 8; ++k)
-        pidx[k] = _mm512_set_epi32(24 + k, 24 + k, 24 + k, 24 + k, 16 + k, 16 + k, 16 + k, 16 + k,
-                                   8 + k, 8 + k, 8 + k, 8 + k, k, k, k, k);
-    const char *pf = (const char *)packed + TSR_REPACK_ROWS * nbp * 2 + Q40_PF_BYTES;
-    for (int64_t g = 0; g < n_groups; ++g) {
-        const uint8_t *grp = packed + (size_t)g * gb;
-        const uint16_t *d16 = (const uint16_t *)grp;
-        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
-        __m512 lo0 = _mm512_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0;
-        __m512 hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
-        __m512 off01 = lo0, off23 = lo0;
-        for (size_t b = 0; b < nb; b += 8) {
-            const int m = nb - b < 8 ? (int)(nb - b) : 8;
-            /* rows 0, 1 (and 2, 3) side by side: lane 8*(r%2) + i is block b + i */
-            const __m512 dw01 = _mm512_cvtph_ps(_mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(d16 + b))),
-                _mm_loadu_si128((const __m128i *)(d16 + nbp + b)), 1));
-            const __m512 dw23 = _mm512_cvtph_ps(_mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(d16 + 2 * nbp + b))),
-                _mm_loadu_si128((const __m128i *)(d16 + 3 * nbp + b)), 1));
-            const __m512 dy2 =
-                _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(dy + b))));
-            const __m512 ey2 =
-                _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(ey + b))));
-            off01 = _mm512_fmadd_ps(dw01, ey2, off01);
-            off23 = _mm512_fmadd_ps(dw23, ey2, off23);
-            const __m512 sc01 = _mm512_mul_ps(dw01, dy2), sc23 = _mm512_mul_ps(dw23, dy2);
-            _mm_prefetch(pf, _MM_HINT_T1);
-            pf += 64;
-#define Q40_V512_BLOCK(k, LO, HI)                                                                  \
-    do {                                                                                           \
-        _mm_prefetch(pf, _MM_HINT_T1);                                                             \
-        pf += 64;                                                                                  \
-        const uint8_t *xb_ = x + (b + (k)) * RP_XBLK + 2;                                          \
-        const __m512i v_ = _mm512_loadu_si512((const void *)(q + (b + (k)) * 64));                 \
-        const __m512i l_ = _mm512_and_si512(v_, k0f);                                              \
-        const __m512i h_ = _mm512_and_si512(_mm512_srli_epi16(v_, 4), k0f);                        \
-        const __m512i yl_ = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb_));         \
-        const __m512i yh_ = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb_ + 16)));  \
-        const __m512 fl_ =                                                                         \
-            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), l_, yl_));              \
-        const __m512 fh_ =                                                                         \
-            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), h_, yh_));              \
-        const __m512 s_ = _mm512_permutex2var_ps(sc01, pidx[k], sc23);                             \
-        LO = _mm512_fmadd_ps(s_, fl_, LO);                                                         \
-        HI = _mm512_fmadd_ps(s_, fh_, HI);                                                         \
-    } while (0)
-            if (m == 8) {
-                Q40_V512_BLOCK(0, lo0, hi0);
-                Q40_V512_BLOCK(1, lo1, hi1);
-                Q40_V512_BLOCK(2, lo2, hi2);
-                Q40_V512_BLOCK(3, lo3, hi3);
-                Q40_V512_BLOCK(4, lo0, hi0);
-                Q40_V512_BLOCK(5, lo1, hi1);
-                Q40_V512_BLOCK(6, lo2, hi2);
-                Q40_V512_BLOCK(7, lo3, hi3);
-            } else {
-                for (int k = 0; k < m; ++k) {
-                    switch (k & 3) {
-                    case 0:
-                        Q40_V512_BLOCK(k, lo0, hi0);
-                        break;
-                    case 1:
-                        Q40_V512_BLOCK(k, lo1, hi1);
-                        break;
-                    case 2:
-                        Q40_V512_BLOCK(k, lo2, hi2);
-                        break;
-                    default:
-                        Q40_V512_BLOCK(k, lo3, hi3);
-                        break;
-                    }
-                }
-            }
-#undef Q40_V512_BLOCK
-        }
-        /* DEF_GEMV's end per row: ((a0 + a1) + (a2 + a3)) + off, then the 8-lane sum */
-        const __m512 slo = _mm512_add_ps(_mm512_add_ps(lo0, lo1), _mm512_add_ps(lo2, lo3));
-        const __m512 shi = _mm512_add_ps(_mm512_add_ps(hi0, hi1), _mm512_add_ps(hi2, hi3));
-        const int64_t left = n_rows - g * TSR_REPACK_ROWS;
-        const int nr = left < TSR_REPACK_ROWS ? (int)left : TSR_REPACK_ROWS;
-        float *yg = y + (size_t)g * TSR_REPACK_ROWS;
-#define Q40_V512_ROW(r, OFF, HALF)                                                                 \
-    if ((r) < nr) {                                                                                \
-        const __m256 s8_ =                                                                         \
-            _mm256_insertf128_ps(_mm256_castps128_ps256(_mm512_extractf32x4_ps(slo, r)),           \
-                                 _mm512_extractf32x4_ps(shi, r), 1);                               \
-        yg[r] = tsr_hsum8_ps(_mm256_add_ps(                                                        \
-            s8_, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(OFF), HALF))));          \
-    }
-        Q40_V512_ROW(0, off01, 0)
-        Q40_V512_ROW(1, off01, 1)
-        Q40_V512_ROW(2, off23, 0)
-        Q40_V512_ROW(3, off23, 1)
-#undef Q40_V512_ROW
-    }
-}
 
 /* ---- GEMM micro-kernels: R rows x T tokens (T <= 4), chain-major --------------------------
  * WPREP(wv, wa, qp)  a weight block, unpacked once for the T tokens (wa: a helper);
@@ -748,10 +619,8 @@ RP_VNNI static void gemv_q4_0_groups_v512(size_t nb, size_t nbp, size_t gb, cons
 /* AVX2's 16 vector registers hold 2 rows x 4 tokens; AVX-512 VL's 32 hold 4 x 4. */
 /* clang-format off */
 DEF_GEMM(gemm_q8_0_avx2, RP_AVX2, 2, RP_Q8_0_QB, 0, 0, RP_XBLK, Q8W_AVX2, RP_Y, Q8D_AVX2, RP_CVT_AVX2)
-DEF_GEMM(gemm_q4_0_avx2, RP_AVX2, 2, RP_Q4_0_QB, 1, 0, RP_XBLK, Q4W, RP_Y, Q4D_AVX2, RP_CVT_AVX2)
 DEF_GEMM(gemm_q8_0_vnni, RP_VNNI, 4, RP_Q8_0_QB, 0, 0, RP_XBLK, Q8W_VNNI, RP_Y_X80, Q8D_VNNI,
          RP_CVT_MAGIC)
-DEF_GEMM(gemm_q4_0_vnni, RP_VNNI, 4, RP_Q4_0_QB, 1, 0, RP_XBLK, Q4W, RP_Y, Q4D_VNNI, RP_CVT_MAGIC)
 DEF_GEMM(gemm_q5_0_avx2, RP_AVX2, 2, RP_Q5_0_QB, 1, 0, RP_XBLK, Q5W_AVX2, RP_Y, Q4D_AVX2,
          RP_CVT_AVX2)
 DEF_GEMM(gemm_q5_0_vnni, RP_VNNI, 4, RP_Q5_0_QB, 1, 0, RP_XBLK, Q5W_VNNI, RP_Y, Q4D_VNNI,
@@ -966,15 +835,11 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         return;
     }
     const int R = vnni ? 4 : 2;
-    /* the offset of the unsigned quants: -8 (Q4_0), -16 (Q5_0), none (Q8_0) */
-    const int32_t mult = type == TSR_TYPE_Q4_0 ? 8 : type == TSR_TYPE_Q5_0 ? 16 : 0;
+    /* the offset of the unsigned quants: -16 (Q5_0), none (Q8_0); Q4_0 runs q40_gemm.c */
+    const int32_t mult = type == TSR_TYPE_Q5_0 ? 16 : 0;
     gemv_fn gv;
     gemm_fn gm;
     switch (type) {
-    case TSR_TYPE_Q4_0:
-        gv = vnni ? gemv_q4_0_vnni : gemv_q4_0_avx2;
-        gm = vnni ? gemm_q4_0_vnni : gemm_q4_0_avx2;
-        break;
     case TSR_TYPE_Q5_0:
         gv = vnni ? gemv_q5_0_vnni : gemv_q5_0_avx2;
         gm = vnni ? gemm_q5_0_vnni : gemm_q5_0_avx2;
@@ -1004,11 +869,6 @@ static void repack_dot_simd(bool vnni, uint32_t type, size_t nb, size_t nbp, siz
         }
         float *dy = buf, *ey = buf + nbp;
         build(x, nb, nbp, mult, dy, ey);
-        if (vnni && type == TSR_TYPE_Q4_0) {
-            gemv_q4_0_groups_v512(nb, nbp, gb, packed, n_rows, x, dy, ey, y);
-            if (buf != stack_buf) free(buf);
-            return;
-        }
         for (int64_t g = 0; g < n_groups; ++g) {
             const uint8_t *grp = packed + (size_t)g * gb;
             for (int rr = 0; rr < TSR_REPACK_ROWS; rr += R) {
@@ -1741,6 +1601,10 @@ void tsr_repack_dot(uint32_t type, int64_t n, const void *packed, int64_t r0, in
     const size_t nb = (size_t)n / 32, nbp = (nb + 7) / 8 * 8;
     const uint8_t *p = (const uint8_t *)packed + (size_t)(r0 / TSR_REPACK_ROWS) * gb;
     const char *isa = tsr_quant_isa();
+    if (type == TSR_TYPE_Q4_0) { /* one order for any token count (kernels/q40_gemm.h) */
+        tsr_q40_gemm_dot_repacked(tsr_ggml_isa(), n, n_rows, p, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
     if (is_kquant(type)) {
         const size_t nsb = (size_t)n / TSR_QK_K;
         /* one token of Q4_K / Q6_K: quant.c's 4-row GEMV (the row dots' arithmetic) */

@@ -14,9 +14,10 @@
  * Exactness (the property the engine relies on): every output y[t][r] is computed with
  * the same operations, in the same order, as tsr_vec_dot of that row and token on the
  * same instruction set (kernels/quant.c: the scalar reference's sequential sum; the SIMD
- * kernels' per-lane float chains, block b into chain b % 4, the Q4_0 offset term per 8
- * blocks, the same final additions). So results are bit-identical with and without
- * repacking, for one token or many, whatever the thread count or row split.
+ * kernels' per-lane float chains, block b into chain b % 4, the same final additions; Q4_0:
+ * kernels/q40_gemm.h's one order, from the file layout and the groups alike). So results are
+ * bit-identical with and without repacking, for one token or many, whatever the thread
+ * count or row split.
  *
  * Repacked types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (every quantized
  * weight type). Others keep the row / tile kernels of quant.h (tsr_repack_supported is false
@@ -52,7 +53,7 @@ bool tsr_repack_supported(uint32_t type);
 bool tsr_repack_chosen(uint32_t type);
 void tsr_repack_set_all(bool all);
 
-/* Tokens from which a batch of Q8_0 / Q4_0 / Q4_1 runs on the file layout's tile
+/* Tokens from which a batch of Q8_0 / Q4_1 runs on the file layout's tile
  * (quant.c) rather than the repacked GEMM. Measured, 1B Q8_0, 2 threads: the repacked GEMM
  * wins for 2-9 tokens (verification of k drafts, step of k+1 / step of 1: k=1 1.07 vs 1.6-2.0,
  * k=4 1.9 vs 2.4-3.4, k=8 3.1-3.2 vs 3.9), the tile for a 128-token prefill (79 vs 72-78
@@ -60,14 +61,13 @@ void tsr_repack_set_all(bool all);
 #define TSR_REPACK_TILE_MIN_TOKENS 64
 
 /* Whether n_tok tokens through a `type` matrix should read the file layout (when the rank
- * still has it): one token of any type but Q4_K / Q6_K / Q5_0, and but Q4_0 on AVX-512 VNNI
- * (the row dots stream memory faster than the generic repacked GEMV: 1B Q4_K_M decode 45.6 vs
- * 26.7 tokens/s; one Q4_K / Q6_K token runs quant.c's 4-row GEMV over the groups,
- * tsr_vec_dot_kgroups, one linear stream; one Q5_0 token the groups' own ggml-order GEMV,
- * cheaper than the row dots; one Q4_0 token on AVX-512 VNNI repack.c's 512-bit 4-row GEMV
- * over the groups, one prefetched stream: CPU time per block 1.0 vs 1.6 ns),
- * and TSR_REPACK_TILE_MIN_TOKENS or more of a type with a file-layout tile. kernels/ops.c's
- * one choice point. */
+ * still has it): one token of any type but Q4_K / Q6_K / Q5_0 / Q4_0 (the row dots stream
+ * memory faster than the generic repacked GEMV: 1B Q4_K_M decode 45.6 vs 26.7 tokens/s; one
+ * Q4_K / Q6_K token runs quant.c's 4-row GEMV over the groups, tsr_vec_dot_kgroups, one
+ * linear stream; one Q5_0 token the groups' own ggml-order GEMV, cheaper than the row dots;
+ * Q4_0 any number of tokens kernels/q40_gemm.c over the groups: a group's block of 4 rows
+ * is one 64-byte load), and TSR_REPACK_TILE_MIN_TOKENS or more of Q8_0 / Q4_1 (a
+ * file-layout tile). kernels/ops.c's one choice point. */
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok);
 
 /* Bytes of one group of TSR_REPACK_ROWS rows of n elements, and of a whole matrix of

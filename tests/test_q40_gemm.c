@@ -1,6 +1,7 @@
 /*
  * test_q40_gemm.c — kernels/q40_gemm: Q4_0 x Q8_0 in the order of llama.cpp's repacked Q4_0
- * GEMM (the prompt order class of worker/model.h).
+ * GEMM and GEMV, Q4_0's one order for every token (prompt and generated, order classes 1
+ * and 0 of worker/model.h alike).
  *
  * - Every ISA path (scalar, AVX2, AVX-512 VNNI where the CPU has it), 1..37 rows (two 16-row
  *   AVX-512 sets and a partial one) x 1..13 tokens, n from one block to 2048 (chunks of 8
@@ -11,14 +12,18 @@
  *   col_scale * row_scale).
  * - The activations: ggml_quantize_mat_q8_0_4x8 (transcribed from its AVX2 source) makes the
  *   bytes of tsr_quant_act_row's Q8_0 (ggml's x86 quantize_row_q8_0).
- * - The order is not Tessera's row-dot order (tsr_vec_dot): some results differ, all within
- *   1e-4 relative, so the test would notice a kernel that fell back to the row dots.
- * - tsr_matmul_multi_ord: tokens of class 1 get the GEMM order and tokens of class 0 the row
- *   dots', whatever their mix in the batch, with and without a repacked copy; more tokens
- *   than one of the kernel's token blocks.
- * - synth-tiny-q4_0 (expected/synth-tiny-expected.txt) with its prompt in order class 1
- *   (tsr_ctx_set_prompt_len): llama.cpp's greedy ids and top-5 logits within 0.3; prints how
- *   far the logits after the prompt are from llama.cpp's in either class.
+ * - The one-token paths give the same bits: tsr_vec_dot / tsr_vec_dot_rows / tsr_vec_dot_tile
+ *   (file layout) and tsr_repack_dot (groups) on every ISA, the one-token GEMV of q40_gemm.c
+ *   (n_tok 1 above). Two other orders are spelled out too, Tessera's former Q4_0 row order
+ *   (8-lane float chains, block b into chain b % 4, the -8 offset per 8 blocks) and ggml's
+ *   generic sequential sum: each differs from the GEMM order in some dots (all within 1e-4
+ *   relative), so the test would notice a kernel that fell back to either.
+ * - tsr_matmul_multi_ord: tokens of either class get the GEMM order whatever their mix in the
+ *   batch, and so does one token a call (decode: the GEMV and its guided row claims), with
+ *   and without a repacked copy, 2 threads; more tokens than one of the kernel's token blocks.
+ * - synth-tiny-q4_0 (expected/synth-tiny-expected.txt) with its prompt in order class 1 and 0
+ *   (tsr_ctx_set_prompt_len): llama.cpp's greedy ids and top-5 logits within 0.3, and the
+ *   same bits in both classes.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -71,6 +76,53 @@ static float ggml_gemm_order(int64_t n, const uint8_t *w, const uint8_t *x)
     return acc;
 }
 
+/* Tessera's Q4_0 row order before this order replaced it (quant.c's BLOCK_LOOP on AVX2 /
+ * AVX-512 VNNI): per block 8 int32 lanes, lane l = sum over elements 4l..4l+3 of q * y
+ * (unsigned nibbles q, element order: low nibbles 0..15, high 16..31); chain b % 4 lane l =
+ * fma(fp16(d_w) * dy, float(lane), chain); the offset, lane i of 8 blocks b..b+7:
+ * off[i] = fma(fp16(d_w_b), dy_b * float(-8 * sum(y_b)), off[i]); the end
+ * hsum8(((c0 + c1) + (c2 + c3)) + off), hsum8 ggml's hsum_float_8. */
+static float old_row_order(int64_t n, const uint8_t *w, const uint8_t *x)
+{
+    float c[4][8] = {{0}}, off[8] = {0};
+    for (int64_t b = 0; b < n / QK; b++) {
+        const uint8_t *wb = w + b * Q40_BYTES, *xb = x + b * Q80_BYTES;
+        const int8_t *y = (const int8_t *)(xb + 2);
+        const float dw = tsr_f16_to_f32(rd16(wb)), dy = tsr_f16_to_f32(rd16(xb));
+        int32_t sy = 0;
+        for (int e = 0; e < QK; e++) sy += y[e];
+        off[b % 8] = fmaf(dw, dy * (float)(-8 * sy), off[b % 8]);
+        for (int l = 0; l < 8; l++) {
+            int32_t lane = 0;
+            for (int e = 4 * l; e < 4 * l + 4; e++) {
+                const int q = e < 16 ? wb[2 + e] & 0xF : wb[2 + e - 16] >> 4;
+                lane += q * y[e];
+            }
+            c[b % 4][l] = fmaf(dw * dy, (float)lane, c[b % 4][l]);
+        }
+    }
+    float v[8];
+    for (int l = 0; l < 8; l++) v[l] = ((c[0][l] + c[1][l]) + (c[2][l] + c[3][l])) + off[l];
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+/* ggml's generic ggml_vec_dot_q4_0_q8_0: sumf += float(I) * (d_w * d_y) block after block. */
+static float seq_order(int64_t n, const uint8_t *w, const uint8_t *x)
+{
+    float s = 0.0f;
+    for (int64_t b = 0; b < n / QK; b++) {
+        const uint8_t *wb = w + b * Q40_BYTES, *xb = x + b * Q80_BYTES;
+        const int8_t *y = (const int8_t *)(xb + 2);
+        int32_t I = 0;
+        for (int l = 0; l < 16; l++)
+            I += ((wb[2 + l] & 0xF) - 8) * y[l] + ((wb[2 + l] >> 4) - 8) * y[l + 16];
+        const float dd = tsr_f16_to_f32(rd16(wb)) * tsr_f16_to_f32(rd16(xb));
+        const float p = (float)I * dd;
+        s = s + p;
+    }
+    return s;
+}
+
 /* ggml_quantize_mat_q8_0_4x8's AVX2 arithmetic for one row, as block_q8_0: amax, d = amax /
  * 127, id = 127 / amax (0 for an all-zero block), q = round-half-even(x * id). */
 static void ggml_quant_4x8_row(const float *x, uint8_t *out, int64_t n)
@@ -117,7 +169,7 @@ static void test_gemm_order(void **state)
 {
     (void)state;
     static const int64_t ns[] = {32, 96, 288, 2048};
-    int n_differ = 0, n_total = 0;
+    int n_differ_old = 0, n_differ_seq = 0, n_total = 0;
     for (size_t in = 0; in < sizeof ns / sizeof ns[0]; in++) {
         const int64_t n = ns[in], nb = n / QK;
         enum { MAXR = 37, MAXT = 13 };
@@ -139,12 +191,16 @@ static void test_gemm_order(void **state)
         for (int t = 0; t < MAXT; t++) {
             for (int r = 0; r < MAXR; r++) {
                 ref[t][r] = ggml_gemm_order(n, w + r * row_b, x + t * xs);
-                const float rowdot = tsr_vec_dot(TSR_TYPE_Q4_0, n, w + r * row_b, x + t * xs);
+                const float old = old_row_order(n, w + r * row_b, x + t * xs);
+                const float seq = seq_order(n, w + r * row_b, x + t * xs);
                 n_total++;
-                n_differ += tsr_test_fbits(rowdot) != tsr_test_fbits(ref[t][r]);
-                if (fabsf(rowdot - ref[t][r]) > 1e-4f * (fabsf(ref[t][r]) + 1.0f))
-                    fail_msg("row dot %.9g vs GEMM order %.9g: further apart than rounding",
-                             (double)rowdot, (double)ref[t][r]);
+                n_differ_old += tsr_test_fbits(old) != tsr_test_fbits(ref[t][r]);
+                n_differ_seq += tsr_test_fbits(seq) != tsr_test_fbits(ref[t][r]);
+                if (fabsf(old - ref[t][r]) > 1e-4f * (fabsf(ref[t][r]) + 1.0f) ||
+                    fabsf(seq - ref[t][r]) > 1e-4f * (fabsf(ref[t][r]) + 1.0f))
+                    fail_msg("old row order %.9g / sequential %.9g vs GEMM order %.9g: further "
+                             "apart than rounding (a wrong transcription?)",
+                             (double)old, (double)seq, (double)ref[t][r]);
             }
         }
         const size_t pk_bytes = tsr_repack_bytes(TSR_TYPE_Q4_0, n, MAXR);
@@ -168,6 +224,19 @@ static void test_gemm_order(void **state)
                                                   yp + 4 * g, MAXR);
                     }
                     tsr_q40_gemm_dot_repacked(isa, n, nr, pk, nt, x, xs, yg, MAXR);
+                    if (nt == 1) { /* the one-token entry points of quant.h and repack.h */
+                        float yr[MAXR], yk[MAXR], yt[MAXR];
+                        tsr_vec_dot_rows(TSR_TYPE_Q4_0, n, nr, w, row_b, x, yr);
+                        tsr_repack_dot(TSR_TYPE_Q4_0, n, pk, 0, nr, 1, x, xs, yk, 1);
+                        tsr_vec_dot_tile(TSR_TYPE_Q4_0, n, nr, w, row_b, 1, x, xs, yt, 1);
+                        for (int r = 0; r < nr; r++) {
+                            const float v = tsr_vec_dot(TSR_TYPE_Q4_0, n, w + r * row_b, x);
+                            tsr_test_check_layouts(k_isas[ii], n, nr, 1, r, 0, ref[0][r], v, yr[r],
+                                                   yk[r]);
+                            tsr_test_check_layouts(k_isas[ii], n, nr, 1, r, 0, ref[0][r], yt[r],
+                                                   yr[r], yk[r]);
+                        }
+                    }
                     for (int t = 0; t < nt; t++) {
                         for (int r = 0; r < nr; r++) {
                             tsr_test_check_layouts(k_isas[ii], n, nr, nt, r, t, ref[t][r],
@@ -185,17 +254,19 @@ static void test_gemm_order(void **state)
         free(x4);
         free(f);
     }
-    printf("  GEMM order differs from the row-dot order in %d of %d dots\n", n_differ, n_total);
-    if (n_differ == 0)
-        fail_msg("the GEMM and row-dot orders never differed: the test cannot tell them");
+    printf("  GEMM order differs from the old row order in %d and from the sequential sum in %d "
+           "of %d dots\n",
+           n_differ_old, n_differ_seq, n_total);
+    if (n_differ_old == 0 || n_differ_seq == 0)
+        fail_msg("the GEMM order never differed from another order: the test cannot tell them");
 }
 
-/* The matmul: a batch mixing both classes gives each token its class's order. n 8192 x 75
- * tokens: more than one of the kernel's token blocks (64 tokens there), the last 4-token
- * group partial. */
-static void check_matmul_ord(int64_t n, int n_tok)
+/* The matmul: a batch mixing both classes gives every token the GEMM order; so does each
+ * token alone (one token a call, no classes: decode). n 8192 x 75 tokens: more than one of
+ * the kernel's token blocks (64 tokens there), the last 4-token group partial; n_out 37 / 40:
+ * a partial 4-row group and 16-row GEMV pass. */
+static void check_matmul_ord(int64_t n, int n_tok, int64_t n_out)
 {
-    const int64_t n_out = 40;
     const size_t row_b = (size_t)(n / QK) * Q40_BYTES, xs = (size_t)(n / QK) * Q80_BYTES;
     uint8_t *w = malloc((size_t)n_out * row_b);
     make_weights(n, (int)n_out, w);
@@ -224,26 +295,34 @@ static void check_matmul_ord(int64_t n, int n_tok)
         float *ys[1] = {y};
         void *scratch = malloc(tsr_matmul_multi_scratch_bytes(ws, 1, n_tok));
         tsr_matmul_multi_ord(pool, ws, ys, 1, x, n_tok, ord, scratch);
-        int n_class0_differ = 0;
+        float *y1 = malloc(sizeof(float) * (size_t)(n_out * n_tok));
+        void *scratch1 = malloc(tsr_matmul_multi_scratch_bytes(ws, 1, 1));
+        for (int t = 0; t < n_tok; t++) {
+            float *yt[1] = {y1 + (size_t)t * (size_t)n_out};
+            tsr_matmul_multi(pool, ws, yt, 1, x + (size_t)t * (size_t)n, 1, scratch1);
+        }
+        int n_old_differ = 0;
         for (int t = 0; t < n_tok; t++) {
             for (int64_t r = 0; r < n_out; r++) {
                 const uint8_t *xt = xq + (size_t)t * xs;
-                const float g = ggml_gemm_order(n, w + r * row_b, xt);
-                const float v = tsr_vec_dot(TSR_TYPE_Q4_0, n, w + r * row_b, xt);
-                const float e = ord[t] ? g : v;
-                n_class0_differ += !ord[t] && tsr_test_fbits(g) != tsr_test_fbits(v);
+                const float e = ggml_gemm_order(n, w + r * row_b, xt);
+                n_old_differ +=
+                    tsr_test_fbits(old_row_order(n, w + r * row_b, xt)) != tsr_test_fbits(e);
                 const float a = y[(size_t)t * (size_t)n_out + (size_t)r];
-                if (tsr_test_fbits(a) != tsr_test_fbits(e))
+                const float a1 = y1[(size_t)t * (size_t)n_out + (size_t)r];
+                if (tsr_test_fbits(a) != tsr_test_fbits(e) ||
+                    tsr_test_fbits(a1) != tsr_test_fbits(e))
                     fail_msg("layout variant %d, token %d (class %d) row %lld: expected %.9g "
-                             "(0x%08x), got %.9g (0x%08x)",
+                             "(0x%08x), got %.9g (0x%08x) in the batch, %.9g (0x%08x) alone",
                              variant, t, ord[t], (long long)r, (double)e, tsr_test_fbits(e),
-                             (double)a, tsr_test_fbits(a));
+                             (double)a, tsr_test_fbits(a), (double)a1, tsr_test_fbits(a1));
             }
         }
-        if (n_class0_differ == 0)
-            fail_msg("n %lld: no class-0 token differs between the orders: the test cannot tell "
-                     "them",
+        if (n_old_differ == 0)
+            fail_msg("n %lld: the old row order never differs: the test cannot tell them",
                      (long long)n);
+        free(scratch1);
+        free(y1);
         free(scratch);
         free(y);
     }
@@ -258,8 +337,8 @@ static void check_matmul_ord(int64_t n, int n_tok)
 static void test_matmul_ord(void **state)
 {
     (void)state;
-    check_matmul_ord(512, 11);
-    check_matmul_ord(8192, 75);
+    check_matmul_ord(512, 11, 37);
+    check_matmul_ord(8192, 75, 40);
 }
 
 /* Sum of |logit - llama.cpp's| over the reference's top-5 ids ('id:logit ...'). */
@@ -281,6 +360,7 @@ static void test_synth_prompt_order(void **state)
         tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
     int n_cases = 0;
     float dist[2] = {0.0f, 0.0f};
+    int n_vocab = 0;
     for (size_t i = 0; i < nb; i++) {
         const char *model = tsr_test_block_get(&b[i], "model");
         const char *pids = tsr_test_block_get(&b[i], "prompt_ids");
@@ -290,6 +370,7 @@ static void test_synth_prompt_order(void **state)
         int32_t *prompt_ids, *want;
         const size_t n_prompt = tsr_test_parse_ids(pids, &prompt_ids);
         const size_t n_want = tsr_test_parse_ids(gids, &want);
+        float *lg_cls[2] = {NULL, NULL};
         for (int cls = 0; cls < 2; cls++) {
             tsr_test_model f;
             /* f16 K/V: llama.cpp's cache type when it made the references */
@@ -304,10 +385,18 @@ static void test_synth_prompt_order(void **state)
             tsr_test_check_ids(what, want, got, n_want);
             tsr_test_check_logits(what, llama, lg, 0.3f);
             dist[cls] += ref_dist(llama, lg);
+            n_vocab = f.m->hp.n_vocab;
+            lg_cls[cls] = lg;
             free(got);
-            free(lg);
             tsr_test_model_close(&f);
         }
+        /* Q4_0 has one order: the prompt's class changes nothing */
+        for (int v = 0; v < n_vocab; v++)
+            if (tsr_test_fbits(lg_cls[0][v]) != tsr_test_fbits(lg_cls[1][v]))
+                fail_msg("%s: logit %d after the prompt %.9g in class 0, %.9g in class 1", model, v,
+                         (double)lg_cls[0][v], (double)lg_cls[1][v]);
+        free(lg_cls[0]);
+        free(lg_cls[1]);
         free(prompt_ids);
         free(want);
         n_cases++;
@@ -315,7 +404,7 @@ static void test_synth_prompt_order(void **state)
     tsr_test_blocks_free(b, nb);
     if (n_cases == 0) fail_msg("no synth-tiny-q4_0 case in expected/synth-tiny-expected.txt");
     printf("  synth-tiny-q4_0, %d prompts: sum over the top-5 of |logit - llama.cpp's| after the "
-           "prompt: %.6f with the prompt in class 0, %.6f in class 1 (llama.cpp's order)\n",
+           "prompt: %.6f with the prompt in class 0, %.6f in class 1 (one order: equal)\n",
            n_cases, (double)dist[0], (double)dist[1]);
 }
 

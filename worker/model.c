@@ -10,6 +10,7 @@
 
 #include "kernels/kvcache.h"
 #include "kernels/quant.h"
+#include "kernels/rope.h"
 #include "worker/tdump.h"
 
 #include <inttypes.h>
@@ -662,6 +663,10 @@ struct tsr_ctx {
     int32_t max_pos;   /* positions a sequence may reach (att_scores size) */
     float *logits;     /* [n_batch][vocab slice] */
     float *head_in;    /* [n_batch][n_embd]: normed hidden of tokens that want logits */
+    /* RoPE cos/sin of the batch's positions (kernels/rope.h), [n_batch][n_rot] each: [0] for
+     * the global layers' base/scale, [1] for sliding-window layers' (when they differ);
+     * made once per forward pass instead of per layer and per Q and K */
+    float *rope_cs[2];
     void *scratch;
     const tsr_batch *b;    /* the batch in flight (attention workers read it) */
     int32_t prompt_len;    /* tsr_forward's order classes (tsr_ctx_set_prompt_len) */
@@ -780,6 +785,7 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     size_t n_vocab_local = (size_t)(sh->vocab_end - sh->vocab_begin);
     c->logits = malloc(nb * (n_vocab_local ? n_vocab_local : 1) * sizeof(float));
     c->head_in = malloc(nb * E * sizeof(float));
+    for (int r = 0; r < 2; r++) c->rope_cs[r] = malloc(nb * (size_t)hp->n_rot * sizeof(float));
     /* Scratch for converted activations: the largest of all matmul inputs. */
     size_t scratch = 0;
     for (int32_t l = 0; l < m->n_layer_local; l++) {
@@ -801,7 +807,8 @@ static int ctx_alloc(const tsr_model *m, int32_t n_kv_blocks, int32_t n_batch, i
     c->pool = tsr_pool_new(n_threads);
     if (!c->k_cache || !c->v_cache || !c->x || !c->xb || !c->xb2 || !c->q || !c->k || !c->v ||
         !c->att_out || !c->hb || !c->hb2 || !c->att_scores || !c->logits || !c->head_in ||
-        !c->scratch || !c->pool || !c->attn_scratch || !c->attn_piece)
+        !c->scratch || !c->pool || !c->attn_scratch || !c->attn_piece || !c->rope_cs[0] ||
+        !c->rope_cs[1])
         goto oom;
     *out = c;
     return 0;
@@ -868,6 +875,8 @@ void tsr_ctx_free(tsr_ctx *c)
     free(c->attn_piece);
     free(c->logits);
     free(c->head_in);
+    free(c->rope_cs[0]);
+    free(c->rope_cs[1]);
     free(c->scratch);
     free(c);
 }
@@ -1045,11 +1054,21 @@ typedef struct {
     const tsr_batch *b;
     const tsr_layer *L;
     float *x;
-    int layer, n, stage; /* stage: TOK_* */
-    float rope_base, rope_scale;
+    int layer, n, stage;    /* stage: TOK_* */
+    const float *rope_cs;   /* c->rope_cs[] of this layer's rope setting */
+    const float *next_norm; /* TOK_OUT: the next layer's attn_norm, applied to x into xb */
 } tok_job;
 
-enum { TOK_QKV = 0, TOK_STORE = 1, TOK_FFN_IN = 2, TOK_ACT = 3, TOK_OUT = 4 };
+/* TOK_QKV_STORE: both, in one pool run (tensor dumps off); TOK_IN: the first attn_norm */
+enum {
+    TOK_QKV = 0,
+    TOK_STORE = 1,
+    TOK_FFN_IN = 2,
+    TOK_ACT = 3,
+    TOK_OUT = 4,
+    TOK_QKV_STORE = 5,
+    TOK_IN = 6
+};
 
 static void tok_rows(const tok_job *j, int t0, int t1)
 {
@@ -1065,6 +1084,11 @@ static void tok_rows(const tok_job *j, int t0, int t1)
     const int64_t n_ff = sh->ff_end - sh->ff_begin;
     float *q = c->q + (size_t)t0 * qd, *k = c->k + (size_t)t0 * kd, *v = c->v + (size_t)t0 * kd;
     switch (j->stage) {
+    case TOK_IN: /* the first layer's attention norm */
+        tsr_rmsnorm(c->xb + (size_t)t0 * E, j->x + (size_t)t0 * E, L->attn_norm, nt, E,
+                    hp->rms_eps);
+        break;
+    case TOK_QKV_STORE:
     case TOK_QKV: /* biases, Q/K norms, RoPE */
         if (L->bq) add_bias(q, L->bq, nt, (int)qd);
         if (L->bk) add_bias(k, L->bk, nt, (int)kd);
@@ -1074,12 +1098,14 @@ static void tok_rows(const tok_job *j, int t0, int t1)
             tsr_rmsnorm(k, k, L->k_norm, nt * n_kv_local, hd, hp->rms_eps);
         }
         /* ggml's angles (a running product of base^(-2/n_rot), as ggml_rope_cache_init) for
-         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1). */
-        tsr_rope_ext(q, j->b->pos + t0, nt, n_head_local, hd, hp->n_rot, j->rope_base,
-                     j->rope_scale, m->freq_factors, hp->rope_neox ? 1 : 0);
-        tsr_rope_ext(k, j->b->pos + t0, nt, n_kv_local, hd, hp->n_rot, j->rope_base, j->rope_scale,
-                     m->freq_factors, hp->rope_neox ? 1 : 0);
-        break;
+         * both pairings: NEOX (i, i + n_rot/2) and NORM (2i, 2i+1), from the table made at
+         * the start of the forward pass (tsr_rope_ext's values, kernels/rope.h). */
+        tsr_rope_apply(q, j->rope_cs + (size_t)t0 * hp->n_rot, nt, n_head_local, hd, hp->n_rot,
+                       hp->rope_neox ? 1 : 0);
+        tsr_rope_apply(k, j->rope_cs + (size_t)t0 * hp->n_rot, nt, n_kv_local, hd, hp->n_rot,
+                       hp->rope_neox ? 1 : 0);
+        if (j->stage == TOK_QKV) break;
+        __attribute__((fallthrough)); /* TOK_QKV_STORE: the store too */
     case TOK_STORE: { /* gemma's Q scale; this batch's K and V rows in the cache's type */
         if (hp->arch == TSR_ARCH_GEMMA3)
             for (size_t i = 0; i < (size_t)nt * qd; i++) q[i] *= hp->attn_scale;
@@ -1109,6 +1135,8 @@ static void tok_rows(const tok_job *j, int t0, int t1)
         float *x = j->x + (size_t)t0 * E, *a = c->xb2 + (size_t)t0 * E;
         if (L->post_ffn_norm) tsr_rmsnorm(a, a, L->post_ffn_norm, nt, E, hp->rms_eps);
         for (size_t i = 0; i < (size_t)nt * E; i++) x[i] += a[i];
+        if (j->next_norm) /* the next layer's attention norm, while the rows are in cache */
+            tsr_rmsnorm(c->xb + (size_t)t0 * E, x, j->next_norm, nt, E, hp->rms_eps);
         break;
     }
     }
@@ -1160,11 +1188,31 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
     }
 
     attn_pieces(c, n);
+    /* RoPE tables of this batch's positions: global layers', and sliding-window layers' when
+     * their base or scale differ (gemma3) */
+    const bool rope_swa_own = hp->rope_freq_base_swa != hp->rope_freq_base ||
+                              hp->rope_freq_scale_swa != hp->rope_freq_scale;
+    {
+        bool need[2] = {false, false};
+        for (int l = 0; l < m->n_layer_local; l++)
+            need[rope_swa_own && tsr_hparams_layer_swa(hp, sh->layer_begin + l)] = true;
+        if (need[0])
+            tsr_rope_table(c->rope_cs[0], b->pos, n, hp->n_rot, hp->rope_freq_base,
+                           hp->rope_freq_scale, m->freq_factors);
+        if (need[1])
+            tsr_rope_table(c->rope_cs[1], b->pos, n, hp->n_rot, hp->rope_freq_base_swa,
+                           hp->rope_freq_scale_swa, m->freq_factors);
+    }
+    /* the first layer's attention norm (the others' run in the previous layer's TOK_OUT) */
+    if (m->n_layer_local > 0) {
+        TSR_TDUMP("inp", sh->layer_begin, x, (size_t)n * E);
+        tok_job tj0 = {.c = c, .b = b, .L = &m->layers[0], .x = x, .layer = 0, .n = n};
+        per_token(c, &tj0, TOK_IN);
+    }
     for (int l = 0; l < m->n_layer_local; l++) {
         const tsr_layer *L = &m->layers[l];
         const int il = sh->layer_begin + l;
-        TSR_TDUMP("inp", il, x, (size_t)n * E);
-        tsr_rmsnorm(c->xb, x, L->attn_norm, n, E, hp->rms_eps);
+        if (l > 0) TSR_TDUMP("inp", il, x, (size_t)n * E);
         TSR_TDUMP("attn_norm", il, c->xb, (size_t)n * E);
         {
             const tsr_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
@@ -1182,13 +1230,16 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
                       .x = x,
                       .layer = l,
                       .n = n,
-                      .rope_base = swa ? hp->rope_freq_base_swa : hp->rope_freq_base,
-                      .rope_scale = swa ? hp->rope_freq_scale_swa : hp->rope_freq_scale};
-        per_token(c, &tj, TOK_QKV);
-        TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
-        TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
-        TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
-        per_token(c, &tj, TOK_STORE);
+                      .rope_cs = c->rope_cs[rope_swa_own && swa]};
+        if (tsr_tdump_active) {
+            per_token(c, &tj, TOK_QKV);
+            TSR_TDUMP("Qcur", il, c->q, (size_t)n * q_dim_local);
+            TSR_TDUMP("Kcur", il, c->k, (size_t)n * c->kv_dim);
+            TSR_TDUMP("Vcur", il, c->v, (size_t)n * c->kv_dim);
+            per_token(c, &tj, TOK_STORE);
+        } else {
+            per_token(c, &tj, TOK_QKV_STORE);
+        }
 
         attn_job aj = {.c = c, .layer = l};
         atomic_store(&aj.next, 0);
@@ -1244,6 +1295,7 @@ int tsr_forward_batch(tsr_ctx *c, const tsr_batch *b, float *x, float *logits, c
         }
         TSR_TDUMP("ffn_out", il, c->xb2, (size_t)n * E);
         if (tp_allreduce(c, c->xb2, (size_t)n * E, err, err_len) != 0) goto fail;
+        tj.next_norm = l + 1 < m->n_layer_local ? m->layers[l + 1].attn_norm : NULL;
         per_token(c, &tj, TOK_OUT);
         TSR_TDUMP("l_out", il, x, (size_t)n * E);
     }

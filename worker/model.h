@@ -216,9 +216,10 @@ typedef struct {
     const int32_t *n_blocks;            /* [n_seqs] */
     /* [n_tokens] order class of each token, or NULL (all 0). 1: a prompt token that
      * llama.cpp multiplies with its repacked Q4_K GEMM: position p < 4 * floor(L / 4) of a
-     * sequence whose prompt has L tokens (tsr_order_class). Q4_K and Q4_0 matmuls then sum
-     * in llama.cpp's GEMM order (kernels/q4k_gemm.h, kernels/q40_gemm.h), others ignore it;
-     * 0: the GEMV order (Q4_0: Tessera's row dots) (the prompt's
+     * sequence whose prompt has L tokens (tsr_order_class). Q4_K matmuls then sum in
+     * llama.cpp's GEMM order (kernels/q4k_gemm.h), others ignore it (Q4_0 sums every token
+     * in the order of llama.cpp's Q4_0 GEMM and GEMV, which agree: kernels/q40_gemm.h);
+     * 0: the GEMV order (the prompt's
      * tail, generated tokens, drafts). The class is part of the token's identity: its
      * results depend on it and never on the rest of the batch. */
     const uint8_t *order;

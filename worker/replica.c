@@ -97,11 +97,11 @@ void tsr_replica_set_prompt_len(tsr_replica *r, int32_t n_prompt)
 }
 bool tsr_replica_order_sensitive(const tsr_replica *r)
 {
-    /* Q4_K and Q4_0 are the types whose dots have two orders (kernels/q4k_gemm.h,
+    /* Q4_K is the type whose dots have two orders (kernels/q4k_gemm.h; Q4_0 has one,
      * kernels/q40_gemm.h); the leader may hold only part of the model, so ask the file */
     for (int64_t i = 0; i < tsr_gguf_n_tensors(r->g); i++) {
         const uint32_t type = tsr_gguf_tensor_at(r->g, i)->type;
-        if (type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q4_0) return true;
+        if (type == TSR_TYPE_Q4_K) return true;
     }
     return false;
 }

@@ -109,9 +109,9 @@ tsr_kv_type tsr_replica_kv_type(const tsr_replica *r);
 /* The order classes of tsr_replica_forward, as tsr_ctx_set_prompt_len (0, the default: every
  * token in the GEMV order). */
 void tsr_replica_set_prompt_len(tsr_replica *r, int32_t n_prompt);
-/* Whether a token's order class changes its results on this model (it has Q4_K or Q4_0
- * weights, kernels/q4k_gemm.h, kernels/q40_gemm.h): the prefix cache must then not hand blocks computed in one class to
- * tokens of another. */
+/* Whether a token's order class changes its results on this model (it has Q4_K weights,
+ * kernels/q4k_gemm.h; Q4_0 has one order for every token, kernels/q40_gemm.h): the prefix
+ * cache must then not hand blocks computed in one class to tokens of another. */
 bool tsr_replica_order_sensitive(const tsr_replica *r);
 
 /* Leader only: one step of the single sequence (as tsr_forward): n tokens at positions
