@@ -148,6 +148,10 @@ struct tsr_engine {
     bool step_decode_only; /* every sequence of the step was decoding (no prefill chunk) */
     tsr_rank_stats *rank_stats;
     int32_t n_rank_stats;
+    /* step hooks (tsr_engine_add_step_hook), under hook_mu: held while they run */
+    pthread_mutex_t hook_mu;
+    tsr_step_hook_fn hook_fn[TSR_ENGINE_MAX_STEP_HOOKS];
+    void *hook_ud[TSR_ENGINE_MAX_STEP_HOOKS];
 };
 
 int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **out, char *err,
@@ -173,6 +177,7 @@ int tsr_engine_new(tsr_replica *rep, const tsr_engine_params *p, tsr_engine **ou
     if (e->n_ctx > e->p.n_kv_blocks * TSR_KV_BLOCK_SIZE)
         e->n_ctx = e->p.n_kv_blocks * TSR_KV_BLOCK_SIZE;
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->hook_mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     e->healthy = true;
     e->next_id = 1;
@@ -246,6 +251,7 @@ void tsr_engine_free(tsr_engine *e)
     for (int32_t i = 0; i < e->n_running; i++) seq_free(e->running[i]);
     for (int32_t i = 0; i < e->n_waiting; i++) seq_free(e->waiting[i]);
     pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->hook_mu);
     pthread_cond_destroy(&e->cv);
     free(e->running);
     free(e->waiting);
@@ -1028,6 +1034,37 @@ static void auto_mode(tsr_engine *e, int32_t n_tokens, int32_t n_bseq, double ms
     }
 }
 
+int tsr_engine_add_step_hook(tsr_engine *e, tsr_step_hook_fn fn, void *ud)
+{
+    int rc = -1;
+    pthread_mutex_lock(&e->hook_mu);
+    for (int i = 0; i < TSR_ENGINE_MAX_STEP_HOOKS && rc != 0; i++)
+        if (!e->hook_fn[i]) {
+            e->hook_fn[i] = fn;
+            e->hook_ud[i] = ud;
+            rc = 0;
+        }
+    pthread_mutex_unlock(&e->hook_mu);
+    return rc;
+}
+
+void tsr_engine_remove_step_hook(tsr_engine *e, tsr_step_hook_fn fn, void *ud)
+{
+    pthread_mutex_lock(&e->hook_mu);
+    for (int i = 0; i < TSR_ENGINE_MAX_STEP_HOOKS; i++)
+        if (e->hook_fn[i] == fn && e->hook_ud[i] == ud) e->hook_fn[i] = NULL;
+    pthread_mutex_unlock(&e->hook_mu);
+}
+
+/* After a step's events (and before waiting or returning): the front ends' step hooks. */
+static void step_hooks(tsr_engine *e)
+{
+    pthread_mutex_lock(&e->hook_mu);
+    for (int i = 0; i < TSR_ENGINE_MAX_STEP_HOOKS; i++)
+        if (e->hook_fn[i]) e->hook_fn[i](e->hook_ud[i]);
+    pthread_mutex_unlock(&e->hook_mu);
+}
+
 static void fail_all(tsr_engine *e, const char *error)
 {
     while (e->n_running > 0) {
@@ -1052,6 +1089,7 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
         int32_t n = schedule(e, &n_bseq);
         if (n == 0) {
             publish_status(e);
+            step_hooks(e);
             /* Idle (or blocked on KV with nothing running: cannot happen, a lone sequence
              * always fits since submit checks the prompt against the pool). Sleep until
              * work arrives or the heartbeat is due. */
@@ -1096,8 +1134,10 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
         after_step(e, n_bseq, logits);
         auto_mode(e, n, n_bseq, ms + (double)e->t_draft_ns / 1e6);
         publish_status(e);
+        step_hooks(e);
     }
     publish_status(e);
+    step_hooks(e);
     return 0;
 down:
     pthread_mutex_lock(&e->mu);
@@ -1105,5 +1145,6 @@ down:
     pthread_mutex_unlock(&e->mu);
     fail_all(e, err);
     publish_status(e);
+    step_hooks(e);
     return -1;
 }

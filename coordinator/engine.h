@@ -201,6 +201,17 @@ void tsr_engine_stop(tsr_engine *e, bool cancel_all);
 
 void tsr_engine_get_status(tsr_engine *e, tsr_engine_status *st);
 
+/* Step hooks: fn(ud) runs on the engine thread once after each step's events were all
+ * delivered (and before the loop waits for work or returns). A front end whose event
+ * callback queues a step's TOKENS events without waking its sender wakes it here, once per
+ * step instead of once per token (coordinator/server.c). Thread-safe. add returns 0, or -1
+ * when TSR_ENGINE_MAX_STEP_HOOKS are taken. remove waits for a call in progress: once it
+ * returns, fn is not called again with ud. */
+#define TSR_ENGINE_MAX_STEP_HOOKS 4
+typedef void (*tsr_step_hook_fn)(void *ud);
+int tsr_engine_add_step_hook(tsr_engine *e, tsr_step_hook_fn fn, void *ud);
+void tsr_engine_remove_step_hook(tsr_engine *e, tsr_step_hook_fn fn, void *ud);
+
 /* The step loop: runs until tsr_engine_stop. Returns 0, or < 0 when the replica failed
  * (every open request then gets a FINISH with TSR_FINISH_ERROR). */
 int tsr_engine_run(tsr_engine *e, char *err, size_t err_len);

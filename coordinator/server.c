@@ -13,9 +13,12 @@
  * Generate output: the engine's callback (engine thread) appends token ids, text and
  * logprobs to the call's pending output and queues the call on the pump; the pump thread
  * (or the CQ thread, when the previous send completes) turns everything pending into ONE
- * GenerateResponse and starts its send. At most one send batch is in flight per call (the
- * gRPC core refuses a second SEND_MESSAGE), so tokens produced meanwhile coalesce into the
- * next message. The FINISH event's message carries the status in the same batch.
+ * GenerateResponse and starts its send. A step's TOKENS events queue quietly and the
+ * engine's step hook (tsr_engine_add_step_hook) wakes the pump once after the step, so a
+ * step of 16 sequences costs one pump wake, its sends started back to back, not 16. At most one
+ * send batch is in flight per call (the gRPC core refuses a second SEND_MESSAGE), so tokens
+ * produced meanwhile coalesce into the next message. The FINISH event's message carries the status
+ * in the same batch.
  *
  * Locks: server.mu -> call.mu -> pump_mu (always in this order). The engine is never called
  * with a call lock held (its callback takes call.mu).
@@ -206,6 +209,9 @@ struct tsr_server {
     pthread_cond_t pump_cv;
     srv_call *pump_head, *pump_tail;
     bool pump_stop;
+    /* under pump_mu: the engine calls pump_step_hook after each step, so a step's TOKENS
+     * events queue their calls quietly and the pump wakes once per step (not per token) */
+    bool step_hooked;
 };
 
 /* ---- small helpers ---- */
@@ -650,8 +656,9 @@ static void advance(srv_call *c)
 
 /* ---- pump: engine events -> sends ---- */
 
-/* Under c->mu: queue the call for the pump thread (once). */
-static void pump_enqueue(srv_call *c)
+/* Under c->mu: queue the call for the pump thread (once). `quiet` (a step's TOKENS event):
+ * leave the wake to the engine's step hook when there is one. */
+static void pump_enqueue(srv_call *c, bool quiet)
 {
     if (c->in_pump) return;
     c->in_pump = true;
@@ -664,7 +671,18 @@ static void pump_enqueue(srv_call *c)
     else
         s->pump_head = c;
     s->pump_tail = c;
-    pthread_cond_signal(&s->pump_cv);
+    if (!quiet || !s->step_hooked) pthread_cond_signal(&s->pump_cv);
+    pthread_mutex_unlock(&s->pump_mu);
+}
+
+/* The engine's step hook (engine thread, after a step's events): one wake for the calls the
+ * step's tokens queued, so the pump starts their sends back to back (gRPC then writes them
+ * together) and the sender threads take the CPU once per step, not once per token. */
+static void pump_step_hook(void *ud)
+{
+    tsr_server *s = ud;
+    pthread_mutex_lock(&s->pump_mu);
+    if (s->pump_head) pthread_cond_signal(&s->pump_cv);
     pthread_mutex_unlock(&s->pump_mu);
 }
 
@@ -724,7 +742,7 @@ static void on_engine_event(void *ud, const tsr_event *ev)
         c->t_first_token_ns = ev->t_first_token_ns;
         c->t_decode_ns = ev->t_decode_ns;
     }
-    pump_enqueue(c);
+    pump_enqueue(c, !finish);
     if (finish)
         call_put_unlock(c); /* the engine's hold; the pump's keeps the call alive */
     else
@@ -1798,6 +1816,13 @@ int tsr_server_start(const tsr_server_params *p, tsr_engine *engine, const tsr_v
         rc = TSR_SERVER_ETHREAD;
         goto fail;
     }
+    /* Last (nothing after it can fail): without a free hook slot the events wake the pump
+     * one by one, as before. */
+    if (tsr_engine_add_step_hook(engine, pump_step_hook, s) == 0) {
+        pthread_mutex_lock(&s->pump_mu);
+        s->step_hooked = true;
+        pthread_mutex_unlock(&s->pump_mu);
+    }
     if (bound_port) *bound_port = port;
     *out = s;
     return TSR_SERVER_OK;
@@ -1855,6 +1880,13 @@ int tsr_server_shutdown(tsr_server *s, int64_t grace_ms, char *err, size_t err_l
 {
     if (!s) return TSR_SERVER_OK;
     if (grace_ms < 0) grace_ms = 0;
+    /* Back to one wake per event (under pump_mu: an event queued quietly before this is
+     * woken here, one after it wakes itself); then no hook call can reach s any more. */
+    pthread_mutex_lock(&s->pump_mu);
+    s->step_hooked = false;
+    pthread_cond_signal(&s->pump_cv);
+    pthread_mutex_unlock(&s->pump_mu);
+    tsr_engine_remove_step_hook(s->engine, pump_step_hook, s);
     pthread_mutex_lock(&s->mu);
     s->shutting_down = true;
     s->not_serving = true;

@@ -4,7 +4,9 @@
  * requests still completes them through preemption, cancellation frees KV blocks, bad
  * requests are refused naming the field, prefix caching gives exactly the cold run's tokens
  * and logprobs (with preemption, eviction and speculation), also when a prompt is wholly
- * cached (copy-on-write of its last block) or resends a previous answer (generated blocks).
+ * cached (copy-on-write of its last block) or resends a previous answer (generated blocks);
+ * step hooks run after every step's events (a front end's one wake per step) and not after
+ * their removal.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -142,6 +144,96 @@ static void run_batch(int32_t n_kv_blocks, int32_t max_batch_tokens, bool expect
     print_message("pool %d blocks, budget %d: %llu preemptions\n", n_kv_blocks, max_batch_tokens,
                   (unsigned long long)st.n_preemptions);
     if (expect_preempt) assert_true(st.n_preemptions > 0);
+    tsr_engine_free(e);
+    tsr_replica_close(rep);
+}
+
+/* Step hooks: called after each step's events, so no token waits for a later step's call. */
+typedef struct {
+    int n_tokens;     /* TOKENS events so far (engine thread) */
+    int n_calls;      /* hook calls */
+    int seen_at_last; /* n_tokens at the last call */
+    int max_between;  /* most TOKENS events between two calls */
+} hook_state;
+
+static hook_state g_hooks;
+
+static void hook_on_event(void *ud, const tsr_event *ev)
+{
+    on_event(ud, ev);
+    if (ev->kind == TSR_EV_TOKENS) g_hooks.n_tokens++;
+}
+
+static void hook_count(void *ud)
+{
+    hook_state *h = ud;
+    const int between = h->n_tokens - h->seen_at_last;
+    if (between > h->max_between) h->max_between = between;
+    h->seen_at_last = h->n_tokens;
+    h->n_calls++;
+}
+
+static int g_removed_calls;
+static char slot_ud[TSR_ENGINE_MAX_STEP_HOOKS]; /* distinct uds for the slots filled */
+static void hook_removed(void *ud)
+{
+    (void)ud;
+    g_removed_calls++;
+}
+
+static void test_step_hooks(void **state)
+{
+    (void)state;
+    const char *model = tsr_test_model_path("stories260K.gguf");
+    char err[512];
+    tsr_replica_params rp = {
+        .tp = 1, .pp = 1, .n_threads = 2, .n_ctx = 512, .n_batch = 64, .n_kv_blocks = 64};
+    tsr_replica *rep;
+    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) fail_msg("%s", err);
+    tsr_engine_params ep = {.max_batch_tokens = 64, .max_seqs = 4, .max_queue = 8};
+    tsr_engine *e;
+    assert_int_equal(tsr_engine_new(rep, &ep, &e, err, sizeof err), 0);
+    memset(&g_hooks, 0, sizeof g_hooks);
+    g_removed_calls = 0;
+    assert_int_equal(tsr_engine_add_step_hook(e, hook_removed, NULL), 0);
+    assert_int_equal(tsr_engine_add_step_hook(e, hook_count, &g_hooks), 0);
+    for (int i = 2; i < TSR_ENGINE_MAX_STEP_HOOKS; i++)
+        assert_int_equal(tsr_engine_add_step_hook(e, hook_removed, &slot_ud[i]), 0);
+    if (tsr_engine_add_step_hook(e, hook_removed, NULL) != -1)
+        fail_msg("a hook beyond the %d slots: expected -1, got 0", TSR_ENGINE_MAX_STEP_HOOKS);
+    for (int i = 2; i < TSR_ENGINE_MAX_STEP_HOOKS; i++)
+        tsr_engine_remove_step_hook(e, hook_removed, &slot_ud[i]);
+    tsr_engine_remove_step_hook(e, hook_removed, NULL);
+    static result res[4];
+    memset(res, 0, sizeof res);
+    int32_t prompts[4][48];
+    int plen[4];
+    for (int k = 0; k < 4; k++) {
+        make_prompt(k, prompts[k], &plen[k]);
+        tsr_engine_request rq = {.prompt_ids = prompts[k],
+                                 .n_prompt = (size_t)plen[k],
+                                 .on_event = hook_on_event,
+                                 .ud = &res[k]};
+        tsr_sampling_params_default(&rq.gen.sampling);
+        rq.gen.sampling.temperature = 0.0f;
+        rq.gen.max_tokens = 12;
+        rq.gen.ignore_eos = true;
+        uint64_t id;
+        if (tsr_engine_submit(e, &rq, &id, err, sizeof err) != 0) fail_msg("submit: %s", err);
+    }
+    tsr_engine_stop(e, false);
+    assert_int_equal(tsr_engine_run(e, err, sizeof err), 0);
+    if (g_hooks.n_tokens != 4 * 12)
+        fail_msg("expected %d TOKENS events, got %d", 4 * 12, g_hooks.n_tokens);
+    /* every token was followed by a call; a call per step: at most one token per sequence
+     * between two calls (no speculation here), and at least 12 steps */
+    if (g_hooks.seen_at_last != g_hooks.n_tokens)
+        fail_msg("the last hook call saw %d of %d tokens", g_hooks.seen_at_last, g_hooks.n_tokens);
+    if (g_hooks.max_between > 4)
+        fail_msg("expected at most 4 tokens (one per sequence) between hook calls, got %d",
+                 g_hooks.max_between);
+    if (g_hooks.n_calls < 12) fail_msg("expected >= 12 hook calls, got %d", g_hooks.n_calls);
+    assert_int_equal(g_removed_calls, 0);
     tsr_engine_free(e);
     tsr_replica_close(rep);
 }
@@ -739,10 +831,15 @@ static void test_prefix_draft(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_batched_equals_single), cmocka_unit_test(test_preemption),
-        cmocka_unit_test(test_cancel_and_errors),     cmocka_unit_test(test_resume),
-        cmocka_unit_test(test_prefix_cache),          cmocka_unit_test(test_prefix_cow),
-        cmocka_unit_test(test_prefix_draft),          cmocka_unit_test(test_prefix_order_class),
+        cmocka_unit_test(test_batched_equals_single),
+        cmocka_unit_test(test_preemption),
+        cmocka_unit_test(test_step_hooks),
+        cmocka_unit_test(test_cancel_and_errors),
+        cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_prefix_cache),
+        cmocka_unit_test(test_prefix_cow),
+        cmocka_unit_test(test_prefix_draft),
+        cmocka_unit_test(test_prefix_order_class),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
