@@ -104,6 +104,12 @@ static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)
 #define GG_INLINE static inline __attribute__((always_inline))
 /* Blocks per row of the tiles' float scale arrays: nb padded to 8 (zeros) for 8-wide loads. */
 #define GG_NBP(nb) (((size_t)(nb) + 7) & ~(size_t)7)
+/* Fewest tokens for which the VNNI Q8_0 tiles of a row group share its rows' scales and dot
+ * starts (MODE 1 / 2 of GG_TILEV_Q80). One thread, block dots per ns, 2048- and 768-element
+ * rows from cache (medians of 7, this against each tile forming its own): 8 tokens (4 + 4)
+ * 2.14 -> 2.05 and 2.03 -> 2.01, 10 (5 + 5) 2.22 -> 2.14 and 2.13 -> 2.10, 12 (6 + 6)
+ * 2.07 -> 2.21, 16 (6 + 5 + 5) 2.08 -> 2.24. */
+#define GG_SAVE_MIN_TOK 12
 /* Widest VNNI Q8_0 tile, in tokens. */
 #define GG_TV_MAX 6
 #include "kernels/x86hsum.h"
@@ -414,11 +420,11 @@ GG_VNNI GG_INLINE __m256 gg_row_d8(const gg_q8_0 *w, int m)
  * prefetched into L2, not L1 (one thread, 8 x 8192 x 2048 streamed, 5 tokens: 14.2 -> 13.0 ms,
  * medians; L1 holds this group, the tokens' blocks and dd: 5 tokens of 2048 are 11 KiB, one
  * group 8.7 KiB).
- * MODE: a row group's tokens in more than one tile (7+ tokens: a 16-sequence decode step,
- * prompts) form the rows' float scales and dot starts (-128 x the weights' 4-sums) once: the
- * group's first tile (MODE 1) saves them to dwb ([4][GG_NBP(nb)] floats) and wab ([4][nb]),
- * the later ones (MODE 2) load them instead of the vpermt2w extraction and a vpdpbusd + vpsubd
- * per row and block (those two were 15% and 11% of a tile's time); MODE 0: one tile, nothing
+ * MODE: a row group's tokens in more than one tile (GG_SAVE_MIN_TOK+ tokens: a 16-sequence
+ * decode step, prompts) form the rows' float scales and dot starts (-128 x the weights' 4-sums)
+ * once: the group's first tile (MODE 1) saves them to dwb ([4][GG_NBP(nb)] floats) and wab
+ * ([4][nb]), the later ones (MODE 2) load them instead of the vpermt2w extraction and a vpdpbusd +
+ * vpsubd per row and block (those two were 15% and 11% of a tile's time); MODE 0: one tile, nothing
  * saved. One thread, block dots per ns, 16 tokens, 768 x 2048 (the 100M shape) from cache:
  * 2.07 -> 2.23; streamed 1.82 -> 1.89-1.97 (medians of 5-7, a loaded machine). */
 #define GG_TILEV_Q80(NAME, T, MODE)                                                                \
@@ -764,7 +770,7 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
     /* VNNI Q8_0 in several token tiles: the row group's dot starts (-128 x the weights'
      * 4-sums), [4][nb], formed by its first tile for the others */
     __m256i *wa = NULL;
-    if (vnni && !q41 && n_tok > GG_TV_MAX) {
+    if (vnni && !q41 && n_tok >= GG_SAVE_MIN_TOK) {
         wa = aligned_alloc(32, sizeof(__m256i) * 4 * (size_t)nb);
         if (!wa) {
             free(buf);
@@ -827,9 +833,9 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
                                                                nr, pf);
             } else {
                 if (vnni) /* several tiles: the first saves the rows' scales and dot starts */
-                    k_tile80_vnni[n_tt == 1 ? 0
-                                  : k == 0  ? 1
-                                            : 2][tn - 1](nb, wr, xr, dw, wa, dxr, yt, ys, nr, pf);
+                    k_tile80_vnni[!wa      ? 0
+                                  : k == 0 ? 1
+                                           : 2][tn - 1](nb, wr, xr, dw, wa, dxr, yt, ys, nr, pf);
                 else
                     k_tile80_avx2[tn - 1](nb, wr, xr, dw, dxr, yt, ys, nr, pf);
             }
