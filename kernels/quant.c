@@ -23,6 +23,7 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/q40_gemm.h"
+#include "kernels/q80_gemv.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -3334,7 +3335,9 @@ static void rows_q4_1_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
 static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
                            float *y)
 {
-    tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
+    /* one token: kernels/q80_gemv.h's GEMV (the same bits, less work per block) */
+    if (!tsr_q80_gemv(isa_get(), n, nrows, w, stride, x, y))
+        tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
 }
 
 /* Q4_0: llama.cpp's repacked GEMV order (kernels/q40_gemm.h), on every ISA. */
