@@ -23,6 +23,7 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/q40_gemm.h"
+#include "kernels/q80_gemv.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -2237,23 +2238,26 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * them), and every float operation is the one-row dot's, lane r of a vector standing for
  * row r's scalar (Q4_K) or its 8 lanes staying its own (Q6_K). Read from the repacked
  * groups (kernels/repack.h: super-block i of the 4 rows side by side), the 4 rows are one
- * linear stream, prefetched pf steps ahead spread over the loop (never in bursts): Q4_K
- * RQ_PF_Q4_K steps of 4 x 144 bytes (6.2 KiB), Q6_K RQ_PF_Q6_K of 4 x 210 (3.4 KiB). Q4_K
- * measured 3-5% more GB/s at 11 steps than at 4 (2 threads, 96 MiB, 2048 and 8192 columns,
- * alternated in one process; 8 and 14 in between). Q6_K showed no steady difference from 4
- * to 10 on 4 KiB pages; on huge pages (worker/model_repack.c's arena) the faster VNNI kernel
- * (Q6K_Q_PAIR) needs more: 64 MiB, 2048 columns, 1 thread, alternated: 4 steps 21.1, 8 27.6,
- * 10-14 28-30 GB/s (the AVX2-order kernel 23.0 at 4, 27.4 at 8); 12 steps = 10 KiB. */
-#define RQ_PF_Q4_K 11
-#define RQ_PF_Q6_K 12
+ * linear stream, prefetched pf steps ahead spread over the loop (never in bursts) into L2
+ * (not L1): Q4_K RQ_PF_Q4_K steps of 4 x 144 bytes (16 KiB), Q6_K RQ_PF_Q6_K of 4 x 210
+ * (13 KiB). Measured on the huge-page arena (worker/model_repack.c), 64 MiB, alternated in
+ * one session, GB/s: into L1 (the old hint), Q6_K gained from 4 steps (21.1) to 12 (28-30,
+ * 1 thread, 2048 columns) but sank to 21-23 at 8192 columns (L1 prefetches evicted the
+ * 8.7 KiB activation row, as they did for Q4_0); into L2, Q6_K 16 steps: 1 thread 34.5
+ * (2048) / 34.4 (8192) against 29.2 / 22.9 into L1 at 12 (8 steps 28, 20 steps 33);
+ * 2 threads 60-61 / 63.5 against 56-58 / 49. Q4_K into L2 at 28 steps: 1 thread 28.0 /
+ * 28.5 against 27.8 / 25.3 into L1 at 11 (16 steps 27.0 / 27.7, 40 steps 27.8 / 28.3);
+ * 2 threads 50.6-53 / 52 against 46-51 / 50. (Q4_K from cache: 30.6, Q6_K 38.5.) */
+#define RQ_PF_Q4_K 28
+#define RQ_PF_Q6_K 16
 
-/* Prefetch the super-block pf steps ahead of block b (bs bytes) in its stream, blocks
- * `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear stream). A
- * prefetch never faults; one past the matrix is harmless. */
+/* Prefetch into L2 the super-block pf steps ahead of block b (bs bytes) in its stream,
+ * blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear
+ * stream). A prefetch never faults; one past the matrix is harmless. */
 #define RQ_PREFETCH(b, pf, bstride, bs)                                                            \
     do {                                                                                           \
         const char *p_ = (const char *)(b) + (pf) * (bstride);                                     \
-        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);               \
+        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T1);               \
     } while (0)
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
@@ -3331,7 +3335,9 @@ static void rows_q4_1_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
 static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
                            float *y)
 {
-    tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
+    /* one token: kernels/q80_gemv.h's GEMV (the same bits, less work per block) */
+    if (!tsr_q80_gemv(isa_get(), n, nrows, w, stride, x, y))
+        tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
 }
 
 /* Q4_0: llama.cpp's repacked GEMV order (kernels/q40_gemm.h), on every ISA. */
