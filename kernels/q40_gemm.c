@@ -773,17 +773,37 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
     float dy[QV_MAXB];
     int32_t ny[QV_MAXB];
     act_facts(nb, 1, x, 0, dy, ny);
+    /* the repacked groups (kernels/repack.h), whole from row 0: the 8 rows' scale offsets are
+     * the same in every pass but a last one with a single group */
+    const bool groups = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_off == 0;
+    const size_t gs = L->group_stride;
+    int32_t od_g[8];
+    for (int i = 0; i < 8; i++)
+        od_g[i] =
+            (int32_t)((size_t)(k_avx2_row[i] / 4) * gs + (size_t)(k_avx2_row[i] % 4) * L->d_row);
+    const __m256i offd_g = _mm256_loadu_si256((const __m256i *)od_g);
     for (int64_t r0 = 0; r0 < n_rows; r0 += 8) {
         qv_quad Q[2];
-        int32_t od[8];
-        for (int q = 0; q < 2; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
-        const bool grp = Q[0].grp;
-        const size_t bd = off_d(L, r0);
-        for (int i = 0; i < 8; i++) {
-            const int r = k_avx2_row[i];
-            od[i] = (int32_t)(off_d(L, Q[r / 4].rows[r % 4]) - bd);
+        bool grp;
+        size_t bd;
+        __m256i offd;
+        if (groups && r0 + 4 < n_rows) {
+            bd = (size_t)(r0 / 4) * gs;
+            Q[0].qp[0] = w + bd + L->q_off;
+            Q[1].qp[0] = Q[0].qp[0] + gs;
+            grp = true;
+            offd = offd_g;
+        } else {
+            int32_t od[8];
+            for (int q = 0; q < 2; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
+            grp = Q[0].grp;
+            bd = off_d(L, r0);
+            for (int i = 0; i < 8; i++) {
+                const int r = k_avx2_row[i];
+                od[i] = (int32_t)(off_d(L, Q[r / 4].rows[r % 4]) - bd);
+            }
+            offd = _mm256_loadu_si256((const __m256i *)od);
         }
-        const __m256i offd = _mm256_loadu_si256((const __m256i *)od);
         const char *pfn = r0 + 8 < n_rows ? (const char *)w + off_q(L, r0 + 8) - L->q_off : NULL;
         const size_t pass_bytes = (size_t)(8 / L->rpg) * L->group_stride;
         const __m256 acc =
