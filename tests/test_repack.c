@@ -331,6 +331,20 @@ static void check_model_on_off_ex(const char *path, bool expect_repack, bool all
     if (on->layers[0].wq.type == TSR_TYPE_Q8_0 && on->layers[0].wq.data == off->layers[0].wq.data)
         fail_msg("%s: the Q8_0 attn_q still reads the file's mapping after the repack", path);
     assert_int_equal(off->n_repacked, 0);
+    /* worker/model_repack.c's arena: every slice keeps the kernels' 64-byte alignment, and a
+     * second call repacks nothing (model.h's contract) */
+    for (int32_t li = 0; li < on->n_layer_local; li++) {
+        const tsr_layer *L = &on->layers[li];
+        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int k = 0; k < 7; k++)
+            if (lw[k]->packed && ((uintptr_t)lw[k]->packed & 63) != 0)
+                fail_msg("%s: layer %d matrix %d: repacked copy at %p, expected 64-byte aligned",
+                         path, (int)li, k, lw[k]->packed);
+    }
+    const int32_t n_repacked = on->n_repacked;
+    if (tsr_model_repack(on, err, sizeof err) != 0 || on->n_repacked != n_repacked)
+        fail_msg("%s: a second repack: expected %d matrices and no error, got %d (%s)", path,
+                 (int)n_repacked, (int)on->n_repacked, err);
     print_message("%s: %d matrices repacked, %.1f MiB, %.1f ms\n", path, on->n_repacked,
                   (double)on->n_bytes_repacked / 1048576.0, (double)on->t_repack_ns / 1e6);
     const int32_t V = on->hp.n_vocab;
