@@ -558,8 +558,9 @@ static void attn_f16_avx512(const tsr_kv_view *kv, const float *q, float scale, 
  * (no new maximum, or one so close that expf rounds to 1) leaves every fp16 value as it is,
  * so the scale is skipped exactly then. */
 
-#define FA_CHUNK 64 /* positions per chunk */
-#define FA_KBLK  16 /* positions whose K rows are converted to float at once */
+#define FA_CHUNK   64 /* positions per chunk */
+#define FA_QK_SIDE 8  /* KV heads whose scores go block by block together (attn_f16_heads) */
+#define FA_KBLK    16 /* positions whose K rows are converted to float at once */
 
 /* Scratch of the group path after the single-head part: qf [n_q][hd] (q rounded to fp16, as
  * floats), acc [n_q][hd], w [n_q][FA_CHUNK] (scores, then the weight vs of V), ms
@@ -1038,18 +1039,36 @@ static void attn_f16_heads(const tsr_kv_view *kv, int32_t n_kv, int32_t group, c
     for (int32_t c = p0; c <= p1; c += FA_CHUNK) {
         const int n = p1 - c + 1 < FA_CHUNK ? p1 - c + 1 : FA_CHUNK;
         fa_rows(kv, c, n, f.kp, f.vp);
-        for (int i = 0; i < n_kv; i++) {
-            const uint16_t *const *kp = f.kp;
-            if (i > 0) {
-                for (int j = 0; j < n; j++) f.kph[j] = f.kp[j] + (size_t)i * hd;
-                kp = f.kph;
+        if (n_kv > 1 && n_kv <= FA_QK_SIDE) {
+            /* Several KV heads side by side: each 16-position block for all of them before
+             * the next block, so a row's slices of the heads (adjacent lines) are read
+             * together instead of one head's pass over all rows after another's (each
+             * score the same dot either way). */
+            const uint16_t *kpi[FA_QK_SIDE][FA_CHUNK];
+            for (int i = 0; i < n_kv; i++)
+                for (int j = 0; j < n; j++) kpi[i][j] = f.kp[j] + (size_t)i * hd;
+            for (int j0 = 0; j0 < n; j0 += FA_KBLK) {
+                const int nj = n - j0 < FA_KBLK ? n - j0 : FA_KBLK;
+                for (int i = 0; i < n_kv; i++)
+                    K->qk(kpi[i] + j0, nj, group, f.qf + (size_t)i * group * hd, hd, scale, f.kf,
+                          f.w + (size_t)i * group * FA_CHUNK + j0);
             }
-            float *w = f.w + (size_t)i * group * FA_CHUNK;
-            K->qk(kp, n, group, f.qf + (size_t)i * group * hd, hd, scale, f.kf, w);
-            if (i == n_kv - 1) /* leave the scores as attn_f16 does */
-                for (int h = 0; h < group; h++)
-                    memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
-                           w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
+        } else {
+            for (int i = 0; i < n_kv; i++) {
+                const uint16_t *const *kp = f.kp;
+                if (i > 0) {
+                    for (int j = 0; j < n; j++) f.kph[j] = f.kp[j] + (size_t)i * hd;
+                    kp = f.kph;
+                }
+                K->qk(kp, n, group, f.qf + (size_t)i * group * hd, hd, scale, f.kf,
+                      f.w + (size_t)i * group * FA_CHUNK);
+            }
+        }
+        { /* leave the last KV head's scores as attn_f16 does */
+            const float *w = f.w + (size_t)(n_kv - 1) * group * FA_CHUNK;
+            for (int h = 0; h < group; h++)
+                memcpy(scores + (size_t)h * (size_t)(p1 - p0 + 1) + (size_t)(c - p0),
+                       w + (size_t)h * FA_CHUNK, sizeof(float) * (size_t)n);
         }
         for (int h = 0; h < n_q; h++)
             fa_softmax_chunk(f.w + (size_t)h * FA_CHUNK, f.ms + (size_t)h * FA_CHUNK, n, &f.m[h],

@@ -4,7 +4,9 @@
  * Decode of one token reads every weight once, so its speed limit is
  * bandwidth / bytes-per-token. This measures that bandwidth the way the decode loop
  * reads (all pool threads streaming disjoint slices of a buffer far larger than the
- * caches), so "ratio to roofline" compares like with like.
+ * caches), so "ratio to roofline" compares like with like. The buffer sits on 2 MiB
+ * pages advised for transparent huge pages, as the repacked / copied weights do
+ * (worker/model_repack.c); where THP is off both fall back to 4 KiB pages alike.
  */
 #ifndef TSR_MEMBW_H
 #define TSR_MEMBW_H

@@ -311,7 +311,7 @@ static void compare_logits(const char *what, const float *a, const float *b, int
     }
 }
 
-/* expect_repack: false for files of unrepacked types (Q8_0, Q4_1), where the check is
+/* expect_repack: false for files of unrepacked types (Q4_1), where the check is
  * batch tiles vs single-token rows and thread counts; all: every supported type (the
  * default), else the light choice (Q5_1, K-quants). */
 static void check_model_on_off_ex(const char *path, bool expect_repack, bool all)
@@ -327,7 +327,24 @@ static void check_model_on_off_ex(const char *path, bool expect_repack, bool all
     if (tsr_model_repack(on, err, sizeof err) != 0) fail_msg("repack %s: %s", path, err);
     tsr_repack_set_all(true);
     if (expect_repack && on->n_repacked == 0) fail_msg("%s: no matrix was repacked", path);
+    /* Q8_0: copied verbatim onto the huge-page arena, read from there (model_repack.c) */
+    if (on->layers[0].wq.type == TSR_TYPE_Q8_0 && on->layers[0].wq.data == off->layers[0].wq.data)
+        fail_msg("%s: the Q8_0 attn_q still reads the file's mapping after the repack", path);
     assert_int_equal(off->n_repacked, 0);
+    /* worker/model_repack.c's arena: every slice keeps the kernels' 64-byte alignment, and a
+     * second call repacks nothing (model.h's contract) */
+    for (int32_t li = 0; li < on->n_layer_local; li++) {
+        const tsr_layer *L = &on->layers[li];
+        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int k = 0; k < 7; k++)
+            if (lw[k]->packed && ((uintptr_t)lw[k]->packed & 63) != 0)
+                fail_msg("%s: layer %d matrix %d: repacked copy at %p, expected 64-byte aligned",
+                         path, (int)li, k, lw[k]->packed);
+    }
+    const int32_t n_repacked = on->n_repacked;
+    if (tsr_model_repack(on, err, sizeof err) != 0 || on->n_repacked != n_repacked)
+        fail_msg("%s: a second repack: expected %d matrices and no error, got %d (%s)", path,
+                 (int)n_repacked, (int)on->n_repacked, err);
     print_message("%s: %d matrices repacked, %.1f MiB, %.1f ms\n", path, on->n_repacked,
                   (double)on->n_bytes_repacked / 1048576.0, (double)on->t_repack_ns / 1e6);
     const int32_t V = on->hp.n_vocab;
@@ -358,8 +375,8 @@ static void check_model_on_off(const char *path, bool expect_repack)
 static void test_model_on_off(void **state)
 {
     (void)state;
-    check_model_on_off(tsr_test_model_path("derived/stories260K-q8_0.gguf"), false);
-    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"), false);
+    check_model_on_off(tsr_test_model_path("derived/stories260K-q8_0.gguf"), true);
+    check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q8_0.gguf"), true);
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"), true);
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), true);
     check_model_on_off(tsr_test_model_path("synthetic/synth-tiny-q5_0.gguf"), true);

@@ -145,7 +145,9 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
  * quantized type by default) into its interleaved-row layout, in anonymous memory owned by
  * the model (w->packed; the matmul picks per token count, tsr_repack_use_file_layout, with
  * bit-identical results). Row slices are read with pread; w->data (a view of the mapping,
- * or a column slice's private copy) stays. Other types keep their file layout only. Adds
+ * or a column slice's private copy) stays, but for Q8_0 views of the mapping: those are
+ * copied verbatim into the same huge-page memory (owned by the model) and w->data points
+ * at the copy. Other types keep their file layout only. Adds
  * to n_bytes_repacked / t_repack_ns /
  * n_repacked; repacked weights are skipped, so a second call does nothing. Returns < 0 with
  * err when memory runs out (the message suggests --no-repack). CPU backend only: a GPU rank
