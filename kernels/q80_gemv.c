@@ -75,6 +75,19 @@ QG_VNNI QG_INLINE __m256i qg_lanes_vnni(const uint8_t *wq, __m256i xq, const __m
     return _mm256_dpbusd_epi32(_mm256_load_si256(c), u, xq);
 }
 
+/* Block k of the chunk at b0 (token quants xb) into the 4 rows' accumulators: the token's
+ * quants loaded once, then per row its exact lanes and one FMA with the scale product. */
+#define QG_BLOCK(LANES, k)                                                                         \
+    do {                                                                                           \
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + (k)*QG_BLK));                 \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
+        {                                                                                          \
+            const __m256i l = LANES(wr[r] + (size_t)(b0 + (k)) * QG_BLK + 2, xq, xc + b0 + (k));   \
+            acc[r] =                                                                               \
+                _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][k]), _mm256_cvtepi32_ps(l), acc[r]);    \
+        }                                                                                          \
+    } while (0)
+
 /* Rows wr[0..3] (nr of them real) against the token: x its blocks, xd its scales as floats
  * (zero-padded to a multiple of 8), xc its VNNI lane offsets per block. pf: a group further
  * on (4 * nb blocks from there) to prefetch into L2 over this one, or NULL. */
@@ -105,26 +118,12 @@ QG_VNNI QG_INLINE __m256i qg_lanes_vnni(const uint8_t *wq, __m256i xq, const __m
                         _mm_prefetch((const char *)pp + 128 * k + 64, _MM_HINT_T1);                \
                         if (k == QG_CHUNK - 1) _mm_prefetch((const char *)pp + 1024, _MM_HINT_T1); \
                     }                                                                              \
-                    const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + k * QG_BLK));     \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                            \
-                    {                                                                              \
-                        const __m256i l =                                                          \
-                            LANES(wr[r] + (size_t)(b0 + k) * QG_BLK + 2, xq, xc + b0 + k);         \
-                        acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][k]),                   \
-                                                 _mm256_cvtepi32_ps(l), acc[r]);                   \
-                    }                                                                              \
+                    QG_BLOCK(LANES, k);                                                            \
                 }                                                                                  \
                 pp += 4 * QG_BLK * QG_CHUNK;                                                       \
             } else {                                                                               \
                 for (int k = 0; k < kn; ++k) {                                                     \
-                    const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + k * QG_BLK));     \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                            \
-                    {                                                                              \
-                        const __m256i l =                                                          \
-                            LANES(wr[r] + (size_t)(b0 + k) * QG_BLK + 2, xq, xc + b0 + k);         \
-                        acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][k]),                   \
-                                                 _mm256_cvtepi32_ps(l), acc[r]);                   \
-                    }                                                                              \
+                    QG_BLOCK(LANES, k);                                                            \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
