@@ -1065,6 +1065,14 @@ static void step_hooks(tsr_engine *e)
     pthread_mutex_unlock(&e->hook_mu);
 }
 
+/* The end of every turn of the run loop (a step, an idle turn, the loop's exit): the
+ * Admin.Status figures first, then the front ends' hooks, so a woken sender sees them. */
+static void end_turn(tsr_engine *e)
+{
+    publish_status(e);
+    step_hooks(e);
+}
+
 static void fail_all(tsr_engine *e, const char *error)
 {
     while (e->n_running > 0) {
@@ -1088,8 +1096,7 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
         int32_t n_bseq = 0;
         int32_t n = schedule(e, &n_bseq);
         if (n == 0) {
-            publish_status(e);
-            step_hooks(e);
+            end_turn(e);
             /* Idle (or blocked on KV with nothing running: cannot happen, a lone sequence
              * always fits since submit checks the prompt against the pool). Sleep until
              * work arrives or the heartbeat is due. */
@@ -1133,18 +1140,15 @@ int tsr_engine_run(tsr_engine *e, char *err, size_t err_len)
         e->step_tokens = 0;
         after_step(e, n_bseq, logits);
         auto_mode(e, n, n_bseq, ms + (double)e->t_draft_ns / 1e6);
-        publish_status(e);
-        step_hooks(e);
+        end_turn(e);
     }
-    publish_status(e);
-    step_hooks(e);
+    end_turn(e);
     return 0;
 down:
     pthread_mutex_lock(&e->mu);
     e->healthy = false;
     pthread_mutex_unlock(&e->mu);
     fail_all(e, err);
-    publish_status(e);
-    step_hooks(e);
+    end_turn(e);
     return -1;
 }
