@@ -23,15 +23,9 @@
 #include "kernels/pool.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
+#include "kernels/util.h"
 
 enum { N_IN = 2048, N_OUT = 2048, N_TOK = 128, REPS = 9 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* CPU time of the process (all threads): less sensitive than wall time to the other
  * processes of a shared machine. */
@@ -90,9 +84,9 @@ static void bench_type(uint32_t type, const char *name)
             for (int cls = 0; cls < 2; cls++) {
                 double t[REPS], c[REPS];
                 for (int r = 0; r < REPS; r++) {
-                    const double t0 = now_s(), c0 = cpu_s();
+                    const double t0 = tsr_now_s(), c0 = cpu_s();
                     tsr_matmul_multi_ord(pool, ws, ys, 1, f, N_TOK, cls ? ord1 : ord0, scratch);
-                    t[r] = now_s() - t0;
+                    t[r] = tsr_now_s() - t0;
                     c[r] = cpu_s() - c0;
                 }
                 qsort(t, REPS, sizeof t[0], cmp_d);

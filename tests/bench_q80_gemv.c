@@ -24,15 +24,9 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/quant.h"
+#include "kernels/util.h"
 
 enum { REPS = 15 };
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 typedef struct {
     int mode; /* 0: tsr_vec_dot_rows (the GEMV), 1: tsr_ggml_dot_rows, 2: plain read */
@@ -73,7 +67,7 @@ static double pass(int mode, int isa, int threads, int64_t n, int64_t rows, cons
                    size_t rb, const void *x, float *y)
 {
     job j[2];
-    const double t0 = now_s();
+    const double t0 = tsr_now_s();
     if (threads == 1) {
         j[0] = (job){mode, isa, n, rows, w, rb, x, y, 0};
         run_job(&j[0]);
@@ -90,7 +84,7 @@ static double pass(int mode, int isa, int threads, int64_t n, int64_t rows, cons
             pthread_join(th, NULL);
         }
     }
-    return (double)rows * (double)rb / (now_s() - t0) * 1e-9;
+    return (double)rows * (double)rb / (tsr_now_s() - t0) * 1e-9;
 }
 
 static int cmp_d(const void *a, const void *b)
@@ -162,12 +156,12 @@ static void bench_cols(int64_t n, const char *isa_name, int isa, size_t matrix_b
     double bg = 1e30, bo = 1e30;
     const int inner = (int)(2e7 / ((double)rbc * 64)) + 1;
     for (int i = 0; i < REPS; ++i) {
-        double t0 = now_s();
+        double t0 = tsr_now_s();
         for (int k = 0; k < inner; ++k) tsr_vec_dot_rows(TSR_TYPE_Q8_0, n, 64, w, rbc, x, y);
-        const double dg = (now_s() - t0) / inner;
-        t0 = now_s();
+        const double dg = (tsr_now_s() - t0) / inner;
+        t0 = tsr_now_s();
         for (int k = 0; k < inner; ++k) tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa, n, 64, w, rbc, x, y);
-        const double dr = (now_s() - t0) / inner;
+        const double dr = (tsr_now_s() - t0) / inner;
         bg = dg < bg ? dg : bg;
         bo = dr < bo ? dr : bo;
     }

@@ -23,15 +23,9 @@
 
 #include "kernels/quant.h"
 #include "kernels/repack.h"
+#include "kernels/util.h"
 
 enum { N_COLS = 2048, REPS = 9, N_TOK = 128 };
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static int selected(const char *var, const char *name)
 {
@@ -91,7 +85,7 @@ static double time_pass(job base, int64_t rows, int threads)
 {
     double t[REPS];
     for (int rep = 0; rep < REPS; ++rep) {
-        const double t0 = now_s();
+        const double t0 = tsr_now_s();
         if (threads == 1) {
             base.r0 = 0;
             base.nr = rows;
@@ -108,7 +102,7 @@ static double time_pass(job base, int64_t rows, int threads)
             run(&a);
             pthread_join(th, NULL);
         }
-        t[rep] = now_s() - t0;
+        t[rep] = tsr_now_s() - t0;
     }
     qsort(t, REPS, sizeof t[0], cmp_d);
     return t[REPS / 2];
