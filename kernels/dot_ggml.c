@@ -4,8 +4,9 @@
  * they feed them: decode (rows4_*) walks 4-row groups with the next group prefetched (the
  * hardware prefetchers do not follow 4 interleaved row streams: 1 thread, 2 KiB Q8_0 rows,
  * 7.7 GB/s without, 16.9 with) and the token's scales converted once; several tokens
- * (tile_*) run as register tiles of 4 rows x several tokens (Q8_0 with VNNI up to 6, the pairs'
- * scale products 8 blocks at a time; Q4_1 up to 4; AVX2 2), weight and activation blocks loaded
+ * (tile_*) run as register tiles of 4 rows x several tokens (Q8_0 with VNNI up to 8 in zmm
+ * registers, two rows' chains per register, the pairs' scale products 8 blocks at a time; Q4_1
+ * up to 4; AVX2 2), weight and activation blocks loaded
  * once per tile, scales as floats. No repacked layout: the file's blocks suffice. */
 #include "kernels/dot_ggml.h"
 
@@ -46,6 +47,13 @@ _Static_assert(sizeof(gg_q8_1) == 36, "Q8_1 block");
 bool tsr_ggml_dot_handles(uint32_t type)
 {
     return type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q8_0;
+}
+
+/* Set by tests only (tsr_ggml_dot_set_vbmi): the VNNI Q8_0 tiles' scale extraction without VBMI. */
+static int g_vbmi_off;
+void tsr_ggml_dot_set_vbmi(bool on)
+{
+    g_vbmi_off = !on;
 }
 
 /* ggml's hsum_float_8: (lo + hi) lane-wise, then (0+2) + (1+3). */
@@ -105,13 +113,16 @@ static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)
 /* Blocks per row of the tiles' float scale arrays: nb padded to 8 (zeros) for 8-wide loads. */
 #define GG_NBP(nb) (((size_t)(nb) + 7) & ~(size_t)7)
 /* Fewest tokens for which the VNNI Q8_0 tiles of a row group share its rows' scales and dot
- * starts (MODE 1 / 2 of GG_TILEV_Q80). One thread, block dots per ns, 2048- and 768-element
- * rows from cache (medians of 7, this against each tile forming its own): 8 tokens (4 + 4)
- * 2.14 -> 2.05 and 2.03 -> 2.01, 10 (5 + 5) 2.22 -> 2.14 and 2.13 -> 2.10, 12 (6 + 6)
- * 2.07 -> 2.21, 16 (6 + 5 + 5) 2.08 -> 2.24. */
+ * starts (MODE 1 / 2 of GG_TILEV_Q80). Measured with the 256-bit tiles of up to 6 tokens (one
+ * thread, block dots per ns, 2048- and 768-element rows from cache, medians of 7, this against
+ * each tile forming its own): 8 tokens (4 + 4) 2.14 -> 2.05 and 2.03 -> 2.01, 10 (5 + 5)
+ * 2.22 -> 2.14 and 2.13 -> 2.10, 12 (6 + 6) 2.07 -> 2.21, 16 (6 + 5 + 5) 2.08 -> 2.24. */
 #define GG_SAVE_MIN_TOK 12
-/* Widest VNNI Q8_0 tile, in tokens. */
-#define GG_TV_MAX 6
+/* Widest VNNI Q8_0 tile, in tokens: 8 x 2 zmm accumulators + 8 token registers + the row
+ * pair's weights, dot start and constants fit the 32 registers (7 and 8 tokens as one tile,
+ * not 4 + 3 / 4 + 4: one thread, 512 x 2048 from cache, 1.85 -> 2.29 and 1.97 -> 2.44 block
+ * dots per ns; 16 tokens as 8 + 8, not 6 + 5 + 5: 2.31 -> 2.40). */
+#define GG_TV_MAX 8
 #include "kernels/x86hsum.h"
 
 GG_AVX2 GG_INLINE float gg_h2f(uint16_t h)
@@ -383,12 +394,12 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         GG_TILE_STORE(T);                                                                          \
     }
 
-/* The fp16 scales d of 8 consecutive Q8_0 blocks (m < 8: the first m, the rest 0) as floats,
- * read from the weights themselves as the tile reaches them (a separate pass over a row group's
- * scales before its tile waited on the memory the tile's prefetch had not brought yet). Whole
- * chunks: the 272 bytes as four 64-byte loads, d of block k at 16-bit word 17k picked by two
- * vpermt2w (blocks 0-3 from the first 128 bytes, 4-7 from the next 128). */
-GG_VNNI GG_INLINE __m256 gg_row_d8(const gg_q8_0 *w, int m)
+/* The fp16 scales d of 8 consecutive Q8_0 blocks (m < 8: the first m, the rest 0), read from
+ * the weights themselves as the tile reaches them (a separate pass over a row group's scales
+ * before its tile waited on the memory the tile's prefetch had not brought yet). Whole chunks:
+ * the 272 bytes as four 64-byte loads, d of block k at 16-bit word 17k picked by two vpermt2w
+ * (blocks 0-3 from the first 128 bytes, 4-7 from the next 128). */
+GG_VNNI GG_INLINE __m128i gg_row_h8(const gg_q8_0 *w, int m)
 {
     if (m == 8) {
         const uint8_t *p = (const uint8_t *)w;
@@ -398,89 +409,154 @@ GG_VNNI GG_INLINE __m256 gg_row_d8(const gg_q8_0 *w, int m)
             _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
         const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(p + 128), idx,
                                                      _mm512_loadu_si512(p + 192));
-        const __m512i d = _mm512_mask_mov_epi16(lo, 0xF0, hi);
-        return _mm256_cvtph_ps(_mm512_castsi512_si128(d));
+        return _mm512_castsi512_si128(_mm512_mask_mov_epi16(lo, 0xF0, hi));
     }
     uint16_t h[8] = {0};
     for (int k = 0; k < m; ++k) h[k] = w[k].d;
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    return _mm_loadu_si128((const __m128i *)h);
 }
 
-/* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
- * above. The vector pipes bound it, so the pairs' scales fp16(d_w) * fp16(d_x) (the same single
- * rounding) are multiplied 8 blocks at a time into dd before the blocks' integer dots, not once
- * per pair and block, and each FMA takes its scale as a broadcast load; up to 6 tokens, so a
- * speculative step of k = 4 drafts (5 tokens) is one tile, not 4 + 1. One thread, 2048-element
- * rows, block dots per ns against the 4x4 tiles with a multiply per pair: 4 tokens 1.5 -> 1.8,
- * 5 tokens 1.5 -> 1.9, 16 tokens 1.9 -> 2.3, 32 tokens 2.0 -> 2.4 (a shared machine: +-5%).
- * The rows' scales come from the weights chunk by chunk (gg_row_d8; dw is unused), not from a
- * pass over the whole row group before the tile: that pass waited on the group's memory with
- * nothing to compute (a sixth of the samples of `tessera bench --verify-cost` on 1B Q8_0, 2
- * threads); cache-resident, 5 tokens 1.9 -> 2.2 block dots per ns. The next group is
- * prefetched into L2, not L1 (one thread, 8 x 8192 x 2048 streamed, 5 tokens: 14.2 -> 13.0 ms,
- * medians; L1 holds this group, the tokens' blocks and dd: 5 tokens of 2048 are 11 KiB, one
- * group 8.7 KiB).
- * MODE: a row group's tokens in more than one tile (GG_SAVE_MIN_TOK+ tokens: a 16-sequence
- * decode step, prompts) form the rows' float scales and dot starts (-128 x the weights' 4-sums)
- * once: the group's first tile (MODE 1) saves them to dwb ([4][GG_NBP(nb)] floats) and wab
- * ([4][nb]), the later ones (MODE 2) load them instead of the vpermt2w extraction and a vpdpbusd +
- * vpsubd per row and block (those two were 15% and 11% of a tile's time); MODE 0: one tile, nothing
- * saved. One thread, block dots per ns, 16 tokens, 768 x 2048 (the 100M shape) from cache:
- * 2.07 -> 2.23; streamed 1.82 -> 1.89-1.97 (medians of 5-7, a loaded machine). */
-#define GG_TILEV_Q80(NAME, T, MODE)                                                                \
-    GG_VNNI static void NAME(int64_t nb, const uint8_t *const *wr, const uint8_t *const *xr,       \
-                             float *dwb, __m256i *wab, const float *const *dx, float *y,           \
-                             size_t ys, int nr, const uint8_t *pf)                                 \
+#define GG_VBMI                                                                                    \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi")))
+/* Two rows' fp16 scales of 8 consecutive blocks interleaved ({row a, row b} per block, 16
+ * halves) as floats. VBMI (vpermt2b: one uop, where vpermt2w is three on Intel cores): each
+ * row's 272 bytes as four 64-byte loads, four byte permutes placing d of block k (bytes 34k,
+ * 34k + 1) at word 2k (row a) or 2k + 1 (row b), zeroing the rest, and two ORs; else
+ * gg_row_h8 per row and an unpack. m < 8: the first m blocks, the rest 0. */
+#define GG_PAIR_D16(NAME, ATTR, VBMI)                                                              \
+    ATTR GG_INLINE __m512 NAME(const gg_q8_0 *wa_, const gg_q8_0 *wb_, int m)                      \
     {                                                                                              \
-        GG_TILE_HEAD(T);                                                                           \
+        if (VBMI && m == 8) {                                                                      \
+            const uint8_t *a = (const uint8_t *)wa_, *b = (const uint8_t *)wb_;                    \
+            /* bytes 4k + {0, 1} (row a) / 4k + {2, 3} (row b) take d of block k: from the         \
+             * first 128 bytes (offset 34k) for k < 4, from the next 128 (34k - 128) for k >= 4 */ \
+            static const uint8_t k_i[64] = {0,  1,   0,   1,   34,  35, 34,  35,  68,  69, 68,     \
+                                            69, 102, 103, 102, 103, 8,  9,   8,   9,   42, 43,     \
+                                            42, 43,  76,  77,  76,  77, 110, 111, 110, 111};       \
+            const __m512i idx = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)k_i));  \
+            const __mmask64 lo = 0x3333, hi = 0x33330000, lo_b = lo << 2, hi_b = hi << 2;          \
+            const __m512i a0 = _mm512_maskz_permutex2var_epi8(lo, _mm512_loadu_si512(a), idx,      \
+                                                              _mm512_loadu_si512(a + 64));         \
+            const __m512i a1 = _mm512_maskz_permutex2var_epi8(hi, _mm512_loadu_si512(a + 128),     \
+                                                              idx, _mm512_loadu_si512(a + 192));   \
+            const __m512i b0 = _mm512_maskz_permutex2var_epi8(lo_b, _mm512_loadu_si512(b), idx,    \
+                                                              _mm512_loadu_si512(b + 64));         \
+            const __m512i b1 = _mm512_maskz_permutex2var_epi8(hi_b, _mm512_loadu_si512(b + 128),   \
+                                                              idx, _mm512_loadu_si512(b + 192));   \
+            const __m512i d = _mm512_or_si512(_mm512_ternarylogic_epi32(a0, a1, b0, 0xFE), b1);    \
+            return _mm512_cvtph_ps(_mm512_castsi512_si256(d));                                     \
+        }                                                                                          \
+        const __m128i h0 = gg_row_h8(wa_, m), h1 = gg_row_h8(wb_, m);                              \
+        return _mm512_cvtph_ps(                                                                    \
+            _mm256_set_m128i(_mm_unpackhi_epi16(h0, h1), _mm_unpacklo_epi16(h0, h1)));             \
+    }
+GG_PAIR_D16(gg_pair_d16, GG_VNNI, 0)
+GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
+
+/* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
+ * above, in 512-bit registers: a zmm holds two rows' 8-lane chains for one token, interleaved
+ * (lane 2i: row 2p's lane i, lane 2i+1: row 2p+1's), so one vpdpbusd, vcvtdq2ps and FMA serve
+ * two pairs. Intel cores with two 512-bit FMA ports (this host: Sapphire Rapids class) issue
+ * the three at two per cycle in either width, so the 512-bit form does twice the lanes per
+ * instruction (1 thread, microbenchmark: vpdpbusd + vcvtdq2ps + FMA 2.6 per ns in ymm, 2.3 per
+ * ns in zmm = 4.7 ymm-equivalents). The operands:
+ *  - xd[t][b]: the token's 32 quants + 128 (unsigned), each 4-byte group twice (64 bytes),
+ *    formed once per call (gg_tile_q80_vnni), so no per-block xor or shuffle for tokens;
+ *  - W: rows 2p and 2p+1 of block b interleaved by 4-byte groups, one vpermt2d per row pair;
+ *  - the dot start -128 x the weights' 4-sums (sum((x + 128) w) - 128 sum(w) = sum(x w), exact
+ *    for every byte value), one vpdpbusd + vpsubd per row pair and block;
+ *  - the pairs' scales fp16(d_w) * fp16(d_x) (the same single rounding), 8 blocks at a time as
+ *    {row 2p, row 2p+1} float pairs, each FMA taking its pair as a 64-bit broadcast load.
+ * The rows' scales come from the weights chunk by chunk (gg_pair_d16); the next group is
+ * prefetched into L2 (L1 holds this group, the tokens' blocks and dd). Against the 256-bit tile
+ * (one token's chain per ymm, up to 6 tokens), bench_verify, one thread, 512 x 2048 from cache,
+ * block dots per ns: 4 tokens 1.42 -> 2.06, 5 tokens 1.47-1.51 -> 2.31, 6 tokens 1.55-1.61 ->
+ * 2.44. Tried and not faster here: the next chunk's scales formed a chunk ahead (double-buffered
+ * dd: 2.19 -> 2.08), the prefetch issued per chunk instead of per block (2.14 -> 2.03), the next
+ * group but one prefetched (streamed verify step unchanged). Left: without the prefetch the
+ * 5-token tile runs 8% faster from cache and without the scale extraction 15% (the inner loop
+ * alone, from L1: 3.3 block dots per ns).
+ * MODE: a row group's tokens in more than one tile (GG_SAVE_MIN_TOK+ tokens: a 16-sequence
+ * decode step, prompts) form the rows' float scales and dot starts once: the group's first
+ * tile (MODE 1) saves them to dwb ([2][2 GG_NBP(nb)] floats, row pairs interleaved) and wab
+ * ([2][nb] zmm), the later ones (MODE 2) load them; MODE 0: one tile, nothing saved. */
+#define GG_TILEV_Q80(NAME, T, MODE, ATTR, PAIR_D16)                                                \
+    ATTR static void NAME(int64_t nb, const uint8_t *const *wr, const __m512i *const *xd,          \
+                          float *dwb, __m512i *wab, const float *const *dx2, float *y, size_t ys,  \
+                          int nr, const uint8_t *pf)                                               \
+    {                                                                                              \
+        __m512 acc[2][T];                                                                          \
+        _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                        \
+            _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[p][t] = _mm512_setzero_ps(); \
+        const uint8_t *pp = pf, *pend = pf;                                                        \
         const gg_q8_0 *w[4] = {(const gg_q8_0 *)wr[0], (const gg_q8_0 *)wr[1],                     \
                                (const gg_q8_0 *)wr[2], (const gg_q8_0 *)wr[3]};                    \
-        const gg_q8_0 *x[T];                                                                       \
-        _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) x[t] = (const gg_q8_0 *)xr[t];       \
-        float dd[4][T][8] __attribute__((aligned(32)));                                            \
-        const __m256i k80 = _mm256_set1_epi8(-128);                                                \
+        double dd[2][T][8] __attribute__((aligned(64))); /* float pairs {row 2p, row 2p + 1} */    \
+        const __m512i k80 = _mm512_set1_epi8(-128);                                                \
+        const __m512i il =                                                                         \
+            _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);              \
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \
             const int m = nb - b0 < 8 ? (int)(nb - b0) : 8;                                        \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
+            _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                    \
             {                                                                                      \
-                __m256 sw_;                                                                        \
+                __m512 sw_; /* {d(row 2p, b), d(row 2p + 1, b)} for b = b0..b0 + 7 */              \
                 if ((MODE) == 2) {                                                                 \
-                    sw_ = _mm256_loadu_ps(dwb + (size_t)r * GG_NBP(nb) + b0);                      \
+                    sw_ = _mm512_loadu_ps(dwb + (size_t)p * 2 * GG_NBP(nb) + 2 * b0);              \
                 } else {                                                                           \
-                    sw_ = gg_row_d8(w[r] + b0, m);                                                 \
-                    if ((MODE) == 1) _mm256_storeu_ps(dwb + (size_t)r * GG_NBP(nb) + b0, sw_);     \
+                    sw_ = PAIR_D16(w[2 * p] + b0, w[2 * p + 1] + b0, m);                           \
+                    if ((MODE) == 1)                                                               \
+                        _mm512_storeu_ps(dwb + (size_t)p * 2 * GG_NBP(nb) + 2 * b0, sw_);          \
                 }                                                                                  \
-                _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                              \
-                    _mm256_store_ps(dd[r][t], _mm256_mul_ps(sw_, _mm256_loadu_ps(dx[t] + b0)));    \
+                _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) _mm512_store_ps(             \
+                    (float *)dd[p][t], _mm512_mul_ps(sw_, _mm512_loadu_ps(dx2[t] + 2 * b0)));      \
             }                                                                                      \
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
                 GG_TILE_PREFETCH_H(gg_q8_0, _MM_HINT_T1)                                           \
-                __m256i xq[T];                                                                     \
+                __m512i xq[T];                                                                     \
                 _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) xq[t] =                      \
-                    _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)x[t][b].qs), k80);        \
-                _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                \
+                    _mm512_load_si512(xd[t] + b);                                                  \
+                _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                \
                 {                                                                                  \
-                    const __m256i wq = _mm256_loadu_si256((const __m256i *)w[r][b].qs);            \
-                    __m256i wa;                                                                    \
+                    const __m512i wq = _mm512_permutex2var_epi32(                                  \
+                        _mm512_castsi256_si512(                                                    \
+                            _mm256_loadu_si256((const __m256i *)w[2 * p][b].qs)),                  \
+                        il,                                                                        \
+                        _mm512_castsi256_si512(                                                    \
+                            _mm256_loadu_si256((const __m256i *)w[2 * p + 1][b].qs)));             \
+                    __m512i wa;                                                                    \
                     if ((MODE) == 2) {                                                             \
-                        wa = _mm256_load_si256(wab + (size_t)r * nb + b);                          \
+                        wa = _mm512_load_si512(wab + (size_t)p * nb + b);                          \
                     } else {                                                                       \
-                        wa = _mm256_sub_epi32(                                                     \
-                            _mm256_setzero_si256(),                                                \
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), k80, wq));                 \
-                        if ((MODE) == 1) _mm256_store_si256(wab + (size_t)r * nb + b, wa);         \
+                        wa = _mm512_sub_epi32(                                                     \
+                            _mm512_setzero_si512(),                                                \
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), k80, wq));                 \
+                        if ((MODE) == 1) _mm512_store_si512(wab + (size_t)p * nb + b, wa);         \
                     }                                                                              \
-                    _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[r][t] =              \
-                        _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r][t][j]),                         \
-                                        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(wa, xq[t], wq)),    \
-                                        acc[r][t]);                                                \
+                    _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[p][t] =              \
+                        _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(dd[p][t][j])),             \
+                                        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(wa, xq[t], wq)),    \
+                                        acc[p][t]);                                                \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        GG_TILE_STORE(T);                                                                          \
+        /* hsum8's tree (tsr_hsum8_ps) for both rows at once: lanes i + (i + 4), then              \
+         * (0 + 2), (1 + 3), then their sum; row 2p in the even lanes, 2p + 1 in the odd */        \
+        _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                        \
+            _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                                  \
+        {                                                                                          \
+            const __m256 h4 = _mm256_add_ps(                                                       \
+                _mm512_castps512_ps256(acc[p][t]),                                                 \
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][t]), 1)));         \
+            const __m128 h2 =                                                                      \
+                _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));              \
+            const __m128 h1 = _mm_add_ps(h2, _mm_movehl_ps(h2, h2));                               \
+            float v[4];                                                                            \
+            _mm_storeu_ps(v, h1);                                                                  \
+            if (2 * p < nr) y[(size_t)t * ys + 2 * p] = v[0];                                      \
+            if (2 * p + 1 < nr) y[(size_t)t * ys + 2 * p + 1] = v[1];                              \
+        }                                                                                          \
     }
-
 /* Q4_1 x Q8_1: nibbles (unsigned) x activation quants (signed) need no trick; summs per pair
  * in a 4-lane vector per row (lane t: fma(m_w, s_t, summs) exactly as the scalar chain), sx
  * holding the T tokens' s of block b side by side at sx + 4 * b. */
@@ -614,24 +690,54 @@ GG_VNNI GG_INLINE __m256i gg_dpbusd_vnni(__m256i acc, __m256i u, __m256i s)
 {
     return _mm256_dpbusd_epi32(acc, u, s);
 }
-GG_TILEV_Q80(tile_q8_0_vnni_1, 1, 0)
-GG_TILEV_Q80(tile_q8_0_vnni_2, 2, 0)
-GG_TILEV_Q80(tile_q8_0_vnni_3, 3, 0)
-GG_TILEV_Q80(tile_q8_0_vnni_4, 4, 0)
-GG_TILEV_Q80(tile_q8_0_vnni_5, 5, 0)
-GG_TILEV_Q80(tile_q8_0_vnni_6, 6, 0)
-GG_TILEV_Q80(tile_q8_0_vnni_1_save, 1, 1)
-GG_TILEV_Q80(tile_q8_0_vnni_2_save, 2, 1)
-GG_TILEV_Q80(tile_q8_0_vnni_3_save, 3, 1)
-GG_TILEV_Q80(tile_q8_0_vnni_4_save, 4, 1)
-GG_TILEV_Q80(tile_q8_0_vnni_5_save, 5, 1)
-GG_TILEV_Q80(tile_q8_0_vnni_6_save, 6, 1)
-GG_TILEV_Q80(tile_q8_0_vnni_1_use, 1, 2)
-GG_TILEV_Q80(tile_q8_0_vnni_2_use, 2, 2)
-GG_TILEV_Q80(tile_q8_0_vnni_3_use, 3, 2)
-GG_TILEV_Q80(tile_q8_0_vnni_4_use, 4, 2)
-GG_TILEV_Q80(tile_q8_0_vnni_5_use, 5, 2)
-GG_TILEV_Q80(tile_q8_0_vnni_6_use, 6, 2)
+GG_TILEV_Q80(tile_q8_0_vnni_1, 1, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_2, 2, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_3, 3, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_4, 4, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_5, 5, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_6, 6, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_7, 7, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_8, 8, 0, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_1_save, 1, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_2_save, 2, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_3_save, 3, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_4_save, 4, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_5_save, 5, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_6_save, 6, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_7_save, 7, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_8_save, 8, 1, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_1_use, 1, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_2_use, 2, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_3_use, 3, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_4_use, 4, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_5_use, 5, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_6_use, 6, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_7_use, 7, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_8_use, 8, 2, GG_VNNI, gg_pair_d16)
+GG_TILEV_Q80(tile_q8_0_vnni_1_vbmi, 1, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_2_vbmi, 2, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_3_vbmi, 3, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_4_vbmi, 4, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_5_vbmi, 5, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_6_vbmi, 6, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_7_vbmi, 7, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_8_vbmi, 8, 0, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_1_save_vbmi, 1, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_2_save_vbmi, 2, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_3_save_vbmi, 3, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_4_save_vbmi, 4, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_5_save_vbmi, 5, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_6_save_vbmi, 6, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_7_save_vbmi, 7, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_8_save_vbmi, 8, 1, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_1_use_vbmi, 1, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_2_use_vbmi, 2, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_3_use_vbmi, 3, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_4_use_vbmi, 4, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_5_use_vbmi, 5, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_6_use_vbmi, 6, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_7_use_vbmi, 7, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEV_Q80(tile_q8_0_vnni_8_use_vbmi, 8, 2, GG_VBMI, gg_pair_d16_vbmi)
 GG_TILE_Q41(tile_q4_1_vnni_1, GG_VNNI, 1, 1)
 GG_TILE_Q41(tile_q4_1_vnni_2, GG_VNNI, 2, 1)
 GG_TILE_Q41(tile_q4_1_vnni_3, GG_VNNI, 3, 1)
@@ -648,18 +754,27 @@ typedef void (*gg_tile80_fn)(int64_t, const uint8_t *const *, const uint8_t *con
 typedef void (*gg_tile41_fn)(int64_t, const uint8_t *const *, const uint8_t *const *, const float *,
                              const float *const *, const float *, const float *, float *, size_t,
                              int, const uint8_t *);
-typedef void (*gg_tilev80_fn)(int64_t, const uint8_t *const *, const uint8_t *const *, float *,
-                              __m256i *, const float *const *, float *, size_t, int,
+typedef void (*gg_tilev80_fn)(int64_t, const uint8_t *const *, const __m512i *const *, float *,
+                              __m512i *, const float *const *, float *, size_t, int,
                               const uint8_t *);
-/* [0]: a group's only tile, [1]: the first of several (saves the rows' scales and dot
+/* [VBMI][0]: a group's only tile, [1]: the first of several (saves the rows' scales and dot
  * starts it forms), [2]: the later ones (read them back) */
-static const gg_tilev80_fn k_tile80_vnni[3][GG_TV_MAX] = {
-    {tile_q8_0_vnni_1, tile_q8_0_vnni_2, tile_q8_0_vnni_3, tile_q8_0_vnni_4, tile_q8_0_vnni_5,
-     tile_q8_0_vnni_6},
-    {tile_q8_0_vnni_1_save, tile_q8_0_vnni_2_save, tile_q8_0_vnni_3_save, tile_q8_0_vnni_4_save,
-     tile_q8_0_vnni_5_save, tile_q8_0_vnni_6_save},
-    {tile_q8_0_vnni_1_use, tile_q8_0_vnni_2_use, tile_q8_0_vnni_3_use, tile_q8_0_vnni_4_use,
-     tile_q8_0_vnni_5_use, tile_q8_0_vnni_6_use}};
+static const gg_tilev80_fn k_tile80_vnni[2][3][GG_TV_MAX] = {
+    {{tile_q8_0_vnni_1, tile_q8_0_vnni_2, tile_q8_0_vnni_3, tile_q8_0_vnni_4, tile_q8_0_vnni_5,
+      tile_q8_0_vnni_6, tile_q8_0_vnni_7, tile_q8_0_vnni_8},
+     {tile_q8_0_vnni_1_save, tile_q8_0_vnni_2_save, tile_q8_0_vnni_3_save, tile_q8_0_vnni_4_save,
+      tile_q8_0_vnni_5_save, tile_q8_0_vnni_6_save, tile_q8_0_vnni_7_save, tile_q8_0_vnni_8_save},
+     {tile_q8_0_vnni_1_use, tile_q8_0_vnni_2_use, tile_q8_0_vnni_3_use, tile_q8_0_vnni_4_use,
+      tile_q8_0_vnni_5_use, tile_q8_0_vnni_6_use, tile_q8_0_vnni_7_use, tile_q8_0_vnni_8_use}},
+    {{tile_q8_0_vnni_1_vbmi, tile_q8_0_vnni_2_vbmi, tile_q8_0_vnni_3_vbmi, tile_q8_0_vnni_4_vbmi,
+      tile_q8_0_vnni_5_vbmi, tile_q8_0_vnni_6_vbmi, tile_q8_0_vnni_7_vbmi, tile_q8_0_vnni_8_vbmi},
+     {tile_q8_0_vnni_1_save_vbmi, tile_q8_0_vnni_2_save_vbmi, tile_q8_0_vnni_3_save_vbmi,
+      tile_q8_0_vnni_4_save_vbmi, tile_q8_0_vnni_5_save_vbmi, tile_q8_0_vnni_6_save_vbmi,
+      tile_q8_0_vnni_7_save_vbmi, tile_q8_0_vnni_8_save_vbmi},
+     {tile_q8_0_vnni_1_use_vbmi, tile_q8_0_vnni_2_use_vbmi, tile_q8_0_vnni_3_use_vbmi,
+      tile_q8_0_vnni_4_use_vbmi, tile_q8_0_vnni_5_use_vbmi, tile_q8_0_vnni_6_use_vbmi,
+      tile_q8_0_vnni_7_use_vbmi, tile_q8_0_vnni_8_use_vbmi}},
+};
 static const gg_tile80_fn k_tile80_avx2[2] = {tile_q8_0_avx2_1, tile_q8_0_avx2_2};
 static const gg_tile41_fn k_tile41_vnni[4] = {tile_q4_1_vnni_1, tile_q4_1_vnni_2, tile_q4_1_vnni_3,
                                               tile_q4_1_vnni_4};
@@ -750,6 +865,78 @@ void tsr_ggml_dot_rows(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
 }
 
 #if GG_X86
+/* VBMI for the tiles' scale extraction: the CPU has it and tsr_ggml_dot_vbmi has not turned
+ * it off (tests run both forms). */
+static int gg_vbmi_ok(void)
+{
+    return !g_vbmi_off && __builtin_cpu_supports("avx512vbmi");
+}
+
+/* The VNNI Q8_0 tiles over a whole call: the tokens' quants + 128 with each 4-byte group twice
+ * (xd, 64 bytes per block) and their scales twice ({d, d} per block, 2 GG_NBP(nb) floats,
+ * zero-padded) once per call, then row groups of 4, each against the tokens in
+ * ceil(n_tok / GG_TV_MAX) tiles as even as can be (5 = one tile, 9 = 5 + 4, 16 = 8 + 8),
+ * the next group prefetched during the first. Returns -1 (nothing done) when the workspace
+ * cannot be allocated. */
+GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w, size_t ws,
+                                    int32_t n_tok, const uint8_t *x, size_t xs, float *y, size_t ys)
+{
+    const size_t nbp = GG_NBP(nb);
+    const bool share = n_tok >= GG_SAVE_MIN_TOK;
+    const int vbmi = gg_vbmi_ok();
+    /* xd [n_tok][nb] zmm, then wab [2][nb] zmm (shared tiles only) */
+    const size_t n_z = (size_t)n_tok * nb + (share ? 2 * (size_t)nb : 0);
+    __m512i *xd = aligned_alloc(64, sizeof(__m512i) * n_z);
+    float *dx2 = calloc(2 * nbp * ((size_t)n_tok + 2), sizeof(float)); /* + dwb [2][2 nbp] */
+    if (!xd || !dx2) {
+        free(xd);
+        free(dx2);
+        return -1;
+    }
+    __m512i *wab = share ? xd + (size_t)n_tok * nb : NULL;
+    float *dwb = dx2 + 2 * nbp * (size_t)n_tok;
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    for (int32_t t = 0; t < n_tok; ++t) {
+        const gg_q8_0 *xt = (const gg_q8_0 *)(x + (size_t)t * xs);
+        for (int64_t b = 0; b < nb; ++b) {
+            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xt[b].qs),
+                                               _mm256_set1_epi8(-128));
+            xd[(size_t)t * nb + b] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(q));
+            dx2[2 * ((size_t)t * nbp + b)] = dx2[2 * ((size_t)t * nbp + b) + 1] = gg_h2f(xt[b].d);
+        }
+    }
+    const int n_tt = (n_tok + GG_TV_MAX - 1) / GG_TV_MAX;
+    const size_t gbytes = 4 * ws;
+    const int64_t ahead = gbytes ? 4 * (int64_t)((GG_PF_BYTES + gbytes - 1) / gbytes)
+                                 : n_rows; /* stride 0: one row */
+    for (int64_t r0 = 0; r0 < n_rows; r0 += 4) {
+        const int nr = n_rows - r0 < 4 ? (int)(n_rows - r0) : 4;
+        const uint8_t *wr[4];
+        for (int r = 0; r < 4; ++r) wr[r] = w + (size_t)(r0 + (r < nr ? r : nr - 1)) * ws;
+        const uint8_t *pf = r0 + ahead + 4 <= n_rows ? w + (size_t)(r0 + ahead) * ws : NULL;
+        for (int32_t t0 = 0, k = 0; t0 < n_tok; ++k) {
+            /* tile k of n_tt: the first (n_tok % n_tt) tiles one token wider */
+            const int tn = n_tok / n_tt + (k < n_tok % n_tt ? 1 : 0);
+            const __m512i *xr[GG_TV_MAX];
+            const float *dxr[GG_TV_MAX];
+            for (int t = 0; t < tn; ++t) {
+                xr[t] = xd + (size_t)(t0 + t) * nb;
+                dxr[t] = dx2 + 2 * (size_t)(t0 + t) * nbp;
+            }
+            /* several tiles: the first saves the rows' scales and dot starts */
+            k_tile80_vnni[vbmi][!share   ? 0
+                                : k == 0 ? 1
+                                         : 2][tn - 1](nb, wr, xr, dwb, wab, dxr,
+                                                      y + (size_t)t0 * ys + r0, ys, nr, pf);
+            pf = NULL;
+            t0 += tn;
+        }
+    }
+    free(xd);
+    free(dx2);
+    return 0;
+}
+
 /* The register tiles over a whole call (F16C's conversions inline: the library's scalar
  * tsr_f16_to_f32 took a quarter of a 2-5 token step): scales as floats once (tokens: per call;
  * rows: per group of 4, except the VNNI Q8_0 tile, which converts them itself as it goes; each
@@ -762,21 +949,12 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
                                 size_t xs, float *y, size_t ys)
 {
     const bool q41 = type == TSR_TYPE_Q4_1, vnni = isa >= TSR_GGML_VNNI;
+    if (vnni && !q41) return gg_tile_q80_vnni(nb, n_rows, w, ws, n_tok, x, xs, y, ys);
     const size_t nbp = GG_NBP(nb);
     const size_t n_tg = ((size_t)n_tok + 3) / 4; /* token groups of 4 for Q4_1's s */
     const size_t n_fl = nbp * ((size_t)n_tok + 8) + (q41 ? (size_t)nb * 4 * n_tg : 0) + 4;
     float *buf = calloc(n_fl, sizeof(float)); /* zero pads: no NaN / subnormal in the muls */
     if (!buf) return -1;
-    /* VNNI Q8_0 in several token tiles: the row group's dot starts (-128 x the weights'
-     * 4-sums), [4][nb], formed by its first tile for the others */
-    __m256i *wa = NULL;
-    if (vnni && !q41 && n_tok >= GG_SAVE_MIN_TOK) {
-        wa = aligned_alloc(32, sizeof(__m256i) * 4 * (size_t)nb);
-        if (!wa) {
-            free(buf);
-            return -1;
-        }
-    }
     float *dx = buf, *dw = dx + (size_t)n_tok * nbp, *mw = dw + 4 * nbp;
     float *sx = mw + 4 * nbp; /* Q4_1: [token group][nb][4] */
     for (int32_t t = 0; t < n_tok; ++t) {
@@ -793,7 +971,7 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
     }
     /* Token tiles: Q4_1 and AVX2 up to 4 / 2 tokens; VNNI Q8_0 splits n_tok into
      * ceil(n_tok / GG_TV_MAX) tiles as even as can be (5 = one tile, 7 = 4 + 3, 16 = 6 + 5 + 5) */
-    const int tmax = q41 ? (vnni ? 4 : 2) : vnni ? GG_TV_MAX : 2;
+    const int tmax = q41 && vnni ? 4 : 2;
     const int n_tt = (n_tok + tmax - 1) / tmax;
     const size_t gbytes = 4 * ws;
     const int64_t ahead = gbytes ? 4 * (int64_t)((GG_PF_BYTES + gbytes - 1) / gbytes)
@@ -803,7 +981,7 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
         const uint8_t *wr[4];
         for (int r = 0; r < 4; ++r) {
             wr[r] = w + (size_t)(r0 + (r < nr ? r : nr - 1)) * ws;
-            for (int64_t b = 0; b < (vnni && !q41 ? 0 : nb); ++b) { /* VNNI Q8_0: none */
+            for (int64_t b = 0; b < nb; ++b) {
                 if (q41) {
                     dw[(size_t)r * nbp + b] = gg_h2f(((const gg_q4_1 *)wr[r])[b].d);
                     mw[(size_t)r * nbp + b] = gg_h2f(((const gg_q4_1 *)wr[r])[b].m);
@@ -832,18 +1010,12 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
                 (vnni ? k_tile41_vnni : k_tile41_avx2)[tn - 1](nb, wr, xr, dw, dxr, mw, sxt, yt, ys,
                                                                nr, pf);
             } else {
-                if (vnni) /* several tiles: the first saves the rows' scales and dot starts */
-                    k_tile80_vnni[!wa      ? 0
-                                  : k == 0 ? 1
-                                           : 2][tn - 1](nb, wr, xr, dw, wa, dxr, yt, ys, nr, pf);
-                else
-                    k_tile80_avx2[tn - 1](nb, wr, xr, dw, dxr, yt, ys, nr, pf);
+                k_tile80_avx2[tn - 1](nb, wr, xr, dw, dxr, yt, ys, nr, pf);
             }
             pf = NULL;
             t0 += tn;
         }
     }
-    free(wa);
     free(buf);
     return 0;
 }

@@ -58,6 +58,11 @@ void tsr_ggml_quant_act_row(uint32_t type, int isa, const float *src, void *dst,
  * rest (so call it per row). The same bits on every ISA. */
 void tsr_ggml_swiglu(int isa, float *gate, const float *up, int64_t n);
 
+/* Tests: on = false keeps the VNNI Q8_0 tiles off AVX-512 VBMI (its scale extraction) on a CPU
+ * that has it, so both forms are checked; true (the default) uses it where the CPU has it.
+ * x86 only; elsewhere nothing. */
+void tsr_ggml_dot_set_vbmi(bool on);
+
 /* The ISA level kernels/quant.c dispatches to now (from tsr_quant_isa). */
 int tsr_ggml_isa(void);
 

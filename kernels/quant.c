@@ -2247,8 +2247,13 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * (2048) / 34.4 (8192) against 29.2 / 22.9 into L1 at 12 (8 steps 28, 20 steps 33);
  * 2 threads 60-61 / 63.5 against 56-58 / 49. Q4_K into L2 at 28 steps: 1 thread 28.0 /
  * 28.5 against 27.8 / 25.3 into L1 at 11 (16 steps 27.0 / 27.7, 40 steps 27.8 / 28.3);
- * 2 threads 50.6-53 / 52 against 46-51 / 50. (Q4_K from cache: 30.6, Q6_K 38.5.) */
-#define RQ_PF_Q4_K 28
+ * 2 threads 50.6-53 / 52 against 46-51 / 50. (Q4_K from cache: 30.6, Q6_K 38.5.)
+ * At low host bandwidth (15-33 GB/s plain 2-thread read) Q4_K needs further: 48 steps
+ * (27 KiB) against 28, tests/bench_gemv_stream (1B layer matrices, 196 MiB, 2 threads, engine
+ * claims), share of the plain read in the same run, 4 runs: 0.811 -> 0.880, 0.909 -> 0.898
+ * (40: 0.920), 0.828 -> 0.852, 0.963 -> 1.011; 64-128 no better, prefetcht0 0.755, t2 as t1,
+ * nta 0.41, none 0.70. Q6_K stays at 16 (0.95-1.0 of the read at 16-64). */
+#define RQ_PF_Q4_K 48
 #define RQ_PF_Q6_K 16
 
 /* Prefetch into L2 the super-block pf steps ahead of block b (bs bytes) in its stream,

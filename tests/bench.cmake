@@ -5,9 +5,12 @@
 # a Q4_K and a Q4_0 prefill matmul in the two order classes; bench_batch: a decode step of
 # many sequences against one (the ceiling of serving's c16/c1); bench_verify: the matmuls of a
 # speculative verification step (1B Q8_0 shape, 1..8 tokens); bench_q80_gemv: the one-token
-# Q8_0 GEMV against the row dots and a plain read. bench_kvcache (kvcache.cmake)
+# Q8_0 GEMV against the row dots and a plain read; bench_gemv_stream: the one-token Q4_0 / Q4_K
+# / Q6_K group GEMVs over a 1B layer's matrices (~200 MiB, huge pages, engine claims) against a
+# plain read of the same bytes in the same run. bench_kvcache (kvcache.cmake)
 # and bench_head (real_models.cmake) sit with the tests of their module.
-foreach(b bench_quant bench_repack bench_q4k_gemm bench_batch bench_verify bench_q80_gemv)
+foreach(b bench_quant bench_repack bench_q4k_gemm bench_batch bench_verify bench_q80_gemv
+    bench_gemv_stream)
   add_executable(${b} ${CMAKE_CURRENT_SOURCE_DIR}/${b}.c)
   target_link_libraries(${b} PRIVATE tessera_core)
 endforeach()

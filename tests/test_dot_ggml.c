@@ -132,6 +132,9 @@ static void test_dot_q8_0(void **state)
 {
     (void)state;
     check_dots(TSR_TYPE_Q8_0);
+    tsr_ggml_dot_set_vbmi(false); /* the VNNI tiles' other scale extraction */
+    check_dots(TSR_TYPE_Q8_0);
+    tsr_ggml_dot_set_vbmi(true);
 }
 
 static void test_act_quant(void **state)

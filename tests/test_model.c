@@ -256,6 +256,43 @@ static void test_threads_and_batch(void **state)
     check_threads_and_batch("synthetic/synth-tiny-q5_0.gguf"); /* the Q5_0 prefill tiles */
 }
 
+/* Decode (one token a step) gives the same logits bit for bit with 1, 2 and 3 threads, f32
+ * and f16 caches. The attention pieces differ with the thread count (worker/model.c
+ * attn_pieces): stories260K's 4 KV heads (groups of 2) run as runs of 3 + 1 KV heads on one
+ * thread (tsr_attn_heads) and as single GQA groups on 2 or 3 (tsr_attn_group). */
+static void check_decode_threads(const char *rel, tsr_kv_type kt)
+{
+    tsr_test_model f[3];
+    for (int i = 0; i < 3; i++)
+        tsr_test_model_open(&f[i], tsr_test_model_path(rel), 512, 16, i + 1, kt);
+    const int32_t V = f[0].m->hp.n_vocab;
+    int32_t prompt[12] = {1, 450, 7483, 310, 3444, 338, 263, 931, 29871, 29896, 29906, 29941};
+    for (int i = 0; i < 12; i++) prompt[i] %= V;
+    char err[512], what[300];
+    const float *lg[3];
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(tsr_forward(f[i].c, prompt, 12, 0, false, &lg[i], err, sizeof err), 0);
+    for (int32_t pos = 12; pos < 12 + 24; pos++) {
+        int32_t tok = (int32_t)((pos * 7919 + 13) % V);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(tsr_forward(f[i].c, &tok, 1, pos, false, &lg[i], err, sizeof err), 0);
+        for (int i = 1; i < 3; i++) {
+            snprintf(what, sizeof what, "%s, kv type %d, decode logits at %d with 1 and %d threads",
+                     rel, (int)kt, pos, i + 1);
+            tsr_test_check_same(what, lg[0], lg[i], (size_t)V);
+        }
+    }
+    for (int i = 0; i < 3; i++) tsr_test_model_close(&f[i]);
+}
+
+static void test_decode_threads(void **state)
+{
+    (void)state;
+    /* (q8_0 needs heads of a multiple of 32 values; stories260K's are 8) */
+    check_decode_threads("stories260K.gguf", TSR_KV_F32);
+    check_decode_threads("stories260K.gguf", TSR_KV_F16);
+}
+
 static void test_errors(void **state)
 {
     (void)state;
@@ -290,9 +327,13 @@ static void test_errors(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_stories260k_expected), cmocka_unit_test(test_stories260k_q8_0),
-        cmocka_unit_test(test_synth_tiny),           cmocka_unit_test(test_synth_tiny_more_quants),
-        cmocka_unit_test(test_threads_and_batch),    cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_stories260k_expected),
+        cmocka_unit_test(test_stories260k_q8_0),
+        cmocka_unit_test(test_synth_tiny),
+        cmocka_unit_test(test_synth_tiny_more_quants),
+        cmocka_unit_test(test_threads_and_batch),
+        cmocka_unit_test(test_decode_threads),
+        cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,207 @@
+/*
+ * bench_gemv_stream.c — the one-token GEMVs of the repacked Q4_0, Q4_K and Q6_K groups
+ * (kernels/q40_gemm.c, quant.c's 4-row group GEMV) streaming from memory, against a plain
+ * read of the same bytes, measured interleaved in one run.
+ *
+ * The weights are a 1B layer's matrices (q 2048x2048, k/v 512x2048, o 2048x2048,
+ * gate/up 8192x2048, down 2048x8192) repeated over enough layers for TSR_BENCH_MB (default
+ * 192) MiB of repacked weights, in one 2 MiB-aligned MADV_HUGEPAGE arena as
+ * worker/model_repack.c's, so that nothing of a pass is left in cache from the last one. A
+ * pass is one decode step's matmuls as the engine issues them (tsr_matmul_multi: qkv, o,
+ * gate+up, down; 2 threads, guided claims); the plain read is the same arena read by the
+ * same pool, each thread one half. Prints per type the medians of REPS interleaved passes
+ * in GB/s and the median of the per-pass ratios gemv / read (the from-memory fraction).
+ *
+ * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
+ *   cmake --build build --target bench_gemv_stream && uptime &&
+ *   flock /work/bench.lock build/tests/bench_gemv_stream
+ * TSR_BENCH_TYPES=q4_0,q4_k,q6_k selects types; TSR_BENCH_THREADS=n the pool size.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "kernels/ops.h"
+#include "kernels/pool.h"
+#include "kernels/quant.h"
+#include "kernels/repack.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+enum { REPS = 11, N_MAT = 7 };
+
+static const int64_t k_shape[N_MAT][2] = {/* n_in, n_out */
+                                          {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
+                                          {2048, 8192}, {2048, 8192}, {8192, 2048}};
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    return v[n / 2];
+}
+
+typedef struct {
+    const uint8_t *buf;
+    size_t n;
+    volatile uint64_t sink[2];
+} rd_job;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static uint64_t read_avx2(const uint8_t *p, size_t n)
+{
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i + 128 <= n; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_load_si256((const __m256i *)(p + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+    }
+    a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    return (uint64_t)_mm256_extract_epi64(a0, 0) ^ (uint64_t)_mm256_extract_epi64(a0, 3);
+}
+#endif
+
+static void rd_run(void *arg, int ith, int nth)
+{
+    rd_job *j = arg;
+    const size_t per = (j->n / (size_t)nth) & ~(size_t)127;
+    const uint8_t *p = j->buf + per * (size_t)ith;
+    uint64_t s = 0;
+#if defined(__x86_64__)
+    s = read_avx2(p, per);
+#else
+    for (size_t i = 0; i + 8 <= per; i += 8) s ^= *(const uint64_t *)(p + i);
+#endif
+    j->sink[ith & 1] = s;
+}
+
+static int selected(const char *name)
+{
+    const char *list = getenv("TSR_BENCH_TYPES");
+    return !list || !*list || strstr(list, name) != NULL;
+}
+
+static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t want)
+{
+    size_t layer = 0, mb[N_MAT];
+    for (int m = 0; m < N_MAT; m++) {
+        mb[m] = (tsr_repack_bytes(type, k_shape[m][0], k_shape[m][1]) + 4095) / 4096 * 4096;
+        layer += mb[m];
+    }
+    const int n_layers = (int)((want + layer - 1) / layer);
+    const size_t huge = (size_t)2 << 20;
+    const size_t total = ((size_t)n_layers * layer + huge - 1) / huge * huge;
+    uint8_t *arena = aligned_alloc(huge, total);
+    if (!arena) {
+        fprintf(stderr, "bench_gemv_stream: out of memory\n");
+        exit(1);
+    }
+    (void)madvise(arena, total, MADV_HUGEPAGE);
+    memset(arena, 0, total);
+    /* 64 distinct quantized rows repeated, repacked into each layer's place */
+    const int64_t n_max = 8192, r_max = 8192;
+    float *f = malloc(sizeof(float) * (size_t)n_max);
+    float *x = malloc(sizeof(float) * (size_t)n_max);
+    uint8_t *src = malloc(tsr_row_bytes(type, n_max) * (size_t)r_max);
+    uint64_t s = 88172645463325252ULL;
+    tsr_weight w[64][N_MAT];
+    size_t off = 0;
+    for (int m = 0; m < N_MAT; m++) {
+        const int64_t n = k_shape[m][0], rows = k_shape[m][1];
+        const size_t rb = tsr_row_bytes(type, n);
+        for (int64_t r = 0; r < 64; r++) {
+            for (int64_t i = 0; i < n; i++) {
+                s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+                f[i] = (float)((double)(s >> 11) * 0x1p-53 - 0.5);
+            }
+            tsr_quant_row(type, f, src + (size_t)r * rb, n);
+        }
+        for (int64_t r = 64; r < rows; r++)
+            memcpy(src + (size_t)r * rb, src + (size_t)(r % 64) * rb, rb);
+        for (int l = 0; l < n_layers; l++) {
+            uint8_t *dst = arena + (size_t)l * layer + off;
+            tsr_repack(type, n, rows, src, rb, dst);
+            w[l][m] = (tsr_weight){.type = type,
+                                   .n_in = n,
+                                   .n_out = rows,
+                                   .row_bytes = rb,
+                                   .data = NULL,
+                                   .packed = dst};
+        }
+        off += mb[m];
+    }
+    for (int64_t i = 0; i < n_max; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        x[i] = (float)((double)(s >> 11) * 0x1p-53 - 0.5);
+    }
+    float *y[4];
+    for (int k = 0; k < 4; k++) y[k] = malloc(sizeof(float) * 8192);
+    const tsr_weight *ws[4] = {&w[0][0], &w[0][1], &w[0][2], NULL};
+    void *scratch = malloc(tsr_matmul_multi_scratch_bytes(ws, 3, 1) + 65536);
+    size_t bytes = 0;
+    for (int m = 0; m < N_MAT; m++) bytes += tsr_repack_bytes(type, k_shape[m][0], k_shape[m][1]);
+    bytes *= (size_t)n_layers;
+    double g[REPS], r[REPS], q[REPS];
+    rd_job rj = {.buf = arena, .n = (size_t)n_layers * layer};
+    for (int it = -1; it < REPS; it++) {
+        double t0 = now_s();
+        for (int l = 0; l < n_layers; l++) {
+            const tsr_weight *qkv[3] = {&w[l][0], &w[l][1], &w[l][2]};
+            tsr_matmul_multi(pool, qkv, y, 3, x, 1, scratch);
+            tsr_matmul(pool, &w[l][3], x, 1, y[0], scratch);
+            const tsr_weight *gu[2] = {&w[l][4], &w[l][5]};
+            tsr_matmul_multi(pool, gu, y, 2, x, 1, scratch);
+            tsr_matmul(pool, &w[l][6], x, 1, y[0], scratch);
+        }
+        const double tg = now_s() - t0;
+        t0 = now_s();
+        tsr_pool_run(pool, rd_run, &rj);
+        const double tr = now_s() - t0;
+        if (it < 0) continue; /* warm-up */
+        g[it] = (double)bytes / tg * 1e-9;
+        r[it] = (double)rj.n / tr * 1e-9;
+        q[it] = g[it] / r[it];
+    }
+    printf("%-5s %3d layers %6.1f MiB  gemv %6.1f  read %6.1f GB/s  gemv/read %5.3f\n", name,
+           n_layers, (double)bytes / 1048576.0, median(g, REPS), median(r, REPS), median(q, REPS));
+    fflush(stdout);
+    for (int k = 0; k < 4; k++) free(y[k]);
+    free(scratch);
+    free(src);
+    free(x);
+    free(f);
+    free(arena);
+}
+
+int main(void)
+{
+    const char *mbs = getenv("TSR_BENCH_MB");
+    const size_t want = (size_t)(mbs && atof(mbs) > 0 ? atof(mbs) : 192.0) * (1 << 20);
+    const char *ths = getenv("TSR_BENCH_THREADS");
+    tsr_pool *pool = tsr_pool_new(ths && atoi(ths) > 0 ? atoi(ths) : 2);
+    printf("one-token GEMV of the repacked groups, 1B layer matrices, %d threads, ISA %s; "
+           "medians of %d interleaved passes\n",
+           tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
+    if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, "q4_0", want);
+    if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, "q4_k", want);
+    if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, "q6_k", want);
+    tsr_pool_free(pool);
+    return 0;
+}
