@@ -28,6 +28,7 @@
 #include "kernels/pool.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
+#include "kernels/util.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -38,13 +39,6 @@ enum { REPS = 11, N_MAT = 7 };
 static const int64_t k_shape[N_MAT][2] = {/* n_in, n_out */
                                           {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
                                           {2048, 8192}, {2048, 8192}, {8192, 2048}};
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static int cmp_d(const void *a, const void *b)
 {
@@ -161,7 +155,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
     double g[REPS], r[REPS], q[REPS];
     rd_job rj = {.buf = arena, .n = (size_t)n_layers * layer};
     for (int it = -1; it < REPS; it++) {
-        double t0 = now_s();
+        double t0 = tsr_now_s();
         for (int l = 0; l < n_layers; l++) {
             const tsr_weight *qkv[3] = {&w[l][0], &w[l][1], &w[l][2]};
             tsr_matmul_multi(pool, qkv, y, 3, x, 1, scratch);
@@ -170,10 +164,10 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
             tsr_matmul_multi(pool, gu, y, 2, x, 1, scratch);
             tsr_matmul(pool, &w[l][6], x, 1, y[0], scratch);
         }
-        const double tg = now_s() - t0;
-        t0 = now_s();
+        const double tg = tsr_now_s() - t0;
+        t0 = tsr_now_s();
         tsr_pool_run(pool, rd_run, &rj);
-        const double tr = now_s() - t0;
+        const double tr = tsr_now_s() - t0;
         if (it < 0) continue; /* warm-up */
         g[it] = (double)bytes / tg * 1e-9;
         r[it] = (double)rj.n / tr * 1e-9;

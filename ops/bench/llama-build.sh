@@ -18,11 +18,24 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# AMX off: on Intel Xeons with AMX, GGML_NATIVE (-march=native) compiles ggml's AMX matmul
+# in (GGML_AMX_* do not apply to a native build), and its tile configuration faults in this
+# workplace's sandbox, so every prompt (-p > 0) of llama-bench segfaults in
+# ggml_backend_amx_mul_mat; decode alone runs. -mno-amx-* win over -march=native in GCC, so
+# the rest of the native ISA (AVX-512, VNNI, VBMI) stays on: the fastest llama.cpp that runs
+# here. The flags are kept next to the build, and a build made with other flags is redone.
+NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$NOAMX"
+    "-DCMAKE_CXX_FLAGS=$NOAMX" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+    -DBUILD_SHARED_LIBS=OFF)
 BIN="$CACHE/build/bin/llama-bench"
-if [ -x "$BIN" ]; then
+STAMP="$CACHE/build/tessera-flags"
+if [ -x "$BIN" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "${FLAGS[*]}" ]; then
     echo "$BIN"
     exit 0
 fi
+rm -rf "$CACHE/build"
 mkdir -p "$CACHE"
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 if [ ! -f "$SDIST" ]; then
@@ -45,9 +58,8 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
 fi
 JOBS="${TSR_LLAMA_JOBS:-2}"
 echo "llama-build.sh: building llama-bench in $CACHE/build (-j$JOBS, a few minutes)" >&2
-cmake -S "$SRC" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DBUILD_SHARED_LIBS=OFF >&2
+cmake -S "$SRC" -B "$CACHE/build" "${FLAGS[@]}" >&2
 cmake --build "$CACHE/build" --target llama-bench -j "$JOBS" >&2
 [ -x "$BIN" ] || { echo "llama-build.sh: build finished but $BIN is missing" >&2; exit 1; }
+echo "${FLAGS[*]}" >"$STAMP"
 echo "$BIN"
