@@ -13,6 +13,10 @@
 #                       default q8_0,q4_0,q4_k_m,qwen
 #       --no-repack-too also run Tessera with --no-repack (TSR_NO_REPACK=1) in every
 #                       repetition; its rows are marked /nr
+#       --llama-no-repack-too  also run llama-bench --repack 0 in every repetition; its rows,
+#                       marked /l0, give Tessera / that llama.cpp (on this Intel host
+#                       llama.cpp's own repacked Q4_K kernels prefill slower than its plain
+#                       ones, so its best setting differs per type)
 #       --quick         -r 3 -n 16 -m q4_0,qwen
 #       --cache DIR     where llama.cpp is built and the 1B files are kept (default
 #                       $TSR_BENCH_CACHE or ~/.cache/tessera; llama.cpp in DIR/llama.cpp)
@@ -36,7 +40,8 @@ GEN=32
 MODELS=q8_0,q4_0,q4_k_m,qwen
 CACHE="${TSR_BENCH_CACHE:-$HOME/.cache/tessera}"
 NR=0
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+LR0=0
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
     -t | --threads) THREADS="$2"; shift 2 ;;
@@ -45,6 +50,7 @@ while [ $# -gt 0 ]; do
     -m | --models) MODELS="$2"; shift 2 ;;
     --quick) REPS=3; GEN=16; MODELS=q4_0,qwen; shift ;;
     --no-repack-too) NR=1; shift ;;
+    --llama-no-repack-too) LR0=1; shift ;;
     --cache) CACHE="$2"; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "compare.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -107,6 +113,10 @@ for m in "${model_list[@]}"; do
                 >"$OUT/llama.$m.$t.$r.jsonl" 2>"$OUT/llama.err"; then
                 echo "compare.sh: llama-bench failed on $f:" >&2; tail -20 "$OUT/llama.err" >&2; exit 1
             fi
+            if [ "$LR0" = 1 ] && ! "$LLAMA_BENCH" -m "$f" -t "$t" -p 128 -n "$GEN" -r 1 \
+                --repack 0 -o jsonl >"$OUT/llamar0.$m.$t.$r.jsonl" 2>"$OUT/llama.err"; then
+                echo "compare.sh: llama-bench --repack 0 failed on $f:" >&2; tail -20 "$OUT/llama.err" >&2; exit 1
+            fi
         done
     done
 done
@@ -141,6 +151,12 @@ for m in models:
             tg_n = med([x["decode_tokens_per_s"] for x in nj])
             print(f"{m[:11]:<11} {t:>3} {'pp128/nr':<8}{pp_n:>9.1f} {med(pp_l):>9.1f} {pp_n / med(pp_l):>6.2f}")
             print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen)+'/nr':<8}{tg_n:>9.2f} {med(tg_l):>9.2f} {tg_n / med(tg_l):>6.2f}  {'':>5} {'':>8} {100*tg_n/roof:>7.1f}%")
+        rj = [json.loads(l) for f in sorted(glob.glob(f"{out}/llamar0.{m}.{t}.*.jsonl")) for l in open(f) if l.strip()]
+        if rj:
+            pp_r = med([x["avg_ts"] for x in rj if x["n_prompt"] > 0 and x["n_gen"] == 0])
+            tg_r = med([x["avg_ts"] for x in rj if x["n_gen"] > 0 and x["n_prompt"] == 0])
+            print(f"{m[:11]:<11} {t:>3} {'pp128/l0':<8}{med(pp_t):>9.1f} {pp_r:>9.1f} {med(pp_t) / pp_r:>6.2f}")
+            print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen)+'/l0':<8}{med(tg_t):>9.2f} {tg_r:>9.2f} {med(tg_t) / tg_r:>6.2f}  {'':>5} {'':>8} {'':>8} {100*tg_r/roof:>9.1f}%")
 print()
 print("ratio = Tessera / llama.cpp; GB/s = memory read bandwidth measured by `tessera bench` in")
 print("the same runs with the same threads; roofline = GB/s / bytes read per decode token.")
