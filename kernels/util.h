@@ -22,9 +22,6 @@ int tsr_fail(char *err, size_t err_len, int code, const char *fmt, ...)
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t tsr_now_ns(void);
 
-/* The same clock in seconds, for timing prints (the benchmarks). */
-static inline double tsr_now_s(void) { return 1e-9 * (double)tsr_now_ns(); }
-
 /* splitmix64's finalizer (Steele, Lea & Flood): a bijection of 64-bit integers in which
  * every input bit reaches every output bit; pure integer operations, identical on every
  * platform (hashes and seeds derived with it are stable). */

@@ -28,7 +28,7 @@
 #include "kernels/pool.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
-#include "kernels/util.h"
+#include "tests/bench.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -39,17 +39,6 @@ enum { REPS = 11, N_MAT = 7 };
 static const int64_t k_shape[N_MAT][2] = {/* n_in, n_out */
                                           {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
                                           {2048, 8192}, {2048, 8192}, {8192, 2048}};
-
-static int cmp_d(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return v[n / 2];
-}
 
 typedef struct {
     const uint8_t *buf;
@@ -155,7 +144,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
     double g[REPS], r[REPS], q[REPS];
     rd_job rj = {.buf = arena, .n = (size_t)n_layers * layer};
     for (int it = -1; it < REPS; it++) {
-        double t0 = tsr_now_s();
+        double t0 = tsr_bench_now_s();
         for (int l = 0; l < n_layers; l++) {
             const tsr_weight *qkv[3] = {&w[l][0], &w[l][1], &w[l][2]};
             tsr_matmul_multi(pool, qkv, y, 3, x, 1, scratch);
@@ -164,17 +153,18 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
             tsr_matmul_multi(pool, gu, y, 2, x, 1, scratch);
             tsr_matmul(pool, &w[l][6], x, 1, y[0], scratch);
         }
-        const double tg = tsr_now_s() - t0;
-        t0 = tsr_now_s();
+        const double tg = tsr_bench_now_s() - t0;
+        t0 = tsr_bench_now_s();
         tsr_pool_run(pool, rd_run, &rj);
-        const double tr = tsr_now_s() - t0;
+        const double tr = tsr_bench_now_s() - t0;
         if (it < 0) continue; /* warm-up */
         g[it] = (double)bytes / tg * 1e-9;
         r[it] = (double)rj.n / tr * 1e-9;
         q[it] = g[it] / r[it];
     }
     printf("%-5s %3d layers %6.1f MiB  gemv %6.1f  read %6.1f GB/s  gemv/read %5.3f\n", name,
-           n_layers, (double)bytes / 1048576.0, median(g, REPS), median(r, REPS), median(q, REPS));
+           n_layers, (double)bytes / 1048576.0, tsr_bench_median(g, REPS),
+           tsr_bench_median(r, REPS), tsr_bench_median(q, REPS));
     fflush(stdout);
     for (int k = 0; k < 4; k++) free(y[k]);
     free(scratch);

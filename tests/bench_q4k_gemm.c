@@ -23,7 +23,7 @@
 #include "kernels/pool.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
-#include "kernels/util.h"
+#include "tests/bench.h"
 
 enum { N_IN = 2048, N_OUT = 2048, N_TOK = 128, REPS = 9 };
 
@@ -34,12 +34,6 @@ static double cpu_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
 }
 
 static void bench_type(uint32_t type, const char *name)
@@ -84,15 +78,13 @@ static void bench_type(uint32_t type, const char *name)
             for (int cls = 0; cls < 2; cls++) {
                 double t[REPS], c[REPS];
                 for (int r = 0; r < REPS; r++) {
-                    const double t0 = tsr_now_s(), c0 = cpu_s();
+                    const double t0 = tsr_bench_now_s(), c0 = cpu_s();
                     tsr_matmul_multi_ord(pool, ws, ys, 1, f, N_TOK, cls ? ord1 : ord0, scratch);
-                    t[r] = tsr_now_s() - t0;
+                    t[r] = tsr_bench_now_s() - t0;
                     c[r] = cpu_s() - c0;
                 }
-                qsort(t, REPS, sizeof t[0], cmp_d);
-                qsort(c, REPS, sizeof c[0], cmp_d);
-                med[cls] = t[REPS / 2];
-                cpu[cls] = c[REPS / 2];
+                med[cls] = tsr_bench_median(t, REPS);
+                cpu[cls] = tsr_bench_median(c, REPS);
             }
             printf("  %d thread%s, %-16s class 0 (GEMV order) %6.2f ms, CPU %6.2f ms | class 1 "
                    "(GEMM order) %6.2f ms, CPU %6.2f ms | class 1 / class 0: time %.2f, CPU %.2f\n",

@@ -24,7 +24,7 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/quant.h"
-#include "kernels/util.h"
+#include "tests/bench.h"
 
 enum { REPS = 15 };
 
@@ -67,7 +67,7 @@ static double pass(int mode, int isa, int threads, int64_t n, int64_t rows, cons
                    size_t rb, const void *x, float *y)
 {
     job j[2];
-    const double t0 = tsr_now_s();
+    const double t0 = tsr_bench_now_s();
     if (threads == 1) {
         j[0] = (job){mode, isa, n, rows, w, rb, x, y, 0};
         run_job(&j[0]);
@@ -84,18 +84,7 @@ static double pass(int mode, int isa, int threads, int64_t n, int64_t rows, cons
             pthread_join(th, NULL);
         }
     }
-    return (double)rows * (double)rb / (tsr_now_s() - t0) * 1e-9;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return v[n / 2];
+    return (double)rows * (double)rb / (tsr_bench_now_s() - t0) * 1e-9;
 }
 
 /* A matrix of `rows` rows of n Q8_0 elements (64 distinct quantized rows repeated) and a
@@ -144,8 +133,8 @@ static void bench_cols(int64_t n, const char *isa_name, int isa, size_t matrix_b
             go[i] = g[i] / o[i];
         }
         printf("%-11s %6lld  %d thr   %6.1f %6.1f %6.1f   %5.2f %5.3f\n", isa_name, (long long)n,
-               threads, median(g, REPS), median(o, REPS), median(m, REPS), median(gm, REPS),
-               median(go, REPS));
+               threads, tsr_bench_median(g, REPS), tsr_bench_median(o, REPS),
+               tsr_bench_median(m, REPS), tsr_bench_median(gm, REPS), tsr_bench_median(go, REPS));
         fflush(stdout);
     }
     free(w);
@@ -156,12 +145,12 @@ static void bench_cols(int64_t n, const char *isa_name, int isa, size_t matrix_b
     double bg = 1e30, bo = 1e30;
     const int inner = (int)(2e7 / ((double)rbc * 64)) + 1;
     for (int i = 0; i < REPS; ++i) {
-        double t0 = tsr_now_s();
+        double t0 = tsr_bench_now_s();
         for (int k = 0; k < inner; ++k) tsr_vec_dot_rows(TSR_TYPE_Q8_0, n, 64, w, rbc, x, y);
-        const double dg = (tsr_now_s() - t0) / inner;
-        t0 = tsr_now_s();
+        const double dg = (tsr_bench_now_s() - t0) / inner;
+        t0 = tsr_bench_now_s();
         for (int k = 0; k < inner; ++k) tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa, n, 64, w, rbc, x, y);
-        const double dr = (tsr_now_s() - t0) / inner;
+        const double dr = (tsr_bench_now_s() - t0) / inner;
         bg = dg < bg ? dg : bg;
         bo = dr < bo ? dr : bo;
     }

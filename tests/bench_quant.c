@@ -24,7 +24,7 @@
 #include <time.h>
 
 #include "kernels/quant.h"
-#include "kernels/util.h"
+#include "tests/bench.h"
 
 enum { REPS = 12 };
 /* elements per row: TSR_BENCH_COLS (default 2048; a multiple of 32) */
@@ -53,7 +53,7 @@ static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stri
 {
     double t[REPS];
     for (int rep = 0; rep < REPS; ++rep) {
-        const double t0 = tsr_now_s();
+        const double t0 = tsr_bench_now_s();
         if (threads == 1) {
             tsr_vec_dot_rows(type, N_COLS, rows, w, stride, x, y);
         } else {
@@ -66,7 +66,7 @@ static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stri
             run_job(&jobs[0]);
             pthread_join(th, NULL);
         }
-        t[rep] = tsr_now_s() - t0;
+        t[rep] = tsr_bench_now_s() - t0;
     }
     for (int i = 1; i < REPS; ++i) { /* insertion sort, tiny */
         const double v = t[i];
@@ -130,15 +130,15 @@ static void bench_tiles(void)
             if (!selected("TSR_BENCH_ISAS", isas[k]) || !tsr_quant_set_isa(isas[k])) continue;
             double best_tile = 1e30, best_rows = 1e30;
             for (int rep = 0; rep < REPS; ++rep) {
-                double t0 = tsr_now_s();
+                double t0 = tsr_bench_now_s();
                 tsr_vec_dot_tile(type, N_COLS, rows, w, rb, N_TOK, x, xb, y, (size_t)rows);
-                const double dt = tsr_now_s() - t0;
+                const double dt = tsr_bench_now_s() - t0;
                 if (dt < best_tile) best_tile = dt;
-                t0 = tsr_now_s();
+                t0 = tsr_bench_now_s();
                 for (int t = 0; t < N_TOK; ++t)
                     tsr_vec_dot_rows(type, N_COLS, rows, w, rb, x + (size_t)t * xb,
                                      y + (size_t)t * rows);
-                const double dr = tsr_now_s() - t0;
+                const double dr = tsr_bench_now_s() - t0;
                 if (dr < best_rows) best_rows = dr;
                 if (k == 2) break; /* scalar: one pass is plenty */
             }

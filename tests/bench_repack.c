@@ -23,7 +23,7 @@
 
 #include "kernels/quant.h"
 #include "kernels/repack.h"
-#include "kernels/util.h"
+#include "tests/bench.h"
 
 enum { N_COLS = 2048, REPS = 9, N_TOK = 128 };
 
@@ -60,8 +60,8 @@ static void run(const job *j)
         tsr_repack_dot(j->type, N_COLS, j->w, j->r0, j->nr, j->n_tok, j->x, j->xs, j->y + j->r0,
                        j->ys);
     } else if (j->n_tok == 1) {
-        tsr_vec_dot_rows(j->type, N_COLS, j->nr, j->w + (size_t)j->r0 * j->stride, j->stride,
-                         j->x, j->y + j->r0);
+        tsr_vec_dot_rows(j->type, N_COLS, j->nr, j->w + (size_t)j->r0 * j->stride, j->stride, j->x,
+                         j->y + j->r0);
     } else {
         tsr_vec_dot_tile(j->type, N_COLS, j->nr, j->w + (size_t)j->r0 * j->stride, j->stride,
                          j->n_tok, j->x, j->xs, j->y + j->r0, j->ys);
@@ -74,18 +74,12 @@ static void *run_thread(void *arg)
     return NULL;
 }
 
-static int cmp_d(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Median seconds of one pass over rows [0, rows) with `threads` threads (halves). */
 static double time_pass(job base, int64_t rows, int threads)
 {
     double t[REPS];
     for (int rep = 0; rep < REPS; ++rep) {
-        const double t0 = tsr_now_s();
+        const double t0 = tsr_bench_now_s();
         if (threads == 1) {
             base.r0 = 0;
             base.nr = rows;
@@ -102,10 +96,9 @@ static double time_pass(job base, int64_t rows, int threads)
             run(&a);
             pthread_join(th, NULL);
         }
-        t[rep] = tsr_now_s() - t0;
+        t[rep] = tsr_bench_now_s() - t0;
     }
-    qsort(t, REPS, sizeof t[0], cmp_d);
-    return t[REPS / 2];
+    return tsr_bench_median(t, REPS);
 }
 
 int main(void)
@@ -160,8 +153,8 @@ int main(void)
             jr.n_tok = jp.n_tok = N_TOK;
             jr.ys = jp.ys = (size_t)pr;
             const double tt = dots / time_pass(jr, pr, 1), tp = dots / time_pass(jp, pr, 1);
-            printf("%-5s %-10s %9.1f %9.1f %9.1f %9.1f %9.2f %9.2f\n", tsr_type_name(type),
-                   isas[k], r1, p1, r2, p2, tt, tp);
+            printf("%-5s %-10s %9.1f %9.1f %9.1f %9.1f %9.2f %9.2f\n", tsr_type_name(type), isas[k],
+                   r1, p1, r2, p2, tt, tp);
             fflush(stdout);
             if (!isa_env) break; /* the best ISA only, unless asked */
         }

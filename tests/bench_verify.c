@@ -12,7 +12,7 @@
 #include "kernels/ops.h"
 #include "kernels/pool.h"
 #include "kernels/quant.h"
-#include "kernels/util.h"
+#include "tests/bench.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,12 +20,6 @@
 #include <time.h>
 
 enum { N_EMBD = 2048, N_FF = 8192, N_KV = 512, MAX_TOK = 8, REPS = 7 };
-
-static int cmp_d(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static uint64_t g_s = 88172645463325252ULL;
 static float rnd(void)
@@ -92,7 +86,7 @@ int main(int argc, char **argv)
             for (int nt = 1; nt <= 5; ++nt) {
                 double best = 1e30;
                 for (int rep = 0; rep < REPS; ++rep) {
-                    const double t0 = tsr_now_s();
+                    const double t0 = tsr_bench_now_s();
                     for (int l = 0; l < n_l; ++l) {
                         const tsr_weight *g = &lw[l][4];
                         if (mode == 0)
@@ -103,7 +97,7 @@ int main(int argc, char **argv)
                             tsr_vec_dot_tile(TSR_TYPE_Q8_0, N_EMBD, g->n_out, g->data, g->row_bytes,
                                              nt, xq, xb, y[0], g->n_out);
                     }
-                    const double dt = tsr_now_s() - t0;
+                    const double dt = tsr_bench_now_s() - t0;
                     if (dt < best) best = dt;
                 }
                 printf("stream %s nt %d: %.2f ms\n", mode ? "tile" : "rows", nt, best * 1e3);
@@ -115,7 +109,7 @@ int main(int argc, char **argv)
         if (only && atoi(only) != nt) continue;
         double ts[REPS];
         for (int rep = 0; rep < REPS; ++rep) {
-            const double t0 = tsr_now_s();
+            const double t0 = tsr_bench_now_s();
             for (int l = 0; l < n_l; ++l) {
                 const tsr_weight *qkv[3] = {&lw[l][0], &lw[l][1], &lw[l][2]};
                 tsr_matmul_multi(pool, qkv, y, 3, x, nt, scratch);
@@ -124,10 +118,9 @@ int main(int argc, char **argv)
                 tsr_matmul_multi(pool, gu, y, 2, x, nt, scratch);
                 tsr_matmul(pool, &lw[l][6], x, nt, y[0], scratch);
             }
-            ts[rep] = tsr_now_s() - t0;
+            ts[rep] = tsr_bench_now_s() - t0;
         }
-        qsort(ts, REPS, sizeof ts[0], cmp_d);
-        const double t = ts[REPS / 2];
+        const double t = tsr_bench_median(ts, REPS);
         if (nt == 1 || t1 == 0) t1 = t;
         printf("%6d %10.2f %8.2f %8.2f\n", nt, t * 1e3, (double)n_bytes / t * 1e-9, t / t1);
         fflush(stdout);
@@ -144,7 +137,7 @@ int main(int argc, char **argv)
         for (int nt = 1; nt <= MAX_TOK; ++nt) {
             double ts[REPS];
             for (int rep = 0; rep < REPS; ++rep) {
-                const double t0 = tsr_now_s();
+                const double t0 = tsr_bench_now_s();
                 for (int it = 0; it < 20; ++it) {
                     if (nt == 1)
                         tsr_vec_dot_rows(TSR_TYPE_Q8_0, N_EMBD, 512, h.data, h.row_bytes, xq, y[0]);
@@ -152,10 +145,10 @@ int main(int argc, char **argv)
                         tsr_vec_dot_tile(TSR_TYPE_Q8_0, N_EMBD, 512, h.data, h.row_bytes, nt, xq,
                                          xb, y[0], 512);
                 }
-                ts[rep] = tsr_now_s() - t0;
+                ts[rep] = tsr_bench_now_s() - t0;
             }
-            qsort(ts, REPS, sizeof ts[0], cmp_d);
-            printf("%6d %8.2f\n", nt, 20.0 * 512 * (N_EMBD / 32) * nt / ts[REPS / 2] * 1e-9);
+            printf("%6d %8.2f\n", nt,
+                   20.0 * 512 * (N_EMBD / 32) * nt / tsr_bench_median(ts, REPS) * 1e-9);
         }
     }
     tsr_pool_free(pool);

@@ -1,0 +1,31 @@
+/* bench.h — what the kernel micro-benchmarks (tests/bench_*.c, tests/bench.cmake) share: one
+ * clock in seconds and the median of a run's repetitions. Header-only (static inline): the
+ * benchmarks link tessera_core alone, and the library has no use for either. */
+#ifndef TSR_TESTS_BENCH_H
+#define TSR_TESTS_BENCH_H
+
+#include <stdlib.h>
+
+#include "kernels/util.h"
+
+/* CLOCK_MONOTONIC in seconds (tsr_now_ns), for timing prints. */
+static inline double tsr_bench_now_s(void)
+{
+    return 1e-9 * (double)tsr_now_ns();
+}
+
+static inline int tsr_bench_cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The median of v[0..n-1] (v[n / 2] after sorting: the upper one for even n). Sorts v in
+ * place. */
+static inline double tsr_bench_median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, tsr_bench_cmp_double);
+    return v[n / 2];
+}
+
+#endif
