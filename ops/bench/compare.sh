@@ -125,6 +125,11 @@ python3 - "$OUT" "$MODELS" "$THREADS" "$REPS" "$GEN" <<'EOF'
 import glob, json, os, statistics, sys
 out, models, threads, reps, gen = sys.argv[1], [os.path.basename(m)[:-5] if m.endswith(".gguf") else m for m in sys.argv[2].split(",")], sys.argv[3].split(","), int(sys.argv[4]), int(sys.argv[5])
 med = statistics.median
+def llama_rates(prefix, m, t):
+    """llama-bench's pp and tg tokens/s of every repetition, from its JSONL files."""
+    lj = [json.loads(l) for f in sorted(glob.glob(f"{out}/{prefix}.{m}.{t}.*.jsonl")) for l in open(f) if l.strip()]
+    return ([x["avg_ts"] for x in lj if x["n_prompt"] > 0 and x["n_gen"] == 0],
+            [x["avg_ts"] for x in lj if x["n_gen"] > 0 and x["n_prompt"] == 0])
 print()
 print(f"medians of {reps} interleaved runs; prefill pp128, decode tg{gen}; tok/s")
 hdr = f"{'model':<11} {'thr':>3} {'test':<7} {'tessera':>9} {'llama.cpp':>9} {'ratio':>6}  {'GB/s':>5} {'roofline':>8} {'tsr roof':>8} {'llama roof':>10}"
@@ -133,9 +138,7 @@ print("-" * len(hdr))
 for m in models:
     for t in threads:
         tj = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/tsr.{m}.{t}.*.json"))]
-        lj = [json.loads(l) for f in sorted(glob.glob(f"{out}/llama.{m}.{t}.*.jsonl")) for l in open(f) if l.strip()]
-        pp_l = [x["avg_ts"] for x in lj if x["n_prompt"] > 0 and x["n_gen"] == 0]
-        tg_l = [x["avg_ts"] for x in lj if x["n_gen"] > 0 and x["n_prompt"] == 0]
+        pp_l, tg_l = llama_rates("llama", m, t)
         pp_t = [x["prefill_tokens_per_s"] for x in tj]
         tg_t = [x["decode_tokens_per_s"] for x in tj]
         bw = med([x["mem_bw_gb_s"] for x in tj])
@@ -151,10 +154,9 @@ for m in models:
             tg_n = med([x["decode_tokens_per_s"] for x in nj])
             print(f"{m[:11]:<11} {t:>3} {'pp128/nr':<8}{pp_n:>9.1f} {med(pp_l):>9.1f} {pp_n / med(pp_l):>6.2f}")
             print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen)+'/nr':<8}{tg_n:>9.2f} {med(tg_l):>9.2f} {tg_n / med(tg_l):>6.2f}  {'':>5} {'':>8} {100*tg_n/roof:>7.1f}%")
-        rj = [json.loads(l) for f in sorted(glob.glob(f"{out}/llamar0.{m}.{t}.*.jsonl")) for l in open(f) if l.strip()]
-        if rj:
-            pp_r = med([x["avg_ts"] for x in rj if x["n_prompt"] > 0 and x["n_gen"] == 0])
-            tg_r = med([x["avg_ts"] for x in rj if x["n_gen"] > 0 and x["n_prompt"] == 0])
+        pp_r, tg_r = llama_rates("llamar0", m, t)
+        if pp_r:
+            pp_r, tg_r = med(pp_r), med(tg_r)
             print(f"{m[:11]:<11} {t:>3} {'pp128/l0':<8}{med(pp_t):>9.1f} {pp_r:>9.1f} {med(pp_t) / pp_r:>6.2f}")
             print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen)+'/l0':<8}{med(tg_t):>9.2f} {tg_r:>9.2f} {med(tg_t) / tg_r:>6.2f}  {'':>5} {'':>8} {'':>8} {100*tg_r/roof:>9.1f}%")
 print()
