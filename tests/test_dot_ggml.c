@@ -2,7 +2,7 @@
  * test_dot_ggml.c — kernels/dot_ggml: the ggml-exact primitives.
  *
  * - Q4_1 x Q8_1 and Q8_0 x Q8_0 dots: every ISA path (scalar, AVX2, AVX-512 VNNI), rows
- *   and tiles (1..13 tokens) give the same bits, and those bits are the order this test
+ *   and tiles (1..13 tokens) give the same bits, Q8_0 blocks of all -128 and 127 included, and those bits are the order this test
  *   spells out independently from ggml's x86 source (ggml_vec_dot_*: 8 int lanes of 4
  *   products per block, one FMA per block into one 8-lane accumulator, hsum_float_8,
  *   Q4_1's min term as an FMA chain added last).
@@ -89,6 +89,14 @@ static void check_dots(uint32_t type)
         for (int i = 0; i < N; ++i) row[i] = tsr_test_frand(&rng) * (float)(1 + 5 * t);
         if (t == 2) memset(row, 0, sizeof(float) * 64); /* all-zero blocks: d = 0 */
         tsr_quant_act_row(vt, row, x + (size_t)t * xb, N);
+    }
+    if (type == TSR_TYPE_Q8_0) {
+        /* the dots' ends: block 1 of rows 5 and 6 all -128 (a file may hold it, the quantizer
+         * never writes it) and all 127, of token 4 all -127 (the activation quantizer's end):
+         * 4-sums of 65024 and -64516, the largest the VNNI tiles' float conversion sees */
+        memset(w + 5 * rb + 34 + 2, 0x80, 32);
+        memset(w + 6 * rb + 34 + 2, 0x7f, 32);
+        memset(x + 4 * xb + 34 + 2, 0x81, 32);
     }
     for (int t = 0; t < TOK; ++t)
         for (int r = 0; r < ROWS; ++r)
