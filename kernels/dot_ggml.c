@@ -544,11 +544,11 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
                         if ((MODE) == 1) _mm512_store_si512(wab + (size_t)p * nb + b, wa);         \
                     }                                                                              \
                     _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[p][t] =              \
-                        _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(dd[p][t][j])),             \
-                                        _mm512_sub_ps(_mm512_castsi512_ps(                         \
-                                                          _mm512_dpbusd_epi32(wa, xq[t], wq)),     \
-                                                      kmf),                                        \
-                                        acc[p][t]);                                                \
+                        _mm512_fmadd_ps(                                                           \
+                            _mm512_castpd_ps(_mm512_set1_pd(dd[p][t][j])),                         \
+                            _mm512_sub_ps(_mm512_castsi512_ps(_mm512_dpbusd_epi32(wa, xq[t], wq)), \
+                                          kmf),                                                    \
+                            acc[p][t]);                                                            \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
