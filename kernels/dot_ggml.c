@@ -490,9 +490,9 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
  * tile (MODE 1) saves them to dwb ([2][2 GG_NBP(nb)] floats, row pairs interleaved) and wab
  * ([2][nb] zmm), the later ones (MODE 2) load them; MODE 0: one tile, nothing saved. */
 #define GG_TILEV_Q80(NAME, T, MODE, ATTR, PAIR_D16)                                                \
-    ATTR static void NAME(int64_t nb, const uint8_t *const *wr, const __m512i *const *xd,          \
-                          float *dwb, __m512i *wab, const float *const *dx2, float *y, size_t ys,  \
-                          int nr, const uint8_t *pf)                                               \
+    ATTR static void NAME(int64_t nb, const uint8_t *const *wr, const __m512i *xd, size_t xn,      \
+                          float *dwb, __m512i *wab, const float *dx2, float *y, size_t ys, int nr, \
+                          const uint8_t *pf)                                                       \
     {                                                                                              \
         __m512 acc[2][T];                                                                          \
         _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                        \
@@ -519,14 +519,15 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
                         _mm512_storeu_ps(dwb + (size_t)p * 2 * GG_NBP(nb) + 2 * b0, sw_);          \
                 }                                                                                  \
                 _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) _mm512_store_ps(             \
-                    (float *)dd[p][t], _mm512_mul_ps(sw_, _mm512_loadu_ps(dx2[t] + 2 * b0)));      \
+                    (float *)dd[p][t],                                                             \
+                    _mm512_mul_ps(sw_, _mm512_loadu_ps(dx2 + ((size_t)b0 / 8 * xn + t) * 16)));    \
             }                                                                                      \
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
                 GG_TILE_PREFETCH_H(gg_q8_0, _MM_HINT_T1)                                           \
                 __m512i xq[T];                                                                     \
                 _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) xq[t] =                      \
-                    _mm512_load_si512(xd[t] + b);                                                  \
+                    _mm512_load_si512(xd + (size_t)b * xn + t);                                    \
                 _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                \
                 {                                                                                  \
                     const __m512i wq = _mm512_permutex2var_epi32(                                  \
@@ -766,9 +767,8 @@ typedef void (*gg_tile80_fn)(int64_t, const uint8_t *const *, const uint8_t *con
 typedef void (*gg_tile41_fn)(int64_t, const uint8_t *const *, const uint8_t *const *, const float *,
                              const float *const *, const float *, const float *, float *, size_t,
                              int, const uint8_t *);
-typedef void (*gg_tilev80_fn)(int64_t, const uint8_t *const *, const __m512i *const *, float *,
-                              __m512i *, const float *const *, float *, size_t, int,
-                              const uint8_t *);
+typedef void (*gg_tilev80_fn)(int64_t, const uint8_t *const *, const __m512i *, size_t, float *,
+                              __m512i *, const float *, float *, size_t, int, const uint8_t *);
 /* [VBMI][0]: a group's only tile, [1]: the first of several (saves the rows' scales and dot
  * starts it forms), [2]: the later ones (read them back) */
 static const gg_tilev80_fn k_tile80_vnni[2][3][GG_TV_MAX] = {
@@ -896,7 +896,7 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
     const size_t nbp = GG_NBP(nb);
     const bool share = n_tok >= GG_SAVE_MIN_TOK;
     const int vbmi = gg_vbmi_ok();
-    /* xd [n_tok][nb] zmm, then wab [2][nb] zmm (shared tiles only) */
+    /* xd [nb][n_tok] zmm, then wab [2][nb] zmm (shared tiles only) */
     const size_t n_z = (size_t)n_tok * nb + (share ? 2 * (size_t)nb : 0);
     __m512i *xd = aligned_alloc(64, sizeof(__m512i) * n_z);
     float *dx2 = calloc(2 * nbp * ((size_t)n_tok + 2), sizeof(float)); /* + dwb [2][2 nbp] */
@@ -913,8 +913,9 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
         for (int64_t b = 0; b < nb; ++b) {
             const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xt[b].qs),
                                                _mm256_set1_epi8(-128));
-            xd[(size_t)t * nb + b] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(q));
-            dx2[2 * ((size_t)t * nbp + b)] = dx2[2 * ((size_t)t * nbp + b) + 1] = gg_h2f(xt[b].d);
+            xd[(size_t)b * n_tok + t] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(q));
+            float *d2 = dx2 + ((size_t)b / 8 * n_tok + t) * 16 + 2 * (b % 8);
+            d2[0] = d2[1] = gg_h2f(xt[b].d);
         }
     }
     const int n_tt = (n_tok + GG_TV_MAX - 1) / GG_TV_MAX;
@@ -929,16 +930,11 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
         for (int32_t t0 = 0, k = 0; t0 < n_tok; ++k) {
             /* tile k of n_tt: the first (n_tok % n_tt) tiles one token wider */
             const int tn = n_tok / n_tt + (k < n_tok % n_tt ? 1 : 0);
-            const __m512i *xr[GG_TV_MAX];
-            const float *dxr[GG_TV_MAX];
-            for (int t = 0; t < tn; ++t) {
-                xr[t] = xd + (size_t)(t0 + t) * nb;
-                dxr[t] = dx2 + 2 * (size_t)(t0 + t) * nbp;
-            }
             /* several tiles: the first saves the rows' scales and dot starts */
             k_tile80_vnni[vbmi][!share   ? 0
                                 : k == 0 ? 1
-                                         : 2][tn - 1](nb, wr, xr, dwb, wab, dxr,
+                                         : 2][tn - 1](nb, wr, xd + t0, (size_t)n_tok, dwb, wab,
+                                                      dx2 + (size_t)t0 * 16,
                                                       y + (size_t)t0 * ys + r0, ys, nr, pf);
             pf = NULL;
             t0 += tn;
