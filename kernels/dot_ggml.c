@@ -463,17 +463,23 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
 
 /* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
  * above, in 512-bit registers: a zmm holds two rows' 8-lane chains for one token, interleaved
- * (lane 2i: row 2p's lane i, lane 2i+1: row 2p+1's), so one vpdpbusd, vcvtdq2ps and FMA serve
- * two pairs. Intel cores with two 512-bit FMA ports (this host: Sapphire Rapids class) issue
+ * (lane 2i: row 2p's lane i, lane 2i+1: row 2p+1's), so one vpdpbusd, float conversion and
+ * FMA serve two pairs. Intel cores with two 512-bit FMA ports (this host: Sapphire Rapids class) issue
  * the three at two per cycle in either width, so the 512-bit form does twice the lanes per
  * instruction (1 thread, microbenchmark: vpdpbusd + vcvtdq2ps + FMA 2.6 per ns in ymm, 2.3 per
  * ns in zmm = 4.7 ymm-equivalents). The operands:
- *  - xd[t][b]: the token's 32 quants + 128 (unsigned), each 4-byte group twice (64 bytes),
- *    formed once per call (gg_tile_q80_vnni), so no per-block xor or shuffle for tokens;
+ *  - xd[b * xn + t]: token t's block b, its 32 quants + 128 (unsigned), each 4-byte group
+ *    twice (64 bytes), formed once per call (gg_tile_q80_vnni), so no per-block xor or
+ *    shuffle for tokens; token-interleaved, so the tile reads every token from one base (one
+ *    pointer per token kept GCC spilling them to xmm registers);
  *  - W: rows 2p and 2p+1 of block b interleaved by 4-byte groups, one vpermt2d per row pair;
  *  - the dot start GG_MAGIC_I - 128 x the weights' 4-sums (sum((x + 128) w) - 128 sum(w) =
  *    sum(x w), exact for every byte value), one vpdpbusd + vpsubd per row pair and block; the
- *    dots leave it as floats by one vsubps (GG_MAGIC_I above), not vcvtdq2ps;
+ *    dots leave it as floats by one vsubps (GG_MAGIC_I above), not vcvtdq2ps: with port 0
+ *    taking every vpdpbusd, the three ops per vpdpbusd spread over ports 0 and 5 (1.5 cycles,
+ *    the bound of this order; the loop now issues 1.56). bench_verify, 1 thread, from cache,
+ *    three interleaved runs, block dots per ns: 5 tokens 2.03-2.21 -> 2.24-2.39, 8 tokens
+ *    2.29-2.47 -> 2.38-2.56;
  *  - the pairs' scales fp16(d_w) * fp16(d_x) (the same single rounding), 8 blocks at a time as
  *    {row 2p, row 2p+1} float pairs, each FMA taking its pair as a 64-bit broadcast load.
  * The rows' scales come from the weights chunk by chunk (gg_pair_d16); the next group is
