@@ -464,8 +464,8 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
 /* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
  * above, in 512-bit registers: a zmm holds two rows' 8-lane chains for one token, interleaved
  * (lane 2i: row 2p's lane i, lane 2i+1: row 2p+1's), so one vpdpbusd, float conversion and
- * FMA serve two pairs. Intel cores with two 512-bit FMA ports (this host: Sapphire Rapids class) issue
- * the three at two per cycle in either width, so the 512-bit form does twice the lanes per
+ * FMA serve two pairs. Intel cores with two 512-bit FMA ports (this host: Sapphire Rapids class)
+ * issue the three at two per cycle in either width, so the 512-bit form does twice the lanes per
  * instruction (1 thread, microbenchmark: vpdpbusd + vcvtdq2ps + FMA 2.6 per ns in ymm, 2.3 per
  * ns in zmm = 4.7 ymm-equivalents). The operands:
  *  - xd[b * xn + t]: token t's block b, its 32 quants + 128 (unsigned), each 4-byte group
