@@ -453,14 +453,6 @@ GG_VNNI GG_INLINE __m128i gg_row_h8(const gg_q8_0 *w, int m)
 GG_PAIR_D16(gg_pair_d16, GG_VNNI, 0)
 GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
 
-/* The int32 -> float conversion of the tile's block dots without vcvtdq2ps (port 0 only on
- * Intel, where vpdpbusd also runs): the dot starts carry GG_MAGIC_I, the bits of 1.5 x 2^23,
- * so vpdpbusd leaves the bits of the float 1.5 x 2^23 + dot (|dot| <= 4 x 128 x 128 < 2^22:
- * the sum lands in [2^23, 2^24), where floats are the integers), and one vsubps (port 0 or 5)
- * of GG_MAGIC_F gives the dot exactly, the value vcvtdq2ps gives. */
-#define GG_MAGIC_I 0x4B400000
-#define GG_MAGIC_F 12582912.0f
-
 /* The Q8_0 tile with VNNI, 4 rows x T tokens (T = 1..GG_TV_MAX), each pair in ggml's order as
  * above, in 512-bit registers: a zmm holds two rows' 8-lane chains for one token, interleaved
  * (lane 2i: row 2p's lane i, lane 2i+1: row 2p+1's), so one vpdpbusd, float conversion and
@@ -473,13 +465,13 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
  *    shuffle for tokens; token-interleaved, so the tile reads every token from one base (one
  *    pointer per token kept GCC spilling them to xmm registers);
  *  - W: rows 2p and 2p+1 of block b interleaved by 4-byte groups, one vpermt2d per row pair;
- *  - the dot start GG_MAGIC_I - 128 x the weights' 4-sums (sum((x + 128) w) - 128 sum(w) =
- *    sum(x w), exact for every byte value), one vpdpbusd + vpsubd per row pair and block; the
- *    dots leave it as floats by one vsubps (GG_MAGIC_I above), not vcvtdq2ps: with port 0
- *    taking every vpdpbusd, the three ops per vpdpbusd spread over ports 0 and 5 (1.5 cycles,
- *    the bound of this order; the loop now issues 1.56). bench_verify, 1 thread, from cache,
- *    three interleaved runs, block dots per ns: 5 tokens 2.03-2.21 -> 2.24-2.39, 8 tokens
- *    2.29-2.47 -> 2.38-2.56;
+ *  - the dot start TSR_I2F_MAGIC_I - 128 x the weights' 4-sums (sum((x + 128) w) -
+ *    128 sum(w) = sum(x w), exact for every byte value), one vpdpbusd + vpsubd per row pair
+ *    and block; the dots leave it as floats by one vsubps (kernels/x86hsum.h; |dot| <=
+ *    4 x 128 x 128 < 2^22), not vcvtdq2ps: with port 0 taking every vpdpbusd, the three ops
+ *    per vpdpbusd spread over ports 0 and 5 (1.5 cycles, the bound of this order; the loop
+ *    now issues 1.56). bench_verify, 1 thread, from cache, three interleaved runs, block
+ *    dots per ns: 5 tokens 2.03-2.21 -> 2.24-2.39, 8 tokens 2.29-2.47 -> 2.38-2.56;
  *  - the pairs' scales fp16(d_w) * fp16(d_x) (the same single rounding), 8 blocks at a time as
  *    {row 2p, row 2p+1} float pairs, each FMA taking its pair as a 64-bit broadcast load.
  * The rows' scales come from the weights chunk by chunk (gg_pair_d16); the next group is
@@ -508,8 +500,8 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
                                (const gg_q8_0 *)wr[2], (const gg_q8_0 *)wr[3]};                    \
         double dd[2][T][8] __attribute__((aligned(64))); /* float pairs {row 2p, row 2p + 1} */    \
         const __m512i k80 = _mm512_set1_epi8(-128);                                                \
-        const __m512i kmi = _mm512_set1_epi32(GG_MAGIC_I);                                         \
-        const __m512 kmf = _mm512_set1_ps(GG_MAGIC_F);                                             \
+        const __m512i kmi = _mm512_set1_epi32(TSR_I2F_MAGIC_I);                                    \
+        const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);                                        \
         const __m512i il =                                                                         \
             _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);              \
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \

@@ -92,6 +92,7 @@ static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, con
 #define QG_INLINE static inline __attribute__((always_inline))
 
 #include "kernels/x86kquant.h"
+#include "kernels/x86hsum.h"
 
 /* [sum(a), sum(b), sum(c), sum(d)] of four vectors of 8 int32 lanes (exact). */
 QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
@@ -292,7 +293,7 @@ QG_Z512 QG_INLINE void qz_tok_r(const int R, const int T, const qz_sblk *const s
             __m512i si[2][QZ_TOK];
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) si[r][t] =
-                    _mm512_setzero_si512();
+                    _mm512_set1_epi32(TSR_I2F_MAGIC_I); /* x86hsum.h; |S| <= 61440 */
             _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
             {
                 __m512i w[2];
@@ -307,7 +308,8 @@ QG_Z512 QG_INLINE void qz_tok_r(const int R, const int T, const qz_sblk *const s
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
                 _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
             {
-                const __m512 f = _mm512_cvtepi32_ps(si[r][t]);
+                const __m512 f =
+                    _mm512_sub_ps(_mm512_castsi512_ps(si[r][t]), _mm512_set1_ps(TSR_I2F_MAGIC_F));
                 fi[r][t] = h == 0 ? _mm512_mul_ps(f, s[r]->sc[g])
                                   : _mm512_fmadd_ps(f, s[r]->sc[g], fi[r][t]);
             }
@@ -319,9 +321,13 @@ QG_Z512 QG_INLINE void qz_tok_r(const int R, const int T, const qz_sblk *const s
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
             {
                 acc[t][r][0] = _mm512_fmadd_ps(fi[r][t], _mm512_mul_ps(s[r]->d, dy), acc[t][r][0]);
-                const __m512i m = _mm512_madd_epi16(s[r]->mp[sb], bpt);
-                acc[t][r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(s[r]->dmin, dy),
-                                               acc[t][r][1]);
+                /* M by vpdpwssd from the magic start (|M| <= 2 * 63 * 4096 < 2^22): one port-0
+                 * op where vpmaddwd + vcvtdq2ps were two */
+                const __m512i m =
+                    _mm512_dpwssd_epi32(_mm512_set1_epi32(TSR_I2F_MAGIC_I), s[r]->mp[sb], bpt);
+                acc[t][r][1] = _mm512_fmadd_ps(
+                    _mm512_sub_ps(_mm512_castsi512_ps(m), _mm512_set1_ps(TSR_I2F_MAGIC_F)),
+                    _mm512_mul_ps(s[r]->dmin, dy), acc[t][r][1]);
             }
         }
     }

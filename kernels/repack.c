@@ -501,9 +501,9 @@ DEF_GEMV(gemv_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, 4, Q5_IDOT_VNNI
  * floats 1.5*2^23 + dot, exact for |dot| < 2^22 (ours < 2^17), and subtracting 1.5*2^23
  * gives float(dot) on the FP add pipes; Q8_0 feeds y+128 (unsigned) and starts each dot at
  * MAGIC - 128*sum(w) per lane (quant.c's tile trick: no per-pair sign op). */
-#define RP_MAGIC         0x4B400000
+#define RP_MAGIC         TSR_I2F_MAGIC_I /* kernels/x86hsum.h */
 #define RP_CVT_AVX2(i)   _mm256_cvtepi32_ps(i)
-#define RP_CVT_MAGIC(i)  _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(12582912.0f))
+#define RP_CVT_MAGIC(i)  _mm256_sub_ps(_mm256_castsi256_ps(i), _mm256_set1_ps(TSR_I2F_MAGIC_F))
 #define RP_Y(yv, xb)     yv = XQ(xb)
 #define RP_Y1(yv, xb)    yv = _mm256_loadu_si256((const __m256i *)((xb) + 4)) /* Q8_1 */
 #define RP_Y_X80(yv, xb) yv = _mm256_xor_si256(XQ(xb), _mm256_set1_epi8((char)0x80))

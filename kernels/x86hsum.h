@@ -1,6 +1,6 @@
-/* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses, and the
+/* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses, the
  * integer sum of a Q8_0 block's 32 quants (the Q4_0 / Q8_1 activation facts of quant.c,
- * repack.c and q40_gemm.c).
+ * repack.c and q40_gemm.c), and the int32 -> float conversion of the VNNI kernels' dots.
  *
  * Its order is part of the numerics: it is ggml's hsum_float_8, ((v0+v4)+(v2+v6)) +
  * ((v1+v5)+(v3+v7)), which the ggml-exact dots (kernels/dot_ggml.c, kernels/quant.c), the
@@ -11,6 +11,14 @@
 #define TSR_X86HSUM_H
 
 #include <stdint.h>
+
+/* int32 -> float without vcvtdq2ps, which Intel cores run on port 0 only, the port of every
+ * vpdpbusd: a dot whose int32 accumulator starts at TSR_I2F_MAGIC_I (the bits of 1.5 x 2^23)
+ * ends as the bits of the float 1.5 x 2^23 + dot when |dot| < 2^22 (floats in [2^23, 2^24)
+ * are the integers), and one vsubps of TSR_I2F_MAGIC_F (port 0 or 5) leaves the float dot,
+ * exactly what vcvtdq2ps gives. Every user states its dots' bound next to the use. */
+#define TSR_I2F_MAGIC_I 0x4B400000
+#define TSR_I2F_MAGIC_F 12582912.0f
 
 __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) float
 tsr_hsum8_ps(__m256 v)
