@@ -1526,6 +1526,94 @@ DEF_K6(k6_avx2, RP_AVX2, RP_SACC_AVX2)
 DEF_K6(k6_vnni, RP_VNNI, RP_SACC_VNNI)
 /* clang-format on */
 
+/* Q6_K on AVX-512 VNNI, two rows of a group (r, r + 1) x T tokens: k6_vnni's operations on
+ * both rows at once, row r in the low 256 bits of every zmm and row r + 1 in the high 256
+ * (each token's quants broadcast to both halves). Every integer op is lane-local, so each
+ * half's lanes are k6_vnni's for its row bit for bit, and the float steps (one FMA per
+ * super-block with fp16(d_x) * fp16(d_w), ggml's hsum8 per half) are the same. On Intel the
+ * 512-bit vpmaddubsw / vpdpwssd do twice the lanes of the 256-bit ones at the same issue rate
+ * (bench_q4k_gemm's Q4_K_M model prefill: ffn_down's Q6_K was a fifth of it). */
+#define RP_Z512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+RP_Z512 RP_INLINE __m512i rp_z_pair256(const uint8_t *a, const uint8_t *b)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+RP_Z512 RP_INLINE void k6_z512_mk(const int T, size_t nsb, const uint8_t *grp, int r,
+                                  const uint8_t *x, size_t xs, float *y, size_t ys)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
+    __m512 acc[4];
+    const rp_q8_K *xt[4];
+    for (int t = 0; t < T; ++t) {
+        acc[t] = _mm512_setzero_ps();
+        xt[t] = (const rp_q8_K *)(x + (size_t)t * xs);
+    }
+    __m512i shuf[4];
+    for (int k = 0; k < 4; ++k)
+        shuf[k] = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)tsr_k_shuf_q6_K[k]));
+    for (size_t i = 0; i < nsb; ++i) {
+        const rp_q6_K *wa = RP_K6(grp, i, r), *wb = RP_K6(grp, i, r + 1);
+        const float da = _cvtsh_ss(wa->d), db = _cvtsh_ss(wb->d);
+        const __m512i sc16 = _mm512_inserti64x4(
+            _mm512_castsi256_si512(
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wa->scales))),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales)), 1);
+        __m512i sumi[4];
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+        {
+            const __m512i bs =
+                _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xt[t][i].bsums));
+            sumi[t] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                       _mm512_slli_epi32(_mm512_madd_epi16(sc16, bs), 5));
+        }
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)
+        {
+            /* each half: its row's scales 0-7 (h = 0) or 8-15 in both 128-bit lanes */
+            const __m512i sch =
+                h ? _mm512_shuffle_i64x2(sc16, sc16, 0xF5) : _mm512_shuffle_i64x2(sc16, sc16, 0xA0);
+            const __m512i ql0 = rp_z_pair256(wa->ql + 64 * h, wb->ql + 64 * h);
+            const __m512i ql1 = rp_z_pair256(wa->ql + 64 * h + 32, wb->ql + 64 * h + 32);
+            const __m512i qhv = rp_z_pair256(wa->qh + 32 * h, wb->qh + 32 * h);
+            __m512i q[4];
+            q[0] = _mm512_or_si512(_mm512_and_si512(ql0, m4),
+                                   _mm512_slli_epi16(_mm512_and_si512(qhv, m2), 4));
+            q[1] = _mm512_or_si512(
+                _mm512_and_si512(ql1, m4),
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qhv, 2), m2), 4));
+            q[2] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16(ql0, 4), m4),
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qhv, 4), m2), 4));
+            q[3] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16(ql1, 4), m4),
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qhv, 6), m2), 4));
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k)
+            {
+                const __m512i sk = _mm512_shuffle_epi8(sch, shuf[k]);
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+                {
+                    const __m512i yk = _mm512_broadcast_i64x4(
+                        _mm256_loadu_si256((const __m256i *)(xt[t][i].qs + 128 * h + 32 * k)));
+                    sumi[t] = _mm512_dpwssd_epi32(sumi[t], _mm512_maddubs_epi16(q[k], yk), sk);
+                }
+            }
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+        {
+            const __m512 d2 = _mm512_castpd_ps(
+                _mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(xt[t][i].d * da)),
+                                   _mm256_castps_pd(_mm256_set1_ps(xt[t][i].d * db)), 1));
+            acc[t] = _mm512_fmadd_ps(d2, _mm512_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        y[(size_t)t * ys] = tsr_hsum8_ps(_mm512_castps512_ps256(acc[t]));
+        y[(size_t)t * ys + 1] =
+            tsr_hsum8_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
+    }
+}
+RP_DEF_T_SWITCH(k6_z512, RP_Z512, RP_K_PARAMS, RP_K_ARGS)
+
 /* clang-format off */
 DEF_K4(k4_avx2, RP_AVX2, RP_SACC_AVX2)
 DEF_K4(k4_vnni, RP_VNNI, RP_SACC_VNNI)
@@ -1559,6 +1647,7 @@ static void repack_dot_k_simd(bool vnni, uint32_t type, size_t nsb, size_t gb,
         f = vnni ? k4_vnni : k4_avx2;
         break;
     }
+    const bool z6 = vnni && type == TSR_TYPE_Q6_K;
     size_t tc = RP_ACT_BYTES / (nsb * sizeof(rp_q8_K)) / 4 * 4;
     if (tc < 4) tc = 4;
     const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
@@ -1581,6 +1670,16 @@ static void repack_dot_k_simd(bool vnni, uint32_t type, size_t nsb, size_t gb,
                 continue;
             }
             for (int r = 0; r < TSR_REPACK_ROWS && g * TSR_REPACK_ROWS + r < n_rows; ++r) {
+                if (z6 && r + 1 < TSR_REPACK_ROWS && g * TSR_REPACK_ROWS + r + 1 < n_rows) {
+                    /* Q6_K: two rows a pass (k6_z512) */
+                    for (size_t t = 0; t < tcn; t += 4) {
+                        const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                        k6_z512(T, nsb, grp, r, x + (t0 + t) * xs, xs,
+                                y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)r, ys);
+                    }
+                    ++r;
+                    continue;
+                }
                 for (size_t t = 0; t < tcn; t += 4) {
                     const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
                     f(T, nsb, grp, r, x + (t0 + t) * xs, xs,
