@@ -289,8 +289,10 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
 
 #if TSR_RP_X86
 
-#define RP_AVX2   __attribute__((target("avx2,fma,f16c")))
-#define RP_VNNI   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define RP_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define RP_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+/* the same features; marks the kernels that work in 512-bit registers */
+#define RP_Z512   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define RP_INLINE static inline __attribute__((always_inline))
 #include "kernels/x86hsum.h"
 
@@ -763,6 +765,150 @@ enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024, RP_Q50_STACK_BLOCKS = 2
  * time against 13.1-13.9 without software prefetch (16 KiB: 16.9-17.1; 0.5-4 KiB less). */
 enum { RP_Q50_PF_BYTES = 8192 };
 
+/* Q5_0, several tokens, AVX-512 VNNI: q50_vnni's operations for a group's 4 rows as 2 row
+ * pairs in zmm registers, each pair's two 8-lane chains in alternate lanes (lane 2i: row 2p's
+ * lane i, 2i + 1: row 2p + 1's), as kernels/dot_ggml.c's Q8_0 tile: the pair's quants
+ * interleaved by 4-byte groups (one vpermt2d), each token's quants and -16 x lane sums with
+ * every 4-byte group twice (y2, ny2: made once per call), the scales {d_w(2p) d_y, d_w(2p+1)
+ * d_y} (the same float products) as one 64-bit broadcast per FMA, the lanes leaving vpdpbusd
+ * as floats by TSR_I2F_MAGIC (x86hsum.h; |lane| <= 4 x 16 x 127), and ggml's hsum8 tree for
+ * both rows at the end. Every lane is q50_vnni's integer and FMA chain: bit-identical. */
+RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t *grp, int nr,
+                               const __m512i *y2, const __m512i *ny2, const float *dy2, float *y,
+                               size_t ys)
+{
+    const uint16_t *d16 = (const uint16_t *)grp;
+    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
+    const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
+    __m512 acc[2][4];
+    double dd[2][4][8] __attribute__((aligned(64))); /* float pairs {row 2p, row 2p + 1} */
+    for (int p = 0; p < 2; ++p)
+        for (int t = 0; t < T; ++t) acc[p][t] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; ++b) {
+        if ((b & 7) == 0) {
+            _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)
+            {
+                const __m256 da =
+                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d16 + 2 * p * nbp + b)));
+                const __m256 db = _mm256_cvtph_ps(
+                    _mm_loadu_si128((const __m128i *)(d16 + (2 * p + 1) * nbp + b)));
+                const __m512 sw = _mm512_permutex2var_ps(_mm512_castps256_ps512(da), il,
+                                                         _mm512_castps256_ps512(db));
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) _mm512_store_ps(
+                    (float *)dd[p][t],
+                    _mm512_mul_ps(sw, _mm512_loadu_ps(dy2 + (size_t)t * 2 * nbp + 2 * b)));
+            }
+        }
+        __m512i qu[2];
+        _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p) qu[p] = _mm512_permutex2var_epi32(
+            _mm512_castsi256_si512(q5_bytes_vnni(q + (b * TSR_REPACK_ROWS + 2 * p) * 20)), il,
+            _mm512_castsi256_si512(q5_bytes_vnni(q + (b * TSR_REPACK_ROWS + 2 * p + 1) * 20)));
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+        {
+            const __m512i yt = _mm512_load_si512(y2 + (size_t)t * nb + b);
+            const __m512i nt = _mm512_load_si512(ny2 + (size_t)t * nb + b);
+            _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p) acc[p][t] = _mm512_fmadd_ps(
+                _mm512_castpd_ps(_mm512_set1_pd(dd[p][t][b & 7])),
+                _mm512_sub_ps(_mm512_castsi512_ps(_mm512_dpbusd_epi32(nt, qu[p], yt)), kmf),
+                acc[p][t]);
+        }
+    }
+    /* hsum8's tree for both rows of a pair: lanes i + (i + 4), then (0 + 2), (1 + 3), then
+     * their sum; row 2p in the even lanes, 2p + 1 in the odd */
+    _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+    {
+        const __m256 h4 =
+            _mm256_add_ps(_mm512_castps512_ps256(acc[p][t]),
+                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][t]), 1)));
+        const __m128 h2 = _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));
+        const __m128 h1 = _mm_add_ps(h2, _mm_movehl_ps(h2, h2));
+        float v[4];
+        _mm_storeu_ps(v, h1);
+        if (2 * p < nr) y[(size_t)t * ys + 2 * p] = v[0];
+        if (2 * p + 1 < nr) y[(size_t)t * ys + 2 * p + 1] = v[1];
+    }
+}
+
+RP_Z512 static void q50z(int T, size_t nb, size_t nbp, const uint8_t *grp, int nr,
+                         const __m512i *y2, const __m512i *ny2, const float *dy2, float *y,
+                         size_t ys)
+{
+    switch (T) {
+    case 1:
+        q50z_mk(1, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
+        break;
+    case 2:
+        q50z_mk(2, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
+        break;
+    case 3:
+        q50z_mk(3, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
+        break;
+    default:
+        q50z_mk(4, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
+        break;
+    }
+}
+
+/* The driver of q50z: tokens in chunks whose y2 / ny2 / dy2 (2 x 64 bytes + 8 a block) stay
+ * in L2, the next group prefetched into L2 while one runs. Returns -1 (nothing done) when the
+ * workspace cannot be allocated. */
+RP_Z512 static int repack_dot_q50_z512(size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
+                                       int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
+                                       float *y, size_t ys)
+{
+    size_t tc = RP_ACT_BYTES / (nb * 136) / 4 * 4;
+    if (tc < 4) tc = 4;
+    if (tc > (size_t)n_tok) tc = (size_t)n_tok;
+    const size_t n_z = 2 * tc * nb + (tc * 2 * nbp * sizeof(float) + 63) / 64;
+    __m512i *y2 = aligned_alloc(64, n_z * sizeof(__m512i));
+    if (!y2) return -1;
+    __m512i *ny2 = y2 + tc * nb;
+    float *dy2 = (float *)(ny2 + tc * nb);
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i kmi = _mm512_set1_epi32(TSR_I2F_MAGIC_I);
+    const int64_t n_groups = (n_rows + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
+    for (size_t t0 = 0; t0 < (size_t)n_tok; t0 += tc) {
+        const size_t tcn = (size_t)n_tok - t0 < tc ? (size_t)n_tok - t0 : tc;
+        for (size_t t = 0; t < tcn; ++t) {
+            const uint8_t *xt = x + (t0 + t) * xs;
+            float *d2 = dy2 + t * 2 * nbp;
+            for (size_t b = nb; b < nbp; ++b) d2[2 * b] = d2[2 * b + 1] = 0.0f;
+            for (size_t b = 0; b < nb; ++b) {
+                uint16_t xd;
+                memcpy(&xd, xt + b * RP_XBLK, 2);
+                d2[2 * b] = d2[2 * b + 1] = _cvtsh_ss(xd);
+                const __m256i yv = _mm256_loadu_si256((const __m256i *)(xt + b * RP_XBLK + 2));
+                /* -16 x the 4-element sums of y (q50_act_build's exact ints) */
+                const __m256i s4 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), yv),
+                                                     _mm256_set1_epi16(1));
+                const __m256i ny =
+                    _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s4, 4));
+                y2[t * nb + b] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(yv));
+                ny2[t * nb + b] = _mm512_add_epi32(
+                    _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(ny)), kmi);
+            }
+        }
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const uint8_t *grp = packed + (size_t)g * gb;
+            if (g + 1 < n_groups) {
+                const char *p = (const char *)(grp + gb);
+                for (size_t off = 0; off < gb; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+            }
+            const int64_t left = n_rows - g * TSR_REPACK_ROWS;
+            const int nr = left < TSR_REPACK_ROWS ? (int)left : TSR_REPACK_ROWS;
+            for (size_t t = 0; t < tcn; t += 4) {
+                const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+                q50z(T, nb, nbp, grp, nr, y2 + t * nb, ny2 + t * nb, dy2 + t * 2 * nbp,
+                     y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS, ys);
+            }
+        }
+    }
+    free(y2);
+    return 0;
+}
+
 /* One token: 4 rows per pass (4 chains); several: tokens in chunks whose activations stay in
  * L2, 4 x 4 (AVX-512: 32 registers) or 2 x 4 (AVX2) micro-tiles. The workspace holds the
  * chunk's d_y and -16 * lane sums (36 bytes per token and block); without it, the scalar
@@ -771,6 +917,9 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
                                 int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
                                 float *y, size_t ys)
 {
+    if (vnni && n_tok > 1 &&
+        repack_dot_q50_z512(nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys) == 0)
+        return;
     void (*f)(int, int, size_t, size_t, const uint8_t *, int, int, const uint8_t *, size_t,
               const float *, const __m256i *, float *, size_t, size_t) = vnni ? q50_vnni : q50_avx2;
     const int R = n_tok == 1 || vnni ? 4 : 2;
@@ -1533,7 +1682,6 @@ DEF_K6(k6_vnni, RP_VNNI, RP_SACC_VNNI)
  * super-block with fp16(d_x) * fp16(d_w), ggml's hsum8 per half) are the same. On Intel the
  * 512-bit vpmaddubsw / vpdpwssd do twice the lanes of the 256-bit ones at the same issue rate
  * (bench_q4k_gemm's Q4_K_M model prefill: ffn_down's Q6_K was a fifth of it). */
-#define RP_Z512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 RP_Z512 RP_INLINE __m512i rp_z_pair256(const uint8_t *a, const uint8_t *b)
 {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
