@@ -773,6 +773,7 @@ enum { RP_Q50_PF_BYTES = 8192 };
  * d_y} (the same float products) as one 64-bit broadcast per FMA, the lanes leaving vpdpbusd
  * as floats by TSR_I2F_MAGIC (x86hsum.h; |lane| <= 4 x 16 x 127), and ggml's hsum8 tree for
  * both rows at the end. Every lane is q50_vnni's integer and FMA chain: bit-identical. */
+enum { Q50Z_TOK = 8 }; /* tokens a tile at most: 2 x 8 accumulators */
 RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t *grp, int nr,
                                const __m512i *y2, const __m512i *ny2, const float *dy2, float *y,
                                size_t ys)
@@ -781,8 +782,8 @@ RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t
     const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
     const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
-    __m512 acc[2][4];
-    double dd[2][4][8] __attribute__((aligned(64))); /* float pairs {row 2p, row 2p + 1} */
+    __m512 acc[2][Q50Z_TOK];
+    double dd[2][Q50Z_TOK][8] __attribute__((aligned(64))); /* float pairs {row 2p, 2p + 1} */
     for (int p = 0; p < 2; ++p)
         for (int t = 0; t < T; ++t) acc[p][t] = _mm512_setzero_ps();
     for (size_t b = 0; b < nb; ++b) {
@@ -795,7 +796,7 @@ RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t
                     _mm_loadu_si128((const __m128i *)(d16 + (2 * p + 1) * nbp + b)));
                 const __m512 sw = _mm512_permutex2var_ps(_mm512_castps256_ps512(da), il,
                                                          _mm512_castps256_ps512(db));
-                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) _mm512_store_ps(
+                _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t) _mm512_store_ps(
                     (float *)dd[p][t],
                     _mm512_mul_ps(sw, _mm512_loadu_ps(dy2 + (size_t)t * 2 * nbp + 2 * b)));
             }
@@ -804,7 +805,7 @@ RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t
         _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p) qu[p] = _mm512_permutex2var_epi32(
             _mm512_castsi256_si512(q5_bytes_vnni(q + (b * TSR_REPACK_ROWS + 2 * p) * 20)), il,
             _mm512_castsi256_si512(q5_bytes_vnni(q + (b * TSR_REPACK_ROWS + 2 * p + 1) * 20)));
-        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t)
         {
             const __m512i yt = _mm512_load_si512(y2 + (size_t)t * nb + b);
             const __m512i nt = _mm512_load_si512(ny2 + (size_t)t * nb + b);
@@ -817,7 +818,7 @@ RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t
     /* hsum8's tree for both rows of a pair: lanes i + (i + 4), then (0 + 2), (1 + 3), then
      * their sum; row 2p in the even lanes, 2p + 1 in the odd */
     _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)
-        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t)
     {
         const __m256 h4 =
             _mm256_add_ps(_mm512_castps512_ps256(acc[p][t]),
@@ -835,20 +836,23 @@ RP_Z512 static void q50z(int T, size_t nb, size_t nbp, const uint8_t *grp, int n
                          const __m512i *y2, const __m512i *ny2, const float *dy2, float *y,
                          size_t ys)
 {
+#define Q50Z_CASE(n)                                                                               \
+    case n:                                                                                        \
+        q50z_mk(n, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);                                         \
+        break;
     switch (T) {
-    case 1:
-        q50z_mk(1, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
-        break;
-    case 2:
-        q50z_mk(2, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
-        break;
-    case 3:
-        q50z_mk(3, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
-        break;
+        Q50Z_CASE(1)
+        Q50Z_CASE(2)
+        Q50Z_CASE(3)
+        Q50Z_CASE(4)
+        Q50Z_CASE(5)
+        Q50Z_CASE(6)
+        Q50Z_CASE(7)
     default:
-        q50z_mk(4, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
+        q50z_mk(8, nb, nbp, grp, nr, y2, ny2, dy2, y, ys);
         break;
     }
+#undef Q50Z_CASE
 }
 
 /* The driver of q50z: tokens in chunks whose y2 / ny2 / dy2 (2 x 64 bytes + 8 a block) stay
@@ -898,8 +902,8 @@ RP_Z512 static int repack_dot_q50_z512(size_t nb, size_t nbp, size_t gb, const u
             }
             const int64_t left = n_rows - g * TSR_REPACK_ROWS;
             const int nr = left < TSR_REPACK_ROWS ? (int)left : TSR_REPACK_ROWS;
-            for (size_t t = 0; t < tcn; t += 4) {
-                const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
+            for (size_t t = 0; t < tcn; t += Q50Z_TOK) {
+                const int T = tcn - t < Q50Z_TOK ? (int)(tcn - t) : Q50Z_TOK;
                 q50z(T, nb, nbp, grp, nr, y2 + t * nb, ny2 + t * nb, dy2 + t * 2 * nbp,
                      y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS, ys);
             }
