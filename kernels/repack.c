@@ -820,20 +820,14 @@ RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t
                 acc[p][t]);
         }
     }
-    /* hsum8's tree for both rows of a pair: lanes i + (i + 4), then (0 + 2), (1 + 3), then
-     * their sum; row 2p in the even lanes, 2p + 1 in the odd */
+    /* both rows' hsum8 at once (row 2p in the even lanes, 2p + 1 in the odd) */
     _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)
         _Pragma("GCC unroll 8") for (int t = 0; t < T; ++t)
     {
-        const __m256 h4 =
-            _mm256_add_ps(_mm512_castps512_ps256(acc[p][t]),
-                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][t]), 1)));
-        const __m128 h2 = _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));
-        const __m128 h1 = _mm_add_ps(h2, _mm_movehl_ps(h2, h2));
-        float v[4];
-        _mm_storeu_ps(v, h1);
-        if (2 * p < nr) y[(size_t)t * ys + 2 * p] = v[0];
-        if (2 * p + 1 < nr) y[(size_t)t * ys + 2 * p + 1] = v[1];
+        float v0, v1;
+        tsr_hsum8_pair_ps(acc[p][t], &v0, &v1);
+        if (2 * p < nr) y[(size_t)t * ys + 2 * p] = v0;
+        if (2 * p + 1 < nr) y[(size_t)t * ys + 2 * p + 1] = v1;
     }
 }
 

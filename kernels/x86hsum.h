@@ -1,4 +1,5 @@
-/* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses, the
+/* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses (and its
+ * form for two interleaved chains in a 512-bit register), the
  * integer sum of a Q8_0 block's 32 quants (the Q4_0 / Q8_1 activation facts of quant.c,
  * repack.c and q40_gemm.c), and the int32 -> float conversion of the VNNI kernels' dots.
  *
@@ -27,6 +28,22 @@ tsr_hsum8_ps(__m256 v)
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* tsr_hsum8_ps's tree for two 8-lane chains in one 512-bit register, chain a in the even
+ * lanes and chain b in the odd (the layout of the VNNI Q8_0 / Q5_0 tiles, two rows per
+ * register): lanes i + (i + 4), then (0 + 2), (1 + 3), then their sum, for both at once;
+ * *a and *b are bit for bit tsr_hsum8_ps of each chain alone. */
+__attribute__((target("avx2,fma,f16c,avx512f"))) static inline __attribute__((always_inline)) void
+tsr_hsum8_pair_ps(__m512 v, float *a, float *b)
+{
+    const __m256 h4 =
+        _mm256_add_ps(_mm512_castps512_ps256(v),
+                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 h2 = _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));
+    const __m128 h1 = _mm_add_ps(h2, _mm_movehl_ps(h2, h2));
+    *a = _mm_cvtss_f32(h1);
+    *b = _mm_cvtss_f32(_mm_shuffle_ps(h1, h1, 1));
 }
 
 /* Sum of the 32 signed bytes at q (exact): the bytes ^ 0x80 summed as unsigned by vpsadbw,
