@@ -1,7 +1,7 @@
 /* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses (and its
- * form for two interleaved chains in a 512-bit register), the
- * integer sum of a Q8_0 block's 32 quants (the Q4_0 / Q8_1 activation facts of quant.c,
- * repack.c and q40_gemm.c), and the int32 -> float conversion of the VNNI kernels' dots.
+ * form for two interleaved chains in a 512-bit register), the integer sum of a Q8_0 block's
+ * 32 quants (the Q4_0 / Q8_1 activation facts of quant.c, repack.c and q40_gemm.c), and the
+ * int32 -> float conversion of the VNNI kernels' dots.
  *
  * Its order is part of the numerics: it is ggml's hsum_float_8, ((v0+v4)+(v2+v6)) +
  * ((v1+v5)+(v3+v7)), which the ggml-exact dots (kernels/dot_ggml.c, kernels/quant.c), the
