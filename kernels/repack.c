@@ -637,107 +637,99 @@ DEF_GEMM(gemm_q5_1_vnni, RP_VNNI, 4, RP_Q5_0_QB, 0, 1, RP_X1BLK, Q5W_VNNI, RP_Y1
 /* clang-format on */
 
 /* ---- Q5_0 in ggml's order (quant.c's dot_q5_0_scalar) --------------------------------------
- * R group rows x T tokens (constants after inlining): per block, lane k = sum over elements
- * 4k..4k+3 of (q5 - 16) * y, made as vpdpbusd(-16 * sum(y), q5, y) with the unsigned 5-bit
- * quants (the same exact integers as the sign trick; the -16 * lane sums of y are made
- * once per token and block, in the workspace, for all rows), then acc = fma(d_w*d_y,
- * float(lanes), acc); the end tsr_hsum8_ps. One FMA chain per (row, token). */
+ * AVX2, R group rows x T tokens (constants after inlining): per block, lane k = sum over
+ * elements 4k..4k+3 of (q5 - 16) * y, made from the unsigned 5-bit quants (vpmaddubsw,
+ * vpmaddwd) onto -16 * sum(y) (the same exact integers as the sign trick; the -16 * lane sums
+ * of y are made once per token and block, in the workspace, for all rows), then
+ * acc = fma(d_w*d_y, float(lanes), acc); the end tsr_hsum8_ps. One FMA chain per (row,
+ * token). AVX-512 VNNI runs q50z below, the same lanes and chains in zmm registers. */
 #define RP_Q50_LANES_AVX2(ny, qu, y)                                                               \
     _mm256_add_epi32(ny, _mm256_madd_epi16(_mm256_maddubs_epi16(qu, y), _mm256_set1_epi16(1)))
-#define RP_Q50_LANES_VNNI(ny, qu, y) _mm256_dpbusd_epi32(ny, qu, y)
-#define DEF_Q50(fname, ATTR, BYTES, LANES)                                                         \
-    ATTR RP_INLINE void fname##_mk(const int T, const int R, size_t nb, size_t nbp,                \
-                                   const uint8_t *grp, int rr, int nr, const uint8_t *x,           \
-                                   size_t xs, const float *dyw, const __m256i *nyw, float *y,      \
-                                   size_t ys, size_t pfd)                                          \
-    {                                                                                              \
-        const uint16_t *d16 = (const uint16_t *)grp;                                               \
-        const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;                                        \
-        __m256 acc[4][4];                                                                          \
-        /* d_w*d_y of 8 blocks per (row, token), made 8 at a time (the same float products),       \
-         * broadcast from L1 into the FMAs: no scalar convert, multiply or shuffle per output */   \
-        float sc[4][4][8] __attribute__((aligned(32)));                                            \
-        for (int r = 0; r < R; ++r)                                                                \
-            for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();                           \
-        /* one loop over the blocks (a nested per-8 loop made gcc store every accumulator to       \
-         * the stack after each FMA) */                                                            \
-        for (size_t b = 0; b < nb; ++b) {                                                          \
-            if ((b & 7) == 0) {                                                                    \
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                \
-                {                                                                                  \
-                    const __m256 dw8 = _mm256_cvtph_ps(                                            \
-                        _mm_loadu_si128((const __m128i *)(d16 + (size_t)(rr + r) * nbp + b)));     \
-                    _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) _mm256_store_ps(           \
-                        sc[r][t], _mm256_mul_ps(dw8, _mm256_loadu_ps(dyw + (size_t)t * nbp + b))); \
-                }                                                                                  \
-            }                                                                                      \
-            if (pfd) { /* pfd bytes ahead of this block's 4 x 20 quant bytes: every line */        \
-                const char *pf_ = (const char *)(q + b * TSR_REPACK_ROWS * 20) + pfd;              \
-                _mm_prefetch(pf_, _MM_HINT_T0);                                                    \
-                _mm_prefetch(pf_ + 40, _MM_HINT_T0);                                               \
-            }                                                                                      \
-            __m256i yv[4];                                                                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) yv[t] =                            \
-                _mm256_loadu_si256((const __m256i *)(x + (size_t)t * xs + b * RP_XBLK + 2));       \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                    \
-            {                                                                                      \
-                const __m256i qu = BYTES(q + (b * TSR_REPACK_ROWS + (size_t)(rr + r)) * 20);       \
-                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)                                \
-                {                                                                                  \
-                    const __m256i lanes = LANES(nyw[(size_t)t * nb + b], qu, yv[t]);               \
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][t][b & 7]),             \
-                                                _mm256_cvtepi32_ps(lanes), acc[r][t]);             \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-        /* constant indices only (a loop to nr kept acc in memory, stored after every FMA) */      \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                        \
-        {                                                                                          \
-            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) if (r < nr)                        \
-                y[(size_t)t * ys + (size_t)r] = tsr_hsum8_ps(acc[r][t]);                           \
-        }                                                                                          \
-    }                                                                                              \
-    ATTR static void fname(int T, int R, size_t nb, size_t nbp, const uint8_t *grp, int rr,        \
-                           int nr, const uint8_t *x, size_t xs, const float *dyw,                  \
-                           const __m256i *nyw, float *y, size_t ys, size_t pfd)                    \
-    {                                                                                              \
-        if (R == 4) {                                                                              \
-            switch (T) {                                                                           \
-            case 1:                                                                                \
-                fname##_mk(1, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, pfd);               \
-                break;                                                                             \
-            case 2:                                                                                \
-                fname##_mk(2, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            case 3:                                                                                \
-                fname##_mk(3, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            default:                                                                               \
-                fname##_mk(4, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            }                                                                                      \
-        } else {                                                                                   \
-            switch (T) {                                                                           \
-            case 1:                                                                                \
-                fname##_mk(1, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            case 2:                                                                                \
-                fname##_mk(2, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            case 3:                                                                                \
-                fname##_mk(3, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            default:                                                                               \
-                fname##_mk(4, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);                 \
-                break;                                                                             \
-            }                                                                                      \
-        }                                                                                          \
+RP_AVX2 RP_INLINE void q50_avx2_mk(const int T, const int R, size_t nb, size_t nbp,
+                                   const uint8_t *grp, int rr, int nr, const uint8_t *x, size_t xs,
+                                   const float *dyw, const __m256i *nyw, float *y, size_t ys,
+                                   size_t pfd)
+{
+    const uint16_t *d16 = (const uint16_t *)grp;
+    const uint8_t *q = grp + TSR_REPACK_ROWS * nbp * 2;
+    __m256 acc[4][4];
+    /* d_w*d_y of 8 blocks per (row, token), made 8 at a time (the same float products),
+     * broadcast from L1 into the FMAs: no scalar convert, multiply or shuffle per output */
+    float sc[4][4][8] __attribute__((aligned(32)));
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    /* one loop over the blocks (a nested per-8 loop made gcc store every accumulator to
+     * the stack after each FMA) */
+    for (size_t b = 0; b < nb; ++b) {
+        if ((b & 7) == 0) {
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)
+            {
+                const __m256 dw8 = _mm256_cvtph_ps(
+                    _mm_loadu_si128((const __m128i *)(d16 + (size_t)(rr + r) * nbp + b)));
+                _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) _mm256_store_ps(
+                    sc[r][t], _mm256_mul_ps(dw8, _mm256_loadu_ps(dyw + (size_t)t * nbp + b)));
+            }
+        }
+        if (pfd) { /* pfd bytes ahead of this block's 4 x 20 quant bytes: every line */
+            const char *pf_ = (const char *)(q + b * TSR_REPACK_ROWS * 20) + pfd;
+            _mm_prefetch(pf_, _MM_HINT_T0);
+            _mm_prefetch(pf_ + 40, _MM_HINT_T0);
+        }
+        __m256i yv[4];
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) yv[t] =
+            _mm256_loadu_si256((const __m256i *)(x + (size_t)t * xs + b * RP_XBLK + 2));
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)
+        {
+            const __m256i qu = q5_bytes_avx2(q + (b * TSR_REPACK_ROWS + (size_t)(rr + r)) * 20);
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t)
+            {
+                const __m256i lanes = RP_Q50_LANES_AVX2(nyw[(size_t)t * nb + b], qu, yv[t]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][t][b & 7]),
+                                            _mm256_cvtepi32_ps(lanes), acc[r][t]);
+            }
+        }
     }
+    /* constant indices only (a loop to nr kept acc in memory, stored after every FMA) */
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)
+    {
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) if (r < nr)
+            y[(size_t)t * ys + (size_t)r] = tsr_hsum8_ps(acc[r][t]);
+    }
+}
+/* One token: 4 rows a pass (with its prefetch); several: 2 rows x up to 4 tokens (AVX2's 16
+ * registers). */
+RP_AVX2 static void q50_avx2(int T, int R, size_t nb, size_t nbp, const uint8_t *grp, int rr,
+                             int nr, const uint8_t *x, size_t xs, const float *dyw,
+                             const __m256i *nyw, float *y, size_t ys, size_t pfd)
+{
+    if (R == 4) {
+        q50_avx2_mk(1, 4, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, pfd);
+        return;
+    }
+    switch (T) {
+    case 1:
+        q50_avx2_mk(1, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);
+        break;
+    case 2:
+        q50_avx2_mk(2, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);
+        break;
+    case 3:
+        q50_avx2_mk(3, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);
+        break;
+    default:
+        q50_avx2_mk(4, 2, nb, nbp, grp, rr, nr, x, xs, dyw, nyw, y, ys, 0);
+        break;
+    }
+}
 
-/* clang-format off */
-DEF_Q50(q50_avx2, RP_AVX2, q5_bytes_avx2, RP_Q50_LANES_AVX2)
-DEF_Q50(q50_vnni, RP_VNNI, q5_bytes_vnni, RP_Q50_LANES_VNNI)
-/* clang-format on */
+/* -16 * the 4-element lane sums of an activation block's quants y (exact ints): Q5_0's lanes
+ * start from them (q50_avx2, q50z). */
+RP_AVX2 RP_INLINE __m256i q50_ny(__m256i yv)
+{
+    const __m256i s =
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), yv), _mm256_set1_epi16(1));
+    return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s, 4));
+}
 
 /* A token's per-block d_y as float (zero from nb to nbp) and -16 * (4-element lane sums of y)
  * (exact ints). */
@@ -748,11 +740,8 @@ RP_AVX2 static void q50_act_build(const uint8_t *x, size_t nb, size_t nbp, float
         uint16_t xd;
         memcpy(&xd, x + b * RP_XBLK, 2);
         dy[b] = _cvtsh_ss(xd);
-        const __m256i yv = _mm256_loadu_si256((const __m256i *)(x + b * RP_XBLK + 2));
-        const __m256i s =
-            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), yv), _mm256_set1_epi16(1));
         _mm256_store_si256(ny + b,
-                           _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s, 4)));
+                           q50_ny(_mm256_loadu_si256((const __m256i *)(x + b * RP_XBLK + 2))));
     }
 }
 
@@ -765,14 +754,15 @@ enum { RP_ACT_BYTES = 640 << 10, RP_STACK_BLOCKS = 1024, RP_Q50_STACK_BLOCKS = 2
  * time against 13.1-13.9 without software prefetch (16 KiB: 16.9-17.1; 0.5-4 KiB less). */
 enum { RP_Q50_PF_BYTES = 8192 };
 
-/* Q5_0, several tokens, AVX-512 VNNI: q50_vnni's operations for a group's 4 rows as 2 row
+/* Q5_0 on AVX-512 VNNI, any number of tokens: the integer lanes and FMA chains of q50_avx2
+ * (vpdpbusd onto -16 * sum(y) makes the same exact lanes) for a group's 4 rows as 2 row
  * pairs in zmm registers, each pair's two 8-lane chains in alternate lanes (lane 2i: row 2p's
  * lane i, 2i + 1: row 2p + 1's), as kernels/dot_ggml.c's Q8_0 tile: the pair's quants
  * interleaved by 4-byte groups (one vpermt2d), each token's quants and -16 x lane sums with
  * every 4-byte group twice (y2, ny2: made once per call), the scales {d_w(2p) d_y, d_w(2p+1)
  * d_y} (the same float products) as one 64-bit broadcast per FMA, the lanes leaving vpdpbusd
  * as floats by TSR_I2F_MAGIC (x86hsum.h; |lane| <= 4 x 16 x 127), and ggml's hsum8 tree for
- * both rows at the end. Every lane is q50_vnni's integer and FMA chain: bit-identical. */
+ * both rows at the end. Every lane is q50_avx2's integer and FMA chain: bit-identical. */
 enum { Q50Z_TOK = 8 }; /* tokens a tile at most: 2 x 8 accumulators */
 RP_Z512 RP_INLINE void q50z_mk(const int T, size_t nb, size_t nbp, const uint8_t *grp, int nr,
                                const __m512i *y2, const __m512i *ny2, const float *dy2, float *y,
@@ -859,7 +849,7 @@ RP_Z512 static void q50z(int T, size_t nb, size_t nbp, const uint8_t *grp, int n
 /* The driver of q50z: tokens in chunks whose y2 / ny2 / dy2 (2 x 64 bytes + 8 a block) stay
  * in L2; several tokens prefetch the next group into L2 while one runs, one token (decode,
  * its workspace on the stack up to 8192 columns) prefetches RP_Q50_PF_BYTES ahead per block
- * as q50_vnni does. Returns -1 (nothing done) when the workspace cannot be allocated. */
+ * as q50_avx2 does. Returns -1 (nothing done) when the workspace cannot be allocated. */
 RP_Z512 static int repack_dot_q50_z512(size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
                                        int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
                                        float *y, size_t ys)
@@ -889,11 +879,7 @@ RP_Z512 static int repack_dot_q50_z512(size_t nb, size_t nbp, size_t gb, const u
                 memcpy(&xd, xt + b * RP_XBLK, 2);
                 d2[2 * b] = d2[2 * b + 1] = _cvtsh_ss(xd);
                 const __m256i yv = _mm256_loadu_si256((const __m256i *)(xt + b * RP_XBLK + 2));
-                /* -16 x the 4-element sums of y (q50_act_build's exact ints) */
-                const __m256i s4 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), yv),
-                                                     _mm256_set1_epi16(1));
-                const __m256i ny =
-                    _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s4, 4));
+                const __m256i ny = q50_ny(yv);
                 y2[t * nb + b] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(yv));
                 ny2[t * nb + b] = _mm512_add_epi32(
                     _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(ny)), kmi);
@@ -919,20 +905,23 @@ RP_Z512 static int repack_dot_q50_z512(size_t nb, size_t nbp, size_t gb, const u
     return 0;
 }
 
-/* One token: 4 rows per pass (4 chains); several: tokens in chunks whose activations stay in
- * L2, 4 x 4 (AVX-512: 32 registers) or 2 x 4 (AVX2) micro-tiles. The workspace holds the
- * chunk's d_y and -16 * lane sums (36 bytes per token and block); without it, the scalar
- * path (same bits). */
+/* AVX-512 VNNI: q50z (repack_dot_q50_z512). AVX2: one token 4 rows per pass (4 chains);
+ * several: tokens in chunks whose activations stay in L2, 2 x 4 micro-tiles. The workspace
+ * holds the chunk's d_y and -16 * lane sums (36 bytes per token and block); without it (or
+ * without q50z's), the scalar path (same bits). */
 static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, const uint8_t *packed,
                                 int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t xs,
                                 float *y, size_t ys)
 {
     /* AVX-512 VNNI: q50z for every token count (Qwen2.5-Coder-0.5B, 2 threads, interleaved:
-     * decode 54.0-56.9 -> 58.4-59.0 tokens/s against q50_vnni's 4 rows a pass) */
-    if (vnni && repack_dot_q50_z512(nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys) == 0) return;
-    void (*f)(int, int, size_t, size_t, const uint8_t *, int, int, const uint8_t *, size_t,
-              const float *, const __m256i *, float *, size_t, size_t) = vnni ? q50_vnni : q50_avx2;
-    const int R = n_tok == 1 || vnni ? 4 : 2;
+     * decode 54.0-56.9 -> 58.4-59.0 tokens/s against the former 256-bit VNNI kernel's 4 rows
+     * a pass, prefill 212-248 -> 298-313) */
+    if (vnni) {
+        if (repack_dot_q50_z512(nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys) != 0)
+            repack_dot_scalar(TSR_TYPE_Q5_0, nb, nbp, gb, packed, n_rows, n_tok, x, xs, y, ys);
+        return;
+    }
+    const int R = n_tok == 1 ? 4 : 2;
     size_t tc = RP_ACT_BYTES / (nb * RP_XBLK) / 4 * 4;
     if (tc < 4) tc = 4;
     if (tc > (size_t)n_tok) tc = (size_t)n_tok;
@@ -967,9 +956,10 @@ static void repack_dot_q50_simd(bool vnni, size_t nb, size_t nbp, size_t gb, con
                 const int nr = left < R ? (int)left : R;
                 for (size_t t = 0; t < tcn; t += 4) {
                     const int T = tcn - t < 4 ? (int)(tcn - t) : 4;
-                    f(T, R, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs, dyw + t * nbp,
-                      nyw + t * nb, y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)rr,
-                      ys, n_tok == 1 ? RP_Q50_PF_BYTES : 0);
+                    q50_avx2(T, R, nb, nbp, grp, rr, nr, x + (t0 + t) * xs, xs, dyw + t * nbp,
+                             nyw + t * nb,
+                             y + (t0 + t) * ys + (size_t)g * TSR_REPACK_ROWS + (size_t)rr, ys,
+                             n_tok == 1 ? RP_Q50_PF_BYTES : 0);
                 }
             }
         }
