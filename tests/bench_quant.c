@@ -68,13 +68,7 @@ static void time_pass(uint32_t type, int64_t rows, const uint8_t *w, size_t stri
         }
         t[rep] = tsr_bench_now_s() - t0;
     }
-    for (int i = 1; i < REPS; ++i) { /* insertion sort, tiny */
-        const double v = t[i];
-        int k = i - 1;
-        while (k >= 0 && t[k] > v) t[k + 1] = t[k], --k;
-        t[k + 1] = v;
-    }
-    *median = t[REPS / 2];
+    *median = tsr_bench_median(t, REPS); /* sorts t */
     *best = t[0];
 }
 

@@ -2,10 +2,10 @@
  * test_dot_ggml.c — kernels/dot_ggml: the ggml-exact primitives.
  *
  * - Q4_1 x Q8_1 and Q8_0 x Q8_0 dots: every ISA path (scalar, AVX2, AVX-512 VNNI), rows
- *   and tiles (1..13 tokens) give the same bits, Q8_0 blocks of all -128 and 127 included, and
- * those bits are the order this test spells out independently from ggml's x86 source
- * (ggml_vec_dot_*: 8 int lanes of 4 products per block, one FMA per block into one 8-lane
- * accumulator, hsum_float_8, Q4_1's min term as an FMA chain added last).
+ *   and tiles (1..13 tokens) give the same bits, Q8_0 blocks of all -128 and 127 included,
+ *   and those bits are the order this test spells out independently from ggml's x86 source
+ *   (ggml_vec_dot_*: 8 int lanes of 4 products per block, one FMA per block into one 8-lane
+ *   accumulator, hsum_float_8, Q4_1's min term as an FMA chain added last).
  * - Activation quantizer (ggml's x86 quantize_row_q8_0 / q8_1): hand-made blocks whose
  *   quants fall on .5 round half to even (the reference quantizer rounds them away from
  *   zero), d = amax/127, s = fp16(d * sum); every ISA gives the same bytes.
