@@ -879,8 +879,8 @@ static int gg_vbmi_ok(void)
  * (xd [nb][n_tok], 64 bytes per block) and their scales twice (dx2: per chunk of 8 blocks,
  * per token, {d, d} per block: 16 floats, zero-padded past nb) once per call, then row
  * groups of 4, each against the tokens in ceil(n_tok / GG_TV_MAX) tiles as even as can be
- * (5 = one tile, 9 = 5 + 4, 16 = 8 + 8), the next group prefetched during the first. Returns -1 (nothing done) when the workspace
- * cannot be allocated. */
+ * (5 = one tile, 9 = 5 + 4, 16 = 8 + 8), the next group prefetched during the first.
+ * Returns -1 (nothing done) when the workspace cannot be allocated. */
 GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w, size_t ws,
                                     int32_t n_tok, const uint8_t *x, size_t xs, float *y, size_t ys)
 {
