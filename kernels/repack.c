@@ -292,7 +292,7 @@ static void repack_dot_scalar(uint32_t type, size_t nb, size_t nbp, size_t gb,
 #define RP_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define RP_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 /* the same features; marks the kernels that work in 512-bit registers */
-#define RP_Z512   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define RP_Z512   RP_VNNI
 #define RP_INLINE static inline __attribute__((always_inline))
 #include "kernels/x86hsum.h"
 
