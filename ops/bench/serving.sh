@@ -2,7 +2,8 @@
 # serving.sh — the serving and speculation figures of issue 12:
 #   1. `tessera serve` on the 100M Q8_0 shape (12 layers, n_embd 768, 12 heads, n_ff 2048,
 #      vocab 32000), 64 tokens per request, throughput at concurrency 16 vs 1 with
-#      ops/loadgen.py (aim: >= 4x);
+#      ops/loadgen.py (aim: >= 4x), and with build/tests/bench_batch (when the tests are
+#      built) the same ratio for the forward pass alone, its ceiling;
 #   2. `tessera bench --verify-cost` on the 1B Q8_0 shape: one step of k+1 tokens / one
 #      step of 1 token (aim: k=4 <= 1.3);
 #   3. `tessera bench --spec oracle` on 1B Q8_0: greedy decode with the oracle drafter
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --quick) REPS=1; N16=32; N1=4; shift ;;
     --spec-only) SPEC_ONLY=1; shift ;;
     --cache) CACHE="$2"; shift 2 ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serving.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -104,6 +105,19 @@ echo "serving, 100M Q8_0, 64 tokens per request (ops/loadgen.py, gRPC):"
 printf '  concurrency  1: %8.1f tok/s   (%s)\n' "$t1" "${T1[*]}"
 printf '  concurrency 16: %8.1f tok/s   (%s)\n' "$t16" "${T16[*]}"
 printf '  ratio c16/c1:   %8.2f x       (aim >= 4)\n' "$(echo "$t16 $t1" | awk '{print $1/$2}')"
+# The forward pass alone (no gRPC, scheduler, sampling, nor the load generator sharing the
+# cores): a step of 16 sequences against one of 1, interleaved, when the tests are built.
+BB=build/tests/bench_batch
+if [ -x "$BB" ]; then
+    BR=()
+    for _ in $(seq "$REPS"); do
+        "$BB" -m "$M100" -t "$THREADS" -s 16 -r 9 >"$LOG/bb" 2>&1 ||
+            { echo "serving.sh: bench_batch failed:" >&2; cat "$LOG/bb" >&2; exit 1; }
+        BR+=("$(sed -n 's/^ *throughput ratio *\([0-9.]*\).*/\1/p' "$LOG/bb")")
+    done
+    printf '  engine ceiling: %8.2f x       (%s; bench_batch: 16 x t(1 seq) / t(16 seqs), forward pass only)\n' \
+        "$(printf '%s\n' "${BR[@]}" | median)" "${BR[*]}"
+fi
 fi
 
 # ---- 2. verify cost, 3. oracle ceiling (1B Q8_0) ----
