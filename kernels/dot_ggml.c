@@ -875,39 +875,63 @@ static int gg_vbmi_ok(void)
     return !g_vbmi_off && __builtin_cpu_supports("avx512vbmi");
 }
 
-/* The VNNI Q8_0 tiles over a whole call: the tokens' quants + 128 with each 4-byte group twice
- * (xd [nb][n_tok], 64 bytes per block) and their scales twice (dx2: per chunk of 8 blocks,
- * per token, {d, d} per block: 16 floats, zero-padded past nb) once per call, then row
- * groups of 4, each against the tokens in ceil(n_tok / GG_TV_MAX) tiles as even as can be
- * (5 = one tile, 9 = 5 + 4, 16 = 8 + 8), the next group prefetched during the first.
- * Returns -1 (nothing done) when the workspace cannot be allocated. */
-GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w, size_t ws,
-                                    int32_t n_tok, const uint8_t *x, size_t xs, float *y, size_t ys)
+/* The VNNI Q8_0 tiles' activations (the prep): the tokens' quants + 128 with each 4-byte group
+ * twice (xd [nb][n_tok] zmm, 64 bytes per block) and their scales twice (dx2, after xd: per
+ * chunk of 8 blocks, per token, {d, d} per block: 16 floats, zeros past nb). Token t of n_tok
+ * (its Q8_0 row at x); tokens are independent (threads may lay out different ones). */
+static size_t gg_prep_dx2_off(int64_t nb, int32_t n_tok)
+{
+    return sizeof(__m512i) * (size_t)nb * (size_t)n_tok;
+}
+GG_VNNI static void gg_prep_q80_token(int64_t nb, int32_t n_tok, int32_t t, const uint8_t *x,
+                                      void *prep)
+{
+    __m512i *xd = prep;
+    float *dx2 = (float *)((uint8_t *)prep + gg_prep_dx2_off(nb, n_tok));
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const gg_q8_0 *xt = (const gg_q8_0 *)x;
+    for (int64_t b = 0; b < (int64_t)GG_NBP(nb); ++b) {
+        float *d2 = dx2 + ((size_t)b / 8 * n_tok + t) * 16 + 2 * (b % 8);
+        if (b >= nb) {
+            d2[0] = d2[1] = 0.0f;
+            continue;
+        }
+        const __m256i q =
+            _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xt[b].qs), _mm256_set1_epi8(-128));
+        xd[(size_t)b * n_tok + t] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(q));
+        d2[0] = d2[1] = gg_h2f(xt[b].d);
+    }
+}
+
+/* Largest row (blocks) whose shared-tile workspace (wab, dwb) lives on the stack. */
+#define GG_WAB_STACK_NB 256
+
+/* The VNNI Q8_0 tiles over rows [0, n_rows) and tokens t0..t0 + n_tok - 1 of a prep of n_all:
+ * row groups of 4, each against the tokens in ceil(n_tok / GG_TV_MAX) tiles as even as can be
+ * (5 = one tile, 9 = 5 + 4, 16 = 8 + 8), the next group prefetched during the first. Returns
+ * -1 (nothing done) when the workspace of shared tiles cannot be allocated. */
+GG_VNNI static int gg_tile_q80_vnni_run(int64_t nb, int64_t n_rows, const uint8_t *w, size_t ws,
+                                        int32_t n_all, int32_t t0, int32_t n_tok, const void *prep,
+                                        float *y, size_t ys)
 {
     const size_t nbp = GG_NBP(nb);
     const bool share = n_tok >= GG_SAVE_MIN_TOK;
     const int vbmi = gg_vbmi_ok();
-    /* xd [nb][n_tok] zmm, then wab [2][nb] zmm (shared tiles only) */
-    const size_t n_z = (size_t)n_tok * nb + (share ? 2 * (size_t)nb : 0);
-    __m512i *xd = aligned_alloc(64, sizeof(__m512i) * n_z);
-    float *dx2 = calloc(2 * nbp * ((size_t)n_tok + 2), sizeof(float)); /* + dwb [2][2 nbp] */
-    if (!xd || !dx2) {
-        free(xd);
-        free(dx2);
-        return -1;
-    }
-    __m512i *wab = share ? xd + (size_t)n_tok * nb : NULL;
-    float *dwb = dx2 + 2 * nbp * (size_t)n_tok;
-    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    for (int32_t t = 0; t < n_tok; ++t) {
-        const gg_q8_0 *xt = (const gg_q8_0 *)(x + (size_t)t * xs);
-        for (int64_t b = 0; b < nb; ++b) {
-            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xt[b].qs),
-                                               _mm256_set1_epi8(-128));
-            xd[(size_t)b * n_tok + t] = _mm512_permutexvar_epi32(dup, _mm512_castsi256_si512(q));
-            float *d2 = dx2 + ((size_t)b / 8 * n_tok + t) * 16 + 2 * (b % 8);
-            d2[0] = d2[1] = gg_h2f(xt[b].d);
-        }
+    const __m512i *xd = (const __m512i *)prep + t0;
+    const float *dx2 =
+        (const float *)((const uint8_t *)prep + gg_prep_dx2_off(nb, n_all)) + (size_t)t0 * 16;
+    /* shared tiles: wab [2][nb] zmm, dwb [2][2 nbp] floats */
+    __m512i wab_s[share && nb <= GG_WAB_STACK_NB ? 2 * GG_WAB_STACK_NB : 1];
+    float dwb_s[share && nb <= GG_WAB_STACK_NB ? 4 * GG_WAB_STACK_NB : 1];
+    __m512i *wab = NULL, *wab_heap = NULL;
+    float *dwb = NULL;
+    if (share && nb <= GG_WAB_STACK_NB) {
+        wab = wab_s;
+        dwb = dwb_s;
+    } else if (share) {
+        wab = wab_heap = aligned_alloc(64, sizeof(__m512i) * 2 * (size_t)nb + 16 * nbp);
+        if (!wab) return -1;
+        dwb = (float *)(wab + 2 * (size_t)nb);
     }
     const int n_tt = (n_tok + GG_TV_MAX - 1) / GG_TV_MAX;
     const size_t gbytes = 4 * ws;
@@ -918,22 +942,35 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
         const uint8_t *wr[4];
         for (int r = 0; r < 4; ++r) wr[r] = w + (size_t)(r0 + (r < nr ? r : nr - 1)) * ws;
         const uint8_t *pf = r0 + ahead + 4 <= n_rows ? w + (size_t)(r0 + ahead) * ws : NULL;
-        for (int32_t t0 = 0, k = 0; t0 < n_tok; ++k) {
+        for (int32_t tt = 0, k = 0; tt < n_tok; ++k) {
             /* tile k of n_tt: the first (n_tok % n_tt) tiles one token wider */
             const int tn = n_tok / n_tt + (k < n_tok % n_tt ? 1 : 0);
             /* several tiles: the first saves the rows' scales and dot starts */
             k_tile80_vnni[vbmi][!share   ? 0
                                 : k == 0 ? 1
-                                         : 2][tn - 1](nb, wr, xd + t0, (size_t)n_tok, dwb, wab,
-                                                      dx2 + (size_t)t0 * 16,
-                                                      y + (size_t)t0 * ys + r0, ys, nr, pf);
+                                         : 2][tn - 1](nb, wr, xd + tt, (size_t)n_all, dwb, wab,
+                                                      dx2 + (size_t)tt * 16,
+                                                      y + (size_t)tt * ys + r0, ys, nr, pf);
             pf = NULL;
-            t0 += tn;
+            tt += tn;
         }
     }
-    free(xd);
-    free(dx2);
+    free(wab_heap);
     return 0;
+}
+
+/* The VNNI Q8_0 tiles over a whole call: the prep of every token (above) in a workspace of
+ * its own, then the tiles. Returns -1 (nothing done) when it cannot be allocated. (Matmuls
+ * lay out the prep once for all their calls: tsr_ggml_tile_prep.) */
+GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w, size_t ws,
+                                    int32_t n_tok, const uint8_t *x, size_t xs, float *y, size_t ys)
+{
+    void *prep = aligned_alloc(64, tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, nb * 32, n_tok));
+    if (!prep) return -1;
+    for (int32_t t = 0; t < n_tok; ++t) gg_prep_q80_token(nb, n_tok, t, x + (size_t)t * xs, prep);
+    const int rc = gg_tile_q80_vnni_run(nb, n_rows, w, ws, n_tok, 0, n_tok, prep, y, ys);
+    free(prep);
+    return rc;
 }
 
 /* The register tiles over a whole call (F16C's conversions inline: the library's scalar
@@ -1250,6 +1287,48 @@ void tsr_ggml_swiglu(int isa, float *gate, const float *up, int64_t n)
     swiglu_scalar(gate, up, n16);
 #endif
     for (int64_t i = n16; i < n; ++i) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+size_t tsr_ggml_tile_prep_bytes(uint32_t type, int64_t n, int32_t n_tok)
+{
+#if GG_X86
+    if (type != TSR_TYPE_Q8_0 || n_tok < 1 || n % 32 != 0) return 0;
+    const int64_t nb = n / 32;
+    const size_t b = gg_prep_dx2_off(nb, n_tok) + sizeof(float) * 2 * GG_NBP(nb) * (size_t)n_tok;
+    return (b + 63) & ~(size_t)63;
+#else
+    (void)type, (void)n, (void)n_tok;
+    return 0;
+#endif
+}
+
+bool tsr_ggml_tile_prep_used(uint32_t type, int isa, int64_t n, int32_t n_tok)
+{
+    return tsr_ggml_tile_prep_bytes(type, n, n_tok) > 0 && isa >= TSR_GGML_VNNI && n_tok >= 2;
+}
+
+void tsr_ggml_tile_prep(int64_t n, int32_t n_tok, int32_t t, const void *x, void *prep)
+{
+#if GG_X86
+    gg_prep_q80_token(n / 32, n_tok, t, x, prep);
+#else
+    (void)n, (void)n_tok, (void)t, (void)x, (void)prep;
+#endif
+}
+
+void tsr_ggml_dot_tile_prep(int64_t n, int64_t n_rows, const void *w, size_t w_stride,
+                            int32_t n_all, int32_t t0, int32_t n_tok, const void *prep,
+                            const void *x, size_t x_stride, float *y, size_t y_stride)
+{
+    if (n_rows <= 0 || n_tok <= 0) return;
+#if GG_X86
+    if (gg_tile_q80_vnni_run(n / 32, n_rows, w, w_stride, n_all, t0, n_tok, prep, y, y_stride) == 0)
+        return;
+#else
+    (void)n_all, (void)t0, (void)prep;
+#endif
+    tsr_ggml_dot_tile(TSR_TYPE_Q8_0, tsr_ggml_isa(), n, n_rows, w, w_stride, n_tok, x, x_stride, y,
+                      y_stride);
 }
 
 int tsr_ggml_isa(void)

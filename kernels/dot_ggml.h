@@ -49,6 +49,28 @@ void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
                        size_t w_stride, int32_t n_tok, const void *x, size_t x_stride, float *y,
                        size_t y_stride);
 
+/* The VNNI Q8_0 tiles lay out their tokens' activations (the prep: quants + 128 duplicated
+ * for vpdpbusd, scales as floats) before any row; a matmul that calls the tiles for many row
+ * chunks lays them out once instead (worker threads pay the layout per call otherwise: with
+ * 16 tokens about 1 us of every call's few dozen).
+ *   tsr_ggml_tile_prep_bytes: bytes of the prep of n_tok tokens of n elements of type (0
+ *     when the type has no such tile here: only Q8_0 on x86; a multiple of 64). Does not
+ *     depend on the ISA level, so scratch sized with it fits whatever level runs.
+ *   tsr_ggml_tile_prep_used: whether tiles at ISA level isa for n_tok tokens take a prep
+ *     (Q8_0, VNNI, 2+ tokens).
+ *   tsr_ggml_tile_prep: token t of n_tok (its Q8_0 row at x) into prep (64-byte aligned,
+ *     tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, n_tok) bytes); tokens are independent, so
+ *     threads may lay out different ones.
+ *   tsr_ggml_dot_tile_prep: tsr_ggml_dot_tile of a Q8_0 matrix at VNNI for tokens
+ *     t0..t0 + n_tok - 1 of a prep of n_all tokens, bit-identical to it; x / x_stride (the
+ *     same tokens' Q8_0 rows) serve the fallback when its workspace cannot be allocated. */
+size_t tsr_ggml_tile_prep_bytes(uint32_t type, int64_t n, int32_t n_tok);
+bool tsr_ggml_tile_prep_used(uint32_t type, int isa, int64_t n, int32_t n_tok);
+void tsr_ggml_tile_prep(int64_t n, int32_t n_tok, int32_t t, const void *x, void *prep);
+void tsr_ggml_dot_tile_prep(int64_t n, int64_t n_rows, const void *w, size_t w_stride,
+                            int32_t n_all, int32_t t0, int32_t n_tok, const void *prep,
+                            const void *x, size_t x_stride, float *y, size_t y_stride);
+
 /* One activation row of n floats into Q8_0 (type 8) or Q8_1 (type 9) blocks at dst, as
  * ggml's x86 from_float (above). Same bytes on every ISA. */
 void tsr_ggml_quant_act_row(uint32_t type, int isa, const float *src, void *dst, int64_t n);

@@ -17,11 +17,19 @@
 /* Batches narrower than this run token by token (see mm_run). */
 #define TILE_MIN_TOKENS 4
 
+/* Bytes of the conversion to the dot type vt of n_tok rows of n_in, and of the Q8_0 tiles'
+ * prep when a weight of the conversion is Q8_0 (kernels/dot_ggml.h: laid out once per
+ * matmul, not once per row chunk). */
+static size_t conv_bytes(uint32_t vt, int64_t n_in, int n_tok, bool q8_0)
+{
+    if (vt == TSR_TYPE_F32) return 0;
+    const size_t prep = q8_0 ? tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok) : 0;
+    return (size_t)n_tok * tsr_row_bytes(vt, n_in) + (prep ? prep + 63 : 0); /* + alignment */
+}
+
 size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok)
 {
-    uint32_t vt = tsr_type_vec_dot_type(w->type);
-    if (vt == TSR_TYPE_F32) return 0;
-    return (size_t)n_tok * tsr_row_bytes(vt, w->n_in);
+    return conv_bytes(tsr_type_vec_dot_type(w->type), w->n_in, n_tok, w->type == TSR_TYPE_Q8_0);
 }
 
 typedef struct {
@@ -32,12 +40,14 @@ typedef struct {
      * at xq[k] (weights sharing a dot type share one conversion). */
     const void *xq[4];
     size_t xq_stride[4];
+    const void *prep[4]; /* Q8_0 weights' tile prep (kernels/dot_ggml.h), or NULL */
     /* The distinct conversions to make: dot type, destination, row stride. */
     int n_conv;
     uint32_t conv_vt[4];
     void *conv_dst[4];
     size_t conv_stride[4];
-    const float *x; /* for conversion */
+    void *conv_prep[4]; /* the conversion's tile prep to lay out too, or NULL */
+    const float *x;     /* for conversion */
     int n_tok;
     const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K), or NULL */
     int isa;            /* kernels/dot_ggml.h level, when ord is set */
@@ -61,8 +71,9 @@ static void mm_convert(void *arg, int ith, int nth)
     int64_t n_in = j->w[0]->n_in;
     for (int it = ith; it < j->n_conv * j->n_tok; it += nth) {
         int cv = it / j->n_tok, t = it % j->n_tok;
-        tsr_quant_act_row(j->conv_vt[cv], j->x + (size_t)t * n_in,
-                          (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv], n_in);
+        uint8_t *row = (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv];
+        tsr_quant_act_row(j->conv_vt[cv], j->x + (size_t)t * n_in, row, n_in);
+        if (j->conv_prep[cv]) tsr_ggml_tile_prep(n_in, j->n_tok, t, row, j->conv_prep[cv]);
     }
 }
 
@@ -91,8 +102,12 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
         /* Prefill / batches: the chunk's rows x all tokens as register-blocked tiles
          * (each weight block unpacked once for several tokens); bit-identical per
          * element to the token-by-token loop below. */
-        tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, n_tok, xq, j->xq_stride[k],
-                         yk + r0, (size_t)w->n_out);
+        if (j->prep[k])
+            tsr_ggml_dot_tile_prep(w->n_in, nr, wrow, w->row_bytes, j->n_tok, t0, n_tok, j->prep[k],
+                                   xq, j->xq_stride[k], yk + r0, (size_t)w->n_out);
+        else
+            tsr_vec_dot_tile(w->type, w->n_in, nr, wrow, w->row_bytes, n_tok, xq, j->xq_stride[k],
+                             yk + r0, (size_t)w->n_out);
         return;
     }
     /* Decode: one token, rows streamed (memory-bound); 2-3 tokens (speculative
@@ -197,12 +212,17 @@ static void mm_run(void *arg, int ith, int nth)
 
 size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n_tok)
 {
+    /* per distinct dot type: its conversion, with the tile prep if any of its weights is Q8_0 */
     size_t n_bytes = 0;
     for (int k = 0; k < n_w; k++) {
-        bool seen = false;
-        for (int i = 0; i < k; i++)
-            seen |= tsr_type_vec_dot_type(w[i]->type) == tsr_type_vec_dot_type(w[k]->type);
-        if (!seen) n_bytes += tsr_matmul_scratch_bytes(w[k], n_tok);
+        const uint32_t vt = tsr_type_vec_dot_type(w[k]->type);
+        bool seen = false, q8_0 = false;
+        for (int i = 0; i < n_w; i++) {
+            if (tsr_type_vec_dot_type(w[i]->type) != vt) continue;
+            seen |= i < k;
+            q8_0 |= w[i]->type == TSR_TYPE_Q8_0;
+        }
+        if (!seen) n_bytes += conv_bytes(vt, w[k]->n_in, n_tok, q8_0);
     }
     return n_bytes;
 }
@@ -249,6 +269,25 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
             dst += (size_t)n_tok * j.xq_stride[k];
             j.n_conv++;
         }
+    }
+    /* The Q8_0 tiles' prep, after the conversions (the layout of the scratch sizes above):
+     * laid out with the conversion, read by every row chunk. */
+    const int gisa = tsr_ggml_isa();
+    for (int cv = 0; cv < j.n_conv; cv++) {
+        bool q8_0 = false;
+        for (int k = 0; k < n_w; k++)
+            q8_0 |= w[k]->type == TSR_TYPE_Q8_0 && j.xq[k] == j.conv_dst[cv];
+        if (!q8_0) continue;
+        const int64_t n_in = w[0]->n_in;
+        const size_t nb = tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok);
+        if (!nb) continue;
+        dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63); /* its 63 spare bytes */
+        if (tsr_ggml_tile_prep_used(TSR_TYPE_Q8_0, gisa, n_in, n_tok)) {
+            j.conv_prep[cv] = dst;
+            for (int k = 0; k < n_w; k++)
+                if (w[k]->type == TSR_TYPE_Q8_0 && j.xq[k] == j.conv_dst[cv]) j.prep[k] = dst;
+        }
+        dst += nb;
     }
     /* One token: a few µs of conversion, cheaper inline than a pool run. */
     if (n_tok > 1 && j.n_conv > 0)

@@ -26,7 +26,8 @@ typedef struct {
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold
- * tsr_matmul_scratch_bytes(W, n_tok) bytes (activations converted to the dot type).
+ * tsr_matmul_scratch_bytes(W, n_tok) bytes (activations converted to the dot type, and for
+ * Q8_0 the tiles' layout of them, kernels/dot_ggml.h's prep, made once per call).
  * Rows are spread over the pool's threads; the result does not depend on the thread
  * count (each output element is computed by one dot product). */
 size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok);

@@ -5,7 +5,10 @@
  *   and tiles (1..13 tokens) give the same bits, Q8_0 blocks of all -128 and 127 included,
  *   and those bits are the order this test spells out independently from ggml's x86 source
  *   (ggml_vec_dot_*: 8 int lanes of 4 products per block, one FMA per block into one 8-lane
- *   accumulator, hsum_float_8, Q4_1's min term as an FMA chain added last).
+ *   accumulator, hsum_float_8, Q4_1's min term as an FMA chain added last). The VNNI Q8_0
+ *   tiles from a matmul's prep (tsr_ggml_dot_tile_prep: activations laid out once) give the
+ *   same bits for any token range of it, rows short and long (its workspace on the stack
+ *   and on the heap).
  * - Activation quantizer (ggml's x86 quantize_row_q8_0 / q8_1): hand-made blocks whose
  *   quants fall on .5 round half to even (the reference quantizer rounds them away from
  *   zero), d = amax/127, s = fp16(d * sum); every ISA gives the same bytes.
@@ -73,9 +76,9 @@ static float ggml_order_dot(uint32_t type, int64_t n, const uint8_t *w, const ui
     return type == TSR_TYPE_Q4_1 ? h + summs : h;
 }
 
-static void check_dots(uint32_t type)
+static void check_dots(uint32_t type, int N)
 {
-    enum { N = 576, ROWS = 13, TOK = 13 }; /* 13 tokens: 3 VNNI Q8_0 tiles */
+    enum { ROWS = 13, TOK = 13 }; /* 13 tokens: 3 VNNI Q8_0 tiles */
     const uint32_t vt = tsr_type_vec_dot_type(type);
     const size_t rb = tsr_row_bytes(type, N), xb = tsr_row_bytes(vt, N);
     uint8_t *w = malloc(rb * ROWS), *x = malloc(xb * TOK);
@@ -120,10 +123,33 @@ static void check_dots(uint32_t type)
                                  (double)ref[t * ROWS + r], tsr_test_fbits(ref[t * ROWS + r]),
                                  (double)got[t * ROWS + r], tsr_test_fbits(got[t * ROWS + r]));
         }
+        if (!tsr_ggml_tile_prep_used(type, tsr_ggml_isa(), N, TOK)) continue;
+        /* a matmul's prep of all TOK tokens, tiles for token ranges t0.. of it */
+        void *prep = aligned_alloc(64, tsr_ggml_tile_prep_bytes(type, N, TOK));
+        assert_non_null(prep);
+        for (int t = 0; t < TOK; ++t) tsr_ggml_tile_prep(N, TOK, t, x + (size_t)t * xb, prep);
+        for (int t0 = 0; t0 <= 3; t0 += 3)
+            for (int nt = 1; t0 + nt <= TOK; ++nt) {
+                memset(got, 0, sizeof(float) * ROWS * TOK);
+                tsr_ggml_dot_tile_prep(N, ROWS, w, rb, TOK, t0, nt, prep, x + (size_t)t0 * xb, xb,
+                                       got, ROWS);
+                for (int t = 0; t < nt; ++t)
+                    for (int r = 0; r < ROWS; ++r) {
+                        const float want = ref[(t0 + t) * ROWS + r], g = got[t * ROWS + r];
+                        if (tsr_test_fbits(g) != tsr_test_fbits(want))
+                            fail_msg("%s %s from a prep, %d elements, tokens %d..%d: row %d token "
+                                     "%d: ggml's order %.9g (0x%08x), got %.9g (0x%08x)",
+                                     tsr_type_name(type), k_isas[ii], N, t0, t0 + nt - 1, r, t0 + t,
+                                     (double)want, tsr_test_fbits(want), (double)g,
+                                     tsr_test_fbits(g));
+                    }
+            }
+        free(prep);
     }
     tsr_quant_set_isa(NULL);
-    printf("%s: %d ISA paths x rows/tiles of 1..%d tokens equal ggml's order bit for bit\n",
-           tsr_type_name(type), n_isa, TOK);
+    printf("%s, %d elements: %d ISA paths x rows/tiles of 1..%d tokens equal ggml's order bit "
+           "for bit\n",
+           tsr_type_name(type), N, n_isa, TOK);
     free(w);
     free(x);
     free(ref);
@@ -133,15 +159,16 @@ static void check_dots(uint32_t type)
 static void test_dot_q4_1(void **state)
 {
     (void)state;
-    check_dots(TSR_TYPE_Q4_1);
+    check_dots(TSR_TYPE_Q4_1, 576);
 }
 
 static void test_dot_q8_0(void **state)
 {
     (void)state;
-    check_dots(TSR_TYPE_Q8_0);
-    tsr_ggml_dot_set_vbmi(false); /* the VNNI tiles' other scale extraction */
-    check_dots(TSR_TYPE_Q8_0);
+    check_dots(TSR_TYPE_Q8_0, 576);
+    check_dots(TSR_TYPE_Q8_0, 8320); /* 260 blocks: the shared tiles' workspace on the heap */
+    tsr_ggml_dot_set_vbmi(false);    /* the VNNI tiles' other scale extraction */
+    check_dots(TSR_TYPE_Q8_0, 576);
     tsr_ggml_dot_set_vbmi(true);
 }
 
