@@ -66,7 +66,14 @@ int main(int argc, char **argv)
     }
     float *x = malloc(sizeof(float) * N_FF * MAX_TOK), *y[3];
     for (int k = 0; k < 3; ++k) y[k] = malloc(sizeof(float) * N_FF * MAX_TOK);
-    void *scratch = malloc(2 * tsr_row_bytes(TSR_TYPE_Q8_0, N_FF) * MAX_TOK);
+    /* the largest of the four matmuls' scratch (conversion and the Q8_0 tiles' prep) */
+    const tsr_weight *sq[3] = {&lw[0][0], &lw[0][1], &lw[0][2]}, *sg[2] = {&lw[0][4], &lw[0][5]};
+    size_t sc_bytes = tsr_matmul_multi_scratch_bytes(sq, 3, MAX_TOK);
+    const size_t sc_more[3] = {tsr_matmul_multi_scratch_bytes(sg, 2, MAX_TOK),
+                               tsr_matmul_scratch_bytes(&lw[0][3], MAX_TOK),
+                               tsr_matmul_scratch_bytes(&lw[0][6], MAX_TOK)};
+    for (int k = 0; k < 3; ++k) sc_bytes = sc_more[k] > sc_bytes ? sc_more[k] : sc_bytes;
+    void *scratch = malloc(sc_bytes);
     for (int i = 0; i < N_FF * MAX_TOK; ++i) x[i] = rnd();
     size_t n_bytes = 0;
     for (int k = 0; k < 7; ++k) n_bytes += lw[0][k].row_bytes * (size_t)lw[0][k].n_out;
