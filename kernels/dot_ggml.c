@@ -112,17 +112,21 @@ static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)
 #define GG_INLINE static inline __attribute__((always_inline))
 /* Blocks per row of the tiles' float scale arrays: nb padded to 8 (zeros) for 8-wide loads. */
 #define GG_NBP(nb) (((size_t)(nb) + 7) & ~(size_t)7)
-/* Fewest tokens for which the VNNI Q8_0 tiles of a row group share its rows' scales and dot
- * starts (MODE 1 / 2 of GG_TILEV_Q80). Measured with the 256-bit tiles of up to 6 tokens (one
- * thread, block dots per ns, 2048- and 768-element rows from cache, medians of 7, this against
- * each tile forming its own): 8 tokens (4 + 4) 2.14 -> 2.05 and 2.03 -> 2.01, 10 (5 + 5)
- * 2.22 -> 2.14 and 2.13 -> 2.10, 12 (6 + 6) 2.07 -> 2.21, 16 (6 + 5 + 5) 2.08 -> 2.24. */
-#define GG_SAVE_MIN_TOK 12
 /* Widest VNNI Q8_0 tile, in tokens: 8 x 2 zmm accumulators + 8 token registers + the row
  * pair's weights, dot start and constants fit the 32 registers (7 and 8 tokens as one tile,
  * not 4 + 3 / 4 + 4: one thread, 512 x 2048 from cache, 1.85 -> 2.29 and 1.97 -> 2.44 block
  * dots per ns; 16 tokens as 8 + 8, not 6 + 5 + 5: 2.31 -> 2.40). */
 #define GG_TV_MAX 8
+/* Fewest tokens for which the VNNI Q8_0 tiles of a row group share its rows' scales and dot
+ * starts (MODE 1 / 2 of GG_TILEV_Q80): every count that takes more than one tile. Measured
+ * first with the 256-bit tiles of up to 6 tokens (one thread, block dots per ns, 2048- and
+ * 768-element rows from cache, medians of 7, this against each tile forming its own): 8 tokens
+ * (4 + 4) 2.14 -> 2.05 and 2.03 -> 2.01, 10 (5 + 5) 2.22 -> 2.14 and 2.13 -> 2.10, 12 (6 + 6)
+ * 2.07 -> 2.21, 16 (6 + 5 + 5) 2.08 -> 2.24 (so from 12); with the zmm tiles of up to 8, 9
+ * tokens (5 + 4) streamed from memory share too: 1B Q8_0 verify step of k = 8, 2 threads,
+ * interleaved, 2.15-2.19 -> 2.07-2.13 single steps (100M, 10 tokens from L3: unchanged). */
+#define GG_SAVE_MIN_TOK (GG_TV_MAX + 1)
+
 #include "kernels/x86hsum.h"
 
 GG_AVX2 GG_INLINE float gg_h2f(uint16_t h)
