@@ -248,12 +248,17 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     j.n_w = n_w;
     j.n_tok = n_tok;
     j.x = x;
-    /* One conversion per distinct dot type, laid out one after another in scratch. */
+    /* One conversion per distinct dot type, laid out one after another in scratch; cv_of[k]:
+     * weight k's conversion (-1: F32 reads x), conv_q8[cv]: a Q8_0 weight reads it. */
     uint8_t *dst = scratch;
+    int cv_of[4];
+    bool conv_q8[4] = {false, false, false, false};
     for (int k = 0; k < n_w; k++) {
         uint32_t vt = tsr_type_vec_dot_type(w[k]->type);
         int i = 0;
         while (i < k && tsr_type_vec_dot_type(w[i]->type) != vt) i++;
+        cv_of[k] = i < k ? cv_of[i] : vt == TSR_TYPE_F32 ? -1 : j.n_conv;
+        if (cv_of[k] >= 0) conv_q8[cv_of[k]] |= w[k]->type == TSR_TYPE_Q8_0;
         if (i < k) {
             j.xq[k] = j.xq[i];
             j.xq_stride[k] = j.xq_stride[i];
@@ -271,24 +276,19 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
         }
     }
     /* The Q8_0 tiles' prep, after the conversions (the layout of the scratch sizes above):
-     * laid out with the conversion, read by every row chunk. */
-    const int gisa = tsr_ggml_isa();
+     * laid out with the conversion, read by every row chunk. Several tokens only (the ISA
+     * lookup stays off the decode path). */
     for (int cv = 0; cv < j.n_conv; cv++) {
-        bool q8_0 = false;
-        for (int k = 0; k < n_w; k++)
-            q8_0 |= w[k]->type == TSR_TYPE_Q8_0 && j.xq[k] == j.conv_dst[cv];
-        if (!q8_0) continue;
         const int64_t n_in = w[0]->n_in;
-        const size_t nb = tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok);
+        const size_t nb = conv_q8[cv] ? tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok) : 0;
         if (!nb) continue;
         dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63); /* its 63 spare bytes */
-        if (tsr_ggml_tile_prep_used(TSR_TYPE_Q8_0, gisa, n_in, n_tok)) {
+        if (n_tok > 1 && tsr_ggml_tile_prep_used(TSR_TYPE_Q8_0, tsr_ggml_isa(), n_in, n_tok))
             j.conv_prep[cv] = dst;
-            for (int k = 0; k < n_w; k++)
-                if (w[k]->type == TSR_TYPE_Q8_0 && j.xq[k] == j.conv_dst[cv]) j.prep[k] = dst;
-        }
         dst += nb;
     }
+    for (int k = 0; k < n_w; k++)
+        if (w[k]->type == TSR_TYPE_Q8_0 && cv_of[k] >= 0) j.prep[k] = j.conv_prep[cv_of[k]];
     /* One token: a few µs of conversion, cheaper inline than a pool run. */
     if (n_tok > 1 && j.n_conv > 0)
         tsr_pool_run(pool, mm_convert, &j);
