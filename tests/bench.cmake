@@ -7,10 +7,12 @@
 # speculative verification step (1B Q8_0 shape, 1..8 tokens); bench_q80_gemv: the one-token
 # Q8_0 GEMV against the row dots and a plain read; bench_gemv_stream: the one-token Q4_0 / Q4_K
 # / Q6_K group GEMVs over a 1B layer's matrices (~200 MiB, huge pages, engine claims) against a
-# plain read of the same bytes in the same run. bench_kvcache (kvcache.cmake)
+# plain read of the same bytes in the same run; bench_tile: the VNNI Q8_0 register tile (the
+# several-token matmul) against the bound of ggml's order, a bare loop of its three ops, in
+# vpdpbusd per ns and cycles at the measured AVX-512 clock. bench_kvcache (kvcache.cmake)
 # and bench_head (real_models.cmake) sit with the tests of their module.
 foreach(b bench_quant bench_repack bench_q4k_gemm bench_batch bench_verify bench_q80_gemv
-    bench_gemv_stream)
+    bench_gemv_stream bench_tile)
   add_executable(${b} ${CMAKE_CURRENT_SOURCE_DIR}/${b}.c)
   target_link_libraries(${b} PRIVATE tessera_core)
 endforeach()
