@@ -399,29 +399,27 @@ def test_basic():
         kws = [dict(request(i, 600 if i % 4 < 2 else 200, "stories260K"), ignore_eos=i % 4 < 2)
                for i in range(6)]
         refs = references(kws)
-        started = threading.Event()
         killer_done = threading.Event()
-
-        def on_token(n):
-            if n >= 8:
-                started.set()
-
         t_kill_b = [None]
 
         b_admin = replica_admin(replicas(co.target)["b"]["address"])
 
+        b_ran = [False]
+
         def killer():
-            started.wait(60)
-            # The first stream to reach 8 tokens may be on a: kill b while it runs one.
-            wait_replica_busy(b_admin)
+            # Kill b while it runs one of the streams: its own Admin.Status polled from the
+            # submission on (waiting first for a stream's 8th token let b finish its streams
+            # before the kill in a loaded CI run).
+            b_ran[0] = wait_replica_busy(b_admin, timeout=30)
             t_kill_b[0] = time.time()
             os.kill(b.p.pid, signal.SIGKILL)
             killer_done.set()
         th = threading.Thread(target=killer)
         th.start()
-        outs = run_concurrent(inf, kws, on_token=on_token)
+        outs = run_concurrent(inf, kws)
         th.join()
         assert killer_done.is_set()
+        assert b_ran[0], "b never ran one of the streams within 30 s: %s" % replicas(co.target)
         t_kill = time.time()
         check_equal(kws, outs, refs, "failover")
         moved = [o for o in outs if o["usage"].failovers > 0]
