@@ -57,7 +57,8 @@ void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
  *     when the type has no such tile here: only Q8_0 on x86; a multiple of 64). Does not
  *     depend on the ISA level, so scratch sized with it fits whatever level runs.
  *   tsr_ggml_tile_prep_used: whether tiles at ISA level isa for n_tok tokens take a prep
- *     (Q8_0, VNNI, 2+ tokens).
+ *     (Q8_0, VNNI, 2+ tokens). The two functions below run AVX-512 VNNI code: call them only
+ *     where this is true for tsr_ggml_isa() (kernels/ops.c asks it once per matmul).
  *   tsr_ggml_tile_prep: token t of n_tok (its Q8_0 row at x) into prep (64-byte aligned,
  *     tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, n_tok) bytes); tokens are independent, so
  *     threads may lay out different ones.
