@@ -5,16 +5,17 @@
  * alone, without the scheduler, sampling or the network). A benchmark, not a test: it
  * prints figures and checks nothing.
  *
- *   bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] [-r REPS]
+ *   bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] [-r REPS] [-w WARM]
  *
  * A paged f16 KV cache (as serve) holds SEQS sequences of CONTEXT cached tokens each
  * (default 16 sequences of 40: the middle of serving.sh's 64-token requests); then one
  * decode step of 1 sequence and one of all SEQS sequences (one token each, logits for
- * every token) are timed REPS times each, interleaved. Prints the medians, the time per
- * token and the ratio SEQS * t(1) / t(SEQS), the tokens/s a batch of SEQS gives over one,
- * from the wall time and from the process's CPU time (with -t 1 that is the work itself,
- * less disturbed by a busy machine; with more threads it counts their waits too).
- * Timings on a shared machine are noisy: take the median of several runs.
+ * every token) are timed REPS times each, interleaved, each after WARM (default 6) untimed
+ * steps of its own width, so that it finds the caches as a server at that concurrency keeps
+ * them. Prints the medians, the time per token and the ratio SEQS * t(1) / t(SEQS), the tokens/s a
+ * batch of SEQS gives over one, from the wall time and from the process's CPU time (with -t 1 that
+ * is the work itself, less disturbed by a busy machine; with more threads it counts their waits
+ * too). Timings on a shared machine are noisy: take the median of several runs.
  */
 #include "kernels/kvcache.h"
 #include "kernels/util.h"
@@ -44,8 +45,8 @@ static int cmp_u64(const void *a, const void *b)
 int main(int argc, char **argv)
 {
     const char *model = NULL;
-    int n_threads = 2, n_seqs = 16, n_ctx = 40, reps = 21, c;
-    while ((c = getopt(argc, argv, "m:t:s:c:r:")) != -1) {
+    int n_threads = 2, n_seqs = 16, n_ctx = 40, reps = 21, n_warm = 6, c;
+    while ((c = getopt(argc, argv, "m:t:s:c:r:w:")) != -1) {
         if (c == 'm')
             model = optarg;
         else if (c == 't')
@@ -56,12 +57,14 @@ int main(int argc, char **argv)
             n_ctx = atoi(optarg);
         else if (c == 'r')
             reps = atoi(optarg);
+        else if (c == 'w')
+            n_warm = atoi(optarg);
         else
             return 2;
     }
-    if (!model || n_threads < 1 || n_seqs < 1 || n_ctx < 1 || reps < 1) {
+    if (!model || n_threads < 1 || n_seqs < 1 || n_ctx < 1 || reps < 1 || n_warm < 0) {
         fprintf(stderr, "usage: bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] "
-                        "[-r REPS]\n");
+                        "[-r REPS] [-w WARM]\n");
         return 2;
     }
     const int32_t bps = (n_ctx + 1 + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
@@ -139,17 +142,29 @@ int main(int argc, char **argv)
                     .n_blocks = n_blocks};
     tsr_batch bs = b1;
     bs.n_tokens = n_seqs;
+    /* Each rep: n_warm + 1 steps of 1 sequence, then as many of all, the last of each timed.
+     * The widths interleave (a shared machine's load drifts over a run), but a step right
+     * after those of the other width finds the caches as that width left them, for several
+     * steps: 100M Q8_0, 2 threads, the 1-sequence step ran 4.1-4.5 ms after 0 or 1 of its
+     * own, 3.4-3.7 after 3 and 3.36 after 6, as a run of them (serve at concurrency 1) does
+     * (3.4): timed right after the 16-sequence step, it overstated the ratio (4.3-4.8x for
+     * 3.5-3.6x). */
     for (int i = 0; i < reps + 1; i++) { /* the first of each: warm-up */
+        for (int w = 0; w < n_warm; w++)
+            if (tsr_forward_batch(ctx, &b1, x, logits, err, sizeof err)) goto fail;
         uint64_t a = tsr_now_ns(), ca = cpu_ns();
         if (tsr_forward_batch(ctx, &b1, x, logits, err, sizeof err)) goto fail;
         uint64_t bt = tsr_now_ns(), cb = cpu_ns();
+        for (int w = 0; w < n_warm; w++)
+            if (tsr_forward_batch(ctx, &bs, x, logits, err, sizeof err)) goto fail;
+        uint64_t c0 = tsr_now_ns(), cc0 = cpu_ns();
         if (tsr_forward_batch(ctx, &bs, x, logits, err, sizeof err)) goto fail;
         uint64_t e = tsr_now_ns(), ce = cpu_ns();
         if (i > 0) {
             t1[i - 1] = bt - a;
-            ts[i - 1] = e - bt;
+            ts[i - 1] = e - c0;
             c1[i - 1] = cb - ca;
-            cs[i - 1] = ce - cb;
+            cs[i - 1] = ce - cc0;
         }
     }
     qsort(t1, (size_t)reps, sizeof *t1, cmp_u64);
