@@ -2,14 +2,16 @@
  * bench_q80_gemv.c — the one-token Q8_0 GEMV (kernels/q80_gemv.h) against the generic row
  * dots it replaced (tsr_ggml_dot_rows) and a plain read of the same bytes.
  *
- * Streaming: a 64 MiB matrix (TSR_BENCH_MB; larger than the L3) times one token, 1 and 2
- * threads (rows split in halves, 4-row aligned), the three passes interleaved REPS times so
- * that the shared host's drifting load hits all of them alike; prints the medians in GB/s of
- * weight bytes and the median of the per-pass ratios (gemv / read: the share of the
- * bandwidth the kernel streams at; gemv / rows: the speed-up). From cache: a 136 KiB matrix
- * (64 rows of 2048, L2-resident), best of REPS, in ns per 32-element block dot: the compute
- * cost per block. Row lengths: 2048 (the 1B shape's q/k/v/o/gate/up) and 8192 (its
- * ffn_down); TSR_BENCH_COLS=N for one other. TSR_BENCH_ISAS=avx2 limits the ISAs.
+ * Streaming: a 1 GiB matrix (TSR_BENCH_MB; more than twice the largest L3 met here, 480 MiB:
+ * at the former 64 MiB the "streaming" figures came from the L3, 46-50 GB/s at 2 threads), on
+ * 2 MiB pages advised for transparent huge pages as the engine's weight arena is, one token, 1 and
+ * 2 threads (rows split in halves, 4-row aligned), the three passes interleaved REPS times so that
+ * the shared host's drifting load hits all of them alike; prints the medians in GB/s of weight
+ * bytes and the median of the per-pass ratios (gemv / read: the share of the bandwidth the kernel
+ * streams at; gemv / rows: the speed-up). From cache: a 136 KiB matrix (64 rows of 2048,
+ * L2-resident), best of REPS, in ns per 32-element block dot: the compute cost per block. Row
+ * lengths: 2048 (the 1B shape's q/k/v/o/gate/up) and 8192 (its ffn_down); TSR_BENCH_COLS=N for one
+ * other. TSR_BENCH_ISAS=avx2 limits the ISAs.
  *
  * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
  *   cmake --build build --target bench_q80_gemv && uptime &&
@@ -20,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "kernels/dot_ggml.h"
@@ -92,7 +95,9 @@ static double pass(int mode, int isa, int threads, int64_t n, int64_t rows, cons
 static size_t make(int64_t n, int64_t rows, uint8_t **w, uint8_t **x, float **y)
 {
     const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
-    *w = malloc((size_t)rows * rb);
+    const size_t huge = (size_t)2 << 20, n_w = ((size_t)rows * rb + huge - 1) / huge * huge;
+    *w = aligned_alloc(huge, n_w);
+    if (*w) (void)madvise(*w, n_w, MADV_HUGEPAGE); /* advice only, as worker/model_repack.c */
     *x = malloc(rb);
     *y = malloc(sizeof(float) * (size_t)rows);
     float *f = malloc(sizeof(float) * (size_t)n);
@@ -174,7 +179,7 @@ int main(void)
     static const char *const isas[] = {"avx512vnni", "avx2"};
     static const int levels[] = {TSR_GGML_VNNI, TSR_GGML_AVX2};
     const char *mb = getenv("TSR_BENCH_MB");
-    const size_t matrix_bytes = (size_t)(mb && atof(mb) > 0 ? atof(mb) : 64.0) * (1 << 20);
+    const size_t matrix_bytes = (size_t)(mb && atof(mb) > 0 ? atof(mb) : 1024.0) * (1 << 20);
     const char *cols = getenv("TSR_BENCH_COLS");
     int64_t col_list[2] = {2048, 8192};
     int n_cols = 2;
