@@ -1,8 +1,9 @@
 /*
  * bench_repack.c — the repacked kernels (kernels/repack.h) against the file-layout ones
  * (kernels/quant.h) on the same weights, for the decision of kernels/ops.c and the load:
- *  - decode: one token through a ~64 MiB matrix (larger than the L3 cache: streaming from
- *    memory), tsr_vec_dot_rows vs tsr_repack_dot, 1 and 2 threads, in GB/s of weight bytes
+ *  - decode: one token through a ~64 MiB matrix (TSR_BENCH_MB: set it above the L3 for
+ *    figures from memory; this host's 480 MiB L3 holds 64 MiB, and the output buffer grows
+ *    with it), tsr_vec_dot_rows vs tsr_repack_dot, 1 and 2 threads, in GB/s of weight bytes
  *    (the file layout's bytes for both, so the figures compare time);
  *  - prefill: 128 tokens through a 2048 x 2048 matrix (mostly L2/L3), tsr_vec_dot_tile vs
  *    tsr_repack_dot, one thread, in 32-element block dots per ns.

@@ -10,8 +10,9 @@
  *   clock      512-bit FMA throughput / 2 (two FMA ports): the core clock under AVX-512 load
  *   bare loop  the tile's inner three ops (vpdpbusd from a dot start, vsubps, FMA with a
  *              broadcast scale) over 2 row pairs x 8 tokens in L1, nothing else: the bound
- *   tile       the library's tile from cache (256 rows, L2) and streaming (64 MiB of rows,
- *              larger than a core's share of the caches), for 2..16 tokens
+ *   tile       the library's tile from cache (256 rows, L2) and streaming (1 GiB of rows on
+ *              2 MiB pages advised for huge pages, as the engine's weight arena: more than
+ *              twice this host's 480 MiB L3, which held the former 64 MiB), for 2..16 tokens
  * Each as vpdpbusd per ns and cycles per vpdpbusd at the measured clock, 1 thread, best of
  * REPS passes. The gap between "bare loop" and "tile" is what the tile spends besides the
  * three ops (the dot starts -128·Σw of each row pair and block, the scale products, the
@@ -28,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "kernels/dot_ggml.h"
 #include "kernels/quant.h"
@@ -166,8 +168,11 @@ int main(int argc, char **argv)
     static const int32_t toks[] = {2, 5, 8, 9, 16};
     for (int c = 0; c < n_cols; c++) {
         const int64_t n = cols[c], nb = n / 32;
-        const int64_t big = ((int64_t)64 << 20) / (int64_t)(sizeof(bt_q8_0) * nb) / 4 * 4;
-        bt_q8_0 *w = malloc(sizeof(bt_q8_0) * (size_t)(nb * big));
+        const int64_t big = ((int64_t)1 << 30) / (int64_t)(sizeof(bt_q8_0) * nb) / 4 * 4;
+        const size_t huge = (size_t)2 << 20,
+                     n_w = (sizeof(bt_q8_0) * (size_t)(nb * big) + huge - 1) / huge * huge;
+        bt_q8_0 *w = aligned_alloc(huge, n_w);
+        if (w) (void)madvise(w, n_w, MADV_HUGEPAGE); /* advice only, as worker/model_repack.c */
         bt_q8_0 *x = malloc(sizeof(bt_q8_0) * (size_t)(nb * 16));
         void *prep =
             aligned_alloc(64, (tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, 16) + 63) / 64 * 64);
@@ -179,7 +184,7 @@ int main(int argc, char **argv)
         fill(w, (size_t)(nb * big));
         fill(x, (size_t)(nb * 16));
         printf("  tile, %lld columns    tokens   L2 (256 rows)          streaming (%lld rows, "
-               "64 MiB)\n",
+               "1 GiB)\n",
                (long long)n, (long long)big);
         for (size_t i = 0; i < sizeof toks / sizeof *toks; i++) {
             const int32_t nt = toks[i];
