@@ -474,12 +474,13 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
  *    and block; the dots leave it as floats by one vsubps (kernels/x86hsum.h; |dot| <=
  *    4 x 128 x 128 < 2^22), not vcvtdq2ps: with port 0 taking every vpdpbusd, the three ops
  *    per vpdpbusd spread over ports 0 and 5 (1.5 cycles, the bound of this order: a bare loop
- *    of the three reaches 1.6 here, this tile 2.4-2.6 with 16 tokens and 2.8-3.2 with 5 —
- *    tests/bench_tile; the dot starts, the scale products and the permute below are the rest:
- *    ~15, ~12 and 5-7 % in a microbenchmark of the 8-token tile from L1; an unsigned-weights
- *    form with per-token dot starts in the prep measured no faster). bench_verify, 1 thread,
- *    from cache, three interleaved runs, block dots per ns: 5 tokens 2.03-2.21 -> 2.24-2.39,
- *    8 tokens 2.29-2.47 -> 2.38-2.56;
+ *    of the three reaches 1.6 here, this tile from L2 2.3-2.7 with 16 tokens and 2.8-3.2
+ *    with 5, from memory 2.8-2.9 and 4.4-4.6 (1 thread) — tests/bench_tile; the dot starts,
+ *    the scale products and the permute below are the rest: ~15, ~12 and 5-7 % in a
+ *    microbenchmark of the 8-token tile from L1; an unsigned-weights form with per-token dot
+ *    starts in the prep measured no faster). bench_verify, 1 thread, from cache, three
+ *    interleaved runs, block dots per ns: 5 tokens 2.03-2.21 -> 2.24-2.39, 8 tokens
+ *    2.29-2.47 -> 2.38-2.56;
  *  - the pairs' scales fp16(d_w) * fp16(d_x) (the same single rounding), 8 blocks at a time as
  *    {row 2p, row 2p+1} float pairs, each FMA taking its pair as a 64-bit broadcast load.
  * The rows' scales come from the weights chunk by chunk (gg_pair_d16); the next group is
