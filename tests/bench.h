@@ -1,10 +1,12 @@
 /* bench.h — what the kernel micro-benchmarks (tests/bench_*.c, tests/bench.cmake) share: one
- * clock in seconds and the median of a run's repetitions. Header-only (static inline): the
- * benchmarks link tessera_core alone, and the library has no use for either. */
+ * clock in seconds, the median of a run's repetitions and weights on huge pages. Header-only
+ * (static inline): the benchmarks link tessera_core alone, and the library has no use for either.
+ */
 #ifndef TSR_TESTS_BENCH_H
 #define TSR_TESTS_BENCH_H
 
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include "kernels/util.h"
 
@@ -26,6 +28,18 @@ static inline double tsr_bench_median(double *v, int n)
 {
     qsort(v, (size_t)n, sizeof *v, tsr_bench_cmp_double);
     return v[n / 2];
+}
+
+/* n_bytes rounded up to whole 2 MiB pages (*n_alloc gets that size), 2 MiB aligned and
+ * advised for transparent huge pages, as worker/model_repack.c lays out the engine's weights
+ * (advice only: the kernel may keep 4 KiB pages). NULL when out of memory; free() it. */
+static inline void *tsr_bench_huge_alloc(size_t n_bytes, size_t *n_alloc)
+{
+    const size_t huge = (size_t)2 << 20, n = (n_bytes + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, n);
+    if (p) (void)madvise(p, n, MADV_HUGEPAGE);
+    if (n_alloc) *n_alloc = n;
+    return p;
 }
 
 #endif

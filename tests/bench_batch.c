@@ -42,6 +42,20 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* n_warm untimed steps of batch b, then one timed: its wall and CPU time (ns) into *wall and
+ * *cpu. Returns tsr_forward_batch's status (err filled on failure). */
+static int step_timed(tsr_ctx *ctx, const tsr_batch *b, int n_warm, float *x, float *logits,
+                      uint64_t *wall, uint64_t *cpu, char *err, size_t err_len)
+{
+    for (int w = 0; w < n_warm; w++)
+        if (tsr_forward_batch(ctx, b, x, logits, err, err_len)) return -1;
+    const uint64_t a = tsr_now_ns(), ca = cpu_ns();
+    if (tsr_forward_batch(ctx, b, x, logits, err, err_len)) return -1;
+    *wall = tsr_now_ns() - a;
+    *cpu = cpu_ns() - ca;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *model = NULL;
@@ -150,21 +164,15 @@ int main(int argc, char **argv)
      * (3.4): timed right after the 16-sequence step, it overstated the ratio (4.3-4.8x for
      * 3.5-3.6x). */
     for (int i = 0; i < reps + 1; i++) { /* the first of each: warm-up */
-        for (int w = 0; w < n_warm; w++)
-            if (tsr_forward_batch(ctx, &b1, x, logits, err, sizeof err)) goto fail;
-        uint64_t a = tsr_now_ns(), ca = cpu_ns();
-        if (tsr_forward_batch(ctx, &b1, x, logits, err, sizeof err)) goto fail;
-        uint64_t bt = tsr_now_ns(), cb = cpu_ns();
-        for (int w = 0; w < n_warm; w++)
-            if (tsr_forward_batch(ctx, &bs, x, logits, err, sizeof err)) goto fail;
-        uint64_t c0 = tsr_now_ns(), cc0 = cpu_ns();
-        if (tsr_forward_batch(ctx, &bs, x, logits, err, sizeof err)) goto fail;
-        uint64_t e = tsr_now_ns(), ce = cpu_ns();
+        uint64_t w1, wc1, ws, wcs;
+        if (step_timed(ctx, &b1, n_warm, x, logits, &w1, &wc1, err, sizeof err) ||
+            step_timed(ctx, &bs, n_warm, x, logits, &ws, &wcs, err, sizeof err))
+            goto fail;
         if (i > 0) {
-            t1[i - 1] = bt - a;
-            ts[i - 1] = e - c0;
-            c1[i - 1] = cb - ca;
-            cs[i - 1] = ce - cc0;
+            t1[i - 1] = w1;
+            ts[i - 1] = ws;
+            c1[i - 1] = wc1;
+            cs[i - 1] = wcs;
         }
     }
     qsort(t1, (size_t)reps, sizeof *t1, cmp_u64);

@@ -21,7 +21,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 
 #include "kernels/ops.h"
@@ -89,14 +88,12 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
         layer += mb[m];
     }
     const int n_layers = (int)((want + layer - 1) / layer);
-    const size_t huge = (size_t)2 << 20;
-    const size_t total = ((size_t)n_layers * layer + huge - 1) / huge * huge;
-    uint8_t *arena = aligned_alloc(huge, total);
+    size_t total;
+    uint8_t *arena = tsr_bench_huge_alloc((size_t)n_layers * layer, &total);
     if (!arena) {
         fprintf(stderr, "bench_gemv_stream: out of memory\n");
         exit(1);
     }
-    (void)madvise(arena, total, MADV_HUGEPAGE);
     memset(arena, 0, total);
     /* 64 distinct quantized rows repeated, repacked into each layer's place */
     const int64_t n_max = 8192, r_max = 8192;

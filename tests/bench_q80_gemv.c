@@ -22,7 +22,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 
 #include "kernels/dot_ggml.h"
@@ -95,9 +94,7 @@ static double pass(int mode, int isa, int threads, int64_t n, int64_t rows, cons
 static size_t make(int64_t n, int64_t rows, uint8_t **w, uint8_t **x, float **y)
 {
     const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
-    const size_t huge = (size_t)2 << 20, n_w = ((size_t)rows * rb + huge - 1) / huge * huge;
-    *w = aligned_alloc(huge, n_w);
-    if (*w) (void)madvise(*w, n_w, MADV_HUGEPAGE); /* advice only, as worker/model_repack.c */
+    *w = tsr_bench_huge_alloc((size_t)rows * rb, NULL);
     *x = malloc(rb);
     *y = malloc(sizeof(float) * (size_t)rows);
     float *f = malloc(sizeof(float) * (size_t)n);

@@ -29,7 +29,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "kernels/dot_ggml.h"
 #include "kernels/quant.h"
@@ -169,10 +168,7 @@ int main(int argc, char **argv)
     for (int c = 0; c < n_cols; c++) {
         const int64_t n = cols[c], nb = n / 32;
         const int64_t big = ((int64_t)1 << 30) / (int64_t)(sizeof(bt_q8_0) * nb) / 4 * 4;
-        const size_t huge = (size_t)2 << 20,
-                     n_w = (sizeof(bt_q8_0) * (size_t)(nb * big) + huge - 1) / huge * huge;
-        bt_q8_0 *w = aligned_alloc(huge, n_w);
-        if (w) (void)madvise(w, n_w, MADV_HUGEPAGE); /* advice only, as worker/model_repack.c */
+        bt_q8_0 *w = tsr_bench_huge_alloc(sizeof(bt_q8_0) * (size_t)(nb * big), NULL);
         bt_q8_0 *x = malloc(sizeof(bt_q8_0) * (size_t)(nb * 16));
         void *prep =
             aligned_alloc(64, (tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, 16) + 63) / 64 * 64);
