@@ -5,17 +5,18 @@
  * alone, without the scheduler, sampling or the network). A benchmark, not a test: it
  * prints figures and checks nothing.
  *
- *   bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] [-r REPS] [-w WARM]
+ *   bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] [-r REPS] [-w WARM_MS]
  *
  * A paged f16 KV cache (as serve) holds SEQS sequences of CONTEXT cached tokens each
  * (default 16 sequences of 40: the middle of serving.sh's 64-token requests); then one
  * decode step of 1 sequence and one of all SEQS sequences (one token each, logits for
- * every token) are timed REPS times each, interleaved, each after WARM (default 6) untimed
- * steps of its own width, so that it finds the caches as a server at that concurrency keeps
- * them. Prints the medians, the time per token and the ratio SEQS * t(1) / t(SEQS), the tokens/s a
- * batch of SEQS gives over one, from the wall time and from the process's CPU time (with -t 1 that
- * is the work itself, less disturbed by a busy machine; with more threads it counts their waits
- * too). Timings on a shared machine are noisy: take the median of several runs.
+ * every token) are timed REPS times each, interleaved, each after WARM_MS (default 1000)
+ * milliseconds of untimed steps of its own width, so that it finds the machine as a server
+ * at that concurrency keeps it. Prints the medians, the time per token and the ratio
+ * SEQS * t(1) / t(SEQS), the tokens/s a batch of SEQS gives over one, from the wall time and
+ * from the process's CPU time (with -t 1 that is the work itself, less disturbed by a busy
+ * machine; with more threads it counts their waits too). Timings on a shared machine are
+ * noisy: take the median of several runs.
  */
 #include "kernels/kvcache.h"
 #include "kernels/util.h"
@@ -42,13 +43,15 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* n_warm untimed steps of batch b, then one timed: its wall and CPU time (ns) into *wall and
- * *cpu. Returns tsr_forward_batch's status (err filled on failure). */
-static int step_timed(tsr_ctx *ctx, const tsr_batch *b, int n_warm, float *x, float *logits,
+/* Untimed steps of batch b for warm_ns (at least one), then one timed: its wall and CPU time
+ * (ns) into *wall and *cpu. Returns tsr_forward_batch's status (err filled on failure). */
+static int step_timed(tsr_ctx *ctx, const tsr_batch *b, uint64_t warm_ns, float *x, float *logits,
                       uint64_t *wall, uint64_t *cpu, char *err, size_t err_len)
 {
-    for (int w = 0; w < n_warm; w++)
+    const uint64_t t_warm = tsr_now_ns();
+    do {
         if (tsr_forward_batch(ctx, b, x, logits, err, err_len)) return -1;
+    } while (tsr_now_ns() - t_warm < warm_ns);
     const uint64_t a = tsr_now_ns(), ca = cpu_ns();
     if (tsr_forward_batch(ctx, b, x, logits, err, err_len)) return -1;
     *wall = tsr_now_ns() - a;
@@ -59,7 +62,7 @@ static int step_timed(tsr_ctx *ctx, const tsr_batch *b, int n_warm, float *x, fl
 int main(int argc, char **argv)
 {
     const char *model = NULL;
-    int n_threads = 2, n_seqs = 16, n_ctx = 40, reps = 21, n_warm = 6, c;
+    int n_threads = 2, n_seqs = 16, n_ctx = 40, reps = 21, warm_ms = 1000, c;
     while ((c = getopt(argc, argv, "m:t:s:c:r:w:")) != -1) {
         if (c == 'm')
             model = optarg;
@@ -72,13 +75,13 @@ int main(int argc, char **argv)
         else if (c == 'r')
             reps = atoi(optarg);
         else if (c == 'w')
-            n_warm = atoi(optarg);
+            warm_ms = atoi(optarg);
         else
             return 2;
     }
-    if (!model || n_threads < 1 || n_seqs < 1 || n_ctx < 1 || reps < 1 || n_warm < 0) {
+    if (!model || n_threads < 1 || n_seqs < 1 || n_ctx < 1 || reps < 1 || warm_ms < 0) {
         fprintf(stderr, "usage: bench_batch -m MODEL [-t THREADS] [-s SEQS] [-c CONTEXT] "
-                        "[-r REPS] [-w WARM]\n");
+                        "[-r REPS] [-w WARM_MS]\n");
         return 2;
     }
     const int32_t bps = (n_ctx + 1 + TSR_KV_BLOCK_SIZE - 1) / TSR_KV_BLOCK_SIZE;
@@ -156,17 +159,19 @@ int main(int argc, char **argv)
                     .n_blocks = n_blocks};
     tsr_batch bs = b1;
     bs.n_tokens = n_seqs;
-    /* Each rep: n_warm + 1 steps of 1 sequence, then as many of all, the last of each timed.
-     * The widths interleave (a shared machine's load drifts over a run), but a step right
-     * after those of the other width finds the caches as that width left them, for several
-     * steps: 100M Q8_0, 2 threads, the 1-sequence step ran 4.1-4.5 ms after 0 or 1 of its
-     * own, 3.4-3.7 after 3 and 3.36 after 6, as a run of them (serve at concurrency 1) does
-     * (3.4): timed right after the 16-sequence step, it overstated the ratio (4.3-4.8x for
-     * 3.5-3.6x). */
+    /* Each rep: steps of 1 sequence for warm_ms, then one timed; the same for all the
+     * sequences. The widths interleave (a shared machine's load drifts over a run), but a
+     * step after those of the other width finds the machine as that width left it, for a
+     * while: 100M Q8_0, 2 threads, the 1-sequence step ran 4.1-4.5 ms right after a
+     * 16-sequence one, 3.8-4.2 after 6 or 12 steps of its own, 3.4 after 30, 3.0-3.2 after
+     * 100-300 (0.3-1 s), as a run of them alone (serve at concurrency 1) does: timed early,
+     * it overstated the ratio (4.0-4.8x for 3.1-3.3x). */
     for (int i = 0; i < reps + 1; i++) { /* the first of each: warm-up */
         uint64_t w1, wc1, ws, wcs;
-        if (step_timed(ctx, &b1, n_warm, x, logits, &w1, &wc1, err, sizeof err) ||
-            step_timed(ctx, &bs, n_warm, x, logits, &ws, &wcs, err, sizeof err))
+        if (step_timed(ctx, &b1, (uint64_t)warm_ms * 1000000u, x, logits, &w1, &wc1, err,
+                       sizeof err) ||
+            step_timed(ctx, &bs, (uint64_t)warm_ms * 1000000u, x, logits, &ws, &wcs, err,
+                       sizeof err))
             goto fail;
         if (i > 0) {
             t1[i - 1] = w1;

@@ -106,8 +106,8 @@ printf '  concurrency  1: %8.1f tok/s   (%s)\n' "$t1" "${T1[*]}"
 printf '  concurrency 16: %8.1f tok/s   (%s)\n' "$t16" "${T16[*]}"
 printf '  ratio c16/c1:   %8.2f x       (aim >= 4)\n' "$(echo "$t16 $t1" | awk '{print $1/$2}')"
 # The forward pass alone (no gRPC, scheduler, sampling, nor the load generator sharing the
-# cores): a step of 16 sequences against one of 1, interleaved, each after 6 untimed steps
-# of its own width (bench_batch -w), when the tests are built.
+# cores): a step of 16 sequences against one of 1, interleaved, each after 1 s of untimed
+# steps of its own width (bench_batch -w), when the tests are built.
 BB=build/tests/bench_batch
 if [ -x "$BB" ]; then
     BR=()
