@@ -12,7 +12,7 @@
 # vpdpbusd per ns and cycles at the measured AVX-512 clock. bench_kvcache (kvcache.cmake)
 # and bench_head (real_models.cmake) sit with the tests of their module.
 foreach(b bench_quant bench_repack bench_q4k_gemm bench_batch bench_verify bench_q80_gemv
-    bench_gemv_stream bench_tile)
+    bench_gemv_stream bench_tile bench_q8_layout)
   add_executable(${b} ${CMAKE_CURRENT_SOURCE_DIR}/${b}.c)
   target_link_libraries(${b} PRIVATE tessera_core)
 endforeach()
