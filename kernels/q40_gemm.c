@@ -522,7 +522,9 @@ static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int6
  * a pass prefetches the next one whole, as one linear stream. Measured (bench of 64 MiB
  * matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
  * 24-35 GB/s per thread against 17-27 for a prefetch in each group's stream 64 blocks ahead
- * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. */
+ * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. (64 MiB sits in this
+ * host's 480 MiB L3; from memory, tests/bench_gemv_stream's 1 GiB at 2 threads, the next pass,
+ * the one after it or the third ahead give 0.80-0.82 of a plain read alike, 2026-12-05.) */
 QG_INLINE void qv_prefetch_next(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb,
                                 int n_lines)
 {

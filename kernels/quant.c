@@ -2252,7 +2252,9 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * (27 KiB) against 28, tests/bench_gemv_stream (1B layer matrices, 196 MiB, 2 threads, engine
  * claims), share of the plain read in the same run, 4 runs: 0.811 -> 0.880, 0.909 -> 0.898
  * (40: 0.920), 0.828 -> 0.852, 0.963 -> 1.011; 64-128 no better, prefetcht0 0.755, t2 as t1,
- * nta 0.41, none 0.70. Q6_K stays at 16 (0.95-1.0 of the read at 16-64). */
+ * nta 0.41, none 0.70. Q6_K stays at 16 (0.95-1.0 of the read at 16-64). Those 196 MiB sat in
+ * this host's 480 MiB L3; from 1 GiB (memory, 2026-12-05) Q4_K reads 0.78-0.80 of the plain
+ * read at 28, 48 or 96 steps alike: the distance is not what holds it below the read. */
 #define RQ_PF_Q4_K 48
 #define RQ_PF_Q6_K 16
 

@@ -5,8 +5,12 @@
  *
  * The weights are a 1B layer's matrices (q 2048x2048, k/v 512x2048, o 2048x2048,
  * gate/up 8192x2048, down 2048x8192) repeated over enough layers for TSR_BENCH_MB (default
- * 192) MiB of repacked weights, in one 2 MiB-aligned MADV_HUGEPAGE arena as
- * worker/model_repack.c's, so that nothing of a pass is left in cache from the last one. A
+ * 1024) MiB of repacked weights, in one 2 MiB-aligned MADV_HUGEPAGE arena as
+ * worker/model_repack.c's, so that nothing of a pass is left in cache from the last one: more
+ * than twice the largest L3 met here (480 MiB). The former default, 192 MiB, sat in that L3
+ * and measured it, not memory (2026-12-05, 2 threads, gemv/read: Q4_0 0.90 there against
+ * 0.81-0.82 from 1 GiB, Q4_K 0.88 against 0.79-0.83, Q6_K 0.92 against 0.90; the plain read
+ * 34 GB/s against 31). A
  * pass is one decode step's matmuls as the engine issues them (tsr_matmul_multi: qkv, o,
  * gate+up, down; 2 threads, guided claims); the plain read is the same arena read by the
  * same pool, each thread one half. Prints per type the medians of REPS interleaved passes
@@ -174,7 +178,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
 int main(void)
 {
     const char *mbs = getenv("TSR_BENCH_MB");
-    const size_t want = (size_t)(mbs && atof(mbs) > 0 ? atof(mbs) : 192.0) * (1 << 20);
+    const size_t want = (size_t)(mbs && atof(mbs) > 0 ? atof(mbs) : 1024.0) * (1 << 20);
     const char *ths = getenv("TSR_BENCH_THREADS");
     tsr_pool *pool = tsr_pool_new(ths && atoi(ths) > 0 ? atoi(ths) : 2);
     printf("one-token GEMV of the repacked groups, 1B layer matrices, %d threads, ISA %s; "
