@@ -33,9 +33,14 @@
  * gains nothing where verification needs it (5 tokens from memory: compute and the weight
  * stream still overlap only partly); AMX loses: a TDPBSSD takes ~17 cycles for 16 x 16
  * outputs, its tile store another ~16, and reading C back into vector registers right after
- * the store stalls (0.65-0.75 per ns where the VNNI kernel does 1.5).
+ * the store stalls (0.65-0.75 per ns where the VNNI kernel does 1.5). 768 columns (the 100M
+ * shape, whose weights this host's L3 holds), 128 MiB streamed: 16 tokens 1.22 -> 1.38, 8
+ * tokens 0.95 -> 1.09, 5 tokens 0.73 -> 0.81 (1 thread streams the L3 no faster than memory
+ * here): taken into the engine, the 16-sequence decode step (69 % tiles) would gain about 8 %,
+ * short of what serving's 4x at concurrency 16 needs (15 -> ~12 ms).
  *
- *   bench_q8_layout [COLS]   (default 2048 and 768, the 1B and 100M shapes' row lengths)
+ *   bench_q8_layout [COLS]   (default 2048 and 768, the 1B and 100M shapes' row lengths;
+ *                            TSR_BENCH_MB the streamed size, default 1024)
  *
  * Not a ctest (tests/bench.cmake). x86 with AVX-512 VNNI only; the AMX part where the CPU
  * has AMX-INT8 and the kernel grants the tile state (arch_prctl). Run it under
@@ -376,6 +381,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    const char *mbs = getenv("TSR_BENCH_MB");
+    const size_t mb = mbs && atoi(mbs) >= 16 ? (size_t)atoi(mbs) : 1024;
     const bool amx = bq_amx_init();
     printf("bench_q8_layout: 1 thread, best of %d passes, vpdpbusd-equivalents (64 products) per "
            "ns; library tile (file layout) / transposed VNNI / AMX%s\n",
@@ -384,7 +391,8 @@ int main(int argc, char **argv)
     for (int ci = 0; ci < n_cols; ci++) {
         const int64_t n = cols[ci], nb = n / 32;
         const size_t gb = bq_group_bytes(nb);
-        const int64_t rows = ((int64_t)1 << 30) / (int64_t)gb * BQ_ROWS; /* 1 GiB */
+        /* 1 GiB (TSR_BENCH_MB: e.g. 128 for weights the L3 holds, as the 100M shape's) */
+        const int64_t rows = (int64_t)(mb << 20) / (int64_t)gb * BQ_ROWS;
         bq_q8_0 *wf = tsr_bench_huge_alloc(sizeof(bq_q8_0) * (size_t)(nb * rows), NULL);
         uint8_t *wv = tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS), NULL);
         uint8_t *wa = amx ? tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS), NULL) : NULL;
@@ -432,8 +440,8 @@ int main(int argc, char **argv)
                     }
             }
         printf("  %lld columns: both layouts bit-identical to tsr_ggml_dot_rows (1..16 tokens)\n"
-               "    tokens   L2 (256 rows)                 memory (%lld rows, 1 GiB)\n",
-               (long long)n, (long long)rows);
+               "    tokens   L2 (256 rows)                 streaming (%lld rows, %zu MiB)\n",
+               (long long)n, (long long)rows, mb);
         for (size_t i = 0; i < sizeof toks / sizeof *toks; i++) {
             const int nt = toks[i];
             for (int t = 0; t < nt; t++) tsr_ggml_tile_prep(n, nt, t, x + t * nb, prep);
