@@ -37,7 +37,7 @@
 #include <immintrin.h>
 #endif
 
-enum { REPS = 11, N_MAT = 7 };
+enum { REPS = 11, N_MAT = 7, MAX_LAYERS = 64 /* ~2 GiB of Q4_0 / Q4_K, 1.5 GiB of Q6_K */ };
 
 static const int64_t k_shape[N_MAT][2] = {/* n_in, n_out */
                                           {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
@@ -92,6 +92,13 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
         layer += mb[m];
     }
     const int n_layers = (int)((want + layer - 1) / layer);
+    if (n_layers > MAX_LAYERS) {
+        fprintf(stderr,
+                "bench_gemv_stream: %s: %zu MiB asked is %d layers of %zu MiB; at most %d: lower "
+                "TSR_BENCH_MB\n",
+                name, want >> 20, n_layers, layer >> 20, MAX_LAYERS);
+        exit(2);
+    }
     size_t total;
     uint8_t *arena = tsr_bench_huge_alloc((size_t)n_layers * layer, &total);
     if (!arena) {
@@ -105,7 +112,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
     float *x = malloc(sizeof(float) * (size_t)n_max);
     uint8_t *src = malloc(tsr_row_bytes(type, n_max) * (size_t)r_max);
     uint64_t s = 88172645463325252ULL;
-    tsr_weight w[64][N_MAT];
+    tsr_weight w[MAX_LAYERS][N_MAT];
     size_t off = 0;
     for (int m = 0; m < N_MAT; m++) {
         const int64_t n = k_shape[m][0], rows = k_shape[m][1];

@@ -23,24 +23,25 @@
  *     per row (A[(t, k)][4k..4k+3] = x_t's lane k, zeros elsewhere: 1/8 of the products
  *     used) and B = q[j] (8 rows of 64 bytes); C stored and read back as 16 zmm, converted
  *     and FMA'd as above.
- * Both are checked bit for bit against tsr_ggml_dot_rows before they are timed.
+ * The two new kernels (not the library's tile) are checked bit for bit against
+ * tsr_ggml_dot_rows, for 1..16 tokens, before anything is timed.
  *
- * Measured (2026-12-05, 1 thread, 2048 columns, vpdpbusd-equivalents per ns, i.e. 64
- * products; library tile / transposed VNNI / AMX): from L2, 5 tokens 1.26 / 1.52 / 0.65,
- * 16 tokens 1.42 / 1.58-1.82 / 0.75; from memory, 5 tokens 0.81 / 0.79-0.80 / 0.51, 16
- * tokens 1.17 / 1.32-1.39 / 0.68; one token 14.3-14.9 GB/s (the row GEMV: 13.7-14.4). So
- * the layout makes the tile 10-28 % faster where it computes from cache (16 tokens) and
- * gains nothing where verification needs it (5 tokens from memory: compute and the weight
- * stream still overlap only partly); AMX loses: a TDPBSSD takes ~17 cycles for 16 x 16
- * outputs, its tile store another ~16, and reading C back into vector registers right after
- * the store stalls (0.65-0.75 per ns where the VNNI kernel does 1.5). 768 columns (the 100M
- * shape, whose weights this host's L3 holds), 128 MiB streamed: 16 tokens 1.22 -> 1.38, 8
- * tokens 0.95 -> 1.09, 5 tokens 0.73 -> 0.81 (1 thread streams the L3 no faster than memory
- * here): taken into the engine, the 16-sequence decode step (69 % tiles) would gain about 8 %,
- * short of what serving's 4x at concurrency 16 needs (15 -> ~12 ms).
+ * Measured (2026-12-05, 1 thread, vpdpbusd-equivalents per ns, i.e. 64 products; library
+ * tile / transposed VNNI / AMX), 2048 columns: from cache (256 rows), 5 tokens 1.27 / 1.44 /
+ * 0.61, 16 tokens 1.36 / 1.66 / 0.81; streaming 1 GiB, 5 tokens 0.80 / 0.78 / 0.51, 8 tokens
+ * 1.05 / 1.08 / 0.61, 16 tokens 1.22 / 1.42 / 0.69; one token 11.3 (the row dots) / 14.1
+ * GB/s. So the layout makes the tile 15-22 % faster where it computes from cache (16 tokens)
+ * and gains nothing where verification needs it (5 tokens from memory: compute and the weight
+ * stream still overlap only partly). AMX loses: a TDPBSSD takes ~17 cycles for 16 x 16
+ * outputs, its tile store ~16 more, and reading C back into vector registers right after the
+ * store stalls. 768 columns (the 100M shape, whose weights this host's L3 holds), 128 MiB
+ * streamed: 16 tokens 1.22 -> 1.38, 8 tokens 0.95 -> 1.09, 5 tokens 0.73 -> 0.81 (1 thread
+ * streams the L3 no faster than memory here). Taken into the engine, the 16-sequence decode
+ * step (69 % tiles, +13 %) would be about 8 % shorter (15 -> ~13.8 ms), short of the ~12 ms
+ * that serving's 4x at concurrency 16 needs.
  *
  *   bench_q8_layout [COLS]   (default 2048 and 768, the 1B and 100M shapes' row lengths;
- *                            TSR_BENCH_MB the streamed size, default 1024)
+ *                            TSR_BENCH_MB the streamed size in MiB, 16 or more, default 1024)
  *
  * Not a ctest (tests/bench.cmake). x86 with AVX-512 VNNI only; the AMX part where the CPU
  * has AMX-INT8 and the kernel grants the tile state (arch_prctl). Run it under
@@ -153,8 +154,9 @@ typedef struct {
     int n;
 } bq_pf;
 
-/* T tokens (1..BQ_TMAX) over a whole group; pfd > 0: one token, every line pfd bytes ahead
- * into L1 (decode); else the spread prefetch pf. */
+/* T tokens (1..BQ_TMAX) over a whole group; pfd > 0: one token, every line of the quants pfd
+ * bytes ahead into L1 (decode; pfd = BQ_CHB: the next chunk, whose scales go with block 0..3
+ * of this one); else the spread prefetch pf. */
 #define BQ_PASS(T)                                                                                 \
     BQ_VNNI static void bq_pass_##T(int64_t nb, const uint8_t *g, const bq_tok *tk, float *y,      \
                                     size_t ys, size_t pfd, bq_pf *pf)                              \
@@ -173,7 +175,7 @@ typedef struct {
             if (pfd) {                                                                             \
                 for (int i = 0; i < 8; i++)                                                        \
                     _mm_prefetch((const char *)q + pfd + 64 * i, _MM_HINT_T0);                     \
-                if (j == 0) _mm_prefetch((const char *)ch + pfd, _MM_HINT_T0);                     \
+                if (j < 4) _mm_prefetch((const char *)ch + pfd + 64 * j, _MM_HINT_T0);             \
             }                                                                                      \
             for (int i = 0; i < pf->n && pf->p < pf->end; i++, pf->p += 64)                        \
                 _mm_prefetch(pf->p, _MM_HINT_T1);                                                  \
@@ -211,7 +213,7 @@ static void bq_vnni_group(int64_t nb, const uint8_t *g, size_t gb, int n_tok, co
                                    ((size_t)n_pass * (size_t)nb))};
     for (int t0 = 0; t0 < n_tok; t0 += BQ_TMAX) {
         const int T = n_tok - t0 < BQ_TMAX ? n_tok - t0 : BQ_TMAX;
-        pass[T](nb, g, tk + t0, y + (size_t)t0 * ys, ys, n_tok == 1 ? 4096 : 0, &pf);
+        pass[T](nb, g, tk + t0, y + (size_t)t0 * ys, ys, n_tok == 1 ? BQ_CHB : 0, &pf);
     }
 }
 
@@ -274,6 +276,9 @@ BQ_AMX static void bq_amx_group(int64_t nb, const uint8_t *g, size_t gb, int n_t
             BQ_STAGE(6, 1, 0, 6)
             BQ_STAGE(7, 4, 3, 7)
 #undef BQ_STAGE
+            /* the stores above are asm without a memory clobber in GCC 12: order them before
+             * the loads below */
+            __asm__ volatile("" ::: "memory");
             for (int j = 0; j < m; j++) {
                 for (int i = 0; i < pf.n && pf.p < pf.end; i++, pf.p += 64)
                     _mm_prefetch(pf.p, _MM_HINT_T1);
@@ -382,20 +387,34 @@ int main(int argc, char **argv)
         }
     }
     const char *mbs = getenv("TSR_BENCH_MB");
-    const size_t mb = mbs && atoi(mbs) >= 16 ? (size_t)atoi(mbs) : 1024;
+    const double mb_f = mbs && *mbs ? atof(mbs) : 1024.0;
+    if (mb_f < 16 || mb_f > 65536) {
+        fprintf(stderr, "bench_q8_layout: TSR_BENCH_MB must be 16..65536 (MiB), got '%s'\n", mbs);
+        return 2;
+    }
+    const size_t mb = (size_t)mb_f;
     const bool amx = bq_amx_init();
-    printf("bench_q8_layout: 1 thread, best of %d passes, vpdpbusd-equivalents (64 products) per "
-           "ns; library tile (file layout) / transposed VNNI / AMX%s\n",
-           BQ_REPS, amx ? "" : " (no AMX here)");
+    printf("bench_q8_layout: 1 thread, best of %d passes (%d for the 256 rows from cache), "
+           "vpdpbusd-equivalents (64 products) per ns; library tile (file layout) / transposed "
+           "VNNI / AMX%s\n",
+           BQ_REPS, 40 * BQ_REPS, amx ? "" : " (no AMX here)");
     static const int toks[] = {1, 2, 5, 8, 16};
     for (int ci = 0; ci < n_cols; ci++) {
         const int64_t n = cols[ci], nb = n / 32;
         const size_t gb = bq_group_bytes(nb);
         /* 1 GiB (TSR_BENCH_MB: e.g. 128 for weights the L3 holds, as the 100M shape's) */
         const int64_t rows = (int64_t)(mb << 20) / (int64_t)gb * BQ_ROWS;
+        if (rows < 256) {
+            fprintf(stderr,
+                    "bench_q8_layout: %zu MiB holds %lld rows of %lld columns, fewer than the 256 "
+                    "of the cache runs: raise TSR_BENCH_MB\n",
+                    mb, (long long)rows, (long long)n);
+            return 2;
+        }
+        /* the packed forms get 2 groups of slack: the last group's prefetches point there */
         bq_q8_0 *wf = tsr_bench_huge_alloc(sizeof(bq_q8_0) * (size_t)(nb * rows), NULL);
-        uint8_t *wv = tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS), NULL);
-        uint8_t *wa = amx ? tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS), NULL) : NULL;
+        uint8_t *wv = tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS + 2), NULL);
+        uint8_t *wa = amx ? tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS + 2), NULL) : NULL;
         bq_q8_0 *x = malloc(sizeof(bq_q8_0) * (size_t)(nb * 16));
         void *prep = aligned_alloc(64, tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, 16) + 64);
         float *y = malloc(sizeof(float) * (size_t)rows * 16), ref[16 * 64];
@@ -439,9 +458,9 @@ int main(int argc, char **argv)
                         return 1;
                     }
             }
-        printf("  %lld columns: both layouts bit-identical to tsr_ggml_dot_rows (1..16 tokens)\n"
-               "    tokens   L2 (256 rows)                 streaming (%lld rows, %zu MiB)\n",
-               (long long)n, (long long)rows, mb);
+        printf("  %lld columns: %s bit-identical to tsr_ggml_dot_rows (1..16 tokens)\n"
+               "    tokens   cache (256 rows)              streaming (%lld rows, %zu MiB)\n",
+               (long long)n, amx ? "both new kernels" : "the VNNI kernel", (long long)rows, mb);
         for (size_t i = 0; i < sizeof toks / sizeof *toks; i++) {
             const int nt = toks[i];
             for (int t = 0; t < nt; t++) tsr_ggml_tile_prep(n, nt, t, x + t * nb, prep);
@@ -461,7 +480,8 @@ int main(int argc, char **argv)
     }
     return 0;
 oom:
-    fprintf(stderr, "bench_q8_layout: out of memory (it needs about 3 GiB)\n");
+    fprintf(stderr, "bench_q8_layout: out of memory (it needs about 3 x TSR_BENCH_MB, 3 GiB by "
+                    "default)\n");
     return 1;
 }
 #else
