@@ -27,10 +27,11 @@
  * tsr_ggml_dot_rows, for 1..16 tokens, before anything is timed.
  *
  * Measured (2026-12-05, 1 thread, vpdpbusd-equivalents per ns, i.e. 64 products; library
- * tile / transposed VNNI / AMX), 2048 columns: from cache (256 rows), 5 tokens 1.27 / 1.44 /
- * 0.61, 16 tokens 1.36 / 1.66 / 0.81; streaming 1 GiB, 5 tokens 0.80 / 0.78 / 0.51, 8 tokens
- * 1.05 / 1.08 / 0.61, 16 tokens 1.22 / 1.42 / 0.69; one token 11.3 (the row dots) / 14.1
- * GB/s. So the layout makes the tile 15-22 % faster where it computes from cache (16 tokens)
+ * tile / transposed VNNI / AMX; two runs), 2048 columns: from cache (256 rows), 5 tokens
+ * 1.26-1.27 / 1.44-1.49 / 0.60, 16 tokens 1.34-1.36 / 1.44-1.66 / 0.72-0.81; streaming 1
+ * GiB, 5 tokens 0.80 / 0.78-0.79 / 0.50, 8 tokens 1.04-1.05 / 1.05-1.08 / 0.61, 16 tokens
+ * 1.13-1.22 / 1.30-1.42 / 0.65-0.69; one token 11.3 (the row dots) / 14.0-14.1 GB/s. So the
+ * layout makes the tile 7-22 % faster where it computes from cache (16 tokens)
  * and gains nothing where verification needs it (5 tokens from memory: compute and the weight
  * stream still overlap only partly). AMX loses: a TDPBSSD takes ~17 cycles for 16 x 16
  * outputs, its tile store ~16 more, and reading C back into vector registers right after the
