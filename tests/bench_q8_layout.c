@@ -78,11 +78,6 @@ enum {
 #define BQ_MAGIC_I 0x4B400000
 #define BQ_MAGIC_F 12582912.0f
 
-typedef struct {
-    uint16_t d;
-    int8_t qs[32];
-} bq_q8_0; /* one Q8_0 block as stored */
-
 static size_t bq_group_bytes(int64_t nb)
 {
     return (size_t)((nb + BQ_CH - 1) / BQ_CH) * BQ_CHB;
@@ -90,14 +85,14 @@ static size_t bq_group_bytes(int64_t nb)
 
 /* Rows 0..15 of w (nb blocks each, file layout) into group g; quants xor `flip` (0x80: the
  * unsigned form the VNNI kernel multiplies, 0: signed for AMX). */
-static void bq_pack(int64_t nb, const bq_q8_0 *w, uint8_t flip, uint8_t *g)
+static void bq_pack(int64_t nb, const tsr_bench_q8_0 *w, uint8_t flip, uint8_t *g)
 {
     memset(g, 0, bq_group_bytes(nb));
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *ch = g + (size_t)(b / BQ_CH) * BQ_CHB;
         const int j = (int)(b % BQ_CH);
         for (int r = 0; r < BQ_ROWS; r++) {
-            const bq_q8_0 *blk = w + (size_t)r * (size_t)nb + (size_t)b;
+            const tsr_bench_q8_0 *blk = w + (size_t)r * (size_t)nb + (size_t)b;
             memcpy(ch + (j * BQ_ROWS + r) * 2, &blk->d, 2);
             for (int k = 0; k < 8; k++)
                 for (int e = 0; e < 4; e++)
@@ -114,7 +109,7 @@ typedef struct {
     float *dx;   /* [nb] */
 } bq_tok;
 
-static void bq_tok_make(int64_t nb, const bq_q8_0 *x, bq_tok *t)
+static void bq_tok_make(int64_t nb, const tsr_bench_q8_0 *x, bq_tok *t)
 {
     for (int64_t b = 0; b < nb; b++) {
         for (int k = 0; k < 8; k++) {
@@ -128,12 +123,12 @@ static void bq_tok_make(int64_t nb, const bq_q8_0 *x, bq_tok *t)
 }
 
 /* A tiles of tokens x0, x1 (x1 NULL: zeros): [nb][16 rows (t, k)][32 bytes]. */
-static void bq_amx_a(int64_t nb, const bq_q8_0 *x0, const bq_q8_0 *x1, int8_t *a)
+static void bq_amx_a(int64_t nb, const tsr_bench_q8_0 *x0, const tsr_bench_q8_0 *x1, int8_t *a)
 {
     memset(a, 0, (size_t)nb * 512);
     for (int64_t b = 0; b < nb; b++)
         for (int tt = 0; tt < 2; tt++) {
-            const bq_q8_0 *x = tt ? x1 : x0;
+            const tsr_bench_q8_0 *x = tt ? x1 : x0;
             if (!x) continue;
             for (int k = 0; k < 8; k++)
                 memcpy(a + b * 512 + (tt * 8 + k) * 32 + 4 * k, &x[b].qs[4 * k], 4);
@@ -303,39 +298,26 @@ BQ_AMX static void bq_amx_group(int64_t nb, const uint8_t *g, size_t gb, int n_t
 }
 
 /* ---- driver ------------------------------------------------------------------------------ */
-static uint64_t g_s = 0x9E3779B97F4A7C15ull;
-static uint32_t rnd(void)
-{
-    g_s ^= g_s << 13, g_s ^= g_s >> 7, g_s ^= g_s << 17;
-    return (uint32_t)(g_s >> 32);
-}
-
-static void fill(bq_q8_0 *b, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        b[i].d = (uint16_t)(0x2000 + (rnd() & 0x3ff)); /* fp16 around 0.008 */
-        for (int j = 0; j < 32; j++) b[i].qs[j] = (int8_t)((int)(rnd() % 255) - 127);
-    }
-}
+static uint64_t g_s = 0x9E3779B97F4A7C15ull; /* tsr_bench_fill_q8_0's state */
 
 enum { K_LIB, K_VNNI, K_AMX };
 
 typedef struct {
     int64_t nb;
     size_t gb;
-    const bq_q8_0 *wf;      /* file layout */
-    const uint8_t *wv, *wa; /* the two packed forms */
+    const tsr_bench_q8_0 *wf; /* file layout */
+    const uint8_t *wv, *wa;   /* the two packed forms */
     const bq_tok *tk;
     int8_t *const *ap;
     const void *prep; /* the library tile's token layout */
-    const bq_q8_0 *x;
+    const tsr_bench_q8_0 *x;
 } bq_case;
 
 static void run_kernel(int kind, const bq_case *c, int64_t rows, int n_tok, float *y)
 {
     const int64_t n = c->nb * 32;
     if (kind == K_LIB) {
-        const size_t rb = sizeof(bq_q8_0) * (size_t)c->nb;
+        const size_t rb = sizeof(tsr_bench_q8_0) * (size_t)c->nb;
         if (n_tok == 1)
             tsr_ggml_dot_rows(TSR_TYPE_Q8_0, TSR_GGML_VNNI, n, rows, c->wf, rb, c->x, y);
         else
@@ -413,10 +395,11 @@ int main(int argc, char **argv)
             return 2;
         }
         /* the packed forms get 2 groups of slack: the last group's prefetches point there */
-        bq_q8_0 *wf = tsr_bench_huge_alloc(sizeof(bq_q8_0) * (size_t)(nb * rows), NULL);
+        tsr_bench_q8_0 *wf =
+            tsr_bench_huge_alloc(sizeof(tsr_bench_q8_0) * (size_t)(nb * rows), NULL);
         uint8_t *wv = tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS + 2), NULL);
         uint8_t *wa = amx ? tsr_bench_huge_alloc(gb * (size_t)(rows / BQ_ROWS + 2), NULL) : NULL;
-        bq_q8_0 *x = malloc(sizeof(bq_q8_0) * (size_t)(nb * 16));
+        tsr_bench_q8_0 *x = malloc(sizeof(tsr_bench_q8_0) * (size_t)(nb * 16));
         void *prep = aligned_alloc(64, tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, 16) + 64);
         float *y = malloc(sizeof(float) * (size_t)rows * 16), ref[16 * 64];
         bq_tok tk[16];
@@ -429,8 +412,8 @@ int main(int argc, char **argv)
         }
         for (int p = 0; p < 8; p++)
             if (!(ap[p] = aligned_alloc(64, (size_t)nb * 512))) goto oom;
-        fill(wf, (size_t)(nb * rows));
-        fill(x, (size_t)(nb * 16));
+        tsr_bench_fill_q8_0(wf, (size_t)(nb * rows), &g_s);
+        tsr_bench_fill_q8_0(x, (size_t)(nb * 16), &g_s);
         for (int64_t g = 0; g < rows / BQ_ROWS; g++) {
             bq_pack(nb, wf + g * BQ_ROWS * nb, 0x80, wv + (size_t)g * gb);
             if (amx) bq_pack(nb, wf + g * BQ_ROWS * nb, 0, wa + (size_t)g * gb);
@@ -440,8 +423,8 @@ int main(int argc, char **argv)
         const bq_case c = {nb, gb, wf, wv, wa, tk, ap, prep, x};
         /* bit for bit against the library's row dots: 64 rows, 1..16 tokens */
         for (int t = 0; t < 16; t++)
-            tsr_ggml_dot_rows(TSR_TYPE_Q8_0, TSR_GGML_VNNI, n, 64, wf, sizeof(bq_q8_0) * (size_t)nb,
-                              x + t * nb, ref + t * 64);
+            tsr_ggml_dot_rows(TSR_TYPE_Q8_0, TSR_GGML_VNNI, n, 64, wf,
+                              sizeof(tsr_bench_q8_0) * (size_t)nb, x + t * nb, ref + t * 64);
         for (int kind = K_VNNI; kind <= (amx ? K_AMX : K_VNNI); kind++)
             for (int nt = 1; nt <= 16; nt++) {
                 for (int64_t g = 0; g < 4; g++) {

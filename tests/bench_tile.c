@@ -84,33 +84,15 @@ TSR_BT_AVX512 static float bare_loop(int64_t n, const __m512i *x, const __m512i 
     return _mm512_reduce_add_ps(s);
 }
 
-typedef struct {
-    uint16_t d;
-    int8_t qs[32];
-} bt_q8_0; /* one Q8_0 block as stored (34 bytes) */
-
-static uint64_t g_s = 0x9E3779B97F4A7C15ull;
-static uint32_t rnd(void)
-{
-    g_s ^= g_s << 13, g_s ^= g_s >> 7, g_s ^= g_s << 17;
-    return (uint32_t)(g_s >> 32);
-}
-
-static void fill(bt_q8_0 *b, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        b[i].d = (uint16_t)(0x2000 + (rnd() & 0x3ff)); /* fp16 around 0.008 */
-        for (int j = 0; j < 32; j++) b[i].qs[j] = (int8_t)((int)(rnd() % 255) - 127);
-    }
-}
+static uint64_t g_s = 0x9E3779B97F4A7C15ull; /* tsr_bench_fill_q8_0's state */
 
 /* Best of REPS single-thread passes of the tile over rows x n_tok, in vpdpbusd per ns
  * (rows / 2 pairs x blocks x tokens a pass). */
-static double tile_rate(int64_t n, int64_t rows, const bt_q8_0 *w, int32_t n_tok, const bt_q8_0 *x,
-                        const void *prep, float *y)
+static double tile_rate(int64_t n, int64_t rows, const tsr_bench_q8_0 *w, int32_t n_tok,
+                        const tsr_bench_q8_0 *x, const void *prep, float *y)
 {
     const int64_t nb = n / 32;
-    const size_t rb = sizeof(bt_q8_0) * (size_t)nb;
+    const size_t rb = sizeof(tsr_bench_q8_0) * (size_t)nb;
     const int reps = rows > 4096 ? REPS : 40 * REPS;
     double best = 1e30;
     for (int r = 0; r < reps; r++) {
@@ -167,9 +149,9 @@ int main(int argc, char **argv)
     static const int32_t toks[] = {2, 5, 8, 9, 16};
     for (int c = 0; c < n_cols; c++) {
         const int64_t n = cols[c], nb = n / 32;
-        const int64_t big = ((int64_t)1 << 30) / (int64_t)(sizeof(bt_q8_0) * nb) / 4 * 4;
-        bt_q8_0 *w = tsr_bench_huge_alloc(sizeof(bt_q8_0) * (size_t)(nb * big), NULL);
-        bt_q8_0 *x = malloc(sizeof(bt_q8_0) * (size_t)(nb * 16));
+        const int64_t big = ((int64_t)1 << 30) / (int64_t)(sizeof(tsr_bench_q8_0) * nb) / 4 * 4;
+        tsr_bench_q8_0 *w = tsr_bench_huge_alloc(sizeof(tsr_bench_q8_0) * (size_t)(nb * big), NULL);
+        tsr_bench_q8_0 *x = malloc(sizeof(tsr_bench_q8_0) * (size_t)(nb * 16));
         void *prep =
             aligned_alloc(64, (tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, 16) + 63) / 64 * 64);
         float *y = malloc(sizeof(float) * (size_t)big * 16);
@@ -177,8 +159,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "bench_tile: out of memory\n");
             return 1;
         }
-        fill(w, (size_t)(nb * big));
-        fill(x, (size_t)(nb * 16));
+        tsr_bench_fill_q8_0(w, (size_t)(nb * big), &g_s);
+        tsr_bench_fill_q8_0(x, (size_t)(nb * 16), &g_s);
         printf("  tile, %lld columns    tokens   L2 (256 rows)          streaming (%lld rows, "
                "1 GiB)\n",
                (long long)n, (long long)big);
