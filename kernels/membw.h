@@ -7,16 +7,31 @@
  * caches), so "ratio to roofline" compares like with like. The buffer sits on 2 MiB
  * pages advised for transparent huge pages, as the repacked / copied weights do
  * (worker/model_repack.c); where THP is off both fall back to 4 KiB pages alike.
+ * The figure is the fastest of two read loops (membw.c): how a loop issues its loads moves
+ * a core's read rate by a fifth here, and a roofline must be the best read measured, not
+ * one loop's, or decode's fraction of it reads high.
  */
 #ifndef TSR_MEMBW_H
 #define TSR_MEMBW_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "kernels/pool.h"
 
 /* Best-of-`reps` read bandwidth in bytes/s over a buffer of n_bytes (>= 256 MiB is
- * advisable). Returns 0 on allocation failure. */
+ * advisable): each repetition times each read loop once. Returns 0 on allocation failure. */
 double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps);
+
+/* How many read loops tsr_membw_read_slice offers. */
+enum { TSR_MEMBW_LOOPS = 2 };
+
+/* One thread's read of n_bytes at buf (any alignment; a tail of n_bytes % 128 may go unread) with
+ * read loop `loop` (0 .. TSR_MEMBW_LOOPS - 1: four independent 32-byte chains; one 64-byte line an
+ * iteration with a prefetch 8 KiB ahead; both the same scalar loop without AVX2). Returns a fold of
+ * the bytes, so that the read is not elided. The loops of tsr_membw_read, for benchmarks that time
+ * a plain read of their own buffers beside a kernel: take the faster loop, as tsr_membw_read does.
+ */
+uint64_t tsr_membw_read_slice(const void *buf, size_t n_bytes, int loop);
 
 #endif
