@@ -525,12 +525,32 @@ static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int6
  * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. (64 MiB sits in this
  * host's 480 MiB L3; from memory, tests/bench_gemv_stream's 1 GiB at 2 threads, the next pass,
  * the one after it or the third ahead give 0.80-0.82 of a plain read alike, 2026-12-05.) */
+QG_INLINE const char *qv_prefetch_at(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb)
+{
+    return nxt ? nxt + pass_bytes * (size_t)b / (size_t)nb : NULL;
+}
+
 QG_INLINE void qv_prefetch_next(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb,
                                 int n_lines)
 {
-    if (!nxt) return;
-    const char *p = nxt + pass_bytes * (size_t)b / (size_t)nb;
+    const char *p = qv_prefetch_at(nxt, pass_bytes, b, nb);
+    if (!p) return;
     for (int i = 0; i < n_lines; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
+}
+
+/* One line of qv_prefetch_next's stream, into L2, from a register of its own (the empty asm
+ * keeps GCC from folding the line's offset into the instruction). The AVX-512 GEMV issues
+ * its five lines a block this way, one beside each quad's load and the fifth after the block's
+ * FMA, not as one burst: 1B Q4_0 decode (2 threads, tessera bench, three interleaved runs of
+ * each, 2026-12-06) 38.2-39.7 tok/s as a burst, 40.7-41.5 spread with the offsets folded,
+ * 40.9-43.2 spread from registers; tests/bench_gemv_stream 0.81-0.82 -> 0.87-0.88 of the
+ * former four-chain read. Why the instruction form matters is not observable here (no
+ * hardware counters): other arrangements of the same five prefetches measured 0.82-0.93 of
+ * that read, so the figure rests on how GCC 12 schedules this code. */
+QG_INLINE void qv_prefetch_line(const char *p)
+{
+    __asm__ volatile("" : "+r"(p));
+    _mm_prefetch(p, _MM_HINT_T1);
 }
 
 /* ---- AVX-512 VNNI GEMV: 16 rows (4 quads, lane 4q + j: row j of quad q) a pass ---- */
@@ -628,8 +648,9 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
         {
             if (k >= kn) break;
             const int64_t b = b0 + k;
-            /* 16 rows x 18 bytes (4 groups' 64 + 8) a block: 4.5 lines */
-            qv_prefetch_next(pfn, pass_bytes, b, nb, 5);
+            /* 16 rows x 18 bytes (4 groups' 64 + 8) a block: 4.5 lines, prefetched as 5, one
+             * beside each quad's load and the last after the FMA (qv_prefetch_line) */
+            const char *pfb = qv_prefetch_at(pfn, pass_bytes, b, nb);
             const uint8_t *xb = x + (size_t)b * Q8_BLK + 2;
             const __m512i yl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
             const __m512i yh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
@@ -638,6 +659,7 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
             __m512i P[4];
             _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)
             {
+                if (pfb) qv_prefetch_line(pfb + 64 * q);
                 const __m512i v = qv_load_z512(&Q[q], grp, (size_t)b, L->q_blk);
                 const __m512i lo = _mm512_and_si512(v, m4);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -651,6 +673,7 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
             const __m512i S = _mm512_add_epi32(
                 _mm512_madd_epi16(_mm512_packs_epi32(A01, A23), ones), _mm512_set1_epi32(ny[b]));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), sc[k], acc);
+            if (pfb) qv_prefetch_line(pfb + 256);
         }
     }
     return acc;
