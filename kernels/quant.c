@@ -2238,7 +2238,8 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * them), and every float operation is the one-row dot's, lane r of a vector standing for
  * row r's scalar (Q4_K) or its 8 lanes staying its own (Q6_K). Read from the repacked
  * groups (kernels/repack.h: super-block i of the 4 rows side by side), the 4 rows are one
- * linear stream, prefetched pf steps ahead spread over the loop (never in bursts) into L2
+ * linear stream, prefetched pf steps ahead spread over the loop (never in bursts; see
+ * RQ_PREFETCH_LINE) into L2
  * (not L1): Q4_K RQ_PF_Q4_K steps of 4 x 144 bytes (16 KiB), Q6_K RQ_PF_Q6_K of 4 x 210
  * (13 KiB). Measured on the huge-page arena (worker/model_repack.c), 64 MiB, alternated in
  * one session, GB/s: into L1 (the old hint), Q6_K gained from 4 steps (21.1) to 12 (28-30,
@@ -2258,13 +2259,22 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
 #define RQ_PF_Q4_K 48
 #define RQ_PF_Q6_K 16
 
-/* Prefetch into L2 the super-block pf steps ahead of block b (bs bytes) in its stream,
- * blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups (one linear
- * stream). A prefetch never faults; one past the matrix is harmless. */
-#define RQ_PREFETCH(b, pf, bstride, bs)                                                            \
+/* Prefetch into L2 line `off` of the super-block pf steps ahead of block b in its stream
+ * (blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups, one linear stream),
+ * from a register of its own: the empty asm keeps GCC from folding the offset into the
+ * instruction. The GEMVs issue a row's lines one per step of its compute (Q4_K: line j at
+ * step j of 4; Q6_K: two a half), not as one burst. tests/bench_gemv_stream (1 GiB, 2 threads,
+ * 2026-12-06), share of the faster read (kernels/membw.h): Q4_K 0.62-0.63 as a burst, 0.68 as
+ * a burst from registers, 0.74 spread with the offsets folded, 0.74-0.78 spread from
+ * registers; Q6_K 0.67-0.68, 0.67, 0.78, 0.80-0.83; 1B Q4_K_M decode 35.8 -> 42.5 tok/s.
+ * Why the instruction form matters so much is not observable here (no hardware counters);
+ * kernels/q40_gemm.c (qv_prefetch_line) and q80_gemv.c measured the same. A prefetch never
+ * faults; one past the matrix is harmless. */
+#define RQ_PREFETCH_LINE(b, pf, bstride, off)                                                      \
     do {                                                                                           \
-        const char *p_ = (const char *)(b) + (pf) * (bstride);                                     \
-        for (size_t o_ = 0; o_ < (bs); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T1);               \
+        const char *p_ = (const char *)(b) + (pf) * (bstride) + (off);                             \
+        __asm__ volatile("" : "+r"(p_));                                                           \
+        _mm_prefetch(p_, _MM_HINT_T1);                                                             \
     } while (0)
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
@@ -2416,10 +2426,10 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
                 _Pragma("GCC unroll 4") for (int rr = 0; rr < 4; ++rr)                             \
                 {                                                                                  \
                     const blk_q4_K *bk = rr == 0 ? b0 : rr == 1 ? b1 : rr == 2 ? b2 : b3;          \
-                    RQ_PREFETCH(bk, RQ_PF_Q4_K, bstride, sizeof(blk_q4_K));                        \
                     __m256i s = _mm256_setzero_si256();                                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                            \
                     {                                                                              \
+                        if (j < 3) RQ_PREFETCH_LINE(bk, RQ_PF_Q4_K, bstride, 64 * j);              \
                         const __m256i q4 = _mm256_loadu_si256((const __m256i *)(bk->qs + 32 * j)); \
                         const __m256i ql = _mm256_and_si256(q4, m4);                               \
                         const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);         \
@@ -2516,7 +2526,6 @@ static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
                 {                                                                                  \
                     const blk_q6_K *bk =                                                           \
                         (const blk_q6_K *)(w0 + (size_t)rr * stride + (size_t)i * bstride);        \
-                    RQ_PREFETCH(bk, RQ_PF_Q6_K, bstride, sizeof(blk_q6_K));                        \
                     const float d = x[i].d * _cvtsh_ss(bk->d);                                     \
                     const __m256i sc16 =                                                           \
                         _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)bk->scales));        \
@@ -2525,6 +2534,8 @@ static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
                                          _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));       \
                     _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                            \
                     {                                                                              \
+                        RQ_PREFETCH_LINE(bk, RQ_PF_Q6_K, bstride, 128 * h);                        \
+                        RQ_PREFETCH_LINE(bk, RQ_PF_Q6_K, bstride, 128 * h + 64);                   \
                         const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)        \
                                               : _mm256_permute2x128_si256(sc16, sc16, 0x00);       \
                         const __m256i ql0 =                                                        \
