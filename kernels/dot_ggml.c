@@ -398,6 +398,14 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         GG_TILE_STORE(T);                                                                          \
     }
 
+/* One line into L2 from a register of its own (the empty asm keeps GCC from folding the
+ * offset into the instruction), as the decode GEMVs issue theirs (kernels/q80_gemv.c). */
+GG_INLINE void gg_prefetch_line(const char *p)
+{
+    __asm__ volatile("" : "+r"(p));
+    _mm_prefetch(p, _MM_HINT_T1);
+}
+
 /* The fp16 scales d of 8 consecutive Q8_0 blocks (m < 8: the first m, the rest 0), read from
  * the weights themselves as the tile reaches them (a separate pass over a row group's scales
  * before its tile waited on the memory the tile's prefetch had not brought yet). Whole chunks:
@@ -484,7 +492,11 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
  *  - the pairs' scales fp16(d_w) * fp16(d_x) (the same single rounding), 8 blocks at a time as
  *    {row 2p, row 2p+1} float pairs, each FMA taking its pair as a 64-bit broadcast load.
  * The rows' scales come from the weights chunk by chunk (gg_pair_d16); the next group is
- * prefetched into L2 (L1 holds this group, the tokens' blocks and dd). Against the 256-bit tile
+ * prefetched into L2 (L1 holds this group, the tokens' blocks and dd), three lines a block,
+ * one beside each row pair's work and one after, each from a register of its own
+ * (gg_prefetch_line; a loop of 2-3 folded-offset prefetches before the block until
+ * 2026-12-06: bench_verify, 2 threads, streaming, 5 tokens 28.3-28.5 -> 26.5-27.1 ms, 2 tokens
+ * 23.9-24.6 -> 21.6-23.0; 1B Q8_0 prefill 118 -> 126 tok/s). Against the 256-bit tile
  * (one token's chain per ymm, up to 6 tokens), bench_verify, one thread, 512 x 2048 from cache,
  * block dots per ns: 4 tokens 1.42 -> 2.06, 5 tokens 1.47-1.51 -> 2.31, 6 tokens 1.55-1.61 ->
  * 2.44. Tried and not faster here: the next chunk's scales formed a chunk ahead (double-buffered
@@ -504,7 +516,6 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
         __m512 acc[2][T];                                                                          \
         _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                        \
             _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[p][t] = _mm512_setzero_ps(); \
-        const uint8_t *pp = pf, *pend = pf;                                                        \
         const gg_q8_0 *w[4] = {(const gg_q8_0 *)wr[0], (const gg_q8_0 *)wr[1],                     \
                                (const gg_q8_0 *)wr[2], (const gg_q8_0 *)wr[3]};                    \
         double dd[2][T][8] __attribute__((aligned(64))); /* float pairs {row 2p, row 2p + 1} */    \
@@ -531,12 +542,15 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
             }                                                                                      \
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
-                GG_TILE_PREFETCH_H(gg_q8_0, _MM_HINT_T1)                                           \
+                /* the next group's block b (4 x 34 bytes) as three lines, one beside each row     \
+                 * pair's work and one after (gg_prefetch_line) */                                 \
+                const char *pfb = pf ? (const char *)pf + 4 * sizeof(gg_q8_0) * (size_t)b : NULL;  \
                 __m512i xq[T];                                                                     \
                 _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) xq[t] =                      \
                     _mm512_load_si512(xd + (size_t)b * xn + t);                                    \
                 _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                \
                 {                                                                                  \
+                    if (pfb) gg_prefetch_line(pfb + 64 * p);                                       \
                     const __m512i wq = _mm512_permutex2var_epi32(                                  \
                         _mm512_castsi256_si512(                                                    \
                             _mm256_loadu_si256((const __m256i *)w[2 * p][b].qs)),                  \
@@ -558,6 +572,7 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
                                           kmf),                                                    \
                             acc[p][t]);                                                            \
                 }                                                                                  \
+                if (pfb) gg_prefetch_line(pfb + 128);                                              \
             }                                                                                      \
         }                                                                                          \
         /* both rows' hsum8 at once (row 2p in the even lanes, 2p + 1 in the odd) */               \
