@@ -519,8 +519,9 @@ static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int6
 
 /* Software prefetch, into L2, of the next pass's rows (pass_bytes from nxt: its 4 groups, or
  * its 16 / 8 rows of the file layout, one after another), spread over this pass's nb blocks:
- * a pass prefetches the next one whole, as one linear stream. Measured (bench of 64 MiB
- * matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
+ * a pass prefetches the next one whole, as one linear stream; block b's share starts at
+ * qv_prefetch_at (NULL: no next pass), its lines issued by qv_prefetch_line. Measured (bench of 64
+ * MiB matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
  * 24-35 GB/s per thread against 17-27 for a prefetch in each group's stream 64 blocks ahead
  * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. (64 MiB sits in this
  * host's 480 MiB L3; from memory, tests/bench_gemv_stream's 1 GiB at 2 threads, the next pass,
@@ -530,15 +531,7 @@ QG_INLINE const char *qv_prefetch_at(const char *nxt, size_t pass_bytes, int64_t
     return nxt ? nxt + pass_bytes * (size_t)b / (size_t)nb : NULL;
 }
 
-QG_INLINE void qv_prefetch_next(const char *nxt, size_t pass_bytes, int64_t b, int64_t nb,
-                                int n_lines)
-{
-    const char *p = qv_prefetch_at(nxt, pass_bytes, b, nb);
-    if (!p) return;
-    for (int i = 0; i < n_lines; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
-}
-
-/* One line of qv_prefetch_next's stream, into L2, from a register of its own (the empty asm
+/* One line of that stream, into L2, from a register of its own (the empty asm
  * keeps GCC from folding the line's offset into the instruction). The AVX-512 GEMV issues
  * its five lines a block this way, one beside each quad's load and the fifth after the block's
  * FMA, not as one burst: 1B Q4_0 decode (2 threads, tessera bench, three interleaved runs of
@@ -546,7 +539,10 @@ QG_INLINE void qv_prefetch_next(const char *nxt, size_t pass_bytes, int64_t b, i
  * 40.9-43.2 spread from registers; tests/bench_gemv_stream 0.81-0.82 -> 0.87-0.88 of the
  * former four-chain read. Why the instruction form matters is not observable here (no
  * hardware counters): other arrangements of the same five prefetches measured 0.82-0.93 of
- * that read, so the figure rests on how GCC 12 schedules this code. */
+ * that read, so the figure rests on how GCC 12 schedules this code. The AVX2 GEMV spreads its
+ * three lines a block likewise (beside the scale gather and each quad pair's load): with
+ * TSR_ISA=avx2, bench_gemv_stream 18.8-19.3 -> 21.2-22.0 GB/s, 1B Q4_0 decode 30.5-33.1 ->
+ * 34.5-35.8 tok/s. */
 QG_INLINE void qv_prefetch_line(const char *p)
 {
     __asm__ volatile("" : "+r"(p));
@@ -769,7 +765,9 @@ QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_la
 {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        qv_prefetch_next(pfn, pass_bytes, b, nb, 3); /* 8 rows x 18 bytes a block */
+        /* 8 rows x 18 bytes a block: 3 lines, spread (qv_prefetch_line) */
+        const char *pfb = qv_prefetch_at(pfn, pass_bytes, b, nb);
+        if (pfb) qv_prefetch_line(pfb);
         const __m256i dd =
             _mm256_i32gather_epi32((const int *)(wd + (size_t)b * L->d_blk), offd, 1);
         const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
@@ -780,7 +778,9 @@ QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_la
         const __m256i yl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
         const __m256i yh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
         __m256i v[4];
+        if (pfb) qv_prefetch_line(pfb + 64);
         qv_load_avx2(&Q[0], grp, (size_t)b, L->q_blk, &v[0], &v[1]);
+        if (pfb) qv_prefetch_line(pfb + 128);
         qv_load_avx2(&Q[1], grp, (size_t)b, L->q_blk, &v[2], &v[3]);
         /* [r0 r2 r4 r6 | r1 r3 r5 r7] */
         const __m256i h = _mm256_hadd_epi32(
