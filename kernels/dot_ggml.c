@@ -329,14 +329,13 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         if (r < nr) y[(size_t)t * ys + r] = v;                                                     \
     }
 
-/* The next row group prefetched over the K loop: HINT _MM_HINT_T0 (L1) in the Q4_1 and AVX2
- * tiles; the VNNI Q8_0 tile takes _MM_HINT_T1 (below). */
-#define GG_TILE_PREFETCH_H(BLK, HINT)                                                              \
+/* The next row group prefetched into L1 over the K loop (the Q4_1 and AVX2 tiles; the VNNI
+ * Q8_0 tile issues its lines one at a time into L2, below). */
+#define GG_TILE_PREFETCH(BLK)                                                                      \
     if (pf) {                                                                                      \
         pend += 4 * sizeof(BLK);                                                                   \
-        for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, HINT);                          \
+        for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, _MM_HINT_T0);                   \
     }
-#define GG_TILE_PREFETCH(BLK) GG_TILE_PREFETCH_H(BLK, _MM_HINT_T0)
 
 /* The pairs' scale products dd[r][t][j] = dw[r][b0 + j] * dx[t][b0 + j] for 8 blocks from b0
  * (the same single rounding as one product per pair and block, 8 at a time; rows of dw and dx
@@ -397,14 +396,6 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         }                                                                                          \
         GG_TILE_STORE(T);                                                                          \
     }
-
-/* One line into L2 from a register of its own (the empty asm keeps GCC from folding the
- * offset into the instruction), as the decode GEMVs issue theirs (kernels/q80_gemv.c). */
-GG_INLINE void gg_prefetch_line(const char *p)
-{
-    __asm__ volatile("" : "+r"(p));
-    _mm_prefetch(p, _MM_HINT_T1);
-}
 
 /* The fp16 scales d of 8 consecutive Q8_0 blocks (m < 8: the first m, the rest 0), read from
  * the weights themselves as the tile reaches them (a separate pass over a row group's scales
@@ -494,7 +485,7 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
  * The rows' scales come from the weights chunk by chunk (gg_pair_d16); the next group is
  * prefetched into L2 (L1 holds this group, the tokens' blocks and dd), three lines a block,
  * one beside each row pair's work and one after, each from a register of its own
- * (gg_prefetch_line; a loop of 2-3 folded-offset prefetches before the block until
+ * (tsr_prefetch_line_l2; a loop of 2-3 folded-offset prefetches before the block until
  * 2026-12-06: bench_verify, 2 threads, streaming, 5 tokens 28.3-28.5 -> 26.5-27.1 ms, 2 tokens
  * 23.9-24.6 -> 21.6-23.0; 1B Q8_0 prefill 118 -> 126 tok/s). Against the 256-bit tile
  * (one token's chain per ymm, up to 6 tokens), bench_verify, one thread, 512 x 2048 from cache,
@@ -543,14 +534,14 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
                 /* the next group's block b (4 x 34 bytes) as three lines, one beside each row     \
-                 * pair's work and one after (gg_prefetch_line) */                                 \
+                 * pair's work and one after (tsr_prefetch_line_l2) */                             \
                 const char *pfb = pf ? (const char *)pf + 4 * sizeof(gg_q8_0) * (size_t)b : NULL;  \
                 __m512i xq[T];                                                                     \
                 _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) xq[t] =                      \
                     _mm512_load_si512(xd + (size_t)b * xn + t);                                    \
                 _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p)                                \
                 {                                                                                  \
-                    if (pfb) gg_prefetch_line(pfb + 64 * p);                                       \
+                    if (pfb) tsr_prefetch_line_l2(pfb + 64 * p);                                   \
                     const __m512i wq = _mm512_permutex2var_epi32(                                  \
                         _mm512_castsi256_si512(                                                    \
                             _mm256_loadu_si256((const __m256i *)w[2 * p][b].qs)),                  \
@@ -572,7 +563,7 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
                                           kmf),                                                    \
                             acc[p][t]);                                                            \
                 }                                                                                  \
-                if (pfb) gg_prefetch_line(pfb + 128);                                              \
+                if (pfb) tsr_prefetch_line_l2(pfb + 128);                                          \
             }                                                                                      \
         }                                                                                          \
         /* both rows' hsum8 at once (row 2p in the even lanes, 2p + 1 in the odd) */               \

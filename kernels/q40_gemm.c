@@ -520,8 +520,8 @@ static void qv_quad_init(const uint8_t *w, const q40_layout *L, int64_t rq, int6
 /* Software prefetch, into L2, of the next pass's rows (pass_bytes from nxt: its 4 groups, or
  * its 16 / 8 rows of the file layout, one after another), spread over this pass's nb blocks:
  * a pass prefetches the next one whole, as one linear stream; block b's share starts at
- * qv_prefetch_at (NULL: no next pass), its lines issued by qv_prefetch_line. Measured (bench of 64
- * MiB matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
+ * qv_prefetch_at (NULL: no next pass), its lines issued by tsr_prefetch_line_l2. Measured (bench of
+ * 64 MiB matrices, 1 and 2 threads, 2048 and 8192 columns, CPU time per byte on a loaded machine):
  * 24-35 GB/s per thread against 17-27 for a prefetch in each group's stream 64 blocks ahead
  * (4 streams a pass) and 24-26 for the former one-stream 4-row GEMV. (64 MiB sits in this
  * host's 480 MiB L3; from memory, tests/bench_gemv_stream's 1 GiB at 2 threads, the next pass,
@@ -531,9 +531,8 @@ QG_INLINE const char *qv_prefetch_at(const char *nxt, size_t pass_bytes, int64_t
     return nxt ? nxt + pass_bytes * (size_t)b / (size_t)nb : NULL;
 }
 
-/* One line of that stream, into L2, from a register of its own (the empty asm
- * keeps GCC from folding the line's offset into the instruction). The AVX-512 GEMV issues
- * its five lines a block this way, one beside each quad's load and the fifth after the block's
+/* The lines of that stream (tsr_prefetch_line_l2): the AVX-512 GEMV issues its five lines a
+ * block one beside each quad's load and the fifth after the block's
  * FMA, not as one burst: 1B Q4_0 decode (2 threads, tessera bench, three interleaved runs of
  * each, 2026-12-06) 38.2-39.7 tok/s as a burst, 40.7-41.5 spread with the offsets folded,
  * 40.9-43.2 spread from registers; tests/bench_gemv_stream 0.81-0.82 -> 0.87-0.88 of the
@@ -543,11 +542,6 @@ QG_INLINE const char *qv_prefetch_at(const char *nxt, size_t pass_bytes, int64_t
  * three lines a block likewise (beside the scale gather and each quad pair's load): with
  * TSR_ISA=avx2, bench_gemv_stream 18.8-19.3 -> 21.2-22.0 GB/s, 1B Q4_0 decode 30.5-33.1 ->
  * 34.5-35.8 tok/s. */
-QG_INLINE void qv_prefetch_line(const char *p)
-{
-    __asm__ volatile("" : "+r"(p));
-    _mm_prefetch(p, _MM_HINT_T1);
-}
 
 /* ---- AVX-512 VNNI GEMV: 16 rows (4 quads, lane 4q + j: row j of quad q) a pass ---- */
 
@@ -645,7 +639,7 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
             if (k >= kn) break;
             const int64_t b = b0 + k;
             /* 16 rows x 18 bytes (4 groups' 64 + 8) a block: 4.5 lines, prefetched as 5, one
-             * beside each quad's load and the last after the FMA (qv_prefetch_line) */
+             * beside each quad's load and the last after the FMA (tsr_prefetch_line_l2) */
             const char *pfb = qv_prefetch_at(pfn, pass_bytes, b, nb);
             const uint8_t *xb = x + (size_t)b * Q8_BLK + 2;
             const __m512i yl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb));
@@ -655,7 +649,7 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
             __m512i P[4];
             _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)
             {
-                if (pfb) qv_prefetch_line(pfb + 64 * q);
+                if (pfb) tsr_prefetch_line_l2(pfb + 64 * q);
                 const __m512i v = qv_load_z512(&Q[q], grp, (size_t)b, L->q_blk);
                 const __m512i lo = _mm512_and_si512(v, m4);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -669,7 +663,7 @@ QG_Z512 QG_INLINE __m512 gemv_z512_pass(const bool grp, int64_t nb, const q40_la
             const __m512i S = _mm512_add_epi32(
                 _mm512_madd_epi16(_mm512_packs_epi32(A01, A23), ones), _mm512_set1_epi32(ny[b]));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), sc[k], acc);
-            if (pfb) qv_prefetch_line(pfb + 256);
+            if (pfb) tsr_prefetch_line_l2(pfb + 256);
         }
     }
     return acc;
@@ -765,9 +759,9 @@ QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_la
 {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        /* 8 rows x 18 bytes a block: 3 lines, spread (qv_prefetch_line) */
+        /* 8 rows x 18 bytes a block: 3 lines, spread (tsr_prefetch_line_l2) */
         const char *pfb = qv_prefetch_at(pfn, pass_bytes, b, nb);
-        if (pfb) qv_prefetch_line(pfb);
+        if (pfb) tsr_prefetch_line_l2(pfb);
         const __m256i dd =
             _mm256_i32gather_epi32((const int *)(wd + (size_t)b * L->d_blk), offd, 1);
         const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
@@ -778,9 +772,9 @@ QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_la
         const __m256i yl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
         const __m256i yh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
         __m256i v[4];
-        if (pfb) qv_prefetch_line(pfb + 64);
+        if (pfb) tsr_prefetch_line_l2(pfb + 64);
         qv_load_avx2(&Q[0], grp, (size_t)b, L->q_blk, &v[0], &v[1]);
-        if (pfb) qv_prefetch_line(pfb + 128);
+        if (pfb) tsr_prefetch_line_l2(pfb + 128);
         qv_load_avx2(&Q[1], grp, (size_t)b, L->q_blk, &v[2], &v[3]);
         /* [r0 r2 r4 r6 | r1 r3 r5 r7] */
         const __m256i h = _mm256_hadd_epi32(

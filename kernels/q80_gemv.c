@@ -75,20 +75,13 @@ QG_VNNI QG_INLINE __m256i qg_lanes_vnni(const uint8_t *wq, __m256i xq, const __m
     return _mm256_dpbusd_epi32(_mm256_load_si256(c), u, xq);
 }
 
-/* One line into L2 from a register of its own: the empty asm keeps GCC from folding the
- * offset into the instruction. QG_ROWS4 issues a block's two lines beside its rows 0 and 2,
- * not together before the block: bench_q80_gemv (1 GiB, 2026-12-06), share of the faster read
- * (kernels/membw.h), 2 threads, 2048 / 8192 columns, two runs: VNNI 0.72-0.81 / 0.69-0.70
+/* QG_ROWS4's prefetch (tsr_prefetch_line_l2) issues a block's two lines beside its rows 0
+ * and 2, not together before the block: bench_q80_gemv (1 GiB, 2026-12-06), share of the faster
+ * read (kernels/membw.h), 2 threads, 2048 / 8192 columns, two runs: VNNI 0.72-0.81 / 0.69-0.70
  * before, 0.88 / 0.89 now (25.8 -> 33 GB/s); AVX2 0.66 / 0.67 -> 0.88 / 0.88; 1B Q8_0 decode
  * 21.4 -> 27.3 tok/s. Why the instruction form matters so much is not observable here (no
  * hardware counters); the Q4_0, Q4_K and Q6_K GEMVs measured the same (q40_gemm.c,
  * quant.c's RQ_PREFETCH_LINE). */
-QG_INLINE void qg_prefetch_line(const char *p)
-{
-    __asm__ volatile("" : "+r"(p));
-    _mm_prefetch(p, _MM_HINT_T1);
-}
-
 /* Block k of the chunk at b0 (token quants xb) into the 4 rows' accumulators: the token's
  * quants loaded once, then per row its exact lanes and one FMA with the scale product. */
 #define QG_BLOCK(LANES, k, PF)                                                                     \
@@ -97,7 +90,7 @@ QG_INLINE void qg_prefetch_line(const char *p)
         _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
         {                                                                                          \
             if ((PF) && (r == 0 || r == 2))                                                        \
-                qg_prefetch_line((const char *)pp + 128 * (k) + 32 * r);                           \
+                tsr_prefetch_line_l2((const char *)pp + 128 * (k) + 32 * r);                       \
             const __m256i l = LANES(wr[r] + (size_t)(b0 + (k)) * QG_BLK + 2, xq, xc + b0 + (k));   \
             acc[r] =                                                                               \
                 _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][k]), _mm256_cvtepi32_ps(l), acc[r]);    \
@@ -131,7 +124,7 @@ QG_INLINE void qg_prefetch_line(const char *p)
                 {                                                                                  \
                     /* 17 lines per chunk (4 x 8 x 34 bytes): two a block, beside rows 0 and 2 */  \
                     QG_BLOCK(LANES, k, pf);                                                        \
-                    if (pf && k == QG_CHUNK - 1) qg_prefetch_line((const char *)pp + 1024);        \
+                    if (pf && k == QG_CHUNK - 1) tsr_prefetch_line_l2((const char *)pp + 1024);    \
                 }                                                                                  \
                 pp += 4 * QG_BLK * QG_CHUNK;                                                       \
             } else {                                                                               \

@@ -2261,21 +2261,15 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
 
 /* Prefetch into L2 line `off` of the super-block pf steps ahead of block b in its stream
  * (blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups, one linear stream),
- * from a register of its own: the empty asm keeps GCC from folding the offset into the
- * instruction. The GEMVs issue a row's lines one per step of its compute (Q4_K: line j at
- * step j of 4; Q6_K: two a half), not as one burst. tests/bench_gemv_stream (1 GiB, 2 threads,
- * 2026-12-06), share of the faster read (kernels/membw.h): Q4_K 0.62-0.63 as a burst, 0.68 as
- * a burst from registers, 0.74 spread with the offsets folded, 0.74-0.78 spread from
+ * by tsr_prefetch_line_l2 (x86hsum.h). The GEMVs issue a row's lines one per step of its compute
+ * (Q4_K: line j at step j of 4; Q6_K: two a half), not as one burst. tests/bench_gemv_stream (1
+ * GiB, 2 threads, 2026-12-06), share of the faster read (kernels/membw.h): Q4_K 0.62-0.63 as a
+ * burst, 0.68 as a burst from registers, 0.74 spread with the offsets folded, 0.74-0.78 spread from
  * registers; Q6_K 0.67-0.68, 0.67, 0.78, 0.80-0.83; 1B Q4_K_M decode 35.8 -> 42.5 tok/s.
  * Why the instruction form matters so much is not observable here (no hardware counters);
- * kernels/q40_gemm.c (qv_prefetch_line) and q80_gemv.c measured the same. A prefetch never
- * faults; one past the matrix is harmless. */
+ * kernels/q40_gemm.c and q80_gemv.c measured the same. One past the matrix is harmless. */
 #define RQ_PREFETCH_LINE(b, pf, bstride, off)                                                      \
-    do {                                                                                           \
-        const char *p_ = (const char *)(b) + (pf) * (bstride) + (off);                             \
-        __asm__ volatile("" : "+r"(p_));                                                           \
-        _mm_prefetch(p_, _MM_HINT_T1);                                                             \
-    } while (0)
+    tsr_prefetch_line_l2((const char *)(b) + (pf) * (bstride) + (off))
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
 #define BCW(g)  (g), 0x80
