@@ -85,20 +85,42 @@ uint64_t tsr_membw_read_slice(const void *buf, size_t n_bytes, int loop)
     return read_scalar(p, n_bytes);
 }
 
-double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps)
+struct tsr_membw_probe {
+    uint8_t *buf;
+    size_t n_bytes;
+};
+
+tsr_membw_probe *tsr_membw_probe_new(size_t n_bytes)
 {
     /* Whole 2 MiB pages, advised for transparent huge pages, as the weight arena of
      * worker/model_repack.c is: decode streams its weights from huge pages, and on 4 KiB
-     * pages a stream pays a TLB walk and a prefetcher restart every 4 KiB (on this host a
-     * one-thread read ran 18-22 GB/s on 4 KiB pages and 32-38 on 2 MiB), so a 4 KiB
+     * pages a stream pays a TLB walk and a prefetcher restart every 4 KiB (on the Intel host of
+     * 2026-12 a one-thread read ran 18-22 GB/s on 4 KiB pages and 32-38 on 2 MiB), so a 4 KiB
      * measure would put decode above 100% of its "roofline". */
     const size_t huge = (size_t)2 << 20;
-    n_bytes = (n_bytes + huge - 1) / huge * huge;
-    uint8_t *buf = aligned_alloc(huge, n_bytes);
-    if (!buf) return 0.0;
-    (void)madvise(buf, n_bytes, MADV_HUGEPAGE); /* advice only: may keep 4 KiB pages */
-    memset(buf, 1, n_bytes);                    /* fault every page in before timing */
-    bw_job j = {.buf = buf, .n = n_bytes};
+    tsr_membw_probe *p = malloc(sizeof *p);
+    if (!p) return NULL;
+    p->n_bytes = (n_bytes + huge - 1) / huge * huge;
+    p->buf = aligned_alloc(huge, p->n_bytes);
+    if (!p->buf) {
+        free(p);
+        return NULL;
+    }
+    (void)madvise(p->buf, p->n_bytes, MADV_HUGEPAGE); /* advice only: may keep 4 KiB pages */
+    memset(p->buf, 1, p->n_bytes);                    /* fault every page in before timing */
+    return p;
+}
+
+void tsr_membw_probe_free(tsr_membw_probe *p)
+{
+    if (!p) return;
+    free(p->buf);
+    free(p);
+}
+
+double tsr_membw_probe_read(tsr_membw_probe *p, tsr_pool *pool, int reps)
+{
+    bw_job j = {.buf = p->buf, .n = p->n_bytes};
     double best = 0.0;
     /* each repetition times both read loops (where there is a choice), interleaved */
     for (int r = 0; r < 2 * (reps < 1 ? 1 : reps); r++) {
@@ -108,9 +130,17 @@ double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps)
         tsr_pool_run(pool, bw_run, &j);
         clock_gettime(CLOCK_MONOTONIC, &b);
         double s = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
-        double bw = (double)n_bytes / s;
+        double bw = (double)p->n_bytes / s;
         if (bw > best) best = bw;
     }
-    free(buf);
     return best;
+}
+
+double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps)
+{
+    tsr_membw_probe *p = tsr_membw_probe_new(n_bytes);
+    if (!p) return 0.0;
+    const double bw = tsr_membw_probe_read(p, pool, reps);
+    tsr_membw_probe_free(p);
+    return bw;
 }

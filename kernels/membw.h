@@ -20,8 +20,21 @@
 #include "kernels/pool.h"
 
 /* Best-of-`reps` read bandwidth in bytes/s over a buffer of n_bytes (>= 256 MiB is
- * advisable): each repetition times each read loop once. Returns 0 on allocation failure. */
+ * advisable): each repetition times each read loop once. Returns 0 on allocation failure.
+ * tsr_membw_probe_new + tsr_membw_probe_read + tsr_membw_probe_free. */
 double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps);
+
+/* A probe buffer kept for repeated measures: on a shared host the bandwidth a core gets
+ * drifts over seconds (other tenants' traffic), so a benchmark reads it right beside each
+ * timed repetition and compares each repetition with its own bandwidth, not one figure taken
+ * at another moment (tessera bench). The buffer (n_bytes rounded up to 2 MiB, advised for
+ * huge pages, every page faulted in) is owned by the probe. tsr_membw_probe_new returns NULL
+ * on allocation failure; tsr_membw_probe_read returns the best of `reps` repetitions, each
+ * timing each read loop once, in bytes/s; tsr_membw_probe_free(NULL) does nothing. */
+typedef struct tsr_membw_probe tsr_membw_probe;
+tsr_membw_probe *tsr_membw_probe_new(size_t n_bytes);
+double tsr_membw_probe_read(tsr_membw_probe *probe, tsr_pool *pool, int reps);
+void tsr_membw_probe_free(tsr_membw_probe *probe);
 
 /* How many read loops tsr_membw_read_slice offers. */
 enum { TSR_MEMBW_LOOPS = 2 };

@@ -198,6 +198,42 @@ static void test_generate_json(void **state)
     free(err);
 }
 
+/* bench --json: its documented fields, and a roofline taken beside each decode: the median
+ * bandwidth lies within its range, and the fraction is each decode over its own read (so
+ * positive and finite whatever the host's drift). Tiny model, 3 reps: the 1 GiB probe is
+ * most of its second. */
+static void test_bench_json(void **state)
+{
+    (void)state;
+    char *out, *err;
+    int rc = run(&out, &err, "bench -m %s -t 2 -p 8 -n 8 -r 3 --json",
+                 tsr_test_model_path("stories260K.gguf"));
+    if (rc != 0) fail_msg("bench failed (%d): %s", rc, err);
+    cJSON *o = cJSON_Parse(out);
+    if (!o) fail_msg("bench --json printed no JSON: %s", out);
+    const char *fields[] = {
+        "prefill_tokens_per_s",  "decode_tokens_per_s",   "bytes_per_token",
+        "mem_bw_gb_s",           "mem_bw_gb_s_min",       "mem_bw_gb_s_max",
+        "roofline_tokens_per_s", "decode_roofline_ratio", "peak_rss_mib_leader"};
+    double v[9];
+    for (size_t i = 0; i < 9; i++) {
+        const cJSON *f = cJSON_GetObjectItem(o, fields[i]);
+        if (!cJSON_IsNumber(f)) fail_msg("--json lacks the number '%s': %s", fields[i], out);
+        v[i] = f->valuedouble;
+        if (!(v[i] > 0) || v[i] > 1e12)
+            fail_msg("'%s' = %g, expected > 0: %s", fields[i], v[i], out);
+    }
+    if (!(v[4] <= v[3] && v[3] <= v[5]))
+        fail_msg("bandwidth median %g outside its range %g-%g: %s", v[3], v[4], v[5], out);
+    /* the roofline is the median read over the bytes a token reads */
+    const double roof = v[3] * 1e9 / v[2];
+    if (v[6] < roof * 0.999 || v[6] > roof * 1.001)
+        fail_msg("roofline %g tok/s, expected %g (bandwidth / bytes per token)", v[6], roof);
+    cJSON_Delete(o);
+    free(out);
+    free(err);
+}
+
 static void test_generate_seeded(void **state)
 {
     (void)state;
@@ -411,7 +447,7 @@ int main(void)
         cmocka_unit_test(test_usage_errors),  cmocka_unit_test(test_help),
         cmocka_unit_test(test_generate_json), cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_tokenize),      cmocka_unit_test(test_inspect),
-        cmocka_unit_test(test_mkmodel),
+        cmocka_unit_test(test_mkmodel),       cmocka_unit_test(test_bench_json),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -147,7 +147,7 @@ for m in models:
         r_pp = med(pp_t) / med(pp_l)
         r_tg = med(tg_t) / med(tg_l)
         print(f"{m[:11]:<11} {t:>3} {'pp128':<7} {med(pp_t):>9.1f} {med(pp_l):>9.1f} {r_pp:>6.2f}")
-        print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen):<7} {med(tg_t):>9.2f} {med(tg_l):>9.2f} {r_tg:>6.2f}  {bw:>5.1f} {roof:>8.2f} {100*med(tg_t)/roof:>7.1f}% {100*med(tg_l)/roof:>9.1f}%")
+        print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen):<7} {med(tg_t):>9.2f} {med(tg_l):>9.2f} {r_tg:>6.2f}  {bw:>5.1f} {roof:>8.2f} {100*med([x["decode_roofline_ratio"] for x in tj]):>7.1f}% {100*med(tg_l)/roof:>9.1f}%")
         nj = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/tsrnr.{m}.{t}.*.json"))]
         if nj:
             pp_n = med([x["prefill_tokens_per_s"] for x in nj])
@@ -162,4 +162,6 @@ for m in models:
 print()
 print("ratio = Tessera / llama.cpp; GB/s = memory read bandwidth measured by `tessera bench` in")
 print("the same runs with the same threads; roofline = GB/s / bytes read per decode token.")
+print("tsr roof: the median of each Tessera decode over the read taken beside it (a shared")
+print("host's bandwidth drifts); llama roof: llama.cpp's median decode over the median read.")
 EOF
