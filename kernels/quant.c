@@ -2268,8 +2268,10 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * registers; Q6_K 0.67-0.68, 0.67, 0.78, 0.80-0.83; 1B Q4_K_M decode 35.8 -> 42.5 tok/s.
  * Why the instruction form matters so much is not observable here (no hardware counters);
  * kernels/q40_gemm.c and q80_gemv.c measured the same. One past the matrix is harmless. */
-#define RQ_PREFETCH_LINE(b, pf, bstride, off)                                                      \
-    tsr_prefetch_line_l2((const char *)(b) + (pf) * (bstride) + (off))
+#define RQ_PREFETCH_LINE(on, b, pf, bstride, off)                                                  \
+    do {                                                                                           \
+        if (on) tsr_prefetch_line_l2((const char *)(b) + (pf) * (bstride) + (off));                \
+    } while (0)
 
 /* vpshufb masks: byte g (0..7) of a 128-bit lane zero-extended to all 8 int16 slots. */
 #define BCW(g)  (g), 0x80
@@ -2309,21 +2311,58 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
     return _mm256_or_si256(lo, hi);
 }
 
+/* Whether the Q4_K / Q6_K GEMVs issue their software prefetch (RQ_PREFETCH_LINE). It pays on
+ * the Intel Xeon measured above (without it Q4_K read 0.70 of the plain read against 0.88) but
+ * not on AMD Zen 4, whose hardware prefetchers follow the groups' one linear stream:
+ * tests/bench_gemv_stream (512 MiB, 2 threads, AMD EPYC, 2026-12-06), share of the plain read in
+ * the same run, medians of 16 alternated runs at a 29-33 GB/s read, with -> without: Q4_K
+ * 0.895 -> 0.907, Q6_K 0.857 -> 0.942 (a plain line loop there also read 23 GB/s on one thread
+ * with a prefetcht1 8 KiB ahead against 31 without).
+ * The Q4_0 GEMV keeps its prefetch on both (its pass reads four group streams: 0.44-0.57 of
+ * the read without it there). Off on AMD CPUs, on elsewhere; TSR_KGEMV_PREFETCH=0 / 1
+ * overrides. The two choices run the same arithmetic: outputs are identical. */
+static _Atomic int g_kgemv_pf = -1;
+static bool rq_kgemv_prefetch_default(void)
+{
+    return !__builtin_cpu_is("amd");
+}
+static bool rq_kgemv_prefetch(void)
+{
+    int v = atomic_load_explicit(&g_kgemv_pf, memory_order_relaxed);
+    if (v >= 0) return v;
+    const char *env = getenv("TSR_KGEMV_PREFETCH");
+    if (env && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0))
+        v = env[0] == '1';
+    else
+        v = rq_kgemv_prefetch_default();
+    atomic_store_explicit(&g_kgemv_pf, v, memory_order_relaxed);
+    return v;
+}
+
 /* fname##_kg: a 4-row kernel fname##_4 (block i of row r at w0 + r * stride + i * bstride)
  * over the repacked groups of kernels/repack.h (gb bytes apart, block i of the 4 rows side by
  * side: one linear stream; a short last group's missing rows repeat its last row there,
  * computed and not stored). The file layout keeps the one-row kernels: its 4 rows side by
  * side would be 4 streams, which measured slower from memory than one. */
 #define DEF_ROWS_DRIVERS(fname, ATTR, BLK, dot1)                                                   \
-    ATTR static void fname##_kg(int64_t n, int64_t nrows, const uint8_t *groups, size_t gb,        \
-                                const void *vx, float *y)                                          \
+    ATTR TSR_INLINE void fname##_kg_pf(const bool pfo, int64_t n, int64_t nrows,                   \
+                                       const uint8_t *groups, size_t gb, const void *vx, float *y) \
     {                                                                                              \
         for (int64_t r = 0; r < nrows; r += 4) {                                                   \
             float o[4];                                                                            \
-            fname##_4(n / TSR_QK_K, groups + (size_t)(r / 4) * gb, sizeof(BLK), 4 * sizeof(BLK),   \
-                      (const blk_q8_K *)vx, o);                                                    \
+            fname##_4(pfo, n / TSR_QK_K, groups + (size_t)(r / 4) * gb, sizeof(BLK),               \
+                      4 * sizeof(BLK), (const blk_q8_K *)vx, o);                                   \
             for (int k = 0; k < 4 && r + k < nrows; ++k) y[r + k] = o[k];                          \
         }                                                                                          \
+    }                                                                                              \
+    /* two copies, with and without the software prefetch (rq_kgemv_prefetch) */                   \
+    ATTR static void fname##_kg(int64_t n, int64_t nrows, const uint8_t *groups, size_t gb,        \
+                                const void *vx, float *y)                                          \
+    {                                                                                              \
+        if (rq_kgemv_prefetch())                                                                   \
+            fname##_kg_pf(true, n, nrows, groups, gb, vx, y);                                      \
+        else                                                                                       \
+            fname##_kg_pf(false, n, nrows, groups, gb, vx, y);                                     \
     }
 
 /* How the 4-row Q4_K GEMV applies the 6-bit scales to its int16 pair sums (either way the
@@ -2383,8 +2422,8 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
  * 8-lane FMA: lanes 0-3 the rows' sumf chains (isum_r * (d_y * d_r)), lanes 4-7 their summf
  * chains (imin_r * (d_y * dmin_r)); y_r = sumf_r - summf_r. */
 #define DEF_ROWS_Q4_K(fname, ATTR, SACC, SCALES, JSTEP, dot1)                                      \
-    ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
-                                   const blk_q8_K *x, float *out)                                  \
+    ATTR TSR_INLINE void fname##_4(const bool pfo, int64_t nb, const uint8_t *w0, size_t stride,   \
+                                   size_t bstride, const blk_q8_K *x, float *out)                  \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
         /* fp16 d0..d3 then dmin0..dmin3 from the 4 rows' (d, dmin) dwords */                      \
@@ -2423,7 +2462,7 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
                     __m256i s = _mm256_setzero_si256();                                            \
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)                            \
                     {                                                                              \
-                        if (j < 3) RQ_PREFETCH_LINE(bk, RQ_PF_Q4_K, bstride, 64 * j);              \
+                        if (j < 3) RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q4_K, bstride, 64 * j);         \
                         const __m256i q4 = _mm256_loadu_si256((const __m256i *)(bk->qs + 32 * j)); \
                         const __m256i ql = _mm256_and_si256(q4, m4);                               \
                         const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);         \
@@ -2507,8 +2546,8 @@ static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
 /* Q6_K, 4 rows: each row's 8 int32 lanes and 8-lane float chain exactly DEF_DOT_Q6_K's
  * (lane k: elements 4k..4k+3 of every 32), the activation's quants loaded once for the 4. */
 #define DEF_ROWS_Q6_K(fname, ATTR, SACC, QSTEP, dot1)                                              \
-    ATTR TSR_INLINE void fname##_4(int64_t nb, const uint8_t *w0, size_t stride, size_t bstride,   \
-                                   const blk_q8_K *x, float *out)                                  \
+    ATTR TSR_INLINE void fname##_4(const bool pfo, int64_t nb, const uint8_t *w0, size_t stride,   \
+                                   size_t bstride, const blk_q8_K *x, float *out)                  \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);                   \
         {                                                                                          \
@@ -2528,8 +2567,8 @@ static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
                                          _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));       \
                     _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                            \
                     {                                                                              \
-                        RQ_PREFETCH_LINE(bk, RQ_PF_Q6_K, bstride, 128 * h);                        \
-                        RQ_PREFETCH_LINE(bk, RQ_PF_Q6_K, bstride, 128 * h + 64);                   \
+                        RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q6_K, bstride, 128 * h);                   \
+                        RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q6_K, bstride, 128 * h + 64);              \
                         const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)        \
                                               : _mm256_permute2x128_si256(sc16, sc16, 0x00);       \
                         const __m256i ql0 =                                                        \
@@ -3336,6 +3375,16 @@ bool tsr_quant_set_isa(const char *isa)
     if (want == ISA_UNSET || want > best) return false;
     atomic_store_explicit(&g_isa, want, memory_order_relaxed);
     return true;
+}
+
+void tsr_quant_set_kgemv_prefetch(int on)
+{
+#if TSR_X86
+    atomic_store_explicit(&g_kgemv_pf, on < 0 ? (int)rq_kgemv_prefetch_default() : on != 0,
+                          memory_order_relaxed);
+#else
+    (void)on;
+#endif
 }
 
 /* Q4_1 and Q8_0: ggml's x86 order (kernels/dot_ggml.h), on every ISA. */

@@ -109,7 +109,10 @@ void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
  * K-quant layout: group g, gb bytes after group g - 1, holds super-block i of its rows 0..3
  * side by side; a short last group repeats its last row): y[r] = dot(row r, x) for r <
  * n_rows, bit-identical to tsr_vec_dot of that row. Returns false (nothing written) for
- * other types and where only the scalar reference runs; the caller then uses its own loop. */
+ * other types and where only the scalar reference runs; the caller then uses its own loop.
+ * Software prefetch of the stream: off on AMD CPUs (their hardware prefetchers serve it
+ * better), on elsewhere; the environment variable TSR_KGEMV_PREFETCH=0 / 1 overrides (read
+ * once). The output is the same either way. */
 bool tsr_vec_dot_kgroups(uint32_t type, int64_t n, int64_t n_rows, const void *groups, size_t gb,
                          const void *x, float *y);
 
@@ -135,5 +138,10 @@ const char *tsr_quant_isa(void);
  * when the name is unknown or the CPU lacks it. For tests and benchmarks that compare
  * paths; threads running dots meanwhile see one path or the other (both correct). */
 bool tsr_quant_set_isa(const char *isa);
+
+/* Turn the Q4_K / Q6_K group GEMVs' software prefetch (tsr_vec_dot_kgroups) on (1) or off
+ * (0), or back to the CPU's default (-1, ignoring TSR_KGEMV_PREFETCH). For tests and
+ * benchmarks that compare the two; outputs are the same. */
+void tsr_quant_set_kgemv_prefetch(int on);
 
 #endif /* TSR_QUANT_H */

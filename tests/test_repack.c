@@ -92,9 +92,13 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
                          what, tsr_type_name(type), n, e % (size_t)n_out, e / (size_t)n_out,
                          k_isas[ii], (double)ref[e], tsr_test_fbits(ref[e]), (double)ref0[e],
                          tsr_test_fbits(ref0[e]));
-        /* whole matrix, and a range starting at group 1 with an odd length */
+        /* whole matrix, and a range starting at group 1 with an odd length; Q4_K / Q6_K with
+         * their one-token GEMV's software prefetch on and off (the same arithmetic) */
         const int64_t ranges[2][2] = {{0, n_out}, {4, n_out > 4 ? (n_out - 4) / 2 * 2 + 1 : 0}};
-        for (int k = 0; k < 2; ++k) {
+        const int n_pf = type == TSR_TYPE_Q4_K || type == TSR_TYPE_Q6_K ? 2 : 1;
+        for (int kp = 0; kp < 2 * n_pf; ++kp) {
+            const int k = kp % 2;
+            if (n_pf == 2) tsr_quant_set_kgemv_prefetch(kp / 2);
             const int64_t r0 = ranges[k][0];
             int64_t nr = ranges[k][1];
             if (r0 + nr > n_out) nr = n_out - r0;
@@ -110,9 +114,11 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
                         if (tsr_test_fbits(e) != tsr_test_fbits(g))
                             fail_msg("%s %s n=%" PRId64 " isa=%s tokens=%d rows [%" PRId64
                                      ", +%" PRId64 "): row %" PRId64 " token %d: expected %.9g "
-                                     "(0x%08x, tsr_vec_dot), got %.9g (0x%08x, repacked)",
+                                     "(0x%08x, tsr_vec_dot), got %.9g (0x%08x, repacked%s)",
                                      what, tsr_type_name(type), n, k_isas[ii], nt, r0, nr, r, t,
-                                     (double)e, tsr_test_fbits(e), (double)g, tsr_test_fbits(g));
+                                     (double)e, tsr_test_fbits(e), (double)g, tsr_test_fbits(g),
+                                     n_pf == 2 ? (kp / 2 ? ", prefetch on" : ", prefetch off")
+                                               : "");
                         n_cmp++;
                     }
                     /* rows outside the range are untouched */
@@ -127,6 +133,7 @@ static size_t check_matrix(uint32_t type, int64_t n, int64_t n_out, const uint8_
         }
     }
     tsr_quant_set_isa(NULL);
+    tsr_quant_set_kgemv_prefetch(-1);
     free(xf);
     free(x);
     free(packed);

@@ -146,8 +146,9 @@ for m in models:
         roof = bw * 1e9 / bpt
         r_pp = med(pp_t) / med(pp_l)
         r_tg = med(tg_t) / med(tg_l)
+        tsr_roof = med([x["decode_roofline_ratio"] for x in tj])
         print(f"{m[:11]:<11} {t:>3} {'pp128':<7} {med(pp_t):>9.1f} {med(pp_l):>9.1f} {r_pp:>6.2f}")
-        print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen):<7} {med(tg_t):>9.2f} {med(tg_l):>9.2f} {r_tg:>6.2f}  {bw:>5.1f} {roof:>8.2f} {100*med([x["decode_roofline_ratio"] for x in tj]):>7.1f}% {100*med(tg_l)/roof:>9.1f}%")
+        print(f"{m[:11]:<11} {t:>3} {'tg'+str(gen):<7} {med(tg_t):>9.2f} {med(tg_l):>9.2f} {r_tg:>6.2f}  {bw:>5.1f} {roof:>8.2f} {100*tsr_roof:>7.1f}% {100*med(tg_l)/roof:>9.1f}%")
         nj = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/tsrnr.{m}.{t}.*.json"))]
         if nj:
             pp_n = med([x["prefill_tokens_per_s"] for x in nj])
