@@ -878,14 +878,15 @@ static int cmd_bench(int argc, char **argv)
     int32_t *toks = malloc(sizeof(int32_t) * (size_t)n_prompt);
     double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
     double *bwr = calloc((size_t)reps, sizeof(double)),
-           *roofr = calloc((size_t)reps, sizeof(double));
+           *roofr = calloc((size_t)reps, sizeof(double)),
+           *rd = calloc((size_t)reps, sizeof(double));
     tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
     /* The roofline's bandwidth, read right after each repetition's decode (see below) */
     tsr_pool *bw_pool = NULL;
     tsr_membw_probe *bw_probe = NULL;
     double rss_kib_before_probe = 0.0;
     bool rss_reset = false;
-    if (!toks || !pf || !dc || !bwr || !roofr || !st) {
+    if (!toks || !pf || !dc || !bwr || !roofr || !rd || !st) {
         snprintf(err, sizeof err, "out of memory");
         goto stop;
     }
@@ -920,9 +921,12 @@ static int cmd_bench(int argc, char **argv)
         /* The memory bandwidth of this moment. A shared host's bandwidth drifts over seconds
          * with other tenants' traffic (the AMD EPYC host of 2026-12-06: 21-36 GB/s, now and then
          * 58, over a minute of the same read), so one figure taken at another moment can put a
-         * decode above 100 % of its "roofline"; each repetition is compared with the read
-         * beside it. The probe (1 GiB: past every L3 met here) is made after the first
-         * repetition, so the peak RSS below is the engine's, without it. */
+         * decode above 100 % of its "roofline". The memory is read after each decode, and
+         * each decode is compared with the better of the reads on either side of it (the one
+         * after the previous decode, which its prefill follows, and the one after it): a
+         * roofline is the best read measured around the decode, never a lower one. The probe
+         * (1 GiB: past every L3 met here) is made after the first repetition, so the peak RSS
+         * below is the engine's, without it. */
         if (r == 0) {
             struct rusage ru0;
             getrusage(RUSAGE_SELF, &ru0);
@@ -930,7 +934,17 @@ static int cmd_bench(int argc, char **argv)
             bw_pool = tsr_pool_new((int)n_threads);
             bw_probe = bw_pool ? tsr_membw_probe_new((size_t)1 << 30) : NULL;
         }
-        bwr[r] = bw_probe ? tsr_membw_probe_read(bw_probe, bw_pool, 2) : 0.0;
+        rd[r] = bw_probe ? tsr_membw_probe_read(bw_probe, bw_pool, 2) : 0.0;
+        bwr[r] = r > 0 && rd[r - 1] > rd[r] ? rd[r - 1] : rd[r];
+    }
+    if (bw_probe) {
+        /* the engine's peak while the probe was resident: the high-water mark less the probe
+         * (its every page faulted in, never dropped) */
+        struct rusage ru1;
+        getrusage(RUSAGE_SELF, &ru1);
+        const double held_kib =
+            (double)ru1.ru_maxrss - (double)tsr_membw_probe_bytes(bw_probe) / 1024.0;
+        if (held_kib > rss_kib_before_probe) rss_kib_before_probe = held_kib;
     }
     tsr_membw_probe_free(bw_probe);
     tsr_pool_free(bw_pool);
@@ -1090,14 +1104,15 @@ stop:;
     double kv_per_tok = (double)tsr_kv_block_bytes(hp, hp->n_layer, hp->n_head_kv, kv_type) /
                         TSR_KV_BLOCK_SIZE * ((double)n_prompt + (double)n_gen / 2.0);
     double bytes_tok = (double)w_bytes + kv_per_tok + (double)hp->n_embd * 4.0;
-    /* Each repetition against the bandwidth read beside it: the fraction is the median of
-     * the repetitions' fractions; the bandwidth printed the median read, with its range. */
+    /* Each repetition against the better read on either side of it: the fraction is the
+     * median of the repetitions' fractions; the bandwidth printed the median read, with the
+     * range of all reads. */
     int n_roof = 0;
     for (int64_t r = 0; r < reps; r++)
         if (bwr[r] > 0) roofr[n_roof++] = roofr[r] / (bwr[r] / bytes_tok);
     qsort(roofr, (size_t)n_roof, sizeof(double), cmp_double);
-    qsort(bwr, (size_t)reps, sizeof(double), cmp_double);
-    const double bw = bwr[reps / 2], bw_lo = bwr[0], bw_hi = bwr[reps - 1];
+    qsort(rd, (size_t)reps, sizeof(double), cmp_double);
+    const double bw = rd[reps / 2], bw_lo = rd[0], bw_hi = rd[reps - 1];
     const double roof = bw > 0 ? bw / bytes_tok : 0.0;
     const double roof_ratio = n_roof ? roofr[n_roof / 2] : 0.0;
     struct rusage ru;
@@ -1168,10 +1183,10 @@ stop:;
                bytes_tok / 1048576.0, (double)w_bytes / 1048576.0, kv_per_tok / 1048576.0,
                tsr_kv_type_name(kv_type));
         printf("memory bandwidth: %.1f GB/s (read, %" PRId64 " threads, median of %" PRId64
-               " reads, one beside each decode: %.1f-%.1f)\n",
+               " reads, one after each decode: %.1f-%.1f)\n",
                bw / 1e9, n_threads, reps, bw_lo / 1e9, bw_hi / 1e9);
         printf("decode roofline:  %.2f tokens/s; achieved %.1f%% (median of each decode over "
-               "the read beside it)\n",
+               "the better read on either side of it)\n",
                roof, 100.0 * roof_ratio);
         printf("peak RSS:         %.1f MiB (leader)\n", rss_mib);
         printf("repacked weights: %.1f MiB in %.0f ms at load (leader; --no-repack: none)\n",
@@ -1211,6 +1226,7 @@ done:
     free(dc);
     free(bwr);
     free(roofr);
+    free(rd);
     free(st);
     tsr_membw_probe_free(bw_probe);
     tsr_pool_free(bw_pool);

@@ -111,6 +111,11 @@ tsr_membw_probe *tsr_membw_probe_new(size_t n_bytes)
     return p;
 }
 
+size_t tsr_membw_probe_bytes(const tsr_membw_probe *p)
+{
+    return p->n_bytes;
+}
+
 void tsr_membw_probe_free(tsr_membw_probe *p)
 {
     if (!p) return;

@@ -35,6 +35,8 @@ typedef struct tsr_membw_probe tsr_membw_probe;
 tsr_membw_probe *tsr_membw_probe_new(size_t n_bytes);
 double tsr_membw_probe_read(tsr_membw_probe *probe, tsr_pool *pool, int reps);
 void tsr_membw_probe_free(tsr_membw_probe *probe);
+/* The probe's buffer size in bytes (all of it resident while the probe lives). */
+size_t tsr_membw_probe_bytes(const tsr_membw_probe *probe);
 
 /* How many read loops tsr_membw_read_slice offers. */
 enum { TSR_MEMBW_LOOPS = 2 };
