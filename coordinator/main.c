@@ -877,16 +877,14 @@ static int cmd_bench(int argc, char **argv)
     bool ok = false;
     int32_t *toks = malloc(sizeof(int32_t) * (size_t)n_prompt);
     double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
-    double *bwr = calloc((size_t)reps, sizeof(double)),
-           *roofr = calloc((size_t)reps, sizeof(double)),
+    double *roofr = calloc((size_t)reps, sizeof(double)),
            *rd = calloc((size_t)reps, sizeof(double));
     tsr_rank_stats *st = calloc((size_t)n_ranks, sizeof *st);
     /* The roofline's bandwidth, read right after each repetition's decode (see below) */
     tsr_pool *bw_pool = NULL;
     tsr_membw_probe *bw_probe = NULL;
     double rss_kib_before_probe = 0.0;
-    bool rss_reset = false;
-    if (!toks || !pf || !dc || !bwr || !roofr || !rd || !st) {
+    if (!toks || !pf || !dc || !roofr || !rd || !st) {
         snprintf(err, sizeof err, "out of memory");
         goto stop;
     }
@@ -925,8 +923,9 @@ static int cmd_bench(int argc, char **argv)
          * each decode is compared with the better of the reads on either side of it (the one
          * after the previous decode, which its prefill follows, and the one after it): a
          * roofline is the best read measured around the decode, never a lower one. The probe
-         * (1 GiB: past every L3 met here) is made after the first repetition, so the peak RSS
-         * below is the engine's, without it. */
+         * (1 GiB: past every L3 met here) is made after the first repetition and held to the
+         * end, so the peak RSS below is the engine's: the high-water mark before it, or the
+         * one at the end less the probe (every page faulted in, never dropped). */
         if (r == 0) {
             struct rusage ru0;
             getrusage(RUSAGE_SELF, &ru0);
@@ -935,30 +934,6 @@ static int cmd_bench(int argc, char **argv)
             bw_probe = bw_pool ? tsr_membw_probe_new((size_t)1 << 30) : NULL;
         }
         rd[r] = bw_probe ? tsr_membw_probe_read(bw_probe, bw_pool, 2) : 0.0;
-        bwr[r] = r > 0 && rd[r - 1] > rd[r] ? rd[r - 1] : rd[r];
-    }
-    if (bw_probe) {
-        /* the engine's peak while the probe was resident: the high-water mark less the probe
-         * (its every page faulted in, never dropped) */
-        struct rusage ru1;
-        getrusage(RUSAGE_SELF, &ru1);
-        const double held_kib =
-            (double)ru1.ru_maxrss - (double)tsr_membw_probe_bytes(bw_probe) / 1024.0;
-        if (held_kib > rss_kib_before_probe) rss_kib_before_probe = held_kib;
-    }
-    tsr_membw_probe_free(bw_probe);
-    tsr_pool_free(bw_pool);
-    bw_probe = NULL;
-    bw_pool = NULL;
-    {
-        /* Peak RSS from here on without the probe: "5" resets the high-water mark to the
-         * current RSS (proc(5), Linux 4.0+); where that fails the figure stays the one taken
-         * before the probe. */
-        FILE *f = fopen("/proc/self/clear_refs", "w");
-        if (f) {
-            rss_reset = fputs("5", f) >= 0;
-            rss_reset = (fclose(f) == 0) && rss_reset;
-        }
     }
     /* Verify cost: one step of k+1 query tokens of one sequence vs one of 1 token. */
     double vc[5] = {0};
@@ -1108,8 +1083,10 @@ stop:;
      * median of the repetitions' fractions; the bandwidth printed the median read, with the
      * range of all reads. */
     int n_roof = 0;
-    for (int64_t r = 0; r < reps; r++)
-        if (bwr[r] > 0) roofr[n_roof++] = roofr[r] / (bwr[r] / bytes_tok);
+    for (int64_t r = 0; r < reps; r++) {
+        const double bw_r = r > 0 && rd[r - 1] > rd[r] ? rd[r - 1] : rd[r];
+        if (bw_r > 0) roofr[n_roof++] = roofr[r] / (bw_r / bytes_tok);
+    }
     qsort(roofr, (size_t)n_roof, sizeof(double), cmp_double);
     qsort(rd, (size_t)reps, sizeof(double), cmp_double);
     const double bw = rd[reps / 2], bw_lo = rd[0], bw_hi = rd[reps - 1];
@@ -1117,8 +1094,11 @@ stop:;
     const double roof_ratio = n_roof ? roofr[n_roof / 2] : 0.0;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    double rss_kib = rss_kib_before_probe;
-    if (rss_reset && (double)ru.ru_maxrss > rss_kib) rss_kib = (double)ru.ru_maxrss;
+    double rss_kib = (double)ru.ru_maxrss;
+    if (bw_probe) {
+        rss_kib -= (double)tsr_membw_probe_bytes(bw_probe) / 1024.0;
+        if (rss_kib < rss_kib_before_probe) rss_kib = rss_kib_before_probe;
+    }
     const double rss_mib = rss_kib / 1024.0;
     if (json) {
         cJSON *o = cJSON_CreateObject();
@@ -1224,7 +1204,6 @@ done:
     free(toks);
     free(pf);
     free(dc);
-    free(bwr);
     free(roofr);
     free(rd);
     free(st);

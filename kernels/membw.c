@@ -40,7 +40,7 @@ __attribute__((target("avx2"))) static uint64_t read_avx2(const uint8_t *p, size
  * 34-36 GB/s where read_avx2's four independent chains read 28-30 (1 thread: 18 against 15;
  * without the prefetch 34 and 18: the loop's shape does most of it). Why is not observable
  * here (no hardware counters); likely a loop that keeps fewer demand misses in flight leaves
- * the hardware prefetchers more room. tsr_membw_read takes the better of the two, so the
+ * the hardware prefetchers more room. tsr_membw_probe_read takes the better of the two, so the
  * roofline is the fastest read measured, not one loop's. */
 __attribute__((target("avx2"))) static uint64_t read_line_avx2(const uint8_t *p, size_t n)
 {
@@ -139,13 +139,4 @@ double tsr_membw_probe_read(tsr_membw_probe *p, tsr_pool *pool, int reps)
         if (bw > best) best = bw;
     }
     return best;
-}
-
-double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps)
-{
-    tsr_membw_probe *p = tsr_membw_probe_new(n_bytes);
-    if (!p) return 0.0;
-    const double bw = tsr_membw_probe_read(p, pool, reps);
-    tsr_membw_probe_free(p);
-    return bw;
 }

@@ -19,18 +19,13 @@
 
 #include "kernels/pool.h"
 
-/* Best-of-`reps` read bandwidth in bytes/s over a buffer of n_bytes (>= 256 MiB is
- * advisable): each repetition times each read loop once. Returns 0 on allocation failure.
- * tsr_membw_probe_new + tsr_membw_probe_read + tsr_membw_probe_free. */
-double tsr_membw_read(tsr_pool *pool, size_t n_bytes, int reps);
-
-/* A probe buffer kept for repeated measures: on a shared host the bandwidth a core gets
- * drifts over seconds (other tenants' traffic), so a benchmark reads it right beside each
- * timed repetition and compares each repetition with its own bandwidth, not one figure taken
- * at another moment (tessera bench). The buffer (n_bytes rounded up to 2 MiB, advised for
- * huge pages, every page faulted in) is owned by the probe. tsr_membw_probe_new returns NULL
- * on allocation failure; tsr_membw_probe_read returns the best of `reps` repetitions, each
- * timing each read loop once, in bytes/s; tsr_membw_probe_free(NULL) does nothing. */
+/* A probe buffer (>= 256 MiB is advisable) kept for repeated measures: on a shared host the
+ * bandwidth a core gets drifts over seconds (other tenants' traffic), so a benchmark reads it
+ * right beside each timed repetition and compares each repetition with its own bandwidth, not one
+ * figure taken at another moment (tessera bench). The buffer (n_bytes rounded up to 2 MiB, advised
+ * for huge pages, every page faulted in) is owned by the probe. tsr_membw_probe_new returns NULL on
+ * allocation failure; tsr_membw_probe_read returns the best of `reps` repetitions, each timing each
+ * read loop once, in bytes/s; tsr_membw_probe_free(NULL) does nothing. */
 typedef struct tsr_membw_probe tsr_membw_probe;
 tsr_membw_probe *tsr_membw_probe_new(size_t n_bytes);
 double tsr_membw_probe_read(tsr_membw_probe *probe, tsr_pool *pool, int reps);
@@ -44,8 +39,8 @@ enum { TSR_MEMBW_LOOPS = 2 };
 /* One thread's read of n_bytes at buf (any alignment; a tail of n_bytes % 128 may go unread) with
  * read loop `loop` (0 .. TSR_MEMBW_LOOPS - 1: four independent 32-byte chains; one 64-byte line an
  * iteration with a prefetch 8 KiB ahead; both the same scalar loop without AVX2). Returns a fold of
- * the bytes, so that the read is not elided. The loops of tsr_membw_read, for benchmarks that time
- * a plain read of their own buffers beside a kernel: take the faster loop, as tsr_membw_read does.
+ * the bytes, so that the read is not elided. The loops of tsr_membw_probe_read, for benchmarks that
+ * time a plain read of their own buffers beside a kernel: take the faster loop, as it does.
  */
 uint64_t tsr_membw_read_slice(const void *buf, size_t n_bytes, int loop);
 

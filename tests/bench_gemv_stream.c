@@ -13,7 +13,7 @@
  * 34 GB/s against 31). A
  * pass is one decode step's matmuls as the engine issues them (tsr_matmul_multi: qkv, o,
  * gate+up, down; 2 threads, guided claims); the plain read is the same arena read by the
- * same pool, each thread one half, with each of tsr_membw_read's loops (kernels/membw.h),
+ * same pool, each thread one half, with each of tsr_membw_probe_read's loops (kernels/membw.h),
  * the faster taken, as the engine's roofline takes it. Prints per type the medians of REPS
  * interleaved passes in GB/s and the median of the per-pass ratios gemv / read (the
  * from-memory fraction). Until 2026-12-06 the read was one loop of four independent chains,
@@ -143,7 +143,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
             tsr_matmul(pool, &w[l][6], x, 1, y[0], scratch);
         }
         const double tg = tsr_bench_now_s() - t0;
-        double tr = 0.0; /* the faster of tsr_membw_read's loops, as its roofline */
+        double tr = 0.0; /* the faster of tsr_membw_probe_read's loops, as its roofline */
         for (rj.loop = 0; rj.loop < TSR_MEMBW_LOOPS; rj.loop++) {
             t0 = tsr_bench_now_s();
             tsr_pool_run(pool, rd_run, &rj);

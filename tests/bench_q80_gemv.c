@@ -8,7 +8,7 @@
  * 2 threads (rows split in halves, 4-row aligned), the three passes interleaved REPS times so that
  * the shared host's drifting load hits all of them alike; prints the medians in GB/s of weight
  * bytes and the median of the per-pass ratios (gemv / read: the share of the bandwidth the kernel
- * streams at; gemv / rows: the speed-up). The read is the faster of tsr_membw_read's loops
+ * streams at; gemv / rows: the speed-up). The read is the faster of tsr_membw_probe_read's loops
  * (kernels/membw.h; until 2026-12-06 one loop of 8 scalar chains, a fifth slower here). From cache:
  * a 136 KiB matrix (64 rows of 2048, L2-resident), best of REPS, in ns per 32-element block dot:
  * the compute cost per block. Row lengths: 2048 (the 1B shape's q/k/v/o/gate/up) and 8192 (its
@@ -123,7 +123,7 @@ static void bench_cols(int64_t n, const char *isa_name, int isa, size_t matrix_b
         for (int i = 0; i < REPS; ++i) {
             g[i] = pass(0, isa, threads, n, rows, w, rb, x, y);
             o[i] = pass(1, isa, threads, n, rows, w, rb, x, y);
-            m[i] = 0.0; /* the faster of tsr_membw_read's loops, as the engine's roofline */
+            m[i] = 0.0; /* the faster of tsr_membw_probe_read's loops, as the engine's roofline */
             for (int k = 0; k < TSR_MEMBW_LOOPS; ++k) {
                 const double r = pass(2 + k, isa, threads, n, rows, w, rb, x, y);
                 if (r > m[i]) m[i] = r;
