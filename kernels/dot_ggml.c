@@ -5,14 +5,16 @@
  * hardware prefetchers do not follow 4 interleaved row streams: 1 thread, 2 KiB Q8_0 rows,
  * 7.7 GB/s without, 16.9 with) and the token's scales converted once; several tokens
  * (tile_*) run as register tiles of 4 rows x several tokens (Q8_0 with VNNI up to 8 in zmm
- * registers, two rows' chains per register, the pairs' scale products 8 blocks at a time; Q4_1
- * up to 4; AVX2 2), weight and activation blocks loaded
+ * registers, two rows' chains per register, the pairs' scale products 8 blocks at a time, or on
+ * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 2), weight and
+ * activation blocks loaded
  * once per tile, scales as floats. No repacked layout: the file's blocks suffice. */
 #include "kernels/dot_ggml.h"
 
 #include "kernels/quant.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,6 +49,21 @@ _Static_assert(sizeof(gg_q8_1) == 36, "Q8_1 block");
 bool tsr_ggml_dot_handles(uint32_t type)
 {
     return type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q8_0;
+}
+
+#if GG_X86
+/* the VNNI Q8_0 tiles' register form: -1 not chosen yet, 0 zmm, 1 ymm (gg_tile_ymm) */
+static _Atomic int g_tile_ymm = -1;
+static bool gg_tile_ymm_default(void);
+#endif
+void tsr_ggml_dot_set_tile_ymm(int on)
+{
+#if GG_X86
+    atomic_store_explicit(&g_tile_ymm, on < 0 ? (int)gg_tile_ymm_default() : on != 0,
+                          memory_order_relaxed);
+#else
+    (void)on;
+#endif
 }
 
 /* Set by tests only (tsr_ggml_dot_set_vbmi): the VNNI Q8_0 tiles' scale extraction without VBMI. */
@@ -576,6 +593,99 @@ GG_PAIR_D16(gg_pair_d16_vbmi, GG_VBMI, 1)
             if (2 * p + 1 < nr) y[(size_t)t * ys + 2 * p + 1] = v1;                                \
         }                                                                                          \
     }
+/* The fp16 d of 8 consecutive Q8_0 blocks of a row (m < 8: gg_row_h8) as eight 16-bit loads
+ * inserted into one vector: on AMD Zen 4 cheaper than gg_row_h8's two vpermt2w (the ymm tile
+ * below, 5 tokens from L2, 1 thread: 1.10 -> 1.18 vpdpbusd-pairs per ns). */
+GG_VNNI GG_INLINE __m128i gg_row_h8_ins(const gg_q8_0 *w, int m)
+{
+    if (m != 8) return gg_row_h8(w, m);
+    return _mm_setr_epi16((short)w[0].d, (short)w[1].d, (short)w[2].d, (short)w[3].d, (short)w[4].d,
+                          (short)w[5].d, (short)w[6].d, (short)w[7].d);
+}
+
+/* The Q8_0 tile with VNNI in 256-bit registers, 4 rows x T tokens (T = 1..GG_TY_MAX), each
+ * (row, token) chain in ggml's order in one ymm: the same exact lanes (the dot start
+ * TSR_I2F_MAGIC_I - 128 x the weights' 4-sums, vpdpbusd of the token's quants + 128 and the
+ * weights, vsubps of the magic), the same scale product fp16(d_w) * fp16(d_x) and FMA per block
+ * as GG_TILEV_Q80, so the same bits. Why a second form: AMD Zen 4 executes a 512-bit op as two
+ * 256-bit halves, so a zmm holding two rows' chains does no more work per cycle than two ymm,
+ * and the zmm tile's vpermt2d interleaving the row pair costs there (about a tenth of the
+ * 5-token tile). This one reads each row's block with one plain load, each token's with a load
+ * and an xor (once for the 4 rows), and the scales of the tokens from the prep's dx2 (its
+ * duplicated {d, d} pairs narrowed by vpmovqd). Measured on the AMD EPYC (Zen 4) host,
+ * tests/bench_tile, 2048 columns, 1 thread, vpdpbusd-pairs per ns, zmm -> ymm: from L2 2
+ * tokens 0.73 -> 0.89, 5 tokens 0.91 -> 1.18, 8 tokens 1.00 -> 1.13, 16 tokens 1.09 -> 1.13;
+ * streaming 5 tokens 0.87 -> 1.08. Tried there and not faster: weights made unsigned with
+ * per-token dot starts from memory (0.88 at 5 tokens), the next chunk's scales formed a chunk
+ * ahead (1.10 against 1.12). The scale products are what is left (without them 1.35).
+ * MODE as GG_TILEV_Q80's, the saved forms here wab [4][nb] ymm (a row's dot starts) and dwb
+ * [4][GG_NBP(nb)] floats (a row's scales): the same bytes as the zmm tiles'. */
+#define GG_TY_MAX 5
+#define GG_TILEY_Q80(NAME, T, MODE)                                                                \
+    GG_VNNI static void NAME(int64_t nb, const uint8_t *const *wr, const uint8_t *x, size_t xs,    \
+                             const float *dx2, size_t xn, float *dwb, __m256i *wab, float *y,      \
+                             size_t ys, int nr, const uint8_t *pf)                                 \
+    {                                                                                              \
+        __m256 acc[4][T];                                                                          \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                        \
+            _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[r][t] = _mm256_setzero_ps(); \
+        const gg_q8_0 *w[4] = {(const gg_q8_0 *)wr[0], (const gg_q8_0 *)wr[1],                     \
+                               (const gg_q8_0 *)wr[2], (const gg_q8_0 *)wr[3]};                    \
+        float dd[4][T][8] __attribute__((aligned(32)));                                            \
+        const __m256i k80 = _mm256_set1_epi8(-128);                                                \
+        const __m256i kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);                                    \
+        const __m256 kmf = _mm256_set1_ps(TSR_I2F_MAGIC_F);                                        \
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {                                                   \
+            const int m = nb - b0 < 8 ? (int)(nb - b0) : 8;                                        \
+            __m256 dxt[T];                                                                         \
+            _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) dxt[t] = _mm256_castsi256_ps(    \
+                _mm512_cvtepi64_epi32(_mm512_loadu_si512(dx2 + ((size_t)b0 / 8 * xn + t) * 16)));  \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                    \
+            {                                                                                      \
+                __m256 sw_; /* d(row r, b) for b = b0..b0 + 7 */                                   \
+                if ((MODE) == 2) {                                                                 \
+                    sw_ = _mm256_loadu_ps(dwb + (size_t)r * GG_NBP(nb) + b0);                      \
+                } else {                                                                           \
+                    sw_ = _mm256_cvtph_ps(gg_row_h8_ins(w[r] + b0, m));                            \
+                    if ((MODE) == 1) _mm256_storeu_ps(dwb + (size_t)r * GG_NBP(nb) + b0, sw_);     \
+                }                                                                                  \
+                _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                              \
+                    _mm256_store_ps(dd[r][t], _mm256_mul_ps(sw_, dxt[t]));                         \
+            }                                                                                      \
+            for (int j = 0; j < m; ++j) {                                                          \
+                const int64_t b = b0 + j;                                                          \
+                /* the next group's block b (4 x 34 bytes) as three lines, as the zmm tile's */    \
+                const char *pfb = pf ? (const char *)pf + 4 * sizeof(gg_q8_0) * (size_t)b : NULL;  \
+                __m256i xq[T];                                                                     \
+                _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) xq[t] = _mm256_xor_si256(    \
+                    _mm256_loadu_si256(                                                            \
+                        (const __m256i *)((const gg_q8_0 *)(x + (size_t)t * xs))[b].qs),           \
+                    k80);                                                                          \
+                _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                \
+                {                                                                                  \
+                    if (pfb && (r & 1) == 0) tsr_prefetch_line_l2(pfb + 32 * r);                   \
+                    const __m256i wq = _mm256_loadu_si256((const __m256i *)w[r][b].qs);            \
+                    __m256i wa;                                                                    \
+                    if ((MODE) == 2) {                                                             \
+                        wa = _mm256_load_si256(wab + (size_t)r * nb + b);                          \
+                    } else {                                                                       \
+                        wa = _mm256_sub_epi32(                                                     \
+                            kmi, _mm256_dpbusd_epi32(_mm256_setzero_si256(), k80, wq));            \
+                        if ((MODE) == 1) _mm256_store_si256(wab + (size_t)r * nb + b, wa);         \
+                    }                                                                              \
+                    _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t) acc[r][t] =              \
+                        _mm256_fmadd_ps(                                                           \
+                            _mm256_broadcast_ss(&dd[r][t][j]),                                     \
+                            _mm256_sub_ps(_mm256_castsi256_ps(_mm256_dpbusd_epi32(wa, xq[t], wq)), \
+                                          kmf),                                                    \
+                            acc[r][t]);                                                            \
+                }                                                                                  \
+                if (pfb) tsr_prefetch_line_l2(pfb + 128);                                          \
+            }                                                                                      \
+        }                                                                                          \
+        GG_TILE_STORE(T);                                                                          \
+    }
+
 /* Q4_1 x Q8_1: nibbles (unsigned) x activation quants (signed) need no trick; summs per pair
  * in a 4-lane vector per row (lane t: fma(m_w, s_t, summs) exactly as the scalar chain), sx
  * holding the T tokens' s of block b side by side at sx + 4 * b. */
@@ -757,6 +867,21 @@ GG_TILEV_Q80(tile_q8_0_vnni_5_use_vbmi, 5, 2, GG_VBMI, gg_pair_d16_vbmi)
 GG_TILEV_Q80(tile_q8_0_vnni_6_use_vbmi, 6, 2, GG_VBMI, gg_pair_d16_vbmi)
 GG_TILEV_Q80(tile_q8_0_vnni_7_use_vbmi, 7, 2, GG_VBMI, gg_pair_d16_vbmi)
 GG_TILEV_Q80(tile_q8_0_vnni_8_use_vbmi, 8, 2, GG_VBMI, gg_pair_d16_vbmi)
+GG_TILEY_Q80(tiley_q8_0_1, 1, 0)
+GG_TILEY_Q80(tiley_q8_0_2, 2, 0)
+GG_TILEY_Q80(tiley_q8_0_3, 3, 0)
+GG_TILEY_Q80(tiley_q8_0_4, 4, 0)
+GG_TILEY_Q80(tiley_q8_0_5, 5, 0)
+GG_TILEY_Q80(tiley_q8_0_1_save, 1, 1)
+GG_TILEY_Q80(tiley_q8_0_2_save, 2, 1)
+GG_TILEY_Q80(tiley_q8_0_3_save, 3, 1)
+GG_TILEY_Q80(tiley_q8_0_4_save, 4, 1)
+GG_TILEY_Q80(tiley_q8_0_5_save, 5, 1)
+GG_TILEY_Q80(tiley_q8_0_1_use, 1, 2)
+GG_TILEY_Q80(tiley_q8_0_2_use, 2, 2)
+GG_TILEY_Q80(tiley_q8_0_3_use, 3, 2)
+GG_TILEY_Q80(tiley_q8_0_4_use, 4, 2)
+GG_TILEY_Q80(tiley_q8_0_5_use, 5, 2)
 GG_TILE_Q41(tile_q4_1_vnni_1, GG_VNNI, 1, 1)
 GG_TILE_Q41(tile_q4_1_vnni_2, GG_VNNI, 2, 1)
 GG_TILE_Q41(tile_q4_1_vnni_3, GG_VNNI, 3, 1)
@@ -792,6 +917,15 @@ static const gg_tilev80_fn k_tile80_vnni[2][3][GG_TV_MAX] = {
      {tile_q8_0_vnni_1_use_vbmi, tile_q8_0_vnni_2_use_vbmi, tile_q8_0_vnni_3_use_vbmi,
       tile_q8_0_vnni_4_use_vbmi, tile_q8_0_vnni_5_use_vbmi, tile_q8_0_vnni_6_use_vbmi,
       tile_q8_0_vnni_7_use_vbmi, tile_q8_0_vnni_8_use_vbmi}},
+};
+typedef void (*gg_tiley80_fn)(int64_t, const uint8_t *const *, const uint8_t *, size_t,
+                              const float *, size_t, float *, __m256i *, float *, size_t, int,
+                              const uint8_t *);
+/* [0]: a group's only tile, [1]: the first of several, [2]: the later ones (as above) */
+static const gg_tiley80_fn k_tiley80[3][GG_TY_MAX] = {
+    {tiley_q8_0_1, tiley_q8_0_2, tiley_q8_0_3, tiley_q8_0_4, tiley_q8_0_5},
+    {tiley_q8_0_1_save, tiley_q8_0_2_save, tiley_q8_0_3_save, tiley_q8_0_4_save, tiley_q8_0_5_save},
+    {tiley_q8_0_1_use, tiley_q8_0_2_use, tiley_q8_0_3_use, tiley_q8_0_4_use, tiley_q8_0_5_use},
 };
 static const gg_tile80_fn k_tile80_avx2[2] = {tile_q8_0_avx2_1, tile_q8_0_avx2_2};
 static const gg_tile41_fn k_tile41_vnni[4] = {tile_q4_1_vnni_1, tile_q4_1_vnni_2, tile_q4_1_vnni_3,
@@ -921,21 +1055,46 @@ GG_VNNI static void gg_prep_q80_token(int64_t nb, int32_t n_tok, int32_t t, cons
 /* Largest row (blocks) whose shared-tile workspace (wab, dwb) lives on the stack. */
 #define GG_WAB_STACK_NB 256
 
-/* The VNNI Q8_0 tiles over rows [0, n_rows) and tokens t0..t0 + n_tok - 1 of a prep of n_all:
- * row groups of 4, each against the tokens in ceil(n_tok / GG_TV_MAX) tiles as even as can be
- * (5 = one tile, 9 = 5 + 4, 16 = 8 + 8), the next group prefetched during the first. Returns
- * -1 (nothing done) when the workspace of shared tiles cannot be allocated. */
+/* Which register form the VNNI Q8_0 tiles take: the ymm one (GG_TILEY_Q80) on AMD CPUs, whose
+ * 512-bit ops run as two halves, the zmm one (GG_TILEV_Q80) elsewhere (on the Intel Xeon
+ * measured before, two 512-bit ports: 256-bit tiles 1.42-1.61 against 2.06-2.44 block dots per
+ * ns). TSR_Q80_TILE_YMM=1 / 0 overrides; tsr_ggml_dot_set_tile_ymm for tests. Same bits. */
+static bool gg_tile_ymm_default(void)
+{
+    return __builtin_cpu_is("amd");
+}
+static bool gg_tile_ymm(void)
+{
+    int v = atomic_load_explicit(&g_tile_ymm, memory_order_relaxed);
+    if (v >= 0) return v;
+    const char *env = getenv("TSR_Q80_TILE_YMM");
+    if (env && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0))
+        v = env[0] == '1';
+    else
+        v = gg_tile_ymm_default();
+    atomic_store_explicit(&g_tile_ymm, v, memory_order_relaxed);
+    return v;
+}
+
+/* The VNNI Q8_0 tiles over rows [0, n_rows) and tokens t0..t0 + n_tok - 1 of a prep of n_all
+ * (x: those tokens' Q8_0 rows, xs bytes apart, which the ymm tiles read): row groups of 4, each
+ * against the tokens in ceil(n_tok / GG_TV_MAX) zmm tiles, or ceil(n_tok / GG_TY_MAX) ymm ones,
+ * as even as can be (zmm: 5 = one tile, 9 = 5 + 4, 16 = 8 + 8; ymm: 8 = 4 + 4, 16 = 4 x 4),
+ * the next group prefetched during the first. Returns -1 (nothing done) when the workspace of
+ * shared tiles cannot be allocated. */
 GG_VNNI static int gg_tile_q80_vnni_run(int64_t nb, int64_t n_rows, const uint8_t *w, size_t ws,
                                         int32_t n_all, int32_t t0, int32_t n_tok, const void *prep,
-                                        float *y, size_t ys)
+                                        const uint8_t *x, size_t xs, float *y, size_t ys)
 {
     const size_t nbp = GG_NBP(nb);
-    const bool share = n_tok >= GG_SAVE_MIN_TOK;
+    const bool ymm = gg_tile_ymm();
+    const int t_max = ymm ? GG_TY_MAX : GG_TV_MAX;
+    const bool share = n_tok > t_max;
     const int vbmi = gg_vbmi_ok();
     const __m512i *xd = (const __m512i *)prep + t0;
     const float *dx2 =
         (const float *)((const uint8_t *)prep + gg_prep_dx2_off(nb, n_all)) + (size_t)t0 * 16;
-    /* shared tiles: wab [2][nb] zmm, dwb [2][2 nbp] floats */
+    /* shared tiles: wab [2][nb] zmm, dwb [2][2 nbp] floats (ymm: [4][nb] ymm, [4][nbp]) */
     __m512i wab_s[share && nb <= GG_WAB_STACK_NB ? 2 * GG_WAB_STACK_NB : 1];
     float dwb_s[share && nb <= GG_WAB_STACK_NB ? 4 * GG_WAB_STACK_NB : 1];
     __m512i *wab = NULL, *wab_heap = NULL;
@@ -948,7 +1107,7 @@ GG_VNNI static int gg_tile_q80_vnni_run(int64_t nb, int64_t n_rows, const uint8_
         if (!wab) return -1;
         dwb = (float *)(wab + 2 * (size_t)nb);
     }
-    const int n_tt = (n_tok + GG_TV_MAX - 1) / GG_TV_MAX;
+    const int n_tt = (n_tok + t_max - 1) / t_max;
     const size_t gbytes = 4 * ws;
     const int64_t ahead = gbytes ? 4 * (int64_t)((GG_PF_BYTES + gbytes - 1) / gbytes)
                                  : n_rows; /* stride 0: one row */
@@ -961,11 +1120,15 @@ GG_VNNI static int gg_tile_q80_vnni_run(int64_t nb, int64_t n_rows, const uint8_
             /* tile k of n_tt: the first (n_tok % n_tt) tiles one token wider */
             const int tn = n_tok / n_tt + (k < n_tok % n_tt ? 1 : 0);
             /* several tiles: the first saves the rows' scales and dot starts */
-            k_tile80_vnni[vbmi][!share   ? 0
-                                : k == 0 ? 1
-                                         : 2][tn - 1](nb, wr, xd + tt, (size_t)n_all, dwb, wab,
-                                                      dx2 + (size_t)tt * 16,
-                                                      y + (size_t)tt * ys + r0, ys, nr, pf);
+            const int mode = !share ? 0 : k == 0 ? 1 : 2;
+            if (ymm)
+                k_tiley80[mode][tn - 1](nb, wr, x + (size_t)tt * xs, xs, dx2 + (size_t)tt * 16,
+                                        (size_t)n_all, dwb, (__m256i *)wab,
+                                        y + (size_t)tt * ys + r0, ys, nr, pf);
+            else
+                k_tile80_vnni[vbmi][mode][tn - 1](nb, wr, xd + tt, (size_t)n_all, dwb, wab,
+                                                  dx2 + (size_t)tt * 16, y + (size_t)tt * ys + r0,
+                                                  ys, nr, pf);
             pf = NULL;
             tt += tn;
         }
@@ -983,7 +1146,7 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
     void *prep = aligned_alloc(64, tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, nb * 32, n_tok));
     if (!prep) return -1;
     for (int32_t t = 0; t < n_tok; ++t) gg_prep_q80_token(nb, n_tok, t, x + (size_t)t * xs, prep);
-    const int rc = gg_tile_q80_vnni_run(nb, n_rows, w, ws, n_tok, 0, n_tok, prep, y, ys);
+    const int rc = gg_tile_q80_vnni_run(nb, n_rows, w, ws, n_tok, 0, n_tok, prep, x, xs, y, ys);
     free(prep);
     return rc;
 }
@@ -1337,7 +1500,8 @@ void tsr_ggml_dot_tile_prep(int64_t n, int64_t n_rows, const void *w, size_t w_s
 {
     if (n_rows <= 0 || n_tok <= 0) return;
 #if GG_X86
-    if (gg_tile_q80_vnni_run(n / 32, n_rows, w, w_stride, n_all, t0, n_tok, prep, y, y_stride) == 0)
+    if (gg_tile_q80_vnni_run(n / 32, n_rows, w, w_stride, n_all, t0, n_tok, prep, x, x_stride, y,
+                             y_stride) == 0)
         return;
 #else
     (void)n_all, (void)t0, (void)prep;

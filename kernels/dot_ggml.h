@@ -66,6 +66,13 @@ void tsr_ggml_dot_tile(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
  *     t0..t0 + n_tok - 1 of a prep of n_all tokens, bit-identical to it; x / x_stride (the
  *     same tokens' Q8_0 rows) serve the fallback when its workspace cannot be allocated. */
 size_t tsr_ggml_tile_prep_bytes(uint32_t type, int64_t n, int32_t n_tok);
+/* The VNNI Q8_0 tiles come in two register forms with the same bits: 512-bit (two rows'
+ * chains per zmm, up to 8 tokens a tile) and 256-bit (one chain per ymm, up to 5 tokens),
+ * the 256-bit one on AMD CPUs (their 512-bit ops run as two halves; dot_ggml.c says what
+ * was measured). The environment variable TSR_Q80_TILE_YMM=1 / 0 overrides (read once);
+ * this sets the choice: on (1), off (0), or the CPU's default (-1, ignoring the variable).
+ * For tests and benchmarks. */
+void tsr_ggml_dot_set_tile_ymm(int on);
 bool tsr_ggml_tile_prep_used(uint32_t type, int isa, int64_t n, int32_t n_tok);
 void tsr_ggml_tile_prep(int64_t n, int32_t n_tok, int32_t t, const void *x, void *prep);
 void tsr_ggml_dot_tile_prep(int64_t n, int64_t n_rows, const void *w, size_t w_stride,

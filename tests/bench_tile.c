@@ -13,6 +13,10 @@
  *   tile       the library's tile from cache (256 rows, L2) and streaming (1 GiB of rows on
  *              2 MiB pages advised for huge pages, as the engine's weight arena: more than
  *              twice this host's 480 MiB L3, which held the former 64 MiB), for 2..16 tokens
+ * The tile in both register forms (kernels/dot_ggml.h: zmm, two rows' chains a register, the
+ * default on Intel; ymm, one chain a register, the default on AMD), each counted in 512-bit
+ * vpdpbusd equivalents (a ymm vpdpbusd counts half). On AMD Zen 4, which runs one 512-bit FMA
+ * a cycle, the "clock" below reads half the real one and the cycles are half-cycles.
  * Each as vpdpbusd per ns and cycles per vpdpbusd at the measured clock, 1 thread, best of
  * REPS passes. The gap between "bare loop" and "tile" is what the tile spends besides the
  * three ops (the dot starts -128·Σw of each row pair and block, the scale products, the
@@ -167,11 +171,15 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < sizeof toks / sizeof *toks; i++) {
             const int32_t nt = toks[i];
             for (int32_t t = 0; t < nt; t++) tsr_ggml_tile_prep(n, nt, t, x + t * nb, prep);
-            const double a = tile_rate(n, 256, w, nt, x, prep, y);
-            const double s = tile_rate(n, big, w, nt, x, prep, y);
-            printf("                         %4d   %5.2f /ns %4.2f cycles   %5.2f /ns %4.2f "
-                   "cycles\n",
-                   nt, a, clk / a, s, clk / s);
+            for (int ymm = 0; ymm <= 1; ymm++) { /* both register forms (dot_ggml.h) */
+                tsr_ggml_dot_set_tile_ymm(ymm);
+                const double a = tile_rate(n, 256, w, nt, x, prep, y);
+                const double s = tile_rate(n, big, w, nt, x, prep, y);
+                printf("                     %s %4d   %5.2f /ns %4.2f cycles   %5.2f /ns %4.2f "
+                       "cycles\n",
+                       ymm ? "ymm" : "zmm", nt, a, clk / a, s, clk / s);
+            }
+            tsr_ggml_dot_set_tile_ymm(-1);
         }
         free(w);
         free(x);

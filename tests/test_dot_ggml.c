@@ -165,10 +165,20 @@ static void test_dot_q4_1(void **state)
 static void test_dot_q8_0(void **state)
 {
     (void)state;
+    /* both register forms of the VNNI tiles (zmm, ymm: kernels/dot_ggml.h), whichever is
+     * this CPU's default */
+    for (int ymm = 0; ymm <= 1; ++ymm) {
+        tsr_ggml_dot_set_tile_ymm(ymm);
+        printf("VNNI Q8_0 tiles in %s registers:\n", ymm ? "256-bit" : "512-bit");
+        check_dots(TSR_TYPE_Q8_0, 576);
+        check_dots(TSR_TYPE_Q8_0, 8320); /* 260 blocks: the shared tiles' workspace on the heap */
+        check_dots(TSR_TYPE_Q8_0, 2048 + 96); /* 67 blocks: a partial chunk of 8 */
+    }
+    tsr_ggml_dot_set_tile_ymm(-1);
+    tsr_ggml_dot_set_vbmi(false); /* the zmm tiles' other scale extraction */
+    tsr_ggml_dot_set_tile_ymm(0);
     check_dots(TSR_TYPE_Q8_0, 576);
-    check_dots(TSR_TYPE_Q8_0, 8320); /* 260 blocks: the shared tiles' workspace on the heap */
-    tsr_ggml_dot_set_vbmi(false);    /* the VNNI tiles' other scale extraction */
-    check_dots(TSR_TYPE_Q8_0, 576);
+    tsr_ggml_dot_set_tile_ymm(-1);
     tsr_ggml_dot_set_vbmi(true);
 }
 
