@@ -239,15 +239,31 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         out[3] = tsr_hsum8_ps(a3);                                                                 \
     }
 
+/* The row dots' prefetch of the next 4-row group: into L1 (prefetcht0) when the group is at
+ * most GG_PF_L1_MAX_BYTES, else into L2 (tsr_prefetch_line_l2): a group near the L1's size
+ * prefetched into it evicts itself before it is read. AMD EPYC (Zen 4, 32 KiB L1),
+ * tests/bench_q80_gemv, Q8_0, 1 thread, GB/s of a ~33.5 read, T0 -> T1: 2048 columns (8.5 KiB
+ * groups) 31-32 -> 22-23, 3072 (12.8 KiB) 30.1 -> 26.0, 4096 (17 KiB) 25.0 -> 29.2, 8192 (34
+ * KiB) 15.4 -> 30.0 (2 threads 29.7 -> 56.1 of 63); the Intel Xeon measured before read 0.48
+ * of a plain read with 34 KiB groups into L1. */
+#define GG_PF_L1_MAX_BYTES 16384
+GG_AVX2 GG_INLINE void gg_prefetch_group_line(const char *p, bool l2)
+{
+    if (l2)
+        tsr_prefetch_line_l2(p);
+    else
+        _mm_prefetch(p, _MM_HINT_T0);
+}
+
 /* Decode GEMV of Q8_0: 4 consecutive rows r..r+3 (w, w + ws, ..) against one token, each
  * row in ggml's order (its own accumulator, blocks in order, scale fp16(d_w) * fp16(d_x)
  * with the token's scales converted once per call into xd), while the next 4 rows (the
- * 4 * ws bytes at pf, NULL for none) are prefetched into L1: 4 interleaved row streams
- * are not followed well by the hardware prefetchers, the explicit prefetch one group
- * ahead keeps the memory busy. */
+ * 4 * ws bytes at pf, NULL for none) are prefetched into L1 (L2 for large groups, l2:
+ * gg_prefetch_group_line): 4 interleaved row streams are not followed well by the hardware
+ * prefetchers, the explicit prefetch one group ahead keeps the memory busy. */
 #define GG_ROWS4_Q80(NAME, ATTR, US8)                                                              \
     ATTR static void NAME(int64_t nb, const uint8_t *w, size_t ws, const gg_q8_0 *x,               \
-                          const float *xd, float *out, const uint8_t *pf)                          \
+                          const float *xd, float *out, const uint8_t *pf, bool l2)                 \
     {                                                                                              \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
         const gg_q8_0 *w0 = (const gg_q8_0 *)w, *w1 = (const gg_q8_0 *)(w + ws);                   \
@@ -256,7 +272,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         for (int64_t b = 0; b < nb; ++b) {                                                         \
             if (pf) {                                                                              \
                 pend += 4 * sizeof(gg_q8_0);                                                       \
-                for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, _MM_HINT_T0);           \
+                for (; pp < pend; pp += 64) gg_prefetch_group_line((const char *)pp, l2);          \
             }                                                                                      \
             const __m256 xs = _mm256_set1_ps(xd[b]);                                               \
             a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(gg_h2f(w0[b].d)), xs),               \
@@ -277,7 +293,8 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
 /* The same for Q4_1 (x: Q8_1 with its d and s converted once per call into xd, xs). */
 #define GG_ROWS4_Q41(NAME, ATTR, US8)                                                              \
     ATTR static void NAME(int64_t nb, const uint8_t *w, size_t ws, const gg_q8_1 *x,               \
-                          const float *xd, const float *xsm, float *out, const uint8_t *pf)        \
+                          const float *xd, const float *xsm, float *out, const uint8_t *pf,        \
+                          bool l2)                                                                 \
     {                                                                                              \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
         __m256 sv = a0; /* odd lanes: the 4 rows' summs */                                         \
@@ -287,7 +304,7 @@ GG_VNNI GG_INLINE __m256i gg_us8_vnni_q80(const int8_t *wq, const int8_t *xq)
         for (int64_t b = 0; b < nb; ++b) {                                                         \
             if (pf) {                                                                              \
                 pend += 4 * sizeof(gg_q4_1);                                                       \
-                for (; pp < pend; pp += 64) _mm_prefetch((const char *)pp, _MM_HINT_T0);           \
+                for (; pp < pend; pp += 64) gg_prefetch_group_line((const char *)pp, l2);          \
             }                                                                                      \
             /* the 4 rows' (d, m) fp16 pairs converted in one step: lanes d0 m0 d1 m1 .. */        \
             uint32_t dm[4];                                                                        \
@@ -991,13 +1008,15 @@ void tsr_ggml_dot_rows(uint32_t type, int isa, int64_t n, int64_t n_rows, const 
         const int64_t ahead = gbytes ? 4 * (int64_t)((GG_PF_BYTES + gbytes - 1) / gbytes)
                                      : n_rows; /* stride 0: one row */
         const bool vnni = isa >= TSR_GGML_VNNI;
+        const bool l2 = gbytes > GG_PF_L1_MAX_BYTES;
         for (; r + 4 <= n_rows; r += 4) {
             const uint8_t *g = wr + (size_t)r * w_stride;
             const uint8_t *pf = r + ahead + 4 <= n_rows ? g + (size_t)ahead * w_stride : NULL;
             if (q41)
-                (vnni ? rows4_q4_1_vnni : rows4_q4_1_avx2)(nb, g, w_stride, x, xd, xsm, y + r, pf);
+                (vnni ? rows4_q4_1_vnni : rows4_q4_1_avx2)(nb, g, w_stride, x, xd, xsm, y + r, pf,
+                                                           l2);
             else
-                (vnni ? rows4_q8_0_vnni : rows4_q8_0_avx2)(nb, g, w_stride, x, xd, y + r, pf);
+                (vnni ? rows4_q8_0_vnni : rows4_q8_0_avx2)(nb, g, w_stride, x, xd, y + r, pf, l2);
         }
         for (; r < n_rows; ++r) y[r] = d1(nb, wr + (size_t)r * w_stride, x);
         return;

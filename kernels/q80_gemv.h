@@ -24,9 +24,9 @@
  * The next 4-row group is prefetched over the current one's blocks (the hardware
  * prefetchers do not follow 4 interleaved row streams well).
  *
- * tsr_vec_dot_rows runs it for one Q8_0 token, except rows of up to 4096 elements on AMD
- * CPUs, where kernels/dot_ggml.c's row dots stream faster (kernels/quant.h,
- * tsr_quant_set_q80_short_rows; kernels/quant.c says what was measured).
+ * tsr_vec_dot_rows runs it for one Q8_0 token, except on AMD CPUs, where kernels/dot_ggml.c's
+ * row dots stream faster (kernels/quant.h, tsr_quant_set_q80_row_dots; kernels/quant.c says
+ * what was measured).
  */
 #ifndef TSR_Q80_GEMV_H
 #define TSR_Q80_GEMV_H

@@ -3396,24 +3396,21 @@ static void rows_q4_1_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
 /* One Q8_0 token: which of the two kernels with ggml's bits streams a matrix faster.
  * kernels/q80_gemv.h's GEMV does less work per block (from cache, Zen 4, 2048 columns: 0.74
  * against 0.87 ns a block dot) and won on the Intel Xeon measured before (2048 columns
- * 1.05-1.22x). On AMD Zen 4 the row dots of kernels/dot_ggml.c (prefetcht0 one 4-row group
- * ahead, a few lines before each block) stream rows of up to 4096 elements faster:
- * tests/bench_q80_gemv (1 GiB, AMD EPYC, 2026-12-06), GB/s gemv / rows / plain read,
- * 2048 columns, 1 thread 24.5 / 31.6 / 33.4, 2 threads 30.6 / 34.8 / 35.3 (slow memory) and
- * 42.5 / 52.0 / 59.3 (fast); 576-4096 columns the same way (rows 1.04-1.17x); 8192 columns
- * the GEMV 1.2-1.6x (a 34 KiB group prefetched into the 32 KiB L1 evicts itself). 1B Q8_0
- * decode, 2 threads, five interleaved pairs: 83-87 -> 90-95 % of the roofline when the
- * memory reads ~32 GB/s, 66-69 -> 79-82 % at ~56 GB/s. Neither a prefetch distance of 2-32
- * KiB, T0 instead of T1, the row dots' prefetch loop, nor dropping the GEMV's scale gathers
- * closed the gap (scales kept in registers instead of a stack table: 1 thread 24.5 -> 28,
- * its compute 0.74 -> 0.84 ns); store-to-load forwarding of that table is the likeliest
- * remaining cause, unobservable without hardware counters here.
- * So: rows of at most RQ_Q80_ROWS_MAX_BLOCKS blocks run the row dots on AMD CPUs, every other
- * case the GEMV; TSR_Q80_SHORT_ROWS=1 / 0 overrides (1: the row dots for short rows on any
- * CPU, 0: the GEMV everywhere). The outputs are the same bits either way. */
-enum { RQ_Q80_ROWS_MAX_BLOCKS = 128 };
-static _Atomic int g_q80_short_rows = -1;
-static bool rq_q80_short_rows_default(void)
+ * 1.05-1.22x). On AMD Zen 4 the row dots of kernels/dot_ggml.c (a few prefetches of the
+ * next 4-row group before each block: into L1 for groups of up to 16 KiB, else into L2)
+ * stream faster at every length: tests/bench_q80_gemv (1 GiB, AMD EPYC, 2026-12-06), GB/s
+ * gemv / rows / plain read, 1 thread, 2048 columns 24.5 / 31.6 / 33.4, 8192 columns 25.3 /
+ * 30.0 / 33.5; 2 threads 30.6 / 34.8 / 35.3 and 47.8 / 56.1 / 65.4; 576-4096 columns rows
+ * 1.04-1.17x. 1B Q8_0 decode, 2 threads, five interleaved pairs: 83-87 -> 90-95 % of the
+ * roofline when the memory reads ~32 GB/s, 66-69 -> 79-82 % at ~56 GB/s. Neither a prefetch
+ * distance of 2-32 KiB, T0 instead of T1, the row dots' prefetch loop, nor dropping the
+ * GEMV's scale gathers closed the gap (its scales kept in registers instead of a stack table:
+ * 1 thread 24.5 -> 28, its compute 0.74 -> 0.84 ns); store-to-load forwarding of that table
+ * is the likeliest remaining cause, unobservable without hardware counters here.
+ * So: the row dots on AMD CPUs, the GEMV elsewhere; TSR_Q80_ROW_DOTS=1 / 0 overrides. The
+ * outputs are the same bits either way. */
+static _Atomic int g_q80_row_dots = -1;
+static bool rq_q80_row_dots_default(void)
 {
 #if TSR_X86
     return __builtin_cpu_is("amd");
@@ -3421,22 +3418,22 @@ static bool rq_q80_short_rows_default(void)
     return false;
 #endif
 }
-static bool rq_q80_short_rows(void)
+static bool rq_q80_row_dots(void)
 {
-    int v = atomic_load_explicit(&g_q80_short_rows, memory_order_relaxed);
+    int v = atomic_load_explicit(&g_q80_row_dots, memory_order_relaxed);
     if (v >= 0) return v;
-    const char *env = getenv("TSR_Q80_SHORT_ROWS");
+    const char *env = getenv("TSR_Q80_ROW_DOTS");
     if (env && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0))
         v = env[0] == '1';
     else
-        v = rq_q80_short_rows_default();
-    atomic_store_explicit(&g_q80_short_rows, v, memory_order_relaxed);
+        v = rq_q80_row_dots_default();
+    atomic_store_explicit(&g_q80_row_dots, v, memory_order_relaxed);
     return v;
 }
 
-void tsr_quant_set_q80_short_rows(int on)
+void tsr_quant_set_q80_row_dots(int on)
 {
-    atomic_store_explicit(&g_q80_short_rows, on < 0 ? (int)rq_q80_short_rows_default() : on != 0,
+    atomic_store_explicit(&g_q80_row_dots, on < 0 ? (int)rq_q80_row_dots_default() : on != 0,
                           memory_order_relaxed);
 }
 
@@ -3444,13 +3441,9 @@ static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
                            float *y)
 {
     /* one token: kernels/q80_gemv.h's GEMV (the same bits, less work per block), or the row
-     * dots for short rows where they stream faster (rq_q80_short_rows) */
-    if (n / 32 <= RQ_Q80_ROWS_MAX_BLOCKS && rq_q80_short_rows()) {
-        tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
-        return;
-    }
-    if (!tsr_q80_gemv(isa_get(), n, nrows, w, stride, x, y))
-        tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
+     * dots where they stream faster (rq_q80_row_dots) */
+    if (!rq_q80_row_dots() && tsr_q80_gemv(isa_get(), n, nrows, w, stride, x, y)) return;
+    tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
 }
 
 /* Q4_0: llama.cpp's repacked GEMV order (kernels/q40_gemm.h), on every ISA. */

@@ -144,12 +144,11 @@ bool tsr_quant_set_isa(const char *isa);
  * benchmarks that compare the two; outputs are the same. */
 void tsr_quant_set_kgemv_prefetch(int on);
 
-/* One Q8_0 token through tsr_vec_dot_rows takes kernels/q80_gemv.h's GEMV, except rows of at
- * most 4096 elements on AMD CPUs, which take kernels/dot_ggml.c's row dots (they stream
- * faster there; quant.c says what was measured). The environment variable
- * TSR_Q80_SHORT_ROWS=1 / 0 overrides (read once): 1 the row dots for such rows on any CPU,
- * 0 the GEMV everywhere. This sets the same choice: on (1), off (0), or the CPU's default (-1,
- * ignoring the variable). For tests and benchmarks; outputs are the same bits either way. */
-void tsr_quant_set_q80_short_rows(int on);
+/* One Q8_0 token through tsr_vec_dot_rows takes kernels/q80_gemv.h's GEMV, except on AMD
+ * CPUs, where kernels/dot_ggml.c's row dots stream faster (quant.c says what was measured).
+ * The environment variable TSR_Q80_ROW_DOTS=1 / 0 overrides (read once): 1 the row dots on
+ * any CPU, 0 the GEMV everywhere. This sets the same choice: on (1), off (0), or the CPU's
+ * default (-1, ignoring the variable). For tests and benchmarks; the same bits either way. */
+void tsr_quant_set_q80_row_dots(int on);
 
 #endif /* TSR_QUANT_H */

@@ -1,7 +1,7 @@
 /*
  * bench_q80_gemv.c — the one-token Q8_0 GEMV (kernels/q80_gemv.h) against the generic row
- * dots it replaced (tsr_ggml_dot_rows; on AMD CPUs still the choice for rows of up to 4096
- * elements, kernels/quant.h) and a plain read of the same bytes.
+ * dots it replaced (tsr_ggml_dot_rows; on AMD CPUs still the choice, kernels/quant.h) and a
+ * plain read of the same bytes.
  *
  * Streaming: a 1 GiB matrix (TSR_BENCH_MB; more than twice the largest L3 met here, 480 MiB:
  * at the former 64 MiB the "streaming" figures came from the L3, 46-50 GB/s at 2 threads), on
@@ -179,9 +179,9 @@ int main(void)
     int64_t col_list[2] = {2048, 8192};
     int n_cols = 2;
     if (cols && atoi(cols) >= 32 && atoi(cols) % 32 == 0) col_list[0] = atoi(cols), n_cols = 1;
-    /* "gemv": tsr_vec_dot_rows with the GEMV for every row length (on AMD CPUs its default
-     * gives rows of up to 4096 elements to the row dots, kernels/quant.h) */
-    tsr_quant_set_q80_short_rows(0);
+    /* "gemv": tsr_vec_dot_rows with the GEMV (on AMD CPUs its default is the row dots,
+     * kernels/quant.h) */
+    tsr_quant_set_q80_row_dots(0);
     printf("Q8_0 one token: gemv = tsr_vec_dot_rows (kernels/q80_gemv), rows = tsr_ggml_dot_rows,\n"
            "read = a plain read of the same bytes; streaming %zu MiB: medians of %d interleaved "
            "passes, GB/s\n",
@@ -193,6 +193,6 @@ int main(void)
         for (int c = 0; c < n_cols; ++c) bench_cols(col_list[c], isas[k], levels[k], matrix_bytes);
     }
     tsr_quant_set_isa(NULL);
-    tsr_quant_set_q80_short_rows(-1);
+    tsr_quant_set_q80_row_dots(-1);
     return 0;
 }

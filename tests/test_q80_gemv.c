@@ -10,7 +10,7 @@
  * hsum_float_8), and tsr_vec_dot_rows / tsr_ggml_dot_rows. The weights hold the extremes
  * -128 and 127 (a file may store -128; ggml's quantizer never writes it) and fp16 scales
  * from subnormal to large; the activation has all-zero blocks (d = 0) and +-127.
- * tsr_vec_dot_rows runs with both choices of tsr_quant_set_q80_short_rows (the row dots or
+ * tsr_vec_dot_rows runs with both choices of tsr_quant_set_q80_row_dots (the row dots or
  * the GEMV for rows of up to 4096 elements).
  * A failure prints the case, what was expected and what came.
  */
@@ -102,15 +102,15 @@ static void check_case(int64_t nb, int64_t rows, size_t stride_pad, bool zero_st
         if (!tsr_quant_set_isa(isas[i])) continue;
         for (int via = 0; via < 4; ++via) {
             for (int64_t r = 0; r < rows; ++r) got[r] = -12345.0f;
-            const char *how = via == 0   ? "tsr_vec_dot_rows (short rows: row dots)"
+            const char *how = via == 0   ? "tsr_vec_dot_rows (row dots)"
                               : via == 1 ? "tsr_q80_gemv"
                               : via == 2 ? "tsr_ggml_dot_rows"
-                                         : "tsr_vec_dot_rows (short rows: GEMV)";
+                                         : "tsr_vec_dot_rows (GEMV)";
             if (via == 0 || via == 3) {
-                /* both choices of the one-token kernel for short rows (kernels/quant.h) */
-                tsr_quant_set_q80_short_rows(via == 0);
+                /* both choices of the one-token kernel (kernels/quant.h) */
+                tsr_quant_set_q80_row_dots(via == 0);
                 tsr_vec_dot_rows(TSR_TYPE_Q8_0, n, rows, w, stride, x, got);
-                tsr_quant_set_q80_short_rows(-1);
+                tsr_quant_set_q80_row_dots(-1);
             } else if (via == 1) {
                 const bool took = tsr_q80_gemv(i, n, rows, w, stride, x, got);
                 const bool want = i >= TSR_GGML_AVX2 && nb <= TSR_Q80_GEMV_MAX_BLOCKS;
