@@ -4,10 +4,13 @@
  * bound that ggml's order allows, measured in the same run.
  *
  * ggml's Q8_0 order needs every 4-product lane as a float: per vpdpbusd (a row pair x one
- * block x one token, 64 products) one float conversion and one FMA, three vector ops where
- * 512-bit work has two ports, vpdpbusd on one of them: at best 1.5 cycles a vpdpbusd.
+ * block x one token, 64 products) one float conversion and one FMA, three vector ops: where
+ * 512-bit work has two ports, vpdpbusd on one of them (the Intel Xeon), at best 1.5 cycles a
+ * vpdpbusd; on AMD Zen 4, whose vpdpbusd and FMA share two 256-bit pipes, 2 cycles.
  *
- *   clock      512-bit FMA throughput / 2 (two FMA ports): the core clock under AVX-512 load
+ *   clock      a chain of dependent integer adds (one a cycle): the core clock. (Until
+ *              2026-12-06 512-bit FMA throughput / 2, right on the Intel Xeon's two 512-bit
+ *              FMA ports but half the clock on AMD Zen 4, which issues one a cycle.)
  *   bare loop  the tile's inner three ops (vpdpbusd from a dot start, vsubps, FMA with a
  *              broadcast scale) over 2 row pairs x 8 tokens in L1, nothing else: the bound
  *   tile       the library's tile from cache (256 rows, L2) and streaming (1 GiB of rows on
@@ -15,8 +18,7 @@
  *              twice this host's 480 MiB L3, which held the former 64 MiB), for 2..16 tokens
  * The tile in both register forms (kernels/dot_ggml.h: zmm, two rows' chains a register, the
  * default on Intel; ymm, one chain a register, the default on AMD), each counted in 512-bit
- * vpdpbusd equivalents (a ymm vpdpbusd counts half). On AMD Zen 4, which runs one 512-bit FMA
- * a cycle, the "clock" below reads half the real one and the cycles are half-cycles.
+ * vpdpbusd equivalents (a ymm vpdpbusd counts half).
  * Each as vpdpbusd per ns and cycles per vpdpbusd at the measured clock, 1 thread, best of
  * REPS passes. The gap between "bare loop" and "tile" is what the tile spends besides the
  * three ops (the dot starts -128·Σw of each row pair and block, the scale products, the
@@ -43,21 +45,15 @@ enum { REPS = 9 };
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#define TSR_BT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni"), noinline))
+#define TSR_BT_AVX512 __attribute__((target("fma,avx512f,avx512bw,avx512vnni"), noinline))
 
-/* n iterations of 16 independent FMA chains: 16 * n FMAs. */
-TSR_BT_AVX512 static float fma_loop(int64_t n)
+/* n iterations of 4 dependent one-cycle adds: 4 * n cycles. */
+__attribute__((noinline)) static int64_t add_chain(int64_t n)
 {
-    __m512 a[16];
-    for (int i = 0; i < 16; i++) a[i] = _mm512_set1_ps((float)i);
-    const __m512 m = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(0.001f);
-    for (int64_t k = 0; k < n; k++) {
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(a[i], m, c);
-    }
-    __m512 s = a[0];
-    for (int i = 1; i < 16; i++) s = _mm512_add_ps(s, a[i]);
-    return _mm512_reduce_add_ps(s);
+    int64_t x = 0;
+    for (int64_t k = 0; k < n; k++)
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    return x;
 }
 
 /* The tile's inner step alone: per iteration 2 row pairs x 8 tokens of
@@ -131,9 +127,9 @@ int main(int argc, char **argv)
     double clk = 0, bare = 0;
     for (int r = 0; r < 3; r++) {
         double t0 = tsr_bench_now_s();
-        volatile float f = fma_loop(nf);
+        volatile int64_t f = add_chain(nf);
         (void)f;
-        const double c = 16.0 * (double)nf / (tsr_bench_now_s() - t0) / 2 * 1e-9;
+        const double c = 4.0 * (double)nf / (tsr_bench_now_s() - t0) * 1e-9;
         if (c > clk) clk = c;
         static __m512i xs[64], ws[32];
         static double dd[16];
@@ -144,8 +140,7 @@ int main(int argc, char **argv)
         const double b = 16.0 * (double)nf / (tsr_bench_now_s() - t0) * 1e-9;
         if (b > bare) bare = b;
     }
-    printf("bench_tile: 1 thread, best of %d passes; clock under AVX-512 load %.2f GHz "
-           "(512-bit FMA throughput / 2)\n",
+    printf("bench_tile: 1 thread, best of %d passes; clock %.2f GHz (a chain of dependent adds)\n",
            REPS, clk);
     printf("  bare loop (the bound: vpdpbusd + vsubps + FMA, in L1)  %5.2f vpdpbusd/ns  "
            "%4.2f cycles each\n",
