@@ -12,9 +12,9 @@
 #include "kernels/dot_ggml.h"
 
 #include "kernels/quant.h"
+#include "kernels/util.h"
 
 #include <math.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,19 +51,15 @@ bool tsr_ggml_dot_handles(uint32_t type)
     return type == TSR_TYPE_Q4_1 || type == TSR_TYPE_Q8_0;
 }
 
-#if GG_X86
-/* the VNNI Q8_0 tiles' register form: -1 not chosen yet, 0 zmm, 1 ymm (gg_tile_ymm) */
+/* Which register form the VNNI Q8_0 tiles take: the ymm one (GG_TILEY_Q80) on AMD CPUs, whose
+ * 512-bit ops run as two halves, the zmm one (GG_TILEV_Q80) elsewhere (on the Intel Xeon
+ * measured before, two 512-bit ports: 256-bit tiles 1.42-1.61 against 2.06-2.44 block dots per
+ * ns). TSR_Q80_TILE_YMM=1 / 0 overrides; tsr_ggml_dot_set_tile_ymm for tests. Same bits.
+ * Read with tsr_cpu_choice (kernels/util.h): 0 zmm, 1 ymm. */
 static _Atomic int g_tile_ymm = -1;
-static bool gg_tile_ymm_default(void);
-#endif
 void tsr_ggml_dot_set_tile_ymm(int on)
 {
-#if GG_X86
-    atomic_store_explicit(&g_tile_ymm, on < 0 ? (int)gg_tile_ymm_default() : on != 0,
-                          memory_order_relaxed);
-#else
-    (void)on;
-#endif
+    tsr_cpu_choice_set(&g_tile_ymm, on, true);
 }
 
 /* Set by tests only (tsr_ggml_dot_set_vbmi): the VNNI Q8_0 tiles' scale extraction without VBMI. */
@@ -1074,27 +1070,6 @@ GG_VNNI static void gg_prep_q80_token(int64_t nb, int32_t n_tok, int32_t t, cons
 /* Largest row (blocks) whose shared-tile workspace (wab, dwb) lives on the stack. */
 #define GG_WAB_STACK_NB 256
 
-/* Which register form the VNNI Q8_0 tiles take: the ymm one (GG_TILEY_Q80) on AMD CPUs, whose
- * 512-bit ops run as two halves, the zmm one (GG_TILEV_Q80) elsewhere (on the Intel Xeon
- * measured before, two 512-bit ports: 256-bit tiles 1.42-1.61 against 2.06-2.44 block dots per
- * ns). TSR_Q80_TILE_YMM=1 / 0 overrides; tsr_ggml_dot_set_tile_ymm for tests. Same bits. */
-static bool gg_tile_ymm_default(void)
-{
-    return __builtin_cpu_is("amd");
-}
-static bool gg_tile_ymm(void)
-{
-    int v = atomic_load_explicit(&g_tile_ymm, memory_order_relaxed);
-    if (v >= 0) return v;
-    const char *env = getenv("TSR_Q80_TILE_YMM");
-    if (env && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0))
-        v = env[0] == '1';
-    else
-        v = gg_tile_ymm_default();
-    atomic_store_explicit(&g_tile_ymm, v, memory_order_relaxed);
-    return v;
-}
-
 /* The VNNI Q8_0 tiles over rows [0, n_rows) and tokens t0..t0 + n_tok - 1 of a prep of n_all
  * (x: those tokens' Q8_0 rows, xs bytes apart, which the ymm tiles read): row groups of 4, each
  * against the tokens in ceil(n_tok / GG_TV_MAX) zmm tiles, or ceil(n_tok / GG_TY_MAX) ymm ones,
@@ -1106,7 +1081,7 @@ GG_VNNI static int gg_tile_q80_vnni_run(int64_t nb, int64_t n_rows, const uint8_
                                         const uint8_t *x, size_t xs, float *y, size_t ys)
 {
     const size_t nbp = GG_NBP(nb);
-    const bool ymm = gg_tile_ymm();
+    const bool ymm = tsr_cpu_choice(&g_tile_ymm, "TSR_Q80_TILE_YMM", true);
     const int t_max = ymm ? GG_TY_MAX : GG_TV_MAX;
     const bool share = n_tok > t_max;
     const int vbmi = gg_vbmi_ok();

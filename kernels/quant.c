@@ -24,6 +24,7 @@
 #include "kernels/dot_ggml.h"
 #include "kernels/q40_gemm.h"
 #include "kernels/q80_gemv.h"
+#include "kernels/util.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -2322,21 +2323,9 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
  * the read without it there). Off on AMD CPUs, on elsewhere; TSR_KGEMV_PREFETCH=0 / 1
  * overrides. The two choices run the same arithmetic: outputs are identical. */
 static _Atomic int g_kgemv_pf = -1;
-static bool rq_kgemv_prefetch_default(void)
-{
-    return !__builtin_cpu_is("amd");
-}
 static bool rq_kgemv_prefetch(void)
 {
-    int v = atomic_load_explicit(&g_kgemv_pf, memory_order_relaxed);
-    if (v >= 0) return v;
-    const char *env = getenv("TSR_KGEMV_PREFETCH");
-    if (env && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0))
-        v = env[0] == '1';
-    else
-        v = rq_kgemv_prefetch_default();
-    atomic_store_explicit(&g_kgemv_pf, v, memory_order_relaxed);
-    return v;
+    return tsr_cpu_choice(&g_kgemv_pf, "TSR_KGEMV_PREFETCH", false);
 }
 
 /* fname##_kg: a 4-row kernel fname##_4 (block i of row r at w0 + r * stride + i * bstride)
@@ -3380,8 +3369,7 @@ bool tsr_quant_set_isa(const char *isa)
 void tsr_quant_set_kgemv_prefetch(int on)
 {
 #if TSR_X86
-    atomic_store_explicit(&g_kgemv_pf, on < 0 ? (int)rq_kgemv_prefetch_default() : on != 0,
-                          memory_order_relaxed);
+    tsr_cpu_choice_set(&g_kgemv_pf, on, false);
 #else
     (void)on;
 #endif
@@ -3410,39 +3398,20 @@ static void rows_q4_1_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t st
  * So: the row dots on AMD CPUs, the GEMV elsewhere; TSR_Q80_ROW_DOTS=1 / 0 overrides. The
  * outputs are the same bits either way. */
 static _Atomic int g_q80_row_dots = -1;
-static bool rq_q80_row_dots_default(void)
-{
-#if TSR_X86
-    return __builtin_cpu_is("amd");
-#else
-    return false;
-#endif
-}
-static bool rq_q80_row_dots(void)
-{
-    int v = atomic_load_explicit(&g_q80_row_dots, memory_order_relaxed);
-    if (v >= 0) return v;
-    const char *env = getenv("TSR_Q80_ROW_DOTS");
-    if (env && (strcmp(env, "0") == 0 || strcmp(env, "1") == 0))
-        v = env[0] == '1';
-    else
-        v = rq_q80_row_dots_default();
-    atomic_store_explicit(&g_q80_row_dots, v, memory_order_relaxed);
-    return v;
-}
 
 void tsr_quant_set_q80_row_dots(int on)
 {
-    atomic_store_explicit(&g_q80_row_dots, on < 0 ? (int)rq_q80_row_dots_default() : on != 0,
-                          memory_order_relaxed);
+    tsr_cpu_choice_set(&g_q80_row_dots, on, true);
 }
 
 static void rows_q8_0_ggml(int64_t n, int64_t nrows, const uint8_t *w, size_t stride, const void *x,
                            float *y)
 {
     /* one token: kernels/q80_gemv.h's GEMV (the same bits, less work per block), or the row
-     * dots where they stream faster (rq_q80_row_dots) */
-    if (!rq_q80_row_dots() && tsr_q80_gemv(isa_get(), n, nrows, w, stride, x, y)) return;
+     * dots where they stream faster (g_q80_row_dots, above) */
+    if (!tsr_cpu_choice(&g_q80_row_dots, "TSR_Q80_ROW_DOTS", true) &&
+        tsr_q80_gemv(isa_get(), n, nrows, w, stride, x, y))
+        return;
     tsr_ggml_dot_rows(TSR_TYPE_Q8_0, isa_get(), n, nrows, w, stride, x, y);
 }
 

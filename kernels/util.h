@@ -2,12 +2,13 @@
  * util.h — the helpers every module needs: filling a caller's error buffer (and returning
  * an error code with it), reading the monotonic clock, and splitmix64 (the generator and
  * its finalizer: batch seeds, mkmodel's weights, the sampler's counter-based RNG, the
- * prefix cache's block hash). Kept here (the bottom layer) so that no
- * module grows its own copy.
+ * prefix cache's block hash), and the per-CPU-vendor kernel choices. Kept here (the bottom
+ * layer) so that no module grows its own copy.
  */
 #ifndef TSR_UTIL_H
 #define TSR_UTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +22,15 @@ int tsr_fail(char *err, size_t err_len, int code, const char *fmt, ...)
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t tsr_now_ns(void);
+
+/* A kernel choice made per CPU vendor, as measured (two forms of a kernel with the same
+ * outputs: which streams or computes faster differs between AMD and Intel cores). *slot holds
+ * it: -1 not made yet, 0 off, 1 on; it starts at -1. tsr_cpu_choice returns it, making it on
+ * first use from the environment variable env ("0" or "1") or else the CPU's default: on_amd
+ * on AMD CPUs, !on_amd on the others. tsr_cpu_choice_set sets it to on (0 / 1), or back to the
+ * CPU's default (on < 0, ignoring env): for tests and benchmarks. */
+bool tsr_cpu_choice(_Atomic int *slot, const char *env, bool on_amd);
+void tsr_cpu_choice_set(_Atomic int *slot, int on, bool on_amd);
 
 /* splitmix64's finalizer (Steele, Lea & Flood): a bijection of 64-bit integers in which
  * every input bit reaches every output bit; pure integer operations, identical on every
