@@ -521,30 +521,32 @@ def test_cluster():
         assert replicas(co.target)["launched"]["launched"] is True
         inf = pbg.InferenceStub(grpc.insecure_channel(co.target))
 
-        # 1. 48 streams; kill -9 rank 1 of the tp 2 replica mid-stream.
+        # 1. 48 streams; kill -9 rank 1 of the tp 2 replica mid-stream: as soon as the
+        # replica's own Admin.Status shows it running one of them (waiting for any stream's
+        # 4th token let tp2 finish its streams before the kill in a fresh-clone CI run: all
+        # 48 x 96 tokens took ~1 s there).
         kws = [request(i, 96) for i in range(48)]
         refs = references(kws)
-        started = threading.Event()
         t_kill = [None]
-
-        def on_token(n):
-            if n >= 4:
-                started.set()
+        tp2_admin = replica_admin(replicas(co.target)["tp2"]["address"])
+        rank1 = rank_pid(tp2, 1)
+        assert rank1, "no rank 1 in the mpirun job"
+        tp2_ran = [False]
 
         def killer():
-            started.wait(120)
-            pid = rank_pid(tp2, 1)
-            assert pid, "no rank 1 in the mpirun job"
+            tp2_ran[0] = wait_replica_busy(tp2_admin, timeout=30)
             t_kill[0] = time.time()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(rank1, signal.SIGKILL)
         th = threading.Thread(target=killer)
         th.start()
         t0 = time.time()
-        outs = run_concurrent(inf, kws, on_token=on_token, timeout=240)
+        outs = run_concurrent(inf, kws, timeout=240)
         th.join()
+        assert tp2_ran[0], "tp2 never ran one of the streams within 30 s: %s" % replicas(co.target)
         check_equal(kws, outs, refs, "tp2 rank killed")
         moved = [o for o in outs if o["usage"].failovers > 0]
-        assert moved, "no stream reports a failover"
+        assert moved, "no stream was on tp2 when its rank 1 was killed (none reports a " \
+            "failover): %s" % replicas(co.target)
         # Failover time: from the kill to the next token of each moved stream.
         gaps = sorted(g for g in (resume_delay(o, t_kill[0]) for o in moved) if g is not None)
         print("    48 streams in %.1f s: %d moved; kill -> next token p50 %.3f s, max %.3f s" % (
@@ -580,17 +582,18 @@ def test_cluster():
         procs.append(j)
         wait_up(co.target, ["tp2", "joined", "launched"], timeout=60)
         kws = [request(i, 80) for i in range(16)]
-        started = threading.Event()
+        j_admin = replica_admin(replicas(co.target)["joined"]["address"])
+        rank0 = rank_pid(tp2, 0)
+        assert rank0, "no rank 0 in the mpirun job"
 
         def killer2():
-            started.wait(120)
+            wait_replica_busy(j_admin, timeout=30)
             os.kill(j.p.pid, signal.SIGKILL)
             time.sleep(0.6)
-            pid = rank_pid(tp2, 0)
-            os.kill(pid, signal.SIGKILL)
+            os.kill(rank0, signal.SIGKILL)
         th = threading.Thread(target=killer2)
         th.start()
-        outs = run_concurrent(inf, kws, on_token=on_token, timeout=240)
+        outs = run_concurrent(inf, kws, timeout=240)
         th.join()
         check_equal(kws, outs, references(kws), "two replicas killed")
         print("    two killed: failovers per stream %s" % sorted(o["usage"].failovers
