@@ -105,8 +105,8 @@ static const char *batch_help =
     "                            f32 on CUDA; README: KV cache types)\n"
     "\n"
     "distributed (run under 'mpirun -np TP*PP' or 'srun --mpi=pmix -n TP*PP'):\n"
-    "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS, --no-repack   as in 'tessera\n"
-    "                            generate'\n"
+    "      --tp N, --pp N, --layers A-B,C-D, --comm-timeout MS, --no-repack,\n"
+    "      --q8-order ggml|lanes     as in 'tessera generate'\n"
     "\n"
     "cluster (no model is loaded; engine, layout and --chat-template flags do not apply):\n"
     "      --coordinator HOST:PORT  send the lines to this 'tessera coordinator' (or any\n"
@@ -1889,6 +1889,7 @@ int tsr_cmd_batch(int argc, char **argv)
         {"tp", required_argument, 0, O_TP},
         {"kv-type", required_argument, 0, TSR_CLI_O_KV_TYPE},
         {"no-repack", no_argument, 0, TSR_CLI_O_NO_REPACK},
+        {"q8-order", required_argument, 0, TSR_CLI_O_Q8_ORDER},
         {"pp", required_argument, 0, O_PP},
         {"layers", required_argument, 0, O_LAYERS},
         {"comm-timeout", required_argument, 0, O_COMM_TIMEOUT},
@@ -2032,6 +2033,7 @@ int tsr_cmd_batch(int argc, char **argv)
             local_only_flag = true;
             break;
         case TSR_CLI_O_NO_REPACK:
+        case TSR_CLI_O_Q8_ORDER:
             if (tsr_cli_replica_flag("batch", c, optarg, &rp) != 0) return TSR_CLI_EXIT_USAGE;
             local_only_flag = true;
             break;

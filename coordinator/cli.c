@@ -2,6 +2,7 @@
 #include "coordinator/cli.h"
 
 #include "coordinator/engine.h"
+#include "kernels/q80_lanes.h"
 #include "worker/comm.h"
 
 #include <errno.h>
@@ -164,6 +165,14 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
         rp->no_repack = true;
         tsr_model_set_repack_default(false);
         return 0;
+    case TSR_CLI_O_Q8_ORDER: {
+        /* process-wide (kernels/q80_lanes.h), before any model loads: every rank parses it */
+        bool on = false;
+        if (!tsr_q80l_parse(arg, &on))
+            return tsr_cli_usage_error(cmd, "--q8-order must be ggml or lanes, got '%s'", arg);
+        tsr_q80l_set(on);
+        return 0;
+    }
     case TSR_CLI_O_GPU_MEMORY:
         if (!tsr_cli_parse_bytes(arg, &rp->gpu_memory) || rp->gpu_memory == 0)
             return tsr_cli_usage_error(cmd, "--gpu-memory needs a byte count (e.g. 20G), got '%s'",

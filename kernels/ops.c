@@ -5,6 +5,7 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/q4k_gemm.h"
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 
@@ -19,12 +20,15 @@
 
 /* Bytes of the conversion to the dot type vt of n_tok rows of n_in, and of the Q8_0 tiles'
  * prep when a weight of the conversion is Q8_0 (kernels/dot_ggml.h: laid out once per
- * matmul, not once per row chunk). */
+ * matmul, not once per row chunk), and of the lanes order's prep (kernels/q80_lanes.h;
+ * counted for every Q8_0 weight, so that scratch sized before the load repacks fits). */
 static size_t conv_bytes(uint32_t vt, int64_t n_in, int n_tok, bool q8_0)
 {
     if (vt == TSR_TYPE_F32) return 0;
     const size_t prep = q8_0 ? tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok) : 0;
-    return (size_t)n_tok * tsr_row_bytes(vt, n_in) + (prep ? prep + 63 : 0); /* + alignment */
+    const size_t lprep = q8_0 ? tsr_q80l_prep_bytes(n_in, n_tok) : 0;
+    return (size_t)n_tok * tsr_row_bytes(vt, n_in) + (prep ? prep + 63 : 0) +
+           (lprep ? lprep + 63 : 0); /* + alignment */
 }
 
 size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok)
@@ -40,14 +44,17 @@ typedef struct {
      * at xq[k] (weights sharing a dot type share one conversion). */
     const void *xq[4];
     size_t xq_stride[4];
-    const void *prep[4]; /* Q8_0 weights' tile prep (kernels/dot_ggml.h), or NULL */
+    const void *prep[4];  /* Q8_0 weights' tile prep (kernels/dot_ggml.h), or NULL */
+    const void *lprep[4]; /* lanes Q8_0 weights' prep (kernels/q80_lanes.h), or NULL */
+    int lanes_isa;        /* kernels/dot_ggml.h level for the lanes kernels */
     /* The distinct conversions to make: dot type, destination, row stride. */
     int n_conv;
     uint32_t conv_vt[4];
     void *conv_dst[4];
     size_t conv_stride[4];
-    void *conv_prep[4]; /* the conversion's tile prep to lay out too, or NULL */
-    const float *x;     /* for conversion */
+    void *conv_prep[4];  /* the conversion's tile prep to lay out too, or NULL */
+    void *conv_lprep[4]; /* the conversion's lanes prep to lay out too, or NULL */
+    const float *x;      /* for conversion */
     int n_tok;
     const uint8_t *ord; /* [n_tok] order class (1: prompt order for Q4_K), or NULL */
     int isa;            /* kernels/dot_ggml.h level, when ord is set */
@@ -74,6 +81,9 @@ static void mm_convert(void *arg, int ith, int nth)
         uint8_t *row = (uint8_t *)j->conv_dst[cv] + (size_t)t * j->conv_stride[cv];
         tsr_quant_act_row(j->conv_vt[cv], j->x + (size_t)t * n_in, row, n_in);
         if (j->conv_prep[cv]) tsr_ggml_tile_prep(n_in, j->n_tok, t, row, j->conv_prep[cv]);
+        if (j->conv_lprep[cv])
+            tsr_q80l_prep(n_in, row,
+                          (uint8_t *)j->conv_lprep[cv] + (size_t)t * tsr_q80l_prep_bytes(n_in, 1));
     }
 }
 
@@ -84,6 +94,14 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
     const tsr_weight *w = j->w[k];
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
+    if (w->lanes) {
+        /* Q8_0 in the lanes order (r0 is a multiple of TSR_Q80L_ROWS): one kernel for every
+         * token count, so one order whatever the batch */
+        tsr_q80l_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok,
+                     (const uint8_t *)j->lprep[k] + (size_t)t0 * tsr_q80l_prep_bytes(w->n_in, 1),
+                     yk + r0, (size_t)w->n_out);
+        return;
+    }
     if (w->packed && (!w->data || !tsr_repack_use_file_layout(w->type, n_tok))) {
         /* Repacked weights (r0 is a multiple of TSR_REPACK_ROWS): the GEMM for several
          * tokens, each weight group read once for all of them. Which layout is faster
@@ -171,8 +189,10 @@ static bool mm_claim(mm_job *j, int *k, int64_t *r0, int64_t *nr)
         const int64_t end_w = j->row_base[kk] + j->w[kk]->n_out;
         int64_t take = (j->total_rows - cur) / j->guided_div;
         if (take < j->min_rows[kk]) take = j->min_rows[kk];
-        /* a multiple of 4 rows from the weight's start (the multi-row dots, the groups) */
-        int64_t end = cur + ((take + 3) & ~(int64_t)3);
+        /* a multiple of 4 rows from the weight's start (the multi-row dots, the groups), of
+         * 16 for a lanes matrix (its groups) */
+        const int64_t g = j->w[kk]->lanes ? TSR_Q80L_ROWS : 4;
+        int64_t end = cur + (take + g - 1) / g * g;
         if (end > end_w - j->min_rows[kk]) end = end_w;
         if (atomic_compare_exchange_weak_explicit(&j->next, &cur, end, memory_order_relaxed,
                                                   memory_order_relaxed)) {
@@ -289,6 +309,21 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     }
     for (int k = 0; k < n_w; k++)
         if (w[k]->type == TSR_TYPE_Q8_0 && cv_of[k] >= 0) j.prep[k] = j.conv_prep[cv_of[k]];
+    /* The lanes order's prep, after those, for conversions a lanes matrix reads. */
+    bool any_lanes = false;
+    for (int cv = 0; cv < j.n_conv; cv++) {
+        if (!conv_q8[cv]) continue;
+        dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63);
+        for (int k = 0; k < n_w; k++)
+            if (w[k]->lanes && cv_of[k] == cv) j.conv_lprep[cv] = dst;
+        dst += tsr_q80l_prep_bytes(w[0]->n_in, n_tok);
+    }
+    for (int k = 0; k < n_w; k++)
+        if (w[k]->lanes && cv_of[k] >= 0) {
+            j.lprep[k] = j.conv_lprep[cv_of[k]];
+            any_lanes = true;
+        }
+    if (any_lanes) j.lanes_isa = tsr_ggml_isa();
     /* One token: a few µs of conversion, cheaper inline than a pool run. */
     if (n_tok > 1 && j.n_conv > 0)
         tsr_pool_run(pool, mm_convert, &j);
@@ -303,6 +338,7 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     int64_t rpc = total_rows / ((int64_t)nth * 16);
     if (n_tok > 1) rpc = total_rows / ((int64_t)nth * 4);
     rpc = rpc < 8 ? 8 : (rpc + 3) & ~(int64_t)3;
+    if (any_lanes) rpc = (rpc + TSR_Q80L_ROWS - 1) / TSR_Q80L_ROWS * TSR_Q80L_ROWS;
     j.rows_per_chunk = rpc;
     for (int k = 0; k < n_w; k++) {
         j.chunks_per_w[k] = (w[k]->n_out + rpc - 1) / rpc;
@@ -317,6 +353,8 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
         j.row_base[k] = base;
         const int64_t m = (int64_t)((64u << 10) / (w[k]->row_bytes ? w[k]->row_bytes : 1));
         j.min_rows[k] = m < 8 ? 8 : (m + 3) & ~(int64_t)3;
+        if (w[k]->lanes)
+            j.min_rows[k] = (j.min_rows[k] + TSR_Q80L_ROWS - 1) / TSR_Q80L_ROWS * TSR_Q80L_ROWS;
     }
     atomic_store(&j.next, 0);
     tsr_pool_run(pool, mm_run, &j);

@@ -23,6 +23,10 @@ typedef struct {
     const void *data;   /* the file's block layout (NULL for a column slice once repacked) */
     const void *packed; /* kernels/repack.h layout of the same rows, or NULL: the matmul then
                            reads it instead of data (bit-identical results) */
+    const void *lanes;  /* Q8_0 only: kernels/q80_lanes.h layout of the same rows, or NULL.
+                           When set, the matmul computes every token count from it, in the
+                           lanes order (not ggml's: the load sets it only when that order
+                           is on, tsr_q80l_on) */
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold

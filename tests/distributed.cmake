@@ -65,6 +65,16 @@ foreach(layout "2;1" "1;2" "2;2" "1;3")
   tsr_replica_test(kv1_f32 ${TSR_SYN}/kv1-f32.gguf ${tp} ${pp} --tol 1e-4)
 endforeach()
 tsr_replica_test(kv1_refuse_tp4 ${TSR_SYN}/kv1-q8_0.gguf 4 1 --expect-refusal "n_ff")
+# The opt-in lanes order of Q8_0 (kernels/q80_lanes.h) on every rank and in the in-process
+# reference: tp's row splits fall on its 16-row groups or inside them, the column-split
+# matrices (attn_output, ffn_down) are repacked from their private copies; greedy decode
+# and a 3-sequence batch step against the single process.
+add_test(NAME replica_kv1_q80_lanes_tp2_pp2
+         COMMAND ${TSR_MPIRUN} -x TSR_Q80_ORDER=lanes -np 4 $<TARGET_FILE:replica_check>
+                 -m ${TSR_SYN}/kv1-q8_0.gguf --tp 2 --pp 2 --teacher-force --tol 0.15 --batch-step --expect-q80-lanes)
+set_tests_properties(replica_kv1_q80_lanes_tp2_pp2 PROPERTIES
+                     ENVIRONMENT "${TSR_MPI_ENV}" FIXTURES_REQUIRED replica_models
+                     TIMEOUT 300 PROCESSORS 2)
 foreach(layout "2;1" "1;2" "2;2" "1;3" "1;5")
   list(GET layout 0 tp)
   list(GET layout 1 pp)

@@ -60,6 +60,18 @@ $<TARGET_FILE:real_models_check> --expected ${TSR_REAL_EXPECTED} --name ${TSR_RE
     set_tests_properties(real_model_${short} PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE)
   endforeach()
 
+  # The opt-in lanes order of Q8_0 (kernels/q80_lanes.h: Qwen2.5's 13 and Gemma 3's 10 Q8_0
+  # matrices) against the same llama.cpp references: other last bits, the same ids but
+  # near-ties.
+  foreach(short qwen2 gemma3)
+    add_test(NAME real_model_${short}_q80_lanes
+             COMMAND sh -c "set -e; p=$(${TSR_FETCH_MODEL} ${TSR_REAL_${short}} | tail -n 1); \
+$<TARGET_FILE:real_models_check> --expected ${TSR_REAL_EXPECTED} --name ${TSR_REAL_${short}} \
+-m \"$p\" -t 2 --steps 24")
+    set_tests_properties(real_model_${short}_q80_lanes PROPERTIES TIMEOUT 600 RUN_SERIAL TRUE
+                         ENVIRONMENT "TSR_Q80_ORDER=lanes")
+  endforeach()
+
   # tsr_real_layout(SHORT TP PP TOL PROMPT_IDS)
   function(tsr_real_layout short tp pp tol prompts)
     math(EXPR np "${tp} * ${pp}")

@@ -20,6 +20,8 @@
  * exit); the leader, with a comm deadline of MS, runs one step and must get an error that
  * says which rank did not answer within MS, in about MS; it prints PASS and ends the job
  * (MPI_Abort: the stuck ranks would hold MPI_Finalize).
+ * --expect-q80-lanes: every rank and the in-process reference must hold Q8_0 matrices in the
+ * lanes order (kernels/q80_lanes.h; TSR_Q80_ORDER=lanes in every rank's environment).
  * --check-device-memory (GPU ranks): after the run, every rank's device bytes in use (weights,
  * KV pool, step buffers, the logits buffers grown by the steps: the leader's when pp > 1,
  * tp rank 0's of the last stage when tp > 1) must not exceed what the planner counted for it
@@ -32,11 +34,11 @@
  * The leader also loads the whole model in-process (tp 1, pp 1) and, for three prompts,
  * compares the greedy ids (identical) and every logit of every step (within --tol) of the
  * replica with the reference (prompt tokens in their order classes, worker/model.h
- * tsr_order_class, on both sides: the class travels to every rank and stage). It then checks what each rank read of the file: the sum of
- * the ranks' layer bytes equals the model's (no rank read another's tiles), and each
- * rank's share is what the plan says. Exit 0 when all holds; 1 with a message otherwise.
- * With --expect-refusal TEXT the layout must be refused on every rank with a message
- * containing TEXT.
+ * tsr_order_class, on both sides: the class travels to every rank and stage). It then checks what
+ * each rank read of the file: the sum of the ranks' layer bytes equals the model's (no rank read
+ * another's tiles), and each rank's share is what the plan says. Exit 0 when all holds; 1 with a
+ * message otherwise. With --expect-refusal TEXT the layout must be refused on every rank with a
+ * message containing TEXT.
  */
 #include "worker/model.h"
 #include "worker/replica.h"
@@ -77,6 +79,7 @@ int main(int argc, char **argv)
                                          {"stall-followers", required_argument, 0, 'S'},
                                          {"dump", required_argument, 0, 'D'},
                                          {"check-device-memory", no_argument, 0, 'M'},
+                                         {"expect-q80-lanes", no_argument, 0, 'Q'},
                                          {0, 0, 0, 0}};
     /* the replica runs on the CPU unless --device says otherwise (the reference always does) */
     /* f32 KV unless --kv-type says otherwise: the layouts' float32 logits agree within 1e-4,
@@ -90,7 +93,7 @@ int main(int argc, char **argv)
                              .kv_type = "f32"};
     const char *model = NULL, *refusal = NULL, *prompt_ids = NULL, *transport = NULL;
     const char *dump_path = NULL; /* --dump FILE: the replica's logits, raw floats (leader) */
-    bool batch_step = false, check_dev_mem = false;
+    bool batch_step = false, check_dev_mem = false, expect_lanes = false;
     long stall_ms = 0;
     double tol = 1e-4;
     tsr_kv_type kv_type = TSR_KV_F32;
@@ -135,6 +138,9 @@ int main(int argc, char **argv)
             break;
         case 'P':
             prompt_ids = optarg;
+            break;
+        case 'Q':
+            expect_lanes = true;
             break;
         case 'B':
             batch_step = true;
@@ -406,6 +412,13 @@ int main(int argc, char **argv)
                (double)st[i].n_bytes_sent / (double)(st[i].n_tokens ? st[i].n_tokens : 1));
         sum_layers += l;
     }
+    /* --expect-q80-lanes: every rank and the reference run Q8_0 in the lanes order */
+    for (int i = 0; expect_lanes && i < n_ranks; i++) {
+        printf("rank %d: %d Q8_0 matrices in the lanes order\n", i, st[i].n_q80_lanes);
+        if (st[i].n_q80_lanes <= 0) return fail("--expect-q80-lanes: a rank keeps ggml's order");
+    }
+    if (expect_lanes && m->n_q80_lanes <= 0)
+        return fail("--expect-q80-lanes: the reference keeps ggml's order");
     for (int i = 0; check_dev_mem && i < n_ranks; i++) {
         printf("rank %d: device %.1f KiB in use, %.1f KiB planned\n", i,
                st[i].n_bytes_device / 1024.0, st[i].n_bytes_device_planned / 1024.0);

@@ -18,6 +18,7 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/ops.h"
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 #include "tests/util.h"
@@ -77,11 +78,13 @@ static void test_multi_mixed_types(void **state)
         tsr_pool_free(p1);
         size_t sc_bytes = tsr_matmul_multi_scratch_bytes(ws, 4, n_tok);
         /* Two distinct quantized dot types (Q8_K, Q8_0): both conversions are needed, and
-         * the Q8_0 weight's tile prep (kernels/dot_ggml.h) with its alignment slack. */
+         * the Q8_0 weight's tile prep (kernels/dot_ggml.h) and lanes prep
+         * (kernels/q80_lanes.h), each with its alignment slack. */
         const size_t prep = tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, N_IN, n_tok);
+        const size_t lprep = tsr_q80l_prep_bytes(N_IN, n_tok);
         assert_int_equal(sc_bytes, (size_t)n_tok * (tsr_row_bytes(TSR_TYPE_Q8_K, N_IN) +
                                                     tsr_row_bytes(TSR_TYPE_Q8_0, N_IN)) +
-                                       (prep ? prep + 63 : 0));
+                                       (prep ? prep + 63 : 0) + lprep + 63);
         void *sc = malloc(sc_bytes);
         for (int hi = 0; hi < 3; hi++) {
             tsr_pool *p = tsr_pool_new(threads[hi]);

@@ -99,6 +99,7 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     w->row_bytes = tsr_row_bytes(t->type, n_in);
     w->data = t->data;
     w->packed = NULL;
+    w->lanes = NULL;
     m->n_bytes_weights += t->n_bytes;
     m->n_bytes_loaded += t->n_bytes;
     return 0;
@@ -595,6 +596,8 @@ fail:
 
 int tsr_model_load(const tsr_gguf *g, tsr_model **out, char *err, size_t err_len)
 {
+    if (tsr_model_check_q80_order(tsr_model_repack_default(), false, err, err_len) != 0)
+        return -1;
     if (tsr_model_load_shard(g, NULL, out, err, err_len) != 0) return -1;
     if (tsr_model_repack_default() && tsr_model_repack(*out, err, err_len) != 0) {
         tsr_model_free(*out);

@@ -124,6 +124,7 @@ typedef struct {
     uint64_t n_bytes_repacked; /* anonymous memory of repacked weights (tsr_model_repack) */
     uint64_t t_repack_ns;      /* load time spent repacking */
     int32_t n_repacked;        /* matrices repacked */
+    int32_t n_q80_lanes;       /* of them, Q8_0 matrices in the lanes order (q80_lanes.h) */
     const tsr_gguf *gguf;
 } tsr_model;
 
@@ -153,6 +154,11 @@ int tsr_model_load_shard(const tsr_gguf *g, const tsr_shard *shard, tsr_model **
  * err when memory runs out (the message suggests --no-repack). CPU backend only: a GPU rank
  * uploads the file's blocks (worker/gpu.h) and must not be repacked. */
 int tsr_model_repack(tsr_model *m, char *err, size_t err_len);
+
+/* 0 when the Q8_0 order chosen (kernels/q80_lanes.h, tsr_q80l_on) can run on a rank that
+ * repacks (or not) on the CPU (or a GPU); -1 with err otherwise: the lanes order needs the
+ * repacked layout of a CPU rank (a GPU rank, or --no-repack, would silently keep ggml's). */
+int tsr_model_check_q80_order(bool repack, bool gpu, char *err, size_t err_len);
 
 /* Whether tsr_model_load repacks (and the replica repacks its CPU ranks): true unless
  * tsr_model_set_repack_default(false) was called (`--no-repack`) or, before any such call,

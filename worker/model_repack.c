@@ -30,6 +30,7 @@
  */
 #include "worker/model.h"
 
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 #include "kernels/util.h"
@@ -39,6 +40,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+
+int tsr_model_check_q80_order(bool repack, bool gpu, char *err, size_t err_len)
+{
+    if (!tsr_q80l_on() || (repack && !gpu)) return 0;
+    return tsr_fail(err, err_len, -1,
+                    "the lanes order of Q8_0 (--q8-order lanes, or TSR_Q80_ORDER=lanes) runs "
+                    "on CPU ranks that repack their weights: %s",
+                    gpu ? "run with --device cpu, or drop --q8-order lanes"
+                        : "drop --no-repack (and TSR_NO_REPACK), or --q8-order lanes");
+}
 
 /* -1: not decided yet (the environment decides at the first call). */
 static _Atomic int g_repack_default = -1;
@@ -93,6 +104,8 @@ static bool q8_0_in_mapping(const tsr_model *m, const tsr_weight *w)
  * would not). */
 static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 {
+    if (w->type == TSR_TYPE_Q8_0 && tsr_q80l_on())
+        return w->lanes || !w->data || w->n_out <= 0 ? 0 : tsr_q80l_bytes(w->n_in, w->n_out);
     if (q8_0_in_mapping(m, w)) return (size_t)w->n_out * w->row_bytes;
     if (w->packed || !w->data || !tsr_repack_chosen(w->type) || w->n_out <= 0) return 0;
     return tsr_repack_bytes(w->type, w->n_in, w->n_out);
@@ -102,6 +115,44 @@ static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 #define REPACK_ALIGN    ((size_t)64)
 #define REPACK_HUGEPAGE ((size_t)2 << 20)
 
+/* A Q8_0 matrix into the lanes layout (kernels/q80_lanes.h) at dst: from its private copy
+ * (a column slice), or from the file a group of 16 rows at a time (a view of the mapping,
+ * which stays w->data but is no longer read by the matmul). */
+static int repack_lanes(tsr_model *m, tsr_weight *w, uint8_t *dst, size_t bytes, const char *what,
+                        char *err, size_t err_len)
+{
+    const uint8_t *base = (const uint8_t *)tsr_gguf_base(m->gguf);
+    if (owned_index(m, w->data) >= 0 || !base) {
+        if (tsr_q80l_repack(w->n_in, w->n_out, w->data, w->row_bytes, dst) != 0) goto bad;
+    } else {
+        const size_t gb = tsr_q80l_group_bytes(w->n_in);
+        uint8_t *tmp = malloc(w->row_bytes * TSR_Q80L_ROWS);
+        if (!tmp) return tsr_fail(err, err_len, -1, "out of memory repacking %s", what);
+        const uint64_t off0 = (uint64_t)((const uint8_t *)w->data - base);
+        for (int64_t r0 = 0; r0 < w->n_out; r0 += TSR_Q80L_ROWS) {
+            const int64_t nr = w->n_out - r0 < TSR_Q80L_ROWS ? w->n_out - r0 : TSR_Q80L_ROWS;
+            if (tsr_gguf_pread(m->gguf, off0 + (uint64_t)r0 * w->row_bytes, tmp,
+                               (size_t)nr * w->row_bytes) != 0) {
+                free(tmp);
+                return tsr_fail(err, err_len, -1, "reading %s from the file failed", what);
+            }
+            if (tsr_q80l_repack(w->n_in, nr, tmp, w->row_bytes,
+                                dst + (size_t)(r0 / TSR_Q80L_ROWS) * gb) != 0) {
+                free(tmp);
+                goto bad;
+            }
+        }
+        free(tmp);
+    }
+    w->lanes = dst;
+    m->n_bytes_repacked += bytes;
+    m->n_repacked++;
+    m->n_q80_lanes++;
+    return 0;
+bad:
+    return tsr_fail(err, err_len, -1, "repacking %s failed", what);
+}
+
 /* Repack w into dst (repack_bytes_of(w) bytes, 64-byte aligned, owned by the caller). */
 static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *what, char *err,
                          size_t err_len)
@@ -109,6 +160,8 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
     const size_t bytes = repack_bytes_of(m, w);
     const size_t gb = tsr_repack_group_bytes(w->type, w->n_in);
     if (!bytes) return 0;
+    if (w->type == TSR_TYPE_Q8_0 && tsr_q80l_on())
+        return repack_lanes(m, w, dst, bytes, what, err, err_len);
     if (q8_0_in_mapping(m, w)) { /* verbatim: the same rows, on huge pages */
         const uint64_t off =
             (uint64_t)((const uint8_t *)w->data - (const uint8_t *)tsr_gguf_base(m->gguf));

@@ -407,6 +407,9 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
                     .ff_end = pr->ff_end,
                     .vocab_begin = pr->vocab_begin,
                     .vocab_end = pr->vocab_end};
+    if (tsr_model_check_q80_order(!r->p.no_repack && tsr_model_repack_default(), r->gpu >= 0, err,
+                                  err_len) != 0)
+        goto fail;
     if (tsr_model_load_shard(r->g, &sh, &r->m, err, err_len) != 0) goto fail;
     /* CPU ranks repack their tiles (a GPU rank uploads the file's blocks instead) */
     if (r->gpu < 0 && !r->p.no_repack && tsr_model_repack_default() &&
@@ -450,6 +453,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.n_bytes_loaded = r->m->n_bytes_loaded;
     r->st.n_bytes_repacked = r->m->n_bytes_repacked;
     r->st.t_repack_ns = r->m->t_repack_ns;
+    r->st.n_q80_lanes = r->m->n_q80_lanes;
     if (r->gpu >= 0) /* what the planner counted for this rank (tsr_rank_stats) */
         r->st.n_bytes_device_planned =
             pr->n_bytes_weights +
