@@ -90,7 +90,7 @@ model_path() { # name -> GGUF path (made or fetched on first use)
 
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-echo "compare.sh: tessera $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $LLAMA_BENCH"
+echo "compare.sh: tessera $(git rev-parse --short HEAD 2>/dev/null || echo '?') (Q8_0 order ${TSR_Q80_ORDER:-ggml}: TSR_Q80_ORDER), $LLAMA_BENCH"
 echo "uptime before: $(uptime)"
 IFS=, read -r -a model_list <<<"$MODELS"
 IFS=, read -r -a thread_list <<<"$THREADS"

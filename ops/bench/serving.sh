@@ -18,6 +18,10 @@
 #       --cache DIR   where the benchmark models are kept (default $TSR_BENCH_CACHE or
 #                     ~/.cache/tessera; shared with compare.sh)
 #
+# TSR_Q80_ORDER=lanes in the environment runs every figure in the opt-in lanes order of
+# Q8_0 (kernels/q80_lanes.h, `--q8-order lanes`): the server, bench_batch and bench all
+# read it; the first line says which order ran.
+#
 # Run it under `flock /work/bench.lock` on a shared machine; it prints `uptime` before and
 # after. Needs build/tessera and /usr/bin/python3 with python3-grpcio (ops/loadgen.py).
 set -euo pipefail
@@ -67,7 +71,7 @@ cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$LOG"; }
 trap cleanup EXIT
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-echo "serving.sh: tessera $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $THREADS threads, medians of $REPS"
+echo "serving.sh: tessera $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $THREADS threads, medians of $REPS, Q8_0 order ${TSR_Q80_ORDER:-ggml} (TSR_Q80_ORDER)"
 echo "uptime before: $(uptime)"
 
 # ---- 1. serving throughput, concurrency 16 vs 1 ----
