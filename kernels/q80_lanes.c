@@ -11,9 +11,10 @@
  * is 34 KiB, so a second tile reads it from L2.
  *
  * Measured on this host (AMD EPYC Zen 4, 1 thread, 2048 columns, zmm vpdpbusd per ns,
- * tests/bench_tile): from L2, 2 / 5 / 8 / 16 tokens 1.77 / 2.37 / 2.56 / 2.57 against
- * ggml's order 0.90 / 1.19 / 1.12 / 1.17 (its 256-bit tile); streaming 1 GiB with the
- * prefetch below 0.74 / 1.66 / 1.98 / 1.94 against 0.65 / 1.09 / 1.07 / 1.11.
+ * tests/bench_tile, which prints both orders): from L2, 2 / 5 / 8 / 16 tokens 1.80 / 2.68-2.78
+ * / 2.73-2.82 / 2.73-2.81 against ggml's order 0.91 / 1.19 / 1.14 / 1.18 (its 256-bit tile);
+ * streaming 1 GiB with the prefetches below 0.68 / 1.72-2.28 / 2.56-2.61 / 2.57-2.58 against
+ * 0.65 / 1.09 / 1.08 / 1.12.
  */
 #include "kernels/q80_lanes.h"
 
@@ -178,10 +179,22 @@ static void dot_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_
  * 37.6-44.3 with (ggml's order 39.6-45.6 in the same runs). */
 #define Q8L_PF_BYTES (4 * TSR_Q80L_BLOCK_BYTES)
 
+/* ... and from 4 tokens also 32 blocks ahead (17408 bytes) into L2: a stream slowed by this
+ * much compute keeps too few lines in flight on the hardware prefetchers. bench_tile, 2048
+ * columns, 1 thread, streaming: 5 / 8 / 16 tokens 1.64 / 2.13 / 2.28 -> 2.15-2.28 / 2.56-2.60 /
+ * 2.57 vpdpbusd per ns (16 or 48 blocks ahead: the same; 768 columns 1.99 / 2.31 / 1.88 ->
+ * 2.17 / 2.48 / 2.48); 2 tokens 0.76 -> 0.65, hence not below 4. bench_verify, 2 threads,
+ * memory at ~53 GB/s: the 5-token matmuls 1.45 -> 1.20 of one token's. */
+#define Q8L_PF_L2_BYTES      (32 * TSR_Q80L_BLOCK_BYTES)
+#define Q8L_PF_L2_MIN_TOKENS 4
+
 /* One tile: T tokens (x: the first, x_stride blocks between tokens) x one group of 16
- * rows, all nb blocks; the 16 sums of token t into out[t * 16 ..]. */
-static inline __attribute__((always_inline)) Q8L_VNNI void
-tile(const int T, int64_t nb, const uint8_t *grp, const q8l_xblk *x, size_t x_stride, __m512 *out)
+ * rows, all nb blocks; the 16 sums of token t into out[t * 16 ..]. first: the group's first
+ * tile (the later ones find it in L2: no prefetch into L2 for them). */
+static inline __attribute__((always_inline)) Q8L_VNNI void tile(const int T, int64_t nb,
+                                                                const uint8_t *grp,
+                                                                const q8l_xblk *x, size_t x_stride,
+                                                                __m512 *out, bool first)
 {
     __m512 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
@@ -190,6 +203,9 @@ tile(const int T, int64_t nb, const uint8_t *grp, const q8l_xblk *x, size_t x_st
         if (T > 1) /* one token streams faster on the hardware prefetchers alone */
             for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
                 _mm_prefetch((const char *)blk + Q8L_PF_BYTES + l, _MM_HINT_T0);
+        if (T >= Q8L_PF_L2_MIN_TOKENS && first)
+            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+                _mm_prefetch((const char *)blk + Q8L_PF_L2_BYTES + l, _MM_HINT_T1);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         /* named registers, not an array: gcc spilled an array of them to the stack */
         const __m512i w0 = _mm512_loadu_si512(blk + 32), w1 = _mm512_loadu_si512(blk + 96);
@@ -220,9 +236,9 @@ tile(const int T, int64_t nb, const uint8_t *grp, const q8l_xblk *x, size_t x_st
 
 #define Q8L_TILE(T)                                                                                \
     static Q8L_VNNI void tile##T(int64_t nb, const uint8_t *grp, const q8l_xblk *x,                \
-                                 size_t x_stride, __m512 *out)                                     \
+                                 size_t x_stride, __m512 *out, bool first)                         \
     {                                                                                              \
-        tile(T, nb, grp, x, x_stride, out);                                                        \
+        tile(T, nb, grp, x, x_stride, out, first);                                                 \
     }
 Q8L_TILE(1)
 Q8L_TILE(2)
@@ -233,7 +249,7 @@ Q8L_TILE(6)
 Q8L_TILE(7)
 Q8L_TILE(8)
 
-typedef void (*tile_fn)(int64_t, const uint8_t *, const q8l_xblk *, size_t, __m512 *);
+typedef void (*tile_fn)(int64_t, const uint8_t *, const q8l_xblk *, size_t, __m512 *, bool);
 static const tile_fn k_tiles[9] = {NULL, tile1, tile2, tile3, tile4, tile5, tile6, tile7, tile8};
 
 static Q8L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows,
@@ -249,7 +265,7 @@ static Q8L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int
         for (int32_t i = 0, t0 = 0; i < n_tiles; i++) {
             const int32_t T = (n_tok - t0 + (n_tiles - i) - 1) / (n_tiles - i);
             __m512 out[8];
-            k_tiles[T](nb, grp, x + (size_t)t0 * (size_t)nb, (size_t)nb, out);
+            k_tiles[T](nb, grp, x + (size_t)t0 * (size_t)nb, (size_t)nb, out, i == 0);
             for (int32_t t = 0; t < T; t++)
                 _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
             t0 += T;

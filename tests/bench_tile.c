@@ -16,6 +16,8 @@
  *   tile       the library's tile from cache (256 rows, L2) and streaming (1 GiB of rows on
  *              2 MiB pages advised for huge pages, as the engine's weight arena: more than
  *              twice this host's 480 MiB L3, which held the former 64 MiB), for 2..16 tokens
+ * Beside them the lanes order (kernels/q80_lanes.h, opt-in) over the same rows repacked, counted
+ * the same way (products / 64).
  * The tile in both register forms (kernels/dot_ggml.h: zmm, two rows' chains a register, the
  * default on Intel; ymm, one chain a register, the default on AMD), each counted in 512-bit
  * vpdpbusd equivalents (a ymm vpdpbusd counts half).
@@ -37,6 +39,7 @@
 #include <string.h>
 
 #include "kernels/dot_ggml.h"
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "tests/bench.h"
 
@@ -104,6 +107,22 @@ static double tile_rate(int64_t n, int64_t rows, const tsr_bench_q8_0 *w, int32_
     return (double)rows / 2 * (double)nb * n_tok / best * 1e-9;
 }
 
+/* The same for the lanes order (kernels/q80_lanes.h) over the same rows repacked. */
+static double lanes_rate(int64_t n, int64_t rows, const void *lanes, int32_t n_tok,
+                         const void *lprep, float *y)
+{
+    const int64_t nb = n / 32;
+    const int reps = rows > 4096 ? REPS : 40 * REPS;
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        const double t0 = tsr_bench_now_s();
+        tsr_q80l_dot(TSR_GGML_VNNI, n, lanes, 0, rows, n_tok, lprep, y, (size_t)rows);
+        const double t = tsr_bench_now_s() - t0;
+        if (t < best) best = t;
+    }
+    return (double)rows / 2 * (double)nb * n_tok / best * 1e-9;
+}
+
 int main(int argc, char **argv)
 {
     if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw") ||
@@ -154,12 +173,18 @@ int main(int argc, char **argv)
         void *prep =
             aligned_alloc(64, (tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n, 16) + 63) / 64 * 64);
         float *y = malloc(sizeof(float) * (size_t)big * 16);
-        if (!w || !x || !prep || !y) {
+        /* the same rows in the lanes layout, and the tokens' lanes prep */
+        void *lanes = tsr_bench_huge_alloc(tsr_q80l_bytes(n, big), NULL);
+        void *lprep = aligned_alloc(64, (tsr_q80l_prep_bytes(n, 16) + 63) / 64 * 64);
+        if (!w || !x || !prep || !y || !lanes || !lprep) {
             fprintf(stderr, "bench_tile: out of memory\n");
             return 1;
         }
         tsr_bench_fill_q8_0(w, (size_t)(nb * big), &g_s);
         tsr_bench_fill_q8_0(x, (size_t)(nb * 16), &g_s);
+        tsr_q80l_repack(n, big, w, sizeof(tsr_bench_q8_0) * (size_t)nb, lanes);
+        for (int32_t t = 0; t < 16; t++)
+            tsr_q80l_prep(n, x + t * nb, (uint8_t *)lprep + (size_t)t * tsr_q80l_prep_bytes(n, 1));
         printf("  tile, %lld columns    tokens   L2 (256 rows)          streaming (%lld rows, "
                "1 GiB)\n",
                (long long)n, (long long)big);
@@ -175,11 +200,17 @@ int main(int argc, char **argv)
                        ymm ? "ymm" : "zmm", nt, a, clk / a, s, clk / s);
             }
             tsr_ggml_dot_set_tile_ymm(-1);
+            const double a = lanes_rate(n, 256, lanes, nt, lprep, y);
+            const double s = lanes_rate(n, big, lanes, nt, lprep, y);
+            printf("               lanes %4d   %5.2f /ns %4.2f cycles   %5.2f /ns %4.2f cycles\n",
+                   nt, a, clk / a, s, clk / s);
         }
         free(w);
         free(x);
         free(prep);
         free(y);
+        free(lprep);
+        free(lanes);
     }
     return 0;
 }
