@@ -303,7 +303,11 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
         const size_t nb = conv_q8[cv] ? tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok) : 0;
         if (!nb) continue;
         dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63); /* its 63 spare bytes */
-        if (n_tok > 1 && tsr_ggml_tile_prep_used(TSR_TYPE_Q8_0, tsr_ggml_isa(), n_in, n_tok))
+        bool ggml_q8 = false; /* a Q8_0 weight in ggml's order reads it (not only lanes ones) */
+        for (int k = 0; k < n_w; k++)
+            ggml_q8 |= cv_of[k] == cv && w[k]->type == TSR_TYPE_Q8_0 && !w[k]->lanes;
+        if (n_tok > 1 && ggml_q8 &&
+            tsr_ggml_tile_prep_used(TSR_TYPE_Q8_0, tsr_ggml_isa(), n_in, n_tok))
             j.conv_prep[cv] = dst;
         dst += nb;
     }
