@@ -115,39 +115,45 @@ static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 #define REPACK_ALIGN    ((size_t)64)
 #define REPACK_HUGEPAGE ((size_t)2 << 20)
 
-/* A Q8_0 matrix into the lanes layout (kernels/q80_lanes.h) at dst: from its private copy
- * (a column slice), or from the file a group of 16 rows at a time (a view of the mapping,
- * which stays w->data but is no longer read by the matmul). */
-static int repack_lanes(tsr_model *m, tsr_weight *w, uint8_t *dst, size_t bytes, const char *what,
-                        char *err, size_t err_len)
+/* A repack of n_out rows into a layout of row groups: kernels/repack.h's tsr_repack, or the
+ * lanes layout's (kernels/q80_lanes.h, lanes_repack). */
+typedef int (*repack_fn)(uint32_t type, int64_t n, int64_t n_out, const void *src,
+                         size_t src_stride, void *dst);
+
+static int lanes_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t src_stride,
+                        void *dst)
+{
+    (void)type; /* Q8_0 */
+    return tsr_q80l_repack(n, n_out, src, src_stride, dst);
+}
+
+/* w's rows through fn into dst, whose groups hold `rows` rows in gb bytes each: a private
+ * copy (column slice) at once; a view of the mapping read from the file a group at a time
+ * with pread (so the repack does not fault the mapping in). */
+static int repack_rows(tsr_model *m, const tsr_weight *w, uint8_t *dst, int64_t rows, size_t gb,
+                       repack_fn fn, const char *what, char *err, size_t err_len)
 {
     const uint8_t *base = (const uint8_t *)tsr_gguf_base(m->gguf);
     if (owned_index(m, w->data) >= 0 || !base) {
-        if (tsr_q80l_repack(w->n_in, w->n_out, w->data, w->row_bytes, dst) != 0) goto bad;
-    } else {
-        const size_t gb = tsr_q80l_group_bytes(w->n_in);
-        uint8_t *tmp = malloc(w->row_bytes * TSR_Q80L_ROWS);
-        if (!tmp) return tsr_fail(err, err_len, -1, "out of memory repacking %s", what);
-        const uint64_t off0 = (uint64_t)((const uint8_t *)w->data - base);
-        for (int64_t r0 = 0; r0 < w->n_out; r0 += TSR_Q80L_ROWS) {
-            const int64_t nr = w->n_out - r0 < TSR_Q80L_ROWS ? w->n_out - r0 : TSR_Q80L_ROWS;
-            if (tsr_gguf_pread(m->gguf, off0 + (uint64_t)r0 * w->row_bytes, tmp,
-                               (size_t)nr * w->row_bytes) != 0) {
-                free(tmp);
-                return tsr_fail(err, err_len, -1, "reading %s from the file failed", what);
-            }
-            if (tsr_q80l_repack(w->n_in, nr, tmp, w->row_bytes,
-                                dst + (size_t)(r0 / TSR_Q80L_ROWS) * gb) != 0) {
-                free(tmp);
-                goto bad;
-            }
-        }
-        free(tmp);
+        if (fn(w->type, w->n_in, w->n_out, w->data, w->row_bytes, dst) != 0) goto bad;
+        return 0;
     }
-    w->lanes = dst;
-    m->n_bytes_repacked += bytes;
-    m->n_repacked++;
-    m->n_q80_lanes++;
+    uint8_t *tmp = malloc(w->row_bytes * (size_t)rows);
+    if (!tmp) return tsr_fail(err, err_len, -1, "out of memory repacking %s", what);
+    const uint64_t off0 = (uint64_t)((const uint8_t *)w->data - base);
+    for (int64_t r0 = 0; r0 < w->n_out; r0 += rows) {
+        const int64_t nr = w->n_out - r0 < rows ? w->n_out - r0 : rows;
+        if (tsr_gguf_pread(m->gguf, off0 + (uint64_t)r0 * w->row_bytes, tmp,
+                           (size_t)nr * w->row_bytes) != 0) {
+            free(tmp);
+            return tsr_fail(err, err_len, -1, "reading %s from the file failed", what);
+        }
+        if (fn(w->type, w->n_in, nr, tmp, w->row_bytes, dst + (size_t)(r0 / rows) * gb) != 0) {
+            free(tmp);
+            goto bad;
+        }
+    }
+    free(tmp);
     return 0;
 bad:
     return tsr_fail(err, err_len, -1, "repacking %s failed", what);
@@ -158,11 +164,10 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
                          size_t err_len)
 {
     const size_t bytes = repack_bytes_of(m, w);
-    const size_t gb = tsr_repack_group_bytes(w->type, w->n_in);
     if (!bytes) return 0;
-    if (w->type == TSR_TYPE_Q8_0 && tsr_q80l_on())
-        return repack_lanes(m, w, dst, bytes, what, err, err_len);
-    if (q8_0_in_mapping(m, w)) { /* verbatim: the same rows, on huge pages */
+    /* Q8_0 in the lanes order (kernels/q80_lanes.h): its own groups, instead of the copy */
+    const bool lanes = w->type == TSR_TYPE_Q8_0 && tsr_q80l_on();
+    if (!lanes && q8_0_in_mapping(m, w)) { /* verbatim: the same rows, on huge pages */
         const uint64_t off =
             (uint64_t)((const uint8_t *)w->data - (const uint8_t *)tsr_gguf_base(m->gguf));
         if (w->row_bytes * (size_t)w->n_out != bytes ||
@@ -175,43 +180,23 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
         m->n_repacked++;
         return 0;
     }
-    const int oi = owned_index(m, w->data);
-    const uint8_t *base = (const uint8_t *)tsr_gguf_base(m->gguf);
-    const int64_t n_groups = (w->n_out + TSR_REPACK_ROWS - 1) / TSR_REPACK_ROWS;
-    if (oi >= 0 || !base) {
-        /* a private copy (column slice): repack it, then free it */
-        if (tsr_repack(w->type, w->n_in, w->n_out, w->data, w->row_bytes, dst) != 0) goto bad;
+    const int rc =
+        lanes ? repack_rows(m, w, dst, TSR_Q80L_ROWS, tsr_q80l_group_bytes(w->n_in), lanes_repack,
+                            what, err, err_len)
+              : repack_rows(m, w, dst, TSR_REPACK_ROWS, tsr_repack_group_bytes(w->type, w->n_in),
+                            tsr_repack, what, err, err_len);
+    if (rc != 0) return -1;
+    /* w->data stays: one token reads the file layout (see the top); a lanes matrix no longer
+     * reads it */
+    if (lanes) {
+        w->lanes = dst;
+        m->n_q80_lanes++;
     } else {
-        uint8_t *tmp = malloc(w->row_bytes * TSR_REPACK_ROWS);
-        if (!tmp) {
-            tsr_set_err(err, err_len, "out of memory repacking %s", what);
-            return -1;
-        }
-        const uint64_t off0 = (uint64_t)((const uint8_t *)w->data - base);
-        for (int64_t g = 0; g < n_groups; g++) {
-            const int64_t r0 = g * TSR_REPACK_ROWS;
-            const int64_t nr =
-                w->n_out - r0 < TSR_REPACK_ROWS ? w->n_out - r0 : (int64_t)TSR_REPACK_ROWS;
-            if (tsr_gguf_pread(m->gguf, off0 + (uint64_t)r0 * w->row_bytes, tmp,
-                               (size_t)nr * w->row_bytes) != 0) {
-                free(tmp);
-                tsr_set_err(err, err_len, "reading %s from the file failed", what);
-                return -1;
-            }
-            if (tsr_repack(w->type, w->n_in, nr, tmp, w->row_bytes, dst + (size_t)g * gb) != 0) {
-                free(tmp);
-                goto bad;
-            }
-        }
-        free(tmp);
+        w->packed = dst;
     }
-    w->packed = dst; /* w->data stays: one token reads the file layout (see the top) */
     m->n_bytes_repacked += bytes;
     m->n_repacked++;
     return 0;
-bad:
-    tsr_set_err(err, err_len, "repacking %s failed", what);
-    return -1;
 }
 
 /* Every matrix tsr_model_repack handles, in order; what[] gets its name. */
