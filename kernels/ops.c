@@ -269,16 +269,22 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     j.n_tok = n_tok;
     j.x = x;
     /* One conversion per distinct dot type, laid out one after another in scratch; cv_of[k]:
-     * weight k's conversion (-1: F32 reads x), conv_q8[cv]: a Q8_0 weight reads it. */
+     * weight k's conversion (-1: F32 reads x), conv_q8[cv]: a Q8_0 weight reads it, one in
+     * ggml's order (conv_ggml[cv]) or in the lanes order (conv_lanes[cv]). */
     uint8_t *dst = scratch;
     int cv_of[4];
-    bool conv_q8[4] = {false, false, false, false};
+    bool conv_q8[4] = {false, false, false, false}, conv_ggml[4] = {false, false, false, false},
+         conv_lanes[4] = {false, false, false, false};
     for (int k = 0; k < n_w; k++) {
         uint32_t vt = tsr_type_vec_dot_type(w[k]->type);
         int i = 0;
         while (i < k && tsr_type_vec_dot_type(w[i]->type) != vt) i++;
         cv_of[k] = i < k ? cv_of[i] : vt == TSR_TYPE_F32 ? -1 : j.n_conv;
-        if (cv_of[k] >= 0) conv_q8[cv_of[k]] |= w[k]->type == TSR_TYPE_Q8_0;
+        if (cv_of[k] >= 0 && w[k]->type == TSR_TYPE_Q8_0) {
+            conv_q8[cv_of[k]] = true;
+            conv_ggml[cv_of[k]] |= !w[k]->lanes;
+            conv_lanes[cv_of[k]] |= w[k]->lanes != NULL;
+        }
         if (i < k) {
             j.xq[k] = j.xq[i];
             j.xq_stride[k] = j.xq_stride[i];
@@ -303,10 +309,8 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
         const size_t nb = conv_q8[cv] ? tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok) : 0;
         if (!nb) continue;
         dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63); /* its 63 spare bytes */
-        bool ggml_q8 = false; /* a Q8_0 weight in ggml's order reads it (not only lanes ones) */
-        for (int k = 0; k < n_w; k++)
-            ggml_q8 |= cv_of[k] == cv && w[k]->type == TSR_TYPE_Q8_0 && !w[k]->lanes;
-        if (n_tok > 1 && ggml_q8 &&
+        /* only for a matrix in ggml's order (lanes matrices take their own prep, below) */
+        if (n_tok > 1 && conv_ggml[cv] &&
             tsr_ggml_tile_prep_used(TSR_TYPE_Q8_0, tsr_ggml_isa(), n_in, n_tok))
             j.conv_prep[cv] = dst;
         dst += nb;
@@ -318,8 +322,7 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     for (int cv = 0; cv < j.n_conv; cv++) {
         if (!conv_q8[cv]) continue;
         dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63);
-        for (int k = 0; k < n_w; k++)
-            if (w[k]->lanes && cv_of[k] == cv) j.conv_lprep[cv] = dst;
+        if (conv_lanes[cv]) j.conv_lprep[cv] = dst;
         dst += tsr_q80l_prep_bytes(w[0]->n_in, n_tok);
     }
     for (int k = 0; k < n_w; k++)
