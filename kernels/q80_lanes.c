@@ -13,7 +13,8 @@
  * Measured on this host (AMD EPYC Zen 4, 1 thread, 2048 columns, zmm vpdpbusd per ns,
  * tests/bench_tile, which prints both orders): from L2, 2 / 5 / 8 / 16 tokens 1.80 / 2.68-2.78
  * / 2.73-2.82 / 2.73-2.81 against ggml's order 0.91 / 1.19 / 1.14 / 1.18 (its 256-bit tile);
- * streaming 1 GiB with the prefetches below 0.68 / 1.72-2.28 / 2.56-2.61 / 2.57-2.58 against
+ * streaming 1 GiB with the prefetches below 0.83 (0.68-0.71 before 2 tokens went 8 blocks
+ * ahead) / 1.72-2.28 / 2.52-2.61 / 2.55-2.58 against
  * 0.65 / 1.09 / 1.08 / 1.12.
  */
 #include "kernels/q80_lanes.h"
@@ -179,6 +180,15 @@ static void dot_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_
  * 37.6-44.3 with (ggml's order 39.6-45.6 in the same runs). */
 #define Q8L_PF_BYTES (4 * TSR_Q80L_BLOCK_BYTES)
 
+/* Two tokens: 8 blocks ahead (4352 bytes), the 9 lines issued unrolled (gcc keeps the loop
+ * above as a loop). 1B Q8_0, 2 threads, tessera bench --verify-cost, 7 interleaved runs of
+ * each at a ~52-62 GB/s read (2026-12-06): a 2-token step 1.23-1.29 -> 1.12-1.25 of one
+ * token's (slower reads: 1.01-1.12 both). A prototype streaming 1 GiB on 2 threads, 2048 /
+ * 8192 columns, at the fast read: 0.85-0.91 of a plain read with 4 blocks ahead, 0.96-0.97
+ * with 8 unrolled. With 3 or more tokens neither change measured a difference above the
+ * noise (unrolled, 5 tokens: 1.34-1.39 -> 1.43-1.48 in two pairs), so they keep the above. */
+#define Q8L_PF2_BYTES (8 * TSR_Q80L_BLOCK_BYTES)
+
 /* ... and from 4 tokens also 32 blocks ahead (17408 bytes) into L2: a stream slowed by this
  * much compute keeps too few lines in flight on the hardware prefetchers. bench_tile, 2048
  * columns, 1 thread, streaming: 5 / 8 / 16 tokens 1.64 / 2.13 / 2.28 -> 2.15-2.28 / 2.56-2.60 /
@@ -200,7 +210,11 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile(const int T, int
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
-        if (T > 1) /* one token streams faster on the hardware prefetchers alone */
+        if (T == 2) /* one token streams faster on the hardware prefetchers alone */
+#pragma GCC unroll 9
+            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+                _mm_prefetch((const char *)blk + Q8L_PF2_BYTES + l, _MM_HINT_T0);
+        if (T > 2)
             for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
                 _mm_prefetch((const char *)blk + Q8L_PF_BYTES + l, _MM_HINT_T0);
         if (T >= Q8L_PF_L2_MIN_TOKENS && first)
