@@ -5,6 +5,7 @@
 
 #include "kernels/dot_ggml.h"
 #include "kernels/q4k_gemm.h"
+#include "kernels/q40_lanes.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -18,22 +19,31 @@
 /* Batches narrower than this run token by token (see mm_run). */
 #define TILE_MIN_TOKENS 4
 
+/* Whether a weight of `type` may carry a lanes layout (kernels/q80_lanes.h for Q8_0,
+ * kernels/q40_lanes.h for Q4_0), whose kernels read the lanes prep of its activations. */
+static bool lanes_type(uint32_t type)
+{
+    return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0;
+}
+
 /* Bytes of the conversion to the dot type vt of n_tok rows of n_in, and of the Q8_0 tiles'
  * prep when a weight of the conversion is Q8_0 (kernels/dot_ggml.h: laid out once per
- * matmul, not once per row chunk), and of the lanes order's prep (kernels/q80_lanes.h;
- * counted for every Q8_0 weight, so that scratch sized before the load repacks fits). */
-static size_t conv_bytes(uint32_t vt, int64_t n_in, int n_tok, bool q8_0)
+ * matmul, not once per row chunk), and of the lanes prep (kernels/q80_lanes.h; counted for
+ * every Q8_0 and Q4_0 weight, lanes_type, so that scratch sized before the load repacks
+ * fits). */
+static size_t conv_bytes(uint32_t vt, int64_t n_in, int n_tok, bool q8_0, bool lanes)
 {
     if (vt == TSR_TYPE_F32) return 0;
     const size_t prep = q8_0 ? tsr_ggml_tile_prep_bytes(TSR_TYPE_Q8_0, n_in, n_tok) : 0;
-    const size_t lprep = q8_0 ? tsr_q80l_prep_bytes(n_in, n_tok) : 0;
+    const size_t lprep = lanes ? tsr_q80l_prep_bytes(n_in, n_tok) : 0;
     return (size_t)n_tok * tsr_row_bytes(vt, n_in) + (prep ? prep + 63 : 0) +
            (lprep ? lprep + 63 : 0); /* + alignment */
 }
 
 size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok)
 {
-    return conv_bytes(tsr_type_vec_dot_type(w->type), w->n_in, n_tok, w->type == TSR_TYPE_Q8_0);
+    return conv_bytes(tsr_type_vec_dot_type(w->type), w->n_in, n_tok, w->type == TSR_TYPE_Q8_0,
+                      lanes_type(w->type));
 }
 
 typedef struct {
@@ -45,7 +55,7 @@ typedef struct {
     const void *xq[4];
     size_t xq_stride[4];
     const void *prep[4];  /* Q8_0 weights' tile prep (kernels/dot_ggml.h), or NULL */
-    const void *lprep[4]; /* lanes Q8_0 weights' prep (kernels/q80_lanes.h), or NULL */
+    const void *lprep[4]; /* lanes weights' prep (kernels/q80_lanes.h), or NULL */
     int lanes_isa;        /* kernels/dot_ggml.h level for the lanes kernels */
     /* The distinct conversions to make: dot type, destination, row stride. */
     int n_conv;
@@ -95,11 +105,16 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
     if (w->lanes) {
-        /* Q8_0 in the lanes order (r0 is a multiple of TSR_Q80L_ROWS): one kernel for every
-         * token count, so one order whatever the batch */
-        tsr_q80l_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok,
-                     (const uint8_t *)j->lprep[k] + (size_t)t0 * tsr_q80l_prep_bytes(w->n_in, 1),
-                     yk + r0, (size_t)w->n_out);
+        /* Q8_0 in the lanes order, Q4_0 in its own (r0 is a multiple of 16 rows): one kernel
+         * for every token count, so one order whatever the batch */
+        const uint8_t *lp =
+            (const uint8_t *)j->lprep[k] + (size_t)t0 * tsr_q80l_prep_bytes(w->n_in, 1);
+        if (w->type == TSR_TYPE_Q4_0)
+            tsr_q40l_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, lp, yk + r0,
+                         (size_t)w->n_out);
+        else
+            tsr_q80l_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, lp, yk + r0,
+                         (size_t)w->n_out);
         return;
     }
     if (w->packed && (!w->data || !tsr_repack_use_file_layout(w->type, n_tok))) {
@@ -236,13 +251,14 @@ size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n
     size_t n_bytes = 0;
     for (int k = 0; k < n_w; k++) {
         const uint32_t vt = tsr_type_vec_dot_type(w[k]->type);
-        bool seen = false, q8_0 = false;
+        bool seen = false, q8_0 = false, lanes = false;
         for (int i = 0; i < n_w; i++) {
             if (tsr_type_vec_dot_type(w[i]->type) != vt) continue;
             seen |= i < k;
             q8_0 |= w[i]->type == TSR_TYPE_Q8_0;
+            lanes |= lanes_type(w[i]->type);
         }
-        if (!seen) n_bytes += conv_bytes(vt, w[k]->n_in, n_tok, q8_0);
+        if (!seen) n_bytes += conv_bytes(vt, w[k]->n_in, n_tok, q8_0, lanes);
     }
     return n_bytes;
 }
@@ -269,12 +285,13 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     j.n_tok = n_tok;
     j.x = x;
     /* One conversion per distinct dot type, laid out one after another in scratch; cv_of[k]:
-     * weight k's conversion (-1: F32 reads x), conv_q8[cv]: a Q8_0 weight reads it, one in
-     * ggml's order (conv_ggml[cv]) or in the lanes order (conv_lanes[cv]). */
+     * weight k's conversion (-1: F32 reads x), conv_q8[cv]: a Q8_0 weight reads it (the
+     * tiles' prep has room), one in ggml's order (conv_ggml[cv]); conv_lq[cv]: a Q8_0 or
+     * Q4_0 weight reads it (the lanes prep has room), one in a lanes layout (conv_lanes[cv]). */
     uint8_t *dst = scratch;
     int cv_of[4];
     bool conv_q8[4] = {false, false, false, false}, conv_ggml[4] = {false, false, false, false},
-         conv_lanes[4] = {false, false, false, false};
+         conv_lq[4] = {false, false, false, false}, conv_lanes[4] = {false, false, false, false};
     for (int k = 0; k < n_w; k++) {
         uint32_t vt = tsr_type_vec_dot_type(w[k]->type);
         int i = 0;
@@ -283,6 +300,9 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
         if (cv_of[k] >= 0 && w[k]->type == TSR_TYPE_Q8_0) {
             conv_q8[cv_of[k]] = true;
             conv_ggml[cv_of[k]] |= !w[k]->lanes;
+        }
+        if (cv_of[k] >= 0 && lanes_type(w[k]->type)) {
+            conv_lq[cv_of[k]] = true;
             conv_lanes[cv_of[k]] |= w[k]->lanes != NULL;
         }
         if (i < k) {
@@ -320,7 +340,7 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
     /* The lanes order's prep, after those, for conversions a lanes matrix reads. */
     bool any_lanes = false;
     for (int cv = 0; cv < j.n_conv; cv++) {
-        if (!conv_q8[cv]) continue;
+        if (!conv_lq[cv]) continue;
         dst = (uint8_t *)(((uintptr_t)dst + 63) & ~(uintptr_t)63);
         if (conv_lanes[cv]) j.conv_lprep[cv] = dst;
         dst += tsr_q80l_prep_bytes(w[0]->n_in, n_tok);

@@ -23,10 +23,12 @@ typedef struct {
     const void *data;   /* the file's block layout (NULL for a column slice once repacked) */
     const void *packed; /* kernels/repack.h layout of the same rows, or NULL: the matmul then
                            reads it instead of data (bit-identical results) */
-    const void *lanes;  /* Q8_0 only: kernels/q80_lanes.h layout of the same rows, or NULL.
-                           When set, the matmul computes every token count from it, in the
-                           lanes order (not ggml's: the load sets it only when that order
-                           is on, tsr_q80l_on) */
+    const void *lanes;  /* Q8_0: kernels/q80_lanes.h layout of the same rows, or NULL; when
+                           set, the matmul computes every token count from it, in the lanes
+                           order (not ggml's: the load sets it only when that order is on,
+                           tsr_q80l_on). Q4_0: kernels/q40_lanes.h layout (AVX-512 VNNI,
+                           tsr_q40l_chosen), read for every token count in Q4_0's one order
+                           (the same bits as data or packed). Other types: NULL */
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold

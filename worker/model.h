@@ -125,6 +125,7 @@ typedef struct {
     uint64_t t_repack_ns;      /* load time spent repacking */
     int32_t n_repacked;        /* matrices repacked */
     int32_t n_q80_lanes;       /* of them, Q8_0 matrices in the lanes order (q80_lanes.h) */
+    int32_t n_q40_lanes;       /* of them, Q4_0 matrices in the lanes layout (q40_lanes.h) */
     const tsr_gguf *gguf;
 } tsr_model;
 

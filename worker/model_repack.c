@@ -18,6 +18,11 @@
  * Q8_0 matrices are copied verbatim (their file layout, which every Q8_0 kernel reads) into
  * the same arena, w->data pointing there: only for the huge pages (q8_0_in_mapping).
  *
+ * Lanes layouts (w->lanes, read for every token count instead of the file layout or the
+ * groups): Q8_0 in the opt-in lanes order (kernels/q80_lanes.h, tsr_q80l_on) instead of the
+ * verbatim copy, and Q4_0 on CPUs with AVX-512 VNNI (kernels/q40_lanes.h, tsr_q40l_chosen:
+ * Q4_0's own order, the same bits) instead of the groups.
+ *
  * Memory: all of a call's repacked matrices share one allocation (an arena, 64-byte aligned
  * slices), 2 MiB aligned and madvise(MADV_HUGEPAGE)'d, so the kernel backs it with
  * transparent huge pages where it can (this host: THP "madvise"). Decode streams every
@@ -30,6 +35,7 @@
  */
 #include "worker/model.h"
 
+#include "kernels/q40_lanes.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -100,12 +106,22 @@ static bool q8_0_in_mapping(const tsr_model *m, const tsr_weight *w)
            d < base + tsr_gguf_file_size(m->gguf);
 }
 
+/* Whether w gets a lanes layout (see the top), not the groups or the verbatim copy. */
+static bool lanes_of(const tsr_weight *w)
+{
+    if (w->type == TSR_TYPE_Q8_0) return tsr_q80l_on();
+    return w->type == TSR_TYPE_Q4_0 && tsr_repack_chosen(TSR_TYPE_Q4_0) && tsr_q40l_chosen();
+}
+
 /* Whether repack_weight would repack (or, Q8_0, copy) w, and the bytes of its copy (0: it
  * would not). */
 static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 {
-    if (w->type == TSR_TYPE_Q8_0 && tsr_q80l_on())
-        return w->lanes || !w->data || w->n_out <= 0 ? 0 : tsr_q80l_bytes(w->n_in, w->n_out);
+    if (lanes_of(w)) {
+        if (w->lanes || !w->data || w->n_out <= 0) return 0;
+        return w->type == TSR_TYPE_Q4_0 ? tsr_q40l_bytes(w->n_in, w->n_out)
+                                        : tsr_q80l_bytes(w->n_in, w->n_out);
+    }
     if (q8_0_in_mapping(m, w)) return (size_t)w->n_out * w->row_bytes;
     if (w->packed || !w->data || !tsr_repack_chosen(w->type) || w->n_out <= 0) return 0;
     return tsr_repack_bytes(w->type, w->n_in, w->n_out);
@@ -115,16 +131,16 @@ static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 #define REPACK_ALIGN    ((size_t)64)
 #define REPACK_HUGEPAGE ((size_t)2 << 20)
 
-/* A repack of n_out rows into a layout of row groups: kernels/repack.h's tsr_repack, or the
- * lanes layout's (kernels/q80_lanes.h, lanes_repack). */
+/* A repack of n_out rows into a layout of row groups: kernels/repack.h's tsr_repack, or a
+ * lanes layout's (lanes_repack). */
 typedef int (*repack_fn)(uint32_t type, int64_t n, int64_t n_out, const void *src,
                          size_t src_stride, void *dst);
 
 static int lanes_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t src_stride,
                         void *dst)
 {
-    (void)type; /* Q8_0 */
-    return tsr_q80l_repack(n, n_out, src, src_stride, dst);
+    return type == TSR_TYPE_Q4_0 ? tsr_q40l_repack(n, n_out, src, src_stride, dst)
+                                 : tsr_q80l_repack(n, n_out, src, src_stride, dst);
 }
 
 /* w's rows through fn into dst, whose groups hold `rows` rows in gb bytes each: a private
@@ -165,8 +181,10 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
 {
     const size_t bytes = repack_bytes_of(m, w);
     if (!bytes) return 0;
-    /* Q8_0 in the lanes order (kernels/q80_lanes.h): its own groups, instead of the copy */
-    const bool lanes = w->type == TSR_TYPE_Q8_0 && tsr_q80l_on();
+    /* a lanes layout (see the top): its own groups, instead of the copy or the groups */
+    const bool lanes = lanes_of(w);
+    const size_t lanes_gb =
+        w->type == TSR_TYPE_Q4_0 ? tsr_q40l_group_bytes(w->n_in) : tsr_q80l_group_bytes(w->n_in);
     if (!lanes && q8_0_in_mapping(m, w)) { /* verbatim: the same rows, on huge pages */
         const uint64_t off =
             (uint64_t)((const uint8_t *)w->data - (const uint8_t *)tsr_gguf_base(m->gguf));
@@ -181,8 +199,7 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
         return 0;
     }
     const int rc =
-        lanes ? repack_rows(m, w, dst, TSR_Q80L_ROWS, tsr_q80l_group_bytes(w->n_in), lanes_repack,
-                            what, err, err_len)
+        lanes ? repack_rows(m, w, dst, TSR_Q80L_ROWS, lanes_gb, lanes_repack, what, err, err_len)
               : repack_rows(m, w, dst, TSR_REPACK_ROWS, tsr_repack_group_bytes(w->type, w->n_in),
                             tsr_repack, what, err, err_len);
     if (rc != 0) return -1;
@@ -190,7 +207,10 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
      * reads it */
     if (lanes) {
         w->lanes = dst;
-        m->n_q80_lanes++;
+        if (w->type == TSR_TYPE_Q4_0)
+            m->n_q40_lanes++;
+        else
+            m->n_q80_lanes++;
     } else {
         w->packed = dst;
     }
