@@ -24,7 +24,9 @@
  * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
  *   cmake --build build --target bench_gemv_stream && uptime &&
  *   flock /work/bench.lock build/tests/bench_gemv_stream
- * TSR_BENCH_TYPES=q4_0,q4_k,q6_k selects types; TSR_BENCH_THREADS=n the pool size.
+ * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q6_k selects types (q4_0l: Q4_0 in the lanes layout of
+ * kernels/q40_lanes.h, which AVX-512 VNNI CPUs load instead of the groups; only there);
+ * TSR_BENCH_THREADS=n the pool size.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -34,7 +36,9 @@
 
 #include "kernels/membw.h"
 #include "kernels/ops.h"
+#include "kernels/dot_ggml.h"
 #include "kernels/pool.h"
+#include "kernels/q40_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 #include "tests/bench.h"
@@ -65,11 +69,18 @@ static int selected(const char *name)
     return !list || !*list || strstr(list, name) != NULL;
 }
 
-static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t want)
+/* lanes: the Q4_0 lanes layout (kernels/q40_lanes.h, what AVX-512 VNNI CPUs load) instead
+ * of the groups */
+static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
+{
+    return lanes ? tsr_q40l_bytes(n, rows) : tsr_repack_bytes(type, n, rows);
+}
+
+static void bench_type(tsr_pool *pool, uint32_t type, bool lanes, const char *name, size_t want)
 {
     size_t layer = 0, mb[N_MAT];
     for (int m = 0; m < N_MAT; m++) {
-        mb[m] = (tsr_repack_bytes(type, k_shape[m][0], k_shape[m][1]) + 4095) / 4096 * 4096;
+        mb[m] = (mat_bytes(type, lanes, k_shape[m][0], k_shape[m][1]) + 4095) / 4096 * 4096;
         layer += mb[m];
     }
     const int n_layers = (int)((want + layer - 1) / layer);
@@ -109,13 +120,17 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
             memcpy(src + (size_t)r * rb, src + (size_t)(r % 64) * rb, rb);
         for (int l = 0; l < n_layers; l++) {
             uint8_t *dst = arena + (size_t)l * layer + off;
-            tsr_repack(type, n, rows, src, rb, dst);
+            if (lanes)
+                tsr_q40l_repack(n, rows, src, rb, dst);
+            else
+                tsr_repack(type, n, rows, src, rb, dst);
             w[l][m] = (tsr_weight){.type = type,
                                    .n_in = n,
                                    .n_out = rows,
                                    .row_bytes = rb,
                                    .data = NULL,
-                                   .packed = dst};
+                                   .packed = lanes ? NULL : dst,
+                                   .lanes = lanes ? dst : NULL};
         }
         off += mb[m];
     }
@@ -128,7 +143,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, const char *name, size_t w
     const tsr_weight *ws[4] = {&w[0][0], &w[0][1], &w[0][2], NULL};
     void *scratch = malloc(tsr_matmul_multi_scratch_bytes(ws, 3, 1) + 65536);
     size_t bytes = 0;
-    for (int m = 0; m < N_MAT; m++) bytes += tsr_repack_bytes(type, k_shape[m][0], k_shape[m][1]);
+    for (int m = 0; m < N_MAT; m++) bytes += mat_bytes(type, lanes, k_shape[m][0], k_shape[m][1]);
     bytes *= (size_t)n_layers;
     double g[REPS], r[REPS], q[REPS];
     rd_job rj = {.buf = arena, .n = (size_t)n_layers * layer};
@@ -176,9 +191,11 @@ int main(void)
     printf("one-token GEMV of the repacked groups, 1B layer matrices, %d threads, ISA %s; "
            "medians of %d interleaved passes\n",
            tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
-    if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, "q4_0", want);
-    if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, "q4_k", want);
-    if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, "q6_k", want);
+    if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, false, "q4_0", want);
+    if (selected("q4_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
+        bench_type(pool, TSR_TYPE_Q4_0, true, "q4_0l", want);
+    if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
+    if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, false, "q6_k", want);
     tsr_pool_free(pool);
     return 0;
 }
