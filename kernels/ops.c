@@ -6,6 +6,7 @@
 #include "kernels/dot_ggml.h"
 #include "kernels/q4k_gemm.h"
 #include "kernels/q40_lanes.h"
+#include "kernels/q4k_lanes.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -104,6 +105,13 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
     const tsr_weight *w = j->w[k];
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
+    if (w->lanes && w->type == TSR_TYPE_Q4_K) {
+        /* Q4_K's lanes layout (kernels/q4k_lanes.h), the generated tokens' order: the Q8_K
+         * rows as they are */
+        tsr_q4kl_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k], false,
+                     yk + r0, (size_t)w->n_out);
+        return;
+    }
     if (w->lanes) {
         /* Q8_0 in the lanes order, Q4_0 in its own (r0 is a multiple of 16 rows): one kernel
          * for every token count, so one order whatever the batch */
@@ -161,6 +169,11 @@ static void mm_rows_gemm(const mm_job *j, int k, int64_t r0, int64_t nr, int t0,
     const tsr_weight *w = j->w[k];
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
+    if (w->lanes) { /* kernels/q4k_lanes.h, in the prompt order */
+        tsr_q4kl_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k], true,
+                     yk + r0, (size_t)w->n_out);
+        return;
+    }
     const size_t blk = tsr_type_block_bytes(w->type);
     if (w->data) {
         tsr_q4k_gemm_dot(j->isa, w->n_in, nr, (const uint8_t *)w->data + (size_t)r0 * w->row_bytes,

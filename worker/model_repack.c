@@ -36,6 +36,7 @@
 #include "worker/model.h"
 
 #include "kernels/q40_lanes.h"
+#include "kernels/q4k_lanes.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -110,6 +111,8 @@ static bool q8_0_in_mapping(const tsr_model *m, const tsr_weight *w)
 static bool lanes_of(const tsr_weight *w)
 {
     if (w->type == TSR_TYPE_Q8_0) return tsr_q80l_on();
+    if (w->type == TSR_TYPE_Q4_K)
+        return tsr_repack_chosen(TSR_TYPE_Q4_K) && tsr_q4kl_chosen() && w->n_in % 256 == 0;
     return w->type == TSR_TYPE_Q4_0 && tsr_repack_chosen(TSR_TYPE_Q4_0) && tsr_q40l_chosen();
 }
 
@@ -119,8 +122,9 @@ static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 {
     if (lanes_of(w)) {
         if (w->lanes || !w->data || w->n_out <= 0) return 0;
-        return w->type == TSR_TYPE_Q4_0 ? tsr_q40l_bytes(w->n_in, w->n_out)
-                                        : tsr_q80l_bytes(w->n_in, w->n_out);
+        return w->type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(w->n_in, w->n_out)
+               : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(w->n_in, w->n_out)
+                                          : tsr_q80l_bytes(w->n_in, w->n_out);
     }
     if (q8_0_in_mapping(m, w)) return (size_t)w->n_out * w->row_bytes;
     if (w->packed || !w->data || !tsr_repack_chosen(w->type) || w->n_out <= 0) return 0;
@@ -139,8 +143,9 @@ typedef int (*repack_fn)(uint32_t type, int64_t n, int64_t n_out, const void *sr
 static int lanes_repack(uint32_t type, int64_t n, int64_t n_out, const void *src, size_t src_stride,
                         void *dst)
 {
-    return type == TSR_TYPE_Q4_0 ? tsr_q40l_repack(n, n_out, src, src_stride, dst)
-                                 : tsr_q80l_repack(n, n_out, src, src_stride, dst);
+    return type == TSR_TYPE_Q4_0   ? tsr_q40l_repack(n, n_out, src, src_stride, dst)
+           : type == TSR_TYPE_Q4_K ? tsr_q4kl_repack(n, n_out, src, src_stride, dst)
+                                   : tsr_q80l_repack(n, n_out, src, src_stride, dst);
 }
 
 /* w's rows through fn into dst, whose groups hold `rows` rows in gb bytes each: a private
@@ -183,8 +188,9 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
     if (!bytes) return 0;
     /* a lanes layout (see the top): its own groups, instead of the copy or the groups */
     const bool lanes = lanes_of(w);
-    const size_t lanes_gb =
-        w->type == TSR_TYPE_Q4_0 ? tsr_q40l_group_bytes(w->n_in) : tsr_q80l_group_bytes(w->n_in);
+    const size_t lanes_gb = w->type == TSR_TYPE_Q4_0   ? tsr_q40l_group_bytes(w->n_in)
+                            : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_group_bytes(w->n_in)
+                                                       : tsr_q80l_group_bytes(w->n_in);
     if (!lanes && q8_0_in_mapping(m, w)) { /* verbatim: the same rows, on huge pages */
         const uint64_t off =
             (uint64_t)((const uint8_t *)w->data - (const uint8_t *)tsr_gguf_base(m->gguf));
@@ -209,6 +215,8 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
         w->lanes = dst;
         if (w->type == TSR_TYPE_Q4_0)
             m->n_q40_lanes++;
+        else if (w->type == TSR_TYPE_Q4_K)
+            m->n_q4k_lanes++;
         else
             m->n_q80_lanes++;
     } else {

@@ -455,6 +455,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.t_repack_ns = r->m->t_repack_ns;
     r->st.n_q80_lanes = r->m->n_q80_lanes;
     r->st.n_q40_lanes = r->m->n_q40_lanes;
+    r->st.n_q4k_lanes = r->m->n_q4k_lanes;
     if (r->gpu >= 0) /* what the planner counted for this rank (tsr_rank_stats) */
         r->st.n_bytes_device_planned =
             pr->n_bytes_weights +

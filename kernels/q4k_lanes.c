@@ -1,0 +1,334 @@
+/*
+ * q4k_lanes.c — Q4_K matrices in the lanes layout (see q4k_lanes.h): the repack and the
+ * kernels (AVX-512 VNNI, scalar), which compute kernels/q4k_gemm.c's prompt order and
+ * kernels/quant.c's Q4_K row dot order bit for bit.
+ *
+ * The VNNI kernel takes tiles of up to 4 tokens over a group of 16 rows. Per super-block it
+ * unpacks the 16 rows' 6-bit scales and mins in registers (the scalar unpack's word
+ * operations, 16 rows at once); per 64 elements (sub-blocks 2sb, 2sb + 1) it loads the 8
+ * nibble vectors once for the tile's tokens and runs, per token, 16 vpdpbusd into two int32
+ * lanes per row (one per sub-block), 2 vpmulld by the sub-blocks' scales, and one vpdpwssd
+ * of the (min, min) pairs with the token's two sub-block sums; the prompt order then
+ * converts and FMAs per 64 elements, the generated tokens' order sums the integers over the
+ * super-block first.
+ */
+#include "kernels/q4k_lanes.h"
+
+#include "kernels/dot_ggml.h"
+#include "kernels/quant.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define QKL_X86 1
+#else
+#define QKL_X86 0
+#endif
+
+enum { BLK = 144, XBLK = 292, XQS = 4, XBSUMS = 260, OFF_U = 64, OFF_Q = 256 };
+
+static _Atomic int g_chosen = -1;
+
+bool tsr_q4kl_chosen(void)
+{
+    int v = atomic_load_explicit(&g_chosen, memory_order_relaxed);
+    if (v < 0) {
+        const char *e = getenv("TSR_Q4K_LANES");
+        v = tsr_ggml_isa() == TSR_GGML_VNNI && !(e && strcmp(e, "0") == 0);
+        atomic_store_explicit(&g_chosen, v, memory_order_relaxed);
+    }
+    return v != 0;
+}
+
+size_t tsr_q4kl_group_bytes(int64_t n)
+{
+    if (n <= 0 || n % 256) return 0;
+    return (size_t)(n / 256) * TSR_Q4KL_SB_BYTES;
+}
+
+size_t tsr_q4kl_bytes(int64_t n, int64_t n_out)
+{
+    if (n_out <= 0) return 0;
+    return (size_t)((n_out + TSR_Q4KL_ROWS - 1) / TSR_Q4KL_ROWS) * tsr_q4kl_group_bytes(n);
+}
+
+int tsr_q4kl_repack(int64_t n, int64_t n_out, const void *src, size_t src_stride, void *dst)
+{
+    if (n <= 0 || n % 256 || n_out < 0) return -1;
+    const int64_t nsb = n / 256;
+    const size_t gb = tsr_q4kl_group_bytes(n);
+    for (int64_t g = 0; g * TSR_Q4KL_ROWS < n_out; g++) {
+        uint8_t *grp = (uint8_t *)dst + (size_t)g * gb;
+        for (int64_t i = 0; i < nsb; i++) {
+            uint8_t *sb = grp + (size_t)i * TSR_Q4KL_SB_BYTES;
+            memset(sb, 0, TSR_Q4KL_SB_BYTES); /* rows past n_out: d = dmin = 0, quants 0 */
+            for (int r = 0; r < TSR_Q4KL_ROWS; r++) {
+                const int64_t row = g * TSR_Q4KL_ROWS + r;
+                if (row >= n_out) continue;
+                /* a Q4_K block: fp16 d, fp16 dmin, scales[12], qs[128] */
+                const uint8_t *b =
+                    (const uint8_t *)src + (size_t)row * src_stride + (size_t)i * BLK;
+                memcpy(sb + 2 * r, b, 2);
+                memcpy(sb + 32 + 2 * r, b + 2, 2);
+                for (int k = 0; k < 3; k++) memcpy(sb + OFF_U + 64 * k + 4 * r, b + 4 + 4 * k, 4);
+                for (int k = 0; k < 32; k++) memcpy(sb + OFF_Q + 64 * k + 4 * r, b + 16 + 4 * k, 4);
+            }
+        }
+    }
+    return 0;
+}
+
+/* The 8 six-bit scales (out[0..7]) and mins (out[8..15]) of a block's scales[12]: ggml's
+ * unpack (kernels/q4k_gemm.c, kernels/quant.c). */
+static void scales_mins(const uint8_t *packed, uint8_t out[16])
+{
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    memcpy(out, u, 16);
+}
+
+/* The scalar form: row rr of a group's super-block back into a file block, then the order. */
+static float dot_row_scalar(int64_t nsb, const uint8_t *grp, int rr, const uint8_t *x, bool gemm)
+{
+    float acc = 0.0f, accm = 0.0f;
+    for (int64_t i = 0; i < nsb; i++) {
+        const uint8_t *sb = grp + (size_t)i * TSR_Q4KL_SB_BYTES;
+        const uint8_t *xb = x + (size_t)i * XBLK;
+        uint16_t hd, hm;
+        memcpy(&hd, sb + 2 * rr, 2);
+        memcpy(&hm, sb + 32 + 2 * rr, 2);
+        uint8_t sc12[12], qs[128], sm[16];
+        for (int k = 0; k < 3; k++) memcpy(sc12 + 4 * k, sb + OFF_U + 64 * k + 4 * rr, 4);
+        for (int k = 0; k < 32; k++) memcpy(qs + 4 * k, sb + OFF_Q + 64 * k + 4 * rr, 4);
+        scales_mins(sc12, sm);
+        float yd;
+        memcpy(&yd, xb, 4);
+        const int8_t *y = (const int8_t *)(xb + XQS);
+        int16_t bs[16];
+        memcpy(bs, xb + XBSUMS, sizeof bs);
+        const float dd = tsr_f16_to_f32(hd) * yd, dm = tsr_f16_to_f32(hm) * yd;
+        int32_t itot = 0, mtot = 0;
+        for (int s = 0; s < 4; s++) {
+            int32_t isum = 0, imin = 0;
+            for (int h = 0; h < 2; h++) {
+                const int g = 2 * s + h;
+                int32_t d = 0;
+                for (int l = 0; l < 32; l++)
+                    d += ((qs[32 * s + l] >> (4 * h)) & 0xF) * y[32 * g + l];
+                isum += sm[g] * d;
+                imin += sm[8 + g] * (bs[2 * g] + bs[2 * g + 1]);
+            }
+            if (gemm) { /* kernels/q4k_gemm.h: one FMA each per 64 elements */
+                acc = fmaf((float)isum, dd, acc);
+                accm = fmaf((float)imin, dm, accm);
+            } else {
+                itot += isum;
+                mtot += imin;
+            }
+        }
+        if (!gemm) { /* kernels/quant.c's Q4_K row dot: one FMA each per super-block */
+            acc = fmaf((float)itot, dd, acc);
+            accm = fmaf((float)mtot, dm, accm);
+        }
+    }
+    return acc - accm;
+}
+
+static void dot_scalar(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
+                       int32_t n_tok, const uint8_t *x, size_t x_stride, bool gemm, float *y,
+                       size_t y_stride)
+{
+    const size_t gb = (size_t)nsb * TSR_Q4KL_SB_BYTES;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const int64_t row = r0 + r;
+        const uint8_t *grp = packed + (size_t)(row / TSR_Q4KL_ROWS) * gb;
+        for (int32_t t = 0; t < n_tok; t++)
+            y[(size_t)t * y_stride + (size_t)r] = dot_row_scalar(
+                nsb, grp, (int)(row % TSR_Q4KL_ROWS), x + (size_t)t * x_stride, gemm);
+    }
+}
+
+#if QKL_X86
+#define QKL_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+/* vpshufb masks, per 128-bit lane, for the scale words of sub-blocks (2sb, 2sb + 1), k =
+ * 2 (sb % 2) the byte of sub-block 2sb in each row's word: k_sc[h][0] the int32 of byte k,
+ * k_sc[h][1] of byte k + 1, k_mn[h] the int16 pair (byte k, byte k + 1). */
+static uint8_t k_sc[2][2][64] __attribute__((aligned(64)));
+static uint8_t k_mn[2][64] __attribute__((aligned(64)));
+
+__attribute__((constructor)) static void qkl_masks(void)
+{
+    for (int h = 0; h < 2; h++)
+        for (int p = 0; p < 64; p++) {
+            const int base = ((p % 16) / 4) * 4 + 2 * h; /* lane-relative dword, byte k */
+            k_sc[h][0][p] = p % 4 == 0 ? (uint8_t)base : 0x80;
+            k_sc[h][1][p] = p % 4 == 0 ? (uint8_t)(base + 1) : 0x80;
+            k_mn[h][p] = p % 4 == 0 ? (uint8_t)base : p % 4 == 2 ? (uint8_t)(base + 1) : 0x80;
+        }
+}
+
+static inline int32_t rd32(const uint8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* One tile: T tokens (x: the first, x_stride bytes apart) x one group of 16 rows, all nsb
+ * super-blocks, in the prompt order (G) or the generated tokens' order. */
+static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, const bool G,
+                                                                int64_t nsb, const uint8_t *grp,
+                                                                const uint8_t *x, size_t x_stride,
+                                                                __m512 *out)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i c3f = _mm512_set1_epi32(0x3f3f3f3f), c0f = _mm512_set1_epi32(0x0f0f0f0f),
+                  c03 = _mm512_set1_epi32(0x03030303);
+    __m512 acc[4], accm[4];
+    for (int t = 0; t < T; t++) acc[t] = accm[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nsb; i++) {
+        const uint8_t *blk = grp + (size_t)i * TSR_Q4KL_SB_BYTES;
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 dmw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        const __m512i U0 = _mm512_loadu_si512(blk + OFF_U);
+        const __m512i U1 = _mm512_loadu_si512(blk + OFF_U + 64);
+        const __m512i U2 = _mm512_loadu_si512(blk + OFF_U + 128);
+        /* scales_mins on 16 rows' words: SCA/SCB scales 0-3/4-7, MNA/MNB mins 0-3/4-7 */
+        const __m512i SCA = _mm512_and_si512(U0, c3f);
+        const __m512i SCB =
+            _mm512_or_si512(_mm512_and_si512(U2, c0f),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(U0, 6), c03), 4));
+        const __m512i MNA = _mm512_and_si512(U1, c3f);
+        const __m512i MNB =
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(U2, 4), c0f),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(U1, 6), c03), 4));
+        __m512 dd[4], dm[4];
+        __m512i itot[4], mtot[4];
+        int32_t sp[4][4]; /* [token][sb]: (sum of sub-block 2sb, of 2sb + 1) as int16s */
+        for (int t = 0; t < T; t++) {
+            const uint8_t *xb = x + (size_t)t * x_stride + (size_t)i * XBLK;
+            float yd;
+            memcpy(&yd, xb, 4);
+            dd[t] = _mm512_mul_ps(dw, _mm512_set1_ps(yd));
+            dm[t] = _mm512_mul_ps(dmw, _mm512_set1_ps(yd));
+            /* the 16 bsums pairwise (|sum| <= 4064: exact in int16): per 128-bit half S(0..3),
+             * S(4..7) in its low 8 bytes, so dwords (S(2s), S(2s + 1)) in sb order */
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xb + XBSUMS));
+            const __m256i h = _mm256_hadd_epi16(bs, bs);
+            _mm_storel_epi64((__m128i *)&sp[t][0], _mm256_castsi256_si128(h));
+            _mm_storel_epi64((__m128i *)&sp[t][2], _mm256_extracti128_si256(h, 1));
+            itot[t] = mtot[t] = _mm512_setzero_si512();
+        }
+        for (int s = 0; s < 4; s++) {
+            const __m512i SW = s < 2 ? SCA : SCB, MW = s < 2 ? MNA : MNB;
+            const __m512i sc0 = _mm512_shuffle_epi8(SW, _mm512_load_si512(k_sc[s % 2][0]));
+            const __m512i sc1 = _mm512_shuffle_epi8(SW, _mm512_load_si512(k_sc[s % 2][1]));
+            const __m512i mnp = _mm512_shuffle_epi8(MW, _mm512_load_si512(k_mn[s % 2]));
+            if (T > 1) /* the next super-block (for the last, the next group's), 9 lines a sb */
+#pragma GCC unroll 9
+                for (int l = 0; l < 9; l++)
+                    _mm_prefetch((const char *)blk + TSR_Q4KL_SB_BYTES + 64 * (9 * s + l),
+                                 _MM_HINT_T0);
+            __m512i d0[4], d1[4];
+            for (int t = 0; t < T; t++) d0[t] = d1[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const __m512i v = _mm512_loadu_si512(blk + OFF_Q + 64 * (8 * s + j));
+                const __m512i lo = _mm512_and_si512(v, m4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) {
+                    const uint8_t *y = x + (size_t)t * x_stride + (size_t)i * XBLK + XQS + 64 * s;
+                    d0[t] = _mm512_dpbusd_epi32(d0[t], lo, _mm512_set1_epi32(rd32(y + 4 * j)));
+                    d1[t] = _mm512_dpbusd_epi32(d1[t], hi, _mm512_set1_epi32(rd32(y + 32 + 4 * j)));
+                }
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                const __m512i I = _mm512_add_epi32(_mm512_mullo_epi32(d0[t], sc0),
+                                                   _mm512_mullo_epi32(d1[t], sc1));
+                const __m512i M =
+                    _mm512_dpwssd_epi32(_mm512_setzero_si512(), mnp, _mm512_set1_epi32(sp[t][s]));
+                if (G) {
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), dd[t], acc[t]);
+                    accm[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(M), dm[t], accm[t]);
+                } else {
+                    itot[t] = _mm512_add_epi32(itot[t], I);
+                    mtot[t] = _mm512_add_epi32(mtot[t], M);
+                }
+            }
+        }
+        if (!G)
+            for (int t = 0; t < T; t++) {
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(itot[t]), dd[t], acc[t]);
+                accm[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mtot[t]), dm[t], accm[t]);
+            }
+    }
+    for (int t = 0; t < T; t++) out[t] = _mm512_sub_ps(acc[t], accm[t]);
+}
+
+#define QKL_TILE(T, G, name)                                                                       \
+    static QKL_VNNI void name(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,        \
+                              __m512 *out)                                                         \
+    {                                                                                              \
+        tile(T, G, nsb, grp, x, xs, out);                                                          \
+    }
+QKL_TILE(1, false, tv1)
+QKL_TILE(2, false, tv2)
+QKL_TILE(3, false, tv3)
+QKL_TILE(4, false, tv4)
+QKL_TILE(1, true, tg1)
+QKL_TILE(2, true, tg2)
+QKL_TILE(3, true, tg3)
+QKL_TILE(4, true, tg4)
+
+typedef void (*tile_fn)(int64_t, const uint8_t *, const uint8_t *, size_t, __m512 *);
+static const tile_fn k_tiles[2][5] = {{NULL, tv1, tv2, tv3, tv4}, {NULL, tg1, tg2, tg3, tg4}};
+
+static QKL_VNNI void dot_vnni(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
+                              int32_t n_tok, const uint8_t *x, size_t x_stride, bool gemm, float *y,
+                              size_t y_stride)
+{
+    const size_t gb = (size_t)nsb * TSR_Q4KL_SB_BYTES;
+    /* tiles of at most 4 tokens, as even as can be (9 -> 3 + 3 + 3) */
+    const int32_t n_tiles = (n_tok + 3) / 4;
+    for (int64_t r = 0; r < n_rows; r += TSR_Q4KL_ROWS) {
+        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q4KL_ROWS) * gb;
+        const int64_t nr = n_rows - r < TSR_Q4KL_ROWS ? n_rows - r : TSR_Q4KL_ROWS;
+        const __mmask16 m = (__mmask16)((1u << nr) - 1u);
+        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
+            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
+            __m512 out[4];
+            k_tiles[gemm][T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out);
+            for (int32_t t = 0; t < T; t++)
+                _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
+            t0 += T;
+        }
+    }
+}
+#endif
+
+void tsr_q4kl_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
+                  const void *x, size_t x_stride, bool gemm, float *y, size_t y_stride)
+{
+    const int64_t nsb = n / 256;
+    if (n_rows <= 0 || n_tok <= 0) return;
+#if QKL_X86
+    if (isa == TSR_GGML_VNNI) {
+        dot_vnni(nsb, packed, r0, n_rows, n_tok, x, x_stride, gemm, y, y_stride);
+        return;
+    }
+#endif
+    (void)isa;
+    dot_scalar(nsb, packed, r0, n_rows, n_tok, x, x_stride, gemm, y, y_stride);
+}

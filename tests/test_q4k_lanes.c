@@ -1,0 +1,274 @@
+/*
+ * test_q4k_lanes.c — kernels/q4k_lanes: Q4_K matrices in the lanes layout (AVX-512 VNNI).
+ *
+ * - The kernels (AVX-512 VNNI where this CPU has it, and scalar) give, bit for bit, both of
+ *   Q4_K's orders over the file layout: the prompt order of kernels/q4k_gemm.c (its scalar
+ *   reference) and the generated tokens' order of kernels/quant.c's Q4_K row dot
+ *   (tsr_vec_dot), for 1..9 tokens (tiles of up to 4, uneven splits), rows 1, 15, 16, 17, 40
+ *   (partial groups, masked stores), row starts 0 and 16, 1 and 8 super-blocks. Weights are
+ *   random bytes (every nibble, every 6-bit scale and min, scales of either sign).
+ * - The matmul (kernels/ops.c) over a weight carrying the layout gives the same bits as over
+ *   the file layout and over the repacked groups, for 1..9 tokens at once or one at a time,
+ *   in tsr_matmul_multi_ord with tokens of both classes mixed, on 1, 2 and 3 threads.
+ * - tsr_q4kl_chosen follows the CPU; a model loaded on such a CPU carries the layout on every
+ *   Q4_K matrix (and not the groups) and keeps synth-tiny-q4_k_m's greedy reference.
+ * A failure prints the case, what was expected and what came.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/dot_ggml.h"
+#include "kernels/ops.h"
+#include "kernels/q4k_gemm.h"
+#include "kernels/q4k_lanes.h"
+#include "kernels/quant.h"
+#include "kernels/repack.h"
+#include "tests/util.h"
+#include "worker/model.h"
+
+enum { BLK = 144 };
+
+static uint64_t rng = 0xD1B54A32D192ED03ull;
+
+/* n_rows Q4_K rows of n elements: random bytes, fp16 d and dmin from a spread of scales. */
+static uint8_t *make_rows(int64_t n, int64_t n_rows)
+{
+    const int64_t nsb = n / 256;
+    uint8_t *w = tsr_test_xmalloc((size_t)(nsb * n_rows) * BLK);
+    static const float scales[] = {6.0e-8f, 1.0e-4f, 0.0123f, 0.5f, 3.0f, -0.25f};
+    for (int64_t i = 0; i < nsb * n_rows; i++) {
+        uint8_t *b = w + (size_t)i * BLK;
+        for (int e = 4; e < BLK; e++) b[e] = (uint8_t)(tsr_test_xorshift64(&rng) >> 19);
+        const uint16_t hd = tsr_f32_to_f16(scales[tsr_test_xorshift64(&rng) % 6]);
+        const uint16_t hm = tsr_f32_to_f16(scales[tsr_test_xorshift64(&rng) % 6]);
+        memcpy(b, &hd, 2);
+        memcpy(b + 2, &hm, 2);
+    }
+    return w;
+}
+
+/* n_tok Q8_K activation rows. */
+static uint8_t *make_acts(int64_t n, int32_t n_tok)
+{
+    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
+    const size_t xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
+    uint8_t *x = tsr_test_xmalloc(xb * (size_t)n_tok);
+    for (int32_t t = 0; t < n_tok; t++) {
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng) * (t + 1);
+        tsr_quant_act_row(TSR_TYPE_Q8_K, f, x + (size_t)t * xb, n);
+    }
+    free(f);
+    return x;
+}
+
+static void test_order(void **state)
+{
+    (void)state;
+    static const int64_t ns[] = {256, 2048};
+    static const int64_t rows[] = {1, 15, 16, 17, 40};
+    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
+    int n_cases = 0;
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const int64_t n = ns[ni];
+        const size_t rb = tsr_row_bytes(TSR_TYPE_Q4_K, n), xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
+        for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
+            const int64_t n_out = rows[ri];
+            uint8_t *w = make_rows(n, n_out);
+            uint8_t *packed = tsr_test_xmalloc(tsr_q4kl_bytes(n, n_out));
+            assert_int_equal(tsr_q4kl_repack(n, n_out, w, rb, packed), 0);
+            for (int32_t n_tok = 1; n_tok <= 9; n_tok++) {
+                uint8_t *x = make_acts(n, n_tok);
+                const size_t ny = (size_t)(n_out * n_tok);
+                float *want[2], *y = tsr_test_xmalloc(sizeof(float) * ny);
+                for (int g = 0; g < 2; g++) want[g] = tsr_test_xmalloc(sizeof(float) * ny);
+                /* generated tokens: the row dot; prompt: q4k_gemm's scalar reference */
+                for (int32_t t = 0; t < n_tok; t++)
+                    for (int64_t r = 0; r < n_out; r++)
+                        want[0][(size_t)t * n_out + r] =
+                            tsr_vec_dot(TSR_TYPE_Q4_K, n, w + (size_t)r * rb, x + (size_t)t * xb);
+                tsr_q4k_gemm_dot(TSR_GGML_SCALAR, n, n_out, w, rb, BLK, n_tok, x, xb, want[1],
+                                 (size_t)n_out);
+                for (int g = 0; g < 2; g++)
+                    for (int isa = 0; isa < 2; isa++) {
+                        if (isa == 1 && !vnni) continue;
+                        const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+                        for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
+                            memset(y, 0xff, sizeof(float) * ny);
+                            tsr_q4kl_dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, g != 0,
+                                         y + r0, (size_t)n_out);
+                            for (int32_t t = 0; t < n_tok; t++)
+                                for (int64_t r = r0; r < n_out; r++) {
+                                    const float e = want[g][(size_t)t * n_out + r];
+                                    const float got = y[(size_t)t * n_out + r];
+                                    if (tsr_test_fbits(e) != tsr_test_fbits(got))
+                                        fail_msg("%s order, n %lld rows %lld from %lld, %d tokens, "
+                                                 "%s: row %lld token %d: expected %.9g (0x%08x), "
+                                                 "got %.9g (0x%08x)",
+                                                 g ? "prompt" : "generated", (long long)n,
+                                                 (long long)n_out, (long long)r0, n_tok,
+                                                 isa ? "avx512vnni" : "scalar", (long long)r, t, e,
+                                                 tsr_test_fbits(e), got, tsr_test_fbits(got));
+                                }
+                            n_cases++;
+                        }
+                    }
+                free(y);
+                free(want[0]);
+                free(want[1]);
+                free(x);
+            }
+            free(packed);
+            free(w);
+        }
+    }
+    printf("Q4_K lanes: %d cases bit for bit with both orders (%s)\n", n_cases,
+           vnni ? "avx512vnni and scalar" : "scalar only: no AVX-512 VNNI here");
+}
+
+/* The matmul over w.lanes = over the file layout = over the groups, classes mixed. */
+static void test_matmul(void **state)
+{
+    (void)state;
+    const int64_t n = 512, n_out = 72;
+    const size_t rb = tsr_row_bytes(TSR_TYPE_Q4_K, n);
+    uint8_t *wd = make_rows(n, n_out);
+    void *lanes = tsr_test_xmalloc(tsr_q4kl_bytes(n, n_out));
+    assert_int_equal(tsr_q4kl_repack(n, n_out, wd, rb, lanes), 0);
+    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q4_K, n, n_out));
+    assert_int_equal(tsr_repack(TSR_TYPE_Q4_K, n, n_out, wd, rb, groups), 0);
+    tsr_weight wf = {.type = TSR_TYPE_Q4_K, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
+    tsr_weight wl = wf, wg = wf;
+    wl.lanes = lanes;
+    wg.data = NULL;
+    wg.packed = groups;
+    const int32_t max_tok = 9;
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
+    for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
+    uint8_t ord[9];
+    for (int t = 0; t < max_tok; t++) ord[t] = (uint8_t)(t % 3 != 1); /* 1 0 1 1 0 1 1 0 1 */
+    /* one token at a time, one thread, the file layout: the reference */
+    float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
+    tsr_pool *p1 = tsr_pool_new(1);
+    assert_non_null(p1);
+    const tsr_weight *w1[1] = {&wf};
+    void *sc = tsr_test_xmalloc(tsr_matmul_multi_scratch_bytes(w1, 1, max_tok) + 64);
+    for (int32_t t = 0; t < max_tok; t++) {
+        float *ys[1] = {ref + (size_t)t * n_out};
+        tsr_matmul_multi_ord(p1, w1, ys, 1, x + (size_t)t * n, 1, &ord[t], sc);
+    }
+    float *got = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
+    char what[200];
+    for (int nth = 1; nth <= 3; nth++) {
+        tsr_pool *p = tsr_pool_new(nth);
+        assert_non_null(p);
+        for (int32_t n_tok = 1; n_tok <= max_tok; n_tok++) {
+            const tsr_weight *lay[3] = {&wl, &wg, &wf};
+            static const char *const names[3] = {"lanes", "groups", "file layout"};
+            for (int li = 0; li < 3; li++) {
+                const tsr_weight *ws[1] = {lay[li]};
+                float *ys[1] = {got};
+                memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
+                tsr_matmul_multi_ord(p, ws, ys, 1, x, n_tok, ord, sc);
+                snprintf(what, sizeof what,
+                         "Q4_K matmul (%s), %d tokens of mixed classes, %d threads", names[li],
+                         n_tok, nth);
+                tsr_test_check_same(what, ref, got, (size_t)(n_out * n_tok));
+            }
+        }
+        tsr_pool_free(p);
+    }
+    tsr_pool_free(p1);
+    free(got);
+    free(ref);
+    free(sc);
+    free(x);
+    free(groups);
+    free(lanes);
+    free(wd);
+}
+
+static void test_api(void **state)
+{
+    (void)state;
+    const char *e = getenv("TSR_Q4K_LANES");
+    const bool off = e && strcmp(e, "0") == 0;
+    assert_int_equal(tsr_q4kl_chosen(), tsr_ggml_isa() == TSR_GGML_VNNI && !off);
+    assert_int_equal(tsr_q4kl_repack(255, 1, NULL, 0, NULL), -1);
+    assert_int_equal(tsr_q4kl_group_bytes(2048), 8 * 2304);
+    assert_int_equal(tsr_q4kl_bytes(2048, 17), 2 * 8 * 2304);
+    assert_int_equal(tsr_q4kl_bytes(2048, 0), 0);
+}
+
+/* A model loaded here carries the layout on every Q4_K matrix (on a CPU with AVX-512 VNNI;
+ * elsewhere the groups) and keeps its greedy reference. */
+static void test_model(void **state)
+{
+    (void)state;
+    tsr_test_model f;
+    tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), 512, 64, 2,
+                        TSR_KV_F32);
+    int n_qk = 0, n_lanes = 0;
+    for (int32_t li = 0; li < f.m->n_layer_local; li++) {
+        const tsr_layer *L = &f.m->layers[li];
+        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int k = 0; k < 7; k++) {
+            if (lw[k]->type != TSR_TYPE_Q4_K) continue;
+            n_qk++;
+            n_lanes += lw[k]->lanes != NULL;
+            if (lw[k]->lanes && lw[k]->packed)
+                fail_msg("layer %d matrix %d: both the lanes layout and the groups", li, k);
+        }
+    }
+    const int want_lanes = tsr_q4kl_chosen() && tsr_model_repack_default() ? n_qk : 0;
+    if (n_qk == 0 || n_lanes != want_lanes)
+        fail_msg("synth-tiny-q4_k_m: expected %d of its %d Q4_K layer matrices in the lanes "
+                 "layout, got %d",
+                 want_lanes, n_qk, n_lanes);
+    assert_int_equal(f.m->n_q4k_lanes, n_lanes + (f.m->output.lanes != NULL));
+    tsr_test_block *b;
+    size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
+    const tsr_test_block *blk = NULL;
+    for (size_t i = 0; i < nb && !blk; i++) {
+        const char *p = tsr_test_block_get(&b[i], "prompt");
+        const char *m = tsr_test_block_get(&b[i], "model");
+        if (p && strcmp(p, "\"Once upon a time\"") == 0 && m &&
+            strcmp(m, "synthetic/synth-tiny-q4_k_m.gguf") == 0 &&
+            tsr_test_block_get(&b[i], "greedy_ids"))
+            blk = &b[i];
+    }
+    assert_non_null(blk);
+    int32_t *want, *prompt;
+    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
+    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
+    const size_t n_check = n_want < 32 ? n_want : 32;
+    int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
+    tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);
+    tsr_test_check_ids("synth-tiny-q4_k_m (Q4_K lanes), greedy", want, got, n_check);
+    printf("synth-tiny-q4_k_m: %d of %d Q4_K layer matrices in the lanes layout, %zu greedy ids "
+           "as expected\n",
+           n_lanes, n_qk, n_check);
+    free(got);
+    free(prompt);
+    free(want);
+    tsr_test_blocks_free(b, nb);
+    tsr_test_model_close(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_order),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_api),
+        cmocka_unit_test(test_model),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
