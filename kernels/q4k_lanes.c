@@ -189,7 +189,7 @@ static inline int32_t rd32(const uint8_t *p)
 static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, const bool G,
                                                                 int64_t nsb, const uint8_t *grp,
                                                                 const uint8_t *x, size_t x_stride,
-                                                                __m512 *out)
+                                                                __m512 *out, bool first)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i c3f = _mm512_set1_epi32(0x3f3f3f3f), c0f = _mm512_set1_epi32(0x0f0f0f0f),
@@ -234,7 +234,9 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
             const __m512i sc0 = _mm512_shuffle_epi8(SW, _mm512_load_si512(k_sc[s % 2][0]));
             const __m512i sc1 = _mm512_shuffle_epi8(SW, _mm512_load_si512(k_sc[s % 2][1]));
             const __m512i mnp = _mm512_shuffle_epi8(MW, _mm512_load_si512(k_mn[s % 2]));
-            if (T > 1) /* the next super-block (for the last, the next group's), 9 lines a sb */
+            /* several tokens, a group's first tile (the later ones find it in L1 / L2): the next
+             * super-block (for the last, the next group's), 9 lines a sb */
+            if (T > 1 && first)
 #pragma GCC unroll 9
                 for (int l = 0; l < 9; l++)
                     _mm_prefetch((const char *)blk + TSR_Q4KL_SB_BYTES + 64 * (9 * s + l),
@@ -279,9 +281,9 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
 
 #define QKL_TILE(T, G, name)                                                                       \
     static QKL_VNNI void name(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,        \
-                              __m512 *out)                                                         \
+                              __m512 *out, bool first)                                             \
     {                                                                                              \
-        tile(T, G, nsb, grp, x, xs, out);                                                          \
+        tile(T, G, nsb, grp, x, xs, out, first);                                                   \
     }
 QKL_TILE(1, false, tv1)
 QKL_TILE(2, false, tv2)
@@ -292,7 +294,7 @@ QKL_TILE(2, true, tg2)
 QKL_TILE(3, true, tg3)
 QKL_TILE(4, true, tg4)
 
-typedef void (*tile_fn)(int64_t, const uint8_t *, const uint8_t *, size_t, __m512 *);
+typedef void (*tile_fn)(int64_t, const uint8_t *, const uint8_t *, size_t, __m512 *, bool);
 static const tile_fn k_tiles[2][5] = {{NULL, tv1, tv2, tv3, tv4}, {NULL, tg1, tg2, tg3, tg4}};
 
 static QKL_VNNI void dot_vnni(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
@@ -309,7 +311,7 @@ static QKL_VNNI void dot_vnni(int64_t nsb, const uint8_t *packed, int64_t r0, in
         for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
             const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
             __m512 out[4];
-            k_tiles[gemm][T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out);
+            k_tiles[gemm][T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out, k == 0);
             for (int32_t t = 0; t < T; t++)
                 _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
             t0 += T;
