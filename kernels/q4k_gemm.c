@@ -40,19 +40,6 @@ typedef struct {
 _Static_assert(sizeof(qg_q4_K) == 144, "Q4_K block");
 _Static_assert(sizeof(qg_q8_K) == 292, "Q8_K block");
 
-/* A Q4_K block's 8 six-bit scales (out[0..7]) and mins (out[8..15]). */
-static inline void qg_scales_mins(const uint8_t *packed, uint8_t out[16])
-{
-    uint32_t u[4];
-    memcpy(u, packed, 12);
-    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
-    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-    u[2] = mins_lo;
-    u[0] &= 0x3f3f3f3fu;
-    memcpy(out, u, 16);
-}
-
 /* Byte offset of row r's first super-block. */
 static inline size_t row_off(int64_t r, int64_t rpg, size_t group_stride, size_t row_stride)
 {
@@ -66,7 +53,7 @@ static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, con
     for (int64_t i = 0; i < nsb; i++) {
         const qg_q4_K *w = (const qg_q4_K *)(wrow + (size_t)i * blk_stride);
         uint8_t sm[16];
-        qg_scales_mins(w->scales, sm);
+        tsr_q4_K_scales_mins(w->scales, sm);
         const float dd = tsr_f16_to_f32(w->d) * x[i].d;
         const float dm = tsr_f16_to_f32(w->dmin) * x[i].d;
         for (int sb = 0; sb < 4; sb++) {

@@ -15,6 +15,7 @@
 #include "kernels/q4k_lanes.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -28,6 +29,8 @@
 #else
 #define QKL_X86 0
 #endif
+
+_Static_assert(TSR_Q4KL_ROWS == TSR_Q80L_ROWS, "ops.c splits rows of every lanes layout alike");
 
 enum { BLK = 144, XBLK = 292, XQS = 4, XBSUMS = 260, OFF_U = 64, OFF_Q = 256 };
 
@@ -82,20 +85,6 @@ int tsr_q4kl_repack(int64_t n, int64_t n_out, const void *src, size_t src_stride
     return 0;
 }
 
-/* The 8 six-bit scales (out[0..7]) and mins (out[8..15]) of a block's scales[12]: ggml's
- * unpack (kernels/q4k_gemm.c, kernels/quant.c). */
-static void scales_mins(const uint8_t *packed, uint8_t out[16])
-{
-    uint32_t u[4];
-    memcpy(u, packed, 12);
-    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
-    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-    u[2] = mins_lo;
-    u[0] &= 0x3f3f3f3fu;
-    memcpy(out, u, 16);
-}
-
 /* The scalar form: row rr of a group's super-block back into a file block, then the order. */
 static float dot_row_scalar(int64_t nsb, const uint8_t *grp, int rr, const uint8_t *x, bool gemm)
 {
@@ -109,7 +98,7 @@ static float dot_row_scalar(int64_t nsb, const uint8_t *grp, int rr, const uint8
         uint8_t sc12[12], qs[128], sm[16];
         for (int k = 0; k < 3; k++) memcpy(sc12 + 4 * k, sb + OFF_U + 64 * k + 4 * rr, 4);
         for (int k = 0; k < 32; k++) memcpy(qs + 4 * k, sb + OFF_Q + 64 * k + 4 * rr, 4);
-        scales_mins(sc12, sm);
+        tsr_q4_K_scales_mins(sc12, sm);
         float yd;
         memcpy(&yd, xb, 4);
         const int8_t *y = (const int8_t *)(xb + XQS);
@@ -203,7 +192,7 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
         const __m512i U0 = _mm512_loadu_si512(blk + OFF_U);
         const __m512i U1 = _mm512_loadu_si512(blk + OFF_U + 64);
         const __m512i U2 = _mm512_loadu_si512(blk + OFF_U + 128);
-        /* scales_mins on 16 rows' words: SCA/SCB scales 0-3/4-7, MNA/MNB mins 0-3/4-7 */
+        /* tsr_q4_K_scales_mins on 16 rows' words: SCA/SCB scales 0-3/4-7, MNA/MNB mins 0-3/4-7 */
         const __m512i SCA = _mm512_and_si512(U0, c3f);
         const __m512i SCB =
             _mm512_or_si512(_mm512_and_si512(U2, c0f),

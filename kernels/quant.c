@@ -1464,8 +1464,7 @@ static float dot_q3_K_scalar(int64_t n, const void *vw, const void *vx)
     return s;
 }
 
-/* Unpack a Q4_K block's 8 scales (out[0..7]) and 8 mins (out[8..15]). */
-static inline void q4_K_scales_mins(const uint8_t *packed, uint8_t out[16])
+void tsr_q4_K_scales_mins(const uint8_t *packed, uint8_t out[16])
 {
     uint32_t u[4];
     memcpy(u, packed, 12);
@@ -1489,7 +1488,7 @@ static float dot_q4_K_scalar(int64_t n, const void *vw, const void *vx)
     float sumf = 0, summf = 0;
     for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
         uint8_t sm[16];
-        q4_K_scales_mins(w[i].scales, sm);
+        tsr_q4_K_scales_mins(w[i].scales, sm);
         int32_t sumi = 0, summ = 0;
         for (int g = 0; g < 8; ++g) {
             const uint8_t *q = w[i].qs + 32 * (g / 2);
@@ -1513,7 +1512,7 @@ static float dot_q5_K_scalar(int64_t n, const void *vw, const void *vx)
     float s = 0;
     for (int64_t i = 0; i < n / TSR_QK_K; ++i) {
         uint8_t sm[16];
-        q4_K_scales_mins(w[i].scales, sm);
+        tsr_q4_K_scales_mins(w[i].scales, sm);
         int32_t sumi = 0, summ = 0;
         for (int g = 0; g < 8; ++g) {
             const uint8_t *q = w[i].qs + 32 * (g / 2);
@@ -2299,7 +2298,7 @@ static const uint8_t k_q4_K_mins16[32] __attribute__((aligned(32))) = {
     8, 0x80, 9, 0x80, 10, 0x80, 11, 0x80, 12, 0x80, 13, 0x80, 14, 0x80, 15, 0x80};
 
 /* Two rows' raw block heads (row a in the low lane, b in the high) -> per lane the 8
- * scales then the 8 mins as bytes (q4_K_scales_mins). */
+ * scales then the 8 mins as bytes (tsr_q4_K_scales_mins). */
 TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
 {
     const __m256i a = _mm256_shuffle_epi8(raw, _mm256_load_si256((const __m256i *)k_q4_K_sm_a));

@@ -67,6 +67,10 @@ size_t tsr_type_block_bytes(uint32_t type);
  * type is unsupported (Q8_K has sizes, see above). */
 size_t tsr_row_bytes(uint32_t type, int64_t n);
 
+/* A Q4_K / Q5_K block's 12 packed scale bytes unpacked as ggml does: the 8 six-bit scales
+ * (out[0..7]) and 8 mins (out[8..15]). The scalar form of every Q4_K kernel's unpack. */
+void tsr_q4_K_scales_mins(const uint8_t *packed, uint8_t out[16]);
+
 /* fp16 / bf16 scalar conversions (IEEE round to nearest even, as ggml). */
 float tsr_f16_to_f32(uint16_t h);
 uint16_t tsr_f32_to_f16(float f);

@@ -1134,18 +1134,6 @@ _Static_assert(sizeof(rp_q8_K) == 292, "Q8_K block");
 /* super-block i of group row r, for any K-quant block struct */
 #define RP_KX(BLK, grp, i, r) ((const BLK *)(grp) + (size_t)(i)*TSR_REPACK_ROWS + (size_t)(r))
 
-static inline void q4_K_sm(const uint8_t *packed, uint8_t out[16])
-{
-    uint32_t u[4];
-    memcpy(u, packed, 12);
-    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
-    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-    u[2] = mins_lo;
-    u[0] &= 0x3f3f3f3fu;
-    memcpy(out, u, 16);
-}
-
 /* quant.c's dot_q4_K_scalar (ggml's repacked GEMV order) */
 static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_K *x)
 {
@@ -1153,7 +1141,7 @@ static float dot_q4_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_
     for (size_t i = 0; i < nsb; ++i) {
         const rp_q4_K *w = RP_KB(grp, i, r);
         uint8_t sm[16];
-        q4_K_sm(w->scales, sm);
+        tsr_q4_K_scales_mins(w->scales, sm);
         int32_t sumi = 0, summ = 0;
         for (int g = 0; g < 8; ++g) {
             const uint8_t *q = w->qs + 32 * (g / 2);
@@ -1209,7 +1197,7 @@ static float dot_q5_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_
     for (size_t i = 0; i < nsb; ++i) {
         const rp_q5_K *w = RP_KX(rp_q5_K, grp, i, r);
         uint8_t sm[16];
-        q4_K_sm(w->scales, sm);
+        tsr_q4_K_scales_mins(w->scales, sm);
         int32_t sumi = 0, summ = 0;
         for (int g = 0; g < 8; ++g) {
             const uint8_t *q = w->qs + 32 * (g / 2);
