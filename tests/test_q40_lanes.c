@@ -56,21 +56,6 @@ static uint8_t *make_rows(int64_t n, int64_t n_rows)
     return w;
 }
 
-/* n_tok Q8_0 activation rows (one all-zero block). */
-static uint8_t *make_acts(int64_t n, int32_t n_tok)
-{
-    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
-    uint8_t *x = tsr_test_xmalloc(tsr_row_bytes(TSR_TYPE_Q8_0, n) * (size_t)n_tok);
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng) * (t + 1);
-        if (n >= 64)
-            for (int i = 0; i < 32; i++) f[32 + i] = 0.0f;
-        tsr_quant_act_row(TSR_TYPE_Q8_0, f, x + (size_t)t * tsr_row_bytes(TSR_TYPE_Q8_0, n), n);
-    }
-    free(f);
-    return x;
-}
-
 static void test_order(void **state)
 {
     (void)state;
@@ -87,7 +72,7 @@ static void test_order(void **state)
             uint8_t *packed = tsr_test_xmalloc(tsr_q40l_bytes(n, n_out));
             assert_int_equal(tsr_q40l_repack(n, n_out, w, rb, packed), 0);
             for (int32_t n_tok = 1; n_tok <= 17; n_tok += (n == 2048 ? 4 : 1)) {
-                uint8_t *x = make_acts(n, n_tok);
+                uint8_t *x = tsr_test_q8_0_acts(&rng, n, n_tok);
                 uint8_t *prep = tsr_test_xmalloc(tsr_q80l_prep_bytes(n, n_tok));
                 for (int32_t t = 0; t < n_tok; t++)
                     tsr_q80l_prep(n, x + (size_t)t * xb,
@@ -233,18 +218,8 @@ static void test_model(void **state)
     tsr_test_model f;
     tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"), 512, 64, 2,
                         TSR_KV_F32);
-    int n_q4 = 0, n_lanes = 0;
-    for (int32_t li = 0; li < f.m->n_layer_local; li++) {
-        const tsr_layer *L = &f.m->layers[li];
-        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (int k = 0; k < 7; k++) {
-            if (lw[k]->type != TSR_TYPE_Q4_0) continue;
-            n_q4++;
-            n_lanes += lw[k]->lanes != NULL;
-            if (lw[k]->lanes && lw[k]->packed)
-                fail_msg("layer %d matrix %d: both the lanes layout and the groups", li, k);
-        }
-    }
+    int n_q4 = 0;
+    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q4_0, &n_q4);
     const int want_lanes = tsr_q40l_chosen() && tsr_model_repack_default() ? n_q4 : 0;
     if (n_q4 == 0 || n_lanes != want_lanes)
         fail_msg("synth-tiny-q4_0: expected %d of its %d Q4_0 layer matrices in the lanes layout, "
@@ -253,15 +228,8 @@ static void test_model(void **state)
     assert_int_equal(f.m->n_q40_lanes, n_lanes + (f.m->output.lanes != NULL));
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
-    const tsr_test_block *blk = NULL;
-    for (size_t i = 0; i < nb && !blk; i++) {
-        const char *p = tsr_test_block_get(&b[i], "prompt");
-        const char *m = tsr_test_block_get(&b[i], "model");
-        if (p && strcmp(p, "\"Once upon a time\"") == 0 && m &&
-            strcmp(m, "synthetic/synth-tiny-q4_0.gguf") == 0 &&
-            tsr_test_block_get(&b[i], "greedy_ids"))
-            blk = &b[i];
-    }
+    const tsr_test_block *blk = tsr_test_find_block(b, nb, "synthetic/synth-tiny-q4_0.gguf",
+                                                    "\"Once upon a time\"", "greedy_ids");
     assert_non_null(blk);
     int32_t *want, *prompt;
     const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);

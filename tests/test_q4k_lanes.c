@@ -215,18 +215,8 @@ static void test_model(void **state)
     tsr_test_model f;
     tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), 512, 64, 2,
                         TSR_KV_F32);
-    int n_qk = 0, n_lanes = 0;
-    for (int32_t li = 0; li < f.m->n_layer_local; li++) {
-        const tsr_layer *L = &f.m->layers[li];
-        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (int k = 0; k < 7; k++) {
-            if (lw[k]->type != TSR_TYPE_Q4_K) continue;
-            n_qk++;
-            n_lanes += lw[k]->lanes != NULL;
-            if (lw[k]->lanes && lw[k]->packed)
-                fail_msg("layer %d matrix %d: both the lanes layout and the groups", li, k);
-        }
-    }
+    int n_qk = 0;
+    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q4_K, &n_qk);
     const int want_lanes = tsr_q4kl_chosen() && tsr_model_repack_default() ? n_qk : 0;
     if (n_qk == 0 || n_lanes != want_lanes)
         fail_msg("synth-tiny-q4_k_m: expected %d of its %d Q4_K layer matrices in the lanes "
@@ -235,15 +225,8 @@ static void test_model(void **state)
     assert_int_equal(f.m->n_q4k_lanes, n_lanes + (f.m->output.lanes != NULL));
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
-    const tsr_test_block *blk = NULL;
-    for (size_t i = 0; i < nb && !blk; i++) {
-        const char *p = tsr_test_block_get(&b[i], "prompt");
-        const char *m = tsr_test_block_get(&b[i], "model");
-        if (p && strcmp(p, "\"Once upon a time\"") == 0 && m &&
-            strcmp(m, "synthetic/synth-tiny-q4_k_m.gguf") == 0 &&
-            tsr_test_block_get(&b[i], "greedy_ids"))
-            blk = &b[i];
-    }
+    const tsr_test_block *blk = tsr_test_find_block(b, nb, "synthetic/synth-tiny-q4_k_m.gguf",
+                                                    "\"Once upon a time\"", "greedy_ids");
     assert_non_null(blk);
     int32_t *want, *prompt;
     const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);

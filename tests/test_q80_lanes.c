@@ -58,21 +58,6 @@ static uint8_t *make_rows(int64_t n, int64_t n_rows)
     return w;
 }
 
-/* n_tok Q8_0 activation rows (one all-zero block, one of +-127 blocks). */
-static uint8_t *make_acts(int64_t n, int32_t n_tok)
-{
-    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
-    uint8_t *x = tsr_test_xmalloc(tsr_row_bytes(TSR_TYPE_Q8_0, n) * (size_t)n_tok);
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng) * (t + 1);
-        if (n >= 64)
-            for (int i = 0; i < 32; i++) f[32 + i] = 0.0f;
-        tsr_quant_act_row(TSR_TYPE_Q8_0, f, x + (size_t)t * tsr_row_bytes(TSR_TYPE_Q8_0, n), n);
-    }
-    free(f);
-    return x;
-}
-
 /* The lanes order spelled out over the file's blocks. */
 static float lanes_order(int64_t nb, const uint8_t *w, const uint8_t *x)
 {
@@ -118,7 +103,7 @@ static void test_order(void **state)
             uint8_t *packed = tsr_test_xmalloc(tsr_q80l_bytes(n, n_out));
             assert_int_equal(tsr_q80l_repack(n, n_out, w, rb, packed), 0);
             for (int32_t n_tok = 1; n_tok <= 17; n_tok += (n == 2048 ? 4 : 1)) {
-                uint8_t *x = make_acts(n, n_tok);
+                uint8_t *x = tsr_test_q8_0_acts(&rng, n, n_tok);
                 uint8_t *prep = tsr_test_xmalloc(tsr_q80l_prep_bytes(n, n_tok));
                 for (int32_t t = 0; t < n_tok; t++)
                     tsr_q80l_prep(n, x + (size_t)t * rb,
@@ -275,44 +260,19 @@ static void test_switch(void **state)
     assert_int_equal(tsr_q80l_repack(33, 1, NULL, 0, NULL), -1);
 }
 
-/* Every Q8_0 matrix of a model loaded with the order on carries the layout; the others and
- * a model loaded with it off do not. */
-static int count_lanes(const tsr_model *m, int *n_q8)
-{
-    int n = 0;
-    *n_q8 = 0;
-    for (int32_t li = 0; li < m->n_layer_local; li++) {
-        const tsr_layer *L = &m->layers[li];
-        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-        for (int k = 0; k < 7; k++) {
-            *n_q8 += lw[k]->type == TSR_TYPE_Q8_0;
-            n += lw[k]->lanes != NULL;
-            if (lw[k]->lanes) assert_int_equal(lw[k]->type, TSR_TYPE_Q8_0);
-        }
-    }
-    return n;
-}
-
 static void check_greedy(const char *rel, const char *expected, const char *model_key,
                          const char *prompt_key, size_t n_check)
 {
     tsr_test_model f;
     tsr_test_model_open(&f, tsr_test_model_path(rel), 512, 64, 2, TSR_KV_F32);
     int n_q8 = 0;
-    const int n_lanes = count_lanes(f.m, &n_q8);
+    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q8_0, &n_q8);
     if (n_q8 == 0 || n_lanes != n_q8)
         fail_msg("%s: expected all %d Q8_0 layer matrices in the lanes layout, got %d", rel, n_q8,
                  n_lanes);
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path(expected), &b);
-    const tsr_test_block *blk = NULL;
-    for (size_t i = 0; i < nb && !blk; i++) {
-        const char *p = tsr_test_block_get(&b[i], "prompt");
-        const char *m = tsr_test_block_get(&b[i], "model");
-        if (p && strcmp(p, prompt_key) == 0 && tsr_test_block_get(&b[i], "greedy_ids") &&
-            (!model_key || (m && strcmp(m, model_key) == 0)))
-            blk = &b[i];
-    }
+    const tsr_test_block *blk = tsr_test_find_block(b, nb, model_key, prompt_key, "greedy_ids");
     assert_non_null(blk);
     int32_t *want, *prompt;
     const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
@@ -352,7 +312,7 @@ static void test_models(void **state)
     tsr_test_model_open(&f, tsr_test_model_path("derived/stories260K-q8_0.gguf"), 512, 64, 2,
                         TSR_KV_F32);
     int n_q8 = 0;
-    assert_int_equal(count_lanes(f.m, &n_q8), 0);
+    assert_int_equal(tsr_test_count_lanes(f.m, TSR_TYPE_Q8_0, &n_q8), 0);
     tsr_test_model_close(&f);
     tsr_q80l_set(-1);
 }

@@ -1,6 +1,8 @@
 /* util.c — see util.h. */
 #include "tests/util.h"
 
+#include "kernels/quant.h"
+
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -119,6 +121,40 @@ void tsr_test_blocks_free(tsr_test_block *b, size_t n)
         free(b[i].vals);
     }
     free(b);
+}
+
+const tsr_test_block *tsr_test_find_block(const tsr_test_block *b, size_t n, const char *model,
+                                          const char *prompt, const char *key)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *p = tsr_test_block_get(&b[i], "prompt");
+        const char *m = tsr_test_block_get(&b[i], "model");
+        if (p && strcmp(p, prompt) == 0 && tsr_test_block_get(&b[i], key) &&
+            (!model || (m && strcmp(m, model) == 0)))
+            return &b[i];
+    }
+    return NULL;
+}
+
+int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
+{
+    int n = 0;
+    *n_type = 0;
+    for (int32_t li = 0; li < m->n_layer_local; li++) {
+        const tsr_layer *L = &m->layers[li];
+        const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (int k = 0; k < 7; k++) {
+            if (lw[k]->lanes && lw[k]->type != type)
+                fail_msg("layer %d matrix %d: a lanes layout on a matrix of type %u, not %u", li, k,
+                         lw[k]->type, type);
+            if (lw[k]->type != type) continue;
+            (*n_type)++;
+            n += lw[k]->lanes != NULL;
+            if (lw[k]->lanes && lw[k]->packed)
+                fail_msg("layer %d matrix %d: both the lanes layout and the groups", li, k);
+        }
+    }
+    return n;
 }
 
 const char *tsr_test_block_get(const tsr_test_block *b, const char *key)
@@ -355,6 +391,21 @@ float tsr_test_gauss(uint64_t *s)
     const double u1 = tsr_test_unit(tsr_test_xorshift64s(s)) + 1e-300;
     const double u2 = tsr_test_unit(tsr_test_xorshift64s(s));
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok)
+{
+    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
+    const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
+    uint8_t *x = tsr_test_xmalloc(rb * (size_t)n_tok);
+    for (int32_t t = 0; t < n_tok; t++) {
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(s) * (t + 1);
+        if (n >= 64)
+            for (int i = 0; i < 32; i++) f[32 + i] = 0.0f;
+        tsr_quant_act_row(TSR_TYPE_Q8_0, f, x + (size_t)t * rb, n);
+    }
+    free(f);
+    return x;
 }
 
 uint32_t tsr_test_fbits(float f)

@@ -37,6 +37,15 @@ size_t tsr_test_parse_blocks(const char *path, tsr_test_block **out);
 void tsr_test_blocks_free(tsr_test_block *b, size_t n);
 /* Value of `key` in the block, or NULL. */
 const char *tsr_test_block_get(const tsr_test_block *b, const char *key);
+/* The first of b[0..n) whose "prompt" is `prompt`, whose "model" is `model` (any model when
+ * NULL) and which has `key`; NULL when none is. */
+const tsr_test_block *tsr_test_find_block(const tsr_test_block *b, size_t n, const char *model,
+                                          const char *prompt, const char *key);
+/* The lanes tests (test_q80_lanes, test_q40_lanes, test_q4k_lanes): the layer matrices of m
+ * whose type is `type` (*n_type), and how many of them carry a lanes layout (the return).
+ * Fails the current test when a matrix of another type carries one, or one of `type` carries
+ * both it and the repacked groups. */
+int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);
 /* A JSON string literal ("...") -> malloc'd UTF-8 string, NULL if malformed. */
@@ -112,6 +121,9 @@ double tsr_test_unit(uint64_t r);
 float tsr_test_frand(uint64_t *s);
 /* Standard normal from two xorshift64* draws (Box-Muller, the first draw kept off 0). */
 float tsr_test_gauss(uint64_t *s);
+/* n_tok Q8_0 activation rows of n elements (tsr_quant_act_row; malloc'd): row t is n draws
+ * of tsr_test_gauss(s) times t + 1, its second block all zero when n >= 64. */
+uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok);
 /* The bits of a float, and the float of bits (bit-identity checks print and compare them). */
 uint32_t tsr_test_fbits(float f);
 float tsr_test_ffrom(uint32_t u);

@@ -116,15 +116,22 @@ static bool lanes_of(const tsr_weight *w)
     return w->type == TSR_TYPE_Q4_0 && tsr_repack_chosen(TSR_TYPE_Q4_0) && tsr_q40l_chosen();
 }
 
+/* Bytes of one 16-row group of w's lanes layout (all three layouts hold 16 rows a group:
+ * TSR_Q80L_ROWS = TSR_Q40L_ROWS = TSR_Q4KL_ROWS). */
+static size_t lanes_group_bytes(const tsr_weight *w)
+{
+    return w->type == TSR_TYPE_Q4_0   ? tsr_q40l_group_bytes(w->n_in)
+           : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_group_bytes(w->n_in)
+                                      : tsr_q80l_group_bytes(w->n_in);
+}
+
 /* Whether repack_weight would repack (or, Q8_0, copy) w, and the bytes of its copy (0: it
  * would not). */
 static size_t repack_bytes_of(const tsr_model *m, const tsr_weight *w)
 {
     if (lanes_of(w)) {
         if (w->lanes || !w->data || w->n_out <= 0) return 0;
-        return w->type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(w->n_in, w->n_out)
-               : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(w->n_in, w->n_out)
-                                          : tsr_q80l_bytes(w->n_in, w->n_out);
+        return (size_t)((w->n_out + TSR_Q80L_ROWS - 1) / TSR_Q80L_ROWS) * lanes_group_bytes(w);
     }
     if (q8_0_in_mapping(m, w)) return (size_t)w->n_out * w->row_bytes;
     if (w->packed || !w->data || !tsr_repack_chosen(w->type) || w->n_out <= 0) return 0;
@@ -188,9 +195,6 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
     if (!bytes) return 0;
     /* a lanes layout (see the top): its own groups, instead of the copy or the groups */
     const bool lanes = lanes_of(w);
-    const size_t lanes_gb = w->type == TSR_TYPE_Q4_0   ? tsr_q40l_group_bytes(w->n_in)
-                            : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_group_bytes(w->n_in)
-                                                       : tsr_q80l_group_bytes(w->n_in);
     if (!lanes && q8_0_in_mapping(m, w)) { /* verbatim: the same rows, on huge pages */
         const uint64_t off =
             (uint64_t)((const uint8_t *)w->data - (const uint8_t *)tsr_gguf_base(m->gguf));
@@ -205,7 +209,8 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
         return 0;
     }
     const int rc =
-        lanes ? repack_rows(m, w, dst, TSR_Q80L_ROWS, lanes_gb, lanes_repack, what, err, err_len)
+        lanes ? repack_rows(m, w, dst, TSR_Q80L_ROWS, lanes_group_bytes(w), lanes_repack, what, err,
+                            err_len)
               : repack_rows(m, w, dst, TSR_REPACK_ROWS, tsr_repack_group_bytes(w->type, w->n_in),
                             tsr_repack, what, err, err_len);
     if (rc != 0) return -1;
