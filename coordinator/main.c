@@ -1131,6 +1131,7 @@ stop:;
         cJSON_AddNumberToObject(o, "q80_lanes_leader", st[0].n_q80_lanes);
         cJSON_AddNumberToObject(o, "q40_lanes_leader", st[0].n_q40_lanes);
         cJSON_AddNumberToObject(o, "q4k_lanes_leader", st[0].n_q4k_lanes);
+        cJSON_AddNumberToObject(o, "q6k_lanes_leader", st[0].n_q6k_lanes);
         if (verify_cost) {
             cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
             for (int ki = 1; ki < 5; ki++) {
@@ -1190,6 +1191,10 @@ stop:;
             printf("Q4_K layout:      lanes (AVX-512 VNNI, TSR_Q4K_LANES=0 for the groups: %d "
                    "matrices on the leader)\n",
                    st[0].n_q4k_lanes);
+        if (st[0].n_q6k_lanes > 0)
+            printf("Q6_K layout:      lanes (AVX-512 VNNI, TSR_Q6K_LANES=0 for the groups: %d "
+                   "matrices on the leader)\n",
+                   st[0].n_q6k_lanes);
         if (verify_cost) {
             printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
             for (int ki = 1; ki < 5; ki++)

@@ -41,10 +41,10 @@ const char *tsr_test_block_get(const tsr_test_block *b, const char *key);
  * NULL) and which has `key`; NULL when none is. */
 const tsr_test_block *tsr_test_find_block(const tsr_test_block *b, size_t n, const char *model,
                                           const char *prompt, const char *key);
-/* The lanes tests (test_q80_lanes, test_q40_lanes, test_q4k_lanes): the layer matrices of m
- * whose type is `type` (*n_type), and how many of them carry a lanes layout (the return).
- * Fails the current test when a matrix of another type carries one, or one of `type` carries
- * both it and the repacked groups. */
+/* The lanes tests (test_q80_lanes, test_q40_lanes, test_q4k_lanes, test_q6k_lanes): the layer
+ * matrices of m whose type is `type` (*n_type), and how many of them carry a lanes layout (the
+ * return). Fails the current test when a matrix of a type without a lanes layout (not Q8_0,
+ * Q4_0, Q4_K, Q6_K) carries one, or one of `type` carries both it and the repacked groups. */
 int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);

@@ -1,0 +1,279 @@
+/*
+ * test_q6k_lanes.c — kernels/q6k_lanes: Q6_K matrices in the lanes layout (AVX-512 VNNI).
+ *
+ * - The kernels (AVX-512 VNNI where this CPU has it, and scalar) give, bit for bit, Q6_K's one
+ *   order over the file layout (kernels/quant.c's Q6_K row dot, tsr_vec_dot), for 1..17
+ *   tokens (tiles of up to 8, uneven splits), rows 1, 15, 16, 17, 40 (partial groups, masked
+ *   stores), row starts 0 and 16, 1 and 8 super-blocks. Weights are random bytes (every 6-bit
+ *   quant, scales of either sign, -128 included).
+ * - The matmul (kernels/ops.c) over a weight carrying the layout gives the same bits as over
+ *   the file layout and over the repacked groups, for 1..17 tokens at once or one at a time,
+ *   alone and in tsr_matmul_multi beside a Q4_K weight, on 1, 2 and 3 threads.
+ * - tsr_q6kl_chosen follows the CPU; a model loaded on such a CPU carries the layout on every
+ *   Q6_K matrix (and not the groups) and keeps synth-tiny-q4_k_m's greedy reference.
+ * A failure prints the case, what was expected and what came.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/dot_ggml.h"
+#include "kernels/ops.h"
+#include "kernels/q4k_lanes.h"
+#include "kernels/q6k_lanes.h"
+#include "kernels/quant.h"
+#include "kernels/repack.h"
+#include "tests/util.h"
+#include "worker/model.h"
+
+enum { BLK = 210, BLK4 = 144 };
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+static const float k_scales[] = {6.0e-8f, 1.0e-4f, 0.0123f, 0.5f, 3.0f, -0.25f};
+
+/* n_rows Q6_K rows of n elements: random bytes (ql, qh, scales; every 8th super-block has a
+ * scale of -128), fp16 d from a spread of scales. */
+static uint8_t *make_rows(int64_t n, int64_t n_rows)
+{
+    const int64_t nsb = n / 256;
+    uint8_t *w = tsr_test_xmalloc((size_t)(nsb * n_rows) * BLK);
+    for (int64_t i = 0; i < nsb * n_rows; i++) {
+        uint8_t *b = w + (size_t)i * BLK;
+        for (int e = 0; e < 208; e++) b[e] = (uint8_t)(tsr_test_xorshift64(&rng) >> 19);
+        if (i % 8 == 3) b[192 + i % 16] = 0x80;
+        const uint16_t hd = tsr_f32_to_f16(k_scales[tsr_test_xorshift64(&rng) % 6]);
+        memcpy(b + 208, &hd, 2);
+    }
+    return w;
+}
+
+/* n_rows Q4_K rows (for the matmul beside Q6_K). */
+static uint8_t *make_rows_q4k(int64_t n, int64_t n_rows)
+{
+    const int64_t nsb = n / 256;
+    uint8_t *w = tsr_test_xmalloc((size_t)(nsb * n_rows) * BLK4);
+    for (int64_t i = 0; i < nsb * n_rows; i++) {
+        uint8_t *b = w + (size_t)i * BLK4;
+        for (int e = 4; e < BLK4; e++) b[e] = (uint8_t)(tsr_test_xorshift64(&rng) >> 19);
+        const uint16_t hd = tsr_f32_to_f16(k_scales[tsr_test_xorshift64(&rng) % 6]);
+        const uint16_t hm = tsr_f32_to_f16(k_scales[tsr_test_xorshift64(&rng) % 6]);
+        memcpy(b, &hd, 2);
+        memcpy(b + 2, &hm, 2);
+    }
+    return w;
+}
+
+/* n_tok Q8_K activation rows. */
+static uint8_t *make_acts(int64_t n, int32_t n_tok)
+{
+    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
+    const size_t xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
+    uint8_t *x = tsr_test_xmalloc(xb * (size_t)n_tok);
+    for (int32_t t = 0; t < n_tok; t++) {
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng) * (t + 1);
+        tsr_quant_act_row(TSR_TYPE_Q8_K, f, x + (size_t)t * xb, n);
+    }
+    free(f);
+    return x;
+}
+
+static void test_order(void **state)
+{
+    (void)state;
+    static const int64_t ns[] = {256, 2048};
+    static const int64_t rows[] = {1, 15, 16, 17, 40};
+    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
+    int n_cases = 0;
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const int64_t n = ns[ni];
+        const size_t rb = tsr_row_bytes(TSR_TYPE_Q6_K, n), xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
+        for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
+            const int64_t n_out = rows[ri];
+            uint8_t *w = make_rows(n, n_out);
+            uint8_t *packed = tsr_test_xmalloc(tsr_q6kl_bytes(n, n_out));
+            assert_int_equal(tsr_q6kl_repack(n, n_out, w, rb, packed), 0);
+            for (int32_t n_tok = 1; n_tok <= 17; n_tok++) {
+                uint8_t *x = make_acts(n, n_tok);
+                const size_t ny = (size_t)(n_out * n_tok);
+                float *want = tsr_test_xmalloc(sizeof(float) * ny),
+                      *y = tsr_test_xmalloc(sizeof(float) * ny);
+                for (int32_t t = 0; t < n_tok; t++)
+                    for (int64_t r = 0; r < n_out; r++)
+                        want[(size_t)t * n_out + r] =
+                            tsr_vec_dot(TSR_TYPE_Q6_K, n, w + (size_t)r * rb, x + (size_t)t * xb);
+                for (int isa = 0; isa < 2; isa++) {
+                    if (isa == 1 && !vnni) continue;
+                    const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+                    for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
+                        memset(y, 0xff, sizeof(float) * ny);
+                        tsr_q6kl_dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0,
+                                     (size_t)n_out);
+                        for (int32_t t = 0; t < n_tok; t++)
+                            for (int64_t r = r0; r < n_out; r++) {
+                                const float e = want[(size_t)t * n_out + r];
+                                const float got = y[(size_t)t * n_out + r];
+                                if (tsr_test_fbits(e) != tsr_test_fbits(got))
+                                    fail_msg("n %lld rows %lld from %lld, %d tokens, %s: row %lld "
+                                             "token %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
+                                             (long long)n, (long long)n_out, (long long)r0, n_tok,
+                                             isa ? "avx512vnni" : "scalar", (long long)r, t, e,
+                                             tsr_test_fbits(e), got, tsr_test_fbits(got));
+                            }
+                        n_cases++;
+                    }
+                }
+                free(y);
+                free(want);
+                free(x);
+            }
+            free(packed);
+            free(w);
+        }
+    }
+    printf("Q6_K lanes: %d cases bit for bit with the row dot (%s)\n", n_cases,
+           vnni ? "avx512vnni and scalar" : "scalar only: no AVX-512 VNNI here");
+}
+
+/* The matmul over w.lanes = over the file layout = over the groups, alone and beside a Q4_K
+ * weight (one Q8_K conversion for both). */
+static void test_matmul(void **state)
+{
+    (void)state;
+    const int64_t n = 512, n_out = 72, n_out4 = 40;
+    const size_t rb = tsr_row_bytes(TSR_TYPE_Q6_K, n), rb4 = tsr_row_bytes(TSR_TYPE_Q4_K, n);
+    uint8_t *wd = make_rows(n, n_out), *wd4 = make_rows_q4k(n, n_out4);
+    void *lanes = tsr_test_xmalloc(tsr_q6kl_bytes(n, n_out));
+    assert_int_equal(tsr_q6kl_repack(n, n_out, wd, rb, lanes), 0);
+    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q6_K, n, n_out));
+    assert_int_equal(tsr_repack(TSR_TYPE_Q6_K, n, n_out, wd, rb, groups), 0);
+    tsr_weight wf = {.type = TSR_TYPE_Q6_K, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
+    tsr_weight wl = wf, wg = wf;
+    wl.lanes = lanes;
+    wg.data = NULL;
+    wg.packed = groups;
+    const tsr_weight w4 = {
+        .type = TSR_TYPE_Q4_K, .n_in = n, .n_out = n_out4, .row_bytes = rb4, .data = wd4};
+    const int32_t max_tok = 17;
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
+    for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
+    /* one token at a time, one thread, the file layout: the reference */
+    float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
+    float *ref4 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out4 * max_tok));
+    tsr_pool *p1 = tsr_pool_new(1);
+    assert_non_null(p1);
+    const tsr_weight *w2[2] = {&wf, &w4};
+    void *sc = tsr_test_xmalloc(tsr_matmul_multi_scratch_bytes(w2, 2, max_tok) + 64);
+    for (int32_t t = 0; t < max_tok; t++) {
+        float *ys[2] = {ref + (size_t)t * n_out, ref4 + (size_t)t * n_out4};
+        tsr_matmul_multi(p1, w2, ys, 2, x + (size_t)t * n, 1, sc);
+    }
+    float *got = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
+    float *got4 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out4 * max_tok));
+    char what[200];
+    for (int nth = 1; nth <= 3; nth++) {
+        tsr_pool *p = tsr_pool_new(nth);
+        assert_non_null(p);
+        for (int32_t n_tok = 1; n_tok <= max_tok; n_tok++) {
+            const tsr_weight *lay[3] = {&wl, &wg, &wf};
+            static const char *const names[3] = {"lanes", "groups", "file layout"};
+            for (int li = 0; li < 3; li++) {
+                for (int with4 = 0; with4 < 2; with4++) {
+                    const tsr_weight *ws[2] = {lay[li], &w4};
+                    float *ys[2] = {got, got4};
+                    memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
+                    tsr_matmul_multi(p, ws, ys, 1 + with4, x, n_tok, sc);
+                    snprintf(what, sizeof what, "Q6_K matmul (%s%s), %d tokens, %d threads",
+                             names[li], with4 ? ", beside Q4_K" : "", n_tok, nth);
+                    tsr_test_check_same(what, ref, got, (size_t)(n_out * n_tok));
+                    if (with4) {
+                        snprintf(what, sizeof what, "Q4_K beside Q6_K (%s), %d tokens, %d threads",
+                                 names[li], n_tok, nth);
+                        tsr_test_check_same(what, ref4, got4, (size_t)(n_out4 * n_tok));
+                    }
+                }
+            }
+        }
+        tsr_pool_free(p);
+    }
+    tsr_pool_free(p1);
+    free(got4);
+    free(got);
+    free(ref4);
+    free(ref);
+    free(sc);
+    free(x);
+    free(groups);
+    free(lanes);
+    free(wd4);
+    free(wd);
+}
+
+static void test_api(void **state)
+{
+    (void)state;
+    const char *e = getenv("TSR_Q6K_LANES");
+    const bool off = e && strcmp(e, "0") == 0;
+    assert_int_equal(tsr_q6kl_chosen(), tsr_ggml_isa() == TSR_GGML_VNNI && !off);
+    assert_int_equal(tsr_q6kl_repack(255, 1, NULL, 0, NULL), -1);
+    assert_int_equal(tsr_q6kl_group_bytes(2048), 8 * 3392);
+    assert_int_equal(tsr_q6kl_bytes(2048, 17), 2 * 8 * 3392);
+    assert_int_equal(tsr_q6kl_bytes(2048, 0), 0);
+}
+
+/* A model loaded here carries the layout on every Q6_K matrix (on a CPU with AVX-512 VNNI;
+ * elsewhere the groups) and keeps its greedy reference. */
+static void test_model(void **state)
+{
+    (void)state;
+    tsr_test_model f;
+    tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), 512, 64, 2,
+                        TSR_KV_F32);
+    int n_q6 = 0;
+    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q6_K, &n_q6);
+    const int want_lanes = tsr_q6kl_chosen() && tsr_model_repack_default() ? n_q6 : 0;
+    if (n_q6 == 0 || n_lanes != want_lanes)
+        fail_msg("synth-tiny-q4_k_m: expected %d of its %d Q6_K layer matrices in the lanes "
+                 "layout, got %d",
+                 want_lanes, n_q6, n_lanes);
+    assert_int_equal(f.m->n_q6k_lanes,
+                     n_lanes + (f.m->output.lanes != NULL && f.m->output.type == TSR_TYPE_Q6_K));
+    tsr_test_block *b;
+    size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
+    const tsr_test_block *blk = tsr_test_find_block(b, nb, "synthetic/synth-tiny-q4_k_m.gguf",
+                                                    "\"Once upon a time\"", "greedy_ids");
+    assert_non_null(blk);
+    int32_t *want, *prompt;
+    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
+    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
+    const size_t n_check = n_want < 32 ? n_want : 32;
+    int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
+    tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);
+    tsr_test_check_ids("synth-tiny-q4_k_m (Q6_K lanes), greedy", want, got, n_check);
+    printf("synth-tiny-q4_k_m: %d of %d Q6_K layer matrices in the lanes layout, %zu greedy ids "
+           "as expected\n",
+           n_lanes, n_q6, n_check);
+    free(got);
+    free(prompt);
+    free(want);
+    tsr_test_blocks_free(b, nb);
+    tsr_test_model_close(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_order),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_api),
+        cmocka_unit_test(test_model),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
