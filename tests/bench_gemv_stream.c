@@ -1,6 +1,7 @@
 /*
  * bench_gemv_stream.c — the one-token GEMVs of the repacked Q4_0, Q4_K and Q6_K groups
- * (kernels/q40_gemm.c, quant.c's 4-row group GEMV) streaming from memory, against a plain
+ * (kernels/q40_gemm.c, quant.c's 4-row group GEMV) and of their lanes layouts
+ * (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h) streaming from memory, against a plain
  * read of the same bytes, measured interleaved in one run.
  *
  * The weights are a 1B layer's matrices (q 2048x2048, k/v 512x2048, o 2048x2048,
@@ -24,8 +25,9 @@
  * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
  *   cmake --build build --target bench_gemv_stream && uptime &&
  *   flock /work/bench.lock build/tests/bench_gemv_stream
- * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q6_k selects types (q4_0l: Q4_0 in the lanes layout of
- * kernels/q40_lanes.h, which AVX-512 VNNI CPUs load instead of the groups; only there);
+ * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q6_k,q6_kl selects types (a name is selected when
+ * it contains one of the list's: q4_0 selects q4_0l too; q4_0l, q4_kl, q6_kl: the lanes
+ * layouts that AVX-512 VNNI CPUs load instead of the groups; only there);
  * TSR_BENCH_THREADS=n the pool size.
  */
 #include <stdint.h>
@@ -39,6 +41,8 @@
 #include "kernels/dot_ggml.h"
 #include "kernels/pool.h"
 #include "kernels/q40_lanes.h"
+#include "kernels/q4k_lanes.h"
+#include "kernels/q6k_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 #include "tests/bench.h"
@@ -69,11 +73,27 @@ static int selected(const char *name)
     return !list || !*list || strstr(list, name) != NULL;
 }
 
-/* lanes: the Q4_0 lanes layout (kernels/q40_lanes.h, what AVX-512 VNNI CPUs load) instead
- * of the groups */
+/* lanes: the type's lanes layout (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h: what AVX-512
+ * VNNI CPUs load) instead of the groups */
 static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
 {
-    return lanes ? tsr_q40l_bytes(n, rows) : tsr_repack_bytes(type, n, rows);
+    if (!lanes) return tsr_repack_bytes(type, n, rows);
+    return type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(n, rows)
+           : type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(n, rows)
+                                   : tsr_q6kl_bytes(n, rows);
+}
+
+static void mat_repack(uint32_t type, bool lanes, int64_t n, int64_t rows, const void *src,
+                       size_t rb, void *dst)
+{
+    if (!lanes)
+        tsr_repack(type, n, rows, src, rb, dst);
+    else if (type == TSR_TYPE_Q4_0)
+        tsr_q40l_repack(n, rows, src, rb, dst);
+    else if (type == TSR_TYPE_Q4_K)
+        tsr_q4kl_repack(n, rows, src, rb, dst);
+    else
+        tsr_q6kl_repack(n, rows, src, rb, dst);
 }
 
 static void bench_type(tsr_pool *pool, uint32_t type, bool lanes, const char *name, size_t want)
@@ -120,10 +140,7 @@ static void bench_type(tsr_pool *pool, uint32_t type, bool lanes, const char *na
             memcpy(src + (size_t)r * rb, src + (size_t)(r % 64) * rb, rb);
         for (int l = 0; l < n_layers; l++) {
             uint8_t *dst = arena + (size_t)l * layer + off;
-            if (lanes)
-                tsr_q40l_repack(n, rows, src, rb, dst);
-            else
-                tsr_repack(type, n, rows, src, rb, dst);
+            mat_repack(type, lanes, n, rows, src, rb, dst);
             w[l][m] = (tsr_weight){.type = type,
                                    .n_in = n,
                                    .n_out = rows,
@@ -188,14 +205,18 @@ int main(void)
     const size_t want = (size_t)(mbs && atof(mbs) > 0 ? atof(mbs) : 1024.0) * (1 << 20);
     const char *ths = getenv("TSR_BENCH_THREADS");
     tsr_pool *pool = tsr_pool_new(ths && atoi(ths) > 0 ? atoi(ths) : 2);
-    printf("one-token GEMV of the repacked groups, 1B layer matrices, %d threads, ISA %s; "
+    printf("one-token GEMV of the repacked layouts, 1B layer matrices, %d threads, ISA %s; "
            "medians of %d interleaved passes\n",
            tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
     if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, false, "q4_0", want);
     if (selected("q4_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q4_0, true, "q4_0l", want);
     if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
+    if (selected("q4_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
+        bench_type(pool, TSR_TYPE_Q4_K, true, "q4_kl", want);
     if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, false, "q6_k", want);
+    if (selected("q6_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
+        bench_type(pool, TSR_TYPE_Q6_K, true, "q6_kl", want);
     tsr_pool_free(pool);
     return 0;
 }

@@ -215,38 +215,8 @@ static void test_api(void **state)
 static void test_model(void **state)
 {
     (void)state;
-    tsr_test_model f;
-    tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_0.gguf"), 512, 64, 2,
-                        TSR_KV_F32);
-    int n_q4 = 0;
-    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q4_0, &n_q4);
-    const int want_lanes = tsr_q40l_chosen() && tsr_model_repack_default() ? n_q4 : 0;
-    if (n_q4 == 0 || n_lanes != want_lanes)
-        fail_msg("synth-tiny-q4_0: expected %d of its %d Q4_0 layer matrices in the lanes layout, "
-                 "got %d",
-                 want_lanes, n_q4, n_lanes);
-    assert_int_equal(f.m->n_q40_lanes,
-                     n_lanes + (f.m->output.lanes != NULL && f.m->output.type == TSR_TYPE_Q4_0));
-    tsr_test_block *b;
-    size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
-    const tsr_test_block *blk = tsr_test_find_block(b, nb, "synthetic/synth-tiny-q4_0.gguf",
-                                                    "\"Once upon a time\"", "greedy_ids");
-    assert_non_null(blk);
-    int32_t *want, *prompt;
-    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
-    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
-    const size_t n_check = n_want < 32 ? n_want : 32;
-    int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
-    tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);
-    tsr_test_check_ids("synth-tiny-q4_0 (Q4_0 lanes), greedy", want, got, n_check);
-    printf("synth-tiny-q4_0: %d of %d Q4_0 layer matrices in the lanes layout, %zu greedy ids as "
-           "expected\n",
-           n_lanes, n_q4, n_check);
-    free(got);
-    free(prompt);
-    free(want);
-    tsr_test_blocks_free(b, nb);
-    tsr_test_model_close(&f);
+    tsr_test_lanes_model("synthetic/synth-tiny-q4_0.gguf", TSR_TYPE_Q4_0, tsr_q40l_chosen(),
+                         offsetof(tsr_model, n_q40_lanes));
 }
 
 int main(void)

@@ -38,37 +38,6 @@ enum { BLK = 144 };
 
 static uint64_t rng = 0xD1B54A32D192ED03ull;
 
-/* n_rows Q4_K rows of n elements: random bytes, fp16 d and dmin from a spread of scales. */
-static uint8_t *make_rows(int64_t n, int64_t n_rows)
-{
-    const int64_t nsb = n / 256;
-    uint8_t *w = tsr_test_xmalloc((size_t)(nsb * n_rows) * BLK);
-    static const float scales[] = {6.0e-8f, 1.0e-4f, 0.0123f, 0.5f, 3.0f, -0.25f};
-    for (int64_t i = 0; i < nsb * n_rows; i++) {
-        uint8_t *b = w + (size_t)i * BLK;
-        for (int e = 4; e < BLK; e++) b[e] = (uint8_t)(tsr_test_xorshift64(&rng) >> 19);
-        const uint16_t hd = tsr_f32_to_f16(scales[tsr_test_xorshift64(&rng) % 6]);
-        const uint16_t hm = tsr_f32_to_f16(scales[tsr_test_xorshift64(&rng) % 6]);
-        memcpy(b, &hd, 2);
-        memcpy(b + 2, &hm, 2);
-    }
-    return w;
-}
-
-/* n_tok Q8_K activation rows. */
-static uint8_t *make_acts(int64_t n, int32_t n_tok)
-{
-    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
-    const size_t xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
-    uint8_t *x = tsr_test_xmalloc(xb * (size_t)n_tok);
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng) * (t + 1);
-        tsr_quant_act_row(TSR_TYPE_Q8_K, f, x + (size_t)t * xb, n);
-    }
-    free(f);
-    return x;
-}
-
 static void test_order(void **state)
 {
     (void)state;
@@ -81,11 +50,11 @@ static void test_order(void **state)
         const size_t rb = tsr_row_bytes(TSR_TYPE_Q4_K, n), xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
         for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
             const int64_t n_out = rows[ri];
-            uint8_t *w = make_rows(n, n_out);
+            uint8_t *w = tsr_test_q4_K_rows(&rng, n, n_out);
             uint8_t *packed = tsr_test_xmalloc(tsr_q4kl_bytes(n, n_out));
             assert_int_equal(tsr_q4kl_repack(n, n_out, w, rb, packed), 0);
             for (int32_t n_tok = 1; n_tok <= 9; n_tok++) {
-                uint8_t *x = make_acts(n, n_tok);
+                uint8_t *x = tsr_test_q8_K_acts(&rng, n, n_tok);
                 const size_t ny = (size_t)(n_out * n_tok);
                 float *want[2], *y = tsr_test_xmalloc(sizeof(float) * ny);
                 for (int g = 0; g < 2; g++) want[g] = tsr_test_xmalloc(sizeof(float) * ny);
@@ -139,7 +108,7 @@ static void test_matmul(void **state)
     (void)state;
     const int64_t n = 512, n_out = 72;
     const size_t rb = tsr_row_bytes(TSR_TYPE_Q4_K, n);
-    uint8_t *wd = make_rows(n, n_out);
+    uint8_t *wd = tsr_test_q4_K_rows(&rng, n, n_out);
     void *lanes = tsr_test_xmalloc(tsr_q4kl_bytes(n, n_out));
     assert_int_equal(tsr_q4kl_repack(n, n_out, wd, rb, lanes), 0);
     void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q4_K, n, n_out));
@@ -212,38 +181,8 @@ static void test_api(void **state)
 static void test_model(void **state)
 {
     (void)state;
-    tsr_test_model f;
-    tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), 512, 64, 2,
-                        TSR_KV_F32);
-    int n_qk = 0;
-    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q4_K, &n_qk);
-    const int want_lanes = tsr_q4kl_chosen() && tsr_model_repack_default() ? n_qk : 0;
-    if (n_qk == 0 || n_lanes != want_lanes)
-        fail_msg("synth-tiny-q4_k_m: expected %d of its %d Q4_K layer matrices in the lanes "
-                 "layout, got %d",
-                 want_lanes, n_qk, n_lanes);
-    assert_int_equal(f.m->n_q4k_lanes,
-                     n_lanes + (f.m->output.lanes != NULL && f.m->output.type == TSR_TYPE_Q4_K));
-    tsr_test_block *b;
-    size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
-    const tsr_test_block *blk = tsr_test_find_block(b, nb, "synthetic/synth-tiny-q4_k_m.gguf",
-                                                    "\"Once upon a time\"", "greedy_ids");
-    assert_non_null(blk);
-    int32_t *want, *prompt;
-    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
-    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
-    const size_t n_check = n_want < 32 ? n_want : 32;
-    int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
-    tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);
-    tsr_test_check_ids("synth-tiny-q4_k_m (Q4_K lanes), greedy", want, got, n_check);
-    printf("synth-tiny-q4_k_m: %d of %d Q4_K layer matrices in the lanes layout, %zu greedy ids "
-           "as expected\n",
-           n_lanes, n_qk, n_check);
-    free(got);
-    free(prompt);
-    free(want);
-    tsr_test_blocks_free(b, nb);
-    tsr_test_model_close(&f);
+    tsr_test_lanes_model("synthetic/synth-tiny-q4_k_m.gguf", TSR_TYPE_Q4_K, tsr_q4kl_chosen(),
+                         offsetof(tsr_model, n_q4k_lanes));
 }
 
 int main(void)

@@ -33,7 +33,7 @@
 #include "tests/util.h"
 #include "worker/model.h"
 
-enum { BLK = 210, BLK4 = 144 };
+enum { BLK = 210 };
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 
@@ -55,36 +55,6 @@ static uint8_t *make_rows(int64_t n, int64_t n_rows)
     return w;
 }
 
-/* n_rows Q4_K rows (for the matmul beside Q6_K). */
-static uint8_t *make_rows_q4k(int64_t n, int64_t n_rows)
-{
-    const int64_t nsb = n / 256;
-    uint8_t *w = tsr_test_xmalloc((size_t)(nsb * n_rows) * BLK4);
-    for (int64_t i = 0; i < nsb * n_rows; i++) {
-        uint8_t *b = w + (size_t)i * BLK4;
-        for (int e = 4; e < BLK4; e++) b[e] = (uint8_t)(tsr_test_xorshift64(&rng) >> 19);
-        const uint16_t hd = tsr_f32_to_f16(k_scales[tsr_test_xorshift64(&rng) % 6]);
-        const uint16_t hm = tsr_f32_to_f16(k_scales[tsr_test_xorshift64(&rng) % 6]);
-        memcpy(b, &hd, 2);
-        memcpy(b + 2, &hm, 2);
-    }
-    return w;
-}
-
-/* n_tok Q8_K activation rows. */
-static uint8_t *make_acts(int64_t n, int32_t n_tok)
-{
-    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
-    const size_t xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
-    uint8_t *x = tsr_test_xmalloc(xb * (size_t)n_tok);
-    for (int32_t t = 0; t < n_tok; t++) {
-        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng) * (t + 1);
-        tsr_quant_act_row(TSR_TYPE_Q8_K, f, x + (size_t)t * xb, n);
-    }
-    free(f);
-    return x;
-}
-
 static void test_order(void **state)
 {
     (void)state;
@@ -101,7 +71,7 @@ static void test_order(void **state)
             uint8_t *packed = tsr_test_xmalloc(tsr_q6kl_bytes(n, n_out));
             assert_int_equal(tsr_q6kl_repack(n, n_out, w, rb, packed), 0);
             for (int32_t n_tok = 1; n_tok <= 17; n_tok++) {
-                uint8_t *x = make_acts(n, n_tok);
+                uint8_t *x = tsr_test_q8_K_acts(&rng, n, n_tok);
                 const size_t ny = (size_t)(n_out * n_tok);
                 float *want = tsr_test_xmalloc(sizeof(float) * ny),
                       *y = tsr_test_xmalloc(sizeof(float) * ny);
@@ -149,7 +119,7 @@ static void test_matmul(void **state)
     (void)state;
     const int64_t n = 512, n_out = 72, n_out4 = 40;
     const size_t rb = tsr_row_bytes(TSR_TYPE_Q6_K, n), rb4 = tsr_row_bytes(TSR_TYPE_Q4_K, n);
-    uint8_t *wd = make_rows(n, n_out), *wd4 = make_rows_q4k(n, n_out4);
+    uint8_t *wd = make_rows(n, n_out), *wd4 = tsr_test_q4_K_rows(&rng, n, n_out4);
     void *lanes = tsr_test_xmalloc(tsr_q6kl_bytes(n, n_out));
     assert_int_equal(tsr_q6kl_repack(n, n_out, wd, rb, lanes), 0);
     void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q6_K, n, n_out));
@@ -233,38 +203,8 @@ static void test_api(void **state)
 static void test_model(void **state)
 {
     (void)state;
-    tsr_test_model f;
-    tsr_test_model_open(&f, tsr_test_model_path("synthetic/synth-tiny-q4_k_m.gguf"), 512, 64, 2,
-                        TSR_KV_F32);
-    int n_q6 = 0;
-    const int n_lanes = tsr_test_count_lanes(f.m, TSR_TYPE_Q6_K, &n_q6);
-    const int want_lanes = tsr_q6kl_chosen() && tsr_model_repack_default() ? n_q6 : 0;
-    if (n_q6 == 0 || n_lanes != want_lanes)
-        fail_msg("synth-tiny-q4_k_m: expected %d of its %d Q6_K layer matrices in the lanes "
-                 "layout, got %d",
-                 want_lanes, n_q6, n_lanes);
-    assert_int_equal(f.m->n_q6k_lanes,
-                     n_lanes + (f.m->output.lanes != NULL && f.m->output.type == TSR_TYPE_Q6_K));
-    tsr_test_block *b;
-    size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
-    const tsr_test_block *blk = tsr_test_find_block(b, nb, "synthetic/synth-tiny-q4_k_m.gguf",
-                                                    "\"Once upon a time\"", "greedy_ids");
-    assert_non_null(blk);
-    int32_t *want, *prompt;
-    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
-    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
-    const size_t n_check = n_want < 32 ? n_want : 32;
-    int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
-    tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);
-    tsr_test_check_ids("synth-tiny-q4_k_m (Q6_K lanes), greedy", want, got, n_check);
-    printf("synth-tiny-q4_k_m: %d of %d Q6_K layer matrices in the lanes layout, %zu greedy ids "
-           "as expected\n",
-           n_lanes, n_q6, n_check);
-    free(got);
-    free(prompt);
-    free(want);
-    tsr_test_blocks_free(b, nb);
-    tsr_test_model_close(&f);
+    tsr_test_lanes_model("synthetic/synth-tiny-q4_k_m.gguf", TSR_TYPE_Q6_K, tsr_q6kl_chosen(),
+                         offsetof(tsr_model, n_q6k_lanes));
 }
 
 int main(void)

@@ -159,6 +159,46 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
     return n;
 }
 
+void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t tally_offset)
+{
+    const char *tn = tsr_type_name(type);
+    tsr_test_model f;
+    tsr_test_model_open(&f, tsr_test_model_path(rel), 512, 64, 2, TSR_KV_F32);
+    int n_type = 0;
+    const int n_lanes = tsr_test_count_lanes(f.m, type, &n_type);
+    const int want_lanes = chosen && tsr_model_repack_default() ? n_type : 0;
+    if (n_type == 0 || n_lanes != want_lanes)
+        fail_msg("%s: expected %d of its %d %s layer matrices in the lanes layout, got %d", rel,
+                 want_lanes, n_type, tn, n_lanes);
+    int32_t tally;
+    memcpy(&tally, (const char *)f.m + tally_offset, sizeof tally);
+    const int want_tally = n_lanes + (f.m->output.lanes != NULL && f.m->output.type == type);
+    if (tally != want_tally)
+        fail_msg("%s: the model counts %d %s matrices in the lanes layout, expected %d", rel,
+                 (int)tally, tn, want_tally);
+    tsr_test_block *b;
+    size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
+    const tsr_test_block *blk =
+        tsr_test_find_block(b, nb, rel, "\"Once upon a time\"", "greedy_ids");
+    if (!blk) fail_msg("%s: no greedy reference in expected/synth-tiny-expected.txt", rel);
+    int32_t *want, *prompt;
+    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
+    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
+    const size_t n_check = n_want < 32 ? n_want : 32;
+    int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
+    tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);
+    char what[256];
+    snprintf(what, sizeof what, "%s (%s lanes), greedy", rel, tn);
+    tsr_test_check_ids(what, want, got, n_check);
+    printf("%s: %d of %d %s layer matrices in the lanes layout, %zu greedy ids as expected\n", rel,
+           n_lanes, n_type, tn, n_check);
+    free(got);
+    free(prompt);
+    free(want);
+    tsr_test_blocks_free(b, nb);
+    tsr_test_model_close(&f);
+}
+
 const char *tsr_test_block_get(const tsr_test_block *b, const char *key)
 {
     for (size_t k = 0; k < b->n; k++)
@@ -395,19 +435,48 @@ float tsr_test_gauss(uint64_t *s)
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
-uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok)
+/* n_tok activation rows of `type` (Q8_0, Q8_K) of n gaussian draws times t + 1; zero_b1: the
+ * second 32-element block all zero */
+static uint8_t *test_acts(uint64_t *s, uint32_t type, int64_t n, int32_t n_tok, bool zero_b1)
 {
     float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
-    const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
+    const size_t rb = tsr_row_bytes(type, n);
     uint8_t *x = tsr_test_xmalloc(rb * (size_t)n_tok);
     for (int32_t t = 0; t < n_tok; t++) {
         for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(s) * (t + 1);
-        if (n >= 64)
+        if (zero_b1 && n >= 64)
             for (int i = 0; i < 32; i++) f[32 + i] = 0.0f;
-        tsr_quant_act_row(TSR_TYPE_Q8_0, f, x + (size_t)t * rb, n);
+        tsr_quant_act_row(type, f, x + (size_t)t * rb, n);
     }
     free(f);
     return x;
+}
+
+uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok)
+{
+    return test_acts(s, TSR_TYPE_Q8_0, n, n_tok, true);
+}
+
+uint8_t *tsr_test_q8_K_acts(uint64_t *s, int64_t n, int32_t n_tok)
+{
+    return test_acts(s, TSR_TYPE_Q8_K, n, n_tok, false);
+}
+
+uint8_t *tsr_test_q4_K_rows(uint64_t *s, int64_t n, int64_t n_rows)
+{
+    enum { BLK = 144 };
+    static const float scales[] = {6.0e-8f, 1.0e-4f, 0.0123f, 0.5f, 3.0f, -0.25f};
+    const int64_t nsb = n / 256;
+    uint8_t *w = tsr_test_xmalloc((size_t)(nsb * n_rows) * BLK);
+    for (int64_t i = 0; i < nsb * n_rows; i++) {
+        uint8_t *b = w + (size_t)i * BLK;
+        for (int e = 4; e < BLK; e++) b[e] = (uint8_t)(tsr_test_xorshift64(s) >> 19);
+        const uint16_t hd = tsr_f32_to_f16(scales[tsr_test_xorshift64(s) % 6]);
+        const uint16_t hm = tsr_f32_to_f16(scales[tsr_test_xorshift64(s) % 6]);
+        memcpy(b, &hd, 2);
+        memcpy(b + 2, &hm, 2);
+    }
+    return w;
 }
 
 uint32_t tsr_test_fbits(float f)

@@ -8,6 +8,7 @@
 #ifndef TSR_TEST_UTIL_H
 #define TSR_TEST_UTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -46,6 +47,14 @@ const tsr_test_block *tsr_test_find_block(const tsr_test_block *b, size_t n, con
  * return). Fails the current test when a matrix of a type without a lanes layout (not Q8_0,
  * Q4_0, Q4_K, Q6_K) carries one, or one of `type` carries both it and the repacked groups. */
 int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type);
+/* The lanes tests' model check (test_q40_lanes, test_q4k_lanes, test_q6k_lanes): loads the
+ * synthetic file `rel` (under the models folder) and fails the current test unless each of its
+ * layer matrices of `type` carries a lanes layout exactly when `chosen` (the layout's
+ * tsr_*_chosen) and the default repack hold, the model's tally of them (the int32_t field at
+ * `tally_offset` of tsr_model: offsetof(tsr_model, n_q40_lanes), ...) counts those and the
+ * head when it is of `type` and in the layout, and the greedy decode of "Once upon a time"
+ * gives the first 32 ids of expected/synth-tiny-expected.txt. */
+void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t tally_offset);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);
 /* A JSON string literal ("...") -> malloc'd UTF-8 string, NULL if malformed. */
@@ -124,6 +133,13 @@ float tsr_test_gauss(uint64_t *s);
 /* n_tok Q8_0 activation rows of n elements (tsr_quant_act_row; malloc'd): row t is n draws
  * of tsr_test_gauss(s) times t + 1, its second block all zero when n >= 64. */
 uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok);
+/* n_tok Q8_K activation rows of n elements (a multiple of 256; malloc'd): row t is n draws of
+ * tsr_test_gauss(s) times t + 1. */
+uint8_t *tsr_test_q8_K_acts(uint64_t *s, int64_t n, int32_t n_tok);
+/* n_rows Q4_K rows of n elements (malloc'd): random bytes for the scales and quants (every
+ * nibble, every 6-bit scale and min), fp16 d and dmin each one of 6.0e-8, 1.0e-4, 0.0123,
+ * 0.5, 3.0, -0.25. */
+uint8_t *tsr_test_q4_K_rows(uint64_t *s, int64_t n, int64_t n_rows);
 /* The bits of a float, and the float of bits (bit-identity checks print and compare them). */
 uint32_t tsr_test_fbits(float f);
 float tsr_test_ffrom(uint32_t u);
