@@ -15,6 +15,7 @@
 #include "kernels/util.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1510,4 +1511,15 @@ int tsr_ggml_isa(void)
     return strcmp(s, "avx512vnni") == 0 ? TSR_GGML_VNNI
            : strcmp(s, "avx2") == 0     ? TSR_GGML_AVX2
                                         : TSR_GGML_SCALAR;
+}
+
+bool tsr_ggml_vnni_chosen(const char *env, _Atomic int *cache)
+{
+    int v = atomic_load_explicit(cache, memory_order_relaxed);
+    if (v < 0) {
+        const char *e = getenv(env);
+        v = tsr_ggml_isa() == TSR_GGML_VNNI && !(e && strcmp(e, "0") == 0);
+        atomic_store_explicit(cache, v, memory_order_relaxed);
+    }
+    return v != 0;
 }

@@ -22,6 +22,9 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "kernels/x86lanes.h"
+_Static_assert(TSR_Q40L_ROWS == TSR_LANES_ROWS, "the tile driver's groups");
 #define Q4L_X86 1
 #else
 #define Q4L_X86 0
@@ -41,13 +44,7 @@ static _Atomic int g_chosen = -1;
 
 bool tsr_q40l_chosen(void)
 {
-    int v = atomic_load_explicit(&g_chosen, memory_order_relaxed);
-    if (v < 0) {
-        const char *e = getenv("TSR_Q40_LANES");
-        v = tsr_ggml_isa() == TSR_GGML_VNNI && !(e && strcmp(e, "0") == 0);
-        atomic_store_explicit(&g_chosen, v, memory_order_relaxed);
-    }
-    return v != 0;
+    return tsr_ggml_vnni_chosen("TSR_Q40_LANES", &g_chosen);
 }
 
 size_t tsr_q40l_group_bytes(int64_t n)
@@ -187,11 +184,12 @@ static inline __attribute__((always_inline)) Q4L_VNNI void tile(const int T, int
     for (int t = 0; t < T; t++) out[t] = acc[t];
 }
 
+/* kernels/x86lanes.h's tile: x_stride in bytes, tile()'s in blocks */
 #define Q4L_TILE(T)                                                                                \
-    static Q4L_VNNI void tile##T(int64_t nb, const uint8_t *grp, const q4l_xblk *x,                \
+    static Q4L_VNNI void tile##T(int64_t nb, const uint8_t *grp, const uint8_t *x,                 \
                                  size_t x_stride, __m512 *out, bool first)                         \
     {                                                                                              \
-        tile(T, nb, grp, x, x_stride, out, first);                                                 \
+        tile(T, nb, grp, (const q4l_xblk *)x, x_stride / sizeof(q4l_xblk), out, first);            \
     }
 Q4L_TILE(1)
 Q4L_TILE(2)
@@ -202,28 +200,14 @@ Q4L_TILE(6)
 Q4L_TILE(7)
 Q4L_TILE(8)
 
-typedef void (*tile_fn)(int64_t, const uint8_t *, const q4l_xblk *, size_t, __m512 *, bool);
-static const tile_fn k_tiles[9] = {NULL, tile1, tile2, tile3, tile4, tile5, tile6, tile7, tile8};
+static const tsr_lanes_tile_fn k_tiles[9] = {NULL,  tile1, tile2, tile3, tile4,
+                                             tile5, tile6, tile7, tile8};
 
 static Q4L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows,
                               int32_t n_tok, const q4l_xblk *x, float *y, size_t y_stride)
 {
-    const size_t gb = (size_t)nb * TSR_Q40L_BLOCK_BYTES;
-    /* tiles of at most 8 tokens, as even as can be (16 -> 8 + 8, 9 -> 5 + 4) */
-    const int32_t n_tiles = (n_tok + 7) / 8;
-    for (int64_t r = 0; r < n_rows; r += TSR_Q40L_ROWS) {
-        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q40L_ROWS) * gb;
-        const int64_t nr = n_rows - r < TSR_Q40L_ROWS ? n_rows - r : TSR_Q40L_ROWS;
-        const __mmask16 m = (__mmask16)((1u << nr) - 1u);
-        for (int32_t i = 0, t0 = 0; i < n_tiles; i++) {
-            const int32_t T = (n_tok - t0 + (n_tiles - i) - 1) / (n_tiles - i);
-            __m512 out[8];
-            k_tiles[T](nb, grp, x + (size_t)t0 * (size_t)nb, (size_t)nb, out, i == 0);
-            for (int32_t t = 0; t < T; t++)
-                _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
-            t0 += T;
-        }
-    }
+    tsr_lanes_run(k_tiles, 8, nb, (size_t)nb * TSR_Q40L_BLOCK_BYTES, packed, r0, n_rows, n_tok,
+                  (const uint8_t *)x, (size_t)nb * sizeof(q4l_xblk), y, y_stride);
 }
 #endif
 

@@ -25,6 +25,9 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "kernels/x86lanes.h"
+_Static_assert(TSR_Q4KL_ROWS == TSR_LANES_ROWS, "the tile driver's groups");
 #define QKL_X86 1
 #else
 #define QKL_X86 0
@@ -38,13 +41,7 @@ static _Atomic int g_chosen = -1;
 
 bool tsr_q4kl_chosen(void)
 {
-    int v = atomic_load_explicit(&g_chosen, memory_order_relaxed);
-    if (v < 0) {
-        const char *e = getenv("TSR_Q4K_LANES");
-        v = tsr_ggml_isa() == TSR_GGML_VNNI && !(e && strcmp(e, "0") == 0);
-        atomic_store_explicit(&g_chosen, v, memory_order_relaxed);
-    }
-    return v != 0;
+    return tsr_ggml_vnni_chosen("TSR_Q4K_LANES", &g_chosen);
 }
 
 size_t tsr_q4kl_group_bytes(int64_t n)
@@ -283,29 +280,16 @@ QKL_TILE(2, true, tg2)
 QKL_TILE(3, true, tg3)
 QKL_TILE(4, true, tg4)
 
-typedef void (*tile_fn)(int64_t, const uint8_t *, const uint8_t *, size_t, __m512 *, bool);
-static const tile_fn k_tiles[2][5] = {{NULL, tv1, tv2, tv3, tv4}, {NULL, tg1, tg2, tg3, tg4}};
+static const tsr_lanes_tile_fn k_tiles[2][5] = {{NULL, tv1, tv2, tv3, tv4},
+                                                {NULL, tg1, tg2, tg3, tg4}};
 
+/* tiles of at most 4 tokens (8 spill), as even as can be (9 -> 3 + 3 + 3) */
 static QKL_VNNI void dot_vnni(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
                               int32_t n_tok, const uint8_t *x, size_t x_stride, bool gemm, float *y,
                               size_t y_stride)
 {
-    const size_t gb = (size_t)nsb * TSR_Q4KL_SB_BYTES;
-    /* tiles of at most 4 tokens, as even as can be (9 -> 3 + 3 + 3) */
-    const int32_t n_tiles = (n_tok + 3) / 4;
-    for (int64_t r = 0; r < n_rows; r += TSR_Q4KL_ROWS) {
-        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q4KL_ROWS) * gb;
-        const int64_t nr = n_rows - r < TSR_Q4KL_ROWS ? n_rows - r : TSR_Q4KL_ROWS;
-        const __mmask16 m = (__mmask16)((1u << nr) - 1u);
-        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
-            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
-            __m512 out[4];
-            k_tiles[gemm][T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out, k == 0);
-            for (int32_t t = 0; t < T; t++)
-                _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
-            t0 += T;
-        }
-    }
+    tsr_lanes_run(k_tiles[gemm], 4, nsb, (size_t)nsb * TSR_Q4KL_SB_BYTES, packed, r0, n_rows, n_tok,
+                  x, x_stride, y, y_stride);
 }
 #endif
 

@@ -24,6 +24,9 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "kernels/x86lanes.h"
+_Static_assert(TSR_Q6KL_ROWS == TSR_LANES_ROWS, "the tile driver's groups");
 #define Q6L_X86 1
 #else
 #define Q6L_X86 0
@@ -48,13 +51,7 @@ static _Atomic int g_chosen = -1;
 
 bool tsr_q6kl_chosen(void)
 {
-    int v = atomic_load_explicit(&g_chosen, memory_order_relaxed);
-    if (v < 0) {
-        const char *e = getenv("TSR_Q6K_LANES");
-        v = tsr_ggml_isa() == TSR_GGML_VNNI && !(e && strcmp(e, "0") == 0);
-        atomic_store_explicit(&g_chosen, v, memory_order_relaxed);
-    }
-    return v != 0;
+    return tsr_ggml_vnni_chosen("TSR_Q6K_LANES", &g_chosen);
 }
 
 size_t tsr_q6kl_group_bytes(int64_t n)
@@ -268,8 +265,9 @@ tile(const int T, int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t x_st
 
 #define Q6L_TILE(T, name)                                                                          \
     static Q6L_VNNI void name(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,        \
-                              __m512 *out)                                                         \
+                              __m512 *out, bool first)                                             \
     {                                                                                              \
+        (void)first;                                                                               \
         tile(T, nsb, grp, x, xs, out);                                                             \
     }
 Q6L_TILE(1, t1)
@@ -281,29 +279,14 @@ Q6L_TILE(6, t6)
 Q6L_TILE(7, t7)
 Q6L_TILE(8, t8)
 
-typedef void (*tile_fn)(int64_t, const uint8_t *, const uint8_t *, size_t, __m512 *);
-static const tile_fn k_tiles[Q6L_TMAX + 1] = {NULL, t1, t2, t3, t4, t5, t6, t7, t8};
+static const tsr_lanes_tile_fn k_tiles[Q6L_TMAX + 1] = {NULL, t1, t2, t3, t4, t5, t6, t7, t8};
 
 static Q6L_VNNI void dot_vnni(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
                               int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
                               size_t y_stride)
 {
-    const size_t gb = (size_t)nsb * TSR_Q6KL_SB_BYTES;
-    /* tiles of at most Q6L_TMAX tokens, as even as can be (9 -> 5 + 4) */
-    const int32_t n_tiles = (n_tok + Q6L_TMAX - 1) / Q6L_TMAX;
-    for (int64_t r = 0; r < n_rows; r += TSR_Q6KL_ROWS) {
-        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q6KL_ROWS) * gb;
-        const int64_t nr = n_rows - r < TSR_Q6KL_ROWS ? n_rows - r : TSR_Q6KL_ROWS;
-        const __mmask16 mk = (__mmask16)((1u << nr) - 1u);
-        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
-            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
-            __m512 out[Q6L_TMAX];
-            k_tiles[T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out);
-            for (int32_t t = 0; t < T; t++)
-                _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, mk, out[t]);
-            t0 += T;
-        }
-    }
+    tsr_lanes_run(k_tiles, Q6L_TMAX, nsb, (size_t)nsb * TSR_Q6KL_SB_BYTES, packed, r0, n_rows,
+                  n_tok, x, x_stride, y, y_stride);
 }
 #endif
 

@@ -1,0 +1,52 @@
+/* x86lanes.h — the one tile driver of the lanes layouts' AVX-512 VNNI kernels
+ * (kernels/q80_lanes.c, q40_lanes.c, q4k_lanes.c, q6k_lanes.c): 16 rows a group, each row's
+ * result in one float lane of a zmm, tokens in tiles.
+ *
+ * Why one: the four modules' tiles differ (their blocks, activations and orders), but they
+ * walk a matrix alike: a group at a time, its tokens split into tiles of at most tmax, as even
+ * as can be (so no tile is much narrower than the rest: 9 -> 5 + 4 for tmax 8, 3 + 3 + 3 for
+ * tmax 4), each tile's 16 row results stored under a mask where the group is partial. The
+ * split does not change results (every token's order is its own). Include only from x86 code
+ * (immintrin.h already included). */
+#ifndef TSR_X86LANES_H
+#define TSR_X86LANES_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TSR_LANES_ROWS 16 /* rows per group of every lanes layout */
+#define TSR_LANES_TMAX 8  /* the widest tile any of them takes */
+
+/* One tile: T tokens (T is the tile function's own) over one group `grp` of nb blocks
+ * (super-blocks), the tile's first token's activations at x, the next x_stride bytes on;
+ * out[t]: the group's 16 row results for token t. first: the group's first tile (a kernel may
+ * prefetch what the later tiles find in cache). */
+typedef void (*tsr_lanes_tile_fn)(int64_t nb, const uint8_t *grp, const uint8_t *x, size_t x_stride,
+                                  __m512 *out, bool first);
+
+/* y[t * y_stride + r] for r < n_rows, t < n_tok: rows r0.. (r0 a multiple of 16) of a lanes
+ * matrix `packed` (groups of gb bytes), tiles[T] (T = 1..tmax, tmax <= TSR_LANES_TMAX) for a
+ * tile of T tokens; x: the first token's activations, x_stride bytes apart. */
+__attribute__((target("avx512f"))) static inline void
+tsr_lanes_run(const tsr_lanes_tile_fn *tiles, int tmax, int64_t nb, size_t gb,
+              const uint8_t *packed, int64_t r0, int64_t n_rows, int32_t n_tok, const uint8_t *x,
+              size_t x_stride, float *y, size_t y_stride)
+{
+    const int32_t n_tiles = (n_tok + tmax - 1) / tmax;
+    for (int64_t r = 0; r < n_rows; r += TSR_LANES_ROWS) {
+        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_LANES_ROWS) * gb;
+        const int64_t nr = n_rows - r < TSR_LANES_ROWS ? n_rows - r : TSR_LANES_ROWS;
+        const __mmask16 m = (__mmask16)((1u << nr) - 1u);
+        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
+            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
+            __m512 out[TSR_LANES_TMAX];
+            tiles[T](nb, grp, x + (size_t)t0 * x_stride, x_stride, out, k == 0);
+            for (int32_t t = 0; t < T; t++)
+                _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
+            t0 += T;
+        }
+    }
+}
+
+#endif
