@@ -1183,18 +1183,17 @@ stop:;
         if (st[0].n_q80_lanes > 0)
             printf("Q8_0 order:       lanes (--q8-order lanes: %d matrices on the leader)\n",
                    st[0].n_q80_lanes);
-        if (st[0].n_q40_lanes > 0)
-            printf("Q4_0 layout:      lanes (AVX-512 VNNI, TSR_Q40_LANES=0 for the groups: %d "
-                   "matrices on the leader)\n",
-                   st[0].n_q40_lanes);
-        if (st[0].n_q4k_lanes > 0)
-            printf("Q4_K layout:      lanes (AVX-512 VNNI, TSR_Q4K_LANES=0 for the groups: %d "
-                   "matrices on the leader)\n",
-                   st[0].n_q4k_lanes);
-        if (st[0].n_q6k_lanes > 0)
-            printf("Q6_K layout:      lanes (AVX-512 VNNI, TSR_Q6K_LANES=0 for the groups: %d "
-                   "matrices on the leader)\n",
-                   st[0].n_q6k_lanes);
+        const struct {
+            const char *type, *env;
+            int32_t n;
+        } lay[] = {{"Q4_0", "TSR_Q40_LANES", st[0].n_q40_lanes},
+                   {"Q4_K", "TSR_Q4K_LANES", st[0].n_q4k_lanes},
+                   {"Q6_K", "TSR_Q6K_LANES", st[0].n_q6k_lanes}};
+        for (size_t i = 0; i < sizeof lay / sizeof lay[0]; i++)
+            if (lay[i].n > 0)
+                printf("%s layout:      lanes (AVX-512 VNNI, %s=0 for the groups: %d matrices on "
+                       "the leader)\n",
+                       lay[i].type, lay[i].env, lay[i].n);
         if (verify_cost) {
             printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
             for (int ki = 1; ki < 5; ki++)

@@ -21,9 +21,10 @@
 /* Batches narrower than this run token by token (see mm_run). */
 #define TILE_MIN_TOKENS 4
 
-/* Whether a weight of `type` may carry a lanes layout (kernels/q80_lanes.h for Q8_0,
- * kernels/q40_lanes.h for Q4_0), whose kernels read the lanes prep of its activations. */
-static bool lanes_type(uint32_t type)
+/* Whether a weight of `type` in a lanes layout reads the lanes prep of its activations
+ * (kernels/q80_lanes.h for Q8_0, kernels/q40_lanes.h for Q4_0; the Q4_K and Q6_K lanes
+ * kernels read the Q8_K rows as they are). */
+static bool lanes_prep_type(uint32_t type)
 {
     return type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_0;
 }
@@ -31,7 +32,7 @@ static bool lanes_type(uint32_t type)
 /* Bytes of the conversion to the dot type vt of n_tok rows of n_in, and of the Q8_0 tiles'
  * prep when a weight of the conversion is Q8_0 (kernels/dot_ggml.h: laid out once per
  * matmul, not once per row chunk), and of the lanes prep (kernels/q80_lanes.h; counted for
- * every Q8_0 and Q4_0 weight, lanes_type, so that scratch sized before the load repacks
+ * every Q8_0 and Q4_0 weight, lanes_prep_type, so that scratch sized before the load repacks
  * fits). */
 static size_t conv_bytes(uint32_t vt, int64_t n_in, int n_tok, bool q8_0, bool lanes)
 {
@@ -45,7 +46,7 @@ static size_t conv_bytes(uint32_t vt, int64_t n_in, int n_tok, bool q8_0, bool l
 size_t tsr_matmul_scratch_bytes(const tsr_weight *w, int n_tok)
 {
     return conv_bytes(tsr_type_vec_dot_type(w->type), w->n_in, n_tok, w->type == TSR_TYPE_Q8_0,
-                      lanes_type(w->type));
+                      lanes_prep_type(w->type));
 }
 
 typedef struct {
@@ -276,7 +277,7 @@ size_t tsr_matmul_multi_scratch_bytes(const tsr_weight *const *w, int n_w, int n
             if (tsr_type_vec_dot_type(w[i]->type) != vt) continue;
             seen |= i < k;
             q8_0 |= w[i]->type == TSR_TYPE_Q8_0;
-            lanes |= lanes_type(w[i]->type);
+            lanes |= lanes_prep_type(w[i]->type);
         }
         if (!seen) n_bytes += conv_bytes(vt, w[k]->n_in, n_tok, q8_0, lanes);
     }
@@ -321,7 +322,7 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
             conv_q8[cv_of[k]] = true;
             conv_ggml[cv_of[k]] |= !w[k]->lanes;
         }
-        if (cv_of[k] >= 0 && lanes_type(w[k]->type)) {
+        if (cv_of[k] >= 0 && lanes_prep_type(w[k]->type)) {
             conv_lq[cv_of[k]] = true;
             conv_lanes[cv_of[k]] |= w[k]->lanes != NULL;
         }
