@@ -216,23 +216,15 @@ QG_Z512 QG_INLINE void qz_unpack(const uint8_t *base, __m512i off, qz_sblk *s)
     const __m512i u0 = _mm512_i32gather_epi32(off, base + 4, 1);
     const __m512i u1 = _mm512_i32gather_epi32(off, base + 8, 1);
     const __m512i u2 = _mm512_i32gather_epi32(off, base + 12, 1);
-    const __m512i k3f = _mm512_set1_epi32(0x3f3f3f3f), k0f = _mm512_set1_epi32(0x0f0f0f0f);
-    const __m512i k03 = _mm512_set1_epi32(0x03030303);
-    /* get_scale_min_k4 on 16 rows at once: bytes of sc_lo = scales 0..3, sc_hi 4..7, mn_* */
-    const __m512i sc_lo = _mm512_and_si512(u0, k3f);
-    const __m512i sc_hi =
-        _mm512_or_si512(_mm512_and_si512(u2, k0f),
-                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k03), 4));
-    const __m512i mn_lo = _mm512_and_si512(u1, k3f);
-    const __m512i mn_hi =
-        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k0f),
-                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k03), 4));
+    /* get_scale_min_k4 on 16 rows at once: bytes of sc[0] = scales 0..3, sc[1] 4..7, mn[*] */
+    __m512i sc[2], mns[2];
+    tsr_q4_K_scales_mins_x16(u0, u1, u2, sc, mns);
     for (int g = 0; g < 4; g++) {
-        s->sc[g] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc_lo, 8 * g), lo8));
-        s->sc[4 + g] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc_hi, 8 * g), lo8));
+        s->sc[g] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[0], 8 * g), lo8));
+        s->sc[4 + g] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sc[1], 8 * g), lo8));
     }
     for (int h = 0; h < 2; h++) {
-        const __m512i mn = h ? mn_hi : mn_lo;
+        const __m512i mn = mns[h];
         s->mp[2 * h] =
             _mm512_or_si512(_mm512_and_si512(mn, lo8),
                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(mn, 8), lo8), 16));

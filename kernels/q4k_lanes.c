@@ -26,6 +26,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "kernels/x86kquant.h"
 #include "kernels/x86lanes.h"
 _Static_assert(TSR_Q4KL_ROWS == TSR_LANES_ROWS, "the tile driver's groups");
 #define QKL_X86 1
@@ -178,8 +179,6 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
                                                                 __m512 *out, bool first)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i c3f = _mm512_set1_epi32(0x3f3f3f3f), c0f = _mm512_set1_epi32(0x0f0f0f0f),
-                  c03 = _mm512_set1_epi32(0x03030303);
     __m512 acc[4], accm[4];
     for (int t = 0; t < T; t++) acc[t] = accm[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nsb; i++) {
@@ -189,15 +188,9 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
         const __m512i U0 = _mm512_loadu_si512(blk + OFF_U);
         const __m512i U1 = _mm512_loadu_si512(blk + OFF_U + 64);
         const __m512i U2 = _mm512_loadu_si512(blk + OFF_U + 128);
-        /* tsr_q4_K_scales_mins on 16 rows' words: SCA/SCB scales 0-3/4-7, MNA/MNB mins 0-3/4-7 */
-        const __m512i SCA = _mm512_and_si512(U0, c3f);
-        const __m512i SCB =
-            _mm512_or_si512(_mm512_and_si512(U2, c0f),
-                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(U0, 6), c03), 4));
-        const __m512i MNA = _mm512_and_si512(U1, c3f);
-        const __m512i MNB =
-            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(U2, 4), c0f),
-                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(U1, 6), c03), 4));
+        /* tsr_q4_K_scales_mins on 16 rows' words: SC[0]/SC[1] scales 0-3/4-7, MN[0]/MN[1] mins */
+        __m512i SC[2], MN[2];
+        tsr_q4_K_scales_mins_x16(U0, U1, U2, SC, MN);
         __m512 dd[4], dm[4];
         __m512i itot[4], mtot[4];
         int32_t sp[4][4]; /* [token][sb]: (sum of sub-block 2sb, of 2sb + 1) as int16s */
@@ -216,7 +209,7 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
             itot[t] = mtot[t] = _mm512_setzero_si512();
         }
         for (int s = 0; s < 4; s++) {
-            const __m512i SW = s < 2 ? SCA : SCB, MW = s < 2 ? MNA : MNB;
+            const __m512i SW = SC[s / 2], MW = MN[s / 2];
             const __m512i sc0 = _mm512_shuffle_epi8(SW, _mm512_load_si512(k_sc[s % 2][0]));
             const __m512i sc1 = _mm512_shuffle_epi8(SW, _mm512_load_si512(k_sc[s % 2][1]));
             const __m512i mnp = _mm512_shuffle_epi8(MW, _mm512_load_si512(k_mn[s % 2]));

@@ -69,4 +69,21 @@ tsr_q3_K_sc_x16(const uint8_t *packed)
     return _mm256_cvtepi8_epi16(_mm_sub_epi8(u, _mm_set1_epi8(32)));
 }
 
+/* Q4_K's 12 packed scale bytes of 16 rows at once, as the three words u0, u1, u2 of each row
+ * (bytes 0-3, 4-7, 8-11, one row a dword lane): get_scale_min_k4's word operations, leaving
+ * in each row's dword the bytes of scales 0-3 (sc[0]), scales 4-7 (sc[1]), mins 0-3 (mn[0])
+ * and mins 4-7 (mn[1]). kernels/q4k_gemm.c's gathered rows and kernels/q4k_lanes.c's layout. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+tsr_q4_K_scales_mins_x16(__m512i u0, __m512i u1, __m512i u2, __m512i sc[2], __m512i mn[2])
+{
+    const __m512i k3f = _mm512_set1_epi32(0x3f3f3f3f), k0f = _mm512_set1_epi32(0x0f0f0f0f),
+                  k03 = _mm512_set1_epi32(0x03030303);
+    sc[0] = _mm512_and_si512(u0, k3f);
+    sc[1] = _mm512_or_si512(_mm512_and_si512(u2, k0f),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k03), 4));
+    mn[0] = _mm512_and_si512(u1, k3f);
+    mn[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k0f),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k03), 4));
+}
+
 #endif
