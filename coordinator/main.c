@@ -1132,6 +1132,7 @@ stop:;
         cJSON_AddNumberToObject(o, "q40_lanes_leader", st[0].n_q40_lanes);
         cJSON_AddNumberToObject(o, "q4k_lanes_leader", st[0].n_q4k_lanes);
         cJSON_AddNumberToObject(o, "q6k_lanes_leader", st[0].n_q6k_lanes);
+        cJSON_AddNumberToObject(o, "q50_lanes_leader", st[0].n_q50_lanes);
         if (verify_cost) {
             cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
             for (int ki = 1; ki < 5; ki++) {
@@ -1188,7 +1189,8 @@ stop:;
             int32_t n;
         } lay[] = {{"Q4_0", "TSR_Q40_LANES", st[0].n_q40_lanes},
                    {"Q4_K", "TSR_Q4K_LANES", st[0].n_q4k_lanes},
-                   {"Q6_K", "TSR_Q6K_LANES", st[0].n_q6k_lanes}};
+                   {"Q6_K", "TSR_Q6K_LANES", st[0].n_q6k_lanes},
+                   {"Q5_0", "TSR_Q50_LANES", st[0].n_q50_lanes}};
         for (size_t i = 0; i < sizeof lay / sizeof lay[0]; i++)
             if (lay[i].n > 0)
                 printf("%s layout:      lanes (AVX-512 VNNI, %s=0 for the groups: %d matrices on "

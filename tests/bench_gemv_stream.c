@@ -1,8 +1,8 @@
 /*
- * bench_gemv_stream.c — the one-token GEMVs of the repacked Q4_0, Q4_K and Q6_K groups
- * (kernels/q40_gemm.c, quant.c's 4-row group GEMV) and of their lanes layouts
- * (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h) streaming from memory, against a plain
- * read of the same bytes, measured interleaved in one run.
+ * bench_gemv_stream.c — the one-token GEMVs of the repacked Q4_0, Q4_K, Q5_0 and Q6_K groups
+ * (kernels/q40_gemm.c, quant.c's 4-row group GEMV, repack.c) and of their lanes layouts
+ * (kernels/q40_lanes.h, q4k_lanes.h, q50_lanes.h, q6k_lanes.h) streaming from memory, against a
+ * plain read of the same bytes, measured interleaved in one run.
  *
  * The weights are a 1B layer's matrices (q 2048x2048, k/v 512x2048, o 2048x2048,
  * gate/up 8192x2048, down 2048x8192) repeated over enough layers for TSR_BENCH_MB (default
@@ -25,9 +25,9 @@
  * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
  *   cmake --build build --target bench_gemv_stream && uptime &&
  *   flock /work/bench.lock build/tests/bench_gemv_stream
- * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q6_k,q6_kl selects types (a name is selected when
- * it contains one of the list's: q4_0 selects q4_0l too; q4_0l, q4_kl, q6_kl: the lanes
- * layouts that AVX-512 VNNI CPUs load instead of the groups; only there);
+ * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q5_0,q5_0l,q6_k,q6_kl selects types (a type is
+ * selected when the list contains its name: q4_0l selects q4_0 too; q4_0l, q4_kl, q5_0l, q6_kl:
+ * the lanes layouts that AVX-512 VNNI CPUs load instead of the groups; only there);
  * TSR_BENCH_THREADS=n the pool size.
  */
 #include <stdint.h>
@@ -42,6 +42,7 @@
 #include "kernels/pool.h"
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
+#include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
@@ -80,6 +81,7 @@ static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
     if (!lanes) return tsr_repack_bytes(type, n, rows);
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(n, rows)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(n, rows)
+           : type == TSR_TYPE_Q5_0 ? tsr_q50l_bytes(n, rows)
                                    : tsr_q6kl_bytes(n, rows);
 }
 
@@ -92,6 +94,8 @@ static void mat_repack(uint32_t type, bool lanes, int64_t n, int64_t rows, const
         tsr_q40l_repack(n, rows, src, rb, dst);
     else if (type == TSR_TYPE_Q4_K)
         tsr_q4kl_repack(n, rows, src, rb, dst);
+    else if (type == TSR_TYPE_Q5_0)
+        tsr_q50l_repack(n, rows, src, rb, dst);
     else
         tsr_q6kl_repack(n, rows, src, rb, dst);
 }
@@ -214,6 +218,9 @@ int main(void)
     if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
     if (selected("q4_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q4_K, true, "q4_kl", want);
+    if (selected("q5_0")) bench_type(pool, TSR_TYPE_Q5_0, false, "q5_0", want);
+    if (selected("q5_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
+        bench_type(pool, TSR_TYPE_Q5_0, true, "q5_0l", want);
     if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, false, "q6_k", want);
     if (selected("q6_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q6_K, true, "q6_kl", want);

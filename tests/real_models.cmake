@@ -91,15 +91,16 @@ ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -np ${np} $<TARGET_FILE:rep
     tsr_real_layout(gemma3 ${tp} ${pp} 2.0 ${TSR_GEMMA_PROMPTS})
   endforeach()
   tsr_real_layout(smollm2 1 3 1e-4 "504,3575,282,4649,314;1604,3987,46477,24,94,727")
-  # Gemma 3's Q4_K and Q6_K matrices on tp 2 x pp 2 with repacking on and off, byte for
+  # Gemma 3's Q4_K, Q6_K and Q5_0 matrices on tp 2 x pp 2 with repacking on and off, byte for
   # byte: prompt tokens of the order class 1 (the Q4_K GEMM order) from the lanes layouts of
-  # AVX-512 VNNI CPUs (kernels/q4k_lanes.h, kernels/q6k_lanes.h), from the repacked groups
-  # (TSR_Q4K_LANES=0 TSR_Q6K_LANES=0) and from the file layout, on every rank and stage (greedy decode and a 3-sequence batch step). --tol
+  # AVX-512 VNNI CPUs (kernels/q4k_lanes.h, kernels/q6k_lanes.h, kernels/q50_lanes.h), from the
+  # repacked groups (TSR_Q4K_LANES=0 TSR_Q6K_LANES=0 TSR_Q50_LANES=0) and from the file layout,
+  # on every rank and stage (greedy decode and a 3-sequence batch step). --tol
   # 4: the batch step's built-in prompts are arbitrary ids, where tp's re-associated sums move
   # Gemma's logits by up to ~2 against one process; the byte comparison is the point here.
   set(d ${CMAKE_CURRENT_BINARY_DIR}/repack-onoff-gemma3)
   add_test(NAME replica_repack_onoff_real_gemma3_tp2_pp2
-           COMMAND sh -c "set -e; mkdir -p ${d}; p=$(${TSR_FETCH_MODEL} ${TSR_REAL_gemma3} | tail -n 1); for mode in TSR_REPACK_ALL=1 TSR_NO_REPACK=1 TSR_Q4K_LANES=0; do q6=1; test $mode != TSR_Q4K_LANES=0 || q6=0; ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -x $mode -x TSR_Q6K_LANES=$q6 -np 4 $<TARGET_FILE:replica_check> -m \"$p\" --tp 2 --pp 2 -n 8 --tol 4.0 --batch-step --prompt-ids '${TSR_GEMMA_PROMPTS}' --dump ${d}/$mode.bin; done; cmp ${d}/TSR_REPACK_ALL=1.bin ${d}/TSR_NO_REPACK=1.bin; cmp ${d}/TSR_REPACK_ALL=1.bin ${d}/TSR_Q4K_LANES=0.bin; echo repack on/off/Q4_K and Q6_K groups: logits identical")
+           COMMAND sh -c "set -e; mkdir -p ${d}; p=$(${TSR_FETCH_MODEL} ${TSR_REAL_gemma3} | tail -n 1); for mode in TSR_REPACK_ALL=1 TSR_NO_REPACK=1 TSR_Q4K_LANES=0; do q6=1; test $mode != TSR_Q4K_LANES=0 || q6=0; ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none -x $mode -x TSR_Q6K_LANES=$q6 -x TSR_Q50_LANES=$q6 -np 4 $<TARGET_FILE:replica_check> -m \"$p\" --tp 2 --pp 2 -n 8 --tol 4.0 --batch-step --prompt-ids '${TSR_GEMMA_PROMPTS}' --dump ${d}/$mode.bin; done; cmp ${d}/TSR_REPACK_ALL=1.bin ${d}/TSR_NO_REPACK=1.bin; cmp ${d}/TSR_REPACK_ALL=1.bin ${d}/TSR_Q4K_LANES=0.bin; echo repack on/off/Q4_K, Q6_K and Q5_0 groups: logits identical")
   set_tests_properties(replica_repack_onoff_real_gemma3_tp2_pp2 PROPERTIES
                        ENVIRONMENT "${TSR_MPI_ENV}" TIMEOUT 300 PROCESSORS 2 RUN_SERIAL TRUE)
   add_test(NAME replica_real_qwen2_tp4_refused

@@ -145,7 +145,8 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
         const tsr_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
         for (int k = 0; k < 7; k++) {
             if (lw[k]->lanes && lw[k]->type != TSR_TYPE_Q8_0 && lw[k]->type != TSR_TYPE_Q4_0 &&
-                lw[k]->type != TSR_TYPE_Q4_K && lw[k]->type != TSR_TYPE_Q6_K)
+                lw[k]->type != TSR_TYPE_Q4_K && lw[k]->type != TSR_TYPE_Q6_K &&
+                lw[k]->type != TSR_TYPE_Q5_0)
                 fail_msg(
                     "layer %d matrix %d: a lanes layout on a matrix of type %u, which has none", li,
                     k, lw[k]->type);
@@ -157,6 +158,47 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
         }
     }
     return n;
+}
+
+/* cases[k].key of synth-tiny-more-quants.json's file `rel` whose prompt is `prompt`, as a
+ * malloc'd array of ids (*n). */
+static int32_t *json_ids_of(const cJSON *a, size_t *n)
+{
+    *n = (size_t)cJSON_GetArraySize(a);
+    int32_t *ids = tsr_test_xmalloc(sizeof(int32_t) * (*n ? *n : 1));
+    size_t i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, a) ids[i++] = (int32_t)e->valuedouble;
+    return ids;
+}
+
+/* The prompt and greedy ids of `prompt` for the synthetic file `rel` in
+ * expected/synth-tiny-more-quants.json (the quant types synth-tiny-expected.txt lacks): true
+ * when found. */
+static bool more_quants_case(const char *rel, const char *prompt, int32_t **prompt_ids,
+                             size_t *n_prompt, int32_t **greedy, size_t *n_greedy)
+{
+    size_t len = 0;
+    char *text =
+        tsr_test_read_file(tsr_test_model_path("expected/synth-tiny-more-quants.json"), &len);
+    if (!text) return false;
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    free(text);
+    const cJSON *file =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "files"), rel);
+    const cJSON *c;
+    bool found = false;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(file, "cases"))
+    {
+        const char *p = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "prompt"));
+        if (!p || strcmp(p, prompt) != 0) continue;
+        *prompt_ids = json_ids_of(cJSON_GetObjectItemCaseSensitive(c, "prompt_ids"), n_prompt);
+        *greedy = json_ids_of(cJSON_GetObjectItemCaseSensitive(c, "greedy_ids"), n_greedy);
+        found = true;
+        break;
+    }
+    cJSON_Delete(root);
+    return found;
 }
 
 void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t tally_offset)
@@ -180,10 +222,16 @@ void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t ta
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path("expected/synth-tiny-expected.txt"), &b);
     const tsr_test_block *blk =
         tsr_test_find_block(b, nb, rel, "\"Once upon a time\"", "greedy_ids");
-    if (!blk) fail_msg("%s: no greedy reference in expected/synth-tiny-expected.txt", rel);
-    int32_t *want, *prompt;
-    const size_t n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
-    const size_t n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
+    int32_t *want = NULL, *prompt = NULL;
+    size_t n_want = 0, n_prompt = 0;
+    if (blk) {
+        n_want = tsr_test_parse_ids(tsr_test_block_get(blk, "greedy_ids"), &want);
+        n_prompt = tsr_test_parse_ids(tsr_test_block_get(blk, "prompt_ids"), &prompt);
+    } else if (!more_quants_case(rel, "Once upon a time", &prompt, &n_prompt, &want, &n_want)) {
+        fail_msg("%s: no greedy reference in expected/synth-tiny-expected.txt or "
+                 "expected/synth-tiny-more-quants.json",
+                 rel);
+    }
     const size_t n_check = n_want < 32 ? n_want : 32;
     int32_t *got = tsr_test_xmalloc(sizeof(int32_t) * n_check);
     tsr_test_greedy(&f, prompt, n_prompt, (int32_t)n_check, got, NULL);

@@ -42,18 +42,20 @@ const char *tsr_test_block_get(const tsr_test_block *b, const char *key);
  * NULL) and which has `key`; NULL when none is. */
 const tsr_test_block *tsr_test_find_block(const tsr_test_block *b, size_t n, const char *model,
                                           const char *prompt, const char *key);
-/* The lanes tests (test_q80_lanes, test_q40_lanes, test_q4k_lanes, test_q6k_lanes): the layer
- * matrices of m whose type is `type` (*n_type), and how many of them carry a lanes layout (the
- * return). Fails the current test when a matrix of a type without a lanes layout (not Q8_0,
- * Q4_0, Q4_K, Q6_K) carries one, or one of `type` carries both it and the repacked groups. */
+/* The lanes tests (test_q80_lanes, test_q40_lanes, test_q4k_lanes, test_q6k_lanes,
+ * test_q50_lanes): the layer matrices of m whose type is `type` (*n_type), and how many of them
+ * carry a lanes layout (the return). Fails the current test when a matrix of a type without a
+ * lanes layout (not Q8_0, Q4_0, Q4_K, Q6_K, Q5_0) carries one, or one of `type` carries both it
+ * and the repacked groups. */
 int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type);
-/* The lanes tests' model check (test_q40_lanes, test_q4k_lanes, test_q6k_lanes): loads the
- * synthetic file `rel` (under the models folder) and fails the current test unless each of its
- * layer matrices of `type` carries a lanes layout exactly when `chosen` (the layout's
+/* The lanes tests' model check (test_q40_lanes, test_q4k_lanes, test_q6k_lanes, test_q50_lanes):
+ * loads the synthetic file `rel` (under the models folder) and fails the current test unless
+ * each of its layer matrices of `type` carries a lanes layout exactly when `chosen` (the layout's
  * tsr_*_chosen) and the default repack hold, the model's tally of them (the int32_t field at
  * `tally_offset` of tsr_model: offsetof(tsr_model, n_q40_lanes), ...) counts those and the
  * head when it is of `type` and in the layout, and the greedy decode of "Once upon a time"
- * gives the first 32 ids of expected/synth-tiny-expected.txt. */
+ * gives the first 32 ids of expected/synth-tiny-expected.txt (of
+ * expected/synth-tiny-more-quants.json for the types that file lacks). */
 void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t tally_offset);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);

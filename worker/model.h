@@ -128,6 +128,7 @@ typedef struct {
     int32_t n_q40_lanes;       /* of them, Q4_0 matrices in the lanes layout (q40_lanes.h) */
     int32_t n_q4k_lanes;       /* of them, Q4_K matrices in the lanes layout (q4k_lanes.h) */
     int32_t n_q6k_lanes;       /* of them, Q6_K matrices in the lanes layout (q6k_lanes.h) */
+    int32_t n_q50_lanes;       /* of them, Q5_0 matrices in the lanes layout (q50_lanes.h) */
     const tsr_gguf *gguf;
 } tsr_model;
 

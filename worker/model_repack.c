@@ -20,9 +20,9 @@
  *
  * Lanes layouts (w->lanes, read for every token count instead of the file layout or the
  * groups): Q8_0 in the opt-in lanes order (kernels/q80_lanes.h, tsr_q80l_on) instead of the
- * verbatim copy, and, on CPUs with AVX-512 VNNI, Q4_0, Q4_K and Q6_K instead of the groups
- * (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h; tsr_q40l_chosen, tsr_q4kl_chosen,
- * tsr_q6kl_chosen: each type's own orders, the same bits).
+ * verbatim copy, and, on CPUs with AVX-512 VNNI, Q4_0, Q4_K, Q6_K and Q5_0 instead of the
+ * groups (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h; tsr_q40l_chosen,
+ * tsr_q4kl_chosen, tsr_q6kl_chosen, tsr_q50l_chosen: each type's own orders, the same bits).
  *
  * Memory: all of a call's repacked matrices share one allocation (an arena, 64-byte aligned
  * slices), 2 MiB aligned and madvise(MADV_HUGEPAGE)'d, so the kernel backs it with
@@ -38,6 +38,7 @@
 
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
+#include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
@@ -117,16 +118,19 @@ static bool lanes_of(const tsr_weight *w)
         return tsr_repack_chosen(TSR_TYPE_Q4_K) && tsr_q4kl_chosen() && w->n_in % 256 == 0;
     if (w->type == TSR_TYPE_Q6_K)
         return tsr_repack_chosen(TSR_TYPE_Q6_K) && tsr_q6kl_chosen() && w->n_in % 256 == 0;
+    if (w->type == TSR_TYPE_Q5_0)
+        return tsr_repack_chosen(TSR_TYPE_Q5_0) && tsr_q50l_chosen() && w->n_in % 32 == 0;
     return w->type == TSR_TYPE_Q4_0 && tsr_repack_chosen(TSR_TYPE_Q4_0) && tsr_q40l_chosen();
 }
 
-/* Bytes of one 16-row group of w's lanes layout (all four layouts hold 16 rows a group:
- * TSR_Q80L_ROWS = TSR_Q40L_ROWS = TSR_Q4KL_ROWS = TSR_Q6KL_ROWS). */
+/* Bytes of one 16-row group of w's lanes layout (all five layouts hold 16 rows a group:
+ * TSR_Q80L_ROWS = TSR_Q40L_ROWS = TSR_Q4KL_ROWS = TSR_Q6KL_ROWS = TSR_Q50L_ROWS). */
 static size_t lanes_group_bytes(const tsr_weight *w)
 {
     return w->type == TSR_TYPE_Q4_0   ? tsr_q40l_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q6_K ? tsr_q6kl_group_bytes(w->n_in)
+           : w->type == TSR_TYPE_Q5_0 ? tsr_q50l_group_bytes(w->n_in)
                                       : tsr_q80l_group_bytes(w->n_in);
 }
 
@@ -158,6 +162,7 @@ static int lanes_repack(uint32_t type, int64_t n, int64_t n_out, const void *src
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q6_K ? tsr_q6kl_repack(n, n_out, src, src_stride, dst)
+           : type == TSR_TYPE_Q5_0 ? tsr_q50l_repack(n, n_out, src, src_stride, dst)
                                    : tsr_q80l_repack(n, n_out, src, src_stride, dst);
 }
 
@@ -230,6 +235,8 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
             m->n_q4k_lanes++;
         else if (w->type == TSR_TYPE_Q6_K)
             m->n_q6k_lanes++;
+        else if (w->type == TSR_TYPE_Q5_0)
+            m->n_q50_lanes++;
         else
             m->n_q80_lanes++;
     } else {

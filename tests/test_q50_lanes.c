@@ -1,0 +1,224 @@
+/*
+ * test_q50_lanes.c — kernels/q50_lanes: Q5_0 matrices in the lanes layout (AVX-512 VNNI).
+ *
+ * - The kernels (AVX-512 VNNI where this CPU has it, and scalar) give, bit for bit, Q5_0's one
+ *   order over the file layout (kernels/quant.c's Q5_0 row dot, ggml's, tsr_vec_dot), for
+ *   1..17 tokens (tiles of up to 8, uneven splits), rows 1, 15, 16, 17, 40 (partial groups,
+ *   masked stores), row starts 0 and 16, 1, 3 and 28 blocks (an odd count leaves half a pair).
+ *   Weights are random bytes (every 5-bit quant), activations Q8_0 rows with a zero block.
+ * - The matmul (kernels/ops.c) over a weight carrying the layout gives the same bits as over
+ *   the file layout and over the repacked groups, for 1..17 tokens at once or one at a time,
+ *   alone and in tsr_matmul_multi beside a Q8_0 weight (one Q8_0 conversion for both, the Q8_0
+ *   tiles' prep laid out beside it), on 1, 2 and 3 threads.
+ * - tsr_q50l_chosen follows the CPU; a model loaded on such a CPU carries the layout on every
+ *   Q5_0 matrix (and not the groups) and keeps synth-tiny-q5_0's greedy reference.
+ * A failure prints the case, what was expected and what came.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/dot_ggml.h"
+#include "kernels/ops.h"
+#include "kernels/q50_lanes.h"
+#include "kernels/quant.h"
+#include "kernels/repack.h"
+#include "tests/util.h"
+#include "worker/model.h"
+
+enum { BLK = 22 };
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+static const float k_scales[] = {6.0e-8f, 1.0e-4f, 0.0123f, 0.5f, 3.0f, -0.25f};
+
+/* n_rows Q5_0 rows of n elements: random qh and qs bytes, fp16 d from a spread of scales. */
+static uint8_t *make_rows(int64_t n, int64_t n_rows)
+{
+    const int64_t nb = n / 32;
+    uint8_t *w = tsr_test_xmalloc((size_t)(nb * n_rows) * BLK);
+    for (int64_t i = 0; i < nb * n_rows; i++) {
+        uint8_t *b = w + (size_t)i * BLK;
+        const uint16_t hd = tsr_f32_to_f16(k_scales[tsr_test_xorshift64(&rng) % 6]);
+        memcpy(b, &hd, 2);
+        for (int e = 2; e < BLK; e++) b[e] = (uint8_t)(tsr_test_xorshift64(&rng) >> 19);
+    }
+    return w;
+}
+
+static void test_order(void **state)
+{
+    (void)state;
+    static const int64_t ns[] = {32, 96, 896};
+    static const int64_t rows[] = {1, 15, 16, 17, 40};
+    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
+    int n_cases = 0;
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const int64_t n = ns[ni];
+        const size_t rb = tsr_row_bytes(TSR_TYPE_Q5_0, n), xb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
+        for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
+            const int64_t n_out = rows[ri];
+            uint8_t *w = make_rows(n, n_out);
+            uint8_t *packed = tsr_test_xmalloc(tsr_q50l_bytes(n, n_out));
+            assert_int_equal(tsr_q50l_repack(n, n_out, w, rb, packed), 0);
+            for (int32_t n_tok = 1; n_tok <= 17; n_tok++) {
+                uint8_t *x = tsr_test_q8_0_acts(&rng, n, n_tok);
+                const size_t ny = (size_t)(n_out * n_tok);
+                float *want = tsr_test_xmalloc(sizeof(float) * ny),
+                      *y = tsr_test_xmalloc(sizeof(float) * ny);
+                for (int32_t t = 0; t < n_tok; t++)
+                    for (int64_t r = 0; r < n_out; r++)
+                        want[(size_t)t * n_out + r] =
+                            tsr_vec_dot(TSR_TYPE_Q5_0, n, w + (size_t)r * rb, x + (size_t)t * xb);
+                for (int isa = 0; isa < 2; isa++) {
+                    if (isa == 1 && !vnni) continue;
+                    const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+                    for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
+                        memset(y, 0xff, sizeof(float) * ny);
+                        tsr_q50l_dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0,
+                                     (size_t)n_out);
+                        for (int32_t t = 0; t < n_tok; t++)
+                            for (int64_t r = r0; r < n_out; r++) {
+                                const float e = want[(size_t)t * n_out + r];
+                                const float got = y[(size_t)t * n_out + r];
+                                if (tsr_test_fbits(e) != tsr_test_fbits(got))
+                                    fail_msg("n %lld rows %lld from %lld, %d tokens, %s: row %lld "
+                                             "token %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
+                                             (long long)n, (long long)n_out, (long long)r0, n_tok,
+                                             isa ? "avx512vnni" : "scalar", (long long)r, t, e,
+                                             tsr_test_fbits(e), got, tsr_test_fbits(got));
+                            }
+                        n_cases++;
+                    }
+                }
+                free(y);
+                free(want);
+                free(x);
+            }
+            free(packed);
+            free(w);
+        }
+    }
+    printf("Q5_0 lanes: %d cases bit for bit with the row dot (%s)\n", n_cases,
+           vnni ? "avx512vnni and scalar" : "scalar only: no AVX-512 VNNI here");
+}
+
+/* The matmul over w.lanes = over the file layout = over the groups, alone and beside a Q8_0
+ * weight (one Q8_0 conversion for both). */
+static void test_matmul(void **state)
+{
+    (void)state;
+    const int64_t n = 320, n_out = 72, n_out8 = 40;
+    const size_t rb = tsr_row_bytes(TSR_TYPE_Q5_0, n), rb8 = tsr_row_bytes(TSR_TYPE_Q8_0, n);
+    uint8_t *wd = make_rows(n, n_out), *wd8 = tsr_test_xmalloc(rb8 * (size_t)n_out8);
+    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
+    for (int64_t r = 0; r < n_out8; r++) {
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng);
+        tsr_quant_row(TSR_TYPE_Q8_0, f, wd8 + (size_t)r * rb8, n);
+    }
+    free(f);
+    void *lanes = tsr_test_xmalloc(tsr_q50l_bytes(n, n_out));
+    assert_int_equal(tsr_q50l_repack(n, n_out, wd, rb, lanes), 0);
+    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q5_0, n, n_out));
+    assert_int_equal(tsr_repack(TSR_TYPE_Q5_0, n, n_out, wd, rb, groups), 0);
+    tsr_weight wf = {.type = TSR_TYPE_Q5_0, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
+    tsr_weight wl = wf, wg = wf;
+    wl.lanes = lanes;
+    wg.data = NULL;
+    wg.packed = groups;
+    const tsr_weight w8 = {
+        .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out8, .row_bytes = rb8, .data = wd8};
+    const int32_t max_tok = 17;
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
+    for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
+    /* one token at a time, one thread, the file layout: the reference */
+    float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
+    float *ref8 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out8 * max_tok));
+    tsr_pool *p1 = tsr_pool_new(1);
+    assert_non_null(p1);
+    const tsr_weight *w2[2] = {&wf, &w8};
+    void *sc = tsr_test_xmalloc(tsr_matmul_multi_scratch_bytes(w2, 2, max_tok) + 64);
+    for (int32_t t = 0; t < max_tok; t++) {
+        float *ys[2] = {ref + (size_t)t * n_out, ref8 + (size_t)t * n_out8};
+        tsr_matmul_multi(p1, w2, ys, 2, x + (size_t)t * n, 1, sc);
+    }
+    float *got = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
+    float *got8 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out8 * max_tok));
+    char what[200];
+    for (int nth = 1; nth <= 3; nth++) {
+        tsr_pool *p = tsr_pool_new(nth);
+        assert_non_null(p);
+        for (int32_t n_tok = 1; n_tok <= max_tok; n_tok++) {
+            const tsr_weight *lay[3] = {&wl, &wg, &wf};
+            static const char *const names[3] = {"lanes", "groups", "file layout"};
+            for (int li = 0; li < 3; li++) {
+                for (int with8 = 0; with8 < 2; with8++) {
+                    const tsr_weight *ws[2] = {lay[li], &w8};
+                    float *ys[2] = {got, got8};
+                    memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
+                    tsr_matmul_multi(p, ws, ys, 1 + with8, x, n_tok, sc);
+                    snprintf(what, sizeof what, "Q5_0 matmul (%s%s), %d tokens, %d threads",
+                             names[li], with8 ? ", beside Q8_0" : "", n_tok, nth);
+                    tsr_test_check_same(what, ref, got, (size_t)(n_out * n_tok));
+                    if (with8) {
+                        snprintf(what, sizeof what, "Q8_0 beside Q5_0 (%s), %d tokens, %d threads",
+                                 names[li], n_tok, nth);
+                        tsr_test_check_same(what, ref8, got8, (size_t)(n_out8 * n_tok));
+                    }
+                }
+            }
+        }
+        tsr_pool_free(p);
+    }
+    tsr_pool_free(p1);
+    free(got8);
+    free(got);
+    free(ref8);
+    free(ref);
+    free(sc);
+    free(x);
+    free(groups);
+    free(lanes);
+    free(wd8);
+    free(wd);
+}
+
+static void test_api(void **state)
+{
+    (void)state;
+    const char *e = getenv("TSR_Q50_LANES");
+    const bool off = e && strcmp(e, "0") == 0;
+    assert_int_equal(tsr_q50l_chosen(), tsr_ggml_isa() == TSR_GGML_VNNI && !off);
+    assert_int_equal(tsr_q50l_repack(48, 1, NULL, 0, NULL), -1);
+    assert_int_equal(tsr_q50l_group_bytes(896), 14 * 704);
+    assert_int_equal(tsr_q50l_group_bytes(96), 2 * 704); /* 3 blocks: a pair and a half */
+    assert_int_equal(tsr_q50l_bytes(896, 17), 2 * 14 * 704);
+    assert_int_equal(tsr_q50l_bytes(896, 0), 0);
+}
+
+/* A model loaded here carries the layout on every Q5_0 matrix (on a CPU with AVX-512 VNNI;
+ * elsewhere the groups) and keeps its greedy reference. */
+static void test_model(void **state)
+{
+    (void)state;
+    tsr_test_lanes_model("synthetic/synth-tiny-q5_0.gguf", TSR_TYPE_Q5_0, tsr_q50l_chosen(),
+                         offsetof(tsr_model, n_q50_lanes));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_order),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_api),
+        cmocka_unit_test(test_model),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
