@@ -58,58 +58,15 @@ static uint8_t *make_rows(int64_t n, int64_t n_rows)
 static void test_order(void **state)
 {
     (void)state;
-    static const int64_t ns[] = {256, 2048};
-    static const int64_t rows[] = {1, 15, 16, 17, 40};
-    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
+    const tsr_test_lanes_kernel k = {TSR_TYPE_Q6_K,   make_rows,    tsr_q6kl_bytes,
+                                     tsr_q6kl_repack, tsr_q6kl_dot, tsr_test_q8_K_acts};
     int n_cases = 0;
-    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
-        const int64_t n = ns[ni];
-        const size_t rb = tsr_row_bytes(TSR_TYPE_Q6_K, n), xb = tsr_row_bytes(TSR_TYPE_Q8_K, n);
-        for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
-            const int64_t n_out = rows[ri];
-            uint8_t *w = make_rows(n, n_out);
-            uint8_t *packed = tsr_test_xmalloc(tsr_q6kl_bytes(n, n_out));
-            assert_int_equal(tsr_q6kl_repack(n, n_out, w, rb, packed), 0);
-            for (int32_t n_tok = 1; n_tok <= 17; n_tok++) {
-                uint8_t *x = tsr_test_q8_K_acts(&rng, n, n_tok);
-                const size_t ny = (size_t)(n_out * n_tok);
-                float *want = tsr_test_xmalloc(sizeof(float) * ny),
-                      *y = tsr_test_xmalloc(sizeof(float) * ny);
-                for (int32_t t = 0; t < n_tok; t++)
-                    for (int64_t r = 0; r < n_out; r++)
-                        want[(size_t)t * n_out + r] =
-                            tsr_vec_dot(TSR_TYPE_Q6_K, n, w + (size_t)r * rb, x + (size_t)t * xb);
-                for (int isa = 0; isa < 2; isa++) {
-                    if (isa == 1 && !vnni) continue;
-                    const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
-                    for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
-                        memset(y, 0xff, sizeof(float) * ny);
-                        tsr_q6kl_dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0,
-                                     (size_t)n_out);
-                        for (int32_t t = 0; t < n_tok; t++)
-                            for (int64_t r = r0; r < n_out; r++) {
-                                const float e = want[(size_t)t * n_out + r];
-                                const float got = y[(size_t)t * n_out + r];
-                                if (tsr_test_fbits(e) != tsr_test_fbits(got))
-                                    fail_msg("n %lld rows %lld from %lld, %d tokens, %s: row %lld "
-                                             "token %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
-                                             (long long)n, (long long)n_out, (long long)r0, n_tok,
-                                             isa ? "avx512vnni" : "scalar", (long long)r, t, e,
-                                             tsr_test_fbits(e), got, tsr_test_fbits(got));
-                            }
-                        n_cases++;
-                    }
-                }
-                free(y);
-                free(want);
-                free(x);
-            }
-            free(packed);
-            free(w);
-        }
-    }
+    static const int64_t ns[] = {256, 2048};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
+        n_cases += tsr_test_lanes_order(&k, ns[ni], &rng);
     printf("Q6_K lanes: %d cases bit for bit with the row dot (%s)\n", n_cases,
-           vnni ? "avx512vnni and scalar" : "scalar only: no AVX-512 VNNI here");
+           tsr_ggml_isa() == TSR_GGML_VNNI ? "avx512vnni and scalar"
+                                           : "scalar only: no AVX-512 VNNI here");
 }
 
 /* The matmul over w.lanes = over the file layout = over the groups, alone and beside a Q4_K

@@ -1,6 +1,7 @@
 /* util.c — see util.h. */
 #include "tests/util.h"
 
+#include "kernels/dot_ggml.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -158,6 +159,58 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
         }
     }
     return n;
+}
+
+int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng)
+{
+    static const int64_t rows[] = {1, 15, 16, 17, 40};
+    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
+    const size_t rb = tsr_row_bytes(k->type, n),
+                 xb = tsr_row_bytes(tsr_type_vec_dot_type(k->type), n);
+    int n_cases = 0;
+    for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
+        const int64_t n_out = rows[ri];
+        uint8_t *w = k->make_rows(n, n_out);
+        uint8_t *packed = tsr_test_xmalloc(k->bytes(n, n_out));
+        assert_int_equal(k->repack(n, n_out, w, rb, packed), 0);
+        for (int32_t n_tok = 1; n_tok <= 17; n_tok++) {
+            uint8_t *x = k->acts(rng, n, n_tok);
+            const size_t ny = (size_t)(n_out * n_tok);
+            float *want = tsr_test_xmalloc(sizeof(float) * ny),
+                  *y = tsr_test_xmalloc(sizeof(float) * ny);
+            for (int32_t t = 0; t < n_tok; t++)
+                for (int64_t r = 0; r < n_out; r++)
+                    want[(size_t)t * n_out + r] =
+                        tsr_vec_dot(k->type, n, w + (size_t)r * rb, x + (size_t)t * xb);
+            for (int isa = 0; isa < 2; isa++) {
+                if (isa == 1 && !vnni) continue;
+                const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+                for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
+                    memset(y, 0xff, sizeof(float) * ny);
+                    k->dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0, (size_t)n_out);
+                    for (int32_t t = 0; t < n_tok; t++)
+                        for (int64_t r = r0; r < n_out; r++) {
+                            const float e = want[(size_t)t * n_out + r];
+                            const float got = y[(size_t)t * n_out + r];
+                            if (tsr_test_fbits(e) != tsr_test_fbits(got))
+                                fail_msg("%s lanes: n %lld rows %lld from %lld, %d tokens, %s: row "
+                                         "%lld token %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
+                                         tsr_type_name(k->type), (long long)n, (long long)n_out,
+                                         (long long)r0, n_tok, isa ? "avx512vnni" : "scalar",
+                                         (long long)r, t, e, tsr_test_fbits(e), got,
+                                         tsr_test_fbits(got));
+                        }
+                    n_cases++;
+                }
+            }
+            free(y);
+            free(want);
+            free(x);
+        }
+        free(packed);
+        free(w);
+    }
+    return n_cases;
 }
 
 /* cases[k].key of synth-tiny-more-quants.json's file `rel` whose prompt is `prompt`, as a
