@@ -92,54 +92,9 @@ static void test_matmul(void **state)
     wg.packed = groups;
     const tsr_weight w8 = {
         .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out8, .row_bytes = rb8, .data = wd8};
-    const int32_t max_tok = 17;
-    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
-    for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
-    /* one token at a time, one thread, the file layout: the reference */
-    float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
-    float *ref8 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out8 * max_tok));
-    tsr_pool *p1 = tsr_pool_new(1);
-    assert_non_null(p1);
-    const tsr_weight *w2[2] = {&wf, &w8};
-    void *sc = tsr_test_xmalloc(tsr_matmul_multi_scratch_bytes(w2, 2, max_tok) + 64);
-    for (int32_t t = 0; t < max_tok; t++) {
-        float *ys[2] = {ref + (size_t)t * n_out, ref8 + (size_t)t * n_out8};
-        tsr_matmul_multi(p1, w2, ys, 2, x + (size_t)t * n, 1, sc);
-    }
-    float *got = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
-    float *got8 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out8 * max_tok));
-    char what[200];
-    for (int nth = 1; nth <= 3; nth++) {
-        tsr_pool *p = tsr_pool_new(nth);
-        assert_non_null(p);
-        for (int32_t n_tok = 1; n_tok <= max_tok; n_tok++) {
-            const tsr_weight *lay[3] = {&wl, &wg, &wf};
-            static const char *const names[3] = {"lanes", "groups", "file layout"};
-            for (int li = 0; li < 3; li++) {
-                for (int with8 = 0; with8 < 2; with8++) {
-                    const tsr_weight *ws[2] = {lay[li], &w8};
-                    float *ys[2] = {got, got8};
-                    memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
-                    tsr_matmul_multi(p, ws, ys, 1 + with8, x, n_tok, sc);
-                    snprintf(what, sizeof what, "Q5_0 matmul (%s%s), %d tokens, %d threads",
-                             names[li], with8 ? ", beside Q8_0" : "", n_tok, nth);
-                    tsr_test_check_same(what, ref, got, (size_t)(n_out * n_tok));
-                    if (with8) {
-                        snprintf(what, sizeof what, "Q8_0 beside Q5_0 (%s), %d tokens, %d threads",
-                                 names[li], n_tok, nth);
-                        tsr_test_check_same(what, ref8, got8, (size_t)(n_out8 * n_tok));
-                    }
-                }
-            }
-        }
-        tsr_pool_free(p);
-    }
-    tsr_pool_free(p1);
-    free(got8);
-    free(got);
-    free(ref8);
-    free(ref);
-    free(sc);
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * 17));
+    for (int i = 0; i < n * 17; i++) x[i] = tsr_test_gauss(&rng);
+    tsr_test_lanes_matmul(&wl, &wg, &wf, &w8, x);
     free(x);
     free(groups);
     free(lanes);

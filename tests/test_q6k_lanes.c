@@ -88,54 +88,9 @@ static void test_matmul(void **state)
     wg.packed = groups;
     const tsr_weight w4 = {
         .type = TSR_TYPE_Q4_K, .n_in = n, .n_out = n_out4, .row_bytes = rb4, .data = wd4};
-    const int32_t max_tok = 17;
-    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
-    for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
-    /* one token at a time, one thread, the file layout: the reference */
-    float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
-    float *ref4 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out4 * max_tok));
-    tsr_pool *p1 = tsr_pool_new(1);
-    assert_non_null(p1);
-    const tsr_weight *w2[2] = {&wf, &w4};
-    void *sc = tsr_test_xmalloc(tsr_matmul_multi_scratch_bytes(w2, 2, max_tok) + 64);
-    for (int32_t t = 0; t < max_tok; t++) {
-        float *ys[2] = {ref + (size_t)t * n_out, ref4 + (size_t)t * n_out4};
-        tsr_matmul_multi(p1, w2, ys, 2, x + (size_t)t * n, 1, sc);
-    }
-    float *got = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
-    float *got4 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out4 * max_tok));
-    char what[200];
-    for (int nth = 1; nth <= 3; nth++) {
-        tsr_pool *p = tsr_pool_new(nth);
-        assert_non_null(p);
-        for (int32_t n_tok = 1; n_tok <= max_tok; n_tok++) {
-            const tsr_weight *lay[3] = {&wl, &wg, &wf};
-            static const char *const names[3] = {"lanes", "groups", "file layout"};
-            for (int li = 0; li < 3; li++) {
-                for (int with4 = 0; with4 < 2; with4++) {
-                    const tsr_weight *ws[2] = {lay[li], &w4};
-                    float *ys[2] = {got, got4};
-                    memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
-                    tsr_matmul_multi(p, ws, ys, 1 + with4, x, n_tok, sc);
-                    snprintf(what, sizeof what, "Q6_K matmul (%s%s), %d tokens, %d threads",
-                             names[li], with4 ? ", beside Q4_K" : "", n_tok, nth);
-                    tsr_test_check_same(what, ref, got, (size_t)(n_out * n_tok));
-                    if (with4) {
-                        snprintf(what, sizeof what, "Q4_K beside Q6_K (%s), %d tokens, %d threads",
-                                 names[li], n_tok, nth);
-                        tsr_test_check_same(what, ref4, got4, (size_t)(n_out4 * n_tok));
-                    }
-                }
-            }
-        }
-        tsr_pool_free(p);
-    }
-    tsr_pool_free(p1);
-    free(got4);
-    free(got);
-    free(ref4);
-    free(ref);
-    free(sc);
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * 17));
+    for (int i = 0; i < n * 17; i++) x[i] = tsr_test_gauss(&rng);
+    tsr_test_lanes_matmul(&wl, &wg, &wf, &w4, x);
     free(x);
     free(groups);
     free(lanes);

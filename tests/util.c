@@ -2,6 +2,8 @@
 #include "tests/util.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/ops.h"
+#include "kernels/pool.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -211,6 +213,59 @@ int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rn
         free(w);
     }
     return n_cases;
+}
+
+void tsr_test_lanes_matmul(const tsr_weight *wl, const tsr_weight *wg, const tsr_weight *wf,
+                           const tsr_weight *other, const float *x)
+{
+    enum { MAX_TOK = 17 };
+    const int64_t n = wf->n_in, n_out = wf->n_out, n_out2 = other->n_out;
+    const char *tn = tsr_type_name(wf->type), *tn2 = tsr_type_name(other->type);
+    /* one token at a time, one thread, the file layout: the reference */
+    float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * MAX_TOK));
+    float *ref2 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out2 * MAX_TOK));
+    tsr_pool *p1 = tsr_pool_new(1);
+    assert_non_null(p1);
+    const tsr_weight *w2[2] = {wf, other};
+    void *sc = tsr_test_xmalloc(tsr_matmul_multi_scratch_bytes(w2, 2, MAX_TOK) + 64);
+    for (int32_t t = 0; t < MAX_TOK; t++) {
+        float *ys[2] = {ref + (size_t)t * n_out, ref2 + (size_t)t * n_out2};
+        tsr_matmul_multi(p1, w2, ys, 2, x + (size_t)t * n, 1, sc);
+    }
+    float *got = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * MAX_TOK));
+    float *got2 = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out2 * MAX_TOK));
+    char what[200];
+    for (int nth = 1; nth <= 3; nth++) {
+        tsr_pool *p = tsr_pool_new(nth);
+        assert_non_null(p);
+        for (int32_t n_tok = 1; n_tok <= MAX_TOK; n_tok++) {
+            const tsr_weight *lay[3] = {wl, wg, wf};
+            static const char *const names[3] = {"lanes", "groups", "file layout"};
+            for (int li = 0; li < 3; li++) {
+                for (int with2 = 0; with2 < 2; with2++) {
+                    const tsr_weight *ws[2] = {lay[li], other};
+                    float *ys[2] = {got, got2};
+                    memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
+                    tsr_matmul_multi(p, ws, ys, 1 + with2, x, n_tok, sc);
+                    snprintf(what, sizeof what, "%s matmul (%s%s%s), %d tokens, %d threads", tn,
+                             names[li], with2 ? ", beside " : "", with2 ? tn2 : "", n_tok, nth);
+                    tsr_test_check_same(what, ref, got, (size_t)(n_out * n_tok));
+                    if (with2) {
+                        snprintf(what, sizeof what, "%s beside %s (%s), %d tokens, %d threads", tn2,
+                                 tn, names[li], n_tok, nth);
+                        tsr_test_check_same(what, ref2, got2, (size_t)(n_out2 * n_tok));
+                    }
+                }
+            }
+        }
+        tsr_pool_free(p);
+    }
+    tsr_pool_free(p1);
+    free(got2);
+    free(got);
+    free(ref2);
+    free(ref);
+    free(sc);
 }
 
 /* cases[k].key of synth-tiny-more-quants.json's file `rel` whose prompt is `prompt`, as a

@@ -73,6 +73,13 @@ typedef struct {
     uint8_t *(*acts)(uint64_t *s, int64_t n, int32_t n_tok);
 } tsr_test_lanes_kernel;
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng);
+/* The lanes tests' matmul check (test_q6k_lanes, test_q50_lanes): the same matrix of n_in
+ * elements a row in the lanes layout (wl), the repacked groups (wg) and the file layout (wf),
+ * each alone and beside `other` (tsr_matmul_multi, one activation conversion for both), for
+ * 1..17 tokens at once (x: 17 rows of n_in floats) on 1, 2 and 3 threads; fails the current
+ * test unless every output is bit-identical to one token at a time, one thread, over wf. */
+void tsr_test_lanes_matmul(const tsr_weight *wl, const tsr_weight *wg, const tsr_weight *wf,
+                           const tsr_weight *other, const float *x);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);
 /* A JSON string literal ("...") -> malloc'd UTF-8 string, NULL if malformed. */
