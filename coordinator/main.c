@@ -1133,6 +1133,7 @@ stop:;
         cJSON_AddNumberToObject(o, "q4k_lanes_leader", st[0].n_q4k_lanes);
         cJSON_AddNumberToObject(o, "q6k_lanes_leader", st[0].n_q6k_lanes);
         cJSON_AddNumberToObject(o, "q50_lanes_leader", st[0].n_q50_lanes);
+        cJSON_AddNumberToObject(o, "q80_ggml_lanes_leader", st[0].n_q80g_lanes);
         if (verify_cost) {
             cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
             for (int ki = 1; ki < 5; ki++) {
@@ -1185,17 +1186,18 @@ stop:;
             printf("Q8_0 order:       lanes (--q8-order lanes: %d matrices on the leader)\n",
                    st[0].n_q80_lanes);
         const struct {
-            const char *type, *env;
+            const char *type, *env, *keeps;
             int32_t n;
-        } lay[] = {{"Q4_0", "TSR_Q40_LANES", st[0].n_q40_lanes},
-                   {"Q4_K", "TSR_Q4K_LANES", st[0].n_q4k_lanes},
-                   {"Q6_K", "TSR_Q6K_LANES", st[0].n_q6k_lanes},
-                   {"Q5_0", "TSR_Q50_LANES", st[0].n_q50_lanes}};
+        } lay[] = {{"Q4_0", "TSR_Q40_LANES", "the groups", st[0].n_q40_lanes},
+                   {"Q4_K", "TSR_Q4K_LANES", "the groups", st[0].n_q4k_lanes},
+                   {"Q6_K", "TSR_Q6K_LANES", "the groups", st[0].n_q6k_lanes},
+                   {"Q5_0", "TSR_Q50_LANES", "the groups", st[0].n_q50_lanes},
+                   {"Q8_0", "TSR_Q80_LANES", "the file layout", st[0].n_q80g_lanes}};
         for (size_t i = 0; i < sizeof lay / sizeof lay[0]; i++)
             if (lay[i].n > 0)
-                printf("%s layout:      lanes (AVX-512 VNNI, %s=0 for the groups: %d matrices on "
-                       "the leader)\n",
-                       lay[i].type, lay[i].env, lay[i].n);
+                printf("%s layout:      lanes (AVX-512 VNNI, %s=0 for %s: %d matrices on the "
+                       "leader)\n",
+                       lay[i].type, lay[i].env, lay[i].keeps, lay[i].n);
         if (verify_cost) {
             printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
             for (int ki = 1; ki < 5; ki++)

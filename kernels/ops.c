@@ -121,6 +121,13 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
                      (size_t)w->n_out);
         return;
     }
+    if (w->lanes && w->type == TSR_TYPE_Q8_0 && w->lanes_ggml) {
+        /* Q8_0 in ggml's order over the lanes layout (kernels/q80_lanes.h): the Q8_0 rows as
+         * they are, no prep */
+        tsr_q80l_dot_ggml(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k],
+                          yk + r0, (size_t)w->n_out);
+        return;
+    }
     if (w->lanes && w->type == TSR_TYPE_Q5_0) {
         /* Q5_0's lanes layout (kernels/q50_lanes.h), its one order: the Q8_0 rows as they are */
         tsr_q50l_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
@@ -331,7 +338,7 @@ void tsr_matmul_multi_ord(tsr_pool *pool, const tsr_weight *const *w, float *con
         }
         if (cv_of[k] >= 0 && lanes_prep_type(w[k]->type)) {
             conv_lq[cv_of[k]] = true;
-            conv_lanes[cv_of[k]] |= w[k]->lanes != NULL;
+            conv_lanes[cv_of[k]] |= w[k]->lanes != NULL && !w[k]->lanes_ggml;
         }
         if (i < k) {
             j.xq[k] = j.xq[i];

@@ -9,6 +9,7 @@
 #ifndef TSR_OPS_H
 #define TSR_OPS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,12 +24,15 @@ typedef struct {
     const void *data;   /* the file's block layout (NULL for a column slice once repacked) */
     const void *packed; /* kernels/repack.h layout of the same rows, or NULL: the matmul then
                            reads it instead of data (bit-identical results) */
-    const void *lanes;  /* Q8_0: kernels/q80_lanes.h layout of the same rows, or NULL; when
-                           set, the matmul computes every token count from it, in the lanes
-                           order (not ggml's: the load sets it only when that order is on,
-                           tsr_q80l_on). Q4_0: kernels/q40_lanes.h layout (AVX-512 VNNI,
-                           tsr_q40l_chosen), read for every token count in Q4_0's one order
-                           (the same bits as data or packed). Other types: NULL */
+    const void *lanes;  /* a lanes layout of the same rows (16 a group), or NULL; when set,
+                           the matmul computes every token count from it. Q8_0:
+                           kernels/q80_lanes.h, in the lanes order (--q8-order lanes,
+                           tsr_q80l_on) or, lanes_ggml set, in ggml's (AVX-512 VNNI,
+                           tsr_q80l_ggml_chosen: the same bits as data). Q4_0, Q4_K, Q6_K,
+                           Q5_0: kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h
+                           (AVX-512 VNNI), in the type's orders (the same bits as data or
+                           packed). Other types: NULL */
+    bool lanes_ggml;    /* Q8_0 lanes: ggml's order (tsr_q80l_dot_ggml), not the lanes order */
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold

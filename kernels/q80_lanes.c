@@ -1,6 +1,7 @@
 /*
- * q80_lanes.c — Q8_0 matrices in the lanes order (see q80_lanes.h): the repack, the
- * activation prep, and the kernels (AVX-512 VNNI, scalar), which compute the same bits.
+ * q80_lanes.c — Q8_0 matrices in the lanes layout (see q80_lanes.h): the repack, the
+ * activation prep, the kernels of the lanes order (AVX-512 VNNI, scalar), which compute the
+ * same bits, and those of ggml's order over the layout (tsr_q80l_dot_ggml, further down).
  *
  * The VNNI kernel keeps one zmm accumulator per token of a tile (16 rows in its lanes) and,
  * per block, the group's 8 quant vectors in registers: per token 8 vpdpbusd with the
@@ -30,6 +31,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "kernels/x86hsum.h"
 #include "kernels/x86lanes.h"
 _Static_assert(TSR_Q80L_ROWS == TSR_LANES_ROWS, "the tile driver's groups");
 #define Q8L_X86 1
@@ -172,6 +174,46 @@ static void dot_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_
     }
 }
 
+/* ggml's order over the layout, scalar: row rr of a group, 8 float lanes a row (lane k: the
+ * exact sum of elements 4k..4k+3 of a block, FMA'd with fp16(d_w) * fp16(d_x)), ggml's hsum
+ * of 8 (kernels/dot_ggml.h). x: the token's Q8_0 row. */
+static float dot_row_ggml_scalar(int64_t nb, const uint8_t *grp, int rr, const uint8_t *x)
+{
+    float acc[8] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
+        const uint8_t *xb = x + (size_t)b * 34;
+        uint16_t hw, hx;
+        memcpy(&hw, blk + 2 * rr, 2);
+        memcpy(&hx, xb, 2);
+        const float d = tsr_f16_to_f32(hw) * tsr_f16_to_f32(hx);
+        for (int k = 0; k < 8; k++) {
+            int32_t s = 0;
+            for (int j = 0; j < 4; j++)
+                s += (int32_t)(int8_t)(blk[32 + 64 * k + 4 * rr + j] ^ 0x80) *
+                     (int8_t)xb[2 + 4 * k + j];
+            acc[k] = fmaf((float)s, d, acc[k]);
+        }
+    }
+    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
+                t3 = acc[3] + acc[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
+static void dot_ggml_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows,
+                            int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
+                            size_t y_stride)
+{
+    const size_t gb = (size_t)nb * TSR_Q80L_BLOCK_BYTES;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const int64_t row = r0 + r;
+        const uint8_t *grp = packed + (size_t)(row / TSR_Q80L_ROWS) * gb;
+        for (int32_t t = 0; t < n_tok; t++)
+            y[(size_t)t * y_stride + (size_t)r] =
+                dot_row_ggml_scalar(nb, grp, (int)(row % TSR_Q80L_ROWS), x + (size_t)t * x_stride);
+    }
+}
+
 #if Q8L_X86
 #define Q8L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
@@ -276,6 +318,87 @@ static Q8L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int
     tsr_lanes_run(k_tiles, 8, nb, (size_t)nb * TSR_Q80L_BLOCK_BYTES, packed, r0, n_rows, n_tok,
                   (const uint8_t *)x, (size_t)nb * sizeof(q8l_xblk), y, y_stride);
 }
+
+/* ggml's order over the layout (tsr_q80l_dot_ggml): per block the tile's tokens' lane starts
+ * TSR_I2F_MAGIC_I - 128 x their 4-sums (undoing the ^ 0x80, so that the dot's bits less
+ * TSR_I2F_MAGIC_F are its float value: |dot| <= 65536, exact) and scale products, then per
+ * ggml lane k the 16 rows' quant vector loaded once and, per token, one vpdpbusd by the
+ * token's 4 quants broadcast, one vsubps and one FMA into the token's chain k (8 chains a
+ * token, in L1 beyond what registers hold). Tiles of up to Q8G_TMAX tokens, and the prefetches
+ * of the lanes order's tile above (none for one token). */
+#define Q8G_TMAX 4
+
+static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, int64_t nb,
+                                                                  const uint8_t *grp,
+                                                                  const uint8_t *x, size_t x_stride,
+                                                                  __m512 *out, bool first)
+{
+    const __m256i k80 = _mm256_set1_epi8((char)0x80), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
+    const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
+    __m512 acc[8][Q8G_TMAX]; /* [ggml lane][token] */
+    for (int k = 0; k < 8; k++)
+        for (int t = 0; t < T; t++) acc[k][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
+        if (T == 2)
+#pragma GCC unroll 9
+            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+                _mm_prefetch((const char *)blk + Q8L_PF2_BYTES + l, _MM_HINT_T0);
+        if (T > 2)
+            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+                _mm_prefetch((const char *)blk + Q8L_PF_BYTES + l, _MM_HINT_T0);
+        if (T >= Q8L_PF_L2_MIN_TOKENS && first)
+            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+                _mm_prefetch((const char *)blk + Q8L_PF_L2_BYTES + l, _MM_HINT_T1);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        __m512 dd[Q8G_TMAX];
+        int32_t c[Q8G_TMAX][8] __attribute__((aligned(32)));
+        for (int t = 0; t < T; t++) {
+            const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * 34;
+            uint16_t hx;
+            memcpy(&hx, xb, 2);
+            dd[t] = _mm512_mul_ps(dw, _mm512_set1_ps(_cvtsh_ss(hx)));
+            _mm256_store_si256(
+                (__m256i *)c[t],
+                _mm256_sub_epi32(
+                    kmi, _mm256_dpbusd_epi32(_mm256_setzero_si256(), k80,
+                                             _mm256_loadu_si256((const __m256i *)(xb + 2)))));
+        }
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            const __m512i u = _mm512_loadu_si512(blk + 32 + 64 * k);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                int32_t q4;
+                memcpy(&q4, x + (size_t)t * x_stride + (size_t)b * 34 + 2 + 4 * k, 4);
+                const __m512i s =
+                    _mm512_dpbusd_epi32(_mm512_set1_epi32(c[t][k]), u, _mm512_set1_epi32(q4));
+                acc[k][t] =
+                    _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(s), kmf), dd[t], acc[k][t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        const __m512 t0 = _mm512_add_ps(acc[0][t], acc[4][t]),
+                     t1 = _mm512_add_ps(acc[1][t], acc[5][t]),
+                     t2 = _mm512_add_ps(acc[2][t], acc[6][t]),
+                     t3 = _mm512_add_ps(acc[3][t], acc[7][t]);
+        out[t] = _mm512_add_ps(_mm512_add_ps(t0, t2), _mm512_add_ps(t1, t3));
+    }
+}
+
+#define Q8G_TILE(T)                                                                                \
+    static Q8L_VNNI void tile_g##T(int64_t nb, const uint8_t *grp, const uint8_t *x,               \
+                                   size_t x_stride, __m512 *out, bool first)                       \
+    {                                                                                              \
+        tile_g(T, nb, grp, x, x_stride, out, first);                                               \
+    }
+Q8G_TILE(1)
+Q8G_TILE(2)
+Q8G_TILE(3)
+Q8G_TILE(4)
+
+static const tsr_lanes_tile_fn k_tiles_g[Q8G_TMAX + 1] = {NULL, tile_g1, tile_g2, tile_g3, tile_g4};
 #endif
 
 void tsr_q80l_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
@@ -291,4 +414,27 @@ void tsr_q80l_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_
 #endif
     (void)isa;
     dot_scalar(nb, packed, r0, n_rows, n_tok, prep, y, y_stride);
+}
+
+static _Atomic int g_ggml_chosen = -1;
+
+bool tsr_q80l_ggml_chosen(void)
+{
+    return tsr_ggml_vnni_chosen("TSR_Q80_LANES", &g_ggml_chosen);
+}
+
+void tsr_q80l_dot_ggml(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows,
+                       int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride)
+{
+    const int64_t nb = n / 32;
+    if (n_rows <= 0 || n_tok <= 0) return;
+#if Q8L_X86
+    if (isa == TSR_GGML_VNNI) {
+        tsr_lanes_run(k_tiles_g, Q8G_TMAX, nb, (size_t)nb * TSR_Q80L_BLOCK_BYTES, packed, r0,
+                      n_rows, n_tok, x, x_stride, y, y_stride);
+        return;
+    }
+#endif
+    (void)isa;
+    dot_ggml_scalar(nb, packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
 }

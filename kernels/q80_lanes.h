@@ -1,6 +1,7 @@
 /*
- * q80_lanes.h — Q8_0 matrices in the "lanes" order: an opt-in summation order with 16 rows
- * in the lanes of one vector, whole-block integer sums, for CPUs with AVX-512 VNNI.
+ * q80_lanes.h — Q8_0 matrices with 16 rows in the lanes of one vector, for CPUs with AVX-512
+ * VNNI, and two summation orders over that layout: the "lanes" order (opt-in, whole-block
+ * integer sums, below) and ggml's (the default there, tsr_q80l_dot_ggml at the end).
  *
  * Why: the default Q8_0 order (kernels/dot_ggml.h, ggml's x86 order, bit-identical to
  * llama.cpp) turns every 4-product lane of every block into a float and FMAs it: per 64
@@ -77,5 +78,16 @@ void tsr_q80l_prep(int64_t n, const void *xq, void *prep);
  * loop; the results are the same bits. */
 void tsr_q80l_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
                   const void *prep, float *y, size_t y_stride);
+
+/* ggml's order over the same layout: the default for Q8_0 on CPUs with AVX-512 VNNI.
+ * tsr_q80l_ggml_chosen: whether the load puts Q8_0 matrices in the layout for it (the CPU has
+ * AVX-512 VNNI, kernels/dot_ggml.h's level, and TSR_Q80_LANES is not "0", which keeps the
+ * verbatim copy and ggml's kernels over it; read once). tsr_q80l_dot_ggml: y as tsr_q80l_dot's,
+ * every y bit-identical to tsr_vec_dot(TSR_TYPE_Q8_0, ...) of that row and token (ggml's x86
+ * order, kernels/dot_ggml.h); x: n_tok Q8_0 rows x_stride bytes apart, read as they are (no
+ * prep). */
+bool tsr_q80l_ggml_chosen(void);
+void tsr_q80l_dot_ggml(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows,
+                       int32_t n_tok, const void *x, size_t x_stride, float *y, size_t y_stride);
 
 #endif /* TSR_Q80_LANES_H */

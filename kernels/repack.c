@@ -89,16 +89,21 @@ void tsr_repack_set_all(bool all)
     atomic_store(&g_repack_all, all ? 1 : 0);
 }
 
-bool tsr_repack_chosen(uint32_t type)
+bool tsr_repack_all(void)
 {
-    if (!tsr_repack_supported(type)) return false;
     int all = atomic_load(&g_repack_all);
     if (all < 0) {
         const char *e = getenv("TSR_REPACK_ALL");
         all = (e && strcmp(e, "0") == 0) ? 0 : 1;
         atomic_store(&g_repack_all, all);
     }
-    return all || type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q5_1 || is_kquant(type);
+    return all != 0;
+}
+
+bool tsr_repack_chosen(uint32_t type)
+{
+    if (!tsr_repack_supported(type)) return false;
+    return tsr_repack_all() || type == TSR_TYPE_Q5_0 || type == TSR_TYPE_Q5_1 || is_kquant(type);
 }
 
 bool tsr_repack_use_file_layout(uint32_t type, int32_t n_tok)

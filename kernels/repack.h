@@ -52,6 +52,10 @@ bool tsr_repack_supported(uint32_t type);
  * is then kept only where several tokens gain most from it. */
 bool tsr_repack_chosen(uint32_t type);
 void tsr_repack_set_all(bool all);
+/* Whether every supported type is repacked (the default; not after tsr_repack_set_all(false)
+ * or TSR_REPACK_ALL=0): also whether a load lays Q8_0 out anew (kernels/q80_lanes.h's layout
+ * in ggml's order, worker/model_repack.c) rather than keeping its file layout. */
+bool tsr_repack_all(void);
 
 /* Tokens from which a batch of Q8_0 / Q4_1 runs on the file layout's tile
  * (quant.c) rather than the repacked GEMM. Measured, 1B Q8_0, 2 threads: the repacked GEMM

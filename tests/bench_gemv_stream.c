@@ -44,6 +44,7 @@
 #include "kernels/q4k_lanes.h"
 #include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "kernels/repack.h"
 #include "tests/bench.h"
@@ -78,6 +79,8 @@ static int selected(const char *name)
  * VNNI CPUs load) instead of the groups */
 static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
 {
+    if (type == TSR_TYPE_Q8_0) /* the file layout (verbatim), or the lanes layout */
+        return lanes ? tsr_q80l_bytes(n, rows) : tsr_row_bytes(type, n) * (size_t)rows;
     if (!lanes) return tsr_repack_bytes(type, n, rows);
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(n, rows)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(n, rows)
@@ -88,7 +91,11 @@ static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
 static void mat_repack(uint32_t type, bool lanes, int64_t n, int64_t rows, const void *src,
                        size_t rb, void *dst)
 {
-    if (!lanes)
+    if (type == TSR_TYPE_Q8_0 && !lanes)
+        memcpy(dst, src, rb * (size_t)rows);
+    else if (type == TSR_TYPE_Q8_0)
+        tsr_q80l_repack(n, rows, src, rb, dst);
+    else if (!lanes)
         tsr_repack(type, n, rows, src, rb, dst);
     else if (type == TSR_TYPE_Q4_0)
         tsr_q40l_repack(n, rows, src, rb, dst);
@@ -149,9 +156,10 @@ static void bench_type(tsr_pool *pool, uint32_t type, bool lanes, const char *na
                                    .n_in = n,
                                    .n_out = rows,
                                    .row_bytes = rb,
-                                   .data = NULL,
-                                   .packed = lanes ? NULL : dst,
-                                   .lanes = lanes ? dst : NULL};
+                                   .data = type == TSR_TYPE_Q8_0 && !lanes ? dst : NULL,
+                                   .packed = lanes || type == TSR_TYPE_Q8_0 ? NULL : dst,
+                                   .lanes = lanes ? dst : NULL,
+                                   .lanes_ggml = lanes && type == TSR_TYPE_Q8_0};
         }
         off += mb[m];
     }
@@ -218,6 +226,9 @@ int main(void)
     if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
     if (selected("q4_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q4_K, true, "q4_kl", want);
+    if (selected("q8_0")) bench_type(pool, TSR_TYPE_Q8_0, false, "q8_0", want);
+    if (selected("q8_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
+        bench_type(pool, TSR_TYPE_Q8_0, true, "q8_0l", want);
     if (selected("q5_0")) bench_type(pool, TSR_TYPE_Q5_0, false, "q5_0", want);
     if (selected("q5_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q5_0, true, "q5_0l", want);

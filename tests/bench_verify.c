@@ -7,6 +7,8 @@
  *
  *   bench_verify [THREADS] [LAYERS]     (defaults 2, 8; ~380 MB of weights)
  *   TSR_Q80_ORDER=lanes bench_verify    the same in the lanes order (kernels/q80_lanes.h)
+ *   TSR_Q80_LANES=0 bench_verify        ggml's order over the file layout, not the lanes
+ *                                       layout AVX-512 VNNI CPUs load
  *
  * A program that prints figures, not a test: run it under `flock /work/bench.lock` and print
  * `uptime` beside its figures (the machine is shared). */
@@ -47,13 +49,16 @@ static tsr_weight mkw(int64_t n_in, int64_t n_out)
     }
     free(f);
     w.data = d;
-    if (tsr_q80l_on()) { /* TSR_Q80_ORDER=lanes: the lanes layout, as a load would make */
+    /* TSR_Q80_ORDER=lanes, or ggml's order on AVX-512 VNNI (TSR_Q80_LANES=0: the file
+     * layout): the lanes layout, as a load would make */
+    if (tsr_q80l_on() || tsr_q80l_ggml_chosen()) {
         void *l = aligned_alloc(64, (tsr_q80l_bytes(n_in, n_out) + 63) / 64 * 64);
         if (!l || tsr_q80l_repack(n_in, n_out, d, w.row_bytes, l) != 0) {
             fprintf(stderr, "bench_verify: out of memory\n");
             exit(1);
         }
         w.lanes = l;
+        w.lanes_ggml = !tsr_q80l_on();
     }
     return w;
 }
@@ -89,9 +94,10 @@ int main(int argc, char **argv)
     for (int k = 0; k < 7; ++k) n_bytes += lw[0][k].row_bytes * (size_t)lw[0][k].n_out;
     n_bytes *= (size_t)n_l;
     printf("bench_verify: %d threads, %d layers of the 1B Q8_0 shape (%.0f MB), isa %s, "
-           "median of %d, Q8_0 order %s\n",
+           "median of %d, Q8_0 order %s (%s)\n",
            n_th, n_l, (double)n_bytes / 1e6, tsr_quant_isa(), REPS,
-           tsr_q80l_on() ? "lanes" : "ggml");
+           tsr_q80l_on() ? "lanes" : "ggml",
+           tsr_q80l_on() || tsr_q80l_ggml_chosen() ? "lanes layout" : "file layout");
     printf("%6s %10s %8s %8s\n", "tokens", "ms", "GB/s", "x 1 tok");
     double t1 = 0;
     if (getenv("TSR_BENCH_STREAM")) { /* the kernels alone over the layers' gate weights */

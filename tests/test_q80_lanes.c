@@ -16,6 +16,11 @@
  * - TSR_Q80_ORDER / tsr_q80l_set / tsr_q80l_parse; a model loaded with the order on carries the
  *   layout on every Q8_0 matrix and keeps the greedy reference of its expected file
  *   (stories260K-q8_0, the first 114 tokens of bos-200; synth-tiny-q8_0's greedy ids).
+ * - ggml's order over the same layout (tsr_q80l_dot_ggml, the default on AVX-512 VNNI): the
+ *   kernels (both ISAs, rows 1-40, 1-17 tokens, 1, 3 and 64 blocks) and the matmul (beside a
+ *   Q5_0 weight, 1-3 threads) bit for bit tsr_vec_dot / the file layout; a model loaded with
+ *   the lanes order off carries it on every Q8_0 matrix exactly when tsr_q80l_ggml_chosen and
+ *   keeps synth-tiny-q8_0's greedy ids (llama.cpp's).
  * A failure prints the case, what was expected and what came.
  */
 #include <stdarg.h>
@@ -33,6 +38,7 @@
 #include "kernels/ops.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
+#include "kernels/repack.h"
 #include "tests/util.h"
 #include "worker/model.h"
 
@@ -270,6 +276,9 @@ static void check_greedy(const char *rel, const char *expected, const char *mode
     if (n_q8 == 0 || n_lanes != n_q8)
         fail_msg("%s: expected all %d Q8_0 layer matrices in the lanes layout, got %d", rel, n_q8,
                  n_lanes);
+    if (f.m->n_q80g_lanes != 0 || f.m->n_q80_lanes < n_q8)
+        fail_msg("%s: expected its Q8_0 matrices in the lanes order, got %d in ggml's", rel,
+                 (int)f.m->n_q80g_lanes);
     tsr_test_block *b;
     size_t nb = tsr_test_parse_blocks(tsr_test_model_path(expected), &b);
     const tsr_test_block *blk = tsr_test_find_block(b, nb, model_key, prompt_key, "greedy_ids");
@@ -299,6 +308,53 @@ static void check_greedy(const char *rel, const char *expected, const char *mode
     tsr_test_model_close(&f);
 }
 
+/* ggml's order over the layout (tsr_q80l_dot_ggml, the default on AVX-512 VNNI CPUs): bit for
+ * bit tsr_vec_dot (ggml's x86 order), kernels and matmul. */
+static void test_ggml_order(void **state)
+{
+    (void)state;
+    const tsr_test_lanes_kernel k = {TSR_TYPE_Q8_0,   make_rows,         tsr_q80l_bytes,
+                                     tsr_q80l_repack, tsr_q80l_dot_ggml, tsr_test_q8_0_acts};
+    int n_cases = 0;
+    static const int64_t ns[] = {32, 96, 2048};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
+        n_cases += tsr_test_lanes_order(&k, ns[ni], &rng);
+    printf("Q8_0 lanes layout in ggml's order: %d cases bit for bit with the row dot (%s)\n",
+           n_cases,
+           tsr_ggml_isa() == TSR_GGML_VNNI ? "avx512vnni and scalar"
+                                           : "scalar only: no AVX-512 VNNI here");
+}
+
+/* The matmul over the layout in ggml's order = over the file layout, alone and beside a Q5_0
+ * weight (one Q8_0 conversion for both), 1..17 tokens, 1..3 threads. */
+static void test_ggml_matmul(void **state)
+{
+    (void)state;
+    const int64_t n = 320, n_out = 72, n_out5 = 40;
+    const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n), rb5 = tsr_row_bytes(TSR_TYPE_Q5_0, n);
+    uint8_t *wd = make_rows(n, n_out), *wd5 = tsr_test_xmalloc(rb5 * (size_t)n_out5);
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * 17));
+    for (int64_t r = 0; r < n_out5; r++) {
+        for (int64_t i = 0; i < n; i++) x[i] = tsr_test_gauss(&rng);
+        tsr_quant_row(TSR_TYPE_Q5_0, x, wd5 + (size_t)r * rb5, n);
+    }
+    void *lanes = tsr_test_xmalloc(tsr_q80l_bytes(n, n_out));
+    assert_int_equal(tsr_q80l_repack(n, n_out, wd, rb, lanes), 0);
+    const tsr_weight wf = {
+        .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
+    tsr_weight wl = wf;
+    wl.lanes = lanes;
+    wl.lanes_ggml = true;
+    const tsr_weight w5 = {
+        .type = TSR_TYPE_Q5_0, .n_in = n, .n_out = n_out5, .row_bytes = rb5, .data = wd5};
+    for (int i = 0; i < n * 17; i++) x[i] = tsr_test_gauss(&rng);
+    tsr_test_lanes_matmul(&wl, NULL, &wf, &w5, x);
+    free(x);
+    free(lanes);
+    free(wd5);
+    free(wd);
+}
+
 static void test_models(void **state)
 {
     (void)state;
@@ -307,23 +363,21 @@ static void test_models(void **state)
                  114);
     check_greedy("synthetic/synth-tiny-q8_0.gguf", "expected/synth-tiny-expected.txt",
                  "synthetic/synth-tiny-q8_0.gguf", "\"Once upon a time\"", 32);
+    /* the order off: the layout in ggml's order where the CPU takes it (the same greedy ids,
+     * llama.cpp's), else the file layout */
     tsr_q80l_set(0);
-    tsr_test_model f;
-    tsr_test_model_open(&f, tsr_test_model_path("derived/stories260K-q8_0.gguf"), 512, 64, 2,
-                        TSR_KV_F32);
-    int n_q8 = 0;
-    assert_int_equal(tsr_test_count_lanes(f.m, TSR_TYPE_Q8_0, &n_q8), 0);
-    tsr_test_model_close(&f);
+    tsr_test_lanes_model("synthetic/synth-tiny-q8_0.gguf", TSR_TYPE_Q8_0,
+                         tsr_q80l_ggml_chosen() && tsr_repack_all(),
+                         offsetof(tsr_model, n_q80g_lanes));
     tsr_q80l_set(-1);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_order),
-        cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_switch),
-        cmocka_unit_test(test_models),
+        cmocka_unit_test(test_order),       cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_switch),      cmocka_unit_test(test_ggml_order),
+        cmocka_unit_test(test_ggml_matmul), cmocka_unit_test(test_models),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -334,8 +334,10 @@ static void check_model_on_off_ex(const char *path, bool expect_repack, bool all
     if (tsr_model_repack(on, err, sizeof err) != 0) fail_msg("repack %s: %s", path, err);
     tsr_repack_set_all(true);
     if (expect_repack && on->n_repacked == 0) fail_msg("%s: no matrix was repacked", path);
-    /* Q8_0: copied verbatim onto the huge-page arena, read from there (model_repack.c) */
-    if (on->layers[0].wq.type == TSR_TYPE_Q8_0 && on->layers[0].wq.data == off->layers[0].wq.data)
+    /* Q8_0: in the lanes layout, ggml's order (AVX-512 VNNI, kernels/q80_lanes.h), or copied
+     * verbatim onto the huge-page arena and read from there (model_repack.c) */
+    if (on->layers[0].wq.type == TSR_TYPE_Q8_0 && !on->layers[0].wq.lanes &&
+        on->layers[0].wq.data == off->layers[0].wq.data)
         fail_msg("%s: the Q8_0 attn_q still reads the file's mapping after the repack", path);
     assert_int_equal(off->n_repacked, 0);
     /* worker/model_repack.c's arena: every slice keeps the kernels' 64-byte alignment, and a

@@ -242,6 +242,7 @@ void tsr_test_lanes_matmul(const tsr_weight *wl, const tsr_weight *wg, const tsr
             const tsr_weight *lay[3] = {wl, wg, wf};
             static const char *const names[3] = {"lanes", "groups", "file layout"};
             for (int li = 0; li < 3; li++) {
+                if (!lay[li]) continue;
                 for (int with2 = 0; with2 < 2; with2++) {
                     const tsr_weight *ws[2] = {lay[li], other};
                     float *ys[2] = {got, got2};

@@ -73,8 +73,9 @@ typedef struct {
     uint8_t *(*acts)(uint64_t *s, int64_t n, int32_t n_tok);
 } tsr_test_lanes_kernel;
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng);
-/* The lanes tests' matmul check (test_q6k_lanes, test_q50_lanes): the same matrix of n_in
- * elements a row in the lanes layout (wl), the repacked groups (wg) and the file layout (wf),
+/* The lanes tests' matmul check (test_q6k_lanes, test_q50_lanes, test_q80_lanes): the same
+ * matrix of n_in elements a row in the lanes layout (wl), the repacked groups (wg; NULL for a
+ * type without them) and the file layout (wf),
  * each alone and beside `other` (tsr_matmul_multi, one activation conversion for both), for
  * 1..17 tokens at once (x: 17 rows of n_in floats) on 1, 2 and 3 threads; fails the current
  * test unless every output is bit-identical to one token at a time, one thread, over wf. */

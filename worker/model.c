@@ -100,6 +100,7 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     w->data = t->data;
     w->packed = NULL;
     w->lanes = NULL;
+    w->lanes_ggml = false;
     m->n_bytes_weights += t->n_bytes;
     m->n_bytes_loaded += t->n_bytes;
     return 0;
@@ -371,7 +372,7 @@ void tsr_shard_full(const tsr_hparams *hp, tsr_shard *s)
 static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, int64_t c0,
                      int64_t c1, tsr_weight *w, char *err, size_t err_len)
 {
-    tsr_weight full;
+    tsr_weight full = {0};
     if (bind(m, name, n_in, n_out, &full, false, err, err_len)) return -1;
     m->n_bytes_weights -= (uint64_t)full.row_bytes * (uint64_t)n_out;
     m->n_bytes_loaded -= (uint64_t)full.row_bytes * (uint64_t)n_out;
@@ -425,7 +426,7 @@ static int bind_cols(tsr_model *m, const char *name, int64_t n_in, int64_t n_out
 static int bind_rows(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, int64_t r0,
                      int64_t r1, tsr_weight *w, bool optional, char *err, size_t err_len)
 {
-    tsr_weight full;
+    tsr_weight full = {0};
     int rc = bind(m, name, n_in, n_out, &full, optional, err, err_len);
     if (rc != 0) return rc;
     m->n_bytes_weights -= (uint64_t)full.row_bytes * (uint64_t)(n_out - (r1 - r0));

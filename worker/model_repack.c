@@ -15,12 +15,15 @@
  * --no-repack holds (the file's pages of this rank's tiles, shared and reclaimable; a column
  * slice's private copy). Which types are repacked: tsr_repack_chosen (kernels/repack.h).
  *
- * Q8_0 matrices are copied verbatim (their file layout, which every Q8_0 kernel reads) into
- * the same arena, w->data pointing there: only for the huge pages (q8_0_in_mapping).
+ * Q8_0 matrices without a lanes layout (below) are copied verbatim (their file layout, which
+ * ggml's Q8_0 kernels read) into the same arena, w->data pointing there: only for the huge
+ * pages (q8_0_in_mapping).
  *
  * Lanes layouts (w->lanes, read for every token count instead of the file layout or the
- * groups): Q8_0 in the opt-in lanes order (kernels/q80_lanes.h, tsr_q80l_on) instead of the
- * verbatim copy, and, on CPUs with AVX-512 VNNI, Q4_0, Q4_K, Q6_K and Q5_0 instead of the
+ * groups): Q8_0 (kernels/q80_lanes.h) instead of the verbatim copy, in the opt-in lanes order
+ * (tsr_q80l_on) or, on CPUs with AVX-512 VNNI, in ggml's (w->lanes_ggml; tsr_q80l_ggml_chosen,
+ * with every type repacked: tsr_repack_all), and, on CPUs with AVX-512 VNNI, Q4_0, Q4_K, Q6_K
+ * and Q5_0 instead of the
  * groups (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h; tsr_q40l_chosen,
  * tsr_q4kl_chosen, tsr_q6kl_chosen, tsr_q50l_chosen: each type's own orders, the same bits).
  *
@@ -113,7 +116,8 @@ static bool q8_0_in_mapping(const tsr_model *m, const tsr_weight *w)
 /* Whether w gets a lanes layout (see the top), not the groups or the verbatim copy. */
 static bool lanes_of(const tsr_weight *w)
 {
-    if (w->type == TSR_TYPE_Q8_0) return tsr_q80l_on();
+    if (w->type == TSR_TYPE_Q8_0)
+        return tsr_q80l_on() || (tsr_repack_all() && tsr_q80l_ggml_chosen());
     if (w->type == TSR_TYPE_Q4_K)
         return tsr_repack_chosen(TSR_TYPE_Q4_K) && tsr_q4kl_chosen() && w->n_in % 256 == 0;
     if (w->type == TSR_TYPE_Q6_K)
@@ -237,8 +241,12 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
             m->n_q6k_lanes++;
         else if (w->type == TSR_TYPE_Q5_0)
             m->n_q50_lanes++;
-        else
+        else if (tsr_q80l_on())
             m->n_q80_lanes++;
+        else {
+            w->lanes_ggml = true;
+            m->n_q80g_lanes++;
+        }
     } else {
         w->packed = dst;
     }

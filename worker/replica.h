@@ -74,6 +74,7 @@ typedef struct {
     int32_t n_q4k_lanes;       /* Q4_K matrices in the lanes layout (kernels/q4k_lanes.h) */
     int32_t n_q6k_lanes;       /* Q6_K matrices in the lanes layout (kernels/q6k_lanes.h) */
     int32_t n_q50_lanes;       /* Q5_0 matrices in the lanes layout (kernels/q50_lanes.h) */
+    int32_t n_q80g_lanes;      /* Q8_0 matrices in the lanes layout, ggml's order (q80_lanes.h) */
     /* GPU ranks (0 on CPU ranks): device bytes in use (weights, KV pool, step buffers, the
      * logits buffers and scratch grown so far), and the planner's figure for this rank
      * (weights + KV + tsr_plan_device_buffer_bytes), which --gpu-memory was checked against */
