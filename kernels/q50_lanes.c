@@ -13,6 +13,7 @@
 #include "kernels/q50_lanes.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/lanes.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -128,19 +129,6 @@ static float dot_row_scalar(int64_t nb, const uint8_t *grp, int rr, const uint8_
     return (t0 + t2) + (t1 + t3);
 }
 
-static void dot_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
-                       const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
-{
-    const size_t gb = tsr_q50l_group_bytes(nb * 32);
-    for (int64_t r = 0; r < n_rows; r++) {
-        const int64_t row = r0 + r;
-        const uint8_t *grp = packed + (size_t)(row / TSR_Q50L_ROWS) * gb;
-        for (int32_t t = 0; t < n_tok; t++)
-            y[(size_t)t * y_stride + (size_t)r] =
-                dot_row_scalar(nb, grp, (int)(row % TSR_Q50L_ROWS), x + (size_t)t * x_stride);
-    }
-}
-
 #if Q5L_X86
 #define Q5L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define Q5L_TMAX 8
@@ -216,13 +204,7 @@ static inline __attribute__((always_inline)) Q5L_VNNI void tile(const int T, int
             }
         }
     }
-    for (int t = 0; t < T; t++) {
-        const __m512 t0 = _mm512_add_ps(acc[0][t], acc[4][t]),
-                     t1 = _mm512_add_ps(acc[1][t], acc[5][t]),
-                     t2 = _mm512_add_ps(acc[2][t], acc[6][t]),
-                     t3 = _mm512_add_ps(acc[3][t], acc[7][t]);
-        out[t] = _mm512_add_ps(_mm512_add_ps(t0, t2), _mm512_add_ps(t1, t3));
-    }
+    for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], Q5L_TMAX);
 }
 
 #define Q5L_TILE(T, name)                                                                          \
@@ -263,5 +245,6 @@ void tsr_q50l_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_
     }
 #endif
     (void)isa;
-    dot_scalar(nb, packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
+    tsr_lanes_run_scalar(dot_row_scalar, nb, tsr_q50l_group_bytes(n), packed, r0, n_rows, n_tok, x,
+                         x_stride, y, y_stride);
 }

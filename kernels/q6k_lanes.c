@@ -15,6 +15,7 @@
 #include "kernels/q6k_lanes.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/lanes.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -148,19 +149,6 @@ static float dot_row_scalar(int64_t nsb, const uint8_t *grp, int rr, const uint8
     return (t0 + t2) + (t1 + t3);
 }
 
-static void dot_scalar(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
-                       int32_t n_tok, const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
-{
-    const size_t gb = (size_t)nsb * TSR_Q6KL_SB_BYTES;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const int64_t row = r0 + r;
-        const uint8_t *grp = packed + (size_t)(row / TSR_Q6KL_ROWS) * gb;
-        for (int32_t t = 0; t < n_tok; t++)
-            y[(size_t)t * y_stride + (size_t)r] =
-                dot_row_scalar(nsb, grp, (int)(row % TSR_Q6KL_ROWS), x + (size_t)t * x_stride);
-    }
-}
-
 #if Q6L_X86
 #define Q6L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define Q6L_TMAX 8
@@ -254,13 +242,7 @@ tile(const int T, int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t x_st
                 acc[m][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), dd[t], acc[m][t]);
         }
     }
-    for (int t = 0; t < T; t++) {
-        const __m512 t0 = _mm512_add_ps(acc[0][t], acc[4][t]),
-                     t1 = _mm512_add_ps(acc[1][t], acc[5][t]),
-                     t2 = _mm512_add_ps(acc[2][t], acc[6][t]),
-                     t3 = _mm512_add_ps(acc[3][t], acc[7][t]);
-        out[t] = _mm512_add_ps(_mm512_add_ps(t0, t2), _mm512_add_ps(t1, t3));
-    }
+    for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], Q6L_TMAX);
 }
 
 #define Q6L_TILE(T, name)                                                                          \
@@ -302,5 +284,6 @@ void tsr_q6kl_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_
     }
 #endif
     (void)isa;
-    dot_scalar(nsb, packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
+    tsr_lanes_run_scalar(dot_row_scalar, nsb, tsr_q6kl_group_bytes(n), packed, r0, n_rows, n_tok, x,
+                         x_stride, y, y_stride);
 }

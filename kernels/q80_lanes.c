@@ -21,6 +21,7 @@
 #include "kernels/q80_lanes.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/lanes.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -200,20 +201,6 @@ static float dot_row_ggml_scalar(int64_t nb, const uint8_t *grp, int rr, const u
     return (t0 + t2) + (t1 + t3);
 }
 
-static void dot_ggml_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows,
-                            int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
-                            size_t y_stride)
-{
-    const size_t gb = (size_t)nb * TSR_Q80L_BLOCK_BYTES;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const int64_t row = r0 + r;
-        const uint8_t *grp = packed + (size_t)(row / TSR_Q80L_ROWS) * gb;
-        for (int32_t t = 0; t < n_tok; t++)
-            y[(size_t)t * y_stride + (size_t)r] =
-                dot_row_ggml_scalar(nb, grp, (int)(row % TSR_Q80L_ROWS), x + (size_t)t * x_stride);
-    }
-}
-
 #if Q8L_X86
 #define Q8L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
@@ -243,6 +230,23 @@ static void dot_ggml_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64
 #define Q8L_PF_L2_BYTES      (32 * TSR_Q80L_BLOCK_BYTES)
 #define Q8L_PF_L2_MIN_TOKENS 4
 
+/* The prefetches of a tile of T tokens at block blk (the constants above; both orders' tiles
+ * take them): none for one token, which streams faster on the hardware prefetchers alone. */
+static inline __attribute__((always_inline)) void prefetch(const int T, const uint8_t *blk,
+                                                           bool first)
+{
+    if (T == 2)
+#pragma GCC unroll 9
+        for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+            _mm_prefetch((const char *)blk + Q8L_PF2_BYTES + l, _MM_HINT_T0);
+    if (T > 2)
+        for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+            _mm_prefetch((const char *)blk + Q8L_PF_BYTES + l, _MM_HINT_T0);
+    if (T >= Q8L_PF_L2_MIN_TOKENS && first)
+        for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+            _mm_prefetch((const char *)blk + Q8L_PF_L2_BYTES + l, _MM_HINT_T1);
+}
+
 /* One tile: T tokens (x: the first, x_stride blocks between tokens) x one group of 16
  * rows, all nb blocks; the 16 sums of token t into out[t * 16 ..]. first: the group's first
  * tile (the later ones find it in L2: no prefetch into L2 for them). */
@@ -255,16 +259,7 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile(const int T, int
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
-        if (T == 2) /* one token streams faster on the hardware prefetchers alone */
-#pragma GCC unroll 9
-            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
-                _mm_prefetch((const char *)blk + Q8L_PF2_BYTES + l, _MM_HINT_T0);
-        if (T > 2)
-            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
-                _mm_prefetch((const char *)blk + Q8L_PF_BYTES + l, _MM_HINT_T0);
-        if (T >= Q8L_PF_L2_MIN_TOKENS && first)
-            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
-                _mm_prefetch((const char *)blk + Q8L_PF_L2_BYTES + l, _MM_HINT_T1);
+        prefetch(T, blk, first);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         /* named registers, not an array: gcc spilled an array of them to the stack */
         const __m512i w0 = _mm512_loadu_si512(blk + 32), w1 = _mm512_loadu_si512(blk + 96);
@@ -340,16 +335,7 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
         for (int t = 0; t < T; t++) acc[k][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
-        if (T == 2)
-#pragma GCC unroll 9
-            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
-                _mm_prefetch((const char *)blk + Q8L_PF2_BYTES + l, _MM_HINT_T0);
-        if (T > 2)
-            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
-                _mm_prefetch((const char *)blk + Q8L_PF_BYTES + l, _MM_HINT_T0);
-        if (T >= Q8L_PF_L2_MIN_TOKENS && first)
-            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
-                _mm_prefetch((const char *)blk + Q8L_PF_L2_BYTES + l, _MM_HINT_T1);
+        prefetch(T, blk, first);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         __m512 dd[Q8G_TMAX];
         int32_t c[Q8G_TMAX][8] __attribute__((aligned(32)));
@@ -378,13 +364,7 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
             }
         }
     }
-    for (int t = 0; t < T; t++) {
-        const __m512 t0 = _mm512_add_ps(acc[0][t], acc[4][t]),
-                     t1 = _mm512_add_ps(acc[1][t], acc[5][t]),
-                     t2 = _mm512_add_ps(acc[2][t], acc[6][t]),
-                     t3 = _mm512_add_ps(acc[3][t], acc[7][t]);
-        out[t] = _mm512_add_ps(_mm512_add_ps(t0, t2), _mm512_add_ps(t1, t3));
-    }
+    for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], Q8G_TMAX);
 }
 
 #define Q8G_TILE(T)                                                                                \
@@ -436,5 +416,6 @@ void tsr_q80l_dot_ggml(int isa, int64_t n, const void *packed, int64_t r0, int64
     }
 #endif
     (void)isa;
-    dot_ggml_scalar(nb, packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
+    tsr_lanes_run_scalar(dot_row_ggml_scalar, nb, (size_t)nb * TSR_Q80L_BLOCK_BYTES, packed, r0,
+                         n_rows, n_tok, x, x_stride, y, y_stride);
 }

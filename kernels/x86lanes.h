@@ -49,4 +49,17 @@ tsr_lanes_run(const tsr_lanes_tile_fn *tiles, int tmax, int64_t nb, size_t gb,
     }
 }
 
+/* ggml's hsum of 8 chains, ((c0 + c4) + (c2 + c6)) + ((c1 + c5) + (c3 + c7)), for 16 rows at
+ * once: the end of the lanes kernels that keep ggml's 8 float chains a row (q6k_lanes.c,
+ * q50_lanes.c, q80_lanes.c's ggml order), acc[k * stride] chain k. */
+__attribute__((target("avx512f"))) static inline __m512 tsr_lanes_hsum8(const __m512 *acc,
+                                                                        size_t stride)
+{
+    const __m512 t0 = _mm512_add_ps(acc[0], acc[4 * stride]),
+                 t1 = _mm512_add_ps(acc[stride], acc[5 * stride]),
+                 t2 = _mm512_add_ps(acc[2 * stride], acc[6 * stride]),
+                 t3 = _mm512_add_ps(acc[3 * stride], acc[7 * stride]);
+    return _mm512_add_ps(_mm512_add_ps(t0, t2), _mm512_add_ps(t1, t3));
+}
+
 #endif

@@ -1,0 +1,31 @@
+/* lanes.h — the scalar row walk of the lanes layouts (kernels/q6k_lanes.c, q50_lanes.c,
+ * q80_lanes.c's ggml order): rows r0.. of a matrix in groups of 16 rows, each (row, token)
+ * dot computed by the layout's scalar row function. Portable (the forms the kernels run where
+ * the CPU lacks AVX-512 VNNI, and the tests' second reference). */
+#ifndef TSR_LANES_H
+#define TSR_LANES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The dot of row rr (0..15) of group `grp` (nb blocks or super-blocks) with the token whose
+ * activations start at x. */
+typedef float (*tsr_lanes_row_fn)(int64_t nb, const uint8_t *grp, int rr, const uint8_t *x);
+
+/* y[t * y_stride + r] = row(row r0 + r, token t) for r < n_rows, t < n_tok: groups of gb bytes
+ * from `packed`, tokens x_stride bytes apart from x. */
+static inline void tsr_lanes_run_scalar(tsr_lanes_row_fn row, int64_t nb, size_t gb,
+                                        const uint8_t *packed, int64_t r0, int64_t n_rows,
+                                        int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
+                                        size_t y_stride)
+{
+    for (int64_t r = 0; r < n_rows; r++) {
+        const int64_t g = (r0 + r) / 16;
+        const int rr = (int)((r0 + r) % 16);
+        for (int32_t t = 0; t < n_tok; t++)
+            y[(size_t)t * y_stride + (size_t)r] =
+                row(nb, packed + (size_t)g * gb, rr, x + (size_t)t * x_stride);
+    }
+}
+
+#endif
