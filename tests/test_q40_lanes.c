@@ -123,17 +123,10 @@ static void test_matmul(void **state)
 {
     (void)state;
     const int64_t n = 512, n_out = 200;
-    const size_t rb = tsr_row_bytes(TSR_TYPE_Q4_0, n);
     uint8_t *wd = make_rows(n, n_out);
-    void *lanes = tsr_test_xmalloc(tsr_q40l_bytes(n, n_out));
-    assert_int_equal(tsr_q40l_repack(n, n_out, wd, rb, lanes), 0);
-    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q4_0, n, n_out));
-    assert_int_equal(tsr_repack(TSR_TYPE_Q4_0, n, n_out, wd, rb, groups), 0);
-    tsr_weight wf = {.type = TSR_TYPE_Q4_0, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
-    tsr_weight wl = wf, wg = wf;
-    wl.lanes = lanes;
-    wg.data = NULL;
-    wg.packed = groups;
+    tsr_test_lanes_set set;
+    tsr_test_lanes_set_make(&set, TSR_TYPE_Q4_0, wd, n, n_out, tsr_q40l_bytes, tsr_q40l_repack);
+    const tsr_weight wf = set.file, wl = set.lanes, wg = set.groups;
     /* beside them: a Q4_K weight (its own conversion), a Q8_0 one (the same conversion) */
     const size_t kb = tsr_row_bytes(TSR_TYPE_Q4_K, n), qb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
     uint8_t *kd = tsr_test_xmalloc(kb * 24), *qd = tsr_test_xmalloc(qb * 40);
@@ -193,8 +186,7 @@ static void test_matmul(void **state)
     free(x);
     free(qd);
     free(kd);
-    free(groups);
-    free(lanes);
+    tsr_test_lanes_set_free(&set);
     free(wd);
 }
 

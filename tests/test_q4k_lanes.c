@@ -107,17 +107,10 @@ static void test_matmul(void **state)
 {
     (void)state;
     const int64_t n = 512, n_out = 72;
-    const size_t rb = tsr_row_bytes(TSR_TYPE_Q4_K, n);
     uint8_t *wd = tsr_test_q4_K_rows(&rng, n, n_out);
-    void *lanes = tsr_test_xmalloc(tsr_q4kl_bytes(n, n_out));
-    assert_int_equal(tsr_q4kl_repack(n, n_out, wd, rb, lanes), 0);
-    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q4_K, n, n_out));
-    assert_int_equal(tsr_repack(TSR_TYPE_Q4_K, n, n_out, wd, rb, groups), 0);
-    tsr_weight wf = {.type = TSR_TYPE_Q4_K, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
-    tsr_weight wl = wf, wg = wf;
-    wl.lanes = lanes;
-    wg.data = NULL;
-    wg.packed = groups;
+    tsr_test_lanes_set set;
+    tsr_test_lanes_set_make(&set, TSR_TYPE_Q4_K, wd, n, n_out, tsr_q4kl_bytes, tsr_q4kl_repack);
+    const tsr_weight wf = set.file, wl = set.lanes, wg = set.groups;
     const int32_t max_tok = 9;
     float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
     for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
@@ -159,8 +152,7 @@ static void test_matmul(void **state)
     free(ref);
     free(sc);
     free(x);
-    free(groups);
-    free(lanes);
+    tsr_test_lanes_set_free(&set);
     free(wd);
 }
 

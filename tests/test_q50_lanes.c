@@ -53,15 +53,20 @@ static uint8_t *make_rows(int64_t n, int64_t n_rows)
     return w;
 }
 
+static const tsr_test_lanes_kernel k_kernel = {.type = TSR_TYPE_Q5_0,
+                                               .make_rows = make_rows,
+                                               .bytes = tsr_q50l_bytes,
+                                               .repack = tsr_q50l_repack,
+                                               .dot = tsr_q50l_dot,
+                                               .acts = tsr_test_q8_0_acts};
+
 static void test_order(void **state)
 {
     (void)state;
-    const tsr_test_lanes_kernel k = {TSR_TYPE_Q5_0,   make_rows,    tsr_q50l_bytes,
-                                     tsr_q50l_repack, tsr_q50l_dot, tsr_test_q8_0_acts};
     int n_cases = 0;
     static const int64_t ns[] = {32, 96, 896};
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
-        n_cases += tsr_test_lanes_order(&k, ns[ni], &rng);
+        n_cases += tsr_test_lanes_order(&k_kernel, ns[ni], &rng);
     printf("Q5_0 lanes: %d cases bit for bit with the row dot (%s)\n", n_cases,
            tsr_ggml_isa() == TSR_GGML_VNNI ? "avx512vnni and scalar"
                                            : "scalar only: no AVX-512 VNNI here");
@@ -73,7 +78,7 @@ static void test_matmul(void **state)
 {
     (void)state;
     const int64_t n = 320, n_out = 72, n_out8 = 40;
-    const size_t rb = tsr_row_bytes(TSR_TYPE_Q5_0, n), rb8 = tsr_row_bytes(TSR_TYPE_Q8_0, n);
+    const size_t rb8 = tsr_row_bytes(TSR_TYPE_Q8_0, n);
     uint8_t *wd = make_rows(n, n_out), *wd8 = tsr_test_xmalloc(rb8 * (size_t)n_out8);
     float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
     for (int64_t r = 0; r < n_out8; r++) {
@@ -81,23 +86,9 @@ static void test_matmul(void **state)
         tsr_quant_row(TSR_TYPE_Q8_0, f, wd8 + (size_t)r * rb8, n);
     }
     free(f);
-    void *lanes = tsr_test_xmalloc(tsr_q50l_bytes(n, n_out));
-    assert_int_equal(tsr_q50l_repack(n, n_out, wd, rb, lanes), 0);
-    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q5_0, n, n_out));
-    assert_int_equal(tsr_repack(TSR_TYPE_Q5_0, n, n_out, wd, rb, groups), 0);
-    tsr_weight wf = {.type = TSR_TYPE_Q5_0, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
-    tsr_weight wl = wf, wg = wf;
-    wl.lanes = lanes;
-    wg.data = NULL;
-    wg.packed = groups;
     const tsr_weight w8 = {
         .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out8, .row_bytes = rb8, .data = wd8};
-    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * 17));
-    for (int i = 0; i < n * 17; i++) x[i] = tsr_test_gauss(&rng);
-    tsr_test_lanes_matmul(&wl, &wg, &wf, &w8, x);
-    free(x);
-    free(groups);
-    free(lanes);
+    tsr_test_lanes_matmul(&k_kernel, wd, n, n_out, &w8, &rng);
     free(wd8);
     free(wd);
 }

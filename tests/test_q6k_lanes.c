@@ -55,15 +55,20 @@ static uint8_t *make_rows(int64_t n, int64_t n_rows)
     return w;
 }
 
+static const tsr_test_lanes_kernel k_kernel = {.type = TSR_TYPE_Q6_K,
+                                               .make_rows = make_rows,
+                                               .bytes = tsr_q6kl_bytes,
+                                               .repack = tsr_q6kl_repack,
+                                               .dot = tsr_q6kl_dot,
+                                               .acts = tsr_test_q8_K_acts};
+
 static void test_order(void **state)
 {
     (void)state;
-    const tsr_test_lanes_kernel k = {TSR_TYPE_Q6_K,   make_rows,    tsr_q6kl_bytes,
-                                     tsr_q6kl_repack, tsr_q6kl_dot, tsr_test_q8_K_acts};
     int n_cases = 0;
     static const int64_t ns[] = {256, 2048};
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
-        n_cases += tsr_test_lanes_order(&k, ns[ni], &rng);
+        n_cases += tsr_test_lanes_order(&k_kernel, ns[ni], &rng);
     printf("Q6_K lanes: %d cases bit for bit with the row dot (%s)\n", n_cases,
            tsr_ggml_isa() == TSR_GGML_VNNI ? "avx512vnni and scalar"
                                            : "scalar only: no AVX-512 VNNI here");
@@ -75,25 +80,11 @@ static void test_matmul(void **state)
 {
     (void)state;
     const int64_t n = 512, n_out = 72, n_out4 = 40;
-    const size_t rb = tsr_row_bytes(TSR_TYPE_Q6_K, n), rb4 = tsr_row_bytes(TSR_TYPE_Q4_K, n);
+    const size_t rb4 = tsr_row_bytes(TSR_TYPE_Q4_K, n);
     uint8_t *wd = make_rows(n, n_out), *wd4 = tsr_test_q4_K_rows(&rng, n, n_out4);
-    void *lanes = tsr_test_xmalloc(tsr_q6kl_bytes(n, n_out));
-    assert_int_equal(tsr_q6kl_repack(n, n_out, wd, rb, lanes), 0);
-    void *groups = tsr_test_xmalloc(tsr_repack_bytes(TSR_TYPE_Q6_K, n, n_out));
-    assert_int_equal(tsr_repack(TSR_TYPE_Q6_K, n, n_out, wd, rb, groups), 0);
-    tsr_weight wf = {.type = TSR_TYPE_Q6_K, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
-    tsr_weight wl = wf, wg = wf;
-    wl.lanes = lanes;
-    wg.data = NULL;
-    wg.packed = groups;
     const tsr_weight w4 = {
         .type = TSR_TYPE_Q4_K, .n_in = n, .n_out = n_out4, .row_bytes = rb4, .data = wd4};
-    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * 17));
-    for (int i = 0; i < n * 17; i++) x[i] = tsr_test_gauss(&rng);
-    tsr_test_lanes_matmul(&wl, &wg, &wf, &w4, x);
-    free(x);
-    free(groups);
-    free(lanes);
+    tsr_test_lanes_matmul(&k_kernel, wd, n, n_out, &w4, &rng);
     free(wd4);
     free(wd);
 }

@@ -308,17 +308,23 @@ static void check_greedy(const char *rel, const char *expected, const char *mode
     tsr_test_model_close(&f);
 }
 
-/* ggml's order over the layout (tsr_q80l_dot_ggml, the default on AVX-512 VNNI CPUs): bit for
- * bit tsr_vec_dot (ggml's x86 order), kernels and matmul. */
+/* ggml's order over the layout (tsr_q80l_dot_ggml, the default on AVX-512 VNNI CPUs) */
+static const tsr_test_lanes_kernel k_ggml = {.type = TSR_TYPE_Q8_0,
+                                             .make_rows = make_rows,
+                                             .bytes = tsr_q80l_bytes,
+                                             .repack = tsr_q80l_repack,
+                                             .dot = tsr_q80l_dot_ggml,
+                                             .acts = tsr_test_q8_0_acts,
+                                             .lanes_ggml = true};
+
+/* ... bit for bit tsr_vec_dot (ggml's x86 order), kernels and matmul. */
 static void test_ggml_order(void **state)
 {
     (void)state;
-    const tsr_test_lanes_kernel k = {TSR_TYPE_Q8_0,   make_rows,         tsr_q80l_bytes,
-                                     tsr_q80l_repack, tsr_q80l_dot_ggml, tsr_test_q8_0_acts};
     int n_cases = 0;
     static const int64_t ns[] = {32, 96, 2048};
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
-        n_cases += tsr_test_lanes_order(&k, ns[ni], &rng);
+        n_cases += tsr_test_lanes_order(&k_ggml, ns[ni], &rng);
     printf("Q8_0 lanes layout in ggml's order: %d cases bit for bit with the row dot (%s)\n",
            n_cases,
            tsr_ggml_isa() == TSR_GGML_VNNI ? "avx512vnni and scalar"
@@ -331,26 +337,17 @@ static void test_ggml_matmul(void **state)
 {
     (void)state;
     const int64_t n = 320, n_out = 72, n_out5 = 40;
-    const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n), rb5 = tsr_row_bytes(TSR_TYPE_Q5_0, n);
+    const size_t rb5 = tsr_row_bytes(TSR_TYPE_Q5_0, n);
     uint8_t *wd = make_rows(n, n_out), *wd5 = tsr_test_xmalloc(rb5 * (size_t)n_out5);
-    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * 17));
+    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
     for (int64_t r = 0; r < n_out5; r++) {
-        for (int64_t i = 0; i < n; i++) x[i] = tsr_test_gauss(&rng);
-        tsr_quant_row(TSR_TYPE_Q5_0, x, wd5 + (size_t)r * rb5, n);
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng);
+        tsr_quant_row(TSR_TYPE_Q5_0, f, wd5 + (size_t)r * rb5, n);
     }
-    void *lanes = tsr_test_xmalloc(tsr_q80l_bytes(n, n_out));
-    assert_int_equal(tsr_q80l_repack(n, n_out, wd, rb, lanes), 0);
-    const tsr_weight wf = {
-        .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
-    tsr_weight wl = wf;
-    wl.lanes = lanes;
-    wl.lanes_ggml = true;
+    free(f);
     const tsr_weight w5 = {
         .type = TSR_TYPE_Q5_0, .n_in = n, .n_out = n_out5, .row_bytes = rb5, .data = wd5};
-    for (int i = 0; i < n * 17; i++) x[i] = tsr_test_gauss(&rng);
-    tsr_test_lanes_matmul(&wl, NULL, &wf, &w5, x);
-    free(x);
-    free(lanes);
+    tsr_test_lanes_matmul(&k_ggml, wd, n, n_out, &w5, &rng);
     free(wd5);
     free(wd);
 }

@@ -5,6 +5,7 @@
 #include "kernels/ops.h"
 #include "kernels/pool.h"
 #include "kernels/quant.h"
+#include "kernels/repack.h"
 
 #include <math.h>
 #include <setjmp.h>
@@ -215,11 +216,44 @@ int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rn
     return n_cases;
 }
 
-void tsr_test_lanes_matmul(const tsr_weight *wl, const tsr_weight *wg, const tsr_weight *wf,
-                           const tsr_weight *other, const float *x)
+void tsr_test_lanes_set_make(tsr_test_lanes_set *s, uint32_t type, const uint8_t *wd, int64_t n,
+                             int64_t n_out, size_t (*bytes)(int64_t n, int64_t n_out),
+                             int (*repack)(int64_t n, int64_t n_out, const void *src,
+                                           size_t src_stride, void *dst))
+{
+    const size_t rb = tsr_row_bytes(type, n);
+    s->file = (tsr_weight){.type = type, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
+    void *lanes = tsr_test_xmalloc(bytes(n, n_out));
+    assert_int_equal(repack(n, n_out, wd, rb, lanes), 0);
+    s->lanes = s->file;
+    s->lanes.lanes = lanes;
+    s->has_groups = tsr_repack_supported(type);
+    s->groups = s->file;
+    s->groups.data = NULL;
+    if (s->has_groups) {
+        void *groups = tsr_test_xmalloc(tsr_repack_bytes(type, n, n_out));
+        assert_int_equal(tsr_repack(type, n, n_out, wd, rb, groups), 0);
+        s->groups.packed = groups;
+    }
+}
+
+void tsr_test_lanes_set_free(tsr_test_lanes_set *s)
+{
+    free((void *)s->lanes.lanes);
+    free((void *)s->groups.packed);
+}
+
+void tsr_test_lanes_matmul(const tsr_test_lanes_kernel *k, const uint8_t *wd, int64_t n,
+                           int64_t n_out, const tsr_weight *other, uint64_t *rng)
 {
     enum { MAX_TOK = 17 };
-    const int64_t n = wf->n_in, n_out = wf->n_out, n_out2 = other->n_out;
+    tsr_test_lanes_set set;
+    tsr_test_lanes_set_make(&set, k->type, wd, n, n_out, k->bytes, k->repack);
+    set.lanes.lanes_ggml = k->lanes_ggml;
+    const tsr_weight *wl = &set.lanes, *wg = set.has_groups ? &set.groups : NULL, *wf = &set.file;
+    float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * MAX_TOK));
+    for (int64_t i = 0; i < n * MAX_TOK; i++) x[i] = tsr_test_gauss(rng);
+    const int64_t n_out2 = other->n_out;
     const char *tn = tsr_type_name(wf->type), *tn2 = tsr_type_name(other->type);
     /* one token at a time, one thread, the file layout: the reference */
     float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * MAX_TOK));
@@ -267,6 +301,8 @@ void tsr_test_lanes_matmul(const tsr_weight *wl, const tsr_weight *wg, const tsr
     free(ref2);
     free(ref);
     free(sc);
+    free(x);
+    tsr_test_lanes_set_free(&set);
 }
 
 /* cases[k].key of synth-tiny-more-quants.json's file `rel` whose prompt is `prompt`, as a

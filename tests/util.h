@@ -71,16 +71,30 @@ typedef struct {
     void (*dot)(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
                 const void *x, size_t x_stride, float *y, size_t y_stride);
     uint8_t *(*acts)(uint64_t *s, int64_t n, int32_t n_tok);
+    bool lanes_ggml; /* Q8_0's layout in ggml's order (tsr_weight.lanes_ggml) */
 } tsr_test_lanes_kernel;
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng);
-/* The lanes tests' matmul check (test_q6k_lanes, test_q50_lanes, test_q80_lanes): the same
- * matrix of n_in elements a row in the lanes layout (wl), the repacked groups (wg; NULL for a
- * type without them) and the file layout (wf),
- * each alone and beside `other` (tsr_matmul_multi, one activation conversion for both), for
- * 1..17 tokens at once (x: 17 rows of n_in floats) on 1, 2 and 3 threads; fails the current
- * test unless every output is bit-identical to one token at a time, one thread, over wf. */
-void tsr_test_lanes_matmul(const tsr_weight *wl, const tsr_weight *wg, const tsr_weight *wf,
-                           const tsr_weight *other, const float *x);
+/* The lanes tests' three weights over the same n_out rows of n elements (file blocks of `type`
+ * at wd, which the caller keeps): the file layout (file), the lanes layout that repack makes in
+ * bytes(n, n_out) bytes (lanes), and the repacked groups where the type has them (groups,
+ * has_groups; kernels/repack.h). tsr_test_lanes_set_free frees the two copies. */
+typedef struct {
+    tsr_weight file, lanes, groups;
+    bool has_groups;
+} tsr_test_lanes_set;
+void tsr_test_lanes_set_make(tsr_test_lanes_set *s, uint32_t type, const uint8_t *wd, int64_t n,
+                             int64_t n_out, size_t (*bytes)(int64_t n, int64_t n_out),
+                             int (*repack)(int64_t n, int64_t n_out, const void *src,
+                                           size_t src_stride, void *dst));
+void tsr_test_lanes_set_free(tsr_test_lanes_set *s);
+/* The lanes tests' matmul check (test_q6k_lanes, test_q50_lanes, test_q80_lanes): k's type,
+ * n_out rows of n elements at wd, in the lanes layout, the repacked groups (where the type has
+ * them) and the file layout (tsr_test_lanes_set_make), each alone and beside `other`
+ * (tsr_matmul_multi, one activation conversion for both), for 1..17 tokens at once (17 rows of
+ * tsr_test_gauss(rng)) on 1, 2 and 3 threads; fails the current test unless every output is
+ * bit-identical to one token at a time, one thread, over the file layout. */
+void tsr_test_lanes_matmul(const tsr_test_lanes_kernel *k, const uint8_t *wd, int64_t n,
+                           int64_t n_out, const tsr_weight *other, uint64_t *rng);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);
 /* A JSON string literal ("...") -> malloc'd UTF-8 string, NULL if malformed. */
