@@ -16,8 +16,9 @@
  *   tile       the library's tile from cache (256 rows, L2) and streaming (1 GiB of rows on
  *              2 MiB pages advised for huge pages, as the engine's weight arena: more than
  *              twice this host's 480 MiB L3, which held the former 64 MiB), for 2..16 tokens
- * Beside them the lanes order (kernels/q80_lanes.h, opt-in) over the same rows repacked, counted
- * the same way (products / 64).
+ * Beside them the lanes layout (kernels/q80_lanes.h) over the same rows repacked, counted the
+ * same way (products / 64): its lanes order (opt-in), and ggml's order over it ("lanes, ggml":
+ * what Q8_0 runs by default on AVX-512 VNNI CPUs, the same bound as the tile).
  * The tile in both register forms (kernels/dot_ggml.h: zmm, two rows' chains a register, the
  * default on Intel; ymm, one chain a register, the default on AMD), each counted in 512-bit
  * vpdpbusd equivalents (a ymm vpdpbusd counts half).
@@ -33,6 +34,7 @@
  * only (elsewhere it says so and exits 0). Run it under `flock /work/bench.lock` and print
  * `uptime` beside its figures (the machine is shared).
  */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,16 +109,22 @@ static double tile_rate(int64_t n, int64_t rows, const tsr_bench_q8_0 *w, int32_
     return (double)rows / 2 * (double)nb * n_tok / best * 1e-9;
 }
 
-/* The same for the lanes order (kernels/q80_lanes.h) over the same rows repacked. */
+/* The same for the lanes layout (kernels/q80_lanes.h) over the same rows repacked: the lanes
+ * order (ggml: false), or ggml's order over it (the default on AVX-512 VNNI; lprep is then
+ * the tokens' Q8_0 rows as they are). */
 static double lanes_rate(int64_t n, int64_t rows, const void *lanes, int32_t n_tok,
-                         const void *lprep, float *y)
+                         const void *lprep, bool ggml, float *y)
 {
     const int64_t nb = n / 32;
     const int reps = rows > 4096 ? REPS : 40 * REPS;
     double best = 1e30;
     for (int r = 0; r < reps; r++) {
         const double t0 = tsr_bench_now_s();
-        tsr_q80l_dot(TSR_GGML_VNNI, n, lanes, 0, rows, n_tok, lprep, y, (size_t)rows);
+        if (ggml)
+            tsr_q80l_dot_ggml(TSR_GGML_VNNI, n, lanes, 0, rows, n_tok, lprep,
+                              sizeof(tsr_bench_q8_0) * (size_t)nb, y, (size_t)rows);
+        else
+            tsr_q80l_dot(TSR_GGML_VNNI, n, lanes, 0, rows, n_tok, lprep, y, (size_t)rows);
         const double t = tsr_bench_now_s() - t0;
         if (t < best) best = t;
     }
@@ -164,7 +172,7 @@ int main(int argc, char **argv)
     printf("  bare loop (the bound: vpdpbusd + vsubps + FMA, in L1)  %5.2f vpdpbusd/ns  "
            "%4.2f cycles each\n",
            bare, clk / bare);
-    static const int32_t toks[] = {2, 5, 8, 9, 16};
+    static const int32_t toks[] = {1, 2, 5, 8, 9, 16};
     for (int c = 0; c < n_cols; c++) {
         const int64_t n = cols[c], nb = n / 32;
         const int64_t big = ((int64_t)1 << 30) / (int64_t)(sizeof(tsr_bench_q8_0) * nb) / 4 * 4;
@@ -200,10 +208,13 @@ int main(int argc, char **argv)
                        ymm ? "ymm" : "zmm", nt, a, clk / a, s, clk / s);
             }
             tsr_ggml_dot_set_tile_ymm(-1);
-            const double a = lanes_rate(n, 256, lanes, nt, lprep, y);
-            const double s = lanes_rate(n, big, lanes, nt, lprep, y);
-            printf("               lanes %4d   %5.2f /ns %4.2f cycles   %5.2f /ns %4.2f cycles\n",
-                   nt, a, clk / a, s, clk / s);
+            for (int g = 0; g <= 1; g++) {
+                const double a = lanes_rate(n, 256, lanes, nt, g ? (const void *)x : lprep, g, y);
+                const double s = lanes_rate(n, big, lanes, nt, g ? (const void *)x : lprep, g, y);
+                printf("          %s %4d   %5.2f /ns %4.2f cycles   %5.2f /ns %4.2f "
+                       "cycles\n",
+                       g ? "lanes, ggml" : "     lanes", nt, a, clk / a, s, clk / s);
+            }
         }
         free(w);
         free(x);
