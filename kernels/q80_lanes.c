@@ -320,7 +320,16 @@ static Q8L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int
  * ggml lane k the 16 rows' quant vector loaded once and, per token, one vpdpbusd by the
  * token's 4 quants broadcast, one vsubps and one FMA into the token's chain k (8 chains a
  * token, in L1 beyond what registers hold). Tiles of up to Q8G_TMAX tokens, and the prefetches
- * of the lanes order's tile above (none for one token). */
+ * of the lanes order's tile above (none for one token).
+ *
+ * A group's first tile is the widest (x86lanes.h's first_wide: 5 tokens 4 + 1, 6 tokens 4 + 2,
+ * 9 tokens 4 + 3 + 2): it streams the group from memory, which the 4-token tile does fastest
+ * (the only one with the L2 prefetch), and the later tiles find the group in cache. Streaming
+ * 1 GiB, 1 thread, 2048 / 8192 columns, cycles a vpdpbusd: 5 tokens 3.76 / 3.37 as 3 + 2 ->
+ * 3.20 / 3.05, 6 tokens 3.45 / 3.30 as 3 + 3 -> 3.15 / 3.16, 9 tokens 3.30 / 3.07 -> 3.08 /
+ * 3.00 (from L2, where nothing streams, 6 and 9 tokens lose 4-6 %); tests/bench_verify, 2
+ * threads, 8 rounds interleaved: the 5-token matmuls 28.1 -> 24.4 ms, 6 tokens 31.8 -> 26.4,
+ * the widths whose split is the same (1-4, 7, 8) within 2.5 %. */
 #define Q8G_TMAX 4
 
 static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, int64_t nb,
@@ -410,8 +419,8 @@ void tsr_q80l_dot_ggml(int isa, int64_t n, const void *packed, int64_t r0, int64
     if (n_rows <= 0 || n_tok <= 0) return;
 #if Q8L_X86
     if (isa == TSR_GGML_VNNI) {
-        tsr_lanes_run(k_tiles_g, Q8G_TMAX, nb, (size_t)nb * TSR_Q80L_BLOCK_BYTES, packed, r0,
-                      n_rows, n_tok, x, x_stride, y, y_stride);
+        tsr_lanes_run_split(k_tiles_g, Q8G_TMAX, true, nb, (size_t)nb * TSR_Q80L_BLOCK_BYTES,
+                            packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
         return;
     }
 #endif
