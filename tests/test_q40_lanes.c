@@ -91,17 +91,7 @@ static void test_order(void **state)
                         /* rows r0.. (a row split at a group boundary) */
                         tsr_q40l_dot(lvl, n, packed, r0, n_out - r0, n_tok, prep, y + r0,
                                      (size_t)n_out);
-                        for (int32_t t = 0; t < n_tok; t++)
-                            for (int64_t r = r0; r < n_out; r++) {
-                                const float e = want[(size_t)t * n_out + r];
-                                const float got = y[(size_t)t * n_out + r];
-                                if (tsr_test_fbits(e) != tsr_test_fbits(got))
-                                    fail_msg("n %lld rows %lld from %lld, %d tokens, %s: row %lld "
-                                             "token %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
-                                             (long long)n, (long long)n_out, (long long)r0, n_tok,
-                                             isa ? "avx512vnni" : "scalar", (long long)r, t, e,
-                                             tsr_test_fbits(e), got, tsr_test_fbits(got));
-                            }
+                        tsr_test_lanes_expect("Q4_0 lanes", n, n_out, r0, n_tok, isa, want, y);
                         n_cases++;
                     }
                 }

@@ -73,19 +73,9 @@ static void test_order(void **state)
                             memset(y, 0xff, sizeof(float) * ny);
                             tsr_q4kl_dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, g != 0,
                                          y + r0, (size_t)n_out);
-                            for (int32_t t = 0; t < n_tok; t++)
-                                for (int64_t r = r0; r < n_out; r++) {
-                                    const float e = want[g][(size_t)t * n_out + r];
-                                    const float got = y[(size_t)t * n_out + r];
-                                    if (tsr_test_fbits(e) != tsr_test_fbits(got))
-                                        fail_msg("%s order, n %lld rows %lld from %lld, %d tokens, "
-                                                 "%s: row %lld token %d: expected %.9g (0x%08x), "
-                                                 "got %.9g (0x%08x)",
-                                                 g ? "prompt" : "generated", (long long)n,
-                                                 (long long)n_out, (long long)r0, n_tok,
-                                                 isa ? "avx512vnni" : "scalar", (long long)r, t, e,
-                                                 tsr_test_fbits(e), got, tsr_test_fbits(got));
-                                }
+                            tsr_test_lanes_expect(g ? "Q4_K lanes, prompt order"
+                                                    : "Q4_K lanes, generated order",
+                                                  n, n_out, r0, n_tok, isa, want[g], y);
                             n_cases++;
                         }
                     }

@@ -164,6 +164,22 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
     return n;
 }
 
+void tsr_test_lanes_expect(const char *what, int64_t n, int64_t n_out, int64_t r0, int32_t n_tok,
+                           int isa, const float *want, const float *y)
+{
+    for (int32_t t = 0; t < n_tok; t++)
+        for (int64_t r = r0; r < n_out; r++) {
+            const float e = want[(size_t)t * n_out + r];
+            const float got = y[(size_t)t * n_out + r];
+            if (tsr_test_fbits(e) != tsr_test_fbits(got))
+                fail_msg("%s: n %lld rows %lld from %lld, %d tokens, %s: row %lld token %d: "
+                         "expected %.9g (0x%08x), got %.9g (0x%08x)",
+                         what, (long long)n, (long long)n_out, (long long)r0, n_tok,
+                         isa ? "avx512vnni" : "scalar", (long long)r, t, e, tsr_test_fbits(e), got,
+                         tsr_test_fbits(got));
+        }
+}
+
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng)
 {
     static const int64_t rows[] = {1, 15, 16, 17, 40};
@@ -191,18 +207,9 @@ int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rn
                 for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
                     memset(y, 0xff, sizeof(float) * ny);
                     k->dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0, (size_t)n_out);
-                    for (int32_t t = 0; t < n_tok; t++)
-                        for (int64_t r = r0; r < n_out; r++) {
-                            const float e = want[(size_t)t * n_out + r];
-                            const float got = y[(size_t)t * n_out + r];
-                            if (tsr_test_fbits(e) != tsr_test_fbits(got))
-                                fail_msg("%s lanes: n %lld rows %lld from %lld, %d tokens, %s: row "
-                                         "%lld token %d: expected %.9g (0x%08x), got %.9g (0x%08x)",
-                                         tsr_type_name(k->type), (long long)n, (long long)n_out,
-                                         (long long)r0, n_tok, isa ? "avx512vnni" : "scalar",
-                                         (long long)r, t, e, tsr_test_fbits(e), got,
-                                         tsr_test_fbits(got));
-                        }
+                    char what[64];
+                    snprintf(what, sizeof what, "%s lanes", tsr_type_name(k->type));
+                    tsr_test_lanes_expect(what, n, n_out, r0, n_tok, isa, want, y);
                     n_cases++;
                 }
             }
