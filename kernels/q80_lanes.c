@@ -319,19 +319,29 @@ static Q8L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int
  * TSR_I2F_MAGIC_F are its float value: |dot| <= 65536, exact) and scale products, then per
  * ggml lane k the 16 rows' quant vector loaded once and, per token, one vpdpbusd by the
  * token's 4 quants broadcast, one vsubps and one FMA into the token's chain k (8 chains a
- * token, in L1 beyond what registers hold). Tiles of up to Q8G_TMAX tokens, and the prefetches
- * of the lanes order's tile above (none for one token).
- *
- * A group's first tile is the widest (x86lanes.h's first_wide: 5 tokens 4 + 1, 6 tokens 4 + 2,
- * 9 tokens 4 + 3 + 2): it streams the group from memory, which the 4-token tile does fastest
- * (the only one with the L2 prefetch), and the later tiles find the group in cache. Streaming
- * 1 GiB, 1 thread, 2048 / 8192 columns, cycles a vpdpbusd: 5 tokens 3.76 / 3.37 as 3 + 2 ->
- * 3.20 / 3.05, 6 tokens 3.45 / 3.30 as 3 + 3 -> 3.15 / 3.16, 9 tokens 3.30 / 3.07 -> 3.08 /
- * 3.00 (from L2, where nothing streams, 6 and 9 tokens lose 4-6 %); tests/bench_verify, 2
- * threads, 8 rounds interleaved: the 5-token matmuls 28.1 -> 24.4 ms, 6 tokens 31.8 -> 26.4,
- * the widths whose split is the same (1-4, 7, 8) within 2.5 %. */
-#define Q8G_TMAX 4
-
+ * token). Two kinds of tile, the same operations:
+ * - tile_g, a group's first tile of 1, 2 or 4 tokens: each block's lane starts laid out on
+ *   the stack just before they are read (4 tokens: 32 chains, some in L1), the lanes order's
+ *   prefetches (none for one token, which streams fastest on the hardware prefetchers alone;
+ *   for 4 also 32 blocks ahead into L2).
+ * - tile_r, up to 3 tokens: the lane starts and d_x laid out Q8G_AHEAD blocks before they are
+ *   read, in a ring, so no broadcast of a start waits on the store that just wrote it; every
+ *   chain in registers. A group's first tile of 3 tokens (prefetching 4 blocks ahead into L1
+ *   and 32 into L2, as it streams the group from memory), and all the later tiles of a group
+ *   (from cache), 3 at most and as even as can be: 5 tokens 4 + 1, 9 tokens 4 + 3 + 2, 16
+ *   tokens 4 + 3 + 3 + 3 + 3.
+ * The first tile stays 4 wide where it can: when the memory reads slowly it hides the most
+ * compute under the stream. tests/bench_verify's matmuls (2 threads, 8 layers of the 1B
+ * shape), against tile_g for every tile (3 + 2 for 5 tokens, 4 + 3 + 3 + 3 + 3 for 16), the
+ * variants alternated in one process, medians of 11 rounds, ms for 3 / 5 / 6 / 8 tokens: at a
+ * fast read (one token 10.3-11.0 ms) 14.7 / 19.5 / 22.9 / 29.4 -> 11.9 / 18.8 / 21.2 / 27.1,
+ * at a slow one (15.5-15.8 ms) 17.1 / 21.3 / 23.9 / 28.9 -> 17.9 / 20.3 / 22.0 / 26.5. A first
+ * tile of 3 (5 tokens 3 + 2) was faster at the fast read (17.6 ms for 5 tokens, 25.7 for 8)
+ * but slower at the slow one (4 tokens 1.23 against 1.12 of a token's step, 5 tokens 1.37
+ * against 1.33). bench_tile, 1 thread, 2048 columns, cycles a vpdpbusd from L2 / streaming 1
+ * GiB (bound 2.00): 1 tile_g 3.5 / 8.1, tile_r 2.8-2.9 / 8.2-8.4; 2 tile_g 3.3 / 5.3-5.5,
+ * tile_r 2.4-2.5 / 5.9-6.2; 3 tile_g 2.9 / 4.0-4.2, tile_r 2.4-2.5 / 3.25; 4 tile_g 3.0-3.1 /
+ * 3.2-3.3, tile_r 3.2-3.3 / 3.4-3.9 (chains spill). */
 static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, int64_t nb,
                                                                   const uint8_t *grp,
                                                                   const uint8_t *x, size_t x_stride,
@@ -339,15 +349,15 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
 {
     const __m256i k80 = _mm256_set1_epi8((char)0x80), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
     const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
-    __m512 acc[8][Q8G_TMAX]; /* [ggml lane][token] */
+    __m512 acc[8][4]; /* [ggml lane][token] */
     for (int k = 0; k < 8; k++)
         for (int t = 0; t < T; t++) acc[k][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
         prefetch(T, blk, first);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-        __m512 dd[Q8G_TMAX];
-        int32_t c[Q8G_TMAX][8] __attribute__((aligned(32)));
+        __m512 dd[4];
+        int32_t c[4][8] __attribute__((aligned(32)));
         for (int t = 0; t < T; t++) {
             const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * 34;
             uint16_t hx;
@@ -373,21 +383,91 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
             }
         }
     }
-    for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], Q8G_TMAX);
+    for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], 4);
 }
 
-#define Q8G_TILE(T)                                                                                \
-    static Q8L_VNNI void tile_g##T(int64_t nb, const uint8_t *grp, const uint8_t *x,               \
-                                   size_t x_stride, __m512 *out, bool first)                       \
-    {                                                                                              \
-        tile_g(T, nb, grp, x, x_stride, out, first);                                               \
-    }
-Q8G_TILE(1)
-Q8G_TILE(2)
-Q8G_TILE(3)
-Q8G_TILE(4)
+#define Q8G_RTMAX 3
+#define Q8G_AHEAD 4
+#define Q8G_RING  8 /* a power of two above Q8G_AHEAD */
 
-static const tsr_lanes_tile_fn k_tiles_g[Q8G_TMAX + 1] = {NULL, tile_g1, tile_g2, tile_g3, tile_g4};
+typedef struct {
+    int32_t c[Q8G_RTMAX][8]; /* the tokens' lane starts: MAGIC - 128 x the 4-sum */
+    float dx[Q8G_RTMAX];     /* the tokens' d_x */
+} q8g_slot;
+
+static inline __attribute__((always_inline)) Q8L_VNNI void
+slot_fill(const int T, q8g_slot *s, const uint8_t *x, size_t x_stride, int64_t b)
+{
+    const __m256i k80 = _mm256_set1_epi8((char)0x80), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
+    for (int t = 0; t < T; t++) {
+        const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * 34;
+        uint16_t hx;
+        memcpy(&hx, xb, 2);
+        s->dx[t] = _cvtsh_ss(hx);
+        _mm256_storeu_si256(
+            (__m256i *)s->c[t],
+            _mm256_sub_epi32(kmi,
+                             _mm256_dpbusd_epi32(_mm256_setzero_si256(), k80,
+                                                 _mm256_loadu_si256((const __m256i *)(xb + 2)))));
+    }
+}
+
+static inline __attribute__((always_inline)) Q8L_VNNI void tile_r(const int T, int64_t nb,
+                                                                  const uint8_t *grp,
+                                                                  const uint8_t *x, size_t x_stride,
+                                                                  __m512 *out, bool first)
+{
+    const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
+    __m512 acc[8][Q8G_RTMAX]; /* [ggml lane][token] */
+    q8g_slot ring[Q8G_RING];
+    for (int k = 0; k < 8; k++)
+        for (int t = 0; t < T; t++) acc[k][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < Q8G_AHEAD && b < nb; b++) slot_fill(T, &ring[b], x, x_stride, b);
+    for (int64_t b = 0; b < nb; b++) {
+        if (b + Q8G_AHEAD < nb)
+            slot_fill(T, &ring[(b + Q8G_AHEAD) % Q8G_RING], x, x_stride, b + Q8G_AHEAD);
+        const q8g_slot *s = &ring[b % Q8G_RING];
+        const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
+        prefetch(T, blk, false);
+        if (first)
+            for (int l = 0; l < TSR_Q80L_BLOCK_BYTES; l += 64)
+                _mm_prefetch((const char *)blk + Q8L_PF_L2_BYTES + l, _MM_HINT_T1);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        __m512 dd[Q8G_RTMAX];
+        for (int t = 0; t < T; t++) dd[t] = _mm512_mul_ps(dw, _mm512_set1_ps(s->dx[t]));
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            const __m512i u = _mm512_loadu_si512(blk + 32 + 64 * k);
+#pragma GCC unroll 3
+            for (int t = 0; t < T; t++) {
+                int32_t q4;
+                memcpy(&q4, x + (size_t)t * x_stride + (size_t)b * 34 + 2 + 4 * k, 4);
+                const __m512i d =
+                    _mm512_dpbusd_epi32(_mm512_set1_epi32(s->c[t][k]), u, _mm512_set1_epi32(q4));
+                acc[k][t] =
+                    _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(d), kmf), dd[t], acc[k][t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], Q8G_RTMAX);
+}
+
+#define Q8G_TILE(kind, T)                                                                          \
+    static Q8L_VNNI void kind##T(int64_t nb, const uint8_t *grp, const uint8_t *x,                 \
+                                 size_t x_stride, __m512 *out, bool first)                         \
+    {                                                                                              \
+        kind(T, nb, grp, x, x_stride, out, first);                                                 \
+    }
+Q8G_TILE(tile_g, 1)
+Q8G_TILE(tile_g, 2)
+Q8G_TILE(tile_g, 4)
+Q8G_TILE(tile_r, 1)
+Q8G_TILE(tile_r, 2)
+Q8G_TILE(tile_r, 3)
+
+/* A group's first tile (tile_g alone for 1 or 2 tokens), and its later ones. */
+static const tsr_lanes_tile_fn k_tiles_g[5] = {NULL, tile_g1, tile_g2, tile_r3, tile_g4};
+static const tsr_lanes_tile_fn k_tiles_r[Q8G_RTMAX + 1] = {NULL, tile_r1, tile_r2, tile_r3};
 #endif
 
 void tsr_q80l_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
@@ -419,8 +499,9 @@ void tsr_q80l_dot_ggml(int isa, int64_t n, const void *packed, int64_t r0, int64
     if (n_rows <= 0 || n_tok <= 0) return;
 #if Q8L_X86
     if (isa == TSR_GGML_VNNI) {
-        tsr_lanes_run_split(k_tiles_g, Q8G_TMAX, true, nb, (size_t)nb * TSR_Q80L_BLOCK_BYTES,
-                            packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
+        tsr_lanes_run_split(k_tiles_g, 4, k_tiles_r, Q8G_RTMAX, nb,
+                            (size_t)nb * TSR_Q80L_BLOCK_BYTES, packed, r0, n_rows, n_tok, x,
+                            x_stride, y, y_stride);
         return;
     }
 #endif

@@ -5,10 +5,10 @@
  * Why one: the four modules' tiles differ (their blocks, activations and orders), but they
  * walk a matrix alike: a group at a time, its tokens split into tiles of at most tmax, as even
  * as can be (so no tile is much narrower than the rest: 9 -> 5 + 4 for tmax 8, 3 + 3 + 3 for
- * tmax 4), or, for Q8_0 in ggml's order, the first tile the widest (9 -> 4 + 3 + 2), each
- * tile's 16 row results stored under a mask where the group is partial. The split does not
- * change results (every token's order is its own). Include only from x86 code
- * (immintrin.h already included). */
+ * tmax 4), or, for Q8_0 in ggml's order, the first tile the widest and the later ones from
+ * tiles made for a group in cache (9 -> 4 + 3 + 2, 16 -> 4 + 3 + 3 + 3 + 3), each tile's 16 row
+ * results stored under a mask where the group is partial. The split does not change results (every
+ * token's order is its own). Include only from x86 code (immintrin.h already included). */
 #ifndef TSR_X86LANES_H
 #define TSR_X86LANES_H
 
@@ -28,18 +28,22 @@ typedef void (*tsr_lanes_tile_fn)(int64_t nb, const uint8_t *grp, const uint8_t 
 
 /* y[t * y_stride + r] for r < n_rows, t < n_tok: rows r0.. (r0 a multiple of 16) of a lanes
  * matrix `packed` (groups of gb bytes), tiles[T] (T = 1..tmax, tmax <= TSR_LANES_TMAX) for a
- * tile of T tokens; x: the first token's activations, x_stride bytes apart. first_wide: a
- * group's first tile takes min(n_tok, tmax) tokens and the later ones split the rest as evenly
- * as can be (5 -> 4 + 1 for tmax 4), for a kernel whose widest tile streams the group from
- * memory fastest (Q8_0 in ggml's order, q80_lanes.c); else every tile as even as can be. */
+ * tile of T tokens; x: the first token's activations, x_stride bytes apart. later: NULL, every
+ * tile from `tiles` and as even as can be; else a group's first tile takes min(n_tok, tmax)
+ * tokens from `tiles` and the rest run through later[T] (T = 1..later_tmax) as evenly as can
+ * be (tmax 4, later_tmax 3: 5 -> 4 + 1, 16 -> 4 + 3 + 3 + 3 + 3): for a kernel whose first
+ * tile streams the group from memory (and prefetches it) and whose later tiles, finding the
+ * group in cache, are made for that (Q8_0 in ggml's order, q80_lanes.c). */
 __attribute__((target("avx512f"))) static inline void
-tsr_lanes_run_split(const tsr_lanes_tile_fn *tiles, int tmax, bool first_wide, int64_t nb,
-                    size_t gb, const uint8_t *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
-                    const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
+tsr_lanes_run_split(const tsr_lanes_tile_fn *tiles, int tmax, const tsr_lanes_tile_fn *later,
+                    int later_tmax, int64_t nb, size_t gb, const uint8_t *packed, int64_t r0,
+                    int64_t n_rows, int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,
+                    size_t y_stride)
 {
+    const bool first_wide = later != NULL;
     const int32_t t_first = first_wide ? (n_tok < tmax ? n_tok : tmax) : 0;
-    const int32_t n_tiles =
-        first_wide ? 1 + (n_tok - t_first + tmax - 1) / tmax : (n_tok + tmax - 1) / tmax;
+    const int32_t n_tiles = first_wide ? 1 + (n_tok - t_first + later_tmax - 1) / later_tmax
+                                       : (n_tok + tmax - 1) / tmax;
     for (int64_t r = 0; r < n_rows; r += TSR_LANES_ROWS) {
         const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_LANES_ROWS) * gb;
         const int64_t nr = n_rows - r < TSR_LANES_ROWS ? n_rows - r : TSR_LANES_ROWS;
@@ -48,7 +52,8 @@ tsr_lanes_run_split(const tsr_lanes_tile_fn *tiles, int tmax, bool first_wide, i
             const int32_t T =
                 first_wide && k == 0 ? t_first : (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
             __m512 out[TSR_LANES_TMAX];
-            tiles[T](nb, grp, x + (size_t)t0 * x_stride, x_stride, out, k == 0);
+            (first_wide && k > 0 ? later : tiles)[T](nb, grp, x + (size_t)t0 * x_stride, x_stride,
+                                                     out, k == 0);
             for (int32_t t = 0; t < T; t++)
                 _mm512_mask_storeu_ps(y + (size_t)(t0 + t) * y_stride + (size_t)r, m, out[t]);
             t0 += T;
@@ -63,7 +68,7 @@ tsr_lanes_run(const tsr_lanes_tile_fn *tiles, int tmax, int64_t nb, size_t gb,
               const uint8_t *packed, int64_t r0, int64_t n_rows, int32_t n_tok, const uint8_t *x,
               size_t x_stride, float *y, size_t y_stride)
 {
-    tsr_lanes_run_split(tiles, tmax, false, nb, gb, packed, r0, n_rows, n_tok, x, x_stride, y,
+    tsr_lanes_run_split(tiles, tmax, NULL, 0, nb, gb, packed, r0, n_rows, n_tok, x, x_stride, y,
                         y_stride);
 }
 
