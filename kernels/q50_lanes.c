@@ -131,7 +131,9 @@ static float dot_row_scalar(int64_t nb, const uint8_t *grp, int rr, const uint8_
 
 #if Q5L_X86
 #define Q5L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
-#define Q5L_TMAX 8
+/* Tiles of up to 3 tokens: every chain in registers (8 tiles of 8 chains spilled to L1:
+ * below). */
+#define Q5L_TMAX 3
 
 static inline int32_t rd32(const uint8_t *p)
 {
@@ -140,32 +142,73 @@ static inline int32_t rd32(const uint8_t *p)
     return v;
 }
 
+/* A block's token side, laid out Q5L_AHEAD blocks before the tile reads it (a ring of
+ * Q5L_RING on the stack), so that no broadcast of a lane start waits on the store that just
+ * wrote it: per token the lanes' starts TSR_I2F_MAGIC_I - 16 x its 4-sums of lane l (so that
+ * the dot's bits less TSR_I2F_MAGIC_F are its float value; |dot| <= 8192: exact), and d_x. */
+#define Q5L_AHEAD 4
+#define Q5L_RING  8 /* a power of two above Q5L_AHEAD */
+typedef struct {
+    int32_t c[Q5L_TMAX][8];
+    float dx[Q5L_TMAX];
+} q5l_slot;
+
+static inline __attribute__((always_inline)) Q5L_VNNI void
+slot_fill(const int T, q5l_slot *s, const uint8_t *x, size_t x_stride, int64_t b)
+{
+    const __m256i k16y = _mm256_set1_epi8(16), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
+    for (int t = 0; t < T; t++) {
+        const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * XBLK;
+        uint16_t hx;
+        memcpy(&hx, xb, 2);
+        s->dx[t] = _cvtsh_ss(hx);
+        _mm256_storeu_si256(
+            (__m256i *)s->c[t],
+            _mm256_sub_epi32(kmi,
+                             _mm256_dpbusd_epi32(_mm256_setzero_si256(), k16y,
+                                                 _mm256_loadu_si256((const __m256i *)(xb + XQS)))));
+    }
+}
+
 /* One tile: T tokens (x: the first, x_stride bytes apart) x one group of 16 rows, all nb
- * blocks. */
+ * blocks. A group's first tile prefetches the block 8 pairs on into L1 (5.5 KiB; past the
+ * group's end, the next group's) and 24 pairs on into L2: this kernel's compute per byte
+ * leaves the hardware prefetchers behind (tests/bench_gemv_stream, 2 threads, ~32 GB/s read:
+ * 0.72-0.82 of the read without any, 0.92-0.97 with 4 pairs on into L1).
+ *
+ * The ring, 3-token tiles and the farther prefetches against tiles of up to 8 tokens that
+ * laid out each block's starts just before reading them, prefetching 4 pairs on into L1: a
+ * prototype, 1 thread, Qwen2.5's 896 / 4864 columns, the two alternated, best of 9, GB/s of
+ * the file's bytes times the tokens, from L2 / streaming 1 GiB: 1 token 31 / 19-23 -> 37-39 /
+ * 21-22; 2 tokens 33-37 / 27-31 -> 40-50 / 36-45; 3 tokens 36-37 / 30-35 -> 48-50 / 45; 4
+ * tokens 35-38 / 34-36 -> 48-50 / 46; 8 tokens 41-43 / 40-43 -> 48-51 / 46-50; 16 tokens 42-43
+ * / 39-42 -> 41-51 / 40-49. The ring alone with tiles of 8: 8 tokens 35-43 (their 64 chains
+ * spill); 4-token tiles 45-48. */
 static inline __attribute__((always_inline)) Q5L_VNNI void tile(const int T, int64_t nb,
                                                                 const uint8_t *grp,
                                                                 const uint8_t *x, size_t x_stride,
                                                                 __m512 *out, bool first)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
-    const __m256i k16y = _mm256_set1_epi8(16), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
     const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
     __m512 acc[8][Q5L_TMAX]; /* [ggml lane][token] */
+    q5l_slot ring[Q5L_RING];
     for (int l = 0; l < 8; l++)
         for (int t = 0; t < T; t++) acc[l][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < Q5L_AHEAD && b < nb; b++) slot_fill(T, &ring[b], x, x_stride, b);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pb = grp + (size_t)(b / 2) * TSR_Q50L_PAIR_BYTES;
         const int h = (int)(b % 2);
-        /* the block 4 pairs on (2.8 KiB; past the group's end, the next group's), a group's
-         * first tile only: this kernel's compute per byte leaves the hardware prefetchers
-         * behind (tests/bench_gemv_stream, 2 threads, ~32 GB/s read: 0.72-0.82 of the read
-         * without, 0.92-0.97 with; 2 and 8 pairs alike, L2 instead of L1 0.88) */
+        if (b + Q5L_AHEAD < nb)
+            slot_fill(T, &ring[(b + Q5L_AHEAD) % Q5L_RING], x, x_stride, b + Q5L_AHEAD);
         if (first)
 #pragma GCC unroll 6
             for (int i = 0; i < 6; i++)
-                if (384 * h + 64 * i < TSR_Q50L_PAIR_BYTES)
-                    _mm_prefetch((const char *)pb + 4 * TSR_Q50L_PAIR_BYTES + 384 * h + 64 * i,
-                                 _MM_HINT_T0);
+                if (384 * h + 64 * i < TSR_Q50L_PAIR_BYTES) {
+                    const char *l = (const char *)pb + 384 * h + 64 * i;
+                    _mm_prefetch(l + 8 * TSR_Q50L_PAIR_BYTES, _MM_HINT_T0);
+                    _mm_prefetch(l + 24 * TSR_Q50L_PAIR_BYTES, _MM_HINT_T1);
+                }
         const __m512 dw =
             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pb + OFF_D + 32 * h)));
         /* the 16 rows' quants 0..31 of lane l (4 bytes a row) */
@@ -181,23 +224,14 @@ static inline __attribute__((always_inline)) Q5L_VNNI void tile(const int T, int
             u[j] = _mm512_mask_add_epi8(lo, _cvtu64_mask64(ml), lo, k16);
             u[j + 4] = _mm512_mask_add_epi8(hi, _cvtu64_mask64(mh), hi, k16);
         }
-#pragma GCC unroll 4
+        const q5l_slot *sl = &ring[b % Q5L_RING];
+#pragma GCC unroll 3
         for (int t = 0; t < T; t++) {
             const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * XBLK;
-            uint16_t hx;
-            memcpy(&hx, xb, 2);
-            const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(_cvtsh_ss(hx)));
-            /* the lanes' starts: TSR_I2F_MAGIC_I - 16 x the token's 4-sums of lane l, so that
-             * the dot's bits less TSR_I2F_MAGIC_F are its float value (|dot| <= 8192: exact) */
-            int32_t c[8] __attribute__((aligned(32)));
-            _mm256_store_si256(
-                (__m256i *)c,
-                _mm256_sub_epi32(
-                    kmi, _mm256_dpbusd_epi32(_mm256_setzero_si256(), k16y,
-                                             _mm256_loadu_si256((const __m256i *)(xb + XQS)))));
+            const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(sl->dx[t]));
 #pragma GCC unroll 8
             for (int l = 0; l < 8; l++) {
-                const __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(c[l]), u[l],
+                const __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(sl->c[t][l]), u[l],
                                                       _mm512_set1_epi32(rd32(xb + XQS + 4 * l)));
                 acc[l][t] =
                     _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(s), kmf), dd, acc[l][t]);
@@ -216,13 +250,8 @@ static inline __attribute__((always_inline)) Q5L_VNNI void tile(const int T, int
 Q5L_TILE(1, t1)
 Q5L_TILE(2, t2)
 Q5L_TILE(3, t3)
-Q5L_TILE(4, t4)
-Q5L_TILE(5, t5)
-Q5L_TILE(6, t6)
-Q5L_TILE(7, t7)
-Q5L_TILE(8, t8)
 
-static const tsr_lanes_tile_fn k_tiles[Q5L_TMAX + 1] = {NULL, t1, t2, t3, t4, t5, t6, t7, t8};
+static const tsr_lanes_tile_fn k_tiles[Q5L_TMAX + 1] = {NULL, t1, t2, t3};
 
 static Q5L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows,
                               int32_t n_tok, const uint8_t *x, size_t x_stride, float *y,

@@ -3,7 +3,7 @@
  *
  * - The kernels (AVX-512 VNNI where this CPU has it, and scalar) give, bit for bit, Q5_0's one
  *   order over the file layout (kernels/quant.c's Q5_0 row dot, ggml's, tsr_vec_dot), for
- *   1..17 tokens (tiles of up to 8, uneven splits), rows 1, 15, 16, 17, 40 (partial groups,
+ *   1..17 tokens (tiles of up to 3, uneven splits), rows 1, 15, 16, 17, 40 (partial groups,
  *   masked stores), row starts 0 and 16, 1, 3 and 28 blocks (an odd count leaves half a pair).
  *   Weights are random bytes (every 5-bit quant), activations Q8_0 rows with a zero block.
  * - The matmul (kernels/ops.c) over a weight carrying the layout gives the same bits as over
