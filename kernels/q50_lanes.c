@@ -131,43 +131,15 @@ static float dot_row_scalar(int64_t nb, const uint8_t *grp, int rr, const uint8_
 
 #if Q5L_X86
 #define Q5L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
-/* Tiles of up to 3 tokens: every chain in registers (8 tiles of 8 chains spilled to L1:
+/* Tiles of up to 3 tokens: every chain in registers (tiles of 8 spilled 64 chains to L1:
  * below). */
-#define Q5L_TMAX 3
+#define Q5L_TMAX TSR_LANES_RTMAX
 
 static inline int32_t rd32(const uint8_t *p)
 {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
-}
-
-/* A block's token side, laid out Q5L_AHEAD blocks before the tile reads it (a ring of
- * Q5L_RING on the stack), so that no broadcast of a lane start waits on the store that just
- * wrote it: per token the lanes' starts TSR_I2F_MAGIC_I - 16 x its 4-sums of lane l (so that
- * the dot's bits less TSR_I2F_MAGIC_F are its float value; |dot| <= 8192: exact), and d_x. */
-#define Q5L_AHEAD 4
-#define Q5L_RING  8 /* a power of two above Q5L_AHEAD */
-typedef struct {
-    int32_t c[Q5L_TMAX][8];
-    float dx[Q5L_TMAX];
-} q5l_slot;
-
-static inline __attribute__((always_inline)) Q5L_VNNI void
-slot_fill(const int T, q5l_slot *s, const uint8_t *x, size_t x_stride, int64_t b)
-{
-    const __m256i k16y = _mm256_set1_epi8(16), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
-    for (int t = 0; t < T; t++) {
-        const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * XBLK;
-        uint16_t hx;
-        memcpy(&hx, xb, 2);
-        s->dx[t] = _cvtsh_ss(hx);
-        _mm256_storeu_si256(
-            (__m256i *)s->c[t],
-            _mm256_sub_epi32(kmi,
-                             _mm256_dpbusd_epi32(_mm256_setzero_si256(), k16y,
-                                                 _mm256_loadu_si256((const __m256i *)(xb + XQS)))));
-    }
 }
 
 /* One tile: T tokens (x: the first, x_stride bytes apart) x one group of 16 rows, all nb
@@ -190,17 +162,18 @@ static inline __attribute__((always_inline)) Q5L_VNNI void tile(const int T, int
                                                                 __m512 *out, bool first)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0F), k16 = _mm512_set1_epi8(16);
-    const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
     __m512 acc[8][Q5L_TMAX]; /* [ggml lane][token] */
-    q5l_slot ring[Q5L_RING];
+    tsr_lanes_slot ring[TSR_LANES_RING];
     for (int l = 0; l < 8; l++)
         for (int t = 0; t < T; t++) acc[l][t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < Q5L_AHEAD && b < nb; b++) slot_fill(T, &ring[b], x, x_stride, b);
+    for (int64_t b = 0; b < TSR_LANES_AHEAD && b < nb; b++)
+        tsr_lanes_slot_fill(T, &ring[b], x, x_stride, b, 16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pb = grp + (size_t)(b / 2) * TSR_Q50L_PAIR_BYTES;
         const int h = (int)(b % 2);
-        if (b + Q5L_AHEAD < nb)
-            slot_fill(T, &ring[(b + Q5L_AHEAD) % Q5L_RING], x, x_stride, b + Q5L_AHEAD);
+        if (b + TSR_LANES_AHEAD < nb)
+            tsr_lanes_slot_fill(T, &ring[(b + TSR_LANES_AHEAD) % TSR_LANES_RING], x, x_stride,
+                                b + TSR_LANES_AHEAD, 16);
         if (first)
 #pragma GCC unroll 6
             for (int i = 0; i < 6; i++)
@@ -224,18 +197,15 @@ static inline __attribute__((always_inline)) Q5L_VNNI void tile(const int T, int
             u[j] = _mm512_mask_add_epi8(lo, _cvtu64_mask64(ml), lo, k16);
             u[j + 4] = _mm512_mask_add_epi8(hi, _cvtu64_mask64(mh), hi, k16);
         }
-        const q5l_slot *sl = &ring[b % Q5L_RING];
+        const tsr_lanes_slot *sl = &ring[b % TSR_LANES_RING];
 #pragma GCC unroll 3
         for (int t = 0; t < T; t++) {
             const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * XBLK;
             const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(sl->dx[t]));
 #pragma GCC unroll 8
-            for (int l = 0; l < 8; l++) {
-                const __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(sl->c[t][l]), u[l],
-                                                      _mm512_set1_epi32(rd32(xb + XQS + 4 * l)));
+            for (int l = 0; l < 8; l++)
                 acc[l][t] =
-                    _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(s), kmf), dd, acc[l][t]);
-            }
+                    tsr_lanes_step(acc[l][t], u[l], sl->c[t][l], rd32(xb + XQS + 4 * l), dd);
         }
     }
     for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], Q5L_TMAX);

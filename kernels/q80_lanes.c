@@ -324,7 +324,7 @@ static Q8L_VNNI void dot_vnni(int64_t nb, const uint8_t *packed, int64_t r0, int
  *   the stack just before they are read (4 tokens: 32 chains, some in L1), the lanes order's
  *   prefetches (none for one token, which streams fastest on the hardware prefetchers alone;
  *   for 4 also 32 blocks ahead into L2).
- * - tile_r, up to 3 tokens: the lane starts and d_x laid out Q8G_AHEAD blocks before they are
+ * - tile_r, up to 3 tokens: the lane starts and d_x laid out TSR_LANES_AHEAD blocks before they are
  *   read, in a ring, so no broadcast of a start waits on the store that just wrote it; every
  *   chain in registers. A group's first tile of 3 tokens (prefetching 4 blocks ahead into L1
  *   and 32 into L2, as it streams the group from memory), and all the later tiles of a group
@@ -347,8 +347,6 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
                                                                   const uint8_t *x, size_t x_stride,
                                                                   __m512 *out, bool first)
 {
-    const __m256i k80 = _mm256_set1_epi8((char)0x80), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
-    const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
     __m512 acc[8][4]; /* [ggml lane][token] */
     for (int k = 0; k < 8; k++)
         for (int t = 0; t < T; t++) acc[k][t] = _mm512_setzero_ps();
@@ -363,11 +361,7 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
             uint16_t hx;
             memcpy(&hx, xb, 2);
             dd[t] = _mm512_mul_ps(dw, _mm512_set1_ps(_cvtsh_ss(hx)));
-            _mm256_store_si256(
-                (__m256i *)c[t],
-                _mm256_sub_epi32(
-                    kmi, _mm256_dpbusd_epi32(_mm256_setzero_si256(), k80,
-                                             _mm256_loadu_si256((const __m256i *)(xb + 2)))));
+            _mm256_store_si256((__m256i *)c[t], tsr_lanes_starts(xb + 2, (int8_t)0x80));
         }
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
@@ -376,57 +370,31 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_g(const int T, i
             for (int t = 0; t < T; t++) {
                 int32_t q4;
                 memcpy(&q4, x + (size_t)t * x_stride + (size_t)b * 34 + 2 + 4 * k, 4);
-                const __m512i s =
-                    _mm512_dpbusd_epi32(_mm512_set1_epi32(c[t][k]), u, _mm512_set1_epi32(q4));
-                acc[k][t] =
-                    _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(s), kmf), dd[t], acc[k][t]);
+                acc[k][t] = tsr_lanes_step(acc[k][t], u, c[t][k], q4, dd[t]);
             }
         }
     }
     for (int t = 0; t < T; t++) out[t] = tsr_lanes_hsum8(&acc[0][t], 4);
 }
 
-#define Q8G_RTMAX 3
-#define Q8G_AHEAD 4
-#define Q8G_RING  8 /* a power of two above Q8G_AHEAD */
-
-typedef struct {
-    int32_t c[Q8G_RTMAX][8]; /* the tokens' lane starts: MAGIC - 128 x the 4-sum */
-    float dx[Q8G_RTMAX];     /* the tokens' d_x */
-} q8g_slot;
-
-static inline __attribute__((always_inline)) Q8L_VNNI void
-slot_fill(const int T, q8g_slot *s, const uint8_t *x, size_t x_stride, int64_t b)
-{
-    const __m256i k80 = _mm256_set1_epi8((char)0x80), kmi = _mm256_set1_epi32(TSR_I2F_MAGIC_I);
-    for (int t = 0; t < T; t++) {
-        const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * 34;
-        uint16_t hx;
-        memcpy(&hx, xb, 2);
-        s->dx[t] = _cvtsh_ss(hx);
-        _mm256_storeu_si256(
-            (__m256i *)s->c[t],
-            _mm256_sub_epi32(kmi,
-                             _mm256_dpbusd_epi32(_mm256_setzero_si256(), k80,
-                                                 _mm256_loadu_si256((const __m256i *)(xb + 2)))));
-    }
-}
+#define Q8G_RTMAX TSR_LANES_RTMAX
 
 static inline __attribute__((always_inline)) Q8L_VNNI void tile_r(const int T, int64_t nb,
                                                                   const uint8_t *grp,
                                                                   const uint8_t *x, size_t x_stride,
                                                                   __m512 *out, bool first)
 {
-    const __m512 kmf = _mm512_set1_ps(TSR_I2F_MAGIC_F);
     __m512 acc[8][Q8G_RTMAX]; /* [ggml lane][token] */
-    q8g_slot ring[Q8G_RING];
+    tsr_lanes_slot ring[TSR_LANES_RING];
     for (int k = 0; k < 8; k++)
         for (int t = 0; t < T; t++) acc[k][t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < Q8G_AHEAD && b < nb; b++) slot_fill(T, &ring[b], x, x_stride, b);
+    for (int64_t b = 0; b < TSR_LANES_AHEAD && b < nb; b++)
+        tsr_lanes_slot_fill(T, &ring[b], x, x_stride, b, (int8_t)0x80);
     for (int64_t b = 0; b < nb; b++) {
-        if (b + Q8G_AHEAD < nb)
-            slot_fill(T, &ring[(b + Q8G_AHEAD) % Q8G_RING], x, x_stride, b + Q8G_AHEAD);
-        const q8g_slot *s = &ring[b % Q8G_RING];
+        if (b + TSR_LANES_AHEAD < nb)
+            tsr_lanes_slot_fill(T, &ring[(b + TSR_LANES_AHEAD) % TSR_LANES_RING], x, x_stride,
+                                b + TSR_LANES_AHEAD, (int8_t)0x80);
+        const tsr_lanes_slot *s = &ring[b % TSR_LANES_RING];
         const uint8_t *blk = grp + (size_t)b * TSR_Q80L_BLOCK_BYTES;
         prefetch(T, blk, false);
         if (first)
@@ -442,10 +410,7 @@ static inline __attribute__((always_inline)) Q8L_VNNI void tile_r(const int T, i
             for (int t = 0; t < T; t++) {
                 int32_t q4;
                 memcpy(&q4, x + (size_t)t * x_stride + (size_t)b * 34 + 2 + 4 * k, 4);
-                const __m512i d =
-                    _mm512_dpbusd_epi32(_mm512_set1_epi32(s->c[t][k]), u, _mm512_set1_epi32(q4));
-                acc[k][t] =
-                    _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(d), kmf), dd[t], acc[k][t]);
+                acc[k][t] = tsr_lanes_step(acc[k][t], u, s->c[t][k], q4, dd[t]);
             }
         }
     }

@@ -15,6 +15,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+
+#include "kernels/x86hsum.h"
 
 #define TSR_LANES_ROWS 16 /* rows per group of every lanes layout */
 #define TSR_LANES_TMAX 8  /* the widest tile any of them takes */
@@ -83,6 +86,58 @@ __attribute__((target("avx512f"))) static inline __m512 tsr_lanes_hsum8(const __
                  t2 = _mm512_add_ps(acc[2 * stride], acc[6 * stride]),
                  t3 = _mm512_add_ps(acc[3 * stride], acc[7 * stride]);
     return _mm512_add_ps(_mm512_add_ps(t0, t2), _mm512_add_ps(t1, t3));
+}
+
+/* ---- ggml's lane order for Q8_0 activations (q80_lanes.c's ggml order, q50_lanes.c) ----
+ * A weight block's 16 rows' quants of ggml lane k as unsigned bytes (the file's plus a bias:
+ * 128 for Q8_0's, 16 for Q5_0's), the token's 4 quants of the lane broadcast: one vpdpbusd from
+ * the start TSR_I2F_MAGIC_I - bias x (the token's 4-sum) leaves the bits of MAGIC_F + the
+ * lane's exact dot (|dot| < 2^22; x86hsum.h), one vsubps its float, one FMA by the scale
+ * product into the token's chain k: ggml's `mul_sum_i8_pairs_float` + FMA, 16 rows at once. */
+#define TSR_LANES_RTMAX 3 /* tokens of a ring tile (every chain in registers) */
+#define TSR_LANES_AHEAD 4 /* blocks between laying out a slot and reading it */
+#define TSR_LANES_RING  8 /* slots, a power of two above TSR_LANES_AHEAD */
+#define TSR_LANES_VNNI  __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+/* The 8 lanes' starts of one token's block: q32, its 32 signed quants; bias: the weights'. */
+TSR_LANES_VNNI static inline __attribute__((always_inline)) __m256i
+tsr_lanes_starts(const uint8_t *q32, int8_t bias)
+{
+    return _mm256_sub_epi32(_mm256_set1_epi32(TSR_I2F_MAGIC_I),
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(bias),
+                                                _mm256_loadu_si256((const __m256i *)q32)));
+}
+
+/* One lane step: acc + (float)(dot of u with the 4 quants q4 from start c) x dd. */
+TSR_LANES_VNNI static inline __attribute__((always_inline)) __m512
+tsr_lanes_step(__m512 acc, __m512i u, int32_t c, int32_t q4, __m512 dd)
+{
+    const __m512i s = _mm512_dpbusd_epi32(_mm512_set1_epi32(c), u, _mm512_set1_epi32(q4));
+    return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(s), _mm512_set1_ps(TSR_I2F_MAGIC_F)),
+                           dd, acc);
+}
+
+/* A block's token side for a ring tile, laid out TSR_LANES_AHEAD blocks before the tile reads
+ * it, so that no broadcast of a start waits on the store that just wrote it (a store-to-load
+ * forward of a 4-byte broadcast out of a 32-byte store: the ring tiles ran 15-30 % faster than
+ * tiles laying the starts out just before use, q80_lanes.c and q50_lanes.c give figures). */
+typedef struct {
+    int32_t c[TSR_LANES_RTMAX][8]; /* the tokens' lane starts */
+    float dx[TSR_LANES_RTMAX];     /* the tokens' d_x */
+} tsr_lanes_slot;
+
+/* Slot of block b for T tokens of Q8_0 rows (34-byte blocks) at x, x_stride bytes apart. */
+TSR_LANES_VNNI static inline __attribute__((always_inline)) void
+tsr_lanes_slot_fill(const int T, tsr_lanes_slot *s, const uint8_t *x, size_t x_stride, int64_t b,
+                    int8_t bias)
+{
+    for (int t = 0; t < T; t++) {
+        const uint8_t *xb = x + (size_t)t * x_stride + (size_t)b * 34;
+        uint16_t hx;
+        memcpy(&hx, xb, 2);
+        s->dx[t] = _cvtsh_ss(hx);
+        _mm256_storeu_si256((__m256i *)s->c[t], tsr_lanes_starts(xb + 2, bias));
+    }
 }
 
 #endif
