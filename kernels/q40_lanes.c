@@ -121,7 +121,7 @@ static void dot_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_
 }
 
 #if Q4L_X86
-#define Q4L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define Q4L_VNNI TSR_LANES_VNNI
 
 /* Prefetch. One token: none (the hardware prefetchers alone stream it faster: a prototype
  * streaming 1 GiB on 2 threads, at a ~50 GB/s read, 1.03 of a plain read without, 0.83 /

@@ -145,7 +145,7 @@ static void dot_scalar(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n
 }
 
 #if QKL_X86
-#define QKL_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define QKL_VNNI TSR_LANES_VNNI
 
 /* vpshufb masks, per 128-bit lane, for the scale words of sub-blocks (2sb, 2sb + 1), k =
  * 2 (sb % 2) the byte of sub-block 2sb in each row's word: k_sc[h][0] the int32 of byte k,

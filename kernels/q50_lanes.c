@@ -130,7 +130,7 @@ static float dot_row_scalar(int64_t nb, const uint8_t *grp, int rr, const uint8_
 }
 
 #if Q5L_X86
-#define Q5L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define Q5L_VNNI TSR_LANES_VNNI
 /* Tiles of up to 3 tokens: every chain in registers (tiles of 8 spilled 64 chains to L1:
  * below). */
 #define Q5L_TMAX TSR_LANES_RTMAX

@@ -150,7 +150,7 @@ static float dot_row_scalar(int64_t nsb, const uint8_t *grp, int rr, const uint8
 }
 
 #if Q6L_X86
-#define Q6L_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define Q6L_VNNI TSR_LANES_VNNI
 #define Q6L_TMAX 8
 
 static inline int32_t rd32(const uint8_t *p)

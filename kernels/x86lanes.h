@@ -97,7 +97,8 @@ __attribute__((target("avx512f"))) static inline __m512 tsr_lanes_hsum8(const __
 #define TSR_LANES_RTMAX 3 /* tokens of a ring tile (every chain in registers) */
 #define TSR_LANES_AHEAD 4 /* blocks between laying out a slot and reading it */
 #define TSR_LANES_RING  8 /* slots, a power of two above TSR_LANES_AHEAD */
-#define TSR_LANES_VNNI  __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+/* the target of every lanes module's VNNI kernels (q40, q4k, q50, q6k, q80_lanes.c) */
+#define TSR_LANES_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 /* The 8 lanes' starts of one token's block: q32, its 32 signed quants; bias: the weights'. */
 TSR_LANES_VNNI static inline __attribute__((always_inline)) __m256i
