@@ -15,6 +15,10 @@
 #include "kernels/quant.h"
 
 #include <math.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -44,6 +48,30 @@ _Static_assert(sizeof(qg_q8_K) == 292, "Q8_K block");
 static inline size_t row_off(int64_t r, int64_t rpg, size_t group_stride, size_t row_stride)
 {
     return (size_t)(r / rpg) * group_stride + (size_t)(r % rpg) * row_stride;
+}
+
+/* The AVX2 kernel for n_tok tokens: gemm_y256 from QY_MIN_TOKENS (it unpacks each
+ * super-block of 8 rows once, which a few tokens do not repay: 2048 x 512, 1 thread, AMD Zen 3,
+ * against tile_avx2: 4 tokens 0.86x, 5 1.5x, 8 1.2x, 16 1.5x, 128 1.8-2.0x), else tile_avx2.
+ * g_y256: -1 not read yet, 0 tile_avx2 always (environment TSR_Q4K_Y256=0), 1 the default,
+ * 2 gemm_y256 for every token count (tests). */
+enum { QY_MIN_TOKENS = 5 };
+static _Atomic int g_y256 = -1;
+
+void tsr_q4k_gemm_set_y256(int mode)
+{
+    atomic_store_explicit(&g_y256, mode < 0 ? -1 : mode > 2 ? 2 : mode, memory_order_relaxed);
+}
+
+static bool qy_use(int32_t n_tok)
+{
+    int v = atomic_load_explicit(&g_y256, memory_order_relaxed);
+    if (v < 0) {
+        const char *e = getenv("TSR_Q4K_Y256");
+        v = e && strcmp(e, "0") == 0 ? 0 : 1;
+        atomic_store_explicit(&g_y256, v, memory_order_relaxed);
+    }
+    return v == 2 || (v == 1 && n_tok >= QY_MIN_TOKENS);
 }
 
 /* The reference: one (row, token) pair in the order of q4k_gemm.h. */
@@ -181,6 +209,259 @@ QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
     }
 
 DEF_TILE(tile_avx2, QG_AVX2, QG_SACC_AVX2)
+
+/* AVX2, several tokens: tiles of 16 rows (two sets of 8, one 32-bit ymm lane per row) x 4
+ * tokens, the structure of gemm_z512 below without VNNI. Per super-block a tile's rows are
+ * unpacked once into qy_sblk (L1), then every token of an L2-sized block runs over it:
+ * S_g = <q[g], y[g]> as 8 vpmaddubsw of the row's 4 nibbles (lane r) by the token's 4 bytes
+ * (broadcast from memory), summed in int16 (each vpmaddubsw pair is at most 2 * 15 * 128 =
+ * 3840 in magnitude, 8 of them 30720 < 2^15: exact), then vpmaddwd by the pair (sc_g, sc_g)
+ * gives sc_g * S_g in int32; I = the two sub-blocks' sum (exact int32, as the reference);
+ * M = vpmaddwd of the row's (mn[2sb], mn[2sb+1]) by the token's bsum pair sums; then the two
+ * fma chains of q4k_gemm.h per lane in the reference's order. Against tile_avx2 (2 rows x 4
+ * tokens, whose sums need horizontal adds): no horizontal work and one fma per 8 rows. */
+enum { QY_ROWS = 8, QY_TOK = 4, QY_MAX_TB = 128 };
+
+/* One super-block of 8 rows, unpacked (lane r: row r). */
+typedef struct {
+    __m256i q[8][8]; /* [g][k]: sub-block g's elements 32g + 4k .. + 3 as bytes 0..15 */
+    __m256i sc[8];   /* [g]: int16 pair (sc_g, sc_g) */
+    __m256i mp[4];   /* [sb]: int16 pair (mn[2sb], mn[2sb+1]) */
+    __m256 d, dmin;
+} qy_sblk;
+
+/* out[c] lane r = dword c of v[r] (an 8 x 8 dword transpose). */
+QG_AVX2 QG_INLINE void qy_transpose8(const __m256i v[8], __m256i out[8])
+{
+    __m256i t[8], u[8];
+    for (int p = 0; p < 4; p++) {
+        t[2 * p] = _mm256_unpacklo_epi32(v[2 * p], v[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_epi32(v[2 * p], v[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++) { /* rows 4h .. 4h + 3 */
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        out[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        out[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
+}
+
+/* Unpack super-block i of 8 rows: row r's block at base + off[r] (byte offsets). Loads and
+ * transposes (gathers were 2-3x slower on AMD Zen 3). */
+QG_AVX2 QG_INLINE void qy_unpack(const uint8_t *base, const int32_t off[QY_ROWS], qy_sblk *s)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const qg_q4_K *w[QY_ROWS];
+    for (int r = 0; r < QY_ROWS; r++) w[r] = (const qg_q4_K *)(base + off[r]);
+    __m256i v[8], o[8];
+    /* d | dmin << 16 per row, split into the two fp16 halves */
+    uint32_t dm[QY_ROWS];
+    for (int r = 0; r < QY_ROWS; r++) memcpy(&dm[r], w[r], 4);
+    const __m256i dmv = _mm256_loadu_si256((const __m256i *)dm);
+    const __m256i pk = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(_mm256_and_si256(dmv, _mm256_set1_epi32(0xFFFF)),
+                            _mm256_srli_epi32(dmv, 16)),
+        _MM_SHUFFLE(3, 1, 2, 0));
+    s->d = _mm256_cvtph_ps(_mm256_castsi256_si128(pk));
+    s->dmin = _mm256_cvtph_ps(_mm256_extracti128_si256(pk, 1));
+    /* scales: row r's dword g = (sc_g, sc_g); mins: dword sb = (mn[2sb], mn[2sb+1]) */
+    __m256i mins[QY_ROWS];
+    for (int r = 0; r < QY_ROWS; r++) {
+        const __m256i sm16 = tsr_q4_K_sm_x16(w[r]->scales);
+        const __m256i sc = _mm256_permute4x64_epi64(sm16, _MM_SHUFFLE(1, 1, 0, 0));
+        v[r] = _mm256_unpacklo_epi16(sc, sc); /* lane-wise: g 0-3 low, 4-7 high */
+        mins[r] = sm16;
+    }
+    qy_transpose8(v, s->sc);
+    for (int r = 0; r < 4; r++) /* [row r's 4 min pairs | row r + 4's] */
+        v[r] = _mm256_permute2x128_si256(mins[r], mins[r + 4], 0x31);
+    {
+        const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]),
+                      t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]),
+                      t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+        /* lanes per 128 bits: rows 0-3 (low) / 4-7 (high) of dword sb */
+        const __m256i a0 = _mm256_unpacklo_epi64(t0, t2), a1 = _mm256_unpackhi_epi64(t0, t2);
+        const __m256i a2 = _mm256_unpacklo_epi64(t1, t3), a3 = _mm256_unpackhi_epi64(t1, t3);
+        /* row order 0, 1, 2, 3 | 4, 5, 6, 7 is lane r already */
+        s->mp[0] = a0;
+        s->mp[1] = a1;
+        s->mp[2] = a2;
+        s->mp[3] = a3;
+    }
+    /* qs byte 32j + l: low nibble element 64j + l (sub-block 2j), high 64j + 32 + l */
+    for (int j = 0; j < 4; j++) {
+        for (int r = 0; r < QY_ROWS; r++)
+            v[r] = _mm256_loadu_si256((const __m256i *)(w[r]->qs + 32 * j));
+        qy_transpose8(v, o);
+        for (int c = 0; c < 8; c++) {
+            s->q[2 * j][c] = _mm256_and_si256(o[c], m4);
+            s->q[2 * j + 1][c] = _mm256_and_si256(_mm256_srli_epi16(o[c], 4), m4);
+        }
+    }
+}
+
+/* R row sets of 8 (s[0..R-1]) x T tokens (constants after inlining) over one super-block:
+ * xb[t] is token t's Q8_K block of it; acc[t][r][0] / [1] the acc / accm chains of token t
+ * and row set r. Each activation broadcast serves the R row sets, each weight load the T
+ * tokens. */
+QG_AVX2 QG_INLINE void qy_tok_r(const int R, const int T, const qy_sblk *const s[2],
+                                const qg_q8_K *const xb[QY_TOK], __m256 (*acc)[2][2])
+{
+    for (int t = 0; t < T; t++) {
+        const qg_q8_K *x = xb[t];
+        /* bsum pair sums of the 8 sub-blocks: int16 (g 2sb, 2sb+1) = dword sb */
+        uint32_t bp[4];
+        const __m128i b = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)x->bsums),
+                                         _mm_loadu_si128((const __m128i *)(x->bsums + 8)));
+        _mm_storeu_si128((__m128i *)bp, b);
+        const __m256 dy = _mm256_set1_ps(x->d);
+        __m256 a0[2], a1[2];
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+        {
+            a0[r] = acc[t][r][0];
+            a1[r] = acc[t][r][1];
+        }
+        for (int sb = 0; sb < 4; sb++) {
+            __m256i isb[2];
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++)
+            {
+                const int g = 2 * sb + h;
+                __m256i s16[2];
+                _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+                {
+                    int32_t v;
+                    memcpy(&v, x->qs + 32 * g + 4 * k, 4);
+                    const __m256i y = _mm256_set1_epi32(v);
+                    _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+                    {
+                        const __m256i p = _mm256_maddubs_epi16(s[r]->q[g][k], y);
+                        s16[r] = k == 0 ? p : _mm256_add_epi16(s16[r], p);
+                    }
+                }
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+                {
+                    const __m256i m = _mm256_madd_epi16(s16[r], s[r]->sc[g]);
+                    isb[r] = h == 0 ? m : _mm256_add_epi32(isb[r], m);
+                }
+            }
+            const __m256i bpt = _mm256_set1_epi32((int32_t)bp[sb]);
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+            {
+                a0[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isb[r]), _mm256_mul_ps(s[r]->d, dy), a0[r]);
+                const __m256i m = _mm256_madd_epi16(s[r]->mp[sb], bpt);
+                a1[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(s[r]->dmin, dy), a1[r]);
+            }
+        }
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+        {
+            acc[t][r][0] = a0[r];
+            acc[t][r][1] = a1[r];
+        }
+    }
+}
+
+QG_AVX2 static void qy_tok(int R, int T, const qy_sblk *const s[2], const qg_q8_K *const xb[QY_TOK],
+                           __m256 (*acc)[2][2])
+{
+    if (R == 2) {
+        switch (T) {
+        case 4:
+            qy_tok_r(2, 4, s, xb, acc);
+            break;
+        case 3:
+            qy_tok_r(2, 3, s, xb, acc);
+            break;
+        case 2:
+            qy_tok_r(2, 2, s, xb, acc);
+            break;
+        default:
+            qy_tok_r(2, 1, s, xb, acc);
+            break;
+        }
+    } else {
+        switch (T) {
+        case 4:
+            qy_tok_r(1, 4, s, xb, acc);
+            break;
+        case 3:
+            qy_tok_r(1, 3, s, xb, acc);
+            break;
+        case 2:
+            qy_tok_r(1, 2, s, xb, acc);
+            break;
+        default:
+            qy_tok_r(1, 1, s, xb, acc);
+            break;
+        }
+    }
+}
+
+/* The whole product on AVX2 for several tokens; row r's super-block i at w + row_off(r) +
+ * i * blk_stride. Tiles of 16 rows (two sets of 8), 8 for a last short tile. */
+QG_AVX2 static void gemm_y256(int64_t nsb, const uint8_t *w, int64_t rpg, size_t group_stride,
+                              size_t row_stride, size_t blk_stride, int64_t n_rows, int32_t n_tok,
+                              const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
+{
+    /* Tokens in blocks whose activations stay in L2 (as tile_avx2) and whose accumulators
+     * (4 ymm per token) stay in L1. */
+    int32_t tb = (int32_t)((640 << 10) / ((size_t)nsb * sizeof(qg_q8_K)) / QY_TOK * QY_TOK);
+    if (tb < QY_TOK) tb = QY_TOK;
+    if (tb > QY_MAX_TB) tb = QY_MAX_TB;
+    __m256 acc[QY_MAX_TB][2][2];
+    qy_sblk sblk[2];
+    const qy_sblk *const sp[2] = {&sblk[0], &sblk[1]};
+    for (int32_t b0 = 0; b0 < n_tok; b0 += tb) {
+        const int32_t bn = n_tok - b0 < tb ? n_tok - b0 : tb;
+        for (int64_t r0 = 0; r0 < n_rows;) {
+            const int R = n_rows - r0 > QY_ROWS ? 2 : 1;
+            int32_t off[2][QY_ROWS];
+            const uint8_t *wt[2];
+            int nr[2] = {0, 0};
+            for (int q = 0; q < R; q++) {
+                const int64_t rq = r0 + q * QY_ROWS;
+                nr[q] = n_rows - rq < QY_ROWS ? (int)(n_rows - rq) : QY_ROWS;
+                /* rows past n_rows repeat the last one (computed, never stored) */
+                const size_t base_off = row_off(rq, rpg, group_stride, row_stride);
+                for (int r = 0; r < QY_ROWS; r++)
+                    off[q][r] = (int32_t)(row_off(rq + (r < nr[q] ? r : nr[q] - 1), rpg,
+                                                  group_stride, row_stride) -
+                                          base_off);
+                wt[q] = w + base_off;
+            }
+            for (int32_t t = 0; t < bn; t++)
+                for (int q = 0; q < 2; q++) acc[t][q][0] = acc[t][q][1] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < nsb; i++) {
+                for (int q = 0; q < R; q++)
+                    qy_unpack(wt[q] + (size_t)i * blk_stride, off[q], &sblk[q]);
+                for (int32_t t0 = 0; t0 < bn; t0 += QY_TOK) {
+                    const int nt = bn - t0 < QY_TOK ? bn - t0 : QY_TOK;
+                    const qg_q8_K *xb[QY_TOK];
+                    for (int t = 0; t < QY_TOK; t++)
+                        xb[t] =
+                            (const qg_q8_K *)(x + (size_t)(b0 + t0 + (t < nt ? t : 0)) * x_stride) +
+                            i;
+                    qy_tok(R, nt, sp, xb, acc + t0);
+                }
+            }
+            for (int q = 0; q < R; q++) {
+                for (int32_t t = 0; t < bn; t++) {
+                    float v[QY_ROWS];
+                    _mm256_storeu_ps(v, _mm256_sub_ps(acc[t][q][0], acc[t][q][1]));
+                    float *yt = y + (size_t)(b0 + t) * y_stride + (size_t)(r0 + q * QY_ROWS);
+                    for (int r = 0; r < nr[q]; r++) yt[r] = v[r];
+                }
+            }
+            r0 += (int64_t)R * QY_ROWS;
+        }
+    }
+}
 
 /* AVX-512 VNNI: tiles of 32 rows (two sets of 16, one zmm lane per row) x 4 tokens. Per
  * super-block a tile's rows are unpacked once into qz_sblk (L1) by gathers, whatever the source
@@ -422,6 +703,11 @@ void tsr_q4k_gemm_dot_grouped(int isa, int64_t n, int64_t n_rows, const void *w,
 #if QG_X86
     if (isa >= TSR_GGML_VNNI) {
         gemm_z512(nsb, wb, rpg, group_stride, row_stride, blk_stride, n_rows, n_tok, xb, x_stride,
+                  y, y_stride);
+        return;
+    }
+    if (isa >= TSR_GGML_AVX2 && qy_use(n_tok)) {
+        gemm_y256(nsb, wb, rpg, group_stride, row_stride, blk_stride, n_rows, n_tok, xb, x_stride,
                   y, y_stride);
         return;
     }

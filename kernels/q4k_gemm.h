@@ -52,4 +52,10 @@ void tsr_q4k_gemm_dot_grouped(int isa, int64_t n, int64_t n_rows, const void *w,
                               size_t blk_stride, int32_t n_tok, const void *x, size_t x_stride,
                               float *y, size_t y_stride);
 
+/* Which AVX2 kernel runs several tokens (the results are the same bits): 1 the default (the
+ * 8-row lanes kernel from 5 tokens, the 2-row tile below that), 0 the 2-row tile always (also
+ * the environment variable TSR_Q4K_Y256=0, read once), 2 the lanes kernel for every token
+ * count (tests), -1 back to the environment's choice. */
+void tsr_q4k_gemm_set_y256(int mode);
+
 #endif /* TSR_Q4K_GEMM_H */

@@ -200,27 +200,37 @@ static void test_gemm_order(void **state)
                 continue;
             }
             const int isa = tsr_ggml_isa();
-            for (int nr = 1; nr <= MAXR; nr++) {
-                for (int nt = 1; nt <= MAXT; nt++) {
-                    float y[MAXT * MAXR], yp[MAXT * MAXR], yg[MAXT * MAXR];
-                    tsr_q4k_gemm_dot(isa, n, nr, w, row_b, Q4K_BYTES, nt, x, xs, y, MAXR);
-                    for (int g = 0; g * 4 < nr; g++) {
-                        const int rows = nr - 4 * g < 4 ? nr - 4 * g : 4;
-                        tsr_q4k_gemm_dot(isa, n, rows, pk + (size_t)g * gb, Q4K_BYTES,
-                                         4 * Q4K_BYTES, nt, x, xs, yp + 4 * g, MAXR);
-                    }
-                    /* all the groups in one call (ops.c's way) */
-                    tsr_q4k_gemm_dot_grouped(isa, n, nr, pk, 4, gb, Q4K_BYTES, 4 * Q4K_BYTES, nt, x,
-                                             xs, yg, MAXR);
-                    for (int t = 0; t < nt; t++) {
-                        for (int r = 0; r < nr; r++) {
-                            tsr_test_check_layouts(k_isas[ii], n, nr, nt, r, t, ref[t][r],
-                                                   y[t * MAXR + r], yp[t * MAXR + r],
-                                                   yg[t * MAXR + r]);
+            /* AVX2: the default choice of kernel, then each of its two kernels for every
+             * token count (tsr_q4k_gemm_set_y256) */
+            const bool avx2 = strcmp(k_isas[ii], "avx2") == 0;
+            for (int mode = 1; mode <= (avx2 ? 3 : 1); mode++) {
+                const char *label = mode == 1   ? k_isas[ii]
+                                    : mode == 2 ? "avx2, 2-row tile"
+                                                : "avx2, 8-row lanes";
+                tsr_q4k_gemm_set_y256(mode == 1 ? -1 : mode == 2 ? 0 : 2);
+                for (int nr = 1; nr <= MAXR; nr++) {
+                    for (int nt = 1; nt <= MAXT; nt++) {
+                        float y[MAXT * MAXR], yp[MAXT * MAXR], yg[MAXT * MAXR];
+                        tsr_q4k_gemm_dot(isa, n, nr, w, row_b, Q4K_BYTES, nt, x, xs, y, MAXR);
+                        for (int g = 0; g * 4 < nr; g++) {
+                            const int rows = nr - 4 * g < 4 ? nr - 4 * g : 4;
+                            tsr_q4k_gemm_dot(isa, n, rows, pk + (size_t)g * gb, Q4K_BYTES,
+                                             4 * Q4K_BYTES, nt, x, xs, yp + 4 * g, MAXR);
+                        }
+                        /* all the groups in one call (ops.c's way) */
+                        tsr_q4k_gemm_dot_grouped(isa, n, nr, pk, 4, gb, Q4K_BYTES, 4 * Q4K_BYTES,
+                                                 nt, x, xs, yg, MAXR);
+                        for (int t = 0; t < nt; t++) {
+                            for (int r = 0; r < nr; r++) {
+                                tsr_test_check_layouts(label, n, nr, nt, r, t, ref[t][r],
+                                                       y[t * MAXR + r], yp[t * MAXR + r],
+                                                       yg[t * MAXR + r]);
+                            }
                         }
                     }
                 }
             }
+            tsr_q4k_gemm_set_y256(-1);
         }
         tsr_quant_set_isa(NULL);
         free(pk);
