@@ -359,6 +359,60 @@ typedef struct {
 
 enum { QA_ROWS = 8 };
 
+/* The fp16 scales of 8 consecutive blocks of 8 rows (lane i's 8 at wd + od[i], contiguous as
+ * in the repacked groups, padded with zeros to a multiple of 8 blocks) as floats, out[j]: block
+ * j's 8 lanes. One 16-byte load and convert per row and an 8 x 8 transpose: a vpgatherdd per
+ * block cost 12-24 cycles on AMD Zen 3. */
+QG_AVX2 QG_INLINE void qv_scales8_avx2(const uint8_t *wd, const int32_t od[8], float out[8][8])
+{
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++)
+        r[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + od[i])));
+    for (int p = 0; p < 4; p++) {
+        t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++) { /* lanes 4h .. 4h + 3 */
+        u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+        u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+        u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+        u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        _mm256_store_ps(out[c], _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+        _mm256_store_ps(out[4 + c], _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+    }
+}
+
+/* Lane i of the groups' kernels holds row k_avx2_row[i] (vphaddd's order in the GEMV, the
+ * dword unpacks' order in qa_unpack_groups); row r sits in lane k_avx2_lane[r]. */
+static const int32_t k_avx2_row[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+/* Block b of 8 rows in two repacked groups (rows 0-3 at bq, 4-7 at bq + gs: each block 4
+ * rows x 16 nibble bytes, 64 bytes), as qa_unpack makes it but in the lanes of k_avx2_row:
+ * four 32-byte loads and 8 dword / qword unpacks for the 4 dwords of each row, where
+ * qa_unpack gathers (a vpgatherdd costs 12-24 cycles on AMD Zen 3). d: from dwb (the 8
+ * blocks' scales of qv_scales8_avx2, lanes already in that order). */
+QG_AVX2 QG_INLINE void qa_unpack_groups(const uint8_t *bq, size_t gs, const float *dwb, qa_blk *s)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i a01 = _mm256_loadu_si256((const __m256i *)bq);
+    const __m256i a23 = _mm256_loadu_si256((const __m256i *)(bq + 32));
+    const __m256i a45 = _mm256_loadu_si256((const __m256i *)(bq + gs));
+    const __m256i a67 = _mm256_loadu_si256((const __m256i *)(bq + gs + 32));
+    const __m256i t0 = _mm256_unpacklo_epi32(a01, a23), t1 = _mm256_unpackhi_epi32(a01, a23);
+    const __m256i t2 = _mm256_unpacklo_epi32(a45, a67), t3 = _mm256_unpackhi_epi32(a45, a67);
+    /* dword c of rows [0 2 4 6 | 1 3 5 7] */
+    const __m256i q[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                          _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+    s->d = _mm256_load_ps(dwb);
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+    {
+        s->q[c] = _mm256_and_si256(q[c], m4);
+        s->q[4 + c] = _mm256_and_si256(_mm256_srli_epi32(q[c], 4), m4);
+    }
+}
+
 QG_AVX2 QG_INLINE void qa_unpack(const uint8_t *bd, const uint8_t *bq, __m256i offd, __m256i offq,
                                  qa_blk *s)
 {
@@ -433,6 +487,8 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
                               size_t y_stride)
 {
     const int32_t tb = token_block(nb);
+    const bool groups = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_off == 0 &&
+                        L->d_blk == 2 && L->d_row == (size_t)(nb + 7) / 8 * 16;
     float dy[QACT];
     int32_t ny[QACT];
     __m256 acc[QMAX_TB];
@@ -452,12 +508,26 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
             }
             const __m256i offd = _mm256_loadu_si256((const __m256i *)od);
             const __m256i offq = _mm256_loadu_si256((const __m256i *)oq);
+            /* two whole repacked groups: loads and unpacks in the lanes of k_avx2_row (the
+             * scales padded with zeros to 8 blocks), else gathers in row order */
+            const bool grp = groups && r0 % 8 == 0 && r0 + 4 < n_rows;
+            int32_t odl[QA_ROWS];
+            for (int i = 0; i < QA_ROWS; i++)
+                odl[i] = (int32_t)((size_t)(k_avx2_row[i] / 4) * L->group_stride +
+                                   (size_t)(k_avx2_row[i] % 4) * L->d_row);
+            float dwb[QKB][8] __attribute__((aligned(32)));
             for (int32_t t = 0; t < bn; t++) acc[t] = _mm256_setzero_ps();
             for (int64_t k0 = 0; k0 < nb; k0 += QKB) {
                 const int kn = nb - k0 < QKB ? (int)(nb - k0) : QKB;
-                for (int kb = 0; kb < kn; kb++)
-                    qa_unpack(w + bd + (size_t)(k0 + kb) * L->d_blk,
-                              w + bq + (size_t)(k0 + kb) * L->q_blk, offd, offq, &sb[kb]);
+                if (grp) qv_scales8_avx2(w + bd + (size_t)k0 * 2, odl, dwb);
+                for (int kb = 0; kb < kn; kb++) {
+                    if (grp)
+                        qa_unpack_groups(w + bq + (size_t)(k0 + kb) * L->q_blk, L->group_stride,
+                                         dwb[kb], &sb[kb]);
+                    else
+                        qa_unpack(w + bd + (size_t)(k0 + kb) * L->d_blk,
+                                  w + bq + (size_t)(k0 + kb) * L->q_blk, offd, offq, &sb[kb]);
+                }
                 for (int32_t t0 = 0; t0 < bn; t0 += QT) {
                     const int nt = bn - t0 < QT ? (int)(bn - t0) : QT;
                     const uint8_t *xb[QT];
@@ -469,7 +539,10 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
             }
             for (int32_t t = 0; t < bn; t++) {
                 float out[QA_ROWS];
-                _mm256_storeu_ps(out, acc[t]);
+                /* groups: back to row order, row r from lane (r % 2) * 4 + r / 2 */
+                _mm256_storeu_ps(out, grp ? _mm256_permutevar8x32_ps(
+                                                acc[t], _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+                                          : acc[t]);
                 memcpy(y + (size_t)(b0 + t) * y_stride + (size_t)r0, out,
                        sizeof(float) * (size_t)nr);
             }
@@ -724,8 +797,6 @@ QG_Z512 static void gemv_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
 
 /* ---- AVX2 GEMV: 8 rows (2 quads) a pass; lane i holds row k_avx2_row[i] (vphaddd's order) */
 
-static const int32_t k_avx2_row[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-
 QG_AVX2 QG_INLINE void qv_load_avx2(const qv_quad *Q, bool grp, size_t b, size_t q_blk,
                                     __m256i *v01, __m256i *v23)
 {
@@ -752,22 +823,30 @@ QG_AVX2 QG_INLINE __m256i qv_parts_avx2(__m256i v, __m256i yl, __m256i yh)
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
+/* grp: the repacked groups (scales by qv_scales8_avx2 from od, 8 blocks at a time), else the
+ * file layout (a gather from offd per block). */
 QG_AVX2 QG_INLINE __m256 gemv_avx2_pass(const bool grp, int64_t nb, const q40_layout *L,
-                                        const qv_quad Q[2], __m256i offd, const uint8_t *wd,
-                                        const uint8_t *x, const float *dy, const int32_t *ny,
-                                        const char *pfn, size_t pass_bytes)
+                                        const qv_quad Q[2], __m256i offd, const int32_t od[8],
+                                        const uint8_t *wd, const uint8_t *x, const float *dy,
+                                        const int32_t *ny, const char *pfn, size_t pass_bytes)
 {
     __m256 acc = _mm256_setzero_ps();
+    float dwb[8][8] __attribute__((aligned(32)));
     for (int64_t b = 0; b < nb; b++) {
         /* 8 rows x 18 bytes a block: 3 lines, spread (tsr_prefetch_line_l2) */
         const char *pfb = qv_prefetch_at(pfn, pass_bytes, b, nb);
         if (pfb) tsr_prefetch_line_l2(pfb);
-        const __m256i dd =
-            _mm256_i32gather_epi32((const int *)(wd + (size_t)b * L->d_blk), offd, 1);
-        const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
-                                                _mm256_setzero_si256());
-        const __m256 dw =
-            _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(d16, 0x08)));
+        __m256 dw;
+        if (grp) {
+            if ((b & 7) == 0) qv_scales8_avx2(wd + (size_t)b * 2, od, dwb);
+            dw = _mm256_load_ps(dwb[b & 7]);
+        } else {
+            const __m256i dd =
+                _mm256_i32gather_epi32((const int *)(wd + (size_t)b * L->d_blk), offd, 1);
+            const __m256i d16 = _mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)),
+                                                    _mm256_setzero_si256());
+            dw = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(d16, 0x08)));
+        }
         const uint8_t *xb = x + (size_t)b * Q8_BLK + 2;
         const __m256i yl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb));
         const __m256i yh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb + 16)));
@@ -794,7 +873,8 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
     act_facts(nb, 1, x, 0, dy, ny);
     /* the repacked groups (kernels/repack.h), whole from row 0: the 8 rows' scale offsets are
      * the same in every pass but a last one with a single group */
-    const bool groups = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_off == 0;
+    const bool groups =
+        L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_off == 0 && L->d_blk == 2;
     const size_t gs = L->group_stride;
     int32_t od_g[8];
     for (int i = 0; i < 8; i++)
@@ -806,16 +886,17 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
         bool grp;
         size_t bd;
         __m256i offd;
+        int32_t od[8]; /* lane i's scales at w + bd + od[i] */
         if (groups && r0 + 4 < n_rows) {
             bd = (size_t)(r0 / 4) * gs;
             Q[0].qp[0] = w + bd + L->q_off;
             Q[1].qp[0] = Q[0].qp[0] + gs;
             grp = true;
             offd = offd_g;
+            memcpy(od, od_g, sizeof od);
         } else {
-            int32_t od[8];
             for (int q = 0; q < 2; q++) qv_quad_init(w, L, r0 + 4 * q, n_rows, &Q[q]);
-            grp = Q[0].grp;
+            grp = Q[0].grp; /* the groups: d_blk 2 */
             bd = off_d(L, r0);
             for (int i = 0; i < 8; i++) {
                 const int r = k_avx2_row[i];
@@ -826,8 +907,8 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
         const char *pfn = r0 + 8 < n_rows ? (const char *)w + off_q(L, r0 + 8) - L->q_off : NULL;
         const size_t pass_bytes = (size_t)(8 / L->rpg) * L->group_stride;
         const __m256 acc =
-            grp ? gemv_avx2_pass(true, nb, L, Q, offd, w + bd, x, dy, ny, pfn, pass_bytes)
-                : gemv_avx2_pass(false, nb, L, Q, offd, w + bd, x, dy, ny, pfn, pass_bytes);
+            grp ? gemv_avx2_pass(true, nb, L, Q, offd, od, w + bd, x, dy, ny, pfn, pass_bytes)
+                : gemv_avx2_pass(false, nb, L, Q, offd, od, w + bd, x, dy, ny, pfn, pass_bytes);
         /* back to row order: row r from lane (r % 2) * 4 + r / 2 */
         float out[8];
         _mm256_storeu_ps(out,
