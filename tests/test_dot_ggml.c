@@ -173,6 +173,7 @@ static void test_dot_q8_0(void **state)
         check_dots(TSR_TYPE_Q8_0, 576);
         check_dots(TSR_TYPE_Q8_0, 8320); /* 260 blocks: the shared tiles' workspace on the heap */
         check_dots(TSR_TYPE_Q8_0, 2048 + 96); /* 67 blocks: a partial chunk of 8 */
+        check_dots(TSR_TYPE_Q8_0, 224); /* 7 blocks: a partial chunk past its first 4 */
     }
     tsr_ggml_dot_set_vbmi(false); /* the zmm tiles' other scale extraction */
     tsr_ggml_dot_set_tile_ymm(0);
