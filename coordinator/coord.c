@@ -48,6 +48,7 @@ struct tsr_coord {
     removed_name *removed;
     retired *retired; /* channels of old addresses */
     uint64_t n_picks;
+    int64_t t_start_ms; /* tsr_coord_now_ms at creation: the rejoin grace of tsr_coord_pick */
 };
 
 int64_t tsr_coord_now_ms(void)
@@ -86,6 +87,7 @@ int tsr_coord_new(const tsr_coord_params *p, tsr_coord **out, char *err, size_t 
     c->p = *p;
     if (c->p.down_after_ms <= 0) c->p.down_after_ms = 3000;
     if (c->p.heartbeat_interval_ms <= 0) c->p.heartbeat_interval_ms = 500;
+    c->t_start_ms = tsr_coord_now_ms();
     pthread_mutex_init(&c->mu, NULL);
     *out = c;
     return 0;
@@ -498,6 +500,19 @@ int tsr_coord_pick(tsr_coord *c, const char *model, const tsr_coord_excl *excl, 
     if (!known) {
         char list[1024];
         list_models(c, list, sizeof list);
+        /* A coordinator restarted under load learns its replicas again as they heartbeat:
+         * until a silent replica would count as down (down_after_ms), a model nobody has
+         * announced yet may be one whose replicas have not rejoined, so the request waits
+         * for one (ENOREPLICA, UNAVAILABLE in the end) instead of failing for good. */
+        const int64_t up_ms = tsr_coord_now_ms() - c->t_start_ms;
+        if (up_ms < c->p.down_after_ms) {
+            tsr_set_err(err, err_len,
+                        "model '%s' has no replica yet: this coordinator started %.1f s ago and "
+                        "its replicas are still joining (models so far: %s)",
+                        model, (double)up_ms / 1000.0, list);
+            rc = TSR_COORD_ENOREPLICA;
+            goto out;
+        }
         tsr_set_err(err, err_len, "model '%s' is not served by this cluster; models served: %s",
                     model, list);
         rc = TSR_COORD_ENOMODEL;

@@ -42,8 +42,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TSR_COORD_ENOTFOUND  -1 /* no replica of that name */
-#define TSR_COORD_ENOMODEL   -2 /* no replica serves that model (err names the served ones) */
+#define TSR_COORD_ENOTFOUND -1 /* no replica of that name */
+/* ENOMODEL: no replica serves that model (err names the served ones); within down_after_ms
+ * of the coordinator's start tsr_coord_pick answers ENOREPLICA instead (its replicas may
+ * still be rejoining after a restart). */
+#define TSR_COORD_ENOMODEL   -2
 #define TSR_COORD_ENOREPLICA -3 /* the model is known but no replica of it can take it now */
 #define TSR_COORD_EEXIST     -4 /* the name is taken by another live replica */
 #define TSR_COORD_ENOMEM     -5
