@@ -433,6 +433,22 @@ GG_AVX2 GG_INLINE void gg_prefetch_group_line(const char *p, bool l2)
  * before its tile waited on the memory the tile's prefetch had not brought yet). Whole chunks:
  * the 272 bytes as four 64-byte loads, d of block k at 16-bit word 17k picked by two vpermt2w
  * (blocks 0-3 from the first 128 bytes, 4-7 from the next 128). */
+/* The same on AVX2: whole chunks packed in two general registers (eight 16-bit loads, shifts
+ * and ors: cheap scalar ops beside the vector work), a partial one through a zeroed array. */
+GG_AVX2 GG_INLINE __m128i gg_row_h8_avx2(const gg_q8_0 *w, int m)
+{
+    if (m == 8) {
+        const uint64_t lo = (uint64_t)w[0].d | (uint64_t)w[1].d << 16 | (uint64_t)w[2].d << 32 |
+                            (uint64_t)w[3].d << 48;
+        const uint64_t hi = (uint64_t)w[4].d | (uint64_t)w[5].d << 16 | (uint64_t)w[6].d << 32 |
+                            (uint64_t)w[7].d << 48;
+        return _mm_insert_epi64(_mm_cvtsi64_si128((long long)lo), (long long)hi, 1);
+    }
+    uint16_t h[8] = {0};
+    for (int k = 0; k < m; ++k) h[k] = w[k].d;
+    return _mm_loadu_si128((const __m128i *)h);
+}
+
 GG_VNNI GG_INLINE __m128i gg_row_h8(const gg_q8_0 *w, int m)
 {
     if (m == 8) {
@@ -445,9 +461,7 @@ GG_VNNI GG_INLINE __m128i gg_row_h8(const gg_q8_0 *w, int m)
                                                      _mm512_loadu_si512(p + 192));
         return _mm512_castsi512_si128(_mm512_mask_mov_epi16(lo, 0xF0, hi));
     }
-    uint16_t h[8] = {0};
-    for (int k = 0; k < m; ++k) h[k] = w[k].d;
-    return _mm_loadu_si128((const __m128i *)h);
+    return gg_row_h8_avx2(w, m);
 }
 
 #define GG_VBMI                                                                                    \
@@ -1147,6 +1161,17 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
     return rc;
 }
 
+/* The fp16 d of a Q8_0 row's nb blocks (34 bytes apart) as floats into out[GG_NBP(nb)], zero
+ * past nb: 8 at a time (gg_row_h8_avx2) converted by one vcvtph2ps, where one scalar convert
+ * each cost a tenth of a 16-token step (the tile's row-group prep, perf of bench_batch -s 16 on
+ * AMD Zen 3). Exact conversions: the same floats. */
+GG_AVX2 static void gg_q80_row_d(const gg_q8_0 *w, int64_t nb, float *out)
+{
+    for (int64_t b0 = 0; b0 < nb; b0 += 8)
+        _mm256_storeu_ps(out + b0,
+                         _mm256_cvtph_ps(gg_row_h8_avx2(w + b0, nb - b0 < 8 ? (int)(nb - b0) : 8)));
+}
+
 /* The register tiles over a whole call (F16C's conversions inline: the library's scalar
  * tsr_f16_to_f32 took a quarter of a 2-5 token step): scales as floats once (tokens: per call;
  * rows: per group of 4, except the VNNI Q8_0 tile, which converts them itself as it goes; each
@@ -1154,33 +1179,6 @@ GG_VNNI static int gg_tile_q80_vnni(int64_t nb, int64_t n_rows, const uint8_t *w
  * groups, each against the tokens in tiles (the group's blocks stay in L1 for all the tokens),
  * the next group prefetched during the first token tile. Returns -1 (nothing done) when the
  * workspace cannot be allocated. */
-/* The fp16 d of a Q8_0 row's nb blocks (34 bytes apart) as floats into out[GG_NBP(nb)], zero
- * past nb: 8 at a time, the halves packed in general registers and converted by one
- * vcvtph2ps, where one scalar convert each cost a tenth of a 16-token step (the tile's
- * row-group prep, perf of bench_batch -s 16 on AMD Zen 3). Exact conversions: the same floats. */
-GG_AVX2 static void gg_q80_row_d(const gg_q8_0 *w, int64_t nb, float *out)
-{
-    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-        uint64_t lo = 0, hi = 0;
-        if (b0 + 8 <= nb) {
-            const gg_q8_0 *c = w + b0;
-            lo = (uint64_t)c[0].d | (uint64_t)c[1].d << 16 | (uint64_t)c[2].d << 32 |
-                 (uint64_t)c[3].d << 48;
-            hi = (uint64_t)c[4].d | (uint64_t)c[5].d << 16 | (uint64_t)c[6].d << 32 |
-                 (uint64_t)c[7].d << 48;
-        } else {
-            for (int j = 0; j < 8 && b0 + j < nb; j++) {
-                if (j < 4)
-                    lo |= (uint64_t)w[b0 + j].d << (16 * j);
-                else
-                    hi |= (uint64_t)w[b0 + j].d << (16 * (j - 4));
-            }
-        }
-        const __m128i h = _mm_insert_epi64(_mm_cvtsi64_si128((long long)lo), (long long)hi, 1);
-        _mm256_storeu_ps(out + b0, _mm256_cvtph_ps(h));
-    }
-}
-
 GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_rows,
                                 const uint8_t *w, size_t ws, int32_t n_tok, const uint8_t *x,
                                 size_t xs, float *y, size_t ys)
@@ -1206,11 +1204,11 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
             sx[((size_t)(t / 4) * nb + b) * 4 + t % 4] = gg_h2f(xb->s);
         }
     }
-    /* Token tiles: Q4_1 up to 4 / 2 tokens, AVX2 Q8_0 3; VNNI Q8_0 splits n_tok into
-     * ceil(n_tok / GG_TV_MAX) tiles as even as can be (5 = one tile, 7 = 4 + 3, 16 = 6 + 5 + 5) */
-    /* AVX2 Q8_0: up to 3 tokens (4 rows x 3 tokens spills a little, and still runs 4-7 %
-     * faster than 2-token tiles: 2048 columns, 1 thread, AMD Zen 3, 3 to 16 tokens, from L2
-     * and streaming) */
+    /* Token tiles: Q4_1 up to 4 (VNNI) / 2 tokens; AVX2 Q8_0 up to 3, as even as can be
+     * (5 = 3 + 2, 16 = 3 + 3 + 3 + 3 + 2 + 2: 4 rows x 3 tokens spills a little and still runs
+     * 4-7 % faster than 2-token tiles, 2048 columns, 1 thread, AMD Zen 3, from L2 and
+     * streaming). VNNI Q8_0 (gg_tile_q80_vnni) splits n_tok into ceil(n_tok / GG_TV_MAX) tiles
+     * as even as can be (5 = one tile, 7 = 4 + 3, 16 = 6 + 5 + 5). */
     const int tmax = q41 ? (vnni ? 4 : 2) : 3;
     const int n_tt = (n_tok + tmax - 1) / tmax;
     const size_t gbytes = 4 * ws;

@@ -79,6 +79,15 @@ static float dot_scalar(int64_t nb, const uint8_t *wd, const uint8_t *wq, const 
 
 #define QG_INLINE static inline __attribute__((always_inline))
 
+/* Whether L is the repacked groups of kernels/repack.h, whole from row 0 (4 rows a group, each
+ * block's 4 rows of 16 nibble bytes one 64-byte run, each row's nb fp16 scales contiguous and
+ * zero-padded to a multiple of 8): the layout the loads-and-shuffles paths read. */
+static bool q40_groups(const q40_layout *L, int64_t nb)
+{
+    return L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_blk == 2 &&
+           L->d_row == (size_t)(nb + 7) / 8 * 16 && L->d_off == 0;
+}
+
 enum {
     QT = 4,        /* tokens per register tile */
     QKB = 8,       /* blocks unpacked per chunk */
@@ -294,8 +303,7 @@ QG_Z512 static void gemm_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
                 const int64_t rq = r0 + q * QZ_ROWS;
                 nr[q] = n_rows - rq < QZ_ROWS ? (int)(n_rows - rq) : QZ_ROWS;
                 /* 4 whole repacked groups of 16-byte quants: loads and shuffles */
-                grp[q] = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_blk == 2 &&
-                         rq % 4 == 0 && nr[q] == QZ_ROWS;
+                grp[q] = q40_groups(L, nb) && rq % 4 == 0 && nr[q] == QZ_ROWS;
                 /* rows past n_rows repeat the last one (computed, never stored) */
                 const size_t bd = off_d(L, rq), bq = off_q(L, rq);
                 int32_t od[QZ_ROWS], oq[QZ_ROWS];
@@ -365,28 +373,24 @@ enum { QA_ROWS = 8 };
  * block cost 12-24 cycles on AMD Zen 3. */
 QG_AVX2 QG_INLINE void qv_scales8_avx2(const uint8_t *wd, const int32_t od[8], float out[8][8])
 {
-    __m256 r[8], t[8], u[8];
+    __m256i r[8], t[8];
     for (int i = 0; i < 8; i++)
-        r[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + od[i])));
-    for (int p = 0; p < 4; p++) {
-        t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-        t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
-    }
-    for (int h = 0; h < 2; h++) { /* lanes 4h .. 4h + 3 */
-        u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
-        u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
-        u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
-        u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; c++) {
-        _mm256_store_ps(out[c], _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
-        _mm256_store_ps(out[4 + c], _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
-    }
+        r[i] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + od[i]))));
+    tsr_transpose8x8_epi32(r, t);
+    for (int j = 0; j < 8; j++) _mm256_store_ps(out[j], _mm256_castsi256_ps(t[j]));
 }
 
 /* Lane i of the groups' kernels holds row k_avx2_row[i] (vphaddd's order in the GEMV, the
- * dword unpacks' order in qa_unpack_groups); row r sits in lane k_avx2_lane[r]. */
+ * dword unpacks' order in qa_unpack_groups); row r sits in lane (r % 2) * 4 + r / 2. */
 static const int32_t k_avx2_row[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+/* od[i]: where lane i's row's scales start in two groups of L from the first group's d. */
+static void avx2_group_d_offsets(const q40_layout *L, int32_t od[8])
+{
+    for (int i = 0; i < 8; i++)
+        od[i] = (int32_t)((size_t)(k_avx2_row[i] / 4) * L->group_stride +
+                          (size_t)(k_avx2_row[i] % 4) * L->d_row);
+}
 
 /* Block b of 8 rows in two repacked groups (rows 0-3 at bq, 4-7 at bq + gs: each block 4
  * rows x 16 nibble bytes, 64 bytes), as qa_unpack makes it but in the lanes of k_avx2_row:
@@ -487,8 +491,9 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
                               size_t y_stride)
 {
     const int32_t tb = token_block(nb);
-    const bool groups = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_off == 0 &&
-                        L->d_blk == 2 && L->d_row == (size_t)(nb + 7) / 8 * 16;
+    const bool groups = q40_groups(L, nb);
+    int32_t odl[QA_ROWS]; /* the groups: lane i's scales at the row set's d + odl[i] */
+    if (groups) avx2_group_d_offsets(L, odl);
     float dy[QACT];
     int32_t ny[QACT];
     __m256 acc[QMAX_TB];
@@ -511,10 +516,6 @@ QG_AVX2 static void gemm_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
             /* two whole repacked groups: loads and unpacks in the lanes of k_avx2_row (the
              * scales padded with zeros to 8 blocks), else gathers in row order */
             const bool grp = groups && r0 % 8 == 0 && r0 + 4 < n_rows;
-            int32_t odl[QA_ROWS];
-            for (int i = 0; i < QA_ROWS; i++)
-                odl[i] = (int32_t)((size_t)(k_avx2_row[i] / 4) * L->group_stride +
-                                   (size_t)(k_avx2_row[i] % 4) * L->d_row);
             float dwb[QKB][8] __attribute__((aligned(32)));
             for (int32_t t = 0; t < bn; t++) acc[t] = _mm256_setzero_ps();
             for (int64_t k0 = 0; k0 < nb; k0 += QKB) {
@@ -753,8 +754,7 @@ QG_Z512 static void gemv_z512(int64_t nb, const uint8_t *w, const q40_layout *L,
     for (int r = 0; r < 16; r++) rowidx[r] = 4 * (r % 4) + r / 4; /* row r <- lane */
     const __m512i back = _mm512_loadu_si512(rowidx);
     /* the repacked groups (kernels/repack.h), whole from row 0: no per-row offsets */
-    const bool groups = L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_blk == 2 &&
-                        L->d_row == nbp * 2 && L->d_off == 0;
+    const bool groups = q40_groups(L, nb);
     const int64_t last_g = (n_rows - 1) / 4;
     const size_t gs = L->group_stride;
     for (int64_t r0 = 0; r0 < n_rows; r0 += 16) {
@@ -873,13 +873,10 @@ QG_AVX2 static void gemv_avx2(int64_t nb, const uint8_t *w, const q40_layout *L,
     act_facts(nb, 1, x, 0, dy, ny);
     /* the repacked groups (kernels/repack.h), whole from row 0: the 8 rows' scale offsets are
      * the same in every pass but a last one with a single group */
-    const bool groups =
-        L->rpg == 4 && L->q_row == 16 && L->q_blk == 64 && L->d_off == 0 && L->d_blk == 2;
+    const bool groups = q40_groups(L, nb);
     const size_t gs = L->group_stride;
     int32_t od_g[8];
-    for (int i = 0; i < 8; i++)
-        od_g[i] =
-            (int32_t)((size_t)(k_avx2_row[i] / 4) * gs + (size_t)(k_avx2_row[i] % 4) * L->d_row);
+    avx2_group_d_offsets(L, od_g);
     const __m256i offd_g = _mm256_loadu_si256((const __m256i *)od_g);
     for (int64_t r0 = 0; r0 < n_rows; r0 += 8) {
         qv_quad Q[2];

@@ -109,6 +109,56 @@ static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, con
 #include "kernels/x86kquant.h"
 #include "kernels/x86hsum.h"
 
+/* fname(R, T, ...) for the rows-in-lanes kernels: fname##_r(R, T, ...) with the row sets R
+ * (1, 2) and tokens T (1..4) constants after inlining, so each shape gets its loops unrolled
+ * and its accumulators in registers. SBLK: the unpacked super-block type, VEC the lanes'. */
+#define QG_DEF_RT(fname, ATTR, SBLK, VEC)                                                          \
+    ATTR static void fname(int R, int T, const SBLK *const s[2], const qg_q8_K *const xb[4],       \
+                           VEC(*acc)[2][2])                                                        \
+    {                                                                                              \
+        if (R == 2) {                                                                              \
+            if (T == 4)                                                                            \
+                fname##_r(2, 4, s, xb, acc);                                                       \
+            else if (T == 3)                                                                       \
+                fname##_r(2, 3, s, xb, acc);                                                       \
+            else if (T == 2)                                                                       \
+                fname##_r(2, 2, s, xb, acc);                                                       \
+            else                                                                                   \
+                fname##_r(2, 1, s, xb, acc);                                                       \
+        } else {                                                                                   \
+            if (T == 4)                                                                            \
+                fname##_r(1, 4, s, xb, acc);                                                       \
+            else if (T == 3)                                                                       \
+                fname##_r(1, 3, s, xb, acc);                                                       \
+            else if (T == 2)                                                                       \
+                fname##_r(1, 2, s, xb, acc);                                                       \
+            else                                                                                   \
+                fname##_r(1, 1, s, xb, acc);                                                       \
+        }                                                                                          \
+    }
+
+/* Tokens per block of a kernel's walk: as many Q8_K rows of nsb super-blocks as 640 KiB (L2)
+ * holds, a multiple of 4 (the tiles' tokens), at least 4 and at most max_tb. */
+static int32_t qg_token_block(int64_t nsb, int32_t max_tb)
+{
+    int32_t tb = (int32_t)((640 << 10) / ((size_t)nsb * sizeof(qg_q8_K)) / 4 * 4);
+    if (tb < 4) tb = 4;
+    return tb > max_tb ? max_tb : tb;
+}
+
+/* A row set of n rows from row rq, nr of them in the matrix (the rest repeat its last row:
+ * computed, never stored): off[r] = the byte offset of row r's first super-block from the
+ * set's first row's, whose offset from the matrix start it returns. */
+static size_t qg_set_offsets(int64_t rq, int nr, int n, int64_t rpg, size_t group_stride,
+                             size_t row_stride, int32_t *off)
+{
+    const size_t base = row_off(rq, rpg, group_stride, row_stride);
+    for (int r = 0; r < n; r++)
+        off[r] =
+            (int32_t)(row_off(rq + (r < nr ? r : nr - 1), rpg, group_stride, row_stride) - base);
+    return base;
+}
+
 /* [sum(a), sum(b), sum(c), sum(d)] of four vectors of 8 int32 lanes (exact). */
 QG_AVX2 QG_INLINE __m128i qg_hsum4(__m256i a, __m256i b, __m256i c, __m256i d)
 {
@@ -221,6 +271,7 @@ DEF_TILE(tile_avx2, QG_AVX2, QG_SACC_AVX2)
  * fma chains of q4k_gemm.h per lane in the reference's order. Against tile_avx2 (2 rows x 4
  * tokens, whose sums need horizontal adds): no horizontal work and one fma per 8 rows. */
 enum { QY_ROWS = 8, QY_TOK = 4, QY_MAX_TB = 128 };
+_Static_assert(QY_TOK == 4, "QG_DEF_RT dispatches 1..4 tokens");
 
 /* One super-block of 8 rows, unpacked (lane r: row r). */
 typedef struct {
@@ -229,26 +280,6 @@ typedef struct {
     __m256i mp[4];   /* [sb]: int16 pair (mn[2sb], mn[2sb+1]) */
     __m256 d, dmin;
 } qy_sblk;
-
-/* out[c] lane r = dword c of v[r] (an 8 x 8 dword transpose). */
-QG_AVX2 QG_INLINE void qy_transpose8(const __m256i v[8], __m256i out[8])
-{
-    __m256i t[8], u[8];
-    for (int p = 0; p < 4; p++) {
-        t[2 * p] = _mm256_unpacklo_epi32(v[2 * p], v[2 * p + 1]);
-        t[2 * p + 1] = _mm256_unpackhi_epi32(v[2 * p], v[2 * p + 1]);
-    }
-    for (int h = 0; h < 2; h++) { /* rows 4h .. 4h + 3 */
-        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
-        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    for (int c = 0; c < 4; c++) {
-        out[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
-        out[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
-    }
-}
 
 /* Unpack super-block i of 8 rows: row r's block at base + off[r] (byte offsets). Loads and
  * transposes (gathers were 2-3x slower on AMD Zen 3). */
@@ -276,7 +307,7 @@ QG_AVX2 QG_INLINE void qy_unpack(const uint8_t *base, const int32_t off[QY_ROWS]
         v[r] = _mm256_unpacklo_epi16(sc, sc); /* lane-wise: g 0-3 low, 4-7 high */
         mins[r] = sm16;
     }
-    qy_transpose8(v, s->sc);
+    tsr_transpose8x8_epi32(v, s->sc);
     for (int r = 0; r < 4; r++) /* [row r's 4 min pairs | row r + 4's] */
         v[r] = _mm256_permute2x128_si256(mins[r], mins[r + 4], 0x31);
     {
@@ -297,7 +328,7 @@ QG_AVX2 QG_INLINE void qy_unpack(const uint8_t *base, const int32_t off[QY_ROWS]
     for (int j = 0; j < 4; j++) {
         for (int r = 0; r < QY_ROWS; r++)
             v[r] = _mm256_loadu_si256((const __m256i *)(w[r]->qs + 32 * j));
-        qy_transpose8(v, o);
+        tsr_transpose8x8_epi32(v, o);
         for (int c = 0; c < 8; c++) {
             s->q[2 * j][c] = _mm256_and_si256(o[c], m4);
             s->q[2 * j + 1][c] = _mm256_and_si256(_mm256_srli_epi16(o[c], 4), m4);
@@ -367,41 +398,7 @@ QG_AVX2 QG_INLINE void qy_tok_r(const int R, const int T, const qy_sblk *const s
     }
 }
 
-QG_AVX2 static void qy_tok(int R, int T, const qy_sblk *const s[2], const qg_q8_K *const xb[QY_TOK],
-                           __m256 (*acc)[2][2])
-{
-    if (R == 2) {
-        switch (T) {
-        case 4:
-            qy_tok_r(2, 4, s, xb, acc);
-            break;
-        case 3:
-            qy_tok_r(2, 3, s, xb, acc);
-            break;
-        case 2:
-            qy_tok_r(2, 2, s, xb, acc);
-            break;
-        default:
-            qy_tok_r(2, 1, s, xb, acc);
-            break;
-        }
-    } else {
-        switch (T) {
-        case 4:
-            qy_tok_r(1, 4, s, xb, acc);
-            break;
-        case 3:
-            qy_tok_r(1, 3, s, xb, acc);
-            break;
-        case 2:
-            qy_tok_r(1, 2, s, xb, acc);
-            break;
-        default:
-            qy_tok_r(1, 1, s, xb, acc);
-            break;
-        }
-    }
-}
+QG_DEF_RT(qy_tok, QG_AVX2, qy_sblk, __m256)
 
 /* The whole product on AVX2 for several tokens; row r's super-block i at w + row_off(r) +
  * i * blk_stride. Tiles of 16 rows (two sets of 8), 8 for a last short tile. */
@@ -411,9 +408,7 @@ QG_AVX2 static void gemm_y256(int64_t nsb, const uint8_t *w, int64_t rpg, size_t
 {
     /* Tokens in blocks whose activations stay in L2 (as tile_avx2) and whose accumulators
      * (4 ymm per token) stay in L1. */
-    int32_t tb = (int32_t)((640 << 10) / ((size_t)nsb * sizeof(qg_q8_K)) / QY_TOK * QY_TOK);
-    if (tb < QY_TOK) tb = QY_TOK;
-    if (tb > QY_MAX_TB) tb = QY_MAX_TB;
+    const int32_t tb = qg_token_block(nsb, QY_MAX_TB);
     __m256 acc[QY_MAX_TB][2][2];
     qy_sblk sblk[2];
     const qy_sblk *const sp[2] = {&sblk[0], &sblk[1]};
@@ -427,13 +422,8 @@ QG_AVX2 static void gemm_y256(int64_t nsb, const uint8_t *w, int64_t rpg, size_t
             for (int q = 0; q < R; q++) {
                 const int64_t rq = r0 + q * QY_ROWS;
                 nr[q] = n_rows - rq < QY_ROWS ? (int)(n_rows - rq) : QY_ROWS;
-                /* rows past n_rows repeat the last one (computed, never stored) */
-                const size_t base_off = row_off(rq, rpg, group_stride, row_stride);
-                for (int r = 0; r < QY_ROWS; r++)
-                    off[q][r] = (int32_t)(row_off(rq + (r < nr[q] ? r : nr[q] - 1), rpg,
-                                                  group_stride, row_stride) -
-                                          base_off);
-                wt[q] = w + base_off;
+                wt[q] =
+                    w + qg_set_offsets(rq, nr[q], QY_ROWS, rpg, group_stride, row_stride, off[q]);
             }
             for (int32_t t = 0; t < bn; t++)
                 for (int q = 0; q < 2; q++) acc[t][q][0] = acc[t][q][1] = _mm256_setzero_ps();
@@ -477,6 +467,7 @@ QG_AVX2 static void gemm_y256(int64_t nsb, const uint8_t *w, int64_t rpg, size_t
     __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
 
 enum { QZ_ROWS = 16, QZ_TOK = 4, QZ_MAX_TB = 128 };
+_Static_assert(QZ_TOK == 4, "QG_DEF_RT dispatches 1..4 tokens");
 
 /* One super-block of 16 rows, unpacked (lane r: row r). */
 typedef struct {
@@ -593,41 +584,7 @@ QG_Z512 QG_INLINE void qz_tok_r(const int R, const int T, const qz_sblk *const s
     }
 }
 
-QG_Z512 static void qz_tok(int R, int T, const qz_sblk *const s[2], const qg_q8_K *const xb[QZ_TOK],
-                           __m512 (*acc)[2][2])
-{
-    if (R == 2) {
-        switch (T) {
-        case 4:
-            qz_tok_r(2, 4, s, xb, acc);
-            break;
-        case 3:
-            qz_tok_r(2, 3, s, xb, acc);
-            break;
-        case 2:
-            qz_tok_r(2, 2, s, xb, acc);
-            break;
-        default:
-            qz_tok_r(2, 1, s, xb, acc);
-            break;
-        }
-    } else {
-        switch (T) {
-        case 4:
-            qz_tok_r(1, 4, s, xb, acc);
-            break;
-        case 3:
-            qz_tok_r(1, 3, s, xb, acc);
-            break;
-        case 2:
-            qz_tok_r(1, 2, s, xb, acc);
-            break;
-        default:
-            qz_tok_r(1, 1, s, xb, acc);
-            break;
-        }
-    }
-}
+QG_DEF_RT(qz_tok, QG_Z512, qz_sblk, __m512)
 
 /* The whole product on AVX-512 VNNI; row r's super-block i at w + row_off(r) + i * blk_stride.
  * Tiles of 32 rows (two sets of 16), 16 for a last short tile. */
@@ -637,9 +594,7 @@ QG_Z512 static void gemm_z512(int64_t nsb, const uint8_t *w, int64_t rpg, size_t
 {
     /* Tokens in blocks whose activations stay in L2 (as tile_avx2) and whose accumulators
      * (4 zmm per token) stay in L1. */
-    int32_t tb = (int32_t)((640 << 10) / ((size_t)nsb * sizeof(qg_q8_K)) / QZ_TOK * QZ_TOK);
-    if (tb < QZ_TOK) tb = QZ_TOK;
-    if (tb > QZ_MAX_TB) tb = QZ_MAX_TB;
+    const int32_t tb = qg_token_block(nsb, QZ_MAX_TB);
     __m512 acc[QZ_MAX_TB][2][2];
     qz_sblk sblk[2];
     const qz_sblk *const sp[2] = {&sblk[0], &sblk[1]};
@@ -653,15 +608,9 @@ QG_Z512 static void gemm_z512(int64_t nsb, const uint8_t *w, int64_t rpg, size_t
             for (int q = 0; q < R; q++) {
                 const int64_t rq = r0 + q * QZ_ROWS;
                 nr[q] = n_rows - rq < QZ_ROWS ? (int)(n_rows - rq) : QZ_ROWS;
-                /* rows past n_rows repeat the last one (computed, never stored) */
-                const size_t base_off = row_off(rq, rpg, group_stride, row_stride);
                 int32_t off[QZ_ROWS];
-                for (int r = 0; r < QZ_ROWS; r++)
-                    off[r] = (int32_t)(row_off(rq + (r < nr[q] ? r : nr[q] - 1), rpg, group_stride,
-                                               row_stride) -
-                                       base_off);
+                wt[q] = w + qg_set_offsets(rq, nr[q], QZ_ROWS, rpg, group_stride, row_stride, off);
                 voff[q] = _mm512_loadu_si512(off);
-                wt[q] = w + base_off;
             }
             for (int32_t t = 0; t < bn; t++)
                 for (int q = 0; q < 2; q++) acc[t][q][0] = acc[t][q][1] = _mm512_setzero_ps();
@@ -714,8 +663,7 @@ void tsr_q4k_gemm_dot_grouped(int isa, int64_t n, int64_t n_rows, const void *w,
     if (isa >= TSR_GGML_AVX2) {
         /* Tokens in blocks whose activations stay in L2 (640 KiB, a multiple of 4 tokens);
          * within a block, each row pair meets every token while its weights are in L1. */
-        int32_t tb = (int32_t)((640 << 10) / ((size_t)nsb * sizeof(qg_q8_K)) / 4 * 4);
-        if (tb < 4) tb = 4;
+        const int32_t tb = qg_token_block(nsb, INT32_MAX);
         for (int32_t b0 = 0; b0 < n_tok; b0 += tb) {
             const int32_t bn = n_tok - b0 < tb ? n_tok - b0 : tb;
             for (int64_t r = 0; r < n_rows; r += 2) {

@@ -1,8 +1,9 @@
 /* x86hsum.h — the one horizontal sum of 8 float lanes that every AVX2 kernel uses (and its
  * form for two interleaved chains in a 512-bit register), the integer sum of a Q8_0 block's
  * 32 quants (the Q4_0 / Q8_1 activation facts of quant.c, repack.c and q40_gemm.c), and the
- * int32 -> float conversion of the VNNI kernels' dots; and the one form of software prefetch
- * the streaming kernels issue (tsr_prefetch_line_l2).
+ * int32 -> float conversion of the VNNI kernels' dots; the one form of software prefetch
+ * the streaming kernels issue (tsr_prefetch_line_l2); and the 8 x 8 dword transpose that the
+ * AVX2 rows-in-lanes kernels unpack with (tsr_transpose8x8_epi32).
  *
  * Its order is part of the numerics: it is ggml's hsum_float_8, ((v0+v4)+(v2+v6)) +
  * ((v1+v5)+(v3+v7)), which the ggml-exact dots (kernels/dot_ggml.c, kernels/quant.c), the
@@ -57,6 +58,30 @@ tsr_qsum32_i8(const void *q)
     const __m256i s4 = _mm256_sad_epu8(u, _mm256_setzero_si256());
     const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
     return _mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2))) - 32 * 128;
+}
+
+/* out[c] lane r = dword c of v[r]: an 8 x 8 transpose of 32-bit elements in 24 unpacks and
+ * lane permutes, no gather (a vpgatherdd costs 12-24 cycles on AMD Zen 3). The AVX2 kernels
+ * that put one row in each ymm lane unpack with it: q4k_gemm.c's Q4_K super-blocks, q40_gemm.c's
+ * Q4_0 scales (floats, cast). */
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) void
+tsr_transpose8x8_epi32(const __m256i v[8], __m256i out[8])
+{
+    __m256i t[8], u[8];
+    for (int p = 0; p < 4; p++) {
+        t[2 * p] = _mm256_unpacklo_epi32(v[2 * p], v[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_epi32(v[2 * p], v[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++) { /* rows 4h .. 4h + 3 */
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        out[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        out[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
 }
 
 /* Prefetch into L2 the line at p from a register of its own: the empty asm keeps GCC from
