@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -171,6 +172,7 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
         if (!tsr_q80l_parse(arg, &on))
             return tsr_cli_usage_error(cmd, "--q8-order must be ggml or lanes, got '%s'", arg);
         tsr_q80l_set(on);
+        tsr_cli_q80_warn(cmd);
         return 0;
     }
     case TSR_CLI_O_GPU_MEMORY:
@@ -182,6 +184,14 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
         return tsr_cli_kv_type_flag(cmd, arg, rp);
     }
     return -1;
+}
+
+void tsr_cli_q80_warn(const char *cmd)
+{
+    static atomic_bool said;
+    const char *note = tsr_q80l_slow_note();
+    if (note && !atomic_exchange(&said, true))
+        fprintf(stderr, "tessera %s: warning: %s\n", cmd, note);
 }
 
 int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp)

@@ -71,10 +71,10 @@ int tsr_cli_default_threads(void);
     "it\n"                                                                                         \
     "      --no-repack             keep the weights in the file's layout only (default: each\n"    \
     "                              CPU rank also repacks its quantized tiles at load for\n"        \
-    "                              faster batches: same results, a private copy of them)\n"    \
-    "      --q8-order ggml|lanes   summation order of Q8_0 matrices (default ggml: llama.cpp's\n"    \
-    "                              bits; lanes: whole-block integer sums, ~2x faster several-\n"  \
-    "                              token steps on AVX-512 VNNI, other last bits; CPU ranks\n"     \
+    "                              faster batches: same results, a private copy of them)\n"        \
+    "      --q8-order ggml|lanes   summation order of Q8_0 matrices (default ggml: llama.cpp's\n"  \
+    "                              bits; lanes: whole-block integer sums, ~2x faster several-\n"   \
+    "                              token steps on AVX-512 VNNI, other last bits; CPU ranks\n"      \
     "                              that repack; README: Q8_0 orders)\n"
 
 enum {
@@ -105,6 +105,10 @@ enum {
 /* Parse layout flag c (argument arg) into rp (--kv-type included): -1 when c is not one, 0
  * ok, 2 usage error (printed). */
 int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_params *rp);
+/* Print tsr_q80l_slow_note() (kernels/q80_lanes.h) as a warning of `cmd` to stderr, once per
+ * process, when there is one: --q8-order lanes (or TSR_Q80_ORDER=lanes) on a CPU that runs
+ * that order as a scalar loop. */
+void tsr_cli_q80_warn(const char *cmd);
 /* --kv-type's argument into rp->kv_type: 0, or 2 after printing the usage error. */
 int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp);
 

@@ -16,6 +16,7 @@
 #include "coordinator/server.h"
 #include "coordinator/coord_server.h"
 #include "kernels/membw.h"
+#include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
 #include "shard/gguf.h"
 #include "shard/mkmodel.h"
@@ -1183,8 +1184,9 @@ stop:;
         printf("repacked weights: %.1f MiB in %.0f ms at load (leader; --no-repack: none)\n",
                st[0].n_bytes_repacked / 1048576.0, st[0].t_repack_ns / 1e6);
         if (st[0].n_q80_lanes > 0)
-            printf("Q8_0 order:       lanes (--q8-order lanes: %d matrices on the leader)\n",
-                   st[0].n_q80_lanes);
+            printf("Q8_0 order:       lanes (--q8-order lanes: %d matrices on the leader%s)\n",
+                   st[0].n_q80_lanes,
+                   tsr_q80l_fast() ? "" : "; a scalar loop here: no AVX-512 VNNI");
         const struct {
             const char *type, *env, *keeps;
             int32_t n;

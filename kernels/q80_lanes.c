@@ -65,6 +65,19 @@ bool tsr_q80l_parse(const char *name, bool *on)
     return false;
 }
 
+bool tsr_q80l_fast(void)
+{
+    return tsr_ggml_isa() == TSR_GGML_VNNI;
+}
+
+const char *tsr_q80l_slow_note(void)
+{
+    return tsr_q80l_on() && !tsr_q80l_fast()
+               ? "this CPU has no AVX-512 VNNI, so the lanes order of Q8_0 runs a scalar loop "
+                 "here, 20-40x slower than the default order (--q8-order ggml)"
+               : NULL;
+}
+
 bool tsr_q80l_on(void)
 {
     int v = atomic_load_explicit(&g_on, memory_order_relaxed);

@@ -55,6 +55,15 @@ bool tsr_q80l_on(void);
 /* Set it: 1 on, 0 off, -1 back to the environment's choice. Before a model loads (the load
  * decides which matrices carry the layout), or in tests. */
 void tsr_q80l_set(int on);
+/* Whether this CPU runs the lanes order's SIMD kernel (AVX-512 VNNI, kernels/dot_ggml.h's
+ * level). Without it the same bits come from a scalar loop, 20-40x slower than ggml's order
+ * (AMD Zen 3, 100M Q8_0: decode 10 against 205 tokens/s); an AVX2 kernel of this order would
+ * gain little there, as AVX2 multiplies int8 by int8 only by the sign trick (vpsignb,
+ * vpmaddubsw, vpmaddwd per 32 products), within ~10 % of ggml's order. */
+bool tsr_q80l_fast(void);
+/* A warning for the user when the lanes order is on and the CPU runs it as a scalar loop
+ * (a static string saying so and what to do), else NULL. The CLI prints it at start. */
+const char *tsr_q80l_slow_note(void);
 /* Whether `name` is one of the orders ("ggml", "lanes"); sets *on accordingly. */
 bool tsr_q80l_parse(const char *name, bool *on);
 
