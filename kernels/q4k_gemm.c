@@ -109,6 +109,18 @@ static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, con
 #include "kernels/x86kquant.h"
 #include "kernels/x86hsum.h"
 
+/* fname##_r(R, T, ...) for the runtime T (1..4), R a constant: QG_DEF_RT's body per row set */
+#define QG_CALL_T(fname, R, T)                                                                     \
+    do {                                                                                           \
+        if ((T) == 4)                                                                              \
+            fname##_r(R, 4, s, xb, acc);                                                           \
+        else if ((T) == 3)                                                                         \
+            fname##_r(R, 3, s, xb, acc);                                                           \
+        else if ((T) == 2)                                                                         \
+            fname##_r(R, 2, s, xb, acc);                                                           \
+        else                                                                                       \
+            fname##_r(R, 1, s, xb, acc);                                                           \
+    } while (0)
 /* fname(R, T, ...) for the rows-in-lanes kernels: fname##_r(R, T, ...) with the row sets R
  * (1, 2) and tokens T (1..4) constants after inlining, so each shape gets its loops unrolled
  * and its accumulators in registers. SBLK: the unpacked super-block type, VEC the lanes'. */
@@ -116,25 +128,10 @@ static float dot_scalar(int64_t nsb, const uint8_t *wrow, size_t blk_stride, con
     ATTR static void fname(int R, int T, const SBLK *const s[2], const qg_q8_K *const xb[4],       \
                            VEC(*acc)[2][2])                                                        \
     {                                                                                              \
-        if (R == 2) {                                                                              \
-            if (T == 4)                                                                            \
-                fname##_r(2, 4, s, xb, acc);                                                       \
-            else if (T == 3)                                                                       \
-                fname##_r(2, 3, s, xb, acc);                                                       \
-            else if (T == 2)                                                                       \
-                fname##_r(2, 2, s, xb, acc);                                                       \
-            else                                                                                   \
-                fname##_r(2, 1, s, xb, acc);                                                       \
-        } else {                                                                                   \
-            if (T == 4)                                                                            \
-                fname##_r(1, 4, s, xb, acc);                                                       \
-            else if (T == 3)                                                                       \
-                fname##_r(1, 3, s, xb, acc);                                                       \
-            else if (T == 2)                                                                       \
-                fname##_r(1, 2, s, xb, acc);                                                       \
-            else                                                                                   \
-                fname##_r(1, 1, s, xb, acc);                                                       \
-        }                                                                                          \
+        if (R == 2)                                                                                \
+            QG_CALL_T(fname, 2, T);                                                                \
+        else                                                                                       \
+            QG_CALL_T(fname, 1, T);                                                                \
     }
 
 /* Tokens per block of a kernel's walk: as many Q8_K rows of nsb super-blocks as 640 KiB (L2)
