@@ -6,7 +6,7 @@
  * 7.7 GB/s without, 16.9 with) and the token's scales converted once; several tokens
  * (tile_*) run as register tiles of 4 rows x several tokens (Q8_0 with VNNI up to 8 in zmm
  * registers, two rows' chains per register, the pairs' scale products 8 blocks at a time, or on
- * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 Q8_0 3, Q4_1 2), weight and
+ * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 Q8_0 4, Q4_1 2), weight and
  * activation blocks loaded
  * once per tile, scales as floats. No repacked layout: the file's blocks suffice. */
 #include "kernels/dot_ggml.h"
@@ -380,10 +380,21 @@ GG_AVX2 GG_INLINE void gg_prefetch_group_line(const char *p, bool l2)
             _mm256_store_ps(dd[r][t], _mm256_mul_ps(sw_, _mm256_loadu_ps(dx[t] + b0)));            \
     }
 
-#define GG_TILE_Q80(NAME, ATTR, T, VNNI)                                                           \
-    ATTR static void NAME(int64_t nb, const uint8_t *const *wr, const uint8_t *const *xr,          \
-                          const float *dw, const float *const *dx, float *y, size_t ys, int nr,    \
-                          const uint8_t *pf)                                                       \
+/* The AVX2 Q8_0 tile, 4 rows x T tokens (T = 1..4). Each token's quants are loaded where
+ * they are used, once per row (an asm load gcc cannot hoist): kept in registers beside the
+ * 4 x T accumulators, |w| and the temporaries they made gcc spill accumulators (load, FMA,
+ * store per pair from 4 x 3 on), and 4 x 4 spilled so much that the tiles stopped at 3; per
+ * use they cost a load, which the load ports absorb, and no vector op. Same ops, same bits:
+ * 1 thread, 2048 columns streaming 36-142 MB, best of 5-9, alternated, block dots per ns,
+ * AMD Zen 3: 3-token tiles of this form equal the register form's (1.00-1.07 both), and
+ * 4-token tiles (2 + 2 -> 4, 3 + 3 + 2 -> 4 + 4, 3 + 3 + 3 + 3 + 2 + 2 -> 4 x 4) give 4
+ * tokens 1.01-1.04 -> 1.12-1.16, 8 1.09-1.16 -> 1.16-1.23, 16 1.10-1.18 -> 1.21-1.25, 128
+ * +2-5 % in three runs of four (-2 % in one); 768 columns (the 100M shape) 4 tokens
+ * 1.01-1.02 -> 1.09-1.10, 8 1.02-1.10 -> 1.08-1.10, 16 1.08-1.13 -> 1.12-1.20. */
+#define GG_TILE_Q80(NAME, T)                                                                       \
+    GG_AVX2 static void NAME(int64_t nb, const uint8_t *const *wr, const uint8_t *const *xr,       \
+                             const float *dw, const float *const *dx, float *y, size_t ys, int nr, \
+                             const uint8_t *pf)                                                    \
     {                                                                                              \
         GG_TILE_HEAD(T);                                                                           \
         float dd[4][T][8] __attribute__((aligned(32)));                                            \
@@ -392,33 +403,21 @@ GG_AVX2 GG_INLINE void gg_prefetch_group_line(const char *p, bool l2)
             for (int j = 0; j < m; ++j) {                                                          \
                 const int64_t b = b0 + j;                                                          \
                 GG_TILE_PREFETCH(gg_q8_0)                                                          \
-                __m256i xq[T];                                                                     \
-                _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                              \
-                {                                                                                  \
-                    xq[t] = _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)xr[t])[b].qs);   \
-                    if (VNNI) xq[t] = _mm256_xor_si256(xq[t], _mm256_set1_epi8(-128));             \
-                }                                                                                  \
-                /* row by row: only one row's weight registers live beside the accumulators */     \
+                /* row by row: one row's weight registers live beside the accumulators */          \
                 _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r)                                \
                 {                                                                                  \
                     const __m256i wq =                                                             \
                         _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)wr[r])[b].qs);       \
-                    __m256i wa; /* VNNI: -128 * the 4-sums of w, each dot's start; AVX2: |w| */    \
-                    if (VNNI)                                                                      \
-                        wa = _mm256_sub_epi32(                                                     \
-                            _mm256_setzero_si256(),                                                \
-                            GG_DPBUSD(_mm256_setzero_si256(), _mm256_set1_epi8(-128), wq));        \
-                    else                                                                           \
-                        wa = _mm256_sign_epi8(wq, wq);                                             \
+                    const __m256i wa = _mm256_sign_epi8(wq, wq); /* |w| */                         \
                     _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                          \
                     {                                                                              \
-                        __m256i l;                                                                 \
-                        if (VNNI)                                                                  \
-                            l = GG_DPBUSD(wa, xq[t], wq);                                          \
-                        else                                                                       \
-                            l = _mm256_madd_epi16(                                                 \
-                                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq[t], wq)),             \
-                                _mm256_set1_epi16(1));                                             \
+                        __m256i xq;                                                                \
+                        __asm__("vmovdqu %1, %0"                                                   \
+                                : "=x"(xq)                                                         \
+                                : "m"(*(const __m256i *)((const gg_q8_0 *)xr[t])[b].qs));          \
+                        const __m256i l =                                                          \
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq, wq)),  \
+                                              _mm256_set1_epi16(1));                               \
                         acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[r][t][j]),             \
                                                     _mm256_cvtepi32_ps(l), acc[r][t]);             \
                     }                                                                              \
@@ -916,9 +915,10 @@ GG_TILE_Q41(tile_q4_1_vnni_3, GG_VNNI, 3, 1)
 GG_TILE_Q41(tile_q4_1_vnni_4, GG_VNNI, 4, 1)
 #undef GG_DPBUSD
 #define GG_DPBUSD(acc, u, s) (acc)
-GG_TILE_Q80(tile_q8_0_avx2_1, GG_AVX2, 1, 0)
-GG_TILE_Q80(tile_q8_0_avx2_2, GG_AVX2, 2, 0)
-GG_TILE_Q80(tile_q8_0_avx2_3, GG_AVX2, 3, 0)
+GG_TILE_Q80(tile_q8_0_avx2_1, 1)
+GG_TILE_Q80(tile_q8_0_avx2_2, 2)
+GG_TILE_Q80(tile_q8_0_avx2_3, 3)
+GG_TILE_Q80(tile_q8_0_avx2_4, 4)
 GG_TILE_Q41(tile_q4_1_avx2_1, GG_AVX2, 1, 0)
 GG_TILE_Q41(tile_q4_1_avx2_2, GG_AVX2, 2, 0)
 
@@ -956,7 +956,8 @@ static const gg_tiley80_fn k_tiley80[3][GG_TY_MAX] = {
     {tiley_q8_0_1_save, tiley_q8_0_2_save, tiley_q8_0_3_save, tiley_q8_0_4_save, tiley_q8_0_5_save},
     {tiley_q8_0_1_use, tiley_q8_0_2_use, tiley_q8_0_3_use, tiley_q8_0_4_use, tiley_q8_0_5_use},
 };
-static const gg_tile80_fn k_tile80_avx2[3] = {tile_q8_0_avx2_1, tile_q8_0_avx2_2, tile_q8_0_avx2_3};
+static const gg_tile80_fn k_tile80_avx2[4] = {tile_q8_0_avx2_1, tile_q8_0_avx2_2, tile_q8_0_avx2_3,
+                                              tile_q8_0_avx2_4};
 static const gg_tile41_fn k_tile41_vnni[4] = {tile_q4_1_vnni_1, tile_q4_1_vnni_2, tile_q4_1_vnni_3,
                                               tile_q4_1_vnni_4};
 static const gg_tile41_fn k_tile41_avx2[2] = {tile_q4_1_avx2_1, tile_q4_1_avx2_2};
@@ -1204,12 +1205,12 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
             sx[((size_t)(t / 4) * nb + b) * 4 + t % 4] = gg_h2f(xb->s);
         }
     }
-    /* Token tiles: Q4_1 up to 4 (VNNI) / 2 tokens; AVX2 Q8_0 up to 3, as even as can be
-     * (5 = 3 + 2, 16 = 3 + 3 + 3 + 3 + 2 + 2: 4 rows x 3 tokens spills a little and still runs
-     * 4-7 % faster than 2-token tiles, 2048 columns, 1 thread, AMD Zen 3, from L2 and
-     * streaming). VNNI Q8_0 (gg_tile_q80_vnni) splits n_tok into ceil(n_tok / GG_TV_MAX) tiles
-     * as even as can be (5 = one tile, 7 = 4 + 3, 16 = 6 + 5 + 5). */
-    const int tmax = q41 ? (vnni ? 4 : 2) : 3;
+    /* Token tiles: Q4_1 up to 4 (VNNI) / 2 tokens; AVX2 Q8_0 up to 4, as even as can be
+     * (5 = 3 + 2, 8 = 4 + 4, 16 = 4 x 4: GG_TILE_Q80's measures; before it, 3-token tiles
+     * ran 4-7 % faster than 2-token ones). VNNI Q8_0 (gg_tile_q80_vnni) splits n_tok into
+     * ceil(n_tok / GG_TV_MAX) tiles as even as can be (5 = one tile, 7 = 4 + 3, 16 = 6 + 5 +
+     * 5). */
+    const int tmax = q41 ? (vnni ? 4 : 2) : 4;
     const int n_tt = (n_tok + tmax - 1) / tmax;
     const size_t gbytes = 4 * ws;
     const int64_t ahead = gbytes ? 4 * (int64_t)((GG_PF_BYTES + gbytes - 1) / gbytes)
