@@ -6,9 +6,9 @@
  * 7.7 GB/s without, 16.9 with) and the token's scales converted once; several tokens
  * (tile_*) run as register tiles of 4 rows x several tokens (Q8_0 with VNNI up to 8 in zmm
  * registers, two rows' chains per register, the pairs' scale products 8 blocks at a time, or on
- * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 Q8_0 4, Q4_1 2), weight and
- * activation blocks loaded
- * once per tile, scales as floats. No repacked layout: the file's blocks suffice. */
+ * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 Q8_0 4, Q4_1 2), weight
+ * and activation blocks loaded once per tile (AVX2 Q8_0's activation blocks: once per row),
+ * scales as floats. No repacked layout: the file's blocks suffice. */
 #include "kernels/dot_ggml.h"
 
 #include "kernels/quant.h"
@@ -335,8 +335,9 @@ GG_AVX2 GG_INLINE void gg_prefetch_group_line(const char *p, bool l2)
  * (row, token) in ggml's order with its own accumulator: acc[r][t] = fma(dw[r][b] * dx[t][b],
  * float(lanes), acc[r][t]) for b in order, hsum8 at the end (+ Q4_1's summs, its own fma
  * chain per pair). The weight block is loaded once for the T tokens and the activation
- * block once for the 4 rows; scales come as floats (dw: the 4 rows' [nb], dx: each token's
- * [nb]), converted once per row group / per call. Row pointers: rows past the matrix repeat
+ * block once for the 4 rows (the AVX2 Q8_0 tile: once per row, GG_TILE_Q80); scales come
+ * as floats (dw: the 4 rows' [nb], dx: each token's [nb]), converted once per row group / per
+ * call. Row pointers: rows past the matrix repeat
  * the last one (computed, not stored: y gets nr rows). pf: the next row group (4 rows of
  * ws bytes) to prefetch over the K loop, or NULL.
  *
