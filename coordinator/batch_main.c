@@ -2139,10 +2139,7 @@ int tsr_cmd_batch(int argc, char **argv)
     rp.n_batch = (int32_t)max_batch;
     rp.n_kv_blocks = (int32_t)n_blocks;
     tsr_replica *rep;
-    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera batch: %s\n", err);
-        return TSR_BATCH_EXIT_ERROR;
-    }
+    if (tsr_cli_replica_open("batch", model, &rp, &rep) != 0) return TSR_BATCH_EXIT_ERROR;
     const uint64_t t_run_ns = tsr_now_ns();
     if (!tsr_replica_is_leader(rep)) {
         /* The leader coordinates the stop; a signal forwarded by the launcher (srun

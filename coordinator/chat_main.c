@@ -476,13 +476,10 @@ int tsr_cmd_chat(int argc, char **argv)
     /* A paged replica (the engine's layout) holding one full context. */
     o.rp.n_kv_blocks = TSR_REPLICA_KV_ONE_CONTEXT;
     tsr_replica *rep;
-    char err[1024];
-    if (tsr_replica_open(o.model, &o.rp, &rep, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera chat: %s\n", err);
-        return 1;
-    }
+    if (tsr_cli_replica_open("chat", o.model, &o.rp, &rep) != 0) return 1;
     if (!tsr_replica_is_leader(rep)) return tsr_cli_follow("chat", rep);
 
+    char err[1024];
     int rc = 1;
     bool ok = false;
     tsr_chat_template *tmpl = NULL;

@@ -172,7 +172,6 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
         if (!tsr_q80l_parse(arg, &on))
             return tsr_cli_usage_error(cmd, "--q8-order must be ggml or lanes, got '%s'", arg);
         tsr_q80l_set(on);
-        tsr_cli_q80_warn(cmd);
         return 0;
     }
     case TSR_CLI_O_GPU_MEMORY:
@@ -186,12 +185,19 @@ int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_pa
     return -1;
 }
 
-void tsr_cli_q80_warn(const char *cmd)
+int tsr_cli_replica_open(const char *cmd, const char *model, const tsr_replica_params *rp,
+                         tsr_replica **out)
 {
     static atomic_bool said;
     const char *note = tsr_q80l_slow_note();
     if (note && !atomic_exchange(&said, true))
         fprintf(stderr, "tessera %s: warning: %s\n", cmd, note);
+    char err[1024];
+    if (tsr_replica_open(model, rp, out, err, sizeof err) != 0) {
+        fprintf(stderr, "tessera %s: %s\n", cmd, err);
+        return -1;
+    }
+    return 0;
 }
 
 int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp)

@@ -105,10 +105,12 @@ enum {
 /* Parse layout flag c (argument arg) into rp (--kv-type included): -1 when c is not one, 0
  * ok, 2 usage error (printed). */
 int tsr_cli_replica_flag(const char *cmd, int c, const char *arg, tsr_replica_params *rp);
-/* Print tsr_q80l_slow_note() (kernels/q80_lanes.h) as a warning of `cmd` to stderr, once per
- * process, when there is one: --q8-order lanes (or TSR_Q80_ORDER=lanes) on a CPU that runs
- * that order as a scalar loop. */
-void tsr_cli_q80_warn(const char *cmd);
+/* Open the replica of `cmd` (tsr_replica_open) on this rank: 0, or -1 after printing the
+ * error as "tessera CMD: ...". Before it, tsr_q80l_slow_note() (kernels/q80_lanes.h) as a
+ * warning to stderr, once per process, when there is one: the lanes order of Q8_0, from
+ * --q8-order lanes or TSR_Q80_ORDER=lanes, on a CPU that runs it as a scalar loop. */
+int tsr_cli_replica_open(const char *cmd, const char *model, const tsr_replica_params *rp,
+                         tsr_replica **out);
 /* --kv-type's argument into rp->kv_type: 0, or 2 after printing the usage error. */
 int tsr_cli_kv_type_flag(const char *cmd, const char *arg, tsr_replica_params *rp);
 

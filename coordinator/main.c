@@ -329,12 +329,7 @@ static int replica_flag(const char *cmd, int c, tsr_replica_params *rp)
 static int open_replica(const char *cmd, const char *model, tsr_replica_params *rp,
                         tsr_replica **out)
 {
-    char err[1024];
-    if (tsr_replica_open(model, rp, out, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera %s: %s\n", cmd, err);
-        return 1;
-    }
-    return 0;
+    return tsr_cli_replica_open(cmd, model, rp, out) != 0 ? 1 : 0;
 }
 
 static int follow(const char *cmd, tsr_replica *rep)

@@ -618,10 +618,7 @@ int tsr_cmd_serve(int argc, char **argv)
     rp.n_batch = (int32_t)max_batch;
     rp.n_kv_blocks = (int32_t)n_blocks;
     tsr_replica *rep;
-    if (tsr_replica_open(model, &rp, &rep, err, sizeof err) != 0) {
-        fprintf(stderr, "tessera serve: %s\n", err);
-        return 1;
-    }
+    if (tsr_cli_replica_open("serve", model, &rp, &rep) != 0) return 1;
     if (!tsr_replica_is_leader(rep)) {
         tsr_auth_free(auth);
         free(cert_pem);
@@ -780,11 +777,9 @@ int tsr_cmd_serve(int argc, char **argv)
             " tokens, %.1f MiB), max batch %" PRId64 " tokens, queue %" PRId64 "\n",
             model, rp.tp, rp.pp, info.n_ctx, ep.n_kv_blocks, info.kv_capacity_tokens,
             (double)ep.n_kv_blocks * (double)block_bytes / 1048576.0, max_batch, max_queue);
-    if (tsr_q80l_on()) {
+    if (tsr_q80l_on())
         fprintf(stderr, "tessera serve: Q8_0 matrices in the lanes order (--q8-order lanes): "
                         "outputs differ from llama.cpp's in the last bits\n");
-        tsr_cli_q80_warn("serve");
-    }
     if (!so.api_keys && !so.admin_keys)
         fprintf(stderr, "tessera serve: no --api-key-file: serving without authentication%s\n",
                 so.insecure ? " (--insecure-listen)" : " (loopback addresses only)");
