@@ -15,6 +15,7 @@
 #include "coordinator/sampler.h"
 #include "coordinator/server.h"
 #include "coordinator/coord_server.h"
+#include "kernels/dot_ggml.h"
 #include "kernels/membw.h"
 #include "kernels/q80_lanes.h"
 #include "kernels/quant.h"
@@ -1192,9 +1193,9 @@ stop:;
                    {"Q8_0", "TSR_Q80_LANES", "the file layout", st[0].n_q80g_lanes}};
         for (size_t i = 0; i < sizeof lay / sizeof lay[0]; i++)
             if (lay[i].n > 0)
-                printf("%s layout:      lanes (AVX-512 VNNI, %s=0 for %s: %d matrices on the "
-                       "leader)\n",
-                       lay[i].type, lay[i].env, lay[i].keeps, lay[i].n);
+                printf("%s layout:      lanes (%s, %s=0 for %s: %d matrices on the leader)\n",
+                       lay[i].type, tsr_ggml_isa() == TSR_GGML_VNNI ? "AVX-512 VNNI" : "AVX2",
+                       lay[i].env, lay[i].keeps, lay[i].n);
         if (verify_cost) {
             printf("verify cost:      step of k+1 tokens / step of 1 (%.2f ms):", vc[0] / 1e6);
             for (int ki = 1; ki < 5; ki++)

@@ -1546,10 +1546,15 @@ int tsr_ggml_isa(void)
 
 bool tsr_ggml_vnni_chosen(const char *env, _Atomic int *cache)
 {
+    return tsr_ggml_isa_chosen(env, TSR_GGML_VNNI, cache);
+}
+
+bool tsr_ggml_isa_chosen(const char *env, int min_isa, _Atomic int *cache)
+{
     int v = atomic_load_explicit(cache, memory_order_relaxed);
     if (v < 0) {
         const char *e = getenv(env);
-        v = tsr_ggml_isa() == TSR_GGML_VNNI && !(e && strcmp(e, "0") == 0);
+        v = tsr_ggml_isa() >= min_isa && !(e && strcmp(e, "0") == 0);
         atomic_store_explicit(cache, v, memory_order_relaxed);
     }
     return v != 0;

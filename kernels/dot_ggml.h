@@ -96,10 +96,12 @@ void tsr_ggml_dot_set_vbmi(bool on);
 /* The ISA level kernels/quant.c dispatches to now (from tsr_quant_isa). */
 int tsr_ggml_isa(void);
 
-/* Whether a layout made only for AVX-512 VNNI CPUs is chosen: tsr_ggml_isa() is
- * TSR_GGML_VNNI and the environment variable `env` is not "0" (which keeps the repacked
- * groups, e.g. to compare). Decided once into *cache (-1 until then): tsr_q40l_chosen,
- * tsr_q4kl_chosen and tsr_q6kl_chosen. */
+/* Whether a layout made for CPUs of ISA level min_isa or above is chosen: tsr_ggml_isa() is
+ * at least min_isa and the environment variable `env` is not "0" (which keeps the repacked
+ * groups, e.g. to compare). Decided once into *cache (-1 until then): tsr_q40l_chosen (AVX2
+ * and up), tsr_q4kl_chosen, tsr_q6kl_chosen and tsr_q50l_chosen (AVX-512 VNNI only, through
+ * tsr_ggml_vnni_chosen: min_isa TSR_GGML_VNNI). */
+bool tsr_ggml_isa_chosen(const char *env, int min_isa, _Atomic int *cache);
 bool tsr_ggml_vnni_chosen(const char *env, _Atomic int *cache);
 
 #endif

@@ -1,7 +1,7 @@
 /*
- * q40_lanes.h — Q4_0 matrices with 16 rows in the lanes of one AVX-512 register, for CPUs
- * with AVX-512 VNNI: the layout the load gives every Q4_0 matrix of a CPU rank there, and
- * its kernels, in Q4_0's one order (kernels/q40_gemm.h), bit for bit.
+ * q40_lanes.h — Q4_0 matrices with 16 rows in the lanes of one AVX-512 register (or two
+ * AVX2 ones), for CPUs with AVX2 or AVX-512 VNNI: the layout the load gives every Q4_0 matrix
+ * of a CPU rank there, and its kernels, in Q4_0's one order (kernels/q40_gemm.h), bit for bit.
  *
  * Why: the repacked Q4_0 groups (kernels/repack.h: 4 rows, each row's 16 nibble bytes of a
  * block side by side) put a row in each 128-bit lane, so every block's four partial sums of
@@ -13,6 +13,10 @@
  * (kernels/q80_lanes.h) with a nibble split. On AMD Zen 4, 2048 columns from L2, 1 thread:
  * 121 / 172 / 180 / 182 G multiply-adds per s for 1 / 2 / 4 / 8 tokens against the groups'
  * GEMV and GEMM tiles' 71 / 66 / 102 / 127 (a prototype against tsr_q40_gemm_dot_repacked).
+ * On AVX2 a ymm holds 8 of the 16 rows (`vpmaddubsw` in place of `vpdpbusd`, summed in
+ * int16): on AMD Zen 3, the same measure, one token 2.3x the groups' GEMV, 4 tokens 1.4x,
+ * 128 tokens 1.0-1.1x their GEMM; 1B Q4_0, 2 threads, decode 37.4-37.7 -> 44.7-46.2 tokens/s,
+ * prefill 92-103 -> 102-114 (q40_lanes.c).
  *
  * The order is Q4_0's, unchanged (q40_gemm.h): per (row, token), blocks in order,
  *   I = sum_{l < 32} (q_l - 8) * y_l (exact int32), acc = fmaf((float)I, d_w * d_y, acc),
@@ -40,7 +44,7 @@
 #define TSR_Q40L_ROWS        16  /* rows per group; row splits of a lanes matrix are multiples */
 #define TSR_Q40L_BLOCK_BYTES 288 /* a group's block: 16 fp16 scales + 16 x 16 nibble bytes */
 
-/* Whether the load puts Q4_0 matrices in this layout: the CPU has AVX-512 VNNI
+/* Whether the load puts Q4_0 matrices in this layout: the CPU has AVX2 or AVX-512 VNNI
  * (kernels/dot_ggml.h's level) and TSR_Q40_LANES is not "0" (read once; "0" keeps the
  * repacked groups, e.g. to compare). */
 bool tsr_q40l_chosen(void);
@@ -57,7 +61,8 @@ int tsr_q40l_repack(int64_t n, int64_t n_out, const void *src, size_t src_stride
  * t < n_tok, over a lanes matrix `packed` (its first group); r0 is a multiple of
  * TSR_Q40L_ROWS. prep holds n_tok rows of tsr_q80l_prep (tsr_q80l_prep_bytes(n, 1) bytes
  * each). isa: kernels/dot_ggml.h's level (the caller checked the CPU has it): TSR_GGML_VNNI
- * runs the 512-bit kernel, others a scalar loop; the same bits. */
+ * runs the 512-bit kernel, TSR_GGML_AVX2 the 256-bit one, TSR_GGML_SCALAR a scalar loop; the
+ * same bits. */
 void tsr_q40l_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
                   const void *prep, float *y, size_t y_stride);
 

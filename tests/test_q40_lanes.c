@@ -1,12 +1,12 @@
 /*
- * test_q40_lanes.c — kernels/q40_lanes: Q4_0 matrices in the lanes layout (AVX-512 VNNI).
+ * test_q40_lanes.c — kernels/q40_lanes: Q4_0 matrices in the lanes layout (AVX2, AVX-512 VNNI).
  *
- * - The kernels (AVX-512 VNNI where this CPU has it, and scalar) give, bit for bit, Q4_0's
- *   order as kernels/q40_gemm.c's scalar reference computes it over the file layout: every
- *   shape their loops split differently: 1..17 tokens (tiles of up to 8, uneven splits),
- *   rows 1, 15, 16, 17, 40 (partial groups, masked stores), row starts 0 and 16, 1, 3 and
- *   64 blocks. Weights hold every nibble value and scales from subnormal to large; the
- *   activations an all-zero block.
+ * - The kernels (AVX-512 VNNI and AVX2 where this CPU has them, and scalar) give, bit for
+ *   bit, Q4_0's order as kernels/q40_gemm.c's scalar reference computes it over the file
+ *   layout: every shape their loops split differently: 1..17 tokens (tiles of up to 8 or 4,
+ *   uneven splits), rows 1, 15, 16, 17, 40 (partial groups, masked stores), row starts 0 and
+ *   16, 1, 3 and 64 blocks. Weights hold every nibble value and scales from subnormal to
+ *   large; the activations an all-zero block.
  * - The matmul (kernels/ops.c) over a weight carrying the layout (w.lanes) gives the same bits
  *   as over the file layout and over the repacked groups, for 1..17 tokens at once or one at
  *   a time, on 1, 2 and 3 threads, alone and in tsr_matmul_multi beside a Q4_K weight (its
@@ -61,7 +61,6 @@ static void test_order(void **state)
     (void)state;
     static const int64_t ns[] = {32, 96, 2048};
     static const int64_t rows[] = {1, 15, 16, 17, 40};
-    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
     int n_cases = 0;
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
         const int64_t n = ns[ni];
@@ -83,15 +82,14 @@ static void test_order(void **state)
                 /* Q4_0's order, the scalar reference over the file layout */
                 tsr_q40_gemm_dot(TSR_GGML_SCALAR, n, n_out, w, rb, n_tok, x, xb, want,
                                  (size_t)n_out);
-                for (int isa = 0; isa < 2; isa++) {
-                    if (isa == 1 && !vnni) continue;
-                    const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+                for (int lvl = TSR_GGML_SCALAR; lvl <= TSR_GGML_VNNI; lvl++) {
+                    if (lvl > tsr_ggml_isa()) continue;
                     for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
                         memset(y, 0xff, sizeof(float) * ny);
                         /* rows r0.. (a row split at a group boundary) */
                         tsr_q40l_dot(lvl, n, packed, r0, n_out - r0, n_tok, prep, y + r0,
                                      (size_t)n_out);
-                        tsr_test_lanes_expect("Q4_0 lanes", n, n_out, r0, n_tok, isa, want, y);
+                        tsr_test_lanes_expect("Q4_0 lanes", n, n_out, r0, n_tok, lvl, want, y);
                         n_cases++;
                     }
                 }
@@ -104,8 +102,10 @@ static void test_order(void **state)
             free(w);
         }
     }
+    static const char *const levels[] = {"scalar only: no AVX2 here", "avx2 and scalar",
+                                         "avx512vnni, avx2 and scalar"};
     printf("Q4_0 lanes: %d cases bit for bit with Q4_0's order (%s)\n", n_cases,
-           vnni ? "avx512vnni and scalar" : "scalar only: no AVX-512 VNNI here");
+           levels[tsr_ggml_isa()]);
 }
 
 /* The matmul over w.lanes = over the file layout = over the groups, any batch and threads. */
@@ -185,7 +185,7 @@ static void test_api(void **state)
     (void)state;
     const char *e = getenv("TSR_Q40_LANES");
     const bool off = e && strcmp(e, "0") == 0;
-    assert_int_equal(tsr_q40l_chosen(), tsr_ggml_isa() == TSR_GGML_VNNI && !off);
+    assert_int_equal(tsr_q40l_chosen(), tsr_ggml_isa() >= TSR_GGML_AVX2 && !off);
     assert_int_equal(tsr_q40l_repack(33, 1, NULL, 0, NULL), -1);
     assert_int_equal(tsr_q40l_group_bytes(2048), 64 * 288);
     assert_int_equal(tsr_q40l_bytes(2048, 17), 2 * 64 * 288);

@@ -75,7 +75,7 @@ static void test_order(void **state)
                                          y + r0, (size_t)n_out);
                             tsr_test_lanes_expect(g ? "Q4_K lanes, prompt order"
                                                     : "Q4_K lanes, generated order",
-                                                  n, n_out, r0, n_tok, isa, want[g], y);
+                                                  n, n_out, r0, n_tok, lvl, want[g], y);
                             n_cases++;
                         }
                     }

@@ -165,8 +165,11 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
 }
 
 void tsr_test_lanes_expect(const char *what, int64_t n, int64_t n_out, int64_t r0, int32_t n_tok,
-                           int isa, const float *want, const float *y)
+                           int lvl, const float *want, const float *y)
 {
+    const char *isa = lvl == TSR_GGML_VNNI   ? "avx512vnni"
+                      : lvl == TSR_GGML_AVX2 ? "avx2"
+                                             : "scalar";
     for (int32_t t = 0; t < n_tok; t++)
         for (int64_t r = r0; r < n_out; r++) {
             const float e = want[(size_t)t * n_out + r];
@@ -174,9 +177,8 @@ void tsr_test_lanes_expect(const char *what, int64_t n, int64_t n_out, int64_t r
             if (tsr_test_fbits(e) != tsr_test_fbits(got))
                 fail_msg("%s: n %lld rows %lld from %lld, %d tokens, %s: row %lld token %d: "
                          "expected %.9g (0x%08x), got %.9g (0x%08x)",
-                         what, (long long)n, (long long)n_out, (long long)r0, n_tok,
-                         isa ? "avx512vnni" : "scalar", (long long)r, t, e, tsr_test_fbits(e), got,
-                         tsr_test_fbits(got));
+                         what, (long long)n, (long long)n_out, (long long)r0, n_tok, isa,
+                         (long long)r, t, e, tsr_test_fbits(e), got, tsr_test_fbits(got));
         }
 }
 
@@ -209,7 +211,7 @@ int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rn
                     k->dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0, (size_t)n_out);
                     char what[64];
                     snprintf(what, sizeof what, "%s lanes", tsr_type_name(k->type));
-                    tsr_test_lanes_expect(what, n, n_out, r0, n_tok, isa, want, y);
+                    tsr_test_lanes_expect(what, n, n_out, r0, n_tok, lvl, want, y);
                     n_cases++;
                 }
             }

@@ -76,10 +76,10 @@ typedef struct {
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng);
 /* The lanes tests' bit check of one kernel call: rows r0..n_out - 1 of y against want (both
  * [n_tok][n_out]) for every token; fails the current test at the first difference, the message
- * led by `what` and naming n, the rows, the token count, the kernel level (isa 1: avx512vnni,
- * 0: scalar), the row, the token and both values with their bits. */
+ * led by `what` and naming n, the rows, the token count, the kernel level (lvl: a TSR_GGML_*
+ * level of kernels/dot_ggml.h), the row, the token and both values with their bits. */
 void tsr_test_lanes_expect(const char *what, int64_t n, int64_t n_out, int64_t r0, int32_t n_tok,
-                           int isa, const float *want, const float *y);
+                           int lvl, const float *want, const float *y);
 /* The lanes tests' three weights over the same n_out rows of n elements (file blocks of `type`
  * at wd, which the caller keeps): the file layout (file), the lanes layout that repack makes in
  * bytes(n, n_out) bytes (lanes), and the repacked groups where the type has them (groups,
