@@ -1,6 +1,6 @@
 /*
  * q4k_lanes.c — Q4_K matrices in the lanes layout (see q4k_lanes.h): the repack and the
- * kernels (AVX-512 VNNI, scalar), which compute kernels/q4k_gemm.c's prompt order and
+ * kernels (AVX-512 VNNI, AVX2, scalar), which compute kernels/q4k_gemm.c's prompt order and
  * kernels/quant.c's Q4_K row dot order bit for bit.
  *
  * The VNNI kernel takes tiles of up to 4 tokens over a group of 16 rows. Per super-block it
@@ -10,7 +10,8 @@
  * lanes per row (one per sub-block), 2 vpmulld by the sub-blocks' scales, and one vpdpwssd
  * of the (min, min) pairs with the token's two sub-block sums; the prompt order then
  * converts and FMAs per 64 elements, the generated tokens' order sums the integers over the
- * super-block first.
+ * super-block first. The AVX2 kernel (below) walks the same way with the 16 rows as two ymm
+ * halves.
  */
 #include "kernels/q4k_lanes.h"
 
@@ -42,7 +43,7 @@ static _Atomic int g_chosen = -1;
 
 bool tsr_q4kl_chosen(void)
 {
-    return tsr_ggml_vnni_chosen("TSR_Q4K_LANES", &g_chosen);
+    return tsr_ggml_isa_chosen("TSR_Q4K_LANES", TSR_GGML_AVX2, &g_chosen);
 }
 
 size_t tsr_q4kl_group_bytes(int64_t n)
@@ -258,6 +259,173 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
     for (int t = 0; t < T; t++) out[t] = _mm512_sub_ps(acc[t], accm[t]);
 }
 
+/* ---- AVX2: the same walk, a group's 16 rows as two ymm halves of 8 ----
+ * Per super-block and half: the 8 rows' scales and mins unpacked as above (8 rows a ymm);
+ * per 64 elements the 8 nibble vectors split once for the tile's tokens; per token 8
+ * vpmaddubsw for each sub-block summed in int16 (exact: each at most 2 * 15 * 128 = 3840,
+ * eight of them 30720 < 32768), one vpmaddwd of the sums by the (scale, scale) int16 pair
+ * of each row (the scaled sub-block dot, exact: no vpmulld), one vpmaddwd of the (min, min)
+ * pairs with the token's two sub-block sums; then the orders as above. Exact integers
+ * throughout, so the same bits. Both halves in one super-block step (one stream, in order). */
+#define QKL_AVX2      __attribute__((target("avx2,fma,f16c")))
+#define QKL_AVX2_TMAX 4
+
+/* vpshufb masks (per 128-bit lane) giving each row's dword the int16 pair (s, s) of scale
+ * byte k = 2 (sb % 2) (k_sp[h][0]) or k + 1 (k_sp[h][1]) of its scale word. */
+static uint8_t k_sp[2][2][32] __attribute__((aligned(32)));
+
+__attribute__((constructor)) static void qkl_masks_avx2(void)
+{
+    for (int h = 0; h < 2; h++)
+        for (int p = 0; p < 32; p++) {
+            const int base = ((p % 16) / 4) * 4 + 2 * h;
+            k_sp[h][0][p] = p % 2 == 0 ? (uint8_t)base : 0x80;
+            k_sp[h][1][p] = p % 2 == 0 ? (uint8_t)(base + 1) : 0x80;
+        }
+}
+
+static inline __attribute__((always_inline)) QKL_AVX2 void
+tile_avx2(const int T, const bool G, int64_t nsb, const uint8_t *grp, const uint8_t *x,
+          size_t x_stride, __m256 out[][2])
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[QKL_AVX2_TMAX][2], accm[QKL_AVX2_TMAX][2];
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < 2; h++) acc[t][h] = accm[t][h] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nsb; i++) {
+        const uint8_t *blk = grp + (size_t)i * TSR_Q4KL_SB_BYTES;
+        int32_t sp[QKL_AVX2_TMAX][4]; /* [token][sb]: (sum of sub-block 2sb, of 2sb + 1) */
+        float yd[QKL_AVX2_TMAX];
+        for (int t = 0; t < T; t++) {
+            const uint8_t *xb = x + (size_t)t * x_stride + (size_t)i * XBLK;
+            memcpy(&yd[t], xb, 4);
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(xb + XBSUMS));
+            const __m256i hs = _mm256_hadd_epi16(bs, bs);
+            _mm_storel_epi64((__m128i *)&sp[t][0], _mm256_castsi256_si128(hs));
+            _mm_storel_epi64((__m128i *)&sp[t][2], _mm256_extracti128_si256(hs, 1));
+        }
+#pragma GCC unroll 1
+        for (int h = 0; h < 2; h++) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
+            const __m256 dmw =
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * h)));
+            const uint8_t *bu = blk + OFF_U + 32 * h;
+            __m256i SC[2], MN[2];
+            tsr_q4_K_scales_mins_x8(_mm256_loadu_si256((const __m256i *)bu),
+                                    _mm256_loadu_si256((const __m256i *)(bu + 64)),
+                                    _mm256_loadu_si256((const __m256i *)(bu + 128)), SC, MN);
+            __m256i itot[QKL_AVX2_TMAX], mtot[QKL_AVX2_TMAX];
+            for (int t = 0; t < T; t++) itot[t] = mtot[t] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+            for (int s = 0; s < 4; s++) {
+                const __m256i SW = SC[s / 2], MW = MN[s / 2];
+                const __m256i sc0 =
+                    _mm256_shuffle_epi8(SW, _mm256_load_si256((const __m256i *)k_sp[s % 2][0]));
+                const __m256i sc1 =
+                    _mm256_shuffle_epi8(SW, _mm256_load_si256((const __m256i *)k_sp[s % 2][1]));
+                const __m256i mnp =
+                    _mm256_shuffle_epi8(MW, _mm256_load_si256((const __m256i *)k_mn[s % 2]));
+                __m256i d0[QKL_AVX2_TMAX], d1[QKL_AVX2_TMAX];
+                for (int t = 0; t < T; t++) d0[t] = d1[t] = _mm256_setzero_si256();
+                const uint8_t *bq = blk + OFF_Q + 64 * 8 * s + 32 * h;
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(bq + 64 * j));
+                    const __m256i lo = _mm256_and_si256(v, m4);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#pragma GCC unroll 4
+                    for (int t = 0; t < T; t++) {
+                        const uint8_t *y =
+                            x + (size_t)t * x_stride + (size_t)i * XBLK + XQS + 64 * s;
+                        d0[t] = _mm256_add_epi16(
+                            d0[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(rd32(y + 4 * j))));
+                        d1[t] = _mm256_add_epi16(
+                            d1[t],
+                            _mm256_maddubs_epi16(hi, _mm256_set1_epi32(rd32(y + 32 + 4 * j))));
+                    }
+                }
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) {
+                    const __m256i I = _mm256_add_epi32(_mm256_madd_epi16(d0[t], sc0),
+                                                       _mm256_madd_epi16(d1[t], sc1));
+                    const __m256i M = _mm256_madd_epi16(mnp, _mm256_set1_epi32(sp[t][s]));
+                    if (G) {
+                        const __m256 yv = _mm256_set1_ps(yd[t]);
+                        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dw, yv),
+                                                    acc[t][h]);
+                        accm[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dmw, yv),
+                                                     accm[t][h]);
+                    } else {
+                        itot[t] = _mm256_add_epi32(itot[t], I);
+                        mtot[t] = _mm256_add_epi32(mtot[t], M);
+                    }
+                }
+            }
+            if (!G)
+                for (int t = 0; t < T; t++) {
+                    const __m256 yv = _mm256_set1_ps(yd[t]);
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(itot[t]), _mm256_mul_ps(dw, yv),
+                                                acc[t][h]);
+                    accm[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mtot[t]),
+                                                 _mm256_mul_ps(dmw, yv), accm[t][h]);
+                }
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < 2; h++) out[t][h] = _mm256_sub_ps(acc[t][h], accm[t][h]);
+}
+
+#define QKL_TILE_AVX2(T, G, name)                                                                  \
+    static QKL_AVX2 void name(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,        \
+                              __m256 out[][2])                                                     \
+    {                                                                                              \
+        tile_avx2(T, G, nsb, grp, x, xs, out);                                                     \
+    }
+QKL_TILE_AVX2(1, false, tav1)
+QKL_TILE_AVX2(2, false, tav2)
+QKL_TILE_AVX2(3, false, tav3)
+QKL_TILE_AVX2(4, false, tav4)
+QKL_TILE_AVX2(1, true, tag1)
+QKL_TILE_AVX2(2, true, tag2)
+QKL_TILE_AVX2(3, true, tag3)
+QKL_TILE_AVX2(4, true, tag4)
+
+typedef void (*qkl_tile_avx2_fn)(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,
+                                 __m256 out[][2]);
+static const qkl_tile_avx2_fn k_tiles_avx2[2][QKL_AVX2_TMAX + 1] = {{NULL, tav1, tav2, tav3, tav4},
+                                                                    {NULL, tag1, tag2, tag3, tag4}};
+
+/* A group at a time, its tokens in tiles as even as can be (x86lanes.h's split). */
+static QKL_AVX2 void dot_avx2(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
+                              int32_t n_tok, const uint8_t *x, size_t x_stride, bool gemm, float *y,
+                              size_t y_stride)
+{
+    const size_t gb = (size_t)nsb * TSR_Q4KL_SB_BYTES;
+    const int32_t n_tiles = (n_tok + QKL_AVX2_TMAX - 1) / QKL_AVX2_TMAX;
+    for (int64_t r = 0; r < n_rows; r += TSR_Q4KL_ROWS) {
+        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q4KL_ROWS) * gb;
+        const int64_t nr = n_rows - r < TSR_Q4KL_ROWS ? n_rows - r : TSR_Q4KL_ROWS;
+        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
+            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
+            __m256 out[QKL_AVX2_TMAX][2];
+            k_tiles_avx2[gemm][T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out);
+            for (int32_t t = 0; t < T; t++) {
+                float *yt = y + (size_t)(t0 + t) * y_stride + (size_t)r;
+                if (nr == TSR_Q4KL_ROWS) {
+                    _mm256_storeu_ps(yt, out[t][0]);
+                    _mm256_storeu_ps(yt + 8, out[t][1]);
+                } else { /* a partial last group */
+                    float v[TSR_Q4KL_ROWS];
+                    _mm256_storeu_ps(v, out[t][0]);
+                    _mm256_storeu_ps(v + 8, out[t][1]);
+                    memcpy(yt, v, sizeof(float) * (size_t)nr);
+                }
+            }
+            t0 += T;
+        }
+    }
+}
+
 #define QKL_TILE(T, G, name)                                                                       \
     static QKL_VNNI void name(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,        \
                               __m512 *out, bool first)                                             \
@@ -294,6 +462,10 @@ void tsr_q4kl_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_
 #if QKL_X86
     if (isa == TSR_GGML_VNNI) {
         dot_vnni(nsb, packed, r0, n_rows, n_tok, x, x_stride, gemm, y, y_stride);
+        return;
+    }
+    if (isa == TSR_GGML_AVX2) {
+        dot_avx2(nsb, packed, r0, n_rows, n_tok, x, x_stride, gemm, y, y_stride);
         return;
     }
 #endif

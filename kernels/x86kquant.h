@@ -86,4 +86,18 @@ tsr_q4_K_scales_mins_x16(__m512i u0, __m512i u1, __m512i u2, __m512i sc[2], __m5
                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k03), 4));
 }
 
+/* The same for 8 rows, one a dword lane of a ymm (kernels/q4k_lanes.c's AVX2 kernel). */
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) void
+tsr_q4_K_scales_mins_x8(__m256i u0, __m256i u1, __m256i u2, __m256i sc[2], __m256i mn[2])
+{
+    const __m256i k3f = _mm256_set1_epi32(0x3f3f3f3f), k0f = _mm256_set1_epi32(0x0f0f0f0f),
+                  k03 = _mm256_set1_epi32(0x03030303);
+    sc[0] = _mm256_and_si256(u0, k3f);
+    sc[1] = _mm256_or_si256(_mm256_and_si256(u2, k0f),
+                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), k03), 4));
+    mn[0] = _mm256_and_si256(u1, k3f);
+    mn[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), k0f),
+                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), k03), 4));
+}
+
 #endif

@@ -27,7 +27,8 @@
  *   flock /work/bench.lock build/tests/bench_gemv_stream
  * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q5_0,q5_0l,q6_k,q6_kl selects types (a type is
  * selected when the list contains its name: q4_0l selects q4_0 too; q4_0l, q4_kl, q5_0l, q6_kl:
- * the lanes layouts that AVX-512 VNNI CPUs load instead of the groups; only there);
+ * the lanes layouts that AVX-512 VNNI CPUs load instead of the groups, only there, but q4_0l
+ * and q4_kl, which AVX2 CPUs load too);
  * TSR_BENCH_THREADS=n the pool size.
  */
 #include <stdint.h>
@@ -221,10 +222,10 @@ int main(void)
            "medians of %d interleaved passes\n",
            tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
     if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, false, "q4_0", want);
-    if (selected("q4_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
+    if (selected("q4_0l") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q4_0, true, "q4_0l", want);
     if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
-    if (selected("q4_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
+    if (selected("q4_kl") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q4_K, true, "q4_kl", want);
     if (selected("q8_0")) bench_type(pool, TSR_TYPE_Q8_0, false, "q8_0", want);
     if (selected("q8_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)

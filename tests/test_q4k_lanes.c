@@ -43,7 +43,6 @@ static void test_order(void **state)
     (void)state;
     static const int64_t ns[] = {256, 2048};
     static const int64_t rows[] = {1, 15, 16, 17, 40};
-    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
     int n_cases = 0;
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
         const int64_t n = ns[ni];
@@ -66,9 +65,8 @@ static void test_order(void **state)
                 tsr_q4k_gemm_dot(TSR_GGML_SCALAR, n, n_out, w, rb, BLK, n_tok, x, xb, want[1],
                                  (size_t)n_out);
                 for (int g = 0; g < 2; g++)
-                    for (int isa = 0; isa < 2; isa++) {
-                        if (isa == 1 && !vnni) continue;
-                        const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+                    for (int lvl = TSR_GGML_SCALAR; lvl <= TSR_GGML_VNNI; lvl++) {
+                        if (lvl > tsr_ggml_isa()) continue;
                         for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
                             memset(y, 0xff, sizeof(float) * ny);
                             tsr_q4kl_dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, g != 0,
@@ -88,8 +86,10 @@ static void test_order(void **state)
             free(w);
         }
     }
+    static const char *const levels[] = {"scalar only: no AVX2 here", "avx2 and scalar",
+                                         "avx512vnni, avx2 and scalar"};
     printf("Q4_K lanes: %d cases bit for bit with both orders (%s)\n", n_cases,
-           vnni ? "avx512vnni and scalar" : "scalar only: no AVX-512 VNNI here");
+           levels[tsr_ggml_isa()]);
 }
 
 /* The matmul over w.lanes = over the file layout = over the groups, classes mixed. */
@@ -151,7 +151,7 @@ static void test_api(void **state)
     (void)state;
     const char *e = getenv("TSR_Q4K_LANES");
     const bool off = e && strcmp(e, "0") == 0;
-    assert_int_equal(tsr_q4kl_chosen(), tsr_ggml_isa() == TSR_GGML_VNNI && !off);
+    assert_int_equal(tsr_q4kl_chosen(), tsr_ggml_isa() >= TSR_GGML_AVX2 && !off);
     assert_int_equal(tsr_q4kl_repack(255, 1, NULL, 0, NULL), -1);
     assert_int_equal(tsr_q4kl_group_bytes(2048), 8 * 2304);
     assert_int_equal(tsr_q4kl_bytes(2048, 17), 2 * 8 * 2304);

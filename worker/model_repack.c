@@ -22,8 +22,8 @@
  * Lanes layouts (w->lanes, read for every token count instead of the file layout or the
  * groups): Q8_0 (kernels/q80_lanes.h) instead of the verbatim copy, in the opt-in lanes order
  * (tsr_q80l_on) or, on CPUs with AVX-512 VNNI, in ggml's (w->lanes_ggml; tsr_q80l_ggml_chosen,
- * with every type repacked: tsr_repack_all), Q4_0 on CPUs with AVX2 or AVX-512 VNNI, and, on
- * CPUs with AVX-512 VNNI, Q4_K, Q6_K and Q5_0, instead of the
+ * with every type repacked: tsr_repack_all), Q4_0 and Q4_K on CPUs with AVX2 or AVX-512 VNNI,
+ * and, on CPUs with AVX-512 VNNI, Q6_K and Q5_0, instead of the
  * groups (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h; tsr_q40l_chosen,
  * tsr_q4kl_chosen, tsr_q6kl_chosen, tsr_q50l_chosen: each type's own orders, the same bits).
  *
