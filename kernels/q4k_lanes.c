@@ -266,9 +266,14 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
  * eight of them 30720 < 32768), one vpmaddwd of the sums by the (scale, scale) int16 pair
  * of each row (the scaled sub-block dot, exact: no vpmulld), one vpmaddwd of the (min, min)
  * pairs with the token's two sub-block sums; then the orders as above. Exact integers
- * throughout, so the same bits. Both halves in one super-block step (one stream, in order). */
-#define QKL_AVX2      __attribute__((target("avx2,fma,f16c")))
-#define QKL_AVX2_TMAX 4
+ * throughout, so the same bits. Both halves in one super-block step (one stream, in order).
+ * Every tile prefetches 2 super-blocks ahead into L1: AMD Zen 3, one token streaming 38 MB,
+ * 1 thread, 1.04-1.20 -> 0.76-0.85 ns per (row, 32 elements) (1 super-block ahead 0.80, 4
+ * ahead 1.07-1.09); 1B Q4_K_M decode, 2 threads, 7 alternated pairs: 34.0-40.6 against
+ * 32.7-37.6 tokens/s (6 of 7 faster), 2026-12-07. */
+#define QKL_AVX2          __attribute__((target("avx2,fma,f16c")))
+#define QKL_AVX2_TMAX     4
+#define QKL_AVX2_PF_BYTES (2 * TSR_Q4KL_SB_BYTES)
 
 /* vpshufb masks (per 128-bit lane) giving each row's dword the int16 pair (s, s) of scale
  * byte k = 2 (sb % 2) (k_sp[h][0]) or k + 1 (k_sp[h][1]) of its scale word. */
@@ -328,6 +333,12 @@ tile_avx2(const int T, const bool G, int64_t nsb, const uint8_t *grp, const uint
                 __m256i d0[QKL_AVX2_TMAX], d1[QKL_AVX2_TMAX];
                 for (int t = 0; t < T; t++) d0[t] = d1[t] = _mm256_setzero_si256();
                 const uint8_t *bq = blk + OFF_Q + 64 * 8 * s + 32 * h;
+                /* 2 super-blocks ahead into L1, 9 lines per 64 elements, on the first half */
+                if (h == 0)
+#pragma GCC unroll 9
+                    for (int l = 0; l < 9; l++)
+                        _mm_prefetch((const char *)blk + QKL_AVX2_PF_BYTES + 64 * (9 * s + l),
+                                     _MM_HINT_T0);
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(bq + 64 * j));
