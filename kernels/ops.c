@@ -191,7 +191,9 @@ static void mm_rows_gemm(const mm_job *j, int k, int64_t r0, int64_t nr, int t0,
     const tsr_weight *w = j->w[k];
     const uint8_t *xq = (const uint8_t *)j->xq[k] + (size_t)t0 * j->xq_stride[k];
     float *yk = j->y[k] + (size_t)t0 * (size_t)w->n_out;
-    if (w->lanes) { /* kernels/q4k_lanes.h, in the prompt order */
+    /* kernels/q4k_lanes.h, in the prompt order; on AVX2 long prompts run the file layout's
+     * kernel (tsr_q4kl_prompt_file_layout) */
+    if (w->lanes && !(w->data && tsr_q4kl_prompt_file_layout(j->lanes_isa, n_tok))) {
         tsr_q4kl_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k], true,
                      yk + r0, (size_t)w->n_out);
         return;

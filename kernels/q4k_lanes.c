@@ -465,6 +465,11 @@ static QKL_VNNI void dot_vnni(int64_t nsb, const uint8_t *packed, int64_t r0, in
 }
 #endif
 
+bool tsr_q4kl_prompt_file_layout(int isa, int32_t n_tok)
+{
+    return isa == TSR_GGML_AVX2 && n_tok >= TSR_Q4KL_AVX2_FILE_MIN_TOKENS;
+}
+
 void tsr_q4kl_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
                   const void *x, size_t x_stride, bool gemm, float *y, size_t y_stride)
 {

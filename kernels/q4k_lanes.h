@@ -62,4 +62,15 @@ int tsr_q4kl_repack(int64_t n, int64_t n_out, const void *src, size_t src_stride
 void tsr_q4kl_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
                   const void *x, size_t x_stride, bool gemm, float *y, size_t y_stride);
 
+/* Whether n_tok tokens in the prompt order over a lanes matrix should rather run
+ * kernels/q4k_gemm.c over the file layout, where the rank still has it (the same bits): on
+ * AVX2 from TSR_Q4KL_AVX2_FILE_MIN_TOKENS, where q4k_gemm.c's 8-row kernel, which unpacks a
+ * super-block once for every token, is faster than the 4-token lanes tiles, which split the
+ * nibbles again for each tile (AMD Zen 3, 2048 x 2048, 1 thread, ns per (row, 32 elements,
+ * token), file / lanes: 5 tokens 1.46-1.49 / 0.92, 8 1.26-1.29 / 1.03-1.04, 16 0.97-0.98 /
+ * 1.04, 32 0.78-0.79 / 0.92-1.03, 128 0.55-0.56 / 0.52-0.57; 1B Q4_K_M prefill of 128 tokens,
+ * 2 threads, 4 alternated pairs, lanes 65-73 against 72-88 tokens/s). kernels/ops.c asks. */
+#define TSR_Q4KL_AVX2_FILE_MIN_TOKENS 16
+bool tsr_q4kl_prompt_file_layout(int isa, int32_t n_tok);
+
 #endif /* TSR_Q4K_LANES_H */

@@ -7,9 +7,10 @@
  *   (tsr_vec_dot), for 1..9 tokens (tiles of up to 4, uneven splits), rows 1, 15, 16, 17, 40
  *   (partial groups, masked stores), row starts 0 and 16, 1 and 8 super-blocks. Weights are
  *   random bytes (every nibble, every 6-bit scale and min, scales of either sign).
- * - The matmul (kernels/ops.c) over a weight carrying the layout gives the same bits as over
- *   the file layout and over the repacked groups, for 1..9 tokens at once or one at a time,
- *   in tsr_matmul_multi_ord with tokens of both classes mixed, on 1, 2 and 3 threads.
+ * - The matmul (kernels/ops.c) over a weight carrying the layout (with the file layout beside
+ *   it, and alone) gives the same bits as over the file layout and over the repacked groups,
+ *   for 1..24 tokens at once or one at a time, in tsr_matmul_multi_ord with tokens of both
+ *   classes mixed and then a run of 16 prompt tokens, on 1, 2 and 3 threads.
  * - tsr_q4kl_chosen follows the CPU; a model loaded on such a CPU carries the layout on every
  *   Q4_K matrix (and not the groups) and keeps synth-tiny-q4_k_m's greedy reference.
  * A failure prints the case, what was expected and what came.
@@ -101,11 +102,17 @@ static void test_matmul(void **state)
     tsr_test_lanes_set set;
     tsr_test_lanes_set_make(&set, TSR_TYPE_Q4_K, wd, n, n_out, tsr_q4kl_bytes, tsr_q4kl_repack);
     const tsr_weight wf = set.file, wl = set.lanes, wg = set.groups;
-    const int32_t max_tok = 9;
+    tsr_weight wlo = set.lanes; /* the lanes layout alone (no file layout to fall back on) */
+    wlo.data = NULL;
+    /* 9 tokens of mixed classes, then a run of 16 prompt tokens (8..23): from
+     * TSR_Q4KL_AVX2_FILE_MIN_TOKENS on AVX2 the prompt order reads the file layout when there
+     * is one (tsr_q4kl_prompt_file_layout), else the lanes */
+    const int32_t max_tok = 24;
     float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * max_tok));
     for (int i = 0; i < n * max_tok; i++) x[i] = tsr_test_gauss(&rng);
-    uint8_t ord[9];
-    for (int t = 0; t < max_tok; t++) ord[t] = (uint8_t)(t % 3 != 1); /* 1 0 1 1 0 1 1 0 1 */
+    uint8_t ord[24];
+    for (int t = 0; t < max_tok; t++)
+        ord[t] = (uint8_t)(t >= 9 || t % 3 != 1); /* 1 0 1 1 0 1 1 0 1 1.. */
     /* one token at a time, one thread, the file layout: the reference */
     float *ref = tsr_test_xmalloc(sizeof(float) * (size_t)(n_out * max_tok));
     tsr_pool *p1 = tsr_pool_new(1);
@@ -122,9 +129,9 @@ static void test_matmul(void **state)
         tsr_pool *p = tsr_pool_new(nth);
         assert_non_null(p);
         for (int32_t n_tok = 1; n_tok <= max_tok; n_tok++) {
-            const tsr_weight *lay[3] = {&wl, &wg, &wf};
-            static const char *const names[3] = {"lanes", "groups", "file layout"};
-            for (int li = 0; li < 3; li++) {
+            const tsr_weight *lay[4] = {&wl, &wg, &wf, &wlo};
+            static const char *const names[4] = {"lanes", "groups", "file layout", "lanes only"};
+            for (int li = 0; li < 4; li++) {
                 const tsr_weight *ws[1] = {lay[li]};
                 float *ys[1] = {got};
                 memset(got, 0, sizeof(float) * (size_t)(n_out * n_tok));
