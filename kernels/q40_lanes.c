@@ -204,6 +204,7 @@ static inline __attribute__((always_inline)) Q4L_VNNI void tile(const int T, int
  * threads, three pairs: 43.1-44.0 -> 45.8-51.0 tokens/s, prefill unchanged. */
 #define Q4L_AVX2      __attribute__((target("avx2,fma,f16c")))
 #define Q4L_AVX2_TMAX 4 /* 8 nibble vectors + 2 x 4 accumulators: 16 ymm */
+_Static_assert(Q4L_AVX2_TMAX <= TSR_LANES_AVX2_TMAX, "x86lanes.h's AVX2 tiles");
 
 static inline __attribute__((always_inline)) Q4L_AVX2 void
 tile_avx2(const int T, int64_t nb, const uint8_t *grp, const q4l_xblk *x, size_t x_stride,
@@ -268,50 +269,27 @@ tile_avx2(const int T, int64_t nb, const uint8_t *grp, const q4l_xblk *x, size_t
     }
 }
 
+/* kernels/x86lanes.h's AVX2 tile: x_stride in bytes, tile_avx2()'s in blocks */
 #define Q4L_TILE_AVX2(T)                                                                           \
-    static Q4L_AVX2 void tile_avx2_##T(int64_t nb, const uint8_t *grp, const q4l_xblk *x,          \
+    static Q4L_AVX2 void tile_avx2_##T(int64_t nb, const uint8_t *grp, const uint8_t *x,           \
                                        size_t x_stride, __m256 out[][2])                           \
     {                                                                                              \
-        tile_avx2(T, nb, grp, x, x_stride, out);                                                   \
+        tile_avx2(T, nb, grp, (const q4l_xblk *)x, x_stride / sizeof(q4l_xblk), out);              \
     }
 Q4L_TILE_AVX2(1)
 Q4L_TILE_AVX2(2)
 Q4L_TILE_AVX2(3)
 Q4L_TILE_AVX2(4)
 
-typedef void (*q4l_tile_avx2_fn)(int64_t nb, const uint8_t *grp, const q4l_xblk *x, size_t x_stride,
-                                 __m256 out[][2]);
-static const q4l_tile_avx2_fn k_tiles_avx2[Q4L_AVX2_TMAX + 1] = {NULL, tile_avx2_1, tile_avx2_2,
-                                                                 tile_avx2_3, tile_avx2_4};
+static const tsr_lanes_tile_avx2_fn k_tiles_avx2[Q4L_AVX2_TMAX + 1] = {
+    NULL, tile_avx2_1, tile_avx2_2, tile_avx2_3, tile_avx2_4};
 
-/* A group at a time, its tokens in tiles as even as can be (x86lanes.h's split). */
 static Q4L_AVX2 void dot_avx2(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows,
                               int32_t n_tok, const q4l_xblk *x, float *y, size_t y_stride)
 {
-    const size_t gb = (size_t)nb * TSR_Q40L_BLOCK_BYTES;
-    const int32_t n_tiles = (n_tok + Q4L_AVX2_TMAX - 1) / Q4L_AVX2_TMAX;
-    for (int64_t r = 0; r < n_rows; r += TSR_Q40L_ROWS) {
-        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q40L_ROWS) * gb;
-        const int64_t nr = n_rows - r < TSR_Q40L_ROWS ? n_rows - r : TSR_Q40L_ROWS;
-        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
-            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
-            __m256 out[Q4L_AVX2_TMAX][2];
-            k_tiles_avx2[T](nb, grp, x + (size_t)t0 * (size_t)nb, (size_t)nb, out);
-            for (int32_t t = 0; t < T; t++) {
-                float *yt = y + (size_t)(t0 + t) * y_stride + (size_t)r;
-                if (nr == TSR_Q40L_ROWS) {
-                    _mm256_storeu_ps(yt, out[t][0]);
-                    _mm256_storeu_ps(yt + 8, out[t][1]);
-                } else { /* a partial last group */
-                    float v[TSR_Q40L_ROWS];
-                    _mm256_storeu_ps(v, out[t][0]);
-                    _mm256_storeu_ps(v + 8, out[t][1]);
-                    memcpy(yt, v, sizeof(float) * (size_t)nr);
-                }
-            }
-            t0 += T;
-        }
-    }
+    tsr_lanes_run_avx2(k_tiles_avx2, Q4L_AVX2_TMAX, nb, (size_t)nb * TSR_Q40L_BLOCK_BYTES, packed,
+                       r0, n_rows, n_tok, (const uint8_t *)x, (size_t)nb * sizeof(q4l_xblk), y,
+                       y_stride);
 }
 
 /* kernels/x86lanes.h's tile: x_stride in bytes, tile()'s in blocks */

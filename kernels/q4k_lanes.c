@@ -272,7 +272,7 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
  * ahead 1.07-1.09); 1B Q4_K_M decode, 2 threads, 7 alternated pairs: 34.0-40.6 against
  * 32.7-37.6 tokens/s (6 of 7 faster), 2026-12-07. */
 #define QKL_AVX2          __attribute__((target("avx2,fma,f16c")))
-#define QKL_AVX2_TMAX     4
+#define QKL_AVX2_TMAX     TSR_LANES_AVX2_TMAX
 #define QKL_AVX2_PF_BYTES (2 * TSR_Q4KL_SB_BYTES)
 
 /* vpshufb masks (per 128-bit lane) giving each row's dword the int16 pair (s, s) of scale
@@ -401,40 +401,15 @@ QKL_TILE_AVX2(2, true, tag2)
 QKL_TILE_AVX2(3, true, tag3)
 QKL_TILE_AVX2(4, true, tag4)
 
-typedef void (*qkl_tile_avx2_fn)(int64_t nsb, const uint8_t *grp, const uint8_t *x, size_t xs,
-                                 __m256 out[][2]);
-static const qkl_tile_avx2_fn k_tiles_avx2[2][QKL_AVX2_TMAX + 1] = {{NULL, tav1, tav2, tav3, tav4},
-                                                                    {NULL, tag1, tag2, tag3, tag4}};
+static const tsr_lanes_tile_avx2_fn k_tiles_avx2[2][QKL_AVX2_TMAX + 1] = {
+    {NULL, tav1, tav2, tav3, tav4}, {NULL, tag1, tag2, tag3, tag4}};
 
-/* A group at a time, its tokens in tiles as even as can be (x86lanes.h's split). */
 static QKL_AVX2 void dot_avx2(int64_t nsb, const uint8_t *packed, int64_t r0, int64_t n_rows,
                               int32_t n_tok, const uint8_t *x, size_t x_stride, bool gemm, float *y,
                               size_t y_stride)
 {
-    const size_t gb = (size_t)nsb * TSR_Q4KL_SB_BYTES;
-    const int32_t n_tiles = (n_tok + QKL_AVX2_TMAX - 1) / QKL_AVX2_TMAX;
-    for (int64_t r = 0; r < n_rows; r += TSR_Q4KL_ROWS) {
-        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_Q4KL_ROWS) * gb;
-        const int64_t nr = n_rows - r < TSR_Q4KL_ROWS ? n_rows - r : TSR_Q4KL_ROWS;
-        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
-            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
-            __m256 out[QKL_AVX2_TMAX][2];
-            k_tiles_avx2[gemm][T](nsb, grp, x + (size_t)t0 * x_stride, x_stride, out);
-            for (int32_t t = 0; t < T; t++) {
-                float *yt = y + (size_t)(t0 + t) * y_stride + (size_t)r;
-                if (nr == TSR_Q4KL_ROWS) {
-                    _mm256_storeu_ps(yt, out[t][0]);
-                    _mm256_storeu_ps(yt + 8, out[t][1]);
-                } else { /* a partial last group */
-                    float v[TSR_Q4KL_ROWS];
-                    _mm256_storeu_ps(v, out[t][0]);
-                    _mm256_storeu_ps(v + 8, out[t][1]);
-                    memcpy(yt, v, sizeof(float) * (size_t)nr);
-                }
-            }
-            t0 += T;
-        }
-    }
+    tsr_lanes_run_avx2(k_tiles_avx2[gemm], QKL_AVX2_TMAX, nsb, (size_t)nsb * TSR_Q4KL_SB_BYTES,
+                       packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
 }
 
 #define QKL_TILE(T, G, name)                                                                       \

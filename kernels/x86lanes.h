@@ -1,6 +1,7 @@
 /* x86lanes.h — the one tile driver of the lanes layouts' AVX-512 VNNI kernels
  * (kernels/q80_lanes.c, q40_lanes.c, q4k_lanes.c, q6k_lanes.c): 16 rows a group, each row's
- * result in one float lane of a zmm, tokens in tiles.
+ * result in one float lane of a zmm, tokens in tiles; and the AVX2 kernels' (q40_lanes.c,
+ * q4k_lanes.c), with the 16 rows in two ymm.
  *
  * Why one: the four modules' tiles differ (their blocks, activations and orders), but they
  * walk a matrix alike: a group at a time, its tokens split into tiles of at most tmax, as even
@@ -73,6 +74,48 @@ tsr_lanes_run(const tsr_lanes_tile_fn *tiles, int tmax, int64_t nb, size_t gb,
 {
     tsr_lanes_run_split(tiles, tmax, NULL, 0, nb, gb, packed, r0, n_rows, n_tok, x, x_stride, y,
                         y_stride);
+}
+
+/* ---- The AVX2 kernels' walk (kernels/q40_lanes.c, q4k_lanes.c): the same groups of 16
+ * rows, as two ymm halves of 8. A tile: T tokens (T is the tile function's own, at most
+ * TSR_LANES_AVX2_TMAX) over one group `grp`, the first token's activations at x, the next
+ * x_stride bytes on; out[t][h]: rows 8h..8h+7 of token t. */
+#define TSR_LANES_AVX2_TMAX 4
+typedef void (*tsr_lanes_tile_avx2_fn)(int64_t nb, const uint8_t *grp, const uint8_t *x,
+                                       size_t x_stride, __m256 out[][2]);
+
+/* y[t * y_stride + r] for r < n_rows, t < n_tok: rows r0.. (r0 a multiple of 16) of a lanes
+ * matrix `packed` (groups of gb bytes), a group at a time, its tokens in tiles of at most tmax
+ * as even as can be (tsr_lanes_run's split), tiles[T] for T tokens; a partial last group's
+ * rows past n_rows are not stored. */
+__attribute__((target("avx2"))) static inline void
+tsr_lanes_run_avx2(const tsr_lanes_tile_avx2_fn *tiles, int tmax, int64_t nb, size_t gb,
+                   const uint8_t *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
+                   const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
+{
+    const int32_t n_tiles = (n_tok + tmax - 1) / tmax;
+    for (int64_t r = 0; r < n_rows; r += TSR_LANES_ROWS) {
+        const uint8_t *grp = packed + (size_t)((r0 + r) / TSR_LANES_ROWS) * gb;
+        const int64_t nr = n_rows - r < TSR_LANES_ROWS ? n_rows - r : TSR_LANES_ROWS;
+        for (int32_t k = 0, t0 = 0; k < n_tiles; k++) {
+            const int32_t T = (n_tok - t0 + (n_tiles - k) - 1) / (n_tiles - k);
+            __m256 out[TSR_LANES_AVX2_TMAX][2];
+            tiles[T](nb, grp, x + (size_t)t0 * x_stride, x_stride, out);
+            for (int32_t t = 0; t < T; t++) {
+                float *yt = y + (size_t)(t0 + t) * y_stride + (size_t)r;
+                if (nr == TSR_LANES_ROWS) {
+                    _mm256_storeu_ps(yt, out[t][0]);
+                    _mm256_storeu_ps(yt + 8, out[t][1]);
+                } else { /* a partial last group */
+                    float v[TSR_LANES_ROWS];
+                    _mm256_storeu_ps(v, out[t][0]);
+                    _mm256_storeu_ps(v + 8, out[t][1]);
+                    memcpy(yt, v, sizeof(float) * (size_t)nr);
+                }
+            }
+            t0 += T;
+        }
+    }
 }
 
 /* ggml's hsum of 8 chains, ((c0 + c4) + (c2 + c6)) + ((c1 + c5) + (c3 + c7)), for 16 rows at
