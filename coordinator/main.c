@@ -950,15 +950,17 @@ static int cmd_bench(int argc, char **argv)
         double best[5][7];
         for (int r = 0; r < 7; r++) {
             for (int ki = 0; ki < 5; ki++) {
-                int32_t k1 = vk[ki] + 1, pos[9], sq[9] = {0};
+                /* the step's tokens: the prompt's, repeated where it is shorter than k + 1 */
+                int32_t k1 = vk[ki] + 1, pos[9], sq[9] = {0}, vt[9];
                 uint8_t want[9];
                 for (int32_t i = 0; i < k1; i++) {
                     pos[i] = (int32_t)n_prompt + i;
+                    vt[i] = toks[i % n_prompt];
                     want[i] = 1;
                 }
                 const int32_t *tabs[1] = {table};
                 tsr_batch b = {.n_tokens = k1,
-                               .tokens = toks,
+                               .tokens = vt,
                                .pos = pos,
                                .seq = sq,
                                .want_logits = want,
