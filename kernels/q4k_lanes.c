@@ -319,8 +319,14 @@ tile_avx2(const int T, const bool G, int64_t nsb, const uint8_t *grp, const uint
             tsr_q4_K_scales_mins_x8(_mm256_loadu_si256((const __m256i *)bu),
                                     _mm256_loadu_si256((const __m256i *)(bu + 64)),
                                     _mm256_loadu_si256((const __m256i *)(bu + 128)), SC, MN);
+            /* the scale products d_w * d_y and dmin_w * d_y of the half's 8 rows, per token */
+            __m256 dd[QKL_AVX2_TMAX], dm[QKL_AVX2_TMAX];
             __m256i itot[QKL_AVX2_TMAX], mtot[QKL_AVX2_TMAX];
-            for (int t = 0; t < T; t++) itot[t] = mtot[t] = _mm256_setzero_si256();
+            for (int t = 0; t < T; t++) {
+                dd[t] = _mm256_mul_ps(dw, _mm256_set1_ps(yd[t]));
+                dm[t] = _mm256_mul_ps(dmw, _mm256_set1_ps(yd[t]));
+                itot[t] = mtot[t] = _mm256_setzero_si256();
+            }
 #pragma GCC unroll 1
             for (int s = 0; s < 4; s++) {
                 const __m256i SW = SC[s / 2], MW = MN[s / 2];
@@ -361,11 +367,8 @@ tile_avx2(const int T, const bool G, int64_t nsb, const uint8_t *grp, const uint
                                                        _mm256_madd_epi16(d1[t], sc1));
                     const __m256i M = _mm256_madd_epi16(mnp, _mm256_set1_epi32(sp[t][s]));
                     if (G) {
-                        const __m256 yv = _mm256_set1_ps(yd[t]);
-                        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dw, yv),
-                                                    acc[t][h]);
-                        accm[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dmw, yv),
-                                                     accm[t][h]);
+                        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), dd[t], acc[t][h]);
+                        accm[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), dm[t], accm[t][h]);
                     } else {
                         itot[t] = _mm256_add_epi32(itot[t], I);
                         mtot[t] = _mm256_add_epi32(mtot[t], M);
@@ -374,11 +377,8 @@ tile_avx2(const int T, const bool G, int64_t nsb, const uint8_t *grp, const uint
             }
             if (!G)
                 for (int t = 0; t < T; t++) {
-                    const __m256 yv = _mm256_set1_ps(yd[t]);
-                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(itot[t]), _mm256_mul_ps(dw, yv),
-                                                acc[t][h]);
-                    accm[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mtot[t]),
-                                                 _mm256_mul_ps(dmw, yv), accm[t][h]);
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(itot[t]), dd[t], acc[t][h]);
+                    accm[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mtot[t]), dm[t], accm[t][h]);
                 }
         }
     }
