@@ -100,7 +100,7 @@ int tsr_ggml_isa(void);
  * at least min_isa and the environment variable `env` is not "0" (which keeps the repacked
  * groups, e.g. to compare). Decided once into *cache (-1 until then): tsr_q40l_chosen and
  * tsr_q4kl_chosen (AVX2 and up), tsr_q6kl_chosen and tsr_q50l_chosen (AVX-512 VNNI only,
- * through tsr_ggml_vnni_chosen: min_isa TSR_GGML_VNNI). */
+ * through tsr_ggml_vnni_chosen: min_isa TSR_GGML_VNNI), tsr_q50a_chosen (AVX2 exactly). */
 bool tsr_ggml_isa_chosen(const char *env, int min_isa, _Atomic int *cache);
 bool tsr_ggml_vnni_chosen(const char *env, _Atomic int *cache);
 

@@ -7,6 +7,7 @@
 #include "kernels/q4k_gemm.h"
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
+#include "kernels/q50_avx2.h"
 #include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
 #include "kernels/q80_lanes.h"
@@ -129,9 +130,11 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
         return;
     }
     if (w->lanes && w->type == TSR_TYPE_Q5_0) {
-        /* Q5_0's lanes layout (kernels/q50_lanes.h), its one order: the Q8_0 rows as they are */
-        tsr_q50l_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
-                     (size_t)w->n_out);
+        /* Q5_0's lanes layouts (kernels/q50_lanes.h, q50_avx2.h), its one order: the Q8_0 rows
+         * as they are */
+        (w->lanes_avx2 ? tsr_q50a_dot : tsr_q50l_dot)(j->lanes_isa, w->n_in, w->lanes, r0, nr,
+                                                      n_tok, xq, j->xq_stride[k], yk + r0,
+                                                      (size_t)w->n_out);
         return;
     }
     if (w->lanes) {

@@ -30,9 +30,11 @@ typedef struct {
                            tsr_q80l_on) or, lanes_ggml set, in ggml's (AVX-512 VNNI,
                            tsr_q80l_ggml_chosen: the same bits as data). Q4_0, Q4_K, Q6_K,
                            Q5_0: kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h
-                           (AVX-512 VNNI), in the type's orders (the same bits as data or
-                           packed). Other types: NULL */
+                           (AVX-512 VNNI) or q50_avx2.h (lanes_avx2), in the type's orders
+                           (the same bits as data or packed). Other types: NULL */
     bool lanes_ggml;    /* Q8_0 lanes: ggml's order (tsr_q80l_dot_ggml), not the lanes order */
+    bool lanes_avx2;    /* Q5_0 lanes: kernels/q50_avx2.h's layout (AVX2 CPUs), not
+                           q50_lanes.h's */
 } tsr_weight;
 
 /* y[t][r] = sum_i W[r][i] * x[t][i] for t < n_tok, r < W.n_out. `scratch` must hold

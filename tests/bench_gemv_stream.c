@@ -1,8 +1,8 @@
 /*
  * bench_gemv_stream.c — the one-token GEMVs of the repacked Q4_0, Q4_K, Q5_0 and Q6_K groups
  * (kernels/q40_gemm.c, quant.c's 4-row group GEMV, repack.c) and of their lanes layouts
- * (kernels/q40_lanes.h, q4k_lanes.h, q50_lanes.h, q6k_lanes.h) streaming from memory, against a
- * plain read of the same bytes, measured interleaved in one run.
+ * (kernels/q40_lanes.h, q4k_lanes.h, q50_lanes.h, q50_avx2.h, q6k_lanes.h) streaming from memory,
+ * against a plain read of the same bytes, measured interleaved in one run.
  *
  * The weights are a 1B layer's matrices (q 2048x2048, k/v 512x2048, o 2048x2048,
  * gate/up 8192x2048, down 2048x8192) repeated over enough layers for TSR_BENCH_MB (default
@@ -28,7 +28,7 @@
  * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q5_0,q5_0l,q6_k,q6_kl selects types (a type is
  * selected when the list contains its name: q4_0l selects q4_0 too; q4_0l, q4_kl, q5_0l, q6_kl:
  * the lanes layouts that AVX-512 VNNI CPUs load instead of the groups, only there, but q4_0l
- * and q4_kl, which AVX2 CPUs load too);
+ * and q4_kl, which AVX2 CPUs load too, and q5_0l, which on AVX2 CPUs is q50_avx2.h's layout);
  * TSR_BENCH_THREADS=n the pool size.
  */
 #include <stdint.h>
@@ -43,6 +43,7 @@
 #include "kernels/pool.h"
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
+#include "kernels/q50_avx2.h"
 #include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
 #include "kernels/q80_lanes.h"
@@ -76,8 +77,14 @@ static int selected(const char *name)
     return !list || !*list || strstr(list, name) != NULL;
 }
 
-/* lanes: the type's lanes layout (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h: what AVX-512
- * VNNI CPUs load) instead of the groups */
+/* Q5_0's lanes layout on this CPU: q50_lanes.h's (AVX-512 VNNI) or q50_avx2.h's (AVX2) */
+static bool q50_avx2(void)
+{
+    return tsr_ggml_isa() != TSR_GGML_VNNI;
+}
+
+/* lanes: the type's lanes layout (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h /
+ * q50_avx2.h: what the load makes on this CPU) instead of the groups */
 static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
 {
     if (type == TSR_TYPE_Q8_0) /* the file layout (verbatim), or the lanes layout */
@@ -85,8 +92,9 @@ static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
     if (!lanes) return tsr_repack_bytes(type, n, rows);
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(n, rows)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(n, rows)
-           : type == TSR_TYPE_Q5_0 ? tsr_q50l_bytes(n, rows)
-                                   : tsr_q6kl_bytes(n, rows);
+           : type == TSR_TYPE_Q5_0
+               ? (q50_avx2() ? tsr_q50a_bytes(n, rows) : tsr_q50l_bytes(n, rows))
+               : tsr_q6kl_bytes(n, rows);
 }
 
 static void mat_repack(uint32_t type, bool lanes, int64_t n, int64_t rows, const void *src,
@@ -102,6 +110,8 @@ static void mat_repack(uint32_t type, bool lanes, int64_t n, int64_t rows, const
         tsr_q40l_repack(n, rows, src, rb, dst);
     else if (type == TSR_TYPE_Q4_K)
         tsr_q4kl_repack(n, rows, src, rb, dst);
+    else if (type == TSR_TYPE_Q5_0 && q50_avx2())
+        tsr_q50a_repack(n, rows, src, rb, dst);
     else if (type == TSR_TYPE_Q5_0)
         tsr_q50l_repack(n, rows, src, rb, dst);
     else
@@ -160,7 +170,8 @@ static void bench_type(tsr_pool *pool, uint32_t type, bool lanes, const char *na
                                    .data = type == TSR_TYPE_Q8_0 && !lanes ? dst : NULL,
                                    .packed = lanes || type == TSR_TYPE_Q8_0 ? NULL : dst,
                                    .lanes = lanes ? dst : NULL,
-                                   .lanes_ggml = lanes && type == TSR_TYPE_Q8_0};
+                                   .lanes_ggml = lanes && type == TSR_TYPE_Q8_0,
+                                   .lanes_avx2 = lanes && type == TSR_TYPE_Q5_0 && q50_avx2()};
         }
         off += mb[m];
     }
@@ -231,7 +242,7 @@ int main(void)
     if (selected("q8_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q8_0, true, "q8_0l", want);
     if (selected("q5_0")) bench_type(pool, TSR_TYPE_Q5_0, false, "q5_0", want);
-    if (selected("q5_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
+    if (selected("q5_0l") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q5_0, true, "q5_0l", want);
     if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, false, "q6_k", want);
     if (selected("q6_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)

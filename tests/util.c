@@ -185,7 +185,8 @@ void tsr_test_lanes_expect(const char *what, int64_t n, int64_t n_out, int64_t r
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng)
 {
     static const int64_t rows[] = {1, 15, 16, 17, 40};
-    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI;
+    const bool vnni = tsr_ggml_isa() == TSR_GGML_VNNI,
+               avx2 = k->lanes_avx2 && tsr_ggml_isa() >= TSR_GGML_AVX2;
     const size_t rb = tsr_row_bytes(k->type, n),
                  xb = tsr_row_bytes(tsr_type_vec_dot_type(k->type), n);
     int n_cases = 0;
@@ -203,9 +204,9 @@ int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rn
                 for (int64_t r = 0; r < n_out; r++)
                     want[(size_t)t * n_out + r] =
                         tsr_vec_dot(k->type, n, w + (size_t)r * rb, x + (size_t)t * xb);
-            for (int isa = 0; isa < 2; isa++) {
-                if (isa == 1 && !vnni) continue;
-                const int lvl = isa ? TSR_GGML_VNNI : TSR_GGML_SCALAR;
+            for (int isa = 0; isa < 3; isa++) {
+                if ((isa == 1 && !avx2) || (isa == 2 && !vnni)) continue;
+                const int lvl = isa == 2 ? TSR_GGML_VNNI : isa ? TSR_GGML_AVX2 : TSR_GGML_SCALAR;
                 for (int64_t r0 = 0; r0 < n_out; r0 += (n_out > 16 ? 16 : n_out)) {
                     memset(y, 0xff, sizeof(float) * ny);
                     k->dot(lvl, n, packed, r0, n_out - r0, n_tok, x, xb, y + r0, (size_t)n_out);
@@ -259,6 +260,7 @@ void tsr_test_lanes_matmul(const tsr_test_lanes_kernel *k, const uint8_t *wd, in
     tsr_test_lanes_set set;
     tsr_test_lanes_set_make(&set, k->type, wd, n, n_out, k->bytes, k->repack);
     set.lanes.lanes_ggml = k->lanes_ggml;
+    set.lanes.lanes_avx2 = k->lanes_avx2;
     const tsr_weight *wl = &set.lanes, *wg = set.has_groups ? &set.groups : NULL, *wf = &set.file;
     float *x = tsr_test_xmalloc(sizeof(float) * (size_t)(n * MAX_TOK));
     for (int64_t i = 0; i < n * MAX_TOK; i++) x[i] = tsr_test_gauss(rng);

@@ -58,11 +58,12 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type);
  * expected/synth-tiny-more-quants.json for the types that file lacks). */
 void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t tally_offset);
 /* The order check of the lanes tests whose kernels take the activations as they are
- * (test_q6k_lanes, test_q50_lanes): for rows 1, 15, 16, 17, 40 (partial groups, masked stores)
- * of n elements made by make_rows(n, n_rows) (file blocks of `type`), repacked by `repack` into
- * `bytes(n, n_rows)` bytes, and 1..17 tokens of activations from acts(rng, n, n_tok), fails the
- * current test unless dot (at TSR_GGML_SCALAR, and TSR_GGML_VNNI where the CPU has it; row
- * starts 0 and 16) gives tsr_vec_dot's bits for every row and token. Returns the cases run. */
+ * (test_q6k_lanes, test_q50_lanes): for rows 1, 15, 16, 17, 40 (partial groups,
+ * masked stores) of n elements made by make_rows(n, n_rows) (file blocks of `type`), repacked by
+ * `repack` into `bytes(n, n_rows)` bytes, and 1..17 tokens of activations from acts(rng, n, n_tok),
+ * fails the current test unless dot (at TSR_GGML_SCALAR, TSR_GGML_AVX2 for lanes_avx2 and
+ * TSR_GGML_VNNI where the CPU has them; row starts 0 and 16) gives tsr_vec_dot's bits for every row
+ * and token. Returns the cases run. */
 typedef struct {
     uint32_t type;
     uint8_t *(*make_rows)(int64_t n, int64_t n_rows);
@@ -72,6 +73,8 @@ typedef struct {
                 const void *x, size_t x_stride, float *y, size_t y_stride);
     uint8_t *(*acts)(uint64_t *s, int64_t n, int32_t n_tok);
     bool lanes_ggml; /* Q8_0's layout in ggml's order (tsr_weight.lanes_ggml) */
+    bool lanes_avx2; /* Q5_0's AVX2 layout (tsr_weight.lanes_avx2): the order check runs
+                        TSR_GGML_AVX2 too, where the CPU has it */
 } tsr_test_lanes_kernel;
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng);
 /* The lanes tests' bit check of one kernel call: rows r0..n_out - 1 of y against want (both

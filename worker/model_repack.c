@@ -23,9 +23,10 @@
  * groups): Q8_0 (kernels/q80_lanes.h) instead of the verbatim copy, in the opt-in lanes order
  * (tsr_q80l_on) or, on CPUs with AVX-512 VNNI, in ggml's (w->lanes_ggml; tsr_q80l_ggml_chosen,
  * with every type repacked: tsr_repack_all), Q4_0 and Q4_K on CPUs with AVX2 or AVX-512 VNNI,
- * and, on CPUs with AVX-512 VNNI, Q6_K and Q5_0, instead of the
- * groups (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h, q50_lanes.h; tsr_q40l_chosen,
- * tsr_q4kl_chosen, tsr_q6kl_chosen, tsr_q50l_chosen: each type's own orders, the same bits).
+ * on CPUs with AVX-512 VNNI Q6_K and Q5_0, and on AVX2 CPUs without it Q5_0 in its AVX2 layout
+ * (w->lanes_avx2), instead of the groups (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h,
+ * q50_lanes.h, q50_avx2.h; tsr_q40l_chosen, tsr_q4kl_chosen, tsr_q6kl_chosen, tsr_q50l_chosen,
+ * tsr_q50a_chosen: each type's own orders, the same bits).
  *
  * Memory: all of a call's repacked matrices share one allocation (an arena, 64-byte aligned
  * slices), 2 MiB aligned and madvise(MADV_HUGEPAGE)'d, so the kernel backs it with
@@ -41,6 +42,7 @@
 
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
+#include "kernels/q50_avx2.h"
 #include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
 #include "kernels/q80_lanes.h"
@@ -123,19 +125,22 @@ static bool lanes_of(const tsr_weight *w)
     if (w->type == TSR_TYPE_Q6_K)
         return tsr_repack_chosen(TSR_TYPE_Q6_K) && tsr_q6kl_chosen() && w->n_in % 256 == 0;
     if (w->type == TSR_TYPE_Q5_0)
-        return tsr_repack_chosen(TSR_TYPE_Q5_0) && tsr_q50l_chosen() && w->n_in % 32 == 0;
+        return tsr_repack_chosen(TSR_TYPE_Q5_0) && (tsr_q50l_chosen() || tsr_q50a_chosen()) &&
+               w->n_in % 32 == 0;
     return w->type == TSR_TYPE_Q4_0 && tsr_repack_chosen(TSR_TYPE_Q4_0) && tsr_q40l_chosen();
 }
 
-/* Bytes of one 16-row group of w's lanes layout (all five layouts hold 16 rows a group:
- * TSR_Q80L_ROWS = TSR_Q40L_ROWS = TSR_Q4KL_ROWS = TSR_Q6KL_ROWS = TSR_Q50L_ROWS). */
+/* Bytes of one 16-row group of w's lanes layout (all six layouts hold 16 rows a group:
+ * TSR_Q80L_ROWS = TSR_Q40L_ROWS = TSR_Q4KL_ROWS = TSR_Q6KL_ROWS = TSR_Q50L_ROWS =
+ * TSR_Q50A_ROWS). */
 static size_t lanes_group_bytes(const tsr_weight *w)
 {
     return w->type == TSR_TYPE_Q4_0   ? tsr_q40l_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q6_K ? tsr_q6kl_group_bytes(w->n_in)
-           : w->type == TSR_TYPE_Q5_0 ? tsr_q50l_group_bytes(w->n_in)
-                                      : tsr_q80l_group_bytes(w->n_in);
+           : w->type == TSR_TYPE_Q5_0
+               ? (tsr_q50l_chosen() ? tsr_q50l_group_bytes(w->n_in) : tsr_q50a_group_bytes(w->n_in))
+               : tsr_q80l_group_bytes(w->n_in);
 }
 
 /* Whether repack_weight would repack (or, Q8_0, copy) w, and the bytes of its copy (0: it
@@ -166,8 +171,10 @@ static int lanes_repack(uint32_t type, int64_t n, int64_t n_out, const void *src
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q6_K ? tsr_q6kl_repack(n, n_out, src, src_stride, dst)
-           : type == TSR_TYPE_Q5_0 ? tsr_q50l_repack(n, n_out, src, src_stride, dst)
-                                   : tsr_q80l_repack(n, n_out, src, src_stride, dst);
+           : type == TSR_TYPE_Q5_0
+               ? (tsr_q50l_chosen() ? tsr_q50l_repack(n, n_out, src, src_stride, dst)
+                                    : tsr_q50a_repack(n, n_out, src, src_stride, dst))
+               : tsr_q80l_repack(n, n_out, src, src_stride, dst);
 }
 
 /* w's rows through fn into dst, whose groups hold `rows` rows in gb bytes each: a private
@@ -239,9 +246,10 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
             m->n_q4k_lanes++;
         else if (w->type == TSR_TYPE_Q6_K)
             m->n_q6k_lanes++;
-        else if (w->type == TSR_TYPE_Q5_0)
+        else if (w->type == TSR_TYPE_Q5_0) {
+            w->lanes_avx2 = !tsr_q50l_chosen();
             m->n_q50_lanes++;
-        else if (tsr_q80l_on())
+        } else if (tsr_q80l_on())
             m->n_q80_lanes++;
         else {
             w->lanes_ggml = true;
