@@ -1,7 +1,7 @@
 /* lanes.h — the scalar row walk of the lanes layouts (kernels/q6k_lanes.c, q50_lanes.c,
- * q80_lanes.c's ggml order): rows r0.. of a matrix in groups of 16 rows, each (row, token)
- * dot computed by the layout's scalar row function. Portable (the forms the kernels run where
- * the CPU lacks AVX-512 VNNI, and the tests' second reference). */
+ * q50_avx2.c, q80_lanes.c's ggml order): rows r0.. of a matrix in groups of 16 rows, each
+ * (row, token) dot computed by the layout's scalar row function. Portable (the forms the
+ * kernels run where the CPU lacks their instruction set, and the tests' second reference). */
 #ifndef TSR_LANES_H
 #define TSR_LANES_H
 

@@ -18,6 +18,7 @@
 #include "kernels/q50_avx2.h"
 
 #include "kernels/dot_ggml.h"
+#include "kernels/lanes.h"
 #include "kernels/quant.h"
 
 #include <math.h>
@@ -117,9 +118,12 @@ int tsr_q50a_repack(int64_t n, int64_t n_out, const void *src, size_t src_stride
     return 0;
 }
 
-/* The scalar form: row rr (0..7) of a half, in kernels/quant.c's Q5_0 order. */
-static float dot_row_scalar(int64_t nb, const uint8_t *half, int rr, const uint8_t *x)
+/* The scalar form: row r16 (0..15) of a group, in kernels/quant.c's Q5_0 order
+ * (kernels/lanes.h's row function). */
+static float dot_row_scalar(int64_t nb, const uint8_t *grp, int r16, const uint8_t *x)
 {
+    const uint8_t *half = grp + (size_t)(r16 / 8) * half_bytes(nb);
+    const int rr = r16 % 8;
     float acc[8] = {0};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *xb = x + (size_t)b * XBLK;
@@ -145,20 +149,6 @@ static float dot_row_scalar(int64_t nb, const uint8_t *half, int rr, const uint8
     const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
                 t3 = acc[3] + acc[7];
     return (t0 + t2) + (t1 + t3);
-}
-
-static void dot_scalar(int64_t nb, const uint8_t *packed, int64_t r0, int64_t n_rows, int32_t n_tok,
-                       const uint8_t *x, size_t x_stride, float *y, size_t y_stride)
-{
-    const size_t gb = 2 * half_bytes(nb);
-    for (int64_t r = 0; r < n_rows; r++) {
-        const int64_t row = r0 + r;
-        const uint8_t *half = packed + (size_t)(row / TSR_Q50A_ROWS) * gb +
-                              (size_t)((row % TSR_Q50A_ROWS) / 8) * half_bytes(nb);
-        for (int32_t t = 0; t < n_tok; t++)
-            y[(size_t)t * y_stride + (size_t)r] =
-                dot_row_scalar(nb, half, (int)(row % 8), x + (size_t)t * x_stride);
-    }
 }
 
 #if Q5A_X86
@@ -197,6 +187,16 @@ Q5A_INLINE Q5A_AVX2 __m256i bits_of(__m256i hb, int l)
     return l < 4 ? _mm256_slli_epi32(hb, 4 - l) : l == 4 ? hb : _mm256_srli_epi32(hb, l - 4);
 }
 
+/* Lanes j and j + 4 of a half's block q (bit vector hb): the unsigned 5-bit quants 0..31. */
+Q5A_INLINE Q5A_AVX2 void unpack_pair(const uint8_t *q, __m256i hb, int j, __m256i *lo, __m256i *hi)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * j));
+    *lo = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(bits_of(hb, j), m10));
+    *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                          _mm256_and_si256(bits_of(hb, j + 4), m10));
+}
+
 /* ggml's hsum of the 8 chains of 8 rows: ((c0 + c4) + (c2 + c6)) + ((c1 + c5) + (c3 + c7)) */
 Q5A_INLINE Q5A_AVX2 __m256 hsum8(const __m256 *acc)
 {
@@ -226,7 +226,6 @@ enum { Q5A_PF_BYTES = 2048 };
 Q5A_AVX2 static void half_tok1(int64_t nb, const uint8_t *half, const uint8_t *x, const q5a_act *a,
                                float *out)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
     __m256 acc[8];
     for (int l = 0; l < 8; l++) acc[l] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -241,11 +240,8 @@ Q5A_AVX2 static void half_tok1(int64_t nb, const uint8_t *half, const uint8_t *x
         const uint8_t *y = x + (size_t)b * XBLK + XQS;
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * j));
-            const __m256i lo =
-                _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(bits_of(hb, j), m10));
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                               _mm256_and_si256(bits_of(hb, j + 4), m10));
+            __m256i lo, hi;
+            unpack_pair(q, hb, j, &lo, &hi);
             acc[j] = lane_step(acc[j], lo, y + 4 * j, a[b].ny[j], sc);
             acc[j + 4] = lane_step(acc[j + 4], hi, y + 16 + 4 * j, a[b].ny[j + 4], sc);
         }
@@ -259,7 +255,6 @@ Q5A_AVX2 static void half_tok1(int64_t nb, const uint8_t *half, const uint8_t *x
 Q5A_AVX2 static void half_toks(int64_t nb, const uint8_t *half, int32_t n_tok, const uint8_t *x,
                                size_t x_stride, const q5a_act *a, __m256 (*acc)[8], float *out)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
     __m256i u[Q5A_RUN][8];
     __m256 dw[Q5A_RUN];
     for (int32_t t = 0; t < n_tok; t++)
@@ -271,13 +266,7 @@ Q5A_AVX2 static void half_toks(int64_t nb, const uint8_t *half, int32_t n_tok, c
             dw[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d_of(half, b0 + i)));
             const __m256i hb = _mm256_loadu_si256((const __m256i *)(q + OFF_HB));
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * j));
-                u[i][j] =
-                    _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(bits_of(hb, j), m10));
-                u[i][j + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                              _mm256_and_si256(bits_of(hb, j + 4), m10));
-            }
+            for (int j = 0; j < 4; j++) unpack_pair(q, hb, j, &u[i][j], &u[i][j + 4]);
         }
         for (int32_t t = 0; t < n_tok; t++) {
             const uint8_t *xt = x + (size_t)t * x_stride + (size_t)b0 * XBLK + XQS;
@@ -351,5 +340,6 @@ void tsr_q50a_dot(int isa, int64_t n, const void *packed, int64_t r0, int64_t n_
         return;
 #endif
     (void)isa;
-    dot_scalar(nb, packed, r0, n_rows, n_tok, x, x_stride, y, y_stride);
+    tsr_lanes_run_scalar(dot_row_scalar, nb, 2 * half_bytes(nb), packed, r0, n_rows, n_tok, x,
+                         x_stride, y, y_stride);
 }

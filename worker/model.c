@@ -101,6 +101,7 @@ static int bind(tsr_model *m, const char *name, int64_t n_in, int64_t n_out, tsr
     w->packed = NULL;
     w->lanes = NULL;
     w->lanes_ggml = false;
+    w->lanes_avx2 = false;
     m->n_bytes_weights += t->n_bytes;
     m->n_bytes_loaded += t->n_bytes;
     return 0;
