@@ -267,13 +267,20 @@ static inline __attribute__((always_inline)) QKL_VNNI void tile(const int T, con
  * of each row (the scaled sub-block dot, exact: no vpmulld), one vpmaddwd of the (min, min)
  * pairs with the token's two sub-block sums; then the orders as above. Exact integers
  * throughout, so the same bits. Both halves in one super-block step (one stream, in order).
- * Every tile prefetches 2 super-blocks ahead into L1: AMD Zen 3, one token streaming 38 MB,
- * 1 thread, 1.04-1.20 -> 0.76-0.85 ns per (row, 32 elements) (1 super-block ahead 0.80, 4
- * ahead 1.07-1.09); 1B Q4_K_M decode, 2 threads, 7 alternated pairs: 34.0-40.6 against
- * 32.7-37.6 tokens/s (6 of 7 faster), 2026-12-07. */
+ * Every tile prefetches into L1 ahead of its stream: AMD Zen 3, one token streaming 38 MB,
+ * 1 thread, 1.04-1.20 -> 0.76-0.85 ns per (row, 32 elements) with 2 super-blocks ahead (1
+ * ahead 0.80, 4 ahead 1.07-1.09); 1B Q4_K_M decode, 2 threads, 7 alternated pairs:
+ * 34.0-40.6 against 32.7-37.6 tokens/s (6 of 7 faster), 2026-12-07. Those 36 lines went
+ * out as one burst in the first half's steps, none in the second's; spread over all 8 steps
+ * (4 or 5 lines each), 1.5 super-blocks ahead, the stream reads faster again
+ * (tests/bench_gemv_stream, 1 GiB, alternated, one token's share of the plain read: 2
+ * threads 0.69-0.82 as a burst against 0.81-0.90 spread 2 ahead and 0.82-0.87 spread 1.5
+ * ahead (1 ahead 0.69-0.93, 3 ahead 0.75, 4 ahead 0.73-0.78); 1 thread 0.73 against
+ * 0.78-0.90); 1B Q4_K_M decode, 2 threads, 4 alternated pairs: 36.2-39.0 against 30.7-35.4
+ * tokens/s (2026-12-07). */
 #define QKL_AVX2          __attribute__((target("avx2,fma,f16c")))
 #define QKL_AVX2_TMAX     TSR_LANES_AVX2_TMAX
-#define QKL_AVX2_PF_BYTES (2 * TSR_Q4KL_SB_BYTES)
+#define QKL_AVX2_PF_BYTES (3 * TSR_Q4KL_SB_BYTES / 2)
 
 /* vpshufb masks (per 128-bit lane) giving each row's dword the int16 pair (s, s) of scale
  * byte k = 2 (sb % 2) (k_sp[h][0]) or k + 1 (k_sp[h][1]) of its scale word. */
@@ -339,12 +346,11 @@ tile_avx2(const int T, const bool G, int64_t nsb, const uint8_t *grp, const uint
                 __m256i d0[QKL_AVX2_TMAX], d1[QKL_AVX2_TMAX];
                 for (int t = 0; t < T; t++) d0[t] = d1[t] = _mm256_setzero_si256();
                 const uint8_t *bq = blk + OFF_Q + 64 * 8 * s + 32 * h;
-                /* 2 super-blocks ahead into L1, 9 lines per 64 elements, on the first half */
-                if (h == 0)
-#pragma GCC unroll 9
-                    for (int l = 0; l < 9; l++)
-                        _mm_prefetch((const char *)blk + QKL_AVX2_PF_BYTES + 64 * (9 * s + l),
-                                     _MM_HINT_T0);
+                /* 1.5 super-blocks ahead into L1, the 36 lines spread over the 8 (half,
+                 * 64 elements) steps: 4 or 5 a step */
+                const int u = 4 * h + s;
+                for (int l = u * 36 / 8; l < (u + 1) * 36 / 8; l++)
+                    _mm_prefetch((const char *)blk + QKL_AVX2_PF_BYTES + 64 * l, _MM_HINT_T0);
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(bq + 64 * j));

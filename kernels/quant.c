@@ -2258,6 +2258,8 @@ TSR_AVX2 TSR_INLINE int32_t hsum_epi32(__m256i v)
  * read at 28, 48 or 96 steps alike: the distance is not what holds it below the read. */
 #define RQ_PF_Q4_K 48
 #define RQ_PF_Q6_K 16
+/* Q6_K on AMD CPUs: into L1, 2 steps (1680 bytes) ahead (see rq_kgemv_prefetch). */
+#define RQ_PF_Q6_K_L1 2
 
 /* Prefetch into L2 line `off` of the super-block pf steps ahead of block b in its stream
  * (blocks `bstride` bytes apart: pf * 4 blocks on in the repacked groups, one linear stream),
@@ -2311,20 +2313,38 @@ TSR_AVX2 TSR_INLINE __m256i q4_K_sm_2rows(__m256i raw)
     return _mm256_or_si256(lo, hi);
 }
 
-/* Whether the Q4_K / Q6_K GEMVs issue their software prefetch (RQ_PREFETCH_LINE). It pays on
- * the Intel Xeon measured above (without it Q4_K read 0.70 of the plain read against 0.88) but
- * not on AMD Zen 4, whose hardware prefetchers follow the groups' one linear stream:
- * tests/bench_gemv_stream (512 MiB, 2 threads, AMD EPYC, 2026-12-06), share of the plain read in
- * the same run, medians of 16 alternated runs at a 29-33 GB/s read, with -> without: Q4_K
- * 0.895 -> 0.907, Q6_K 0.857 -> 0.942 (a plain line loop there also read 23 GB/s on one thread
- * with a prefetcht1 8 KiB ahead against 31 without).
- * The Q4_0 GEMV keeps its prefetch on both (its pass reads four group streams: 0.44-0.57 of
- * the read without it there). Off on AMD CPUs, on elsewhere; TSR_KGEMV_PREFETCH=0 / 1
- * overrides. The two choices run the same arithmetic: outputs are identical. */
+/* Which software prefetch the Q4_K / Q6_K GEMVs issue: 0 none, 1 into L2 far ahead
+ * (RQ_PREFETCH_LINE), 2 the same for Q4_K but Q6_K into L1 RQ_PF_Q6_K_L1 steps ahead.
+ * - Intel (the Xeon measured above): 1. Without it Q4_K read 0.70 of the plain read against
+ *   0.88.
+ * - AMD Zen 4 (AVX-512): 0. Its hardware prefetchers follow the groups' one linear stream:
+ *   tests/bench_gemv_stream (512 MiB, 2 threads, 2026-12-06), share of the plain read in the
+ *   same run, medians of 16 alternated runs at a 29-33 GB/s read, with 1 -> without: Q4_K
+ *   0.895 -> 0.907, Q6_K 0.857 -> 0.942 (a plain line loop there also read 23 GB/s on one
+ *   thread with a prefetcht1 8 KiB ahead against 31 without).
+ * - AMD Zen 3 (AVX2 only): 2. tests/bench_gemv_stream (1 GiB, 2 threads, 2026-12-07,
+ *   alternated), Q6_K: none 0.74-0.78, 1 0.88-0.90, into L1 1 step ahead 0.86-0.90, 2 steps
+ *   0.76-0.95 (median 0.93), 3 0.88-0.92, 4 0.87-0.94; 1B Q4_K_M decode (its head and 4 of
+ *   its ffn_down are Q6_K), 8 alternated pairs: 34.8-43.4 against 31.4-41.2 tokens/s, 7 of 8
+ *   faster. Q4_K's groups (which AVX2 CPUs load only with TSR_Q4K_LANES=0): 0.74-0.85 with
+ *   against 0.59-0.75 without.
+ * The Q4_0 GEMV keeps its prefetch everywhere (its pass reads four group streams: 0.44-0.57
+ * of the read without it on Zen 4). TSR_KGEMV_PREFETCH=0 / 1 turns it off / on (the CPU's
+ * form). Every choice runs the same arithmetic: outputs are identical. */
 static _Atomic int g_kgemv_pf = -1;
-static bool rq_kgemv_prefetch(void)
+static bool rq_amd(void)
 {
-    return tsr_cpu_choice(&g_kgemv_pf, "TSR_KGEMV_PREFETCH", false);
+    return __builtin_cpu_is("amd");
+}
+static bool rq_avx512(void)
+{
+    return __builtin_cpu_supports("avx512f");
+}
+static int rq_kgemv_prefetch(void)
+{
+    /* the on/off default per vendor is tsr_cpu_choice's; off only on AMD CPUs with AVX-512 */
+    if (!tsr_cpu_choice(&g_kgemv_pf, "TSR_KGEMV_PREFETCH", !rq_avx512())) return 0;
+    return rq_amd() ? 2 : 1;
 }
 
 /* fname##_kg: a 4-row kernel fname##_4 (block i of row r at w0 + r * stride + i * bstride)
@@ -2333,7 +2353,7 @@ static bool rq_kgemv_prefetch(void)
  * computed and not stored). The file layout keeps the one-row kernels: its 4 rows side by
  * side would be 4 streams, which measured slower from memory than one. */
 #define DEF_ROWS_DRIVERS(fname, ATTR, BLK, dot1)                                                   \
-    ATTR TSR_INLINE void fname##_kg_pf(const bool pfo, int64_t n, int64_t nrows,                   \
+    ATTR TSR_INLINE void fname##_kg_pf(const int pfo, int64_t n, int64_t nrows,                    \
                                        const uint8_t *groups, size_t gb, const void *vx, float *y) \
     {                                                                                              \
         for (int64_t r = 0; r < nrows; r += 4) {                                                   \
@@ -2343,14 +2363,17 @@ static bool rq_kgemv_prefetch(void)
             for (int k = 0; k < 4 && r + k < nrows; ++k) y[r + k] = o[k];                          \
         }                                                                                          \
     }                                                                                              \
-    /* two copies, with and without the software prefetch (rq_kgemv_prefetch) */                   \
+    /* a copy per software prefetch form (rq_kgemv_prefetch) */                                    \
     ATTR static void fname##_kg(int64_t n, int64_t nrows, const uint8_t *groups, size_t gb,        \
                                 const void *vx, float *y)                                          \
     {                                                                                              \
-        if (rq_kgemv_prefetch())                                                                   \
-            fname##_kg_pf(true, n, nrows, groups, gb, vx, y);                                      \
+        const int pf = rq_kgemv_prefetch();                                                        \
+        if (pf == 2)                                                                               \
+            fname##_kg_pf(2, n, nrows, groups, gb, vx, y);                                         \
+        else if (pf == 1)                                                                          \
+            fname##_kg_pf(1, n, nrows, groups, gb, vx, y);                                         \
         else                                                                                       \
-            fname##_kg_pf(false, n, nrows, groups, gb, vx, y);                                     \
+            fname##_kg_pf(0, n, nrows, groups, gb, vx, y);                                         \
     }
 
 /* How the 4-row Q4_K GEMV applies the 6-bit scales to its int16 pair sums (either way the
@@ -2410,7 +2433,7 @@ static const uint8_t k_q4_K_scp[4][32] __attribute__((aligned(32))) = {
  * 8-lane FMA: lanes 0-3 the rows' sumf chains (isum_r * (d_y * d_r)), lanes 4-7 their summf
  * chains (imin_r * (d_y * dmin_r)); y_r = sumf_r - summf_r. */
 #define DEF_ROWS_Q4_K(fname, ATTR, SACC, SCALES, JSTEP, dot1)                                      \
-    ATTR TSR_INLINE void fname##_4(const bool pfo, int64_t nb, const uint8_t *w0, size_t stride,   \
+    ATTR TSR_INLINE void fname##_4(const int pfo, int64_t nb, const uint8_t *w0, size_t stride,    \
                                    size_t bstride, const blk_q8_K *x, float *out)                  \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
@@ -2534,7 +2557,7 @@ static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
 /* Q6_K, 4 rows: each row's 8 int32 lanes and 8-lane float chain exactly DEF_DOT_Q6_K's
  * (lane k: elements 4k..4k+3 of every 32), the activation's quants loaded once for the 4. */
 #define DEF_ROWS_Q6_K(fname, ATTR, SACC, QSTEP, dot1)                                              \
-    ATTR TSR_INLINE void fname##_4(const bool pfo, int64_t nb, const uint8_t *w0, size_t stride,   \
+    ATTR TSR_INLINE void fname##_4(const int pfo, int64_t nb, const uint8_t *w0, size_t stride,    \
                                    size_t bstride, const blk_q8_K *x, float *out)                  \
     {                                                                                              \
         const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);                   \
@@ -2555,8 +2578,14 @@ static const uint16_t k_q6_K_sp[4][16] __attribute__((aligned(32))) = {
                                          _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));       \
                     _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h)                            \
                     {                                                                              \
-                        RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q6_K, bstride, 128 * h);                   \
-                        RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q6_K, bstride, 128 * h + 64);              \
+                        if (pfo == 2) {                                                            \
+                            const char *pl = (const char *)bk + RQ_PF_Q6_K_L1 * bstride + 128 * h; \
+                            tsr_prefetch_line_l1(pl);                                              \
+                            tsr_prefetch_line_l1(pl + 64);                                         \
+                        } else {                                                                   \
+                            RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q6_K, bstride, 128 * h);               \
+                            RQ_PREFETCH_LINE(pfo, bk, RQ_PF_Q6_K, bstride, 128 * h + 64);          \
+                        }                                                                          \
                         const __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)        \
                                               : _mm256_permute2x128_si256(sc16, sc16, 0x00);       \
                         const __m256i ql0 =                                                        \
@@ -3368,7 +3397,7 @@ bool tsr_quant_set_isa(const char *isa)
 void tsr_quant_set_kgemv_prefetch(int on)
 {
 #if TSR_X86
-    tsr_cpu_choice_set(&g_kgemv_pf, on, false);
+    tsr_cpu_choice_set(&g_kgemv_pf, on, !rq_avx512());
 #else
     (void)on;
 #endif

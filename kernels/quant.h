@@ -114,9 +114,11 @@ void tsr_vec_dot_rows(uint32_t type, int64_t n, int64_t n_rows, const void *w,
  * side by side; a short last group repeats its last row): y[r] = dot(row r, x) for r <
  * n_rows, bit-identical to tsr_vec_dot of that row. Returns false (nothing written) for
  * other types and where only the scalar reference runs; the caller then uses its own loop.
- * Software prefetch of the stream: off on AMD CPUs (their hardware prefetchers serve it
- * better), on elsewhere; the environment variable TSR_KGEMV_PREFETCH=0 / 1 overrides (read
- * once). The output is the same either way. */
+ * Software prefetch of the stream: off on AMD CPUs with AVX-512 (their hardware prefetchers
+ * serve it better), on elsewhere (Q6_K into L1 a short way ahead on AMD CPUs, into L2 far
+ * ahead on the others; quant.c's rq_kgemv_prefetch has the figures); the environment
+ * variable TSR_KGEMV_PREFETCH=0 / 1 overrides (read once). The output is the same either
+ * way. */
 bool tsr_vec_dot_kgroups(uint32_t type, int64_t n, int64_t n_rows, const void *groups, size_t gb,
                          const void *x, float *y);
 
