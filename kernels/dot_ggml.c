@@ -70,13 +70,6 @@ void tsr_ggml_dot_set_vbmi(bool on)
     g_vbmi_off = !on;
 }
 
-/* ggml's hsum_float_8: (lo + hi) lane-wise, then (0+2) + (1+3). */
-static float hsum8(const float *a)
-{
-    const float r0 = a[0] + a[4], r1 = a[1] + a[5], r2 = a[2] + a[6], r3 = a[3] + a[7];
-    return (r0 + r2) + (r1 + r3);
-}
-
 /* ---- scalar: the reference of the order ------------------------------------------------ */
 
 static float dot_q4_1_scalar(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *x)
@@ -96,7 +89,7 @@ static float dot_q4_1_scalar(int64_t nb, const gg_q4_1 *w, const gg_q8_1 *x)
             acc[l] = fmaf(dd, (float)s, acc[l]);
         }
     }
-    return hsum8(acc) + summs;
+    return tsr_ggml_hsum8(acc) + summs;
 }
 
 static float dot_q8_0_scalar(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)
@@ -110,7 +103,7 @@ static float dot_q8_0_scalar(int64_t nb, const gg_q8_0 *w, const gg_q8_0 *x)
             acc[l] = fmaf(dd, (float)s, acc[l]);
         }
     }
-    return hsum8(acc);
+    return tsr_ggml_hsum8(acc);
 }
 
 static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)

@@ -31,6 +31,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* ggml's hsum_float_8 of a row dot's 8 float chains, ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)): the
+ * end of the order above, and of every scalar form that computes it (quant.c, repack.c, the
+ * lanes layouts). The vector forms are kernels/x86hsum.h's. */
+static inline float tsr_ggml_hsum8(const float a[8])
+{
+    const float t0 = a[0] + a[4], t1 = a[1] + a[5], t2 = a[2] + a[6], t3 = a[3] + a[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
 /* ISA levels, as kernels/quant.c's dispatcher numbers them. */
 enum { TSR_GGML_SCALAR = 0, TSR_GGML_AVX2 = 1, TSR_GGML_VNNI = 2 };
 

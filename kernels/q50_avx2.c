@@ -146,9 +146,7 @@ static float dot_row_scalar(int64_t nb, const uint8_t *grp, int r16, const uint8
             acc[l] = fmaf((float)si, d, acc[l]);
         }
     }
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
-                t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return tsr_ggml_hsum8(acc);
 }
 
 #if Q5A_X86

@@ -124,9 +124,7 @@ static float dot_row_scalar(int64_t nb, const uint8_t *grp, int rr, const uint8_
             acc[l] = fmaf((float)si, d, acc[l]);
         }
     }
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
-                t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return tsr_ggml_hsum8(acc);
 }
 
 #if Q5L_X86

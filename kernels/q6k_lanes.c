@@ -144,9 +144,7 @@ static float dot_row_scalar(int64_t nsb, const uint8_t *grp, int rr, const uint8
             acc[m] = fmaf((float)lane, yd * tsr_f16_to_f32(hd), acc[m]);
         }
     }
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
-                t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return tsr_ggml_hsum8(acc);
 }
 
 #if Q6L_X86

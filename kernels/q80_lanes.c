@@ -209,9 +209,7 @@ static float dot_row_ggml_scalar(int64_t nb, const uint8_t *grp, int rr, const u
             acc[k] = fmaf((float)s, d, acc[k]);
         }
     }
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
-                t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return tsr_ggml_hsum8(acc);
 }
 
 #if Q8L_X86

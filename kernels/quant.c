@@ -1372,15 +1372,9 @@ static float dot_q4_1_scalar(int64_t n, const void *vw, const void *vx)
 /* ggml's float order for the Q8_0-activation dots of Q5_0 (ggml_vec_dot_q5_0_q8_0 on AVX2 /
  * AVX-512 for one token, llamafile's tinyBLAS for several: the same per-element result):
  * 8 float lanes, lane k holding the exact int sum over elements 4k..4k+3 of each block,
- * acc_k = fma(float(lane_k), d_w*d_y, acc_k) block after block, then hsum8 below. Every
- * path (scalar, AVX2, AVX-512, repacked) computes exactly this. */
-static inline float hsum8_ggml(const float a[8])
-{
-    /* ggml's hsum_float_8: (hi + lo), + movehl, + movehdup */
-    const float t0 = a[0] + a[4], t1 = a[1] + a[5], t2 = a[2] + a[6], t3 = a[3] + a[7];
-    return (t0 + t2) + (t1 + t3);
-}
-
+ * acc_k = fma(float(lane_k), d_w*d_y, acc_k) block after block, then ggml's hsum8
+ * (tsr_ggml_hsum8, dot_ggml.h). Every path (scalar, AVX2, AVX-512, repacked) computes exactly
+ * this. */
 static float dot_q5_0_scalar(int64_t n, const void *vw, const void *vx)
 {
     const blk_q5_0 *w = vw;
@@ -1396,7 +1390,7 @@ static float dot_q5_0_scalar(int64_t n, const void *vw, const void *vx)
             acc[k] = fmaf((float)si, d, acc[k]);
         }
     }
-    return hsum8_ggml(acc);
+    return tsr_ggml_hsum8(acc);
 }
 
 static float dot_q5_1_scalar(int64_t n, const void *vw, const void *vx)
@@ -1561,7 +1555,7 @@ static float dot_q6_K_scalar(int64_t n, const void *vw, const void *vx)
         const float d = x[i].d * f16(w[i].d);
         for (int k = 0; k < 8; ++k) acc[k] = fmaf((float)lane[k], d, acc[k]);
     }
-    return hsum8_ggml(acc);
+    return tsr_ggml_hsum8(acc);
 }
 
 typedef float (*dot_fn)(int64_t n, const void *w, const void *x);

@@ -219,9 +219,7 @@ static float dot_q5_0_scalar(size_t nb, size_t nbp, const uint8_t *grp, int rr, 
             acc[k] = fmaf((float)si, d, acc[k]);
         }
     }
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
-                t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return tsr_ggml_hsum8(acc);
 }
 
 /* One row (group row rr) x one token, in dot_q8_0_scalar / dot_q4_0_scalar's order. */
@@ -1189,9 +1187,7 @@ static float dot_q6_K_scalar(size_t nsb, const uint8_t *grp, int r, const rp_q8_
         const float d = x[i].d * tsr_f16_to_f32(w->d);
         for (int k = 0; k < 8; ++k) acc[k] = fmaf((float)lane[k], d, acc[k]);
     }
-    const float t0 = acc[0] + acc[4], t1 = acc[1] + acc[5], t2 = acc[2] + acc[6],
-                t3 = acc[3] + acc[7];
-    return (t0 + t2) + (t1 + t3);
+    return tsr_ggml_hsum8(acc);
 }
 
 /* quant.c's dot_q5_K_scalar: Q4_K's with the 5th bit of element l of group g from bit g
