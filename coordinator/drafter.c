@@ -27,6 +27,7 @@
  */
 #include "coordinator/drafter.h"
 #include "coordinator/kvblocks.h"
+#include "coordinator/sampler.h"
 #include "kernels/util.h"
 
 #include "shard/gguf.h"
@@ -373,15 +374,6 @@ static void tsr_drafter_model_trim(tsr_drafter_model *dm, tsr_drafter_seq *s)
     }
 }
 
-/* Index of the first largest logit: the same tie-break as the sampler's greedy path. */
-static int32_t tsr_drafter_argmax(const float *l, int32_t n)
-{
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (l[i] > l[best]) best = i;
-    return best;
-}
-
 /* Feed toks[0..n) at positions pos0.. of sequence s (n <= n_batch), with logits for the
  * last one when want_last. */
 static int tsr_drafter_model_feed(tsr_drafter_model *dm, tsr_drafter_seq *s, const int32_t *toks,
@@ -478,7 +470,7 @@ static int tsr_drafter_model_propose(tsr_drafter *d, uint64_t seq_id, const int3
     tsr_drafter_model_commit(dm, s, ((n_tokens - 1) / TSR_KV_BLOCK_SIZE) * TSR_KV_BLOCK_SIZE);
     /* Greedy drafts; each but the last is fed back for the next one's logits. */
     for (int32_t i = 0; i < k; i++) {
-        out[i] = tsr_drafter_argmax(dm->logits, dm->n_vocab);
+        out[i] = tsr_sampler_argmax(dm->logits, dm->n_vocab);
         if (i == k - 1) break;
         if (tsr_drafter_model_feed(dm, s, &out[i], 1, s->n_computed, true, err, err_len) != 0)
             return -1;

@@ -97,6 +97,12 @@ void tsr_sampler_add_prompt(tsr_sampler *s, const int32_t *ids, size_t n);
  * itself. */
 void tsr_sampler_accept(tsr_sampler *s, int32_t id);
 
+/* Index of the first largest of logits[0..n) (NaN never wins; 0 when none is above -inf):
+ * the greedy sampler's choice, by a vector pass for the maximum and a scan for its first
+ * occurrence. For callers that take the greedy token without a sampler (the drafter's greedy
+ * drafts, `tessera bench`'s decode loop). n > 0. */
+int32_t tsr_sampler_argmax(const float *logits, int32_t n);
+
 /* Apply step 1 (the penalties) to logits[n_vocab] in place. tsr_sampler_sample does this
  * itself; exposed for tests and for callers that want the penalised logits. */
 void tsr_sampler_apply_penalties(const tsr_sampler *s, float *logits);

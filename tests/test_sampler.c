@@ -163,11 +163,11 @@ static void test_greedy_large_vocab(void **state)
     free(scratch);
 }
 
-/* The argmax (16 lanes with AVX-512, 4 otherwise) and the read-only path against a scalar
- * first-maximum over sizes around the vector widths: ties across lanes and the tail, NaNs
- * everywhere (kind 7: one after the maximum in its lane), signed zeros, +inf, all -inf /
- * NaN (-> 0). tsr_sampler_read_only only for
- * greedy without penalties. */
+/* The argmax (16 lanes with AVX-512, 8 with AVX2, 4 otherwise; also as tsr_sampler_argmax, which
+ * the drafter and `tessera bench` call) and the read-only path against a scalar first-maximum over
+ * sizes around the vector widths: ties across lanes and the tail, NaNs everywhere (kind 7: one
+ * after the maximum in its lane), signed zeros, +inf, all -inf / NaN (-> 0). tsr_sampler_read_only
+ * only for greedy without penalties. */
 static void test_greedy_read_only(void **state)
 {
     (void)state;
@@ -202,11 +202,12 @@ static void test_greedy_read_only(void **state)
                     want = i;
                 }
             const int32_t ro = tsr_sampler_sample_read_only(s, l);
+            const int32_t am = tsr_sampler_argmax(l, n);
             const int32_t got = draw(s, l, n, scratch);
-            if (ro != want || got != want)
-                fail_msg("greedy over %d logits (kind %d): read-only %d, sample %d, the first "
-                         "maximum is %d",
-                         (int)n, kind, (int)ro, (int)got, (int)want);
+            if (ro != want || am != want || got != want)
+                fail_msg("greedy over %d logits (kind %d): read-only %d, tsr_sampler_argmax %d, "
+                         "sample %d, the first maximum is %d",
+                         (int)n, kind, (int)ro, (int)am, (int)got, (int)want);
         }
         free(l);
         free(scratch);
