@@ -103,6 +103,18 @@ void tsr_sampler_accept(tsr_sampler *s, int32_t id);
  * drafts, `tessera bench`'s decode loop). n > 0. */
 int32_t tsr_sampler_argmax(const float *logits, int32_t n);
 
+/* The unnormalised distribution every non-greedy draw starts from: logits[0..n) divided by
+ * temp (> 0; 1 leaves them) and NaN made -inf, in place; w[i] = exp(logits[i] - max) (w may
+ * be NULL, or logits itself); returns the sum of the w (0 when no logit is finite, w then
+ * untouched). The sampler's own passes (tests compare its SIMD paths with it). */
+double tsr_sampler_weights(float *logits, int32_t n, float temp, float *w);
+
+/* Which passes over the vocabulary run (tests): 1 the AVX2 ones where the CPU has AVX2, 0
+ * the portable 4-lane ones, -1 back to the CPU's choice (AVX2 where present). Both give the
+ * same weights, sums and draws (sampler.c says why); not thread-safe against running
+ * samplers. */
+void tsr_sampler_set_avx2(int on);
+
 /* Apply step 1 (the penalties) to logits[n_vocab] in place. tsr_sampler_sample does this
  * itself; exposed for tests and for callers that want the penalised logits. */
 void tsr_sampler_apply_penalties(const tsr_sampler *s, float *logits);

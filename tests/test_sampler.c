@@ -697,6 +697,105 @@ static void test_penalties_through_greedy(void **state)
     tsr_sampler_free(s);
 }
 
+/* ---- the AVX2 passes against the portable ones */
+
+/* The AVX2 passes (sampler.c: exp, sums, max, the candidate scans) against the portable
+ * 4-lane ones: the same weights and sums bit for bit (tsr_sampler_weights), and every
+ * filter's path drawn with each from the same seed: the same ids, the same
+ * log-probabilities bit for bit, and the same speculative verdicts, over vocabulary sizes
+ * around the vector widths and the sums' 64-blocks, logits with NaN, +-inf and signed zeros
+ * sprinkled in, and a peaked vocabulary of Qwen2.5's size. */
+static void test_avx2_paths_agree(void **state)
+{
+    (void)state;
+    static const int32_t sizes[] = {1,  3,  4,  5,  7,  8,   9,   12,   15,    16,
+                                    17, 63, 64, 65, 68, 127, 129, 1000, 151936};
+    struct {
+        float temp, top_p, min_p;
+        int32_t top_k;
+    } ps[] = {{1.0f, 1.0f, 0.0f, 0},  {0.7f, 0.9f, 0.0f, 0},  {0.7f, 0.95f, 0.0f, 40},
+              {0.8f, 1.0f, 0.05f, 0}, {1.3f, 0.5f, 0.02f, 0}, {0.9f, 1.0f, 0.0f, 3}};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        const int32_t n = sizes[si];
+        float *l = malloc(sizeof(float) * (size_t)n), *a = malloc(sizeof(float) * (size_t)n),
+              *b = malloc(sizeof(float) * (size_t)n);
+        for (int kind = 0; kind < 2; kind++) {
+            random_logits(l, n, kind ? 4.0f : 10.0f, 1000 + (uint64_t)n);
+            if (kind == 1) { /* peaked, as a model's: a few tokens far above the rest */
+                for (int32_t i = 0; i < n; i += 997) l[i] += 25.0f;
+            } else {
+                for (int32_t i = 5; i < n; i += 11)
+                    l[i] = (i / 11) % 4 == 0   ? NAN
+                           : (i / 11) % 4 == 1 ? -INFINITY
+                           : (i / 11) % 4 == 2 ? -0.0f
+                                               : 0.0f;
+            }
+            for (int ti = 0; ti < 2; ti++) { /* the weights and their sum, bit for bit */
+                double z[2];
+                for (int v = 0; v < 2; v++) {
+                    float *sc = v ? b : a;
+                    memcpy(sc, l, sizeof(float) * (size_t)n);
+                    tsr_sampler_set_avx2(v);
+                    z[v] = tsr_sampler_weights(sc, n, ti ? 0.7f : 1.0f, sc);
+                }
+                tsr_sampler_set_avx2(-1);
+                if (memcmp(&z[0], &z[1], sizeof z[0]) != 0 ||
+                    memcmp(a, b, sizeof(float) * (size_t)n) != 0)
+                    fail_msg("n %d, logits %d, temperature %s: portable sum %.17g, AVX2 %.17g%s",
+                             (int)n, kind, ti ? "0.7" : "1", z[0], z[1],
+                             z[0] == z[1] ? " (the weights differ)" : "");
+            }
+            for (size_t pi = 0; pi < sizeof ps / sizeof ps[0]; pi++) {
+                tsr_sampling_params p;
+                tsr_sampling_params_default(&p);
+                p.temperature = ps[pi].temp;
+                p.top_p = ps[pi].top_p;
+                p.min_p = ps[pi].min_p;
+                p.top_k = ps[pi].top_k;
+                p.seed = 7 + pi;
+                tsr_sampler *sa = make_sampler(&p, n), *sb = make_sampler(&p, n);
+                for (int d = 0; d < 6; d++) {
+                    int32_t ids[2], tops[2][4] = {{0}}; /* n < 4: the rest stays 0 */
+                    float lps[2][4] = {{0}}, chosen[2] = {0, 0};
+                    bool ok[2];
+                    int32_t spec[2];
+                    tsr_sampler *ss[2] = {sa, sb};
+                    float *sc[2] = {a, b};
+                    for (int v = 0; v < 2; v++) {
+                        tsr_sampler_set_avx2(v);
+                        memcpy(sc[v], l, sizeof(float) * (size_t)n);
+                        ids[v] = d % 2 ? tsr_sampler_sample(ss[v], sc[v])
+                                       : tsr_sampler_sample_logprobs(ss[v], sc[v], 4, tops[v],
+                                                                     lps[v], &chosen[v]);
+                        tsr_sampler_accept(ss[v], ids[v]);
+                        memcpy(sc[v], l, sizeof(float) * (size_t)n);
+                        spec[v] =
+                            tsr_sampler_sample_spec(ss[v], sc[v], (int32_t)(d * 31) % n, &ok[v]);
+                        tsr_sampler_accept(ss[v], spec[v]);
+                    }
+                    tsr_sampler_set_avx2(-1);
+                    if (ids[0] != ids[1] || spec[0] != spec[1] || ok[0] != ok[1])
+                        fail_msg("n %d, logits %d, params %zu, draw %d: portable id %d / spec %d "
+                                 "(%d), AVX2 id %d / spec %d (%d)",
+                                 (int)n, kind, pi, d, (int)ids[0], (int)spec[0], (int)ok[0],
+                                 (int)ids[1], (int)spec[1], (int)ok[1]);
+                    if (d % 2 == 0 && (memcmp(&chosen[0], &chosen[1], sizeof(float)) != 0 ||
+                                       memcmp(tops[0], tops[1], sizeof tops[0]) != 0 ||
+                                       memcmp(lps[0], lps[1], sizeof lps[0]) != 0))
+                        fail_msg("n %d, logits %d, params %zu, draw %d: log-probabilities differ "
+                                 "(chosen %.9g portable, %.9g AVX2)",
+                                 (int)n, kind, pi, d, (double)chosen[0], (double)chosen[1]);
+                }
+                tsr_sampler_free(sa);
+                tsr_sampler_free(sb);
+            }
+        }
+        free(l);
+        free(a);
+        free(b);
+    }
+}
+
 /* ---- logprobs */
 
 static void test_logprobs(void **state)
@@ -1120,6 +1219,7 @@ int main(void)
         cmocka_unit_test(test_penalties_exact),
         cmocka_unit_test(test_penalties_through_greedy),
         cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_avx2_paths_agree),
         cmocka_unit_test(test_validation),
         cmocka_unit_test(test_stop_split_across_deltas),
         cmocka_unit_test(test_stop_partial_released),
