@@ -163,11 +163,11 @@ static void test_greedy_large_vocab(void **state)
     free(scratch);
 }
 
-/* The argmax (16 lanes with AVX-512, 8 with AVX2, 4 otherwise; also as tsr_sampler_argmax, which
- * the drafter and `tessera bench` call) and the read-only path against a scalar first-maximum over
- * sizes around the vector widths: ties across lanes and the tail, NaNs everywhere (kind 7: one
- * after the maximum in its lane), signed zeros, +inf, all -inf / NaN (-> 0). tsr_sampler_read_only
- * only for greedy without penalties. */
+/* The argmax (8 lanes with AVX2, 4 otherwise: both paths, tsr_sampler_set_avx2; also as
+ * tsr_sampler_argmax, which the drafter and `tessera bench` call) and the read-only path against a
+ * scalar first-maximum over sizes around the vector widths: ties across lanes and the tail, NaNs
+ * everywhere (kind 7: one after the maximum in its lane), signed zeros, +inf, all -inf / NaN (->
+ * 0). tsr_sampler_read_only only for greedy without penalties. */
 static void test_greedy_read_only(void **state)
 {
     (void)state;
@@ -201,13 +201,18 @@ static void test_greedy_read_only(void **state)
                     mx = l[i];
                     want = i;
                 }
-            const int32_t ro = tsr_sampler_sample_read_only(s, l);
-            const int32_t am = tsr_sampler_argmax(l, n);
-            const int32_t got = draw(s, l, n, scratch);
-            if (ro != want || am != want || got != want)
-                fail_msg("greedy over %d logits (kind %d): read-only %d, tsr_sampler_argmax %d, "
-                         "sample %d, the first maximum is %d",
-                         (int)n, kind, (int)ro, (int)am, (int)got, (int)want);
+            for (int avx2 = 0; avx2 < 2; avx2++) { /* the portable and the AVX2 argmax */
+                tsr_sampler_set_avx2(avx2);
+                const int32_t ro = tsr_sampler_sample_read_only(s, l);
+                const int32_t am = tsr_sampler_argmax(l, n);
+                const int32_t got = draw(s, l, n, scratch);
+                tsr_sampler_set_avx2(-1);
+                if (ro != want || am != want || got != want)
+                    fail_msg("greedy over %d logits (kind %d, %s): read-only %d, "
+                             "tsr_sampler_argmax %d, sample %d, the first maximum is %d",
+                             (int)n, kind, avx2 ? "AVX2" : "portable", (int)ro, (int)am, (int)got,
+                             (int)want);
+            }
         }
         free(l);
         free(scratch);
