@@ -6,7 +6,7 @@
  * 7.7 GB/s without, 16.9 with) and the token's scales converted once; several tokens
  * (tile_*) run as register tiles of 4 rows x several tokens (Q8_0 with VNNI up to 8 in zmm
  * registers, two rows' chains per register, the pairs' scale products 8 blocks at a time, or on
- * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 Q8_0 4, Q4_1 2), weight
+ * AMD CPUs up to 5 in ymm registers, one chain each; Q4_1 up to 4; AVX2 Q8_0 5, Q4_1 2), weight
  * and activation blocks loaded once per tile (AVX2 Q8_0's activation blocks: once per row),
  * scales as floats. No repacked layout: the file's blocks suffice. */
 #include "kernels/dot_ggml.h"
@@ -124,6 +124,16 @@ static float dot_scalar(uint32_t type, int64_t nb, const void *w, const void *x)
  * not 4 + 3 / 4 + 4: one thread, 512 x 2048 from cache, 1.85 -> 2.29 and 1.97 -> 2.44 block
  * dots per ns; 16 tokens as 8 + 8, not 6 + 5 + 5: 2.31 -> 2.40). */
 #define GG_TV_MAX 8
+/* Widest AVX2 Q8_0 tile, in tokens (GG_TILE_Q80), and the fewest tokens of a call from which
+ * the tiles are at most 4 wide. 5 tokens (speculative verification of 4 drafts) run as one
+ * 5-wide tile instead of 3 + 2: 2.58-2.73 cycles a pair against 2.78-3.17 (AMD Zen 3, 1
+ * thread, 2048 columns, 43 MB of rows, alternated; the stream of bench_verify's gate weights,
+ * 1 thread, 19.2-20.2 -> 17.8-18.5 ms in four alternations); so do the 3-wide tiles of 9, 10
+ * and 13-15 tokens. From 16 tokens on (serving batches, prompts) 4-wide tiles: 120 tokens in
+ * 5-wide ones measured 2.52-2.86 against 2.43-2.66. Below 16 tokens a 5-wide limit changes
+ * only those splits (6 = 3 + 3, 7 = 4 + 3, 8 = 4 + 4, 11 = 4 + 4 + 3 either way). */
+#define GG_T80_AVX2_MAX  5
+#define GG_T80_AVX2_WIDE 16
 /* Fewest tokens for which the VNNI Q8_0 tiles of a row group share its rows' scales and dot
  * starts (MODE 1 / 2 of GG_TILEV_Q80): every count that takes more than one tile. Measured
  * first with the 256-bit tiles of up to 6 tokens (one thread, block dots per ns, 2048- and
@@ -403,7 +413,7 @@ GG_AVX2 GG_INLINE void gg_prefetch_group_line(const char *p, bool l2)
                     const __m256i wq =                                                             \
                         _mm256_loadu_si256((const __m256i *)((const gg_q8_0 *)wr[r])[b].qs);       \
                     const __m256i wa = _mm256_sign_epi8(wq, wq); /* |w| */                         \
-                    _Pragma("GCC unroll 4") for (int t = 0; t < (T); ++t)                          \
+                    _Pragma("GCC unroll 8") for (int t = 0; t < (T); ++t)                          \
                     {                                                                              \
                         __m256i xq;                                                                \
                         __asm__("vmovdqu %1, %0"                                                   \
@@ -913,6 +923,7 @@ GG_TILE_Q80(tile_q8_0_avx2_1, 1)
 GG_TILE_Q80(tile_q8_0_avx2_2, 2)
 GG_TILE_Q80(tile_q8_0_avx2_3, 3)
 GG_TILE_Q80(tile_q8_0_avx2_4, 4)
+GG_TILE_Q80(tile_q8_0_avx2_5, 5)
 GG_TILE_Q41(tile_q4_1_avx2_1, GG_AVX2, 1, 0)
 GG_TILE_Q41(tile_q4_1_avx2_2, GG_AVX2, 2, 0)
 
@@ -950,8 +961,8 @@ static const gg_tiley80_fn k_tiley80[3][GG_TY_MAX] = {
     {tiley_q8_0_1_save, tiley_q8_0_2_save, tiley_q8_0_3_save, tiley_q8_0_4_save, tiley_q8_0_5_save},
     {tiley_q8_0_1_use, tiley_q8_0_2_use, tiley_q8_0_3_use, tiley_q8_0_4_use, tiley_q8_0_5_use},
 };
-static const gg_tile80_fn k_tile80_avx2[4] = {tile_q8_0_avx2_1, tile_q8_0_avx2_2, tile_q8_0_avx2_3,
-                                              tile_q8_0_avx2_4};
+static const gg_tile80_fn k_tile80_avx2[GG_T80_AVX2_MAX] = {
+    tile_q8_0_avx2_1, tile_q8_0_avx2_2, tile_q8_0_avx2_3, tile_q8_0_avx2_4, tile_q8_0_avx2_5};
 static const gg_tile41_fn k_tile41_vnni[4] = {tile_q4_1_vnni_1, tile_q4_1_vnni_2, tile_q4_1_vnni_3,
                                               tile_q4_1_vnni_4};
 static const gg_tile41_fn k_tile41_avx2[2] = {tile_q4_1_avx2_1, tile_q4_1_avx2_2};
@@ -1199,12 +1210,13 @@ GG_AVX2 static int gg_tile_simd(uint32_t type, int isa, int64_t nb, int64_t n_ro
             sx[((size_t)(t / 4) * nb + b) * 4 + t % 4] = gg_h2f(xb->s);
         }
     }
-    /* Token tiles: Q4_1 up to 4 (VNNI) / 2 tokens; AVX2 Q8_0 up to 4, as even as can be
-     * (5 = 3 + 2, 8 = 4 + 4, 16 = 4 x 4: GG_TILE_Q80's measures; before it, 3-token tiles
-     * ran 4-7 % faster than 2-token ones). VNNI Q8_0 (gg_tile_q80_vnni) splits n_tok into
+    /* Token tiles: Q4_1 up to 4 (VNNI) / 2 tokens; AVX2 Q8_0 up to 5 below GG_T80_AVX2_WIDE
+     * tokens, else 4, as even as can be (5 = one tile, 8 = 4 + 4, 9 = 5 + 4, 16 = 4 x 4:
+     * GG_TILE_Q80's and GG_T80_AVX2_MAX's measures; before them, 3-token tiles ran 4-7 %
+     * faster than 2-token ones). VNNI Q8_0 (gg_tile_q80_vnni) splits n_tok into
      * ceil(n_tok / GG_TV_MAX) tiles as even as can be (5 = one tile, 7 = 4 + 3, 16 = 6 + 5 +
      * 5). */
-    const int tmax = q41 ? (vnni ? 4 : 2) : 4;
+    const int tmax = q41 ? (vnni ? 4 : 2) : n_tok < GG_T80_AVX2_WIDE ? GG_T80_AVX2_MAX : 4;
     const int n_tt = (n_tok + tmax - 1) / tmax;
     const size_t gbytes = 4 * ws;
     const int64_t ahead = gbytes ? 4 * (int64_t)((GG_PF_BYTES + gbytes - 1) / gbytes)
