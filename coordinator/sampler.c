@@ -455,6 +455,17 @@ static inline v4f exp_neg_v4(v4f x)
     return (v4f)((v4i)w & ok);
 }
 
+/* sum_exp's elements [i, n) one by one, added to sum. */
+static double sum_exp_rest(float *l, int32_t i, int32_t n, float max, float *w_out, double sum)
+{
+    for (; i < n; i++) {
+        const float w = exp_neg(l[i] - max);
+        sum += w;
+        if (w_out) w_out[i] = w;
+    }
+    return sum;
+}
+
 /* sum of exp_neg(l[i] - max) over [0, n); when w_out is not NULL it also receives the
  * weights (w_out may be l). Blocks of 64 summed in float lanes, then into a double. */
 static double sum_exp_v4(float *l, int32_t n, float max, float *w_out)
@@ -470,12 +481,7 @@ static double sum_exp_v4(float *l, int32_t n, float max, float *w_out)
         }
         sum += (double)((acc[0] + acc[1]) + (acc[2] + acc[3]));
     }
-    for (; i < n; i++) {
-        const float w = exp_neg(l[i] - max);
-        sum += w;
-        if (w_out) w_out[i] = w;
-    }
-    return sum;
+    return sum_exp_rest(l, i, n, max, w_out, sum);
 }
 
 /* scale_clean_max's elements [i, n) one by one, the maximum carried on from mx. */
@@ -583,12 +589,7 @@ SMP_AVX2 static double sum_exp_avx2(float *l, int32_t n, float max, float *w_out
         _mm_storeu_ps(a, acc);
         sum += (double)((a[0] + a[1]) + (a[2] + a[3]));
     }
-    for (; i < n; i++) {
-        const float w = exp_neg(l[i] - max);
-        sum += w;
-        if (w_out) w_out[i] = w;
-    }
-    return sum;
+    return sum_exp_rest(l, i, n, max, w_out, sum);
 }
 
 SMP_AVX2 static float scale_clean_max_avx2(float *l, int32_t n, float temp)
