@@ -1224,6 +1224,7 @@ static void quant_q5_K(const float *x, blk_q5_K *y, int64_t nb)
 
 static void quant_q8_0_fast(const float *x, blk_q8_0 *y, int64_t nb); /* SIMD, same bytes */
 static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb); /* SIMD, same bytes */
+static void quant_q8_K_fast(const float *x, blk_q8_K *y, int64_t nb); /* SIMD, same bytes */
 
 void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
 {
@@ -1278,7 +1279,7 @@ void tsr_quant_row(uint32_t type, const float *src, void *dst, int64_t n)
         quant_q6_K(src, dst, nb);
         break;
     case TSR_TYPE_Q8_K:
-        quant_q8_K(src, dst, nb);
+        quant_q8_K_fast(src, dst, nb);
         break;
     default:
         break;
@@ -2970,6 +2971,86 @@ TSR_AVX2 static void quant_q8_1_avx2(const float *x, blk_q8_1 *y, int64_t nb)
     }
 }
 
+/* Q8_K (the K-quants' activations: a Q4_K / Q6_K matmul's input, e.g. every ffn_down of
+ * Qwen2.5-Coder-0.5B and of the 1B Q4_K_M file). The decode step quantizes it on the caller's
+ * thread while the pool's other threads wait: quant_q8_K's scalar loops took 8.3 us a
+ * 4864-element row here (1.7 ns an element; 24 rows a Qwen2.5 token, ~1 % of its step).
+ * Same bytes as quant_q8_K on every input:
+ * - the first element of the largest |x| (NaN ignored: vmaxps returns its second operand),
+ *   found by comparing |x| with that maximum, which is what the scalar scan keeps;
+ * - iscale, d = 1 / iscale: the same scalar operations;
+ * - nearest_int(iscale * x) rounds to nearest even by the float adder; here vroundps does the
+ *   same on the same product (|iscale * x| <= ~127.00004, where both agree; an inf / NaN
+ *   product, from an inf x or an iscale that overflowed, is byte 0 both ways: the adder's
+ *   masked bits give -0x400000, vcvtps2dq 0x80000000, both with a low byte of 0);
+ * - min(127, q), stored as its low byte (the scalar (int8_t) conversion);
+ * - bsums from the stored bytes: exact integer sums (vpmaddubsw of 1 x q, vpmaddwd, vphaddd).
+ * The product is a separate vmulps: no FMA may fuse it with anything (nothing is added). */
+TSR_AVX2 static void quant_q8_K_avx2(const float *x, blk_q8_K *y, int64_t nb)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i lo8 = _mm256_set1_epi32(0xFF), c127 = _mm256_set1_epi32(127);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < nb; ++i, x += TSR_QK_K) {
+        __m256 m = _mm256_setzero_ps();
+        for (int k = 0; k < TSR_QK_K / 8; ++k)
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * k)), m);
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        if (!amax) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        const __m256 am = _mm256_set1_ps(amax);
+        float max = 0.0f;
+        for (int k = 0; k < TSR_QK_K / 8; ++k) {
+            const __m256 v = _mm256_loadu_ps(x + 8 * k);
+            const int hit =
+                _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), am, _CMP_EQ_OQ));
+            if (hit) {
+                max = x[8 * k + __builtin_ctz((unsigned)hit)];
+                break;
+            }
+        }
+        const float iscale = -127.f / max;
+        const __m256 is = _mm256_set1_ps(iscale);
+        for (int k = 0; k < TSR_QK_K / 32; ++k) {
+            __m256i q[4];
+            for (int j = 0; j < 4; ++j) {
+                const __m256 p = _mm256_mul_ps(is, _mm256_loadu_ps(x + 32 * k + 8 * j));
+                const __m256i r = _mm256_cvtps_epi32(
+                    _mm256_round_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                q[j] = _mm256_and_si256(_mm256_min_epi32(r, c127), lo8);
+            }
+            const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]),
+                                                  _mm256_packus_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(y[i].qs + 32 * k),
+                                _mm256_permutevar8x32_epi32(b, perm));
+        }
+        /* bsums, 128 bytes (groups g0..g7 of 16) at a time: per 32 bytes 8 int32 sums of 4
+         * (vpmaddubsw by 1, vpmaddwd by 1); two vphaddd rounds leave [g0 g2 g4 g6 | g1 g3 g5
+         * g7], permuted to g0..g7 and packed (|g| <= 2032) */
+        for (int k = 0; k < TSR_QK_K / 128; ++k) {
+            __m256i s[4];
+            for (int j = 0; j < 4; ++j)
+                s[j] = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(
+                        ones8, _mm256_loadu_si256((const __m256i *)(y[i].qs + 128 * k + 32 * j))),
+                    ones16);
+            const __m256i g = _mm256_permutevar8x32_epi32(
+                _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3])),
+                perm);
+            _mm_storeu_si128(
+                (__m128i *)(y[i].bsums + 8 * k),
+                _mm_packs_epi32(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1)));
+        }
+        y[i].d = 1 / iscale;
+    }
+}
+
 /* ---- Multi-token tiles (prefill) -------------------------------------------------------
  *
  * y[t*ys + r] = dot(row r, token t) for a rows x tokens tile of Q8_0 / Q4_0 weights.
@@ -3364,6 +3445,17 @@ static void quant_q8_1_fast(const float *x, blk_q8_1 *y, int64_t nb)
     }
 #endif
     quant_q8_1(x, y, nb);
+}
+
+static void quant_q8_K_fast(const float *x, blk_q8_K *y, int64_t nb)
+{
+#if TSR_X86
+    if (isa_get() >= ISA_AVX2) {
+        quant_q8_K_avx2(x, y, nb);
+        return;
+    }
+#endif
+    quant_q8_K(x, y, nb);
 }
 
 void tsr_quant_act_row(uint32_t type, const float *src, void *dst, int64_t n)

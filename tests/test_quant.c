@@ -1078,6 +1078,66 @@ static void test_quant_q8_0_isas(void **state)
     restore_isa();
 }
 
+/* The K-quants' activation quantizer (Q8_K, SIMD when the CPU has it) must write the scalar
+ * reference's bytes (quants, bsums, d): ties of the round-to-nearest-even, the first of two
+ * extremes of opposite sign (which sets d's sign), zero and -0 blocks, tiny and huge values,
+ * and blocks holding NaN or inf (byte 0 for their quants, both ways). */
+static void test_quant_q8_K_isas(void **state)
+{
+    (void)state;
+    enum { QK = 256, NB = 24, N = NB * QK };
+    float *x = tsr_test_xmalloc(N * sizeof(float));
+    fill_data(x, 16 * QK, 4343, 3.0f);
+    float *e = x + 16 * QK;
+    for (int i = 0; i < QK; ++i) e[i] = (i % 2 ? -1.0f : 1.0f) * ((float)(i % 127) + 0.5f);
+    e[200] = -127.0f; /* iscale = 1: every x.5 is a tie */
+    e[210] = 127.0f;  /* the same |x| later: max stays -127 */
+    e += QK;
+    for (int i = 0; i < QK; ++i) e[i] = 0.25f * (float)((i * 37) % 101 - 50);
+    e[7] = 12.5f, e[9] = -12.5f; /* the first extreme is positive: d < 0 */
+    e += QK;
+    for (int i = 0; i < QK; ++i) e[i] = 0.0f;
+    e[3] = -0.0f;
+    e += QK;
+    for (int i = 0; i < QK; ++i) e[i] = 1e-38f * (float)(i - 128); /* subnormals, iscale huge */
+    e += QK;
+    for (int i = 0; i < QK; ++i) e[i] = 3e37f * (float)(i - 128) / 128.0f;
+    e += QK;
+    fill_data(e, QK, 4444, 1.0f);
+    e[17] = NAN;
+    e[40] = -NAN;
+    e += QK;
+    fill_data(e, QK, 4545, 1.0f);
+    e[99] = -INFINITY;
+    e += QK;
+    for (int i = 0; i < QK; ++i) e[i] = 1e-44f * (float)(i % 3); /* 1 / max overflows */
+    const size_t bytes = tsr_row_bytes(TSR_TYPE_Q8_K, N);
+    uint8_t *ref = tsr_test_xmalloc(bytes), *got = tsr_test_xmalloc(bytes);
+    assert_true(tsr_quant_set_isa("scalar"));
+    memset(ref, 0xEE, bytes);
+    tsr_quant_row(TSR_TYPE_Q8_K, x, ref, N);
+    for (size_t k = 1; k < sizeof k_isas / sizeof k_isas[0]; ++k) {
+        if (!tsr_quant_set_isa(k_isas[k])) continue;
+        memset(got, 0xEE, bytes);
+        tsr_quant_row(TSR_TYPE_Q8_K, x, got, N);
+        const size_t bb = bytes / NB;
+        for (size_t i = 0; i < bytes; ++i) {
+            if (got[i] != ref[i])
+                fail_msg("%s Q8_K quantization byte %zu (block %zu, offset %zu: %s): scalar "
+                         "0x%02x, got 0x%02x",
+                         k_isas[k], i, i / bb, i % bb,
+                         i % bb < 4        ? "d"
+                         : i % bb < 4 + QK ? "qs"
+                                           : "bsums",
+                         ref[i], got[i]);
+        }
+    }
+    free(x);
+    free(ref);
+    free(got);
+    restore_isa();
+}
+
 /* Tiles: y[t][r] of tsr_vec_dot_tile must be bit-identical to tsr_vec_dot of row r and token
  * t, for every ISA, every tile shape from 1 x 1 up (edges of the 4-row / 4-token
  * micro-tiles), padded strides of w, x and y, and rows of several K chunks (n > 2048). */
@@ -1173,6 +1233,7 @@ int main(void)
         cmocka_unit_test(test_quantizers_match_llama_quantize_more),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_quant_q8_0_isas),
+        cmocka_unit_test(test_quant_q8_K_isas),
         cmocka_unit_test(test_dots),
         cmocka_unit_test(test_dot_rows),
         cmocka_unit_test(test_dot_tile),
