@@ -804,6 +804,20 @@ TSR_KV_AVX512 KV_INLINE void fa_vt_avx512(const int NH, const int CV, const int 
  * ((i+8) + i), as dot_f16_avx2. */
 TSR_KV_AVX2 KV_INLINE __m256 fa_lanes8_avx2(const float *k, const float *qf, int hd)
 {
+    const __m256 z = _mm256_setzero_ps();
+    if (hd == 64) {
+        /* One product per chain: lo[j] = fma(k, q, +0) is the exact product (k and q are fp16
+         * values, whose products float holds exactly; a -0 product gives +0), so lo[0] +
+         * lo[2] is fma(k_2, q_2, lo[0]): the same exact operands, the same rounding (and a -0
+         * product again adds to +0). 8 FMAs and 3 adds instead of 8 FMAs and 7 adds. */
+#define FA_P(o) _mm256_load_ps(k + (o)), _mm256_loadu_ps(qf + (o))
+        const __m256 l02 = _mm256_fmadd_ps(FA_P(32), _mm256_fmadd_ps(FA_P(0), z));
+        const __m256 l13 = _mm256_fmadd_ps(FA_P(48), _mm256_fmadd_ps(FA_P(16), z));
+        const __m256 h02 = _mm256_fmadd_ps(FA_P(40), _mm256_fmadd_ps(FA_P(8), z));
+        const __m256 h13 = _mm256_fmadd_ps(FA_P(56), _mm256_fmadd_ps(FA_P(24), z));
+#undef FA_P
+        return _mm256_add_ps(_mm256_add_ps(h02, h13), _mm256_add_ps(l02, l13));
+    }
     __m256 lo[4], hi[4];
     for (int j = 0; j < 4; j++) lo[j] = hi[j] = _mm256_setzero_ps();
     for (int i = 0; i < hd; i += 64)

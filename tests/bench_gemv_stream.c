@@ -29,7 +29,9 @@
  * selected when the list contains its name: q4_0l selects q4_0 too; q4_0l, q4_kl, q5_0l, q6_kl:
  * the lanes layouts that AVX-512 VNNI CPUs load instead of the groups, only there, but q4_0l
  * and q4_kl, which AVX2 CPUs load too, and q5_0l, which on AVX2 CPUs is q50_avx2.h's layout);
- * TSR_BENCH_THREADS=n the pool size.
+ * TSR_BENCH_THREADS=n the pool size; TSR_BENCH_SHAPE=qwen Qwen2.5-Coder-0.5B's layer instead
+ * of the 1B one (Q4_0, Q5_0, Q8_0 only). With TSR_BENCH_THREADS=1 and TSR_BENCH_MB=8 the
+ * Qwen shape's layers sit in a 32 MiB L3: the kernels' compute speed, not memory's.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -51,11 +53,17 @@
 #include "kernels/repack.h"
 #include "tests/bench.h"
 
-enum { REPS = 11, N_MAT = 7, MAX_LAYERS = 64 /* ~2 GiB of Q4_0 / Q4_K, 1.5 GiB of Q6_K */ };
+enum { REPS = 11, N_MAT = 7, MAX_LAYERS = 128 /* 1 GiB of the Qwen shape's Q5_0 */ };
 
-static const int64_t k_shape[N_MAT][2] = {/* n_in, n_out */
-                                          {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
-                                          {2048, 8192}, {2048, 8192}, {8192, 2048}};
+static const int64_t k_shape_1b[N_MAT][2] = {/* n_in, n_out */
+                                             {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
+                                             {2048, 8192}, {2048, 8192}, {8192, 2048}};
+/* TSR_BENCH_SHAPE=qwen: Qwen2.5-Coder-0.5B's layer (n_embd 896, 2 KV heads of 64, n_ff 4864):
+ * rows of 28 blocks against the 1B shape's 64 (per-pass costs weigh more); 896 is no multiple
+ * of 256, so only for the 32-element types (q4_0, q5_0, q8_0) */
+static const int64_t k_shape_qwen[N_MAT][2] = {{896, 896},  {896, 128},  {896, 128}, {896, 896},
+                                               {896, 4864}, {896, 4864}, {4864, 896}};
+static const int64_t (*k_shape)[2] = k_shape_1b;
 
 typedef struct {
     const uint8_t *buf;
@@ -228,15 +236,18 @@ int main(void)
     const char *mbs = getenv("TSR_BENCH_MB");
     const size_t want = (size_t)(mbs && atof(mbs) > 0 ? atof(mbs) : 1024.0) * (1 << 20);
     const char *ths = getenv("TSR_BENCH_THREADS");
+    const char *shape = getenv("TSR_BENCH_SHAPE");
+    const bool qwen = shape && strcmp(shape, "qwen") == 0;
+    if (qwen) k_shape = k_shape_qwen;
     tsr_pool *pool = tsr_pool_new(ths && atoi(ths) > 0 ? atoi(ths) : 2);
-    printf("one-token GEMV of the repacked layouts, 1B layer matrices, %d threads, ISA %s; "
+    printf("one-token GEMV of the repacked layouts, %s layer matrices, %d threads, ISA %s; "
            "medians of %d interleaved passes\n",
-           tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
+           qwen ? "Qwen2.5-0.5B" : "1B", tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
     if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, false, "q4_0", want);
     if (selected("q4_0l") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q4_0, true, "q4_0l", want);
-    if (selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
-    if (selected("q4_kl") && tsr_ggml_isa() >= TSR_GGML_AVX2)
+    if (!qwen && selected("q4_k")) bench_type(pool, TSR_TYPE_Q4_K, false, "q4_k", want);
+    if (!qwen && selected("q4_kl") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q4_K, true, "q4_kl", want);
     if (selected("q8_0")) bench_type(pool, TSR_TYPE_Q8_0, false, "q8_0", want);
     if (selected("q8_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
@@ -244,8 +255,8 @@ int main(void)
     if (selected("q5_0")) bench_type(pool, TSR_TYPE_Q5_0, false, "q5_0", want);
     if (selected("q5_0l") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q5_0, true, "q5_0l", want);
-    if (selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, false, "q6_k", want);
-    if (selected("q6_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
+    if (!qwen && selected("q6_k")) bench_type(pool, TSR_TYPE_Q6_K, false, "q6_k", want);
+    if (!qwen && selected("q6_kl") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q6_K, true, "q6_kl", want);
     tsr_pool_free(pool);
     return 0;
