@@ -819,8 +819,11 @@ TSR_KV_AVX2 KV_INLINE __m256 fa_lanes8_avx2(const float *k, const float *qf, int
         return _mm256_add_ps(_mm256_add_ps(h02, h13), _mm256_add_ps(l02, l13));
     }
     __m256 lo[4], hi[4];
-    for (int j = 0; j < 4; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) lo[j] = hi[j] = z;
+    /* unrolled, so that the 8 chains stay in registers (the loop over j kept them on the stack) */
+#pragma GCC unroll 4
     for (int i = 0; i < hd; i += 64)
+#pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
             lo[j] = _mm256_fmadd_ps(_mm256_load_ps(k + i + 16 * j),
                                     _mm256_loadu_ps(qf + i + 16 * j), lo[j]);
