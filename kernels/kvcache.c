@@ -818,9 +818,9 @@ TSR_KV_AVX2 KV_INLINE __m256 fa_lanes8_avx2(const float *k, const float *qf, int
 #undef FA_P
         return _mm256_add_ps(_mm256_add_ps(h02, h13), _mm256_add_ps(l02, l13));
     }
+    /* unrolled, so that the 8 chains stay in registers (the loop over j kept them on the stack) */
     __m256 lo[4], hi[4];
     for (int j = 0; j < 4; j++) lo[j] = hi[j] = z;
-    /* unrolled, so that the 8 chains stay in registers (the loop over j kept them on the stack) */
 #pragma GCC unroll 4
     for (int i = 0; i < hd; i += 64)
 #pragma GCC unroll 4
