@@ -1131,6 +1131,7 @@ stop:;
         cJSON_AddNumberToObject(o, "q4k_lanes_leader", st[0].n_q4k_lanes);
         cJSON_AddNumberToObject(o, "q6k_lanes_leader", st[0].n_q6k_lanes);
         cJSON_AddNumberToObject(o, "q50_lanes_leader", st[0].n_q50_lanes);
+        cJSON_AddNumberToObject(o, "q41_lanes_leader", st[0].n_q41_lanes);
         cJSON_AddNumberToObject(o, "q80_ggml_lanes_leader", st[0].n_q80g_lanes);
         if (verify_cost) {
             cJSON *v = cJSON_AddObjectToObject(o, "verify_cost");
@@ -1191,6 +1192,7 @@ stop:;
                    {"Q4_K", "TSR_Q4K_LANES", "the groups", st[0].n_q4k_lanes},
                    {"Q6_K", "TSR_Q6K_LANES", "the groups", st[0].n_q6k_lanes},
                    {"Q5_0", "TSR_Q50_LANES", "the groups", st[0].n_q50_lanes},
+                   {"Q4_1", "TSR_Q41_LANES", "the file layout", st[0].n_q41_lanes},
                    {"Q8_0", "TSR_Q80_LANES", "the file layout", st[0].n_q80g_lanes}};
         for (size_t i = 0; i < sizeof lay / sizeof lay[0]; i++)
             if (lay[i].n > 0)

@@ -8,6 +8,7 @@
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
 #include "kernels/q50_avx2.h"
+#include "kernels/q41_avx2.h"
 #include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
 #include "kernels/q80_lanes.h"
@@ -127,6 +128,12 @@ static void mm_rows(const mm_job *j, int k, int64_t r0, int64_t nr, int t0, int 
          * they are, no prep */
         tsr_q80l_dot_ggml(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k],
                           yk + r0, (size_t)w->n_out);
+        return;
+    }
+    if (w->lanes && w->type == TSR_TYPE_Q4_1) {
+        /* Q4_1's AVX2 layout (kernels/q41_avx2.h), its one order: the Q8_1 rows as they are */
+        tsr_q41a_dot(j->lanes_isa, w->n_in, w->lanes, r0, nr, n_tok, xq, j->xq_stride[k], yk + r0,
+                     (size_t)w->n_out);
         return;
     }
     if (w->lanes && w->type == TSR_TYPE_Q5_0) {

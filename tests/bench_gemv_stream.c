@@ -25,13 +25,15 @@
  * Not a ctest: CMake builds it with the tests (tests/bench.cmake). Run:
  *   cmake --build build --target bench_gemv_stream && uptime &&
  *   flock /work/bench.lock build/tests/bench_gemv_stream
- * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q5_0,q5_0l,q6_k,q6_kl selects types (a type is
+ * TSR_BENCH_TYPES=q4_0,q4_0l,q4_k,q4_kl,q4_1,q4_1l,q5_0,q5_0l,q6_k,q6_kl selects types (a type is
  * selected when the list contains its name: q4_0l selects q4_0 too; q4_0l, q4_kl, q5_0l, q6_kl:
  * the lanes layouts that AVX-512 VNNI CPUs load instead of the groups, only there, but q4_0l
- * and q4_kl, which AVX2 CPUs load too, and q5_0l, which on AVX2 CPUs is q50_avx2.h's layout);
+ * and q4_kl, which AVX2 CPUs load too, and q5_0l, which on AVX2 CPUs is q50_avx2.h's layout;
+ * q4_1: the file layout's row dots, q4_1l: q41_avx2.h's layout, on AVX2 CPUs without VNNI);
  * TSR_BENCH_THREADS=n the pool size; TSR_BENCH_SHAPE=qwen Qwen2.5-Coder-0.5B's layer instead
- * of the 1B one (Q4_0, Q5_0, Q8_0 only). With TSR_BENCH_THREADS=1 and TSR_BENCH_MB=8 the
- * Qwen shape's layers sit in a 32 MiB L3: the kernels' compute speed, not memory's.
+ * of the 1B one, smollm2 SmolLM2-135M's (Q4_0, Q4_1, Q5_0, Q8_0 only). With TSR_BENCH_THREADS=1 and
+ * TSR_BENCH_MB=8 the Qwen shape's layers sit in a 32 MiB L3: the kernels' compute speed, not
+ * memory's.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -44,6 +46,7 @@
 #include "kernels/dot_ggml.h"
 #include "kernels/pool.h"
 #include "kernels/q40_lanes.h"
+#include "kernels/q41_avx2.h"
 #include "kernels/q4k_lanes.h"
 #include "kernels/q50_avx2.h"
 #include "kernels/q50_lanes.h"
@@ -53,7 +56,7 @@
 #include "kernels/repack.h"
 #include "tests/bench.h"
 
-enum { REPS = 11, N_MAT = 7, MAX_LAYERS = 128 /* 1 GiB of the Qwen shape's Q5_0 */ };
+enum { REPS = 11, N_MAT = 7, MAX_LAYERS = 512 /* 1 GiB of the SmolLM2 shape's Q4_1 */ };
 
 static const int64_t k_shape_1b[N_MAT][2] = {/* n_in, n_out */
                                              {2048, 2048}, {2048, 512},  {2048, 512}, {2048, 2048},
@@ -63,6 +66,9 @@ static const int64_t k_shape_1b[N_MAT][2] = {/* n_in, n_out */
  * of 256, so only for the 32-element types (q4_0, q5_0, q8_0) */
 static const int64_t k_shape_qwen[N_MAT][2] = {{896, 896},  {896, 128},  {896, 128}, {896, 896},
                                                {896, 4864}, {896, 4864}, {4864, 896}};
+/* TSR_BENCH_SHAPE=smollm2: SmolLM2-135M's (n_embd 576, 3 KV heads of 64, n_ff 1536; 18 blocks) */
+static const int64_t k_shape_smol[N_MAT][2] = {{576, 576},  {576, 192},  {576, 192}, {576, 576},
+                                               {576, 1536}, {576, 1536}, {1536, 576}};
 static const int64_t (*k_shape)[2] = k_shape_1b;
 
 typedef struct {
@@ -97,6 +103,8 @@ static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
 {
     if (type == TSR_TYPE_Q8_0) /* the file layout (verbatim), or the lanes layout */
         return lanes ? tsr_q80l_bytes(n, rows) : tsr_row_bytes(type, n) * (size_t)rows;
+    if (type == TSR_TYPE_Q4_1) /* the file layout (Q4_1 has no groups), or its AVX2 layout */
+        return lanes ? tsr_q41a_bytes(n, rows) : tsr_row_bytes(type, n) * (size_t)rows;
     if (!lanes) return tsr_repack_bytes(type, n, rows);
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_bytes(n, rows)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_bytes(n, rows)
@@ -108,8 +116,10 @@ static size_t mat_bytes(uint32_t type, bool lanes, int64_t n, int64_t rows)
 static void mat_repack(uint32_t type, bool lanes, int64_t n, int64_t rows, const void *src,
                        size_t rb, void *dst)
 {
-    if (type == TSR_TYPE_Q8_0 && !lanes)
+    if ((type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_1) && !lanes)
         memcpy(dst, src, rb * (size_t)rows);
+    else if (type == TSR_TYPE_Q4_1)
+        tsr_q41a_repack(n, rows, src, rb, dst);
     else if (type == TSR_TYPE_Q8_0)
         tsr_q80l_repack(n, rows, src, rb, dst);
     else if (!lanes)
@@ -171,15 +181,16 @@ static void bench_type(tsr_pool *pool, uint32_t type, bool lanes, const char *na
         for (int l = 0; l < n_layers; l++) {
             uint8_t *dst = arena + (size_t)l * layer + off;
             mat_repack(type, lanes, n, rows, src, rb, dst);
-            w[l][m] = (tsr_weight){.type = type,
-                                   .n_in = n,
-                                   .n_out = rows,
-                                   .row_bytes = rb,
-                                   .data = type == TSR_TYPE_Q8_0 && !lanes ? dst : NULL,
-                                   .packed = lanes || type == TSR_TYPE_Q8_0 ? NULL : dst,
-                                   .lanes = lanes ? dst : NULL,
-                                   .lanes_ggml = lanes && type == TSR_TYPE_Q8_0,
-                                   .lanes_avx2 = lanes && type == TSR_TYPE_Q5_0 && q50_avx2()};
+            w[l][m] = (tsr_weight){
+                .type = type,
+                .n_in = n,
+                .n_out = rows,
+                .row_bytes = rb,
+                .data = (type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_1) && !lanes ? dst : NULL,
+                .packed = lanes || type == TSR_TYPE_Q8_0 || type == TSR_TYPE_Q4_1 ? NULL : dst,
+                .lanes = lanes ? dst : NULL,
+                .lanes_ggml = lanes && type == TSR_TYPE_Q8_0,
+                .lanes_avx2 = lanes && type == TSR_TYPE_Q5_0 && q50_avx2()};
         }
         off += mb[m];
     }
@@ -237,12 +248,16 @@ int main(void)
     const size_t want = (size_t)(mbs && atof(mbs) > 0 ? atof(mbs) : 1024.0) * (1 << 20);
     const char *ths = getenv("TSR_BENCH_THREADS");
     const char *shape = getenv("TSR_BENCH_SHAPE");
-    const bool qwen = shape && strcmp(shape, "qwen") == 0;
-    if (qwen) k_shape = k_shape_qwen;
+    const bool smol = shape && strcmp(shape, "smollm2") == 0;
+    const bool qwen = smol || (shape && strcmp(shape, "qwen") == 0); /* no K-quants either */
+    if (qwen) k_shape = smol ? k_shape_smol : k_shape_qwen;
     tsr_pool *pool = tsr_pool_new(ths && atoi(ths) > 0 ? atoi(ths) : 2);
     printf("one-token GEMV of the repacked layouts, %s layer matrices, %d threads, ISA %s; "
            "medians of %d interleaved passes\n",
-           qwen ? "Qwen2.5-0.5B" : "1B", tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
+           smol   ? "SmolLM2-135M"
+           : qwen ? "Qwen2.5-0.5B"
+                  : "1B",
+           tsr_pool_n_threads(pool), tsr_quant_isa(), REPS);
     if (selected("q4_0")) bench_type(pool, TSR_TYPE_Q4_0, false, "q4_0", want);
     if (selected("q4_0l") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q4_0, true, "q4_0l", want);
@@ -252,6 +267,9 @@ int main(void)
     if (selected("q8_0")) bench_type(pool, TSR_TYPE_Q8_0, false, "q8_0", want);
     if (selected("q8_0l") && tsr_ggml_isa() == TSR_GGML_VNNI)
         bench_type(pool, TSR_TYPE_Q8_0, true, "q8_0l", want);
+    if (selected("q4_1")) bench_type(pool, TSR_TYPE_Q4_1, false, "q4_1", want);
+    if (selected("q4_1l") && tsr_ggml_isa() == TSR_GGML_AVX2)
+        bench_type(pool, TSR_TYPE_Q4_1, true, "q4_1l", want);
     if (selected("q5_0")) bench_type(pool, TSR_TYPE_Q5_0, false, "q5_0", want);
     if (selected("q5_0l") && tsr_ggml_isa() >= TSR_GGML_AVX2)
         bench_type(pool, TSR_TYPE_Q5_0, true, "q5_0l", want);

@@ -150,7 +150,7 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type)
         for (int k = 0; k < 7; k++) {
             if (lw[k]->lanes && lw[k]->type != TSR_TYPE_Q8_0 && lw[k]->type != TSR_TYPE_Q4_0 &&
                 lw[k]->type != TSR_TYPE_Q4_K && lw[k]->type != TSR_TYPE_Q6_K &&
-                lw[k]->type != TSR_TYPE_Q5_0)
+                lw[k]->type != TSR_TYPE_Q5_0 && lw[k]->type != TSR_TYPE_Q4_1)
                 fail_msg(
                     "layer %d matrix %d: a lanes layout on a matrix of type %u, which has none", li,
                     k, lw[k]->type);
@@ -659,6 +659,11 @@ static uint8_t *test_acts(uint64_t *s, uint32_t type, int64_t n, int32_t n_tok, 
 uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok)
 {
     return test_acts(s, TSR_TYPE_Q8_0, n, n_tok, true);
+}
+
+uint8_t *tsr_test_q8_1_acts(uint64_t *s, int64_t n, int32_t n_tok)
+{
+    return test_acts(s, TSR_TYPE_Q8_1, n, n_tok, true);
 }
 
 uint8_t *tsr_test_q8_K_acts(uint64_t *s, int64_t n, int32_t n_tok)

@@ -73,7 +73,7 @@ typedef struct {
                 const void *x, size_t x_stride, float *y, size_t y_stride);
     uint8_t *(*acts)(uint64_t *s, int64_t n, int32_t n_tok);
     bool lanes_ggml; /* Q8_0's layout in ggml's order (tsr_weight.lanes_ggml) */
-    bool lanes_avx2; /* Q5_0's AVX2 layout (tsr_weight.lanes_avx2): the order check runs
+    bool lanes_avx2; /* an AVX2 layout (Q5_0: tsr_weight.lanes_avx2; Q4_1): the order check runs
                         TSR_GGML_AVX2 too, where the CPU has it */
 } tsr_test_lanes_kernel;
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng);
@@ -182,6 +182,8 @@ float tsr_test_gauss(uint64_t *s);
 /* n_tok Q8_0 activation rows of n elements (tsr_quant_act_row; malloc'd): row t is n draws
  * of tsr_test_gauss(s) times t + 1, its second block all zero when n >= 64. */
 uint8_t *tsr_test_q8_0_acts(uint64_t *s, int64_t n, int32_t n_tok);
+/* The same as Q8_1 rows (Q4_1's activations: d, s and the quants). */
+uint8_t *tsr_test_q8_1_acts(uint64_t *s, int64_t n, int32_t n_tok);
 /* n_tok Q8_K activation rows of n elements (a multiple of 256; malloc'd): row t is n draws of
  * tsr_test_gauss(s) times t + 1. */
 uint8_t *tsr_test_q8_K_acts(uint64_t *s, int64_t n, int32_t n_tok);

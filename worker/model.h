@@ -129,6 +129,7 @@ typedef struct {
     int32_t n_q4k_lanes;       /* of them, Q4_K matrices in the lanes layout (q4k_lanes.h) */
     int32_t n_q6k_lanes;       /* of them, Q6_K matrices in the lanes layout (q6k_lanes.h) */
     int32_t n_q50_lanes;       /* of them, Q5_0 matrices in the lanes layout (q50_lanes.h) */
+    int32_t n_q41_lanes;       /* of them, Q4_1 matrices in the AVX2 layout (q41_avx2.h) */
     int32_t n_q80g_lanes;      /* of them, Q8_0 in the lanes layout in ggml's order (q80_lanes.h) */
     const tsr_gguf *gguf;
 } tsr_model;

@@ -26,7 +26,9 @@
  * on CPUs with AVX-512 VNNI Q6_K and Q5_0, and on AVX2 CPUs without it Q5_0 in its AVX2 layout
  * (w->lanes_avx2), instead of the groups (kernels/q40_lanes.h, q4k_lanes.h, q6k_lanes.h,
  * q50_lanes.h, q50_avx2.h; tsr_q40l_chosen, tsr_q4kl_chosen, tsr_q6kl_chosen, tsr_q50l_chosen,
- * tsr_q50a_chosen: each type's own orders, the same bits).
+ * tsr_q50a_chosen: each type's own orders, the same bits); and on AVX2 CPUs without AVX-512
+ * VNNI Q4_1 in its AVX2 layout (kernels/q41_avx2.h, tsr_q41a_chosen) instead of the file
+ * layout's row dots (Q4_1 has no groups: ggml runs it unrepacked), in its one order.
  *
  * Memory: all of a call's repacked matrices share one allocation (an arena, 64-byte aligned
  * slices), 2 MiB aligned and madvise(MADV_HUGEPAGE)'d, so the kernel backs it with
@@ -42,6 +44,7 @@
 
 #include "kernels/q40_lanes.h"
 #include "kernels/q4k_lanes.h"
+#include "kernels/q41_avx2.h"
 #include "kernels/q50_avx2.h"
 #include "kernels/q50_lanes.h"
 #include "kernels/q6k_lanes.h"
@@ -127,17 +130,19 @@ static bool lanes_of(const tsr_weight *w)
     if (w->type == TSR_TYPE_Q5_0)
         return tsr_repack_chosen(TSR_TYPE_Q5_0) && (tsr_q50l_chosen() || tsr_q50a_chosen()) &&
                w->n_in % 32 == 0;
+    if (w->type == TSR_TYPE_Q4_1) return tsr_q41a_chosen() && w->n_in % 32 == 0;
     return w->type == TSR_TYPE_Q4_0 && tsr_repack_chosen(TSR_TYPE_Q4_0) && tsr_q40l_chosen();
 }
 
-/* Bytes of one 16-row group of w's lanes layout (all six layouts hold 16 rows a group:
+/* Bytes of one 16-row group of w's lanes layout (all seven layouts hold 16 rows a group:
  * TSR_Q80L_ROWS = TSR_Q40L_ROWS = TSR_Q4KL_ROWS = TSR_Q6KL_ROWS = TSR_Q50L_ROWS =
- * TSR_Q50A_ROWS). */
+ * TSR_Q50A_ROWS = TSR_Q41A_ROWS). */
 static size_t lanes_group_bytes(const tsr_weight *w)
 {
     return w->type == TSR_TYPE_Q4_0   ? tsr_q40l_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q4_K ? tsr_q4kl_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q6_K ? tsr_q6kl_group_bytes(w->n_in)
+           : w->type == TSR_TYPE_Q4_1 ? tsr_q41a_group_bytes(w->n_in)
            : w->type == TSR_TYPE_Q5_0
                ? (tsr_q50l_chosen() ? tsr_q50l_group_bytes(w->n_in) : tsr_q50a_group_bytes(w->n_in))
                : tsr_q80l_group_bytes(w->n_in);
@@ -171,6 +176,7 @@ static int lanes_repack(uint32_t type, int64_t n, int64_t n_out, const void *src
     return type == TSR_TYPE_Q4_0   ? tsr_q40l_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q4_K ? tsr_q4kl_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q6_K ? tsr_q6kl_repack(n, n_out, src, src_stride, dst)
+           : type == TSR_TYPE_Q4_1 ? tsr_q41a_repack(n, n_out, src, src_stride, dst)
            : type == TSR_TYPE_Q5_0
                ? (tsr_q50l_chosen() ? tsr_q50l_repack(n, n_out, src, src_stride, dst)
                                     : tsr_q50a_repack(n, n_out, src, src_stride, dst))
@@ -249,7 +255,9 @@ static int repack_weight(tsr_model *m, tsr_weight *w, uint8_t *dst, const char *
         else if (w->type == TSR_TYPE_Q5_0) {
             w->lanes_avx2 = !tsr_q50l_chosen();
             m->n_q50_lanes++;
-        } else if (tsr_q80l_on())
+        } else if (w->type == TSR_TYPE_Q4_1)
+            m->n_q41_lanes++;
+        else if (tsr_q80l_on())
             m->n_q80_lanes++;
         else {
             w->lanes_ggml = true;

@@ -458,6 +458,7 @@ int tsr_replica_open(const char *model_path, const tsr_replica_params *p, tsr_re
     r->st.n_q4k_lanes = r->m->n_q4k_lanes;
     r->st.n_q6k_lanes = r->m->n_q6k_lanes;
     r->st.n_q50_lanes = r->m->n_q50_lanes;
+    r->st.n_q41_lanes = r->m->n_q41_lanes;
     r->st.n_q80g_lanes = r->m->n_q80g_lanes;
     if (r->gpu >= 0) /* what the planner counted for this rank (tsr_rank_stats) */
         r->st.n_bytes_device_planned =

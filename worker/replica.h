@@ -74,6 +74,7 @@ typedef struct {
     int32_t n_q4k_lanes;       /* Q4_K matrices in the lanes layout (kernels/q4k_lanes.h) */
     int32_t n_q6k_lanes;       /* Q6_K matrices in the lanes layout (kernels/q6k_lanes.h) */
     int32_t n_q50_lanes;       /* Q5_0 matrices in the lanes layout (kernels/q50_lanes.h) */
+    int32_t n_q41_lanes;       /* Q4_1 matrices in the AVX2 layout (kernels/q41_avx2.h) */
     int32_t n_q80g_lanes;      /* Q8_0 matrices in the lanes layout, ggml's order (q80_lanes.h) */
     /* GPU ranks (0 on CPU ranks): device bytes in use (weights, KV pool, step buffers, the
      * logits buffers and scratch grown so far), and the planner's figure for this rank
