@@ -1,7 +1,8 @@
 /* lanes.h — the scalar row walk of the lanes layouts (kernels/q6k_lanes.c, q50_lanes.c,
- * q50_avx2.c, q80_lanes.c's ggml order): rows r0.. of a matrix in groups of 16 rows, each
- * (row, token) dot computed by the layout's scalar row function. Portable (the forms the
- * kernels run where the CPU lacks their instruction set, and the tests' second reference). */
+ * q50_avx2.c, q41_avx2.c, q80_lanes.c's ggml order): rows r0.. of a matrix in groups of 16
+ * rows, each (row, token) dot computed by the layout's scalar row function. Portable (the
+ * forms the kernels run where the CPU lacks their instruction set, and the tests' second
+ * reference). And the AVX2 rows-in-lanes kernels' store of a group's results. */
 #ifndef TSR_LANES_H
 #define TSR_LANES_H
 
@@ -26,6 +27,20 @@ static inline void tsr_lanes_run_scalar(tsr_lanes_row_fn row, int64_t nb, size_t
             y[(size_t)t * y_stride + (size_t)r] =
                 row(nb, packed + (size_t)g * gb, rr, x + (size_t)t * x_stride);
     }
+}
+
+/* The AVX2 rows-in-lanes kernels' (q50_avx2.c, q41_avx2.c) results of one 16-row group, rows
+ * r .. r + nr - 1 (nr <= 16) of tokens t0 .. t0 + T - 1, into y[(t0 + t) * y_stride + r + i]:
+ * out holds the group's rows in order for one token (T == 1); for several, half h's row j of
+ * token t at out[h * 8 * tok_max + 8 t + j]. */
+static inline void tsr_lanes_store_group(float *y, size_t y_stride, int32_t t0, int32_t T,
+                                         int64_t r, int64_t nr, const float *out, int tok_max)
+{
+    for (int32_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < nr; i++)
+            y[(size_t)(t0 + t) * y_stride + (size_t)(r + i)] =
+                T == 1 ? out[i]
+                       : out[(size_t)(i / 8) * 8 * (size_t)tok_max + 8 * (size_t)t + i % 8];
 }
 
 #endif

@@ -27,6 +27,8 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "kernels/x86hsum.h"
 #define Q41A_X86 1
 #else
 #define Q41A_X86 0
@@ -140,14 +142,6 @@ static void act_build(int64_t nb, const uint8_t *x, q41a_act *a)
     }
 }
 
-/* ggml's hsum of the 8 chains of 8 rows: ((c0 + c4) + (c2 + c6)) + ((c1 + c5) + (c3 + c7)) */
-Q41A_INLINE Q41A_AVX2 __m256 hsum8(const __m256 *acc)
-{
-    const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]),
-                 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
-    return _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
-}
-
 /* One lane step: fma(sc, (float)sum(u * y4), acc) (dot_q4_1_scalar's fmaf(dd, s, acc)). */
 Q41A_INLINE Q41A_AVX2 __m256 lane_step(__m256 acc, __m256i u, const int8_t *y4, __m256 sc)
 {
@@ -188,7 +182,7 @@ Q41A_AVX2 static void half_tok1(int64_t nb, const uint8_t *half, const uint8_t *
                                    y + 16 + 4 * j, sc);
         }
     }
-    _mm256_storeu_ps(out, _mm256_add_ps(hsum8(acc), sv));
+    _mm256_storeu_ps(out, _mm256_add_ps(tsr_hsum8_rows_ps(acc), sv));
 }
 
 /* Several tokens over one half: runs of Q41A_RUN blocks unpacked once into u (8 lanes a
@@ -235,7 +229,7 @@ Q41A_AVX2 static void half_toks(int64_t nb, const uint8_t *half, int32_t n_tok, 
         }
     }
     for (int32_t t = 0; t < n_tok; t++)
-        _mm256_storeu_ps(out + 8 * (size_t)t, _mm256_add_ps(hsum8(acc[t]), sv[t]));
+        _mm256_storeu_ps(out + 8 * (size_t)t, _mm256_add_ps(tsr_hsum8_rows_ps(acc[t]), sv[t]));
 }
 
 /* Returns -1 (nothing written) when the activation scales find no memory. */
@@ -269,11 +263,7 @@ Q41A_AVX2 static int dot_avx2(int64_t nb, const uint8_t *packed, int64_t r0, int
                     half_toks(nb, grp + (size_t)h * hb, T, xt, x_stride, a, acc, sv,
                               out + 8 * (size_t)h * Q41A_TOK_MAX);
             }
-            for (int32_t t = 0; t < T; t++)
-                for (int64_t i = 0; i < nr; i++)
-                    y[(size_t)(t0 + t) * y_stride + (size_t)(r + i)] =
-                        T == 1 ? out[i]
-                               : out[(size_t)(i / 8) * 8 * Q41A_TOK_MAX + 8 * (size_t)t + i % 8];
+            tsr_lanes_store_group(y, y_stride, t0, T, r, nr, out, Q41A_TOK_MAX);
         }
     }
     if (!on_stack) free(a);

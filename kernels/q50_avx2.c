@@ -28,6 +28,8 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "kernels/x86hsum.h"
 #define Q5A_X86 1
 #else
 #define Q5A_X86 0
@@ -195,14 +197,6 @@ Q5A_INLINE Q5A_AVX2 void unpack_pair(const uint8_t *q, __m256i hb, int j, __m256
                           _mm256_and_si256(bits_of(hb, j + 4), m10));
 }
 
-/* ggml's hsum of the 8 chains of 8 rows: ((c0 + c4) + (c2 + c6)) + ((c1 + c5) + (c3 + c7)) */
-Q5A_INLINE Q5A_AVX2 __m256 hsum8(const __m256 *acc)
-{
-    const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]),
-                 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
-    return _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
-}
-
 /* One lane step: acc + (float)(sum(u * y4) - 16 * sum(y4)) x sc. */
 Q5A_INLINE Q5A_AVX2 __m256 lane_step(__m256 acc, __m256i u, const uint8_t *y4, int32_t ny,
                                      __m256 sc)
@@ -244,7 +238,7 @@ Q5A_AVX2 static void half_tok1(int64_t nb, const uint8_t *half, const uint8_t *x
             acc[j + 4] = lane_step(acc[j + 4], hi, y + 16 + 4 * j, a[b].ny[j + 4], sc);
         }
     }
-    _mm256_storeu_ps(out, hsum8(acc));
+    _mm256_storeu_ps(out, tsr_hsum8_rows_ps(acc));
 }
 
 /* Several tokens over one half: runs of Q5A_RUN blocks unpacked once into u (8 lanes a block)
@@ -281,7 +275,8 @@ Q5A_AVX2 static void half_toks(int64_t nb, const uint8_t *half, int32_t n_tok, c
             for (int l = 0; l < 8; l++) acc[t][l] = c[l];
         }
     }
-    for (int32_t t = 0; t < n_tok; t++) _mm256_storeu_ps(out + 8 * (size_t)t, hsum8(acc[t]));
+    for (int32_t t = 0; t < n_tok; t++)
+        _mm256_storeu_ps(out + 8 * (size_t)t, tsr_hsum8_rows_ps(acc[t]));
 }
 
 /* Returns -1 (nothing written) when the activation facts find no memory. */
@@ -315,11 +310,7 @@ Q5A_AVX2 static int dot_avx2(int64_t nb, const uint8_t *packed, int64_t r0, int6
                     half_toks(nb, grp + (size_t)h * hb, T, xt, x_stride, a, acc,
                               out + 8 * (size_t)h * Q5A_TOK_MAX);
             }
-            for (int32_t t = 0; t < T; t++)
-                for (int64_t i = 0; i < nr; i++)
-                    y[(size_t)(t0 + t) * y_stride + (size_t)(r + i)] =
-                        T == 1 ? out[i]
-                               : out[(size_t)(i / 8) * 8 * Q5A_TOK_MAX + 8 * (size_t)t + i % 8];
+            tsr_lanes_store_group(y, y_stride, t0, T, r, nr, out, Q5A_TOK_MAX);
         }
     }
     if (!on_stack) free(a);

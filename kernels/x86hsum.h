@@ -32,6 +32,17 @@ tsr_hsum8_ps(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* tsr_hsum8_ps's tree over 8 chains whose lanes are 8 rows (the AVX2 rows-in-lanes kernels,
+ * q50_avx2.c and q41_avx2.c: acc[l] holds ggml lane l of 8 rows): lane i of the result is
+ * tsr_hsum8_ps of row i's 8 chains, ((c0+c4)+(c2+c6)) + ((c1+c5)+(c3+c7)), bit for bit. */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) __m256
+tsr_hsum8_rows_ps(const __m256 acc[8])
+{
+    const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]),
+                 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
+    return _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
+}
+
 /* tsr_hsum8_ps's tree for two 8-lane chains in one 512-bit register, chain a in the even
  * lanes and chain b in the odd (the layout of the VNNI Q8_0 / Q5_0 tiles, two rows per
  * register): lanes i + (i + 4), then (0 + 2), (1 + 3), then their sum, for both at once;
