@@ -11,8 +11,9 @@
 #                       the KV cache weigh there, not at an empty context)
 #   -m, --models LIST   comma-separated, from q8_0, q4_0, q4_k_m (the 1B shape: n_embd 2048,
 #                       16 layers, 32/8 heads, n_ff 8192, vocab 32000, made with
-#                       `tessera mkmodel`) and qwen (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M-ish
-#                       real model via ops/fetch-model.sh), or paths of GGUF files;
+#                       `tessera mkmodel`), qwen (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M-ish
+#                       real model via ops/fetch-model.sh), smollm2 (SmolLM2-135M-Instruct,
+#                       Q4_1), gemma (Gemma-3-270M), or paths of GGUF files;
 #                       default q8_0,q4_0,q4_k_m,qwen
 #       --no-repack-too also run Tessera with --no-repack (TSR_NO_REPACK=1) in every
 #                       repetition; its rows are marked /nr
@@ -45,7 +46,7 @@ CACHE="${TSR_BENCH_CACHE:-$HOME/.cache/tessera}"
 NR=0
 LR0=0
 DEPTH=0
-usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
     -t | --threads) THREADS="$2"; shift 2 ;;
@@ -89,8 +90,10 @@ model_path() { # name -> GGUF path (made or fetched on first use)
         fi
         echo "$f" ;;
     qwen) ops/fetch-model.sh qwen2.5-coder-0.5b-instruct | tail -1 ;;
+    smollm2) ops/fetch-model.sh smollm2-135m-instruct | tail -1 ;;
+    gemma) ops/fetch-model.sh gemma-3-270m | tail -1 ;;
     *.gguf) [ -f "$1" ] || { echo "compare.sh: no file '$1'" >&2; exit 2; }; echo "$1" ;;
-    *) echo "compare.sh: unknown model '$1' (q8_0, q4_0, q4_k_m, qwen, or a .gguf path)" >&2; exit 2 ;;
+    *) echo "compare.sh: unknown model '$1' (q8_0, q4_0, q4_k_m, qwen, smollm2, gemma, or a .gguf path)" >&2; exit 2 ;;
     esac
 }
 
