@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -183,6 +184,54 @@ static void test_one_token_guided_claims(void **state)
     }
 }
 
+/* tsr_geglu over arrays (8 at a time where the CPU has AVX2 + F16C) gives, element by
+ * element, the bits of one-element calls (the scalar loop): every fp16 value, values between
+ * two fp16s and at their midpoints (the rounding of the table index), the +-10 cut-offs,
+ * fp16 overflow, float subnormals, infinities and NaNs of both signs and several payloads,
+ * against ups of mixed signs and sizes. */
+static void test_geglu_vector_scalar(void **state)
+{
+    (void)state;
+    enum { N = 65536 * 3 + 40 };
+    float *g = malloc(sizeof(float) * N), *up = malloc(sizeof(float) * N);
+    float *want = malloc(sizeof(float) * N);
+    assert_non_null(g);
+    assert_non_null(up);
+    assert_non_null(want);
+    size_t n = 0;
+    for (uint32_t i = 0; i < 65536; i++) {
+        const float x = tsr_f16_to_f32((uint16_t)i);
+        g[n++] = x;
+        g[n++] = nextafterf(x, INFINITY); /* just above: rounds back to it, or a midpoint */
+        const float y = tsr_f16_to_f32((uint16_t)(i + 1));
+        g[n++] = (i & 0x7c00) == 0x7c00 ? x : x + (y - x) * 0.5f; /* the midpoint: a tie */
+    }
+    static const float specials[] = {
+        -10.0f,  10.0f, -9.99f, 9.99f, -10.01f, 10.01f,   65504.0f,  65520.0f, -65520.0f, 1e-40f,
+        -1e-40f, 0.0f,  -0.0f,  1e30f, -1e30f,  INFINITY, -INFINITY, 6e-8f,    -6e-8f,    2.98e-8f};
+    for (size_t k = 0; k < sizeof specials / sizeof specials[0]; k++) g[n++] = specials[k];
+    static const uint32_t nans[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff812345u,
+                                    0x7fffffffu, 0xffffe000u, 0x7fa00000u, 0x7f801000u};
+    for (size_t k = 0; k < sizeof nans / sizeof nans[0]; k++) memcpy(&g[n++], &nans[k], 4);
+    for (; n < N; n++) g[n] = 0.125f * (float)n;
+    uint64_t s = 88172645463325252ull;
+    for (size_t i = 0; i < N; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        up[i] = (float)((double)(s >> 11) * 0x1p-53 - 0.5) * (i % 7 == 0 ? 1000.0f : 3.0f);
+        float gi = g[i];
+        tsr_geglu(&gi, &up[i], 1);
+        want[i] = gi;
+    }
+    tsr_geglu(g, up, N);
+    for (size_t i = 0; i < N; i++)
+        if (memcmp(&g[i], &want[i], sizeof(float)) != 0)
+            fail_msg("geglu element %zu: one at a time %.9g (0x%08x), in the array %.9g (0x%08x)",
+                     i, (double)want[i], *(uint32_t *)&want[i], (double)g[i], *(uint32_t *)&g[i]);
+    free(g);
+    free(up);
+    free(want);
+}
+
 static void test_geglu_ggml_table(void **state)
 {
     (void)state;
@@ -220,6 +269,7 @@ int main(void)
         cmocka_unit_test(test_multi_mixed_types),
         cmocka_unit_test(test_one_token_guided_claims),
         cmocka_unit_test(test_geglu_ggml_table),
+        cmocka_unit_test(test_geglu_vector_scalar),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
