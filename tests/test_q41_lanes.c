@@ -77,19 +77,11 @@ static void test_order(void **state)
 static void test_matmul(void **state)
 {
     (void)state;
-    const int64_t n = 576, n_out = 72, n_out8 = 40;
-    const size_t rb8 = tsr_row_bytes(TSR_TYPE_Q8_0, n);
-    uint8_t *wd = make_rows(n, n_out), *wd8 = tsr_test_xmalloc(rb8 * (size_t)n_out8);
-    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
-    for (int64_t r = 0; r < n_out8; r++) {
-        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(&rng);
-        tsr_quant_row(TSR_TYPE_Q8_0, f, wd8 + (size_t)r * rb8, n);
-    }
-    free(f);
-    const tsr_weight w8 = {
-        .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out8, .row_bytes = rb8, .data = wd8};
+    const int64_t n = 576, n_out = 72;
+    uint8_t *wd = make_rows(n, n_out);
+    const tsr_weight w8 = tsr_test_q8_0_weight(n, 40, &rng);
     tsr_test_lanes_matmul(&k_avx2, wd, n, n_out, &w8, &rng);
-    free(wd8);
+    free((void *)w8.data);
     free(wd);
 }
 

@@ -316,6 +316,20 @@ void tsr_test_lanes_matmul(const tsr_test_lanes_kernel *k, const uint8_t *wd, in
     tsr_test_lanes_set_free(&set);
 }
 
+tsr_weight tsr_test_q8_0_weight(int64_t n, int64_t n_out, uint64_t *rng)
+{
+    const size_t rb = tsr_row_bytes(TSR_TYPE_Q8_0, n);
+    uint8_t *wd = tsr_test_xmalloc(rb * (size_t)n_out);
+    float *f = tsr_test_xmalloc(sizeof(float) * (size_t)n);
+    for (int64_t r = 0; r < n_out; r++) {
+        for (int64_t i = 0; i < n; i++) f[i] = tsr_test_gauss(rng);
+        tsr_quant_row(TSR_TYPE_Q8_0, f, wd + (size_t)r * rb, n);
+    }
+    free(f);
+    return (tsr_weight){
+        .type = TSR_TYPE_Q8_0, .n_in = n, .n_out = n_out, .row_bytes = rb, .data = wd};
+}
+
 /* cases[k].key of synth-tiny-more-quants.json's file `rel` whose prompt is `prompt`, as a
  * malloc'd array of ids (*n). */
 static int32_t *json_ids_of(const cJSON *a, size_t *n)

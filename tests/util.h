@@ -104,6 +104,10 @@ void tsr_test_lanes_set_free(tsr_test_lanes_set *s);
  * bit-identical to one token at a time, one thread, over the file layout. */
 void tsr_test_lanes_matmul(const tsr_test_lanes_kernel *k, const uint8_t *wd, int64_t n,
                            int64_t n_out, const tsr_weight *other, uint64_t *rng);
+/* The Q8_0 weight the lanes matmul checks run beside (tsr_test_lanes_matmul's `other`):
+ * n_out rows of n elements quantized from tsr_test_gauss(rng) draws, row by row; its data is
+ * malloc'd (the caller frees w.data). */
+tsr_weight tsr_test_q8_0_weight(int64_t n, int64_t n_out, uint64_t *rng);
 /* Space-separated decimal ids -> malloc'd array; returns the count. */
 size_t tsr_test_parse_ids(const char *s, int32_t **out);
 /* A JSON string literal ("...") -> malloc'd UTF-8 string, NULL if malformed. */
