@@ -29,6 +29,18 @@ static inline void tsr_lanes_run_scalar(tsr_lanes_row_fn row, int64_t nb, size_t
     }
 }
 
+/* The AVX2 rows-in-lanes kernels' (q50_avx2.c, q41_avx2.c) tokens per chunk: as many as
+ * budget_bytes of per-token activation facts (tok_bytes each) hold, within 1 .. tok_max and at
+ * most n_tok. */
+static inline int32_t tsr_lanes_tok_chunk(size_t budget_bytes, size_t tok_bytes, int32_t tok_max,
+                                          int32_t n_tok)
+{
+    int32_t tc = (int32_t)(budget_bytes / tok_bytes);
+    if (tc > tok_max) tc = tok_max;
+    if (tc < 1) tc = 1;
+    return tc > n_tok ? n_tok : tc;
+}
+
 /* The AVX2 rows-in-lanes kernels' (q50_avx2.c, q41_avx2.c) results of one 16-row group, rows
  * r .. r + nr - 1 (nr <= 16) of tokens t0 .. t0 + T - 1, into y[(t0 + t) * y_stride + r + i]:
  * out holds the group's rows in order for one token (T == 1); for several, half h's row j of

@@ -238,10 +238,8 @@ Q41A_AVX2 static int dot_avx2(int64_t nb, const uint8_t *packed, int64_t r0, int
                               size_t y_stride)
 {
     const size_t gb = 2 * half_bytes(nb), hb = half_bytes(nb);
-    int32_t tc = (int32_t)(Q41A_ACT_BYTES / ((size_t)nb * sizeof(q41a_act)));
-    if (tc > Q41A_TOK_MAX) tc = Q41A_TOK_MAX;
-    if (tc < 1) tc = 1;
-    if (tc > n_tok) tc = n_tok;
+    const int32_t tc =
+        tsr_lanes_tok_chunk(Q41A_ACT_BYTES, (size_t)nb * sizeof(q41a_act), Q41A_TOK_MAX, n_tok);
     q41a_act stack_act[Q41A_STACK_BLOCKS];
     const bool on_stack = (size_t)tc * (size_t)nb <= Q41A_STACK_BLOCKS;
     q41a_act *a = on_stack ? stack_act : malloc((size_t)tc * (size_t)nb * sizeof(q41a_act));

@@ -183,8 +183,7 @@ static void test_matmul(void **state)
 static void test_api(void **state)
 {
     (void)state;
-    const char *e = getenv("TSR_Q40_LANES");
-    const bool off = e && strcmp(e, "0") == 0;
+    const bool off = tsr_test_env_off("TSR_Q40_LANES");
     assert_int_equal(tsr_q40l_chosen(), tsr_ggml_isa() >= TSR_GGML_AVX2 && !off);
     assert_int_equal(tsr_q40l_repack(33, 1, NULL, 0, NULL), -1);
     assert_int_equal(tsr_q40l_group_bytes(2048), 64 * 288);

@@ -156,8 +156,7 @@ static void test_matmul(void **state)
 static void test_api(void **state)
 {
     (void)state;
-    const char *e = getenv("TSR_Q4K_LANES");
-    const bool off = e && strcmp(e, "0") == 0;
+    const bool off = tsr_test_env_off("TSR_Q4K_LANES");
     assert_int_equal(tsr_q4kl_chosen(), tsr_ggml_isa() >= TSR_GGML_AVX2 && !off);
     assert_int_equal(tsr_q4kl_repack(255, 1, NULL, 0, NULL), -1);
     assert_int_equal(tsr_q4kl_group_bytes(2048), 8 * 2304);

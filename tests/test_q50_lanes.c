@@ -116,8 +116,7 @@ static void test_matmul(void **state)
 static void test_api(void **state)
 {
     (void)state;
-    const char *e = getenv("TSR_Q50_LANES");
-    const bool off = e && strcmp(e, "0") == 0;
+    const bool off = tsr_test_env_off("TSR_Q50_LANES");
     assert_int_equal(tsr_q50l_chosen(), tsr_ggml_isa() == TSR_GGML_VNNI && !off);
     assert_int_equal(tsr_q50l_repack(48, 1, NULL, 0, NULL), -1);
     assert_int_equal(tsr_q50l_group_bytes(896), 14 * 704);

@@ -182,6 +182,12 @@ void tsr_test_lanes_expect(const char *what, int64_t n, int64_t n_out, int64_t r
         }
 }
 
+bool tsr_test_env_off(const char *name)
+{
+    const char *e = getenv(name);
+    return e && strcmp(e, "0") == 0;
+}
+
 int tsr_test_lanes_order(const tsr_test_lanes_kernel *k, int64_t n, uint64_t *rng)
 {
     static const int64_t rows[] = {1, 15, 16, 17, 40};

@@ -64,6 +64,10 @@ void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t ta
  * fails the current test unless dot (at TSR_GGML_SCALAR, TSR_GGML_AVX2 for lanes_avx2 and
  * TSR_GGML_VNNI where the CPU has them; row starts 0 and 16) gives tsr_vec_dot's bits for every row
  * and token. Returns the cases run. */
+/* Whether the environment variable `name` is set to "0" (a layout's off switch, e.g.
+ * TSR_Q41_LANES=0). */
+bool tsr_test_env_off(const char *name);
+
 typedef struct {
     uint32_t type;
     uint8_t *(*make_rows)(int64_t n, int64_t n_rows);
