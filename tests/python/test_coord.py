@@ -524,8 +524,10 @@ def test_cluster():
         # 1. 48 streams; kill -9 rank 1 of the tp 2 replica mid-stream: as soon as the
         # replica's own Admin.Status shows it running one of them (waiting for any stream's
         # 4th token let tp2 finish its streams before the kill in a fresh-clone CI run: all
-        # 48 x 96 tokens took ~1 s there).
-        kws = [request(i, 96) for i in range(48)]
+        # 48 x 96 tokens took ~1 s there). 384 tokens a stream: with 96, a fresh-clone run on
+        # an AMD Zen 4 host saw tp2 busy and still killed it after its streams had ended (the
+        # Status reply, polled from Python beside 48 streams on 2 cores, arrives late).
+        kws = [request(i, 384) for i in range(48)]
         refs = references(kws)
         t_kill = [None]
         tp2_admin = replica_admin(replicas(co.target)["tp2"]["address"])
@@ -561,8 +563,8 @@ def test_cluster():
         os.killpg(j.p.pid, signal.SIGSTOP)
         # Enough work that the live replicas' outstanding tokens pass the stopped one's load
         # (its cached KV blocks count up to 1024) while requests arrive, however fast they
-        # decode: 24 x (prompt + 96) tokens; references are step 1's.
-        kws = [request(i, 96) for i in range(24)]
+        # decode: 24 x (prompt + 384) tokens; references are step 1's.
+        kws = [request(i, 384) for i in range(24)]
         result = [None]
 
         def send():
