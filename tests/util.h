@@ -57,6 +57,9 @@ int tsr_test_count_lanes(const tsr_model *m, uint32_t type, int *n_type);
  * gives the first 32 ids of expected/synth-tiny-expected.txt (of
  * expected/synth-tiny-more-quants.json for the types that file lacks). */
 void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t tally_offset);
+/* Whether the environment variable `name` is set to "0" (a layout's off switch, e.g.
+ * TSR_Q41_LANES=0). */
+bool tsr_test_env_off(const char *name);
 /* The order check of the lanes tests whose kernels take the activations as they are
  * (test_q6k_lanes, test_q50_lanes): for rows 1, 15, 16, 17, 40 (partial groups,
  * masked stores) of n elements made by make_rows(n, n_rows) (file blocks of `type`), repacked by
@@ -64,10 +67,6 @@ void tsr_test_lanes_model(const char *rel, uint32_t type, bool chosen, size_t ta
  * fails the current test unless dot (at TSR_GGML_SCALAR, TSR_GGML_AVX2 for lanes_avx2 and
  * TSR_GGML_VNNI where the CPU has them; row starts 0 and 16) gives tsr_vec_dot's bits for every row
  * and token. Returns the cases run. */
-/* Whether the environment variable `name` is set to "0" (a layout's off switch, e.g.
- * TSR_Q41_LANES=0). */
-bool tsr_test_env_off(const char *name);
-
 typedef struct {
     uint32_t type;
     uint8_t *(*make_rows)(int64_t n, int64_t n_rows);
